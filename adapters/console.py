@@ -1,0 +1,94 @@
+"""The terminal chat: stdin lines in, streamed answers out, through the same service.
+
+Interactive on a terminal (a `you>` prompt); with piped input each line is one turn and
+it ends at end of input. `/reset` clears the conversation. Knows nothing of Slack or
+Discord, and nothing of the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import uuid
+from typing import TextIO
+
+from adapters.base import Adapter, answer
+from bot import replies
+from bot.service import ChatService
+from bot.types import ConversationKey, Turn
+
+RESET_COMMANDS = {"/reset", "reset"}
+QUIT_COMMANDS = {"/quit", "/exit"}
+
+
+class ConsoleSink:
+    """Writes one answer to the terminal as it streams."""
+
+    def __init__(self, output: TextIO) -> None:
+        self.output = output
+        self.streamed = False
+
+    async def start(self) -> None:
+        pass  # the answer itself starts the line
+
+    async def append(self, chunk: str) -> None:
+        self._write(chunk)
+        self.streamed = True
+
+    async def notice(self, text: str) -> None:
+        self._write(f"{text}\n")
+
+    async def finish(self, text: str) -> None:
+        # A streamed answer is already on screen; the final text equals it.
+        self._write("\n" if self.streamed else f"{text}\n")
+
+    async def fail(self, text: str) -> None:
+        self._write(f"\n{text}\n" if self.streamed else f"{text}\n")
+
+    def _write(self, text: str) -> None:
+        self.output.write(text)
+        self.output.flush()
+
+
+class ConsoleAdapter(Adapter):
+    """One named conversation in the terminal, stored like any thread."""
+
+    def __init__(
+        self,
+        *,
+        service: ChatService,
+        conversation: str,
+        input: TextIO,
+        output: TextIO,
+        interactive: bool,
+    ) -> None:
+        self.service = service
+        self.key = ConversationKey("console", "local", conversation, conversation)
+        self.input = input
+        self.output = output
+        self.interactive = interactive
+        self.author = getpass.getuser()
+
+    async def run(self) -> None:
+        while (line := await asyncio.to_thread(self._read_line)) is not None:
+            text = line.strip()
+            if text in QUIT_COMMANDS and self.interactive:
+                return
+            if text.lower() in RESET_COMMANDS:
+                await self.service.reset(self.key)
+                await ConsoleSink(self.output).finish(replies.conversation_reset())
+                continue
+            if not text and self.interactive:
+                continue
+            turn = Turn(self.key, self.author, text, message_id=uuid.uuid4().hex)
+            await answer(self.service, turn, ConsoleSink(self.output))
+
+    def _read_line(self) -> str | None:
+        """The next line, or None at end of input."""
+        if self.interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        line = self.input.readline()
+        return line if line else None

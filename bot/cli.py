@@ -1,0 +1,128 @@
+"""The `threadbot` command (also `python -m bot`): `chat` in the terminal, `run` the bots.
+
+The only place that reads settings and configures logging. Imports stay light so that
+`threadbot --help` answers at once; the model's libraries load inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from bot.config import Settings, describe_error
+
+logger = logging.getLogger(__name__)
+
+OUR_LOGGERS = ("bot", "adapters", "storage")
+
+NO_PLATFORM = """\
+threadbot run: no platform is configured.
+  Slack:   set SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET.
+  Discord: set DISCORD_BOT_TOKEN.
+Put them in the environment or in a .env file (see the README).
+To try the bot without a platform: threadbot chat"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="threadbot",
+        description="A self-hosted Slack and Discord chatbot that answers in threads "
+        "with a local Hugging Face model. Settings come from the environment and .env.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chat = commands.add_parser(
+        "chat", help="chat in the terminal, through the same path as the bots"
+    )
+    chat.add_argument(
+        "--conversation",
+        default="default",
+        metavar="NAME",
+        help="stored conversation to continue (default: %(default)s)",
+    )
+    commands.add_parser("run", help="start every platform adapter whose credentials are set")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(describe_error(error), file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    command = {"chat": chat, "run": run}[args.command]
+    try:
+        return asyncio.run(command(settings, args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if not _is_operator_error(error):
+            raise
+        print(f"threadbot: {error}", file=sys.stderr)
+        return 1
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers at LOG_LEVEL on stderr (stdout is the conversation); libraries at WARNING."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def _is_operator_error(error: Exception) -> bool:
+    """Errors whose message already says what to fix: shown as one line, no traceback."""
+    from bot.loading import ModelError
+    from storage.errors import StorageError
+
+    return isinstance(error, (ModelError, StorageError))
+
+
+async def chat(settings: Settings, args: argparse.Namespace) -> int:
+    from adapters.console import ConsoleAdapter
+    from bot.runtime import open_service
+
+    async with open_service(settings) as service:
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(
+                f"threadbot chat: conversation '{args.conversation}'. /reset clears it, "
+                "/quit or Ctrl-D ends.",
+                file=sys.stderr,
+            )
+        adapter = ConsoleAdapter(
+            service=service,
+            conversation=args.conversation,
+            input=sys.stdin,
+            output=sys.stdout,
+            interactive=interactive,
+        )
+        await adapter.run()
+    return 0
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> int:
+    configured = [
+        name
+        for name, secret in (
+            ("SLACK_BOT_TOKEN", settings.slack_bot_token),
+            ("DISCORD_BOT_TOKEN", settings.discord_bot_token),
+        )
+        if secret is not None
+    ]
+    if not configured:
+        print(NO_PLATFORM, file=sys.stderr)
+        return 2
+    # The Slack and Discord adapters are separate pieces of work not in this version yet.
+    print(
+        f"threadbot run: {', '.join(configured)} is set, but this version has no "
+        "Slack or Discord adapter yet. Use threadbot chat meanwhile.",
+        file=sys.stderr,
+    )
+    return 2

@@ -1,0 +1,68 @@
+"""Settings: one object, read once at start from the environment and `.env`, passed down.
+
+Every setting is an environment variable of the same name (case-insensitive). Invalid
+values fail at start with a message that names the setting (`describe_error`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+BUNDLED = "bundled"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="forbid", frozen=True)
+
+    # The model
+    model: str | None = Field(
+        None,
+        description=f"Hub id or local path; unset: {DEFAULT_MODEL}; '{BUNDLED}': offline SmolLM2.",
+    )
+    model_file: str | None = Field(
+        None, description="GGUF file inside MODEL, if it is a GGUF repo."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_new_tokens: int = Field(512, ge=1, description="Longest answer, in tokens.")
+    max_context_tokens: int | None = Field(
+        None, ge=64, description="Prompt + answer budget; unset: the model's own window."
+    )
+    system_prompt: str | None = Field(None, description="Unset: the chat template's own default.")
+
+    # Conversations
+    redis_url: str | None = Field(None, description="Unset: an embedded Redis in DATA_DIR.")
+    data_dir: Path = Path("data")
+    history_max_messages: int = Field(50, ge=2)
+    history_ttl_days: float = Field(30, gt=0)
+    max_input_chars: int = Field(16000, ge=1)
+
+    # The inference queue
+    queue_max: int = Field(32, ge=1, description="Requests waiting or running before 'busy'.")
+    request_timeout: float = Field(300, gt=0, description="Seconds from submit to the last token.")
+
+    # Platforms (their adapters read these)
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    discord_bot_token: SecretStr | None = None
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def history_ttl_seconds(self) -> int:
+        return round(self.history_ttl_days * 86400)
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line per bad setting, named as the user wrote it (the environment variable)."""
+    lines = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"]).upper() or "settings"
+        lines.append(f"invalid setting {name}: {problem['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""Every text the service says to a user, in one place so wording stays consistent."""
+
+from __future__ import annotations
+
+
+def empty_message() -> str:
+    return "Your message was empty. Write a question and I'll answer it."
+
+
+def too_long(length: int, limit: int) -> str:
+    return (
+        f"Your message is {length:,} characters long; I can take at most {limit:,}. "
+        "Please shorten it or split it up. (It was not saved.)"
+    )
+
+
+def history_dropped(count: int) -> str:
+    noun = "message" if count == 1 else "messages"
+    return (
+        f"({count} older {noun} of this conversation no longer fit the model's context, "
+        "so I left them out.)"
+    )
+
+
+def busy() -> str:
+    return "I'm busy with other questions right now. Please try again in a minute."
+
+
+def timed_out() -> str:
+    return "Sorry, that took too long to answer. Please try again, perhaps with a shorter question."
+
+
+def failed() -> str:
+    return "Sorry, something went wrong while answering. Your message is saved; please try again."
+
+
+def empty_answer() -> str:
+    return "(The model gave an empty answer. Try rephrasing your question.)"
+
+
+def conversation_reset() -> str:
+    return "Conversation cleared. The next message starts a new one."

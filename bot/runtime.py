@@ -1,0 +1,75 @@
+"""Wiring: settings in, a ready ChatService out, with everything it owns shut down after.
+
+Order matters: Redis first (fails in a second if misconfigured), then the model (can
+take a minute), then the queue that drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from bot.config import Settings
+from bot.service import ChatService
+from storage.connection import open_redis
+from storage.store import ConversationStore
+
+if TYPE_CHECKING:
+    from bot.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The model named by the settings, loaded; torch is imported here, not at start-up."""
+    from bot import loading
+    from bot.engine import Engine
+
+    source = loading.resolve_source(settings)
+    logger.info("Loading model %s on device %s", source, settings.device)
+    model, tokenizer = loading.load(
+        source, device=settings.device, dtype=settings.dtype, cache_dir=settings.data_dir / "models"
+    )
+    engine = Engine(
+        model=model,
+        tokenizer=tokenizer,
+        max_new_tokens=settings.max_new_tokens,
+        max_context_tokens=settings.max_context_tokens,
+    )
+    logger.info(
+        "Model ready: %s, %s on %s, context %d tokens",
+        model.config.model_type,
+        model.dtype,
+        model.device,
+        engine.context_tokens,
+    )
+    return engine
+
+
+@asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
+    """A ChatService on Redis and the model; stops the queue and Redis on exit."""
+    from bot.queue import InferenceQueue
+
+    async with open_redis(redis_url=settings.redis_url, data_dir=settings.data_dir) as redis:
+        store = ConversationStore(
+            redis=redis,
+            max_messages=settings.history_max_messages,
+            ttl_seconds=settings.history_ttl_seconds,
+        )
+        engine = await asyncio.to_thread(load_engine, settings)
+        queue = InferenceQueue(
+            engine=engine, max_size=settings.queue_max, timeout=settings.request_timeout
+        )
+        async with queue:
+            yield ChatService(
+                store=store,
+                queue=queue,
+                count_tokens=engine.count_tokens,
+                prompt_budget=engine.prompt_budget,
+                system_prompt=settings.system_prompt,
+                max_input_chars=settings.max_input_chars,
+            )

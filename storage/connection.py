@@ -1,0 +1,76 @@
+"""Where the Redis client comes from: REDIS_URL if set, else a private embedded server.
+
+Owns the client's lifetime (and the embedded server's); it must not know key layouts
+or store anything — that is `storage.store`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from storage.embedded import EmbeddedRedis
+from storage.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_redis(*, redis_url: str | None, data_dir: Path) -> AsyncIterator[Redis]:
+    """Yield a PINGed client (decode_responses=True); close it, and any embedded server, on exit.
+
+    An empty `redis_url` counts as unset, as an empty REDIS_URL= line in a .env file means.
+    """
+    if redis_url:
+        shown = redact_url(redis_url)
+        client = await _connect(redis_url, failure=f"cannot reach Redis at REDIS_URL={shown}")
+        logger.info("using Redis at %s", shown)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+        return
+
+    server = EmbeddedRedis(data_dir=data_dir)
+    # start/stop block for up to seconds; keep the event loop free meanwhile.
+    await asyncio.to_thread(server.start)
+    try:
+        client = await _connect(server.url, failure="cannot reach the embedded redis-server")
+        logger.info("using the embedded redis-server at %s", server.url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password or query string (which may carry one)."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        hostport = f"{user}{':***' if colon else ''}@{hostport}"
+    return f"{parts.scheme}://{hostport}{parts.path}"
+
+
+async def _connect(url: str, *, failure: str) -> Redis:
+    try:
+        # A bounded connect, so a black-holed host fails at startup instead of hanging.
+        client = Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    except ValueError as exc:  # a malformed URL; redis-py's message does not echo it
+        raise StorageError(f"{failure}: {exc}") from None
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        await client.aclose()
+        raise StorageError(f"{failure}: {exc}") from exc
+    return client

