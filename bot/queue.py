@@ -14,10 +14,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
-from bot.engine import StopCheck, TextCallback
 from bot.types import ChatMessage
+
+if TYPE_CHECKING:  # only type aliases: importing the engine would load torch
+    from bot.engine import StopCheck, TextCallback
 
 logger = logging.getLogger(__name__)
 

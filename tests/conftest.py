@@ -107,12 +107,12 @@ def make_engine(tiny_model: PreTrainedModel, qwen_tokenizer: PreTrainedTokenizer
 
 
 @pytest.fixture(scope="session")
-def bundled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder for the bundled model's one-time conversion, shared by the whole session.
+def bundled_cache(request: pytest.FixtureRequest) -> Path:
+    """Where the bundled model's one-time conversion goes: pytest's cache, kept across runs.
 
     Tests that run the CLI link it into their DATA_DIR as `models/`.
     """
-    return tmp_path_factory.mktemp("models")
+    return request.config.cache.mkdir("bundled-model")
 
 
 @pytest.fixture(scope="session")

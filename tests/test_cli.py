@@ -1,0 +1,255 @@
+"""The `threadbot` command end to end: `python -m bot` run as a real subprocess.
+
+Each run gets its own working directory (no stray `.env`) and an environment cleared of
+every threadbot setting, so only what a test sets applies. The slow tests chat with the
+bundled SmolLM2 through the CLI's own embedded Redis, sharing the one-time GGUF
+conversion through the `bundled_cache` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from bot import replies
+from bot.config import Settings
+from bot.types import ConversationKey
+from storage.embedded import EmbeddedRedis
+from storage.store import ConversationStore
+
+FAST_TIMEOUT = 60  # seconds; a run that loads no model
+CHAT_TIMEOUT = 240  # seconds; a run that loads the (already converted) bundled model
+FRANCE = "What is the capital of France?"
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any threadbot setting, plus `settings`."""
+    fields = set(Settings.model_fields)
+    env = {name: value for name, value in os.environ.items() if name.lower() not in fields}
+    env.update(settings)
+    return env
+
+
+def run_cli(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str],
+    input: str = "",
+    timeout: float = FAST_TIMEOUT,
+) -> Result:
+    """`python -m bot ARGS` with piped stdin; on timeout its whole process group is killed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so a hung run takes its redis-server down with it
+    )
+    try:
+        stdout, stderr = process.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"threadbot {' '.join(args)} ran over {timeout}s; stderr:\n{stderr}")
+    return Result(process.returncode, stdout, stderr)
+
+
+def run_python(code: str, *, cwd: Path) -> Result:
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=FAST_TIMEOUT,
+    )
+    return Result(completed.returncode, completed.stdout, completed.stderr)
+
+
+def console_id(name: str) -> str:
+    """The conversation id the console adapter stores `--conversation NAME` under."""
+    return str(ConversationKey("console", "local", name, name))
+
+
+def prompt_sizes(stderr: str, conversation: str) -> list[int]:
+    """Message counts of each prompt built for `conversation`, from the DEBUG log."""
+    pattern = rf"prompt for {re.escape(conversation)}: (\d+) messages, \d+ dropped"
+    return [int(count) for count in re.findall(pattern, stderr)]
+
+
+# --- Without a model ----------------------------------------------------------------------
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    """`threadbot --help` answers, listing the `chat` and `run` commands."""
+    result = run_cli("--help", cwd=tmp_path, env=cli_env())
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\s+chat\s", result.stdout, re.MULTILINE)
+    assert re.search(r"^\s+run\s", result.stdout, re.MULTILINE)
+
+
+def test_cli_import_does_not_load_the_model_libraries(tmp_path: Path) -> None:
+    """Imports stay light so `--help` and setting errors answer at once (no torch at start)."""
+    result = run_python(
+        "import bot.cli, sys; print('torch' in sys.modules, 'transformers' in sys.modules)",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_run_without_credentials_explains_what_to_set(tmp_path: Path) -> None:
+    """`threadbot run` with no platform configured exits 2 and names the tokens and `chat`."""
+    result = run_cli("run", cwd=tmp_path, env=cli_env())
+    assert result.returncode == 2
+    assert "SLACK_BOT_TOKEN" in result.stderr
+    assert "DISCORD_BOT_TOKEN" in result.stderr
+    assert "threadbot chat" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_invalid_setting_is_one_line_naming_it(tmp_path: Path) -> None:
+    """An invalid value fails at start (exit 2) with one line naming the setting."""
+    result = run_cli("chat", cwd=tmp_path, env=cli_env(MAX_NEW_TOKENS="abc"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "MAX_NEW_TOKENS" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_typo_in_dotenv_is_refused_by_name(tmp_path: Path) -> None:
+    """A `.env` in the working directory is read, and an unknown key in it fails start."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKEN=64\n")
+    result = run_cli("chat", cwd=tmp_path, env=cli_env())
+    assert result.returncode == 2
+    assert "MAX_NEW_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_redis_names_redis_url_and_hides_the_password(tmp_path: Path) -> None:
+    """A bad REDIS_URL fails start (exit 1) with one readable line, password redacted."""
+    env = cli_env(REDIS_URL="redis://:hunter2secret@127.0.0.1:1/0", DATA_DIR=str(tmp_path))
+    result = run_cli("chat", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "hunter2secret" not in result.stderr
+
+
+def test_missing_model_folder_names_model(tmp_path: Path, redis_url: str) -> None:
+    """MODEL naming a folder that does not exist fails start (exit 1) with one line naming MODEL."""
+    missing = tmp_path / "no-such-model"
+    env = cli_env(MODEL=str(missing), REDIS_URL=redis_url, DATA_DIR=str(tmp_path / "data"))
+    result = run_cli("chat", cwd=tmp_path, env=env, timeout=CHAT_TIMEOUT)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("threadbot:")]
+    assert len(errors) == 1, result.stderr
+    assert f"MODEL={missing}" in errors[0]
+    assert result.stdout == ""
+
+
+# --- With the bundled model ---------------------------------------------------------------
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, bundled_engine: object, bundled_cache: Path) -> Path:
+    """A fresh DATA_DIR whose `models/` is the session's converted bundled model.
+
+    Depends on `bundled_engine` so the one-time conversion happens in this process first.
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(bundled_cache, target_is_directory=True)
+    return data
+
+
+def chat(data_dir: Path, conversation: str, input: str, **settings: str) -> Result:
+    """`threadbot chat` on the bundled model and the CLI's own embedded Redis (no REDIS_URL)."""
+    env = cli_env(MODEL="bundled", MAX_NEW_TOKENS="48", DATA_DIR=str(data_dir), **settings)
+    result = run_cli(
+        "chat",
+        "--conversation",
+        conversation,
+        cwd=data_dir.parent,
+        env=env,
+        input=input,
+        timeout=CHAT_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+async def stored(data_dir: Path, conversation_id: str) -> list[dict[str, str]]:
+    """What the CLI left in its embedded Redis, read after it exited."""
+    with EmbeddedRedis(data_dir=data_dir) as server:
+        async with Redis.from_url(server.url, decode_responses=True) as client:
+            store = ConversationStore(redis=client, max_messages=50, ttl_seconds=3600)
+            return [dict(message) for message in await store.load(conversation_id)]
+
+
+@pytest.mark.slow
+def test_piped_chat_answers_on_stdout(data_dir: Path) -> None:
+    """Piped input: each line is a turn, the answer goes to stdout, logs to stderr, exit 0."""
+    result = chat(data_dir, "france", f"{FRANCE}\n")
+    assert "paris" in result.stdout.lower()
+    assert "you>" not in result.stdout  # no interactive prompt when piped
+    assert "bot.runtime" not in result.stdout  # logs stay off stdout...
+    assert "bot.runtime" in result.stderr  # ...and go to stderr
+
+
+@pytest.mark.slow
+async def test_conversation_continues_across_runs(data_dir: Path) -> None:
+    """Without REDIS_URL the embedded Redis keeps history in DATA_DIR: a second run continues."""
+    name = "trip"
+    conversation = console_id(name)
+    chat(data_dir, name, f"{FRANCE}\n")
+
+    second = chat(data_dir, name, "And of Italy?\n", LOG_LEVEL="DEBUG")
+    assert f"prompt for {conversation}: 3 messages" in second.stderr  # user, assistant, user
+
+    messages = await stored(data_dir, conversation)
+    assert [message["role"] for message in messages] == ["user", "assistant"] * 2
+    assert messages[0]["content"] == FRANCE
+    assert messages[2]["content"] == "And of Italy?"
+    assert "paris" in messages[1]["content"].lower()
+
+
+@pytest.mark.slow
+def test_reset_clears_the_conversation(data_dir: Path) -> None:
+    """`/reset` clears the conversation: the next turn's prompt holds that turn alone."""
+    conversation = console_id("reset")
+    result = chat(data_dir, "reset", f"{FRANCE}\n/reset\nHello\n", LOG_LEVEL="DEBUG")
+    assert "Conversation cleared" in result.stdout
+    assert prompt_sizes(result.stderr, conversation) == [1, 1]  # France, then Hello alone
+
+
+@pytest.mark.slow
+async def test_empty_line_gets_the_empty_reply_and_no_generation(data_dir: Path) -> None:
+    """An empty piped line is answered with the 'empty message' reply; nothing is generated."""
+    conversation = console_id("blank")
+    result = chat(data_dir, "blank", "\n   \n", LOG_LEVEL="DEBUG")
+    assert result.stdout == f"{replies.empty_message()}\n" * 2
+    assert prompt_sizes(result.stderr, conversation) == []
+    assert await stored(data_dir, conversation) == []

@@ -1,0 +1,163 @@
+"""Settings: defaults, environment and `.env` overrides, and errors that name the setting."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from bot.config import Settings, describe_error
+
+
+@pytest.fixture(autouse=True)
+def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No setting from the developer's shell or a stray `.env` in the working directory."""
+    fields = set(Settings.model_fields)
+    for name in list(os.environ):
+        if name.lower() in fields:
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def settings_error(**env: str) -> str:
+    """`describe_error`'s text for settings that must fail (given as environment variables)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        with pytest.raises(ValidationError) as info:
+            Settings()
+    return describe_error(info.value)
+
+
+def test_defaults() -> None:
+    """README Configuration: each setting's documented default when nothing is set."""
+    settings = Settings()
+    assert settings.model is None
+    assert settings.model_file is None
+    assert settings.device == "auto"
+    assert settings.dtype == "auto"
+    assert settings.max_new_tokens == 512
+    assert settings.max_context_tokens is None
+    assert settings.system_prompt is None
+    assert settings.redis_url is None
+    assert settings.data_dir == Path("data")
+    assert settings.history_max_messages == 50
+    assert settings.history_ttl_days == 30
+    assert settings.max_input_chars == 16000
+    assert settings.queue_max == 32
+    assert settings.request_timeout == 300
+    assert settings.slack_bot_token is None
+    assert settings.discord_bot_token is None
+    assert settings.log_level == "INFO"
+
+
+def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every setting is an environment variable of the same name."""
+    monkeypatch.setenv("MODEL", "bundled")
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setenv("MAX_NEW_TOKENS", "48")
+    monkeypatch.setenv("MAX_CONTEXT_TOKENS", "1024")
+    monkeypatch.setenv("REDIS_URL", "redis://example:6379/2")
+    monkeypatch.setenv("DATA_DIR", "/srv/threadbot")
+    monkeypatch.setenv("HISTORY_MAX_MESSAGES", "10")
+    monkeypatch.setenv("REQUEST_TIMEOUT", "12.5")
+    monkeypatch.setenv("LOG_LEVEL", "DEBUG")
+    settings = Settings()
+    assert settings.model == "bundled"
+    assert settings.device == "cpu"
+    assert settings.max_new_tokens == 48
+    assert settings.max_context_tokens == 1024
+    assert settings.redis_url == "redis://example:6379/2"
+    assert settings.data_dir == Path("/srv/threadbot")
+    assert settings.history_max_messages == 10
+    assert settings.request_timeout == 12.5
+    assert settings.log_level == "DEBUG"
+
+
+def test_variable_names_are_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings module promise: environment variable names are case-insensitive."""
+    monkeypatch.setenv("max_new_tokens", "7")
+    assert Settings().max_new_tokens == 7
+
+
+def test_dotenv_is_read_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Settings come from `.env` in the working directory; the environment takes precedence."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\nQUEUE_MAX=4\n")
+    settings = Settings()
+    assert (settings.max_new_tokens, settings.queue_max) == (64, 4)
+
+    monkeypatch.setenv("MAX_NEW_TOKENS", "99")
+    assert Settings().max_new_tokens == 99
+
+
+def test_unknown_key_in_dotenv_is_rejected_by_name(tmp_path: Path) -> None:
+    """A typo in `.env` fails at start, naming the unknown key, instead of being ignored."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKEN=64\n")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert "MAX_NEW_TOKEN" in describe_error(info.value)
+
+
+def test_unrelated_environment_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only `.env` is strict: the shell's other variables (PATH, HOME, ...) never fail start."""
+    monkeypatch.setenv("THREADBOT_NOT_A_SETTING", "x")
+    assert Settings().max_new_tokens == 512
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_NEW_TOKENS", "abc"),
+        ("MAX_NEW_TOKENS", "0"),
+        ("DEVICE", "gpu"),
+        ("DTYPE", "float8"),
+        ("MAX_CONTEXT_TOKENS", "10"),
+        ("HISTORY_MAX_MESSAGES", "1"),
+        ("HISTORY_TTL_DAYS", "0"),
+        ("QUEUE_MAX", "0"),
+        ("REQUEST_TIMEOUT", "-1"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_invalid_value_names_the_setting(name: str, value: str) -> None:
+    """Invalid values fail at start with one line naming the setting as the user wrote it."""
+    message = settings_error(**{name: value})
+    assert message.splitlines() == [message]
+    assert message.startswith(f"invalid setting {name}:")
+
+
+def test_each_bad_setting_gets_its_own_line() -> None:
+    """`describe_error`: one line per bad setting, so all mistakes show at once."""
+    lines = settings_error(MAX_NEW_TOKENS="abc", DEVICE="gpu").splitlines()
+    assert len(lines) == 2
+    assert any("MAX_NEW_TOKENS" in line for line in lines)
+    assert any("DEVICE" in line for line in lines)
+
+
+@pytest.mark.parametrize(("days", "seconds"), [("30", 2_592_000), ("0.5", 43_200), ("1", 86_400)])
+def test_history_ttl_seconds(monkeypatch: pytest.MonkeyPatch, days: str, seconds: int) -> None:
+    """HISTORY_TTL_DAYS is given in days (fractions allowed) and applied in seconds."""
+    monkeypatch.setenv("HISTORY_TTL_DAYS", days)
+    assert Settings().history_ttl_seconds == seconds
+
+
+def test_platform_tokens_are_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets stay out of logs: a settings repr never shows a token."""
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-very-secret")
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", "discord-very-secret")
+    settings = Settings()
+    assert settings.slack_bot_token is not None
+    assert settings.slack_bot_token.get_secret_value() == "xoxb-very-secret"
+    assert "very-secret" not in repr(settings)
+    assert "very-secret" not in str(settings)
+
+
+def test_settings_are_read_once_and_frozen() -> None:
+    """Settings are one object read at start and passed down; nobody changes them later."""
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.max_new_tokens = 1  # type: ignore[misc]
