@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from weakref import WeakValueDictionary
 
 from bot import replies
 from bot.queue import InferenceQueue, InferenceTimeout, QueueFull
@@ -43,6 +44,8 @@ class ChatService:
         self.prompt_budget = prompt_budget
         self.system_prompt = system_prompt
         self.max_input_chars = max_input_chars
+        # Entries vanish once no turn holds or awaits their lock.
+        self._conversation_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
     async def reset(self, conversation: ConversationKey) -> None:
         """Forget a conversation's history."""
@@ -63,6 +66,16 @@ class ChatService:
             return
 
         conversation = str(turn.conversation)
+        async with self._turns_of(conversation):
+            await self._answer(conversation, turn, text, sink)
+
+    def _turns_of(self, conversation: str) -> asyncio.Lock:
+        """One turn at a time per conversation: each prompt holds the previous answer."""
+        if (lock := self._conversation_locks.get(conversation)) is None:
+            lock = self._conversation_locks[conversation] = asyncio.Lock()
+        return lock
+
+    async def _answer(self, conversation: str, turn: Turn, text: str, sink: ReplySink) -> None:
         await self.store.append(conversation, {"role": "user", "content": text})
         history = await self.store.load(conversation)
         messages, dropped = await self._fit(self._system() + history)

@@ -108,6 +108,18 @@ async def test_history_grows_and_builds_the_next_prompt(make_service, store, con
     assert len(await store.load(str(conversation))) == 4
 
 
+async def test_turns_of_one_conversation_are_answered_in_order(make_service, store, conversation):
+    """A second message sent before the first is answered waits, and sees that answer."""
+    async with make_service() as (service, engine):
+        await asyncio.gather(
+            service.handle(turn(conversation, "first"), RecordingSink()),
+            service.handle(turn(conversation, "second"), RecordingSink()),
+        )
+    history = await store.load(str(conversation))
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert engine.prompts[1][:3] == history[:3]
+
+
 async def test_a_redelivered_message_is_answered_once(make_service, conversation):
     first, again = RecordingSink(), RecordingSink()
     async with make_service() as (service, engine):
