@@ -19,6 +19,10 @@ from bot.types import ReplySink, Turn
 logger = logging.getLogger(__name__)
 
 
+class AdapterError(RuntimeError):
+    """A platform refused us for a reason the operator must fix; the message says which."""
+
+
 class Adapter(ABC):
     """A platform connection that feeds turns to the service until it is cancelled."""
 

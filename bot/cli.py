@@ -78,10 +78,11 @@ def configure_logging(level: str) -> None:
 
 def _is_operator_error(error: Exception) -> bool:
     """Errors whose message already says what to fix: shown as one line, no traceback."""
+    from adapters.base import AdapterError
     from bot.loading import ModelError
     from storage.errors import StorageError
 
-    return isinstance(error, (ModelError, StorageError))
+    return isinstance(error, (AdapterError, ModelError, StorageError))
 
 
 async def chat(settings: Settings, args: argparse.Namespace) -> int:
@@ -108,21 +109,26 @@ async def chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
-    configured = [
-        name
-        for name, secret in (
-            ("SLACK_BOT_TOKEN", settings.slack_bot_token),
-            ("DISCORD_BOT_TOKEN", settings.discord_bot_token),
+    from adapters.slack_adapter import SlackAdapter
+    from bot.runtime import open_service
+
+    if settings.discord_bot_token:
+        # The Discord adapter is a separate piece of work, not in this version yet.
+        print(
+            "threadbot run: DISCORD_BOT_TOKEN is set, but this version has no Discord adapter "
+            "yet; it is ignored.",
+            file=sys.stderr,
         )
-        if secret is not None
-    ]
-    if not configured:
+    if not settings.slack_bot_token:
         print(NO_PLATFORM, file=sys.stderr)
         return 2
-    # The Slack and Discord adapters are separate pieces of work not in this version yet.
-    print(
-        f"threadbot run: {', '.join(configured)} is set, but this version has no "
-        "Slack or Discord adapter yet. Use threadbot chat meanwhile.",
-        file=sys.stderr,
-    )
-    return 2
+    if not (settings.slack_app_token or settings.slack_signing_secret):
+        print(
+            "threadbot run: SLACK_BOT_TOKEN is set, but Slack also needs SLACK_APP_TOKEN "
+            "(Socket Mode) or SLACK_SIGNING_SECRET (HTTP events).",
+            file=sys.stderr,
+        )
+        return 2
+    async with open_service(settings) as service:
+        await SlackAdapter.from_settings(settings, service).run()
+    return 0

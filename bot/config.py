@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
+    slack_api_url: str = Field(
+        "https://slack.com/api/", description="Slack Web API base URL (GovSlack, proxies)."
+    )
+    slack_port: int = Field(3000, ge=1, le=65535, description="HTTP Events API port.")
+    stream_edit_interval: float = Field(1.0, gt=0, description="Seconds between Slack edits.")
     discord_bot_token: SecretStr | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

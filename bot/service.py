@@ -47,6 +47,10 @@ class ChatService:
         # Entries vanish once no turn holds or awaits their lock.
         self._conversation_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
+    async def knows(self, conversation: ConversationKey) -> bool:
+        """Whether the bot has history in this conversation (adapters answer there unasked)."""
+        return await self.store.exists(str(conversation))
+
     async def reset(self, conversation: ConversationKey) -> None:
         """Forget a conversation's history."""
         await self.store.clear(str(conversation))
@@ -76,6 +80,8 @@ class ChatService:
         return lock
 
     async def _answer(self, conversation: str, turn: Turn, text: str, sink: ReplySink) -> None:
+        if turn.context and not await self.store.exists(conversation):
+            await self.store.append(conversation, *turn.context)
         await self.store.append(conversation, {"role": "user", "content": text})
         history = await self.store.load(conversation)
         messages, dropped = await self._fit(self._system() + history)

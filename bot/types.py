@@ -43,6 +43,9 @@ class Turn:
     author: str  # platform user id; fairness and logs use it
     text: str
     message_id: str  # platform message id, used to drop re-deliveries
+    # Earlier messages of the thread, stored first when the bot joins a thread it has
+    # no history for (e.g. mentioned halfway through a discussion).
+    context: tuple[ChatMessage, ...] = ()
 
 
 class ReplySink(Protocol):

@@ -57,6 +57,10 @@ class ConversationStore:
                 messages.append(message)
         return messages
 
+    async def exists(self, conversation_id: str) -> bool:
+        """Whether the conversation has any stored message."""
+        return bool(await self._redis.exists(keys.conversation(conversation_id)))
+
     async def clear(self, conversation_id: str) -> None:
         """Forget a conversation."""
         await self._redis.delete(keys.conversation(conversation_id))

@@ -253,3 +253,21 @@ async def test_reset_forgets_the_conversation(make_service, store, conversation)
         await service.handle(turn(conversation, "remember me"), RecordingSink())
         await service.reset(conversation)
     assert await store.load(str(conversation)) == []
+
+
+async def test_thread_context_seeds_a_new_conversation_only(make_service, store, conversation):
+    """Mentioned halfway through a thread, the bot answers with the thread's earlier messages."""
+    earlier = (
+        {"role": "user", "content": "we deploy on fridays"},
+        {"role": "user", "content": "is that wise?"},
+    )
+    seeded = Turn(conversation, "U1", "what do you think?", "M1", context=earlier)
+    async with make_service() as (service, engine):
+        assert not await service.knows(conversation)
+        await service.handle(seeded, RecordingSink())
+        assert await service.knows(conversation)
+        again = Turn(conversation, "U1", "and now?", "M2", context=earlier)
+        await service.handle(again, RecordingSink())
+    assert engine.prompts[0] == [*earlier, {"role": "user", "content": "what do you think?"}]
+    assert engine.prompts[1][:3] == engine.prompts[0]  # the context was not stored twice
+    assert len(await store.load(str(conversation))) == 6

@@ -1,0 +1,214 @@
+"""Slack: mentions, thread follow-ups and DMs answered in their thread, on slack-bolt.
+
+Owns everything Slack-specific: which events to answer, conversation keys (team, channel,
+thread ts), the thread's earlier messages, user names, and the reply target. Connects by
+Socket Mode (SLACK_APP_TOKEN) or serves the HTTP Events API (SLACK_SIGNING_SECRET), where
+bolt checks every request's signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import re
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.base import Adapter, AdapterError, answer
+from adapters.slack_format import to_mrkdwn
+from adapters.streaming import EditBudget, StreamingReply
+from bot import replies
+from bot.config import Settings
+from bot.service import ChatService
+from bot.types import ChatMessage, ConversationKey, Turn
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 3900  # Slack truncates at 40,000 but advises ~4,000 for readability
+PLACEHOLDER = "_thinking…_"
+THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
+EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
+EDIT_BURST = 10
+RESET_COMMANDS = {"reset", "/reset"}
+EVENTS_PATH = "/slack/events"
+USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
+CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
+URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
+
+
+class SlackThread:
+    """Posts and edits the messages of one answer in one Slack thread (or DM)."""
+
+    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None) -> None:
+        self.client = client
+        self.channel = channel
+        self.thread_ts = thread_ts
+
+    async def post(self, text: str) -> str:
+        response = await self.client.chat_postMessage(
+            channel=self.channel, thread_ts=self.thread_ts, text=text, unfurl_links=False
+        )
+        return response["ts"]
+
+    async def edit(self, message_id: str, text: str) -> None:
+        await self.client.chat_update(channel=self.channel, ts=message_id, text=text)
+
+
+class SlackAdapter(Adapter):
+    """Answers Slack mentions and DMs through the service, in threads."""
+
+    def __init__(self, *, app: AsyncApp, service: ChatService, settings: Settings) -> None:
+        self.app = app
+        self.service = service
+        self.settings = settings
+        self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
+        self.names: dict[str, str] = {}  # user id -> display name, filled as users appear
+        app.event("app_mention")(self.on_mention)
+        app.event("message")(self.on_message)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, service: ChatService) -> SlackAdapter:
+        token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
+        client = AsyncWebClient(
+            token=token,
+            base_url=settings.slack_api_url,
+            # Several 429 retries, each after Retry-After: a final text must not be lost.
+            retry_handlers=[
+                AsyncRateLimitErrorRetryHandler(max_retry_count=5),
+                AsyncConnectionErrorRetryHandler(max_retry_count=3),
+            ],
+        )
+        secret = settings.slack_signing_secret
+        app = AsyncApp(
+            client=client,
+            signing_secret=secret.get_secret_value() if secret else None,
+            request_verification_enabled=secret is not None,
+        )
+        return cls(app=app, service=service, settings=settings)
+
+    async def run(self) -> None:
+        if self.settings.slack_app_token:
+            handler = AsyncSocketModeHandler(
+                self.app, self.settings.slack_app_token.get_secret_value()
+            )
+            try:
+                await handler.connect_async()
+            except SlackApiError as error:
+                raise AdapterError(
+                    f"Slack refused Socket Mode ({error.response.get('error')}): check "
+                    "SLACK_APP_TOKEN (xapp-…, with connections:write) and SLACK_API_URL"
+                ) from error
+            logger.info("Slack: connected by Socket Mode")
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await handler.close_async()
+            return
+        runner = web.AppRunner(self.app.web_app(path=EVENTS_PATH, port=self.settings.slack_port))
+        await runner.setup()
+        await web.TCPSite(runner, port=self.settings.slack_port).start()
+        logger.info("Slack: serving the Events API on :%d%s", self.settings.slack_port, EVENTS_PATH)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    async def on_mention(self, event: dict[str, Any], context: dict[str, Any]) -> None:
+        await self._handle(event, context["bot_user_id"], mentioned=True)
+
+    async def on_message(self, event: dict[str, Any], context: dict[str, Any]) -> None:
+        await self._handle(event, context["bot_user_id"], mentioned=False)
+
+    async def _handle(self, event: dict[str, Any], bot_user: str, *, mentioned: bool) -> None:
+        """One Slack message event: decide whether to answer, and where."""
+        if event.get("subtype") or event.get("bot_id") or event.get("user") in (None, bot_user):
+            return  # edits, deletions, joins, bots (ourselves included)
+        channel, ts, text = event["channel"], event["ts"], event.get("text", "")
+        thread_ts = event.get("thread_ts")
+        is_dm = event.get("channel_type") == "im"
+        if not mentioned and not is_dm and f"<@{bot_user}>" in text:
+            return  # the app_mention event for the same message answers it
+        key = ConversationKey(
+            "slack", event.get("team", "-"), channel, thread_ts or (channel if is_dm else ts)
+        )
+        known = await self.service.knows(key)
+        if not (mentioned or is_dm or (thread_ts and known)):
+            return  # channel chatter the bot was not asked into
+        reply_thread = thread_ts or (None if is_dm else ts)
+        thread = SlackThread(self.app.client, channel, reply_thread)
+        words = await self._readable(text, bot_user)
+        if words.lower() in RESET_COMMANDS:
+            await self.service.reset(key)
+            await thread.post(replies.conversation_reset())
+            return
+        history = () if known or not thread_ts else await self._thread_context(event, bot_user)
+        turn = Turn(key, event["user"], words, f"{channel}:{ts}", context=history)
+        sink = StreamingReply(
+            target=thread,
+            render=to_mrkdwn,
+            limit=MESSAGE_LIMIT,
+            interval=self.settings.stream_edit_interval,
+            budget=self._budget(key.workspace),
+            placeholder=PLACEHOLDER,
+        )
+        await answer(self.service, turn, sink)
+
+    def _budget(self, team: str) -> EditBudget:
+        if team not in self.budgets:
+            self.budgets[team] = EditBudget(per_minute=EDITS_PER_MINUTE, burst=EDIT_BURST)
+        return self.budgets[team]
+
+    async def _thread_context(
+        self, event: dict[str, Any], bot_user: str
+    ) -> tuple[ChatMessage, ...]:
+        """The thread's messages before this one, as chat messages (the bot's as assistant)."""
+        try:
+            response = await self.app.client.conversations_replies(
+                channel=event["channel"], ts=event["thread_ts"], limit=THREAD_CONTEXT_LIMIT
+            )
+        except Exception:  # answering without the context beats not answering
+            logger.warning("could not read the thread's earlier messages", exc_info=True)
+            return ()
+        earlier: list[ChatMessage] = []
+        for message in response.get("messages", []):
+            if message.get("ts") == event["ts"] or not message.get("text"):
+                continue
+            mine = message.get("user") == bot_user or message.get("bot_id")
+            text = await self._readable(message["text"], bot_user)
+            earlier.append({"role": "assistant" if mine else "user", "content": text})
+        return tuple(earlier)
+
+    async def _readable(self, text: str, bot_user: str) -> str:
+        """Slack markup to plain text: our mention removed, others as @names, links unwrapped."""
+        text = text.replace(f"<@{bot_user}>", " ")
+        for user in set(USER_MENTION.findall(text)):
+            name = await self._name(user)
+            text = re.sub(rf"<@{user}(?:\|[^>]*)?>", f"@{name}", text)
+        text = CHANNEL_LINK.sub(r"#\1", text)
+        text = URL_LINK.sub(lambda m: m.group(2) or m.group(1), text)
+        return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+    async def _name(self, user: str) -> str:
+        if user not in self.names:
+            try:
+                profile = (await self.app.client.users_info(user=user))["user"]
+                self.names[user] = (
+                    profile.get("profile", {}).get("display_name")
+                    or profile.get("real_name")
+                    or profile.get("name")
+                    or user
+                )
+            except Exception:
+                logger.debug("users.info failed for %s", user, exc_info=True)
+                return user
+        return self.names[user]

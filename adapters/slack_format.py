@@ -1,0 +1,42 @@
+"""Model output (Markdown) to Slack mrkdwn that can never ping anyone or forge a link.
+
+Slack reads `<...>` as mentions (`<@U1>`, `<!channel>`) and links (`<url|label>`), so every
+`&`, `<` and `>` the model wrote is escaped first; the only links in the result are the
+ones built here from Markdown links.
+"""
+
+from __future__ import annotations
+
+import re
+
+CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]+`)", re.DOTALL)
+LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)|]+)\)")
+BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
+ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")
+STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)
+BOLD_MARK = "\x00"  # stands in for Slack's `*` until single-star italics are converted
+
+
+def escape(text: str) -> str:
+    """Slack's three control characters, escaped as its docs require."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def to_mrkdwn(markdown: str) -> str:
+    """Slack mrkdwn for a Markdown answer; code is escaped but otherwise left alone."""
+    pieces = CODE.split(markdown)
+    return "".join(
+        escape(piece) if index % 2 else _prose(escape(piece)) for index, piece in enumerate(pieces)
+    )
+
+
+def _prose(text: str) -> str:
+    text = LINK.sub(lambda m: f"<{m.group(2)}|{m.group(1)}>", text)
+    text = HEADING.sub(rf"{BOLD_MARK}\1{BOLD_MARK}", text)
+    text = BULLET.sub(r"\1• ", text)
+    text = BOLD.sub(lambda m: f"{BOLD_MARK}{m.group(1) or m.group(2)}{BOLD_MARK}", text)
+    text = ITALIC.sub(r"_\1_", text)
+    text = STRIKE.sub(r"~\1~", text)
+    return text.replace(BOLD_MARK, "*")

@@ -1,0 +1,136 @@
+"""A ReplySink that streams an answer into platform messages: post, throttled edits, split.
+
+Platform-neutral: an adapter supplies a `MessageTarget` (how to post and edit one message
+in the right thread), a renderer (Markdown to the platform's markup) and its length limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from adapters.text import split_message
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+STREAMING_MARK = " …"  # shown after partial text while the answer is still being written
+
+
+class MessageTarget(Protocol):
+    """Where one answer goes: a thread, a channel, a DM."""
+
+    async def post(self, text: str) -> str:
+        """Send a new message; return its id."""
+        ...
+
+    async def edit(self, message_id: str, text: str) -> None:
+        """Replace a message's text."""
+        ...
+
+
+class EditBudget:
+    """A token bucket of edits shared by every answer streaming in one workspace.
+
+    Intermediate edits take a token when there is one and are skipped otherwise; final
+    texts are always sent and only counted, so under load answers edit less often but
+    never lose their end.
+    """
+
+    def __init__(self, *, per_minute: float, burst: int, clock: Clock = time.monotonic) -> None:
+        self.rate = per_minute / 60
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.updated = clock()
+
+    def try_take(self) -> bool:
+        self._refill()
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def spend(self) -> None:
+        """Count a call that is made regardless (may go into debt)."""
+        self._refill()
+        self.tokens -= 1
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+
+class StreamingReply:
+    """Streams one answer: optional placeholder, edits every `interval` s, final split."""
+
+    def __init__(
+        self,
+        *,
+        target: MessageTarget,
+        render: Callable[[str], str],
+        limit: int,
+        interval: float,
+        budget: EditBudget | None = None,
+        placeholder: str | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.render = render
+        self.limit = limit
+        self.interval = interval
+        self.budget = budget
+        self.placeholder = placeholder
+        self.clock = clock
+        self.message_id: str | None = None
+        self.text = ""
+        self.notice_text = ""
+        self.last_edit = float("-inf")
+
+    async def start(self) -> None:
+        if self.placeholder is not None:
+            self.message_id = await self.target.post(self.placeholder)
+            self.last_edit = self.clock()
+
+    async def notice(self, text: str) -> None:
+        self.notice_text = f"*{text}*\n\n"
+
+    async def append(self, chunk: str) -> None:
+        self.text += chunk
+        if self.clock() - self.last_edit < self.interval or not self.text.strip():
+            return
+        if self.message_id is not None and self.budget and not self.budget.try_take():
+            return
+        try:
+            await self._show(self.text.rstrip() + STREAMING_MARK)
+        except Exception:  # a lost intermediate edit is harmless: the final text follows
+            logger.warning("streaming edit failed; the final text will follow", exc_info=True)
+
+    async def finish(self, text: str) -> None:
+        first, *rest = split_message(self.render(self.notice_text + text), self.limit) or [""]
+        await self._show_final(first)
+        for part in rest:
+            await self.target.post(part)
+
+    async def fail(self, text: str) -> None:
+        await self._show_final(self.render(text))
+
+    async def _show(self, markdown: str) -> None:
+        """Partial text, as much as fits one message (the final split shows the rest)."""
+        [first, *_] = split_message(self.render(self.notice_text + markdown), self.limit)
+        await self._write(first)
+
+    async def _show_final(self, text: str) -> None:
+        if self.message_id is not None and self.budget:
+            self.budget.spend()
+        await self._write(text)
+
+    async def _write(self, text: str) -> None:
+        self.last_edit = self.clock()
+        if self.message_id is None:
+            self.message_id = await self.target.post(text)
+        else:
+            await self.target.edit(self.message_id, text)

@@ -1,0 +1,512 @@
+"""A fake Slack for tests: Web API, Socket Mode and an Events API sender, all on 127.0.0.1.
+
+The real slack_sdk / slack_bolt talk to it over HTTP and websockets, inside the test's loop::
+
+    async with FakeSlack() as slack:
+        client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+        handler = AsyncSocketModeHandler(AsyncApp(client=client), slack.app_token)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Self, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+T = TypeVar("T")
+JSON = dict[str, Any]
+Handler = Callable[[JSON], Awaitable[JSON]]
+
+DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
+SCOPES = "app_mentions:read,channels:history,chat:write,groups:history,im:history,users:read"
+PAYLOAD_KEYS = ("blocks", "attachments", "metadata")
+
+
+@dataclass
+class ApiCall:
+    """One Web API request as the fake saw it (params: query, form and JSON merged).
+
+    status is the HTTP status answered; at is time.monotonic() on arrival.
+    """
+
+    method: str
+    params: JSON
+    token: str | None
+    status: int = 200
+    response: JSON = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and bool(self.response.get("ok"))
+
+
+class FakeSlack:
+    """Fake Slack server: records every call and keeps a message log per channel."""
+
+    team_id = "T0001"
+    team_domain = "fake-team"
+    bot_user_id = "U0BOT"
+    bot_id = "B0BOT"
+    app_id = "A0001"
+    bot_token = "xoxb-test"
+    app_token = "xapp-test"
+    signing_secret = "fake-signing-secret"
+
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        self.users = dict(DEFAULT_USERS if users is None else users)
+        self.calls: list[ApiCall] = []
+        self.channels: dict[str, list[JSON]] = {}  # channel -> messages, oldest first
+        self.envelopes: list[JSON] = []  # Socket Mode envelopes sent
+        self.acks: dict[str, JSON] = {}  # envelope_id -> the client's ack
+        self.connections = 0  # websocket connections accepted so far
+        self.handlers: dict[str, Handler] = {
+            "auth.test": self._auth_test,
+            "apps.connections.open": self._connections_open,
+            "chat.postMessage": self._post_message,
+            "chat.update": self._update,
+            "conversations.replies": self._replies,
+            "users.info": self._users_info,
+        }
+        self._failures: dict[str, list[tuple[int, str, int | None]]] = {}
+        self._sockets: list[web.WebSocketResponse] = []
+        self._seq = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/socket-mode", self._socket)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        """Web API base URL, with the trailing slash AsyncWebClient wants."""
+        return f"http://127.0.0.1:{self.port}/api/"
+
+    def next_ts(self) -> str:
+        """A unique, increasing message ts like ``1700000000.000100``."""
+        self._seq += 1
+        return f"{1_700_000_000 + self._seq // 10_000}.{self._seq % 10_000 * 100:06d}"
+
+    # --- records and waiting --------------------------------------------------------------
+
+    def calls_to(self, method: str, *, ok_only: bool = False) -> list[ApiCall]:
+        """Recorded calls of one method, oldest first (ok_only: only successful ones)."""
+        return [c for c in self.calls if c.method == method and (c.ok or not ok_only)]
+
+    def message(self, channel: str, ts: str) -> JSON | None:
+        """The current state of one message, or None."""
+        return next((m for m in self.channels.get(channel, []) if m["ts"] == ts), None)
+
+    def thread(self, channel: str, thread_ts: str) -> list[JSON]:
+        """Parent plus replies, oldest first."""
+        log = self.channels.get(channel, [])
+        return [m for m in log if thread_ts in (m["ts"], m.get("thread_ts"))]
+
+    def _record(self, channel: str, message: JSON) -> None:
+        self.channels.setdefault(channel, []).append(message)
+        self.channels[channel].sort(key=lambda m: float(m["ts"]))
+
+    async def wait_for(
+        self, predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02
+    ) -> T:
+        """Poll predicate until it returns something truthy; TimeoutError after timeout."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / interval) + 2):
+            if result := predicate():
+                return result
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(interval)
+        raise TimeoutError(f"condition not met within {timeout}s")
+
+    async def wait_for_calls(
+        self, method: str, count: int = 1, timeout: float = 10.0
+    ) -> list[ApiCall]:
+        """Wait until at least count successful calls of method were made; returns them."""
+        return await self.wait_for(
+            lambda: (c := self.calls_to(method, ok_only=True)) and len(c) >= count and c, timeout
+        )
+
+    # --- failure injection ----------------------------------------------------------------
+
+    def rate_limit(self, method: str, count: int = 1, retry_after: int = 1) -> None:
+        """Answer the next count calls of method with HTTP 429, Retry-After and ratelimited."""
+        self.fail_next(method, "ratelimited", count=count, status=429, retry_after=retry_after)
+
+    def fail_next(
+        self,
+        method: str,
+        error: str,
+        *,
+        count: int = 1,
+        status: int = 200,
+        retry_after: int | None = None,
+    ) -> None:
+        """Answer the next count calls of method with ``{"ok": false, "error": error}``."""
+        self._failures.setdefault(method, []).extend([(status, error, retry_after)] * count)
+
+    # --- Web API --------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params: JSON = dict(request.query)
+        if request.content_type == "application/json":
+            params.update(await request.json())
+        elif request.body_exists:
+            params.update(await request.post())
+        for key in PAYLOAD_KEYS:  # form-encoded blocks arrive as JSON strings
+            if isinstance(params.get(key), str) and params[key].startswith(("[", "{")):
+                params[key] = json.loads(params[key])
+        auth = request.headers.get("Authorization", "")
+        token = params.pop("token", None) or (auth[7:] if auth.startswith("Bearer ") else None)
+        call = ApiCall(method, params, token)
+        self.calls.append(call)
+        headers = {"X-OAuth-Scopes": SCOPES}
+        wanted = self.app_token if method == "apps.connections.open" else self.bot_token
+        if token is None:
+            body: JSON = {"ok": False, "error": "not_authed"}
+        elif token != wanted:
+            body = {"ok": False, "error": "invalid_auth"}
+        elif queue := self._failures.get(method):
+            call.status, error, retry_after = queue.pop(0)
+            body = {"ok": False, "error": error}
+            if retry_after is not None:
+                headers["Retry-After"] = str(retry_after)
+        elif handler := self.handlers.get(method):
+            body = await handler(params)
+        else:
+            body = {"ok": False, "error": "unknown_method", "req_method": method}
+        call.response = body
+        return web.json_response(body, status=call.status, headers=headers)
+
+    async def _auth_test(self, params: JSON) -> JSON:
+        return {
+            "ok": True,
+            "url": f"https://{self.team_domain}.slack.com/",
+            "team": "Fake Team",
+            "user": self.users.get(self.bot_user_id, "threadbot"),
+            "team_id": self.team_id,
+            "user_id": self.bot_user_id,
+            "bot_id": self.bot_id,
+            "is_enterprise_install": False,
+        }
+
+    async def _connections_open(self, params: JSON) -> JSON:
+        query = f"ticket={uuid.uuid4()}&app_id={self.app_id}"
+        return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket-mode?{query}"}
+
+    async def _post_message(self, params: JSON) -> JSON:
+        channel = params.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        if not params.get("text") and not params.get("blocks"):
+            return {"ok": False, "error": "no_text"}
+        ts = self.next_ts()
+        message: JSON = {
+            "type": "message",
+            "user": self.bot_user_id,
+            "bot_id": self.bot_id,
+            "app_id": self.app_id,
+            "team": self.team_id,
+            "text": params.get("text", ""),
+            "ts": ts,
+        }
+        message.update({k: params[k] for k in PAYLOAD_KEYS if k in params})
+        if thread_ts := params.get("thread_ts"):
+            parent = self.message(channel, thread_ts)
+            message.update(thread_ts=thread_ts, parent_user_id=parent and parent.get("user"))
+        self._record(channel, message)
+        return {"ok": True, "channel": channel, "ts": ts, "message": dict(message)}
+
+    async def _update(self, params: JSON) -> JSON:
+        channel, ts = params.get("channel", ""), params.get("ts", "")
+        message = self.message(channel, ts)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if message.get("user") != self.bot_user_id:
+            return {"ok": False, "error": "cant_update_message"}
+        message.update({k: params[k] for k in ("text", *PAYLOAD_KEYS) if k in params})
+        message["edited"] = {"user": self.bot_user_id, "ts": self.next_ts()}
+        text = message.get("text", "")
+        return {"ok": True, "channel": channel, "ts": ts, "text": text, "message": dict(message)}
+
+    async def _replies(self, params: JSON) -> JSON:
+        channel, ts = params.get("channel", ""), params.get("ts", "")
+        if channel not in self.channels:
+            return {"ok": False, "error": "channel_not_found"}
+        messages = [dict(m) for m in self.thread(channel, ts)]
+        if not messages:
+            return {"ok": False, "error": "thread_not_found"}
+        parent, replies = messages[0], messages[1:]
+        if parent["ts"] == ts and replies:
+            parent.update(
+                thread_ts=ts,
+                reply_count=len(replies),
+                latest_reply=replies[-1]["ts"],
+                reply_users=sorted({r["user"] for r in replies if r.get("user")}),
+            )
+        start, limit = int(params.get("cursor") or 0), int(params.get("limit") or 1000)
+        more = start + limit < len(messages)
+        return {
+            "ok": True,
+            "messages": messages[start : start + limit],
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
+
+    async def _users_info(self, params: JSON) -> JSON:
+        user_id = params.get("user", "")
+        if user_id not in self.users:
+            return {"ok": False, "error": "user_not_found"}
+        name = self.users[user_id]
+        profile = {"display_name": name, "real_name": name.title()}
+        user = {"id": user_id, "team_id": self.team_id, "name": name, "real_name": name.title()}
+        return {
+            "ok": True,
+            "user": {**user, "is_bot": user_id == self.bot_user_id, "profile": profile},
+        }
+
+    # --- Socket Mode ----------------------------------------------------------------------
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)  # answers the SDK's pings with pongs
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        self.connections += 1
+        debug = {"host": "applink-fake-1", "build_number": 1, "approximate_connection_time": 18060}
+        await ws.send_json(
+            {
+                "type": "hello",
+                "num_connections": len(self._sockets),
+                "debug_info": debug,
+                "connection_info": {"app_id": self.app_id},
+            }
+        )
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT and "envelope_id" in (data := msg.json()):
+                    self.acks[data["envelope_id"]] = data
+        finally:
+            self._sockets.remove(ws)
+        return ws
+
+    @property
+    def connected(self) -> bool:
+        return any(not ws.closed for ws in self._sockets)
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Wait until a Socket Mode client is connected (hello sent)."""
+        await self.wait_for(lambda: self.connected, timeout)
+
+    async def disconnect(self, reason: str = "refresh_requested") -> None:
+        """Send ``disconnect`` as Slack does before recycling a connection (SDK reconnects)."""
+        for ws in list(self._sockets):
+            await ws.send_json({"type": "disconnect", "reason": reason, "debug_info": {}})
+
+    def event_payload(self, event: JSON, *, event_id: str | None = None) -> JSON:
+        """An Events API ``event_callback`` body wrapping event."""
+        auth = {
+            "enterprise_id": None,
+            "team_id": self.team_id,
+            "user_id": self.bot_user_id,
+            "is_bot": True,
+            "is_enterprise_install": False,
+        }
+        return {
+            "token": "fake-verification-token",
+            "team_id": self.team_id,
+            "api_app_id": self.app_id,
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id or "Ev" + secrets.token_hex(5).upper(),
+            "event_time": int(float(event.get("event_ts") or time.time())),
+            "authorizations": [auth],
+            "is_ext_shared_channel": False,
+            "event_context": f"4-{event.get('type')}-{self.team_id}-{event.get('channel')}",
+        }
+
+    async def send_event(
+        self,
+        event: JSON,
+        *,
+        retry_attempt: int = 0,
+        retry_reason: str = "",
+        event_id: str | None = None,
+    ) -> str:
+        """Send event in an ``events_api`` envelope to the newest client; returns envelope_id."""
+        sockets = [ws for ws in self._sockets if not ws.closed]
+        if not sockets:
+            raise RuntimeError("no Socket Mode client is connected")
+        envelope = {
+            "envelope_id": str(uuid.uuid4()),
+            "payload": self.event_payload(event, event_id=event_id),
+            "type": "events_api",
+            "accepts_response_payload": False,
+            "retry_attempt": retry_attempt,
+            "retry_reason": retry_reason,
+        }
+        self.envelopes.append(envelope)
+        await sockets[-1].send_json(envelope)
+        return envelope["envelope_id"]
+
+    async def wait_for_ack(self, envelope_id: str, timeout: float = 5.0) -> JSON:
+        """Wait for the client's ``{"envelope_id": ...}`` ack and return it."""
+        return await self.wait_for(lambda: self.acks.get(envelope_id), timeout)
+
+    # --- Events API over HTTP: the fake as the sender -------------------------------------
+
+    def sign(self, body: str, timestamp: int, secret: str | None = None) -> str:
+        """``v0=`` + hex HMAC-SHA256 of ``v0:{timestamp}:{body}``."""
+        key = (secret or self.signing_secret).encode()
+        return "v0=" + hmac.new(key, f"v0:{timestamp}:{body}".encode(), hashlib.sha256).hexdigest()
+
+    async def post_signed(
+        self,
+        url: str,
+        payload: JSON,
+        *,
+        signing_secret: str | None = None,
+        bad_signature: bool = False,
+        timestamp: int | None = None,
+        retry_num: int | None = None,
+        retry_reason: str = "http_timeout",
+    ) -> tuple[int, str]:
+        """POST payload as signed JSON to an app's request URL; returns (status, body text)."""
+        body = json.dumps(payload)
+        ts = int(time.time()) if timestamp is None else timestamp
+        signature = "v0=" + "0" * 64 if bad_signature else self.sign(body, ts, signing_secret)
+        headers = {
+            "Content-Type": "application/json",
+            "X-Slack-Request-Timestamp": str(ts),
+            "X-Slack-Signature": signature,
+            "User-Agent": "Slackbot 1.0 (+https://api.slack.com/robots)",
+        }
+        if retry_num is not None:
+            headers.update(
+                {"X-Slack-Retry-Num": str(retry_num), "X-Slack-Retry-Reason": retry_reason}
+            )
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.post(url, data=body.encode(), headers=headers) as resp,
+        ):
+            return resp.status, await resp.text()
+
+    async def post_event(
+        self,
+        url: str,
+        event: JSON,
+        *,
+        signing_secret: str | None = None,
+        bad_signature: bool = False,
+        timestamp: int | None = None,
+        retry_num: int | None = None,
+        event_id: str | None = None,
+    ) -> int:
+        """POST an ``event_callback`` for event to url as Slack would; returns the status."""
+        status, _ = await self.post_signed(
+            url,
+            self.event_payload(event, event_id=event_id),
+            signing_secret=signing_secret,
+            bad_signature=bad_signature,
+            timestamp=timestamp,
+            retry_num=retry_num,
+        )
+        return status
+
+    # --- event builders: each also records the message in the channel log -----------------
+
+    def _event(self, channel: str, text: str, thread_ts: str | None, **fields: Any) -> JSON:
+        ts = self.next_ts()
+        event: JSON = {**fields, "text": text, "ts": ts}
+        if "user" in fields:
+            event.update(client_msg_id=str(uuid.uuid4()), team=self.team_id)
+        if thread_ts:
+            parent = self.message(channel, thread_ts)
+            event.update(thread_ts=thread_ts, parent_user_id=parent and parent.get("user"))
+        stored = {k: v for k, v in event.items() if k != "channel_type"}
+        self._record(channel, {**stored, "type": "message"})
+        return {**event, "channel": channel, "event_ts": ts}
+
+    def user_message(
+        self,
+        channel: str,
+        text: str,
+        *,
+        user: str = "U0ALICE",
+        thread_ts: str | None = None,
+        channel_type: str = "channel",
+    ) -> JSON:
+        """A ``message`` event from a person."""
+        return self._event(
+            channel, text, thread_ts, type="message", user=user, channel_type=channel_type
+        )
+
+    def app_mention(
+        self, channel: str, text: str, *, user: str = "U0ALICE", thread_ts: str | None = None
+    ) -> JSON:
+        """An ``app_mention`` event; text gets a leading ``<@U0BOT>`` if it lacks one."""
+        mention = f"<@{self.bot_user_id}>"
+        text = text if mention in text else f"{mention} {text}"
+        return self._event(channel, text, thread_ts, type="app_mention", user=user)
+
+    def mention_pair(
+        self,
+        channel: str,
+        text: str,
+        *,
+        user: str = "U0ALICE",
+        thread_ts: str | None = None,
+        channel_type: str = "channel",
+    ) -> tuple[JSON, JSON]:
+        """What Slack sends for one mention: ``app_mention`` and ``message``, same ts."""
+        mention = self.app_mention(channel, text, user=user, thread_ts=thread_ts)
+        return mention, {**mention, "type": "message", "channel_type": channel_type}
+
+    def bot_message(
+        self,
+        channel: str,
+        text: str,
+        *,
+        bot_id: str = "B0OTHER",
+        username: str = "otherbot",
+        thread_ts: str | None = None,
+        channel_type: str = "channel",
+    ) -> JSON:
+        """A ``message`` event with ``subtype: bot_message`` (another bot unless bot_id says)."""
+        return self._event(
+            channel,
+            text,
+            thread_ts,
+            type="message",
+            subtype="bot_message",
+            bot_id=bot_id,
+            username=username,
+            channel_type=channel_type,
+        )
+
+    def dm(self, channel: str = "D0001", text: str = "hello", *, user: str = "U0ALICE") -> JSON:
+        """A direct-message ``message`` event (``channel_type: im``)."""
+        return self.user_message(channel, text, user=user, channel_type="im")
