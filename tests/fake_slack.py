@@ -80,7 +80,7 @@ class FakeSlack:
         }
         self._failures: dict[str, list[tuple[int, str, int | None]]] = {}
         self._sockets: list[web.WebSocketResponse] = []
-        self._seq = 0
+        self._last_ts = 0.0
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -106,9 +106,12 @@ class FakeSlack:
         return f"http://127.0.0.1:{self.port}/api/"
 
     def next_ts(self) -> str:
-        """A unique, increasing message ts like ``1700000000.000100``."""
-        self._seq += 1
-        return f"{1_700_000_000 + self._seq // 10_000}.{self._seq % 10_000 * 100:06d}"
+        """A unique, increasing message ts from the clock, as Slack's are (``1700000000.000100``).
+
+        Unique across fakes too, so tests sharing one Redis never share a thread.
+        """
+        self._last_ts = max(time.time(), self._last_ts + 1e-6)
+        return f"{self._last_ts:.6f}"
 
     # --- records and waiting --------------------------------------------------------------
 

@@ -127,6 +127,13 @@ def test_run_without_credentials_explains_what_to_set(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_run_with_a_slack_bot_token_alone_says_what_else_slack_needs(tmp_path: Path) -> None:
+    result = run_cli("run", cwd=tmp_path, env=cli_env(SLACK_BOT_TOKEN="xoxb-1"))
+    assert result.returncode == 2
+    assert "SLACK_APP_TOKEN" in result.stderr and "SLACK_SIGNING_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_invalid_setting_is_one_line_naming_it(tmp_path: Path) -> None:
     """An invalid value fails at start (exit 2) with one line naming the setting."""
     result = run_cli("chat", cwd=tmp_path, env=cli_env(MAX_NEW_TOKENS="abc"))

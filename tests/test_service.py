@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from contextlib import asynccontextmanager
 
 import pytest
 
 from bot import replies
-from bot.queue import InferenceQueue
-from bot.service import ChatService
 from bot.types import ConversationKey, Turn
 
 
@@ -40,41 +37,9 @@ class RecordingSink:
         return [text for event, text in self.events if event == kind]
 
 
-class SpyEngine:
-    """The real engine, remembering each prompt it was given."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.prompts: list[list[dict]] = []
-
-    def generate(self, conversations, **options):
-        self.prompts.extend(conversations)
-        return self.engine.generate(conversations, **options)
-
-
 @pytest.fixture
 def conversation() -> ConversationKey:
     return ConversationKey("test", "team", "channel", uuid.uuid4().hex)
-
-
-@pytest.fixture
-def make_service(store, make_engine):
-    """Yields services over a SpyEngine; options override ChatService and queue settings."""
-
-    @asynccontextmanager
-    async def make(engine=None, *, queue_max=4, timeout=60.0, **options):
-        engine = engine or SpyEngine(make_engine())
-        counter = make_engine()
-        options = {
-            "count_tokens": counter.count_tokens,
-            "prompt_budget": counter.prompt_budget,
-            "system_prompt": None,
-            "max_input_chars": 200,
-        } | options
-        async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
-            yield ChatService(store=store, queue=queue, **options), engine
-
-    return make
 
 
 def turn(conversation: ConversationKey, text: str, message_id: str | None = None) -> Turn:
@@ -123,8 +88,9 @@ async def test_turns_of_one_conversation_are_answered_in_order(make_service, sto
 async def test_a_redelivered_message_is_answered_once(make_service, conversation):
     first, again = RecordingSink(), RecordingSink()
     async with make_service() as (service, engine):
-        await service.handle(turn(conversation, "hi", message_id="M1"), first)
-        await service.handle(turn(conversation, "hi", message_id="M1"), again)
+        message_id = uuid.uuid4().hex
+        await service.handle(turn(conversation, "hi", message_id=message_id), first)
+        await service.handle(turn(conversation, "hi", message_id=message_id), again)
     assert len(first.kinds("finish")) == 1
     assert again.events == []
     assert len(engine.prompts) == 1
@@ -233,7 +199,8 @@ async def test_a_busy_queue_says_so(make_service, make_engine, conversation):
             if first.events:
                 break
             await asyncio.sleep(0.01)
-        await service.handle(turn(conversation, "two"), second)
+        other = ConversationKey("test", "team", "channel", uuid.uuid4().hex)
+        await service.handle(turn(other, "two"), second)
         gate.set()
         await asyncio.wait_for(running, timeout=30)
     assert second.kinds("fail") == [replies.busy()]
@@ -241,7 +208,7 @@ async def test_a_busy_queue_says_so(make_service, make_engine, conversation):
 
 
 async def test_a_timeout_is_answered(make_service, make_engine, conversation):
-    engine = SpyEngine(make_engine(max_new_tokens=3000))
+    engine = make_engine(max_new_tokens=3000)
     sink = RecordingSink()
     async with make_service(engine, timeout=0.3) as (service, _engine):
         await service.handle(turn(conversation, "tell me everything"), sink)
@@ -261,12 +228,12 @@ async def test_thread_context_seeds_a_new_conversation_only(make_service, store,
         {"role": "user", "content": "we deploy on fridays"},
         {"role": "user", "content": "is that wise?"},
     )
-    seeded = Turn(conversation, "U1", "what do you think?", "M1", context=earlier)
+    seeded = Turn(conversation, "U1", "what do you think?", uuid.uuid4().hex, context=earlier)
     async with make_service() as (service, engine):
         assert not await service.knows(conversation)
         await service.handle(seeded, RecordingSink())
         assert await service.knows(conversation)
-        again = Turn(conversation, "U1", "and now?", "M2", context=earlier)
+        again = Turn(conversation, "U1", "and now?", uuid.uuid4().hex, context=earlier)
         await service.handle(again, RecordingSink())
     assert engine.prompts[0] == [*earlier, {"role": "user", "content": "what do you think?"}]
     assert engine.prompts[1][:3] == engine.prompts[0]  # the context was not stored twice

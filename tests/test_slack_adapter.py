@@ -1,0 +1,268 @@
+"""The Slack adapter end to end: real slack-bolt and slack_sdk against the fake Slack.
+
+Each test runs the adapter exactly as `threadbot run` builds it from settings, on the
+real service, queue and Redis; the model is the bundled one where the answer matters
+(Paris), the tiny one where only the flow does, and a scripted one where the test needs
+a particular answer text (escaping, splitting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+from fake_slack import FakeSlack
+
+from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, SlackAdapter
+from adapters.streaming import STREAMING_MARK
+from bot import replies
+from bot.config import Settings
+
+
+class ScriptedEngine:
+    """Answers every prompt with one fixed text, streamed in pieces like a model's."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.prompts: list = []
+
+    def generate(self, conversations, *, on_text=None, stopped=None):
+        self.prompts.extend(conversations)
+        for start in range(0, len(self.answer), 40):
+            if on_text:
+                on_text(0, self.answer[start : start + 40])
+        return [self.answer]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+async def slack():
+    async with FakeSlack() as fake:
+        yield fake
+
+
+@asynccontextmanager
+async def running(adapter: SlackAdapter):
+    task = asyncio.create_task(adapter.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+def socket_mode(slack, make_service):
+    """Runs the adapter in Socket Mode on a service; yields (service, engine)."""
+
+    @asynccontextmanager
+    async def start(engine=None, **service_options):
+        settings = Settings(
+            _env_file=None,
+            slack_bot_token=slack.bot_token,
+            slack_app_token=slack.app_token,
+            slack_api_url=slack.api_url,
+            stream_edit_interval=0.05,
+        )
+        async with (
+            make_service(engine, **service_options) as (service, engine),
+            running(SlackAdapter.from_settings(settings, service)),
+        ):
+            await slack.wait_connected(timeout=10)
+            yield service, engine
+
+    return start
+
+
+async def final_reply(slack: FakeSlack, channel: str, thread_ts: str | None, *, after: int = 0):
+    """The bot's reply in a thread once streaming has ended in its final text."""
+
+    def done():
+        posts = [
+            m
+            for m in slack.channels.get(channel, [])
+            if m.get("user") == slack.bot_user_id and m.get("thread_ts") == thread_ts
+        ]
+        text = posts[after]["text"] if len(posts) > after else PLACEHOLDER
+        return text != PLACEHOLDER and not text.endswith(STREAMING_MARK) and posts[after]
+
+    return await slack.wait_for(done, timeout=60)
+
+
+def bot_posts(slack: FakeSlack, channel: str) -> list[dict]:
+    return [m for m in slack.channels.get(channel, []) if m.get("user") == slack.bot_user_id]
+
+
+@pytest.mark.slow
+async def test_a_mention_is_answered_in_its_thread(slack, socket_mode, bundled_engine):
+    async with socket_mode(bundled_engine):
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert "paris" in reply["text"].lower()
+    [placeholder] = slack.calls_to("chat.postMessage")
+    assert placeholder.params["text"] == PLACEHOLDER
+    assert placeholder.params["thread_ts"] == mention["ts"]
+    assert slack.calls_to("chat.update")  # the placeholder was edited, not reposted
+
+
+async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
+    async with socket_mode() as (_service, engine):
+        mention = slack.app_mention("C0001", "hello bot")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+        follow_up = slack.user_message("C0001", "and another thing", thread_ts=mention["ts"])
+        await slack.send_event(follow_up)
+        await final_reply(slack, "C0001", mention["ts"], after=1)
+        elsewhere = slack.user_message("C0001", "unrelated chatter")
+        await slack.send_event(elsewhere)
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+    assert [p[-1]["content"] for p in engine.prompts] == ["hello bot", "and another thing"]
+    assert len(engine.prompts[1]) == 3  # the thread's history came along
+
+
+async def test_a_dm_is_answered_in_the_dm(slack, socket_mode):
+    async with socket_mode() as (_service, engine):
+        await slack.send_event(slack.dm("D0001", "hi there"))
+        reply = await final_reply(slack, "D0001", None)
+    assert reply["text"]
+    assert engine.prompts == [[{"role": "user", "content": "hi there"}]]
+
+
+async def test_bots_are_not_answered(slack, socket_mode):
+    async with socket_mode() as (_service, engine):
+        await slack.send_event(slack.bot_message("C0001", f"<@{slack.bot_user_id}> ping"))
+        await slack.send_event(slack.dm("D0001", "from a person"))
+        await final_reply(slack, "D0001", None)
+    assert bot_posts(slack, "C0001") == []
+    assert len(engine.prompts) == 1
+
+
+async def test_each_message_gets_one_answer(slack, socket_mode):
+    """The app_mention/message pair and a retried delivery all mean one message."""
+    async with socket_mode() as (_service, engine):
+        mention, message = slack.mention_pair("C0001", "answer me once")
+        await slack.send_event(mention, event_id="Ev1")
+        await slack.send_event(message, event_id="Ev2")
+        await slack.send_event(mention, event_id="Ev1", retry_attempt=1, retry_reason="timeout")
+        await final_reply(slack, "C0001", mention["ts"])
+        await asyncio.gather(*(slack.wait_for_ack(e["envelope_id"]) for e in slack.envelopes))
+    assert len(engine.prompts) == 1
+    assert len(bot_posts(slack, "C0001")) == 1
+
+
+async def test_a_long_answer_is_split_across_thread_messages(slack, socket_mode):
+    code = "\n".join(f"    step_{i}()" for i in range(400))
+    answer = "Here is the plan:\n```python\n" + code + "\n```\nThat is all."
+    async with socket_mode(ScriptedEngine(answer)):
+        mention = slack.app_mention("C0001", "write a long program")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+        await slack.wait_for(lambda: "That is all." in bot_posts(slack, "C0001")[-1]["text"])
+    parts = [m["text"] for m in bot_posts(slack, "C0001")]
+    assert len(parts) >= 2
+    assert all(len(part) <= MESSAGE_LIMIT for part in parts)
+    assert all(part.count("```") % 2 == 0 for part in parts)
+    steps = [line for part in parts for line in part.splitlines() if "step_" in line]
+    assert steps == code.splitlines()
+
+
+async def test_a_rate_limited_update_is_retried_and_the_answer_arrives(slack, socket_mode):
+    async with socket_mode(ScriptedEngine("The final answer.")):
+        slack.rate_limit("chat.update", count=2, retry_after=0)
+        mention = slack.app_mention("C0001", "hi")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert reply["text"] == "The final answer."
+    assert [c.status for c in slack.calls_to("chat.update")][:2] == [429, 429]
+
+
+async def test_model_output_cannot_ping_the_channel(slack, socket_mode):
+    async with socket_mode(ScriptedEngine("Hey <!channel> and <@U0BOB>, **read** this")):
+        mention = slack.app_mention("C0001", "say something")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert reply["text"] == "Hey &lt;!channel&gt; and &lt;@U0BOB&gt;, *read* this"
+
+
+async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket_mode):
+    async with socket_mode() as (_service, engine):
+        parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
+        slack.user_message("C0001", "is that wise?", thread_ts=parent["ts"])
+        mention = slack.app_mention("C0001", "what do you think, <@U0BOB>?", thread_ts=parent["ts"])
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", parent["ts"])
+    assert engine.prompts[0] == [
+        {"role": "user", "content": "we deploy on fridays"},
+        {"role": "user", "content": "is that wise?"},
+        {"role": "user", "content": "what do you think, @bob?"},
+    ]
+
+
+async def test_reset_clears_the_thread(slack, socket_mode):
+    async with socket_mode():
+        mention = slack.app_mention("C0001", "remember this")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+        await slack.send_event(slack.app_mention("C0001", "reset", thread_ts=mention["ts"]))
+        cleared = await final_reply(slack, "C0001", mention["ts"], after=1)
+    assert cleared["text"] == replies.conversation_reset()
+
+
+async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode, make_engine):
+    class FailsOnce:
+        def __init__(self) -> None:
+            self.engine, self.calls = make_engine(), 0
+
+        def generate(self, conversations, **options):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("the model fell over")
+            return self.engine.generate(conversations, **options)
+
+    async with socket_mode(FailsOnce()):
+        first = slack.app_mention("C0001", "first")
+        await slack.send_event(first)
+        failed = await final_reply(slack, "C0001", first["ts"])
+        second = slack.app_mention("C0001", "second")
+        await slack.send_event(second)
+        answered = await final_reply(slack, "C0001", second["ts"])
+    assert failed["text"] == replies.failed()
+    assert answered["text"] and answered["text"] != replies.failed()
+
+
+async def test_http_mode_checks_signatures(slack, make_service):
+    port = free_port()
+    settings = Settings(
+        _env_file=None,
+        slack_bot_token=slack.bot_token,
+        slack_signing_secret=slack.signing_secret,
+        slack_api_url=slack.api_url,
+        slack_port=port,
+        stream_edit_interval=0.05,
+    )
+    url = f"http://127.0.0.1:{port}/slack/events"
+    async with (
+        make_service() as (service, engine),
+        running(SlackAdapter.from_settings(settings, service)),
+    ):
+        for _ in range(100):  # until the server listens (bounded)
+            try:
+                async with aiohttp.ClientSession() as http, http.get(url):
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        forged = slack.app_mention("C0001", "forged")
+        assert await slack.post_event(url, forged, bad_signature=True) == 401
+        genuine = slack.app_mention("C0001", "genuine")
+        assert await slack.post_event(url, genuine) == 200
+        await final_reply(slack, "C0001", genuine["ts"])
+    assert [p[-1]["content"] for p in engine.prompts] == ["genuine"]
