@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     command = {"chat": chat, "run": run}[args.command]
     try:
-        return asyncio.run(command(settings, args))
+        return asyncio.run(_stopped_by_sigterm(command(settings, args)))
     except KeyboardInterrupt:
         return 130
     except Exception as error:
@@ -65,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"threadbot: {error}", file=sys.stderr)
         return 1
+
+
+async def _stopped_by_sigterm(command: Coroutine[Any, Any, int]) -> int:
+    """Run a command; SIGTERM (docker stop, systemd) ends it as cleanly as Ctrl-C does."""
+    task = asyncio.ensure_future(command)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        logger.info("stopped by SIGTERM")
+        return 143  # 128 + SIGTERM, as a shell reports it
 
 
 def configure_logging(level: str) -> None:

@@ -9,12 +9,16 @@ a particular answer text (escaping, splitting).
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import sys
+import time
 from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
 from fake_slack import FakeSlack
+from test_cli import cli_env
 
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, SlackAdapter
 from adapters.streaming import STREAMING_MARK
@@ -193,6 +197,18 @@ async def test_model_output_cannot_ping_the_channel(slack, socket_mode):
     assert reply["text"] == "Hey &lt;!channel&gt; and &lt;@U0BOB&gt;, *read* this"
 
 
+async def test_the_reply_says_when_older_history_was_left_out(slack, socket_mode, make_engine):
+    budget = make_engine().count_tokens([{"role": "user", "content": "x " * 40}])
+    async with socket_mode(ScriptedEngine("Noted."), prompt_budget=budget):
+        mention = slack.app_mention("C0001", "a " * 30)
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+        follow_up = slack.user_message("C0001", "b " * 30, thread_ts=mention["ts"])
+        await slack.send_event(follow_up)
+        reply = await final_reply(slack, "C0001", mention["ts"], after=1)
+    assert reply["text"] == f"_{replies.history_dropped(2)}_\n\nNoted."
+
+
 async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket_mode):
     async with socket_mode() as (_service, engine):
         parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
@@ -262,7 +278,45 @@ async def test_http_mode_checks_signatures(slack, make_service):
                 await asyncio.sleep(0.05)
         forged = slack.app_mention("C0001", "forged")
         assert await slack.post_event(url, forged, bad_signature=True) == 401
+        stale = slack.app_mention("C0001", "replayed")
+        assert await slack.post_event(url, stale, timestamp=int(time.time()) - 600) == 401
         genuine = slack.app_mention("C0001", "genuine")
         assert await slack.post_event(url, genuine) == 200
         await final_reply(slack, "C0001", genuine["ts"])
     assert [p[-1]["content"] for p in engine.prompts] == ["genuine"]
+
+
+@pytest.mark.slow
+async def test_threadbot_run_serves_slack_until_sigterm(
+    slack, bundled_engine, bundled_cache, redis_url, tmp_path
+):
+    """The real command, configured only by settings, answers a mention and stops cleanly."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "models").symlink_to(bundled_cache)
+    env = cli_env(
+        MODEL="bundled",
+        MAX_NEW_TOKENS="48",
+        DATA_DIR=str(tmp_path / "data"),
+        REDIS_URL=redis_url,
+        SLACK_BOT_TOKEN=slack.bot_token,
+        SLACK_APP_TOKEN=slack.app_token,
+        SLACK_API_URL=slack.api_url,
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run",
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await slack.wait_connected(timeout=120)
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "paris" in reply["text"].lower()
+    assert process.returncode == 143
+    assert b"Traceback" not in stderr
