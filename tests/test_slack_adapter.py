@@ -150,6 +150,31 @@ async def test_bots_are_not_answered(slack, socket_mode):
     assert len(engine.prompts) == 1
 
 
+async def test_edits_are_not_answered_and_a_dm_thread_is_its_own_conversation(slack, socket_mode):
+    async with socket_mode() as (_service, engine):
+        first = slack.dm("D0001", "top level")
+        await slack.send_event(first)
+        await final_reply(slack, "D0001", None)
+        edited = {
+            **slack.dm("D0001", "ignored"),
+            "subtype": "message_changed",
+            "message": {"text": "edited text"},
+        }
+        await slack.send_event(edited)
+        in_thread = slack.user_message(
+            "D0001", "in a thread", thread_ts=first["ts"], channel_type="im"
+        )
+        await slack.send_event(in_thread)
+        await final_reply(slack, "D0001", first["ts"])
+    # The DM thread is its own conversation, seeded from the thread (its parent message)
+    # rather than continuing the DM's, which holds the bot's top-level answer.
+    assert engine.prompts[1] == [
+        {"role": "user", "content": "top level"},
+        {"role": "user", "content": "in a thread"},
+    ]
+    assert len(engine.prompts) == 2  # the edit was not answered
+
+
 async def test_each_message_gets_one_answer(slack, socket_mode):
     """The app_mention/message pair and a retried delivery all mean one message."""
     async with socket_mode() as (_service, engine):
