@@ -12,6 +12,7 @@ import asyncio
 import html
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -97,31 +98,33 @@ class SlackAdapter(Adapter):
         return cls(app=app, service=service, settings=settings)
 
     async def run(self) -> None:
-        if self.settings.slack_app_token:
-            handler = AsyncSocketModeHandler(
-                self.app, self.settings.slack_app_token.get_secret_value()
-            )
-            try:
-                await handler.connect_async()
-            except SlackApiError as error:
-                raise AdapterError(
-                    f"Slack refused Socket Mode ({error.response.get('error')}): check "
-                    "SLACK_APP_TOKEN (xapp-…, with connections:write) and SLACK_API_URL"
-                ) from error
-            logger.info("Slack: connected by Socket Mode")
-            try:
-                await asyncio.Event().wait()
-            finally:
-                await handler.close_async()
-            return
-        runner = web.AppRunner(self.app.web_app(path=EVENTS_PATH, port=self.settings.slack_port))
-        await runner.setup()
-        await web.TCPSite(runner, port=self.settings.slack_port).start()
-        logger.info("Slack: serving the Events API on :%d%s", self.settings.slack_port, EVENTS_PATH)
+        connect = self._socket_mode if self.settings.slack_app_token else self._events_api
+        disconnect = await connect()
         try:
-            await asyncio.Event().wait()
+            await asyncio.Event().wait()  # serve until cancelled
         finally:
-            await runner.cleanup()
+            await disconnect()
+
+    async def _socket_mode(self) -> Callable[[], Awaitable[None]]:
+        token = self.settings.slack_app_token
+        handler = AsyncSocketModeHandler(self.app, token.get_secret_value() if token else None)
+        try:
+            await handler.connect_async()
+        except SlackApiError as error:
+            raise AdapterError(
+                f"Slack refused Socket Mode ({error.response.get('error')}): check "
+                "SLACK_APP_TOKEN (xapp-…, with connections:write) and SLACK_API_URL"
+            ) from error
+        logger.info("Slack: connected by Socket Mode")
+        return handler.close_async
+
+    async def _events_api(self) -> Callable[[], Awaitable[None]]:
+        port = self.settings.slack_port
+        runner = web.AppRunner(self.app.web_app(path=EVENTS_PATH, port=port))
+        await runner.setup()
+        await web.TCPSite(runner, port=port).start()
+        logger.info("Slack: serving the Events API on :%d%s", port, EVENTS_PATH)
+        return runner.cleanup
 
     async def on_mention(self, event: dict[str, Any], context: dict[str, Any]) -> None:
         await self._handle(event, context["bot_user_id"], mentioned=True)
