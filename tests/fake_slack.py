@@ -418,24 +418,14 @@ class FakeSlack:
             return resp.status, await resp.text()
 
     async def post_event(
-        self,
-        url: str,
-        event: JSON,
-        *,
-        signing_secret: str | None = None,
-        bad_signature: bool = False,
-        timestamp: int | None = None,
-        retry_num: int | None = None,
-        event_id: str | None = None,
+        self, url: str, event: JSON, *, event_id: str | None = None, **signing: Any
     ) -> int:
-        """POST an ``event_callback`` for event to url as Slack would; returns the status."""
+        """POST an ``event_callback`` for event to url as Slack would; returns the status.
+
+        `signing` takes post_signed's options (bad_signature, timestamp, retry_num, ...).
+        """
         status, _ = await self.post_signed(
-            url,
-            self.event_payload(event, event_id=event_id),
-            signing_secret=signing_secret,
-            bad_signature=bad_signature,
-            timestamp=timestamp,
-            retry_num=retry_num,
+            url, self.event_payload(event, event_id=event_id), **signing
         )
         return status
 
