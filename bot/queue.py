@@ -109,6 +109,7 @@ class InferenceQueue:
         self._in_flight = 0  # waiting + running: what `max_size` bounds
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._worker: asyncio.Task[None] | None = None
+        self._running: Generation | None = None  # on the engine thread now
 
     async def __aenter__(self) -> Self:
         self._worker = asyncio.create_task(self._serve(), name="inference-queue")
@@ -116,6 +117,8 @@ class InferenceQueue:
 
     async def __aexit__(self, *exc_info: object) -> None:
         """Stop intake, cancel what is left, and let the engine thread finish its step."""
+        if self._running:
+            self._running.cancel()  # the engine stops it at its next step
         if self._worker:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -138,10 +141,12 @@ class InferenceQueue:
         loop = asyncio.get_running_loop()
         while True:
             generation = await self._waiting.get()
+            self._running = generation
             try:
                 if not generation.cancelled:
                     await loop.run_in_executor(self._executor, self._run, generation, loop)
             finally:
+                self._running = None
                 if generation._deadline:
                     generation._deadline.cancel()
                 self._in_flight -= 1

@@ -109,3 +109,18 @@ async def test_engine_errors_reach_the_consumer(make_engine):
     async with InferenceQueue(engine=Broken(), max_size=2, timeout=60) as queue:
         with pytest.raises(RuntimeError, match="out of memory"):
             await collect(queue.submit(HELLO, user="u1", conversation="c1"))
+
+
+async def test_closing_the_queue_stops_the_running_generation(make_engine):
+    engine = make_engine(max_new_tokens=3000)  # would run for many seconds
+    answers: list[str] = []
+
+    class Recording:
+        def generate(self, conversations, **options):
+            answers.extend(engine.generate(conversations, **options))
+            return answers[-1:]
+
+    async with InferenceQueue(engine=Recording(), max_size=2, timeout=60) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(generation))  # it is running
+    assert 0 < len(engine.tokenizer(answers[0]).input_ids) < 1000
