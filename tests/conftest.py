@@ -132,15 +132,18 @@ def bundled_engine(bundled_cache: Path):
 
 
 class SpyEngine:
-    """The real engine, remembering each prompt it was given."""
+    """The real engine, remembering each prompt it was given and each answer it gave."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.prompts: list[list[dict]] = []
+        self.answers: list[str] = []
 
     def generate(self, conversations: Any, **options: Any) -> list[str]:
         self.prompts.extend(conversations)
-        return self.engine.generate(conversations, **options)
+        answers = self.engine.generate(conversations, **options)
+        self.answers.extend(answers)
+        return answers
 
 
 @pytest.fixture

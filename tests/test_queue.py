@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+from conftest import SpyEngine
 
 from bot.queue import InferenceCancelled, InferenceQueue, InferenceTimeout, QueueFull
 
@@ -69,20 +70,15 @@ async def test_a_full_queue_refuses_at_once_and_recovers(make_engine):
 
 async def test_timeout_stops_a_long_generation(make_engine):
     engine = make_engine(max_new_tokens=3000)  # far longer than the timeout allows
-    answers: list[str] = []
+    spy = SpyEngine(engine)
 
-    class Recording:
-        def generate(self, conversations, **options):
-            answers.extend(engine.generate(conversations, **options))
-            return answers[-1:]
-
-    async with InferenceQueue(engine=Recording(), max_size=2, timeout=0.5) as queue:
+    async with InferenceQueue(engine=spy, max_size=2, timeout=0.5) as queue:
         with pytest.raises(InferenceTimeout):
             await collect(queue.submit(HELLO, user="u1", conversation="c1"))
         engine.max_new_tokens = 4
         after = queue.submit(HELLO, user="u1", conversation="c1")  # the queue goes on serving
         assert await asyncio.wait_for(collect(after), timeout=60)
-    stopped_early = len(engine.tokenizer(answers[0]).input_ids)
+    stopped_early = len(engine.tokenizer(spy.answers[0]).input_ids)
     assert 0 < stopped_early < 1000
 
 
@@ -113,14 +109,9 @@ async def test_engine_errors_reach_the_consumer(make_engine):
 
 async def test_closing_the_queue_stops_the_running_generation(make_engine):
     engine = make_engine(max_new_tokens=3000)  # would run for many seconds
-    answers: list[str] = []
+    spy = SpyEngine(engine)
 
-    class Recording:
-        def generate(self, conversations, **options):
-            answers.extend(engine.generate(conversations, **options))
-            return answers[-1:]
-
-    async with InferenceQueue(engine=Recording(), max_size=2, timeout=60) as queue:
+    async with InferenceQueue(engine=spy, max_size=2, timeout=60) as queue:
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         await anext(aiter(generation))  # it is running
-    assert 0 < len(engine.tokenizer(answers[0]).input_ids) < 1000
+    assert 0 < len(engine.tokenizer(spy.answers[0]).input_ids) < 1000
