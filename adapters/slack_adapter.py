@@ -9,6 +9,7 @@ bolt checks every request's signature.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import re
@@ -40,6 +41,7 @@ PLACEHOLDER = "_thinking…_"
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
+NAME_CACHE_SIZE = 1000
 RESET_COMMANDS = {"reset", "/reset"}
 EVENTS_PATH = "/slack/events"
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
@@ -73,7 +75,7 @@ class SlackAdapter(Adapter):
         self.service = service
         self.settings = settings
         self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
-        self.names: dict[str, str] = {}  # user id -> display name, filled as users appear
+        self.names: dict[str, str] = {}  # user id -> display name, oldest first
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
 
@@ -144,18 +146,39 @@ class SlackAdapter(Adapter):
         key = ConversationKey(
             "slack", event.get("team", "-"), channel, thread_ts or (channel if is_dm else ts)
         )
-        known = await self.service.knows(key)
-        if not (mentioned or is_dm or (thread_ts and known)):
-            return  # channel chatter the bot was not asked into
-        reply_thread = thread_ts or (None if is_dm else ts)
-        thread = SlackThread(self.app.client, channel, reply_thread)
-        words = await self._readable(text, bot_user)
+        thread = SlackThread(self.app.client, channel, thread_ts or (None if is_dm else ts))
+        addressed = mentioned or is_dm
+        try:
+            known = await self.service.knows(key)
+            if not (addressed or (thread_ts and known)):
+                return  # channel chatter the bot was not asked into
+            addressed = True
+            await self._converse(event, key, thread, bot_user, known=known)
+        except Exception:  # e.g. Redis gone: log it, and tell whoever was talking to us
+            logger.exception("Slack message %s in %s failed", ts, channel)
+            if addressed:
+                with contextlib.suppress(Exception):
+                    await thread.post(replies.failed())
+
+    async def _converse(
+        self,
+        event: dict[str, Any],
+        key: ConversationKey,
+        thread: SlackThread,
+        bot_user: str,
+        *,
+        known: bool,
+    ) -> None:
+        """Answer a message the bot was asked (or is expected) to answer."""
+        words = await self._readable(event.get("text", ""), bot_user)
         if words.lower() in RESET_COMMANDS:
             await self.service.reset(key)
             await thread.post(replies.conversation_reset())
             return
+        thread_ts = event.get("thread_ts")
         history = () if known or not thread_ts else await self._thread_context(event, bot_user)
-        turn = Turn(key, event["user"], words, f"{key.workspace}:{channel}:{ts}", context=history)
+        message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
+        turn = Turn(key, event["user"], words, message_id, context=history)
         sink = StreamingReply(
             target=thread,
             render=to_mrkdwn,
@@ -203,6 +226,8 @@ class SlackAdapter(Adapter):
 
     async def _name(self, user: str) -> str:
         if user not in self.names:
+            if len(self.names) >= NAME_CACHE_SIZE:
+                del self.names[next(iter(self.names))]  # forget the oldest
             try:
                 profile = (await self.app.client.users_info(user=user))["user"]
                 self.names[user] = (

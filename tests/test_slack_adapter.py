@@ -280,6 +280,28 @@ async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode,
     assert answered["text"] and answered["text"] != replies.failed()
 
 
+async def test_a_storage_failure_before_the_service_is_still_answered(slack, socket_mode):
+    """Redis failing while the adapter looks the thread up: the user hears, the bot goes on."""
+    async with socket_mode() as (service, engine):
+        real_knows = service.knows
+        calls = 0
+
+        async def knows_fails_once(key):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ConnectionError("Redis went away")
+            return await real_knows(key)
+
+        service.knows = knows_fails_once
+        await slack.send_event(slack.dm("D0001", "first"))
+        failed = await final_reply(slack, "D0001", None)
+        await slack.send_event(slack.dm("D0001", "second"))
+        answered = await final_reply(slack, "D0001", None, after=1)
+    assert failed["text"] == replies.failed()
+    assert answered["text"] and engine.prompts[-1][-1]["content"] == "second"
+
+
 async def test_http_mode_checks_signatures(slack, make_service):
     port = free_port()
     settings = Settings(
