@@ -12,11 +12,14 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from bot.config import Settings, describe_error
+
+if TYPE_CHECKING:
+    from adapters.base import Adapter
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ OUR_LOGGERS = ("bot", "adapters", "storage")
 NO_PLATFORM = """\
 threadbot run: no platform is configured.
   Slack:   set SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET.
-  Discord: set DISCORD_BOT_TOKEN (its adapter comes in a later version).
+  Discord: set DISCORD_BOT_TOKEN.
 Put them in the environment or in a .env file (see the README).
 To try the bot without a platform: threadbot chat"""
 
@@ -123,26 +126,38 @@ async def chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
+    from adapters.discord_adapter import DiscordAdapter
     from adapters.slack_adapter import SlackAdapter
     from bot.runtime import open_service
 
+    platforms = []
+    if settings.slack_bot_token:
+        if not (settings.slack_app_token or settings.slack_signing_secret):
+            print(
+                "threadbot run: SLACK_BOT_TOKEN is set, but Slack also needs SLACK_APP_TOKEN "
+                "(Socket Mode) or SLACK_SIGNING_SECRET (HTTP events).",
+                file=sys.stderr,
+            )
+            return 2
+        platforms.append(SlackAdapter)
     if settings.discord_bot_token:
-        # The Discord adapter is a separate piece of work, not in this version yet.
-        print(
-            "threadbot run: DISCORD_BOT_TOKEN is set, but this version has no Discord adapter "
-            "yet; it is ignored.",
-            file=sys.stderr,
-        )
-    if not settings.slack_bot_token:
+        platforms.append(DiscordAdapter)
+    if not platforms:
         print(NO_PLATFORM, file=sys.stderr)
         return 2
-    if not (settings.slack_app_token or settings.slack_signing_secret):
-        print(
-            "threadbot run: SLACK_BOT_TOKEN is set, but Slack also needs SLACK_APP_TOKEN "
-            "(Socket Mode) or SLACK_SIGNING_SECRET (HTTP events).",
-            file=sys.stderr,
-        )
-        return 2
     async with open_service(settings) as service:
-        await SlackAdapter.from_settings(settings, service).run()
+        await _run_all([platform.from_settings(settings, service) for platform in platforms])
     return 0
+
+
+async def _run_all(adapters: list[Adapter]) -> None:
+    """Run every adapter; the first to fail stops the others and its error is raised."""
+    tasks = [asyncio.create_task(adapter.run()) for adapter in adapters]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     slack_port: int = Field(3000, ge=1, le=65535, description="HTTP Events API port.")
     stream_edit_interval: float = Field(1.0, gt=0, description="Seconds between Slack edits.")
     discord_bot_token: SecretStr | None = None
+    discord_api_url: str = Field(
+        "https://discord.com/api/v10", description="Discord REST base URL (proxies)."
+    )
+    discord_reply_mode: Literal["thread", "inline"] = "thread"
+    discord_edit_interval: float = Field(1.5, gt=0, description="Seconds between Discord edits.")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

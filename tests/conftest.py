@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +150,22 @@ class SpyEngine:
         return answers
 
 
+class ScriptedEngine:
+    """Stands in for the model where a test needs one exact answer (escaping, splitting):
+    answers every prompt with `answer`, streamed in pieces like a model's."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.prompts: list = []
+
+    def generate(self, conversations: Any, *, on_text: Any = None, **options: Any) -> list[str]:
+        self.prompts.extend(conversations)
+        for start in range(0, len(self.answer), 40):
+            if on_text:
+                on_text(0, self.answer[start : start + 40])
+        return [self.answer]
+
+
 @pytest.fixture
 def make_service(store: ConversationStore, make_engine: Any):
     """ChatServices on the real store and queue; the engine defaults to a SpyEngine on the
@@ -167,3 +187,47 @@ def make_service(store: ConversationStore, make_engine: Any):
             yield ChatService(store=store, queue=queue, **options), engine
 
     return make
+
+
+# --- `threadbot run` as a subprocess ------------------------------------------------------
+
+
+@dataclass
+class Stopped:
+    """How a `threadbot run` ended after SIGTERM."""
+
+    returncode: int | None = None
+    stderr: str = ""
+
+
+@pytest.fixture
+def threadbot_run(bundled_engine: Any, bundled_cache: Path, redis_url: str, tmp_path: Path):
+    """Starts `python -m bot run` on the bundled model with the given settings; on leaving
+    the block it sends SIGTERM and fills in how the process ended."""
+    from test_cli import cli_env
+
+    @asynccontextmanager
+    async def start(**settings: str) -> AsyncIterator[Stopped]:
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "models").symlink_to(bundled_cache)  # converted once by bundled_engine
+        env = cli_env(
+            MODEL="bundled", MAX_NEW_TOKENS="48", DATA_DIR=str(data), REDIS_URL=redis_url,
+            **settings,
+        )  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run",
+            cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stopped = Stopped()
+        try:
+            yield stopped
+            process.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+            stopped.returncode, stopped.stderr = process.returncode, stderr.decode()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    return start

@@ -9,36 +9,19 @@ a particular answer text (escaping, splitting).
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
-import sys
 import time
 from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
+from conftest import ScriptedEngine
 from fake_slack import FakeSlack
-from test_cli import cli_env
 
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, SlackAdapter
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Settings
-
-
-class ScriptedEngine:
-    """Answers every prompt with one fixed text, streamed in pieces like a model's."""
-
-    def __init__(self, answer: str) -> None:
-        self.answer = answer
-        self.prompts: list = []
-
-    def generate(self, conversations, *, on_text=None, stopped=None):
-        self.prompts.extend(conversations)
-        for start in range(0, len(self.answer), 40):
-            if on_text:
-                on_text(0, self.answer[start : start + 40])
-        return [self.answer]
 
 
 def free_port() -> int:
@@ -334,36 +317,18 @@ async def test_http_mode_checks_signatures(slack, make_service):
 
 
 @pytest.mark.slow
-async def test_threadbot_run_serves_slack_until_sigterm(
-    slack, bundled_engine, bundled_cache, redis_url, tmp_path
-):
+async def test_threadbot_run_serves_slack_until_sigterm(slack, threadbot_run):
     """The real command, configured only by settings, answers a mention and stops cleanly."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "models").symlink_to(bundled_cache)
-    env = cli_env(
-        MODEL="bundled",
-        MAX_NEW_TOKENS="48",
-        DATA_DIR=str(tmp_path / "data"),
-        REDIS_URL=redis_url,
-        SLACK_BOT_TOKEN=slack.bot_token,
-        SLACK_APP_TOKEN=slack.app_token,
-        SLACK_API_URL=slack.api_url,
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "run",
-        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
+    settings = {
+        "SLACK_BOT_TOKEN": slack.bot_token,
+        "SLACK_APP_TOKEN": slack.app_token,
+        "SLACK_API_URL": slack.api_url,
+    }
+    async with threadbot_run(**settings) as stopped:
         await slack.wait_connected(timeout=120)
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert "paris" in reply["text"].lower()
-    assert process.returncode == 143
-    assert b"Traceback" not in stderr
+    assert stopped.returncode == 143
+    assert "Traceback" not in stopped.stderr

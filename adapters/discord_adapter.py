@@ -1,0 +1,248 @@
+"""Discord: mentions answered in threads (or inline replies), thread follow-ups and DMs.
+
+Owns everything Discord-specific, on discord.py: which messages to answer, conversation
+keys (guild, channel, thread), threads it creates, earlier thread messages, display
+names, and the reply target (no pings, idempotent sends).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import textwrap
+from typing import Any
+
+import discord
+import yarl
+from discord.gateway import DiscordWebSocket
+
+from adapters.base import Adapter, AdapterError, answer
+from adapters.streaming import StreamingReply
+from bot import replies
+from bot.config import Settings
+from bot.service import ChatService
+from bot.types import ChatMessage, ConversationKey, Turn
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000
+HISTORY_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
+REPLY_CHAIN_LIMIT = 50  # replies followed back to find an inline conversation's start
+THREAD_NAME_LENGTH = 90  # Discord allows 100
+RESET_COMMANDS = {"reset", "/reset"}
+NO_PINGS = discord.AllowedMentions.none()
+ANSWERED_TYPES = {discord.MessageType.default, discord.MessageType.reply}
+PERMISSIONS = discord.Permissions(
+    view_channel=True,
+    send_messages=True,
+    send_messages_in_threads=True,
+    create_public_threads=True,
+    read_message_history=True,
+)
+MENTION = re.compile(r"<(@!?|@&|#)(\d+)>")
+INTENTS_HELP = (
+    "Discord refused the message content intent (close code 4014): in the developer portal, "
+    "open your application → Bot → Privileged Gateway Intents and turn on Message Content Intent"
+)
+
+
+def nonce(seed: str, index: int) -> str:
+    """A send nonce derived from the turn, so a retried send cannot post twice."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return str(int.from_bytes(digest[:8], "big"))  # Discord allows up to 25 characters
+
+
+class DiscordChannel:
+    """Posts and edits the messages of one answer; never pings anyone."""
+
+    def __init__(
+        self, channel: discord.abc.Messageable, *, seed: str, reply_to: discord.Message | None
+    ) -> None:
+        self.channel = channel
+        self.seed = seed
+        self.reply_to = reply_to
+        self.sent: dict[str, discord.Message] = {}
+
+    async def post(self, text: str) -> str:
+        options: dict[str, Any] = {"allowed_mentions": NO_PINGS}
+        if self.reply_to is not None and not self.sent:
+            options |= {"reference": self.reply_to, "mention_author": False}
+        message = await self.channel.send(text, nonce=nonce(self.seed, len(self.sent)), **options)
+        self.sent[str(message.id)] = message
+        return str(message.id)
+
+    async def edit(self, message_id: str, text: str) -> None:
+        await self.sent[message_id].edit(content=text, allowed_mentions=NO_PINGS)
+
+
+class DiscordAdapter(Adapter):
+    """Answers Discord mentions, thread follow-ups and DMs through the service."""
+
+    def __init__(self, *, client: discord.Client, service: ChatService, settings: Settings) -> None:
+        self.client = client
+        self.service = service
+        self.settings = settings
+        client.event(self.on_message)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, service: ChatService) -> DiscordAdapter:
+        intents = discord.Intents.none()
+        intents.guilds = intents.guild_messages = intents.dm_messages = True
+        intents.message_content = True
+        return cls(client=discord.Client(intents=intents), service=service, settings=settings)
+
+    async def run(self) -> None:
+        # discord.py keeps its REST base and gateway URL as class attributes: one Discord
+        # connection per process, pointed where DISCORD_API_URL says.
+        discord.http.Route.BASE = self.settings.discord_api_url.rstrip("/")
+        token = self.settings.discord_bot_token
+        try:
+            await self.client.login(token.get_secret_value() if token else "")
+            _, gateway, _ = await self.client.http.get_bot_gateway()
+            # A plain Client never asks /gateway/bot; Discord says to, and proxies need it.
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
+            application = self.client.application_id or self.client.user.id  # type: ignore[union-attr]
+            logger.info(
+                "Discord: invite the bot with %s",
+                discord.utils.oauth_url(application, permissions=PERMISSIONS),
+            )
+            await self.client.connect(reconnect=True)
+        except discord.LoginFailure as error:
+            raise AdapterError(f"Discord refused DISCORD_BOT_TOKEN ({error})") from error
+        except discord.PrivilegedIntentsRequired as error:
+            raise AdapterError(INTENTS_HELP) from error
+        finally:
+            await self.client.close()
+
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.client.user
+        if (
+            me is None
+            or message.author.bot
+            or message.webhook_id is not None
+            or message.type not in ANSWERED_TYPES
+        ):
+            return  # bots (ourselves included), webhooks, joins, pins and other system messages
+        addressed = me in message.mentions or isinstance(message.channel, discord.DMChannel)
+        try:
+            route = await self._route(message, me)
+            if route is None:
+                return
+            addressed = True
+            await self._converse(message, *route)
+        except Exception:
+            logger.exception("Discord message %s in %s failed", message.id, message.channel.id)
+            if addressed:
+                try:
+                    await message.channel.send(replies.failed(), allowed_mentions=NO_PINGS)
+                except discord.DiscordException:
+                    logger.warning("could not tell the user about the failure", exc_info=True)
+
+    async def _route(
+        self, message: discord.Message, me: discord.ClientUser
+    ) -> tuple[ConversationKey, DiscordChannel, tuple[ChatMessage, ...]] | None:
+        """Where a message's conversation lives and where to answer, or None to stay out."""
+        channel, mentioned = message.channel, me in message.mentions
+        seed = str(message.id)
+        if isinstance(channel, discord.DMChannel):
+            key = ConversationKey("discord", "-", str(channel.id), str(channel.id))
+            return key, DiscordChannel(channel, seed=seed, reply_to=None), ()
+        guild = str(message.guild.id) if message.guild else "-"
+        if isinstance(channel, discord.Thread):
+            key = ConversationKey("discord", guild, str(channel.parent_id), str(channel.id))
+            known = await self.service.knows(key)
+            ours = channel.owner_id == me.id
+            if not (mentioned or known or ours):
+                return None
+            earlier = () if known or ours else await self._earlier(message, me)
+            return key, DiscordChannel(channel, seed=seed, reply_to=None), earlier
+        if self.settings.discord_reply_mode == "inline":
+            root, to_me = await self._reply_root(message, me)
+            if not (mentioned or to_me):
+                return None
+            key = ConversationKey("discord", guild, str(channel.id), str(root))
+            return key, DiscordChannel(channel, seed=seed, reply_to=message), ()
+        if not mentioned:
+            return None
+        name = textwrap.shorten(self._readable(message, me), THREAD_NAME_LENGTH, placeholder="…")
+        thread = await message.create_thread(name=name or "threadbot")
+        key = ConversationKey("discord", guild, str(channel.id), str(thread.id))
+        return key, DiscordChannel(thread, seed=seed, reply_to=None), ()
+
+    async def _converse(
+        self,
+        message: discord.Message,
+        key: ConversationKey,
+        target: DiscordChannel,
+        earlier: tuple[ChatMessage, ...],
+    ) -> None:
+        me = self.client.user
+        assert me is not None
+        text = self._readable(message, me)
+        if text.lower() in RESET_COMMANDS:
+            await self.service.reset(key)
+            await target.channel.send(replies.conversation_reset(), allowed_mentions=NO_PINGS)
+            return
+        turn = Turn(key, str(message.author.id), text, str(message.id), context=earlier)
+        sink = StreamingReply(
+            target=target,
+            render=str,  # Discord speaks Markdown; allowed_mentions stops every ping
+            limit=MESSAGE_LIMIT,
+            interval=self.settings.discord_edit_interval,
+        )
+        async with target.channel.typing():
+            await answer(self.service, turn, sink)
+
+    async def _earlier(
+        self, message: discord.Message, me: discord.ClientUser
+    ) -> tuple[ChatMessage, ...]:
+        """The thread's messages before this one, oldest first (ours as the assistant's)."""
+        try:
+            history = [
+                m async for m in message.channel.history(limit=HISTORY_LIMIT, before=message)
+            ]
+        except discord.DiscordException:  # answering without them beats not answering
+            logger.warning("could not read the thread's earlier messages", exc_info=True)
+            return ()
+        return tuple(
+            {"role": "assistant" if m.author == me else "user", "content": self._readable(m, me)}
+            for m in reversed(history)
+            if m.content
+        )
+
+    async def _reply_root(
+        self, message: discord.Message, me: discord.ClientUser
+    ) -> tuple[int, bool]:
+        """The first message of a reply chain, and whether `message` replies to the bot."""
+        current, to_me = message, False
+        for _ in range(REPLY_CHAIN_LIMIT):
+            reference = current.reference
+            if reference is None or reference.message_id is None:
+                break
+            parent = reference.resolved
+            if not isinstance(parent, discord.Message):
+                try:
+                    parent = await current.channel.fetch_message(reference.message_id)
+                except discord.DiscordException:
+                    break  # deleted or unreadable: the chain starts here
+            to_me = to_me or (current is message and parent.author == me)
+            current = parent
+        return current.id, to_me
+
+    @staticmethod
+    def _readable(message: discord.Message, me: discord.ClientUser) -> str:
+        """Content with our mention removed and other mentions as display names."""
+        names = {
+            "@": {u.id: f"@{u.display_name}" for u in message.mentions},
+            "@&": {r.id: f"@{r.name}" for r in message.role_mentions},
+            "#": {c.id: f"#{c.name}" for c in message.channel_mentions},
+        }
+
+        def readable(match: re.Match[str]) -> str:
+            kind, ident = match[1].replace("!", ""), int(match[2])
+            if kind == "@" and ident == me.id:
+                return ""
+            return names[kind].get(ident, match[0])
+
+        return re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()

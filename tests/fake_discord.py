@@ -1,0 +1,717 @@
+"""A fake Discord for tests: REST API and a zlib-stream gateway, both on 127.0.0.1.
+
+The real discord.py talks to it over HTTP and a websocket, inside the test's loop::
+
+    async with FakeDiscord() as fake:
+        discord.http.Route.BASE = fake.api_url          # restore it afterwards
+        client = discord.Client(intents=...)
+        await client.login(fake.token)
+        _, url, _ = await client.http.get_bot_gateway()  # GET /gateway/bot
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)  # restore it afterwards
+        task = asyncio.create_task(client.connect())
+        await fake.dispatch("MESSAGE_CREATE", fake.user_message(fake.channel_id, "hi"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Self, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+T = TypeVar("T")
+JSON = dict[str, Any]
+
+DISCORD_EPOCH_MS = 1420070400000
+GUILDS, GUILD_MEMBERS, GUILD_PRESENCES = 1 << 0, 1 << 1, 1 << 8
+GUILD_MESSAGES, DIRECT_MESSAGES, MESSAGE_CONTENT = 1 << 9, 1 << 12, 1 << 15
+PRIVILEGED = GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT
+# @everyone may view, send, embed, attach, read history, react, create and talk in threads.
+EVERYONE_PERMISSIONS = sum(1 << b for b in (6, 10, 11, 14, 15, 16, 18, 31, 35, 38))
+NONCE_WINDOW_S = 300.0
+MAX_CONTENT = 2000
+EMPTY_GUILD_LISTS = ("emojis", "stickers", "presences", "voice_states", "stage_instances")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def op(code: int, d: Any = None) -> JSON:
+    """A gateway payload that is not a dispatch."""
+    return {"op": code, "d": d, "s": None, "t": None}
+
+
+def make_user(user_id: str, name: str, *, bot: bool = False) -> JSON:
+    user = {"id": user_id, "username": name, "discriminator": "0", "avatar": None}
+    return {**user, "global_name": None if bot else name.title(), "public_flags": 0, "bot": bot}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: int, message: str, errors: JSON | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, {"message": message, "code": code}
+        if errors:
+            self.body["errors"] = errors
+
+
+@dataclass
+class Request:
+    """One REST request as the fake saw it; path is relative to /api/v10, json is the body
+    (for multipart: the parsed ``payload_json``), files the uploaded parts."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    json: Any
+    headers: dict[str, str]
+    files: list[JSON] = field(default_factory=list)
+    status: int = 200
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Conn:
+    ws: web.WebSocketResponse
+    zlib: Any  # a zlib compressobj shared by the whole connection, or None for plain text
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class FakeDiscord:
+    """Fake Discord: records every request and gateway payload, keeps a log per channel."""
+
+    token = "fake-token"
+    application_id = "999"
+    guild_id = "2000"
+    channel_id = "3000"
+
+    def __init__(
+        self, *, heartbeat_interval: int = 41250, privileged_intents: int = PRIVILEGED
+    ) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.privileged_intents = privileged_intents  # as enabled in the developer portal
+        self.bot = make_user("1000", "threadbot", bot=True)
+        self.alice = make_user("1001", "alice")
+        self.other_bot = make_user("1002", "otherbot", bot=True)
+        self.users = {u["id"]: u for u in (self.bot, self.alice, self.other_bot)}
+        self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
+        self.messages: dict[str, list[JSON]] = {}  # channel id -> messages, oldest first
+        self.requests: list[Request] = []
+        self.sent: list[JSON] = []  # gateway payloads sent (before compression)
+        self.received: list[JSON] = []  # gateway payloads received from the client
+        self.connections: list[str] = []  # gateway URLs (path and query) connected to
+        self.identifies = self.resumes = 0
+        self.intents: int | None = None  # from the last IDENTIFY
+        self.session_id: str | None = None
+        self.echo_bot_messages = True  # dispatch MESSAGE_CREATE/UPDATE for the bot's own posts
+        self._seq = 0
+        self._backlog: list[JSON] = []  # this session's dispatches, for RESUME
+        self._live: _Conn | None = None  # the identified or resumed connection
+        self._conns: set[_Conn] = set()
+        self._rate_limits: list[list[Any]] = []  # [method, regex, count, retry_after, global, via]
+        self._nonces: dict[str, tuple[float, str, str]] = {}  # nonce -> (at, channel, message)
+        self._last_id = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/gateway-resume", self._gateway)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for conn in list(self._conns):
+            await conn.ws.close(code=1001)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    @property
+    def resume_gateway_url(self) -> str:
+        """READY's resume_gateway_url: a separate path, so tests can see discord.py use it."""
+        return f"ws://127.0.0.1:{self.port}/gateway-resume"
+
+    def snowflake(self) -> str:
+        """A new, increasing snowflake whose timestamp is now."""
+        now = (int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22
+        self._last_id = max(self._last_id + 1, now)
+        return str(self._last_id)
+
+    # --- records and waiting --------------------------------------------------------------
+
+    def requests_to(
+        self, method: str, path_pattern: str, *, ok_only: bool = False
+    ) -> list[Request]:
+        """Recorded requests of this method whose path fully matches the regex, oldest first."""
+        found = [
+            r for r in self.requests if r.method == method and re.fullmatch(path_pattern, r.path)
+        ]
+        return [r for r in found if r.status < 300] if ok_only else found
+
+    def message(self, channel_id: str, message_id: str) -> JSON | None:
+        """The current state of one message (REST form), or None."""
+        return next((m for m in self.messages.get(channel_id, []) if m["id"] == message_id), None)
+
+    async def wait_for(
+        self, predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02
+    ) -> T:
+        """Poll predicate until it returns something truthy; TimeoutError after timeout."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / interval) + 2):
+            if result := predicate():
+                return result
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(interval)
+        raise TimeoutError(f"condition not met within {timeout}s")
+
+    async def wait_for_requests(
+        self, method: str, path_pattern: str, count: int = 1, timeout: float = 10.0
+    ) -> list[Request]:
+        """Wait until at least count successful matching requests were made; returns them."""
+
+        def answered() -> list[Request]:
+            return self.requests_to(method, path_pattern, ok_only=True)
+
+        return await self.wait_for(lambda: len(r := answered()) >= count and r, timeout)
+
+    async def wait_identified(self, count: int = 1, timeout: float = 10.0) -> None:
+        await self.wait_for(lambda: self.identifies >= count, timeout)
+
+    async def wait_resumed(self, count: int = 1, timeout: float = 10.0) -> None:
+        await self.wait_for(lambda: self.resumes >= count, timeout)
+
+    # --- rate limits ----------------------------------------------------------------------
+
+    def rate_limit(
+        self,
+        method: str,
+        path_regex: str,
+        count: int = 1,
+        retry_after: float = 0.1,
+        *,
+        is_global: bool = False,
+        via: bool = True,
+    ) -> None:
+        """Answer the next count matching requests with 429. discord.py retries a 429 only
+        when it has a Via header (via=False looks like a Cloudflare ban: HTTPException)."""
+        self._rate_limits.append([method, path_regex, count, retry_after, is_global, via])
+
+    def _rate_limited(self, req: Request) -> web.Response | None:
+        for rule in self._rate_limits:
+            method, regex, count, retry_after, is_global, via = rule
+            if count > 0 and method == req.method and re.fullmatch(regex, req.path):
+                rule[2] -= 1
+                body = {"message": "You are being rate limited.", "retry_after": retry_after}
+                headers = {
+                    **self._bucket_headers(regex, 0, retry_after),
+                    "Retry-After": str(math.ceil(retry_after)),
+                    "X-RateLimit-Scope": "global" if is_global else "user",
+                }
+                headers.update({"X-RateLimit-Global": "true"} if is_global else {})
+                return self._json(429, {**body, "global": is_global}, headers, via=via)
+        return None
+
+    @staticmethod
+    def _bucket_headers(key: str, remaining: int, reset_after: float) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": "5",
+            "X-RateLimit-Remaining": str(remaining),
+            "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
+            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+            "X-RateLimit-Bucket": hashlib.md5(key.encode()).hexdigest(),
+        }
+
+    # --- objects --------------------------------------------------------------------------
+
+    def _text_channel(self, name: str) -> JSON:
+        channel = dict(id=self.channel_id, type=0, guild_id=self.guild_id, name=name, position=0)
+        channel.update(parent_id=None, topic=None, nsfw=False, last_message_id=None, flags=0)
+        return channel | dict(rate_limit_per_user=0, permission_overwrites=[])
+
+    def _member(self, user: JSON, *, with_user: bool = True) -> JSON:
+        member = dict(nick=None, avatar=None, roles=[], joined_at="2024-01-01T00:00:00+00:00")
+        member.update(premium_since=None, deaf=False, mute=False, pending=False, flags=0)
+        return {"user": user, **member} if with_user else member
+
+    def guild_payload(self) -> JSON:
+        """The full guild, as GUILD_CREATE carries it."""
+        everyone = dict(id=self.guild_id, name="@everyone", position=0, color=0)
+        everyone.update(permissions=str(EVERYONE_PERMISSIONS), hoist=False, managed=False)
+        everyone.update(mentionable=False, flags=0, icon=None, unicode_emoji=None)
+        chans = [c for c in self.channels.values() if c.get("guild_id")]
+        guild = dict(id=self.guild_id, name="Fake Guild", icon=None, owner_id=self.alice["id"])
+        guild.update(unavailable=False, large=False, member_count=len(self.users), features=[])
+        guild.update(joined_at="2024-01-01T00:00:00+00:00", preferred_locale="en-US")
+        guild.update(system_channel_id=self.channel_id, afk_timeout=300, premium_tier=0)
+        guild.update(verification_level=0, default_message_notifications=0, nsfw_level=0)
+        guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone])
+        guild["members"] = [self._member(u) for u in self.users.values()]
+        guild["channels"] = [c for c in chans if c["type"] != 11]
+        guild["threads"] = [c for c in chans if c["type"] == 11]
+        return guild | {key: [] for key in EMPTY_GUILD_LISTS}
+
+    def dm_channel(self, user_id: str) -> JSON:
+        """The bot's DM channel with a user (type 1), created on first use."""
+        for channel in self.channels.values():
+            if channel["type"] == 1 and channel["recipients"][0]["id"] == user_id:
+                return channel
+        channel = {"id": self.snowflake(), "type": 1, "last_message_id": None, "flags": 0}
+        channel["recipients"] = [self.users[user_id]]
+        self.channels[channel["id"]] = channel
+        return channel
+
+    def _create_message(self, channel_id: str, content: str, author: JSON, **extra: Any) -> JSON:
+        """Append a message (REST form) to the channel's log."""
+        channel = self.channels[channel_id]
+        msg = {"id": self.snowflake(), "type": 0, "channel_id": channel_id, "author": author}
+        msg.update(content=content, timestamp=now_iso(), edited_timestamp=None, tts=False)
+        msg.update(mention_everyone=False, mentions=[], mention_roles=[], attachments=[])
+        msg.update(embeds=[], components=[], pinned=False, flags=0)
+        msg.update(extra)
+        self.messages.setdefault(channel_id, []).append(msg)
+        channel["last_message_id"] = msg["id"]
+        if channel["type"] == 11:
+            channel["message_count"] += 1
+            channel["total_message_sent"] += 1
+        return msg
+
+    def event_form(self, msg: JSON) -> JSON:
+        """A stored message as MESSAGE_CREATE/UPDATE carry it: guild_id and members added."""
+        guild_id = self.channels[msg["channel_id"]].get("guild_id")
+        if guild_id is None:
+            return dict(msg)
+        mentions = [{**u, "member": self._member(u, with_user=False)} for u in msg["mentions"]]
+        event = {**msg, "guild_id": guild_id, "mentions": mentions}
+        if "webhook_id" not in msg:
+            event["member"] = self._member(msg["author"], with_user=False)
+        return event
+
+    def user_message(
+        self,
+        channel_id: str,
+        content: str,
+        *,
+        author: JSON | None = None,
+        mentions_bot: bool = False,
+        **extra: Any,
+    ) -> JSON:
+        """Record a message by a user (alice by default); returns its MESSAGE_CREATE payload.
+
+        mentions_bot prefixes ``<@1000> `` and fills mentions. Guild channels (text channel,
+        threads) get guild_id and member; DM channels don't."""
+        if mentions_bot:
+            content = f"<@{self.bot['id']}> {content}"
+            extra["mentions"] = [self.bot]
+        msg = self._create_message(channel_id, content, author or self.alice, **extra)
+        return self.event_form(msg)
+
+    def bot_authored_message(self, channel_id: str, content: str, **kwargs: Any) -> JSON:
+        """A message by the other bot (1002); pass author=fake.bot for the bot's own."""
+        return self.user_message(channel_id, content, **{"author": self.other_bot, **kwargs})
+
+    def webhook_message(self, channel_id: str, content: str, **kwargs: Any) -> JSON:
+        """A message sent through a webhook: webhook_id set, author is the webhook, no member."""
+        hook_id = self.snowflake()
+        author = {**make_user(hook_id, "Captain Hook", bot=True), "discriminator": "0000"}
+        return self.user_message(channel_id, content, author=author, webhook_id=hook_id, **kwargs)
+
+    def dm_message(self, content: str, *, author: JSON | None = None, **kwargs: Any) -> JSON:
+        """A DM to the bot (channel type 1, no guild_id); alice by default."""
+        author = author or self.alice
+        channel = self.dm_channel(author["id"])
+        return self.user_message(channel["id"], content, author=author, **kwargs)
+
+    def thread_message(self, thread_id: str, content: str, **kwargs: Any) -> JSON:
+        """A user message inside a thread (create it first, e.g. with start_thread)."""
+        if self.channels.get(thread_id, {}).get("type") != 11:
+            raise KeyError(f"no thread {thread_id}")
+        return self.user_message(thread_id, content, **kwargs)
+
+    async def start_thread(
+        self,
+        channel_id: str,
+        message_id: str,
+        name: str,
+        auto_archive_duration: int = 1440,
+        *,
+        owner: JSON | None = None,
+    ) -> JSON:
+        """Start a public thread from a message (the thread's id is the message's, as on
+        Discord) and dispatch THREAD_CREATE. owner defaults to the bot, which then is a member."""
+        starter, owner = self.message(channel_id, message_id), owner or self.bot
+        if starter is None:
+            raise ApiError(404, 10008, "Unknown Message")
+        if message_id in self.channels:
+            raise ApiError(400, 160004, "A thread has already been created for this message")
+        meta = {"archived": False, "auto_archive_duration": auto_archive_duration, "locked": False}
+        meta.update(archive_timestamp=now_iso(), create_timestamp=now_iso())
+        thread = {"id": message_id, "type": 11, "guild_id": self.guild_id, "parent_id": channel_id}
+        thread.update(owner_id=owner["id"], name=name, last_message_id=None, message_count=0)
+        thread.update(member_count=1, rate_limit_per_user=0, flags=0, total_message_sent=0)
+        thread["thread_metadata"] = meta
+        self.channels[message_id] = thread
+        starter.update(flags=starter["flags"] | 32, thread=dict(thread))  # HAS_THREAD
+        if owner["id"] == self.bot["id"]:
+            member = {"id": message_id, "user_id": owner["id"], "flags": 0}
+            thread["member"] = {**member, "join_timestamp": now_iso()}
+        await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+        return thread
+
+    # --- gateway --------------------------------------------------------------------------
+
+    async def dispatch(self, event: str, data: JSON) -> int | None:
+        """Send a DISPATCH (op 0) to the bot; returns its sequence number, or None when the
+        session's intents filter it out. Kept for RESUME; sent now if a session is live."""
+        data = self._filtered(event, data, self.intents or 0)
+        if data is None:
+            return None
+        self._seq += 1
+        payload = {"op": 0, "t": event, "s": self._seq, "d": data}
+        self._backlog.append(payload)
+        if self._live is not None:
+            await self._send(self._live, payload)
+        return self._seq
+
+    def _filtered(self, event: str, data: JSON, intents: int) -> JSON | None:
+        if event in ("MESSAGE_CREATE", "MESSAGE_UPDATE", "MESSAGE_DELETE"):
+            if not intents & (GUILD_MESSAGES if data.get("guild_id") else DIRECT_MESSAGES):
+                return None
+            if event != "MESSAGE_DELETE":
+                return self._redacted(data, intents)
+        elif event.startswith(("GUILD_", "CHANNEL_", "THREAD_")) and not intents & GUILDS:
+            return None
+        return data
+
+    def _redacted(self, msg: JSON, intents: int) -> JSON:
+        """Without MESSAGE_CONTENT, content-ish fields are empty, except in DMs, in the
+        bot's own messages and in messages that mention it (as on Discord)."""
+        if (
+            intents & MESSAGE_CONTENT
+            or self.channels.get(msg.get("channel_id", ""), {}).get("type") == 1
+            or msg.get("author", {}).get("id") == self.bot["id"]
+            or any(u["id"] == self.bot["id"] for u in msg.get("mentions", []))
+        ):
+            return msg
+        return {**msg, "content": "", "embeds": [], "attachments": [], "components": []}
+
+    async def close_gateway(self, code: int = 4000, message: str = "") -> None:
+        """Close the bot's websocket with a close code. discord.py resumes after most codes;
+        4004, 4010-4014 are fatal (4014: PrivilegedIntentsRequired). 4007 and 4009 also
+        end the session here, so a RESUME is answered with an invalid session."""
+        self._live = None
+        if code in (4007, 4009):
+            self.session_id = None
+        for conn in list(self._conns):
+            await conn.ws.close(code=code, message=message.encode())
+
+    async def invalidate_session(self, resumable: bool = False) -> None:
+        """Send op 9. discord.py closes; resumable=False makes it IDENTIFY anew, on
+        DiscordWebSocket.DEFAULT_GATEWAY."""
+        if not resumable:
+            self.session_id = None
+        if conn := self._live:
+            self._live = None
+            await self._send(conn, op(9, resumable))
+
+    async def request_reconnect(self) -> None:
+        """Send op 7 RECONNECT: discord.py closes and resumes on resume_gateway_url."""
+        if conn := self._live:
+            self._live = None
+            await self._send(conn, op(7))
+
+    async def _send(self, conn: _Conn, payload: JSON) -> None:
+        data = json.dumps(payload).encode()
+        async with conn.lock:  # compress and send in one order
+            if conn.ws.closed:
+                return
+            self.sent.append(payload)
+            try:
+                if conn.zlib is None:
+                    await conn.ws.send_str(data.decode())
+                else:  # one zlib stream per connection, each frame ends with 00 00 ff ff
+                    await conn.ws.send_bytes(conn.zlib.compress(data) + conn.zlib.flush(2))
+            except (ConnectionError, RuntimeError):
+                pass  # closing under us; a RESUME replays dispatches from the backlog
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        zlib_stream = request.query.get("compress") == "zlib-stream"  # else: plain text frames
+        conn = _Conn(ws, zlib.compressobj() if zlib_stream else None)
+        self._conns.add(conn)
+        self.connections.append(str(request.rel_url))
+        hello = {"heartbeat_interval": self.heartbeat_interval, "_trace": ["fake-gateway"]}
+        await self._send(conn, op(10, hello))
+        try:
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    payload = json.loads(msg.data)
+                    self.received.append(payload)
+                    await self._on_op(conn, payload.get("op"), payload.get("d"))
+        finally:
+            self._conns.discard(conn)
+            if self._live is conn:
+                self._live = None
+        return ws
+
+    async def _on_op(self, conn: _Conn, code: int | None, d: Any) -> None:
+        if code == 1:  # HEARTBEAT
+            await self._send(conn, op(11))
+        elif code in (2, 6) and d.get("token") != self.token:
+            await conn.ws.close(code=4004, message=b"Authentication failed.")
+        elif code == 2:
+            await self._identify(conn, d)
+        elif code == 6:
+            await self._resume(conn, d)
+        elif code not in (3, 4, 8):  # presence, voice state, request members: accepted
+            await conn.ws.close(code=4001, message=b"Unknown opcode.")
+
+    async def _identify(self, conn: _Conn, d: JSON) -> None:
+        intents = d.get("intents", 0)
+        if intents & PRIVILEGED & ~self.privileged_intents:
+            await conn.ws.close(code=4014, message=b"Disallowed intent(s).")
+            return
+        self.identifies += 1
+        self.intents, self.session_id = intents, uuid.uuid4().hex
+        self._seq, self._backlog, self._live = 0, [], conn
+        application = {"id": self.application_id, "flags": self._application_flags()}
+        ready = {"v": 10, "user": self.bot, "session_id": self.session_id}
+        ready.update(resume_gateway_url=self.resume_gateway_url, application=application)
+        ready.update(guilds=[{"id": self.guild_id, "unavailable": True}], private_channels=[])
+        ready.update(session_type="normal", user_settings={}, relationships=[], presences=[])
+        await self.dispatch("READY", ready)
+        await self.dispatch("GUILD_CREATE", self.guild_payload())
+
+    async def _resume(self, conn: _Conn, d: JSON) -> None:
+        if d.get("session_id") != self.session_id or self.session_id is None:
+            await self._send(conn, op(9, False))
+            return
+        self.resumes += 1
+        seq, i = d.get("seq") or 0, 0
+        while i < len(self._backlog):  # dispatches made meanwhile are caught up too
+            if self._backlog[i]["s"] > seq:
+                await self._send(conn, self._backlog[i])
+            i += 1
+        self._live = conn
+        await self.dispatch("RESUMED", {"_trace": ["fake-gateway"]})
+
+    def _application_flags(self) -> int:
+        # GATEWAY_PRESENCE_LIMITED, GATEWAY_GUILD_MEMBERS_LIMITED, GATEWAY_MESSAGE_CONTENT_LIMITED
+        pairs = ((GUILD_PRESENCES, 1 << 13), (GUILD_MEMBERS, 1 << 15), (MESSAGE_CONTENT, 1 << 19))
+        return sum(flag for intent, flag in pairs if self.privileged_intents & intent)
+
+    # --- REST -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _json(
+        status: int, body: Any, headers: JSON | None = None, via: bool = True
+    ) -> web.Response:
+        # discord.py parses JSON only when Content-Type is exactly application/json; Discord's
+        # load balancer adds Via to every answer, and discord.py retries a 429 only with it
+        headers = {**(headers or {}), "Content-Type": "application/json"}
+        headers.update({"Via": "1.1 google"} if via else {})
+        return web.Response(status=status, body=json.dumps(body).encode(), headers=headers)
+
+    async def _rest(self, request: web.Request) -> web.Response:
+        body, files = None, []
+        if request.content_type == "application/json":
+            body = await request.json()
+        elif request.content_type.startswith("multipart/"):
+            async for part in await request.multipart():
+                if not isinstance(part, aiohttp.BodyPartReader):
+                    continue
+                if part.name == "payload_json":
+                    body = json.loads(await part.text())
+                else:
+                    size = len(await part.read())
+                    files.append({"name": part.name, "filename": part.filename, "size": size})
+        path = "/" + request.match_info["path"]
+        req = Request(request.method, path, dict(request.query), body, dict(request.headers), files)
+        self.requests.append(req)
+        if request.headers.get("Authorization") != f"Bot {self.token}":
+            req.status = 401
+            return self._json(401, {"message": "401: Unauthorized", "code": 0})
+        if limited := self._rate_limited(req):
+            req.status = 429
+            return limited
+        for method, pattern, handler in self._routes():
+            if method == req.method and (match := re.fullmatch(pattern, path)):
+                try:
+                    req.status, result = await handler(req, *match.groups())
+                except ApiError as exc:
+                    req.status, result = exc.status, exc.body
+                if req.status == 204:
+                    return web.Response(status=204)
+                headers = self._bucket_headers(f"{method} {pattern}", 4, 1.0)
+                return self._json(req.status, result, headers)
+        req.status = 404
+        return self._json(404, {"message": "404: Not Found", "code": 0})
+
+    def _routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
+        ch, msg = r"/channels/(\d+)", r"/channels/(\d+)/messages/(\d+)"
+        cmds = r"/applications/\d+(?:/guilds/(\d+))?/commands"
+        return [
+            ("GET", "/users/@me", self._get_me),
+            ("GET", "/gateway/bot", self._gateway_bot),
+            ("GET", "/oauth2/applications/@me", self._app_info),
+            ("GET", "/applications/@me", self._app_info),
+            ("GET", cmds, self._commands),
+            ("PUT", cmds, self._commands),
+            ("POST", "/users/@me/channels", self._create_dm),
+            ("GET", ch, self._get_channel),
+            ("POST", ch + "/typing", self._typing),
+            ("GET", ch + "/messages", self._history),
+            ("POST", ch + "/messages", self._post_message),
+            ("GET", msg, self._get_message),
+            ("PATCH", msg, self._edit_message),
+            ("POST", msg + "/threads", self._post_thread),
+        ]
+
+    async def _get_me(self, req: Request) -> tuple[int, Any]:
+        return 200, {**self.bot, "verified": True, "mfa_enabled": False, "flags": 0}
+
+    async def _gateway_bot(self, req: Request) -> tuple[int, Any]:
+        limit = {"total": 1000, "remaining": 1000 - self.identifies, "max_concurrency": 1}
+        limit["reset_after"] = 86_400_000
+        return 200, {"url": self.gateway_url, "shards": 1, "session_start_limit": limit}
+
+    async def _app_info(self, req: Request) -> tuple[int, Any]:
+        app = {"id": self.application_id, "name": "threadbot", "icon": None, "description": ""}
+        app.update(bot_public=True, bot_require_code_grant=False, verify_key="0" * 64)
+        app.update(owner=self.alice, team=None, flags=self._application_flags(), bot=self.bot)
+        return 200, {**app, "interactions_endpoint_url": None, "redirect_uris": []}
+
+    async def _commands(self, req: Request, guild_id: str | None) -> tuple[int, Any]:
+        return 200, []  # discord.app_commands.CommandTree.sync() PUTs here; a Client never does
+
+    async def _create_dm(self, req: Request) -> tuple[int, Any]:
+        user_id = str((req.json or {}).get("recipient_id"))
+        if user_id not in self.users:
+            raise ApiError(400, 50007, "Cannot send messages to this user")
+        return 200, self.dm_channel(user_id)
+
+    def _channel(self, channel_id: str) -> JSON:
+        if channel_id not in self.channels:
+            raise ApiError(404, 10003, "Unknown Channel")
+        return self.channels[channel_id]
+
+    def _stored(self, channel_id: str, message_id: str) -> JSON:
+        self._channel(channel_id)
+        if (msg := self.message(channel_id, message_id)) is None:
+            raise ApiError(404, 10008, "Unknown Message")
+        return msg
+
+    def _rest_form(self, msg: JSON) -> JSON:
+        # REST redacts content by the app's portal setting, not by the session's intents
+        return self._redacted(msg, self.privileged_intents)
+
+    async def _get_channel(self, req: Request, channel_id: str) -> tuple[int, Any]:
+        return 200, self._channel(channel_id)
+
+    async def _typing(self, req: Request, channel_id: str) -> tuple[int, Any]:
+        self._channel(channel_id)
+        return 204, None
+
+    async def _history(self, req: Request, channel_id: str) -> tuple[int, Any]:
+        """Newest first; limit (1-100, default 50), before, after (the ones right after)."""
+        self._channel(channel_id)
+        log, q = self.messages.get(channel_id, []), req.query
+        limit = max(1, min(100, int(q.get("limit", 50))))
+        if "after" in q:
+            found = [m for m in log if int(m["id"]) > int(q["after"])][:limit]
+        else:
+            before = int(q.get("before", 1 << 63))
+            found = [m for m in log if int(m["id"]) < before][-limit:]
+        return 200, [self._rest_form(m) for m in reversed(found)]
+
+    async def _get_message(self, req: Request, channel_id: str, message_id: str) -> tuple[int, Any]:
+        return 200, self._rest_form(self._stored(channel_id, message_id))
+
+    @staticmethod
+    def _check_content(content: Any) -> None:
+        if isinstance(content, str) and len(content) > MAX_CONTENT:
+            error = {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}
+            raise ApiError(400, 50035, "Invalid Form Body", {"content": {"_errors": [error]}})
+
+    async def _post_message(self, req: Request, channel_id: str) -> tuple[int, Any]:
+        channel, body = self._channel(channel_id), req.json or {}
+        nonce, content = body.get("nonce"), body.get("content") or ""
+        if body.get("enforce_nonce") and nonce is not None and nonce in self._nonces:
+            at, old_channel, old_id = self._nonces[nonce]
+            old = self.message(old_channel, old_id)
+            if old and time.monotonic() - at < NONCE_WINDOW_S:
+                return 200, old
+        if not (content or body.get("embeds") or req.files or body.get("sticker_ids")):
+            raise ApiError(400, 50006, "Cannot send an empty message")
+        self._check_content(content)
+        extra: JSON = {"tts": bool(body.get("tts")), "embeds": body.get("embeds") or []}
+        if nonce is not None:
+            extra["nonce"] = nonce
+        if ref := body.get("message_reference"):
+            target = self.message(str(ref.get("channel_id") or channel_id), str(ref["message_id"]))
+            if target is None and ref.get("fail_if_not_exists", True):
+                error = {"code": "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "message": "Unknown message"}
+                errors = {"message_reference": {"_errors": [error]}}
+                raise ApiError(400, 50035, "Invalid Form Body", errors)
+            if target is not None:
+                reference = dict(type=0, channel_id=target["channel_id"], message_id=target["id"])
+                extra["message_reference"] = reference | {"guild_id": channel.get("guild_id")}
+                extra.update(type=19, referenced_message={**target, "referenced_message": None})
+        urls = [f"{self.api_url}/attachments/{f['filename']}" for f in req.files]
+        extra["attachments"] = [
+            dict(id=self.snowflake(), filename=f["filename"], size=f["size"], url=u, proxy_url=u)
+            for f, u in zip(req.files, urls, strict=True)
+        ]
+        msg = self._create_message(channel_id, content, self.bot, **extra)
+        if nonce is not None and body.get("enforce_nonce"):
+            self._nonces[nonce] = (time.monotonic(), channel_id, msg["id"])
+        if self.echo_bot_messages:
+            await self.dispatch("MESSAGE_CREATE", self.event_form(msg))
+        return 200, msg
+
+    async def _edit_message(self, req: Request, channel_id: str, msg_id: str) -> tuple[int, Any]:
+        msg, body = self._stored(channel_id, msg_id), req.json or {}
+        if msg["author"]["id"] != self.bot["id"]:
+            raise ApiError(403, 50005, "Cannot edit a message authored by another user")
+        self._check_content(body.get("content"))
+        if "content" in body:
+            msg["content"] = body["content"] or ""
+        for key in ("embeds", "components", "flags"):
+            if body.get(key) is not None:
+                msg[key] = body[key]
+        msg["edited_timestamp"] = now_iso()
+        if self.echo_bot_messages:
+            await self.dispatch("MESSAGE_UPDATE", self.event_form(msg))
+        return 200, msg
+
+    async def _post_thread(self, req: Request, channel_id: str, message_id: str) -> tuple[int, Any]:
+        body = req.json or {}
+        self._channel(channel_id)
+        duration = body.get("auto_archive_duration") or 1440
+        thread = self.start_thread(channel_id, message_id, body.get("name") or "thread", duration)
+        return 201, await thread

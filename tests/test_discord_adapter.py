@@ -1,0 +1,291 @@
+"""The Discord adapter end to end: the real discord.py against the fake Discord.
+
+The adapter runs exactly as `threadbot run` builds it from settings, on the real service,
+queue and Redis; the model is the bundled one where the answer matters (Paris), the tiny
+one where only the flow does, and a scripted one where a test needs a particular text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import discord
+import pytest
+from conftest import ScriptedEngine
+from discord.gateway import DiscordWebSocket
+from fake_discord import FakeDiscord
+
+from adapters.base import AdapterError
+from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
+from adapters.streaming import STREAMING_MARK
+from bot import replies
+from bot.config import Settings
+
+
+@pytest.fixture
+async def fake():
+    async with FakeDiscord() as discord_fake:
+        yield discord_fake
+
+
+@pytest.fixture(autouse=True)
+def _discord_urls_restored(monkeypatch):
+    """The adapter points discord.py's class-level URLs at the fake; put them back after."""
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
+
+
+def settings_for(fake: FakeDiscord, **values) -> Settings:
+    return Settings(
+        _env_file=None,
+        discord_bot_token=fake.token,
+        discord_api_url=fake.api_url,
+        discord_edit_interval=0.05,
+        **values,
+    )
+
+
+@asynccontextmanager
+async def running(adapter: DiscordAdapter):
+    task = asyncio.create_task(adapter.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+def discord_bot(fake, make_service):
+    """Runs the adapter on a service; yields (service, engine) once it has identified."""
+
+    @asynccontextmanager
+    async def start(engine=None, *, reply_mode="thread", **service_options):
+        async with (
+            make_service(engine, **service_options) as (service, engine),
+            running(
+                DiscordAdapter.from_settings(
+                    settings_for(fake, discord_reply_mode=reply_mode), service
+                )
+            ),
+        ):
+            await fake.wait_identified()
+            yield service, engine
+
+    return start
+
+
+def bot_messages(fake: FakeDiscord, channel_id: str) -> list[dict]:
+    return [m for m in fake.messages.get(channel_id, []) if m["author"]["id"] == fake.bot["id"]]
+
+
+async def final_reply(fake: FakeDiscord, channel_id: str, *, after: int = 0) -> dict:
+    """The bot's message in a channel once streaming has ended in its final text."""
+
+    def done():
+        posts = bot_messages(fake, channel_id)
+        text = posts[after]["content"] if len(posts) > after else STREAMING_MARK
+        return not text.endswith(STREAMING_MARK) and posts[after]
+
+    return await fake.wait_for(done, timeout=60)
+
+
+async def mention(fake: FakeDiscord, content: str, channel_id: str | None = None) -> dict:
+    message = fake.user_message(channel_id or fake.channel_id, content, mentions_bot=True)
+    await fake.dispatch("MESSAGE_CREATE", message)
+    return message
+
+
+@pytest.mark.slow
+async def test_a_mention_opens_a_thread_with_the_answer(fake, discord_bot, bundled_engine):
+    async with discord_bot(bundled_engine):
+        message = await mention(fake, "What is the capital of France?")
+        reply = await final_reply(fake, message["id"])  # the thread's id is the message's
+    assert "paris" in reply["content"].lower()
+    thread = fake.channels[message["id"]]
+    assert thread["type"] == 11 and thread["parent_id"] == fake.channel_id
+    assert thread["name"] == "What is the capital of France?"
+    assert fake.requests_to("POST", rf"/channels/{message['id']}/typing")
+
+
+async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
+    async with discord_bot() as (_service, engine):
+        message = await mention(fake, "hello bot")
+        await final_reply(fake, message["id"])
+        follow_up = fake.thread_message(message["id"], "and another thing")
+        await fake.dispatch("MESSAGE_CREATE", follow_up)
+        await final_reply(fake, message["id"], after=1)
+        chatter = fake.user_message(fake.channel_id, "unrelated chatter")
+        await fake.dispatch("MESSAGE_CREATE", chatter)
+    assert [p[-1]["content"] for p in engine.prompts] == ["hello bot", "and another thing"]
+    assert len(engine.prompts[1]) == 3  # the thread's history came along
+
+
+async def test_a_dm_is_answered(fake, discord_bot):
+    async with discord_bot() as (_service, engine):
+        message = fake.dm_message("hi there")
+        await fake.dispatch("MESSAGE_CREATE", message)
+        reply = await final_reply(fake, message["channel_id"])
+    assert reply["content"]
+    assert engine.prompts == [[{"role": "user", "content": "hi there"}]]
+
+
+async def test_bots_and_webhooks_are_not_answered(fake, discord_bot):
+    async with discord_bot() as (_service, engine):
+        for message in (
+            fake.bot_authored_message(fake.channel_id, f"<@{fake.bot['id']}> ping"),
+            fake.webhook_message(fake.channel_id, f"<@{fake.bot['id']}> ping"),
+        ):
+            await fake.dispatch("MESSAGE_CREATE", message)
+        person = fake.dm_message("from a person")
+        await fake.dispatch("MESSAGE_CREATE", person)
+        await final_reply(fake, person["channel_id"])
+    assert bot_messages(fake, fake.channel_id) == []
+    assert len(engine.prompts) == 1
+
+
+async def test_a_long_answer_is_split_across_messages(fake, discord_bot):
+    code = "\n".join(f"    step_{i}()" for i in range(300))
+    answer = "Here is the plan:\n```python\n" + code + "\n```\nThat is all."
+    async with discord_bot(ScriptedEngine(answer)):
+        message = await mention(fake, "write a long program")
+        await fake.wait_for(
+            lambda: any("That is all." in m["content"] for m in bot_messages(fake, message["id"]))
+        )
+    parts = [m["content"] for m in bot_messages(fake, message["id"])]
+    assert len(parts) >= 2
+    assert all(len(part) <= MESSAGE_LIMIT for part in parts)
+    assert all(part.count("```") % 2 == 0 for part in parts)
+    steps = [line for part in parts for line in part.splitlines() if "step_" in line]
+    assert steps == code.splitlines()
+
+
+async def test_no_message_can_ping_and_every_send_has_a_nonce(fake, discord_bot):
+    answer = "@everyone look, <@1001> and <@&2000> " + "word " * 500
+    async with discord_bot(ScriptedEngine(answer)):
+        message = await mention(fake, "say something loud")
+        await fake.wait_for(lambda: len(bot_messages(fake, message["id"])) >= 2)
+        await final_reply(fake, message["id"], after=1)
+    sends = fake.requests_to("POST", r"/channels/\d+/messages")
+    edits = fake.requests_to("PATCH", r"/channels/\d+/messages/\d+")
+    assert sends and edits
+    for request in sends + edits:
+        allowed = request.json["allowed_mentions"]
+        assert allowed["parse"] == []  # no @everyone/@here, roles or users from the text
+        assert not allowed.get("users") and not allowed.get("roles")
+        assert not allowed.get("replied_user")
+    nonces = [request.json["nonce"] for request in sends]
+    assert len(set(nonces)) == len(nonces)
+    assert all(len(nonce) <= 25 for nonce in nonces)
+
+
+async def test_a_rate_limited_send_is_retried_and_the_answer_arrives(fake, discord_bot):
+    async with discord_bot(ScriptedEngine("The final answer.")):
+        fake.rate_limit("POST", r"/channels/\d+/messages", count=1, retry_after=0.1)
+        message = await mention(fake, "hi")
+        reply = await final_reply(fake, message["id"])
+    assert reply["content"] == "The final answer."
+    statuses = [r.status for r in fake.requests_to("POST", r"/channels/\d+/messages")]
+    assert statuses[:2] == [429, 200]
+
+
+async def test_after_a_resumable_disconnect_the_bot_resumes_and_answers(fake, discord_bot):
+    async with discord_bot():
+        first = fake.dm_message("before")
+        await fake.dispatch("MESSAGE_CREATE", first)
+        await final_reply(fake, first["channel_id"])
+        await fake.close_gateway(4000)
+        await fake.wait_resumed()
+        second = fake.dm_message("after")
+        await fake.dispatch("MESSAGE_CREATE", second)
+        await final_reply(fake, second["channel_id"], after=1)
+    assert (fake.identifies, fake.resumes) == (1, 1)
+
+
+async def test_mentioned_in_another_thread_it_reads_the_thread_first(fake, discord_bot):
+    async with discord_bot() as (_service, engine):
+        starter = fake.user_message(fake.channel_id, "we deploy on fridays")
+        thread = await fake.start_thread(
+            fake.channel_id, starter["id"], "deploys", owner=fake.alice
+        )
+        await fake.dispatch("MESSAGE_CREATE", fake.thread_message(thread["id"], "is that wise?"))
+        asked = fake.thread_message(thread["id"], "what do you think?", mentions_bot=True)
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        await final_reply(fake, thread["id"])
+    assert engine.prompts[0] == [
+        {"role": "user", "content": "is that wise?"},
+        {"role": "user", "content": "what do you think?"},
+    ]
+
+
+async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot):
+    async with discord_bot(reply_mode="inline") as (_service, engine):
+        message = await mention(fake, "first question")
+        answer = await final_reply(fake, fake.channel_id)
+        reply = fake.user_message(
+            fake.channel_id,
+            "second question",
+            message_reference={"message_id": answer["id"], "channel_id": fake.channel_id},
+            referenced_message=answer,
+            type=19,
+        )
+        await fake.dispatch("MESSAGE_CREATE", reply)
+        await final_reply(fake, fake.channel_id, after=1)
+    assert answer["message_reference"]["message_id"] == message["id"]
+    assert fake.channels.get(message["id"]) is None  # no thread in inline mode
+    assert [m["role"] for m in engine.prompts[1]] == ["user", "assistant", "user"]
+    assert engine.prompts[1][0]["content"] == "first question"
+    assert engine.prompts[1][2]["content"] == "second question"
+
+
+async def test_reset_clears_the_conversation(fake, discord_bot):
+    async with discord_bot():
+        first = fake.dm_message("remember this")
+        await fake.dispatch("MESSAGE_CREATE", first)
+        await final_reply(fake, first["channel_id"])
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("reset"))
+        cleared = await final_reply(fake, first["channel_id"], after=1)
+    assert cleared["content"] == replies.conversation_reset()
+
+
+async def test_a_failure_is_reported_and_the_adapter_goes_on(fake, discord_bot, make_engine):
+    class FailsOnce:
+        def __init__(self) -> None:
+            self.engine, self.calls = make_engine(), 0
+
+        def generate(self, conversations, **options):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("the model fell over")
+            return self.engine.generate(conversations, **options)
+
+    async with discord_bot(FailsOnce()):
+        first = fake.dm_message("first")
+        await fake.dispatch("MESSAGE_CREATE", first)
+        failed = await final_reply(fake, first["channel_id"])
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("second"))
+        answered = await final_reply(fake, first["channel_id"], after=1)
+    assert failed["content"] == replies.failed()
+    assert answered["content"] and answered["content"] != replies.failed()
+
+
+async def test_a_refused_message_content_intent_is_explained(make_service):
+    async with FakeDiscord(privileged_intents=0) as fake, make_service() as (service, _engine):
+        adapter = DiscordAdapter.from_settings(settings_for(fake), service)
+        with pytest.raises(AdapterError) as refused:
+            await asyncio.wait_for(adapter.run(), timeout=30)
+    assert str(refused.value) == INTENTS_HELP
+
+
+@pytest.mark.slow
+async def test_threadbot_run_serves_discord_until_sigterm(fake, threadbot_run):
+    """The real command, configured only by settings, answers a mention and stops cleanly."""
+    async with threadbot_run(DISCORD_BOT_TOKEN=fake.token, DISCORD_API_URL=fake.api_url) as stopped:
+        await fake.wait_identified(timeout=120)
+        message = await mention(fake, "What is the capital of France?")
+        reply = await final_reply(fake, message["id"])
+    assert "paris" in reply["content"].lower()
+    assert stopped.returncode == 143
+    assert "Traceback" not in stopped.stderr
+    assert "oauth2/authorize?client_id=" in stopped.stderr  # the invite link was logged
