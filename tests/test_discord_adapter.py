@@ -210,12 +210,16 @@ async def test_mentioned_in_another_thread_it_reads_the_thread_first(fake, disco
             fake.channel_id, starter["id"], "deploys", owner=fake.alice
         )
         await fake.dispatch("MESSAGE_CREATE", fake.thread_message(thread["id"], "is that wise?"))
-        asked = fake.thread_message(thread["id"], "what do you think?", mentions_bot=True)
+        asked = fake.thread_message(
+            thread["id"],
+            f"<@{fake.bot['id']}> what do you think, <@{fake.alice['id']}>?",
+            mentions=[fake.bot, fake.alice],
+        )
         await fake.dispatch("MESSAGE_CREATE", asked)
         await final_reply(fake, thread["id"])
     assert engine.prompts[0] == [
         {"role": "user", "content": "is that wise?"},
-        {"role": "user", "content": "what do you think?"},
+        {"role": "user", "content": "what do you think, @Alice?"},
     ]
 
 
@@ -237,6 +241,17 @@ async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot
     assert [m["role"] for m in engine.prompts[1]] == ["user", "assistant", "user"]
     assert engine.prompts[1][0]["content"] == "first question"
     assert engine.prompts[1][2]["content"] == "second question"
+
+
+async def test_the_reply_says_when_older_history_was_left_out(fake, discord_bot, make_engine):
+    budget = make_engine().count_tokens([{"role": "user", "content": "x " * 40}])
+    async with discord_bot(ScriptedEngine("Noted."), prompt_budget=budget):
+        first = fake.dm_message("a " * 30)
+        await fake.dispatch("MESSAGE_CREATE", first)
+        await final_reply(fake, first["channel_id"])
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("b " * 30))
+        reply = await final_reply(fake, first["channel_id"], after=1)
+    assert reply["content"] == f"*{replies.history_dropped(2)}*\n\nNoted."
 
 
 async def test_reset_clears_the_conversation(fake, discord_bot):
