@@ -189,6 +189,20 @@ def make_service(store: ConversationStore, make_engine: Any):
     return make
 
 
+# --- Adapters -----------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running(adapter: Any) -> AsyncIterator[asyncio.Task[None]]:
+    """An adapter's `run()` as a task for the block, cancelled (as at shutdown) after it."""
+    task = asyncio.create_task(adapter.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 # --- `threadbot run` as a subprocess ------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from typing import Any, Self, TypeVar
 
 import aiohttp
 from aiohttp import web
+from loopback import serve
 
 T = TypeVar("T")
 JSON = dict[str, Any]
@@ -130,10 +131,7 @@ class FakeDiscord:
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/gateway-resume", self._gateway)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import discord
 import pytest
-from conftest import ScriptedEngine
+from conftest import ScriptedEngine, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
 
@@ -44,16 +44,6 @@ def settings_for(fake: FakeDiscord, **values) -> Settings:
         discord_edit_interval=0.05,
         **values,
     )
-
-
-@asynccontextmanager
-async def running(adapter: DiscordAdapter):
-    task = asyncio.create_task(adapter.run())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture

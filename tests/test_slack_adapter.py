@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
-from conftest import ScriptedEngine
+from conftest import ScriptedEngine, running
 from fake_slack import FakeSlack
 
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, SlackAdapter
@@ -34,16 +34,6 @@ def free_port() -> int:
 async def slack():
     async with FakeSlack() as fake:
         yield fake
-
-
-@asynccontextmanager
-async def running(adapter: SlackAdapter):
-    task = asyncio.create_task(adapter.run())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture
