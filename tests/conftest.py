@@ -150,6 +150,16 @@ class SpyEngine:
         return answers
 
 
+class FailsOnceEngine(SpyEngine):
+    """The real engine, except that its first generation raises (a model falling over)."""
+
+    def generate(self, conversations: Any, **options: Any) -> list[str]:
+        if not self.prompts:
+            self.prompts.extend(conversations)
+            raise RuntimeError("the model fell over")
+        return super().generate(conversations, **options)
+
+
 class ScriptedEngine:
     """Stands in for the model where a test needs one exact answer (escaping, splitting):
     answers every prompt with `answer`, streamed in pieces like a model's."""

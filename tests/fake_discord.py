@@ -29,7 +29,7 @@ from typing import Any, Self, TypeVar
 
 import aiohttp
 from aiohttp import web
-from loopback import serve
+from fake_server import serve, wait_for
 
 T = TypeVar("T")
 JSON = dict[str, Any]
@@ -178,14 +178,7 @@ class FakeDiscord:
         self, predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02
     ) -> T:
         """Poll predicate until it returns something truthy; TimeoutError after timeout."""
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / interval) + 2):
-            if result := predicate():
-                return result
-            if time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(interval)
-        raise TimeoutError(f"condition not met within {timeout}s")
+        return await wait_for(predicate, timeout, interval)
 
     async def wait_for_requests(
         self, method: str, path_pattern: str, count: int = 1, timeout: float = 10.0

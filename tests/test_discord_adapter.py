@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import discord
 import pytest
-from conftest import ScriptedEngine, running
+from conftest import FailsOnceEngine, ScriptedEngine, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
 
@@ -255,17 +255,7 @@ async def test_reset_clears_the_conversation(fake, discord_bot):
 
 
 async def test_a_failure_is_reported_and_the_adapter_goes_on(fake, discord_bot, make_engine):
-    class FailsOnce:
-        def __init__(self) -> None:
-            self.engine, self.calls = make_engine(), 0
-
-        def generate(self, conversations, **options):
-            self.calls += 1
-            if self.calls == 1:
-                raise RuntimeError("the model fell over")
-            return self.engine.generate(conversations, **options)
-
-    async with discord_bot(FailsOnce()):
+    async with discord_bot(FailsOnceEngine(make_engine())):
         first = fake.dm_message("first")
         await fake.dispatch("MESSAGE_CREATE", first)
         failed = await final_reply(fake, first["channel_id"])

@@ -7,6 +7,7 @@ import threading
 import uuid
 
 import pytest
+from conftest import FailsOnceEngine
 
 from bot import replies
 from bot.types import ConversationKey, Turn
@@ -161,21 +162,8 @@ async def test_a_newest_message_too_long_for_the_budget_is_still_sent(make_servi
 async def test_a_failing_generation_keeps_the_message_and_the_service(
     make_service, make_engine, store, conversation
 ):
-    class Flaky:
-        """Fails once, then answers like the real engine."""
-
-        def __init__(self) -> None:
-            self.engine, self.failed = make_engine(), False
-            self.prompts: list = []
-
-        def generate(self, conversations, **options):
-            if not self.failed:
-                self.failed = True
-                raise RuntimeError("boom")
-            return self.engine.generate(conversations, **options)
-
     broken, fine = RecordingSink(), RecordingSink()
-    async with make_service(Flaky()) as (service, _engine):
+    async with make_service(FailsOnceEngine(make_engine())) as (service, _engine):
         await service.handle(turn(conversation, "first try"), broken)
         await service.handle(turn(conversation, "second try"), fine)
     assert broken.kinds("fail") == [replies.failed()]

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
-from conftest import ScriptedEngine, running
+from conftest import FailsOnceEngine, ScriptedEngine, running
 from fake_slack import FakeSlack
 
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, SlackAdapter
@@ -232,17 +232,7 @@ async def test_reset_clears_the_thread(slack, socket_mode):
 
 
 async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode, make_engine):
-    class FailsOnce:
-        def __init__(self) -> None:
-            self.engine, self.calls = make_engine(), 0
-
-        def generate(self, conversations, **options):
-            self.calls += 1
-            if self.calls == 1:
-                raise RuntimeError("the model fell over")
-            return self.engine.generate(conversations, **options)
-
-    async with socket_mode(FailsOnce()):
+    async with socket_mode(FailsOnceEngine(make_engine())):
         first = slack.app_mention("C0001", "first")
         await slack.send_event(first)
         failed = await final_reply(slack, "C0001", first["ts"])
