@@ -44,6 +44,16 @@ class Settings(BaseSettings):
 
     # The inference queue
     queue_max: int = Field(32, ge=1, description="Requests waiting or running before 'busy'.")
+    max_pending_per_user: int = Field(
+        4, ge=1, description="One user's unanswered messages before 'slow down'."
+    )
+    max_batch: int = Field(8, ge=1, description="Answers generated together in one batch.")
+    max_step_tokens: int = Field(
+        128, ge=16, description="Tokens of work per batch step (prompts prefill in chunks)."
+    )
+    kv_cache_mb: int = Field(
+        512, ge=0, description="Memory for idle conversations' KV caches (0: none kept)."
+    )
     request_timeout: float = Field(300, gt=0, description="Seconds from submit to the last token.")
 
     # Platforms (their adapters read these)

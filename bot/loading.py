@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.config import BUNDLED, DEFAULT_MODEL, Settings
+from bot.device import pick_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -132,7 +133,7 @@ def load(
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    options: dict[str, Any] = {"dtype": dtype, "device_map": device}
+    options: dict[str, Any] = {"dtype": pick_dtype(dtype, device), "device_map": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(

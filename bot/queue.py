@@ -1,10 +1,13 @@
-"""The shared inference queue: asyncio on the outside, the engine on one executor thread.
+"""The shared inference queue: asyncio on the outside, one engine thread batching inside.
 
 One queue per process, shared by every adapter. `submit` returns a `Generation` at once
-(or raises `QueueFull`); iterating it yields text chunks as the engine writes them. Chunks
-cross from the engine thread with `loop.call_soon_threadsafe`; the end and an error are
-explicit markers, never exceptions thrown across threads. Requests run one at a time,
-in arrival order, for now: fair order and batching can change the worker alone.
+(or raises `QueueFull`); iterating it yields text chunks as the engine writes them.
+
+The engine thread runs a loop: admit waiting requests into the batch while there is room
+(round-robin between users, so one user's flood cannot starve the others), drop cancelled
+ones, run one batch step, and hand each request its new text. Chunks cross to the event
+loop with `loop.call_soon_threadsafe`; the end and an error are explicit markers, never
+exceptions thrown across threads.
 """
 
 from __future__ import annotations
@@ -12,28 +15,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol, Self
 
 from bot.types import ChatMessage
 
-if TYPE_CHECKING:  # only type aliases: importing the engine would load torch
-    from bot.engine import StopCheck, TextCallback
+if TYPE_CHECKING:  # only for types: importing the batcher would load torch
+    from bot.batching import Update
 
 logger = logging.getLogger(__name__)
 
 
-class GenerationEngine(Protocol):
-    """What the queue needs of `bot.engine.Engine` (tests may hand in a fake)."""
+class BatchEngine(Protocol):
+    """What the queue needs of `bot.batching.Batcher` (tests may hand in a fake)."""
 
-    def generate(
-        self,
-        conversations: Sequence[list[ChatMessage]],
-        *,
-        on_text: TextCallback | None = None,
-        stopped: StopCheck | None = None,
-    ) -> list[str]: ...
+    max_batch: int
+
+    def __len__(self) -> int: ...
+
+    def join(self, key: object, messages: list[ChatMessage], *, conversation: str) -> None: ...
+
+    def leave(self, key: object) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def step(self) -> list[Update]: ...
 
 
 class QueueFull(Exception):
@@ -49,7 +57,10 @@ class InferenceCancelled(Exception):
 
 
 class _End:
-    """Marker: the engine finished this request (the final text is in `Generation.text`)."""
+    """Marker: the engine finished this request with this answer."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 class _Failed:
@@ -94,78 +105,179 @@ class Generation:
             self._over = isinstance(item, (_End, _Failed))
             if isinstance(item, _Failed):
                 raise item.error
+            if isinstance(item, _End):
+                self.text = item.text
             if isinstance(item, str):
                 yield item
 
 
-class InferenceQueue:
-    """Bounded queue of generation requests, served by one engine thread."""
+class FairOrder:
+    """Waiting requests, taken user by user: next is the waiting user with the fewest
+    requests running, the one who waited longest among equals; each user's own requests
+    go in arrival order.
 
-    def __init__(self, *, engine: GenerationEngine, max_size: int, timeout: float) -> None:
+    The service runs one turn at a time per conversation, so a user's waiting requests are
+    for different conversations, and taking them in order is round-robin between those too.
+    """
+
+    def __init__(self) -> None:
+        self._by_user: OrderedDict[str, deque[Generation]] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._by_user)
+
+    def push(self, generation: Generation) -> None:
+        self._by_user.setdefault(generation.user, deque()).append(generation)
+
+    def pop(self, running: Counter[str]) -> Generation:
+        user = min(self._by_user, key=lambda user: running[user])  # the first among equals
+        waiting = self._by_user.pop(user)
+        generation = waiting.popleft()
+        if waiting:  # the user goes to the back of the line
+            self._by_user[user] = waiting
+        return generation
+
+
+class InferenceQueue:
+    """Bounded queue of generation requests, served in batches by one engine thread."""
+
+    def __init__(self, *, engine: BatchEngine, max_size: int, timeout: float) -> None:
         self.engine = engine
         self.max_size = max_size
         self.timeout = timeout
-        self._waiting: asyncio.Queue[Generation] = asyncio.Queue()
+        self._waiting = FairOrder()
+        self._wakeup = threading.Condition()  # guards `_waiting` and `_closing`
+        self._closing = False
         self._in_flight = 0  # waiting + running: what `max_size` bounds
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._worker: asyncio.Task[None] | None = None
-        self._running: Generation | None = None  # on the engine thread now
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Self:
-        self._worker = asyncio.create_task(self._serve(), name="inference-queue")
+        self._loop = asyncio.get_running_loop()
+        self._serving = self._loop.run_in_executor(self._executor, self._serve)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         """Stop intake, cancel what is left, and let the engine thread finish its step."""
-        if self._running:
-            self._running.cancel()  # the engine stops it at its next step
-        if self._worker:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        while not self._waiting.empty():
-            self._waiting.get_nowait().cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        if self._serving:
+            await self._serving
+        self._executor.shutdown(wait=True)
 
     def submit(self, messages: list[ChatMessage], *, user: str, conversation: str) -> Generation:
         """Queue a conversation for an answer; raises QueueFull when `max_size` are in flight."""
-        if self._in_flight >= self.max_size:
+        if self._in_flight >= self.max_size or self._closing:
             raise QueueFull
         generation = Generation(messages, user=user, conversation=conversation)
         loop = asyncio.get_running_loop()
         generation._deadline = loop.call_later(self.timeout, generation.cancel, InferenceTimeout)
         self._in_flight += 1
-        self._waiting.put_nowait(generation)
+        with self._wakeup:
+            self._waiting.push(generation)
+            self._wakeup.notify()
         return generation
 
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            generation = await self._waiting.get()
-            self._running = generation
-            try:
-                if not generation.cancelled:
-                    await loop.run_in_executor(self._executor, self._run, generation, loop)
-            finally:
-                self._running = None
-                if generation._deadline:
-                    generation._deadline.cancel()
-                self._in_flight -= 1
+    # --- On the engine thread -----------------------------------------------------------
 
-    def _run(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
-        """On the engine thread: generate, posting each chunk and the end back to the loop."""
-
-        def post(item: str | _End | _Failed) -> None:
-            if not generation.cancelled:
-                loop.call_soon_threadsafe(generation._chunks.put_nowait, item)
-
+    def _serve(self) -> None:
+        running: list[Generation] = []
         try:
-            [generation.text] = self.engine.generate(
-                [generation.messages],
-                on_text=lambda _row, chunk: post(chunk),
-                stopped=lambda: [generation.cancelled],
-            )
-        except Exception as error:  # handed to the consumer, which answers the user
-            logger.exception("generation failed for %s", generation.conversation)
-            post(_Failed(error))
+            self._serve_until_closed(running)
+        except Exception as error:  # a bug in this loop: fail every request rather than hang
+            logger.exception("the engine thread stopped")
+            self._closing = True
+            self._close(running, _Failed(error))
         else:
-            post(_End())
+            self._close(running)
+
+    def _serve_until_closed(self, running: list[Generation]) -> None:
+        while True:
+            with self._wakeup:
+                self._wakeup.wait_for(lambda: self._closing or running or self._waiting)
+                if self._closing:
+                    break
+                admitted: list[Generation] = []
+                users = Counter(generation.user for generation in running)
+                while self._waiting and len(running) + len(admitted) < self.engine.max_batch:
+                    admitted.append(generation := self._waiting.pop(users))
+                    users[generation.user] += 1
+            for generation in admitted:
+                if self._start(generation):
+                    running.append(generation)
+            for generation in [g for g in running if g.cancelled]:
+                self.engine.leave(generation)
+                running.remove(generation)
+                self._done(generation)
+            if running:
+                self._step(running)
+
+    def _start(self, generation: Generation) -> bool:
+        """Put a request into the batch; whether it is running."""
+        if generation.cancelled:
+            self._done(generation)
+            return False
+        try:
+            self.engine.join(generation, generation.messages, conversation=generation.conversation)
+        except Exception as error:
+            self._fail([generation], error)
+            return False
+        return True
+
+    def _step(self, running: list[Generation]) -> None:
+        """One batch step; hands each request its text, and ends the finished ones."""
+        try:
+            updates = self.engine.step()
+        except Exception as error:  # the batch's state is unknown: every request in it fails
+            self.engine.clear()
+            self._fail(running, error)
+            running.clear()
+            return
+        for update in updates:
+            generation = update.key
+            assert isinstance(generation, Generation)
+            if update.text:
+                self._post(generation, update.text)
+            if update.answer is not None:
+                self._post(generation, _End(update.answer))
+                running.remove(generation)
+                self._done(generation)
+
+    def _fail(self, generations: list[Generation], error: Exception) -> None:
+        logger.error("generation failed: %s", error, exc_info=error)
+        for generation in generations:
+            self._post(generation, _Failed(error))
+            self._done(generation)
+
+    def _close(self, running: list[Generation], failure: _Failed | None = None) -> None:
+        """End what is running and waiting (cancelled, or failed); the queue is stopping."""
+        with self._wakeup:
+            waiting = []
+            while self._waiting:
+                waiting.append(self._waiting.pop(Counter()))
+        for generation in running + waiting:
+            if failure:
+                self._post(generation, failure)
+            else:
+                self._call(generation.cancel)
+            self._done(generation)
+        self.engine.clear()
+
+    def _post(self, generation: Generation, item: str | _End | _Failed) -> None:
+        if not generation.cancelled:
+            self._call(generation._chunks.put_nowait, item)
+
+    def _done(self, generation: Generation) -> None:
+        """The engine is finished with a request: it no longer counts against `max_size`."""
+        self._call(self._release, generation)
+
+    def _release(self, generation: Generation) -> None:
+        if generation._deadline:
+            generation._deadline.cancel()
+        self._in_flight -= 1
+
+    def _call(self, callback: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(callback, *args)

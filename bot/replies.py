@@ -26,6 +26,14 @@ def busy() -> str:
     return "I'm busy with other questions right now. Please try again in a minute."
 
 
+def slow_down(pending: int) -> str:
+    noun = "message" if pending == 1 else "messages"
+    return (
+        f"I'm still working on your {pending} earlier {noun}. Please wait for those answers, "
+        "then send this one again. (It was not saved.)"
+    )
+
+
 def timed_out() -> str:
     return "Sorry, that took too long to answer. Please try again, perhaps with a shorter question."
 

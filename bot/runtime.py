@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 def load_engine(settings: Settings) -> Engine:
     """The model named by the settings, loaded; torch is imported here, not at start-up."""
     from bot import loading
+    from bot.device import use_all_cores
     from bot.engine import Engine
 
     source = loading.resolve_source(settings)
-    logger.info("Loading model %s on device %s", source, settings.device)
+    threads = use_all_cores()
+    logger.info("Loading model %s on device %s (%d CPU threads)", source, settings.device, threads)
     model, tokenizer = loading.load(
         source, device=settings.device, dtype=settings.dtype, cache_dir=settings.data_dir / "models"
     )
@@ -52,6 +54,8 @@ def load_engine(settings: Settings) -> Engine:
 @asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     """A ChatService on Redis and the model; stops the queue and Redis on exit."""
+    from bot.batching import Batcher
+    from bot.kv_cache import PrefixCache
     from bot.queue import InferenceQueue
 
     async with open_redis(redis_url=settings.redis_url, data_dir=settings.data_dir) as redis:
@@ -61,8 +65,14 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
             ttl_seconds=settings.history_ttl_seconds,
         )
         engine = await asyncio.to_thread(load_engine, settings)
+        batcher = Batcher(
+            engine=engine,
+            max_batch=settings.max_batch,
+            step_tokens=settings.max_step_tokens,
+            prefix_cache=PrefixCache(settings.kv_cache_mb * 2**20),
+        )
         queue = InferenceQueue(
-            engine=engine, max_size=settings.queue_max, timeout=settings.request_timeout
+            engine=batcher, max_size=settings.queue_max, timeout=settings.request_timeout
         )
         async with queue:
             yield ChatService(
@@ -72,4 +82,5 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
                 prompt_budget=engine.prompt_budget,
                 system_prompt=settings.system_prompt,
                 max_input_chars=settings.max_input_chars,
+                max_pending_per_user=settings.max_pending_per_user,
             )

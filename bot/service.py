@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from weakref import WeakValueDictionary
 
@@ -37,6 +38,7 @@ class ChatService:
         prompt_budget: int,
         system_prompt: str | None,
         max_input_chars: int,
+        max_pending_per_user: int,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -44,6 +46,8 @@ class ChatService:
         self.prompt_budget = prompt_budget
         self.system_prompt = system_prompt
         self.max_input_chars = max_input_chars
+        self.max_pending_per_user = max_pending_per_user
+        self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         # Entries vanish once no turn holds or awaits their lock.
         self._conversation_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
@@ -69,9 +73,19 @@ class ChatService:
             await sink.finish(replies.too_long(len(text), self.max_input_chars))
             return
 
+        if (pending := self._pending[turn.author]) >= self.max_pending_per_user:
+            await sink.finish(replies.slow_down(pending))
+            return
+
         conversation = str(turn.conversation)
-        async with self._turns_of(conversation):
-            await self._answer(conversation, turn, text, sink)
+        self._pending[turn.author] += 1
+        try:
+            async with self._turns_of(conversation):
+                await self._answer(conversation, turn, text, sink)
+        finally:
+            self._pending[turn.author] -= 1
+            if not self._pending[turn.author]:
+                del self._pending[turn.author]
 
     def _turns_of(self, conversation: str) -> asyncio.Lock:
         """One turn at a time per conversation: each prompt holds the previous answer."""

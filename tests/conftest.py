@@ -7,6 +7,7 @@ import importlib.util
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -132,52 +133,145 @@ def bundled_engine(bundled_cache: Path):
     return Engine(model=model, tokenizer=tokenizer, max_new_tokens=48)
 
 
+@pytest.fixture
+def bundled_batcher(bundled_engine: Any):
+    """The offline model behind a batcher, as the service runs it."""
+    from bot.batching import Batcher
+    from bot.kv_cache import PrefixCache
+
+    return Batcher(engine=bundled_engine, max_batch=4, step_tokens=128, prefix_cache=PrefixCache(0))
+
+
 # --- The service ------------------------------------------------------------------------
 
 
-class SpyEngine:
-    """The real engine, remembering each prompt it was given and each answer it gave."""
+@pytest.fixture
+def make_batcher(make_engine: Any):
+    """Batchers over the tiny model; keyword options go to the Engine and the Batcher."""
+    from bot.batching import Batcher
+    from bot.kv_cache import PrefixCache
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def make(*, max_batch: int = 4, step_tokens: int = 64, kv_cache_mb: float = 16, **options):
+        return Batcher(
+            engine=make_engine(**options),
+            max_batch=max_batch,
+            step_tokens=step_tokens,
+            prefix_cache=PrefixCache(int(kv_cache_mb * 2**20)),
+        )
+
+    return make
+
+
+def answer_alone(batcher: Any, messages: list[dict]) -> str:
+    """The answer a batcher's engine gives `messages` in a batch of its own, computed afresh."""
+    from bot.batching import Batcher
+    from bot.kv_cache import PrefixCache
+
+    alone = Batcher(
+        engine=batcher.engine,
+        max_batch=1,
+        step_tokens=batcher.step_tokens,
+        prefix_cache=PrefixCache(0),
+    )
+    alone.join("alone", messages, conversation="alone")
+    for _ in range(alone.engine.max_new_tokens + len(alone.engine.prompt_ids(messages))):
+        for update in alone.step():
+            if update.answer is not None:
+                return update.answer
+    raise AssertionError("the answer never finished")
+
+
+class SpyEngine:
+    """The real batcher, remembering each prompt it was given and each answer it gave."""
+
+    def __init__(self, batcher: Any) -> None:
+        self.batcher = batcher
+        self.max_batch = batcher.max_batch
         self.prompts: list[list[dict]] = []
         self.answers: list[str] = []
 
-    def generate(self, conversations: Any, **options: Any) -> list[str]:
-        self.prompts.extend(conversations)
-        answers = self.engine.generate(conversations, **options)
-        self.answers.extend(answers)
-        return answers
+    def __len__(self) -> int:
+        return len(self.batcher)
+
+    def join(self, key: object, messages: list[dict], *, conversation: str) -> None:
+        self.prompts.append(messages)
+        self.batcher.join(key, messages, conversation=conversation)
+
+    def leave(self, key: object) -> None:
+        self.batcher.leave(key)
+
+    def clear(self) -> None:
+        self.batcher.clear()
+
+    def step(self) -> list:
+        updates = self.batcher.step()
+        self.answers += [update.answer for update in updates if update.answer is not None]
+        return updates
 
 
 class FailsOnceEngine(SpyEngine):
-    """The real engine, except that its first generation raises (a model falling over)."""
+    """The real batcher, except that its first step raises (a model falling over)."""
 
-    def generate(self, conversations: Any, **options: Any) -> list[str]:
-        if not self.prompts:
-            self.prompts.extend(conversations)
+    failed = False
+
+    def step(self) -> list:
+        if not self.failed:
+            self.failed = True
             raise RuntimeError("the model fell over")
-        return super().generate(conversations, **options)
+        return super().step()
+
+
+class GatedEngine(SpyEngine):
+    """The real batcher, whose steps wait until the test opens the gate."""
+
+    def __init__(self, batcher: Any) -> None:
+        super().__init__(batcher)
+        self.gate = threading.Event()
+
+    def step(self) -> list:
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return super().step()
 
 
 class ScriptedEngine:
     """Stands in for the model where a test needs one exact answer (escaping, splitting):
-    answers every prompt with `answer`, streamed in pieces like a model's."""
+    answers every prompt with `answer`, 40 characters a step like a model's stream."""
+
+    max_batch = 4
 
     def __init__(self, answer: str) -> None:
         self.answer = answer
         self.prompts: list = []
+        self.written: dict[object, int] = {}  # request → characters streamed so far
 
-    def generate(self, conversations: Any, *, on_text: Any = None, **options: Any) -> list[str]:
-        self.prompts.extend(conversations)
-        for start in range(0, len(self.answer), 40):
-            if on_text:
-                on_text(0, self.answer[start : start + 40])
-        return [self.answer]
+    def __len__(self) -> int:
+        return len(self.written)
+
+    def join(self, key: object, messages: list[dict], *, conversation: str) -> None:
+        self.prompts.append(messages)
+        self.written[key] = 0
+
+    def leave(self, key: object) -> None:
+        del self.written[key]
+
+    def clear(self) -> None:
+        self.written.clear()
+
+    def step(self) -> list:
+        from bot.batching import Update
+
+        updates = []
+        for key, start in list(self.written.items()):
+            self.written[key] = end = start + 40
+            done = end >= len(self.answer)
+            updates.append(Update(key, self.answer[start:end], self.answer if done else None))
+            if done:
+                del self.written[key]
+        return updates
 
 
 @pytest.fixture
-def make_service(store: ConversationStore, make_engine: Any):
+def make_service(store: ConversationStore, make_engine: Any, make_batcher: Any):
     """ChatServices on the real store and queue; the engine defaults to a SpyEngine on the
     tiny model. Keyword options override ChatService's and the queue's settings."""
     from bot.queue import InferenceQueue
@@ -185,13 +279,14 @@ def make_service(store: ConversationStore, make_engine: Any):
 
     @asynccontextmanager
     async def make(engine: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
-        engine = engine or SpyEngine(make_engine())
+        engine = SpyEngine(make_batcher()) if engine is None else engine
         counter = make_engine()
         options = {
             "count_tokens": counter.count_tokens,
             "prompt_budget": counter.prompt_budget,
             "system_prompt": None,
             "max_input_chars": 200,
+            "max_pending_per_user": 4,
         } | options
         async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
             yield ChatService(store=store, queue=queue, **options), engine

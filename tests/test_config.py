@@ -47,6 +47,8 @@ def test_defaults() -> None:
     assert settings.history_ttl_days == 30
     assert settings.max_input_chars == 16000
     assert settings.queue_max == 32
+    assert settings.max_pending_per_user == 4
+    assert (settings.max_batch, settings.max_step_tokens, settings.kv_cache_mb) == (8, 128, 512)
     assert settings.request_timeout == 300
     assert settings.slack_bot_token is None
     assert settings.discord_bot_token is None
@@ -119,6 +121,10 @@ def test_unrelated_environment_variables_are_ignored(monkeypatch: pytest.MonkeyP
         ("HISTORY_MAX_MESSAGES", "1"),
         ("HISTORY_TTL_DAYS", "0"),
         ("QUEUE_MAX", "0"),
+        ("MAX_BATCH", "0"),
+        ("MAX_STEP_TOKENS", "8"),
+        ("KV_CACHE_MB", "-1"),
+        ("MAX_PENDING_PER_USER", "0"),
         ("REQUEST_TIMEOUT", "-1"),
         ("LOG_LEVEL", "LOUD"),
     ],

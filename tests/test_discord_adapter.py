@@ -88,8 +88,8 @@ async def mention(fake: FakeDiscord, content: str, channel_id: str | None = None
 
 
 @pytest.mark.slow
-async def test_a_mention_opens_a_thread_with_the_answer(fake, discord_bot, bundled_engine):
-    async with discord_bot(bundled_engine):
+async def test_a_mention_opens_a_thread_with_the_answer(fake, discord_bot, bundled_batcher):
+    async with discord_bot(bundled_batcher):
         message = await mention(fake, "What is the capital of France?")
         reply = await final_reply(fake, message["id"])  # the thread's id is the message's
     assert "paris" in reply["content"].lower()
@@ -254,8 +254,8 @@ async def test_reset_clears_the_conversation(fake, discord_bot):
     assert cleared["content"] == replies.conversation_reset()
 
 
-async def test_a_failure_is_reported_and_the_adapter_goes_on(fake, discord_bot, make_engine):
-    async with discord_bot(FailsOnceEngine(make_engine())):
+async def test_a_failure_is_reported_and_the_adapter_goes_on(fake, discord_bot, make_batcher):
+    async with discord_bot(FailsOnceEngine(make_batcher())):
         first = fake.dm_message("first")
         await fake.dispatch("MESSAGE_CREATE", first)
         failed = await final_reply(fake, first["channel_id"])

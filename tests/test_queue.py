@@ -1,61 +1,66 @@
-"""The inference queue: chunks stream out of the engine thread; bounds, timeouts, cancellation."""
+"""The inference queue: chunks stream out of the engine thread; fair order, bounds, timeouts,
+cancellation, and requests that join a running batch."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
-from conftest import SpyEngine
+from conftest import GatedEngine, SpyEngine, answer_alone
 
 from bot.queue import InferenceCancelled, InferenceQueue, InferenceTimeout, QueueFull
 
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-class GatedEngine:
-    """Wraps a real engine; each call waits until the test opens the gate."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.gate = threading.Event()
-        self.calls = 0
-
-    def generate(self, conversations, **options):
-        self.calls += 1
-        assert self.gate.wait(timeout=30), "the test never opened the gate"
-        return self.engine.generate(conversations, **options)
-
-
 async def collect(generation) -> list[str]:
     return [chunk async for chunk in generation]
 
 
-async def test_chunks_stream_and_add_up_to_the_final_text(make_engine):
-    engine = make_engine(max_new_tokens=12)
-    async with InferenceQueue(engine=engine, max_size=4, timeout=60) as queue:
+async def test_chunks_stream_and_add_up_to_the_final_text(make_batcher):
+    batcher = make_batcher(max_new_tokens=12)
+    async with InferenceQueue(engine=batcher, max_size=4, timeout=60) as queue:
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         chunks = await collect(generation)
     assert len(chunks) > 1
-    assert "".join(chunks) == generation.text == engine.generate([HELLO])[0]
+    assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
 
 
-async def test_requests_are_answered_in_arrival_order(make_engine):
-    engine = make_engine(max_new_tokens=4)
+async def test_a_request_joins_the_running_batch_and_answers_match_alone(make_batcher):
+    """The second request starts while the first is still decoding, not after it."""
+    batcher = make_batcher(max_new_tokens=40)
+    second_question = [{"role": "user", "content": "what is a tokenizer?"}]
+    async with InferenceQueue(engine=batcher, max_size=4, timeout=60) as queue:
+        first = queue.submit(HELLO, user="u1", conversation="c1")
+        first_chunks = aiter(first)
+        await anext(first_chunks)  # the first is decoding
+        second = queue.submit(second_question, user="u2", conversation="c2")
+        second_text = "".join(await collect(second))
+        assert not first._over  # still running when the second finished its shorter answer
+        [rest] = [[chunk async for chunk in first_chunks]]
+    assert second_text == answer_alone(batcher, second_question)
+    assert first.text == answer_alone(batcher, HELLO) and rest
+
+
+async def test_users_take_turns_however_much_one_of_them_sends(make_batcher):
+    """With one slot, a user who sends five messages gets every other turn, not the first five."""
+    gated = GatedEngine(make_batcher(max_batch=1, max_new_tokens=2))
     finished: list[str] = []
 
-    async def ask(name: str, generation) -> None:
+    async def ask(generation) -> None:
         await collect(generation)
-        finished.append(name)
+        finished.append(generation.user)
 
-    async with InferenceQueue(engine=engine, max_size=4, timeout=60) as queue:
-        requests = [queue.submit(HELLO, user=f"u{i}", conversation=f"c{i}") for i in range(3)]
-        await asyncio.gather(*(ask(f"c{i}", g) for i, g in enumerate(requests)))
-    assert finished == ["c0", "c1", "c2"]
+    async with InferenceQueue(engine=gated, max_size=16, timeout=60) as queue:
+        flood = [queue.submit(HELLO, user="flooder", conversation=f"f{i}") for i in range(5)]
+        others = [queue.submit(HELLO, user=f"u{i}", conversation=f"c{i}") for i in range(3)]
+        gated.gate.set()
+        await asyncio.gather(*(ask(g) for g in flood + others))
+    assert finished == ["flooder", "u0", "u1", "u2", "flooder", "flooder", "flooder", "flooder"]
 
 
-async def test_a_full_queue_refuses_at_once_and_recovers(make_engine):
-    gated = GatedEngine(make_engine(max_new_tokens=4))
+async def test_a_full_queue_refuses_at_once_and_recovers(make_batcher):
+    gated = GatedEngine(make_batcher(max_new_tokens=4))
     async with InferenceQueue(engine=gated, max_size=2, timeout=60) as queue:
         first = queue.submit(HELLO, user="u1", conversation="c1")
         second = queue.submit(HELLO, user="u2", conversation="c2")
@@ -68,22 +73,25 @@ async def test_a_full_queue_refuses_at_once_and_recovers(make_engine):
         assert await collect(third)
 
 
-async def test_timeout_stops_a_long_generation(make_engine):
-    engine = make_engine(max_new_tokens=3000)  # far longer than the timeout allows
-    spy = SpyEngine(engine)
-
+async def test_timeout_stops_a_long_generation(make_batcher):
+    spy = SpyEngine(make_batcher(max_new_tokens=3000))  # far longer than the timeout allows
     async with InferenceQueue(engine=spy, max_size=2, timeout=0.5) as queue:
         with pytest.raises(InferenceTimeout):
             await collect(queue.submit(HELLO, user="u1", conversation="c1"))
-        engine.max_new_tokens = 4
+        for _ in range(100):  # until the engine thread has seen it (bounded)
+            if not len(spy):
+                break
+            await asyncio.sleep(0.01)
+        assert not len(spy) and not spy.answers  # it left the batch unfinished
+        spy.batcher.engine.max_new_tokens = 4
         after = queue.submit(HELLO, user="u1", conversation="c1")  # the queue goes on serving
         assert await asyncio.wait_for(collect(after), timeout=60)
-    stopped_early = len(engine.tokenizer(spy.answers[0]).input_ids)
-    assert 0 < stopped_early < 1000
+    assert spy.answers == [after.text]
+    assert spy.batcher.stats.decoded < 1000
 
 
-async def test_cancelling_while_waiting_skips_the_engine(make_engine):
-    gated = GatedEngine(make_engine(max_new_tokens=4))
+async def test_cancelling_while_waiting_skips_the_engine(make_batcher):
+    gated = GatedEngine(make_batcher(max_batch=1, max_new_tokens=4))
     async with InferenceQueue(engine=gated, max_size=4, timeout=60) as queue:
         running = queue.submit(HELLO, user="u1", conversation="c1")
         waiting = queue.submit(HELLO, user="u2", conversation="c2")
@@ -94,24 +102,56 @@ async def test_cancelling_while_waiting_skips_the_engine(make_engine):
             await collect(waiting)
         probe = queue.submit(HELLO, user="u3", conversation="c3")
         await collect(probe)
-    assert gated.calls == 2  # the running one and the probe, never the cancelled one
+    assert len(gated.prompts) == 2  # the running one and the probe, never the cancelled one
 
 
-async def test_engine_errors_reach_the_consumer(make_engine):
-    class Broken:
-        def generate(self, conversations, **options):
+async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(make_batcher):
+    batcher = make_batcher(max_new_tokens=30)
+    question = [{"role": "user", "content": "and you?"}]
+    async with InferenceQueue(engine=batcher, max_size=4, timeout=60) as queue:
+        leaving = queue.submit(HELLO, user="u1", conversation="c1")
+        staying = queue.submit(question, user="u2", conversation="c2")
+        await anext(aiter(leaving))
+        leaving.cancel()
+        assert "".join(await collect(staying)) == answer_alone(batcher, question)
+    assert len(batcher) == 0
+    assert batcher.stats.decoded < 60  # the cancelled one stopped early
+
+
+async def test_engine_errors_reach_every_request_in_the_batch(make_batcher):
+    class Broken(SpyEngine):
+        def step(self):
             raise RuntimeError("out of memory")
 
-    async with InferenceQueue(engine=Broken(), max_size=2, timeout=60) as queue:
-        with pytest.raises(RuntimeError, match="out of memory"):
-            await collect(queue.submit(HELLO, user="u1", conversation="c1"))
+    async with InferenceQueue(engine=Broken(make_batcher()), max_size=2, timeout=60) as queue:
+        requests = [queue.submit(HELLO, user=f"u{i}", conversation=f"c{i}") for i in range(2)]
+        for generation in requests:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                await collect(generation)
 
 
-async def test_closing_the_queue_stops_the_running_generation(make_engine):
-    engine = make_engine(max_new_tokens=3000)  # would run for many seconds
-    spy = SpyEngine(engine)
-
-    async with InferenceQueue(engine=spy, max_size=2, timeout=60) as queue:
+async def test_closing_the_queue_stops_the_running_generation(make_batcher):
+    batcher = make_batcher(max_new_tokens=3000)  # would run for many seconds
+    async with InferenceQueue(engine=batcher, max_size=2, timeout=60) as queue:
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         await anext(aiter(generation))  # it is running
-    assert 0 < len(engine.tokenizer(spy.answers[0]).input_ids) < 1000
+    assert len(batcher) == 0 and batcher.stats.decoded < 1000
+    with pytest.raises(InferenceCancelled):
+        await collect(generation)
+
+
+async def test_a_broken_engine_loop_fails_requests_instead_of_hanging(make_batcher):
+    class NoBatchSize(SpyEngine):
+        @property
+        def max_batch(self) -> int:
+            raise RuntimeError("a bug in the loop")
+
+        @max_batch.setter
+        def max_batch(self, value: int) -> None:
+            pass
+
+    async with InferenceQueue(engine=NoBatchSize(make_batcher()), max_size=2, timeout=60) as queue:
+        with pytest.raises(RuntimeError, match="a bug in the loop"):
+            await asyncio.wait_for(collect(queue.submit(HELLO, user="u", conversation="c")), 10)
+        with pytest.raises(QueueFull):  # refused at once from now on, never left waiting
+            queue.submit(HELLO, user="u", conversation="c")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 
 import pytest
-from conftest import FailsOnceEngine
+from conftest import FailsOnceEngine, GatedEngine
 
 from bot import replies
 from bot.types import ConversationKey, Turn
@@ -160,10 +159,10 @@ async def test_a_newest_message_too_long_for_the_budget_is_still_sent(make_servi
 
 
 async def test_a_failing_generation_keeps_the_message_and_the_service(
-    make_service, make_engine, store, conversation
+    make_service, make_batcher, store, conversation
 ):
     broken, fine = RecordingSink(), RecordingSink()
-    async with make_service(FailsOnceEngine(make_engine())) as (service, _engine):
+    async with make_service(FailsOnceEngine(make_batcher())) as (service, _engine):
         await service.handle(turn(conversation, "first try"), broken)
         await service.handle(turn(conversation, "second try"), fine)
     assert broken.kinds("fail") == [replies.failed()]
@@ -172,15 +171,9 @@ async def test_a_failing_generation_keeps_the_message_and_the_service(
     assert [m["content"] for m in history[:2]] == ["first try", "second try"]
 
 
-async def test_a_busy_queue_says_so(make_service, make_engine, conversation):
-    gate = threading.Event()
-
-    class Slow:
-        def generate(self, conversations, **options):
-            assert gate.wait(timeout=30)
-            return make_engine().generate(conversations, **options)
-
-    async with make_service(Slow(), queue_max=1) as (service, _engine):
+async def test_a_busy_queue_says_so(make_service, make_batcher, conversation):
+    gated = GatedEngine(make_batcher())
+    async with make_service(gated, queue_max=1) as (service, _engine):
         first, second = RecordingSink(), RecordingSink()
         running = asyncio.create_task(service.handle(turn(conversation, "one"), first))
         for _ in range(100):  # until the first is in the queue (bounded)
@@ -189,16 +182,15 @@ async def test_a_busy_queue_says_so(make_service, make_engine, conversation):
             await asyncio.sleep(0.01)
         other = ConversationKey("test", "team", "channel", uuid.uuid4().hex)
         await service.handle(turn(other, "two"), second)
-        gate.set()
+        gated.gate.set()
         await asyncio.wait_for(running, timeout=30)
     assert second.kinds("fail") == [replies.busy()]
     assert first.kinds("finish")
 
 
-async def test_a_timeout_is_answered(make_service, make_engine, conversation):
-    engine = make_engine(max_new_tokens=3000)
+async def test_a_timeout_is_answered(make_service, make_batcher, conversation):
     sink = RecordingSink()
-    async with make_service(engine, timeout=0.3) as (service, _engine):
+    async with make_service(make_batcher(max_new_tokens=3000), timeout=0.3) as (service, _engine):
         await service.handle(turn(conversation, "tell me everything"), sink)
     assert sink.kinds("fail") == [replies.timed_out()]
 
@@ -226,3 +218,25 @@ async def test_thread_context_seeds_a_new_conversation_only(make_service, store,
     assert engine.prompts[0] == [*earlier, {"role": "user", "content": "what do you think?"}]
     assert engine.prompts[1][:3] == engine.prompts[0]  # the context was not stored twice
     assert len(await store.load(str(conversation))) == 6
+
+
+async def test_a_user_with_too_many_unanswered_messages_is_asked_to_slow_down(
+    make_service, make_batcher, store
+):
+    gated = GatedEngine(make_batcher())
+    async with make_service(gated, max_pending_per_user=2) as (service, _engine):
+        threads = [ConversationKey("test", "team", "channel", uuid.uuid4().hex) for _ in range(4)]
+        sinks = [RecordingSink() for _ in threads]
+        waiting = [
+            asyncio.create_task(service.handle(turn(threads[i], f"question {i}"), sinks[i]))
+            for i in range(2)
+        ]
+        await asyncio.sleep(0.1)  # both are in the service
+        await service.handle(turn(threads[2], "one too many"), sinks[2])
+        other_user = Turn(threads[3], "U2", "hello", uuid.uuid4().hex)
+        answered = asyncio.create_task(service.handle(other_user, sinks[3]))
+        gated.gate.set()
+        await asyncio.wait_for(asyncio.gather(*waiting, answered), timeout=30)
+    assert sinks[2].events == [("finish", replies.slow_down(2))]
+    assert await store.load(str(threads[2])) == []  # not saved, as the reply says
+    assert all(sink.kinds("finish") for sink in (sinks[0], sinks[1], sinks[3]))

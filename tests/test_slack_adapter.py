@@ -79,8 +79,8 @@ def bot_posts(slack: FakeSlack, channel: str) -> list[dict]:
 
 
 @pytest.mark.slow
-async def test_a_mention_is_answered_in_its_thread(slack, socket_mode, bundled_engine):
-    async with socket_mode(bundled_engine):
+async def test_a_mention_is_answered_in_its_thread(slack, socket_mode, bundled_batcher):
+    async with socket_mode(bundled_batcher):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -231,8 +231,8 @@ async def test_reset_clears_the_thread(slack, socket_mode):
     assert cleared["text"] == replies.conversation_reset()
 
 
-async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode, make_engine):
-    async with socket_mode(FailsOnceEngine(make_engine())):
+async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode, make_batcher):
+    async with socket_mode(FailsOnceEngine(make_batcher())):
         first = slack.app_mention("C0001", "first")
         await slack.send_event(first)
         failed = await final_reply(slack, "C0001", first["ts"])

@@ -1,0 +1,270 @@
+"""Continuous batching: conversations join and leave one running batch between decode steps.
+
+This is the seed's pipeline with `generate` unrolled so that many requests share it:
+template → tokenize → prefill the prompt → decode token by token → keep the new tokens →
+decode to text. The batch lives on the engine thread; `bot.queue` drives it.
+
+Why our own loop over the model's forward rather than `generate` or transformers'
+continuous-batching manager: `generate` runs a fixed batch to its end, so a new request
+would wait for the longest answer in it; the manager's paged attention needs kernels
+that CPUs lack or run slowly (measured: see the README's Performance section), and it
+has no cache that outlives a request. Here every sequence is a row of one left-padded
+`DynamicCache`; rows are added (padding the shorter side on the left) and removed
+between steps, and a finished row's keys and values go to the `PrefixCache` so that the
+conversation's next turn prefills only its new tokens.
+
+Each step does at most `step_tokens` tokens of work: one token for each decoding row, and
+what is left of the budget for the next chunk of one joining prompt, so a long prompt is
+prefilled in chunks while the running answers keep flowing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from bot.kv_cache import KV, PrefixCache
+from bot.sampling import Sampler, end_token_ids
+from bot.types import ChatMessage
+
+if TYPE_CHECKING:
+    from bot.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+MIN_PREFILL_CHUNK = 16
+"""A joining prompt advances by at least this many tokens a step, however full the batch."""
+
+
+@dataclass
+class Update:
+    """What one step produced for one request."""
+
+    key: object  # the request, as the queue handed it to `join`
+    text: str  # text written since the last update (may be empty)
+    answer: str | None = None  # the whole answer, once the request has finished
+
+
+@dataclass(eq=False)
+class _Sequence:
+    key: object
+    conversation: str
+    prompt: list[int]
+    cache: DynamicCache  # its own while prefilling; a view into the batch is not kept
+    cached: int  # tokens whose keys and values are computed: the next token's position
+    answer: list[int] = field(default_factory=list)
+    sent: str = ""
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.answer
+
+
+@dataclass
+class BatchStats:
+    """Token counts since start, for tests, logs and the benchmark."""
+
+    prefilled: int = 0  # prompt tokens computed
+    reused: int = 0  # prompt tokens taken from a conversation's cached turn
+    decoded: int = 0  # answer tokens produced
+    steps: int = 0
+
+
+class Batcher:
+    """One running batch over an `Engine`'s model; driven from a single thread."""
+
+    def __init__(
+        self, *, engine: Engine, max_batch: int, step_tokens: int, prefix_cache: PrefixCache
+    ) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.max_batch = max_batch
+        self.step_tokens = step_tokens
+        self.prefix_cache = prefix_cache
+        self.sampler = Sampler(self.model.generation_config, device=self.model.device)
+        self.end_ids = end_token_ids(self.model.generation_config)
+        self.stats = BatchStats()
+        self._joining: list[_Sequence] = []  # prefilling, in arrival order
+        self._rows: list[_Sequence] = []  # decoding: row i of the batch cache
+        self._batch: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
+
+    def __len__(self) -> int:
+        return len(self._joining) + len(self._rows)
+
+    def join(self, key: object, messages: list[ChatMessage], *, conversation: str) -> None:
+        """Start answering `messages`; its updates carry `key`."""
+        prompt = self.engine.prompt_ids(messages)
+        kv, reused = self.prefix_cache.take(conversation, prompt)
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=self.model.config)
+        self.stats.reused += reused
+        self._joining.append(_Sequence(key, conversation, prompt, cache, cached=reused))
+
+    def leave(self, key: object) -> None:
+        """Stop a request now (cancelled); what it computed is kept for its conversation."""
+        for sequence in self._joining:
+            if sequence.key is key:
+                self._joining.remove(sequence)
+                self._keep(sequence, _layers(sequence.cache))
+                return
+        self._drop_rows([sequence for sequence in self._rows if sequence.key is key])
+
+    def clear(self) -> None:
+        """Forget every request and the batch (after a failed step left it unknown)."""
+        self._joining.clear()
+        self._rows.clear()
+        self._batch = self._mask = None
+
+    @torch.inference_mode()
+    def step(self) -> list[Update]:
+        """Advance every request by one step: a prefill chunk for the next joining prompt,
+        and one token for every decoding row."""
+        self.stats.steps += 1
+        updates = []
+        if self._joining:
+            budget = max(self.step_tokens - len(self._rows), MIN_PREFILL_CHUNK)
+            updates += self._prefill(self._joining[0], budget)
+        if self._rows:
+            updates += self._decode()
+        return updates
+
+    def _prefill(self, sequence: _Sequence, budget: int) -> list[Update]:
+        start = sequence.cached
+        end = min(len(sequence.prompt), start + budget)
+        logits = self._forward(
+            torch.tensor([sequence.prompt[start:end]]),
+            cache=sequence.cache,
+            position_ids=torch.arange(start, end)[None],
+            attention_mask=None,
+        )
+        sequence.cached = end
+        self.stats.prefilled += end - start
+        if end < len(sequence.prompt):
+            return []
+        self._joining.remove(sequence)
+        self._add_row(sequence)
+        return self._advance([sequence], logits)
+
+    def _decode(self) -> list[Update]:
+        rows = self._rows
+        assert self._batch is not None and self._mask is not None
+        self._mask = F.pad(self._mask, (0, 1), value=1)
+        logits = self._forward(
+            torch.tensor([[sequence.answer[-1]] for sequence in rows]),
+            cache=self._batch,
+            position_ids=torch.tensor([[sequence.cached] for sequence in rows]),
+            attention_mask=self._mask,
+        )
+        for sequence in rows:
+            sequence.cached += 1
+        return self._advance(list(rows), logits)
+
+    def _forward(self, input_ids: torch.Tensor, **inputs: object) -> torch.Tensor:
+        """The last position's logits of each row."""
+        device = self.model.device
+        inputs = {
+            name: value.to(device) if isinstance(value, torch.Tensor) else value
+            for name, value in inputs.items()
+        }
+        output = self.model(
+            input_ids=input_ids.to(device), use_cache=True, logits_to_keep=1, **inputs
+        )
+        return output.logits[:, -1]
+
+    def _advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[Update]:
+        """Choose each sequence's next token; finished ones leave the batch."""
+        tokens = self.sampler(
+            logits,
+            [sequence.tokens for sequence in sequences],
+            [len(sequence.answer) for sequence in sequences],
+        )
+        updates, finished = [], []
+        for sequence, token in zip(sequences, tokens, strict=True):
+            ended = token in self.end_ids
+            if not ended:
+                sequence.answer.append(token)
+                self.stats.decoded += 1
+            full = len(sequence.tokens) >= self.engine.context_tokens
+            if ended or full or len(sequence.answer) >= self.engine.max_new_tokens:
+                finished.append(sequence)
+                answer = self.engine.decode(sequence.answer)
+                updates.append(Update(sequence.key, _delta(sequence, answer), answer))
+            else:
+                updates.append(Update(sequence.key, self._stream(sequence)))
+        self._drop_rows(finished)
+        return updates
+
+    def _stream(self, sequence: _Sequence) -> str:
+        text = self.engine.decode(sequence.answer)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        return _delta(sequence, text)
+
+    def _add_row(self, sequence: _Sequence) -> None:
+        """Append a prefilled sequence to the batch, left-padding whichever side is shorter."""
+        layers = _layers(sequence.cache)
+        mask = torch.ones(1, sequence.cached, dtype=torch.long, device=self.model.device)
+        if self._batch is None or self._mask is None:
+            self._batch, self._mask = sequence.cache, mask
+        else:
+            width = max(self._mask.shape[1], sequence.cached)
+            for layer, (keys, values) in zip(self._batch.layers, layers, strict=True):
+                layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(keys, width)])
+                layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(values, width)])
+            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+        sequence.cache = self._batch
+        self._rows.append(sequence)
+
+    def _drop_rows(self, leaving: list[_Sequence]) -> None:
+        """Remove rows from the batch, keeping each one's cache for its conversation."""
+        if not leaving or self._batch is None or self._mask is None:
+            return
+        layers = _layers(self._batch)
+        for sequence in leaving:
+            row, length = self._rows.index(sequence), sequence.cached
+            self._keep(
+                sequence,
+                [(k[row, None, :, -length:], v[row, None, :, -length:]) for k, v in layers],
+            )
+        kept = [row for row, sequence in enumerate(self._rows) if sequence not in leaving]
+        self._rows = [self._rows[row] for row in kept]
+        if not kept:
+            self._batch = self._mask = None
+            return
+        index = torch.tensor(kept, device=self._mask.device)
+        mask = self._mask[index]
+        first = int(mask.any(0).nonzero()[0])  # columns that are padding in every row go
+        self._mask = mask[:, first:]
+        for layer in self._batch.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+    def _keep(self, sequence: _Sequence, kv: KV) -> None:
+        if sequence.cached:
+            self.prefix_cache.put(sequence.conversation, sequence.tokens[: sequence.cached], kv)
+
+
+def _layers(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers if layer.is_initialized]
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the token dimension (the last of a mask, the third of keys and values)."""
+    missing = width - (tensor.shape[1] if tensor.dim() == 2 else tensor.shape[2])
+    if not missing:
+        return tensor
+    padding = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
+    return F.pad(tensor, padding)
+
+
+def _delta(sequence: _Sequence, text: str) -> str:
+    """The part of `text` not streamed yet (nothing if the decoded text changed under us)."""
+    if not text.startswith(sequence.sent):
+        return ""
+    new, sequence.sent = text[len(sequence.sent) :], text
+    return new

@@ -1,0 +1,155 @@
+"""Continuous batching: the same tokens as the seed's `generate`, however requests come and go;
+chunked prefill; each conversation's KV cache reused on its next turn."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import answer_alone
+
+from bot.kv_cache import PrefixCache
+from bot.sampling import Sampler
+
+LONG = "Tell me everything about tokenizers and byte pair encoding, " * 6
+QUESTIONS = [
+    [{"role": "user", "content": "hi"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+    [{"role": "user", "content": LONG}],  # longer than a step's token budget: chunked
+]
+
+
+def run(batcher, joins: dict[int, tuple[str, list[dict]]], limit: int = 500) -> dict[str, str]:
+    """Step the batcher, joining each request at its step number; the answers by key."""
+    answers: dict[str, str] = {}
+    streamed: dict[str, str] = {}
+    for step in range(limit):
+        if step in joins:
+            key, messages = joins[step]
+            batcher.join(key, messages, conversation=key)
+        if not len(batcher) and step > max(joins):
+            break
+        for update in batcher.step():
+            streamed[update.key] = streamed.get(update.key, "") + update.text
+            if update.answer is not None:
+                answers[update.key] = update.answer
+    assert all(streamed[key] == answer for key, answer in answers.items())  # the stream adds up
+    return answers
+
+
+def test_a_request_alone_gets_the_seed_generate_answer(make_batcher):
+    """Our loop over the forward (prefill in chunks, then decode) = `generate`, greedy, fp32."""
+    batcher = make_batcher(step_tokens=16, max_new_tokens=10)
+    assert len(batcher.engine.prompt_ids(QUESTIONS[2])) > 16
+    seed = batcher.engine.generate(QUESTIONS)
+    assert [answer_alone(batcher, messages) for messages in QUESTIONS] == seed
+    assert all(seed)
+
+
+def test_requests_joining_mid_answer_get_the_same_tokens_as_alone(make_batcher):
+    batcher = make_batcher(step_tokens=16, max_new_tokens=24)
+    alone = [answer_alone(batcher, messages) for messages in QUESTIONS]
+    answers = run(batcher, {0: ("a", QUESTIONS[0]), 3: ("b", QUESTIONS[1]), 7: ("c", QUESTIONS[2])})
+    assert [answers[key] for key in "abc"] == alone
+    assert len(batcher) == 0
+
+
+def test_running_answers_keep_flowing_while_a_long_prompt_prefills(make_batcher):
+    batcher = make_batcher(step_tokens=16, max_new_tokens=40)
+    batcher.join("short", QUESTIONS[0], conversation="short")
+    batcher.step()  # "short" has its first token and is decoding
+    batcher.join("long", QUESTIONS[2], conversation="long")
+    keys_per_step = [[update.key for update in batcher.step()] for _ in range(8)]
+    prefill_steps = next(step for step, keys in enumerate(keys_per_step) if "long" in keys)
+    assert prefill_steps >= 4  # its prompt took several chunks...
+    assert keys_per_step[:prefill_steps] == [["short"]] * prefill_steps  # ...and "short" went on
+
+
+def test_the_next_turn_prefills_only_its_new_tokens(make_batcher):
+    batcher = make_batcher(max_new_tokens=12)
+    first = [{"role": "user", "content": "hello there"}]
+    answer = run(batcher, {0: ("c1", first)})["c1"]
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "ok"}]
+    before = batcher.stats.prefilled
+    again = run(batcher, {0: ("c1", second)})["c1"]
+    computed = batcher.stats.prefilled - before
+    prompt = len(batcher.engine.prompt_ids(second))
+    assert batcher.stats.reused > len(batcher.engine.prompt_ids(first))  # and the answer's
+    assert computed == prompt - batcher.stats.reused < prompt / 2
+    assert again == answer_alone(batcher, second)  # a full prefill gives the same answer
+
+
+def test_a_changed_history_reuses_only_what_still_matches(make_batcher):
+    batcher = make_batcher(max_new_tokens=8)
+    system = {"role": "system", "content": "You answer in one word."}
+    old = [system, {"role": "user", "content": "first question"}]
+    answer = run(batcher, {0: ("c1", old)})["c1"]
+    trimmed = [system, {"role": "user", "content": "another question entirely"}]
+    assert answer is not None
+    again = run(batcher, {0: ("c1", trimmed)})["c1"]
+    shared = len(batcher.engine.prompt_ids([system]))
+    assert 0 < batcher.stats.reused <= shared + 4  # the system prompt, no more
+    assert again == answer_alone(batcher, trimmed)
+
+
+def test_a_request_that_leaves_keeps_its_computed_prompt(make_batcher):
+    batcher = make_batcher(max_new_tokens=40)
+    batcher.join("k", QUESTIONS[1], conversation="k")
+    for _ in range(3):
+        batcher.step()
+    batcher.leave("k")
+    assert len(batcher) == 0 and len(batcher.prefix_cache) == 1
+    run(batcher, {0: ("k", QUESTIONS[1])})
+    assert batcher.stats.reused == len(batcher.engine.prompt_ids(QUESTIONS[1])) - 1
+
+
+def test_the_prefix_cache_drops_the_least_recently_used_beyond_its_budget():
+    def kv(tokens: int) -> list:
+        return [(torch.zeros(1, 2, tokens, 8), torch.zeros(1, 2, tokens, 8))]  # 128 B a token
+
+    cache = PrefixCache(max_bytes=128 * 25)
+    for name in ("a", "b", "c"):
+        cache.put(name, list(range(10)), kv(10))
+    assert len(cache) == 2 and cache.size == 128 * 20  # "a" went
+    assert cache.take("a", list(range(12))) == (None, 0)
+    reused_kv, reused = cache.take("b", [*range(6), 99, 98])
+    assert reused == 6 and reused_kv[0][0].shape[2] == 6
+    cache.put("huge", list(range(30)), kv(30))  # larger than the whole budget: not kept
+    assert len(cache) == 1 and cache.size == 128 * 10
+
+
+def test_answers_stop_at_the_context_window(make_batcher):
+    batcher = make_batcher(max_new_tokens=200, max_context_tokens=64)
+    answers = run(batcher, {0: ("k", QUESTIONS[1])})
+    prompt = len(batcher.engine.prompt_ids(QUESTIONS[1]))
+    assert len(batcher.engine.tokenizer(answers["k"]).input_ids) <= 64 - prompt + 1
+
+
+def test_repetition_penalty_and_sampling_settings_match_generate(tiny_model, qwen_tokenizer):
+    """The model's own generation config is applied as `generate` applies it (top_k=1
+    makes sampling deterministic)."""
+    from bot.batching import Batcher
+    from bot.engine import Engine
+
+    model = copy.deepcopy(tiny_model)
+    model.generation_config.update(
+        repetition_penalty=1.8, do_sample=True, top_k=1, temperature=0.7, top_p=0.9
+    )
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=10)
+    batcher = Batcher(engine=engine, max_batch=2, step_tokens=64, prefix_cache=PrefixCache(0))
+    assert answer_alone(batcher, QUESTIONS[1]) == engine.generate([QUESTIONS[1]])[0]
+
+
+@pytest.mark.parametrize("answered, can_end", [(1, False), (3, True)])
+def test_an_answer_shorter_than_min_new_tokens_cannot_end(tiny_model, answered, can_end):
+    config = copy.deepcopy(tiny_model.generation_config)
+    config.min_new_tokens = 3
+    sampler = Sampler(config, device=torch.device("cpu"))
+    logits = torch.zeros(1, tiny_model.config.vocab_size)
+    logits[0, config.eos_token_id] = 10.0
+    [token] = sampler(logits, [[1, 2]], [answered])
+    assert (token == config.eos_token_id) == can_end
