@@ -9,11 +9,12 @@ VENV   ?= .venv
 # (on a CPU-only machine: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: chat test lint setup clean
+.PHONY: chat test lint bench setup clean
 
 chat: $(STAMP)
 	$(BIN)/threadbot chat
@@ -22,6 +23,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
+
+# The serving benchmark (about 15 minutes on 2 cores): table, JSON and plot in benchmarks/results.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.serving $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
