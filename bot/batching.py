@@ -24,7 +24,6 @@ prompt is prefilled whole (one forward is cheaper than several).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,8 +37,6 @@ from bot.types import ChatMessage
 
 if TYPE_CHECKING:
     from bot.engine import Engine
-
-logger = logging.getLogger(__name__)
 
 MIN_PREFILL_CHUNK = 16
 """A joining prompt advances by at least this many tokens a step, however full the batch."""
@@ -59,7 +56,7 @@ class _Sequence:
     key: object
     conversation: str
     prompt: list[int]
-    cache: DynamicCache  # its own while prefilling; a view into the batch is not kept
+    cache: DynamicCache  # its own while prefilling, then the batch's
     cached: int  # tokens whose keys and values are computed: the next token's position
     answer: list[int] = field(default_factory=list)
     sent: str = ""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-
-logger = logging.getLogger(__name__)
 
 
 def pick_dtype(dtype: str, device: str) -> str:

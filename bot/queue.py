@@ -33,8 +33,6 @@ class BatchEngine(Protocol):
 
     max_batch: int
 
-    def __len__(self) -> int: ...
-
     def join(self, key: object, messages: list[ChatMessage], *, conversation: str) -> None: ...
 
     def leave(self, key: object) -> None: ...
@@ -188,7 +186,8 @@ class InferenceQueue:
             self._serve_until_closed(running)
         except Exception as error:  # a bug in this loop: fail every request rather than hang
             logger.exception("the engine thread stopped")
-            self._closing = True
+            with self._wakeup:
+                self._closing = True  # `submit` refuses from now on
             self._close(running, _Failed(error))
         else:
             self._close(running)
