@@ -297,6 +297,20 @@ def make_service(store: ConversationStore, make_engine: Any, make_batcher: Any):
 # --- Adapters -----------------------------------------------------------------------------
 
 
+LONG_CODE = "\n".join(f"    step_{i}()" for i in range(400))
+LONG_CODE_ANSWER = "Here is the plan:\n```python\n" + LONG_CODE + "\n```\nThat is all."
+
+
+def assert_split_with_fences(parts: list[str], limit: int) -> None:
+    """`LONG_CODE_ANSWER` arrived in several messages within `limit`, each with its code
+    fences closed, and the code whole and in order."""
+    assert len(parts) >= 2
+    assert all(len(part) <= limit for part in parts)
+    assert all(part.count("```") % 2 == 0 for part in parts)
+    steps = [line for part in parts for line in part.splitlines() if "step_" in line]
+    assert steps == LONG_CODE.splitlines()
+
+
 @asynccontextmanager
 async def running(adapter: Any) -> AsyncIterator[asyncio.Task[None]]:
     """An adapter's `run()` as a task for the block, cancelled (as at shutdown) after it."""

@@ -12,7 +12,13 @@ from contextlib import asynccontextmanager
 
 import discord
 import pytest
-from conftest import FailsOnceEngine, ScriptedEngine, running
+from conftest import (
+    LONG_CODE_ANSWER,
+    FailsOnceEngine,
+    ScriptedEngine,
+    assert_split_with_fences,
+    running,
+)
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
 
@@ -136,19 +142,13 @@ async def test_bots_and_webhooks_are_not_answered(fake, discord_bot):
 
 
 async def test_a_long_answer_is_split_across_messages(fake, discord_bot):
-    code = "\n".join(f"    step_{i}()" for i in range(300))
-    answer = "Here is the plan:\n```python\n" + code + "\n```\nThat is all."
-    async with discord_bot(ScriptedEngine(answer)):
+    async with discord_bot(ScriptedEngine(LONG_CODE_ANSWER)):
         message = await mention(fake, "write a long program")
         await fake.wait_for(
             lambda: any("That is all." in m["content"] for m in bot_messages(fake, message["id"]))
         )
     parts = [m["content"] for m in bot_messages(fake, message["id"])]
-    assert len(parts) >= 2
-    assert all(len(part) <= MESSAGE_LIMIT for part in parts)
-    assert all(part.count("```") % 2 == 0 for part in parts)
-    steps = [line for part in parts for line in part.splitlines() if "step_" in line]
-    assert steps == code.splitlines()
+    assert_split_with_fences(parts, MESSAGE_LIMIT)
 
 
 async def test_no_message_can_ping_and_every_send_has_a_nonce(fake, discord_bot):

@@ -15,7 +15,13 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
-from conftest import FailsOnceEngine, ScriptedEngine, running
+from conftest import (
+    LONG_CODE_ANSWER,
+    FailsOnceEngine,
+    ScriptedEngine,
+    assert_split_with_fences,
+    running,
+)
 from fake_slack import FakeSlack
 
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, SlackAdapter
@@ -162,19 +168,13 @@ async def test_each_message_gets_one_answer(slack, socket_mode):
 
 
 async def test_a_long_answer_is_split_across_thread_messages(slack, socket_mode):
-    code = "\n".join(f"    step_{i}()" for i in range(400))
-    answer = "Here is the plan:\n```python\n" + code + "\n```\nThat is all."
-    async with socket_mode(ScriptedEngine(answer)):
+    async with socket_mode(ScriptedEngine(LONG_CODE_ANSWER)):
         mention = slack.app_mention("C0001", "write a long program")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
         await slack.wait_for(lambda: "That is all." in bot_posts(slack, "C0001")[-1]["text"])
     parts = [m["text"] for m in bot_posts(slack, "C0001")]
-    assert len(parts) >= 2
-    assert all(len(part) <= MESSAGE_LIMIT for part in parts)
-    assert all(part.count("```") % 2 == 0 for part in parts)
-    steps = [line for part in parts for line in part.splitlines() if "step_" in line]
-    assert steps == code.splitlines()
+    assert_split_with_fences(parts, MESSAGE_LIMIT)
 
 
 async def test_a_rate_limited_update_is_retried_and_the_answer_arrives(slack, socket_mode):
