@@ -3,6 +3,8 @@
 One engine owns one model and is driven from one thread (`bot.queue` runs it in an
 executor); nothing here knows asyncio or a platform. The steps are split out so that
 `bot.batching` can run them for many conversations at once, with `generate` unrolled.
+Every prompt goes through `render`, which first puts the conversation in the strict
+user/assistant alternation that some chat templates demand.
 """
 
 from __future__ import annotations
@@ -21,6 +23,30 @@ if TYPE_CHECKING:
     from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger(__name__)
+
+
+def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """`messages` as the strictest chat templates (Mistral, Gemma, Llama 2) accept them.
+
+    Those raise unless user and assistant take turns, starting with the user after an
+    optional system message; a conversation can hold two messages of one role in a row
+    (an answer that failed, a thread read as context), and raising would leave it
+    unanswerable for good. So consecutive messages of one role become one, joined by a
+    blank line, and an empty user message goes before an assistant message that would
+    come first. A well-formed conversation comes back as it was, so its prompt (and the
+    KV cache kept for its next turn) does not change.
+    """
+    merged: list[ChatMessage] = []
+    for message in messages:
+        if merged and merged[-1]["role"] == message["role"]:
+            content = f"{merged[-1]['content']}\n\n{message['content']}"
+            merged[-1] = {"role": message["role"], "content": content}
+        else:
+            merged.append(message)
+    first = 1 if merged and merged[0]["role"] == "system" else 0
+    if first < len(merged) and merged[first]["role"] == "assistant":
+        merged.insert(first, {"role": "user", "content": ""})
+    return merged
 
 
 class Engine:
@@ -48,7 +74,9 @@ class Engine:
     def render(self, conversations: Sequence[list[ChatMessage]]) -> list[str]:
         """Step 1: each conversation through the model's chat template, ready for an answer."""
         return [
-            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            self.tokenizer.apply_chat_template(
+                alternating(messages), tokenize=False, add_generation_prompt=True
+            )
             for messages in conversations
         ]
 

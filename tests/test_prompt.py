@@ -1,0 +1,116 @@
+"""Prompts for strict chat templates: roles alternate, and well-formed prompts stay as they were."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from conftest import answer_alone
+
+from bot.batching import Batcher
+from bot.engine import Engine, alternating
+from bot.kv_cache import PrefixCache
+
+# Mistral's and Llama 2's rule, in their words: after an optional system message, user and
+# assistant take turns, starting with the user.
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+# Two people spoke before the bot was asked; an answer was stored twice (a retry).
+UNEVEN = [user("Alice: the build is red"), user("Bob: since this morning"),
+          assistant("Which job?"), assistant("Which job fails?"), user("the lint job")]  # fmt: skip
+WELL_FORMED = [
+    [user("hi")],
+    [SYSTEM, user("Why is the sky blue?")],
+    [SYSTEM, user("hi"), assistant("Hello!"), user("What is 2 + 2?")],
+    [user("a"), assistant("b"), user("c"), assistant("d"), user("e")],
+    [SYSTEM],
+]
+
+
+@pytest.fixture
+def strict_engine(tiny_model, qwen_tokenizer) -> Engine:
+    """The tiny model behind the real tokenizer with a template that raises like Mistral's."""
+    tokenizer = copy.copy(qwen_tokenizer)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    return Engine(model=tiny_model, tokenizer=tokenizer, max_new_tokens=8)
+
+
+def test_the_strict_template_rejects_repeated_roles(strict_engine):
+    """The fixture's template is as strict as Mistral's, so the tests below mean something."""
+    with pytest.raises(Exception, match="must alternate"):
+        strict_engine.tokenizer.apply_chat_template(UNEVEN, tokenize=False)
+    with pytest.raises(Exception, match="must alternate"):
+        strict_engine.tokenizer.apply_chat_template([SYSTEM, *UNEVEN[2:]], tokenize=False)
+
+
+def test_repeated_roles_are_merged_with_a_blank_line():
+    assert alternating(UNEVEN) == [
+        user("Alice: the build is red\n\nBob: since this morning"),
+        assistant("Which job?\n\nWhich job fails?"),
+        user("the lint job"),
+    ]
+    assert UNEVEN[0] == user("Alice: the build is red")  # the caller's messages are untouched
+
+
+def test_a_conversation_starts_with_the_user():
+    assert alternating([SYSTEM, assistant("Welcome!"), user("thanks")]) == [
+        SYSTEM, user(""), assistant("Welcome!"), user("thanks"),
+    ]  # fmt: skip
+    assert alternating([assistant("Welcome!"), user("thanks")])[0] == user("")
+
+
+def test_a_strict_template_answers_repeated_roles_on_both_paths(strict_engine):
+    """`generate` (the seed's path) and the batcher (the service's) both render through
+    the alternation, and give the same answer."""
+    for messages in (UNEVEN, [SYSTEM, *UNEVEN], [SYSTEM, *UNEVEN[2:]]):
+        [prompt] = strict_engine.render([messages])
+        assert prompt.endswith("[INST] the lint job [/INST]")
+        [answer] = strict_engine.generate([messages])
+        assert answer
+        batcher = Batcher(
+            engine=strict_engine, max_batch=1, step_tokens=64, prefix_cache=PrefixCache(0)
+        )
+        assert answer_alone(batcher, messages) == answer
+
+
+@pytest.mark.parametrize("messages", WELL_FORMED)
+def test_a_well_formed_prompt_is_rendered_byte_for_byte_as_before(
+    make_engine, strict_engine, messages
+):
+    for engine in (make_engine(), strict_engine):
+        template = engine.tokenizer.apply_chat_template
+        before = template(messages, tokenize=False, add_generation_prompt=True)
+        assert engine.render([messages]) == [before]
+
+
+def test_a_merged_turn_stays_the_prefix_of_the_next_prompt(make_engine):
+    """The next turn's prompt starts with this turn's prompt and answer, so its KV cache
+    is still reused."""
+    engine = make_engine()
+    first = [user("Alice: the build is red"), user("Bob: since this morning")]
+    second = [*first, assistant("Which job?"), user("the lint job")]
+    [prompt] = engine.render([first])
+    assert engine.render([second])[0].startswith(prompt + "Which job?")
+    assert engine.prompt_ids(second)[: len(engine.prompt_ids(first))] == engine.prompt_ids(first)
