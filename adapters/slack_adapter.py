@@ -13,6 +13,7 @@ import contextlib
 import html
 import logging
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -197,22 +198,47 @@ class SlackAdapter(Adapter):
     async def _thread_context(
         self, event: dict[str, Any], bot_user: str
     ) -> tuple[ChatMessage, ...]:
-        """The thread's messages before this one, as chat messages (the bot's as assistant)."""
+        """The thread's newest THREAD_CONTEXT_LIMIT messages before this one, oldest first,
+        as chat messages (the bot's as assistant).
+
+        Slack pages a thread from its start, so the pages up to this message (`latest`:
+        nothing after it comes back) are read, a bounded number of them, and their end kept.
+        """
+        pages, page_size = 10, 100  # Slack advises at most 200 a page
+        earlier: deque[dict[str, Any]] = deque(maxlen=THREAD_CONTEXT_LIMIT)
+        newest, cursor = 0.0, None
         try:
-            response = await self.app.client.conversations_replies(
-                channel=event["channel"], ts=event["thread_ts"], limit=THREAD_CONTEXT_LIMIT
-            )
+            for _ in range(pages):
+                response = await self.app.client.conversations_replies(
+                    channel=event["channel"],
+                    ts=event["thread_ts"],
+                    latest=event["ts"],
+                    inclusive=True,
+                    limit=page_size,
+                    cursor=cursor,
+                )
+                for message in response.get("messages", []):
+                    ts = float(message["ts"])
+                    if ts > newest and message["ts"] != event["ts"] and message.get("text"):
+                        earlier.append(message)  # each once and in order, should pages overlap
+                        newest = ts
+                if not (cursor := response.get("response_metadata", {}).get("next_cursor")):
+                    break
+            else:
+                logger.info(
+                    "thread %s: context read from its first %d messages only",
+                    event["thread_ts"],
+                    pages * page_size,
+                )
         except Exception:  # answering without the context beats not answering
             logger.warning("could not read the thread's earlier messages", exc_info=True)
             return ()
-        earlier: list[ChatMessage] = []
-        for message in response.get("messages", []):
-            if message.get("ts") == event["ts"] or not message.get("text"):
-                continue
+        context: list[ChatMessage] = []
+        for message in earlier:
             mine = message.get("user") == bot_user or message.get("bot_id")
             text = await self._readable(message["text"], bot_user)
-            earlier.append({"role": "assistant" if mine else "user", "content": text})
-        return tuple(earlier)
+            context.append({"role": "assistant" if mine else "user", "content": text})
+        return tuple(context)
 
     async def _readable(self, text: str, bot_user: str) -> str:
         """Slack markup to plain text: our mention removed, others as @names, links unwrapped."""

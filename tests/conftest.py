@@ -41,8 +41,10 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def store(redis_client: Redis) -> ConversationStore:
-    return ConversationStore(redis=redis_client, max_messages=6, ttl_seconds=3600)
+def store(redis_client: Redis, request: pytest.FixtureRequest) -> ConversationStore:
+    """Keeps 6 messages a conversation, or what a test gives it (indirect parametrize)."""
+    max_messages = getattr(request, "param", 6)
+    return ConversationStore(redis=redis_client, max_messages=max_messages, ttl_seconds=3600)
 
 
 # --- Models -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ The real slack_sdk / slack_bolt talk to it over HTTP and websockets, inside the 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Self, TypeVar
 
 import aiohttp
@@ -247,6 +249,11 @@ class FakeSlack:
         return {"ok": True, "channel": channel, "ts": ts, "text": text, "message": dict(message)}
 
     async def _replies(self, params: JSON) -> JSON:
+        """A thread as Slack pages it: the earliest messages in the time range first.
+
+        `oldest` and `latest` bound the range (their own ts only with `inclusive`), `limit`
+        caps a page (at most 1000), and `cursor` is a previous page's opaque `next_cursor`.
+        """
         channel, ts = params.get("channel", ""), params.get("ts", "")
         if channel not in self.channels:
             return {"ok": False, "error": "channel_not_found"}
@@ -261,13 +268,29 @@ class FakeSlack:
                 latest_reply=replies[-1]["ts"],
                 reply_users=sorted({r["user"] for r in replies if r.get("user")}),
             )
-        start, limit = int(params.get("cursor") or 0), int(params.get("limit") or 1000)
-        more = start + limit < len(messages)
+        oldest = Decimal(params.get("oldest") or 0)
+        latest = Decimal(params.get("latest") or "Infinity")
+        inclusive = str(params.get("inclusive", "")).lower() in ("1", "true")
+
+        def in_range(message: JSON) -> bool:
+            at = Decimal(message["ts"])
+            return oldest < at < latest or (inclusive and at in (oldest, latest))
+
+        messages = [m for m in messages if in_range(m)]
+        if cursor := params.get("cursor"):
+            try:
+                start = Decimal(base64.b64decode(cursor).decode().removeprefix("next_ts:"))
+            except (ValueError, ArithmeticError):
+                return {"ok": False, "error": "invalid_cursor"}
+            messages = [m for m in messages if Decimal(m["ts"]) >= start]
+        limit = min(int(params.get("limit") or 1000), 1000)
+        page, rest = messages[:limit], messages[limit:]
+        next_cursor = base64.b64encode(f"next_ts:{rest[0]['ts']}".encode()).decode() if rest else ""
         return {
             "ok": True,
-            "messages": messages[start : start + limit],
-            "has_more": more,
-            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+            "messages": page,
+            "has_more": bool(rest),
+            "response_metadata": {"next_cursor": next_cursor},
         }
 
     async def _users_info(self, params: JSON) -> JSON:

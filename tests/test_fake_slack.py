@@ -75,6 +75,38 @@ async def test_web_api_shapes(slack: FakeSlack) -> None:
     assert err.value.response["error"] == "invalid_auth"
 
 
+async def test_replies_are_paged_by_time_and_cursor_as_slack_documents(slack: FakeSlack) -> None:
+    """conversations.replies: earliest first between `oldest` and `latest` (their own ts only
+    with `inclusive`), at most `limit` a page, the rest behind `next_cursor`."""
+    client = web_client(slack)
+    parent = slack.user_message("C0001", "0")
+    ts = [parent["ts"]] + [
+        slack.user_message("C0001", str(n), thread_ts=parent["ts"])["ts"] for n in range(1, 6)
+    ]
+
+    async def texts(**params: Any) -> list[str]:
+        response = await client.conversations_replies(channel="C0001", ts=ts[0], **params)
+        return [m["text"] for m in response["messages"]]
+
+    assert await texts(latest=ts[3]) == ["0", "1", "2"]
+    assert await texts(latest=ts[3], inclusive=True) == ["0", "1", "2", "3"]
+    assert await texts(oldest=ts[1], latest=ts[4]) == ["2", "3"]
+    assert await texts(oldest=ts[1], latest=ts[4], inclusive=True) == ["1", "2", "3", "4"]
+
+    pages, cursor = [], None
+    while True:
+        page = await client.conversations_replies(
+            channel="C0001", ts=ts[0], latest=ts[5], limit=2, cursor=cursor
+        )
+        pages.append(([m["text"] for m in page["messages"]], page["has_more"]))
+        if not (cursor := page["response_metadata"]["next_cursor"]):
+            break
+    assert pages == [(["0", "1"], True), (["2", "3"], True), (["4"], False)]
+    with pytest.raises(SlackApiError) as err:
+        await client.conversations_replies(channel="C0001", ts=ts[0], cursor="not-a-cursor")
+    assert err.value.response["error"] == "invalid_cursor"
+
+
 async def test_rate_limit_is_retried(slack: FakeSlack) -> None:
     """A 429 with Retry-After is raised plainly, and retried by the rate-limit handler."""
     client = web_client(slack)

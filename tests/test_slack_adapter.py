@@ -24,7 +24,7 @@ from conftest import (
 )
 from fake_slack import FakeSlack
 
-from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, SlackAdapter
+from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, THREAD_CONTEXT_LIMIT, SlackAdapter
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Settings
@@ -219,6 +219,30 @@ async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket
         {"role": "user", "content": "is that wise?"},
         {"role": "user", "content": "what do you think, @bob?"},
     ]
+
+
+@pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
+async def test_mentioned_late_in_a_long_thread_the_bot_reads_what_came_just_before(
+    slack, socket_mode
+):
+    """Of a 120-message thread, the 50 messages just before the mention, in order, read
+    page by page; nothing posted after the mention."""
+    async with socket_mode(ScriptedEngine("Noted.")) as (_service, engine):
+        parent = slack.user_message("C0001", "message 0")
+        for number in range(1, 120):
+            slack.user_message("C0001", f"message {number}", thread_ts=parent["ts"])
+        mention = slack.app_mention("C0001", "sum it up", thread_ts=parent["ts"])
+        slack.user_message("C0001", "posted after the mention", thread_ts=parent["ts"])
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", parent["ts"])
+    [prompt] = engine.prompts
+    assert [message["content"] for message in prompt] == [
+        *(f"message {number}" for number in range(120 - THREAD_CONTEXT_LIMIT, 120)),
+        "sum it up",
+    ]
+    first, second = slack.calls_to("conversations.replies", ok_only=True)  # two pages
+    assert second.params["cursor"] == first.response["response_metadata"]["next_cursor"]
+    assert first.params["latest"] == second.params["latest"] == mention["ts"]
 
 
 async def test_reset_clears_the_thread(slack, socket_mode):
