@@ -158,8 +158,8 @@ class DiscordAdapter(Adapter):
             earlier = () if known or ours else await self._earlier(message, me)
             return key, DiscordChannel(channel, seed=seed, reply_to=None), earlier
         if self.settings.discord_reply_mode == "inline":
-            root, to_me = await self._reply_root(message, me)
-            if not (mentioned or to_me):
+            root = await self._reply_root(message, me, mentioned=mentioned)
+            if root is None:
                 return None
             key = ConversationKey("discord", guild, str(channel.id), str(root))
             return key, DiscordChannel(channel, seed=seed, reply_to=message), ()
@@ -212,23 +212,39 @@ class DiscordAdapter(Adapter):
         )
 
     async def _reply_root(
-        self, message: discord.Message, me: discord.ClientUser
-    ) -> tuple[int, bool]:
-        """The first message of a reply chain, and whether `message` replies to the bot."""
-        current, to_me = message, False
-        for _ in range(REPLY_CHAIN_LIMIT):
-            reference = current.reference
+        self, message: discord.Message, me: discord.ClientUser, *, mentioned: bool
+    ) -> int | None:
+        """The first message of the reply chain `message` ends, or None if `message` is not
+        for the bot.
+
+        The first hop alone decides: a mention, or a reply to one of the bot's messages.
+        Only then is the chain walked back, so channel chatter costs no REST call.
+        """
+
+        async def replied_to(child: discord.Message) -> discord.Message | None:
+            """The message `child` replies to: as the gateway sent it, else fetched once;
+            None where there is none, or it was deleted or cannot be read."""
+            reference = child.reference
             if reference is None or reference.message_id is None:
-                break
-            parent = reference.resolved
-            if not isinstance(parent, discord.Message):
-                try:
-                    parent = await current.channel.fetch_message(reference.message_id)
-                except discord.DiscordException:
-                    break  # deleted or unreadable: the chain starts here
-            to_me = to_me or (current is message and parent.author == me)
-            current = parent
-        return current.id, to_me
+                return None
+            if (resolved := reference.resolved) is not None:  # the message, or its deletion
+                return resolved if isinstance(resolved, discord.Message) else None
+            try:
+                return await child.channel.fetch_message(reference.message_id)
+            except discord.DiscordException:
+                return None
+
+        parent = await replied_to(message)
+        if not (mentioned or (parent is not None and parent.author == me)):
+            return None
+        root = message
+        for hop in range(REPLY_CHAIN_LIMIT):
+            if hop:  # the first hop was read above
+                parent = await replied_to(root)
+            if parent is None:
+                break  # the chain starts here
+            root = parent
+        return root.id
 
     @staticmethod
     def _readable(message: discord.Message, me: discord.ClientUser) -> str:

@@ -233,6 +233,60 @@ async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot
     assert engine.prompts[1][2]["content"] == "second question"
 
 
+def reply_to(fake: FakeDiscord, target: dict, content: str, *, resolved: bool = True) -> dict:
+    """alice's reply to `target`, as the gateway sends it: with the replied-to message one
+    level deep (`resolved`), or without it, as Discord sometimes leaves it out."""
+    reference = {"message_id": target["id"], "channel_id": target["channel_id"]}
+    extra: dict = {"type": 19, "message_reference": reference}
+    if resolved:
+        extra["referenced_message"] = {k: v for k, v in target.items() if k != "referenced_message"}
+    return fake.user_message(target["channel_id"], content, **extra)
+
+
+async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
+    """Whether a message is for the bot comes from its first hop: chatter (no mention, a
+    reply to a person, a reply to a deleted message) is dropped without a request, even
+    where the chain it replies to leads back to the bot."""
+    async with discord_bot(ScriptedEngine("Noted."), reply_mode="inline") as (_service, engine):
+        await mention(fake, "first question")
+        answer = await final_reply(fake, fake.channel_id)
+        follow_up = reply_to(fake, answer, "thanks, and another thing")
+        await fake.dispatch("MESSAGE_CREATE", follow_up)
+        await final_reply(fake, fake.channel_id, after=1)
+        start = len(fake.requests)
+        deleted = {"id": fake.snowflake(), "channel_id": fake.channel_id}
+        for chatter in (
+            fake.user_message(fake.channel_id, "lunch anyone?"),
+            reply_to(fake, follow_up, "I agree with you, not the bot"),
+            {  # the gateway's null: the replied-to message was deleted
+                **reply_to(fake, deleted, "what was that?", resolved=False),
+                "referenced_message": None,
+            },
+        ):
+            await fake.dispatch("MESSAGE_CREATE", chatter)
+        await mention(fake, "last question")
+        await final_reply(fake, fake.channel_id, after=2)
+    assert [prompt[-1]["content"] for prompt in engine.prompts] == [
+        "first question", "thanks, and another thing", "last question",
+    ]  # fmt: skip
+    answering = {("POST", f"/channels/{fake.channel_id}/messages"),
+                 ("POST", f"/channels/{fake.channel_id}/typing")}  # fmt: skip
+    assert {(r.method, r.path) for r in fake.requests[start:] if r.method != "PATCH"} == answering
+
+
+async def test_inline_mode_reads_a_reply_the_gateway_left_unresolved(fake, discord_bot):
+    """A reply whose replied-to message did not come with it costs one fetch; it is the
+    bot's, so the reply continues that conversation."""
+    async with discord_bot(ScriptedEngine("Noted."), reply_mode="inline") as (_service, engine):
+        await mention(fake, "first question")
+        answer = await final_reply(fake, fake.channel_id)
+        await fake.dispatch("MESSAGE_CREATE", reply_to(fake, answer, "why?", resolved=False))
+        await final_reply(fake, fake.channel_id, after=1)
+    fetches = fake.requests_to("GET", r"/channels/\d+/messages/\d+")
+    assert [r.path for r in fetches] == [f"/channels/{fake.channel_id}/messages/{answer['id']}"]
+    assert [m["content"] for m in engine.prompts[1]] == ["first question", "Noted.", "why?"]
+
+
 async def test_the_reply_says_when_older_history_was_left_out(fake, discord_bot, make_engine):
     budget = make_engine().count_tokens([{"role": "user", "content": "x " * 40}])
     async with discord_bot(ScriptedEngine("Noted."), prompt_budget=budget):
