@@ -1,10 +1,13 @@
 """The contract every platform adapter keeps, and the guard around its event handlers.
 
 An adapter is the only code that knows a platform. It MUST turn each platform message
-it should answer into a `Turn` and hand it to `ChatService.handle` with a `ReplySink`
+it should answer into a `Turn` and hand it to `ChatService.accept` with a `ReplySink`
 for that platform, through `answer` below so one failure never stops the adapter. It
 MUST drop what the bot must not answer (its own messages, other bots, edits). It SHOULD
-stream: the sink's `append` shows text as it arrives. It MAY add commands (`reset`).
+stream: the sink's `append` shows text as it arrives. It MUST make, from a sink's
+`reply_target()`, a sink that resumes that answer (`ChatService.serve_platform`), and
+SHOULD acknowledge the platform only once `answer` has returned. Commands (`reset`,
+`forget`) are parsed here (`command`) and carried out by the service.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from abc import ABC, abstractmethod
 
 from bot import replies
 from bot.service import ChatService
-from bot.types import ReplySink, Turn
+from bot.types import Command, ReplySink, Turn
+from storage.errors import is_outage
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +35,28 @@ class Adapter(ABC):
         """Connect and serve until cancelled or the platform closes; MUST NOT return early."""
 
 
-async def answer(service: ChatService, turn: Turn, sink: ReplySink) -> None:
-    """Handle one turn; an unexpected error is logged and answered, never raised."""
+COMMANDS: dict[str, Command] = {"reset": "reset", "forget": "forget"}
+
+
+def command(text: str) -> Command | None:
+    """The command a message gives, if it is one word such as `reset` (or `/reset`)."""
+    return COMMANDS.get(text.strip().lower().removeprefix("/"))
+
+
+async def answer(service: ChatService, turn: Turn, sink: ReplySink, *, wait: bool = False) -> None:
+    """Hand one turn to the service; returns once it is accepted (the answer goes on in
+    the service), or with `wait` once it is answered. An unexpected error is logged and
+    answered, never raised."""
     try:
-        await service.handle(turn, sink)
-    except Exception:
+        await (service.handle if wait else service.accept)(turn, sink)
+    except Exception as error:
         logger.exception("handling message %s in %s failed", turn.message_id, turn.conversation)
         try:
-            await sink.fail(replies.failed())
+            await sink.fail(failure_text(error))
         except Exception:
             logger.exception("could not tell the user about the failure")
+
+
+def failure_text(error: Exception) -> str:
+    """What to tell the user when handling their message raised `error`."""
+    return replies.storage_unavailable() if is_outage(error) else replies.failed()

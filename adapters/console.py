@@ -1,8 +1,8 @@
 """The terminal chat: stdin lines in, streamed answers out, through the same service.
 
 Interactive on a terminal (a `you>` prompt); with piped input each line is one turn and
-it ends at end of input. `/reset` clears the conversation. Knows nothing of Slack or
-Discord, and nothing of the model.
+it ends at end of input. `/reset` clears the conversation, `/forget` deletes it. Knows
+nothing of Slack or Discord, and nothing of the model.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import contextlib
 import getpass
 import threading
 import uuid
-from typing import TextIO
+from collections.abc import Awaitable, Callable
+from typing import Any, TextIO
 
-from adapters.base import Adapter, answer
-from bot import replies
+from adapters.base import Adapter, answer, command
 from bot.service import ChatService
 from bot.types import ConversationKey, Turn
 
-RESET_COMMANDS = {"/reset", "reset"}
 QUIT_COMMANDS = {"/quit", "/exit"}
 
 
@@ -29,6 +28,11 @@ class ConsoleSink:
     def __init__(self, output: TextIO) -> None:
         self.output = output
         self.streamed = False
+        self.over = False  # the answer or a failure is on screen
+        self.on_post: Callable[[], Awaitable[None]] | None = None  # nothing to keep track of
+
+    def reply_target(self) -> dict[str, Any]:
+        return {}  # a resumed answer is printed in whichever terminal chats next
 
     async def start(self) -> None:
         pass  # the answer itself starts the line
@@ -43,9 +47,15 @@ class ConsoleSink:
     async def finish(self, text: str) -> None:
         # A streamed answer is already on screen; the final text equals it.
         self._write("\n" if self.streamed else f"{text}\n")
+        self.over = True
 
     async def fail(self, text: str) -> None:
         self._write(f"\n{text}\n" if self.streamed else f"{text}\n")
+        self.over = True
+
+    async def pause(self, text: str) -> None:
+        if not self.over:
+            await self.fail(text)
 
     def _write(self, text: str) -> None:
         self.output.write(text)
@@ -72,18 +82,16 @@ class ConsoleAdapter(Adapter):
         self.author = getpass.getuser()
 
     async def run(self) -> None:
+        self.service.serve_platform("console", lambda _target: ConsoleSink(self.output))
         while (line := await self._next_line()) is not None:
             text = line.strip()
             if text in QUIT_COMMANDS and self.interactive:
                 return
-            if text.lower() in RESET_COMMANDS:
-                await self.service.reset(self.key)
-                await ConsoleSink(self.output).finish(replies.conversation_reset())
-                continue
             if not text and self.interactive:
                 continue
-            turn = Turn(self.key, self.author, text, message_id=uuid.uuid4().hex)
-            await answer(self.service, turn, ConsoleSink(self.output))
+            message_id = uuid.uuid4().hex
+            turn = Turn(self.key, self.author, text, message_id, command=command(text))
+            await answer(self.service, turn, ConsoleSink(self.output), wait=True)
 
     async def _next_line(self) -> str | None:
         """The next line, read on a daemon thread so Ctrl-C never waits for a blocked read."""

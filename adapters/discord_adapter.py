@@ -11,15 +11,16 @@ import hashlib
 import logging
 import re
 import textwrap
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import discord
 import yarl
 from discord.gateway import DiscordWebSocket
 
-from adapters.base import Adapter, AdapterError, answer
+from adapters.base import Adapter, AdapterError, answer, command, failure_text
 from adapters.streaming import StreamingReply
-from bot import replies
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
@@ -30,7 +31,8 @@ MESSAGE_LIMIT = 2000
 HISTORY_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 REPLY_CHAIN_LIMIT = 50  # replies followed back to find an inline conversation's start
 THREAD_NAME_LENGTH = 90  # Discord allows 100
-RESET_COMMANDS = {"reset", "/reset"}
+THREAD_ARCHIVE_MINUTES = 1440
+THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
 NO_PINGS = discord.AllowedMentions.none()
 ANSWERED_TYPES = {discord.MessageType.default, discord.MessageType.reply}
 PERMISSIONS = discord.Permissions(
@@ -54,26 +56,82 @@ def nonce(seed: str, index: int) -> str:
 
 
 class DiscordChannel:
-    """Posts and edits the messages of one answer; never pings anyone."""
+    """Posts and edits the messages of one answer, by ids alone, so another process can
+    take the answer over. Never pings anyone, never embeds a link (Discord would fetch
+    a URL that model output or injected text put there), and never posts twice: each
+    send carries a nonce derived from the turn and the message's place in the answer.
+
+    With `thread_from`, the answer goes into a thread opened from that message (whose id
+    the thread takes), opened on the first post.
+    """
 
     def __init__(
-        self, channel: discord.abc.Messageable, *, seed: str, reply_to: discord.Message | None
+        self,
+        client: discord.Client,
+        *,
+        channel: str,
+        seed: str,
+        reply_to: str | None = None,
+        thread_from: str | None = None,
+        thread_name: str = "",
+        posted: int = 0,
     ) -> None:
+        self.client = client
         self.channel = channel
         self.seed = seed
         self.reply_to = reply_to
-        self.sent: dict[str, discord.Message] = {}
+        self.thread_from = thread_from
+        self.thread_name = thread_name
+        self.posted = posted  # messages of this answer sent so far (earlier tries included)
+
+    def where(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "seed": self.seed,
+            "reply_to": self.reply_to,
+            "thread_from": self.thread_from,
+            "thread_name": self.thread_name,
+        }
+
+    @property
+    def destination(self) -> discord.PartialMessageable:
+        return self.client.get_partial_messageable(int(self.thread_from or self.channel))
+
+    async def typing(self) -> None:
+        await self._open_thread()
+        await self.destination.typing()
 
     async def post(self, text: str) -> str:
-        options: dict[str, Any] = {"allowed_mentions": NO_PINGS}
-        if self.reply_to is not None and not self.sent:
-            options |= {"reference": self.reply_to, "mention_author": False}
-        message = await self.channel.send(text, nonce=nonce(self.seed, len(self.sent)), **options)
-        self.sent[str(message.id)] = message
+        await self._open_thread()
+        options: dict[str, Any] = {"allowed_mentions": NO_PINGS, "suppress_embeds": True}
+        if self.reply_to is not None and not self.posted:
+            reference = discord.MessageReference(
+                message_id=int(self.reply_to),
+                channel_id=int(self.channel),
+                fail_if_not_exists=False,
+            )
+            options |= {"reference": reference, "mention_author": False}
+        message = await self.destination.send(text, nonce=nonce(self.seed, self.posted), **options)
+        self.posted += 1
         return str(message.id)
 
     async def edit(self, message_id: str, text: str) -> None:
-        await self.sent[message_id].edit(content=text, allowed_mentions=NO_PINGS)
+        message = self.destination.get_partial_message(int(message_id))
+        await message.edit(content=text, allowed_mentions=NO_PINGS)
+
+    async def _open_thread(self) -> None:
+        if self.thread_from is None or self.posted:
+            return
+        try:
+            await self.client.http.start_thread_with_message(
+                int(self.channel),
+                int(self.thread_from),
+                name=self.thread_name or "threadbot",
+                auto_archive_duration=THREAD_ARCHIVE_MINUTES,
+            )
+        except discord.HTTPException as error:
+            if error.code != THREAD_EXISTS:  # opened already, by an earlier try
+                raise
 
 
 class DiscordAdapter(Adapter):
@@ -99,6 +157,7 @@ class DiscordAdapter(Adapter):
         token = self.settings.discord_bot_token
         try:
             await self.client.login(token.get_secret_value() if token else "")
+            self.service.serve_platform("discord", self._resumed)  # REST is enough for that
             _, gateway, _ = await self.client.http.get_bot_gateway()
             # A plain Client never asks /gateway/bot; Discord says to, and proxies need it.
             DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
@@ -114,6 +173,29 @@ class DiscordAdapter(Adapter):
             raise AdapterError(INTENTS_HELP) from error
         finally:
             await self.client.close()
+
+    def _sink(self, target: DiscordChannel, message_ids: Sequence[str] = ()) -> StreamingReply:
+        return StreamingReply(
+            target=target,
+            render=str,  # Discord speaks Markdown; allowed_mentions stops every ping
+            limit=MESSAGE_LIMIT,
+            interval=self.settings.discord_edit_interval,
+            message_ids=message_ids,
+        )
+
+    def _resumed(self, target: dict[str, Any]) -> StreamingReply:
+        """The sink of an answer started earlier (maybe by another process)."""
+        posted = target.get("messages", [])
+        channel = DiscordChannel(
+            self.client,
+            channel=target["channel"],
+            seed=target["seed"],
+            reply_to=target.get("reply_to"),
+            thread_from=target.get("thread_from"),
+            thread_name=target.get("thread_name", ""),
+            posted=len(posted),
+        )
+        return self._sink(channel, posted)
 
     async def on_message(self, message: discord.Message) -> None:
         me = self.client.user
@@ -131,11 +213,11 @@ class DiscordAdapter(Adapter):
                 return
             addressed = True
             await self._converse(message, *route)
-        except Exception:
+        except Exception as error:
             logger.exception("Discord message %s in %s failed", message.id, message.channel.id)
             if addressed:
                 try:
-                    await message.channel.send(replies.failed(), allowed_mentions=NO_PINGS)
+                    await message.channel.send(failure_text(error), allowed_mentions=NO_PINGS)
                 except discord.DiscordException:
                     logger.warning("could not tell the user about the failure", exc_info=True)
 
@@ -144,10 +226,10 @@ class DiscordAdapter(Adapter):
     ) -> tuple[ConversationKey, DiscordChannel, tuple[ChatMessage, ...]] | None:
         """Where a message's conversation lives and where to answer, or None to stay out."""
         channel, mentioned = message.channel, me in message.mentions
-        seed = str(message.id)
+        here = partial(DiscordChannel, self.client, channel=str(channel.id), seed=str(message.id))
         if isinstance(channel, discord.DMChannel):
             key = ConversationKey("discord", "-", str(channel.id), str(channel.id))
-            return key, DiscordChannel(channel, seed=seed, reply_to=None), ()
+            return key, here(), ()
         guild = str(message.guild.id) if message.guild else "-"
         if isinstance(channel, discord.Thread):
             key = ConversationKey("discord", guild, str(channel.parent_id), str(channel.id))
@@ -156,19 +238,19 @@ class DiscordAdapter(Adapter):
             if not (mentioned or known or ours):
                 return None
             earlier = () if known or ours else await self._earlier(message, me)
-            return key, DiscordChannel(channel, seed=seed, reply_to=None), earlier
+            return key, here(), earlier
         if self.settings.discord_reply_mode == "inline":
             root = await self._reply_root(message, me, mentioned=mentioned)
             if root is None:
                 return None
             key = ConversationKey("discord", guild, str(channel.id), str(root))
-            return key, DiscordChannel(channel, seed=seed, reply_to=message), ()
+            return key, here(reply_to=str(message.id)), ()
         if not mentioned:
             return None
+        # The answer opens a thread from this message, which takes the message's id.
         name = textwrap.shorten(self._readable(message, me), THREAD_NAME_LENGTH, placeholder="…")
-        thread = await message.create_thread(name=name or "threadbot")
-        key = ConversationKey("discord", guild, str(channel.id), str(thread.id))
-        return key, DiscordChannel(thread, seed=seed, reply_to=None), ()
+        key = ConversationKey("discord", guild, str(channel.id), str(message.id))
+        return key, here(thread_from=str(message.id), thread_name=name), ()
 
     async def _converse(
         self,
@@ -180,19 +262,15 @@ class DiscordAdapter(Adapter):
         me = self.client.user
         assert me is not None
         text = self._readable(message, me)
-        if text.lower() in RESET_COMMANDS:
-            await self.service.reset(key)
-            await target.channel.send(replies.conversation_reset(), allowed_mentions=NO_PINGS)
-            return
-        turn = Turn(key, str(message.author.id), text, str(message.id), context=earlier)
-        sink = StreamingReply(
-            target=target,
-            render=str,  # Discord speaks Markdown; allowed_mentions stops every ping
-            limit=MESSAGE_LIMIT,
-            interval=self.settings.discord_edit_interval,
+        turn = Turn(
+            key,
+            str(message.author.id),
+            text,
+            str(message.id),
+            context=earlier,
+            command=command(text),
         )
-        async with target.channel.typing():
-            await answer(self.service, turn, sink)
+        await answer(self.service, turn, self._sink(target))
 
     async def _earlier(
         self, message: discord.Message, me: discord.ClientUser

@@ -14,7 +14,7 @@ import html
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -27,10 +27,9 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import Adapter, AdapterError, answer
+from adapters.base import Adapter, AdapterError, answer, command, failure_text
 from adapters.slack_format import to_mrkdwn
 from adapters.streaming import EditBudget, StreamingReply
-from bot import replies
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
@@ -40,10 +39,10 @@ logger = logging.getLogger(__name__)
 MESSAGE_LIMIT = 3900  # Slack truncates at 40,000 but advises ~4,000 for readability
 PLACEHOLDER = "_thinking…_"
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
+CONTEXT_SECONDS = 1.5  # reading them happens before the event's ack, which Slack wants in 3 s
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
 NAME_CACHE_SIZE = 1000
-RESET_COMMANDS = {"reset", "/reset"}
 EVENTS_PATH = "/slack/events"
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
 CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
@@ -51,16 +50,33 @@ URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
 
 
 class SlackThread:
-    """Posts and edits the messages of one answer in one Slack thread (or DM)."""
+    """Posts and edits the messages of one answer in one Slack thread (or DM).
 
-    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None) -> None:
+    Nothing posted is unfurled: Slack would otherwise fetch a URL that model output or
+    injected thread text put there, with conversation text in it.
+    """
+
+    def __init__(
+        self, client: AsyncWebClient, *, team: str, channel: str, thread_ts: str | None
+    ) -> None:
         self.client = client
+        self.team = team
         self.channel = channel
         self.thread_ts = thread_ts
 
+    def where(self) -> dict[str, Any]:
+        return {"team": self.team, "channel": self.channel, "thread_ts": self.thread_ts}
+
+    async def typing(self) -> None:
+        """Slack has no typing indicator for bots: the adapter posts a placeholder instead."""
+
     async def post(self, text: str) -> str:
         response = await self.client.chat_postMessage(
-            channel=self.channel, thread_ts=self.thread_ts, text=text, unfurl_links=False
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            text=text,
+            unfurl_links=False,
+            unfurl_media=False,
         )
         return response["ts"]
 
@@ -97,12 +113,16 @@ class SlackAdapter(Adapter):
             client=client,
             signing_secret=secret.get_secret_value() if secret else None,
             request_verification_enabled=secret is not None,
+            # Acknowledge an event only once its turn is recorded: if we die before,
+            # Slack delivers it again.
+            process_before_response=True,
         )
         return cls(app=app, service=service, settings=settings)
 
     async def run(self) -> None:
         connect = self._socket_mode if self.settings.slack_app_token else self._events_api
         disconnect = await connect()
+        self.service.serve_platform("slack", self._resumed)
         try:
             await asyncio.Event().wait()  # serve until cancelled
         finally:
@@ -144,10 +164,14 @@ class SlackAdapter(Adapter):
         is_dm = event.get("channel_type") == "im"
         if not mentioned and not is_dm and f"<@{bot_user}>" in text:
             return  # the app_mention event for the same message answers it
-        key = ConversationKey(
-            "slack", event.get("team", "-"), channel, thread_ts or (channel if is_dm else ts)
+        team = event.get("team", "-")
+        key = ConversationKey("slack", team, channel, thread_ts or (channel if is_dm else ts))
+        thread = SlackThread(
+            self.app.client,
+            team=team,
+            channel=channel,
+            thread_ts=thread_ts or (None if is_dm else ts),
         )
-        thread = SlackThread(self.app.client, channel, thread_ts or (None if is_dm else ts))
         addressed = mentioned or is_dm
         try:
             known = await self.service.knows(key)
@@ -155,11 +179,11 @@ class SlackAdapter(Adapter):
                 return  # channel chatter the bot was not asked into
             addressed = True
             await self._converse(event, key, thread, bot_user, known=known)
-        except Exception:  # e.g. Redis gone: log it, and tell whoever was talking to us
+        except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             logger.exception("Slack message %s in %s failed", ts, channel)
             if addressed:
                 with contextlib.suppress(Exception):
-                    await thread.post(replies.failed())
+                    await thread.post(failure_text(error))
 
     async def _converse(
         self,
@@ -172,23 +196,35 @@ class SlackAdapter(Adapter):
     ) -> None:
         """Answer a message the bot was asked (or is expected) to answer."""
         words = await self._readable(event.get("text", ""), bot_user)
-        if words.lower() in RESET_COMMANDS:
-            await self.service.reset(key)
-            await thread.post(replies.conversation_reset())
-            return
+        order = command(words)
         thread_ts = event.get("thread_ts")
-        history = () if known or not thread_ts else await self._thread_context(event, bot_user)
+        history: tuple[ChatMessage, ...] = ()
+        if not (known or order or not thread_ts):
+            history = await self._thread_context(event, bot_user)
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
-        turn = Turn(key, event["user"], words, message_id, context=history)
-        sink = StreamingReply(
+        turn = Turn(key, event["user"], words, message_id, context=history, command=order)
+        await answer(self.service, turn, self._sink(thread))
+
+    def _sink(self, thread: SlackThread, message_ids: Sequence[str] = ()) -> StreamingReply:
+        return StreamingReply(
             target=thread,
             render=to_mrkdwn,
             limit=MESSAGE_LIMIT,
             interval=self.settings.stream_edit_interval,
-            budget=self._budget(key.workspace),
+            budget=self._budget(thread.team),
             placeholder=PLACEHOLDER,
+            message_ids=message_ids,
         )
-        await answer(self.service, turn, sink)
+
+    def _resumed(self, target: dict[str, Any]) -> StreamingReply:
+        """The sink of an answer started earlier (maybe by another process)."""
+        thread = SlackThread(
+            self.app.client,
+            team=target["team"],
+            channel=target["channel"],
+            thread_ts=target.get("thread_ts"),
+        )
+        return self._sink(thread, target.get("messages", ()))
 
     def _budget(self, team: str) -> EditBudget:
         if team not in self.budgets:
@@ -208,28 +244,29 @@ class SlackAdapter(Adapter):
         earlier: deque[dict[str, Any]] = deque(maxlen=THREAD_CONTEXT_LIMIT)
         newest, cursor = 0.0, None
         try:
-            for _ in range(pages):
-                response = await self.app.client.conversations_replies(
-                    channel=event["channel"],
-                    ts=event["thread_ts"],
-                    latest=event["ts"],
-                    inclusive=True,
-                    limit=page_size,
-                    cursor=cursor,
-                )
-                for message in response.get("messages", []):
-                    ts = float(message["ts"])
-                    if ts > newest and message["ts"] != event["ts"] and message.get("text"):
-                        earlier.append(message)  # each once and in order, should pages overlap
-                        newest = ts
-                if not (cursor := response.get("response_metadata", {}).get("next_cursor")):
-                    break
-            else:
-                logger.info(
-                    "thread %s: context read from its first %d messages only",
-                    event["thread_ts"],
-                    pages * page_size,
-                )
+            async with asyncio.timeout(CONTEXT_SECONDS):  # before the ack: keep it short
+                for _ in range(pages):
+                    response = await self.app.client.conversations_replies(
+                        channel=event["channel"],
+                        ts=event["thread_ts"],
+                        latest=event["ts"],
+                        inclusive=True,
+                        limit=page_size,
+                        cursor=cursor,
+                    )
+                    for message in response.get("messages", []):
+                        ts = float(message["ts"])
+                        if ts > newest and message["ts"] != event["ts"] and message.get("text"):
+                            earlier.append(message)  # each once and in order, should pages overlap
+                            newest = ts
+                    if not (cursor := response.get("response_metadata", {}).get("next_cursor")):
+                        break
+                else:
+                    logger.info(
+                        "thread %s: context read from its first %d messages only",
+                        event["thread_ts"],
+                        pages * page_size,
+                    )
         except Exception:  # answering without the context beats not answering
             logger.warning("could not read the thread's earlier messages", exc_info=True)
             return ()

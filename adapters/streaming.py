@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from adapters.text import split_message
+from bot import replies
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,14 @@ STREAMING_MARK = " …"  # shown after partial text while the answer is still be
 
 class MessageTarget(Protocol):
     """Where one answer goes: a thread, a channel, a DM."""
+
+    def where(self) -> dict[str, Any]:
+        """This target as JSON, from which the adapter can rebuild it in another process."""
+        ...
+
+    async def typing(self) -> None:
+        """Show that an answer is being written, where the platform can (no placeholder)."""
+        ...
 
     async def post(self, text: str) -> str:
         """Send a new message; return its id."""
@@ -65,7 +74,11 @@ class EditBudget:
 
 
 class StreamingReply:
-    """Streams one answer: optional placeholder, edits every `interval` s, final split."""
+    """Streams one answer: optional placeholder, edits every `interval` s, final split.
+
+    `message_ids` are the messages this answer already has (a resumed answer edits them
+    rather than posting again); `on_post` is awaited after each new one.
+    """
 
     def __init__(
         self,
@@ -76,6 +89,7 @@ class StreamingReply:
         interval: float,
         budget: EditBudget | None = None,
         placeholder: str | None = None,
+        message_ids: Sequence[str] = (),
         clock: Clock = time.monotonic,
     ) -> None:
         self.target = target
@@ -84,16 +98,22 @@ class StreamingReply:
         self.interval = interval
         self.budget = budget
         self.placeholder = placeholder
+        self.message_ids = list(message_ids)
         self.clock = clock
-        self.message_id: str | None = None
+        self.on_post: Callable[[], Awaitable[None]] | None = None
         self.text = ""
         self.notice_text = ""
         self.last_edit = float("-inf")
+        self.over = False  # the final text (answer or failure) is shown: nothing replaces it
+
+    def reply_target(self) -> dict[str, Any]:
+        return {**self.target.where(), "messages": self.message_ids}
 
     async def start(self) -> None:
         if self.placeholder is not None:
-            self.message_id = await self.target.post(self.placeholder)
-            self.last_edit = self.clock()
+            await self._show_final(self.placeholder)
+        else:
+            await self.target.typing()
 
     async def notice(self, text: str) -> None:
         self.notice_text = f"*{text}*\n\n"
@@ -102,7 +122,7 @@ class StreamingReply:
         self.text += chunk
         if self.clock() - self.last_edit < self.interval or not self.text.strip():
             return
-        if self.message_id is not None and self.budget and not self.budget.try_take():
+        if self.message_ids and self.budget and not self.budget.try_take():
             return
         try:
             await self._show(self.text.rstrip() + STREAMING_MARK)
@@ -110,27 +130,46 @@ class StreamingReply:
             logger.warning("streaming edit failed; the final text will follow", exc_info=True)
 
     async def finish(self, text: str) -> None:
+        """The answer, split over as many messages as it needs: the first is the one that
+        streamed; a continuation that cannot be posted is reported after what was."""
         first, *rest = split_message(self.render(self.notice_text + text), self.limit) or [""]
         await self._show_final(first)
-        for part in rest:
-            await self.target.post(part)
+        self.over = True
+        try:
+            for index, part in enumerate(rest, start=1):
+                await self._put(index, part)
+        except Exception:
+            logger.warning("posting the rest of an answer failed", exc_info=True)
+            await self._post(self.render(replies.continuation_failed()))
 
     async def fail(self, text: str) -> None:
         await self._show_final(self.render(text))
+        self.over = True
+
+    async def pause(self, text: str) -> None:
+        if not self.over:  # a stop just after the answer was shown leaves it shown
+            await self._show_final(self.render(text))
 
     async def _show(self, markdown: str) -> None:
         """Partial text, as much as fits one message (the final split shows the rest)."""
         [first, *_] = split_message(self.render(self.notice_text + markdown), self.limit)
-        await self._write(first)
+        await self._put(0, first)
 
     async def _show_final(self, text: str) -> None:
-        if self.message_id is not None and self.budget:
+        if self.message_ids and self.budget:
             self.budget.spend()
-        await self._write(text)
+        await self._put(0, text)
 
-    async def _write(self, text: str) -> None:
-        self.last_edit = self.clock()
-        if self.message_id is None:
-            self.message_id = await self.target.post(text)
+    async def _put(self, index: int, text: str) -> None:
+        """The answer's `index`-th message gets `text`: an edit if it exists, else a post."""
+        if index == 0:
+            self.last_edit = self.clock()
+        if index < len(self.message_ids):
+            await self.target.edit(self.message_ids[index], text)
         else:
-            await self.target.edit(self.message_id, text)
+            await self._post(text)
+
+    async def _post(self, text: str) -> None:
+        self.message_ids.append(await self.target.post(text))
+        if self.on_post is not None:
+            await self.on_post()

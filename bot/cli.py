@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -20,6 +21,7 @@ from bot.config import Settings, describe_error
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
+    from bot.service import ChatService
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     command = {"chat": chat, "run": run}[args.command]
     try:
-        return asyncio.run(_stopped_by_sigterm(command(settings, args)))
+        return asyncio.run(command(settings, args))
     except KeyboardInterrupt:
         return 130
     except Exception as error:
@@ -103,6 +105,10 @@ def _is_operator_error(error: Exception) -> bool:
 
 
 async def chat(settings: Settings, args: argparse.Namespace) -> int:
+    return await _stopped_by_sigterm(_chat(settings, args))
+
+
+async def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from adapters.console import ConsoleAdapter
     from bot.runtime import open_service
 
@@ -146,18 +152,53 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         print(NO_PLATFORM, file=sys.stderr)
         return 2
     async with open_service(settings) as service:
-        await _run_all([platform.from_settings(settings, service) for platform in platforms])
-    return 0
+        adapters = [platform.from_settings(settings, service) for platform in platforms]
+        return await _serve(service, adapters, grace=settings.shutdown_grace_s)
 
 
-async def _run_all(adapters: list[Adapter]) -> None:
-    """Run every adapter; the first to fail stops the others and its error is raised."""
+async def _serve(service: ChatService, adapters: list[Adapter], *, grace: float) -> int:
+    """Run the adapters until a signal, an adapter's failure or the engine's death; then
+    drain (running answers get `grace` seconds, the rest stay pending for the next start)
+    and stop. Exit status: 0 after a signal, 1 after the engine died; an adapter's error
+    is raised. A second signal exits at once."""
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
     tasks = [asyncio.create_task(adapter.run()) for adapter in adapters]
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(service.queue.died.wait())]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
-    finally:
+        await asyncio.wait([*tasks, *waits], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            logger.info("stopping: no new turns; running answers get %gs to finish", grace)
+        left = await service.drain(grace)
         for task in tasks:
+            if task.done():
+                task.result()  # an adapter's error, raised now that every turn is safe
+        if service.queue.died.is_set():
+            logger.critical(
+                "the engine thread died: exiting so that a supervisor restarts threadbot "
+                "(%d turns stay pending and are answered after the restart)",
+                left,
+            )
+            return 1
+        logger.info("stopped cleanly; %d turns stay pending for the next start", left)
+        return 0
+    finally:
+        for task in tasks + waits:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *waits, return_exceptions=True)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM (docker stop, systemd) and SIGINT set `stop`; a second one exits at once,
+    leaving what is pending pending."""
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        logger.info("%s received", signal.Signals(signum).name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

@@ -56,6 +56,21 @@ class Settings(BaseSettings):
     )
     request_timeout: float = Field(300, gt=0, description="Seconds from submit to the last token.")
 
+    # Durable turns
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="On SIGTERM, seconds running answers get to finish."
+    )
+    turn_max_attempts: int = Field(
+        3, ge=1, description="Tries at a turn (crashes count, clean stops not) before giving up."
+    )
+    turn_lease_s: float = Field(
+        15, gt=0, description="A dead process's turns are taken over this long after it stopped."
+    )
+    redis_retries: int = Field(3, ge=0, description="Retries of a failed Redis call, backing off.")
+    redis_health_check_s: float = Field(
+        10, ge=0, description="Seconds idle before a Redis connection is checked (0: never)."
+    )
+
     # Platforms (their adapters read these)
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None

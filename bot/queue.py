@@ -54,6 +54,10 @@ class InferenceCancelled(Exception):
     """The request was cancelled before it finished."""
 
 
+class EngineStopped(Exception):
+    """The engine thread died: this process answers nothing more and should restart."""
+
+
 class _End:
     """Marker: the engine finished this request with this answer."""
 
@@ -150,6 +154,7 @@ class InferenceQueue:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving: asyncio.Future[None] | None = None
+        self.died = asyncio.Event()  # set when the engine thread stops by an error
 
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
@@ -166,7 +171,10 @@ class InferenceQueue:
         self._executor.shutdown(wait=True)
 
     def submit(self, messages: list[ChatMessage], *, user: str, conversation: str) -> Generation:
-        """Queue a conversation for an answer; raises QueueFull when `max_size` are in flight."""
+        """Queue a conversation for an answer; raises QueueFull when `max_size` are in flight,
+        and EngineStopped once the engine thread has died."""
+        if self.died.is_set():
+            raise EngineStopped
         if self._in_flight >= self.max_size or self._closing:
             raise QueueFull
         generation = Generation(messages, user=user, conversation=conversation)
@@ -184,11 +192,12 @@ class InferenceQueue:
         running: list[Generation] = []
         try:
             self._serve_until_closed(running)
-        except Exception as error:  # a bug in this loop: fail every request rather than hang
-            logger.exception("the engine thread stopped")
+        except Exception:  # a bug in this loop: end every request rather than hang
+            logger.critical("the engine thread died", exc_info=True)
             with self._wakeup:
-                self._closing = True  # `submit` refuses from now on
-            self._close(running, _Failed(error))
+                self._closing = True
+            self._call(self.died.set)  # `submit` refuses from now on
+            self._close(running, _Failed(EngineStopped()))
         else:
             self._close(running)
 

@@ -48,3 +48,33 @@ def empty_answer() -> str:
 
 def conversation_reset() -> str:
     return "Conversation cleared. The next message starts a new one."
+
+
+def forgotten() -> str:
+    return "I deleted everything I had stored of this conversation."
+
+
+def storage_unavailable() -> str:
+    return (
+        "My storage is unavailable right now, so I could not take your message. "
+        "Please try again in a minute."
+    )
+
+
+def storage_lost() -> str:
+    return "_I lost my storage for a moment; I'll answer this as soon as it is back._"
+
+
+def restarting() -> str:
+    return "_I'm restarting; I'll answer this as soon as I'm back._"
+
+
+def gave_up(attempts: int) -> str:
+    return (
+        f"Sorry, I could not answer this message after {attempts} tries. "
+        "Please ask again, perhaps in other words."
+    )
+
+
+def continuation_failed() -> str:
+    return "(The rest of this answer could not be posted. Please ask again for the rest.)"

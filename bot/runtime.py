@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from bot.config import Settings
 from bot.service import ChatService
-from storage.connection import open_redis
+from storage.connection import Resilience, open_redis
 from storage.store import ConversationStore
+from storage.turns import TurnJournal
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -53,17 +59,27 @@ def load_engine(settings: Settings) -> Engine:
 
 @asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
-    """A ChatService on Redis and the model; stops the queue and Redis on exit."""
+    """A ChatService on Redis and the model, resuming pending turns for as long as it is
+    open; on exit, stops that, gives up this process's lease, stops the queue and Redis."""
     from bot.batching import Batcher
     from bot.kv_cache import PrefixCache
     from bot.queue import InferenceQueue
 
-    async with open_redis(redis_url=settings.redis_url, data_dir=settings.data_dir) as redis:
+    resilience = Resilience(
+        retries=settings.redis_retries, health_check_s=settings.redis_health_check_s
+    )
+    async with open_redis(
+        redis_url=settings.redis_url, data_dir=settings.data_dir, resilience=resilience
+    ) as redis:
         store = ConversationStore(
             redis=redis,
             max_messages=settings.history_max_messages,
             ttl_seconds=settings.history_ttl_seconds,
         )
+        journal = TurnJournal(
+            redis=redis, store=store, owner=process_id(), lease_seconds=settings.turn_lease_s
+        )
+        await journal.renew_lease()
         engine = await asyncio.to_thread(load_engine, settings)
         batcher = Batcher(
             engine=engine,
@@ -75,12 +91,30 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
             engine=batcher, max_size=settings.queue_max, timeout=settings.request_timeout
         )
         async with queue:
-            yield ChatService(
+            service = ChatService(
                 store=store,
+                journal=journal,
                 queue=queue,
                 count_tokens=engine.count_tokens,
                 prompt_budget=engine.prompt_budget,
                 system_prompt=settings.system_prompt,
                 max_input_chars=settings.max_input_chars,
                 max_pending_per_user=settings.max_pending_per_user,
+                max_attempts=settings.turn_max_attempts,
             )
+            resuming = asyncio.create_task(service.keep_resuming(), name="resume pending turns")
+            try:
+                yield service
+            finally:
+                service.stop_resuming()
+                await resuming
+                try:
+                    await journal.drop_lease()
+                except RedisError:  # then the lease lapses by itself
+                    logger.warning("could not give up the lease; it expires in %gs",
+                                   settings.turn_lease_s)  # fmt: skip
+
+
+def process_id() -> str:
+    """This process's name as an owner of turns: readable in Redis, unique across restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -1,29 +1,42 @@
-"""ChatService: one turn's whole handling, platform-free.
+"""ChatService: one turn's whole life, platform-free, durable from the moment it is accepted.
 
-A `Turn` comes in from an adapter; the service drops re-deliveries, checks the text,
-stores it, builds the prompt from the stored history, trims it to the model's token
-budget, queues it, streams the answer into the adapter's `ReplySink`, and stores the
-answer. Every user-facing outcome goes through the sink; nothing here raises to adapters
-for a failure the user should hear about.
+A `Turn` comes in from an adapter. `accept` checks it and records it in the journal (one
+MULTI: message seen, pending record with the reply target) before anything slow; the
+answer then runs as a task of the service: under the conversation's lock the user's
+message joins the history, the prompt is built and trimmed to the token budget, queued,
+and streamed into the adapter's `ReplySink`; the answer is stored and the record removed
+in one MULTI. A turn left unfinished (crash, stop, storage outage, engine death) stays in
+the journal, and is claimed and answered once, by this process or the next, through a
+sink that the adapter rebuilds from the saved target. Every user-facing outcome goes
+through the sink; nothing here raises to adapters for a failure the user should hear of.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from functools import partial
+from typing import Any
 from weakref import WeakValueDictionary
 
 from bot import replies
-from bot.queue import InferenceQueue, InferenceTimeout, QueueFull
+from bot.queue import EngineStopped, InferenceQueue, InferenceTimeout, QueueFull
 from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
+from storage.errors import is_outage
 from storage.store import ConversationStore
+from storage.turns import PendingTurn, TurnJournal
 
 logger = logging.getLogger(__name__)
 
 TokenCounter = Callable[[list[ChatMessage]], int]
 """Prompt length in tokens of a messages list (thread-safe: it runs off the event loop)."""
+
+SinkFactory = Callable[[dict[str, Any]], ReplySink]
+"""An adapter's way back into a thread: a sink for a saved reply target."""
 
 
 class ChatService:
@@ -33,99 +46,286 @@ class ChatService:
         self,
         *,
         store: ConversationStore,
+        journal: TurnJournal,
         queue: InferenceQueue,
         count_tokens: TokenCounter,
         prompt_budget: int,
         system_prompt: str | None,
         max_input_chars: int,
         max_pending_per_user: int,
+        max_attempts: int,
     ) -> None:
         self.store = store
+        self.journal = journal
         self.queue = queue
         self.count_tokens = count_tokens
         self.prompt_budget = prompt_budget
         self.system_prompt = system_prompt
         self.max_input_chars = max_input_chars
         self.max_pending_per_user = max_pending_per_user
+        self.max_attempts = max_attempts
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
+        self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
+        self._platforms: dict[str, SinkFactory] = {}  # connected adapters, for resuming
+        self._resume_now = asyncio.Event()
+        self._closing = False
         # Entries vanish once no turn holds or awaits their lock.
         self._conversation_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+
+    # --- what adapters call -------------------------------------------------------------
+
+    def serve_platform(self, platform: str, rebuild: SinkFactory) -> None:
+        """An adapter is connected: its pending turns may now be resumed, through sinks
+        that `rebuild` makes from saved reply targets."""
+        self._platforms[platform] = rebuild
+        self._resume_now.set()
 
     async def knows(self, conversation: ConversationKey) -> bool:
         """Whether the bot has history in this conversation (adapters answer there unasked)."""
         return await self.store.exists(str(conversation))
 
-    async def reset(self, conversation: ConversationKey) -> None:
-        """Forget a conversation's history."""
-        await self.store.clear(str(conversation))
+    async def accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
+        """Take a turn: once this returns, it is recorded and will be answered exactly once,
+        by the returned task (or, after a stop, by the next process). None when the turn
+        was a re-delivery, or was answered at once (bad input, storage unavailable)."""
+        try:
+            return await self._accept(turn, sink)
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            logger.warning("storage unavailable; message %s refused: %s", turn.message_id, error)
+            await sink.fail(replies.storage_unavailable())
+            return None
 
     async def handle(self, turn: Turn, sink: ReplySink) -> None:
-        """Answer one turn through `sink`, unless it was already handled."""
+        """Take a turn and wait for its answer (the console; tests)."""
+        if task := await self.accept(turn, sink):
+            await task
+
+    # --- what the process runner calls ---------------------------------------------------
+
+    async def keep_resuming(self) -> None:
+        """Until `stop_resuming`: keep our lease, and answer pending turns whose owner is
+        gone (every process's turns at start, a crashed one's after its lease).
+
+        Stopped by a flag, not by cancellation: on Python 3.11 a cancel that lands inside
+        redis-py's `wait_for` can be swallowed, and the loop would go on."""
+        outage = False
+        while not self._closing:
+            try:
+                await self.journal.renew_lease()
+                for pending in await self.journal.claim(self._platforms, running=self._running):
+                    self._resume(pending)
+                if outage:
+                    logger.warning("storage is reachable again")
+                outage = False
+            except Exception as error:
+                if not is_outage(error):
+                    logger.exception("resuming pending turns failed; trying again")
+                elif not outage:
+                    logger.warning("storage unavailable; retrying: %s", error)
+                    outage = True
+            self._resume_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resume_now.wait(), self.journal.lease_seconds / 3)
+
+    def stop_resuming(self) -> None:
+        """Take no new turns and resume none; `keep_resuming` returns soon after."""
+        self._closing = True
+        self._resume_now.set()
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking turns, give running answers `grace` seconds, then leave the rest
+        pending for the next start (their threads say so). Returns how many were left."""
+        self.stop_resuming()
+        running = set(self._running.values())
+        if running:
+            logger.info("waiting up to %gs for %d running turns", grace, len(running))
+            _, left = await asyncio.wait(running, timeout=grace)
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            if left:
+                logger.warning("%d turns left pending for the next start", len(left))
+            return len(left)
+        return 0
+
+    # --- accepting ----------------------------------------------------------------------
+
+    async def _accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
         platform = turn.conversation.platform
-        if not await self.store.first_seen(platform, turn.message_id):
-            logger.info("skipping re-delivered message %s on %s", turn.message_id, platform)
-            return
         text = turn.text.strip()
-        if not text:
-            await sink.finish(replies.empty_message())
-            return
-        if len(text) > self.max_input_chars:
-            await sink.finish(replies.too_long(len(text), self.max_input_chars))
-            return
+        refusal = None
+        if turn.command is None:
+            if not text:
+                refusal = replies.empty_message()
+            elif len(text) > self.max_input_chars:
+                refusal = replies.too_long(len(text), self.max_input_chars)
+            elif (pending := self._pending[turn.author]) >= self.max_pending_per_user:
+                refusal = replies.slow_down(pending)
+        if refusal or turn.command:
+            if not await self.store.first_seen(platform, turn.message_id):
+                return _skipped(turn)
+            if refusal:
+                await sink.finish(refusal)
+                return None
+            return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
 
-        if (pending := self._pending[turn.author]) >= self.max_pending_per_user:
-            await sink.finish(replies.slow_down(pending))
-            return
+        accepted = await self.journal.accept(replace(turn, text=text), sink.reply_target())
+        if accepted is None:
+            return _skipped(turn)
+        if self._closing:  # stopping: the next start answers it
+            await self._leave_for_later(accepted, sink, release=True)
+            return None
+        return self._start(accepted, sink)
 
-        conversation = str(turn.conversation)
-        self._pending[turn.author] += 1
+    def _resume(self, pending: PendingTurn) -> None:
+        logger.info(
+            "resuming turn %s (attempt %d of %d)", pending.id, pending.attempts, self.max_attempts
+        )
+        self._start(pending, self._platforms[pending.turn.conversation.platform](pending.target))
+
+    def _start(self, pending: PendingTurn, sink: ReplySink) -> asyncio.Task[None]:
+        author = pending.turn.author
+        sink.on_post = partial(self._save_target, pending, sink)
+        self._pending[author] += 1
+        task = self._spawn(pending.id, self._run(pending, sink))
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._pending[author] -= 1
+            if not self._pending[author]:
+                del self._pending[author]
+
+        task.add_done_callback(done)
+        return task
+
+    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=f"turn {key}")
+        self._running[key] = task
+        task.add_done_callback(lambda _: self._running.pop(key, None))
+        return task
+
+    async def _save_target(self, pending: PendingTurn, sink: ReplySink) -> None:
+        await self.journal.save(pending, target=sink.reply_target())
+
+    # --- answering ------------------------------------------------------------------------
+
+    async def _run(self, pending: PendingTurn, sink: ReplySink) -> None:
+        """A turn's task: answer it, or leave it for later, or give up on it; never raises
+        for a failure the user should hear about."""
         try:
-            async with self._turns_of(conversation):
-                await self._answer(conversation, turn, text, sink)
+            async with self._turns_of(pending.conversation):
+                if pending.attempts > self.max_attempts:
+                    logger.error("giving up on turn %s after %d attempts", pending.id,
+                                 self.max_attempts)  # fmt: skip
+                    await sink.fail(replies.gave_up(self.max_attempts))
+                    await self.journal.finish(pending)
+                elif pending.answer is not None:  # generated before a stop: deliver it
+                    await self._deliver(pending, sink, pending.answer)
+                else:
+                    await self._answer(pending, sink)
+        except asyncio.CancelledError:  # the grace period of a stop is over
+            await self._leave_for_later(pending, sink, release=True)
+            raise
+        except EngineStopped:
+            logger.error("the engine died while answering %s; it stays pending", pending.id)
+            await self._leave_for_later(pending, sink, release=False)
+        except Exception as error:
+            if not is_outage(error):
+                logger.exception("answering %s failed", pending.id)
+                await self._fail(pending, sink, replies.failed())
+                return
+            # The record stays: our resume loop claims it again once storage is back.
+            logger.warning("storage lost while answering %s; it stays pending", pending.id)
+            await self._leave_for_later(pending, sink, release=True,
+                                        text=replies.storage_lost())  # fmt: skip
+
+    async def _answer(self, pending: PendingTurn, sink: ReplySink) -> None:
+        started = await self.journal.begin(pending)
+        if started is None:
+            logger.info("turn %s was taken over by another process", pending.id)
+            return
+        history = await self.store.load(pending.conversation)
+        messages, dropped = await self._fit(self._system() + history)
+        logger.debug(
+            "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped
+        )
+        if dropped:
+            await sink.notice(replies.history_dropped(dropped))
+        await sink.start()
+        try:
+            generation = self.queue.submit(
+                messages, user=pending.turn.author, conversation=pending.conversation
+            )
+        except QueueFull:
+            await self._fail(started, sink, replies.busy())
+            return
+        try:
+            async for chunk in generation:
+                await sink.append(chunk)
+        except InferenceTimeout:
+            await self._fail(started, sink, replies.timed_out())
+            return
         finally:
-            self._pending[turn.author] -= 1
-            if not self._pending[turn.author]:
-                del self._pending[turn.author]
+            generation.cancel()  # no-op once finished; stops the engine if we were interrupted
+        answer = generation.text.strip()
+        if not answer:
+            await self._fail(started, sink, replies.empty_answer())
+            return
+        # Saved before it is shown: a stop from here on delivers this answer, not a new one.
+        await self.journal.save(started, answer=answer)
+        await self._deliver(started, sink, answer)
+
+    async def _deliver(self, pending: PendingTurn, sink: ReplySink, answer: str) -> None:
+        """Show the answer, then store it and close the turn."""
+        await sink.finish(answer)
+        try:
+            await self.journal.finish(pending, answer)
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            # The record holds the answer: once storage is back, our resume loop shows the
+            # same text again (an edit that changes nothing) and stores it.
+            logger.warning("storage lost after answering %s; stored once it is back", pending.id)
+            return
+        logger.info("answered turn %s (attempt %d)", pending.id, pending.attempts)
+
+    async def _fail(self, pending: PendingTurn, sink: ReplySink, text: str) -> None:
+        """The user hears why; the turn is over (its message stays in the history)."""
+        await sink.fail(text)
+        await self.journal.finish(pending)
+
+    async def _leave_for_later(
+        self,
+        pending: PendingTurn,
+        sink: ReplySink,
+        *,
+        release: bool,
+        text: str | None = None,
+    ) -> None:
+        """Keep the turn pending, tell the thread it will be answered, and (on a clean
+        stop) do not count this try against the turn's attempts."""
+        try:
+            await sink.pause(text or replies.restarting())
+            if release:
+                await self.journal.release(pending)
+        except Exception:  # the platform or storage is gone too; the record still stands
+            logger.warning("could not mark turn %s as paused", pending.id, exc_info=True)
+
+    async def _command(self, turn: Turn, sink: ReplySink) -> None:
+        """`reset` and `forget`: after the running answer, never in the middle of it."""
+        conversation = str(turn.conversation)
+        async with self._turns_of(conversation):
+            await self.store.clear(conversation)
+        logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
+        reply = replies.forgotten() if turn.command == "forget" else replies.conversation_reset()
+        await sink.finish(reply)
 
     def _turns_of(self, conversation: str) -> asyncio.Lock:
         """One turn at a time per conversation: each prompt holds the previous answer."""
         if (lock := self._conversation_locks.get(conversation)) is None:
             lock = self._conversation_locks[conversation] = asyncio.Lock()
         return lock
-
-    async def _answer(self, conversation: str, turn: Turn, text: str, sink: ReplySink) -> None:
-        if turn.context and not await self.store.exists(conversation):
-            await self.store.append(conversation, *turn.context)
-        await self.store.append(conversation, {"role": "user", "content": text})
-        history = await self.store.load(conversation)
-        messages, dropped = await self._fit(self._system() + history)
-        logger.debug("prompt for %s: %d messages, %d dropped", conversation, len(messages), dropped)
-        if dropped:
-            await sink.notice(replies.history_dropped(dropped))
-        await sink.start()
-        try:
-            generation = self.queue.submit(messages, user=turn.author, conversation=conversation)
-        except QueueFull:
-            await sink.fail(replies.busy())
-            return
-        try:
-            async for chunk in generation:
-                await sink.append(chunk)
-        except InferenceTimeout:
-            await sink.fail(replies.timed_out())
-            return
-        except Exception:
-            logger.exception("answering %s failed", conversation)
-            await sink.fail(replies.failed())
-            return
-        finally:
-            generation.cancel()  # no-op once finished; stops the engine if we were interrupted
-        answer = generation.text.strip()
-        if not answer:
-            await sink.finish(replies.empty_answer())
-            return
-        await self.store.append(conversation, {"role": "assistant", "content": answer})
-        await sink.finish(answer)
 
     def _system(self) -> list[ChatMessage]:
         return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -165,3 +365,8 @@ class ChatService:
                 self.prompt_budget,
             )
         return system + history[drop:], drop - start
+
+
+def _skipped(turn: Turn) -> None:
+    logger.info("skipping re-delivered message %s on %s", turn.message_id,
+                turn.conversation.platform)  # fmt: skip

@@ -5,10 +5,12 @@ The core (service, queue, engine) sees only these; platform details stay in `ada
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
 Role = Literal["system", "user", "assistant"]
+Command = Literal["reset", "forget"]
 
 
 class ChatMessage(TypedDict):
@@ -46,15 +48,27 @@ class Turn:
     # Earlier messages of the thread, stored first when the bot joins a thread it has
     # no history for (e.g. mentioned halfway through a discussion).
     context: tuple[ChatMessage, ...] = ()
+    command: Command | None = None  # parsed by the adapter, carried out by the service
 
 
 class ReplySink(Protocol):
     """How the service answers on a platform; each adapter provides one per turn.
 
     The service calls `start` once, `append` for each streamed chunk, then exactly one
-    of `finish` (the whole answer) or `fail` (a short user-facing error text).
-    `notice` may come first, for one-line warnings such as dropped history.
+    of `finish` (the whole answer), `fail` (a short user-facing error text) or `pause`
+    (a short text saying the answer will come later; once the answer or a failure is
+    shown, `pause` changes nothing). `notice` may come first, for one-line warnings such
+    as dropped history.
+
+    `reply_target()` is where the answer goes and what is posted so far, as JSON; the adapter
+    rebuilds a sink from it to resume the answer in another process, editing what was
+    posted rather than posting again. The service sets `on_post`, and the sink awaits it
+    after each new platform message, so the saved target is always current.
     """
+
+    on_post: Callable[[], Awaitable[None]] | None
+
+    def reply_target(self) -> dict[str, Any]: ...
 
     async def start(self) -> None: ...
 
@@ -65,3 +79,5 @@ class ReplySink(Protocol):
     async def finish(self, text: str) -> None: ...
 
     async def fail(self, text: str) -> None: ...
+
+    async def pause(self, text: str) -> None: ...

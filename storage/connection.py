@@ -10,10 +10,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from storage.embedded import EmbeddedRedis
@@ -22,15 +26,28 @@ from storage.errors import StorageError
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Resilience:
+    """How a client rides out a Redis that goes away: each call is retried `retries` times,
+    backing off exponentially up to a second; an idle connection is checked before use
+    after `health_check_s` (0: never)."""
+
+    retries: int = 3
+    health_check_s: float = 10
+
+
 @asynccontextmanager
-async def open_redis(*, redis_url: str | None, data_dir: Path) -> AsyncIterator[Redis]:
+async def open_redis(
+    *, redis_url: str | None, data_dir: Path, resilience: Resilience = Resilience()
+) -> AsyncIterator[Redis]:
     """Yield a PINGed client (decode_responses=True); close it, and any embedded server, on exit.
 
     An empty `redis_url` counts as unset, as an empty REDIS_URL= line in a .env file means.
     """
+    connect = partial(_connect, resilience=resilience)
     if redis_url:
         shown = redact_url(redis_url)
-        client = await _connect(redis_url, failure=f"cannot reach Redis at REDIS_URL={shown}")
+        client = await connect(redis_url, failure=f"cannot reach Redis at REDIS_URL={shown}")
         logger.info("using Redis at %s", shown)
         try:
             yield client
@@ -42,7 +59,7 @@ async def open_redis(*, redis_url: str | None, data_dir: Path) -> AsyncIterator[
     # start/stop block for up to seconds; keep the event loop free meanwhile.
     await asyncio.to_thread(server.start)
     try:
-        client = await _connect(server.url, failure="cannot reach the embedded redis-server")
+        client = await connect(server.url, failure="cannot reach the embedded redis-server")
         logger.info("using the embedded redis-server at %s", server.url)
         try:
             yield client
@@ -62,10 +79,17 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{hostport}{parts.path}"
 
 
-async def _connect(url: str, *, failure: str) -> Redis:
+async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     try:
-        # A bounded connect, so a black-holed host fails at startup instead of hanging.
-        client = Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        # Bounded connects and reads, so a black-holed host fails instead of hanging.
+        client = Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), resilience.retries),
+            health_check_interval=resilience.health_check_s,
+        )
     except ValueError as exc:  # a malformed URL; redis-py's message does not echo it
         raise StorageError(f"{failure}: {exc}") from None
     try:

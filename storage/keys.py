@@ -8,6 +8,9 @@ from __future__ import annotations
 PREFIX = "threadbot:"
 CONVERSATION_PREFIX = f"{PREFIX}conversation:"
 SEEN_PREFIX = f"{PREFIX}seen:"
+TURN_PREFIX = f"{PREFIX}turn:"
+PENDING_TURNS = f"{PREFIX}pending-turns"
+OWNER_PREFIX = f"{PREFIX}owner:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -18,3 +21,13 @@ def conversation(conversation_id: str) -> str:
 def seen(platform: str, message_id: str) -> str:
     """The marker that a platform message was already handled."""
     return f"{SEEN_PREFIX}{platform}:{message_id}"
+
+
+def turn(turn_id: str) -> str:
+    """The hash holding one accepted, not yet answered turn (its pending record)."""
+    return f"{TURN_PREFIX}{turn_id}"
+
+
+def owner(owner_id: str) -> str:
+    """A running process's lease; its pending turns may be claimed once it expires."""
+    return f"{OWNER_PREFIX}{owner_id}"

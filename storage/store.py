@@ -11,6 +11,7 @@ import logging
 from typing import get_args
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from bot.types import ChatMessage, Role
 from storage import keys
@@ -34,13 +35,19 @@ class ConversationStore:
         """Add messages, keep the newest `max_messages`, and restart the TTL."""
         if not messages:
             return  # RPUSH needs at least one value
-        key = keys.conversation(conversation_id)
         # One MULTI, so no reader ever sees the list untrimmed or without a TTL.
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(json.dumps(m, ensure_ascii=False) for m in messages))
-            pipe.ltrim(key, -self._max_messages, -1)
-            pipe.expire(key, self._ttl_seconds)
+            self.queue_append(pipe, conversation_id, *messages)
             await pipe.execute()
+
+    def queue_append(self, pipe: Pipeline, conversation_id: str, *messages: ChatMessage) -> None:
+        """Queue `append`'s commands on a MULTI that the caller executes (with its own)."""
+        if not messages:
+            return
+        key = keys.conversation(conversation_id)
+        pipe.rpush(key, *(json.dumps(m, ensure_ascii=False) for m in messages))
+        pipe.ltrim(key, -self._max_messages, -1)
+        pipe.expire(key, self._ttl_seconds)
 
     async def load(self, conversation_id: str) -> list[ChatMessage]:
         """The stored messages, newest last; malformed entries are skipped with a warning."""

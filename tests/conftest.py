@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from redis.asyncio import Redis
 
+from storage import keys
 from storage.embedded import EmbeddedRedis
 from storage.store import ConversationStore
+from storage.turns import TurnJournal
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -273,9 +276,21 @@ class ScriptedEngine:
 
 
 @pytest.fixture
-def make_service(store: ConversationStore, make_engine: Any, make_batcher: Any):
-    """ChatServices on the real store and queue; the engine defaults to a SpyEngine on the
-    tiny model. Keyword options override ChatService's and the queue's settings."""
+def journal(redis_client: Redis, store: ConversationStore) -> TurnJournal:
+    """A journal with an owner of its own; a short lease, so takeovers come quickly."""
+    return TurnJournal(
+        redis=redis_client, store=store, owner=f"test-{uuid.uuid4().hex}", lease_seconds=2.0
+    )
+
+
+@pytest.fixture
+def make_service(
+    store: ConversationStore, journal: TurnJournal, redis_client: Redis, make_engine, make_batcher
+):
+    """ChatServices on the real store, journal and queue, resuming as `threadbot run` does;
+    the engine defaults to a SpyEngine on the tiny model. Keyword options override
+    ChatService's and the queue's settings. Turns a test leaves pending are removed after
+    it, so no later test (sharing Redis, and channel ids) resumes them."""
     from bot.queue import InferenceQueue
     from bot.service import ChatService
 
@@ -289,11 +304,27 @@ def make_service(store: ConversationStore, make_engine: Any, make_batcher: Any):
             "system_prompt": None,
             "max_input_chars": 200,
             "max_pending_per_user": 4,
+            "max_attempts": 3,
         } | options
         async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
-            yield ChatService(store=store, queue=queue, **options), engine
+            service = ChatService(store=store, journal=journal, queue=queue, **options)
+            resuming = asyncio.create_task(service.keep_resuming())
+            try:
+                yield service, engine
+            finally:
+                await service.drain(0)
+                await resuming
+                await remove_pending_turns(redis_client, journal.owner)
 
     return make
+
+
+async def remove_pending_turns(redis: Redis, owner: str) -> None:
+    for turn_id in await redis.zrange(keys.PENDING_TURNS, 0, -1):
+        if await redis.hget(keys.turn(turn_id), "owner") == owner:
+            await redis.delete(keys.turn(turn_id))
+            await redis.zrem(keys.PENDING_TURNS, turn_id)
+    await redis.delete(keys.owner(owner))
 
 
 # --- Adapters -----------------------------------------------------------------------------

@@ -335,6 +335,6 @@ async def test_threadbot_run_serves_discord_until_sigterm(fake, threadbot_run):
         message = await mention(fake, "What is the capital of France?")
         reply = await final_reply(fake, message["id"])
     assert "paris" in reply["content"].lower()
-    assert stopped.returncode == 143
+    assert stopped.returncode == 0  # SIGTERM is a clean stop
     assert "Traceback" not in stopped.stderr
     assert "oauth2/authorize?client_id=" in stopped.stderr  # the invite link was logged

@@ -5,10 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -75,12 +73,13 @@ def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses prctl to adopt the orphan")
-def test_an_orphaned_server_keeps_the_data_dir_locked(tmp_path: Path) -> None:
-    # A parent killed by SIGKILL runs no cleanup; its redis-server lives on and must keep
-    # the lock, so that no second server opens the same AOF.
+async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp_path: Path):
+    # A parent killed by SIGKILL runs no cleanup; its redis-server lives on holding the
+    # lock. The next start must stop it (SIGTERM flushes the AOF) and take over the data.
     code = (
         "import sys, time; from pathlib import Path; from storage.embedded import EmbeddedRedis;"
-        "EmbeddedRedis(data_dir=Path(sys.argv[1])).start(); print('up', flush=True); time.sleep(30)"
+        "s = EmbeddedRedis(data_dir=Path(sys.argv[1])); s.start(); print(s.url, flush=True);"
+        "time.sleep(30)"
     )
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the orphan becomes ours to reap
@@ -89,24 +88,18 @@ def test_an_orphaned_server_keeps_the_data_dir_locked(tmp_path: Path) -> None:
             [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE
         )
         with parent:
-            assert parent.stdout is not None and parent.stdout.readline() == b"up\n"
+            assert parent.stdout is not None
+            url = parent.stdout.readline().decode().strip()
+            async with Redis.from_url(url, decode_responses=True) as client:
+                await client.set("written-before-the-crash", "kept")
             parent.kill()
         orphan = _server_pid(tmp_path)
-        try:
-            with pytest.raises(StorageError, match="in use"):
-                EmbeddedRedis(data_dir=tmp_path).start()
-        finally:
-            os.kill(orphan, signal.SIGTERM)
-            for _ in range(100):
-                if os.waitpid(orphan, os.WNOHANG) != (0, 0):
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail(f"redis-server pid {orphan} ignored SIGTERM")
+        with EmbeddedRedis(data_dir=tmp_path) as server:
+            assert os.waitpid(orphan, os.WNOHANG)[0] == orphan  # it exited (and we reaped it)
+            async with Redis.from_url(server.url, decode_responses=True) as client:
+                assert await client.get("written-before-the-crash") == "kept"
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-    with EmbeddedRedis(data_dir=tmp_path):  # its exit freed the lock
-        pass
 
 
 async def test_open_redis_starts_and_stops_an_embedded_server(tmp_path: Path) -> None:

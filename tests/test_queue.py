@@ -8,7 +8,13 @@ import asyncio
 import pytest
 from conftest import GatedEngine, SpyEngine, answer_alone
 
-from bot.queue import InferenceCancelled, InferenceQueue, InferenceTimeout, QueueFull
+from bot.queue import (
+    EngineStopped,
+    InferenceCancelled,
+    InferenceQueue,
+    InferenceTimeout,
+    QueueFull,
+)
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -140,7 +146,7 @@ async def test_closing_the_queue_stops_the_running_generation(make_batcher):
         await collect(generation)
 
 
-async def test_a_broken_engine_loop_fails_requests_instead_of_hanging(make_batcher):
+async def test_a_broken_engine_loop_stops_requests_and_says_the_engine_died(make_batcher):
     class NoBatchSize(SpyEngine):
         @property
         def max_batch(self) -> int:
@@ -151,7 +157,8 @@ async def test_a_broken_engine_loop_fails_requests_instead_of_hanging(make_batch
             pass
 
     async with InferenceQueue(engine=NoBatchSize(make_batcher()), max_size=2, timeout=60) as queue:
-        with pytest.raises(RuntimeError, match="a bug in the loop"):
+        with pytest.raises(EngineStopped):
             await asyncio.wait_for(collect(queue.submit(HELLO, user="u", conversation="c")), 10)
-        with pytest.raises(QueueFull):  # refused at once from now on, never left waiting
+        assert queue.died.is_set()  # what `threadbot run` waits on, to exit and be restarted
+        with pytest.raises(EngineStopped):  # refused at once from now on, never "busy"
             queue.submit(HELLO, user="u", conversation="c")

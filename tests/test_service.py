@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 
 import pytest
 from conftest import FailsOnceEngine, GatedEngine
@@ -17,6 +18,10 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
+        self.on_post = None
+
+    def reply_target(self) -> dict:
+        return {}
 
     async def start(self) -> None:
         self.events.append(("start", ""))
@@ -32,6 +37,9 @@ class RecordingSink:
 
     async def fail(self, text: str) -> None:
         self.events.append(("fail", text))
+
+    async def pause(self, text: str) -> None:
+        self.events.append(("pause", text))
 
     def kinds(self, kind: str) -> list[str]:
         return [text for event, text in self.events if event == kind]
@@ -198,8 +206,10 @@ async def test_a_timeout_is_answered(make_service, make_batcher, conversation):
 async def test_reset_forgets_the_conversation(make_service, store, conversation):
     async with make_service() as (service, _engine):
         await service.handle(turn(conversation, "remember me"), RecordingSink())
-        await service.reset(conversation)
+        sink = RecordingSink()
+        await service.handle(replace(turn(conversation, "reset"), command="reset"), sink)
     assert await store.load(str(conversation)) == []
+    assert sink.events == [("finish", replies.conversation_reset())]
 
 
 async def test_thread_context_seeds_a_new_conversation_only(make_service, store, conversation):

@@ -19,6 +19,13 @@ class Target:
     def __init__(self) -> None:
         self.messages: dict[str, str] = {}
         self.edits = 0
+        self.typed = 0
+
+    def where(self) -> dict:
+        return {"to": "the test"}
+
+    async def typing(self) -> None:
+        self.typed += 1
 
     async def post(self, text: str) -> str:
         message_id = str(len(self.messages))

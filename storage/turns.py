@@ -1,0 +1,278 @@
+"""Pending turns on Redis: every accepted message stays here until it is answered.
+
+A turn is accepted in one MULTI (the message marked seen, its record written, and the
+record indexed by arrival), written to as it is answered only by the process that owns
+it, and removed in the same MULTI that stores its answer. Each process holds an owner
+lease (a key with a TTL) while it runs; another process claims the turns of an owner
+whose lease is gone, so a crash, a redeploy or a lost connection never loses a turn.
+
+Owns the pending-turn records and owner leases under `storage.keys`; conversation
+values stay the business of `storage.store`, which queues its writes on our MULTIs.
+Knows nothing of platforms or models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from bot.types import ChatMessage, ConversationKey, Turn
+from storage import keys
+from storage.store import ConversationStore
+
+logger = logging.getLogger(__name__)
+
+SEEN_TTL_SECONDS = 86400  # platforms re-deliver within minutes; a day is ample
+WATCH_TRIES = 5  # optimistic transactions retried when a watched key changed
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTurn:
+    """An accepted turn and how far its answer got; `target` is where the answer goes."""
+
+    turn: Turn
+    target: dict[str, Any]
+    accepted_at: float = field(default_factory=time.time)
+    attempts: int = 1
+    stored: bool = False  # the user's message is in the conversation's history
+    answer: str | None = None  # generated, maybe not yet delivered
+
+    @property
+    def id(self) -> str:
+        return f"{self.turn.conversation.platform}:{self.turn.message_id}"
+
+    @property
+    def conversation(self) -> str:
+        return str(self.turn.conversation)
+
+
+class TurnJournal:
+    """Accepts, tracks and hands back pending turns; one per process, owned by `owner`."""
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        store: ConversationStore,
+        owner: str,
+        lease_seconds: float,
+    ) -> None:
+        self._redis = redis
+        self._store = store
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+
+    # --- this process's lease ---------------------------------------------------------
+
+    async def renew_lease(self) -> None:
+        await self._redis.set(keys.owner(self.owner), str(time.time()), px=self._lease_ms)
+
+    async def drop_lease(self) -> None:
+        """At a clean exit: our unfinished turns may be claimed at once."""
+        await self._redis.delete(keys.owner(self.owner))
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(round(self.lease_seconds * 1000), 1)
+
+    # --- a turn's life ----------------------------------------------------------------
+
+    async def accept(self, turn: Turn, target: dict[str, Any]) -> PendingTurn | None:
+        """Record a new turn, owned by us; None if this message was seen before."""
+        pending = PendingTurn(turn, target)
+        seen = keys.seen(turn.conversation.platform, turn.message_id)
+
+        async def write(pipe: Pipeline) -> bool:
+            if await pipe.exists(seen):
+                return False
+            pipe.multi()
+            pipe.set(seen, "1", ex=SEEN_TTL_SECONDS)
+            pipe.hset(keys.turn(pending.id), mapping=self._record(pending))
+            pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
+            return True
+
+        return pending if await self._transaction([seen], write) else None
+
+    async def begin(self, pending: PendingTurn) -> PendingTurn | None:
+        """Put the user's message into the history (once, however often this is retried);
+        None if the turn is no longer ours."""
+        if pending.stored:
+            return pending
+        conversation = keys.conversation(pending.conversation)
+
+        async def write(pipe: Pipeline) -> bool:
+            if not await self._ours(pipe, pending):
+                return False
+            new_thread = not await pipe.exists(conversation)
+            pipe.multi()
+            if new_thread:  # the thread's earlier messages, read when the bot joined it
+                self._store.queue_append(pipe, pending.conversation, *pending.turn.context)
+            self._store.queue_append(pipe, pending.conversation, user_message(pending.turn))
+            pipe.hset(keys.turn(pending.id), "stored", "1")
+            return True
+
+        written = await self._transaction([keys.turn(pending.id), conversation], write)
+        return replace(pending, stored=True) if written else None
+
+    async def save(self, pending: PendingTurn, *, target: dict[str, Any] | None = None,
+                   answer: str | None = None) -> bool:  # fmt: skip
+        """Record progress (where the answer is posted, the answer itself); False if the
+        turn is no longer ours."""
+        fields = {"target": json.dumps(target)} if target is not None else {}
+        if answer is not None:
+            fields["answer"] = answer
+
+        async def write(pipe: Pipeline) -> bool:
+            if not await self._ours(pipe, pending):
+                return False
+            pipe.multi()
+            pipe.hset(keys.turn(pending.id), mapping=fields)
+            return True
+
+        return await self._transaction([keys.turn(pending.id)], write)
+
+    async def finish(self, pending: PendingTurn, answer: str | None = None) -> bool:
+        """Store the answer (if any) and remove the record, in one MULTI."""
+
+        async def write(pipe: Pipeline) -> bool:
+            if not await self._ours(pipe, pending):
+                return False
+            pipe.multi()
+            if answer is not None:
+                message: ChatMessage = {"role": "assistant", "content": answer}
+                self._store.queue_append(pipe, pending.conversation, message)
+            self._queue_removal(pipe, pending.id)
+            return True
+
+        return await self._transaction([keys.turn(pending.id)], write)
+
+    async def release(self, pending: PendingTurn) -> None:
+        """Leave a turn for the next process without counting this try (a clean stop)."""
+
+        async def write(pipe: Pipeline) -> bool:
+            if not await self._ours(pipe, pending):
+                return False
+            pipe.multi()
+            pipe.hincrby(keys.turn(pending.id), "attempts", -1)
+            return True
+
+        await self._transaction([keys.turn(pending.id)], write)
+
+    # --- claiming the turns of processes that are gone ---------------------------------
+
+    async def claim(
+        self, platforms: Collection[str], *, running: Collection[str]
+    ) -> list[PendingTurn]:
+        """Take over, in arrival order, the pending turns on `platforms` whose owner's
+        lease is gone, and our own that are not `running` (their task lost storage);
+        each claim counts as an attempt."""
+        claimed = []
+        for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
+            if turn_id in running or turn_id.partition(":")[0] not in platforms:
+                continue
+            if pending := await self._claim(turn_id):
+                claimed.append(pending)
+        return claimed
+
+    async def count(self) -> int:
+        return await self._redis.zcard(keys.PENDING_TURNS)
+
+    async def _claim(self, turn_id: str) -> PendingTurn | None:
+        key = keys.turn(turn_id)
+
+        async def write(pipe: Pipeline) -> PendingTurn | None:
+            record = await pipe.hgetall(key)
+            owner = record.get("owner")
+            if owner and owner != self.owner:
+                await pipe.watch(keys.owner(owner))  # a renewal now must abort the claim
+                if await pipe.exists(keys.owner(owner)):
+                    return None
+            pending = _parse(turn_id, record)
+            pipe.multi()
+            if pending is None:  # gone, or unreadable: drop it rather than retry forever
+                self._queue_removal(pipe, turn_id)
+                return None
+            pipe.hset(key, "owner", self.owner)
+            pipe.hincrby(key, "attempts", 1)
+            return replace(pending, attempts=pending.attempts + 1)
+
+        return await self._transaction([key], write)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _record(self, pending: PendingTurn) -> dict[str, str]:
+        return {
+            "turn": json.dumps(asdict(pending.turn), ensure_ascii=False),
+            "target": json.dumps(pending.target),
+            "accepted_at": repr(pending.accepted_at),
+            "attempts": str(pending.attempts),
+            "owner": self.owner,
+        }
+
+    async def _ours(self, pipe: Pipeline, pending: PendingTurn) -> bool:
+        return await pipe.hget(keys.turn(pending.id), "owner") == self.owner
+
+    @staticmethod
+    def _queue_removal(pipe: Pipeline, turn_id: str) -> None:
+        pipe.delete(keys.turn(turn_id))
+        pipe.zrem(keys.PENDING_TURNS, turn_id)
+
+    async def _transaction(
+        self, watched: list[str], write: Callable[[Pipeline], Awaitable[T]]
+    ) -> T:
+        """WATCH `watched`, let `write` read and queue a MULTI, execute; retried when a
+        watched key changed underneath (WatchError), so the result is always consistent."""
+        for _ in range(WATCH_TRIES - 1):
+            try:
+                return await self._once(watched, write)
+            except WatchError:
+                continue
+        return await self._once(watched, write)
+
+    async def _once(self, watched: list[str], write: Callable[[Pipeline], Awaitable[T]]) -> T:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(*watched)
+            result = await write(pipe)
+            if pipe.explicit_transaction:  # `write` opened a MULTI: run it
+                await pipe.execute()
+            return result
+
+
+def user_message(turn: Turn) -> ChatMessage:
+    return {"role": "user", "content": turn.text}
+
+
+def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
+    """A record back as a PendingTurn; None (with a warning) if missing or unreadable."""
+    if not record:
+        return None
+    try:
+        raw = json.loads(record["turn"])
+        turn = Turn(
+            conversation=ConversationKey(**raw["conversation"]),
+            author=raw["author"],
+            text=raw["text"],
+            message_id=raw["message_id"],
+            context=tuple(raw.get("context") or ()),
+        )
+        return PendingTurn(
+            turn,
+            json.loads(record["target"]),
+            accepted_at=float(record["accepted_at"]),
+            attempts=int(record["attempts"]),
+            stored=record.get("stored") == "1",
+            answer=record.get("answer"),
+        )
+    except (KeyError, TypeError, ValueError):
+        logger.warning("dropping unreadable pending turn %s", turn_id)
+        return None
