@@ -269,6 +269,7 @@ class DiscordAdapter(Adapter):
             str(message.id),
             context=earlier,
             command=command(text),
+            author_name=message.author.display_name,
         )
         await answer(self.service, turn, self._sink(target))
 
@@ -284,7 +285,9 @@ class DiscordAdapter(Adapter):
             logger.warning("could not read the thread's earlier messages", exc_info=True)
             return ()
         return tuple(
-            {"role": "assistant" if m.author == me else "user", "content": self._readable(m, me)}
+            {"role": "assistant", "content": self._readable(m, me)}
+            if m.author == me
+            else {"role": "user", "content": self._readable(m, me), "name": m.author.display_name}
             for m in reversed(history)
             if m.content
         )

@@ -202,7 +202,15 @@ class SlackAdapter(Adapter):
         if not (known or order or not thread_ts):
             history = await self._thread_context(event, bot_user)
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
-        turn = Turn(key, event["user"], words, message_id, context=history, command=order)
+        turn = Turn(
+            key,
+            event["user"],
+            words,
+            message_id,
+            context=history,
+            command=order,
+            author_name=await self._name(event["user"]),
+        )
         await answer(self.service, turn, self._sink(thread))
 
     def _sink(self, thread: SlackThread, message_ids: Sequence[str] = ()) -> StreamingReply:
@@ -274,7 +282,11 @@ class SlackAdapter(Adapter):
         for message in earlier:
             mine = message.get("user") == bot_user or message.get("bot_id")
             text = await self._readable(message["text"], bot_user)
-            context.append({"role": "assistant" if mine else "user", "content": text})
+            if mine:
+                context.append({"role": "assistant", "content": text})
+            else:
+                name = await self._name(message.get("user", ""))
+                context.append({"role": "user", "content": text, "name": name})
         return tuple(context)
 
     async def _readable(self, text: str, bot_user: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -154,7 +155,7 @@ class ChatService:
 
     async def _accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
         platform = turn.conversation.platform
-        text = turn.text.strip()
+        text = readable(turn.text)
         refusal = None
         if turn.command is None:
             if not text:
@@ -171,7 +172,12 @@ class ChatService:
                 return None
             return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
 
-        accepted = await self.journal.accept(replace(turn, text=text), sink.reply_target())
+        context = tuple(
+            ChatMessage(message, content=readable(message["content"])) for message in turn.context
+        )
+        accepted = await self.journal.accept(
+            replace(turn, text=text, context=context), sink.reply_target()
+        )
         if accepted is None:
             return _skipped(turn)
         if self._closing:  # stopping: the next start answers it
@@ -245,7 +251,7 @@ class ChatService:
         if started is None:
             logger.info("turn %s was taken over by another process", pending.id)
             return
-        history = await self.store.load(pending.conversation)
+        history = named(await self.store.load(pending.conversation))
         messages, dropped = await self._fit(self._system() + history)
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped
@@ -370,3 +376,25 @@ class ChatService:
 def _skipped(turn: Turn) -> None:
     logger.info("skipping re-delivered message %s on %s", turn.message_id,
                 turn.conversation.platform)  # fmt: skip
+
+
+def readable(text: str) -> str:
+    """A message as it is stored and shown to the model: lone surrogates (which no
+    encoding takes) replaced, surrounding space removed, and empty if nothing but
+    invisible characters (zero-width spaces and joiners, byte-order marks) is left."""
+    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").strip()
+    visible = any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
+    return text if visible else ""
+
+
+def named(history: list[ChatMessage]) -> list[ChatMessage]:
+    """The history as the model sees it: with several people in a conversation, each of
+    their messages starts with its author's name ("alice: …"); no `name` field is left."""
+    several = len({m.get("name") for m in history if m["role"] == "user"} - {None}) > 1
+    return [
+        {
+            "role": m["role"],
+            "content": f"{m['name']}: {m['content']}" if several and "name" in m else m["content"],
+        }
+        for m in history
+    ]

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 Role = Literal["system", "user", "assistant"]
 Command = Literal["reset", "forget"]
 
 
 class ChatMessage(TypedDict):
-    """One OpenAI-style message, as chat templates and Redis both hold it."""
+    """One OpenAI-style message, as chat templates and Redis both hold it.
+
+    `name` is who wrote a user message (a display name), where the platform says."""
 
     role: Role
     content: str
+    name: NotRequired[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class Turn:
     # no history for (e.g. mentioned halfway through a discussion).
     context: tuple[ChatMessage, ...] = ()
     command: Command | None = None  # parsed by the adapter, carried out by the service
+    author_name: str = ""  # display name, so the model can tell people in a thread apart
 
 
 class ReplySink(Protocol):

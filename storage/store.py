@@ -85,7 +85,10 @@ def _decode(entry: str | bytes) -> ChatMessage | None:
         return None
     if not isinstance(value, dict):
         return None
-    role, content = value.get("role"), value.get("content")
+    role, content, name = value.get("role"), value.get("content"), value.get("name")
     if role not in _ROLES or not isinstance(content, str):
         return None
-    return ChatMessage(role=role, content=content)
+    message = ChatMessage(role=role, content=content)
+    if isinstance(name, str) and name:
+        message["name"] = name
+    return message

@@ -249,7 +249,10 @@ class TurnJournal:
 
 
 def user_message(turn: Turn) -> ChatMessage:
-    return {"role": "user", "content": turn.text}
+    message: ChatMessage = {"role": "user", "content": turn.text}
+    if turn.author_name:
+        message["name"] = turn.author_name
+    return message
 
 
 def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
@@ -264,6 +267,7 @@ def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
             text=raw["text"],
             message_id=raw["message_id"],
             context=tuple(raw.get("context") or ()),
+            author_name=raw.get("author_name", ""),
         )
         return PendingTurn(
             turn,

@@ -250,3 +250,41 @@ async def test_a_user_with_too_many_unanswered_messages_is_asked_to_slow_down(
     assert sinks[2].events == [("finish", replies.slow_down(2))]
     assert await store.load(str(threads[2])) == []  # not saved, as the reply says
     assert all(sink.kinds("finish") for sink in (sinks[0], sinks[1], sinks[3]))
+
+
+async def test_with_several_people_each_message_says_who_wrote_it(
+    make_service, store, conversation
+):
+    alone = Turn(conversation, "U1", "first", uuid.uuid4().hex, author_name="alice")
+    joined = Turn(conversation, "U2", "second", uuid.uuid4().hex, author_name="bob")
+    async with make_service() as (service, engine):
+        await service.handle(alone, RecordingSink())
+        await service.handle(joined, RecordingSink())
+    assert engine.prompts[0] == [{"role": "user", "content": "first"}]  # one person: as written
+    answer = engine.prompts[1][1]
+    assert engine.prompts[1] == [
+        {"role": "user", "content": "alice: first"},
+        answer,
+        {"role": "user", "content": "bob: second"},
+    ]
+    assert answer["role"] == "assistant" and ":" not in answer.get("name", "")
+    stored = await store.load(str(conversation))
+    assert [m.get("name") for m in stored] == ["alice", None, "bob", None]
+
+
+@pytest.mark.parametrize("text", ["\u200b\u200d\ufeff", " \u200c \u2060 "])
+async def test_invisible_characters_alone_are_an_empty_message(make_service, conversation, text):
+    sink = RecordingSink()
+    async with make_service() as (service, engine):
+        await service.handle(turn(conversation, text), sink)
+    assert sink.events == [("finish", replies.empty_message())]
+    assert engine.prompts == []
+
+
+async def test_a_lone_surrogate_is_stored_and_answered(make_service, store, conversation):
+    sink = RecordingSink()
+    async with make_service() as (service, _engine):
+        await service.handle(turn(conversation, "broken \ud800 text"), sink)
+    assert sink.kinds("finish")
+    [question, _answer] = await store.load(str(conversation))
+    assert question["content"].startswith("broken ") and "\ud800" not in question["content"]

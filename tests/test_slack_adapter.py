@@ -208,6 +208,7 @@ async def test_the_reply_says_when_older_history_was_left_out(slack, socket_mode
 
 
 async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket_mode):
+    """With two people in the thread, each message says who wrote it."""
     async with socket_mode() as (_service, engine):
         parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
         slack.user_message("C0001", "is that wise?", thread_ts=parent["ts"])
@@ -215,9 +216,9 @@ async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket
         await slack.send_event(mention)
         await final_reply(slack, "C0001", parent["ts"])
     assert engine.prompts[0] == [
-        {"role": "user", "content": "we deploy on fridays"},
-        {"role": "user", "content": "is that wise?"},
-        {"role": "user", "content": "what do you think, @bob?"},
+        {"role": "user", "content": "bob: we deploy on fridays"},
+        {"role": "user", "content": "alice: is that wise?"},
+        {"role": "user", "content": "alice: what do you think, @bob?"},
     ]
 
 
