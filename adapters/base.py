@@ -50,13 +50,17 @@ async def answer(service: ChatService, turn: Turn, sink: ReplySink, *, wait: boo
     try:
         await (service.handle if wait else service.accept)(turn, sink)
     except Exception as error:
-        logger.exception("handling message %s in %s failed", turn.message_id, turn.conversation)
         try:
-            await sink.fail(failure_text(error))
+            await sink.fail(failure_text(error, f"message {turn.message_id}"))
         except Exception:
             logger.exception("could not tell the user about the failure")
 
 
-def failure_text(error: Exception) -> str:
-    """What to tell the user when handling their message raised `error`."""
-    return replies.storage_unavailable() if is_outage(error) else replies.failed()
+def failure_text(error: Exception, what: str) -> str:
+    """Log that handling `what` raised `error` (one line for a storage outage, the whole
+    traceback for anything else), and say what to tell the user."""
+    if is_outage(error):
+        logger.warning("storage unavailable: %s was refused (%s)", what, error)
+        return replies.storage_unavailable()
+    logger.error("%s failed", what, exc_info=error)
+    return replies.failed()

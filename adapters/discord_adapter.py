@@ -214,10 +214,10 @@ class DiscordAdapter(Adapter):
             addressed = True
             await self._converse(message, *route)
         except Exception as error:
-            logger.exception("Discord message %s in %s failed", message.id, message.channel.id)
+            text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:
                 try:
-                    await message.channel.send(failure_text(error), allowed_mentions=NO_PINGS)
+                    await message.channel.send(text, allowed_mentions=NO_PINGS)
                 except discord.DiscordException:
                     logger.warning("could not tell the user about the failure", exc_info=True)
 

@@ -180,10 +180,10 @@ class SlackAdapter(Adapter):
             addressed = True
             await self._converse(event, key, thread, bot_user, known=known)
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
-            logger.exception("Slack message %s in %s failed", ts, channel)
+            text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:
                 with contextlib.suppress(Exception):
-                    await thread.post(failure_text(error))
+                    await thread.post(text)
 
     async def _converse(
         self,

@@ -175,15 +175,20 @@ class ChatService:
         context = tuple(
             ChatMessage(message, content=readable(message["content"])) for message in turn.context
         )
-        accepted = await self.journal.accept(
-            replace(turn, text=text, context=context), sink.reply_target()
-        )
+        self._pending[turn.author] += 1  # counted now, so messages arriving meanwhile see it
+        accepted = None
+        try:
+            accepted = await self.journal.accept(
+                replace(turn, text=text, context=context), sink.reply_target()
+            )
+            if accepted is not None and self._closing:  # stopping: the next start answers it
+                await self._leave_for_later(accepted, sink, release=True)
+        finally:
+            if accepted is None or self._closing:
+                self._uncount(turn.author)
         if accepted is None:
             return _skipped(turn)
-        if self._closing:  # stopping: the next start answers it
-            await self._leave_for_later(accepted, sink, release=True)
-            return None
-        return self._start(accepted, sink)
+        return None if self._closing else self._start(accepted, sink, counted=True)
 
     def _resume(self, pending: PendingTurn) -> None:
         logger.info(
@@ -191,19 +196,22 @@ class ChatService:
         )
         self._start(pending, self._platforms[pending.turn.conversation.platform](pending.target))
 
-    def _start(self, pending: PendingTurn, sink: ReplySink) -> asyncio.Task[None]:
+    def _start(
+        self, pending: PendingTurn, sink: ReplySink, *, counted: bool = False
+    ) -> asyncio.Task[None]:
+        """Answer `pending` in a task of its own; it counts as the author's until done."""
         author = pending.turn.author
+        if not counted:
+            self._pending[author] += 1
         sink.on_post = partial(self._save_target, pending, sink)
-        self._pending[author] += 1
         task = self._spawn(pending.id, self._run(pending, sink))
-
-        def done(_: asyncio.Task[None]) -> None:
-            self._pending[author] -= 1
-            if not self._pending[author]:
-                del self._pending[author]
-
-        task.add_done_callback(done)
+        task.add_done_callback(lambda _: self._uncount(author))
         return task
+
+    def _uncount(self, author: str) -> None:
+        self._pending[author] -= 1
+        if not self._pending[author]:
+            del self._pending[author]
 
     def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=f"turn {key}")
@@ -319,13 +327,14 @@ class ChatService:
             logger.warning("could not mark turn %s as paused", pending.id, exc_info=True)
 
     async def _command(self, turn: Turn, sink: ReplySink) -> None:
-        """`reset` and `forget`: after the running answer, never in the middle of it."""
+        """`reset` (the history starts over; the bot goes on answering here) and `forget`
+        (everything stored is deleted): after the running answer, never in its middle."""
         conversation = str(turn.conversation)
+        forget = turn.command == "forget"
         async with self._turns_of(conversation):
-            await self.store.clear(conversation)
+            await (self.store.forget if forget else self.store.clear)(conversation)
         logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
-        reply = replies.forgotten() if turn.command == "forget" else replies.conversation_reset()
-        await sink.finish(reply)
+        await sink.finish(replies.forgotten() if forget else replies.conversation_reset())
 
     def _turns_of(self, conversation: str) -> asyncio.Lock:
         """One turn at a time per conversation: each prompt holds the previous answer."""

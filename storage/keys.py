@@ -7,6 +7,7 @@ from __future__ import annotations
 
 PREFIX = "threadbot:"
 CONVERSATION_PREFIX = f"{PREFIX}conversation:"
+CLEARED_PREFIX = f"{PREFIX}cleared:"
 SEEN_PREFIX = f"{PREFIX}seen:"
 TURN_PREFIX = f"{PREFIX}turn:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
@@ -16,6 +17,11 @@ OWNER_PREFIX = f"{PREFIX}owner:"
 def conversation(conversation_id: str) -> str:
     """The list holding one conversation; the id is `str(ConversationKey)`."""
     return f"{CONVERSATION_PREFIX}{conversation_id}"
+
+
+def cleared(conversation_id: str) -> str:
+    """The marker that a conversation was reset: known to the bot, with no history."""
+    return f"{CLEARED_PREFIX}{conversation_id}"
 
 
 def seen(platform: str, message_id: str) -> str:

@@ -65,12 +65,23 @@ class ConversationStore:
         return messages
 
     async def exists(self, conversation_id: str) -> bool:
-        """Whether the conversation has any stored message."""
-        return bool(await self._redis.exists(keys.conversation(conversation_id)))
+        """Whether the bot knows the conversation: it has history, or was reset."""
+        return bool(
+            await self._redis.exists(
+                keys.conversation(conversation_id), keys.cleared(conversation_id)
+            )
+        )
 
     async def clear(self, conversation_id: str) -> None:
-        """Forget a conversation."""
-        await self._redis.delete(keys.conversation(conversation_id))
+        """Empty a conversation's history; the bot still knows the conversation."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.conversation(conversation_id))
+            pipe.set(keys.cleared(conversation_id), "1", ex=self._ttl_seconds)
+            await pipe.execute()
+
+    async def forget(self, conversation_id: str) -> None:
+        """Delete everything stored for a conversation."""
+        await self._redis.delete(keys.conversation(conversation_id), keys.cleared(conversation_id))
 
     async def first_seen(self, platform: str, message_id: str, *, ttl_seconds: int = 86400) -> bool:
         """True only the first time a platform message id is offered (within the TTL)."""

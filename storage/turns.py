@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
@@ -91,13 +92,15 @@ class TurnJournal:
         """Record a new turn, owned by us; None if this message was seen before."""
         pending = PendingTurn(turn, target)
         seen = keys.seen(turn.conversation.platform, turn.message_id)
+        acceptance = uuid.uuid4().hex  # tells our own earlier try from another delivery
 
         async def write(pipe: Pipeline) -> bool:
-            if await pipe.exists(seen):
-                return False
+            if await pipe.exists(seen):  # seen before; by this very call if its reply was lost
+                return await pipe.hget(keys.turn(pending.id), "acceptance") == acceptance
             pipe.multi()
             pipe.set(seen, "1", ex=SEEN_TTL_SECONDS)
-            pipe.hset(keys.turn(pending.id), mapping=self._record(pending))
+            record = self._record(pending) | {"acceptance": acceptance}
+            pipe.hset(keys.turn(pending.id), mapping=record)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
             return True
 
@@ -113,6 +116,8 @@ class TurnJournal:
         async def write(pipe: Pipeline) -> bool:
             if not await self._ours(pipe, pending):
                 return False
+            if await pipe.hget(keys.turn(pending.id), "stored") == "1":
+                return True  # an earlier try got through (its reply may have been lost)
             new_thread = not await pipe.exists(conversation)
             pipe.multi()
             if new_thread:  # the thread's earlier messages, read when the bot joined it
@@ -230,8 +235,10 @@ class TurnJournal:
     async def _transaction(
         self, watched: list[str], write: Callable[[Pipeline], Awaitable[T]]
     ) -> T:
-        """WATCH `watched`, let `write` read and queue a MULTI, execute; retried when a
-        watched key changed underneath (WatchError), so the result is always consistent."""
+        """WATCH `watched`, let `write` read and queue a MULTI, execute; retried on a
+        WatchError, so the result is always consistent. redis-py raises WatchError too when
+        the connection breaks while waiting for EXEC's reply, after Redis may have run it:
+        so each `write` first checks whether an earlier try already took effect."""
         for _ in range(WATCH_TRIES - 1):
             try:
                 return await self._once(watched, write)

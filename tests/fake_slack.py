@@ -81,6 +81,9 @@ class FakeSlack:
             "users.info": self._users_info,
         }
         self._failures: dict[str, list[tuple[int, str, int | None]]] = {}
+        # Called with each call once it is handled, before the answer goes back (a fault
+        # test can kill the client there: the call took effect, the client never heard).
+        self.after_call: Callable[[ApiCall], None] | None = None
         self._sockets: list[web.WebSocketResponse] = []
         self._last_ts = 0.0
         self._runner: web.AppRunner | None = None
@@ -195,6 +198,8 @@ class FakeSlack:
         else:
             body = {"ok": False, "error": "unknown_method", "req_method": method}
         call.response = body
+        if self.after_call is not None:
+            self.after_call(call)
         return web.json_response(body, status=call.status, headers=headers)
 
     async def _auth_test(self, params: JSON) -> JSON:

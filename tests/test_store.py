@@ -116,11 +116,29 @@ async def test_malformed_entries_are_skipped_with_a_warning(
     assert len(warnings) == len(bad)
 
 
-async def test_clear(store: ConversationStore, redis_client: Redis, conversation_id: str) -> None:
+async def test_clear_empties_the_history_and_the_conversation_stays_known(
+    store: ConversationStore, redis_client: Redis, conversation_id: str
+) -> None:
     await store.append(conversation_id, user("a"))
     await store.clear(conversation_id)
     assert await store.load(conversation_id) == []
     assert await redis_client.exists(keys.conversation(conversation_id)) == 0
+    assert await store.exists(conversation_id)  # a reset thread is not read again
+    assert 0 < await redis_client.ttl(keys.cleared(conversation_id)) <= 3600
+
+
+async def test_forget_deletes_everything(
+    store: ConversationStore, redis_client: Redis, conversation_id: str
+) -> None:
+    await store.append(conversation_id, user("a"))
+    await store.clear(conversation_id)
+    await store.append(conversation_id, user("b"))
+    await store.forget(conversation_id)
+    assert not await store.exists(conversation_id)
+    assert (
+        await redis_client.exists(keys.conversation(conversation_id), keys.cleared(conversation_id))
+        == 0
+    )
 
 
 async def test_first_seen_once_per_platform_and_expires(
