@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import pytest
 from conftest import FailsOnceEngine, GatedEngine
+from redis.asyncio import Redis
 
 from bot import replies
 from bot.types import ConversationKey, Turn
+from storage import keys
+from storage.store import ConversationStore
+from storage.turns import TurnJournal
 
 
 class RecordingSink:
@@ -288,3 +293,150 @@ async def test_a_lone_surrogate_is_stored_and_answered(make_service, store, conv
     assert sink.kinds("finish")
     [question, _answer] = await store.load(str(conversation))
     assert question["content"].startswith("broken ") and "\ud800" not in question["content"]
+
+
+# --- durable turns: resumed, given up, left pending by a drain ----------------------------
+
+
+@pytest.fixture
+async def platform(redis_client: Redis) -> AsyncIterator[str]:
+    """A platform of the test's own: the service resumes only its turns, and every key
+    the test wrote (turns, seen markers, conversations, leases) is removed after it."""
+    name = f"durable{uuid.uuid4().hex[:12]}"
+    yield name
+    async for key in redis_client.scan_iter(match=f"{keys.PREFIX}*{name}*"):
+        await redis_client.delete(key)
+    for turn_id in await redis_client.zrange(keys.PENDING_TURNS, 0, -1):
+        if name in turn_id:
+            await redis_client.zrem(keys.PENDING_TURNS, turn_id)
+
+
+def process(redis: Redis, store: ConversationStore, platform: str, name: str) -> TurnJournal:
+    """Another process's journal; it holds no lease unless the test renews one."""
+    return TurnJournal(redis=redis, store=store, owner=f"{platform}-{name}", lease_seconds=2.0)
+
+
+def on(platform: str, text: str = "a question", author: str = "U1") -> Turn:
+    return Turn(ConversationKey(platform, "team", "channel", uuid.uuid4().hex), author, text,
+                uuid.uuid4().hex)  # fmt: skip
+
+
+class Rebuilder:
+    """An adapter's sink factory: records the targets it is given, one sink for each."""
+
+    def __init__(self) -> None:
+        self.targets: list[dict] = []
+        self.sinks: list[RecordingSink] = []
+
+    def __call__(self, target: dict) -> RecordingSink:
+        self.targets.append(target)
+        self.sinks.append(RecordingSink())
+        return self.sinks[-1]
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.02)
+
+
+async def gone(redis: Redis, turn_id: str) -> bool:
+    return not await redis.exists(keys.turn(turn_id)) and (
+        await redis.zscore(keys.PENDING_TURNS, turn_id) is None
+    )
+
+
+async def test_a_saved_answer_is_delivered_on_resume_without_generating(
+    make_service, redis_client, store, platform
+):
+    crashed = process(redis_client, store, platform, "crashed")
+    target = {"thread": "T1", "messages": ["M1"]}
+    pending = await crashed.accept(on(platform, "a question"), target)
+    assert pending is not None
+    started = await crashed.begin(pending)
+    assert started is not None
+    assert await crashed.save(started, answer="the answer it had generated")
+    rebuild = Rebuilder()
+    # The resume is attempt 2, which max_attempts=2 still allows.
+    async with make_service(max_attempts=2) as (service, engine):
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id))
+    assert rebuild.targets == [target]
+    [sink] = rebuild.sinks
+    assert sink.events == [("finish", "the answer it had generated")]
+    assert engine.prompts == []
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "a question"},
+        {"role": "assistant", "content": "the answer it had generated"},
+    ]
+
+
+async def test_a_turn_past_its_attempts_is_given_up_and_removed(
+    make_service, redis_client, store, platform
+):
+    pending = await process(redis_client, store, platform, "first").accept(on(platform), {})
+    assert pending is not None
+    for name in ("second", "third"):  # each claimed it and died: attempts 2, then 3
+        [claimed] = await process(redis_client, store, platform, name).claim([platform], running=())
+    assert claimed.attempts == 3
+    rebuild = Rebuilder()
+    async with make_service(max_attempts=3) as (service, engine):
+        service.serve_platform(platform, rebuild)  # its claim is attempt 4
+        await until(lambda: gone(redis_client, pending.id))
+    [sink] = rebuild.sinks
+    assert sink.events == [("fail", replies.gave_up(3))]
+    assert engine.prompts == []
+    assert await store.load(pending.conversation) == []
+
+
+async def test_drain_leaves_a_running_turn_pending_without_counting_the_try(
+    make_service, make_batcher, redis_client, store, journal, platform
+):
+    gated = GatedEngine(make_batcher())
+    sink = RecordingSink()
+    async with make_service(gated) as (service, _engine):
+        try:
+            message = on(platform, "a question")
+            task = await service.accept(message, sink)
+            assert task is not None
+
+            async def generating() -> bool:
+                return bool(gated.prompts)
+
+            await until(generating)
+            assert await service.drain(0.2) == 1
+            assert task.cancelled()
+            assert not await gone(redis_client, f"{platform}:{message.message_id}")
+            await journal.drop_lease()  # as `threadbot run` does after the drain
+            [next_start] = await process(redis_client, store, platform, "next").claim(
+                [platform], running=()
+            )
+        finally:
+            gated.gate.set()
+    assert sink.kinds("pause") == [replies.restarting()]
+    assert sink.kinds("finish") == sink.kinds("fail") == []
+    assert gated.answers == []
+    assert next_start.attempts == 1  # the drained try was given back
+    assert next_start.stored  # its message is in the history already
+    assert next_start.answer is None
+    assert await store.load(next_start.conversation) == [{"role": "user", "content": "a question"}]
+
+
+async def test_a_fifth_unanswered_turn_is_refused_until_the_first_four_are_answered(
+    make_service, make_batcher, platform
+):
+    gated = GatedEngine(make_batcher())
+    async with make_service(gated) as (service, _engine):  # max_pending_per_user=4
+        try:
+            sinks = [RecordingSink() for _ in range(6)]
+            tasks = [await service.accept(on(platform, f"q{i}"), sinks[i]) for i in range(4)]
+            assert all(tasks)  # counted as accepted, before any answer started
+            await service.handle(on(platform, "one too many"), sinks[4])
+            assert sinks[4].events == [("finish", replies.slow_down(4))]
+        finally:
+            gated.gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        await service.handle(on(platform, "and now?"), sinks[5])
+    assert all(sink.kinds("finish") for sink in sinks[:4])
+    [answer] = sinks[5].kinds("finish")
+    assert answer != replies.slow_down(4)

@@ -1,8 +1,15 @@
-"""StreamingReply: placeholder, throttled edits, a shared edit budget, split final text."""
+"""StreamingReply: placeholder, throttled edits, a shared edit budget, split final text,
+and what resuming needs: known message ids, `on_post`, `pause`, the reply target."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from adapters.streaming import STREAMING_MARK, EditBudget, StreamingReply
+from adapters.text import split_message
+from bot import replies
 
 
 class Clock:
@@ -19,6 +26,7 @@ class Target:
     def __init__(self) -> None:
         self.messages: dict[str, str] = {}
         self.edits = 0
+        self.posts = 0
         self.typed = 0
 
     def where(self) -> dict:
@@ -30,6 +38,7 @@ class Target:
     async def post(self, text: str) -> str:
         message_id = str(len(self.messages))
         self.messages[message_id] = text
+        self.posts += 1
         return message_id
 
     async def edit(self, message_id: str, text: str) -> None:
@@ -108,3 +117,129 @@ async def test_a_spent_budget_skips_edits_but_never_the_final_text():
     await second.finish("done two")
     assert target.messages == {"0": "DONE ONE", "1": "DONE TWO"}
     assert budget.tokens < 0  # the final edits were counted, so streaming edits now wait
+
+
+# --- resuming: known messages, on_post, pause, the reply target ---------------------------
+
+WORDS = " ".join(["word"] * 30)  # at a limit of 50, several messages
+WORDS_PARTS = split_message(WORDS.upper(), 50)
+
+
+class FlakyTarget(Target):
+    """A Target whose `failing`-th post attempt raises, as a platform outage would."""
+
+    def __init__(self, failing: int) -> None:
+        super().__init__()
+        self.failing = failing
+        self.attempts = 0
+
+    async def post(self, text: str) -> str:
+        self.attempts += 1
+        if self.attempts == self.failing:
+            raise ConnectionError("the platform is down")
+        return await super().post(text)
+
+
+def record_posts(sink: StreamingReply) -> list[list[str]]:
+    """The message ids the sink reports each time it awaits `on_post`."""
+    saved: list[list[str]] = []
+
+    async def on_post() -> None:
+        saved.append(list(sink.reply_target()["messages"]))
+
+    sink.on_post = on_post
+    return saved
+
+
+async def test_a_rebuilt_sink_edits_its_messages_and_posts_only_beyond_them():
+    assert len(WORDS_PARTS) >= 3
+    target, clock = Target(), Clock()
+    target.messages = {"0": "PARTIAL" + STREAMING_MARK, "1": "MORE" + STREAMING_MARK}
+    sink = reply(target, clock, message_ids=["0", "1"])  # posted by the process that stopped
+    saved = record_posts(sink)
+
+    await sink.start()
+    assert target.messages == {"0": "...", "1": "MORE" + STREAMING_MARK}  # the placeholder is back
+    assert (target.posts, saved) == (0, [])
+    await sink.finish(WORDS)
+    assert target.messages == {str(i): part for i, part in enumerate(WORDS_PARTS)}
+    assert target.posts == len(WORDS_PARTS) - 2
+    assert saved == [[str(i) for i in range(n)] for n in range(3, len(WORDS_PARTS) + 1)]
+
+
+async def test_on_post_is_awaited_after_each_new_message_and_never_after_an_edit():
+    target, clock = Target(), Clock()
+    sink = reply(target, clock)
+    saved = record_posts(sink)
+    await sink.start()
+    assert saved == [["0"]]  # the id is in the reply target by the time on_post runs
+    for word in ("one ", "two "):
+        clock.now += 5
+        await sink.append(word)
+    assert target.edits == 2
+    assert saved == [["0"]]
+    await sink.finish(WORDS)
+    assert saved == [[str(i) for i in range(n)] for n in range(1, len(WORDS_PARTS) + 1)]
+
+
+@pytest.mark.parametrize("failing", [2, 3])  # the post of part 2, of part 3
+async def test_a_continuation_that_cannot_be_posted_is_reported_after_what_was(failing):
+    target, clock = FlakyTarget(failing), Clock()
+    sink = reply(target, clock)
+    saved = record_posts(sink)
+    await sink.start()  # the placeholder is post 1
+    await sink.finish(WORDS)
+    shown = WORDS_PARTS[: failing - 1]
+    expected = {
+        **{str(i): part for i, part in enumerate(shown)},
+        str(len(shown)): replies.continuation_failed().upper(),
+    }
+    assert target.messages == expected
+    assert saved[-1] == [str(i) for i in range(len(shown) + 1)]
+    await sink.pause("restarting")  # the answer is over: a stop now changes nothing
+    assert target.messages == expected
+
+
+@pytest.mark.parametrize("ending", ["finish", "fail"])
+async def test_pause_after_the_answer_or_a_failure_changes_nothing(ending):
+    target, clock = Target(), Clock()
+    sink = reply(target, clock)
+    await sink.start()
+    await getattr(sink, ending)("over")
+    shown, edits, posts = dict(target.messages), target.edits, target.posts
+    await sink.pause("restarting")
+    assert (target.messages, target.edits, target.posts) == (shown, edits, posts)
+    assert shown == {"0": "OVER"}
+
+
+async def test_pause_before_anything_was_posted_posts_the_text():
+    target, clock = Target(), Clock()
+    sink = reply(target, clock, placeholder=None)
+    saved = record_posts(sink)
+    await sink.pause("back soon")
+    assert target.messages == {"0": "BACK SOON"}
+    assert saved == [["0"]]
+
+
+async def test_pause_mid_answer_replaces_the_streamed_text():
+    target, clock = Target(), Clock()
+    sink = reply(target, clock)
+    await sink.start()
+    clock.now += 5
+    await sink.append("half an answer")
+    await sink.pause("back soon")
+    assert target.messages == {"0": "BACK SOON"}
+    assert target.posts == 1
+
+
+async def test_the_reply_target_is_where_plus_the_message_ids():
+    target, clock = Target(), Clock()
+    known = ("7",)
+    sink = reply(target, clock, message_ids=known)
+    assert sink.reply_target() == {"to": "the test", "messages": ["7"]}
+    await sink.finish(WORDS)  # edits "7", posts the rest
+    ids = sink.reply_target()["messages"]
+    assert ids[0] == "7"
+    assert len(ids) == len(WORDS_PARTS)
+    assert json.loads(json.dumps(sink.reply_target())) == {"to": "the test", "messages": ids}
+    assert known == ("7",)

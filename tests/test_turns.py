@@ -1,0 +1,353 @@
+"""TurnJournal against a real Redis: accept once, claim after a lease is gone, owner checks.
+
+Each test uses a platform name of its own, so no other journal in the session (the service
+tests, `threadbot run`) claims its turns, and every key it wrote is found and removed after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from bot.types import ChatMessage, ConversationKey, Turn
+from storage import keys
+from storage.store import ConversationStore
+from storage.turns import PendingTurn, TurnJournal
+
+MakeJournal = Callable[..., TurnJournal]
+
+
+@pytest.fixture
+async def platform(redis_client: Redis) -> AsyncIterator[str]:
+    """A platform name unique to the test; its keys (and its journals' leases) go after."""
+    name = f"turns{uuid.uuid4().hex[:12]}"
+    yield name
+    async for key in redis_client.scan_iter(match=f"{keys.PREFIX}*{name}*"):
+        await redis_client.delete(key)
+    for turn_id in await redis_client.zrange(keys.PENDING_TURNS, 0, -1):
+        if name in turn_id:
+            await redis_client.zrem(keys.PENDING_TURNS, turn_id)
+
+
+@pytest.fixture
+def make_journal(redis_client: Redis, store: ConversationStore, platform: str) -> MakeJournal:
+    """Journals that stand for processes; owners are named after the test's platform."""
+
+    def make(name: str, *, lease_seconds: float = 2.0) -> TurnJournal:
+        return TurnJournal(
+            redis=redis_client,
+            store=store,
+            owner=f"{platform}-{name}",
+            lease_seconds=lease_seconds,
+        )
+
+    return make
+
+
+def new_turn(
+    platform: str,
+    text: str = "hello",
+    *,
+    message_id: str | None = None,
+    context: tuple[ChatMessage, ...] = (),
+) -> Turn:
+    conversation = ConversationKey(platform, "team", "channel", uuid.uuid4().hex)
+    return Turn(conversation, "U1", text, message_id or uuid.uuid4().hex, context=context)
+
+
+async def record(redis: Redis, pending: PendingTurn) -> dict[str, str]:
+    return await redis.hgetall(keys.turn(pending.id))
+
+
+async def indexed(redis: Redis, pending: PendingTurn) -> bool:
+    return await redis.zscore(keys.PENDING_TURNS, pending.id) is not None
+
+
+async def test_a_message_is_accepted_once_per_platform(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    journal = make_journal("a")
+    message = new_turn(platform, "first", message_id="m1")
+    pending = await journal.accept(message, {"thread": "T1"})
+    assert pending is not None
+    assert (pending.id, pending.attempts, pending.stored, pending.answer) == (
+        f"{platform}:m1", 1, False, None,
+    )  # fmt: skip
+    assert await indexed(redis_client, pending)
+    assert (await record(redis_client, pending))["owner"] == journal.owner
+
+    redelivered = new_turn(platform, "first, again", message_id="m1")
+    assert await journal.accept(redelivered, {"thread": "T2"}) is None
+    [claimed] = await make_journal("b").claim([platform], running=())  # "a" holds no lease
+    assert claimed.turn == message  # the re-delivery did not overwrite the record
+    assert claimed.target == {"thread": "T1"}
+
+    elsewhere = new_turn(f"{platform}x", "same id, other platform", message_id="m1")
+    other = await journal.accept(elsewhere, {"thread": "T3"})
+    assert other is not None
+    assert other.id == f"{platform}x:m1"
+    assert await indexed(redis_client, other)
+
+
+async def test_another_journal_claims_a_turn_only_once_its_owner_lease_is_gone(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    first, second = make_journal("first"), make_journal("second")
+    await first.renew_lease()
+    context: tuple[ChatMessage, ...] = ({"role": "user", "content": "earlier, in the thread"},)
+    message = new_turn(platform, "héllo 👋", context=context)
+    pending = await first.accept(message, {"thread": "T1", "messages": ["M1"]})
+    assert pending is not None
+
+    assert await second.claim([platform], running=()) == []  # the owner is alive
+    await first.drop_lease()
+    [claimed] = await second.claim([platform], running=())
+
+    assert claimed.turn == message
+    assert claimed.target == {"thread": "T1", "messages": ["M1"]}
+    assert claimed.accepted_at == pending.accepted_at
+    assert claimed.attempts == 2
+    assert (claimed.stored, claimed.answer) == (False, None)
+    assert (await record(redis_client, pending))["owner"] == second.owner
+    await second.renew_lease()
+    assert await first.claim([platform], running=()) == []  # "second" holds it now
+    assert await second.claim([platform], running=[claimed.id]) == []
+
+
+async def test_a_lease_that_is_renewed_holds_and_one_that_expires_lets_go(
+    make_journal: MakeJournal, platform: str
+) -> None:
+    first, second = make_journal("first", lease_seconds=0.5), make_journal("second")
+    await first.renew_lease()
+    assert await first.accept(new_turn(platform), {}) is not None
+    await asyncio.sleep(0.3)
+    await first.renew_lease()
+    await asyncio.sleep(0.3)  # past the first lease, within the renewed one
+    assert await second.claim([platform], running=()) == []
+    await asyncio.sleep(0.5)  # the renewed lease has expired too
+    assert len(await second.claim([platform], running=())) == 1
+
+
+async def test_claims_come_in_arrival_order_and_each_counts_an_attempt(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    gone = make_journal("gone")  # never takes a lease: as if it had died
+    accepted = []
+    for message_id in ("c", "a", "b"):  # arrival order differs from id order
+        pending = await gone.accept(new_turn(platform, message_id=message_id), {})
+        assert pending is not None
+        accepted.append(pending)
+
+    taken = await make_journal("second").claim([platform], running=())
+    assert [p.id for p in taken] == [p.id for p in accepted]
+    assert [p.attempts for p in taken] == [2, 2, 2]
+    taken_again = await make_journal("third").claim([platform], running=())  # "second" died too
+    assert [p.id for p in taken_again] == [p.id for p in accepted]
+    assert [p.attempts for p in taken_again] == [3, 3, 3]
+    assert [(await record(redis_client, p))["attempts"] for p in accepted] == ["3", "3", "3"]
+
+
+async def test_claim_takes_only_the_platforms_asked_for(
+    make_journal: MakeJournal, platform: str
+) -> None:
+    gone = make_journal("gone")
+    here = await gone.accept(new_turn(platform), {})
+    assert await gone.accept(new_turn(f"{platform}x"), {}) is not None
+    claimed = await make_journal("second").claim([platform], running=())
+    assert here is not None
+    assert [p.id for p in claimed] == [here.id]
+
+
+async def test_a_journal_claims_its_own_turns_except_those_running(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    journal = make_journal("self")
+    await journal.renew_lease()  # alive: its own lease does not stop it
+    running = await journal.accept(new_turn(platform, "running"), {})
+    stranded = await journal.accept(new_turn(platform, "stranded"), {})  # its task lost storage
+    assert running is not None
+    assert stranded is not None
+
+    [claimed] = await journal.claim([platform], running=[running.id])
+    assert claimed.id == stranded.id
+    assert claimed.attempts == 2
+    assert (await record(redis_client, running))["attempts"] == "1"  # left alone
+
+
+async def test_two_journals_racing_for_a_turn_only_one_wins(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    gone = make_journal("gone")
+    left, right = make_journal("left"), make_journal("right")
+    await left.renew_lease()  # both alive, as resuming processes are
+    await right.renew_lease()
+    for _ in range(8):
+        pending = await gone.accept(new_turn(platform), {})
+        assert pending is not None
+        claims = await asyncio.gather(
+            left.claim([platform], running=()), right.claim([platform], running=())
+        )
+        winners = [journal for journal, won in zip((left, right), claims, strict=True) if won]
+        assert len(winners) == 1, claims
+        [[claimed]] = [won for won in claims if won]
+        assert claimed.attempts == 2
+        stored = await record(redis_client, pending)
+        assert (stored["owner"], stored["attempts"]) == (winners[0].owner, "2")
+        assert await winners[0].finish(claimed)
+
+
+async def test_begin_stores_context_for_a_new_conversation_and_the_message_once(
+    make_journal: MakeJournal, store: ConversationStore, platform: str
+) -> None:
+    journal = make_journal("a")
+    context: tuple[ChatMessage, ...] = (
+        {"role": "user", "content": "we deploy on fridays"},
+        {"role": "assistant", "content": "noted"},
+    )
+    message = new_turn(platform, "is that wise?", context=context)
+    pending = await journal.accept(message, {})
+    assert pending is not None
+
+    started = await journal.begin(pending)
+    assert started is not None
+    assert started.stored
+    assert await journal.begin(started) == started  # retried: nothing more is written
+    history = [*context, {"role": "user", "content": "is that wise?"}]
+    assert await store.load(pending.conversation) == history
+
+    other = make_journal("b")
+    [claimed] = await other.claim([platform], running=())  # "a" holds no lease
+    assert claimed.stored  # read back from the record
+    assert await other.begin(claimed) is not None
+    assert await store.load(pending.conversation) == history
+
+    # A later turn in the same conversation adds its message, never the context again.
+    later = await journal.accept(
+        Turn(message.conversation, "U1", "and now?", uuid.uuid4().hex, context=context), {}
+    )
+    assert later is not None
+    assert await journal.begin(later) is not None
+    assert await store.load(pending.conversation) == [
+        *history,
+        {"role": "user", "content": "and now?"},
+    ]
+
+
+async def test_a_turn_taken_over_is_no_longer_written_by_its_old_owner(
+    make_journal: MakeJournal, redis_client: Redis, store: ConversationStore, platform: str
+) -> None:
+    old, new = make_journal("old"), make_journal("new")
+    pending = await old.accept(new_turn(platform, "question"), {"thread": "T1"})
+    assert pending is not None
+    [claimed] = await new.claim([platform], running=())  # "old" holds no lease
+    before = await record(redis_client, pending)
+
+    assert await old.begin(pending) is None
+    assert not await old.save(pending, target={"thread": "elsewhere"}, answer="stale")
+    await old.release(pending)
+    assert not await old.finish(pending, "stale answer")
+    assert await record(redis_client, pending) == before  # attempts, target, answer untouched
+    assert await indexed(redis_client, pending)
+    assert await store.load(pending.conversation) == []
+
+    assert await new.save(claimed, answer="fresh")
+    assert (await record(redis_client, pending))["answer"] == "fresh"
+
+
+async def test_save_records_progress_that_a_claim_reads_back(
+    make_journal: MakeJournal, platform: str
+) -> None:
+    first = make_journal("first")
+    pending = await first.accept(new_turn(platform), {"thread": "T1", "messages": []})
+    assert pending is not None
+    assert await first.save(pending, target={"thread": "T1", "messages": ["M1", "M2"]})
+    assert await first.save(pending, answer="the answer, generated")
+    [claimed] = await make_journal("second").claim([platform], running=())
+    assert claimed.target == {"thread": "T1", "messages": ["M1", "M2"]}
+    assert claimed.answer == "the answer, generated"
+
+
+async def test_finish_stores_the_answer_and_removes_the_record_in_one_multi(
+    make_journal: MakeJournal, redis_client: Redis, store: ConversationStore, platform: str
+) -> None:
+    journal = make_journal("a")
+    pending = await journal.accept(new_turn(platform, "question"), {})
+    assert pending is not None
+    started = await journal.begin(pending)
+    assert started is not None
+
+    sentinel = f"sentinel-{uuid.uuid4().hex}"
+    commands: list[str] = []
+    async with redis_client.monitor() as monitor:
+
+        async def listen() -> None:
+            async for command in monitor.listen():
+                if sentinel in command["command"]:
+                    return
+                commands.append(command["command"])
+
+        listening = asyncio.create_task(listen())
+        await asyncio.sleep(0.1)  # MONITOR is on
+        assert await journal.finish(started, "the answer")
+        await redis_client.get(sentinel)
+        await asyncio.wait_for(listening, timeout=5)
+
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "question"},
+        {"role": "assistant", "content": "the answer"},
+    ]
+    assert await record(redis_client, pending) == {}
+    assert not await indexed(redis_client, pending)
+
+    # One MULTI … EXEC holds the answer's append, the record's removal and the index's.
+    turn_key, conversation_key = keys.turn(pending.id), keys.conversation(pending.conversation)
+    blocks, block = [], None
+    for command in commands:
+        name = command.split()[0].upper()
+        if name == "MULTI":
+            block = []
+        elif name == "EXEC" and block is not None:
+            blocks.append(block)
+            block = None
+        elif block is not None:
+            block.append(command)
+    [finishing] = [b for b in blocks if any(turn_key in c for c in b)]
+    assert any(c.startswith("RPUSH ") and conversation_key in c for c in finishing)
+    assert any(c.startswith("DEL ") and turn_key in c for c in finishing)
+    assert any(c.startswith("ZREM ") and pending.id in c for c in finishing)
+
+
+async def test_release_gives_back_the_attempt_a_claim_took(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    pending = await make_journal("gone").accept(new_turn(platform), {})
+    assert pending is not None
+    second = make_journal("second")
+    [claimed] = await second.claim([platform], running=())
+    assert claimed.attempts == 2
+    await second.release(claimed)  # a clean stop: this try does not count
+    assert (await record(redis_client, pending))["attempts"] == "1"
+    [again] = await make_journal("third").claim([platform], running=())
+    assert again.attempts == 2
+
+
+async def test_an_unreadable_or_missing_record_is_dropped_not_retried(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    garbage, missing = f"{platform}:garbage", f"{platform}:missing"
+    await redis_client.hset(keys.turn(garbage), mapping={"turn": "{not json", "owner": "x"})
+    await redis_client.zadd(keys.PENDING_TURNS, {garbage: 1.0, missing: 2.0})
+    good = await make_journal("gone").accept(new_turn(platform), {})
+    assert good is not None
+
+    journal = make_journal("a")
+    claimed = await journal.claim([platform], running=())
+    assert [p.id for p in claimed] == [good.id]  # the good turn behind them still comes
+    for turn_id in (garbage, missing):
+        assert await redis_client.exists(keys.turn(turn_id)) == 0
+        assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is None
+    assert await journal.claim([platform], running=[good.id]) == []
