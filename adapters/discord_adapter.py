@@ -217,7 +217,9 @@ class DiscordAdapter(Adapter):
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:
                 try:
-                    await message.channel.send(text, allowed_mentions=NO_PINGS)
+                    await message.channel.send(
+                        text, allowed_mentions=NO_PINGS, suppress_embeds=True
+                    )
                 except discord.DiscordException:
                     logger.warning("could not tell the user about the failure", exc_info=True)
 

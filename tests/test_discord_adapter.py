@@ -165,6 +165,7 @@ async def test_no_message_can_ping_and_every_send_has_a_nonce(fake, discord_bot)
         assert allowed["parse"] == []  # no @everyone/@here, roles or users from the text
         assert not allowed.get("users") and not allowed.get("roles")
         assert not allowed.get("replied_user")
+    assert all(request.json["flags"] & 4 for request in sends)  # SUPPRESS_EMBEDS: no link fetched
     nonces = [request.json["nonce"] for request in sends]
     assert len(set(nonces)) == len(nonces)
     assert all(len(nonce) <= 25 for nonce in nonces)

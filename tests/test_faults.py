@@ -367,3 +367,27 @@ async def test_one_user_floods_while_another_asks_once(slack, bot):
     ]
     assert len(slowed) == 4  # MAX_PENDING_PER_USER=4 were taken, the rest asked to wait
     assert process.alive
+
+
+async def test_a_second_sigterm_exits_at_once(slack, bot, redis_server):
+    """Injected: SIGTERM, and a second one while an answer has most of its grace period
+    left. Holds: the process exits at once; the turn stays pending, and the next start
+    answers it in the same message."""
+    first = await bot(SHUTDOWN_GRACE_S="120", MAX_NEW_TOKENS="200")
+    mention = slack.app_mention("C0001", DRAGON)
+    await slack.send_event(mention)
+    await slack.wait_for(
+        lambda: any(
+            m["text"].endswith(STREAMING_MARK) for m in bot_replies(slack, "C0001", mention["ts"])
+        ),
+        60,
+    )
+    first.process.send_signal(signal.SIGTERM)
+    await first.wait_log("SIGTERM received")
+    first.process.send_signal(signal.SIGTERM)
+    assert await first.wait(10) == 128 + signal.SIGTERM
+    async with Redis.from_url(redis_server.url, decode_responses=True) as client:
+        assert await client.zcard(keys.PENDING_TURNS) == 1
+    await bot(MAX_NEW_TOKENS="20")
+    [reply] = await answered(slack, "C0001", mention["ts"])
+    assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]

@@ -440,3 +440,18 @@ async def test_a_fifth_unanswered_turn_is_refused_until_the_first_four_are_answe
     assert all(sink.kinds("finish") for sink in sinks[:4])
     [answer] = sinks[5].kinds("finish")
     assert answer != replies.slow_down(4)
+
+
+async def test_forget_deletes_the_conversation_and_reset_keeps_it_known(
+    make_service, store, conversation
+):
+    async with make_service() as (service, _engine):
+        await service.handle(turn(conversation, "remember me"), RecordingSink())
+        await service.handle(replace(turn(conversation, "reset"), command="reset"), RecordingSink())
+        assert await service.knows(conversation)  # the bot still answers there unasked
+        await service.handle(turn(conversation, "again"), RecordingSink())
+        sink = RecordingSink()
+        await service.handle(replace(turn(conversation, "forget"), command="forget"), sink)
+        assert not await service.knows(conversation)
+    assert sink.events == [("finish", replies.forgotten())]
+    assert await store.load(str(conversation)) == []

@@ -9,6 +9,7 @@ a particular answer text (escaping, splitting).
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import pytest
 from conftest import (
     LONG_CODE_ANSWER,
     FailsOnceEngine,
+    GatedEngine,
     ScriptedEngine,
     assert_split_with_fences,
     running,
@@ -28,6 +30,7 @@ from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, THREAD_CONTEXT_LI
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Settings
+from storage import keys
 
 
 def free_port() -> int:
@@ -175,6 +178,42 @@ async def test_a_long_answer_is_split_across_thread_messages(slack, socket_mode)
         await slack.wait_for(lambda: "That is all." in bot_posts(slack, "C0001")[-1]["text"])
     parts = [m["text"] for m in bot_posts(slack, "C0001")]
     assert_split_with_fences(parts, MESSAGE_LIMIT)
+    posts = slack.calls_to("chat.postMessage")
+    assert len(posts) == len(parts)
+    for post in posts:  # Slack never fetches a URL that the answer put there
+        assert post.params["unfurl_links"] is False and post.params["unfurl_media"] is False
+
+
+async def test_an_event_is_acknowledged_once_its_turn_is_recorded(
+    slack, socket_mode, make_batcher, redis_client
+):
+    """bolt acks after the listener (process_before_response), and the listener returns
+    once the turn is in the journal: an event Slack saw acknowledged is never lost."""
+    gated = GatedEngine(make_batcher())
+    async with socket_mode(gated):
+        mention = slack.app_mention("C0001", "hello")
+        await slack.wait_for_ack(await slack.send_event(mention))
+        turn_id = f"slack:T0001:C0001:{mention['ts']}"
+        assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is not None
+
+        async def target() -> dict:
+            return json.loads(await redis_client.hget(keys.turn(turn_id), "target"))
+
+        where = {"team": "T0001", "channel": "C0001", "thread_ts": mention["ts"]}
+        assert (await target()).items() >= where.items()
+        [placeholder] = await slack.wait_for_calls("chat.postMessage")
+        for _ in range(100):  # the placeholder's ts is saved once it is posted
+            if (await target())["messages"]:
+                break
+            await asyncio.sleep(0.05)
+        assert await target() == where | {"messages": [placeholder.response["ts"]]}
+        gated.gate.set()
+        await final_reply(slack, "C0001", mention["ts"])
+        for _ in range(100):  # answered: the record goes right after the final edit
+            if not await redis_client.exists(keys.turn(turn_id)):
+                break
+            await asyncio.sleep(0.05)
+    assert await redis_client.exists(keys.turn(turn_id)) == 0
 
 
 async def test_a_rate_limited_update_is_retried_and_the_answer_arrives(slack, socket_mode):
