@@ -155,7 +155,7 @@ class ChatService:
 
     async def _accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
         platform = turn.conversation.platform
-        text = readable(turn.text)
+        text = sanitized(turn.text)
         refusal = None
         if turn.command is None:
             if not text:
@@ -173,7 +173,7 @@ class ChatService:
             return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
 
         context = tuple(
-            ChatMessage(message, content=readable(message["content"])) for message in turn.context
+            ChatMessage(message, content=sanitized(message["content"])) for message in turn.context
         )
         self._pending[turn.author] += 1  # counted now, so messages arriving meanwhile see it
         accepted = None
@@ -387,7 +387,7 @@ def _skipped(turn: Turn) -> None:
                 turn.conversation.platform)  # fmt: skip
 
 
-def readable(text: str) -> str:
+def sanitized(text: str) -> str:
     """A message as it is stored and shown to the model: lone surrogates (which no
     encoding takes) replaced, surrounding space removed, and empty if nothing but
     invisible characters (zero-width spaces and joiners, byte-order marks) is left."""

@@ -276,6 +276,19 @@ class ScriptedEngine:
 
 
 @pytest.fixture
+async def platform(redis_client: Redis) -> AsyncIterator[str]:
+    """A platform name of the test's own: a service resumes only its turns, and every key
+    the test wrote under it (turns, seen markers, conversations, leases) goes after it."""
+    name = f"test{uuid.uuid4().hex[:12]}"
+    yield name
+    async for key in redis_client.scan_iter(match=f"{keys.PREFIX}*{name}*"):
+        await redis_client.delete(key)
+    for turn_id in await redis_client.zrange(keys.PENDING_TURNS, 0, -1):
+        if name in turn_id:
+            await redis_client.zrem(keys.PENDING_TURNS, turn_id)
+
+
+@pytest.fixture
 def journal(redis_client: Redis, store: ConversationStore) -> TurnJournal:
     """A journal with an owner of its own; a short lease, so takeovers come quickly."""
     return TurnJournal(

@@ -96,6 +96,17 @@ def bot_replies(slack: FakeSlack, channel: str, thread_ts: str | None) -> list[d
     ]
 
 
+async def streaming(slack: FakeSlack, mention: dict) -> None:
+    """Once the answer to `mention` is being written (a partial text is shown)."""
+    await slack.wait_for(
+        lambda: any(
+            m["text"].endswith(STREAMING_MARK)
+            for m in bot_replies(slack, mention["channel"], mention["ts"])
+        ),
+        60,
+    )
+
+
 def is_final(text: str) -> bool:
     return text != PLACEHOLDER and not text.endswith(STREAMING_MARK) and text not in PAUSED
 
@@ -121,12 +132,7 @@ async def test_kill_9_while_an_answer_streams(slack, bot, redis_server):
     first = await bot()
     mention = slack.app_mention("C0001", DRAGON)
     await slack.send_event(mention)
-    await slack.wait_for(
-        lambda: any(
-            m["text"].endswith(STREAMING_MARK) for m in bot_replies(slack, "C0001", mention["ts"])
-        ),
-        60,
-    )
+    await streaming(slack, mention)
     first.kill()
     await first.wait()
     second = await bot()
@@ -262,12 +268,7 @@ async def test_reset_during_a_running_answer(slack, bot):
     process = await bot(MAX_NEW_TOKENS="100")
     mention = slack.app_mention("C0001", DRAGON)
     await slack.send_event(mention)
-    await slack.wait_for(
-        lambda: any(
-            m["text"].endswith(STREAMING_MARK) for m in bot_replies(slack, "C0001", mention["ts"])
-        ),
-        60,
-    )
+    await streaming(slack, mention)
     await slack.send_event(slack.user_message("C0001", "reset", thread_ts=mention["ts"]))
     answer, cleared = await slack.wait_for(
         lambda: (posts := bot_replies(slack, "C0001", mention["ts"])) and len(posts) == 2
@@ -376,12 +377,7 @@ async def test_a_second_sigterm_exits_at_once(slack, bot, redis_server):
     first = await bot(SHUTDOWN_GRACE_S="120", MAX_NEW_TOKENS="200")
     mention = slack.app_mention("C0001", DRAGON)
     await slack.send_event(mention)
-    await slack.wait_for(
-        lambda: any(
-            m["text"].endswith(STREAMING_MARK) for m in bot_replies(slack, "C0001", mention["ts"])
-        ),
-        60,
-    )
+    await streaming(slack, mention)
     first.process.send_signal(signal.SIGTERM)
     await first.wait_log("SIGTERM received")
     first.process.send_signal(signal.SIGTERM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
@@ -296,19 +296,6 @@ async def test_a_lone_surrogate_is_stored_and_answered(make_service, store, conv
 
 
 # --- durable turns: resumed, given up, left pending by a drain ----------------------------
-
-
-@pytest.fixture
-async def platform(redis_client: Redis) -> AsyncIterator[str]:
-    """A platform of the test's own: the service resumes only its turns, and every key
-    the test wrote (turns, seen markers, conversations, leases) is removed after it."""
-    name = f"durable{uuid.uuid4().hex[:12]}"
-    yield name
-    async for key in redis_client.scan_iter(match=f"{keys.PREFIX}*{name}*"):
-        await redis_client.delete(key)
-    for turn_id in await redis_client.zrange(keys.PENDING_TURNS, 0, -1):
-        if name in turn_id:
-            await redis_client.zrem(keys.PENDING_TURNS, turn_id)
 
 
 def process(redis: Redis, store: ConversationStore, platform: str, name: str) -> TurnJournal:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -19,18 +19,6 @@ from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal
 
 MakeJournal = Callable[..., TurnJournal]
-
-
-@pytest.fixture
-async def platform(redis_client: Redis) -> AsyncIterator[str]:
-    """A platform name unique to the test; its keys (and its journals' leases) go after."""
-    name = f"turns{uuid.uuid4().hex[:12]}"
-    yield name
-    async for key in redis_client.scan_iter(match=f"{keys.PREFIX}*{name}*"):
-        await redis_client.delete(key)
-    for turn_id in await redis_client.zrange(keys.PENDING_TURNS, 0, -1):
-        if name in turn_id:
-            await redis_client.zrem(keys.PENDING_TURNS, turn_id)
 
 
 @pytest.fixture
