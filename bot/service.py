@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -25,6 +24,7 @@ from typing import Any
 from weakref import WeakValueDictionary
 
 from bot import replies
+from bot.prompt import TokenCounter, fit, named, sanitized
 from bot.queue import EngineStopped, InferenceQueue, InferenceTimeout, QueueFull
 from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
@@ -32,9 +32,6 @@ from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal
 
 logger = logging.getLogger(__name__)
-
-TokenCounter = Callable[[list[ChatMessage]], int]
-"""Prompt length in tokens of a messages list (thread-safe: it runs off the event loop)."""
 
 SinkFactory = Callable[[dict[str, Any]], ReplySink]
 """An adapter's way back into a thread: a sink for a saved reply target."""
@@ -260,7 +257,9 @@ class ChatService:
             logger.info("turn %s was taken over by another process", pending.id)
             return
         history = named(await self.store.load(pending.conversation))
-        messages, dropped = await self._fit(self._system() + history)
+        messages, dropped = await fit(
+            self._system(), history, count_tokens=self.count_tokens, budget=self.prompt_budget
+        )
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped
         )
@@ -345,65 +344,7 @@ class ChatService:
     def _system(self) -> list[ChatMessage]:
         return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
-    async def _fit(self, messages: list[ChatMessage]) -> tuple[list[ChatMessage], int]:
-        """The messages that fit the prompt budget, and how many old ones were dropped to fit.
-
-        Drops the oldest history first; never the system prompt or the newest message.
-        The kept history starts at a user message, as chat templates expect (the store's
-        own trim may have left an assistant message first).
-        """
-        head = 1 if self.system_prompt else 0
-        system, history = messages[:head], messages[head:]
-        newest = len(history) - 1
-
-        def next_user(index: int) -> int:
-            while index < newest and history[index]["role"] != "user":
-                index += 1
-            return index
-
-        async def fits(drop: int) -> bool:
-            tokens = await asyncio.to_thread(self.count_tokens, system + history[drop:])
-            return tokens <= self.prompt_budget
-
-        start = next_user(0)
-        low, high = start, newest  # the smallest drop that fits lies in [low, high]
-        while low < high:  # binary search: O(log n) token counts, not O(n)
-            middle = (low + high) // 2
-            if await fits(middle):
-                high = middle
-            else:
-                low = middle + 1
-        drop = next_user(low)
-        if drop == newest and not await fits(drop):
-            logger.warning(
-                "the newest message alone exceeds the prompt budget of %d tokens",
-                self.prompt_budget,
-            )
-        return system + history[drop:], drop - start
-
 
 def _skipped(turn: Turn) -> None:
     logger.info("skipping re-delivered message %s on %s", turn.message_id,
                 turn.conversation.platform)  # fmt: skip
-
-
-def sanitized(text: str) -> str:
-    """A message as it is stored and shown to the model: lone surrogates (which no
-    encoding takes) replaced, surrounding space removed, and empty if nothing but
-    invisible characters (zero-width spaces and joiners, byte-order marks) is left."""
-    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").strip()
-    visible = any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
-    return text if visible else ""
-
-
-def named(history: list[ChatMessage]) -> list[ChatMessage]:
-    """The history as the model sees it: with several people in a conversation, each of
-    their messages starts with its author's name ("alice: …"); no `name` field is left."""
-    several = len({m.get("name") for m in history if m["role"] == "user"} - {None}) > 1
-    return [
-        {
-            "role": m["role"],
-            "content": f"{m['name']}: {m['content']}" if several and "name" in m else m["content"],
-        }
-        for m in history
-    ]
