@@ -50,8 +50,9 @@ class ConsoleSink:
         self.over = True
 
     async def fail(self, text: str) -> None:
-        self._write(f"\n{text}\n" if self.streamed else f"{text}\n")
-        self.over = True
+        if not self.over:
+            self._write(f"\n{text}\n" if self.streamed else f"{text}\n")
+            self.over = True
 
     async def pause(self, text: str) -> None:
         if not self.over:
@@ -80,16 +81,18 @@ class ConsoleAdapter(Adapter):
         self.output = output
         self.interactive = interactive
         self.author = getpass.getuser()
+        # The terminal is there from the start: answers an earlier chat left unfinished
+        # may be resumed into it at once.
+        service.serve_platform(f"console:{conversation}", lambda _target: ConsoleSink(self.output))
 
     async def run(self) -> None:
-        self.service.serve_platform("console", lambda _target: ConsoleSink(self.output))
         while (line := await self._next_line()) is not None:
             text = line.strip()
             if text in QUIT_COMMANDS and self.interactive:
                 return
             if not text and self.interactive:
                 continue
-            message_id = uuid.uuid4().hex
+            message_id = f"{self.key.thread}:{uuid.uuid4().hex}"  # resumed only in this chat
             turn = Turn(self.key, self.author, text, message_id, command=command(text))
             await answer(self.service, turn, ConsoleSink(self.output), wait=True)
 

@@ -83,6 +83,7 @@ class DiscordChannel:
         self.thread_from = thread_from
         self.thread_name = thread_name
         self.posted = posted  # messages of this answer sent so far (earlier tries included)
+        self.thread_open = bool(posted)
 
     def where(self) -> dict[str, Any]:
         return {
@@ -120,7 +121,7 @@ class DiscordChannel:
         await message.edit(content=text, allowed_mentions=NO_PINGS)
 
     async def _open_thread(self) -> None:
-        if self.thread_from is None or self.posted:
+        if self.thread_from is None or self.thread_open:
             return
         try:
             await self.client.http.start_thread_with_message(
@@ -132,6 +133,7 @@ class DiscordChannel:
         except discord.HTTPException as error:
             if error.code != THREAD_EXISTS:  # opened already, by an earlier try
                 raise
+        self.thread_open = True
 
 
 class DiscordAdapter(Adapter):

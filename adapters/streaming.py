@@ -143,8 +143,9 @@ class StreamingReply:
             await self._post(self.render(replies.continuation_failed()))
 
     async def fail(self, text: str) -> None:
-        await self._show_final(self.render(text))
-        self.over = True
+        if not self.over:  # an answer (or failure) already shown stays shown
+            await self._show_final(self.render(text))
+            self.over = True
 
     async def pause(self, text: str) -> None:
         if not self.over:  # a stop just after the answer was shown leaves it shown
@@ -172,4 +173,7 @@ class StreamingReply:
     async def _post(self, text: str) -> None:
         self.message_ids.append(await self.target.post(text))
         if self.on_post is not None:
-            await self.on_post()
+            try:
+                await self.on_post()
+            except Exception:  # the message is posted: a failed record of it is no failed post
+                logger.exception("could not record a posted message")

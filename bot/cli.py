@@ -127,7 +127,10 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
             output=sys.stdout,
             interactive=interactive,
         )
+        await service.resume()  # first, what an earlier chat left unanswered
         await adapter.run()
+        # At the end of the input, answers still running (resumed ones) get the grace.
+        await service.drain(settings.shutdown_grace_s)
     return 0
 
 

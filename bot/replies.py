@@ -69,6 +69,10 @@ def restarting() -> str:
     return "_I'm restarting; I'll answer this as soon as I'm back._"
 
 
+def restarting_resend() -> str:
+    return "I'm restarting right now. Please send that again in a minute."
+
+
 def gave_up(attempts: int) -> str:
     return (
         f"Sorry, I could not answer this message after {attempts} tries. "

@@ -106,7 +106,8 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
             try:
                 yield service
             finally:
-                service.stop_resuming()
+                await service.drain(0)  # whatever still runs is left pending, never failed
+                service.stop()
                 await resuming
                 try:
                     await journal.drop_lease()

@@ -25,16 +25,24 @@ from weakref import WeakValueDictionary
 
 from bot import replies
 from bot.prompt import TokenCounter, fit, named, sanitized
-from bot.queue import EngineStopped, InferenceQueue, InferenceTimeout, QueueFull
+from bot.queue import (
+    EngineStopped,
+    InferenceCancelled,
+    InferenceQueue,
+    InferenceTimeout,
+    QueueFull,
+)
 from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
 from storage.store import ConversationStore
-from storage.turns import PendingTurn, TurnJournal
+from storage.turns import PendingTurn, TurnJournal, in_scope
 
 logger = logging.getLogger(__name__)
 
 SinkFactory = Callable[[dict[str, Any]], ReplySink]
 """An adapter's way back into a thread: a sink for a saved reply target."""
+
+PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be answered
 
 
 class ChatService:
@@ -64,18 +72,24 @@ class ChatService:
         self.max_attempts = max_attempts
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
-        self._platforms: dict[str, SinkFactory] = {}  # connected adapters, for resuming
+        self._scopes: dict[str, SinkFactory] = {}  # connected adapters, for resuming
+        # Our turns whose task gave them up when storage was lost, with their sinks (which
+        # know every message posted, saved or not), to be taken up again once it is back.
+        self._orphaned: dict[str, ReplySink] = {}
+        self._resuming = asyncio.Lock()  # one claim pass at a time
         self._resume_now = asyncio.Event()
-        self._closing = False
+        self._closing = False  # draining: no new turns
+        self._stopped = False  # the lease is no longer kept
         # Entries vanish once no turn holds or awaits their lock.
         self._conversation_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
     # --- what adapters call -------------------------------------------------------------
 
-    def serve_platform(self, platform: str, rebuild: SinkFactory) -> None:
+    def serve_platform(self, scope: str, rebuild: SinkFactory) -> None:
         """An adapter is connected: its pending turns may now be resumed, through sinks
-        that `rebuild` makes from saved reply targets."""
-        self._platforms[platform] = rebuild
+        that `rebuild` makes from saved reply targets. `scope` is its platform (`slack`),
+        or a platform and message-id prefix (`console:NAME`) to resume only those turns."""
+        self._scopes[scope] = rebuild
         self._resume_now.set()
 
     async def knows(self, conversation: ConversationKey) -> bool:
@@ -103,17 +117,16 @@ class ChatService:
     # --- what the process runner calls ---------------------------------------------------
 
     async def keep_resuming(self) -> None:
-        """Until `stop_resuming`: keep our lease, and answer pending turns whose owner is
-        gone (every process's turns at start, a crashed one's after its lease).
+        """Until `stop`: keep our lease (through a drain too, or another process would take
+        over the answers still finishing), and until a drain, answer the pending turns
+        whose owner is gone (every process's at start, a crashed one's after its lease).
 
         Stopped by a flag, not by cancellation: on Python 3.11 a cancel that lands inside
         redis-py's `wait_for` can be swallowed, and the loop would go on."""
         outage = False
-        while not self._closing:
+        while not self._stopped:
             try:
-                await self.journal.renew_lease()
-                for pending in await self.journal.claim(self._platforms, running=self._running):
-                    self._resume(pending)
+                await self.resume()
                 if outage:
                     logger.warning("storage is reachable again")
                 outage = False
@@ -127,26 +140,43 @@ class ChatService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resume_now.wait(), self.journal.lease_seconds / 3)
 
-    def stop_resuming(self) -> None:
-        """Take no new turns and resume none; `keep_resuming` returns soon after."""
-        self._closing = True
+    async def resume(self) -> None:
+        """Renew our lease, and (unless stopping) start answering the pending turns we may
+        take over."""
+        async with self._resuming:  # two passes at once could both take an orphaned turn
+            await self.journal.renew_lease()
+            if self._closing:
+                return
+            claimed = await self.journal.claim(
+                self._scopes, orphaned=self._orphaned, stop=lambda: self._closing
+            )
+            for pending in claimed:
+                if self._closing:  # a stop began meanwhile: the next start takes it
+                    await self.journal.release(pending)
+                else:
+                    self._resume(pending)
+
+    def stop(self) -> None:
+        """Take no new turns, resume none, and let `keep_resuming` return (the lease is
+        no longer renewed)."""
+        self._closing = self._stopped = True
         self._resume_now.set()
 
     async def drain(self, grace: float) -> int:
         """Stop taking turns, give running answers `grace` seconds, then leave the rest
         pending for the next start (their threads say so). Returns how many were left."""
-        self.stop_resuming()
+        self._closing = True
         running = set(self._running.values())
-        if running:
-            logger.info("waiting up to %gs for %d running turns", grace, len(running))
-            _, left = await asyncio.wait(running, timeout=grace)
-            for task in left:
-                task.cancel()
-            await asyncio.gather(*left, return_exceptions=True)
-            if left:
-                logger.warning("%d turns left pending for the next start", len(left))
-            return len(left)
-        return 0
+        if not running:
+            return 0
+        logger.info("waiting up to %gs for %d running turns", grace, len(running))
+        _, left = await asyncio.wait(running, timeout=grace)
+        for task in left:
+            task.cancel()
+        if left:  # each says in its thread that it will be answered; bounded, come what may
+            await asyncio.wait(left, timeout=PAUSE_SECONDS)
+            logger.warning("%d turns left pending for the next start", len(left))
+        return len(left)
 
     # --- accepting ----------------------------------------------------------------------
 
@@ -161,6 +191,9 @@ class ChatService:
                 refusal = replies.too_long(len(text), self.max_input_chars)
             elif (pending := self._pending[turn.author]) >= self.max_pending_per_user:
                 refusal = replies.slow_down(pending)
+        if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
+            await sink.fail(replies.restarting_resend())
+            return None
         if refusal or turn.command:
             if not await self.store.first_seen(platform, turn.message_id):
                 return _skipped(turn)
@@ -179,6 +212,7 @@ class ChatService:
                 replace(turn, text=text, context=context), sink.reply_target()
             )
             if accepted is not None and self._closing:  # stopping: the next start answers it
+                self._track(accepted, sink)
                 await self._leave_for_later(accepted, sink, release=True)
         finally:
             if accepted is None or self._closing:
@@ -191,7 +225,17 @@ class ChatService:
         logger.info(
             "resuming turn %s (attempt %d of %d)", pending.id, pending.attempts, self.max_attempts
         )
-        self._start(pending, self._platforms[pending.turn.conversation.platform](pending.target))
+        try:
+            if (sink := self._orphaned.pop(pending.id, None)) is None:
+                rebuild = next(
+                    r for scope, r in self._scopes.items() if in_scope(pending.id, [scope])
+                )
+                sink = rebuild(pending.target)
+        except Exception:  # e.g. a target saved by an older version: never block the others
+            logger.exception("cannot reach the thread of turn %s; dropping it", pending.id)
+            self._spawn(pending.id, self.journal.finish(pending))
+            return
+        self._start(pending, sink)
 
     def _start(
         self, pending: PendingTurn, sink: ReplySink, *, counted: bool = False
@@ -200,7 +244,7 @@ class ChatService:
         author = pending.turn.author
         if not counted:
             self._pending[author] += 1
-        sink.on_post = partial(self._save_target, pending, sink)
+        self._track(pending, sink)
         task = self._spawn(pending.id, self._run(pending, sink))
         task.add_done_callback(lambda _: self._uncount(author))
         return task
@@ -210,14 +254,28 @@ class ChatService:
         if not self._pending[author]:
             del self._pending[author]
 
-    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, key: str, work: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=f"turn {key}")
         self._running[key] = task
-        task.add_done_callback(lambda _: self._running.pop(key, None))
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._running.get(key) is task:
+                del self._running[key]
+
+        task.add_done_callback(done)
         return task
 
+    def _track(self, pending: PendingTurn, sink: ReplySink) -> None:
+        """Save where the answer is each time the sink posts a message."""
+        sink.on_post = partial(self._save_target, pending, sink)
+
     async def _save_target(self, pending: PendingTurn, sink: ReplySink) -> None:
-        await self.journal.save(pending, target=sink.reply_target())
+        try:
+            await self.journal.save(pending, target=sink.reply_target())
+        except Exception as error:  # the sink still knows; the next save carries it
+            if not is_outage(error):
+                raise
+            logger.warning("could not save where turn %s is posted: %s", pending.id, error)
 
     # --- answering ------------------------------------------------------------------------
 
@@ -229,8 +287,7 @@ class ChatService:
                 if pending.attempts > self.max_attempts:
                     logger.error("giving up on turn %s after %d attempts", pending.id,
                                  self.max_attempts)  # fmt: skip
-                    await sink.fail(replies.gave_up(self.max_attempts))
-                    await self.journal.finish(pending)
+                    await self._fail(pending, sink, replies.gave_up(self.max_attempts))
                 elif pending.answer is not None:  # generated before a stop: deliver it
                     await self._deliver(pending, sink, pending.answer)
                 else:
@@ -238,23 +295,30 @@ class ChatService:
         except asyncio.CancelledError:  # the grace period of a stop is over
             await self._leave_for_later(pending, sink, release=True)
             raise
+        except InferenceCancelled:  # the queue is closing under it: a stop, not a failure
+            await self._leave_for_later(pending, sink, release=True)
         except EngineStopped:
             logger.error("the engine died while answering %s; it stays pending", pending.id)
             await self._leave_for_later(pending, sink, release=False)
         except Exception as error:
             if not is_outage(error):
                 logger.exception("answering %s failed", pending.id)
-                await self._fail(pending, sink, replies.failed())
+                try:
+                    await self._fail(pending, sink, replies.failed())
+                except Exception:  # storage failed us too: the record stays, taken up again
+                    logger.warning("could not close failed turn %s", pending.id, exc_info=True)
+                    self._orphaned[pending.id] = sink
                 return
             # The record stays: our resume loop claims it again once storage is back.
             logger.warning("storage lost while answering %s; it stays pending", pending.id)
+            self._orphaned[pending.id] = sink
             await self._leave_for_later(pending, sink, release=True,
                                         text=replies.storage_lost())  # fmt: skip
 
     async def _answer(self, pending: PendingTurn, sink: ReplySink) -> None:
         started = await self.journal.begin(pending)
         if started is None:
-            logger.info("turn %s was taken over by another process", pending.id)
+            _not_ours(pending)
             return
         history = named(await self.store.load(pending.conversation))
         messages, dropped = await fit(
@@ -286,26 +350,36 @@ class ChatService:
             await self._fail(started, sink, replies.empty_answer())
             return
         # Saved before it is shown: a stop from here on delivers this answer, not a new one.
-        await self.journal.save(started, answer=answer)
+        if not await self.journal.save(started, answer=answer):
+            _not_ours(pending)
+            return
         await self._deliver(started, sink, answer)
 
     async def _deliver(self, pending: PendingTurn, sink: ReplySink, answer: str) -> None:
         """Show the answer, then store it and close the turn."""
         await sink.finish(answer)
         try:
-            await self.journal.finish(pending, answer)
+            if not await self.journal.finish(pending, answer):
+                _not_ours(pending)
+                return
         except Exception as error:
             if not is_outage(error):
                 raise
             # The record holds the answer: once storage is back, our resume loop shows the
             # same text again (an edit that changes nothing) and stores it.
             logger.warning("storage lost after answering %s; stored once it is back", pending.id)
+            self._orphaned[pending.id] = sink
             return
         logger.info("answered turn %s (attempt %d)", pending.id, pending.attempts)
 
     async def _fail(self, pending: PendingTurn, sink: ReplySink, text: str) -> None:
-        """The user hears why; the turn is over (its message stays in the history)."""
-        await sink.fail(text)
+        """The user hears why (if the platform lets us say it); the turn is over either
+        way (its message stays in the history)."""
+        try:
+            await sink.fail(text)
+        except Exception:  # e.g. the channel is gone: retrying would not bring it back
+            logger.warning("could not tell turn %s's thread why it failed", pending.id,
+                           exc_info=True)  # fmt: skip
         await self.journal.finish(pending)
 
     async def _leave_for_later(
@@ -343,6 +417,10 @@ class ChatService:
 
     def _system(self) -> list[ChatMessage]:
         return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+
+
+def _not_ours(pending: PendingTurn) -> None:
+    logger.warning("turn %s is no longer ours (another process took it over)", pending.id)
 
 
 def _skipped(turn: Turn) -> None:

@@ -61,7 +61,7 @@ class ReplySink(Protocol):
     The service calls `start` once, `append` for each streamed chunk, then exactly one
     of `finish` (the whole answer), `fail` (a short user-facing error text) or `pause`
     (a short text saying the answer will come later; once the answer or a failure is
-    shown, `pause` changes nothing). `notice` may come first, for one-line warnings such
+    shown, `fail` and `pause` change nothing). `notice` may come first, for one-line warnings such
     as dropped history.
 
     `reply_target()` is where the answer goes and what is posted so far, as JSON; the adapter

@@ -176,28 +176,35 @@ class TurnJournal:
     # --- claiming the turns of processes that are gone ---------------------------------
 
     async def claim(
-        self, platforms: Collection[str], *, running: Collection[str]
+        self,
+        scopes: Collection[str],
+        *,
+        orphaned: Collection[str] = (),
+        stop: Callable[[], bool] = lambda: False,
     ) -> list[PendingTurn]:
-        """Take over, in arrival order, the pending turns on `platforms` whose owner's
-        lease is gone, and our own that are not `running` (their task lost storage);
-        each claim counts as an attempt."""
+        """Take over, in arrival order, the pending turns in `scopes` (turn id prefixes,
+        such as `slack`) whose owner's lease is gone, and of our own only those listed as
+        `orphaned` (their task gave them up); each claim counts as an attempt. Stops
+        claiming as soon as `stop()` says so."""
         claimed = []
         for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
-            if turn_id in running or turn_id.partition(":")[0] not in platforms:
-                continue
-            if pending := await self._claim(turn_id):
+            if stop():
+                break
+            if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
                 claimed.append(pending)
         return claimed
 
     async def count(self) -> int:
         return await self._redis.zcard(keys.PENDING_TURNS)
 
-    async def _claim(self, turn_id: str) -> PendingTurn | None:
+    async def _claim(self, turn_id: str, orphaned: Collection[str]) -> PendingTurn | None:
         key = keys.turn(turn_id)
 
         async def write(pipe: Pipeline) -> PendingTurn | None:
             record = await pipe.hgetall(key)
             owner = record.get("owner")
+            if owner == self.owner and turn_id not in orphaned:
+                return None  # ours, and being answered (or just accepted)
             if owner and owner != self.owner:
                 await pipe.watch(keys.owner(owner))  # a renewal now must abort the claim
                 if await pipe.exists(keys.owner(owner)):
@@ -238,7 +245,8 @@ class TurnJournal:
         """WATCH `watched`, let `write` read and queue a MULTI, execute; retried on a
         WatchError, so the result is always consistent. redis-py raises WatchError too when
         the connection breaks while waiting for EXEC's reply, after Redis may have run it:
-        so each `write` first checks whether an earlier try already took effect."""
+        `accept`, `begin`, `save` and `finish` check whether an earlier try took effect;
+        `claim` and `release` may then count an attempt twice (harmless but for the count)."""
         for _ in range(WATCH_TRIES - 1):
             try:
                 return await self._once(watched, write)
@@ -253,6 +261,11 @@ class TurnJournal:
             if pipe.explicit_transaction:  # `write` opened a MULTI: run it
                 await pipe.execute()
             return result
+
+
+def in_scope(turn_id: str, scopes: Collection[str]) -> bool:
+    """Whether a turn id (`platform:message id`) starts with one of `scopes` and a colon."""
+    return any(turn_id.startswith(f"{scope}:") for scope in scopes)
 
 
 def user_message(turn: Turn) -> ChatMessage:

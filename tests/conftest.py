@@ -326,6 +326,7 @@ def make_service(
                 yield service, engine
             finally:
                 await service.drain(0)
+                service.stop()
                 await resuming
                 await remove_pending_turns(redis_client, journal.owner)
 

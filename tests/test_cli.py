@@ -8,8 +8,10 @@ conversion through the `bundled_cache` fixture.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -193,7 +195,8 @@ def data_dir(tmp_path: Path, bundled_engine: object, bundled_cache: Path) -> Pat
 
 def chat(data_dir: Path, conversation: str, input: str, **settings: str) -> Result:
     """`threadbot chat` on the bundled model and the CLI's own embedded Redis (no REDIS_URL)."""
-    env = cli_env(MODEL="bundled", MAX_NEW_TOKENS="48", DATA_DIR=str(data_dir), **settings)
+    defaults = {"MODEL": "bundled", "MAX_NEW_TOKENS": "48", "DATA_DIR": str(data_dir)}
+    env = cli_env(**(defaults | settings))
     result = run_cli(
         "chat",
         "--conversation",
@@ -260,3 +263,35 @@ async def test_empty_line_gets_the_empty_reply_and_no_generation(data_dir: Path)
     assert result.stdout == f"{replies.empty_message()}\n" * 2
     assert prompt_sizes(result.stderr, conversation) == []
     assert await stored(data_dir, conversation) == []
+
+
+@pytest.mark.slow
+async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: Path) -> None:
+    """Injected: kill -9 of `threadbot chat` while it writes an answer (its embedded
+    redis-server lives on, holding DATA_DIR). Holds: the next chat of that conversation
+    stops the orphaned server, and answers the question in full, once."""
+    settings = {"MAX_NEW_TOKENS": "200", "TURN_LEASE_S": "1"}
+    env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **settings)
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "bot", "chat", "--conversation", "crash"],
+        cwd=data_dir.parent, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert killed.stdin is not None and killed.stdout is not None
+        killed.stdin.write(b"Write a long story about a dragon.\n")
+        killed.stdin.flush()
+        ready, _, _ = select.select([killed.stdout], [], [], CHAT_TIMEOUT)
+        assert ready, "no answer began"
+        os.read(killed.stdout.fileno(), 10)  # the answer is streaming
+    finally:
+        killed.kill()
+        killed.wait()
+    await asyncio.sleep(1.5)  # the lease runs out
+
+    result = chat(data_dir, "crash", "", **settings)
+    assert "left behind by a threadbot that died" in result.stderr
+    assert "resuming turn" in result.stderr
+    messages = await stored(data_dir, console_id("crash"))
+    assert [message["role"] for message in messages] == ["user", "assistant"]
+    assert messages[1]["content"] in result.stdout  # printed in full in this chat

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -364,7 +365,9 @@ async def test_a_turn_past_its_attempts_is_given_up_and_removed(
     pending = await process(redis_client, store, platform, "first").accept(on(platform), {})
     assert pending is not None
     for name in ("second", "third"):  # each claimed it and died: attempts 2, then 3
-        [claimed] = await process(redis_client, store, platform, name).claim([platform], running=())
+        [claimed] = await process(redis_client, store, platform, name).claim(
+            [platform], orphaned=()
+        )
     assert claimed.attempts == 3
     rebuild = Rebuilder()
     async with make_service(max_attempts=3) as (service, engine):
@@ -396,7 +399,7 @@ async def test_drain_leaves_a_running_turn_pending_without_counting_the_try(
             assert not await gone(redis_client, f"{platform}:{message.message_id}")
             await journal.drop_lease()  # as `threadbot run` does after the drain
             [next_start] = await process(redis_client, store, platform, "next").claim(
-                [platform], running=()
+                [platform], orphaned=()
             )
         finally:
             gated.gate.set()
@@ -442,3 +445,90 @@ async def test_forget_deletes_the_conversation_and_reset_keeps_it_known(
         assert not await service.knows(conversation)
     assert sink.events == [("finish", replies.forgotten())]
     assert await store.load(str(conversation)) == []
+
+
+async def test_the_lease_is_kept_while_a_drain_waits(
+    make_service, make_batcher, redis_client, store, journal, platform
+):
+    """Otherwise another process would take over an answer still finishing in the grace
+    period, and both would answer it."""
+    gated = GatedEngine(make_batcher())
+    async with make_service(gated) as (service, _engine):
+        try:
+            task = await service.accept(on(platform), RecordingSink())
+            assert task is not None
+            draining = asyncio.create_task(service.drain(3 * journal.lease_seconds))
+            await asyncio.sleep(2 * journal.lease_seconds)  # the lease would have lapsed
+            other = process(redis_client, store, platform, "other")
+            assert await other.claim([platform]) == []
+        finally:
+            gated.gate.set()
+        assert await draining == 0  # answered within the grace
+    assert task.done() and not task.cancelled()
+
+
+class RefusingSink(RecordingSink):
+    """A thread the platform no longer lets us write to (deleted, archived, bot removed)."""
+
+    async def fail(self, text: str) -> None:
+        raise RuntimeError("channel_not_found")
+
+
+async def test_a_failure_that_cannot_be_told_still_ends_the_turn(
+    make_service, make_batcher, redis_client, platform
+):
+    message = on(platform)
+    async with make_service(FailsOnceEngine(make_batcher())) as (service, _engine):
+        await service.handle(message, RefusingSink())
+        assert await gone(redis_client, f"{platform}:{message.message_id}")  # not retried
+
+
+async def test_a_turn_whose_thread_cannot_be_rebuilt_does_not_block_the_others(
+    make_service, redis_client, store, platform
+):
+    crashed = process(redis_client, store, platform, "crashed")
+    broken = await crashed.accept(on(platform, "first"), {"from": "an older version"})
+    good = await crashed.accept(on(platform, "second"), {"thread": "T1"})
+    assert broken is not None and good is not None
+    rebuild = Rebuilder()
+
+    def rebuild_or_fail(target: dict) -> RecordingSink:
+        if "from" in target:
+            raise KeyError("thread")
+        return rebuild(target)
+
+    async with make_service() as (service, _engine):
+        service.serve_platform(platform, rebuild_or_fail)
+        await until(lambda: gone(redis_client, good.id))
+        await until(lambda: gone(redis_client, broken.id))
+    [sink] = rebuild.sinks
+    assert sink.kinds("finish")
+
+
+async def test_a_message_taken_during_a_drain_saves_where_its_pause_text_is(
+    make_service, redis_client, platform
+):
+    """The next start edits that message into the answer; none is left behind."""
+
+    class PostingSink(RecordingSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.posted: list[str] = []
+
+        def reply_target(self) -> dict:
+            return {"messages": self.posted}
+
+        async def pause(self, text: str) -> None:
+            await super().pause(text)
+            self.posted.append("M1")
+            await self.on_post()
+
+    sink = PostingSink()
+    message = on(platform)
+    async with make_service() as (service, _engine):
+        await service.drain(0)
+        assert await service.accept(message, sink) is None  # left for the next start
+        turn_id = f"{platform}:{message.message_id}"
+        target = json.loads(await redis_client.hget(keys.turn(turn_id), "target"))
+    assert sink.kinds("pause") == [replies.restarting()]
+    assert target == {"messages": ["M1"]}

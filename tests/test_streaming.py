@@ -201,15 +201,29 @@ async def test_a_continuation_that_cannot_be_posted_is_reported_after_what_was(f
 
 
 @pytest.mark.parametrize("ending", ["finish", "fail"])
-async def test_pause_after_the_answer_or_a_failure_changes_nothing(ending):
+@pytest.mark.parametrize("then", ["pause", "fail"])
+async def test_once_the_answer_or_a_failure_is_shown_nothing_replaces_it(ending, then):
     target, clock = Target(), Clock()
     sink = reply(target, clock)
     await sink.start()
     await getattr(sink, ending)("over")
     shown, edits, posts = dict(target.messages), target.edits, target.posts
-    await sink.pause("restarting")
+    await getattr(sink, then)("restarting, or something went wrong")
     assert (target.messages, target.edits, target.posts) == (shown, edits, posts)
     assert shown == {"0": "OVER"}
+
+
+async def test_a_failed_record_of_a_post_is_not_taken_for_a_failed_post():
+    target, clock = Target(), Clock()
+    sink = reply(target, clock)
+
+    async def record_fails() -> None:
+        raise RuntimeError("the record of it failed")
+
+    sink.on_post = record_fails
+    await sink.start()
+    await sink.finish(" ".join(["word"] * 30))
+    assert " ".join(target.messages.values()).split() == ["WORD"] * 30  # whole, no note
 
 
 async def test_pause_before_anything_was_posted_posts_the_text():

@@ -70,7 +70,7 @@ async def test_a_message_is_accepted_once_per_platform(
 
     redelivered = new_turn(platform, "first, again", message_id="m1")
     assert await journal.accept(redelivered, {"thread": "T2"}) is None
-    [claimed] = await make_journal("b").claim([platform], running=())  # "a" holds no lease
+    [claimed] = await make_journal("b").claim([platform], orphaned=())  # "a" holds no lease
     assert claimed.turn == message  # the re-delivery did not overwrite the record
     assert claimed.target == {"thread": "T1"}
 
@@ -91,9 +91,9 @@ async def test_another_journal_claims_a_turn_only_once_its_owner_lease_is_gone(
     pending = await first.accept(message, {"thread": "T1", "messages": ["M1"]})
     assert pending is not None
 
-    assert await second.claim([platform], running=()) == []  # the owner is alive
+    assert await second.claim([platform], orphaned=()) == []  # the owner is alive
     await first.drop_lease()
-    [claimed] = await second.claim([platform], running=())
+    [claimed] = await second.claim([platform], orphaned=())
 
     assert claimed.turn == message
     assert claimed.target == {"thread": "T1", "messages": ["M1"]}
@@ -102,8 +102,8 @@ async def test_another_journal_claims_a_turn_only_once_its_owner_lease_is_gone(
     assert (claimed.stored, claimed.answer) == (False, None)
     assert (await record(redis_client, pending))["owner"] == second.owner
     await second.renew_lease()
-    assert await first.claim([platform], running=()) == []  # "second" holds it now
-    assert await second.claim([platform], running=[claimed.id]) == []
+    assert await first.claim([platform], orphaned=()) == []  # "second" holds it now
+    assert await second.claim([platform], orphaned=()) == []
 
 
 async def test_a_lease_that_is_renewed_holds_and_one_that_expires_lets_go(
@@ -115,9 +115,9 @@ async def test_a_lease_that_is_renewed_holds_and_one_that_expires_lets_go(
     await asyncio.sleep(0.3)
     await first.renew_lease()
     await asyncio.sleep(0.3)  # past the first lease, within the renewed one
-    assert await second.claim([platform], running=()) == []
+    assert await second.claim([platform], orphaned=()) == []
     await asyncio.sleep(0.5)  # the renewed lease has expired too
-    assert len(await second.claim([platform], running=())) == 1
+    assert len(await second.claim([platform], orphaned=())) == 1
 
 
 async def test_claims_come_in_arrival_order_and_each_counts_an_attempt(
@@ -130,10 +130,10 @@ async def test_claims_come_in_arrival_order_and_each_counts_an_attempt(
         assert pending is not None
         accepted.append(pending)
 
-    taken = await make_journal("second").claim([platform], running=())
+    taken = await make_journal("second").claim([platform], orphaned=())
     assert [p.id for p in taken] == [p.id for p in accepted]
     assert [p.attempts for p in taken] == [2, 2, 2]
-    taken_again = await make_journal("third").claim([platform], running=())  # "second" died too
+    taken_again = await make_journal("third").claim([platform], orphaned=())  # "second" died too
     assert [p.id for p in taken_again] == [p.id for p in accepted]
     assert [p.attempts for p in taken_again] == [3, 3, 3]
     assert [(await record(redis_client, p))["attempts"] for p in accepted] == ["3", "3", "3"]
@@ -145,12 +145,12 @@ async def test_claim_takes_only_the_platforms_asked_for(
     gone = make_journal("gone")
     here = await gone.accept(new_turn(platform), {})
     assert await gone.accept(new_turn(f"{platform}x"), {}) is not None
-    claimed = await make_journal("second").claim([platform], running=())
+    claimed = await make_journal("second").claim([platform], orphaned=())
     assert here is not None
     assert [p.id for p in claimed] == [here.id]
 
 
-async def test_a_journal_claims_its_own_turns_except_those_running(
+async def test_a_journal_claims_of_its_own_turns_only_the_orphaned(
     make_journal: MakeJournal, redis_client: Redis, platform: str
 ) -> None:
     journal = make_journal("self")
@@ -160,7 +160,7 @@ async def test_a_journal_claims_its_own_turns_except_those_running(
     assert running is not None
     assert stranded is not None
 
-    [claimed] = await journal.claim([platform], running=[running.id])
+    [claimed] = await journal.claim([platform], orphaned=[stranded.id])
     assert claimed.id == stranded.id
     assert claimed.attempts == 2
     assert (await record(redis_client, running))["attempts"] == "1"  # left alone
@@ -177,7 +177,7 @@ async def test_two_journals_racing_for_a_turn_only_one_wins(
         pending = await gone.accept(new_turn(platform), {})
         assert pending is not None
         claims = await asyncio.gather(
-            left.claim([platform], running=()), right.claim([platform], running=())
+            left.claim([platform], orphaned=()), right.claim([platform], orphaned=())
         )
         winners = [journal for journal, won in zip((left, right), claims, strict=True) if won]
         assert len(winners) == 1, claims
@@ -208,7 +208,7 @@ async def test_begin_stores_context_for_a_new_conversation_and_the_message_once(
     assert await store.load(pending.conversation) == history
 
     other = make_journal("b")
-    [claimed] = await other.claim([platform], running=())  # "a" holds no lease
+    [claimed] = await other.claim([platform], orphaned=())  # "a" holds no lease
     assert claimed.stored  # read back from the record
     assert await other.begin(claimed) is not None
     assert await store.load(pending.conversation) == history
@@ -231,7 +231,7 @@ async def test_a_turn_taken_over_is_no_longer_written_by_its_old_owner(
     old, new = make_journal("old"), make_journal("new")
     pending = await old.accept(new_turn(platform, "question"), {"thread": "T1"})
     assert pending is not None
-    [claimed] = await new.claim([platform], running=())  # "old" holds no lease
+    [claimed] = await new.claim([platform], orphaned=())  # "old" holds no lease
     before = await record(redis_client, pending)
 
     assert await old.begin(pending) is None
@@ -254,7 +254,7 @@ async def test_save_records_progress_that_a_claim_reads_back(
     assert pending is not None
     assert await first.save(pending, target={"thread": "T1", "messages": ["M1", "M2"]})
     assert await first.save(pending, answer="the answer, generated")
-    [claimed] = await make_journal("second").claim([platform], running=())
+    [claimed] = await make_journal("second").claim([platform], orphaned=())
     assert claimed.target == {"thread": "T1", "messages": ["M1", "M2"]}
     assert claimed.answer == "the answer, generated"
 
@@ -315,11 +315,11 @@ async def test_release_gives_back_the_attempt_a_claim_took(
     pending = await make_journal("gone").accept(new_turn(platform), {})
     assert pending is not None
     second = make_journal("second")
-    [claimed] = await second.claim([platform], running=())
+    [claimed] = await second.claim([platform], orphaned=())
     assert claimed.attempts == 2
     await second.release(claimed)  # a clean stop: this try does not count
     assert (await record(redis_client, pending))["attempts"] == "1"
-    [again] = await make_journal("third").claim([platform], running=())
+    [again] = await make_journal("third").claim([platform], orphaned=())
     assert again.attempts == 2
 
 
@@ -333,9 +333,23 @@ async def test_an_unreadable_or_missing_record_is_dropped_not_retried(
     assert good is not None
 
     journal = make_journal("a")
-    claimed = await journal.claim([platform], running=())
+    claimed = await journal.claim([platform], orphaned=())
     assert [p.id for p in claimed] == [good.id]  # the good turn behind them still comes
     for turn_id in (garbage, missing):
         assert await redis_client.exists(keys.turn(turn_id)) == 0
         assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is None
-    assert await journal.claim([platform], running=[good.id]) == []
+    assert await journal.claim([platform]) == []  # now its own, and not orphaned
+
+
+async def test_a_claim_stops_as_soon_as_it_is_told(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    """A process that starts stopping mid-claim takes no more turns (the next one will)."""
+    gone = make_journal("gone")
+    first = await gone.accept(new_turn(platform, "first"), {})
+    second = await gone.accept(new_turn(platform, "second"), {})
+    assert first is not None and second is not None
+    told = iter([False, True])  # told to stop after the first turn
+    taken = await make_journal("taker").claim([platform], stop=lambda: next(told))
+    assert [p.id for p in taken] == [first.id]
+    assert (await record(redis_client, second))["owner"] == gone.owner
