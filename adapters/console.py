@@ -32,7 +32,7 @@ class ConsoleSink:
         self.on_post: Callable[[], Awaitable[None]] | None = None  # nothing to keep track of
 
     def reply_target(self) -> dict[str, Any]:
-        return {}  # a resumed answer is printed in whichever terminal chats next
+        return {}  # a resumed answer is printed by the next chat of this conversation
 
     async def start(self) -> None:
         pass  # the answer itself starts the line
@@ -55,8 +55,7 @@ class ConsoleSink:
             self.over = True
 
     async def pause(self, text: str) -> None:
-        if not self.over:
-            await self.fail(text)
+        await self.fail(text)  # nothing to edit later: the resumed answer prints anew
 
     def _write(self, text: str) -> None:
         self.output.write(text)
