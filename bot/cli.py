@@ -15,9 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from bot.config import Settings, describe_error
+from bot.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
@@ -58,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings()
-    except ValidationError as error:
-        print(describe_error(error), file=sys.stderr)
+        settings = load_settings()
+    except ConfigError as error:
+        print(error, file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     command = {"chat": chat, "run": run}[args.command]
@@ -111,8 +109,9 @@ async def chat(settings: Settings, args: argparse.Namespace) -> int:
 async def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from adapters.console import ConsoleAdapter
     from bot.runtime import open_service
+    from bot.team import Team
 
-    async with open_service(settings) as service:
+    async with open_service(Team(settings)) as service:
         interactive = sys.stdin.isatty()
         if interactive:
             print(
@@ -138,6 +137,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     from adapters.discord_adapter import DiscordAdapter
     from adapters.slack_adapter import SlackAdapter
     from bot.runtime import open_service
+    from bot.team import Team
 
     platforms = []
     if settings.slack_bot_token:
@@ -154,7 +154,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     if not platforms:
         print(NO_PLATFORM, file=sys.stderr)
         return 2
-    async with open_service(settings) as service:
+    async with open_service(Team(settings)) as service:
         adapters = [platform.from_settings(settings, service) for platform in platforms]
         return await _serve(service, adapters, grace=settings.shutdown_grace_s)
 

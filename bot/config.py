@@ -1,23 +1,115 @@
-"""Settings: one object, read once at start from the environment and `.env`, passed down.
+"""Settings: one object, read at start from the environment, `.env` and the team's YAML
+file (`THREADBOT_CONFIG`, else `threadbot.yml` where present), and passed down.
 
-Every setting is an environment variable of the same name (case-insensitive). Invalid
-values fail at start with a message that names the setting (`describe_error`).
+Every setting is an environment variable of the same name (case-insensitive), or a key of
+the YAML file; the environment wins. Nested sections (`access`, `personas`) come from the
+file; an environment variable can still set one of their keys (`ACCESS__DENY=silent`).
+Invalid values fail at start with one line naming the setting, and in the file its line
+(`load_settings`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 BUNDLED = "bundled"
+DEFAULT_CONFIG_FILE = Path("threadbot.yml")
+
+
+class ConfigError(Exception):
+    """The settings cannot be used; the message says which, and where (one line each)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Section):
+    """Who or where, by platform id: an empty allow list admits everyone; deny wins."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def admits(self, *ids: str) -> bool:
+        """Whether any of `ids` is allowed and none is denied (a user has several roles)."""
+        if any(i in self.deny for i in ids):
+            return False
+        return not self.allow or any(i in self.allow for i in ids)
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _ids_as_text(cls, value: object) -> object:
+        # Discord ids are numbers, which YAML reads as int: compare them as text.
+        return [str(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+class SlackAccess(_Section):
+    dms: bool = True
+    users: Rule = Rule()
+    channels: Rule = Rule()
+    workspaces: Rule = Rule()  # team ids; Slack Connect strangers must be allowed by user id
+
+
+class DiscordAccess(_Section):
+    dms: bool = True
+    users: Rule = Rule()
+    channels: Rule = Rule()  # a thread is judged by its parent channel
+    servers: Rule = Rule()  # guild ids
+    roles: Rule = Rule()  # role ids; users with no allowed role are denied if the list is set
+
+
+class Access(_Section):
+    deny: Literal["reply", "silent"] = Field(
+        "reply", description="A denied person gets a short reply, at most hourly, or nothing."
+    )
+    admins: tuple[str, ...] = Field((), description="User ids that may reload, see stats, reset.")
+    rate_limit_per_minute: float = Field(
+        0, ge=0, description="Messages a user may send a minute (a token bucket; 0: no limit)."
+    )
+    slack: SlackAccess = SlackAccess()
+    discord: DiscordAccess = DiscordAccess()
+
+    _ids_as_text = field_validator("admins", mode="before")(Rule._ids_as_text.__func__)
+
+
+class Persona(_Section):
+    """A system prompt and generation settings for a platform, workspace or channel; the
+    most specific persona that sets a value wins."""
+
+    platform: Literal["slack", "discord", "console"] | None = None
+    workspace: str | None = None  # Slack team id, Discord server id
+    channel: str | None = None
+    system_prompt: str | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+    @field_validator("workspace", "channel", mode="before")
+    @classmethod
+    def _id_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    threadbot_config: Path | None = Field(
+        None, description=f"The team's YAML file; unset: {DEFAULT_CONFIG_FILE} where present."
+    )
 
     # The model
     model: str | None = Field(
@@ -86,6 +178,20 @@ class Settings(BaseSettings):
     )
     discord_reply_mode: Literal["thread", "inline"] = "thread"
     discord_edit_interval: float = Field(1.5, gt=0, description="Seconds between Discord edits.")
+    slack_streaming: Literal["auto", "native", "edit"] = Field(
+        "auto", description="Slack's AI streaming methods (auto: where the workspace allows)."
+    )
+    discord_global_commands: bool = Field(
+        False, description="Register slash commands globally, not per server (slow to appear)."
+    )
+
+    # The team's rules (usually from the YAML file)
+    access: Access = Access()
+    personas: tuple[Persona, ...] = ()
+    max_attachment_chars: int = Field(
+        20000, ge=0, description="Text read from a message's attached text files."
+    )
+    strip_reasoning: bool = Field(True, description="Leave <think> blocks out of answers.")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -103,11 +209,86 @@ class Settings(BaseSettings):
     def history_ttl_seconds(self) -> int:
         return round(self.history_ttl_days * 86400)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, dotenv_settings]
+        if (path := config_file()) is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return (*sources, file_secret_settings)
 
-def describe_error(error: ValidationError) -> str:
-    """One line per bad setting, named as the user wrote it (the environment variable)."""
+
+def config_file() -> Path | None:
+    """The team's YAML file: THREADBOT_CONFIG (environment, then `.env`), else
+    `threadbot.yml` in the working directory where there is one."""
+    named = os.environ.get("THREADBOT_CONFIG") or dotenv_values(".env").get("THREADBOT_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(**values: Any) -> Settings:
+    """The settings, or ConfigError with one line per problem, naming the environment
+    variable, or the file's key and line."""
+    path = config_file()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"THREADBOT_CONFIG: no such file: {path}")
+    try:
+        return Settings(**values)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    except ValidationError as error:
+        raise ConfigError(describe_error(error, path)) from None
+
+
+def describe_error(error: ValidationError, path: Path | None = None) -> str:
+    """One line per bad setting: where the file sets it, its key and line; else the
+    environment variable's name."""
+    tree = _yaml_tree(path)
     lines = []
     for problem in error.errors():
-        name = ".".join(str(part) for part in problem["loc"]).upper() or "settings"
-        lines.append(f"invalid setting {name}: {problem['msg']}")
+        loc = tuple(problem["loc"])
+        line = _line_of(tree, loc) if tree is not None else None
+        if line is not None:
+            key = ".".join(str(part) for part in loc)
+            lines.append(f"{path} line {line}: invalid setting {key}: {problem['msg']}")
+        else:
+            name = "__".join(str(part) for part in loc).upper() or "settings"
+            lines.append(f"invalid setting {name}: {problem['msg']}")
     return "\n".join(lines)
+
+
+def _yaml_tree(path: Path | None) -> yaml.Node | None:
+    try:
+        return yaml.compose(path.read_text()) if path is not None else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _line_of(node: yaml.Node, loc: tuple[Any, ...]) -> int | None:
+    """The line (1-based) of the key or item at `loc` in the file, if the file holds it."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not found:
+                return None
+            key, node = found[0]
+            line = key.start_mark.line + 1
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

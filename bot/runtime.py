@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from bot.config import Settings
 from bot.service import ChatService
+from bot.team import Team
 from storage.connection import Resilience, open_redis
 from storage.store import ConversationStore
 from storage.turns import TurnJournal
@@ -58,9 +59,10 @@ def load_engine(settings: Settings) -> Engine:
 
 
 @asynccontextmanager
-async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
+async def open_service(team: Team) -> AsyncIterator[ChatService]:
     """A ChatService on Redis and the model, resuming pending turns for as long as it is
     open; on exit, stops that, gives up this process's lease, stops the queue and Redis."""
+    settings = team.settings
     from bot.batching import Batcher
     from bot.kv_cache import PrefixCache
     from bot.queue import InferenceQueue
@@ -97,9 +99,7 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
                 queue=queue,
                 count_tokens=engine.count_tokens,
                 prompt_budget=engine.prompt_budget,
-                system_prompt=settings.system_prompt,
-                max_input_chars=settings.max_input_chars,
-                max_pending_per_user=settings.max_pending_per_user,
+                team=team,
                 max_attempts=settings.turn_max_attempts,
             )
             resuming = asyncio.create_task(service.keep_resuming(), name="resume pending turns")

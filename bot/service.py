@@ -32,6 +32,7 @@ from bot.queue import (
     InferenceTimeout,
     QueueFull,
 )
+from bot.team import Team
 from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
 from storage.store import ConversationStore
@@ -56,9 +57,7 @@ class ChatService:
         queue: InferenceQueue,
         count_tokens: TokenCounter,
         prompt_budget: int,
-        system_prompt: str | None,
-        max_input_chars: int,
-        max_pending_per_user: int,
+        team: Team,
         max_attempts: int,
     ) -> None:
         self.store = store
@@ -66,9 +65,7 @@ class ChatService:
         self.queue = queue
         self.count_tokens = count_tokens
         self.prompt_budget = prompt_budget
-        self.system_prompt = system_prompt
-        self.max_input_chars = max_input_chars
-        self.max_pending_per_user = max_pending_per_user
+        self.team = team  # the rules in effect now: read at each use, a reload swaps them
         self.max_attempts = max_attempts
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
@@ -184,12 +181,13 @@ class ChatService:
         platform = turn.conversation.platform
         text = sanitized(turn.text)
         refusal = None
+        settings = self.team.settings
         if turn.command is None:
             if not text:
                 refusal = replies.empty_message()
-            elif len(text) > self.max_input_chars:
-                refusal = replies.too_long(len(text), self.max_input_chars)
-            elif (pending := self._pending[turn.author]) >= self.max_pending_per_user:
+            elif len(text) > settings.max_input_chars:
+                refusal = replies.too_long(len(text), settings.max_input_chars)
+            elif (pending := self._pending[turn.author]) >= settings.max_pending_per_user:
                 refusal = replies.slow_down(pending)
         if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())
@@ -416,7 +414,8 @@ class ChatService:
         return lock
 
     def _system(self) -> list[ChatMessage]:
-        return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        prompt = self.team.settings.system_prompt
+        return [{"role": "system", "content": prompt}] if prompt else []
 
 
 def _not_ours(pending: PendingTurn) -> None:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 Role = Literal["system", "user", "assistant"]
-Command = Literal["reset", "forget"]
+Command = Literal["help", "reset", "forget", "status", "prompt", "reload", "stats"]
+ADMIN_COMMANDS: frozenset[Command] = frozenset({"reload", "stats"})
 
 
 class ChatMessage(TypedDict):
@@ -53,6 +54,8 @@ class Turn:
     context: tuple[ChatMessage, ...] = ()
     command: Command | None = None  # parsed by the adapter, carried out by the service
     author_name: str = ""  # display name, so the model can tell people in a thread apart
+    channel_name: str = ""  # for the persona's {channel_name}
+    bot_name: str = ""  # the bot's name on this platform, for the persona's {bot_name}
 
 
 class ReplySink(Protocol):

@@ -304,19 +304,23 @@ def make_service(
     the engine defaults to a SpyEngine on the tiny model. Keyword options override
     ChatService's and the queue's settings. Turns a test leaves pending are removed after
     it, so no later test (sharing Redis, and channel ids) resumes them."""
+    from bot.config import Settings
     from bot.queue import InferenceQueue
     from bot.service import ChatService
+    from bot.team import Team
 
     @asynccontextmanager
     async def make(engine: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
+        """Options that are settings (`system_prompt`, `access`, …) go into the team's."""
         engine = SpyEngine(make_batcher()) if engine is None else engine
         counter = make_engine()
+        values = {"max_input_chars": 200, "max_pending_per_user": 4} | {
+            name: options.pop(name) for name in list(options) if name in Settings.model_fields
+        }
         options = {
             "count_tokens": counter.count_tokens,
             "prompt_budget": counter.prompt_budget,
-            "system_prompt": None,
-            "max_input_chars": 200,
-            "max_pending_per_user": 4,
+            "team": Team(Settings(_env_file=None, **values)),
             "max_attempts": 3,
         } | options
         async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:

@@ -1,0 +1,47 @@
+"""The team's rules in effect now (access, admins, personas, limits), swapped on reload.
+
+Everything that reads a rule reads `team.settings` when it needs it, so a reload (SIGHUP or
+the admin `reload` command) takes effect at the next message, with no connection dropped.
+Settings that shape the process (the model, Redis, tokens) keep their start values until
+a restart; a reload says which of them changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from bot.config import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+LIVE = frozenset({"access", "personas", "system_prompt", "max_new_tokens", "max_attachment_chars",
+                  "strip_reasoning", "max_input_chars", "max_pending_per_user"})  # fmt: skip
+"""The settings a reload changes; the others need a restart."""
+
+
+class Team:
+    def __init__(self, settings: Settings, *, load: Callable[[], Settings] = load_settings) -> None:
+        self.settings = settings
+        self._load = load
+
+    def is_admin(self, user: str) -> bool:
+        return user in self.settings.access.admins
+
+    def reload(self) -> str:
+        """Read the settings again. Raises ConfigError (the old ones stay) if they are
+        invalid; else says what changed."""
+        new = self._load()
+        changed = sorted(
+            name for name in Settings.model_fields
+            if getattr(new, name) != getattr(self.settings, name)
+        )  # fmt: skip
+        later = [name.upper() for name in changed if name not in LIVE]
+        self.settings = self.settings.model_copy(
+            update={name: getattr(new, name) for name in changed if name in LIVE}
+        )
+        summary = f"configuration reloaded: {', '.join(changed) or 'nothing'} changed"
+        if later:
+            summary += f" ({', '.join(later)} only after a restart)"
+        logger.info("%s", summary)
+        return summary
