@@ -20,6 +20,12 @@ Clock = Callable[[], float]
 STREAMING_MARK = " …"  # shown after partial text while the answer is still being written
 
 
+class Refused(Exception):
+    """A target will not take this kind of message at all (a platform feature the workspace
+    does not allow). Raised through `append` too, not skipped like a failed edit, so that
+    whoever holds the sink can answer another way."""
+
+
 class MessageTarget(Protocol):
     """Where one answer goes: a thread, a channel, a DM."""
 
@@ -90,6 +96,7 @@ class StreamingReply:
         budget: EditBudget | None = None,
         placeholder: str | None = None,
         message_ids: Sequence[str] = (),
+        mark: str = STREAMING_MARK,
         clock: Clock = time.monotonic,
     ) -> None:
         self.target = target
@@ -99,6 +106,7 @@ class StreamingReply:
         self.budget = budget
         self.placeholder = placeholder
         self.message_ids = list(message_ids)
+        self.mark = mark  # after partial text; "" where the platform shows progress itself
         self.clock = clock
         self.on_post: Callable[[], Awaitable[None]] | None = None
         self.text = ""
@@ -125,7 +133,9 @@ class StreamingReply:
         if self.message_ids and self.budget and not self.budget.try_take():
             return
         try:
-            await self._show(self.text.rstrip() + STREAMING_MARK)
+            await self._show(self.text.rstrip() + self.mark)
+        except Refused:
+            raise
         except Exception:  # a lost intermediate edit is harmless: the final text follows
             logger.warning("streaming edit failed; the final text will follow", exc_info=True)
 
