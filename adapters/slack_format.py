@@ -1,4 +1,5 @@
-"""Model output (Markdown) to Slack mrkdwn that can never ping anyone or forge a link.
+"""Model output (Markdown) to Slack text that can never ping anyone or forge a link:
+mrkdwn for messages (`text`), Markdown for native streams (`markdown_text`).
 
 Slack reads `<...>` as mentions (`<@U1>`, `<!channel>`) and links (`<url|label>`), so every
 `&`, `<` and `>` the model wrote is escaped first; the only links in the result are the
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+MESSAGE_LIMIT = 3900  # Slack truncates at 40,000 but advises ~4,000 for readability
+MARKDOWN_LIMIT = 12000  # what one `markdown_text` may hold
 CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]+`)", re.DOTALL)
 LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)|]+)\)")
 SCHEME = re.compile(r"^https?://", re.IGNORECASE)
@@ -19,6 +22,13 @@ ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")
 STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)
+# In Markdown, also every other link form: each `](` left over from LINK, and reference
+# definitions (`[1]: https://…`), which would give `[label][1]` a hidden address.
+LINK_OR_BRACKETS = re.compile(rf"{LINK.pattern}|\]\(")
+REFERENCE_DEFINITION = re.compile(r"^( {0,3})\[(?=[^\]\n]+\]:)", re.MULTILINE)
+# The start of a Markdown link still being written: `[label`, `[label]`, `[label](http…`
+# (its `](` made text until the link is whole).
+LINK_BEING_WRITTEN = re.compile(r"\[[^\]\n]*(?:\](?:\\?\([^\s)|]*)?)?\Z")
 BOLD_MARK = "\x00"  # stands in for Slack's `*` until single-star italics are converted
 
 
@@ -35,8 +45,25 @@ def to_mrkdwn(markdown: str) -> str:
     )
 
 
+def to_markdown(markdown: str) -> str:
+    """Markdown for Slack's `markdown_text`, which Slack renders itself: escaped, links
+    rewritten to show their address as `to_mrkdwn` does, any other link form made text."""
+    pieces = CODE.split(markdown)
+    return "".join(
+        escape(piece) if index % 2 else _markdown_prose(escape(piece))
+        for index, piece in enumerate(pieces)
+    )
+
+
+def settled(markdown: str) -> int:
+    """How much of a partial `to_markdown` text stays as it is whatever comes next: all of
+    it but a link still being written (completed, it is rewritten)."""
+    being_written = LINK_BEING_WRITTEN.search(markdown)
+    return being_written.start() if being_written else len(markdown)
+
+
 def _prose(text: str) -> str:
-    text = LINK.sub(_link, text)
+    text = LINK.sub(_mrkdwn_link, text)
     text = HEADING.sub(rf"{BOLD_MARK}\1{BOLD_MARK}", text)
     text = BULLET.sub(r"\1• ", text)
     text = BOLD.sub(lambda m: f"{BOLD_MARK}{m.group(1) or m.group(2)}{BOLD_MARK}", text)
@@ -45,12 +72,24 @@ def _prose(text: str) -> str:
     return text.replace(BOLD_MARK, "*")
 
 
-def _link(match: re.Match[str]) -> str:
-    """`<url>`, which Slack shows as the URL itself, after the label if it says more."""
-    label, url = match.groups()
+def _markdown_prose(text: str) -> str:
+    text = REFERENCE_DEFINITION.sub(r"\1\\[", text)
+    return LINK_OR_BRACKETS.sub(lambda m: _markdown_link(m) if m[1] else r"]\(", text)
+
+
+def _mrkdwn_link(match: re.Match[str]) -> str:
+    return _shown(*match.groups(), link=f"<{match[2]}>")
+
+
+def _markdown_link(match: re.Match[str]) -> str:
+    return _shown(*match.groups(), link=f"[{match[2]}]({match[2]})")
+
+
+def _shown(label: str, url: str, *, link: str) -> str:
+    """A link that shows its own URL, after the label if the label says more."""
     if _bare(label) == _bare(url):
-        return f"<{url}>"
-    return f"{label} (<{url}>)"
+        return link
+    return f"{label} ({link})"
 
 
 def _bare(url: str) -> str:

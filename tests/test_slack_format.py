@@ -1,4 +1,5 @@
-"""Markdown to Slack mrkdwn: formatting converted, pings and forged links impossible."""
+"""Markdown to Slack mrkdwn, and to the Markdown of native streams: pings and forged
+links impossible in both; a streamed text only ever grows."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 
 import pytest
 
-from adapters.slack_format import to_mrkdwn
+from adapters.slack_format import settled, to_markdown, to_mrkdwn
 
 
 @pytest.mark.parametrize(
@@ -89,3 +90,49 @@ def test_code_is_escaped_but_not_reformatted():
 
 def test_an_unclosed_code_block_still_counts_as_code():
     assert to_mrkdwn("```\n**not bold**") == "```\n**not bold**"
+
+
+@pytest.mark.parametrize(
+    ("markdown", "shown"),
+    [
+        ("**bold**, *italic*, # Title", "**bold**, *italic*, # Title"),
+        ("hey <!channel> and <@U0ALICE>", "hey &lt;!channel&gt; and &lt;@U0ALICE&gt;"),
+        ("[docs](https://e.example/a)", "docs ([https://e.example/a](https://e.example/a))"),
+        ("[https://e.example](https://e.example/)", "[https://e.example/](https://e.example/)"),
+        ("[bank](https://evil.example \"title\")", "[bank]\\(https://evil.example \"title\")"),
+        ("[bank](mailto:evil@example.com)", "[bank]\\(mailto:evil@example.com)"),
+        ("[bank][1]\n[1]: https://evil.example", "[bank][1]\n\\[1]: https://evil.example"),
+        ("`[a](https://a.example)` & <b>", "`[a](https://a.example)` &amp; &lt;b&gt;"),
+    ],
+)  # fmt: skip
+def test_markdown_for_streams_is_escaped_and_shows_every_link_address(markdown, shown):
+    """Slack renders the Markdown itself; every link that renders shows where it goes, and
+    every other link form (titles, other schemes, references) stays text."""
+    assert to_markdown(markdown) == shown
+
+
+def test_a_streamed_text_only_grows_as_the_answer_is_written():
+    """What `settled` lets through of each partial text is a prefix of the next one's, and
+    of the final text: a link is held back until it is whole (and rewritten)."""
+    answer = (
+        "See [the docs](https://docs.example/x) and [a] note, [t](https://t.example 'x'), "
+        "```py\n[z](https://q.example)\n``` then [end](https://end.example)"
+    )
+    streamed = ""
+    for length in range(len(answer) + 1):
+        partial = to_markdown(answer[:length])
+        now = partial[: settled(partial)]
+        assert now.startswith(streamed), answer[:length]
+        streamed = now
+    assert to_markdown(answer).startswith(streamed)
+    assert to_markdown(answer).endswith("end ([https://end.example](https://end.example))")
+
+
+@pytest.mark.parametrize(
+    ("partial", "held"),
+    [("see [do", "[do"), ("see [docs]", "[docs]"), ("see [docs](https://e.exa", "[docs]\\(https://e.exa"),
+     ("see [docs] now", ""), ("a [b\nc", ""), ("done", "")],
+)  # fmt: skip
+def test_only_a_link_being_written_is_held_back(partial, held):
+    shown = to_markdown(partial)
+    assert shown[settled(shown) :] == held
