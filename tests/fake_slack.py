@@ -1,4 +1,5 @@
-"""A fake Slack for tests: Web API, Socket Mode and an Events API sender, all on 127.0.0.1.
+"""A fake Slack for tests: Web API (AI streaming and assistant threads too), Socket Mode,
+slash commands with their response_url, and an Events API sender, all on 127.0.0.1.
 
 The real slack_sdk / slack_bolt talk to it over HTTP and websockets, inside the test's loop::
 
@@ -30,8 +31,13 @@ JSON = dict[str, Any]
 Handler = Callable[[JSON], Awaitable[JSON]]
 
 DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
-SCOPES = "app_mentions:read,channels:history,chat:write,groups:history,im:history,users:read"
-PAYLOAD_KEYS = ("blocks", "attachments", "metadata")
+SCOPES = (
+    "app_mentions:read,assistant:write,channels:history,chat:write,commands,groups:history,"
+    "im:history,users:read"
+)
+PAYLOAD_KEYS = ("blocks", "attachments", "metadata", "chunks", "prompts")
+MARKDOWN_LIMIT = 12000  # what one markdown_text may hold
+STREAMING_METHODS = ("chat.startStream", "chat.appendStream", "chat.stopStream")
 
 
 @dataclass
@@ -72,11 +78,23 @@ class FakeSlack:
         self.envelopes: list[JSON] = []  # Socket Mode envelopes sent
         self.acks: dict[str, JSON] = {}  # envelope_id -> the client's ack
         self.connections = 0  # websocket connections accepted so far
+        self.streaming: set[tuple[str, str]] = set()  # (channel, ts) of open streams
+        self.statuses: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> status shown
+        self.titles: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> assistant title
+        self.prompts: dict[tuple[str, str], list[JSON]] = {}  # suggested prompts, likewise
+        self.responses: dict[str, list[JSON]] = {}  # slash command trigger id -> responses
+        self.streaming_refusal: str | None = None  # the error every streaming call gets
         self.handlers: dict[str, Handler] = {
             "auth.test": self._auth_test,
             "apps.connections.open": self._connections_open,
             "chat.postMessage": self._post_message,
             "chat.update": self._update,
+            "chat.startStream": self._start_stream,
+            "chat.appendStream": self._append_stream,
+            "chat.stopStream": self._stop_stream,
+            "assistant.threads.setStatus": self._set_status,
+            "assistant.threads.setTitle": self._set_title,
+            "assistant.threads.setSuggestedPrompts": self._set_suggested_prompts,
             "conversations.replies": self._replies,
             "users.info": self._users_info,
         }
@@ -93,6 +111,7 @@ class FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/socket-mode", self._socket)
+        app.router.add_post("/commands/{trigger_id}", self._command_response)
         self._runner, self.port = await serve(app)
         return self
 
@@ -166,6 +185,19 @@ class FakeSlack:
         """Answer the next count calls of method with ``{"ok": false, "error": error}``."""
         self._failures.setdefault(method, []).extend([(status, error, retry_after)] * count)
 
+    def refuse_streaming(self, error: str = "method_not_allowed_for_app") -> None:
+        """From now on, answer the AI streaming methods with `error`, as Slack does for an app
+        or workspace without them."""
+        self.streaming_refusal = error
+
+    def is_streaming(self, channel: str, ts: str) -> bool:
+        """Whether a message is a stream still open (started, not yet stopped or expired)."""
+        return (channel, ts) in self.streaming
+
+    def end_streams(self) -> None:
+        """End every open stream as Slack does a few minutes after each began."""
+        self.streaming.clear()
+
     # --- Web API --------------------------------------------------------------------------
 
     async def _api(self, request: web.Request) -> web.Response:
@@ -193,6 +225,8 @@ class FakeSlack:
             body = {"ok": False, "error": error}
             if retry_after is not None:
                 headers["Retry-After"] = str(retry_after)
+        elif method in STREAMING_METHODS and self.streaming_refusal:
+            body = {"ok": False, "error": self.streaming_refusal}
         elif handler := self.handlers.get(method):
             body = await handler(params)
         else:
@@ -222,24 +256,33 @@ class FakeSlack:
         channel = params.get("channel")
         if not channel:
             return {"ok": False, "error": "channel_not_found"}
-        if not params.get("text") and not params.get("blocks"):
+        text = params.get("markdown_text") or params.get("text")
+        if not text and not params.get("blocks"):
             return {"ok": False, "error": "no_text"}
-        ts = self.next_ts()
+        if len(params.get("markdown_text") or "") > MARKDOWN_LIMIT:
+            return {"ok": False, "error": "msg_too_long"}
+        message = self._bot_post(channel, params.get("thread_ts"), text or "")
+        message.update({k: params[k] for k in PAYLOAD_KEYS if k in params})
+        return {"ok": True, "channel": channel, "ts": message["ts"], "message": dict(message)}
+
+    def _bot_post(self, channel: str, thread_ts: str | None, text: str) -> JSON:
+        """A new message of the bot's (which clears the thread's assistant status, as Slack
+        does when the app replies)."""
         message: JSON = {
             "type": "message",
             "user": self.bot_user_id,
             "bot_id": self.bot_id,
             "app_id": self.app_id,
             "team": self.team_id,
-            "text": params.get("text", ""),
-            "ts": ts,
+            "text": text,
+            "ts": self.next_ts(),
         }
-        message.update({k: params[k] for k in PAYLOAD_KEYS if k in params})
-        if thread_ts := params.get("thread_ts"):
+        if thread_ts:
             parent = self.message(channel, thread_ts)
             message.update(thread_ts=thread_ts, parent_user_id=parent and parent.get("user"))
+            self.statuses.pop((channel, thread_ts), None)
         self._record(channel, message)
-        return {"ok": True, "channel": channel, "ts": ts, "message": dict(message)}
+        return message
 
     async def _update(self, params: JSON) -> JSON:
         channel, ts = params.get("channel", ""), params.get("ts", "")
@@ -248,10 +291,82 @@ class FakeSlack:
             return {"ok": False, "error": "message_not_found"}
         if message.get("user") != self.bot_user_id:
             return {"ok": False, "error": "cant_update_message"}
+        if len(params.get("markdown_text") or "") > MARKDOWN_LIMIT:
+            return {"ok": False, "error": "msg_too_long"}
         message.update({k: params[k] for k in ("text", *PAYLOAD_KEYS) if k in params})
+        if params.get("markdown_text"):
+            message["text"] = params["markdown_text"]
         message["edited"] = {"user": self.bot_user_id, "ts": self.next_ts()}
         text = message.get("text", "")
         return {"ok": True, "channel": channel, "ts": ts, "text": text, "message": dict(message)}
+
+    async def _start_stream(self, params: JSON) -> JSON:
+        """A new message in a thread that grows as it streams, for one recipient (named
+        outside DMs); it may start empty."""
+        channel, thread_ts = params.get("channel", ""), params.get("thread_ts")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        recipient = params.get("recipient_user_id") and params.get("recipient_team_id")
+        if not channel.startswith("D") and not recipient:
+            return {"ok": False, "error": "invalid_arguments"}
+        text = _markdown(params)
+        if text is None:
+            return {"ok": False, "error": "msg_too_long"}
+        message = self._bot_post(channel, thread_ts, text)
+        self.streaming.add((channel, message["ts"]))
+        return {"ok": True, "channel": channel, "ts": message["ts"]}
+
+    async def _append_stream(self, params: JSON) -> JSON:
+        return self._grow_stream(params, stop=False)
+
+    async def _stop_stream(self, params: JSON) -> JSON:
+        return self._grow_stream(params, stop=True)
+
+    def _grow_stream(self, params: JSON, *, stop: bool) -> JSON:
+        """The stream's message gets the new Markdown at its end; a stop ends the stream."""
+        channel, ts = params.get("channel", ""), params.get("ts", "")
+        message = self.message(channel, ts)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if (channel, ts) not in self.streaming:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        text = _markdown(params)
+        if text is None:
+            return {"ok": False, "error": "msg_too_long"}
+        message["text"] += text
+        if stop:
+            self.streaming.discard((channel, ts))
+            return {"ok": True, "channel": channel, "ts": ts, "message": dict(message)}
+        return {"ok": True, "channel": channel, "ts": ts}
+
+    async def _set_status(self, params: JSON) -> JSON:
+        """The status under a thread; an empty one clears it."""
+        where = (params.get("channel_id", ""), params.get("thread_ts", ""))
+        if "status" not in params or not all(where):
+            return {"ok": False, "error": "invalid_arguments"}
+        if params["status"]:
+            self.statuses[where] = params["status"]
+        else:
+            self.statuses.pop(where, None)
+        return {"ok": True}
+
+    async def _set_title(self, params: JSON) -> JSON:
+        where = (params.get("channel_id", ""), params.get("thread_ts", ""))
+        if not params.get("title") or not all(where):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.titles[where] = params["title"]
+        return {"ok": True}
+
+    async def _set_suggested_prompts(self, params: JSON) -> JSON:
+        where = (params.get("channel_id", ""), params.get("thread_ts", ""))
+        prompts = params.get("prompts")
+        valid = isinstance(prompts, list) and all(
+            isinstance(p, dict) and p.get("title") and p.get("message") for p in prompts
+        )
+        if not valid or not all(where):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.prompts[where] = prompts
+        return {"ok": True}
 
     async def _replies(self, params: JSON) -> JSON:
         """A thread as Slack pages it: the earliest messages in the time range first.
@@ -393,6 +508,59 @@ class FakeSlack:
         await sockets[-1].send_json(envelope)
         return envelope["envelope_id"]
 
+    async def send_command(
+        self,
+        channel: str,
+        text: str,
+        *,
+        user: str = "U0ALICE",
+        command: str = "/threadbot",
+        channel_name: str | None = None,
+    ) -> str:
+        """Send a slash command in a ``slash_commands`` envelope, as typed by `user` in
+        `channel`; returns its trigger id, under which its responses are kept."""
+        sockets = [ws for ws in self._sockets if not ws.closed]
+        if not sockets:
+            raise RuntimeError("no Socket Mode client is connected")
+        trigger_id = f"{secrets.randbelow(10**10)}.{secrets.token_hex(8)}"
+        self.responses[trigger_id] = []
+        dm = channel.startswith("D")
+        payload = {
+            "token": "fake-verification-token",
+            "team_id": self.team_id,
+            "team_domain": self.team_domain,
+            "channel_id": channel,
+            "channel_name": channel_name or ("directmessage" if dm else "general"),
+            "user_id": user,
+            "user_name": self.users.get(user, user),
+            "command": command,
+            "text": text,
+            "api_app_id": self.app_id,
+            "is_enterprise_install": "false",
+            "response_url": f"http://127.0.0.1:{self.port}/commands/{trigger_id}",
+            "trigger_id": trigger_id,
+        }
+        envelope = {
+            "envelope_id": str(uuid.uuid4()),
+            "payload": payload,
+            "type": "slash_commands",
+            "accepts_response_payload": True,
+        }
+        self.envelopes.append(envelope)
+        await sockets[-1].send_json(envelope)
+        return trigger_id
+
+    async def _command_response(self, request: web.Request) -> web.Response:
+        """A slash command's response_url: messages for the person who typed it."""
+        responses = self.responses.get(request.match_info["trigger_id"])
+        if responses is None:
+            return web.Response(status=404, text="invalid_token")
+        try:
+            responses.append(await request.json())
+        except ValueError:
+            return web.Response(status=400, text="invalid_payload")
+        return web.Response(text="ok")
+
     async def wait_for_ack(self, envelope_id: str, timeout: float = 5.0) -> JSON:
         """Wait for the client's ``{"envelope_id": ...}`` ack and return it."""
         return await self.wait_for(lambda: self.acks.get(envelope_id), timeout)
@@ -521,3 +689,31 @@ class FakeSlack:
     def dm(self, channel: str = "D0001", text: str = "hello", *, user: str = "U0ALICE") -> JSON:
         """A direct-message ``message`` event (``channel_type: im``)."""
         return self.user_message(channel, text, user=user, channel_type="im")
+
+    def assistant_thread_started(self, channel: str = "D0001", *, user: str = "U0ALICE") -> JSON:
+        """An ``assistant_thread_started`` event: the user opened a new thread in the pane,
+        whose first message (``assistant_app_thread``) Slack posts in the DM."""
+        ts = self.next_ts()
+        root = {
+            "type": "message",
+            "subtype": "assistant_app_thread",
+            "user": user,
+            "team": self.team_id,
+            "text": f"Chats from {time.strftime('%Y-%m-%d')}",
+            "ts": ts,
+            "thread_ts": ts,
+        }
+        self._record(channel, root)
+        context = {"channel_id": "C0001", "team_id": self.team_id, "enterprise_id": None}
+        thread = {"user_id": user, "context": context, "channel_id": channel, "thread_ts": ts}
+        return {"type": "assistant_thread_started", "assistant_thread": thread, "event_ts": ts}
+
+
+def _markdown(params: JSON) -> str | None:
+    """The Markdown a streaming call adds (markdown_text, or markdown_text chunks), or None
+    if it is longer than Slack takes."""
+    text = params.get("markdown_text") or ""
+    for chunk in params.get("chunks") or []:
+        if chunk.get("type") == "markdown_text":
+            text += chunk.get("text", "")
+    return text if len(text) <= MARKDOWN_LIMIT else None

@@ -210,3 +210,115 @@ async def test_http_events_with_bolt(slack: FakeSlack) -> None:
         assert status == 404  # no `message` listener: bolt answers 404 (Slack would retry)
     finally:
         await runner.cleanup()
+
+
+async def test_streams_grow_a_message_as_slack_documents(slack: FakeSlack) -> None:
+    """chat.startStream posts (in a channel, for a named recipient), appendStream and
+    stopStream add Markdown at its end; a stopped or expired stream takes no more."""
+    client = web_client(slack)
+    parent = slack.user_message("C0001", "hi bot")
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_startStream(channel="C0001", thread_ts=parent["ts"])
+    assert err.value.response["error"] == "invalid_arguments"  # no recipient outside a DM
+    recipient = {"recipient_team_id": "T0001", "recipient_user_id": "U0ALICE"}
+    started = await client.chat_startStream(
+        channel="C0001", thread_ts=parent["ts"], markdown_text="**Hel", **recipient
+    )
+    ts = started["ts"]
+    assert slack.is_streaming("C0001", ts)
+    await client.chat_appendStream(channel="C0001", ts=ts, markdown_text="lo**")
+    await client.chat_appendStream(
+        channel="C0001", ts=ts, chunks=[{"type": "markdown_text", "text": " world"}]
+    )
+    stopped = await client.chat_stopStream(channel="C0001", ts=ts, markdown_text="!")
+    assert stopped["message"]["text"] == "**Hello** world!"
+    assert not slack.is_streaming("C0001", ts)
+    assert [m["text"] for m in slack.thread("C0001", parent["ts"])] == [
+        "hi bot",
+        "**Hello** world!",
+    ]
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_appendStream(channel="C0001", ts=ts, markdown_text="more")
+    assert err.value.response["error"] == "message_not_in_streaming_state"
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_appendStream(channel="C0001", ts="1.000001", markdown_text="x")
+    assert err.value.response["error"] == "message_not_found"
+
+    dm = await client.chat_startStream(channel="D0001", thread_ts=slack.dm()["ts"])
+    slack.end_streams()  # as Slack does some minutes after a stream began
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_stopStream(channel="D0001", ts=dm["ts"])
+    assert err.value.response["error"] == "message_not_in_streaming_state"
+    await client.chat_update(channel="D0001", ts=dm["ts"], markdown_text="edited instead")
+    assert slack.message("D0001", dm["ts"])["text"] == "edited instead"
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_postMessage(channel="C0001", markdown_text="x" * 12001)
+    assert err.value.response["error"] == "msg_too_long"
+
+    slack.refuse_streaming("missing_scope")
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_startStream(channel="C0001", thread_ts=parent["ts"], **recipient)
+    assert err.value.response["error"] == "missing_scope"
+
+
+async def test_assistant_threads_status_title_and_prompts(slack: FakeSlack) -> None:
+    """The status shows until the bot posts in the thread (or it is cleared); title and
+    suggested prompts are kept per thread."""
+    client = web_client(slack)
+    started = slack.assistant_thread_started("D0001")
+    thread = started["assistant_thread"]
+    assert (started["type"], thread["user_id"], thread["channel_id"]) == (
+        "assistant_thread_started",
+        "U0ALICE",
+        "D0001",
+    )
+    [root] = slack.thread("D0001", thread["thread_ts"])
+    assert root["subtype"] == "assistant_app_thread"
+    where = {"channel_id": "D0001", "thread_ts": thread["thread_ts"]}
+    await client.assistant_threads_setStatus(**where, status="is thinking…")
+    assert slack.statuses == {("D0001", thread["thread_ts"]): "is thinking…"}
+    await client.chat_postMessage(channel="D0001", thread_ts=thread["thread_ts"], text="hi")
+    assert slack.statuses == {}
+    await client.assistant_threads_setStatus(**where, status="is thinking…")
+    await client.assistant_threads_setStatus(**where, status="")
+    assert slack.statuses == {}
+    await client.assistant_threads_setTitle(**where, title="Tides")
+    assert slack.titles == {("D0001", thread["thread_ts"]): "Tides"}
+    prompts = [{"title": "Go", "message": "Tell me more"}]
+    await client.assistant_threads_setSuggestedPrompts(**where, prompts=prompts)
+    assert slack.prompts[("D0001", thread["thread_ts"])] == prompts
+    with pytest.raises(SlackApiError) as err:
+        await client.assistant_threads_setSuggestedPrompts(**where, prompts=[{"title": "x"}])
+    assert err.value.response["error"] == "invalid_arguments"
+
+
+async def test_slash_commands_with_bolt(slack: FakeSlack) -> None:
+    """A slash command arrives over Socket Mode; bolt acks it and `respond` reaches the
+    command's response_url."""
+    app = AsyncApp(client=web_client(slack))
+    seen: list[dict[str, Any]] = []
+
+    @app.command("/threadbot")
+    async def on_command(ack: Any, command: dict[str, Any], respond: Any) -> None:
+        await ack()
+        seen.append(command)
+        await respond(text="only you can see this", response_type="ephemeral")
+
+    handler = AsyncSocketModeHandler(app, slack.app_token)
+    try:
+        await asyncio.wait_for(handler.connect_async(), 5)
+        await slack.wait_connected(5)
+        trigger = await slack.send_command("C0001", "help me")
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+        await slack.wait_for(lambda: slack.responses[trigger], 5)
+    finally:
+        await asyncio.wait_for(handler.close_async(), 5)
+    [command] = seen
+    assert (command["text"], command["channel_id"], command["user_id"]) == (
+        "help me",
+        "C0001",
+        "U0ALICE",
+    )
+    assert slack.responses[trigger] == [
+        {"text": "only you can see this", "response_type": "ephemeral"}
+    ]
