@@ -1,9 +1,11 @@
-"""Slack: mentions, thread follow-ups and DMs answered in their thread, on slack-bolt.
+"""Slack: mentions, thread follow-ups and DMs answered in their thread, on slack-bolt;
+the assistant pane, and the `/threadbot` slash command.
 
 Owns everything Slack-specific: which events to answer, conversation keys (team, channel,
-thread ts), the thread's earlier messages, user names, and the reply target. Connects by
-Socket Mode (SLACK_APP_TOKEN) or serves the HTTP Events API (SLACK_SIGNING_SECRET), where
-bolt checks every request's signature.
+thread ts), the thread's earlier messages, user names, and how each answer is shown:
+streamed natively where the workspace allows it (SLACK_STREAMING), else a placeholder
+edited as the answer grows. Connects by Socket Mode (SLACK_APP_TOKEN) or serves the HTTP
+Events API (SLACK_SIGNING_SECRET), where bolt checks every request's signature.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -28,60 +31,35 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.base import Adapter, AdapterError, answer, command, failure_text
-from adapters.slack_format import to_mrkdwn
+from adapters.slack_assistant import ThreadStatus, greet, set_title
+from adapters.slack_command import (
+    SLASH_COMMAND,
+    THREAD_ONLY,
+    EphemeralReply,
+    command_turn,
+    is_dm,
+    thread_only,
+)
+from adapters.slack_format import MARKDOWN_LIMIT, MESSAGE_LIMIT, to_markdown, to_mrkdwn
+from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
 from adapters.streaming import EditBudget, StreamingReply
 from bot.config import Settings
 from bot.service import ChatService
-from bot.types import ChatMessage, ConversationKey, Turn
+from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 3900  # Slack truncates at 40,000 but advises ~4,000 for readability
-PLACEHOLDER = "_thinking…_"
+PLACEHOLDER = "_thinking…_"  # italic in mrkdwn and in Markdown alike
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 CONTEXT_SECONDS = 1.5  # reading them happens before the event's ack, which Slack wants in 3 s
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
 NAME_CACHE_SIZE = 1000
 EVENTS_PATH = "/slack/events"
+ASSISTANT_THREAD_ROOT = "assistant_app_thread"  # the subtype of an assistant thread's first message
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
 CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
 URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
-
-
-class SlackThread:
-    """Posts and edits the messages of one answer in one Slack thread (or DM).
-
-    Nothing posted is unfurled: Slack would otherwise fetch a URL that model output or
-    injected thread text put there, with conversation text in it.
-    """
-
-    def __init__(
-        self, client: AsyncWebClient, *, team: str, channel: str, thread_ts: str | None
-    ) -> None:
-        self.client = client
-        self.team = team
-        self.channel = channel
-        self.thread_ts = thread_ts
-
-    def where(self) -> dict[str, Any]:
-        return {"team": self.team, "channel": self.channel, "thread_ts": self.thread_ts}
-
-    async def typing(self) -> None:
-        """Slack has no typing indicator for bots: the adapter posts a placeholder instead."""
-
-    async def post(self, text: str) -> str:
-        response = await self.client.chat_postMessage(
-            channel=self.channel,
-            thread_ts=self.thread_ts,
-            text=text,
-            unfurl_links=False,
-            unfurl_media=False,
-        )
-        return response["ts"]
-
-    async def edit(self, message_id: str, text: str) -> None:
-        await self.client.chat_update(channel=self.channel, ts=message_id, text=text)
 
 
 class SlackAdapter(Adapter):
@@ -93,8 +71,12 @@ class SlackAdapter(Adapter):
         self.settings = settings
         self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
         self.names: dict[str, str] = {}  # user id -> display name, oldest first
+        self.refused: set[str] = set()  # workspaces where Slack refused native streaming
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
+        app.event("assistant_thread_started")(self.on_assistant_thread_started)
+        app.event("assistant_thread_context_changed")(self.on_assistant_context_changed)
+        app.command(SLASH_COMMAND)(self.on_command)
 
     @classmethod
     def from_settings(cls, settings: Settings, service: ChatService) -> SlackAdapter:
@@ -155,6 +137,40 @@ class SlackAdapter(Adapter):
     async def on_message(self, event: dict[str, Any], context: dict[str, Any]) -> None:
         await self._handle(event, context["bot_user_id"], mentioned=False)
 
+    async def on_assistant_thread_started(self, event: dict[str, Any]) -> None:
+        """Someone opened a thread in the assistant pane: greet them, offer prompts."""
+        thread = event.get("assistant_thread", {})
+        try:
+            await greet(
+                self.app.client, channel=thread["channel_id"], thread_ts=thread["thread_ts"]
+            )
+        except Exception:
+            logger.warning("could not greet assistant thread %s", thread, exc_info=True)
+
+    async def on_assistant_context_changed(self, event: dict[str, Any]) -> None:
+        """The pane's user moved to another channel: the answers do not depend on it."""
+        logger.debug("assistant context changed: %s", event.get("assistant_thread"))
+
+    async def on_command(
+        self, ack: Callable[[], Awaitable[None]], payload: dict[str, Any], respond: Any
+    ) -> None:
+        """`/threadbot <command>`, acknowledged at once and answered only to its sender: in a
+        DM for the DM, in a channel for the channel (Slack sends no thread with it)."""
+        await ack()
+        sink = EphemeralReply(
+            respond, channel=payload.get("channel_id", ""), user=payload.get("user_id", "")
+        )
+        try:
+            turn = command_turn(payload, author_name=await self._name(payload["user_id"]))
+            if turn.command in THREAD_ONLY and not is_dm(payload):
+                await sink.finish(thread_only(turn.command))
+                return
+            await answer(self.service, turn, sink)
+        except Exception as error:
+            text = failure_text(error, f"Slack command {payload.get('trigger_id')}")
+            with contextlib.suppress(Exception):
+                await sink.fail(text)
+
     async def _handle(self, event: dict[str, Any], bot_user: str, *, mentioned: bool) -> None:
         """One Slack message event: decide whether to answer, and where."""
         if event.get("subtype") or event.get("bot_id") or event.get("user") in (None, bot_user):
@@ -171,6 +187,7 @@ class SlackAdapter(Adapter):
             team=team,
             channel=channel,
             thread_ts=thread_ts or (None if is_dm else ts),
+            recipient=event["user"],
         )
         addressed = mentioned or is_dm
         try:
@@ -211,9 +228,48 @@ class SlackAdapter(Adapter):
             command=order,
             author_name=await self._name(event["user"]),
         )
+        in_pane = event.get("channel_type") == "im" and thread_ts  # a DM thread: the pane's
+        if in_pane:  # shown before the turn is taken: its answer's first post clears it
+            await ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts).show()
         await answer(self.service, turn, self._sink(thread))
+        if in_pane and words and not (known or order):
+            await set_title(
+                self.app.client, channel=key.channel, thread_ts=thread_ts, question=words
+            )
 
-    def _sink(self, thread: SlackThread, message_ids: Sequence[str] = ()) -> StreamingReply:
+    def _sink(self, thread: SlackThread) -> ReplySink:
+        """A new answer's sink: native where it may stream (SLACK_STREAMING), falling back
+        to edits if Slack refuses (auto); else the edit path."""
+        if not self._streams(thread):
+            return self._edited(thread)
+        native = self._native(thread)
+        if self.settings.slack_streaming == "native":
+            return native
+        return FallbackReply(
+            native=native,
+            edited=partial(self._edited, thread),
+            refused=partial(self._refuse, thread.team),
+        )
+
+    def _streams(self, thread: SlackThread) -> bool:
+        """Whether a new answer streams natively: Slack streams replies in threads, to a
+        recipient; with `auto`, only where Slack has not refused it."""
+        mode = self.settings.slack_streaming
+        if mode == "edit" or thread.thread_ts is None or thread.recipient is None:
+            return False
+        return mode == "native" or thread.team not in self.refused
+
+    def _refuse(self, team: str, error: str) -> None:
+        if team not in self.refused:
+            self.refused.add(team)
+            logger.warning(
+                "Slack refused native streaming in workspace %s (%s); answering there by "
+                "editing messages from now on",
+                team,
+                error,
+            )
+
+    def _edited(self, thread: SlackThread, message_ids: Sequence[str] = ()) -> StreamingReply:
         return StreamingReply(
             target=thread,
             render=to_mrkdwn,
@@ -224,15 +280,38 @@ class SlackAdapter(Adapter):
             message_ids=message_ids,
         )
 
-    def _resumed(self, target: dict[str, Any]) -> StreamingReply:
-        """The sink of an answer started earlier (maybe by another process)."""
+    def _native(self, thread: SlackThread, message_ids: Sequence[str] = ()) -> NativeReply:
+        """Streams natively; a resumed answer's messages (`message_ids`) are edited instead,
+        through the workspace's chat.update budget."""
+        return NativeReply(
+            target=SlackStream(thread, earlier=message_ids),
+            render=to_markdown,
+            limit=MARKDOWN_LIMIT,
+            interval=self.settings.stream_edit_interval,
+            budget=self._budget(thread.team) if message_ids else None,
+            placeholder=PLACEHOLDER if message_ids else None,
+            message_ids=message_ids,
+            mark="",  # Slack shows a stream as being written
+        )
+
+    def _resumed(self, target: dict[str, Any]) -> ReplySink:
+        """The sink of an answer started earlier (maybe by another process): its messages
+        keep the kind they were posted as; with none yet, it is answered as a new one."""
         thread = SlackThread(
             self.app.client,
             team=target["team"],
             channel=target["channel"],
             thread_ts=target.get("thread_ts"),
+            recipient=target.get("recipient"),
         )
-        return self._sink(thread, target.get("messages", ()))
+        messages = target.get("messages", ())
+        if not messages:
+            return self._sink(thread)
+        return (
+            self._native(thread, messages)
+            if target.get("native")
+            else self._edited(thread, messages)
+        )
 
     def _budget(self, team: str) -> EditBudget:
         if team not in self.budgets:
@@ -264,7 +343,7 @@ class SlackAdapter(Adapter):
                     )
                     for message in response.get("messages", []):
                         ts = float(message["ts"])
-                        if ts > newest and message["ts"] != event["ts"] and message.get("text"):
+                        if ts > newest and message["ts"] != event["ts"] and _said(message):
                             earlier.append(message)  # each once and in order, should pages overlap
                             newest = ts
                     if not (cursor := response.get("response_metadata", {}).get("next_cursor")):
@@ -315,3 +394,9 @@ class SlackAdapter(Adapter):
                 logger.debug("users.info failed for %s", user, exc_info=True)
                 return user
         return self.names[user]
+
+
+def _said(message: dict[str, Any]) -> bool:
+    """Whether a thread message is something someone said (not the title Slack gives an
+    assistant thread's first message)."""
+    return bool(message.get("text")) and message.get("subtype") != ASSISTANT_THREAD_ROOT

@@ -67,7 +67,7 @@ async def bot(tmp_path: Path, bundled_cache: Path, redis_server: RedisServer, sl
             MODEL="bundled", MAX_NEW_TOKENS="60", DATA_DIR=str(data), REDIS_URL=redis_server.url,
             SLACK_BOT_TOKEN=slack.bot_token, SLACK_APP_TOKEN=slack.app_token,
             SLACK_API_URL=slack.api_url, STREAM_EDIT_INTERVAL="0.2", TURN_LEASE_S="1",
-            LOG_LEVEL="DEBUG",
+            LOG_LEVEL="DEBUG", SLACK_STREAMING="edit",  # the faults of the placeholder path
         )  # fmt: skip
         env = cli_env(**(defaults | settings))
         secrets.extend(value for name, value in settings.items() if name.endswith("_TOKEN"))

@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 
 import aiohttp
 import pytest
@@ -47,29 +48,34 @@ async def slack():
 
 @pytest.fixture
 def socket_mode(slack, make_service):
-    """Runs the adapter in Socket Mode on a service; yields (service, engine)."""
+    """Runs the adapter in Socket Mode on a service (see `serving`); yields (service, engine).
+    These tests are of the placeholder-and-edit path unless they ask for `streaming`."""
+    return partial(serving, slack, make_service)
 
-    @asynccontextmanager
-    async def start(engine=None, **service_options):
-        settings = Settings(
-            _env_file=None,
-            slack_bot_token=slack.bot_token,
-            slack_app_token=slack.app_token,
-            slack_api_url=slack.api_url,
-            stream_edit_interval=0.05,
-        )
-        async with (
-            make_service(engine, **service_options) as (service, engine),
-            running(SlackAdapter.from_settings(settings, service)),
-        ):
-            await slack.wait_connected(timeout=10)
-            yield service, engine
 
-    return start
+@asynccontextmanager
+async def serving(slack, make_service, engine=None, *, streaming="edit", **service_options):
+    """The adapter, built from settings as `threadbot run` builds it, on a service made by
+    `make_service(engine, **service_options)`, connected to the fake by Socket Mode."""
+    settings = Settings(
+        _env_file=None,
+        slack_bot_token=slack.bot_token,
+        slack_app_token=slack.app_token,
+        slack_api_url=slack.api_url,
+        stream_edit_interval=0.05,
+        slack_streaming=streaming,
+    )
+    async with (
+        make_service(engine, **service_options) as (service, engine),
+        running(SlackAdapter.from_settings(settings, service)),
+    ):
+        await slack.wait_connected(timeout=10)
+        yield service, engine
 
 
 async def final_reply(slack: FakeSlack, channel: str, thread_ts: str | None, *, after: int = 0):
-    """The bot's reply in a thread once streaming has ended in its final text."""
+    """The bot's reply in a thread once it is whole: edited to its final text, or streamed
+    and stopped."""
 
     def done():
         posts = [
@@ -77,7 +83,9 @@ async def final_reply(slack: FakeSlack, channel: str, thread_ts: str | None, *, 
             for m in slack.channels.get(channel, [])
             if m.get("user") == slack.bot_user_id and m.get("thread_ts") == thread_ts
         ]
-        text = posts[after]["text"] if len(posts) > after else PLACEHOLDER
+        if len(posts) <= after or slack.is_streaming(channel, posts[after]["ts"]):
+            return None
+        text = posts[after]["text"]
         return text != PLACEHOLDER and not text.endswith(STREAMING_MARK) and posts[after]
 
     return await slack.wait_for(done, timeout=60)
@@ -199,7 +207,12 @@ async def test_an_event_is_acknowledged_once_its_turn_is_recorded(
         async def target() -> dict:
             return json.loads(await redis_client.hget(keys.turn(turn_id), "target"))
 
-        where = {"team": "T0001", "channel": "C0001", "thread_ts": mention["ts"]}
+        where = {
+            "team": "T0001",
+            "channel": "C0001",
+            "thread_ts": mention["ts"],
+            "recipient": "U0ALICE",
+        }
         assert (await target()).items() >= where.items()
         [placeholder] = await slack.wait_for_calls("chat.postMessage")
         for _ in range(100):  # the placeholder's ts is saved once it is posted

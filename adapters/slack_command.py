@@ -1,0 +1,98 @@
+"""The `/threadbot <command>` slash command: the turn it gives the service, and a sink
+that answers only the person who typed it (ephemeral, through the command's response_url).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from adapters.base import command
+from adapters.slack_format import MESSAGE_LIMIT, to_mrkdwn
+from adapters.text import split_message
+from bot.types import Command, ConversationKey, Turn
+
+logger = logging.getLogger(__name__)
+
+SLASH_COMMAND = "/threadbot"
+THREAD_ONLY: frozenset[Command] = frozenset({"reset", "forget"})
+
+Respond = Callable[..., Awaitable[Any]]  # bolt's `respond`, bound to a response_url
+
+
+def thread_only(order: Command) -> str:
+    """In a channel, `reset`/`forget` would name no conversation: each thread is one, and
+    Slack sends no thread with a slash command."""
+    return (
+        f"`{SLASH_COMMAND} {order}` works in a DM with me. In a channel, each thread is its "
+        f"own conversation: send `{order}` in the thread you mean (mention me if I am not "
+        "in it yet)."
+    )
+
+
+def is_dm(payload: dict[str, Any]) -> bool:
+    return str(payload.get("channel_id", "")).startswith("D")
+
+
+def command_turn(payload: dict[str, Any], *, author_name: str = "") -> Turn:
+    """The turn a slash command gives the service: its command (`help` where the text names
+    none), for the DM or the channel it was typed in; one per invocation (trigger id)."""
+    team, channel = payload.get("team_id") or "-", payload["channel_id"]
+    text = payload.get("text", "").strip()
+    return Turn(
+        ConversationKey("slack", team, channel, channel),
+        payload["user_id"],
+        text,
+        f"{team}:{channel}:command:{payload['trigger_id']}",
+        command=command(text) or "help",
+        author_name=author_name,
+        channel_name=payload.get("channel_name", ""),
+    )
+
+
+class EphemeralReply:
+    """A ReplySink for a slash command: shows only its outcome (the answer, a failure or a
+    pause), to the person who typed it. Nothing is streamed, and nothing can be resumed
+    elsewhere: a response_url is a short-lived capability, never stored."""
+
+    def __init__(self, respond: Respond, *, channel: str, user: str) -> None:
+        self.respond = respond
+        self.channel = channel
+        self.user = user
+        self.on_post: Callable[[], Awaitable[None]] | None = None
+        self.over = False
+
+    def reply_target(self) -> dict[str, Any]:
+        return {"ephemeral": True, "channel": self.channel, "user": self.user}
+
+    async def start(self) -> None:
+        """Slack shows nothing while a command runs, and needs nothing."""
+
+    async def append(self, chunk: str) -> None:
+        """Only the outcome is shown."""
+
+    async def notice(self, text: str) -> None:
+        """Commands build no prompt: there is no history to leave out."""
+
+    async def finish(self, text: str) -> None:
+        self.over = True
+        await self._say(text)
+
+    async def fail(self, text: str) -> None:
+        if not self.over:  # an answer (or failure) already shown stays the outcome
+            self.over = True
+            await self._say(text)
+
+    async def pause(self, text: str) -> None:
+        if not self.over:
+            await self._say(text)
+
+    async def _say(self, text: str) -> None:
+        for part in split_message(to_mrkdwn(text), MESSAGE_LIMIT):
+            response = await self.respond(
+                text=part, response_type="ephemeral", unfurl_links=False, unfurl_media=False
+            )
+            if response.status_code != 200:
+                logger.warning("Slack refused a command's response (HTTP %d)", response.status_code)
+                return

@@ -1,0 +1,297 @@
+"""Where a Slack answer goes, and how it streams there: by editing messages (SlackThread),
+or natively with Slack's AI streaming methods (SlackStream: chat.startStream,
+chat.appendStream, chat.stopStream), which Slack rate-limits far more loosely than
+chat.update. Both sit under one StreamingReply, which throttles and splits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_assistant import ThreadStatus
+from adapters.slack_format import settled
+from adapters.streaming import Refused, StreamingReply
+
+logger = logging.getLogger(__name__)
+
+# What Slack answers where a workspace or app may not stream (no AI features, an old token).
+REFUSALS = frozenset(
+    {
+        "method_not_allowed_for_app",
+        "not_allowed_token_type",
+        "unknown_method",
+        "missing_scope",
+        "feature_not_enabled",
+    }
+)
+STREAM_OVER = "message_not_in_streaming_state"  # Slack ends a stream minutes after it began
+STOPPED_BY_USER = "stopped_by_user"  # a reader pressed stop: nothing more goes into it
+ENDED = frozenset({STREAM_OVER, STOPPED_BY_USER})
+
+
+def _error(error: SlackApiError) -> str:
+    return str(error.response.get("error", ""))
+
+
+class SlackThread:
+    """Posts and edits the messages of one answer in one Slack thread (or DM).
+
+    `recipient` is the person the answer is for (native streams name them). Nothing posted
+    is unfurled: Slack would otherwise fetch a URL that model output or injected thread
+    text put there, with conversation text in it.
+    """
+
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        *,
+        team: str,
+        channel: str,
+        thread_ts: str | None,
+        recipient: str | None = None,
+    ) -> None:
+        self.client = client
+        self.team = team
+        self.channel = channel
+        self.thread_ts = thread_ts
+        self.recipient = recipient
+
+    def where(self) -> dict[str, Any]:
+        return {
+            "team": self.team,
+            "channel": self.channel,
+            "thread_ts": self.thread_ts,
+            "recipient": self.recipient,
+        }
+
+    async def typing(self) -> None:
+        """Slack has no typing indicator for bots: the adapter posts a placeholder instead."""
+
+    async def post(self, text: str) -> str:
+        response = await self.client.chat_postMessage(
+            channel=self.channel,
+            thread_ts=self.thread_ts,
+            text=text,
+            unfurl_links=False,
+            unfurl_media=False,
+        )
+        return response["ts"]
+
+    async def edit(self, message_id: str, text: str) -> None:
+        await self.client.chat_update(channel=self.channel, ts=message_id, text=text)
+
+
+class SlackStream:
+    """The messages of one answer as native Slack streams, in a thread.
+
+    StreamingReply hands it each message's whole (Markdown) text so far. A stream only
+    grows, so it streams what a text adds to the last, and of that only what can no longer
+    change (a link still being written waits). `close` ends every stream with its whole
+    text, replacing it (chat.update) where the stream could not get there: a text that
+    changed rather than grew, or a stream Slack already ended. A message it did not open
+    (an earlier process's, on resume) is edited with chat.update.
+    """
+
+    def __init__(self, thread: SlackThread, *, earlier: Sequence[str] = ()) -> None:
+        if thread.thread_ts is None:
+            raise ValueError("Slack streams only into threads")
+        self.thread = thread
+        self.client = thread.client
+        self.status = ThreadStatus(
+            thread.client, channel=thread.channel, thread_ts=thread.thread_ts
+        )
+        self.streamed: dict[str, str] = {}  # open streams: ts -> the text streamed into it
+        self.wanted: dict[str, str] = {}  # open streams: ts -> the text it is to end with
+        self.earlier = set(earlier)  # posted by an earlier process: perhaps still streaming
+        self.stopped: set[str] = set()  # stopped by a reader: left as they are
+
+    def where(self) -> dict[str, Any]:
+        return {**self.thread.where(), "native": True}
+
+    async def typing(self) -> None:
+        """Until the first words stream in, the thread's status says the bot is at work."""
+        await self.status.show()
+
+    async def post(self, text: str) -> str:
+        shown = text[: settled(text)]
+        try:
+            response = await self.client.chat_startStream(
+                channel=self.thread.channel,
+                thread_ts=self.thread.thread_ts,
+                recipient_team_id=self.thread.team,
+                recipient_user_id=self.thread.recipient,
+                markdown_text=shown or None,
+            )
+        except SlackApiError as error:
+            if _error(error) in REFUSALS:
+                raise Refused(_error(error)) from error
+            raise
+        message_id = response["ts"]
+        self.streamed[message_id], self.wanted[message_id] = shown, text
+        return message_id
+
+    async def edit(self, message_id: str, text: str) -> None:
+        if message_id in self.stopped:
+            return
+        if message_id not in self.streamed:
+            await self._replace(message_id, text)
+            return
+        self.wanted[message_id] = text
+        streamed = self.streamed[message_id]
+        if not text.startswith(streamed):
+            return  # what was streamed cannot be taken back: `close` replaces it
+        more = text[len(streamed) : settled(text)]
+        if not more:
+            return
+        try:
+            await self.client.chat_appendStream(
+                channel=self.thread.channel, ts=message_id, markdown_text=more
+            )
+        except SlackApiError as error:
+            if _error(error) not in ENDED:
+                raise
+            del self.streamed[message_id], self.wanted[message_id]
+            await self._ended(message_id, error, text)
+            return
+        self.streamed[message_id] = streamed + more
+
+    async def close(self) -> None:
+        """End every open stream with its whole text; no status is left showing after."""
+        try:
+            for message_id in list(self.streamed):
+                await self._stop(message_id)
+        finally:
+            await self.status.clear()
+
+    async def _stop(self, message_id: str) -> None:
+        streamed, text = self.streamed.pop(message_id), self.wanted.pop(message_id)
+        rest = text[len(streamed) :] if text.startswith(streamed) else None
+        try:
+            await self.client.chat_stopStream(
+                channel=self.thread.channel, ts=message_id, markdown_text=rest or None
+            )
+        except SlackApiError as error:
+            if _error(error) not in ENDED:
+                raise
+            await self._ended(message_id, error, text)
+            return
+        if rest is None:
+            await self._replace(message_id, text)
+
+    async def _ended(self, message_id: str, error: SlackApiError, text: str) -> None:
+        """Slack ended this stream early: a reader stopped it (it stays as they left it),
+        or its time ran out (an ordinary message now, edited to `text`)."""
+        logger.info("Slack ended stream %s early (%s)", message_id, _error(error))
+        if _error(error) == STOPPED_BY_USER:
+            self.stopped.add(message_id)
+        else:
+            await self._replace(message_id, text)
+
+    async def _replace(self, message_id: str, text: str) -> None:
+        if message_id in self.earlier:  # its process may have died with the stream open
+            self.earlier.discard(message_id)
+            with contextlib.suppress(SlackApiError):
+                await self.client.chat_stopStream(channel=self.thread.channel, ts=message_id)
+        await self.client.chat_update(
+            channel=self.thread.channel, ts=message_id, markdown_text=text
+        )
+
+
+class NativeReply(StreamingReply):
+    """A StreamingReply into a SlackStream: whatever ends or pauses the answer also ends
+    its streams (their whole text, and the thread's status cleared)."""
+
+    target: SlackStream
+
+    async def finish(self, text: str) -> None:
+        await self._closing(super().finish(text))
+
+    async def fail(self, text: str) -> None:
+        await self._closing(super().fail(text))
+
+    async def pause(self, text: str) -> None:
+        await self._closing(super().pause(text))
+
+    async def _closing(self, ending: Awaitable[None]) -> None:
+        try:
+            await ending
+        finally:
+            await self.target.close()
+
+
+class FallbackReply:
+    """SLACK_STREAMING=auto: a native answer, until Slack refuses to stream in the
+    workspace. Slack refuses the first post, so nothing is shown yet: the answer goes on
+    by the edit path from where it was, and `refused` hears the error (the adapter then
+    sends the workspace's later answers by the edit path from the start)."""
+
+    def __init__(
+        self,
+        *,
+        native: NativeReply,
+        edited: Callable[[], StreamingReply],
+        refused: Callable[[str], None],
+    ) -> None:
+        self.sink: StreamingReply = native
+        self.edited = edited
+        self.refused = refused
+        self.noticed: str | None = None
+
+    @property
+    def on_post(self) -> Callable[[], Awaitable[None]] | None:
+        return self.sink.on_post
+
+    @on_post.setter
+    def on_post(self, callback: Callable[[], Awaitable[None]] | None) -> None:
+        self.sink.on_post = callback
+
+    def reply_target(self) -> dict[str, Any]:
+        return self.sink.reply_target()
+
+    async def start(self) -> None:
+        await self.sink.start()
+
+    async def notice(self, text: str) -> None:
+        self.noticed = text
+        await self.sink.notice(text)
+
+    async def append(self, chunk: str) -> None:
+        try:
+            await self.sink.append(chunk)
+        except Refused as refusal:
+            await self._fall_back(refusal, ending=False)  # the chunk is in the text taken over
+
+    async def finish(self, text: str) -> None:
+        await self._ending(lambda sink: sink.finish(text))
+
+    async def fail(self, text: str) -> None:
+        await self._ending(lambda sink: sink.fail(text))
+
+    async def pause(self, text: str) -> None:
+        await self._ending(lambda sink: sink.pause(text))
+
+    async def _ending(self, end: Callable[[StreamingReply], Awaitable[None]]) -> None:
+        try:
+            await end(self.sink)
+        except Refused as refusal:
+            await self._fall_back(refusal, ending=True)
+            await end(self.sink)
+
+    async def _fall_back(self, refusal: Refused, *, ending: bool) -> None:
+        native = self.sink
+        if native.message_ids:  # a stream began after all: it is no workspace refusal
+            raise refusal
+        self.refused(str(refusal))
+        self.sink = self.edited()
+        self.sink.on_post = native.on_post
+        if self.noticed is not None:
+            await self.sink.notice(self.noticed)
+        if not ending:  # an ending posts its own text; else show what was written so far
+            await self.sink.start()
+            await self.sink.append(native.text)

@@ -1,0 +1,99 @@
+"""The assistant pane (Agents & AI Apps) end to end against the fake Slack: a greeting and
+suggested prompts when a thread starts, the status while a turn is queued and answered
+(cleared after, failures included), and the title from the first question.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FailsOnceEngine, GatedEngine, ScriptedEngine
+from fake_slack import FakeSlack
+from test_slack_adapter import final_reply, serving
+
+from adapters.slack_assistant import GREETING, SUGGESTED_PROMPTS, THINKING, title_of
+from bot import replies
+
+
+@pytest.fixture
+async def slack():
+    async with FakeSlack() as fake:
+        yield fake
+
+
+def statuses(slack: FakeSlack) -> list[str]:
+    return [call.params["status"] for call in slack.calls_to("assistant.threads.setStatus")]
+
+
+async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, make_service):
+    async with serving(slack, make_service, streaming="auto"):
+        started = slack.assistant_thread_started("D0001")
+        await slack.wait_for_ack(await slack.send_event(started))
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        await slack.wait_for(lambda: ("D0001", thread_ts) in slack.prompts)
+    [greeting] = [m for m in slack.thread("D0001", thread_ts) if m.get("bot_id")]
+    assert greeting["text"] == GREETING
+    assert slack.prompts[("D0001", thread_ts)] == list(SUGGESTED_PROMPTS)
+
+
+async def test_the_status_shows_while_answering_and_the_title_is_the_first_question(
+    slack, make_service, make_batcher
+):
+    gated = GatedEngine(make_batcher())
+    async with serving(slack, make_service, gated, streaming="auto"):
+        started = slack.assistant_thread_started("D0001")
+        await slack.send_event(started)
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        question = slack.user_message(
+            "D0001", "How do   tides work?", thread_ts=thread_ts, channel_type="im"
+        )
+        await slack.send_event(question)
+        await slack.wait_for(lambda: ("D0001", thread_ts) in slack.titles)
+        assert slack.titles[("D0001", thread_ts)] == "How do tides work?"
+        assert slack.statuses[("D0001", thread_ts)] == THINKING  # no answer yet: still thinking
+        gated.gate.set()  # the model may answer now
+        await final_reply(slack, "D0001", thread_ts, after=1)  # after the greeting
+        follow_up = slack.user_message(
+            "D0001", "and waves?", thread_ts=thread_ts, channel_type="im"
+        )
+        await slack.send_event(follow_up)
+        await final_reply(slack, "D0001", thread_ts, after=2)
+    assert ("D0001", thread_ts) not in slack.statuses  # cleared once each answer was shown
+    assert len(slack.calls_to("assistant.threads.setTitle")) == 1  # the first question's only
+    [first_prompt, _] = gated.prompts
+    assert first_prompt[-1] == {"role": "user", "content": "How do tides work?"}
+    assert all("Chats from" not in m["content"] for m in first_prompt)  # Slack's own title
+
+
+async def test_a_failed_answer_clears_the_status(slack, make_service, make_batcher):
+    async with serving(slack, make_service, FailsOnceEngine(make_batcher()), streaming="auto"):
+        started = slack.assistant_thread_started("D0001")
+        await slack.send_event(started)
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        question = slack.user_message("D0001", "hello", thread_ts=thread_ts, channel_type="im")
+        await slack.send_event(question)
+        failed = await final_reply(slack, "D0001", thread_ts, after=1)
+        await slack.wait_for(lambda: statuses(slack)[-1:] == [""])
+    assert failed["text"] == replies.failed()
+    assert statuses(slack)[0] == THINKING
+    assert ("D0001", thread_ts) not in slack.statuses
+
+
+async def test_a_pane_answer_by_edits_sets_the_status_too(slack, make_service):
+    async with serving(slack, make_service, ScriptedEngine("Fine, thanks."), streaming="edit"):
+        started = slack.assistant_thread_started("D0001")
+        await slack.send_event(started)
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        question = slack.user_message(
+            "D0001", "how are you", thread_ts=thread_ts, channel_type="im"
+        )
+        await slack.send_event(question)
+        answered = await final_reply(slack, "D0001", thread_ts, after=1)
+    assert answered["text"] == "Fine, thanks."
+    assert statuses(slack) == [THINKING]  # the placeholder's post cleared it, as Slack does
+    assert ("D0001", thread_ts) not in slack.statuses
+
+
+def test_a_title_is_one_short_line():
+    assert title_of("  What is\n\nthe   answer? ") == "What is the answer?"
+    long = title_of("word " * 40)
+    assert len(long) <= 80 and long.endswith("…") and long.startswith("word word")

@@ -1,0 +1,172 @@
+"""Native Slack streaming end to end: real slack-bolt and slack_sdk against the fake Slack,
+which keeps each stream's message as Slack builds it (chat.startStream, chat.appendStream,
+chat.stopStream); SLACK_STREAMING's three modes, a workspace that refuses, a stream Slack
+ends early, a long answer, and an answer resumed by another process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import ScriptedEngine
+from fake_slack import FakeSlack
+from slack_sdk.web.async_client import AsyncWebClient
+from test_slack_adapter import final_reply, serving
+
+from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
+from adapters.slack_assistant import THINKING
+from adapters.slack_format import MARKDOWN_LIMIT, to_markdown
+from bot.config import Settings
+
+ANSWER = (
+    "Paris is the **capital** of France. See [the atlas](https://atlas.example/fr) for more; "
+    "it has sat on the Seine since Roman times, when it was called Lutetia."
+)
+STREAMING = ("chat.startStream", "chat.appendStream", "chat.stopStream")
+
+
+@pytest.fixture
+async def slack():
+    async with FakeSlack() as fake:
+        yield fake
+
+
+def streamed_text(slack: FakeSlack, ts: str) -> str:
+    """The Markdown the stream calls for one message carried, in order."""
+    return "".join(
+        call.params.get("markdown_text") or ""
+        for call in slack.calls
+        if call.method in STREAMING
+        and call.ok
+        and ts in (call.response.get("ts"), call.params.get("ts"))
+    )
+
+
+async def test_an_answer_streams_natively_into_its_thread(slack, make_service):
+    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="auto"):
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert reply["text"] == to_markdown(ANSWER)
+    assert streamed_text(slack, reply["ts"]) == reply["text"]  # built by the stream alone
+    [start] = slack.calls_to("chat.startStream")
+    assert start.params["thread_ts"] == mention["ts"]
+    assert (start.params["recipient_user_id"], start.params["recipient_team_id"]) == (
+        "U0ALICE",
+        "T0001",
+    )
+    [stop] = slack.calls_to("chat.stopStream")
+    assert stop.params["ts"] == reply["ts"]
+    assert not slack.calls_to("chat.postMessage") and not slack.calls_to("chat.update")
+    statuses = [call.params["status"] for call in slack.calls_to("assistant.threads.setStatus")]
+    assert statuses[0] == THINKING and statuses[-1] == ""  # shown while thinking, then cleared
+    assert slack.statuses == {}
+
+
+async def test_a_long_native_answer_continues_in_further_streams(slack, make_service):
+    paragraphs = [f"Paragraph {n}: " + "lorem ipsum " * 40 for n in range(60)]
+    answer = "\n\n".join(paragraphs)
+    assert len(answer) > 2 * MARKDOWN_LIMIT
+    async with serving(slack, make_service, ScriptedEngine(answer), streaming="native"):
+        mention = slack.app_mention("C0001", "write a lot")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+        starts = await slack.wait_for_calls("chat.startStream", count=3)
+        await slack.wait_for_calls("chat.stopStream", count=len(starts))
+    parts = [m for m in slack.channels["C0001"] if m.get("user") == slack.bot_user_id]
+    assert len(parts) == len(starts) >= 3
+    assert all(len(part["text"]) <= MARKDOWN_LIMIT for part in parts)
+    assert not any(slack.is_streaming("C0001", part["ts"]) for part in parts)
+    shown = [line for part in parts for line in part["text"].split("\n\n")]
+    assert [line.strip() for line in shown] == [p.strip() for p in paragraphs]
+
+
+async def test_a_refusing_workspace_is_answered_by_edits_and_not_asked_again(
+    slack, make_service, caplog
+):
+    slack.refuse_streaming("method_not_allowed_for_app")
+    caplog.set_level(logging.WARNING, logger="adapters.slack_adapter")
+    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="auto"):
+        first = slack.app_mention("C0001", "first question")
+        await slack.send_event(first)
+        refused = await final_reply(slack, "C0001", first["ts"])
+        second = slack.app_mention("C0001", "second question")
+        await slack.send_event(second)
+        edited = await final_reply(slack, "C0001", second["ts"])
+    assert len(slack.calls_to("chat.startStream")) == 1  # tried once, in the first answer
+    assert not slack.calls_to("chat.appendStream") and not slack.calls_to("chat.stopStream")
+    placeholders = slack.calls_to("chat.postMessage", ok_only=True)
+    assert [call.params["text"] for call in placeholders] == [PLACEHOLDER, PLACEHOLDER]
+    assert refused["ts"] == placeholders[0].response["ts"]  # the placeholder, edited
+    assert refused["text"] == edited["text"] != PLACEHOLDER
+    assert slack.calls_to("chat.update", ok_only=True)
+    refusals = [r for r in caplog.records if "refused native streaming" in r.getMessage()]
+    assert len(refusals) == 1 and "method_not_allowed_for_app" in refusals[0].getMessage()
+
+
+async def test_edit_mode_never_streams(slack, make_service):
+    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="edit"):
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert reply["text"].startswith("Paris is the *capital*")  # mrkdwn, by chat.update
+    assert not any(slack.calls_to(method) for method in STREAMING)
+
+
+async def test_a_top_level_dm_answer_is_edited_as_slack_streams_only_in_threads(
+    slack, make_service
+):
+    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="native"):
+        await slack.send_event(slack.dm("D0001", "hi"))
+        reply = await final_reply(slack, "D0001", None)
+    assert reply["text"].startswith("Paris is the *capital*")
+    assert not slack.calls_to("chat.startStream")
+
+
+async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, make_service):
+    """Slack ends a stream some minutes after it began: the message is edited from then on."""
+
+    def end_at_once(call):
+        if call.method == "chat.startStream" and call.ok:
+            slack.end_streams()
+
+    slack.after_call = end_at_once
+    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="native"):
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+        await slack.wait_for(lambda: reply["text"] == to_markdown(ANSWER))
+    ended = [c for c in slack.calls if c.method in STREAMING[1:]]
+    assert ended and ended[0].response["error"] == "message_not_in_streaming_state"
+    updates = slack.calls_to("chat.update", ok_only=True)
+    assert updates[-1].params["markdown_text"] == to_markdown(ANSWER)
+    assert len([m for m in slack.channels["C0001"] if m.get("user") == slack.bot_user_id]) == 1
+
+
+async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_service):
+    """Another process began streaming the answer and died: the rebuilt sink stops that
+    stream and edits the message, never posting a second one."""
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    mention = slack.app_mention("C0001", "What is the capital of France?")
+    begun = await client.chat_startStream(
+        channel="C0001",
+        thread_ts=mention["ts"],
+        recipient_team_id="T0001",
+        recipient_user_id="U0ALICE",
+        markdown_text="Paris is",
+    )
+    saved = {"team": "T0001", "channel": "C0001", "thread_ts": mention["ts"],
+             "recipient": "U0ALICE", "native": True, "messages": [begun["ts"]]}  # fmt: skip
+    settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
+                        slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
+    async with make_service() as (service, _engine):
+        sink = SlackAdapter.from_settings(settings, service)._resumed(saved)
+        await sink.start()
+        await sink.append("Paris is the capital")
+        await sink.finish(ANSWER)
+    assert sink.reply_target() == saved
+    assert slack.message("C0001", begun["ts"])["text"] == to_markdown(ANSWER)
+    assert not slack.is_streaming("C0001", begun["ts"])
+    assert len(slack.calls_to("chat.startStream")) == 1  # the earlier process's alone
+    assert not slack.calls_to("chat.postMessage")
