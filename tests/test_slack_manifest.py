@@ -1,0 +1,25 @@
+"""The Slack app manifest asks for what the adapter uses: scopes, events, the pane and
+the slash command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from adapters.slack_command import SLASH_COMMAND
+
+MANIFEST = Path(__file__).parent.parent / "slack-app-manifest.yml"
+
+
+def test_the_manifest_asks_for_the_pane_the_command_and_their_scopes():
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    scopes = manifest["oauth_config"]["scopes"]["bot"]
+    assert {"assistant:write", "chat:write", "commands", "im:history"} <= set(scopes)
+    events = manifest["settings"]["event_subscriptions"]["bot_events"]
+    assert {"assistant_thread_started", "assistant_thread_context_changed", "message.im"} <= set(
+        events
+    )
+    assert manifest["features"]["assistant_view"]["assistant_description"]
+    [command] = manifest["features"]["slash_commands"]
+    assert command["command"] == SLASH_COMMAND and command["should_escape"] is False
