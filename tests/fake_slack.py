@@ -79,6 +79,7 @@ class FakeSlack:
         self.acks: dict[str, JSON] = {}  # envelope_id -> the client's ack
         self.connections = 0  # websocket connections accepted so far
         self.streaming: set[tuple[str, str]] = set()  # (channel, ts) of open streams
+        self.stopped_by_user: set[tuple[str, str]] = set()  # streams a reader stopped
         self.statuses: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> status shown
         self.titles: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> assistant title
         self.prompts: dict[tuple[str, str], list[JSON]] = {}  # suggested prompts, likewise
@@ -197,6 +198,11 @@ class FakeSlack:
     def end_streams(self) -> None:
         """End every open stream as Slack does a few minutes after each began."""
         self.streaming.clear()
+
+    def stop_by_user(self, channel: str, ts: str) -> None:
+        """A reader presses a stream's stop button: it takes nothing more."""
+        self.streaming.discard((channel, ts))
+        self.stopped_by_user.add((channel, ts))
 
     # --- Web API --------------------------------------------------------------------------
 
@@ -328,6 +334,8 @@ class FakeSlack:
         message = self.message(channel, ts)
         if message is None:
             return {"ok": False, "error": "message_not_found"}
+        if (channel, ts) in self.stopped_by_user:
+            return {"ok": False, "error": "stopped_by_user"}
         if (channel, ts) not in self.streaming:
             return {"ok": False, "error": "message_not_in_streaming_state"}
         text = _markdown(params)

@@ -244,6 +244,12 @@ async def test_streams_grow_a_message_as_slack_documents(slack: FakeSlack) -> No
         await client.chat_appendStream(channel="C0001", ts="1.000001", markdown_text="x")
     assert err.value.response["error"] == "message_not_found"
 
+    by_reader = await client.chat_startStream(channel="D0001", thread_ts=slack.dm()["ts"])
+    slack.stop_by_user("D0001", by_reader["ts"])
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_appendStream(channel="D0001", ts=by_reader["ts"], markdown_text="x")
+    assert err.value.response["error"] == "stopped_by_user"
+
     dm = await client.chat_startStream(channel="D0001", thread_ts=slack.dm()["ts"])
     slack.end_streams()  # as Slack does some minutes after a stream began
     with pytest.raises(SlackApiError) as err:

@@ -6,6 +6,7 @@ ends early, a long answer, and an answer resumed by another process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -17,7 +18,9 @@ from test_slack_adapter import final_reply, serving
 from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
 from adapters.slack_format import MARKDOWN_LIMIT, to_markdown
+from bot import replies
 from bot.config import Settings
+from bot.types import ConversationKey
 
 ANSWER = (
     "Paris is the **capital** of France. See [the atlas](https://atlas.example/fr) for more; "
@@ -105,6 +108,22 @@ async def test_a_refusing_workspace_is_answered_by_edits_and_not_asked_again(
     assert len(refusals) == 1 and "method_not_allowed_for_app" in refusals[0].getMessage()
 
 
+async def test_a_refused_first_post_that_ends_the_turn_is_posted_by_the_edit_path(
+    slack, make_service
+):
+    """Refused at an ending (a command's reply, the turn's only post): that text is posted
+    as it is, with no placeholder before it."""
+    slack.refuse_streaming("feature_not_enabled")
+    async with serving(slack, make_service, streaming="auto"):
+        mention = slack.app_mention("C0001", "reset")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert reply["text"] == replies.conversation_reset()
+    assert len(slack.calls_to("chat.startStream")) == 1
+    [post] = slack.calls_to("chat.postMessage", ok_only=True)
+    assert post.params["text"] == replies.conversation_reset()
+
+
 async def test_edit_mode_never_streams(slack, make_service):
     async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="edit"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
@@ -142,6 +161,34 @@ async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, make
     updates = slack.calls_to("chat.update", ok_only=True)
     assert updates[-1].params["markdown_text"] == to_markdown(ANSWER)
     assert len([m for m in slack.channels["C0001"] if m.get("user") == slack.bot_user_id]) == 1
+
+
+async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, make_service):
+    """Slack's stop button ends a stream for good: nothing more is appended, nothing replaces
+    it, and the answer is still kept in the conversation."""
+
+    def stop_at_once(call):
+        if call.method == "chat.startStream" and call.ok:
+            slack.stop_by_user("C0001", call.response["ts"])
+
+    slack.after_call = stop_at_once
+    engine = ScriptedEngine(ANSWER)
+    async with serving(slack, make_service, engine, streaming="native") as (service, _):
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        key = str(ConversationKey("slack", "T0001", "C0001", mention["ts"]))
+        for _ in range(200):  # until the answer is stored (bounded)
+            history = await service.store.load(key)
+            if history and history[-1]["role"] == "assistant":
+                break
+            await asyncio.sleep(0.05)
+    assert history[-1] == {"role": "assistant", "content": ANSWER}
+    [start] = slack.calls_to("chat.startStream")
+    message = slack.message("C0001", start.response["ts"])
+    assert message["text"] == start.params["markdown_text"] != to_markdown(ANSWER)
+    refused = [c.response["error"] for c in slack.calls if c.method in STREAMING[1:]]
+    assert refused and set(refused) == {"stopped_by_user"}
+    assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
 
 
 async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_service):
