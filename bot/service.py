@@ -24,6 +24,7 @@ from typing import Any
 from weakref import WeakValueDictionary
 
 from bot import replies
+from bot.hygiene import AnswerFilter
 from bot.prompt import TokenCounter, fit, named, sanitized
 from bot.queue import (
     EngineStopped,
@@ -335,15 +336,20 @@ class ChatService:
         except QueueFull:
             await self._fail(started, sink, replies.busy())
             return
+        shown = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
         try:
             async for chunk in generation:
-                await sink.append(chunk)
+                if text := shown.feed(chunk):
+                    await sink.append(text)
+                if shown.looping:
+                    logger.info("the answer to %s was repeating itself; cut", pending.id)
+                    break
         except InferenceTimeout:
             await self._fail(started, sink, replies.timed_out())
             return
         finally:
             generation.cancel()  # no-op once finished; stops the engine if we were interrupted
-        answer = generation.text.strip()
+        answer = shown.final(generation.text).strip()
         if not answer:
             await self._fail(started, sink, replies.empty_answer())
             return
