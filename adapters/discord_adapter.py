@@ -19,6 +19,7 @@ import discord
 import yarl
 from discord.gateway import DiscordWebSocket
 
+from adapters.attachments import Attachment, with_attachments
 from adapters.base import Adapter, AdapterError, answer, command, failure_text
 from adapters.streaming import StreamingReply
 from bot.config import Settings
@@ -33,6 +34,7 @@ REPLY_CHAIN_LIMIT = 50  # replies followed back to find an inline conversation's
 THREAD_NAME_LENGTH = 90  # Discord allows 100
 THREAD_ARCHIVE_MINUTES = 1440
 THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
+ATTACHMENT_SECONDS = 10.0  # reading a message's attached files
 NO_PINGS = discord.AllowedMentions.none()
 ANSWERED_TYPES = {discord.MessageType.default, discord.MessageType.reply}
 PERMISSIONS = discord.Permissions(
@@ -266,13 +268,19 @@ class DiscordAdapter(Adapter):
         me = self.client.user
         assert me is not None
         text = self._readable(message, me)
+        order = command(text)
+        if order is None:
+            files = [_attachment(attachment) for attachment in message.attachments]
+            text = await with_attachments(
+                text, files, settings=self.service.team.settings, timeout=ATTACHMENT_SECONDS
+            )
         turn = Turn(
             key,
             str(message.author.id),
             text,
             str(message.id),
             context=earlier,
-            command=command(text),
+            command=order,
             author_name=message.author.display_name,
         )
         await answer(self.service, turn, self._sink(target))
@@ -347,3 +355,18 @@ class DiscordAdapter(Adapter):
             return names[kind].get(ident, match[0])
 
         return re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+
+
+def _attachment(attachment: discord.Attachment) -> Attachment:
+    """A Discord attachment; its size is known, so one too large is never downloaded."""
+    return Attachment(
+        name=attachment.filename,
+        mimetype=attachment.content_type or "",
+        size=attachment.size,
+        download=partial(_read_whole, attachment),
+    )
+
+
+async def _read_whole(attachment: discord.Attachment, _wanted: int) -> bytes:
+    """Discord's CDN serves a file whole (the reader caps it at MAX_FILE_BYTES first)."""
+    return await attachment.read()

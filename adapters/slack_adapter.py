@@ -27,7 +27,9 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.attachments import with_attachments
 from adapters.base import Adapter, AdapterError, answer, command, failure_text
+from adapters.slack_files import slack_attachments
 from adapters.slack_format import to_mrkdwn
 from adapters.streaming import EditBudget, StreamingReply
 from bot.config import Settings
@@ -40,6 +42,8 @@ MESSAGE_LIMIT = 3900  # Slack truncates at 40,000 but advises ~4,000 for readabi
 PLACEHOLDER = "_thinking…_"
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 CONTEXT_SECONDS = 1.5  # reading them happens before the event's ack, which Slack wants in 3 s
+ATTACHMENT_SECONDS = 1.0  # reading attached files too
+ANSWERED_SUBTYPES = {None, "file_share"}  # a plain message, and one with files
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
 NAME_CACHE_SIZE = 1000
@@ -157,13 +161,22 @@ class SlackAdapter(Adapter):
 
     async def _handle(self, event: dict[str, Any], bot_user: str, *, mentioned: bool) -> None:
         """One Slack message event: decide whether to answer, and where."""
-        if event.get("subtype") or event.get("bot_id") or event.get("user") in (None, bot_user):
+        subtype = event.get("subtype")
+        if (
+            subtype not in ANSWERED_SUBTYPES
+            or event.get("bot_id")
+            or event.get("user") in (None, bot_user)
+        ):
             return  # edits, deletions, joins, bots (ourselves included)
         channel, ts, text = event["channel"], event["ts"], event.get("text", "")
         thread_ts = event.get("thread_ts")
         is_dm = event.get("channel_type") == "im"
         if not mentioned and not is_dm and f"<@{bot_user}>" in text:
-            return  # the app_mention event for the same message answers it
+            if subtype != "file_share":
+                return  # the app_mention event for the same message answers it
+            # Slack may send no app_mention for a mention that shares a file; when it
+            # sends both, the journal keeps the pair to one answer.
+            mentioned = True
         team = event.get("team", "-")
         key = ConversationKey("slack", team, channel, thread_ts or (channel if is_dm else ts))
         thread = SlackThread(
@@ -201,6 +214,11 @@ class SlackAdapter(Adapter):
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
             history = await self._thread_context(event, bot_user)
+        if order is None:
+            files = slack_attachments(event.get("files", ()), token=self.app.client.token)
+            words = await with_attachments(
+                words, files, settings=self.service.team.settings, timeout=ATTACHMENT_SECONDS
+            )
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
         turn = Turn(
             key,

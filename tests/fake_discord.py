@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import math
 import re
+import secrets
 import time
 import uuid
 import zlib
@@ -123,6 +125,9 @@ class FakeDiscord:
         self._rate_limits: list[list[Any]] = []  # [method, regex, count, retry_after, global, via]
         self._nonces: dict[str, tuple[float, str, str]] = {}  # nonce -> (at, channel, message)
         self._last_id = 0
+        self._files: dict[str, tuple[bytes, str]] = {}  # CDN path -> content and type
+        self.downloads: list[str] = []  # CDN paths served
+        self._cdn_key = secrets.token_bytes(16)  # signs attachment URLs, as Discord's CDN does
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -131,6 +136,7 @@ class FakeDiscord:
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/gateway-resume", self._gateway)
+        app.router.add_get("/attachments/{channel}/{id}/{filename}", self._cdn)
         self._runner, self.port = await serve(app)
         return self
 
@@ -372,6 +378,45 @@ class FakeDiscord:
             thread["member"] = {**member, "join_timestamp": now_iso()}
         await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
         return thread
+
+    # --- attachments ----------------------------------------------------------------------
+
+    def attachment(
+        self, channel_id: str, filename: str, data: bytes, content_type: str | None = None
+    ) -> JSON:
+        """Keep a file on the CDN; returns the attachment object a message carries (pass
+        it in `attachments=[...]` to user_message). Its URL is signed and expires, as
+        Discord's are: the CDN serves only the URL it gave."""
+        attachment_id = self.snowflake()
+        path = f"/attachments/{channel_id}/{attachment_id}/{filename}"
+        self._files[path] = (data, content_type or "application/octet-stream")
+        issued = int(time.time())
+        expires = f"{issued + 86400:x}"
+        signature = self._signature(path, expires, f"{issued:x}")
+        url = f"http://127.0.0.1:{self.port}{path}?ex={expires}&is={issued:x}&hm={signature}&"
+        attachment = {"id": attachment_id, "filename": filename, "size": len(data)}
+        attachment.update(url=url, proxy_url=url)
+        return attachment | ({"content_type": content_type} if content_type else {})
+
+    def _signature(self, path: str, expires: str, issued: str) -> str:
+        message = f"{path}?ex={expires}&is={issued}".encode()
+        return hmac.new(self._cdn_key, message, hashlib.sha256).hexdigest()
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        """A file, for the URL the fake signed, until it expires; else a 404, as Discord's
+        CDN answers."""
+        expires, issued = request.query.get("ex", ""), request.query.get("is", "")
+        signature = self._signature(request.path, expires, issued)
+        try:
+            live = int(expires, 16) > time.time()
+        except ValueError:
+            live = False
+        signed = hmac.compare_digest(request.query.get("hm", ""), signature)
+        if not (signed and live and request.path in self._files):
+            return web.Response(status=404, text="This content is no longer available.")
+        self.downloads.append(request.path)
+        data, content_type = self._files[request.path]
+        return web.Response(body=data, headers={"Content-Type": content_type})
 
     # --- gateway --------------------------------------------------------------------------
 

@@ -30,7 +30,10 @@ JSON = dict[str, Any]
 Handler = Callable[[JSON], Awaitable[JSON]]
 
 DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
-SCOPES = "app_mentions:read,channels:history,chat:write,groups:history,im:history,users:read"
+SCOPES = (
+    "app_mentions:read,channels:history,chat:write,files:read,groups:history,im:history,users:read"
+)
+SIGN_IN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
 PAYLOAD_KEYS = ("blocks", "attachments", "metadata")
 
 
@@ -72,6 +75,8 @@ class FakeSlack:
         self.envelopes: list[JSON] = []  # Socket Mode envelopes sent
         self.acks: dict[str, JSON] = {}  # envelope_id -> the client's ack
         self.connections = 0  # websocket connections accepted so far
+        self.files: dict[str, tuple[bytes, str]] = {}  # id -> content and type, at its URLs
+        self.downloads: list[str] = []  # file ids served to a client with the bot token
         self.handlers: dict[str, Handler] = {
             "auth.test": self._auth_test,
             "apps.connections.open": self._connections_open,
@@ -93,6 +98,8 @@ class FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/socket-mode", self._socket)
+        app.router.add_get("/files-pri/{team_file}/{path:.*}", self._file)
+        app.router.add_get("/signin", self._sign_in)
         self._runner, self.port = await serve(app)
         return self
 
@@ -310,6 +317,49 @@ class FakeSlack:
             "user": {**user, "is_bot": user_id == self.bot_user_id, "profile": profile},
         }
 
+    # --- files ----------------------------------------------------------------------------
+
+    def upload(self, name: str, data: bytes, mimetype: str, *, user: str = "U0ALICE") -> JSON:
+        """Keep a file as if `user` uploaded it; returns its file object, as a message's
+        `files` carry it (share it with `file_share`)."""
+        file_id = "F" + secrets.token_hex(5).upper()
+        self.files[file_id] = (data, mimetype)
+        base = f"http://127.0.0.1:{self.port}/files-pri/{self.team_id}-{file_id}"
+        now = int(time.time())
+        return {
+            "id": file_id,
+            "created": now,
+            "timestamp": now,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": name.rpartition(".")[2] if "." in name else "binary",
+            "user": user,
+            "user_team": self.team_id,
+            "size": len(data),
+            "mode": "hosted",
+            "is_external": False,
+            "is_public": False,
+            "url_private": f"{base}/{name}",
+            "url_private_download": f"{base}/download/{name}",
+            "permalink": f"https://{self.team_domain}.slack.com/files/{user}/{file_id}/{name}",
+        }
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        """A file's content for the bot token; Slack's sign-in page (through a redirect,
+        an HTML 200) for anyone else."""
+        if request.headers.get("Authorization") != f"Bearer {self.bot_token}":
+            raise web.HTTPFound(f"/signin?redir={request.path}")
+        file_id = request.match_info["team_file"].removeprefix(f"{self.team_id}-")
+        if file_id not in self.files:
+            raise web.HTTPNotFound()
+        self.downloads.append(file_id)
+        data, mimetype = self.files[file_id]
+        return web.Response(body=data, headers={"Content-Type": mimetype})
+
+    async def _sign_in(self, request: web.Request) -> web.Response:
+        return web.Response(text=SIGN_IN_PAGE, content_type="text/html")
+
     # --- Socket Mode ----------------------------------------------------------------------
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
@@ -476,12 +526,44 @@ class FakeSlack:
         )
 
     def app_mention(
-        self, channel: str, text: str, *, user: str = "U0ALICE", thread_ts: str | None = None
+        self,
+        channel: str,
+        text: str,
+        *,
+        user: str = "U0ALICE",
+        thread_ts: str | None = None,
+        files: list[JSON] | None = None,
     ) -> JSON:
         """An ``app_mention`` event; text gets a leading ``<@U0BOT>`` if it lacks one."""
         mention = f"<@{self.bot_user_id}>"
         text = text if mention in text else f"{mention} {text}"
-        return self._event(channel, text, thread_ts, type="app_mention", user=user)
+        shared = {"files": files, "upload": True} if files else {}
+        return self._event(channel, text, thread_ts, type="app_mention", user=user, **shared)
+
+    def file_share(
+        self,
+        channel: str,
+        text: str,
+        files: list[JSON],
+        *,
+        user: str = "U0ALICE",
+        thread_ts: str | None = None,
+        channel_type: str = "channel",
+    ) -> JSON:
+        """A ``message`` event with ``subtype: file_share``: a person's message with files
+        (`upload`'s file objects); the text may be empty."""
+        return self._event(
+            channel,
+            text,
+            thread_ts,
+            type="message",
+            subtype="file_share",
+            user=user,
+            files=files,
+            upload=True,
+            display_as_bot=False,
+            channel_type=channel_type,
+        )
 
     def mention_pair(
         self,
@@ -491,10 +573,13 @@ class FakeSlack:
         user: str = "U0ALICE",
         thread_ts: str | None = None,
         channel_type: str = "channel",
+        files: list[JSON] | None = None,
     ) -> tuple[JSON, JSON]:
-        """What Slack sends for one mention: ``app_mention`` and ``message``, same ts."""
-        mention = self.app_mention(channel, text, user=user, thread_ts=thread_ts)
-        return mention, {**mention, "type": "message", "channel_type": channel_type}
+        """What Slack sends for one mention: ``app_mention`` and ``message``, same ts; with
+        files, the message is a ``file_share``."""
+        mention = self.app_mention(channel, text, user=user, thread_ts=thread_ts, files=files)
+        message = {**mention, "type": "message", "channel_type": channel_type}
+        return mention, message | ({"subtype": "file_share"} if files else {})
 
     def bot_message(
         self,

@@ -22,6 +22,7 @@ from conftest import (
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
 
+from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
 from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
 from adapters.streaming import STREAMING_MARK
@@ -339,3 +340,54 @@ async def test_threadbot_run_serves_discord_until_sigterm(fake, threadbot_run):
     assert stopped.returncode == 0  # SIGTERM is a clean stop
     assert "Traceback" not in stopped.stderr
     assert "oauth2/authorize?client_id=" in stopped.stderr  # the invite link was logged
+
+
+# --- attachments --------------------------------------------------------------------------
+
+
+async def test_a_text_attachment_reaches_the_prompt(fake, discord_bot):
+    text = "Ship on Friday — maybe.".encode()
+    notes = fake.attachment(fake.channel_id, "notes.txt", text, "text/plain; charset=utf-8")
+    async with discord_bot(max_input_chars=2000) as (_service, engine):
+        message = fake.user_message(
+            fake.channel_id, "what does this say?", mentions_bot=True, attachments=[notes]
+        )
+        await fake.dispatch("MESSAGE_CREATE", message)
+        await final_reply(fake, message["id"])
+    assert engine.prompts[0][-1]["content"] == (
+        "what does this say?\n\n[attached: notes.txt]\nShip on Friday — maybe."
+    )
+    assert len(fake.downloads) == 1
+
+
+async def test_a_binary_attachment_alone_is_named_and_not_downloaded(fake, discord_bot):
+    dm = fake.dm_channel(fake.alice["id"])["id"]
+    photo = fake.attachment(dm, "photo.png", b"\x89PNG\r\n" + bytes(120_000), "image/png")
+    async with discord_bot(max_input_chars=2000) as (_service, engine):
+        message = fake.dm_message("", attachments=[photo])
+        await fake.dispatch("MESSAGE_CREATE", message)
+        await final_reply(fake, dm)
+    assert engine.prompts == [
+        [{"role": "user", "content": "[attached: photo.png, image/png, 121 KB: not read]"}]
+    ]
+    assert fake.downloads == []
+
+
+async def test_attachments_too_large_or_unavailable_are_named_and_the_turn_goes_on(
+    fake, discord_bot
+):
+    dm = fake.dm_channel(fake.alice["id"])["id"]
+    huge = fake.attachment(dm, "huge.log", b"x" * (MAX_FILE_BYTES + 1), "text/plain")
+    expired = fake.attachment(dm, "old.txt", b"from last year", "text/plain")
+    expired["url"] = expired["url"].replace("hm=", "hm=0")  # a URL the CDN did not sign
+    async with discord_bot(max_input_chars=2000) as (_service, engine):
+        message = fake.dm_message("two files", attachments=[huge, expired])
+        await fake.dispatch("MESSAGE_CREATE", message)
+        reply = await final_reply(fake, dm)
+    assert engine.prompts[0][-1]["content"] == (
+        "two files\n\n"
+        "[attached: huge.log, text/plain, 1.0 MB: not read: larger than 1.0 MB]\n\n"
+        "[attached: old.txt, text/plain, 14 bytes: not read: the download failed]"
+    )
+    assert reply["content"]
+    assert fake.downloads == []
