@@ -336,12 +336,12 @@ class ChatService:
         except QueueFull:
             await self._fail(started, sink, replies.busy())
             return
-        shown = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
+        output = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
         try:
             async for chunk in generation:
-                if text := shown.feed(chunk):
+                if text := output.feed(chunk):
                     await sink.append(text)
-                if shown.looping:
+                if output.looping:
                     logger.info("the answer to %s was repeating itself; cut", pending.id)
                     break
         except InferenceTimeout:
@@ -349,7 +349,7 @@ class ChatService:
             return
         finally:
             generation.cancel()  # no-op once finished; stops the engine if we were interrupted
-        answer = shown.final(generation.text).strip()
+        answer = output.final(generation.text).strip()
         if not answer:
             await self._fail(started, sink, replies.empty_answer())
             return
