@@ -308,6 +308,7 @@ def make_service(
     from bot.queue import InferenceQueue
     from bot.service import ChatService
     from bot.team import Team
+    from storage.limits import Limits
 
     @asynccontextmanager
     async def make(engine: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
@@ -321,6 +322,7 @@ def make_service(
             "count_tokens": counter.count_tokens,
             "prompt_budget": counter.prompt_budget,
             "team": Team(Settings(_env_file=None, **values)),
+            "limits": Limits(redis=redis_client),
             "max_attempts": 3,
         } | options
         async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
