@@ -15,7 +15,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -30,6 +30,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.base import Adapter, AdapterError, answer, command, failure_text
 from adapters.slack_format import to_mrkdwn
 from adapters.streaming import EditBudget, StreamingReply
+from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
@@ -42,11 +43,16 @@ THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned i
 CONTEXT_SECONDS = 1.5  # reading them happens before the event's ack, which Slack wants in 3 s
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
-NAME_CACHE_SIZE = 1000
+PEOPLE_CACHE_SIZE = 1000
 EVENTS_PATH = "/slack/events"
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
 CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
 URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
+
+
+class Person(NamedTuple):
+    name: str
+    stranger: bool  # Slack Connect: of another organisation
 
 
 class SlackThread:
@@ -92,7 +98,8 @@ class SlackAdapter(Adapter):
         self.service = service
         self.settings = settings
         self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
-        self.names: dict[str, str] = {}  # user id -> display name, oldest first
+        self.people: dict[str, Person] = {}  # by user id, oldest first
+        self.channel_names: dict[str, str] = {}  # by channel id, oldest first
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
 
@@ -150,13 +157,16 @@ class SlackAdapter(Adapter):
         return runner.cleanup
 
     async def on_mention(self, event: dict[str, Any], context: dict[str, Any]) -> None:
-        await self._handle(event, context["bot_user_id"], mentioned=True)
+        await self._handle(event, context, mentioned=True)
 
     async def on_message(self, event: dict[str, Any], context: dict[str, Any]) -> None:
-        await self._handle(event, context["bot_user_id"], mentioned=False)
+        await self._handle(event, context, mentioned=False)
 
-    async def _handle(self, event: dict[str, Any], bot_user: str, *, mentioned: bool) -> None:
+    async def _handle(
+        self, event: dict[str, Any], context: dict[str, Any], *, mentioned: bool
+    ) -> None:
         """One Slack message event: decide whether to answer, and where."""
+        bot_user = context["bot_user_id"]
         if event.get("subtype") or event.get("bot_id") or event.get("user") in (None, bot_user):
             return  # edits, deletions, joins, bots (ourselves included)
         channel, ts, text = event["channel"], event["ts"], event.get("text", "")
@@ -164,7 +174,8 @@ class SlackAdapter(Adapter):
         is_dm = event.get("channel_type") == "im"
         if not mentioned and not is_dm and f"<@{bot_user}>" in text:
             return  # the app_mention event for the same message answers it
-        team = event.get("team", "-")
+        # Our workspace, not the author's: in a Slack Connect channel they differ.
+        team = context.get("team_id") or event.get("team", "-")
         key = ConversationKey("slack", team, channel, thread_ts or (channel if is_dm else ts))
         thread = SlackThread(
             self.app.client,
@@ -178,7 +189,16 @@ class SlackAdapter(Adapter):
             if not (addressed or (thread_ts and known)):
                 return  # channel chatter the bot was not asked into
             addressed = True
-            await self._converse(event, key, thread, bot_user, known=known)
+            who = Requester(
+                "slack",
+                event["user"],
+                channel,
+                workspace=team,
+                dm=is_dm,
+                stranger=await self._stranger(event, team),
+            )
+            if await self.service.admit(who, key, thread.post):
+                await self._converse(event, key, thread, bot_user, known=known)
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:
@@ -210,6 +230,8 @@ class SlackAdapter(Adapter):
             context=history,
             command=order,
             author_name=await self._name(event["user"]),
+            channel_name=await self._channel_name(event),
+            bot_name=await self._name(bot_user),
         )
         await answer(self.service, turn, self._sink(thread))
 
@@ -300,18 +322,47 @@ class SlackAdapter(Adapter):
         return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
 
     async def _name(self, user: str) -> str:
-        if user not in self.names:
-            if len(self.names) >= NAME_CACHE_SIZE:
-                del self.names[next(iter(self.names))]  # forget the oldest
+        person = await self._person(user)
+        return person.name if person else user
+
+    async def _channel_name(self, event: dict[str, Any]) -> str:
+        if event.get("channel_type") == "im":
+            return "a direct message"
+        channel = event["channel"]
+        if channel not in self.channel_names:
+            if len(self.channel_names) >= PEOPLE_CACHE_SIZE:
+                del self.channel_names[next(iter(self.channel_names))]
+            try:
+                info = await self.app.client.conversations_info(channel=channel)
+            except Exception:
+                logger.debug("conversations.info failed for %s", channel, exc_info=True)
+                return channel
+            self.channel_names[channel] = f"#{info['channel']['name']}"
+        return self.channel_names[channel]
+
+    async def _stranger(self, event: dict[str, Any], team: str) -> bool:
+        """Whether the author belongs to another organisation (Slack Connect): the event
+        names their own team, or Slack marks them a stranger to us."""
+        if event.get("user_team", event.get("team", team)) != team:
+            return True
+        person = await self._person(event["user"])
+        return bool(person and person.stranger)
+
+    async def _person(self, user: str) -> Person | None:
+        """The user's name and whether they are a stranger; None if users.info fails."""
+        if user not in self.people:
+            if len(self.people) >= PEOPLE_CACHE_SIZE:
+                del self.people[next(iter(self.people))]  # forget the oldest
             try:
                 profile = (await self.app.client.users_info(user=user))["user"]
-                self.names[user] = (
-                    profile.get("profile", {}).get("display_name")
-                    or profile.get("real_name")
-                    or profile.get("name")
-                    or user
-                )
             except Exception:
                 logger.debug("users.info failed for %s", user, exc_info=True)
-                return user
-        return self.names[user]
+                return None
+            name = (
+                profile.get("profile", {}).get("display_name")
+                or profile.get("real_name")
+                or profile.get("name")
+                or user
+            )
+            self.people[user] = Person(name, bool(profile.get("is_stranger")))
+        return self.people[user]

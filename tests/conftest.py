@@ -350,6 +350,40 @@ async def remove_pending_turns(redis: Redis, owner: str) -> None:
 # --- Adapters -----------------------------------------------------------------------------
 
 
+@pytest.fixture
+async def slack():
+    from fake_slack import FakeSlack
+
+    async with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture
+def socket_mode(slack, make_service):
+    """Runs the adapter in Socket Mode on a service; yields (service, engine)."""
+
+    @asynccontextmanager
+    async def start(engine=None, **service_options):
+        from adapters.slack_adapter import SlackAdapter
+        from bot.config import Settings
+
+        settings = Settings(
+            _env_file=None,
+            slack_bot_token=slack.bot_token,
+            slack_app_token=slack.app_token,
+            slack_api_url=slack.api_url,
+            stream_edit_interval=0.05,
+        )
+        async with (
+            make_service(engine, **service_options) as (service, engine),
+            running(SlackAdapter.from_settings(settings, service)),
+        ):
+            await slack.wait_connected(timeout=10)
+            yield service, engine
+
+    return start
+
+
 LONG_CODE = "\n".join(f"    step_{i}()" for i in range(400))
 LONG_CODE_ANSWER = "Here is the plan:\n```python\n" + LONG_CODE + "\n```\nThat is all."
 
