@@ -108,13 +108,15 @@ class ChatService:
         tell: Callable[[str], Awaitable[Any]],
     ) -> bool:
         """Whether the access rules let `who` use the bot here. If not, `tell` (a post in
-        the conversation) says so at most once an hour per conversation, unless the team
-        chose `deny: silent`."""
+        the conversation) says so at most once an hour to that person in that channel (so
+        at most once an hour per conversation, and never a reply to each of many mentions),
+        unless the team chose `deny: silent`."""
         access = self.team.settings.access
         if (reason := refusal(access, who)) is None:
             return True
         logger.info("denied %s user %s in %s: %s", who.platform, who.user, conversation, reason)
-        if access.deny == "reply" and await self.limits.first_denial(str(conversation)):
+        told = f"{conversation.platform}:{conversation.workspace}:{conversation.channel}:{who.user}"
+        if access.deny == "reply" and await self.limits.first_denial(told):
             try:
                 await tell(replies.denied())
             except Exception:

@@ -47,9 +47,10 @@ def facts(conversation_id: str) -> str:
     return f"{FACTS_PREFIX}{conversation_id}"
 
 
-def denied(conversation_id: str) -> str:
-    """The marker that a conversation was told, within the hour, that the bot may not answer."""
-    return f"{DENIED_PREFIX}{conversation_id}"
+def denied(whom: str) -> str:
+    """The marker that a person was told, within the hour, that the bot may not answer them
+    in a channel (`platform:workspace:channel:user`)."""
+    return f"{DENIED_PREFIX}{whom}"
 
 
 def rate(user: str) -> str:

@@ -1,7 +1,7 @@
 """Limits kept in Redis, so they hold across restarts and across processes.
 
 A per-user token bucket for `rate_limit_per_minute`, and a once-an-hour marker for telling a
-conversation that the bot may not answer there. Knows nothing of platforms.
+person that the bot may not answer them somewhere. Knows nothing of platforms.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Limits:
         wait = await self._take(keys=[keys.rate(user)], args=[per_minute / 60, per_minute])
         return float(wait)
 
-    async def first_denial(self, conversation_id: str) -> bool:
-        """True if the conversation has not been told within the hour that it is denied."""
-        key = keys.denied(conversation_id)
+    async def first_denial(self, whom: str) -> bool:
+        """True if `whom` (a person somewhere) was not told within the hour that they are
+        denied."""
+        key = keys.denied(whom)
         return bool(await self._redis.set(key, "1", nx=True, ex=DENIAL_REPEAT_S))

@@ -28,7 +28,7 @@ def command(conversation: ConversationKey, name: str, *, author: str = "UALICE")
     return say(conversation, name, author=author, command=name)
 
 
-async def test_a_denied_user_is_told_once_an_hour_per_conversation(make_service, conversation):
+async def test_a_denied_user_is_told_once_an_hour_per_channel(make_service, conversation):
     told: list[str] = []
     bob = Requester("slack", "UBOB", "CSUPPORT", workspace="TACME")
     rules = Access.model_validate({"slack": {"users": {"deny": ["UBOB"]}}})
@@ -37,9 +37,12 @@ async def test_a_denied_user_is_told_once_an_hour_per_conversation(make_service,
             assert not await service.admit(bob, conversation, told.append)
         assert await service.admit(Requester("slack", "UALICE", "CSUPPORT"), conversation,
                                    told.append)  # fmt: skip
-        other = ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)
-        assert not await service.admit(bob, other, told.append)
-    assert told == [replies.denied(), replies.denied()]  # once here, once in the other thread
+        same_channel = ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)
+        assert not await service.admit(bob, same_channel, told.append)
+        assert told == [replies.denied()]  # once an hour, however many threads he tries
+        elsewhere = ConversationKey("slack", "TACME", uuid.uuid4().hex, "1")
+        assert not await service.admit(bob, elsewhere, told.append)
+    assert told == [replies.denied(), replies.denied()]
 
 
 async def test_deny_silent_says_nothing(make_service, conversation):
