@@ -22,6 +22,7 @@ from discord.gateway import DiscordWebSocket
 from adapters.attachments import Attachment, with_attachments
 from adapters.base import Adapter, AdapterError, answer, command, failure_text
 from adapters.streaming import StreamingReply
+from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
@@ -216,7 +217,9 @@ class DiscordAdapter(Adapter):
             if route is None:
                 return
             addressed = True
-            await self._converse(message, *route)
+            if await self.service.admit(self._requester(message, route[0]), route[0],
+                                        partial(_reply, message)):  # fmt: skip
+                await self._converse(message, *route)
         except Exception as error:
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:
@@ -282,8 +285,22 @@ class DiscordAdapter(Adapter):
             context=earlier,
             command=order,
             author_name=message.author.display_name,
+            channel_name=_channel_name(message.channel),
+            bot_name=message.guild.me.display_name if message.guild else me.display_name,
         )
         await answer(self.service, turn, self._sink(target))
+
+    @staticmethod
+    def _requester(message: discord.Message, key: ConversationKey) -> Requester:
+        roles = getattr(message.author, "roles", ())  # a Member's, in a server
+        return Requester(
+            "discord",
+            str(message.author.id),
+            key.channel,  # a thread's parent
+            workspace=str(message.guild.id) if message.guild else None,
+            dm=message.guild is None,
+            roles=tuple(str(role.id) for role in roles),
+        )
 
     async def _earlier(
         self, message: discord.Message, me: discord.ClientUser
@@ -355,6 +372,24 @@ class DiscordAdapter(Adapter):
             return names[kind].get(ident, match[0])
 
         return re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+
+
+async def _reply(message: discord.Message, text: str) -> None:
+    """A short answer to `message` itself, where it was written (no thread, no ping)."""
+    await message.channel.send(
+        text,
+        reference=message.to_reference(fail_if_not_exists=False),
+        mention_author=False,
+        allowed_mentions=NO_PINGS,
+        suppress_embeds=True,
+    )
+
+
+def _channel_name(channel: discord.abc.Messageable) -> str:
+    if isinstance(channel, discord.DMChannel):
+        return "a direct message"
+    parent = getattr(channel, "parent", None)  # a thread is named after its channel
+    return f"#{getattr(parent or channel, 'name', '') or 'channel'}"
 
 
 def _attachment(attachment: discord.Attachment) -> Attachment:

@@ -15,7 +15,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -32,6 +32,7 @@ from adapters.base import Adapter, AdapterError, answer, command, failure_text
 from adapters.slack_files import slack_attachments
 from adapters.slack_format import to_mrkdwn
 from adapters.streaming import EditBudget, StreamingReply
+from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
@@ -46,11 +47,16 @@ ATTACHMENT_SECONDS = 1.0  # reading attached files too
 ANSWERED_SUBTYPES = {None, "file_share"}  # a plain message, and one with files
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
-NAME_CACHE_SIZE = 1000
+PEOPLE_CACHE_SIZE = 1000
 EVENTS_PATH = "/slack/events"
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
 CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
 URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
+
+
+class Person(NamedTuple):
+    name: str
+    stranger: bool  # Slack Connect: of another organisation
 
 
 class SlackThread:
@@ -96,7 +102,8 @@ class SlackAdapter(Adapter):
         self.service = service
         self.settings = settings
         self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
-        self.names: dict[str, str] = {}  # user id -> display name, oldest first
+        self.people: dict[str, Person] = {}  # by user id, oldest first
+        self.channel_names: dict[str, str] = {}  # by channel id, oldest first
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
 
@@ -154,14 +161,16 @@ class SlackAdapter(Adapter):
         return runner.cleanup
 
     async def on_mention(self, event: dict[str, Any], context: dict[str, Any]) -> None:
-        await self._handle(event, context["bot_user_id"], mentioned=True)
+        await self._handle(event, context, mentioned=True)
 
     async def on_message(self, event: dict[str, Any], context: dict[str, Any]) -> None:
-        await self._handle(event, context["bot_user_id"], mentioned=False)
+        await self._handle(event, context, mentioned=False)
 
-    async def _handle(self, event: dict[str, Any], bot_user: str, *, mentioned: bool) -> None:
+    async def _handle(
+        self, event: dict[str, Any], context: dict[str, Any], *, mentioned: bool
+    ) -> None:
         """One Slack message event: decide whether to answer, and where."""
-        subtype = event.get("subtype")
+        bot_user, subtype = context["bot_user_id"], event.get("subtype")
         if (
             subtype not in ANSWERED_SUBTYPES
             or event.get("bot_id")
@@ -177,7 +186,8 @@ class SlackAdapter(Adapter):
             # Slack may send no app_mention for a mention that shares a file; when it
             # sends both, the journal keeps the pair to one answer.
             mentioned = True
-        team = event.get("team", "-")
+        # Our workspace, not the author's: in a Slack Connect channel they differ.
+        team = context.get("team_id") or event.get("team", "-")
         key = ConversationKey("slack", team, channel, thread_ts or (channel if is_dm else ts))
         thread = SlackThread(
             self.app.client,
@@ -191,7 +201,16 @@ class SlackAdapter(Adapter):
             if not (addressed or (thread_ts and known)):
                 return  # channel chatter the bot was not asked into
             addressed = True
-            await self._converse(event, key, thread, bot_user, known=known)
+            who = Requester(
+                "slack",
+                event["user"],
+                channel,
+                workspace=team,
+                dm=is_dm,
+                stranger=await self._stranger(event, team),
+            )
+            if await self.service.admit(who, key, thread.post):
+                await self._converse(event, key, thread, bot_user, known=known)
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:
@@ -228,6 +247,8 @@ class SlackAdapter(Adapter):
             context=history,
             command=order,
             author_name=await self._name(event["user"]),
+            channel_name=await self._channel_name(event),
+            bot_name=await self._name(bot_user),
         )
         await answer(self.service, turn, self._sink(thread))
 
@@ -318,18 +339,47 @@ class SlackAdapter(Adapter):
         return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
 
     async def _name(self, user: str) -> str:
-        if user not in self.names:
-            if len(self.names) >= NAME_CACHE_SIZE:
-                del self.names[next(iter(self.names))]  # forget the oldest
+        person = await self._person(user)
+        return person.name if person else user
+
+    async def _channel_name(self, event: dict[str, Any]) -> str:
+        if event.get("channel_type") == "im":
+            return "a direct message"
+        channel = event["channel"]
+        if channel not in self.channel_names:
+            if len(self.channel_names) >= PEOPLE_CACHE_SIZE:
+                del self.channel_names[next(iter(self.channel_names))]
+            try:
+                info = await self.app.client.conversations_info(channel=channel)
+            except Exception:
+                logger.debug("conversations.info failed for %s", channel, exc_info=True)
+                return channel
+            self.channel_names[channel] = f"#{info['channel']['name']}"
+        return self.channel_names[channel]
+
+    async def _stranger(self, event: dict[str, Any], team: str) -> bool:
+        """Whether the author belongs to another organisation (Slack Connect): the event
+        names their own team, or Slack marks them a stranger to us."""
+        if event.get("user_team", event.get("team", team)) != team:
+            return True
+        person = await self._person(event["user"])
+        return bool(person and person.stranger)
+
+    async def _person(self, user: str) -> Person | None:
+        """The user's name and whether they are a stranger; None if users.info fails."""
+        if user not in self.people:
+            if len(self.people) >= PEOPLE_CACHE_SIZE:
+                del self.people[next(iter(self.people))]  # forget the oldest
             try:
                 profile = (await self.app.client.users_info(user=user))["user"]
-                self.names[user] = (
-                    profile.get("profile", {}).get("display_name")
-                    or profile.get("real_name")
-                    or profile.get("name")
-                    or user
-                )
             except Exception:
                 logger.debug("users.info failed for %s", user, exc_info=True)
-                return user
-        return self.names[user]
+                return None
+            name = (
+                profile.get("profile", {}).get("display_name")
+                or profile.get("real_name")
+                or profile.get("name")
+                or user
+            )
+            self.people[user] = Person(name, bool(profile.get("is_stranger")))
+        return self.people[user]

@@ -17,14 +17,17 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from functools import partial
 from typing import Any
 from weakref import WeakValueDictionary
 
 from bot import replies
+from bot.access import Requester, refusal
+from bot.config import ConfigError
 from bot.hygiene import AnswerFilter
+from bot.personas import Voice, fill, placeholder_values, voice_for
 from bot.prompt import TokenCounter, fit, named, sanitized
 from bot.queue import (
     EngineStopped,
@@ -34,8 +37,9 @@ from bot.queue import (
     QueueFull,
 )
 from bot.team import Team
-from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
+from bot.types import ADMIN_COMMANDS, ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
+from storage.limits import Limits
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal, in_scope
 
@@ -44,6 +48,7 @@ logger = logging.getLogger(__name__)
 SinkFactory = Callable[[dict[str, Any]], ReplySink]
 """An adapter's way back into a thread: a sink for a saved reply target."""
 
+STATS_WINDOW_S = 3600  # what `stats` reports on
 PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be answered
 
 
@@ -59,15 +64,22 @@ class ChatService:
         count_tokens: TokenCounter,
         prompt_budget: int,
         team: Team,
+        limits: Limits,
         max_attempts: int,
+        model_name: str = "the model",
     ) -> None:
         self.store = store
         self.journal = journal
         self.queue = queue
         self.count_tokens = count_tokens
+        # Tokens for the prompt when answers may take MAX_NEW_TOKENS as it was at start; a
+        # persona that allows longer answers leaves its prompts less.
         self.prompt_budget = prompt_budget
+        self._budgeted_answer = team.settings.max_new_tokens
         self.team = team  # the rules in effect now: read at each use, a reload swaps them
+        self.limits = limits
         self.max_attempts = max_attempts
+        self.model_name = model_name
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
         self._scopes: dict[str, SinkFactory] = {}  # connected adapters, for resuming
@@ -89,6 +101,28 @@ class ChatService:
         or a platform and message-id prefix (`console:NAME`) to resume only those turns."""
         self._scopes[scope] = rebuild
         self._resume_now.set()
+
+    async def admit(
+        self,
+        who: Requester,
+        conversation: ConversationKey,
+        tell: Callable[[str], Awaitable[Any]],
+    ) -> bool:
+        """Whether the access rules let `who` use the bot here. If not, `tell` (a post in
+        the conversation) says so at most once an hour to that person in that channel (so
+        at most once an hour per conversation, and never a reply to each of many mentions),
+        unless the team chose `deny: silent`."""
+        access = self.team.settings.access
+        if (reason := refusal(access, who)) is None:
+            return True
+        logger.info("denied %s user %s in %s: %s", who.platform, who.user, conversation, reason)
+        told = f"{conversation.platform}:{conversation.workspace}:{conversation.channel}:{who.user}"
+        if access.deny == "reply" and await self.limits.first_denial(told):
+            try:
+                await tell(replies.denied())
+            except Exception:
+                logger.warning("could not tell %s it is denied", conversation, exc_info=True)
+        return False
 
     async def knows(self, conversation: ConversationKey) -> bool:
         """Whether the bot has history in this conversation (adapters answer there unasked)."""
@@ -190,6 +224,10 @@ class ChatService:
                 refusal = replies.too_long(len(text), settings.max_input_chars)
             elif (pending := self._pending[turn.author]) >= settings.max_pending_per_user:
                 refusal = replies.slow_down(pending)
+            elif (per_minute := settings.access.rate_limit_per_minute) and (
+                wait := await self.limits.take(f"{platform}:{turn.author}", per_minute)
+            ):
+                refusal = replies.rate_limited(wait)
         if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())
             return None
@@ -201,6 +239,7 @@ class ChatService:
                 return None
             return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
 
+        await self.store.starter(str(turn.conversation), turn.author)  # if it is the first
         context = tuple(
             ChatMessage(message, content=sanitized(message["content"])) for message in turn.context
         )
@@ -319,9 +358,11 @@ class ChatService:
         if started is None:
             _not_ours(pending)
             return
+        voice = voice_for(self.team.settings, pending.turn.conversation)
+        system = await self._system(pending.turn, voice)
         history = named(await self.store.load(pending.conversation))
         messages, dropped = await fit(
-            self._system(), history, count_tokens=self.count_tokens, budget=self.prompt_budget
+            system, history, count_tokens=self.count_tokens, budget=self._budget(voice)
         )
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped
@@ -404,14 +445,80 @@ class ChatService:
             logger.warning("could not mark turn %s as paused", pending.id, exc_info=True)
 
     async def _command(self, turn: Turn, sink: ReplySink) -> None:
+        """Carry out a command and answer it; the adapter chose the sink (in the thread, or
+        only to the user)."""
+        command = turn.command
+        assert command is not None
+        admin = self.team.is_admin(turn.author)
+        if command in ADMIN_COMMANDS and not admin:
+            text = replies.admins_only(command)
+        elif command in ("reset", "forget"):
+            text = await self._reset(turn, admin=admin)
+        elif command == "help":
+            text = replies.help_text(admin=admin)
+        elif command == "status":
+            text = self._status(turn)
+        elif command == "prompt":
+            text = await self._prompt_in_effect(turn)
+        elif command == "reload":
+            text = self.reload()
+        else:
+            text = await self._stats()
+        await sink.finish(text)
+
+    def _status(self, turn: Turn) -> str:
+        places = self.queue.places(turn.author)
+        yours = (
+            "none of yours is waiting"
+            if not places
+            else "yours: " + ", ".join("answering" if p == 0 else f"#{p} in line" for p in places)
+        )
+        return f"Model: {self.model_name}. Queue: {self.queue.depth} answering or waiting; {yours}."
+
+    async def _stats(self) -> str:
+        hour = await self.stats.summary(STATS_WINDOW_S)
+        if not hour.turns:
+            return "No answers in the last hour."
+        return (
+            f"Last hour: {hour.turns} answers, {hour.prompt_tokens:,} prompt tokens, "
+            f"{hour.answer_tokens:,} answer tokens; latency p50 {hour.p50_s:.1f} s, "
+            f"p95 {hour.p95_s:.1f} s (from message to the whole answer)."
+        )
+
+    def reload(self) -> str:
+        """Read the team's configuration again (SIGHUP, the `reload` command); an invalid
+        file keeps the rules in effect. Says what happened."""
+        try:
+            return self.team.reload()
+        except ConfigError as error:
+            logger.error("configuration not reloaded; the old one stays: %s", error)
+            return f"Configuration not reloaded; the old one stays in effect:\n{error}"
+
+    async def _reset(self, turn: Turn, *, admin: bool) -> str:
         """`reset` (the history starts over; the bot goes on answering here) and `forget`
-        (everything stored is deleted): after the running answer, never in its middle."""
+        (everything stored is deleted), by the conversation's starter or an admin: after
+        the running answer, never in its middle."""
         conversation = str(turn.conversation)
+        starter = await self.store.starter(conversation)
+        if not admin and starter not in (None, turn.author):
+            return replies.not_starter(str(turn.command))
         forget = turn.command == "forget"
         async with self._turns_of(conversation):
             await (self.store.forget if forget else self.store.clear)(conversation)
         logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
-        await sink.finish(replies.forgotten() if forget else replies.conversation_reset())
+        return replies.forgotten() if forget else replies.conversation_reset()
+
+    async def _prompt_in_effect(self, turn: Turn) -> str:
+        voice = voice_for(self.team.settings, turn.conversation)
+        if voice.system_prompt is None:
+            text = "No system prompt is set here: the model's own default applies."
+        else:
+            template, kept = await self.store.kept_system_prompt(str(turn.conversation))
+            if template != voice.system_prompt or kept is None:
+                kept = fill(voice.system_prompt, placeholder_values(turn))
+            text = f"The system prompt here:\n```\n{kept}\n```"
+        temperature = "the model's default" if voice.temperature is None else voice.temperature
+        return f"{text}\nAnswers: up to {voice.max_new_tokens} tokens, temperature {temperature}."
 
     def _turns_of(self, conversation: str) -> asyncio.Lock:
         """One turn at a time per conversation: each prompt holds the previous answer."""
@@ -419,9 +526,19 @@ class ChatService:
             lock = self._conversation_locks[conversation] = asyncio.Lock()
         return lock
 
-    def _system(self) -> list[ChatMessage]:
-        prompt = self.team.settings.system_prompt
-        return [{"role": "system", "content": prompt}] if prompt else []
+    async def _system(self, turn: Turn, voice: Voice) -> list[ChatMessage]:
+        """The persona's prompt as this conversation keeps it (filled in at its first turn)."""
+        if not voice.system_prompt:
+            return []
+        text = await self.store.system_prompt(
+            str(turn.conversation),
+            voice.system_prompt,
+            lambda: fill(voice.system_prompt or "", placeholder_values(turn)),
+        )
+        return [{"role": "system", "content": text}]
+
+    def _budget(self, voice: Voice) -> int:
+        return max(self.prompt_budget + self._budgeted_answer - voice.max_new_tokens, 1)
 
 
 def _not_ours(pending: PendingTurn) -> None:

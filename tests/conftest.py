@@ -308,6 +308,7 @@ def make_service(
     from bot.queue import InferenceQueue
     from bot.service import ChatService
     from bot.team import Team
+    from storage.limits import Limits
 
     @asynccontextmanager
     async def make(engine: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
@@ -321,6 +322,7 @@ def make_service(
             "count_tokens": counter.count_tokens,
             "prompt_budget": counter.prompt_budget,
             "team": Team(Settings(_env_file=None, **values)),
+            "limits": Limits(redis=redis_client),
             "max_attempts": 3,
         } | options
         async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
@@ -346,6 +348,40 @@ async def remove_pending_turns(redis: Redis, owner: str) -> None:
 
 
 # --- Adapters -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def slack():
+    from fake_slack import FakeSlack
+
+    async with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture
+def socket_mode(slack, make_service):
+    """Runs the adapter in Socket Mode on a service; yields (service, engine)."""
+
+    @asynccontextmanager
+    async def start(engine=None, **service_options):
+        from adapters.slack_adapter import SlackAdapter
+        from bot.config import Settings
+
+        settings = Settings(
+            _env_file=None,
+            slack_bot_token=slack.bot_token,
+            slack_app_token=slack.app_token,
+            slack_api_url=slack.api_url,
+            stream_edit_interval=0.05,
+        )
+        async with (
+            make_service(engine, **service_options) as (service, engine),
+            running(SlackAdapter.from_settings(settings, service)),
+        ):
+            await slack.wait_connected(timeout=10)
+            yield service, engine
+
+    return start
 
 
 LONG_CODE = "\n".join(f"    step_{i}()" for i in range(400))

@@ -107,7 +107,10 @@ class FakeDiscord:
         self.bot = make_user("1000", "threadbot", bot=True)
         self.alice = make_user("1001", "alice")
         self.other_bot = make_user("1002", "otherbot", bot=True)
-        self.users = {u["id"]: u for u in (self.bot, self.alice, self.other_bot)}
+        self.bob = make_user("1003", "bob")
+        self.users = {u["id"]: u for u in (self.bot, self.alice, self.other_bot, self.bob)}
+        self.roles: dict[str, str] = {}  # the guild's roles besides @everyone: id -> name
+        self.member_roles: dict[str, list[str]] = {}  # user id -> role ids
         self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
         self.messages: dict[str, list[JSON]] = {}  # channel id -> messages, oldest first
         self.requests: list[Request] = []
@@ -251,7 +254,8 @@ class FakeDiscord:
         return channel | dict(rate_limit_per_user=0, permission_overwrites=[])
 
     def _member(self, user: JSON, *, with_user: bool = True) -> JSON:
-        member = dict(nick=None, avatar=None, roles=[], joined_at="2024-01-01T00:00:00+00:00")
+        roles = self.member_roles.get(user["id"], [])
+        member = dict(nick=None, avatar=None, roles=roles, joined_at="2024-01-01T00:00:00+00:00")
         member.update(premium_since=None, deaf=False, mute=False, pending=False, flags=0)
         return {"user": user, **member} if with_user else member
 
@@ -266,7 +270,8 @@ class FakeDiscord:
         guild.update(joined_at="2024-01-01T00:00:00+00:00", preferred_locale="en-US")
         guild.update(system_channel_id=self.channel_id, afk_timeout=300, premium_tier=0)
         guild.update(verification_level=0, default_message_notifications=0, nsfw_level=0)
-        guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone])
+        roles = [everyone | {"id": i, "name": n, "position": 1} for i, n in self.roles.items()]
+        guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone, *roles])
         guild["members"] = [self._member(u) for u in self.users.values()]
         guild["channels"] = [c for c in chans if c["type"] != 11]
         guild["threads"] = [c for c in chans if c["type"] == 11]

@@ -70,6 +70,9 @@ class FakeSlack:
 
     def __init__(self, users: dict[str, str] | None = None) -> None:
         self.users = dict(DEFAULT_USERS if users is None else users)
+        # Slack Connect: users of other organisations, by user id -> their team id
+        self.external_users: dict[str, str] = {}
+        self.channel_names: dict[str, str] = {}  # by channel id; unnamed: the id, lowered
         self.calls: list[ApiCall] = []
         self.channels: dict[str, list[JSON]] = {}  # channel -> messages, oldest first
         self.envelopes: list[JSON] = []  # Socket Mode envelopes sent
@@ -83,6 +86,7 @@ class FakeSlack:
             "chat.postMessage": self._post_message,
             "chat.update": self._update,
             "conversations.replies": self._replies,
+            "conversations.info": self._conversations_info,
             "users.info": self._users_info,
         }
         self._failures: dict[str, list[tuple[int, str, int | None]]] = {}
@@ -311,11 +315,19 @@ class FakeSlack:
             return {"ok": False, "error": "user_not_found"}
         name = self.users[user_id]
         profile = {"display_name": name, "real_name": name.title()}
-        user = {"id": user_id, "team_id": self.team_id, "name": name, "real_name": name.title()}
+        team = self.external_users.get(user_id, self.team_id)
+        user = {"id": user_id, "team_id": team, "name": name, "real_name": name.title()}
+        if user_id in self.external_users:
+            user["is_stranger"] = True
         return {
             "ok": True,
             "user": {**user, "is_bot": user_id == self.bot_user_id, "profile": profile},
         }
+
+    async def _conversations_info(self, params: JSON) -> JSON:
+        channel = params.get("channel", "")
+        name = self.channel_names.get(channel, channel.lower())
+        return {"ok": True, "channel": {"id": channel, "name": name, "is_im": channel[0] == "D"}}
 
     # --- files ----------------------------------------------------------------------------
 
@@ -503,7 +515,8 @@ class FakeSlack:
         ts = self.next_ts()
         event: JSON = {**fields, "text": text, "ts": ts}
         if "user" in fields:
-            event.update(client_msg_id=str(uuid.uuid4()), team=self.team_id)
+            team = self.external_users.get(fields["user"], self.team_id)
+            event.update(client_msg_id=str(uuid.uuid4()), team=team, user_team=team)
         if thread_ts:
             parent = self.message(channel, thread_ts)
             event.update(thread_ts=thread_ts, parent_user_id=parent and parent.get("user"))

@@ -27,7 +27,7 @@ from adapters.base import AdapterError
 from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
 from adapters.streaming import STREAMING_MARK
 from bot import replies
-from bot.config import Settings
+from bot.config import Access, Settings
 
 
 @pytest.fixture
@@ -340,6 +340,66 @@ async def test_threadbot_run_serves_discord_until_sigterm(fake, threadbot_run):
     assert stopped.returncode == 0  # SIGTERM is a clean stop
     assert "Traceback" not in stopped.stderr
     assert "oauth2/authorize?client_id=" in stopped.stderr  # the invite link was logged
+
+
+# --- access rules -------------------------------------------------------------------------
+
+
+def discord_rules(**rules: object) -> Access:
+    return Access.model_validate({"discord": rules})
+
+
+async def replies_to(fake: FakeDiscord, message: dict) -> list[str]:
+    """The bot's short answers to `message` in its channel (no thread is opened for them),
+    once a later message by Alice has been answered (so the denied one was handled)."""
+    later = await mention(fake, "and me?")
+    await final_reply(fake, later["id"])
+    return [
+        m["content"]
+        for m in bot_messages(fake, message["channel_id"])
+        if (m.get("message_reference") or {}).get("message_id") == message["id"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"users": {"deny": ["1003"]}},
+        {"roles": {"allow": ["77"]}},  # Bob has only role 78
+        {"roles": {"deny": ["78"]}},
+        {"servers": {"allow": ["123"]}},
+        {"channels": {"deny": ["closed"]}},
+    ],
+)
+async def test_denied_by_user_role_server_or_channel(fake, discord_bot, rules):
+    """Bob, in the closed channel, is denied; Alice, an admin, is answered whatever the rules."""
+    fake.roles = {"77": "helpers", "78": "guests"}
+    fake.member_roles = {fake.alice["id"]: ["77"], fake.bob["id"]: ["78"]}
+    closed = fake.snowflake()  # this test's own: a denial is remembered for an hour
+    fake.channels[closed] = fake.channels[fake.channel_id] | {"id": closed, "name": "closed"}
+    if "channels" in rules:
+        rules = {"channels": {"deny": [closed]}}
+    access = discord_rules(**rules).model_copy(update={"admins": (fake.alice["id"],)})
+    async with discord_bot(access=access) as (_service, engine):
+        denied = fake.user_message(closed, "hello", author=fake.bob, mentions_bot=True)
+        await fake.dispatch("MESSAGE_CREATE", denied)
+        again = fake.user_message(closed, "hello?", author=fake.bob, mentions_bot=True)
+        await fake.dispatch("MESSAGE_CREATE", again)
+        said = await replies_to(fake, denied)
+        said_again = await replies_to(fake, again)
+    assert said == [replies.denied()]
+    assert said_again == []  # once an hour per conversation
+    assert [p[-1]["content"] for p in engine.prompts] == ["and me?", "and me?"]
+    assert denied["id"] not in fake.channels  # no thread was opened for it
+
+
+async def test_dms_off(fake, discord_bot):
+    async with discord_bot(access=discord_rules(dms=False)) as (_service, engine):
+        dm = fake.dm_message("hi in private")
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        said = await replies_to(fake, dm)
+    assert said == [replies.denied()]
+    assert [p[-1]["content"] for p in engine.prompts] == ["and me?"]
 
 
 # --- attachments --------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import json
 import socket
 import time
 import uuid
-from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -39,35 +38,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture
-async def slack():
-    async with FakeSlack() as fake:
-        yield fake
-
-
-@pytest.fixture
-def socket_mode(slack, make_service):
-    """Runs the adapter in Socket Mode on a service; yields (service, engine)."""
-
-    @asynccontextmanager
-    async def start(engine=None, **service_options):
-        settings = Settings(
-            _env_file=None,
-            slack_bot_token=slack.bot_token,
-            slack_app_token=slack.app_token,
-            slack_api_url=slack.api_url,
-            stream_edit_interval=0.05,
-        )
-        async with (
-            make_service(engine, **service_options) as (service, engine),
-            running(SlackAdapter.from_settings(settings, service)),
-        ):
-            await slack.wait_connected(timeout=10)
-            yield service, engine
-
-    return start
 
 
 async def final_reply(slack: FakeSlack, channel: str, thread_ts: str | None, *, after: int = 0):

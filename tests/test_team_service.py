@@ -1,0 +1,161 @@
+"""The team's rules in the service: who is denied and told so, the rate limit, personas kept
+byte for byte, and the commands with their permissions (real Redis, queue and tiny model)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from test_service import RecordingSink
+
+from bot import replies
+from bot.access import Requester
+from bot.config import Access, Persona, load_settings
+from bot.types import ConversationKey, Turn
+
+
+@pytest.fixture
+def conversation() -> ConversationKey:
+    return ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)
+
+
+def say(conversation: ConversationKey, text: str, *, author: str = "UALICE", **fields) -> Turn:
+    return Turn(conversation, author, text, uuid.uuid4().hex, **fields)
+
+
+def command(conversation: ConversationKey, name: str, *, author: str = "UALICE") -> Turn:
+    return say(conversation, name, author=author, command=name)
+
+
+async def test_a_denied_user_is_told_once_an_hour_per_channel(make_service, conversation):
+    told: list[str] = []
+    bob = Requester("slack", "UBOB", "CSUPPORT", workspace="TACME")
+    rules = Access.model_validate({"slack": {"users": {"deny": ["UBOB"]}}})
+    async with make_service(access=rules) as (service, _engine):
+        for _ in range(3):
+            assert not await service.admit(bob, conversation, told.append)
+        assert await service.admit(Requester("slack", "UALICE", "CSUPPORT"), conversation,
+                                   told.append)  # fmt: skip
+        same_channel = ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)
+        assert not await service.admit(bob, same_channel, told.append)
+        assert told == [replies.denied()]  # once an hour, however many threads he tries
+        elsewhere = ConversationKey("slack", "TACME", uuid.uuid4().hex, "1")
+        assert not await service.admit(bob, elsewhere, told.append)
+    assert told == [replies.denied(), replies.denied()]
+
+
+async def test_deny_silent_says_nothing(make_service, conversation):
+    told: list[str] = []
+    rules = Access.model_validate({"deny": "silent", "slack": {"dms": False}})
+    async with make_service(access=rules) as (service, _engine):
+        dm = Requester("slack", "UBOB", "DBOB", dm=True)
+        assert not await service.admit(dm, conversation, told.append)
+    assert told == []
+
+
+async def test_the_rate_limit_holds_across_a_restart(make_service, store, conversation):
+    """Two messages a minute: the third, sent to a new service on the same Redis, is refused
+    and not stored; another user is not affected."""
+    rules = Access(rate_limit_per_minute=2)
+    async with make_service(access=rules) as (service, _engine):
+        for text in ("one", "two"):
+            await service.handle(say(conversation, text), RecordingSink())
+    refused, other = RecordingSink(), RecordingSink()
+    async with make_service(access=rules) as (service, _engine):
+        await service.handle(say(conversation, "three"), refused)
+        await service.handle(say(conversation, "four", author="UBOB"), other)
+    [text] = refused.kinds("finish")
+    assert text.startswith("You're sending messages faster") and "(It was not saved.)" in text
+    assert other.kinds("finish") and other.kinds("finish")[0] != text
+    contents = [m["content"] for m in await store.load(str(conversation))]
+    assert "three" not in contents and "four" in contents
+
+
+async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
+    make_service, conversation, monkeypatch
+):
+    """{time} changes between turns, but the conversation keeps the prompt of its first turn,
+    until its persona changes or it is reset."""
+    clock = iter(f"09:0{i} UTC" for i in range(10))
+
+    def values(turn: Turn) -> dict[str, str]:
+        return {"date": "Tuesday", "time": next(clock), "user_name": turn.author_name,
+                "channel_name": turn.channel_name, "bot_name": turn.bot_name}  # fmt: skip
+
+    monkeypatch.setattr("bot.service.placeholder_values", values)
+    persona = {"channel": "CSUPPORT", "system_prompt": "{bot_name} for {user_name} at {time}."}
+    async with make_service(personas=[persona], system_prompt="Global.") as (service, engine):
+        talk = {"author_name": "Alice", "bot_name": "Helper", "channel_name": "support"}
+        await service.handle(say(conversation, "first", **talk), RecordingSink())
+        await service.handle(say(conversation, "second", author="UBOB", author_name="Bob",
+                                 bot_name="Helper"), RecordingSink())  # fmt: skip
+        first, second = engine.prompts[0][0], engine.prompts[1][0]
+        assert first == second == {"role": "system", "content": "Helper for Alice at 09:00 UTC."}
+
+        service.team.settings = service.team.settings.model_copy(
+            update={
+                "personas": (Persona.model_validate(persona | {"system_prompt": "New: {time}."}),)
+            }
+        )  # what a reload does
+        await service.handle(say(conversation, "third", **talk), RecordingSink())
+        assert engine.prompts[2][0]["content"] == "New: 09:01 UTC."
+
+        await service.handle(command(conversation, "reset"), RecordingSink())
+        await service.handle(say(conversation, "fourth", **talk), RecordingSink())
+        assert engine.prompts[3][0]["content"] == "New: 09:02 UTC."
+
+        sink = RecordingSink()
+        await service.handle(command(conversation, "prompt"), sink)
+        assert "New: 09:02 UTC." in sink.kinds("finish")[0]
+
+
+async def test_only_the_starter_or_an_admin_may_reset_or_forget(make_service, store, conversation):
+    rules = Access(admins=("UADMIN",))
+    async with make_service(access=rules) as (service, _engine):
+        await service.handle(say(conversation, "hello"), RecordingSink())  # Alice starts it
+        for name in ("reset", "forget"):
+            refused = RecordingSink()
+            await service.handle(command(conversation, name, author="UBOB"), refused)
+            assert refused.kinds("finish") == [replies.not_starter(name)]
+        assert await store.load(str(conversation))
+
+        by_admin = RecordingSink()
+        await service.handle(command(conversation, "reset", author="UADMIN"), by_admin)
+        assert by_admin.kinds("finish") == [replies.conversation_reset()]
+        assert await store.load(str(conversation)) == []
+
+        by_starter = RecordingSink()
+        await service.handle(command(conversation, "forget"), by_starter)
+        assert by_starter.kinds("finish") == [replies.forgotten()]
+        assert not await store.exists(str(conversation))
+
+
+async def test_help_and_admin_commands(make_service, conversation, tmp_path: Path, monkeypatch):
+    config = tmp_path / "team.yml"
+    config.write_text("access:\n  admins: [UADMIN]\n")
+    monkeypatch.setenv("THREADBOT_CONFIG", str(config))
+    settings = load_settings()
+    async with make_service(access=settings.access) as (service, _engine):
+
+        async def run(name: str, author: str) -> str:
+            sink = RecordingSink()
+            await service.handle(command(conversation, name, author=author), sink)
+            [text] = sink.kinds("finish")
+            return text
+
+        assert "`reload`" not in await run("help", "UALICE")
+        assert "`reload`" in await run("help", "UADMIN")
+        for name in ("reload", "stats"):
+            assert await run(name, "UALICE") == replies.admins_only(name)
+
+        service.team._load = load_settings  # the file the test wrote
+        config.write_text("access:\n  admins: [UADMIN, UALICE]\n")
+        assert "access" in await run("reload", "UADMIN")
+        assert "`reload`" in await run("help", "UALICE")  # Alice is an admin now
+
+        config.write_text("access:\n  admins: UADMIN\n    broken: [\n")
+        text = await run("reload", "UADMIN")
+        assert text.startswith("Configuration not reloaded; the old one stays")
+        assert "line" in text
+        assert service.team.is_admin("UALICE")
