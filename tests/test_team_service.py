@@ -20,6 +20,11 @@ def conversation() -> ConversationKey:
     return ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)
 
 
+def new_user() -> str:
+    """A user of the test's own: denials and rate limits are remembered in Redis."""
+    return f"U{uuid.uuid4().hex[:10].upper()}"
+
+
 def say(conversation: ConversationKey, text: str, *, author: str = "UALICE", **fields) -> Turn:
     return Turn(conversation, author, text, uuid.uuid4().hex, **fields)
 
@@ -30,8 +35,8 @@ def command(conversation: ConversationKey, name: str, *, author: str = "UALICE")
 
 async def test_a_denied_user_is_told_once_an_hour_per_channel(make_service, conversation):
     told: list[str] = []
-    bob = Requester("slack", "UBOB", "CSUPPORT", workspace="TACME")
-    rules = Access.model_validate({"slack": {"users": {"deny": ["UBOB"]}}})
+    bob = Requester("slack", new_user(), "CSUPPORT", workspace="TACME")
+    rules = Access.model_validate({"slack": {"users": {"deny": [bob.user]}}})
     async with make_service(access=rules) as (service, _engine):
         for _ in range(3):
             assert not await service.admit(bob, conversation, told.append)
@@ -49,7 +54,7 @@ async def test_deny_silent_says_nothing(make_service, conversation):
     told: list[str] = []
     rules = Access.model_validate({"deny": "silent", "slack": {"dms": False}})
     async with make_service(access=rules) as (service, _engine):
-        dm = Requester("slack", "UBOB", "DBOB", dm=True)
+        dm = Requester("slack", new_user(), "DBOB", dm=True)
         assert not await service.admit(dm, conversation, told.append)
     assert told == []
 
@@ -58,13 +63,14 @@ async def test_the_rate_limit_holds_across_a_restart(make_service, store, conver
     """Two messages a minute: the third, sent to a new service on the same Redis, is refused
     and not stored; another user is not affected."""
     rules = Access(rate_limit_per_minute=2)
+    alice, bob = new_user(), new_user()
     async with make_service(access=rules) as (service, _engine):
         for text in ("one", "two"):
-            await service.handle(say(conversation, text), RecordingSink())
+            await service.handle(say(conversation, text, author=alice), RecordingSink())
     refused, other = RecordingSink(), RecordingSink()
     async with make_service(access=rules) as (service, _engine):
-        await service.handle(say(conversation, "three"), refused)
-        await service.handle(say(conversation, "four", author="UBOB"), other)
+        await service.handle(say(conversation, "three", author=alice), refused)
+        await service.handle(say(conversation, "four", author=bob), other)
     [text] = refused.kinds("finish")
     assert text.startswith("You're sending messages faster") and "(It was not saved.)" in text
     assert other.kinds("finish") and other.kinds("finish")[0] != text
