@@ -12,6 +12,7 @@ SEEN_PREFIX = f"{PREFIX}seen:"
 TURN_PREFIX = f"{PREFIX}turn:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
 OWNER_PREFIX = f"{PREFIX}owner:"
+TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -37,3 +38,9 @@ def turn(turn_id: str) -> str:
 def owner(owner_id: str) -> str:
     """A running process's lease; its pending turns may be claimed once it expires."""
     return f"{OWNER_PREFIX}{owner_id}"
+
+
+def turn_stats(scope: str) -> str:
+    """The sorted set of recently answered turns (latency and token counts), scored by
+    when each was answered; every process of one deployment writes the same scope."""
+    return f"{TURN_STATS_PREFIX}{scope}"
