@@ -160,7 +160,7 @@ class FairOrder:
 
     def __init__(self) -> None:
         self._by_user: OrderedDict[str, deque[Generation]] = OrderedDict()
-        self._running: set[Generation] = set()
+        self._running: dict[Generation, None] = {}  # a set that keeps the order they ran in
 
     def __bool__(self) -> bool:
         """Whether any request is waiting."""
@@ -172,11 +172,11 @@ class FairOrder:
     def pop(self) -> Generation:
         """The next request to run; it counts as running until `finished`."""
         generation = _take_next(self._by_user, self._running_by_user())
-        self._running.add(generation)
+        self._running[generation] = None
         return generation
 
     def finished(self, generation: Generation) -> None:
-        self._running.discard(generation)
+        self._running.pop(generation, None)
 
     def line(self) -> list[Generation]:
         """The waiting requests in the order `pop` takes them, if none finishes meanwhile;
