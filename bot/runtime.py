@@ -22,6 +22,7 @@ from bot.service import ChatService
 from bot.team import Team
 from storage.connection import Resilience, open_redis
 from storage.limits import Limits
+from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import TurnJournal
 
@@ -102,6 +103,7 @@ async def open_service(team: Team) -> AsyncIterator[ChatService]:
                 prompt_budget=engine.prompt_budget,
                 team=team,
                 limits=Limits(redis=redis),
+                stats=TurnStats(redis=redis),
                 model_name=describe(settings, engine),
                 max_attempts=settings.turn_max_attempts,
             )

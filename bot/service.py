@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -31,6 +32,7 @@ from bot.personas import Voice, fill, placeholder_values, voice_for
 from bot.prompt import TokenCounter, fit, named, sanitized
 from bot.queue import (
     EngineStopped,
+    Generation,
     InferenceCancelled,
     InferenceQueue,
     InferenceTimeout,
@@ -40,6 +42,7 @@ from bot.team import Team
 from bot.types import ADMIN_COMMANDS, ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
 from storage.limits import Limits
+from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal, in_scope
 
@@ -65,6 +68,7 @@ class ChatService:
         prompt_budget: int,
         team: Team,
         limits: Limits,
+        stats: TurnStats,
         max_attempts: int,
         model_name: str = "the model",
     ) -> None:
@@ -78,6 +82,7 @@ class ChatService:
         self._budgeted_answer = team.settings.max_new_tokens
         self.team = team  # the rules in effect now: read at each use, a reload swaps them
         self.limits = limits
+        self.stats = stats
         self.max_attempts = max_attempts
         self.model_name = model_name
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
@@ -372,7 +377,11 @@ class ChatService:
         await sink.start()
         try:
             generation = self.queue.submit(
-                messages, user=pending.turn.author, conversation=pending.conversation
+                messages,
+                user=pending.turn.author,
+                conversation=pending.conversation,
+                max_new_tokens=voice.max_new_tokens,
+                temperature=voice.temperature,
             )
         except QueueFull:
             await self._fail(started, sink, replies.busy())
@@ -399,6 +408,18 @@ class ChatService:
             _not_ours(pending)
             return
         await self._deliver(started, sink, answer)
+        await self._count(pending, generation)
+
+    async def _count(self, pending: PendingTurn, generation: Generation) -> None:
+        """Add an answered turn to the last hour's stats; they are not worth a failed turn."""
+        try:
+            await self.stats.record(
+                time.time() - pending.accepted_at,
+                generation.prompt_tokens,
+                generation.answer_tokens,
+            )
+        except Exception:
+            logger.warning("could not record the stats of turn %s", pending.id, exc_info=True)
 
     async def _deliver(self, pending: PendingTurn, sink: ReplySink, answer: str) -> None:
         """Show the answer, then store it and close the turn."""
@@ -467,13 +488,13 @@ class ChatService:
         await sink.finish(text)
 
     def _status(self, turn: Turn) -> str:
-        places = self.queue.places(turn.author)
-        yours = (
-            "none of yours is waiting"
-            if not places
-            else "yours: " + ", ".join("answering" if p == 0 else f"#{p} in line" for p in places)
+        places = [p.place for p in self.queue.places(turn.author)]
+        yours = ", ".join("being answered" if p == 0 else f"#{p} in line" for p in places)
+        return (
+            f"Model: {self.model_name}.\n"
+            f"Queue: {self.queue.depth} of at most {self.queue.max_size} answering or waiting."
+            f"\nYours: {yours or 'none'}."
         )
-        return f"Model: {self.model_name}. Queue: {self.queue.depth} answering or waiting; {yours}."
 
     async def _stats(self) -> str:
         hour = await self.stats.summary(STATS_WINDOW_S)

@@ -15,6 +15,7 @@ OWNER_PREFIX = f"{PREFIX}owner:"
 FACTS_PREFIX = f"{PREFIX}facts:"
 DENIED_PREFIX = f"{PREFIX}denied:"
 RATE_PREFIX = f"{PREFIX}rate:"
+TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -56,3 +57,9 @@ def denied(whom: str) -> str:
 def rate(user: str) -> str:
     """One user's token bucket (`platform:user`)."""
     return f"{RATE_PREFIX}{user}"
+
+
+def turn_stats(scope: str) -> str:
+    """The sorted set of recently answered turns (latency and token counts), scored by
+    when each was answered; every process of one deployment writes the same scope."""
+    return f"{TURN_STATS_PREFIX}{scope}"

@@ -3,10 +3,12 @@ byte for byte, and the commands with their permissions (real Redis, queue and ti
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import GatedEngine
 from test_service import RecordingSink
 
 from bot import replies
@@ -165,3 +167,44 @@ async def test_help_and_admin_commands(make_service, conversation, tmp_path: Pat
         assert text.startswith("Configuration not reloaded; the old one stays")
         assert "line" in text
         assert service.team.is_admin("UALICE")
+
+
+async def test_status_tells_the_queue_and_your_place(make_service, make_batcher, conversation):
+    """Alice's first question is being answered (the engine is held), her second, in another
+    thread, waits; Bob asks for the status meanwhile."""
+    gated = GatedEngine(make_batcher(max_batch=1))
+    async with make_service(gated, model_name="tiny (float32 on cpu)") as (service, _engine):
+        alice = new_user()
+        answering = [RecordingSink(), RecordingSink()]
+        threads = [conversation, ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)]
+        tasks = [
+            asyncio.create_task(service.handle(say(where, "question", author=alice), sink))
+            for where, sink in zip(threads, answering, strict=True)
+        ]
+        for _ in range(200):  # until both are queued (bounded)
+            if service.queue.depth == 2:
+                break
+            await asyncio.sleep(0.01)
+        hers, his = RecordingSink(), RecordingSink()
+        await service.handle(command(conversation, "status", author=alice), hers)
+        await service.handle(command(conversation, "status", author=new_user()), his)
+        gated.gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    [text] = hers.kinds("finish")
+    assert "Model: tiny (float32 on cpu)." in text
+    assert "Queue: 2 of at most 4 answering or waiting." in text
+    assert "Yours: being answered, #1 in line." in text
+    assert his.kinds("finish")[0].endswith("Yours: none.")
+
+
+async def test_stats_sums_up_the_last_hour_for_admins(make_service, conversation):
+    admin = new_user()
+    async with make_service(access=Access(admins=(admin,))) as (service, engine):
+        for text in ("one", "two"):
+            await service.handle(say(conversation, text), RecordingSink())
+        sink = RecordingSink()
+        await service.handle(command(conversation, "stats", author=admin), sink)
+    [text] = sink.kinds("finish")
+    prompt_tokens = sum(len(engine.batcher.engine.prompt_ids(p)) for p in engine.prompts)
+    assert text.startswith(f"Last hour: 2 answers, {prompt_tokens:,} prompt tokens, ")
+    assert "latency p50 " in text and "p95 " in text
