@@ -1,8 +1,8 @@
 """Personas: the system prompt and generation settings in effect in one conversation.
 
 The team's file lists personas for a platform, a workspace (Slack team, Discord server) or a
-channel; for each value, the most specific persona that sets it wins, over the global
-settings (SYSTEM_PROMPT, MAX_NEW_TOKENS). The prompt's placeholders are filled from the turn
+channel; for each value, the most specific persona that sets it wins, over SYSTEM_PROMPT
+and the engine's MAX_NEW_TOKENS. The prompt's placeholders are filled from the turn
 that starts the conversation and the service keeps that text for the conversation's life,
 so every later prompt begins with the same bytes (the KV cache of the last turn stays
 usable) until the persona's configuration changes or the conversation is reset.
@@ -29,7 +29,7 @@ class Voice:
     """What a persona settles for a conversation."""
 
     system_prompt: str | None  # with placeholders unfilled
-    max_new_tokens: int
+    max_new_tokens: int | None  # None: MAX_NEW_TOKENS, as the engine was started with
     temperature: float | None  # None: the model's own generation config
 
 
@@ -38,7 +38,7 @@ def voice_for(settings: Settings, conversation: ConversationKey) -> Voice:
     it sets."""
     values: dict[str, object] = {
         "system_prompt": settings.system_prompt,
-        "max_new_tokens": settings.max_new_tokens,
+        "max_new_tokens": None,
         "temperature": None,
     }
     for persona in sorted(

@@ -76,10 +76,9 @@ class ChatService:
         self.journal = journal
         self.queue = queue
         self.count_tokens = count_tokens
-        # Tokens for the prompt when answers may take MAX_NEW_TOKENS as it was at start; a
-        # persona that allows longer answers leaves its prompts less.
+        # Tokens for the prompt when answers may take MAX_NEW_TOKENS; a persona that allows
+        # longer answers leaves its prompts less.
         self.prompt_budget = prompt_budget
-        self._budgeted_answer = team.settings.max_new_tokens
         self.team = team  # the rules in effect now: read at each use, a reload swaps them
         self.limits = limits
         self.stats = stats
@@ -539,7 +538,8 @@ class ChatService:
                 kept = fill(voice.system_prompt, placeholder_values(turn))
             text = f"The system prompt here:\n```\n{kept}\n```"
         temperature = "the model's default" if voice.temperature is None else voice.temperature
-        return f"{text}\nAnswers: up to {voice.max_new_tokens} tokens, temperature {temperature}."
+        tokens = voice.max_new_tokens or self.team.settings.max_new_tokens
+        return f"{text}\nAnswers: up to {tokens} tokens, temperature {temperature}."
 
     def _turns_of(self, conversation: str) -> asyncio.Lock:
         """One turn at a time per conversation: each prompt holds the previous answer."""
@@ -559,7 +559,10 @@ class ChatService:
         return [{"role": "system", "content": text}]
 
     def _budget(self, voice: Voice) -> int:
-        return max(self.prompt_budget + self._budgeted_answer - voice.max_new_tokens, 1)
+        if voice.max_new_tokens is None:
+            return self.prompt_budget
+        longer = voice.max_new_tokens - self.team.settings.max_new_tokens
+        return max(self.prompt_budget - longer, 1)
 
 
 def _not_ours(pending: PendingTurn) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from bot.config import Settings
-from bot.personas import fill, placeholder_values, voice_for
+from bot.personas import Voice, fill, placeholder_values, voice_for
 from bot.types import ConversationKey, Turn
 
 SUPPORT = ConversationKey("slack", "TACME", "CSUPPORT", "1700000000.000100")
@@ -16,8 +16,8 @@ def settings(*personas: dict, **values: object) -> Settings:
 
 
 def test_global_settings_without_personas() -> None:
-    voice = voice_for(settings(system_prompt="Be kind.", max_new_tokens=99), SUPPORT)
-    assert (voice.system_prompt, voice.max_new_tokens, voice.temperature) == ("Be kind.", 99, None)
+    voice = voice_for(settings(system_prompt="Be kind."), SUPPORT)
+    assert voice == Voice("Be kind.", max_new_tokens=None, temperature=None)
 
 
 def test_the_most_specific_persona_wins_value_by_value() -> None:

@@ -208,3 +208,17 @@ async def test_stats_sums_up_the_last_hour_for_admins(make_service, conversation
     prompt_tokens = sum(len(engine.batcher.engine.prompt_ids(p)) for p in engine.prompts)
     assert text.startswith(f"Last hour: 2 answers, {prompt_tokens:,} prompt tokens, ")
     assert "latency p50 " in text and "p95 " in text
+
+
+async def test_a_channels_answer_length_and_temperature_reach_the_engine(
+    make_service, conversation
+):
+    persona = {"channel": "CSUPPORT", "max_new_tokens": 5, "temperature": 0}
+    async with make_service(personas=[persona]) as (service, engine):
+        await service.handle(say(conversation, "hello"), RecordingSink())
+        elsewhere = ConversationKey("slack", "TACME", "CRANDOM", uuid.uuid4().hex)
+        await service.handle(say(elsewhere, "hello"), RecordingSink())
+    assert engine.options == [
+        {"max_new_tokens": 5, "temperature": 0},
+        {"max_new_tokens": None, "temperature": None},
+    ]
