@@ -75,7 +75,8 @@ class _Failed:
 class Generation:
     """One request's answer: an async iterator of text chunks, cancellable at any time.
 
-    After iteration ends, `text` holds the engine's final decoded answer.
+    `text` holds what has been read so far, and once iteration ends, the engine's final
+    decoded answer (a generation stopped early keeps its partial text).
     """
 
     def __init__(self, messages: list[ChatMessage], *, user: str, conversation: str) -> None:
@@ -110,6 +111,7 @@ class Generation:
             if isinstance(item, _End):
                 self.text = item.text
             if isinstance(item, str):
+                self.text += item
                 yield item
 
 

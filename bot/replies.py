@@ -82,3 +82,7 @@ def gave_up(attempts: int) -> str:
 
 def continuation_failed() -> str:
     return "(The rest of this answer could not be posted. Please ask again for the rest.)"
+
+
+def stopped() -> str:
+    return "_(stopped)_"

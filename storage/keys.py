@@ -12,6 +12,7 @@ SEEN_PREFIX = f"{PREFIX}seen:"
 TURN_PREFIX = f"{PREFIX}turn:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
 OWNER_PREFIX = f"{PREFIX}owner:"
+ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -37,3 +38,8 @@ def turn(turn_id: str) -> str:
 def owner(owner_id: str) -> str:
     """A running process's lease; its pending turns may be claimed once it expires."""
     return f"{OWNER_PREFIX}{owner_id}"
+
+
+def answer_place(conversation_id: str) -> str:
+    """Where a conversation's newest answer is shown (platform JSON), for its buttons."""
+    return f"{ANSWER_PLACE_PREFIX}{conversation_id}"
