@@ -33,6 +33,7 @@ STORY = "Once upon a time, in a land far away, there lived a bot that wrote long
 @dataclass
 class Bot:
     fake: FakeDiscord
+    adapter: DiscordAdapter
     service: ChatService
     engine: Any
 
@@ -67,7 +68,7 @@ def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
             )
             async with running(adapter):
                 await fake.wait_identified()
-                yield Bot(fake, service, engine)
+                yield Bot(fake, adapter, service, engine)
 
     return start
 
@@ -144,6 +145,7 @@ async def test_commands_are_registered_in_each_server_and_none_globally(discord_
     async with discord_bot() as bot:
         fake = bot.fake
         await commands_registered(fake, fake.guild_id)
+        await bot.adapter.client.wait_until_ready()  # from now on, a server is a new join
         await fake.join_guild("2001")
         await commands_registered(fake, "2001")
     names = set(DESCRIPTIONS)
@@ -186,7 +188,7 @@ async def test_reset_in_a_thread_clears_that_thread_alone(discord_bot):
         await bot.history(thread_key(fake, asked["id"]), until=answered_once)
         ran = await fake.slash_command("reset", asked["id"])
         [reply] = await fake.wait_for(lambda: answered(ran))
-        in_thread = await bot.history(thread_key(fake, asked["id"]), until=lambda h: True)
+        in_thread = await bot.history(thread_key(fake, asked["id"]), until=lambda _: True)
         still_known = await bot.service.knows(thread_key(fake, asked["id"]))
         in_dm = await bot.history(dm_key(elsewhere["channel_id"]), until=answered_once)
     assert reply["content"] == replies.conversation_reset()
