@@ -68,8 +68,8 @@ def _view(button: discord.ui.Button[discord.ui.View]) -> discord.ui.View:
 
 def last_message(place: dict[str, Any] | None) -> tuple[str, str] | None:
     """The channel and id of the last message of an answer whose place was recorded."""
-    messages = (place or {}).get("messages") or []
-    channel = (place or {}).get("channel")
+    place = place or {}
+    channel, messages = place.get("channel"), place.get("messages") or []
     return (str(channel), str(messages[-1])) if channel and messages else None
 
 
