@@ -89,9 +89,10 @@ class _Failed:
 class Generation:
     """One request's answer: an async iterator of text chunks, cancellable at any time.
 
-    After iteration ends, `text` holds the engine's final decoded answer, and
-    `prompt_tokens` and `answer_tokens` its prompt's and its own length in tokens
-    (0 until then, and for an answer that did not end).
+    `text` holds what has been read so far, and once iteration ends, the engine's final
+    decoded answer (a generation stopped early keeps its partial text); `prompt_tokens`
+    and `answer_tokens` its prompt's and its own length in tokens (0 until the end, and
+    for an answer that did not end).
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class Generation:
                 self.text = item.text
                 self.prompt_tokens, self.answer_tokens = item.prompt_tokens, item.answer_tokens
             if isinstance(item, str):
+                self.text += item
                 yield item
 
 

@@ -127,3 +127,7 @@ def help_text(*, admin: bool) -> str:
 
 def cut_repeating() -> str:
     return "(cut: the answer was repeating itself)"
+
+
+def stopped() -> str:
+    return "_(stopped)_"

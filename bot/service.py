@@ -55,6 +55,10 @@ STATS_WINDOW_S = 3600  # what `stats` reports on
 PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be answered
 
 
+class AnswerStopped(Exception):
+    """Ends a generation early: the asker stopped it, and what was written is the answer."""
+
+
 class ChatService:
     """Answers turns from any adapter, remembering each conversation in the store."""
 
@@ -86,6 +90,7 @@ class ChatService:
         self.model_name = model_name
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
+        self._generations: dict[str, Generation] = {}  # by turn id, while streaming
         self._scopes: dict[str, SinkFactory] = {}  # connected adapters, for resuming
         # Our turns whose task gave them up when storage was lost, with their sinks (which
         # know every message posted, saved or not), to be taken up again once it is back.
@@ -280,14 +285,19 @@ class ChatService:
         self._start(pending, sink)
 
     def _start(
-        self, pending: PendingTurn, sink: ReplySink, *, counted: bool = False
+        self,
+        pending: PendingTurn,
+        sink: ReplySink,
+        *,
+        counted: bool = False,
+        before: Callable[[], Awaitable[bool]] | None = None,
     ) -> asyncio.Task[None]:
         """Answer `pending` in a task of its own; it counts as the author's until done."""
         author = pending.turn.author
         if not counted:
             self._pending[author] += 1
         self._track(pending, sink)
-        task = self._spawn(pending.id, self._run(pending, sink))
+        task = self._spawn(pending.id, self._run(pending, sink, before))
         task.add_done_callback(lambda _: self._uncount(author))
         return task
 
@@ -321,12 +331,20 @@ class ChatService:
 
     # --- answering ------------------------------------------------------------------------
 
-    async def _run(self, pending: PendingTurn, sink: ReplySink) -> None:
+    async def _run(
+        self,
+        pending: PendingTurn,
+        sink: ReplySink,
+        before: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         """A turn's task: answer it, or leave it for later, or give up on it; never raises
-        for a failure the user should hear about."""
+        for a failure the user should hear about. `before` runs first, under the
+        conversation's lock; if it says no, the turn ends unanswered."""
         try:
             async with self._turns_of(pending.conversation):
-                if pending.attempts > self.max_attempts:
+                if before is not None and not await before():
+                    await self.journal.finish(pending)
+                elif pending.attempts > self.max_attempts:
                     logger.error("giving up on turn %s after %d attempts", pending.id,
                                  self.max_attempts)  # fmt: skip
                     await self._fail(pending, sink, replies.gave_up(self.max_attempts))
@@ -386,6 +404,8 @@ class ChatService:
             await self._fail(started, sink, replies.busy())
             return
         output = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
+        self._generations[started.id] = generation  # for `stop_answer`
+        stopped = False
         try:
             async for chunk in generation:
                 if text := output.feed(chunk):
@@ -396,9 +416,14 @@ class ChatService:
         except InferenceTimeout:
             await self._fail(started, sink, replies.timed_out())
             return
+        except AnswerStopped:
+            stopped = True
         finally:
+            del self._generations[started.id]
             generation.cancel()  # no-op once finished; stops the engine if we were interrupted
         answer = output.final(generation.text).strip()
+        if stopped:  # what was written is the answer, marked so
+            answer = f"{answer}\n\n{replies.stopped()}".strip()
         if not answer:
             await self._fail(started, sink, replies.empty_answer())
             return
@@ -563,6 +588,68 @@ class ChatService:
             return self.prompt_budget
         longer = voice.max_new_tokens - self.team.settings.max_new_tokens
         return max(self.prompt_budget - longer, 1)
+
+    # --- stopping and regenerating answers ------------------------------------------------
+
+    def stop_answer(self, turn_id: str, *, by: str) -> bool:
+        """End the answer being written for `turn_id` where it is: what was written is
+        shown and stored as the answer, marked as stopped, and the turn finishes as any
+        other. False when this process is not writing that answer. Whether `by` may stop
+        it is the caller's to decide."""
+        if (generation := self._generations.get(turn_id)) is None:
+            return False
+        logger.info("turn %s stopped by %s", turn_id, by)
+        generation.cancel(AnswerStopped)
+        return True
+
+    async def regenerate(
+        self, conversation: ConversationKey, *, by: str, request_id: str, sink: ReplySink
+    ) -> bool:
+        """Answer the conversation's last question again, into `sink`: the new answer
+        replaces the last one in the history, and the question is not stored twice. A turn
+        like any other (durable; its id `platform:request_id`, so it can be stopped),
+        asked by `by`; whether `by` may is the caller's to decide. False, with nothing
+        done, when the conversation does not end with an answer or is being answered."""
+        key = str(conversation)
+        if self._closing or self._turns_of(key).locked():
+            return False
+        history = await self.store.load(key)
+        if [message["role"] for message in history[-2:]] != ["user", "assistant"]:
+            return False
+        question = history[-2]
+        turn = Turn(
+            conversation, by, question["content"], request_id,
+            author_name=question.get("name", ""),
+        )  # fmt: skip
+        if (accepted := await self.journal.accept(turn, sink.reply_target())) is None:
+            return False
+        logger.info("regenerating the last answer of %s for %s", conversation, by)
+        self._start(accepted, sink, before=partial(self._take_back_answer, accepted))
+        return True
+
+    async def answer_shown(self, conversation: ConversationKey, place: dict[str, Any]) -> None:
+        """An adapter says where the conversation's newest answer is shown (its own JSON),
+        to find it again with `answer_place` (e.g. to take its buttons off)."""
+        await self.store.set_answer_place(str(conversation), place)
+
+    async def answer_place(self, conversation: ConversationKey) -> dict[str, Any] | None:
+        """Where the conversation's newest answer is shown, as `answer_shown` last said."""
+        return await self.store.answer_place(str(conversation))
+
+    async def _take_back_answer(self, pending: PendingTurn) -> bool:
+        """Before a regenerated answer, under the conversation's lock: remove the last
+        question and answer (`begin` stores the question again). False if the
+        conversation has moved on since the regeneration was asked for.
+
+        Should the process die before this, the next one answers the question again
+        after the old answer, which stays: nothing is lost."""
+        history = await self.store.load(pending.conversation)
+        last = [(message["role"], message["content"]) for message in history[-2:]]
+        if [role for role, _ in last] != ["user", "assistant"] or last[0][1] != pending.turn.text:
+            logger.info("not regenerating in %s: it has moved on", pending.conversation)
+            return False
+        await self.store.drop_last(pending.conversation, 2)
+        return True
 
 
 def _not_ours(pending: PendingTurn) -> None:

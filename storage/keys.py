@@ -16,6 +16,7 @@ FACTS_PREFIX = f"{PREFIX}facts:"
 DENIED_PREFIX = f"{PREFIX}denied:"
 RATE_PREFIX = f"{PREFIX}rate:"
 TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
+ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -63,3 +64,8 @@ def turn_stats(scope: str) -> str:
     """The sorted set of recently answered turns (latency and token counts), scored by
     when each was answered; every process of one deployment writes the same scope."""
     return f"{TURN_STATS_PREFIX}{scope}"
+
+
+def answer_place(conversation_id: str) -> str:
+    """Where a conversation's newest answer is shown (platform JSON), for its buttons."""
+    return f"{ANSWER_PLACE_PREFIX}{conversation_id}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import get_args
+from typing import Any, get_args
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -88,6 +88,7 @@ class ConversationStore:
             keys.conversation(conversation_id),
             keys.cleared(conversation_id),
             keys.facts(conversation_id),
+            keys.answer_place(conversation_id),
         )
 
     async def starter(self, conversation_id: str, user: str | None = None) -> str | None:
@@ -129,6 +130,24 @@ class ConversationStore:
         """True only the first time a platform message id is offered (within the TTL)."""
         key = keys.seen(platform, message_id)
         return bool(await self._redis.set(key, "1", nx=True, ex=ttl_seconds))
+
+    async def drop_last(self, conversation_id: str, count: int) -> None:
+        """Remove the newest `count` messages (an answer being generated again)."""
+        await self._redis.ltrim(keys.conversation(conversation_id), 0, -count - 1)
+
+    async def set_answer_place(self, conversation_id: str, place: dict[str, Any]) -> None:
+        """Remember where the conversation's newest answer is shown (a platform's JSON);
+        kept as long as the history."""
+        key = keys.answer_place(conversation_id)
+        await self._redis.set(key, json.dumps(place), ex=self._ttl_seconds)
+
+    async def answer_place(self, conversation_id: str) -> dict[str, Any] | None:
+        """Where the conversation's newest answer is shown, if known and readable."""
+        try:
+            place = json.loads(await self._redis.get(keys.answer_place(conversation_id)) or "null")
+        except ValueError:
+            place = None
+        return place if isinstance(place, dict) else None
 
 
 def _decode(entry: str | bytes) -> ChatMessage | None:
