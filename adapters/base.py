@@ -3,17 +3,20 @@
 An adapter is the only code that knows a platform. It MUST turn each platform message
 it should answer into a `Turn` and hand it to `ChatService.accept` with a `ReplySink`
 for that platform, through `answer` below so one failure never stops the adapter. It
-MUST drop what the bot must not answer (its own messages, other bots, edits). It SHOULD
+MUST drop what the bot must not answer (its own messages, other bots, edits), and MUST
+ask `ChatService.admit` (the team's access rules, on platform ids) before a turn is
+handed over, so a denied message is neither stored nor generated for. It SHOULD
 stream: the sink's `append` shows text as it arrives. It MUST make, from a sink's
 `reply_target()`, a sink that resumes that answer (`ChatService.serve_platform`), and
 SHOULD acknowledge the platform only once `answer` has returned. Commands (`reset`,
-`forget`) are parsed here (`command`) and carried out by the service.
+`forget`, `help`, …) are parsed here (`command`) and carried out by the service.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from typing import cast, get_args
 
 from bot import replies
 from bot.service import ChatService
@@ -35,12 +38,13 @@ class Adapter(ABC):
         """Connect and serve until cancelled or the platform closes; MUST NOT return early."""
 
 
-COMMANDS: dict[str, Command] = {"reset": "reset", "forget": "forget"}
+COMMANDS: frozenset[str] = frozenset(get_args(Command))
 
 
 def command(text: str) -> Command | None:
     """The command a message gives, if it is one word such as `reset` (or `/reset`)."""
-    return COMMANDS.get(text.strip().lower().removeprefix("/"))
+    word = text.strip().lower().removeprefix("/")
+    return cast(Command, word) if word in COMMANDS else None
 
 
 async def answer(service: ChatService, turn: Turn, sink: ReplySink, *, wait: bool = False) -> None:

@@ -1,14 +1,16 @@
-"""Discord: mentions answered in threads (or inline replies), thread follow-ups and DMs.
+"""Discord: mentions answered in threads (or inline replies), thread follow-ups and DMs;
+slash commands, and Stop / Regenerate buttons on answers.
 
 Owns everything Discord-specific, on discord.py: which messages to answer, conversation
 keys (guild, channel, thread), threads it creates, earlier thread messages, display
-names, and the reply target (no pings, idempotent sends).
+names, and the reply target (no pings, idempotent sends). Commands live in
+`discord_commands`, buttons in `discord_buttons`, posting in `discord_channel`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import re
 import textwrap
 from collections.abc import Sequence
@@ -19,21 +21,29 @@ import discord
 import yarl
 from discord.gateway import DiscordWebSocket
 
+from adapters.attachments import Attachment, with_attachments
 from adapters.base import Adapter, AdapterError, answer, command, failure_text
-from adapters.streaming import StreamingReply
+from adapters.discord_buttons import AnswerButtons, Asker, DiscordReply
+from adapters.discord_channel import (
+    MESSAGE_LIMIT,
+    NO_PINGS,
+    PLATFORM,
+    DiscordChannel,
+    conversation_key,
+)
+from adapters.discord_commands import SlashCommands
+from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 2000
 HISTORY_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 REPLY_CHAIN_LIMIT = 50  # replies followed back to find an inline conversation's start
 THREAD_NAME_LENGTH = 90  # Discord allows 100
-THREAD_ARCHIVE_MINUTES = 1440
-THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
-NO_PINGS = discord.AllowedMentions.none()
+ATTACHMENT_SECONDS = 10.0  # reading a message's attached files
+TYPING_INTERVAL = 8.0  # Discord's typing indicator lasts about 10 s
 ANSWERED_TYPES = {discord.MessageType.default, discord.MessageType.reply}
 PERMISSIONS = discord.Permissions(
     view_channel=True,
@@ -49,108 +59,42 @@ INTENTS_HELP = (
 )
 
 
-def nonce(seed: str, index: int) -> str:
-    """A send nonce derived from the turn, so a retried send cannot post twice."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return str(int.from_bytes(digest[:8], "big"))  # Discord allows up to 25 characters
-
-
-class DiscordChannel:
-    """Posts and edits the messages of one answer, by ids alone, so another process can
-    take the answer over. Never pings anyone, never embeds a link (Discord would fetch
-    a URL that model output or injected text put there), and never posts twice: each
-    send carries a nonce derived from the turn and the message's place in the answer.
-
-    With `thread_from`, the answer goes into a thread opened from that message (whose id
-    the thread takes), opened on the first post.
-    """
-
-    def __init__(
-        self,
-        client: discord.Client,
-        *,
-        channel: str,
-        seed: str,
-        reply_to: str | None = None,
-        thread_from: str | None = None,
-        thread_name: str = "",
-        posted: int = 0,
-    ) -> None:
-        self.client = client
-        self.channel = channel
-        self.seed = seed
-        self.reply_to = reply_to
-        self.thread_from = thread_from
-        self.thread_name = thread_name
-        self.posted = posted  # messages of this answer sent so far (earlier tries included)
-        self.thread_open = bool(posted)
-
-    def where(self) -> dict[str, Any]:
-        return {
-            "channel": self.channel,
-            "seed": self.seed,
-            "reply_to": self.reply_to,
-            "thread_from": self.thread_from,
-            "thread_name": self.thread_name,
-        }
-
-    @property
-    def destination(self) -> discord.PartialMessageable:
-        return self.client.get_partial_messageable(int(self.thread_from or self.channel))
-
-    async def typing(self) -> None:
-        await self._open_thread()
-        await self.destination.typing()
-
-    async def post(self, text: str) -> str:
-        await self._open_thread()
-        options: dict[str, Any] = {"allowed_mentions": NO_PINGS, "suppress_embeds": True}
-        if self.reply_to is not None and not self.posted:
-            reference = discord.MessageReference(
-                message_id=int(self.reply_to),
-                channel_id=int(self.channel),
-                fail_if_not_exists=False,
-            )
-            options |= {"reference": reference, "mention_author": False}
-        message = await self.destination.send(text, nonce=nonce(self.seed, self.posted), **options)
-        self.posted += 1
-        return str(message.id)
-
-    async def edit(self, message_id: str, text: str) -> None:
-        message = self.destination.get_partial_message(int(message_id))
-        await message.edit(content=text, allowed_mentions=NO_PINGS)
-
-    async def _open_thread(self) -> None:
-        if self.thread_from is None or self.thread_open:
-            return
-        try:
-            await self.client.http.start_thread_with_message(
-                int(self.channel),
-                int(self.thread_from),
-                name=self.thread_name or "threadbot",
-                auto_archive_duration=THREAD_ARCHIVE_MINUTES,
-            )
-        except discord.HTTPException as error:
-            if error.code != THREAD_EXISTS:  # opened already, by an earlier try
-                raise
-        self.thread_open = True
+def gateway_intents() -> discord.Intents:
+    """What the bot receives: servers, their messages and DMs, with message content."""
+    intents = discord.Intents.none()
+    intents.guilds = intents.guild_messages = intents.dm_messages = True
+    intents.message_content = True
+    return intents
 
 
 class DiscordAdapter(Adapter):
-    """Answers Discord mentions, thread follow-ups and DMs through the service."""
+    """Answers Discord mentions, thread follow-ups and DMs through the service; runs its
+    slash commands and its answers' buttons."""
 
-    def __init__(self, *, client: discord.Client, service: ChatService, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        client: discord.Client,
+        service: ChatService,
+        settings: Settings,
+        typing_interval: float = TYPING_INTERVAL,
+    ) -> None:
         self.client = client
         self.service = service
         self.settings = settings
-        client.event(self.on_message)
+        self.typing_interval = typing_interval
+        self.commands = SlashCommands(
+            client=client, service=service, global_commands=settings.discord_global_commands
+        )
+        self.buttons = AnswerButtons(service=service, regenerating=self._regenerating)
+        for handler in (self.on_message, self.on_interaction, self.on_guild_available,
+                        self.on_guild_join):  # fmt: skip
+            client.event(handler)
 
     @classmethod
     def from_settings(cls, settings: Settings, service: ChatService) -> DiscordAdapter:
-        intents = discord.Intents.none()
-        intents.guilds = intents.guild_messages = intents.dm_messages = True
-        intents.message_content = True
-        return cls(client=discord.Client(intents=intents), service=service, settings=settings)
+        client = discord.Client(intents=gateway_intents())
+        return cls(client=client, service=service, settings=settings)
 
     async def run(self) -> None:
         # discord.py keeps its REST base and gateway URL as class attributes: one Discord
@@ -159,7 +103,7 @@ class DiscordAdapter(Adapter):
         token = self.settings.discord_bot_token
         try:
             await self.client.login(token.get_secret_value() if token else "")
-            self.service.serve_platform("discord", self._resumed)  # REST is enough for that
+            self.service.serve_platform(PLATFORM, self._resumed)  # REST is enough for that
             _, gateway, _ = await self.client.http.get_bot_gateway()
             # A plain Client never asks /gateway/bot; Discord says to, and proxies need it.
             DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
@@ -168,6 +112,7 @@ class DiscordAdapter(Adapter):
                 "Discord: invite the bot with %s",
                 discord.utils.oauth_url(application, permissions=PERMISSIONS),
             )
+            await self.commands.register()
             await self.client.connect(reconnect=True)
         except discord.LoginFailure as error:
             raise AdapterError(f"Discord refused DISCORD_BOT_TOKEN ({error})") from error
@@ -176,16 +121,39 @@ class DiscordAdapter(Adapter):
         finally:
             await self.client.close()
 
-    def _sink(self, target: DiscordChannel, message_ids: Sequence[str] = ()) -> StreamingReply:
-        return StreamingReply(
+    async def on_guild_available(self, guild: discord.Guild) -> None:
+        await self.commands.register_in(guild)
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self.commands.register_in(guild)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Button presses; slash commands go to the command tree."""
+        if interaction.type is discord.InteractionType.component:
+            await self.buttons.on_press(interaction)
+
+    def _sink(
+        self,
+        target: DiscordChannel,
+        asker: Asker | None,
+        message_ids: Sequence[str] = (),
+        replacing: Sequence[str] = (),
+    ) -> DiscordReply:
+        return DiscordReply(
             target=target,
+            asker=asker,
+            service=self.service,
+            replacing=replacing,
             render=str,  # Discord speaks Markdown; allowed_mentions stops every ping
             limit=MESSAGE_LIMIT,
             interval=self.settings.discord_edit_interval,
             message_ids=message_ids,
+            typing_interval=self.typing_interval,
+            # typing until the first text, which comes within the request timeout
+            typing_repeats=math.ceil(self.settings.request_timeout / self.typing_interval),
         )
 
-    def _resumed(self, target: dict[str, Any]) -> StreamingReply:
+    def _resumed(self, target: dict[str, Any]) -> DiscordReply:
         """The sink of an answer started earlier (maybe by another process)."""
         posted = target.get("messages", [])
         channel = DiscordChannel(
@@ -197,7 +165,18 @@ class DiscordAdapter(Adapter):
             thread_name=target.get("thread_name", ""),
             posted=len(posted),
         )
-        return self._sink(channel, posted)
+        asker = None
+        if "asker" in target:  # saved by a version with buttons
+            key = ConversationKey(*target["conversation"].split(":"))
+            asker = Asker(target["asker"], key)
+        return self._sink(channel, asker, posted)
+
+    def _regenerating(self, place: dict[str, Any], seed: str, asker: Asker) -> DiscordReply:
+        """The sink of a regenerated answer: it streams into the old answer's first message
+        and deletes the others; `seed` (the press) keeps its sends' nonces new."""
+        first, *others = place["messages"]
+        channel = DiscordChannel(self.client, channel=place["channel"], seed=seed, posted=1)
+        return self._sink(channel, asker, [first], replacing=others)
 
     async def on_message(self, message: discord.Message) -> None:
         me = self.client.user
@@ -214,7 +193,9 @@ class DiscordAdapter(Adapter):
             if route is None:
                 return
             addressed = True
-            await self._converse(message, *route)
+            if await self.service.admit(self._requester(message, route[0]), route[0],
+                                        partial(_reply, message)):  # fmt: skip
+                await self._converse(message, *route)
         except Exception as error:
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:
@@ -231,12 +212,12 @@ class DiscordAdapter(Adapter):
         """Where a message's conversation lives and where to answer, or None to stay out."""
         channel, mentioned = message.channel, me in message.mentions
         here = partial(DiscordChannel, self.client, channel=str(channel.id), seed=str(message.id))
-        if isinstance(channel, discord.DMChannel):
-            key = ConversationKey("discord", "-", str(channel.id), str(channel.id))
-            return key, here(), ()
         guild = str(message.guild.id) if message.guild else "-"
+        key_from = partial(conversation_key, channel, guild=guild)
+        if isinstance(channel, discord.DMChannel):
+            return key_from(root=str(message.id)), here(), ()
         if isinstance(channel, discord.Thread):
-            key = ConversationKey("discord", guild, str(channel.parent_id), str(channel.id))
+            key = key_from(root=str(message.id))
             known = await self.service.knows(key)
             ours = channel.owner_id == me.id
             if not (mentioned or known or ours):
@@ -247,14 +228,13 @@ class DiscordAdapter(Adapter):
             root = await self._reply_root(message, me, mentioned=mentioned)
             if root is None:
                 return None
-            key = ConversationKey("discord", guild, str(channel.id), str(root))
-            return key, here(reply_to=str(message.id)), ()
+            return key_from(root=str(root)), here(reply_to=str(message.id)), ()
         if not mentioned:
             return None
         # The answer opens a thread from this message, which takes the message's id.
         name = textwrap.shorten(self._readable(message, me), THREAD_NAME_LENGTH, placeholder="…")
-        key = ConversationKey("discord", guild, str(channel.id), str(message.id))
-        return key, here(thread_from=str(message.id), thread_name=name), ()
+        target = here(thread_from=str(message.id), thread_name=name)
+        return key_from(root=str(message.id)), target, ()
 
     async def _converse(
         self,
@@ -266,16 +246,39 @@ class DiscordAdapter(Adapter):
         me = self.client.user
         assert me is not None
         text = self._readable(message, me)
+        order = command(text)
+        if order is None:
+            files = [_attachment(attachment) for attachment in message.attachments]
+            text = await with_attachments(
+                text, files, settings=self.service.team.settings, timeout=ATTACHMENT_SECONDS
+            )
         turn = Turn(
             key,
             str(message.author.id),
             text,
             str(message.id),
             context=earlier,
-            command=command(text),
+            command=order,
             author_name=message.author.display_name,
+            channel_name=_channel_name(message.channel),
+            bot_name=message.guild.me.display_name if message.guild else me.display_name,
         )
-        await answer(self.service, turn, self._sink(target))
+        asker = (
+            None if turn.command else Asker(turn.author, key)
+        )  # a command's reply has no buttons
+        await answer(self.service, turn, self._sink(target, asker))
+
+    @staticmethod
+    def _requester(message: discord.Message, key: ConversationKey) -> Requester:
+        roles = getattr(message.author, "roles", ())  # a Member's, in a server
+        return Requester(
+            "discord",
+            str(message.author.id),
+            key.channel,  # a thread's parent
+            workspace=str(message.guild.id) if message.guild else None,
+            dm=message.guild is None,
+            roles=tuple(str(role.id) for role in roles),
+        )
 
     async def _earlier(
         self, message: discord.Message, me: discord.ClientUser
@@ -347,3 +350,36 @@ class DiscordAdapter(Adapter):
             return names[kind].get(ident, match[0])
 
         return re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+
+
+async def _reply(message: discord.Message, text: str) -> None:
+    """A short answer to `message` itself, where it was written (no thread, no ping)."""
+    await message.channel.send(
+        text,
+        reference=message.to_reference(fail_if_not_exists=False),
+        mention_author=False,
+        allowed_mentions=NO_PINGS,
+        suppress_embeds=True,
+    )
+
+
+def _channel_name(channel: discord.abc.Messageable) -> str:
+    if isinstance(channel, discord.DMChannel):
+        return "a direct message"
+    parent = getattr(channel, "parent", None)  # a thread is named after its channel
+    return f"#{getattr(parent or channel, 'name', '') or 'channel'}"
+
+
+def _attachment(attachment: discord.Attachment) -> Attachment:
+    """A Discord attachment; its size is known, so one too large is never downloaded."""
+    return Attachment(
+        name=attachment.filename,
+        mimetype=attachment.content_type or "",
+        size=attachment.size,
+        download=partial(_read_whole, attachment),
+    )
+
+
+async def _read_whole(attachment: discord.Attachment, _wanted: int) -> bytes:
+    """Discord's CDN serves a file whole (the reader caps it at MAX_FILE_BYTES first)."""
+    return await attachment.read()

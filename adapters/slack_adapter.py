@@ -18,7 +18,7 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -30,6 +30,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.attachments import with_attachments
 from adapters.base import Adapter, AdapterError, answer, command, failure_text
 from adapters.slack_assistant import ThreadStatus, greet, set_title
 from adapters.slack_command import (
@@ -37,12 +38,14 @@ from adapters.slack_command import (
     THREAD_ONLY,
     EphemeralReply,
     command_turn,
-    is_dm,
     thread_only,
+    typed_in_dm,
 )
+from adapters.slack_files import slack_attachments
 from adapters.slack_format import MARKDOWN_LIMIT, MESSAGE_LIMIT, to_markdown, to_mrkdwn
 from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
 from adapters.streaming import EditBudget, StreamingReply
+from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
@@ -52,14 +55,21 @@ logger = logging.getLogger(__name__)
 PLACEHOLDER = "_thinking…_"  # italic in mrkdwn and in Markdown alike
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 CONTEXT_SECONDS = 1.5  # reading them happens before the event's ack, which Slack wants in 3 s
+ATTACHMENT_SECONDS = 1.0  # reading attached files too
+ANSWERED_SUBTYPES = {None, "file_share"}  # a plain message, and one with files
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
-NAME_CACHE_SIZE = 1000
+PEOPLE_CACHE_SIZE = 1000
 EVENTS_PATH = "/slack/events"
 ASSISTANT_THREAD_ROOT = "assistant_app_thread"  # the subtype of an assistant thread's first message
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
 CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
 URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
+
+
+class Person(NamedTuple):
+    name: str
+    stranger: bool  # Slack Connect: of another organisation
 
 
 class SlackAdapter(Adapter):
@@ -70,7 +80,8 @@ class SlackAdapter(Adapter):
         self.service = service
         self.settings = settings
         self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
-        self.names: dict[str, str] = {}  # user id -> display name, oldest first
+        self.people: dict[str, Person] = {}  # by user id, oldest first
+        self.channel_names: dict[str, str] = {}  # by channel id, oldest first
         self.refused: set[str] = set()  # workspaces where Slack refused native streaming
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
@@ -132,10 +143,10 @@ class SlackAdapter(Adapter):
         return runner.cleanup
 
     async def on_mention(self, event: dict[str, Any], context: dict[str, Any]) -> None:
-        await self._handle(event, context["bot_user_id"], mentioned=True)
+        await self._handle(event, context, mentioned=True)
 
     async def on_message(self, event: dict[str, Any], context: dict[str, Any]) -> None:
-        await self._handle(event, context["bot_user_id"], mentioned=False)
+        await self._handle(event, context, mentioned=False)
 
     async def on_assistant_thread_started(self, event: dict[str, Any]) -> None:
         """Someone opened a thread in the assistant pane: greet them, offer prompts."""
@@ -162,7 +173,17 @@ class SlackAdapter(Adapter):
         )
         try:
             turn = command_turn(payload, author_name=await self._name(payload["user_id"]))
-            if turn.command in THREAD_ONLY and not is_dm(payload):
+            who = Requester(
+                "slack",
+                turn.author,
+                turn.conversation.channel,
+                workspace=turn.conversation.workspace,
+                dm=typed_in_dm(payload),
+                stranger=await self._stranger({"user": turn.author}, turn.conversation.workspace),
+            )
+            if not await self.service.admit(who, turn.conversation, sink.fail):
+                return
+            if turn.command in THREAD_ONLY and not typed_in_dm(payload):
                 await sink.finish(thread_only(turn.command))
                 return
             await answer(self.service, turn, sink)
@@ -171,16 +192,28 @@ class SlackAdapter(Adapter):
             with contextlib.suppress(Exception):
                 await sink.fail(text)
 
-    async def _handle(self, event: dict[str, Any], bot_user: str, *, mentioned: bool) -> None:
+    async def _handle(
+        self, event: dict[str, Any], context: dict[str, Any], *, mentioned: bool
+    ) -> None:
         """One Slack message event: decide whether to answer, and where."""
-        if event.get("subtype") or event.get("bot_id") or event.get("user") in (None, bot_user):
+        bot_user, subtype = context["bot_user_id"], event.get("subtype")
+        if (
+            subtype not in ANSWERED_SUBTYPES
+            or event.get("bot_id")
+            or event.get("user") in (None, bot_user)
+        ):
             return  # edits, deletions, joins, bots (ourselves included)
         channel, ts, text = event["channel"], event["ts"], event.get("text", "")
         thread_ts = event.get("thread_ts")
         is_dm = event.get("channel_type") == "im"
         if not mentioned and not is_dm and f"<@{bot_user}>" in text:
-            return  # the app_mention event for the same message answers it
-        team = event.get("team", "-")
+            if subtype != "file_share":
+                return  # the app_mention event for the same message answers it
+            # Slack may send no app_mention for a mention that shares a file; when it
+            # sends both, the journal keeps the pair to one answer.
+            mentioned = True
+        # Our workspace, not the author's: in a Slack Connect channel they differ.
+        team = context.get("team_id") or event.get("team", "-")
         key = ConversationKey("slack", team, channel, thread_ts or (channel if is_dm else ts))
         thread = SlackThread(
             self.app.client,
@@ -195,7 +228,16 @@ class SlackAdapter(Adapter):
             if not (addressed or (thread_ts and known)):
                 return  # channel chatter the bot was not asked into
             addressed = True
-            await self._converse(event, key, thread, bot_user, known=known)
+            who = Requester(
+                "slack",
+                event["user"],
+                channel,
+                workspace=team,
+                dm=is_dm,
+                stranger=await self._stranger(event, team),
+            )
+            if await self.service.admit(who, key, thread.post):
+                await self._converse(event, key, thread, bot_user, known=known)
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:
@@ -218,6 +260,12 @@ class SlackAdapter(Adapter):
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
             history = await self._thread_context(event, bot_user)
+        question = words  # as typed, for the pane's title
+        if order is None:
+            files = slack_attachments(event.get("files", ()), token=self.app.client.token)
+            words = await with_attachments(
+                words, files, settings=self.service.team.settings, timeout=ATTACHMENT_SECONDS
+            )
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
         turn = Turn(
             key,
@@ -227,14 +275,16 @@ class SlackAdapter(Adapter):
             context=history,
             command=order,
             author_name=await self._name(event["user"]),
+            channel_name=await self._channel_name(event),
+            bot_name=await self._name(bot_user),
         )
         in_pane = event.get("channel_type") == "im" and thread_ts  # a DM thread: the pane's
         if in_pane:  # shown before the turn is taken: its answer's first post clears it
             await ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts).show()
         await answer(self.service, turn, self._sink(thread))
-        if in_pane and words and not (known or order):
+        if in_pane and question and not (known or order):
             await set_title(
-                self.app.client, channel=key.channel, thread_ts=thread_ts, question=words
+                self.app.client, channel=key.channel, thread_ts=thread_ts, question=question
             )
 
     def _sink(self, thread: SlackThread) -> ReplySink:
@@ -379,21 +429,50 @@ class SlackAdapter(Adapter):
         return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
 
     async def _name(self, user: str) -> str:
-        if user not in self.names:
-            if len(self.names) >= NAME_CACHE_SIZE:
-                del self.names[next(iter(self.names))]  # forget the oldest
+        person = await self._person(user)
+        return person.name if person else user
+
+    async def _channel_name(self, event: dict[str, Any]) -> str:
+        if event.get("channel_type") == "im":
+            return "a direct message"
+        channel = event["channel"]
+        if channel not in self.channel_names:
+            if len(self.channel_names) >= PEOPLE_CACHE_SIZE:
+                del self.channel_names[next(iter(self.channel_names))]
+            try:
+                info = await self.app.client.conversations_info(channel=channel)
+            except Exception:
+                logger.debug("conversations.info failed for %s", channel, exc_info=True)
+                return channel
+            self.channel_names[channel] = f"#{info['channel']['name']}"
+        return self.channel_names[channel]
+
+    async def _stranger(self, event: dict[str, Any], team: str) -> bool:
+        """Whether the author belongs to another organisation (Slack Connect): the event
+        names their own team, or Slack marks them a stranger to us."""
+        if event.get("user_team", event.get("team", team)) != team:
+            return True
+        person = await self._person(event["user"])
+        return bool(person and person.stranger)
+
+    async def _person(self, user: str) -> Person | None:
+        """The user's name and whether they are a stranger; None if users.info fails."""
+        if user not in self.people:
+            if len(self.people) >= PEOPLE_CACHE_SIZE:
+                del self.people[next(iter(self.people))]  # forget the oldest
             try:
                 profile = (await self.app.client.users_info(user=user))["user"]
-                self.names[user] = (
-                    profile.get("profile", {}).get("display_name")
-                    or profile.get("real_name")
-                    or profile.get("name")
-                    or user
-                )
             except Exception:
                 logger.debug("users.info failed for %s", user, exc_info=True)
-                return user
-        return self.names[user]
+                return None
+            name = (
+                profile.get("profile", {}).get("display_name")
+                or profile.get("real_name")
+                or profile.get("name")
+                or user
+            )
+            self.people[user] = Person(name, bool(profile.get("is_stranger")))
+        return self.people[user]
 
 
 def _said(message: dict[str, Any]) -> bool:

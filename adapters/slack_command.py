@@ -31,7 +31,8 @@ def thread_only(order: Command) -> str:
     )
 
 
-def is_dm(payload: dict[str, Any]) -> bool:
+def typed_in_dm(payload: dict[str, Any]) -> bool:
+    """Whether the command was typed in a DM (with the bot), not in a channel."""
     return str(payload.get("channel_id", "")).startswith("D")
 
 

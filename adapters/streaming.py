@@ -6,6 +6,8 @@ in the right thread), a renderer (Markdown to the platform's markup) and its len
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,7 +36,8 @@ class MessageTarget(Protocol):
         ...
 
     async def typing(self) -> None:
-        """Show that an answer is being written, where the platform can (no placeholder)."""
+        """Show that an answer is being written, where the platform can (no placeholder);
+        the platform may let it lapse after a while, so it may be called again."""
         ...
 
     async def post(self, text: str) -> str:
@@ -83,7 +86,9 @@ class StreamingReply:
     """Streams one answer: optional placeholder, edits every `interval` s, final split.
 
     `message_ids` are the messages this answer already has (a resumed answer edits them
-    rather than posting again); `on_post` is awaited after each new one.
+    rather than posting again); `on_post` is awaited after each new one. Without a
+    placeholder, the target shows typing from `start` until the first text, again every
+    `typing_interval` s (at most `typing_repeats` times) where the platform's lapses.
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class StreamingReply:
         placeholder: str | None = None,
         message_ids: Sequence[str] = (),
         mark: str = STREAMING_MARK,
+        typing_interval: float = 0,
+        typing_repeats: int = 0,
         clock: Clock = time.monotonic,
     ) -> None:
         self.target = target
@@ -113,6 +120,10 @@ class StreamingReply:
         self.notice_text = ""
         self.last_edit = float("-inf")
         self.over = False  # the final text (answer or failure) is shown: nothing replaces it
+        self.typing_interval = typing_interval
+        self.typing_repeats = typing_repeats
+        self._text_shown = asyncio.Event()
+        self._typing: asyncio.Task[None] | None = None
 
     def reply_target(self) -> dict[str, Any]:
         return {**self.target.where(), "messages": self.message_ids}
@@ -122,6 +133,8 @@ class StreamingReply:
             await self._show_final(self.placeholder)
         else:
             await self.target.typing()
+            if self.typing_repeats and self._typing is None:
+                self._typing = asyncio.create_task(self._keep_typing())
 
     async def notice(self, text: str) -> None:
         self.notice_text = f"*{text}*\n\n"
@@ -171,8 +184,26 @@ class StreamingReply:
             self.budget.spend()
         await self._put(0, text)
 
+    async def _keep_typing(self) -> None:
+        for _ in range(self.typing_repeats):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._text_shown.wait(), self.typing_interval)
+                return
+            try:
+                await self.target.typing()
+            except Exception:  # only a nicety: the answer goes on without it
+                logger.warning("could not show typing", exc_info=True)
+                return
+
+    async def _stop_typing(self) -> None:
+        """No typing once text shows; a typing call under way ends before the text."""
+        self._text_shown.set()
+        if self._typing is not None:
+            await self._typing
+
     async def _put(self, index: int, text: str) -> None:
         """The answer's `index`-th message gets `text`: an edit if it exists, else a post."""
+        await self._stop_typing()
         if index == 0:
             self.last_edit = self.clock()
         if index < len(self.message_ids):

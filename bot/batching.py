@@ -49,6 +49,9 @@ class Update:
     key: object  # the request, as the queue handed it to `join`
     text: str  # text written since the last update (may be empty)
     answer: str | None = None  # the whole answer, once the request has finished
+    # Set with `answer`: the prompt's length and the answer's (its end token not counted).
+    prompt_tokens: int = 0
+    answer_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -58,6 +61,8 @@ class _Sequence:
     prompt: list[int]
     cache: DynamicCache  # its own while prefilling, then the batch's
     cached: int  # tokens whose keys and values are computed: the next token's position
+    max_new_tokens: int
+    temperature: float | None  # None: the model's generation config; 0: greedy
     answer: list[int] = field(default_factory=list)
     sent: str = ""
 
@@ -98,13 +103,26 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._joining) + len(self._rows)
 
-    def join(self, key: object, messages: list[ChatMessage], *, conversation: str) -> None:
-        """Start answering `messages`; its updates carry `key`."""
+    def join(
+        self,
+        key: object,
+        messages: list[ChatMessage],
+        *,
+        conversation: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        """Start answering `messages`; its updates carry `key`. The answer stops after
+        `max_new_tokens` (None: the engine's) or at the context window, and picks tokens
+        with `temperature` (None: the model's generation config; 0: greedy)."""
         prompt = self.engine.prompt_ids(messages)
         kv, reused = self.prefix_cache.take(conversation, prompt)
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=self.model.config)
         self.stats.reused += reused
-        self._joining.append(_Sequence(key, conversation, prompt, cache, cached=reused))
+        if max_new_tokens is None:
+            max_new_tokens = self.engine.max_new_tokens
+        sequence = _Sequence(key, conversation, prompt, cache, reused, max_new_tokens, temperature)
+        self._joining.append(sequence)
 
     def leave(self, key: object) -> None:
         """Stop a request now (cancelled); what it computed is kept for its conversation."""
@@ -187,6 +205,7 @@ class Batcher:
             logits,
             [sequence.tokens for sequence in sequences],
             [len(sequence.answer) for sequence in sequences],
+            [sequence.temperature for sequence in sequences],
         )
         updates, finished = [], []
         for sequence, token in zip(sequences, tokens, strict=True):
@@ -195,14 +214,23 @@ class Batcher:
                 sequence.answer.append(token)
                 self.stats.decoded += 1
             full = len(sequence.tokens) >= self.engine.context_tokens
-            if ended or full or len(sequence.answer) >= self.engine.max_new_tokens:
+            if ended or full or len(sequence.answer) >= sequence.max_new_tokens:
                 finished.append(sequence)
-                answer = self.engine.decode(sequence.answer)
-                updates.append(Update(sequence.key, _delta(sequence, answer), answer))
+                updates.append(self._finish(sequence))
             else:
                 updates.append(Update(sequence.key, self._stream(sequence)))
         self._drop_rows(finished)
         return updates
+
+    def _finish(self, sequence: _Sequence) -> Update:
+        answer = self.engine.decode(sequence.answer)
+        return Update(
+            sequence.key,
+            _delta(sequence, answer),
+            answer,
+            prompt_tokens=len(sequence.prompt),
+            answer_tokens=len(sequence.answer),
+        )
 
     def _stream(self, sequence: _Sequence) -> str:
         text = self.engine.decode(sequence.answer)

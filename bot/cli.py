@@ -163,9 +163,11 @@ async def _serve(service: ChatService, adapters: list[Adapter], *, grace: float)
     """Run the adapters until a signal, an adapter's failure or the engine's death; then
     drain (running answers get `grace` seconds, the rest stay pending for the next start)
     and stop. Exit status: 0 after a signal, 1 after the engine died; an adapter's error
-    is raised. A second signal exits at once."""
+    is raised. A second signal exits at once; SIGHUP reloads the team's configuration."""
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    # SIGHUP reloads the team's file; connections and conversations stay as they are.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.reload)
     tasks = [asyncio.create_task(adapter.run()) for adapter in adapters]
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(service.queue.died.wait())]
     try:

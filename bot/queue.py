@@ -5,9 +5,12 @@ One queue per process, shared by every adapter. `submit` returns a `Generation` 
 
 The engine thread runs a loop: admit waiting requests into the batch while there is room
 (round-robin between users, so one user's flood cannot starve the others), drop cancelled
-ones, run one batch step, and hand each request its new text. Chunks cross to the event
-loop with `loop.call_soon_threadsafe`; the end and an error are explicit markers, never
-exceptions thrown across threads.
+ones, run one batch step, and hand each request its new text. A request may bring its own
+answer length and temperature; requests with different ones share the batch. `depth`,
+`place` and `places` say how busy the queue is and where a request stands in line.
+
+Chunks cross to the event loop with `loop.call_soon_threadsafe`; the end and an error are
+explicit markers, never exceptions thrown across threads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import threading
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol, Self
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Self
 
 from bot.types import ChatMessage
 
@@ -33,7 +37,15 @@ class BatchEngine(Protocol):
 
     max_batch: int
 
-    def join(self, key: object, messages: list[ChatMessage], *, conversation: str) -> None: ...
+    def join(
+        self,
+        key: object,
+        messages: list[ChatMessage],
+        *,
+        conversation: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> None: ...
 
     def leave(self, key: object) -> None: ...
 
@@ -58,11 +70,13 @@ class EngineStopped(Exception):
     """The engine thread died: this process answers nothing more and should restart."""
 
 
+@dataclass(frozen=True)
 class _End:
-    """Marker: the engine finished this request with this answer."""
+    """Marker: the engine finished this request with this answer, of these lengths."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    text: str
+    prompt_tokens: int
+    answer_tokens: int
 
 
 class _Failed:
@@ -75,14 +89,29 @@ class _Failed:
 class Generation:
     """One request's answer: an async iterator of text chunks, cancellable at any time.
 
-    After iteration ends, `text` holds the engine's final decoded answer.
+    `text` holds what has been read so far, and once iteration ends, the engine's final
+    decoded answer (a generation stopped early keeps its partial text); `prompt_tokens`
+    and `answer_tokens` its prompt's and its own length in tokens (0 until the end, and
+    for an answer that did not end).
     """
 
-    def __init__(self, messages: list[ChatMessage], *, user: str, conversation: str) -> None:
+    def __init__(
+        self,
+        messages: list[ChatMessage],
+        *,
+        user: str,
+        conversation: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> None:
         self.messages = messages
         self.user = user
         self.conversation = conversation
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
         self.text = ""
+        self.prompt_tokens = 0
+        self.answer_tokens = 0
         self._chunks: asyncio.Queue[str | _End | _Failed] = asyncio.Queue()
         self._cancelled = threading.Event()  # read by the engine thread between steps
         self._over = False  # the consumer has seen the end or an error
@@ -109,35 +138,102 @@ class Generation:
                 raise item.error
             if isinstance(item, _End):
                 self.text = item.text
+                self.prompt_tokens, self.answer_tokens = item.prompt_tokens, item.answer_tokens
             if isinstance(item, str):
+                self.text += item
                 yield item
 
 
-class FairOrder:
-    """Waiting requests, taken user by user: next is the waiting user with the fewest
-    requests running, the one who waited longest among equals; each user's own requests
-    go in arrival order.
+class QueuePlace(NamedTuple):
+    """Where one request stands: 0 while it runs, n while it is n-th in line."""
 
-    The service runs one turn at a time per conversation, so a user's waiting requests are
-    for different conversations, and taking them in order is round-robin between those too.
+    conversation: str
+    place: int
+
+
+class FairOrder:
+    """Requests waiting, taken user by user, and those taken and still running.
+
+    Next is the waiting user with the fewest requests running, the one who waited longest
+    among equals; each user's own requests go in arrival order. The service runs one turn
+    at a time per conversation, so a user's waiting requests are for different
+    conversations, and taking them in order is round-robin between those too.
     """
 
     def __init__(self) -> None:
         self._by_user: OrderedDict[str, deque[Generation]] = OrderedDict()
+        self._running: dict[Generation, None] = {}  # a set that keeps the order they ran in
 
     def __bool__(self) -> bool:
+        """Whether any request is waiting."""
         return bool(self._by_user)
 
     def push(self, generation: Generation) -> None:
         self._by_user.setdefault(generation.user, deque()).append(generation)
 
-    def pop(self, running: Counter[str]) -> Generation:
-        user = min(self._by_user, key=lambda user: running[user])  # the first among equals
-        waiting = self._by_user.pop(user)
-        generation = waiting.popleft()
-        if waiting:  # the user goes to the back of the line
-            self._by_user[user] = waiting
+    def pop(self) -> Generation:
+        """The next request to run; it counts as running until `finished`."""
+        generation = _take_next(self._by_user, self._running_by_user())
+        self._running[generation] = None
         return generation
+
+    def finished(self, generation: Generation) -> None:
+        self._running.pop(generation, None)
+
+    def line(self) -> list[Generation]:
+        """The waiting requests in the order `pop` takes them, if none finishes meanwhile;
+        cancelled ones are left out (they are dropped when their turn comes)."""
+        by_user = OrderedDict((user, deque(waiting)) for user, waiting in self._by_user.items())
+        running = self._running_by_user()
+        waiting = sum(len(requests) for requests in by_user.values())
+        order = [_take_next(by_user, running) for _ in range(waiting)]
+        return [generation for generation in order if not generation.cancelled]
+
+    def place(self, generation: Generation) -> int | None:
+        """0 if it runs, n if it is n-th in line, None if it is over (finished, cancelled)
+        or was never here."""
+        if generation.cancelled:
+            return None
+        if generation in self._running:
+            return 0
+        line = self.line()
+        return line.index(generation) + 1 if generation in line else None
+
+    def places(self, user: str) -> list[QueuePlace]:
+        """Where each of a user's live requests stands, running ones first, then in line."""
+        running = [
+            QueuePlace(g.conversation, 0)
+            for g in self._running
+            if g.user == user and not g.cancelled
+        ]
+        waiting = [
+            QueuePlace(g.conversation, place)
+            for place, g in enumerate(self.line(), start=1)
+            if g.user == user
+        ]
+        return running + waiting
+
+    def _running_by_user(self) -> Counter[str]:
+        return Counter(generation.user for generation in self._running)
+
+
+def _take_next(by_user: OrderedDict[str, deque[Generation]], running: Counter[str]) -> Generation:
+    """Remove the next request from `by_user` and count it in `running`: one user's turn."""
+    user = min(by_user, key=lambda user: running[user])  # the first among equals
+    waiting = by_user.pop(user)
+    generation = waiting.popleft()
+    if waiting:  # the user goes to the back of the line
+        by_user[user] = waiting
+    running[user] += 1
+    return generation
+
+
+def _check_options(max_new_tokens: int | None, temperature: float | None) -> None:
+    """Raise ValueError, saying why, unless the options are ones the engine can follow."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
+    if temperature is not None and not temperature >= 0:  # `not >=` rejects NaN too
+        raise ValueError(f"temperature must be 0 (greedy) or more, not {temperature}")
 
 
 class InferenceQueue:
@@ -147,8 +243,8 @@ class InferenceQueue:
         self.engine = engine
         self.max_size = max_size
         self.timeout = timeout
-        self._waiting = FairOrder()
-        self._wakeup = threading.Condition()  # guards `_waiting` and `_closing`
+        self._order = FairOrder()
+        self._wakeup = threading.Condition()  # guards `_order` and `_closing`
         self._closing = False
         self._in_flight = 0  # waiting + running: what `max_size` bounds
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -170,19 +266,53 @@ class InferenceQueue:
             await self._serving
         self._executor.shutdown(wait=True)
 
-    def submit(self, messages: list[ChatMessage], *, user: str, conversation: str) -> Generation:
-        """Queue a conversation for an answer; raises QueueFull when `max_size` are in flight,
-        and EngineStopped once the engine thread has died."""
+    @property
+    def depth(self) -> int:
+        """Requests waiting and running: what `max_size` bounds."""
+        return self._in_flight
+
+    def place(self, generation: Generation) -> int | None:
+        """0 while the request runs, n while it is n-th in line now, None once it is over.
+        The line is fair order, so a user with fewer requests running who comes later
+        may still go ahead."""
+        with self._wakeup:
+            return self._order.place(generation)
+
+    def places(self, user: str) -> list[QueuePlace]:
+        """Where each of a user's requests stands (see `place`), running ones first."""
+        with self._wakeup:
+            return self._order.places(user)
+
+    def submit(
+        self,
+        messages: list[ChatMessage],
+        *,
+        user: str,
+        conversation: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Generation:
+        """Queue a conversation for an answer of at most `max_new_tokens` (None: the
+        engine's), picked with `temperature` (None: the model's generation config; 0:
+        greedy). Raises ValueError for options out of range, QueueFull when `max_size`
+        are in flight, and EngineStopped once the engine thread has died."""
+        _check_options(max_new_tokens, temperature)
         if self.died.is_set():
             raise EngineStopped
         if self._in_flight >= self.max_size or self._closing:
             raise QueueFull
-        generation = Generation(messages, user=user, conversation=conversation)
+        generation = Generation(
+            messages,
+            user=user,
+            conversation=conversation,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
         loop = asyncio.get_running_loop()
         generation._deadline = loop.call_later(self.timeout, generation.cancel, InferenceTimeout)
         self._in_flight += 1
         with self._wakeup:
-            self._waiting.push(generation)
+            self._order.push(generation)
             self._wakeup.notify()
         return generation
 
@@ -204,14 +334,12 @@ class InferenceQueue:
     def _serve_until_closed(self, running: list[Generation]) -> None:
         while True:
             with self._wakeup:
-                self._wakeup.wait_for(lambda: self._closing or running or self._waiting)
+                self._wakeup.wait_for(lambda: self._closing or running or self._order)
                 if self._closing:
                     break
                 admitted: list[Generation] = []
-                users = Counter(generation.user for generation in running)
-                while self._waiting and len(running) + len(admitted) < self.engine.max_batch:
-                    admitted.append(generation := self._waiting.pop(users))
-                    users[generation.user] += 1
+                while self._order and len(running) + len(admitted) < self.engine.max_batch:
+                    admitted.append(self._order.pop())
             for generation in admitted:
                 if self._start(generation):
                     running.append(generation)
@@ -228,7 +356,13 @@ class InferenceQueue:
             self._done(generation)
             return False
         try:
-            self.engine.join(generation, generation.messages, conversation=generation.conversation)
+            self.engine.join(
+                generation,
+                generation.messages,
+                conversation=generation.conversation,
+                max_new_tokens=generation.max_new_tokens,
+                temperature=generation.temperature,
+            )
         except Exception as error:
             self._fail([generation], error)
             return False
@@ -249,28 +383,30 @@ class InferenceQueue:
             if update.text:
                 self._post(generation, update.text)
             if update.answer is not None:
-                self._post(generation, _End(update.answer))
                 running.remove(generation)
                 self._done(generation)
+                self._post(
+                    generation, _End(update.answer, update.prompt_tokens, update.answer_tokens)
+                )
 
     def _fail(self, generations: list[Generation], error: Exception) -> None:
         logger.error("generation failed: %s", error, exc_info=error)
         for generation in generations:
-            self._post(generation, _Failed(error))
             self._done(generation)
+            self._post(generation, _Failed(error))
 
     def _close(self, running: list[Generation], failure: _Failed | None = None) -> None:
         """End what is running and waiting (cancelled, or failed); the queue is stopping."""
         with self._wakeup:
             waiting = []
-            while self._waiting:
-                waiting.append(self._waiting.pop(Counter()))
+            while self._order:
+                waiting.append(self._order.pop())
         for generation in running + waiting:
+            self._done(generation)
             if failure:
                 self._post(generation, failure)
             else:
                 self._call(generation.cancel)
-            self._done(generation)
         self.engine.clear()
 
     def _post(self, generation: Generation, item: str | _End | _Failed) -> None:
@@ -278,7 +414,10 @@ class InferenceQueue:
             self._call(generation._chunks.put_nowait, item)
 
     def _done(self, generation: Generation) -> None:
-        """The engine is finished with a request: it no longer counts against `max_size`."""
+        """The engine is finished with a request: it no longer counts against `max_size`.
+        Called before the request's end is posted, so whoever sees the end sees it gone."""
+        with self._wakeup:
+            self._order.finished(generation)
         self._call(self._release, generation)
 
     def _release(self, generation: Generation) -> None:

@@ -82,3 +82,52 @@ def gave_up(attempts: int) -> str:
 
 def continuation_failed() -> str:
     return "(The rest of this answer could not be posted. Please ask again for the rest.)"
+
+
+def denied() -> str:
+    return "Sorry, I'm not set up to answer here. Ask your workspace admins if you need me."
+
+
+def rate_limited(wait_s: float) -> str:
+    return (
+        f"You're sending messages faster than I'm allowed to answer. Please wait "
+        f"{max(1, round(wait_s))} s and send that again. (It was not saved.)"
+    )
+
+
+def not_starter(command: str) -> str:
+    return f"Only the person who started this conversation, or an admin, can `{command}` it."
+
+
+def admins_only(command: str) -> str:
+    return f"Only admins can use `{command}`."
+
+
+def use_in_thread(command: str) -> str:
+    return f"Type `{command}` in the thread you want to {command}, not here."
+
+
+def help_text(*, admin: bool) -> str:
+    lines = [
+        "Mention me or message me and I answer in the thread, remembering the thread.",
+        "Commands (type them in the thread, or use the slash command):",
+        "• `help`: this list",
+        "• `reset`: start this conversation over (its starter or an admin)",
+        "• `forget`: delete everything I stored of it (its starter or an admin)",
+        "• `status`: the model, the queue, your place in it",
+        "• `prompt`: the system prompt in effect here",
+    ]
+    if admin:
+        lines += [
+            "• `reload`: read the configuration file again (admins)",
+            "• `stats`: turns, tokens and latency over the last hour (admins)",
+        ]
+    return "\n".join(lines)
+
+
+def cut_repeating() -> str:
+    return "(cut: the answer was repeating itself)"
+
+
+def stopped() -> str:
+    return "_(stopped)_"

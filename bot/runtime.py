@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from bot.config import Settings
+from bot.config import DEFAULT_MODEL, Settings
 from bot.service import ChatService
 from bot.team import Team
 from storage.connection import Resilience, open_redis
+from storage.limits import Limits
+from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import TurnJournal
 
@@ -100,6 +102,9 @@ async def open_service(team: Team) -> AsyncIterator[ChatService]:
                 count_tokens=engine.count_tokens,
                 prompt_budget=engine.prompt_budget,
                 team=team,
+                limits=Limits(redis=redis),
+                stats=TurnStats(redis=redis),
+                model_name=describe(settings, engine),
                 max_attempts=settings.turn_max_attempts,
             )
             resuming = asyncio.create_task(service.keep_resuming(), name="resume pending turns")
@@ -114,6 +119,12 @@ async def open_service(team: Team) -> AsyncIterator[ChatService]:
                 except RedisError:  # then the lease lapses by itself
                     logger.warning("could not give up the lease; it expires in %gs",
                                    settings.turn_lease_s)  # fmt: skip
+
+
+def describe(settings: Settings, engine: Engine) -> str:
+    """The model as `status` names it: `Qwen/Qwen2.5-0.5B-Instruct (bfloat16 on cpu)`."""
+    dtype = str(engine.model.dtype).removeprefix("torch.")
+    return f"{settings.model or DEFAULT_MODEL} ({dtype} on {engine.model.device})"
 
 
 def process_id() -> str:

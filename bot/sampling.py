@@ -3,11 +3,18 @@
 The batched decoder runs its own loop over the model's forward, so it applies the model's
 generation config itself: the same transformers logits processors `generate` builds, in the
 same order, with each row's own history for the repetition penalty.
+
+A row may set its own temperature: it then picks as `generate` would with the model's
+config and that temperature (0: greedy). Rows that pick alike are processed together, and
+every sampling row draws in one `multinomial` call, so a batch of rows with the model's own
+settings draws exactly as before, and a greedy row's tokens never depend on its neighbours.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -27,22 +34,19 @@ def end_token_ids(config: GenerationConfig) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
-class Sampler:
-    """Picks the next token of each row from its logits: greedy, or sampled as configured."""
+@dataclass(frozen=True)
+class _Strategy:
+    """How rows with one generation config pick: their processors, then sample or argmax."""
 
-    def __init__(self, config: GenerationConfig, *, device: torch.device) -> None:
-        self.do_sample = bool(config.do_sample)
-        self.min_new_tokens = config.min_new_tokens or 0
-        self.end_ids = torch.tensor(sorted(end_token_ids(config)), device=device)
-        # Indexed directly: transformers' SuppressTokensLogitsProcessor runs `isin` over the
-        # whole vocabulary every step (0.45 s a step for a few thousand tokens here).
-        self.suppressed = torch.tensor(
-            config.suppress_tokens or [], dtype=torch.long, device=device
-        )
+    do_sample: bool
+    processors: LogitsProcessorList
+
+    @classmethod
+    def of(cls, config: GenerationConfig) -> _Strategy:
         processors = LogitsProcessorList()
         if config.repetition_penalty not in (None, 1.0):
             processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-        if self.do_sample:
+        if config.do_sample:
             if config.temperature not in (None, 1.0):
                 processors.append(TemperatureLogitsWarper(config.temperature))
             if config.top_k:
@@ -51,23 +55,66 @@ class Sampler:
                 processors.append(TopPLogitsWarper(config.top_p))
             if config.min_p:
                 processors.append(MinPLogitsWarper(config.min_p))
-        self.processors = processors
+        return cls(bool(config.do_sample), processors)
+
+
+class Sampler:
+    """Picks the next token of each row from its logits: greedy, or sampled as configured."""
+
+    def __init__(self, config: GenerationConfig, *, device: torch.device) -> None:
+        self.config = config
+        self.min_new_tokens = config.min_new_tokens or 0
+        self.end_ids = torch.tensor(sorted(end_token_ids(config)), device=device)
+        # Indexed directly: transformers' SuppressTokensLogitsProcessor runs `isin` over the
+        # whole vocabulary every step (0.45 s a step for a few thousand tokens here).
+        self.suppressed = torch.tensor(
+            config.suppress_tokens or [], dtype=torch.long, device=device
+        )
+        self._default = _Strategy.of(config)
+
+    def _strategy(self, temperature: float | None) -> _Strategy:
+        """How a row with this temperature picks (None: as the model's config says)."""
+        if temperature is None:
+            return self._default
+        config = copy.copy(self.config)
+        config.do_sample = temperature > 0
+        if config.do_sample:
+            config.temperature = float(temperature)
+        return _Strategy.of(config)
 
     def __call__(
-        self, logits: torch.Tensor, histories: Sequence[list[int]], answered: Sequence[int]
+        self,
+        logits: torch.Tensor,
+        histories: Sequence[list[int]],
+        answered: Sequence[int],
+        temperatures: Sequence[float | None],
     ) -> list[int]:
         """One token per row; `histories` are the rows' ids so far, `answered` their answer
-        lengths (an answer shorter than `min_new_tokens` may not end yet)."""
+        lengths (an answer shorter than `min_new_tokens` may not end yet), `temperatures`
+        their own temperatures (None: the model's config; 0: greedy)."""
         logits = logits.float()
         logits[:, self.suppressed] = -float("inf")
-        if self.processors:
-            logits = self.processors(_left_filled(histories, logits.device), logits)
+        by_temperature: dict[float | None, list[int]] = {}
+        for row, temperature in enumerate(temperatures):
+            by_temperature.setdefault(temperature, []).append(row)
+        groups = [(self._strategy(t), rows) for t, rows in by_temperature.items()]
+        for strategy, rows in groups:
+            if strategy.processors:
+                index = torch.tensor(rows, device=logits.device)
+                ids = _left_filled([histories[row] for row in rows], logits.device)
+                logits[index] = strategy.processors(ids, logits[index])
         short = [row for row, count in enumerate(answered) if count < self.min_new_tokens]
         if short and len(self.end_ids):
             logits[torch.tensor(short)[:, None], self.end_ids] = -float("inf")
-        if self.do_sample:
-            return torch.multinomial(logits.softmax(-1), 1)[:, 0].tolist()
-        return logits.argmax(-1).tolist()
+        tokens = logits.argmax(-1).tolist()
+        sampling = [row for strategy, rows in groups if strategy.do_sample for row in rows]
+        if sampling:
+            sampling.sort()  # rows draw in batch order, as one `generate` batch would
+            index = torch.tensor(sampling, device=logits.device)
+            drawn = torch.multinomial(logits[index].softmax(-1), 1)[:, 0].tolist()
+            for row, token in zip(sampling, drawn, strict=True):
+                tokens[row] = token
+        return tokens
 
 
 def _left_filled(histories: Sequence[list[int]], device: torch.device) -> torch.Tensor:

@@ -16,25 +16,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from functools import partial
 from typing import Any
 from weakref import WeakValueDictionary
 
 from bot import replies
+from bot.access import Requester, refusal
+from bot.config import ConfigError
+from bot.hygiene import AnswerFilter
+from bot.personas import Voice, fill, placeholder_values, voice_for
 from bot.prompt import TokenCounter, fit, named, sanitized
 from bot.queue import (
     EngineStopped,
+    Generation,
     InferenceCancelled,
     InferenceQueue,
     InferenceTimeout,
     QueueFull,
 )
 from bot.team import Team
-from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
+from bot.types import ADMIN_COMMANDS, ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
+from storage.limits import Limits
+from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal, in_scope
 
@@ -43,7 +51,12 @@ logger = logging.getLogger(__name__)
 SinkFactory = Callable[[dict[str, Any]], ReplySink]
 """An adapter's way back into a thread: a sink for a saved reply target."""
 
+STATS_WINDOW_S = 3600  # what `stats` reports on
 PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be answered
+
+
+class AnswerStopped(Exception):
+    """Ends a generation early: the asker stopped it, and what was written is the answer."""
 
 
 class ChatService:
@@ -58,17 +71,26 @@ class ChatService:
         count_tokens: TokenCounter,
         prompt_budget: int,
         team: Team,
+        limits: Limits,
+        stats: TurnStats,
         max_attempts: int,
+        model_name: str = "the model",
     ) -> None:
         self.store = store
         self.journal = journal
         self.queue = queue
         self.count_tokens = count_tokens
+        # Tokens for the prompt when answers may take MAX_NEW_TOKENS; a persona that allows
+        # longer answers leaves its prompts less.
         self.prompt_budget = prompt_budget
         self.team = team  # the rules in effect now: read at each use, a reload swaps them
+        self.limits = limits
+        self.stats = stats
         self.max_attempts = max_attempts
+        self.model_name = model_name
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
+        self._generations: dict[str, Generation] = {}  # by turn id, while streaming
         self._scopes: dict[str, SinkFactory] = {}  # connected adapters, for resuming
         # Our turns whose task gave them up when storage was lost, with their sinks (which
         # know every message posted, saved or not), to be taken up again once it is back.
@@ -88,6 +110,28 @@ class ChatService:
         or a platform and message-id prefix (`console:NAME`) to resume only those turns."""
         self._scopes[scope] = rebuild
         self._resume_now.set()
+
+    async def admit(
+        self,
+        who: Requester,
+        conversation: ConversationKey,
+        tell: Callable[[str], Awaitable[Any]],
+    ) -> bool:
+        """Whether the access rules let `who` use the bot here. If not, `tell` (a post in
+        the conversation) says so at most once an hour to that person in that channel (so
+        at most once an hour per conversation, and never a reply to each of many mentions),
+        unless the team chose `deny: silent`."""
+        access = self.team.settings.access
+        if (reason := refusal(access, who)) is None:
+            return True
+        logger.info("denied %s user %s in %s: %s", who.platform, who.user, conversation, reason)
+        told = f"{conversation.platform}:{conversation.workspace}:{conversation.channel}:{who.user}"
+        if access.deny == "reply" and await self.limits.first_denial(told):
+            try:
+                await tell(replies.denied())
+            except Exception:
+                logger.warning("could not tell %s it is denied", conversation, exc_info=True)
+        return False
 
     async def knows(self, conversation: ConversationKey) -> bool:
         """Whether the bot has history in this conversation (adapters answer there unasked)."""
@@ -189,6 +233,10 @@ class ChatService:
                 refusal = replies.too_long(len(text), settings.max_input_chars)
             elif (pending := self._pending[turn.author]) >= settings.max_pending_per_user:
                 refusal = replies.slow_down(pending)
+            elif (per_minute := settings.access.rate_limit_per_minute) and (
+                wait := await self.limits.take(f"{platform}:{turn.author}", per_minute)
+            ):
+                refusal = replies.rate_limited(wait)
         if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())
             return None
@@ -200,6 +248,7 @@ class ChatService:
                 return None
             return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
 
+        await self.store.starter(str(turn.conversation), turn.author)  # if it is the first
         context = tuple(
             ChatMessage(message, content=sanitized(message["content"])) for message in turn.context
         )
@@ -236,14 +285,19 @@ class ChatService:
         self._start(pending, sink)
 
     def _start(
-        self, pending: PendingTurn, sink: ReplySink, *, counted: bool = False
+        self,
+        pending: PendingTurn,
+        sink: ReplySink,
+        *,
+        counted: bool = False,
+        before: Callable[[], Awaitable[bool]] | None = None,
     ) -> asyncio.Task[None]:
         """Answer `pending` in a task of its own; it counts as the author's until done."""
         author = pending.turn.author
         if not counted:
             self._pending[author] += 1
         self._track(pending, sink)
-        task = self._spawn(pending.id, self._run(pending, sink))
+        task = self._spawn(pending.id, self._run(pending, sink, before))
         task.add_done_callback(lambda _: self._uncount(author))
         return task
 
@@ -277,12 +331,20 @@ class ChatService:
 
     # --- answering ------------------------------------------------------------------------
 
-    async def _run(self, pending: PendingTurn, sink: ReplySink) -> None:
+    async def _run(
+        self,
+        pending: PendingTurn,
+        sink: ReplySink,
+        before: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         """A turn's task: answer it, or leave it for later, or give up on it; never raises
-        for a failure the user should hear about."""
+        for a failure the user should hear about. `before` runs first, under the
+        conversation's lock; if it says no, the turn ends unanswered."""
         try:
             async with self._turns_of(pending.conversation):
-                if pending.attempts > self.max_attempts:
+                if before is not None and not await before():
+                    await self.journal.finish(pending)
+                elif pending.attempts > self.max_attempts:
                     logger.error("giving up on turn %s after %d attempts", pending.id,
                                  self.max_attempts)  # fmt: skip
                     await self._fail(pending, sink, replies.gave_up(self.max_attempts))
@@ -318,9 +380,11 @@ class ChatService:
         if started is None:
             _not_ours(pending)
             return
+        voice = voice_for(self.team.settings, pending.turn.conversation)
+        system = await self._system(pending.turn, voice)
         history = named(await self.store.load(pending.conversation))
         messages, dropped = await fit(
-            self._system(), history, count_tokens=self.count_tokens, budget=self.prompt_budget
+            system, history, count_tokens=self.count_tokens, budget=self._budget(voice)
         )
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped
@@ -330,20 +394,36 @@ class ChatService:
         await sink.start()
         try:
             generation = self.queue.submit(
-                messages, user=pending.turn.author, conversation=pending.conversation
+                messages,
+                user=pending.turn.author,
+                conversation=pending.conversation,
+                max_new_tokens=voice.max_new_tokens,
+                temperature=voice.temperature,
             )
         except QueueFull:
             await self._fail(started, sink, replies.busy())
             return
+        output = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
+        self._generations[started.id] = generation  # for `stop_answer`
+        stopped = False
         try:
             async for chunk in generation:
-                await sink.append(chunk)
+                if text := output.feed(chunk):
+                    await sink.append(text)
+                if output.looping:
+                    logger.info("the answer to %s was repeating itself; cut", pending.id)
+                    break
         except InferenceTimeout:
             await self._fail(started, sink, replies.timed_out())
             return
+        except AnswerStopped:
+            stopped = True
         finally:
+            del self._generations[started.id]
             generation.cancel()  # no-op once finished; stops the engine if we were interrupted
-        answer = generation.text.strip()
+        answer = output.final(generation.text).strip()
+        if stopped:  # what was written is the answer, marked so
+            answer = f"{answer}\n\n{replies.stopped()}".strip()
         if not answer:
             await self._fail(started, sink, replies.empty_answer())
             return
@@ -352,6 +432,18 @@ class ChatService:
             _not_ours(pending)
             return
         await self._deliver(started, sink, answer)
+        await self._count(pending, generation)
+
+    async def _count(self, pending: PendingTurn, generation: Generation) -> None:
+        """Add an answered turn to the last hour's stats; they are not worth a failed turn."""
+        try:
+            await self.stats.record(
+                time.time() - pending.accepted_at,
+                generation.prompt_tokens,
+                generation.answer_tokens,
+            )
+        except Exception:
+            logger.warning("could not record the stats of turn %s", pending.id, exc_info=True)
 
     async def _deliver(self, pending: PendingTurn, sink: ReplySink, answer: str) -> None:
         """Show the answer, then store it and close the turn."""
@@ -398,14 +490,81 @@ class ChatService:
             logger.warning("could not mark turn %s as paused", pending.id, exc_info=True)
 
     async def _command(self, turn: Turn, sink: ReplySink) -> None:
+        """Carry out a command and answer it; the adapter chose the sink (in the thread, or
+        only to the user)."""
+        command = turn.command
+        assert command is not None
+        admin = self.team.is_admin(turn.author)
+        if command in ADMIN_COMMANDS and not admin:
+            text = replies.admins_only(command)
+        elif command in ("reset", "forget"):
+            text = await self._reset(turn, admin=admin)
+        elif command == "help":
+            text = replies.help_text(admin=admin)
+        elif command == "status":
+            text = self._status(turn)
+        elif command == "prompt":
+            text = await self._prompt_in_effect(turn)
+        elif command == "reload":
+            text = self.reload()
+        else:
+            text = await self._stats()
+        await sink.finish(text)
+
+    def _status(self, turn: Turn) -> str:
+        places = [p.place for p in self.queue.places(turn.author)]
+        yours = ", ".join("being answered" if p == 0 else f"#{p} in line" for p in places)
+        return (
+            f"Model: {self.model_name}.\n"
+            f"Queue: {self.queue.depth} of at most {self.queue.max_size} answering or waiting."
+            f"\nYours: {yours or 'none'}."
+        )
+
+    async def _stats(self) -> str:
+        hour = await self.stats.summary(STATS_WINDOW_S)
+        if not hour.turns:
+            return "No answers in the last hour."
+        return (
+            f"Last hour: {hour.turns} answers, {hour.prompt_tokens:,} prompt tokens, "
+            f"{hour.answer_tokens:,} answer tokens; latency p50 {hour.p50_s:.1f} s, "
+            f"p95 {hour.p95_s:.1f} s (from message to the whole answer)."
+        )
+
+    def reload(self) -> str:
+        """Read the team's configuration again (SIGHUP, the `reload` command); an invalid
+        file keeps the rules in effect. Says what happened."""
+        try:
+            return self.team.reload()
+        except ConfigError as error:
+            logger.error("configuration not reloaded; the old one stays: %s", error)
+            return f"Configuration not reloaded; the old one stays in effect:\n{error}"
+
+    async def _reset(self, turn: Turn, *, admin: bool) -> str:
         """`reset` (the history starts over; the bot goes on answering here) and `forget`
-        (everything stored is deleted): after the running answer, never in its middle."""
+        (everything stored is deleted), by the conversation's starter or an admin: after
+        the running answer, never in its middle."""
         conversation = str(turn.conversation)
+        starter = await self.store.starter(conversation)
+        if not admin and starter not in (None, turn.author):
+            return replies.not_starter(str(turn.command))
         forget = turn.command == "forget"
         async with self._turns_of(conversation):
             await (self.store.forget if forget else self.store.clear)(conversation)
         logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
-        await sink.finish(replies.forgotten() if forget else replies.conversation_reset())
+        return replies.forgotten() if forget else replies.conversation_reset()
+
+    async def _prompt_in_effect(self, turn: Turn) -> str:
+        voice = voice_for(self.team.settings, turn.conversation)
+        if voice.system_prompt is None:
+            text = "No system prompt is set here: the model's own default applies."
+        else:
+            template, kept = await self.store.kept_system_prompt(str(turn.conversation))
+            if template != voice.system_prompt or kept is None:
+                kept = fill(voice.system_prompt, placeholder_values(turn))
+            text = f"The system prompt here:\n```\n{kept}\n```"
+        temperature = "the model's default" if voice.temperature is None else voice.temperature
+        tokens = voice.max_new_tokens or self.team.settings.max_new_tokens
+        return f"{text}\nAnswers: up to {tokens} tokens, temperature {temperature}."
 
     def _turns_of(self, conversation: str) -> asyncio.Lock:
         """One turn at a time per conversation: each prompt holds the previous answer."""
@@ -413,9 +572,84 @@ class ChatService:
             lock = self._conversation_locks[conversation] = asyncio.Lock()
         return lock
 
-    def _system(self) -> list[ChatMessage]:
-        prompt = self.team.settings.system_prompt
-        return [{"role": "system", "content": prompt}] if prompt else []
+    async def _system(self, turn: Turn, voice: Voice) -> list[ChatMessage]:
+        """The persona's prompt as this conversation keeps it (filled in at its first turn)."""
+        if not voice.system_prompt:
+            return []
+        text = await self.store.system_prompt(
+            str(turn.conversation),
+            voice.system_prompt,
+            lambda: fill(voice.system_prompt or "", placeholder_values(turn)),
+        )
+        return [{"role": "system", "content": text}]
+
+    def _budget(self, voice: Voice) -> int:
+        if voice.max_new_tokens is None:
+            return self.prompt_budget
+        longer = voice.max_new_tokens - self.team.settings.max_new_tokens
+        return max(self.prompt_budget - longer, 1)
+
+    # --- stopping and regenerating answers ------------------------------------------------
+
+    def stop_answer(self, turn_id: str, *, by: str) -> bool:
+        """End the answer being written for `turn_id` where it is: what was written is
+        shown and stored as the answer, marked as stopped, and the turn finishes as any
+        other. False when this process is not writing that answer. Whether `by` may stop
+        it is the caller's to decide."""
+        if (generation := self._generations.get(turn_id)) is None:
+            return False
+        logger.info("turn %s stopped by %s", turn_id, by)
+        generation.cancel(AnswerStopped)
+        return True
+
+    async def regenerate(
+        self, conversation: ConversationKey, *, by: str, request_id: str, sink: ReplySink
+    ) -> bool:
+        """Answer the conversation's last question again, into `sink`: the new answer
+        replaces the last one in the history, and the question is not stored twice. A turn
+        like any other (durable; its id `platform:request_id`, so it can be stopped),
+        asked by `by`; whether `by` may is the caller's to decide. False, with nothing
+        done, when the conversation does not end with an answer or is being answered."""
+        key = str(conversation)
+        if self._closing or self._turns_of(key).locked():
+            return False
+        history = await self.store.load(key)
+        if [message["role"] for message in history[-2:]] != ["user", "assistant"]:
+            return False
+        question = history[-2]
+        turn = Turn(
+            conversation, by, question["content"], request_id,
+            author_name=question.get("name", ""),
+        )  # fmt: skip
+        if (accepted := await self.journal.accept(turn, sink.reply_target())) is None:
+            return False
+        logger.info("regenerating the last answer of %s for %s", conversation, by)
+        self._start(accepted, sink, before=partial(self._take_back_answer, accepted))
+        return True
+
+    async def answer_shown(self, conversation: ConversationKey, place: dict[str, Any]) -> None:
+        """An adapter says where the conversation's newest answer is shown (its own JSON),
+        to find it again with `answer_place` (e.g. to take its buttons off)."""
+        await self.store.set_answer_place(str(conversation), place)
+
+    async def answer_place(self, conversation: ConversationKey) -> dict[str, Any] | None:
+        """Where the conversation's newest answer is shown, as `answer_shown` last said."""
+        return await self.store.answer_place(str(conversation))
+
+    async def _take_back_answer(self, pending: PendingTurn) -> bool:
+        """Before a regenerated answer, under the conversation's lock: remove the last
+        question and answer (`begin` stores the question again). False if the
+        conversation has moved on since the regeneration was asked for.
+
+        Should the process die before this, the next one answers the question again
+        after the old answer, which stays: nothing is lost."""
+        history = await self.store.load(pending.conversation)
+        last = [(message["role"], message["content"]) for message in history[-2:]]
+        if [role for role, _ in last] != ["user", "assistant"] or last[0][1] != pending.turn.text:
+            logger.info("not regenerating in %s: it has moved on", pending.conversation)
+            return False
+        await self.store.drop_last(pending.conversation, 2)
+        return True
 
 
 def _not_ours(pending: PendingTurn) -> None:

@@ -15,7 +15,7 @@ from bot.config import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
-LIVE = frozenset({"access", "personas", "system_prompt", "max_new_tokens", "max_attachment_chars",
+LIVE = frozenset({"access", "personas", "system_prompt", "max_attachment_chars",
                   "strip_reasoning", "max_input_chars", "max_pending_per_user"})  # fmt: skip
 """The settings a reload changes; the others need a restart."""
 

@@ -12,6 +12,11 @@ SEEN_PREFIX = f"{PREFIX}seen:"
 TURN_PREFIX = f"{PREFIX}turn:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
 OWNER_PREFIX = f"{PREFIX}owner:"
+FACTS_PREFIX = f"{PREFIX}facts:"
+DENIED_PREFIX = f"{PREFIX}denied:"
+RATE_PREFIX = f"{PREFIX}rate:"
+TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
+ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -37,3 +42,30 @@ def turn(turn_id: str) -> str:
 def owner(owner_id: str) -> str:
     """A running process's lease; its pending turns may be claimed once it expires."""
     return f"{OWNER_PREFIX}{owner_id}"
+
+
+def facts(conversation_id: str) -> str:
+    """The hash of a conversation's facts: who started it, its system prompt as filled in."""
+    return f"{FACTS_PREFIX}{conversation_id}"
+
+
+def denied(whom: str) -> str:
+    """The marker that a person was told, within the hour, that the bot may not answer them
+    in a channel (`platform:workspace:channel:user`)."""
+    return f"{DENIED_PREFIX}{whom}"
+
+
+def rate(user: str) -> str:
+    """One user's token bucket (`platform:user`)."""
+    return f"{RATE_PREFIX}{user}"
+
+
+def turn_stats(scope: str) -> str:
+    """The sorted set of recently answered turns (latency and token counts), scored by
+    when each was answered; every process of one deployment writes the same scope."""
+    return f"{TURN_STATS_PREFIX}{scope}"
+
+
+def answer_place(conversation_id: str) -> str:
+    """Where a conversation's newest answer is shown (platform JSON), for its buttons."""
+    return f"{ANSWER_PLACE_PREFIX}{conversation_id}"

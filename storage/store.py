@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import get_args
+from collections.abc import Callable
+from typing import Any, get_args
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -73,20 +74,80 @@ class ConversationStore:
         )
 
     async def clear(self, conversation_id: str) -> None:
-        """Empty a conversation's history; the bot still knows the conversation."""
+        """Empty a conversation's history; the bot still knows the conversation (and who
+        started it), and the next turn fills its system prompt in afresh."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.conversation(conversation_id))
             pipe.set(keys.cleared(conversation_id), "1", ex=self._ttl_seconds)
+            pipe.hdel(keys.facts(conversation_id), "template", "system")
             await pipe.execute()
 
     async def forget(self, conversation_id: str) -> None:
         """Delete everything stored for a conversation."""
-        await self._redis.delete(keys.conversation(conversation_id), keys.cleared(conversation_id))
+        await self._redis.delete(
+            keys.conversation(conversation_id),
+            keys.cleared(conversation_id),
+            keys.facts(conversation_id),
+            keys.answer_place(conversation_id),
+        )
+
+    async def starter(self, conversation_id: str, user: str | None = None) -> str | None:
+        """Who started the conversation with the bot; with `user`, that user becomes it if
+        no one has yet."""
+        key = keys.facts(conversation_id)
+        if user is None:
+            return await self._redis.hget(key, "starter")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "starter", user)
+            pipe.expire(key, self._ttl_seconds)
+            pipe.hget(key, "starter")
+            *_, starter = await pipe.execute()
+        return starter
+
+    async def system_prompt(
+        self, conversation_id: str, template: str, fill: Callable[[], str]
+    ) -> str:
+        """The conversation's system prompt: as filled in earlier from this same `template`,
+        or `fill()`ed now (and kept) when the template is new to it. Kept byte for byte, so
+        each turn's prompt starts as the last one did."""
+        key = keys.facts(conversation_id)
+        stored_template, stored = await self._redis.hmget(key, "template", "system")
+        if stored_template == template and stored is not None:
+            return stored
+        text = fill()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"template": template, "system": text})
+            pipe.expire(key, self._ttl_seconds)
+            await pipe.execute()
+        return text
+
+    async def kept_system_prompt(self, conversation_id: str) -> tuple[str | None, str | None]:
+        """The template and the system prompt kept for the conversation, if it has one."""
+        template, text = await self._redis.hmget(keys.facts(conversation_id), "template", "system")
+        return template, text
 
     async def first_seen(self, platform: str, message_id: str, *, ttl_seconds: int = 86400) -> bool:
         """True only the first time a platform message id is offered (within the TTL)."""
         key = keys.seen(platform, message_id)
         return bool(await self._redis.set(key, "1", nx=True, ex=ttl_seconds))
+
+    async def drop_last(self, conversation_id: str, count: int) -> None:
+        """Remove the newest `count` messages (an answer being generated again)."""
+        await self._redis.ltrim(keys.conversation(conversation_id), 0, -count - 1)
+
+    async def set_answer_place(self, conversation_id: str, place: dict[str, Any]) -> None:
+        """Remember where the conversation's newest answer is shown (a platform's JSON);
+        kept as long as the history."""
+        key = keys.answer_place(conversation_id)
+        await self._redis.set(key, json.dumps(place), ex=self._ttl_seconds)
+
+    async def answer_place(self, conversation_id: str) -> dict[str, Any] | None:
+        """Where the conversation's newest answer is shown, if known and readable."""
+        try:
+            place = json.loads(await self._redis.get(keys.answer_place(conversation_id)) or "null")
+        except ValueError:
+            place = None
+        return place if isinstance(place, dict) else None
 
 
 def _decode(entry: str | bytes) -> ChatMessage | None:

@@ -288,6 +288,8 @@ def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
             message_id=raw["message_id"],
             context=tuple(raw.get("context") or ()),
             author_name=raw.get("author_name", ""),
+            channel_name=raw.get("channel_name", ""),
+            bot_name=raw.get("bot_name", ""),
         )
         return PendingTurn(
             turn,

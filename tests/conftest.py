@@ -167,8 +167,9 @@ def make_batcher(make_engine: Any):
     return make
 
 
-def answer_alone(batcher: Any, messages: list[dict]) -> str:
-    """The answer a batcher's engine gives `messages` in a batch of its own, computed afresh."""
+def answer_alone(batcher: Any, messages: list[dict], **options: Any) -> str:
+    """The answer a batcher's engine gives `messages` in a batch of its own, computed afresh;
+    `options` (max_new_tokens, temperature) go to `join`."""
     from bot.batching import Batcher
     from bot.kv_cache import PrefixCache
 
@@ -178,8 +179,9 @@ def answer_alone(batcher: Any, messages: list[dict]) -> str:
         step_tokens=batcher.step_tokens,
         prefix_cache=PrefixCache(0),
     )
-    alone.join("alone", messages, conversation="alone")
-    for _ in range(alone.engine.max_new_tokens + len(alone.engine.prompt_ids(messages))):
+    alone.join("alone", messages, conversation="alone", **options)
+    longest = options.get("max_new_tokens") or alone.engine.max_new_tokens
+    for _ in range(longest + len(alone.engine.prompt_ids(messages))):
         for update in alone.step():
             if update.answer is not None:
                 return update.answer
@@ -193,14 +195,16 @@ class SpyEngine:
         self.batcher = batcher
         self.max_batch = batcher.max_batch
         self.prompts: list[list[dict]] = []
+        self.options: list[dict[str, Any]] = []  # each join's max_new_tokens and temperature
         self.answers: list[str] = []
 
     def __len__(self) -> int:
         return len(self.batcher)
 
-    def join(self, key: object, messages: list[dict], *, conversation: str) -> None:
+    def join(self, key: object, messages: list[dict], *, conversation: str, **options: Any) -> None:
         self.prompts.append(messages)
-        self.batcher.join(key, messages, conversation=conversation)
+        self.options.append(options)
+        self.batcher.join(key, messages, conversation=conversation, **options)
 
     def leave(self, key: object) -> None:
         self.batcher.leave(key)
@@ -252,7 +256,8 @@ class ScriptedEngine:
     def __len__(self) -> int:
         return len(self.written)
 
-    def join(self, key: object, messages: list[dict], *, conversation: str) -> None:
+    def join(self, key: object, messages: list[dict], *, conversation: str, **options: Any) -> None:
+        """Takes (and ignores) the generation options: the answer is fixed."""
         self.prompts.append(messages)
         self.written[key] = 0
 
@@ -308,6 +313,8 @@ def make_service(
     from bot.queue import InferenceQueue
     from bot.service import ChatService
     from bot.team import Team
+    from storage.limits import Limits
+    from storage.stats import TurnStats
 
     @asynccontextmanager
     async def make(engine: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
@@ -321,6 +328,8 @@ def make_service(
             "count_tokens": counter.count_tokens,
             "prompt_budget": counter.prompt_budget,
             "team": Team(Settings(_env_file=None, **values)),
+            "limits": Limits(redis=redis_client),
+            "stats": TurnStats(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
             "max_attempts": 3,
         } | options
         async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
@@ -346,6 +355,42 @@ async def remove_pending_turns(redis: Redis, owner: str) -> None:
 
 
 # --- Adapters -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def slack():
+    from fake_slack import FakeSlack
+
+    async with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture
+def socket_mode(slack, make_service):
+    """Runs the adapter in Socket Mode on a service; yields (service, engine). Answers go
+    by the placeholder-and-edit path unless `streaming` (SLACK_STREAMING) says otherwise."""
+
+    @asynccontextmanager
+    async def start(engine=None, *, streaming: str = "edit", **service_options):
+        from adapters.slack_adapter import SlackAdapter
+        from bot.config import Settings
+
+        settings = Settings(
+            _env_file=None,
+            slack_bot_token=slack.bot_token,
+            slack_app_token=slack.app_token,
+            slack_api_url=slack.api_url,
+            stream_edit_interval=0.05,
+            slack_streaming=streaming,
+        )
+        async with (
+            make_service(engine, **service_options) as (service, engine),
+            running(SlackAdapter.from_settings(settings, service)),
+        ):
+            await slack.wait_connected(timeout=10)
+            yield service, engine
+
+    return start
 
 
 LONG_CODE = "\n".join(f"    step_{i}()" for i in range(400))

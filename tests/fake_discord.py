@@ -10,15 +10,23 @@ The real discord.py talks to it over HTTP and a websocket, inside the test's loo
         DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)  # restore it afterwards
         task = asyncio.create_task(client.connect())
         await fake.dispatch("MESSAGE_CREATE", fake.user_message(fake.channel_id, "hi"))
+
+Application commands are registered with PUT (per server or global) and run with
+`slash_command`; buttons on messages are pressed with `press_button`. Both arrive as
+INTERACTION_CREATE and are answered as on Discord: one callback within 3 s (types 4-7,
+flag 64 for ephemeral), then the original response edited and follow-ups sent through
+the interaction's webhook for 15 minutes (`FakeInteraction` keeps what was shown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import math
 import re
+import secrets
 import time
 import uuid
 import zlib
@@ -42,6 +50,12 @@ PRIVILEGED = GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT
 EVERYONE_PERMISSIONS = sum(1 << b for b in (6, 10, 11, 14, 15, 16, 18, 31, 35, 38))
 NONCE_WINDOW_S = 300.0
 MAX_CONTENT = 2000
+EPHEMERAL, LOADING = 1 << 6, 1 << 7  # message flags
+ACK_WINDOW_S, TOKEN_LIFETIME_S = 3.0, 900.0  # an interaction's first answer; its token
+COMMAND_NAME = re.compile(r"[-_a-z0-9]{1,32}")
+# Interaction type -> the callback types Discord accepts for it (4: message, 5: deferred
+# message, 6: deferred update, 7: update the component's message, 9: modal).
+CALLBACK_TYPES = {2: {4, 5, 9}, 3: {4, 5, 6, 7, 9}}
 EMPTY_GUILD_LISTS = ("emojis", "stickers", "presences", "voice_states", "stage_instances")
 
 
@@ -89,6 +103,28 @@ class _Conn:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+@dataclass
+class FakeInteraction:
+    """One interaction as the fake sent it, and how the app answered it."""
+
+    payload: JSON  # INTERACTION_CREATE's data
+    at: float = field(default_factory=time.monotonic)
+    callback: JSON | None = None  # the app's callback body, once acknowledged
+    original: JSON | None = None  # the response message; a component's message after 6 or 7
+    followups: list[JSON] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.payload["id"]
+
+    @property
+    def replies(self) -> list[JSON]:
+        """What the app said in answer: its response message (types 4 and 5), then its
+        follow-ups, in their current state."""
+        responded = self.callback is not None and self.callback.get("type") in (4, 5)
+        return ([self.original] if responded and self.original else []) + self.followups
+
+
 class FakeDiscord:
     """Fake Discord: records every request and gateway payload, keeps a log per channel."""
 
@@ -105,7 +141,11 @@ class FakeDiscord:
         self.bot = make_user("1000", "threadbot", bot=True)
         self.alice = make_user("1001", "alice")
         self.other_bot = make_user("1002", "otherbot", bot=True)
-        self.users = {u["id"]: u for u in (self.bot, self.alice, self.other_bot)}
+        self.bob = make_user("1003", "bob")
+        self.users = {u["id"]: u for u in (self.bot, self.alice, self.other_bot, self.bob)}
+        self.roles: dict[str, str] = {}  # the guild's roles besides @everyone: id -> name
+        self.member_roles: dict[str, list[str]] = {}  # user id -> role ids
+        self.guilds = {self.guild_id: "Fake Guild"}  # the servers the bot is in: id -> name
         self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
         self.messages: dict[str, list[JSON]] = {}  # channel id -> messages, oldest first
         self.requests: list[Request] = []
@@ -116,6 +156,8 @@ class FakeDiscord:
         self.intents: int | None = None  # from the last IDENTIFY
         self.session_id: str | None = None
         self.echo_bot_messages = True  # dispatch MESSAGE_CREATE/UPDATE for the bot's own posts
+        self.commands: dict[str | None, list[JSON]] = {}  # server id (None: global) -> commands
+        self.interactions: dict[str, FakeInteraction] = {}  # by interaction id
         self._seq = 0
         self._backlog: list[JSON] = []  # this session's dispatches, for RESUME
         self._live: _Conn | None = None  # the identified or resumed connection
@@ -123,6 +165,9 @@ class FakeDiscord:
         self._rate_limits: list[list[Any]] = []  # [method, regex, count, retry_after, global, via]
         self._nonces: dict[str, tuple[float, str, str]] = {}  # nonce -> (at, channel, message)
         self._last_id = 0
+        self._files: dict[str, tuple[bytes, str]] = {}  # CDN path -> content and type
+        self.downloads: list[str] = []  # CDN paths served
+        self._cdn_key = secrets.token_bytes(16)  # signs attachment URLs, as Discord's CDN does
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -131,6 +176,7 @@ class FakeDiscord:
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/gateway-resume", self._gateway)
+        app.router.add_get("/attachments/{channel}/{id}/{filename}", self._cdn)
         self._runner, self.port = await serve(app)
         return self
 
@@ -245,22 +291,26 @@ class FakeDiscord:
         return channel | dict(rate_limit_per_user=0, permission_overwrites=[])
 
     def _member(self, user: JSON, *, with_user: bool = True) -> JSON:
-        member = dict(nick=None, avatar=None, roles=[], joined_at="2024-01-01T00:00:00+00:00")
+        roles = self.member_roles.get(user["id"], [])
+        member = dict(nick=None, avatar=None, roles=roles, joined_at="2024-01-01T00:00:00+00:00")
         member.update(premium_since=None, deaf=False, mute=False, pending=False, flags=0)
         return {"user": user, **member} if with_user else member
 
-    def guild_payload(self) -> JSON:
-        """The full guild, as GUILD_CREATE carries it."""
-        everyone = dict(id=self.guild_id, name="@everyone", position=0, color=0)
+    def guild_payload(self, guild_id: str | None = None) -> JSON:
+        """The full guild (the first by default), as GUILD_CREATE carries it."""
+        guild_id = guild_id or self.guild_id
+        everyone = dict(id=guild_id, name="@everyone", position=0, color=0)
         everyone.update(permissions=str(EVERYONE_PERMISSIONS), hoist=False, managed=False)
         everyone.update(mentionable=False, flags=0, icon=None, unicode_emoji=None)
-        chans = [c for c in self.channels.values() if c.get("guild_id")]
-        guild = dict(id=self.guild_id, name="Fake Guild", icon=None, owner_id=self.alice["id"])
+        chans = [c for c in self.channels.values() if c.get("guild_id") == guild_id]
+        guild = dict(id=guild_id, name=self.guilds[guild_id], icon=None, owner_id=self.alice["id"])
         guild.update(unavailable=False, large=False, member_count=len(self.users), features=[])
         guild.update(joined_at="2024-01-01T00:00:00+00:00", preferred_locale="en-US")
-        guild.update(system_channel_id=self.channel_id, afk_timeout=300, premium_tier=0)
+        system_channel = self.channel_id if guild_id == self.guild_id else None
+        guild.update(system_channel_id=system_channel, afk_timeout=300, premium_tier=0)
         guild.update(verification_level=0, default_message_notifications=0, nsfw_level=0)
-        guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone])
+        roles = [everyone | {"id": i, "name": n, "position": 1} for i, n in self.roles.items()]
+        guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone, *roles])
         guild["members"] = [self._member(u) for u in self.users.values()]
         guild["channels"] = [c for c in chans if c["type"] != 11]
         guild["threads"] = [c for c in chans if c["type"] == 11]
@@ -276,14 +326,18 @@ class FakeDiscord:
         self.channels[channel["id"]] = channel
         return channel
 
-    def _create_message(self, channel_id: str, content: str, author: JSON, **extra: Any) -> JSON:
-        """Append a message (REST form) to the channel's log."""
-        channel = self.channels[channel_id]
+    def _new_message(self, channel_id: str, content: str, author: JSON, **extra: Any) -> JSON:
+        """A message (REST form), in no channel's log yet (an ephemeral one never is)."""
         msg = {"id": self.snowflake(), "type": 0, "channel_id": channel_id, "author": author}
         msg.update(content=content, timestamp=now_iso(), edited_timestamp=None, tts=False)
         msg.update(mention_everyone=False, mentions=[], mention_roles=[], attachments=[])
         msg.update(embeds=[], components=[], pinned=False, flags=0)
-        msg.update(extra)
+        return msg | extra
+
+    def _create_message(self, channel_id: str, content: str, author: JSON, **extra: Any) -> JSON:
+        """Append a message (REST form) to the channel's log."""
+        channel = self.channels[channel_id]
+        msg = self._new_message(channel_id, content, author, **extra)
         self.messages.setdefault(channel_id, []).append(msg)
         channel["last_message_id"] = msg["id"]
         if channel["type"] == 11:
@@ -372,6 +426,129 @@ class FakeDiscord:
             thread["member"] = {**member, "join_timestamp": now_iso()}
         await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
         return thread
+
+    # --- attachments ----------------------------------------------------------------------
+
+    def attachment(
+        self, channel_id: str, filename: str, data: bytes, content_type: str | None = None
+    ) -> JSON:
+        """Keep a file on the CDN; returns the attachment object a message carries (pass
+        it in `attachments=[...]` to user_message). Its URL is signed and expires, as
+        Discord's are: the CDN serves only the URL it gave."""
+        attachment_id = self.snowflake()
+        path = f"/attachments/{channel_id}/{attachment_id}/{filename}"
+        self._files[path] = (data, content_type or "application/octet-stream")
+        issued = int(time.time())
+        expires = f"{issued + 86400:x}"
+        signature = self._signature(path, expires, f"{issued:x}")
+        url = f"http://127.0.0.1:{self.port}{path}?ex={expires}&is={issued:x}&hm={signature}&"
+        attachment = {"id": attachment_id, "filename": filename, "size": len(data)}
+        attachment.update(url=url, proxy_url=url)
+        return attachment | ({"content_type": content_type} if content_type else {})
+
+    def _signature(self, path: str, expires: str, issued: str) -> str:
+        message = f"{path}?ex={expires}&is={issued}".encode()
+        return hmac.new(self._cdn_key, message, hashlib.sha256).hexdigest()
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        """A file, for the URL the fake signed, until it expires; else a 404, as Discord's
+        CDN answers."""
+        expires, issued = request.query.get("ex", ""), request.query.get("is", "")
+        signature = self._signature(request.path, expires, issued)
+        try:
+            live = int(expires, 16) > time.time()
+        except ValueError:
+            live = False
+        signed = hmac.compare_digest(request.query.get("hm", ""), signature)
+        if not (signed and live and request.path in self._files):
+            return web.Response(status=404, text="This content is no longer available.")
+        self.downloads.append(request.path)
+        data, content_type = self._files[request.path]
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    # --- interactions ---------------------------------------------------------------------
+
+    async def slash_command(
+        self, name: str, channel_id: str, *, user: JSON | None = None
+    ) -> FakeInteraction:
+        """A user (alice by default) runs /name in a channel. As on Discord, only a command
+        registered where the channel can see it: its server's, else a global one (the only
+        kind in DMs). LookupError otherwise."""
+        channel = self._channel(channel_id)
+        guild_id = channel.get("guild_id")
+        scopes = [guild_id, None] if guild_id else [None]
+        found = [
+            (scope, command)
+            for scope in scopes
+            for command in self.commands.get(scope, [])
+            if command["name"] == name and (guild_id or command.get("dm_permission") is not False)
+        ]
+        if not found:
+            raise LookupError(f"/{name} is not registered where channel {channel_id} sees it")
+        scope, command = found[0]
+        data = {"id": command["id"], "name": name, "type": 1} | (
+            {"guild_id": scope} if scope else {}
+        )
+        return await self._interact(2, data, channel, user or self.alice)
+
+    async def press_button(
+        self, channel_id: str, message_id: str, custom_id: str, *, user: JSON | None = None
+    ) -> FakeInteraction:
+        """A user (alice by default) presses a button of a message; LookupError if the
+        message has no such button, or it is disabled (Discord offers nothing to press)."""
+        msg = self._stored(channel_id, message_id)
+        buttons = [item for row in msg["components"] for item in row.get("components", [])]
+        if not any(b.get("custom_id") == custom_id and not b.get("disabled") for b in buttons):
+            raise LookupError(f"message {message_id} has no button {custom_id!r} to press")
+        data = {"custom_id": custom_id, "component_type": 2}
+        channel = self._channel(channel_id)
+        return await self._interact(3, data, channel, user or self.alice, message=dict(msg))
+
+    def buttons(self, channel_id: str, message_id: str) -> list[str]:
+        """The custom_ids of a message's buttons, in order."""
+        msg = self.message(channel_id, message_id) or {}
+        rows = msg.get("components", [])
+        return [item["custom_id"] for row in rows for item in row.get("components", [])]
+
+    async def _interact(
+        self, kind: int, data: JSON, channel: JSON, user: JSON, **extra: Any
+    ) -> FakeInteraction:
+        """Record an interaction and send it as INTERACTION_CREATE."""
+        payload = {"id": self.snowflake(), "application_id": self.application_id, "type": kind}
+        payload.update(data=data, token=f"interaction-{uuid.uuid4().hex}", version=1)
+        payload.update(channel_id=channel["id"], channel=channel, locale="en-US", entitlements=[])
+        payload.update(app_permissions=str(EVERYONE_PERMISSIONS), attachment_size_limit=25 << 20)
+        if guild_id := channel.get("guild_id"):
+            member = {**self._member(user), "permissions": str(EVERYONE_PERMISSIONS)}
+            payload.update(guild_id=guild_id, guild_locale="en-US", member=member, context=0)
+            payload["guild"] = {"id": guild_id, "locale": "en-US", "features": []}
+            payload["authorizing_integration_owners"] = {"0": guild_id}
+        else:  # the bot's DM
+            payload.update(user=user, context=1)
+        interaction = FakeInteraction(payload | extra)
+        self.interactions[interaction.id] = interaction
+        await self.dispatch("INTERACTION_CREATE", interaction.payload)
+        return interaction
+
+    async def _interaction_message(
+        self, interaction: FakeInteraction, content: str, flags: int, components: Any
+    ) -> JSON:
+        """A message the app sends in answer: only the user sees an ephemeral one, so it
+        goes in no channel's log."""
+        payload = interaction.payload
+        user = payload["member"]["user"] if "member" in payload else payload["user"]
+        metadata = {"id": interaction.id, "type": payload["type"], "user": user}
+        extra = dict(
+            type=20 if payload["type"] == 2 else 0, flags=flags, components=components or []
+        )
+        extra.update(webhook_id=self.application_id, application_id=self.application_id)
+        extra["interaction_metadata"] = metadata
+        if flags & EPHEMERAL:
+            return self._new_message(payload["channel_id"], content, self.bot, **extra)
+        msg = self._create_message(payload["channel_id"], content, self.bot, **extra)
+        if self.echo_bot_messages:
+            await self.dispatch("MESSAGE_CREATE", self.event_form(msg))
+        return msg
 
     # --- gateway --------------------------------------------------------------------------
 
@@ -493,10 +670,19 @@ class FakeDiscord:
         application = {"id": self.application_id, "flags": self._application_flags()}
         ready = {"v": 10, "user": self.bot, "session_id": self.session_id}
         ready.update(resume_gateway_url=self.resume_gateway_url, application=application)
-        ready.update(guilds=[{"id": self.guild_id, "unavailable": True}], private_channels=[])
+        guilds = [{"id": guild_id, "unavailable": True} for guild_id in self.guilds]
+        ready.update(guilds=guilds, private_channels=[])
         ready.update(session_type="normal", user_settings={}, relationships=[], presences=[])
         await self.dispatch("READY", ready)
-        await self.dispatch("GUILD_CREATE", self.guild_payload())
+        for guild_id in self.guilds:
+            await self.dispatch("GUILD_CREATE", self.guild_payload(guild_id))
+
+    async def join_guild(self, guild_id: str, name: str = "Another Guild") -> None:
+        """The bot is added to a server: GUILD_CREATE, with no `unavailable` (a new join)."""
+        self.guilds[guild_id] = name
+        payload = self.guild_payload(guild_id)
+        del payload["unavailable"]
+        await self.dispatch("GUILD_CREATE", payload)
 
     async def _resume(self, conn: _Conn, d: JSON) -> None:
         if d.get("session_id") != self.session_id or self.session_id is None:
@@ -544,7 +730,9 @@ class FakeDiscord:
         path = "/" + request.match_info["path"]
         req = Request(request.method, path, dict(request.query), body, dict(request.headers), files)
         self.requests.append(req)
-        if request.headers.get("Authorization") != f"Bot {self.token}":
+        # An interaction's callback and webhook are authorised by its token, in the path.
+        by_token = path.startswith(("/interactions/", "/webhooks/"))
+        if not by_token and request.headers.get("Authorization") != f"Bot {self.token}":
             req.status = 401
             return self._json(401, {"message": "401: Unauthorized", "code": 0})
         if limited := self._rate_limited(req):
@@ -566,13 +754,17 @@ class FakeDiscord:
     def _routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         ch, msg = r"/channels/(\d+)", r"/channels/(\d+)/messages/(\d+)"
         cmds = r"/applications/\d+(?:/guilds/(\d+))?/commands"
+        hook = r"/webhooks/(\d+)/([^/]+)"
         return [
             ("GET", "/users/@me", self._get_me),
             ("GET", "/gateway/bot", self._gateway_bot),
             ("GET", "/oauth2/applications/@me", self._app_info),
             ("GET", "/applications/@me", self._app_info),
-            ("GET", cmds, self._commands),
-            ("PUT", cmds, self._commands),
+            ("GET", cmds, self._get_commands),
+            ("PUT", cmds, self._put_commands),
+            ("POST", r"/interactions/(\d+)/([^/]+)/callback", self._interaction_callback),
+            ("PATCH", hook + "/messages/@original", self._edit_original),
+            ("POST", hook, self._followup),
             ("POST", "/users/@me/channels", self._create_dm),
             ("GET", ch, self._get_channel),
             ("POST", ch + "/typing", self._typing),
@@ -580,6 +772,7 @@ class FakeDiscord:
             ("POST", ch + "/messages", self._post_message),
             ("GET", msg, self._get_message),
             ("PATCH", msg, self._edit_message),
+            ("DELETE", msg, self._delete_message),
             ("POST", msg + "/threads", self._post_thread),
         ]
 
@@ -597,8 +790,130 @@ class FakeDiscord:
         app.update(owner=self.alice, team=None, flags=self._application_flags(), bot=self.bot)
         return 200, {**app, "interactions_endpoint_url": None, "redirect_uris": []}
 
-    async def _commands(self, req: Request, guild_id: str | None) -> tuple[int, Any]:
-        return 200, []  # discord.app_commands.CommandTree.sync() PUTs here; a Client never does
+    async def _get_commands(self, req: Request, guild_id: str | None) -> tuple[int, Any]:
+        return 200, self.commands.get(guild_id, [])
+
+    async def _put_commands(self, req: Request, guild_id: str | None) -> tuple[int, Any]:
+        """Bulk overwrite: the list becomes exactly these; a name kept keeps its id."""
+        if guild_id is not None and guild_id not in self.guilds:
+            raise ApiError(403, 50001, "Missing Access")
+        commands, problems = req.json, {}
+        if not isinstance(commands, list) or len(commands) > 100:
+            raise ApiError(400, 50035, "Invalid Form Body", {"_errors": [{"code": "LIST"}]})
+        names = [command.get("name") for command in commands]
+        for index, command in enumerate(commands):
+            name, description = command.get("name"), command.get("description")
+            if (
+                not isinstance(name, str)
+                or not COMMAND_NAME.fullmatch(name)
+                or names.count(name) > 1
+            ):
+                problems[str(index)] = {"name": {"_errors": [{"code": "APPLICATION_COMMAND_NAME"}]}}
+            elif command.get("type", 1) == 1 and not (
+                isinstance(description, str) and 1 <= len(description) <= 100
+            ):
+                problems[str(index)] = {
+                    "description": {"_errors": [{"code": "BASE_TYPE_BAD_LENGTH"}]}
+                }
+        if problems:
+            raise ApiError(400, 50035, "Invalid Form Body", problems)
+        ids = {command["name"]: command["id"] for command in self.commands.get(guild_id, [])}
+        scope = {"guild_id": guild_id} if guild_id else {}
+        self.commands[guild_id] = [
+            {**command, "type": command.get("type", 1), "application_id": self.application_id}
+            | {"id": ids.get(command["name"]) or self.snowflake(), "version": self.snowflake()}
+            | scope
+            for command in commands
+        ]
+        return 200, self.commands[guild_id]
+
+    def _interaction_by_token(self, application_id: str, token: str) -> FakeInteraction:
+        """The interaction whose webhook this is, while its token lasts (15 minutes)."""
+        for interaction in self.interactions.values():
+            if (
+                interaction.payload["token"] == token
+                and application_id == self.application_id
+                and time.monotonic() - interaction.at <= TOKEN_LIFETIME_S
+            ):
+                return interaction
+        raise ApiError(404, 10015, "Unknown Webhook")
+
+    async def _interaction_callback(
+        self, req: Request, interaction_id: str, token: str
+    ) -> tuple[int, Any]:
+        """The one answer an interaction gets, within 3 s; `with_response` returns what it
+        did (an InteractionCallbackResponse), else 204."""
+        interaction = self.interactions.get(interaction_id)
+        if (
+            interaction is None
+            or interaction.payload["token"] != token
+            or time.monotonic() - interaction.at > ACK_WINDOW_S
+        ):
+            raise ApiError(404, 10062, "Unknown interaction")
+        if interaction.callback is not None:
+            raise ApiError(400, 40060, "Interaction has already been acknowledged.")
+        body = req.json or {}
+        kind, data = body.get("type"), body.get("data") or {}
+        if kind not in CALLBACK_TYPES.get(interaction.payload["type"], set()):
+            error = {"code": "INTERACTION_RESPONSE_TYPE_INVALID", "message": "Invalid type"}
+            raise ApiError(400, 50035, "Invalid Form Body", {"type": {"_errors": [error]}})
+        if kind in (4, 7):
+            self._check_content(data.get("content"))
+            self._check_components(data.get("components"))
+        if kind == 4 and not (data.get("content") or data.get("embeds") or data.get("components")):
+            raise ApiError(400, 50006, "Cannot send an empty message")
+        interaction.callback = body
+        message = None
+        if kind in (4, 5):
+            flags = (data.get("flags") or 0) & EPHEMERAL | (LOADING if kind == 5 else 0)
+            content = data.get("content") or "" if kind == 4 else ""
+            message = await self._interaction_message(
+                interaction, content, flags, data.get("components")
+            )
+        elif kind in (6, 7):  # a component's message: later edits of @original go to it
+            pressed = interaction.payload["message"]
+            message = self._stored(pressed["channel_id"], pressed["id"])
+            if kind == 7:
+                await self._update_message(message, data)
+        interaction.original = message
+        if req.query.get("with_response") not in ("1", "true", "True"):
+            return 204, None
+        answered = {"id": interaction.id, "type": interaction.payload["type"]}
+        resource: JSON = {"type": kind}
+        if message is not None and kind != 6:
+            answered.update(response_message_id=message["id"], response_message_loading=kind == 5)
+            answered["response_message_ephemeral"] = bool(message["flags"] & EPHEMERAL)
+            resource["message"] = message
+        return 200, {"interaction": answered, "resource": resource}
+
+    async def _edit_original(
+        self, req: Request, application_id: str, token: str
+    ) -> tuple[int, Any]:
+        interaction = self._interaction_by_token(application_id, token)
+        if interaction.original is None:
+            raise ApiError(404, 10008, "Unknown Message")
+        body = req.json or {}
+        self._check_content(body.get("content"))
+        self._check_components(body.get("components"))
+        await self._update_message(interaction.original, body)
+        return 200, interaction.original
+
+    async def _followup(self, req: Request, application_id: str, token: str) -> tuple[int, Any]:
+        interaction = self._interaction_by_token(application_id, token)
+        if interaction.callback is None:  # the webhook exists once the interaction is answered
+            raise ApiError(404, 10015, "Unknown Webhook")
+        body = req.json or {}
+        content = body.get("content") or ""
+        self._check_content(content)
+        self._check_components(body.get("components"))
+        if not (content or body.get("embeds") or body.get("components")):
+            raise ApiError(400, 50006, "Cannot send an empty message")
+        flags = (body.get("flags") or 0) & EPHEMERAL
+        message = await self._interaction_message(
+            interaction, content, flags, body.get("components")
+        )
+        interaction.followups.append(message)
+        return (200, message) if req.query.get("wait") in ("1", "true", "True") else (204, None)
 
     async def _create_dm(self, req: Request) -> tuple[int, Any]:
         user_id = str((req.json or {}).get("recipient_id"))
@@ -644,6 +959,33 @@ class FakeDiscord:
         return 200, self._rest_form(self._stored(channel_id, message_id))
 
     @staticmethod
+    def _check_components(components: Any) -> None:
+        """Action rows (at most 5) of buttons (at most 5 a row), as Discord checks them: a
+        custom_id (unique, at most 100 characters) on every button but links, labels of at
+        most 80 characters. Other components are not part of the fake."""
+        if components is None:
+            return
+        rows = components if isinstance(components, list) else [None]
+        items = [
+            item for row in rows if isinstance(row, dict) for item in row.get("components", [])
+        ]
+        custom_ids = [item.get("custom_id") for item in items if item.get("style") != 5]
+        valid = (
+            len(rows) <= 5
+            and all(
+                isinstance(row, dict) and row.get("type") == 1
+                and 1 <= len(row.get("components", [])) <= 5
+                for row in rows
+            )
+            and all(item.get("type") == 2 and len(item.get("label") or "") <= 80 for item in items)
+            and all(isinstance(c, str) and 1 <= len(c) <= 100 for c in custom_ids)
+            and len(set(custom_ids)) == len(custom_ids)
+        )  # fmt: skip
+        if not valid:
+            error = {"code": "COMPONENT_INVALID", "message": "Invalid components"}
+            raise ApiError(400, 50035, "Invalid Form Body", {"components": {"_errors": [error]}})
+
+    @staticmethod
     def _check_content(content: Any) -> None:
         if isinstance(content, str) and len(content) > MAX_CONTENT:
             error = {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}
@@ -660,7 +1002,9 @@ class FakeDiscord:
         if not (content or body.get("embeds") or req.files or body.get("sticker_ids")):
             raise ApiError(400, 50006, "Cannot send an empty message")
         self._check_content(content)
+        self._check_components(body.get("components"))
         extra: JSON = {"tts": bool(body.get("tts")), "embeds": body.get("embeds") or []}
+        extra["components"] = body.get("components") or []
         if nonce is not None:
             extra["nonce"] = nonce
         if ref := body.get("message_reference"):
@@ -690,15 +1034,36 @@ class FakeDiscord:
         if msg["author"]["id"] != self.bot["id"]:
             raise ApiError(403, 50005, "Cannot edit a message authored by another user")
         self._check_content(body.get("content"))
+        self._check_components(body.get("components"))
+        await self._update_message(msg, body)
+        return 200, msg
+
+    async def _update_message(self, msg: JSON, body: JSON) -> None:
+        """Apply an edit (content, embeds, components, flags) to a message; a deferred
+        response stops loading. A message in a channel's log is dispatched as updated."""
         if "content" in body:
             msg["content"] = body["content"] or ""
-        for key in ("embeds", "components", "flags"):
+        for key in ("embeds", "components"):
             if body.get(key) is not None:
                 msg[key] = body[key]
+        # An edit cannot make a message ephemeral or not; it ends a deferred one's loading.
+        flags = msg["flags"] if body.get("flags") is None else body["flags"]
+        msg["flags"] = flags & ~(EPHEMERAL | LOADING) | msg["flags"] & EPHEMERAL
         msg["edited_timestamp"] = now_iso()
-        if self.echo_bot_messages:
+        logged = any(m is msg for m in self.messages.get(msg["channel_id"], []))
+        if logged and self.echo_bot_messages:
             await self.dispatch("MESSAGE_UPDATE", self.event_form(msg))
-        return 200, msg
+
+    async def _delete_message(self, req: Request, channel_id: str, msg_id: str) -> tuple[int, Any]:
+        msg = self._stored(channel_id, msg_id)
+        if msg["author"]["id"] != self.bot["id"]:  # the fake grants no Manage Messages
+            raise ApiError(403, 50013, "Missing Permissions")
+        self.messages[channel_id].remove(msg)
+        deleted = {"id": msg_id, "channel_id": channel_id}
+        if guild_id := self.channels[channel_id].get("guild_id"):
+            deleted["guild_id"] = guild_id
+        await self.dispatch("MESSAGE_DELETE", deleted)
+        return 204, None
 
     async def _post_thread(self, req: Request, channel_id: str, message_id: str) -> tuple[int, Any]:
         body = req.json or {}

@@ -32,9 +32,10 @@ Handler = Callable[[JSON], Awaitable[JSON]]
 
 DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
 SCOPES = (
-    "app_mentions:read,assistant:write,channels:history,chat:write,commands,groups:history,"
-    "im:history,users:read"
+    "app_mentions:read,assistant:write,channels:history,chat:write,commands,files:read,"
+    "groups:history,im:history,users:read"
 )
+SIGN_IN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
 PAYLOAD_KEYS = ("blocks", "attachments", "metadata", "chunks", "prompts")
 MARKDOWN_LIMIT = 12000  # what one markdown_text may hold
 STREAMING_METHODS = ("chat.startStream", "chat.appendStream", "chat.stopStream")
@@ -73,11 +74,16 @@ class FakeSlack:
 
     def __init__(self, users: dict[str, str] | None = None) -> None:
         self.users = dict(DEFAULT_USERS if users is None else users)
+        # Slack Connect: users of other organisations, by user id -> their team id
+        self.external_users: dict[str, str] = {}
+        self.channel_names: dict[str, str] = {}  # by channel id; unnamed: the id, lowered
         self.calls: list[ApiCall] = []
         self.channels: dict[str, list[JSON]] = {}  # channel -> messages, oldest first
         self.envelopes: list[JSON] = []  # Socket Mode envelopes sent
         self.acks: dict[str, JSON] = {}  # envelope_id -> the client's ack
         self.connections = 0  # websocket connections accepted so far
+        self.files: dict[str, tuple[bytes, str]] = {}  # id -> content and type, at its URLs
+        self.downloads: list[str] = []  # file ids served to a client with the bot token
         self.streaming: set[tuple[str, str]] = set()  # (channel, ts) of open streams
         self.stopped_by_user: set[tuple[str, str]] = set()  # streams a reader stopped
         self.statuses: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> status shown
@@ -97,6 +103,7 @@ class FakeSlack:
             "assistant.threads.setTitle": self._set_title,
             "assistant.threads.setSuggestedPrompts": self._set_suggested_prompts,
             "conversations.replies": self._replies,
+            "conversations.info": self._conversations_info,
             "users.info": self._users_info,
         }
         self._failures: dict[str, list[tuple[int, str, int | None]]] = {}
@@ -112,6 +119,8 @@ class FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/socket-mode", self._socket)
+        app.router.add_get("/files-pri/{team_file}/{path:.*}", self._file)
+        app.router.add_get("/signin", self._sign_in)
         app.router.add_post("/commands/{trigger_id}", self._command_response)
         self._runner, self.port = await serve(app)
         return self
@@ -427,11 +436,62 @@ class FakeSlack:
             return {"ok": False, "error": "user_not_found"}
         name = self.users[user_id]
         profile = {"display_name": name, "real_name": name.title()}
-        user = {"id": user_id, "team_id": self.team_id, "name": name, "real_name": name.title()}
+        team = self.external_users.get(user_id, self.team_id)
+        user = {"id": user_id, "team_id": team, "name": name, "real_name": name.title()}
+        if user_id in self.external_users:
+            user["is_stranger"] = True
         return {
             "ok": True,
             "user": {**user, "is_bot": user_id == self.bot_user_id, "profile": profile},
         }
+
+    async def _conversations_info(self, params: JSON) -> JSON:
+        channel = params.get("channel", "")
+        name = self.channel_names.get(channel, channel.lower())
+        return {"ok": True, "channel": {"id": channel, "name": name, "is_im": channel[0] == "D"}}
+
+    # --- files ----------------------------------------------------------------------------
+
+    def upload(self, name: str, data: bytes, mimetype: str, *, user: str = "U0ALICE") -> JSON:
+        """Keep a file as if `user` uploaded it; returns its file object, as a message's
+        `files` carry it (share it with `file_share`)."""
+        file_id = "F" + secrets.token_hex(5).upper()
+        self.files[file_id] = (data, mimetype)
+        base = f"http://127.0.0.1:{self.port}/files-pri/{self.team_id}-{file_id}"
+        now = int(time.time())
+        return {
+            "id": file_id,
+            "created": now,
+            "timestamp": now,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": name.rpartition(".")[2] if "." in name else "binary",
+            "user": user,
+            "user_team": self.team_id,
+            "size": len(data),
+            "mode": "hosted",
+            "is_external": False,
+            "is_public": False,
+            "url_private": f"{base}/{name}",
+            "url_private_download": f"{base}/download/{name}",
+            "permalink": f"https://{self.team_domain}.slack.com/files/{user}/{file_id}/{name}",
+        }
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        """A file's content for the bot token; Slack's sign-in page (through a redirect,
+        an HTML 200) for anyone else."""
+        if request.headers.get("Authorization") != f"Bearer {self.bot_token}":
+            raise web.HTTPFound(f"/signin?redir={request.path}")
+        file_id = request.match_info["team_file"].removeprefix(f"{self.team_id}-")
+        if file_id not in self.files:
+            raise web.HTTPNotFound()
+        self.downloads.append(file_id)
+        data, mimetype = self.files[file_id]
+        return web.Response(body=data, headers={"Content-Type": mimetype})
+
+    async def _sign_in(self, request: web.Request) -> web.Response:
+        return web.Response(text=SIGN_IN_PAGE, content_type="text/html")
 
     # --- Socket Mode ----------------------------------------------------------------------
 
@@ -629,7 +689,8 @@ class FakeSlack:
         ts = self.next_ts()
         event: JSON = {**fields, "text": text, "ts": ts}
         if "user" in fields:
-            event.update(client_msg_id=str(uuid.uuid4()), team=self.team_id)
+            team = self.external_users.get(fields["user"], self.team_id)
+            event.update(client_msg_id=str(uuid.uuid4()), team=team, user_team=team)
         if thread_ts:
             parent = self.message(channel, thread_ts)
             event.update(thread_ts=thread_ts, parent_user_id=parent and parent.get("user"))
@@ -652,12 +713,44 @@ class FakeSlack:
         )
 
     def app_mention(
-        self, channel: str, text: str, *, user: str = "U0ALICE", thread_ts: str | None = None
+        self,
+        channel: str,
+        text: str,
+        *,
+        user: str = "U0ALICE",
+        thread_ts: str | None = None,
+        files: list[JSON] | None = None,
     ) -> JSON:
         """An ``app_mention`` event; text gets a leading ``<@U0BOT>`` if it lacks one."""
         mention = f"<@{self.bot_user_id}>"
         text = text if mention in text else f"{mention} {text}"
-        return self._event(channel, text, thread_ts, type="app_mention", user=user)
+        shared = {"files": files, "upload": True} if files else {}
+        return self._event(channel, text, thread_ts, type="app_mention", user=user, **shared)
+
+    def file_share(
+        self,
+        channel: str,
+        text: str,
+        files: list[JSON],
+        *,
+        user: str = "U0ALICE",
+        thread_ts: str | None = None,
+        channel_type: str = "channel",
+    ) -> JSON:
+        """A ``message`` event with ``subtype: file_share``: a person's message with files
+        (`upload`'s file objects); the text may be empty."""
+        return self._event(
+            channel,
+            text,
+            thread_ts,
+            type="message",
+            subtype="file_share",
+            user=user,
+            files=files,
+            upload=True,
+            display_as_bot=False,
+            channel_type=channel_type,
+        )
 
     def mention_pair(
         self,
@@ -667,10 +760,13 @@ class FakeSlack:
         user: str = "U0ALICE",
         thread_ts: str | None = None,
         channel_type: str = "channel",
+        files: list[JSON] | None = None,
     ) -> tuple[JSON, JSON]:
-        """What Slack sends for one mention: ``app_mention`` and ``message``, same ts."""
-        mention = self.app_mention(channel, text, user=user, thread_ts=thread_ts)
-        return mention, {**mention, "type": "message", "channel_type": channel_type}
+        """What Slack sends for one mention: ``app_mention`` and ``message``, same ts; with
+        files, the message is a ``file_share``."""
+        mention = self.app_mention(channel, text, user=user, thread_ts=thread_ts, files=files)
+        message = {**mention, "type": "message", "channel_type": channel_type}
+        return mention, message | ({"subtype": "file_share"} if files else {})
 
     def bot_message(
         self,

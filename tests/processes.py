@@ -113,6 +113,11 @@ class BotProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, signal.SIGKILL)
 
+    def reload(self) -> None:
+        """SIGHUP, as `systemctl reload` or `kill -HUP` send: read the team's file again."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
     async def wait(self, timeout: float = 60) -> int:
         assert self.process is not None
         return await asyncio.wait_for(self.process.wait(), timeout)

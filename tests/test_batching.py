@@ -4,11 +4,14 @@ chunked prefill; each conversation's KV cache reused on its next turn."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from conftest import answer_alone
 
+from bot.batching import Batcher, Update
+from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.sampling import Sampler
 
@@ -25,20 +28,32 @@ QUESTIONS = [
 
 def run(batcher, joins: dict[int, tuple[str, list[dict]]], limit: int = 500) -> dict[str, str]:
     """Step the batcher, joining each request at its step number; the answers by key."""
-    answers: dict[str, str] = {}
+    return {key: update.answer for key, update in run_to_the_end(batcher, joins, limit).items()}
+
+
+def run_to_the_end(
+    batcher,
+    joins: dict[int, tuple[str, list[dict]]],
+    limit: int = 500,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Update]:
+    """Step the batcher, joining each request at its step number with its `options`;
+    each request's last update (its answer and token counts), by key."""
+    finished: dict[str, Update] = {}
     streamed: dict[str, str] = {}
     for step in range(limit):
         if step in joins:
             key, messages = joins[step]
-            batcher.join(key, messages, conversation=key)
+            batcher.join(key, messages, conversation=key, **(options or {}).get(key, {}))
         if not len(batcher) and step > max(joins):
             break
         for update in batcher.step():
             streamed[update.key] = streamed.get(update.key, "") + update.text
             if update.answer is not None:
-                answers[update.key] = update.answer
-    assert all(streamed[key] == answer for key, answer in answers.items())  # the stream adds up
-    return answers
+                finished[update.key] = update
+    # the stream adds up to the answer
+    assert all(streamed[key] == update.answer for key, update in finished.items())
+    return finished
 
 
 def test_a_request_alone_gets_the_seed_generate_answer(make_batcher):
@@ -132,9 +147,6 @@ def test_answers_stop_at_the_context_window(make_batcher):
 def test_repetition_penalty_and_sampling_settings_match_generate(tiny_model, qwen_tokenizer):
     """The model's own generation config is applied as `generate` applies it (top_k=1
     makes sampling deterministic)."""
-    from bot.batching import Batcher
-    from bot.engine import Engine
-
     model = copy.deepcopy(tiny_model)
     model.generation_config.update(
         repetition_penalty=1.8, do_sample=True, top_k=1, temperature=0.7, top_p=0.9
@@ -151,5 +163,74 @@ def test_an_answer_shorter_than_min_new_tokens_cannot_end(tiny_model, answered, 
     sampler = Sampler(config, device=torch.device("cpu"))
     logits = torch.zeros(1, tiny_model.config.vocab_size)
     logits[0, config.eos_token_id] = 10.0
-    [token] = sampler(logits, [[1, 2]], [answered])
+    [token] = sampler(logits, [[1, 2]], [answered], [None])
     assert (token == config.eos_token_id) == can_end
+
+
+def test_a_greedy_row_beside_sampling_rows_gets_the_greedy_answer_of_generate(
+    tiny_model, qwen_tokenizer
+):
+    """Temperature 0 makes one row greedy (repetition penalty still applied, as `generate`
+    does) in a batch whose model samples; its tokens are what it gets alone."""
+    model = copy.deepcopy(tiny_model)
+    model.generation_config.update(repetition_penalty=1.3)
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=12)
+    [greedy] = engine.generate([QUESTIONS[1]])  # the seed's own loop, greedy
+    model.generation_config.update(do_sample=True, temperature=1.5, top_k=0)
+    batcher = Batcher(engine=engine, max_batch=4, step_tokens=64, prefix_cache=PrefixCache(0))
+    torch.manual_seed(0)
+    finished = run_to_the_end(
+        batcher,
+        {0: ("sampled", QUESTIONS[1]), 1: ("greedy", QUESTIONS[1]), 2: ("hot", QUESTIONS[0])},
+        options={"greedy": {"temperature": 0}, "hot": {"temperature": 2.0}},
+    )
+    assert finished["greedy"].answer == greedy
+    assert finished["sampled"].answer != greedy  # the row beside it really sampled
+    assert answer_alone(batcher, QUESTIONS[1], temperature=0) == greedy
+
+
+def test_a_temperature_on_a_greedy_model_samples_that_row_only(make_batcher):
+    batcher = make_batcher(max_new_tokens=12)  # the tiny model's config is greedy
+    greedy = answer_alone(batcher, QUESTIONS[1])
+    torch.manual_seed(0)
+    finished = run_to_the_end(
+        batcher,
+        {0: ("default", QUESTIONS[1]), 1: ("sampled", QUESTIONS[1])},
+        options={"sampled": {"temperature": 1.0}},
+    )
+    assert finished["default"].answer == greedy
+    assert finished["sampled"].answer != greedy
+
+
+def test_a_row_stops_at_its_own_max_new_tokens_while_another_goes_on(make_batcher, make_engine):
+    batcher = make_batcher(max_new_tokens=20)
+    finished = run_to_the_end(
+        batcher,
+        {0: ("short", QUESTIONS[0]), 1: ("long", QUESTIONS[1])},
+        options={"short": {"max_new_tokens": 3}},
+    )
+    short, long = finished["short"], finished["long"]
+    assert short.answer_tokens == 3
+    assert [short.answer] == make_engine(max_new_tokens=3).generate([QUESTIONS[0]])
+    assert long.answer_tokens == 20
+    assert [long.answer] == make_engine(max_new_tokens=20).generate([QUESTIONS[1]])
+    assert short.prompt_tokens == len(batcher.engine.prompt_ids(QUESTIONS[0]))
+    assert long.prompt_tokens == len(batcher.engine.prompt_ids(QUESTIONS[1]))
+
+
+def test_greedy_rows_take_no_draws_from_the_sampling_rows(tiny_model):
+    """Every sampling row draws in one call whatever rows sit between them, so the
+    sampling rows of a mixed batch draw what they would draw without the greedy ones."""
+    config = copy.deepcopy(tiny_model.generation_config)
+    config.update(do_sample=True, temperature=0.9)
+    sampler = Sampler(config, device=torch.device("cpu"))
+    torch.manual_seed(3)
+    logits = torch.randn(3, tiny_model.config.vocab_size)
+    logits[1, 42] = 100.0  # the greedy row's clear favourite
+    histories = [[1, 2], [3], [4, 5, 6]]
+    torch.manual_seed(1)
+    mixed = sampler(logits.clone(), histories, [5, 5, 5], [None, 0, None])
+    torch.manual_seed(1)
+    without = sampler(logits[[0, 2]].clone(), histories[::2], [5, 5], [None, None])
+    assert mixed[1] == 42
+    assert [mixed[0], mixed[2]] == without

@@ -22,11 +22,12 @@ from conftest import (
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
 
+from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
 from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
 from adapters.streaming import STREAMING_MARK
 from bot import replies
-from bot.config import Settings
+from bot.config import Access, Settings
 
 
 @pytest.fixture
@@ -272,7 +273,12 @@ async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
     ]  # fmt: skip
     answering = {("POST", f"/channels/{fake.channel_id}/messages"),
                  ("POST", f"/channels/{fake.channel_id}/typing")}  # fmt: skip
-    assert {(r.method, r.path) for r in fake.requests[start:] if r.method != "PATCH"} == answering
+    made = {
+        (r.method, r.path)
+        for r in fake.requests[start:]
+        if r.method != "PATCH" and not r.path.startswith("/applications/")  # start-up's commands
+    }
+    assert made == answering
 
 
 async def test_inline_mode_reads_a_reply_the_gateway_left_unresolved(fake, discord_bot):
@@ -339,3 +345,114 @@ async def test_threadbot_run_serves_discord_until_sigterm(fake, threadbot_run):
     assert stopped.returncode == 0  # SIGTERM is a clean stop
     assert "Traceback" not in stopped.stderr
     assert "oauth2/authorize?client_id=" in stopped.stderr  # the invite link was logged
+
+
+# --- access rules -------------------------------------------------------------------------
+
+
+def discord_rules(**rules: object) -> Access:
+    return Access.model_validate({"discord": rules})
+
+
+async def replies_to(fake: FakeDiscord, message: dict) -> list[str]:
+    """The bot's short answers to `message` in its channel (no thread is opened for them),
+    once a later message by Alice has been answered (so the denied one was handled)."""
+    later = await mention(fake, "and me?")
+    await final_reply(fake, later["id"])
+    return [
+        m["content"]
+        for m in bot_messages(fake, message["channel_id"])
+        if (m.get("message_reference") or {}).get("message_id") == message["id"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"users": {"deny": ["1003"]}},
+        {"roles": {"allow": ["77"]}},  # Bob has only role 78
+        {"roles": {"deny": ["78"]}},
+        {"servers": {"allow": ["123"]}},
+        {"channels": {"deny": ["closed"]}},
+    ],
+)
+async def test_denied_by_user_role_server_or_channel(fake, discord_bot, rules):
+    """Bob, in the closed channel, is denied; Alice, an admin, is answered whatever the rules."""
+    fake.roles = {"77": "helpers", "78": "guests"}
+    fake.member_roles = {fake.alice["id"]: ["77"], fake.bob["id"]: ["78"]}
+    closed = fake.snowflake()  # this test's own: a denial is remembered for an hour
+    fake.channels[closed] = fake.channels[fake.channel_id] | {"id": closed, "name": "closed"}
+    if "channels" in rules:
+        rules = {"channels": {"deny": [closed]}}
+    access = discord_rules(**rules).model_copy(update={"admins": (fake.alice["id"],)})
+    async with discord_bot(access=access) as (_service, engine):
+        denied = fake.user_message(closed, "hello", author=fake.bob, mentions_bot=True)
+        await fake.dispatch("MESSAGE_CREATE", denied)
+        again = fake.user_message(closed, "hello?", author=fake.bob, mentions_bot=True)
+        await fake.dispatch("MESSAGE_CREATE", again)
+        said = await replies_to(fake, denied)
+        said_again = await replies_to(fake, again)
+    assert said == [replies.denied()]
+    assert said_again == []  # once an hour per conversation
+    assert [p[-1]["content"] for p in engine.prompts] == ["and me?", "and me?"]
+    assert denied["id"] not in fake.channels  # no thread was opened for it
+
+
+async def test_dms_off(fake, discord_bot):
+    async with discord_bot(access=discord_rules(dms=False)) as (_service, engine):
+        dm = fake.dm_message("hi in private")
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        said = await replies_to(fake, dm)
+    assert said == [replies.denied()]
+    assert [p[-1]["content"] for p in engine.prompts] == ["and me?"]
+
+
+# --- attachments --------------------------------------------------------------------------
+
+
+async def test_a_text_attachment_reaches_the_prompt(fake, discord_bot):
+    text = "Ship on Friday — maybe.".encode()
+    notes = fake.attachment(fake.channel_id, "notes.txt", text, "text/plain; charset=utf-8")
+    async with discord_bot(max_input_chars=2000) as (_service, engine):
+        message = fake.user_message(
+            fake.channel_id, "what does this say?", mentions_bot=True, attachments=[notes]
+        )
+        await fake.dispatch("MESSAGE_CREATE", message)
+        await final_reply(fake, message["id"])
+    assert engine.prompts[0][-1]["content"] == (
+        "what does this say?\n\n[attached: notes.txt]\nShip on Friday — maybe."
+    )
+    assert len(fake.downloads) == 1
+
+
+async def test_a_binary_attachment_alone_is_named_and_not_downloaded(fake, discord_bot):
+    dm = fake.dm_channel(fake.alice["id"])["id"]
+    photo = fake.attachment(dm, "photo.png", b"\x89PNG\r\n" + bytes(120_000), "image/png")
+    async with discord_bot(max_input_chars=2000) as (_service, engine):
+        message = fake.dm_message("", attachments=[photo])
+        await fake.dispatch("MESSAGE_CREATE", message)
+        await final_reply(fake, dm)
+    assert engine.prompts == [
+        [{"role": "user", "content": "[attached: photo.png, image/png, 121 KB: not read]"}]
+    ]
+    assert fake.downloads == []
+
+
+async def test_attachments_too_large_or_unavailable_are_named_and_the_turn_goes_on(
+    fake, discord_bot
+):
+    dm = fake.dm_channel(fake.alice["id"])["id"]
+    huge = fake.attachment(dm, "huge.log", b"x" * (MAX_FILE_BYTES + 1), "text/plain")
+    expired = fake.attachment(dm, "old.txt", b"from last year", "text/plain")
+    expired["url"] = expired["url"].replace("hm=", "hm=0")  # a URL the CDN did not sign
+    async with discord_bot(max_input_chars=2000) as (_service, engine):
+        message = fake.dm_message("two files", attachments=[huge, expired])
+        await fake.dispatch("MESSAGE_CREATE", message)
+        reply = await final_reply(fake, dm)
+    assert engine.prompts[0][-1]["content"] == (
+        "two files\n\n"
+        "[attached: huge.log, text/plain, 1.0 MB: not read: larger than 1.0 MB]\n\n"
+        "[attached: old.txt, text/plain, 14 bytes: not read: the download failed]"
+    )
+    assert reply["content"]
+    assert fake.downloads == []

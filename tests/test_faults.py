@@ -387,3 +387,45 @@ async def test_a_second_sigterm_exits_at_once(slack, bot, redis_server):
     await bot(MAX_NEW_TOKENS="20")
     [reply] = await answered(slack, "C0001", mention["ts"])
     assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]
+
+
+async def test_sighup_reloads_the_team_file_without_dropping_anything(
+    slack, bot, redis_server, tmp_path
+):
+    """Injected: threadbot.yml rewritten to deny Alice, then SIGHUP; then rewritten with a
+    mistake, then SIGHUP again. Holds: the first reload denies Alice at once, with her
+    conversation kept and the Socket Mode connection never dropped; the broken file is
+    refused with its line, and the rules in effect stay."""
+    config = tmp_path / "threadbot.yml"  # the bot runs in tmp_path: found without a setting
+    config.write_text("access:\n  admins: [U0ADMIN]\n")
+    process = await bot()
+    connections = slack.connections
+    first = slack.app_mention("C0001", "What is the capital of France?")
+    await slack.send_event(first)
+    await answered(slack, "C0001", first["ts"])
+
+    config.write_text("access:\n  slack:\n    users:\n      deny: [U0ALICE]\n")
+    process.reload()
+    await process.wait_log(r"configuration reloaded: access changed")
+    follow_up = slack.user_message("C0001", "And of Spain?", thread_ts=first["ts"])
+    await slack.send_event(follow_up)
+    denial = await slack.wait_for(
+        lambda: (posts := bot_replies(slack, "C0001", first["ts"])) and len(posts) == 2
+        and posts[1],
+        30,
+    )  # fmt: skip
+    assert denial["text"] == replies.denied()
+    conversation = f"slack:T0001:C0001:{first['ts']}"
+    kept = await stored(redis_server, conversation)
+    assert [m["role"] for m in kept] == ["user", "assistant"]  # and not the denied message
+
+    config.write_text("access:\n  slack:\n    users:\n      deny: [U0ALICE\n")
+    process.reload()
+    await process.wait_log(r"configuration not reloaded; the old one stays: .*line \d")
+    bob = slack.app_mention("C0001", "What is the capital of Italy?", user="U0BOB")
+    await slack.send_event(bob)
+    await answered(slack, "C0001", bob["ts"])
+    await slack.send_event(slack.user_message("C0001", "Hello?", thread_ts=first["ts"]))
+    await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+    assert await stored(redis_server, conversation) == kept  # Alice is still denied
+    assert slack.connections == connections and process.alive

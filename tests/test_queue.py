@@ -162,3 +162,67 @@ async def test_a_broken_engine_loop_stops_requests_and_says_the_engine_died(make
         assert queue.died.is_set()  # what `threadbot run` waits on, to exit and be restarted
         with pytest.raises(EngineStopped):  # refused at once from now on, never "busy"
             queue.submit(HELLO, user="u", conversation="c")
+
+
+async def test_options_reach_the_engine_and_the_answer_reports_its_token_counts(make_batcher):
+    spy = SpyEngine(make_batcher(max_new_tokens=12))
+    async with InferenceQueue(engine=spy, max_size=4, timeout=60) as queue:
+        generation = queue.submit(
+            HELLO, user="u1", conversation="c1", max_new_tokens=5, temperature=0
+        )
+        assert (generation.prompt_tokens, generation.answer_tokens) == (0, 0)  # not yet
+        await collect(generation)
+    assert spy.options == [{"max_new_tokens": 5, "temperature": 0}]
+    assert generation.text == answer_alone(spy.batcher, HELLO, max_new_tokens=5)
+    assert generation.answer_tokens == 5
+    assert generation.prompt_tokens == spy.batcher.engine.count_tokens(HELLO)
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+    ],
+)
+async def test_options_out_of_range_are_refused_by_name(make_batcher, options, named):
+    spy = SpyEngine(make_batcher())
+    async with InferenceQueue(engine=spy, max_size=4, timeout=60) as queue:
+        with pytest.raises(ValueError, match=named):
+            queue.submit(HELLO, user="u1", conversation="c1", **options)
+        assert queue.depth == 0
+    assert not spy.prompts
+
+
+async def test_places_follow_the_fair_order_and_depth_counts_waiting_and_running(make_batcher):
+    """One slot, held by alice's first request; her others wait behind bob's and carol's,
+    since she already has one running."""
+    gated = GatedEngine(make_batcher(max_batch=1, max_new_tokens=2))
+    async with InferenceQueue(engine=gated, max_size=8, timeout=60) as queue:
+        alice = [queue.submit(HELLO, user="alice", conversation=f"a{i}") for i in range(3)]
+        bob = queue.submit(HELLO, user="bob", conversation="b")
+        carol = queue.submit(HELLO, user="carol", conversation="c")
+        for _ in range(500):  # until the engine thread has taken alice's first (bounded)
+            if queue.place(alice[0]) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert queue.depth == 5
+        assert [queue.place(g) for g in (*alice, bob, carol)] == [0, 3, 4, 1, 2]
+        assert queue.places("alice") == [("a0", 0), ("a1", 3), ("a2", 4)]
+        assert queue.places("bob") == [("b", 1)] and queue.places("dave") == []
+        bob.cancel()  # out of the line at once: the others move up
+        assert queue.place(bob) is None
+        assert [queue.place(g) for g in (*alice, carol)] == [0, 2, 3, 1]
+        served: list[str] = []
+
+        async def ask(generation) -> None:
+            await collect(generation)
+            assert queue.place(generation) is None  # over as soon as its end is seen
+            served.append(generation.conversation)
+
+        gated.gate.set()
+        await asyncio.gather(*(ask(g) for g in (*alice, carol)))
+        assert served == ["a0", "c", "a1", "a2"]  # the order their places said
+        assert queue.depth == 0
+        assert queue.places("alice") == []

@@ -12,8 +12,7 @@ import asyncio
 import json
 import socket
 import time
-from contextlib import asynccontextmanager
-from functools import partial
+import uuid
 
 import aiohttp
 import pytest
@@ -28,6 +27,7 @@ from conftest import (
 from fake_slack import FakeSlack
 
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, THREAD_CONTEXT_LIMIT, SlackAdapter
+from adapters.slack_files import SlackDownloadRefused, slack_attachments
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Settings
@@ -38,39 +38,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture
-async def slack():
-    async with FakeSlack() as fake:
-        yield fake
-
-
-@pytest.fixture
-def socket_mode(slack, make_service):
-    """Runs the adapter in Socket Mode on a service (see `serving`); yields (service, engine).
-    These tests are of the placeholder-and-edit path unless they ask for `streaming`."""
-    return partial(serving, slack, make_service)
-
-
-@asynccontextmanager
-async def serving(slack, make_service, engine=None, *, streaming="edit", **service_options):
-    """The adapter, built from settings as `threadbot run` builds it, on a service made by
-    `make_service(engine, **service_options)`, connected to the fake by Socket Mode."""
-    settings = Settings(
-        _env_file=None,
-        slack_bot_token=slack.bot_token,
-        slack_app_token=slack.app_token,
-        slack_api_url=slack.api_url,
-        stream_edit_interval=0.05,
-        slack_streaming=streaming,
-    )
-    async with (
-        make_service(engine, **service_options) as (service, engine),
-        running(SlackAdapter.from_settings(settings, service)),
-    ):
-        await slack.wait_connected(timeout=10)
-        yield service, engine
 
 
 async def final_reply(slack: FakeSlack, channel: str, thread_ts: str | None, *, after: int = 0):
@@ -389,3 +356,100 @@ async def test_threadbot_run_serves_slack_until_sigterm(slack, threadbot_run):
     assert "paris" in reply["text"].lower()
     assert stopped.returncode == 0  # SIGTERM is a clean stop
     assert "Traceback" not in stopped.stderr
+
+
+# --- attachments and model output ---------------------------------------------------------
+
+
+async def test_a_text_file_shared_with_a_mention_reaches_the_prompt(slack, socket_mode):
+    """Slack sends app_mention and a file_share message for it: one answer, file read."""
+    plan = slack.upload("plan.txt", "Ship on Friday — maybe.".encode(), "text/plain")
+    async with socket_mode(max_input_chars=2000) as (_service, engine):
+        mention, message = slack.mention_pair("C0001", "what does this say?", files=[plan])
+        await slack.send_event(mention)
+        await slack.send_event(message)
+        await final_reply(slack, "C0001", mention["ts"])
+        await asyncio.gather(*(slack.wait_for_ack(e["envelope_id"]) for e in slack.envelopes))
+    assert [p[-1]["content"] for p in engine.prompts] == [
+        "what does this say?\n\n[attached: plan.txt]\nShip on Friday — maybe."
+    ]
+    assert len(bot_posts(slack, "C0001")) == 1
+    assert plan["id"] in slack.downloads
+
+
+async def test_a_mention_sharing_a_file_is_answered_without_its_app_mention(slack, socket_mode):
+    """Slack may send only the file_share message for a mention that shares a file."""
+    notes = slack.upload("notes.md", b"# Notes", "text/markdown")
+    async with socket_mode(max_input_chars=2000) as (_service, engine):
+        _mention, message = slack.mention_pair("C0001", "read this", files=[notes])
+        await slack.send_event(message)
+        await final_reply(slack, "C0001", message["ts"])
+    assert engine.prompts[0][-1]["content"] == "read this\n\n[attached: notes.md]\n# Notes"
+
+
+async def test_a_binary_file_alone_is_named_and_not_downloaded(slack, socket_mode):
+    photo = slack.upload("photo.png", b"\x89PNG\r\n" + bytes(120_000), "image/png")
+    dm = f"D{uuid.uuid4().hex[:8].upper()}"  # a DM of its own: no history from other tests
+    async with socket_mode(max_input_chars=2000) as (_service, engine):
+        await slack.send_event(slack.file_share(dm, "", [photo], channel_type="im"))
+        await final_reply(slack, dm, None)
+    assert engine.prompts == [
+        [{"role": "user", "content": "[attached: photo.png, image/png, 121 KB: not read]"}]
+    ]
+    assert slack.downloads == []
+
+
+async def test_a_file_shared_in_a_known_thread_is_answered(slack, socket_mode):
+    script = slack.upload("fix.py", b"print('hello')\n", "text/x-python")
+    async with socket_mode(max_input_chars=2000) as (_service, engine):
+        mention = slack.app_mention("C0001", "I will send a script")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+        await slack.send_event(slack.file_share("C0001", "", [script], thread_ts=mention["ts"]))
+        await final_reply(slack, "C0001", mention["ts"], after=1)
+        elsewhere = slack.file_share("C0001", "not for the bot", [script])
+        await slack.send_event(elsewhere)
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+    assert [p[-1]["content"] for p in engine.prompts] == [
+        "I will send a script",
+        "[attached: fix.py]\nprint('hello')",
+    ]
+    assert slack.downloads == [script["id"]]  # the file shared in the channel was not read
+
+
+async def test_a_file_slack_will_not_serve_is_named_and_the_turn_goes_on(slack, socket_mode):
+    gone = slack.upload("gone.txt", b"deleted meanwhile", "text/plain")
+    del slack.files[gone["id"]]
+    async with socket_mode(max_input_chars=2000) as (_service, engine):
+        await slack.send_event(slack.file_share("D0001", "see file", [gone], channel_type="im"))
+        reply = await final_reply(slack, "D0001", None)
+    assert engine.prompts[0][-1]["content"] == (
+        "see file\n\n[attached: gone.txt, text/plain, 17 bytes: not read: the download failed]"
+    )
+    assert reply["text"]
+
+
+async def test_a_download_without_the_bot_token_meets_the_sign_in_page(slack):
+    """Slack answers an unauthorised download with its sign-in page, never the file."""
+    secret = slack.upload("secret.txt", b"the launch codes", "text/plain")
+    async with aiohttp.ClientSession() as http, http.get(secret["url_private"]) as response:
+        assert response.content_type == "text/html"
+        assert "launch codes" not in await response.text()
+    [wrong] = slack_attachments([secret], token="xoxb-wrong")
+    [right] = slack_attachments([secret], token=slack.bot_token)
+    assert wrong.download is not None and right.download is not None
+    with pytest.raises(SlackDownloadRefused):
+        await wrong.download(100)
+    assert await right.download(100) == b"the launch codes"
+    assert slack.downloads == [secret["id"]]
+
+
+async def test_reasoning_is_never_posted(slack, socket_mode):
+    reasoning = "<think>" + "The user wants a greeting, so I will greet them. " * 8 + "</think>"
+    async with socket_mode(ScriptedEngine(reasoning + "Hello there!")):
+        mention = slack.app_mention("C0001", "hi")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert reply["text"] == "Hello there!"
+    sent = slack.calls_to("chat.postMessage") + slack.calls_to("chat.update")
+    assert all("greet" not in call.params["text"] for call in sent)

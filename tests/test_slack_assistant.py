@@ -5,27 +5,20 @@ suggested prompts when a thread starts, the status while a turn is queued and an
 
 from __future__ import annotations
 
-import pytest
 from conftest import FailsOnceEngine, GatedEngine, ScriptedEngine
 from fake_slack import FakeSlack
-from test_slack_adapter import final_reply, serving
+from test_slack_adapter import final_reply
 
 from adapters.slack_assistant import GREETING, SUGGESTED_PROMPTS, THINKING, title_of
 from bot import replies
-
-
-@pytest.fixture
-async def slack():
-    async with FakeSlack() as fake:
-        yield fake
 
 
 def statuses(slack: FakeSlack) -> list[str]:
     return [call.params["status"] for call in slack.calls_to("assistant.threads.setStatus")]
 
 
-async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, make_service):
-    async with serving(slack, make_service, streaming="auto"):
+async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, socket_mode):
+    async with socket_mode(streaming="auto"):
         started = slack.assistant_thread_started("D0001")
         await slack.wait_for_ack(await slack.send_event(started))
         thread_ts = started["assistant_thread"]["thread_ts"]
@@ -36,10 +29,10 @@ async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, m
 
 
 async def test_the_status_shows_while_answering_and_the_title_is_the_first_question(
-    slack, make_service, make_batcher
+    slack, socket_mode, make_batcher
 ):
     gated = GatedEngine(make_batcher())
-    async with serving(slack, make_service, gated, streaming="auto"):
+    async with socket_mode(gated, streaming="auto"):
         started = slack.assistant_thread_started("D0001")
         await slack.send_event(started)
         thread_ts = started["assistant_thread"]["thread_ts"]
@@ -64,8 +57,8 @@ async def test_the_status_shows_while_answering_and_the_title_is_the_first_quest
     assert all("Chats from" not in m["content"] for m in first_prompt)  # Slack's own title
 
 
-async def test_a_failed_answer_clears_the_status(slack, make_service, make_batcher):
-    async with serving(slack, make_service, FailsOnceEngine(make_batcher()), streaming="auto"):
+async def test_a_failed_answer_clears_the_status(slack, socket_mode, make_batcher):
+    async with socket_mode(FailsOnceEngine(make_batcher()), streaming="auto"):
         started = slack.assistant_thread_started("D0001")
         await slack.send_event(started)
         thread_ts = started["assistant_thread"]["thread_ts"]
@@ -78,8 +71,8 @@ async def test_a_failed_answer_clears_the_status(slack, make_service, make_batch
     assert ("D0001", thread_ts) not in slack.statuses
 
 
-async def test_a_pane_answer_by_edits_sets_the_status_too(slack, make_service):
-    async with serving(slack, make_service, ScriptedEngine("Fine, thanks."), streaming="edit"):
+async def test_a_pane_answer_by_edits_sets_the_status_too(slack, socket_mode):
+    async with socket_mode(ScriptedEngine("Fine, thanks."), streaming="edit"):
         started = slack.assistant_thread_started("D0001")
         await slack.send_event(started)
         thread_ts = started["assistant_thread"]["thread_ts"]

@@ -3,57 +3,61 @@ Mode, bolt acks it, and the answer reaches the command's response_url, ephemeral
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from fake_slack import FakeSlack
-from test_slack_adapter import final_reply, serving
+from test_slack_adapter import final_reply
 
 from adapters.slack_command import thread_only
+from adapters.slack_format import to_mrkdwn
 from bot import replies
+from bot.config import Access
 
 
-@pytest.fixture
-async def slack():
-    async with FakeSlack() as fake:
-        yield fake
+def new_dm() -> str:
+    """A DM of the test's own: no history (or remembered denial) from other tests."""
+    return f"D{uuid.uuid4().hex[:10].upper()}"
 
 
-async def responses(slack: FakeSlack, trigger_id: str, count: int = 1) -> list[dict]:
-    """What the command's response_url was sent, once it was sent `count` messages."""
-    return await slack.wait_for(lambda: len(slack.responses[trigger_id]) >= count and
-                                slack.responses[trigger_id], timeout=30)  # fmt: skip
+async def responses(slack: FakeSlack, trigger_id: str) -> list[dict]:
+    """What the command's response_url was sent, once it was sent something."""
+    return await slack.wait_for(lambda: slack.responses[trigger_id], timeout=30)
 
 
-async def test_reset_in_a_dm_clears_that_dm_and_answers_only_its_sender(slack, make_service, store):
-    async with serving(slack, make_service) as (_service, engine):
-        await slack.send_event(slack.dm("D0001", "remember the number 42"))
-        await final_reply(slack, "D0001", None)
-        assert await store.load("slack:T0001:D0001:D0001")
-        trigger = await slack.send_command("D0001", "reset")
+async def test_reset_in_a_dm_clears_that_dm_and_answers_only_its_sender(slack, socket_mode, store):
+    dm = new_dm()
+    async with socket_mode() as (_service, engine):
+        await slack.send_event(slack.dm(dm, "remember the number 42"))
+        await final_reply(slack, dm, None)
+        assert await store.load(f"slack:T0001:{dm}:{dm}")
+        trigger = await slack.send_command(dm, "reset")
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
         [response] = await responses(slack, trigger)
-        assert await store.load("slack:T0001:D0001:D0001") == []
-        await slack.send_event(slack.dm("D0001", "what was the number?"))
-        await final_reply(slack, "D0001", None, after=1)
+        assert await store.load(f"slack:T0001:{dm}:{dm}") == []
+        await slack.send_event(slack.dm(dm, "what was the number?"))
+        await final_reply(slack, dm, None, after=1)
     assert response["response_type"] == "ephemeral"
     assert response["text"] == replies.conversation_reset()
     assert engine.prompts[-1] == [{"role": "user", "content": "what was the number?"}]
 
 
 @pytest.mark.parametrize("text", ["", "help", "frobnicate the widgets"])
-async def test_help_and_unknown_commands_are_answered_ephemerally(slack, make_service, text):
-    async with serving(slack, make_service):
-        trigger = await slack.send_command("D0001", text)
+async def test_help_and_unknown_commands_are_answered_with_the_help(slack, socket_mode, text):
+    dm = new_dm()
+    async with socket_mode():
+        trigger = await slack.send_command(dm, text)
         [response] = await responses(slack, trigger)
     assert response["response_type"] == "ephemeral"
-    assert response["text"]
-    assert "D0001" not in slack.channels  # nothing was posted in the DM itself
+    assert response["text"] == to_mrkdwn(replies.help_text(admin=False))
+    assert dm not in slack.channels  # nothing was posted in the DM itself
 
 
 @pytest.mark.parametrize("order", ["reset", "forget"])
 async def test_reset_in_a_channel_points_to_the_thread_and_clears_nothing(
-    slack, make_service, store, order
+    slack, socket_mode, store, order
 ):
-    async with serving(slack, make_service):
+    async with socket_mode():
         mention = slack.app_mention("C0001", "remember the number 42")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -62,3 +66,16 @@ async def test_reset_in_a_channel_points_to_the_thread_and_clears_nothing(
     assert response["response_type"] == "ephemeral"
     assert response["text"] == thread_only(order)
     assert len(await store.load(f"slack:T0001:C0001:{mention['ts']}")) == 2  # untouched
+
+
+async def test_a_denied_user_is_told_and_nothing_is_done(slack, socket_mode, store):
+    dm = new_dm()
+    denied = Access.model_validate({"slack": {"users": {"deny": ["U0BOB"]}}})
+    async with socket_mode(access=denied):
+        await slack.send_event(slack.dm(dm, "remember the number 42"))
+        await final_reply(slack, dm, None)
+        trigger = await slack.send_command(dm, "forget", user="U0BOB")
+        [response] = await responses(slack, trigger)
+    assert response == {"text": replies.denied(), "response_type": "ephemeral",
+                        "unfurl_links": False, "unfurl_media": False}  # fmt: skip
+    assert len(await store.load(f"slack:T0001:{dm}:{dm}")) == 2  # not forgotten

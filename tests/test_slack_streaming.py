@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import pytest
 from conftest import ScriptedEngine
 from fake_slack import FakeSlack
 from slack_sdk.web.async_client import AsyncWebClient
-from test_slack_adapter import final_reply, serving
+from test_slack_adapter import final_reply
 
 from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
@@ -29,12 +28,6 @@ ANSWER = (
 STREAMING = ("chat.startStream", "chat.appendStream", "chat.stopStream")
 
 
-@pytest.fixture
-async def slack():
-    async with FakeSlack() as fake:
-        yield fake
-
-
 def streamed_text(slack: FakeSlack, ts: str) -> str:
     """The Markdown the stream calls for one message carried, in order."""
     return "".join(
@@ -46,8 +39,8 @@ def streamed_text(slack: FakeSlack, ts: str) -> str:
     )
 
 
-async def test_an_answer_streams_natively_into_its_thread(slack, make_service):
-    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="auto"):
+async def test_an_answer_streams_natively_into_its_thread(slack, socket_mode):
+    async with socket_mode(ScriptedEngine(ANSWER), streaming="auto"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -67,11 +60,11 @@ async def test_an_answer_streams_natively_into_its_thread(slack, make_service):
     assert slack.statuses == {}
 
 
-async def test_a_long_native_answer_continues_in_further_streams(slack, make_service):
+async def test_a_long_native_answer_continues_in_further_streams(slack, socket_mode):
     paragraphs = [f"Paragraph {n}: " + "lorem ipsum " * 40 for n in range(60)]
     answer = "\n\n".join(paragraphs)
     assert len(answer) > 2 * MARKDOWN_LIMIT
-    async with serving(slack, make_service, ScriptedEngine(answer), streaming="native"):
+    async with socket_mode(ScriptedEngine(answer), streaming="native"):
         mention = slack.app_mention("C0001", "write a lot")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -86,11 +79,11 @@ async def test_a_long_native_answer_continues_in_further_streams(slack, make_ser
 
 
 async def test_a_refusing_workspace_is_answered_by_edits_and_not_asked_again(
-    slack, make_service, caplog
+    slack, socket_mode, caplog
 ):
     slack.refuse_streaming("method_not_allowed_for_app")
     caplog.set_level(logging.WARNING, logger="adapters.slack_adapter")
-    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="auto"):
+    async with socket_mode(ScriptedEngine(ANSWER), streaming="auto"):
         first = slack.app_mention("C0001", "first question")
         await slack.send_event(first)
         refused = await final_reply(slack, "C0001", first["ts"])
@@ -109,12 +102,12 @@ async def test_a_refusing_workspace_is_answered_by_edits_and_not_asked_again(
 
 
 async def test_a_refused_first_post_that_ends_the_turn_is_posted_by_the_edit_path(
-    slack, make_service
+    slack, socket_mode
 ):
     """Refused at an ending (a command's reply, the turn's only post): that text is posted
     as it is, with no placeholder before it."""
     slack.refuse_streaming("feature_not_enabled")
-    async with serving(slack, make_service, streaming="auto"):
+    async with socket_mode(streaming="auto"):
         mention = slack.app_mention("C0001", "reset")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -124,8 +117,8 @@ async def test_a_refused_first_post_that_ends_the_turn_is_posted_by_the_edit_pat
     assert post.params["text"] == replies.conversation_reset()
 
 
-async def test_edit_mode_never_streams(slack, make_service):
-    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="edit"):
+async def test_edit_mode_never_streams(slack, socket_mode):
+    async with socket_mode(ScriptedEngine(ANSWER), streaming="edit"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -133,17 +126,15 @@ async def test_edit_mode_never_streams(slack, make_service):
     assert not any(slack.calls_to(method) for method in STREAMING)
 
 
-async def test_a_top_level_dm_answer_is_edited_as_slack_streams_only_in_threads(
-    slack, make_service
-):
-    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="native"):
+async def test_a_top_level_dm_answer_is_edited_as_slack_streams_only_in_threads(slack, socket_mode):
+    async with socket_mode(ScriptedEngine(ANSWER), streaming="native"):
         await slack.send_event(slack.dm("D0001", "hi"))
         reply = await final_reply(slack, "D0001", None)
     assert reply["text"].startswith("Paris is the *capital*")
     assert not slack.calls_to("chat.startStream")
 
 
-async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, make_service):
+async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, socket_mode):
     """Slack ends a stream some minutes after it began: the message is edited from then on."""
 
     def end_at_once(call):
@@ -151,7 +142,7 @@ async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, make
             slack.end_streams()
 
     slack.after_call = end_at_once
-    async with serving(slack, make_service, ScriptedEngine(ANSWER), streaming="native"):
+    async with socket_mode(ScriptedEngine(ANSWER), streaming="native"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -163,7 +154,7 @@ async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, make
     assert len([m for m in slack.channels["C0001"] if m.get("user") == slack.bot_user_id]) == 1
 
 
-async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, make_service):
+async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, socket_mode):
     """Slack's stop button ends a stream for good: nothing more is appended, nothing replaces
     it, and the answer is still kept in the conversation."""
 
@@ -173,7 +164,7 @@ async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, make_
 
     slack.after_call = stop_at_once
     engine = ScriptedEngine(ANSWER)
-    async with serving(slack, make_service, engine, streaming="native") as (service, _):
+    async with socket_mode(engine, streaming="native") as (service, _):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         key = str(ConversationKey("slack", "T0001", "C0001", mention["ts"]))

@@ -1,0 +1,149 @@
+"""Files attached to a message, as text the model reads with it: text files read, others named.
+
+Platform-neutral: an adapter describes each file as an `Attachment` (name, type, size, and
+how to download its first bytes), and `with_attachments` adds them to the message's text.
+Text files (by extension or text/* type) are read as UTF-8, up to MAX_ATTACHMENT_CHARS in
+all, and never past what leaves the whole message within MAX_INPUT_CHARS (which the
+service enforces); what is cut is marked. Other files, files that turn out to hold binary
+data, files over MAX_FILE_BYTES and failed or slow downloads are named with the reason, so
+neither the model nor the user is left guessing; nothing here fails the turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from bot.config import Settings
+
+logger = logging.getLogger(__name__)
+
+TEXT_EXTENSIONS = frozenset({
+    "txt", "text", "md", "markdown", "rst", "adoc", "org", "tex", "py", "pyi", "ipynb", "json",
+    "jsonl", "ndjson", "csv", "tsv", "yaml", "yml", "toml", "ini", "cfg", "conf", "env",
+    "properties", "log", "diff", "patch", "js", "mjs", "cjs", "jsx", "ts", "tsx", "vue",
+    "svelte", "html", "htm", "css", "scss", "sass", "less", "xml", "svg", "sql", "sh", "bash",
+    "zsh", "fish", "ps1", "bat", "c", "h", "cc", "cpp", "cxx", "hpp", "hh", "cs", "java", "kt",
+    "kts", "scala", "groovy", "gradle", "go", "rs", "rb", "php", "pl", "pm", "lua", "r", "jl",
+    "swift", "m", "mm", "dart", "ex", "exs", "erl", "hs", "ml", "clj", "elm", "nim", "zig",
+    "proto", "graphql", "gql", "tf", "hcl", "srt", "vtt",
+    "dockerfile", "makefile", "gitignore", "editorconfig",  # whole names, no extension
+})  # fmt: skip
+TEXT_TYPES = frozenset({
+    "application/json", "application/xml", "application/javascript", "application/x-javascript",
+    "application/yaml", "application/x-yaml", "application/toml", "application/sql",
+    "application/x-sh", "application/x-python", "application/x-ndjson", "application/ld+json",
+})  # fmt: skip
+MAX_FILE_BYTES = 2**20  # larger files are named, not downloaded
+NAME_CHARS = 100  # a file name is shortened to this in its label
+LABEL_ROOM = 300  # room kept in MAX_INPUT_CHARS for each file's label lines
+TRUNCATED = "[… truncated]"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One file on a message, as the platform describes it.
+
+    `download(n)` returns at least the file's first `n` bytes (all of a shorter file; it
+    may return more) and raises on failure; None where the file cannot be downloaded."""
+
+    name: str
+    mimetype: str  # "" where the platform does not say
+    size: int | None  # in bytes, where the platform says
+    download: Callable[[int], Awaitable[bytes]] | None
+
+
+class _NotRead(Exception):
+    """A file is named rather than read; the message says why."""
+
+
+def is_text(name: str, mimetype: str) -> bool:
+    """Whether a file is meant to be read as text, by its type or its name."""
+    mimetype = mimetype.split(";")[0].strip().lower()
+    if mimetype.startswith("text/") or mimetype in TEXT_TYPES:
+        return True
+    path = PurePosixPath(name.lower())
+    return (
+        path.suffix.removeprefix(".") in TEXT_EXTENSIONS or path.name.lstrip(".") in TEXT_EXTENSIONS
+    )
+
+
+async def with_attachments(
+    text: str, attachments: Sequence[Attachment], *, settings: Settings, timeout: float
+) -> str:
+    """`text` followed by its attachments: each text file's content under its name, each
+    other file named. Downloads together take at most `timeout` seconds."""
+    if not attachments:
+        return text
+    room = settings.max_input_chars - len(text) - LABEL_ROOM * len(attachments)
+    budget = max(0, min(settings.max_attachment_chars, room))
+    deadline = asyncio.get_running_loop().time() + timeout
+    parts = [text] if text else []
+    for attachment in attachments:
+        try:
+            content, cut = await _read(attachment, budget, deadline)
+        except _NotRead as reason:
+            parts.append(_label(attachment, str(reason)))
+            continue
+        budget -= len(content)
+        parts.append("\n".join([_label(attachment), content, *([TRUNCATED] if cut else [])]))
+    return "\n\n".join(parts)
+
+
+async def _read(attachment: Attachment, budget: int, deadline: float) -> tuple[str, bool]:
+    """The file's text, at most `budget` characters, and whether it was cut; or _NotRead."""
+    if not is_text(attachment.name, attachment.mimetype) or attachment.download is None:
+        raise _NotRead("not read")
+    if attachment.size is not None and attachment.size > MAX_FILE_BYTES:
+        raise _NotRead(f"not read: larger than {_size(MAX_FILE_BYTES)}")
+    if budget <= 0:
+        raise _NotRead("not read: no room left for attachments")
+    wanted = 4 * budget + 4  # UTF-8 takes at most 4 bytes a character
+    try:
+        async with asyncio.timeout_at(deadline):
+            data = (await attachment.download(wanted))[:wanted]
+    except TimeoutError:
+        raise _NotRead("not read: the download took too long") from None
+    except Exception as error:
+        logger.warning("downloading attachment %r failed: %s", attachment.name, error)
+        raise _NotRead("not read: the download failed") from None
+    if b"\0" in data:
+        raise _NotRead("not read: binary data")
+    if not data:
+        raise _NotRead("empty")
+    complete = len(data) < wanted
+    # A download cut short may end inside a character: the decoder holds it back.
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+    content = decoder.decode(data, final=complete)
+    return content[:budget], len(content) > budget or not complete
+
+
+def _label(attachment: Attachment, reason: str | None = None) -> str:
+    """`[attached: name]`, or for a file not read, `[attached: name, type, size: reason]`."""
+    name = _cleaned(attachment.name) or "a file"
+    if reason is None:
+        return f"[attached: {name}]"
+    facts = [name, _cleaned(attachment.mimetype.split(";")[0])]
+    if attachment.size is not None:
+        facts.append(_size(attachment.size))
+    return f"[attached: {', '.join(fact for fact in facts if fact)}: {reason}]"
+
+
+def _cleaned(text: str) -> str:
+    """One line, no brackets (which would end the label), at most NAME_CHARS long."""
+    text = re.sub(r"[\s\[\]]+", " ", text).strip()
+    return text if len(text) <= NAME_CHARS else text[: NAME_CHARS - 1] + "…"
+
+
+def _size(size: int) -> str:
+    if size < 1000:
+        return f"{size} bytes"
+    if size < 1_000_000:
+        return f"{math.ceil(size / 1000)} KB"
+    return f"{size / 1_000_000:.1f} MB"

@@ -1,0 +1,224 @@
+"""Buttons on Discord answers: Stop while an answer is written, Regenerate on the newest.
+
+Each button's custom_id carries what its press needs (the turn, the asker, the
+conversation), so a button still works after a restart; only the asker or an admin may
+press it. Presses arrive as component interactions, answered within Discord's 3 s:
+a deferred update (the answer's own edits show the outcome), or an ephemeral refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import discord
+
+from adapters.base import failure_text
+from adapters.discord_channel import PLATFORM, DiscordChannel, set_buttons
+from adapters.streaming import StreamingReply
+from bot.service import ChatService
+from bot.types import ConversationKey
+
+logger = logging.getLogger(__name__)
+
+# Discord allows custom_ids of 100 characters; four snowflakes (20 digits at most) fit.
+STOP_ID = re.compile(r"tb:stop:(?P<seed>\d+):(?P<asker>\d+)")
+REGENERATE_ID = re.compile(
+    r"tb:regen:(?P<asker>\d+):(?P<workspace>\d+|-):(?P<channel>\d+):(?P<thread>\d+)"
+)
+STOP_REFUSED = "Only the asker or an admin can stop this."
+REGENERATE_REFUSED = "Only the asker or an admin can regenerate this."
+NOT_WRITING = "This answer is not being written any more."
+NOT_REGENERABLE = (
+    "Only the newest answer of a conversation can be regenerated, and only while no other "
+    "answer is being written there."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Who asked for an answer, and in which conversation: what its buttons carry."""
+
+    user: str
+    conversation: ConversationKey
+
+
+def stop_buttons(seed: str, asker: Asker) -> discord.ui.View:
+    """Stop, for the answer to the message `seed` (the turn's platform id)."""
+    return _view(discord.ui.Button(label="Stop", custom_id=f"tb:stop:{seed}:{asker.user}"))
+
+
+def regenerate_buttons(asker: Asker) -> discord.ui.View:
+    key = asker.conversation
+    custom_id = f"tb:regen:{asker.user}:{key.workspace}:{key.channel}:{key.thread}"
+    return _view(discord.ui.Button(label="Regenerate", emoji="🔄", custom_id=custom_id))
+
+
+def _view(button: discord.ui.Button[discord.ui.View]) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(button)
+    # Only its components are sent: stopped, discord.py keeps no per-message copy of it
+    # (presses are read from the custom_id, see AnswerButtons).
+    view.stop()
+    return view
+
+
+def last_message(place: dict[str, Any] | None) -> tuple[str, str] | None:
+    """The channel and id of the last message of an answer whose place was recorded."""
+    place = place or {}
+    channel, messages = place.get("channel"), place.get("messages") or []
+    return (str(channel), str(messages[-1])) if channel and messages else None
+
+
+class DiscordReply(StreamingReply):
+    """An answer with its buttons: Stop while it is written; once shown, Regenerate on
+    its last message, and its place recorded with the service. Starting, it takes
+    Regenerate off the conversation's previous answer, and deletes the further
+    messages (`replacing`) of the answer it regenerates.
+
+    Without an asker (a command's reply, a target saved by an older version) it has no
+    buttons. Refusals are finished without being started: they get no Regenerate.
+    """
+
+    target: DiscordChannel
+
+    def __init__(
+        self,
+        *,
+        target: DiscordChannel,
+        asker: Asker | None,
+        service: ChatService,
+        replacing: Sequence[str] = (),
+        **options: Any,
+    ) -> None:
+        super().__init__(target=target, **options)
+        self.asker = asker
+        self.service = service
+        self.replacing = list(replacing)
+        self.answering = bool(self.message_ids)  # a resumed answer has been started
+
+    def reply_target(self) -> dict[str, Any]:
+        target = super().reply_target()
+        if self.asker is not None:
+            target |= {"asker": self.asker.user, "conversation": str(self.asker.conversation)}
+        return target
+
+    async def start(self) -> None:
+        self.answering = True
+        if self.asker is not None:
+            await self._retire_previous(self.asker)
+            self.target.buttons = stop_buttons(self.target.seed, self.asker)
+        await super().start()
+
+    async def finish(self, text: str) -> None:
+        self.target.buttons = None
+        await super().finish(text)
+        if self.answering and self.asker is not None:
+            await self._offer_regenerate(self.asker)
+
+    async def fail(self, text: str) -> None:
+        self.target.buttons = None
+        await super().fail(text)
+
+    async def pause(self, text: str) -> None:
+        self.target.buttons = None
+        await super().pause(text)
+
+    async def _retire_previous(self, asker: Asker) -> None:
+        """Only tidying, so a failure is logged and the answer goes on."""
+        try:
+            previous = last_message(await self.service.answer_place(asker.conversation))
+            if previous and previous[1] not in {*self.message_ids, *self.replacing}:
+                await set_buttons(self.target.client, *previous, None)
+            while self.replacing:
+                await self.target.delete(self.replacing.pop())
+        except Exception:
+            logger.warning("could not tidy up before answering in %s", asker.conversation,
+                           exc_info=True)  # fmt: skip
+
+    async def _offer_regenerate(self, asker: Asker) -> None:
+        """The answer is shown already: a failure here is logged, not the user's problem."""
+        place = {"channel": self.target.destination_id, "messages": self.message_ids}
+        try:
+            await set_buttons(
+                self.target.client, place["channel"], self.message_ids[-1],
+                regenerate_buttons(asker),
+            )  # fmt: skip
+            await self.service.answer_shown(asker.conversation, place)
+        except Exception:
+            logger.warning("could not offer to regenerate in %s", asker.conversation,
+                           exc_info=True)  # fmt: skip
+
+
+Regenerating = Callable[[dict[str, Any], str, Asker], DiscordReply]
+"""The adapter's sink for a regenerated answer: (the old answer's place, seed, asker)."""
+
+
+class AnswerButtons:
+    """Carries out presses of Stop and Regenerate, for the asker or an admin."""
+
+    def __init__(self, *, service: ChatService, regenerating: Regenerating) -> None:
+        self.service = service
+        self.regenerating = regenerating
+
+    async def on_press(self, interaction: discord.Interaction) -> None:
+        """A component interaction: ours are carried out, others left alone. Never raises;
+        a failure is logged and told to the presser alone."""
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        by = str(interaction.user.id)
+        try:
+            if stop := STOP_ID.fullmatch(custom_id):
+                await self._stop(interaction, seed=stop["seed"], asker=stop["asker"], by=by)
+            elif regenerate := REGENERATE_ID.fullmatch(custom_id):
+                key = ConversationKey(
+                    PLATFORM, regenerate["workspace"], regenerate["channel"], regenerate["thread"]
+                )
+                await self._regenerate(interaction, Asker(regenerate["asker"], key), by=by)
+        except Exception as error:
+            text = failure_text(error, f"Discord button {custom_id} pressed by {by}")
+            try:
+                await self._tell(interaction, text)
+            except discord.DiscordException:
+                logger.warning("could not tell the presser about the failure", exc_info=True)
+
+    async def _stop(
+        self, interaction: discord.Interaction, *, seed: str, asker: str, by: str
+    ) -> None:
+        if not self._may(by, asker):
+            await self._tell(interaction, STOP_REFUSED)
+        elif self.service.stop_answer(f"{PLATFORM}:{seed}", by=by):
+            await interaction.response.defer()  # the answer's final edit shows the rest
+        else:  # it ended as it was pressed, or another process writes it
+            await self._tell(interaction, NOT_WRITING)
+
+    async def _regenerate(self, interaction: discord.Interaction, asker: Asker, *, by: str) -> None:
+        if not self._may(by, asker.user):
+            await self._tell(interaction, REGENERATE_REFUSED)
+            return
+        place = await self.service.answer_place(asker.conversation)
+        pressed = interaction.message and str(interaction.message.id)
+        newest = last_message(place)
+        request = str(interaction.id)
+        if place is None or newest is None or newest[1] != pressed:
+            await self._tell(interaction, NOT_REGENERABLE)
+        elif await self.service.regenerate(
+            asker.conversation, by=by, request_id=request,
+            sink=self.regenerating(place, request, asker),
+        ):  # fmt: skip
+            await interaction.response.defer()  # the answer's own edits show the new one
+        else:
+            await self._tell(interaction, NOT_REGENERABLE)
+
+    def _may(self, by: str, asker: str) -> bool:
+        return by == asker or self.service.team.is_admin(by)
+
+    @staticmethod
+    async def _tell(interaction: discord.Interaction, text: str) -> None:
+        """Say `text` to the presser alone, as the response or (once responded) after it."""
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)

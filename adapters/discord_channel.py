@@ -1,0 +1,141 @@
+"""Where a Discord answer goes: its conversation's key, and the messages it is posted in.
+
+Shared by the adapter (messages), its commands and its buttons; knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import discord
+
+from bot.types import ConversationKey
+
+logger = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MESSAGE_LIMIT = 2000
+THREAD_ARCHIVE_MINUTES = 1440
+THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
+NO_PINGS = discord.AllowedMentions.none()
+
+
+def nonce(seed: str, index: int) -> str:
+    """A send nonce derived from the turn, so a retried send cannot post twice."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return str(int.from_bytes(digest[:8], "big"))  # Discord allows up to 25 characters
+
+
+def conversation_key(channel: discord.abc.Snowflake, *, guild: str, root: str) -> ConversationKey:
+    """The conversation a message (or command) in `channel` belongs to: a DM is one
+    conversation, a thread is one, and in a server channel each conversation is keyed by
+    the message it started from (`root`)."""
+    channel_id = str(channel.id)
+    if isinstance(channel, discord.DMChannel):
+        return ConversationKey(PLATFORM, "-", channel_id, channel_id)
+    if isinstance(channel, discord.Thread):
+        return ConversationKey(PLATFORM, guild, str(channel.parent_id), channel_id)
+    return ConversationKey(PLATFORM, guild, channel_id, root)
+
+
+async def set_buttons(
+    client: discord.Client, channel: str, message_id: str, view: discord.ui.View | None
+) -> None:
+    """Replace a message's buttons (None: take them off), leaving its text as it is."""
+    message = client.get_partial_messageable(int(channel)).get_partial_message(int(message_id))
+    await message.edit(view=view, allowed_mentions=NO_PINGS)
+
+
+class DiscordChannel:
+    """Posts and edits the messages of one answer, by ids alone, so another process can
+    take the answer over. Never pings anyone, never embeds a link (Discord would fetch
+    a URL that model output or injected text put there), and never posts twice: each
+    send carries a nonce derived from the turn and the message's place in the answer.
+
+    With `thread_from`, the answer goes into a thread opened from that message (whose id
+    the thread takes), opened on the first post. `buttons` ride on every post and edit
+    while set; while None, edits take any buttons off.
+    """
+
+    def __init__(
+        self,
+        client: discord.Client,
+        *,
+        channel: str,
+        seed: str,
+        reply_to: str | None = None,
+        thread_from: str | None = None,
+        thread_name: str = "",
+        posted: int = 0,
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.seed = seed
+        self.reply_to = reply_to
+        self.thread_from = thread_from
+        self.thread_name = thread_name
+        self.posted = posted  # messages of this answer sent so far (earlier tries included)
+        self.thread_open = bool(posted)
+        self.buttons: discord.ui.View | None = None
+
+    def where(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "seed": self.seed,
+            "reply_to": self.reply_to,
+            "thread_from": self.thread_from,
+            "thread_name": self.thread_name,
+        }
+
+    @property
+    def destination_id(self) -> str:
+        """The channel the messages are in: the answer's thread, or the channel itself."""
+        return self.thread_from or self.channel
+
+    @property
+    def destination(self) -> discord.PartialMessageable:
+        return self.client.get_partial_messageable(int(self.destination_id))
+
+    async def typing(self) -> None:
+        await self._open_thread()
+        await self.destination.typing()
+
+    async def post(self, text: str) -> str:
+        await self._open_thread()
+        options: dict[str, Any] = {"allowed_mentions": NO_PINGS, "suppress_embeds": True}
+        if self.buttons is not None:
+            options["view"] = self.buttons
+        if self.reply_to is not None and not self.posted:
+            reference = discord.MessageReference(
+                message_id=int(self.reply_to),
+                channel_id=int(self.channel),
+                fail_if_not_exists=False,
+            )
+            options |= {"reference": reference, "mention_author": False}
+        message = await self.destination.send(text, nonce=nonce(self.seed, self.posted), **options)
+        self.posted += 1
+        return str(message.id)
+
+    async def edit(self, message_id: str, text: str) -> None:
+        message = self.destination.get_partial_message(int(message_id))
+        await message.edit(content=text, allowed_mentions=NO_PINGS, view=self.buttons)
+
+    async def delete(self, message_id: str) -> None:
+        await self.destination.get_partial_message(int(message_id)).delete()
+
+    async def _open_thread(self) -> None:
+        if self.thread_from is None or self.thread_open:
+            return
+        try:
+            await self.client.http.start_thread_with_message(
+                int(self.channel),
+                int(self.thread_from),
+                name=self.thread_name or "threadbot",
+                auto_archive_duration=THREAD_ARCHIVE_MINUTES,
+            )
+        except discord.HTTPException as error:
+            if error.code != THREAD_EXISTS:  # opened already, by an earlier try
+                raise
+        self.thread_open = True

@@ -1,0 +1,149 @@
+"""The bot's commands as Discord application ("slash") commands, answered ephemerally.
+
+Registered at start: in each server the bot is in, and in each it joins later (server
+commands appear at once), or once for all of Discord with DISCORD_GLOBAL_COMMANDS
+(which can take up to an hour to show, but also reaches DMs). The list not in use is
+emptied, so switching never shows a command twice. A command is handed to the service
+as a `Turn` of the conversation it was run in; only the person who ran it sees the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from adapters.base import answer
+from adapters.discord_channel import MESSAGE_LIMIT, NO_PINGS, conversation_key
+from adapters.text import split_message
+from bot.service import ChatService
+from bot.types import Command, Turn
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTIONS: dict[Command, str] = {
+    "help": "What I can do, and how to ask",
+    "reset": "Start this conversation over: I forget its history and go on answering here",
+    "forget": "Delete everything I stored of this conversation",
+    "status": "How I am doing",
+    "prompt": "The system prompt I use here",
+    "reload": "Reload the team's configuration (admins only)",
+    "stats": "Usage statistics (admins only)",
+}
+SCOPE_HELP = (
+    "invite the bot again with its logged invite link (it has the applications.commands scope)"
+)
+
+
+class EphemeralReply:
+    """A command's reply, seen only by who ran it: the deferred ("thinking") response is
+    edited to the text, and any further parts follow as ephemeral follow-ups. Commands
+    are not journaled, so nothing is resumed: the reply target is empty."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+        self.on_post: Callable[[], Awaitable[None]] | None = None
+        self.notice_text = ""
+        self.over = False
+
+    def reply_target(self) -> dict[str, Any]:
+        return {}
+
+    async def start(self) -> None:
+        """The response was deferred already: Discord shows the bot thinking."""
+
+    async def append(self, chunk: str) -> None:
+        """Nothing: a command's reply is shown whole."""
+
+    async def notice(self, text: str) -> None:
+        self.notice_text = f"*{text}*\n\n"
+
+    async def finish(self, text: str) -> None:
+        await self._show(self.notice_text + text)
+
+    async def fail(self, text: str) -> None:
+        if not self.over:
+            await self._show(text)
+
+    async def pause(self, text: str) -> None:
+        await self.fail(text)
+
+    async def _show(self, text: str) -> None:
+        first, *rest = split_message(text, MESSAGE_LIMIT) or [text]
+        await self.interaction.edit_original_response(content=first, allowed_mentions=NO_PINGS)
+        self.over = True
+        for part in rest:
+            await self.interaction.followup.send(part, ephemeral=True, allowed_mentions=NO_PINGS)
+
+
+class SlashCommands:
+    """The commands' tree on the client, their registration, and their handling."""
+
+    def __init__(
+        self, *, client: discord.Client, service: ChatService, global_commands: bool
+    ) -> None:
+        self.client = client
+        self.service = service
+        self.global_commands = global_commands
+        # The tree holds them as global commands, so an interaction finds its command
+        # whichever way it was registered; `register_in` copies them to a server.
+        self.tree = app_commands.CommandTree(client)
+        for name, description in DESCRIPTIONS.items():
+            command = app_commands.Command(
+                name=name, description=description, callback=self._callback(name)
+            )
+            self.tree.add_command(command)
+        self._registered: set[int] = set()  # servers done by this process
+
+    async def register(self) -> None:
+        """The global list, once logged in: the commands, or none where each server has
+        its own. A refusal is logged; the text commands still work."""
+        try:
+            if self.global_commands:
+                await self.tree.sync()
+            else:
+                await self.client.http.bulk_upsert_global_commands(self.client.application_id, [])
+        except discord.HTTPException as error:
+            logger.warning("Discord refused the global commands (%s): %s", error, SCOPE_HELP)
+
+    async def register_in(self, guild: discord.Guild) -> None:
+        """A server the bot is in (at start, or just joined), once a process: its own list,
+        the commands, or none where the global list has them."""
+        if guild.id in self._registered:
+            return
+        self._registered.add(guild.id)
+        if not self.global_commands:
+            self.tree.copy_global_to(guild=guild)
+        try:
+            await self.tree.sync(guild=guild)
+        except discord.HTTPException as error:
+            logger.warning("Discord refused the commands in server %s (%s): %s", guild.id,
+                           error, SCOPE_HELP)  # fmt: skip
+            self._registered.discard(guild.id)  # the next start (or a rejoin) tries again
+            return
+        logger.info("commands registered in server %s", guild.id)
+
+    def _callback(self, name: Command) -> Callable[[discord.Interaction], Awaitable[None]]:
+        async def run(interaction: discord.Interaction) -> None:
+            await self._run(interaction, name)
+
+        return run
+
+    async def _run(self, interaction: discord.Interaction, name: Command) -> None:
+        """Acknowledge at once (Discord allows 3 s), then let the service answer."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        # A kind of channel discord.py does not know is keyed by its id alone.
+        channel = interaction.channel or discord.Object(interaction.channel_id)
+        guild = str(interaction.guild_id) if interaction.guild_id else "-"
+        turn = Turn(
+            conversation_key(channel, guild=guild, root=str(interaction.id)),
+            str(interaction.user.id),
+            f"/{name}",
+            str(interaction.id),
+            command=name,
+            author_name=interaction.user.display_name,
+        )
+        await answer(self.service, turn, EphemeralReply(interaction))

@@ -1,0 +1,56 @@
+"""Slack's files on a message (`event["files"]`) as attachments the bot can read.
+
+Slack serves a file's `url_private_download` (or `url_private`) only with the bot token as
+`Authorization: Bearer` and the app's `files:read` scope; without them it answers with its
+sign-in page, an HTML 200, which must not be read as the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import aiohttp
+
+from adapters.attachments import Attachment
+
+CHUNK_BYTES = 64 * 1024
+
+
+class SlackDownloadRefused(Exception):
+    """Slack answered a download with its sign-in page."""
+
+
+def slack_attachments(files: Sequence[dict[str, Any]], *, token: str | None) -> list[Attachment]:
+    """The files of a message event. A file Slack only refers to (Slack Connect's
+    `check_file_info`, or one hidden by a plan's limits) has no URL: it is named only."""
+    return [_attachment(file, token) for file in files]
+
+
+def _attachment(file: dict[str, Any], token: str | None) -> Attachment:
+    url = file.get("url_private_download") or file.get("url_private")
+    mimetype = file.get("mimetype") or ""
+    download = None
+    if url and token:
+        download = partial(_download, url, token=token, html=mimetype.startswith("text/html"))
+    name = file.get("name") or file.get("title") or ""
+    return Attachment(name=name, mimetype=mimetype, size=file.get("size"), download=download)
+
+
+async def _download(url: str, wanted: int, *, token: str, html: bool) -> bytes:
+    """The first `wanted` bytes of a file (all of a shorter one); nothing more is read."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        response.raise_for_status()
+        if response.content_type == "text/html" and not html:
+            raise SlackDownloadRefused(
+                "Slack sent its sign-in page instead of the file: does the app have the "
+                "files:read scope?"
+            )
+        data = bytearray()
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            data += chunk
+            if len(data) >= wanted:
+                break
+        return bytes(data)

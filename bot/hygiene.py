@@ -1,0 +1,175 @@
+"""What of a model's output is shown and kept: reasoning left out, loops cut.
+
+Pure and streaming. `AnswerFilter.feed` takes each chunk as the engine writes it and returns
+the text to show now; `looping` turns true once the answer ends in a loop (the caller then
+cancels the generation); `final` gives the answer to show and store.
+
+Reasoning models write `<think>…</think>` before their answer. With `strip_reasoning`, a
+block is left out wherever it is, and text inside a block that is not closed yet is never
+shown (a tag split across chunks is held back until it is whole). Templates that open the
+block in the prompt (DeepSeek-R1's) leave only the closing tag in the output: everything
+before it was reasoning. The answer streamed so far cannot be taken back then, but the
+final text, which replaces it, leaves it out.
+
+A loop is one piece of text of at least MIN_UNIT characters repeated, copy after copy, at
+the end of the answer. Shorter repeats (`ha ha`, `0, 0, 0`, `-----`) and a few repeated
+lines are often meant, so they never count: a piece must repeat MIN_REPEATS times and span
+LOOP_SPAN characters, and differing lines of a table or a list are no loop at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bot import replies
+
+OPEN, CLOSE = "<think>", "</think>"
+MIN_UNIT = 20  # the shortest repeated piece that makes a loop
+MAX_UNIT = 2000  # the longest one looked for (a repeated paragraph)
+MIN_REPEATS = 5  # copies in a row of even a long piece
+LOOP_SPAN = 500  # characters of copies in a row: a short piece must repeat more often
+MAX_CANDIDATES = 64  # piece lengths tried per check, bounding the work a chunk costs
+
+
+class ReasoningSplitter:
+    """Separates `<think>` blocks from the answer, chunk by chunk; `visible` is the answer
+    so far (it starts at its first non-blank character)."""
+
+    def __init__(self) -> None:
+        self.visible = ""
+        self._pending = ""  # not judged yet: it may be the start of a tag
+        self._inside = False
+        self._opened = False  # a block was opened: a later stray closing tag is just text
+
+    def feed(self, chunk: str) -> str:
+        """The text of `chunk` (and of what was held back) that belongs to the answer."""
+        text, shown = self._pending + chunk, ""
+        self._pending = ""
+        while text:  # each pass takes a tag out of `text`, or ends
+            if self._inside:
+                end = text.find(CLOSE)
+                if end < 0:
+                    self._pending = text[len(text) - _tag_start(text, (CLOSE,)) :]
+                    break
+                text, self._inside = text[end + len(CLOSE) :], False
+                continue
+            start = text.find(OPEN)
+            stray = -1 if self._opened else text.find(CLOSE)
+            if stray >= 0 and (start < 0 or stray < start):
+                # The prompt opened the block: everything up to here was reasoning.
+                self.visible, shown, self._opened = "", "", True
+                text = text[stray + len(CLOSE) :]
+                continue
+            if start < 0:
+                held = _tag_start(text, (OPEN,) if self._opened else (OPEN, CLOSE))
+                self._pending = text[len(text) - held :]
+                shown += self._show(text[: len(text) - held])
+                break
+            shown += self._show(text[:start])
+            text, self._inside, self._opened = text[start + len(OPEN) :], True, True
+        return shown
+
+    def flush(self) -> str:
+        """At the end of the answer: held-back text that never became a tag is answer,
+        unless it is inside an unclosed block."""
+        text, self._pending = self._pending, ""
+        return "" if self._inside else self._show(text)
+
+    def _show(self, text: str) -> str:
+        if not self.visible:
+            text = text.lstrip()
+        self.visible += text
+        return text
+
+
+def without_reasoning(text: str) -> str:
+    """A whole answer with its reasoning left out (as streaming it would show it)."""
+    splitter = ReasoningSplitter()
+    splitter.feed(text)
+    splitter.flush()
+    return splitter.visible
+
+
+def _tag_start(text: str, tags: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could begin one of `tags`."""
+    for length in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
+        if any(tag.startswith(text[-length:]) for tag in tags):
+            return length
+    return 0
+
+
+def loop_end(text: str) -> int | None:
+    """If `text` ends in a loop, where to cut it: after the first copy of the repeated
+    piece (completed to the end of its word); else None."""
+    end = len(text)
+    if end < LOOP_SPAN:
+        return None
+    tail = text[end - MIN_UNIT :]
+    lowest = max(0, end - MIN_UNIT - MAX_UNIT)
+    before = end - MIN_UNIT  # an earlier copy of the tail must end by here: a piece >= MIN_UNIT
+    for _ in range(MAX_CANDIDATES):  # shortest pieces first
+        found = text.rfind(tail, lowest, before)
+        if found < 0:
+            return None
+        period = end - MIN_UNIT - found
+        if _repeats(text, period):
+            return _first_copy_end(text, period)
+        before = found + MIN_UNIT - 1
+    return None
+
+
+def _repeats(text: str, period: int) -> bool:
+    """Whether `text` ends in enough copies of its last `period` characters."""
+    unit = text[-period:]
+    if (unit + unit).find(unit, 1) < period:
+        return False  # copies of a shorter piece: too short to count, or tried already
+    span = max(MIN_REPEATS, math.ceil(LOOP_SPAN / period)) * period
+    return span <= len(text) and text[-span:-period] == text[-span + period :]
+
+
+def _first_copy_end(text: str, period: int) -> int:
+    start = len(text) - period
+    while start > 0 and text[start - 1] == text[start - 1 + period]:
+        start -= 1  # back to where the repeating began
+    cut = start + period
+    limit = min(len(text), cut + period)
+    # The copy may begin mid-word, where the text before it matched its end: finish the word.
+    while 0 < cut < limit and not (text[cut - 1].isspace() or text[cut].isspace()):
+        cut += 1
+    return cut
+
+
+class AnswerFilter:
+    """One answer on its way out: feed it the chunks, show what it returns, stop the
+    generation once `looping`, and show and store `final(...)`."""
+
+    def __init__(self, *, strip_reasoning: bool) -> None:
+        self._splitter = ReasoningSplitter() if strip_reasoning else None
+        self._raw = ""
+        self._cut: str | None = None
+
+    @property
+    def looping(self) -> bool:
+        return self._cut is not None
+
+    def feed(self, chunk: str) -> str:
+        """The new text to show; nothing once the answer is looping."""
+        if self.looping:
+            return ""
+        if self._splitter is None:
+            shown = chunk
+            self._raw += chunk
+            answer = self._raw
+        else:
+            shown, answer = self._splitter.feed(chunk), self._splitter.visible
+        if shown and (cut := loop_end(answer)) is not None:
+            self._cut = answer[:cut].rstrip()
+            return ""
+        return shown
+
+    def final(self, text: str) -> str:
+        """The answer to show and store, from the engine's whole `text`: its reasoning left
+        out; once looping, what came before the first repeat, and a word saying so."""
+        if self._cut is not None:
+            return f"{self._cut}\n\n_{replies.cut_repeating()}_"
+        return text if self._splitter is None else without_reasoning(text)

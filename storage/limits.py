@@ -1,0 +1,49 @@
+"""Limits kept in Redis, so they hold across restarts and across processes.
+
+A per-user token bucket for `rate_limit_per_minute`, and a once-an-hour marker for telling a
+person that the bot may not answer them somewhere. Knows nothing of platforms.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from storage import keys
+
+DENIAL_REPEAT_S = 3600
+
+# One script, so that refill, take and save are one atomic step whichever process runs it.
+# Time is the server's, so every process's clock agrees.
+_TAKE = """
+local rate = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or capacity
+local at = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+class Limits:
+    def __init__(self, *, redis: Redis) -> None:
+        self._redis = redis
+        self._take = redis.register_script(_TAKE)
+
+    async def take(self, user: str, per_minute: float) -> float:
+        """Take one message from `user`'s bucket (a minute's worth at most, refilled
+        steadily): 0 if it was there, else the seconds until one will be (none is taken)."""
+        wait = await self._take(keys=[keys.rate(user)], args=[per_minute / 60, per_minute])
+        return float(wait)
+
+    async def first_denial(self, whom: str) -> bool:
+        """True if `whom` (a person somewhere) was not told within the hour that they are
+        denied."""
+        key = keys.denied(whom)
+        return bool(await self._redis.set(key, "1", nx=True, ex=DENIAL_REPEAT_S))

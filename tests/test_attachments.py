@@ -1,0 +1,134 @@
+"""Attachments as text for the model, on in-memory files (the adapters' tests download them
+from the fake platforms)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from adapters.attachments import MAX_FILE_BYTES, TRUNCATED, Attachment, is_text, with_attachments
+from bot.config import Settings
+
+
+class Files:
+    """In-memory files that remember what was downloaded."""
+
+    def __init__(self) -> None:
+        self.downloaded: list[str] = []
+
+    def file(self, name: str, data: bytes, mimetype: str = "", *, size: int | None = -1):
+        async def download(wanted: int) -> bytes:
+            self.downloaded.append(name)
+            return data[:wanted]
+
+        return Attachment(name, mimetype, len(data) if size == -1 else size, download)
+
+
+def settings(**values) -> Settings:
+    return Settings(_env_file=None, **values)
+
+
+async def test_a_text_file_follows_the_message_under_its_name():
+    files = Files()
+    notes = files.file("notes.md", "# Plan\n\nShip it — on Friday.".encode())
+    text = await with_attachments("Summarise this", [notes], settings=settings(), timeout=5)
+    assert text == "Summarise this\n\n[attached: notes.md]\n# Plan\n\nShip it — on Friday."
+
+
+async def test_other_files_are_named_and_not_downloaded():
+    files = Files()
+    photo = files.file("photo.png", b"\x89PNG" + b"\0" * 122_876, "image/png")
+    text = await with_attachments("", [photo], settings=settings(), timeout=5)
+    assert text == "[attached: photo.png, image/png, 123 KB: not read]"
+    assert files.downloaded == []
+
+
+async def test_a_text_named_file_holding_binary_data_is_named_only():
+    data = Files().file("dump.txt", b"text\0\x01\x02more", "text/plain")
+    text = await with_attachments("look", [data], settings=settings(), timeout=5)
+    assert text == "look\n\n[attached: dump.txt, text/plain, 11 bytes: not read: binary data]"
+
+
+async def test_text_past_the_limit_is_cut_and_says_so_and_later_files_find_no_room():
+    files = Files()
+    first = files.file("a.log", b"x" * 5000)
+    second = files.file("b.log", b"y" * 10)
+    limited = settings(max_attachment_chars=100)
+    text = await with_attachments("why?", [first, second], settings=limited, timeout=5)
+    assert text == (
+        f"why?\n\n[attached: a.log]\n{'x' * 100}\n{TRUNCATED}\n\n"
+        "[attached: b.log, 10 bytes: not read: no room left for attachments]"
+    )
+    assert files.downloaded == ["a.log"]
+
+
+async def test_the_limit_is_shared_by_the_files_in_order():
+    files = Files()
+    texts = [files.file(f"{n}.txt", str(n).encode() * 60) for n in (1, 2)]
+    text = await with_attachments("", texts, settings=settings(max_attachment_chars=100), timeout=5)
+    assert text == f"[attached: 1.txt]\n{'1' * 60}\n\n[attached: 2.txt]\n{'2' * 40}\n{TRUNCATED}"
+
+
+async def test_the_whole_message_stays_within_max_input_chars():
+    """The service refuses longer messages: the attachments give way to what was typed."""
+    typed = "q" * 500
+    big = Files().file("big.csv", b"a,b\n" * 2000)
+    text = await with_attachments(typed, [big], settings=settings(max_input_chars=1000), timeout=5)
+    assert len(text) <= 1000
+    assert text.startswith(typed + "\n\n[attached: big.csv]\na,b\n")
+    assert text.endswith(TRUNCATED)
+
+
+async def test_utf8_is_decoded_with_replacement_and_a_cut_never_splits_a_character():
+    files = Files()
+    broken = files.file("latin1.txt", "café".encode("latin-1"))
+    accents = files.file("accents.txt", "é".encode() * 50)
+    limited = settings(max_attachment_chars=10)
+    assert await with_attachments("", [broken], settings=limited, timeout=5) == (
+        "[attached: latin1.txt]\ncaf\N{REPLACEMENT CHARACTER}"
+    )
+    assert await with_attachments("", [accents], settings=limited, timeout=5) == (
+        f"[attached: accents.txt]\n{'é' * 10}\n{TRUNCATED}"
+    )
+
+
+async def test_a_file_over_the_byte_cap_is_named_without_downloading():
+    files = Files()
+    huge = files.file("huge.log", b"", "text/plain", size=MAX_FILE_BYTES + 1)
+    text = await with_attachments("", [huge], settings=settings(), timeout=5)
+    assert text == "[attached: huge.log, text/plain, 1.0 MB: not read: larger than 1.0 MB]"
+    assert files.downloaded == []
+
+
+async def test_failed_and_slow_downloads_are_named_and_the_rest_still_read():
+    async def fails(wanted: int) -> bytes:
+        raise ConnectionResetError("the platform hung up")
+
+    async def never(wanted: int) -> bytes:
+        await asyncio.Event().wait()  # ended by the timeout
+        return b""
+
+    attachments = [
+        Attachment("broken.txt", "text/plain", 10, fails),
+        Attachment("slow.txt", "text/plain", 10, never),
+    ]
+    text = await with_attachments("hi", attachments, settings=settings(), timeout=0.1)
+    assert text == (
+        "hi\n\n[attached: broken.txt, text/plain, 10 bytes: not read: the download failed]\n\n"
+        "[attached: slow.txt, text/plain, 10 bytes: not read: the download took too long]"
+    )
+
+
+async def test_names_cannot_break_out_of_their_label():
+    odd = Files().file("a]\n[attached: evil.txt", b"data")
+    text = await with_attachments("", [odd], settings=settings(), timeout=5)
+    assert text == "[attached: a attached: evil.txt]\ndata"
+
+
+def test_text_files_are_known_by_extension_or_type():
+    assert is_text("main.PY", "")
+    assert is_text("Dockerfile", "")
+    assert is_text(".gitignore", "")
+    assert is_text("notes", "text/plain; charset=utf-8")
+    assert is_text("data", "application/json")
+    assert not is_text("photo.jpg", "image/jpeg")
+    assert not is_text("archive.zip", "application/zip")

@@ -1,0 +1,377 @@
+"""Discord's own features, end to end: slash commands, Stop and Regenerate buttons, and
+typing while an answer waits. The real discord.py against the fake Discord, on the real
+service, queue and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import discord
+import pytest
+from conftest import GatedEngine, ScriptedEngine, running
+from discord.gateway import DiscordWebSocket
+from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
+from test_discord_adapter import bot_messages, final_reply, mention, settings_for
+
+from adapters.discord_adapter import DiscordAdapter, gateway_intents
+from adapters.discord_buttons import NOT_REGENERABLE, REGENERATE_REFUSED, STOP_REFUSED
+from adapters.discord_commands import DESCRIPTIONS
+from bot import replies
+from bot.service import ChatService
+from bot.types import Command, ConversationKey
+
+JSON = dict[str, Any]
+STORY = "Once upon a time, in a land far away, there lived a bot that wrote long stories."
+
+
+@dataclass
+class Bot:
+    fake: FakeDiscord
+    adapter: DiscordAdapter
+    service: ChatService
+    engine: Any
+
+    async def history(
+        self, key: ConversationKey, until: Callable[[list[JSON]], bool] = bool
+    ) -> list[JSON]:
+        """The conversation's stored messages once `until` holds (an answer is shown
+        before it is stored); TimeoutError after 10 s."""
+        for _ in range(500):
+            history = list(await self.service.store.load(str(key)))
+            if until(history):
+                return history
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"history of {key} never settled: {history}")
+
+
+@pytest.fixture
+def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
+    """The adapter on a fake Discord, with typing repeated every 0.05 s and servers ready
+    at once (discord.py waits 2 s for more of them by default)."""
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
+
+    @asynccontextmanager
+    async def start(engine: Any = None, *, global_commands: bool = False, **options: Any
+                    ) -> AsyncIterator[Bot]:  # fmt: skip
+        async with FakeDiscord() as fake, make_service(engine, **options) as (service, engine):
+            settings = settings_for(fake, discord_global_commands=global_commands)
+            client = discord.Client(intents=gateway_intents(), guild_ready_timeout=0.05)
+            adapter = DiscordAdapter(
+                client=client, service=service, settings=settings, typing_interval=0.05
+            )
+            async with running(adapter):
+                await fake.wait_identified()
+                yield Bot(fake, adapter, service, engine)
+
+    return start
+
+
+class HaltingEngine(ScriptedEngine):
+    """Writes the first 40 characters of its answer, then waits for the test's gate."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(answer)
+        self.gate = threading.Event()
+        self.steps = 0
+
+    def step(self) -> list:
+        if self.steps:
+            assert self.gate.wait(timeout=30), "the test never opened the gate"
+        self.steps += 1
+        return super().step()
+
+
+class Answers(ScriptedEngine):
+    """Answers each prompt with the next of its answers."""
+
+    def __init__(self, *answers: str) -> None:
+        super().__init__(answers[0])
+        self.left = list(answers)
+
+    def join(self, key: object, messages: list[dict], *, conversation: str, **options) -> None:
+        self.answer = self.left.pop(0)
+        super().join(key, messages, conversation=conversation, **options)
+
+
+def answered(interaction: FakeInteraction) -> list[JSON]:
+    """The interaction's replies once the bot has written them (none still loading)."""
+    replies_now = interaction.replies
+    done = replies_now and all(not reply["flags"] & LOADING for reply in replies_now)
+    return replies_now if done else []
+
+
+def button(fake: FakeDiscord, channel: str, prefix: str) -> tuple[JSON, str] | None:
+    """The bot's message in `channel` with a button whose custom_id starts with `prefix`."""
+    for message in bot_messages(fake, channel):
+        for custom_id in fake.buttons(channel, message["id"]):
+            if custom_id.startswith(prefix):
+                return message, custom_id
+    return None
+
+
+def answered_once(history: list[JSON]) -> bool:
+    return [message["role"] for message in history] == ["user", "assistant"]
+
+
+def thread_key(fake: FakeDiscord, thread: str) -> ConversationKey:
+    return ConversationKey("discord", fake.guild_id, fake.channel_id, thread)
+
+
+def dm_key(channel: str) -> ConversationKey:
+    return ConversationKey("discord", "-", channel, channel)
+
+
+async def commands_registered(fake: FakeDiscord, guild: str | None = None) -> None:
+    scope = f"/guilds/{guild}" if guild else ""
+    await fake.wait_for_requests("PUT", rf"/applications/{fake.application_id}{scope}/commands")
+
+
+# --- slash commands -----------------------------------------------------------------------
+
+
+def test_every_command_is_a_slash_command():
+    assert set(DESCRIPTIONS) == set(get_args(Command))
+    assert all(1 <= len(description) <= 100 for description in DESCRIPTIONS.values())
+
+
+async def test_commands_are_registered_in_each_server_and_none_globally(discord_bot):
+    async with discord_bot() as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        await bot.adapter.client.wait_until_ready()  # from now on, a server is a new join
+        await fake.join_guild("2001")
+        await commands_registered(fake, "2001")
+    names = set(DESCRIPTIONS)
+    assert {command["name"] for command in fake.commands[fake.guild_id]} == names
+    assert {command["name"] for command in fake.commands["2001"]} == names
+    [global_list] = fake.requests_to("PUT", rf"/applications/{fake.application_id}/commands")
+    assert global_list.json == []  # emptied, so no command shows twice
+
+
+async def test_global_commands_are_registered_once_for_every_server(discord_bot):
+    async with discord_bot(global_commands=True) as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+    assert {command["name"] for command in fake.commands[None]} == set(DESCRIPTIONS)
+    assert fake.commands[fake.guild_id] == []
+
+
+async def test_help_is_answered_to_whoever_ran_it_alone(discord_bot):
+    async with discord_bot() as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        ran = await fake.slash_command("help", fake.channel_id)
+        [reply] = await fake.wait_for(lambda: answered(ran))
+    assert ran.callback is not None
+    assert ran.callback["type"] == 5 and ran.callback["data"]["flags"] & EPHEMERAL
+    assert reply["flags"] & EPHEMERAL
+    assert reply["content"] and reply["content"] != replies.failed()
+    assert bot_messages(fake, fake.channel_id) == []  # nothing the channel can see
+
+
+async def test_reset_in_a_thread_clears_that_thread_alone(discord_bot):
+    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        asked = await mention(fake, "remember the number 7")
+        await final_reply(fake, asked["id"])
+        elsewhere = fake.dm_message("remember the colour blue")
+        await fake.dispatch("MESSAGE_CREATE", elsewhere)
+        await final_reply(fake, elsewhere["channel_id"])
+        await bot.history(thread_key(fake, asked["id"]), until=answered_once)
+        ran = await fake.slash_command("reset", asked["id"])
+        [reply] = await fake.wait_for(lambda: answered(ran))
+        in_thread = await bot.history(thread_key(fake, asked["id"]), until=lambda _: True)
+        still_known = await bot.service.knows(thread_key(fake, asked["id"]))
+        in_dm = await bot.history(dm_key(elsewhere["channel_id"]), until=answered_once)
+    assert reply["content"] == replies.conversation_reset()
+    assert reply["flags"] & EPHEMERAL
+    assert in_thread == [] and still_known  # the bot goes on answering there
+    assert [message["content"] for message in in_dm] == ["remember the colour blue", "Noted."]
+    assert len(bot_messages(fake, asked["id"])) == 1  # the answer alone: no reply for all
+
+
+async def test_forget_in_a_dm_through_a_global_command(discord_bot):
+    async with discord_bot(ScriptedEngine("Noted."), global_commands=True) as bot:
+        fake = bot.fake
+        await commands_registered(fake)
+        asked = fake.dm_message("remember this")
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        await final_reply(fake, asked["channel_id"])
+        ran = await fake.slash_command("forget", asked["channel_id"])
+        [reply] = await fake.wait_for(lambda: answered(ran))
+        known = await bot.service.knows(dm_key(asked["channel_id"]))
+    assert reply["content"] == replies.forgotten()
+    assert reply["flags"] & EPHEMERAL
+    assert not known
+
+
+# --- Stop ------------------------------------------------------------------------------------
+
+
+async def test_stop_by_the_asker_keeps_what_was_written(discord_bot):
+    engine = HaltingEngine(STORY)
+    async with discord_bot(engine) as bot:
+        fake = bot.fake
+        try:
+            asked = await mention(fake, "tell me a story")
+            thread = asked["id"]
+            streaming, stop = await fake.wait_for(lambda: button(fake, thread, "tb:stop:"))
+            pressed = await fake.press_button(thread, streaming["id"], stop)
+            final = await final_reply(fake, thread)
+            offered = await fake.wait_for(lambda: fake.buttons(thread, final["id"]))
+            history = await bot.history(thread_key(fake, thread), until=answered_once)
+        finally:
+            engine.gate.set()
+    assert pressed.callback == {"type": 6}  # acknowledged; the answer's own edit shows it
+    assert final["content"] == f"{STORY[:40].strip()}\n\n{replies.stopped()}"
+    assert history[-1] == {"role": "assistant", "content": final["content"]}
+    assert [custom_id.split(":")[1] for custom_id in offered] == ["regen"]  # Stop is gone
+
+
+async def stop_pressed_by_bob(bot: Bot, engine: HaltingEngine) -> tuple[FakeInteraction, JSON]:
+    """alice asks; bob presses Stop while the answer is written; then the engine goes on."""
+    fake = bot.fake
+    try:
+        asked = await mention(fake, "tell me a story")
+        streaming, stop = await fake.wait_for(lambda: button(fake, asked["id"], "tb:stop:"))
+        pressed = await fake.press_button(asked["id"], streaming["id"], stop, user=fake.bob)
+        await fake.wait_for(lambda: pressed.callback)
+    finally:
+        engine.gate.set()
+    final = await final_reply(fake, asked["id"])
+    await bot.history(thread_key(fake, asked["id"]), until=answered_once)
+    return pressed, final
+
+
+async def test_stop_by_someone_else_is_refused(discord_bot):
+    engine = HaltingEngine(STORY)
+    async with discord_bot(engine) as bot:
+        pressed, final = await stop_pressed_by_bob(bot, engine)
+    [refusal] = pressed.replies
+    assert refusal["content"] == STOP_REFUSED and refusal["flags"] & EPHEMERAL
+    assert final["content"] == STORY  # written to its end
+
+
+async def test_an_admin_may_stop_anyones_answer(discord_bot):
+    engine = HaltingEngine(STORY)
+    async with discord_bot(engine, access={"admins": ["1003"]}) as bot:
+        pressed, final = await stop_pressed_by_bob(bot, engine)
+    assert pressed.replies == []
+    assert final["content"].endswith(replies.stopped())
+
+
+# --- Regenerate ------------------------------------------------------------------------------
+
+
+async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(discord_bot):
+    async with discord_bot(Answers("First answer.", "Second answer.")) as bot:
+        fake = bot.fake
+        asked = fake.dm_message("what should I cook?")
+        channel = asked["channel_id"]
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        first, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
+        first_text = first["content"]  # the fake's own record, which the edit changes
+        pressed = await fake.press_button(channel, first["id"], regenerate)
+
+        def regenerated() -> JSON | None:
+            message = fake.message(channel, first["id"])
+            return message if message and message["content"] == "Second answer." else None
+
+        await fake.wait_for(regenerated)
+        offered_again = await fake.wait_for(lambda: fake.buttons(channel, first["id"]))
+        history = await bot.history(
+            dm_key(channel), until=lambda h: h[-1]["content"] == "Second answer."
+        )
+    assert first_text == "First answer."
+    assert pressed.callback == {"type": 6}
+    assert [m["content"] for m in bot_messages(fake, channel)] == ["Second answer."]
+    assert offered_again == [regenerate]
+    assert history == [
+        {"role": "user", "content": "what should I cook?", "name": "Alice"},
+        {"role": "assistant", "content": "Second answer."},
+    ]
+    assert bot.engine.prompts[1] == bot.engine.prompts[0]  # the same question, once
+
+
+async def test_regenerate_moves_to_the_newest_answer(discord_bot):
+    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+        fake = bot.fake
+        first_question = fake.dm_message("one")
+        channel = first_question["channel_id"]
+        await fake.dispatch("MESSAGE_CREATE", first_question)
+        first, _ = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("two"))
+        second = await final_reply(fake, channel, after=1)
+        await fake.wait_for(lambda: fake.buttons(channel, second["id"]))
+        await bot.history(dm_key(channel), until=lambda h: len(h) == 4)
+    assert fake.buttons(channel, first["id"]) == []
+
+
+async def test_regenerate_by_someone_else_is_refused(discord_bot):
+    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+        fake = bot.fake
+        asked = await mention(fake, "one")
+        answer, regenerate = await fake.wait_for(lambda: button(fake, asked["id"], "tb:regen:"))
+        await bot.history(thread_key(fake, asked["id"]), until=answered_once)
+        pressed = await fake.press_button(asked["id"], answer["id"], regenerate, user=fake.bob)
+        [refusal] = await fake.wait_for(lambda: pressed.replies)
+        history = await bot.history(thread_key(fake, asked["id"]), until=answered_once)
+    assert refusal["content"] == REGENERATE_REFUSED and refusal["flags"] & EPHEMERAL
+    assert [m["content"] for m in history] == ["one", "Noted."]
+    assert len(bot.engine.prompts) == 1
+
+
+async def test_regenerate_after_a_reset_is_refused(discord_bot):
+    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+        fake = bot.fake
+        asked = fake.dm_message("one")
+        channel = asked["channel_id"]
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        answer, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("reset"))
+        await final_reply(fake, channel, after=1)
+        pressed = await fake.press_button(channel, answer["id"], regenerate)
+        [refusal] = await fake.wait_for(lambda: pressed.replies)
+    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert fake.message(channel, answer["id"])["content"] == "Noted."
+    assert len(bot.engine.prompts) == 1
+
+
+# --- typing ----------------------------------------------------------------------------------
+
+
+async def test_typing_shows_while_answers_wait_and_stops_at_their_text(discord_bot, make_batcher):
+    """One answer at a time (a batch of one, held by the gate): both conversations show
+    typing, again and again, until their text; none after it."""
+    engine = GatedEngine(make_batcher(max_batch=1))
+    async with discord_bot(engine) as bot:
+        fake = bot.fake
+        try:
+            first, second = fake.dm_message("one"), fake.dm_message("two", author=fake.bob)
+            for message in (first, second):
+                await fake.dispatch("MESSAGE_CREATE", message)
+            for message in (first, second):  # the second waits in the queue behind the first
+                await fake.wait_for_requests(
+                    "POST", rf"/channels/{message['channel_id']}/typing", count=3
+                )
+        finally:
+            engine.gate.set()
+        for message in (first, second):
+            await final_reply(fake, message["channel_id"])
+    for message in (first, second):
+        calls = [
+            r.path.rsplit("/", 1)[1]
+            for r in fake.requests
+            if r.method == "POST" and r.path.startswith(f"/channels/{message['channel_id']}/")
+        ]
+        shown = calls.index("messages")
+        assert calls[:shown] == ["typing"] * shown and shown >= 3
+        assert "typing" not in calls[shown:]

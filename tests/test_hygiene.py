@@ -1,0 +1,238 @@
+"""The output filter: reasoning left out while streaming and at the end, loops cut and
+legitimate repetition kept; on its own, then through the service (real queue and Redis)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from conftest import ScriptedEngine
+from test_service import RecordingSink
+
+from bot import replies
+from bot.hygiene import AnswerFilter, loop_end, without_reasoning
+from bot.types import ConversationKey, Turn
+
+MARK = f"\n\n_{replies.cut_repeating()}_"
+
+
+def streamed(chunks: list[str], *, strip_reasoning: bool = True) -> tuple[list[str], AnswerFilter]:
+    """What the filter shows for each chunk, and the filter."""
+    answer = AnswerFilter(strip_reasoning=strip_reasoning)
+    return [answer.feed(chunk) for chunk in chunks], answer
+
+
+def in_pieces(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+# --- reasoning ----------------------------------------------------------------------------
+
+
+def test_a_think_block_split_across_chunks_is_never_shown():
+    chunks = ["<th", "ink>The user wa", "nts a greeting.</thi", "nk>\n\nHello", " there!"]
+    shown, answer = streamed(chunks)
+    assert shown == ["", "", "", "Hello", " there!"]
+    assert answer.final("".join(chunks)) == "Hello there!"
+    assert not answer.looping
+
+
+def test_nothing_is_shown_while_a_block_is_open_and_an_unclosed_block_is_no_answer():
+    chunks = ["<think>", "Let me think about ", "this for a while", " longer"]
+    shown, answer = streamed(chunks)
+    assert shown == ["", "", "", ""]
+    assert answer.final("".join(chunks)) == ""
+
+
+def test_text_around_a_block_is_kept():
+    text = "Sure. <think>is it?</think>Yes, it is."
+    assert "".join(streamed(in_pieces(text, 3))[0]) == "Sure. Yes, it is."
+    assert without_reasoning(text) == "Sure. Yes, it is."
+
+
+def test_a_held_back_angle_bracket_that_is_no_tag_is_shown_after_all():
+    shown, answer = streamed(["if a <", "b then", " x </", "div>"])
+    assert shown == ["if a ", "<b then", " x ", "</div>"]
+    assert answer.final("if a <b then x </div> <th") == "if a <b then x </div> <th"
+
+
+def test_a_closing_tag_alone_means_the_prompt_opened_the_block():
+    """DeepSeek-R1's template ends the prompt in <think>: only the end of it comes back."""
+    text = "The user asks for 2+2. That is 4.\n</think>\n\nIt is 4."
+    assert without_reasoning(text) == "It is 4."
+    _, answer = streamed(in_pieces(text, 5))
+    assert answer.final(text) == "It is 4."
+
+
+def test_a_closing_tag_after_a_closed_block_is_just_text():
+    assert without_reasoning("<think>x</think>Use </think> to end it.") == "Use </think> to end it."
+
+
+def test_without_strip_reasoning_everything_is_shown():
+    chunks = ["<think>hmm</think>", "Hi"]
+    shown, answer = streamed(chunks, strip_reasoning=False)
+    assert shown == chunks
+    assert answer.final("".join(chunks)) == "<think>hmm</think>Hi"
+
+
+# --- loops --------------------------------------------------------------------------------
+
+SENTENCE = "I am always happy to help you with that. "
+
+
+def test_a_repeated_sentence_is_cut_after_its_first_copy():
+    text = "Of course! " + SENTENCE * 40
+    shown, answer = streamed(in_pieces(text, 7))
+    assert answer.looping
+    cut_at = next(i for i, piece in enumerate(shown) if not piece and i > 2)
+    assert all(piece == "" for piece in shown[cut_at:])  # nothing more once looping
+    assert cut_at * 7 < len(text) // 2  # found early, not at the end
+    assert answer.final("ignored: the generation was cancelled") == (
+        "Of course! I am always happy to help you with that." + MARK
+    )
+
+
+def test_a_repeated_line_is_cut_after_its_first_copy():
+    text = "Here is the answer:\n" + "The answer is forty-two, always and forever.\n" * 20
+    _, answer = streamed(in_pieces(text, 11))
+    assert (
+        answer.final("")
+        == "Here is the answer:\nThe answer is forty-two, always and forever." + MARK
+    )
+
+
+def test_a_repeated_paragraph_is_cut_once_it_has_five_copies():
+    paragraph = (
+        "This paragraph explains the idea once more. "
+        "It uses the very same words as the one before it, again.\n\n"
+    )
+    _, four = streamed(in_pieces(paragraph * 4, 13))
+    _, five = streamed(in_pieces(paragraph * 5, 13))
+    assert not four.looping
+    assert five.looping
+    assert five.final("") == paragraph.rstrip() + MARK
+
+
+def test_a_loop_after_reasoning_is_cut_from_the_answer():
+    text = "<think>" + SENTENCE * 3 + "</think>Fine. " + SENTENCE * 30
+    _, answer = streamed(in_pieces(text, 9))
+    assert answer.final("") == "Fine. " + SENTENCE.rstrip() + MARK
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(
+            "| n | fruit | colour |\n|---|---|---|\n"
+            + "".join(f"| {n} | apple | red and green |\n" for n in range(40)),
+            id="table rows that differ",
+        ),
+        pytest.param(
+            "".join(f"- Step {n}: stir the mixture for one more minute\n" for n in range(30)),
+            id="list of similar lines",
+        ),
+        pytest.param(
+            "```python\n" + "    self.assertEqual(result, expected)\n" * 3 + "```\n",
+            id="a few identical code lines",
+        ),
+        pytest.param("Here:\n" + "-" * 600 + "\n" + "=" * 600, id="rules"),
+        pytest.param("zeros = [" + "0, " * 300 + "0]", id="array of zeros"),
+        pytest.param("Ha" + " ha" * 300, id="laughter"),
+        pytest.param("I will not waste chalk.\n" * 10, id="ten lines as asked"),
+        pytest.param(
+            ("Row, row, row your boat, gently down the stream.\n" * 2 + "Merrily.\n") * 4,
+            id="a song's verse four times",
+        ),
+    ],
+)
+def test_legitimate_repetition_is_kept(text):
+    shown, answer = streamed(in_pieces(text, 5), strip_reasoning=False)
+    assert not answer.looping
+    assert "".join(shown) == text
+    assert answer.final(text) == text
+    assert loop_end(text) is None
+
+
+def test_a_short_text_is_no_loop():
+    assert loop_end(SENTENCE * 3) is None
+    assert loop_end("") is None
+
+
+# --- through the service ------------------------------------------------------------------
+
+REASONING = "<think>The user greets me. I should greet them back.</think>\n\n"
+
+
+class EndlessLoop(ScriptedEngine):
+    """A model stuck in a loop: the same sentence after a first one, until it is stopped."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+        self.left: list[object] = []  # requests the queue took out of the batch
+
+    def leave(self, key: object) -> None:
+        self.left.append(key)
+        super().leave(key)
+
+    def step(self) -> list:
+        from bot.batching import Update
+
+        time.sleep(0.001)  # a model's pace, more or less: the event loop keeps up
+        updates = []
+        for key, written in self.written.items():
+            self.written[key] = written + 1
+            updates.append(Update(key, "Of course! " if written == 0 else SENTENCE))
+        return updates
+
+
+@pytest.fixture
+def conversation() -> ConversationKey:
+    return ConversationKey("test", "team", "channel", uuid.uuid4().hex)
+
+
+def turn(conversation: ConversationKey, text: str) -> Turn:
+    return Turn(conversation, "U1", text, uuid.uuid4().hex)
+
+
+async def test_reasoning_is_neither_streamed_nor_stored(make_service, store, conversation):
+    sink = RecordingSink()
+    async with make_service(ScriptedEngine(REASONING + "Hello! How can I help?")) as (service, _):
+        await service.handle(turn(conversation, "hi"), sink)
+    assert sink.kinds("finish") == ["Hello! How can I help?"]
+    assert "".join(sink.kinds("append")) == "Hello! How can I help?"
+    assert await store.load(str(conversation)) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+    ]
+
+
+async def test_an_answer_of_only_reasoning_is_an_empty_answer(make_service, store, conversation):
+    sink = RecordingSink()
+    async with make_service(ScriptedEngine("<think>No idea at all, really.")) as (service, _):
+        await service.handle(turn(conversation, "hi"), sink)
+    assert sink.kinds("append") == []
+    assert sink.kinds("fail") == [replies.empty_answer()]
+    assert [m["role"] for m in await store.load(str(conversation))] == ["user"]
+
+
+async def test_strip_reasoning_is_read_at_each_answer(make_service, store, conversation):
+    """A reload that turns it off takes effect at the next answer."""
+    answer = REASONING + "Hi."
+    async with make_service(ScriptedEngine(answer)) as (service, _):
+        await service.handle(turn(conversation, "one"), RecordingSink())
+        service.team.settings = service.team.settings.model_copy(update={"strip_reasoning": False})
+        await service.handle(turn(conversation, "two"), RecordingSink())
+    stored = [m["content"] for m in await store.load(str(conversation)) if m["role"] != "user"]
+    assert stored == ["Hi.", answer.strip()]
+
+
+async def test_a_looping_answer_is_cut_stopped_and_stored_cut(make_service, store, conversation):
+    sink = RecordingSink()
+    engine = EndlessLoop()
+    async with make_service(engine, timeout=10) as (service, _):
+        await service.handle(turn(conversation, "can you help?"), sink)
+    cut = "Of course! I am always happy to help you with that." + MARK
+    assert sink.kinds("finish") == [cut]
+    assert len(engine.left) == 1  # the generation was cancelled: the engine let it go
+    assert (await store.load(str(conversation)))[-1] == {"role": "assistant", "content": cut}

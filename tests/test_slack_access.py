@@ -1,0 +1,98 @@
+"""Access rules on Slack, end to end: real slack-bolt against the fake Slack, real service.
+
+Denied people are never stored or answered; they hear one polite line an hour per thread
+(or nothing with `deny: silent`); Slack Connect users of another organisation are denied
+unless allowed by id."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from test_slack_adapter import bot_posts, final_reply
+
+from bot import replies
+from bot.config import Access
+from storage import keys
+
+
+def new_id(kind: str) -> str:
+    """A channel of the test's own: a denial is remembered for an hour, in a Redis that
+    may outlive the test run (REDIS_URL)."""
+    return f"{kind}{uuid.uuid4().hex[:10].upper()}"
+
+
+def rules(**slack_rules: object) -> Access:
+    return Access.model_validate({"slack": slack_rules})
+
+
+async def denied_reply(slack, channel: str, thread_ts: str | None) -> list[str]:
+    """The bot's texts in a thread, once the last event was acknowledged."""
+    await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+    return [m["text"] for m in bot_posts(slack, channel) if m.get("thread_ts") == thread_ts]
+
+
+async def test_a_denied_user_hears_once_and_nothing_is_stored(slack, socket_mode, redis_client):
+    channel = new_id("C")
+    async with socket_mode(access=rules(users={"deny": ["U0BOB"]})) as (_service, engine):
+        first = slack.app_mention(channel, "hello", user="U0BOB")
+        await slack.send_event(first)
+        await slack.send_event(slack.app_mention(channel, "again", user="U0BOB",
+                                                 thread_ts=first["ts"]))  # fmt: skip
+        texts = await denied_reply(slack, channel, first["ts"])
+        allowed = slack.app_mention(channel, "hi, I may")
+        await slack.send_event(allowed)
+        await final_reply(slack, channel, allowed["ts"])
+    assert texts == [replies.denied()]
+    assert [p[-1]["content"] for p in engine.prompts] == ["hi, I may"]
+    assert not await redis_client.exists(keys.conversation(f"slack:T0001:{channel}:{first['ts']}"))
+
+
+@pytest.mark.parametrize(
+    "denies",
+    [
+        lambda channel: rules(channels={"allow": ["C0SUPPORT"]}),
+        lambda channel: rules(channels={"deny": [channel]}),
+        lambda channel: rules(workspaces={"deny": ["T0001"]}),
+        lambda channel: rules(users={"allow": ["U0CAROL"]}),
+    ],
+)
+async def test_channels_workspaces_and_allow_lists(slack, socket_mode, denies):
+    channel = new_id("C")
+    async with socket_mode(access=denies(channel)) as (_service, engine):
+        mention = slack.app_mention(channel, "hello")
+        await slack.send_event(mention)
+        texts = await denied_reply(slack, channel, mention["ts"])
+    assert texts == [replies.denied()]
+    assert engine.prompts == []
+
+
+async def test_dms_off_and_deny_silent(slack, socket_mode):
+    access = rules(dms=False).model_copy(update={"deny": "silent"})
+    async with socket_mode(access=access) as (_service, engine):
+        dm = new_id("D")
+        await slack.send_event(slack.dm(dm, "hi there"))
+        texts = await denied_reply(slack, dm, None)
+        mention = slack.app_mention("C0001", "but here is fine")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+    assert texts == []
+    assert [p[-1]["content"] for p in engine.prompts] == ["but here is fine"]
+
+
+async def test_slack_connect_strangers_are_denied_unless_allowed(slack, socket_mode):
+    slack.users["U0GUEST"] = "guest"
+    slack.external_users["U0GUEST"] = "T0OTHER"
+    shared = new_id("C")
+    async with socket_mode() as (_service, engine):
+        mention = slack.app_mention(shared, "hello from elsewhere", user="U0GUEST")
+        await slack.send_event(mention)
+        texts = await denied_reply(slack, shared, mention["ts"])
+    assert texts == [replies.denied()]
+    assert engine.prompts == []
+
+    async with socket_mode(access=rules(users={"allow": ["U0GUEST", "U0ALICE"]})) as (_s, engine):
+        mention = slack.app_mention(shared, "hello again", user="U0GUEST")
+        await slack.send_event(mention)
+        await final_reply(slack, shared, mention["ts"])
+    assert [p[-1]["content"] for p in engine.prompts] == ["hello again"]

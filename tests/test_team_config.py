@@ -1,0 +1,126 @@
+"""The team's YAML file: loaded into the settings, the environment winning; errors that name
+the key and its line; reloads that keep the old rules when the new file is wrong."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, Settings, load_settings
+from bot.team import Team
+
+EXAMPLE = Path(__file__).parent.parent / "threadbot.example.yml"
+
+
+@pytest.fixture(autouse=True)
+def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No setting from the developer's shell, and a working directory of the test's own."""
+    fields = set(Settings.model_fields)
+    for name in list(os.environ):
+        if name.split("__")[0].lower() in fields:  # ACCESS__DENY too
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_threadbot_yml_is_read_when_present(tmp_path: Path) -> None:
+    write(
+        tmp_path / "threadbot.yml",
+        "system_prompt: You are {bot_name}.\n"
+        "access:\n  admins: [U1, 123456789012345678]\n  discord:\n    roles:\n"
+        "      allow: [42]\n"
+        "personas:\n  - platform: slack\n    channel: C1\n    temperature: 0.2\n",
+    )
+    settings = load_settings()
+    assert settings.system_prompt == "You are {bot_name}."
+    assert settings.access.admins == ("U1", "123456789012345678")  # YAML's numbers as ids
+    assert settings.access.discord.roles.allow == ("42",)
+    assert settings.personas[0].channel == "C1"
+    assert settings.personas[0].temperature == 0.2
+
+
+def test_without_a_file_the_environment_alone_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYSTEM_PROMPT", "Be brief.")
+    assert load_settings().system_prompt == "Be brief."
+    assert load_settings().access.rate_limit_per_minute == 0
+
+
+def test_the_environment_wins_over_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    config = write(tmp_path / "team.yml", "max_new_tokens: 100\naccess:\n  deny: reply\n")
+    monkeypatch.setenv("THREADBOT_CONFIG", str(config))
+    monkeypatch.setenv("MAX_NEW_TOKENS", "7")
+    monkeypatch.setenv("ACCESS__DENY", "silent")
+    settings = load_settings()
+    assert (settings.max_new_tokens, settings.access.deny) == (7, "silent")
+
+
+def test_an_unknown_key_names_the_key_and_its_line(tmp_path: Path) -> None:
+    write(tmp_path / "threadbot.yml", "access:\n  slack:\n    dms: false\n    userz: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).count("\n") == 0
+    assert "threadbot.yml line 4" in str(info.value)
+    assert "access.slack.userz" in str(info.value)
+
+
+def test_a_bad_value_names_the_key_and_its_line(tmp_path: Path) -> None:
+    write(
+        tmp_path / "threadbot.yml",
+        "personas:\n  - channel: C1\n    system_prompt: hi\n  - channel: C2\n"
+        "    temperature: hot\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "threadbot.yml line 5: invalid setting personas.1.temperature" in str(info.value)
+
+
+def test_broken_yaml_and_a_missing_file_are_one_line_each(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    write(tmp_path / "threadbot.yml", "access:\n  deny: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"threadbot.yml line \d+: not valid YAML"):
+        load_settings()
+    monkeypatch.setenv("THREADBOT_CONFIG", str(tmp_path / "nowhere.yml"))
+    with pytest.raises(ConfigError, match="THREADBOT_CONFIG: no such file"):
+        load_settings()
+
+
+def test_the_example_file_is_valid_and_shows_every_section(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("THREADBOT_CONFIG", str(EXAMPLE))
+    settings = load_settings()
+    text = EXAMPLE.read_text()
+    for section in ("access:", "admins:", "rate_limit_per_minute:", "deny:", "slack:",
+                    "discord:", "roles:", "servers:", "workspaces:", "personas:",
+                    "max_attachment_chars:", "strip_reasoning:"):  # fmt: skip
+        assert section in text
+    assert settings.personas and settings.access.admins
+
+
+def test_reload_swaps_the_rules_and_an_invalid_file_keeps_them(tmp_path: Path) -> None:
+    config = write(tmp_path / "threadbot.yml", "access:\n  admins: [U1]\n")
+    team = Team(load_settings())
+    assert team.is_admin("U1")
+
+    write(config, "access:\n  admins: [U2]\nsystem_prompt: new\n")
+    summary = team.reload()
+    assert "access" in summary and "system_prompt" in summary
+    assert team.is_admin("U2") and not team.is_admin("U1")
+    assert team.settings.system_prompt == "new"
+
+    write(config, "access:\n  admins: [U3]\n  rate_limit_per_minute: -1\n")
+    with pytest.raises(ConfigError, match="line 3"):
+        team.reload()
+    assert team.is_admin("U2")  # the old rules stay
+
+    write(config, "access:\n  admins: [U2]\nsystem_prompt: new\nqueue_max: 3\n")
+    summary = team.reload()
+    assert "QUEUE_MAX only after a restart" in summary
+    assert team.settings.queue_max == 32  # what the process runs with

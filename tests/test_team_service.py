@@ -1,0 +1,224 @@
+"""The team's rules in the service: who is denied and told so, the rate limit, personas kept
+byte for byte, and the commands with their permissions (real Redis, queue and tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import GatedEngine
+from test_service import RecordingSink
+
+from bot import replies
+from bot.access import Requester
+from bot.config import Access, Persona, load_settings
+from bot.types import ConversationKey, Turn
+
+
+@pytest.fixture
+def conversation() -> ConversationKey:
+    return ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)
+
+
+def new_user() -> str:
+    """A user of the test's own: denials and rate limits are remembered in Redis."""
+    return f"U{uuid.uuid4().hex[:10].upper()}"
+
+
+def say(conversation: ConversationKey, text: str, *, author: str = "UALICE", **fields) -> Turn:
+    return Turn(conversation, author, text, uuid.uuid4().hex, **fields)
+
+
+def command(conversation: ConversationKey, name: str, *, author: str = "UALICE") -> Turn:
+    return say(conversation, name, author=author, command=name)
+
+
+async def test_a_denied_user_is_told_once_an_hour_per_channel(make_service, conversation):
+    told: list[str] = []
+    bob = Requester("slack", new_user(), "CSUPPORT", workspace="TACME")
+    rules = Access.model_validate({"slack": {"users": {"deny": [bob.user]}}})
+    async with make_service(access=rules) as (service, _engine):
+        for _ in range(3):
+            assert not await service.admit(bob, conversation, told.append)
+        assert await service.admit(Requester("slack", "UALICE", "CSUPPORT"), conversation,
+                                   told.append)  # fmt: skip
+        same_channel = ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)
+        assert not await service.admit(bob, same_channel, told.append)
+        assert told == [replies.denied()]  # once an hour, however many threads he tries
+        elsewhere = ConversationKey("slack", "TACME", uuid.uuid4().hex, "1")
+        assert not await service.admit(bob, elsewhere, told.append)
+    assert told == [replies.denied(), replies.denied()]
+
+
+async def test_deny_silent_says_nothing(make_service, conversation):
+    told: list[str] = []
+    rules = Access.model_validate({"deny": "silent", "slack": {"dms": False}})
+    async with make_service(access=rules) as (service, _engine):
+        dm = Requester("slack", new_user(), "DBOB", dm=True)
+        assert not await service.admit(dm, conversation, told.append)
+    assert told == []
+
+
+async def test_the_rate_limit_holds_across_a_restart(make_service, store, conversation):
+    """Two messages a minute: the third, sent to a new service on the same Redis, is refused
+    and not stored; another user is not affected."""
+    rules = Access(rate_limit_per_minute=2)
+    alice, bob = new_user(), new_user()
+    async with make_service(access=rules) as (service, _engine):
+        for text in ("one", "two"):
+            await service.handle(say(conversation, text, author=alice), RecordingSink())
+    refused, other = RecordingSink(), RecordingSink()
+    async with make_service(access=rules) as (service, _engine):
+        await service.handle(say(conversation, "three", author=alice), refused)
+        await service.handle(say(conversation, "four", author=bob), other)
+    [text] = refused.kinds("finish")
+    assert text.startswith("You're sending messages faster") and "(It was not saved.)" in text
+    assert other.kinds("finish") and other.kinds("finish")[0] != text
+    contents = [m["content"] for m in await store.load(str(conversation))]
+    assert "three" not in contents and "four" in contents
+
+
+async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
+    make_service, conversation, monkeypatch
+):
+    """{time} changes between turns, but the conversation keeps the prompt of its first turn,
+    until its persona changes or it is reset."""
+    clock = iter(f"09:0{i} UTC" for i in range(10))
+
+    def values(turn: Turn) -> dict[str, str]:
+        return {"date": "Tuesday", "time": next(clock), "user_name": turn.author_name,
+                "channel_name": turn.channel_name, "bot_name": turn.bot_name}  # fmt: skip
+
+    monkeypatch.setattr("bot.service.placeholder_values", values)
+    persona = {"channel": "CSUPPORT", "system_prompt": "{bot_name} for {user_name} at {time}."}
+    async with make_service(personas=[persona], system_prompt="Global.") as (service, engine):
+        talk = {"author_name": "Alice", "bot_name": "Helper", "channel_name": "support"}
+        await service.handle(say(conversation, "first", **talk), RecordingSink())
+        await service.handle(say(conversation, "second", author="UBOB", author_name="Bob",
+                                 bot_name="Helper"), RecordingSink())  # fmt: skip
+        first, second = engine.prompts[0][0], engine.prompts[1][0]
+        assert first == second == {"role": "system", "content": "Helper for Alice at 09:00 UTC."}
+
+        service.team.settings = service.team.settings.model_copy(
+            update={
+                "personas": (Persona.model_validate(persona | {"system_prompt": "New: {time}."}),)
+            }
+        )  # what a reload does
+        await service.handle(say(conversation, "third", **talk), RecordingSink())
+        assert engine.prompts[2][0]["content"] == "New: 09:01 UTC."
+
+        await service.handle(command(conversation, "reset"), RecordingSink())
+        await service.handle(say(conversation, "fourth", **talk), RecordingSink())
+        assert engine.prompts[3][0]["content"] == "New: 09:02 UTC."
+
+        sink = RecordingSink()
+        await service.handle(command(conversation, "prompt"), sink)
+        assert "New: 09:02 UTC." in sink.kinds("finish")[0]
+
+
+async def test_only_the_starter_or_an_admin_may_reset_or_forget(make_service, store, conversation):
+    rules = Access(admins=("UADMIN",))
+    async with make_service(access=rules) as (service, _engine):
+        await service.handle(say(conversation, "hello"), RecordingSink())  # Alice starts it
+        for name in ("reset", "forget"):
+            refused = RecordingSink()
+            await service.handle(command(conversation, name, author="UBOB"), refused)
+            assert refused.kinds("finish") == [replies.not_starter(name)]
+        assert await store.load(str(conversation))
+
+        by_admin = RecordingSink()
+        await service.handle(command(conversation, "reset", author="UADMIN"), by_admin)
+        assert by_admin.kinds("finish") == [replies.conversation_reset()]
+        assert await store.load(str(conversation)) == []
+
+        by_starter = RecordingSink()
+        await service.handle(command(conversation, "forget"), by_starter)
+        assert by_starter.kinds("finish") == [replies.forgotten()]
+        assert not await store.exists(str(conversation))
+
+
+async def test_help_and_admin_commands(make_service, conversation, tmp_path: Path, monkeypatch):
+    config = tmp_path / "team.yml"
+    config.write_text("access:\n  admins: [UADMIN]\n")
+    monkeypatch.setenv("THREADBOT_CONFIG", str(config))
+    settings = load_settings()
+    async with make_service(access=settings.access) as (service, _engine):
+
+        async def run(name: str, author: str) -> str:
+            sink = RecordingSink()
+            await service.handle(command(conversation, name, author=author), sink)
+            [text] = sink.kinds("finish")
+            return text
+
+        assert "`reload`" not in await run("help", "UALICE")
+        assert "`reload`" in await run("help", "UADMIN")
+        for name in ("reload", "stats"):
+            assert await run(name, "UALICE") == replies.admins_only(name)
+
+        service.team._load = load_settings  # the file the test wrote
+        config.write_text("access:\n  admins: [UADMIN, UALICE]\n")
+        assert "access" in await run("reload", "UADMIN")
+        assert "`reload`" in await run("help", "UALICE")  # Alice is an admin now
+
+        config.write_text("access:\n  admins: UADMIN\n    broken: [\n")
+        text = await run("reload", "UADMIN")
+        assert text.startswith("Configuration not reloaded; the old one stays")
+        assert "line" in text
+        assert service.team.is_admin("UALICE")
+
+
+async def test_status_tells_the_queue_and_your_place(make_service, make_batcher, conversation):
+    """Alice's first question is being answered (the engine is held), her second, in another
+    thread, waits; Bob asks for the status meanwhile."""
+    gated = GatedEngine(make_batcher(max_batch=1))
+    async with make_service(gated, model_name="tiny (float32 on cpu)") as (service, _engine):
+        alice = new_user()
+        answering = [RecordingSink(), RecordingSink()]
+        threads = [conversation, ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)]
+        tasks = [
+            asyncio.create_task(service.handle(say(where, "question", author=alice), sink))
+            for where, sink in zip(threads, answering, strict=True)
+        ]
+        for _ in range(200):  # until both are queued (bounded)
+            if service.queue.depth == 2:
+                break
+            await asyncio.sleep(0.01)
+        hers, his = RecordingSink(), RecordingSink()
+        await service.handle(command(conversation, "status", author=alice), hers)
+        await service.handle(command(conversation, "status", author=new_user()), his)
+        gated.gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    [text] = hers.kinds("finish")
+    assert "Model: tiny (float32 on cpu)." in text
+    assert "Queue: 2 of at most 4 answering or waiting." in text
+    assert "Yours: being answered, #1 in line." in text
+    assert his.kinds("finish")[0].endswith("Yours: none.")
+
+
+async def test_stats_sums_up_the_last_hour_for_admins(make_service, conversation):
+    admin = new_user()
+    async with make_service(access=Access(admins=(admin,))) as (service, engine):
+        for text in ("one", "two"):
+            await service.handle(say(conversation, text), RecordingSink())
+        sink = RecordingSink()
+        await service.handle(command(conversation, "stats", author=admin), sink)
+    [text] = sink.kinds("finish")
+    prompt_tokens = sum(len(engine.batcher.engine.prompt_ids(p)) for p in engine.prompts)
+    assert text.startswith(f"Last hour: 2 answers, {prompt_tokens:,} prompt tokens, ")
+    assert "latency p50 " in text and "p95 " in text
+
+
+async def test_a_channels_answer_length_and_temperature_reach_the_engine(
+    make_service, conversation
+):
+    persona = {"channel": "CSUPPORT", "max_new_tokens": 5, "temperature": 0}
+    async with make_service(personas=[persona]) as (service, engine):
+        await service.handle(say(conversation, "hello"), RecordingSink())
+        elsewhere = ConversationKey("slack", "TACME", "CRANDOM", uuid.uuid4().hex)
+        await service.handle(say(elsewhere, "hello"), RecordingSink())
+    assert engine.options == [
+        {"max_new_tokens": 5, "temperature": 0},
+        {"max_new_tokens": None, "temperature": None},
+    ]
