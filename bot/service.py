@@ -494,7 +494,7 @@ class ChatService:
         only to the user)."""
         command = turn.command
         assert command is not None
-        admin = self.team.is_admin(turn.author)
+        admin = self.team.is_admin(turn.author, turn.conversation.platform)
         if command in ADMIN_COMMANDS and not admin:
             text = replies.admins_only(command)
         elif command in ("reset", "forget"):
