@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from bot.config import Access, DiscordAccess, SlackAccess
 
-
 OPERATOR_PLATFORMS = frozenset({"console"})
 """Whoever runs the terminal chat owns the machine: no rule applies, and they are admin."""
 
