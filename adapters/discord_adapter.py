@@ -30,9 +30,9 @@ from adapters.discord_channel import (
     PLATFORM,
     DiscordChannel,
     conversation_key,
+    requester,
 )
 from adapters.discord_commands import SlashCommands
-from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
@@ -193,8 +193,8 @@ class DiscordAdapter(Adapter):
             if route is None:
                 return
             addressed = True
-            if await self.service.admit(self._requester(message, route[0]), route[0],
-                                        partial(_reply, message)):  # fmt: skip
+            who = requester(message.author, route[0])
+            if await self.service.admit(who, route[0], partial(_reply, message)):
                 await self._converse(message, *route)
         except Exception as error:
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
@@ -267,18 +267,6 @@ class DiscordAdapter(Adapter):
             None if turn.command else Asker(turn.author, key)
         )  # a command's reply has no buttons
         await answer(self.service, turn, self._sink(target, asker))
-
-    @staticmethod
-    def _requester(message: discord.Message, key: ConversationKey) -> Requester:
-        roles = getattr(message.author, "roles", ())  # a Member's, in a server
-        return Requester(
-            "discord",
-            str(message.author.id),
-            key.channel,  # a thread's parent
-            workspace=str(message.guild.id) if message.guild else None,
-            dm=message.guild is None,
-            roles=tuple(str(role.id) for role in roles),
-        )
 
     async def _earlier(
         self, message: discord.Message, me: discord.ClientUser

@@ -12,13 +12,15 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import discord
 
 from adapters.base import failure_text
-from adapters.discord_channel import PLATFORM, DiscordChannel, set_buttons
+from adapters.discord_channel import PLATFORM, DiscordChannel, requester, set_buttons
 from adapters.streaming import StreamingReply
+from bot import replies
 from bot.service import ChatService
 from bot.types import ConversationKey
 
@@ -197,6 +199,13 @@ class AnswerButtons:
     async def _regenerate(self, interaction: discord.Interaction, asker: Asker, *, by: str) -> None:
         if not self._may(by, asker.user):
             await self._tell(interaction, REGENERATE_REFUSED)
+            return
+        # A new answer is generated: the access rules in effect now apply, as to a message.
+        told = partial(self._tell, interaction)
+        if not await self.service.admit(requester(interaction.user, asker.conversation),
+                                        asker.conversation, told):  # fmt: skip
+            if not interaction.response.is_done():
+                await told(replies.denied())
             return
         place = await self.service.answer_place(asker.conversation)
         pressed = interaction.message and str(interaction.message.id)

@@ -11,6 +11,7 @@ from typing import Any
 
 import discord
 
+from bot.access import Requester
 from bot.types import ConversationKey
 
 logger = logging.getLogger(__name__)
@@ -139,3 +140,17 @@ class DiscordChannel:
             if error.code != THREAD_EXISTS:  # opened already, by an earlier try
                 raise
         self.thread_open = True
+
+
+def requester(user: discord.abc.User, key: ConversationKey) -> Requester:
+    """Who asks where, for the access rules: a server member's roles count."""
+    roles = getattr(user, "roles", ())  # a Member's; a DM's User has none
+    dm = key.workspace == "-"
+    return Requester(
+        PLATFORM,
+        str(user.id),
+        key.channel,  # a thread's parent
+        workspace=None if dm else key.workspace,
+        dm=dm,
+        roles=tuple(str(role.id) for role in roles),
+    )

@@ -17,8 +17,9 @@ import discord
 from discord import app_commands
 
 from adapters.base import answer
-from adapters.discord_channel import MESSAGE_LIMIT, NO_PINGS, conversation_key
+from adapters.discord_channel import MESSAGE_LIMIT, NO_PINGS, conversation_key, requester
 from adapters.text import split_message
+from bot import replies
 from bot.service import ChatService
 from bot.types import Command, Turn
 
@@ -138,12 +139,19 @@ class SlashCommands:
         # A kind of channel discord.py does not know is keyed by its id alone.
         channel = interaction.channel or discord.Object(interaction.channel_id)
         guild = str(interaction.guild_id) if interaction.guild_id else "-"
+        key = conversation_key(channel, guild=guild, root=str(interaction.id))
+        sink = EphemeralReply(interaction)
+        # Only the user sees the answer, so a denied one is always told (even `silent`).
+        if not await self.service.admit(requester(interaction.user, key), key, sink.finish):
+            if not sink.over:
+                await sink.finish(replies.denied())
+            return
         turn = Turn(
-            conversation_key(channel, guild=guild, root=str(interaction.id)),
+            key,
             str(interaction.user.id),
             f"/{name}",
             str(interaction.id),
             command=name,
             author_name=interaction.user.display_name,
         )
-        await answer(self.service, turn, EphemeralReply(interaction))
+        await answer(self.service, turn, sink)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from bot.config import Access, DiscordAccess, SlackAccess
 
+OPERATOR_PLATFORMS = frozenset({"console"})
+"""Whoever runs the terminal chat owns the machine: no rule applies, and they are admin."""
+
 
 @dataclass(frozen=True, slots=True)
 class Requester:
@@ -28,11 +31,9 @@ class Requester:
 
 def refusal(access: Access, who: Requester) -> str | None:
     """Why `who` may not use the bot here (for the log), or None if they may."""
-    if who.user in access.admins:
+    if who.user in access.admins or who.platform in OPERATOR_PLATFORMS:
         return None
-    rules: SlackAccess | DiscordAccess | None = getattr(access, who.platform, None)
-    if rules is None:  # the console: whoever runs it owns the machine
-        return None
+    rules: SlackAccess | DiscordAccess = getattr(access, who.platform)
     if not rules.users.admits(who.user):
         return "user not allowed"
     if who.stranger and who.user not in rules.users.allow:

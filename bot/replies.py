@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storage.stats import Summary
+
 
 def empty_message() -> str:
     return "Your message was empty. Write a question and I'll answer it."
@@ -123,6 +128,34 @@ def help_text(*, admin: bool) -> str:
             "• `stats`: turns, tokens and latency over the last hour (admins)",
         ]
     return "\n".join(lines)
+
+
+def status(*, model: str, depth: int, limit: int, places: list[int]) -> str:
+    yours = ", ".join("being answered" if place == 0 else f"#{place} in line" for place in places)
+    return (
+        f"Model: {model}.\nQueue: {depth} of at most {limit} answering or waiting.\n"
+        f"Yours: {yours or 'none'}."
+    )
+
+
+def prompt_in_effect(prompt: str | None, *, max_new_tokens: int, temperature: float | None) -> str:
+    if prompt is None:
+        text = "No system prompt is set here: the model's own default applies."
+    else:
+        text = f"The system prompt here:\n```\n{prompt}\n```"
+    heat = "the model's default" if temperature is None else temperature
+    return f"{text}\nAnswers: up to {max_new_tokens} tokens, temperature {heat}."
+
+
+def last_hour(summary: Summary) -> str:
+    if not summary.turns:
+        return "No answers in the last hour."
+    answers = "1 answer" if summary.turns == 1 else f"{summary.turns:,} answers"
+    return (
+        f"Last hour: {answers}, {summary.prompt_tokens:,} prompt tokens, "
+        f"{summary.answer_tokens:,} answer tokens; latency p50 {summary.p50_s:.1f} s, "
+        f"p95 {summary.p95_s:.1f} s (from message to the whole answer)."
+    )
 
 
 def cut_repeating() -> str:

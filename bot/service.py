@@ -494,7 +494,7 @@ class ChatService:
         only to the user)."""
         command = turn.command
         assert command is not None
-        admin = self.team.is_admin(turn.author)
+        admin = self.team.is_admin(turn.author, turn.conversation.platform)
         if command in ADMIN_COMMANDS and not admin:
             text = replies.admins_only(command)
         elif command in ("reset", "forget"):
@@ -512,23 +512,15 @@ class ChatService:
         await sink.finish(text)
 
     def _status(self, turn: Turn) -> str:
-        places = [p.place for p in self.queue.places(turn.author)]
-        yours = ", ".join("being answered" if p == 0 else f"#{p} in line" for p in places)
-        return (
-            f"Model: {self.model_name}.\n"
-            f"Queue: {self.queue.depth} of at most {self.queue.max_size} answering or waiting."
-            f"\nYours: {yours or 'none'}."
+        return replies.status(
+            model=self.model_name,
+            depth=self.queue.depth,
+            limit=self.queue.max_size,
+            places=[p.place for p in self.queue.places(turn.author)],
         )
 
     async def _stats(self) -> str:
-        hour = await self.stats.summary(STATS_WINDOW_S)
-        if not hour.turns:
-            return "No answers in the last hour."
-        return (
-            f"Last hour: {hour.turns} answers, {hour.prompt_tokens:,} prompt tokens, "
-            f"{hour.answer_tokens:,} answer tokens; latency p50 {hour.p50_s:.1f} s, "
-            f"p95 {hour.p95_s:.1f} s (from message to the whole answer)."
-        )
+        return replies.last_hour(await self.stats.summary(STATS_WINDOW_S))
 
     def reload(self) -> str:
         """Read the team's configuration again (SIGHUP, the `reload` command); an invalid
@@ -555,16 +547,16 @@ class ChatService:
 
     async def _prompt_in_effect(self, turn: Turn) -> str:
         voice = voice_for(self.team.settings, turn.conversation)
-        if voice.system_prompt is None:
-            text = "No system prompt is set here: the model's own default applies."
-        else:
-            template, kept = await self.store.kept_system_prompt(str(turn.conversation))
-            if template != voice.system_prompt or kept is None:
-                kept = fill(voice.system_prompt, placeholder_values(turn))
-            text = f"The system prompt here:\n```\n{kept}\n```"
-        temperature = "the model's default" if voice.temperature is None else voice.temperature
-        tokens = voice.max_new_tokens or self.team.settings.max_new_tokens
-        return f"{text}\nAnswers: up to {tokens} tokens, temperature {temperature}."
+        prompt = None
+        if voice.system_prompt is not None:
+            template, prompt = await self.store.kept_system_prompt(str(turn.conversation))
+            if template != voice.system_prompt or prompt is None:
+                prompt = fill(voice.system_prompt, placeholder_values(turn))
+        return replies.prompt_in_effect(
+            prompt,
+            max_new_tokens=voice.max_new_tokens or self.team.settings.max_new_tokens,
+            temperature=voice.temperature,
+        )
 
     def _turns_of(self, conversation: str) -> asyncio.Lock:
         """One turn at a time per conversation: each prompt holds the previous answer."""

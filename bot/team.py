@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from bot.access import OPERATOR_PLATFORMS
 from bot.config import Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ class Team:
         self.settings = settings
         self._load = load
 
-    def is_admin(self, user: str) -> bool:
-        return user in self.settings.access.admins
+    def is_admin(self, user: str, platform: str = "") -> bool:
+        return user in self.settings.access.admins or platform in OPERATOR_PLATFORMS
 
     def reload(self) -> str:
         """Read the settings again. Raises ConfigError (the old ones stay) if they are

@@ -23,6 +23,7 @@ from adapters.discord_adapter import DiscordAdapter, gateway_intents
 from adapters.discord_buttons import NOT_REGENERABLE, REGENERATE_REFUSED, STOP_REFUSED
 from adapters.discord_commands import DESCRIPTIONS
 from bot import replies
+from bot.config import Access
 from bot.service import ChatService
 from bot.types import Command, ConversationKey
 
@@ -211,6 +212,57 @@ async def test_forget_in_a_dm_through_a_global_command(discord_bot):
     assert reply["content"] == replies.forgotten()
     assert reply["flags"] & EPHEMERAL
     assert not known
+
+
+async def test_commands_as_text_and_as_slash_commands_with_their_permissions(discord_bot):
+    """Alice, an admin, starts a thread. Bob may not reset or forget it, nor use the admin
+    commands, whether he types them in the thread or runs them; he may ask for the status
+    and the prompt. Alice may."""
+    async with discord_bot(ScriptedEngine("Noted."), system_prompt="Be brief.") as bot:
+        fake = bot.fake
+        bot.service.team.settings = bot.service.team.settings.model_copy(
+            update={"access": Access(admins=(fake.alice["id"],))}
+        )
+        await commands_registered(fake, fake.guild_id)
+        asked = await mention(fake, "remember the number 7")
+        thread = asked["id"]
+        await final_reply(fake, thread)
+
+        async def typed(text: str, user: JSON) -> str:
+            posted = len(bot_messages(fake, thread))
+            await fake.dispatch("MESSAGE_CREATE", fake.thread_message(thread, text, author=user))
+            return (await final_reply(fake, thread, after=posted))["content"]
+
+        async def ran(name: str, user: JSON) -> str:
+            interaction = await fake.slash_command(name, thread, user=user)
+            [reply] = await fake.wait_for(lambda: answered(interaction))
+            assert reply["flags"] & EPHEMERAL
+            return reply["content"]
+
+        bob, alice = fake.bob, fake.alice
+        assert await typed("reset", bob) == replies.not_starter("reset")
+        assert await ran("forget", bob) == replies.not_starter("forget")
+        assert await typed("stats", bob) == replies.admins_only("stats")
+        assert await ran("reload", bob) == replies.admins_only("reload")
+        assert (await ran("status", bob)).startswith("Model: ")
+        assert "Be brief." in await typed("prompt", bob)
+        assert "`reload`" not in await ran("help", bob)
+        assert "`reload`" in await typed("help", alice)
+        assert (await ran("stats", alice)).startswith("Last hour: 1 answer,")
+        history = await bot.history(thread_key(fake, thread), until=answered_once)
+        assert await ran("reset", alice) == replies.conversation_reset()
+    assert [m["content"] for m in history] == ["remember the number 7", "Noted."]
+
+
+async def test_a_denied_user_is_told_by_the_slash_command_alone(discord_bot):
+    rules = Access.model_validate({"deny": "silent", "discord": {"users": {"deny": ["1003"]}}})
+    async with discord_bot(access=rules) as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        interaction = await fake.slash_command("status", fake.channel_id, user=fake.bob)
+        [reply] = await fake.wait_for(lambda: answered(interaction))
+    assert reply["content"] == replies.denied() and reply["flags"] & EPHEMERAL
+    assert bot_messages(fake, fake.channel_id) == []
 
 
 # --- Stop ------------------------------------------------------------------------------------

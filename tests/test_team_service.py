@@ -222,3 +222,11 @@ async def test_a_channels_answer_length_and_temperature_reach_the_engine(
         {"max_new_tokens": 5, "temperature": 0},
         {"max_new_tokens": None, "temperature": None},
     ]
+
+
+async def test_whoever_runs_the_terminal_chat_is_an_admin(make_service):
+    console = ConversationKey("console", "-", "demo", "demo")
+    sink = RecordingSink()
+    async with make_service() as (service, _engine):
+        await service.handle(command(console, "stats", author="root"), sink)
+    assert sink.kinds("finish")[0] != replies.admins_only("stats")
