@@ -45,6 +45,7 @@ from adapters.slack_files import slack_attachments
 from adapters.slack_format import MARKDOWN_LIMIT, MESSAGE_LIMIT, to_markdown, to_mrkdwn
 from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
 from adapters.streaming import EditBudget, StreamingReply
+from bot import replies
 from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
@@ -181,7 +182,10 @@ class SlackAdapter(Adapter):
                 dm=typed_in_dm(payload),
                 stranger=await self._stranger({"user": turn.author}, turn.conversation.workspace),
             )
-            if not await self.service.admit(who, turn.conversation, sink.fail):
+            # Only the sender sees the answer, so a denial is always told (even `silent`).
+            if not await self.service.admit(who, turn.conversation, sink.finish):
+                if not sink.over:
+                    await sink.finish(replies.denied())
                 return
             if turn.command in THREAD_ONLY and not typed_in_dm(payload):
                 await sink.finish(thread_only(turn.command))

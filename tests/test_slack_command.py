@@ -68,14 +68,17 @@ async def test_reset_in_a_channel_points_to_the_thread_and_clears_nothing(
     assert len(await store.load(f"slack:T0001:C0001:{mention['ts']}")) == 2  # untouched
 
 
-async def test_a_denied_user_is_told_and_nothing_is_done(slack, socket_mode, store):
+@pytest.mark.parametrize("deny", ["reply", "silent"])
+async def test_a_denied_user_is_told_each_time_and_nothing_is_done(slack, socket_mode, store, deny):
+    """Only the sender sees a command's answer: a denial is always told, even `silent`."""
     dm = new_dm()
-    denied = Access.model_validate({"slack": {"users": {"deny": ["U0BOB"]}}})
+    denied = Access.model_validate({"deny": deny, "slack": {"users": {"deny": ["U0BOB"]}}})
     async with socket_mode(access=denied):
         await slack.send_event(slack.dm(dm, "remember the number 42"))
         await final_reply(slack, dm, None)
-        trigger = await slack.send_command(dm, "forget", user="U0BOB")
-        [response] = await responses(slack, trigger)
-    assert response == {"text": replies.denied(), "response_type": "ephemeral",
-                        "unfurl_links": False, "unfurl_media": False}  # fmt: skip
+        triggers = [await slack.send_command(dm, "forget", user="U0BOB") for _ in range(2)]
+        told = [await responses(slack, trigger) for trigger in triggers]
+    denial = {"text": replies.denied(), "response_type": "ephemeral",
+              "unfurl_links": False, "unfurl_media": False}  # fmt: skip
+    assert told == [[denial], [denial]]
     assert len(await store.load(f"slack:T0001:{dm}:{dm}")) == 2  # not forgotten
