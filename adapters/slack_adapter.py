@@ -225,6 +225,7 @@ class SlackAdapter(Adapter):
             channel=channel,
             thread_ts=thread_ts or (None if is_dm else ts),
             recipient=event["user"],
+            recipient_team=event.get("user_team", event.get("team")),
         )
         addressed = mentioned or is_dm
         try:
@@ -357,6 +358,7 @@ class SlackAdapter(Adapter):
             channel=target["channel"],
             thread_ts=target.get("thread_ts"),
             recipient=target.get("recipient"),
+            recipient_team=target.get("recipient_team"),
         )
         messages = target.get("messages", ())
         if not messages:

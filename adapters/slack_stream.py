@@ -42,7 +42,8 @@ def _error(error: SlackApiError) -> str:
 class SlackThread:
     """Posts and edits the messages of one answer in one Slack thread (or DM).
 
-    `recipient` is the person the answer is for (native streams name them). Nothing posted
+    `recipient` is the person the answer is for, of `recipient_team` (their own
+    organisation's, in a Slack Connect channel): native streams name them. Nothing posted
     is unfurled: Slack would otherwise fetch a URL that model output or injected thread
     text put there, with conversation text in it.
     """
@@ -55,12 +56,14 @@ class SlackThread:
         channel: str,
         thread_ts: str | None,
         recipient: str | None = None,
+        recipient_team: str | None = None,
     ) -> None:
         self.client = client
         self.team = team
         self.channel = channel
         self.thread_ts = thread_ts
         self.recipient = recipient
+        self.recipient_team = recipient_team or team
 
     def where(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class SlackThread:
             "channel": self.channel,
             "thread_ts": self.thread_ts,
             "recipient": self.recipient,
+            "recipient_team": self.recipient_team,
         }
 
     async def typing(self) -> None:
@@ -124,7 +128,7 @@ class SlackStream:
             response = await self.client.chat_startStream(
                 channel=self.thread.channel,
                 thread_ts=self.thread.thread_ts,
-                recipient_team_id=self.thread.team,
+                recipient_team_id=self.thread.recipient_team,
                 recipient_user_id=self.thread.recipient,
                 markdown_text=shown or None,
             )

@@ -179,6 +179,7 @@ async def test_an_event_is_acknowledged_once_its_turn_is_recorded(
             "channel": "C0001",
             "thread_ts": mention["ts"],
             "recipient": "U0ALICE",
+            "recipient_team": "T0001",
         }
         assert (await target()).items() >= where.items()
         [placeholder] = await slack.wait_for_calls("chat.postMessage")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from conftest import ScriptedEngine
 from fake_slack import FakeSlack
@@ -18,7 +19,7 @@ from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
 from adapters.slack_format import MARKDOWN_LIMIT, to_markdown
 from bot import replies
-from bot.config import Settings
+from bot.config import Access, Settings
 from bot.types import ConversationKey
 
 ANSWER = (
@@ -58,6 +59,22 @@ async def test_an_answer_streams_natively_into_its_thread(slack, socket_mode):
     statuses = [call.params["status"] for call in slack.calls_to("assistant.threads.setStatus")]
     assert statuses[0] == THINKING and statuses[-1] == ""  # shown while thinking, then cleared
     assert slack.statuses == {}
+
+
+async def test_a_stream_for_a_slack_connect_guest_names_their_own_team(slack, socket_mode):
+    slack.users["U0GUEST"] = "guest"
+    slack.external_users["U0GUEST"] = "T0OTHER"
+    guests = Access.model_validate({"slack": {"users": {"allow": ["U0GUEST"]}}})
+    async with socket_mode(ScriptedEngine(ANSWER), streaming="native", access=guests):
+        mention = slack.app_mention("C0SHARED", "hello from elsewhere", user="U0GUEST")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0SHARED", mention["ts"])
+    assert reply["text"] == to_markdown(ANSWER)
+    [start] = slack.calls_to("chat.startStream")
+    assert (start.params["recipient_user_id"], start.params["recipient_team_id"]) == (
+        "U0GUEST",
+        "T0OTHER",
+    )
 
 
 async def test_a_long_native_answer_continues_in_further_streams(slack, socket_mode):
@@ -128,8 +145,9 @@ async def test_edit_mode_never_streams(slack, socket_mode):
 
 async def test_a_top_level_dm_answer_is_edited_as_slack_streams_only_in_threads(slack, socket_mode):
     async with socket_mode(ScriptedEngine(ANSWER), streaming="native"):
-        await slack.send_event(slack.dm("D0001", "hi"))
-        reply = await final_reply(slack, "D0001", None)
+        dm = f"D{uuid.uuid4().hex[:10].upper()}"  # a DM of its own: no other test's history
+        await slack.send_event(slack.dm(dm, "hi"))
+        reply = await final_reply(slack, dm, None)
     assert reply["text"].startswith("Paris is the *capital*")
     assert not slack.calls_to("chat.startStream")
 
@@ -195,7 +213,8 @@ async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_
         markdown_text="Paris is",
     )
     saved = {"team": "T0001", "channel": "C0001", "thread_ts": mention["ts"],
-             "recipient": "U0ALICE", "native": True, "messages": [begun["ts"]]}  # fmt: skip
+             "recipient": "U0ALICE", "recipient_team": "T0001", "native": True,
+             "messages": [begun["ts"]]}  # fmt: skip
     settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
                         slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
     async with make_service() as (service, _engine):
