@@ -82,3 +82,40 @@ async def test_a_denied_user_is_told_each_time_and_nothing_is_done(slack, socket
               "unfurl_links": False, "unfurl_media": False}  # fmt: skip
     assert told == [[denial], [denial]]
     assert len(await store.load(f"slack:T0001:{dm}:{dm}")) == 2  # not forgotten
+
+
+async def test_commands_as_text_and_as_the_slash_command_with_their_permissions(
+    slack, socket_mode, store
+):
+    """Alice, an admin, opens a thread. Bob may not reset or forget it, nor use the admin
+    commands, typed in the thread or through /threadbot; he may ask for the status and the
+    prompt. Alice may."""
+    channel = f"C{uuid.uuid4().hex[:10].upper()}"
+    admins = Access(admins=("U0ALICE",))
+    async with socket_mode(access=admins, system_prompt="Be brief.") as (_service, _engine):
+        mention = slack.app_mention(channel, "remember the number 42")
+        await slack.send_event(mention)
+        await final_reply(slack, channel, mention["ts"])
+
+        async def typed(text: str, user: str) -> str:
+            posted = len([m for m in slack.channels[channel] if m.get("user") == "U0BOT"])
+            await slack.send_event(slack.user_message(channel, text, user=user,
+                                                      thread_ts=mention["ts"]))  # fmt: skip
+            return (await final_reply(slack, channel, mention["ts"], after=posted))["text"]
+
+        async def ran(text: str, user: str) -> str:
+            [response] = await responses(slack, await slack.send_command(channel, text, user=user))
+            assert response["response_type"] == "ephemeral"
+            return response["text"]
+
+        assert await typed("reset", "U0BOB") == to_mrkdwn(replies.not_starter("reset"))
+        assert await typed("forget", "U0BOB") == to_mrkdwn(replies.not_starter("forget"))
+        assert await typed("stats", "U0BOB") == to_mrkdwn(replies.admins_only("stats"))
+        assert await ran("reload", "U0BOB") == to_mrkdwn(replies.admins_only("reload"))
+        assert (await ran("status", "U0BOB")).startswith("Model: ")
+        assert "Be brief." in await typed("prompt", "U0BOB")
+        assert "`reload`" in await ran("help", "U0ALICE")
+        assert (await typed("stats", "U0ALICE")).startswith("Last hour: 1 answer,")
+        assert len(await store.load(f"slack:T0001:{channel}:{mention['ts']}")) == 2
+        assert await typed("reset", "U0ALICE") == to_mrkdwn(replies.conversation_reset())
+        assert await store.load(f"slack:T0001:{channel}:{mention['ts']}") == []
