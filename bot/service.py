@@ -231,12 +231,14 @@ class ChatService:
                 refusal = replies.empty_message()
             elif len(text) > settings.max_input_chars:
                 refusal = replies.too_long(len(text), settings.max_input_chars)
-            elif (pending := self._pending[turn.author]) >= settings.max_pending_per_user:
-                refusal = replies.slow_down(pending)
             elif (per_minute := settings.access.rate_limit_per_minute) and (
                 wait := await self.limits.take(f"{platform}:{turn.author}", per_minute)
             ):
                 refusal = replies.rate_limited(wait)
+            # From this check to the count below, nothing may await: a burst of messages
+            # would all pass it.
+            elif (pending := self._pending[turn.author]) >= settings.max_pending_per_user:
+                refusal = replies.slow_down(pending)
         if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())
             return None
@@ -248,7 +250,6 @@ class ChatService:
                 return None
             return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
 
-        await self.store.starter(str(turn.conversation), turn.author)  # if it is the first
         context = tuple(
             ChatMessage(message, content=sanitized(message["content"])) for message in turn.context
         )

@@ -91,18 +91,15 @@ class ConversationStore:
             keys.answer_place(conversation_id),
         )
 
-    async def starter(self, conversation_id: str, user: str | None = None) -> str | None:
-        """Who started the conversation with the bot; with `user`, that user becomes it if
-        no one has yet."""
+    async def starter(self, conversation_id: str) -> str | None:
+        """Who started the conversation with the bot (see `queue_starter`)."""
+        return await self._redis.hget(keys.facts(conversation_id), "starter")
+
+    def queue_starter(self, pipe: Pipeline, conversation_id: str, user: str) -> None:
+        """Queue, on the caller's MULTI, `user` as the conversation's starter if it has none."""
         key = keys.facts(conversation_id)
-        if user is None:
-            return await self._redis.hget(key, "starter")
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "starter", user)
-            pipe.expire(key, self._ttl_seconds)
-            pipe.hget(key, "starter")
-            *_, starter = await pipe.execute()
-        return starter
+        pipe.hsetnx(key, "starter", user)
+        pipe.expire(key, self._ttl_seconds)
 
     async def system_prompt(
         self, conversation_id: str, template: str, fill: Callable[[], str]

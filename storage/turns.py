@@ -89,7 +89,8 @@ class TurnJournal:
     # --- a turn's life ----------------------------------------------------------------
 
     async def accept(self, turn: Turn, target: dict[str, Any]) -> PendingTurn | None:
-        """Record a new turn, owned by us; None if this message was seen before."""
+        """Record a new turn, owned by us (its author becomes the conversation's starter
+        if it has none); None if this message was seen before."""
         pending = PendingTurn(turn, target)
         seen = keys.seen(turn.conversation.platform, turn.message_id)
         acceptance = uuid.uuid4().hex  # tells our own earlier try from another delivery
@@ -102,6 +103,7 @@ class TurnJournal:
             record = self._record(pending) | {"acceptance": acceptance}
             pipe.hset(keys.turn(pending.id), mapping=record)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
+            self._store.queue_starter(pipe, pending.conversation, turn.author)
             return True
 
         return pending if await self._transaction([seen], write) else None
