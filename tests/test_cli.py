@@ -146,6 +146,15 @@ def test_invalid_setting_is_one_line_naming_it(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_mistake_in_threadbot_yml_stops_the_start_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "threadbot.yml").write_text("access:\n  deny: reply\n  amdins: [U1]\n")
+    result = run_cli("run", cwd=tmp_path, env=cli_env(DISCORD_BOT_TOKEN="x"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "threadbot.yml line 3: invalid setting access.amdins: Extra inputs are not permitted"
+    ]
+
+
 def test_typo_in_dotenv_is_refused_by_name(tmp_path: Path) -> None:
     """A `.env` in the working directory is read, and an unknown key in it fails start."""
     (tmp_path / ".env").write_text("MAX_NEW_TOKEN=64\n")
