@@ -230,3 +230,21 @@ async def test_whoever_runs_the_terminal_chat_is_an_admin(make_service):
     async with make_service() as (service, _engine):
         await service.handle(command(console, "stats", author="root"), sink)
     assert sink.kinds("finish")[0] != replies.admins_only("stats")
+
+
+async def test_a_filled_in_prompt_keeps_the_kv_cache_of_the_last_turn(
+    make_service, conversation, monkeypatch
+):
+    """With {time} in the persona and the clock moving, the second turn's prompt still
+    starts with the first turn's tokens, whose keys and values are reused."""
+    clock = iter(["09:00 UTC", "09:07 UTC"])
+    monkeypatch.setattr(
+        "bot.service.placeholder_values", lambda turn: {"time": next(clock)} | dict.fromkeys(
+            ("date", "user_name", "channel_name", "bot_name"), "x")
+    )  # fmt: skip
+    persona = {"platform": "slack", "system_prompt": "It is {time}. Be brief."}
+    async with make_service(personas=[persona]) as (service, engine):
+        await service.handle(say(conversation, "first"), RecordingSink())
+        await service.handle(say(conversation, "second"), RecordingSink())
+    first_turn = engine.batcher.engine.prompt_ids(engine.prompts[0])
+    assert engine.batcher.stats.reused >= len(first_turn)
