@@ -193,7 +193,15 @@ class Settings(BaseSettings):
     )
     strip_reasoning: bool = Field(True, description="Leave <think> blocks out of answers.")
 
+    # Operations
+    http_port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="/healthz, /readyz, /metrics (and Slack's HTTP events); 0: off.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="json: one object per line.")
 
     @field_validator("device", "dtype", mode="before")
     @classmethod
