@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from bot.kv_cache import KV, PrefixCache
+from bot.metrics import Metrics
 from bot.sampling import Sampler, end_token_ids
 from bot.types import ChatMessage
 
@@ -82,12 +83,20 @@ class BatchStats:
 
 
 class Batcher:
-    """One running batch over an `Engine`'s model; driven from a single thread."""
+    """One running batch over an `Engine`'s model; driven from a single thread. Counts
+    the prompt, reused and generated tokens in `metrics`."""
 
     def __init__(
-        self, *, engine: Engine, max_batch: int, step_tokens: int, prefix_cache: PrefixCache
+        self,
+        *,
+        engine: Engine,
+        max_batch: int,
+        step_tokens: int,
+        prefix_cache: PrefixCache,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self.model = engine.model
         self.max_batch = max_batch
         self.step_tokens = step_tokens
@@ -119,6 +128,8 @@ class Batcher:
         kv, reused = self.prefix_cache.take(conversation, prompt)
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=self.model.config)
         self.stats.reused += reused
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.metrics.kv_reused_tokens.inc(reused)
         if max_new_tokens is None:
             max_new_tokens = self.engine.max_new_tokens
         sequence = _Sequence(key, conversation, prompt, cache, reused, max_new_tokens, temperature)
@@ -208,17 +219,20 @@ class Batcher:
             [sequence.temperature for sequence in sequences],
         )
         updates, finished = [], []
+        generated = 0
         for sequence, token in zip(sequences, tokens, strict=True):
             ended = token in self.end_ids
             if not ended:
                 sequence.answer.append(token)
-                self.stats.decoded += 1
+                generated += 1
             full = len(sequence.tokens) >= self.engine.context_tokens
             if ended or full or len(sequence.answer) >= sequence.max_new_tokens:
                 finished.append(sequence)
                 updates.append(self._finish(sequence))
             else:
                 updates.append(Update(sequence.key, self._stream(sequence)))
+        self.stats.decoded += generated
+        self.metrics.generated_tokens.inc(generated)
         self._drop_rows(finished)
         return updates
 

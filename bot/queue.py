@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, Self
 
+from bot.metrics import Metrics
 from bot.types import ChatMessage
 
 if TYPE_CHECKING:  # only for types: importing the batcher would load torch
@@ -92,7 +94,8 @@ class Generation:
     `text` holds what has been read so far, and once iteration ends, the engine's final
     decoded answer (a generation stopped early keeps its partial text); `prompt_tokens`
     and `answer_tokens` its prompt's and its own length in tokens (0 until the end, and
-    for an answer that did not end).
+    for an answer that did not end); `queue_wait` the seconds it waited for a place in
+    the batch (None until it has one).
     """
 
     def __init__(
@@ -116,6 +119,12 @@ class Generation:
         self._cancelled = threading.Event()  # read by the engine thread between steps
         self._over = False  # the consumer has seen the end or an error
         self._deadline: asyncio.TimerHandle | None = None
+        self._queued_at = time.monotonic()
+        self._started_at: float | None = None  # set on the engine thread, read after the end
+
+    @property
+    def queue_wait(self) -> float | None:
+        return None if self._started_at is None else self._started_at - self._queued_at
 
     @property
     def cancelled(self) -> bool:
@@ -167,6 +176,10 @@ class FairOrder:
     def __bool__(self) -> bool:
         """Whether any request is waiting."""
         return bool(self._by_user)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(requests) for requests in self._by_user.values())
 
     def push(self, generation: Generation) -> None:
         self._by_user.setdefault(generation.user, deque()).append(generation)
@@ -237,12 +250,22 @@ def _check_options(max_new_tokens: int | None, temperature: float | None) -> Non
 
 
 class InferenceQueue:
-    """Bounded queue of generation requests, served in batches by one engine thread."""
+    """Bounded queue of generation requests, served in batches by one engine thread.
 
-    def __init__(self, *, engine: BatchEngine, max_size: int, timeout: float) -> None:
+    Keeps `metrics.queue_waiting` and `metrics.batch_rows` current."""
+
+    def __init__(
+        self,
+        *,
+        engine: BatchEngine,
+        max_size: int,
+        timeout: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine = engine
         self.max_size = max_size
         self.timeout = timeout
+        self.metrics = metrics if metrics is not None else Metrics()
         self._order = FairOrder()
         self._wakeup = threading.Condition()  # guards `_order` and `_closing`
         self._closing = False
@@ -313,6 +336,7 @@ class InferenceQueue:
         self._in_flight += 1
         with self._wakeup:
             self._order.push(generation)
+            self.metrics.queue_waiting.set(self._order.waiting)
             self._wakeup.notify()
         return generation
 
@@ -340,6 +364,7 @@ class InferenceQueue:
                 admitted: list[Generation] = []
                 while self._order and len(running) + len(admitted) < self.engine.max_batch:
                     admitted.append(self._order.pop())
+                self.metrics.queue_waiting.set(self._order.waiting)
             for generation in admitted:
                 if self._start(generation):
                     running.append(generation)
@@ -347,14 +372,17 @@ class InferenceQueue:
                 self.engine.leave(generation)
                 running.remove(generation)
                 self._done(generation)
+            self.metrics.batch_rows.set(len(running))
             if running:
                 self._step(running)
+                self.metrics.batch_rows.set(len(running))
 
     def _start(self, generation: Generation) -> bool:
         """Put a request into the batch; whether it is running."""
         if generation.cancelled:
             self._done(generation)
             return False
+        generation._started_at = time.monotonic()
         try:
             self.engine.join(
                 generation,
@@ -408,6 +436,8 @@ class InferenceQueue:
             else:
                 self._call(generation.cancel)
         self.engine.clear()
+        self.metrics.queue_waiting.set(0)
+        self.metrics.batch_rows.set(0)
 
     def _post(self, generation: Generation, item: str | _End | _Failed) -> None:
         if not generation.cancelled:

@@ -28,6 +28,7 @@ from bot import replies
 from bot.access import Requester, refusal
 from bot.config import ConfigError
 from bot.hygiene import AnswerFilter
+from bot.metrics import Metrics, Outcome
 from bot.personas import Voice, fill, placeholder_values, voice_for
 from bot.prompt import TokenCounter, fit, named, sanitized
 from bot.queue import (
@@ -39,6 +40,7 @@ from bot.queue import (
     QueueFull,
 )
 from bot.team import Team
+from bot.turn_report import Generated, report_answered
 from bot.types import ADMIN_COMMANDS, ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
 from storage.limits import Limits
@@ -75,6 +77,7 @@ class ChatService:
         stats: TurnStats,
         max_attempts: int,
         model_name: str = "the model",
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -88,6 +91,7 @@ class ChatService:
         self.stats = stats
         self.max_attempts = max_attempts
         self.model_name = model_name
+        self.metrics = metrics if metrics is not None else Metrics()  # turns and their latency
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
         self._generations: dict[str, Generation] = {}  # by turn id, while streaming
@@ -125,6 +129,7 @@ class ChatService:
         if (reason := refusal(access, who)) is None:
             return True
         logger.info("denied %s user %s in %s: %s", who.platform, who.user, conversation, reason)
+        self.metrics.count_turn(who.platform, "denied")
         told = f"{conversation.platform}:{conversation.workspace}:{conversation.channel}:{who.user}"
         if access.deny == "reply" and await self.limits.first_denial(told):
             try:
@@ -147,6 +152,8 @@ class ChatService:
             if not is_outage(error):
                 raise
             logger.warning("storage unavailable; message %s refused: %s", turn.message_id, error)
+            if turn.command is None:
+                self.metrics.count_turn(turn.conversation.platform, "failed")
             await sink.fail(replies.storage_unavailable())
             return None
 
@@ -224,21 +231,21 @@ class ChatService:
     async def _accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
         platform = turn.conversation.platform
         text = sanitized(turn.text)
-        refusal = None
+        refusal: tuple[Outcome, str] | None = None
         settings = self.team.settings
         if turn.command is None:
             if not text:
-                refusal = replies.empty_message()
+                refusal = "empty", replies.empty_message()
             elif len(text) > settings.max_input_chars:
-                refusal = replies.too_long(len(text), settings.max_input_chars)
+                refusal = "too_long", replies.too_long(len(text), settings.max_input_chars)
             elif (per_minute := settings.access.rate_limit_per_minute) and (
                 wait := await self.limits.take(f"{platform}:{turn.author}", per_minute)
             ):
-                refusal = replies.rate_limited(wait)
+                refusal = "rate_limited", replies.rate_limited(wait)
             # From this check to the count below, nothing may await: a burst of messages
             # would all pass it.
             elif (pending := self._pending[turn.author]) >= settings.max_pending_per_user:
-                refusal = replies.slow_down(pending)
+                refusal = "rate_limited", replies.slow_down(pending)
         if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())
             return None
@@ -246,7 +253,9 @@ class ChatService:
             if not await self.store.first_seen(platform, turn.message_id):
                 return _skipped(turn)
             if refusal:
-                await sink.finish(refusal)
+                outcome, reply = refusal
+                self.metrics.count_turn(platform, outcome)
+                await sink.finish(reply)
                 return None
             return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
 
@@ -402,13 +411,15 @@ class ChatService:
                 temperature=voice.temperature,
             )
         except QueueFull:
-            await self._fail(started, sink, replies.busy())
+            await self._fail(started, sink, replies.busy(), outcome="busy")
             return
         output = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
         self._generations[started.id] = generation  # for `stop_answer`
         stopped = False
+        first_token_at = None
         try:
             async for chunk in generation:
+                first_token_at = first_token_at or time.time()
                 if text := output.feed(chunk):
                     await sink.append(text)
                 if output.looping:
@@ -432,7 +443,13 @@ class ChatService:
         if not await self.journal.save(started, answer=answer):
             _not_ours(pending)
             return
-        await self._deliver(started, sink, answer)
+        generated = Generated(
+            prompt_tokens=generation.prompt_tokens,
+            answer_tokens=generation.answer_tokens,
+            queue_wait=generation.queue_wait or 0.0,
+            first_token_at=first_token_at or time.time(),
+        )
+        await self._deliver(started, sink, answer, generated)
         await self._count(pending, generation)
 
     async def _count(self, pending: PendingTurn, generation: Generation) -> None:
@@ -446,8 +463,15 @@ class ChatService:
         except Exception:
             logger.warning("could not record the stats of turn %s", pending.id, exc_info=True)
 
-    async def _deliver(self, pending: PendingTurn, sink: ReplySink, answer: str) -> None:
-        """Show the answer, then store it and close the turn."""
+    async def _deliver(
+        self,
+        pending: PendingTurn,
+        sink: ReplySink,
+        answer: str,
+        generated: Generated | None = None,
+    ) -> None:
+        """Show the answer, then store it and close the turn; `generated` says how this
+        process wrote it (None: it was saved before a restart)."""
         await sink.finish(answer)
         try:
             if not await self.journal.finish(pending, answer):
@@ -461,9 +485,11 @@ class ChatService:
             logger.warning("storage lost after answering %s; stored once it is back", pending.id)
             self._orphaned[pending.id] = sink
             return
-        logger.info("answered turn %s (attempt %d)", pending.id, pending.attempts)
+        report_answered(self.metrics, pending, generated)
 
-    async def _fail(self, pending: PendingTurn, sink: ReplySink, text: str) -> None:
+    async def _fail(
+        self, pending: PendingTurn, sink: ReplySink, text: str, *, outcome: Outcome = "failed"
+    ) -> None:
         """The user hears why (if the platform lets us say it); the turn is over either
         way (its message stays in the history)."""
         try:
@@ -472,6 +498,7 @@ class ChatService:
             logger.warning("could not tell turn %s's thread why it failed", pending.id,
                            exc_info=True)  # fmt: skip
         await self.journal.finish(pending)
+        self.metrics.count_turn(pending.turn.conversation.platform, outcome)
 
     async def _leave_for_later(
         self,

@@ -7,17 +7,19 @@ or store anything — that is `storage.store`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.exceptions import RedisError
 
 from storage.embedded import EmbeddedRedis
@@ -25,15 +27,43 @@ from storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Resilience:
     """How a client rides out a Redis that goes away: each call is retried `retries` times,
     backing off exponentially up to a second; an idle connection is checked before use
-    after `health_check_s` (0: never)."""
+    after `health_check_s` (0: never). `on_failure` hears of every failed try (a metric)."""
 
     retries: int = 3
     health_check_s: float = 10
+    on_failure: Callable[[], object] = lambda: None
+
+
+class _CountedRetry(Retry):
+    """redis-py's retry, which every command and connect goes through: the one place that
+    sees each failed try, so it tells `on_failure` of each."""
+
+    def __init__(
+        self, backoff: AbstractBackoff, retries: int, *, on_failure: Callable[[], object]
+    ) -> None:
+        super().__init__(backoff, retries)
+        self._on_failure = on_failure
+
+    async def call_with_retry(
+        self, do: Callable[[], Awaitable[T]], fail: Callable[..., Awaitable[object]], **options
+    ) -> T:
+        async def failed(*error_and_count: object) -> None:
+            self._on_failure()
+            await fail(*error_and_count)
+
+        return await super().call_with_retry(do, failed, **options)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _CountedRetry:
+        # redis-py copies the retry into its pool; the copy must report to the same place.
+        backoff = copy.deepcopy(self._backoff, memo)
+        return _CountedRetry(backoff, self._retries, on_failure=self._on_failure)
 
 
 @asynccontextmanager
@@ -87,7 +117,11 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
             decode_responses=True,
             socket_connect_timeout=5,
             socket_timeout=10,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), resilience.retries),
+            retry=_CountedRetry(
+                ExponentialBackoff(cap=1.0, base=0.05),
+                resilience.retries,
+                on_failure=resilience.on_failure,
+            ),
             health_check_interval=resilience.health_check_s,
         )
     except ValueError as exc:  # a malformed URL; redis-py's message does not echo it

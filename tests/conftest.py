@@ -156,12 +156,20 @@ def make_batcher(make_engine: Any):
     from bot.batching import Batcher
     from bot.kv_cache import PrefixCache
 
-    def make(*, max_batch: int = 4, step_tokens: int = 64, kv_cache_mb: float = 16, **options):
+    def make(
+        *,
+        max_batch: int = 4,
+        step_tokens: int = 64,
+        kv_cache_mb: float = 16,
+        metrics: Any = None,
+        **options,
+    ):
         return Batcher(
             engine=make_engine(**options),
             max_batch=max_batch,
             step_tokens=step_tokens,
             prefix_cache=PrefixCache(int(kv_cache_mb * 2**20)),
+            metrics=metrics,
         )
 
     return make
@@ -307,9 +315,11 @@ def make_service(
 ):
     """ChatServices on the real store, journal and queue, resuming as `threadbot run` does;
     the engine defaults to a SpyEngine on the tiny model. Keyword options override
-    ChatService's and the queue's settings. Turns a test leaves pending are removed after
-    it, so no later test (sharing Redis, and channel ids) resumes them."""
+    ChatService's and the queue's settings; `metrics` is shared by the queue and the
+    service. Turns a test leaves pending are removed after it, so no later test (sharing
+    Redis, and channel ids) resumes them."""
     from bot.config import Settings
+    from bot.metrics import Metrics
     from bot.queue import InferenceQueue
     from bot.service import ChatService
     from bot.team import Team
@@ -331,8 +341,12 @@ def make_service(
             "limits": Limits(redis=redis_client),
             "stats": TurnStats(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
             "max_attempts": 3,
+            "metrics": Metrics(),
         } | options
-        async with InferenceQueue(engine=engine, max_size=queue_max, timeout=timeout) as queue:
+        queue = InferenceQueue(
+            engine=engine, max_size=queue_max, timeout=timeout, metrics=options["metrics"]
+        )
+        async with queue:
             service = ChatService(store=store, journal=journal, queue=queue, **options)
             resuming = asyncio.create_task(service.keep_resuming())
             try:

@@ -1,0 +1,116 @@
+"""Every threadbot metric, in one registry object that is passed to whoever counts.
+
+Counted where the outcome is decided: the service counts turns and their latency, the
+queue its waiting requests and batch rows, the batcher tokens, the Redis client its
+failed calls; the connected platforms and the pending turns are read when scraped
+(`bot.health`). The registry is the object's own, never prometheus-client's global one,
+so each process (and each test) counts alone. No label carries a user, channel or
+message id: the labels are the platform's name, the outcome and the build.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+Outcome = Literal["answered", "failed", "busy", "denied", "rate_limited", "too_long", "empty"]
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+
+# Seconds; a CPU answers in tens of seconds, a GPU in one or two.
+FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+ANSWER_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The Prometheus metrics of one process (see the README's "Health and metrics")."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.turns = Counter(
+            "threadbot_turns",
+            "Messages given a final outcome (commands not counted)",
+            ["platform", "outcome"],
+            registry=registry,
+        )
+        self.queue_waiting = Gauge(
+            "threadbot_queue_waiting",
+            "Requests waiting for a place in the running batch",
+            registry=registry,
+        )
+        self.batch_rows = Gauge(
+            "threadbot_batch_rows",
+            "Answers being generated in the running batch",
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "threadbot_time_to_first_token_seconds",
+            "From a message's acceptance to the first token of its answer",
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.answer_seconds = Histogram(
+            "threadbot_answer_seconds",
+            "From a message's acceptance to its whole answer shown and stored",
+            buckets=ANSWER_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "threadbot_prompt_tokens",
+            "Prompt tokens given to the model (those reused from the KV cache included)",
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "threadbot_generated_tokens", "Answer tokens the model generated", registry=registry
+        )
+        self.kv_reused_tokens = Counter(
+            "threadbot_kv_reused_tokens",
+            "Prompt tokens taken from a conversation's cached keys and values, not computed",
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "threadbot_redis_errors",
+            "Redis calls that failed to connect or timed out (each retry counts)",
+            registry=registry,
+        )
+        self.platform_connected = Gauge(
+            "threadbot_platform_connected",
+            "1 while the platform is connected (Socket Mode, gateway, or HTTP events served)",
+            ["platform"],
+            registry=registry,
+        )
+        self.pending_turns = Gauge(
+            "threadbot_pending_turns",
+            "Messages accepted and not yet answered, by every process sharing the Redis",
+            registry=registry,
+        )
+        self.build = Info(
+            "threadbot_build", "The version, model, device and dtype running", registry=registry
+        )
+
+    def expect_platform(self, platform: str) -> None:
+        """Show a configured platform's series from the start (at 0), so that rates and
+        alerts see them before its first turn."""
+        for outcome in OUTCOMES:
+            self.turns.labels(platform, outcome)
+        self.platform_connected.labels(platform).set(0)
+
+    def count_turn(self, platform: str, outcome: Outcome) -> None:
+        self.turns.labels(platform, outcome).inc()
+
+    def describe_build(self, *, version: str, model: str, device: str, dtype: str) -> None:
+        self.build.info({"version": version, "model": model, "device": device, "dtype": dtype})
+
+    def render(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
