@@ -13,11 +13,14 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 from bot.config import DEFAULT_MODEL, Settings
+from bot.logs import adopt_transformers
+from bot.metrics import Metrics
 from bot.service import ChatService
 from bot.team import Team
 from storage.connection import Resilience, open_redis
@@ -38,6 +41,7 @@ def load_engine(settings: Settings) -> Engine:
     from bot.device import use_all_cores
     from bot.engine import Engine
 
+    adopt_transformers()  # before it logs anything of the load
     source = loading.resolve_source(settings)
     threads = use_all_cores()
     logger.info("Loading model %s on device %s (%d CPU threads)", source, settings.device, threads)
@@ -61,16 +65,20 @@ def load_engine(settings: Settings) -> Engine:
 
 
 @asynccontextmanager
-async def open_service(team: Team) -> AsyncIterator[ChatService]:
+async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIterator[ChatService]:
     """A ChatService on Redis and the model, resuming pending turns for as long as it is
-    open; on exit, stops that, gives up this process's lease, stops the queue and Redis."""
+    open, counting in `metrics`; on exit, stops that, gives up this process's lease, stops
+    the queue and Redis."""
     settings = team.settings
+    metrics = metrics if metrics is not None else Metrics()
     from bot.batching import Batcher
     from bot.kv_cache import PrefixCache
     from bot.queue import InferenceQueue
 
     resilience = Resilience(
-        retries=settings.redis_retries, health_check_s=settings.redis_health_check_s
+        retries=settings.redis_retries,
+        health_check_s=settings.redis_health_check_s,
+        on_failure=metrics.redis_errors.inc,
     )
     async with open_redis(
         redis_url=settings.redis_url, data_dir=settings.data_dir, resilience=resilience
@@ -85,14 +93,24 @@ async def open_service(team: Team) -> AsyncIterator[ChatService]:
         )
         await journal.renew_lease()
         engine = await asyncio.to_thread(load_engine, settings)
+        metrics.describe_build(
+            version=version(),
+            model=settings.model or DEFAULT_MODEL,
+            device=str(engine.model.device),
+            dtype=dtype_name(engine),
+        )
         batcher = Batcher(
             engine=engine,
             max_batch=settings.max_batch,
             step_tokens=settings.max_step_tokens,
             prefix_cache=PrefixCache(settings.kv_cache_mb * 2**20),
+            metrics=metrics,
         )
         queue = InferenceQueue(
-            engine=batcher, max_size=settings.queue_max, timeout=settings.request_timeout
+            engine=batcher,
+            max_size=settings.queue_max,
+            timeout=settings.request_timeout,
+            metrics=metrics,
         )
         async with queue:
             service = ChatService(
@@ -106,6 +124,7 @@ async def open_service(team: Team) -> AsyncIterator[ChatService]:
                 stats=TurnStats(redis=redis),
                 model_name=describe(settings, engine),
                 max_attempts=settings.turn_max_attempts,
+                metrics=metrics,
             )
             resuming = asyncio.create_task(service.keep_resuming(), name="resume pending turns")
             try:
@@ -123,8 +142,19 @@ async def open_service(team: Team) -> AsyncIterator[ChatService]:
 
 def describe(settings: Settings, engine: Engine) -> str:
     """The model as `status` names it: `Qwen/Qwen2.5-0.5B-Instruct (bfloat16 on cpu)`."""
-    dtype = str(engine.model.dtype).removeprefix("torch.")
-    return f"{settings.model or DEFAULT_MODEL} ({dtype} on {engine.model.device})"
+    return f"{settings.model or DEFAULT_MODEL} ({dtype_name(engine)} on {engine.model.device})"
+
+
+def dtype_name(engine: Engine) -> str:
+    return str(engine.model.dtype).removeprefix("torch.")
+
+
+def version() -> str:
+    """threadbot's installed version ("unknown" when run from a folder not installed)."""
+    try:
+        return metadata.version("threadbot")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def process_id() -> str:
