@@ -9,33 +9,55 @@ handed over, so a denied message is neither stored nor generated for. It SHOULD
 stream: the sink's `append` shows text as it arrives. It MUST make, from a sink's
 `reply_target()`, a sink that resumes that answer (`ChatService.serve_platform`), and
 SHOULD acknowledge the platform only once `answer` has returned. Commands (`reset`,
-`forget`, `help`, …) are parsed here (`command`) and carried out by the service.
+`forget`, `help`, …) are parsed here (`command`) and carried out by the service. It
+MUST say whether it is `connected` now (readiness and metrics ask), and serves any HTTP
+endpoint (Slack's Events API) on the shared ops server through `HttpRoutes`.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import cast, get_args
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, ClassVar, Protocol, cast, get_args
 
 from bot import replies
 from bot.service import ChatService
 from bot.types import Command, ReplySink, Turn
 from storage.errors import is_outage
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 logger = logging.getLogger(__name__)
+
+HttpHandler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 
 
 class AdapterError(RuntimeError):
     """A platform refused us for a reason the operator must fix; the message says which."""
 
 
+class HttpRoutes(Protocol):
+    """Paths an adapter serves on the ops server (HTTP_PORT), for as long as it runs."""
+
+    def mount(self, path: str, handler: HttpHandler) -> None: ...
+
+    def unmount(self, path: str) -> None: ...
+
+
 class Adapter(ABC):
     """A platform connection that feeds turns to the service until it is cancelled."""
+
+    platform: ClassVar[str]  # its name in conversation keys, metrics and readiness
 
     @abstractmethod
     async def run(self) -> None:
         """Connect and serve until cancelled or the platform closes; MUST NOT return early."""
+
+    @abstractmethod
+    async def connected(self) -> bool:
+        """Whether the platform reaches the bot now (connected, or its events served)."""
 
 
 COMMANDS: frozenset[str] = frozenset(get_args(Command))

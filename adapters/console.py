@@ -65,6 +65,8 @@ class ConsoleSink:
 class ConsoleAdapter(Adapter):
     """One named conversation in the terminal, stored like any thread."""
 
+    platform = "console"
+
     def __init__(
         self,
         *,
@@ -75,7 +77,7 @@ class ConsoleAdapter(Adapter):
         interactive: bool,
     ) -> None:
         self.service = service
-        self.key = ConversationKey("console", "local", conversation, conversation)
+        self.key = ConversationKey(self.platform, "local", conversation, conversation)
         self.input = input
         self.output = output
         self.interactive = interactive
@@ -94,6 +96,9 @@ class ConsoleAdapter(Adapter):
             message_id = f"{self.key.thread}:{uuid.uuid4().hex}"  # resumed only in this chat
             turn = Turn(self.key, self.author, text, message_id, command=command(text))
             await answer(self.service, turn, ConsoleSink(self.output), wait=True)
+
+    async def connected(self) -> bool:
+        return True  # the terminal is there for as long as the chat runs
 
     async def _next_line(self) -> str | None:
         """The next line, read on a daemon thread so Ctrl-C never waits for a blocked read."""

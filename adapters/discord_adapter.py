@@ -71,6 +71,8 @@ class DiscordAdapter(Adapter):
     """Answers Discord mentions, thread follow-ups and DMs through the service; runs its
     slash commands and its answers' buttons."""
 
+    platform = PLATFORM
+
     def __init__(
         self,
         *,
@@ -87,8 +89,10 @@ class DiscordAdapter(Adapter):
             client=client, service=service, global_commands=settings.discord_global_commands
         )
         self.buttons = AnswerButtons(service=service, regenerating=self._regenerating)
+        self._gateway_up = False  # between READY (or RESUMED) and a disconnect
         for handler in (self.on_message, self.on_interaction, self.on_guild_available,
-                        self.on_guild_join):  # fmt: skip
+                        self.on_guild_join, self.on_ready, self.on_resumed,
+                        self.on_disconnect):  # fmt: skip
             client.event(handler)
 
     @classmethod
@@ -120,6 +124,22 @@ class DiscordAdapter(Adapter):
             raise AdapterError(INTENTS_HELP) from error
         finally:
             await self.client.close()
+
+    async def connected(self) -> bool:
+        return self._gateway_up and not self.client.is_closed()
+
+    async def on_ready(self) -> None:
+        self._gateway_up = True
+        logger.info("Discord: connected to the gateway")
+
+    async def on_resumed(self) -> None:
+        self._gateway_up = True
+        logger.info("Discord: gateway session resumed")
+
+    async def on_disconnect(self) -> None:
+        if self._gateway_up and not self.client.is_closed():  # not our own stop
+            logger.warning("Discord: disconnected from the gateway; reconnecting")
+        self._gateway_up = False
 
     async def on_guild_available(self, guild: discord.Guild) -> None:
         await self.commands.register_in(guild)

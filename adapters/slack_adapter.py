@@ -5,7 +5,8 @@ Owns everything Slack-specific: which events to answer, conversation keys (team,
 thread ts), the thread's earlier messages, user names, and how each answer is shown:
 streamed natively where the workspace allows it (SLACK_STREAMING), else a placeholder
 edited as the answer grows. Connects by Socket Mode (SLACK_APP_TOKEN) or serves the HTTP
-Events API (SLACK_SIGNING_SECRET), where bolt checks every request's signature.
+Events API (SLACK_SIGNING_SECRET) on the ops server's port (HTTP_PORT), where bolt
+checks every request's signature.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
@@ -31,7 +33,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.attachments import with_attachments
-from adapters.base import Adapter, AdapterError, answer, command, failure_text
+from adapters.base import Adapter, AdapterError, HttpRoutes, answer, command, failure_text
 from adapters.slack_assistant import ThreadStatus, greet, set_title
 from adapters.slack_command import (
     SLASH_COMMAND,
@@ -76,10 +78,21 @@ class Person(NamedTuple):
 class SlackAdapter(Adapter):
     """Answers Slack mentions and DMs through the service, in threads."""
 
-    def __init__(self, *, app: AsyncApp, service: ChatService, settings: Settings) -> None:
+    platform = "slack"
+
+    def __init__(
+        self,
+        *,
+        app: AsyncApp,
+        service: ChatService,
+        settings: Settings,
+        routes: HttpRoutes | None = None,
+    ) -> None:
         self.app = app
         self.service = service
         self.settings = settings
+        self.routes = routes  # where the Events API is served (HTTP mode)
+        self._connected: Callable[[], Awaitable[bool]] | None = None  # set once running
         self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
         self.people: dict[str, Person] = {}  # by user id, oldest first
         self.channel_names: dict[str, str] = {}  # by channel id, oldest first
@@ -91,7 +104,9 @@ class SlackAdapter(Adapter):
         app.command(SLASH_COMMAND)(self.on_command)
 
     @classmethod
-    def from_settings(cls, settings: Settings, service: ChatService) -> SlackAdapter:
+    def from_settings(
+        cls, settings: Settings, service: ChatService, *, routes: HttpRoutes | None = None
+    ) -> SlackAdapter:
         token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
         client = AsyncWebClient(
             token=token,
@@ -111,7 +126,7 @@ class SlackAdapter(Adapter):
             # Slack delivers it again.
             process_before_response=True,
         )
-        return cls(app=app, service=service, settings=settings)
+        return cls(app=app, service=service, settings=settings, routes=routes)
 
     async def run(self) -> None:
         connect = self._socket_mode if self.settings.slack_app_token else self._events_api
@@ -120,7 +135,11 @@ class SlackAdapter(Adapter):
         try:
             await asyncio.Event().wait()  # serve until cancelled
         finally:
+            self._connected = None
             await disconnect()
+
+    async def connected(self) -> bool:
+        return self._connected is not None and await self._connected()
 
     async def _socket_mode(self) -> Callable[[], Awaitable[None]]:
         token = self.settings.slack_app_token
@@ -133,15 +152,32 @@ class SlackAdapter(Adapter):
                 "SLACK_APP_TOKEN (xapp-…, with connections:write) and SLACK_API_URL"
             ) from error
         logger.info("Slack: connected by Socket Mode")
+        # The SDK reconnects by itself; it knows whether its socket is open now.
+        self._connected = handler.client.is_connected
         return handler.close_async
 
     async def _events_api(self) -> Callable[[], Awaitable[None]]:
-        port = self.settings.slack_port
-        runner = web.AppRunner(self.app.web_app(path=EVENTS_PATH, port=port))
-        await runner.setup()
-        await web.TCPSite(runner, port=port).start()
-        logger.info("Slack: serving the Events API on :%d%s", port, EVENTS_PATH)
-        return runner.cleanup
+        routes = self.routes
+        if routes is None:
+            raise AdapterError(
+                "SLACK_SIGNING_SECRET: Slack's HTTP events are served on HTTP_PORT, which is 0; "
+                "set HTTP_PORT to the port Slack's request URL reaches"
+            )
+        routes.mount(EVENTS_PATH, self.on_http_request)
+        self._connected = _serving
+        logger.info("Slack: serving the Events API at %s on HTTP_PORT", EVENTS_PATH)
+
+        async def unmount() -> None:
+            routes.unmount(EVENTS_PATH)
+
+        return unmount
+
+    async def on_http_request(self, request: web.Request) -> web.StreamResponse:
+        """One request to the Events API path; bolt checks its signature and dispatches it."""
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        response = await self.app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(response)
 
     async def on_mention(self, event: dict[str, Any], context: dict[str, Any]) -> None:
         await self._handle(event, context, mentioned=True)
@@ -485,3 +521,7 @@ def _said(message: dict[str, Any]) -> bool:
     """Whether a thread message is something someone said (not the title Slack gives an
     assistant thread's first message)."""
     return bool(message.get("text")) and message.get("subtype") != ASSISTANT_THREAD_ROOT
+
+
+async def _serving() -> bool:
+    return True  # HTTP mode: connected for as long as the Events API is served

@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bot.config import ConfigError, Settings, load_settings
+from bot.logs import configure_logging
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
+    from bot.health import Vitals
+    from bot.metrics import Metrics
+    from bot.ops_server import OpsServer
     from bot.service import ChatService
 
 logger = logging.getLogger(__name__)
-
-OUR_LOGGERS = ("bot", "adapters", "storage")
 
 NO_PLATFORM = """\
 threadbot run: no platform is configured.
@@ -31,6 +35,10 @@ threadbot run: no platform is configured.
   Discord: set DISCORD_BOT_TOKEN.
 Put them in the environment or in a .env file (see the README).
 To try the bot without a platform: threadbot chat"""
+
+NO_HTTP_PORT = """\
+threadbot run: SLACK_SIGNING_SECRET serves Slack's events on HTTP_PORT, which is 0.
+  Set HTTP_PORT (default 8080) to the port that Slack's request URL reaches."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,17 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     command = {"chat": chat, "run": run}[args.command]
     try:
         return asyncio.run(command(settings, args))
     except KeyboardInterrupt:
         return 130
     except Exception as error:
-        if not _is_operator_error(error):
-            raise
-        print(f"threadbot: {error}", file=sys.stderr)
+        if _is_operator_error(error):
+            _tell(settings, f"threadbot: {error}")
+        else:  # logged, so that in JSON mode the traceback is one line too
+            logger.critical("threadbot stopped by an unexpected error", exc_info=error)
         return 1
+
+
+def _tell(settings: Settings, text: str, level: int = logging.ERROR) -> None:
+    """A message for whoever started threadbot, on stderr: as written, or in JSON mode a
+    log line, so that every line there parses."""
+    if settings.log_format == "json":
+        logger.log(level, "%s", text)
+    else:
+        print(text, file=sys.stderr)
 
 
 async def _stopped_by_sigterm(command: Coroutine[Any, Any, int]) -> int:
@@ -84,22 +102,14 @@ async def _stopped_by_sigterm(command: Coroutine[Any, Any, int]) -> int:
         return 143  # 128 + SIGTERM, as a shell reports it
 
 
-def configure_logging(level: str) -> None:
-    """Our loggers at LOG_LEVEL on stderr (stdout is the conversation); libraries at WARNING."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in OUR_LOGGERS:
-        logging.getLogger(name).setLevel(level)
-
-
 def _is_operator_error(error: Exception) -> bool:
     """Errors whose message already says what to fix: shown as one line, no traceback."""
     from adapters.base import AdapterError
     from bot.loading import ModelError
+    from bot.ops_server import OpsServerError
     from storage.errors import StorageError
 
-    return isinstance(error, (AdapterError, ModelError, StorageError))
+    return isinstance(error, (AdapterError, ModelError, OpsServerError, StorageError))
 
 
 async def chat(settings: Settings, args: argparse.Namespace) -> int:
@@ -114,10 +124,11 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
     async with open_service(Team(settings)) as service:
         interactive = sys.stdin.isatty()
         if interactive:
-            print(
+            _tell(
+                settings,
                 f"threadbot chat: conversation '{args.conversation}'. /reset clears it, "
                 "/quit or Ctrl-D ends.",
-                file=sys.stderr,
+                logging.INFO,
             )
         adapter = ConsoleAdapter(
             service=service,
@@ -136,27 +147,54 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     from adapters.discord_adapter import DiscordAdapter
     from adapters.slack_adapter import SlackAdapter
+    from bot.health import Vitals
+    from bot.metrics import Metrics
     from bot.runtime import open_service
     from bot.team import Team
 
-    platforms = []
+    platforms: list[type[SlackAdapter | DiscordAdapter]] = []
     if settings.slack_bot_token:
         if not (settings.slack_app_token or settings.slack_signing_secret):
-            print(
+            _tell(
+                settings,
                 "threadbot run: SLACK_BOT_TOKEN is set, but Slack also needs SLACK_APP_TOKEN "
                 "(Socket Mode) or SLACK_SIGNING_SECRET (HTTP events).",
-                file=sys.stderr,
             )
+            return 2
+        if not settings.slack_app_token and not settings.http_port:
+            _tell(settings, NO_HTTP_PORT)
             return 2
         platforms.append(SlackAdapter)
     if settings.discord_bot_token:
         platforms.append(DiscordAdapter)
     if not platforms:
-        print(NO_PLATFORM, file=sys.stderr)
+        _tell(settings, NO_PLATFORM)
         return 2
-    async with open_service(Team(settings)) as service:
-        adapters = [platform.from_settings(settings, service) for platform in platforms]
+    metrics = Metrics()
+    vitals = Vitals(metrics=metrics, platforms=[platform.platform for platform in platforms])
+    # Up before the model loads: /healthz answers and /readyz says so through a long start.
+    async with (
+        _ops_server(settings, vitals, metrics) as routes,
+        open_service(Team(settings), metrics=metrics) as service,
+    ):
+        build = {
+            SlackAdapter: partial(SlackAdapter.from_settings, routes=routes),
+            DiscordAdapter: DiscordAdapter.from_settings,
+        }
+        adapters = [build[platform](settings, service) for platform in platforms]
+        vitals.started(service, adapters)
         return await _serve(service, adapters, grace=settings.shutdown_grace_s)
+
+
+def _ops_server(
+    settings: Settings, vitals: Vitals, metrics: Metrics
+) -> contextlib.AbstractAsyncContextManager[OpsServer | None]:
+    """The ops server on HTTP_PORT, or nothing where HTTP_PORT is 0."""
+    from bot.ops_server import OpsServer
+
+    if not settings.http_port:
+        return contextlib.nullcontext()
+    return OpsServer(vitals=vitals, metrics=metrics, port=settings.http_port)
 
 
 async def _serve(service: ChatService, adapters: list[Adapter], *, grace: float) -> int:

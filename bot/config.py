@@ -170,7 +170,6 @@ class Settings(BaseSettings):
     slack_api_url: str = Field(
         "https://slack.com/api/", description="Slack Web API base URL (GovSlack, proxies)."
     )
-    slack_port: int = Field(3000, ge=1, le=65535, description="HTTP Events API port.")
     stream_edit_interval: float = Field(1.0, gt=0, description="Seconds between Slack edits.")
     discord_bot_token: SecretStr | None = None
     discord_api_url: str = Field(

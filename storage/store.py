@@ -32,6 +32,10 @@ class ConversationStore:
         self._max_messages = max_messages
         self._ttl_seconds = ttl_seconds
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers now (readiness)."""
+        await self._redis.ping()
+
     async def append(self, conversation_id: str, *messages: ChatMessage) -> None:
         """Add messages, keep the newest `max_messages`, and restart the TTL."""
         if not messages:

@@ -195,6 +195,10 @@ class FakeSlack:
         """Answer the next count calls of method with ``{"ok": false, "error": error}``."""
         self._failures.setdefault(method, []).extend([(status, error, retry_after)] * count)
 
+    def clear_failures(self) -> None:
+        """Answer every method normally again (undo `fail_next` and `rate_limit`)."""
+        self._failures.clear()
+
     def refuse_streaming(self, error: str = "method_not_allowed_for_app") -> None:
         """From now on, answer the AI streaming methods with `error`, as Slack does for an app
         or workspace without them."""
@@ -524,6 +528,12 @@ class FakeSlack:
     async def wait_connected(self, timeout: float = 10.0) -> None:
         """Wait until a Socket Mode client is connected (hello sent)."""
         await self.wait_for(lambda: self.connected, timeout)
+
+    async def close_sockets(self) -> None:
+        """Close every Socket Mode connection from the server's side, as a lost network
+        or a Slack outage does (the SDK then asks apps.connections.open for a new one)."""
+        for ws in list(self._sockets):
+            await ws.close()
 
     async def disconnect(self, reason: str = "refresh_requested") -> None:
         """Send ``disconnect`` as Slack does before recycling a connection (SDK reconnects)."""

@@ -9,10 +9,12 @@ conversion through the `bundled_cache` fixture.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -40,10 +42,12 @@ class Result:
 
 
 def cli_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any threadbot setting, plus `settings`."""
+    """This process's environment without any threadbot setting, plus `settings`; the ops
+    server is off (HTTP_PORT=0) unless a test names a port, so that runs side by side
+    never compete for the default one."""
     fields = set(Settings.model_fields)
     env = {name: value for name, value in os.environ.items() if name.lower() not in fields}
-    env.update(settings)
+    env.update({"HTTP_PORT": "0"} | settings)
     return env
 
 
@@ -133,6 +137,37 @@ def test_run_with_a_slack_bot_token_alone_says_what_else_slack_needs(tmp_path: P
     result = run_cli("run", cwd=tmp_path, env=cli_env(SLACK_BOT_TOKEN="xoxb-1"))
     assert result.returncode == 2
     assert "SLACK_APP_TOKEN" in result.stderr and "SLACK_SIGNING_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_in_json_log_mode_says_it_in_json(tmp_path: Path) -> None:
+    """With LOG_FORMAT=json even the start-up advice is a JSON line, so that every line parses."""
+    result = run_cli("run", cwd=tmp_path, env=cli_env(LOG_FORMAT="json"))
+    assert result.returncode == 2
+    [entry] = [json.loads(line) for line in result.stderr.splitlines()]
+    assert entry["level"] == "ERROR" and "SLACK_BOT_TOKEN" in entry["message"]
+
+
+def test_slack_http_mode_with_the_ops_server_off_names_http_port(tmp_path: Path) -> None:
+    """Slack's HTTP events are served on HTTP_PORT: HTTP_PORT=0 with SLACK_SIGNING_SECRET
+    stops the start at once (before the model loads), naming both."""
+    env = cli_env(SLACK_BOT_TOKEN="xoxb-1", SLACK_SIGNING_SECRET="s", HTTP_PORT="0")
+    result = run_cli("run", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "SLACK_SIGNING_SECRET" in result.stderr and "HTTP_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_taken_http_port_stops_the_start_naming_it(tmp_path: Path) -> None:
+    """The ops server starts first (before Redis and the model): a port in use is one line."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = cli_env(SLACK_BOT_TOKEN="xoxb-1", SLACK_APP_TOKEN="xapp-1", HTTP_PORT=str(port))
+        result = run_cli("run", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert f"HTTP_PORT={port}" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -253,6 +288,17 @@ async def test_conversation_continues_across_runs(data_dir: Path) -> None:
     assert messages[0]["content"] == FRANCE
     assert messages[2]["content"] == "And of Italy?"
     assert "paris" in messages[1]["content"].lower()
+
+
+@pytest.mark.slow
+def test_json_logs_every_stderr_line_parses(data_dir: Path) -> None:
+    """LOG_FORMAT=json, at DEBUG: each line on stderr is one JSON object (no progress bar,
+    no library's own format), the answer still on stdout."""
+    result = chat(data_dir, "json", f"{FRANCE}\n", LOG_FORMAT="json", LOG_LEVEL="DEBUG")
+    assert "paris" in result.stdout.lower()
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {entry["logger"] for entry in entries} >= {"bot.runtime", "bot.turn_report"}
+    assert all(entry.keys() >= {"time", "level", "logger", "message"} for entry in entries)
 
 
 @pytest.mark.slow

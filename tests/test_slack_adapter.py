@@ -31,6 +31,9 @@ from adapters.slack_files import SlackDownloadRefused, slack_attachments
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Settings
+from bot.health import Vitals
+from bot.metrics import Metrics
+from bot.ops_server import OpsServer
 from storage import keys
 
 
@@ -311,26 +314,30 @@ async def test_a_storage_failure_before_the_service_is_still_answered(slack, soc
 
 
 async def test_http_mode_checks_signatures(slack, make_service):
+    """HTTP mode serves the Events API on the ops server (HTTP_PORT), checking signatures."""
     port = free_port()
     settings = Settings(
         _env_file=None,
         slack_bot_token=slack.bot_token,
         slack_signing_secret=slack.signing_secret,
         slack_api_url=slack.api_url,
-        slack_port=port,
+        http_port=port,
         stream_edit_interval=0.05,
     )
+    metrics = Metrics()
+    vitals = Vitals(metrics=metrics, platforms=["slack"])
     url = f"http://127.0.0.1:{port}/slack/events"
     async with (
+        OpsServer(vitals=vitals, metrics=metrics, port=port, host="127.0.0.1") as server,
         make_service() as (service, engine),
-        running(SlackAdapter.from_settings(settings, service)),
+        running(SlackAdapter.from_settings(settings, service, routes=server)),
+        aiohttp.ClientSession() as http,
     ):
-        for _ in range(100):  # until the server listens (bounded)
-            try:
-                async with aiohttp.ClientSession() as http, http.get(url):
+        for _ in range(100):  # until the adapter has mounted its path (bounded)
+            async with http.get(url) as response:
+                if response.status == 405:  # served, and only POST
                     break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
         forged = slack.app_mention("C0001", "forged")
         assert await slack.post_event(url, forged, bad_signature=True) == 401
         stale = slack.app_mention("C0001", "replayed")

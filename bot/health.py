@@ -1,0 +1,83 @@
+"""What /readyz and /metrics ask of the running process: its readiness, check by check,
+and the gauges that are read when scraped.
+
+`threadbot run` fills it in as it starts: until the service is open, the model is
+loading and nothing else is checked; then Redis must answer a PING, the engine thread
+must be alive, and every configured platform's adapter must say it is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from bot.metrics import Metrics
+
+if TYPE_CHECKING:
+    from adapters.base import Adapter
+    from bot.service import ChatService
+
+logger = logging.getLogger(__name__)
+
+READY = "ok"
+REDIS_TIMEOUT_S = 2.0  # a PING slower than this counts as Redis not answering
+
+
+class Vitals:
+    """Readiness and scrape-time gauges of one `threadbot run`."""
+
+    def __init__(self, *, metrics: Metrics, platforms: Sequence[str]) -> None:
+        self.metrics = metrics
+        self.platforms = tuple(platforms)
+        self._service: ChatService | None = None
+        self._adapters: dict[str, Adapter] = {}
+        for platform in self.platforms:
+            metrics.expect_platform(platform)
+
+    def started(self, service: ChatService, adapters: Sequence[Adapter]) -> None:
+        """The service is open (Redis reached, the model loaded) and its adapters built."""
+        self._service = service
+        self._adapters = {adapter.platform: adapter for adapter in adapters}
+
+    async def readiness(self) -> dict[str, str]:
+        """Each check, "ok" or what is not ready: redis, model, engine, each platform."""
+        service = self._service
+        if service is None:
+            checks = {"model": "loading"}
+        else:
+            checks = {
+                "redis": await self._redis(service),
+                "model": READY,
+                "engine": "the engine thread died" if service.queue.died.is_set() else READY,
+            }
+        for platform in self.platforms:
+            checks[platform] = READY if await self._connected(platform) else "not connected"
+        return checks
+
+    async def refresh(self) -> None:
+        """Set the gauges that are read, not counted: connections and pending turns."""
+        for platform in self.platforms:
+            self.metrics.platform_connected.labels(platform).set(await self._connected(platform))
+        if self._service is None:
+            return
+        try:
+            pending = await asyncio.wait_for(self._service.journal.count(), REDIS_TIMEOUT_S)
+        except Exception as error:  # the Redis client counts it; the gauge keeps its value
+            logger.debug("pending turns not counted: %s", error)
+        else:
+            self.metrics.pending_turns.set(pending)
+
+    async def _redis(self, service: ChatService) -> str:
+        try:
+            await asyncio.wait_for(service.store.ping(), REDIS_TIMEOUT_S)
+        except TimeoutError:
+            return f"not answering within {REDIS_TIMEOUT_S:g}s"
+        except Exception as error:
+            return f"not answering: {error}"
+        return READY
+
+    async def _connected(self, platform: str) -> bool:
+        adapter = self._adapters.get(platform)
+        return adapter is not None and await adapter.connected()
