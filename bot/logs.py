@@ -1,11 +1,11 @@
 """Logging, as the entry point sets it up: our loggers at LOG_LEVEL, libraries at WARNING,
 everything on stderr (stdout is the conversation), as text or as one JSON object a line.
 
-In JSON mode every line on stderr must parse, so the progress bars of huggingface_hub,
-transformers and tqdm are turned off (they draw with carriage returns), and warnings,
-uncaught errors in threads and errors Python can only report (`sys.unraisablehook`) go
-through logging too. transformers logs through a handler of its own; `adopt_transformers`
-sends its records to ours once it is imported.
+Warnings, uncaught errors in threads and errors Python can only report
+(`sys.unraisablehook`) go through logging, and so does transformers (which has a handler
+of its own; `adopt_transformers` sends its records to ours): everything on stderr takes
+one form. In JSON mode every line must parse, so the progress bars of huggingface_hub,
+transformers and tqdm, which draw with carriage returns, are turned off.
 """
 
 from __future__ import annotations
