@@ -15,7 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from bot.config import ConfigError, Settings, load_settings
+from bot.config import ConfigError, Settings, export_hugging_face_variables, load_settings
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    # Before any command imports the Hugging Face libraries, which read them at import.
+    if exported := export_hugging_face_variables():
+        logger.debug("passed on from .env to the Hugging Face libraries: %s", ", ".join(exported))
     command = {"chat": chat, "run": run}[args.command]
     try:
         return asyncio.run(command(settings, args))
