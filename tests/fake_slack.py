@@ -33,7 +33,7 @@ Handler = Callable[[JSON], Awaitable[JSON]]
 DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
 SCOPES = (
     "app_mentions:read,assistant:write,channels:history,chat:write,commands,files:read,"
-    "groups:history,im:history,users:read"
+    "groups:history,im:history,mpim:history,users:read"
 )
 SIGN_IN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
 PAYLOAD_KEYS = ("blocks", "attachments", "metadata", "chunks", "prompts")
