@@ -243,13 +243,14 @@ class Settings(BaseSettings):
     @classmethod
     def _model_file_needs_a_model(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Fields validate in order, so MODEL is known here (absent if it was invalid).
-        model = info.data.get("model", "")
-        if value is not None and model is None:
+        if value is None or "model" not in info.data:
+            return value
+        if info.data["model"] is None:
             raise _contradiction(
                 "it names a GGUF file inside MODEL, but MODEL is unset: set MODEL to the "
                 "repo or folder that holds the file"
             )
-        if value is not None and model == BUNDLED:
+        if info.data["model"] == BUNDLED:
             raise _contradiction(
                 f"it names a GGUF file inside MODEL, but MODEL={BUNDLED} has its own file: "
                 "unset MODEL_FILE, or set MODEL to the repo or folder that holds it"
@@ -333,13 +334,14 @@ def export_hugging_face_variables(
     env_file: Path = ENV_FILE, *, environ: MutableMapping[str, str] = os.environ
 ) -> list[str]:
     """Put the Hugging Face variables of `.env` into the environment, where those
-    libraries read them (at import: call this first); a variable already set there wins,
-    and an empty one counts as unset. Returns the names put there."""
+    libraries read them (at import: call this first), named in capitals as they read them;
+    a variable already set there wins, and an empty one counts as unset. Returns the names
+    put there."""
     exported = []
     for name, value in dotenv_values(env_file).items():
-        if is_hugging_face(name) and value and not environ.get(name):
-            environ[name] = value
-            exported.append(name)
+        if is_hugging_face(name) and value and not environ.get(name.upper()):
+            environ[name.upper()] = value
+            exported.append(name.upper())
     return exported
 
 

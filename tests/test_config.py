@@ -192,10 +192,10 @@ def test_beside_hugging_face_variables_a_typo_is_still_refused_alone(tmp_path: P
 
 def test_hugging_face_variables_of_dotenv_reach_the_environment(tmp_path: Path) -> None:
     """The hub library reads its variables from the environment: `.env`'s are put there,
-    never over one the environment sets (an empty one counts as unset), and nothing else
-    of `.env` is."""
+    in capitals (settings are case-insensitive), never over one the environment sets (an
+    empty one counts as unset), and nothing else of `.env` is."""
     (tmp_path / ".env").write_text(
-        "HF_TOKEN=hf_from_dotenv\nHF_HOME=/dotenv/hf\nHF_HUB_OFFLINE=1\nHF_ENDPOINT=\n"
+        "HF_TOKEN=hf_from_dotenv\nHF_HOME=/dotenv/hf\nhf_hub_offline=1\nHF_ENDPOINT=\n"
         "MAX_NEW_TOKENS=64\n"
     )
     environ = {"HF_HOME": "/real/hf", "HF_TOKEN": ""}
