@@ -33,7 +33,7 @@ from fake_server import serve
 from fake_slack import FakeSlack
 from processes import free_port
 from redis.asyncio import Redis
-from test_faults import answered, streaming
+from test_faults import answered, bot_replies
 
 from bot.config import Settings
 from storage.store import ConversationStore
@@ -672,6 +672,11 @@ class ComposeProject:
         return text
 
 
+def conversation_of(slack: FakeSlack, mention: dict) -> str:
+    """The conversation a mention opens: its thread."""
+    return f"slack:{slack.team_id}:{mention['channel']}:{mention['ts']}"
+
+
 async def wait_ready(url: str, timeout: float) -> None:
     """Until `url` answers 200, within `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -693,8 +698,8 @@ async def test_compose_answers_a_mention_and_a_restart_loses_nothing(
     docker_engine, compose, tmp_path
 ):
     """`docker compose up` reaches /readyz = 200 against the fake Slack, answers a
-    mention, and after `docker compose restart bot` the answer being written when the
-    restart came is posted exactly once and the earlier conversation is intact."""
+    mention, and after `docker compose restart bot` the message whose answer was under way
+    is answered exactly once, and both conversations are stored whole."""
     http_port, redis_port = free_port(), free_port()
     async with FakeSlack() as slack:
         override = tmp_path / "override.yml"
@@ -713,22 +718,25 @@ async def test_compose_answers_a_mention_and_a_restart_loses_nothing(
             first = slack.app_mention("C0001", "What is the capital of France?")
             await slack.send_event(first)
             await answered(slack, "C0001", first["ts"], timeout=300)
-            conversation = f"slack:{slack.team_id}:C0001:{first['ts']}"
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
             async with Redis.from_url(redis_url, decode_responses=True) as redis:
                 store = ConversationStore(redis=redis, max_messages=50, ttl_seconds=3600)
-                before = await store.load(conversation)
+                before = await store.load(conversation_of(slack, first))
                 assert [m["role"] for m in before] == ["user", "assistant"]
 
                 second = slack.app_mention("C0002", "Write a long story about a dragon.")
                 await slack.send_event(second)
-                await streaming(slack, second)
+                # Its placeholder is posted once the message is recorded: restart then,
+                # wherever its answer is (the guarantee is the same at every point).
+                await slack.wait_for(lambda: bot_replies(slack, "C0002", second["ts"]), 120)
                 await project.run("restart", "bot")
                 await wait_ready(ready, timeout=300)
 
                 [reply] = await answered(slack, "C0002", second["ts"], timeout=300)
                 assert reply["text"].strip()
-                assert await store.load(conversation) == before
+                assert await store.load(conversation_of(slack, first)) == before
+                history = await store.load(conversation_of(slack, second))
+                assert [m["role"] for m in history] == ["user", "assistant"]
         finally:
             with contextlib.suppress(Exception):
                 print(await project.run("logs", "--no-color", "bot", timeout=120))
