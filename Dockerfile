@@ -77,6 +77,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/data/hf
 
 WORKDIR /app
+# `threadbot doctor` checks the app's scopes against the manifest in the working directory.
+COPY slack-app-manifest.yml ./
 # Numeric, so that runtimes checking runAsNonRoot can verify it.
 USER 10001:10001
 VOLUME /data

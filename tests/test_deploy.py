@@ -434,6 +434,15 @@ def test_dockerfile_checks_healthz_with_the_script_it_copies(stages):
     assert '"threadbot"' in entrypoint
 
 
+def test_image_has_the_slack_manifest_where_doctor_reads_it(stages):
+    """`threadbot doctor` compares the app's scopes with the manifest in its working
+    directory."""
+    final = stages[-1]
+    copy = ("COPY", "slack-app-manifest.yml ./")
+    assert copy in final
+    assert final.index(("WORKDIR", "/app")) < final.index(copy)
+
+
 def test_dockerfile_takes_cpu_torch_by_default(stages):
     builder = [args for stage in stages[:-1] for _, args in stage]
     [default] = [a.split("=", 1)[1] for a in builder if a.startswith("TORCH_INDEX=")]
@@ -445,6 +454,7 @@ def test_dockerignore_keeps_secrets_out():
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ".env" in ignored and ".env.*" in ignored
     assert "!deploy/healthcheck.py" in ignored  # the one deploy file the image needs
+    assert "slack-app-manifest.yml" not in ignored  # doctor reads it
 
 
 def test_dockerfile_passes_hadolint():
