@@ -50,11 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="stored conversation to continue (default: %(default)s)",
     )
     commands.add_parser("run", help="start every platform adapter whose credentials are set")
+    commands.add_parser(
+        "doctor",
+        help="check the settings, Redis, the model, the platforms' tokens and free disk; "
+        "exit 1 if a check fails",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        return doctor()
     try:
         settings = load_settings()
     except ConfigError as error:
@@ -103,6 +110,17 @@ def _is_operator_error(error: Exception) -> bool:
     from storage.errors import StorageError
 
     return isinstance(error, (AdapterError, ModelError, StorageError))
+
+
+def doctor() -> int:
+    """Reads the settings itself: a bad one is one of its findings, not the end."""
+    from bot.doctor.runner import run_doctor
+
+    configure_logging("WARNING")  # stdout is the report; stderr only for what goes wrong
+    try:
+        return asyncio.run(run_doctor(out=sys.stdout))
+    except KeyboardInterrupt:
+        return 130
 
 
 async def chat(settings: Settings, args: argparse.Namespace) -> int:

@@ -28,17 +28,19 @@ from storage.turns import TurnJournal
 
 if TYPE_CHECKING:
     from bot.engine import Engine
+    from bot.loading import ModelSource
 
 logger = logging.getLogger(__name__)
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The model named by the settings, loaded; torch is imported here, not at start-up."""
+def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Engine:
+    """The model named by the settings (or `source`, already resolved from them), loaded;
+    torch is imported here, not at start-up."""
     from bot import loading
     from bot.device import use_all_cores
     from bot.engine import Engine
 
-    source = loading.resolve_source(settings)
+    source = source or loading.resolve_source(settings)
     threads = use_all_cores()
     logger.info("Loading model %s on device %s (%d CPU threads)", source, settings.device, threads)
     model, tokenizer = loading.load(
@@ -123,8 +125,12 @@ async def open_service(team: Team) -> AsyncIterator[ChatService]:
 
 def describe(settings: Settings, engine: Engine) -> str:
     """The model as `status` names it: `Qwen/Qwen2.5-0.5B-Instruct (bfloat16 on cpu)`."""
-    dtype = str(engine.model.dtype).removeprefix("torch.")
-    return f"{settings.model or DEFAULT_MODEL} ({dtype} on {engine.model.device})"
+    return f"{settings.model or DEFAULT_MODEL} ({placement(engine)})"
+
+
+def placement(engine: Engine) -> str:
+    """Where and how the model runs: `bfloat16 on cpu`."""
+    return f"{str(engine.model.dtype).removeprefix('torch.')} on {engine.model.device}"
 
 
 def process_id() -> str:
