@@ -10,8 +10,9 @@ file its line (`load_settings`).
 
 `.env` may also hold the Hugging Face libraries' own variables (`HF_TOKEN`, `HF_HOME`, …):
 they are no settings of ours, so they are left out of the settings and passed on to those
-libraries through the environment (`export_hugging_face_variables`); any other unknown
-name in `.env` is refused as a likely typo.
+libraries through the environment (`export_hugging_face_variables`). Docker Compose's
+variables (`COMPOSE_PROFILES`, and those docker-compose.yml reads) are left out too. Any
+other unknown name in `.env` is refused as a likely typo.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ ENV_FILE = Path(".env")
 HUGGING_FACE_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_")
 """Names of the Hugging Face libraries' own variables (huggingface_hub, transformers,
 tokenizers), which `.env` may hold beside our settings."""
+COMPOSE_PREFIX = "COMPOSE_"
+COMPOSE_VARIABLES = frozenset({"THREADBOT_PUBLISH", "GRAFANA_ADMIN_PASSWORD"})
+"""What Docker Compose reads from the same `.env`: its own COMPOSE_* and the variables
+docker-compose.yml names (`${THREADBOT_PUBLISH:-…}`)."""
 
 
 class ConfigError(Exception):
@@ -294,11 +299,14 @@ class Settings(BaseSettings):
 
 
 class _SettingsInDotEnv(DotEnvSettingsSource):
-    """`.env` less the Hugging Face libraries' variables: those are not ours to refuse."""
+    """`.env` less the Hugging Face libraries' and Docker Compose's variables: those are
+    not ours to refuse."""
 
     def __call__(self) -> dict[str, Any]:
         return {
-            name: value for name, value in super().__call__().items() if not is_hugging_face(name)
+            name: value
+            for name, value in super().__call__().items()
+            if not (is_hugging_face(name) or is_for_compose(name))
         }
 
 
@@ -328,6 +336,12 @@ def _contradiction(message: str) -> PydanticCustomError:
 def is_hugging_face(name: str) -> bool:
     """Whether a variable is one of the Hugging Face libraries' (`HF_TOKEN`, `hf_home`)."""
     return name.upper().startswith(HUGGING_FACE_PREFIXES)
+
+
+def is_for_compose(name: str) -> bool:
+    """Whether a variable is one Docker Compose reads from `.env` (`COMPOSE_PROFILES`)."""
+    upper = name.upper()
+    return upper.startswith(COMPOSE_PREFIX) or upper in COMPOSE_VARIABLES
 
 
 def export_hugging_face_variables(

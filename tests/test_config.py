@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from bot.config import Settings, describe_error, export_hugging_face_variables
+from bot.config import (
+    Settings,
+    describe_error,
+    export_hugging_face_variables,
+    is_for_compose,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -180,6 +186,26 @@ def test_hugging_face_variables_in_dotenv_are_not_refused(tmp_path: Path) -> Non
         "TRANSFORMERS_VERBOSITY=error\nTOKENIZERS_PARALLELISM=false\nMAX_NEW_TOKENS=64\n"
     )
     assert Settings().max_new_tokens == 64
+
+
+def test_docker_compose_variables_in_dotenv_are_not_refused(tmp_path: Path) -> None:
+    """The same `.env` serves docker compose (`cp .env.example .env`): its variables do not
+    stop a start outside Docker (systemd, `threadbot run`)."""
+    (tmp_path / ".env").write_text(
+        "COMPOSE_PROFILES=gpu,monitoring\nCOMPOSE_PROJECT_NAME=bot\n"
+        "THREADBOT_PUBLISH=127.0.0.1:8080\nGRAFANA_ADMIN_PASSWORD=secret\nQUEUE_MAX=4\n"
+    )
+    assert Settings().queue_max == 4
+
+
+def test_every_variable_docker_compose_reads_is_known_to_the_settings() -> None:
+    """docker-compose.yml's `${NAME}`s come from the same `.env`: each is a setting, or one
+    that `.env` may hold for Compose."""
+    compose = (Path(__file__).parent.parent / "docker-compose.yml").read_text()
+    names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", compose))
+    assert names  # the pattern still finds them
+    for name in names:
+        assert name.lower() in Settings.model_fields or is_for_compose(name), name
 
 
 def test_beside_hugging_face_variables_a_typo_is_still_refused_alone(tmp_path: Path) -> None:
