@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # First: the Hugging Face libraries read these at import (doctor's model check too).
+    exported = export_hugging_face_variables()
     if args.command == "doctor":
         return doctor()
     try:
@@ -68,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    # Before any command imports the Hugging Face libraries, which read them at import.
-    if exported := export_hugging_face_variables():
+    if exported:
         logger.debug("passed on from .env to the Hugging Face libraries: %s", ", ".join(exported))
     command = {"chat": chat, "run": run}[args.command]
     try:
