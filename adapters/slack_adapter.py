@@ -1,5 +1,6 @@
 """Slack: mentions, thread follow-ups and DMs answered in their thread, on slack-bolt;
-the assistant pane, and the `/threadbot` slash command.
+the assistant pane, and the `/threadbot` slash command. A group DM is answered as a
+channel is: when mentioned, in the mention's thread.
 
 Owns everything Slack-specific: which events to answer, conversation keys (team, channel,
 thread ts), the thread's earlier messages, user names, and how each answer is shown:
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -64,6 +66,7 @@ EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
 PEOPLE_CACHE_SIZE = 1000
 EVENTS_PATH = "/slack/events"
+GROUP_DM = "mpim"  # the channel_type of a group DM: answered as a channel is, in threads
 ASSISTANT_THREAD_ROOT = "assistant_app_thread"  # the subtype of an assistant thread's first message
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
 CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
@@ -129,6 +132,7 @@ class SlackAdapter(Adapter):
         return cls(app=app, service=service, settings=settings, routes=routes)
 
     async def run(self) -> None:
+        await self._sign_in()
         connect = self._socket_mode if self.settings.slack_app_token else self._events_api
         disconnect = await connect()
         self.service.serve_platform("slack", self._resumed)
@@ -140,6 +144,23 @@ class SlackAdapter(Adapter):
 
     async def connected(self) -> bool:
         return self._connected is not None and await self._connected()
+
+    async def _sign_in(self) -> None:
+        """Check SLACK_BOT_TOKEN (auth.test) before serving: otherwise a refused token only
+        shows when the first event fails to be answered."""
+        try:
+            identity = await self.app.client.auth_test()
+        except SlackApiError as error:
+            raise AdapterError(
+                f"Slack refused SLACK_BOT_TOKEN ({error.response.get('error')}): set it to "
+                "the app's Bot User OAuth Token (xoxb-…, under Install App)"
+            ) from error
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise AdapterError(
+                f"could not reach Slack at SLACK_API_URL={self.settings.slack_api_url} "
+                f"({error.__class__.__name__}: {error})"
+            ) from error
+        logger.info("Slack: signed in as %s to %s", identity.get("user"), identity.get("team"))
 
     async def _socket_mode(self) -> Callable[[], Awaitable[None]]:
         token = self.settings.slack_app_token
@@ -247,10 +268,10 @@ class SlackAdapter(Adapter):
         thread_ts = event.get("thread_ts")
         is_dm = event.get("channel_type") == "im"
         if not mentioned and not is_dm and f"<@{bot_user}>" in text:
-            if subtype != "file_share":
+            if subtype != "file_share" and event.get("channel_type") != GROUP_DM:
                 return  # the app_mention event for the same message answers it
-            # Slack may send no app_mention for a mention that shares a file; when it
-            # sends both, the journal keeps the pair to one answer.
+            # Slack may send no app_mention for a mention that shares a file, or one in a
+            # group DM; when it sends both, the journal keeps the pair to one answer.
             mentioned = True
         # Our workspace, not the author's: in a Slack Connect channel they differ.
         team = context.get("team_id") or event.get("team", "-")
@@ -477,6 +498,8 @@ class SlackAdapter(Adapter):
     async def _channel_name(self, event: dict[str, Any]) -> str:
         if event.get("channel_type") == "im":
             return "a direct message"
+        if event.get("channel_type") == GROUP_DM:  # conversations.info would need mpim:read
+            return "a group direct message"
         channel = event["channel"]
         if channel not in self.channel_names:
             if len(self.channel_names) >= PEOPLE_CACHE_SIZE:

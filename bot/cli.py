@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from bot.config import ConfigError, Settings, load_settings
+from bot.config import ConfigError, Settings, export_hugging_face_variables, load_settings
 from bot.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -58,17 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="stored conversation to continue (default: %(default)s)",
     )
     commands.add_parser("run", help="start every platform adapter whose credentials are set")
+    commands.add_parser(
+        "doctor",
+        help="check the settings, Redis, the model, the platforms' tokens and free disk; "
+        "exit 1 if a check fails",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # First: the Hugging Face libraries read these at import (doctor's model check too).
+    exported = export_hugging_face_variables()
+    if args.command == "doctor":
+        return doctor()
     try:
         settings = load_settings()
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if exported:
+        logger.debug("passed on from .env to the Hugging Face libraries: %s", ", ".join(exported))
     command = {"chat": chat, "run": run}[args.command]
     try:
         return asyncio.run(command(settings, args))
@@ -110,6 +121,17 @@ def _is_operator_error(error: Exception) -> bool:
     from storage.errors import StorageError
 
     return isinstance(error, (AdapterError, ModelError, OpsServerError, StorageError))
+
+
+def doctor() -> int:
+    """Reads the settings itself: a bad one is one of its findings, not the end."""
+    from bot.doctor.runner import run_doctor
+
+    configure_logging("WARNING")  # stdout is the report; stderr only for what goes wrong
+    try:
+        return asyncio.run(run_doctor(out=sys.stdout))
+    except KeyboardInterrupt:
+        return 130
 
 
 async def chat(settings: Settings, args: argparse.Namespace) -> int:

@@ -4,21 +4,40 @@ file (`THREADBOT_CONFIG`, else `threadbot.yml` where present), and passed down.
 Every setting is an environment variable of the same name (case-insensitive), or a key of
 the YAML file; the environment wins. Nested sections (`access`, `personas`) come from the
 file; an environment variable can still set one of their keys (`ACCESS__DENY=silent`).
-Invalid values fail at start with one line naming the setting, and in the file its line
-(`load_settings`).
+An empty value (`MODEL=`, or `null` in the file) means unset. Invalid values, and settings
+that contradict each other, fail at start with one line naming the setting, and in the
+file its line (`load_settings`).
+
+`.env` may also hold the Hugging Face libraries' own variables (`HF_TOKEN`, `HF_HOME`, …):
+they are no settings of ours, so they are left out of the settings and passed on to those
+libraries through the environment (`export_hugging_face_variables`). Docker Compose's
+variables (`COMPOSE_PROFILES`, and those docker-compose.yml reads) are left out too. Any
+other unknown name in `.env` is refused as a likely typo.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -27,6 +46,14 @@ from pydantic_settings import (
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 BUNDLED = "bundled"
 DEFAULT_CONFIG_FILE = Path("threadbot.yml")
+ENV_FILE = Path(".env")
+HUGGING_FACE_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_")
+"""Names of the Hugging Face libraries' own variables (huggingface_hub, transformers,
+tokenizers), which `.env` may hold beside our settings."""
+COMPOSE_PREFIX = "COMPOSE_"
+COMPOSE_VARIABLES = frozenset({"THREADBOT_PUBLISH", "GRAFANA_ADMIN_PASSWORD"})
+"""What Docker Compose reads from the same `.env`: its own COMPOSE_* and the variables
+docker-compose.yml names (`${THREADBOT_PUBLISH:-…}`)."""
 
 
 class ConfigError(Exception):
@@ -104,7 +131,11 @@ class Persona(_Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_file=ENV_FILE,
+        env_nested_delimiter="__",
+        env_ignore_empty=True,
+        extra="forbid",
+        frozen=True,
     )
 
     threadbot_config: Path | None = Field(
@@ -212,6 +243,35 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("model_file")
+    @classmethod
+    def _model_file_needs_a_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Fields validate in order, so MODEL is known here (absent if it was invalid).
+        if value is None or "model" not in info.data:
+            return value
+        if info.data["model"] is None:
+            raise _contradiction(
+                "it names a GGUF file inside MODEL, but MODEL is unset: set MODEL to the "
+                "repo or folder that holds the file"
+            )
+        if info.data["model"] == BUNDLED:
+            raise _contradiction(
+                f"it names a GGUF file inside MODEL, but MODEL={BUNDLED} has its own file: "
+                "unset MODEL_FILE, or set MODEL to the repo or folder that holds it"
+            )
+        return value
+
+    @field_validator("max_context_tokens")
+    @classmethod
+    def _context_holds_a_prompt(cls, value: int | None, info: ValidationInfo) -> int | None:
+        answer = info.data.get("max_new_tokens")
+        if value is not None and answer is not None and value <= answer:
+            raise _contradiction(
+                f"{value} leaves no room for a prompt beside MAX_NEW_TOKENS={answer}: make "
+                "it larger than MAX_NEW_TOKENS, or lower MAX_NEW_TOKENS"
+            )
+        return value
+
     @property
     def history_ttl_seconds(self) -> int:
         return round(self.history_ttl_days * 86400)
@@ -225,16 +285,83 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings, dotenv_settings]
+        given = cast(DotEnvSettingsSource, dotenv_settings)  # pydantic-settings' own
+        dotenv = _SettingsInDotEnv(
+            settings_cls,
+            env_file=given.env_file,  # as Settings(_env_file=...) may have changed it
+            env_file_encoding=given.env_file_encoding,
+        )
+        sources = [init_settings, env_settings, dotenv]
         if (path := config_file()) is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            sources.append(_SettingsInYaml(settings_cls, yaml_file=path))
         return (*sources, file_secret_settings)
+
+
+class _SettingsInDotEnv(DotEnvSettingsSource):
+    """`.env` less the Hugging Face libraries' and Docker Compose's variables: those are
+    not ours to refuse."""
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            name: value
+            for name, value in super().__call__().items()
+            if not (is_hugging_face(name) or is_for_compose(name))
+        }
+
+
+class _SettingsInYaml(YamlConfigSettingsSource):
+    """The team's file, its empty (`null`) values left out as unset; ConfigError if it is
+    not a mapping of settings."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file_path}: not a mapping of settings (`name: value` lines)")
+        return _without_nulls(data)
+
+
+def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: _without_nulls(value) if isinstance(value, dict) else value
+        for key, value in data.items()
+        if value is not None
+    }
+
+
+def _contradiction(message: str) -> PydanticCustomError:
+    return PydanticCustomError("contradiction", message)
+
+
+def is_hugging_face(name: str) -> bool:
+    """Whether a variable is one of the Hugging Face libraries' (`HF_TOKEN`, `hf_home`)."""
+    return name.upper().startswith(HUGGING_FACE_PREFIXES)
+
+
+def is_for_compose(name: str) -> bool:
+    """Whether a variable is one Docker Compose reads from `.env` (`COMPOSE_PROFILES`)."""
+    upper = name.upper()
+    return upper.startswith(COMPOSE_PREFIX) or upper in COMPOSE_VARIABLES
+
+
+def export_hugging_face_variables(
+    env_file: Path = ENV_FILE, *, environ: MutableMapping[str, str] = os.environ
+) -> list[str]:
+    """Put the Hugging Face variables of `.env` into the environment, where those
+    libraries read them (at import: call this first), named in capitals as they read them;
+    a variable already set there wins, and an empty one counts as unset. Returns the names
+    put there."""
+    exported = []
+    for name, value in dotenv_values(env_file).items():
+        if is_hugging_face(name) and value and not environ.get(name.upper()):
+            environ[name.upper()] = value
+            exported.append(name.upper())
+    return exported
 
 
 def config_file() -> Path | None:
     """The team's YAML file: THREADBOT_CONFIG (environment, then `.env`), else
     `threadbot.yml` in the working directory where there is one."""
-    named = os.environ.get("THREADBOT_CONFIG") or dotenv_values(".env").get("THREADBOT_CONFIG")
+    named = os.environ.get("THREADBOT_CONFIG") or dotenv_values(ENV_FILE).get("THREADBOT_CONFIG")
     if named:
         return Path(named)
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None

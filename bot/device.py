@@ -6,7 +6,8 @@ import os
 
 
 def pick_dtype(dtype: str, device: str) -> str:
-    """`DTYPE=auto` resolved: bf16 where the hardware computes in it, fp32 on other CPUs.
+    """`DTYPE=auto` resolved: bf16 where the hardware computes in it, fp16 on GPUs without
+    bf16 and on MPS, fp32 on other CPUs.
 
     On a CPU without AVX512-BF16 or AMX, torch runs bf16 matrix products on a slow path
     whose cost grows with every row: measured with Qwen2.5-0.5B's shape on a 2-core AVX2

@@ -47,7 +47,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
+def configure_logging(level: str, log_format: Literal["text", "json"] = "text") -> None:
     """Our loggers at `level`, libraries at WARNING, on stderr in `log_format`."""
     if log_format == "json":
         os.environ.update(NO_PROGRESS_BARS)

@@ -31,18 +31,20 @@ from storage.turns import TurnJournal
 
 if TYPE_CHECKING:
     from bot.engine import Engine
+    from bot.loading import ModelSource
 
 logger = logging.getLogger(__name__)
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The model named by the settings, loaded; torch is imported here, not at start-up."""
+def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Engine:
+    """The model named by the settings (or `source`, already resolved from them), loaded;
+    torch is imported here, not at start-up."""
     from bot import loading
     from bot.device import use_all_cores
     from bot.engine import Engine
 
     adopt_transformers()  # before it logs anything of the load
-    source = loading.resolve_source(settings)
+    source = source or loading.resolve_source(settings)
     threads = use_all_cores()
     logger.info("Loading model %s on device %s (%d CPU threads)", source, settings.device, threads)
     model, tokenizer = loading.load(
@@ -142,7 +144,12 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
 
 def describe(settings: Settings, engine: Engine) -> str:
     """The model as `status` names it: `Qwen/Qwen2.5-0.5B-Instruct (bfloat16 on cpu)`."""
-    return f"{settings.model or DEFAULT_MODEL} ({dtype_name(engine)} on {engine.model.device})"
+    return f"{settings.model or DEFAULT_MODEL} ({placement(engine)})"
+
+
+def placement(engine: Engine) -> str:
+    """Where and how the model runs: `bfloat16 on cpu`."""
+    return f"{dtype_name(engine)} on {engine.model.device}"
 
 
 def dtype_name(engine: Engine) -> str:

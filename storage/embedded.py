@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = "threadbot.lock"
 LOG_FILE = "redis-server.log"
-HOLDER = re.compile(r"pid (?P<owner>\d+), redis-server pid (?P<server>\d+), port \d+")
+HOLDER = re.compile(r"pid (?P<owner>\d+), redis-server pid (?P<server>\d+), port (?P<port>\d+)")
 
 
 class EmbeddedRedis:
@@ -203,6 +203,25 @@ class EmbeddedRedis:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the redis-server a live threadbot runs on `data_dir`, if one does: read
+    from the lock file, whose lock is tested but never kept (so that threadbot's own start
+    is not disturbed). For looking at the data from outside (`threadbot doctor`)."""
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no threadbot ever ran here
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: the server runs; its port is in the holder's line
+        match = HOLDER.fullmatch(os.read(fd, 200).decode(errors="replace").strip())
+        return f"redis://127.0.0.1:{match['port']}/0" if match else None
+    else:
+        return None  # free: nothing runs
+    finally:
+        os.close(fd)  # also lets go of the shared lock, if it was taken
 
 
 def bundled_redis_server() -> Path:

@@ -32,9 +32,9 @@ Handler = Callable[[JSON], Awaitable[JSON]]
 
 DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
 SCOPES = (
-    "app_mentions:read,assistant:write,channels:history,chat:write,commands,files:read,"
-    "groups:history,im:history,users:read"
-)
+    "app_mentions:read", "assistant:write", "channels:history", "chat:write", "commands",
+    "files:read", "groups:history", "im:history", "mpim:history", "users:read",
+)  # fmt: skip
 SIGN_IN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
 PAYLOAD_KEYS = ("blocks", "attachments", "metadata", "chunks", "prompts")
 MARKDOWN_LIMIT = 12000  # what one markdown_text may hold
@@ -91,6 +91,7 @@ class FakeSlack:
         self.prompts: dict[tuple[str, str], list[JSON]] = {}  # suggested prompts, likewise
         self.responses: dict[str, list[JSON]] = {}  # slash command trigger id -> responses
         self.streaming_refusal: str | None = None  # the error every streaming call gets
+        self.scopes = list(SCOPES)  # granted to the bot token: every answer's X-OAuth-Scopes
         self.handlers: dict[str, Handler] = {
             "auth.test": self._auth_test,
             "apps.connections.open": self._connections_open,
@@ -233,8 +234,11 @@ class FakeSlack:
         token = params.pop("token", None) or (auth[7:] if auth.startswith("Bearer ") else None)
         call = ApiCall(method, params, token)
         self.calls.append(call)
-        headers = {"X-OAuth-Scopes": SCOPES}
         wanted = self.app_token if method == "apps.connections.open" else self.bot_token
+        headers: dict[str, str] = {}
+        if token == wanted:  # Slack names a valid token's scopes on every answer
+            scopes = ["connections:write"] if token == self.app_token else self.scopes
+            headers["X-OAuth-Scopes"] = ",".join(scopes)
         if token is None:
             body: JSON = {"ok": False, "error": "not_authed"}
         elif token != wanted:

@@ -199,6 +199,20 @@ def test_typo_in_dotenv_is_refused_by_name(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_hugging_face_lines_in_dotenv_pass_through_to_the_hub_library(tmp_path: Path) -> None:
+    """HF_TOKEN, HF_HOME, HF_HUB_OFFLINE in `.env` do not stop the start; they are handed
+    on to the environment (named at DEBUG, their values never logged)."""
+    (tmp_path / ".env").write_text(
+        "HF_TOKEN=hf_do_not_log_me\nHF_HOME=./hf\nHF_HUB_OFFLINE=1\nLOG_LEVEL=DEBUG\n"
+    )
+    env = {k: v for k, v in cli_env().items() if not k.startswith("HF_")}
+    result = run_cli("run", cwd=tmp_path, env=env)
+    assert result.returncode == 2  # it went on to say that no platform is configured
+    assert "DISCORD_BOT_TOKEN" in result.stderr and "Traceback" not in result.stderr
+    assert "Hugging Face libraries: HF_TOKEN, HF_HOME, HF_HUB_OFFLINE" in result.stderr
+    assert "hf_do_not_log_me" not in result.stderr
+
+
 def test_unreachable_redis_names_redis_url_and_hides_the_password(tmp_path: Path) -> None:
     """A bad REDIS_URL fails start (exit 1) with one readable line, password redacted."""
     env = cli_env(REDIS_URL="redis://:hunter2secret@127.0.0.1:1/0", DATA_DIR=str(tmp_path))

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from bot.config import Settings, describe_error
+from bot.config import (
+    Settings,
+    describe_error,
+    export_hugging_face_variables,
+    is_for_compose,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -167,3 +173,128 @@ def test_settings_are_read_once_and_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValidationError):
         settings.max_new_tokens = 1  # type: ignore[misc]
+
+
+# --- a new admin's `.env`: other libraries' variables, empty values, contradictions -------
+
+
+def test_hugging_face_variables_in_dotenv_are_not_refused(tmp_path: Path) -> None:
+    """`.env` may hold the hub's own variables beside the settings (HF_TOKEN for a gated
+    model, HF_HOME, HF_HUB_OFFLINE…); they are no settings of ours."""
+    (tmp_path / ".env").write_text(
+        "HF_TOKEN=hf_secret\nHF_HOME=/srv/hf\nHF_HUB_OFFLINE=1\nhf_hub_disable_telemetry=1\n"
+        "TRANSFORMERS_VERBOSITY=error\nTOKENIZERS_PARALLELISM=false\nMAX_NEW_TOKENS=64\n"
+    )
+    assert Settings().max_new_tokens == 64
+
+
+def test_docker_compose_variables_in_dotenv_are_not_refused(tmp_path: Path) -> None:
+    """The same `.env` serves docker compose (`cp .env.example .env`): its variables do not
+    stop a start outside Docker (systemd, `threadbot run`)."""
+    (tmp_path / ".env").write_text(
+        "COMPOSE_PROFILES=gpu,monitoring\nCOMPOSE_PROJECT_NAME=bot\n"
+        "THREADBOT_PUBLISH=127.0.0.1:8080\nGRAFANA_ADMIN_PASSWORD=secret\nQUEUE_MAX=4\n"
+    )
+    assert Settings().queue_max == 4
+
+
+def test_every_variable_docker_compose_reads_is_known_to_the_settings() -> None:
+    """docker-compose.yml's `${NAME}`s come from the same `.env`: each is a setting, or one
+    that `.env` may hold for Compose."""
+    compose = (Path(__file__).parent.parent / "docker-compose.yml").read_text()
+    names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", compose))
+    assert names  # the pattern still finds them
+    for name in names:
+        assert name.lower() in Settings.model_fields or is_for_compose(name), name
+
+
+def test_beside_hugging_face_variables_a_typo_is_still_refused_alone(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("HF_TOKEN=hf_secret\nMAX_NEW_TOKEN=64\n")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    [line] = describe_error(info.value).splitlines()
+    assert line.startswith("invalid setting MAX_NEW_TOKEN:")
+
+
+def test_hugging_face_variables_of_dotenv_reach_the_environment(tmp_path: Path) -> None:
+    """The hub library reads its variables from the environment: `.env`'s are put there,
+    in capitals (settings are case-insensitive), never over one the environment sets (an
+    empty one counts as unset), and nothing else of `.env` is."""
+    (tmp_path / ".env").write_text(
+        "HF_TOKEN=hf_from_dotenv\nHF_HOME=/dotenv/hf\nhf_hub_offline=1\nHF_ENDPOINT=\n"
+        "MAX_NEW_TOKENS=64\n"
+    )
+    environ = {"HF_HOME": "/real/hf", "HF_TOKEN": ""}
+    exported = export_hugging_face_variables(tmp_path / ".env", environ=environ)
+    assert sorted(exported) == ["HF_HUB_OFFLINE", "HF_TOKEN"]
+    assert environ == {"HF_HOME": "/real/hf", "HF_TOKEN": "hf_from_dotenv", "HF_HUB_OFFLINE": "1"}
+
+
+def test_without_a_dotenv_nothing_is_exported(tmp_path: Path) -> None:
+    environ: dict[str, str] = {}
+    assert export_hugging_face_variables(tmp_path / ".env", environ=environ) == []
+    assert environ == {}
+
+
+def test_empty_values_in_dotenv_mean_unset(tmp_path: Path) -> None:
+    """`MODEL=` as a template leaves it: the default, not an empty model name."""
+    (tmp_path / ".env").write_text(
+        "MODEL=\nMODEL_FILE=\nMAX_CONTEXT_TOKENS=\nMAX_NEW_TOKENS=\nSLACK_BOT_TOKEN=\n"
+        "REDIS_URL=\nDATA_DIR=\nACCESS__DENY=\n"
+    )
+    settings = Settings()
+    assert (settings.model, settings.model_file, settings.max_context_tokens) == (None,) * 3
+    assert (settings.slack_bot_token, settings.redis_url) == (None, None)
+    assert (settings.max_new_tokens, settings.data_dir) == (512, Path("data"))
+    assert settings.access.deny == "reply"
+
+
+def test_an_empty_environment_variable_means_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Unset, so `.env` (or the default) applies, as if the variable were not there."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\n")
+    for name in ("MODEL", "MAX_CONTEXT_TOKENS", "MAX_NEW_TOKENS", "DISCORD_BOT_TOKEN"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert (settings.model, settings.max_context_tokens, settings.discord_bot_token) == (None,) * 3
+    assert settings.max_new_tokens == 64
+
+
+@pytest.mark.parametrize(
+    ("env", "named", "other"),
+    [
+        ({"MAX_CONTEXT_TOKENS": "512"}, "MAX_CONTEXT_TOKENS", "MAX_NEW_TOKENS=512"),
+        (
+            {"MAX_CONTEXT_TOKENS": "100", "MAX_NEW_TOKENS": "200"},
+            "MAX_CONTEXT_TOKENS",
+            "MAX_NEW_TOKENS=200",
+        ),
+        ({"MODEL_FILE": "model.Q4_K_M.gguf"}, "MODEL_FILE", "MODEL is unset"),
+        ({"MODEL_FILE": "x.gguf", "MODEL": "bundled"}, "MODEL_FILE", "MODEL=bundled"),
+    ],
+)
+def test_contradictory_settings_are_refused_naming_both(
+    env: dict[str, str], named: str, other: str
+) -> None:
+    """A prompt budget of nothing would drop every turn's history; a MODEL_FILE with no
+    MODEL to look in would be ignored: both stop the start, one line naming both."""
+    message = settings_error(**env)
+    assert message.splitlines() == [message]
+    assert message.startswith(f"invalid setting {named}:")
+    assert other in message
+
+
+def test_each_contradiction_gets_its_own_line() -> None:
+    lines = settings_error(MAX_CONTEXT_TOKENS="256", MODEL_FILE="x.gguf").splitlines()
+    assert len(lines) == 2
+    assert any(line.startswith("invalid setting MAX_CONTEXT_TOKENS:") for line in lines)
+    assert any(line.startswith("invalid setting MODEL_FILE:") for line in lines)
+
+
+def test_settings_that_fit_together_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_CONTEXT_TOKENS", "513")
+    monkeypatch.setenv("MODEL", "/models/qwen-gguf")
+    monkeypatch.setenv("MODEL_FILE", "qwen.Q4_K_M.gguf")
+    settings = Settings()
+    assert (settings.max_context_tokens, settings.model_file) == (513, "qwen.Q4_K_M.gguf")

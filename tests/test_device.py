@@ -19,6 +19,21 @@ def test_auto_on_a_cpu_follows_its_native_bf16_support():
     assert pick_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
 
 
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bfloat16"), (False, "float16")])
+def test_auto_on_a_gpu_is_bf16_where_it_computes_it_else_fp16(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: str
+) -> None:
+    """As the README's DTYPE row says: only what torch reports of the GPU decides."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert pick_dtype("auto", "cuda") == expected
+    assert pick_dtype("auto", "auto") == expected
+
+
+def test_auto_on_mps_is_fp16():
+    assert pick_dtype("auto", "mps") == "float16"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_a_gpu_is_half_precision():
     assert pick_dtype("auto", "cuda") in ("bfloat16", "float16")

@@ -26,6 +26,7 @@ from conftest import (
 )
 from fake_slack import FakeSlack
 
+from adapters.base import AdapterError
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, THREAD_CONTEXT_LIMIT, SlackAdapter
 from adapters.slack_files import SlackDownloadRefused, slack_attachments
 from adapters.streaming import STREAMING_MARK
@@ -133,6 +134,36 @@ async def test_edits_are_not_answered_and_a_dm_thread_is_its_own_conversation(sl
         {"role": "user", "content": "in a thread"},
     ]
     assert len(engine.prompts) == 2  # the edit was not answered
+
+
+async def test_in_a_group_dm_a_mention_is_answered_in_its_thread(slack, socket_mode):
+    """A group DM (message.mpim) is answered as a channel is: a mention, even with no
+    app_mention event for it, opens a thread; its follow-ups need none; chatter is left."""
+    async with socket_mode() as (_service, engine):
+        _mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
+        await slack.send_event(message)
+        await final_reply(slack, "G0GROUP", message["ts"])
+        follow_up = slack.user_message(
+            "G0GROUP", "and you?", thread_ts=message["ts"], channel_type="mpim", user="U0BOB"
+        )
+        await slack.send_event(follow_up)
+        await final_reply(slack, "G0GROUP", message["ts"], after=1)
+        chatter = slack.user_message("G0GROUP", "lunch?", channel_type="mpim", user="U0BOB")
+        await slack.send_event(chatter)
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+    assert [p[-1]["content"] for p in engine.prompts] == ["hello all", "bob: and you?"]
+    assert len(bot_posts(slack, "G0GROUP")) == 2
+
+
+async def test_in_a_group_dm_a_mention_sent_twice_gets_one_answer(slack, socket_mode):
+    async with socket_mode() as (_service, engine):
+        mention, message = slack.mention_pair("G0GROUP", "once, please", channel_type="mpim")
+        await slack.send_event(message)
+        await slack.send_event(mention)
+        await final_reply(slack, "G0GROUP", mention["ts"])
+        await asyncio.gather(*(slack.wait_for_ack(e["envelope_id"]) for e in slack.envelopes))
+    assert len(engine.prompts) == 1
+    assert len(bot_posts(slack, "G0GROUP")) == 1
 
 
 async def test_each_message_gets_one_answer(slack, socket_mode):
@@ -311,6 +342,41 @@ async def test_a_storage_failure_before_the_service_is_still_answered(slack, soc
         answered = await final_reply(slack, "D0001", None, after=1)
     assert failed["text"] == replies.failed()
     assert answered["text"] and engine.prompts[-1][-1]["content"] == "second"
+
+
+@pytest.mark.parametrize("mode", ["socket", "http"])
+async def test_a_refused_bot_token_stops_the_start_naming_it(slack, make_service, mode):
+    """auth.test at start: a revoked or mistyped SLACK_BOT_TOKEN is one line at start, not
+    a failure at the first event."""
+    connection = (
+        {"slack_app_token": slack.app_token}
+        if mode == "socket"
+        else {"slack_signing_secret": slack.signing_secret}
+    )
+    settings = Settings(
+        _env_file=None, slack_bot_token="xoxb-revoked", slack_api_url=slack.api_url, **connection
+    )
+    async with make_service() as (service, _engine):
+        adapter = SlackAdapter.from_settings(settings, service)
+        with pytest.raises(AdapterError) as refused:
+            await asyncio.wait_for(adapter.run(), timeout=30)
+    [line] = str(refused.value).splitlines()
+    assert "SLACK_BOT_TOKEN" in line and "invalid_auth" in line
+    assert "xoxb-revoked" not in line
+    assert [call.method for call in slack.calls] == ["auth.test"]  # nothing served
+
+
+async def test_an_unreachable_slack_api_stops_the_start_naming_its_url(make_service):
+    url = f"http://127.0.0.1:{free_port()}/api/"  # nothing listens there
+    settings = Settings(
+        _env_file=None, slack_bot_token="xoxb-1", slack_app_token="xapp-1", slack_api_url=url
+    )
+    async with make_service() as (service, _engine):
+        adapter = SlackAdapter.from_settings(settings, service)
+        with pytest.raises(AdapterError) as unreachable:
+            await asyncio.wait_for(adapter.run(), timeout=30)
+    [line] = str(unreachable.value).splitlines()
+    assert f"SLACK_API_URL={url}" in line
 
 
 async def test_http_mode_checks_signatures(slack, make_service):

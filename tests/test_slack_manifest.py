@@ -23,3 +23,14 @@ def test_the_manifest_asks_for_the_pane_the_command_and_their_scopes():
     assert manifest["features"]["assistant_view"]["assistant_description"]
     [command] = manifest["features"]["slash_commands"]
     assert command["command"] == SLASH_COMMAND and command["should_escape"] is False
+
+
+def test_the_manifest_hears_group_dms_and_asks_for_no_unused_scope():
+    """Group DMs need their history scope and event; the bot opens no DM of its own, so
+    it needs no im:write."""
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    scopes = manifest["oauth_config"]["scopes"]["bot"]
+    events = manifest["settings"]["event_subscriptions"]["bot_events"]
+    assert "mpim:history" in scopes and "message.mpim" in events
+    assert "im:write" not in scopes
+    assert len(scopes) == len(set(scopes)) and len(events) == len(set(events))

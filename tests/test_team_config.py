@@ -91,6 +91,39 @@ def test_broken_yaml_and_a_missing_file_are_one_line_each(
         load_settings()
 
 
+def test_empty_values_in_the_file_mean_unset(tmp_path: Path) -> None:
+    """`model:` with nothing after it, or `null`, is the default, as `MODEL=` is in `.env`."""
+    write(
+        tmp_path / "threadbot.yml",
+        "model:\nmax_new_tokens: null\nmax_context_tokens: ~\naccess:\n  deny:\n"
+        "  slack:\nsystem_prompt: Be brief.\n",
+    )
+    settings = load_settings()
+    assert (settings.model, settings.max_new_tokens, settings.max_context_tokens) == (
+        None,
+        512,
+        None,
+    )
+    assert settings.access.deny == "reply" and settings.access.slack.dms
+    assert settings.system_prompt == "Be brief."
+
+
+def test_contradictory_settings_in_the_file_name_the_line(tmp_path: Path) -> None:
+    write(tmp_path / "threadbot.yml", "max_new_tokens: 300\nmax_context_tokens: 256\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    [line] = str(info.value).splitlines()
+    assert line.startswith("threadbot.yml line 2: invalid setting max_context_tokens:")
+    assert "MAX_NEW_TOKENS=300" in line
+
+
+def test_a_file_that_is_not_a_mapping_is_one_line(tmp_path: Path) -> None:
+    write(tmp_path / "threadbot.yml", "- max_new_tokens: 64\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value) == "threadbot.yml: not a mapping of settings (`name: value` lines)"
+
+
 def test_the_example_file_is_valid_and_shows_every_section(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

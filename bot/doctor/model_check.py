@@ -1,0 +1,73 @@
+"""The model: found where MODEL says, its size on disk, and that it loads (in the dtype
+and on the device the bot would use) and generates one token."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bot.config import Settings
+from bot.doctor.findings import Finding, fail, human_bytes, ok, skip
+
+if TYPE_CHECKING:
+    from bot.engine import Engine
+    from bot.loading import ModelSource
+
+FOUND, GENERATES = "model", "generation"
+PROMPT = [{"role": "user", "content": "Hello"}]
+
+
+async def check_model(settings: Settings) -> AsyncIterator[Finding]:
+    from bot.loading import ModelError, resolve_source
+
+    try:
+        source = await asyncio.to_thread(resolve_source, settings)
+    except ModelError as error:
+        yield fail(FOUND, str(error))
+        yield skip(GENERATES, "no model to load")
+        return
+    size = await asyncio.to_thread(size_on_disk, source)
+    yield ok(FOUND, f"MODEL={settings.model or '(unset)'}: {source}, {human_bytes(size)} on disk")
+    yield await asyncio.to_thread(_generate_one_token, settings, source)
+
+
+def size_on_disk(source: ModelSource) -> int:
+    """Bytes of the GGUF file, or of every file in the model's folder (hub snapshots are
+    links into the cache's blobs: their targets are counted)."""
+    path = Path(source.path)
+    if source.gguf_file:
+        return (path / source.gguf_file).stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def _generate_one_token(settings: Settings, source: ModelSource) -> Finding:
+    """Load the model as `threadbot run` does, then time one token of an answer."""
+    from bot.loading import ModelError
+    from bot.runtime import load_engine, placement
+
+    started = time.perf_counter()
+    try:
+        engine = load_engine(settings.model_copy(update={"max_new_tokens": 1}), source=source)
+    except ModelError as error:
+        return fail(GENERATES, str(error))
+    except (RuntimeError, AssertionError, ValueError) as error:  # torch on the wrong device
+        return fail(
+            GENERATES,
+            f"the model does not load with DEVICE={settings.device} and DTYPE={settings.dtype} "
+            f"({error}); set DEVICE and DTYPE to what this machine has (or auto)",
+        )
+    loaded = time.perf_counter() - started
+    took = _timed_token(engine)
+    return ok(
+        GENERATES,
+        f"{placement(engine)}: loaded in {loaded:.1f} s, 1 token in {took:.2f} s",
+    )
+
+
+def _timed_token(engine: Engine) -> float:
+    started = time.perf_counter()
+    engine.generate([PROMPT])
+    return time.perf_counter() - started

@@ -1,0 +1,87 @@
+"""The first check: the settings and the team's file, read as `threadbot run` reads them.
+
+A bad value is reported, and the other checks still run: on the settings read again
+with each bad one at its default (and unknown names or an unreadable file left out), so
+one mistake hides no other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bot.config import ConfigError, Settings, config_file, load_settings
+from bot.doctor.findings import Finding, fail, ok
+
+CHECK = "settings"
+SALVAGE_ROUNDS = 3  # each round resets what failed; a default never fails, so 2 suffice
+
+
+class _Lenient(Settings):
+    """The settings without the objections already reported: unknown names are ignored,
+    and an unreadable team file is left out."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        try:
+            return super().settings_customise_sources(
+                settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+            )
+        except (yaml.YAMLError, OSError):
+            return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+
+def read_settings() -> tuple[Settings | None, list[Finding]]:
+    """The settings to check the rest with (None if nothing usable could be read), and one
+    line per problem with them (or one ok line)."""
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        salvaged = _salvaged()
+        after = (
+            "the checks below go on without it"
+            if salvaged is not None
+            else "nothing else can be checked"
+        )
+        return salvaged, [
+            fail(CHECK, f"{problem} ({after})") for problem in str(error).splitlines()
+        ]
+    return settings, [ok(CHECK, f"read from {', '.join(_sources())}")]
+
+
+def _salvaged() -> Settings | None:
+    defaults: dict[str, Any] = {}
+    for _ in range(SALVAGE_ROUNDS):
+        try:
+            return _Lenient(**defaults)
+        except ValidationError as error:
+            bad = {str(problem["loc"][0]) for problem in error.errors() if problem["loc"]}
+            if not bad or bad <= defaults.keys():
+                return None  # a problem no single setting's default fixes
+            defaults |= {
+                name: Settings.model_fields[name].get_default(call_default_factory=True)
+                for name in bad
+            }
+    return None
+
+
+def _sources() -> list[str]:
+    sources = ["the environment"]
+    if Path(".env").is_file():
+        sources.append(".env")
+    if (path := config_file()) is not None:
+        sources.append(str(path))
+    return sources

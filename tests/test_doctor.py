@@ -1,0 +1,357 @@
+"""`threadbot doctor`: one broken setting per check, against the fake Slack and Discord, a
+real Redis and the tiny model saved to a folder; and the command run as a subprocess.
+
+In-process runs read the settings from this process's environment (cleared of every
+threadbot setting first) in a working directory of the test's own, as the command does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_discord import FakeDiscord
+from fake_slack import FakeSlack
+from processes import RedisServer
+from redis.asyncio import Redis
+from test_cli import CHAT_TIMEOUT, FAST_TIMEOUT, cli_env, run_cli
+
+from adapters.slack_checks import check_slack
+from bot.config import Settings
+from bot.doctor.disk_check import check_disk
+from bot.doctor.findings import Finding, ok
+from bot.doctor.runner import run_doctor
+from storage.embedded import EmbeddedRedis
+
+MANIFEST = Path(__file__).resolve().parents[1] / "slack-app-manifest.yml"
+REDIS_PASSWORD = "doctor-test-redis-password"
+SLACK = [("slack", check_slack)]
+LINE = re.compile(r"(?P<status>ok|WARN|FAIL|skip) +(?P<check>[a-z]+): (?P<message>.*)")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a doctor run printed, and its exit status."""
+
+    status: int
+    text: str
+
+    def lines(self, check: str) -> list[tuple[str, str]]:
+        """(status, message) of each line of `check`, in order."""
+        found = [LINE.fullmatch(line) for line in self.text.splitlines()]
+        return [(m["status"], m["message"]) for m in found if m and m["check"] == check]
+
+    def statuses(self) -> set[str]:
+        return {m["status"] for line in self.text.splitlines() if (m := LINE.fullmatch(line))}
+
+
+def granted_by_the_manifest() -> list[str]:
+    """The scopes an app created from the project's manifest is granted."""
+    return yaml.safe_load(MANIFEST.read_text())["oauth_config"]["scopes"]["bot"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model, qwen_tokenizer) -> Path:
+    """The tiny model and the real Qwen2.5 tokenizer, saved as a MODEL folder."""
+    folder = tmp_path_factory.mktemp("doctor-model")
+    tiny_model.save_pretrained(folder)
+    qwen_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    async with FakeSlack() as fake:
+        fake.scopes = granted_by_the_manifest()
+        yield fake
+
+
+@pytest.fixture
+async def discord() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as fake:
+        yield fake
+
+
+@pytest.fixture
+def healthy(slack: FakeSlack, discord: FakeDiscord, redis_url: str, model_dir: Path, tmp_path):
+    """The settings of a deployment where every check passes."""
+    return {
+        "MODEL": str(model_dir),
+        "DEVICE": "cpu",
+        "DTYPE": "float32",  # auto differs between CPUs
+        "REDIS_URL": redis_url,
+        "DATA_DIR": str(tmp_path / "data"),
+        "SLACK_BOT_TOKEN": slack.bot_token,
+        "SLACK_APP_TOKEN": slack.app_token,
+        "SLACK_API_URL": slack.api_url,
+        "DISCORD_BOT_TOKEN": discord.token,
+        "DISCORD_API_URL": discord.api_url,
+    }
+
+
+@pytest.fixture
+def doctor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, healthy: dict[str, str]
+) -> Callable[..., Awaitable[Report]]:
+    """Runs the doctor in this process on the healthy settings with `changes` (None
+    unsets one), in a working directory of its own, with `checks` (default: all); every
+    token is checked absent from what it printed."""
+    fields = set(Settings.model_fields)
+    for name in list(os.environ):
+        if name.lower() in fields:
+            monkeypatch.delenv(name)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+
+    async def run(checks: list | None = None, **changes: str | None) -> Report:
+        for name, value in (healthy | changes).items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        out = io.StringIO()
+        status = await run_doctor(out=out, checks=checks)
+        report = Report(status, out.getvalue())
+        for name, value in (healthy | changes).items():
+            if value and name.endswith("_TOKEN"):
+                assert value not in report.text, f"{name} was printed"
+        return report
+
+    return run
+
+
+# --- All green --------------------------------------------------------------------------
+
+
+async def test_a_healthy_deployment_passes_every_check(doctor) -> None:
+    report = await doctor()
+    assert report.status == 0, report.text
+    assert report.statuses() == {"ok"}, report.text
+    for check in ("settings", "redis", "model", "generation", "slack", "discord", "disk"):
+        assert report.lines(check), f"no {check} line:\n{report.text}"
+    assert len(report.lines("slack")) == 3  # token, scopes, Socket Mode
+    [(_, generation)] = report.lines("generation")
+    assert re.search(r"float32 on cpu: loaded in [\d.]+ s, 1 token in [\d.]+ s", generation)
+    assert report.text.rstrip().endswith("all checks passed")
+
+
+@pytest.mark.slow
+async def test_the_command_passes_a_healthy_deployment(healthy, tmp_path: Path) -> None:
+    """`threadbot doctor` as a subprocess (the fakes serve meanwhile): exit 0, all ok."""
+    env = cli_env(**healthy)
+    result = await asyncio.to_thread(run_cli, "doctor", cwd=tmp_path, env=env, timeout=CHAT_TIMEOUT)
+    report = Report(result.returncode, result.stdout)
+    assert report.status == 0, result.stdout + result.stderr
+    assert report.statuses() == {"ok"}, result.stdout
+    assert len(report.lines("slack")) == 3 and len(report.lines("discord")) == 2
+    assert "Traceback" not in result.stderr
+
+
+async def test_the_command_fails_on_one_broken_check_and_names_the_setting(
+    healthy, slack: FakeSlack, tmp_path: Path
+) -> None:
+    """A subprocess with a refused SLACK_BOT_TOKEN (and no model, so none loads): exit 1,
+    the line names the setting, no traceback, no token printed."""
+    wrong = "xoxb-not-the-right-one"
+    env = cli_env(**healthy | {"SLACK_BOT_TOKEN": wrong, "MODEL": str(tmp_path / "none")})
+    result = await asyncio.to_thread(run_cli, "doctor", cwd=tmp_path, env=env, timeout=FAST_TIMEOUT)
+    report = Report(result.returncode, result.stdout)
+    assert report.status == 1
+    [(status, message)] = report.lines("slack")
+    assert status == "FAIL" and "SLACK_BOT_TOKEN" in message and "invalid_auth" in message
+    assert [status for status, _ in report.lines("redis")] == ["ok"]
+    assert "Traceback" not in result.stderr
+    assert wrong not in result.stdout + result.stderr
+
+
+def test_help_lists_doctor(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path, env=cli_env())
+    assert re.search(r"^\s+doctor\s", result.stdout, re.MULTILINE)
+
+
+# --- One broken setting per check -------------------------------------------------------
+
+
+async def test_an_invalid_setting_is_one_fail_line_and_the_rest_is_checked(doctor) -> None:
+    report = await doctor(MAX_NEW_TOKENS="lots")
+    assert report.status == 1
+    [(status, message)] = report.lines("settings")
+    assert status == "FAIL" and "MAX_NEW_TOKENS" in message
+    for check in ("redis", "model", "generation", "slack", "discord", "disk"):
+        assert {status for status, _ in report.lines(check)} == {"ok"}, report.text
+
+
+async def test_broken_yaml_in_the_team_file_names_its_line(doctor) -> None:
+    Path("threadbot.yml").write_text("access:\n  deny: reply\n  admins: [U1\n")
+    report = await doctor()
+    assert report.status == 1
+    [(status, message)] = report.lines("settings")
+    assert status == "FAIL" and message.startswith("threadbot.yml line ")
+    assert "not valid YAML" in message
+    assert [status for status, _ in report.lines("redis")] == ["ok"]
+
+
+async def test_a_mistake_in_the_team_file_names_the_key_and_the_rest_is_checked(doctor) -> None:
+    Path("threadbot.yml").write_text("access:\n  deny: reply\n  amdins: [U1]\n")
+    report = await doctor()
+    assert report.lines("settings") == [
+        (
+            "FAIL",
+            "threadbot.yml line 3: invalid setting access.amdins: Extra inputs are not "
+            "permitted (the checks below go on without it)",
+        )
+    ]
+    assert {status for status, _ in report.lines("slack")} == {"ok"}
+
+
+async def test_a_refused_slack_bot_token(doctor) -> None:
+    report = await doctor(SLACK_BOT_TOKEN="xoxb-revoked")
+    assert report.status == 1
+    [(status, message)] = report.lines("slack")
+    assert status == "FAIL"
+    assert "Slack refused SLACK_BOT_TOKEN (invalid_auth)" in message
+
+
+async def test_a_refused_slack_app_token(doctor) -> None:
+    report = await doctor(SLACK_APP_TOKEN="xapp-revoked")
+    assert report.status == 1
+    assert [status for status, _ in report.lines("slack")] == ["ok", "ok", "FAIL"]
+    assert "SLACK_APP_TOKEN (invalid_auth)" in report.lines("slack")[2][1]
+
+
+async def test_slack_without_a_way_for_events_to_arrive(doctor) -> None:
+    report = await doctor(SLACK_APP_TOKEN=None)
+    [*_, (status, message)] = report.lines("slack")
+    assert status == "FAIL"
+    assert "SLACK_APP_TOKEN" in message and "SLACK_SIGNING_SECRET" in message
+
+
+async def test_slack_http_events_are_served_on_http_port(doctor) -> None:
+    """Slack's HTTP events share the ops server: HTTP_PORT=0 leaves them nowhere."""
+    http_mode = {"SLACK_APP_TOKEN": None, "SLACK_SIGNING_SECRET": "secret", "checks": SLACK}
+    [*_, (status, message)] = (await doctor(**http_mode, HTTP_PORT="9090")).lines("slack")
+    assert status == "ok" and "HTTP_PORT=9090" in message
+    [*_, (status, message)] = (await doctor(**http_mode, HTTP_PORT="0")).lines("slack")
+    assert status == "FAIL" and "HTTP_PORT" in message
+
+
+async def test_missing_slack_scopes_are_listed(doctor, slack: FakeSlack) -> None:
+    slack.scopes = [s for s in slack.scopes if s not in ("files:read", "chat:write")]
+    report = await doctor()
+    assert report.status == 1
+    [token, (status, message), _] = report.lines("slack")
+    assert token[0] == "ok" and status == "FAIL"
+    assert "SLACK_BOT_TOKEN" in message
+    assert re.search(r"lacks the scopes (chat:write, files:read|files:read, chat:write) ", message)
+
+
+async def test_a_refused_discord_bot_token(doctor) -> None:
+    report = await doctor(DISCORD_BOT_TOKEN="not-the-token")
+    assert report.status == 1
+    [(status, message)] = report.lines("discord")
+    assert status == "FAIL" and "Discord refused DISCORD_BOT_TOKEN (401 Unauthorized)" in message
+
+
+async def test_the_message_content_intent_off(doctor, discord: FakeDiscord) -> None:
+    discord.privileged_intents = 0
+    report = await doctor()
+    assert report.status == 1
+    [me, (status, message)] = report.lines("discord")
+    assert me[0] == "ok" and status == "FAIL"
+    assert "Message Content intent is off" in message and "DISCORD_BOT_TOKEN" in message
+
+
+async def test_an_unreachable_redis_url_hides_its_password(doctor) -> None:
+    report = await doctor(REDIS_URL="redis://:hunter2secret@127.0.0.1:1/0")
+    assert report.status == 1
+    [(status, message)] = report.lines("redis")
+    assert status == "FAIL" and "REDIS_URL=redis://:***@127.0.0.1:1/0" in message
+    assert "hunter2secret" not in report.text
+
+
+async def test_redis_without_aof_is_a_warning(doctor, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
+    server.start()
+    try:
+        async with Redis.from_url(server.url) as client:
+            await client.config_set("appendonly", "no")
+        report = await doctor(REDIS_URL=server.url)
+    finally:
+        server.kill()
+    [(status, message)] = report.lines("redis")
+    assert status == "WARN" and "AOF off" in message and "appendonly" in message
+    assert REDIS_PASSWORD not in report.text
+    assert report.status == 0  # a warning alone
+
+
+async def test_without_redis_url_the_embedded_server_is_started_and_stopped(
+    doctor, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    report = await doctor(REDIS_URL=None)
+    [(status, message)] = report.lines("redis")
+    assert status == "ok" and "AOF on" in message and "started for this check" in message
+    with EmbeddedRedis(data_dir=data):  # the check let go of DATA_DIR
+        pass
+
+
+async def test_the_embedded_server_of_a_running_threadbot_is_checked_in_place(
+    doctor, tmp_path: Path
+) -> None:
+    with EmbeddedRedis(data_dir=tmp_path / "data"):  # as a running threadbot holds it
+        report = await doctor(REDIS_URL=None)
+    [(status, message)] = report.lines("redis")
+    assert status == "ok" and "of the threadbot running on DATA_DIR" in message
+
+
+async def test_a_missing_model_folder(doctor, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    report = await doctor(MODEL=str(missing))
+    assert report.status == 1
+    [(status, message)] = report.lines("model")
+    assert status == "FAIL" and f"MODEL={missing} is not a folder" in message
+    assert report.lines("generation") == [("skip", "no model to load")]
+
+
+async def test_a_model_folder_without_weights(doctor, tmp_path: Path) -> None:
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    report = await doctor(MODEL=str(empty))
+    [(status, _)] = report.lines("model")
+    [(failed, message)] = report.lines("generation")
+    assert status == "ok" and failed == "FAIL" and "MODEL=" in message
+
+
+async def test_low_disk_is_a_warning_naming_the_setting(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path / "not" / "yet")
+    found = [f async for f in check_disk(settings, data_dir_low=2**60, hf_cache_low=0)]
+    [data_dir, hf_cache] = [(f.status.value, f.message) for f in found]
+    assert data_dir[0] == "WARN" and data_dir[1].startswith(f"DATA_DIR ({tmp_path}/not/yet): ")
+    assert "set DATA_DIR to a folder on a larger disk" in data_dir[1]
+    assert hf_cache[0] == "ok" and hf_cache[1].startswith("HF_HOME (")
+
+
+async def test_a_check_that_raises_is_a_fail_line_and_the_others_still_run(doctor) -> None:
+    async def broken(settings: Settings) -> AsyncIterator[Finding]:
+        yield ok("broken", "one line first")
+        raise KeyError("unexpected")
+
+    async def fine(settings: Settings) -> AsyncIterator[Finding]:
+        yield ok("fine", "still checked")
+
+    report = await doctor(checks=[("broken", broken), ("fine", fine)])
+    assert report.status == 1
+    assert report.lines("broken") == [
+        ("ok", "one line first"),
+        ("FAIL", "the check itself failed: KeyError: 'unexpected'"),
+    ]
+    assert report.lines("fine") == [("ok", "still checked")]
+    assert "Traceback" not in report.text
