@@ -132,7 +132,7 @@ def ops(slack: FakeSlack, make_service: Any, make_batcher: Any):
             adapter = SlackAdapter.from_settings(settings, service)
             vitals.started(service, [adapter])
             async with running(adapter):
-                await slack.wait_connected(timeout=10)
+                await slack.wait_connected(timeout=WAIT_S)
                 yield Ops(f"http://127.0.0.1:{port}", service, engine, metrics)
 
     return start
