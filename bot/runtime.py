@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from bot.config import DEFAULT_MODEL, Settings
+from bot.config import BUNDLED, DEFAULT_MODEL, Settings
 from bot.logs import adopt_transformers
 from bot.metrics import Metrics
 from bot.service import ChatService
@@ -94,10 +94,14 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
             redis=redis, store=store, owner=process_id(), lease_seconds=settings.turn_lease_s
         )
         await journal.renew_lease()
-        engine = await asyncio.to_thread(load_engine, settings)
+        from bot import loading
+
+        source = await asyncio.to_thread(loading.resolve_source, settings)
+        engine = await asyncio.to_thread(load_engine, settings, source=source)
+        name = model_name(settings, source)
         metrics.describe_build(
             version=version(),
-            model=settings.model or DEFAULT_MODEL,
+            model=name,
             device=str(engine.model.device),
             dtype=dtype_name(engine),
         )
@@ -124,7 +128,7 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
                 team=team,
                 limits=Limits(redis=redis),
                 stats=TurnStats(redis=redis),
-                model_name=describe(settings, engine),
+                model_name=f"{name} ({placement(engine)})",
                 max_attempts=settings.turn_max_attempts,
                 metrics=metrics,
             )
@@ -142,9 +146,14 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
                                    settings.turn_lease_s)  # fmt: skip
 
 
-def describe(settings: Settings, engine: Engine) -> str:
-    """The model as `status` names it: `Qwen/Qwen2.5-0.5B-Instruct (bfloat16 on cpu)`."""
-    return f"{settings.model or DEFAULT_MODEL} ({placement(engine)})"
+def model_name(settings: Settings, source: ModelSource) -> str:
+    """The model as `status` and the metrics name it: MODEL, else the default, or
+    `bundled` where the default could not be had and the offline model stands in."""
+    from bot import loading
+
+    if settings.model:
+        return settings.model
+    return BUNDLED if source == loading.bundled_source() else DEFAULT_MODEL
 
 
 def placement(engine: Engine) -> str:

@@ -66,3 +66,14 @@ def test_the_converted_gguf_is_reused(bundled_engine, bundled_cache):
     source = loading.bundled_source()
     assert source is not None
     assert loading._converted_gguf(source, bundled_cache) == ModelSource(str(folder))
+
+
+def test_the_model_is_named_as_it_was_found():
+    """`status` and the build-info metric name the model that runs, not the one asked for."""
+    from bot.runtime import model_name
+
+    bundled = loading.bundled_source()
+    assert bundled is not None
+    assert model_name(settings(), bundled) == "bundled"  # the default could not be had
+    assert model_name(settings(), ModelSource("/cache/qwen")) == loading.DEFAULT_MODEL
+    assert model_name(settings(model="./qwen"), ModelSource("./qwen")) == "./qwen"
