@@ -2,7 +2,8 @@
 
 This is the seed's pipeline with `generate` unrolled so that many requests share it:
 template → tokenize → prefill the prompt → decode token by token → keep the new tokens →
-decode to text. The batch lives on the engine thread; `bot.queue` drives it.
+decode to text (as it streams, a few tokens at a time: `bot.detokenize`; once the answer
+ends, whole). The batch lives on the engine thread; `bot.queue` drives it.
 
 Why our own loop over the model's forward rather than `generate` or transformers'
 continuous-batching manager: `generate` runs a fixed batch to its end, so a new request
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from bot.detokenize import IncrementalDetokenizer
 from bot.kv_cache import KV, PrefixCache
 from bot.metrics import Metrics
 from bot.sampling import Sampler, end_token_ids
@@ -64,8 +66,8 @@ class _Sequence:
     cached: int  # tokens whose keys and values are computed: the next token's position
     max_new_tokens: int
     temperature: float | None  # None: the model's generation config; 0: greedy
+    detokenizer: IncrementalDetokenizer  # the answer's text as it streams
     answer: list[int] = field(default_factory=list)
-    sent: str = ""
 
     @property
     def tokens(self) -> list[int]:
@@ -132,7 +134,16 @@ class Batcher:
         self.metrics.kv_reused_tokens.inc(reused)
         if max_new_tokens is None:
             max_new_tokens = self.engine.max_new_tokens
-        sequence = _Sequence(key, conversation, prompt, cache, reused, max_new_tokens, temperature)
+        sequence = _Sequence(
+            key,
+            conversation,
+            prompt,
+            cache,
+            reused,
+            max_new_tokens,
+            temperature,
+            IncrementalDetokenizer(self.engine.decode),
+        )
         self._joining.append(sequence)
 
     def leave(self, key: object) -> None:
@@ -230,27 +241,21 @@ class Batcher:
                 finished.append(sequence)
                 updates.append(self._finish(sequence))
             else:
-                updates.append(Update(sequence.key, self._stream(sequence)))
+                updates.append(Update(sequence.key, sequence.detokenizer.feed(sequence.answer)))
         self.stats.decoded += generated
         self.metrics.generated_tokens.inc(generated)
         self._drop_rows(finished)
         return updates
 
     def _finish(self, sequence: _Sequence) -> Update:
-        answer = self.engine.decode(sequence.answer)
+        answer = self.engine.decode(sequence.answer)  # whole, once: exactly the seed's text
         return Update(
             sequence.key,
-            _delta(sequence, answer),
+            sequence.detokenizer.rest(answer),
             answer,
             prompt_tokens=len(sequence.prompt),
             answer_tokens=len(sequence.answer),
         )
-
-    def _stream(self, sequence: _Sequence) -> str:
-        text = self.engine.decode(sequence.answer)
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            return ""
-        return _delta(sequence, text)
 
     def _add_row(self, sequence: _Sequence) -> None:
         """Append a prefilled sequence to the batch, left-padding whichever side is shorter."""
@@ -307,11 +312,3 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
         return tensor
     padding = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
     return F.pad(tensor, padding)
-
-
-def _delta(sequence: _Sequence, text: str) -> str:
-    """The part of `text` not streamed yet (nothing if the decoded text changed under us)."""
-    if not text.startswith(sequence.sent):
-        return ""
-    new, sequence.sent = text[len(sequence.sent) :], text
-    return new
