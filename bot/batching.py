@@ -128,7 +128,10 @@ class Batcher:
         with `temperature` (None: the model's generation config; 0: greedy)."""
         prompt = self.engine.prompt_ids(messages)
         kv, reused = self.prefix_cache.take(conversation, prompt)
-        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=self.model.config)
+        # Full-attention layers always: the batch's rows are joined and cut column by column,
+        # which a config's sliding layers (dropping keys, counting their own length) would
+        # break; `loading.refuse_unservable` admits only windows that no row outgrows.
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         self.stats.reused += reused
         self.metrics.prompt_tokens.inc(len(prompt))
         self.metrics.kv_reused_tokens.inc(reused)

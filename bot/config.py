@@ -45,6 +45,10 @@ from pydantic_settings import (
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 BUNDLED = "bundled"
+# Every row of the batch's KV cache is as wide as its longest row, so the model's whole
+# window (32k for Qwen2.5) as the default would let one thread claim gigabytes; 8k still
+# holds a long thread.
+DEFAULT_CONTEXT_TOKENS = 8192
 DEFAULT_CONFIG_FILE = Path("threadbot.yml")
 ENV_FILE = Path(".env")
 HUGGING_FACE_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_")
@@ -154,7 +158,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_new_tokens: int = Field(512, ge=1, description="Longest answer, in tokens.")
     max_context_tokens: int | None = Field(
-        None, ge=64, description="Prompt + answer budget; unset: the model's own window."
+        None,
+        ge=64,
+        validate_default=True,  # the default must leave room for MAX_NEW_TOKENS too
+        description=f"Prompt + answer budget; unset: {DEFAULT_CONTEXT_TOKENS}, or the model's "
+        "window if smaller.",
     )
     system_prompt: str | None = Field(None, description="Unset: the chat template's own default.")
 
@@ -265,10 +273,12 @@ class Settings(BaseSettings):
     @classmethod
     def _context_holds_a_prompt(cls, value: int | None, info: ValidationInfo) -> int | None:
         answer = info.data.get("max_new_tokens")
-        if value is not None and answer is not None and value <= answer:
+        context = value or DEFAULT_CONTEXT_TOKENS
+        if answer is not None and context <= answer:
+            given = "" if value else " (the default, as it is unset)"
             raise _contradiction(
-                f"{value} leaves no room for a prompt beside MAX_NEW_TOKENS={answer}: make "
-                "it larger than MAX_NEW_TOKENS, or lower MAX_NEW_TOKENS"
+                f"{context}{given} leaves no room for a prompt beside MAX_NEW_TOKENS={answer}: "
+                "make it larger than MAX_NEW_TOKENS, or lower MAX_NEW_TOKENS"
             )
         return value
 

@@ -16,10 +16,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bot.config import DEFAULT_CONTEXT_TOKENS
 from bot.types import ChatMessage
 
 if TYPE_CHECKING:
-    from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import (
+        BatchEncoding,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
     from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,12 @@ def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     return merged
 
 
+def context_tokens(config: PretrainedConfig, max_context_tokens: int | None) -> int:
+    """Prompt + answer budget: MAX_CONTEXT_TOKENS (unset: its default) within the model's window."""
+    window = getattr(config, "max_position_embeddings", None) or 2048
+    return min(window, max_context_tokens or DEFAULT_CONTEXT_TOKENS)
+
+
 class Engine:
     """Answers batches of conversations with one model, the seed's way."""
 
@@ -63,8 +75,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        window = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.context_tokens = min(window, max_context_tokens or window)
+        self.context_tokens = context_tokens(model.config, max_context_tokens)
 
     @property
     def prompt_budget(self) -> int:

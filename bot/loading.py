@@ -19,7 +19,7 @@ from bot.config import BUNDLED, DEFAULT_MODEL, Settings
 from bot.device import pick_dtype
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 OTHER_RUNTIMES = ["*.onnx", "onnx/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "openvino/*"]
+# Layer types (transformers' names) whose attention is causal over a window of the past.
+WINDOWED = ("sliding_attention", "chunked_attention")
 FIX = "Set MODEL to a local model folder, a hub id that is cached or downloadable, or 'bundled'."
 
 
@@ -148,6 +150,37 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right edge of each row
     return model, tokenizer
+
+
+def refuse_unservable(source: ModelSource, config: PretrainedConfig, context_tokens: int) -> None:
+    """ModelError (naming MODEL) unless every layer attends as the batcher computes it.
+
+    The batcher keeps each row's whole history in one full-attention cache, so it serves
+    full causal attention. A sliding window (Gemma 2/3, Mistral v0.1, Qwen2 with
+    `use_sliding_window`) or chunked attention at least `context_tokens` long is served
+    exactly too: no row is ever longer than the context, so the window never hides a
+    token. A shorter window, or a layer with another kind of state (linear attention,
+    convolutions, shared KV), would be answered wrongly or not at all.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, layer_options = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    for layer_type, options in zip(layer_types, layer_options, strict=True):
+        if layer_type == "full_attention":
+            continue
+        if layer_type not in WINDOWED:
+            raise ModelError(
+                f"MODEL={source} has {layer_type} layers, which threadbot's batcher cannot "
+                "serve; choose a model with full attention (Qwen2.5, Llama, Mistral v0.2+)"
+            )
+        window = options["sliding_window"]
+        if window < context_tokens:
+            raise ModelError(
+                f"MODEL={source} attends through a {window}-token window ({layer_type}), "
+                f"shorter than the {context_tokens}-token context, which threadbot's batcher "
+                f"cannot serve: set MAX_CONTEXT_TOKENS to {window} or less, or choose a "
+                "model with full attention"
+            )
 
 
 def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:

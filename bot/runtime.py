@@ -56,6 +56,7 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
         max_new_tokens=settings.max_new_tokens,
         max_context_tokens=settings.max_context_tokens,
     )
+    loading.refuse_unservable(source, model.config, engine.context_tokens)
     logger.info(
         "Model ready: %s, %s on %s, context %d tokens",
         model.config.model_type,

@@ -78,28 +78,33 @@ def qwen_tokenizer() -> PreTrainedTokenizerBase:
 @pytest.fixture(scope="session")
 def tiny_model(qwen_tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A two-layer Qwen2 with random weights and the real vocabulary: fast, deterministic."""
+    return tiny_qwen2(qwen_tokenizer)
+
+
+def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, **config: Any) -> PreTrainedModel:
+    """The tiny model's recipe, its Qwen2Config changed by `config` (a sliding window, say)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(qwen_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        eos_token_id=qwen_tokenizer.eos_token_id,
-        pad_token_id=qwen_tokenizer.pad_token_id,
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    options: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    model = Qwen2ForCausalLM(Qwen2Config(**{**options, **config})).eval()
     # Random weights favour newline tokens; an all-whitespace answer would be stored as
     # nothing, so the tiny model is told never to emit whitespace-only tokens.
     model.generation_config.suppress_tokens = [
         token_id
-        for token, token_id in qwen_tokenizer.get_vocab().items()
+        for token, token_id in tokenizer.get_vocab().items()
         if set(token) <= BYTE_LEVEL_WHITESPACE
     ]
     return model

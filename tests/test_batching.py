@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import answer_alone
+from conftest import answer_alone, tiny_qwen2
 
 from bot.batching import Batcher, Update
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
+from bot.loading import ModelSource, refuse_unservable
 from bot.sampling import Sampler
 
 LONG = "Tell me everything about tokenizers and byte pair encoding, " * 6
@@ -234,3 +235,17 @@ def test_greedy_rows_take_no_draws_from_the_sampling_rows(tiny_model):
     without = sampler(logits[[0, 2]].clone(), histories[::2], [5, 5], [None, None])
     assert mixed[1] == 42
     assert [mixed[0], mixed[2]] == without
+
+
+def test_a_sliding_window_no_row_outgrows_gets_the_answers_of_generate(qwen_tokenizer):
+    """A window as long as the context (Qwen2 with `use_sliding_window` on its upper
+    layer) is admitted, and served exactly while requests join mid-answer."""
+    model = tiny_qwen2(
+        qwen_tokenizer, use_sliding_window=True, sliding_window=4096, max_window_layers=1
+    )
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=24)
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    refuse_unservable(ModelSource("tiny"), model.config, engine.context_tokens)
+    batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
+    answers = run(batcher, {0: ("a", QUESTIONS[0]), 3: ("b", QUESTIONS[1]), 7: ("c", QUESTIONS[2])})
+    assert [answers[key] for key in "abc"] == [engine.generate([m])[0] for m in QUESTIONS]

@@ -270,6 +270,7 @@ def test_an_empty_environment_variable_means_unset(
             "MAX_CONTEXT_TOKENS",
             "MAX_NEW_TOKENS=200",
         ),
+        ({"MAX_NEW_TOKENS": "8192"}, "MAX_CONTEXT_TOKENS", "MAX_NEW_TOKENS=8192"),  # default
         ({"MODEL_FILE": "model.Q4_K_M.gguf"}, "MODEL_FILE", "MODEL is unset"),
         ({"MODEL_FILE": "x.gguf", "MODEL": "bundled"}, "MODEL_FILE", "MODEL=bundled"),
     ],

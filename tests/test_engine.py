@@ -43,6 +43,16 @@ def test_prompt_budget_leaves_room_for_the_answer(make_engine):
     assert make_engine(max_context_tokens=10**6).context_tokens == 4096  # the model's own window
 
 
+@pytest.mark.parametrize(("window", "default"), [(32768, 8192), (4096, 4096)])
+def test_the_default_context_is_8192_tokens_or_the_smaller_window(window: int, default: int):
+    """Unset MAX_CONTEXT_TOKENS bounds a long thread's KV cache, not the model's 32k."""
+    from transformers import Qwen2Config
+
+    from bot.engine import context_tokens
+
+    assert context_tokens(Qwen2Config(max_position_embeddings=window), None) == default
+
+
 @pytest.mark.slow
 def test_bundled_model_knows_the_capital_of_france(bundled_engine):
     """The offline model answers a real question (no hub needed)."""

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from conftest import tiny_qwen2
 
 from bot import loading
 from bot.config import Settings
 from bot.loading import ModelError, ModelSource
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def settings(**values: object) -> Settings:
@@ -77,3 +83,58 @@ def test_the_model_is_named_as_it_was_found():
     assert model_name(settings(), bundled) == "bundled"  # the default could not be had
     assert model_name(settings(), ModelSource("/cache/qwen")) == loading.DEFAULT_MODEL
     assert model_name(settings(model="./qwen"), ModelSource("./qwen")) == "./qwen"
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused_naming_model(
+    tmp_path, qwen_tokenizer
+):
+    """Qwen2 with `use_sliding_window` (here on its upper layer, as Qwen2.5 sets it): the
+    start stops with one line naming MODEL, as any other model that cannot be loaded."""
+    from bot.runtime import load_engine
+
+    model = tiny_qwen2(
+        qwen_tokenizer, use_sliding_window=True, sliding_window=512, max_window_layers=1
+    )
+    model.save_pretrained(tmp_path)
+    qwen_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError) as refused:
+        load_engine(settings(model=str(tmp_path)))
+    message = str(refused.value)
+    assert message.startswith(f"MODEL={tmp_path} attends through a 512-token window")
+    assert "MAX_CONTEXT_TOKENS to 512 or less" in message
+    assert message.splitlines() == [message]
+
+
+def config(model_type: str, **options: object) -> PretrainedConfig:
+    """A tiny config of a model family, built here (no download)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, num_hidden_layers=4, **options)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "options", "context", "refusal"),
+    [
+        ("gemma2", {}, None, "attends through a 4096-token window (sliding_attention)"),
+        ("gemma3_text", {"sliding_window": 1024}, None, "a 1024-token window"),
+        ("mistral", {"sliding_window": 4096}, None, "a 4096-token window"),
+        ("qwen3_next", {}, None, "has linear_attention layers"),
+        ("gemma2", {}, 4096, None),  # no row outgrows the window: served exactly
+        ("mistral", {"sliding_window": None}, None, None),  # Mistral v0.2 and later
+        ("qwen2", {}, None, None),
+        ("qwen2", {"use_sliding_window": False, "sliding_window": 512}, None, None),
+    ],
+)
+def test_models_the_batcher_cannot_serve_are_refused(
+    model_type: str, options: dict, context: int | None, refusal: str | None
+):
+    from bot.engine import context_tokens
+
+    model_config = config(model_type, **options)
+    source = ModelSource(f"some/{model_type}")
+    budget = context_tokens(model_config, context)
+    if refusal is None:
+        loading.refuse_unservable(source, model_config, budget)
+        return
+    with pytest.raises(ModelError, match=f"^MODEL=some/{model_type} .*{re.escape(refusal)}"):
+        loading.refuse_unservable(source, model_config, budget)
