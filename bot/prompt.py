@@ -10,10 +10,14 @@ import asyncio
 import logging
 import unicodedata
 from collections.abc import Callable
+from typing import NamedTuple
 
 from bot.types import ChatMessage
 
 logger = logging.getLogger(__name__)
+
+TRIM_TO = 0.75
+"""What a trim keeps, as a share of the limit it was over (tokens, or stored messages)."""
 
 TokenCounter = Callable[[list[ChatMessage]], int]
 """Prompt length in tokens of a messages list (thread-safe: it runs off the event loop)."""
@@ -41,18 +45,32 @@ def named(history: list[ChatMessage]) -> list[ChatMessage]:
     ]
 
 
+class Fitted(NamedTuple):
+    """A prompt that fits, and what it leaves out of the history."""
+
+    messages: list[ChatMessage]  # the system prompt, then the kept history
+    cut: int  # how many of the oldest history messages the prompt leaves out
+    # Of those, how many were left out to fit (what the user is told); the others are
+    # assistant messages that the store's own trim left first.
+    dropped: int
+
+
 async def fit(
     system: list[ChatMessage],
     history: list[ChatMessage],
     *,
     count_tokens: TokenCounter,
     budget: int,
-) -> tuple[list[ChatMessage], int]:
-    """The prompt that fits `budget` tokens, and how many old messages were dropped to fit.
+) -> Fitted:
+    """The prompt for `history`: all of it while it fits `budget` tokens; once it does not,
+    only the newest messages that fit `TRIM_TO` of the budget.
 
-    Drops the oldest history first; never the system prompt or the newest message.
-    The kept history starts at a user message, as chat templates expect (the store's
-    own trim may have left an assistant message first).
+    Trimming below the budget is hysteresis: the caller drops the `cut` messages from the
+    stored history, so the next turns start the same way, byte for byte (their KV cache is
+    reused), until they have grown by a quarter of the budget; a cut at the budget itself
+    would shift the front of every turn's prompt. Never drops the system prompt or the
+    newest message. The kept history starts at a user message, as chat templates expect
+    (the store's own trim may have left an assistant message first).
     """
     newest = len(history) - 1
 
@@ -61,18 +79,21 @@ async def fit(
             index += 1
         return index
 
-    async def fits(drop: int) -> bool:
-        return await asyncio.to_thread(count_tokens, system + history[drop:]) <= budget
+    async def fits(drop: int, tokens: int) -> bool:
+        return await asyncio.to_thread(count_tokens, system + history[drop:]) <= tokens
 
     start = next_user(0)
+    if await fits(start, budget):
+        return Fitted(system + history[start:], start, 0)
+    low_watermark = int(budget * TRIM_TO)
     low, high = start, newest  # the smallest drop that fits lies in [low, high]
     while low < high:  # binary search: O(log n) token counts, not O(n)
         middle = (low + high) // 2
-        if await fits(middle):
+        if await fits(middle, low_watermark):
             high = middle
         else:
             low = middle + 1
     drop = next_user(low)
-    if drop == newest and not await fits(drop):
+    if drop == newest and not await fits(drop, budget):
         logger.warning("the newest message alone exceeds the prompt budget of %d tokens", budget)
-    return system + history[drop:], drop - start
+    return Fitted(system + history[drop:], drop, drop - start)

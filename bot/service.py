@@ -393,13 +393,15 @@ class ChatService:
         voice = voice_for(self.team.settings, pending.turn.conversation)
         system = await self._system(pending.turn, voice)
         history = named(await self.store.load(pending.conversation))
-        messages, dropped = await fit(
+        messages, cut, dropped = await fit(
             system, history, count_tokens=self.count_tokens, budget=self._budget(voice)
         )
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped
         )
-        if dropped:
+        if cut:  # gone for good: the next turns' prompts start as this one does
+            await self.store.drop_oldest(pending.conversation, cut)
+        if dropped:  # once per trim, since the next turns have these messages no more
             await sink.notice(replies.history_dropped(dropped))
         await sink.start()
         try:

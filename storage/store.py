@@ -14,6 +14,7 @@ from typing import Any, get_args
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from bot.prompt import TRIM_TO
 from bot.types import ChatMessage, Role
 from storage import keys
 
@@ -22,14 +23,29 @@ logger = logging.getLogger(__name__)
 _ROLES = frozenset(get_args(Role))
 
 
+# KEYS[1]: a conversation; ARGV: its cap, and what to keep once over it. A script, so the
+# length check and the trim happen inside the caller's MULTI.
+_CAP_SCRIPT = """
+if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[1]) then
+    redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+end
+"""
+
+
 class ConversationStore:
-    """Each conversation is a Redis list of JSON messages, newest last, capped and expiring."""
+    """Each conversation is a Redis list of JSON messages, newest last, capped and expiring.
+
+    The cap is hysteretic: a list over `max_messages` is cut to `TRIM_TO` of it, so its
+    front (and so the front of the prompt, whose KV cache is kept) stays put for a quarter
+    of the cap, instead of shifting at each new message. The prompt's token budget trims
+    the same way, by `drop_oldest`: the stored history is what the model sees."""
 
     def __init__(self, *, redis: Redis, max_messages: int, ttl_seconds: int) -> None:
         if max_messages < 1 or ttl_seconds < 1:
             raise ValueError("max_messages and ttl_seconds must be positive")
         self._redis = redis
         self._max_messages = max_messages
+        self._kept_over_cap = max(int(max_messages * TRIM_TO), 1)
         self._ttl_seconds = ttl_seconds
 
     async def ping(self) -> None:
@@ -37,7 +53,8 @@ class ConversationStore:
         await self._redis.ping()
 
     async def append(self, conversation_id: str, *messages: ChatMessage) -> None:
-        """Add messages, keep the newest `max_messages`, and restart the TTL."""
+        """Add messages, cut the list over `max_messages` to its newest `TRIM_TO` of it,
+        and restart the TTL."""
         if not messages:
             return  # RPUSH needs at least one value
         # One MULTI, so no reader ever sees the list untrimmed or without a TTL.
@@ -51,7 +68,7 @@ class ConversationStore:
             return
         key = keys.conversation(conversation_id)
         pipe.rpush(key, *(json.dumps(m, ensure_ascii=False) for m in messages))
-        pipe.ltrim(key, -self._max_messages, -1)
+        pipe.eval(_CAP_SCRIPT, 1, key, self._max_messages, self._kept_over_cap)
         pipe.expire(key, self._ttl_seconds)
 
     async def load(self, conversation_id: str) -> list[ChatMessage]:
@@ -131,6 +148,16 @@ class ConversationStore:
         """True only the first time a platform message id is offered (within the TTL)."""
         key = keys.seen(platform, message_id)
         return bool(await self._redis.set(key, "1", nx=True, ex=ttl_seconds))
+
+    async def drop_oldest(self, conversation_id: str, count: int) -> None:
+        """Remove the oldest `count` messages: those the prompt left out to fit its budget.
+
+        Dropped from the history, rather than kept beside it as a cut point to skip: the
+        cut then needs no key of its own kept in step with the cap's trims (which move
+        every index), survives restarts and other processes as the history does, and
+        frees the memory. The cost: a budget raised later (another persona) cannot bring
+        the messages back, and the user was told they were left out."""
+        await self._redis.ltrim(keys.conversation(conversation_id), count, -1)
 
     async def drop_last(self, conversation_id: str, count: int) -> None:
         """Remove the newest `count` messages (an answer being generated again)."""

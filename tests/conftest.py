@@ -210,6 +210,7 @@ class SpyEngine:
         self.prompts: list[list[dict]] = []
         self.options: list[dict[str, Any]] = []  # each join's max_new_tokens and temperature
         self.answers: list[str] = []
+        self.reused: list[int] = []  # each join's prompt tokens taken from the KV cache
 
     def __len__(self) -> int:
         return len(self.batcher)
@@ -217,7 +218,9 @@ class SpyEngine:
     def join(self, key: object, messages: list[dict], *, conversation: str, **options: Any) -> None:
         self.prompts.append(messages)
         self.options.append(options)
+        reused_before = self.batcher.stats.reused
         self.batcher.join(key, messages, conversation=conversation, **options)
+        self.reused.append(self.batcher.stats.reused - reused_before)
 
     def leave(self, key: object) -> None:
         self.batcher.leave(key)

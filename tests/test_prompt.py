@@ -1,4 +1,5 @@
-"""Prompts for strict chat templates: roles alternate, and well-formed prompts stay as they were."""
+"""Prompts: trimmed to the budget with hysteresis; for strict chat templates, roles
+alternate, and well-formed prompts stay as they were."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from conftest import answer_alone
 from bot.batching import Batcher
 from bot.engine import Engine, alternating
 from bot.kv_cache import PrefixCache
+from bot.prompt import TRIM_TO, Fitted, fit
 
 # Mistral's and Llama 2's rule, in their words: after an optional system message, user and
 # assistant take turns, starting with the user.
@@ -114,3 +116,32 @@ def test_a_merged_turn_stays_the_prefix_of_the_next_prompt(make_engine):
     [prompt] = engine.render([first])
     assert engine.render([second])[0].startswith(prompt + "Which job?")
     assert engine.prompt_ids(second)[: len(engine.prompt_ids(first))] == engine.prompt_ids(first)
+
+
+def words(messages: list[dict]) -> int:
+    """A token count that is easy to follow: one token a word."""
+    return sum(len(message["content"].split()) for message in messages)
+
+
+SAID = [user("one two three"), assistant("four five six")] * 4  # 24 words
+
+
+async def test_a_history_that_fits_is_kept_whole():
+    assert await fit([SYSTEM], SAID, count_tokens=words, budget=26) == Fitted([SYSTEM, *SAID], 0, 0)
+
+
+async def test_past_the_budget_the_oldest_go_down_to_three_quarters_of_it():
+    newest = user("seven eight")
+    prompt, cut, dropped = await fit([SYSTEM], [*SAID, newest], count_tokens=words, budget=26)
+    # 28 words do not fit 26; trimmed to 19 (not to 26, which a next turn would pass again),
+    # whole exchanges at a time, so the kept history starts with a user message.
+    assert (cut, dropped) == (4, 4)
+    assert prompt == [SYSTEM, *SAID[4:], newest]
+    assert words(prompt) <= 26 * TRIM_TO < words([SYSTEM, *SAID[2:], newest])
+
+
+async def test_an_answer_left_first_by_the_store_is_cut_but_not_counted_as_dropped():
+    history = SAID[1:]  # the store's cap left an answer first: never part of a prompt
+    assert await fit([], history, count_tokens=words, budget=30) == Fitted(history[1:], 1, 0)
+    prompt, cut, dropped = await fit([], history, count_tokens=words, budget=16)
+    assert (prompt, cut, dropped) == (history[3:], 3, 2)  # 12 words: three quarters of 16

@@ -7,9 +7,11 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from itertools import pairwise
+from typing import Any
 
 import pytest
-from conftest import FailsOnceEngine, GatedEngine
+from conftest import FailsOnceEngine, GatedEngine, SpyEngine
 from redis.asyncio import Redis
 
 from bot import replies
@@ -156,12 +158,71 @@ async def test_history_cut_by_the_store_still_starts_with_a_user_turn(
     make_service, store, conversation
 ):
     old = exchanges(3)
-    await store.append(str(conversation), *old)  # with the new turn, the store keeps the last 6
+    # With the new turn, 7 messages pass the cap of 6; the store keeps the newest 4.
+    await store.append(str(conversation), *old)
     sink = RecordingSink()
     async with make_service() as (service, engine):
         await service.handle(turn(conversation, "newest"), sink)
-    assert engine.prompts == [[*old[2:], {"role": "user", "content": "newest"}]]
+    assert engine.prompts == [[*old[4:], {"role": "user", "content": "newest"}]]
     assert sink.kinds("notice") == []  # nothing was dropped to fit the context
+    assert (await store.load(str(conversation)))[0] == old[4]  # the answer first is gone too
+
+
+LONG_SYSTEM_PROMPT = "You are a helpful assistant who answers in one short sentence. " * 12
+
+
+async def converse(
+    make_service: Any, conversation: ConversationKey, turns: int, **options: Any
+) -> tuple[SpyEngine, list[RecordingSink]]:
+    """`turns` questions in one conversation, each answered before the next; the engine
+    (a SpyEngine) and each turn's sink."""
+    sinks = [RecordingSink() for _ in range(turns)]
+    async with make_service(system_prompt=LONG_SYSTEM_PROMPT, **options) as (service, engine):
+        for number, sink in enumerate(sinks):
+            await service.handle(turn(conversation, f"question {number}: why? " * 3), sink)
+    return engine, sinks
+
+
+def well_reused_share(engine: SpyEngine, make_engine: Any) -> float:
+    """The share of turns that took at least 80% of their prompt from the KV cache."""
+    counter = make_engine()
+    shares = [
+        reused / counter.count_tokens(prompt)
+        for reused, prompt in zip(engine.reused, engine.prompts, strict=True)
+    ]
+    return sum(share >= 0.8 for share in shares) / len(shares)
+
+
+def fronts_moved(engine: SpyEngine) -> list[bool]:
+    """Per turn: whether its prompt's history starts elsewhere than the last turn's did."""
+    fronts = [prompt[1] for prompt in engine.prompts]  # after the system prompt
+    return [False] + [front != last for last, front in pairwise(fronts)]
+
+
+@pytest.mark.parametrize("store", [100], indirect=True)
+async def test_a_long_conversation_over_the_budget_trims_seldom_and_reuses_its_cache(
+    make_service, make_engine, store, conversation
+):
+    budget = 700  # about 16 turns, with the system prompt
+    engine, sinks = await converse(make_service, conversation, 30, prompt_budget=budget)
+    counter = make_engine()
+    assert all(counter.count_tokens(prompt) <= budget for prompt in engine.prompts)
+    moved = fronts_moved(engine)
+    assert sum(moved) >= 2  # the conversation passed its budget more than once
+    assert well_reused_share(engine, make_engine) >= 0.8
+    # Told once per trim: at the turn whose prompt lost the oldest messages, and then not.
+    notices = [sink.kinds("notice") for sink in sinks]
+    assert [len(told) for told in notices] == [int(trimmed) for trimmed in moved]
+
+
+@pytest.mark.parametrize("store", [40], indirect=True)
+async def test_a_long_conversation_over_the_message_cap_reuses_its_cache(
+    make_service, make_engine, store, conversation
+):
+    engine, sinks = await converse(make_service, conversation, 30)
+    assert sum(fronts_moved(engine)) >= 2  # the store's cap trimmed it more than once
+    assert well_reused_share(engine, make_engine) >= 0.8
+    assert all(sink.kinds("notice") == [] for sink in sinks)  # the cap trims silently
 
 
 async def test_a_newest_message_too_long_for_the_budget_is_still_sent(make_service, conversation):

@@ -59,23 +59,37 @@ async def test_append_nothing_creates_nothing(
     assert await redis_client.exists(keys.conversation(conversation_id)) == 0
 
 
-async def test_trim_keeps_only_the_newest(store: ConversationStore, conversation_id: str) -> None:
-    await store.append(conversation_id, *(user(f"m{i}") for i in range(4)))
-    await store.append(conversation_id, *(user(f"m{i}") for i in range(4, 9)))
+async def test_the_cap_trims_to_three_quarters_and_the_front_then_stays(
+    store: ConversationStore, conversation_id: str
+) -> None:
+    await store.append(conversation_id, *(user(f"m{i}") for i in range(6)))
+    assert len(await store.load(conversation_id)) == 6  # at the cap of 6: nothing trimmed
+    await store.append(conversation_id, user("m6"))
+    assert await store.load(conversation_id) == [user(f"m{i}") for i in range(3, 7)]
+    await store.append(conversation_id, user("m7"))
+    await store.append(conversation_id, user("m8"))
     assert await store.load(conversation_id) == [user(f"m{i}") for i in range(3, 9)]
+
+
+async def test_drop_oldest_keeps_the_newest_in_order(
+    store: ConversationStore, conversation_id: str
+) -> None:
+    await store.append(conversation_id, user("a"), assistant("b"), user("c"), assistant("d"))
+    await store.drop_oldest(conversation_id, 2)
+    assert await store.load(conversation_id) == [user("c"), assistant("d")]
 
 
 async def test_one_append_trims_and_expires(redis_client: Redis, conversation_id: str) -> None:
     store = ConversationStore(redis=redis_client, max_messages=2, ttl_seconds=60)
     await store.append(conversation_id, user("a"), assistant("b"), user("c"))
-    assert await store.load(conversation_id) == [assistant("b"), user("c")]
+    assert await store.load(conversation_id) == [user("c")]  # three quarters of 2, at least 1
     assert 0 < await redis_client.ttl(keys.conversation(conversation_id)) <= 60
 
 
 async def test_append_is_one_multi_exec(
     store: ConversationStore, redis_client: Redis, conversation_id: str
 ) -> None:
-    names = ("multi", "exec", "rpush", "ltrim", "expire")
+    names = ("multi", "exec", "rpush", "eval", "expire")
 
     async def calls() -> dict[str, int]:
         stats = await redis_client.info("commandstats")
