@@ -21,10 +21,17 @@ Each step does at most `step_tokens` tokens of work: one token for each decoding
 what is left of the budget for the next chunk of one joining prompt, so a long prompt is
 prefilled in chunks while the running answers keep flowing. With no answer running, a
 prompt is prefilled whole (one forward is cheaper than several).
+
+Live KV memory is rows * the longest row (padding included), so admission is by tokens:
+a request joins only while (rows after it joins) * (the longest row's prompt + answer, at
+its longest) stays within `max_batch_tokens` (`fits`); the queue keeps the rest waiting.
+A request over the whole budget by itself still runs, alone: refusing it would leave its
+conversation unanswerable for good, and one row is bounded by the context window anyway.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,10 +46,17 @@ from bot.sampling import Sampler, end_token_ids
 from bot.types import ChatMessage
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from bot.engine import Engine
 
 MIN_PREFILL_CHUNK = 16
 """A joining prompt advances by at least this many tokens a step, however full the batch."""
+BATCH_MEMORY_SHARE = 0.4
+"""The share of the free memory that the default `max_batch_tokens` gives the batch's KV
+cache. Joining a row copies the whole cache (`torch.cat`), so the old and new ones are
+briefly both alive: half at most; of that half, a fifth is left for the forward's own
+tensors (a prefill chunk's attention scores, the logits) and the allocator's slack."""
 
 
 @dataclass
@@ -64,7 +78,7 @@ class _Sequence:
     prompt: list[int]
     cache: DynamicCache  # its own while prefilling, then the batch's
     cached: int  # tokens whose keys and values are computed: the next token's position
-    max_new_tokens: int
+    max_new_tokens: int  # within the context window
     temperature: float | None  # None: the model's generation config; 0: greedy
     detokenizer: IncrementalDetokenizer  # the answer's text as it streams
     answer: list[int] = field(default_factory=list)
@@ -72,6 +86,11 @@ class _Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.answer
+
+    @property
+    def reserved(self) -> int:
+        """The most columns this row can come to need: its prompt and a full answer."""
+        return len(self.prompt) + self.max_new_tokens
 
 
 @dataclass
@@ -95,12 +114,16 @@ class Batcher:
         max_batch: int,
         step_tokens: int,
         prefix_cache: PrefixCache,
+        max_batch_tokens: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        """`max_batch_tokens`: the batch's KV cache at its widest, padding counted (None:
+        no bound)."""
         self.engine = engine
         self.metrics = metrics if metrics is not None else Metrics()
         self.model = engine.model
         self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
         self.step_tokens = step_tokens
         self.prefix_cache = prefix_cache
         self.sampler = Sampler(self.model.generation_config, device=self.model.device)
@@ -110,6 +133,9 @@ class Batcher:
         self._rows: list[_Sequence] = []  # decoding: row i of the batch cache
         self._batch: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
+        # The last request `fits` tokenized, so that neither `join` nor the next step's
+        # `fits` (while it waits) tokenizes it again.
+        self._tokenized: tuple[object, list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self._joining) + len(self._rows)
@@ -126,7 +152,8 @@ class Batcher:
         """Start answering `messages`; its updates carry `key`. The answer stops after
         `max_new_tokens` (None: the engine's) or at the context window, and picks tokens
         with `temperature` (None: the model's generation config; 0: greedy)."""
-        prompt = self.engine.prompt_ids(messages)
+        prompt = self._prompt_ids(key, messages)
+        self._tokenized = None
         kv, reused = self.prefix_cache.take(conversation, prompt)
         # Full-attention layers always: the batch's rows are joined and cut column by column,
         # which a config's sliding layers (dropping keys, counting their own length) would
@@ -135,19 +162,44 @@ class Batcher:
         self.stats.reused += reused
         self.metrics.prompt_tokens.inc(len(prompt))
         self.metrics.kv_reused_tokens.inc(reused)
-        if max_new_tokens is None:
-            max_new_tokens = self.engine.max_new_tokens
         sequence = _Sequence(
             key,
             conversation,
             prompt,
             cache,
             reused,
-            max_new_tokens,
+            self._answer_limit(prompt, max_new_tokens),
             temperature,
             IncrementalDetokenizer(self.engine.decode),
         )
         self._joining.append(sequence)
+
+    def fits(
+        self, key: object, messages: list[ChatMessage], *, max_new_tokens: int | None = None
+    ) -> bool:
+        """Whether `join` would keep the batch within `max_batch_tokens` now, counting the
+        padding: every row as wide as the longest could grow. An empty batch takes anything."""
+        sequences = self._joining + self._rows
+        if self.max_batch_tokens is None or not sequences:
+            return True
+        prompt = self._prompt_ids(key, messages)
+        widest = max(
+            len(prompt) + self._answer_limit(prompt, max_new_tokens),
+            *(sequence.reserved for sequence in sequences),
+        )
+        return (len(sequences) + 1) * widest <= self.max_batch_tokens
+
+    def _prompt_ids(self, key: object, messages: list[ChatMessage]) -> list[int]:
+        if self._tokenized is None or self._tokenized[0] is not key:
+            self._tokenized = key, self.engine.prompt_ids(messages)
+        return self._tokenized[1]
+
+    def _answer_limit(self, prompt: list[int], max_new_tokens: int | None) -> int:
+        """New tokens an answer may have: `max_new_tokens` (None: the engine's), within
+        what the context window leaves after `prompt`."""
+        if max_new_tokens is None:
+            max_new_tokens = self.engine.max_new_tokens
+        return max(min(max_new_tokens, self.engine.context_tokens - len(prompt)), 1)
 
     def leave(self, key: object) -> None:
         """Stop a request now (cancelled); what it computed is kept for its conversation."""
@@ -239,8 +291,7 @@ class Batcher:
             if not ended:
                 sequence.answer.append(token)
                 generated += 1
-            full = len(sequence.tokens) >= self.engine.context_tokens
-            if ended or full or len(sequence.answer) >= sequence.max_new_tokens:
+            if ended or len(sequence.answer) >= sequence.max_new_tokens:
                 finished.append(sequence)
                 updates.append(self._finish(sequence))
             else:
@@ -315,3 +366,31 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
         return tensor
     padding = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
     return F.pad(tensor, padding)
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """One token's keys and values over all layers: 2 * layers * kv heads * head dim * dtype."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now where the model lives: the GPU's, else the machine's (Linux counts
+    only free pages; systems without that figure, like macOS, give all physical memory)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"
+    return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_max_batch_tokens(
+    model: PreTrainedModel, *, free_bytes: int, idle_cache_bytes: int
+) -> int:
+    """MAX_BATCH_TOKENS when unset: the batch's share of `free_bytes` (read once the weights
+    are loaded), less what the idle conversations' caches may take, in tokens."""
+    usable = max(free_bytes - idle_cache_bytes, 0) * BATCH_MEMORY_SHARE
+    return int(usable // kv_bytes_per_token(model))

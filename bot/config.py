@@ -185,6 +185,12 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(
         512, ge=0, description="Memory for idle conversations' KV caches (0: none kept)."
     )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="The batch's KV cache in tokens, padding counted: rows * the longest "
+        "prompt + answer; unset: what fits in the memory left after the weights.",
+    )
     request_timeout: float = Field(300, gt=0, description="Seconds from submit to the last token.")
 
     # Durable turns

@@ -4,10 +4,12 @@ One queue per process, shared by every adapter. `submit` returns a `Generation` 
 (or raises `QueueFull`); iterating it yields text chunks as the engine writes them.
 
 The engine thread runs a loop: admit waiting requests into the batch while there is room
-(round-robin between users, so one user's flood cannot starve the others), drop cancelled
-ones, run one batch step, and hand each request its new text. A request may bring its own
-answer length and temperature; requests with different ones share the batch. `depth`,
-`place` and `places` say how busy the queue is and where a request stands in line.
+(round-robin between users, so one user's flood cannot starve the others; room is rows
+under `max_batch` and KV memory, the engine's `fits`, which the next in line waits for),
+drop cancelled ones, run one batch step, and hand each request its new text. A request may
+bring its own answer length and temperature; requests with different ones share the
+batch. `depth`, `place` and `places` say how busy the queue is and where a request
+stands in line.
 
 Chunks cross to the event loop with `loop.call_soon_threadsafe`; the end and an error are
 explicit markers, never exceptions thrown across threads.
@@ -48,6 +50,10 @@ class BatchEngine(Protocol):
         max_new_tokens: int | None = None,
         temperature: float | None = None,
     ) -> None: ...
+
+    def fits(
+        self, key: object, messages: list[ChatMessage], *, max_new_tokens: int | None = None
+    ) -> bool: ...
 
     def leave(self, key: object) -> None: ...
 
@@ -184,6 +190,10 @@ class FairOrder:
     def push(self, generation: Generation) -> None:
         self._by_user.setdefault(generation.user, deque()).append(generation)
 
+    def peek(self) -> Generation:
+        """The request `pop` would take now."""
+        return self._by_user[_next_user(self._by_user, self._running_by_user())][0]
+
     def pop(self) -> Generation:
         """The next request to run; it counts as running until `finished`."""
         generation = _take_next(self._by_user, self._running_by_user())
@@ -232,13 +242,18 @@ class FairOrder:
 
 def _take_next(by_user: OrderedDict[str, deque[Generation]], running: Counter[str]) -> Generation:
     """Remove the next request from `by_user` and count it in `running`: one user's turn."""
-    user = min(by_user, key=lambda user: running[user])  # the first among equals
+    user = _next_user(by_user, running)
     waiting = by_user.pop(user)
     generation = waiting.popleft()
     if waiting:  # the user goes to the back of the line
         by_user[user] = waiting
     running[user] += 1
     return generation
+
+
+def _next_user(by_user: OrderedDict[str, deque[Generation]], running: Counter[str]) -> str:
+    """The waiting user with the fewest requests running, the first among equals."""
+    return min(by_user, key=lambda user: running[user])
 
 
 def _check_options(max_new_tokens: int | None, temperature: float | None) -> None:
@@ -361,11 +376,7 @@ class InferenceQueue:
                 self._wakeup.wait_for(lambda: self._closing or running or self._order)
                 if self._closing:
                     break
-                admitted: list[Generation] = []
-                while self._order and len(running) + len(admitted) < self.engine.max_batch:
-                    admitted.append(self._order.pop())
-                self.metrics.queue_waiting.set(self._order.waiting)
-            for generation in admitted:
+            while len(running) < self.engine.max_batch and (generation := self._admit()):
                 if self._start(generation):
                     running.append(generation)
             for generation in [g for g in running if g.cancelled]:
@@ -376,6 +387,26 @@ class InferenceQueue:
             if running:
                 self._step(running)
                 self.metrics.batch_rows.set(len(running))
+
+    def _admit(self) -> Generation | None:
+        """Take the next request in fair order if the batch has memory for it, else None:
+        it waits for rows to leave, and none behind it goes first, so it cannot starve."""
+        with self._wakeup:
+            if not self._order:
+                return None
+            generation = self._order.peek()
+        try:  # outside the lock: `fits` may tokenize, and `submit` must not wait for that
+            fits = generation.cancelled or self.engine.fits(
+                generation, generation.messages, max_new_tokens=generation.max_new_tokens
+            )
+        except Exception:  # a prompt that cannot be tokenized: `join` fails it, saying why
+            fits = True
+        with self._wakeup:
+            if not fits or self._order.peek() is not generation:  # someone came first
+                return None
+            self._order.pop()
+            self.metrics.queue_waiting.set(self._order.waiting)
+            return generation
 
     def _start(self, generation: Generation) -> bool:
         """Put a request into the batch; whether it is running."""

@@ -106,11 +106,14 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
             device=str(engine.model.device),
             dtype=dtype_name(engine),
         )
+        idle_cache_bytes = settings.kv_cache_mb * 2**20
         batcher = Batcher(
             engine=engine,
             max_batch=settings.max_batch,
             step_tokens=settings.max_step_tokens,
-            prefix_cache=PrefixCache(settings.kv_cache_mb * 2**20),
+            prefix_cache=PrefixCache(idle_cache_bytes),
+            max_batch_tokens=settings.max_batch_tokens
+            or batch_tokens_for_memory(engine, idle_cache_bytes),
             metrics=metrics,
         )
         queue = InferenceQueue(
@@ -145,6 +148,19 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
                 except RedisError:  # then the lease lapses by itself
                     logger.warning("could not give up the lease; it expires in %gs",
                                    settings.turn_lease_s)  # fmt: skip
+
+
+def batch_tokens_for_memory(engine: Engine, idle_cache_bytes: int) -> int:
+    """The default MAX_BATCH_TOKENS, from the memory free now that the weights are loaded."""
+    from bot.batching import default_max_batch_tokens, free_memory
+
+    tokens = default_max_batch_tokens(
+        engine.model,
+        free_bytes=free_memory(engine.model.device),
+        idle_cache_bytes=idle_cache_bytes,
+    )
+    logger.info("MAX_BATCH_TOKENS unset: %d, from the free memory", tokens)
+    return tokens
 
 
 def model_name(settings: Settings, source: ModelSource) -> str:

@@ -166,6 +166,7 @@ def make_batcher(make_engine: Any):
         max_batch: int = 4,
         step_tokens: int = 64,
         kv_cache_mb: float = 16,
+        max_batch_tokens: int | None = None,
         metrics: Any = None,
         **options,
     ):
@@ -174,6 +175,7 @@ def make_batcher(make_engine: Any):
             max_batch=max_batch,
             step_tokens=step_tokens,
             prefix_cache=PrefixCache(int(kv_cache_mb * 2**20)),
+            max_batch_tokens=max_batch_tokens,
             metrics=metrics,
         )
 
@@ -221,6 +223,9 @@ class SpyEngine:
         reused_before = self.batcher.stats.reused
         self.batcher.join(key, messages, conversation=conversation, **options)
         self.reused.append(self.batcher.stats.reused - reused_before)
+
+    def fits(self, key: object, messages: list[dict], **options: Any) -> bool:
+        return self.batcher.fits(key, messages, **options)
 
     def leave(self, key: object) -> None:
         self.batcher.leave(key)
@@ -276,6 +281,9 @@ class ScriptedEngine:
         """Takes (and ignores) the generation options: the answer is fixed."""
         self.prompts.append(messages)
         self.written[key] = 0
+
+    def fits(self, key: object, messages: list[dict], **options: Any) -> bool:
+        return True
 
     def leave(self, key: object) -> None:
         del self.written[key]

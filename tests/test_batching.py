@@ -249,3 +249,36 @@ def test_a_sliding_window_no_row_outgrows_gets_the_answers_of_generate(qwen_toke
     batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
     answers = run(batcher, {0: ("a", QUESTIONS[0]), 3: ("b", QUESTIONS[1]), 7: ("c", QUESTIONS[2])})
     assert [answers[key] for key in "abc"] == [engine.generate([m])[0] for m in QUESTIONS]
+
+
+def test_admission_counts_every_row_as_wide_as_the_longest(make_batcher):
+    """A short request beside a long one costs the long one's width: its tokens plus the
+    padding. An empty batch takes any request, even one over the whole budget."""
+    batcher = make_batcher(max_new_tokens=8)
+    short, long = QUESTIONS[0], QUESTIONS[2]
+    short_row = len(batcher.engine.prompt_ids(short)) + 8
+    long_row = len(batcher.engine.prompt_ids(long)) + 8
+    batcher.max_batch_tokens = long_row + short_row  # their tokens fit, not the padding
+    assert batcher.fits("long", long)
+    batcher.join("long", long, conversation="long")
+    assert not batcher.fits("short", short)
+    assert not batcher.fits("short", short, max_new_tokens=1)  # still padded to the long one
+    batcher.max_batch_tokens = 2 * long_row
+    assert batcher.fits("short", short)
+    batcher.clear()
+    batcher.max_batch_tokens = 1
+    assert batcher.fits("long", long)
+
+
+def test_the_default_batch_budget_is_the_free_memory_share_over_kv_bytes_per_token(
+    make_batcher,
+):
+    from bot.batching import BATCH_MEMORY_SHARE, default_max_batch_tokens, kv_bytes_per_token
+
+    model = make_batcher().model
+    # The tiny model: 2 layers * 2 kv heads * head dim 32/4 = 8, keys and values, float32.
+    assert kv_bytes_per_token(model) == 2 * 2 * 2 * 8 * 4 == 256
+    free, idle = 11 * 2**20, 2**20
+    tokens = default_max_batch_tokens(model, free_bytes=free, idle_cache_bytes=idle)
+    assert tokens == int((free - idle) * BATCH_MEMORY_SHARE / 256) == 16384
+    assert default_max_batch_tokens(model, free_bytes=idle, idle_cache_bytes=2 * idle) == 0

@@ -226,3 +226,68 @@ async def test_places_follow_the_fair_order_and_depth_counts_waiting_and_running
         assert served == ["a0", "c", "a1", "a2"]  # the order their places said
         assert queue.depth == 0
         assert queue.places("alice") == []
+
+
+class Journal(SpyEngine):
+    """The real batcher, noting when each request joins and when it ends, in order."""
+
+    def __init__(self, batcher) -> None:
+        super().__init__(batcher)
+        self.events: list[tuple[str, object]] = []
+
+    def join(self, key: object, messages: list[dict], **options) -> None:
+        self.events.append(("join", key))
+        super().join(key, messages, **options)
+
+    def step(self) -> list:
+        updates = super().step()
+        self.events += [("end", update.key) for update in updates if update.answer is not None]
+        return updates
+
+
+async def test_a_request_too_big_for_the_batch_waits_while_a_short_one_joins(make_batcher):
+    """MAX_BATCH_TOKENS counts the padding: two long rows do not fit, a long and a short do
+    (each padded to the long one's width), so the second long request waits for the first."""
+    long_question = [{"role": "user", "content": "Tell me all about byte pair encoding. " * 8}]
+    batcher = make_batcher(max_new_tokens=12)
+    long_row = len(batcher.engine.prompt_ids(long_question)) + 12
+    batcher.max_batch_tokens = 2 * long_row  # room for two rows as wide as a long one
+    journal = Journal(batcher)
+    async with InferenceQueue(engine=journal, max_size=4, timeout=60) as queue:
+        first = queue.submit(long_question, user="u1", conversation="c1")
+        short = queue.submit(HELLO, user="u2", conversation="c2")
+        second = queue.submit(long_question, user="u3", conversation="c3")
+        await asyncio.gather(collect(first), collect(short), collect(second))
+    events = journal.events
+    assert events.index(("join", short)) < events.index(("end", first))  # joined at once
+    assert events.index(("join", second)) > events.index(("end", first))  # waited its turn
+    assert first.text == second.text == answer_alone(batcher, long_question)
+    assert short.text == answer_alone(batcher, HELLO)
+
+
+async def test_a_request_larger_than_the_whole_budget_runs_alone(make_batcher):
+    batcher = make_batcher(max_new_tokens=6, max_batch_tokens=1)
+    journal = Journal(batcher)
+    async with InferenceQueue(engine=journal, max_size=4, timeout=60) as queue:
+        first = queue.submit(HELLO, user="u1", conversation="c1")
+        second = queue.submit(HELLO, user="u2", conversation="c2")
+        await asyncio.gather(collect(first), collect(second))
+    assert journal.events == [("join", first), ("end", first), ("join", second), ("end", second)]
+    assert first.text == second.text == answer_alone(batcher, HELLO)
+
+
+async def test_a_waiting_request_is_not_passed_by_smaller_ones_behind_it(make_batcher):
+    """The short request would fit beside the first long one, but the second long one is
+    ahead of it in line: it goes first, so a long request cannot starve behind short ones."""
+    long_question = [{"role": "user", "content": "Tell me all about byte pair encoding. " * 8}]
+    batcher = make_batcher(max_new_tokens=6)
+    batcher.max_batch_tokens = 2 * len(batcher.engine.prompt_ids(long_question)) - 1
+    journal = Journal(batcher)
+    async with InferenceQueue(engine=journal, max_size=4, timeout=60) as queue:
+        first = queue.submit(long_question, user="u1", conversation="c1")
+        second = queue.submit(long_question, user="u2", conversation="c2")
+        short = queue.submit(HELLO, user="u3", conversation="c3")
+        await asyncio.gather(collect(first), collect(second), collect(short))
+    events = journal.events
+    assert events.index(("join", second)) > events.index(("end", first))
+    assert events.index(("join", short)) > events.index(("join", second))
