@@ -151,7 +151,7 @@ def seed_loop(engine: Engine, requests: list[list[dict]]) -> list[Timing]:
 
 async def queued(batcher: Batcher, requests: list[tuple[str, str, list[dict]]]) -> list[Timing]:
     """Our queue: all (user, conversation, messages) sent at once; each streamed to its end."""
-    async with InferenceQueue(engine=batcher, max_size=len(requests), timeout=3600) as queue:
+    async with InferenceQueue(batcher=batcher, max_size=len(requests), timeout=3600) as queue:
         start = time.perf_counter()
         generations = [queue.submit(m, user=u, conversation=c) for u, c, m in requests]
         return await asyncio.gather(*(_timed(generation, start) for generation in generations))
@@ -281,7 +281,7 @@ def multi_turn(engine: Engine, plan: Plan) -> dict:
 
 
 async def _with_answers(batcher: Batcher, batch: list) -> tuple[list[Timing], list[str]]:
-    async with InferenceQueue(engine=batcher, max_size=len(batch), timeout=3600) as queue:
+    async with InferenceQueue(batcher=batcher, max_size=len(batch), timeout=3600) as queue:
         start = time.perf_counter()
         generations = [queue.submit(m, user=u, conversation=c) for u, c, m in batch]
         timings = await asyncio.gather(*(_timed(g, start) for g in generations))

@@ -220,10 +220,11 @@ def _ops_server(
 
 
 async def _serve(service: ChatService, adapters: list[Adapter], *, grace: float) -> int:
-    """Run the adapters until a signal, an adapter's failure or the engine's death; then
-    drain (running answers get `grace` seconds, the rest stay pending for the next start)
-    and stop. Exit status: 0 after a signal, 1 after the engine died; an adapter's error
-    is raised. A second signal exits at once; SIGHUP reloads the team's configuration."""
+    """Run the adapters until a signal, an adapter's failure or the engine thread's death;
+    then drain (running answers get `grace` seconds, the rest stay pending for the next
+    start) and stop. Exit status: 0 after a signal, 1 after the engine thread died; an
+    adapter's error is raised. A second signal exits at once; SIGHUP reloads the team's
+    configuration."""
     stop = asyncio.Event()
     _stop_on_signals(stop)
     # SIGHUP reloads the team's file; connections and conversations stay as they are.

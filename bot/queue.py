@@ -1,11 +1,12 @@
 """The shared inference queue: asyncio on the outside, one engine thread batching inside.
 
 One queue per process, shared by every adapter. `submit` returns a `Generation` at once
-(or raises `QueueFull`); iterating it yields text chunks as the engine writes them.
+(or raises `QueueFull`); iterating it yields text chunks as the batcher writes them.
 
-The engine thread runs a loop: admit waiting requests into the batch while there is room
+The engine thread, the one thread the model (`bot.engine.Engine`) runs on, drives the
+batcher in a loop: admit waiting requests into the batch while there is room
 (round-robin between users, so one user's flood cannot starve the others; room is rows
-under `max_batch` and KV memory, the engine's `fits`, which the next in line waits for),
+under `max_batch` and KV memory, the batcher's `fits`, which the next in line waits for),
 drop cancelled ones, run one batch step, and hand each request its new text. A request may
 bring its own answer length and temperature; requests with different ones share the
 batch. `depth`, `place` and `places` say how busy the queue is and where a request
@@ -36,8 +37,9 @@ if TYPE_CHECKING:  # only for types: importing the batcher would load torch
 logger = logging.getLogger(__name__)
 
 
-class BatchEngine(Protocol):
-    """What the queue needs of `bot.batching.Batcher` (tests may hand in a fake)."""
+class BatchRunner(Protocol):
+    """What the queue needs of `bot.batching.Batcher`, the thing that runs batch steps
+    (tests may hand in a fake)."""
 
     max_batch: int
 
@@ -80,7 +82,7 @@ class EngineStopped(Exception):
 
 @dataclass(frozen=True)
 class _End:
-    """Marker: the engine finished this request with this answer, of these lengths."""
+    """Marker: the batcher finished this request with this answer, of these lengths."""
 
     text: str
     prompt_tokens: int
@@ -88,7 +90,7 @@ class _End:
 
 
 class _Failed:
-    """Marker: the engine raised; carries the exception to the consumer."""
+    """Marker: the batcher raised; carries the exception to the consumer."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -137,7 +139,7 @@ class Generation:
         return self._cancelled.is_set()
 
     def cancel(self, reason: type[Exception] = InferenceCancelled) -> None:
-        """Stop this request: it leaves the queue, or the engine stops it at its next step."""
+        """Stop this request: it leaves the queue, or the batcher stops it at its next step."""
         if not self._over and not self._cancelled.is_set():
             self._cancelled.set()
             self._chunks.put_nowait(_Failed(reason()))
@@ -272,12 +274,12 @@ class InferenceQueue:
     def __init__(
         self,
         *,
-        engine: BatchEngine,
+        batcher: BatchRunner,
         max_size: int,
         timeout: float,
         metrics: Metrics | None = None,
     ) -> None:
-        self.engine = engine
+        self.batcher = batcher
         self.max_size = max_size
         self.timeout = timeout
         self.metrics = metrics if metrics is not None else Metrics()
@@ -376,11 +378,11 @@ class InferenceQueue:
                 self._wakeup.wait_for(lambda: self._closing or running or self._order)
                 if self._closing:
                     break
-            while len(running) < self.engine.max_batch and (generation := self._admit()):
+            while len(running) < self.batcher.max_batch and (generation := self._admit()):
                 if self._start(generation):
                     running.append(generation)
             for generation in [g for g in running if g.cancelled]:
-                self.engine.leave(generation)
+                self.batcher.leave(generation)
                 running.remove(generation)
                 self._done(generation)
             self.metrics.batch_rows.set(len(running))
@@ -396,7 +398,7 @@ class InferenceQueue:
                 return None
             generation = self._order.peek()
         try:  # outside the lock: `fits` may tokenize, and `submit` must not wait for that
-            fits = generation.cancelled or self.engine.fits(
+            fits = generation.cancelled or self.batcher.fits(
                 generation, generation.messages, max_new_tokens=generation.max_new_tokens
             )
         except Exception:  # a prompt that cannot be tokenized: `join` fails it, saying why
@@ -415,7 +417,7 @@ class InferenceQueue:
             return False
         generation._started_at = time.monotonic()
         try:
-            self.engine.join(
+            self.batcher.join(
                 generation,
                 generation.messages,
                 conversation=generation.conversation,
@@ -430,9 +432,9 @@ class InferenceQueue:
     def _step(self, running: list[Generation]) -> None:
         """One batch step; hands each request its text, and ends the finished ones."""
         try:
-            updates = self.engine.step()
+            updates = self.batcher.step()
         except Exception as error:  # the batch's state is unknown: every request in it fails
-            self.engine.clear()
+            self.batcher.clear()
             self._fail(running, error)
             running.clear()
             return
@@ -466,7 +468,7 @@ class InferenceQueue:
                 self._post(generation, failure)
             else:
                 self._call(generation.cancel)
-        self.engine.clear()
+        self.batcher.clear()
         self.metrics.queue_waiting.set(0)
         self.metrics.batch_rows.set(0)
 
@@ -475,7 +477,7 @@ class InferenceQueue:
             self._call(generation._chunks.put_nowait, item)
 
     def _done(self, generation: Generation) -> None:
-        """The engine is finished with a request: it no longer counts against `max_size`.
+        """The batcher is finished with a request: it no longer counts against `max_size`.
         Called before the request's end is posted, so whoever sees the end sees it gone."""
         with self._wakeup:
             self._order.finished(generation)

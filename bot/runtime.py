@@ -117,7 +117,7 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
             metrics=metrics,
         )
         queue = InferenceQueue(
-            engine=batcher,
+            batcher=batcher,
             max_size=settings.queue_max,
             timeout=settings.request_timeout,
             metrics=metrics,

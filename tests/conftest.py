@@ -203,7 +203,7 @@ def answer_alone(batcher: Any, messages: list[dict], **options: Any) -> str:
     raise AssertionError("the answer never finished")
 
 
-class SpyEngine:
+class SpyBatcher:
     """The real batcher, remembering each prompt it was given and each answer it gave."""
 
     def __init__(self, batcher: Any) -> None:
@@ -239,7 +239,7 @@ class SpyEngine:
         return updates
 
 
-class FailsOnceEngine(SpyEngine):
+class FailsOnceBatcher(SpyBatcher):
     """The real batcher, except that its first step raises (a model falling over)."""
 
     failed = False
@@ -251,7 +251,7 @@ class FailsOnceEngine(SpyEngine):
         return super().step()
 
 
-class GatedEngine(SpyEngine):
+class GatedBatcher(SpyBatcher):
     """The real batcher, whose steps wait until the test opens the gate."""
 
     def __init__(self, batcher: Any) -> None:
@@ -263,7 +263,7 @@ class GatedEngine(SpyEngine):
         return super().step()
 
 
-class ScriptedEngine:
+class ScriptedBatcher:
     """Stands in for the model where a test needs one exact answer (escaping, splitting):
     answers every prompt with `answer`, 40 characters a step like a model's stream."""
 
@@ -330,7 +330,7 @@ def make_service(
     store: ConversationStore, journal: TurnJournal, redis_client: Redis, make_engine, make_batcher
 ):
     """ChatServices on the real store, journal and queue, resuming as `threadbot run` does;
-    the engine defaults to a SpyEngine on the tiny model. Keyword options override
+    the batcher defaults to a SpyBatcher on the tiny model. Keyword options override
     ChatService's and the queue's settings; `metrics` is shared by the queue and the
     service. Turns a test leaves pending are removed after it, so no later test (sharing
     Redis, and channel ids) resumes them."""
@@ -343,9 +343,9 @@ def make_service(
     from storage.stats import TurnStats
 
     @asynccontextmanager
-    async def make(engine: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
+    async def make(batcher: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
         """Options that are settings (`system_prompt`, `access`, …) go into the team's."""
-        engine = SpyEngine(make_batcher()) if engine is None else engine
+        batcher = SpyBatcher(make_batcher()) if batcher is None else batcher
         counter = make_engine()
         values = {"max_input_chars": 200, "max_pending_per_user": 4} | {
             name: options.pop(name) for name in list(options) if name in Settings.model_fields
@@ -360,13 +360,13 @@ def make_service(
             "metrics": Metrics(),
         } | options
         queue = InferenceQueue(
-            engine=engine, max_size=queue_max, timeout=timeout, metrics=options["metrics"]
+            batcher=batcher, max_size=queue_max, timeout=timeout, metrics=options["metrics"]
         )
         async with queue:
             service = ChatService(store=store, journal=journal, queue=queue, **options)
             resuming = asyncio.create_task(service.keep_resuming())
             try:
-                yield service, engine
+                yield service, batcher
             finally:
                 await service.drain(0)
                 service.stop()
@@ -397,11 +397,11 @@ async def slack():
 
 @pytest.fixture
 def socket_mode(slack, make_service):
-    """Runs the adapter in Socket Mode on a service; yields (service, engine). Answers go
+    """Runs the adapter in Socket Mode on a service; yields (service, batcher). Answers go
     by the placeholder-and-edit path unless `streaming` (SLACK_STREAMING) says otherwise."""
 
     @asynccontextmanager
-    async def start(engine=None, *, streaming: str = "edit", **service_options):
+    async def start(batcher=None, *, streaming: str = "edit", **service_options):
         from adapters.slack_adapter import SlackAdapter
         from bot.config import Settings
 
@@ -414,11 +414,11 @@ def socket_mode(slack, make_service):
             slack_streaming=streaming,
         )
         async with (
-            make_service(engine, **service_options) as (service, engine),
+            make_service(batcher, **service_options) as (service, batcher),
             running(SlackAdapter.from_settings(settings, service)),
         ):
             await slack.wait_connected(timeout=10)
-            yield service, engine
+            yield service, batcher
 
     return start
 

@@ -14,8 +14,8 @@ import discord
 import pytest
 from conftest import (
     LONG_CODE_ANSWER,
-    FailsOnceEngine,
-    ScriptedEngine,
+    FailsOnceBatcher,
+    ScriptedBatcher,
     assert_split_with_fences,
     running,
 )
@@ -55,12 +55,12 @@ def settings_for(fake: FakeDiscord, **values) -> Settings:
 
 @pytest.fixture
 def discord_bot(fake, make_service):
-    """Runs the adapter on a service; yields (service, engine) once it has identified."""
+    """Runs the adapter on a service; yields (service, batcher) once it has identified."""
 
     @asynccontextmanager
-    async def start(engine=None, *, reply_mode="thread", **service_options):
+    async def start(batcher=None, *, reply_mode="thread", **service_options):
         async with (
-            make_service(engine, **service_options) as (service, engine),
+            make_service(batcher, **service_options) as (service, batcher),
             running(
                 DiscordAdapter.from_settings(
                     settings_for(fake, discord_reply_mode=reply_mode), service
@@ -68,7 +68,7 @@ def discord_bot(fake, make_service):
             ),
         ):
             await fake.wait_identified()
-            yield service, engine
+            yield service, batcher
 
     return start
 
@@ -107,7 +107,7 @@ async def test_a_mention_opens_a_thread_with_the_answer(fake, discord_bot, bundl
 
 
 async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
-    async with discord_bot() as (_service, engine):
+    async with discord_bot() as (_service, batcher):
         message = await mention(fake, "hello bot")
         await final_reply(fake, message["id"])
         follow_up = fake.thread_message(message["id"], "and another thing")
@@ -115,21 +115,21 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
         await final_reply(fake, message["id"], after=1)
         chatter = fake.user_message(fake.channel_id, "unrelated chatter")
         await fake.dispatch("MESSAGE_CREATE", chatter)
-    assert [p[-1]["content"] for p in engine.prompts] == ["hello bot", "and another thing"]
-    assert len(engine.prompts[1]) == 3  # the thread's history came along
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hello bot", "and another thing"]
+    assert len(batcher.prompts[1]) == 3  # the thread's history came along
 
 
 async def test_a_dm_is_answered(fake, discord_bot):
-    async with discord_bot() as (_service, engine):
+    async with discord_bot() as (_service, batcher):
         message = fake.dm_message("hi there")
         await fake.dispatch("MESSAGE_CREATE", message)
         reply = await final_reply(fake, message["channel_id"])
     assert reply["content"]
-    assert engine.prompts == [[{"role": "user", "content": "hi there"}]]
+    assert batcher.prompts == [[{"role": "user", "content": "hi there"}]]
 
 
 async def test_bots_and_webhooks_are_not_answered(fake, discord_bot):
-    async with discord_bot() as (_service, engine):
+    async with discord_bot() as (_service, batcher):
         for message in (
             fake.bot_authored_message(fake.channel_id, f"<@{fake.bot['id']}> ping"),
             fake.webhook_message(fake.channel_id, f"<@{fake.bot['id']}> ping"),
@@ -139,11 +139,11 @@ async def test_bots_and_webhooks_are_not_answered(fake, discord_bot):
         await fake.dispatch("MESSAGE_CREATE", person)
         await final_reply(fake, person["channel_id"])
     assert bot_messages(fake, fake.channel_id) == []
-    assert len(engine.prompts) == 1
+    assert len(batcher.prompts) == 1
 
 
 async def test_a_long_answer_is_split_across_messages(fake, discord_bot):
-    async with discord_bot(ScriptedEngine(LONG_CODE_ANSWER)):
+    async with discord_bot(ScriptedBatcher(LONG_CODE_ANSWER)):
         message = await mention(fake, "write a long program")
         await fake.wait_for(
             lambda: any("That is all." in m["content"] for m in bot_messages(fake, message["id"]))
@@ -154,7 +154,7 @@ async def test_a_long_answer_is_split_across_messages(fake, discord_bot):
 
 async def test_no_message_can_ping_and_every_send_has_a_nonce(fake, discord_bot):
     answer = "@everyone look, <@1001> and <@&2000> " + "word " * 500
-    async with discord_bot(ScriptedEngine(answer)):
+    async with discord_bot(ScriptedBatcher(answer)):
         message = await mention(fake, "say something loud")
         await fake.wait_for(lambda: len(bot_messages(fake, message["id"])) >= 2)
         await final_reply(fake, message["id"], after=1)
@@ -173,7 +173,7 @@ async def test_no_message_can_ping_and_every_send_has_a_nonce(fake, discord_bot)
 
 
 async def test_a_rate_limited_send_is_retried_and_the_answer_arrives(fake, discord_bot):
-    async with discord_bot(ScriptedEngine("The final answer.")):
+    async with discord_bot(ScriptedBatcher("The final answer.")):
         fake.rate_limit("POST", r"/channels/\d+/messages", count=1, retry_after=0.1)
         message = await mention(fake, "hi")
         reply = await final_reply(fake, message["id"])
@@ -196,7 +196,7 @@ async def test_after_a_resumable_disconnect_the_bot_resumes_and_answers(fake, di
 
 
 async def test_mentioned_in_another_thread_it_reads_the_thread_first(fake, discord_bot):
-    async with discord_bot() as (_service, engine):
+    async with discord_bot() as (_service, batcher):
         starter = fake.user_message(fake.channel_id, "we deploy on fridays")
         thread = await fake.start_thread(
             fake.channel_id, starter["id"], "deploys", owner=fake.alice
@@ -209,14 +209,14 @@ async def test_mentioned_in_another_thread_it_reads_the_thread_first(fake, disco
         )
         await fake.dispatch("MESSAGE_CREATE", asked)
         await final_reply(fake, thread["id"])
-    assert engine.prompts[0] == [
+    assert batcher.prompts[0] == [
         {"role": "user", "content": "is that wise?"},
         {"role": "user", "content": "what do you think, @Alice?"},
     ]
 
 
 async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot):
-    async with discord_bot(reply_mode="inline") as (_service, engine):
+    async with discord_bot(reply_mode="inline") as (_service, batcher):
         message = await mention(fake, "first question")
         answer = await final_reply(fake, fake.channel_id)
         reply = fake.user_message(
@@ -230,9 +230,9 @@ async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot
         await final_reply(fake, fake.channel_id, after=1)
     assert answer["message_reference"]["message_id"] == message["id"]
     assert fake.channels.get(message["id"]) is None  # no thread in inline mode
-    assert [m["role"] for m in engine.prompts[1]] == ["user", "assistant", "user"]
-    assert engine.prompts[1][0]["content"] == "first question"
-    assert engine.prompts[1][2]["content"] == "second question"
+    assert [m["role"] for m in batcher.prompts[1]] == ["user", "assistant", "user"]
+    assert batcher.prompts[1][0]["content"] == "first question"
+    assert batcher.prompts[1][2]["content"] == "second question"
 
 
 def reply_to(fake: FakeDiscord, target: dict, content: str, *, resolved: bool = True) -> dict:
@@ -249,7 +249,7 @@ async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
     """Whether a message is for the bot comes from its first hop: chatter (no mention, a
     reply to a person, a reply to a deleted message) is dropped without a request, even
     where the chain it replies to leads back to the bot."""
-    async with discord_bot(ScriptedEngine("Noted."), reply_mode="inline") as (_service, engine):
+    async with discord_bot(ScriptedBatcher("Noted."), reply_mode="inline") as (_service, batcher):
         await mention(fake, "first question")
         answer = await final_reply(fake, fake.channel_id)
         follow_up = reply_to(fake, answer, "thanks, and another thing")
@@ -268,7 +268,7 @@ async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
             await fake.dispatch("MESSAGE_CREATE", chatter)
         await mention(fake, "last question")
         await final_reply(fake, fake.channel_id, after=2)
-    assert [prompt[-1]["content"] for prompt in engine.prompts] == [
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
         "first question", "thanks, and another thing", "last question",
     ]  # fmt: skip
     answering = {("POST", f"/channels/{fake.channel_id}/messages"),
@@ -284,19 +284,19 @@ async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
 async def test_inline_mode_reads_a_reply_the_gateway_left_unresolved(fake, discord_bot):
     """A reply whose replied-to message did not come with it costs one fetch; it is the
     bot's, so the reply continues that conversation."""
-    async with discord_bot(ScriptedEngine("Noted."), reply_mode="inline") as (_service, engine):
+    async with discord_bot(ScriptedBatcher("Noted."), reply_mode="inline") as (_service, batcher):
         await mention(fake, "first question")
         answer = await final_reply(fake, fake.channel_id)
         await fake.dispatch("MESSAGE_CREATE", reply_to(fake, answer, "why?", resolved=False))
         await final_reply(fake, fake.channel_id, after=1)
     fetches = fake.requests_to("GET", r"/channels/\d+/messages/\d+")
     assert [r.path for r in fetches] == [f"/channels/{fake.channel_id}/messages/{answer['id']}"]
-    assert [m["content"] for m in engine.prompts[1]] == ["first question", "Noted.", "why?"]
+    assert [m["content"] for m in batcher.prompts[1]] == ["first question", "Noted.", "why?"]
 
 
 async def test_the_reply_says_when_older_history_was_left_out(fake, discord_bot, make_engine):
     budget = make_engine().count_tokens([{"role": "user", "content": "x " * 40}])
-    async with discord_bot(ScriptedEngine("Noted."), prompt_budget=budget):
+    async with discord_bot(ScriptedBatcher("Noted."), prompt_budget=budget):
         first = fake.dm_message("a " * 30)
         await fake.dispatch("MESSAGE_CREATE", first)
         await final_reply(fake, first["channel_id"])
@@ -316,7 +316,7 @@ async def test_reset_clears_the_conversation(fake, discord_bot):
 
 
 async def test_a_failure_is_reported_and_the_adapter_goes_on(fake, discord_bot, make_batcher):
-    async with discord_bot(FailsOnceEngine(make_batcher())):
+    async with discord_bot(FailsOnceBatcher(make_batcher())):
         first = fake.dm_message("first")
         await fake.dispatch("MESSAGE_CREATE", first)
         failed = await final_reply(fake, first["channel_id"])
@@ -327,7 +327,7 @@ async def test_a_failure_is_reported_and_the_adapter_goes_on(fake, discord_bot, 
 
 
 async def test_a_refused_message_content_intent_is_explained(make_service):
-    async with FakeDiscord(privileged_intents=0) as fake, make_service() as (service, _engine):
+    async with FakeDiscord(privileged_intents=0) as fake, make_service() as (service, _batcher):
         adapter = DiscordAdapter.from_settings(settings_for(fake), service)
         with pytest.raises(AdapterError) as refused:
             await asyncio.wait_for(adapter.run(), timeout=30)
@@ -385,7 +385,7 @@ async def test_denied_by_user_role_server_or_channel(fake, discord_bot, rules):
     if "channels" in rules:
         rules = {"channels": {"deny": [closed]}}
     access = discord_rules(**rules).model_copy(update={"admins": (fake.alice["id"],)})
-    async with discord_bot(access=access) as (_service, engine):
+    async with discord_bot(access=access) as (_service, batcher):
         denied = fake.user_message(closed, "hello", author=fake.bob, mentions_bot=True)
         await fake.dispatch("MESSAGE_CREATE", denied)
         again = fake.user_message(closed, "hello?", author=fake.bob, mentions_bot=True)
@@ -394,17 +394,17 @@ async def test_denied_by_user_role_server_or_channel(fake, discord_bot, rules):
         said_again = await replies_to(fake, again)
     assert said == [replies.denied()]
     assert said_again == []  # once an hour per conversation
-    assert [p[-1]["content"] for p in engine.prompts] == ["and me?", "and me?"]
+    assert [p[-1]["content"] for p in batcher.prompts] == ["and me?", "and me?"]
     assert denied["id"] not in fake.channels  # no thread was opened for it
 
 
 async def test_dms_off(fake, discord_bot):
-    async with discord_bot(access=discord_rules(dms=False)) as (_service, engine):
+    async with discord_bot(access=discord_rules(dms=False)) as (_service, batcher):
         dm = fake.dm_message("hi in private")
         await fake.dispatch("MESSAGE_CREATE", dm)
         said = await replies_to(fake, dm)
     assert said == [replies.denied()]
-    assert [p[-1]["content"] for p in engine.prompts] == ["and me?"]
+    assert [p[-1]["content"] for p in batcher.prompts] == ["and me?"]
 
 
 # --- attachments --------------------------------------------------------------------------
@@ -413,13 +413,13 @@ async def test_dms_off(fake, discord_bot):
 async def test_a_text_attachment_reaches_the_prompt(fake, discord_bot):
     text = "Ship on Friday — maybe.".encode()
     notes = fake.attachment(fake.channel_id, "notes.txt", text, "text/plain; charset=utf-8")
-    async with discord_bot(max_input_chars=2000) as (_service, engine):
+    async with discord_bot(max_input_chars=2000) as (_service, batcher):
         message = fake.user_message(
             fake.channel_id, "what does this say?", mentions_bot=True, attachments=[notes]
         )
         await fake.dispatch("MESSAGE_CREATE", message)
         await final_reply(fake, message["id"])
-    assert engine.prompts[0][-1]["content"] == (
+    assert batcher.prompts[0][-1]["content"] == (
         "what does this say?\n\n[attached: notes.txt]\nShip on Friday — maybe."
     )
     assert len(fake.downloads) == 1
@@ -428,11 +428,11 @@ async def test_a_text_attachment_reaches_the_prompt(fake, discord_bot):
 async def test_a_binary_attachment_alone_is_named_and_not_downloaded(fake, discord_bot):
     dm = fake.dm_channel(fake.alice["id"])["id"]
     photo = fake.attachment(dm, "photo.png", b"\x89PNG\r\n" + bytes(120_000), "image/png")
-    async with discord_bot(max_input_chars=2000) as (_service, engine):
+    async with discord_bot(max_input_chars=2000) as (_service, batcher):
         message = fake.dm_message("", attachments=[photo])
         await fake.dispatch("MESSAGE_CREATE", message)
         await final_reply(fake, dm)
-    assert engine.prompts == [
+    assert batcher.prompts == [
         [{"role": "user", "content": "[attached: photo.png, image/png, 121 KB: not read]"}]
     ]
     assert fake.downloads == []
@@ -445,11 +445,11 @@ async def test_attachments_too_large_or_unavailable_are_named_and_the_turn_goes_
     huge = fake.attachment(dm, "huge.log", b"x" * (MAX_FILE_BYTES + 1), "text/plain")
     expired = fake.attachment(dm, "old.txt", b"from last year", "text/plain")
     expired["url"] = expired["url"].replace("hm=", "hm=0")  # a URL the CDN did not sign
-    async with discord_bot(max_input_chars=2000) as (_service, engine):
+    async with discord_bot(max_input_chars=2000) as (_service, batcher):
         message = fake.dm_message("two files", attachments=[huge, expired])
         await fake.dispatch("MESSAGE_CREATE", message)
         reply = await final_reply(fake, dm)
-    assert engine.prompts[0][-1]["content"] == (
+    assert batcher.prompts[0][-1]["content"] == (
         "two files\n\n"
         "[attached: huge.log, text/plain, 1.0 MB: not read: larger than 1.0 MB]\n\n"
         "[attached: old.txt, text/plain, 14 bytes: not read: the download failed]"

@@ -14,7 +14,7 @@ from typing import Any, get_args
 
 import discord
 import pytest
-from conftest import GatedEngine, ScriptedEngine, running
+from conftest import GatedBatcher, ScriptedBatcher, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
 from test_discord_adapter import bot_messages, final_reply, mention, settings_for
@@ -36,7 +36,7 @@ class Bot:
     fake: FakeDiscord
     adapter: DiscordAdapter
     service: ChatService
-    engine: Any
+    batcher: Any
 
     async def history(
         self, key: ConversationKey, until: Callable[[list[JSON]], bool] = bool
@@ -59,9 +59,9 @@ def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
     monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
 
     @asynccontextmanager
-    async def start(engine: Any = None, *, global_commands: bool = False, **options: Any
+    async def start(batcher: Any = None, *, global_commands: bool = False, **options: Any
                     ) -> AsyncIterator[Bot]:  # fmt: skip
-        async with FakeDiscord() as fake, make_service(engine, **options) as (service, engine):
+        async with FakeDiscord() as fake, make_service(batcher, **options) as (service, batcher):
             settings = settings_for(fake, discord_global_commands=global_commands)
             client = discord.Client(intents=gateway_intents(), guild_ready_timeout=0.05)
             adapter = DiscordAdapter(
@@ -69,12 +69,12 @@ def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
             )
             async with running(adapter):
                 await fake.wait_identified()
-                yield Bot(fake, adapter, service, engine)
+                yield Bot(fake, adapter, service, batcher)
 
     return start
 
 
-class HaltingEngine(ScriptedEngine):
+class HaltingBatcher(ScriptedBatcher):
     """Writes the first 40 characters of its answer, then waits for the test's gate."""
 
     def __init__(self, answer: str) -> None:
@@ -89,7 +89,7 @@ class HaltingEngine(ScriptedEngine):
         return super().step()
 
 
-class Answers(ScriptedEngine):
+class Answers(ScriptedBatcher):
     """Answers each prompt with the next of its answers."""
 
     def __init__(self, *answers: str) -> None:
@@ -178,7 +178,7 @@ async def test_help_is_answered_to_whoever_ran_it_alone(discord_bot):
 
 
 async def test_reset_in_a_thread_clears_that_thread_alone(discord_bot):
-    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+    async with discord_bot(ScriptedBatcher("Noted.")) as bot:
         fake = bot.fake
         await commands_registered(fake, fake.guild_id)
         asked = await mention(fake, "remember the number 7")
@@ -200,7 +200,7 @@ async def test_reset_in_a_thread_clears_that_thread_alone(discord_bot):
 
 
 async def test_forget_in_a_dm_through_a_global_command(discord_bot):
-    async with discord_bot(ScriptedEngine("Noted."), global_commands=True) as bot:
+    async with discord_bot(ScriptedBatcher("Noted."), global_commands=True) as bot:
         fake = bot.fake
         await commands_registered(fake)
         asked = fake.dm_message("remember this")
@@ -218,7 +218,7 @@ async def test_commands_as_text_and_as_slash_commands_with_their_permissions(dis
     """Alice, an admin, starts a thread. Bob may not reset or forget it, nor use the admin
     commands, whether he types them in the thread or runs them; he may ask for the status
     and the prompt. Alice may."""
-    async with discord_bot(ScriptedEngine("Noted."), system_prompt="Be brief.") as bot:
+    async with discord_bot(ScriptedBatcher("Noted."), system_prompt="Be brief.") as bot:
         fake = bot.fake
         bot.service.team.settings = bot.service.team.settings.model_copy(
             update={"access": Access(admins=(fake.alice["id"],))}
@@ -269,8 +269,8 @@ async def test_a_denied_user_is_told_by_the_slash_command_alone(discord_bot):
 
 
 async def test_stop_by_the_asker_keeps_what_was_written(discord_bot):
-    engine = HaltingEngine(STORY)
-    async with discord_bot(engine) as bot:
+    batcher = HaltingBatcher(STORY)
+    async with discord_bot(batcher) as bot:
         fake = bot.fake
         try:
             asked = await mention(fake, "tell me a story")
@@ -281,15 +281,15 @@ async def test_stop_by_the_asker_keeps_what_was_written(discord_bot):
             offered = await fake.wait_for(lambda: fake.buttons(thread, final["id"]))
             history = await bot.history(thread_key(fake, thread), until=answered_once)
         finally:
-            engine.gate.set()
+            batcher.gate.set()
     assert pressed.callback == {"type": 6}  # acknowledged; the answer's own edit shows it
     assert final["content"] == f"{STORY[:40].strip()}\n\n{replies.stopped()}"
     assert history[-1] == {"role": "assistant", "content": final["content"]}
     assert [custom_id.split(":")[1] for custom_id in offered] == ["regen"]  # Stop is gone
 
 
-async def stop_pressed_by_bob(bot: Bot, engine: HaltingEngine) -> tuple[FakeInteraction, JSON]:
-    """alice asks; bob presses Stop while the answer is written; then the engine goes on."""
+async def stop_pressed_by_bob(bot: Bot, batcher: HaltingBatcher) -> tuple[FakeInteraction, JSON]:
+    """alice asks; bob presses Stop while the answer is written; then the batcher goes on."""
     fake = bot.fake
     try:
         asked = await mention(fake, "tell me a story")
@@ -297,25 +297,25 @@ async def stop_pressed_by_bob(bot: Bot, engine: HaltingEngine) -> tuple[FakeInte
         pressed = await fake.press_button(asked["id"], streaming["id"], stop, user=fake.bob)
         await fake.wait_for(lambda: pressed.callback)
     finally:
-        engine.gate.set()
+        batcher.gate.set()
     final = await final_reply(fake, asked["id"])
     await bot.history(thread_key(fake, asked["id"]), until=answered_once)
     return pressed, final
 
 
 async def test_stop_by_someone_else_is_refused(discord_bot):
-    engine = HaltingEngine(STORY)
-    async with discord_bot(engine) as bot:
-        pressed, final = await stop_pressed_by_bob(bot, engine)
+    batcher = HaltingBatcher(STORY)
+    async with discord_bot(batcher) as bot:
+        pressed, final = await stop_pressed_by_bob(bot, batcher)
     [refusal] = pressed.replies
     assert refusal["content"] == STOP_REFUSED and refusal["flags"] & EPHEMERAL
     assert final["content"] == STORY  # written to its end
 
 
 async def test_an_admin_may_stop_anyones_answer(discord_bot):
-    engine = HaltingEngine(STORY)
-    async with discord_bot(engine, access={"admins": ["1003"]}) as bot:
-        pressed, final = await stop_pressed_by_bob(bot, engine)
+    batcher = HaltingBatcher(STORY)
+    async with discord_bot(batcher, access={"admins": ["1003"]}) as bot:
+        pressed, final = await stop_pressed_by_bob(bot, batcher)
     assert pressed.replies == []
     assert final["content"].endswith(replies.stopped())
 
@@ -350,11 +350,11 @@ async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(disc
         {"role": "user", "content": "what should I cook?", "name": "Alice"},
         {"role": "assistant", "content": "Second answer."},
     ]
-    assert bot.engine.prompts[1] == bot.engine.prompts[0]  # the same question, once
+    assert bot.batcher.prompts[1] == bot.batcher.prompts[0]  # the same question, once
 
 
 async def test_regenerate_moves_to_the_newest_answer(discord_bot):
-    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+    async with discord_bot(ScriptedBatcher("Noted.")) as bot:
         fake = bot.fake
         first_question = fake.dm_message("one")
         channel = first_question["channel_id"]
@@ -368,7 +368,7 @@ async def test_regenerate_moves_to_the_newest_answer(discord_bot):
 
 
 async def test_regenerate_by_someone_else_is_refused(discord_bot):
-    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+    async with discord_bot(ScriptedBatcher("Noted.")) as bot:
         fake = bot.fake
         asked = await mention(fake, "one")
         answer, regenerate = await fake.wait_for(lambda: button(fake, asked["id"], "tb:regen:"))
@@ -378,11 +378,11 @@ async def test_regenerate_by_someone_else_is_refused(discord_bot):
         history = await bot.history(thread_key(fake, asked["id"]), until=answered_once)
     assert refusal["content"] == REGENERATE_REFUSED and refusal["flags"] & EPHEMERAL
     assert [m["content"] for m in history] == ["one", "Noted."]
-    assert len(bot.engine.prompts) == 1
+    assert len(bot.batcher.prompts) == 1
 
 
 async def test_regenerate_after_a_reset_is_refused(discord_bot):
-    async with discord_bot(ScriptedEngine("Noted.")) as bot:
+    async with discord_bot(ScriptedBatcher("Noted.")) as bot:
         fake = bot.fake
         asked = fake.dm_message("one")
         channel = asked["channel_id"]
@@ -394,7 +394,7 @@ async def test_regenerate_after_a_reset_is_refused(discord_bot):
         [refusal] = await fake.wait_for(lambda: pressed.replies)
     assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
     assert fake.message(channel, answer["id"])["content"] == "Noted."
-    assert len(bot.engine.prompts) == 1
+    assert len(bot.batcher.prompts) == 1
 
 
 # --- typing ----------------------------------------------------------------------------------
@@ -403,8 +403,8 @@ async def test_regenerate_after_a_reset_is_refused(discord_bot):
 async def test_typing_shows_while_answers_wait_and_stops_at_their_text(discord_bot, make_batcher):
     """One answer at a time (a batch of one, held by the gate): both conversations show
     typing, again and again, until their text; none after it."""
-    engine = GatedEngine(make_batcher(max_batch=1))
-    async with discord_bot(engine) as bot:
+    batcher = GatedBatcher(make_batcher(max_batch=1))
+    async with discord_bot(batcher) as bot:
         fake = bot.fake
         try:
             first, second = fake.dm_message("one"), fake.dm_message("two", author=fake.bob)
@@ -415,7 +415,7 @@ async def test_typing_shows_while_answers_wait_and_stops_at_their_text(discord_b
                     "POST", rf"/channels/{message['channel_id']}/typing", count=3
                 )
         finally:
-            engine.gate.set()
+            batcher.gate.set()
         for message in (first, second):
             await final_reply(fake, message["channel_id"])
     for message in (first, second):

@@ -7,7 +7,7 @@ import time
 import uuid
 
 import pytest
-from conftest import ScriptedEngine
+from conftest import ScriptedBatcher
 from test_service import RecordingSink
 
 from bot import replies
@@ -164,7 +164,7 @@ def test_a_short_text_is_no_loop():
 REASONING = "<think>The user greets me. I should greet them back.</think>\n\n"
 
 
-class EndlessLoop(ScriptedEngine):
+class EndlessLoop(ScriptedBatcher):
     """A model stuck in a loop: the same sentence after a first one, until it is stopped."""
 
     def __init__(self) -> None:
@@ -197,7 +197,7 @@ def turn(conversation: ConversationKey, text: str) -> Turn:
 
 async def test_reasoning_is_neither_streamed_nor_stored(make_service, store, conversation):
     sink = RecordingSink()
-    async with make_service(ScriptedEngine(REASONING + "Hello! How can I help?")) as (service, _):
+    async with make_service(ScriptedBatcher(REASONING + "Hello! How can I help?")) as (service, _):
         await service.handle(turn(conversation, "hi"), sink)
     assert sink.kinds("finish") == ["Hello! How can I help?"]
     assert "".join(sink.kinds("append")) == "Hello! How can I help?"
@@ -209,7 +209,7 @@ async def test_reasoning_is_neither_streamed_nor_stored(make_service, store, con
 
 async def test_an_answer_of_only_reasoning_is_an_empty_answer(make_service, store, conversation):
     sink = RecordingSink()
-    async with make_service(ScriptedEngine("<think>No idea at all, really.")) as (service, _):
+    async with make_service(ScriptedBatcher("<think>No idea at all, really.")) as (service, _):
         await service.handle(turn(conversation, "hi"), sink)
     assert sink.kinds("append") == []
     assert sink.kinds("fail") == [replies.empty_answer()]
@@ -219,7 +219,7 @@ async def test_an_answer_of_only_reasoning_is_an_empty_answer(make_service, stor
 async def test_strip_reasoning_is_read_at_each_answer(make_service, store, conversation):
     """A reload that turns it off takes effect at the next answer."""
     answer = REASONING + "Hi."
-    async with make_service(ScriptedEngine(answer)) as (service, _):
+    async with make_service(ScriptedBatcher(answer)) as (service, _):
         await service.handle(turn(conversation, "one"), RecordingSink())
         service.team.settings = service.team.settings.model_copy(update={"strip_reasoning": False})
         await service.handle(turn(conversation, "two"), RecordingSink())
@@ -229,10 +229,10 @@ async def test_strip_reasoning_is_read_at_each_answer(make_service, store, conve
 
 async def test_a_looping_answer_is_cut_stopped_and_stored_cut(make_service, store, conversation):
     sink = RecordingSink()
-    engine = EndlessLoop()
-    async with make_service(engine, timeout=10) as (service, _):
+    batcher = EndlessLoop()
+    async with make_service(batcher, timeout=10) as (service, _):
         await service.handle(turn(conversation, "can you help?"), sink)
     cut = "Of course! I am always happy to help you with that." + MARK
     assert sink.kinds("finish") == [cut]
-    assert len(engine.left) == 1  # the generation was cancelled: the engine let it go
+    assert len(batcher.left) == 1  # the generation was cancelled: the batcher let it go
     assert (await store.load(str(conversation)))[-1] == {"role": "assistant", "content": cut}

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import aiohttp
 import discord
 import pytest
-from conftest import SpyEngine, running
+from conftest import SpyBatcher, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
 from fake_slack import FakeSlack
@@ -63,7 +63,7 @@ def redis_url(redis_server: RedisServer) -> str:
 class Ops:
     url: str  # the ops server's base URL
     service: Any
-    engine: Any
+    batcher: Any
     metrics: Metrics
 
     async def get(self, path: str) -> tuple[int, str]:
@@ -111,7 +111,7 @@ def ops(slack: FakeSlack, make_service: Any, make_batcher: Any):
     """The ops server, the service and the Slack adapter, wired as `threadbot run` does."""
 
     @asynccontextmanager
-    async def start(engine: Any = None, **service_options: Any) -> AsyncIterator[Ops]:
+    async def start(batcher: Any = None, **service_options: Any) -> AsyncIterator[Ops]:
         metrics = Metrics()
         settings = Settings(
             _env_file=None,
@@ -123,17 +123,17 @@ def ops(slack: FakeSlack, make_service: Any, make_batcher: Any):
         )
         vitals = Vitals(metrics=metrics, platforms=["slack"])
         port = free_port()
-        if engine is None:
-            engine = SpyEngine(make_batcher(metrics=metrics))
+        if batcher is None:
+            batcher = SpyBatcher(make_batcher(metrics=metrics))
         async with (
             OpsServer(vitals=vitals, metrics=metrics, port=port, host="127.0.0.1"),
-            make_service(engine, metrics=metrics, **service_options) as (service, engine),
+            make_service(batcher, metrics=metrics, **service_options) as (service, batcher),
         ):
             adapter = SlackAdapter.from_settings(settings, service)
             vitals.started(service, [adapter])
             async with running(adapter):
                 await slack.wait_connected(timeout=WAIT_S)
-                yield Ops(f"http://127.0.0.1:{port}", service, engine, metrics)
+                yield Ops(f"http://127.0.0.1:{port}", service, batcher, metrics)
 
     return start
 
@@ -242,7 +242,7 @@ async def test_discord_is_connected_from_ready_through_a_resume_until_the_gatewa
 
 
 async def test_not_ready_once_the_engine_thread_died(ops, slack, make_batcher):
-    class NoBatchSize(SpyEngine):
+    class NoBatchSize(SpyBatcher):
         @property
         def max_batch(self) -> int:
             raise RuntimeError("a bug in the loop")
@@ -253,7 +253,7 @@ async def test_not_ready_once_the_engine_thread_died(ops, slack, make_batcher):
 
     async with ops(NoBatchSize(make_batcher())) as up:
         await until(up.readiness, ready)
-        await slack.send_event(slack.app_mention("C0001", "hello"))  # the engine meets the bug
+        await slack.send_event(slack.app_mention("C0001", "hello"))  # the batcher meets the bug
         _, body = await until(up.readiness, not_ready)
     assert body["checks"]["engine"] == "the engine thread died"
 

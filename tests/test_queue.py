@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import GatedEngine, SpyEngine, answer_alone
+from conftest import GatedBatcher, SpyBatcher, answer_alone
 
 from bot.queue import (
     EngineStopped,
@@ -25,7 +25,7 @@ async def collect(generation) -> list[str]:
 
 async def test_chunks_stream_and_add_up_to_the_final_text(make_batcher):
     batcher = make_batcher(max_new_tokens=12)
-    async with InferenceQueue(engine=batcher, max_size=4, timeout=60) as queue:
+    async with InferenceQueue(batcher=batcher, max_size=4, timeout=60) as queue:
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         chunks = await collect(generation)
     assert len(chunks) > 1
@@ -36,7 +36,7 @@ async def test_a_request_joins_the_running_batch_and_answers_match_alone(make_ba
     """The second request starts while the first is still decoding, not after it."""
     batcher = make_batcher(max_new_tokens=40)
     second_question = [{"role": "user", "content": "what is a tokenizer?"}]
-    async with InferenceQueue(engine=batcher, max_size=4, timeout=60) as queue:
+    async with InferenceQueue(batcher=batcher, max_size=4, timeout=60) as queue:
         first = queue.submit(HELLO, user="u1", conversation="c1")
         first_chunks = aiter(first)
         await anext(first_chunks)  # the first is decoding
@@ -50,14 +50,14 @@ async def test_a_request_joins_the_running_batch_and_answers_match_alone(make_ba
 
 async def test_users_take_turns_however_much_one_of_them_sends(make_batcher):
     """With one slot, a user who sends five messages gets every other turn, not the first five."""
-    gated = GatedEngine(make_batcher(max_batch=1, max_new_tokens=2))
+    gated = GatedBatcher(make_batcher(max_batch=1, max_new_tokens=2))
     finished: list[str] = []
 
     async def ask(generation) -> None:
         await collect(generation)
         finished.append(generation.user)
 
-    async with InferenceQueue(engine=gated, max_size=16, timeout=60) as queue:
+    async with InferenceQueue(batcher=gated, max_size=16, timeout=60) as queue:
         flood = [queue.submit(HELLO, user="flooder", conversation=f"f{i}") for i in range(5)]
         others = [queue.submit(HELLO, user=f"u{i}", conversation=f"c{i}") for i in range(3)]
         gated.gate.set()
@@ -66,8 +66,8 @@ async def test_users_take_turns_however_much_one_of_them_sends(make_batcher):
 
 
 async def test_a_full_queue_refuses_at_once_and_recovers(make_batcher):
-    gated = GatedEngine(make_batcher(max_new_tokens=4))
-    async with InferenceQueue(engine=gated, max_size=2, timeout=60) as queue:
+    gated = GatedBatcher(make_batcher(max_new_tokens=4))
+    async with InferenceQueue(batcher=gated, max_size=2, timeout=60) as queue:
         first = queue.submit(HELLO, user="u1", conversation="c1")
         second = queue.submit(HELLO, user="u2", conversation="c2")
         with pytest.raises(QueueFull):
@@ -80,8 +80,8 @@ async def test_a_full_queue_refuses_at_once_and_recovers(make_batcher):
 
 
 async def test_timeout_stops_a_long_generation(make_batcher):
-    spy = SpyEngine(make_batcher(max_new_tokens=3000))  # far longer than the timeout allows
-    async with InferenceQueue(engine=spy, max_size=2, timeout=0.5) as queue:
+    spy = SpyBatcher(make_batcher(max_new_tokens=3000))  # far longer than the timeout allows
+    async with InferenceQueue(batcher=spy, max_size=2, timeout=0.5) as queue:
         with pytest.raises(InferenceTimeout):
             await collect(queue.submit(HELLO, user="u1", conversation="c1"))
         for _ in range(100):  # until the engine thread has seen it (bounded)
@@ -96,9 +96,9 @@ async def test_timeout_stops_a_long_generation(make_batcher):
     assert spy.batcher.stats.decoded < 1000
 
 
-async def test_cancelling_while_waiting_skips_the_engine(make_batcher):
-    gated = GatedEngine(make_batcher(max_batch=1, max_new_tokens=4))
-    async with InferenceQueue(engine=gated, max_size=4, timeout=60) as queue:
+async def test_cancelling_while_waiting_skips_the_batcher(make_batcher):
+    gated = GatedBatcher(make_batcher(max_batch=1, max_new_tokens=4))
+    async with InferenceQueue(batcher=gated, max_size=4, timeout=60) as queue:
         running = queue.submit(HELLO, user="u1", conversation="c1")
         waiting = queue.submit(HELLO, user="u2", conversation="c2")
         waiting.cancel()
@@ -114,7 +114,7 @@ async def test_cancelling_while_waiting_skips_the_engine(make_batcher):
 async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(make_batcher):
     batcher = make_batcher(max_new_tokens=30)
     question = [{"role": "user", "content": "and you?"}]
-    async with InferenceQueue(engine=batcher, max_size=4, timeout=60) as queue:
+    async with InferenceQueue(batcher=batcher, max_size=4, timeout=60) as queue:
         leaving = queue.submit(HELLO, user="u1", conversation="c1")
         staying = queue.submit(question, user="u2", conversation="c2")
         await anext(aiter(leaving))
@@ -124,12 +124,12 @@ async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(make_ba
     assert batcher.stats.decoded < 60  # the cancelled one stopped early
 
 
-async def test_engine_errors_reach_every_request_in_the_batch(make_batcher):
-    class Broken(SpyEngine):
+async def test_batcher_errors_reach_every_request_in_the_batch(make_batcher):
+    class Broken(SpyBatcher):
         def step(self):
             raise RuntimeError("out of memory")
 
-    async with InferenceQueue(engine=Broken(make_batcher()), max_size=2, timeout=60) as queue:
+    async with InferenceQueue(batcher=Broken(make_batcher()), max_size=2, timeout=60) as queue:
         requests = [queue.submit(HELLO, user=f"u{i}", conversation=f"c{i}") for i in range(2)]
         for generation in requests:
             with pytest.raises(RuntimeError, match="out of memory"):
@@ -138,7 +138,7 @@ async def test_engine_errors_reach_every_request_in_the_batch(make_batcher):
 
 async def test_closing_the_queue_stops_the_running_generation(make_batcher):
     batcher = make_batcher(max_new_tokens=3000)  # would run for many seconds
-    async with InferenceQueue(engine=batcher, max_size=2, timeout=60) as queue:
+    async with InferenceQueue(batcher=batcher, max_size=2, timeout=60) as queue:
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         await anext(aiter(generation))  # it is running
     assert len(batcher) == 0 and batcher.stats.decoded < 1000
@@ -147,7 +147,7 @@ async def test_closing_the_queue_stops_the_running_generation(make_batcher):
 
 
 async def test_a_broken_engine_loop_stops_requests_and_says_the_engine_died(make_batcher):
-    class NoBatchSize(SpyEngine):
+    class NoBatchSize(SpyBatcher):
         @property
         def max_batch(self) -> int:
             raise RuntimeError("a bug in the loop")
@@ -156,7 +156,7 @@ async def test_a_broken_engine_loop_stops_requests_and_says_the_engine_died(make
         def max_batch(self, value: int) -> None:
             pass
 
-    async with InferenceQueue(engine=NoBatchSize(make_batcher()), max_size=2, timeout=60) as queue:
+    async with InferenceQueue(batcher=NoBatchSize(make_batcher()), max_size=2, timeout=60) as queue:
         with pytest.raises(EngineStopped):
             await asyncio.wait_for(collect(queue.submit(HELLO, user="u", conversation="c")), 10)
         assert queue.died.is_set()  # what `threadbot run` waits on, to exit and be restarted
@@ -164,9 +164,9 @@ async def test_a_broken_engine_loop_stops_requests_and_says_the_engine_died(make
             queue.submit(HELLO, user="u", conversation="c")
 
 
-async def test_options_reach_the_engine_and_the_answer_reports_its_token_counts(make_batcher):
-    spy = SpyEngine(make_batcher(max_new_tokens=12))
-    async with InferenceQueue(engine=spy, max_size=4, timeout=60) as queue:
+async def test_options_reach_the_batcher_and_the_answer_reports_its_token_counts(make_batcher):
+    spy = SpyBatcher(make_batcher(max_new_tokens=12))
+    async with InferenceQueue(batcher=spy, max_size=4, timeout=60) as queue:
         generation = queue.submit(
             HELLO, user="u1", conversation="c1", max_new_tokens=5, temperature=0
         )
@@ -187,8 +187,8 @@ async def test_options_reach_the_engine_and_the_answer_reports_its_token_counts(
     ],
 )
 async def test_options_out_of_range_are_refused_by_name(make_batcher, options, named):
-    spy = SpyEngine(make_batcher())
-    async with InferenceQueue(engine=spy, max_size=4, timeout=60) as queue:
+    spy = SpyBatcher(make_batcher())
+    async with InferenceQueue(batcher=spy, max_size=4, timeout=60) as queue:
         with pytest.raises(ValueError, match=named):
             queue.submit(HELLO, user="u1", conversation="c1", **options)
         assert queue.depth == 0
@@ -198,8 +198,8 @@ async def test_options_out_of_range_are_refused_by_name(make_batcher, options, n
 async def test_places_follow_the_fair_order_and_depth_counts_waiting_and_running(make_batcher):
     """One slot, held by alice's first request; her others wait behind bob's and carol's,
     since she already has one running."""
-    gated = GatedEngine(make_batcher(max_batch=1, max_new_tokens=2))
-    async with InferenceQueue(engine=gated, max_size=8, timeout=60) as queue:
+    gated = GatedBatcher(make_batcher(max_batch=1, max_new_tokens=2))
+    async with InferenceQueue(batcher=gated, max_size=8, timeout=60) as queue:
         alice = [queue.submit(HELLO, user="alice", conversation=f"a{i}") for i in range(3)]
         bob = queue.submit(HELLO, user="bob", conversation="b")
         carol = queue.submit(HELLO, user="carol", conversation="c")
@@ -228,7 +228,7 @@ async def test_places_follow_the_fair_order_and_depth_counts_waiting_and_running
         assert queue.places("alice") == []
 
 
-class Journal(SpyEngine):
+class Journal(SpyBatcher):
     """The real batcher, noting when each request joins and when it ends, in order."""
 
     def __init__(self, batcher) -> None:
@@ -253,7 +253,7 @@ async def test_a_request_too_big_for_the_batch_waits_while_a_short_one_joins(mak
     long_row = len(batcher.engine.prompt_ids(long_question)) + 12
     batcher.max_batch_tokens = 2 * long_row  # room for two rows as wide as a long one
     journal = Journal(batcher)
-    async with InferenceQueue(engine=journal, max_size=4, timeout=60) as queue:
+    async with InferenceQueue(batcher=journal, max_size=4, timeout=60) as queue:
         first = queue.submit(long_question, user="u1", conversation="c1")
         short = queue.submit(HELLO, user="u2", conversation="c2")
         second = queue.submit(long_question, user="u3", conversation="c3")
@@ -268,7 +268,7 @@ async def test_a_request_too_big_for_the_batch_waits_while_a_short_one_joins(mak
 async def test_a_request_larger_than_the_whole_budget_runs_alone(make_batcher):
     batcher = make_batcher(max_new_tokens=6, max_batch_tokens=1)
     journal = Journal(batcher)
-    async with InferenceQueue(engine=journal, max_size=4, timeout=60) as queue:
+    async with InferenceQueue(batcher=journal, max_size=4, timeout=60) as queue:
         first = queue.submit(HELLO, user="u1", conversation="c1")
         second = queue.submit(HELLO, user="u2", conversation="c2")
         await asyncio.gather(collect(first), collect(second))
@@ -283,7 +283,7 @@ async def test_a_waiting_request_is_not_passed_by_smaller_ones_behind_it(make_ba
     batcher = make_batcher(max_new_tokens=6)
     batcher.max_batch_tokens = 2 * len(batcher.engine.prompt_ids(long_question)) - 1
     journal = Journal(batcher)
-    async with InferenceQueue(engine=journal, max_size=4, timeout=60) as queue:
+    async with InferenceQueue(batcher=journal, max_size=4, timeout=60) as queue:
         first = queue.submit(long_question, user="u1", conversation="c1")
         second = queue.submit(long_question, user="u2", conversation="c2")
         short = queue.submit(HELLO, user="u3", conversation="c3")

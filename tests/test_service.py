@@ -11,7 +11,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import FailsOnceEngine, GatedEngine, SpyEngine
+from conftest import FailsOnceBatcher, GatedBatcher, SpyBatcher
 from redis.asyncio import Redis
 
 from bot import replies
@@ -64,7 +64,7 @@ def turn(conversation: ConversationKey, text: str, message_id: str | None = None
 
 async def test_a_turn_is_answered_streamed_and_stored(make_service, store, conversation):
     sink = RecordingSink()
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         await service.handle(turn(conversation, "Hello there"), sink)
     [answer] = sink.kinds("finish")
     assert sink.events[0] == ("start", "")
@@ -76,11 +76,11 @@ async def test_a_turn_is_answered_streamed_and_stored(make_service, store, conve
 
 
 async def test_history_grows_and_builds_the_next_prompt(make_service, store, conversation):
-    async with make_service(system_prompt="You are terse.") as (service, engine):
+    async with make_service(system_prompt="You are terse.") as (service, batcher):
         await service.handle(turn(conversation, "first question"), RecordingSink())
         await service.handle(turn(conversation, "second question"), RecordingSink())
     first_answer = (await store.load(str(conversation)))[1]["content"]
-    assert engine.prompts[1] == [
+    assert batcher.prompts[1] == [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": first_answer},
@@ -91,25 +91,25 @@ async def test_history_grows_and_builds_the_next_prompt(make_service, store, con
 
 async def test_turns_of_one_conversation_are_answered_in_order(make_service, store, conversation):
     """A second message sent before the first is answered waits, and sees that answer."""
-    async with make_service() as (service, engine):
+    async with make_service() as (service, batcher):
         await asyncio.gather(
             service.handle(turn(conversation, "first"), RecordingSink()),
             service.handle(turn(conversation, "second"), RecordingSink()),
         )
     history = await store.load(str(conversation))
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
-    assert engine.prompts[1][:3] == history[:3]
+    assert batcher.prompts[1][:3] == history[:3]
 
 
 async def test_a_redelivered_message_is_answered_once(make_service, conversation):
     first, again = RecordingSink(), RecordingSink()
-    async with make_service() as (service, engine):
+    async with make_service() as (service, batcher):
         message_id = uuid.uuid4().hex
         await service.handle(turn(conversation, "hi", message_id=message_id), first)
         await service.handle(turn(conversation, "hi", message_id=message_id), again)
     assert len(first.kinds("finish")) == 1
     assert again.events == []
-    assert len(engine.prompts) == 1
+    assert len(batcher.prompts) == 1
 
 
 @pytest.mark.parametrize(
@@ -120,10 +120,10 @@ async def test_bad_input_gets_a_reply_and_no_generation(
     make_service, store, conversation, text, reply
 ):
     sink = RecordingSink()
-    async with make_service() as (service, engine):
+    async with make_service() as (service, batcher):
         await service.handle(turn(conversation, text), sink)
     assert sink.events == [("finish", reply)]
-    assert engine.prompts == []
+    assert batcher.prompts == []
     assert await store.load(str(conversation)) == []
 
 
@@ -145,11 +145,11 @@ async def test_trimming_drops_the_oldest_and_keeps_system_and_newest(
     full = [{"role": "system", "content": system}, *old, {"role": "user", "content": newest}]
     budget = counter.count_tokens(full) - 10  # just too small for everything
     sink = RecordingSink()
-    async with make_service(system_prompt=system, prompt_budget=budget) as (service, engine):
+    async with make_service(system_prompt=system, prompt_budget=budget) as (service, batcher):
         await service.handle(turn(conversation, newest), sink)
     # The oldest exchange goes whole, so the kept history still starts with a user turn.
-    assert engine.prompts == [[full[0], *old[2:], full[-1]]]
-    assert counter.count_tokens(engine.prompts[0]) <= budget
+    assert batcher.prompts == [[full[0], *old[2:], full[-1]]]
+    assert counter.count_tokens(batcher.prompts[0]) <= budget
     assert sink.kinds("notice") == [replies.history_dropped(2)]
     assert sink.kinds("finish")
 
@@ -161,9 +161,9 @@ async def test_history_cut_by_the_store_still_starts_with_a_user_turn(
     # With the new turn, 7 messages pass the cap of 6; the store keeps the newest 4.
     await store.append(str(conversation), *old)
     sink = RecordingSink()
-    async with make_service() as (service, engine):
+    async with make_service() as (service, batcher):
         await service.handle(turn(conversation, "newest"), sink)
-    assert engine.prompts == [[*old[4:], {"role": "user", "content": "newest"}]]
+    assert batcher.prompts == [[*old[4:], {"role": "user", "content": "newest"}]]
     assert sink.kinds("notice") == []  # nothing was dropped to fit the context
     assert (await store.load(str(conversation)))[0] == old[4]  # the answer first is gone too
 
@@ -173,29 +173,29 @@ LONG_SYSTEM_PROMPT = "You are a helpful assistant who answers in one short sente
 
 async def converse(
     make_service: Any, conversation: ConversationKey, turns: int, **options: Any
-) -> tuple[SpyEngine, list[RecordingSink]]:
-    """`turns` questions in one conversation, each answered before the next; the engine
-    (a SpyEngine) and each turn's sink."""
+) -> tuple[SpyBatcher, list[RecordingSink]]:
+    """`turns` questions in one conversation, each answered before the next; the batcher
+    (a SpyBatcher) and each turn's sink."""
     sinks = [RecordingSink() for _ in range(turns)]
-    async with make_service(system_prompt=LONG_SYSTEM_PROMPT, **options) as (service, engine):
+    async with make_service(system_prompt=LONG_SYSTEM_PROMPT, **options) as (service, batcher):
         for number, sink in enumerate(sinks):
             await service.handle(turn(conversation, f"question {number}: why? " * 3), sink)
-    return engine, sinks
+    return batcher, sinks
 
 
-def well_reused_share(engine: SpyEngine, make_engine: Any) -> float:
+def well_reused_share(batcher: SpyBatcher, make_engine: Any) -> float:
     """The share of turns that took at least 80% of their prompt from the KV cache."""
     counter = make_engine()
     shares = [
         reused / counter.count_tokens(prompt)
-        for reused, prompt in zip(engine.reused, engine.prompts, strict=True)
+        for reused, prompt in zip(batcher.reused, batcher.prompts, strict=True)
     ]
     return sum(share >= 0.8 for share in shares) / len(shares)
 
 
-def fronts_moved(engine: SpyEngine) -> list[bool]:
+def fronts_moved(batcher: SpyBatcher) -> list[bool]:
     """Per turn: whether its prompt's history starts elsewhere than the last turn's did."""
-    fronts = [prompt[1] for prompt in engine.prompts]  # after the system prompt
+    fronts = [prompt[1] for prompt in batcher.prompts]  # after the system prompt
     return [False] + [front != last for last, front in pairwise(fronts)]
 
 
@@ -204,12 +204,12 @@ async def test_a_long_conversation_over_the_budget_trims_seldom_and_reuses_its_c
     make_service, make_engine, store, conversation
 ):
     budget = 700  # about 16 turns, with the system prompt
-    engine, sinks = await converse(make_service, conversation, 30, prompt_budget=budget)
+    batcher, sinks = await converse(make_service, conversation, 30, prompt_budget=budget)
     counter = make_engine()
-    assert all(counter.count_tokens(prompt) <= budget for prompt in engine.prompts)
-    moved = fronts_moved(engine)
+    assert all(counter.count_tokens(prompt) <= budget for prompt in batcher.prompts)
+    moved = fronts_moved(batcher)
     assert sum(moved) >= 2  # the conversation passed its budget more than once
-    assert well_reused_share(engine, make_engine) >= 0.8
+    assert well_reused_share(batcher, make_engine) >= 0.8
     # Told once per trim: at the turn whose prompt lost the oldest messages, and then not.
     notices = [sink.kinds("notice") for sink in sinks]
     assert [len(told) for told in notices] == [int(trimmed) for trimmed in moved]
@@ -219,17 +219,17 @@ async def test_a_long_conversation_over_the_budget_trims_seldom_and_reuses_its_c
 async def test_a_long_conversation_over_the_message_cap_reuses_its_cache(
     make_service, make_engine, store, conversation
 ):
-    engine, sinks = await converse(make_service, conversation, 30)
-    assert sum(fronts_moved(engine)) >= 2  # the store's cap trimmed it more than once
-    assert well_reused_share(engine, make_engine) >= 0.8
+    batcher, sinks = await converse(make_service, conversation, 30)
+    assert sum(fronts_moved(batcher)) >= 2  # the store's cap trimmed it more than once
+    assert well_reused_share(batcher, make_engine) >= 0.8
     assert all(sink.kinds("notice") == [] for sink in sinks)  # the cap trims silently
 
 
 async def test_a_newest_message_too_long_for_the_budget_is_still_sent(make_service, conversation):
     sink = RecordingSink()
-    async with make_service(prompt_budget=5) as (service, engine):
+    async with make_service(prompt_budget=5) as (service, batcher):
         await service.handle(turn(conversation, "a question longer than five tokens"), sink)
-    assert engine.prompts[0][-1]["content"] == "a question longer than five tokens"
+    assert batcher.prompts[0][-1]["content"] == "a question longer than five tokens"
     assert sink.kinds("finish")
 
 
@@ -237,7 +237,7 @@ async def test_a_failing_generation_keeps_the_message_and_the_service(
     make_service, make_batcher, store, conversation
 ):
     broken, fine = RecordingSink(), RecordingSink()
-    async with make_service(FailsOnceEngine(make_batcher())) as (service, _engine):
+    async with make_service(FailsOnceBatcher(make_batcher())) as (service, _batcher):
         await service.handle(turn(conversation, "first try"), broken)
         await service.handle(turn(conversation, "second try"), fine)
     assert broken.kinds("fail") == [replies.failed()]
@@ -247,8 +247,8 @@ async def test_a_failing_generation_keeps_the_message_and_the_service(
 
 
 async def test_a_busy_queue_says_so(make_service, make_batcher, conversation):
-    gated = GatedEngine(make_batcher())
-    async with make_service(gated, queue_max=1) as (service, _engine):
+    gated = GatedBatcher(make_batcher())
+    async with make_service(gated, queue_max=1) as (service, _batcher):
         first, second = RecordingSink(), RecordingSink()
         running = asyncio.create_task(service.handle(turn(conversation, "one"), first))
         for _ in range(100):  # until the first is in the queue (bounded)
@@ -265,13 +265,13 @@ async def test_a_busy_queue_says_so(make_service, make_batcher, conversation):
 
 async def test_a_timeout_is_answered(make_service, make_batcher, conversation):
     sink = RecordingSink()
-    async with make_service(make_batcher(max_new_tokens=3000), timeout=0.3) as (service, _engine):
+    async with make_service(make_batcher(max_new_tokens=3000), timeout=0.3) as (service, _batcher):
         await service.handle(turn(conversation, "tell me everything"), sink)
     assert sink.kinds("fail") == [replies.timed_out()]
 
 
 async def test_reset_forgets_the_conversation(make_service, store, conversation):
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         await service.handle(turn(conversation, "remember me"), RecordingSink())
         sink = RecordingSink()
         await service.handle(replace(turn(conversation, "reset"), command="reset"), sink)
@@ -286,22 +286,22 @@ async def test_thread_context_seeds_a_new_conversation_only(make_service, store,
         {"role": "user", "content": "is that wise?"},
     )
     seeded = Turn(conversation, "U1", "what do you think?", uuid.uuid4().hex, context=earlier)
-    async with make_service() as (service, engine):
+    async with make_service() as (service, batcher):
         assert not await service.knows(conversation)
         await service.handle(seeded, RecordingSink())
         assert await service.knows(conversation)
         again = Turn(conversation, "U1", "and now?", uuid.uuid4().hex, context=earlier)
         await service.handle(again, RecordingSink())
-    assert engine.prompts[0] == [*earlier, {"role": "user", "content": "what do you think?"}]
-    assert engine.prompts[1][:3] == engine.prompts[0]  # the context was not stored twice
+    assert batcher.prompts[0] == [*earlier, {"role": "user", "content": "what do you think?"}]
+    assert batcher.prompts[1][:3] == batcher.prompts[0]  # the context was not stored twice
     assert len(await store.load(str(conversation))) == 6
 
 
 async def test_a_user_with_too_many_unanswered_messages_is_asked_to_slow_down(
     make_service, make_batcher, store
 ):
-    gated = GatedEngine(make_batcher())
-    async with make_service(gated, max_pending_per_user=2) as (service, _engine):
+    gated = GatedBatcher(make_batcher())
+    async with make_service(gated, max_pending_per_user=2) as (service, _batcher):
         threads = [ConversationKey("test", "team", "channel", uuid.uuid4().hex) for _ in range(4)]
         sinks = [RecordingSink() for _ in threads]
         waiting = [
@@ -324,12 +324,12 @@ async def test_with_several_people_each_message_says_who_wrote_it(
 ):
     alone = Turn(conversation, "U1", "first", uuid.uuid4().hex, author_name="alice")
     joined = Turn(conversation, "U2", "second", uuid.uuid4().hex, author_name="bob")
-    async with make_service() as (service, engine):
+    async with make_service() as (service, batcher):
         await service.handle(alone, RecordingSink())
         await service.handle(joined, RecordingSink())
-    assert engine.prompts[0] == [{"role": "user", "content": "first"}]  # one person: as written
-    answer = engine.prompts[1][1]
-    assert engine.prompts[1] == [
+    assert batcher.prompts[0] == [{"role": "user", "content": "first"}]  # one person: as written
+    answer = batcher.prompts[1][1]
+    assert batcher.prompts[1] == [
         {"role": "user", "content": "alice: first"},
         answer,
         {"role": "user", "content": "bob: second"},
@@ -342,15 +342,15 @@ async def test_with_several_people_each_message_says_who_wrote_it(
 @pytest.mark.parametrize("text", ["\u200b\u200d\ufeff", " \u200c \u2060 "])
 async def test_invisible_characters_alone_are_an_empty_message(make_service, conversation, text):
     sink = RecordingSink()
-    async with make_service() as (service, engine):
+    async with make_service() as (service, batcher):
         await service.handle(turn(conversation, text), sink)
     assert sink.events == [("finish", replies.empty_message())]
-    assert engine.prompts == []
+    assert batcher.prompts == []
 
 
 async def test_a_lone_surrogate_is_stored_and_answered(make_service, store, conversation):
     sink = RecordingSink()
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         await service.handle(turn(conversation, "broken \ud800 text"), sink)
     assert sink.kinds("finish")
     [question, _answer] = await store.load(str(conversation))
@@ -407,13 +407,13 @@ async def test_a_saved_answer_is_delivered_on_resume_without_generating(
     assert await crashed.save(started, answer="the answer it had generated")
     rebuild = Rebuilder()
     # The resume is attempt 2, which max_attempts=2 still allows.
-    async with make_service(max_attempts=2) as (service, engine):
+    async with make_service(max_attempts=2) as (service, batcher):
         service.serve_platform(platform, rebuild)
         await until(lambda: gone(redis_client, pending.id))
     assert rebuild.targets == [target]
     [sink] = rebuild.sinks
     assert sink.events == [("finish", "the answer it had generated")]
-    assert engine.prompts == []
+    assert batcher.prompts == []
     assert await store.load(pending.conversation) == [
         {"role": "user", "content": "a question"},
         {"role": "assistant", "content": "the answer it had generated"},
@@ -431,21 +431,21 @@ async def test_a_turn_past_its_attempts_is_given_up_and_removed(
         )
     assert claimed.attempts == 3
     rebuild = Rebuilder()
-    async with make_service(max_attempts=3) as (service, engine):
+    async with make_service(max_attempts=3) as (service, batcher):
         service.serve_platform(platform, rebuild)  # its claim is attempt 4
         await until(lambda: gone(redis_client, pending.id))
     [sink] = rebuild.sinks
     assert sink.events == [("fail", replies.gave_up(3))]
-    assert engine.prompts == []
+    assert batcher.prompts == []
     assert await store.load(pending.conversation) == []
 
 
 async def test_drain_leaves_a_running_turn_pending_without_counting_the_try(
     make_service, make_batcher, redis_client, store, journal, platform
 ):
-    gated = GatedEngine(make_batcher())
+    gated = GatedBatcher(make_batcher())
     sink = RecordingSink()
-    async with make_service(gated) as (service, _engine):
+    async with make_service(gated) as (service, _batcher):
         try:
             message = on(platform, "a question")
             task = await service.accept(message, sink)
@@ -476,8 +476,8 @@ async def test_drain_leaves_a_running_turn_pending_without_counting_the_try(
 async def test_a_fifth_unanswered_turn_is_refused_until_the_first_four_are_answered(
     make_service, make_batcher, platform
 ):
-    gated = GatedEngine(make_batcher())
-    async with make_service(gated) as (service, _engine):  # max_pending_per_user=4
+    gated = GatedBatcher(make_batcher())
+    async with make_service(gated) as (service, _batcher):  # max_pending_per_user=4
         try:
             sinks = [RecordingSink() for _ in range(6)]
             tasks = [await service.accept(on(platform, f"q{i}"), sinks[i]) for i in range(4)]
@@ -496,7 +496,7 @@ async def test_a_fifth_unanswered_turn_is_refused_until_the_first_four_are_answe
 async def test_forget_deletes_the_conversation_and_reset_keeps_it_known(
     make_service, store, conversation
 ):
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         await service.handle(turn(conversation, "remember me"), RecordingSink())
         await service.handle(replace(turn(conversation, "reset"), command="reset"), RecordingSink())
         assert await service.knows(conversation)  # the bot still answers there unasked
@@ -513,8 +513,8 @@ async def test_the_lease_is_kept_while_a_drain_waits(
 ):
     """Otherwise another process would take over an answer still finishing in the grace
     period, and both would answer it."""
-    gated = GatedEngine(make_batcher())
-    async with make_service(gated) as (service, _engine):
+    gated = GatedBatcher(make_batcher())
+    async with make_service(gated) as (service, _batcher):
         try:
             task = await service.accept(on(platform), RecordingSink())
             assert task is not None
@@ -539,7 +539,7 @@ async def test_a_failure_that_cannot_be_told_still_ends_the_turn(
     make_service, make_batcher, redis_client, platform
 ):
     message = on(platform)
-    async with make_service(FailsOnceEngine(make_batcher())) as (service, _engine):
+    async with make_service(FailsOnceBatcher(make_batcher())) as (service, _batcher):
         await service.handle(message, RefusingSink())
         assert await gone(redis_client, f"{platform}:{message.message_id}")  # not retried
 
@@ -558,7 +558,7 @@ async def test_a_turn_whose_thread_cannot_be_rebuilt_does_not_block_the_others(
             raise KeyError("thread")
         return rebuild(target)
 
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         service.serve_platform(platform, rebuild_or_fail)
         await until(lambda: gone(redis_client, good.id))
         await until(lambda: gone(redis_client, broken.id))
@@ -586,7 +586,7 @@ async def test_a_message_taken_during_a_drain_saves_where_its_pause_text_is(
 
     sink = PostingSink()
     message = on(platform)
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         await service.drain(0)
         assert await service.accept(message, sink) is None  # left for the next start
         turn_id = f"{platform}:{message.message_id}"

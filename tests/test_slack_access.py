@@ -34,7 +34,7 @@ async def denied_reply(slack, channel: str, thread_ts: str | None) -> list[str]:
 
 async def test_a_denied_user_hears_once_and_nothing_is_stored(slack, socket_mode, redis_client):
     channel = new_id("C")
-    async with socket_mode(access=rules(users={"deny": ["U0BOB"]})) as (_service, engine):
+    async with socket_mode(access=rules(users={"deny": ["U0BOB"]})) as (_service, batcher):
         first = slack.app_mention(channel, "hello", user="U0BOB")
         await slack.send_event(first)
         await slack.send_event(slack.app_mention(channel, "again", user="U0BOB",
@@ -44,7 +44,7 @@ async def test_a_denied_user_hears_once_and_nothing_is_stored(slack, socket_mode
         await slack.send_event(allowed)
         await final_reply(slack, channel, allowed["ts"])
     assert texts == [replies.denied()]
-    assert [p[-1]["content"] for p in engine.prompts] == ["hi, I may"]
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hi, I may"]
     assert not await redis_client.exists(keys.conversation(f"slack:T0001:{channel}:{first['ts']}"))
 
 
@@ -59,17 +59,17 @@ async def test_a_denied_user_hears_once_and_nothing_is_stored(slack, socket_mode
 )
 async def test_channels_workspaces_and_allow_lists(slack, socket_mode, denies):
     channel = new_id("C")
-    async with socket_mode(access=denies(channel)) as (_service, engine):
+    async with socket_mode(access=denies(channel)) as (_service, batcher):
         mention = slack.app_mention(channel, "hello")
         await slack.send_event(mention)
         texts = await denied_reply(slack, channel, mention["ts"])
     assert texts == [replies.denied()]
-    assert engine.prompts == []
+    assert batcher.prompts == []
 
 
 async def test_dms_off_and_deny_silent(slack, socket_mode):
     access = rules(dms=False).model_copy(update={"deny": "silent"})
-    async with socket_mode(access=access) as (_service, engine):
+    async with socket_mode(access=access) as (_service, batcher):
         dm = new_id("D")
         await slack.send_event(slack.dm(dm, "hi there"))
         texts = await denied_reply(slack, dm, None)
@@ -77,22 +77,22 @@ async def test_dms_off_and_deny_silent(slack, socket_mode):
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
     assert texts == []
-    assert [p[-1]["content"] for p in engine.prompts] == ["but here is fine"]
+    assert [p[-1]["content"] for p in batcher.prompts] == ["but here is fine"]
 
 
 async def test_slack_connect_strangers_are_denied_unless_allowed(slack, socket_mode):
     slack.users["U0GUEST"] = "guest"
     slack.external_users["U0GUEST"] = "T0OTHER"
     shared = new_id("C")
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         mention = slack.app_mention(shared, "hello from elsewhere", user="U0GUEST")
         await slack.send_event(mention)
         texts = await denied_reply(slack, shared, mention["ts"])
     assert texts == [replies.denied()]
-    assert engine.prompts == []
+    assert batcher.prompts == []
 
-    async with socket_mode(access=rules(users={"allow": ["U0GUEST", "U0ALICE"]})) as (_s, engine):
+    async with socket_mode(access=rules(users={"allow": ["U0GUEST", "U0ALICE"]})) as (_s, batcher):
         mention = slack.app_mention(shared, "hello again", user="U0GUEST")
         await slack.send_event(mention)
         await final_reply(slack, shared, mention["ts"])
-    assert [p[-1]["content"] for p in engine.prompts] == ["hello again"]
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hello again"]

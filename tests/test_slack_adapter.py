@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from conftest import (
     LONG_CODE_ANSWER,
-    FailsOnceEngine,
-    GatedEngine,
-    ScriptedEngine,
+    FailsOnceBatcher,
+    GatedBatcher,
+    ScriptedBatcher,
     assert_split_with_fences,
     running,
 )
@@ -80,7 +80,7 @@ async def test_a_mention_is_answered_in_its_thread(slack, socket_mode, bundled_b
 
 
 async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         mention = slack.app_mention("C0001", "hello bot")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -90,29 +90,29 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
         elsewhere = slack.user_message("C0001", "unrelated chatter")
         await slack.send_event(elsewhere)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
-    assert [p[-1]["content"] for p in engine.prompts] == ["hello bot", "and another thing"]
-    assert len(engine.prompts[1]) == 3  # the thread's history came along
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hello bot", "and another thing"]
+    assert len(batcher.prompts[1]) == 3  # the thread's history came along
 
 
 async def test_a_dm_is_answered_in_the_dm(slack, socket_mode):
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         await slack.send_event(slack.dm("D0001", "hi there"))
         reply = await final_reply(slack, "D0001", None)
     assert reply["text"]
-    assert engine.prompts == [[{"role": "user", "content": "hi there"}]]
+    assert batcher.prompts == [[{"role": "user", "content": "hi there"}]]
 
 
 async def test_bots_are_not_answered(slack, socket_mode):
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         await slack.send_event(slack.bot_message("C0001", f"<@{slack.bot_user_id}> ping"))
         await slack.send_event(slack.dm("D0001", "from a person"))
         await final_reply(slack, "D0001", None)
     assert bot_posts(slack, "C0001") == []
-    assert len(engine.prompts) == 1
+    assert len(batcher.prompts) == 1
 
 
 async def test_edits_are_not_answered_and_a_dm_thread_is_its_own_conversation(slack, socket_mode):
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         first = slack.dm("D0001", "top level")
         await slack.send_event(first)
         await final_reply(slack, "D0001", None)
@@ -129,17 +129,17 @@ async def test_edits_are_not_answered_and_a_dm_thread_is_its_own_conversation(sl
         await final_reply(slack, "D0001", first["ts"])
     # The DM thread is its own conversation, seeded from the thread (its parent message)
     # rather than continuing the DM's, which holds the bot's top-level answer.
-    assert engine.prompts[1] == [
+    assert batcher.prompts[1] == [
         {"role": "user", "content": "top level"},
         {"role": "user", "content": "in a thread"},
     ]
-    assert len(engine.prompts) == 2  # the edit was not answered
+    assert len(batcher.prompts) == 2  # the edit was not answered
 
 
 async def test_in_a_group_dm_a_mention_is_answered_in_its_thread(slack, socket_mode):
     """A group DM (message.mpim) is answered as a channel is: a mention, even with no
     app_mention event for it, opens a thread; its follow-ups need none; chatter is left."""
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         _mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
         await slack.send_event(message)
         await final_reply(slack, "G0GROUP", message["ts"])
@@ -151,36 +151,36 @@ async def test_in_a_group_dm_a_mention_is_answered_in_its_thread(slack, socket_m
         chatter = slack.user_message("G0GROUP", "lunch?", channel_type="mpim", user="U0BOB")
         await slack.send_event(chatter)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
-    assert [p[-1]["content"] for p in engine.prompts] == ["hello all", "bob: and you?"]
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hello all", "bob: and you?"]
     assert len(bot_posts(slack, "G0GROUP")) == 2
 
 
 async def test_in_a_group_dm_a_mention_sent_twice_gets_one_answer(slack, socket_mode):
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         mention, message = slack.mention_pair("G0GROUP", "once, please", channel_type="mpim")
         await slack.send_event(message)
         await slack.send_event(mention)
         await final_reply(slack, "G0GROUP", mention["ts"])
         await asyncio.gather(*(slack.wait_for_ack(e["envelope_id"]) for e in slack.envelopes))
-    assert len(engine.prompts) == 1
+    assert len(batcher.prompts) == 1
     assert len(bot_posts(slack, "G0GROUP")) == 1
 
 
 async def test_each_message_gets_one_answer(slack, socket_mode):
     """The app_mention/message pair and a retried delivery all mean one message."""
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         mention, message = slack.mention_pair("C0001", "answer me once")
         await slack.send_event(mention, event_id="Ev1")
         await slack.send_event(message, event_id="Ev2")
         await slack.send_event(mention, event_id="Ev1", retry_attempt=1, retry_reason="timeout")
         await final_reply(slack, "C0001", mention["ts"])
         await asyncio.gather(*(slack.wait_for_ack(e["envelope_id"]) for e in slack.envelopes))
-    assert len(engine.prompts) == 1
+    assert len(batcher.prompts) == 1
     assert len(bot_posts(slack, "C0001")) == 1
 
 
 async def test_a_long_answer_is_split_across_thread_messages(slack, socket_mode):
-    async with socket_mode(ScriptedEngine(LONG_CODE_ANSWER)):
+    async with socket_mode(ScriptedBatcher(LONG_CODE_ANSWER)):
         mention = slack.app_mention("C0001", "write a long program")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -198,7 +198,7 @@ async def test_an_event_is_acknowledged_once_its_turn_is_recorded(
 ):
     """bolt acks after the listener (process_before_response), and the listener returns
     once the turn is in the journal: an event Slack saw acknowledged is never lost."""
-    gated = GatedEngine(make_batcher())
+    gated = GatedBatcher(make_batcher())
     async with socket_mode(gated):
         mention = slack.app_mention("C0001", "hello")
         await slack.wait_for_ack(await slack.send_event(mention))
@@ -232,7 +232,7 @@ async def test_an_event_is_acknowledged_once_its_turn_is_recorded(
 
 
 async def test_a_rate_limited_update_is_retried_and_the_answer_arrives(slack, socket_mode):
-    async with socket_mode(ScriptedEngine("The final answer.")):
+    async with socket_mode(ScriptedBatcher("The final answer.")):
         slack.rate_limit("chat.update", count=2, retry_after=0)
         mention = slack.app_mention("C0001", "hi")
         await slack.send_event(mention)
@@ -242,7 +242,7 @@ async def test_a_rate_limited_update_is_retried_and_the_answer_arrives(slack, so
 
 
 async def test_model_output_cannot_ping_the_channel(slack, socket_mode):
-    async with socket_mode(ScriptedEngine("Hey <!channel> and <@U0BOB>, **read** this")):
+    async with socket_mode(ScriptedBatcher("Hey <!channel> and <@U0BOB>, **read** this")):
         mention = slack.app_mention("C0001", "say something")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -251,7 +251,7 @@ async def test_model_output_cannot_ping_the_channel(slack, socket_mode):
 
 async def test_the_reply_says_when_older_history_was_left_out(slack, socket_mode, make_engine):
     budget = make_engine().count_tokens([{"role": "user", "content": "x " * 40}])
-    async with socket_mode(ScriptedEngine("Noted."), prompt_budget=budget):
+    async with socket_mode(ScriptedBatcher("Noted."), prompt_budget=budget):
         mention = slack.app_mention("C0001", "a " * 30)
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -263,13 +263,13 @@ async def test_the_reply_says_when_older_history_was_left_out(slack, socket_mode
 
 async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket_mode):
     """With two people in the thread, each message says who wrote it."""
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
         slack.user_message("C0001", "is that wise?", thread_ts=parent["ts"])
         mention = slack.app_mention("C0001", "what do you think, <@U0BOB>?", thread_ts=parent["ts"])
         await slack.send_event(mention)
         await final_reply(slack, "C0001", parent["ts"])
-    assert engine.prompts[0] == [
+    assert batcher.prompts[0] == [
         {"role": "user", "content": "bob: we deploy on fridays"},
         {"role": "user", "content": "alice: is that wise?"},
         {"role": "user", "content": "alice: what do you think, @bob?"},
@@ -282,7 +282,7 @@ async def test_mentioned_late_in_a_long_thread_the_bot_reads_what_came_just_befo
 ):
     """Of a 120-message thread, the 50 messages just before the mention, in order, read
     page by page; nothing posted after the mention."""
-    async with socket_mode(ScriptedEngine("Noted.")) as (_service, engine):
+    async with socket_mode(ScriptedBatcher("Noted.")) as (_service, batcher):
         parent = slack.user_message("C0001", "message 0")
         for number in range(1, 120):
             slack.user_message("C0001", f"message {number}", thread_ts=parent["ts"])
@@ -290,7 +290,7 @@ async def test_mentioned_late_in_a_long_thread_the_bot_reads_what_came_just_befo
         slack.user_message("C0001", "posted after the mention", thread_ts=parent["ts"])
         await slack.send_event(mention)
         await final_reply(slack, "C0001", parent["ts"])
-    [prompt] = engine.prompts
+    [prompt] = batcher.prompts
     assert [message["content"] for message in prompt] == [
         *(f"message {number}" for number in range(120 - THREAD_CONTEXT_LIMIT, 120)),
         "sum it up",
@@ -311,7 +311,7 @@ async def test_reset_clears_the_thread(slack, socket_mode):
 
 
 async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode, make_batcher):
-    async with socket_mode(FailsOnceEngine(make_batcher())):
+    async with socket_mode(FailsOnceBatcher(make_batcher())):
         first = slack.app_mention("C0001", "first")
         await slack.send_event(first)
         failed = await final_reply(slack, "C0001", first["ts"])
@@ -324,7 +324,7 @@ async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode,
 
 async def test_a_storage_failure_before_the_service_is_still_answered(slack, socket_mode):
     """Redis failing while the adapter looks the thread up: the user hears, the bot goes on."""
-    async with socket_mode() as (service, engine):
+    async with socket_mode() as (service, batcher):
         real_knows = service.knows
         calls = 0
 
@@ -341,7 +341,7 @@ async def test_a_storage_failure_before_the_service_is_still_answered(slack, soc
         await slack.send_event(slack.dm("D0001", "second"))
         answered = await final_reply(slack, "D0001", None, after=1)
     assert failed["text"] == replies.failed()
-    assert answered["text"] and engine.prompts[-1][-1]["content"] == "second"
+    assert answered["text"] and batcher.prompts[-1][-1]["content"] == "second"
 
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
@@ -356,7 +356,7 @@ async def test_a_refused_bot_token_stops_the_start_naming_it(slack, make_service
     settings = Settings(
         _env_file=None, slack_bot_token="xoxb-revoked", slack_api_url=slack.api_url, **connection
     )
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         adapter = SlackAdapter.from_settings(settings, service)
         with pytest.raises(AdapterError) as refused:
             await asyncio.wait_for(adapter.run(), timeout=30)
@@ -371,7 +371,7 @@ async def test_an_unreachable_slack_api_stops_the_start_naming_its_url(make_serv
     settings = Settings(
         _env_file=None, slack_bot_token="xoxb-1", slack_app_token="xapp-1", slack_api_url=url
     )
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         adapter = SlackAdapter.from_settings(settings, service)
         with pytest.raises(AdapterError) as unreachable:
             await asyncio.wait_for(adapter.run(), timeout=30)
@@ -395,7 +395,7 @@ async def test_http_mode_checks_signatures(slack, make_service):
     url = f"http://127.0.0.1:{port}/slack/events"
     async with (
         OpsServer(vitals=vitals, metrics=metrics, port=port, host="127.0.0.1") as server,
-        make_service() as (service, engine),
+        make_service() as (service, batcher),
         running(SlackAdapter.from_settings(settings, service, routes=server)),
         aiohttp.ClientSession() as http,
     ):
@@ -411,7 +411,7 @@ async def test_http_mode_checks_signatures(slack, make_service):
         genuine = slack.app_mention("C0001", "genuine")
         assert await slack.post_event(url, genuine) == 200
         await final_reply(slack, "C0001", genuine["ts"])
-    assert [p[-1]["content"] for p in engine.prompts] == ["genuine"]
+    assert [p[-1]["content"] for p in batcher.prompts] == ["genuine"]
 
 
 @pytest.mark.slow
@@ -438,13 +438,13 @@ async def test_threadbot_run_serves_slack_until_sigterm(slack, threadbot_run):
 async def test_a_text_file_shared_with_a_mention_reaches_the_prompt(slack, socket_mode):
     """Slack sends app_mention and a file_share message for it: one answer, file read."""
     plan = slack.upload("plan.txt", "Ship on Friday — maybe.".encode(), "text/plain")
-    async with socket_mode(max_input_chars=2000) as (_service, engine):
+    async with socket_mode(max_input_chars=2000) as (_service, batcher):
         mention, message = slack.mention_pair("C0001", "what does this say?", files=[plan])
         await slack.send_event(mention)
         await slack.send_event(message)
         await final_reply(slack, "C0001", mention["ts"])
         await asyncio.gather(*(slack.wait_for_ack(e["envelope_id"]) for e in slack.envelopes))
-    assert [p[-1]["content"] for p in engine.prompts] == [
+    assert [p[-1]["content"] for p in batcher.prompts] == [
         "what does this say?\n\n[attached: plan.txt]\nShip on Friday — maybe."
     ]
     assert len(bot_posts(slack, "C0001")) == 1
@@ -454,20 +454,20 @@ async def test_a_text_file_shared_with_a_mention_reaches_the_prompt(slack, socke
 async def test_a_mention_sharing_a_file_is_answered_without_its_app_mention(slack, socket_mode):
     """Slack may send only the file_share message for a mention that shares a file."""
     notes = slack.upload("notes.md", b"# Notes", "text/markdown")
-    async with socket_mode(max_input_chars=2000) as (_service, engine):
+    async with socket_mode(max_input_chars=2000) as (_service, batcher):
         _mention, message = slack.mention_pair("C0001", "read this", files=[notes])
         await slack.send_event(message)
         await final_reply(slack, "C0001", message["ts"])
-    assert engine.prompts[0][-1]["content"] == "read this\n\n[attached: notes.md]\n# Notes"
+    assert batcher.prompts[0][-1]["content"] == "read this\n\n[attached: notes.md]\n# Notes"
 
 
 async def test_a_binary_file_alone_is_named_and_not_downloaded(slack, socket_mode):
     photo = slack.upload("photo.png", b"\x89PNG\r\n" + bytes(120_000), "image/png")
     dm = f"D{uuid.uuid4().hex[:8].upper()}"  # a DM of its own: no history from other tests
-    async with socket_mode(max_input_chars=2000) as (_service, engine):
+    async with socket_mode(max_input_chars=2000) as (_service, batcher):
         await slack.send_event(slack.file_share(dm, "", [photo], channel_type="im"))
         await final_reply(slack, dm, None)
-    assert engine.prompts == [
+    assert batcher.prompts == [
         [{"role": "user", "content": "[attached: photo.png, image/png, 121 KB: not read]"}]
     ]
     assert slack.downloads == []
@@ -475,7 +475,7 @@ async def test_a_binary_file_alone_is_named_and_not_downloaded(slack, socket_mod
 
 async def test_a_file_shared_in_a_known_thread_is_answered(slack, socket_mode):
     script = slack.upload("fix.py", b"print('hello')\n", "text/x-python")
-    async with socket_mode(max_input_chars=2000) as (_service, engine):
+    async with socket_mode(max_input_chars=2000) as (_service, batcher):
         mention = slack.app_mention("C0001", "I will send a script")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -484,7 +484,7 @@ async def test_a_file_shared_in_a_known_thread_is_answered(slack, socket_mode):
         elsewhere = slack.file_share("C0001", "not for the bot", [script])
         await slack.send_event(elsewhere)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
-    assert [p[-1]["content"] for p in engine.prompts] == [
+    assert [p[-1]["content"] for p in batcher.prompts] == [
         "I will send a script",
         "[attached: fix.py]\nprint('hello')",
     ]
@@ -494,10 +494,10 @@ async def test_a_file_shared_in_a_known_thread_is_answered(slack, socket_mode):
 async def test_a_file_slack_will_not_serve_is_named_and_the_turn_goes_on(slack, socket_mode):
     gone = slack.upload("gone.txt", b"deleted meanwhile", "text/plain")
     del slack.files[gone["id"]]
-    async with socket_mode(max_input_chars=2000) as (_service, engine):
+    async with socket_mode(max_input_chars=2000) as (_service, batcher):
         await slack.send_event(slack.file_share("D0001", "see file", [gone], channel_type="im"))
         reply = await final_reply(slack, "D0001", None)
-    assert engine.prompts[0][-1]["content"] == (
+    assert batcher.prompts[0][-1]["content"] == (
         "see file\n\n[attached: gone.txt, text/plain, 17 bytes: not read: the download failed]"
     )
     assert reply["text"]
@@ -520,7 +520,7 @@ async def test_a_download_without_the_bot_token_meets_the_sign_in_page(slack):
 
 async def test_reasoning_is_never_posted(slack, socket_mode):
     reasoning = "<think>" + "The user wants a greeting, so I will greet them. " * 8 + "</think>"
-    async with socket_mode(ScriptedEngine(reasoning + "Hello there!")):
+    async with socket_mode(ScriptedBatcher(reasoning + "Hello there!")):
         mention = slack.app_mention("C0001", "hi")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])

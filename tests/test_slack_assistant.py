@@ -5,7 +5,7 @@ suggested prompts when a thread starts, the status while a turn is queued and an
 
 from __future__ import annotations
 
-from conftest import FailsOnceEngine, GatedEngine, ScriptedEngine
+from conftest import FailsOnceBatcher, GatedBatcher, ScriptedBatcher
 from fake_slack import FakeSlack
 from test_slack_adapter import final_reply
 
@@ -31,7 +31,7 @@ async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, s
 async def test_the_status_shows_while_answering_and_the_title_is_the_first_question(
     slack, socket_mode, make_batcher
 ):
-    gated = GatedEngine(make_batcher())
+    gated = GatedBatcher(make_batcher())
     async with socket_mode(gated, streaming="auto"):
         started = slack.assistant_thread_started("D0001")
         await slack.send_event(started)
@@ -58,7 +58,7 @@ async def test_the_status_shows_while_answering_and_the_title_is_the_first_quest
 
 
 async def test_a_failed_answer_clears_the_status(slack, socket_mode, make_batcher):
-    async with socket_mode(FailsOnceEngine(make_batcher()), streaming="auto"):
+    async with socket_mode(FailsOnceBatcher(make_batcher()), streaming="auto"):
         started = slack.assistant_thread_started("D0001")
         await slack.send_event(started)
         thread_ts = started["assistant_thread"]["thread_ts"]
@@ -72,7 +72,7 @@ async def test_a_failed_answer_clears_the_status(slack, socket_mode, make_batche
 
 
 async def test_a_pane_answer_by_edits_sets_the_status_too(slack, socket_mode):
-    async with socket_mode(ScriptedEngine("Fine, thanks."), streaming="edit"):
+    async with socket_mode(ScriptedBatcher("Fine, thanks."), streaming="edit"):
         started = slack.assistant_thread_started("D0001")
         await slack.send_event(started)
         thread_ts = started["assistant_thread"]["thread_ts"]

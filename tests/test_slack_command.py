@@ -27,7 +27,7 @@ async def responses(slack: FakeSlack, trigger_id: str) -> list[dict]:
 
 async def test_reset_in_a_dm_clears_that_dm_and_answers_only_its_sender(slack, socket_mode, store):
     dm = new_dm()
-    async with socket_mode() as (_service, engine):
+    async with socket_mode() as (_service, batcher):
         await slack.send_event(slack.dm(dm, "remember the number 42"))
         await final_reply(slack, dm, None)
         assert await store.load(f"slack:T0001:{dm}:{dm}")
@@ -39,7 +39,7 @@ async def test_reset_in_a_dm_clears_that_dm_and_answers_only_its_sender(slack, s
         await final_reply(slack, dm, None, after=1)
     assert response["response_type"] == "ephemeral"
     assert response["text"] == replies.conversation_reset()
-    assert engine.prompts[-1] == [{"role": "user", "content": "what was the number?"}]
+    assert batcher.prompts[-1] == [{"role": "user", "content": "what was the number?"}]
 
 
 @pytest.mark.parametrize("text", ["", "help", "frobnicate the widgets"])
@@ -92,7 +92,7 @@ async def test_commands_as_text_and_as_the_slash_command_with_their_permissions(
     prompt. Alice may."""
     channel = f"C{uuid.uuid4().hex[:10].upper()}"
     admins = Access(admins=("U0ALICE",))
-    async with socket_mode(access=admins, system_prompt="Be brief.") as (_service, _engine):
+    async with socket_mode(access=admins, system_prompt="Be brief.") as (_service, _batcher):
         mention = slack.app_mention(channel, "remember the number 42")
         await slack.send_event(mention)
         await final_reply(slack, channel, mention["ts"])

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import uuid
 
-from conftest import ScriptedEngine
+from conftest import ScriptedBatcher
 from fake_slack import FakeSlack
 from slack_sdk.web.async_client import AsyncWebClient
 from test_slack_adapter import final_reply
@@ -41,7 +41,7 @@ def streamed_text(slack: FakeSlack, ts: str) -> str:
 
 
 async def test_an_answer_streams_natively_into_its_thread(slack, socket_mode):
-    async with socket_mode(ScriptedEngine(ANSWER), streaming="auto"):
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="auto"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -65,7 +65,7 @@ async def test_a_stream_for_a_slack_connect_guest_names_their_own_team(slack, so
     slack.users["U0GUEST"] = "guest"
     slack.external_users["U0GUEST"] = "T0OTHER"
     guests = Access.model_validate({"slack": {"users": {"allow": ["U0GUEST"]}}})
-    async with socket_mode(ScriptedEngine(ANSWER), streaming="native", access=guests):
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="native", access=guests):
         mention = slack.app_mention("C0SHARED", "hello from elsewhere", user="U0GUEST")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0SHARED", mention["ts"])
@@ -81,7 +81,7 @@ async def test_a_long_native_answer_continues_in_further_streams(slack, socket_m
     paragraphs = [f"Paragraph {n}: " + "lorem ipsum " * 40 for n in range(60)]
     answer = "\n\n".join(paragraphs)
     assert len(answer) > 2 * MARKDOWN_LIMIT
-    async with socket_mode(ScriptedEngine(answer), streaming="native"):
+    async with socket_mode(ScriptedBatcher(answer), streaming="native"):
         mention = slack.app_mention("C0001", "write a lot")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -100,7 +100,7 @@ async def test_a_refusing_workspace_is_answered_by_edits_and_not_asked_again(
 ):
     slack.refuse_streaming("method_not_allowed_for_app")
     caplog.set_level(logging.WARNING, logger="adapters.slack_adapter")
-    async with socket_mode(ScriptedEngine(ANSWER), streaming="auto"):
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="auto"):
         first = slack.app_mention("C0001", "first question")
         await slack.send_event(first)
         refused = await final_reply(slack, "C0001", first["ts"])
@@ -135,7 +135,7 @@ async def test_a_refused_first_post_that_ends_the_turn_is_posted_by_the_edit_pat
 
 
 async def test_edit_mode_never_streams(slack, socket_mode):
-    async with socket_mode(ScriptedEngine(ANSWER), streaming="edit"):
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="edit"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -144,7 +144,7 @@ async def test_edit_mode_never_streams(slack, socket_mode):
 
 
 async def test_a_top_level_dm_answer_is_edited_as_slack_streams_only_in_threads(slack, socket_mode):
-    async with socket_mode(ScriptedEngine(ANSWER), streaming="native"):
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="native"):
         dm = f"D{uuid.uuid4().hex[:10].upper()}"  # a DM of its own: no other test's history
         await slack.send_event(slack.dm(dm, "hi"))
         reply = await final_reply(slack, dm, None)
@@ -160,7 +160,7 @@ async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, sock
             slack.end_streams()
 
     slack.after_call = end_at_once
-    async with socket_mode(ScriptedEngine(ANSWER), streaming="native"):
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="native"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
@@ -181,8 +181,8 @@ async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, socke
             slack.stop_by_user("C0001", call.response["ts"])
 
     slack.after_call = stop_at_once
-    engine = ScriptedEngine(ANSWER)
-    async with socket_mode(engine, streaming="native") as (service, _):
+    batcher = ScriptedBatcher(ANSWER)
+    async with socket_mode(batcher, streaming="native") as (service, _):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         key = str(ConversationKey("slack", "T0001", "C0001", mention["ts"]))
@@ -217,7 +217,7 @@ async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_
              "messages": [begun["ts"]]}  # fmt: skip
     settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
                         slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         sink = SlackAdapter.from_settings(settings, service)._resumed(saved)
         await sink.start()
         await sink.append("Paris is the capital")

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import GatedEngine
+from conftest import GatedBatcher
 from test_service import RecordingSink
 
 from bot import replies
@@ -39,7 +39,7 @@ async def test_a_denied_user_is_told_once_an_hour_per_channel(make_service, conv
     told: list[str] = []
     bob = Requester("slack", new_user(), "CSUPPORT", workspace="TACME")
     rules = Access.model_validate({"slack": {"users": {"deny": [bob.user]}}})
-    async with make_service(access=rules) as (service, _engine):
+    async with make_service(access=rules) as (service, _batcher):
         for _ in range(3):
             assert not await service.admit(bob, conversation, told.append)
         assert await service.admit(Requester("slack", "UALICE", "CSUPPORT"), conversation,
@@ -55,7 +55,7 @@ async def test_a_denied_user_is_told_once_an_hour_per_channel(make_service, conv
 async def test_deny_silent_says_nothing(make_service, conversation):
     told: list[str] = []
     rules = Access.model_validate({"deny": "silent", "slack": {"dms": False}})
-    async with make_service(access=rules) as (service, _engine):
+    async with make_service(access=rules) as (service, _batcher):
         dm = Requester("slack", new_user(), "DBOB", dm=True)
         assert not await service.admit(dm, conversation, told.append)
     assert told == []
@@ -66,11 +66,11 @@ async def test_the_rate_limit_holds_across_a_restart(make_service, store, conver
     and not stored; another user is not affected."""
     rules = Access(rate_limit_per_minute=2)
     alice, bob = new_user(), new_user()
-    async with make_service(access=rules) as (service, _engine):
+    async with make_service(access=rules) as (service, _batcher):
         for text in ("one", "two"):
             await service.handle(say(conversation, text, author=alice), RecordingSink())
     refused, other = RecordingSink(), RecordingSink()
-    async with make_service(access=rules) as (service, _engine):
+    async with make_service(access=rules) as (service, _batcher):
         await service.handle(say(conversation, "three", author=alice), refused)
         await service.handle(say(conversation, "four", author=bob), other)
     [text] = refused.kinds("finish")
@@ -93,12 +93,12 @@ async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
 
     monkeypatch.setattr("bot.service.placeholder_values", values)
     persona = {"channel": "CSUPPORT", "system_prompt": "{bot_name} for {user_name} at {time}."}
-    async with make_service(personas=[persona], system_prompt="Global.") as (service, engine):
+    async with make_service(personas=[persona], system_prompt="Global.") as (service, batcher):
         talk = {"author_name": "Alice", "bot_name": "Helper", "channel_name": "support"}
         await service.handle(say(conversation, "first", **talk), RecordingSink())
         await service.handle(say(conversation, "second", author="UBOB", author_name="Bob",
                                  bot_name="Helper"), RecordingSink())  # fmt: skip
-        first, second = engine.prompts[0][0], engine.prompts[1][0]
+        first, second = batcher.prompts[0][0], batcher.prompts[1][0]
         assert first == second == {"role": "system", "content": "Helper for Alice at 09:00 UTC."}
 
         service.team.settings = service.team.settings.model_copy(
@@ -107,11 +107,11 @@ async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
             }
         )  # what a reload does
         await service.handle(say(conversation, "third", **talk), RecordingSink())
-        assert engine.prompts[2][0]["content"] == "New: 09:01 UTC."
+        assert batcher.prompts[2][0]["content"] == "New: 09:01 UTC."
 
         await service.handle(command(conversation, "reset"), RecordingSink())
         await service.handle(say(conversation, "fourth", **talk), RecordingSink())
-        assert engine.prompts[3][0]["content"] == "New: 09:02 UTC."
+        assert batcher.prompts[3][0]["content"] == "New: 09:02 UTC."
 
         sink = RecordingSink()
         await service.handle(command(conversation, "prompt"), sink)
@@ -120,7 +120,7 @@ async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
 
 async def test_only_the_starter_or_an_admin_may_reset_or_forget(make_service, store, conversation):
     rules = Access(admins=("UADMIN",))
-    async with make_service(access=rules) as (service, _engine):
+    async with make_service(access=rules) as (service, _batcher):
         await service.handle(say(conversation, "hello"), RecordingSink())  # Alice starts it
         for name in ("reset", "forget"):
             refused = RecordingSink()
@@ -144,7 +144,7 @@ async def test_help_and_admin_commands(make_service, conversation, tmp_path: Pat
     config.write_text("access:\n  admins: [UADMIN]\n")
     monkeypatch.setenv("THREADBOT_CONFIG", str(config))
     settings = load_settings()
-    async with make_service(access=settings.access) as (service, _engine):
+    async with make_service(access=settings.access) as (service, _batcher):
 
         async def run(name: str, author: str) -> str:
             sink = RecordingSink()
@@ -170,10 +170,10 @@ async def test_help_and_admin_commands(make_service, conversation, tmp_path: Pat
 
 
 async def test_status_tells_the_queue_and_your_place(make_service, make_batcher, conversation):
-    """Alice's first question is being answered (the engine is held), her second, in another
+    """Alice's first question is being answered (the batcher is held), her second, in another
     thread, waits; Bob asks for the status meanwhile."""
-    gated = GatedEngine(make_batcher(max_batch=1))
-    async with make_service(gated, model_name="tiny (float32 on cpu)") as (service, _engine):
+    gated = GatedBatcher(make_batcher(max_batch=1))
+    async with make_service(gated, model_name="tiny (float32 on cpu)") as (service, _batcher):
         alice = new_user()
         answering = [RecordingSink(), RecordingSink()]
         threads = [conversation, ConversationKey("slack", "TACME", "CSUPPORT", uuid.uuid4().hex)]
@@ -199,26 +199,26 @@ async def test_status_tells_the_queue_and_your_place(make_service, make_batcher,
 
 async def test_stats_sums_up_the_last_hour_for_admins(make_service, conversation):
     admin = new_user()
-    async with make_service(access=Access(admins=(admin,))) as (service, engine):
+    async with make_service(access=Access(admins=(admin,))) as (service, spy):
         for text in ("one", "two"):
             await service.handle(say(conversation, text), RecordingSink())
         sink = RecordingSink()
         await service.handle(command(conversation, "stats", author=admin), sink)
     [text] = sink.kinds("finish")
-    prompt_tokens = sum(len(engine.batcher.engine.prompt_ids(p)) for p in engine.prompts)
+    prompt_tokens = sum(len(spy.batcher.engine.prompt_ids(p)) for p in spy.prompts)
     assert text.startswith(f"Last hour: 2 answers, {prompt_tokens:,} prompt tokens, ")
     assert "latency p50 " in text and "p95 " in text
 
 
-async def test_a_channels_answer_length_and_temperature_reach_the_engine(
+async def test_a_channels_answer_length_and_temperature_reach_the_batcher(
     make_service, conversation
 ):
     persona = {"channel": "CSUPPORT", "max_new_tokens": 5, "temperature": 0}
-    async with make_service(personas=[persona]) as (service, engine):
+    async with make_service(personas=[persona]) as (service, batcher):
         await service.handle(say(conversation, "hello"), RecordingSink())
         elsewhere = ConversationKey("slack", "TACME", "CRANDOM", uuid.uuid4().hex)
         await service.handle(say(elsewhere, "hello"), RecordingSink())
-    assert engine.options == [
+    assert batcher.options == [
         {"max_new_tokens": 5, "temperature": 0},
         {"max_new_tokens": None, "temperature": None},
     ]
@@ -227,7 +227,7 @@ async def test_a_channels_answer_length_and_temperature_reach_the_engine(
 async def test_whoever_runs_the_terminal_chat_is_an_admin(make_service):
     console = ConversationKey("console", "-", "demo", "demo")
     sink = RecordingSink()
-    async with make_service() as (service, _engine):
+    async with make_service() as (service, _batcher):
         await service.handle(command(console, "stats", author="root"), sink)
     assert sink.kinds("finish")[0] != replies.admins_only("stats")
 
@@ -243,8 +243,8 @@ async def test_a_filled_in_prompt_keeps_the_kv_cache_of_the_last_turn(
             ("date", "user_name", "channel_name", "bot_name"), "x")
     )  # fmt: skip
     persona = {"platform": "slack", "system_prompt": "It is {time}. Be brief."}
-    async with make_service(personas=[persona]) as (service, engine):
+    async with make_service(personas=[persona]) as (service, spy):
         await service.handle(say(conversation, "first"), RecordingSink())
         await service.handle(say(conversation, "second"), RecordingSink())
-    first_turn = engine.batcher.engine.prompt_ids(engine.prompts[0])
-    assert engine.batcher.stats.reused >= len(first_turn)
+    first_turn = spy.batcher.engine.prompt_ids(spy.prompts[0])
+    assert spy.batcher.stats.reused >= len(first_turn)
