@@ -251,6 +251,18 @@ class FailsOnceBatcher(SpyBatcher):
         return super().step()
 
 
+class BrokenLoopBatcher(SpyBatcher):
+    """A batcher whose every step meets a bug in the engine thread's loop, so the thread dies."""
+
+    @property
+    def max_batch(self) -> int:
+        raise RuntimeError("a bug in the loop")
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        pass
+
+
 class GatedBatcher(SpyBatcher):
     """The real batcher, whose steps wait until the test opens the gate."""
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import aiohttp
 import discord
 import pytest
-from conftest import SpyBatcher, running
+from conftest import BrokenLoopBatcher, SpyBatcher, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
 from fake_slack import FakeSlack
@@ -242,16 +242,7 @@ async def test_discord_is_connected_from_ready_through_a_resume_until_the_gatewa
 
 
 async def test_not_ready_once_the_engine_thread_died(ops, slack, make_batcher):
-    class NoBatchSize(SpyBatcher):
-        @property
-        def max_batch(self) -> int:
-            raise RuntimeError("a bug in the loop")
-
-        @max_batch.setter
-        def max_batch(self, value: int) -> None:
-            pass
-
-    async with ops(NoBatchSize(make_batcher())) as up:
+    async with ops(BrokenLoopBatcher(make_batcher())) as up:
         await until(up.readiness, ready)
         await slack.send_event(slack.app_mention("C0001", "hello"))  # the batcher meets the bug
         _, body = await until(up.readiness, not_ready)

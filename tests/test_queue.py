@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import GatedBatcher, SpyBatcher, answer_alone
+from conftest import BrokenLoopBatcher, GatedBatcher, SpyBatcher, answer_alone
 
 from bot.queue import (
     EngineStopped,
@@ -147,16 +147,9 @@ async def test_closing_the_queue_stops_the_running_generation(make_batcher):
 
 
 async def test_a_broken_engine_loop_stops_requests_and_says_the_engine_died(make_batcher):
-    class NoBatchSize(SpyBatcher):
-        @property
-        def max_batch(self) -> int:
-            raise RuntimeError("a bug in the loop")
-
-        @max_batch.setter
-        def max_batch(self, value: int) -> None:
-            pass
-
-    async with InferenceQueue(batcher=NoBatchSize(make_batcher()), max_size=2, timeout=60) as queue:
+    async with InferenceQueue(
+        batcher=BrokenLoopBatcher(make_batcher()), max_size=2, timeout=60
+    ) as queue:
         with pytest.raises(EngineStopped):
             await asyncio.wait_for(collect(queue.submit(HELLO, user="u", conversation="c")), 10)
         assert queue.died.is_set()  # what `threadbot run` waits on, to exit and be restarted
