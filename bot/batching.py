@@ -12,19 +12,18 @@ runs on CPU and gives the same greedy tokens, but measured on 2 cores with Qwen2
 shape (8 prompts of 200 tokens, 32 new tokens, fp32) it was no faster than one static
 `generate` (3.8-6.9 against 4.7-11.6 tok/s in total, "sdpa"; its paged "eager" path was
 slower still), it ignores `min_new_tokens`, and it shares cache only in whole 256-token
-pages. Here every sequence is a row of one left-padded `DynamicCache`; rows are added
-(padding the shorter side on the left) and removed between steps, and a finished row's
-keys and values go to the `PrefixCache`, so the conversation's next turn prefills only
-its new tokens.
+pages. Here every request is a row with its own slot of a `SlotCache`, joining and leaving
+between steps; a finished row's keys and values go to the `PrefixCache`, so the
+conversation's next turn prefills only its new tokens.
 
-Each step does at most `step_tokens` tokens of work: one token for each decoding row, and
-what is left of the budget for the next chunk of one joining prompt, so a long prompt is
-prefilled in chunks while the running answers keep flowing. With no answer running, a
-prompt is prefilled whole (one forward is cheaper than several).
+Each step is one forward (`bot.ragged`) over at most `step_tokens` tokens: one for each
+decoding row, and what is left of the budget for chunks of the prompts being prefilled,
+shortest first, so a long prompt is prefilled chunk by chunk while the running answers keep
+flowing, and a short prompt that arrives meanwhile is answered after one chunk.
 
-Live KV memory is rows * the longest row (padding included), so admission is by tokens:
-a request joins only while (rows after it joins) * (the longest row's prompt + answer, at
-its longest) stays within `max_batch_tokens` (`fits`); the queue keeps the rest waiting.
+Live KV memory is slots * the longest row, so admission is by tokens: a request joins only
+while (rows after it joins) * (the longest row's prompt + answer, at its longest) stays
+within `max_batch_tokens` (`fits`); the queue keeps the rest waiting.
 A request over the whole budget by itself still runs, alone: refusing it would leave its
 conversation unanswerable for good, and one row is bounded by the context window anyway.
 """
@@ -36,12 +35,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from bot.detokenize import IncrementalDetokenizer
-from bot.kv_cache import KV, PrefixCache
+from bot.kv_cache import PrefixCache
 from bot.metrics import Metrics
+from bot.ragged import ATTENTION, PREPARED, Segment, SlotCache, StepLayout
 from bot.sampling import Sampler, end_token_ids
 from bot.types import ChatMessage
 
@@ -51,12 +49,12 @@ if TYPE_CHECKING:
     from bot.engine import Engine
 
 MIN_PREFILL_CHUNK = 16
-"""A joining prompt advances by at least this many tokens a step, however full the batch."""
+"""Prompts advance by at least this many tokens a step, however full the batch."""
 BATCH_MEMORY_SHARE = 0.4
 """The share of the free memory that the default `max_batch_tokens` gives the batch's KV
-cache. Joining a row copies the whole cache (`torch.cat`), so the old and new ones are
-briefly both alive: half at most; of that half, a fifth is left for the forward's own
-tensors (a prefill chunk's attention scores, the logits) and the allocator's slack."""
+cache. Growing the slot cache copies it, so the old and new ones are briefly both alive:
+half at most; of that half, a fifth is left for the forward's own tensors (a prefill
+chunk's attention scores, the logits) and the allocator's slack."""
 
 
 @dataclass
@@ -76,7 +74,7 @@ class _Sequence:
     key: object
     conversation: str
     prompt: list[int]
-    cache: DynamicCache  # its own while prefilling, then the batch's
+    slot: int  # its row of the slot cache
     cached: int  # tokens whose keys and values are computed: the next token's position
     max_new_tokens: int  # within the context window
     temperature: float | None  # None: the model's generation config; 0: greedy
@@ -91,6 +89,10 @@ class _Sequence:
     def reserved(self) -> int:
         """The most columns this row can come to need: its prompt and a full answer."""
         return len(self.prompt) + self.max_new_tokens
+
+    @property
+    def to_prefill(self) -> int:
+        return len(self.prompt) - self.cached
 
 
 @dataclass
@@ -122,6 +124,8 @@ class Batcher:
         self.engine = engine
         self.metrics = metrics if metrics is not None else Metrics()
         self.model = engine.model
+        # Our steps attend through `bot.ragged`; every other forward as before (SDPA).
+        self.model.set_attn_implementation(ATTENTION)
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self.step_tokens = step_tokens
@@ -129,16 +133,20 @@ class Batcher:
         self.sampler = Sampler(self.model.generation_config, device=self.model.device)
         self.end_ids = end_token_ids(self.model.generation_config)
         self.stats = BatchStats()
-        self._joining: list[_Sequence] = []  # prefilling, in arrival order
-        self._rows: list[_Sequence] = []  # decoding: row i of the batch cache
-        self._batch: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
+        self._sequences: list[_Sequence] = []  # sequence i has slot i
+        layers, kv_heads, head_dim = kv_shape(self.model)
+        self._cache = SlotCache(layers, kv_heads, head_dim, self.model.dtype, self.model.device)
         # The last request `fits` tokenized, so that neither `join` nor the next step's
         # `fits` (while it waits) tokenizes it again.
         self._tokenized: tuple[object, list[int]] | None = None
 
     def __len__(self) -> int:
-        return len(self._joining) + len(self._rows)
+        return len(self._sequences)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Token columns the batch's KV cache holds now: slots x width, padding included."""
+        return self._cache.slots * self._cache.width
 
     def join(
         self,
@@ -155,10 +163,6 @@ class Batcher:
         prompt = self._prompt_ids(key, messages)
         self._tokenized = None
         kv, reused = self.prefix_cache.take(conversation, prompt)
-        # Full-attention layers always: the batch's rows are joined and cut column by column,
-        # which a config's sliding layers (dropping keys, counting their own length) would
-        # break; `loading.refuse_unservable` admits only windows that no row outgrows.
-        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         self.stats.reused += reused
         self.metrics.prompt_tokens.inc(len(prompt))
         self.metrics.kv_reused_tokens.inc(reused)
@@ -166,28 +170,30 @@ class Batcher:
             key,
             conversation,
             prompt,
-            cache,
+            len(self._sequences),
             reused,
             self._answer_limit(prompt, max_new_tokens),
             temperature,
             IncrementalDetokenizer(self.engine.decode),
         )
-        self._joining.append(sequence)
+        self._sequences.append(sequence)
+        self._fit_cache()
+        if kv:
+            self._cache.load(sequence.slot, kv)
 
     def fits(
         self, key: object, messages: list[ChatMessage], *, max_new_tokens: int | None = None
     ) -> bool:
         """Whether `join` would keep the batch within `max_batch_tokens` now, counting the
         padding: every row as wide as the longest could grow. An empty batch takes anything."""
-        sequences = self._joining + self._rows
-        if self.max_batch_tokens is None or not sequences:
+        if self.max_batch_tokens is None or not self._sequences:
             return True
         prompt = self._prompt_ids(key, messages)
         widest = max(
             len(prompt) + self._answer_limit(prompt, max_new_tokens),
-            *(sequence.reserved for sequence in sequences),
+            *(sequence.reserved for sequence in self._sequences),
         )
-        return (len(sequences) + 1) * widest <= self.max_batch_tokens
+        return (len(self._sequences) + 1) * widest <= self.max_batch_tokens
 
     def _prompt_ids(self, key: object, messages: list[ChatMessage]) -> list[int]:
         if self._tokenized is None or self._tokenized[0] is not key:
@@ -203,78 +209,76 @@ class Batcher:
 
     def leave(self, key: object) -> None:
         """Stop a request now (cancelled); what it computed is kept for its conversation."""
-        for sequence in self._joining:
+        for sequence in self._sequences:
             if sequence.key is key:
-                self._joining.remove(sequence)
-                self._keep(sequence, _layers(sequence.cache))
+                self._release(sequence)
                 return
-        self._drop_rows([sequence for sequence in self._rows if sequence.key is key])
 
     def clear(self) -> None:
         """Forget every request and the batch (after a failed step left it unknown)."""
-        self._joining.clear()
-        self._rows.clear()
-        self._batch = self._mask = None
+        self._sequences.clear()
+        self._fit_cache()
 
     @torch.inference_mode()
     def step(self) -> list[Update]:
-        """Advance every request by one step: a prefill chunk for the next joining prompt,
-        and one token for every decoding row."""
+        """Advance every request by one forward: one token for every decoding row, and a
+        chunk for the prompts being prefilled."""
         self.stats.steps += 1
-        updates = []
-        if self._joining:
-            joining = self._joining[0]
-            if self._rows:
-                budget = max(self.step_tokens - len(self._rows), MIN_PREFILL_CHUNK)
-            else:  # no answer is waiting on this step: the whole prompt at once
-                budget = len(joining.prompt)
-            updates += self._prefill(joining, budget)
-        if self._rows:
-            updates += self._decode()
-        return updates
-
-    def _prefill(self, sequence: _Sequence, budget: int) -> list[Update]:
-        start = sequence.cached
-        end = min(len(sequence.prompt), start + budget)
-        logits = self._forward(
-            torch.tensor([sequence.prompt[start:end]]),
-            cache=sequence.cache,
-            position_ids=torch.arange(start, end)[None],
-            attention_mask=None,
-        )
-        sequence.cached = end
-        self.stats.prefilled += end - start
-        if end < len(sequence.prompt):
+        decoding = [sequence for sequence in self._sequences if sequence.answer]
+        chunks = self._prefill_chunks(self.step_tokens - len(decoding))
+        if not decoding and not chunks:
             return []
-        self._joining.remove(sequence)
-        self._add_row(sequence)
-        return self._advance([sequence], logits)
-
-    def _decode(self) -> list[Update]:
-        rows = self._rows
-        assert self._batch is not None and self._mask is not None
-        self._mask = F.pad(self._mask, (0, 1), value=1)
-        logits = self._forward(
-            torch.tensor([[sequence.answer[-1]] for sequence in rows]),
-            cache=self._batch,
-            position_ids=torch.tensor([[sequence.cached] for sequence in rows]),
-            attention_mask=self._mask,
+        layout = StepLayout(
+            [Segment(sequence.slot, sequence.cached, 1) for sequence in decoding],
+            [Segment(sequence.slot, sequence.cached, length) for sequence, length in chunks],
+            self.model.device,
         )
-        for sequence in rows:
-            sequence.cached += 1
-        return self._advance(list(rows), logits)
+        by_slot = {sequence.slot: sequence for sequence in self._sequences}
+        tokens, sampled, kept = [], [], []  # sampled: whose next token `kept` logits pick
+        for segment in layout.segments:
+            sequence = by_slot[segment.slot]
+            if sequence.answer:
+                tokens.append(sequence.answer[-1])
+            else:
+                tokens += sequence.prompt[segment.start : segment.end]
+                self.stats.prefilled += segment.length
+            sequence.cached = segment.end
+            if sequence.answer or not sequence.to_prefill:
+                sampled.append(sequence)
+                kept.append(len(tokens) - 1)
+        logits = self._forward(tokens, layout, kept)
+        return self._advance(sampled, logits) if sampled else []
 
-    def _forward(self, input_ids: torch.Tensor, **inputs: object) -> torch.Tensor:
-        """The last position's logits of each row."""
+    def _prefill_chunks(self, budget: int) -> list[tuple[_Sequence, int]]:
+        """(sequence, tokens) to prefill this step: the prompts nearest to their end first,
+        so a short prompt arriving during a long one waits at most one chunk."""
+        budget = max(budget, MIN_PREFILL_CHUNK)
+        waiting = sorted(
+            (sequence for sequence in self._sequences if not sequence.answer),
+            key=lambda sequence: sequence.to_prefill,
+        )
+        chunks = []
+        for sequence in waiting:
+            if budget <= 0:
+                break
+            length = min(sequence.to_prefill, budget)
+            chunks.append((sequence, length))
+            budget -= length
+        return chunks
+
+    def _forward(self, tokens: list[int], layout: StepLayout, kept: list[int]) -> torch.Tensor:
+        """The logits at the flattened positions `kept`."""
         device = self.model.device
-        inputs = {
-            name: value.to(device) if isinstance(value, torch.Tensor) else value
-            for name, value in inputs.items()
-        }
         output = self.model(
-            input_ids=input_ids.to(device), use_cache=True, logits_to_keep=1, **inputs
+            input_ids=torch.tensor([tokens], device=device),
+            position_ids=layout.positions[None],
+            attention_mask=PREPARED,
+            step_layout=layout,  # passed down to `ragged_attention`
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor(kept, dtype=torch.long, device=device),
         )
-        return output.logits[:, -1]
+        return output.logits[0]
 
     def _advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[Update]:
         """Choose each sequence's next token; finished ones leave the batch."""
@@ -298,7 +302,8 @@ class Batcher:
                 updates.append(Update(sequence.key, sequence.detokenizer.feed(sequence.answer)))
         self.stats.decoded += generated
         self.metrics.generated_tokens.inc(generated)
-        self._drop_rows(finished)
+        for sequence in finished:
+            self._release(sequence)
         return updates
 
     def _finish(self, sequence: _Sequence) -> Update:
@@ -311,70 +316,54 @@ class Batcher:
             answer_tokens=len(sequence.answer),
         )
 
-    def _add_row(self, sequence: _Sequence) -> None:
-        """Append a prefilled sequence to the batch, left-padding whichever side is shorter."""
-        layers = _layers(sequence.cache)
-        mask = torch.ones(1, sequence.cached, dtype=torch.long, device=self.model.device)
-        if self._batch is None or self._mask is None:
-            self._batch, self._mask = sequence.cache, mask
-        else:
-            width = max(self._mask.shape[1], sequence.cached)
-            for layer, (keys, values) in zip(self._batch.layers, layers, strict=True):
-                layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(keys, width)])
-                layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(values, width)])
-            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
-        sequence.cache = self._batch
-        self._rows.append(sequence)
-
-    def _drop_rows(self, leaving: list[_Sequence]) -> None:
-        """Remove rows from the batch, keeping each one's cache for its conversation."""
-        if not leaving or self._batch is None or self._mask is None:
-            return
-        layers = _layers(self._batch)
-        for sequence in leaving:
-            row, length = self._rows.index(sequence), sequence.cached
-            self._keep(
-                sequence,
-                [(k[row, None, :, -length:], v[row, None, :, -length:]) for k, v in layers],
-            )
-        kept = [row for row, sequence in enumerate(self._rows) if sequence not in leaving]
-        self._rows = [self._rows[row] for row in kept]
-        if not kept:
-            self._batch = self._mask = None
-            return
-        index = torch.tensor(kept, device=self._mask.device)
-        mask = self._mask[index]
-        first = int(mask.any(0).nonzero()[0])  # columns that are padding in every row go
-        self._mask = mask[:, first:]
-        for layer in self._batch.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
-
-    def _keep(self, sequence: _Sequence, kv: KV) -> None:
+    def _release(self, sequence: _Sequence) -> None:
+        """Take a sequence out of the batch, keeping its cache for its conversation; the
+        last slot's row moves into its place, so slots stay 0..rows-1."""
         if sequence.cached:
+            kv = self._cache.read(sequence.slot, sequence.cached)
             self.prefix_cache.put(sequence.conversation, sequence.tokens[: sequence.cached], kv)
+        last = self._sequences.pop()
+        if last is not sequence:
+            self._cache.move(last.slot, sequence.slot, last.cached)
+            last.slot = sequence.slot
+            self._sequences[sequence.slot] = last
+        self._fit_cache()
+
+    def _fit_cache(self) -> None:
+        """Size the slot cache to the rows: grown to hold them, shrunk once it is twice
+        what they need, so it neither reallocates at every join nor holds what is gone."""
+        rows = len(self._sequences)
+        if not rows:
+            self._cache.resize(0, 0, keep=0)
+            return
+        width = max(sequence.reserved for sequence in self._sequences)
+        slots = self._slots_for(rows, width)
+        held_slots, held_width = self._cache.slots, self._cache.width
+        if held_slots < rows or held_width < width or held_slots > slots or held_width > 2 * width:
+            self._cache.resize(slots, width, keep=rows)
+
+    def _slots_for(self, rows: int, width: int) -> int:
+        """Room for `rows`, rounded up to a power of two for the rows still to join, within
+        `max_batch` and what `max_batch_tokens` leaves at this width."""
+        slots = min(1 << (rows - 1).bit_length(), self.max_batch)
+        if self.max_batch_tokens is not None:
+            slots = min(slots, self.max_batch_tokens // width)
+        return max(slots, rows)
 
 
-def _layers(cache: DynamicCache) -> KV:
-    return [(layer.keys, layer.values) for layer in cache.layers if layer.is_initialized]
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad the token dimension (the last of a mask, the third of keys and values)."""
-    missing = width - (tensor.shape[1] if tensor.dim() == 2 else tensor.shape[2])
-    if not missing:
-        return tensor
-    padding = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
-    return F.pad(tensor, padding)
-
-
-def kv_bytes_per_token(model: PreTrainedModel) -> int:
-    """One token's keys and values over all layers: 2 * layers * kv heads * head dim * dtype."""
+def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    """Layers, key-value heads and head dimension of a model's attention."""
     config = model.config.get_text_config()
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """One token's keys and values over all layers: 2 * layers * kv heads * head dim * dtype."""
+    layers, kv_heads, head_dim = kv_shape(model)
+    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
 
 
 def free_memory(device: torch.device) -> int:

@@ -96,6 +96,9 @@ def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, **config: Any) -> PreTrainedM
         "num_key_value_heads": 2,
         "max_position_embeddings": 4096,
         "tie_word_embeddings": True,
+        # Weights large enough that attention shapes the answer: with the default 0.02
+        # the residual stream drowns it, and a wrong KV cache would go unnoticed.
+        "initializer_range": 0.2,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }

@@ -140,9 +140,9 @@ def test_the_prefix_cache_drops_the_least_recently_used_beyond_its_budget():
 
 def test_answers_stop_at_the_context_window(make_batcher):
     batcher = make_batcher(max_new_tokens=200, max_context_tokens=64)
-    answers = run(batcher, {0: ("k", QUESTIONS[1])})
-    prompt = len(batcher.engine.prompt_ids(QUESTIONS[1]))
-    assert len(batcher.engine.tokenizer(answers["k"]).input_ids) <= 64 - prompt + 1
+    update = run_to_the_end(batcher, {0: ("k", QUESTIONS[1])})["k"]
+    assert update.prompt_tokens == len(batcher.engine.prompt_ids(QUESTIONS[1])) < 64
+    assert 0 < update.answer_tokens <= 64 - update.prompt_tokens
 
 
 def test_repetition_penalty_and_sampling_settings_match_generate(tiny_model, qwen_tokenizer):
@@ -282,3 +282,51 @@ def test_the_default_batch_budget_is_the_free_memory_share_over_kv_bytes_per_tok
     tokens = default_max_batch_tokens(model, free_bytes=free, idle_cache_bytes=idle)
     assert tokens == int((free - idle) * BATCH_MEMORY_SHARE / 256) == 16384
     assert default_max_batch_tokens(model, free_bytes=idle, idle_cache_bytes=2 * idle) == 0
+
+
+def test_a_short_prompt_arriving_during_a_long_prefill_waits_one_chunk(make_batcher):
+    """Prompts are prefilled nearest-to-done first: a short one that arrives while a long
+    one is in chunks gets its first token after its own prefill, not after the long one's."""
+    batcher = make_batcher(step_tokens=32, max_new_tokens=8)
+    long = [{"role": "user", "content": LONG * 3}]
+    long_prompt = len(batcher.engine.prompt_ids(long))
+    short_prompt = len(batcher.engine.prompt_ids(QUESTIONS[0]))
+    assert long_prompt > 3 * 32 and short_prompt < 32
+    batcher.join("long", long, conversation="long")
+    batcher.step()
+    batcher.join("short", QUESTIONS[0], conversation="short")
+    assert [update.key for update in batcher.step()] == ["short"]
+    finished = []
+    for _ in range(50):  # and the long one went on meanwhile, to its answer
+        finished += [update.key for update in batcher.step() if update.answer is not None]
+        if not len(batcher):
+            break
+    assert sorted(finished) == ["long", "short"]
+    assert batcher.stats.prefilled == long_prompt + short_prompt
+
+
+def test_the_batch_cache_follows_its_rows_within_the_budget(make_batcher):
+    """The slot cache grows as rows join, never past `max_batch_tokens` (rows x widest),
+    and gives the memory back when the long row leaves and when the batch empties."""
+    batcher = make_batcher(max_new_tokens=40)
+    long = [{"role": "user", "content": LONG * 3}]
+    short_row = len(batcher.engine.prompt_ids(QUESTIONS[0])) + 40
+    long_row = len(batcher.engine.prompt_ids(long)) + 4
+    assert long_row > 2 * short_row
+    batcher.max_batch_tokens = 3 * long_row
+    for key in ("a", "b"):
+        batcher.join(key, QUESTIONS[0], conversation=key)
+    batcher.join("long", long, conversation="long", max_new_tokens=4)
+    assert batcher.kv_tokens == 3 * long_row
+    for _ in range(50):
+        finished = [update.key for update in batcher.step() if update.answer is not None]
+        assert batcher.kv_tokens <= batcher.max_batch_tokens
+        if finished:
+            break
+    assert finished == ["long"] and len(batcher) == 2
+    assert batcher.kv_tokens == 2 * short_row  # the long row's width is gone
+    for _ in range(100):
+        if not len(batcher):
+            break
+        batcher.step()
+    assert batcher.kv_tokens == 0
