@@ -21,6 +21,7 @@ TORCH_INDEX ?= pypi
 endif
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+PEER ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -35,9 +36,10 @@ test: $(STAMP)
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 
-# The serving benchmark (about 15 minutes on 2 cores): table, JSON and plot in benchmarks/results.
+# The serving benchmark (about 20 minutes on 2 cores): table, JSON and plot in benchmarks/results.
+# PEER=llamacpp adds llama.cpp's server on the same requests.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.serving $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.serving $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,13 +1,17 @@
-"""Serving benchmark: the seed's sequential loop against threadbot's batching queue.
+"""Serving benchmark: threadbot's batching queue against the seed's loop, the static-batch
+ceiling and (optionally) llama.cpp's server, in one process and one run.
 
     make bench                                   # Qwen2.5-0.5B's shape, random weights
+    make bench PEER=llamacpp                     # and llama.cpp's server on the same prompts
     .venv/bin/python -m benchmarks.serving --model bundled --quick
 
-One process, one run, the same requests for both sides. Random weights cost exactly what
-the real model costs per token; `min_new_tokens` forces every answer to full length.
-Sections: a concurrency sweep, multi-turn time to first token (with and without the
-per-conversation KV cache), fairness under one user's flood, and the single-stream
-roofline. Prints a table and writes `bench.json` and `bench.png` to `--out`.
+The same requests for every side. Random weights cost exactly what the real model costs
+per token; `min_new_tokens` forces every answer to full length. Sections: a concurrency
+sweep (seed loop, ours, one static `generate`, llama.cpp), realistic traffic (Poisson
+arrivals), trim reuse over a long conversation, multi-turn time to first token (with and
+without the per-conversation KV cache), fairness under one user's flood, the
+single-stream roofline and a per-step profile. Prints the machine and the tables, and
+writes `bench.json` and `bench.png` to `--out`.
 """
 
 from __future__ import annotations
@@ -18,68 +22,44 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Self
 
 import torch
-import transformers
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.baselines import seed_loop, static_batch
+from benchmarks.machine import describe
+from benchmarks.output import PEER, Report, plot, table
+from benchmarks.step_profile import step_profile
+from benchmarks.traffic import realistic_traffic
+from benchmarks.trim_reuse import trim_reuse
+from benchmarks.workload import (
+    FULL,
+    QUICK,
+    Plan,
+    answered,
+    main_thread_team,
+    make_batcher,
+    on_own_thread,
+    opening,
+    queued,
+    say,
+    summary,
+    sweep_requests,
+    user_message,
+)
 from bot import loading
-from bot.batching import Batcher
 from bot.config import Settings
 from bot.device import pick_dtype, use_all_cores
 from bot.engine import Engine
-from bot.kv_cache import PrefixCache
-from bot.queue import InferenceQueue
 
 SHAPE = Path(__file__).with_name("qwen2.5-0.5b-config.json")
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "in", "the", "thread"]
-
-
-@dataclass
-class Plan:
-    concurrency: list[int]
-    prompt_tokens: int
-    new_tokens: int
-    turns: int
-    turn_tokens: int
-    flood: int
-    others: int
-    max_batch: int = 16
-
-
-FULL = Plan([1, 4, 8, 16], prompt_tokens=200, new_tokens=64, turns=6, turn_tokens=60, flood=20,
-            others=4)  # fmt: skip
-QUICK = Plan([1, 2], prompt_tokens=40, new_tokens=8, turns=2, turn_tokens=20, flood=4, others=2)
-
-
-@dataclass
-class Timing:
-    """One request, in seconds from when it was sent."""
-
-    first_token: float
-    done: float
-
-
-@dataclass
-class Report:
-    machine: dict
-    sweep: list[dict] = field(default_factory=list)
-    multi_turn: dict = field(default_factory=dict)
-    fairness: dict = field(default_factory=dict)
-    roofline: dict = field(default_factory=dict)
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- The model ---------------------------------------------------------------------------
@@ -115,65 +95,6 @@ def qwen_tokenizer_files() -> Path:
     return Path(next(iter(spec.submodule_search_locations)), "tokenizer_files")
 
 
-def user_message(tokenizer, tokens: int, seed: int) -> dict:
-    """A user message of about `tokens` tokens, different for each seed."""
-    words = [WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(tokens)]
-    return {"role": "user", "content": f"Request {seed}: " + " ".join(words)}
-
-
-# --- The two ways of serving -------------------------------------------------------------
-
-
-class _FirstToken(BaseStreamer):
-    def __init__(self) -> None:
-        self.calls, self.at = 0, 0.0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls == 2:  # the first call carries the prompt
-            self.at = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
-def seed_loop(engine: Engine, requests: list[list[dict]]) -> list[Timing]:
-    """The seed: one `generate` per request, in order; all requests sent at time 0."""
-    start, timings = time.perf_counter(), []
-    for index, messages in enumerate(requests):
-        streamer = _FirstToken()
-        engine.generate([messages], streamer=streamer)
-        now = time.perf_counter()
-        timings.append(Timing(streamer.at - start, now - start))
-        say(f"  seed loop: {index + 1}/{len(requests)} done at {now - start:.1f} s")
-    return timings
-
-
-async def queued(batcher: Batcher, requests: list[tuple[str, str, list[dict]]]) -> list[Timing]:
-    """Our queue: all (user, conversation, messages) sent at once; each streamed to its end."""
-    async with InferenceQueue(batcher=batcher, max_size=len(requests), timeout=3600) as queue:
-        start = time.perf_counter()
-        generations = [queue.submit(m, user=u, conversation=c) for u, c, m in requests]
-        return await asyncio.gather(*(_timed(generation, start) for generation in generations))
-
-
-async def _timed(generation, start: float) -> Timing:
-    first = None
-    async for _chunk in generation:
-        first = first or time.perf_counter() - start
-    done = time.perf_counter() - start
-    return Timing(first or done, done)
-
-
-def make_batcher(engine: Engine, plan: Plan, *, kv_cache_mb: int = 512) -> Batcher:
-    return Batcher(
-        engine=engine,
-        max_batch=plan.max_batch,
-        step_tokens=128,
-        prefix_cache=PrefixCache(kv_cache_mb * 2**20),
-    )
-
-
 # --- Measurements ------------------------------------------------------------------------
 
 
@@ -201,24 +122,6 @@ def rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
-
-
-def summary(timings: list[Timing], new_tokens: int) -> dict:
-    makespan = max(timing.done for timing in timings)
-    ttft = [timing.first_token for timing in timings]
-    latency = [timing.done for timing in timings]
-    return {
-        "tok_s": len(timings) * new_tokens / makespan,
-        "ttft_p50": percentile(ttft, 0.5),
-        "ttft_p95": percentile(ttft, 0.95),
-        "latency_p50": percentile(latency, 0.5),
-        "latency_p95": percentile(latency, 0.95),
-    }
-
-
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes read per decode step: every parameter once (a tied matrix counts once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -238,25 +141,65 @@ def memory_bandwidth() -> float:
 # --- Sections ----------------------------------------------------------------------------
 
 
-def sweep(engine: Engine, plan: Plan) -> list[dict]:
-    tokenizer, top = engine.tokenizer, max(plan.concurrency)
-    requests = [[user_message(tokenizer, plan.prompt_tokens - 20, i)] for i in range(top)]
-    say(f"concurrency sweep: the seed loop on {top} requests (its first N are the N-run) ...")
+def warm_up(engine: Engine, plan: Plan) -> None:
+    """One request each way first, so that no side pays the process's first-call costs."""
+    say("warming up: one request through generate, one through our queue ...")
+    on_own_thread(engine.generate, [opening(plan, seed=999)])
+    queued(make_batcher(engine, plan), [("warm-up", "warm-up", opening(plan, seed=999))])
+
+
+def sweep(engine: Engine, plan: Plan, requests: list[list[dict]]) -> list[dict]:
+    """N requests arriving together, for each N: the seed loop, one static `generate` (the
+    ceiling) and our queue."""
+    say(f"concurrency sweep: the seed loop on {len(requests)} (its first N are the N-run) ...")
     with PeakRss() as seed_rss:
-        seed = seed_loop(engine, requests)
+        seed = on_own_thread(seed_loop, engine, requests)
     rows = []
     for n in plan.concurrency:
+        say(f"concurrency sweep: the static-batch ceiling, one generate over {n} ...")
+        ceiling = on_own_thread(static_batch, engine, requests[:n], plan.new_tokens)
         say(f"concurrency sweep: our queue with {n} at once ...")
         batch = [(f"user{i}", f"c{n}-{i}", requests[i]) for i in range(n)]
         with PeakRss() as ours_rss:
-            ours = asyncio.run(queued(make_batcher(engine, plan), batch))
+            ours = queued(make_batcher(engine, plan), batch)
         base = summary(seed[:n], plan.new_tokens)
         mine = summary(ours, plan.new_tokens)
         rows.append({
-            "n": n, "seed": base, "ours": mine, "ratio": mine["tok_s"] / base["tok_s"],
+            "n": n, "seed": base, "ours": mine, "ceiling": ceiling,
+            "ratio": mine["tok_s"] / base["tok_s"],
+            "ours_vs_ceiling": mine["tok_s"] / ceiling["tok_s"],
             "seed_peak_rss": seed_rss.peak, "ours_peak_rss": ours_rss.peak,
         })  # fmt: skip
     return rows
+
+
+def peer(
+    engine: Engine, plan: Plan, requests: list[list[dict]], rows: list[dict], work_dir: Path
+) -> dict:
+    """llama.cpp's server on the sweep's prompts (the same token ids), its numbers added to
+    the sweep's `rows`; what was run, or why it was left out."""
+    from benchmarks.llamacpp import PeerUnavailable, peer_sweep  # builds llama.cpp: on demand
+
+    say("peer: llama.cpp's server on the same requests ...")
+    try:
+        results = peer_sweep(
+            engine.model,
+            engine.tokenizer,
+            [engine.prompt_ids(messages) for messages in requests],
+            plan.concurrency,
+            plan.new_tokens,
+            work_dir=work_dir,
+            threads=torch.get_num_threads(),
+            say=say,
+        )
+    except PeerUnavailable as why:
+        say(f"peer: llama.cpp left out: {why}")
+        return {"name": "llama.cpp", "left_out": str(why)}
+    by_n = {result["n"]: result for result in results}
+    for row in rows:
+        row[PEER] = by_n[row["n"]]
+        row["ours_vs_llamacpp"] = row["ours"]["tok_s"] / row[PEER]["tok_s"]
+    return {"name": "llama.cpp", "left_out": None}
 
 
 def multi_turn(engine: Engine, plan: Plan) -> dict:
@@ -269,33 +212,22 @@ def multi_turn(engine: Engine, plan: Plan) -> dict:
         per_turn, prompt_tokens = [], []
         for turn in range(plan.turns):
             for index, history in enumerate(histories):
-                history.append(user_message(engine.tokenizer, plan.turn_tokens, 100 * turn + index))
+                history.append(user_message(plan.turn_tokens, 100 * turn + index))
             prompt_tokens.append(statistics.mean(len(engine.prompt_ids(h)) for h in histories))
             batch = [(f"user{i}", f"mt-{name}-{i}", list(h)) for i, h in enumerate(histories)]
-            timings, answers = asyncio.run(_with_answers(batcher, batch))
+            timings, generations = asyncio.run(answered(batcher, batch))
             per_turn.append(statistics.mean(timing.first_token for timing in timings))
-            for history, answer in zip(histories, answers, strict=True):
-                history.append({"role": "assistant", "content": answer})
+            for history, generation in zip(histories, generations, strict=True):
+                history.append({"role": "assistant", "content": generation.text})
         result[name] = {"ttft_by_turn": per_turn, "prompt_tokens_by_turn": prompt_tokens}
     return result
 
 
-async def _with_answers(batcher: Batcher, batch: list) -> tuple[list[Timing], list[str]]:
-    async with InferenceQueue(batcher=batcher, max_size=len(batch), timeout=3600) as queue:
-        start = time.perf_counter()
-        generations = [queue.submit(m, user=u, conversation=c) for u, c, m in batch]
-        timings = await asyncio.gather(*(_timed(g, start) for g in generations))
-        return timings, [generation.text for generation in generations]
-
-
 def fairness(engine: Engine, plan: Plan) -> dict:
     say(f"fairness: one user sends {plan.flood} at once, {plan.others} others send one each ...")
-    tokenizer = engine.tokenizer
-    flood = [("flooder", f"f{i}", [user_message(tokenizer, plan.prompt_tokens - 20, i)])
-             for i in range(plan.flood)]  # fmt: skip
-    others = [(f"user{i}", f"o{i}", [user_message(tokenizer, plan.prompt_tokens - 20, 50 + i)])
-              for i in range(plan.others)]  # fmt: skip
-    timings = asyncio.run(queued(make_batcher(engine, plan), flood + others))
+    flood = [("flooder", f"f{i}", opening(plan, i)) for i in range(plan.flood)]
+    others = [(f"user{i}", f"o{i}", opening(plan, 50 + i)) for i in range(plan.others)]
+    timings = queued(make_batcher(engine, plan), flood + others)
     flooder, rest = timings[: plan.flood], timings[plan.flood :]
     third = flooder[min(2, len(flooder) - 1)].first_token
     return {
@@ -328,99 +260,38 @@ def roofline(engine: Engine, sweep_rows: list[dict], plan: Plan) -> dict:
     }
 
 
-# --- Output ------------------------------------------------------------------------------
-
-
-def table(report: Report) -> str:
-    lines = [
-        "| N | seed tok/s | ours tok/s | ratio | TTFT p50 / p95 s (seed) | TTFT p50 / p95 s (ours)"
-        " | latency p95 s (seed / ours) | peak RSS GiB (ours) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report.sweep:
-        seed, ours = row["seed"], row["ours"]
-        lines.append(
-            f"| {row['n']} | {seed['tok_s']:.1f} | {ours['tok_s']:.1f} | {row['ratio']:.1f}x "
-            f"| {seed['ttft_p50']:.1f} / {seed['ttft_p95']:.1f} "
-            f"| {ours['ttft_p50']:.1f} / {ours['ttft_p95']:.1f} "
-            f"| {seed['latency_p95']:.1f} / {ours['latency_p95']:.1f} "
-            f"| {row['ours_peak_rss'] / 2**30:.2f} |"
-        )
-    turns = report.multi_turn
-    lines += ["", "| turn | prompt tokens | TTFT s (KV reuse) | TTFT s (full prefill) |",
-              "|---|---|---|---|"]  # fmt: skip
-    for index, ours in enumerate(turns["ours"]["ttft_by_turn"]):
-        lines.append(
-            f"| {index + 1} | {turns['ours']['prompt_tokens_by_turn'][index]:.0f} | {ours:.2f} "
-            f"| {turns['full_prefill']['ttft_by_turn'][index]:.2f} |"
-        )
-    fair, roof = report.fairness, report.roofline
-    others = ", ".join(f"{seconds:.1f}" for seconds in fair["others_first_token"])
-    lines += [
-        "",
-        f"Fairness: others' first tokens at {others} s; "
-        f"the flooder's 3rd message starts at {fair['flooder_third_starts']:.1f} s.",
-        f"Roofline: {roof['weight_bytes'] / 1e9:.2f} GB of weights a token at "
-        f"{roof['bandwidth_gb_s']:.1f} GB/s = at most {roof['ceiling_tok_s']:.1f} tok/s alone; "
-        f"ours decodes {roof['ours_tok_s']:.1f} tok/s ({roof['ours_fraction']:.0%}), "
-        f"plain generate {roof['seed_generate_tok_s']:.1f} tok/s.",
-    ]
-    return "\n".join(lines)
-
-
-def plot(report: Report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, ((left, right), (turns, fair)) = plt.subplots(2, 2, figsize=(11, 8))
-    n = [row["n"] for row in report.sweep]
-    for side, style in (("seed", "o--"), ("ours", "o-")):
-        left.plot(n, [row[side]["tok_s"] for row in report.sweep], style, label=side)
-        right.plot(n, [row[side]["ttft_p95"] for row in report.sweep], style, label=side)
-    left.set(title="Aggregate throughput", xlabel="concurrent conversations", ylabel="tok/s")
-    right.set(title="Time to first token, p95", xlabel="concurrent conversations", ylabel="s")
-    for name, style in (("ours", "o-"), ("full_prefill", "o--")):
-        values = report.multi_turn[name]["ttft_by_turn"]
-        turns.plot(range(1, len(values) + 1), values, style, label=name)
-    turns.set(title="Multi-turn: time to first token", xlabel="turn", ylabel="s")
-    flooder = report.fairness["flooder_first_tokens"]
-    others = report.fairness["others_first_token"]
-    fair.scatter(flooder, [0] * len(flooder), label="flooder's messages")
-    fair.scatter(others, [1] * len(others), label="other users")
-    fair.set(title="Fairness: first token of each message", xlabel="s", yticks=[0, 1])
-    for axes in (left, right, turns, fair):
-        axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a model as MODEL takes it; unset: Qwen2.5-0.5B's shape")
     parser.add_argument("--quick", action="store_true", help="a small run (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--peer", choices=[PEER], help="also run llama.cpp's server on the same requests"
+    )
+    parser.add_argument(
+        "--peer-dir",
+        type=Path,
+        default=Path("data/peer"),
+        help="where the peer keeps its build and converted weights between runs",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     plan = QUICK if args.quick else FULL
     engine = load_engine(args.model, plan.new_tokens)
-    report = Report(machine=machine() | {"dtype": str(engine.model.dtype)})
-    report.sweep = sweep(engine, plan)
+    report = Report(machine=describe(engine.model.dtype))
+    main_thread_team()
+    warm_up(engine, plan)
+    requests = sweep_requests(plan)
+    report.sweep = sweep(engine, plan, requests)
+    if args.peer:
+        report.peer = peer(engine, plan, requests, report.sweep, args.peer_dir)
+    capacity = report.sweep[-1]["ours"]["tok_s"] / plan.new_tokens  # requests/s at the top N
+    report.traffic = realistic_traffic(engine, plan, capacity)
+    report.trim_reuse = trim_reuse(engine, plan)
     report.multi_turn = multi_turn(engine, plan)
     report.fairness = fairness(engine, plan)
     report.roofline = roofline(engine, report.sweep, plan)
+    report.profile = on_own_thread(step_profile, engine, plan)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(asdict(report), indent=2))
     plot(report, args.out / "bench.png")

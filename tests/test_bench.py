@@ -1,9 +1,12 @@
 """The serving benchmark runs end to end (a quick run on the bundled model) and reports
-every section; its numbers are for the README, not asserted here."""
+every section; its numbers are for the README, not asserted here. The peer (llama.cpp's
+server) is an outside program: its columns are checked with a stand-in for it."""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -19,11 +22,125 @@ def test_a_quick_run_writes_the_table_json_and_plot(
     monkeypatch.chdir(tmp_path)
     assert serving.main(["--model", "bundled", "--quick", "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert [row["n"] for row in report["sweep"]] == serving.QUICK.concurrency
-    assert all(row["ours"]["tok_s"] > 0 and row["seed"]["tok_s"] > 0 for row in report["sweep"])
+    plan = serving.QUICK
+
+    assert set(report["machine"]["flags"]) == {"avx2", "avx512_bf16", "amx_bf16"}
+    assert report["machine"]["dtype"] in {"float32", "bfloat16"}
+    assert report["machine"]["cores"] >= 1 and report["machine"]["load_average"] >= 0
+    assert [row["n"] for row in report["sweep"]] == plan.concurrency
+    for row in report["sweep"]:
+        assert row["ours"]["tok_s"] > 0 and row["seed"]["tok_s"] > 0
+        assert row["ceiling"]["tok_s"] > 0
+        assert row["ours_vs_ceiling"] == pytest.approx(
+            row["ours"]["tok_s"] / row["ceiling"]["tok_s"]
+        )
+    assert report["peer"] == {}  # not asked for
+
+    traffic = report["traffic"]
+    assert (
+        traffic["all_finished"]
+        and traffic["finished"] == traffic["requests"] == plan.traffic_requests
+    )
+    assert 0 < traffic["rate_rps"] < traffic["capacity_rps"]
+    assert traffic["idle_ttft"] > 0 and traffic["ttft_p50"] <= traffic["ttft_p95"]
+    assert traffic["ttft_p95"] <= traffic["latency_max"]
+
+    trim = report["trim_reuse"]
+    turns = trim["by_turn"]
+    assert len(turns) == plan.trim_turns and trim["trims"] >= 1  # the conversation overflowed
+    assert turns[0]["reused"] == 0 and any(turn["reused"] > 0 for turn in turns[1:])
+    assert trim["reusing"] == sum(turn["reused"] >= 0.8 * turn["prompt_tokens"] for turn in turns)
+    assert trim["reusing"] >= 1 and 1 <= trim["since_first_trim"]["turns"] < len(turns)
+
+    profile = report["profile"]
+    assert profile["rows"] == profile["rows_decoded"] == max(plan.concurrency)
+    assert sum(profile["share"].values()) == pytest.approx(1)
+    assert all(0 <= share <= 1 for share in profile["share"].values())
+    for category in ("matmul", "attention", "sampling", "python"):
+        assert profile["ms"][category] > 0, category
+
     turns = report["multi_turn"]["ours"]["prompt_tokens_by_turn"]
-    assert len(turns) == serving.QUICK.turns and turns[1] > turns[0]
-    assert len(report["fairness"]["others_first_token"]) == serving.QUICK.others
+    assert len(turns) == plan.turns and turns[1] > turns[0]
+    assert len(report["fairness"]["others_first_token"]) == plan.others
     assert report["roofline"]["ours_fraction"] > 0
     assert (tmp_path / "out" / "bench.png").stat().st_size > 10_000
-    assert "| N | seed tok/s | ours tok/s |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("Machine: ")
+    assert "| N | seed tok/s | ours tok/s | ratio | ceiling tok/s | ours / ceiling |" in out
+    assert "llama.cpp" not in out
+    for section in ("Realistic traffic:", "Trim reuse:", "| a decode step of 2 rows"):
+        assert section in out
+
+
+def _sweep_rows(concurrency: list[int]) -> list[dict]:
+    timing = {
+        "tok_s": 10.0,
+        "ttft_p50": 1.0,
+        "ttft_p95": 2.0,
+        "latency_p50": 3.0,
+        "latency_p95": 4.0,
+    }
+    return [
+        {"n": n, "seed": timing, "ours": timing | {"tok_s": 20.0 * n}, "ratio": 2.0 * n,
+         "ceiling": {"tok_s": 25.0 * n, "wall_s": 1.0}, "ours_vs_ceiling": 0.8,
+         "seed_peak_rss": 2**30, "ours_peak_rss": 2**30}
+        for n in concurrency
+    ]  # fmt: skip
+
+
+class _Engine:
+    """What the peer's wiring reads of an engine: its model, tokenizer and prompt ids."""
+
+    model, tokenizer = object(), object()
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return [len(message["content"]) for message in messages]
+
+
+def _stand_in_peer(monkeypatch, peer_sweep) -> None:
+    """`benchmarks.llamacpp` as the peer's module defines it, with `peer_sweep` given."""
+    module = types.ModuleType("benchmarks.llamacpp")
+    module.PeerUnavailable = type("PeerUnavailable", (Exception,), {})
+    module.peer_sweep = lambda *args, **kwargs: peer_sweep(module, *args, **kwargs)
+    monkeypatch.setitem(sys.modules, "benchmarks.llamacpp", module)
+
+
+def test_the_peer_runs_the_sweep_s_prompts_and_gets_its_columns(monkeypatch, tmp_path):
+    from benchmarks import output, serving, workload
+
+    calls = []
+
+    def peer_sweep(module, model, tokenizer, prompts, concurrency, new_tokens, **options):
+        calls.append((model, prompts, concurrency, new_tokens, options["work_dir"]))
+        return [{"n": n, "tok_s": 40.0 * n, "ttft_p50": 0.5, "ttft_p95": 0.9} for n in concurrency]
+
+    _stand_in_peer(monkeypatch, peer_sweep)
+    engine, plan = _Engine(), workload.QUICK
+    rows = _sweep_rows(plan.concurrency)
+    requests = [[{"role": "user", "content": "x" * length}] for length in (3, 5)]
+    run = serving.peer(engine, plan, requests, rows, tmp_path)
+
+    assert calls == [(engine.model, [[3], [5]], plan.concurrency, plan.new_tokens, tmp_path)]
+    assert run == {"name": "llama.cpp", "left_out": None}
+    assert [row["ours_vs_llamacpp"] for row in rows] == [0.5, 0.5]
+    lines = output.sweep_table(rows, run).splitlines()
+    assert "| llama.cpp tok/s | ours / llama.cpp |" in lines[0]
+    assert "| 80.0 | 0.50 |" in lines[3] and "| 0.5 / 0.9 |" in lines[3]
+    assert len({line.count("|") for line in lines}) == 1  # every row has every column
+
+
+def test_a_peer_that_cannot_run_here_is_left_out_with_its_reason(monkeypatch, tmp_path):
+    from benchmarks import output, serving, workload
+
+    def peer_sweep(module, *args, **kwargs):
+        raise module.PeerUnavailable("llama-cpp-python[server] could not be built")
+
+    _stand_in_peer(monkeypatch, peer_sweep)
+    rows = _sweep_rows(workload.QUICK.concurrency)
+    run = serving.peer(_Engine(), workload.QUICK, [[]], rows, tmp_path)
+
+    assert run["left_out"] == "llama-cpp-python[server] could not be built"
+    assert all(output.PEER not in row and "ours_vs_llamacpp" not in row for row in rows)
+    table = output.sweep_table(rows, run)
+    assert "llama.cpp tok/s" not in table
+    assert table.endswith("llama.cpp left out: llama-cpp-python[server] could not be built")

@@ -1,0 +1,119 @@
+"""Realistic traffic, the serving benchmark vLLM and TGI report: requests arrive one by one at
+random (a Poisson process, seeded) at 70% of what our batcher sustains, rather than all at
+once. Reports the time to first token under that load against the idle one (a request
+alone), and whether every request was answered within REQUEST_TIMEOUT (none starved)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import statistics
+import time
+
+from benchmarks.workload import Plan, Timing, make_batcher, opening, percentile, say, timed
+from bot.batching import Batcher
+from bot.config import Settings
+from bot.engine import Engine
+from bot.queue import InferenceQueue, InferenceTimeout
+
+LOAD = 0.7
+"""Arrivals per second, as a share of the measured capacity."""
+SEED = 12
+IDLE_RUNS = 3
+"""Requests sent alone for the idle time to first token (their median)."""
+REQUEST_TIMEOUT = Settings.model_fields["request_timeout"].default
+"""A request not answered within the service's own timeout counts as starved."""
+
+Request = tuple[str, str, list[dict]]  # user, conversation, messages
+
+
+def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
+    """`plan.traffic_requests` sweep-sized requests at `LOAD` x `capacity_rps` (requests/s)."""
+    rate = LOAD * capacity_rps
+    gaps = random.Random(SEED).expovariate
+    arrivals = list(itertools.accumulate(gaps(rate) for _ in range(plan.traffic_requests)))
+    requests = _requests(plan, "traffic", plan.traffic_requests, seed=1000)
+    batcher = make_batcher(engine, plan)
+    say(f"realistic traffic: time to first token of {IDLE_RUNS} requests, each alone ...")
+    alone = _requests(plan, "idle", IDLE_RUNS, seed=2000)
+    idle = statistics.median(asyncio.run(_first_token(batcher, request)) for request in alone)
+    say(
+        f"realistic traffic: {len(requests)} requests arriving at {rate:.2f}/s "
+        f"({LOAD:.0%} of {capacity_rps:.2f}/s), over about {arrivals[-1]:.0f} s ..."
+    )
+    results = asyncio.run(_arriving(batcher, requests, arrivals))
+    finished = [timing for timing in results if timing is not None]
+    if not finished:
+        raise RuntimeError(f"no request was answered within {REQUEST_TIMEOUT} s")
+    ttft = [timing.first_token for timing in finished]
+    latency = [timing.done for timing in finished]
+    return {
+        "requests": len(requests),
+        "seed": SEED,
+        "capacity_rps": capacity_rps,
+        "load": LOAD,
+        "rate_rps": rate,
+        "prompt_tokens": plan.prompt_tokens,
+        "new_tokens": plan.new_tokens,
+        "idle_ttft": idle,
+        "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p95": percentile(ttft, 0.95),
+        "p95_over_idle": percentile(ttft, 0.95) / idle,
+        "latency_p50": percentile(latency, 0.5),
+        "latency_p95": percentile(latency, 0.95),
+        "latency_max": max(latency),
+        "timeout_s": REQUEST_TIMEOUT,
+        "finished": len(finished),
+        "all_finished": len(finished) == len(requests),
+    }
+
+
+def _requests(plan: Plan, name: str, count: int, *, seed: int) -> list[Request]:
+    """`count` sweep-sized requests, each from its own user in its own conversation."""
+    return [(f"{name}{i}", f"{name}-{i}", opening(plan, seed + i)) for i in range(count)]
+
+
+async def _first_token(batcher: Batcher, request: Request) -> float:
+    """Seconds from sending `request` to an idle queue to its first text; then it is stopped."""
+    user, conversation, messages = request
+    async with InferenceQueue(batcher=batcher, max_size=1, timeout=REQUEST_TIMEOUT) as queue:
+        sent = time.perf_counter()
+        generation = queue.submit(messages, user=user, conversation=conversation)
+        async for _chunk in generation:
+            break
+        first = time.perf_counter() - sent
+        generation.cancel()
+        return first
+
+
+async def _arriving(
+    batcher: Batcher, requests: list[Request], arrivals: list[float]
+) -> list[Timing | None]:
+    """Each request sent at its arrival (seconds from the start); its times from then on,
+    or None if it timed out."""
+    finished = 0
+    async with InferenceQueue(
+        batcher=batcher, max_size=len(requests), timeout=REQUEST_TIMEOUT
+    ) as queue:
+        start = time.perf_counter()
+
+        async def send(request: Request, at: float) -> Timing | None:
+            nonlocal finished
+            await asyncio.sleep(max(start + at - time.perf_counter(), 0.0))
+            user, conversation, messages = request
+            sent = time.perf_counter()
+            try:
+                timing = await timed(
+                    queue.submit(messages, user=user, conversation=conversation), sent
+                )
+            except InferenceTimeout:
+                return None
+            finished += 1
+            if finished % 10 == 0 or finished == len(requests):
+                elapsed = time.perf_counter() - start
+                say(f"  traffic: {finished}/{len(requests)} answered at {elapsed:.0f} s")
+            return timing
+
+        sends = (send(request, at) for request, at in zip(requests, arrivals, strict=True))
+        return await asyncio.gather(*sends)
