@@ -99,7 +99,7 @@ class StepLayout:
             v = values[segment.slot, None, :, : segment.end]
             outputs.append(_sdpa(q, k, v, mask, scaling)[0].transpose(0, 1))  # [len, heads, dim]
             offset += segment.length
-        return torch.cat(outputs).unsqueeze(0)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).unsqueeze(0)
 
 
 class _DecodeGroup:
@@ -111,8 +111,11 @@ class _DecodeGroup:
         self._rows: slice | torch.Tensor = slice(slots[0], slots[-1] + 1)
         if slots != list(range(slots[0], slots[-1] + 1)):
             self._rows = torch.tensor(slots, device=device)
-        lengths = torch.tensor([segment.end for segment in segments], device=device)
-        self.mask = (torch.arange(self.width, device=device) < lengths[:, None])[:, None, None]
+        ends = [segment.end for segment in segments]
+        self.mask: torch.Tensor | None = None  # None: every row fills the width (a lone row)
+        if min(ends) < self.width:
+            lengths = torch.tensor(ends, device=device)
+            self.mask = (torch.arange(self.width, device=device) < lengths[:, None])[:, None, None]
 
     def take(self, cache: torch.Tensor) -> torch.Tensor:
         return cache[self._rows, :, : self.width]
@@ -147,8 +150,9 @@ def _decode_attention(q, k, v, mask, scaling) -> torch.Tensor:
     kv_heads = k.shape[1]
     grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(grouped, k.transpose(-1, -2)) * (scaling or dim**-0.5)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.float().softmax(-1).to(v.dtype)  # as SDPA: softmax in float32
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1, dtype=torch.float32).to(v.dtype)  # as SDPA, in float32
     return torch.matmul(weights, v).reshape(rows, heads, dim)
 
 
@@ -238,6 +242,11 @@ class SlotCache:
         pass on); return the whole layer for `ragged_attention` to read."""
         layout: StepLayout = kwargs["step_layout"]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[layout.slots, :, layout.positions] = key_states[0].transpose(0, 1)
-        values[layout.slots, :, layout.positions] = value_states[0].transpose(0, 1)
+        if len(layout.segments) == 1:  # one row: a plain copy, cheaper than scattering
+            segment = layout.segments[0]
+            keys[segment.slot, :, segment.start : segment.end] = key_states[0]
+            values[segment.slot, :, segment.start : segment.end] = value_states[0]
+        else:
+            keys[layout.slots, :, layout.positions] = key_states[0].transpose(0, 1)
+            values[layout.slots, :, layout.positions] = value_states[0].transpose(0, 1)
         return keys, values
