@@ -21,6 +21,7 @@ TORCH_INDEX ?= pypi
 endif
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+PEER ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -36,8 +37,11 @@ test: $(STAMP)
 	exit $$status
 
 # The serving benchmark (about 15 minutes on 2 cores): table, JSON and plot in benchmarks/results.
+# PEER=llamacpp adds llama.cpp's own server, serving the same weights, as a column: its first
+# run builds the server (tens of minutes on 2 cores; needs cmake and a C++ compiler), cached in
+# ~/.cache/threadbot.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.serving $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.serving $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
