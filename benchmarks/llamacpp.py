@@ -4,7 +4,7 @@
     peer_sweep(model, tokenizer, prompts, [1, 4, 8, 16], 64, work_dir=..., threads=2, say=print)
 
 The server is built from the llama.cpp tree that the sdist of llama-cpp-python 0.3.36
-vendors (CPU only, tuned to this machine: minutes, once). The benchmark's own model is
+vendors (CPU only, tuned to this machine; about 15 CPU-minutes, once). The benchmark's own model is
 converted to a GGUF in its own dtype, so both sides serve the same weights at the same
 precision. For each N one server runs with N slots (one per request, each with room for the
 longest prompt and its answer), and all N streamed requests are sent at once. The build, its
@@ -105,13 +105,14 @@ def peer_sweep(
     for n in concurrency:
         batch = prompts[:n]
         context = n * (max(map(len, batch)) + new_tokens)
-        say(f"llama.cpp: {n} at once ({n} slots, a context of {context} tokens) ...")
+        say(f"llama.cpp: {n} at once, a slot each, a context of {context} tokens ...")
         options = server_options(weights, slots=n, context=context, threads=threads)
         with running_server(server, options, log=work_dir / "logs" / f"server-{n}.log") as port:
             timings = send_all(port, batch, new_tokens)
         if short := [timing.tokens for timing in timings if timing.tokens < new_tokens]:
             raise PeerUnavailable(f"llama-server stopped answers at {short} of {new_tokens} tokens")
         rows.append({"n": n, **summary(timings)})
+        say(f"llama.cpp: {n} at once: {rows[-1]['tok_s']:.1f} tok/s")
     return rows
 
 
@@ -273,7 +274,7 @@ def weights_key(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> s
     digest = hashlib.sha256(model.config.to_json_string().encode())
     for name, parameter in model.named_parameters():
         digest.update(name.encode())
-        digest.update(parameter.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -289,7 +290,7 @@ def server_options(weights: Path, *, slots: int, context: int, threads: int) -> 
         "--ctx-size", str(context),
         "--threads", str(threads),
         "--threads-batch", str(threads),
-        "--batch-size", "512",  # llama.cpp's physical batch: prefill in chunks of 512
+        "--batch-size", "512",  # a step takes prompts in chunks of 512 (as its physical batch)
         "--no-webui",
     ]  # fmt: skip
 

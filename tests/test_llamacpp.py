@@ -161,7 +161,7 @@ def test_the_peer_serves_every_request_at_once_and_reports_each_n(tiny_model, qw
     for row in rows:
         assert row["tok_s"] > 0
         assert 0 < row["ttft_p50"] <= row["ttft_p95"]
-    assert any("3 at once (3 slots" in line for line in said)
+    assert any("3 at once, a slot each" in line for line in said)
 
 
 @pytest.mark.slow
