@@ -37,7 +37,9 @@ test: $(STAMP)
 	exit $$status
 
 # The serving benchmark (about 20 minutes on 2 cores): table, JSON and plot in benchmarks/results.
-# PEER=llamacpp adds llama.cpp's server on the same requests.
+# PEER=llamacpp adds llama.cpp's own server, serving the same weights, as a column: its first
+# run builds the server (about 10 minutes on 2 cores; needs cmake and a C++ compiler), cached in
+# ~/.cache/threadbot.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.serving $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
 

@@ -174,11 +174,13 @@ def sweep(engine: Engine, plan: Plan, requests: list[list[dict]]) -> list[dict]:
 
 
 def peer(
-    engine: Engine, plan: Plan, requests: list[list[dict]], rows: list[dict], work_dir: Path
+    engine: Engine, plan: Plan, requests: list[list[dict]], rows: list[dict], work_dir: Path | None
 ) -> dict:
     """llama.cpp's server on the sweep's prompts (the same token ids), its numbers added to
     the sweep's `rows`; what was run, or why it was left out."""
-    from benchmarks.llamacpp import PeerUnavailable, peer_sweep  # builds llama.cpp: on demand
+    from benchmarks.llamacpp import PeerUnavailable, default_work_dir, peer_sweep  # on demand
+
+    work_dir = work_dir or default_work_dir()
 
     say("peer: llama.cpp's server on the same requests ...")
     try:
@@ -271,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peer-dir",
         type=Path,
-        default=Path("data/peer"),
-        help="where the peer keeps its build and converted weights between runs",
+        help="where the peer keeps its build and converted weights between runs "
+        "(default: ~/.cache/threadbot/llama.cpp-VERSION)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
