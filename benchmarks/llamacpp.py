@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchmarks.workload import percentile
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -410,12 +412,6 @@ def summary(timings: list[Timing]) -> dict:
         "ttft_p50": percentile(first, 0.5),
         "ttft_p95": percentile(first, 0.95),
     }
-
-
-def percentile(values: list[float], share: float) -> float:
-    """The nearest-rank percentile, as the rest of the benchmark reports it."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def main() -> int:

@@ -30,6 +30,7 @@ conversation unanswerable for good, and one row is bounded by the context window
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -74,6 +75,7 @@ class _Sequence:
     key: object
     conversation: str
     prompt: list[int]
+    arrival: int  # joins before it
     slot: int  # its row of the slot cache
     cached: int  # tokens whose keys and values are computed: the next token's position
     max_new_tokens: int  # within the context window
@@ -134,6 +136,7 @@ class Batcher:
         self.end_ids = end_token_ids(self.model.generation_config)
         self.stats = BatchStats()
         self._sequences: list[_Sequence] = []  # sequence i has slot i
+        self._arrivals = itertools.count()
         layers, kv_heads, head_dim = kv_shape(self.model)
         self._cache = SlotCache(layers, kv_heads, head_dim, self.model.dtype, self.model.device)
         # The last request `fits` tokenized, so that neither `join` nor the next step's
@@ -170,6 +173,7 @@ class Batcher:
             key,
             conversation,
             prompt,
+            next(self._arrivals),
             len(self._sequences),
             reused,
             self._answer_limit(prompt, max_new_tokens),
@@ -250,12 +254,13 @@ class Batcher:
         return self._advance(sampled, logits) if sampled else []
 
     def _prefill_chunks(self, budget: int) -> list[tuple[_Sequence, int]]:
-        """(sequence, tokens) to prefill this step: the prompts nearest to their end first,
-        so a short prompt arriving during a long one waits at most one chunk."""
+        """(sequence, tokens) to prefill this step: the prompts fewest chunks from their end
+        first, so a short prompt arriving during a long one waits at most one chunk; among
+        equals, in the order they joined (the queue's fair order)."""
         budget = max(budget, MIN_PREFILL_CHUNK)
         waiting = sorted(
             (sequence for sequence in self._sequences if not sequence.answer),
-            key=lambda sequence: sequence.to_prefill,
+            key=lambda sequence: (-(-sequence.to_prefill // self.step_tokens), sequence.arrival),
         )
         chunks = []
         for sequence in waiting:

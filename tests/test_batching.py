@@ -330,3 +330,21 @@ def test_the_batch_cache_follows_its_rows_within_the_budget(make_batcher):
             break
         batcher.step()
     assert batcher.kv_tokens == 0
+
+
+def test_prompts_of_about_the_same_length_are_read_in_the_order_they_joined(make_batcher):
+    """Nearest-to-done first is counted in chunks, so the queue's fair order stands between
+    prompts a few tokens apart."""
+    batcher = make_batcher(step_tokens=16, max_new_tokens=4)
+    first = [{"role": "user", "content": "hi there, how are you"}]
+    second = [{"role": "user", "content": "hi"}]
+    lengths = [len(batcher.engine.prompt_ids(messages)) for messages in (first, second)]
+    assert lengths[0] > lengths[1] and -(-lengths[0] // 16) == -(-lengths[1] // 16)
+    batcher.join("first", first, conversation="first")
+    batcher.join("second", second, conversation="second")
+    keys = []
+    for _ in range(20):
+        keys += [update.key for update in batcher.step()]
+        if keys:
+            break
+    assert keys == ["first"]
