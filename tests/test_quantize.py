@@ -8,11 +8,14 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_qwen2
+from conftest import answer_alone, tiny_qwen2
 from pydantic import ValidationError
 from transformers import DynamicCache
 
+from bot.batching import Batcher
 from bot.config import Settings
+from bot.engine import Engine
+from bot.kv_cache import PrefixCache
 from bot.quantize import FUSED_MAX_ROWS, Int8Linear, is_quantized, quantize_int8, weight_bytes
 from bot.team import Team
 
@@ -79,28 +82,50 @@ def test_greedy_answers_mostly_agree(models, qwen_tokenizer):
 
 
 def test_the_batchers_forward_runs_on_a_cache(models, qwen_tokenizer):
-    """Prefill with a DynamicCache, then decode steps of one row each: the path the
-    batcher takes, through the fused kernel (few rows) and the converted weight (many)."""
+    """Prefill with a DynamicCache, then decode steps of one token a row: the forward the
+    batcher runs, through the converted weight (many rows) and the kernel (few)."""
     model, quantized = models
     batch = chat_batch(qwen_tokenizer, QUESTIONS[:2])
     assert batch["input_ids"].numel() > FUSED_MAX_ROWS  # the prefill takes the other path
+    decoded = torch.tensor(qwen_tokenizer.encode(" the sky is")).expand(2, -1)  # both rows
+    masks = [batch["attention_mask"]]
+    for _ in range(decoded.shape[1]):
+        masks.append(torch.cat([masks[-1], torch.ones_like(masks[-1][:, :1])], dim=1))
+    steps = list(zip([batch["input_ids"], *decoded.split(1, dim=1)], masks, strict=True))
+    logits = {}
     with torch.inference_mode():
-        logits = {}
         for name, network in (("float", model), ("int8", quantized)):
             cache = DynamicCache(config=network.config)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            steps = []
-            for _ in range(3):
-                out = network(
+            found = [
+                network(
                     input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
                     logits_to_keep=1,
-                )  # fmt: skip
-                steps.append(out.logits[:, -1].float())
-                ids = out.logits[:, -1].argmax(-1, keepdim=True)
-                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-            logits[name] = torch.stack(steps)
-    assert logits["int8"].shape == (3, 2, model.config.vocab_size)
-    torch.testing.assert_close(logits["int8"], logits["float"], atol=0.05, rtol=0)
+                ).logits[:, -1].float()
+                for ids, mask in steps
+            ]  # fmt: skip
+            logits[name] = torch.stack(found)
+    assert logits["int8"].shape == (len(steps), 2, model.config.vocab_size)
+    # int8's rounding moves a logit by a few percent of the largest; a wrong scale, layout
+    # or cache moves them all.
+    scale = logits["float"].abs().max()
+    torch.testing.assert_close(logits["int8"] / scale, logits["float"] / scale, atol=0.1, rtol=0)
+
+
+def test_the_batcher_answers_with_a_quantized_model_as_generate_does(qwen_tokenizer):
+    """The batcher's one flattened forward a step (a prompt's chunk through the converted
+    weight, decoding rows through the kernel) gives the answers `generate` gives."""
+    model = tiny_qwen2(qwen_tokenizer)
+    quantize_int8(model)
+    batcher = Batcher(
+        engine=Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=10),
+        max_batch=4,
+        step_tokens=64,
+        prefix_cache=PrefixCache(0),
+    )
+    questions = [[{"role": "user", "content": question}] for question in QUESTIONS]
+    expected = [batcher.engine.generate([messages])[0] for messages in questions]
+    assert [answer_alone(batcher, messages) for messages in questions] == expected
+    assert all(expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
