@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: linear weights stored as int8 (less memory, other answers)."
+    )
     max_new_tokens: int = Field(512, ge=1, description="Longest answer, in tokens.")
     max_context_tokens: int | None = Field(
         None,
@@ -247,7 +250,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line.")
 
-    @field_validator("device", "dtype", mode="before")
+    @field_validator("device", "dtype", "quantize", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

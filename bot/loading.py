@@ -123,9 +123,10 @@ def _download(repo_id: str, gguf_file: str | None = None) -> str:
 
 
 def load(
-    source: ModelSource, *, device: str, dtype: str, cache_dir: Path
+    source: ModelSource, *, device: str, dtype: str, cache_dir: Path, quantize: str = "none"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer, ready for generation; ModelError (naming MODEL) if they won't load."""
+    """Model and tokenizer, ready for generation, its weights quantized as `quantize` says
+    (QUANTIZE); ModelError (naming MODEL) if they won't load."""
     if source.gguf_file:
         source = _converted_gguf(source, cache_dir)
     elif not Path(source.path, "config.json").is_file():
@@ -146,6 +147,10 @@ def load(
             f"MODEL={source} could not be loaded: {_first_line(error)}. {FIX}"
         ) from error
     model.eval()
+    if quantize == "int8":
+        from bot.quantize import quantize_int8
+
+        quantize_int8(model)
     if tokenizer.pad_token is None:  # batches need padding; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right edge of each row

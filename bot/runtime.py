@@ -48,7 +48,11 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
     threads = use_all_cores()
     logger.info("Loading model %s on device %s (%d CPU threads)", source, settings.device, threads)
     model, tokenizer = loading.load(
-        source, device=settings.device, dtype=settings.dtype, cache_dir=settings.data_dir / "models"
+        source,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.data_dir / "models",
+        quantize=settings.quantize,
     )
     engine = Engine(
         model=model,
@@ -58,10 +62,9 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
     )
     loading.refuse_unservable(source, model.config, engine.context_tokens)
     logger.info(
-        "Model ready: %s, %s on %s, context %d tokens",
+        "Model ready: %s, %s, context %d tokens",
         model.config.model_type,
-        model.dtype,
-        model.device,
+        placement(engine),
         engine.context_tokens,
     )
     return engine
@@ -174,8 +177,11 @@ def model_name(settings: Settings, source: ModelSource) -> str:
 
 
 def placement(engine: Engine) -> str:
-    """Where and how the model runs: `bfloat16 on cpu`."""
-    return f"{dtype_name(engine)} on {engine.model.device}"
+    """Where and how the model runs: `bfloat16 on cpu`, `bfloat16 with int8 weights on cpu`."""
+    from bot.quantize import is_quantized
+
+    weights = " with int8 weights" if is_quantized(engine.model) else ""
+    return f"{dtype_name(engine)}{weights} on {engine.model.device}"
 
 
 def dtype_name(engine: Engine) -> str:

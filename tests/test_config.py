@@ -44,6 +44,7 @@ def test_defaults() -> None:
     assert settings.model_file is None
     assert settings.device == "auto"
     assert settings.dtype == "auto"
+    assert settings.quantize == "none"
     assert settings.max_new_tokens == 512
     assert settings.max_context_tokens is None
     assert settings.system_prompt is None

@@ -27,6 +27,7 @@ from adapters.slack_checks import check_slack
 from bot.config import Settings
 from bot.doctor.disk_check import check_disk
 from bot.doctor.findings import Finding, ok
+from bot.doctor.model_check import check_model
 from bot.doctor.runner import run_doctor
 from storage.embedded import EmbeddedRedis
 
@@ -141,6 +142,13 @@ async def test_a_healthy_deployment_passes_every_check(doctor) -> None:
     [(_, generation)] = report.lines("generation")
     assert re.search(r"float32 on cpu: loaded in [\d.]+ s, 1 token in [\d.]+ s", generation)
     assert report.text.rstrip().endswith("all checks passed")
+
+
+async def test_the_generation_line_says_the_weights_are_int8(doctor) -> None:
+    report = await doctor(checks=[("model", check_model)], QUANTIZE="int8")
+    [(status, generation)] = report.lines("generation")
+    assert status == "ok", generation
+    assert generation.startswith("float32 with int8 weights on cpu: loaded in")
 
 
 @pytest.mark.slow
