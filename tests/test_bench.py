@@ -5,8 +5,6 @@ server) is an outside program: its columns are checked with a stand-in for it.""
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 
@@ -98,11 +96,13 @@ class _Engine:
 
 
 def _stand_in_peer(monkeypatch, peer_sweep) -> None:
-    """`benchmarks.llamacpp` as the peer's module defines it, with `peer_sweep` given."""
-    module = types.ModuleType("benchmarks.llamacpp")
-    module.PeerUnavailable = type("PeerUnavailable", (Exception,), {})
-    module.peer_sweep = lambda *args, **kwargs: peer_sweep(module, *args, **kwargs)
-    monkeypatch.setitem(sys.modules, "benchmarks.llamacpp", module)
+    """The real `benchmarks.llamacpp` with `peer_sweep` (which builds and runs llama.cpp,
+    minutes: tests/test_llamacpp.py runs it) replaced by the given one."""
+    from benchmarks import llamacpp
+
+    monkeypatch.setattr(
+        llamacpp, "peer_sweep", lambda *args, **kwargs: peer_sweep(llamacpp, *args, **kwargs)
+    )
 
 
 def test_the_peer_runs_the_sweep_s_prompts_and_gets_its_columns(monkeypatch, tmp_path):
