@@ -238,51 +238,49 @@ class Journal(SpyBatcher):
         return updates
 
 
+LONG_QUESTION = [{"role": "user", "content": "Tell me all about byte pair encoding. " * 8}]
+
+
+async def journaled(batcher, *questions: list[dict]) -> tuple[list[tuple[str, object]], list]:
+    """All `questions` submitted at once, each by a user and conversation of its own, and
+    answered to the end: the batcher's join and end events, and the generations in order."""
+    journal = Journal(batcher)
+    async with InferenceQueue(batcher=journal, max_size=4, timeout=60) as queue:
+        generations = [
+            queue.submit(question, user=f"u{index}", conversation=f"c{index}")
+            for index, question in enumerate(questions, 1)
+        ]
+        await asyncio.gather(*(collect(generation) for generation in generations))
+    return journal.events, generations
+
+
 async def test_a_request_too_big_for_the_batch_waits_while_a_short_one_joins(make_batcher):
     """MAX_BATCH_TOKENS counts the padding: with room for two rows as wide as a long one, a
     long and a short fit (the short padded to the long one's width), and a second long
     request waits until one of them has ended."""
-    long_question = [{"role": "user", "content": "Tell me all about byte pair encoding. " * 8}]
     batcher = make_batcher(max_new_tokens=12)
-    long_row = len(batcher.engine.prompt_ids(long_question)) + 12
+    long_row = len(batcher.engine.prompt_ids(LONG_QUESTION)) + 12
     batcher.max_batch_tokens = 2 * long_row  # room for two rows as wide as a long one
-    journal = Journal(batcher)
-    async with InferenceQueue(batcher=journal, max_size=4, timeout=60) as queue:
-        first = queue.submit(long_question, user="u1", conversation="c1")
-        short = queue.submit(HELLO, user="u2", conversation="c2")
-        second = queue.submit(long_question, user="u3", conversation="c3")
-        await asyncio.gather(collect(first), collect(short), collect(second))
-    events = journal.events
+    events, (first, short, second) = await journaled(batcher, LONG_QUESTION, HELLO, LONG_QUESTION)
     assert events.index(("join", short)) < events.index(("end", first))  # joined at once
     first_end = min(events.index(("end", first)), events.index(("end", short)))
     assert events.index(("join", second)) > first_end  # waited its turn
-    assert first.text == second.text == answer_alone(batcher, long_question)
+    assert first.text == second.text == answer_alone(batcher, LONG_QUESTION)
     assert short.text == answer_alone(batcher, HELLO)
 
 
 async def test_a_request_larger_than_the_whole_budget_runs_alone(make_batcher):
     batcher = make_batcher(max_new_tokens=6, max_batch_tokens=1)
-    journal = Journal(batcher)
-    async with InferenceQueue(batcher=journal, max_size=4, timeout=60) as queue:
-        first = queue.submit(HELLO, user="u1", conversation="c1")
-        second = queue.submit(HELLO, user="u2", conversation="c2")
-        await asyncio.gather(collect(first), collect(second))
-    assert journal.events == [("join", first), ("end", first), ("join", second), ("end", second)]
+    events, (first, second) = await journaled(batcher, HELLO, HELLO)
+    assert events == [("join", first), ("end", first), ("join", second), ("end", second)]
     assert first.text == second.text == answer_alone(batcher, HELLO)
 
 
 async def test_a_waiting_request_is_not_passed_by_smaller_ones_behind_it(make_batcher):
     """The short request would fit beside the first long one, but the second long one is
     ahead of it in line: it goes first, so a long request cannot starve behind short ones."""
-    long_question = [{"role": "user", "content": "Tell me all about byte pair encoding. " * 8}]
     batcher = make_batcher(max_new_tokens=6)
-    batcher.max_batch_tokens = 2 * len(batcher.engine.prompt_ids(long_question)) - 1
-    journal = Journal(batcher)
-    async with InferenceQueue(batcher=journal, max_size=4, timeout=60) as queue:
-        first = queue.submit(long_question, user="u1", conversation="c1")
-        second = queue.submit(long_question, user="u2", conversation="c2")
-        short = queue.submit(HELLO, user="u3", conversation="c3")
-        await asyncio.gather(collect(first), collect(second), collect(short))
-    events = journal.events
+    batcher.max_batch_tokens = 2 * len(batcher.engine.prompt_ids(LONG_QUESTION)) - 1
+    events, (first, second, short) = await journaled(batcher, LONG_QUESTION, LONG_QUESTION, HELLO)
     assert events.index(("join", second)) > events.index(("end", first))
     assert events.index(("join", short)) > events.index(("join", second))
