@@ -237,10 +237,9 @@ class Batcher:
             [Segment(sequence.slot, sequence.cached, length) for sequence, length in chunks],
             self.model.device,
         )
-        by_slot = {sequence.slot: sequence for sequence in self._sequences}
         tokens, sampled, kept = [], [], []  # sampled: whose next token `kept` logits pick
         for segment in layout.segments:
-            sequence = by_slot[segment.slot]
+            sequence = self._sequences[segment.slot]
             if sequence.answer:
                 tokens.append(sequence.answer[-1])
             else:

@@ -68,7 +68,6 @@ class StepLayout:
         groups = _length_groups(decoding)
         self.segments = [segment for group in groups for segment in group] + prefilling
         self.tokens = sum(segment.length for segment in self.segments)
-        self._device = device
         self._decode_groups = [_DecodeGroup(group, device) for group in groups]
         self._prefills = [(segment, _causal_mask(segment, device)) for segment in prefilling]
         self.slots = torch.tensor(
@@ -105,13 +104,13 @@ class StepLayout:
 class _DecodeGroup:
     def __init__(self, segments: list[Segment], device: torch.device):
         self.segments = segments
-        self.width = max(segment.end for segment in segments)
+        ends = [segment.end for segment in segments]
+        self.width = max(ends)
         slots = [segment.slot for segment in segments]
         # Consecutive slots are a view of the cache; others are gathered (a copy).
         self._rows: slice | torch.Tensor = slice(slots[0], slots[-1] + 1)
         if slots != list(range(slots[0], slots[-1] + 1)):
             self._rows = torch.tensor(slots, device=device)
-        ends = [segment.end for segment in segments]
         self.mask: torch.Tensor | None = None  # None: every row fills the width (a lone row)
         if min(ends) < self.width:
             lengths = torch.tensor(ends, device=device)
