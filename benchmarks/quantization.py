@@ -35,7 +35,9 @@ from transformers import (
 
 from bot import loading
 from bot.device import pick_dtype, use_all_cores
+from bot.kv_cache import shared_prefix
 from bot.quantize import quantize_int8, weight_bytes
+from bot.sampling import end_token_ids
 
 VARIANTS = [  # (name, activations' dtype, int8 weights)
     ("float32", torch.float32, False),
@@ -146,12 +148,8 @@ def _generate(
     answers = output[:, batch["input_ids"].shape[1] :].tolist()
     if forced:
         return took, answers
-    stops = {pad_token_id, *_ids(model.generation_config.eos_token_id)}
+    stops = {pad_token_id, *end_token_ids(model.generation_config)}
     return took, [_until_stop(answer, stops) for answer in answers]
-
-
-def _ids(value: int | list[int] | None) -> list[int]:
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
@@ -162,15 +160,10 @@ def agreement(reference: list[list[int]], answers: list[list[int]]) -> dict:
     """`tokens`: the share of answer positions before the first token that differs from
     the reference (the longer of the two answers counts); `answers`: the share identical."""
     pairs = list(zip(reference, answers, strict=True))
-    shared = sum(_common_prefix(a, b) for a, b in pairs)
+    shared = sum(shared_prefix(a, b) for a, b in pairs)
     positions = sum(max(len(a), len(b)) for a, b in pairs)
     identical = statistics.mean(a == b for a, b in pairs)
     return {"tokens": shared / positions if positions else 1.0, "answers": identical}
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    pairs = zip(a, b, strict=False)  # up to the shorter answer's end
-    return next((i for i, (x, y) in enumerate(pairs) if x != y), min(len(a), len(b)))
 
 
 def _real_agreement(

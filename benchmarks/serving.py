@@ -58,6 +58,7 @@ from bot import loading
 from bot.config import Settings
 from bot.device import pick_dtype, use_all_cores
 from bot.engine import Engine
+from bot.quantize import weight_bytes
 
 SHAPE = Path(__file__).with_name("qwen2.5-0.5b-config.json")
 
@@ -120,11 +121,6 @@ class PeakRss:
 def rss() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decode step: every parameter once (a tied matrix counts once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def memory_bandwidth() -> float:
@@ -243,7 +239,7 @@ def fairness(engine: Engine, plan: Plan) -> dict:
 def roofline(engine: Engine, sweep_rows: list[dict], plan: Plan) -> dict:
     say("roofline: memory bandwidth ...")
     bandwidth = memory_bandwidth()
-    per_token = weight_bytes(engine.model)
+    per_token = weight_bytes(engine.model)  # read once per decode step
     lone = next(row for row in sweep_rows if row["n"] == 1)
     decode = plan.new_tokens - 1
 
