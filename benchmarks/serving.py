@@ -43,6 +43,7 @@ from benchmarks.workload import (
     FULL,
     QUICK,
     Plan,
+    Timing,
     answered,
     main_thread_team,
     make_batcher,
@@ -58,6 +59,7 @@ from bot import loading
 from bot.config import Settings
 from bot.device import pick_dtype, use_all_cores
 from bot.engine import Engine
+from bot.packing import pack_linear_weights, packable
 from bot.quantize import weight_bytes
 
 SHAPE = Path(__file__).with_name("qwen2.5-0.5b-config.json")
@@ -67,7 +69,8 @@ SHAPE = Path(__file__).with_name("qwen2.5-0.5b-config.json")
 
 
 def load_engine(model: str | None, new_tokens: int) -> Engine:
-    """Random weights in Qwen2.5-0.5B's shape (the real tokenizer), or a real model."""
+    """Random weights in Qwen2.5-0.5B's shape (the real tokenizer), or a real model; its
+    weights unpacked, as the seed had them (`pack` packs them after the seed's run)."""
     threads = use_all_cores()
     if model is None:
         say(f"building Qwen2.5-0.5B's shape with random weights ({threads} threads) ...")
@@ -81,7 +84,7 @@ def load_engine(model: str | None, new_tokens: int) -> Engine:
         settings = Settings(model=model, _env_file=None)
         source = loading.resolve_source(settings)
         network, tokenizer = loading.load(
-            source, device="cpu", dtype="auto", cache_dir=settings.data_dir / "models"
+            source, device="cpu", dtype="auto", cache_dir=settings.data_dir / "models", pack=False
         )
     config = network.generation_config
     config.do_sample, config.min_new_tokens = False, new_tokens  # every answer full length
@@ -144,12 +147,32 @@ def warm_up(engine: Engine, plan: Plan) -> None:
     queued(make_batcher(engine, plan), [("warm-up", "warm-up", opening(plan, seed=999))])
 
 
-def sweep(engine: Engine, plan: Plan, requests: list[list[dict]]) -> list[dict]:
-    """N requests arriving together, for each N: the seed loop, one static `generate` (the
-    ceiling) and our queue."""
+def seed_sweep(engine: Engine, requests: list[list[dict]]) -> tuple[list[Timing], int]:
+    """The seed loop over the requests (its first N are the N-run), on the model as the
+    seed had it: its weights not yet packed. The timings, and the peak resident set."""
     say(f"concurrency sweep: the seed loop on {len(requests)} (its first N are the N-run) ...")
     with PeakRss() as seed_rss:
-        seed = on_own_thread(seed_loop, engine, requests)
+        timings = on_own_thread(seed_loop, engine, requests)
+    return timings, seed_rss.peak
+
+
+def pack(engine: Engine, plan: Plan) -> int:
+    """Pack the weights as the service's loader does (`bot.packing`); linear layers packed."""
+    if not packable(engine.model):
+        say("weights: not packable here (device or dtype); left as they are")
+        return 0
+    say("weights: packing the linear layers for oneDNN, as the service loads them ...")
+    packed = pack_linear_weights(engine.model)
+    warm_up(engine, plan)
+    return packed
+
+
+def sweep(
+    engine: Engine, plan: Plan, requests: list[list[dict]], seed: tuple[list[Timing], int]
+) -> list[dict]:
+    """N requests arriving together, for each N: the seed loop's first N (`seed_sweep`), one
+    static `generate` (the ceiling) and our queue."""
+    seed_timings, seed_peak_rss = seed
     rows = []
     for n in plan.concurrency:
         say(f"concurrency sweep: the static-batch ceiling, one generate over {n} ...")
@@ -158,13 +181,13 @@ def sweep(engine: Engine, plan: Plan, requests: list[list[dict]]) -> list[dict]:
         batch = [(f"user{i}", f"c{n}-{i}", requests[i]) for i in range(n)]
         with PeakRss() as ours_rss:
             ours = queued(make_batcher(engine, plan), batch)
-        base = summary(seed[:n], plan.new_tokens)
+        base = summary(seed_timings[:n], plan.new_tokens)
         mine = summary(ours, plan.new_tokens)
         rows.append({
             "n": n, "seed": base, "ours": mine, "ceiling": ceiling,
             "ratio": mine["tok_s"] / base["tok_s"],
             "ours_vs_ceiling": mine["tok_s"] / ceiling["tok_s"],
-            "seed_peak_rss": seed_rss.peak, "ours_peak_rss": ours_rss.peak,
+            "seed_peak_rss": seed_peak_rss, "ours_peak_rss": ours_rss.peak,
         })  # fmt: skip
     return rows
 
@@ -236,10 +259,11 @@ def fairness(engine: Engine, plan: Plan) -> dict:
     }
 
 
-def roofline(engine: Engine, sweep_rows: list[dict], plan: Plan) -> dict:
+def roofline(sweep_rows: list[dict], plan: Plan, per_token: int) -> dict:
+    """How near the lone stream comes to reading `per_token` bytes of weights (once per
+    decode step) at the machine's memory bandwidth."""
     say("roofline: memory bandwidth ...")
     bandwidth = memory_bandwidth()
-    per_token = weight_bytes(engine.model)  # read once per decode step
     lone = next(row for row in sweep_rows if row["n"] == 1)
     decode = plan.new_tokens - 1
 
@@ -280,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     main_thread_team()
     warm_up(engine, plan)
     requests = sweep_requests(plan)
-    report.sweep = sweep(engine, plan, requests)
+    # Read per decode step, counted before packing: a tied output layer's packed copy is
+    # read instead of the embedding table, not as well.
+    per_token = weight_bytes(engine.model)
+    seed = seed_sweep(engine, requests)
+    report.packed_layers = pack(engine, plan)
+    report.sweep = sweep(engine, plan, requests, seed)
     if args.peer:
         report.peer = peer(engine, plan, requests, report.sweep, args.peer_dir)
     capacity = report.sweep[-1]["ours"]["tok_s"] / plan.new_tokens  # requests/s at the top N
@@ -288,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     report.trim_reuse = trim_reuse(engine, plan)
     report.multi_turn = multi_turn(engine, plan)
     report.fairness = fairness(engine, plan)
-    report.roofline = roofline(engine, report.sweep, plan)
+    report.roofline = roofline(report.sweep, plan, per_token)
     report.profile = on_own_thread(step_profile, engine, plan)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(asdict(report), indent=2))

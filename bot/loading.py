@@ -123,10 +123,17 @@ def _download(repo_id: str, gguf_file: str | None = None) -> str:
 
 
 def load(
-    source: ModelSource, *, device: str, dtype: str, cache_dir: Path, quantize: str = "none"
+    source: ModelSource,
+    *,
+    device: str,
+    dtype: str,
+    cache_dir: Path,
+    quantize: str = "none",
+    pack: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer, ready for generation, its weights quantized as `quantize` says
-    (QUANTIZE); ModelError (naming MODEL) if they won't load."""
+    (QUANTIZE), else (with `pack`) packed for the CPU's kernels where they can be
+    (`bot.packing`); ModelError (naming MODEL) if they won't load."""
     if source.gguf_file:
         source = _converted_gguf(source, cache_dir)
     elif not Path(source.path, "config.json").is_file():
@@ -151,6 +158,11 @@ def load(
         from bot.quantize import quantize_int8
 
         quantize_int8(model)
+    elif pack:
+        from bot.packing import pack_linear_weights, packable
+
+        if packable(model):
+            pack_linear_weights(model)
     if tokenizer.pad_token is None:  # batches need padding; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right edge of each row

@@ -1,0 +1,90 @@
+"""Linear weights packed for oneDNN at load: the same products, the same answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import answer_alone, tiny_qwen2
+from test_batching import QUESTIONS, run
+
+from bot.batching import Batcher
+from bot.engine import Engine
+from bot.kv_cache import PrefixCache
+from bot.packing import PackedLinear, pack_linear_weights, packable
+from bot.quantize import weight_bytes
+
+BF16 = pytest.param(
+    torch.bfloat16,
+    id="bfloat16",
+    marks=pytest.mark.skipif(
+        not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 in oneDNN here"
+    ),
+)
+DTYPES = [pytest.param(torch.float32, id="float32"), BF16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_a_packed_layer_computes_what_the_plain_one_does(dtype, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=bias).to(dtype)
+    packed = PackedLinear(linear)
+    for rows in ([1, 1], [3, 5], [1, 130]):  # a decode step, a batch, a prefill chunk
+        x = torch.randn(*rows, 96, dtype=dtype)
+        expected = F.linear(x, linear.weight, linear.bias)
+        if dtype == torch.bfloat16:  # the same oneDNN kernel: to the bit
+            assert torch.equal(packed(x), expected)
+        else:  # MKL's float32 product against oneDNN's: the last bits differ
+            torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def packed_tiny(tokenizer, dtype) -> torch.nn.Module:
+    model = tiny_qwen2(tokenizer).to(dtype)
+    assert packable(model)
+    pack_linear_weights(model)
+    return model
+
+
+def test_every_linear_layer_is_packed_and_a_tied_output_layer_gets_its_own_copy(
+    qwen_tokenizer,
+):
+    plain = tiny_qwen2(qwen_tokenizer)
+    model = packed_tiny(qwen_tokenizer, torch.float32)
+    linear = [name for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
+    modules = dict(model.named_modules())
+    assert linear and all(isinstance(modules[name], PackedLinear) for name in linear)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    # The embeddings stay readable for lookups; the output layer packs a copy of them.
+    assert torch.equal(model.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    table = plain.get_input_embeddings().weight
+    assert weight_bytes(model) == weight_bytes(plain) + table.numel() * table.element_size()
+    assert not any(name.endswith("packed") for name in model.state_dict())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_batcher_on_packed_weights_gives_the_answers_of_generate(qwen_tokenizer, dtype):
+    model = packed_tiny(qwen_tokenizer, dtype)
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=16)
+    batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
+    seed = engine.generate(QUESTIONS)
+    assert all(seed)
+    assert [answer_alone(batcher, messages) for messages in QUESTIONS] == seed
+    answers = run(batcher, {0: ("a", QUESTIONS[0]), 3: ("b", QUESTIONS[1]), 7: ("c", QUESTIONS[2])})
+    assert [answers[key] for key in "abc"] == seed
+
+
+@pytest.mark.parametrize("dtype", [BF16])
+def test_packed_bfloat16_weights_answer_as_the_plain_model_does(qwen_tokenizer, dtype):
+    plain = Engine(model=tiny_qwen2(qwen_tokenizer).to(dtype), tokenizer=qwen_tokenizer,
+                   max_new_tokens=16)  # fmt: skip
+    packed = Engine(model=packed_tiny(qwen_tokenizer, dtype), tokenizer=qwen_tokenizer,
+                    max_new_tokens=16)  # fmt: skip
+    assert packed.generate(QUESTIONS) == plain.generate(QUESTIONS)
+
+
+def test_the_service_s_loader_packs_the_bundled_model(bundled_engine):
+    modules = list(bundled_engine.model.modules())
+    assert any(isinstance(module, PackedLinear) for module in modules)
+    assert not any(type(module) is torch.nn.Linear for module in modules)
+    assert bundled_engine.generate([[{"role": "user", "content": "Say hello."}]])[0]
