@@ -45,9 +45,7 @@ from benchmarks.workload import (
     Plan,
     Timing,
     answered,
-    main_thread_team,
     make_batcher,
-    on_own_thread,
     opening,
     queued,
     say,
@@ -57,7 +55,7 @@ from benchmarks.workload import (
 )
 from bot import loading
 from bot.config import Settings
-from bot.device import pick_dtype, use_all_cores
+from bot.device import on_own_thread, pick_dtype, use_all_cores
 from bot.engine import Engine
 from bot.packing import pack_linear_weights, packable
 from bot.quantize import weight_bytes
@@ -156,15 +154,13 @@ def seed_sweep(engine: Engine, requests: list[list[dict]]) -> tuple[list[Timing]
     return timings, seed_rss.peak
 
 
-def pack(engine: Engine, plan: Plan) -> int:
+def pack(engine: Engine) -> int:
     """Pack the weights as the service's loader does (`bot.packing`); linear layers packed."""
     if not packable(engine.model):
         say("weights: not packable here (device or dtype); left as they are")
         return 0
     say("weights: packing the linear layers for oneDNN, as the service loads them ...")
-    packed = pack_linear_weights(engine.model)
-    warm_up(engine, plan)
-    return packed
+    return pack_linear_weights(engine.model)
 
 
 def sweep(
@@ -192,11 +188,10 @@ def sweep(
     return rows
 
 
-def peer(
-    engine: Engine, plan: Plan, requests: list[list[dict]], rows: list[dict], work_dir: Path | None
-) -> dict:
-    """llama.cpp's server on the sweep's prompts (the same token ids), its numbers added to
-    the sweep's `rows`; what was run, or why it was left out."""
+def peer(engine: Engine, plan: Plan, requests: list[list[dict]], work_dir: Path | None) -> dict:
+    """llama.cpp's server on the sweep's prompts (the same token ids), from the model's
+    weights before they are packed (it converts them to a GGUF): {"name", "left_out" (why
+    it was left out, or None), "rows" (its numbers by N)}."""
     from benchmarks.llamacpp import PeerUnavailable, default_work_dir, peer_sweep  # on demand
 
     work_dir = work_dir or default_work_dir()
@@ -215,12 +210,17 @@ def peer(
         )
     except PeerUnavailable as why:
         say(f"peer: llama.cpp left out: {why}")
-        return {"name": "llama.cpp", "left_out": str(why)}
-    by_n = {result["n"]: result for result in results}
+        return {"name": "llama.cpp", "left_out": str(why), "rows": {}}
+    return {"name": "llama.cpp", "left_out": None, "rows": {row["n"]: row for row in results}}
+
+
+def add_peer(rows: list[dict], peer_run: dict) -> dict:
+    """The peer's numbers into the sweep's `rows`; what was run, or why it was left out."""
     for row in rows:
-        row[PEER] = by_n[row["n"]]
-        row["ours_vs_llamacpp"] = row["ours"]["tok_s"] / row[PEER]["tok_s"]
-    return {"name": "llama.cpp", "left_out": None}
+        if found := peer_run["rows"].get(row["n"]):
+            row[PEER] = found
+            row["ours_vs_llamacpp"] = row["ours"]["tok_s"] / found["tok_s"]
+    return {"name": peer_run["name"], "left_out": peer_run["left_out"]}
 
 
 def multi_turn(engine: Engine, plan: Plan) -> dict:
@@ -263,7 +263,7 @@ def roofline(sweep_rows: list[dict], plan: Plan, per_token: int) -> dict:
     """How near the lone stream comes to reading `per_token` bytes of weights (once per
     decode step) at the machine's memory bandwidth."""
     say("roofline: memory bandwidth ...")
-    bandwidth = memory_bandwidth()
+    bandwidth = on_own_thread(memory_bandwidth)
     lone = next(row for row in sweep_rows if row["n"] == 1)
     decode = plan.new_tokens - 1
 
@@ -299,19 +299,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     plan = QUICK if args.quick else FULL
-    engine = load_engine(args.model, plan.new_tokens)
+    # Every side computes on a thread of its own, as the service does (`on_own_thread`).
+    engine = on_own_thread(load_engine, args.model, plan.new_tokens)
     report = Report(machine=describe(engine.model.dtype))
-    main_thread_team()
     warm_up(engine, plan)
     requests = sweep_requests(plan)
     # Read per decode step, counted before packing: a tied output layer's packed copy is
     # read instead of the embedding table, not as well.
     per_token = weight_bytes(engine.model)
     seed = seed_sweep(engine, requests)
-    report.packed_layers = pack(engine, plan)
+    peer_run = peer(engine, plan, requests, args.peer_dir) if args.peer else None
+    report.packed_layers = on_own_thread(pack, engine)
+    warm_up(engine, plan)  # the packed weights' first calls
     report.sweep = sweep(engine, plan, requests, seed)
-    if args.peer:
-        report.peer = peer(engine, plan, requests, report.sweep, args.peer_dir)
+    if peer_run:
+        report.peer = add_peer(report.sweep, peer_run)
     capacity = report.sweep[-1]["ours"]["tok_s"] / plan.new_tokens  # requests/s at the top N
     report.traffic = realistic_traffic(engine, plan, capacity)
     report.trim_reuse = trim_reuse(engine, plan)

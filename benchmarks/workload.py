@@ -6,20 +6,12 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
-
-import torch
 
 from bot.batching import Batcher
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.queue import Generation, InferenceQueue
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "in", "the", "thread"]
 STEP_TOKENS = 128  # MAX_STEP_TOKENS' default
@@ -80,29 +72,6 @@ def make_batcher(engine: Engine, plan: Plan, *, kv_cache_mb: int = 512) -> Batch
         step_tokens=STEP_TOKENS,
         prefix_cache=PrefixCache(kv_cache_mb * 2**20),
     )
-
-
-def on_own_thread(work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """`work(...)` on a new thread, as the queue runs our batcher on a new engine thread,
-    so that the baselines and ours compute under the same conditions (see
-    `main_thread_team`)."""
-    with ThreadPoolExecutor(1) as thread:
-        return thread.submit(work, *args, **kwargs).result()
-
-
-def main_thread_team() -> None:
-    """Start the main thread's own OpenMP threads, before any side computes on a thread of
-    its own.
-
-    torch's OpenMP threads belong to the thread that calls it, and libgomp lets them
-    spin-wait at full tilt only while the process has no more of them than cores; past
-    that, they soon sleep. With the main thread's team alive, every engine thread's team
-    (ours, the baselines', the profile's) waits the same, brief way. Which way it is would
-    otherwise depend on whether loading the model ran a parallel op, and on a machine shared
-    with other work the full-tilt way is ruinous: on 2 busy cores it made the quick run
-    take 155 s of CPU instead of 30 s, and a decode step's matrix product up to 16 ms instead
-    of 0.14 ms."""
-    torch.ones(2**22).add_(1)  # big enough for torch to split it between its threads
 
 
 # --- Times ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from bot.config import BUNDLED, DEFAULT_MODEL, Settings
+from bot.device import on_own_thread
 from bot.logs import adopt_transformers
 from bot.metrics import Metrics
 from bot.service import ChatService
@@ -101,7 +102,8 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
         from bot import loading
 
         source = await asyncio.to_thread(loading.resolve_source, settings)
-        engine = await asyncio.to_thread(load_engine, settings, source=source)
+        # On a thread that then ends: the engine thread's OpenMP team must be the only one.
+        engine = await asyncio.to_thread(on_own_thread, load_engine, settings, source=source)
         name = model_name(settings, source)
         metrics.describe_build(
             version=version(),

@@ -118,7 +118,7 @@ def test_the_peer_runs_the_sweep_s_prompts_and_gets_its_columns(monkeypatch, tmp
     engine, plan = _Engine(), workload.QUICK
     rows = _sweep_rows(plan.concurrency)
     requests = [[{"role": "user", "content": "x" * length}] for length in (3, 5)]
-    run = serving.peer(engine, plan, requests, rows, tmp_path)
+    run = serving.add_peer(rows, serving.peer(engine, plan, requests, tmp_path))
 
     assert calls == [(engine.model, [[3], [5]], plan.concurrency, plan.new_tokens, tmp_path)]
     assert run == {"name": "llama.cpp", "left_out": None}
@@ -137,7 +137,7 @@ def test_a_peer_that_cannot_run_here_is_left_out_with_its_reason(monkeypatch, tm
 
     _stand_in_peer(monkeypatch, peer_sweep)
     rows = _sweep_rows(workload.QUICK.concurrency)
-    run = serving.peer(_Engine(), workload.QUICK, [[]], rows, tmp_path)
+    run = serving.add_peer(rows, serving.peer(_Engine(), workload.QUICK, [[]], tmp_path))
 
     assert run["left_out"] == "llama-cpp-python[server] could not be built"
     assert all(output.PEER not in row and "ours_vs_llamacpp" not in row for row in rows)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
-from bot.device import pick_dtype, use_all_cores
+from bot.device import on_own_thread, pick_dtype, use_all_cores
+
+TASKS = Path("/proc/self/task")  # one entry per thread of this process (Linux)
 
 
 def test_an_explicit_dtype_is_kept():
@@ -41,3 +46,37 @@ def test_auto_on_a_gpu_is_half_precision():
 
 def test_torch_uses_every_core_we_may_run_on():
     assert use_all_cores() == len(os.sched_getaffinity(0))
+
+
+def threads_now() -> int:
+    return len(list(TASKS.iterdir()))
+
+
+def threads_settle_at(count: int) -> bool:
+    """Whether the process is down to `count` threads within 5 s (exiting ones take a moment)."""
+    deadline = time.monotonic() + 5
+    while threads_now() != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return threads_now() == count
+
+
+def parallel_op() -> float:
+    return torch.ones(2**22).add_(1).sum().item()  # big enough for torch to split it
+
+
+@pytest.mark.skipif(not TASKS.is_dir(), reason="counts threads in /proc (Linux only)")
+def test_work_on_its_own_thread_leaves_no_openmp_threads_behind():
+    """The engine thread's OpenMP team must be the only one (`on_own_thread` says why), so
+    loading runs on a thread whose team ends with it; a thread that lives on keeps its own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = threads_now()
+        assert on_own_thread(parallel_op) == 2 * 2**22
+        assert threads_settle_at(before)
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(parallel_op).result()
+            assert threads_now() >= before + 2  # the pool's thread and its OpenMP worker
+        assert threads_settle_at(before)
+    finally:
+        torch.set_num_threads(threads)
