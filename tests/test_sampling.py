@@ -1,0 +1,62 @@
+"""Sampling rows draw from the tokens `generate` would keep, with its probabilities, whether
+the sampler narrows to the top-k candidates first or works on the whole vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from bot.sampling import Sampler
+
+VOCABULARY = 5000
+DRAWS = 4000
+HISTORY = [7, 11, 7, 42]  # tokens the repetition penalty pushes down
+
+
+def generate_s_probabilities(config: GenerationConfig, logits: torch.Tensor) -> torch.Tensor:
+    """The next-token distribution `generate` samples from: its processors, in its order."""
+    processors = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(config.repetition_penalty),
+        TemperatureLogitsWarper(config.temperature),
+    ])  # fmt: skip
+    if config.top_k:
+        processors.append(TopKLogitsWarper(config.top_k))
+    if config.top_p < 1.0:
+        processors.append(TopPLogitsWarper(config.top_p))
+    if config.min_p:
+        processors.append(MinPLogitsWarper(config.min_p))
+    return processors(torch.tensor([HISTORY]), logits[None].clone())[0].softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"top_k": 20, "top_p": 0.8},  # Qwen2.5's own: narrowed to 20 candidates
+        {"top_k": 40, "top_p": 1.0, "min_p": 0.05},
+        {"top_k": 0, "top_p": 0.9},  # no top-k: the whole vocabulary
+    ],
+    ids=["top-k-top-p", "top-k-min-p", "whole-vocabulary"],
+)
+def test_sampled_tokens_follow_generate_s_distribution(settings):
+    config = GenerationConfig(do_sample=True, temperature=0.7, repetition_penalty=1.3, **settings)
+    torch.manual_seed(0)
+    logits = torch.randn(VOCABULARY) * 3
+    logits[HISTORY] += 6  # the history's tokens would lead without the penalty
+    expected = generate_s_probabilities(config, logits)
+    sampler = Sampler(config, device=torch.device("cpu"))
+    drawn = sampler(logits.expand(DRAWS, -1).clone(), [HISTORY] * DRAWS, [1] * DRAWS,
+                    [None] * DRAWS)  # fmt: skip
+    found = torch.bincount(torch.tensor(drawn), minlength=VOCABULARY) / DRAWS
+    assert set(found.nonzero()[:, 0].tolist()) <= set(expected.nonzero()[:, 0].tolist())
+    assert (expected > 0).sum() > 3  # a real choice, not a near-greedy one
+    # 4,000 draws: a share's standard error is at most 0.008, so 0.04 is five of them.
+    assert (found - expected).abs().max() < 0.04
