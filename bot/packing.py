@@ -25,6 +25,9 @@ gets a packed copy for the output layer: Qwen2.5-0.5B's 136 M-parameter table tw
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 from typing import TYPE_CHECKING
 
@@ -66,6 +69,13 @@ def packable(model: PreTrainedModel) -> bool:
 
 def pack_linear_weights(model: PreTrainedModel) -> int:
     """Replace, in place, every `nn.Linear` of `model` by a `PackedLinear`; how many."""
+    packed = _pack_each(model)  # the plain weights' last references end with it
+    return_freed_memory()
+    logger.info("Packed %d linear layers' weights for oneDNN", packed)
+    return packed
+
+
+def _pack_each(model: PreTrainedModel) -> int:
     layers = [
         (parent, name, child)
         for parent in model.modules()
@@ -74,5 +84,15 @@ def pack_linear_weights(model: PreTrainedModel) -> int:
     ]
     for parent, name, child in layers:
         setattr(parent, name, PackedLinear(child))
-    logger.info("Packed %d linear layers' weights for oneDNN", len(layers))
     return len(layers)
+
+
+def return_freed_memory() -> None:
+    """Hand the plain weights' freed memory back to the system. glibc keeps freed heap
+    memory for reuse, so the process would go on holding both copies' worth (measured:
+    2.18 GiB resident for Qwen2.5-0.5B in bfloat16, 1.52 once returned), and the memory
+    left for the batch (`MAX_BATCH_TOKENS`' default) would look that much smaller.
+    Elsewhere (macOS, musl) there is no `malloc_trim`, and nothing to do here."""
+    gc.collect()
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,3 +93,33 @@ def test_the_service_s_loader_packs_the_bundled_model(bundled_engine):
     assert any(isinstance(module, PackedLinear) for module in modules)
     assert not any(type(module) is torch.nn.Linear for module in modules)
     assert bundled_engine.generate([[{"role": "user", "content": "Say hello."}]])[0]
+
+
+RESIDENT_AFTER_PACKING = """
+import torch
+from torch import nn
+from bot.packing import pack_linear_weights
+
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(32)])  # 128 MiB
+before = resident()
+pack_linear_weights(model)
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads /proc (Linux)")
+def test_packing_gives_the_plain_weights_memory_back(tmp_path):
+    """glibc keeps freed heap memory; unless it is handed back, the process holds both
+    copies. The threshold setting makes glibc keep every tensor on its heap, as it comes
+    to once a long-running process has freed large tensors."""
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**30)}
+    result = subprocess.run(
+        [sys.executable, "-c", RESIDENT_AFTER_PACKING],
+        capture_output=True, text=True, env=environment, timeout=120, check=True,
+    )  # fmt: skip
+    grown = int(result.stdout.split()[-1])
+    assert grown < 0.25 * 128 * 2**20  # not both copies: well under the weights' 128 MiB
