@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     # read instead of the embedding table, not as well.
     per_token = weight_bytes(engine.model)
     seed = seed_sweep(engine, requests)
-    peer_run = peer(engine, plan, requests, args.peer_dir) if args.peer else None
+    peer_run = on_own_thread(peer, engine, plan, requests, args.peer_dir) if args.peer else None
     report.packed_layers = on_own_thread(pack, engine)
     warm_up(engine, plan)  # the packed weights' first calls
     report.sweep = sweep(engine, plan, requests, seed)

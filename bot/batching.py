@@ -83,6 +83,21 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer  # the answer's text as it streams
     answer: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # The prompt and the answer as one tensor, for the sampler's repetition penalty:
+        # written a token at a time, so that no step rebuilds a long conversation's ids.
+        self._ids = torch.empty(self.reserved, dtype=torch.long)
+        self._ids[: len(self.prompt)] = torch.tensor(self.prompt, dtype=torch.long)
+
+    def add(self, token: int) -> None:
+        self._ids[len(self.prompt) + len(self.answer)] = token
+        self.answer.append(token)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The prompt and the answer so far (a view)."""
+        return self._ids[: len(self.prompt) + len(self.answer)]
+
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.answer
@@ -288,7 +303,7 @@ class Batcher:
         """Choose each sequence's next token; finished ones leave the batch."""
         tokens = self.sampler(
             logits,
-            [sequence.tokens for sequence in sequences],
+            [sequence.ids for sequence in sequences],
             [len(sequence.answer) for sequence in sequences],
             [sequence.temperature for sequence in sequences],
         )
@@ -297,7 +312,7 @@ class Batcher:
         for sequence, token in zip(sequences, tokens, strict=True):
             ended = token in self.end_ids
             if not ended:
-                sequence.answer.append(token)
+                sequence.add(token)
                 generated += 1
             if ended or len(sequence.answer) >= sequence.max_new_tokens:
                 finished.append(sequence)
