@@ -293,12 +293,21 @@ async def test_metrics_count_real_turns_without_ids_in_labels(ops, slack):
 async def test_each_answered_turn_logs_one_info_line_without_the_text(ops, slack, caplog):
     caplog.set_level(logging.INFO)
     secret = "pumpernickel rhubarb"
+
+    def ours() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.split(".")[0] in ("bot", "adapters", "storage")]
+
+    def answered() -> list[logging.LogRecord]:
+        return [r for r in ours() if r.getMessage().startswith("answered turn")]
+
     async with ops():
         mention = slack.app_mention("C0001", f"the password is {secret}")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
-    ours = [r for r in caplog.records if r.name.split(".")[0] in ("bot", "adapters", "storage")]
-    [line] = [r for r in ours if r.getMessage().startswith("answered turn")]
+        # The thread shows the final text a moment before the turn is marked done and
+        # logged; leaving at once would stop the service with the turn still running.
+        await slack.wait_for(answered)
+    [line] = answered()
     conversation = f"slack:T0001:C0001:{mention['ts']}"
     assert line.levelno == logging.INFO
     assert (line.platform, line.conversation) == ("slack", conversation_tag(conversation))
@@ -313,7 +322,7 @@ async def test_each_answered_turn_logs_one_info_line_without_the_text(ops, slack
         conversation_tag(conversation),
     ):
         assert words in message
-    assert not [r.getMessage() for r in ours if secret in r.getMessage()]
+    assert not [r.getMessage() for r in ours() if secret in r.getMessage()]
     # In JSON logs the same values are fields of their own.
     fields = json.loads(JsonFormatter().format(line))
     assert fields["answer_tokens"] == line.answer_tokens and fields["level"] == "INFO"
