@@ -37,7 +37,7 @@ from transformers import (
 from bot import loading
 from bot.device import pick_dtype, use_all_cores
 from bot.kv_cache import shared_prefix
-from bot.packing import pack_linear_weights, packable
+from bot.packing import pack_linear_weights
 from bot.quantize import quantize_int8, weight_bytes
 from bot.sampling import end_token_ids
 
@@ -114,7 +114,7 @@ def _variants(model: PreTrainedModel) -> Iterator[tuple[str, PreTrainedModel]]:
         variant = copy.deepcopy(model).to(dtype)
         if int8:
             quantize_int8(variant)
-        elif packable(variant):
+        else:
             pack_linear_weights(variant)
         yield name, variant
 

@@ -57,7 +57,7 @@ from bot import loading
 from bot.config import Settings
 from bot.device import on_own_thread, pick_dtype, use_all_cores
 from bot.engine import Engine
-from bot.packing import pack_linear_weights, packable
+from bot.packing import pack_linear_weights
 from bot.quantize import weight_bytes
 
 SHAPE = Path(__file__).with_name("qwen2.5-0.5b-config.json")
@@ -156,11 +156,11 @@ def seed_sweep(engine: Engine, requests: list[list[dict]]) -> tuple[list[Timing]
 
 def pack(engine: Engine) -> int:
     """Pack the weights as the service's loader does (`bot.packing`); linear layers packed."""
-    if not packable(engine.model):
-        say("weights: not packable here (device or dtype); left as they are")
-        return 0
     say("weights: packing the linear layers for oneDNN, as the service loads them ...")
-    return pack_linear_weights(engine.model)
+    packed = pack_linear_weights(engine.model)
+    if not packed:
+        say("weights: not packable here (device or dtype); left as they are")
+    return packed
 
 
 def sweep(

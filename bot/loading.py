@@ -159,10 +159,9 @@ def load(
 
         quantize_int8(model)
     elif pack:
-        from bot.packing import pack_linear_weights, packable
+        from bot.packing import pack_linear_weights
 
-        if packable(model):
-            pack_linear_weights(model)
+        pack_linear_weights(model)
     if tokenizer.pad_token is None:  # batches need padding; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right edge of each row

@@ -29,13 +29,9 @@ import contextlib
 import ctypes
 import gc
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -58,24 +54,29 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
-def packable(model: PreTrainedModel) -> bool:
-    """On the CPU, in float32, or in bfloat16 where oneDNN has the instructions for it."""
-    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+def packable(model: nn.Module) -> bool:
+    """On the CPU, in float32, or in bfloat16 where oneDNN has the instructions for it
+    (as its first weight is: a model's weights share a device and a dtype)."""
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    if model.dtype == torch.bfloat16:
+    if weight.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return model.dtype == torch.float32
+    return weight.dtype == torch.float32
 
 
-def pack_linear_weights(model: PreTrainedModel) -> int:
-    """Replace, in place, every `nn.Linear` of `model` by a `PackedLinear`; how many."""
+def pack_linear_weights(model: nn.Module) -> int:
+    """Replace, in place, every `nn.Linear` of a `packable` model by a `PackedLinear`; how
+    many (0: not packable, left as it is)."""
+    if not packable(model):
+        return 0
     packed = _pack_each(model)  # the plain weights' last references end with it
     return_freed_memory()
     logger.info("Packed %d linear layers' weights for oneDNN", packed)
     return packed
 
 
-def _pack_each(model: PreTrainedModel) -> int:
+def _pack_each(model: nn.Module) -> int:
     layers = [
         (parent, name, child)
         for parent in model.modules()

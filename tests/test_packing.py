@@ -67,6 +67,14 @@ def test_every_linear_layer_is_packed_and_a_tied_output_layer_gets_its_own_copy(
     assert not any(name.endswith("packed") for name in model.state_dict())
 
 
+def test_a_model_oneDNN_cannot_pack_is_left_as_it_is(qwen_tokenizer):
+    model = tiny_qwen2(qwen_tokenizer).half()  # no float16 products in oneDNN here
+    assert not packable(model)
+    assert pack_linear_weights(model) == 0
+    assert any(type(m) is torch.nn.Linear for m in model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_batcher_on_packed_weights_gives_the_answers_of_generate(qwen_tokenizer, dtype):
     model = packed_tiny(qwen_tokenizer, dtype)
