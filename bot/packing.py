@@ -33,6 +33,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from bot.quantize import linear_layers
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,12 +79,8 @@ def pack_linear_weights(model: nn.Module) -> int:
 
 
 def _pack_each(model: nn.Module) -> int:
-    layers = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-    ]
+    # Exactly `nn.Linear`: a subclass may compute otherwise than its weight says.
+    layers = [layer for layer in linear_layers(model) if type(layer[2]) is nn.Linear]
     for parent, name, child in layers:
         setattr(parent, name, PackedLinear(child))
     return len(layers)

@@ -158,12 +158,7 @@ def quantize_int8(model: PreTrainedModel) -> None:
     embeddings = model.get_input_embeddings()
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embeddings.weight
-    layers = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
+    layers = linear_layers(model)
     for parent, name, child in layers:
         setattr(parent, name, Int8Linear.from_linear(child))
     if tied:
@@ -177,6 +172,17 @@ def quantize_int8(model: PreTrainedModel) -> None:
         len(layers),
         "tied to the output layer" if tied else "their own",
     )
+
+
+def linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Every linear layer of `model`, as (its parent, its name there, the layer): what a
+    replacement of it needs."""
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
 
 
 def is_quantized(model: nn.Module) -> bool:
