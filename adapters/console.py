@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from adapters.base import Adapter, answer, command
+from bot import replies
 from bot.service import ChatService
 from bot.types import ConversationKey, Turn
 
@@ -40,6 +41,12 @@ class ConsoleSink:
     async def append(self, chunk: str) -> None:
         self._write(chunk)
         self.streamed = True
+
+    async def restart(self) -> None:
+        """What was printed stays: a line says the answer starts again below it."""
+        if self.streamed:
+            self._write(f"\n{replies.writing_again()}\n")
+        self.streamed = False
 
     async def notice(self, text: str) -> None:
         self._write(f"{text}\n")

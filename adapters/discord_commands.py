@@ -59,6 +59,9 @@ class EphemeralReply:
     async def append(self, chunk: str) -> None:
         """Nothing: a command's reply is shown whole."""
 
+    async def restart(self) -> None:
+        """Nothing was shown."""
+
     async def notice(self, text: str) -> None:
         self.notice_text = f"*{text}*\n\n"
 

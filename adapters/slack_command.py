@@ -73,6 +73,9 @@ class EphemeralReply:
     async def append(self, chunk: str) -> None:
         """Only the outcome is shown."""
 
+    async def restart(self) -> None:
+        """Nothing was shown."""
+
     async def notice(self, text: str) -> None:
         """Commands build no prompt: there is no history to leave out."""
 

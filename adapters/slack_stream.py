@@ -271,6 +271,9 @@ class FallbackReply:
         except Refused as refusal:
             await self._fall_back(refusal, ending=False)  # the chunk is in the text taken over
 
+    async def restart(self) -> None:
+        await self.sink.restart()
+
     async def finish(self, text: str) -> None:
         await self._ending(lambda sink: sink.finish(text))
 

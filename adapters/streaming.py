@@ -152,6 +152,11 @@ class StreamingReply:
         except Exception:  # a lost intermediate edit is harmless: the final text follows
             logger.warning("streaming edit failed; the final text will follow", exc_info=True)
 
+    async def restart(self) -> None:
+        """The next appends replace the text streamed so far (the final text replaces
+        every message the answer has)."""
+        self.text = ""
+
     async def finish(self, text: str) -> None:
         """The answer, split over as many messages as it needs: the first is the one that
         streamed; a continuation that cannot be posted is reported after what was."""

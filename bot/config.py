@@ -211,6 +211,31 @@ class Settings(BaseSettings):
         10, ge=0, description="Seconds idle before a Redis connection is checked (0: never)."
     )
 
+    # Scaling out: workers behind Redis Streams, or an OpenAI-compatible server
+    inference_url: str | None = Field(
+        None,
+        description="An OpenAI-compatible API (vLLM, TGI, llama.cpp, Ollama), e.g. "
+        "http://vllm:8000/v1: answers come from it and no model is loaded.",
+    )
+    inference_model: str | None = Field(
+        None, description="The model name INFERENCE_URL serves; unset: the first it lists."
+    )
+    inference_api_key: SecretStr | None = None
+    inference_tokenizer: str | None = Field(
+        None,
+        description="Hub id or folder of the served model's tokenizer, for the history "
+        "budget; unset: a character estimate (3 characters a token).",
+    )
+    inference_retries: int = Field(
+        3, ge=0, description="Retries of a failed INFERENCE_URL request, backing off."
+    )
+    job_claim_idle_s: float = Field(
+        30, gt=0, description="A worker silent this long loses its jobs to another worker."
+    )
+    job_max_deliveries: int = Field(
+        3, ge=1, description="Tries at a job on workers before it is dead-lettered."
+    )
+
     # Platforms (their adapters read these)
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None

@@ -80,6 +80,11 @@ class EngineStopped(Exception):
     """The engine thread died: this process answers nothing more and should restart."""
 
 
+class AnswerRestarted(Exception):
+    """The answer is being written again from its start (another try, elsewhere): what
+    was read so far is void. Iterating the same `Generation` again reads the new one."""
+
+
 @dataclass(frozen=True)
 class _End:
     """Marker: the batcher finished this request with this answer, of these lengths."""
@@ -96,6 +101,10 @@ class _Failed:
         self.error = error
 
 
+class _Restart:
+    """Marker: the answer starts again."""
+
+
 class Generation:
     """One request's answer: an async iterator of text chunks, cancellable at any time.
 
@@ -104,6 +113,10 @@ class Generation:
     and `answer_tokens` its prompt's and its own length in tokens (0 until the end, and
     for an answer that did not end); `queue_wait` the seconds it waited for a place in
     the batch (None until it has one).
+
+    Whatever writes the answer (the engine thread, through the event loop, or a remote
+    backend) calls `write`, `end`, `fail` and `restart` on the event loop. Iteration
+    raises `AnswerRestarted` where the answer starts again; iterating again goes on.
     """
 
     def __init__(
@@ -123,12 +136,14 @@ class Generation:
         self.text = ""
         self.prompt_tokens = 0
         self.answer_tokens = 0
-        self._chunks: asyncio.Queue[str | _End | _Failed] = asyncio.Queue()
+        self.first_text_at: float | None = None  # wall clock, when its first text was read
+        self.on_cancel: Callable[[], object] | None = None  # a remote writer stops with it
+        self._chunks: asyncio.Queue[str | _End | _Failed | _Restart] = asyncio.Queue()
         self._cancelled = threading.Event()  # read by the engine thread between steps
         self._over = False  # the consumer has seen the end or an error
         self._deadline: asyncio.TimerHandle | None = None
         self._queued_at = time.monotonic()
-        self._started_at: float | None = None  # set on the engine thread, read after the end
+        self._started_at: float | None = None  # set when it leaves the line
 
     @property
     def queue_wait(self) -> float | None:
@@ -138,11 +153,45 @@ class Generation:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def started(self) -> None:
+        """It has left the line: its answer is being written (any thread)."""
+        self._started_at = time.monotonic()
+
+    def expire_after(self, seconds: float) -> None:
+        """Cancel it with InferenceTimeout unless it ends within `seconds`."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(seconds, self.cancel, InferenceTimeout)
+
     def cancel(self, reason: type[Exception] = InferenceCancelled) -> None:
         """Stop this request: it leaves the queue, or the batcher stops it at its next step."""
         if not self._over and not self._cancelled.is_set():
             self._cancelled.set()
             self._chunks.put_nowait(_Failed(reason()))
+            if self.on_cancel is not None:
+                self.on_cancel()
+
+    def released(self) -> None:
+        """Its writer is done with it: no deadline left to keep."""
+        if self._deadline:
+            self._deadline.cancel()
+
+    # --- for the writer, on the event loop; after a cancel, nothing more is read -------
+
+    def write(self, text: str) -> None:
+        self._put(text)
+
+    def end(self, text: str, prompt_tokens: int, answer_tokens: int) -> None:
+        self._put(_End(text, prompt_tokens, answer_tokens))
+
+    def fail(self, error: BaseException) -> None:
+        self._put(_Failed(error))
+
+    def restart(self) -> None:
+        self._put(_Restart())
+
+    def _put(self, item: str | _End | _Failed | _Restart) -> None:
+        if not self.cancelled:
+            self._chunks.put_nowait(item)
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._iterate()
@@ -153,11 +202,15 @@ class Generation:
             self._over = isinstance(item, (_End, _Failed))
             if isinstance(item, _Failed):
                 raise item.error
+            if isinstance(item, _Restart):
+                self.text = ""
+                raise AnswerRestarted
             if isinstance(item, _End):
                 self.text = item.text
                 self.prompt_tokens, self.answer_tokens = item.prompt_tokens, item.answer_tokens
             if isinstance(item, str):
                 self.text += item
+                self.first_text_at = self.first_text_at or time.time()
                 yield item
 
 
@@ -266,6 +319,32 @@ def _check_options(max_new_tokens: int | None, temperature: float | None) -> Non
         raise ValueError(f"temperature must be 0 (greedy) or more, not {temperature}")
 
 
+class Inference(Protocol):
+    """What the service asks of whatever writes its answers: this process's queue
+    (`InferenceQueue`), workers behind a Redis Stream (`bot.job_queue.JobQueue`) or an
+    OpenAI-compatible server (`bot.openai_backend.OpenAIBackend`). `submit` raises
+    QueueFull when `max_size` requests are in flight; `died` is set once it can answer
+    nothing more."""
+
+    max_size: int
+    died: asyncio.Event
+
+    @property
+    def depth(self) -> int: ...
+
+    def places(self, user: str) -> list[QueuePlace]: ...
+
+    def submit(
+        self,
+        messages: list[ChatMessage],
+        *,
+        user: str,
+        conversation: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Generation: ...
+
+
 class InferenceQueue:
     """Bounded queue of generation requests, served in batches by one engine thread.
 
@@ -348,8 +427,7 @@ class InferenceQueue:
             max_new_tokens=max_new_tokens,
             temperature=temperature,
         )
-        loop = asyncio.get_running_loop()
-        generation._deadline = loop.call_later(self.timeout, generation.cancel, InferenceTimeout)
+        generation.expire_after(self.timeout)
         self._in_flight += 1
         with self._wakeup:
             self._order.push(generation)
@@ -368,7 +446,7 @@ class InferenceQueue:
             with self._wakeup:
                 self._closing = True
             self._call(self.died.set)  # `submit` refuses from now on
-            self._close(running, _Failed(EngineStopped()))
+            self._close(running, EngineStopped())
         else:
             self._close(running)
 
@@ -415,7 +493,7 @@ class InferenceQueue:
         if generation.cancelled:
             self._done(generation)
             return False
-        generation._started_at = time.monotonic()
+        generation.started()
         try:
             self.batcher.join(
                 generation,
@@ -442,21 +520,21 @@ class InferenceQueue:
             generation = update.key
             assert isinstance(generation, Generation)
             if update.text:
-                self._post(generation, update.text)
+                self._call(generation.write, update.text)
             if update.answer is not None:
                 running.remove(generation)
                 self._done(generation)
-                self._post(
-                    generation, _End(update.answer, update.prompt_tokens, update.answer_tokens)
+                self._call(
+                    generation.end, update.answer, update.prompt_tokens, update.answer_tokens
                 )
 
     def _fail(self, generations: list[Generation], error: Exception) -> None:
         logger.error("generation failed: %s", error, exc_info=error)
         for generation in generations:
             self._done(generation)
-            self._post(generation, _Failed(error))
+            self._call(generation.fail, error)
 
-    def _close(self, running: list[Generation], failure: _Failed | None = None) -> None:
+    def _close(self, running: list[Generation], failure: Exception | None = None) -> None:
         """End what is running and waiting (cancelled, or failed); the queue is stopping."""
         with self._wakeup:
             waiting = []
@@ -465,16 +543,12 @@ class InferenceQueue:
         for generation in running + waiting:
             self._done(generation)
             if failure:
-                self._post(generation, failure)
+                self._call(generation.fail, failure)
             else:
                 self._call(generation.cancel)
         self.batcher.clear()
         self.metrics.queue_waiting.set(0)
         self.metrics.batch_rows.set(0)
-
-    def _post(self, generation: Generation, item: str | _End | _Failed) -> None:
-        if not generation.cancelled:
-            self._call(generation._chunks.put_nowait, item)
 
     def _done(self, generation: Generation) -> None:
         """The batcher is finished with a request: it no longer counts against `max_size`.
@@ -484,8 +558,7 @@ class InferenceQueue:
         self._call(self._release, generation)
 
     def _release(self, generation: Generation) -> None:
-        if generation._deadline:
-            generation._deadline.cancel()
+        generation.released()
         self._in_flight -= 1
 
     def _call(self, callback: Callable[..., object], *args: object) -> None:

@@ -43,6 +43,10 @@ def timed_out() -> str:
     return "Sorry, that took too long to answer. Please try again, perhaps with a shorter question."
 
 
+def writing_again() -> str:
+    return "(Writing the answer again from the start…)"
+
+
 def failed() -> str:
     return "Sorry, something went wrong while answering. Your message is saved; please try again."
 

@@ -32,10 +32,11 @@ from bot.metrics import Metrics, Outcome
 from bot.personas import Voice, fill, placeholder_values, voice_for
 from bot.prompt import TokenCounter, fit, named, sanitized
 from bot.queue import (
+    AnswerRestarted,
     EngineStopped,
     Generation,
+    Inference,
     InferenceCancelled,
-    InferenceQueue,
     InferenceTimeout,
     QueueFull,
 )
@@ -69,7 +70,7 @@ class ChatService:
         *,
         store: ConversationStore,
         journal: TurnJournal,
-        queue: InferenceQueue,
+        queue: Inference,
         count_tokens: TokenCounter,
         prompt_budget: int,
         team: Team,
@@ -415,23 +416,12 @@ class ChatService:
         except QueueFull:
             await self._fail(started, sink, replies.busy(), outcome="busy")
             return
-        output = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
         self._generations[started.id] = generation  # for `stop_answer`
-        stopped = False
-        first_token_at = None
         try:
-            async for chunk in generation:
-                first_token_at = first_token_at or time.time()
-                if text := output.feed(chunk):
-                    await sink.append(text)
-                if output.looping:
-                    logger.info("the answer to %s was repeating itself; cut", pending.id)
-                    break
+            output, stopped = await self._stream(pending, generation, sink)
         except InferenceTimeout:
             await self._fail(started, sink, replies.timed_out())
             return
-        except AnswerStopped:
-            stopped = True
         finally:
             del self._generations[started.id]
             generation.cancel()  # no-op once finished; stops the engine if we were interrupted
@@ -449,10 +439,32 @@ class ChatService:
             prompt_tokens=generation.prompt_tokens,
             answer_tokens=generation.answer_tokens,
             queue_wait=generation.queue_wait or 0.0,
-            first_token_at=first_token_at or time.time(),
+            first_token_at=generation.first_text_at or time.time(),
         )
         await self._deliver(started, sink, answer, generated)
         await self._count(pending, generation)
+
+    async def _stream(
+        self, pending: PendingTurn, generation: Generation, sink: ReplySink
+    ) -> tuple[AnswerFilter, bool]:
+        """Stream the answer into the sink as it is written; where it starts again (another
+        try, elsewhere), so does the sink. Returns the filter that saw what was shown, and
+        whether the asker stopped the answer."""
+        while True:
+            output = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
+            try:
+                async for chunk in generation:
+                    if text := output.feed(chunk):
+                        await sink.append(text)
+                    if output.looping:
+                        logger.info("the answer to %s was repeating itself; cut", pending.id)
+                        break
+                return output, False
+            except AnswerStopped:
+                return output, True
+            except AnswerRestarted:
+                logger.info("the answer to %s is being written again", pending.id)
+                await sink.restart()
 
     async def _count(self, pending: PendingTurn, generation: Generation) -> None:
         """Add an answered turn to the last hour's stats; they are not worth a failed turn."""

@@ -61,7 +61,8 @@ class Turn:
 class ReplySink(Protocol):
     """How the service answers on a platform; each adapter provides one per turn.
 
-    The service calls `start` once, `append` for each streamed chunk, then exactly one
+    The service calls `start` once, `append` for each streamed chunk (after `restart`,
+    the answer streams again from its start: another try writes it), then exactly one
     of `finish` (the whole answer), `fail` (a short user-facing error text) or `pause`
     (a short text saying the answer will come later; once the answer or a failure is
     shown, `fail` and `pause` change nothing). `notice` may come first, for one-line warnings such
@@ -80,6 +81,8 @@ class ReplySink(Protocol):
     async def start(self) -> None: ...
 
     async def append(self, chunk: str) -> None: ...
+
+    async def restart(self) -> None: ...
 
     async def notice(self, text: str) -> None: ...
 

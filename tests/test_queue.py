@@ -9,7 +9,9 @@ import pytest
 from conftest import BrokenLoopBatcher, GatedBatcher, SpyBatcher, answer_alone
 
 from bot.queue import (
+    AnswerRestarted,
     EngineStopped,
+    Generation,
     InferenceCancelled,
     InferenceQueue,
     InferenceTimeout,
@@ -30,6 +32,33 @@ async def test_chunks_stream_and_add_up_to_the_final_text(make_batcher):
         chunks = await collect(generation)
     assert len(chunks) > 1
     assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
+
+
+async def test_a_restarted_answer_says_so_and_reading_on_gives_the_new_one():
+    """A writer that starts the answer again (another try) voids what was read."""
+    generation = Generation(HELLO, user="u1", conversation="c1")
+    generation.write("Hel")
+    generation.restart()
+    generation.write("Hi")
+    generation.write(" there")
+    generation.end("Hi there", prompt_tokens=5, answer_tokens=2)
+    with pytest.raises(AnswerRestarted):
+        await collect(generation)
+    assert generation.text == ""
+    assert await collect(generation) == ["Hi", " there"]
+    assert (generation.text, generation.answer_tokens) == ("Hi there", 2)
+
+
+async def test_a_cancelled_answer_tells_its_writer_and_takes_nothing_more():
+    generation = Generation(HELLO, user="u1", conversation="c1")
+    told: list[bool] = []
+    generation.on_cancel = lambda: told.append(True)
+    generation.write("Hel")
+    generation.cancel()
+    generation.write("lo")
+    with pytest.raises(InferenceCancelled):
+        await collect(generation)
+    assert told == [True] and generation.text == "Hel"
 
 
 async def test_a_request_joins_the_running_batch_and_answers_match_alone(make_batcher):

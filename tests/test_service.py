@@ -37,6 +37,9 @@ class RecordingSink:
     async def append(self, chunk: str) -> None:
         self.events.append(("append", chunk))
 
+    async def restart(self) -> None:
+        self.events.append(("restart", ""))
+
     async def notice(self, text: str) -> None:
         self.events.append(("notice", text))
 
