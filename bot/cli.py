@@ -57,7 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="stored conversation to continue (default: %(default)s)",
     )
-    commands.add_parser("run", help="start every platform adapter whose credentials are set")
+    run_command = commands.add_parser(
+        "run", help="start every platform adapter whose credentials are set"
+    )
+    run_command.add_argument(
+        "--role",
+        choices=["all", "gateway", "worker"],
+        default="all",
+        help="all: the adapters and the model in this process (default); gateway: the "
+        "adapters, with answers written by workers through Redis; worker: the model only, "
+        "answering the gateways' jobs",
+    )
     commands.add_parser(
         "doctor",
         help="check the settings, Redis, the model, the platforms' tokens and free disk; "
@@ -167,6 +177,8 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.role == "worker":
+        return await work(settings)
     from adapters.discord_adapter import DiscordAdapter
     from adapters.slack_adapter import SlackAdapter
     from bot.health import Vitals
@@ -197,7 +209,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     # Up before the model loads: /healthz answers and /readyz says so through a long start.
     async with (
         _ops_server(settings, vitals, metrics) as routes,
-        open_service(Team(settings), metrics=metrics) as service,
+        open_service(Team(settings), metrics=metrics, role=args.role) as service,
     ):
         build = {
             SlackAdapter: partial(SlackAdapter.from_settings, routes=routes),
@@ -206,6 +218,40 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         adapters = [build[platform](settings, service) for platform in platforms]
         vitals.started(service, adapters)
         return await _serve(service, adapters, grace=settings.shutdown_grace_s)
+
+
+async def work(settings: Settings) -> int:
+    """`run --role worker`: answer jobs until a signal (then running answers get the grace
+    period, and the rest go to other workers) or the engine thread's death (exit 1)."""
+    from bot.health import Vitals
+    from bot.metrics import Metrics
+    from bot.runtime import open_worker
+
+    metrics = Metrics()
+    vitals = Vitals(metrics=metrics, platforms=[])
+    async with (
+        _ops_server(settings, vitals, metrics),
+        open_worker(settings, metrics=metrics) as worker,
+    ):
+        vitals.working(worker)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        died = worker.inference.died
+        working = asyncio.create_task(worker.run())
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(died.wait())]
+        try:
+            await asyncio.wait([working, *waits], return_when=asyncio.FIRST_COMPLETED)
+            worker.stop()
+            await working  # a failure of its own is raised here
+            left = await worker.finish(settings.shutdown_grace_s)
+        finally:
+            for task in waits:
+                task.cancel()
+        if died.is_set():
+            logger.critical("the engine thread died: exiting; %d jobs go to other workers", left)
+            return 1
+        logger.info("worker stopped; %d unfinished jobs go to other workers", left)
+        return 0
 
 
 def _ops_server(

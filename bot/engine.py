@@ -16,49 +16,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bot.config import DEFAULT_CONTEXT_TOKENS
+from bot.tokens import TemplateCount, context_tokens, render
 from bot.types import ChatMessage
 
 if TYPE_CHECKING:
     from transformers import (
         BatchEncoding,
-        PretrainedConfig,
         PreTrainedModel,
         PreTrainedTokenizerBase,
     )
     from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger(__name__)
-
-
-def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """`messages` as the strictest chat templates (Mistral, Gemma, Llama 2) accept them.
-
-    Those raise unless user and assistant take turns, starting with the user after an
-    optional system message; a conversation can hold two messages of one role in a row
-    (an answer that failed, a thread read as context), and raising would leave it
-    unanswerable for good. So consecutive messages of one role become one, joined by a
-    blank line, and an empty user message goes before an assistant message that would
-    come first. A well-formed conversation comes back as it was, so its prompt (and the
-    KV cache kept for its next turn) does not change.
-    """
-    merged: list[ChatMessage] = []
-    for message in messages:
-        if merged and merged[-1]["role"] == message["role"]:
-            content = f"{merged[-1]['content']}\n\n{message['content']}"
-            merged[-1] = {"role": message["role"], "content": content}
-        else:
-            merged.append(message)
-    first = 1 if merged and merged[0]["role"] == "system" else 0
-    if first < len(merged) and merged[first]["role"] == "assistant":
-        merged.insert(first, {"role": "user", "content": ""})
-    return merged
-
-
-def context_tokens(config: PretrainedConfig, max_context_tokens: int | None) -> int:
-    """Prompt + answer budget: MAX_CONTEXT_TOKENS (unset: its default) within the model's window."""
-    window = getattr(config, "max_position_embeddings", None) or 2048
-    return min(window, max_context_tokens or DEFAULT_CONTEXT_TOKENS)
 
 
 class Engine:
@@ -76,6 +45,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.context_tokens = context_tokens(model.config, max_context_tokens)
+        self.count_tokens = TemplateCount(tokenizer)  # the prompt's length, as the model sees it
 
     @property
     def prompt_budget(self) -> int:
@@ -84,12 +54,7 @@ class Engine:
 
     def render(self, conversations: Sequence[list[ChatMessage]]) -> list[str]:
         """Step 1: each conversation through the model's chat template, ready for an answer."""
-        return [
-            self.tokenizer.apply_chat_template(
-                alternating(messages), tokenize=False, add_generation_prompt=True
-            )
-            for messages in conversations
-        ]
+        return [render(self.tokenizer, messages) for messages in conversations]
 
     def encode(self, conversations: Sequence[list[ChatMessage]]) -> BatchEncoding:
         """Steps 1-2: template, then tokenize the batch (left-padded) onto the model's device."""
@@ -106,11 +71,7 @@ class Engine:
 
     def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         """Steps 1-2 for one conversation: its prompt's token ids."""
-        return self.tokenizer(self.render([messages])[0]).input_ids
-
-    def count_tokens(self, messages: list[ChatMessage]) -> int:
-        """Prompt length in tokens, exactly as the model will see it."""
-        return len(self.prompt_ids(messages))
+        return self.tokenizer(render(self.tokenizer, messages)).input_ids
 
     def decode(self, answer_ids: list[int]) -> str:
         """Step 5 for one answer's new tokens."""

@@ -1,16 +1,17 @@
 """What /readyz and /metrics ask of the running process: its readiness, check by check,
 and the gauges that are read when scraped.
 
-`threadbot run` fills it in as it starts: until the service is open, the model is
-loading and nothing else is checked; then Redis must answer a PING, the engine thread
-must be alive, and every configured platform's adapter must say it is connected.
+`threadbot run` fills it in as it starts: until the service (or, for `--role worker`, the
+worker) is open, the model is loading and nothing else is checked; then Redis must answer
+a PING, the engine thread must be alive, and every configured platform's adapter must say
+it is connected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bot.metrics import Metrics
@@ -18,6 +19,7 @@ from bot.metrics import Metrics
 if TYPE_CHECKING:
     from adapters.base import Adapter
     from bot.service import ChatService
+    from bot.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -31,26 +33,32 @@ class Vitals:
     def __init__(self, *, metrics: Metrics, platforms: Sequence[str]) -> None:
         self.metrics = metrics
         self.platforms = tuple(platforms)
-        self._service: ChatService | None = None
+        self._ping: Callable[[], Awaitable[object]] | None = None  # None: still loading
+        self._died = asyncio.Event()  # the engine's
+        self._count_pending: Callable[[], Awaitable[int]] | None = None
         self._adapters: dict[str, Adapter] = {}
         for platform in self.platforms:
             metrics.expect_platform(platform)
 
     def started(self, service: ChatService, adapters: Sequence[Adapter]) -> None:
         """The service is open (Redis reached, the model loaded) and its adapters built."""
-        self._service = service
+        self._ping, self._died = service.store.ping, service.queue.died
+        self._count_pending = service.journal.count
         self._adapters = {adapter.platform: adapter for adapter in adapters}
+
+    def working(self, worker: Worker) -> None:
+        """The worker is open (Redis reached, the model loaded); it has no platforms."""
+        self._ping, self._died = worker.redis.ping, worker.inference.died
 
     async def readiness(self) -> dict[str, str]:
         """Each check, "ok" or what is not ready: redis, model, engine, each platform."""
-        service = self._service
-        if service is None:
+        if self._ping is None:
             checks = {"model": "loading"}
         else:
             checks = {
-                "redis": await self._redis(service),
+                "redis": await self._redis(self._ping),
                 "model": READY,
-                "engine": "the engine thread died" if service.queue.died.is_set() else READY,
+                "engine": "the engine thread died" if self._died.is_set() else READY,
             }
         for platform in self.platforms:
             checks[platform] = READY if await self._connected(platform) else "not connected"
@@ -60,18 +68,18 @@ class Vitals:
         """Set the gauges that are read, not counted: connections and pending turns."""
         for platform in self.platforms:
             self.metrics.platform_connected.labels(platform).set(await self._connected(platform))
-        if self._service is None:
+        if self._count_pending is None:
             return
         try:
-            pending = await asyncio.wait_for(self._service.journal.count(), REDIS_TIMEOUT_S)
+            pending = await asyncio.wait_for(self._count_pending(), REDIS_TIMEOUT_S)
         except Exception as error:  # the Redis client counts it; the gauge keeps its value
             logger.debug("pending turns not counted: %s", error)
         else:
             self.metrics.pending_turns.set(pending)
 
-    async def _redis(self, service: ChatService) -> str:
+    async def _redis(self, ping: Callable[[], Awaitable[object]]) -> str:
         try:
-            await asyncio.wait_for(service.store.ping(), REDIS_TIMEOUT_S)
+            await asyncio.wait_for(ping(), REDIS_TIMEOUT_S)
         except TimeoutError:
             return f"not answering within {REDIS_TIMEOUT_S:g}s"
         except Exception as error:

@@ -205,18 +205,13 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
     transformers parses GGUF metadata in Python (about 45 s for the bundled model on two
     cores); the dequantised copy in `cache_dir` loads from safetensors instead.
     """
-    gguf = Path(source.path, source.gguf_file or "")
-    if not gguf.is_file():
-        raise ModelError(f"MODEL_FILE={source.gguf_file} is not a file in MODEL={source.path}")
-    stat = gguf.stat()
-    stamp = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    target = cache_dir / f"{gguf.stem}-{stamp.hexdigest()[:12]}"
+    target = _conversion(source, cache_dir)
     if (target / "config.json").is_file():
         return ModelSource(str(target))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("Converting %s for transformers, once (about a minute)", gguf.name)
+    logger.info("Converting %s for transformers, once (about a minute)", source.gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(
@@ -239,6 +234,27 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
         shutil.rmtree(partial)  # another process finished the same conversion first
     logger.info("Saved the converted model in %s", target)
     return ModelSource(str(target))
+
+
+def _conversion(source: ModelSource, cache_dir: Path) -> Path:
+    """Where `_converted_gguf` keeps a GGUF's conversion: one folder per file's version."""
+    gguf = Path(source.path, source.gguf_file or "")
+    if not gguf.is_file():
+        raise ModelError(f"MODEL_FILE={source.gguf_file} is not a file in MODEL={source.path}")
+    stat = gguf.stat()
+    stamp = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return cache_dir / f"{gguf.stem}-{stamp.hexdigest()[:12]}"
+
+
+def tokenizer_source(settings: Settings) -> ModelSource:
+    """Where MODEL's tokenizer and config load from without its weights: a GGUF's
+    conversion where one was made (a second), else the GGUF itself (parsed, slowly)."""
+    source = resolve_source(settings)
+    if source.gguf_file:
+        converted = _conversion(source, settings.data_dir / "models")
+        if (converted / "config.json").is_file():
+            return ModelSource(str(converted))
+    return source
 
 
 def _first_line(error: BaseException) -> str:

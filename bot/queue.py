@@ -311,7 +311,7 @@ def _next_user(by_user: OrderedDict[str, deque[Generation]], running: Counter[st
     return min(by_user, key=lambda user: running[user])
 
 
-def _check_options(max_new_tokens: int | None, temperature: float | None) -> None:
+def check_options(max_new_tokens: int | None, temperature: float | None) -> None:
     """Raise ValueError, saying why, unless the options are ones the engine can follow."""
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
@@ -415,7 +415,7 @@ class InferenceQueue:
         engine's), picked with `temperature` (None: the model's generation config; 0:
         greedy). Raises ValueError for options out of range, QueueFull when `max_size`
         are in flight, and EngineStopped once the engine thread has died."""
-        _check_options(max_new_tokens, temperature)
+        check_options(max_new_tokens, temperature)
         if self.died.is_set():
             raise EngineStopped
         if self._in_flight >= self.max_size or self._closing:

@@ -1,7 +1,10 @@
 """Wiring: settings in, a ready ChatService out, with everything it owns shut down after.
 
 Order matters: Redis first (fails in a second if misconfigured), then the model (can
-take a minute), then the queue that drives it.
+take a minute), then the queue that drives it. A process answers with the model loaded
+here (`--role all`, the default), through workers (`--role gateway`, only a tokenizer
+loaded), or takes jobs for gateways (`--role worker`); and with INFERENCE_URL set, an
+OpenAI-compatible server writes the answers instead of a model loaded here.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.config import BUNDLED, DEFAULT_MODEL, Settings
@@ -24,6 +29,7 @@ from bot.logs import adopt_transformers
 from bot.metrics import Metrics
 from bot.service import ChatService
 from bot.team import Team
+from bot.tokens import PromptTokens, prompt_tokens_without_model
 from storage.connection import Resilience, open_redis
 from storage.limits import Limits
 from storage.stats import TurnStats
@@ -33,6 +39,10 @@ from storage.turns import TurnJournal
 if TYPE_CHECKING:
     from bot.engine import Engine
     from bot.loading import ModelSource
+    from bot.queue import Inference
+    from bot.worker import Worker
+
+Role = Literal["all", "gateway", "worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,73 +81,51 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
     return engine
 
 
+@dataclass(frozen=True)
+class Answering:
+    """What writes a process's answers, and how its prompts are counted."""
+
+    queue: Inference
+    tokens: PromptTokens
+    model_name: str  # as `status` shows it
+
+
 @asynccontextmanager
-async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIterator[ChatService]:
-    """A ChatService on Redis and the model, resuming pending turns for as long as it is
-    open, counting in `metrics`; on exit, stops that, gives up this process's lease, stops
-    the queue and Redis."""
+async def open_service(
+    team: Team, *, metrics: Metrics | None = None, role: Role = "all"
+) -> AsyncIterator[ChatService]:
+    """A ChatService on Redis, answering with the model (or, as a gateway, through the
+    workers), resuming pending turns for as long as it is open, counting in `metrics`; on
+    exit, stops that, gives up this process's lease, stops the queue and Redis."""
     settings = team.settings
     metrics = metrics if metrics is not None else Metrics()
-    from bot.batching import Batcher
-    from bot.kv_cache import PrefixCache
-    from bot.queue import InferenceQueue
-
-    resilience = Resilience(
-        retries=settings.redis_retries,
-        health_check_s=settings.redis_health_check_s,
-        on_failure=metrics.redis_errors.inc,
-    )
-    async with open_redis(
-        redis_url=settings.redis_url, data_dir=settings.data_dir, resilience=resilience
-    ) as redis:
+    async with connect_redis(settings, metrics) as redis:
         store = ConversationStore(
             redis=redis,
             max_messages=settings.history_max_messages,
             ttl_seconds=settings.history_ttl_seconds,
         )
+        owner = process_id()
         journal = TurnJournal(
-            redis=redis, store=store, owner=process_id(), lease_seconds=settings.turn_lease_s
+            redis=redis, store=store, owner=owner, lease_seconds=settings.turn_lease_s
         )
         await journal.renew_lease()
-        from bot import loading
-
-        source = await asyncio.to_thread(loading.resolve_source, settings)
-        # On a thread that then ends: the engine thread's OpenMP team must be the only one.
-        engine = await asyncio.to_thread(on_own_thread, load_engine, settings, source=source)
-        name = model_name(settings, source)
-        metrics.describe_build(
-            version=version(),
-            model=name,
-            device=str(engine.model.device),
-            dtype=dtype_name(engine),
+        answering = (
+            open_gateway(settings, redis, name=owner)
+            if role == "gateway"
+            else open_answering(settings, metrics)
         )
-        idle_cache_bytes = settings.kv_cache_mb * 2**20
-        batcher = Batcher(
-            engine=engine,
-            max_batch=settings.max_batch,
-            step_tokens=settings.max_step_tokens,
-            prefix_cache=PrefixCache(idle_cache_bytes),
-            max_batch_tokens=settings.max_batch_tokens
-            or batch_tokens_for_memory(engine, idle_cache_bytes),
-            metrics=metrics,
-        )
-        queue = InferenceQueue(
-            batcher=batcher,
-            max_size=settings.queue_max,
-            timeout=settings.request_timeout,
-            metrics=metrics,
-        )
-        async with queue:
+        async with answering as answers:
             service = ChatService(
                 store=store,
                 journal=journal,
-                queue=queue,
-                count_tokens=engine.count_tokens,
-                prompt_budget=engine.prompt_budget,
+                queue=answers.queue,
+                count_tokens=answers.tokens.count,
+                prompt_budget=answers.tokens.budget,
                 team=team,
                 limits=Limits(redis=redis),
                 stats=TurnStats(redis=redis),
-                model_name=f"{name} ({placement(engine)})",
+                model_name=answers.model_name,
                 max_attempts=settings.turn_max_attempts,
                 metrics=metrics,
             )
@@ -153,6 +141,99 @@ async def open_service(team: Team, *, metrics: Metrics | None = None) -> AsyncIt
                 except RedisError:  # then the lease lapses by itself
                     logger.warning("could not give up the lease; it expires in %gs",
                                    settings.turn_lease_s)  # fmt: skip
+
+
+@asynccontextmanager
+async def open_worker(
+    settings: Settings, *, metrics: Metrics | None = None
+) -> AsyncIterator[Worker]:
+    """A worker (`--role worker`) on Redis, answering jobs with the model or INFERENCE_URL;
+    run it with `run()`, and `finish` it before leaving the block."""
+    from bot.worker import Worker
+
+    metrics = metrics if metrics is not None else Metrics()
+    async with (
+        connect_redis(settings, metrics) as redis,
+        open_answering(settings, metrics) as answers,
+    ):
+        yield Worker(
+            redis=redis,
+            inference=answers.queue,
+            name=process_id(),
+            rows=settings.max_batch,
+            claim_idle_s=settings.job_claim_idle_s,
+            max_deliveries=settings.job_max_deliveries,
+        )
+
+
+@asynccontextmanager
+async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[Answering]:
+    """INFERENCE_URL's server where it is set, else the model, loaded here, behind the
+    inference queue."""
+    if settings.inference_url:
+        from bot.openai_backend import OpenAIBackend
+
+        tokens = await asyncio.to_thread(prompt_tokens_without_model, settings)
+        async with OpenAIBackend.from_settings(settings, metrics=metrics) as backend:
+            yield Answering(backend, tokens, f"{backend.model} at {settings.inference_url}")
+        return
+    from bot import loading
+    from bot.batching import Batcher
+    from bot.kv_cache import PrefixCache
+    from bot.queue import InferenceQueue
+
+    source = await asyncio.to_thread(loading.resolve_source, settings)
+    # On a thread that then ends: the engine thread's OpenMP team must be the only one.
+    engine = await asyncio.to_thread(on_own_thread, load_engine, settings, source=source)
+    name = model_name(settings, source)
+    metrics.describe_build(
+        version=version(), model=name, device=str(engine.model.device), dtype=dtype_name(engine)
+    )
+    idle_cache_bytes = settings.kv_cache_mb * 2**20
+    batcher = Batcher(
+        engine=engine,
+        max_batch=settings.max_batch,
+        step_tokens=settings.max_step_tokens,
+        prefix_cache=PrefixCache(idle_cache_bytes),
+        max_batch_tokens=settings.max_batch_tokens
+        or batch_tokens_for_memory(engine, idle_cache_bytes),
+        metrics=metrics,
+    )
+    queue = InferenceQueue(
+        batcher=batcher,
+        max_size=settings.queue_max,
+        timeout=settings.request_timeout,
+        metrics=metrics,
+    )
+    async with queue:
+        tokens = PromptTokens(engine.count_tokens, engine.prompt_budget)
+        yield Answering(queue, tokens, f"{name} ({placement(engine)})")
+
+
+@asynccontextmanager
+async def open_gateway(settings: Settings, redis: Redis, *, name: str) -> AsyncIterator[Answering]:
+    """Answers written by workers (`--role gateway`): only the tokenizer is loaded here."""
+    from bot.job_queue import JobQueue
+
+    tokens = await asyncio.to_thread(prompt_tokens_without_model, settings)
+    queue = JobQueue(
+        redis=redis, gateway=name, max_size=settings.queue_max, timeout=settings.request_timeout
+    )
+    async with queue:
+        model = settings.inference_model or settings.model or DEFAULT_MODEL
+        yield Answering(queue, tokens, f"{model} on the workers")
+
+
+def connect_redis(settings: Settings, metrics: Metrics) -> AbstractAsyncContextManager[Redis]:
+    """Redis as the settings name it, riding out outages as they say (`open_redis`)."""
+    resilience = Resilience(
+        retries=settings.redis_retries,
+        health_check_s=settings.redis_health_check_s,
+        on_failure=metrics.redis_errors.inc,
+    )
+    return open_redis(
+        redis_url=settings.redis_url, data_dir=settings.data_dir, resilience=resilience
+    )
 
 
 def batch_tokens_for_memory(engine: Engine, idle_cache_bytes: int) -> int:

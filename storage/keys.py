@@ -69,3 +69,39 @@ def turn_stats(scope: str) -> str:
 def answer_place(conversation_id: str) -> str:
     """Where a conversation's newest answer is shown (platform JSON), for its buttons."""
     return f"{ANSWER_PLACE_PREFIX}{conversation_id}"
+
+
+# --- Jobs for inference workers (`threadbot run --role gateway|worker`) --------------------
+
+JOBS = f"{PREFIX}jobs"
+"""The stream of jobs any worker may take (one consumer group, `WORKERS_GROUP`)."""
+DEAD_JOBS = f"{PREFIX}jobs:dead"
+"""Jobs given up after JOB_MAX_DELIVERIES tries, kept for an operator to look at."""
+WORKERS = f"{PREFIX}workers"
+"""The set of worker names that have run; the live ones also have a `worker` key."""
+WORKERS_GROUP = "workers"
+
+
+def worker_jobs(worker: str) -> str:
+    """The stream of jobs meant for one worker: the conversations whose KV cache it holds."""
+    return f"{JOBS}:worker:{worker}"
+
+
+def worker(worker: str) -> str:
+    """A worker's heartbeat: it lives while this key does."""
+    return f"{PREFIX}worker:{worker}"
+
+
+def job_chunks(job_id: str) -> str:
+    """The stream of one job's answer, as its worker writes it."""
+    return f"{PREFIX}job:{job_id}:chunks"
+
+
+def job_cancel(job_id: str) -> str:
+    """The marker that a job's answer is no longer wanted."""
+    return f"{PREFIX}job:{job_id}:cancel"
+
+
+def gateway_wake(gateway: str) -> str:
+    """A gateway's own stream, written to wake its reader when it has a new job to watch."""
+    return f"{PREFIX}gateway:{gateway}:wake"

@@ -48,7 +48,7 @@ def test_the_default_context_is_8192_tokens_or_the_smaller_window(window: int, d
     """Unset MAX_CONTEXT_TOKENS bounds a long thread's KV cache, not the model's 32k."""
     from transformers import Qwen2Config
 
-    from bot.engine import context_tokens
+    from bot.tokens import context_tokens
 
     assert context_tokens(Qwen2Config(max_position_embeddings=window), None) == default
 

@@ -128,7 +128,7 @@ def config(model_type: str, **options: object) -> PretrainedConfig:
 def test_models_the_batcher_cannot_serve_are_refused(
     model_type: str, options: dict, context: int | None, refusal: str | None
 ):
-    from bot.engine import context_tokens
+    from bot.tokens import context_tokens
 
     model_config = config(model_type, **options)
     source = ModelSource(f"some/{model_type}")

@@ -1,0 +1,244 @@
+"""JobQueue: a gateway's `Inference`, whose answers workers write (the protocol: `bot.jobs`).
+
+`submit` returns a `Generation` at once, as the in-process queue does; a task sends the
+job to its conversation's worker. One reader task follows every job's answer stream with
+one blocking XREAD, from the last entry it read, so a Redis that drops and comes back loses
+and repeats nothing. A job sent wakes the reader through this gateway's own wake stream,
+so a new answer is followed at once, not at the next poll.
+
+Busy is decided on what waits: the jobs no worker has taken, in every stream, counted
+twice a second, plus those this gateway sent since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Self
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bot.jobs import Chunk, Job, JobFailed, job_counts, live_workers, pick_worker, set_within
+from bot.queue import Generation, QueueFull, QueuePlace, check_options
+from bot.types import ChatMessage
+from storage import keys
+
+logger = logging.getLogger(__name__)
+
+COUNT_EVERY_S = 0.5
+READ_BLOCK_MS = 1_000  # a reader waiting this long with nothing new reads again
+OUTAGE_PAUSE_S = 0.5
+
+
+@dataclass(eq=False)
+class _Watch:
+    """One job this gateway waits on, and how far its answer has been read."""
+
+    job: Job
+    generation: Generation
+    last_id: str = "0-0"
+    attempt: int = 0  # the attempt being read; 0 until its worker took it
+    wrote: bool = False  # this attempt has written text
+
+
+class JobQueue:
+    """Jobs for workers behind Redis Streams, read back as they are written."""
+
+    def __init__(self, *, redis: Redis, gateway: str, max_size: int, timeout: float) -> None:
+        self.redis = redis
+        self.gateway = gateway  # this process's name: its wake stream's
+        self.max_size = max_size
+        self.timeout = timeout
+        self.died = asyncio.Event()  # never set: workers come and go, the queue stays
+        self._watches: dict[str, _Watch] = {}  # by answer stream, in the order sent
+        self._wake = keys.gateway_wake(gateway)
+        self._wake_id = "0-0"
+        self._waiting = 0  # jobs no worker has taken, as last counted, plus those sent since
+        self._held = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        self._spawn(self._read_answers())
+        self._spawn(self._count_jobs())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop reading; the jobs still running are cancelled (their turns stay pending)."""
+        self._closed.set()
+        for watch in list(self._watches.values()):
+            watch.generation.cancel()
+        with contextlib.suppress(RedisError):
+            await self.redis.xadd(self._wake, {"stop": "1"}, maxlen=1)
+        if self._tasks:  # they end by the flag (see `Worker`: a cancel may be swallowed)
+            await asyncio.wait(self._tasks, timeout=READ_BLOCK_MS / 1000 + 1)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1)
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(self._wake)
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting or running on the workers, every gateway's."""
+        return self._held
+
+    def places(self, user: str) -> list[QueuePlace]:
+        """This gateway's jobs for `user`: 0 once a worker took one, else its place among
+        this gateway's waiting jobs."""
+        waiting = [w for w in self._watches.values() if not w.attempt]
+        return [
+            QueuePlace(w.job.conversation, 0 if w.attempt else waiting.index(w) + 1)
+            for w in self._watches.values()
+            if w.job.user == user and not w.generation.cancelled
+        ]
+
+    def submit(
+        self,
+        messages: list[ChatMessage],
+        *,
+        user: str,
+        conversation: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Generation:
+        """Send a job for an answer; see `bot.queue.Inference`."""
+        check_options(max_new_tokens, temperature)
+        if self._waiting >= self.max_size or self._closed.is_set():
+            raise QueueFull
+        generation = Generation(
+            messages,
+            user=user,
+            conversation=conversation,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+        generation.expire_after(self.timeout)
+        job = Job(
+            id=uuid.uuid4().hex,
+            conversation=conversation,
+            user=user,
+            messages=messages,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            deadline=time.time() + self.timeout,
+        )
+        watch = _Watch(job, generation)
+        generation.on_cancel = lambda: self._spawn(self._cancel(watch))
+        self._watches[keys.job_chunks(job.id)] = watch
+        self._waiting += 1
+        self._held += 1
+        self._spawn(self._send(watch))
+        return generation
+
+    async def _send(self, watch: _Watch) -> None:
+        """Into the conversation's worker's stream (the shared one with none alive), and
+        wake the reader, in one round trip."""
+        try:
+            worker = pick_worker(watch.job.conversation, await live_workers(self.redis))
+            stream = keys.worker_jobs(worker) if worker else keys.JOBS
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(stream, watch.job.fields())
+                pipe.xadd(self._wake, {"job": watch.job.id}, maxlen=1)
+                await pipe.execute()
+        except Exception as error:  # an outage leaves the turn pending; the service knows
+            self._forget(watch)
+            watch.generation.fail(error)
+            return
+        logger.debug("job %s sent to %s", watch.job.id, stream)
+
+    async def _cancel(self, watch: _Watch) -> None:
+        """Tell the job's worker to stop (it checks as it writes, and before it starts: the
+        job may not be sent yet), and read no more."""
+        self._forget(watch)
+        try:
+            await self.redis.set(keys.job_cancel(watch.job.id), "1", ex=round(self.timeout) + 60)
+        except RedisError as error:
+            logger.warning("could not cancel job %s: %s", watch.job.id, error)
+
+    def _forget(self, watch: _Watch) -> None:
+        if self._watches.pop(keys.job_chunks(watch.job.id), None) is not None:
+            watch.generation.released()
+
+    # --- the reader -----------------------------------------------------------------------
+
+    async def _read_answers(self) -> None:
+        outage = False
+        while not self._closed.is_set():
+            streams = {self._wake: self._wake_id}
+            streams |= {key: watch.last_id for key, watch in self._watches.items()}
+            try:
+                replies = await self.redis.xread(streams, block=READ_BLOCK_MS)
+            except RedisError as error:
+                if not outage:
+                    logger.warning("cannot read answers from Redis; retrying: %s", error)
+                outage = True
+                await asyncio.sleep(OUTAGE_PAUSE_S)
+                continue
+            if outage:
+                logger.warning("reading answers from Redis again")
+            outage = False
+            for stream, entries in replies:
+                for entry_id, fields in entries:
+                    self._read(stream, entry_id, fields)
+
+    def _read(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        if stream == self._wake:
+            self._wake_id = entry_id
+            return
+        if (watch := self._watches.get(stream)) is None:
+            return  # over: cancelled, or ended earlier in this batch
+        watch.last_id = entry_id
+        try:
+            chunk = Chunk.parse(fields)
+        except (KeyError, TypeError, ValueError):
+            logger.warning("skipping a malformed entry %s in %s", entry_id, stream)
+            return
+        self._follow(watch, chunk)
+
+    def _follow(self, watch: _Watch, chunk: Chunk) -> None:
+        if chunk.attempt < watch.attempt:
+            return  # a worker that was given up for dead writes on; its answer is void
+        generation = watch.generation
+        if chunk.attempt > watch.attempt:
+            if watch.wrote:
+                logger.info("job %s starts again on %s", watch.job.id, chunk.worker)
+                generation.restart()
+            else:
+                generation.started()
+                self._waiting = max(self._waiting - 1, 0)
+            watch.attempt, watch.wrote = chunk.attempt, False
+        if chunk.kind == "text":
+            watch.wrote = True
+            generation.write(chunk.text)
+        elif chunk.kind in ("end", "error"):
+            self._forget(watch)
+            self._held = max(self._held - 1, 0)
+            self._spawn(self._delete(keys.job_chunks(watch.job.id)))
+            if chunk.kind == "end":
+                generation.end(chunk.text, chunk.prompt_tokens, chunk.answer_tokens)
+            else:
+                generation.fail(JobFailed(chunk.text))
+
+    async def _delete(self, key: str) -> None:
+        with contextlib.suppress(RedisError):  # it expires by itself too
+            await self.redis.delete(key)
+
+    async def _count_jobs(self) -> None:
+        while not self._closed.is_set():
+            with contextlib.suppress(RedisError):
+                counts = await job_counts(self.redis)
+                self._waiting, self._held = counts.waiting, counts.held
+            await set_within(self._closed, COUNT_EVERY_S)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

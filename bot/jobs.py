@@ -1,0 +1,138 @@
+"""The protocol between gateways and inference workers, on Redis Streams.
+
+```
+gateway ──XADD Job──▶ threadbot:jobs:worker:W   (the conversation's worker, by hashing)
+                      threadbot:jobs            (no worker alive: any worker's)
+worker  ──XREADGROUP (group "workers", as many as it has free rows)──▶ runs the job
+worker  ──XADD Chunk──▶ threadbot:job:ID:chunks ──XREAD──▶ gateway ──▶ the thread
+worker  ──XACK + XDEL the job, once its last chunk is written
+```
+
+A job left unacknowledged (its worker died) is claimed by another worker with XAUTOCLAIM
+once idle `JOB_CLAIM_IDLE_S`; live workers keep their running jobs' idle time at zero. Each
+chunk carries its attempt (the job's delivery count): a higher one means the answer starts
+again, a lower one is a dead worker's late write, ignored. A job delivered more than
+`JOB_MAX_DELIVERIES` times goes to `threadbot:jobs:dead`, and its chunks end in an error.
+A cancel is a key the worker checks as it writes. Only this module knows field names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from redis.asyncio import Redis
+
+from bot.types import ChatMessage
+from storage import keys
+
+ChunkKind = Literal["started", "text", "end", "error"]
+CHUNKS_MAXLEN = 10_000  # far above an answer's chunks: a reader that falls behind loses none
+DEAD_MAXLEN = 1_000
+
+
+@dataclass(frozen=True)
+class Job:
+    """One answer to write: the prompt's messages, trimmed by the gateway, and its options."""
+
+    id: str
+    conversation: str
+    user: str
+    messages: list[ChatMessage]
+    max_new_tokens: int | None
+    temperature: float | None
+    deadline: float  # Unix time after which nobody waits for the answer
+
+    def fields(self) -> dict[str, str]:
+        return {"job": json.dumps(asdict(self))}
+
+    @classmethod
+    def parse(cls, fields: dict[str, str]) -> Job:
+        """A job from its stream entry; ValueError (or KeyError, TypeError) if malformed."""
+        return cls(**json.loads(fields["job"]))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One entry of a job's answer stream: the worker took it (`started`), a piece of
+    text, the end (the whole text and its token counts), or an error the user should hear."""
+
+    attempt: int
+    worker: str
+    kind: ChunkKind
+    text: str = ""
+    prompt_tokens: int = 0
+    answer_tokens: int = 0
+
+    def fields(self) -> dict[str, str]:
+        return {"chunk": json.dumps(asdict(self))}
+
+    @classmethod
+    def parse(cls, fields: dict[str, str]) -> Chunk:
+        return cls(**json.loads(fields["chunk"]))
+
+
+def pick_worker(conversation: str, workers: list[str]) -> str | None:
+    """The worker for a conversation: rendezvous hashing, so each conversation keeps its
+    worker while that one lives, and only the dead worker's conversations move."""
+    return max(workers, key=lambda worker: _weight(conversation, worker), default=None)
+
+
+def _weight(conversation: str, worker: str) -> int:
+    digest = hashlib.blake2b(f"{conversation}\0{worker}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+async def live_workers(redis: Redis) -> list[str]:
+    """The workers whose heartbeat has not lapsed, in name order."""
+    names = sorted(await redis.smembers(keys.WORKERS))
+    if not names:
+        return []
+    alive = await redis.mget([keys.worker(name) for name in names])
+    return [name for name, beat in zip(names, alive, strict=True) if beat is not None]
+
+
+async def job_streams(redis: Redis) -> list[str]:
+    """Every stream jobs may wait in: the shared one and each worker's that has run."""
+    workers = sorted(await redis.smembers(keys.WORKERS))
+    return [keys.JOBS, *(keys.worker_jobs(name) for name in workers)]
+
+
+class JobFailed(Exception):
+    """The workers gave up on a job: the user hears the usual apology."""
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    """Jobs in the streams now: `waiting` for a worker, and `held` (waiting or running; a
+    job is deleted once acknowledged)."""
+
+    waiting: int
+    held: int
+
+
+async def job_counts(redis: Redis) -> JobCounts:
+    """Count the jobs in every stream they may be in."""
+    streams = await job_streams(redis)
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+        replies = await pipe.execute(raise_on_error=False)  # a stream not made yet: no group
+    waiting = held = 0
+    for length, groups in zip(replies[::2], replies[1::2], strict=True):
+        running = sum(g["pending"] for g in groups) if isinstance(groups, list) else 0
+        held += length
+        waiting += max(length - running, 0)
+    return JobCounts(waiting, held)
+
+
+async def set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` is set, waiting for it at most `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()

@@ -1,0 +1,120 @@
+"""A prompt's length in tokens, where the service trims history to the model's context.
+
+With the model's own tokenizer the count is exact: the chat template, then the tokens,
+as the engine itself builds prompts (`render`). A process that loads no model (a gateway,
+or one answering through an OpenAI-compatible server) loads only the tokenizer and the
+model's config, or, where it has no tokenizer at all, estimates on the safe side.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bot.config import DEFAULT_CONTEXT_TOKENS
+from bot.prompt import TokenCounter
+from bot.types import ChatMessage
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from bot.config import Settings
+
+logger = logging.getLogger(__name__)
+
+CHARS_PER_TOKEN = 3  # English runs at about 4 characters a token: 3 over-counts, to be safe
+TOKENS_PER_MESSAGE = 8  # what a chat template adds around each message, at most in practice
+
+
+def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """`messages` as the strictest chat templates (Mistral, Gemma, Llama 2) accept them.
+
+    Those raise unless user and assistant take turns, starting with the user after an
+    optional system message; a conversation can hold two messages of one role in a row
+    (an answer that failed, a thread read as context), and raising would leave it
+    unanswerable for good. So consecutive messages of one role become one, joined by a
+    blank line, and an empty user message goes before an assistant message that would
+    come first. A well-formed conversation comes back as it was, so its prompt (and the
+    KV cache kept for its next turn) does not change.
+    """
+    merged: list[ChatMessage] = []
+    for message in messages:
+        if merged and merged[-1]["role"] == message["role"]:
+            content = f"{merged[-1]['content']}\n\n{message['content']}"
+            merged[-1] = {"role": message["role"], "content": content}
+        else:
+            merged.append(message)
+    first = 1 if merged and merged[0]["role"] == "system" else 0
+    if first < len(merged) and merged[first]["role"] == "assistant":
+        merged.insert(first, {"role": "user", "content": ""})
+    return merged
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
+    """A conversation through the model's chat template, ready for an answer."""
+    return tokenizer.apply_chat_template(
+        alternating(messages), tokenize=False, add_generation_prompt=True
+    )
+
+
+def context_tokens(config: PretrainedConfig | None, max_context_tokens: int | None) -> int:
+    """Prompt + answer budget: MAX_CONTEXT_TOKENS (unset: its default) within the model's
+    window, where its config is known."""
+    window = getattr(config, "max_position_embeddings", None) or (2048 if config else None)
+    wanted = max_context_tokens or DEFAULT_CONTEXT_TOKENS
+    return min(window, wanted) if window else wanted
+
+
+@dataclass(frozen=True)
+class TemplateCount:
+    """Exact: the model's chat template and tokenizer."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def __call__(self, messages: list[ChatMessage]) -> int:
+        return len(self.tokenizer(render(self.tokenizer, messages)).input_ids)
+
+
+def estimate(messages: list[ChatMessage]) -> int:
+    """A count that is seldom under the real one, for a model whose tokenizer is unknown."""
+    return sum(
+        math.ceil(len(message["content"]) / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE
+        for message in alternating(messages)
+    )
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """How the service counts a prompt, and how many tokens prompts may take."""
+
+    count: TokenCounter
+    budget: int
+
+
+def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
+    """For a process that loads no model: INFERENCE_TOKENIZER's count, else (answers from
+    INFERENCE_URL) the estimate, else MODEL's own tokenizer and config (a gateway to
+    workers that load MODEL)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bot import loading
+
+    config = None
+    if name := settings.inference_tokenizer:
+        logger.info("Counting tokens with %s's tokenizer", name)
+        count: TokenCounter = TemplateCount(AutoTokenizer.from_pretrained(name))
+    elif settings.inference_url:
+        logger.info("Counting tokens by estimate (%d characters a token)", CHARS_PER_TOKEN)
+        count = estimate
+    else:
+        source = loading.tokenizer_source(settings)
+        logger.info("Counting tokens with the tokenizer of %s", source)
+        count = TemplateCount(
+            AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        )
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    context = context_tokens(config, settings.max_context_tokens)
+    return PromptTokens(count, max(context - settings.max_new_tokens, 1))

@@ -1,0 +1,330 @@
+"""Worker: takes jobs from Redis Streams (`bot.jobs`) and writes their answers with this
+process's `Inference`: the local model's queue, or an OpenAI-compatible server.
+
+It reads only as many jobs as it has free rows, from its own stream (its conversations)
+and the shared one, so load spreads by itself; with rows free it also takes what waits in
+other workers' streams (a full worker's, or a dead one's). A sweep every third of
+`JOB_CLAIM_IDLE_S` renews its heartbeat, keeps its running jobs from looking abandoned,
+stops those whose gateway cancelled them, and claims other workers' abandoned jobs.
+
+A job whose answer fails here is handed back at once (made claimable, not acknowledged),
+so another try runs, on any worker; the delivery count in Redis counts the tries. A
+stopping worker hands back what it could not finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from bot.jobs import (
+    CHUNKS_MAXLEN,
+    DEAD_MAXLEN,
+    Chunk,
+    ChunkKind,
+    Job,
+    job_streams,
+    live_workers,
+    set_within,
+)
+from bot.queue import Generation, Inference, InferenceCancelled
+from storage import keys
+
+logger = logging.getLogger(__name__)
+
+GROUP = keys.WORKERS_GROUP
+READ_BLOCK_MS = 500
+TAKE_FROM_OTHERS_EVERY_S = 0.5
+OUTAGE_PAUSE_S = 0.5
+ANSWER_KEPT_S = 300  # an answer stream outlives its job's deadline by this, for a slow reader
+
+
+@dataclass(eq=False)
+class _Taken:
+    """A job this worker is answering, and where it came from."""
+
+    stream: str
+    entry_id: str
+    job: Job
+    attempt: int  # its delivery count: 1, then one more for each worker that took it
+    generation: Generation | None = None
+    cancelled: bool = False  # its gateway no longer wants it
+
+
+class Worker:
+    """Answers jobs from the streams until stopped."""
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        inference: Inference,
+        name: str,
+        rows: int,
+        claim_idle_s: float,
+        max_deliveries: int,
+    ) -> None:
+        self.redis = redis
+        self.inference = inference
+        self.name = name
+        self.rows = rows
+        self.claim_idle_ms = round(claim_idle_s * 1000)
+        self.max_deliveries = max_deliveries
+        self.own = keys.worker_jobs(name)
+        self._running: dict[str, _Taken] = {}  # by entry id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        # A flag, not cancellation, stops the loops: on Python 3.11 a cancel that lands in
+        # redis-py's own `wait_for` can be swallowed.
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Take jobs until `stop`, sweeping meanwhile; then, with the heartbeat gone (so
+        gateways send elsewhere and others take what waits in this worker's stream),
+        return while the running answers go on (see `finish`)."""
+        await self._ensure_groups()
+        await self._beat()
+        logger.info("worker %s taking jobs (%d rows)", self.name, self.rows)
+        sweeping = asyncio.create_task(self._keep_sweeping())
+        try:
+            await self._keep_reading()
+        finally:
+            self.stop()
+            await sweeping
+            with contextlib.suppress(RedisError):
+                await self.redis.delete(keys.worker(self.name))
+
+    def stop(self) -> None:
+        """Take no more jobs."""
+        self._stop.set()
+        self._room.set()
+
+    async def finish(self, grace: float) -> int:
+        """Give running answers `grace` seconds, then hand back the rest for another
+        worker. Returns how many were handed back."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace)
+        left = list(self._running.values())
+        for taken in left:
+            if taken.generation is not None:
+                taken.generation.cancel()  # `_answer` hands it back
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+        return len(left)
+
+    # --- taking jobs --------------------------------------------------------------------
+
+    async def _keep_reading(self) -> None:
+        taken_from_others = 0.0
+        while not self._stop.is_set():
+            free = self.rows - len(self._running)
+            if free <= 0:
+                self._room.clear()
+                await set_within(self._room, READ_BLOCK_MS / 1000)
+                continue
+            streams = {self.own: ">", keys.JOBS: ">"}
+            if not await self._read(streams, free, block=READ_BLOCK_MS):
+                continue
+            if time.monotonic() - taken_from_others >= TAKE_FROM_OTHERS_EVERY_S:
+                taken_from_others = time.monotonic()
+                for stream in await job_streams(self.redis):
+                    free = self.rows - len(self._running)
+                    if stream not in streams and free > 0:
+                        await self._read({stream: ">"}, free)
+
+    async def _read(self, streams: dict[str, str], count: int, *, block: int | None = None) -> bool:
+        """Take up to `count` new jobs from `streams`; False if Redis failed us."""
+        try:
+            replies = await self.redis.xreadgroup(GROUP, self.name, streams, count, block)
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            if self.own in streams:  # a sweep took our stream for dead: make it again
+                await self._ensure_groups()
+            return True  # another worker's stream, gone: nothing to take there
+        except RedisError as error:
+            logger.warning("cannot read jobs from Redis; retrying: %s", error)
+            await asyncio.sleep(OUTAGE_PAUSE_S)
+            return False
+        for stream, entries in replies:
+            for entry_id, fields in entries:
+                await self._take(stream, entry_id, fields, attempt=1)
+        return True
+
+    async def _take(self, stream: str, entry_id: str, fields: dict[str, str], attempt: int) -> None:
+        try:
+            job = Job.parse(fields)
+        except (KeyError, TypeError, ValueError):
+            logger.error("dropping malformed job %s in %s", entry_id, stream)
+            await self._acknowledge(stream, entry_id)
+            return
+        if attempt > self.max_deliveries:
+            await self._dead_letter(stream, entry_id, job, attempt)
+            return
+        if job.deadline < time.time() or await self.redis.exists(keys.job_cancel(job.id)):
+            await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
+            return
+        if attempt > 1:
+            logger.info("job %s: try %d, on %s", job.id, attempt, self.name)
+        taken = self._running[entry_id] = _Taken(stream, entry_id, job, attempt)
+        self._spawn(self._answer(taken))
+
+    async def _dead_letter(self, stream: str, entry_id: str, job: Job, attempt: int) -> None:
+        """Given up: kept for an operator, and the gateway hears it (the user apologised to)."""
+        tries = attempt - 1
+        logger.error("job %s failed %d times: to %s", job.id, tries, keys.DEAD_JOBS)
+        await self.redis.xadd(
+            keys.DEAD_JOBS, {**job.fields(), "tries": str(tries)}, maxlen=DEAD_MAXLEN
+        )
+        await self._write(job, Chunk(attempt, self.name, "error", f"given up after {tries} tries"))
+        await self._acknowledge(stream, entry_id)
+
+    # --- answering ----------------------------------------------------------------------
+
+    async def _answer(self, taken: _Taken) -> None:
+        job = taken.job
+        try:
+            generation = taken.generation = self.inference.submit(
+                job.messages,
+                user=job.user,
+                conversation=job.conversation,
+                max_new_tokens=job.max_new_tokens,
+                temperature=job.temperature,
+            )
+            await self._say(taken, "started")
+            async for text in generation:
+                if await self._say(taken, "text", text):
+                    taken.cancelled = True
+                    generation.cancel()
+            await self._say(
+                taken, "end", generation.text, generation.prompt_tokens, generation.answer_tokens
+            )
+            await self._acknowledge(taken.stream, taken.entry_id)
+        except InferenceCancelled:
+            if taken.cancelled:
+                await self._acknowledge(taken.stream, taken.entry_id)
+            else:  # this worker is stopping
+                await self._hand_back(taken)
+        except Exception:
+            logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
+            await self._hand_back(taken)
+        finally:
+            del self._running[taken.entry_id]
+            self._room.set()
+
+    async def _say(self, taken: _Taken, kind: ChunkKind, text: str = "", *counts: int) -> bool:
+        """Write one entry of the answer; whether the gateway has cancelled the job."""
+        chunk = Chunk(taken.attempt, self.name, kind, text, *counts)
+        return await self._write(taken.job, chunk)
+
+    async def _write(self, job: Job, chunk: Chunk) -> bool:
+        stream = keys.job_chunks(job.id)
+        kept = round(max(job.deadline - time.time(), 0)) + ANSWER_KEPT_S
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(stream, chunk.fields(), maxlen=CHUNKS_MAXLEN)
+            pipe.expire(stream, kept)
+            pipe.exists(keys.job_cancel(job.id))
+            *_, cancelled = await pipe.execute()
+        return bool(cancelled)
+
+    async def _acknowledge(self, stream: str, entry_id: str) -> None:
+        """The job is over: out of the group's pending list and out of the stream."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    async def _hand_back(self, taken: _Taken) -> None:
+        """Leave the job pending but make it look abandoned now, so the next sweep of any
+        worker claims it (and the delivery count counts this try)."""
+        try:
+            await self.redis.xclaim(
+                taken.stream, GROUP, self.name, 0, [taken.entry_id],
+                idle=self.claim_idle_ms, justid=True,
+            )  # fmt: skip
+        except RedisError as error:  # it is claimed once idle long enough anyway
+            logger.warning("could not hand back job %s: %s", taken.job.id, error)
+
+    # --- the sweep ----------------------------------------------------------------------
+
+    async def _keep_sweeping(self) -> None:
+        while not await set_within(self._stop, self.claim_idle_ms / 3000):
+            try:
+                await self._sweep()
+            except RedisError as error:
+                logger.warning("worker sweep failed; next time: %s", error)
+
+    async def _sweep(self) -> None:
+        await self._beat()
+        await self._keep_running_jobs()
+        for stream in await job_streams(self.redis):
+            await self._claim_abandoned(stream)
+        await self._tidy_dead_workers()
+
+    async def _beat(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.worker(self.name), str(self.rows), px=self.claim_idle_ms)
+            pipe.sadd(keys.WORKERS, self.name)
+            await pipe.execute()
+
+    async def _keep_running_jobs(self) -> None:
+        """Reset the idle time of the jobs running here, and stop those cancelled."""
+        running = list(self._running.values())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for taken in running:
+                pipe.xclaim(taken.stream, GROUP, self.name, 0, [taken.entry_id], justid=True)
+                pipe.exists(keys.job_cancel(taken.job.id))
+            replies = await pipe.execute(raise_on_error=False)
+        for taken, cancelled in zip(running, replies[1::2], strict=True):
+            if cancelled is True or cancelled == 1:
+                taken.cancelled = True
+                if taken.generation is not None:
+                    taken.generation.cancel()
+
+    async def _claim_abandoned(self, stream: str) -> None:
+        free = self.rows - len(self._running)
+        if free <= 0:
+            return
+        try:
+            reply = await self.redis.xautoclaim(
+                stream, GROUP, self.name, self.claim_idle_ms, "0-0", count=free
+            )
+        except ResponseError:  # no such stream or group (yet, or any more)
+            return
+        for entry_id, fields in reply[1]:
+            if not fields:  # deleted while pending: nothing to answer
+                await self._acknowledge(stream, entry_id)
+                continue
+            pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+            if pending:  # else acknowledged meanwhile
+                await self._take(stream, entry_id, fields, attempt=pending[0]["times_delivered"])
+
+    async def _tidy_dead_workers(self) -> None:
+        """Forget a dead worker whose stream holds no job any more."""
+        live = set(await live_workers(self.redis))
+        for name in await self.redis.smembers(keys.WORKERS):
+            stream = keys.worker_jobs(name)
+            if name not in live and name != self.name and not await self.redis.xlen(stream):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(stream)
+                    pipe.srem(keys.WORKERS, name)
+                    await pipe.execute()
+                logger.info("worker %s is gone; its stream is removed", name)
+
+    async def _ensure_groups(self) -> None:
+        for stream in (keys.JOBS, self.own):
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,232 @@
+"""Gateway and workers on Redis Streams, in one process: the gateway's JobQueue and real
+Workers over the tiny model's batcher, on real Redis. (tests/test_scale_out.py runs them
+as separate processes, killed and restarted.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from conftest import SpyBatcher, answer_alone
+from redis.asyncio import Redis
+
+from bot.job_queue import JobQueue
+from bot.jobs import Chunk, JobFailed, pick_worker
+from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
+from bot.worker import Worker
+from storage import keys
+
+HELLO = [{"role": "user", "content": "hello"}]
+CLAIM_IDLE_S = 0.3
+
+
+@pytest.fixture
+async def streams(redis_client: Redis) -> AsyncIterator[Redis]:
+    """Redis with no jobs, workers or answers of another test's, before and after."""
+
+    async def clear() -> None:
+        for pattern in (
+            "threadbot:jobs*",
+            "threadbot:worker*",
+            "threadbot:job:*",
+            "threadbot:gateway:*",
+        ):
+            async for key in redis_client.scan_iter(match=pattern):
+                await redis_client.delete(key)
+
+    await clear()
+    yield redis_client
+    await clear()
+
+
+@asynccontextmanager
+async def gateway(
+    redis: Redis, *, max_size: int = 8, timeout: float = 60
+) -> AsyncIterator[JobQueue]:
+    async with JobQueue(
+        redis=redis, gateway="gw-test", max_size=max_size, timeout=timeout
+    ) as queue:
+        yield queue
+
+
+@asynccontextmanager
+async def worker(
+    redis: Redis, batcher: Any, name: str, *, max_deliveries: int = 3
+) -> AsyncIterator[Worker]:
+    """A worker answering with `batcher`, running for the block, then stopped."""
+    async with InferenceQueue(batcher=batcher, max_size=8, timeout=60) as queue:
+        working = Worker(
+            redis=redis, inference=queue, name=name, rows=batcher.max_batch,
+            claim_idle_s=CLAIM_IDLE_S, max_deliveries=max_deliveries,
+        )  # fmt: skip
+        working.running = asyncio.create_task(working.run())  # type: ignore[attr-defined]
+        await wait_until(lambda: redis.exists(keys.worker(name)))
+        try:
+            yield working
+        finally:
+            working.stop()
+            await asyncio.gather(working.running, return_exceptions=True)
+            await working.finish(0)
+
+
+async def kill(working: Worker) -> None:
+    """As a SIGKILL would: every task of the worker stops where it is, nothing acknowledged
+    or handed back; its heartbeat goes (as it would lapse)."""
+    tasks = [working.running, *working._tasks]
+    for _ in range(100):  # again where a cancel was swallowed (see `Worker`)
+        for task in tasks:
+            task.cancel()
+        if (await asyncio.wait(tasks, timeout=0.05))[1] == set():
+            return
+    raise AssertionError("the worker would not die")
+
+
+async def wait_until(condition, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.02)
+
+
+async def read(generation) -> list[str]:
+    return [chunk async for chunk in generation]
+
+
+def test_each_conversation_keeps_its_worker_and_only_a_dead_ones_move():
+    conversations = [f"slack:T:C:{n}" for n in range(200)]
+    three = {c: pick_worker(c, ["w1", "w2", "w3"]) for c in conversations}
+    two = {c: pick_worker(c, ["w1", "w3"]) for c in conversations}
+    assert set(three.values()) == {"w1", "w2", "w3"}
+    assert all(two[c] == three[c] for c in conversations if three[c] != "w2")
+    assert pick_worker("slack:T:C:1", []) is None
+
+
+async def test_a_worker_streams_the_answer_to_the_gateway(streams, make_batcher):
+    batcher = make_batcher(max_new_tokens=12)
+    async with gateway(streams) as queue, worker(streams, batcher, "w1"):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        chunks = await read(generation)
+    assert len(chunks) > 1
+    assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
+    assert generation.answer_tokens > 0 and generation.queue_wait is not None
+    assert not await streams.exists(keys.job_chunks("*"))  # read, then removed
+    assert await streams.xlen(keys.worker_jobs("w1")) == 0  # acknowledged and deleted
+
+
+async def test_jobs_go_to_their_conversations_worker(streams, make_batcher):
+    """Each worker answers exactly the conversations that hash to it."""
+    one, two = (
+        SpyBatcher(make_batcher(max_new_tokens=4)),
+        SpyBatcher(make_batcher(max_new_tokens=4)),
+    )
+    conversations = [f"c{n}" for n in range(8)]
+    async with gateway(streams) as queue, worker(streams, one, "w1"), worker(streams, two, "w2"):
+        for conversation in conversations:
+            question = [{"role": "user", "content": f"question of {conversation}"}]
+            await read(queue.submit(question, user="u1", conversation=conversation))
+    answered_by = {p[0]["content"].removeprefix("question of "): "w1" for p in one.prompts}
+    answered_by |= {p[0]["content"].removeprefix("question of "): "w2" for p in two.prompts}
+    assert answered_by == {c: pick_worker(c, ["w1", "w2"]) for c in conversations}
+    assert one.prompts and two.prompts
+
+
+class StallsAfterFirstStep(SpyBatcher):
+    """Writes the first piece of an answer, then hangs: a worker dying mid-answer."""
+
+    def __init__(self, batcher: Any) -> None:
+        super().__init__(batcher)
+        self.release = threading.Event()
+        self.steps = 0
+
+    def step(self) -> list:
+        self.steps += 1
+        if self.steps > 1:
+            self.release.wait(timeout=30)
+        return super().step()
+
+
+async def test_a_dead_workers_job_is_answered_again_by_another(streams, make_batcher):
+    stalled = StallsAfterFirstStep(make_batcher(max_new_tokens=12))
+    healthy = make_batcher(max_new_tokens=12)
+    async with gateway(streams) as queue, worker(streams, stalled, "dying") as dying:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        first = await anext(aiter(generation))
+        await kill(dying)
+        async with worker(streams, healthy, "w2"):
+            with pytest.raises(AnswerRestarted):
+                await read(generation)
+            again = await read(generation)
+        stalled.release.set()
+    assert first
+    assert "".join(again) == generation.text == answer_alone(healthy, HELLO)
+
+
+class AlwaysFails(SpyBatcher):
+    def step(self) -> list:
+        raise RuntimeError("the model fell over")
+
+
+async def test_a_job_that_keeps_failing_is_dead_lettered_and_the_gateway_told(
+    streams, make_batcher
+):
+    failing = AlwaysFails(make_batcher())
+    async with gateway(streams) as queue, worker(streams, failing, "w1", max_deliveries=2):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        with pytest.raises(JobFailed, match="2 tries"):
+            await read(generation)
+    [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
+    assert dead["tries"] == "2" and '"c1"' in dead["job"]
+    assert len(failing.prompts) == 2
+
+
+async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
+    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    async with gateway(streams) as queue, worker(streams, spy, "w1") as working:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(generation))
+        generation.cancel()
+        await wait_until(lambda: asyncio.sleep(0, not working._running))
+    assert not spy.answers  # it never finished its 400 tokens
+    assert await streams.xlen(keys.worker_jobs("w1")) == 0
+
+
+async def test_a_job_nobody_takes_times_out_and_is_never_run(streams, make_batcher):
+    spy = SpyBatcher(make_batcher())
+    async with gateway(streams, timeout=0.3) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        with pytest.raises(InferenceTimeout):
+            await read(generation)
+        async with worker(streams, spy, "late"):
+            await wait_until(lambda: asyncio.sleep(0, True))
+            await asyncio.sleep(0.3)
+    assert not spy.prompts
+
+
+async def test_the_gateway_says_busy_when_queue_max_jobs_wait(streams):
+    """No worker is running: jobs wait in the shared stream."""
+    async with gateway(streams, max_size=2) as queue:
+        waiting = [queue.submit(HELLO, user=f"u{n}", conversation=f"c{n}") for n in range(2)]
+        with pytest.raises(QueueFull):
+            queue.submit(HELLO, user="u3", conversation="c3")
+        await wait_until(lambda: streams.xlen(keys.JOBS))
+        assert [p.place for p in queue.places("u1")] == [2]
+        for generation in waiting:
+            generation.cancel()
+
+
+async def test_chunks_of_an_older_try_are_ignored(streams):
+    """A worker given up for dead may still write: its text must not reach the thread."""
+    async with gateway(streams) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: streams.xlen(keys.JOBS))
+        [(_, fields)] = await streams.xrange(keys.JOBS)
+        answer = keys.job_chunks(__import__("json").loads(fields["job"])["id"])
+        for chunk in (
+            Chunk(2, "new", "started"), Chunk(2, "new", "text", "Hi"),
+            Chunk(1, "old", "text", "stale"), Chunk(2, "new", "end", "Hi", 3, 1),
+        ):  # fmt: skip
+            await streams.xadd(answer, chunk.fields())
+        assert await read(generation) == ["Hi"]
