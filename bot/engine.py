@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bot.config import DEFAULT_CONTEXT_TOKENS
+from bot.prompt import alternating
 from bot.types import ChatMessage
 
 if TYPE_CHECKING:
@@ -29,30 +30,6 @@ if TYPE_CHECKING:
     from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger(__name__)
-
-
-def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """`messages` as the strictest chat templates (Mistral, Gemma, Llama 2) accept them.
-
-    Those raise unless user and assistant take turns, starting with the user after an
-    optional system message; a conversation can hold two messages of one role in a row
-    (an answer that failed, a thread read as context), and raising would leave it
-    unanswerable for good. So consecutive messages of one role become one, joined by a
-    blank line, and an empty user message goes before an assistant message that would
-    come first. A well-formed conversation comes back as it was, so its prompt (and the
-    KV cache kept for its next turn) does not change.
-    """
-    merged: list[ChatMessage] = []
-    for message in messages:
-        if merged and merged[-1]["role"] == message["role"]:
-            content = f"{merged[-1]['content']}\n\n{message['content']}"
-            merged[-1] = {"role": message["role"], "content": content}
-        else:
-            merged.append(message)
-    first = 1 if merged and merged[0]["role"] == "system" else 0
-    if first < len(merged) and merged[first]["role"] == "assistant":
-        merged.insert(first, {"role": "user", "content": ""})
-    return merged
 
 
 def context_tokens(config: PretrainedConfig, max_context_tokens: int | None) -> int:

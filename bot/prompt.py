@@ -1,4 +1,5 @@
-"""A conversation's prompt: its text cleaned, who said what, and trimmed to the budget.
+"""A conversation's prompt: its text cleaned, who said what, trimmed to the budget, and
+its roles taking turns as the strictest chat templates demand.
 
 Pure functions over `ChatMessage` lists; knows nothing of storage, platforms or models
 (the token count comes in as a function).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from bot.types import ChatMessage
@@ -30,6 +31,30 @@ def sanitized(text: str) -> str:
     text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").strip()
     visible = any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
     return text if visible else ""
+
+
+def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """`messages` as the strictest chat templates (Mistral, Gemma, Llama 2) accept them.
+
+    Those raise unless user and assistant take turns, starting with the user after an
+    optional system message; a conversation can hold two messages of one role in a row
+    (an answer that failed, a thread read as context), and raising would leave it
+    unanswerable for good. So consecutive messages of one role become one, joined by a
+    blank line, and an empty user message goes before an assistant message that would
+    come first. A well-formed conversation comes back as it was, so its prompt (and the
+    KV cache kept for its next turn) does not change.
+    """
+    merged: list[ChatMessage] = []
+    for message in messages:
+        if merged and merged[-1]["role"] == message["role"]:
+            content = f"{merged[-1]['content']}\n\n{message['content']}"
+            merged[-1] = {"role": message["role"], "content": content}
+        else:
+            merged.append(message)
+    first = 1 if merged and merged[0]["role"] == "system" else 0
+    if first < len(merged) and merged[first]["role"] == "assistant":
+        merged.insert(first, {"role": "user", "content": ""})
+    return merged
 
 
 def named(history: list[ChatMessage]) -> list[ChatMessage]:

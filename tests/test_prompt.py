@@ -9,9 +9,9 @@ import pytest
 from conftest import answer_alone
 
 from bot.batching import Batcher
-from bot.engine import Engine, alternating
+from bot.engine import Engine
 from bot.kv_cache import PrefixCache
-from bot.prompt import TRIM_TO, Fitted, fit
+from bot.prompt import TRIM_TO, Fitted, alternating, fit
 
 # Mistral's and Llama 2's rule, in their words: after an optional system message, user and
 # assistant take turns, starting with the user.
