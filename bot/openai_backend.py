@@ -261,9 +261,12 @@ class OpenAIBackend:
     # --- One request ---------------------------------------------------------------------
 
     async def _answer(self, generation: Generation) -> None:
-        """The request's task: its answer written, or its failure, never an exception."""
+        """The request's task: its answer written (and its tokens counted, as the server
+        counted them), or its failure; never an exception."""
         try:
-            await self._tries(generation)
+            answer = await self._tries(generation)
+            self.metrics.prompt_tokens.inc(answer.prompt_tokens)
+            self.metrics.generated_tokens.inc(answer.answer_tokens)
         except Exception as error:
             if not isinstance(error, InferenceUnavailable):  # an answer we cannot read
                 error = InferenceUnavailable(f"INFERENCE_URL={self.url} answered in a way "
@@ -273,13 +276,14 @@ class OpenAIBackend:
         finally:  # before the end or failure is read, so whoever reads it sees it gone
             self._finish(generation)
 
-    async def _tries(self, generation: Generation) -> None:
-        """The request, tried again after a backoff where that may help, `retries` times."""
+    async def _tries(self, generation: Generation) -> _Answer:
+        """The request, tried again after a backoff where that may help, `retries` times;
+        its answer, ended."""
         answer = _Answer(generation)
         for attempt in range(self.retries + 1):
             try:
                 await self._try(generation, answer)
-                return
+                return answer
             except _Retry as error:
                 failure = error
             except CONNECTION_ERRORS as error:
@@ -371,11 +375,17 @@ class _Answer:
                 self.generation.write(text)
             self.finished = self.finished or choice.get("finish_reason") is not None
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self.usage.get("prompt_tokens") or 0
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.usage.get("completion_tokens") or 0
+
     def end(self) -> None:
         self._restarted()
-        self.generation.end(
-            self.text, self.usage.get("prompt_tokens", 0), self.usage.get("completion_tokens", 0)
-        )
+        self.generation.end(self.text, self.prompt_tokens, self.answer_tokens)
 
     def _restarted(self) -> None:
         if self._take_back:

@@ -72,13 +72,15 @@ def closed_port() -> int:
 
 
 async def test_chunks_stream_and_add_up_to_the_answer_with_the_servers_token_counts(server):
-    async with backend(server.url) as inference:
+    metrics = Metrics()
+    async with backend(server.url, metrics=metrics) as inference:
         generation = inference.submit(HELLO, user="u1", conversation="c1")
         chunks = await read(generation)
         assert inference.depth == 0
     assert len(chunks) == 6
     assert "".join(chunks) == generation.text == "The capital of France is Paris."
     assert (generation.prompt_tokens, generation.answer_tokens) == (6, 6)  # the fake's counts
+    assert metrics.prompt_tokens._value.get() == metrics.generated_tokens._value.get() == 6
     assert generation.queue_wait is not None
 
 
