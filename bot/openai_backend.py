@@ -11,8 +11,8 @@ the server-sent events' text into its `Generation`. The connection failing, a 42
 5xx are tried again after a backoff (the server's `Retry-After` where it sends one); a
 try that breaks off after some text restarts the answer (`Generation.restart`), so the
 service replaces what it showed. Any other refusal fails the request at once: it would
-fail again. A cancel (Stop, the timeout, a reset) cancels the task, which closes the
-connection, so the server stops generating too. Nothing here needs torch.
+fail again. A cancel (Stop, the timeout, a stop of threadbot) cancels the task, which
+closes the connection, so the server stops generating too. Nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class InferenceUnavailable(RuntimeError):
 
 
 class InferenceServerError(ModelError):
-    """At start, INFERENCE_URL could not be reached or lists no model to answer with; the
-    message names it and what to fix."""
+    """At start, INFERENCE_URL could not be reached, refused (a wrong key), or lists no
+    model to answer with; the message names it and what to fix."""
 
 
 class _Retry(Exception):
