@@ -258,6 +258,17 @@ class FairOrder:
     def finished(self, generation: Generation) -> None:
         self._running.pop(generation, None)
 
+    def remove(self, generation: Generation) -> bool:
+        """Take a waiting request out of the line at once (a writer that can, when it is
+        cancelled, rather than dropping it when its turn comes); whether it was waiting."""
+        waiting = self._by_user.get(generation.user)
+        if waiting is None or generation not in waiting:
+            return False
+        waiting.remove(generation)
+        if not waiting:
+            del self._by_user[generation.user]
+        return True
+
     def line(self) -> list[Generation]:
         """The waiting requests in the order `pop` takes them, if none finishes meanwhile;
         cancelled ones are left out (they are dropped when their turn comes)."""

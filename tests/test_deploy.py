@@ -62,6 +62,7 @@ PROFILE_SERVICES = {
     None: {"redis", "bot"},
     "gpu": {"redis", "bot", "bot-gpu"},
     "monitoring": {"redis", "bot", "prometheus", "grafana"},
+    "vllm": {"redis", "bot", "vllm", "bot-vllm"},
 }
 COMPOSE_MIN_VERSION = (2, 24)  # env_file's `required:`
 # .env.example lines that are not threadbot settings, on purpose.
@@ -340,6 +341,35 @@ def test_compose_gpu_profile_gives_the_bot_an_nvidia_gpu(services):
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "/whl/cu12" in gpu["build"]["args"]["TORCH_INDEX"]
     assert "bot" in gpu["networks"]["default"]["aliases"], "Prometheus scrapes `bot`"
+
+
+def test_compose_vllm_profile_serves_a_model_on_a_gpu_to_its_own_bot(services):
+    vllm, bot = services["vllm"], services["bot-vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai:v")
+    flags = dict(zip(vllm["command"][::2], vllm["command"][1::2], strict=True))
+    assert flags["--port"] == "8000"
+    [device] = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "http://localhost:8000/health" in " ".join(vllm["healthcheck"]["test"])
+    assert "vllm-hf:/root/.cache/huggingface" in vllm["volumes"]
+    assert "ports" not in vllm, "vLLM is reached on the compose network only"
+    assert bot["extends"] == "bot"
+    assert bot["environment"]["INFERENCE_URL"] == "http://vllm:8000/v1"
+    assert bot["environment"]["INFERENCE_TOKENIZER"] == flags["--model"]  # the served model's
+    assert bot["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert bot["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "bot" in bot["networks"]["default"]["aliases"], "Prometheus scrapes `bot`"
+
+
+def test_compose_vllm_profile_resolves_to_a_bot_that_asks_vllm(compose):
+    """As Compose merges `extends`: the bot's own settings stay, and the model is one."""
+    resolved = yaml.safe_load(run_compose(compose, "--profile", "vllm", "config"))["services"]
+    bot, vllm = resolved["bot-vllm"], resolved["vllm"]
+    assert bot["environment"]["INFERENCE_URL"] == "http://vllm:8000/v1"
+    assert bot["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    model = vllm["command"][vllm["command"].index("--model") + 1]
+    assert bot["environment"]["INFERENCE_TOKENIZER"] == model == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert set(bot["depends_on"]) == {"redis", "vllm"}
 
 
 def test_compose_monitoring_mounts_files_that_exist(services):

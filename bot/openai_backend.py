@@ -1,0 +1,442 @@
+"""Answers from an OpenAI-compatible server (vLLM, TGI, the llama.cpp server, Ollama).
+
+The same `Inference` as this process's queue, so the service cannot tell them apart:
+`submit` returns a `Generation` at once (or raises `QueueFull` at `max_size` in flight),
+and requests wait in fair order (`FairOrder`) until one of `max_concurrent` streams is
+free. The server batches whatever it is sent; sending more at once would only make them
+wait there instead, out of our fair order, our places in line, and a cancel's reach.
+
+Each request is one task that POSTs `/chat/completions` with `stream: true` and writes
+the server-sent events' text into its `Generation`. The connection failing, a 429 and a
+5xx are tried again after a backoff (the server's `Retry-After` where it sends one); a
+try that breaks off after some text restarts the answer (`Generation.restart`), so the
+service replaces what it showed. Any other refusal fails the request at once: it would
+fail again. A cancel (Stop, the timeout, a stop of threadbot) cancels the task, which
+closes the connection, so the server stops generating too. Nothing here needs torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from functools import partial
+from typing import Any, Self
+
+import aiohttp
+
+from bot.config import Settings
+from bot.loading import ModelError
+from bot.metrics import Metrics
+from bot.queue import FairOrder, Generation, QueueFull, QueuePlace, check_options
+from bot.tokens import alternating
+from bot.types import ChatMessage
+
+logger = logging.getLogger(__name__)
+
+START_SECONDS = 30  # for GET /models at start: the whole request
+CONNECT_SECONDS = 30  # for each connection; a stream itself is bounded by the request timeout
+# What may go right on another try: the connection failing, before or during the answer.
+CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
+
+class InferenceUnavailable(RuntimeError):
+    """INFERENCE_URL did not answer a request; the message names it and why (its status,
+    its own words)."""
+
+
+class InferenceServerError(ModelError):
+    """At start, INFERENCE_URL could not be reached, refused (a wrong key), or lists no
+    model to answer with; the message names it and what to fix."""
+
+
+class _Retry(Exception):
+    """This try failed in a way another may not: `retry_after` is the server's wait in
+    seconds, if it said one."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class OpenAIBackend:
+    """Requests answered by an OpenAI-compatible server, streamed, `max_concurrent` at once.
+
+    Keeps `metrics.queue_waiting` (requests in line) and `metrics.batch_rows` (requests
+    streaming) current."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        retries: int = 3,
+        max_size: int,
+        max_concurrent: int,
+        timeout: float,
+        max_new_tokens: int,
+        metrics: Metrics | None = None,
+        backoff: float = 1.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.model = model  # None until `__aenter__` asks the server
+        self.retries = retries
+        self.max_size = max_size
+        self.max_concurrent = max_concurrent
+        self.timeout = timeout
+        self.max_new_tokens = max_new_tokens
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.backoff = backoff  # seconds before the first retry; doubled for each next one
+        self.died = asyncio.Event()  # never set: a server's failure is one request's
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session: aiohttp.ClientSession | None = None
+        self._order = FairOrder()
+        self._tasks: dict[Generation, asyncio.Task[None]] = {}  # the requests streaming
+        self._in_flight = 0  # waiting + streaming: what `max_size` bounds
+        self._closing = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Self:
+        """The backend INFERENCE_URL and its settings describe; MAX_BATCH streams at once."""
+        if settings.inference_url is None:
+            raise ValueError("an OpenAI-compatible backend needs INFERENCE_URL")
+        key = settings.inference_api_key
+        return cls(
+            url=settings.inference_url,
+            model=settings.inference_model,
+            api_key=key.get_secret_value() if key else None,
+            retries=settings.inference_retries,
+            max_size=settings.queue_max,
+            max_concurrent=settings.max_batch,
+            timeout=settings.request_timeout,
+            max_new_tokens=settings.max_new_tokens,
+            metrics=metrics,
+        )
+
+    async def __aenter__(self) -> Self:
+        """Open the connection pool and ask the server what it serves (which also checks
+        that it can be reached, and takes the key); raises InferenceServerError if not."""
+        self._session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+            connector=aiohttp.TCPConnector(limit=0),  # `max_concurrent` is the bound
+        )
+        try:
+            self.model = self._chosen(await self._served_models())
+        except BaseException:
+            await self._session.close()
+            raise
+        logger.info("answering with %s from %s", self.model, self.url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Refuse new requests, cancel those waiting and streaming, close the connections."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for generation in [*self._order.line(), *self._tasks]:
+            generation.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    async def _served_models(self) -> list[str]:
+        """The ids GET /models lists, in its order; raises InferenceServerError, naming
+        INFERENCE_URL, where it cannot be reached or refuses."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                f"{self.url}/models", timeout=aiohttp.ClientTimeout(total=START_SECONDS)
+            ) as response:
+                if response.status != 200:
+                    said = _message(await response.text())
+                    raise InferenceServerError(
+                        f"INFERENCE_URL={self.url} answered {response.status} to GET /models: "
+                        f"{said}. Check INFERENCE_URL and INFERENCE_API_KEY"
+                    )
+                body = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise InferenceServerError(
+                f"INFERENCE_URL={self.url} cannot be reached ({_described(error)}): "
+                "start the server, or correct INFERENCE_URL"
+            ) from error
+        try:
+            served = [entry["id"] for entry in json.loads(body)["data"]]
+        except (ValueError, TypeError, KeyError) as error:
+            raise InferenceServerError(
+                f"INFERENCE_URL={self.url} does not answer GET /models as an OpenAI-compatible "
+                "API does: correct INFERENCE_URL (it ends in /v1 on most servers)"
+            ) from error
+        return served
+
+    def _chosen(self, served: list[str]) -> str:
+        """INFERENCE_MODEL, else the first model the server lists."""
+        if self.model is None:
+            if not served:
+                raise InferenceServerError(
+                    f"INFERENCE_URL={self.url} lists no model at GET /models: load one into "
+                    "the server, or set INFERENCE_MODEL"
+                )
+            return served[0]
+        if self.model not in served:  # Ollama also answers to names it lists otherwise
+            logger.warning("INFERENCE_MODEL=%s is not among those %s lists: %s",
+                           self.model, self.url, ", ".join(served))  # fmt: skip
+        return self.model
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting and streaming: what `max_size` bounds."""
+        return self._in_flight
+
+    def places(self, user: str) -> list[QueuePlace]:
+        """Where each of a user's requests stands: 0 while it streams, n while n-th in line."""
+        return self._order.places(user)
+
+    def submit(
+        self,
+        messages: list[ChatMessage],
+        *,
+        user: str,
+        conversation: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Generation:
+        """Ask the server for an answer of at most `max_new_tokens` (None: MAX_NEW_TOKENS),
+        picked with `temperature` (None: the server's default; 0: greedy). Raises
+        ValueError for options out of range and QueueFull when `max_size` are in flight."""
+        check_options(max_new_tokens, temperature)
+        if self._in_flight >= self.max_size or self._closing:
+            raise QueueFull
+        generation = Generation(
+            messages,
+            user=user,
+            conversation=conversation,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+        generation.on_cancel = partial(self._cancelled, generation)
+        generation.expire_after(self.timeout)
+        self._in_flight += 1
+        self._order.push(generation)
+        self._dispatch()
+        return generation
+
+    # --- In line, and out of it ------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Start the next requests in fair order while fewer than `max_concurrent` stream."""
+        while self._order and len(self._tasks) < self.max_concurrent and not self._closing:
+            generation = self._order.pop()
+            generation.started()
+            task = asyncio.create_task(self._answer(generation), name="inference request")
+            self._tasks[generation] = task
+            # `_answer` finishes the request itself, before its end is read; this is for a
+            # task cancelled before it ran, whose body (and its `finally`) never runs.
+            task.add_done_callback(lambda _, generation=generation: self._finish(generation))
+        self._count()
+
+    def _cancelled(self, generation: Generation) -> None:
+        """A cancel: the request's task stops (closing its connection), or it leaves the line."""
+        if (task := self._tasks.get(generation)) is not None:
+            task.cancel()
+        elif self._order.remove(generation):
+            self._in_flight -= 1
+            generation.released()
+            self._count()
+
+    def _finish(self, generation: Generation) -> None:
+        """A request's task is done with it: it no longer counts, and the next may start."""
+        if self._tasks.pop(generation, None) is None:
+            return  # finished already
+        self._order.finished(generation)
+        self._in_flight -= 1
+        generation.released()
+        self._dispatch()
+
+    def _count(self) -> None:
+        self.metrics.queue_waiting.set(self._order.waiting)
+        self.metrics.batch_rows.set(len(self._tasks))
+
+    # --- One request ---------------------------------------------------------------------
+
+    async def _answer(self, generation: Generation) -> None:
+        """The request's task: its answer written (and its tokens counted, as the server
+        counted them), or its failure; never an exception."""
+        try:
+            answer = await self._tries(generation)
+            self.metrics.prompt_tokens.inc(answer.prompt_tokens)
+            self.metrics.generated_tokens.inc(answer.answer_tokens)
+        except Exception as error:
+            if not isinstance(error, InferenceUnavailable):  # an answer we cannot read
+                error = InferenceUnavailable(f"INFERENCE_URL={self.url} answered in a way "
+                                             f"threadbot cannot read: {error!r}")  # fmt: skip
+            logger.error("generation failed: %s", error)
+            generation.fail(error)
+        finally:  # before the end or failure is read, so whoever reads it sees it gone
+            self._finish(generation)
+
+    async def _tries(self, generation: Generation) -> _Answer:
+        """The request, tried again after a backoff where that may help, `retries` times;
+        its answer, ended."""
+        answer = _Answer(generation)
+        for attempt in range(self.retries + 1):
+            try:
+                await self._try(generation, answer)
+                return answer
+            except _Retry as error:
+                failure = error
+            except CONNECTION_ERRORS as error:
+                failure = _Retry(f"could not be reached or broke off: {_described(error)}")
+            if attempt == self.retries:
+                break
+            wait = failure.retry_after
+            wait = self.backoff * 2**attempt if wait is None else wait
+            logger.warning("INFERENCE_URL=%s %s; trying again in %.1f s (retry %d of %d)",
+                           self.url, failure, wait, attempt + 1, self.retries)  # fmt: skip
+            await asyncio.sleep(wait)
+        raise InferenceUnavailable(
+            f"INFERENCE_URL={self.url} {failure}; no retry left (INFERENCE_RETRIES={self.retries})"
+        )
+
+    async def _try(self, generation: Generation, answer: _Answer) -> None:
+        """One request and its stream, written into `answer`; raises _Retry where another
+        try may go better, and InferenceUnavailable where it would not."""
+        assert self._session is not None, "used outside `async with`"
+        answer.start_over()
+        async with self._session.post(
+            f"{self.url}/chat/completions", json=self._request(generation)
+        ) as response:
+            if response.status != 200:
+                said = _message(await response.text())
+                if response.status == 429 or response.status >= 500:
+                    retry_after = _seconds(response.headers.get("Retry-After"))
+                    raise _Retry(f"answered {response.status} ({said})", retry_after)
+                raise InferenceUnavailable(
+                    f"INFERENCE_URL={self.url} refused the request with {response.status}: {said}"
+                )
+            if response.content_type != "text/event-stream":
+                raise InferenceUnavailable(f"INFERENCE_URL={self.url} answered "
+                                           f"{response.content_type}, not a stream")  # fmt: skip
+            async for data in _server_sent_events(response.content):
+                if data == "[DONE]":
+                    answer.end()
+                    return
+                answer.read(json.loads(data), self.url)
+        if not answer.finished:
+            raise _Retry("ended the stream before the answer")
+        answer.end()  # a server that sends no [DONE] after the finish
+
+    def _request(self, generation: Generation) -> dict[str, Any]:
+        """The JSON of a streamed chat completion for the request; its token counts come
+        in the stream's last event."""
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": [
+                {"role": message["role"], "content": message["content"]}
+                for message in alternating(generation.messages)
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": generation.max_new_tokens or self.max_new_tokens,
+        }
+        if generation.temperature is not None:
+            request["temperature"] = generation.temperature
+        return request
+
+
+class _Answer:
+    """One request's answer across its tries: the text of the try under way, and whether
+    an earlier try showed text that the next must take back before it writes (or ends)."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self.text = ""
+        self.usage: Mapping[str, Any] = {}
+        self.finished = False  # the server said why the answer ended (finish_reason)
+        self._take_back = False
+
+    def start_over(self) -> None:
+        """Another try: its answer replaces what the last ones showed."""
+        self._take_back = self._take_back or bool(self.text)
+        self.text, self.usage, self.finished = "", {}, False
+
+    def read(self, event: Any, url: str) -> None:
+        """One chunk of the stream: its text, its finish, its token counts."""
+        if "error" in event:  # vLLM and llama.cpp report a failure midway as an event
+            raise InferenceUnavailable(
+                f"INFERENCE_URL={url} stopped the answer with an error: {_said(event)}"
+            )
+        self.usage = event.get("usage") or self.usage
+        for choice in event.get("choices") or []:  # one (n=1); none in the usage event
+            if text := (choice.get("delta") or {}).get("content"):
+                self._restarted()
+                self.text += text
+                self.generation.write(text)
+            self.finished = self.finished or choice.get("finish_reason") is not None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.usage.get("prompt_tokens") or 0
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.usage.get("completion_tokens") or 0
+
+    def end(self) -> None:
+        self._restarted()
+        self.generation.end(self.text, self.prompt_tokens, self.answer_tokens)
+
+    def _restarted(self) -> None:
+        if self._take_back:
+            self._take_back = False
+            self.generation.restart()
+
+
+async def _server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The data of each server-sent event, in order: its `data:` lines joined by newlines;
+    comments (keep-alive pings) and other fields skipped. An event the stream ends in the
+    middle of is dropped, as the standard says, so a cut stream yields no half event."""
+    data: list[str] = []
+    async for raw in lines:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+            data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value.removeprefix(" "))
+
+
+def _message(body: str) -> str:
+    """What an error response says, from its JSON if it has some."""
+    try:
+        return _said(json.loads(body))
+    except ValueError:
+        return body.strip()[:300] or "no message"
+
+
+def _said(error: Any) -> str:
+    """The message of an error object as OpenAI (`{"error": {"message"}}`), vLLM
+    (`{"message"}`) and TGI (`{"error": "..."}`) write it."""
+    if not isinstance(error, dict):
+        return str(error)[:300]
+    inner = error.get("error", error)
+    if isinstance(inner, dict):
+        return str(inner.get("message", inner))[:300]
+    return str(inner)[:300]
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """A `Retry-After` header in seconds; None for none, and for the HTTP-date form."""
+    try:
+        return max(float(retry_after), 0.0) if retry_after else None
+    except ValueError:
+        return None
+
+
+def _described(error: Exception) -> str:
+    """An exception's message, or its name where it has none (a timeout has none)."""
+    return str(error) or type(error).__name__
