@@ -172,8 +172,7 @@ class Worker:
         if job.deadline < time.time() or await self.redis.exists(keys.job_cancel(job.id)):
             await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
             return
-        if attempt > 1:
-            logger.info("job %s: try %d, on %s", job.id, attempt, self.name)
+        logger.info("job %s taken (try %d)", job.id, attempt)
         taken = self._running[entry_id] = _Taken(stream, entry_id, job, attempt)
         self._spawn(self._answer(taken))
 
@@ -208,6 +207,10 @@ class Worker:
                 taken, "end", generation.text, generation.prompt_tokens, generation.answer_tokens
             )
             await self._acknowledge(taken.stream, taken.entry_id)
+            logger.info(
+                "job %s answered: %d prompt tokens, %d new", job.id,
+                generation.prompt_tokens, generation.answer_tokens,
+            )  # fmt: skip
         except InferenceCancelled:
             if taken.cancelled:
                 await self._acknowledge(taken.stream, taken.entry_id)

@@ -77,12 +77,20 @@ class RedisServer:
 
 
 class BotProcess:
-    """`python -m bot run` (or `python -c CODE`, for an injected fault) with its log in a
-    file that the test can read while it runs."""
+    """`python -m bot run --role ROLE` (or `python -c CODE`, for an injected fault) with its
+    log in a file that the test can read while it runs."""
 
-    def __init__(self, *, cwd: Path, env: dict[str, str], log: Path, code: str | None = None):
+    def __init__(
+        self,
+        *,
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        code: str | None = None,
+        role: str = "all",
+    ):
         self.cwd, self.env, self.log = cwd, env, log
-        self.argv = ["-c", code] if code else ["-m", "bot", "run"]
+        self.argv = ["-c", code] if code else ["-m", "bot", "run", "--role", role]
         self.process: asyncio.subprocess.Process | None = None
         self._log_start = 0
 

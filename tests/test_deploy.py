@@ -63,6 +63,7 @@ PROFILE_SERVICES = {
     "gpu": {"redis", "bot", "bot-gpu"},
     "monitoring": {"redis", "bot", "prometheus", "grafana"},
     "vllm": {"redis", "bot", "vllm", "bot-vllm"},
+    "scale": {"redis", "bot", "gateway", "worker"},
 }
 COMPOSE_MIN_VERSION = (2, 24)  # env_file's `required:`
 # .env.example lines that are not threadbot settings, on purpose.
@@ -370,6 +371,18 @@ def test_compose_vllm_profile_resolves_to_a_bot_that_asks_vllm(compose):
     model = vllm["command"][vllm["command"].index("--model") + 1]
     assert bot["environment"]["INFERENCE_TOKENIZER"] == model == "Qwen/Qwen2.5-0.5B-Instruct"
     assert set(bot["depends_on"]) == {"redis", "vllm"}
+
+
+def test_compose_scale_profile_runs_a_gateway_and_workers_on_the_one_redis(compose):
+    resolved = yaml.safe_load(run_compose(compose, "--profile", "scale", "config"))["services"]
+    gateway, worker = resolved["gateway"], resolved["worker"]
+    assert gateway["command"] == ["run", "--role", "gateway"]
+    assert worker["command"] == ["run", "--role", "worker"]
+    assert "ports" not in worker, "workers are scaled: none may publish a port"
+    assert "bot" in gateway["networks"]["default"]["aliases"], "Prometheus scrapes `bot`"
+    for service in (gateway, worker):
+        assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_compose_monitoring_mounts_files_that_exist(services):

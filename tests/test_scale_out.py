@@ -1,0 +1,243 @@
+"""Scale-out with real processes on one machine: `threadbot run --role gateway` on the fake
+Slack, `--role worker` processes on the bundled model (or an OpenAI-compatible server),
+and a redis-server of the test's own. Workers are killed with SIGKILL, gateways too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_openai import FakeOpenAI, Status
+from fake_slack import FakeSlack
+from processes import BotProcess, RedisServer, free_port
+from redis.asyncio import Redis
+from test_cli import cli_env
+from test_faults import DRAGON, answered, bot_replies, is_final, stored, streaming
+
+from bot import replies
+from storage import keys
+
+pytestmark = pytest.mark.slow
+
+CHANNEL = "C0001"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def slack() -> Any:
+    async with FakeSlack() as fake:
+        yield fake
+
+
+class Cluster:
+    """Gateways and workers of one deployment: one data dir, one Redis, the fake Slack;
+    each process logs to its own file."""
+
+    def __init__(self, tmp_path: Path, data: Path, redis_url: str, slack: FakeSlack) -> None:
+        self.tmp_path, self.slack = tmp_path, slack
+        self.common = dict(
+            MODEL="bundled", MAX_NEW_TOKENS="16", DATA_DIR=str(data), REDIS_URL=redis_url,
+            TURN_LEASE_S="1", JOB_CLAIM_IDLE_S="1.5",
+        )  # fmt: skip
+        self.started: list[BotProcess] = []
+        self.metrics_ports: dict[BotProcess, int] = {}
+
+    async def gateway(self, **settings: str) -> BotProcess:
+        slack = self.slack
+        platform = dict(
+            SLACK_BOT_TOKEN=slack.bot_token, SLACK_APP_TOKEN=slack.app_token,
+            SLACK_API_URL=slack.api_url, STREAM_EDIT_INTERVAL="0.2", SLACK_STREAMING="edit",
+        )  # fmt: skip
+        env = cli_env(**(self.common | platform | settings))
+        process = BotProcess(
+            cwd=self.tmp_path, env=env, log=self.tmp_path / "gateway.log", role="gateway"
+        )
+        connections = slack.connections
+        await self._start(process)
+        await slack.wait_for(lambda: slack.connections > connections or not process.alive, 120)
+        assert process.alive, process.text()
+        return process
+
+    async def worker(self, name: str, **settings: str) -> BotProcess:
+        port = free_port()
+        env = cli_env(**(self.common | {"HTTP_PORT": str(port)} | settings))
+        log = self.tmp_path / f"{name}.log"
+        process = BotProcess(cwd=self.tmp_path, env=env, log=log, role="worker")
+        self.metrics_ports[process] = port
+        await self._start(process)
+        await process.wait_log("taking jobs", 120)
+        return process
+
+    async def _start(self, process: BotProcess) -> None:
+        await process.start()
+        self.started.append(process)
+
+    async def metric(self, worker: BotProcess, name: str) -> float:
+        """A counter's value on a worker's /metrics (0 if it has no sample yet)."""
+        url = f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text.decode(), re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture
+async def cluster(tmp_path, bundled_engine, bundled_cache, redis_server, slack):
+    """`bundled_engine` has converted the bundled model once, into `bundled_cache`: the
+    gateway reads its tokenizer there, the workers its weights."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(bundled_cache)
+    made = Cluster(tmp_path, data, redis_server.url, slack)
+    yield made
+    for process in made.started:
+        await process.close()
+
+
+def answers_in(worker: BotProcess) -> list[str]:
+    return re.findall(r"job (\w+) answered", worker.text())
+
+
+async def answered_turns(slack: FakeSlack, thread_ts: str, turns: int) -> list[dict]:
+    """The thread once it shows `turns` final answers."""
+
+    def done() -> list[dict] | None:
+        posts = bot_replies(slack, CHANNEL, thread_ts)
+        return posts if len(posts) == turns and all(is_final(p["text"]) for p in posts) else None
+
+    return await slack.wait_for(done, 180)
+
+
+async def test_one_gateway_and_two_workers_answer_every_turn_once_in_its_thread(
+    cluster, slack, redis_server
+):
+    await cluster.gateway()
+    workers = await asyncio.gather(cluster.worker("w1"), cluster.worker("w2"))
+
+    async def converse(n: int) -> str:
+        mention = slack.app_mention(CHANNEL, f"Conversation {n}, question 1: name a colour.")
+        await slack.send_event(mention)
+        await answered_turns(slack, mention["ts"], 1)
+        for turn in range(2, 5):
+            question = f"Conversation {n}, question {turn}: and another?"
+            await slack.send_event(slack.user_message(CHANNEL, question, thread_ts=mention["ts"]))
+            await answered_turns(slack, mention["ts"], turn)
+        return mention["ts"]
+
+    threads = await asyncio.gather(*(converse(n) for n in range(5)))
+    for n, thread in enumerate(threads):
+        history = await stored(redis_server, f"slack:T0001:{CHANNEL}:{thread}")
+        assert [m["role"] for m in history] == ["user", "assistant"] * 4
+        assert all(f"Conversation {n}," in m["content"] for m in history[::2])
+        assert len(bot_replies(slack, CHANNEL, thread)) == 4  # one message per answer
+    answered_jobs = [job for worker in workers for job in answers_in(worker)]
+    assert len(answered_jobs) == len(set(answered_jobs)) == 20
+    assert not any("(try 2)" in worker.text() for worker in workers)
+
+
+async def test_a_worker_killed_mid_answer_is_replaced_and_the_thread_shows_one_answer(
+    cluster, slack, redis_server
+):
+    await cluster.gateway()
+    workers = await asyncio.gather(
+        cluster.worker("w1", MAX_NEW_TOKENS="96"), cluster.worker("w2", MAX_NEW_TOKENS="96")
+    )
+    mention = slack.app_mention(CHANNEL, DRAGON)
+    await slack.send_event(mention)
+    await streaming(slack, mention)
+    [dying] = [w for w in workers if "taken (try 1)" in w.text()]
+    [other] = [w for w in workers if w is not dying]
+    dying.kill()
+    await dying.wait()
+    [reply] = await answered(slack, CHANNEL, mention["ts"], timeout=180)
+    assert reply["text"]
+    await other.wait_log(r"job \w+ answered")
+    assert "taken (try 2)" in other.text()
+    history = await stored(redis_server, f"slack:T0001:{CHANNEL}:{mention['ts']}")
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+
+async def test_a_gateway_killed_mid_stream_is_restarted_and_the_answer_completes_once(
+    cluster, slack, redis_server
+):
+    first = await cluster.gateway()
+    await cluster.worker("w1", MAX_NEW_TOKENS="96")
+    mention = slack.app_mention(CHANNEL, DRAGON)
+    await slack.send_event(mention)
+    await streaming(slack, mention)
+    first.kill()
+    await first.wait()
+    await cluster.gateway()
+    [reply] = await answered(slack, CHANNEL, mention["ts"], timeout=180)
+    assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]  # edited, not new
+    history = await stored(redis_server, f"slack:T0001:{CHANNEL}:{mention['ts']}")
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+
+async def test_a_job_that_always_fails_is_dead_lettered_and_the_user_gets_the_apology(
+    cluster, slack, redis_server
+):
+    async with FakeOpenAI() as server:
+        server.script += [Status(500, "the GPU fell over")] * 10
+        await cluster.gateway()
+        await cluster.worker(
+            "w1", INFERENCE_URL=server.url, INFERENCE_RETRIES="0", JOB_MAX_DELIVERIES="3"
+        )
+        mention = slack.app_mention(CHANNEL, "hello")
+        await slack.send_event(mention)
+        [reply] = await answered(slack, CHANNEL, mention["ts"], timeout=60)
+        assert len(server.requests) == 3
+    assert reply["text"] == replies.failed()
+    async with Redis.from_url(redis_server.url, decode_responses=True) as redis:
+        [(_, dead)] = await redis.xrange(keys.DEAD_JOBS)
+    assert dead["tries"] == "3"
+
+
+async def test_a_conversations_next_turn_reuses_its_kv_cache_on_the_same_worker(cluster, slack):
+    await cluster.gateway()
+    workers = await asyncio.gather(cluster.worker("w1"), cluster.worker("w2"))
+    mention = slack.app_mention(CHANNEL, "Tell me about the sea.")
+    await slack.send_event(mention)
+    await answered_turns(slack, mention["ts"], 1)
+    follow_up = slack.user_message(CHANNEL, "And the mountains?", thread_ts=mention["ts"])
+    await slack.send_event(follow_up)
+    await answered_turns(slack, mention["ts"], 2)
+    [holder] = [w for w in workers if answers_in(w)]
+    [idle] = [w for w in workers if w is not holder]
+    assert len(answers_in(holder)) == 2
+    assert await cluster.metric(holder, "threadbot_kv_reused_tokens_total") > 0
+    assert await cluster.metric(idle, "threadbot_kv_reused_tokens_total") == 0
+
+
+async def test_the_terminal_chat_answers_through_an_openai_compatible_server(tmp_path, redis_url):
+    """`--role all` with INFERENCE_URL: no model loaded, tokens estimated, answers streamed."""
+    async with FakeOpenAI(answer="Paris, of course.") as server:
+        env = cli_env(
+            INFERENCE_URL=server.url, INFERENCE_MODEL="other-model", REDIS_URL=redis_url,
+            DATA_DIR=str(tmp_path / "data"),
+        )  # fmt: skip
+        chat = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "chat", "--conversation", "remote",
+            cwd=tmp_path, env=env, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(chat.communicate(b"What is the capital of France?\n"), 60)
+    assert chat.returncode == 0, err.decode()
+    assert "Paris, of course." in out.decode()
+    [request] = server.requests
+    assert request.body["model"] == "other-model"
+    assert request.body["messages"][-1]["content"] == "What is the capital of France?"
+    assert "Counting tokens by estimate" in err.decode()
+    assert "Loading model" not in err.decode()
