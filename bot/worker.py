@@ -123,25 +123,39 @@ class Worker:
     # --- taking jobs --------------------------------------------------------------------
 
     async def _keep_reading(self) -> None:
+        """Take jobs while rows are free; Redis failing is waited out (a job read but not
+        started meanwhile stays pending, and is claimed once idle)."""
         taken_from_others = 0.0
+        outage = False
         while not self._stop.is_set():
-            free = self.rows - len(self._running)
-            if free <= 0:
+            if self.rows - len(self._running) <= 0:
                 self._room.clear()
                 await set_within(self._room, READ_BLOCK_MS / 1000)
                 continue
-            streams = {self.own: ">", keys.JOBS: ">"}
-            if not await self._read(streams, free, block=READ_BLOCK_MS):
+            try:
+                await self._read({self.own: ">", keys.JOBS: ">"}, block=READ_BLOCK_MS)
+                if time.monotonic() - taken_from_others >= TAKE_FROM_OTHERS_EVERY_S:
+                    taken_from_others = time.monotonic()
+                    await self._take_from_others()
+            except RedisError as error:
+                if not outage:
+                    logger.warning("cannot take jobs from Redis; retrying: %s", error)
+                outage = True
+                await set_within(self._stop, OUTAGE_PAUSE_S)
                 continue
-            if time.monotonic() - taken_from_others >= TAKE_FROM_OTHERS_EVERY_S:
-                taken_from_others = time.monotonic()
-                for stream in await job_streams(self.redis):
-                    free = self.rows - len(self._running)
-                    if stream not in streams and free > 0:
-                        await self._read({stream: ">"}, free)
+            if outage:
+                logger.warning("taking jobs from Redis again")
+            outage = False
 
-    async def _read(self, streams: dict[str, str], count: int, *, block: int | None = None) -> bool:
-        """Take up to `count` new jobs from `streams`; False if Redis failed us."""
+    async def _take_from_others(self) -> None:
+        """Jobs waiting in other workers' streams: they are full, or dead."""
+        for stream in await job_streams(self.redis):
+            if stream not in (self.own, keys.JOBS) and self.rows > len(self._running):
+                await self._read({stream: ">"})
+
+    async def _read(self, streams: dict[str, str], *, block: int | None = None) -> None:
+        """Take as many new jobs from `streams` as there are rows free."""
+        count = self.rows - len(self._running)
         try:
             replies = await self.redis.xreadgroup(GROUP, self.name, streams, count, block)
         except ResponseError as error:
@@ -149,15 +163,10 @@ class Worker:
                 raise
             if self.own in streams:  # a sweep took our stream for dead: make it again
                 await self._ensure_groups()
-            return True  # another worker's stream, gone: nothing to take there
-        except RedisError as error:
-            logger.warning("cannot read jobs from Redis; retrying: %s", error)
-            await asyncio.sleep(OUTAGE_PAUSE_S)
-            return False
+            return  # another worker's stream, gone: nothing to take there
         for stream, entries in replies:
             for entry_id, fields in entries:
                 await self._take(stream, entry_id, fields, attempt=1)
-        return True
 
     async def _take(self, stream: str, entry_id: str, fields: dict[str, str], attempt: int) -> None:
         try:
