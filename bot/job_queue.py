@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.jobs import Chunk, Job, JobFailed, job_counts, live_workers, pick_worker, set_within
-from bot.queue import Generation, QueueFull, QueuePlace, check_options
+from bot.queue import Generation, QueueFull, QueuePlace
 from bot.types import ChatMessage
 from storage import keys
 
@@ -110,17 +110,16 @@ class JobQueue:
         temperature: float | None = None,
     ) -> Generation:
         """Send a job for an answer; see `bot.queue.Inference`."""
-        check_options(max_new_tokens, temperature)
         if self._waiting >= self.max_size or self._closed.is_set():
             raise QueueFull
-        generation = Generation(
+        generation = Generation.submitted(
             messages,
             user=user,
             conversation=conversation,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            timeout=self.timeout,
         )
-        generation.expire_after(self.timeout)
         job = Job(
             id=uuid.uuid4().hex,
             conversation=conversation,

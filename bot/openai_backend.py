@@ -29,7 +29,7 @@ import aiohttp
 from bot.config import Settings
 from bot.loading import ModelError
 from bot.metrics import Metrics
-from bot.queue import FairOrder, Generation, QueueFull, QueuePlace, check_options
+from bot.queue import FairOrder, Generation, QueueFull, QueuePlace
 from bot.tokens import alternating
 from bot.types import ChatMessage
 
@@ -205,18 +205,17 @@ class OpenAIBackend:
         """Ask the server for an answer of at most `max_new_tokens` (None: MAX_NEW_TOKENS),
         picked with `temperature` (None: the server's default; 0: greedy). Raises
         ValueError for options out of range and QueueFull when `max_size` are in flight."""
-        check_options(max_new_tokens, temperature)
         if self._in_flight >= self.max_size or self._closing:
             raise QueueFull
-        generation = Generation(
+        generation = Generation.submitted(
             messages,
             user=user,
             conversation=conversation,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            timeout=self.timeout,
         )
         generation.on_cancel = partial(self._cancelled, generation)
-        generation.expire_after(self.timeout)
         self._in_flight += 1
         self._order.push(generation)
         self._dispatch()

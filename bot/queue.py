@@ -145,6 +145,30 @@ class Generation:
         self._queued_at = time.monotonic()
         self._started_at: float | None = None  # set when it leaves the line
 
+    @classmethod
+    def submitted(
+        cls,
+        messages: list[ChatMessage],
+        *,
+        user: str,
+        conversation: str,
+        max_new_tokens: int | None,
+        temperature: float | None,
+        timeout: float,
+    ) -> Generation:
+        """A request as `Inference.submit` takes one: its options checked (ValueError, saying
+        why), cancelled with InferenceTimeout unless it ends within `timeout` seconds."""
+        check_options(max_new_tokens, temperature)
+        generation = cls(
+            messages,
+            user=user,
+            conversation=conversation,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+        generation.expire_after(timeout)
+        return generation
+
     @property
     def queue_wait(self) -> float | None:
         return None if self._started_at is None else self._started_at - self._queued_at
@@ -426,19 +450,18 @@ class InferenceQueue:
         engine's), picked with `temperature` (None: the model's generation config; 0:
         greedy). Raises ValueError for options out of range, QueueFull when `max_size`
         are in flight, and EngineStopped once the engine thread has died."""
-        check_options(max_new_tokens, temperature)
         if self.died.is_set():
             raise EngineStopped
         if self._in_flight >= self.max_size or self._closing:
             raise QueueFull
-        generation = Generation(
+        generation = Generation.submitted(
             messages,
             user=user,
             conversation=conversation,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            timeout=self.timeout,
         )
-        generation.expire_after(self.timeout)
         self._in_flight += 1
         with self._wakeup:
             self._order.push(generation)
