@@ -12,10 +12,11 @@ token counts are reported, and throughput is counted from them.
 1. **The hop**, at 1 and 8 at once, using every core each: `--role all`'s answering
    (`bot.runtime.open_answering`: the inference queue over the batcher, the model loaded
    in this process) against a gateway's `JobQueue` in this process sending through Redis
-   to one `threadbot run --role worker` process. The two run one after the other, never
-   together: the in-process model is closed before the worker starts, and while the worker
-   runs, nothing computes with torch here. What the worker side pays beyond the model,
-   this process's reading and Redis's own work, on the same cores, is the hop's cost.
+   to one `threadbot run --role worker` process. Both are loaded, and they take turns
+   round by round, never running together: while one side answers, the other's model is
+   idle, so a change in the machine's other load falls on both alike. What the worker
+   side pays beyond the model, this process's reading and Redis's own work, on the same
+   cores, is the hop's cost.
 2. **Two workers**, at 16 at once: one worker pinned to one core (`taskset`; torch then
    runs one thread) against it and a second pinned to another core, with 16 conversations
    that rendezvous hashing (`bot.jobs.pick_worker`) splits 8/8 between their names. Each
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -39,8 +39,8 @@ import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,15 +94,15 @@ def save_model(folder: Path, plan: ScalePlan) -> str:
     return str(folder)
 
 
-def environment(plan: ScalePlan, model: str, work: Path) -> dict[str, str]:
+def environment(plan: ScalePlan, model: str, work: Path, redis: str) -> dict[str, str]:
     """The settings every side runs with, as a worker's environment."""
     return {
+        "REDIS_URL": redis,
         "MODEL": model,
         "MAX_NEW_TOKENS": str(plan.workload.new_tokens),
         "MAX_BATCH": str(plan.workload.max_batch),
         "REQUEST_TIMEOUT": str(TIMEOUT_S),
         "DATA_DIR": str(work / "data"),
-        "LOG_LEVEL": "INFO",
     }
 
 
@@ -133,6 +133,7 @@ def conversations(prefix: str, n: int, workers: list[str]) -> list[str]:
 
 
 def served(timings: list[workload.Timing], generations: list[Generation]) -> dict:
+    """The round's numbers, its throughput counted from the answers' actual lengths."""
     tokens = [generation.answer_tokens for generation in generations]
     return summary(timings, sum(tokens) / len(tokens)) | {
         "tokens": sum(tokens),
@@ -147,50 +148,67 @@ async def warm_up(queue: Inference, plan: ScalePlan, prefix: str, workers: list[
 
 
 async def measure(
-    queue: Inference, plan: ScalePlan, concurrency: list[int], prefix: str, workers: list[str]
-) -> dict[int, dict]:
-    """Each N's rounds (new conversations each time, so no KV cache is reused): their
-    median and each round."""
-    results = {}
+    sides: dict[str, tuple[Inference, list[str]]], plan: ScalePlan, concurrency: list[int]
+) -> dict[str, dict[int, dict]]:
+    """Each N's rounds, the sides (a queue and the workers behind it) taking turns round by
+    round, so that the machine's other load falls on each alike; new conversations each
+    round, so no KV cache is reused. Each side's median by N, and each round."""
+    rounds: dict[str, dict[int, list[dict]]] = {label: {} for label in sides}
     for n in concurrency:
-        rounds = []
         for index in range(plan.rounds):
-            say(f"  {n} at once, round {index + 1} of {plan.rounds} ...")
-            ids = conversations(f"{prefix}-{n}-{index}", n, workers)
-            requests = [(f"user{i}", c, opening(plan.workload, i)) for i, c in enumerate(ids)]
-            rounds.append(served(*await sent(queue, requests)))
-        median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-        results[n] = median | {"rounds": rounds}
-    return results
-
-
-async def in_process(plan: ScalePlan, env: dict[str, str]) -> dict[int, dict]:
-    settings = Settings(_env_file=None, **{name.lower(): value for name, value in env.items()})
-    async with open_answering(settings, Metrics()) as answering:
-        await warm_up(answering.queue, plan, "all", ["here"])
-        return await measure(answering.queue, plan, plan.hop_concurrency, "all", ["here"])
-
-
-async def through(
-    workers: list[WorkerProcess], url: str, plan: ScalePlan, concurrency: list[int], prefix: str
-) -> dict:
-    """A gateway here, sending to `workers` (and no other live worker): its numbers, and
-    the tokens each worker generated for them."""
-    redis = Redis.from_url(url, decode_responses=True)
-    try:
-        names = [await worker.name(redis, TIMEOUT_S) for worker in workers]
-        queue = JobQueue(
-            redis=redis, gateway=f"bench-{prefix}", max_size=4 * max(concurrency), timeout=TIMEOUT_S
-        )
-        async with queue:
-            await warm_up(queue, plan, prefix, names)
-            before = [await asyncio.to_thread(w.generated_tokens) for w in workers]
-            results = await measure(queue, plan, concurrency, prefix, names)
-            after = [await asyncio.to_thread(w.generated_tokens) for w in workers]
-    finally:
-        await redis.aclose()
+            for label, (queue, workers) in sides.items():
+                say(f"  {label}: {n} at once, round {index + 1} of {plan.rounds} ...")
+                ids = conversations(f"{label}-{n}-{index}", n, workers)
+                requests = [(f"user{i}", c, opening(plan.workload, i)) for i, c in enumerate(ids)]
+                rounds[label].setdefault(n, []).append(served(*await sent(queue, requests)))
     return {
-        "by_n": results,
+        label: {n: median(each) | {"rounds": each} for n, each in by_n.items()}
+        for label, by_n in rounds.items()
+    }
+
+
+def median(rounds: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+@asynccontextmanager
+async def gateway(
+    redis: Redis, workers: list[WorkerProcess], plan: ScalePlan, label: str
+) -> AsyncIterator[tuple[JobQueue, list[str]]]:
+    """A gateway's queue here, once `workers` take jobs (and no other live worker does), each
+    warmed up; and the workers' names."""
+    names = [await worker.name(redis, TIMEOUT_S) for worker in workers]
+    queue = JobQueue(redis=redis, gateway=label, max_size=4 * plan.spread, timeout=TIMEOUT_S)
+    async with queue:
+        await warm_up(queue, plan, label, names)
+        yield queue, names
+
+
+async def hop_sides(plan: ScalePlan, env: dict[str, str], worker: WorkerProcess) -> dict:
+    """`--role all`'s answering here and the gateway to `worker`, taking turns; the model
+    here and the worker idle while the other side runs."""
+    settings = Settings(_env_file=None, **{name.lower(): value for name, value in env.items()})
+    async with (
+        open_answering(settings, Metrics()) as answering,
+        Redis.from_url(env["REDIS_URL"], decode_responses=True) as redis,
+        gateway(redis, [worker], plan, "gateway_worker") as (queue, names),
+    ):
+        await warm_up(answering.queue, plan, "all", ["here"])
+        sides = {"all": (answering.queue, ["here"]), "gateway_worker": (queue, names)}
+        return await measure(sides, plan, plan.hop_concurrency)
+
+
+async def spread_side(plan: ScalePlan, url: str, workers: list[WorkerProcess], label: str) -> dict:
+    """The gateway's numbers with `workers`, and the tokens each one generated for them."""
+    async with (
+        Redis.from_url(url, decode_responses=True) as redis,
+        gateway(redis, workers, plan, label) as (queue, names),
+    ):
+        before = [await asyncio.to_thread(worker.generated_tokens) for worker in workers]
+        results = await measure({label: (queue, names)}, plan, [plan.spread])
+        after = [await asyncio.to_thread(worker.generated_tokens) for worker in workers]
+    return {
+        "by_n": results[label],
         "tokens_by_worker": [a - b for a, b in zip(after, before, strict=True)],
     }
 
@@ -198,16 +216,13 @@ async def through(
 # --- Sections ----------------------------------------------------------------------------
 
 
-def hop(plan: ScalePlan, env: dict[str, str], url: str, work: Path) -> list[dict]:
-    say("the hop: --role all's queue, the model loaded in this process ...")
-    alone = asyncio.run(in_process(plan, env))
-    gc.collect()  # the model, before a worker loads its own
-    say("the hop: a gateway here, one worker process ...")
-    with WorkerProcess(env=env | {"REDIS_URL": url}, log=work / "worker-hop.log") as worker:
-        remote = asyncio.run(through([worker], url, plan, plan.hop_concurrency, "hop"))
+def hop(plan: ScalePlan, env: dict[str, str], work: Path) -> list[dict]:
+    say("the hop: the model loaded here, and one worker process ...")
+    with WorkerProcess(env=env, log=work / "worker-hop.log") as worker:
+        result = asyncio.run(hop_sides(plan, env, worker))
     rows = []
     for n in plan.hop_concurrency:
-        mine, theirs = alone[n], remote["by_n"][n]
+        mine, theirs = result["all"][n], result["gateway_worker"][n]
         rows.append({
             "n": n, "all": mine, "gateway_worker": theirs,
             "throughput_cost": 1 - theirs["tok_s"] / mine["tok_s"],
@@ -216,22 +231,21 @@ def hop(plan: ScalePlan, env: dict[str, str], url: str, work: Path) -> list[dict
     return rows
 
 
-def spread(plan: ScalePlan, env: dict[str, str], url: str, work: Path) -> dict:
+def spread(plan: ScalePlan, env: dict[str, str], work: Path) -> dict:
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
         return {"left_out": f"needs 2 cores; this process may use {len(cores)}"}
-    env = env | {"REDIS_URL": url}
     with ExitStack() as workers:
         say(f"two workers: one worker on core {cores[0]} ...")
         first = workers.enter_context(
             WorkerProcess(env=env, log=work / "worker-core-a.log", core=cores[0])
         )
-        one = asyncio.run(through([first], url, plan, [plan.spread], "one"))
+        one = asyncio.run(spread_side(plan, env["REDIS_URL"], [first], "one"))
         say(f"two workers: and a second on core {cores[1]} ...")
         second = workers.enter_context(
             WorkerProcess(env=env, log=work / "worker-core-b.log", core=cores[1])
         )
-        two = asyncio.run(through([first, second], url, plan, [plan.spread], "two"))
+        two = asyncio.run(spread_side(plan, env["REDIS_URL"], [first, second], "two"))
     mine, theirs = one["by_n"][plan.spread], two["by_n"][plan.spread]
     return {
         "n": plan.spread, "cores": cores, "one": one, "two": two,
@@ -301,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="threadbot-scale-out-") as folder:
         work = Path(folder)
         model = args.model or on_own_thread(save_model, work / "model", plan)
-        env = environment(plan, model, work)
         report = {
             "machine": describe(getattr(torch, pick_dtype("auto", "cpu"))),
             "plan": {
@@ -313,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         with redis_url(work) as url:
-            report["hop"] = hop(plan, env, url, work)
-            report["spread"] = spread(plan, env, url, work)
+            env = environment(plan, model, work, url)
+            report["hop"] = hop(plan, env, work)
+            report["spread"] = spread(plan, env, work)
     report["load_average_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale_out.json").write_text(json.dumps(report, indent=2))
