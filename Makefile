@@ -26,7 +26,7 @@ PEER ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: chat test lint bench setup clean
+.PHONY: chat test lint bench bench-scale setup clean
 
 chat: $(STAMP)
 	$(BIN)/threadbot chat
@@ -42,6 +42,11 @@ test: $(STAMP)
 # ~/.cache/threadbot.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.serving $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
+
+# The scale-out benchmark (about 15 minutes on 2 cores): what the Redis hop between a gateway
+# and a worker costs, and what a second worker adds; scale_out.json in benchmarks/results.
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks.scale_out $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Self
 
 import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from benchmarks.baselines import seed_loop, static_batch
 from benchmarks.machine import describe
@@ -74,9 +74,7 @@ def load_engine(model: str | None, new_tokens: int) -> Engine:
         say(f"building Qwen2.5-0.5B's shape with random weights ({threads} threads) ...")
         tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_files())
         tokenizer.padding_side = "left"
-        torch.manual_seed(0)
-        dtype = getattr(torch, pick_dtype("auto", "cpu"))
-        network = Qwen2ForCausalLM(Qwen2Config(**json.loads(SHAPE.read_text()))).to(dtype).eval()
+        network = random_qwen()
     else:
         say(f"loading {model} ({threads} threads) ...")
         settings = Settings(model=model, _env_file=None)
@@ -84,9 +82,24 @@ def load_engine(model: str | None, new_tokens: int) -> Engine:
         network, tokenizer = loading.load(
             source, device="cpu", dtype="auto", cache_dir=settings.data_dir / "models", pack=False
         )
-    config = network.generation_config
-    config.do_sample, config.min_new_tokens = False, new_tokens  # every answer full length
+    force_length(network, new_tokens)
     return Engine(model=network, tokenizer=tokenizer, max_new_tokens=new_tokens)
+
+
+def random_qwen(**shape: int) -> Qwen2ForCausalLM:
+    """Qwen2.5-0.5B's shape (its config changed by `shape`) with random weights, in the
+    dtype DTYPE=auto picks here."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, pick_dtype("auto", "cpu"))
+    config = Qwen2Config(**json.loads(SHAPE.read_text()) | shape)
+    return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+def force_length(network: PreTrainedModel, new_tokens: int) -> None:
+    """Greedy, and every answer `new_tokens` long: the model's generation config, which
+    our batcher reads as `generate` does (and `save_pretrained` keeps)."""
+    config = network.generation_config
+    config.do_sample, config.min_new_tokens = False, new_tokens
 
 
 def qwen_tokenizer_files() -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from bot.batching import Batcher
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
-from bot.queue import Generation, InferenceQueue
+from bot.queue import Generation, Inference, InferenceQueue
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "in", "the", "thread"]
 STEP_TOKENS = 128  # MAX_STEP_TOKENS' default
@@ -120,10 +120,18 @@ async def answered(
 ) -> tuple[list[Timing], list[Generation]]:
     """All (user, conversation, messages) sent at once to our queue, each read to its end."""
     async with InferenceQueue(batcher=batcher, max_size=len(requests), timeout=3600) as queue:
-        start = time.perf_counter()
-        generations = [queue.submit(m, user=u, conversation=c) for u, c, m in requests]
-        timings = await asyncio.gather(*(timed(g, start) for g in generations))
-        return timings, generations
+        return await sent(queue, requests)
+
+
+async def sent(
+    queue: Inference, requests: list[tuple[str, str, list[dict]]]
+) -> tuple[list[Timing], list[Generation]]:
+    """All (user, conversation, messages) sent at once to `queue` (any `Inference`: ours,
+    or a gateway's to its workers), each read to its end."""
+    start = time.perf_counter()
+    generations = [queue.submit(m, user=u, conversation=c) for u, c, m in requests]
+    timings = await asyncio.gather(*(timed(g, start) for g in generations))
+    return timings, generations
 
 
 def queued(batcher: Batcher, requests: list[tuple[str, str, list[dict]]]) -> list[Timing]:

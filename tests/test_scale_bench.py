@@ -1,0 +1,55 @@
+"""The scale-out benchmark runs end to end (a quick run: a tiny model, real worker
+processes, an embedded Redis) and reports both sections; its numbers are for the README,
+not asserted here."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from benchmarks import scale_out
+from bot.jobs import pick_worker
+
+
+def test_the_conversations_split_evenly_between_the_workers():
+    ids = scale_out.conversations("two-16-0", 16, ["host:1:a", "host:2:b"])
+    assert len(set(ids)) == 16
+    owners = [pick_worker(c, ["host:1:a", "host:2:b"]) for c in ids]
+    assert Counter(owners) == {"host:1:a": 8, "host:2:b": 8}
+    assert owners[:2] == ["host:1:a", "host:2:b"]  # taking turns
+    assert scale_out.conversations("all", 3, ["here"]) == ["all-0", "all-1", "all-2"]
+
+
+@pytest.mark.slow
+def test_a_quick_run_writes_the_table_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("REDIS_URL", raising=False)  # a Redis of the run's own
+    assert scale_out.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "scale_out.json").read_text())
+    plan = scale_out.QUICK
+    answers = plan.workload.new_tokens
+
+    assert report["machine"]["cores"] >= 1 and report["load_average_end"] >= 0
+    assert [row["n"] for row in report["hop"]] == plan.hop_concurrency
+    for row in report["hop"]:
+        for side in (row["all"], row["gateway_worker"]):
+            assert side["tok_s"] > 0 and 0 < side["ttft_p50"] <= side["latency_p95"]
+            # min_new_tokens, saved with the model, holds in this process and in the worker
+            assert side["shortest_answer"] == answers
+            assert side["tokens"] == row["n"] * answers
+        assert row["throughput_cost"] == pytest.approx(
+            1 - row["gateway_worker"]["tok_s"] / row["all"]["tok_s"]
+        )
+
+    spread = report["spread"]
+    if spread["left_out"] is None:  # a machine of 2 cores or more
+        assert spread["one"]["tokens_by_worker"] == [plan.spread * answers]
+        assert len(spread["two"]["tokens_by_worker"]) == 2
+        assert sum(spread["two"]["tokens_by_worker"]) == plan.spread * answers
+        one, two = (spread[side]["by_n"][str(plan.spread)] for side in ("one", "two"))
+        assert spread["ratio"] == pytest.approx(two["tok_s"] / one["tok_s"])
+    out = capsys.readouterr().out
+    assert out.startswith("Machine: ")
+    assert "| N at once | all tok/s | gateway + worker tok/s |" in out
+    assert "Two workers" in out
