@@ -230,3 +230,32 @@ async def test_chunks_of_an_older_try_are_ignored(streams):
         ):  # fmt: skip
             await streams.xadd(answer, chunk.fields())
         assert await read(generation) == ["Hi"]
+
+
+async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path, make_batcher):
+    """A redis-server SIGKILLed while an answer streams, and started again a second later:
+    the worker's writes and the gateway's reads ride it out (the clients retry, as
+    REDIS_RETRIES sets), and the answer arrives whole, once, with no second try."""
+    from processes import RedisServer
+
+    from storage.connection import Resilience, open_redis
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    batcher = make_batcher(max_new_tokens=40)
+    riding_out = Resilience(retries=6, health_check_s=0)
+    try:
+        async with (
+            open_redis(redis_url=server.url, data_dir=tmp_path, resilience=riding_out) as redis,
+            gateway(redis) as queue,
+            worker(redis, batcher, "w1"),
+        ):
+            generation = queue.submit(HELLO, user="u1", conversation="c1")
+            chunks = [await anext(aiter(generation))]
+            server.kill()
+            await asyncio.sleep(1)
+            server.start()
+            chunks += await read(generation)  # AnswerRestarted would fail the test here
+    finally:
+        server.kill()
+    assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
