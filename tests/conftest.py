@@ -399,6 +399,17 @@ async def remove_pending_turns(redis: Redis, owner: str) -> None:
     await redis.delete(keys.owner(owner))
 
 
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    """A redis-server of the test's own, that it may kill and start again (processes.py)."""
+    from processes import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
 # --- Adapters -----------------------------------------------------------------------------
 
 

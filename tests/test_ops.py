@@ -46,14 +46,6 @@ WAIT_S = 40  # the SDK retries a lost Socket Mode connection every 10 s
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """This module's tests each have their own redis-server (they stop it)."""
     return redis_server.url

@@ -11,12 +11,11 @@ import re
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fake_openai import FakeOpenAI, Status
 from fake_slack import FakeSlack
-from processes import BotProcess, RedisServer, free_port
+from processes import BotProcess, free_port
 from redis.asyncio import Redis
 from test_cli import cli_env
 from test_faults import DRAGON, answered, bot_replies, is_final, stored, streaming
@@ -27,20 +26,6 @@ from storage import keys
 pytestmark = pytest.mark.slow
 
 CHANNEL = "C0001"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def slack() -> Any:
-    async with FakeSlack() as fake:
-        yield fake
 
 
 class Cluster:
