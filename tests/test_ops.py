@@ -43,6 +43,7 @@ T = TypeVar("T")
 
 ALLOWED_LABELS = {"platform", "outcome", "le", "version", "model", "device", "dtype"}
 WAIT_S = 40  # the SDK retries a lost Socket Mode connection every 10 s
+ANSWERED = frozenset({("platform", "slack"), ("outcome", "answered")})
 
 
 @pytest.fixture
@@ -370,15 +371,15 @@ async def test_threadbot_run_serves_ops_and_logs_json(slack, threadbot_run, redi
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
-        samples = await up.samples()
+        # the turn is counted just after its reply lands, so wait for the count
+        samples = await until(up.samples, lambda s: s.get(("threadbot_turns_total", ANSWERED)))
         redis_server.kill()
         _, body = await until(up.readiness, not_ready)
         errors = (await up.samples())["threadbot_redis_errors_total", frozenset()]
         redis_server.start()
         await until(up.readiness, ready)
     assert "paris" in reply["text"].lower()
-    answered = frozenset({("platform", "slack"), ("outcome", "answered")})
-    assert samples["threadbot_turns_total", answered] == 1
+    assert samples["threadbot_turns_total", ANSWERED] == 1
     assert samples["threadbot_answer_seconds_count", frozenset()] == 1
     assert samples["threadbot_generated_tokens_total", frozenset()] > 0
     [build] = [dict(labels) for name, labels in samples if name == "threadbot_build_info"]
