@@ -45,6 +45,13 @@ READ_BLOCK_MS = 500
 TAKE_FROM_OTHERS_EVERY_S = 0.5
 OUTAGE_PAUSE_S = 0.5
 ANSWER_KEPT_S = 300  # an answer stream outlives its job's deadline by this, for a slow reader
+# Deleting a consumer discards the jobs it holds: check that it holds none in the same step.
+_DROP_IDLE_CONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
 
 
 @dataclass(eq=False)
@@ -82,6 +89,7 @@ class Worker:
         self._running: dict[str, _Taken] = {}  # by entry id
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
+        self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
         # A flag, not cancellation, stops the loops: on Python 3.11 a cancel that lands in
         # redis-py's own `wait_for` can be swallowed.
         self._stop = asyncio.Event()
@@ -320,16 +328,23 @@ class Worker:
                 await self._take(stream, entry_id, fields, attempt=pending[0]["times_delivered"])
 
     async def _tidy_dead_workers(self) -> None:
-        """Forget a dead worker whose stream holds no job any more."""
-        live = set(await live_workers(self.redis))
+        """Forget a dead worker whose stream holds no job any more, and drop dead workers
+        from the groups of the streams they read once they hold no job there (their jobs
+        are claimed first), so that restarts do not pile up consumers."""
+        live = {*await live_workers(self.redis), self.name}
         for name in await self.redis.smembers(keys.WORKERS):
             stream = keys.worker_jobs(name)
-            if name not in live and name != self.name and not await self.redis.xlen(stream):
+            if name not in live and not await self.redis.xlen(stream):
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.delete(stream)
                     pipe.srem(keys.WORKERS, name)
                     await pipe.execute()
                 logger.info("worker %s is gone; its stream is removed", name)
+        for stream in await job_streams(self.redis):
+            with contextlib.suppress(ResponseError):  # no such stream or group
+                for consumer in await self.redis.xinfo_consumers(stream, GROUP):
+                    if consumer["name"] not in live and not consumer["pending"]:
+                        await self._drop_consumer(keys=[stream], args=[GROUP, consumer["name"]])
 
     async def _ensure_groups(self) -> None:
         for stream in (keys.JOBS, self.own):

@@ -164,6 +164,29 @@ async def test_a_dead_workers_job_is_answered_again_by_another(streams, make_bat
     assert "".join(again) == generation.text == answer_alone(healthy, HELLO)
 
 
+async def test_a_gone_workers_consumers_are_dropped_from_the_groups(streams, make_batcher):
+    """Workers restarted under new names would otherwise pile up as consumers."""
+    async with gateway(streams) as queue:
+        waiting = queue.submit(HELLO, user="u1", conversation="c1")  # no worker: shared stream
+        await wait_until(lambda: streams.xlen(keys.JOBS))
+        async with worker(streams, make_batcher(), "old"):
+            await read(waiting)
+            assert "old" in await consumers(streams, keys.JOBS)
+        async with worker(streams, make_batcher(), "new"):
+            await wait_until(lambda: gone_from(streams, keys.JOBS, "old"))
+    assert await streams.smembers(keys.WORKERS) == {"new"}
+
+
+async def consumers(redis: Redis, stream: str) -> set[str]:
+    return {
+        consumer["name"] for consumer in await redis.xinfo_consumers(stream, keys.WORKERS_GROUP)
+    }
+
+
+async def gone_from(redis: Redis, stream: str, name: str) -> bool:
+    return name not in await consumers(redis, stream)
+
+
 class AlwaysFails(SpyBatcher):
     def step(self) -> list:
         raise RuntimeError("the model fell over")
