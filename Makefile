@@ -36,7 +36,8 @@ test: $(STAMP)
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 
-# The serving benchmark (about 20 minutes on 2 cores): table, JSON and plot in benchmarks/results.
+# The serving benchmark (5 minutes on 2 idle cores with AVX512-BF16, up to 20 on busier or
+# AVX2-only ones): table, JSON and plot in benchmarks/results.
 # PEER=llamacpp adds llama.cpp's own server, serving the same weights, as a column: its first
 # run builds the server (about 10 minutes on 2 cores; needs cmake and a C++ compiler), cached in
 # ~/.cache/threadbot.
