@@ -44,11 +44,14 @@ def test_a_quick_run_writes_the_table_and_json(tmp_path, monkeypatch, capsys):
 
     spread = report["spread"]
     if spread["left_out"] is None:  # a machine of 2 cores or more
-        assert spread["one"]["tokens_by_worker"] == [plan.spread * answers]
+        half = plan.spread // 2  # one worker is measured at half the load too
+        assert spread["one"]["tokens_by_worker"] == [(plan.spread + half) * answers]
         assert len(spread["two"]["tokens_by_worker"]) == 2
         assert sum(spread["two"]["tokens_by_worker"]) == plan.spread * answers
         one, two = (spread[side]["by_n"][str(plan.spread)] for side in ("one", "two"))
         assert spread["ratio"] == pytest.approx(two["tok_s"] / one["tok_s"])
+        one_at_half = spread["one"]["by_n"][str(half)]
+        assert spread["bound"] == pytest.approx(2 * one_at_half["tok_s"] / one["tok_s"])
     out = capsys.readouterr().out
     assert out.startswith("Machine: ")
     assert "| N at once | all tok/s | gateway + worker tok/s |" in out
