@@ -44,8 +44,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.serving $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
 
-# The scale-out benchmark (about 15 minutes on 2 cores): what the Redis hop between a gateway
-# and a worker costs, and what a second worker adds; scale_out.json in benchmarks/results.
+# The scale-out benchmark (4 minutes on 2 idle AVX512-BF16 cores, about 15 on busier ones):
+# what the Redis hop between a gateway and a worker costs, and what a second worker adds;
+# scale_out.json in benchmarks/results.
 bench-scale: $(STAMP)
 	$(BIN)/python -m benchmarks.scale_out $(BENCH_ARGS)
 

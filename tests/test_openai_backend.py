@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from conftest import remove_pending_turns
 from fake_openai import Cut, Drop, ErrorEvent, FakeOpenAI, Hold, Status, Stream
@@ -450,5 +451,15 @@ async def test_the_llama_cpp_server_answers_through_the_backend(tmp_path: Path):
                 HELLO, user="u1", conversation="c1", max_new_tokens=32, temperature=0
             )
             chunks = await read(generation)
-    assert len(chunks) > 1 and "".join(chunks) == generation.text
-    assert "Paris" in generation.text
+            whole = await unstreamed_answer(port, HELLO, max_tokens=32)
+    # The server's own answer, asked once more without streaming (greedy: the same text).
+    assert len(chunks) > 1 and "".join(chunks) == generation.text == whole
+    assert generation.answer_tokens > 0
+
+
+async def unstreamed_answer(port: int, messages: list[dict], *, max_tokens: int) -> str:
+    request = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    url = f"http://{llamacpp.HOST}:{port}/v1/chat/completions"
+    async with aiohttp.ClientSession() as session, session.post(url, json=request) as response:
+        assert response.status == 200
+        return (await response.json())["choices"][0]["message"]["content"]
