@@ -3,8 +3,8 @@ and the gauges that are read when scraped.
 
 `threadbot run` fills it in as it starts: until the service (or, for `--role worker`, the
 worker) is open, the model is loading and nothing else is checked; then Redis must answer
-a PING, the engine thread must be alive, and every configured platform's adapter must say
-it is connected.
+a PING, what writes the answers must be able to (the engine thread alive; for a gateway,
+a worker alive), and every configured platform's adapter must say it is connected.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from bot.metrics import Metrics
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
+    from bot.queue import Inference
     from bot.service import ChatService
     from bot.worker import Worker
 
@@ -34,7 +35,7 @@ class Vitals:
         self.metrics = metrics
         self.platforms = tuple(platforms)
         self._ping: Callable[[], Awaitable[object]] | None = None  # None: still loading
-        self._died = asyncio.Event()  # the engine's
+        self._inference: Inference | None = None
         self._count_pending: Callable[[], Awaitable[int]] | None = None
         self._adapters: dict[str, Adapter] = {}
         for platform in self.platforms:
@@ -42,24 +43,22 @@ class Vitals:
 
     def started(self, service: ChatService, adapters: Sequence[Adapter]) -> None:
         """The service is open (Redis reached, the model loaded) and its adapters built."""
-        self._ping, self._died = service.store.ping, service.queue.died
+        self._ping, self._inference = service.store.ping, service.queue
         self._count_pending = service.journal.count
         self._adapters = {adapter.platform: adapter for adapter in adapters}
 
     def working(self, worker: Worker) -> None:
         """The worker is open (Redis reached, the model loaded); it has no platforms."""
-        self._ping, self._died = worker.redis.ping, worker.inference.died
+        self._ping, self._inference = worker.redis.ping, worker.inference
 
     async def readiness(self) -> dict[str, str]:
-        """Each check, "ok" or what is not ready: redis, model, engine, each platform."""
-        if self._ping is None:
+        """Each check, "ok" or what is not ready: redis, model, what writes the answers
+        (the engine, or a gateway's workers), each platform."""
+        if self._ping is None or self._inference is None:
             checks = {"model": "loading"}
         else:
-            checks = {
-                "redis": await self._redis(self._ping),
-                "model": READY,
-                "engine": "the engine thread died" if self._died.is_set() else READY,
-            }
+            checks = {"redis": await self._redis(self._ping), "model": READY}
+            checks |= self._inference.checks()
         for platform in self.platforms:
             checks[platform] = READY if await self._connected(platform) else "not connected"
         return checks

@@ -7,7 +7,8 @@ and repeats nothing. A job sent wakes the reader through this gateway's own wake
 so a new answer is followed at once, not at the next poll.
 
 Busy is decided on what waits: the jobs no worker has taken, in every stream, counted
-twice a second, plus those this gateway sent since.
+twice a second, plus those this gateway sent since; the live workers are listed with
+them, for /readyz.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Self
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bot.health import READY
 from bot.jobs import Chunk, Job, JobFailed, job_counts, live_workers, pick_worker, set_within
 from bot.queue import Generation, QueueFull, QueuePlace
 from bot.types import ChatMessage
@@ -61,6 +63,7 @@ class JobQueue:
         self._wake_id = "0-0"
         self._waiting = 0  # jobs no worker has taken, as last counted, plus those sent since
         self._held = 0
+        self._workers: list[str] | None = None  # alive, as last counted; None: not yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
 
@@ -89,6 +92,11 @@ class JobQueue:
     def depth(self) -> int:
         """Jobs waiting or running on the workers, every gateway's."""
         return self._held
+
+    def checks(self) -> dict[str, str]:
+        if self._workers is None:
+            return {"workers": "not listed yet"}
+        return {"workers": READY if self._workers else "no worker alive"}
 
     def places(self, user: str) -> list[QueuePlace]:
         """This gateway's jobs for `user`: 0 once a worker took one, else its place among
@@ -235,6 +243,7 @@ class JobQueue:
             with contextlib.suppress(RedisError):
                 counts = await job_counts(self.redis)
                 self._waiting, self._held = counts.waiting, counts.held
+                self._workers = await live_workers(self.redis)
             await set_within(self._closed, COUNT_EVERY_S)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -193,6 +193,10 @@ class OpenAIBackend:
         """Where each of a user's requests stands: 0 while it streams, n while n-th in line."""
         return self._order.places(user)
 
+    def checks(self) -> dict[str, str]:
+        """None: the server is reached per request, and its failures are those requests'."""
+        return {}
+
     def submit(
         self,
         messages: list[ChatMessage],

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, Self
 
+from bot.health import READY
 from bot.metrics import Metrics
 from bot.types import ChatMessage
 
@@ -367,6 +368,10 @@ class Inference(Protocol):
     @property
     def depth(self) -> int: ...
 
+    def checks(self) -> dict[str, str]:
+        """Its part of /readyz: each check "ok", or why answers cannot be written now."""
+        ...
+
     def places(self, user: str) -> list[QueuePlace]: ...
 
     def submit(
@@ -410,6 +415,9 @@ class InferenceQueue:
         self._loop = asyncio.get_running_loop()
         self._serving = self._loop.run_in_executor(self._executor, self._serve)
         return self
+
+    def checks(self) -> dict[str, str]:
+        return {"engine": "the engine thread died" if self.died.is_set() else READY}
 
     async def __aexit__(self, *exc_info: object) -> None:
         """Stop intake, cancel what is left, and let the engine thread finish its step."""
