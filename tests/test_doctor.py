@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_discord import FakeDiscord
+from fake_openai import FakeOpenAI, Status
 from fake_slack import FakeSlack
-from processes import RedisServer
+from processes import RedisServer, free_port
 from redis.asyncio import Redis
 from test_cli import CHAT_TIMEOUT, FAST_TIMEOUT, cli_env, run_cli
 
@@ -336,6 +337,40 @@ async def test_a_model_folder_without_weights(doctor, tmp_path: Path) -> None:
     [(status, _)] = report.lines("model")
     [(failed, message)] = report.lines("generation")
     assert status == "ok" and failed == "FAIL" and "MODEL=" in message
+
+
+# --- INFERENCE_URL: no model here, the server asked instead --------------------------------
+
+
+async def test_an_inference_server_is_asked_for_one_token_and_no_model_is_loaded(
+    doctor, tmp_path: Path
+) -> None:
+    async with FakeOpenAI() as server:
+        report = await doctor(INFERENCE_URL=server.url, MODEL=str(tmp_path / "no-such-model"))
+    assert report.status == 0, report.text
+    assert report.lines("model") == [("ok", f"INFERENCE_URL={server.url} serves fake-model")]
+    [(status, message)] = report.lines("generation")
+    assert status == "ok"
+    assert re.fullmatch(r"fake-model at INFERENCE_URL: 1 token in \S+ s", message)
+    [request] = server.requests
+    assert request.body["max_tokens"] == 1
+
+
+async def test_an_unreachable_inference_server(doctor) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    report = await doctor(INFERENCE_URL=url)
+    assert report.status == 1
+    [(status, message)] = report.lines("model")
+    assert status == "FAIL" and f"INFERENCE_URL={url} cannot be reached" in message
+    assert report.lines("generation") == [("skip", "no server to ask")]
+
+
+async def test_an_inference_server_that_refuses_the_request_is_quoted(doctor) -> None:
+    async with FakeOpenAI() as server:
+        server.script.append(Status(400, "max_tokens is too small"))
+        report = await doctor(INFERENCE_URL=server.url)
+    [(status, message)] = report.lines("generation")
+    assert status == "FAIL" and "max_tokens is too small" in message
 
 
 async def test_low_disk_is_a_warning_naming_the_setting(tmp_path: Path) -> None:

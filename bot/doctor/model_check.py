@@ -1,16 +1,18 @@
 """The model: found where MODEL says, its size on disk, and that it loads (in the dtype
-and on the device the bot would use) and generates one token."""
+and on the device the bot would use) and generates one token. With INFERENCE_URL there is
+no model here: the server must list one and write a token of an answer."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.config import Settings
-from bot.doctor.findings import Finding, fail, human_bytes, ok, skip
+from bot.doctor.findings import Finding, error_text, fail, human_bytes, ok, skip
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -23,6 +25,10 @@ PROMPT = [{"role": "user", "content": "Hello"}]
 async def check_model(settings: Settings) -> AsyncIterator[Finding]:
     from bot.loading import ModelError, resolve_source
 
+    if settings.inference_url:
+        async for finding in _check_server(settings):
+            yield finding
+        return
     try:
         source = await asyncio.to_thread(resolve_source, settings)
     except ModelError as error:
@@ -32,6 +38,31 @@ async def check_model(settings: Settings) -> AsyncIterator[Finding]:
     size = await asyncio.to_thread(size_on_disk, source)
     yield ok(FOUND, f"MODEL={settings.model or '(unset)'}: {source}, {human_bytes(size)} on disk")
     yield await asyncio.to_thread(_generate_one_token, settings, source)
+
+
+async def _check_server(settings: Settings) -> AsyncIterator[Finding]:
+    """Ask the server what it serves, then for one token, once each (no retries)."""
+    from bot.openai_backend import InferenceServerError, OpenAIBackend
+
+    once = settings.model_copy(update={"inference_retries": 0})
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            backend = await stack.enter_async_context(OpenAIBackend.from_settings(once))
+        except InferenceServerError as error:
+            yield fail(FOUND, str(error))
+            yield skip(GENERATES, "no server to ask")
+            return
+        yield ok(FOUND, f"INFERENCE_URL={backend.url} serves {backend.model}")
+        started = time.perf_counter()
+        generation = backend.submit(PROMPT, user="doctor", conversation="doctor", max_new_tokens=1)
+        try:
+            async for _ in generation:
+                pass
+        except Exception as error:  # the server's own words, or why it did not answer
+            yield fail(GENERATES, f"{backend.model} at INFERENCE_URL: {error_text(error)}")
+            return
+        took = time.perf_counter() - started
+        yield ok(GENERATES, f"{backend.model} at INFERENCE_URL: 1 token in {took:.2f} s")
 
 
 def size_on_disk(source: ModelSource) -> int:
