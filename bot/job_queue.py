@@ -6,6 +6,10 @@ one blocking XREAD, from the last entry it read, so a Redis that drops and comes
 and repeats nothing. A job sent wakes the reader through this gateway's own wake stream,
 so a new answer is followed at once, not at the next poll.
 
+A job sent is recorded under its request's fingerprint until its deadline. A gateway that
+resumes a turn another gateway had sent (that one died) finds it there and reads that
+job's answer from its start, rather than making a worker write it a second time.
+
 Busy is decided on what waits: the jobs no worker has taken, in every stream, counted
 twice a second, plus those this gateway sent since; the live workers are listed with
 them, for /readyz.
@@ -19,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Self
 
 from redis.asyncio import Redis
@@ -147,8 +151,11 @@ class JobQueue:
 
     async def _send(self, watch: _Watch) -> None:
         """Into the conversation's worker's stream (the shared one with none alive), and
-        wake the reader, in one round trip."""
+        wake the reader, in one round trip; or, where the same request was sent before and
+        is still wanted, follow that job instead."""
         try:
+            if await self._follow_earlier(watch):
+                return
             worker = pick_worker(watch.job.conversation, await live_workers(self.redis))
             stream = keys.worker_jobs(worker) if worker else keys.JOBS
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -160,6 +167,26 @@ class JobQueue:
             watch.generation.fail(error)
             return
         logger.debug("job %s sent to %s", watch.job.id, stream)
+
+    async def _follow_earlier(self, watch: _Watch) -> bool:
+        """Record this job as its request's; if another gateway's job of the same request
+        is there and not cancelled, read that one's answer instead (True)."""
+        asked, wanted_for = keys.job_asked(watch.job.fingerprint()), max(round(self.timeout), 1)
+        if await self.redis.set(asked, watch.job.id, nx=True, ex=wanted_for):
+            return False
+        earlier = await self.redis.get(asked)
+        if earlier is None or keys.job_chunks(earlier) in self._watches:
+            return False  # gone meanwhile, or this gateway's own: asked twice at once
+        if await self.redis.exists(keys.job_cancel(earlier)):
+            await self.redis.set(asked, watch.job.id, ex=wanted_for)
+            return False
+        if self._watches.pop(keys.job_chunks(watch.job.id), None) is None:
+            return True  # cancelled meanwhile: nothing to follow
+        watch.job = replace(watch.job, id=earlier)
+        self._watches[keys.job_chunks(earlier)] = watch
+        await self.redis.xadd(self._wake, {"job": earlier}, maxlen=1)
+        logger.info("following job %s, sent before for the same request", earlier)
+        return True
 
     async def _cancel(self, watch: _Watch) -> None:
         """Tell the job's worker to stop (it checks as it writes, and before it starts: the
@@ -228,15 +255,20 @@ class JobQueue:
         elif chunk.kind in ("end", "error"):
             self._forget(watch)
             self._held = max(self._held - 1, 0)
-            self._spawn(self._delete(keys.job_chunks(watch.job.id)))
+            self._spawn(self._delete(watch.job))
             if chunk.kind == "end":
                 generation.end(chunk.text, chunk.prompt_tokens, chunk.answer_tokens)
             else:
                 generation.fail(JobFailed(chunk.text))
 
-    async def _delete(self, key: str) -> None:
-        with contextlib.suppress(RedisError):  # it expires by itself too
-            await self.redis.delete(key)
+    async def _delete(self, job: Job) -> None:
+        """An answer read to its end: its request's record, then its stream (the other
+        way round, a gateway dying between the two would leave a record of nothing)."""
+        asked = keys.job_asked(job.fingerprint())
+        with contextlib.suppress(RedisError):  # they expire by themselves too
+            if await self.redis.get(asked) == job.id:
+                await self.redis.delete(asked)
+            await self.redis.delete(keys.job_chunks(job.id))
 
     async def _count_jobs(self) -> None:
         while not self._closed.is_set():

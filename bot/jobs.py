@@ -50,6 +50,12 @@ class Job:
     def fields(self) -> dict[str, str]:
         return {"job": json.dumps(asdict(self))}
 
+    def fingerprint(self) -> str:
+        """What the job asks, without its id or deadline: the same for the same request
+        sent again (a turn resumed by another gateway)."""
+        asked = [self.conversation, self.messages, self.max_new_tokens, self.temperature]
+        return hashlib.blake2b(json.dumps(asked).encode(), digest_size=16).hexdigest()
+
     @classmethod
     def parse(cls, fields: dict[str, str]) -> Job:
         """A job from its stream entry; ValueError (or KeyError, TypeError) if malformed."""

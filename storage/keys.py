@@ -102,6 +102,12 @@ def job_cancel(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:cancel"
 
 
+def job_asked(fingerprint: str) -> str:
+    """The id of the job sent for one request (`Job.fingerprint`), while it may be read: a
+    gateway that resumes the same request reads that job's answer instead of asking again."""
+    return f"{PREFIX}job:asked:{fingerprint}"
+
+
 def gateway_wake(gateway: str) -> str:
     """A gateway's own stream, written to wake its reader when it has a new job to watch."""
     return f"{PREFIX}gateway:{gateway}:wake"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -76,13 +77,21 @@ async def worker(
 async def kill(working: Worker) -> None:
     """As a SIGKILL would: every task of the worker stops where it is, nothing acknowledged
     or handed back; its heartbeat goes (as it would lapse)."""
-    tasks = [working.running, *working._tasks]
+    await stop_all([working.running, *working._tasks])
+
+
+async def crash(queue: JobQueue) -> None:
+    """As a SIGKILL of a gateway would: its tasks stop where they are, nothing cancelled."""
+    await stop_all(list(queue._tasks))
+
+
+async def stop_all(tasks: list[asyncio.Task]) -> None:
     for _ in range(100):  # again where a cancel was swallowed (see `Worker`)
         for task in tasks:
             task.cancel()
         if (await asyncio.wait(tasks, timeout=0.05))[1] == set():
             return
-    raise AssertionError("the worker would not die")
+    raise AssertionError("the tasks would not stop")
 
 
 async def wait_until(condition, timeout: float = 10) -> None:
@@ -185,6 +194,42 @@ async def consumers(redis: Redis, stream: str) -> set[str]:
 
 async def gone_from(redis: Redis, stream: str, name: str) -> bool:
     return name not in await consumers(redis, stream)
+
+
+class SlowSteps(SpyBatcher):
+    def step(self) -> list:
+        time.sleep(0.02)
+        return super().step()
+
+
+async def test_a_gateway_resuming_a_request_reads_the_job_sent_before(streams, make_batcher):
+    """The gateway that sent it died mid-answer: the next one reads that job's answer
+    from its start, and no worker writes it twice."""
+    batcher = make_batcher(max_new_tokens=40)
+    spy = SlowSteps(batcher)  # so that the first gateway dies mid-answer
+    async with worker(streams, spy, "w1"):
+        first = JobQueue(redis=streams, gateway="gw-dead", max_size=8, timeout=60)
+        await first.__aenter__()
+        await anext(aiter(first.submit(HELLO, user="u1", conversation="c1")))
+        await crash(first)
+        async with gateway(streams) as second:
+            again = second.submit(HELLO, user="u1", conversation="c1")
+            chunks = await read(again)
+    assert "".join(chunks) == again.text == answer_alone(batcher, HELLO)
+    assert len(spy.prompts) == 1
+
+
+async def test_a_request_asked_again_after_a_cancel_or_its_end_is_answered_again(
+    streams, make_batcher
+):
+    spy = SlowSteps(make_batcher(max_new_tokens=40))
+    async with worker(streams, spy, "w1"):
+        async with gateway(streams) as first:  # stopping cancels what it waits on
+            await anext(aiter(first.submit(HELLO, user="u1", conversation="c1")))
+        async with gateway(streams) as second:
+            for _ in range(2):
+                await read(second.submit(HELLO, user="u1", conversation="c1"))
+    assert len(spy.prompts) == 3
 
 
 class AlwaysFails(SpyBatcher):

@@ -194,7 +194,7 @@ async def test_a_gateway_killed_mid_stream_is_restarted_and_the_answer_completes
     cluster, slack, redis_server
 ):
     first = await cluster.gateway()
-    await cluster.worker("w1", MAX_NEW_TOKENS="96")
+    worker = await cluster.worker("w1", MAX_NEW_TOKENS="96")
     mention = slack.app_mention(CHANNEL, DRAGON)
     await slack.send_event(mention)
     await streaming(slack, mention)
@@ -205,6 +205,7 @@ async def test_a_gateway_killed_mid_stream_is_restarted_and_the_answer_completes
     assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]  # edited, not new
     history = await stored(redis_server, f"slack:T0001:{CHANNEL}:{mention['ts']}")
     assert [m["role"] for m in history] == ["user", "assistant"]
+    assert len(answers_in(worker)) == 1  # the new gateway read the job already running
 
 
 async def test_a_job_that_always_fails_is_dead_lettered_and_the_user_gets_the_apology(
