@@ -6,12 +6,11 @@ and a redis-server of the test's own. Workers are killed with SIGKILL, gateways 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import sys
-import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,10 @@ from processes import BotProcess, free_port
 from redis.asyncio import Redis
 from test_cli import cli_env
 from test_faults import DRAGON, answered, bot_replies, is_final, stored, streaming
+from test_ops import Ops, until
 
 from bot import replies
+from bot.metrics import Metrics
 from storage import keys
 
 pytestmark = pytest.mark.slow
@@ -85,28 +86,6 @@ class Cluster:
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
         found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text.decode(), re.MULTILINE)
         return float(found.group(1)) if found else 0.0
-
-
-async def workers_check(port: int) -> tuple[int, str]:
-    """A gateway's /readyz: its status and what its `workers` check says."""
-
-    def get() -> tuple[int, dict]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
-                return answer.status, json.load(answer)
-        except urllib.error.HTTPError as error:
-            return error.code, json.load(error)
-
-    status, body = await asyncio.to_thread(get)
-    return status, body["checks"]["workers"]
-
-
-async def until_check(port: int, expected: tuple[int, str]) -> None:
-    for _ in range(100):  # a gateway lists the live workers twice a second
-        if await workers_check(port) == expected:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{expected} not reached; last: {await workers_check(port)}")
 
 
 @pytest.fixture
@@ -231,12 +210,18 @@ async def test_a_gateway_is_ready_only_while_a_worker_is_alive(cluster):
     """/readyz of a gateway names its workers: none alive is not ready (every turn would
     wait for its timeout), and a worker stopping takes the gateway out of ready again."""
     port = free_port()
+    up = Ops(f"http://127.0.0.1:{port}", None, None, Metrics())
     await cluster.gateway(HTTP_PORT=str(port))
-    await until_check(port, (503, "no worker alive"))
+    await until(up.readiness, workers_are(503, "no worker alive"))
     worker = await cluster.worker("w1")
-    await until_check(port, (200, "ok"))
+    await until(up.readiness, workers_are(200, "ok"))
     assert await worker.stop() == 0
-    await until_check(port, (503, "no worker alive"))
+    await until(up.readiness, workers_are(503, "no worker alive"))
+
+
+def workers_are(status: int, check: str) -> Callable[[tuple[int, dict]], bool]:
+    """Whether a gateway's /readyz has this status and says this of its workers."""
+    return lambda answer: answer[0] == status and answer[1]["checks"]["workers"] == check
 
 
 async def test_a_conversations_next_turn_reuses_its_kv_cache_on_the_same_worker(cluster, slack):
