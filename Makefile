@@ -20,6 +20,8 @@ else
 TORCH_INDEX ?= pypi
 endif
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist): one per core; 0 runs the tests in this process.
+TEST_WORKERS ?= auto
 BENCH_ARGS ?=
 PEER ?=
 
@@ -32,7 +34,7 @@ chat: $(STAMP)
 	$(BIN)/threadbot chat
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 

@@ -1,4 +1,9 @@
-"""Shared fixtures. Redis: REDIS_URL if set (tests never flush it), else one embedded server."""
+"""Shared fixtures. Redis: REDIS_URL if set (tests never flush it), else one embedded server.
+
+`make test` runs the tests on one pytest-xdist worker per core, each pinned to its own
+cores before torch is imported: the processes a test starts inherit them, so no two
+OpenMP thread teams share a core (on 2 cores, that doubled the suite's CPU time).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,35 @@ from storage.turns import TurnJournal
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+ALL_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker, workers = (
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+    )
+    if ALL_CORES is None or worker is None or workers is None:
+        return
+    cores = sorted(ALL_CORES)
+    index, count = int(worker.removeprefix("gw")), int(workers)
+    if count <= len(cores):
+        os.sched_setaffinity(0, cores[index::count])
+
+
+@pytest.fixture
+def all_cores() -> Iterator[None]:
+    """The whole machine for one test that measures on two cores (the scale-out bench)."""
+    if ALL_CORES is None:
+        yield
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, ALL_CORES)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ def test_the_conversations_split_evenly_between_the_workers():
 
 
 @pytest.mark.slow
-def test_a_quick_run_writes_the_table_and_json(tmp_path, monkeypatch, capsys):
+def test_a_quick_run_writes_the_table_and_json(all_cores, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("REDIS_URL", raising=False)  # a Redis of the run's own
     assert scale_out.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "scale_out.json").read_text())
