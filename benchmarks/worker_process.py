@@ -17,7 +17,7 @@ from typing import Self
 
 from redis.asyncio import Redis
 
-from bot.jobs import live_workers
+from bot.jobs import roll_call
 
 ROOT = Path(__file__).resolve().parents[1]  # `python -m bot` runs this checkout's code
 STOP_TIMEOUT_S = 15
@@ -67,7 +67,7 @@ class WorkerProcess:
                 raise WorkerDied(
                     f"the worker exited with {self.process.returncode}:\n{self.tail()}"
                 )
-            for name in await live_workers(redis):
+            for name in (await roll_call(redis)).alive:
                 if name.rsplit(":", 2)[-2] == str(self.process.pid):
                     return name
             await asyncio.sleep(0.2)

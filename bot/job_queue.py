@@ -12,7 +12,7 @@ job's answer from its start, rather than making a worker write it a second time.
 
 Busy is decided on what waits: the jobs no worker has taken, in every stream, counted
 twice a second, plus those this gateway sent since; the live workers are listed with
-them, for /readyz.
+them, for /readyz and the `threadbot_workers_alive` gauge.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.health import READY
-from bot.jobs import Chunk, Job, JobFailed, job_counts, live_workers, pick_worker, set_within
+from bot.jobs import Chunk, Job, JobFailed, job_counts, pick_worker, roll_call, set_within
+from bot.metrics import Metrics
 from bot.queue import Generation, QueueFull, QueuePlace
 from bot.types import ChatMessage
 from storage import keys
@@ -56,11 +57,21 @@ class _Watch:
 class JobQueue:
     """Jobs for workers behind Redis Streams, read back as they are written."""
 
-    def __init__(self, *, redis: Redis, gateway: str, max_size: int, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        gateway: str,
+        max_size: int,
+        timeout: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.redis = redis
         self.gateway = gateway  # this process's name: its wake stream's
         self.max_size = max_size
         self.timeout = timeout
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.expect_workers()
         self.died = asyncio.Event()  # never set: workers come and go, the queue stays
         self._watches: dict[str, _Watch] = {}  # by answer stream, in the order sent
         self._wake = keys.gateway_wake(gateway)
@@ -156,7 +167,7 @@ class JobQueue:
         try:
             if await self._follow_earlier(watch):
                 return
-            worker = pick_worker(watch.job.conversation, await live_workers(self.redis))
+            worker = pick_worker(watch.job.conversation, (await roll_call(self.redis)).alive)
             stream = keys.worker_jobs(worker) if worker else keys.JOBS
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(stream, watch.job.fields())
@@ -273,9 +284,11 @@ class JobQueue:
     async def _count_jobs(self) -> None:
         while not self._closed.is_set():
             with contextlib.suppress(RedisError):
-                counts = await job_counts(self.redis)
-                self._waiting, self._held = counts.waiting, counts.held
-                self._workers = await live_workers(self.redis)
+                roll = await roll_call(self.redis)
+                counts = await job_counts(self.redis, roll.streams)
+                self._waiting, self._held, self._workers = counts.waiting, counts.held, roll.alive
+                self.metrics.queue_waiting.set(counts.waiting)
+                self.metrics.workers_alive.set(len(roll.alive))
             await set_within(self._closed, COUNT_EVERY_S)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

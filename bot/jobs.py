@@ -93,19 +93,25 @@ def _weight(conversation: str, worker: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-async def live_workers(redis: Redis) -> list[str]:
-    """The workers whose heartbeat has not lapsed, in name order."""
+@dataclass(frozen=True)
+class Roll:
+    """The workers that have registered, and those of them whose heartbeat has not lapsed,
+    each in name order."""
+
+    registered: list[str]
+    alive: list[str]
+
+    @property
+    def streams(self) -> list[str]:
+        """Every stream jobs may wait in: the shared one and each registered worker's."""
+        return [keys.JOBS, *(keys.worker_jobs(name) for name in self.registered)]
+
+
+async def roll_call(redis: Redis) -> Roll:
+    """The workers as Redis has them now."""
     names = sorted(await redis.smembers(keys.WORKERS))
-    if not names:
-        return []
-    alive = await redis.mget([keys.worker(name) for name in names])
-    return [name for name, beat in zip(names, alive, strict=True) if beat is not None]
-
-
-async def job_streams(redis: Redis) -> list[str]:
-    """Every stream jobs may wait in: the shared one and each worker's that has run."""
-    workers = sorted(await redis.smembers(keys.WORKERS))
-    return [keys.JOBS, *(keys.worker_jobs(name) for name in workers)]
+    beats = await redis.mget([keys.worker(name) for name in names]) if names else []
+    return Roll(names, [name for name, beat in zip(names, beats, strict=True) if beat is not None])
 
 
 class JobFailed(Exception):
@@ -121,9 +127,8 @@ class JobCounts:
     held: int
 
 
-async def job_counts(redis: Redis) -> JobCounts:
-    """Count the jobs in every stream they may be in."""
-    streams = await job_streams(redis)
+async def job_counts(redis: Redis, streams: list[str]) -> JobCounts:
+    """Count the jobs in `streams` (every stream they may be in: `Roll.streams`)."""
     async with redis.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xlen(stream)

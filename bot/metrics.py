@@ -45,7 +45,8 @@ class Metrics:
         )
         self.queue_waiting = Gauge(
             "threadbot_queue_waiting",
-            "Requests waiting for a place in the running batch",
+            "Requests waiting for a place in the running batch (on a gateway: jobs no worker "
+            "has taken yet, every gateway's)",
             registry=registry,
         )
         self.batch_rows = Gauge(
@@ -94,6 +95,11 @@ class Metrics:
             "Messages accepted and not yet answered, by every process sharing the Redis",
             registry=registry,
         )
+        self.workers_alive = Gauge(  # registered by a gateway alone (`expect_workers`)
+            "threadbot_workers_alive",
+            "Inference workers whose heartbeat has not lapsed, as a gateway sees them",
+            registry=None,
+        )
         self.build = Info(
             "threadbot_build", "The version, model, device and dtype running", registry=registry
         )
@@ -104,6 +110,11 @@ class Metrics:
         for outcome in OUTCOMES:
             self.turns.labels(platform, outcome)
         self.platform_connected.labels(platform).set(0)
+
+    def expect_workers(self) -> None:
+        """Serve the live workers' gauge: a gateway's only, as only a gateway has workers
+        (elsewhere a 0 would read as an outage)."""
+        self.registry.register(self.workers_alive)
 
     def count_turn(self, platform: str, outcome: Outcome) -> None:
         self.turns.labels(platform, outcome).inc()

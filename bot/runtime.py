@@ -111,7 +111,7 @@ async def open_service(
         )
         await journal.renew_lease()
         answering = (
-            open_gateway(settings, redis, name=owner)
+            open_gateway(settings, redis, metrics, name=owner)
             if role == "gateway"
             else open_answering(settings, metrics)
         )
@@ -211,13 +211,19 @@ async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[
 
 
 @asynccontextmanager
-async def open_gateway(settings: Settings, redis: Redis, *, name: str) -> AsyncIterator[Answering]:
+async def open_gateway(
+    settings: Settings, redis: Redis, metrics: Metrics, *, name: str
+) -> AsyncIterator[Answering]:
     """Answers written by workers (`--role gateway`): only the tokenizer is loaded here."""
     from bot.job_queue import JobQueue
 
     tokens = await asyncio.to_thread(prompt_tokens_without_model, settings)
     queue = JobQueue(
-        redis=redis, gateway=name, max_size=settings.queue_max, timeout=settings.request_timeout
+        redis=redis,
+        gateway=name,
+        max_size=settings.queue_max,
+        timeout=settings.request_timeout,
+        metrics=metrics,
     )
     async with queue:
         model = settings.inference_model or settings.model or DEFAULT_MODEL

@@ -31,8 +31,8 @@ from bot.jobs import (
     Chunk,
     ChunkKind,
     Job,
-    job_streams,
-    live_workers,
+    Roll,
+    roll_call,
     set_within,
 )
 from bot.queue import Generation, Inference, InferenceCancelled
@@ -157,7 +157,7 @@ class Worker:
 
     async def _take_from_others(self) -> None:
         """Jobs waiting in other workers' streams: they are full, or dead."""
-        for stream in await job_streams(self.redis):
+        for stream in (await roll_call(self.redis)).streams:
             if stream not in (self.own, keys.JOBS) and self.rows > len(self._running):
                 await self._read({stream: ">"})
 
@@ -285,9 +285,10 @@ class Worker:
     async def _sweep(self) -> None:
         await self._beat()
         await self._keep_running_jobs()
-        for stream in await job_streams(self.redis):
+        roll = await roll_call(self.redis)
+        for stream in roll.streams:
             await self._claim_abandoned(stream)
-        await self._tidy_dead_workers()
+        await self._tidy_dead_workers(roll)
 
     async def _beat(self) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -327,12 +328,12 @@ class Worker:
             if pending:  # else acknowledged meanwhile
                 await self._take(stream, entry_id, fields, attempt=pending[0]["times_delivered"])
 
-    async def _tidy_dead_workers(self) -> None:
+    async def _tidy_dead_workers(self, roll: Roll) -> None:
         """Forget a dead worker whose stream holds no job any more, and drop dead workers
         from the groups of the streams they read once they hold no job there (their jobs
         are claimed first), so that restarts do not pile up consumers."""
-        live = {*await live_workers(self.redis), self.name}
-        for name in await self.redis.smembers(keys.WORKERS):
+        live = {*roll.alive, self.name}
+        for name in roll.registered:
             stream = keys.worker_jobs(name)
             if name not in live and not await self.redis.xlen(stream):
                 async with self.redis.pipeline(transaction=True) as pipe:
@@ -340,8 +341,8 @@ class Worker:
                     pipe.srem(keys.WORKERS, name)
                     await pipe.execute()
                 logger.info("worker %s is gone; its stream is removed", name)
-        for stream in await job_streams(self.redis):
-            with contextlib.suppress(ResponseError):  # no such stream or group
+        for stream in roll.streams:
+            with contextlib.suppress(ResponseError):  # no such stream or group (or removed)
                 for consumer in await self.redis.xinfo_consumers(stream, GROUP):
                     if consumer["name"] not in live and not consumer["pending"]:
                         await self._drop_consumer(keys=[stream], args=[GROUP, consumer["name"]])

@@ -54,6 +54,7 @@ METRICS = frozenset({
     "threadbot_redis_errors_total",
     "threadbot_platform_connected",
     "threadbot_pending_turns",
+    "threadbot_workers_alive",
     "threadbot_build_info",
 })  # fmt: skip
 HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count)$")

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from bot.job_queue import JobQueue
 from bot.jobs import Chunk, JobFailed, pick_worker
+from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
 from bot.worker import Worker
 from storage import keys
@@ -46,10 +47,10 @@ async def streams(redis_client: Redis) -> AsyncIterator[Redis]:
 
 @asynccontextmanager
 async def gateway(
-    redis: Redis, *, max_size: int = 8, timeout: float = 60
+    redis: Redis, *, max_size: int = 8, timeout: float = 60, metrics: Metrics | None = None
 ) -> AsyncIterator[JobQueue]:
     async with JobQueue(
-        redis=redis, gateway="gw-test", max_size=max_size, timeout=timeout
+        redis=redis, gateway="gw-test", max_size=max_size, timeout=timeout, metrics=metrics
     ) as queue:
         yield queue
 
@@ -283,6 +284,26 @@ async def test_the_gateway_says_busy_when_queue_max_jobs_wait(streams):
         assert [p.place for p in queue.places("u1")] == [2]
         for generation in waiting:
             generation.cancel()
+
+
+async def test_the_gateway_counts_waiting_jobs_and_live_workers(streams, make_batcher):
+    """Its /metrics: the jobs no worker has taken (`threadbot_queue_waiting`) and the
+    workers alive; only a gateway has the latter (elsewhere a 0 would read as an outage)."""
+    assert b"threadbot_workers_alive" not in Metrics().render()
+    metrics = Metrics()
+    async with gateway(streams, metrics=metrics) as queue:
+        waiting = queue.submit(HELLO, user="u1", conversation="c1")  # no worker yet
+        await wait_until(lambda: reads(metrics, queue_waiting=1, workers_alive=0))
+        async with worker(streams, make_batcher(), "w1"):
+            await read(waiting)
+            await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=1))
+        await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=0))
+
+
+async def reads(metrics: Metrics, **gauges: float) -> bool:
+    """Whether each `threadbot_` gauge named has this value."""
+    registry = metrics.registry
+    return all(registry.get_sample_value(f"threadbot_{name}") == v for name, v in gauges.items())
 
 
 async def test_chunks_of_an_older_try_are_ignored(streams):

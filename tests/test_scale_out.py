@@ -206,22 +206,31 @@ async def test_a_job_that_always_fails_is_dead_lettered_and_the_user_gets_the_ap
     assert dead["tries"] == "3"
 
 
-async def test_a_gateway_is_ready_only_while_a_worker_is_alive(cluster):
+async def test_a_gateway_is_ready_only_while_a_worker_is_alive_and_counts_them(cluster):
     """/readyz of a gateway names its workers: none alive is not ready (every turn would
-    wait for its timeout), and a worker stopping takes the gateway out of ready again."""
+    wait for its timeout), and a worker stopping takes the gateway out of ready again.
+    /metrics counts them (`threadbot_workers_alive`, a gateway's alone)."""
     port = free_port()
     up = Ops(f"http://127.0.0.1:{port}", None, None, Metrics())
     await cluster.gateway(HTTP_PORT=str(port))
     await until(up.readiness, workers_are(503, "no worker alive"))
+    await until(up.samples, workers_counted(0))
     worker = await cluster.worker("w1")
     await until(up.readiness, workers_are(200, "ok"))
+    await until(up.samples, workers_counted(1))
     assert await worker.stop() == 0
     await until(up.readiness, workers_are(503, "no worker alive"))
+    await until(up.samples, workers_counted(0))
 
 
 def workers_are(status: int, check: str) -> Callable[[tuple[int, dict]], bool]:
     """Whether a gateway's /readyz has this status and says this of its workers."""
     return lambda answer: answer[0] == status and answer[1]["checks"]["workers"] == check
+
+
+def workers_counted(count: int) -> Callable[[dict], bool]:
+    """Whether a gateway's /metrics counts this many workers alive."""
+    return lambda samples: samples.get(("threadbot_workers_alive", frozenset())) == count
 
 
 async def test_a_conversations_next_turn_reuses_its_kv_cache_on_the_same_worker(cluster, slack):
