@@ -6,10 +6,10 @@ nothing of generation (`bot.engine`) and imports torch/transformers only when ca
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,9 +206,18 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
     cores); the dequantised copy in `cache_dir` loads from safetensors instead.
     """
     target = _conversion(source, cache_dir)
-    if (target / "config.json").is_file():
-        return ModelSource(str(target))
+    if not (target / "config.json").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # One conversion at a time: processes started together (a gateway and its workers,
+        # test workers) wait for the first instead of each converting the same file.
+        with (cache_dir / f"{target.name}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").is_file():
+                _convert(source, target)
+    return ModelSource(str(target))
 
+
+def _convert(source: ModelSource, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Converting %s for transformers, once (about a minute)", source.gguf_file)
@@ -222,18 +231,11 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
     # The weights are already dequantised; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=cache_dir))
+    partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)  # only a complete folder is ever found by the check above
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        shutil.rmtree(partial)  # another process finished the same conversion first
+    partial.rename(target)  # only a complete folder is ever found by the check above
     logger.info("Saved the converted model in %s", target)
-    return ModelSource(str(target))
 
 
 def _conversion(source: ModelSource, cache_dir: Path) -> Path:

@@ -341,7 +341,7 @@ async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: P
     stops the orphaned server, and answers the question in full, once."""
     # At the end of its input, the next chat gives the resumed answer the shutdown grace:
     # as long as the chat itself may take, however busy the machine.
-    settings = {"MAX_NEW_TOKENS": "200", "TURN_LEASE_S": "1", "SHUTDOWN_GRACE_S": str(CHAT_TIMEOUT)}
+    settings = {"MAX_NEW_TOKENS": "100", "TURN_LEASE_S": "1", "SHUTDOWN_GRACE_S": str(CHAT_TIMEOUT)}
     env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **settings)
     killed = subprocess.Popen(
         [sys.executable, "-m", "bot", "chat", "--conversation", "crash"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,6 +74,27 @@ def test_the_converted_gguf_is_reused(bundled_engine, bundled_cache):
     source = loading.bundled_source()
     assert source is not None
     assert loading._converted_gguf(source, bundled_cache) == ModelSource(str(folder))
+
+
+def test_a_gguf_asked_for_by_several_at_once_is_converted_once(tmp_path, monkeypatch):
+    """A gateway and its workers started together: the first converts, the others wait
+    for its folder rather than converting the same file again."""
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    source = ModelSource(str(tmp_path), "model.gguf")
+    converted: list[Path] = []
+
+    def convert(source: ModelSource, target: Path) -> None:
+        converted.append(target)
+        time.sleep(0.2)  # the others ask meanwhile
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert", convert)
+    with ThreadPoolExecutor(3) as pool:
+        asks = [pool.submit(loading._converted_gguf, source, tmp_path / "models") for _ in "abc"]
+        found = [ask.result(timeout=30) for ask in asks]
+    assert len(converted) == 1
+    assert found == [ModelSource(str(converted[0]))] * 3
 
 
 def test_the_model_is_named_as_it_was_found():
