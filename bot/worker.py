@@ -5,7 +5,9 @@ It reads only as many jobs as it has free rows, from its own stream (its convers
 and the shared one, so load spreads by itself; with rows free it also takes what waits in
 other workers' streams (a full worker's, or a dead one's). A sweep every third of
 `JOB_CLAIM_IDLE_S` renews its heartbeat, keeps its running jobs from looking abandoned,
-stops those whose gateway cancelled them, and claims other workers' abandoned jobs.
+stops those whose gateway cancelled them, and claims other workers' abandoned jobs. A
+worker stalled past that idle time finds its jobs claimed by another: it drops them, so
+each answer is written by one worker at a time.
 
 A job whose answer fails here is handed back at once (made claimable, not acknowledged),
 so another try runs, on any worker; the delivery count in Redis counts the tries. A
@@ -52,6 +54,15 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
 end
 return -1
 """
+# Reset a running job's idle time only while this worker still holds it: 1 if it does.
+_KEEP_IF_MINE = """
+local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
+if entry and entry[2] == ARGV[2] then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+  return 1
+end
+return 0
+"""
 
 
 @dataclass(eq=False)
@@ -64,6 +75,7 @@ class _Taken:
     attempt: int  # its delivery count: 1, then one more for each worker that took it
     generation: Generation | None = None
     cancelled: bool = False  # its gateway no longer wants it
+    lost: bool = False  # another worker claimed it (this one stalled): that one answers
 
 
 class Worker:
@@ -90,6 +102,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
+        self._keep_if_mine = redis.register_script(_KEEP_IF_MINE)
         # A flag, not cancellation, stops the loops: on Python 3.11 a cancel that lands in
         # redis-py's own `wait_for` can be swallowed.
         self._stop = asyncio.Event()
@@ -231,6 +244,8 @@ class Worker:
         except InferenceCancelled:
             if taken.cancelled:
                 await self._acknowledge(taken.stream, taken.entry_id)
+            elif taken.lost:
+                logger.warning("job %s was claimed by another worker; dropped here", job.id)
             else:  # this worker is stopping
                 await self._hand_back(taken)
         except Exception:
@@ -297,18 +312,20 @@ class Worker:
             await pipe.execute()
 
     async def _keep_running_jobs(self) -> None:
-        """Reset the idle time of the jobs running here, and stop those cancelled."""
+        """Reset the idle time of the jobs running here, and stop those cancelled or
+        claimed by another worker."""
         running = list(self._running.values())
         async with self.redis.pipeline(transaction=False) as pipe:
             for taken in running:
-                pipe.xclaim(taken.stream, GROUP, self.name, 0, [taken.entry_id], justid=True)
+                args = [GROUP, self.name, taken.entry_id]
+                await self._keep_if_mine(keys=[taken.stream], args=args, client=pipe)
                 pipe.exists(keys.job_cancel(taken.job.id))
             replies = await pipe.execute(raise_on_error=False)
-        for taken, cancelled in zip(running, replies[1::2], strict=True):
-            if cancelled is True or cancelled == 1:
-                taken.cancelled = True
-                if taken.generation is not None:
-                    taken.generation.cancel()
+        for taken, kept, cancelled in zip(running, replies[::2], replies[1::2], strict=True):
+            taken.lost = taken.lost or kept == 0  # (an error reply keeps the job)
+            taken.cancelled = taken.cancelled or cancelled is True or cancelled == 1
+            if (taken.lost or taken.cancelled) and taken.generation is not None:
+                taken.generation.cancel()
 
     async def _claim_abandoned(self, stream: str) -> None:
         free = self.rows - len(self._running)

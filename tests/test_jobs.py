@@ -262,6 +262,23 @@ async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
     assert await streams.xlen(keys.worker_jobs("w1")) == 0
 
 
+async def test_a_job_claimed_from_a_stalled_worker_is_dropped_there(streams, make_batcher):
+    """Another worker's sweep claims the job of a worker stalled past the claim idle time:
+    the stalled one stops answering it, and leaves it to the claimer."""
+    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    async with gateway(streams) as queue, worker(streams, spy, "w1") as working:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(generation))
+        [taken] = working._running.values()
+        await streams.xclaim(taken.stream, keys.WORKERS_GROUP, "w2", 0, [taken.entry_id])
+        await wait_until(lambda: asyncio.sleep(0, not working._running))
+        [pending] = await streams.xpending_range(
+            taken.stream, keys.WORKERS_GROUP, taken.entry_id, taken.entry_id, 1
+        )
+    assert not spy.answers  # it never finished its 400 tokens
+    assert pending["consumer"] == "w2"  # neither acknowledged nor handed back
+
+
 async def test_a_job_nobody_takes_times_out_and_is_never_run(streams, make_batcher):
     spy = SpyBatcher(make_batcher())
     async with gateway(streams, timeout=0.3) as queue:
