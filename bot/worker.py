@@ -154,7 +154,7 @@ class Worker:
                 await set_within(self._room, READ_BLOCK_MS / 1000)
                 continue
             try:
-                await self._read({self.own: ">", keys.JOBS: ">"}, block=READ_BLOCK_MS)
+                await self._take_new()
                 if time.monotonic() - taken_from_others >= TAKE_FROM_OTHERS_EVERY_S:
                     taken_from_others = time.monotonic()
                     await self._take_from_others()
@@ -168,26 +168,59 @@ class Worker:
                 logger.warning("taking jobs from Redis again")
             outage = False
 
+    async def _take_new(self) -> None:
+        """New jobs, no more than the rows free: from this worker's own stream first (its
+        conversations' caches are here), then from the shared one; with none in either,
+        wait for one."""
+        taken = 0
+        for stream in (self.own, keys.JOBS):
+            taken += await self._read(stream)
+        if not taken:
+            await self._wait_for_new_jobs()
+
+    async def _wait_for_new_jobs(self) -> None:
+        """Until a job comes that no worker has taken (READ_BLOCK_MS at most), taking
+        nothing: XREAD from where each stream's group has delivered to. (XREADGROUP's
+        BLOCK over both streams would take up to COUNT jobs from each: more than the rows
+        free.)"""
+        streams = (self.own, keys.JOBS)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            replies = await pipe.execute(raise_on_error=False)
+        delivered = {}
+        for stream, groups in zip(streams, replies, strict=True):
+            groups = [] if isinstance(groups, ResponseError) else groups  # no such stream
+            ours = [group for group in groups if group["name"] == GROUP]
+            if not ours:  # a sweep took our stream for dead: make it again
+                await self._ensure_groups()
+                return
+            delivered[stream] = ours[0]["last-delivered-id"]
+        await self.redis.xread(delivered, count=1, block=READ_BLOCK_MS)
+
     async def _take_from_others(self) -> None:
         """Jobs waiting in other workers' streams: they are full, or dead."""
         for stream in (await roll_call(self.redis)).streams:
-            if stream not in (self.own, keys.JOBS) and self.rows > len(self._running):
-                await self._read({stream: ">"})
+            if stream not in (self.own, keys.JOBS):
+                await self._read(stream)
 
-    async def _read(self, streams: dict[str, str], *, block: int | None = None) -> None:
-        """Take as many new jobs from `streams` as there are rows free."""
+    async def _read(self, stream: str) -> int:
+        """Take as many new jobs from `stream` as there are rows free; how many."""
         count = self.rows - len(self._running)
+        if count <= 0:  # (a COUNT of 0 would take them all)
+            return 0
         try:
-            replies = await self.redis.xreadgroup(GROUP, self.name, streams, count, block)
+            replies = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count)
         except ResponseError as error:
             if "NOGROUP" not in str(error):
                 raise
-            if self.own in streams:  # a sweep took our stream for dead: make it again
+            if stream == self.own:  # a sweep took our stream for dead: make it again
                 await self._ensure_groups()
-            return  # another worker's stream, gone: nothing to take there
-        for stream, entries in replies:
-            for entry_id, fields in entries:
-                await self._take(stream, entry_id, fields, attempt=1)
+            return 0  # another worker's stream, gone: nothing to take there
+        entries = [entry for _, entries in replies for entry in entries]
+        for entry_id, fields in entries:
+            await self._take(stream, entry_id, fields, attempt=1)
+        return len(entries)
 
     async def _take(self, stream: str, entry_id: str, fields: dict[str, str], attempt: int) -> None:
         try:

@@ -16,7 +16,7 @@ from conftest import SpyBatcher, answer_alone
 from redis.asyncio import Redis
 
 from bot.job_queue import JobQueue
-from bot.jobs import Chunk, JobFailed, pick_worker
+from bot.jobs import Chunk, Job, JobFailed, pick_worker
 from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
 from bot.worker import Worker
@@ -172,6 +172,32 @@ async def test_a_dead_workers_job_is_answered_again_by_another(streams, make_bat
         stalled.release.set()
     assert first
     assert "".join(again) == generation.text == answer_alone(healthy, HELLO)
+
+
+async def test_a_worker_takes_no_more_jobs_than_it_has_rows_free(streams, make_batcher):
+    """Jobs wait in its own stream and in the shared one: with one row, it takes one, and
+    the other once that one is answered."""
+    jobs = [
+        Job(id=f"job{n}", conversation=f"c{n}", user="u1", messages=HELLO,
+            max_new_tokens=None, temperature=None, deadline=time.time() + 60)
+        for n in range(2)
+    ]  # fmt: skip
+    for stream, job in zip((keys.worker_jobs("w1"), keys.JOBS), jobs, strict=True):
+        await streams.xadd(stream, job.fields())
+    stalled = StallsAfterFirstStep(make_batcher(max_batch=1))
+    async with worker(streams, stalled, "w1") as working:
+        await wait_until(lambda: asyncio.sleep(0, working._running))
+        await asyncio.sleep(0.2)  # time to take a second job, if it would
+        running = len(working._running)
+        stalled.release.set()
+        for job in jobs:  # both answered in the end
+            await wait_until(lambda job=job: ended(streams, job.id))
+    assert running == 1
+
+
+async def ended(redis: Redis, job_id: str) -> bool:
+    chunks = await redis.xrange(keys.job_chunks(job_id))
+    return any(Chunk.parse(fields).kind == "end" for _, fields in chunks)
 
 
 async def test_a_gone_workers_consumers_are_dropped_from_the_groups(streams, make_batcher):
