@@ -63,7 +63,6 @@ class ApiCall:
 class FakeSlack:
     """Fake Slack server: records every call and keeps a message log per channel."""
 
-    team_id = "T0001"
     team_domain = "fake-team"
     bot_user_id = "U0BOT"
     bot_id = "B0BOT"
@@ -73,6 +72,9 @@ class FakeSlack:
     signing_secret = "fake-signing-secret"
 
     def __init__(self, users: dict[str, str] | None = None) -> None:
+        # A workspace of its own, so tests sharing one Redis never share a conversation
+        # (a DM's is its channel, whose id tests choose).
+        self.team_id = f"T{uuid.uuid4().hex[:8].upper()}"
         self.users = dict(DEFAULT_USERS if users is None else users)
         # Slack Connect: users of other organisations, by user id -> their team id
         self.external_users: dict[str, str] = {}

@@ -35,7 +35,7 @@ async def test_web_api_shapes(slack: FakeSlack) -> None:
     client = web_client(slack)
     auth = await client.auth_test()
     assert auth.headers["content-type"].startswith("application/json")
-    assert (auth["team_id"], auth["user_id"], auth["bot_id"]) == ("T0001", "U0BOT", "B0BOT")
+    assert (auth["team_id"], auth["user_id"], auth["bot_id"]) == (slack.team_id, "U0BOT", "B0BOT")
     assert auth["is_enterprise_install"] is False
 
     parent = slack.user_message("C0001", "hi bot")
@@ -220,7 +220,7 @@ async def test_streams_grow_a_message_as_slack_documents(slack: FakeSlack) -> No
     with pytest.raises(SlackApiError) as err:
         await client.chat_startStream(channel="C0001", thread_ts=parent["ts"])
     assert err.value.response["error"] == "invalid_arguments"  # no recipient outside a DM
-    recipient = {"recipient_team_id": "T0001", "recipient_user_id": "U0ALICE"}
+    recipient = {"recipient_team_id": slack.team_id, "recipient_user_id": "U0ALICE"}
     started = await client.chat_startStream(
         channel="C0001", thread_ts=parent["ts"], markdown_text="**Hel", **recipient
     )

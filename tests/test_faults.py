@@ -140,7 +140,7 @@ async def test_kill_9_while_an_answer_streams(slack, bot, redis_server):
     assert len(slack.calls_to("chat.postMessage", ok_only=True)) == 1  # the one placeholder
     assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]
     await second.wait_log(r"answered turn slack:\S+ \(attempt 2\)")
-    history = await stored(redis_server, f"slack:T0001:C0001:{mention['ts']}")
+    history = await stored(redis_server, f"slack:{slack.team_id}:C0001:{mention['ts']}")
     assert [m["role"] for m in history] == ["user", "assistant"]
 
 
@@ -221,7 +221,7 @@ async def test_redis_killed_and_restarted_on_the_same_port(slack, bot, redis_ser
     await slack.send_event(follow_up)
     await slack.wait_for(lambda: len(bot_replies(slack, "C0001", before["ts"])) == 2, 90)
     await answered(slack, "C0001", before["ts"])
-    assert f"prompt for slack:T0001:C0001:{before['ts']}: 3 messages" in process.text()
+    assert f"prompt for slack:{slack.team_id}:C0001:{before['ts']}: 3 messages" in process.text()
     assert process.alive
     assert "storage unavailable" in process.text()
 
@@ -279,7 +279,7 @@ async def test_reset_during_a_running_answer(slack, bot):
     assert cleared["text"] == replies.conversation_reset()
     again = slack.app_mention("C0001", "What is the capital of France?", thread_ts=mention["ts"])
     await slack.send_event(again)
-    await process.wait_log(rf"prompt for slack:T0001:C0001:{mention['ts']}: 1 messages")
+    await process.wait_log(rf"prompt for slack:{slack.team_id}:C0001:{mention['ts']}: 1 messages")
 
 
 @pytest.fixture(scope="session")
@@ -415,7 +415,7 @@ async def test_sighup_reloads_the_team_file_without_dropping_anything(
         30,
     )  # fmt: skip
     assert denial["text"] == replies.denied()
-    conversation = f"slack:T0001:C0001:{first['ts']}"
+    conversation = f"slack:{slack.team_id}:C0001:{first['ts']}"
     kept = await stored(redis_server, conversation)
     assert [m["role"] for m in kept] == ["user", "assistant"]  # and not the denied message
 

@@ -279,7 +279,7 @@ async def test_metrics_count_real_turns_without_ids_in_labels(ops, slack):
     # No label is anything but a platform, an outcome, a bucket or the build.
     for name, labels in samples:
         assert {key for key, _ in labels} <= ALLOWED_LABELS, name
-    for identifier in ("T0001", "C0001", "C0002", "U0ALICE", first["ts"], follow_up["ts"]):
+    for identifier in (slack.team_id, "C0001", "C0002", "U0ALICE", first["ts"], follow_up["ts"]):
         assert identifier not in text
 
 
@@ -301,7 +301,7 @@ async def test_each_answered_turn_logs_one_info_line_without_the_text(ops, slack
         # logged; leaving at once would stop the service with the turn still running.
         await slack.wait_for(answered)
     [line] = answered()
-    conversation = f"slack:T0001:C0001:{mention['ts']}"
+    conversation = f"slack:{slack.team_id}:C0001:{mention['ts']}"
     assert line.levelno == logging.INFO
     assert (line.platform, line.conversation) == ("slack", conversation_tag(conversation))
     assert line.prompt_tokens > 0 and line.answer_tokens > 0

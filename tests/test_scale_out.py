@@ -142,7 +142,7 @@ async def test_one_gateway_and_two_workers_answer_every_turn_once_in_its_thread(
 
     threads = await asyncio.gather(*(converse(n) for n in range(5)))
     for n, thread in enumerate(threads):
-        history = await stored(redis_server, f"slack:T0001:{CHANNEL}:{thread}")
+        history = await stored(redis_server, f"slack:{slack.team_id}:{CHANNEL}:{thread}")
         assert [m["role"] for m in history] == ["user", "assistant"] * 4
         assert all(f"Conversation {n}," in m["content"] for m in history[::2])
         assert len(bot_replies(slack, CHANNEL, thread)) == 4  # one message per answer
@@ -168,7 +168,7 @@ async def test_a_worker_killed_mid_answer_is_replaced_and_the_thread_shows_one_a
     assert reply["text"]
     await other.wait_log(r"job \w+ answered")
     assert "taken (try 2)" in other.text()
-    history = await stored(redis_server, f"slack:T0001:{CHANNEL}:{mention['ts']}")
+    history = await stored(redis_server, f"slack:{slack.team_id}:{CHANNEL}:{mention['ts']}")
     assert [m["role"] for m in history] == ["user", "assistant"]
 
 
@@ -185,7 +185,7 @@ async def test_a_gateway_killed_mid_stream_is_restarted_and_the_answer_completes
     await cluster.gateway()
     [reply] = await answered(slack, CHANNEL, mention["ts"], timeout=180)
     assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]  # edited, not new
-    history = await stored(redis_server, f"slack:T0001:{CHANNEL}:{mention['ts']}")
+    history = await stored(redis_server, f"slack:{slack.team_id}:{CHANNEL}:{mention['ts']}")
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert len(answers_in(worker)) == 1  # the new gateway read the job already running
 

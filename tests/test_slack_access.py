@@ -45,21 +45,23 @@ async def test_a_denied_user_hears_once_and_nothing_is_stored(slack, socket_mode
         await final_reply(slack, channel, allowed["ts"])
     assert texts == [replies.denied()]
     assert [p[-1]["content"] for p in batcher.prompts] == ["hi, I may"]
-    assert not await redis_client.exists(keys.conversation(f"slack:T0001:{channel}:{first['ts']}"))
+    assert not await redis_client.exists(
+        keys.conversation(f"slack:{slack.team_id}:{channel}:{first['ts']}")
+    )
 
 
 @pytest.mark.parametrize(
     "denies",
     [
-        lambda channel: rules(channels={"allow": ["C0SUPPORT"]}),
-        lambda channel: rules(channels={"deny": [channel]}),
-        lambda channel: rules(workspaces={"deny": ["T0001"]}),
-        lambda channel: rules(users={"allow": ["U0CAROL"]}),
+        lambda channel, team: rules(channels={"allow": ["C0SUPPORT"]}),
+        lambda channel, team: rules(channels={"deny": [channel]}),
+        lambda channel, team: rules(workspaces={"deny": [team]}),
+        lambda channel, team: rules(users={"allow": ["U0CAROL"]}),
     ],
 )
 async def test_channels_workspaces_and_allow_lists(slack, socket_mode, denies):
     channel = new_id("C")
-    async with socket_mode(access=denies(channel)) as (_service, batcher):
+    async with socket_mode(access=denies(channel, slack.team_id)) as (_service, batcher):
         mention = slack.app_mention(channel, "hello")
         await slack.send_event(mention)
         texts = await denied_reply(slack, channel, mention["ts"])

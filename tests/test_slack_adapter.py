@@ -202,18 +202,18 @@ async def test_an_event_is_acknowledged_once_its_turn_is_recorded(
     async with socket_mode(gated):
         mention = slack.app_mention("C0001", "hello")
         await slack.wait_for_ack(await slack.send_event(mention))
-        turn_id = f"slack:T0001:C0001:{mention['ts']}"
+        turn_id = f"slack:{slack.team_id}:C0001:{mention['ts']}"
         assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is not None
 
         async def target() -> dict:
             return json.loads(await redis_client.hget(keys.turn(turn_id), "target"))
 
         where = {
-            "team": "T0001",
+            "team": slack.team_id,
             "channel": "C0001",
             "thread_ts": mention["ts"],
             "recipient": "U0ALICE",
-            "recipient_team": "T0001",
+            "recipient_team": slack.team_id,
         }
         assert (await target()).items() >= where.items()
         [placeholder] = await slack.wait_for_calls("chat.postMessage")

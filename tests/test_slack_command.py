@@ -30,11 +30,11 @@ async def test_reset_in_a_dm_clears_that_dm_and_answers_only_its_sender(slack, s
     async with socket_mode() as (_service, batcher):
         await slack.send_event(slack.dm(dm, "remember the number 42"))
         await final_reply(slack, dm, None)
-        assert await store.load(f"slack:T0001:{dm}:{dm}")
+        assert await store.load(f"slack:{slack.team_id}:{dm}:{dm}")
         trigger = await slack.send_command(dm, "reset")
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
         [response] = await responses(slack, trigger)
-        assert await store.load(f"slack:T0001:{dm}:{dm}") == []
+        assert await store.load(f"slack:{slack.team_id}:{dm}:{dm}") == []
         await slack.send_event(slack.dm(dm, "what was the number?"))
         await final_reply(slack, dm, None, after=1)
     assert response["response_type"] == "ephemeral"
@@ -65,7 +65,7 @@ async def test_reset_in_a_channel_points_to_the_thread_and_clears_nothing(
         [response] = await responses(slack, trigger)
     assert response["response_type"] == "ephemeral"
     assert response["text"] == thread_only(order)
-    assert len(await store.load(f"slack:T0001:C0001:{mention['ts']}")) == 2  # untouched
+    assert len(await store.load(f"slack:{slack.team_id}:C0001:{mention['ts']}")) == 2  # untouched
 
 
 @pytest.mark.parametrize("deny", ["reply", "silent"])
@@ -81,7 +81,7 @@ async def test_a_denied_user_is_told_each_time_and_nothing_is_done(slack, socket
     denial = {"text": replies.denied(), "response_type": "ephemeral",
               "unfurl_links": False, "unfurl_media": False}  # fmt: skip
     assert told == [[denial], [denial]]
-    assert len(await store.load(f"slack:T0001:{dm}:{dm}")) == 2  # not forgotten
+    assert len(await store.load(f"slack:{slack.team_id}:{dm}:{dm}")) == 2  # not forgotten
 
 
 async def test_commands_as_text_and_as_the_slash_command_with_their_permissions(
@@ -116,6 +116,6 @@ async def test_commands_as_text_and_as_the_slash_command_with_their_permissions(
         assert "Be brief." in await typed("prompt", "U0BOB")
         assert "`reload`" in await ran("help", "U0ALICE")
         assert (await typed("stats", "U0ALICE")).startswith("Last hour: 1 answer,")
-        assert len(await store.load(f"slack:T0001:{channel}:{mention['ts']}")) == 2
+        assert len(await store.load(f"slack:{slack.team_id}:{channel}:{mention['ts']}")) == 2
         assert await typed("reset", "U0ALICE") == to_mrkdwn(replies.conversation_reset())
-        assert await store.load(f"slack:T0001:{channel}:{mention['ts']}") == []
+        assert await store.load(f"slack:{slack.team_id}:{channel}:{mention['ts']}") == []

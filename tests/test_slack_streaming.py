@@ -51,7 +51,7 @@ async def test_an_answer_streams_natively_into_its_thread(slack, socket_mode):
     assert start.params["thread_ts"] == mention["ts"]
     assert (start.params["recipient_user_id"], start.params["recipient_team_id"]) == (
         "U0ALICE",
-        "T0001",
+        slack.team_id,
     )
     [stop] = slack.calls_to("chat.stopStream")
     assert stop.params["ts"] == reply["ts"]
@@ -185,7 +185,7 @@ async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, socke
     async with socket_mode(batcher, streaming="native") as (service, _):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
-        key = str(ConversationKey("slack", "T0001", "C0001", mention["ts"]))
+        key = str(ConversationKey("slack", slack.team_id, "C0001", mention["ts"]))
         for _ in range(200):  # until the answer is stored (bounded)
             history = await service.store.load(key)
             if history and history[-1]["role"] == "assistant":
@@ -208,12 +208,12 @@ async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_
     begun = await client.chat_startStream(
         channel="C0001",
         thread_ts=mention["ts"],
-        recipient_team_id="T0001",
+        recipient_team_id=slack.team_id,
         recipient_user_id="U0ALICE",
         markdown_text="Paris is",
     )
-    saved = {"team": "T0001", "channel": "C0001", "thread_ts": mention["ts"],
-             "recipient": "U0ALICE", "recipient_team": "T0001", "native": True,
+    saved = {"team": slack.team_id, "channel": "C0001", "thread_ts": mention["ts"],
+             "recipient": "U0ALICE", "recipient_team": slack.team_id, "native": True,
              "messages": [begun["ts"]]}  # fmt: skip
     settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
                         slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
