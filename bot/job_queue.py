@@ -266,19 +266,22 @@ class JobQueue:
         elif chunk.kind in ("end", "error"):
             self._forget(watch)
             self._held = max(self._held - 1, 0)
-            self._spawn(self._delete(watch.job))
-            if chunk.kind == "end":
-                generation.end(chunk.text, chunk.prompt_tokens, chunk.answer_tokens)
-            else:
-                generation.fail(JobFailed(chunk.text))
+            self._spawn(self._finish(watch.job, generation, chunk))
 
-    async def _delete(self, job: Job) -> None:
-        """An answer read to its end: its request's record, then its stream (the other
-        way round, a gateway dying between the two would leave a record of nothing)."""
+    async def _finish(self, job: Job, generation: Generation, last: Chunk) -> None:
+        """An answer read to its end: its request's record goes, then the answer is given,
+        then its stream goes. So the same request asked again once it is answered is a new
+        job, never one following this answer as it is deleted; and a gateway dying between
+        the two deletes leaves no record of nothing. (Both expire by themselves too.)"""
         asked = keys.job_asked(job.fingerprint())
-        with contextlib.suppress(RedisError):  # they expire by themselves too
+        with contextlib.suppress(RedisError):
             if await self.redis.get(asked) == job.id:
                 await self.redis.delete(asked)
+        if last.kind == "end":
+            generation.end(last.text, last.prompt_tokens, last.answer_tokens)
+        else:
+            generation.fail(JobFailed(last.text))
+        with contextlib.suppress(RedisError):
             await self.redis.delete(keys.job_chunks(job.id))
 
     async def _count_jobs(self) -> None:

@@ -259,6 +259,25 @@ async def test_a_request_asked_again_after_a_cancel_or_its_end_is_answered_again
     assert len(spy.prompts) == 3
 
 
+async def test_a_request_asked_again_as_its_answer_is_tidied_away_is_a_new_job(
+    streams, make_batcher, monkeypatch
+):
+    """The gateway deletes an answered job's record and stream after the answer; the same
+    request asked again meanwhile must not follow that job (whose stream is going)."""
+    spy = SpyBatcher(make_batcher())
+    delete = streams.delete
+
+    async def slow_delete(*names: str) -> int:
+        await asyncio.sleep(0.3)
+        return await delete(*names)
+
+    monkeypatch.setattr(streams, "delete", slow_delete)
+    async with worker(streams, spy, "w1"), gateway(streams, timeout=10) as queue:
+        answers = [await read(queue.submit(HELLO, user="u1", conversation="c1")) for _ in "ab"]
+    assert answers[0] and answers[1] == answers[0]
+    assert len(spy.prompts) == 2
+
+
 class AlwaysFails(SpyBatcher):
     def step(self) -> list:
         raise RuntimeError("the model fell over")
