@@ -98,6 +98,7 @@ class Worker:
         self.claim_idle_ms = round(claim_idle_s * 1000)
         self.max_deliveries = max_deliveries
         self.own = keys.worker_jobs(name)
+        self.streams = (self.own, keys.JOBS)  # where its new jobs come from, its own first
         self._running: dict[str, _Taken] = {}  # by entry id
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
@@ -173,7 +174,7 @@ class Worker:
         conversations' caches are here), then from the shared one; with none in either,
         wait for one."""
         taken = 0
-        for stream in (self.own, keys.JOBS):
+        for stream in self.streams:
             taken += await self._read(stream)
         if not taken:
             await self._wait_for_new_jobs()
@@ -183,13 +184,12 @@ class Worker:
         nothing: XREAD from where each stream's group has delivered to. (XREADGROUP's
         BLOCK over both streams would take up to COUNT jobs from each: more than the rows
         free.)"""
-        streams = (self.own, keys.JOBS)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
+            for stream in self.streams:
                 pipe.xinfo_groups(stream)
             replies = await pipe.execute(raise_on_error=False)
         delivered = {}
-        for stream, groups in zip(streams, replies, strict=True):
+        for stream, groups in zip(self.streams, replies, strict=True):
             groups = [] if isinstance(groups, ResponseError) else groups  # no such stream
             ours = [group for group in groups if group["name"] == GROUP]
             if not ours:  # a sweep took our stream for dead: make it again
@@ -201,7 +201,7 @@ class Worker:
     async def _take_from_others(self) -> None:
         """Jobs waiting in other workers' streams: they are full, or dead."""
         for stream in (await roll_call(self.redis)).streams:
-            if stream not in (self.own, keys.JOBS):
+            if stream not in self.streams:
                 await self._read(stream)
 
     async def _read(self, stream: str) -> int:
@@ -398,7 +398,7 @@ class Worker:
                         await self._drop_consumer(keys=[stream], args=[GROUP, consumer["name"]])
 
     async def _ensure_groups(self) -> None:
-        for stream in (keys.JOBS, self.own):
+        for stream in self.streams:
             with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
