@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 COUNT_EVERY_S = 0.5
 READ_BLOCK_MS = 1_000  # a reader waiting this long with nothing new reads again
 OUTAGE_PAUSE_S = 0.5
+ANSWER_READ_KEPT_S = 30  # for another gateway that began following the job as it ended
 
 
 @dataclass(eq=False)
@@ -270,9 +271,10 @@ class JobQueue:
 
     async def _finish(self, job: Job, generation: Generation, last: Chunk) -> None:
         """An answer read to its end: its request's record goes, then the answer is given,
-        then its stream goes. So the same request asked again once it is answered is a new
-        job, never one following this answer as it is deleted; and a gateway dying between
-        the two deletes leaves no record of nothing. (Both expire by themselves too.)"""
+        then its stream is left to expire soon. So the same request asked again once it is
+        answered is a new job; a gateway that found the record just before it went still
+        reads the whole answer; and a gateway dying between the two steps leaves no record
+        of nothing. (Both expire by themselves too.)"""
         asked = keys.job_asked(job.fingerprint())
         with contextlib.suppress(RedisError):
             if await self.redis.get(asked) == job.id:
@@ -282,7 +284,7 @@ class JobQueue:
         else:
             generation.fail(JobFailed(last.text))
         with contextlib.suppress(RedisError):
-            await self.redis.delete(keys.job_chunks(job.id))
+            await self.redis.expire(keys.job_chunks(job.id), ANSWER_READ_KEPT_S)
 
     async def _count_jobs(self) -> None:
         while not self._closed.is_set():

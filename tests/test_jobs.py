@@ -15,7 +15,7 @@ import pytest
 from conftest import SpyBatcher, answer_alone
 from redis.asyncio import Redis
 
-from bot.job_queue import JobQueue
+from bot.job_queue import ANSWER_READ_KEPT_S, JobQueue
 from bot.jobs import Chunk, Job, JobFailed, pick_worker
 from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
@@ -47,10 +47,15 @@ async def streams(redis_client: Redis) -> AsyncIterator[Redis]:
 
 @asynccontextmanager
 async def gateway(
-    redis: Redis, *, max_size: int = 8, timeout: float = 60, metrics: Metrics | None = None
+    redis: Redis,
+    *,
+    max_size: int = 8,
+    timeout: float = 60,
+    metrics: Metrics | None = None,
+    name: str = "gw-test",
 ) -> AsyncIterator[JobQueue]:
     async with JobQueue(
-        redis=redis, gateway="gw-test", max_size=max_size, timeout=timeout, metrics=metrics
+        redis=redis, gateway=name, max_size=max_size, timeout=timeout, metrics=metrics
     ) as queue:
         yield queue
 
@@ -122,7 +127,8 @@ async def test_a_worker_streams_the_answer_to_the_gateway(streams, make_batcher)
     assert len(chunks) > 1
     assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
     assert generation.answer_tokens > 0 and generation.queue_wait is not None
-    assert not await streams.exists(keys.job_chunks("*"))  # read, then removed
+    [answer_stream] = [key async for key in streams.scan_iter(match=keys.job_chunks("*"))]
+    assert 0 < await streams.ttl(answer_stream) <= ANSWER_READ_KEPT_S  # read, then let go
     assert await streams.xlen(keys.worker_jobs("w1")) == 0  # acknowledged and deleted
 
 
@@ -276,6 +282,35 @@ async def test_a_request_asked_again_as_its_answer_is_tidied_away_is_a_new_job(
         answers = [await read(queue.submit(HELLO, user="u1", conversation="c1")) for _ in "ab"]
     assert answers[0] and answers[1] == answers[0]
     assert len(spy.prompts) == 2
+
+
+async def test_a_gateway_that_follows_a_job_as_it_ends_reads_its_whole_answer(
+    streams, make_batcher, monkeypatch
+):
+    """Gateway B finds gateway A's job of the same request just as A reads its end (B
+    then checks that it was not cancelled): the answer is still there for B to read."""
+    spy = SlowSteps(make_batcher(max_new_tokens=12))
+    exists, a_is_done = streams.exists, asyncio.Event()
+
+    async def exists_once_a_is_done(*names: str) -> int:
+        await a_is_done.wait()
+        return await exists(*names)
+
+    async with (
+        worker(streams, spy, "w1"),
+        gateway(streams, name="gw-a") as a,
+        gateway(streams, name="gw-b", timeout=5) as b,
+    ):
+        asked_of_a = a.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(asked_of_a))  # the worker has checked for a cancel: started
+        monkeypatch.setattr(streams, "exists", exists_once_a_is_done)
+        asked_of_b = b.submit(HELLO, user="u1", conversation="c1")
+        await read(asked_of_a)
+        await wait_until(lambda: asyncio.sleep(0, len(a._tasks) == 2))  # A has tidied up
+        a_is_done.set()
+        await read(asked_of_b)
+    assert asked_of_b.text == asked_of_a.text
+    assert len(spy.prompts) == 1
 
 
 class AlwaysFails(SpyBatcher):
