@@ -100,7 +100,8 @@ def _trim_reuse(trim: dict) -> str:
         f"messages, {trim['answer_tokens']}-token answers) within a {trim['budget']}-token "
         f"prompt budget: {trim['reusing']} of {trim['turns']} turns ({trim['share']:.0%}) took "
         f"≥ 80% of their prompt from the cache (goal ≥ 80%), {since['reusing']} of the "
-        f"{since['turns']} from the first trim on; trims: {trim['trims']}, each told once."
+        f"{since['turns']} from the first trim on; trims: {trim['trims']}, each told once. "
+        f"Answered by {trim['model']}."
     )
 
 

@@ -6,7 +6,8 @@ Redis: the user's message joins the history, `bot.prompt.fit` builds the prompt 
 the budget, the messages it cuts leave the history for good (a trim, which the user is
 told of), our queue answers with its batcher's `PrefixCache`, and the answer joins the
 history. Trimming with hysteresis keeps the prompt's front stable between trims, so most
-turns prefill only their new message."""
+turns prefill only their new message. The answers come back as text, so they must be a
+real model's (`benchmarks.serving.conversing`) for their KV cache to be reusable."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ REUSING = 0.8
 """A turn counts as reusing once this share of its prompt came from the cache."""
 
 
-def trim_reuse(engine: Engine, plan: Plan) -> dict:
+def trim_reuse(engine: Engine, model: str, plan: Plan) -> dict:
+    """The turns of one conversation answered by `engine` (`model` names it)."""
     answer_tokens = plan.trim_answer_tokens
     # The same model with a context that this conversation outgrows: its prompt budget is
     # `trim_budget`, as the service's would be (MAX_CONTEXT_TOKENS less the answer).
@@ -61,6 +63,7 @@ def trim_reuse(engine: Engine, plan: Plan) -> dict:
             say(f"  trim reuse: {turn + 1}/{plan.trim_turns} turns")
     first_trim = next((i for i, turn in enumerate(turns) if turn["dropped"]), len(turns))
     return {
+        "model": model,
         "turns": len(turns),
         "budget": conversation.prompt_budget,
         "turn_tokens": plan.trim_turn_tokens,

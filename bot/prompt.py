@@ -16,8 +16,14 @@ from bot.types import ChatMessage
 
 logger = logging.getLogger(__name__)
 
-TRIM_TO = 0.75
-"""What a trim keeps, as a share of the limit it was over (tokens, or stored messages)."""
+TRIM_TO = 2 / 3
+"""What a trim keeps, as a share of the limit it was over (tokens, or stored messages).
+
+A trim changes the prompt's front, so the next turn prefills all that is kept; the turns
+after it reuse their cache until the limit is reached again. Turns of t tokens against a
+budget B trim every (1 - TRIM_TO) B / t turns and then prefill TRIM_TO B: t TRIM_TO /
+(1 - TRIM_TO) tokens a turn over its own t. At two thirds that is 2t, where three quarters
+cost 3t and one half t; two thirds keeps most of the history at two thirds of the cost."""
 
 TokenCounter = Callable[[list[ChatMessage]], int]
 """Prompt length in tokens of a messages list (thread-safe: it runs off the event loop)."""
@@ -67,7 +73,7 @@ async def fit(
 
     Trimming below the budget is hysteresis: the caller drops the `cut` messages from the
     stored history, so the next turns start the same way, byte for byte (their KV cache is
-    reused), until they have grown by a quarter of the budget; a cut at the budget itself
+    reused), until they have grown by a third of the budget; a cut at the budget itself
     would shift the front of every turn's prompt. Never drops the system prompt or the
     newest message. The kept history starts at a user message, as chat templates expect
     (the store's own trim may have left an assistant message first).

@@ -36,7 +36,7 @@ class ConversationStore:
     """Each conversation is a Redis list of JSON messages, newest last, capped and expiring.
 
     The cap is hysteretic: a list over `max_messages` is cut to `TRIM_TO` of it, so its
-    front (and so the front of the prompt, whose KV cache is kept) stays put for a quarter
+    front (and so the front of the prompt, whose KV cache is kept) stays put for a third
     of the cap, instead of shifting at each new message. The prompt's token budget trims
     the same way, by `drop_oldest`: the stored history is what the model sees."""
 

@@ -9,15 +9,20 @@ import json
 import pytest
 
 
+@pytest.fixture
+def bench_dir(bundled_cache, tmp_path, monkeypatch):
+    """A folder to run the bench in, where the bundled model loads converted already."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "models").symlink_to(bundled_cache)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.mark.slow
-def test_a_quick_run_writes_the_table_json_and_plot(
-    bundled_engine, bundled_cache, tmp_path, monkeypatch, capsys
-):
+def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, capsys):
     from benchmarks import serving
 
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "models").symlink_to(bundled_cache)  # converted once already
-    monkeypatch.chdir(tmp_path)
+    tmp_path = bench_dir
     assert serving.main(["--model", "bundled", "--quick", "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     plan = serving.QUICK
@@ -44,6 +49,7 @@ def test_a_quick_run_writes_the_table_json_and_plot(
     assert traffic["ttft_p95"] <= traffic["latency_max"]
 
     trim = report["trim_reuse"]
+    assert trim["model"] == "bundled"  # --model's, as every section's
     turns = trim["by_turn"]
     assert len(turns) == plan.trim_turns and trim["trims"] >= 1  # the conversation overflowed
     assert turns[0]["reused"] == 0 and any(turn["reused"] > 0 for turn in turns[1:])
@@ -102,6 +108,21 @@ def _stand_in_peer(monkeypatch, peer_sweep) -> None:
 
     monkeypatch.setattr(
         llamacpp, "peer_sweep", lambda *args, **kwargs: peer_sweep(llamacpp, *args, **kwargs)
+    )
+
+
+def test_trim_reuse_has_random_weights_answered_by_the_bundled_model_instead(
+    bundled_engine, bench_dir
+):
+    """Random weights' answers do not survive being stored as text; a real model's do."""
+    from benchmarks import serving
+
+    conversing, name = serving.conversing(bundled_engine, None, serving.QUICK)
+    assert "SmolLM2" in name and conversing is not bundled_engine
+    assert type(conversing.model) is type(bundled_engine.model)  # SmolLM2's, loaded anew
+    assert serving.conversing(bundled_engine, "a/model", serving.QUICK) == (
+        bundled_engine,
+        "a/model",
     )
 
 

@@ -131,10 +131,10 @@ async def test_a_history_that_fits_is_kept_whole():
     assert await fit([SYSTEM], SAID, count_tokens=words, budget=26) == Fitted([SYSTEM, *SAID], 0, 0)
 
 
-async def test_past_the_budget_the_oldest_go_down_to_three_quarters_of_it():
+async def test_past_the_budget_the_oldest_go_down_to_two_thirds_of_it():
     newest = user("seven eight")
     prompt, cut, dropped = await fit([SYSTEM], [*SAID, newest], count_tokens=words, budget=26)
-    # 28 words do not fit 26; trimmed to 19 (not to 26, which a next turn would pass again),
+    # 28 words do not fit 26; trimmed to 17 (not to 26, which a next turn would pass again),
     # whole exchanges at a time, so the kept history starts with a user message.
     assert (cut, dropped) == (4, 4)
     assert prompt == [SYSTEM, *SAID[4:], newest]
@@ -145,4 +145,5 @@ async def test_an_answer_left_first_by_the_store_is_cut_but_not_counted_as_dropp
     history = SAID[1:]  # the store's cap left an answer first: never part of a prompt
     assert await fit([], history, count_tokens=words, budget=30) == Fitted(history[1:], 1, 0)
     prompt, cut, dropped = await fit([], history, count_tokens=words, budget=16)
-    assert (prompt, cut, dropped) == (history[3:], 3, 2)  # 12 words: three quarters of 16
+    # Two thirds of 16 is 10 words: 9 start with an answer, so the history starts after it.
+    assert (prompt, cut, dropped) == (history[5:], 5, 4)

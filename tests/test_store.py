@@ -59,7 +59,7 @@ async def test_append_nothing_creates_nothing(
     assert await redis_client.exists(keys.conversation(conversation_id)) == 0
 
 
-async def test_the_cap_trims_to_three_quarters_and_the_front_then_stays(
+async def test_the_cap_trims_to_two_thirds_and_the_front_then_stays(
     store: ConversationStore, conversation_id: str
 ) -> None:
     await store.append(conversation_id, *(user(f"m{i}") for i in range(6)))
@@ -82,7 +82,7 @@ async def test_drop_oldest_keeps_the_newest_in_order(
 async def test_one_append_trims_and_expires(redis_client: Redis, conversation_id: str) -> None:
     store = ConversationStore(redis=redis_client, max_messages=2, ttl_seconds=60)
     await store.append(conversation_id, user("a"), assistant("b"), user("c"))
-    assert await store.load(conversation_id) == [user("c")]  # three quarters of 2, at least 1
+    assert await store.load(conversation_id) == [user("c")]  # two thirds of 2, at least 1
     assert 0 < await redis_client.ttl(keys.conversation(conversation_id)) <= 60
 
 
