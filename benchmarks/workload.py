@@ -36,7 +36,7 @@ class Plan:
 
 
 FULL = Plan([1, 4, 8, 16], prompt_tokens=200, new_tokens=64, turns=6, turn_tokens=60, flood=20,
-            others=4, traffic_requests=40, trim_turns=30, trim_turn_tokens=60,
+            others=4, traffic_requests=100, trim_turns=30, trim_turn_tokens=60,
             trim_answer_tokens=32, trim_budget=2048, profile_steps=20)  # fmt: skip
 QUICK = Plan([1, 2], prompt_tokens=40, new_tokens=8, turns=2, turn_tokens=20, flood=4, others=2,
              traffic_requests=6, trim_turns=10, trim_turn_tokens=10, trim_answer_tokens=4,
