@@ -89,9 +89,9 @@ def load_engine(model: str | None, new_tokens: int) -> Engine:
 def conversing(engine: Engine, model: str | None, plan: Plan) -> tuple[Engine, str]:
     """Trim reuse's model and its name: one whose answers are real text. Random weights
     write token soup that re-tokenizes to other ids when the history comes back as text, so
-    their answers' KV cache is never reused (23 of 30 turns reusing, against 24 for the same
-    run with real text), and a real conversation's answers do come back. So the bundled
-    SmolLM2 stands in, packed as the service loads it, unless --model named a model."""
+    their answers' KV cache is never reused, where a real conversation's answers come back
+    as they were written. So the bundled SmolLM2 stands in, packed as the service loads it,
+    unless --model named a model."""
     if model is not None:
         return engine, model
     if loading.bundled_source() is None:
