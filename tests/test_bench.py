@@ -22,9 +22,9 @@ def bench_dir(bundled_cache, tmp_path, monkeypatch):
 def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, capsys):
     from benchmarks import serving
 
-    tmp_path = bench_dir
-    assert serving.main(["--model", "bundled", "--quick", "--out", str(tmp_path / "out")]) == 0
-    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    out = bench_dir / "out"
+    assert serving.main(["--model", "bundled", "--quick", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
     plan = serving.QUICK
 
     assert set(report["machine"]["flags"]) == {"avx2", "avx512_bf16", "amx_bf16"}
@@ -67,7 +67,7 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     assert len(turns) == plan.turns and turns[1] > turns[0]
     assert len(report["fairness"]["others_first_token"]) == plan.others
     assert report["roofline"]["ours_fraction"] > 0
-    assert (tmp_path / "out" / "bench.png").stat().st_size > 10_000
+    assert (out / "bench.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert out.startswith("Machine: ")
     assert "| N | seed tok/s | ours tok/s | ratio | ceiling tok/s | ours / ceiling |" in out

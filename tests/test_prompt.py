@@ -145,5 +145,6 @@ async def test_an_answer_left_first_by_the_store_is_cut_but_not_counted_as_dropp
     history = SAID[1:]  # the store's cap left an answer first: never part of a prompt
     assert await fit([], history, count_tokens=words, budget=30) == Fitted(history[1:], 1, 0)
     prompt, cut, dropped = await fit([], history, count_tokens=words, budget=16)
-    # Two thirds of 16 is 10 words: 9 start with an answer, so the history starts after it.
+    # Two thirds of 16 is 10 words: the newest 9 (3 messages) fit but start with an answer,
+    # so the kept history starts at the user message after it.
     assert (prompt, cut, dropped) == (history[5:], 5, 4)
