@@ -73,6 +73,13 @@ def test_the_server_gets_one_slot_per_request_and_the_whole_context():
     assert flags["--threads"] == flags["--threads-batch"] == "2"
 
 
+@pytest.mark.parametrize(("flags", "repacks"), [({"avx2", "amx_tile"}, False), ({"avx2"}, True)])
+def test_the_server_keeps_its_weights_off_the_amx_kernels_that_crash(monkeypatch, flags, repacks):
+    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: flags)
+    options = llamacpp.server_options(Path("m.gguf"), slots=1, context=256, threads=2)
+    assert ("--no-repack" not in options) == repacks
+
+
 def test_build_progress_is_shown_once_a_tenth():
     shown = []
     progress = llamacpp.BuildProgress(shown.append, started=0.0)
