@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.machine import lscpu
+from benchmarks.machine import cpu_flags
 from benchmarks.workload import percentile
 
 if TYPE_CHECKING:
@@ -295,16 +295,12 @@ def server_options(weights: Path, *, slots: int, context: int, threads: int) -> 
         "--threads-batch", str(threads),
         "--batch-size", "512",  # a step takes prompts in chunks of 512 (as its physical batch)
         "--no-webui",
+        # On a CPU with AMX, llama.cpp 0.3.36 moves quantized weights to its AMX kernels,
+        # which crash while it warms up (SIGSEGV in `ggml_backend_amx_mul_mat`,
+        # ggml-org/llama.cpp#20824) and are known to miscompute Q4_0 and Q4_1 (#16315):
+        # there its weights stay as they are, for its ordinary CPU kernels.
         *(["--no-repack"] if "amx_tile" in cpu_flags() else []),
     ]  # fmt: skip
-
-
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags. On a CPU with AMX, llama.cpp 0.3.36 moves quantized weights
-    to its AMX kernels, which crash while it warms up (SIGSEGV in `ggml_backend_amx_mul_mat`,
-    ggml-org/llama.cpp#20824) and are known to miscompute Q4_0 and Q4_1 (#16315); so there
-    its weights stay as they are, served by its ordinary CPU kernels (`--no-repack`)."""
-    return set(lscpu().get("Flags", "").split())
 
 
 @contextmanager

@@ -23,9 +23,14 @@ def lscpu() -> dict[str, str]:
     return {name.strip(): value.strip() for name, value in fields}
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (`lscpu`'s "Flags")."""
+    return set(lscpu().get("Flags", "").split())
+
+
 def describe(dtype: torch.dtype) -> dict:
     fields = lscpu()
-    flags = set(fields.get("Flags", "").split())
+    flags = cpu_flags()
     return {
         "cpu": fields.get("Model name") or platform.processor() or platform.machine(),
         "flags": {flag: flag in flags for flag in FLAGS},
