@@ -83,11 +83,13 @@ def _traffic(traffic: dict) -> str:
         f"{traffic['rate_rps']:.2f}/s ({traffic['load']:.0%} of the "
         f"{traffic['capacity_rps']:.2f}/s measured at the sweep's top N), seed {traffic['seed']}",
         "",
-        "| TTFT idle s | TTFT p50 / p95 s | p95 / idle (goal ≤ 3) | latency p50 / p95 / max s "
+        "| TTFT idle s | TTFT p50 / p95 s | p95 / idle (goal ≤ 3) "
+        "| prompts alone, queued: p95 / idle | p95 / queued alone | latency p50 / p95 / max s "
         f"| answered within {traffic['timeout_s']:.0f} s |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
         f"| {traffic['idle_ttft']:.2f} | {_pair(traffic, 'ttft_p50', 'ttft_p95', 2)} "
-        f"| {traffic['p95_over_idle']:.1f} "
+        f"| {traffic['p95_over_idle']:.1f} | {traffic['queued_over_idle']:.1f} "
+        f"| {traffic['p95_over_queued']:.2f} "
         f"| {traffic['latency_p50']:.1f} / {traffic['latency_p95']:.1f} / "
         f"{traffic['latency_max']:.1f} | {traffic['finished']}/{traffic['requests']} |",
     ])  # fmt: skip

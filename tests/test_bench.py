@@ -47,6 +47,8 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     assert 0 < traffic["rate_rps"] < traffic["capacity_rps"]
     assert traffic["idle_ttft"] > 0 and traffic["ttft_p50"] <= traffic["ttft_p95"]
     assert traffic["ttft_p95"] <= traffic["latency_max"]
+    assert traffic["queued_p95"] >= traffic["idle_ttft"]  # queueing adds to a prompt's own time
+    assert traffic["p95_over_queued"] == pytest.approx(traffic["ttft_p95"] / traffic["queued_p95"])
 
     trim = report["trim_reuse"]
     assert trim["model"] == "bundled"  # --model's, as every section's
@@ -74,6 +76,20 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     assert "llama.cpp" not in out
     for section in ("Realistic traffic:", "Trim reuse:", "| a decode step of 2 rows"):
         assert section in out
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "expected"),
+    [
+        ([0, 5, 10], [1, 1, 1]),  # each prompt read before the next arrives: no wait
+        ([0, 0, 0], [1, 2, 3]),  # together: each waits for those before it
+        ([0, 0.5, 4], [1, 1.5, 1]),  # the second waits out the first's rest; the queue empties
+    ],
+)
+def test_queued_prompts_wait_for_the_ones_before_them(arrivals, expected):
+    from benchmarks.traffic import queued_prompts
+
+    assert queued_prompts(arrivals, service=1.0) == pytest.approx(expected)
 
 
 def _sweep_rows(concurrency: list[int]) -> list[dict]:
