@@ -130,7 +130,7 @@ def build_server(work_dir: Path, say: Callable[[str], None]) -> Path:
     source = vendored_tree(work_dir, say)
     build = work_dir / "build"
     log = work_dir / "logs" / "build.log"
-    say(f"llama.cpp: building llama-server {VERSION} (CPU; tens of minutes on 2 cores) ...")
+    say(f"llama.cpp: building llama-server {VERSION} (CPU; about 10 minutes on 2 idle cores) ...")
     started = time.monotonic()
     run_logged(
         [tool("cmake"), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
