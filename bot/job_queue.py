@@ -30,7 +30,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.health import READY
-from bot.jobs import Chunk, Job, JobFailed, job_counts, pick_worker, roll_call, set_within
+from bot.jobs import (
+    Chunk,
+    Job,
+    JobFailed,
+    entry_age,
+    job_counts,
+    pick_worker,
+    roll_call,
+    set_within,
+)
 from bot.metrics import Metrics
 from bot.queue import Generation, QueueFull, QueuePlace
 from bot.types import ChatMessage
@@ -242,6 +251,7 @@ class JobQueue:
         if (watch := self._watches.get(stream)) is None:
             return  # over: cancelled, or ended earlier in this batch
         watch.last_id = entry_id
+        self.metrics.chunk_delay.observe(entry_age(entry_id, time.time()))
         try:
             chunk = Chunk.parse(fields)
         except (KeyError, TypeError, ValueError):

@@ -82,6 +82,12 @@ class Chunk:
         return cls(**json.loads(fields["chunk"]))
 
 
+def entry_age(entry_id: str, now: float) -> float:
+    """Seconds since a stream entry was added, from the Unix milliseconds that Redis puts at
+    the front of its id: to the millisecond, on machines whose clocks agree (NTP)."""
+    return max(now - int(entry_id.split("-", 1)[0]) / 1000, 0.0)
+
+
 def pick_worker(conversation: str, workers: list[str]) -> str | None:
     """The worker for a conversation: rendezvous hashing, so each conversation keeps its
     worker while that one lives, and only the dead worker's conversations move."""

@@ -28,6 +28,8 @@ OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 # Seconds; a CPU answers in tens of seconds, a GPU in one or two.
 FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 ANSWER_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+# The Redis hop between gateways and workers: milliseconds, unless a job waits for a row.
+HOP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -100,6 +102,19 @@ class Metrics:
             "Inference workers whose heartbeat has not lapsed, as a gateway sees them",
             registry=None,
         )
+        self.job_wait = Histogram(  # registered by a worker alone (`expect_jobs`)
+            "threadbot_job_wait_seconds",
+            "From a gateway sending a job to this worker taking it (first tries): the hop to "
+            "the worker, and any wait for a free row",
+            buckets=HOP_BUCKETS,
+            registry=None,
+        )
+        self.chunk_delay = Histogram(  # registered by a gateway alone (`expect_workers`)
+            "threadbot_chunk_delay_seconds",
+            "From a worker writing a piece of an answer to this gateway reading it: the hop back",
+            buckets=HOP_BUCKETS,
+            registry=None,
+        )
         self.build = Info(
             "threadbot_build", "The version, model, device and dtype running", registry=registry
         )
@@ -112,9 +127,14 @@ class Metrics:
         self.platform_connected.labels(platform).set(0)
 
     def expect_workers(self) -> None:
-        """Serve the live workers' gauge: a gateway's only, as only a gateway has workers
-        (elsewhere a 0 would read as an outage)."""
+        """Serve the live workers' gauge and the hop back from them: a gateway's only, as
+        only a gateway has workers (elsewhere a 0 would read as an outage)."""
         self.registry.register(self.workers_alive)
+        self.registry.register(self.chunk_delay)
+
+    def expect_jobs(self) -> None:
+        """Serve the jobs' wait: a worker's only, as only a worker takes jobs."""
+        self.registry.register(self.job_wait)
 
     def count_turn(self, platform: str, outcome: Outcome) -> None:
         self.turns.labels(platform, outcome).inc()

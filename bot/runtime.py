@@ -163,6 +163,7 @@ async def open_worker(
             rows=settings.max_batch,
             claim_idle_s=settings.job_claim_idle_s,
             max_deliveries=settings.job_max_deliveries,
+            metrics=metrics,
         )
 
 

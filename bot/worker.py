@@ -34,9 +34,11 @@ from bot.jobs import (
     ChunkKind,
     Job,
     Roll,
+    entry_age,
     roll_call,
     set_within,
 )
+from bot.metrics import Metrics
 from bot.queue import Generation, Inference, InferenceCancelled
 from storage import keys
 
@@ -90,6 +92,7 @@ class Worker:
         rows: int,
         claim_idle_s: float,
         max_deliveries: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
         self.inference = inference
@@ -97,6 +100,8 @@ class Worker:
         self.rows = rows
         self.claim_idle_ms = round(claim_idle_s * 1000)
         self.max_deliveries = max_deliveries
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.expect_jobs()
         self.own = keys.worker_jobs(name)
         self.streams = (self.own, keys.JOBS)  # where its new jobs come from, its own first
         self._running: dict[str, _Taken] = {}  # by entry id
@@ -218,6 +223,9 @@ class Worker:
                 await self._ensure_groups()
             return 0  # another worker's stream, gone: nothing to take there
         entries = [entry for _, entries in replies for entry in entries]
+        now = time.time()
+        for entry_id, _fields in entries:
+            self.metrics.job_wait.observe(entry_age(entry_id, now))
         for entry_id, fields in entries:
             await self._take(stream, entry_id, fields, attempt=1)
         return len(entries)

@@ -55,6 +55,8 @@ METRICS = frozenset({
     "threadbot_platform_connected",
     "threadbot_pending_turns",
     "threadbot_workers_alive",
+    "threadbot_job_wait_seconds",
+    "threadbot_chunk_delay_seconds",
     "threadbot_build_info",
 })  # fmt: skip
 HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count)$")

@@ -16,7 +16,7 @@ from conftest import SpyBatcher, answer_alone
 from redis.asyncio import Redis
 
 from bot.job_queue import ANSWER_READ_KEPT_S, JobQueue
-from bot.jobs import Chunk, Job, JobFailed, pick_worker
+from bot.jobs import Chunk, Job, JobFailed, entry_age, pick_worker
 from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
 from bot.worker import Worker
@@ -62,13 +62,18 @@ async def gateway(
 
 @asynccontextmanager
 async def worker(
-    redis: Redis, batcher: Any, name: str, *, max_deliveries: int = 3
+    redis: Redis,
+    batcher: Any,
+    name: str,
+    *,
+    max_deliveries: int = 3,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Worker]:
     """A worker answering with `batcher`, running for the block, then stopped."""
     async with InferenceQueue(batcher=batcher, max_size=8, timeout=60) as queue:
         working = Worker(
             redis=redis, inference=queue, name=name, rows=batcher.max_batch,
-            claim_idle_s=CLAIM_IDLE_S, max_deliveries=max_deliveries,
+            claim_idle_s=CLAIM_IDLE_S, max_deliveries=max_deliveries, metrics=metrics,
         )  # fmt: skip
         working.running = asyncio.create_task(working.run())  # type: ignore[attr-defined]
         await wait_until(lambda: redis.exists(keys.worker(name)))
@@ -395,6 +400,44 @@ async def test_the_gateway_counts_waiting_jobs_and_live_workers(streams, make_ba
             await read(waiting)
             await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=1))
         await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=0))
+
+
+async def test_the_hop_is_timed_each_way_on_the_side_that_reads(streams, make_batcher):
+    """A worker times each job from its sending to its taking, a gateway each piece of an
+    answer from its writing to its reading, both from the stream entries' Redis times; each
+    process serves only its own side's."""
+    gateway_metrics, worker_metrics = Metrics(), Metrics()
+    async with gateway(streams, metrics=gateway_metrics) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")  # no worker yet
+        await wait_until(lambda: streams.xlen(keys.JOBS))
+        await asyncio.sleep(1)
+        async with worker(streams, make_batcher(), "w1", metrics=worker_metrics):
+            pieces = await read(generation)
+    jobs = sample(worker_metrics, "job_wait_seconds")
+    assert jobs["count"] == 1 and 1 <= jobs["sum"] < 10  # it waited for a worker to start
+    chunks = sample(gateway_metrics, "chunk_delay_seconds")
+    assert pieces and chunks["count"] >= len(pieces) + 2  # started, the text, the end
+    assert chunks["sum"] < chunks["count"] * 0.5  # on one machine: milliseconds each
+    assert b"chunk_delay" not in worker_metrics.render()
+    assert b"job_wait" not in gateway_metrics.render()
+
+
+@pytest.mark.parametrize(
+    ("entry_id", "now", "age"),
+    [("1000-0", 3.5, 2.5), ("1700000000123-7", 1700000000.5, 0.377), ("5000-0", 3.0, 0.0)],
+)
+def test_an_entrys_age_is_read_from_its_id_and_never_negative(entry_id, now, age):
+    """Redis ids start with the Unix milliseconds of the XADD; a clock behind Redis's
+    reads as no wait rather than a negative one."""
+    assert entry_age(entry_id, now) == pytest.approx(age)
+
+
+def sample(metrics: Metrics, histogram: str) -> dict[str, float]:
+    registry = metrics.registry
+    return {
+        part: registry.get_sample_value(f"threadbot_{histogram}_{part}") or 0
+        for part in ("count", "sum")
+    }
 
 
 async def reads(metrics: Metrics, **gauges: float) -> bool:
