@@ -16,7 +16,10 @@ token counts are reported, and throughput is counted from them.
    round by round, never running together: while one side answers, the other's model is
    idle, so a change in the machine's other load falls on both alike. What the worker
    side pays beyond the model, this process's reading and Redis's own work, on the same
-   cores, is the hop's cost.
+   cores, is the hop's cost. That difference is within the machine's noise, so the hop's
+   time is also measured each way: the worker's `threadbot_job_wait_seconds` (a job's
+   sending to its taking) and the gateway's `threadbot_chunk_delay_seconds` (a piece of
+   an answer's writing to its reading), from the stream entries' Redis times.
 2. **Two workers**, at 16 at once: one worker pinned to one core (`taskset`; torch then
    runs one thread) against it and a second pinned to another core, with 16 conversations
    that rendezvous hashing (`bot.jobs.pick_worker`) splits 8/8 between their names. Each
@@ -39,7 +42,8 @@ import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +67,9 @@ from bot.runtime import open_answering
 from storage.embedded import EmbeddedRedis
 
 TIMEOUT_S = 900  # for a request, and for a worker to start taking jobs
+GENERATED = "threadbot_generated_tokens_total"
+TO_WORKER = "threadbot_job_wait_seconds"  # on the worker's /metrics
+TO_GATEWAY = "threadbot_chunk_delay_seconds"  # on the gateway's
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 
@@ -138,6 +145,7 @@ def served(timings: list[workload.Timing], generations: list[Generation]) -> dic
     return summary(timings, sum(tokens) / len(tokens)) | {
         "tokens": sum(tokens),
         "shortest_answer": min(tokens),
+        "makespan_s": max(timing.done for timing in timings),
     }
 
 
@@ -147,20 +155,34 @@ async def warm_up(queue: Inference, plan: ScalePlan, prefix: str, workers: list[
     await sent(queue, [("warm-up", c, opening(plan.workload, 999)) for c in warm])
 
 
+@dataclass(frozen=True)
+class Side:
+    """A queue to send to, the workers behind it, and (where asked) the CPU seconds spent
+    so far beside the model: the event loops, and Redis."""
+
+    queue: Inference
+    workers: list[str]
+    cpu: Callable[[], Awaitable[float]] | None = None
+
+
 async def measure(
-    sides: dict[str, tuple[Inference, list[str]]], plan: ScalePlan, concurrency: list[int]
+    sides: dict[str, Side], plan: ScalePlan, concurrency: list[int]
 ) -> dict[str, dict[int, dict]]:
-    """Each N's rounds, the sides (a queue and the workers behind it) taking turns round by
-    round, so that the machine's other load falls on each alike; new conversations each
-    round, so no KV cache is reused. Each side's median by N, and each round."""
+    """Each N's rounds, the sides taking turns round by round, so that the machine's other
+    load falls on each alike; new conversations each round, so no KV cache is reused. Each
+    side's median by N, and each round."""
     rounds: dict[str, dict[int, list[dict]]] = {label: {} for label in sides}
     for n in concurrency:
         for index in range(plan.rounds):
-            for label, (queue, workers) in sides.items():
+            for label, side in sides.items():
                 say(f"  {label}: {n} at once, round {index + 1} of {plan.rounds} ...")
-                ids = conversations(f"{label}-{n}-{index}", n, workers)
+                ids = conversations(f"{label}-{n}-{index}", n, side.workers)
                 requests = [(f"user{i}", c, opening(plan.workload, i)) for i, c in enumerate(ids)]
-                rounds[label].setdefault(n, []).append(served(*await sent(queue, requests)))
+                spent = await side.cpu() if side.cpu else 0.0
+                result = served(*await sent(side.queue, requests))
+                if side.cpu:
+                    result["cpu_s"] = await side.cpu() - spent
+                rounds[label].setdefault(n, []).append(result)
     return {
         label: {n: median(each) | {"rounds": each} for n, each in by_n.items()}
         for label, by_n in rounds.items()
@@ -194,8 +216,48 @@ async def hop_sides(plan: ScalePlan, env: dict[str, str], worker: WorkerProcess)
         gateway(redis, [worker], plan, "gateway_worker") as (queue, names),
     ):
         await warm_up(answering.queue, plan, "all", ["here"])
-        sides = {"all": (answering.queue, ["here"]), "gateway_worker": (queue, names)}
-        return await measure(sides, plan, plan.hop_concurrency)
+        sides = {
+            "all": Side(answering.queue, ["here"], loop_cpu),
+            "gateway_worker": Side(queue, names, beside_the_worker(redis, worker)),
+        }
+        results = {}
+        for n in plan.hop_concurrency:
+            before = await hop_times(queue, worker)
+            measured = await measure(sides, plan, [n])
+            results[n] = {label: by_n[n] for label, by_n in measured.items()}
+            after = await hop_times(queue, worker)
+            results[n]["legs_ms"] = {
+                leg: 1000 * (after[leg][0] - before[leg][0]) / (after[leg][1] - before[leg][1])
+                for leg in after
+            }  # the mean of each leg over these rounds
+        return results
+
+
+async def loop_cpu() -> float:
+    """This process's event loop's CPU seconds: the side's queue (`--role all`'s, or the
+    gateway's), and sending and reading the requests."""
+    return time.thread_time()  # the loop's thread, which calls it
+
+
+def beside_the_worker(redis: Redis, worker: WorkerProcess) -> Callable[[], Awaitable[float]]:
+    """The gateway side's CPU seconds beside the model: this process's loop, the worker's
+    loop, and Redis (as its INFO counts them)."""
+
+    async def cpu() -> float:
+        info = await redis.info("cpu")
+        redis_cpu = info["used_cpu_user"] + info["used_cpu_sys"]
+        return await loop_cpu() + await asyncio.to_thread(worker.loop_cpu) + redis_cpu
+
+    return cpu
+
+
+async def hop_times(queue: JobQueue, worker: WorkerProcess) -> dict[str, tuple[float, float]]:
+    """Each way's hop timings so far, (seconds in all, how many), from both /metrics."""
+    parts = ("sum", "count")
+    registry = queue.metrics.registry
+    back = [registry.get_sample_value(f"{TO_GATEWAY}_{part}") or 0.0 for part in parts]
+    to = [await asyncio.to_thread(worker.metric, f"{TO_WORKER}_{part}") for part in parts]
+    return {"to_worker": (to[0], to[1]), "to_gateway": (back[0], back[1])}
 
 
 async def spread_side(
@@ -206,9 +268,9 @@ async def spread_side(
         Redis.from_url(url, decode_responses=True) as redis,
         gateway(redis, workers, plan, label) as (queue, names),
     ):
-        before = [await asyncio.to_thread(worker.generated_tokens) for worker in workers]
-        results = await measure({label: (queue, names)}, plan, concurrency)
-        after = [await asyncio.to_thread(worker.generated_tokens) for worker in workers]
+        before = [await asyncio.to_thread(worker.metric, GENERATED) for worker in workers]
+        results = await measure({label: Side(queue, names)}, plan, concurrency)
+        after = [await asyncio.to_thread(worker.metric, GENERATED) for worker in workers]
     return {
         "by_n": results[label],
         "tokens_by_worker": [a - b for a, b in zip(after, before, strict=True)],
@@ -222,13 +284,18 @@ def hop(plan: ScalePlan, env: dict[str, str], work: Path) -> list[dict]:
     say("the hop: the model loaded here, and one worker process ...")
     with WorkerProcess(env=env, log=work / "worker-hop.log") as worker:
         result = asyncio.run(hop_sides(plan, env, worker))
+    cores = len(os.sched_getaffinity(0))
     rows = []
     for n in plan.hop_concurrency:
-        mine, theirs = result["all"][n], result["gateway_worker"][n]
+        mine, theirs, legs = result[n]["all"], result[n]["gateway_worker"], result[n]["legs_ms"]
         rows.append({
             "n": n, "all": mine, "gateway_worker": theirs,
             "throughput_cost": 1 - theirs["tok_s"] / mine["tok_s"],
             "ttft_cost_s": theirs["ttft_p50"] - mine["ttft_p50"],
+            "to_worker_ms": legs["to_worker"], "to_gateway_ms": legs["to_gateway"],
+            # On cores that the model keeps busy, the CPU spent beside it is taken from it.
+            "hop_cpu_s": theirs["cpu_s"] - mine["cpu_s"],
+            "hop_cpu_share": (theirs["cpu_s"] - mine["cpu_s"]) / (cores * theirs["makespan_s"]),
         })  # fmt: skip
     return rows
 
@@ -274,16 +341,19 @@ def table(report: dict) -> str:
         f"the median of {plan['rounds']} round(s)",
         "",
         "| N at once | all tok/s | gateway + worker tok/s | throughput cost (goal < 2% at 8) "
-        "| TTFT p50 all s | TTFT p50 gateway + worker s | TTFT cost ms (goal < 20) "
-        "| shortest answer, tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| the hop's CPU, share of the cores' time | TTFT p50 all s "
+        "| TTFT p50 gateway + worker s | TTFT cost ms (goal < 20) "
+        "| the hop each way, ms: to the worker + back | shortest answer, tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["hop"]:
         mine, theirs = row["all"], row["gateway_worker"]
         lines.append(
             f"| {row['n']} | {mine['tok_s']:.1f} | {theirs['tok_s']:.1f} "
-            f"| {row['throughput_cost']:.1%} | {mine['ttft_p50']:.3f} | {theirs['ttft_p50']:.3f} "
+            f"| {row['throughput_cost']:.1%} | {row['hop_cpu_share']:.1%} "
+            f"| {mine['ttft_p50']:.3f} | {theirs['ttft_p50']:.3f} "
             f"| {row['ttft_cost_s'] * 1000:.0f} "
+            f"| {row['to_worker_ms']:.1f} + {row['to_gateway_ms']:.1f} "
             f"| {min(mine['shortest_answer'], theirs['shortest_answer']):.0f} |"
         )
     lines += ["", _spread(report["spread"])]

@@ -1,6 +1,6 @@
 """`threadbot run --role worker` as a benchmark's own process: started with the settings
-given (pinned to cores with `taskset` where asked), its log in a file, its generated
-tokens read from its /metrics, and always stopped (SIGTERM, then SIGKILL if it lingers).
+given (pinned to cores with `taskset` where asked), its log in a file, its metrics read
+from its /metrics, and always stopped (SIGTERM, then SIGKILL if it lingers).
 Every wait is bounded in time."""
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from bot.jobs import roll_call
 
 ROOT = Path(__file__).resolve().parents[1]  # `python -m bot` runs this checkout's code
 STOP_TIMEOUT_S = 15
-GENERATED = "threadbot_generated_tokens_total "
 
 
 class WorkerDied(Exception):
@@ -73,12 +72,21 @@ class WorkerProcess:
             await asyncio.sleep(0.2)
         raise WorkerDied(f"the worker took no jobs within {timeout:.0f} s:\n{self.tail()}")
 
-    def generated_tokens(self) -> float:
-        """The answer tokens its model has generated so far."""
+    def metric(self, sample: str) -> float:
+        """An unlabelled sample's value on its /metrics: `threadbot_generated_tokens_total`,
+        say, or a histogram's `_sum`."""
         url = f"http://127.0.0.1:{self.port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             lines = response.read().decode().splitlines()
-        return float(next(line for line in lines if line.startswith(GENERATED)).split()[1])
+        return float(next(line for line in lines if line.startswith(f"{sample} ")).split()[1])
+
+    def loop_cpu(self) -> float:
+        """CPU seconds of its main thread, which runs its event loop (the engine thread and
+        its OpenMP threads are others): its Redis work, and its queue's."""
+        assert self.process is not None
+        pid = self.process.pid
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -5,11 +5,14 @@ not asserted here."""
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections import Counter
 
 import pytest
 
 from benchmarks import scale_out
+from benchmarks.worker_process import WorkerProcess
 from bot.jobs import pick_worker
 
 
@@ -20,6 +23,26 @@ def test_the_conversations_split_evenly_between_the_workers():
     assert Counter(owners) == {"host:1:a": 8, "host:2:b": 8}
     assert owners[:2] == ["host:1:a", "host:2:b"]  # taking turns
     assert scale_out.conversations("all", 3, ["here"]) == ["all-0", "all-1", "all-2"]
+
+
+def test_a_workers_loop_cpu_is_its_main_threads_alone(tmp_path):
+    """Read from /proc: the CPU that the process's main thread spent, not its others'."""
+    busy = "import threading, time\n" + "\n".join([
+        "def spin(seconds):",
+        "    end = time.thread_time() + seconds",
+        "    while time.thread_time() < end: pass",
+        "threading.Thread(target=spin, args=(1.0,)).start()",  # another thread's CPU
+        "spin(0.5)",
+        "time.sleep(30)",
+    ])  # fmt: skip
+    worker = WorkerProcess(env={}, log=tmp_path / "log")
+    worker.argv = [sys.executable, "-c", busy]
+    with worker:
+        deadline = time.monotonic() + 20
+        while worker.loop_cpu() < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the other thread's second ends meanwhile
+        assert 0.5 <= worker.loop_cpu() < 0.8
 
 
 @pytest.mark.slow
@@ -40,6 +63,13 @@ def test_a_quick_run_writes_the_table_and_json(all_cores, tmp_path, monkeypatch,
             assert side["tokens"] == row["n"] * answers
         assert row["throughput_cost"] == pytest.approx(
             1 - row["gateway_worker"]["tok_s"] / row["all"]["tok_s"]
+        )
+        # Each way, a mean over the rounds' jobs and chunks: on one machine, milliseconds.
+        assert 0 <= row["to_worker_ms"] < 1000 and 0 <= row["to_gateway_ms"] < 1000
+        # The CPU beside the model: the gateway side's loops and Redis, and `--role all`'s loop.
+        assert row["gateway_worker"]["cpu_s"] > 0 and row["all"]["cpu_s"] > 0
+        assert row["hop_cpu_s"] == pytest.approx(
+            row["gateway_worker"]["cpu_s"] - row["all"]["cpu_s"]
         )
 
     spread = report["spread"]
