@@ -49,6 +49,11 @@ READ_BLOCK_MS = 500
 TAKE_FROM_OTHERS_EVERY_S = 0.5
 OUTAGE_PAUSE_S = 0.5
 ANSWER_KEPT_S = 300  # an answer stream outlives its job's deadline by this, for a slow reader
+TEXT_EVERY_S = 0.1
+"""After its first piece, which goes at once, an answer's text goes to Redis at most this
+often, the pieces written meanwhile together: a platform shows an answer's progress a few
+times a second, where a model on a GPU writes a token every few milliseconds, and each
+write costs a round trip here, work in Redis and a read on the gateway."""
 # Deleting a consumer discards the jobs it holds: check that it holds none in the same step.
 _DROP_IDLE_CONSUMER = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
@@ -223,10 +228,9 @@ class Worker:
                 await self._ensure_groups()
             return 0  # another worker's stream, gone: nothing to take there
         entries = [entry for _, entries in replies for entry in entries]
-        now = time.time()
-        for entry_id, _fields in entries:
-            self.metrics.job_wait.observe(entry_age(entry_id, now))
+        now = time.time()  # when they were read: taking each awaits Redis
         for entry_id, fields in entries:
+            self.metrics.job_wait.observe(entry_age(entry_id, now))
             await self._take(stream, entry_id, fields, attempt=1)
         return len(entries)
 
@@ -270,10 +274,18 @@ class Worker:
                 temperature=job.temperature,
             )
             await self._say(taken, "started")
+            unsent, next_write = "", 0.0
             async for text in generation:
-                if await self._say(taken, "text", text):
+                unsent += text
+                if time.monotonic() < next_write:
+                    continue
+                next_write = time.monotonic() + TEXT_EVERY_S
+                if await self._say(taken, "text", unsent):
                     taken.cancelled = True
                     generation.cancel()
+                unsent = ""
+            if unsent:
+                await self._say(taken, "text", unsent)
             await self._say(
                 taken, "end", generation.text, generation.prompt_tokens, generation.answer_tokens
             )

@@ -432,6 +432,19 @@ def test_an_entrys_age_is_read_from_its_id_and_never_negative(entry_id, now, age
     assert entry_age(entry_id, now) == pytest.approx(age)
 
 
+async def test_an_answers_text_travels_in_few_pieces_and_none_is_lost(
+    streams, make_batcher, monkeypatch
+):
+    """Its first piece goes at once; the rest waits out `TEXT_EVERY_S` (here longer than the
+    answer) and goes together, before the end: two writes, not one a token."""
+    monkeypatch.setattr("bot.worker.TEXT_EVERY_S", 60)
+    async with gateway(streams) as queue, worker(streams, make_batcher(), "w1"):
+        generation = queue.submit(HELLO, user="u1", conversation="c1", max_new_tokens=24)
+        pieces = await read(generation)
+    assert generation.answer_tokens > 2  # more tokens than writes
+    assert len(pieces) == 2 and "".join(pieces) == generation.text
+
+
 def sample(metrics: Metrics, histogram: str) -> dict[str, float]:
     registry = metrics.registry
     return {
