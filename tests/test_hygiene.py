@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from conftest import ScriptedBatcher
+from fake_server import wait_for
 from test_service import RecordingSink
 
 from bot import replies
@@ -232,7 +233,10 @@ async def test_a_looping_answer_is_cut_stopped_and_stored_cut(make_service, stor
     batcher = EndlessLoop()
     async with make_service(batcher, timeout=10) as (service, _):
         await service.handle(turn(conversation, "can you help?"), sink)
+        # The generation was cancelled: the batcher lets it go at its next step, well
+        # before the 10 s timeout (a queue closed first would clear it instead).
+        await wait_for(lambda: batcher.left, timeout=5)
     cut = "Of course! I am always happy to help you with that." + MARK
     assert sink.kinds("finish") == [cut]
-    assert len(batcher.left) == 1  # the generation was cancelled: the batcher let it go
+    assert len(batcher.left) == 1
     assert (await store.load(str(conversation)))[-1] == {"role": "assistant", "content": cut}
