@@ -288,14 +288,14 @@ def hop(plan: ScalePlan, env: dict[str, str], work: Path) -> list[dict]:
     rows = []
     for n in plan.hop_concurrency:
         mine, theirs, legs = result[n]["all"], result[n]["gateway_worker"], result[n]["legs_ms"]
+        # On cores that the model keeps busy, the CPU spent beside it is taken from it.
+        hop_cpu = theirs["cpu_s"] - mine["cpu_s"]
         rows.append({
             "n": n, "all": mine, "gateway_worker": theirs,
             "throughput_cost": 1 - theirs["tok_s"] / mine["tok_s"],
             "ttft_cost_s": theirs["ttft_p50"] - mine["ttft_p50"],
             "to_worker_ms": legs["to_worker"], "to_gateway_ms": legs["to_gateway"],
-            # On cores that the model keeps busy, the CPU spent beside it is taken from it.
-            "hop_cpu_s": theirs["cpu_s"] - mine["cpu_s"],
-            "hop_cpu_share": (theirs["cpu_s"] - mine["cpu_s"]) / (cores * theirs["makespan_s"]),
+            "hop_cpu_s": hop_cpu, "hop_cpu_share": hop_cpu / (cores * theirs["makespan_s"]),
         })  # fmt: skip
     return rows
 

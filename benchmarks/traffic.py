@@ -56,6 +56,7 @@ def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
         raise RuntimeError(f"no request was answered within {REQUEST_TIMEOUT} s")
     ttft = [timing.first_token for timing in finished]
     latency = [timing.done for timing in finished]
+    p95 = percentile(ttft, 0.95)
     queued = percentile(queued_prompts(arrivals, idle), 0.95)
     return {
         "requests": len(requests),
@@ -67,11 +68,11 @@ def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
         "new_tokens": plan.new_tokens,
         "idle_ttft": idle,
         "ttft_p50": percentile(ttft, 0.5),
-        "ttft_p95": percentile(ttft, 0.95),
-        "p95_over_idle": percentile(ttft, 0.95) / idle,
+        "ttft_p95": p95,
+        "p95_over_idle": p95 / idle,
         "queued_p95": queued,
         "queued_over_idle": queued / idle,
-        "p95_over_queued": percentile(ttft, 0.95) / queued,
+        "p95_over_queued": p95 / queued,
         "latency_p50": percentile(latency, 0.5),
         "latency_p95": percentile(latency, 0.95),
         "latency_max": max(latency),

@@ -277,9 +277,9 @@ class Worker:
             unsent, next_write = "", 0.0
             async for text in generation:
                 unsent += text
-                if time.monotonic() < next_write:
+                if (now := time.monotonic()) < next_write:
                     continue
-                next_write = time.monotonic() + TEXT_EVERY_S
+                next_write = now + TEXT_EVERY_S
                 if await self._say(taken, "text", unsent):
                     taken.cancelled = True
                     generation.cancel()
