@@ -9,12 +9,13 @@ import time
 from dataclasses import dataclass
 
 from bot.batching import Batcher
+from bot.config import Settings
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.queue import Generation, Inference, InferenceQueue
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "in", "the", "thread"]
-STEP_TOKENS = 128  # MAX_STEP_TOKENS' default
+STEP_TOKENS = Settings.model_fields["max_step_tokens"].default
 
 
 @dataclass
