@@ -7,14 +7,11 @@ Pure functions over `ChatMessage` lists; knows nothing of storage, platforms or 
 from __future__ import annotations
 
 import asyncio
-import logging
 import unicodedata
 from collections.abc import Callable
 from typing import NamedTuple
 
 from bot.types import ChatMessage
-
-logger = logging.getLogger(__name__)
 
 TRIM_TO = 2 / 3
 """What a trim keeps, as a share of the limit it was over (tokens, or stored messages).
@@ -75,8 +72,9 @@ async def fit(
     stored history, so the next turns start the same way, byte for byte (their KV cache is
     reused), until they have grown by a third of the budget; a cut at the budget itself
     would shift the front of every turn's prompt. Never drops the system prompt or the
-    newest message. The kept history starts at a user message, as chat templates expect
-    (the store's own trim may have left an assistant message first).
+    newest message, which the caller made sure fits with it (`tokens_over_budget`). The
+    kept history starts at a user message, as chat templates expect (the store's own trim
+    may have left an assistant message first).
     """
     newest = len(history) - 1
 
@@ -100,6 +98,13 @@ async def fit(
         else:
             low = middle + 1
     drop = next_user(low)
-    if drop == newest and not await fits(drop, budget):
-        logger.warning("the newest message alone exceeds the prompt budget of %d tokens", budget)
     return Fitted(system + history[drop:], drop, drop - start)
+
+
+async def tokens_over_budget(
+    system: list[ChatMessage], message: ChatMessage, *, count_tokens: TokenCounter, budget: int
+) -> int | None:
+    """The prompt's tokens for `message` after the system prompt alone, where that is over
+    `budget`: no trim of the history could make it fit. None where it fits."""
+    tokens = await asyncio.to_thread(count_tokens, [*system, message])
+    return tokens if tokens > budget else None

@@ -19,6 +19,13 @@ def too_long(length: int, limit: int) -> str:
     )
 
 
+def too_many_tokens(tokens: int, budget: int) -> str:
+    return (
+        f"Your message is about {tokens:,} tokens long, more than the {budget:,} I can read "
+        "at once. Please shorten it or split it up. (It was not saved.)"
+    )
+
+
 def history_dropped(count: int) -> str:
     noun = "message" if count == 1 else "messages"
     return (

@@ -30,7 +30,7 @@ from bot.config import ConfigError
 from bot.hygiene import AnswerFilter
 from bot.metrics import Metrics, Outcome
 from bot.personas import Voice, fill, placeholder_values, voice_for
-from bot.prompt import TokenCounter, fit, named, sanitized
+from bot.prompt import TokenCounter, fit, named, sanitized, tokens_over_budget
 from bot.queue import (
     AnswerRestarted,
     EngineStopped,
@@ -47,7 +47,7 @@ from storage.errors import is_outage
 from storage.limits import Limits
 from storage.stats import TurnStats
 from storage.store import ConversationStore
-from storage.turns import PendingTurn, TurnJournal, in_scope
+from storage.turns import PendingTurn, TurnJournal, in_scope, user_message
 
 logger = logging.getLogger(__name__)
 
@@ -387,15 +387,26 @@ class ChatService:
                                         text=replies.storage_lost())  # fmt: skip
 
     async def _answer(self, pending: PendingTurn, sink: ReplySink) -> None:
+        voice = voice_for(self.team.settings, pending.turn.conversation)
+        system = await self._system(pending.turn, voice)
+        budget = self._budget(voice)
+        # Before the message is stored: no answer could read it, and no later turn either.
+        message = named([user_message(pending.turn)])[0]
+        if not pending.stored and (
+            tokens := await tokens_over_budget(
+                system, message, count_tokens=self.count_tokens, budget=budget
+            )
+        ):
+            reply = replies.too_many_tokens(tokens, budget)
+            await self._fail(pending, sink, reply, outcome="too_long")
+            return
         started = await self.journal.begin(pending)
         if started is None:
             _not_ours(pending)
             return
-        voice = voice_for(self.team.settings, pending.turn.conversation)
-        system = await self._system(pending.turn, voice)
         history = named(await self.store.load(pending.conversation))
         messages, cut, dropped = await fit(
-            system, history, count_tokens=self.count_tokens, budget=self._budget(voice)
+            system, history, count_tokens=self.count_tokens, budget=budget
         )
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped

@@ -228,12 +228,24 @@ async def test_a_long_conversation_over_the_message_cap_reuses_its_cache(
     assert all(sink.kinds("notice") == [] for sink in sinks)  # the cap trims silently
 
 
-async def test_a_newest_message_too_long_for_the_budget_is_still_sent(make_service, conversation):
-    sink = RecordingSink()
-    async with make_service(prompt_budget=5) as (service, batcher):
-        await service.handle(turn(conversation, "a question longer than five tokens"), sink)
-    assert batcher.prompts[0][-1]["content"] == "a question longer than five tokens"
-    assert sink.kinds("finish")
+async def test_a_message_over_the_token_budget_is_refused_and_the_history_kept(
+    make_service, make_engine, store, conversation
+):
+    """Under MAX_INPUT_CHARS but over the prompt's budget in tokens (digits, hex and CJK
+    text take a token or more per character): no trim could fit it, so the asker hears
+    how long it was, and the conversation goes on as it was."""
+    short, long = "a short question", " ".join("9" * 90)
+    budget = make_engine().count_tokens([{"role": "user", "content": long}]) - 1
+    sinks = [RecordingSink() for _ in range(3)]
+    async with make_service(prompt_budget=budget) as (service, batcher):
+        for sink, text in zip(sinks, [short, long, short], strict=True):
+            await service.handle(turn(conversation, text), sink)
+    assert sinks[1].events == [("fail", replies.too_many_tokens(budget + 1, budget))]
+    assert all(sink.kinds("finish") for sink in (sinks[0], sinks[2]))
+    assert len(batcher.prompts) == 2
+    history = await store.load(str(conversation))
+    assert [m["content"] for m in history if m["role"] == "user"] == [short, short]
+    assert batcher.prompts[1][:2] == history[:2]  # the first exchange, not trimmed away
 
 
 async def test_a_failing_generation_keeps_the_message_and_the_service(
