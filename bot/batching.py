@@ -196,9 +196,13 @@ class Batcher:
             IncrementalDetokenizer(self.engine.decode),
         )
         self._sequences.append(sequence)
-        self._fit_cache()
-        if kv:
-            self._cache.load(sequence.slot, kv)
+        try:
+            self._fit_cache()
+            if kv:
+                self._cache.load(sequence.slot, kv)
+        except BaseException:  # e.g. out of memory: the batch goes on without this row
+            self._sequences.pop()
+            raise
 
     def fits(
         self, key: object, messages: list[ChatMessage], *, max_new_tokens: int | None = None

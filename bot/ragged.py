@@ -202,19 +202,21 @@ class SlotCache:
         return self.keys[0].shape[2] if self.keys else 0
 
     def resize(self, slots: int, width: int, keep: int) -> None:
-        """Reallocate to `slots` x `width`, keeping the first `keep` slots' contents."""
+        """Reallocate to `slots` x `width`, keeping the first `keep` slots' contents. All of
+        it is allocated before anything changes: out of memory, the cache stays as it was."""
         layers, kv_heads, head_dim = self._shape
-        if not slots:
-            self.keys, self.values = [], []
-            return
-        keep, columns = min(keep, slots, self.slots), min(width, self.width)
         shape = (slots, kv_heads, width, head_dim)
-        for store in (self.keys, self.values):
-            old = list(store) or [None] * layers
-            store[:] = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in old]
-            for new, previous in zip(store, old, strict=True):
-                if previous is not None and keep:
-                    new[:keep, :, :columns] = previous[:keep, :, :columns]
+        keys, values = (
+            [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(layers)]
+            if slots
+            else []
+            for _ in range(2)
+        )
+        keep, columns = min(keep, slots, self.slots), min(width, self.width)
+        if keep:
+            for new, previous in zip(keys + values, self.keys + self.values, strict=True):
+                new[:keep, :, :columns] = previous[:keep, :, :columns]
+        self.keys, self.values = keys, values
 
     def load(self, slot: int, kv: KV) -> None:
         """Put a conversation's cached keys and values at the start of `slot`."""

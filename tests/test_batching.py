@@ -348,3 +348,33 @@ def test_prompts_of_about_the_same_length_are_read_in_the_order_they_joined(make
         if keys:
             break
     assert keys == ["first"]
+
+
+def test_a_join_out_of_memory_leaves_the_batch_as_it_was(make_batcher, monkeypatch):
+    """The cache cannot grow for a new row (its values' allocation fails, its keys' went
+    through): the join fails, and the running row goes on to its own answer."""
+    batcher = make_batcher(max_new_tokens=12)
+    alone = answer_alone(batcher, QUESTIONS[1])
+    batcher.join("running", QUESTIONS[1], conversation="running")
+    batcher.step()
+    held = batcher.kv_tokens
+    layers, allocations, zeros = len(batcher._cache.keys), [], torch.zeros
+
+    def allocate(*args, **kwargs):
+        allocations.append(args)
+        if len(allocations) > layers:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", allocate)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        batcher.join("new", QUESTIONS[0], conversation="new")
+    monkeypatch.undo()
+    assert len(batcher) == 1 and batcher.kv_tokens == held
+    batcher.join("later", QUESTIONS[0], conversation="later")
+    answers = {}
+    for _ in range(100):
+        answers |= {u.key: u.answer for u in batcher.step() if u.answer is not None}
+        if not len(batcher):
+            break
+    assert answers == {"running": alone, "later": answer_alone(batcher, QUESTIONS[0])}
