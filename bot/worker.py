@@ -3,15 +3,17 @@ process's `Inference`: the local model's queue, or an OpenAI-compatible server.
 
 It reads only as many jobs as it has free rows, from its own stream (its conversations)
 and the shared one, so load spreads by itself; with rows free it also takes what waits in
-other workers' streams (a full worker's, or a dead one's). A sweep every third of
-`JOB_CLAIM_IDLE_S` renews its heartbeat, keeps its running jobs from looking abandoned,
-stops those whose gateway cancelled them, and claims other workers' abandoned jobs. A
-worker stalled past that idle time finds its jobs claimed by another: it drops them, so
-each answer is written by one worker at a time.
+other workers' streams (a full worker's, or a dead one's). Every third of
+`JOB_CLAIM_IDLE_S` it keeps its running jobs from looking abandoned and stops those whose
+gateway cancelled them, and, while it takes jobs, sweeps: renews its heartbeat and claims
+other workers' abandoned jobs. A worker stalled past that idle time finds its jobs
+claimed by another: it drops them, so each answer is written by one worker at a time.
+Whatever it does to a job (acknowledge, hand back, keep) it does only while it holds it.
 
 A job whose answer fails here is handed back at once (made claimable, not acknowledged),
 so another try runs, on any worker; the delivery count in Redis counts the tries. A
-stopping worker hands back what it could not finish within the grace period.
+stopping worker takes no more jobs, keeps its running ones through the grace period, and
+hands back what it could not finish in it.
 """
 
 from __future__ import annotations
@@ -61,15 +63,37 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
 end
 return -1
 """
-# Reset a running job's idle time only while this worker still holds it: 1 if it does.
-_KEEP_IF_MINE = """
+# A job is touched only while this worker still holds it (another may have claimed it
+# from a stalled or stopping worker): each script returns 1 if it did, 0 if not.
+_IF_MINE = """
 local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
-if entry and entry[2] == ARGV[2] then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
-  return 1
-end
-return 0
+if not entry or entry[2] ~= ARGV[2] then return 0 end
 """
+# Its idle time reset: it is running.
+_KEEP_IF_MINE = (
+    _IF_MINE
+    + """
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+)
+# Made to look abandoned for ARGV[4] ms, so the next sweep of any worker claims it.
+_HAND_BACK_IF_MINE = (
+    _IF_MINE
+    + """
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
+return 1
+"""
+)
+# Over: out of the group's pending list and out of the stream.
+_ACKNOWLEDGE_IF_MINE = (
+    _IF_MINE
+    + """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+)
 
 
 @dataclass(eq=False)
@@ -114,9 +138,13 @@ class Worker:
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
         self._keep_if_mine = redis.register_script(_KEEP_IF_MINE)
-        # A flag, not cancellation, stops the loops: on Python 3.11 a cancel that lands in
+        self._hand_back_if_mine = redis.register_script(_HAND_BACK_IF_MINE)
+        self._acknowledge_if_mine = redis.register_script(_ACKNOWLEDGE_IF_MINE)
+        # Flags, not cancellation, stop the loops: on Python 3.11 a cancel that lands in
         # redis-py's own `wait_for` can be swallowed.
         self._stop = asyncio.Event()
+        self._finished = asyncio.Event()  # no running job is left to keep
+        self._keeping: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Take jobs until `stop`, sweeping meanwhile; then, with the heartbeat gone (so
@@ -125,6 +153,7 @@ class Worker:
         await self._ensure_groups()
         await self._beat()
         logger.info("worker %s taking jobs (%d rows)", self.name, self.rows)
+        self._keeping = asyncio.create_task(self._keep_running())
         sweeping = asyncio.create_task(self._keep_sweeping())
         try:
             await self._keep_reading()
@@ -140,16 +169,22 @@ class Worker:
         self._room.set()
 
     async def finish(self, grace: float) -> int:
-        """Give running answers `grace` seconds, then hand back the rest for another
-        worker. Returns how many were handed back."""
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=grace)
-        left = list(self._running.values())
-        for taken in left:
-            if taken.generation is not None:
-                taken.generation.cancel()  # `_answer` hands it back
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10)
+        """Give running answers `grace` seconds, their jobs kept from looking abandoned
+        meanwhile, then hand back the rest for another worker. Returns how many were
+        handed back."""
+        try:
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=grace)
+            left = list(self._running.values())
+            for taken in left:
+                if taken.generation is not None:
+                    taken.generation.cancel()  # `_answer` hands it back
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=10)
+        finally:
+            self._finished.set()
+            if self._keeping is not None:
+                await self._keeping
         return len(left)
 
     # --- taking jobs --------------------------------------------------------------------
@@ -324,35 +359,37 @@ class Worker:
         return bool(cancelled)
 
     async def _acknowledge(self, stream: str, entry_id: str) -> None:
-        """The job is over: out of the group's pending list and out of the stream."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+        """The job is over: out of the group's pending list and out of the stream, unless
+        another worker took it meanwhile (it answers it now)."""
+        await self._acknowledge_if_mine(keys=[stream], args=[GROUP, self.name, entry_id])
 
     async def _hand_back(self, taken: _Taken) -> None:
         """Leave the job pending but make it look abandoned now, so the next sweep of any
-        worker claims it (and the delivery count counts this try)."""
+        worker claims it (and the delivery count counts this try); unless another worker
+        took it meanwhile."""
+        args = [GROUP, self.name, taken.entry_id, self.claim_idle_ms]
         try:
-            await self.redis.xclaim(
-                taken.stream, GROUP, self.name, 0, [taken.entry_id],
-                idle=self.claim_idle_ms, justid=True,
-            )  # fmt: skip
+            await self._hand_back_if_mine(keys=[taken.stream], args=args)
         except RedisError as error:  # it is claimed once idle long enough anyway
             logger.warning("could not hand back job %s: %s", taken.job.id, error)
 
     # --- the sweep ----------------------------------------------------------------------
 
     async def _keep_sweeping(self) -> None:
-        while not await set_within(self._stop, self.claim_idle_ms / 3000):
+        while not await set_within(self._stop, self._sweep_every_s):
             try:
                 await self._sweep()
             except RedisError as error:
                 logger.warning("worker sweep failed; next time: %s", error)
 
+    @property
+    def _sweep_every_s(self) -> float:
+        """A third of the claim idle time: a running job is kept twice before it could be
+        taken for abandoned."""
+        return self.claim_idle_ms / 3000
+
     async def _sweep(self) -> None:
         await self._beat()
-        await self._keep_running_jobs()
         roll = await roll_call(self.redis)
         for stream in roll.streams:
             await self._claim_abandoned(stream)
@@ -363,6 +400,15 @@ class Worker:
             pipe.set(keys.worker(self.name), str(self.rows), px=self.claim_idle_ms)
             pipe.sadd(keys.WORKERS, self.name)
             await pipe.execute()
+
+    async def _keep_running(self) -> None:
+        """Keep the running jobs, at the sweep's pace, until `finish`: a stopped worker's
+        running answers go on through the grace period."""
+        while not await set_within(self._finished, self._sweep_every_s):
+            try:
+                await self._keep_running_jobs()
+            except RedisError as error:
+                logger.warning("could not keep the running jobs; next time: %s", error)
 
     async def _keep_running_jobs(self) -> None:
         """Reset the idle time of the jobs running here, and stop those cancelled or

@@ -364,6 +364,42 @@ async def test_a_job_claimed_from_a_stalled_worker_is_dropped_there(streams, mak
     assert pending["consumer"] == "w2"  # neither acknowledged nor handed back
 
 
+async def test_a_stopping_workers_answers_finish_there_in_its_grace_period(streams, make_batcher):
+    """The stopped worker takes no more jobs but keeps its running ones through a grace
+    period of many claim idle times: no other worker takes them for abandoned."""
+    slow, other = SlowSteps(make_batcher(max_new_tokens=60)), SpyBatcher(make_batcher())
+    async with gateway(streams) as queue, worker(streams, slow, "stopping") as stopping:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        first = await anext(aiter(generation))
+        async with worker(streams, other, "w2"):
+            stopping.stop()
+            await stopping.running
+            rest, handed_back = await asyncio.gather(
+                read(generation), stopping.finish(grace=20 * CLAIM_IDLE_S)
+            )
+    assert first + "".join(rest) == generation.text == slow.answers[0]
+    assert handed_back == 0 and not other.prompts
+
+
+async def test_a_job_another_worker_holds_is_neither_acknowledged_nor_handed_back(
+    streams, make_batcher
+):
+    """A worker whose answer ends (or fails) just as another claims its job, before its
+    sweep sees the claim, leaves the job to the claimer."""
+    async with gateway(streams) as queue, worker(streams, make_batcher(), "w1") as working:
+        queue.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: asyncio.sleep(0, bool(working._running)))
+        [taken] = working._running.values()
+        await streams.xclaim(taken.stream, keys.WORKERS_GROUP, "w2", 0, [taken.entry_id])
+        await working._hand_back(taken)
+        await working._acknowledge(taken.stream, taken.entry_id)
+        [pending] = await streams.xpending_range(
+            taken.stream, keys.WORKERS_GROUP, taken.entry_id, taken.entry_id, 1
+        )
+        assert pending["consumer"] == "w2" and pending["time_since_delivered"] < 1000
+        assert await streams.xrange(taken.stream, taken.entry_id, taken.entry_id)
+
+
 async def test_a_job_nobody_takes_times_out_and_is_never_run(streams, make_batcher):
     spy = SpyBatcher(make_batcher())
     async with gateway(streams, timeout=0.3) as queue:
