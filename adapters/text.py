@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-FENCE = re.compile(r"^```[^\n`]*", re.MULTILINE)
-CLOSE_FENCE = "\n```"
+# A line that starts, maybe indented (code under a list item), with a code fence; its
+# language is the info string's first word, where that is short enough to be one.
+FENCE = re.compile(r"^([ \t]{0,8})```([\w+#.-]{1,20}(?=\s|$))?[^\n]*", re.MULTILINE)
+CLOSING_ROOM = len("\n" + " " * 8 + "```")
 
 
 def split_message(text: str, limit: int) -> list[str]:
@@ -16,14 +18,18 @@ def split_message(text: str, limit: int) -> list[str]:
     """
     parts: list[str] = []
     while len(text) > limit:
-        cut = _break_point(text[: limit - len(CLOSE_FENCE)])
+        cut = _break_point(text[: max(limit - CLOSING_ROOM, 1)])
         head, rest = text[:cut].rstrip(), text[cut:]
-        if fence := _open_fence(head):
-            head += CLOSE_FENCE
+        fence = _open_fence(head)
+        # Reopened only where that still shortens what is left: every turn makes progress.
+        if fence is not None and len(fence) + 1 < cut:
+            indent = fence[: fence.index("`")]
+            head += f"\n{indent}```"
             rest = f"{fence}\n{rest.lstrip(chr(10))}"
         else:
             rest = rest.lstrip()
-        parts.append(head)
+        if head.strip():
+            parts.append(head)
         text = rest
     if text.strip():
         parts.append(text)
@@ -40,8 +46,10 @@ def _break_point(window: str) -> int:
 
 
 def _open_fence(text: str) -> str | None:
-    """The opening line of a code block that `text` leaves open, if any."""
+    """The opening (indent, fence and language) of a code block `text` leaves open, if any.
+    A line with an even number of fences (```like this```) opens and closes its block."""
     fence = None
     for match in FENCE.finditer(text):
-        fence = match.group(0) if fence is None else None
+        if match.group(0).count("```") % 2:
+            fence = f"{match.group(1)}```{match.group(2) or ''}" if fence is None else None
     return fence

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from adapters.text import split_message
 
 
@@ -39,3 +43,42 @@ def test_a_word_longer_than_the_limit_is_cut_hard():
     parts = split_message("x" * 250, 100)
     assert "".join(parts) == "x" * 250
     assert all(len(part) <= 100 for part in parts)
+
+
+def test_a_fence_line_longer_than_a_part_still_ends():
+    """A one-line block whose line runs past a part: reopening its line in the next part
+    left as much as before (this looped for good, on the event loop)."""
+    text = "```" + "print('hello') " * 70 + "\n" + "y " * 600
+    parts = split_message(text, 600)
+    assert all(len(part) <= 600 for part in parts)
+    assert "".join(parts).count("y") == 600
+
+
+def test_a_block_opened_and_closed_on_one_line_is_not_reopened():
+    text = "```pip install threadbot``` first,\n" + "then " * 60
+    parts = split_message(text, 120)
+    assert len(parts) > 2
+    assert parts[0].count("```") == 2
+    assert not any("```" in part for part in parts[1:])
+
+
+def test_an_indented_block_is_closed_and_reopened_with_its_indent():
+    code = "\n".join(f"     print({i})" for i in range(30))
+    text = f"1. Install:\n   ```python\n{code}\n   ```\n2. Done."
+    parts = split_message(text, 200)
+    assert len(parts) > 2
+    assert all(part.endswith("\n   ```") for part in parts[:-1])
+    assert all(part.startswith("   ```python\n") for part in parts[1:])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_text_splits_into_parts_that_fit_and_keep_every_word(seed):
+    """Random text of words, fences (open, closed, one-line, indented, long) and breaks."""
+    pieces = ["word", "```", "```py", "  ```sh", "```y```", "`", "\n", "\n\n", " ", "z" * 90]
+    rng = random.Random(seed)
+    text = "".join(rng.choice(pieces) + rng.choice([" ", "\n"]) for _ in range(400))
+    limit = rng.choice([40, 100, 333])
+    parts = split_message(text, limit)
+    assert all(len(part) <= limit for part in parts)
+    words = "wordz"  # the fences' languages (reopened in later parts) have other letters
+    assert [c for c in "".join(parts) if c in words] == [c for c in text if c in words]
