@@ -340,6 +340,8 @@ class Worker:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
             await self._hand_back(taken)
         finally:
+            if taken.generation is not None:  # ended, or given up on here: stop its row
+                taken.generation.cancel()
             del self._running[taken.entry_id]
             self._room.set()
 

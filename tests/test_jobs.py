@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from conftest import SpyBatcher, answer_alone
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.job_queue import ANSWER_READ_KEPT_S, JobQueue
 from bot.jobs import Chunk, Job, JobFailed, entry_age, pick_worker
@@ -345,6 +346,32 @@ async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
         await wait_until(lambda: asyncio.sleep(0, not working._running))
     assert not spy.answers  # it never finished its 400 tokens
     assert await streams.xlen(keys.worker_jobs("w1")) == 0
+
+
+async def test_an_answer_given_up_on_for_a_redis_error_stops_on_the_worker(
+    streams, make_batcher, monkeypatch
+):
+    """Its text could not be written (Redis lost for longer than the client's retries):
+    the job goes back for another try, and its row stops, not running on unread."""
+    batcher = make_batcher(max_new_tokens=400)
+    async with gateway(streams) as queue, worker(streams, batcher, "w1") as working:
+        submitted: list = []
+        submit, write = working.inference.submit, working._write
+
+        def recorded(*args, **kwargs):
+            submitted.append(submit(*args, **kwargs))
+            return submitted[-1]
+
+        async def fails_for_text(job, chunk):
+            if chunk.kind == "text":
+                raise RedisConnectionError("Redis is gone")
+            return await write(job, chunk)
+
+        monkeypatch.setattr(working.inference, "submit", recorded)
+        monkeypatch.setattr(working, "_write", fails_for_text)
+        queue.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: asyncio.sleep(0, bool(submitted)))
+        await wait_until(lambda: asyncio.sleep(0, submitted[0].cancelled), timeout=5)
 
 
 async def test_a_job_claimed_from_a_stalled_worker_is_dropped_there(streams, make_batcher):
