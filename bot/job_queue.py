@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Self
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from bot.health import READY
@@ -51,6 +52,7 @@ COUNT_EVERY_S = 0.5
 READ_BLOCK_MS = 1_000  # a reader waiting this long with nothing new reads again
 OUTAGE_PAUSE_S = 0.5
 ANSWER_READ_KEPT_S = 30  # for another gateway that began following the job as it ended
+WAKE_KEPT_S = 86400  # a crashed gateway's wake stream is gone a day after its last job
 
 
 @dataclass(eq=False)
@@ -103,7 +105,7 @@ class JobQueue:
         for watch in list(self._watches.values()):
             watch.generation.cancel()
         with contextlib.suppress(RedisError):
-            await self.redis.xadd(self._wake, {"stop": "1"}, maxlen=1)
+            await self._wake_reader(stop="1")
         if self._tasks:  # they end by the flag (see `Worker`: a cancel may be swallowed)
             await asyncio.wait(self._tasks, timeout=READ_BLOCK_MS / 1000 + 1)
         for task in self._tasks:
@@ -171,43 +173,57 @@ class JobQueue:
         return generation
 
     async def _send(self, watch: _Watch) -> None:
-        """Into the conversation's worker's stream (the shared one with none alive), and
-        wake the reader, in one round trip; or, where the same request was sent before and
-        is still wanted, follow that job instead."""
+        """Into the conversation's worker's stream (the shared one with none alive), with
+        the job recorded as its request's and the reader woken, in one MULTI (a record
+        never names a job that was not sent); or, where the same request was sent before
+        and is still wanted, follow that job instead."""
+        job = watch.job
         try:
             if await self._follow_earlier(watch):
                 return
-            worker = pick_worker(watch.job.conversation, (await roll_call(self.redis)).alive)
+            worker = pick_worker(job.conversation, (await roll_call(self.redis)).alive)
             stream = keys.worker_jobs(worker) if worker else keys.JOBS
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(stream, watch.job.fields())
-                pipe.xadd(self._wake, {"job": watch.job.id}, maxlen=1)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(stream, job.fields())
+                pipe.set(keys.job_asked(job.fingerprint()), job.id, ex=self._asked_for_s)
+                self._queue_wake(pipe, {"job": job.id})
                 await pipe.execute()
         except Exception as error:  # an outage leaves the turn pending; the service knows
             self._forget(watch)
             watch.generation.fail(error)
             return
-        logger.debug("job %s sent to %s", watch.job.id, stream)
+        logger.debug("job %s sent to %s", job.id, stream)
+
+    @property
+    def _asked_for_s(self) -> int:
+        """How long a request's job is worth following: as long as an answer is waited for."""
+        return max(round(self.timeout), 1)
 
     async def _follow_earlier(self, watch: _Watch) -> bool:
-        """Record this job as its request's; if another gateway's job of the same request
-        is there and not cancelled, read that one's answer instead (True)."""
-        asked, wanted_for = keys.job_asked(watch.job.fingerprint()), max(round(self.timeout), 1)
-        if await self.redis.set(asked, watch.job.id, nx=True, ex=wanted_for):
-            return False
-        earlier = await self.redis.get(asked)
+        """If another gateway's job of the same request is there and not cancelled, read
+        that one's answer instead (True)."""
+        earlier = await self.redis.get(keys.job_asked(watch.job.fingerprint()))
         if earlier is None or keys.job_chunks(earlier) in self._watches:
-            return False  # gone meanwhile, or this gateway's own: asked twice at once
+            return False  # none, or this gateway's own: asked twice at once
         if await self.redis.exists(keys.job_cancel(earlier)):
-            await self.redis.set(asked, watch.job.id, ex=wanted_for)
             return False
         if self._watches.pop(keys.job_chunks(watch.job.id), None) is None:
             return True  # cancelled meanwhile: nothing to follow
         watch.job = replace(watch.job, id=earlier)
         self._watches[keys.job_chunks(earlier)] = watch
-        await self.redis.xadd(self._wake, {"job": earlier}, maxlen=1)
+        await self._wake_reader(job=earlier)
         logger.info("following job %s, sent before for the same request", earlier)
         return True
+
+    async def _wake_reader(self, **fields: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_wake(pipe, fields)
+            await pipe.execute()
+
+    def _queue_wake(self, pipe: Pipeline, fields: dict[str, str]) -> None:
+        """Wake the reader, whose XREAD blocks on this stream too."""
+        pipe.xadd(self._wake, fields, maxlen=1)
+        pipe.expire(self._wake, WAKE_KEPT_S)
 
     async def _cancel(self, watch: _Watch) -> None:
         """Tell the job's worker to stop (it checks as it writes, and before it starts: the

@@ -16,7 +16,8 @@ from conftest import SpyBatcher, answer_alone
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from bot.job_queue import ANSWER_READ_KEPT_S, JobQueue
+import bot.job_queue
+from bot.job_queue import ANSWER_READ_KEPT_S, WAKE_KEPT_S, JobQueue
 from bot.jobs import Chunk, Job, JobFailed, entry_age, pick_worker
 from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
@@ -130,6 +131,8 @@ async def test_a_worker_streams_the_answer_to_the_gateway(streams, make_batcher)
     async with gateway(streams) as queue, worker(streams, batcher, "w1"):
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         chunks = await read(generation)
+        wake_kept = await streams.ttl(keys.gateway_wake("gw-test"))
+    assert 0 < wake_kept <= WAKE_KEPT_S  # a crashed gateway's key goes too
     assert len(chunks) > 1
     assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
     assert generation.answer_tokens > 0 and generation.queue_wait is not None
@@ -269,6 +272,30 @@ async def test_a_request_asked_again_after_a_cancel_or_its_end_is_answered_again
             for _ in range(2):
                 await read(second.submit(HELLO, user="u1", conversation="c1"))
     assert len(spy.prompts) == 3
+
+
+async def test_a_request_whose_job_could_not_be_sent_is_sent_when_asked_again(
+    streams, make_batcher, monkeypatch
+):
+    """Redis failed as the job was about to be sent: the request is not recorded as sent,
+    so its next try (the turn resumed) sends it, rather than following nothing."""
+    batcher = make_batcher()
+    spy = SpyBatcher(batcher)
+    calls = 0
+
+    def fails_once(conversation: str, alive: list[str]) -> str | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RedisConnectionError("Redis is gone")
+        return pick_worker(conversation, alive)
+
+    monkeypatch.setattr(bot.job_queue, "pick_worker", fails_once)
+    async with worker(streams, spy, "w1"), gateway(streams, timeout=5) as queue:
+        with pytest.raises(RedisConnectionError):
+            await read(queue.submit(HELLO, user="u1", conversation="c1"))
+        again = queue.submit(HELLO, user="u1", conversation="c1")
+        assert "".join(await read(again)) == again.text == answer_alone(batcher, HELLO)
 
 
 async def test_a_request_asked_again_as_its_answer_is_tidied_away_is_a_new_job(
