@@ -61,7 +61,8 @@ PLACEHOLDER = "_thinking…_"  # italic in mrkdwn and in Markdown alike
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 CONTEXT_SECONDS = 1.5  # reading them happens before the event's ack, which Slack wants in 3 s
 ATTACHMENT_SECONDS = 1.0  # reading attached files too
-ANSWERED_SUBTYPES = {None, "file_share"}  # a plain message, and one with files
+# A plain message, one with files, and a thread reply also sent to the channel.
+ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast"}
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
 PEOPLE_CACHE_SIZE = 1000

@@ -87,10 +87,15 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
         follow_up = slack.user_message("C0001", "and another thing", thread_ts=mention["ts"])
         await slack.send_event(follow_up)
         await final_reply(slack, "C0001", mention["ts"], after=1)
+        # "Also send to #channel" ticked: the reply comes as a thread_broadcast
+        broadcast = slack.user_message("C0001", "and for everyone", thread_ts=mention["ts"])
+        await slack.send_event(broadcast | {"subtype": "thread_broadcast", "root": mention})
+        await final_reply(slack, "C0001", mention["ts"], after=2)
         elsewhere = slack.user_message("C0001", "unrelated chatter")
         await slack.send_event(elsewhere)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
-    assert [p[-1]["content"] for p in batcher.prompts] == ["hello bot", "and another thing"]
+    asked = [p[-1]["content"] for p in batcher.prompts]
+    assert asked == ["hello bot", "and another thing", "and for everyone"]
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
 
 
