@@ -240,7 +240,9 @@ class ChatService:
             elif len(text) > settings.max_input_chars:
                 refusal = "too_long", replies.too_long(len(text), settings.max_input_chars)
             elif (per_minute := settings.access.rate_limit_per_minute) and (
-                wait := await self.limits.take(f"{platform}:{turn.author}", per_minute)
+                wait := await self.limits.take(
+                    f"{platform}:{turn.author}", f"{platform}:{turn.message_id}", per_minute
+                )
             ):
                 refusal = "rate_limited", replies.rate_limited(wait)
             # From this check to the count below, nothing may await: a burst of messages

@@ -15,6 +15,7 @@ OWNER_PREFIX = f"{PREFIX}owner:"
 FACTS_PREFIX = f"{PREFIX}facts:"
 DENIED_PREFIX = f"{PREFIX}denied:"
 RATE_PREFIX = f"{PREFIX}rate:"
+RATE_TAKEN_PREFIX = f"{PREFIX}rate-taken:"
 TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
 ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
 
@@ -58,6 +59,12 @@ def denied(whom: str) -> str:
 def rate(user: str) -> str:
     """One user's token bucket (`platform:user`)."""
     return f"{RATE_PREFIX}{user}"
+
+
+def rate_taken(message: str) -> str:
+    """What taking from the bucket gave one message (`platform:message id`), for its
+    re-deliveries."""
+    return f"{RATE_TAKEN_PREFIX}{message}"
 
 
 def turn_stats(scope: str) -> str:

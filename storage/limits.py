@@ -11,10 +11,14 @@ from redis.asyncio import Redis
 from storage import keys
 
 DENIAL_REPEAT_S = 3600
+REDELIVERY_WINDOW_S = 600  # platforms deliver a message again within minutes
 
 # One script, so that refill, take and save are one atomic step whichever process runs it.
-# Time is the server's, so every process's clock agrees.
+# Time is the server's, so every process's clock agrees. A message delivered again (a
+# platform's retry, or two events for one message) gets what its first delivery got.
 _TAKE = """
+local taken = redis.call('GET', KEYS[2])
+if taken then return taken end
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local clock = redis.call('TIME')
@@ -27,6 +31,7 @@ local wait = 0
 if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+redis.call('SET', KEYS[2], tostring(wait), 'EX', ARGV[3])
 return tostring(wait)
 """
 
@@ -36,10 +41,14 @@ class Limits:
         self._redis = redis
         self._take = redis.register_script(_TAKE)
 
-    async def take(self, user: str, per_minute: float) -> float:
+    async def take(self, user: str, message: str, per_minute: float) -> float:
         """Take one message from `user`'s bucket (a minute's worth at most, refilled
-        steadily): 0 if it was there, else the seconds until one will be (none is taken)."""
-        wait = await self._take(keys=[keys.rate(user)], args=[per_minute / 60, per_minute])
+        steadily): 0 if it was there, else the seconds until one will be (none is taken).
+        Once per `message` (`platform:message id`): its re-deliveries take nothing."""
+        wait = await self._take(
+            keys=[keys.rate(user), keys.rate_taken(message)],
+            args=[per_minute / 60, per_minute, REDELIVERY_WINDOW_S],
+        )
         return float(wait)
 
     async def first_denial(self, whom: str) -> bool:

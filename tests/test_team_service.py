@@ -80,6 +80,21 @@ async def test_the_rate_limit_holds_across_a_restart(make_service, store, conver
     assert "three" not in contents and "four" in contents
 
 
+async def test_a_message_delivered_twice_takes_from_the_rate_limit_once(make_service, conversation):
+    """Slack's retries, and its two events for a mention that shares a file, deliver one
+    message again: with two messages a minute, two messages are still answered."""
+    rules = Access(rate_limit_per_minute=2)
+    alice = new_user()
+    first, again, second = RecordingSink(), RecordingSink(), RecordingSink()
+    async with make_service(access=rules) as (service, _batcher):
+        message = say(conversation, "one", author=alice)
+        await asyncio.gather(service.handle(message, first), service.handle(message, again))
+        await service.handle(say(conversation, "two", author=alice), second)
+    assert len(first.kinds("finish") + again.kinds("finish")) == 1
+    [answer] = second.kinds("finish")
+    assert not answer.startswith("You're sending messages faster")
+
+
 async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
     make_service, conversation, monkeypatch
 ):
