@@ -545,26 +545,39 @@ class ChatService:
             logger.warning("could not mark turn %s as paused", pending.id, exc_info=True)
 
     async def _command(self, turn: Turn, sink: ReplySink) -> None:
-        """Carry out a command and answer it; the adapter chose the sink (in the thread, or
-        only to the user)."""
+        """Carry out a command and answer it, or say why it could not be; the adapter chose
+        the sink (in the thread, or only to the user)."""
+        try:
+            text = await self._command_reply(turn)
+        except Exception as error:  # its message is marked seen: no re-delivery will come
+            if is_outage(error):
+                logger.warning("storage lost during the %s command: %s", turn.command, error)
+                failure = replies.storage_unavailable()
+            else:
+                logger.exception("the %s command failed", turn.command)
+                failure = replies.failed()
+            with contextlib.suppress(Exception):  # the platform may be gone too
+                await sink.fail(failure)
+            return
+        await sink.finish(text)
+
+    async def _command_reply(self, turn: Turn) -> str:
         command = turn.command
         assert command is not None
         admin = self.team.is_admin(turn.author, turn.conversation.platform)
         if command in ADMIN_COMMANDS and not admin:
-            text = replies.admins_only(command)
-        elif command in ("reset", "forget"):
-            text = await self._reset(turn, admin=admin)
-        elif command == "help":
-            text = replies.help_text(admin=admin)
-        elif command == "status":
-            text = self._status(turn)
-        elif command == "prompt":
-            text = await self._prompt_in_effect(turn)
-        elif command == "reload":
-            text = self.reload()
-        else:
-            text = await self._stats()
-        await sink.finish(text)
+            return replies.admins_only(command)
+        if command in ("reset", "forget"):
+            return await self._reset(turn, admin=admin)
+        if command == "help":
+            return replies.help_text(admin=admin)
+        if command == "status":
+            return self._status(turn)
+        if command == "prompt":
+            return await self._prompt_in_effect(turn)
+        if command == "reload":
+            return self.reload()
+        return await self._stats()
 
     def _status(self, turn: Turn) -> str:
         return replies.status(

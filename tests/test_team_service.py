@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import GatedBatcher
+from redis.exceptions import ConnectionError as RedisConnectionError
 from test_service import RecordingSink
 
 from bot import replies
@@ -152,6 +153,20 @@ async def test_only_the_starter_or_an_admin_may_reset_or_forget(make_service, st
         await service.handle(command(conversation, "forget"), by_starter)
         assert by_starter.kinds("finish") == [replies.forgotten()]
         assert not await store.exists(str(conversation))
+
+
+async def test_a_command_that_storage_fails_says_so(make_service, store, conversation, monkeypatch):
+    """Its message is marked seen, so no re-delivery comes: the user hears that it failed."""
+
+    async def lost(conversation_id: str) -> None:
+        raise RedisConnectionError("Redis is gone")
+
+    async with make_service() as (service, _batcher):
+        await service.handle(say(conversation, "hello"), RecordingSink())
+        monkeypatch.setattr(store, "clear", lost)
+        sink = RecordingSink()
+        await service.handle(command(conversation, "reset"), sink)
+    assert sink.events == [("fail", replies.storage_unavailable())]
 
 
 async def test_help_and_admin_commands(make_service, conversation, tmp_path: Path, monkeypatch):
