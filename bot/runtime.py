@@ -32,6 +32,7 @@ from bot.team import Team
 from bot.tokens import PromptTokens, prompt_tokens_without_model
 from storage.connection import Resilience, open_redis
 from storage.limits import Limits
+from storage.locks import ConversationLocks
 from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import TurnJournal
@@ -119,6 +120,7 @@ async def open_service(
             service = ChatService(
                 store=store,
                 journal=journal,
+                locks=ConversationLocks(redis=redis),
                 queue=answers.queue,
                 count_tokens=answers.tokens.count,
                 prompt_budget=answers.tokens.budget,

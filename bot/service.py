@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from functools import partial
 from typing import Any
-from weakref import WeakValueDictionary
 
 from bot import replies
 from bot.access import Requester, refusal
@@ -45,6 +44,7 @@ from bot.turn_report import Generated, report_answered
 from bot.types import ADMIN_COMMANDS, ChatMessage, ConversationKey, ReplySink, Turn
 from storage.errors import is_outage
 from storage.limits import Limits
+from storage.locks import ConversationLocks
 from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal, in_scope, user_message
@@ -70,6 +70,7 @@ class ChatService:
         *,
         store: ConversationStore,
         journal: TurnJournal,
+        locks: ConversationLocks,
         queue: Inference,
         count_tokens: TokenCounter,
         prompt_budget: int,
@@ -82,6 +83,7 @@ class ChatService:
     ) -> None:
         self.store = store
         self.journal = journal
+        self.locks = locks  # one turn at a time per conversation: each holds the last answer
         self.queue = queue
         self.count_tokens = count_tokens
         # Tokens for the prompt when answers may take MAX_NEW_TOKENS; a persona that allows
@@ -104,8 +106,6 @@ class ChatService:
         self._resume_now = asyncio.Event()
         self._closing = False  # draining: no new turns
         self._stopped = False  # the lease is no longer kept
-        # Entries vanish once no turn holds or awaits their lock.
-        self._conversation_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
     # --- what adapters call -------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class ChatService:
         for a failure the user should hear about. `before` runs first, under the
         conversation's lock; if it says no, the turn ends unanswered."""
         try:
-            async with self._turns_of(pending.conversation):
+            async with self.locks.hold(pending.conversation):
                 if before is not None and not await before():
                     await self.journal.finish(pending)
                 elif pending.attempts > self.max_attempts:
@@ -608,7 +608,7 @@ class ChatService:
         if not admin and starter not in (None, turn.author):
             return replies.not_starter(str(turn.command))
         forget = turn.command == "forget"
-        async with self._turns_of(conversation):
+        async with self.locks.hold(conversation):
             await (self.store.forget if forget else self.store.clear)(conversation)
         logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
         return replies.forgotten() if forget else replies.conversation_reset()
@@ -625,12 +625,6 @@ class ChatService:
             max_new_tokens=voice.max_new_tokens or self.team.settings.max_new_tokens,
             temperature=voice.temperature,
         )
-
-    def _turns_of(self, conversation: str) -> asyncio.Lock:
-        """One turn at a time per conversation: each prompt holds the previous answer."""
-        if (lock := self._conversation_locks.get(conversation)) is None:
-            lock = self._conversation_locks[conversation] = asyncio.Lock()
-        return lock
 
     async def _system(self, turn: Turn, voice: Voice) -> list[ChatMessage]:
         """The persona's prompt as this conversation keeps it (filled in at its first turn)."""
@@ -671,7 +665,7 @@ class ChatService:
         asked by `by`; whether `by` may is the caller's to decide. False, with nothing
         done, when the conversation does not end with an answer or is being answered."""
         key = str(conversation)
-        if self._closing or self._turns_of(key).locked():
+        if self._closing or await self.locks.busy(key):
             return False
         history = await self.store.load(key)
         if [message["role"] for message in history[-2:]] != ["user", "assistant"]:

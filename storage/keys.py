@@ -10,6 +10,7 @@ CONVERSATION_PREFIX = f"{PREFIX}conversation:"
 CLEARED_PREFIX = f"{PREFIX}cleared:"
 SEEN_PREFIX = f"{PREFIX}seen:"
 TURN_PREFIX = f"{PREFIX}turn:"
+TURN_LOCK_PREFIX = f"{PREFIX}turn-lock:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
 OWNER_PREFIX = f"{PREFIX}owner:"
 FACTS_PREFIX = f"{PREFIX}facts:"
@@ -38,6 +39,11 @@ def seen(platform: str, message_id: str) -> str:
 def turn(turn_id: str) -> str:
     """The hash holding one accepted, not yet answered turn (its pending record)."""
     return f"{TURN_PREFIX}{turn_id}"
+
+
+def turn_lock(conversation_id: str) -> str:
+    """The lease of the process answering a turn of the conversation now."""
+    return f"{TURN_LOCK_PREFIX}{conversation_id}"
 
 
 def owner(owner_id: str) -> str:

@@ -389,6 +389,7 @@ def make_service(
     from bot.service import ChatService
     from bot.team import Team
     from storage.limits import Limits
+    from storage.locks import ConversationLocks
     from storage.stats import TurnStats
 
     @asynccontextmanager
@@ -400,10 +401,12 @@ def make_service(
             name: options.pop(name) for name in list(options) if name in Settings.model_fields
         }
         options = {
+            "journal": journal,
             "count_tokens": counter.count_tokens,
             "prompt_budget": counter.prompt_budget,
             "team": Team(Settings(_env_file=None, **values)),
             "limits": Limits(redis=redis_client),
+            "locks": ConversationLocks(redis=redis_client),
             "stats": TurnStats(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
             "max_attempts": 3,
             "metrics": Metrics(),
@@ -412,7 +415,7 @@ def make_service(
             batcher=batcher, max_size=queue_max, timeout=timeout, metrics=options["metrics"]
         )
         async with queue:
-            service = ChatService(store=store, journal=journal, queue=queue, **options)
+            service = ChatService(store=store, queue=queue, **options)
             resuming = asyncio.create_task(service.keep_resuming())
             try:
                 yield service, batcher

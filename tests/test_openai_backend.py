@@ -32,6 +32,7 @@ from bot.service import ChatService
 from bot.team import Team
 from bot.types import ConversationKey
 from storage.limits import Limits
+from storage.locks import ConversationLocks
 from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import TurnJournal
@@ -360,6 +361,7 @@ def served(store: ConversationStore, journal: TurnJournal, redis_client: Redis):
         service = ChatService(
             store=store,
             journal=journal,
+            locks=ConversationLocks(redis=redis_client),
             queue=inference,
             count_tokens=lambda messages: sum(len(m["content"]) for m in messages) // 3 + 1,
             prompt_budget=1000,

@@ -104,6 +104,25 @@ async def test_turns_of_one_conversation_are_answered_in_order(make_service, sto
     assert batcher.prompts[1][:3] == history[:3]
 
 
+async def test_two_processes_answer_one_conversations_turns_one_after_the_other(
+    make_service, store, redis_client, conversation
+):
+    """Two gateways behind one app each get a message of one thread at once: whichever
+    answers second has the first answer in its prompt, and the history alternates."""
+    other = TurnJournal(
+        redis=redis_client, store=store, owner=f"test-{uuid.uuid4().hex}", lease_seconds=2.0
+    )
+    async with make_service() as (one, spy), make_service(journal=other) as (two, other_spy):
+        await asyncio.gather(
+            one.handle(turn(conversation, "first"), RecordingSink()),
+            two.handle(turn(conversation, "second"), RecordingSink()),
+        )
+    prompts = spy.prompts + other_spy.prompts
+    history = await store.load(str(conversation))
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert max(prompts, key=len)[:3] == history[:3]
+
+
 async def test_a_redelivered_message_is_answered_once(make_service, conversation):
     first, again = RecordingSink(), RecordingSink()
     async with make_service() as (service, batcher):

@@ -1,0 +1,75 @@
+"""One turn at a time per conversation, across every process on one Redis.
+
+Each prompt holds the previous answer, so a conversation's turns must run one after the
+other, even when two of its messages reach two gateways behind one app. In a process, an
+asyncio.Lock per conversation keeps its turns in arrival order; across processes, a lease
+in Redis: a key holding its holder's token, with a TTL that the holder renews while it
+holds it, deleted only by its holder. A process that dies holding one leaves it for
+`LEASE_S` at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from weakref import WeakValueDictionary
+
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
+
+from storage import keys
+
+logger = logging.getLogger(__name__)
+
+LEASE_S = 30
+POLL_S = 0.1  # how often a process waiting for another's lease asks again
+
+
+class ConversationLocks:
+    def __init__(self, *, redis: Redis, lease_s: float = LEASE_S) -> None:
+        self._redis = redis
+        self.lease_s = lease_s
+        # Entries vanish once no turn holds or awaits their lock.
+        self._local: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, conversation: str) -> AsyncIterator[None]:
+        """The conversation's turn, once every earlier one here and elsewhere is done."""
+        if (local := self._local.get(conversation)) is None:
+            local = self._local[conversation] = asyncio.Lock()
+        async with local:
+            lease = Lock(
+                self._redis, keys.turn_lock(conversation), timeout=self.lease_s,
+                sleep=POLL_S, thread_local=False,
+            )  # fmt: skip
+            await lease.acquire()
+            released = asyncio.Event()
+            renewing = asyncio.create_task(self._renew(lease, released))
+            try:
+                yield
+            finally:
+                released.set()
+                await renewing
+                with contextlib.suppress(LockError, RedisError):  # expired, or Redis is gone
+                    await lease.release()
+
+    async def busy(self, conversation: str) -> bool:
+        """Whether a turn of the conversation runs, or waits, in any process."""
+        if (local := self._local.get(conversation)) is not None and local.locked():
+            return True
+        return bool(await self._redis.exists(keys.turn_lock(conversation)))
+
+    async def _renew(self, lease: Lock, released: asyncio.Event) -> None:
+        """Renew the lease a third of the way through each term, until released. (A flag
+        stops it, not a cancel: redis-py's own `wait_for` may swallow one.)"""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(released.wait(), self.lease_s / 3)
+                return
+            try:
+                await lease.reacquire()
+            except (LockError, RedisError) as error:  # the turn goes on; it may overlap
+                logger.warning("could not renew the turn lock %s: %s", lease.name, error)

@@ -1,0 +1,41 @@
+"""One turn at a time per conversation across processes: each process's ConversationLocks
+stands for one process, on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from redis.asyncio import Redis
+
+from storage import keys
+from storage.locks import ConversationLocks
+
+
+async def test_a_turn_held_past_the_lease_term_keeps_others_out(redis_client: Redis):
+    """The holder renews its lease while its turn runs (an answer takes longer than one
+    term): another process's turn starts only once it is done."""
+    conversation, order = uuid.uuid4().hex, []
+    one, two = (ConversationLocks(redis=redis_client, lease_s=0.3) for _ in range(2))
+
+    async def turn(locks: ConversationLocks, name: str, seconds: float) -> None:
+        async with locks.hold(conversation):
+            order.append(f"{name} starts")
+            await asyncio.sleep(seconds)
+            order.append(f"{name} ends")
+
+    first = asyncio.create_task(turn(one, "first", 1.0))
+    await asyncio.sleep(0.1)
+    assert await two.busy(conversation)
+    await asyncio.gather(first, turn(two, "second", 0))
+    assert order == ["first starts", "first ends", "second starts", "second ends"]
+    assert not await one.busy(conversation)
+
+
+async def test_the_lease_of_a_process_that_died_holding_it_runs_out(redis_client: Redis):
+    conversation = uuid.uuid4().hex
+    await redis_client.set(keys.turn_lock(conversation), "a dead process's token", px=300)
+    locks = ConversationLocks(redis=redis_client)
+    async with asyncio.timeout(5):
+        async with locks.hold(conversation):
+            assert await redis_client.pttl(keys.turn_lock(conversation)) > 1000  # ours now
