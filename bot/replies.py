@@ -38,6 +38,10 @@ def busy() -> str:
     return "I'm busy with other questions right now. Please try again in a minute."
 
 
+def waiting_for_room() -> str:
+    return "I'm busy with other questions right now; I'll answer this one as soon as I can."
+
+
 def slow_down(pending: int) -> str:
     noun = "message" if pending == 1 else "messages"
     return (

@@ -197,13 +197,20 @@ class ChatService:
             if self._closing:
                 return
             claimed = await self.journal.claim(
-                self._scopes, orphaned=self._orphaned, stop=lambda: self._closing
-            )
+                self._scopes, orphaned=self._orphaned, stop=lambda: self._closing,
+                limit=self._room(),
+            )  # fmt: skip
             for pending in claimed:
                 if self._closing:  # a stop began meanwhile: the next start takes it
                     await self.journal.release(pending)
                 else:
                     self._resume(pending)
+
+    def _room(self) -> int:
+        """How many more turns the queue takes now: turns taken over beyond that would
+        only wait for room (the rest stay pending for later passes). Each running turn
+        task counts, as its request may not be in the queue yet."""
+        return max(self.queue.max_size - max(self.queue.depth, len(self._running)), 0)
 
     def stop(self) -> None:
         """Take no new turns, resume none, and let `keep_resuming` return (the lease is
@@ -427,7 +434,12 @@ class ChatService:
                 temperature=voice.temperature,
             )
         except QueueFull:
-            await self._fail(started, sink, replies.busy(), outcome="busy")
+            if pending.attempts > 1:  # taken over, and told it will be answered: it waits
+                self._orphaned[started.id] = sink  # for a later resume pass
+                await self._leave_for_later(started, sink, release=True,
+                                            text=replies.waiting_for_room())  # fmt: skip
+            else:
+                await self._fail(started, sink, replies.busy(), outcome="busy")
             return
         self._generations[started.id] = generation  # for `stop_answer`
         try:

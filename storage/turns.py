@@ -183,14 +183,15 @@ class TurnJournal:
         *,
         orphaned: Collection[str] = (),
         stop: Callable[[], bool] = lambda: False,
+        limit: int | None = None,
     ) -> list[PendingTurn]:
         """Take over, in arrival order, the pending turns in `scopes` (turn id prefixes,
         such as `slack`) whose owner's lease is gone, and of our own only those listed as
         `orphaned` (their task gave them up); each claim counts as an attempt. Stops
-        claiming as soon as `stop()` says so."""
-        claimed = []
+        claiming as soon as `stop()` says so, or `limit` are claimed."""
+        claimed: list[PendingTurn] = []
         for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
-            if stop():
+            if stop() or (limit is not None and len(claimed) >= limit):
                 break
             if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
                 claimed.append(pending)

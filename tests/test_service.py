@@ -429,6 +429,22 @@ async def gone(redis: Redis, turn_id: str) -> bool:
     )
 
 
+async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resume(
+    make_service, redis_client, store, platform
+):
+    """A restart finds more turns pending than QUEUE_MAX: each was told it would be
+    answered, so none is told busy; they are taken over as the queue has room."""
+    dead = process(redis_client, store, platform, "dead")
+    ids = [(await dead.accept(on(platform, f"question {i}", f"U{i}"), {})).id for i in range(5)]
+    rebuild = Rebuilder()
+    async with make_service(queue_max=2) as (service, batcher):
+        service.serve_platform(platform, rebuild)
+        for turn_id in ids:
+            await until(lambda turn_id=turn_id: gone(redis_client, turn_id), timeout=30)
+    assert len(batcher.prompts) == 5
+    assert all(sink.kinds("fail") == [] and sink.kinds("finish") for sink in rebuild.sinks)
+
+
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
     make_service, redis_client, store, platform
 ):
