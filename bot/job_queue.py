@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Self
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from bot.health import READY
@@ -53,6 +52,19 @@ READ_BLOCK_MS = 1_000  # a reader waiting this long with nothing new reads again
 OUTAGE_PAUSE_S = 0.5
 ANSWER_READ_KEPT_S = 30  # for another gateway that began following the job as it ended
 WAKE_KEPT_S = 86400  # a crashed gateway's wake stream is gone a day after its last job
+# The job into its worker's stream where that stream is there (a worker removed meanwhile
+# has none: into the shared one then; a gateway never makes a worker's stream, which no
+# worker would read), recorded as its request's (so a record never names a job that was
+# not sent), and the reader woken: one atomic step. Returns the stream.
+_SEND = """
+local stream = KEYS[1]
+if redis.call('EXISTS', stream) == 0 then stream = KEYS[2] end
+redis.call('XADD', stream, '*', 'job', ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '1', '*', 'job', ARGV[2])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+return stream
+"""
 
 
 @dataclass(eq=False)
@@ -88,6 +100,7 @@ class JobQueue:
         self._watches: dict[str, _Watch] = {}  # by answer stream, in the order sent
         self._wake = keys.gateway_wake(gateway)
         self._wake_id = "0-0"
+        self._send_script = redis.register_script(_SEND)
         self._waiting = 0  # jobs no worker has taken, as last counted, plus those sent since
         self._held = 0
         self._workers: list[str] | None = None  # alive, as last counted; None: not yet
@@ -173,21 +186,21 @@ class JobQueue:
         return generation
 
     async def _send(self, watch: _Watch) -> None:
-        """Into the conversation's worker's stream (the shared one with none alive), with
-        the job recorded as its request's and the reader woken, in one MULTI (a record
-        never names a job that was not sent); or, where the same request was sent before
-        and is still wanted, follow that job instead."""
+        """Into the conversation's worker's stream (the shared one with none alive; see
+        `_SEND`); or, where the same request was sent before and is still wanted, follow
+        that job instead."""
         job = watch.job
         try:
             if await self._follow_earlier(watch):
                 return
             worker = pick_worker(job.conversation, (await roll_call(self.redis)).alive)
-            stream = keys.worker_jobs(worker) if worker else keys.JOBS
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(stream, job.fields())
-                pipe.set(keys.job_asked(job.fingerprint()), job.id, ex=self._asked_for_s)
-                self._queue_wake(pipe, {"job": job.id})
-                await pipe.execute()
+            stream = await self._send_script(
+                keys=[
+                    keys.worker_jobs(worker) if worker else keys.JOBS, keys.JOBS,
+                    keys.job_asked(job.fingerprint()), self._wake,
+                ],
+                args=[job.fields()["job"], job.id, self._asked_for_s, WAKE_KEPT_S],
+            )  # fmt: skip
         except Exception as error:  # an outage leaves the turn pending; the service knows
             self._forget(watch)
             watch.generation.fail(error)
@@ -216,14 +229,11 @@ class JobQueue:
         return True
 
     async def _wake_reader(self, **fields: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            self._queue_wake(pipe, fields)
-            await pipe.execute()
-
-    def _queue_wake(self, pipe: Pipeline, fields: dict[str, str]) -> None:
         """Wake the reader, whose XREAD blocks on this stream too."""
-        pipe.xadd(self._wake, fields, maxlen=1)
-        pipe.expire(self._wake, WAKE_KEPT_S)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self._wake, fields, maxlen=1)
+            pipe.expire(self._wake, WAKE_KEPT_S)
+            await pipe.execute()
 
     async def _cancel(self, watch: _Watch) -> None:
         """Tell the job's worker to stop (it checks as it writes, and before it starts: the

@@ -50,6 +50,7 @@ GROUP = keys.WORKERS_GROUP
 READ_BLOCK_MS = 500
 TAKE_FROM_OTHERS_EVERY_S = 0.5
 OUTAGE_PAUSE_S = 0.5
+CLAIM_SCANS = 100  # XAUTOCLAIM calls a sweep makes on a stream, at most
 ANSWER_KEPT_S = 300  # an answer stream outlives its job's deadline by this, for a slow reader
 TEXT_EVERY_S = 0.1
 """After its first piece, which goes at once, an answer's text goes to Redis at most this
@@ -62,6 +63,15 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
   return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 end
 return -1
+"""
+# A dead worker's stream and its name go only while no job is in it: a gateway's job sent
+# meanwhile waits there for the others to take it, or (see `bot.job_queue._SEND`) goes
+# to the shared stream once this stream is gone.
+_FORGET_IF_EMPTY = """
+if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
 """
 # A job is touched only while this worker still holds it (another may have claimed it
 # from a stalled or stopping worker): each script returns 1 if it did, 0 if not.
@@ -140,6 +150,7 @@ class Worker:
         self._keep_if_mine = redis.register_script(_KEEP_IF_MINE)
         self._hand_back_if_mine = redis.register_script(_HAND_BACK_IF_MINE)
         self._acknowledge_if_mine = redis.register_script(_ACKNOWLEDGE_IF_MINE)
+        self._forget_if_empty = redis.register_script(_FORGET_IF_EMPTY)
         # Flags, not cancellation, stop the loops: on Python 3.11 a cancel that lands in
         # redis-py's own `wait_for` can be swallowed.
         self._stop = asyncio.Event()
@@ -429,22 +440,31 @@ class Worker:
                 taken.generation.cancel()
 
     async def _claim_abandoned(self, stream: str) -> None:
-        free = self.rows - len(self._running)
-        if free <= 0:
+        """Take abandoned jobs while rows are free. XAUTOCLAIM looks at ten times COUNT
+        pending entries a call: an abandoned job behind running ones takes more calls."""
+        cursor = "0-0"
+        for _ in range(CLAIM_SCANS):
+            free = self.rows - len(self._running)
+            if free <= 0:
+                return
+            try:
+                cursor, claimed, *_ = await self.redis.xautoclaim(
+                    stream, GROUP, self.name, self.claim_idle_ms, cursor, count=free
+                )
+            except ResponseError:  # no such stream or group (yet, or any more)
+                return
+            for entry_id, fields in claimed:
+                await self._take_claimed(stream, entry_id, fields)
+            if cursor == "0-0":  # the whole pending list seen
+                return
+
+    async def _take_claimed(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        if not fields:  # deleted while pending: nothing to answer
+            await self._acknowledge(stream, entry_id)
             return
-        try:
-            reply = await self.redis.xautoclaim(
-                stream, GROUP, self.name, self.claim_idle_ms, "0-0", count=free
-            )
-        except ResponseError:  # no such stream or group (yet, or any more)
-            return
-        for entry_id, fields in reply[1]:
-            if not fields:  # deleted while pending: nothing to answer
-                await self._acknowledge(stream, entry_id)
-                continue
-            pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
-            if pending:  # else acknowledged meanwhile
-                await self._take(stream, entry_id, fields, attempt=pending[0]["times_delivered"])
+        pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+        if pending:  # else acknowledged meanwhile
+            await self._take(stream, entry_id, fields, attempt=pending[0]["times_delivered"])
 
     async def _tidy_dead_workers(self, roll: Roll) -> None:
         """Forget a dead worker whose stream holds no job any more, and drop dead workers
@@ -453,11 +473,9 @@ class Worker:
         live = {*roll.alive, self.name}
         for name in roll.registered:
             stream = keys.worker_jobs(name)
-            if name not in live and not await self.redis.xlen(stream):
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.delete(stream)
-                    pipe.srem(keys.WORKERS, name)
-                    await pipe.execute()
+            if name not in live and await self._forget_if_empty(
+                keys=[stream, keys.WORKERS], args=[name]
+            ):
                 logger.info("worker %s is gone; its stream is removed", name)
         for stream in roll.streams:
             with contextlib.suppress(ResponseError):  # no such stream or group (or removed)

@@ -454,6 +454,43 @@ async def test_a_job_another_worker_holds_is_neither_acknowledged_nor_handed_bac
         assert await streams.xrange(taken.stream, taken.entry_id, taken.entry_id)
 
 
+async def test_an_abandoned_job_behind_many_running_ones_is_claimed(streams, make_batcher):
+    """XAUTOCLAIM looks at ten entries per free row a call: with one row free, a job
+    abandoned behind 16 others' running jobs is claimed by following its cursor."""
+    group, stream = keys.WORKERS_GROUP, keys.JOBS
+    await streams.xgroup_create(stream, group, id="0", mkstream=True)
+    job = Job("abandoned", "c1", "u1", HELLO, None, None, deadline=time.time() + 60)
+    running = [await streams.xadd(stream, {"job": "another's"}) for _ in range(16)]
+    abandoned = await streams.xadd(stream, job.fields())
+    await streams.xreadgroup(group, "dead", {stream: ">"})
+    await streams.xclaim(stream, group, "dead", 0, [abandoned], idle=60_000, justid=True)
+    await streams.xclaim(stream, group, "alive", 0, running, justid=True)  # just now
+    async with InferenceQueue(batcher=make_batcher(), max_size=1, timeout=60) as queue:
+        working = Worker(
+            redis=streams, inference=queue, name="w1", rows=1,
+            claim_idle_s=CLAIM_IDLE_S, max_deliveries=3,
+        )  # fmt: skip
+        await working._claim_abandoned(stream)
+        assert [taken.job.id for taken in working._running.values()] == ["abandoned"]
+        await working.finish(0)
+
+
+async def test_a_job_for_a_worker_whose_stream_was_removed_goes_to_the_shared_one(
+    streams, make_batcher
+):
+    """The roll call still had the worker alive, but the others had removed its stream:
+    the gateway does not make the stream again (no worker would read it)."""
+    await streams.sadd(keys.WORKERS, "removed")
+    await streams.set(keys.worker("removed"), "4", px=5_000)
+    batcher = make_batcher()
+    async with gateway(streams) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: streams.xlen(keys.JOBS))
+        assert not await streams.exists(keys.worker_jobs("removed"))
+        async with worker(streams, batcher, "w1"):
+            assert "".join(await read(generation)) == answer_alone(batcher, HELLO)
+
+
 async def test_a_job_nobody_takes_times_out_and_is_never_run(streams, make_batcher):
     spy = SpyBatcher(make_batcher())
     async with gateway(streams, timeout=0.3) as queue:
