@@ -17,7 +17,9 @@ MARKDOWN_LIMIT = 12000  # what one `markdown_text` may hold
 CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]+`)", re.DOTALL)
 LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)|]+)\)")
 SCHEME = re.compile(r"^https?://", re.IGNORECASE)
-BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
+# Only `**` bold: `__x__` can't be told from a Python name (`__init__`), so it stays as written.
+BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*")
+BOLD_ITALIC = re.compile(r"\*\*\*(?=\S)(.+?)(?<=\S)\*\*\*")
 ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")
 STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
@@ -30,6 +32,7 @@ REFERENCE_DEFINITION = re.compile(r"^( {0,3})\[(?=[^\]\n]+\]:)", re.MULTILINE)
 # (its `](` made text until the link is whole).
 LINK_BEING_WRITTEN = re.compile(r"\[[^\]\n]*(?:\](?:\\?\([^\s)|]*)?)?\Z")
 BOLD_MARK = "\x00"  # stands in for Slack's `*` until single-star italics are converted
+CODE_MARK = "\x01"  # stands in for each code span while the prose around it is converted
 
 
 def escape(text: str) -> str:
@@ -38,11 +41,15 @@ def escape(text: str) -> str:
 
 
 def to_mrkdwn(markdown: str) -> str:
-    """Slack mrkdwn for a Markdown answer; code is escaped but otherwise left alone."""
+    """Slack mrkdwn for a Markdown answer; code is escaped but otherwise left alone.
+
+    The prose is converted as one text, each code span a mark, so that bold can enclose
+    code and a line is a heading or bullet even with code in it. Links are built in each
+    piece alone first: a code span's `|` inside one would give it a label."""
     pieces = CODE.split(markdown)
-    return "".join(
-        escape(piece) if index % 2 else _prose(escape(piece)) for index, piece in enumerate(pieces)
-    )
+    prose = CODE_MARK.join(LINK.sub(_mrkdwn_link, escape(_unmarked(p))) for p in pieces[::2])
+    code = [escape(piece) for piece in pieces[1::2]] + [""]
+    return "".join(p + c for p, c in zip(_prose(prose).split(CODE_MARK), code, strict=True))
 
 
 def to_markdown(markdown: str) -> str:
@@ -62,14 +69,25 @@ def settled(markdown: str) -> int:
     return being_written.start() if being_written else len(markdown)
 
 
+def _unmarked(text: str) -> str:
+    """Model text without the marks used here, which would be taken for what they stand in for."""
+    return text.replace(BOLD_MARK, "").replace(CODE_MARK, "")
+
+
 def _prose(text: str) -> str:
-    text = LINK.sub(_mrkdwn_link, text)
-    text = HEADING.sub(rf"{BOLD_MARK}\1{BOLD_MARK}", text)
+    text = HEADING.sub(_heading, text)
     text = BULLET.sub(r"\1• ", text)
-    text = BOLD.sub(lambda m: f"{BOLD_MARK}{m.group(1) or m.group(2)}{BOLD_MARK}", text)
+    # `***x***` first: as bold, then italic, its markers would cross (`*_x*_`).
+    text = BOLD_ITALIC.sub(rf"{BOLD_MARK}_\1_{BOLD_MARK}", text)
+    text = BOLD.sub(rf"{BOLD_MARK}\1{BOLD_MARK}", text)
     text = ITALIC.sub(r"_\1_", text)
     text = STRIKE.sub(r"~\1~", text)
     return text.replace(BOLD_MARK, "*")
+
+
+def _heading(match: re.Match[str]) -> str:
+    """A heading as one bold line: bold inside it would end the line's bold early."""
+    return BOLD_MARK + BOLD.sub(r"\1", match[1]) + BOLD_MARK
 
 
 def _markdown_prose(text: str) -> str:

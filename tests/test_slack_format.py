@@ -14,7 +14,7 @@ from adapters.slack_format import settled, to_markdown, to_mrkdwn
     ("markdown", "mrkdwn"),
     [
         ("**bold** and *italic*", "*bold* and _italic_"),
-        ("__bold__ and _italic_", "*bold* and _italic_"),
+        ("**bold** and _italic_", "*bold* and _italic_"),
         ("~~gone~~", "~gone~"),
         ("# Title\ntext", "*Title*\ntext"),
         ("- one\n- two", "• one\n• two"),
@@ -24,6 +24,30 @@ from adapters.slack_format import settled, to_markdown, to_mrkdwn
 )
 def test_markdown_becomes_mrkdwn(markdown, mrkdwn):
     assert to_mrkdwn(markdown) == mrkdwn
+
+
+@pytest.mark.parametrize(
+    ("markdown", "mrkdwn"),
+    [
+        pytest.param("snake_case_name and __init__", "snake_case_name and __init__", id="names"),
+        pytest.param("`__init__` of __main__ or __bold__", "`__init__` of __main__ or __bold__",
+                     id="double-underscores-as-written"),
+        pytest.param("### Step 1: **Install**", "*Step 1: Install*", id="heading-with-bold"),
+        pytest.param("## **Usage**: run `make`", "*Usage: run `make`*", id="heading-with-code"),
+        pytest.param("**Run `npm install`** first", "*Run `npm install`* first", id="bold-code"),
+        pytest.param("***both*** or **bold**", "*_both_* or *bold*", id="bold-italic"),
+    ],
+)  # fmt: skip
+def test_names_headings_and_nested_emphasis_convert_cleanly(markdown, mrkdwn):
+    """`__x__` is never bold (it can't be told from a Python name); a heading is one bold
+    line; bold can enclose code; `***x***` nests rather than crossing its markers."""
+    assert to_mrkdwn(markdown) == mrkdwn
+
+
+def test_marks_in_the_model_text_cannot_move_code():
+    """The characters that stand in for code and bold while converting are dropped from the
+    model's text, so each code span comes back where it was."""
+    assert to_mrkdwn("a \x01 `b` \x00c `d`") == "a  `b` c `d`"
 
 
 @pytest.mark.parametrize(
