@@ -400,14 +400,8 @@ class ChatService:
         system = await self._system(pending.turn, voice)
         budget = self._budget(voice)
         # Before the message is stored: no answer could read it, and no later turn either.
-        message = named([user_message(pending.turn)])[0]
-        if not pending.stored and (
-            tokens := await tokens_over_budget(
-                system, message, count_tokens=self.count_tokens, budget=budget
-            )
-        ):
-            reply = replies.too_many_tokens(tokens, budget)
-            await self._fail(pending, sink, reply, outcome="too_long")
+        if not pending.stored and (refusal := await self._too_long(pending.turn, system, budget)):
+            await self._fail(pending, sink, refusal, outcome="too_long")
             return
         started = await self.journal.begin(pending)
         if started is None:
@@ -468,6 +462,15 @@ class ChatService:
         )
         await self._deliver(started, sink, answer, generated)
         await self._count(pending, generation)
+
+    async def _too_long(self, turn: Turn, system: list[ChatMessage], budget: int) -> str | None:
+        """What to tell the asker where their message is over the prompt's token budget
+        with the system prompt alone: no trim of the history could make it fit."""
+        message = named([user_message(turn)])[0]
+        tokens = await tokens_over_budget(
+            system, message, count_tokens=self.count_tokens, budget=budget
+        )
+        return replies.too_many_tokens(tokens, budget) if tokens else None
 
     async def _stream(
         self, pending: PendingTurn, generation: Generation, sink: ReplySink
