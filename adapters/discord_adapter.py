@@ -195,7 +195,13 @@ class DiscordAdapter(Adapter):
         """The sink of a regenerated answer: it streams into the old answer's first message
         and deletes the others; `seed` (the press) keeps its sends' nonces new."""
         first, *others = place["messages"]
-        channel = DiscordChannel(self.client, channel=place["channel"], seed=seed, posted=1)
+        channel = DiscordChannel(
+            self.client,
+            channel=place["channel"],
+            seed=seed,
+            reply_to=place.get("reply_to"),  # an inline answer's parts all reply to it
+            posted=1,
+        )
         return self._sink(channel, asker, [first], replacing=others)
 
     async def on_message(self, message: discord.Message) -> None:
@@ -244,11 +250,16 @@ class DiscordAdapter(Adapter):
                 return None
             earlier = () if known or ours else await self._earlier(message, me)
             return key, here(), earlier
-        if self.settings.discord_reply_mode == "inline":
-            root = await self._reply_root(message, me, mentioned=mentioned)
-            if root is None:
+        inline = self.settings.discord_reply_mode == "inline"
+        if inline or message.reference is not None:
+            # In thread mode too, a reply to one of our messages in the channel (an answer
+            # given inline where no thread could be opened) continues its conversation
+            # there; a thread opened from the reply would be keyed apart from it.
+            root = await self._reply_root(message, me, mentioned=inline and mentioned)
+            if root is not None:
+                return key_from(root=str(root)), here(reply_to=str(message.id)), ()
+            if inline:
                 return None
-            return key_from(root=str(root)), here(reply_to=str(message.id)), ()
         if not mentioned:
             return None
         # The answer opens a thread from this message, which takes the message's id.

@@ -143,7 +143,12 @@ class DiscordReply(StreamingReply):
 
     async def _offer_regenerate(self, asker: Asker) -> None:
         """The answer is shown already: a failure here is logged, not the user's problem."""
-        place = {"channel": self.target.destination_id, "messages": self.message_ids}
+        place: dict[str, Any] = {
+            "channel": self.target.destination_id,
+            "messages": self.message_ids,
+        }
+        if self.target.reply_to is not None:  # so a regenerated answer's parts reply too
+            place["reply_to"] = self.target.reply_to
         try:
             await set_buttons(
                 self.target.client, place["channel"], self.message_ids[-1],

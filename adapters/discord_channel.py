@@ -22,6 +22,8 @@ THREAD_ARCHIVE_MINUTES = 1440
 THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
 NO_PINGS = discord.AllowedMentions.none()
 
+_threadless: set[str] = set()  # channels where opening a thread was refused (warned once)
+
 
 def nonce(seed: str, index: int) -> str:
     """A send nonce derived from the turn, so a retried send cannot post twice."""
@@ -55,9 +57,14 @@ class DiscordChannel:
     a URL that model output or injected text put there), and never posts twice: each
     send carries a nonce derived from the turn and the message's place in the answer.
 
+    With `reply_to`, every message of the answer is a reply to that message, so that a
+    reply to any of them, not only the first, leads back along the reply chain to the
+    conversation's start (how an inline conversation is keyed).
+
     With `thread_from`, the answer goes into a thread opened from that message (whose id
-    the thread takes), opened on the first post. `buttons` ride on every post and edit
-    while set; while None, edits take any buttons off.
+    the thread takes), opened on the first post; where Discord refuses to open it, the
+    answer is given inline instead, as replies to that message. `buttons` ride on every
+    post and edit while set; while None, edits take any buttons off.
     """
 
     def __init__(
@@ -108,7 +115,7 @@ class DiscordChannel:
         options: dict[str, Any] = {"allowed_mentions": NO_PINGS, "suppress_embeds": True}
         if self.buttons is not None:
             options["view"] = self.buttons
-        if self.reply_to is not None and not self.posted:
+        if self.reply_to is not None:
             reference = discord.MessageReference(
                 message_id=int(self.reply_to),
                 channel_id=int(self.channel),
@@ -136,10 +143,30 @@ class DiscordChannel:
                 name=self.thread_name or "threadbot",
                 auto_archive_duration=THREAD_ARCHIVE_MINUTES,
             )
+        except discord.Forbidden as error:
+            self._answer_inline(error)
+            return
         except discord.HTTPException as error:
             if error.code != THREAD_EXISTS:  # opened already, by an earlier try
                 raise
+        _threadless.discard(self.channel)  # allowed again: a later refusal is news
         self.thread_open = True
+
+    def _answer_inline(self, error: discord.Forbidden) -> None:
+        """No thread may be opened in the channel (the bot lacks Create Public Threads
+        there): the answer goes inline, as replies to the message, rather than nowhere.
+        Its conversation keeps its key, the message's id, which is also the chain root
+        of those replies, so replies to the answer continue it as in inline mode. The
+        operator is told once per channel, not on every answer."""
+        if self.channel not in _threadless:
+            _threadless.add(self.channel)
+            logger.warning(
+                "Discord refused to open a thread in channel %s (%s): the bot lacks the "
+                "Create Public Threads permission there; answering in the channel instead "
+                "until it is given",
+                self.channel, error.text or error.status,
+            )  # fmt: skip
+        self.reply_to, self.thread_from = self.thread_from, None
 
 
 def requester(user: discord.abc.User, key: ConversationKey) -> Requester:

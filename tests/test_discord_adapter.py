@@ -8,6 +8,7 @@ one where only the flow does, and a scripted one where a test needs a particular
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 import discord
@@ -20,7 +21,7 @@ from conftest import (
     running,
 )
 from discord.gateway import DiscordWebSocket
-from fake_discord import FakeDiscord
+from fake_discord import ApiError, FakeDiscord
 
 from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
@@ -117,6 +118,39 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
         await fake.dispatch("MESSAGE_CREATE", chatter)
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello bot", "and another thing"]
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
+
+
+async def test_without_permission_to_open_threads_it_answers_inline(
+    fake, discord_bot, monkeypatch, caplog
+):
+    """Discord refuses the thread (no Create Public Threads in the channel): the answer is
+    a reply to the question in the channel, a reply to it continues the conversation,
+    and the operator is told once what to grant."""
+
+    async def refused(_req, _channel_id, _message_id):
+        raise ApiError(403, 50013, "Missing Permissions")
+
+    monkeypatch.setattr(fake, "_post_thread", refused)
+    channel = fake.snowflake()  # this test's own: the bot warns once per channel
+    fake.channels[channel] = fake.channels[fake.channel_id] | {"id": channel, "name": "locked"}
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        with caplog.at_level(logging.WARNING, logger="adapters.discord_channel"):
+            question = await mention(fake, "first question", channel)
+            answer = await final_reply(fake, channel)
+            await fake.dispatch("MESSAGE_CREATE", reply_to(fake, answer, "and then?"))
+            await final_reply(fake, channel, after=1)
+            other = await mention(fake, "another question", channel)
+            await final_reply(fake, channel, after=2)
+    answers = bot_messages(fake, channel)
+    assert [a["content"] for a in answers] == ["Noted."] * 3
+    assert [a["message_reference"]["message_id"] for a in answers[::2]] == [
+        question["id"], other["id"],
+    ]  # fmt: skip
+    assert question["id"] not in fake.channels and other["id"] not in fake.channels
+    assert [m["content"] for m in batcher.prompts[1]] == ["first question", "Noted.", "and then?"]
+    assert batcher.prompts[2] == [{"role": "user", "content": "another question"}]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "adapters.discord_channel"]
+    assert channel in warning and "Create Public Threads" in warning
 
 
 async def test_a_dm_is_answered(fake, discord_bot):
@@ -233,6 +267,25 @@ async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot
     assert [m["role"] for m in batcher.prompts[1]] == ["user", "assistant", "user"]
     assert batcher.prompts[1][0]["content"] == "first question"
     assert batcher.prompts[1][2]["content"] == "second question"
+
+
+async def test_inline_mode_a_reply_to_any_part_of_a_long_answer_continues(fake, discord_bot):
+    """Every part of an answer split over messages replies to the question, so a reply to
+    the last part (the natural one to reply to) leads back to the conversation too."""
+    long_answer = "word " * 500 + "END."  # two messages
+    batcher = ScriptedBatcher(long_answer)
+    async with discord_bot(batcher, reply_mode="inline") as (_service, batcher):
+        message = await mention(fake, "first question")
+        last = await final_reply(fake, fake.channel_id, after=1)
+        await fake.dispatch("MESSAGE_CREATE", reply_to(fake, last, "second question"))
+        await fake.wait_for(lambda: len(batcher.prompts) == 2)
+        await final_reply(fake, fake.channel_id, after=3)
+    assert [m["role"] for m in batcher.prompts[1]] == ["user", "assistant", "user"]
+    assert batcher.prompts[1][0]["content"] == "first question"
+    assert batcher.prompts[1][2]["content"] == "second question"
+    parts = bot_messages(fake, fake.channel_id)[:2]
+    assert parts[-1] == last and last["content"].endswith("END.")
+    assert [p["message_reference"]["message_id"] for p in parts] == [message["id"]] * 2
 
 
 def reply_to(fake: FakeDiscord, target: dict, content: str, *, resolved: bool = True) -> dict:

@@ -59,10 +59,13 @@ def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
     monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
 
     @asynccontextmanager
-    async def start(batcher: Any = None, *, global_commands: bool = False, **options: Any
+    async def start(batcher: Any = None, *, global_commands: bool = False,
+                    reply_mode: str = "thread", **options: Any
                     ) -> AsyncIterator[Bot]:  # fmt: skip
         async with FakeDiscord() as fake, make_service(batcher, **options) as (service, batcher):
-            settings = settings_for(fake, discord_global_commands=global_commands)
+            settings = settings_for(
+                fake, discord_global_commands=global_commands, discord_reply_mode=reply_mode
+            )
             client = discord.Client(intents=gateway_intents(), guild_ready_timeout=0.05)
             adapter = DiscordAdapter(
                 client=client, service=service, settings=settings, typing_interval=0.05
@@ -351,6 +354,27 @@ async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(disc
         {"role": "assistant", "content": "Second answer."},
     ]
     assert bot.batcher.prompts[1] == bot.batcher.prompts[0]  # the same question, once
+
+
+async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part(discord_bot):
+    """Inline, each part of an answer replies to the question (so replying to any part
+    continues the conversation): a regenerated answer's new parts too."""
+    first_answer, second_answer = "word " * 500 + "ONE.", "more " * 500 + "TWO."  # two parts
+    async with discord_bot(Answers(first_answer, second_answer), reply_mode="inline") as bot:
+        fake, channel = bot.fake, bot.fake.channel_id
+        asked = await mention(fake, "write a lot")
+        last, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
+        await fake.press_button(channel, last["id"], regenerate)
+
+        def regenerated() -> list[JSON]:
+            parts = bot_messages(fake, channel)
+            done = len(parts) == 2 and parts[-1]["content"].endswith("TWO.")
+            return done and fake.buttons(channel, parts[-1]["id"]) and parts
+
+        parts = await fake.wait_for(regenerated)
+    assert last["content"].endswith("ONE.")
+    assert parts[0]["content"].startswith("more") and parts[1]["id"] != last["id"]
+    assert [part["message_reference"]["message_id"] for part in parts] == [asked["id"]] * 2
 
 
 async def test_regenerate_moves_to_the_newest_answer(discord_bot):
