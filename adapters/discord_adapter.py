@@ -213,7 +213,7 @@ class DiscordAdapter(Adapter):
             or message.type not in ANSWERED_TYPES
         ):
             return  # bots (ourselves included), webhooks, joins, pins and other system messages
-        addressed = me in message.mentions or isinstance(message.channel, discord.DMChannel)
+        addressed = _mentions(message, me) or isinstance(message.channel, discord.DMChannel)
         try:
             route = await self._route(message, me)
             if route is None:
@@ -236,7 +236,7 @@ class DiscordAdapter(Adapter):
         self, message: discord.Message, me: discord.ClientUser
     ) -> tuple[ConversationKey, DiscordChannel, tuple[ChatMessage, ...]] | None:
         """Where a message's conversation lives and where to answer, or None to stay out."""
-        channel, mentioned = message.channel, me in message.mentions
+        channel, mentioned = message.channel, _mentions(message, me)
         here = partial(DiscordChannel, self.client, channel=str(channel.id), seed=str(message.id))
         guild = str(message.guild.id) if message.guild else "-"
         key_from = partial(conversation_key, channel, guild=guild)
@@ -362,13 +362,22 @@ class DiscordAdapter(Adapter):
             "#": {c.id: f"#{c.name}" for c in message.channel_mentions},
         }
 
+        ours = message.guild.self_role if message.guild else None
+
         def readable(match: re.Match[str]) -> str:
             kind, ident = match[1].replace("!", ""), int(match[2])
-            if kind == "@" and ident == me.id:
+            if (kind == "@" and ident == me.id) or (kind == "@&" and ours and ident == ours.id):
                 return ""
             return names[kind].get(ident, match[0])
 
         return re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+
+
+def _mentions(message: discord.Message, me: discord.ClientUser) -> bool:
+    """Whether the message mentions the bot: its user, or the role Discord made for it
+    (named as the bot, so people typing @name often pick it)."""
+    ours = message.guild.self_role if message.guild else None
+    return me in message.mentions or (ours is not None and ours in message.role_mentions)
 
 
 async def _reply(message: discord.Message, text: str) -> None:

@@ -144,6 +144,9 @@ class FakeDiscord:
         self.bob = make_user("1003", "bob")
         self.users = {u["id"]: u for u in (self.bot, self.alice, self.other_bot, self.bob)}
         self.roles: dict[str, str] = {}  # the guild's roles besides @everyone: id -> name
+        # The role Discord makes for a bot added with permissions, named as the bot: people
+        # typing @threadbot may pick it instead of the bot's user.
+        self.bot_role_id = "1100"
         self.member_roles: dict[str, list[str]] = {}  # user id -> role ids
         self.guilds = {self.guild_id: "Fake Guild"}  # the servers the bot is in: id -> name
         self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
@@ -310,7 +313,9 @@ class FakeDiscord:
         guild.update(system_channel_id=system_channel, afk_timeout=300, premium_tier=0)
         guild.update(verification_level=0, default_message_notifications=0, nsfw_level=0)
         roles = [everyone | {"id": i, "name": n, "position": 1} for i, n in self.roles.items()]
-        guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone, *roles])
+        bot_role = everyone | {"id": self.bot_role_id, "name": self.bot["username"]}
+        bot_role |= {"position": 1, "managed": True, "tags": {"bot_id": self.bot["id"]}}
+        guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone, *roles, bot_role])
         guild["members"] = [self._member(u) for u in self.users.values()]
         guild["channels"] = [c for c in chans if c["type"] != 11]
         guild["threads"] = [c for c in chans if c["type"] == 11]
@@ -363,15 +368,20 @@ class FakeDiscord:
         *,
         author: JSON | None = None,
         mentions_bot: bool = False,
+        mentions_bot_role: bool = False,
         **extra: Any,
     ) -> JSON:
         """Record a message by a user (alice by default); returns its MESSAGE_CREATE payload.
 
-        mentions_bot prefixes ``<@1000> `` and fills mentions. Guild channels (text channel,
-        threads) get guild_id and member; DM channels don't."""
+        mentions_bot prefixes ``<@1000> `` and fills mentions; mentions_bot_role prefixes
+        the bot's role, ``<@&1100> ``, and fills mention_roles. Guild channels (text
+        channel, threads) get guild_id and member; DM channels don't."""
         if mentions_bot:
             content = f"<@{self.bot['id']}> {content}"
             extra["mentions"] = [self.bot]
+        if mentions_bot_role:
+            content = f"<@&{self.bot_role_id}> {content}"
+            extra["mention_roles"] = [self.bot_role_id]
         msg = self._create_message(channel_id, content, author or self.alice, **extra)
         return self.event_form(msg)
 

@@ -120,6 +120,15 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
 
 
+async def test_a_mention_of_the_bots_role_is_a_mention_of_the_bot(fake, discord_bot):
+    """Typing @threadbot, people may pick the role Discord made for the bot."""
+    async with discord_bot() as (_service, batcher):
+        message = fake.user_message(fake.channel_id, "hello by role", mentions_bot_role=True)
+        await fake.dispatch("MESSAGE_CREATE", message)
+        await final_reply(fake, message["id"])
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hello by role"]
+
+
 async def test_without_permission_to_open_threads_it_answers_inline(
     fake, discord_bot, monkeypatch, caplog
 ):
