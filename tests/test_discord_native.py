@@ -363,7 +363,9 @@ async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part
     async with discord_bot(Answers(first_answer, second_answer), reply_mode="inline") as bot:
         fake, channel = bot.fake, bot.fake.channel_id
         asked = await mention(fake, "write a lot")
-        last, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
+        last, regenerate = await fake.wait_for(
+            lambda: button(fake, channel, "tb:regen:"), timeout=60
+        )
         await fake.press_button(channel, last["id"], regenerate)
 
         def regenerated() -> list[JSON]:
@@ -371,7 +373,7 @@ async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part
             done = len(parts) == 2 and parts[-1]["content"].endswith("TWO.")
             return done and fake.buttons(channel, parts[-1]["id"]) and parts
 
-        parts = await fake.wait_for(regenerated)
+        parts = await fake.wait_for(regenerated, timeout=60)  # two long answers, streamed
     assert last["content"].endswith("ONE.")
     assert parts[0]["content"].startswith("more") and parts[1]["id"] != last["id"]
     assert [part["message_reference"]["message_id"] for part in parts] == [asked["id"]] * 2
