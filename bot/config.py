@@ -18,6 +18,7 @@ other unknown name in `.env` is refused as a likely typo.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import MutableMapping
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -40,6 +41,7 @@ from pydantic_settings import (
     DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -426,6 +428,25 @@ def load_settings(**values: Any) -> Settings:
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     except ValidationError as error:
         raise ConfigError(describe_error(error, path)) from None
+    except SettingsError as error:  # a nested setting given as a word, not JSON
+        raise ConfigError(_not_json(error)) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path or ENV_FILE}: not UTF-8 text: {error.reason}") from None
+    except OSError as error:
+        where = error.filename or path or ENV_FILE
+        raise ConfigError(f"{where}: cannot be read: {error.strerror or error}") from None
+
+
+def _not_json(error: SettingsError) -> str:
+    """One line for a setting with parts (`ACCESS`, `PERSONAS`) whose value in the
+    environment or `.env` is not the JSON it must be."""
+    field = re.search(r'field "(\w+)"', str(error))
+    name = field[1].upper() if field else "a setting"
+    cause = f" ({error.__cause__})" if error.__cause__ else ""
+    return (
+        f"invalid setting {name} (or one of {name}__*): not valid JSON{cause}; in the "
+        f"environment and .env these take JSON, e.g. ACCESS__ADMINS='[\"U0123ABCD\"]'"
+    )
 
 
 def describe_error(error: ValidationError, path: Path | None = None) -> str:

@@ -91,6 +91,21 @@ def test_broken_yaml_and_a_missing_file_are_one_line_each(
         load_settings()
 
 
+def test_a_nested_setting_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ACCESS__ADMINS=U0123ABCD` (a word where JSON is taken) names the setting."""
+    monkeypatch.setenv("ACCESS__ADMINS", "U0123ABCD")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).count("\n") == 0
+    assert str(info.value).startswith("invalid setting ACCESS (or one of ACCESS__*): not valid")
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "threadbot.yml").write_bytes("system_prompt: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"threadbot.yml: not UTF-8 text"):
+        load_settings()
+
+
 def test_empty_values_in_the_file_mean_unset(tmp_path: Path) -> None:
     """`model:` with nothing after it, or `null`, is the default, as `MODEL=` is in `.env`."""
     write(
