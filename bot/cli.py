@@ -177,6 +177,9 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
+    # SIGHUP's default kills the process: until the service takes it over, only log it (a
+    # `systemctl reload` during a long model load). A worker has no team rules to reload.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _hangup_ignored, args.role)
     if args.role == "worker":
         return await work(settings)
     from adapters.discord_adapter import DiscordAdapter
@@ -298,6 +301,13 @@ async def _serve(service: ChatService, adapters: list[Adapter], *, grace: float)
         for task in tasks + waits:
             task.cancel()
         await asyncio.gather(*tasks, *waits, return_exceptions=True)
+
+
+def _hangup_ignored(role: str) -> None:
+    if role == "worker":
+        logger.info("SIGHUP: a worker has no team configuration to reload; nothing done")
+    else:
+        logger.warning("SIGHUP while starting: nothing reloaded; send it again once ready")
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:

@@ -212,7 +212,8 @@ async def test_a_job_that_always_fails_is_dead_lettered_and_the_user_gets_the_ap
 
 async def test_a_gateway_is_ready_only_while_a_worker_is_alive_and_counts_them(cluster):
     """/readyz of a gateway names its workers: none alive is not ready (every turn would
-    wait for its timeout), and a worker stopping takes the gateway out of ready again.
+    wait for its timeout), a SIGHUP leaves a worker be, and a worker stopping takes the
+    gateway out of ready again.
     /metrics counts them (`threadbot_workers_alive`, a gateway's alone)."""
     port = free_port()
     up = Ops(f"http://127.0.0.1:{port}", None, None, Metrics())
@@ -222,6 +223,9 @@ async def test_a_gateway_is_ready_only_while_a_worker_is_alive_and_counts_them(c
     worker = await cluster.worker("w1")
     await until(up.readiness, workers_are(200, "ok"))
     await until(up.samples, workers_counted(1))
+    worker.reload()  # `kill -HUP` of every container: a worker has nothing to reload
+    await worker.wait_log(r"SIGHUP: a worker has no team configuration to reload")
+    await until(up.readiness, workers_are(200, "ok"))
     assert await worker.stop() == 0
     await until(up.readiness, workers_are(503, "no worker alive"))
     await until(up.samples, workers_counted(0))
