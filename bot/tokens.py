@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 3  # English runs at about 4 characters a token: 3 over-counts, to be safe
+# What the estimate counts apart: runs of ASCII letters (words), single spaces (which go
+# with the next word), and everything else ASCII, a character at a time.
+LETTERS = re.compile(r"[A-Za-z]+")
 TOKENS_PER_MESSAGE = 8  # what a chat template adds around each message, at most in practice
 
 
@@ -79,18 +83,23 @@ class TemplateCount:
 
 
 def estimate(messages: list[ChatMessage]) -> int:
-    """A count on the safe side, for a model whose tokenizer is unknown: 3 ASCII characters
-    a token, and a token for each byte of any other character (byte-level tokenizers never
-    need more; Chinese takes about one token a character, emoji a few)."""
+    """A count on the safe side, for a model whose tokenizer is unknown: a token for every
+    3 letters of a word (at least one a word), a token for each other ASCII character but
+    a single space (digits, which many tokenizers split one by one, punctuation, breaks),
+    and one for each byte of any other character (byte-level tokenizers never need more;
+    Chinese takes about one token a character, emoji a few). Numbers, hashes and logs
+    take far more tokens a character than prose does."""
     return sum(
         _estimate(message["content"]) + TOKENS_PER_MESSAGE for message in alternating(messages)
     )
 
 
 def _estimate(text: str) -> int:
+    words = LETTERS.findall(text)
     ascii_chars = sum(char.isascii() for char in text)
+    others = ascii_chars - sum(map(len, words)) - text.count(" ")
     other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
-    return math.ceil(ascii_chars / CHARS_PER_TOKEN) + other_bytes
+    return sum(math.ceil(len(word) / CHARS_PER_TOKEN) for word in words) + others + other_bytes
 
 
 @dataclass(frozen=True)
@@ -112,9 +121,16 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
     config = None
     if name := settings.inference_tokenizer:
         logger.info("Counting tokens with %s's tokenizer", name)
-        count: TokenCounter = TemplateCount(AutoTokenizer.from_pretrained(name))
+        try:
+            count: TokenCounter = TemplateCount(AutoTokenizer.from_pretrained(name))
+        except (OSError, ValueError) as error:  # not on the hub, not a folder, no access
+            raise loading.ModelError(
+                f"INFERENCE_TOKENIZER={name}: no tokenizer could be loaded from it ({error}). "
+                "Set it to the served model's hub id or a folder with its tokenizer, or "
+                "leave it unset to count tokens by estimate."
+            ) from None
     elif settings.inference_url:
-        logger.info("Counting tokens by estimate (%d ASCII characters a token)", CHARS_PER_TOKEN)
+        logger.info("Counting tokens by estimate (a token for every 3 letters of a word)")
         count = estimate
     else:
         source = loading.tokenizer_source(settings)

@@ -356,6 +356,15 @@ async def test_an_inference_server_is_asked_for_one_token_and_no_model_is_loaded
     assert request.body["max_tokens"] == 1
 
 
+async def test_an_inference_tokenizer_that_cannot_be_loaded_fails(doctor, tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-tokenizer-here")
+    async with FakeOpenAI() as server:
+        report = await doctor(INFERENCE_URL=server.url, INFERENCE_TOKENIZER=missing)
+    assert report.status == 1
+    [(status, message)] = report.lines("tokenizer")
+    assert status == "FAIL" and message.startswith(f"INFERENCE_TOKENIZER={missing}: no tokenizer")
+
+
 async def test_an_unreachable_inference_server(doctor) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     report = await doctor(INFERENCE_URL=url)

@@ -7,6 +7,7 @@ import pytest
 from conftest import package_dir
 
 from bot.config import DEFAULT_CONTEXT_TOKENS, Settings
+from bot.loading import ModelError
 from bot.tokens import TemplateCount, context_tokens, estimate, prompt_tokens_without_model
 
 SAMPLES = {
@@ -15,6 +16,11 @@ SAMPLES = {
     "chinese": "请用三句话总结昨天的事故复盘会议。",
     "emoji": "Ship it 🚀🚀 or roll back 🔙? 🤔",
     "mixed": "Grüße aus Köln — naïve café façade, ½ price!",
+    # A token a character or nearly: what a pasted table, log or hash list is made of.
+    "numbers": "\n".join(",".join(str(7919 * i * j % 99991) for j in range(8)) for i in range(9)),
+    "log": "2024-05-17 12:41:07.311 INFO req=4829113 latency_ms=217 status=200\n" * 5,
+    "hashes": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n" * 5,
+    "json": '[{"id": "3f2c9a1e-7b4d-4e8f-a1c3-9d2e5f7a8b6c", "v": 0.7326}]' * 4,
 }
 
 
@@ -47,3 +53,11 @@ def test_without_a_model_the_tokenizer_named_is_used_else_the_estimate(monkeypat
     )
     assert guessed.count is estimate
     assert guessed.budget == DEFAULT_CONTEXT_TOKENS - 100
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_named_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-tokenizer-here")
+    settings = Settings(_env_file=None, inference_url="http://x/v1", inference_tokenizer=missing)
+    with pytest.raises(ModelError, match=f"INFERENCE_TOKENIZER={missing}: no tokenizer"):
+        prompt_tokens_without_model(settings)

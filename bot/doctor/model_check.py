@@ -1,6 +1,7 @@
 """The model: found where MODEL says, its size on disk, and that it loads (in the dtype
 and on the device the bot would use) and generates one token. With INFERENCE_URL there is
-no model here: the server must list one and write a token of an answer."""
+no model here: the server must list one and write a token of an answer, and
+INFERENCE_TOKENIZER, where set, must load."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from bot.engine import Engine
     from bot.loading import ModelSource
 
-FOUND, GENERATES = "model", "generation"
+FOUND, GENERATES, TOKENIZER = "model", "generation", "tokenizer"
 PROMPT = [{"role": "user", "content": "Hello"}]
 
 
@@ -26,6 +27,8 @@ async def check_model(settings: Settings) -> AsyncIterator[Finding]:
     from bot.loading import ModelError, resolve_source
 
     if settings.inference_url:
+        if settings.inference_tokenizer:
+            yield await asyncio.to_thread(_check_tokenizer, settings)
         async for finding in _check_server(settings):
             yield finding
         return
@@ -63,6 +66,19 @@ async def _check_server(settings: Settings) -> AsyncIterator[Finding]:
             return
         took = time.perf_counter() - started
         yield ok(GENERATES, f"{backend.model} at INFERENCE_URL: 1 token in {took:.2f} s")
+
+
+def _check_tokenizer(settings: Settings) -> Finding:
+    """INFERENCE_TOKENIZER loads, as the bot loads it to count the history's tokens."""
+    from bot.loading import ModelError
+    from bot.tokens import prompt_tokens_without_model
+
+    try:
+        tokens = prompt_tokens_without_model(settings)
+    except ModelError as error:
+        return fail(TOKENIZER, str(error))
+    name = settings.inference_tokenizer
+    return ok(TOKENIZER, f"INFERENCE_TOKENIZER={name}: loaded; prompts take {tokens.budget} tokens")
 
 
 def size_on_disk(source: ModelSource) -> int:
