@@ -407,9 +407,12 @@ def test_compose_declares_every_named_volume(services):
 
 def test_prometheus_scrapes_the_bot_and_loads_the_alerts(services):
     config = load_yaml(DEPLOY / "prometheus.yml")
-    [job] = config["scrape_configs"]
-    assert job["metrics_path"] == "/metrics"
+    [job, workers] = config["scrape_configs"]
+    assert job["metrics_path"] == workers["metrics_path"] == "/metrics"
     assert job["static_configs"] == [{"targets": [f"bot:{HTTP_PORT}"]}]
+    # every scaled worker, found by its service's name, on the port it serves
+    assert workers["dns_sd_configs"] == [{"names": ["worker"], "type": "A", "port": HTTP_PORT}]
+    assert "worker" in services and services["worker"]["environment"]["HTTP_PORT"] == str(HTTP_PORT)
     mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])
     assert mounts["./deploy/prometheus-alerts.yml"] in config["rule_files"]
 
