@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bot.tokens import TemplateCount, context_tokens, render
+from bot.tokens import TemplateCount, context_tokens, prompt_ids, render
 from bot.types import ChatMessage
 
 if TYPE_CHECKING:
@@ -57,10 +57,12 @@ class Engine:
         return [render(self.tokenizer, messages) for messages in conversations]
 
     def encode(self, conversations: Sequence[list[ChatMessage]]) -> BatchEncoding:
-        """Steps 1-2: template, then tokenize the batch (left-padded) onto the model's device."""
-        return self.tokenizer(self.render(conversations), return_tensors="pt", padding=True).to(
-            self.model.device
-        )
+        """Steps 1-2: template, then tokenize the batch (left-padded) onto the model's device;
+        the template wrote the special tokens (see `bot.tokens.prompt_ids`)."""
+        texts = self.render(conversations)
+        return self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.model.device)
 
     def decode_new(self, input_ids: torch.Tensor, output_ids: torch.Tensor) -> list[str]:
         """Steps 4-5: keep only the tokens after each prompt, decode without special tokens."""
@@ -71,7 +73,7 @@ class Engine:
 
     def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         """Steps 1-2 for one conversation: its prompt's token ids."""
-        return self.tokenizer(render(self.tokenizer, messages)).input_ids
+        return prompt_ids(self.tokenizer, messages)
 
     def decode(self, answer_ids: list[int]) -> str:
         """Step 5 for one answer's new tokens."""

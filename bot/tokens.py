@@ -64,6 +64,13 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) 
     )
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> list[int]:
+    """A conversation's prompt as token ids: the chat template, then the tokens. The
+    template writes every special token the model wants (Llama 3's, Mistral's and Gemma's
+    start with the BOS token), so the tokenizer adds none of its own: they would see two."""
+    return tokenizer(render(tokenizer, messages), add_special_tokens=False).input_ids
+
+
 def context_tokens(config: PretrainedConfig | None, max_context_tokens: int | None) -> int:
     """Prompt + answer budget: MAX_CONTEXT_TOKENS (unset: its default) within the model's
     window, where its config is known."""
@@ -79,7 +86,7 @@ class TemplateCount:
     tokenizer: PreTrainedTokenizerBase
 
     def __call__(self, messages: list[ChatMessage]) -> int:
-        return len(self.tokenizer(render(self.tokenizer, messages)).input_ids)
+        return len(prompt_ids(self.tokenizer, messages))
 
 
 def estimate(messages: list[ChatMessage]) -> int:

