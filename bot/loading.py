@@ -143,6 +143,7 @@ def load(
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = one_device(device)
     options: dict[str, Any] = {"dtype": pick_dtype(dtype, device), "device_map": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -153,6 +154,11 @@ def load(
         raise ModelError(
             f"MODEL={source} could not be loaded: {_first_line(error)}. {FIX}"
         ) from error
+    if not tokenizer.chat_template:
+        raise ModelError(
+            f"MODEL={source} has no chat template, so it cannot hold a conversation: choose "
+            "its instruct or chat version (such as Qwen/Qwen2.5-0.5B-Instruct)"
+        )
     model.eval()
     if quantize == "int8":
         from bot.quantize import quantize_int8
@@ -166,6 +172,36 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right edge of each row
     return model, tokenizer
+
+
+def one_device(device: str) -> str:
+    """The device the whole model goes on: DEVICE, where `auto` is the GPU where there is
+    one, else the CPU. One device, never spread over several GPUs: the batcher keeps every
+    layer's KV cache beside the model. ModelError where this machine lacks the device."""
+    import torch
+
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device == "auto":
+        return next((name for name, present in available.items() if present), "cpu")
+    if device in available and not available[device]:
+        raise ModelError(
+            f"DEVICE={device}: this machine has no {device.upper()} device that torch "
+            f"{torch.__version__} can use; set DEVICE=cpu, or DEVICE=auto to use one where "
+            "there is one"
+        )
+    return device
+
+
+def refuse_crowded_context(context_tokens: int, max_new_tokens: int) -> None:
+    """ModelError (naming MAX_NEW_TOKENS) where answers would leave prompts less than a
+    quarter of the context: most messages would be refused, the history cut to nothing."""
+    most = context_tokens * 3 // 4
+    if max_new_tokens > most:
+        raise ModelError(
+            f"MAX_NEW_TOKENS={max_new_tokens} leaves prompts "
+            f"{max(context_tokens - max_new_tokens, 0)} of the {context_tokens}-token context "
+            f"(the model's window, or MAX_CONTEXT_TOKENS): set it to {most} or less"
+        )
 
 
 def refuse_unservable(source: ModelSource, config: PretrainedConfig, context_tokens: int) -> None:

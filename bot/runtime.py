@@ -73,6 +73,7 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
         max_context_tokens=settings.max_context_tokens,
     )
     loading.refuse_unservable(source, model.config, engine.context_tokens)
+    loading.refuse_crowded_context(engine.context_tokens, settings.max_new_tokens)
     logger.info(
         "Model ready: %s, %s, context %d tokens",
         model.config.model_type,

@@ -147,4 +147,5 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
         )
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     context = context_tokens(config, settings.max_context_tokens)
+    loading.refuse_crowded_context(context, settings.max_new_tokens)
     return PromptTokens(count, max(context - settings.max_new_tokens, 1))

