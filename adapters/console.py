@@ -28,7 +28,7 @@ class ConsoleSink:
 
     def __init__(self, output: TextIO) -> None:
         self.output = output
-        self.streamed = False
+        self.shown = ""  # what was streamed of the answer
         self.over = False  # the answer or a failure is on screen
         self.on_post: Callable[[], Awaitable[None]] | None = None  # nothing to keep track of
 
@@ -40,25 +40,30 @@ class ConsoleSink:
 
     async def append(self, chunk: str) -> None:
         self._write(chunk)
-        self.streamed = True
+        self.shown += chunk
 
     async def restart(self) -> None:
         """What was printed stays: a line says the answer starts again below it."""
-        if self.streamed:
+        if self.shown:
             self._write(f"\n{replies.writing_again()}\n")
-        self.streamed = False
+        self.shown = ""
 
     async def notice(self, text: str) -> None:
         self._write(f"{text}\n")
 
     async def finish(self, text: str) -> None:
-        # A streamed answer is already on screen; the final text equals it.
-        self._write("\n" if self.streamed else f"{text}\n")
+        """A terminal cannot take back what it showed: what the final text has past the
+        streamed one is printed (a note that the answer was cut), or the whole final text
+        where the two differ from the start (reasoning streamed before it was known as
+        such)."""
+        same = _common_start(self.shown.strip(), text)
+        rest = text[same:] if same else f"\n{text}" if self.shown else text
+        self._write(f"{rest}\n")
         self.over = True
 
     async def fail(self, text: str) -> None:
         if not self.over:
-            self._write(f"\n{text}\n" if self.streamed else f"{text}\n")
+            self._write(f"\n{text}\n" if self.shown else f"{text}\n")
             self.over = True
 
     async def pause(self, text: str) -> None:
@@ -88,6 +93,8 @@ class ConsoleAdapter(Adapter):
         self.input = input
         self.output = output
         self.interactive = interactive
+        if interactive:  # input() then reads the line itself: no 4 KiB terminal line limit
+            import readline  # noqa: F401
         self.author = getpass.getuser()
         # The terminal is there from the start: answers an earlier chat left unfinished
         # may be resumed into it at once.
@@ -112,12 +119,20 @@ class ConsoleAdapter(Adapter):
         loop = asyncio.get_running_loop()
         line: asyncio.Future[str | None] = loop.create_future()
 
-        def deliver(value: str | None) -> None:
-            if not line.done():
+        def deliver(value: str | Exception | None) -> None:
+            if line.done():
+                return
+            if isinstance(value, Exception):
+                line.set_exception(value)
+            else:
                 line.set_result(value)
 
         def read() -> None:
-            value = self._read_line()
+            value: str | Exception | None
+            try:
+                value = self._read_line()
+            except Exception as error:  # raised in the chat, not lost with this thread
+                value = error
             with contextlib.suppress(RuntimeError):  # the loop may be gone after Ctrl-C
                 loop.call_soon_threadsafe(deliver, value)
 
@@ -133,3 +148,9 @@ class ConsoleAdapter(Adapter):
                 return None
         line = self.input.readline()
         return line if line else None
+
+
+def _common_start(one: str, other: str) -> int:
+    """How many characters the two start with in common."""
+    pairs = zip(one, other, strict=False)
+    return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(one), len(other)))

@@ -115,10 +115,18 @@ def _tell(settings: Settings, text: str, level: int = logging.ERROR) -> None:
 async def _stopped_by_sigterm(command: Coroutine[Any, Any, int]) -> int:
     """Run a command; SIGTERM (docker stop, systemd) ends it as cleanly as Ctrl-C does."""
     task = asyncio.ensure_future(command)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    terminated = asyncio.Event()
+
+    def on_sigterm() -> None:
+        terminated.set()
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         return await task
     except asyncio.CancelledError:
+        if not terminated.is_set():  # Ctrl-C: asyncio.run raises KeyboardInterrupt (130)
+            raise
         logger.info("stopped by SIGTERM")
         return 143  # 128 + SIGTERM, as a shell reports it
 
@@ -153,6 +161,7 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.runtime import open_service
     from bot.team import Team
 
+    sys.stdin.reconfigure(errors="replace")  # a byte that is not UTF-8 is no reason to stop
     async with open_service(Team(settings)) as service:
         interactive = sys.stdin.isatty()
         if interactive:

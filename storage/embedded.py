@@ -175,6 +175,9 @@ class EmbeddedRedis:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     pass_fds=(self._lock_fd,),  # the child holds the lock too
+                    # Not in the terminal's process group: Ctrl-C would stop Redis at
+                    # once, under the answers that the grace period lets finish.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise StorageError(

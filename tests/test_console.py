@@ -1,0 +1,49 @@
+"""The terminal chat's own parts: what it prints of an answer, and reading its input."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+
+from adapters.console import ConsoleAdapter, ConsoleSink
+
+
+async def printed(streamed: list[str], final: str) -> str:
+    output = io.StringIO()
+    sink = ConsoleSink(output)
+    for chunk in streamed:
+        await sink.append(chunk)
+    await sink.finish(final)
+    return output.getvalue()
+
+
+async def test_a_streamed_answer_is_not_printed_twice():
+    assert await printed(["Paris is", " the capital."], "Paris is the capital.") == (
+        "Paris is the capital.\n"
+    )
+
+
+async def test_what_the_final_text_adds_is_printed_after_the_stream():
+    """A looping answer is cut: the terminal showed the repeats, and gets the note."""
+    note = "(cut: the answer was repeating itself)"
+    streamed = ["Yes. ", "Yes. Yes. ", "Yes. Yes."]
+    assert await printed(streamed, f"Yes.\n\n{note}") == f"{''.join(streamed)}\n\n{note}\n"
+
+
+async def test_a_final_text_that_differs_from_the_start_is_printed_whole():
+    """Reasoning streamed before it was known to be reasoning: the answer follows it."""
+    assert await printed(["Let me think..."], "42") == "Let me think...\n42\n"
+
+
+async def test_input_that_cannot_be_read_ends_the_chat_with_the_error(make_service):
+    """A read error on the input thread reaches the chat (it waited for good before)."""
+    unreadable = io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait?\n"), encoding="utf-8")
+    async with make_service() as (service, _batcher):
+        console = ConsoleAdapter(
+            service=service, conversation="unreadable", input=unreadable,
+            output=io.StringIO(), interactive=False,
+        )  # fmt: skip
+        with pytest.raises(UnicodeDecodeError):
+            await asyncio.wait_for(console.run(), timeout=10)
