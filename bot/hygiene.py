@@ -5,11 +5,12 @@ the text to show now; `looping` turns true once the answer ends in a loop (the c
 cancels the generation); `final` gives the answer to show and store.
 
 Reasoning models write `<think>…</think>` before their answer. With `strip_reasoning`, a
-block is left out wherever it is, and text inside a block that is not closed yet is never
-shown (a tag split across chunks is held back until it is whole). Templates that open the
-block in the prompt (DeepSeek-R1's) leave only the closing tag in the output: everything
-before it was reasoning. The answer streamed so far cannot be taken back then, but the
-final text, which replaces it, leaves it out.
+block that opens the answer is left out, and text inside a block that is not closed yet is
+never shown (a tag split across chunks is held back until it is whole). Templates that
+open the block in the prompt (DeepSeek-R1's) leave only the closing tag, at the start of a
+line, in the output: everything before it was reasoning. The answer streamed so far
+cannot be taken back then, but the final text, which replaces it, leaves it out.
+Elsewhere the tags are text: an answer about reasoning models may well write them.
 
 A loop is one piece of text of at least MIN_UNIT characters repeated, copy after copy, at
 the end of the answer. Shorter repeats (`ha ha`, `0, 0, 0`, `-----`) and a few repeated
@@ -40,6 +41,7 @@ class ReasoningSplitter:
         self._pending = ""  # not judged yet: it may be the start of a tag
         self._inside = False
         self._opened = False  # a block was opened: a later stray closing tag is just text
+        self._last = "\n"  # the character before the text to judge (the answer starts a line)
 
     def feed(self, chunk: str) -> str:
         """The text of `chunk` (and of what was held back) that belongs to the answer."""
@@ -49,25 +51,44 @@ class ReasoningSplitter:
             if self._inside:
                 end = text.find(CLOSE)
                 if end < 0:
-                    self._pending = text[len(text) - _tag_start(text, (CLOSE,)) :]
+                    self._hold(text, (CLOSE,))
                     break
-                text, self._inside = text[end + len(CLOSE) :], False
+                text, self._inside = self._after(text, end + len(CLOSE)), False
                 continue
             start = text.find(OPEN)
-            stray = -1 if self._opened else text.find(CLOSE)
+            if self.visible or text[: max(start, 0)].strip():
+                start = -1  # the answer has begun: a tag in it is text
+            stray = -1 if self._opened else self._at_line_start(text, CLOSE)
             if stray >= 0 and (start < 0 or stray < start):
                 # The prompt opened the block: everything up to here was reasoning.
                 self.visible, shown, self._opened = "", "", True
-                text = text[stray + len(CLOSE) :]
+                text = self._after(text, stray + len(CLOSE))
                 continue
             if start < 0:
-                held = _tag_start(text, (OPEN,) if self._opened else (OPEN, CLOSE))
-                self._pending = text[len(text) - held :]
-                shown += self._show(text[: len(text) - held])
+                shown += self._show(self._hold(text, (OPEN, CLOSE)))
                 break
-            shown += self._show(text[:start])
-            text, self._inside, self._opened = text[start + len(OPEN) :], True, True
+            text, self._inside, self._opened = self._after(text, start + len(OPEN)), True, True
         return shown
+
+    def _at_line_start(self, text: str, tag: str) -> int:
+        """Where `tag` first begins a line in `text`; -1 if nowhere."""
+        index = text.find(tag)
+        while index >= 0 and (text[index - 1] if index else self._last) != "\n":
+            index = text.find(tag, index + 1)
+        return index
+
+    def _after(self, text: str, judged: int) -> str:
+        """`text` less its first `judged` characters."""
+        self._last = text[judged - 1]
+        return text[judged:]
+
+    def _hold(self, text: str, tags: tuple[str, ...]) -> str:
+        """Hold back what may begin one of `tags` at the end of `text`; the rest."""
+        judged = len(text) - _tag_start(text, tags)
+        self._pending = text[judged:]
+        if judged:
+            self._last = text[judged - 1]
+        return text[:judged]
 
     def flush(self) -> str:
         """At the end of the answer: held-back text that never became a tag is answer,

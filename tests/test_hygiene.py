@@ -46,10 +46,20 @@ def test_nothing_is_shown_while_a_block_is_open_and_an_unclosed_block_is_no_answ
     assert answer.final("".join(chunks)) == ""
 
 
-def test_text_around_a_block_is_kept():
-    text = "Sure. <think>is it?</think>Yes, it is."
-    assert "".join(streamed(in_pieces(text, 3))[0]) == "Sure. Yes, it is."
-    assert without_reasoning(text) == "Sure. Yes, it is."
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sure. <think>is it?</think>Yes, it is.",
+        "To turn it off, remove the `<think>` tag from the template. Then restart.",
+        "Models write their reasoning in <think> and </think> tags before the answer.",
+        "Sure! The reasoning ends at </think>, and the answer follows.",
+    ],
+)
+def test_tags_once_the_answer_has_begun_are_text(text):
+    """Only a block that opens the answer is reasoning (and a closing tag alone only at a
+    line's start): an answer about reasoning models keeps what it says of the tags."""
+    assert "".join(streamed(in_pieces(text, 3))[0]) == text
+    assert without_reasoning(text) == text
 
 
 def test_a_held_back_angle_bracket_that_is_no_tag_is_shown_after_all():
