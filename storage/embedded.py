@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +35,8 @@ class EmbeddedRedis:
 
     One server per data dir: an exclusive flock guards it, and the child inherits the
     locked descriptor, so the dir stays locked even if this process dies before the child.
+    A server that dies while running (killed for memory, say) is started again on its
+    port, from its append-only file, and clients reconnect as after any outage.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class EmbeddedRedis:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
         self._port: int | None = None
+        self._guard = threading.Lock()  # `stop` and the watcher's restart, one at a time
 
     @property
     def url(self) -> str:
@@ -65,7 +69,7 @@ class EmbeddedRedis:
         self._lock()
         atexit.register(self.stop)  # a clean interpreter exit must not orphan the child
         try:
-            self._spawn()
+            self._spawn(_free_port())
             self._wait_until_ready()
         except BaseException:
             self.stop()
@@ -77,11 +81,15 @@ class EmbeddedRedis:
             self._port,
             self.data_dir,
         )
+        threading.Thread(
+            target=self._watch, args=(self._process,), name="redis-server watch", daemon=True
+        ).start()
 
     def stop(self) -> None:
         """SIGTERM (redis flushes the AOF), wait, then SIGKILL; release the lock. Idempotent."""
         atexit.unregister(self.stop)
-        process, self._process = self._process, None
+        with self._guard:
+            process, self._process = self._process, None
         if process is not None:
             if process.poll() is None:
                 process.terminate()
@@ -151,10 +159,31 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         return False
 
-    def _spawn(self) -> None:
+    def _watch(self, process: subprocess.Popen[bytes]) -> None:
+        """Start the server again whenever it dies while it is ours (not stopped)."""
+        while True:
+            code = process.wait()
+            with self._guard:
+                if self._process is not process:
+                    return  # stopped
+                logger.error(
+                    "redis-server pid %d died (exit code %d); starting it again from %s",
+                    process.pid, code, self.data_dir,
+                )  # fmt: skip
+                try:
+                    assert self._port is not None
+                    self._spawn(self._port)
+                    self._wait_until_ready()
+                except (OSError, StorageError) as error:
+                    logger.critical("redis-server could not be started again: %s", error)
+                    return
+                process = self._process
+                logger.warning("redis-server is back, pid %d", process.pid)
+
+    def _spawn(self, port: int) -> None:
         assert self._lock_fd is not None
         executable = self._executable or bundled_redis_server()
-        self._port = _free_port()
+        self._port = port
         data_dir = self.data_dir.resolve()
         args = [
             str(executable),

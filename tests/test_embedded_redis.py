@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from storage.connection import open_redis
 from storage.embedded import LOCK_FILE, LOG_FILE, EmbeddedRedis
@@ -38,6 +42,24 @@ async def test_conversation_survives_a_restart(tmp_path: Path) -> None:
         async with Redis.from_url(server.url, decode_responses=True) as client:
             store = ConversationStore(redis=client, max_messages=6, ttl_seconds=3600)
             assert await store.load("slack:T:C:1") == messages
+
+
+async def test_a_server_killed_while_running_is_started_again_with_its_data(tmp_path: Path):
+    """Killed for memory, say: it comes back on its port from its append-only file, and a
+    client that retries reaches it (the bot's do, as after any outage)."""
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        async with Redis.from_url(server.url, decode_responses=True) as client:
+            await client.set("kept", "yes")
+            await asyncio.sleep(1.5)  # the AOF is written every second
+            killed = _server_pid(tmp_path)
+            os.kill(killed, signal.SIGKILL)
+            async with asyncio.timeout(15):
+                while True:
+                    with contextlib.suppress(RedisError):
+                        if await client.get("kept") == "yes":
+                            break
+                    await asyncio.sleep(0.1)
+        assert _server_pid(tmp_path) != killed
 
 
 def test_a_locked_data_dir_is_refused_until_released(tmp_path: Path) -> None:
