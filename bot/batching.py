@@ -374,6 +374,30 @@ class Batcher:
         return max(slots, rows)
 
 
+def refuse_unbatchable(engine: Engine, model_name: str) -> None:
+    """ModelError (naming MODEL) unless the batcher can run the model: a two-token answer
+    through it, at load. Some architectures' layers use the KV cache in ways the batcher's
+    does not serve (OPT, BLOOM, Falcon, GPT-NeoX, StableLM, MPT and Nemotron's attention,
+    DeepSeek's latent attention): every step would fail, for every user."""
+    from bot.loading import ModelError
+
+    batcher = Batcher(engine=engine, max_batch=1, step_tokens=64, prefix_cache=PrefixCache(0))
+    question = [{"role": "user", "content": "Hello"}]
+    try:
+        batcher.join(None, question, conversation="", max_new_tokens=2, temperature=0)
+        for _ in range(8):  # its prompt fits one step: a few are plenty
+            if any(update.answer is not None for update in batcher.step()):
+                return
+    except Exception as error:
+        kind = engine.model.config.model_type
+        raise ModelError(
+            f"MODEL={model_name} ({kind}) cannot be served by threadbot's batcher "
+            f"({type(error).__name__}: {error}); choose a model of a family it serves, "
+            "such as Qwen2.5, Llama, Mistral, Gemma or Phi"
+        ) from None
+    raise ModelError(f"MODEL={model_name}: a two-token answer did not end at load")
+
+
 def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
     """Layers, key-value heads and head dimension of a model's attention."""
     config = model.config.get_text_config()

@@ -52,6 +52,7 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
     """The model named by the settings (or `source`, already resolved from them), loaded;
     torch is imported here, not at start-up."""
     from bot import loading
+    from bot.batching import refuse_unbatchable
     from bot.device import use_all_cores
     from bot.engine import Engine
 
@@ -74,6 +75,7 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
     )
     loading.refuse_unservable(source, model.config, engine.context_tokens)
     loading.refuse_crowded_context(engine.context_tokens, settings.max_new_tokens)
+    refuse_unbatchable(engine, str(source))
     logger.info(
         "Model ready: %s, %s, context %d tokens",
         model.config.model_type,

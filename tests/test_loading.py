@@ -199,3 +199,48 @@ def test_models_the_batcher_cannot_serve_are_refused(
         return
     with pytest.raises(ModelError, match=f"^MODEL=some/{model_type} .*{re.escape(refusal)}"):
         loading.refuse_unservable(source, model_config, budget)
+
+
+def tiny_engine(tokenizer, model_type: str, **shape: object):
+    """A two-layer model of the family, random weights, the real Qwen vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bot.engine import Engine
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, eos_token_id=tokenizer.eos_token_id, **shape,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return Engine(model=model, tokenizer=tokenizer, max_new_tokens=8)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "shape"),
+    [
+        ("opt", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+        ("gpt_neox", {"intermediate_size": 64}),
+        ("stablelm", {"intermediate_size": 64}),
+    ],
+)
+def test_an_architecture_the_batcher_cannot_run_is_refused_at_load(
+    qwen_tokenizer, model_type, shape
+):
+    """Their attention layers use the KV cache otherwise than the batcher serves: every
+    step failed, for every user, after a start that looked fine."""
+    from bot.batching import refuse_unbatchable
+
+    engine = tiny_engine(qwen_tokenizer, model_type, **shape)
+    with pytest.raises(ModelError, match=rf"^MODEL={model_type} \({model_type}\) cannot be served"):
+        refuse_unbatchable(engine, model_type)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "shape"),
+    [("llama", {"intermediate_size": 64, "num_key_value_heads": 2}), ("phi3", {})],
+)
+def test_the_families_the_batcher_runs_pass_the_check_at_load(qwen_tokenizer, model_type, shape):
+    from bot.batching import refuse_unbatchable
+
+    refuse_unbatchable(tiny_engine(qwen_tokenizer, model_type, **shape), model_type)
