@@ -15,7 +15,9 @@ Elsewhere the tags are text: an answer about reasoning models may well write the
 A loop is one piece of text of at least MIN_UNIT characters repeated, copy after copy, at
 the end of the answer. Shorter repeats (`ha ha`, `0, 0, 0`, `-----`) and a few repeated
 lines are often meant, so they never count: a piece must repeat MIN_REPEATS times and span
-LOOP_SPAN characters, and differing lines of a table or a list are no loop at all.
+LOOP_SPAN characters, and differing lines of a table or a list are no loop at all. A piece
+of data (mostly digits and punctuation, as a matrix's identical rows) must repeat
+DATA_REPEATS times.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ OPEN, CLOSE = "<think>", "</think>"
 MIN_UNIT = 20  # the shortest repeated piece that makes a loop
 MAX_UNIT = 2000  # the longest one looked for (a repeated paragraph)
 MIN_REPEATS = 5  # copies in a row of even a long piece
+DATA_REPEATS = 32  # copies in a row of a piece of data (a matrix's identical rows)
 LOOP_SPAN = 500  # characters of copies in a row: a short piece must repeat more often
 MAX_CANDIDATES = 64  # piece lengths tried per check, bounding the work a chunk costs
 
@@ -144,8 +147,14 @@ def _repeats(text: str, period: int) -> bool:
     unit = text[-period:]
     if (unit + unit).find(unit, 1) < period:
         return False  # copies of a shorter piece: too short to count, or tried already
-    span = max(MIN_REPEATS, math.ceil(LOOP_SPAN / period)) * period
+    copies = DATA_REPEATS if _is_data(unit) else MIN_REPEATS
+    span = max(copies, math.ceil(LOOP_SPAN / period)) * period
     return span <= len(text) and text[-span:-period] == text[-span + period :]
+
+
+def _is_data(piece: str) -> bool:
+    """Mostly digits, punctuation and space, not words: rows of a grid repeat by design."""
+    return sum(char.isalpha() for char in piece) * 4 < len(piece)
 
 
 def _first_copy_end(text: str, period: int) -> int:

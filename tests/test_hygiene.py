@@ -113,6 +113,13 @@ def test_a_repeated_line_is_cut_after_its_first_copy():
     )
 
 
+def test_a_row_of_data_repeated_on_and_on_is_cut_all_the_same():
+    row = "[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],\n"
+    _, answer = streamed(in_pieces("board = [\n" + row * 40, 9))
+    assert answer.looping
+    assert answer.final("") == "board = [\n" + row.rstrip() + MARK
+
+
 def test_a_repeated_paragraph_is_cut_once_it_has_five_copies():
     paragraph = (
         "This paragraph explains the idea once more. "
@@ -149,6 +156,10 @@ def test_a_loop_after_reasoning_is_cut_from_the_answer():
         ),
         pytest.param("Here:\n" + "-" * 600 + "\n" + "=" * 600, id="rules"),
         pytest.param("zeros = [" + "0, " * 300 + "0]", id="array of zeros"),
+        pytest.param(
+            "board = [\n" + "    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],\n" * 16 + "]",
+            id="a grid of identical rows",
+        ),
         pytest.param("Ha" + " ha" * 300, id="laughter"),
         pytest.param("I will not waste chalk.\n" * 10, id="ten lines as asked"),
         pytest.param(
