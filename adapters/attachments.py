@@ -113,13 +113,16 @@ async def _read(attachment: Attachment, budget: int, deadline: float) -> tuple[s
     except Exception as error:
         logger.warning("downloading attachment %r failed: %s", attachment.name, error)
         raise _NotRead("not read: the download failed") from None
-    if b"\0" in data:
+    # UTF-16 with its byte-order mark (Windows' "Unicode" text: PowerShell's `>`, Notepad,
+    # Excel) is text, for all its NUL bytes.
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    if b"\0" in data and not utf16:
         raise _NotRead("not read: binary data")
     if not data:
         raise _NotRead("empty")
     complete = len(data) < wanted
     # A download cut short may end inside a character: the decoder holds it back.
-    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+    decoder = codecs.getincrementaldecoder("utf-16" if utf16 else "utf-8-sig")(errors="replace")
     content = decoder.decode(data, final=complete)
     return content[:budget], len(content) > budget or not complete
 

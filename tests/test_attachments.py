@@ -4,6 +4,7 @@ from the fake platforms)."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 
 from adapters.attachments import MAX_FILE_BYTES, TRUNCATED, Attachment, is_text, with_attachments
 from bot.config import Settings
@@ -46,6 +47,18 @@ async def test_a_text_named_file_holding_binary_data_is_named_only():
     data = Files().file("dump.txt", b"text\0\x01\x02more", "text/plain")
     text = await with_attachments("look", [data], settings=settings(), timeout=5)
     assert text == "look\n\n[attached: dump.txt, text/plain, 11 bytes: not read: binary data]"
+
+
+async def test_utf16_text_with_its_byte_order_mark_is_read():
+    """Windows' "Unicode" text (PowerShell's `>`, Notepad, Excel) is UTF-16: NUL bytes, but
+    no binary data."""
+    files = Files()
+    said = "Größe: 42 ✓\r\nDone."
+    little, big = "utf-16", "utf-16-be"
+    out = [files.file("out.txt", said.encode(little), "text/plain")]  # BOM first, as written
+    out.append(files.file("big.txt", codecs.BOM_UTF16_BE + said.encode(big), "text/plain"))
+    text = await with_attachments("", out, settings=settings(), timeout=5)
+    assert text == f"[attached: out.txt]\n{said}\n\n[attached: big.txt]\n{said}"
 
 
 async def test_text_past_the_limit_is_cut_and_says_so_and_later_files_find_no_room():
