@@ -473,12 +473,11 @@ class SlackAdapter(Adapter):
             return ()
         context: list[ChatMessage] = []
         for message in earlier:
-            mine = message.get("user") == bot_user or message.get("bot_id")
             text = await self._readable(message["text"], bot_user)
-            if mine:
+            if message.get("user") == bot_user:
                 context.append({"role": "assistant", "content": text})
-            else:
-                name = await self._name(message.get("user", ""))
+            else:  # a person, or another bot (an alert, a CI report): not our own words
+                name = await self._author(message)
                 context.append({"role": "user", "content": text, "name": name})
         return tuple(context)
 
@@ -487,10 +486,17 @@ class SlackAdapter(Adapter):
         text = text.replace(f"<@{bot_user}>", " ")
         for user in set(USER_MENTION.findall(text)):
             name = await self._name(user)
-            text = re.sub(rf"<@{user}(?:\|[^>]*)?>", f"@{name}", text)
+            # A function, not a template: a name may hold a backslash (`CORP\jdoe`).
+            text = re.sub(rf"<@{user}(?:\|[^>]*)?>", lambda _, name=name: f"@{name}", text)
         text = CHANNEL_LINK.sub(r"#\1", text)
         text = URL_LINK.sub(lambda m: m.group(2) or m.group(1), text)
         return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+    async def _author(self, message: dict[str, Any]) -> str:
+        """Who wrote a thread's message: a person's name, or another bot's."""
+        if user := message.get("user"):
+            return await self._name(user)
+        return message.get("username") or message.get("bot_profile", {}).get("name") or "a bot"
 
     async def _name(self, user: str) -> str:
         person = await self._person(user)
@@ -507,10 +513,10 @@ class SlackAdapter(Adapter):
                 del self.channel_names[next(iter(self.channel_names))]
             try:
                 info = await self.app.client.conversations_info(channel=channel)
-            except Exception:
-                logger.debug("conversations.info failed for %s", channel, exc_info=True)
-                return channel
-            self.channel_names[channel] = f"#{info['channel']['name']}"
+                self.channel_names[channel] = f"#{info['channel']['name']}"
+            except Exception:  # e.g. an app installed before it asked for channels:read
+                logger.warning("conversations.info failed for %s", channel, exc_info=True)
+                self.channel_names[channel] = channel  # not asked again at every message
         return self.channel_names[channel]
 
     async def _stranger(self, event: dict[str, Any], team: str) -> bool:

@@ -32,9 +32,12 @@ Handler = Callable[[JSON], Awaitable[JSON]]
 
 DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
 SCOPES = (
-    "app_mentions:read", "assistant:write", "channels:history", "chat:write", "commands",
-    "files:read", "groups:history", "im:history", "mpim:history", "users:read",
+    "app_mentions:read", "assistant:write", "channels:history", "channels:read", "chat:write",
+    "commands", "files:read", "groups:history", "groups:read", "im:history", "mpim:history",
+    "users:read",
 )  # fmt: skip
+# What conversations.info needs, by the channel id's first letter, as Slack's scope docs say.
+INFO_SCOPES = {"C": "channels:read", "G": "groups:read", "D": "im:read"}
 SIGN_IN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
 PAYLOAD_KEYS = ("blocks", "attachments", "metadata", "chunks", "prompts")
 MARKDOWN_LIMIT = 12000  # what one markdown_text may hold
@@ -457,6 +460,10 @@ class FakeSlack:
 
     async def _conversations_info(self, params: JSON) -> JSON:
         channel = params.get("channel", "")
+        needed = INFO_SCOPES.get(channel[:1], "channels:read")
+        if needed not in self.scopes:
+            provided = ",".join(self.scopes)
+            return {"ok": False, "error": "missing_scope", "needed": needed, "provided": provided}
         name = self.channel_names.get(channel, channel.lower())
         return {"ok": True, "channel": {"id": channel, "name": name, "is_im": channel[0] == "D"}}
 

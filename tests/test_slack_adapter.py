@@ -281,6 +281,42 @@ async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket
     ]
 
 
+async def test_thread_history_keeps_other_bots_apart_and_takes_any_name(slack, socket_mode):
+    """Another bot's message (an alert) is not the bot's own answer, and a name with a
+    backslash in it (`CORP\\jdoe`) is a name, not part of a pattern."""
+    slack.users["U0DEV"] = "CORP\\jdoe"
+    async with socket_mode() as (_service, batcher):
+        parent = slack.user_message("C0001", "db-1 looks slow", user="U0BOB")
+        alert = "ALERT: disk full on db-1"
+        slack.bot_message("C0001", alert, username="pagerduty", thread_ts=parent["ts"])
+        mention = slack.app_mention("C0001", "what now, <@U0DEV>?", thread_ts=parent["ts"])
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", parent["ts"])
+    assert batcher.prompts[0] == [
+        {"role": "user", "content": "bob: db-1 looks slow"},
+        {"role": "user", "content": f"pagerduty: {alert}"},
+        {"role": "user", "content": "alice: what now, @CORP\\jdoe?"},
+    ]
+
+
+@pytest.mark.parametrize("granted", [True, False])
+async def test_a_personas_channel_name_is_asked_once_and_needs_its_scope(
+    slack, socket_mode, granted
+):
+    """{channel_name} is the channel's name with channels:read (the manifest asks for it);
+    an app installed without it gets the channel's id, and Slack is not asked again."""
+    if not granted:
+        slack.scopes.remove("channels:read")
+    async with socket_mode(system_prompt="You are in {channel_name}.") as (_service, batcher):
+        for text in ("first", "second"):
+            mention = slack.app_mention("C0001", text)
+            await slack.send_event(mention)
+            await final_reply(slack, "C0001", mention["ts"])
+    where = "#c0001" if granted else "C0001"
+    assert {p[0]["content"] for p in batcher.prompts} == {f"You are in {where}."}
+    assert len(slack.calls_to("conversations.info")) == 1
+
+
 @pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
 async def test_mentioned_late_in_a_long_thread_the_bot_reads_what_came_just_before(
     slack, socket_mode
