@@ -207,13 +207,23 @@ class SlackAdapter(Adapter):
     async def on_message(self, event: dict[str, Any], context: dict[str, Any]) -> None:
         await self._handle(event, context, mentioned=False)
 
-    async def on_assistant_thread_started(self, event: dict[str, Any]) -> None:
-        """Someone opened a thread in the assistant pane: greet them, offer prompts."""
+    async def on_assistant_thread_started(
+        self, event: dict[str, Any], context: dict[str, Any]
+    ) -> None:
+        """Someone opened a thread in the assistant pane: greet them and offer prompts, if
+        the access rules let them use the bot (else they hear why, as in any DM)."""
         thread = event.get("assistant_thread", {})
+        channel, thread_ts = thread.get("channel_id", ""), thread.get("thread_ts", "")
+        team = context.get("team_id") or "-"
+        who = Requester("slack", thread.get("user_id", ""), channel, workspace=team, dm=True)
+        key = ConversationKey("slack", team, channel, thread_ts)
+
+        async def tell(text: str) -> None:
+            await self.app.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
+
         try:
-            await greet(
-                self.app.client, channel=thread["channel_id"], thread_ts=thread["thread_ts"]
-            )
+            if await self.service.admit(who, key, tell):
+                await greet(self.app.client, channel=channel, thread_ts=thread_ts)
         except Exception:
             logger.warning("could not greet assistant thread %s", thread, exc_info=True)
 

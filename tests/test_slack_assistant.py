@@ -11,6 +11,7 @@ from test_slack_adapter import final_reply
 
 from adapters.slack_assistant import GREETING, SUGGESTED_PROMPTS, THINKING, title_of
 from bot import replies
+from bot.config import Access
 
 
 def statuses(slack: FakeSlack) -> list[str]:
@@ -26,6 +27,23 @@ async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, s
     [greeting] = [m for m in slack.thread("D0001", thread_ts) if m.get("bot_id")]
     assert greeting["text"] == GREETING
     assert slack.prompts[("D0001", thread_ts)] == list(SUGGESTED_PROMPTS)
+
+
+def bot_posts(slack: FakeSlack, thread_ts: str) -> list[dict]:
+    return [m for m in slack.thread("D0001", thread_ts) if m.get("bot_id")]
+
+
+async def test_a_user_denied_dms_is_told_so_in_the_pane_and_not_greeted(slack, socket_mode):
+    """`dms: false` turns the pane off: no greeting, no prompts, the denial instead."""
+    access = Access.model_validate({"slack": {"dms": False}})
+    async with socket_mode(streaming="auto", access=access):
+        started = slack.assistant_thread_started("D0001", user="U0BOB")
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        await slack.send_event(started)
+        await slack.wait_for(lambda: bot_posts(slack, thread_ts))
+    [told] = bot_posts(slack, thread_ts)
+    assert told["text"] == replies.denied()
+    assert ("D0001", thread_ts) not in slack.prompts
 
 
 async def test_the_status_shows_while_answering_and_the_title_is_the_first_question(
