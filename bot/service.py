@@ -564,6 +564,10 @@ class ChatService:
         the sink (in the thread, or only to the user)."""
         try:
             text = await self._command_reply(turn)
+        except asyncio.CancelledError:  # a stop's grace ran out (a reset waits for answers)
+            with contextlib.suppress(Exception):
+                await sink.fail(replies.restarting_resend())
+            raise
         except Exception as error:  # its message is marked seen: no re-delivery will come
             if is_outage(error):
                 logger.warning("storage lost during the %s command: %s", turn.command, error)

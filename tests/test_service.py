@@ -543,6 +543,25 @@ async def test_a_fifth_unanswered_turn_is_refused_until_the_first_four_are_answe
     assert answer != replies.slow_down(4)
 
 
+async def test_a_reset_waiting_behind_an_answer_at_a_stop_asks_to_be_sent_again(
+    make_service, make_batcher, conversation
+):
+    """A reset waits for the answer being written; a stop's grace runs out first: its
+    message was taken (marked seen), so its sender hears to send it again."""
+    gated = GatedBatcher(make_batcher())
+    answer, reset = RecordingSink(), RecordingSink()
+    async with make_service(gated) as (service, _batcher):
+        try:
+            await service.accept(turn(conversation, "hello"), answer)
+            await until(lambda: asyncio.sleep(0, bool(gated.prompts)))
+            command = Turn(conversation, "U1", "reset", uuid.uuid4().hex, command="reset")
+            await service.accept(command, reset)
+            await service.drain(0.2)
+        finally:
+            gated.gate.set()
+    assert reset.events == [("fail", replies.restarting_resend())]
+
+
 async def test_forget_deletes_the_conversation_and_reset_keeps_it_known(
     make_service, store, conversation
 ):
