@@ -34,6 +34,11 @@ def history_dropped(count: int) -> str:
     )
 
 
+def answer_kept(answer: str, why: str) -> str:
+    """A regenerated answer that could not be written: the old one stays, and says why."""
+    return f"{answer}\n\n_(No new answer: {why})_"
+
+
 def busy() -> str:
     return "I'm busy with other questions right now. Please try again in a minute."
 

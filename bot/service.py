@@ -102,6 +102,8 @@ class ChatService:
         # Our turns whose task gave them up when storage was lost, with their sinks (which
         # know every message posted, saved or not), to be taken up again once it is back.
         self._orphaned: dict[str, ReplySink] = {}
+        # Regenerated turns' old answers, by turn id: put back if the new one fails.
+        self._taken_back: dict[str, str] = {}
         self._resuming = asyncio.Lock()  # one claim pass at a time
         self._resume_now = asyncio.Event()
         self._closing = False  # draining: no new turns
@@ -514,6 +516,7 @@ class ChatService:
     ) -> None:
         """Show the answer, then store it and close the turn; `generated` says how this
         process wrote it (None: it was saved before a restart)."""
+        self._taken_back.pop(pending.id, None)
         await sink.finish(answer)
         try:
             if not await self.journal.finish(pending, answer):
@@ -533,14 +536,25 @@ class ChatService:
         self, pending: PendingTurn, sink: ReplySink, text: str, *, outcome: Outcome = "failed"
     ) -> None:
         """The user hears why (if the platform lets us say it); the turn is over either
-        way (its message stays in the history)."""
+        way (its message stays in the history). A regenerated answer that failed leaves
+        the old one where it was, shown and stored."""
+        kept = self._taken_back.pop(pending.id, None)
+        if kept is not None:
+            text = replies.answer_kept(kept, text)
         try:
             await sink.fail(text)
         except Exception:  # e.g. the channel is gone: retrying would not bring it back
             logger.warning("could not tell turn %s's thread why it failed", pending.id,
                            exc_info=True)  # fmt: skip
-        await self.journal.finish(pending)
+        if kept is not None and not await self._asked_last(pending):
+            await self.store.append(pending.conversation, user_message(pending.turn))
+        await self.journal.finish(pending, kept)
         self.metrics.count_turn(pending.turn.conversation.platform, outcome)
+
+    async def _asked_last(self, pending: PendingTurn) -> bool:
+        """Whether the conversation's history ends with the turn's question."""
+        last = (await self.store.load(pending.conversation))[-1:]
+        return [(m["role"], m["content"]) for m in last] == [("user", pending.turn.text)]
 
     async def _leave_for_later(
         self,
@@ -721,6 +735,7 @@ class ChatService:
         if [role for role, _ in last] != ["user", "assistant"] or last[0][1] != pending.turn.text:
             logger.info("not regenerating in %s: it has moved on", pending.conversation)
             return False
+        self._taken_back[pending.id] = last[1][1]
         await self.store.drop_last(pending.conversation, 2)
         return True
 

@@ -132,6 +132,14 @@ def dm_key(channel: str) -> ConversationKey:
     return ConversationKey("discord", "-", channel, channel)
 
 
+async def let_go(bot: Bot, conversation: ConversationKey) -> None:
+    """Until the conversation's turn has let go of it: its buttons show a moment before,
+    and a Regenerate pressed meanwhile is refused as the conversation being answered."""
+    async with asyncio.timeout(10):
+        while await bot.service.locks.busy(str(conversation)):
+            await asyncio.sleep(0.02)
+
+
 async def commands_registered(fake: FakeDiscord, guild: str | None = None) -> None:
     scope = f"/guilds/{guild}" if guild else ""
     await fake.wait_for_requests("PUT", rf"/applications/{fake.application_id}{scope}/commands")
@@ -334,6 +342,7 @@ async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(disc
         await fake.dispatch("MESSAGE_CREATE", asked)
         first, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
         first_text = first["content"]  # the fake's own record, which the edit changes
+        await let_go(bot, dm_key(channel))
         pressed = await fake.press_button(channel, first["id"], regenerate)
 
         def regenerated() -> JSON | None:
@@ -356,6 +365,28 @@ async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(disc
     assert bot.batcher.prompts[1] == bot.batcher.prompts[0]  # the same question, once
 
 
+async def test_a_regenerated_answer_that_fails_leaves_the_old_one_shown_and_stored(
+    discord_bot,
+):
+    """The new answer comes out empty (or the queue is full, or it times out): the old
+    answer is not lost, in its message or in the history, and the asker hears why."""
+    async with discord_bot(Answers("First answer.", "")) as bot:
+        fake = bot.fake
+        asked = fake.dm_message("what should I cook?")
+        channel = asked["channel_id"]
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        first, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
+        await let_go(bot, dm_key(channel))
+        await fake.press_button(channel, first["id"], regenerate)
+        kept = replies.answer_kept("First answer.", replies.empty_answer())
+        await fake.wait_for(lambda: fake.message(channel, first["id"])["content"] == kept)
+        history = await bot.history(dm_key(channel), until=lambda h: len(h) == 2)
+    assert history == [
+        {"role": "user", "content": "what should I cook?", "name": "Alice"},
+        {"role": "assistant", "content": "First answer."},
+    ]
+
+
 async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part(discord_bot):
     """Inline, each part of an answer replies to the question (so replying to any part
     continues the conversation): a regenerated answer's new parts too."""
@@ -366,6 +397,7 @@ async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part
         last, regenerate = await fake.wait_for(
             lambda: button(fake, channel, "tb:regen:"), timeout=60
         )
+        await let_go(bot, ConversationKey("discord", fake.guild_id, channel, asked["id"]))
         await fake.press_button(channel, last["id"], regenerate)
 
         def regenerated() -> list[JSON]:
