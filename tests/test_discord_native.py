@@ -132,6 +132,17 @@ def dm_key(channel: str) -> ConversationKey:
     return ConversationKey("discord", "-", channel, channel)
 
 
+async def answered_in_a_dm(bot: Bot, question: str) -> tuple[str, JSON, JSON]:
+    """Ask in a DM; its channel, the answer once it offers Regenerate, and that button,
+    once the turn has let go of the conversation (so that a press is not refused)."""
+    asked = bot.fake.dm_message(question)
+    channel = asked["channel_id"]
+    await bot.fake.dispatch("MESSAGE_CREATE", asked)
+    answer, regenerate = await bot.fake.wait_for(lambda: button(bot.fake, channel, "tb:regen:"))
+    await let_go(bot, dm_key(channel))
+    return channel, answer, regenerate
+
+
 async def let_go(bot: Bot, conversation: ConversationKey) -> None:
     """Until the conversation's turn has let go of it: its buttons show a moment before,
     and a Regenerate pressed meanwhile is refused as the conversation being answered."""
@@ -337,12 +348,8 @@ async def test_an_admin_may_stop_anyones_answer(discord_bot):
 async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(discord_bot):
     async with discord_bot(Answers("First answer.", "Second answer.")) as bot:
         fake = bot.fake
-        asked = fake.dm_message("what should I cook?")
-        channel = asked["channel_id"]
-        await fake.dispatch("MESSAGE_CREATE", asked)
-        first, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
         first_text = first["content"]  # the fake's own record, which the edit changes
-        await let_go(bot, dm_key(channel))
         pressed = await fake.press_button(channel, first["id"], regenerate)
 
         def regenerated() -> JSON | None:
@@ -372,11 +379,7 @@ async def test_a_regenerated_answer_that_fails_leaves_the_old_one_shown_and_stor
     answer is not lost, in its message or in the history, and the asker hears why."""
     async with discord_bot(Answers("First answer.", "")) as bot:
         fake = bot.fake
-        asked = fake.dm_message("what should I cook?")
-        channel = asked["channel_id"]
-        await fake.dispatch("MESSAGE_CREATE", asked)
-        first, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
-        await let_go(bot, dm_key(channel))
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
         await fake.press_button(channel, first["id"], regenerate)
         kept = replies.answer_kept("First answer.", replies.empty_answer())
         await fake.wait_for(lambda: fake.message(channel, first["id"])["content"] == kept)
