@@ -129,6 +129,9 @@ class StreamingReply:
         return {**self.target.where(), "messages": self.message_ids}
 
     async def start(self) -> None:
+        """An answer is about to be written: a try that failed before it (storage lost, the
+        turn taken up again in this process) leaves nothing to add to."""
+        self.text = ""
         if self.placeholder is not None:
             await self._show_final(self.placeholder)
         else:

@@ -246,6 +246,21 @@ async def test_pause_mid_answer_replaces_the_streamed_text():
     assert target.posts == 1
 
 
+async def test_an_answer_written_again_into_the_same_sink_starts_from_nothing():
+    """Storage was lost after a whole answer streamed (it was never saved), and the turn
+    is answered again into the same sink: its edits show the new text alone."""
+    target, clock = Target(), Clock()
+    sink = reply(target, clock)
+    await sink.start()
+    clock.now += 5
+    await sink.append("the first try")
+    await sink.pause("storage lost")
+    await sink.start()
+    clock.now += 5
+    await sink.append("a new answer")
+    assert target.messages == {"0": "A NEW ANSWER" + STREAMING_MARK.upper()}
+
+
 async def test_the_reply_target_is_where_plus_the_message_ids():
     target, clock = Target(), Clock()
     known = ("7",)
