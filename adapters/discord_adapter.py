@@ -362,7 +362,7 @@ class DiscordAdapter(Adapter):
             "#": {c.id: f"#{c.name}" for c in message.channel_mentions},
         }
 
-        ours = message.guild.self_role if message.guild else None
+        ours = _own_role(message)
 
         def readable(match: re.Match[str]) -> str:
             kind, ident = match[1].replace("!", ""), int(match[2])
@@ -376,8 +376,13 @@ class DiscordAdapter(Adapter):
 def _mentions(message: discord.Message, me: discord.ClientUser) -> bool:
     """Whether the message mentions the bot: its user, or the role Discord made for it
     (named as the bot, so people typing @name often pick it)."""
-    ours = message.guild.self_role if message.guild else None
+    ours = _own_role(message)
     return me in message.mentions or (ours is not None and ours in message.role_mentions)
+
+
+def _own_role(message: discord.Message) -> discord.Role | None:
+    """The role Discord made for the bot in the message's server, if it has one."""
+    return message.guild.self_role if message.guild else None
 
 
 async def _reply(message: discord.Message, text: str) -> None:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,8 +164,12 @@ class Worker:
         await self._ensure_groups()
         await self._beat()
         logger.info("worker %s taking jobs (%d rows)", self.name, self.rows)
-        self._keeping = asyncio.create_task(self._keep_running())
-        sweeping = asyncio.create_task(self._keep_sweeping())
+        # Running jobs are kept until `finish`: a stopped worker's answers go on through
+        # the grace period, where the sweep ends with the taking of jobs.
+        self._keeping = asyncio.create_task(
+            self._every_sweep(self._keep_running_jobs, "keeping the running jobs", self._finished)
+        )
+        sweeping = asyncio.create_task(self._every_sweep(self._sweep, "worker sweep", self._stop))
         try:
             await self._keep_reading()
         finally:
@@ -388,12 +392,16 @@ class Worker:
 
     # --- the sweep ----------------------------------------------------------------------
 
-    async def _keep_sweeping(self) -> None:
-        while not await set_within(self._stop, self._sweep_every_s):
+    async def _every_sweep(
+        self, work: Callable[[], Awaitable[None]], what: str, until: asyncio.Event
+    ) -> None:
+        """`work` every third of the claim idle time until `until` is set; a Redis error
+        is tried again next time."""
+        while not await set_within(until, self._sweep_every_s):
             try:
-                await self._sweep()
+                await work()
             except RedisError as error:
-                logger.warning("worker sweep failed; next time: %s", error)
+                logger.warning("%s failed; next time: %s", what, error)
 
     @property
     def _sweep_every_s(self) -> float:
@@ -413,15 +421,6 @@ class Worker:
             pipe.set(keys.worker(self.name), str(self.rows), px=self.claim_idle_ms)
             pipe.sadd(keys.WORKERS, self.name)
             await pipe.execute()
-
-    async def _keep_running(self) -> None:
-        """Keep the running jobs, at the sweep's pace, until `finish`: a stopped worker's
-        running answers go on through the grace period."""
-        while not await set_within(self._finished, self._sweep_every_s):
-            try:
-                await self._keep_running_jobs()
-            except RedisError as error:
-                logger.warning("could not keep the running jobs; next time: %s", error)
 
     async def _keep_running_jobs(self) -> None:
         """Reset the idle time of the jobs running here, and stop those cancelled or
