@@ -219,7 +219,8 @@ class DiscordAdapter(Adapter):
             if route is None:
                 return
             addressed = True
-            who = requester(message.author, route[0])
+            access = self.service.team.settings.access
+            who = await requester(message.author, route[0], client=self.client, access=access)
             if await self.service.admit(who, route[0], partial(_reply, message)):
                 await self._converse(message, *route)
         except Exception as error:

@@ -207,8 +207,9 @@ class AnswerButtons:
             return
         # A new answer is generated: the access rules in effect now apply, as to a message.
         told = partial(self._tell, interaction)
-        if not await self.service.admit(requester(interaction.user, asker.conversation),
-                                        asker.conversation, told):  # fmt: skip
+        who = await requester(interaction.user, asker.conversation, client=interaction.client,
+                              access=self.service.team.settings.access)  # fmt: skip
+        if not await self.service.admit(who, asker.conversation, told):
             if not interaction.response.is_done():
                 await told(replies.denied())
             return

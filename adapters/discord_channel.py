@@ -5,13 +5,15 @@ Shared by the adapter (messages), its commands and its buttons; knows nothing of
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import Any
 
 import discord
 
-from bot.access import Requester
+from bot.access import Requester, dm_role_servers
+from bot.config import Access
 from bot.types import ConversationKey
 
 logger = logging.getLogger(__name__)
@@ -169,8 +171,12 @@ class DiscordChannel:
         self.reply_to, self.thread_from = self.thread_from, None
 
 
-def requester(user: discord.abc.User, key: ConversationKey) -> Requester:
-    """Who asks where, for the access rules: a server member's roles count."""
+async def requester(
+    user: discord.abc.User, key: ConversationKey, *, client: discord.Client, access: Access
+) -> Requester:
+    """Who asks where, for the access rules: a server member's roles count. A DM carries no
+    roles, so the asker's roles are looked up in the servers the rules name: per server,
+    not pooled, as the rules judge each server on its own (bot.access decides)."""
     roles = getattr(user, "roles", ())  # a Member's; a DM's User has none
     dm = key.workspace == "-"
     return Requester(
@@ -180,4 +186,31 @@ def requester(user: discord.abc.User, key: ConversationKey) -> Requester:
         workspace=None if dm else key.workspace,
         dm=dm,
         roles=tuple(str(role.id) for role in roles),
+        memberships=await _memberships(user.id, client, access) if dm else (),
     )
+
+
+async def _memberships(
+    user_id: int, client: discord.Client, access: Access
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The user's role ids in each server where a DM's roles count, if a member there."""
+    guilds = {str(guild.id): guild for guild in client.guilds}
+    servers = dm_role_servers(access, guilds)  # none without role rules: no lookup
+    found = await asyncio.gather(*(_roles_in(guilds[server], user_id) for server in servers))
+    pairs = zip(servers, found, strict=True)
+    return tuple((server, roles) for server, roles in pairs if roles is not None)
+
+
+async def _roles_in(guild: discord.Guild, user_id: int) -> tuple[str, ...] | None:
+    """The user's role ids in `guild` (@everyone's among them), or None if not a member
+    there. From the cache with the members intent, else one GET (which needs no intent)."""
+    member = guild.get_member(user_id)
+    if member is None:
+        try:
+            member = await guild.fetch_member(user_id)
+        except discord.NotFound:
+            return None
+        except discord.HTTPException as error:  # unknown counts as not a member: deny
+            logger.warning("could not look up user %s in server %s: %s", user_id, guild.id, error)
+            return None
+    return tuple(str(role.id) for role in member.roles)

@@ -145,7 +145,9 @@ class SlashCommands:
         key = conversation_key(channel, guild=guild, root=str(interaction.id))
         sink = EphemeralReply(interaction)
         # Only the user sees the answer, so a denied one is always told (even `silent`).
-        if not await self.service.admit(requester(interaction.user, key), key, sink.finish):
+        access = self.service.team.settings.access
+        who = await requester(interaction.user, key, client=self.client, access=access)
+        if not await self.service.admit(who, key, sink.finish):
             if not sink.over:
                 await sink.finish(replies.denied())
             return

@@ -3,11 +3,13 @@
 Adapters describe each request (`Requester`) before anything is stored or generated; the
 rules decide, never the model. Admins pass every rule; otherwise deny wins, an empty allow
 list admits everyone, and a Slack Connect user from another organisation must be allowed
-by user id.
+by user id. A Discord DM is in no server: where role rules are set, the asker must pass
+them as a member of a server the bot shares with them that the `servers` rule admits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bot.config import Access, DiscordAccess, SlackAccess
@@ -26,6 +28,9 @@ class Requester:
     workspace: str | None = None  # Slack team, Discord server; None if none (Discord DMs)
     dm: bool = False
     roles: tuple[str, ...] = ()  # Discord role ids
+    # A Discord DM's asker in the servers looked up (see `dm_role_servers`): each server's
+    # id and the asker's role ids there. Kept apart, as each server is judged on its own.
+    memberships: tuple[tuple[str, tuple[str, ...]], ...] = ()
     stranger: bool = False  # Slack Connect: a user of another organisation
 
 
@@ -42,9 +47,36 @@ def refusal(access: Access, who: Requester) -> str | None:
     if who.workspace is not None and not workspaces.admits(who.workspace):
         return "workspace not allowed"
     if who.dm:
-        return None if rules.dms else "direct messages are off"
+        if not rules.dms:
+            return "direct messages are off"
+        if isinstance(rules, DiscordAccess) and not _dm_roles_pass(rules, who.memberships):
+            return "no allowed role in an allowed server"
+        return None
     if not rules.channels.admits(who.channel):
         return "channel not allowed"
     if isinstance(rules, DiscordAccess) and not rules.roles.admits(*who.roles):
         return "no allowed role"
     return None
+
+
+def dm_role_servers(access: Access, servers: Iterable[str]) -> list[str]:
+    """Of the Discord servers the bot is in, those where a DM asker's roles are to be looked
+    up: the ones the `servers` rule admits, or none when no role rule is set."""
+    rules = access.discord
+    if not _role_rules_set(rules):
+        return []
+    return [server for server in servers if rules.servers.admits(server)]
+
+
+def _role_rules_set(rules: DiscordAccess) -> bool:
+    return bool(rules.roles.allow or rules.roles.deny)
+
+
+def _dm_roles_pass(
+    rules: DiscordAccess, memberships: Iterable[tuple[str, tuple[str, ...]]]
+) -> bool:
+    """Whether a DM passes the role rules: none are set, or some server the `servers` rule
+    admits has the asker with an allowed role and no denied one."""
+    return not _role_rules_set(rules) or any(
+        rules.servers.admits(server) and rules.roles.admits(*roles) for server, roles in memberships
+    )

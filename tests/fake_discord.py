@@ -148,6 +148,7 @@ class FakeDiscord:
         # typing @threadbot may pick it instead of the bot's user.
         self.bot_role_id = "1100"
         self.member_roles: dict[str, list[str]] = {}  # user id -> role ids
+        self.strangers: set[str] = set()  # user ids in none of the bot's servers
         self.guilds = {self.guild_id: "Fake Guild"}  # the servers the bot is in: id -> name
         self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
         self.messages: dict[str, list[JSON]] = {}  # channel id -> messages, oldest first
@@ -316,7 +317,8 @@ class FakeDiscord:
         bot_role = everyone | {"id": self.bot_role_id, "name": self.bot["username"]}
         bot_role |= {"position": 1, "managed": True, "tags": {"bot_id": self.bot["id"]}}
         guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone, *roles, bot_role])
-        guild["members"] = [self._member(u) for u in self.users.values()]
+        members = [u for u in self.users.values() if u["id"] not in self.strangers]
+        guild["members"] = [self._member(u) for u in members]
         guild["channels"] = [c for c in chans if c["type"] != 11]
         guild["threads"] = [c for c in chans if c["type"] == 11]
         return guild | {key: [] for key in EMPTY_GUILD_LISTS}
@@ -776,6 +778,7 @@ class FakeDiscord:
             ("PATCH", hook + "/messages/@original", self._edit_original),
             ("POST", hook, self._followup),
             ("POST", "/users/@me/channels", self._create_dm),
+            ("GET", r"/guilds/(\d+)/members/(\d+)", self._get_member),
             ("GET", ch, self._get_channel),
             ("POST", ch + "/typing", self._typing),
             ("GET", ch + "/messages", self._history),
@@ -945,6 +948,11 @@ class FakeDiscord:
     def _rest_form(self, msg: JSON) -> JSON:
         # REST redacts content by the app's portal setting, not by the session's intents
         return self._redacted(msg, self.privileged_intents)
+
+    async def _get_member(self, req: Request, guild_id: str, user_id: str) -> tuple[int, Any]:
+        if guild_id not in self.guilds or user_id not in self.users or user_id in self.strangers:
+            raise ApiError(404, 10007, "Unknown Member")
+        return 200, self._member(self.users[user_id])
 
     async def _get_channel(self, req: Request, channel_id: str) -> tuple[int, Any]:
         return 200, self._channel(channel_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.access import Requester, refusal
+from bot.access import Requester, dm_role_servers, refusal
 from bot.config import Access
 
 
@@ -68,11 +68,50 @@ def test_discord_servers_and_roles(rules: dict, roles: tuple[str, ...], reason: 
     assert refusal(access(discord=rules), member) == reason
 
 
-def test_discord_dms_have_no_server_or_roles() -> None:
-    dm = Requester("discord", "7", "9", dm=True)
-    strict = {"servers": {"allow": ["500"]}, "roles": {"allow": ["10"]}}
-    assert refusal(access(discord=strict), dm) is None
-    assert refusal(access(discord=strict | {"dms": False}), dm) == "direct messages are off"
+def discord_dm(*memberships: tuple[str, tuple[str, ...]]) -> Requester:
+    return Requester("discord", "7", "9", dm=True, memberships=memberships)
+
+
+NO_ROLE_IN_A_SERVER = "no allowed role in an allowed server"
+
+
+def test_discord_dms_ignore_channels_and_servers_without_role_rules() -> None:
+    assert refusal(access(discord={"channels": {"allow": ["8"]}}), discord_dm()) is None
+    assert refusal(access(discord={"servers": {"allow": ["500"]}}), discord_dm()) is None
+    assert refusal(access(discord={"dms": False}), discord_dm()) == "direct messages are off"
+    assert dm_role_servers(access(discord={"servers": {"allow": ["500"]}}), ["500"]) == []
+
+
+@pytest.mark.parametrize(
+    ("rules", "memberships", "reason"),
+    [
+        ({"roles": {"allow": ["10"]}}, [("500", ("10",))], None),
+        ({"roles": {"allow": ["10"]}}, [("500", ("11",))], NO_ROLE_IN_A_SERVER),
+        ({"roles": {"allow": ["10"]}}, [], NO_ROLE_IN_A_SERVER),  # in none of the servers
+        ({"roles": {"deny": ["11"]}}, [("500", ())], None),
+        ({"roles": {"deny": ["11"]}}, [], NO_ROLE_IN_A_SERVER),
+        ({"roles": {"deny": ["11"]}}, [("500", ("10", "11"))], NO_ROLE_IN_A_SERVER),
+        # each server is judged alone: denied in one, allowed in another
+        ({"roles": {"deny": ["11"]}}, [("500", ("11",)), ("600", ())], None),
+        # the role counts only in a server the servers rule admits
+        ({"roles": {"allow": ["10"]}, "servers": {"deny": ["500"]}}, [("500", ("10",))],
+         NO_ROLE_IN_A_SERVER),
+        ({"roles": {"allow": ["10"]}, "servers": {"allow": ["600"]}},
+         [("500", ("10",)), ("600", ("10",))], None),
+    ],
+)  # fmt: skip
+def test_discord_dms_pass_role_rules_as_a_member_of_an_allowed_server(
+    rules: dict, memberships: list, reason: str | None
+) -> None:
+    assert refusal(access(discord=rules), discord_dm(*memberships)) == reason
+
+
+def test_discord_dm_roles_are_looked_up_in_allowed_servers_only_with_role_rules() -> None:
+    servers = ["500", "600"]
+    assert dm_role_servers(Access(), servers) == []
+    assert dm_role_servers(access(discord={"roles": {"deny": ["11"]}}), servers) == servers
+    strict = {"roles": {"allow": ["10"]}, "servers": {"deny": ["500"]}}
+    assert dm_role_servers(access(discord=strict), servers) == ["600"]
 
 
 def test_admins_pass_every_rule_and_the_console_is_never_checked() -> None:

@@ -469,6 +469,38 @@ async def test_dms_off(fake, discord_bot):
     assert [p[-1]["content"] for p in batcher.prompts] == ["and me?"]
 
 
+@pytest.mark.parametrize(
+    ("rules", "in_no_server", "answered"),
+    [
+        ({}, False, True),  # no role rules: DMs as ever
+        ({"roles": {"allow": ["77"]}}, False, False),  # Bob has only role 78
+        ({"roles": {"allow": ["78"]}}, False, True),
+        ({"roles": {"deny": ["78"]}}, False, False),
+        ({"roles": {"deny": ["77"]}}, True, False),  # a member of none of the bot's servers
+        ({"roles": {"allow": ["78"]}, "servers": {"allow": ["123"]}}, False, False),
+    ],
+)
+async def test_role_rules_apply_to_dms_by_the_roles_held_in_the_bots_servers(
+    fake, discord_bot, rules, in_no_server, answered
+):
+    """A DM is in no server: Bob is answered there only with an allowed role (and no denied
+    one) in a server of the bot's that the rules admit; without role rules, as ever."""
+    fake.roles = {"77": "helpers", "78": "guests"}
+    fake.member_roles = {fake.bob["id"]: ["78"]}
+    fake.strangers = {fake.bob["id"]} if in_no_server else set()
+    access = discord_rules(**rules).model_copy(update={"admins": (fake.alice["id"],)})
+    async with discord_bot(access=access) as (_service, batcher):
+        dm = fake.dm_message("hi in private", author=fake.bob)
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        if answered:
+            await final_reply(fake, dm["channel_id"])
+        said = await replies_to(fake, dm)
+    assert said == ([] if answered else [replies.denied()])
+    assert ("hi in private" in [p[-1]["content"] for p in batcher.prompts]) == answered
+    looked_up = fake.requests_to("GET", rf"/guilds/{fake.guild_id}/members/{fake.bob['id']}")
+    assert bool(looked_up) == ("roles" in rules and "servers" not in rules)
+
+
 # --- attachments --------------------------------------------------------------------------
 
 

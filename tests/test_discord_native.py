@@ -287,6 +287,32 @@ async def test_a_denied_user_is_told_by_the_slash_command_alone(discord_bot):
     assert bot_messages(fake, fake.channel_id) == []
 
 
+async def test_role_rules_apply_to_slash_commands_and_regenerate_in_a_dm(discord_bot):
+    """A DM is in no server: once the rules want a role, Alice, without it in the bot's
+    server, may not press Regenerate or run /status there; with it, she may."""
+    async with discord_bot(Answers("First answer."), global_commands=True) as bot:
+        fake = bot.fake
+        await commands_registered(fake)
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        role = fake.bot_role_id  # a role the server had when the bot connected
+        strict = Access.model_validate({"discord": {"roles": {"allow": [role]}}})
+        bot.service.team.settings = bot.service.team.settings.model_copy(update={"access": strict})
+
+        async def status() -> str:
+            ran = await fake.slash_command("status", channel)
+            [reply] = await fake.wait_for(lambda: answered(ran))
+            return reply["content"]
+
+        pressed = await fake.press_button(channel, first["id"], regenerate)
+        [refused_press] = await fake.wait_for(lambda: answered(pressed))
+        refused_status = await status()
+        fake.member_roles = {fake.alice["id"]: [role]}
+        allowed_status = await status()
+    assert refused_press["content"] == refused_status == replies.denied()
+    assert allowed_status.startswith("Model: ")
+    assert fake.message(channel, first["id"])["content"] == "First answer."
+
+
 # --- Stop ------------------------------------------------------------------------------------
 
 
