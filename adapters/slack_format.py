@@ -17,8 +17,12 @@ MARKDOWN_LIMIT = 12000  # what one `markdown_text` may hold
 CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]+`)", re.DOTALL)
 LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)|]+)\)")
 SCHEME = re.compile(r"^https?://", re.IGNORECASE)
-# Only `**` bold: `__x__` can't be told from a Python name (`__init__`), so it stays as written.
-BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*")
+# `**x**` or `__x__`. As in CommonMark, `__` is never bold inside a word (`snake_case__name`,
+# `a__b__c`); nor around a lowercase name, which can't be told from Python's (`__init__`).
+BOLD = re.compile(
+    r"\*\*(?=\S)(.+?)(?<=\S)\*\*"
+    r"|(?<!\w)__(?![a-z][a-z0-9_]*__(?!\w))(?=\S)(.+?)(?<=\S)__(?!\w)"
+)
 BOLD_ITALIC = re.compile(r"\*\*\*(?=\S)(.+?)(?<=\S)\*\*\*")
 ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")
 STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
@@ -79,7 +83,7 @@ def _prose(text: str) -> str:
     text = BULLET.sub(r"\1• ", text)
     # `***x***` first: as bold, then italic, its markers would cross (`*_x*_`).
     text = BOLD_ITALIC.sub(rf"{BOLD_MARK}_\1_{BOLD_MARK}", text)
-    text = BOLD.sub(rf"{BOLD_MARK}\1{BOLD_MARK}", text)
+    text = BOLD.sub(rf"{BOLD_MARK}\1\2{BOLD_MARK}", text)
     text = ITALIC.sub(r"_\1_", text)
     text = STRIKE.sub(r"~\1~", text)
     return text.replace(BOLD_MARK, "*")
@@ -87,7 +91,7 @@ def _prose(text: str) -> str:
 
 def _heading(match: re.Match[str]) -> str:
     """A heading as one bold line: bold inside it would end the line's bold early."""
-    return BOLD_MARK + BOLD.sub(r"\1", match[1]) + BOLD_MARK
+    return BOLD_MARK + BOLD.sub(r"\1\2", match[1]) + BOLD_MARK
 
 
 def _markdown_prose(text: str) -> str:

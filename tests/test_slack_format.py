@@ -30,8 +30,15 @@ def test_markdown_becomes_mrkdwn(markdown, mrkdwn):
     ("markdown", "mrkdwn"),
     [
         pytest.param("snake_case_name and __init__", "snake_case_name and __init__", id="names"),
-        pytest.param("`__init__` of __main__ or __bold__", "`__init__` of __main__ or __bold__",
-                     id="double-underscores-as-written"),
+        pytest.param("`__init__` of __main__, obj.__dict__, __init__.py",
+                     "`__init__` of __main__, obj.__dict__, __init__.py", id="python-names"),
+        pytest.param("snake_case__names, a__b__c and x__Y__",
+                     "snake_case__names, a__b__c and x__Y__", id="intraword-double-underscores"),
+        pytest.param("__Bold__ and _italic_", "*Bold* and _italic_", id="underscore-bold"),
+        pytest.param("__two words__, (__Note:__) and `__x y__`",
+                     "*two words*, (*Note:*) and `__x y__`", id="underscore-bold-not-in-code"),
+        pytest.param("## __Usage__: run `make`", "*Usage: run `make`*",
+                     id="heading-with-underscore-bold"),
         pytest.param("### Step 1: **Install**", "*Step 1: Install*", id="heading-with-bold"),
         pytest.param("## **Usage**: run `make`", "*Usage: run `make`*", id="heading-with-code"),
         pytest.param("**Run `npm install`** first", "*Run `npm install`* first", id="bold-code"),
@@ -39,8 +46,9 @@ def test_markdown_becomes_mrkdwn(markdown, mrkdwn):
     ],
 )  # fmt: skip
 def test_names_headings_and_nested_emphasis_convert_cleanly(markdown, mrkdwn):
-    """`__x__` is never bold (it can't be told from a Python name); a heading is one bold
-    line; bold can enclose code; `***x***` nests rather than crossing its markers."""
+    """`__x__` is bold as in CommonMark, never inside a word nor around a lowercase name
+    (`__init__`, which can't be told from Python's); a heading is one bold line; bold can
+    enclose code; `***x***` nests rather than crossing its markers."""
     assert to_mrkdwn(markdown) == mrkdwn
 
 
