@@ -354,18 +354,21 @@ class SlackAdapter(Adapter):
         in_pane = event.get("channel_type") == "im" and thread_ts  # a DM thread: the pane's
         if in_pane:  # shown before the turn is taken: its answer's first post clears it
             await ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts).show()
-        await answer(self.service, turn, self._sink(thread))
+        # Slack's own stop of a native stream ends the answer, as a Stop button does.
+        stop = partial(self.service.stop_answer, f"{key.platform}:{message_id}", by=turn.author)
+        await answer(self.service, turn, self._sink(thread, stop))
         if in_pane and question and not (known or order):
             await set_title(
                 self.app.client, channel=key.channel, thread_ts=thread_ts, question=question
             )
 
-    def _sink(self, thread: SlackThread) -> ReplySink:
+    def _sink(self, thread: SlackThread, stop: Callable[[], object] | None = None) -> ReplySink:
         """A new answer's sink: native where it may stream (SLACK_STREAMING), falling back
-        to edits if Slack refuses (auto); else the edit path."""
+        to edits if Slack refuses (auto); else the edit path. `stop` ends the answer's
+        generation, once a reader stopped its stream."""
         if not self._streams(thread):
             return self._edited(thread)
-        native = self._native(thread)
+        native = self._native(thread, stop=stop)
         if self.settings.slack_streaming == "native":
             return native
         return FallbackReply(
@@ -403,11 +406,16 @@ class SlackAdapter(Adapter):
             message_ids=message_ids,
         )
 
-    def _native(self, thread: SlackThread, message_ids: Sequence[str] = ()) -> NativeReply:
+    def _native(
+        self,
+        thread: SlackThread,
+        message_ids: Sequence[str] = (),
+        stop: Callable[[], object] | None = None,
+    ) -> NativeReply:
         """Streams natively; a resumed answer's messages (`message_ids`) are edited instead,
         through the workspace's chat.update budget."""
         return NativeReply(
-            target=SlackStream(thread, earlier=message_ids),
+            target=SlackStream(thread, earlier=message_ids, on_stop=stop),
             render=to_markdown,
             limit=MARKDOWN_LIMIT,
             interval=self.settings.stream_edit_interval,

@@ -99,10 +99,17 @@ class SlackStream:
     change (a link still being written waits). `close` ends every stream with its whole
     text, replacing it (chat.update) where the stream could not get there: a text that
     changed rather than grew, or a stream Slack already ended. A message it did not open
-    (an earlier process's, on resume) is edited with chat.update.
+    (an earlier process's, on resume) is edited with chat.update. Slack tells of a reader's
+    stop only by refusing the next call into that stream: `on_stop` then hears of it.
     """
 
-    def __init__(self, thread: SlackThread, *, earlier: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        thread: SlackThread,
+        *,
+        earlier: Sequence[str] = (),
+        on_stop: Callable[[], object] | None = None,
+    ) -> None:
         if thread.thread_ts is None:
             raise ValueError("Slack streams only into threads")
         self.thread = thread
@@ -114,6 +121,7 @@ class SlackStream:
         self.wanted: dict[str, str] = {}  # open streams: ts -> the text it is to end with
         self.earlier = set(earlier)  # posted by an earlier process: perhaps still streaming
         self.stopped: set[str] = set()  # stopped by a reader: left as they are
+        self.on_stop = on_stop  # e.g. to end the answer's generation where it is
 
     def where(self) -> dict[str, Any]:
         return {**self.thread.where(), "native": True}
@@ -194,6 +202,8 @@ class SlackStream:
         logger.info("Slack ended stream %s early (%s)", message_id, _error(error))
         if _error(error) == STOPPED_BY_USER:
             self.stopped.add(message_id)
+            if self.on_stop is not None:
+                self.on_stop()
         else:
             await self._replace(message_id, text)
 
@@ -209,9 +219,13 @@ class SlackStream:
 
 class NativeReply(StreamingReply):
     """A StreamingReply into a SlackStream: whatever ends or pauses the answer also ends
-    its streams (their whole text, and the thread's status cleared)."""
+    its streams (their whole text, and the thread's status cleared). Once a reader stopped
+    a stream, nothing more of the answer is posted."""
 
     target: SlackStream
+
+    def stopped(self) -> bool:
+        return bool(self.target.stopped)
 
     async def finish(self, text: str) -> None:
         await self._closing(super().finish(text))

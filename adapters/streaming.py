@@ -166,6 +166,8 @@ class StreamingReply:
         first, *rest = split_message(self.render(self.notice_text + text), self.limit) or [""]
         await self._show_final(first)
         self.over = True
+        if self.stopped():
+            return
         try:
             for index, part in enumerate(rest, start=1):
                 await self._put(index, part)
@@ -181,6 +183,11 @@ class StreamingReply:
     async def pause(self, text: str) -> None:
         if not self.over:  # a stop just after the answer was shown leaves it shown
             await self._show_final(self.render(text))
+
+    def stopped(self) -> bool:
+        """Whether a reader stopped the answer on the platform: what they saw stays as it
+        is, and the rest of a long answer is not posted after it."""
+        return False
 
     async def _show(self, markdown: str) -> None:
         """Partial text, as much as fits one message (the final split shows the rest)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from conftest import ScriptedBatcher
@@ -18,6 +19,7 @@ from test_slack_adapter import final_reply
 from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
 from adapters.slack_format import MARKDOWN_LIMIT, to_markdown
+from adapters.slack_stream import NativeReply, SlackStream, SlackThread
 from bot import replies
 from bot.config import Access, Settings
 from bot.types import ConversationKey
@@ -26,6 +28,8 @@ ANSWER = (
     "Paris is the **capital** of France. See [the atlas](https://atlas.example/fr) for more; "
     "it has sat on the Seine since Roman times, when it was called Lutetia."
 )
+# Seconds of writing for a paced model, and more than one message.
+LONG_ANSWER = " ".join(f"Fact {n}: {ANSWER}" for n in range(100))
 STREAMING = ("chat.startStream", "chat.appendStream", "chat.stopStream")
 
 
@@ -172,17 +176,24 @@ async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, sock
     assert len([m for m in slack.channels["C0001"] if m.get("user") == slack.bot_user_id]) == 1
 
 
-async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, socket_mode):
-    """Slack's stop button ends a stream for good: nothing more is appended, nothing replaces
-    it, and the answer is still kept in the conversation."""
+class PacedBatcher(ScriptedBatcher):
+    """A ScriptedBatcher that takes its time, as a model does: a stop lands while it writes."""
+
+    def step(self) -> list:
+        time.sleep(0.01)
+        return super().step()
+
+
+async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, socket_mode):
+    """Slack's stop button ends a stream for good: nothing more is appended or posted,
+    nothing replaces it, the generation ends, and what was written is kept, marked stopped."""
 
     def stop_at_once(call):
         if call.method == "chat.startStream" and call.ok:
             slack.stop_by_user("C0001", call.response["ts"])
 
     slack.after_call = stop_at_once
-    batcher = ScriptedBatcher(ANSWER)
-    async with socket_mode(batcher, streaming="native") as (service, _):
+    async with socket_mode(PacedBatcher(LONG_ANSWER), streaming="native") as (service, _):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         key = str(ConversationKey("slack", slack.team_id, "C0001", mention["ts"]))
@@ -191,13 +202,41 @@ async def test_a_stream_a_reader_stopped_is_left_as_they_stopped_it(slack, socke
             if history and history[-1]["role"] == "assistant":
                 break
             await asyncio.sleep(0.05)
-    assert history[-1] == {"role": "assistant", "content": ANSWER}
+    kept = history[-1]["content"]
+    written = kept.removesuffix(replies.stopped()).strip()
+    assert kept.endswith(replies.stopped()) and LONG_ANSWER.startswith(written)
+    assert len(written) < MARKDOWN_LIMIT  # stopped long before the end
     [start] = slack.calls_to("chat.startStream")
     message = slack.message("C0001", start.response["ts"])
-    assert message["text"] == start.params["markdown_text"] != to_markdown(ANSWER)
+    assert message["text"] == start.params["markdown_text"]
     refused = [c.response["error"] for c in slack.calls if c.method in STREAMING[1:]]
     assert refused and set(refused) == {"stopped_by_user"}
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
+
+
+async def test_a_stopped_stream_gets_no_continuation(slack):
+    """The reader stopped the answer just as it ended: its first message stays as they
+    stopped it, and the rest of a long answer is not posted after it."""
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    mention = slack.app_mention("C0001", "write a lot")
+    thread = SlackThread(client, team=slack.team_id, channel="C0001",
+                         thread_ts=mention["ts"], recipient="U0ALICE")  # fmt: skip
+    stops: list[bool] = []
+    sink = NativeReply(
+        target=SlackStream(thread, on_stop=lambda: stops.append(True)),
+        render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark="",
+    )  # fmt: skip
+    await sink.start()
+    await sink.append(LONG_ANSWER[:100])
+    [start] = slack.calls_to("chat.startStream")
+    slack.stop_by_user("C0001", start.response["ts"])
+    await sink.finish(LONG_ANSWER)
+    assert stops == [True]
+    shown = slack.message("C0001", start.response["ts"])["text"]
+    assert shown == start.params["markdown_text"] and shown.startswith("Fact 0: Paris")
+    assert len(slack.calls_to("chat.startStream")) == 1
+    assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
+    assert slack.statuses == {}
 
 
 async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_service):
