@@ -18,7 +18,7 @@ import html
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -59,7 +59,9 @@ logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "_thinking…_"  # italic in mrkdwn and in Markdown alike
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
-CONTEXT_SECONDS = 1.5  # reading them happens before the event's ack, which Slack wants in 3 s
+# Reading them and naming their people happens before the event's ack, wanted in 3 s.
+CONTEXT_SECONDS = 1.5
+NAME_LOOKUPS = 10  # users.info calls made at once (Tier 4: 100+ a minute)
 ATTACHMENT_SECONDS = 1.0  # reading attached files too
 # A plain message, one with files, and a thread reply also sent to the channel.
 ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast"}
@@ -76,7 +78,8 @@ URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
 
 class Person(NamedTuple):
     name: str
-    stranger: bool  # Slack Connect: of another organisation
+    stranger: bool  # Slack says so (is_stranger): of another workspace, in no shared channel
+    enterprise: str | None  # their Enterprise Grid organisation's id; None outside one
 
 
 class SlackAdapter(Adapter):
@@ -232,7 +235,11 @@ class SlackAdapter(Adapter):
         logger.debug("assistant context changed: %s", event.get("assistant_thread"))
 
     async def on_command(
-        self, ack: Callable[[], Awaitable[None]], payload: dict[str, Any], respond: Any
+        self,
+        ack: Callable[[], Awaitable[None]],
+        payload: dict[str, Any],
+        respond: Any,
+        context: dict[str, Any],
     ) -> None:
         """`/threadbot <command>`, acknowledged at once and answered only to its sender: in a
         DM for the DM, in a channel for the channel (Slack sends no thread with it)."""
@@ -248,7 +255,9 @@ class SlackAdapter(Adapter):
                 turn.conversation.channel,
                 workspace=turn.conversation.workspace,
                 dm=typed_in_dm(payload),
-                stranger=await self._stranger({"user": turn.author}, turn.conversation.workspace),
+                stranger=await self._stranger(
+                    {"user": turn.author}, turn.conversation.workspace, context.get("enterprise_id")
+                ),
             )
             # Only the sender sees the answer, so a denial is always told (even `silent`).
             if not await self.service.admit(who, turn.conversation, sink.finish):
@@ -307,7 +316,7 @@ class SlackAdapter(Adapter):
                 channel,
                 workspace=team,
                 dm=is_dm,
-                stranger=await self._stranger(event, team),
+                stranger=await self._stranger(event, team, context.get("enterprise_id")),
             )
             if await self.service.admit(who, key, thread.post):
                 await self._converse(event, key, thread, bot_user, known=known)
@@ -327,7 +336,8 @@ class SlackAdapter(Adapter):
         known: bool,
     ) -> None:
         """Answer a message the bot was asked (or is expected) to answer."""
-        words = await self._readable(event.get("text", ""), bot_user)
+        text = event.get("text", "")
+        words = _readable(text, bot_user, await self._names(_mentioned(text)))
         order = command(words)
         thread_ts = event.get("thread_ts")
         history: tuple[ChatMessage, ...] = ()
@@ -462,8 +472,9 @@ class SlackAdapter(Adapter):
         pages, page_size = 10, 100  # Slack advises at most 200 a page
         earlier: deque[dict[str, Any]] = deque(maxlen=THREAD_CONTEXT_LIMIT)
         newest, cursor = 0.0, None
+        deadline = asyncio.get_running_loop().time() + CONTEXT_SECONDS  # before the ack
         try:
-            async with asyncio.timeout(CONTEXT_SECONDS):  # before the ack: keep it short
+            async with asyncio.timeout_at(deadline):
                 for _ in range(pages):
                     response = await self.app.client.conversations_replies(
                         channel=event["channel"],
@@ -489,32 +500,33 @@ class SlackAdapter(Adapter):
         except Exception:  # answering without the context beats not answering
             logger.warning("could not read the thread's earlier messages", exc_info=True)
             return ()
+        people = {m["user"] for m in earlier if "user" in m}
+        names = await self._names(people.union(*(_mentioned(m["text"]) for m in earlier)), deadline)
         context: list[ChatMessage] = []
         for message in earlier:
-            text = await self._readable(message["text"], bot_user)
+            text = _readable(message["text"], bot_user, names)
             if message.get("user") == bot_user:
                 context.append({"role": "assistant", "content": text})
             else:  # a person, or another bot (an alert, a CI report): not our own words
-                name = await self._author(message)
+                name = _author(message, names)
                 context.append({"role": "user", "content": text, "name": name})
         return tuple(context)
 
-    async def _readable(self, text: str, bot_user: str) -> str:
-        """Slack markup to plain text: our mention removed, others as @names, links unwrapped."""
-        text = text.replace(f"<@{bot_user}>", " ")
-        for user in set(USER_MENTION.findall(text)):
-            name = await self._name(user)
-            # A function, not a template: a name may hold a backslash (`CORP\jdoe`).
-            text = re.sub(rf"<@{user}(?:\|[^>]*)?>", lambda _, name=name: f"@{name}", text)
-        text = CHANNEL_LINK.sub(r"#\1", text)
-        text = URL_LINK.sub(lambda m: m.group(2) or m.group(1), text)
-        return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
+    async def _names(self, users: Collection[str], deadline: float | None = None) -> dict[str, str]:
+        """The users' names by id, looked up together (NAME_LOOKUPS at a time) and kept;
+        one not found (users.info failed, or had not answered by `deadline`) is its id."""
+        lookups = asyncio.Semaphore(NAME_LOOKUPS)
 
-    async def _author(self, message: dict[str, Any]) -> str:
-        """Who wrote a thread's message: a person's name, or another bot's."""
-        if user := message.get("user"):
-            return await self._name(user)
-        return message.get("username") or message.get("bot_profile", {}).get("name") or "a bot"
+        async def look_up(user: str) -> None:
+            async with lookups:
+                await self._person(user)
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*map(look_up, users))
+        except TimeoutError:
+            logger.info("users.info: names not all found in time; ids stand in for the rest")
+        return {user: person.name if (person := self.people.get(user)) else user for user in users}
 
     async def _name(self, user: str) -> str:
         person = await self._person(user)
@@ -537,13 +549,24 @@ class SlackAdapter(Adapter):
                 self.channel_names[channel] = channel  # not asked again at every message
         return self.channel_names[channel]
 
-    async def _stranger(self, event: dict[str, Any], team: str) -> bool:
-        """Whether the author belongs to another organisation (Slack Connect): the event
-        names their own team, or Slack marks them a stranger to us."""
-        if event.get("user_team", event.get("team", team)) != team:
-            return True
+    async def _stranger(self, event: dict[str, Any], team: str, enterprise: str | None) -> bool:
+        """Whether the author belongs to another organisation (Slack Connect).
+
+        Outside Enterprise Grid our organisation is our workspace: a stranger is of another
+        team (the event names theirs) or one Slack marks so. In Grid (`enterprise`: the
+        installation's) it is the enterprise, whichever of its workspaces a user is in: the
+        event may name the enterprise, else users.info says which one the user is of.
+        """
+        home = event.get("user_team", event.get("team", team))
+        if enterprise is None:
+            if home != team:
+                return True
+            person = await self._person(event["user"])
+            return bool(person and person.stranger)
+        if home == enterprise:
+            return False
         person = await self._person(event["user"])
-        return bool(person and person.stranger)
+        return person.enterprise != enterprise if person else home != team
 
     async def _person(self, user: str) -> Person | None:
         """The user's name and whether they are a stranger; None if users.info fails."""
@@ -561,8 +584,34 @@ class SlackAdapter(Adapter):
                 or profile.get("name")
                 or user
             )
-            self.people[user] = Person(name, bool(profile.get("is_stranger")))
+            enterprise = profile.get("enterprise_user", {}).get("enterprise_id")
+            self.people[user] = Person(name, bool(profile.get("is_stranger")), enterprise)
         return self.people[user]
+
+
+def _mentioned(text: str) -> set[str]:
+    """The ids of the users a message mentions."""
+    return set(USER_MENTION.findall(text))
+
+
+def _readable(text: str, bot_user: str, names: dict[str, str]) -> str:
+    """Slack markup to plain text: our mention removed, others as @names (`names`: by id, of
+    everyone mentioned), links unwrapped."""
+    text = text.replace(f"<@{bot_user}>", " ")
+    for user in _mentioned(text):
+        name = names.get(user, user)
+        # A function, not a template: a name may hold a backslash (`CORP\jdoe`).
+        text = re.sub(rf"<@{user}(?:\|[^>]*)?>", lambda _, name=name: f"@{name}", text)
+    text = CHANNEL_LINK.sub(r"#\1", text)
+    text = URL_LINK.sub(lambda m: m.group(2) or m.group(1), text)
+    return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+
+def _author(message: dict[str, Any], names: dict[str, str]) -> str:
+    """Who wrote a thread's message: a person's name (`names`: by id), or another bot's."""
+    if user := message.get("user"):
+        return names.get(user, user)
+    return message.get("username") or message.get("bot_profile", {}).get("name") or "a bot"
 
 
 def _said(message: dict[str, Any]) -> bool:

@@ -10,6 +10,7 @@ The real slack_sdk / slack_bolt talk to it over HTTP and websockets, inside the 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -81,6 +82,9 @@ class FakeSlack:
         self.users = dict(DEFAULT_USERS if users is None else users)
         # Slack Connect: users of other organisations, by user id -> their team id
         self.external_users: dict[str, str] = {}
+        # Enterprise Grid: team id -> its organisation's (enterprise) id; ours too, for an
+        # app installed in a Grid workspace. A team not here is an organisation of its own.
+        self.enterprises: dict[str, str] = {}
         self.channel_names: dict[str, str] = {}  # by channel id; unnamed: the id, lowered
         self.calls: list[ApiCall] = []
         self.channels: dict[str, list[JSON]] = {}  # channel -> messages, oldest first
@@ -96,6 +100,7 @@ class FakeSlack:
         self.prompts: dict[tuple[str, str], list[JSON]] = {}  # suggested prompts, likewise
         self.responses: dict[str, list[JSON]] = {}  # slash command trigger id -> responses
         self.streaming_refusal: str | None = None  # the error every streaming call gets
+        self.delays: dict[str, float] = {}  # method -> seconds each call waits for its answer
         self.scopes = list(SCOPES)  # granted to the bot token: every answer's X-OAuth-Scopes
         self.handlers: dict[str, Handler] = {
             "auth.test": self._auth_test,
@@ -239,6 +244,8 @@ class FakeSlack:
         token = params.pop("token", None) or (auth[7:] if auth.startswith("Bearer ") else None)
         call = ApiCall(method, params, token)
         self.calls.append(call)
+        if delay := self.delays.get(method):  # a slow Slack
+            await asyncio.sleep(delay)
         wanted = self.app_token if method == "apps.connections.open" else self.bot_token
         headers: dict[str, str] = {}
         if token == wanted:  # Slack names a valid token's scopes on every answer
@@ -453,6 +460,8 @@ class FakeSlack:
         user = {"id": user_id, "team_id": team, "name": name, "real_name": name.title()}
         if user_id in self.external_users:
             user["is_stranger"] = True
+        if enterprise := self.enterprises.get(team):
+            user["enterprise_user"] = {"id": user_id, "enterprise_id": enterprise, "teams": [team]}
         return {
             "ok": True,
             "user": {**user, "is_bot": user_id == self.bot_user_id, "profile": profile},
@@ -556,7 +565,7 @@ class FakeSlack:
     def event_payload(self, event: JSON, *, event_id: str | None = None) -> JSON:
         """An Events API ``event_callback`` body wrapping event."""
         auth = {
-            "enterprise_id": None,
+            "enterprise_id": self.enterprises.get(self.team_id),
             "team_id": self.team_id,
             "user_id": self.bot_user_id,
             "is_bot": True,
@@ -627,6 +636,7 @@ class FakeSlack:
             "command": command,
             "text": text,
             "api_app_id": self.app_id,
+            "enterprise_id": self.enterprises.get(self.team_id),
             "is_enterprise_install": "false",
             "response_url": f"http://127.0.0.1:{self.port}/commands/{trigger_id}",
             "trigger_id": trigger_id,

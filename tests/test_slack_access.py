@@ -98,3 +98,28 @@ async def test_slack_connect_strangers_are_denied_unless_allowed(slack, socket_m
         await slack.send_event(mention)
         await final_reply(slack, shared, mention["ts"])
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello again"]
+
+
+@pytest.mark.parametrize("user_team", ["T0SIBLING", "E0ACME"])
+async def test_in_enterprise_grid_a_sibling_workspace_is_of_our_organisation(
+    slack, socket_mode, user_team
+):
+    """In Enterprise Grid the organisation is the enterprise: a user of a sibling workspace
+    (their events name that workspace, or the enterprise) is admitted, in a thread and by
+    the slash command; a user of another organisation still needs an allow."""
+    slack.enterprises.update({slack.team_id: "E0ACME", "T0SIBLING": "E0ACME", "T0OTHER": "E0OTHER"})
+    slack.users.update({"U0SIBLING": "sibling", "U0GUEST": "guest"})
+    slack.external_users.update({"U0SIBLING": "T0SIBLING", "U0GUEST": "T0OTHER"})
+    channel = new_id("C")
+    async with socket_mode() as (_service, batcher):
+        sibling = slack.app_mention(channel, "hello from next door", user="U0SIBLING")
+        await slack.send_event(sibling | {"user_team": user_team})
+        await final_reply(slack, channel, sibling["ts"])
+        trigger = await slack.send_command(channel, "help", user="U0SIBLING")
+        [told] = await slack.wait_for(lambda: slack.responses[trigger], timeout=30)
+        guest = slack.app_mention(channel, "hello from elsewhere", user="U0GUEST")
+        await slack.send_event(guest)
+        texts = await denied_reply(slack, channel, guest["ts"])
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hello from next door"]
+    assert told["text"] != replies.denied()
+    assert texts == [replies.denied()]
