@@ -44,6 +44,7 @@ from adapters.slack_command import (
     command_turn,
     thread_only,
     typed_in_dm,
+    where_typed,
 )
 from adapters.slack_files import slack_attachments
 from adapters.slack_format import MARKDOWN_LIMIT, MESSAGE_LIMIT, to_markdown, to_mrkdwn
@@ -248,7 +249,12 @@ class SlackAdapter(Adapter):
             respond, channel=payload.get("channel_id", ""), user=payload.get("user_id", "")
         )
         try:
-            turn = command_turn(payload, author_name=await self._name(payload["user_id"]))
+            turn = command_turn(
+                payload,
+                author_name=await self._name(payload["user_id"]),
+                channel_name=await self._channel_name(where_typed(payload)),
+                bot_name=await self._name(context["bot_user_id"]),
+            )
             who = Requester(
                 "slack",
                 turn.author,

@@ -36,9 +36,25 @@ def typed_in_dm(payload: dict[str, Any]) -> bool:
     return str(payload.get("channel_id", "")).startswith("D")
 
 
-def command_turn(payload: dict[str, Any], *, author_name: str = "") -> Turn:
+def where_typed(payload: dict[str, Any]) -> dict[str, str]:
+    """The `channel` and `channel_type` a message event where the command was typed would
+    carry, so the channel is named for a persona's `{channel_name}` as its messages are
+    (the payload's own `channel_name` is bare: `general`, `directmessage`, `mpdm-…`)."""
+    if typed_in_dm(payload):
+        kind = "im"
+    elif str(payload.get("channel_name", "")).startswith("mpdm-"):
+        kind = "mpim"
+    else:
+        kind = "channel"
+    return {"channel": payload["channel_id"], "channel_type": kind}
+
+
+def command_turn(
+    payload: dict[str, Any], *, author_name: str = "", channel_name: str = "", bot_name: str = ""
+) -> Turn:
     """The turn a slash command gives the service: its command (`help` where the text names
-    none), for the DM or the channel it was typed in; one per invocation (trigger id)."""
+    none), for the DM or the channel it was typed in; one per invocation (trigger id). The
+    names fill a persona's placeholders, as the conversation's first turn there would."""
     team, channel = payload.get("team_id") or "-", payload["channel_id"]
     text = payload.get("text", "").strip()
     return Turn(
@@ -48,7 +64,8 @@ def command_turn(payload: dict[str, Any], *, author_name: str = "") -> Turn:
         f"{team}:{channel}:command:{payload['trigger_id']}",
         command=command(text) or "help",
         author_name=author_name,
-        channel_name=payload.get("channel_name", ""),
+        channel_name=channel_name,
+        bot_name=bot_name,
     )
 
 

@@ -119,3 +119,27 @@ async def test_commands_as_text_and_as_the_slash_command_with_their_permissions(
         assert len(await store.load(f"slack:{slack.team_id}:{channel}:{mention['ts']}")) == 2
         assert await typed("reset", "U0ALICE") == to_mrkdwn(replies.conversation_reset())
         assert await store.load(f"slack:{slack.team_id}:{channel}:{mention['ts']}") == []
+
+
+@pytest.mark.parametrize("where", ["channel", "dm"])
+async def test_the_prompt_shown_is_the_one_a_conversation_there_then_uses(
+    slack, socket_mode, where
+):
+    """`/threadbot prompt` typed before anyone talks there shows the prompt filled as the
+    first turn there fills it: the channel named as its messages name it (`#c0001`, not
+    the command's bare `c0001`; `a direct message`, not `directmessage`)."""
+    # What Slack sends as the command's `channel_name` there.
+    channel, bare_name = (new_dm(), "directmessage") if where == "dm" else ("C0001", "c0001")
+    persona = "{bot_name} answers {user_name} in {channel_name}."
+    async with socket_mode(system_prompt=persona) as (_service, batcher):
+        trigger = await slack.send_command(channel, "prompt", channel_name=bare_name)
+        [shown] = await responses(slack, trigger)
+        if where == "dm":
+            await slack.send_event(slack.dm(channel, "hi"))
+            await final_reply(slack, channel, None)
+        else:
+            mention = slack.app_mention(channel, "hi")
+            await slack.send_event(mention)
+            await final_reply(slack, channel, mention["ts"])
+    [system, _question] = batcher.prompts[0]
+    assert f"```\n{to_mrkdwn(system['content'])}\n```" in shown["text"]
