@@ -3,7 +3,8 @@
 Each button's custom_id carries what its press needs (the turn, the asker, the
 conversation), so a button still works after a restart; only the asker or an admin may
 press it. Presses arrive as component interactions, answered within Discord's 3 s:
-a deferred update (the answer's own edits show the outcome), or an ephemeral refusal.
+a deferred update (the answer's own edits show the outcome), or an ephemeral refusal
+(a follow-up, for a Regenerate deferred while it waited for an ending turn).
 """
 
 from __future__ import annotations
@@ -149,12 +150,12 @@ class DiscordReply(StreamingReply):
         }
         if self.target.reply_to is not None:  # so a regenerated answer's parts reply too
             place["reply_to"] = self.target.reply_to
-        try:
+        try:  # recorded before the button shows, so a press finds this answer the newest
+            await self.service.answer_shown(asker.conversation, place)
             await set_buttons(
                 self.target.client, place["channel"], self.message_ids[-1],
                 regenerate_buttons(asker),
             )  # fmt: skip
-            await self.service.answer_shown(asker.conversation, place)
         except Exception:
             logger.warning("could not offer to regenerate in %s", asker.conversation,
                            exc_info=True)  # fmt: skip
@@ -219,12 +220,14 @@ class AnswerButtons:
         request = str(interaction.id)
         if place is None or newest is None or newest[1] != pressed:
             await self._tell(interaction, NOT_REGENERABLE)
-        elif await self.service.regenerate(
+            return
+        # Acknowledged first: regenerate may wait seconds for a turn that is ending. The
+        # answer's own edits show the new one.
+        await interaction.response.defer()
+        if not await self.service.regenerate(
             asker.conversation, by=by, request_id=request,
             sink=self.regenerating(place, request, asker),
         ):  # fmt: skip
-            await interaction.response.defer()  # the answer's own edits show the new one
-        else:
             await self._tell(interaction, NOT_REGENERABLE)
 
     def _may(self, by: str, asker: str) -> bool:

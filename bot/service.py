@@ -56,6 +56,9 @@ SinkFactory = Callable[[dict[str, Any]], ReplySink]
 
 STATS_WINDOW_S = 3600  # what `stats` reports on
 PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be answered
+# A turn lets go of its conversation only once its answer, shown with its buttons, is
+# stored: a Regenerate pressed meanwhile waits this long for it, and is refused after.
+REGENERATE_WAIT_S = 3.0
 
 
 class AnswerStopped(Exception):
@@ -696,9 +699,14 @@ class ChatService:
         replaces the last one in the history, and the question is not stored twice. A turn
         like any other (durable; its id `platform:request_id`, so it can be stopped),
         asked by `by`; whether `by` may is the caller's to decide. False, with nothing
-        done, when the conversation does not end with an answer or is being answered."""
+        done, when the conversation does not end with an answer or is still being
+        answered after REGENERATE_WAIT_S.
+
+        It waits for the lock rather than the turn letting go before its buttons show:
+        the lock is what keeps turns in every process from interleaving the history, and
+        a turn that slips in between is caught under it by `_take_back_answer`."""
         key = str(conversation)
-        if self._closing or await self.locks.busy(key):
+        if self._closing or not await self.locks.idle(key, within=REGENERATE_WAIT_S):
             return False
         history = await self.store.load(key)
         if [message["role"] for message in history[-2:]] != ["user", "assistant"]:

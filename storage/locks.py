@@ -62,6 +62,18 @@ class ConversationLocks:
             return True
         return bool(await self._redis.exists(keys.turn_lock(conversation)))
 
+    async def idle(self, conversation: str, *, within: float) -> bool:
+        """Whether the conversation's turns, here and elsewhere, are all done within
+        `within` seconds. (A deadline, not a timeout: a cancelled Redis call would cost
+        its connection.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while await self.busy(conversation):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(POLL_S)
+        return True
+
     async def _renew(self, lease: Lock, released: asyncio.Event) -> None:
         """Renew the lease a third of the way through each term, until released. (A flag
         stops it, not a cancel: redis-py's own `wait_for` may swallow one.)"""

@@ -17,6 +17,7 @@ import pytest
 from conftest import GatedBatcher, ScriptedBatcher, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
+from redis.asyncio import Redis
 from test_discord_adapter import bot_messages, final_reply, mention, settings_for
 
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
@@ -26,6 +27,7 @@ from bot import replies
 from bot.config import Access
 from bot.service import ChatService
 from bot.types import Command, ConversationKey
+from storage.locks import ConversationLocks
 
 JSON = dict[str, Any]
 STORY = "Once upon a time, in a land far away, there lived a bot that wrote long stories."
@@ -133,22 +135,13 @@ def dm_key(channel: str) -> ConversationKey:
 
 
 async def answered_in_a_dm(bot: Bot, question: str) -> tuple[str, JSON, JSON]:
-    """Ask in a DM; its channel, the answer once it offers Regenerate, and that button,
-    once the turn has let go of the conversation (so that a press is not refused)."""
+    """Ask in a DM; its channel, the answer as soon as it offers Regenerate (its turn may
+    not have let go of the conversation yet), and that button."""
     asked = bot.fake.dm_message(question)
     channel = asked["channel_id"]
     await bot.fake.dispatch("MESSAGE_CREATE", asked)
     answer, regenerate = await bot.fake.wait_for(lambda: button(bot.fake, channel, "tb:regen:"))
-    await let_go(bot, dm_key(channel))
     return channel, answer, regenerate
-
-
-async def let_go(bot: Bot, conversation: ConversationKey) -> None:
-    """Until the conversation's turn has let go of it: its buttons show a moment before,
-    and a Regenerate pressed meanwhile is refused as the conversation being answered."""
-    async with asyncio.timeout(10):
-        while await bot.service.locks.busy(str(conversation)):
-            await asyncio.sleep(0.02)
 
 
 async def commands_registered(fake: FakeDiscord, guild: str | None = None) -> None:
@@ -398,6 +391,41 @@ async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(disc
     assert bot.batcher.prompts[1] == bot.batcher.prompts[0]  # the same question, once
 
 
+async def test_regenerate_pressed_as_a_turn_ends_waits_for_it(discord_bot, redis_client: Redis):
+    """A turn lets go of its conversation a moment after its buttons show (longer on a slow
+    Redis, or for a turn in another process): a press meanwhile is acknowledged at once,
+    waits for the turn to end, and is served."""
+    async with discord_bot(Answers("First answer.", "Second answer.")) as bot:
+        fake = bot.fake
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        first_text = first["content"]  # the fake's own record, which the edit changes
+        async with ConversationLocks(redis=redis_client).hold(str(dm_key(channel))):
+            pressed = await fake.press_button(channel, first["id"], regenerate)
+            acknowledged = await fake.wait_for(lambda: pressed.callback)
+            await asyncio.sleep(0.5)  # the turn ending elsewhere
+        await fake.wait_for(lambda: fake.message(channel, first["id"])["content"] != first_text)
+    assert first_text == "First answer."
+    assert acknowledged == {"type": 6} and pressed.replies == []
+    assert fake.message(channel, first["id"])["content"] == "Second answer."
+
+
+async def test_regenerate_while_an_answer_is_written_is_refused_within_the_deadline(
+    discord_bot, redis_client: Redis
+):
+    """Another answer is being written (in another process): the press is acknowledged
+    within Discord's 3 s, and refused once the wait for it is over."""
+    async with discord_bot(Answers("First answer.")) as bot:
+        fake = bot.fake
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        async with ConversationLocks(redis=redis_client).hold(str(dm_key(channel))):
+            pressed = await fake.press_button(channel, first["id"], regenerate)
+            [refusal] = await fake.wait_for(lambda: pressed.replies)
+    assert pressed.callback == {"type": 6}
+    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert fake.message(channel, first["id"])["content"] == "First answer."
+    assert len(bot.batcher.prompts) == 1
+
+
 async def test_a_regenerated_answer_that_fails_leaves_the_old_one_shown_and_stored(
     discord_bot,
 ):
@@ -426,7 +454,6 @@ async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part
         last, regenerate = await fake.wait_for(
             lambda: button(fake, channel, "tb:regen:"), timeout=60
         )
-        await let_go(bot, ConversationKey("discord", fake.guild_id, channel, asked["id"]))
         await fake.press_button(channel, last["id"], regenerate)
 
         def regenerated() -> list[JSON]:

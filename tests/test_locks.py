@@ -39,3 +39,24 @@ async def test_the_lease_of_a_process_that_died_holding_it_runs_out(redis_client
     async with asyncio.timeout(5):
         async with locks.hold(conversation):
             assert await redis_client.pttl(keys.turn_lock(conversation)) > 1000  # ours now
+
+
+async def test_idle_waits_for_a_turn_ending_elsewhere_but_not_past_its_bound(
+    redis_client: Redis,
+):
+    conversation = uuid.uuid4().hex
+    here, elsewhere = (ConversationLocks(redis=redis_client) for _ in range(2))
+
+    async def turn(seconds: float) -> None:
+        async with elsewhere.hold(conversation):
+            await asyncio.sleep(seconds)
+
+    ending = asyncio.create_task(turn(0.3))
+    await asyncio.sleep(0.1)
+    assert await here.idle(conversation, within=2)
+    assert ending.done()
+    running = asyncio.create_task(turn(2))
+    await asyncio.sleep(0.1)
+    assert not await here.idle(conversation, within=0.3)
+    assert not running.done()
+    await running
