@@ -66,7 +66,8 @@ class Update:
     key: object  # the request, as the queue handed it to `join`
     text: str  # text written since the last update (may be empty)
     answer: str | None = None  # the whole answer, once the request has finished
-    # Set with `answer`: the prompt's length and the answer's (its end token not counted).
+    # The prompt's length and the answer's so far (its end token not counted), in every
+    # update: a request stopped before its end still has them.
     prompt_tokens: int = 0
     answer_tokens: int = 0
 
@@ -102,6 +103,11 @@ class _Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.answer
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """The prompt's length and the answer's so far, in tokens."""
+        return len(self.prompt), len(self.answer)
 
     @property
     def reserved(self) -> int:
@@ -323,7 +329,8 @@ class Batcher:
                 finished.append(sequence)
                 updates.append(self._finish(sequence))
             else:
-                updates.append(Update(sequence.key, sequence.detokenizer.feed(sequence.answer)))
+                text = sequence.detokenizer.feed(sequence.answer)
+                updates.append(Update(sequence.key, text, None, *sequence.counts))
         self.stats.decoded += generated
         self.metrics.generated_tokens.inc(generated)
         for sequence in finished:
@@ -332,13 +339,7 @@ class Batcher:
 
     def _finish(self, sequence: _Sequence) -> Update:
         answer = self.engine.decode(sequence.answer)  # whole, once: exactly the seed's text
-        return Update(
-            sequence.key,
-            sequence.detokenizer.rest(answer),
-            answer,
-            prompt_tokens=len(sequence.prompt),
-            answer_tokens=len(sequence.answer),
-        )
+        return Update(sequence.key, sequence.detokenizer.rest(answer), answer, *sequence.counts)
 
     def _release(self, sequence: _Sequence) -> None:
         """Take a sequence out of the batch, keeping its cache for its conversation; the

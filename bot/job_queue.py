@@ -299,7 +299,7 @@ class JobQueue:
             watch.attempt, watch.wrote = chunk.attempt, False
         if chunk.kind == "text":
             watch.wrote = True
-            generation.write(chunk.text)
+            generation.write(chunk.text, chunk.prompt_tokens, chunk.answer_tokens)
         elif chunk.kind in ("end", "error"):
             self._forget(watch)
             self._held = max(self._held - 1, 0)

@@ -65,7 +65,9 @@ class Job:
 @dataclass(frozen=True)
 class Chunk:
     """One entry of a job's answer stream: the worker took it (`started`), a piece of
-    text, the end (the whole text and its token counts), or an error the user should hear."""
+    text, the end (the whole text), or an error the user should hear. Each carries the
+    prompt's and the answer's tokens read and written so far, so an answer stopped before
+    its end has them too (older workers put them on the end only: 0 before, the default)."""
 
     attempt: int
     worker: str

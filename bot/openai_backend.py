@@ -264,12 +264,11 @@ class OpenAIBackend:
     # --- One request ---------------------------------------------------------------------
 
     async def _answer(self, generation: Generation) -> None:
-        """The request's task: its answer written (and its tokens counted, as the server
-        counted them), or its failure; never an exception."""
+        """The request's task: its answer written, or its failure; never an exception.
+        Its tokens are counted however it ends (a cancel too), as far as its last try went."""
+        answer = _Answer(generation)
         try:
-            answer = await self._tries(generation)
-            self.metrics.prompt_tokens.inc(answer.prompt_tokens)
-            self.metrics.generated_tokens.inc(answer.answer_tokens)
+            await self._tries(answer)
         except Exception as error:
             if not isinstance(error, InferenceUnavailable):  # an answer we cannot read
                 error = InferenceUnavailable(f"INFERENCE_URL={self.url} answered in a way "
@@ -277,16 +276,17 @@ class OpenAIBackend:
             logger.error("generation failed: %s", error)
             generation.fail(error)
         finally:  # before the end or failure is read, so whoever reads it sees it gone
+            self.metrics.prompt_tokens.inc(answer.prompt_tokens)
+            self.metrics.generated_tokens.inc(answer.answer_tokens)
             self._finish(generation)
 
-    async def _tries(self, generation: Generation) -> _Answer:
-        """The request, tried again after a backoff where that may help, `retries` times;
-        its answer, ended."""
-        answer = _Answer(generation)
+    async def _tries(self, answer: _Answer) -> None:
+        """The request, tried again after a backoff where that may help, `retries` times,
+        until its answer has ended."""
         for attempt in range(self.retries + 1):
             try:
-                await self._try(generation, answer)
-                return answer
+                await self._try(answer)
+                return
             except _Retry as error:
                 failure = error
             except CONNECTION_ERRORS as error:
@@ -302,13 +302,13 @@ class OpenAIBackend:
             f"INFERENCE_URL={self.url} {failure}; no retry left (INFERENCE_RETRIES={self.retries})"
         )
 
-    async def _try(self, generation: Generation, answer: _Answer) -> None:
+    async def _try(self, answer: _Answer) -> None:
         """One request and its stream, written into `answer`; raises _Retry where another
         try may go better, and InferenceUnavailable where it would not."""
         assert self._session is not None, "used outside `async with`"
         answer.start_over()
         async with self._session.post(
-            f"{self.url}/chat/completions", json=self._request(generation)
+            f"{self.url}/chat/completions", json=self._request(answer.generation)
         ) as response:
             if response.status != 200:
                 said = _message(await response.text())
@@ -355,6 +355,7 @@ class _Answer:
     def __init__(self, generation: Generation) -> None:
         self.generation = generation
         self.text = ""
+        self.chunks = 0  # the pieces of text streamed in this try
         self.usage: Mapping[str, Any] = {}
         self.finished = False  # the server said why the answer ended (finish_reason)
         self._take_back = False
@@ -362,7 +363,7 @@ class _Answer:
     def start_over(self) -> None:
         """Another try: its answer replaces what the last ones showed."""
         self._take_back = self._take_back or bool(self.text)
-        self.text, self.usage, self.finished = "", {}, False
+        self.text, self.chunks, self.usage, self.finished = "", 0, {}, False
 
     def read(self, event: Any, url: str) -> None:
         """One chunk of the stream: its text, its finish, its token counts."""
@@ -375,16 +376,20 @@ class _Answer:
             if text := (choice.get("delta") or {}).get("content"):
                 self._restarted()
                 self.text += text
-                self.generation.write(text)
+                self.chunks += 1
+                self.generation.write(text, self.prompt_tokens, self.answer_tokens)
             self.finished = self.finished or choice.get("finish_reason") is not None
 
     @property
     def prompt_tokens(self) -> int:
+        """As the server counted them: 0 until its usage event, which comes at the end."""
         return self.usage.get("prompt_tokens") or 0
 
     @property
     def answer_tokens(self) -> int:
-        return self.usage.get("completion_tokens") or 0
+        """As the server counted them; until it has (a stream stopped before its usage
+        event, a server that sends none), the chunks streamed: about a token each."""
+        return self.usage.get("completion_tokens") or self.chunks
 
     def end(self) -> None:
         self._restarted()

@@ -87,12 +87,18 @@ class AnswerRestarted(Exception):
 
 
 @dataclass(frozen=True)
-class _End:
-    """Marker: the batcher finished this request with this answer, of these lengths."""
+class _Text:
+    """More of the answer (maybe none), and the prompt's and the answer's lengths in
+    tokens so far."""
 
     text: str
     prompt_tokens: int
     answer_tokens: int
+
+
+@dataclass(frozen=True)
+class _End(_Text):
+    """Marker: the batcher finished this request with this answer (`text`: all of it)."""
 
 
 class _Failed:
@@ -111,9 +117,9 @@ class Generation:
 
     `text` holds what has been read so far, and once iteration ends, the engine's final
     decoded answer (a generation stopped early keeps its partial text); `prompt_tokens`
-    and `answer_tokens` its prompt's and its own length in tokens (0 until the end, and
-    for an answer that did not end); `queue_wait` the seconds it waited for a place in
-    the batch (None until it has one).
+    and `answer_tokens` the tokens read and written for what has been read so far,
+    whichever way it ends (stopped, cut, failed); `queue_wait` the seconds it waited for
+    a place in the batch (None until it has one).
 
     Whatever writes the answer (the engine thread, through the event loop, or a remote
     backend) calls `write`, `end`, `fail` and `restart` on the event loop. Iteration
@@ -139,7 +145,7 @@ class Generation:
         self.answer_tokens = 0
         self.first_text_at: float | None = None  # wall clock, when its first text was read
         self.on_cancel: Callable[[], object] | None = None  # a remote writer stops with it
-        self._chunks: asyncio.Queue[str | _End | _Failed | _Restart] = asyncio.Queue()
+        self._chunks: asyncio.Queue[_Text | _Failed | _Restart] = asyncio.Queue()
         self._cancelled = threading.Event()  # read by the engine thread between steps
         self._over = False  # the consumer has seen the end or an error
         self._deadline: asyncio.TimerHandle | None = None
@@ -202,8 +208,9 @@ class Generation:
 
     # --- for the writer, on the event loop; after a cancel, nothing more is read -------
 
-    def write(self, text: str) -> None:
-        self._put(text)
+    def write(self, text: str, prompt_tokens: int, answer_tokens: int) -> None:
+        """More text (maybe none), with the prompt's and the answer's tokens so far."""
+        self._put(_Text(text, prompt_tokens, answer_tokens))
 
     def end(self, text: str, prompt_tokens: int, answer_tokens: int) -> None:
         self._put(_End(text, prompt_tokens, answer_tokens))
@@ -214,7 +221,7 @@ class Generation:
     def restart(self) -> None:
         self._put(_Restart())
 
-    def _put(self, item: str | _End | _Failed | _Restart) -> None:
+    def _put(self, item: _Text | _Failed | _Restart) -> None:
         if not self.cancelled:
             self._chunks.put_nowait(item)
 
@@ -230,13 +237,13 @@ class Generation:
             if isinstance(item, _Restart):
                 self.text = ""
                 raise AnswerRestarted
+            self.prompt_tokens, self.answer_tokens = item.prompt_tokens, item.answer_tokens
             if isinstance(item, _End):
                 self.text = item.text
-                self.prompt_tokens, self.answer_tokens = item.prompt_tokens, item.answer_tokens
-            if isinstance(item, str):
-                self.text += item
+            elif item.text:
+                self.text += item.text
                 self.first_text_at = self.first_text_at or time.time()
-                yield item
+                yield item.text
 
 
 class QueuePlace(NamedTuple):
@@ -561,14 +568,12 @@ class InferenceQueue:
         for update in updates:
             generation = update.key
             assert isinstance(generation, Generation)
-            if update.text:
-                self._call(generation.write, update.text)
+            counts = update.prompt_tokens, update.answer_tokens
+            self._call(generation.write, update.text, *counts)
             if update.answer is not None:
                 running.remove(generation)
                 self._done(generation)
-                self._call(
-                    generation.end, update.answer, update.prompt_tokens, update.answer_tokens
-                )
+                self._call(generation.end, update.answer, *counts)
 
     def _fail(self, generations: list[Generation], error: Exception) -> None:
         logger.error("generation failed: %s", error, exc_info=error)

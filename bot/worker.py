@@ -336,9 +336,7 @@ class Worker:
                 unsent = ""
             if unsent:
                 await self._say(taken, "text", unsent)
-            await self._say(
-                taken, "end", generation.text, generation.prompt_tokens, generation.answer_tokens
-            )
+            await self._say(taken, "end", generation.text)
             await self._acknowledge(taken.stream, taken.entry_id)
             logger.info(
                 "job %s answered: %d prompt tokens, %d new", job.id,
@@ -360,8 +358,12 @@ class Worker:
             del self._running[taken.entry_id]
             self._room.set()
 
-    async def _say(self, taken: _Taken, kind: ChunkKind, text: str = "", *counts: int) -> bool:
-        """Write one entry of the answer; whether the gateway has cancelled the job."""
+    async def _say(self, taken: _Taken, kind: ChunkKind, text: str = "") -> bool:
+        """Write one entry of the answer, with the tokens read and written so far (so a
+        stopped answer has them too); whether the gateway has cancelled the job."""
+        generation = taken.generation
+        assert generation is not None, "an answer is written once its request is submitted"
+        counts = generation.prompt_tokens, generation.answer_tokens
         chunk = Chunk(taken.attempt, self.name, kind, text, *counts)
         return await self._write(taken.job, chunk)
 

@@ -372,6 +372,9 @@ async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
         generation.cancel()
         await wait_until(lambda: asyncio.sleep(0, not working._running))
     assert not spy.answers  # it never finished its 400 tokens
+    # What the worker had read and written when it sent the text read, not 0.
+    assert generation.prompt_tokens == spy.batcher.engine.count_tokens(HELLO)
+    assert 0 < generation.answer_tokens < 400
     assert await streams.xlen(keys.worker_jobs("w1")) == 0
 
 
@@ -599,6 +602,13 @@ async def test_chunks_of_an_older_try_are_ignored(streams):
         ):  # fmt: skip
             await streams.xadd(answer, chunk.fields())
         assert await read(generation) == ["Hi"]
+        assert (generation.prompt_tokens, generation.answer_tokens) == (3, 1)
+
+
+def test_a_chunk_from_an_older_worker_without_token_counts_reads_as_zero():
+    """Workers before the counts came with every chunk sent them with the end only."""
+    old_text = {"chunk": '{"attempt": 1, "worker": "w1", "kind": "text", "text": "Hi"}'}
+    assert Chunk.parse(old_text) == Chunk(1, "w1", "text", "Hi", 0, 0)
 
 
 async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path, make_batcher):

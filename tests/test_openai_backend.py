@@ -261,6 +261,9 @@ async def test_a_cancel_while_streaming_closes_the_request(server):
         await wait_for(lambda: server.requests[0].gone, timeout=5)
         await wait_for(lambda: inference.depth == 0, timeout=5)
         assert metrics.batch_rows._value.get() == 0
+    # No usage event came: the chunk streamed counts, in the answer and the metrics.
+    assert (generation.prompt_tokens, generation.answer_tokens) == (0, 1)
+    assert metrics.generated_tokens._value.get() == 1
 
 
 async def test_a_timeout_cancels_the_request_and_closes_it(server):

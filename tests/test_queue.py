@@ -37,10 +37,10 @@ async def test_chunks_stream_and_add_up_to_the_final_text(make_batcher):
 async def test_a_restarted_answer_says_so_and_reading_on_gives_the_new_one():
     """A writer that starts the answer again (another try) voids what was read."""
     generation = Generation(HELLO, user="u1", conversation="c1")
-    generation.write("Hel")
+    generation.write("Hel", 5, 1)
     generation.restart()
-    generation.write("Hi")
-    generation.write(" there")
+    generation.write("Hi", 5, 1)
+    generation.write(" there", 5, 2)
     generation.end("Hi there", prompt_tokens=5, answer_tokens=2)
     with pytest.raises(AnswerRestarted):
         await collect(generation)
@@ -53,12 +53,30 @@ async def test_a_cancelled_answer_tells_its_writer_and_takes_nothing_more():
     generation = Generation(HELLO, user="u1", conversation="c1")
     told: list[bool] = []
     generation.on_cancel = lambda: told.append(True)
-    generation.write("Hel")
+    generation.write("Hel", 5, 1)
     generation.cancel()
-    generation.write("lo")
+    generation.write("lo", 5, 2)
     with pytest.raises(InferenceCancelled):
         await collect(generation)
     assert told == [True] and generation.text == "Hel"
+
+
+async def test_an_answer_that_does_not_end_keeps_the_token_counts_of_what_was_read():
+    """Stopped, cut or failed before its end, an answer counts the tokens read and written
+    for the text read so far; a write with no text (held back) counts too."""
+    generation = Generation(HELLO, user="u1", conversation="c1")
+    generation.write("Hel", 5, 1)
+    generation.write("", 5, 2)
+    generation.write("lo", 5, 3)
+    generation.fail(RuntimeError("out of memory"))
+    chunks = aiter(generation)
+    assert await anext(chunks) == "Hel"
+    assert (generation.prompt_tokens, generation.answer_tokens) == (5, 1)
+    assert await anext(chunks) == "lo"
+    assert (generation.prompt_tokens, generation.answer_tokens) == (5, 3)
+    with pytest.raises(RuntimeError):
+        await anext(chunks)
+    assert (generation.text, generation.answer_tokens) == ("Hello", 3)
 
 
 async def test_a_request_joins_the_running_batch_and_answers_match_alone(make_batcher):
@@ -151,6 +169,17 @@ async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(make_ba
         assert "".join(await collect(staying)) == answer_alone(batcher, question)
     assert len(batcher) == 0
     assert batcher.stats.decoded < 60  # the cancelled one stopped early
+
+
+async def test_a_cancelled_answer_counts_its_prompt_and_the_tokens_read(make_batcher):
+    batcher = make_batcher(max_new_tokens=3000)  # would run for many seconds
+    async with InferenceQueue(batcher=batcher, max_size=2, timeout=60) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        chunks = aiter(generation)
+        await anext(chunks), await anext(chunks)
+        generation.cancel()
+    assert generation.prompt_tokens == batcher.engine.count_tokens(HELLO)
+    assert 2 <= generation.answer_tokens < 1000
 
 
 async def test_batcher_errors_reach_every_request_in_the_batch(make_batcher):

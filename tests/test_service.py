@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -302,6 +303,39 @@ async def test_a_timeout_is_answered(make_service, make_batcher, conversation):
     async with make_service(make_batcher(max_new_tokens=3000), timeout=0.3) as (service, _batcher):
         await service.handle(turn(conversation, "tell me everything"), sink)
     assert sink.kinds("fail") == [replies.timed_out()]
+
+
+class StopsAtFirstText(RecordingSink):
+    """Stops the answer once it has shown some text, as a Stop button would."""
+
+    def __init__(self, stop: Callable[[], object]) -> None:
+        super().__init__()
+        self.stop = stop
+
+    async def append(self, chunk: str) -> None:
+        await super().append(chunk)
+        if "".join(self.kinds("append")).strip():
+            self.stop()
+
+
+async def test_a_stopped_answer_counts_the_tokens_it_read_and_wrote(
+    make_service, make_batcher, conversation, caplog
+):
+    """Stopped mid-way, an answer never reaches its end: its stats and its turn report
+    count its prompt and the tokens written up to the stop, not 0."""
+    caplog.set_level(logging.INFO, logger="bot.turn_report")
+    spy = SpyBatcher(make_batcher(max_new_tokens=3000))
+    message_id = uuid.uuid4().hex
+    async with make_service(spy) as (service, _batcher):
+        sink = StopsAtFirstText(lambda: service.stop_answer(f"test:{message_id}", by="U1"))
+        await service.handle(turn(conversation, "tell me everything", message_id), sink)
+        summary = await service.stats.summary()
+    assert sink.kinds("finish")[0].endswith(replies.stopped())
+    prompt_tokens = spy.batcher.engine.count_tokens(spy.prompts[0])
+    assert (summary.turns, summary.prompt_tokens) == (1, prompt_tokens)
+    assert 0 < summary.answer_tokens < 3000
+    [report] = [record for record in caplog.records if record.name == "bot.turn_report"]
+    assert (report.prompt_tokens, report.answer_tokens) == (prompt_tokens, summary.answer_tokens)
 
 
 async def test_reset_forgets_the_conversation(make_service, store, conversation):
