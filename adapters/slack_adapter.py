@@ -60,10 +60,10 @@ logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "_thinking…_"  # italic in mrkdwn and in Markdown alike
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
-# Reading them and naming their people happens before the event's ack, wanted in 3 s.
-CONTEXT_SECONDS = 1.5
+# All an event's lookups (its author, the people named, the thread, attached files) are
+# made before its ack, which Slack wants within 3 s: together they take at most this.
+BEFORE_ACK_SECONDS = 2.0
 NAME_LOOKUPS = 10  # users.info calls made at once (Tier 4: 100+ a minute)
-ATTACHMENT_SECONDS = 1.0  # reading attached files too
 # A plain message, one with files, and a thread reply also sent to the channel.
 ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast"}
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
@@ -283,6 +283,7 @@ class SlackAdapter(Adapter):
         self, event: dict[str, Any], context: dict[str, Any], *, mentioned: bool
     ) -> None:
         """One Slack message event: decide whether to answer, and where."""
+        deadline = asyncio.get_running_loop().time() + BEFORE_ACK_SECONDS
         bot_user, subtype = context["bot_user_id"], event.get("subtype")
         if (
             subtype not in ANSWERED_SUBTYPES
@@ -322,10 +323,10 @@ class SlackAdapter(Adapter):
                 channel,
                 workspace=team,
                 dm=is_dm,
-                stranger=await self._stranger(event, team, context.get("enterprise_id")),
+                stranger=await self._stranger(event, team, context.get("enterprise_id"), deadline),
             )
             if await self.service.admit(who, key, thread.post):
-                await self._converse(event, key, thread, bot_user, known=known)
+                await self._converse(event, key, thread, bot_user, known=known, deadline=deadline)
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:
@@ -340,20 +341,23 @@ class SlackAdapter(Adapter):
         bot_user: str,
         *,
         known: bool,
+        deadline: float,
     ) -> None:
-        """Answer a message the bot was asked (or is expected) to answer."""
+        """Answer a message the bot was asked (or is expected) to answer; what it looks up
+        first is looked up by `deadline`, the event's ack waiting on it."""
         text = event.get("text", "")
-        words = _readable(text, bot_user, await self._names(_mentioned(text)))
+        words = _readable(text, bot_user, await self._names(_mentioned(text), deadline))
         order = command(words)
         thread_ts = event.get("thread_ts")
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
-            history = await self._thread_context(event, bot_user)
+            history = await self._thread_context(event, bot_user, deadline)
         question = words  # as typed, for the pane's title
         if order is None:
             files = slack_attachments(event.get("files", ()), token=self.app.client.token)
+            left = deadline - asyncio.get_running_loop().time()
             words = await with_attachments(
-                words, files, settings=self.service.team.settings, timeout=ATTACHMENT_SECONDS
+                words, files, settings=self.service.team.settings, timeout=left
             )
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
         turn = Turn(
@@ -363,13 +367,16 @@ class SlackAdapter(Adapter):
             message_id,
             context=history,
             command=order,
-            author_name=await self._name(event["user"]),
-            channel_name=await self._channel_name(event),
-            bot_name=await self._name(bot_user),
+            author_name=await self._name(event["user"], deadline),
+            channel_name=await self._channel_name(event, deadline),
+            bot_name=await self._name(bot_user, deadline),
         )
         in_pane = event.get("channel_type") == "im" and thread_ts  # a DM thread: the pane's
         if in_pane:  # shown before the turn is taken: its answer's first post clears it
-            await ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts).show()
+            with contextlib.suppress(TimeoutError):  # a nicety: not worth a late ack
+                async with asyncio.timeout_at(deadline):
+                    status = ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts)
+                    await status.show()
         # Slack's own stop of a native stream ends the answer, as a Stop button does.
         stop = partial(self.service.stop_answer, f"{key.platform}:{message_id}", by=turn.author)
         await answer(self.service, turn, self._sink(thread, stop))
@@ -467,10 +474,10 @@ class SlackAdapter(Adapter):
         return self.budgets[team]
 
     async def _thread_context(
-        self, event: dict[str, Any], bot_user: str
+        self, event: dict[str, Any], bot_user: str, deadline: float
     ) -> tuple[ChatMessage, ...]:
         """The thread's newest THREAD_CONTEXT_LIMIT messages before this one, oldest first,
-        as chat messages (the bot's as assistant).
+        as chat messages (the bot's as assistant), read and named by `deadline`.
 
         Slack pages a thread from its start, so the pages up to this message (`latest`:
         nothing after it comes back) are read, a bounded number of them, and their end kept.
@@ -478,7 +485,6 @@ class SlackAdapter(Adapter):
         pages, page_size = 10, 100  # Slack advises at most 200 a page
         earlier: deque[dict[str, Any]] = deque(maxlen=THREAD_CONTEXT_LIMIT)
         newest, cursor = 0.0, None
-        deadline = asyncio.get_running_loop().time() + CONTEXT_SECONDS  # before the ack
         try:
             async with asyncio.timeout_at(deadline):
                 for _ in range(pages):
@@ -518,27 +524,25 @@ class SlackAdapter(Adapter):
                 context.append({"role": "user", "content": text, "name": name})
         return tuple(context)
 
-    async def _names(self, users: Collection[str], deadline: float | None = None) -> dict[str, str]:
+    async def _names(self, users: Collection[str], deadline: float) -> dict[str, str]:
         """The users' names by id, looked up together (NAME_LOOKUPS at a time) and kept;
         one not found (users.info failed, or had not answered by `deadline`) is its id."""
         lookups = asyncio.Semaphore(NAME_LOOKUPS)
 
         async def look_up(user: str) -> None:
             async with lookups:
-                await self._person(user)
+                await self._person(user, deadline)
 
-        try:
-            async with asyncio.timeout_at(deadline):
-                await asyncio.gather(*map(look_up, users))
-        except TimeoutError:
-            logger.info("users.info: names not all found in time; ids stand in for the rest")
+        await asyncio.gather(*map(look_up, users))
         return {user: person.name if (person := self.people.get(user)) else user for user in users}
 
-    async def _name(self, user: str) -> str:
-        person = await self._person(user)
+    async def _name(self, user: str, deadline: float | None = None) -> str:
+        person = await self._person(user, deadline)
         return person.name if person else user
 
-    async def _channel_name(self, event: dict[str, Any]) -> str:
+    async def _channel_name(self, event: dict[str, Any], deadline: float | None = None) -> str:
+        """How the channel is named (#general); its id if conversations.info has not
+        answered by `deadline` (asked again next time)."""
         if event.get("channel_type") == "im":
             return "a direct message"
         if event.get("channel_type") == GROUP_DM:  # conversations.info would need mpim:read
@@ -548,39 +552,53 @@ class SlackAdapter(Adapter):
             if len(self.channel_names) >= PEOPLE_CACHE_SIZE:
                 del self.channel_names[next(iter(self.channel_names))]
             try:
-                info = await self.app.client.conversations_info(channel=channel)
+                async with asyncio.timeout_at(deadline):
+                    info = await self.app.client.conversations_info(channel=channel)
                 self.channel_names[channel] = f"#{info['channel']['name']}"
+            except TimeoutError:
+                logger.info("conversations.info: no name in time for %s", channel)
+                return channel
             except Exception:  # e.g. an app installed before it asked for channels:read
                 logger.warning("conversations.info failed for %s", channel, exc_info=True)
                 self.channel_names[channel] = channel  # not asked again at every message
         return self.channel_names[channel]
 
-    async def _stranger(self, event: dict[str, Any], team: str, enterprise: str | None) -> bool:
+    async def _stranger(
+        self,
+        event: dict[str, Any],
+        team: str,
+        enterprise: str | None,
+        deadline: float | None = None,
+    ) -> bool:
         """Whether the author belongs to another organisation (Slack Connect).
 
         Outside Enterprise Grid our organisation is our workspace: a stranger is of another
         team (the event names theirs) or one Slack marks so. In Grid (`enterprise`: the
         installation's) it is the enterprise, whichever of its workspaces a user is in: the
-        event may name the enterprise, else users.info says which one the user is of.
+        event may name the enterprise, else users.info says which one the user is of. One
+        users.info cannot tell (it failed, or had not answered by `deadline`) is judged by
+        the team the event names.
         """
         home = event.get("user_team", event.get("team", team))
         if enterprise is None:
             if home != team:
                 return True
-            person = await self._person(event["user"])
+            person = await self._person(event["user"], deadline)
             return bool(person and person.stranger)
         if home == enterprise:
             return False
-        person = await self._person(event["user"])
+        person = await self._person(event["user"], deadline)
         return person.enterprise != enterprise if person else home != team
 
-    async def _person(self, user: str) -> Person | None:
-        """The user's name and whether they are a stranger; None if users.info fails."""
+    async def _person(self, user: str, deadline: float | None = None) -> Person | None:
+        """The user's name and whether they are a stranger; None if users.info fails or
+        has not answered by `deadline` (asked again next time)."""
         if user not in self.people:
             if len(self.people) >= PEOPLE_CACHE_SIZE:
                 del self.people[next(iter(self.people))]  # forget the oldest
             try:
-                profile = (await self.app.client.users_info(user=user))["user"]
+                async with asyncio.timeout_at(deadline):
+                    profile = (await self.app.client.users_info(user=user))["user"]
             except Exception:
                 logger.debug("users.info failed for %s", user, exc_info=True)
                 return None

@@ -100,7 +100,8 @@ class SlackStream:
     text, replacing it (chat.update) where the stream could not get there: a text that
     changed rather than grew, or a stream Slack already ended. A message it did not open
     (an earlier process's, on resume) is edited with chat.update. Slack tells of a reader's
-    stop only by refusing the next call into that stream: `on_stop` then hears of it.
+    stop only by refusing the next call into that stream: `on_stop` then hears of it. A
+    message that holds all it can is ended at once (`end`), so a stop is never missed.
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class SlackStream:
         self.wanted: dict[str, str] = {}  # open streams: ts -> the text it is to end with
         self.earlier = set(earlier)  # posted by an earlier process: perhaps still streaming
         self.stopped: set[str] = set()  # stopped by a reader: left as they are
+        self.whole: dict[str, str] = {}  # streams ended, messages replaced: ts -> their text
         self.on_stop = on_stop  # e.g. to end the answer's generation where it is
 
     def where(self) -> dict[str, Any]:
@@ -149,7 +151,7 @@ class SlackStream:
         return message_id
 
     async def edit(self, message_id: str, text: str) -> None:
-        if message_id in self.stopped:
+        if message_id in self.stopped or self.whole.get(message_id) == text:
             return
         if message_id not in self.streamed:
             await self._replace(message_id, text)
@@ -173,6 +175,12 @@ class SlackStream:
             return
         self.streamed[message_id] = streamed + more
 
+    async def end(self, message_id: str) -> None:
+        """End a message's stream now, with its whole text: Slack refuses if a reader
+        stopped it."""
+        if message_id in self.streamed:
+            await self._stop(message_id)
+
     async def close(self) -> None:
         """End every open stream with its whole text; no status is left showing after."""
         try:
@@ -195,6 +203,7 @@ class SlackStream:
             return
         if rest is None:
             await self._replace(message_id, text)
+        self.whole[message_id] = text
 
     async def _ended(self, message_id: str, error: SlackApiError, text: str) -> None:
         """Slack ended this stream early: a reader stopped it (it stays as they left it),
@@ -215,6 +224,7 @@ class SlackStream:
         await self.client.chat_update(
             channel=self.thread.channel, ts=message_id, markdown_text=text
         )
+        self.whole[message_id] = text
 
 
 class NativeReply(StreamingReply):
@@ -226,6 +236,11 @@ class NativeReply(StreamingReply):
 
     def stopped(self) -> bool:
         return bool(self.target.stopped)
+
+    async def _filled(self) -> None:
+        """A full first message takes no more: its stream is ended now, as Slack tells of a
+        reader's stop only by refusing a call into it, before any more is posted."""
+        await self.target.end(self.message_ids[0])
 
     async def finish(self, text: str) -> None:
         await self._closing(super().finish(text))

@@ -166,9 +166,11 @@ class StreamingReply:
         first, *rest = split_message(self.render(self.notice_text + text), self.limit) or [""]
         await self._show_final(first)
         self.over = True
-        if self.stopped():
-            return
         try:
+            if rest:
+                await self._filled()
+            if self.stopped():
+                return
             for index, part in enumerate(rest, start=1):
                 await self._put(index, part)
         except Exception:
@@ -191,8 +193,14 @@ class StreamingReply:
 
     async def _show(self, markdown: str) -> None:
         """Partial text, as much as fits one message (the final split shows the rest)."""
-        [first, *_] = split_message(self.render(self.notice_text + markdown), self.limit)
+        [first, *rest] = split_message(self.render(self.notice_text + markdown), self.limit)
         await self._put(0, first)
+        if rest:
+            await self._filled()
+
+    async def _filled(self) -> None:
+        """The first message holds all of the answer it can: the rest is posted after it
+        once the answer is written."""
 
     async def _show_final(self, text: str) -> None:
         if self.message_ids and self.budget:

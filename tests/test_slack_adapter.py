@@ -368,6 +368,22 @@ async def test_many_people_in_a_thread_do_not_hold_up_the_ack(slack, socket_mode
     ]
 
 
+async def test_slow_lookups_do_not_hold_up_the_ack(slack, socket_mode):
+    """What is looked up before the ack (whether the author is a stranger, the names of
+    the people a message mentions, the channel's) shares one deadline: a slow Slack costs
+    the names, ids standing in, not a late ack, and the message is still answered."""
+    slack.delays.update({"users.info": 2.0, "conversations.info": 2.0})  # 8 s one by one
+    async with socket_mode(ScriptedBatcher("Hello.")) as (_service, batcher):
+        mention = slack.app_mention("C0001", "say hello to <@U0BOB>")
+        sent = time.monotonic()
+        await slack.wait_for_ack(await slack.send_event(mention), timeout=15)
+        waited = time.monotonic() - sent
+        reply = await final_reply(slack, "C0001", mention["ts"])
+    assert waited < SLACK_ACK_SECONDS
+    assert reply["text"] == "Hello."
+    assert batcher.prompts[0][-1]["content"] == "say hello to @U0BOB"
+
+
 async def test_reset_clears_the_thread(slack, socket_mode):
     async with socket_mode():
         mention = slack.app_mention("C0001", "remember this")

@@ -18,8 +18,9 @@ from test_slack_adapter import final_reply
 
 from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
-from adapters.slack_format import MARKDOWN_LIMIT, to_markdown
+from adapters.slack_format import MARKDOWN_LIMIT, settled, to_markdown
 from adapters.slack_stream import NativeReply, SlackStream, SlackThread
+from adapters.text import split_message
 from bot import replies
 from bot.config import Access, Settings
 from bot.types import ConversationKey
@@ -211,6 +212,42 @@ async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, soc
     assert message["text"] == start.params["markdown_text"]
     refused = [c.response["error"] for c in slack.calls if c.method in STREAMING[1:]]
     assert refused and set(refused) == {"stopped_by_user"}
+    assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
+
+
+async def test_a_stop_once_the_first_message_is_full_ends_a_long_answer(slack, socket_mode):
+    """The stream of a long answer's first message ends once that message is full, which
+    is when Slack tells of a stop just before: the generation ends there, and the rest of
+    the answer is neither written nor posted."""
+    [first, *_] = split_message(to_markdown(LONG_ANSWER), MARKDOWN_LIMIT)
+    full = first[: settled(first)]  # all the first message's stream takes before its end
+    stopped: list[str] = []
+
+    def stop_once_full(call):
+        if call.method != "chat.appendStream" or not call.ok or stopped:
+            return
+        if len(slack.message("C0001", call.params["ts"])["text"]) >= len(full):
+            slack.stop_by_user("C0001", call.params["ts"])
+            stopped.append(call.params["ts"])
+
+    slack.after_call = stop_once_full
+    async with socket_mode(PacedBatcher(LONG_ANSWER), streaming="native") as (service, _):
+        mention = slack.app_mention("C0001", "write a lot")
+        await slack.send_event(mention)
+        key = str(ConversationKey("slack", slack.team_id, "C0001", mention["ts"]))
+        for _ in range(400):  # until the answer is stored (bounded)
+            history = await service.store.load(key)
+            if history and history[-1]["role"] == "assistant":
+                break
+            await asyncio.sleep(0.05)
+    kept = history[-1]["content"]
+    written = kept.removesuffix(replies.stopped()).strip()
+    assert stopped and kept.endswith(replies.stopped())
+    assert LONG_ANSWER.startswith(written) and len(written) < len(LONG_ANSWER)
+    assert slack.message("C0001", stopped[0])["text"].startswith(full)
+    [stop] = slack.calls_to("chat.stopStream")
+    assert stop.response["error"] == "stopped_by_user"
+    assert len(slack.calls_to("chat.startStream")) == 1
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
 
 
