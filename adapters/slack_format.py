@@ -18,10 +18,11 @@ CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]+`)", re.DOTALL)
 LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)|]+)\)")
 SCHEME = re.compile(r"^https?://", re.IGNORECASE)
 # `**x**` or `__x__`. As in CommonMark, `__` is never bold inside a word (`snake_case__name`,
-# `a__b__c`); nor around a lowercase name, which can't be told from Python's (`__init__`).
+# `a__b__c`); nor around an all-lowercase or all-uppercase name, which can't be told from
+# Python's or C's (`__init__`, `__FILE__`).
 BOLD = re.compile(
     r"\*\*(?=\S)(.+?)(?<=\S)\*\*"
-    r"|(?<!\w)__(?![a-z][a-z0-9_]*__(?!\w))(?=\S)(.+?)(?<=\S)__(?!\w)"
+    r"|(?<!\w)__(?!(?:[a-z][a-z0-9_]*|[A-Z][A-Z0-9_]*)__(?!\w))(?=\S)(.+?)(?<=\S)__(?!\w)"
 )
 BOLD_ITALIC = re.compile(r"\*\*\*(?=\S)(.+?)(?<=\S)\*\*\*")
 ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")

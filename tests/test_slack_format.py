@@ -32,6 +32,8 @@ def test_markdown_becomes_mrkdwn(markdown, mrkdwn):
         pytest.param("snake_case_name and __init__", "snake_case_name and __init__", id="names"),
         pytest.param("`__init__` of __main__, obj.__dict__, __init__.py",
                      "`__init__` of __main__, obj.__dict__, __init__.py", id="python-names"),
+        pytest.param("__FILE__:__LINE__ and __DEV__", "__FILE__:__LINE__ and __DEV__",
+                     id="c-names"),
         pytest.param("snake_case__names, a__b__c and x__Y__",
                      "snake_case__names, a__b__c and x__Y__", id="intraword-double-underscores"),
         pytest.param("__Bold__ and _italic_", "*Bold* and _italic_", id="underscore-bold"),
