@@ -78,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # First: the Hugging Face libraries read these at import (doctor's model check too).
-    exported = export_hugging_face_variables()
     if args.command == "doctor":
         return doctor()
     try:
+        # First: the Hugging Face libraries read these at import.
+        exported = export_hugging_face_variables()
         settings = load_settings()
     except ConfigError as error:
         print(error, file=sys.stderr)
@@ -143,6 +143,10 @@ def _is_operator_error(error: Exception) -> bool:
 
 def doctor() -> int:
     """Reads the settings itself: a bad one is one of its findings, not the end."""
+    # First, for the model check: the Hugging Face libraries read these at import. An
+    # unreadable `.env` is left to the settings check, whose FAIL line names it.
+    with contextlib.suppress(ConfigError):
+        export_hugging_face_variables()
     from bot.doctor.runner import run_doctor
 
     configure_logging("WARNING")  # stdout is the report; stderr only for what goes wrong

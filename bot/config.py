@@ -395,19 +395,35 @@ def export_hugging_face_variables(
     """Put the Hugging Face variables of `.env` into the environment, where those
     libraries read them (at import: call this first), named in capitals as they read them;
     a variable already set there wins, and an empty one counts as unset. Returns the names
-    put there."""
+    put there; ConfigError if `.env` cannot be read."""
     exported = []
-    for name, value in dotenv_values(env_file).items():
+    for name, value in read_env_file(env_file).items():
         if is_hugging_face(name) and value and not environ.get(name.upper()):
             environ[name.upper()] = value
             exported.append(name.upper())
     return exported
 
 
+def read_env_file(env_file: Path = ENV_FILE) -> dict[str, str | None]:
+    """The variables of `.env` (none where there is no such file); ConfigError, in one line
+    naming the file, where it cannot be read (not ours to read, not UTF-8)."""
+    try:
+        return dotenv_values(env_file)
+    except (UnicodeDecodeError, OSError) as error:
+        raise _unreadable(error, env_file) from None
+
+
+def _unreadable(error: UnicodeDecodeError | OSError, where: Path) -> ConfigError:
+    """One line naming the file that cannot be read, and why."""
+    if isinstance(error, UnicodeDecodeError):
+        return ConfigError(f"{where}: not UTF-8 text: {error.reason}")
+    return ConfigError(f"{error.filename or where}: cannot be read: {error.strerror or error}")
+
+
 def config_file() -> Path | None:
     """The team's YAML file: THREADBOT_CONFIG (environment, then `.env`), else
     `threadbot.yml` in the working directory where there is one."""
-    named = os.environ.get("THREADBOT_CONFIG") or dotenv_values(ENV_FILE).get("THREADBOT_CONFIG")
+    named = os.environ.get("THREADBOT_CONFIG") or read_env_file().get("THREADBOT_CONFIG")
     if named:
         return Path(named)
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
@@ -430,11 +446,8 @@ def load_settings(**values: Any) -> Settings:
         raise ConfigError(describe_error(error, path)) from None
     except SettingsError as error:  # a nested setting given as a word, not JSON
         raise ConfigError(_not_json(error)) from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path or ENV_FILE}: not UTF-8 text: {error.reason}") from None
-    except OSError as error:
-        where = error.filename or path or ENV_FILE
-        raise ConfigError(f"{where}: cannot be read: {error.strerror or error}") from None
+    except (UnicodeDecodeError, OSError) as error:
+        raise _unreadable(error, path or ENV_FILE) from None
 
 
 def _not_json(error: SettingsError) -> str:

@@ -76,7 +76,7 @@ def resolve_source(settings: Settings) -> ModelSource:
         return _local(settings.model, settings.model_file)
     try:
         return ModelSource(_download(DEFAULT_MODEL))
-    except OSError as error:
+    except _hub_errors() as error:
         source = bundled_source()
         if source is None:
             raise ModelError(
@@ -101,11 +101,21 @@ def _local(model: str, model_file: str | None) -> ModelSource:
         raise ModelError(f"MODEL={model} is not a folder. {FIX}")
     try:
         return ModelSource(_download(model, model_file), model_file)
-    except (OSError, ValueError) as error:  # not on the hub, no network, or not a repo id
+    except (*_hub_errors(), ValueError) as error:  # not on the hub, no network, not a repo id
         raise ModelError(
             f"MODEL={model} is neither a local folder nor a hub model that is cached or "
             f"downloadable ({_first_line(error)}). {FIX}"
         ) from error
+
+
+def _hub_errors() -> tuple[type[Exception], ...]:
+    """What `_download` raises when the hub cannot give the model: OSError (not cached, not
+    on the hub, offline), and the errors of huggingface_hub's HTTP library (httpx2), which
+    are not OSErrors: a proxy that refuses huggingface.co, a connection lost partway
+    through a download."""
+    from huggingface_hub.errors import HTTPError  # the library's own, whichever it uses
+
+    return (OSError, HTTPError)
 
 
 def _download(repo_id: str, gguf_file: str | None = None) -> str:

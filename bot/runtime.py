@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from bot.worker import Worker
 
 Role = Literal["all", "gateway", "worker"]
+NOT_HERE = "-"  # the build info's dtype where the weights are loaded by another process
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,9 @@ async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[
 
         tokens = await asyncio.to_thread(prompt_tokens_without_model, settings)
         async with OpenAIBackend.from_settings(settings, metrics=metrics) as backend:
+            metrics.describe_build(
+                version=version(), model=backend.model, device="remote", dtype=NOT_HERE
+            )
             yield Answering(backend, tokens, f"{backend.model} at {settings.inference_url}")
         return
     from bot import loading
@@ -233,6 +237,7 @@ async def open_gateway(
     )
     async with queue:
         model = settings.inference_model or settings.model or DEFAULT_MODEL
+        metrics.describe_build(version=version(), model=model, device="workers", dtype=NOT_HERE)
         yield Answering(queue, tokens, f"{model} on the workers")
 
 

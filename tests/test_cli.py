@@ -199,6 +199,23 @@ def test_typo_in_dotenv_is_refused_by_name(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["chat", "run"])
+def test_a_dotenv_not_in_utf8_stops_the_start_with_one_line(tmp_path: Path, command: str) -> None:
+    (tmp_path / ".env").write_text("DISCORD_BOT_TOKEN=x\n", encoding="utf-16")
+    result = run_cli(command, cwd=tmp_path, env=cli_env())
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [".env: not UTF-8 text: invalid start byte"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_unreadable_dotenv_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DISCORD_BOT_TOKEN=x\n")
+    (tmp_path / ".env").chmod(0)
+    result = run_cli("run", cwd=tmp_path, env=cli_env())
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [".env: cannot be read: Permission denied"]
+
+
 def test_hugging_face_lines_in_dotenv_pass_through_to_the_hub_library(tmp_path: Path) -> None:
     """HF_TOKEN, HF_HOME, HF_HUB_OFFLINE in `.env` do not stop the start; they are handed
     on to the environment (named at DEBUG, their values never logged)."""

@@ -10,10 +10,12 @@ import pytest
 from pydantic import ValidationError
 
 from bot.config import (
+    ConfigError,
     Settings,
     describe_error,
     export_hugging_face_variables,
     is_for_compose,
+    load_settings,
 )
 
 
@@ -235,6 +237,25 @@ def test_without_a_dotenv_nothing_is_exported(tmp_path: Path) -> None:
     environ: dict[str, str] = {}
     assert export_hugging_face_variables(tmp_path / ".env", environ=environ) == []
     assert environ == {}
+
+
+def test_a_dotenv_not_in_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A `.env` saved as UTF-16 (Windows editors): the start and the Hugging Face
+    variables' export both stop with the same one line, not a UnicodeDecodeError."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\n", encoding="utf-16")
+    for read in (load_settings, export_hugging_face_variables):
+        with pytest.raises(ConfigError, match=r"^\.env: not UTF-8 text: invalid start byte$"):
+            read()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_unreadable_dotenv_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A `.env` not ours to read (root's, mode 640): one line, not a PermissionError."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\n")
+    (tmp_path / ".env").chmod(0)
+    for read in (load_settings, export_hugging_face_variables):
+        with pytest.raises(ConfigError, match=r"^\.env: cannot be read: Permission denied$"):
+            read()
 
 
 def test_empty_values_in_dotenv_mean_unset(tmp_path: Path) -> None:

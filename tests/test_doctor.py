@@ -181,6 +181,20 @@ async def test_the_command_fails_on_one_broken_check_and_names_the_setting(
     assert wrong not in result.stdout + result.stderr
 
 
+def test_a_dotenv_not_in_utf8_is_the_settings_fail_line(tmp_path: Path) -> None:
+    """The command with a `.env` saved as UTF-16: its settings line names the file, the
+    other checks are skipped (no settings to check them with), no traceback."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\n", encoding="utf-16")
+    result = run_cli("doctor", cwd=tmp_path, env=cli_env(), timeout=FAST_TIMEOUT)
+    report = Report(result.returncode, result.stdout)
+    assert report.status == 1, result.stdout + result.stderr
+    assert report.lines("settings") == [
+        ("FAIL", ".env: not UTF-8 text: invalid start byte (nothing else can be checked)")
+    ]
+    assert report.statuses() == {"FAIL", "skip"}, result.stdout
+    assert "Traceback" not in result.stderr
+
+
 def test_help_lists_doctor(tmp_path: Path) -> None:
     result = run_cli("--help", cwd=tmp_path, env=cli_env())
     assert re.search(r"^\s+doctor\s", result.stdout, re.MULTILINE)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +52,60 @@ def test_an_explicit_model_never_falls_back(monkeypatch):
     monkeypatch.setattr(loading, "_download", unreachable)
     with pytest.raises(ModelError, match="MODEL=someone/some-model is neither a local folder"):
         loading.resolve_source(settings(model="someone/some-model"))
+
+
+class _RefusingProxy(BaseHTTPRequestHandler):
+    """A company proxy that will not reach huggingface.co: 403 to every CONNECT."""
+
+    def do_CONNECT(self) -> None:
+        self.send_error(403, "huggingface.co is blocked")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hub_behind_a_refusing_proxy(monkeypatch) -> Iterator[None]:
+    """The hub, online, reached only through a proxy on 127.0.0.1 that refuses it (no
+    request leaves this machine): huggingface_hub raises its HTTP library's ProxyError,
+    which is no OSError, rather than looking in its cache."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_port}"
+    for name in ("https_proxy", "http_proxy", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", url)
+    monkeypatch.setenv("HTTP_PROXY", url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, at import
+    huggingface_hub.close_session()  # its shared client reads the proxy when it is made
+    try:
+        yield
+    finally:
+        huggingface_hub.close_session()  # no later test's client keeps this proxy
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_unset_model_falls_back_to_bundled_behind_a_proxy_that_refuses_the_hub(
+    hub_behind_a_refusing_proxy, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="bot.loading"):
+        source = loading.resolve_source(settings())
+    assert source == loading.bundled_source()
+    [line] = [record.getMessage() for record in caplog.records if record.name == "bot.loading"]
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in line and "bundled" in line
+
+
+def test_a_hub_id_behind_a_proxy_that_refuses_the_hub_is_one_line(hub_behind_a_refusing_proxy):
+    with pytest.raises(ModelError) as info:
+        loading.resolve_source(settings(model="someone/some-model"))
+    [line] = str(info.value).splitlines()
+    assert line.startswith("MODEL=someone/some-model is neither a local folder")
+    assert "403" in line
 
 
 def test_a_missing_folder_is_named(tmp_path):

@@ -23,6 +23,7 @@ import pytest
 from conftest import BrokenLoopBatcher, SpyBatcher, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import FakeDiscord
+from fake_openai import FakeOpenAI
 from fake_slack import FakeSlack
 from processes import RedisServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,7 +37,7 @@ from bot.health import Vitals
 from bot.logs import JsonFormatter
 from bot.metrics import OUTCOMES, Metrics
 from bot.ops_server import OpsServer, OpsServerError
-from bot.runtime import version
+from bot.runtime import connect_redis, open_answering, open_gateway, version
 from bot.turn_report import conversation_tag
 
 T = TypeVar("T")
@@ -346,6 +347,41 @@ async def test_a_port_in_use_is_a_clear_error_naming_http_port():
         with pytest.raises(OpsServerError, match=rf"HTTP_PORT={port}.*or to 0"):
             async with OpsServer(vitals=vitals, metrics=metrics, port=port, host="127.0.0.1"):
                 pass
+
+
+def build_info(metrics: Metrics) -> dict[str, str]:
+    """The labels of `threadbot_build_info`, as /metrics serves them."""
+    text = metrics.render().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    [labels] = [s.labels for s in samples if s.name == "threadbot_build_info"]
+    return labels
+
+
+async def test_build_info_names_the_model_inference_url_serves():
+    metrics = Metrics()
+    async with FakeOpenAI() as server:
+        settings = Settings(_env_file=None, inference_url=server.url)
+        async with open_answering(settings, metrics):
+            pass
+    expected = {"version": version(), "model": "fake-model", "device": "remote", "dtype": "-"}
+    assert build_info(metrics) == expected
+
+
+async def test_build_info_of_a_gateway_names_the_workers_model(
+    redis_url, tmp_path, tiny_model, qwen_tokenizer
+):
+    """A gateway loads MODEL's tokenizer only: the model is the workers' to run."""
+    tiny_model.config.save_pretrained(tmp_path)
+    qwen_tokenizer.save_pretrained(tmp_path)
+    metrics = Metrics()
+    settings = Settings(_env_file=None, model=str(tmp_path), redis_url=redis_url)
+    async with (
+        connect_redis(settings, metrics) as redis,
+        open_gateway(settings, redis, metrics, name="gateway"),
+    ):
+        pass
+    expected = {"version": version(), "model": str(tmp_path), "device": "workers", "dtype": "-"}
+    assert build_info(metrics) == expected
 
 
 # --- `threadbot run` as a real process ----------------------------------------------------

@@ -67,6 +67,8 @@ def _salvaged() -> Settings | None:
     for _ in range(SALVAGE_ROUNDS):
         try:
             return _Lenient(**defaults)
+        except (UnicodeDecodeError, OSError):  # `.env` itself cannot be read: no settings
+            return None
         except ValidationError as error:
             bad = {str(problem["loc"][0]) for problem in error.errors() if problem["loc"]}
             if not bad or bad <= defaults.keys():
