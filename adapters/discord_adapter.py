@@ -29,6 +29,7 @@ from adapters.discord_channel import (
     NO_PINGS,
     PLATFORM,
     DiscordChannel,
+    Memberships,
     conversation_key,
     requester,
 )
@@ -85,10 +86,16 @@ class DiscordAdapter(Adapter):
         self.service = service
         self.settings = settings
         self.typing_interval = typing_interval
+        self.memberships = Memberships(client)  # DM askers' roles, shared by all three paths
         self.commands = SlashCommands(
-            client=client, service=service, global_commands=settings.discord_global_commands
+            client=client,
+            service=service,
+            memberships=self.memberships,
+            global_commands=settings.discord_global_commands,
         )
-        self.buttons = AnswerButtons(service=service, regenerating=self._regenerating)
+        self.buttons = AnswerButtons(
+            service=service, memberships=self.memberships, regenerating=self._regenerating
+        )
         self._gateway_up = False  # between READY (or RESUMED) and a disconnect
         for handler in (self.on_message, self.on_interaction, self.on_guild_available,
                         self.on_guild_join, self.on_ready, self.on_resumed,
@@ -220,7 +227,9 @@ class DiscordAdapter(Adapter):
                 return
             addressed = True
             access = self.service.team.settings.access
-            who = await requester(message.author, route[0], client=self.client, access=access)
+            who = await requester(
+                message.author, route[0], access=access, memberships=self.memberships
+            )
             if await self.service.admit(who, route[0], partial(_reply, message)):
                 await self._converse(message, *route)
         except Exception as error:

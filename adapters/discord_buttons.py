@@ -4,7 +4,8 @@ Each button's custom_id carries what its press needs (the turn, the asker, the
 conversation), so a button still works after a restart; only the asker or an admin may
 press it. Presses arrive as component interactions, answered within Discord's 3 s:
 a deferred update (the answer's own edits show the outcome), or an ephemeral refusal
-(a follow-up, for a Regenerate deferred while it waited for an ending turn).
+(a follow-up for a Regenerate, which is deferred at once: it may look up the asker's
+roles and wait for an ending turn).
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import discord
 
 from adapters.base import failure_text
-from adapters.discord_channel import PLATFORM, DiscordChannel, requester, set_buttons
+from adapters.discord_channel import (
+    PLATFORM,
+    DiscordChannel,
+    Memberships,
+    requester,
+    set_buttons,
+)
 from adapters.streaming import StreamingReply
 from bot import replies
 from bot.service import ChatService
@@ -147,6 +153,10 @@ class DiscordReply(StreamingReply):
         place: dict[str, Any] = {
             "channel": self.target.destination_id,
             "messages": self.message_ids,
+            # The turn's own (its question's id, or its Regenerate press's): an answer
+            # regenerated in the same messages has a place of its own, which a late
+            # second press of the old one's button does not match.
+            "seed": self.target.seed,
         }
         if self.target.reply_to is not None:  # so a regenerated answer's parts reply too
             place["reply_to"] = self.target.reply_to
@@ -161,6 +171,10 @@ class DiscordReply(StreamingReply):
                            exc_info=True)  # fmt: skip
 
 
+async def _told_below(text: str) -> None:
+    """A refusal the caller says itself."""
+
+
 Regenerating = Callable[[dict[str, Any], str, Asker], DiscordReply]
 """The adapter's sink for a regenerated answer: (the old answer's place, seed, asker)."""
 
@@ -168,8 +182,11 @@ Regenerating = Callable[[dict[str, Any], str, Asker], DiscordReply]
 class AnswerButtons:
     """Carries out presses of Stop and Regenerate, for the asker or an admin."""
 
-    def __init__(self, *, service: ChatService, regenerating: Regenerating) -> None:
+    def __init__(
+        self, *, service: ChatService, memberships: Memberships, regenerating: Regenerating
+    ) -> None:
         self.service = service
+        self.memberships = memberships
         self.regenerating = regenerating
 
     async def on_press(self, interaction: discord.Interaction) -> None:
@@ -206,13 +223,17 @@ class AnswerButtons:
         if not self._may(by, asker.user):
             await self._tell(interaction, REGENERATE_REFUSED)
             return
+        # Acknowledged first: a DM asker's roles may be looked up, and regenerate may wait
+        # seconds for a turn that is ending. The answer's own edits show the new one.
+        await interaction.response.defer()
         # A new answer is generated: the access rules in effect now apply, as to a message.
-        told = partial(self._tell, interaction)
-        who = await requester(interaction.user, asker.conversation, client=interaction.client,
-                              access=self.service.team.settings.access)  # fmt: skip
-        if not await self.service.admit(who, asker.conversation, told):
-            if not interaction.response.is_done():
-                await told(replies.denied())
+        # Only the presser sees a refusal, so it is always told (even `silent`), once.
+        access = self.service.team.settings.access
+        who = await requester(
+            interaction.user, asker.conversation, access=access, memberships=self.memberships
+        )
+        if not await self.service.admit(who, asker.conversation, _told_below):
+            await self._tell(interaction, replies.denied())
             return
         place = await self.service.answer_place(asker.conversation)
         pressed = interaction.message and str(interaction.message.id)
@@ -221,11 +242,9 @@ class AnswerButtons:
         if place is None or newest is None or newest[1] != pressed:
             await self._tell(interaction, NOT_REGENERABLE)
             return
-        # Acknowledged first: regenerate may wait seconds for a turn that is ending. The
-        # answer's own edits show the new one.
-        await interaction.response.defer()
+        # `place` names the pressed answer: refused if another replaced it meanwhile.
         if not await self.service.regenerate(
-            asker.conversation, by=by, request_id=request,
+            asker.conversation, place=place, by=by, request_id=request,
             sink=self.regenerating(place, request, asker),
         ):  # fmt: skip
             await self._tell(interaction, NOT_REGENERABLE)

@@ -8,11 +8,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import Any
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, NamedTuple
 
 import discord
 
-from bot.access import Requester, dm_role_servers
+from bot.access import Requester, dm_membership_admits, dm_servers
 from bot.config import Access
 from bot.types import ConversationKey
 
@@ -23,6 +27,10 @@ MESSAGE_LIMIT = 2000
 THREAD_ARCHIVE_MINUTES = 1440
 THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
 NO_PINGS = discord.AllowedMentions.none()
+MEMBERSHIP_SECONDS = 300.0  # how long a DM asker's looked-up roles in a server are trusted
+MEMBERSHIPS_KEPT = 10_000  # (user, server) memberships remembered, at most
+DM_LOOKUPS = 10  # servers looked up (REST calls) for one DM, at most
+LOOKUP_SECONDS = 5.0  # one lookup, before it counts as failed
 
 _threadless: set[str] = set()  # channels where opening a thread was refused (warned once)
 
@@ -171,12 +179,78 @@ class DiscordChannel:
         self.reply_to, self.thread_from = self.thread_from, None
 
 
+class Membership(NamedTuple):
+    """What a lookup said of a user in a server, until when it is trusted."""
+
+    roles: tuple[str, ...] | None  # None: not a member; else with @everyone's (the server id)
+    expires: float  # time.monotonic()
+
+
+class Memberships:
+    """A user's role ids in the bot's servers, for a DM, which is in no server (see
+    `requester`). The bot has no members intent, so a lookup is one REST call, under
+    Discord's global limit (about 50 a second) that posting answers shares, and every DM
+    would repeat it: a user's membership of a server is remembered for
+    MEMBERSHIP_SECONDS (a role given or taken counts within that time), the
+    MEMBERSHIPS_KEPT newest at most; servers are looked up one at a time, only until one
+    admits the user, and at most DM_LOOKUPS of them per DM."""
+
+    def __init__(self, client: discord.Client) -> None:
+        self.client = client
+        self._known: OrderedDict[tuple[int, str], Membership] = OrderedDict()  # (user, server)
+
+    def servers(self) -> list[str]:
+        return [str(guild.id) for guild in self.client.guilds]
+
+    async def until_admitted(
+        self, user_id: int, servers: Iterable[str], admits: Callable[[str, tuple[str, ...]], bool]
+    ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The user's role ids in each of `servers` they are a member of, in turn, until
+        `admits` one (server, roles); servers left after DM_LOOKUPS lookups count as not
+        the user's."""
+        found: list[tuple[str, tuple[str, ...]]] = []
+        lookups = 0
+        for server in servers:
+            known = self._known.get((user_id, server))
+            if known is None or known.expires <= time.monotonic():
+                if lookups == DM_LOOKUPS:
+                    logger.info("user %s: stopped after %d server lookups", user_id, lookups)
+                    break
+                lookups += 1
+                known = await self._look_up(user_id, server)
+            if known.roles is not None:
+                found.append((server, known.roles))
+                if admits(server, known.roles):
+                    break
+        return tuple(found)
+
+    async def _look_up(self, user_id: int, server: str) -> Membership:
+        """One GET; any failure counts as not a member (deny), and is remembered as such
+        (so it is logged once, and not retried on every DM)."""
+        try:
+            async with asyncio.timeout(LOOKUP_SECONDS):
+                member = await self.client.http.get_member(int(server), user_id)
+            roles: tuple[str, ...] | None = (server, *member["roles"])
+        except discord.NotFound:
+            roles = None
+        except Exception as error:
+            logger.warning("could not look up user %s in server %s: %r", user_id, server, error)
+            roles = None
+        key = user_id, server
+        known = self._known[key] = Membership(roles, time.monotonic() + MEMBERSHIP_SECONDS)
+        self._known.move_to_end(key)
+        while len(self._known) > MEMBERSHIPS_KEPT:
+            self._known.popitem(last=False)  # the oldest, so the soonest to expire
+        return known
+
+
 async def requester(
-    user: discord.abc.User, key: ConversationKey, *, client: discord.Client, access: Access
+    user: discord.abc.User, key: ConversationKey, *, access: Access, memberships: Memberships
 ) -> Requester:
     """Who asks where, for the access rules: a server member's roles count. A DM carries no
     roles, so the asker's roles are looked up in the servers the rules name: per server,
-    not pooled, as the rules judge each server on its own (bot.access decides)."""
+    not pooled, as the rules judge each server on its own (bot.access decides, and says
+    which servers to look in and when one is enough)."""
     roles = getattr(user, "roles", ())  # a Member's; a DM's User has none
     dm = key.workspace == "-"
     return Requester(
@@ -186,31 +260,14 @@ async def requester(
         workspace=None if dm else key.workspace,
         dm=dm,
         roles=tuple(str(role.id) for role in roles),
-        memberships=await _memberships(user.id, client, access) if dm else (),
+        memberships=await _memberships(user.id, access, memberships) if dm else (),
     )
 
 
 async def _memberships(
-    user_id: int, client: discord.Client, access: Access
+    user_id: int, access: Access, memberships: Memberships
 ) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """The user's role ids in each server where a DM's roles count, if a member there."""
-    guilds = {str(guild.id): guild for guild in client.guilds}
-    servers = dm_role_servers(access, guilds)  # none without role rules: no lookup
-    found = await asyncio.gather(*(_roles_in(guilds[server], user_id) for server in servers))
-    pairs = zip(servers, found, strict=True)
-    return tuple((server, roles) for server, roles in pairs if roles is not None)
-
-
-async def _roles_in(guild: discord.Guild, user_id: int) -> tuple[str, ...] | None:
-    """The user's role ids in `guild` (@everyone's among them), or None if not a member
-    there. From the cache with the members intent, else one GET (which needs no intent)."""
-    member = guild.get_member(user_id)
-    if member is None:
-        try:
-            member = await guild.fetch_member(user_id)
-        except discord.NotFound:
-            return None
-        except discord.HTTPException as error:  # unknown counts as not a member: deny
-            logger.warning("could not look up user %s in server %s: %s", user_id, guild.id, error)
-            return None
-    return tuple(str(role.id) for role in member.roles)
+    """The user's role ids in the servers where a DM's roles count (none: no lookup), until
+    one admits them."""
+    servers = dm_servers(access, str(user_id), memberships.servers())
+    return await memberships.until_admitted(user_id, servers, partial(dm_membership_admits, access))

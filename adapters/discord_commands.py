@@ -17,7 +17,13 @@ import discord
 from discord import app_commands
 
 from adapters.base import answer
-from adapters.discord_channel import MESSAGE_LIMIT, NO_PINGS, conversation_key, requester
+from adapters.discord_channel import (
+    MESSAGE_LIMIT,
+    NO_PINGS,
+    Memberships,
+    conversation_key,
+    requester,
+)
 from adapters.text import split_message
 from bot import replies
 from bot.service import ChatService
@@ -87,10 +93,16 @@ class SlashCommands:
     """The commands' tree on the client, their registration, and their handling."""
 
     def __init__(
-        self, *, client: discord.Client, service: ChatService, global_commands: bool
+        self,
+        *,
+        client: discord.Client,
+        service: ChatService,
+        memberships: Memberships,
+        global_commands: bool,
     ) -> None:
         self.client = client
         self.service = service
+        self.memberships = memberships
         self.global_commands = global_commands
         # The tree holds them as global commands, so an interaction finds its command
         # whichever way it was registered; `register_in` copies them to a server.
@@ -146,7 +158,7 @@ class SlashCommands:
         sink = EphemeralReply(interaction)
         # Only the user sees the answer, so a denied one is always told (even `silent`).
         access = self.service.team.settings.access
-        who = await requester(interaction.user, key, client=self.client, access=access)
+        who = await requester(interaction.user, key, access=access, memberships=self.memberships)
         if not await self.service.admit(who, key, sink.finish):
             if not sink.over:
                 await sink.finish(replies.denied())

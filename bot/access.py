@@ -3,8 +3,9 @@
 Adapters describe each request (`Requester`) before anything is stored or generated; the
 rules decide, never the model. Admins pass every rule; otherwise deny wins, an empty allow
 list admits everyone, and a Slack Connect user from another organisation must be allowed
-by user id. A Discord DM is in no server: where role rules are set, the asker must pass
-them as a member of a server the bot shares with them that the `servers` rule admits.
+by user id. A Discord DM is in no server: where the `servers` or `roles` rule has a list,
+the asker must be a member of a server of the bot's that `servers` admits, holding an
+allowed role and no denied one there; with neither, a DM needs no membership.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class Requester:
     workspace: str | None = None  # Slack team, Discord server; None if none (Discord DMs)
     dm: bool = False
     roles: tuple[str, ...] = ()  # Discord role ids
-    # A Discord DM's asker in the servers looked up (see `dm_role_servers`): each server's
-    # id and the asker's role ids there. Kept apart, as each server is judged on its own.
+    # A Discord DM's asker in the servers looked up (see `dm_servers`): each server's id
+    # and the asker's role ids there. Kept apart, as each server is judged on its own.
     memberships: tuple[tuple[str, tuple[str, ...]], ...] = ()
     stranger: bool = False  # Slack Connect: a user of another organisation
 
@@ -49,8 +50,8 @@ def refusal(access: Access, who: Requester) -> str | None:
     if who.dm:
         if not rules.dms:
             return "direct messages are off"
-        if isinstance(rules, DiscordAccess) and not _dm_roles_pass(rules, who.memberships):
-            return "no allowed role in an allowed server"
+        if isinstance(rules, DiscordAccess) and not _dm_memberships_pass(access, who.memberships):
+            return "not in an allowed server with an allowed role"
         return None
     if not rules.channels.admits(who.channel):
         return "channel not allowed"
@@ -59,24 +60,33 @@ def refusal(access: Access, who: Requester) -> str | None:
     return None
 
 
-def dm_role_servers(access: Access, servers: Iterable[str]) -> list[str]:
-    """Of the Discord servers the bot is in, those where a DM asker's roles are to be looked
-    up: the ones the `servers` rule admits, or none when no role rule is set."""
+def dm_servers(access: Access, user: str, servers: Iterable[str]) -> list[str]:
+    """Of the Discord servers the bot is in, those where a DM asker's membership is to be
+    looked up: the ones the `servers` rule admits; none for an admin (who passes anyway),
+    or when neither `servers` nor `roles` has a list (a DM then needs no membership)."""
     rules = access.discord
-    if not _role_rules_set(rules):
+    if user in access.admins or not _dm_memberships_needed(rules):
         return []
     return [server for server in servers if rules.servers.admits(server)]
 
 
-def _role_rules_set(rules: DiscordAccess) -> bool:
-    return bool(rules.roles.allow or rules.roles.deny)
+def dm_membership_admits(access: Access, server: str, roles: Iterable[str]) -> bool:
+    """Whether a DM asker who is a member of `server` with `roles` passes the Discord rules
+    there: the `servers` rule admits the server, and the `roles` rule those roles."""
+    rules = access.discord
+    return rules.servers.admits(server) and rules.roles.admits(*roles)
 
 
-def _dm_roles_pass(
-    rules: DiscordAccess, memberships: Iterable[tuple[str, tuple[str, ...]]]
+def _dm_memberships_needed(rules: DiscordAccess) -> bool:
+    lists = (rules.servers.allow, rules.servers.deny, rules.roles.allow, rules.roles.deny)
+    return any(lists)
+
+
+def _dm_memberships_pass(
+    access: Access, memberships: Iterable[tuple[str, tuple[str, ...]]]
 ) -> bool:
-    """Whether a DM passes the role rules: none are set, or some server the `servers` rule
-    admits has the asker with an allowed role and no denied one."""
-    return not _role_rules_set(rules) or any(
-        rules.servers.admits(server) and rules.roles.admits(*roles) for server, roles in memberships
+    """Whether a DM passes the `servers` and `roles` rules: neither has a list, or some
+    server of the asker's passes them (each server is judged on its own)."""
+    return not _dm_memberships_needed(access.discord) or any(
+        dm_membership_admits(access, server, roles) for server, roles in memberships
     )

@@ -693,14 +693,22 @@ class ChatService:
         return True
 
     async def regenerate(
-        self, conversation: ConversationKey, *, by: str, request_id: str, sink: ReplySink
+        self,
+        conversation: ConversationKey,
+        *,
+        place: dict[str, Any],
+        by: str,
+        request_id: str,
+        sink: ReplySink,
     ) -> bool:
-        """Answer the conversation's last question again, into `sink`: the new answer
-        replaces the last one in the history, and the question is not stored twice. A turn
-        like any other (durable; its id `platform:request_id`, so it can be stopped),
-        asked by `by`; whether `by` may is the caller's to decide. False, with nothing
-        done, when the conversation does not end with an answer or is still being
-        answered after REGENERATE_WAIT_S.
+        """Answer the conversation's last question again, into `sink`, in place of the
+        answer pressed: the one shown at `place`, as `answer_place` gave it then. The new
+        answer replaces the last one in the history, and the question is not stored twice.
+        A turn like any other (durable; its id `platform:request_id`, so it can be
+        stopped), asked by `by`; whether `by` may is the caller's to decide. False, with
+        nothing done, when the conversation does not end with that answer (it was
+        regenerated already, or a newer one came) or is still being answered after
+        REGENERATE_WAIT_S.
 
         It waits for the lock rather than the turn letting go before its buttons show:
         the lock is what keeps turns in every process from interleaving the history, and
@@ -708,10 +716,9 @@ class ChatService:
         key = str(conversation)
         if self._closing or not await self.locks.idle(key, within=REGENERATE_WAIT_S):
             return False
-        history = await self.store.load(key)
-        if [message["role"] for message in history[-2:]] != ["user", "assistant"]:
+        if (last := await self._last_exchange(key, place)) is None:
             return False
-        question = history[-2]
+        question = last[0]
         turn = Turn(
             conversation, by, question["content"], request_id,
             author_name=question.get("name", ""),
@@ -719,7 +726,7 @@ class ChatService:
         if (accepted := await self.journal.accept(turn, sink.reply_target())) is None:
             return False
         logger.info("regenerating the last answer of %s for %s", conversation, by)
-        self._start(accepted, sink, before=partial(self._take_back_answer, accepted))
+        self._start(accepted, sink, before=partial(self._take_back_answer, accepted, place))
         return True
 
     async def answer_shown(self, conversation: ConversationKey, place: dict[str, Any]) -> None:
@@ -731,21 +738,32 @@ class ChatService:
         """Where the conversation's newest answer is shown, as `answer_shown` last said."""
         return await self.store.answer_place(str(conversation))
 
-    async def _take_back_answer(self, pending: PendingTurn) -> bool:
+    async def _take_back_answer(self, pending: PendingTurn, place: dict[str, Any]) -> bool:
         """Before a regenerated answer, under the conversation's lock: remove the last
         question and answer (`begin` stores the question again). False if the
         conversation has moved on since the regeneration was asked for.
 
         Should the process die before this, the next one answers the question again
         after the old answer, which stays: nothing is lost."""
-        history = await self.store.load(pending.conversation)
-        last = [(message["role"], message["content"]) for message in history[-2:]]
-        if [role for role, _ in last] != ["user", "assistant"] or last[0][1] != pending.turn.text:
+        last = await self._last_exchange(pending.conversation, place)
+        if last is None or last[0]["content"] != pending.turn.text:
             logger.info("not regenerating in %s: it has moved on", pending.conversation)
             return False
-        self._taken_back[pending.id] = last[1][1]
+        self._taken_back[pending.id] = last[1]["content"]
         await self.store.drop_last(pending.conversation, 2)
         return True
+
+    async def _last_exchange(
+        self, conversation: str, place: dict[str, Any]
+    ) -> list[ChatMessage] | None:
+        """The conversation's last question and answer, if that answer is still the one
+        shown at `place`. Each answer's place is its own (a platform's names its turn): one
+        regenerated in the same messages has a new place, so a second press of its button
+        finds the conversation moved on."""
+        last = (await self.store.load(conversation))[-2:]
+        if [message["role"] for message in last] != ["user", "assistant"]:
+            return None
+        return last if await self.store.answer_place(conversation) == place else None
 
 
 def _not_ours(pending: PendingTurn) -> None:

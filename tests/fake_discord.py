@@ -148,7 +148,9 @@ class FakeDiscord:
         # typing @threadbot may pick it instead of the bot's user.
         self.bot_role_id = "1100"
         self.member_roles: dict[str, list[str]] = {}  # user id -> role ids
-        self.strangers: set[str] = set()  # user ids in none of the bot's servers
+        # user id -> the only servers the user is in (by default: every server of the bot's)
+        self.member_of: dict[str, set[str]] = {}
+        self.member_lookup_delay = 0.0  # seconds GET /guilds/{g}/members/{u} takes to answer
         self.guilds = {self.guild_id: "Fake Guild"}  # the servers the bot is in: id -> name
         self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
         self.messages: dict[str, list[JSON]] = {}  # channel id -> messages, oldest first
@@ -317,7 +319,7 @@ class FakeDiscord:
         bot_role = everyone | {"id": self.bot_role_id, "name": self.bot["username"]}
         bot_role |= {"position": 1, "managed": True, "tags": {"bot_id": self.bot["id"]}}
         guild.update(explicit_content_filter=0, mfa_level=0, roles=[everyone, *roles, bot_role])
-        members = [u for u in self.users.values() if u["id"] not in self.strangers]
+        members = [u for u in self.users.values() if self._is_member(guild_id, u["id"])]
         guild["members"] = [self._member(u) for u in members]
         guild["channels"] = [c for c in chans if c["type"] != 11]
         guild["threads"] = [c for c in chans if c["type"] == 11]
@@ -504,11 +506,19 @@ class FakeDiscord:
         return await self._interact(2, data, channel, user or self.alice)
 
     async def press_button(
-        self, channel_id: str, message_id: str, custom_id: str, *, user: JSON | None = None
+        self,
+        channel_id: str,
+        message_id: str,
+        custom_id: str,
+        *,
+        user: JSON | None = None,
+        shown: JSON | None = None,
     ) -> FakeInteraction:
-        """A user (alice by default) presses a button of a message; LookupError if the
-        message has no such button, or it is disabled (Discord offers nothing to press)."""
-        msg = self._stored(channel_id, message_id)
+        """A user (alice by default) presses a button of a message as their client shows
+        it: as it is now, or `shown`, a copy of it taken earlier (a press sent before an
+        edit reached them). LookupError if it has no such button, or it is disabled
+        (Discord offers nothing to press)."""
+        msg = shown or self._stored(channel_id, message_id)
         buttons = [item for row in msg["components"] for item in row.get("components", [])]
         if not any(b.get("custom_id") == custom_id and not b.get("disabled") for b in buttons):
             raise LookupError(f"message {message_id} has no button {custom_id!r} to press")
@@ -949,8 +959,13 @@ class FakeDiscord:
         # REST redacts content by the app's portal setting, not by the session's intents
         return self._redacted(msg, self.privileged_intents)
 
+    def _is_member(self, guild_id: str, user_id: str) -> bool:
+        in_guilds = self.member_of.get(user_id, self.guilds)
+        return guild_id in self.guilds and user_id in self.users and guild_id in in_guilds
+
     async def _get_member(self, req: Request, guild_id: str, user_id: str) -> tuple[int, Any]:
-        if guild_id not in self.guilds or user_id not in self.users or user_id in self.strangers:
+        await asyncio.sleep(self.member_lookup_delay)
+        if not self._is_member(guild_id, user_id):
             raise ApiError(404, 10007, "Unknown Member")
         return 200, self._member(self.users[user_id])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.access import Requester, dm_role_servers, refusal
+from bot.access import Requester, dm_membership_admits, dm_servers, refusal
 from bot.config import Access
 
 
@@ -72,14 +72,13 @@ def discord_dm(*memberships: tuple[str, tuple[str, ...]]) -> Requester:
     return Requester("discord", "7", "9", dm=True, memberships=memberships)
 
 
-NO_ROLE_IN_A_SERVER = "no allowed role in an allowed server"
+NO_ROLE_IN_A_SERVER = "not in an allowed server with an allowed role"
 
 
-def test_discord_dms_ignore_channels_and_servers_without_role_rules() -> None:
+def test_discord_dms_ignore_channels_and_need_no_server_without_server_or_role_rules() -> None:
     assert refusal(access(discord={"channels": {"allow": ["8"]}}), discord_dm()) is None
-    assert refusal(access(discord={"servers": {"allow": ["500"]}}), discord_dm()) is None
     assert refusal(access(discord={"dms": False}), discord_dm()) == "direct messages are off"
-    assert dm_role_servers(access(discord={"servers": {"allow": ["500"]}}), ["500"]) == []
+    assert dm_servers(access(discord={"channels": {"allow": ["8"]}}), "7", ["500"]) == []
 
 
 @pytest.mark.parametrize(
@@ -98,20 +97,36 @@ def test_discord_dms_ignore_channels_and_servers_without_role_rules() -> None:
          NO_ROLE_IN_A_SERVER),
         ({"roles": {"allow": ["10"]}, "servers": {"allow": ["600"]}},
          [("500", ("10",)), ("600", ("10",))], None),
+        # the servers rule alone: a member of a server it admits, whatever the roles
+        ({"servers": {"allow": ["500"]}}, [("500", ("10",))], None),
+        ({"servers": {"allow": ["500"]}}, [("600", ("10",))], NO_ROLE_IN_A_SERVER),
+        ({"servers": {"allow": ["500"]}}, [], NO_ROLE_IN_A_SERVER),
+        ({"servers": {"deny": ["500"]}}, [("500", ("10",))], NO_ROLE_IN_A_SERVER),
+        ({"servers": {"deny": ["500"]}}, [("500", ()), ("600", ())], None),
+        ({"servers": {"deny": ["500"]}}, [], NO_ROLE_IN_A_SERVER),
     ],
 )  # fmt: skip
-def test_discord_dms_pass_role_rules_as_a_member_of_an_allowed_server(
+def test_discord_dms_pass_server_and_role_rules_as_a_member_of_an_allowed_server(
     rules: dict, memberships: list, reason: str | None
 ) -> None:
     assert refusal(access(discord=rules), discord_dm(*memberships)) == reason
 
 
-def test_discord_dm_roles_are_looked_up_in_allowed_servers_only_with_role_rules() -> None:
+def test_discord_dm_memberships_are_looked_up_in_allowed_servers_with_server_or_role_rules():
     servers = ["500", "600"]
-    assert dm_role_servers(Access(), servers) == []
-    assert dm_role_servers(access(discord={"roles": {"deny": ["11"]}}), servers) == servers
+    assert dm_servers(Access(), "7", servers) == []
+    assert dm_servers(access(discord={"roles": {"deny": ["11"]}}), "7", servers) == servers
+    assert dm_servers(access(discord={"servers": {"deny": ["500"]}}), "7", servers) == ["600"]
     strict = {"roles": {"allow": ["10"]}, "servers": {"deny": ["500"]}}
-    assert dm_role_servers(access(discord=strict), servers) == ["600"]
+    assert dm_servers(access(discord=strict), "7", servers) == ["600"]
+    assert dm_servers(access(admins=["7"], discord=strict), "7", servers) == []  # passes anyway
+
+
+def test_one_discord_membership_admits_a_dm_by_the_servers_and_roles_rules() -> None:
+    strict = access(discord={"roles": {"allow": ["10"]}, "servers": {"deny": ["500"]}})
+    assert dm_membership_admits(strict, "600", ("600", "10"))
+    assert not dm_membership_admits(strict, "600", ("600", "11"))
+    assert not dm_membership_admits(strict, "500", ("500", "10"))
 
 
 def test_admins_pass_every_rule_and_the_console_is_never_checked() -> None:

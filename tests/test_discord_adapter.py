@@ -23,9 +23,11 @@ from conftest import (
 from discord.gateway import DiscordWebSocket
 from fake_discord import ApiError, FakeDiscord
 
+from adapters import discord_channel
 from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
 from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
+from adapters.discord_channel import DM_LOOKUPS
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Access, Settings
@@ -470,24 +472,28 @@ async def test_dms_off(fake, discord_bot):
 
 
 @pytest.mark.parametrize(
-    ("rules", "in_no_server", "answered"),
+    ("rules", "in_no_server", "answered", "looked_up"),
     [
-        ({}, False, True),  # no role rules: DMs as ever
-        ({"roles": {"allow": ["77"]}}, False, False),  # Bob has only role 78
-        ({"roles": {"allow": ["78"]}}, False, True),
-        ({"roles": {"deny": ["78"]}}, False, False),
-        ({"roles": {"deny": ["77"]}}, True, False),  # a member of none of the bot's servers
-        ({"roles": {"allow": ["78"]}, "servers": {"allow": ["123"]}}, False, False),
+        ({}, False, True, False),  # neither servers nor roles rules: DMs as ever
+        ({"roles": {"allow": ["77"]}}, False, False, True),  # Bob has only role 78
+        ({"roles": {"allow": ["78"]}}, False, True, True),
+        ({"roles": {"deny": ["78"]}}, False, False, True),
+        ({"roles": {"deny": ["77"]}}, True, False, True),  # a member of none of the bot's servers
+        ({"roles": {"allow": ["78"]}, "servers": {"allow": ["123"]}}, False, False, False),
+        ({"servers": {"allow": [FakeDiscord.guild_id]}}, False, True, True),
+        ({"servers": {"allow": [FakeDiscord.guild_id]}}, True, False, True),
+        ({"servers": {"deny": [FakeDiscord.guild_id]}}, False, False, False),  # in that one alone
     ],
 )
-async def test_role_rules_apply_to_dms_by_the_roles_held_in_the_bots_servers(
-    fake, discord_bot, rules, in_no_server, answered
+async def test_server_and_role_rules_apply_to_dms_by_the_bots_servers_the_asker_is_in(
+    fake, discord_bot, rules, in_no_server, answered, looked_up
 ):
-    """A DM is in no server: Bob is answered there only with an allowed role (and no denied
-    one) in a server of the bot's that the rules admit; without role rules, as ever."""
+    """A DM is in no server: with a servers or roles rule, Bob is answered there only as a
+    member of a server of the bot's that the rules admit, with an allowed role (and no
+    denied one) there; without either rule, as ever."""
     fake.roles = {"77": "helpers", "78": "guests"}
     fake.member_roles = {fake.bob["id"]: ["78"]}
-    fake.strangers = {fake.bob["id"]} if in_no_server else set()
+    fake.member_of = {fake.bob["id"]: set()} if in_no_server else {}
     access = discord_rules(**rules).model_copy(update={"admins": (fake.alice["id"],)})
     async with discord_bot(access=access) as (_service, batcher):
         dm = fake.dm_message("hi in private", author=fake.bob)
@@ -497,8 +503,87 @@ async def test_role_rules_apply_to_dms_by_the_roles_held_in_the_bots_servers(
         said = await replies_to(fake, dm)
     assert said == ([] if answered else [replies.denied()])
     assert ("hi in private" in [p[-1]["content"] for p in batcher.prompts]) == answered
-    looked_up = fake.requests_to("GET", rf"/guilds/{fake.guild_id}/members/{fake.bob['id']}")
-    assert bool(looked_up) == ("roles" in rules and "servers" not in rules)
+    lookups = fake.requests_to("GET", rf"/guilds/{fake.guild_id}/members/{fake.bob['id']}")
+    assert bool(lookups) == looked_up
+
+
+def member_lookups(fake: FakeDiscord, user: dict) -> list[str]:
+    """The servers where the bot looked `user` up, in order."""
+    lookups = fake.requests_to("GET", rf"/guilds/\d+/members/{user['id']}")
+    return [request.path.split("/")[2] for request in lookups]
+
+
+async def dm_answered(fake: FakeDiscord, content: str, *, after: int = 0) -> None:
+    dm = fake.dm_message(content, author=fake.bob)
+    await fake.dispatch("MESSAGE_CREATE", dm)
+    await final_reply(fake, dm["channel_id"], after=after)
+
+
+def many_servers(fake: FakeDiscord) -> list[str]:
+    """More servers of the bot's than one DM may look up, after the fake's own."""
+    servers = [str(3001 + i) for i in range(DM_LOOKUPS + 2)]
+    fake.guilds |= {server: f"Server {server}" for server in servers}
+    return servers
+
+
+async def test_a_dm_askers_membership_is_remembered(fake, discord_bot):
+    """Each lookup is a REST call under Discord's global limit: Bob's next DM makes none."""
+    fake.member_roles = {fake.bob["id"]: ["78"]}
+    async with discord_bot(access=discord_rules(roles={"allow": ["78"]})):
+        await dm_answered(fake, "first")
+        await dm_answered(fake, "second", after=1)
+    assert member_lookups(fake, fake.bob) == [fake.guild_id]
+
+
+async def test_dm_lookups_stop_at_the_first_server_that_admits(fake, discord_bot):
+    """The servers the rules admit are looked up in turn, only until one admits Bob."""
+    servers = many_servers(fake)
+    fake.member_roles = {fake.bob["id"]: ["78"]}
+    fake.member_of = {fake.bob["id"]: {servers[1], servers[2]}}
+    rules = discord_rules(roles={"allow": ["78"]}, servers={"deny": [fake.guild_id]})
+    async with discord_bot(access=rules):
+        await dm_answered(fake, "hi in private")
+    assert member_lookups(fake, fake.bob) == servers[:2]
+
+
+async def test_dm_lookups_are_bounded(fake, discord_bot):
+    """Bob, a member of the bot's last server alone, is looked for in DM_LOOKUPS servers
+    and denied: one DM costs a bounded number of REST calls."""
+    servers = many_servers(fake)
+    fake.member_of = {fake.bob["id"]: {servers[-1]}}
+    rules = discord_rules(servers={"deny": [fake.guild_id]})
+    access = rules.model_copy(update={"admins": (fake.alice["id"],)})  # Alice: replies_to
+    async with discord_bot(access=access):
+        dm = fake.dm_message("hi in private", author=fake.bob)
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        said = await replies_to(fake, dm)
+    assert said == [replies.denied()]
+    assert member_lookups(fake, fake.bob) == servers[:DM_LOOKUPS]
+
+
+async def test_a_failed_member_lookup_counts_as_not_a_member(
+    fake, discord_bot, monkeypatch, caplog
+):
+    """A lookup that times out (no HTTP error) denies, as not a member, with no failure
+    shown to the asker; it is remembered, so logged once."""
+    monkeypatch.setattr(discord_channel, "LOOKUP_SECONDS", 0.1)
+    fake.member_lookup_delay = 1.0
+    fake.member_roles = {fake.bob["id"]: ["78"]}
+    rules = discord_rules(roles={"allow": ["78"]})
+    access = rules.model_copy(update={"admins": (fake.alice["id"],)})  # Alice: replies_to
+    async with discord_bot(access=access) as (_service, batcher):
+        first = fake.dm_message("hi in private", author=fake.bob)
+        await fake.dispatch("MESSAGE_CREATE", first)
+        [denied] = await fake.wait_for(lambda: bot_messages(fake, first["channel_id"]))
+        again = fake.dm_message("hello?", author=fake.bob)
+        await fake.dispatch("MESSAGE_CREATE", again)
+        said_again = await replies_to(fake, again)
+    assert denied["content"] == replies.denied()
+    assert said_again == []  # told once an hour, as any denial
+    assert [p[-1]["content"] for p in batcher.prompts] == ["and me?"]
+    assert member_lookups(fake, fake.bob) == [fake.guild_id]
+    failures = [r for r in caplog.records if r.getMessage().startswith("could not look up")]
+    assert [r.levelno for r in failures] == [logging.WARNING]
 
 
 # --- attachments --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ service, queue and Redis.
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
 from redis.asyncio import Redis
 from test_discord_adapter import bot_messages, final_reply, mention, settings_for
 
+from adapters import discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
 from adapters.discord_buttons import NOT_REGENERABLE, REGENERATE_REFUSED, STOP_REFUSED
 from adapters.discord_commands import DESCRIPTIONS
@@ -104,6 +106,20 @@ class Answers(ScriptedBatcher):
     def join(self, key: object, messages: list[dict], *, conversation: str, **options) -> None:
         self.answer = self.left.pop(0)
         super().join(key, messages, conversation=conversation, **options)
+
+
+class HeldAnswers(Answers):
+    """Answers each prompt with the next of its answers, the second once the test opens
+    the gate."""
+
+    def __init__(self, *answers: str) -> None:
+        super().__init__(*answers)
+        self.gate = threading.Event()
+
+    def step(self) -> list:
+        if len(self.prompts) == 2:
+            assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return super().step()
 
 
 def answered(interaction: FakeInteraction) -> list[JSON]:
@@ -280,9 +296,11 @@ async def test_a_denied_user_is_told_by_the_slash_command_alone(discord_bot):
     assert bot_messages(fake, fake.channel_id) == []
 
 
-async def test_role_rules_apply_to_slash_commands_and_regenerate_in_a_dm(discord_bot):
+async def test_role_rules_apply_to_slash_commands_and_regenerate_in_a_dm(discord_bot, monkeypatch):
     """A DM is in no server: once the rules want a role, Alice, without it in the bot's
-    server, may not press Regenerate or run /status there; with it, she may."""
+    server, may not press Regenerate or run /status there; with it, she may (once her
+    remembered roles expire: here at once)."""
+    monkeypatch.setattr(discord_channel, "MEMBERSHIP_SECONDS", 0.0)
     async with discord_bot(Answers("First answer."), global_commands=True) as bot:
         fake = bot.fake
         await commands_registered(fake)
@@ -303,6 +321,27 @@ async def test_role_rules_apply_to_slash_commands_and_regenerate_in_a_dm(discord
         allowed_status = await status()
     assert refused_press["content"] == refused_status == replies.denied()
     assert allowed_status.startswith("Model: ")
+    assert fake.message(channel, first["id"])["content"] == "First answer."
+
+
+async def test_a_regenerate_in_a_dm_is_acknowledged_before_the_askers_roles_are_looked_up(
+    discord_bot,
+):
+    """Looking up a DM asker's roles takes REST calls (one a server): the press is
+    acknowledged first, within Discord's 3 s, and a refusal follows for the presser alone."""
+    async with discord_bot(Answers("First answer.")) as bot:
+        fake = bot.fake
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        strict = Access.model_validate({"discord": {"roles": {"allow": ["77"]}}})
+        bot.service.team.settings = bot.service.team.settings.model_copy(update={"access": strict})
+        pressed = await fake.press_button(channel, first["id"], regenerate)
+        [refusal] = await fake.wait_for(lambda: pressed.replies)
+    paths = [request.path for request in fake.requests]
+    acknowledged = paths.index(f"/interactions/{pressed.id}/{pressed.payload['token']}/callback")
+    looked_up = paths.index(f"/guilds/{fake.guild_id}/members/{fake.alice['id']}")
+    assert acknowledged < looked_up
+    assert pressed.callback == {"type": 6}
+    assert refusal["content"] == replies.denied() and refusal["flags"] & EPHEMERAL
     assert fake.message(channel, first["id"])["content"] == "First answer."
 
 
@@ -403,10 +442,12 @@ async def test_regenerate_pressed_as_a_turn_ends_waits_for_it(discord_bot, redis
             pressed = await fake.press_button(channel, first["id"], regenerate)
             acknowledged = await fake.wait_for(lambda: pressed.callback)
             await asyncio.sleep(0.5)  # the turn ending elsewhere
-        await fake.wait_for(lambda: fake.message(channel, first["id"])["content"] != first_text)
+        # the final text, not a streamed edit before it (the bot stops once this is left)
+        await fake.wait_for(
+            lambda: fake.message(channel, first["id"])["content"] == "Second answer."
+        )
     assert first_text == "First answer."
     assert acknowledged == {"type": 6} and pressed.replies == []
-    assert fake.message(channel, first["id"])["content"] == "Second answer."
 
 
 async def test_regenerate_while_an_answer_is_written_is_refused_within_the_deadline(
@@ -424,6 +465,58 @@ async def test_regenerate_while_an_answer_is_written_is_refused_within_the_deadl
     assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
     assert fake.message(channel, first["id"])["content"] == "First answer."
     assert len(bot.batcher.prompts) == 1
+
+
+async def test_regenerate_pressed_twice_regenerates_once(discord_bot):
+    """A double click: the second press, sent before the first's new answer reached the
+    presser, waits for it to end, finds the answer it pressed replaced, and is refused."""
+    async with discord_bot(HeldAnswers("First answer.", "Second answer.", "Third.")) as bot:
+        fake = bot.fake
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        await bot.history(dm_key(channel), until=answered_once)
+        as_shown = copy.deepcopy(first)  # its Regenerate, which the new answer takes off
+        await fake.press_button(channel, first["id"], regenerate)
+        await fake.wait_for(lambda: len(bot.batcher.prompts) == 2)  # its answer is written
+        again = await fake.press_button(channel, first["id"], regenerate, shown=as_shown)
+        await fake.wait_for(lambda: again.callback)
+        await asyncio.sleep(0.5)  # it reads which answer is the newest, and waits
+        bot.batcher.gate.set()
+        [refusal] = await fake.wait_for(lambda: again.replies)
+        history = await bot.history(dm_key(channel), until=lambda h: len(h) == 2)
+    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert fake.message(channel, first["id"])["content"] == "Second answer."
+    assert [m["content"] for m in history] == ["what should I cook?", "Second answer."]
+    assert len(bot.batcher.prompts) == 2
+
+
+async def test_regenerate_of_an_answer_a_newer_one_replaces_meanwhile_is_refused(
+    discord_bot, redis_client: Redis
+):
+    """Regenerate is pressed as the next question comes, while the answer's turn has not
+    let go yet (held here by the test): the next answer is written while the press waits,
+    and the press is refused; the next answer stays, shown and stored."""
+    async with discord_bot(Answers("First answer.", "Second answer.", "Third.")) as bot:
+        fake = bot.fake
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        await bot.history(dm_key(channel), until=answered_once)
+        async with ConversationLocks(redis=redis_client).hold(str(dm_key(channel))):
+            await fake.dispatch("MESSAGE_CREATE", fake.dm_message("and for dessert?"))
+            pressed = await fake.press_button(channel, first["id"], regenerate)
+            await fake.wait_for(lambda: pressed.callback)
+            await asyncio.sleep(0.5)  # it reads which answer is the newest, and waits
+        [refusal] = await fake.wait_for(lambda: pressed.replies)
+        history = await bot.history(dm_key(channel), until=lambda h: len(h) == 4)
+        second = await final_reply(fake, channel, after=1)
+    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert fake.message(channel, first["id"])["content"] == "First answer."
+    assert second["content"] == "Second answer."
+    assert [m["content"] for m in history] == [
+        "what should I cook?",
+        "First answer.",
+        "and for dessert?",
+        "Second answer.",
+    ]
+    assert len(bot.batcher.prompts) == 2
 
 
 async def test_a_regenerated_answer_that_fails_leaves_the_old_one_shown_and_stored(

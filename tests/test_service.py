@@ -425,6 +425,46 @@ async def test_a_lone_surrogate_is_stored_and_answered(make_service, store, conv
     assert question["content"].startswith("broken ") and "\ud800" not in question["content"]
 
 
+class ShowingSink(RecordingSink):
+    """Says where its answer is shown once it is, as a platform's sink does: each answer
+    at a place of its own."""
+
+    def __init__(self, service: Any, conversation: ConversationKey) -> None:
+        super().__init__()
+        self.service, self.conversation = service, conversation
+        self.place = {"answer": uuid.uuid4().hex}
+
+    async def finish(self, text: str) -> None:
+        await super().finish(text)
+        await self.service.answer_shown(self.conversation, self.place)
+
+
+async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
+    make_service, redis_client, store, conversation
+):
+    """A double click whose presses both find the conversation free and ending with the
+    answer pressed: both are taken, and under the lock the second finds that answer
+    replaced, even by the same text, so it writes nothing."""
+    async with make_service() as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Hello there"), answered)
+        presses = {uuid.uuid4().hex: ShowingSink(service, conversation) for _ in range(2)}
+        await asyncio.gather(*(
+            service.regenerate(conversation, place=answered.place, by="U1", request_id=request,
+                               sink=sink)
+            for request, sink in presses.items()
+        ))  # fmt: skip
+        for request in presses:
+            await until(lambda request=request: gone(redis_client, f"test:{request}"))
+    [regenerated] = [sink for sink in presses.values() if sink.events]
+    [answer] = regenerated.kinds("finish")
+    assert len(batcher.prompts) == 2
+    assert await store.load(str(conversation)) == [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": answer},
+    ]
+
+
 # --- durable turns: resumed, given up, left pending by a drain ----------------------------
 
 
