@@ -17,7 +17,13 @@ from collections.abc import Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from bot.config import ConfigError, Settings, export_hugging_face_variables, load_settings
+from bot.config import (
+    ConfigError,
+    Settings,
+    export_hugging_face_variables,
+    load_settings,
+    misspelt_settings,
+)
 from bot.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    for line in misspelt_settings():
+        logger.warning("%s", line)
     if exported:
         logger.debug("passed on from .env to the Hugging Face libraries: %s", ", ".join(exported))
     command = {"chat": chat, "run": run}[args.command]

@@ -12,17 +12,21 @@ file its line (`load_settings`).
 they are no settings of ours, so they are left out of the settings and passed on to those
 libraries through the environment (`export_hugging_face_variables`). Docker Compose's
 variables (`COMPOSE_PROFILES`, and those docker-compose.yml reads) are left out too. Any
-other unknown name in `.env` is refused as a likely typo.
+other unknown name in `.env` is refused as a likely typo. The environment holds many
+variables that are not ours, so there only a near-miss of a setting's name is warned about
+(`misspelt_settings`): Docker Compose's `env_file` and systemd's `EnvironmentFile` turn
+`.env` into environment variables, where a typo would otherwise pass unseen.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeGuard, cast, get_origin
 
 import yaml
 from dotenv import dotenv_values
@@ -60,6 +64,10 @@ COMPOSE_PREFIX = "COMPOSE_"
 COMPOSE_VARIABLES = frozenset({"THREADBOT_PUBLISH", "GRAFANA_ADMIN_PASSWORD"})
 """What Docker Compose reads from the same `.env`: its own COMPOSE_* and the variables
 docker-compose.yml names (`${THREADBOT_PUBLISH:-…}`)."""
+OTHER_TOOLS_PREFIXES = ("PYTHON", "PIP_", "LC_", "XDG_", "CUDA_", "NVIDIA_", "TORCH", "TQDM_")
+"""Environment variables of Python, the locale, the GPU and the libraries we run on: a
+name close to a setting's among them is theirs, not a typo of ours."""
+NEAR_MISS_CUTOFF = 0.9  # MAX_NEW_TOKEN (0.96), ACCES__DENY (0.96) pass; MODEL_NAME (0.7) not
 
 
 class ConfigError(Exception):
@@ -418,6 +426,51 @@ def _unreadable(error: UnicodeDecodeError | OSError, where: Path) -> ConfigError
     if isinstance(error, UnicodeDecodeError):
         return ConfigError(f"{where}: not UTF-8 text: {error.reason}")
     return ConfigError(f"{error.filename or where}: cannot be read: {error.strerror or error}")
+
+
+def misspelt_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line for each environment variable that is no setting but so close to one's name
+    that it is likely a typo of it (`MAX_NEW_TOKEN`); it is ignored, as the settings read
+    only the names they know. Only names written like a setting are looked at (in capitals,
+    not another tool's)."""
+    known = _setting_names(Settings)
+    lines = []
+    for name in sorted(filter(_may_be_a_typo, environ)):
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=NEAR_MISS_CUTOFF):
+            lines.append(f"{name} is not a setting (did you mean {close[0]}?); it is ignored")
+    return lines
+
+
+def _setting_names(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every variable name that sets something: `MAX_NEW_TOKENS`, and for a section each
+    of its keys too (`ACCESS__DENY`, `ACCESS__SLACK__USERS__ALLOW`)."""
+    names = []
+    for field, info in model.model_fields.items():
+        name = prefix + field.upper()
+        names.append(name)
+        if _is_section(info.annotation):
+            names += _setting_names(info.annotation, f"{name}__")
+    return names
+
+
+def _is_section(annotation: object) -> TypeGuard[type[_Section]]:
+    # A generic alias (`tuple[Persona, ...]`) is no class for issubclass.
+    return (
+        get_origin(annotation) is None
+        and isinstance(annotation, type)
+        and issubclass(annotation, _Section)
+    )
+
+
+def _may_be_a_typo(name: str) -> bool:
+    """Written like a setting, and not one the settings read: those under a setting's name
+    (`ACCESS__DENYY`) they read, and refuse if unknown, themselves."""
+    return (
+        name.isupper()
+        and name.split("__", 1)[0].lower() not in Settings.model_fields
+        and not name.startswith(OTHER_TOOLS_PREFIXES)
+        and not (is_hugging_face(name) or is_for_compose(name))
+    )
 
 
 def config_file() -> Path | None:

@@ -16,6 +16,7 @@ from bot.config import (
     export_hugging_face_variables,
     is_for_compose,
     load_settings,
+    misspelt_settings,
 )
 
 
@@ -117,6 +118,45 @@ def test_unrelated_environment_variables_are_ignored(monkeypatch: pytest.MonkeyP
     """Only `.env` is strict: the shell's other variables (PATH, HOME, ...) never fail start."""
     monkeypatch.setenv("THREADBOT_NOT_A_SETTING", "x")
     assert Settings().max_new_tokens == 512
+
+
+def test_a_near_miss_of_a_setting_in_the_environment_is_named_with_the_setting() -> None:
+    """Docker Compose's `env_file` and systemd's `EnvironmentFile` turn `.env` into
+    environment variables, where an unknown name is ignored: a typo gets a warning line."""
+    assert misspelt_settings({"MAX_NEW_TOKEN": "1024", "QUEUE_MAX": "4"}) == [
+        "MAX_NEW_TOKEN is not a setting (did you mean MAX_NEW_TOKENS?); it is ignored"
+    ]
+
+
+def test_a_near_miss_of_a_nested_setting_is_named_with_the_setting() -> None:
+    """A typo in the section's name is ignored (one under it, `ACCESS__DENYY`, is refused
+    at start)."""
+    assert misspelt_settings({"ACCES__DENY": "silent"}) == [
+        "ACCES__DENY is not a setting (did you mean ACCESS__DENY?); it is ignored"
+    ]
+
+
+def test_other_variables_and_exact_settings_are_not_taken_for_typos() -> None:
+    """The environment is shared with the shell, Python, the locale, the Hugging Face
+    libraries and Docker Compose; lower-case names are nobody's settings by convention."""
+    environ = {
+        "PATH": "/usr/bin",
+        "HOSTNAME": "3f2a9c1d",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HF_HOME": "/data/hf",
+        "PYTHON_VERSION": "3.11.9",
+        "COMPOSE_PROJECT_NAME": "bot",
+        "MODEL_NAME": "mine",
+        "max_new_token": "7",
+        "MAX_NEW_TOKENS": "1024",
+        "REDIS_URL": "redis://redis:6379/0",
+        "ACCESS__DENY": "silent",
+        "ACCESS__SLACK__USERS__ALLOW": '["U1"]',
+        "ACCESS__DENYY": "silent",  # refused by the settings themselves, not ignored
+    }
+    assert misspelt_settings(environ) == []
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,19 @@ async def test_an_invalid_setting_is_one_fail_line_and_the_rest_is_checked(docto
         assert {status for status, _ in report.lines(check)} == {"ok"}, report.text
 
 
+async def test_a_near_miss_of_a_setting_in_the_environment_is_a_warn_line(doctor) -> None:
+    """As under Docker Compose's `env_file`: the typo is an environment variable, which the
+    settings ignore; the check says so and what was meant, and passes."""
+    report = await doctor(checks=[], MAX_NEW_TOKEN="1024")
+    assert report.status == 0, report.text
+    [(read, _), typo] = report.lines("settings")
+    assert read == "ok"
+    assert typo == (
+        "WARN",
+        "MAX_NEW_TOKEN is not a setting (did you mean MAX_NEW_TOKENS?); it is ignored",
+    )
+
+
 async def test_broken_yaml_in_the_team_file_names_its_line(doctor) -> None:
     Path("threadbot.yml").write_text("access:\n  deny: reply\n  admins: [U1\n")
     report = await doctor()

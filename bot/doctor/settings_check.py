@@ -14,8 +14,8 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from bot.config import ConfigError, Settings, config_file, load_settings
-from bot.doctor.findings import Finding, fail, ok
+from bot.config import ConfigError, Settings, config_file, load_settings, misspelt_settings
+from bot.doctor.findings import Finding, fail, ok, warn
 
 CHECK = "settings"
 SALVAGE_ROUNDS = 3  # each round resets what failed; a default never fails, so 2 suffice
@@ -46,7 +46,9 @@ class _Lenient(Settings):
 
 def read_settings() -> tuple[Settings | None, list[Finding]]:
     """The settings to check the rest with (None if nothing usable could be read), and one
-    line per problem with them (or one ok line)."""
+    line per problem with them (or one ok line), then one per likely typo in the
+    environment's names."""
+    typos = [warn(CHECK, line) for line in misspelt_settings()]
     try:
         settings = load_settings()
     except ConfigError as error:
@@ -58,8 +60,8 @@ def read_settings() -> tuple[Settings | None, list[Finding]]:
         )
         return salvaged, [
             fail(CHECK, f"{problem} ({after})") for problem in str(error).splitlines()
-        ]
-    return settings, [ok(CHECK, f"read from {', '.join(_sources())}")]
+        ] + typos
+    return settings, [ok(CHECK, f"read from {', '.join(_sources())}"), *typos]
 
 
 def _salvaged() -> Settings | None:
