@@ -185,6 +185,21 @@ class PacedBatcher(ScriptedBatcher):
         return super().step()
 
 
+async def long_answer_kept(slack, socket_mode, question: str) -> str:
+    """Ask in C0001, answered with LONG_ANSWER paced and streamed natively; the answer
+    stored for it, once it is (within 20 s)."""
+    async with socket_mode(PacedBatcher(LONG_ANSWER), streaming="native") as (service, _):
+        mention = slack.app_mention("C0001", question)
+        await slack.send_event(mention)
+        key = str(ConversationKey("slack", slack.team_id, "C0001", mention["ts"]))
+        for _ in range(400):
+            history = await service.store.load(key)
+            if history and history[-1]["role"] == "assistant":
+                return history[-1]["content"]
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"no answer stored for {question!r}")
+
+
 async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, socket_mode):
     """Slack's stop button ends a stream for good: nothing more is appended or posted,
     nothing replaces it, the generation ends, and what was written is kept, marked stopped."""
@@ -194,16 +209,7 @@ async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, soc
             slack.stop_by_user("C0001", call.response["ts"])
 
     slack.after_call = stop_at_once
-    async with socket_mode(PacedBatcher(LONG_ANSWER), streaming="native") as (service, _):
-        mention = slack.app_mention("C0001", "What is the capital of France?")
-        await slack.send_event(mention)
-        key = str(ConversationKey("slack", slack.team_id, "C0001", mention["ts"]))
-        for _ in range(200):  # until the answer is stored (bounded)
-            history = await service.store.load(key)
-            if history and history[-1]["role"] == "assistant":
-                break
-            await asyncio.sleep(0.05)
-    kept = history[-1]["content"]
+    kept = await long_answer_kept(slack, socket_mode, "What is the capital of France?")
     written = kept.removesuffix(replies.stopped()).strip()
     assert kept.endswith(replies.stopped()) and LONG_ANSWER.startswith(written)
     assert len(written) < MARKDOWN_LIMIT  # stopped long before the end
@@ -231,16 +237,7 @@ async def test_a_stop_once_the_first_message_is_full_ends_a_long_answer(slack, s
             stopped.append(call.params["ts"])
 
     slack.after_call = stop_once_full
-    async with socket_mode(PacedBatcher(LONG_ANSWER), streaming="native") as (service, _):
-        mention = slack.app_mention("C0001", "write a lot")
-        await slack.send_event(mention)
-        key = str(ConversationKey("slack", slack.team_id, "C0001", mention["ts"]))
-        for _ in range(400):  # until the answer is stored (bounded)
-            history = await service.store.load(key)
-            if history and history[-1]["role"] == "assistant":
-                break
-            await asyncio.sleep(0.05)
-    kept = history[-1]["content"]
+    kept = await long_answer_kept(slack, socket_mode, "write a lot")
     written = kept.removesuffix(replies.stopped()).strip()
     assert stopped and kept.endswith(replies.stopped())
     assert LONG_ANSWER.startswith(written) and len(written) < len(LONG_ANSWER)
