@@ -63,6 +63,9 @@ THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned i
 # All an event's lookups (its author, the people named, the thread, attached files) are
 # made before its ack, which Slack wants within 3 s: together they take at most this.
 BEFORE_ACK_SECONDS = 2.0
+# Of those, the last this many are kept for reading attached files: a slow thread read
+# or slow names would otherwise leave a file none, and it would go unread.
+ATTACHMENT_SECONDS = 0.8
 NAME_LOOKUPS = 10  # users.info calls made at once (Tier 4: 100+ a minute)
 # A plain message, one with files, and a thread reply also sent to the channel.
 ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast"}
@@ -346,12 +349,13 @@ class SlackAdapter(Adapter):
         """Answer a message the bot was asked (or is expected) to answer; what it looks up
         first is looked up by `deadline`, the event's ack waiting on it."""
         text = event.get("text", "")
-        words = _readable(text, bot_user, await self._names(_mentioned(text), deadline))
+        looked_up_by = deadline - ATTACHMENT_SECONDS if event.get("files") else deadline
+        words = _readable(text, bot_user, await self._names(_mentioned(text), looked_up_by))
         order = command(words)
         thread_ts = event.get("thread_ts")
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
-            history = await self._thread_context(event, bot_user, deadline)
+            history = await self._thread_context(event, bot_user, looked_up_by)
         question = words  # as typed, for the pane's title
         if order is None:
             files = slack_attachments(event.get("files", ()), token=self.app.client.token)
@@ -480,7 +484,8 @@ class SlackAdapter(Adapter):
         as chat messages (the bot's as assistant), read and named by `deadline`.
 
         Slack pages a thread from its start, so the pages up to this message (`latest`:
-        nothing after it comes back) are read, a bounded number of them, and their end kept.
+        nothing after it comes back) are read, a bounded number of them, and their end kept;
+        if time runs out (or a page fails), the pages already read are kept.
         """
         pages, page_size = 10, 100  # Slack advises at most 200 a page
         earlier: deque[dict[str, Any]] = deque(maxlen=THREAD_CONTEXT_LIMIT)
@@ -509,9 +514,8 @@ class SlackAdapter(Adapter):
                         event["thread_ts"],
                         pages * page_size,
                     )
-        except Exception:  # answering without the context beats not answering
-            logger.warning("could not read the thread's earlier messages", exc_info=True)
-            return ()
+        except Exception:  # answering with what was read (perhaps nothing) beats not answering
+            logger.warning("could not read all of the thread's earlier messages", exc_info=True)
         people = {m["user"] for m in earlier if "user" in m}
         names = await self._names(people.union(*(_mentioned(m["text"]) for m in earlier)), deadline)
         context: list[ChatMessage] = []

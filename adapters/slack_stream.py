@@ -190,7 +190,9 @@ class SlackStream:
             await self.status.clear()
 
     async def _stop(self, message_id: str) -> None:
-        streamed, text = self.streamed.pop(message_id), self.wanted.pop(message_id)
+        """End a stream with its whole text; one that fails (e.g. ratelimited) stays open,
+        for `close` to try again."""
+        streamed, text = self.streamed[message_id], self.wanted[message_id]
         rest = text[len(streamed) :] if text.startswith(streamed) else None
         try:
             await self.client.chat_stopStream(
@@ -199,8 +201,10 @@ class SlackStream:
         except SlackApiError as error:
             if _error(error) not in ENDED:
                 raise
+            del self.streamed[message_id], self.wanted[message_id]
             await self._ended(message_id, error, text)
             return
+        del self.streamed[message_id], self.wanted[message_id]
         if rest is None:
             await self._replace(message_id, text)
         self.whole[message_id] = text

@@ -166,11 +166,14 @@ class StreamingReply:
         first, *rest = split_message(self.render(self.notice_text + text), self.limit) or [""]
         await self._show_final(first)
         self.over = True
-        try:
-            if rest:
+        if rest:
+            try:
                 await self._filled()
-            if self.stopped():
-                return
+            except Exception:  # not a reader's stop: the rest can still be posted
+                logger.warning("ending the full first message failed", exc_info=True)
+        if self.stopped():
+            return
+        try:
             for index, part in enumerate(rest, start=1):
                 await self._put(index, part)
         except Exception:

@@ -384,6 +384,34 @@ async def test_slow_lookups_do_not_hold_up_the_ack(slack, socket_mode):
     assert batcher.prompts[0][-1]["content"] == "say hello to @U0BOB"
 
 
+@pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
+async def test_a_slow_thread_read_leaves_time_for_an_attached_file(slack, socket_mode):
+    """First mentioned in a long thread whose second page Slack is slow to send, with a
+    file: the thread's first page is kept, the file is still read, and the ack is in time."""
+    notes = slack.upload("notes.txt", b"Ship on Friday.", "text/plain")
+
+    def slow_after_the_first_page(call):
+        if call.method == "conversations.replies":
+            slack.delays["conversations.replies"] = 3.0
+
+    slack.after_call = slow_after_the_first_page
+    async with socket_mode(ScriptedBatcher("Noted."), max_input_chars=2000) as (_, batcher):
+        parent = slack.user_message("C0001", "message 0")
+        for number in range(1, 120):
+            slack.user_message("C0001", f"message {number}", thread_ts=parent["ts"])
+        mention = slack.app_mention("C0001", "sum it up", thread_ts=parent["ts"], files=[notes])
+        sent = time.monotonic()
+        await slack.wait_for_ack(await slack.send_event(mention), timeout=15)
+        waited = time.monotonic() - sent
+        await final_reply(slack, "C0001", parent["ts"])
+    [prompt] = batcher.prompts
+    assert waited < SLACK_ACK_SECONDS
+    assert [message["content"] for message in prompt] == [
+        *(f"message {number}" for number in range(100 - THREAD_CONTEXT_LIMIT, 100)),
+        "sum it up\n\n[attached: notes.txt]\nShip on Friday.",
+    ]
+
+
 async def test_reset_clears_the_thread(slack, socket_mode):
     async with socket_mode():
         mention = slack.app_mention("C0001", "remember this")

@@ -273,6 +273,29 @@ async def test_a_stopped_stream_gets_no_continuation(slack):
     assert slack.statuses == {}
 
 
+async def test_a_failed_end_of_the_full_first_message_still_posts_the_rest(slack):
+    """Ending the first message's stream once it is full fails once (a transient error,
+    not a reader's stop): the rest of the long answer is posted all the same, and closing
+    ends that first stream after all."""
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    mention = slack.app_mention("C0001", "write a lot")
+    thread = SlackThread(client, team=slack.team_id, channel="C0001",
+                         thread_ts=mention["ts"], recipient="U0ALICE")  # fmt: skip
+    sink = NativeReply(
+        target=SlackStream(thread), render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark=""
+    )
+    await sink.start()
+    await sink.append(LONG_ANSWER[:100])
+    slack.fail_next("chat.stopStream", "internal_error")
+    await sink.finish(LONG_ANSWER)
+    parts = split_message(to_markdown(LONG_ANSWER), MARKDOWN_LIMIT)
+    starts = slack.calls_to("chat.startStream")
+    assert len(parts) > 1 and len(starts) == len(parts)
+    shown = [slack.message("C0001", start.response["ts"])["text"] for start in starts]
+    assert shown == parts  # no "the rest could not be posted"
+    assert not any(slack.is_streaming("C0001", start.response["ts"]) for start in starts)
+
+
 async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_service):
     """Another process began streaming the answer and died: the rebuilt sink stops that
     stream and edits the message, never posting a second one."""
