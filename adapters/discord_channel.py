@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import partial
+from time import monotonic
 from typing import Any, NamedTuple
 
 import discord
@@ -31,6 +31,7 @@ MEMBERSHIP_SECONDS = 300.0  # how long a DM asker's looked-up roles in a server 
 MEMBERSHIPS_KEPT = 10_000  # (user, server) memberships remembered, at most
 DM_LOOKUPS = 10  # servers looked up (REST calls) for one DM, at most
 LOOKUP_SECONDS = 5.0  # one lookup, before it counts as failed
+FAILED_LOOKUP_SECONDS = 20.0  # how long a failed lookup counts as not a member
 
 _threadless: set[str] = set()  # channels where opening a thread was refused (warned once)
 
@@ -183,7 +184,7 @@ class Membership(NamedTuple):
     """What a lookup said of a user in a server, until when it is trusted."""
 
     roles: tuple[str, ...] | None  # None: not a member; else with @everyone's (the server id)
-    expires: float  # time.monotonic()
+    expires: float  # monotonic()
 
 
 class Memberships:
@@ -205,28 +206,34 @@ class Memberships:
     async def until_admitted(
         self, user_id: int, servers: Iterable[str], admits: Callable[[str, tuple[str, ...]], bool]
     ) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        """The user's role ids in each of `servers` they are a member of, in turn, until
-        `admits` one (server, roles); servers left after DM_LOOKUPS lookups count as not
-        the user's."""
+        """The user's role ids in each of `servers` they are a member of: the remembered
+        ones first (no REST call), then the others looked up in turn, until `admits` one
+        (server, roles); servers left after DM_LOOKUPS lookups count as not the user's."""
         found: list[tuple[str, tuple[str, ...]]] = []
-        lookups = 0
+        unknown: list[str] = []
         for server in servers:
             known = self._known.get((user_id, server))
-            if known is None or known.expires <= time.monotonic():
-                if lookups == DM_LOOKUPS:
-                    logger.info("user %s: stopped after %d server lookups", user_id, lookups)
-                    break
-                lookups += 1
-                known = await self._look_up(user_id, server)
-            if known.roles is not None:
+            if known is None or known.expires <= monotonic():
+                unknown.append(server)
+            elif known.roles is not None:
                 found.append((server, known.roles))
-                if admits(server, known.roles):
-                    break
+        if any(admits(server, roles) for server, roles in found):
+            return tuple(found)
+        for server in unknown[:DM_LOOKUPS]:
+            roles = (await self._look_up(user_id, server)).roles
+            if roles is not None:
+                found.append((server, roles))
+                if admits(server, roles):
+                    return tuple(found)
+        if len(unknown) > DM_LOOKUPS:
+            logger.info("user %s: stopped after %d server lookups", user_id, DM_LOOKUPS)
         return tuple(found)
 
     async def _look_up(self, user_id: int, server: str) -> Membership:
-        """One GET; any failure counts as not a member (deny), and is remembered as such
-        (so it is logged once, and not retried on every DM)."""
+        """One GET; any failure counts as not a member (deny). An answer is remembered for
+        MEMBERSHIP_SECONDS; a failure for FAILED_LOOKUP_SECONDS, so it is logged once, not
+        retried on every DM, and yet a member is not refused long for one transient error."""
+        seconds = MEMBERSHIP_SECONDS
         try:
             async with asyncio.timeout(LOOKUP_SECONDS):
                 member = await self.client.http.get_member(int(server), user_id)
@@ -235,12 +242,12 @@ class Memberships:
             roles = None
         except Exception as error:
             logger.warning("could not look up user %s in server %s: %r", user_id, server, error)
-            roles = None
+            roles, seconds = None, FAILED_LOOKUP_SECONDS
         key = user_id, server
-        known = self._known[key] = Membership(roles, time.monotonic() + MEMBERSHIP_SECONDS)
+        known = self._known[key] = Membership(roles, monotonic() + seconds)
         self._known.move_to_end(key)
         while len(self._known) > MEMBERSHIPS_KEPT:
-            self._known.popitem(last=False)  # the oldest, so the soonest to expire
+            self._known.popitem(last=False)  # the oldest, so about the soonest to expire
         return known
 
 

@@ -63,9 +63,12 @@ def refusal(access: Access, who: Requester) -> str | None:
 def dm_servers(access: Access, user: str, servers: Iterable[str]) -> list[str]:
     """Of the Discord servers the bot is in, those where a DM asker's membership is to be
     looked up: the ones the `servers` rule admits; none for an admin (who passes anyway),
-    or when neither `servers` nor `roles` has a list (a DM then needs no membership)."""
+    when neither `servers` nor `roles` has a list (a DM then needs no membership), or when
+    `refusal` refuses the DM whatever the memberships (DMs off, the user not allowed)."""
     rules = access.discord
     if user in access.admins or not _dm_memberships_needed(rules):
+        return []
+    if not rules.dms or not rules.users.admits(user):
         return []
     return [server for server in servers if rules.servers.admits(server)]
 

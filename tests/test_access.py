@@ -122,6 +122,15 @@ def test_discord_dm_memberships_are_looked_up_in_allowed_servers_with_server_or_
     assert dm_servers(access(admins=["7"], discord=strict), "7", servers) == []  # passes anyway
 
 
+def test_no_dm_memberships_are_looked_up_for_a_dm_refused_whatever_they_are():
+    strict = {"roles": {"allow": ["10"]}}
+    servers = ["500", "600"]
+    assert dm_servers(access(discord=strict | {"dms": False}), "7", servers) == []
+    assert dm_servers(access(discord=strict | {"users": {"deny": ["7"]}}), "7", servers) == []
+    assert dm_servers(access(discord=strict | {"users": {"allow": ["8"]}}), "7", servers) == []
+    assert dm_servers(access(discord=strict | {"users": {"allow": ["7"]}}), "7", servers) == servers
+
+
 def test_one_discord_membership_admits_a_dm_by_the_servers_and_roles_rules() -> None:
     strict = access(discord={"roles": {"allow": ["10"]}, "servers": {"deny": ["500"]}})
     assert dm_membership_admits(strict, "600", ("600", "10"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 import discord
 import pytest
@@ -27,7 +28,7 @@ from adapters import discord_channel
 from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
 from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
-from adapters.discord_channel import DM_LOOKUPS
+from adapters.discord_channel import DM_LOOKUPS, FAILED_LOOKUP_SECONDS, MEMBERSHIP_SECONDS
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Access, Settings
@@ -526,6 +527,21 @@ def many_servers(fake: FakeDiscord) -> list[str]:
     return servers
 
 
+@pytest.fixture
+def clock(monkeypatch):
+    """The clock remembered memberships expire by, moved by hand (`clock.now += 10`)."""
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(discord_channel, "monotonic", lambda: clock.now)
+    return clock
+
+
+async def dm_denied(fake: FakeDiscord, content: str) -> None:
+    dm = fake.dm_message(content, author=fake.bob)
+    await fake.dispatch("MESSAGE_CREATE", dm)
+    [denied] = await fake.wait_for(lambda: bot_messages(fake, dm["channel_id"]))
+    assert denied["content"] == replies.denied()
+
+
 async def test_a_dm_askers_membership_is_remembered(fake, discord_bot):
     """Each lookup is a REST call under Discord's global limit: Bob's next DM makes none."""
     fake.member_roles = {fake.bob["id"]: ["78"]}
@@ -561,11 +577,47 @@ async def test_dm_lookups_are_bounded(fake, discord_bot):
     assert member_lookups(fake, fake.bob) == servers[:DM_LOOKUPS]
 
 
+async def test_a_remembered_admitting_membership_counts_whatever_the_lookups_left(
+    fake, discord_bot, monkeypatch, clock
+):
+    """Bob is a member of the bot's fourth server alone. His first DM looks in the first
+    three (denied), his second in the fourth (answered). Once the first three have expired,
+    his third DM, with two lookups a DM, is answered by the fourth, still remembered, with
+    no lookup: the expired servers ahead of it neither use up the lookups nor deny him."""
+    monkeypatch.setattr(discord_channel, "DM_LOOKUPS", 3)
+    servers = many_servers(fake)
+    fake.member_of = {fake.bob["id"]: {servers[3]}}
+    rules = discord_rules(servers={"deny": [fake.guild_id]})
+    async with discord_bot(access=rules) as (_service, batcher):
+        await dm_denied(fake, "first")
+        clock.now += MEMBERSHIP_SECONDS * 0.6
+        await dm_answered(fake, "second", after=1)
+        clock.now += MEMBERSHIP_SECONDS * 0.6
+        monkeypatch.setattr(discord_channel, "DM_LOOKUPS", 2)
+        await dm_answered(fake, "third", after=2)
+    assert [p[-1]["content"] for p in batcher.prompts] == ["second", "third"]
+    assert member_lookups(fake, fake.bob) == servers[:4]
+
+
+async def test_a_failed_member_lookup_is_retried_soon(fake, discord_bot, monkeypatch, clock):
+    """A failure is remembered FAILED_LOOKUP_SECONDS, not as long as an answer: Bob, a
+    member denied on a timed-out lookup, is answered once that time has passed."""
+    monkeypatch.setattr(discord_channel, "LOOKUP_SECONDS", 0.1)
+    fake.member_lookup_delay = 1.0
+    fake.member_roles = {fake.bob["id"]: ["78"]}
+    async with discord_bot(access=discord_rules(roles={"allow": ["78"]})):
+        await dm_denied(fake, "first")
+        fake.member_lookup_delay = 0.0
+        clock.now += FAILED_LOOKUP_SECONDS
+        await dm_answered(fake, "second", after=1)
+    assert member_lookups(fake, fake.bob) == [fake.guild_id] * 2
+
+
 async def test_a_failed_member_lookup_counts_as_not_a_member(
     fake, discord_bot, monkeypatch, caplog
 ):
     """A lookup that times out (no HTTP error) denies, as not a member, with no failure
-    shown to the asker; it is remembered, so logged once."""
+    shown to the asker; it is remembered a while, so logged once."""
     monkeypatch.setattr(discord_channel, "LOOKUP_SECONDS", 0.1)
     fake.member_lookup_delay = 1.0
     fake.member_roles = {fake.bob["id"]: ["78"]}
