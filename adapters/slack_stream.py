@@ -182,12 +182,19 @@ class SlackStream:
             await self._stop(message_id)
 
     async def close(self) -> None:
-        """End every open stream with its whole text; no status is left showing after."""
+        """End every open stream with its whole text, each tried whatever the others did
+        (the first failure is raised after); no status is left showing after."""
+        failures: list[SlackApiError] = []
         try:
             for message_id in list(self.streamed):
-                await self._stop(message_id)
+                try:
+                    await self._stop(message_id)
+                except SlackApiError as error:
+                    failures.append(error)
         finally:
             await self.status.clear()
+        if failures:
+            raise failures[0]
 
     async def _stop(self, message_id: str) -> None:
         """End a stream with its whole text; one that fails (e.g. ratelimited) stays open,

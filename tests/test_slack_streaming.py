@@ -11,8 +11,10 @@ import logging
 import time
 import uuid
 
+import pytest
 from conftest import ScriptedBatcher
 from fake_slack import FakeSlack
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from test_slack_adapter import final_reply
 
@@ -294,6 +296,26 @@ async def test_a_failed_end_of_the_full_first_message_still_posts_the_rest(slack
     shown = [slack.message("C0001", start.response["ts"])["text"] for start in starts]
     assert shown == parts  # no "the rest could not be posted"
     assert not any(slack.is_streaming("C0001", start.response["ts"]) for start in starts)
+
+
+async def test_a_stream_that_will_not_end_leaves_the_others_ended(slack):
+    """The first message's stream refuses to end, when full and again at the close: the
+    answer's later streams are ended all the same, and the close tells of the failure."""
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    mention = slack.app_mention("C0001", "write a lot")
+    thread = SlackThread(client, team=slack.team_id, channel="C0001",
+                         thread_ts=mention["ts"], recipient="U0ALICE")  # fmt: skip
+    sink = NativeReply(
+        target=SlackStream(thread), render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark=""
+    )
+    await sink.start()
+    await sink.append(LONG_ANSWER[:100])
+    slack.fail_next("chat.stopStream", "internal_error", count=2)
+    with pytest.raises(SlackApiError):
+        await sink.finish(LONG_ANSWER)
+    [first, *later] = [start.response["ts"] for start in slack.calls_to("chat.startStream")]
+    assert later and slack.is_streaming("C0001", first)
+    assert not any(slack.is_streaming("C0001", ts) for ts in later)
 
 
 async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_service):
