@@ -250,20 +250,27 @@ async def test_a_stop_once_the_first_message_is_full_ends_a_long_answer(slack, s
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
 
 
-async def test_a_stopped_stream_gets_no_continuation(slack):
-    """The reader stopped the answer just as it ended: its first message stays as they
-    stopped it, and the rest of a long answer is not posted after it."""
+async def long_answer_begun(slack, on_stop=None) -> NativeReply:
+    """A native sink into a new thread of C0001 (edits at once), LONG_ANSWER's first 100
+    characters streamed into it."""
     client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
     mention = slack.app_mention("C0001", "write a lot")
     thread = SlackThread(client, team=slack.team_id, channel="C0001",
                          thread_ts=mention["ts"], recipient="U0ALICE")  # fmt: skip
-    stops: list[bool] = []
     sink = NativeReply(
-        target=SlackStream(thread, on_stop=lambda: stops.append(True)),
+        target=SlackStream(thread, on_stop=on_stop),
         render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark="",
     )  # fmt: skip
     await sink.start()
     await sink.append(LONG_ANSWER[:100])
+    return sink
+
+
+async def test_a_stopped_stream_gets_no_continuation(slack):
+    """The reader stopped the answer just as it ended: its first message stays as they
+    stopped it, and the rest of a long answer is not posted after it."""
+    stops: list[bool] = []
+    sink = await long_answer_begun(slack, on_stop=lambda: stops.append(True))
     [start] = slack.calls_to("chat.startStream")
     slack.stop_by_user("C0001", start.response["ts"])
     await sink.finish(LONG_ANSWER)
@@ -279,15 +286,7 @@ async def test_a_failed_end_of_the_full_first_message_still_posts_the_rest(slack
     """Ending the first message's stream once it is full fails once (a transient error,
     not a reader's stop): the rest of the long answer is posted all the same, and closing
     ends that first stream after all."""
-    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
-    mention = slack.app_mention("C0001", "write a lot")
-    thread = SlackThread(client, team=slack.team_id, channel="C0001",
-                         thread_ts=mention["ts"], recipient="U0ALICE")  # fmt: skip
-    sink = NativeReply(
-        target=SlackStream(thread), render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark=""
-    )
-    await sink.start()
-    await sink.append(LONG_ANSWER[:100])
+    sink = await long_answer_begun(slack)
     slack.fail_next("chat.stopStream", "internal_error")
     await sink.finish(LONG_ANSWER)
     parts = split_message(to_markdown(LONG_ANSWER), MARKDOWN_LIMIT)
@@ -301,15 +300,7 @@ async def test_a_failed_end_of_the_full_first_message_still_posts_the_rest(slack
 async def test_a_stream_that_will_not_end_leaves_the_others_ended(slack):
     """The first message's stream refuses to end, when full and again at the close: the
     answer's later streams are ended all the same, and the close tells of the failure."""
-    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
-    mention = slack.app_mention("C0001", "write a lot")
-    thread = SlackThread(client, team=slack.team_id, channel="C0001",
-                         thread_ts=mention["ts"], recipient="U0ALICE")  # fmt: skip
-    sink = NativeReply(
-        target=SlackStream(thread), render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark=""
-    )
-    await sink.start()
-    await sink.append(LONG_ANSWER[:100])
+    sink = await long_answer_begun(slack)
     slack.fail_next("chat.stopStream", "internal_error", count=2)
     with pytest.raises(SlackApiError):
         await sink.finish(LONG_ANSWER)
