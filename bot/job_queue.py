@@ -55,8 +55,10 @@ WAKE_KEPT_S = 86400  # a crashed gateway's wake stream is gone a day after its l
 # The job into its worker's stream where that stream is there (a worker removed meanwhile
 # has none: into the shared one then; a gateway never makes a worker's stream, which no
 # worker would read), recorded as its request's (so a record never names a job that was
-# not sent), and the reader woken: one atomic step. Returns the stream.
+# not sent), and the reader woken: one atomic step. Returns the stream, or nothing where
+# the record names this job already (a retry of a send whose reply was lost).
 _SEND = """
+if redis.call('GET', KEYS[3]) == ARGV[2] then return false end
 local stream = KEYS[1]
 if redis.call('EXISTS', stream) == 0 then stream = KEYS[2] end
 redis.call('XADD', stream, '*', 'job', ARGV[1])
@@ -75,7 +77,7 @@ class _Watch:
     generation: Generation
     last_id: str = "0-0"
     attempt: int = 0  # the attempt being read; 0 until its worker took it
-    wrote: bool = False  # this attempt has written text
+    read: int = 0  # characters of this attempt's answer read
 
 
 class JobQueue:
@@ -205,7 +207,7 @@ class JobQueue:
             self._forget(watch)
             watch.generation.fail(error)
             return
-        logger.debug("job %s sent to %s", job.id, stream)
+        logger.debug("job %s sent to %s", job.id, stream or "its stream (a retried send)")
 
     @property
     def _asked_for_s(self) -> int:
@@ -290,15 +292,17 @@ class JobQueue:
             return  # a worker that was given up for dead writes on; its answer is void
         generation = watch.generation
         if chunk.attempt > watch.attempt:
-            if watch.wrote:
+            if watch.read:
                 logger.info("job %s starts again on %s", watch.job.id, chunk.worker)
                 generation.restart()
             else:
                 generation.started()
                 self._waiting = max(self._waiting - 1, 0)
-            watch.attempt, watch.wrote = chunk.attempt, False
+            watch.attempt, watch.read = chunk.attempt, 0
         if chunk.kind == "text":
-            watch.wrote = True
+            if chunk.offset is not None and chunk.offset < watch.read:
+                return  # written twice: a write retried after its reply was lost
+            watch.read += len(chunk.text)
             generation.write(chunk.text, chunk.prompt_tokens, chunk.answer_tokens)
         elif chunk.kind in ("end", "error"):
             self._forget(watch)

@@ -14,6 +14,10 @@ chunk carries its attempt (the job's delivery count): a higher one means the ans
 again, a lower one is a dead worker's late write, ignored. A job delivered more than
 `JOB_MAX_DELIVERIES` times goes to `threadbot:jobs:dead`, and its chunks end in an error.
 A cancel is a key the worker checks as it writes. Only this module knows field names.
+
+Redis clients retry a command whose reply was lost, so any write may land twice: a text
+chunk carries where its text begins in the answer, and a gateway reads each piece once;
+a job is sent under its request's record, and a retry finds the record and sends nothing.
 """
 
 from __future__ import annotations
@@ -67,7 +71,9 @@ class Chunk:
     """One entry of a job's answer stream: the worker took it (`started`), a piece of
     text, the end (the whole text), or an error the user should hear. Each carries the
     prompt's and the answer's tokens read and written so far, so an answer stopped before
-    its end has them too (older workers put them on the end only: 0 before, the default)."""
+    its end has them too (older workers put them on the end only: 0 before, the default).
+    A piece of text carries its `offset` in this attempt's answer, so a write that lands
+    twice reads once (None from older workers)."""
 
     attempt: int
     worker: str
@@ -75,6 +81,7 @@ class Chunk:
     text: str = ""
     prompt_tokens: int = 0
     answer_tokens: int = 0
+    offset: int | None = None
 
     def fields(self) -> dict[str, str]:
         return {"chunk": json.dumps(asdict(self))}

@@ -115,6 +115,7 @@ class _Taken:
     job: Job
     attempt: int  # its delivery count: 1, then one more for each worker that took it
     generation: Generation | None = None
+    written: int = 0  # characters of its answer written to its stream
     cancelled: bool = False  # its gateway no longer wants it
     lost: bool = False  # another worker claimed it (this one stalled): that one answers
 
@@ -364,8 +365,12 @@ class Worker:
         generation = taken.generation
         assert generation is not None, "an answer is written once its request is submitted"
         counts = generation.prompt_tokens, generation.answer_tokens
-        chunk = Chunk(taken.attempt, self.name, kind, text, *counts)
-        return await self._write(taken.job, chunk)
+        offset = taken.written if kind == "text" else None
+        chunk = Chunk(taken.attempt, self.name, kind, text, *counts, offset=offset)
+        cancelled = await self._write(taken.job, chunk)
+        if offset is not None:
+            taken.written += len(text)
+        return cancelled
 
     async def _write(self, job: Job, chunk: Chunk) -> bool:
         stream = keys.job_chunks(job.id)

@@ -611,6 +611,31 @@ def test_a_chunk_from_an_older_worker_without_token_counts_reads_as_zero():
     assert Chunk.parse(old_text) == Chunk(1, "w1", "text", "Hi", 0, 0)
 
 
+async def test_writes_whose_replies_were_lost_land_once(tmp_path, redis_url, streams, make_batcher):
+    """Redis ran the job's send and the answer's first text write, but both replies were
+    lost, so the clients sent each again: the job runs once and its text reads once."""
+    from lossy_proxy import LossyProxy
+
+    from storage.connection import Resilience, open_redis
+
+    batcher, metrics = make_batcher(max_new_tokens=24), Metrics()
+    lose = [b'"conversation": ', b'"kind": "text"']  # in a job sent; in a chunk written
+    async with (
+        LossyProxy(redis_url, lose) as proxy,
+        open_redis(
+            redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience(health_check_s=0)
+        ) as redis,
+        gateway(redis) as queue,
+        worker(redis, batcher, "w1", metrics=metrics),
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        pieces = await read(generation)
+        await asyncio.sleep(0.5)  # time for a second copy of the job to be taken
+    assert proxy.lost == lose
+    assert sample(metrics, "job_wait_seconds")["count"] == 1
+    assert "".join(pieces) == generation.text == answer_alone(batcher, HELLO)
+
+
 async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path, make_batcher):
     """A redis-server SIGKILLed while an answer streams, and started again a second later:
     the worker's writes and the gateway's reads ride it out (the clients retry, as
