@@ -248,10 +248,10 @@ class NativeReply(StreamingReply):
     def stopped(self) -> bool:
         return bool(self.target.stopped)
 
-    async def _filled(self) -> None:
-        """A full first message takes no more: its stream is ended now, as Slack tells of a
-        reader's stop only by refusing a call into it, before any more is posted."""
-        await self.target.end(self.message_ids[0])
+    async def _filled(self, index: int) -> None:
+        """A full message takes no more: its stream is ended now, as Slack tells of a
+        reader's stop only by refusing a call into it, before the next is begun."""
+        await self.target.end(self.message_ids[index])
 
     async def finish(self, text: str) -> None:
         await self._closing(super().finish(text))

@@ -83,12 +83,14 @@ class EditBudget:
 
 
 class StreamingReply:
-    """Streams one answer: optional placeholder, edits every `interval` s, final split.
+    """Streams one answer: optional placeholder, edits every `interval` s, split over as
+    many messages as it needs as it is written, each message ended (`_filled`) once full.
 
     `message_ids` are the messages this answer already has (a resumed answer edits them
-    rather than posting again); `on_post` is awaited after each new one. Without a
-    placeholder, the target shows typing from `start` until the first text, again every
-    `typing_interval` s (at most `typing_repeats` times) where the platform's lapses.
+    rather than posting again); `on_post` is awaited after each new one. A message the
+    final text does not need (an earlier draft's) says so. Without a placeholder, the
+    target shows typing from `start` until the first text, again every `typing_interval` s
+    (at most `typing_repeats` times) where the platform's lapses.
     """
 
     def __init__(
@@ -120,6 +122,8 @@ class StreamingReply:
         self.notice_text = ""
         self.last_edit = float("-inf")
         self.over = False  # the final text (answer or failure) is shown: nothing replaces it
+        self.shown: dict[int, str] = {}  # what this answer put into each of its messages
+        self.filled: set[int] = set()  # its messages ended as full
         self.typing_interval = typing_interval
         self.typing_repeats = typing_repeats
         self._text_shown = asyncio.Event()
@@ -166,16 +170,8 @@ class StreamingReply:
         first, *rest = split_message(self.render(self.notice_text + text), self.limit) or [""]
         await self._show_final(first)
         self.over = True
-        if rest:
-            try:
-                await self._filled()
-            except Exception:  # not a reader's stop: the rest can still be posted
-                logger.warning("ending the full first message failed", exc_info=True)
-        if self.stopped():
-            return
         try:
-            for index, part in enumerate(rest, start=1):
-                await self._put(index, part)
+            await self._put_rest([first, *rest], final=True)
         except Exception:
             logger.warning("posting the rest of an answer failed", exc_info=True)
             await self._post(self.render(replies.continuation_failed()))
@@ -184,10 +180,12 @@ class StreamingReply:
         if not self.over:  # an answer (or failure) already shown stays shown
             await self._show_final(self.render(text))
             self.over = True
+            await self._retire(1)
 
     async def pause(self, text: str) -> None:
         if not self.over:  # a stop just after the answer was shown leaves it shown
             await self._show_final(self.render(text))
+            await self._retire(1)
 
     def stopped(self) -> bool:
         """Whether a reader stopped the answer on the platform: what they saw stays as it
@@ -195,17 +193,52 @@ class StreamingReply:
         return False
 
     async def _show(self, markdown: str) -> None:
-        """Partial text, as much as fits one message (the final split shows the rest)."""
-        [first, *rest] = split_message(self.render(self.notice_text + markdown), self.limit)
-        await self._put(0, first)
-        if rest:
-            await self._filled()
+        """Partial text: the messages it fills, and the one it is being written into."""
+        self.last_edit = self.clock()
+        parts = split_message(self.render(self.notice_text + markdown), self.limit)
+        if self.shown.get(0) != parts[0]:
+            await self._put(0, parts[0])
+        await self._put_rest(parts, final=False)
 
-    async def _filled(self) -> None:
-        """The first message holds all of the answer it can: the rest is posted after it
-        once the answer is written."""
+    async def _put_rest(self, parts: Sequence[str], *, final: bool) -> None:
+        """Each part after the first into its message (an intermediate one only where it
+        changed), each message before it ended as full first; none once a reader stopped
+        the answer. A final text leaves the messages it does not need saying so."""
+        for index in range(1, len(parts)):
+            await self._fill(index - 1)
+            if self.stopped():
+                return
+            if final or self.shown.get(index) != parts[index]:
+                await self._put(index, parts[index])
+        if final:
+            await self._retire(len(parts))
+
+    async def _fill(self, index: int) -> None:
+        if index in self.filled:
+            return
+        self.filled.add(index)
+        try:
+            await self._filled(index)
+        except Exception:  # not a reader's stop: the rest can still be posted
+            logger.warning("ending a full message of an answer failed", exc_info=True)
+
+    async def _filled(self, index: int) -> None:
+        """The answer's `index`-th message holds all of the answer it can: the rest goes
+        into the next."""
+
+    async def _retire(self, start: int) -> None:
+        """The answer's messages from `start` on are not part of it (an earlier draft's):
+        only tidying, so a failure is logged and the answer stands."""
+        gone = self.render(replies.draft_replaced())
+        try:
+            for index in range(start, len(self.message_ids)):
+                if self.shown.get(index) != gone:
+                    await self._put(index, gone)
+        except Exception:
+            logger.warning("could not mark an earlier draft's message", exc_info=True)
 
     async def _show_final(self, text: str) -> None:
+        self.last_edit = self.clock()
         if self.message_ids and self.budget:
             self.budget.spend()
         await self._put(0, text)
@@ -230,12 +263,11 @@ class StreamingReply:
     async def _put(self, index: int, text: str) -> None:
         """The answer's `index`-th message gets `text`: an edit if it exists, else a post."""
         await self._stop_typing()
-        if index == 0:
-            self.last_edit = self.clock()
         if index < len(self.message_ids):
             await self.target.edit(self.message_ids[index], text)
         else:
             await self._post(text)
+        self.shown[index] = text
 
     async def _post(self, text: str) -> None:
         self.message_ids.append(await self.target.post(text))

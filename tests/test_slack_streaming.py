@@ -250,6 +250,30 @@ async def test_a_stop_once_the_first_message_is_full_ends_a_long_answer(slack, s
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
 
 
+async def test_a_long_answers_next_message_streams_and_a_stop_there_ends_it(slack, socket_mode):
+    """Once the first message is full, the answer streams on natively in a second, whose
+    own stop button ends the answer there: the first message holds its whole part, and
+    nothing more is written or posted."""
+    [first, *_] = split_message(to_markdown(LONG_ANSWER), MARKDOWN_LIMIT)
+    stopped: list[str] = []
+
+    def stop_the_second(call):
+        starts = slack.calls_to("chat.startStream")
+        if call.method == "chat.startStream" and call.ok and len(starts) == 2:
+            slack.stop_by_user("C0001", call.response["ts"])
+            stopped.append(call.response["ts"])
+
+    slack.after_call = stop_the_second
+    kept = await long_answer_kept(slack, socket_mode, "write a lot")
+    written = kept.removesuffix(replies.stopped()).strip()
+    assert stopped and kept.endswith(replies.stopped())
+    assert LONG_ANSWER.startswith(written) and len(written) < len(LONG_ANSWER)
+    [one, two] = [start.response["ts"] for start in slack.calls_to("chat.startStream")]
+    assert slack.message("C0001", one)["text"] == first
+    assert two == stopped[0] and not slack.is_streaming("C0001", two)
+    assert not slack.calls_to("chat.postMessage")
+
+
 async def long_answer_begun(slack, on_stop=None) -> NativeReply:
     """A native sink into a new thread of C0001 (edits at once), LONG_ANSWER's first 100
     characters streamed into it."""

@@ -182,6 +182,49 @@ async def test_on_post_is_awaited_after_each_new_message_and_never_after_an_edit
     assert saved == [[str(i) for i in range(n)] for n in range(1, len(WORDS_PARTS) + 1)]
 
 
+async def test_a_long_answer_streams_into_its_next_message_once_one_is_full():
+    """Readers see the whole answer grow: once the first message is full, the text goes on
+    in a second one (marked as being written), and the full one is not edited again."""
+    target, clock = Target(), Clock()
+    sink = reply(target, clock, placeholder=None)
+    ended: list[int] = []
+
+    async def filled(index: int) -> None:
+        ended.append(index)
+
+    sink._filled = filled
+    await sink.start()
+    words = WORDS.split(" ")
+    for count in range(1, len(words) + 1):
+        clock.now += 1
+        await sink.append(("" if count == 1 else " ") + words[count - 1])
+        if count == 15:
+            assert len(target.messages) == 2  # 15 words of 5 characters pass 50
+            edits_when_full = target.edits
+    parts = split_message((WORDS + STREAMING_MARK).upper(), 50)
+    assert target.messages == {str(i): part for i, part in enumerate(parts)}
+    assert len(parts) > 2 and parts[-1].endswith(STREAMING_MARK.upper())
+    assert target.edits - edits_when_full == len(words) - 15  # one an append: full ones stay
+    assert ended == list(range(len(target.messages) - 1))  # each ended once, once full
+    await sink.finish(WORDS)
+    assert target.messages == {str(i): part for i, part in enumerate(WORDS_PARTS)}
+    assert ended == list(range(len(WORDS_PARTS) - 1))
+
+
+@pytest.mark.parametrize("ending", ["finish", "fail", "pause"])
+async def test_messages_of_an_earlier_longer_draft_say_so(ending):
+    """A resumed answer had four messages from an earlier process's draft: one that needs
+    fewer (a short answer, a failure, a pause) marks the rest as the old draft's."""
+    target, clock = Target(), Clock()
+    target.messages = {str(i): f"DRAFT {i}" for i in range(4)}
+    sink = reply(target, clock, message_ids=list(target.messages))
+    await sink.start()
+    await getattr(sink, ending)("short")
+    draft = replies.draft_replaced().upper()
+    assert target.messages == {"0": "SHORT", "1": draft, "2": draft, "3": draft}
+    assert target.posts == 0
+
+
 @pytest.mark.parametrize("failing", [2, 3])  # the post of part 2, of part 3
 async def test_a_continuation_that_cannot_be_posted_is_reported_after_what_was(failing):
     target, clock = FlakyTarget(failing), Clock()
