@@ -127,9 +127,16 @@ def _download(repo_id: str, gguf_file: str | None = None) -> str:
     from huggingface_hub import snapshot_download
 
     logger.info("Fetching %s (cached after the first run)", repo_id)
-    if gguf_file:
-        return snapshot_download(repo_id, allow_patterns=[gguf_file])
-    return snapshot_download(repo_id, ignore_patterns=OTHER_RUNTIMES)
+    files = {"allow_patterns": [gguf_file]} if gguf_file else {"ignore_patterns": OTHER_RUNTIMES}
+    try:
+        return snapshot_download(repo_id, **files)
+    except _hub_errors() as error:
+        # huggingface_hub turns to its cache on some network errors, not all (a proxy that
+        # refuses the hub): a model downloaded before is used all the same.
+        try:
+            return snapshot_download(repo_id, local_files_only=True, **files)
+        except _hub_errors():
+            raise error from None
 
 
 def load(

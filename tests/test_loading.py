@@ -108,6 +108,23 @@ def test_a_hub_id_behind_a_proxy_that_refuses_the_hub_is_one_line(hub_behind_a_r
     assert "403" in line
 
 
+@pytest.mark.parametrize("model", [None, "someone/some-model"])
+def test_a_cached_model_is_used_behind_a_proxy_that_refuses_the_hub(
+    hub_behind_a_refusing_proxy, tmp_path, monkeypatch, model
+):
+    """Downloaded on an earlier run, the model is used: the hub is not needed for it."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / f"models--{(model or loading.DEFAULT_MODEL).replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert loading.resolve_source(settings(model=model)) == loading.ModelSource(str(snapshot))
+
+
 def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ModelError, match=r"MODEL=.*no-such-model is not a folder"):
         loading.resolve_source(settings(model=str(tmp_path / "no-such-model")))
