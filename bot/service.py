@@ -707,8 +707,8 @@ class ChatService:
         A turn like any other (durable; its id `platform:request_id`, so it can be
         stopped), asked by `by`; whether `by` may is the caller's to decide. False, with
         nothing done, when the conversation does not end with that answer (it was
-        regenerated already, or a newer one came) or is still being answered after
-        REGENERATE_WAIT_S.
+        regenerated already, or a newer one came), its regeneration was asked already (a
+        double click), or it is still being answered after REGENERATE_WAIT_S.
 
         It waits for the lock rather than the turn letting go before its buttons show:
         the lock is what keeps turns in every process from interleaving the history, and
@@ -718,6 +718,8 @@ class ChatService:
             return False
         if (last := await self._last_exchange(key, place)) is None:
             return False
+        if not await self.store.first_regeneration(key, place):
+            return False  # a second press of the same answer's button, before the first ran
         question = last[0]
         turn = Turn(
             conversation, by, question["content"], request_id,

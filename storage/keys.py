@@ -19,6 +19,7 @@ RATE_PREFIX = f"{PREFIX}rate:"
 RATE_TAKEN_PREFIX = f"{PREFIX}rate-taken:"
 TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
 ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
+REGENERATED_PREFIX = f"{PREFIX}regenerated:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -82,6 +83,11 @@ def turn_stats(scope: str) -> str:
 def answer_place(conversation_id: str) -> str:
     """Where a conversation's newest answer is shown (platform JSON), for its buttons."""
     return f"{ANSWER_PLACE_PREFIX}{conversation_id}"
+
+
+def regenerated(conversation_id: str, place_digest: str) -> str:
+    """Set once the answer shown at a place (by its digest) is being regenerated."""
+    return f"{REGENERATED_PREFIX}{conversation_id}:{place_digest}"
 
 
 # --- Jobs for inference workers (`threadbot run --role gateway|worker`) --------------------

@@ -6,6 +6,7 @@ connections (it is handed a client) and knows nothing about platforms or models.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -168,6 +169,13 @@ class ConversationStore:
         kept as long as the history."""
         key = keys.answer_place(conversation_id)
         await self._redis.set(key, json.dumps(place), ex=self._ttl_seconds)
+
+    async def first_regeneration(self, conversation_id: str, place: dict[str, Any]) -> bool:
+        """True for the first regeneration asked of the answer shown at `place`, False
+        for any after it (a double click, two people at once, in any process)."""
+        shown = json.dumps(place, sort_keys=True).encode()
+        key = keys.regenerated(conversation_id, hashlib.blake2b(shown, digest_size=16).hexdigest())
+        return bool(await self._redis.set(key, "1", nx=True, ex=self._ttl_seconds))
 
     async def answer_place(self, conversation_id: str) -> dict[str, Any] | None:
         """Where the conversation's newest answer is shown, if known and readable."""

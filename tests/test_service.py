@@ -443,19 +443,20 @@ async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
     make_service, redis_client, store, conversation
 ):
     """A double click whose presses both find the conversation free and ending with the
-    answer pressed: both are taken, and under the lock the second finds that answer
-    replaced, even by the same text, so it writes nothing."""
+    answer pressed: the first is taken, and the second is refused (so its presser hears
+    it), not taken and then dropped in silence."""
     async with make_service() as (service, batcher):
         answered = ShowingSink(service, conversation)
         await service.handle(turn(conversation, "Hello there"), answered)
         presses = {uuid.uuid4().hex: ShowingSink(service, conversation) for _ in range(2)}
-        await asyncio.gather(*(
+        taken = await asyncio.gather(*(
             service.regenerate(conversation, place=answered.place, by="U1", request_id=request,
                                sink=sink)
             for request, sink in presses.items()
         ))  # fmt: skip
         for request in presses:
             await until(lambda request=request: gone(redis_client, f"test:{request}"))
+    assert sorted(taken) == [False, True]
     [regenerated] = [sink for sink in presses.values() if sink.events]
     [answer] = regenerated.kinds("finish")
     assert len(batcher.prompts) == 2
