@@ -16,7 +16,14 @@ from test_batching import QUESTIONS, run
 from bot.batching import Batcher
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
-from bot.packing import PackedLinear, pack_linear_weights, packable
+from bot.packing import (
+    SIBLINGS,
+    PackedLinear,
+    PackedPart,
+    SharedProduct,
+    pack_linear_weights,
+    packable,
+)
 from bot.quantize import weight_bytes
 
 BF16 = pytest.param(
@@ -34,7 +41,7 @@ DTYPES = [pytest.param(torch.float32, id="float32"), BF16]
 def test_a_packed_layer_computes_what_the_plain_one_does(dtype, bias):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=bias).to(dtype)
-    packed = PackedLinear(linear)
+    packed = PackedLinear.of(linear)
     for rows in ([1, 1], [3, 5], [1, 130]):  # a decode step, a batch, a prefill chunk
         x = torch.randn(*rows, 96, dtype=dtype)
         expected = F.linear(x, linear.weight, linear.bias)
@@ -44,6 +51,20 @@ def test_a_packed_layer_computes_what_the_plain_one_does(dtype, bias):
             torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layers_sharing_a_product_compute_what_each_did_and_keep_nothing(dtype):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(96, size, dtype=dtype) for size in (64, 16, 16)]
+    shared = SharedProduct(layers)
+    parts = [PackedPart(shared, index) for index in range(3)]
+    for rows in ([1, 1], [3, 5], [1, 130]):
+        x = torch.randn(*rows, 96, dtype=dtype)
+        for part, layer in zip(parts, layers, strict=True):
+            expected = F.linear(x, layer.weight, layer.bias)
+            torch.testing.assert_close(part(x), expected, rtol=1e-5, atol=1e-5)
+        assert shared._input is None  # the step's input is not held after its last reader
+
+
 def packed_tiny(tokenizer, dtype) -> torch.nn.Module:
     model = tiny_qwen2(tokenizer).to(dtype)
     assert packable(model)
@@ -51,15 +72,26 @@ def packed_tiny(tokenizer, dtype) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_every_linear_layer_is_packed_and_a_tied_output_layer_gets_its_own_copy(
-    qwen_tokenizer,
+    qwen_tokenizer, dtype
 ):
-    plain = tiny_qwen2(qwen_tokenizer)
-    model = packed_tiny(qwen_tokenizer, torch.float32)
+    plain = tiny_qwen2(qwen_tokenizer).to(dtype)
+    model = tiny_qwen2(qwen_tokenizer).to(dtype)
     linear = [name for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert pack_linear_weights(model) == len(linear)
     modules = dict(model.named_modules())
-    assert linear and all(isinstance(modules[name], PackedLinear) for name in linear)
+    assert linear and all(isinstance(modules[name], PackedLinear | PackedPart) for name in linear)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    # In bfloat16, query, key and value share one product, and so do gate and up.
+    for layer in model.model.layers:
+        for module in (layer.self_attn, layer.mlp):
+            parts = [getattr(module, name) for name in SIBLINGS[type(module).__name__]]
+            if dtype == torch.float32:
+                assert all(isinstance(part, PackedLinear) for part in parts)
+            else:
+                assert all(isinstance(part, PackedPart) for part in parts)
+                assert len({id(part.shared) for part in parts}) == 1
     # The embeddings stay readable for lookups; the output layer packs a copy of them.
     assert torch.equal(model.get_input_embeddings().weight, plain.get_input_embeddings().weight)
     table = plain.get_input_embeddings().weight
