@@ -93,6 +93,7 @@ class DiscordReply(StreamingReply):
     """
 
     target: DiscordChannel
+    reput_final = True  # each message's final edit takes its Stop button off
 
     def __init__(
         self,

@@ -90,6 +90,9 @@ class SlackThread:
     async def edit(self, message_id: str, text: str) -> None:
         await self.client.chat_update(channel=self.channel, ts=message_id, text=text)
 
+    async def delete(self, message_id: str) -> None:
+        await self.client.chat_delete(channel=self.channel, ts=message_id)
+
 
 class SlackStream:
     """The messages of one answer as native Slack streams, in a thread.
@@ -174,6 +177,13 @@ class SlackStream:
             await self._ended(message_id, error, text)
             return
         self.streamed[message_id] = streamed + more
+
+    async def delete(self, message_id: str) -> None:
+        await self.thread.delete(message_id)
+        for kept in (self.streamed, self.wanted, self.whole):
+            kept.pop(message_id, None)
+        self.earlier.discard(message_id)
+        self.stopped.discard(message_id)
 
     async def end(self, message_id: str) -> None:
         """End a message's stream now, with its whole text: Slack refuses if a reader

@@ -48,6 +48,10 @@ class MessageTarget(Protocol):
         """Replace a message's text."""
         ...
 
+    async def delete(self, message_id: str) -> None:
+        """Delete a message of the bot's own."""
+        ...
+
 
 class EditBudget:
     """A token bucket of edits shared by every answer streaming in one workspace.
@@ -87,11 +91,15 @@ class StreamingReply:
     many messages as it needs as it is written, each message ended (`_filled`) once full.
 
     `message_ids` are the messages this answer already has (a resumed answer edits them
-    rather than posting again); `on_post` is awaited after each new one. A message the
-    final text does not need (an earlier draft's) says so. Without a placeholder, the
-    target shows typing from `start` until the first text, again every `typing_interval` s
-    (at most `typing_repeats` times) where the platform's lapses.
+    rather than posting again); `on_post` is awaited after each one posted or deleted. The
+    messages that the final text does not need (an earlier, longer draft's) are deleted.
+    Without a placeholder, the target shows typing from `start` until the first text,
+    again every `typing_interval` s (at most `typing_repeats` times) where the platform's
+    lapses.
     """
+
+    reput_final = False
+    """Whether the final text is put into every message, even one that shows it already."""
 
     def __init__(
         self,
@@ -153,7 +161,7 @@ class StreamingReply:
         if self.message_ids and self.budget and not self.budget.try_take():
             return
         try:
-            await self._show(self.text.rstrip() + self.mark)
+            await self._show(self.text.rstrip())
         except Refused:
             raise
         except Exception:  # a lost intermediate edit is harmless: the final text follows
@@ -166,26 +174,23 @@ class StreamingReply:
 
     async def finish(self, text: str) -> None:
         """The answer, split over as many messages as it needs: the first is the one that
-        streamed; a continuation that cannot be posted is reported after what was."""
-        first, *rest = split_message(self.render(self.notice_text + text), self.limit) or [""]
-        await self._show_final(first)
+        streamed; a message that cannot be put is reported after the others."""
+        parts = split_message(self.render(self.notice_text + text), self.limit) or [""]
+        await self._show_final(parts[0])
         self.over = True
-        try:
-            await self._put_rest([first, *rest], final=True)
-        except Exception:
-            logger.warning("posting the rest of an answer failed", exc_info=True)
+        if not await self._put_rest(parts, final=True):
             await self._post(self.render(replies.continuation_failed()))
 
     async def fail(self, text: str) -> None:
         if not self.over:  # an answer (or failure) already shown stays shown
             await self._show_final(self.render(text))
             self.over = True
-            await self._retire(1)
+            await self._drop(1)
 
     async def pause(self, text: str) -> None:
         if not self.over:  # a stop just after the answer was shown leaves it shown
             await self._show_final(self.render(text))
-            await self._retire(1)
+            await self._drop(1)
 
     def stopped(self) -> bool:
         """Whether a reader stopped the answer on the platform: what they saw stays as it
@@ -193,55 +198,79 @@ class StreamingReply:
         return False
 
     async def _show(self, markdown: str) -> None:
-        """Partial text: the messages it fills, and the one it is being written into."""
+        """Partial text: the messages it fills, and the one it is being written into,
+        marked as being written where the mark fits."""
         self.last_edit = self.clock()
         parts = split_message(self.render(self.notice_text + markdown), self.limit)
+        if len(marked := parts[-1] + self.render(self.mark)) <= self.limit:
+            parts[-1] = marked
         if self.shown.get(0) != parts[0]:
             await self._put(0, parts[0])
         await self._put_rest(parts, final=False)
 
-    async def _put_rest(self, parts: Sequence[str], *, final: bool) -> None:
-        """Each part after the first into its message (an intermediate one only where it
-        changed), each message before it ended as full first; none once a reader stopped
-        the answer. A final text leaves the messages it does not need saying so."""
+    async def _put_rest(self, parts: Sequence[str], *, final: bool) -> bool:
+        """Each part after the first into its message where it changed, each message
+        before it ended as full first; none once a reader stopped the answer. A final text
+        tries every message whatever one did (in order: none is posted after one that was
+        not), deletes the messages it does not need, and says whether every one was put."""
+        put = True
         for index in range(1, len(parts)):
             await self._fill(index - 1)
             if self.stopped():
-                return
-            if final or self.shown.get(index) != parts[index]:
-                await self._put(index, parts[index])
+                return put
+            if self.shown.get(index) == parts[index] and not (final and self.reput_final):
+                continue
+            try:
+                await (self._put_final if final else self._put)(index, parts[index])
+            except Exception:
+                if not final:
+                    raise
+                logger.warning("putting part %d of an answer failed", index, exc_info=True)
+                put = False
+                if index >= len(self.message_ids):  # not posted
+                    return put
         if final:
-            await self._retire(len(parts))
+            await self._drop(len(parts))
+        return put
 
     async def _fill(self, index: int) -> None:
         if index in self.filled:
             return
-        self.filled.add(index)
         try:
             await self._filled(index)
         except Exception:  # not a reader's stop: the rest can still be posted
             logger.warning("ending a full message of an answer failed", exc_info=True)
+            return  # tried again with the next text
+        self.filled.add(index)
 
     async def _filled(self, index: int) -> None:
         """The answer's `index`-th message holds all of the answer it can: the rest goes
         into the next."""
 
-    async def _retire(self, start: int) -> None:
-        """The answer's messages from `start` on are not part of it (an earlier draft's):
-        only tidying, so a failure is logged and the answer stands."""
-        gone = self.render(replies.draft_replaced())
-        try:
-            for index in range(start, len(self.message_ids)):
-                if self.shown.get(index) != gone:
-                    await self._put(index, gone)
-        except Exception:
-            logger.warning("could not mark an earlier draft's message", exc_info=True)
+    async def _drop(self, count: int) -> None:
+        """Delete the answer's messages after its first `count`: only tidying, so a
+        failure is logged and the message stays."""
+        while len(self.message_ids) > count:
+            try:
+                await self.target.delete(self.message_ids[-1])
+            except Exception:
+                logger.warning("could not delete a message the answer no longer needs",
+                               exc_info=True)  # fmt: skip
+                return
+            self.message_ids.pop()
+            self.shown.pop(len(self.message_ids), None)
+            self.filled.discard(len(self.message_ids))
+            await self._changed()
 
     async def _show_final(self, text: str) -> None:
         self.last_edit = self.clock()
-        if self.message_ids and self.budget:
+        await self._put_final(0, text)
+
+    async def _put_final(self, index: int, text: str) -> None:
+        """A final text is always sent, and an edit of it only counted."""
+        if index < len(self.message_ids) and self.budget:
             self.budget.spend()
-        await self._put(0, text)
+        await self._put(index, text)
 
     async def _keep_typing(self) -> None:
         for _ in range(self.typing_repeats):
@@ -271,8 +300,12 @@ class StreamingReply:
 
     async def _post(self, text: str) -> None:
         self.message_ids.append(await self.target.post(text))
+        await self._changed()
+
+    async def _changed(self) -> None:
+        """The answer's messages changed: `on_post` records them."""
         if self.on_post is not None:
             try:
                 await self.on_post()
-            except Exception:  # the message is posted: a failed record of it is no failed post
-                logger.exception("could not record a posted message")
+            except Exception:  # the change is made: a failed record of it is no failed post
+                logger.exception("could not record the answer's messages")

@@ -109,11 +109,6 @@ def continuation_failed() -> str:
     return "(The rest of this answer could not be posted. Please ask again for the rest.)"
 
 
-def draft_replaced() -> str:
-    """A message that held part of an earlier draft of the answer above it."""
-    return "(An earlier draft of the answer above was here.)"
-
-
 def denied() -> str:
     return "Sorry, I'm not set up to answer here. Ask your workspace admins if you need me."
 

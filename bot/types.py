@@ -71,7 +71,7 @@ class ReplySink(Protocol):
     `reply_target()` is where the answer goes and what is posted so far, as JSON; the adapter
     rebuilds a sink from it to resume the answer in another process, editing what was
     posted rather than posting again. The service sets `on_post`, and the sink awaits it
-    after each new platform message, so the saved target is always current.
+    after each platform message it posts or deletes, so the saved target is always current.
     """
 
     on_post: Callable[[], Awaitable[None]] | None

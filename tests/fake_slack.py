@@ -107,6 +107,7 @@ class FakeSlack:
             "apps.connections.open": self._connections_open,
             "chat.postMessage": self._post_message,
             "chat.update": self._update,
+            "chat.delete": self._delete,
             "chat.startStream": self._start_stream,
             "chat.appendStream": self._append_stream,
             "chat.stopStream": self._stop_stream,
@@ -334,6 +335,18 @@ class FakeSlack:
         message["edited"] = {"user": self.bot_user_id, "ts": self.next_ts()}
         text = message.get("text", "")
         return {"ok": True, "channel": channel, "ts": ts, "text": text, "message": dict(message)}
+
+    async def _delete(self, params: JSON) -> JSON:
+        """A message of the bot's own goes (a stream too, open or not)."""
+        channel, ts = params.get("channel", ""), params.get("ts", "")
+        message = self.message(channel, ts)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if message.get("user") != self.bot_user_id:
+            return {"ok": False, "error": "cant_delete_message"}
+        self.channels[channel].remove(message)
+        self.streaming.discard((channel, ts))
+        return {"ok": True, "channel": channel, "ts": ts}
 
     async def _start_stream(self, params: JSON) -> JSON:
         """A new message in a thread that grows as it streams, for one recipient (named

@@ -45,6 +45,9 @@ class Target:
         self.edits += 1
         self.messages[message_id] = text
 
+    async def delete(self, message_id: str) -> None:
+        del self.messages[message_id]
+
 
 def reply(target: Target, clock: Clock, **options) -> StreamingReply:
     defaults = {"render": str.upper, "limit": 50, "interval": 1.0, "placeholder": "..."}
@@ -201,9 +204,12 @@ async def test_a_long_answer_streams_into_its_next_message_once_one_is_full():
         if count == 15:
             assert len(target.messages) == 2  # 15 words of 5 characters pass 50
             edits_when_full = target.edits
-    parts = split_message((WORDS + STREAMING_MARK).upper(), 50)
-    assert target.messages == {str(i): part for i, part in enumerate(parts)}
-    assert len(parts) > 2 and parts[-1].endswith(STREAMING_MARK.upper())
+    *full, last = WORDS_PARTS
+    assert target.messages == {
+        **{str(i): part for i, part in enumerate(full)},
+        str(len(full)): last + STREAMING_MARK,
+    }
+    assert len(full) > 1
     assert target.edits - edits_when_full == len(words) - 15  # one an append: full ones stay
     assert ended == list(range(len(target.messages) - 1))  # each ended once, once full
     await sink.finish(WORDS)
@@ -212,17 +218,93 @@ async def test_a_long_answer_streams_into_its_next_message_once_one_is_full():
 
 
 @pytest.mark.parametrize("ending", ["finish", "fail", "pause"])
-async def test_messages_of_an_earlier_longer_draft_say_so(ending):
+async def test_messages_the_final_text_does_not_need_are_deleted(ending):
     """A resumed answer had four messages from an earlier process's draft: one that needs
-    fewer (a short answer, a failure, a pause) marks the rest as the old draft's."""
+    fewer (a short answer, a failure, a pause) deletes the rest, and records that."""
     target, clock = Target(), Clock()
     target.messages = {str(i): f"DRAFT {i}" for i in range(4)}
     sink = reply(target, clock, message_ids=list(target.messages))
+    saved = record_posts(sink)
     await sink.start()
     await getattr(sink, ending)("short")
-    draft = replies.draft_replaced().upper()
-    assert target.messages == {"0": "SHORT", "1": draft, "2": draft, "3": draft}
+    assert target.messages == {"0": "SHORT"}
+    assert sink.message_ids == ["0"] and saved[-1] == ["0"]
     assert target.posts == 0
+
+
+async def test_the_streaming_mark_never_takes_a_message_of_its_own():
+    target, clock = Target(), Clock()
+    sink = reply(target, clock, placeholder=None)
+    await sink.start()
+    clock.now += 5
+    await sink.append("x" * 49)  # the mark would take it past the limit of 50
+    assert target.messages == {"0": "X" * 49}
+    await sink.finish("x" * 49)
+    assert target.messages == {"0": "X" * 49} and target.posts == 1
+
+
+@pytest.mark.parametrize("reput", [False, True])
+async def test_the_final_text_edits_only_what_changed_unless_every_message_must_be_put(reput):
+    """Streamed whole, a long answer's full messages show their final text already: the
+    end edits the last one alone, and each one where the final put itself matters (a
+    platform whose edit takes a button off), every edit counted against the budget."""
+    target, clock = Target(), Clock()
+    budget = EditBudget(per_minute=60, burst=100, clock=clock)
+    sink = reply(target, clock, placeholder=None, budget=budget)
+    sink.reput_final = reput
+    await sink.start()
+    clock.now += 5
+    await sink.append(WORDS)
+    edits, tokens = target.edits, budget.tokens
+    await sink.finish(WORDS)
+    assert target.messages == {str(i): part for i, part in enumerate(WORDS_PARTS)}
+    expected = len(WORDS_PARTS) if reput else 2  # the first (always put) and the marked last
+    assert target.edits - edits == expected
+    assert tokens - budget.tokens == pytest.approx(expected)
+
+
+async def test_a_full_message_that_would_not_end_is_ended_with_the_next_text():
+    target, clock = Target(), Clock()
+    sink = reply(target, clock, placeholder=None)
+    tries: list[int] = []
+
+    async def filled(index: int) -> None:
+        tries.append(index)
+        if len(tries) == 1:
+            raise RuntimeError("a transient error")
+
+    sink._filled = filled
+    await sink.start()
+    for text in (WORDS, WORDS + " more"):
+        clock.now += 5
+        await sink.append(text[len(sink.text) :])
+    assert tries.count(0) == 2  # tried again with the next text, then ended for good
+    assert tries.count(1) == 1
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+async def test_a_final_edit_that_fails_leaves_the_others_put_and_is_reported(failing):
+    """The final edit of one streamed message fails (a transient error): every other
+    message still gets its final text, and the failure is reported after them."""
+    target, clock = Target(), Clock()
+    sink = reply(target, clock, placeholder=None)
+    await sink.start()
+    clock.now += 5
+    await sink.append(WORDS.replace("word", "wurd"))  # every message exists, to be edited
+    streamed = dict(target.messages)
+    failing_edit = target.edit
+
+    async def edit(message_id: str, text: str) -> None:
+        if message_id == str(failing):
+            raise RuntimeError("a transient error")
+        await failing_edit(message_id, text)
+
+    target.edit = edit
+    await sink.finish(WORDS + " end")
+    final = split_message((WORDS + " end").upper(), 50)
+    *kept, note = target.messages.values()
+    assert kept == [streamed[str(i)] if i == failing else p for i, p in enumerate(final)]
+    assert note == replies.continuation_failed().upper()
 
 
 @pytest.mark.parametrize("failing", [2, 3])  # the post of part 2, of part 3
