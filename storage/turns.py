@@ -72,6 +72,8 @@ class TurnJournal:
         self._store = store
         self.owner = owner
         self.lease_seconds = lease_seconds
+        # Our claims that failed midway (an outage): perhaps made, never answered.
+        self._claims_in_doubt: set[str] = set()
 
     # --- this process's lease ---------------------------------------------------------
 
@@ -170,7 +172,7 @@ class TurnJournal:
             if not await self._ours(pipe, pending):
                 return False
             pipe.multi()
-            pipe.hincrby(keys.turn(pending.id), "attempts", -1)
+            pipe.hset(keys.turn(pending.id), "attempts", str(pending.attempts - 1))
             return True
 
         await self._transaction([keys.turn(pending.id)], write)
@@ -202,11 +204,15 @@ class TurnJournal:
 
     async def _claim(self, turn_id: str, orphaned: Collection[str]) -> PendingTurn | None:
         key = keys.turn(turn_id)
+        claim = uuid.uuid4().hex  # tells our own earlier try from another claim
 
         async def write(pipe: Pipeline) -> PendingTurn | None:
             record = await pipe.hgetall(key)
+            if record.get("claim") == claim:  # an earlier try got through (its reply was lost)
+                return _parse(turn_id, record)
             owner = record.get("owner")
-            if owner == self.owner and turn_id not in orphaned:
+            ours_to_take = turn_id in orphaned or turn_id in self._claims_in_doubt
+            if owner == self.owner and not ours_to_take:
                 return None  # ours, and being answered (or just accepted)
             if owner and owner != self.owner:
                 await pipe.watch(keys.owner(owner))  # a renewal now must abort the claim
@@ -217,11 +223,17 @@ class TurnJournal:
             if pending is None:  # gone, or unreadable: drop it rather than retry forever
                 self._queue_removal(pipe, turn_id)
                 return None
-            pipe.hset(key, "owner", self.owner)
-            pipe.hincrby(key, "attempts", 1)
-            return replace(pending, attempts=pending.attempts + 1)
+            attempts = pending.attempts + 1
+            pipe.hset(key, mapping={"owner": self.owner, "claim": claim, "attempts": attempts})
+            return replace(pending, attempts=attempts)
 
-        return await self._transaction([key], write)
+        try:
+            claimed = await self._transaction([key], write)
+        except Exception:
+            self._claims_in_doubt.add(turn_id)
+            raise
+        self._claims_in_doubt.discard(turn_id)
+        return claimed
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -248,8 +260,8 @@ class TurnJournal:
         """WATCH `watched`, let `write` read and queue a MULTI, execute; retried on a
         WatchError, so the result is always consistent. redis-py raises WatchError too when
         the connection breaks while waiting for EXEC's reply, after Redis may have run it:
-        `accept`, `begin`, `save` and `finish` check whether an earlier try took effect;
-        `claim` and `release` may then count an attempt twice (harmless but for the count)."""
+        `accept`, `begin`, `save`, `finish` and `claim` check whether an earlier try took
+        effect, and `release` sets the count of attempts rather than adding to it."""
         for _ in range(WATCH_TRIES - 1):
             try:
                 return await self._once(watched, write)

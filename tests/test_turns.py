@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
+from lossy_proxy import LossyProxy
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.types import ChatMessage, ConversationKey, Turn
 from storage import keys
+from storage.connection import Resilience, open_redis
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal
 
@@ -353,3 +357,67 @@ async def test_a_claim_stops_as_soon_as_it_is_told(
     taken = await make_journal("taker").claim([platform], stop=lambda: next(told))
     assert [p.id for p in taken] == [first.id]
     assert (await record(redis_client, second))["owner"] == gone.owner
+
+
+# --- writes whose reply was lost, sent again by the client's retry ---------------------
+
+
+@asynccontextmanager
+async def lossy_journal(
+    redis_url: str, tmp_path, owner: str, lose: list[bytes]
+) -> AsyncIterator[tuple[TurnJournal, LossyProxy]]:
+    """A journal whose Redis connection loses the reply to the first request holding each
+    of `lose`, after Redis ran it (`lossy_proxy`); its client retries as the service's do."""
+    async with (
+        LossyProxy(redis_url, lose) as proxy,
+        open_redis(redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience()) as redis,
+    ):
+        store = ConversationStore(redis=redis, max_messages=6, ttl_seconds=3600)
+        yield TurnJournal(redis=redis, store=store, owner=owner, lease_seconds=30), proxy
+
+
+async def test_a_claim_whose_reply_was_lost_is_taken_once_and_answered(
+    make_journal, redis_client, redis_url, tmp_path, platform
+):
+    """The claim's MULTI ran but its reply was lost, so it is tried again and finds the
+    turn ours already: it is still handed over (not left as ours, unanswered), counted once."""
+    gone = await make_journal("gone").accept(new_turn(platform), {})
+    async with lossy_journal(redis_url, tmp_path, f"{platform}-me", [b"claim"]) as (me, proxy):
+        await me.renew_lease()
+        [claimed] = await me.claim([platform])
+    assert proxy.lost == [b"claim"]
+    assert claimed.id == gone.id and claimed.attempts == 2
+    assert (await record(redis_client, gone))["attempts"] == "2"
+
+
+async def test_a_claim_that_failed_after_it_was_made_is_taken_by_the_next_pass(
+    make_journal, redis_client, platform
+):
+    """The claim was made, but an outage hid it from the claimer: the turn names this
+    process, which is not answering it, so the next pass takes it over all the same."""
+    gone = await make_journal("gone").accept(new_turn(platform), {})
+    me = make_journal("me")
+    await me.renew_lease()
+    made = me._transaction
+
+    async def made_but_lost(*args):
+        await made(*args)
+        raise RedisConnectionError("the reply was lost")
+
+    me._transaction = made_but_lost
+    with pytest.raises(RedisConnectionError):
+        await me.claim([platform])
+    me._transaction = made
+    assert (await record(redis_client, gone))["owner"] == me.owner
+    [claimed] = await me.claim([platform])
+    assert claimed.id == gone.id
+
+
+async def test_a_release_whose_reply_was_lost_gives_back_one_attempt(
+    make_journal, redis_client, redis_url, tmp_path, platform
+):
+    pending = await make_journal("me").accept(new_turn(platform), {})
+    async with lossy_journal(redis_url, tmp_path, f"{platform}-me", [b"attempts"]) as (me, proxy):
+        await me.release(pending)
+    assert proxy.lost == [b"attempts"]
+    assert (await record(redis_client, pending))["attempts"] == str(pending.attempts - 1)
