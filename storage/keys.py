@@ -20,6 +20,7 @@ RATE_TAKEN_PREFIX = f"{PREFIX}rate-taken:"
 TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
 ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
 REGENERATED_PREFIX = f"{PREFIX}regenerated:"
+ONCE_PREFIX = f"{PREFIX}once:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -83,6 +84,11 @@ def turn_stats(scope: str) -> str:
 def answer_place(conversation_id: str) -> str:
     """Where a conversation's newest answer is shown (platform JSON), for its buttons."""
     return f"{ANSWER_PLACE_PREFIX}{conversation_id}"
+
+
+def once(token: str) -> str:
+    """That the call with this token made its write (`storage.once`)."""
+    return f"{ONCE_PREFIX}{token}"
 
 
 def regenerated(conversation_id: str, place_digest: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from storage import keys
+from storage.once import Once
 
 DENIAL_REPEAT_S = 3600
 REDELIVERY_WINDOW_S = 600  # platforms deliver a message again within minutes
@@ -38,8 +39,8 @@ return tostring(wait)
 
 class Limits:
     def __init__(self, *, redis: Redis) -> None:
-        self._redis = redis
         self._take = redis.register_script(_TAKE)
+        self._once = Once(redis)
 
     async def take(self, user: str, message: str, per_minute: float) -> float:
         """Take one message from `user`'s bucket (a minute's worth at most, refilled
@@ -54,5 +55,4 @@ class Limits:
     async def first_denial(self, whom: str) -> bool:
         """True if `whom` (a person somewhere) was not told within the hour that they are
         denied."""
-        key = keys.denied(whom)
-        return bool(await self._redis.set(key, "1", nx=True, ex=DENIAL_REPEAT_S))
+        return await self._once.first(keys.denied(whom), DENIAL_REPEAT_S)

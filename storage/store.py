@@ -18,6 +18,7 @@ from redis.asyncio.client import Pipeline
 from bot.prompt import TRIM_TO
 from bot.types import ChatMessage, Role
 from storage import keys
+from storage.once import Once
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ConversationStore:
         if max_messages < 1 or ttl_seconds < 1:
             raise ValueError("max_messages and ttl_seconds must be positive")
         self._redis = redis
+        self._once = Once(redis)
         self._max_messages = max_messages
         self._kept_over_cap = max(int(max_messages * TRIM_TO), 1)
         self._ttl_seconds = ttl_seconds
@@ -147,8 +149,7 @@ class ConversationStore:
 
     async def first_seen(self, platform: str, message_id: str, *, ttl_seconds: int = 86400) -> bool:
         """True only the first time a platform message id is offered (within the TTL)."""
-        key = keys.seen(platform, message_id)
-        return bool(await self._redis.set(key, "1", nx=True, ex=ttl_seconds))
+        return await self._once.first(keys.seen(platform, message_id), ttl_seconds)
 
     async def drop_oldest(self, conversation_id: str, count: int) -> None:
         """Remove the oldest `count` messages: those the prompt left out to fit its budget.
@@ -158,11 +159,11 @@ class ConversationStore:
         every index), survives restarts and other processes as the history does, and
         frees the memory. The cost: a budget raised later (another persona) cannot bring
         the messages back, and the user was told they were left out."""
-        await self._redis.ltrim(keys.conversation(conversation_id), count, -1)
+        await self._once.trim(keys.conversation(conversation_id), count, -1)
 
     async def drop_last(self, conversation_id: str, count: int) -> None:
         """Remove the newest `count` messages (an answer being generated again)."""
-        await self._redis.ltrim(keys.conversation(conversation_id), 0, -count - 1)
+        await self._once.trim(keys.conversation(conversation_id), 0, -count - 1)
 
     async def set_answer_place(self, conversation_id: str, place: dict[str, Any]) -> None:
         """Remember where the conversation's newest answer is shown (a platform's JSON);
@@ -175,7 +176,7 @@ class ConversationStore:
         for any after it (a double click, two people at once, in any process)."""
         shown = json.dumps(place, sort_keys=True).encode()
         key = keys.regenerated(conversation_id, hashlib.blake2b(shown, digest_size=16).hexdigest())
-        return bool(await self._redis.set(key, "1", nx=True, ex=self._ttl_seconds))
+        return await self._once.first(key, self._ttl_seconds)
 
     async def answer_place(self, conversation_id: str) -> dict[str, Any] | None:
         """Where the conversation's newest answer is shown, if known and readable."""

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from uuid import uuid4
 
 import pytest
+from lossy_proxy import LossyProxy
 from redis.asyncio import Redis
 
 from bot.types import ChatMessage, ConversationKey
 from storage import keys
+from storage.connection import Resilience, open_redis
 from storage.store import ConversationStore
 
 
@@ -169,3 +172,45 @@ async def test_first_seen_once_per_platform_and_expires(
 async def test_rejects_non_positive_limits(redis_client: Redis) -> None:
     with pytest.raises(ValueError):
         ConversationStore(redis=redis_client, max_messages=0, ttl_seconds=60)
+
+
+# --- writes whose reply was lost, sent again by the client's retry ---------------------
+
+
+@asynccontextmanager
+async def lossy_store(
+    redis_url: str, tmp_path, lose: list[bytes]
+) -> AsyncIterator[ConversationStore]:
+    """A store whose Redis connection loses the reply to the first request holding each of
+    `lose`, after Redis ran it (`lossy_proxy`); its client retries as the service's do."""
+    async with (
+        LossyProxy(redis_url, lose) as proxy,
+        open_redis(redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience()) as redis,
+    ):
+        yield ConversationStore(redis=redis, max_messages=50, ttl_seconds=3600)
+    assert proxy.lost == lose
+
+
+@pytest.mark.parametrize("drop", ["drop_oldest", "drop_last"])
+async def test_a_drop_whose_reply_was_lost_drops_only_what_was_asked(
+    redis_client, redis_url, tmp_path, conversation_id, drop
+):
+    store = ConversationStore(redis=redis_client, max_messages=50, ttl_seconds=3600)
+    history = [user(str(n)) for n in range(10)]
+    await store.append(conversation_id, *history)
+    async with lossy_store(redis_url, tmp_path, [b"threadbot:conversation:"]) as lossy:
+        await getattr(lossy, drop)(conversation_id, 3)
+    kept = history[3:] if drop == "drop_oldest" else history[:-3]
+    assert await store.load(conversation_id) == kept
+
+
+async def test_markers_whose_reply_was_lost_are_still_first(redis_url, tmp_path):
+    """Set, but the reply lost and the call sent again: the caller is still the first
+    (a message is not taken for a re-delivery, a press for a second one)."""
+    message, place = uuid4().hex, {"answer": uuid4().hex}
+    lose = [b"threadbot:seen:", b"threadbot:regenerated:"]
+    async with lossy_store(redis_url, tmp_path, lose) as lossy:
+        assert await lossy.first_seen("test", message)
+        assert await lossy.first_regeneration("c", place)
+        assert not await lossy.first_seen("test", message)  # and only the first
+        assert not await lossy.first_regeneration("c", place)
