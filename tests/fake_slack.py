@@ -320,13 +320,20 @@ class FakeSlack:
         self._record(channel, message)
         return message
 
-    async def _update(self, params: JSON) -> JSON:
-        channel, ts = params.get("channel", ""), params.get("ts", "")
-        message = self.message(channel, ts)
+    def _own(self, params: JSON, refusal: str) -> JSON:
+        """The bot's own message that `params` name, or Slack's error ({"ok": False})."""
+        message = self.message(params.get("channel", ""), params.get("ts", ""))
         if message is None:
             return {"ok": False, "error": "message_not_found"}
         if message.get("user") != self.bot_user_id:
-            return {"ok": False, "error": "cant_update_message"}
+            return {"ok": False, "error": refusal}
+        return message
+
+    async def _update(self, params: JSON) -> JSON:
+        channel, ts = params.get("channel", ""), params.get("ts", "")
+        message = self._own(params, "cant_update_message")
+        if message.get("ok") is False:
+            return message
         if len(params.get("markdown_text") or "") > MARKDOWN_LIMIT:
             return {"ok": False, "error": "msg_too_long"}
         message.update({k: params[k] for k in ("text", *PAYLOAD_KEYS) if k in params})
@@ -339,11 +346,9 @@ class FakeSlack:
     async def _delete(self, params: JSON) -> JSON:
         """A message of the bot's own goes (a stream too, open or not)."""
         channel, ts = params.get("channel", ""), params.get("ts", "")
-        message = self.message(channel, ts)
-        if message is None:
-            return {"ok": False, "error": "message_not_found"}
-        if message.get("user") != self.bot_user_id:
-            return {"ok": False, "error": "cant_delete_message"}
+        message = self._own(params, "cant_delete_message")
+        if message.get("ok") is False:
+            return message
         self.channels[channel].remove(message)
         self.streaming.discard((channel, ts))
         return {"ok": True, "channel": channel, "ts": ts}

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import ScriptedBatcher
@@ -223,27 +225,40 @@ async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, soc
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
 
 
+async def stopped_long_answer(slack, socket_mode, stop_at: Callable[[Any], str | None]) -> str:
+    """LONG_ANSWER, asked for in C0001 and stopped by a reader in the message that
+    `stop_at` names after a call (once): the answer kept is what was written before the
+    stop, marked stopped. The stopped message's ts."""
+    stopped: list[str] = []
+
+    def stop(call):
+        if not stopped and (ts := stop_at(call)):
+            slack.stop_by_user("C0001", ts)
+            stopped.append(ts)
+
+    slack.after_call = stop
+    kept = await long_answer_kept(slack, socket_mode, "write a lot")
+    written = kept.removesuffix(replies.stopped()).strip()
+    assert stopped and kept.endswith(replies.stopped())
+    assert LONG_ANSWER.startswith(written) and len(written) < len(LONG_ANSWER)
+    return stopped[0]
+
+
 async def test_a_stop_once_the_first_message_is_full_ends_a_long_answer(slack, socket_mode):
     """The stream of a long answer's first message ends once that message is full, which
     is when Slack tells of a stop just before: the generation ends there, and the rest of
     the answer is neither written nor posted."""
     [first, *_] = split_message(to_markdown(LONG_ANSWER), MARKDOWN_LIMIT)
     full = first[: settled(first)]  # all the first message's stream takes before its end
-    stopped: list[str] = []
 
-    def stop_once_full(call):
-        if call.method != "chat.appendStream" or not call.ok or stopped:
-            return
-        if len(slack.message("C0001", call.params["ts"])["text"]) >= len(full):
-            slack.stop_by_user("C0001", call.params["ts"])
-            stopped.append(call.params["ts"])
+    def once_full(call) -> str | None:
+        if call.method != "chat.appendStream" or not call.ok:
+            return None
+        ts = call.params["ts"]
+        return ts if len(slack.message("C0001", ts)["text"]) >= len(full) else None
 
-    slack.after_call = stop_once_full
-    kept = await long_answer_kept(slack, socket_mode, "write a lot")
-    written = kept.removesuffix(replies.stopped()).strip()
-    assert stopped and kept.endswith(replies.stopped())
-    assert LONG_ANSWER.startswith(written) and len(written) < len(LONG_ANSWER)
-    assert slack.message("C0001", stopped[0])["text"].startswith(full)
+    stopped = await stopped_long_answer(slack, socket_mode, once_full)
+    assert slack.message("C0001", stopped)["text"].startswith(full)
     [stop] = slack.calls_to("chat.stopStream")
     assert stop.response["error"] == "stopped_by_user"
     assert len(slack.calls_to("chat.startStream")) == 1
@@ -255,22 +270,17 @@ async def test_a_long_answers_next_message_streams_and_a_stop_there_ends_it(slac
     own stop button ends the answer there: the first message holds its whole part, and
     nothing more is written or posted."""
     [first, *_] = split_message(to_markdown(LONG_ANSWER), MARKDOWN_LIMIT)
-    stopped: list[str] = []
 
-    def stop_the_second(call):
+    def the_second(call) -> str | None:
         starts = slack.calls_to("chat.startStream")
         if call.method == "chat.startStream" and call.ok and len(starts) == 2:
-            slack.stop_by_user("C0001", call.response["ts"])
-            stopped.append(call.response["ts"])
+            return call.response["ts"]
+        return None
 
-    slack.after_call = stop_the_second
-    kept = await long_answer_kept(slack, socket_mode, "write a lot")
-    written = kept.removesuffix(replies.stopped()).strip()
-    assert stopped and kept.endswith(replies.stopped())
-    assert LONG_ANSWER.startswith(written) and len(written) < len(LONG_ANSWER)
+    stopped = await stopped_long_answer(slack, socket_mode, the_second)
     [one, two] = [start.response["ts"] for start in slack.calls_to("chat.startStream")]
     assert slack.message("C0001", one)["text"] == first
-    assert two == stopped[0] and not slack.is_streaming("C0001", two)
+    assert two == stopped and not slack.is_streaming("C0001", two)
     assert not slack.calls_to("chat.postMessage")
 
 
