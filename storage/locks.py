@@ -28,6 +28,21 @@ LEASE_S = 30
 POLL_S = 0.1  # how often a process waiting for another's lease asks again
 
 
+class _Lease(Lock):
+    """redis-py's lock, which does not wait out a lease of its own: a SET NX whose reply
+    was lost and that the client sent again finds the key set, to this lease's token."""
+
+    async def do_acquire(self, token: str | bytes) -> bool:
+        if await super().do_acquire(token):
+            return True
+        held_by = await self.redis.get(self.name)
+        return held_by is not None and _as_bytes(held_by) == _as_bytes(token)
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
 class ConversationLocks:
     def __init__(self, *, redis: Redis, lease_s: float = LEASE_S) -> None:
         self._redis = redis
@@ -41,7 +56,7 @@ class ConversationLocks:
         if (local := self._local.get(conversation)) is None:
             local = self._local[conversation] = asyncio.Lock()
         async with local:
-            lease = Lock(
+            lease = _Lease(
                 self._redis, keys.turn_lock(conversation), timeout=self.lease_s,
                 sleep=POLL_S, thread_local=False,
             )  # fmt: skip

@@ -60,3 +60,28 @@ async def test_idle_waits_for_a_turn_ending_elsewhere_but_not_past_its_bound(
     assert not await here.idle(conversation, within=0.3)
     assert not running.done()
     await running
+
+
+async def test_a_lease_whose_reply_was_lost_is_held_at_once(
+    redis_client: Redis, redis_url: str, tmp_path
+):
+    """Its SET NX ran, the reply was lost and the client sent it again: the lease is this
+    turn's, which goes on rather than waiting out its own lease (30 s)."""
+    from lossy_proxy import LossyProxy
+
+    from storage.connection import Resilience, open_redis
+
+    conversation = uuid.uuid4().hex
+    async with (
+        LossyProxy(redis_url, [keys.turn_lock(conversation).encode()]) as proxy,
+        open_redis(redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience()) as redis,
+    ):
+        locks = ConversationLocks(redis=redis, lease_s=30)
+
+        async def turn() -> bool:
+            async with locks.hold(conversation):
+                return await redis.exists(keys.turn_lock(conversation)) == 1
+
+        assert await asyncio.wait_for(turn(), 10)
+        assert proxy.lost == [keys.turn_lock(conversation).encode()]
+    assert not await redis_client.exists(keys.turn_lock(conversation))  # let go after
