@@ -549,15 +549,10 @@ class ChatService:
         except Exception:  # e.g. the channel is gone: retrying would not bring it back
             logger.warning("could not tell turn %s's thread why it failed", pending.id,
                            exc_info=True)  # fmt: skip
-        if kept is not None and not await self._asked_last(pending):
-            await self.store.append(pending.conversation, user_message(pending.turn))
+        if kept is not None:  # its question back before it, once however often retried
+            await self.journal.begin(pending)
         await self.journal.finish(pending, kept)
         self.metrics.count_turn(pending.turn.conversation.platform, outcome)
-
-    async def _asked_last(self, pending: PendingTurn) -> bool:
-        """Whether the conversation's history ends with the turn's question."""
-        last = (await self.store.load(pending.conversation))[-1:]
-        return [(m["role"], m["content"]) for m in last] == [("user", pending.turn.text)]
 
     async def _leave_for_later(
         self,
