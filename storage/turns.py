@@ -27,6 +27,7 @@ from redis.exceptions import WatchError
 
 from bot.types import ChatMessage, ConversationKey, Turn
 from storage import keys
+from storage.once import TOKEN_KEPT_S
 from storage.store import ConversationStore
 
 logger = logging.getLogger(__name__)
@@ -152,11 +153,15 @@ class TurnJournal:
 
     async def finish(self, pending: PendingTurn, answer: str | None = None) -> bool:
         """Store the answer (if any) and remove the record, in one MULTI."""
+        done = keys.once(uuid.uuid4().hex)  # tells our own earlier try, which left no record
 
         async def write(pipe: Pipeline) -> bool:
+            if await pipe.exists(done):  # an earlier try got through (its reply was lost)
+                return True
             if not await self._ours(pipe, pending):
                 return False
             pipe.multi()
+            pipe.set(done, "1", ex=TOKEN_KEPT_S)
             if answer is not None:
                 message: ChatMessage = {"role": "assistant", "content": answer}
                 self._store.queue_append(pipe, pending.conversation, message)

@@ -421,3 +421,20 @@ async def test_a_release_whose_reply_was_lost_gives_back_one_attempt(
         await me.release(pending)
     assert proxy.lost == [b"attempts"]
     assert (await record(redis_client, pending))["attempts"] == str(pending.attempts - 1)
+
+
+async def test_a_finish_whose_reply_was_lost_says_it_finished(
+    make_journal, redis_client, redis_url, tmp_path, platform
+):
+    """Sent again, it finds the record gone: by its own first try, so it did finish (the
+    turn is counted answered, not taken for another process's)."""
+    pending = await make_journal("me").accept(new_turn(platform), {})
+    async with lossy_journal(redis_url, tmp_path, f"{platform}-me", [b"ZREM"]) as (me, proxy):
+        started = await me.begin(pending)
+        assert await me.finish(started, "the answer")
+    assert proxy.lost == [b"ZREM"]
+    assert not await indexed(redis_client, pending)
+    history = await ConversationStore(redis=redis_client, max_messages=6, ttl_seconds=60).load(
+        pending.conversation
+    )
+    assert [m["content"] for m in history] == ["hello", "the answer"]
