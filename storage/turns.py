@@ -75,6 +75,8 @@ class TurnJournal:
         self.lease_seconds = lease_seconds
         # Our claims that failed midway (an outage): perhaps made, never answered.
         self._claims_in_doubt: set[str] = set()
+        # Turns whose acceptance failed midway, refused to their users: perhaps recorded.
+        self._refused: set[str] = set()
 
     # --- this process's lease ---------------------------------------------------------
 
@@ -93,7 +95,8 @@ class TurnJournal:
 
     async def accept(self, turn: Turn, target: dict[str, Any]) -> PendingTurn | None:
         """Record a new turn, owned by us (its author becomes the conversation's starter
-        if it has none); None if this message was seen before."""
+        if it has none); None if this message was seen before. One that raises is taken
+        as refused: should it be recorded all the same, the next `claim` drops it."""
         pending = PendingTurn(turn, target)
         seen = keys.seen(turn.conversation.platform, turn.message_id)
         acceptance = uuid.uuid4().hex  # tells our own earlier try from another delivery
@@ -109,7 +112,11 @@ class TurnJournal:
             self._store.queue_starter(pipe, pending.conversation, turn.author)
             return True
 
-        return pending if await self._transaction([seen], write) else None
+        try:
+            return pending if await self._transaction([seen], write) else None
+        except Exception:
+            self._refused.add(pending.id)
+            raise
 
     async def begin(self, pending: PendingTurn) -> PendingTurn | None:
         """Put the user's message into the history (once, however often this is retried);
@@ -200,9 +207,24 @@ class TurnJournal:
         for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
             if stop() or (limit is not None and len(claimed) >= limit):
                 break
+            if turn_id in self._refused:
+                await self._drop_refused(turn_id)
+                continue
             if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
                 claimed.append(pending)
         return claimed
+
+    async def _drop_refused(self, turn_id: str) -> None:
+        """A turn whose user was told it could not be taken goes unanswered, as told."""
+
+        async def write(pipe: Pipeline) -> None:
+            if await pipe.hget(keys.turn(turn_id), "owner") == self.owner:
+                pipe.multi()
+                self._queue_removal(pipe, turn_id)
+
+        await self._transaction([keys.turn(turn_id)], write)
+        self._refused.discard(turn_id)
+        logger.info("dropped turn %s, refused to its user in an outage", turn_id)
 
     async def count(self) -> int:
         return await self._redis.zcard(keys.PENDING_TURNS)

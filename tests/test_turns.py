@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 from lossy_proxy import LossyProxy
@@ -376,6 +376,22 @@ async def lossy_journal(
         yield TurnJournal(redis=redis, store=store, owner=owner, lease_seconds=30), proxy
 
 
+@contextmanager
+def made_but_lost(journal: TurnJournal) -> Iterator[None]:
+    """The journal's transactions are made, then raise as an outage that hid it would."""
+    made = journal._transaction
+
+    async def transaction(*args):
+        await made(*args)
+        raise RedisConnectionError("the reply was lost")
+
+    journal._transaction = transaction
+    try:
+        yield
+    finally:
+        journal._transaction = made
+
+
 async def test_a_claim_whose_reply_was_lost_is_taken_once_and_answered(
     make_journal, redis_client, redis_url, tmp_path, platform
 ):
@@ -398,16 +414,8 @@ async def test_a_claim_that_failed_after_it_was_made_is_taken_by_the_next_pass(
     gone = await make_journal("gone").accept(new_turn(platform), {})
     me = make_journal("me")
     await me.renew_lease()
-    made = me._transaction
-
-    async def made_but_lost(*args):
-        await made(*args)
-        raise RedisConnectionError("the reply was lost")
-
-    me._transaction = made_but_lost
-    with pytest.raises(RedisConnectionError):
+    with made_but_lost(me), pytest.raises(RedisConnectionError):
         await me.claim([platform])
-    me._transaction = made
     assert (await record(redis_client, gone))["owner"] == me.owner
     [claimed] = await me.claim([platform])
     assert claimed.id == gone.id
@@ -438,3 +446,18 @@ async def test_a_finish_whose_reply_was_lost_says_it_finished(
         pending.conversation
     )
     assert [m["content"] for m in history] == ["hello", "the answer"]
+
+
+async def test_a_turn_refused_in_an_outage_but_recorded_is_dropped_not_answered(
+    make_journal, redis_client, platform
+):
+    """Its MULTI ran, but an outage hid that: the user was told their message could not be
+    taken, so once storage is back the record goes, unanswered, as they were told."""
+    me = make_journal("me")
+    await me.renew_lease()
+    with made_but_lost(me), pytest.raises(RedisConnectionError):
+        await me.accept(new_turn(platform), {})
+    [turn_id] = [t for t in await redis_client.zrange(keys.PENDING_TURNS, 0, -1) if platform in t]
+    assert await me.claim([platform], orphaned={turn_id}) == []
+    assert not await redis_client.exists(keys.turn(turn_id))
+    assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is None
