@@ -168,9 +168,10 @@ class StreamingReply:
             logger.warning("streaming edit failed; the final text will follow", exc_info=True)
 
     async def restart(self) -> None:
-        """The next appends replace the text streamed so far (the final text replaces
-        every message the answer has)."""
+        """The next appends replace the text streamed so far, in the first message: the
+        messages the old text went on into go now, rather than show it until replaced."""
         self.text = ""
+        await self._drop(1)
 
     async def finish(self, text: str) -> None:
         """The answer, split over as many messages as it needs: the first is the one that

@@ -371,6 +371,23 @@ async def test_pause_mid_answer_replaces_the_streamed_text():
     assert target.posts == 1
 
 
+async def test_an_answer_started_again_takes_back_the_messages_its_old_text_went_on_into():
+    """A worker died mid-answer and another writes it again: the old text's further
+    messages go at once, and the new text streams from the first message on."""
+    target, clock = Target(), Clock()
+    sink = reply(target, clock, placeholder=None)
+    saved = record_posts(sink)
+    await sink.start()
+    clock.now += 5
+    await sink.append(WORDS)
+    assert len(target.messages) == len(WORDS_PARTS) > 1
+    await sink.restart()
+    assert list(target.messages) == ["0"] and saved[-1] == ["0"]
+    clock.now += 5
+    await sink.append("a new answer")
+    assert target.messages == {"0": "A NEW ANSWER" + STREAMING_MARK.upper()}
+
+
 async def test_an_answer_written_again_into_the_same_sink_starts_from_nothing():
     """Storage was lost after a whole answer streamed (it was never saved), and the turn
     is answered again into the same sink: its edits show the new text alone."""
