@@ -210,6 +210,11 @@ class JobQueue:
         logger.debug("job %s sent to %s", job.id, stream or "its stream (a retried send)")
 
     @property
+    def _cancel_kept_s(self) -> int:
+        """How long a job's cancel (or its answered mark) is kept: past any worker's take."""
+        return round(self.timeout) + 60
+
+    @property
     def _asked_for_s(self) -> int:
         """How long a request's job is worth following: as long as an answer is waited for."""
         return max(round(self.timeout), 1)
@@ -242,7 +247,7 @@ class JobQueue:
         job may not be sent yet), and read no more."""
         self._forget(watch)
         try:
-            await self.redis.set(keys.job_cancel(watch.job.id), "1", ex=round(self.timeout) + 60)
+            await self.redis.set(keys.job_cancel(watch.job.id), "1", ex=self._cancel_kept_s)
         except RedisError as error:
             logger.warning("could not cancel job %s: %s", watch.job.id, error)
 
@@ -311,10 +316,12 @@ class JobQueue:
 
     async def _finish(self, job: Job, generation: Generation, last: Chunk) -> None:
         """An answer read to its end: its request's record goes, then the answer is given,
-        then its stream is left to expire soon. So the same request asked again once it is
-        answered is a new job; a gateway that found the record just before it went still
-        reads the whole answer; and a gateway dying between the two steps leaves no record
-        of nothing. (Both expire by themselves too.)"""
+        then its stream is left to expire soon and the job is marked answered. So the same
+        request asked again once it is answered is a new job; a gateway that found the
+        record just before it went still reads the whole answer; a gateway dying between
+        the steps leaves no record of nothing; and a worker that would run the job again
+        (its end written, but a failure before it was acknowledged) drops it. (All expire
+        by themselves too.)"""
         asked = keys.job_asked(job.fingerprint())
         with contextlib.suppress(RedisError):
             if await self.redis.get(asked) == job.id:
@@ -324,7 +331,10 @@ class JobQueue:
         else:
             generation.fail(JobFailed(last.text))
         with contextlib.suppress(RedisError):
-            await self.redis.expire(keys.job_chunks(job.id), ANSWER_READ_KEPT_S)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.expire(keys.job_chunks(job.id), ANSWER_READ_KEPT_S)
+                pipe.set(keys.job_answered(job.id), "1", ex=self._cancel_kept_s)
+                await pipe.execute()
 
     async def _count_jobs(self) -> None:
         while not self._closed.is_set():

@@ -295,7 +295,8 @@ class Worker:
         if attempt > self.max_deliveries:
             await self._dead_letter(stream, entry_id, job, attempt)
             return
-        if job.deadline < time.time() or await self.redis.exists(keys.job_cancel(job.id)):
+        over = keys.job_cancel(job.id), keys.job_answered(job.id)
+        if job.deadline < time.time() or await self.redis.exists(*over):
             await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
             return
         logger.info("job %s taken (try %d)", job.id, attempt)

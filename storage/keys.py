@@ -127,6 +127,11 @@ def job_cancel(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:cancel"
 
 
+def job_answered(job_id: str) -> str:
+    """The marker that a job's answer was read to its end: no worker runs it again."""
+    return f"{PREFIX}job:{job_id}:answered"
+
+
 def job_asked(fingerprint: str) -> str:
     """The id of the job sent for one request (`Job.fingerprint`), while it may be read: a
     gateway that resumes the same request reads that job's answer instead of asking again."""

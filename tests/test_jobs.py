@@ -5,6 +5,7 @@ as separate processes, killed and restarted.)"""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -634,6 +635,26 @@ async def test_writes_whose_replies_were_lost_land_once(tmp_path, redis_url, str
     assert proxy.lost == lose
     assert sample(metrics, "job_wait_seconds")["count"] == 1
     assert "".join(pieces) == generation.text == answer_alone(batcher, HELLO)
+
+
+async def test_a_job_answered_and_read_is_not_run_again(streams, make_batcher, caplog):
+    """Its end was written and read, but it is delivered again (the worker failed before
+    acknowledging it): the worker drops it rather than write the answer a second time."""
+    async with gateway(streams) as queue, worker(streams, make_batcher(), "w1"):
+        with caplog.at_level(logging.INFO, logger="bot.worker"):
+            generation = queue.submit(HELLO, user="u1", conversation="c1")
+            [watch] = queue._watches.values()
+            await read(generation)
+            await streams.xadd(keys.worker_jobs("w1"), watch.job.fields())
+            await wait_until(lambda: _stream_is_empty(streams, keys.worker_jobs("w1")))
+    taken = [
+        r for r in caplog.records if r.getMessage().startswith("job ") and "taken" in r.getMessage()
+    ]
+    assert len(taken) == 1
+
+
+async def _stream_is_empty(redis: Redis, stream: str) -> bool:
+    return await redis.xlen(stream) == 0
 
 
 async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path, make_batcher):
