@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,17 +83,20 @@ def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
 
 
 class HaltingBatcher(ScriptedBatcher):
-    """Writes the first 40 characters of its answer, then waits for the test's gate."""
+    """Writes the first `steps` * 40 characters of its answer (`pace` s a step), then waits
+    for the test's gate."""
 
-    def __init__(self, answer: str) -> None:
+    def __init__(self, answer: str, *, steps: int = 1, pace: float = 0) -> None:
         super().__init__(answer)
         self.gate = threading.Event()
+        self.halt_at, self.pace = steps, pace
         self.steps = 0
 
     def step(self) -> list:
-        if self.steps:
+        if self.steps >= self.halt_at:
             assert self.gate.wait(timeout=30), "the test never opened the gate"
         self.steps += 1
+        time.sleep(self.pace)
         return super().step()
 
 
@@ -366,6 +370,41 @@ async def test_stop_by_the_asker_keeps_what_was_written(discord_bot):
     assert final["content"] == f"{STORY[:40].strip()}\n\n{replies.stopped()}"
     assert history[-1] == {"role": "assistant", "content": final["content"]}
     assert [custom_id.split(":")[1] for custom_id in offered] == ["regen"]  # Stop is gone
+
+
+async def test_a_long_answer_goes_on_in_a_second_message_each_with_stop_until_it_ends(
+    discord_bot,
+):
+    """Past 2,000 characters the answer streams on in a second message while it is
+    written, each with Stop; once it ends, Stop is off both and Regenerate on the last."""
+    answer = "word " * 500 + "ONE."  # 2,504 characters
+    batcher = HaltingBatcher(answer, steps=60, pace=0.01)  # 2,400 of them, then it waits
+    async with discord_bot(batcher) as bot:
+        fake = bot.fake
+        try:
+            thread = (await mention(fake, "write a lot"))["id"]
+
+            def both_with_stop() -> list[JSON]:
+                parts = bot_messages(fake, thread)
+                with_stop = [p for p in parts if any(
+                    c.startswith("tb:stop:") for c in fake.buttons(thread, p["id"])
+                )]  # fmt: skip
+                return len(parts) == 2 and with_stop == parts and parts
+
+            streaming = await fake.wait_for(both_with_stop)
+        finally:
+            batcher.gate.set()
+
+        def ended() -> list[JSON]:
+            parts = bot_messages(fake, thread)
+            done = parts and parts[-1]["content"].endswith("ONE.")
+            return done and fake.buttons(thread, parts[-1]["id"]) and parts
+
+        final = await fake.wait_for(ended)
+    assert [part["id"] for part in final] == [part["id"] for part in streaming]  # edited
+    assert " ".join(part["content"] for part in final).split() == answer.split()
+    assert fake.buttons(thread, final[0]["id"]) == []
+    assert [c.split(":")[1] for c in fake.buttons(thread, final[1]["id"])] == ["regen"]
 
 
 async def stop_pressed_by_bob(bot: Bot, batcher: HaltingBatcher) -> tuple[FakeInteraction, JSON]:
