@@ -52,6 +52,10 @@ TAKE_FROM_OTHERS_EVERY_S = 0.5
 OUTAGE_PAUSE_S = 0.5
 CLAIM_SCANS = 100  # XAUTOCLAIM calls a sweep makes on a stream, at most
 ANSWER_KEPT_S = 300  # an answer stream outlives its job's deadline by this, for a slow reader
+LOST_AFTER_MS = 2_000
+"""A job this worker holds but does not run, idle this long, was delivered to it and never
+read: the reply to its XREADGROUP or XAUTOCLAIM was lost, and the client's retry got
+nothing more. (A job being taken is idle for milliseconds.)"""
 TEXT_EVERY_S = 0.1
 """After its first piece, which goes at once, an answer's text goes to Redis at most this
 often, the pieces written meanwhile together: a platform shows an answer's progress a few
@@ -145,6 +149,7 @@ class Worker:
         self.own = keys.worker_jobs(name)
         self.streams = (self.own, keys.JOBS)  # where its new jobs come from, its own first
         self._running: dict[str, _Taken] = {}  # by entry id
+        self._taking: set[str] = set()  # entry ids being checked before they run
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
@@ -286,6 +291,15 @@ class Worker:
         return len(entries)
 
     async def _take(self, stream: str, entry_id: str, fields: dict[str, str], attempt: int) -> None:
+        self._taking.add(entry_id)  # not lost, however long its checks wait on Redis
+        try:
+            await self._check_and_run(stream, entry_id, fields, attempt)
+        finally:
+            self._taking.discard(entry_id)
+
+    async def _check_and_run(
+        self, stream: str, entry_id: str, fields: dict[str, str], attempt: int
+    ) -> None:
         try:
             job = Job.parse(fields)
         except (KeyError, TypeError, ValueError):
@@ -422,6 +436,7 @@ class Worker:
         roll = await roll_call(self.redis)
         for stream in roll.streams:
             await self._claim_abandoned(stream)
+            await self._take_lost(stream)
         await self._tidy_dead_workers(roll)
 
     async def _beat(self) -> None:
@@ -464,6 +479,30 @@ class Worker:
                 await self._take_claimed(stream, entry_id, fields)
             if cursor == "0-0":  # the whole pending list seen
                 return
+
+    async def _take_lost(self, stream: str) -> None:
+        """Take the jobs delivered to this worker that it never read (`LOST_AFTER_MS`) now,
+        rather than after `JOB_CLAIM_IDLE_S`: claimed again, so the delivery counts as any
+        claim's does."""
+        free = self.rows - len(self._running)
+        if free <= 0:
+            return
+        known = self._running.keys() | self._taking
+        try:
+            held = await self.redis.xpending_range(
+                stream, GROUP, "-", "+", len(known) + free, consumername=self.name,
+                idle=LOST_AFTER_MS,
+            )  # fmt: skip
+        except ResponseError:  # no such stream or group (any more)
+            return
+        lost = [e["message_id"] for e in held if e["message_id"] not in known][:free]
+        if not lost:
+            return
+        logger.warning("%d jobs delivered to %s were never read; taking them", len(lost), self.name)
+        for entry_id, fields in await self.redis.xclaim(
+            stream, GROUP, self.name, LOST_AFTER_MS, lost
+        ):
+            await self._take_claimed(stream, entry_id, fields)
 
     async def _take_claimed(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         if not fields:  # deleted while pending: nothing to answer

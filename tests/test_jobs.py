@@ -22,7 +22,7 @@ from bot.job_queue import ANSWER_READ_KEPT_S, WAKE_KEPT_S, JobQueue
 from bot.jobs import Chunk, Job, JobFailed, entry_age, pick_worker
 from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
-from bot.worker import Worker
+from bot.worker import GROUP, LOST_AFTER_MS, Worker
 from storage import keys
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -71,12 +71,13 @@ async def worker(
     *,
     max_deliveries: int = 3,
     metrics: Metrics | None = None,
+    claim_idle_s: float = CLAIM_IDLE_S,
 ) -> AsyncIterator[Worker]:
     """A worker answering with `batcher`, running for the block, then stopped."""
     async with InferenceQueue(batcher=batcher, max_size=8, timeout=60) as queue:
         working = Worker(
             redis=redis, inference=queue, name=name, rows=batcher.max_batch,
-            claim_idle_s=CLAIM_IDLE_S, max_deliveries=max_deliveries, metrics=metrics,
+            claim_idle_s=claim_idle_s, max_deliveries=max_deliveries, metrics=metrics,
         )  # fmt: skip
         working.running = asyncio.create_task(working.run())  # type: ignore[attr-defined]
         await wait_until(lambda: redis.exists(keys.worker(name)))
@@ -655,6 +656,22 @@ async def test_a_job_answered_and_read_is_not_run_again(streams, make_batcher, c
 
 async def _stream_is_empty(redis: Redis, stream: str) -> bool:
     return await redis.xlen(stream) == 0
+
+
+async def test_a_job_delivered_but_never_read_is_taken_at_the_next_sweep(streams, make_batcher):
+    """The reply to a worker's XREADGROUP was lost (here another client reads the job in
+    its name), and the retry got nothing: the job is the worker's, unread. Its next sweep
+    takes it, long before any worker would claim it as abandoned (a minute here)."""
+    async with gateway(streams) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")  # no worker: shared
+        await wait_until(lambda: streams.xlen(keys.JOBS))
+        await streams.xgroup_create(keys.JOBS, GROUP, id="0")
+        assert await streams.xreadgroup(GROUP, "w1", {keys.JOBS: ">"}, 1)
+        async with worker(streams, make_batcher(), "w1", claim_idle_s=60) as working:
+            await asyncio.sleep(LOST_AFTER_MS / 1000)
+            await working._sweep()
+            pieces = await asyncio.wait_for(read(generation), 10)
+    assert pieces and "".join(pieces) == generation.text
 
 
 async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path, make_batcher):
