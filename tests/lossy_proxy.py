@@ -10,9 +10,17 @@ armed, as nothing was written.
 from __future__ import annotations
 
 import asyncio
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+
+from storage.connection import Resilience, open_redis
+
+SERVICES = Resilience()  # how the service's clients retry, by default
 
 
 class LossyProxy:
@@ -87,3 +95,16 @@ class LossyProxy:
             writer.write(data)
             await writer.drain()
         writer.close()
+
+
+@asynccontextmanager
+async def lossy_redis(
+    redis_url: str, data_dir: Path, lose: list[bytes], resilience: Resilience = SERVICES
+) -> AsyncIterator[tuple[Redis, LossyProxy]]:
+    """A client whose connection loses the reply to the first request holding each of
+    `lose`, after Redis ran it; it retries as the service's clients do (`resilience`)."""
+    async with (
+        LossyProxy(redis_url, lose) as proxy,
+        open_redis(redis_url=proxy.url, data_dir=data_dir, resilience=resilience) as redis,
+    ):
+        yield redis, proxy

@@ -616,17 +616,14 @@ def test_a_chunk_from_an_older_worker_without_token_counts_reads_as_zero():
 async def test_writes_whose_replies_were_lost_land_once(tmp_path, redis_url, streams, make_batcher):
     """Redis ran the job's send and the answer's first text write, but both replies were
     lost, so the clients sent each again: the job runs once and its text reads once."""
-    from lossy_proxy import LossyProxy
+    from lossy_proxy import lossy_redis
 
-    from storage.connection import Resilience, open_redis
+    from storage.connection import Resilience
 
     batcher, metrics = make_batcher(max_new_tokens=24), Metrics()
     lose = [b'"conversation": ', b'"kind": "text"']  # in a job sent; in a chunk written
     async with (
-        LossyProxy(redis_url, lose) as proxy,
-        open_redis(
-            redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience(health_check_s=0)
-        ) as redis,
+        lossy_redis(redis_url, tmp_path, lose, Resilience(health_check_s=0)) as (redis, proxy),
         gateway(redis) as queue,
         worker(redis, batcher, "w1", metrics=metrics),
     ):

@@ -67,15 +67,11 @@ async def test_a_lease_whose_reply_was_lost_is_held_at_once(
 ):
     """Its SET NX ran, the reply was lost and the client sent it again: the lease is this
     turn's, which goes on rather than waiting out its own lease (30 s)."""
-    from lossy_proxy import LossyProxy
-
-    from storage.connection import Resilience, open_redis
+    from lossy_proxy import lossy_redis
 
     conversation = uuid.uuid4().hex
-    async with (
-        LossyProxy(redis_url, [keys.turn_lock(conversation).encode()]) as proxy,
-        open_redis(redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience()) as redis,
-    ):
+    lose = [keys.turn_lock(conversation).encode()]
+    async with lossy_redis(redis_url, tmp_path, lose) as (redis, proxy):
         locks = ConversationLocks(redis=redis, lease_s=30)
 
         async def turn() -> bool:
@@ -83,5 +79,5 @@ async def test_a_lease_whose_reply_was_lost_is_held_at_once(
                 return await redis.exists(keys.turn_lock(conversation)) == 1
 
         assert await asyncio.wait_for(turn(), 10)
-        assert proxy.lost == [keys.turn_lock(conversation).encode()]
+        assert proxy.lost == lose
     assert not await redis_client.exists(keys.turn_lock(conversation))  # let go after

@@ -8,12 +8,11 @@ from contextlib import asynccontextmanager
 from uuid import uuid4
 
 import pytest
-from lossy_proxy import LossyProxy
+from lossy_proxy import lossy_redis
 from redis.asyncio import Redis
 
 from bot.types import ChatMessage, ConversationKey
 from storage import keys
-from storage.connection import Resilience, open_redis
 from storage.store import ConversationStore
 
 
@@ -182,11 +181,8 @@ async def lossy_store(
     redis_url: str, tmp_path, lose: list[bytes]
 ) -> AsyncIterator[ConversationStore]:
     """A store whose Redis connection loses the reply to the first request holding each of
-    `lose`, after Redis ran it (`lossy_proxy`); its client retries as the service's do."""
-    async with (
-        LossyProxy(redis_url, lose) as proxy,
-        open_redis(redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience()) as redis,
-    ):
+    `lose`, after Redis ran it (`lossy_redis`)."""
+    async with lossy_redis(redis_url, tmp_path, lose) as (redis, proxy):
         yield ConversationStore(redis=redis, max_messages=50, ttl_seconds=3600)
     assert proxy.lost == lose
 

@@ -12,13 +12,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import pytest
-from lossy_proxy import LossyProxy
+from lossy_proxy import LossyProxy, lossy_redis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.types import ChatMessage, ConversationKey, Turn
 from storage import keys
-from storage.connection import Resilience, open_redis
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal
 
@@ -367,11 +366,8 @@ async def lossy_journal(
     redis_url: str, tmp_path, owner: str, lose: list[bytes]
 ) -> AsyncIterator[tuple[TurnJournal, LossyProxy]]:
     """A journal whose Redis connection loses the reply to the first request holding each
-    of `lose`, after Redis ran it (`lossy_proxy`); its client retries as the service's do."""
-    async with (
-        LossyProxy(redis_url, lose) as proxy,
-        open_redis(redis_url=proxy.url, data_dir=tmp_path, resilience=Resilience()) as redis,
-    ):
+    of `lose`, after Redis ran it (`lossy_redis`)."""
+    async with lossy_redis(redis_url, tmp_path, lose) as (redis, proxy):
         store = ConversationStore(redis=redis, max_messages=6, ttl_seconds=3600)
         yield TurnJournal(redis=redis, store=store, owner=owner, lease_seconds=30), proxy
 
