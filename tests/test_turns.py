@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 from lossy_proxy import LossyProxy, lossy_redis
@@ -363,29 +363,16 @@ async def test_a_claim_stops_as_soon_as_it_is_told(
 
 @asynccontextmanager
 async def lossy_journal(
-    redis_url: str, tmp_path, owner: str, lose: list[bytes]
+    redis_url: str, tmp_path, owner: str, lose: list[bytes], *, down_after_loss: bool = False
 ) -> AsyncIterator[tuple[TurnJournal, LossyProxy]]:
     """A journal whose Redis connection loses the reply to the first request holding each
     of `lose`, after Redis ran it (`lossy_redis`)."""
-    async with lossy_redis(redis_url, tmp_path, lose) as (redis, proxy):
+    async with lossy_redis(redis_url, tmp_path, lose, down_after_loss=down_after_loss) as (
+        redis,
+        proxy,
+    ):
         store = ConversationStore(redis=redis, max_messages=6, ttl_seconds=3600)
         yield TurnJournal(redis=redis, store=store, owner=owner, lease_seconds=30), proxy
-
-
-@contextmanager
-def made_but_lost(journal: TurnJournal) -> Iterator[None]:
-    """The journal's transactions are made, then raise as an outage that hid it would."""
-    made = journal._transaction
-
-    async def transaction(*args):
-        await made(*args)
-        raise RedisConnectionError("the reply was lost")
-
-    journal._transaction = transaction
-    try:
-        yield
-    finally:
-        journal._transaction = made
 
 
 async def test_a_claim_whose_reply_was_lost_is_taken_once_and_answered(
@@ -403,17 +390,22 @@ async def test_a_claim_whose_reply_was_lost_is_taken_once_and_answered(
 
 
 async def test_a_claim_that_failed_after_it_was_made_is_taken_by_the_next_pass(
-    make_journal, redis_client, platform
+    make_journal, redis_client, redis_url, tmp_path, platform
 ):
     """The claim was made, but an outage hid it from the claimer: the turn names this
     process, which is not answering it, so the next pass takes it over all the same."""
     gone = await make_journal("gone").accept(new_turn(platform), {})
-    me = make_journal("me")
-    await me.renew_lease()
-    with made_but_lost(me), pytest.raises(RedisConnectionError):
-        await me.claim([platform])
-    assert (await record(redis_client, gone))["owner"] == me.owner
-    [claimed] = await me.claim([platform])
+    owner = f"{platform}-me"
+    async with lossy_journal(redis_url, tmp_path, owner, [b"claim"], down_after_loss=True) as (
+        me,
+        proxy,
+    ):
+        await me.renew_lease()
+        with pytest.raises(RedisConnectionError):
+            await me.claim([platform])
+        assert (await record(redis_client, gone))["owner"] == owner
+        proxy.back()
+        [claimed] = await me.claim([platform])
     assert claimed.id == gone.id
 
 
@@ -445,15 +437,19 @@ async def test_a_finish_whose_reply_was_lost_says_it_finished(
 
 
 async def test_a_turn_refused_in_an_outage_but_recorded_is_dropped_not_answered(
-    make_journal, redis_client, platform
+    redis_client, redis_url, tmp_path, platform
 ):
     """Its MULTI ran, but an outage hid that: the user was told their message could not be
     taken, so once storage is back the record goes, unanswered, as they were told."""
-    me = make_journal("me")
-    await me.renew_lease()
-    with made_but_lost(me), pytest.raises(RedisConnectionError):
-        await me.accept(new_turn(platform), {})
-    [turn_id] = [t for t in await redis_client.zrange(keys.PENDING_TURNS, 0, -1) if platform in t]
-    assert await me.claim([platform], orphaned={turn_id}) == []
+    async with lossy_journal(
+        redis_url, tmp_path, f"{platform}-me", [b"acceptance"], down_after_loss=True
+    ) as (me, proxy):
+        await me.renew_lease()
+        with pytest.raises(RedisConnectionError):
+            await me.accept(new_turn(platform), {})
+        pending = await redis_client.zrange(keys.PENDING_TURNS, 0, -1)
+        [turn_id] = [t for t in pending if platform in t]
+        proxy.back()
+        assert await me.claim([platform], orphaned={turn_id}) == []
     assert not await redis_client.exists(keys.turn(turn_id))
     assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is None
