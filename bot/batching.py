@@ -41,8 +41,9 @@ import torch
 from bot.detokenize import IncrementalDetokenizer
 from bot.kv_cache import PrefixCache
 from bot.metrics import Metrics
-from bot.ragged import ATTENTION, PREPARED, Segment, SlotCache, StepLayout
+from bot.ragged import Segment, SlotCache, StepLayout
 from bot.sampling import Sampler, end_token_ids
+from bot.step_forward import step_forward
 from bot.types import ChatMessage
 
 if TYPE_CHECKING:
@@ -148,8 +149,6 @@ class Batcher:
         self.engine = engine
         self.metrics = metrics if metrics is not None else Metrics()
         self.model = engine.model
-        # Our steps attend through `bot.ragged`; every other forward as before (SDPA).
-        self.model.set_attn_implementation(ATTENTION)
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self.step_tokens = step_tokens
@@ -161,6 +160,7 @@ class Batcher:
         self._arrivals = itertools.count()
         layers, kv_heads, head_dim = kv_shape(self.model)
         self._cache = SlotCache(layers, kv_heads, head_dim, self.model.dtype, self.model.device)
+        self._step_forward = step_forward(self.model)
         # The last request `fits` tokenized, so that neither `join` nor the next step's
         # `fits` (while it waits) tokenizes it again.
         self._tokenized: tuple[object, list[int]] | None = None
@@ -299,16 +299,12 @@ class Batcher:
     def _forward(self, tokens: list[int], layout: StepLayout, kept: list[int]) -> torch.Tensor:
         """The logits at the flattened positions `kept`."""
         device = self.model.device
-        output = self.model(
-            input_ids=torch.tensor([tokens], device=device),
-            position_ids=layout.positions[None],
-            attention_mask=PREPARED,
-            step_layout=layout,  # passed down to `ragged_attention`
-            cache=self._cache,
-            use_cache=True,
-            logits_to_keep=torch.tensor(kept, dtype=torch.long, device=device),
+        return self._step_forward(
+            torch.tensor([tokens], device=device),
+            layout,
+            self._cache,
+            torch.tensor(kept, dtype=torch.long, device=device),
         )
-        return output.logits[0]
 
     def _advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[Update]:
         """Choose each sequence's next token; finished ones leave the batch."""

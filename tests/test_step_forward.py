@@ -1,0 +1,82 @@
+"""A step's forward: the lean loop for Qwen2 and Llama computes what the model's own does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_qwen2
+from test_packing import DTYPES
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from bot.packing import pack_linear_weights
+from bot.ragged import Segment, SlotCache, StepLayout
+from bot.step_forward import LeanForward, ModelForward, step_forward
+
+SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2,
+         "vocab_size": 300}  # fmt: skip
+
+
+def tiny_llama(**config) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, **config)).eval()
+
+
+STEPS = [  # (decoding rows, prefill chunks): prompts read, then answers beside a chunk
+    ([], [Segment(0, 0, 6), Segment(1, 0, 9)]),
+    ([Segment(0, 6, 1), Segment(1, 9, 1)], [Segment(2, 0, 5)]),
+    ([Segment(0, 7, 1), Segment(1, 10, 1)], [Segment(2, 5, 4)]),
+    ([Segment(0, 8, 1), Segment(1, 11, 1), Segment(2, 9, 1)], []),
+]
+
+
+def run_steps(forward, model) -> tuple[list[torch.Tensor], SlotCache]:
+    """Every step's logits (at each segment's last token) and the cache they leave."""
+    config, dtype = model.config, model.dtype
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, "cpu")
+    cache.resize(3, 16, keep=0)
+    generator = torch.Generator().manual_seed(1)
+    logits = []
+    with torch.inference_mode():
+        for decoding, prefilling in STEPS:
+            layout = StepLayout(decoding, prefilling, torch.device("cpu"))
+            tokens = torch.randint(0, 300, (1, layout.tokens), generator=generator)
+            ends = torch.tensor([segment.length for segment in layout.segments]).cumsum(0) - 1
+            logits.append(forward(tokens, layout, cache, ends))
+    return logits, cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_the_lean_forward_computes_the_model_s_own_logits_and_cache_to_the_bit(
+    qwen_tokenizer, architecture, packed, dtype
+):
+    model = tiny_qwen2(qwen_tokenizer) if architecture == "qwen2" else tiny_llama()
+    model = model.to(dtype)
+    if packed:
+        assert pack_linear_weights(model)
+    assert isinstance(step_forward(model), LeanForward)
+    lean_logits, lean_cache = run_steps(LeanForward(model), model)
+    own_logits, own_cache = run_steps(ModelForward(model), model)
+    vocabulary = model.config.vocab_size
+    assert [logits.shape for logits in lean_logits] == [(rows, vocabulary) for rows in (2, 3, 3, 3)]
+    for lean, own in zip(lean_logits, own_logits, strict=True):
+        assert torch.equal(lean, own)
+    lean_kv, own_kv = lean_cache.keys + lean_cache.values, own_cache.keys + own_cache.values
+    for lean, own in zip(lean_kv, own_kv, strict=True):
+        assert torch.equal(lean, own)
+
+
+def test_other_models_and_hooked_ones_run_their_own_forward():
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(**SHAPE)).eval()  # the same layers, not ours
+    assert type(step_forward(mistral)) is ModelForward
+    llama = tiny_llama()
+    llama.model.layers[1].mlp.register_forward_hook(lambda module, inputs, output: output * 2)
+    assert type(step_forward(llama)) is ModelForward
+    # What the hook does reaches the logits: the lean loop would have skipped it.
+    logits, _ = run_steps(step_forward(llama), llama)
+    hookless, _ = run_steps(LeanForward(llama), llama)
+    assert not torch.equal(logits[-1], hookless[-1])
