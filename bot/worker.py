@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -56,6 +57,8 @@ LOST_AFTER_MS = 2_000
 """A job this worker holds but does not run, idle this long, was delivered to it and never
 read: the reply to its XREADGROUP or XAUTOCLAIM was lost, and the client's retry got
 nothing more. (A job being taken is idle for milliseconds.)"""
+DEAD_MARK_S = 24 * 3600
+"""How long a job given up is remembered as such: far past any redelivery of it."""
 TEXT_EVERY_S = 0.1
 """After its first piece, which goes at once, an answer's text goes to Redis at most this
 often, the pieces written meanwhile together: a platform shows an answer's progress a few
@@ -82,6 +85,14 @@ return 1
 _IF_MINE = """
 local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
 if not entry or entry[2] ~= ARGV[2] then return 0 end
+"""
+# A job given up goes to the dead letters once: a retry of this script (its reply lost),
+# or a second try at giving it up (its acknowledgement failed), finds its mark and adds
+# nothing. ARGV: the mark's lifetime, the stream's length, then the entry's fields.
+_DEAD_LETTER_ONCE = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return 1
 """
 # Its idle time reset: it is running.
 _KEEP_IF_MINE = (
@@ -157,6 +168,7 @@ class Worker:
         self._hand_back_if_mine = redis.register_script(_HAND_BACK_IF_MINE)
         self._acknowledge_if_mine = redis.register_script(_ACKNOWLEDGE_IF_MINE)
         self._forget_if_empty = redis.register_script(_FORGET_IF_EMPTY)
+        self._dead_letter_once = redis.register_script(_DEAD_LETTER_ONCE)
         # Flags, not cancellation, stop the loops: on Python 3.11 a cancel that lands in
         # redis-py's own `wait_for` can be swallowed.
         self._stop = asyncio.Event()
@@ -321,8 +333,10 @@ class Worker:
         """Given up: kept for an operator, and the gateway hears it (the user apologised to)."""
         tries = attempt - 1
         logger.error("job %s failed %d times: to %s", job.id, tries, keys.DEAD_JOBS)
-        await self.redis.xadd(
-            keys.DEAD_JOBS, {**job.fields(), "tries": str(tries)}, maxlen=DEAD_MAXLEN
+        fields = {**job.fields(), "tries": str(tries)}
+        await self._dead_letter_once(
+            keys=[keys.DEAD_JOBS, keys.job_dead(job.id)],
+            args=[DEAD_MARK_S, DEAD_MAXLEN, *itertools.chain(*fields.items())],
         )
         await self._write(job, Chunk(attempt, self.name, "error", f"given up after {tries} tries"))
         await self._acknowledge(stream, entry_id)

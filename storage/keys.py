@@ -132,6 +132,11 @@ def job_answered(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:answered"
 
 
+def job_dead(job_id: str) -> str:
+    """The marker that a job was put in `DEAD_JOBS`: it goes there once."""
+    return f"{PREFIX}job:{job_id}:dead"
+
+
 def job_asked(fingerprint: str) -> str:
     """The id of the job sent for one request (`Job.fingerprint`), while it may be read: a
     gateway that resumes the same request reads that job's answer instead of asking again."""

@@ -366,6 +366,32 @@ async def test_a_job_that_keeps_failing_is_dead_lettered_and_the_gateway_told(
     assert len(failing.prompts) == 2
 
 
+async def test_a_job_given_up_is_dead_lettered_once_though_the_reply_was_lost(
+    tmp_path, redis_url, streams, make_batcher
+):
+    """Redis kept the dead letter, but its reply was lost and the client sent it again;
+    then the job came back (as when its acknowledgement fails) and was given up again."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    failing = AlwaysFails(make_batcher())
+    lose = [keys.DEAD_JOBS.encode()]
+    async with (
+        lossy_redis(redis_url, tmp_path, lose, Resilience(health_check_s=0)) as (redis, proxy),
+        gateway(redis) as queue,
+        worker(redis, failing, "w1", max_deliveries=1) as working,
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        [watch] = queue._watches.values()
+        with pytest.raises(JobFailed, match="1 tries"):
+            await read(generation)
+        await working._dead_letter(keys.worker_jobs("w1"), "0-1", watch.job, attempt=2)
+    assert proxy.lost == lose
+    [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
+    assert dead["tries"] == "1" and '"c1"' in dead["job"]
+
+
 async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
     spy = SpyBatcher(make_batcher(max_new_tokens=400))
     async with gateway(streams) as queue, worker(streams, spy, "w1") as working:
