@@ -10,7 +10,7 @@ from benchmarks.machine import headline
 PEER = "llamacpp"  # the sweep rows' key for the peer's numbers
 PROFILE_LABELS = {
     "matmul": "matrix products (mm, addmm, linear, bmm)",
-    "attention": "attention (scaled_dot_product_attention)",
+    "attention": "attention (each conversation against its own keys, `bot.ragged`)",
     "sampling": "sampling (bot.sampling)",
     "cache": "cache work (cat, index, copy, pad)",
     "other ops": "other ops (norms, rotary, activations, …)",

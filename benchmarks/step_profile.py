@@ -6,7 +6,8 @@ sorts the profiler's events by what they are rather than by who called them. Eac
 time (its children's included) goes to the outermost op it runs in: matrix products,
 attention, or cache work (joining, cutting and copying tensors); other ops apart. Sampling
 is everything that runs inside `bot.sampling`, whose functions are wrapped in a profiler
-range while the profile runs. The step's time outside any op is Python (and whatever the
+range while the profile runs; attention, everything inside `StepLayout.attention`, wrapped
+the same way. The step's time outside any op is Python (and whatever the
 profiler does not see as an op, such as a compiled graph's own kernels).
 """
 
@@ -27,6 +28,7 @@ import bot.sampling
 from benchmarks.workload import Plan, make_batcher, say, sweep_requests
 from bot.batching import Batcher
 from bot.engine import Engine
+from bot.ragged import StepLayout
 
 CATEGORIES = ("matmul", "attention", "sampling", "cache", "other ops", "python")
 WARM_STEPS = 3
@@ -35,6 +37,8 @@ ANSWER_TOKENS = 256
 runs at the full plan's 16 rows (a row leaving would change what is measured)."""
 STEP = "threadbot.step"  # the range around each profiled step
 SAMPLING = "threadbot.sampling"
+ATTENTION = "threadbot.attention"
+RANGES = {SAMPLING: "sampling", ATTENTION: "attention"}  # a range's name: its category
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 CACHE_WORK = {
     "aten::cat", "aten::stack", "aten::index", "aten::index_select", "aten::index_put_",
@@ -59,7 +63,11 @@ def step_profile(engine: Engine, plan: Plan) -> dict:
         for _ in range(steps):
             batcher.step()
         step_ms = (time.perf_counter() - start) / steps * 1000
-        with _in_range(bot.sampling, SAMPLING), profile(activities=[ProfilerActivity.CPU]) as run:
+        with (
+            _in_range(bot.sampling, SAMPLING),
+            _method_in_range(StepLayout, "attention", ATTENTION),
+            profile(activities=[ProfilerActivity.CPU]) as run,
+        ):
             decoded = [_profiled_step(batcher) for _ in range(steps)]
         batcher.clear()
     totals = _breakdown(run.events())
@@ -105,8 +113,8 @@ def _breakdown(events: list[FunctionEvent]) -> dict[str, float]:
     totals = dict.fromkeys(CATEGORIES, 0.0)
 
     def visit(event: FunctionEvent, category: str | None) -> None:
-        if category is None and event.name == SAMPLING:
-            category = "sampling"
+        if category is None and event.name in RANGES:
+            category = RANGES[event.name]
         elif category is None and "::" in event.name:  # an op (aten::, mkldnn::, …)
             category = _op_category(event.name)
         totals[category or "python"] += event.self_cpu_time_total
@@ -149,6 +157,17 @@ def _in_range(module: ModuleType, label: str) -> Iterator[None]:
     finally:
         for owner, name, value in patched:
             setattr(owner, name, value)
+
+
+@contextmanager
+def _method_in_range(owner: type, name: str, label: str) -> Iterator[None]:
+    """While the block runs, `owner.name` runs inside a profiler range named `label`."""
+    method = vars(owner)[name]
+    setattr(owner, name, _ranged(method, label))
+    try:
+        yield
+    finally:
+        setattr(owner, name, method)
 
 
 def _defined_in(value: object, module: ModuleType) -> bool:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -80,10 +79,6 @@ class StepLayout:
     def attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling):
         """`query` [1, heads, tokens, dim] against the slots' keys and values; the output
         [1, tokens, heads, dim], each token attending to its own row's positions up to its own."""
-        with record_function("threadbot::attention"):  # one range for the profile
-            return self._attention(query, keys, values, scaling)
-
-    def _attention(self, query, keys, values, scaling) -> torch.Tensor:
         outputs, offset = [], 0
         for group in self._decode_groups:
             rows = len(group.segments)
