@@ -254,10 +254,9 @@ async def test_places_follow_the_fair_order_and_depth_counts_waiting_and_running
         alice = [queue.submit(HELLO, user="alice", conversation=f"a{i}") for i in range(3)]
         bob = queue.submit(HELLO, user="bob", conversation="b")
         carol = queue.submit(HELLO, user="carol", conversation="c")
-        for _ in range(500):  # until the engine thread has taken alice's first (bounded)
-            if queue.place(alice[0]) == 0:
-                break
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(30):  # until the engine thread has taken alice's first
+            while queue.place(alice[0]) != 0:
+                await asyncio.sleep(0.01)
         assert queue.depth == 5
         assert [queue.place(g) for g in (*alice, bob, carol)] == [0, 3, 4, 1, 2]
         assert queue.places("alice") == [("a0", 0), ("a1", 3), ("a2", 4)]
