@@ -6,14 +6,14 @@ and on 2 cores the Python around those ops is a large share of the step: each la
 forward passes through `nn.Module.__call__`, keyword plumbing, decorators and config
 lookups before any arithmetic. `LeanForward` runs the same ops, in the same order, on the
 same modules' weights, from one loop: the logits are bit-identical to the model's own
-forward (`tests/test_lean_forward.py` holds it to that), and a decode step loses that
+forward (`tests/test_step_forward.py` holds it to that), and a decode step loses that
 overhead. Measured with Qwen2.5-0.5B's shape in bfloat16 on 2 cores of an AMD EPYC
 (AVX512-BF16), packed weights, alternating with the model's forward in one process: a
 lone row's step took 0.89x the time, 4 rows 0.95x, 16 rows the same.
 
 Only the architectures whose forward it repeats are taken, and only with no hooks on
-their modules (accelerate's offloading works through them); any other model runs its own
-forward, as `generate` does.
+their modules or on every module (accelerate's offloading works through them), as they
+stand when the batcher is made; any other model runs its own forward, as `generate` does.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ Products = Callable[[Tensor], Sequence[Tensor]]
 def step_forward(model: PreTrainedModel) -> ModelForward | LeanForward:
     """`LeanForward` where `model`'s forward is one it repeats, else `ModelForward`."""
     classes = LAYERS.get(type(model).__name__)
-    if classes is None or any(_hooked(module) for module in model.modules()):
+    if classes is None or _global_hooks() or any(_hooked(module) for module in model.modules()):
         return ModelForward(model)
     for layer in model.model.layers:
         parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm)
@@ -86,7 +86,7 @@ class LeanForward:
         inner = model.model
         self._embed, self._rotary, self._norm = inner.embed_tokens, inner.rotary_emb, inner.norm
         self._head = model.lm_head.forward
-        self._layers = [_Layer(layer) for layer in inner.layers]
+        self._layers = [_Layer(layer) for layer in inner.layers[: model.config.num_hidden_layers]]
 
     def __call__(
         self, tokens: Tensor, layout: StepLayout, cache: SlotCache, kept: Tensor
@@ -152,6 +152,13 @@ def _rotate(states: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = states.shape[-1] // 2
     rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
     return (states * cos) + (rotated * sin)
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (`register_module_forward_hook`)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -69,6 +69,14 @@ def test_the_lean_forward_computes_the_model_s_own_logits_and_cache_to_the_bit(
         assert torch.equal(lean, own)
 
 
+def test_the_lean_forward_runs_the_layers_the_config_names():
+    llama = tiny_llama()
+    llama.config.num_hidden_layers = 1  # a model cut to its first layer
+    lean_logits, _ = run_steps(LeanForward(llama), llama)
+    own_logits, _ = run_steps(ModelForward(llama), llama)
+    assert torch.equal(lean_logits[-1], own_logits[-1])
+
+
 def test_other_models_and_hooked_ones_run_their_own_forward():
     torch.manual_seed(0)
     mistral = MistralForCausalLM(MistralConfig(**SHAPE)).eval()  # the same layers, not ours
@@ -80,3 +88,8 @@ def test_other_models_and_hooked_ones_run_their_own_forward():
     logits, _ = run_steps(step_forward(llama), llama)
     hookless, _ = run_steps(LeanForward(llama), llama)
     assert not torch.equal(logits[-1], hookless[-1])
+    every_module = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert type(step_forward(tiny_llama())) is ModelForward
+    finally:
+        every_module.remove()
