@@ -88,10 +88,12 @@ if not entry or entry[2] ~= ARGV[2] then return 0 end
 """
 # A job given up goes to the dead letters once: a retry of this script (its reply lost),
 # or a second try at giving it up (its acknowledgement failed), finds its mark and adds
-# nothing. ARGV: the mark's lifetime, the stream's length, then the entry's fields.
+# nothing. The mark follows the entry: a script's writes before an error stay written.
+# ARGV: the mark's lifetime, the stream's length, then the entry's fields.
 _DEAD_LETTER_ONCE = """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 return 1
 """
 # Its idle time reset: it is running.

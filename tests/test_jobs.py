@@ -16,6 +16,7 @@ import pytest
 from conftest import SpyBatcher, answer_alone
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 import bot.job_queue
 from bot.job_queue import ANSWER_READ_KEPT_S, WAKE_KEPT_S, JobQueue
@@ -390,6 +391,19 @@ async def test_a_job_given_up_is_dead_lettered_once_though_the_reply_was_lost(
     assert proxy.lost == lose
     [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
     assert dead["tries"] == "1" and '"c1"' in dead["job"]
+
+
+async def test_a_dead_letter_that_failed_is_written_when_given_up_again(streams, make_batcher):
+    """Redis keeps what a script wrote before it failed: the job's mark must not be that."""
+    job = Job("given-up", "c1", "u1", HELLO, None, None, deadline=time.time() + 60)
+    async with worker(streams, make_batcher(), "w1") as working:
+        await streams.set(keys.DEAD_JOBS, "not a stream")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await working._dead_letter(keys.worker_jobs("w1"), "0-1", job, attempt=4)
+        await streams.delete(keys.DEAD_JOBS)
+        await working._dead_letter(keys.worker_jobs("w1"), "0-1", job, attempt=4)
+    [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
+    assert dead["tries"] == "3" and '"given-up"' in dead["job"]
 
 
 async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
