@@ -137,8 +137,14 @@ def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, **config: Any) -> PreTrainedM
         "pad_token_id": tokenizer.pad_token_id,
     }
     model = Qwen2ForCausalLM(Qwen2Config(**{**options, **config})).eval()
-    # Random weights favour newline tokens; an all-whitespace answer would be stored as
-    # nothing, so the tiny model is told never to emit whitespace-only tokens.
+    return without_whitespace_tokens(model, tokenizer)
+
+
+def without_whitespace_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    """Random weights favour newline tokens; an all-whitespace answer would be stored as
+    nothing, so a tiny model is told never to emit whitespace-only tokens."""
     model.generation_config.suppress_tokens = [
         token_id
         for token, token_id in tokenizer.get_vocab().items()

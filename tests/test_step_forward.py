@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_qwen2
+from conftest import tiny_qwen2, without_whitespace_tokens
+from test_batching import QUESTIONS, run
 from test_packing import DTYPES
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from bot.batching import Batcher
+from bot.engine import Engine
+from bot.kv_cache import PrefixCache
 from bot.packing import pack_linear_weights
 from bot.ragged import Segment, SlotCache, StepLayout
 from bot.step_forward import LeanForward, ModelForward, step_forward
@@ -93,3 +97,19 @@ def test_other_models_and_hooked_ones_run_their_own_forward():
         assert type(step_forward(tiny_llama())) is ModelForward
     finally:
         every_module.remove()
+
+
+def test_a_model_on_its_own_forward_gets_the_answers_of_generate(qwen_tokenizer):
+    """Mistral's layers are Llama's under other names, so it runs its own forward, through
+    `bot.ragged`'s attention, while requests join mid-answer."""
+    torch.manual_seed(0)
+    config = MistralConfig(**{**SHAPE, "vocab_size": len(qwen_tokenizer)}, sliding_window=None,
+                           eos_token_id=qwen_tokenizer.eos_token_id,
+                           pad_token_id=qwen_tokenizer.pad_token_id)  # fmt: skip
+    model = without_whitespace_tokens(MistralForCausalLM(config).eval(), qwen_tokenizer)
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=24)
+    batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
+    assert type(batcher._step_forward) is ModelForward
+    answers = run(batcher, {0: ("a", QUESTIONS[0]), 3: ("b", QUESTIONS[1]), 7: ("c", QUESTIONS[2])})
+    assert [answers[key] for key in "abc"] == [engine.generate([m])[0] for m in QUESTIONS]
+    assert all(answers.values())
