@@ -485,9 +485,10 @@ async def test_a_job_another_worker_holds_is_neither_acknowledged_nor_handed_bac
 ):
     """A worker whose answer ends (or fails) just as another claims its job, before its
     sweep sees the claim, leaves the job to the claimer."""
-    async with gateway(streams) as queue, worker(streams, make_batcher(), "w1") as working:
-        queue.submit(HELLO, user="u1", conversation="c1")
-        await wait_until(lambda: asyncio.sleep(0, bool(working._running)))
+    batcher = make_batcher(max_new_tokens=400)  # still running when it is claimed
+    async with gateway(streams) as queue, worker(streams, batcher, "w1") as working:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(generation))
         [taken] = working._running.values()
         await streams.xclaim(taken.stream, keys.WORKERS_GROUP, "w2", 0, [taken.entry_id])
         await working._hand_back(taken)
