@@ -80,7 +80,8 @@ class ModelForward:
 
 
 class LeanForward:
-    """As `ModelForward`, computing what a Qwen2 or Llama model's forward does, in one loop."""
+    """As `ModelForward`, computing what a Qwen2 or Llama model's forward does, in one loop.
+    It takes the model's layers as they are when it is made: pack or quantize them before."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         inner = model.model
