@@ -33,7 +33,7 @@ class Plan:
     trim_answer_tokens: int
     trim_budget: int  # the prompt's token budget (MAX_CONTEXT_TOKENS less the answer)
     profile_steps: int
-    max_batch: int = 16
+    max_batch: int = Settings.model_fields["max_batch"].default  # the service's
 
 
 FULL = Plan([1, 4, 8, 16], prompt_tokens=200, new_tokens=64, turns=6, turn_tokens=60, flood=20,

@@ -191,7 +191,7 @@ class Settings(BaseSettings):
     max_pending_per_user: int = Field(
         4, ge=1, description="One user's unanswered messages before 'slow down'."
     )
-    max_batch: int = Field(16, ge=1, description="Answers generated together in one batch.")
+    max_batch: int = Field(32, ge=1, description="Answers generated together in one batch.")
     max_step_tokens: int = Field(
         128, ge=16, description="Tokens of work per batch step (prompts prefill in chunks)."
     )

@@ -63,7 +63,7 @@ SCALE_DTYPE = torch.bfloat16  # the fused kernel takes bfloat16 scales with bflo
 KERNEL_DTYPE = torch.bfloat16
 FUSED_MAX_ROWS = 16
 """Rows up to which the kernel beats converting the weight: measured as above, the two
-cross between 16 and 24 rows in bfloat16 (a full decode step at MAX_BATCH's default)."""
+cross between 16 and 24 rows in bfloat16."""
 KERNEL_FEATURES_STEP = 16  # the kernel reads 16 input features at a time
 KERNEL_ALIGNMENT = 32  # bytes, for its aligned vector loads of the rows
 

@@ -58,7 +58,7 @@ def test_defaults() -> None:
     assert settings.max_input_chars == 16000
     assert settings.queue_max == 32
     assert settings.max_pending_per_user == 4
-    assert (settings.max_batch, settings.max_step_tokens, settings.kv_cache_mb) == (16, 128, 512)
+    assert (settings.max_batch, settings.max_step_tokens, settings.kv_cache_mb) == (32, 128, 512)
     assert settings.request_timeout == 300
     assert settings.slack_bot_token is None
     assert settings.discord_bot_token is None
