@@ -92,6 +92,10 @@ def _traffic(traffic: dict) -> str:
         f"| {traffic['p95_over_queued']:.2f} "
         f"| {traffic['latency_p50']:.1f} / {traffic['latency_p95']:.1f} / "
         f"{traffic['latency_max']:.1f} | {traffic['finished']}/{traffic['requests']} |",
+        "",
+        f"At most {traffic['max_in_flight']} requests were answered at once "
+        f"(MAX_BATCH {traffic['max_batch']}); {traffic['arrived_at_full_batch']} arrived while "
+        "the batch was full and waited for a row.",
     ])  # fmt: skip
 
 

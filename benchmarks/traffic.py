@@ -58,6 +58,11 @@ def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
     latency = [timing.done for timing in finished]
     p95 = percentile(ttft, 0.95)
     queued = percentile(queued_prompts(arrivals, idle), 0.95)
+    ends = [
+        at + (timing.done if timing else REQUEST_TIMEOUT)
+        for at, timing in zip(arrivals, results, strict=True)
+    ]
+    in_flight = in_flight_at_arrivals(arrivals, ends)
     return {
         "requests": len(requests),
         "seed": SEED,
@@ -79,6 +84,10 @@ def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
         "timeout_s": REQUEST_TIMEOUT,
         "finished": len(finished),
         "all_finished": len(finished) == len(requests),
+        "max_batch": plan.max_batch,
+        "max_in_flight": max(in_flight) + 1,  # the busiest arrival, itself included
+        # These wait for a row to free before their prompt is read.
+        "arrived_at_full_batch": sum(count >= plan.max_batch for count in in_flight),
     }
 
 
@@ -90,6 +99,12 @@ def queued_prompts(arrivals: list[float], service: float) -> list[float]:
     for gap in (later - earlier for earlier, later in itertools.pairwise(arrivals)):
         waits.append(max(0.0, waits[-1] + service - gap))
     return [wait + service for wait in waits]
+
+
+def in_flight_at_arrivals(arrivals: list[float], ends: list[float]) -> list[int]:
+    """For each request, how many of those before it were still being answered when it
+    arrived (request i runs from `arrivals[i]` to `ends[i]`; arrivals in order)."""
+    return [sum(end > at for end in ends[:i]) for i, at in enumerate(arrivals)]
 
 
 def _requests(plan: Plan, name: str, count: int, *, seed: int) -> list[Request]:

@@ -49,6 +49,8 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     assert traffic["ttft_p95"] <= traffic["latency_max"]
     assert traffic["queued_p95"] >= traffic["idle_ttft"]  # queueing adds to a prompt's own time
     assert traffic["p95_over_queued"] == pytest.approx(traffic["ttft_p95"] / traffic["queued_p95"])
+    assert 1 <= traffic["max_in_flight"] <= traffic["requests"]
+    assert 0 <= traffic["arrived_at_full_batch"] < traffic["requests"]
 
     trim = report["trim_reuse"]
     assert trim["model"] == "bundled"  # --model's, as every section's
@@ -90,6 +92,14 @@ def test_queued_prompts_wait_for_the_ones_before_them(arrivals, expected):
     from benchmarks.traffic import queued_prompts
 
     assert queued_prompts(arrivals, service=1.0) == pytest.approx(expected)
+
+
+def test_in_flight_counts_the_earlier_requests_still_running_at_each_arrival():
+    from benchmarks.traffic import in_flight_at_arrivals
+
+    # The second arrives during the first; the third after the first ended, during the second.
+    assert in_flight_at_arrivals([0, 1, 3], ends=[2, 5, 4]) == [0, 1, 1]
+    assert in_flight_at_arrivals([0, 0, 0], ends=[1, 1, 1]) == [0, 1, 2]
 
 
 def _sweep_rows(concurrency: list[int]) -> list[dict]:
