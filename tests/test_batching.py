@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import answer_alone, tiny_qwen2
 
-from bot.batching import Batcher, Update
+from bot.batching import PREFILL_FIRST_STEPS, Batcher, Update
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.loading import ModelSource, refuse_unservable
@@ -75,14 +75,24 @@ def test_requests_joining_mid_answer_get_the_same_tokens_as_alone(make_batcher):
 
 
 def test_running_answers_keep_flowing_while_a_long_prompt_prefills(make_batcher):
-    batcher = make_batcher(step_tokens=16, max_new_tokens=40)
+    """Prompts come first: the running answers sit out `PREFILL_FIRST_STEPS` steps in a row
+    while a prompt is read with the whole step, then ride along with its next chunk."""
+    batcher = make_batcher(step_tokens=32, max_new_tokens=40)
     batcher.join("short", QUESTIONS[0], conversation="short")
     batcher.step()  # "short" has its first token and is decoding
-    batcher.join("long", QUESTIONS[2], conversation="long")
-    keys_per_step = [[update.key for update in batcher.step()] for _ in range(8)]
+    batcher.join("long", [{"role": "user", "content": LONG * 2}], conversation="long")
+    keys_per_step, read_per_step = [], []
+    for _ in range(12):
+        read = batcher.stats.prefilled
+        keys_per_step.append([update.key for update in batcher.step()])
+        read_per_step.append(batcher.stats.prefilled - read)
     prefill_steps = next(step for step, keys in enumerate(keys_per_step) if "long" in keys)
-    assert prefill_steps >= 4  # its prompt took several chunks...
-    assert keys_per_step[:prefill_steps] == [["short"]] * prefill_steps  # ...and "short" went on
+    assert prefill_steps >= 4  # its prompt took several chunks
+    assert keys_per_step[0] == []  # the prompt went first...
+    rounds = [[]] * PREFILL_FIRST_STEPS + [["short"]]  # ...and "short" went on, slowed
+    assert keys_per_step[:prefill_steps] == (rounds * prefill_steps)[:prefill_steps]
+    # the whole budget while "short" sits out; all but its token while it rides along
+    assert read_per_step[: PREFILL_FIRST_STEPS + 1] == [32] * PREFILL_FIRST_STEPS + [31]
 
 
 def test_the_next_turn_prefills_only_its_new_tokens(make_batcher):
