@@ -266,8 +266,8 @@ class Batcher:
 
     @torch.inference_mode()
     def step(self) -> list[Update]:
-        """Advance every request by one forward: one token for every decoding row, and a
-        chunk for the prompts being prefilled."""
+        """Advance the batch by one forward: a token for every decoding row (unless they
+        sit this step out for the prompts: `_decoding`), and a chunk for the prompts."""
         self.stats.steps += 1
         decoding = self._decoding()
         chunks = self._prefill_chunks(self.step_tokens - len(decoding))
