@@ -66,7 +66,7 @@ MIN_PREFILL_CHUNK = 16
 """Prompts advance by at least this many tokens a step, however full the batch."""
 PREFILL_FIRST_STEPS = 2
 """While prompts wait to be read, running answers sit out at most this many steps in a row:
-a 200-token prompt is read in two chunks of 128 with no answer beside it."""
+a 200-token prompt is read in its two chunks (128 tokens, then 72) with no answer beside it."""
 BATCH_MEMORY_SHARE = 0.4
 """The share of the free memory that the default `max_batch_tokens` gives the batch's KV
 cache. Growing the slot cache copies it, so the old and new ones are briefly both alive:
