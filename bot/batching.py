@@ -22,10 +22,11 @@ shortest first, so a long prompt is prefilled chunk by chunk while the running a
 flowing, and a short prompt that arrives meanwhile is answered after one chunk.
 
 Prompts come first: while one waits to be read, the running answers sit out up to
-`PREFILL_FIRST_STEPS` steps in a row, so those steps read prompts alone, with the whole
-budget. A chunk is compute-bound on a CPU, and each answer riding along costs it a whole
-token's compute: on 2 cores of an AMD EPYC (Qwen2.5-0.5B's shape, bfloat16), about 8
-answers made a 104-token chunk's step about 10% slower. Under Poisson traffic at 70% of
+`prefill_first_steps` steps in a row (the setting `PREFILL_FIRST_STEPS`), so those steps
+read prompts alone, with the whole budget. A chunk is compute-bound on a CPU, and each
+answer riding along costs it a whole token's compute: on 2 cores of an AMD EPYC
+(Qwen2.5-0.5B's shape, bfloat16), about 8 answers made a 104-token chunk's step about 10%
+slower. Under Poisson traffic at 70% of
 capacity (the bench's), the p95 time to first token came lower in 7 of 8 paired runs (by
 8-34%; 11% higher in the eighth), and so did the p95 of 16 prompts arriving at once (in
 all 7), at the same throughput. What it costs the answers, a pause of two chunks (about
@@ -66,7 +67,10 @@ MIN_PREFILL_CHUNK = 16
 """Prompts advance by at least this many tokens a step, however full the batch."""
 PREFILL_FIRST_STEPS = 2
 """While prompts wait to be read, running answers sit out at most this many steps in a row:
-a 200-token prompt is read in its two chunks (128 tokens, then 72) with no answer beside it."""
+a 200-token prompt is read in its two chunks (128 tokens, then 72) with no answer beside it.
+Where a batch is near its machine's capacity, the answers pay for it: held to AVX2 kernels
+in float32, the p95 first token came 5-33% sooner and the answers' p50 13-63% later (three
+pairs of runs at the bench's traffic), so `PREFILL_FIRST_STEPS=0` is a setting to try there."""
 BATCH_MEMORY_SHARE = 0.4
 """The share of the free memory that the default `max_batch_tokens` gives the batch's KV
 cache. Growing the slot cache copies it, so the old and new ones are briefly both alive:
@@ -156,16 +160,19 @@ class Batcher:
         step_tokens: int,
         prefix_cache: PrefixCache,
         max_batch_tokens: int | None = None,
+        prefill_first_steps: int = PREFILL_FIRST_STEPS,
         metrics: Metrics | None = None,
     ) -> None:
         """`max_batch_tokens`: the batch's KV cache at its widest, padding counted (None:
-        no bound)."""
+        no bound). `prefill_first_steps`: the steps in a row that running answers sit out
+        while prompts wait to be read (0: none)."""
         self.engine = engine
         self.metrics = metrics if metrics is not None else Metrics()
         self.model = engine.model
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self.step_tokens = step_tokens
+        self.prefill_first_steps = prefill_first_steps
         self.prefix_cache = prefix_cache
         self.sampler = Sampler(self.model.generation_config, device=self.model.device)
         self.end_ids = end_token_ids(self.model.generation_config)
@@ -295,10 +302,10 @@ class Batcher:
 
     def _decoding(self) -> list[_Sequence]:
         """The answers that take their next token this step: none while prompts wait to be
-        read, unless they have sat out `PREFILL_FIRST_STEPS` steps in a row."""
+        read, unless they have sat out `prefill_first_steps` steps in a row."""
         decoding = [sequence for sequence in self._sequences if sequence.answer]
         reading = len(decoding) < len(self._sequences)
-        if decoding and reading and self._answers_sat_out < PREFILL_FIRST_STEPS:
+        if decoding and reading and self._answers_sat_out < self.prefill_first_steps:
             self._answers_sat_out += 1
             return []
         self._answers_sat_out = 0

@@ -195,6 +195,9 @@ class Settings(BaseSettings):
     max_step_tokens: int = Field(
         128, ge=16, description="Tokens of work per batch step (prompts prefill in chunks)."
     )
+    prefill_first_steps: int = Field(
+        2, ge=0, description="Steps in a row the running answers sit out while a prompt waits."
+    )
     kv_cache_mb: int = Field(
         512, ge=0, description="Memory for idle conversations' KV caches (0: none kept)."
     )

@@ -204,6 +204,7 @@ async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[
         engine=engine,
         max_batch=settings.max_batch,
         step_tokens=settings.max_step_tokens,
+        prefill_first_steps=settings.prefill_first_steps,
         prefix_cache=PrefixCache(idle_cache_bytes),
         max_batch_tokens=settings.max_batch_tokens
         or batch_tokens_for_memory(engine, idle_cache_bytes),

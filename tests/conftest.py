@@ -210,6 +210,7 @@ def make_batcher(make_engine: Any):
         step_tokens: int = 64,
         kv_cache_mb: float = 16,
         max_batch_tokens: int | None = None,
+        prefill_first_steps: int = 2,
         metrics: Any = None,
         **options,
     ):
@@ -219,6 +220,7 @@ def make_batcher(make_engine: Any):
             step_tokens=step_tokens,
             prefix_cache=PrefixCache(int(kv_cache_mb * 2**20)),
             max_batch_tokens=max_batch_tokens,
+            prefill_first_steps=prefill_first_steps,
             metrics=metrics,
         )
 

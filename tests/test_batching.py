@@ -74,10 +74,12 @@ def test_requests_joining_mid_answer_get_the_same_tokens_as_alone(make_batcher):
     assert len(batcher) == 0
 
 
-def test_running_answers_keep_flowing_while_a_long_prompt_prefills(make_batcher):
-    """Prompts come first: the running answers sit out `PREFILL_FIRST_STEPS` steps in a row
-    while a prompt is read with the whole step, then ride along with its next chunk."""
-    batcher = make_batcher(step_tokens=32, max_new_tokens=40)
+@pytest.mark.parametrize("sit_out", [PREFILL_FIRST_STEPS, 0])
+def test_running_answers_keep_flowing_while_a_long_prompt_prefills(make_batcher, sit_out):
+    """Prompts come first: the running answers sit out `prefill_first_steps` steps in a row
+    while a prompt is read with the whole step, then ride along with its next chunk (at 0,
+    with every chunk)."""
+    batcher = make_batcher(step_tokens=32, max_new_tokens=40, prefill_first_steps=sit_out)
     batcher.join("short", QUESTIONS[0], conversation="short")
     batcher.step()  # "short" has its first token and is decoding
     batcher.join("long", [{"role": "user", "content": LONG * 2}], conversation="long")
@@ -88,11 +90,10 @@ def test_running_answers_keep_flowing_while_a_long_prompt_prefills(make_batcher)
         read_per_step.append(batcher.stats.prefilled - read)
     prefill_steps = next(step for step, keys in enumerate(keys_per_step) if "long" in keys)
     assert prefill_steps >= 4  # its prompt took several chunks
-    assert keys_per_step[0] == []  # the prompt went first...
-    rounds = [[]] * PREFILL_FIRST_STEPS + [["short"]]  # ...and "short" went on, slowed
+    rounds = [[]] * sit_out + [["short"]]  # the prompt went first, and "short" went on
     assert keys_per_step[:prefill_steps] == (rounds * prefill_steps)[:prefill_steps]
     # the whole budget while "short" sits out; all but its token while it rides along
-    assert read_per_step[: PREFILL_FIRST_STEPS + 1] == [32] * PREFILL_FIRST_STEPS + [31]
+    assert read_per_step[: sit_out + 1] == [32] * sit_out + [31]
 
 
 def test_the_next_turn_prefills_only_its_new_tokens(make_batcher):

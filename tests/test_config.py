@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from bot.batching import PREFILL_FIRST_STEPS
 from bot.config import (
     ConfigError,
     Settings,
@@ -59,6 +60,7 @@ def test_defaults() -> None:
     assert settings.queue_max == 32
     assert settings.max_pending_per_user == 4
     assert (settings.max_batch, settings.max_step_tokens, settings.kv_cache_mb) == (32, 128, 512)
+    assert settings.prefill_first_steps == PREFILL_FIRST_STEPS  # the batcher's own default
     assert settings.request_timeout == 300
     assert settings.slack_bot_token is None
     assert settings.discord_bot_token is None
@@ -172,6 +174,7 @@ def test_other_variables_and_exact_settings_are_not_taken_for_typos() -> None:
         ("QUEUE_MAX", "0"),
         ("MAX_BATCH", "0"),
         ("MAX_STEP_TOKENS", "8"),
+        ("PREFILL_FIRST_STEPS", "-1"),
         ("KV_CACHE_MB", "-1"),
         ("MAX_PENDING_PER_USER", "0"),
         ("REQUEST_TIMEOUT", "-1"),

@@ -367,6 +367,20 @@ async def test_build_info_names_the_model_inference_url_serves():
     assert build_info(metrics) == expected
 
 
+async def test_the_batch_settings_reach_the_batcher(tmp_path, tiny_model, qwen_tokenizer):
+    """MAX_BATCH, MAX_STEP_TOKENS and PREFILL_FIRST_STEPS, as the model's loader and queue
+    are put together for a process that answers."""
+    tiny_model.save_pretrained(tmp_path)
+    qwen_tokenizer.save_pretrained(tmp_path)
+    settings = Settings(
+        _env_file=None, model=str(tmp_path), max_batch=3, max_step_tokens=48,
+        prefill_first_steps=0,
+    )  # fmt: skip
+    async with open_answering(settings, Metrics()) as answering:
+        batcher = answering.queue.batcher
+        assert (batcher.max_batch, batcher.step_tokens, batcher.prefill_first_steps) == (3, 48, 0)
+
+
 async def test_build_info_of_a_gateway_names_the_workers_model(
     redis_url, tmp_path, tiny_model, qwen_tokenizer
 ):
