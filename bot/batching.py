@@ -26,12 +26,12 @@ Prompts come first: while one waits to be read, the running answers sit out up t
 read prompts alone, with the whole budget. A chunk is compute-bound on a CPU, and each
 answer riding along costs it a whole token's compute: on 2 cores of an AMD EPYC
 (Qwen2.5-0.5B's shape, bfloat16), about 8 answers made a 104-token chunk's step about 10%
-slower. Under Poisson traffic at 70% of
-capacity (the bench's), the p95 time to first token came lower in 7 of 8 paired runs (by
-8-34%; 11% higher in the eighth), and so did the p95 of 16 prompts arriving at once (in
-all 7), at the same throughput. What it costs the answers, a pause of two chunks (about
-0.6 s there), is under the 1-1.5 s between a stream's edits in Slack and Discord, and the
-third step always carries them: a long prompt slows the answers beside it, never stops them.
+slower. Under Poisson traffic at 70% of capacity (the bench's), the p95 time to first
+token came lower in 7 of 8 paired runs (by 8-34%; 11% higher in the eighth), and so did
+the p95 of 16 prompts arriving at once (in all 7), at the same throughput. What it costs
+the answers, a pause of two chunks (about 0.6 s there), is under the 1-1.5 s between a
+stream's edits in Slack and Discord, and the third step always carries them: a long prompt
+slows the answers beside it, never stops them.
 
 Live KV memory is slots * the longest row, so admission is by tokens: a request joins only
 while (rows after it joins) * (the longest row's prompt + answer, at its longest) stays

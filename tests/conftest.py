@@ -201,7 +201,7 @@ def bundled_batcher(bundled_engine: Any):
 @pytest.fixture
 def make_batcher(make_engine: Any):
     """Batchers over the tiny model; keyword options go to the Engine and the Batcher."""
-    from bot.batching import Batcher
+    from bot.batching import PREFILL_FIRST_STEPS, Batcher
     from bot.kv_cache import PrefixCache
 
     def make(
@@ -210,7 +210,7 @@ def make_batcher(make_engine: Any):
         step_tokens: int = 64,
         kv_cache_mb: float = 16,
         max_batch_tokens: int | None = None,
-        prefill_first_steps: int = 2,
+        prefill_first_steps: int = PREFILL_FIRST_STEPS,
         metrics: Any = None,
         **options,
     ):
