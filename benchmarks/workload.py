@@ -34,6 +34,7 @@ class Plan:
     trim_budget: int  # the prompt's token budget (MAX_CONTEXT_TOKENS less the answer)
     profile_steps: int
     max_batch: int = Settings.model_fields["max_batch"].default  # the service's
+    prefill_first_steps: int = Settings.model_fields["prefill_first_steps"].default
 
 
 FULL = Plan([1, 4, 8, 16], prompt_tokens=200, new_tokens=64, turns=6, turn_tokens=60, flood=20,
@@ -71,6 +72,7 @@ def make_batcher(engine: Engine, plan: Plan, *, kv_cache_mb: int = 512) -> Batch
         engine=engine,
         max_batch=plan.max_batch,
         step_tokens=STEP_TOKENS,
+        prefill_first_steps=plan.prefill_first_steps,
         prefix_cache=PrefixCache(kv_cache_mb * 2**20),
     )
 

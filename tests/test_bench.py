@@ -80,6 +80,37 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
         assert section in out
 
 
+@pytest.mark.slow
+def test_prompts_first_alternates_its_values_round_by_round(bundled_engine, bench_dir, capsys):
+    """`python -m benchmarks.prompts_first`: the same traffic with each PREFILL_FIRST_STEPS
+    value, in turn, the order reversed every other round; each value reaches the batcher."""
+    from dataclasses import replace
+
+    from benchmarks import prompts_first
+    from benchmarks.workload import QUICK, make_batcher
+
+    off = make_batcher(bundled_engine, replace(QUICK, prefill_first_steps=0))
+    assert off.prefill_first_steps == 0
+    out = bench_dir / "out"
+    argv = ["--model", "bundled", "--quick", "--rounds", "2", "--out", str(out)]
+    assert prompts_first.main(argv) == 0
+    report = json.loads((out / "prompts_first.json").read_text())
+
+    assert report["machine"]["cores"] >= 1 and report["plan"]["traffic_requests"] == 6
+    assert 0 < report["rate_rps"] < report["capacity_rps"]
+    runs = report["runs"]
+    assert [(run["round"], run["prefill_first_steps"]) for run in runs] == [
+        (0, 0), (0, 2), (1, 2), (1, 0)
+    ]  # fmt: skip
+    for run in runs:
+        assert run["finished"] == run["requests"] == QUICK.traffic_requests
+        assert run["idle_ttft"] > 0 and run["ttft_p50"] <= run["ttft_p95"]
+    printed = capsys.readouterr().out
+    assert printed.startswith("Machine: ") and "| 2 | 0 |" in printed  # round 2, value 0
+    with pytest.raises(SystemExit):
+        prompts_first.main(["--rounds", "0"])  # refused before any model is loaded
+
+
 @pytest.mark.parametrize(
     ("arrivals", "expected"),
     [
