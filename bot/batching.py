@@ -68,9 +68,10 @@ MIN_PREFILL_CHUNK = 16
 PREFILL_FIRST_STEPS = 2
 """While prompts wait to be read, running answers sit out at most this many steps in a row:
 a 200-token prompt is read in its two chunks (128 tokens, then 72) with no answer beside it.
-Where a batch is near its machine's capacity, the answers pay for it: held to AVX2 kernels
-in float32, the p95 first token came 5-33% sooner and the answers' p50 13-63% later (three
-pairs of runs at the bench's traffic), so `PREFILL_FIRST_STEPS=0` is a setting to try there."""
+The answers pay for it in their own time: at the bench's traffic, held to AVX2 kernels in
+float32, the p95 first token came 5-33% sooner and the answers' p50 3-63% later (five
+pairs); in bfloat16, 0-8% sooner and 14-23% later (two). `PREFILL_FIRST_STEPS=0` turns it
+off (README, "Prompts come first")."""
 BATCH_MEMORY_SHARE = 0.4
 """The share of the free memory that the default `max_batch_tokens` gives the batch's KV
 cache. Growing the slot cache copies it, so the old and new ones are briefly both alive:
