@@ -10,24 +10,37 @@ values alternate, and each round compares them side by side. Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import sys
-from pathlib import Path
 
 from benchmarks.machine import describe, headline
 from benchmarks.serving import load_engine, pack
 from benchmarks.traffic import LOAD, realistic_traffic
-from benchmarks.workload import FULL, QUICK, Plan, make_batcher, queued, summary, sweep_requests
+from benchmarks.workload import (
+    FULL,
+    QUICK,
+    Plan,
+    bench_arguments,
+    make_batcher,
+    queued,
+    summary,
+    sweep_requests,
+)
 from bot.device import on_own_thread
 from bot.engine import Engine
 
 REPORTED = (
-    "idle_ttft", "ttft_p50", "ttft_p95", "p95_over_idle", "latency_p50", "max_in_flight",
-    "finished", "requests",
-)  # fmt: skip
+    "idle_ttft",
+    "ttft_p50",
+    "ttft_p95",
+    "p95_over_idle",
+    "latency_p50",
+    "max_in_flight",
+    "finished",
+    "requests",
+)
 
 
 def capacity_rps(engine: Engine, plan: Plan) -> float:
@@ -70,12 +83,9 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a model as MODEL takes it; unset: Qwen2.5-0.5B's shape")
-    parser.add_argument("--quick", action="store_true", help="a small run (a smoke test)")
+    parser = bench_arguments(__doc__, quick="a small run (a smoke test)")
     parser.add_argument("--values", type=int, nargs="+", default=[0, 2], metavar="STEPS")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or min(args.values) < 0:
         parser.error("--rounds must be at least 1, and every value 0 or more")

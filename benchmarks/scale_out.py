@@ -33,7 +33,6 @@ and writes `scale_out.json` to `--out`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -56,7 +55,7 @@ from benchmarks import workload
 from benchmarks.machine import describe, headline
 from benchmarks.serving import force_length, qwen_tokenizer_files, random_qwen
 from benchmarks.worker_process import WorkerProcess
-from benchmarks.workload import Plan, opening, say, sent, summary
+from benchmarks.workload import Plan, bench_arguments, opening, say, sent, summary
 from bot.config import Settings
 from bot.device import on_own_thread, pick_dtype
 from bot.job_queue import JobQueue
@@ -391,10 +390,7 @@ def _spread(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a model as MODEL takes it; unset: Qwen2.5-0.5B's shape")
-    parser.add_argument("--quick", action="store_true", help="a tiny model, a small run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser = bench_arguments(__doc__, quick="a tiny model, a small run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # A SIGTERM unwinds as an exception does, so the workers are stopped.

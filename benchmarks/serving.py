@@ -16,7 +16,6 @@ writes `bench.json` and `bench.png` to `--out`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import json
@@ -45,6 +44,7 @@ from benchmarks.workload import (
     Plan,
     Timing,
     answered,
+    bench_arguments,
     make_batcher,
     opening,
     queued,
@@ -311,10 +311,7 @@ def roofline(sweep_rows: list[dict], plan: Plan, per_token: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a model as MODEL takes it; unset: Qwen2.5-0.5B's shape")
-    parser.add_argument("--quick", action="store_true", help="a small run (a smoke test)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser = bench_arguments(__doc__, quick="a small run (a smoke test)")
     parser.add_argument(
         "--peer", choices=[PEER], help="also run llama.cpp's server on the same requests"
     )

@@ -3,10 +3,12 @@ through our queue with their times recorded."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from bot.batching import Batcher
 from bot.config import Settings
@@ -43,6 +45,17 @@ FULL = Plan([1, 4, 8, 16], prompt_tokens=200, new_tokens=64, turns=6, turn_token
 QUICK = Plan([1, 2], prompt_tokens=40, new_tokens=8, turns=2, turn_tokens=20, flood=4, others=2,
              traffic_requests=6, trim_turns=10, trim_turn_tokens=10, trim_answer_tokens=4,
              trim_budget=300, profile_steps=5)  # fmt: skip
+
+
+def bench_arguments(doc: str, *, quick: str) -> argparse.ArgumentParser:
+    """A bench's command line, described by the first line of its module's `doc`, with
+    the options every bench on our queue takes: --model, --quick (`quick` says what it
+    runs) and --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--model", help="a model as MODEL takes it; unset: Qwen2.5-0.5B's shape")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser
 
 
 def say(message: str) -> None:
