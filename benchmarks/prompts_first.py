@@ -22,9 +22,8 @@ from benchmarks.workload import (
     FULL,
     QUICK,
     Plan,
+    at_once,
     bench_arguments,
-    make_batcher,
-    queued,
     summary,
     sweep_requests,
 )
@@ -46,8 +45,7 @@ REPORTED = (
 def capacity_rps(engine: Engine, plan: Plan) -> float:
     """Requests a second that the sweep's top N at once are served at (the bench's own)."""
     requests = sweep_requests(plan)[: max(plan.concurrency)]
-    batch = [(f"user{i}", f"capacity-{i}", messages) for i, messages in enumerate(requests)]
-    served = summary(queued(make_batcher(engine, plan), batch), plan.new_tokens)
+    served = summary(at_once(engine, plan, requests, "capacity"), plan.new_tokens)
     return served["tok_s"] / plan.new_tokens
 
 

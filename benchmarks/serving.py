@@ -44,6 +44,7 @@ from benchmarks.workload import (
     Plan,
     Timing,
     answered,
+    at_once,
     bench_arguments,
     make_batcher,
     opening,
@@ -202,9 +203,8 @@ def sweep(
         say(f"concurrency sweep: the static-batch ceiling, one generate over {n} ...")
         ceiling = on_own_thread(static_batch, engine, requests[:n], plan.new_tokens)
         say(f"concurrency sweep: our queue with {n} at once ...")
-        batch = [(f"user{i}", f"c{n}-{i}", requests[i]) for i in range(n)]
         with PeakRss() as ours_rss:
-            ours = queued(make_batcher(engine, plan), batch)
+            ours = at_once(engine, plan, requests[:n], f"c{n}")
         base = summary(seed_timings[:n], plan.new_tokens)
         mine = summary(ours, plan.new_tokens)
         rows.append({

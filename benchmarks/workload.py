@@ -153,3 +153,10 @@ async def sent(
 def queued(batcher: Batcher, requests: list[tuple[str, str, list[dict]]]) -> list[Timing]:
     """`answered`, run to its end from synchronous code: the times only."""
     return asyncio.run(answered(batcher, requests))[0]
+
+
+def at_once(engine: Engine, plan: Plan, requests: list[list[dict]], name: str) -> list[Timing]:
+    """`requests` sent together to a fresh batcher, each its own user's conversation
+    (`name`-i): the sweep's N at once."""
+    batch = [(f"user{i}", f"{name}-{i}", messages) for i, messages in enumerate(requests)]
+    return queued(make_batcher(engine, plan), batch)
