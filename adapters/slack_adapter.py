@@ -20,7 +20,7 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -71,7 +71,7 @@ NAME_LOOKUPS = 10  # users.info calls made at once (Tier 4: 100+ a minute)
 ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast"}
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
-PEOPLE_CACHE_SIZE = 1000
+PEOPLE_CACHE_SIZE = 1000  # names remembered, each of people and channels
 EVENTS_PATH = "/slack/events"
 GROUP_DM = "mpim"  # the channel_type of a group DM: answered as a channel is, in threads
 ASSISTANT_THREAD_ROOT = "assistant_app_thread"  # the subtype of an assistant thread's first message
@@ -552,20 +552,18 @@ class SlackAdapter(Adapter):
         if event.get("channel_type") == GROUP_DM:  # conversations.info would need mpim:read
             return "a group direct message"
         channel = event["channel"]
-        if channel not in self.channel_names:
-            if len(self.channel_names) >= PEOPLE_CACHE_SIZE:
-                del self.channel_names[next(iter(self.channel_names))]
-            try:
-                async with asyncio.timeout_at(deadline):
-                    info = await self.app.client.conversations_info(channel=channel)
-                self.channel_names[channel] = f"#{info['channel']['name']}"
-            except TimeoutError:
-                logger.info("conversations.info: no name in time for %s", channel)
-                return channel
-            except Exception:  # e.g. an app installed before it asked for channels:read
-                logger.warning("conversations.info failed for %s", channel, exc_info=True)
-                self.channel_names[channel] = channel  # not asked again at every message
-        return self.channel_names[channel]
+        if (name := self.channel_names.get(channel)) is not None:
+            return name
+        try:
+            async with asyncio.timeout_at(deadline):
+                info = await self.app.client.conversations_info(channel=channel)
+        except TimeoutError:
+            logger.info("conversations.info: no name in time for %s", channel)
+            return channel
+        except Exception:  # e.g. an app installed before it asked for channels:read
+            logger.warning("conversations.info failed for %s", channel, exc_info=True)
+            return _remember(self.channel_names, channel, channel)  # not asked at every message
+        return _remember(self.channel_names, channel, f"#{info['channel']['name']}")
 
     async def _stranger(
         self,
@@ -597,24 +595,34 @@ class SlackAdapter(Adapter):
     async def _person(self, user: str, deadline: float | None = None) -> Person | None:
         """The user's name and whether they are a stranger; None if users.info fails or
         has not answered by `deadline` (asked again next time)."""
-        if user not in self.people:
-            if len(self.people) >= PEOPLE_CACHE_SIZE:
-                del self.people[next(iter(self.people))]  # forget the oldest
-            try:
-                async with asyncio.timeout_at(deadline):
-                    profile = (await self.app.client.users_info(user=user))["user"]
-            except Exception:
-                logger.debug("users.info failed for %s", user, exc_info=True)
-                return None
-            name = (
-                profile.get("profile", {}).get("display_name")
-                or profile.get("real_name")
-                or profile.get("name")
-                or user
-            )
-            enterprise = profile.get("enterprise_user", {}).get("enterprise_id")
-            self.people[user] = Person(name, bool(profile.get("is_stranger")), enterprise)
-        return self.people[user]
+        if (person := self.people.get(user)) is not None:
+            return person
+        try:
+            async with asyncio.timeout_at(deadline):
+                profile = (await self.app.client.users_info(user=user))["user"]
+        except Exception:
+            logger.debug("users.info failed for %s", user, exc_info=True)
+            return None
+        name = (
+            profile.get("profile", {}).get("display_name")
+            or profile.get("real_name")
+            or profile.get("name")
+            or user
+        )
+        enterprise = profile.get("enterprise_user", {}).get("enterprise_id")
+        person = Person(name, bool(profile.get("is_stranger")), enterprise)
+        return _remember(self.people, user, person)
+
+
+Cached = TypeVar("Cached")
+
+
+def _remember(cache: dict[str, Cached], key: str, value: Cached) -> Cached:
+    """`value`, kept in `cache` under `key`; the oldest entry forgotten once it is full."""
+    if len(cache) >= PEOPLE_CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
 
 
 def _mentioned(text: str) -> set[str]:

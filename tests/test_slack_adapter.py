@@ -26,6 +26,7 @@ from conftest import (
 )
 from fake_slack import FakeSlack
 
+from adapters import slack_adapter
 from adapters.base import AdapterError
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, THREAD_CONTEXT_LIMIT, SlackAdapter
 from adapters.slack_files import SlackDownloadRefused, slack_attachments
@@ -317,6 +318,20 @@ async def test_a_personas_channel_name_is_asked_once_and_needs_its_scope(
     where = "#c0001" if granted else "C0001"
     assert {p[0]["content"] for p in batcher.prompts} == {f"You are in {where}."}
     assert len(slack.calls_to("conversations.info")) == 1
+
+
+async def test_names_are_remembered_up_to_a_bound(slack, socket_mode, monkeypatch):
+    """Channel names (and people, the same way) are kept oldest first, at most
+    PEOPLE_CACHE_SIZE: past it the oldest is forgotten, and asked for again."""
+    monkeypatch.setattr(slack_adapter, "PEOPLE_CACHE_SIZE", 1)
+    async with socket_mode(system_prompt="You are in {channel_name}.") as (_service, batcher):
+        for channel in ("C0001", "C0001", "C0002", "C0001"):
+            mention = slack.app_mention(channel, "hello")
+            await slack.send_event(mention)
+            await final_reply(slack, channel, mention["ts"])
+    asked = [call.params["channel"] for call in slack.calls_to("conversations.info")]
+    assert asked == ["C0001", "C0002", "C0001"]
+    assert [p[0]["content"] for p in batcher.prompts][-1] == "You are in #c0001."
 
 
 @pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
