@@ -7,7 +7,6 @@ in the right thread), a renderer (Markdown to the platform's markup) and its len
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 
 from adapters.text import split_message
 from bot import replies
+from bot.waiting import set_within
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +275,7 @@ class StreamingReply:
 
     async def _keep_typing(self) -> None:
         for _ in range(self.typing_repeats):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._text_shown.wait(), self.typing_interval)
+            if await set_within(self._text_shown, self.typing_interval):
                 return
             try:
                 await self.target.typing()

@@ -38,11 +38,11 @@ from bot.jobs import (
     job_counts,
     pick_worker,
     roll_call,
-    set_within,
 )
 from bot.metrics import Metrics
 from bot.queue import Generation, QueueFull, QueuePlace
 from bot.types import ChatMessage
+from bot.waiting import set_within
 from storage import keys
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,6 @@ a job is sent under its request's record, and a retry finds the record and sends
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -155,10 +153,3 @@ async def job_counts(redis: Redis, streams: list[str]) -> JobCounts:
         held += length
         waiting += max(length - running, 0)
     return JobCounts(waiting, held)
-
-
-async def set_within(event: asyncio.Event, seconds: float) -> bool:
-    """Whether `event` is set, waiting for it at most `seconds`."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
-    return event.is_set()

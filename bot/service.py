@@ -42,6 +42,7 @@ from bot.queue import (
 from bot.team import Team
 from bot.turn_report import Generated, report_answered
 from bot.types import ADMIN_COMMANDS, ChatMessage, ConversationKey, ReplySink, Turn
+from bot.waiting import set_within
 from storage.errors import is_outage
 from storage.limits import Limits
 from storage.locks import ConversationLocks
@@ -191,8 +192,7 @@ class ChatService:
                     logger.warning("storage unavailable; retrying: %s", error)
                     outage = True
             self._resume_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._resume_now.wait(), self.journal.lease_seconds / 3)
+            await set_within(self._resume_now, self.journal.lease_seconds / 3)
 
     async def resume(self) -> None:
         """Renew our lease, and (unless stopping) start answering the pending turns we may

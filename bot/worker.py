@@ -39,10 +39,10 @@ from bot.jobs import (
     Roll,
     entry_age,
     roll_call,
-    set_within,
 )
 from bot.metrics import Metrics
 from bot.queue import Generation, Inference, InferenceCancelled
+from bot.waiting import set_within
 from storage import keys
 
 logger = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
 
+from bot.waiting import set_within
 from storage import keys
 
 logger = logging.getLogger(__name__)
@@ -92,10 +93,7 @@ class ConversationLocks:
     async def _renew(self, lease: Lock, released: asyncio.Event) -> None:
         """Renew the lease a third of the way through each term, until released. (A flag
         stops it, not a cancel: redis-py's own `wait_for` may swallow one.)"""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(released.wait(), self.lease_s / 3)
-                return
+        while not await set_within(released, self.lease_s / 3):
             try:
                 await lease.reacquire()
             except (LockError, RedisError) as error:  # the turn goes on; it may overlap
