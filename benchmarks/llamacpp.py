@@ -1,7 +1,8 @@
 """llama.cpp's own server as the serving benchmark's peer: what Ollama and LM Studio run.
 
     python -m benchmarks.llamacpp     # build the server once into the shared cache
-    peer_sweep(model, tokenizer, prompts, [1, 4, 8, 16], 64, work_dir=..., threads=2, say=print)
+    peer = prepare_peer(model, tokenizer, work_dir=..., threads=2, say=print)
+    peer_sweep(peer, prompts, [1, 4, 8, 16], 64, say=print)
 
 The server is built from the llama.cpp tree that the sdist of llama-cpp-python 0.3.36
 vendors (CPU only, tuned to this machine; about 15 CPU-minutes, once). The benchmark's own model is
@@ -87,34 +88,57 @@ def server_path(work_dir: Path) -> Path:
     return work_dir / "llama-server"
 
 
-def peer_sweep(
+@dataclass
+class Peer:
+    """A built llama-server and the benchmark's model as its GGUF, ready to serve."""
+
+    server: Path
+    weights: Path
+    work_dir: Path
+    threads: int
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list[Timing]:
+        """All `prompts` sent at once to a server started for them, with a slot each (room
+        for the longest prompt and its answer); their timings. The server stops after."""
+        context = len(prompts) * (max(map(len, prompts)) + new_tokens)
+        options = server_options(self.weights, slots=len(prompts), context=context,
+                                 threads=self.threads)  # fmt: skip
+        log = self.work_dir / "logs" / f"server-{len(prompts)}.log"
+        with running_server(self.server, options, log=log) as port:
+            timings = send_all(port, prompts, new_tokens)
+        if short := [timing.tokens for timing in timings if timing.tokens < new_tokens]:
+            raise PeerUnavailable(f"llama-server stopped answers at {short} of {new_tokens} tokens")
+        return timings
+
+
+def prepare_peer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    concurrency: list[int],
-    new_tokens: int,
     *,
     work_dir: Path,
     threads: int,
+    say: Callable[[str], None],
+) -> Peer:
+    """The server built (once) and `model` converted (once per weights), in `work_dir`."""
+    server = build_server(work_dir, say)
+    return Peer(server, convert(model, tokenizer, work_dir, say), work_dir, threads)
+
+
+def peer_sweep(
+    peer: Peer,
+    prompts: list[list[int]],
+    concurrency: list[int],
+    new_tokens: int,
     say: Callable[[str], None],
 ) -> list[dict]:
     """One dict per N: {"n", "tok_s", "ttft_p50", "ttft_p95"}; the N-run uses the first N
     prompts, all sent at once to a server with N slots."""
     if max(concurrency) > len(prompts):
         raise ValueError(f"{max(concurrency)} requests at once need as many prompts")
-    server = build_server(work_dir, say)
-    weights = convert(model, tokenizer, work_dir, say)
     rows = []
     for n in concurrency:
-        batch = prompts[:n]
-        context = n * (max(map(len, batch)) + new_tokens)
-        say(f"llama.cpp: {n} at once, a slot each, a context of {context} tokens ...")
-        options = server_options(weights, slots=n, context=context, threads=threads)
-        with running_server(server, options, log=work_dir / "logs" / f"server-{n}.log") as port:
-            timings = send_all(port, batch, new_tokens)
-        if short := [timing.tokens for timing in timings if timing.tokens < new_tokens]:
-            raise PeerUnavailable(f"llama-server stopped answers at {short} of {new_tokens} tokens")
-        rows.append({"n": n, **summary(timings)})
+        say(f"llama.cpp: {n} at once, a slot each ...")
+        rows.append({"n": n, **summary(peer.run(prompts[:n], new_tokens))})
         say(f"llama.cpp: {n} at once: {rows[-1]['tok_s']:.1f} tok/s")
     return rows
 

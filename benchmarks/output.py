@@ -71,9 +71,25 @@ def sweep_table(rows: list[dict], peer_run: dict) -> str:
             f"{row['ours_peak_rss'] / 2**30:.2f}",
         ]
         lines.append(_row(cells))
+    if lone := peer_run.get("lone"):
+        lines.append("\n" + _lone_rounds(lone))
     if peer_run.get("left_out"):
         lines.append(f"\nllama.cpp left out: {peer_run['left_out']}")
     return "\n".join(lines)
+
+
+def _lone_rounds(lone: dict) -> str:
+    rounds = lone["rounds"]
+
+    def spread(key: str, digits: int) -> str:
+        values = sorted(r[key] for r in rounds)
+        return f"{values[0]:.{digits}f}-{values[-1]:.{digits}f}"
+
+    return (
+        f"A lone stream, ours and llama.cpp's in turn ({len(rounds)} rounds): ours / llama.cpp "
+        f"{lone['ratio_median']:.2f} (median; {spread('ratio', 2)}), ours {spread('ours', 1)} "
+        f"tok/s, llama.cpp {spread(PEER, 1)}."
+    )
 
 
 def _traffic(traffic: dict) -> str:

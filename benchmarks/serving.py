@@ -7,11 +7,12 @@ ceiling and (optionally) llama.cpp's server, in one process and one run.
 
 The same requests for every side. Random weights cost exactly what the real model costs
 per token; `min_new_tokens` forces every answer to full length. Sections: a concurrency
-sweep (seed loop, ours, one static `generate`, llama.cpp), realistic traffic (Poisson
-arrivals), trim reuse over a long conversation, multi-turn time to first token (with and
-without the per-conversation KV cache), fairness under one user's flood, the
-single-stream roofline and a per-step profile. Prints the machine and the tables, and
-writes `bench.json` and `bench.png` to `--out`.
+sweep (seed loop, ours, one static `generate`, llama.cpp), a lone stream served by ours and
+llama.cpp in turn, realistic traffic (Poisson arrivals), trim reuse over a long
+conversation, multi-turn time to first token (with and without the per-conversation KV
+cache), fairness under one user's flood, the single-stream roofline and a per-step
+profile. Prints the machine and the tables, and writes `bench.json` and `bench.png` to
+`--out`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
@@ -60,6 +61,9 @@ from bot.device import on_own_thread, pick_dtype, use_all_cores
 from bot.engine import Engine
 from bot.packing import pack_linear_weights
 from bot.quantize import weight_bytes
+
+if TYPE_CHECKING:
+    from benchmarks.llamacpp import Peer
 
 SHAPE = Path(__file__).with_name("qwen2.5-0.5b-config.json")
 
@@ -219,27 +223,46 @@ def sweep(
 def peer(engine: Engine, plan: Plan, requests: list[list[dict]], work_dir: Path | None) -> dict:
     """llama.cpp's server on the sweep's prompts (the same token ids), from the model's
     weights before they are packed (it converts them to a GGUF): {"name", "left_out" (why
-    it was left out, or None), "rows" (its numbers by N)}."""
-    from benchmarks.llamacpp import PeerUnavailable, default_work_dir, peer_sweep  # on demand
-
-    work_dir = work_dir or default_work_dir()
+    it was left out, or None), "rows" (its numbers by N), "served" (its `Peer`, or None)}."""
+    from benchmarks.llamacpp import PeerUnavailable, default_work_dir, peer_sweep, prepare_peer
 
     say("peer: llama.cpp's server on the same requests ...")
     try:
-        results = peer_sweep(
+        served = prepare_peer(
             engine.model,
             engine.tokenizer,
-            [engine.prompt_ids(messages) for messages in requests],
-            plan.concurrency,
-            plan.new_tokens,
-            work_dir=work_dir,
+            work_dir=work_dir or default_work_dir(),
             threads=torch.get_num_threads(),
             say=say,
         )
+        prompts = [engine.prompt_ids(messages) for messages in requests]
+        results = peer_sweep(served, prompts, plan.concurrency, plan.new_tokens, say)
     except PeerUnavailable as why:
         say(f"peer: llama.cpp left out: {why}")
-        return {"name": "llama.cpp", "left_out": str(why), "rows": {}}
-    return {"name": "llama.cpp", "left_out": None, "rows": {row["n"]: row for row in results}}
+        return {"name": "llama.cpp", "left_out": str(why), "rows": {}, "served": None}
+    rows = {row["n"]: row for row in results}
+    return {"name": "llama.cpp", "left_out": None, "rows": rows, "served": served}
+
+
+def lone_rounds(engine: Engine, plan: Plan, request: list[dict], served: Peer) -> dict:
+    """A lone stream, ours and llama.cpp's in turn for `plan.peer_rounds` rounds, the other
+    side first every other round. The sweep runs each side's N = 1 minutes apart, and a
+    shared host's memory bandwidth, which a lone stream's speed follows, drifts in
+    minutes: taken in turn, the ratio compares like with like."""
+    from benchmarks.llamacpp import summary as peer_summary
+
+    prompt = [engine.prompt_ids(request)]
+    sides = {
+        "ours": lambda r: summary(at_once(engine, plan, [request], f"lone-{r}"), plan.new_tokens),
+        PEER: lambda r: peer_summary(served.run(prompt, plan.new_tokens)),
+    }
+    rounds = []
+    for r in range(plan.peer_rounds):
+        say(f"a lone stream, ours and llama.cpp's in turn: round {r + 1} of {plan.peer_rounds} ...")
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        tok_s = {side: sides[side](r)["tok_s"] for side in order}
+        rounds.append({"first": order[0], **tok_s, "ratio": tok_s["ours"] / tok_s[PEER]})
+    return {"rounds": rounds, "ratio_median": statistics.median(r["ratio"] for r in rounds)}
 
 
 def add_peer(rows: list[dict], peer_run: dict) -> dict:
@@ -339,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     report.sweep = sweep(engine, plan, requests, seed)
     if peer_run:
         report.peer = add_peer(report.sweep, peer_run)
+        if peer_run["served"]:
+            report.peer["lone"] = lone_rounds(engine, plan, requests[0], peer_run["served"])
     capacity = report.sweep[-1]["ours"]["tok_s"] / plan.new_tokens  # requests/s at the top N
     report.traffic = realistic_traffic(engine, plan, capacity)
     report.trim_reuse = trim_reuse(*on_own_thread(conversing, engine, args.model, plan), plan)

@@ -35,16 +35,17 @@ class Plan:
     trim_answer_tokens: int
     trim_budget: int  # the prompt's token budget (MAX_CONTEXT_TOKENS less the answer)
     profile_steps: int
+    peer_rounds: int  # a lone stream, ours and llama.cpp's in turn (`serving.lone_rounds`)
     max_batch: int = Settings.model_fields["max_batch"].default  # the service's
     prefill_first_steps: int = Settings.model_fields["prefill_first_steps"].default
 
 
 FULL = Plan([1, 4, 8, 16], prompt_tokens=200, new_tokens=64, turns=6, turn_tokens=60, flood=20,
             others=4, traffic_requests=100, trim_turns=30, trim_turn_tokens=60,
-            trim_answer_tokens=32, trim_budget=2048, profile_steps=20)  # fmt: skip
+            trim_answer_tokens=32, trim_budget=2048, profile_steps=20, peer_rounds=3)  # fmt: skip
 QUICK = Plan([1, 2], prompt_tokens=40, new_tokens=8, turns=2, turn_tokens=20, flood=4, others=2,
              traffic_requests=6, trim_turns=10, trim_turn_tokens=10, trim_answer_tokens=4,
-             trim_budget=300, profile_steps=5)  # fmt: skip
+             trim_budget=300, profile_steps=5, peer_rounds=2)  # fmt: skip
 
 
 def bench_arguments(doc: str, *, quick: str) -> argparse.ArgumentParser:

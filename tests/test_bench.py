@@ -19,11 +19,13 @@ def bench_dir(bundled_cache, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, capsys):
+def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, capsys, monkeypatch):
     from benchmarks import serving
 
+    _stand_in_peer(monkeypatch, lambda module, *args, **kwargs: _StandInPeer([], tok_s=40.0))
     out = bench_dir / "out"
-    assert serving.main(["--model", "bundled", "--quick", "--out", str(out)]) == 0
+    argv = ["--model", "bundled", "--quick", "--peer", "llamacpp", "--out", str(out)]
+    assert serving.main(argv) == 0
     report = json.loads((out / "bench.json").read_text())
     plan = serving.QUICK
 
@@ -37,7 +39,11 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
         assert row["ours_vs_ceiling"] == pytest.approx(
             row["ours"]["tok_s"] / row["ceiling"]["tok_s"]
         )
-    assert report["peer"] == {}  # not asked for
+        assert row["ours_vs_llamacpp"] == pytest.approx(row["ours"]["tok_s"] / (40.0 * row["n"]))
+    peer = report["peer"]
+    assert (peer["name"], peer["left_out"], len(peer["lone"]["rounds"])) == (
+        "llama.cpp", None, plan.peer_rounds
+    )  # fmt: skip
 
     traffic = report["traffic"]
     assert (
@@ -75,7 +81,8 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     out = capsys.readouterr().out
     assert out.startswith("Machine: ")
     assert "| N | seed tok/s | ours tok/s | ratio | ceiling tok/s | ours / ceiling |" in out
-    assert "llama.cpp" not in out
+    assert "| llama.cpp tok/s | ours / llama.cpp |" in out
+    assert "A lone stream, ours and llama.cpp's in turn (2 rounds): " in out
     for section in ("Realistic traffic:", "Trim reuse:", "| a decode step of 2 rows"):
         assert section in out
 
@@ -158,13 +165,26 @@ class _Engine:
         return [len(message["content"]) for message in messages]
 
 
-def _stand_in_peer(monkeypatch, peer_sweep) -> None:
-    """The real `benchmarks.llamacpp` with `peer_sweep` (which builds and runs llama.cpp,
-    minutes: tests/test_llamacpp.py runs it) replaced by the given one."""
+class _StandInPeer:
+    """What `benchmarks.llamacpp.prepare_peer` makes, without llama.cpp (whose build and runs
+    take minutes: tests/test_llamacpp.py runs them): each request answered at `tok_s`."""
+
+    def __init__(self, calls: list, tok_s: float) -> None:
+        self.calls, self.tok_s = calls, tok_s
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list:
+        from benchmarks.llamacpp import Timing
+
+        self.calls.append(("run", prompts))
+        return [Timing(0.5, new_tokens / self.tok_s, new_tokens) for _ in prompts]
+
+
+def _stand_in_peer(monkeypatch, prepare_peer) -> None:
+    """The real `benchmarks.llamacpp`, with `prepare_peer` replaced by the given one."""
     from benchmarks import llamacpp
 
     monkeypatch.setattr(
-        llamacpp, "peer_sweep", lambda *args, **kwargs: peer_sweep(llamacpp, *args, **kwargs)
+        llamacpp, "prepare_peer", lambda *args, **kwargs: prepare_peer(llamacpp, *args, **kwargs)
     )
 
 
@@ -188,34 +208,70 @@ def test_the_peer_runs_the_sweep_s_prompts_and_gets_its_columns(monkeypatch, tmp
 
     calls = []
 
-    def peer_sweep(module, model, tokenizer, prompts, concurrency, new_tokens, **options):
-        calls.append((model, prompts, concurrency, new_tokens, options["work_dir"]))
-        return [{"n": n, "tok_s": 40.0 * n, "ttft_p50": 0.5, "ttft_p95": 0.9} for n in concurrency]
+    def prepare_peer(module, model, tokenizer, **options):
+        calls.append(("prepare", model, options["work_dir"]))
+        return _StandInPeer(calls, tok_s=40.0)
 
-    _stand_in_peer(monkeypatch, peer_sweep)
+    _stand_in_peer(monkeypatch, prepare_peer)
     engine, plan = _Engine(), workload.QUICK
     rows = _sweep_rows(plan.concurrency)
     requests = [[{"role": "user", "content": "x" * length}] for length in (3, 5)]
-    run = serving.add_peer(rows, serving.peer(engine, plan, requests, tmp_path))
+    peer_run = serving.peer(engine, plan, requests, tmp_path)
+    run = serving.add_peer(rows, peer_run)
 
-    assert calls == [(engine.model, [[3], [5]], plan.concurrency, plan.new_tokens, tmp_path)]
+    assert calls == [("prepare", engine.model, tmp_path), ("run", [[3]]), ("run", [[3], [5]])]
     assert run == {"name": "llama.cpp", "left_out": None}
     assert [row["ours_vs_llamacpp"] for row in rows] == [0.5, 0.5]
     lines = output.sweep_table(rows, run).splitlines()
     assert "| llama.cpp tok/s | ours / llama.cpp |" in lines[0]
-    assert "| 80.0 | 0.50 |" in lines[3] and "| 0.5 / 0.9 |" in lines[3]
+    assert "| 80.0 | 0.50 |" in lines[3] and "| 0.5 / 0.5 |" in lines[3]
     assert len({line.count("|") for line in lines}) == 1  # every row has every column
+
+
+@pytest.mark.slow
+def test_a_lone_stream_is_served_by_each_side_in_turn(bundled_engine, monkeypatch):
+    """Ours and the peer take turns, the other side first every other round, on the
+    sweep's first request; the ratio of each round, and their median, are reported."""
+    from benchmarks import output, serving, workload
+
+    plan, calls = workload.QUICK, []
+    at_once = serving.at_once
+
+    def ours(engine, plan, requests, name):
+        calls.append(("ours", requests))
+        return at_once(engine, plan, requests, name)
+
+    monkeypatch.setattr(serving, "at_once", ours)
+    request = serving.sweep_requests(plan)[0]
+    lone = serving.lone_rounds(bundled_engine, plan, request, _StandInPeer(calls, tok_s=40.0))
+
+    prompt = bundled_engine.prompt_ids(request)
+    ours, peer = ("ours", [request]), ("run", [prompt])
+    assert calls == [ours, peer, peer, ours]  # the other side first in the second round
+    rounds = lone["rounds"]
+    assert len(rounds) == plan.peer_rounds
+    assert [r["first"] for r in rounds] == ["ours", output.PEER]
+    for r in rounds:
+        assert r[output.PEER] == pytest.approx(40.0) and r["ours"] > 0
+        assert r["ratio"] == pytest.approx(r["ours"] / 40.0)
+    assert lone["ratio_median"] == pytest.approx(sum(r["ratio"] for r in rounds) / 2)
+    shown = output.sweep_table(_sweep_rows(plan.concurrency), {"lone": lone})
+    assert "A lone stream, ours and llama.cpp's in turn (2 rounds): ours / llama.cpp " in shown
+    assert f"{lone['ratio_median']:.2f} (median; " in shown
 
 
 def test_a_peer_that_cannot_run_here_is_left_out_with_its_reason(monkeypatch, tmp_path):
     from benchmarks import output, serving, workload
 
-    def peer_sweep(module, *args, **kwargs):
+    def prepare_peer(module, *args, **kwargs):
         raise module.PeerUnavailable("llama-cpp-python[server] could not be built")
 
-    _stand_in_peer(monkeypatch, peer_sweep)
+    _stand_in_peer(monkeypatch, prepare_peer)
     rows = _sweep_rows(workload.QUICK.concurrency)
-    run = serving.add_peer(rows, serving.peer(_Engine(), workload.QUICK, [[]], tmp_path))
+    peer_run = serving.peer(_Engine(), workload.QUICK, [[]], tmp_path)
+    run = serving.add_peer(rows, peer_run)
+
+    assert peer_run["served"] is None  # no lone rounds either
 
     assert run["left_out"] == "llama-cpp-python[server] could not be built"
     assert all(output.PEER not in row and "ours_vs_llamacpp" not in row for row in rows)

@@ -156,16 +156,14 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
 @needs_server
 def test_the_peer_serves_every_request_at_once_and_reports_each_n(tiny_model, qwen_tokenizer):
     said = []
-    rows = llamacpp.peer_sweep(
+    peer = llamacpp.prepare_peer(
         tiny_model,
         qwen_tokenizer,
-        prompts(qwen_tokenizer, 3),
-        [1, 3],
-        8,
         work_dir=llamacpp.default_work_dir(),
         threads=2,
         say=said.append,
     )
+    rows = llamacpp.peer_sweep(peer, prompts(qwen_tokenizer, 3), [1, 3], 8, say=said.append)
     assert [row["n"] for row in rows] == [1, 3]
     for row in rows:
         assert row["tok_s"] > 0
