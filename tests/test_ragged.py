@@ -35,6 +35,20 @@ def test_decoding_rows_and_prefill_chunks_attend_like_separate_sequences():
     torch.testing.assert_close(got, reference(query, keys, values, layout.segments))
 
 
+def test_a_few_decoding_rows_of_a_bfloat16_model_attend_at_float32_precision():
+    """Their scores are not rounded to bfloat16 on the way (the output is, once)."""
+    torch.manual_seed(0)
+    layout = StepLayout(
+        [Segment(slot, 200 + 7 * slot, 1) for slot in range(3)], [], torch.device("cpu")
+    )
+    keys, values = (torch.randn(2, 3, KV_HEADS, WIDTH, DIM) * 2).bfloat16().unbind()
+    query = (torch.randn(1, HEADS, layout.tokens, DIM) * 2).bfloat16()
+    got = layout.attention(query, keys, values, DIM**-0.5)
+    exact = reference(query.float(), keys.float(), values.float(), layout.segments)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact.bfloat16().float(), rtol=0, atol=2**-9)
+
+
 def test_a_long_row_gets_its_own_attention_call_and_the_short_rows_stay_narrow():
     short = [Segment(slot, 300 + slot, 1) for slot in range(15)]
     layout = StepLayout([*short, Segment(15, 4000, 1)], [], torch.device("cpu"))
