@@ -17,7 +17,7 @@ import sys
 
 from benchmarks.machine import describe, headline
 from benchmarks.serving import load_engine, pack
-from benchmarks.traffic import LOAD, realistic_traffic
+from benchmarks.traffic import arrival_rate, realistic_traffic
 from benchmarks.workload import (
     FULL,
     QUICK,
@@ -60,7 +60,7 @@ def compare(engine: Engine, plan: Plan, values: list[int], rounds: int) -> dict:
             traffic = realistic_traffic(engine, variant, capacity)
             row = {key: traffic[key] for key in REPORTED}
             results.append({"round": round_, "prefill_first_steps": value, **row})
-    return {"capacity_rps": capacity, "rate_rps": LOAD * capacity, "runs": results}
+    return {"capacity_rps": capacity, "rate_rps": arrival_rate(capacity), "runs": results}
 
 
 def table(report: dict) -> str:

@@ -36,9 +36,14 @@ REQUEST_TIMEOUT = Settings.model_fields["request_timeout"].default
 Request = tuple[str, str, list[dict]]  # user, conversation, messages
 
 
+def arrival_rate(capacity_rps: float) -> float:
+    """Requests a second that the traffic offers a machine serving `capacity_rps`."""
+    return LOAD * capacity_rps
+
+
 def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
-    """`plan.traffic_requests` sweep-sized requests at `LOAD` x `capacity_rps` (requests/s)."""
-    rate = LOAD * capacity_rps
+    """`plan.traffic_requests` sweep-sized requests at `arrival_rate(capacity_rps)`."""
+    rate = arrival_rate(capacity_rps)
     gaps = random.Random(SEED).expovariate
     arrivals = list(itertools.accumulate(gaps(rate) for _ in range(plan.traffic_requests)))
     requests = _requests(plan, "traffic", plan.traffic_requests, seed=1000)
