@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,11 @@ return 1
 )
 
 
+Entry = tuple[str, str]
+"""A job's stream and its entry id there: ids repeat across streams (a gateway's jobs for two
+workers, added in one millisecond, get the same one)."""
+
+
 @dataclass(eq=False)
 class _Taken:
     """A job this worker is answering, and where it came from."""
@@ -135,6 +140,10 @@ class _Taken:
     written: int = 0  # characters of its answer written to its stream
     cancelled: bool = False  # its gateway no longer wants it
     lost: bool = False  # another worker claimed it (this one stalled): that one answers
+
+    @property
+    def entry(self) -> Entry:
+        return self.stream, self.entry_id
 
 
 class Worker:
@@ -161,8 +170,8 @@ class Worker:
         self.metrics.expect_jobs()
         self.own = keys.worker_jobs(name)
         self.streams = (self.own, keys.JOBS)  # where its new jobs come from, its own first
-        self._running: dict[str, _Taken] = {}  # by entry id
-        self._taking: set[str] = set()  # entry ids being checked before they run
+        self._running: dict[Entry, _Taken] = {}
+        self._taking: set[Entry] = set()  # being checked before they run
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
@@ -230,7 +239,7 @@ class Worker:
         taken_from_others = 0.0
         outage = False
         while not self._stop.is_set():
-            if self.rows - len(self._running) <= 0:
+            if self._free_rows <= 0:
                 self._room.clear()
                 await set_within(self._room, READ_BLOCK_MS / 1000)
                 continue
@@ -286,7 +295,7 @@ class Worker:
 
     async def _read(self, stream: str) -> int:
         """Take as many new jobs from `stream` as there are rows free; how many."""
-        count = self.rows - len(self._running)
+        count = self._free_rows
         if count <= 0:  # (a COUNT of 0 would take them all)
             return 0
         try:
@@ -299,17 +308,26 @@ class Worker:
             return 0  # another worker's stream, gone: nothing to take there
         entries = [entry for _, entries in replies for entry in entries]
         now = time.time()  # when they were read: taking each awaits Redis
-        for entry_id, fields in entries:
-            self.metrics.job_wait.observe(entry_age(entry_id, now))
-            await self._take(stream, entry_id, fields, attempt=1)
+        # All of them at once: none is taken for lost while those before it are checked.
+        with self._checking({(stream, entry_id) for entry_id, _ in entries}):
+            for entry_id, fields in entries:
+                self.metrics.job_wait.observe(entry_age(entry_id, now))
+                await self._check_and_run(stream, entry_id, fields, attempt=1)
         return len(entries)
 
-    async def _take(self, stream: str, entry_id: str, fields: dict[str, str], attempt: int) -> None:
-        self._taking.add(entry_id)  # not lost, however long its checks wait on Redis
+    @property
+    def _free_rows(self) -> int:
+        return self.rows - len(self._running) - len(self._taking)
+
+    @contextlib.contextmanager
+    def _checking(self, entries: set[Entry]) -> Iterator[None]:
+        """While the block checks `entries`, however long it waits on Redis, they are
+        neither lost nor claimed here again, and they hold rows."""
+        self._taking |= entries
         try:
-            await self._check_and_run(stream, entry_id, fields, attempt)
+            yield
         finally:
-            self._taking.discard(entry_id)
+            self._taking -= entries
 
     async def _check_and_run(
         self, stream: str, entry_id: str, fields: dict[str, str], attempt: int
@@ -328,7 +346,8 @@ class Worker:
             await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
             return
         logger.info("job %s taken (try %d)", job.id, attempt)
-        taken = self._running[entry_id] = _Taken(stream, entry_id, job, attempt)
+        taken = _Taken(stream, entry_id, job, attempt)
+        self._running[taken.entry] = taken
         self._spawn(self._answer(taken))
 
     async def _dead_letter(self, stream: str, entry_id: str, job: Job, attempt: int) -> None:
@@ -387,7 +406,7 @@ class Worker:
         finally:
             if taken.generation is not None:  # ended, or given up on here: stop its row
                 taken.generation.cancel()
-            del self._running[taken.entry_id]
+            del self._running[taken.entry]
             self._room.set()
 
     async def _say(self, taken: _Taken, kind: ChunkKind, text: str = "") -> bool:
@@ -482,7 +501,7 @@ class Worker:
         pending entries a call: an abandoned job behind running ones takes more calls."""
         cursor = "0-0"
         for _ in range(CLAIM_SCANS):
-            free = self.rows - len(self._running)
+            free = self._free_rows
             if free <= 0:
                 return
             try:
@@ -500,10 +519,10 @@ class Worker:
         """Take the jobs delivered to this worker that it never read (`LOST_AFTER_MS`) now,
         rather than after `JOB_CLAIM_IDLE_S`: claimed again, so the delivery counts as any
         claim's does."""
-        free = self.rows - len(self._running)
+        free = self._free_rows
         if free <= 0:
             return
-        known = self._running.keys() | self._taking
+        known = {entry_id for of, entry_id in self._running.keys() | self._taking if of == stream}
         try:
             held = await self.redis.xpending_range(
                 stream, GROUP, "-", "+", len(known) + free, consumername=self.name,
@@ -521,12 +540,17 @@ class Worker:
             await self._take_claimed(stream, entry_id, fields)
 
     async def _take_claimed(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        entry = stream, entry_id
+        if entry in self._running or entry in self._taking:
+            return  # its own, claimed as its keep-alive came late: it runs here already
         if not fields:  # deleted while pending: nothing to answer
             await self._acknowledge(stream, entry_id)
             return
-        pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
-        if pending:  # else acknowledged meanwhile
-            await self._take(stream, entry_id, fields, attempt=pending[0]["times_delivered"])
+        with self._checking({entry}):
+            pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+            if pending:  # else acknowledged meanwhile
+                attempt = pending[0]["times_delivered"]
+                await self._check_and_run(stream, entry_id, fields, attempt)
 
     async def _tidy_dead_workers(self, roll: Roll) -> None:
         """Forget a dead worker whose stream holds no job any more, and drop dead workers

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 import bot.job_queue
+import bot.worker
 from bot.job_queue import ANSWER_READ_KEPT_S, WAKE_KEPT_S, JobQueue
 from bot.jobs import Chunk, Job, JobFailed, entry_age, pick_worker
 from bot.metrics import Metrics
@@ -192,14 +193,25 @@ async def test_a_dead_workers_job_is_answered_again_by_another(streams, make_bat
     assert "".join(again) == generation.text == answer_alone(healthy, HELLO)
 
 
+def jobs_for(conversations: int) -> list[Job]:
+    return [
+        Job(id=f"job{n}", conversation=f"c{n}", user="u1", messages=HELLO,
+            max_new_tokens=None, temperature=None, deadline=time.time() + 60)
+        for n in range(conversations)
+    ]  # fmt: skip
+
+
+async def tries(redis: Redis, job_id: str) -> set[int]:
+    """The attempts that wrote to a job's answer: {1} for an answer written once."""
+    return {
+        Chunk.parse(fields).attempt for _, fields in await redis.xrange(keys.job_chunks(job_id))
+    }
+
+
 async def test_a_worker_takes_no_more_jobs_than_it_has_rows_free(streams, make_batcher):
     """Jobs wait in its own stream and in the shared one: with one row, it takes one, and
     the other once that one is answered."""
-    jobs = [
-        Job(id=f"job{n}", conversation=f"c{n}", user="u1", messages=HELLO,
-            max_new_tokens=None, temperature=None, deadline=time.time() + 60)
-        for n in range(2)
-    ]  # fmt: skip
+    jobs = jobs_for(2)
     for stream, job in zip((keys.worker_jobs("w1"), keys.JOBS), jobs, strict=True):
         await streams.xadd(stream, job.fields())
     stalled = StallsAfterFirstStep(make_batcher(max_batch=1))
@@ -211,6 +223,71 @@ async def test_a_worker_takes_no_more_jobs_than_it_has_rows_free(streams, make_b
         for job in jobs:  # both answered in the end
             await wait_until(lambda job=job: ended(streams, job.id))
     assert running == 1
+
+
+async def test_jobs_with_one_entry_id_in_two_streams_are_each_answered_once(streams, make_batcher):
+    """Entry ids are unique within a stream only: a gateway's jobs for two workers, added
+    in one millisecond, share one. A worker that takes both keeps both running, each
+    answered in one try, though their answers outlast the claim idle time."""
+    entry_id = f"{int(time.time() * 1000)}-0"
+    jobs = jobs_for(2)
+    for stream, job in zip((keys.worker_jobs("w1"), keys.JOBS), jobs, strict=True):
+        await streams.xadd(stream, job.fields(), id=entry_id)
+    spy = SlowSteps(make_batcher(max_new_tokens=40))
+    async with worker(streams, spy, "w1"):
+        for job in jobs:
+            await wait_until(lambda job=job: ended(streams, job.id))
+    assert [await tries(streams, job.id) for job in jobs] == [{1}, {1}]
+    assert len(spy.prompts) == 2
+
+
+async def test_a_worker_whose_sweep_claims_its_own_running_job_runs_it_once(streams, make_batcher):
+    """Its keep-alive came late (Redis slow, its loop busy), so its own running job looks
+    abandoned to its own sweep, which claims it: the answer goes on, in one try."""
+    spy = SlowSteps(make_batcher(max_new_tokens=40))
+    async with gateway(streams) as queue, worker(streams, spy, "w1", claim_idle_s=60) as working:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        first = await anext(aiter(generation))
+        [taken] = working._running.values()
+        await streams.xclaim(taken.stream, GROUP, "w1", 0, [taken.entry_id], idle=120_000)
+        await working._claim_abandoned(taken.stream)
+        rest = await asyncio.wait_for(read(generation), 20)  # not restarted
+    assert first + "".join(rest) == generation.text == spy.answers[0]
+    assert len(spy.prompts) == 1
+
+
+async def test_jobs_read_together_are_not_taken_for_lost_while_the_first_is_checked(
+    streams, make_batcher, monkeypatch
+):
+    """A worker reads two jobs at once and checks them one by one; while Redis is slow to
+    answer the first check, a sweep looks for jobs delivered to it and never read: the
+    second is being taken, not lost."""
+    monkeypatch.setattr(bot.worker, "LOST_AFTER_MS", 50)
+    jobs = jobs_for(2)
+    for job in jobs:
+        await streams.xadd(keys.JOBS, job.fields())
+    spy = SlowSteps(make_batcher(max_new_tokens=20))
+    async with InferenceQueue(batcher=spy, max_size=8, timeout=60) as queue:
+        working = Worker(
+            redis=streams, inference=queue, name="w1", rows=4,
+            claim_idle_s=60, max_deliveries=3,
+        )  # fmt: skip
+        check_and_run = working._check_and_run
+
+        async def slow_first_check(*args: Any, **kwargs: Any) -> None:
+            if not working._running:
+                await asyncio.sleep(0.1)
+                await working._take_lost(keys.JOBS)  # the sweep, meanwhile
+            await check_and_run(*args, **kwargs)
+
+        monkeypatch.setattr(working, "_check_and_run", slow_first_check)
+        await working._ensure_groups()
+        assert await working._read(keys.JOBS) == 2
+        for job in jobs:
+            await wait_until(lambda job=job: ended(streams, job.id))
+        await working.finish(0)
+    assert [await tries(streams, job.id) for job in jobs] == [{1}, {1}]
+    assert len(spy.prompts) == 2
 
 
 async def ended(redis: Redis, job_id: str) -> bool:
