@@ -204,14 +204,18 @@ class TurnJournal:
         `orphaned` (their task gave them up); each claim counts as an attempt. Stops
         claiming as soon as `stop()` says so, or `limit` are claimed."""
         claimed: list[PendingTurn] = []
-        for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
-            if stop() or (limit is not None and len(claimed) >= limit):
-                break
-            if turn_id in self._refused:
-                await self._drop_refused(turn_id)
-                continue
-            if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
-                claimed.append(pending)
+        try:
+            for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
+                if stop() or (limit is not None and len(claimed) >= limit):
+                    break
+                if turn_id in self._refused:
+                    await self._drop_refused(turn_id)
+                    continue
+                if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
+                    claimed.append(pending)
+        except Exception:  # the caller never gets these: the next pass takes them again
+            self._claims_in_doubt.update(pending.id for pending in claimed)
+            raise
         return claimed
 
     async def _drop_refused(self, turn_id: str) -> None:

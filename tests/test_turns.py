@@ -409,6 +409,32 @@ async def test_a_claim_that_failed_after_it_was_made_is_taken_by_the_next_pass(
     assert claimed.id == gone.id
 
 
+async def test_turns_claimed_before_a_pass_failed_are_taken_by_the_next_pass(
+    make_journal, redis_client, platform, monkeypatch
+):
+    """Storage dropped out as the pass claimed its second turn: the first, claimed, never
+    reached the caller, and names this process, which is not answering it; the next pass
+    hands it over with the rest."""
+    gone = make_journal("gone")
+    turns = [await gone.accept(new_turn(platform, f"question {n}"), {}) for n in range(3)]
+    me = make_journal("me")
+    await me.renew_lease()
+    claim_one, calls = me._claim, []
+
+    async def second_fails(turn_id: str, orphaned: object) -> PendingTurn | None:
+        calls.append(turn_id)
+        if len(calls) == 2:
+            raise RedisConnectionError("connection lost")
+        return await claim_one(turn_id, orphaned)
+
+    monkeypatch.setattr(me, "_claim", second_fails)
+    with pytest.raises(RedisConnectionError):
+        await me.claim([platform])
+    assert (await record(redis_client, turns[0]))["owner"] == me.owner
+    claimed = await me.claim([platform])
+    assert [pending.id for pending in claimed] == [pending.id for pending in turns]
+
+
 async def test_a_release_whose_reply_was_lost_gives_back_one_attempt(
     make_journal, redis_client, redis_url, tmp_path, platform
 ):
