@@ -290,6 +290,7 @@ class SlackAdapter(Adapter):
         bot_user, subtype = context["bot_user_id"], event.get("subtype")
         if (
             subtype not in ANSWERED_SUBTYPES
+            or event.get("edited")  # an app_mention for an edit that added the mention
             or event.get("bot_id")
             or event.get("user") in (None, bot_user)
         ):

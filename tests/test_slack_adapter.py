@@ -144,6 +144,23 @@ async def test_edits_are_not_answered_and_a_dm_thread_is_its_own_conversation(sl
     assert len(batcher.prompts) == 2  # the edit was not answered
 
 
+async def test_a_message_edited_to_mention_the_bot_is_not_answered(slack, socket_mode):
+    """Slack sends `app_mention` again, with `edited`, when an edit adds a mention."""
+    async with socket_mode() as (_service, batcher):
+        plain = slack.user_message("C0001", "hello everyone")
+        await slack.send_event(plain)
+        edited = {
+            **slack.app_mention("C0001", "hello everyone"),
+            "ts": plain["ts"],
+            "edited": {"user": "U0ALICE", "ts": slack.next_ts()},
+        }
+        await slack.send_event(edited)
+        asked = slack.app_mention("C0001", "a question")
+        await slack.send_event(asked)
+        await final_reply(slack, "C0001", asked["ts"])
+    assert batcher.prompts == [[{"role": "user", "content": "a question"}]]
+
+
 async def test_in_a_group_dm_a_mention_is_answered_in_its_thread(slack, socket_mode):
     """A group DM (message.mpim) is answered as a channel is: a mention, even with no
     app_mention event for it, opens a thread; its follow-ups need none; chatter is left."""
