@@ -69,17 +69,22 @@ def command(text: str) -> Command | None:
     return cast(Command, word) if word in COMMANDS else None
 
 
-async def answer(service: ChatService, turn: Turn, sink: ReplySink, *, wait: bool = False) -> None:
+async def answer(service: ChatService, turn: Turn, sink: ReplySink, *, wait: bool = False) -> bool:
     """Hand one turn to the service; returns once it is accepted (the answer goes on in
-    the service), or with `wait` once it is answered. An unexpected error is logged and
+    the service), or with `wait` once it is answered: whether the service took it to
+    answer (not a re-delivery, nor answered at once). An unexpected error is logged and
     answered, never raised."""
     try:
-        await (service.handle if wait else service.accept)(turn, sink)
+        task = await service.accept(turn, sink)
+        if wait and task is not None:
+            await task
+        return task is not None
     except Exception as error:
         try:
             await sink.fail(failure_text(error, f"message {turn.message_id}"))
         except Exception:
             logger.exception("could not tell the user about the failure")
+        return False
 
 
 def failure_text(error: Exception, what: str) -> str:

@@ -245,8 +245,11 @@ class SlackAdapter(Adapter):
         respond: Any,
         context: dict[str, Any],
     ) -> None:
-        """`/threadbot <command>`, acknowledged at once and answered only to its sender: in a
-        DM for the DM, in a channel for the channel (Slack sends no thread with it)."""
+        """`/threadbot <command>`, answered only to its sender: in a DM for the DM, in a
+        channel for the channel (Slack sends no thread with it)."""
+        # Slack takes the ack only once this returns (process_before_response): what it
+        # looks up first is looked up by a deadline, as for a message.
+        deadline = asyncio.get_running_loop().time() + BEFORE_ACK_SECONDS
         await ack()
         sink = EphemeralReply(
             respond, channel=payload.get("channel_id", ""), user=payload.get("user_id", "")
@@ -254,19 +257,19 @@ class SlackAdapter(Adapter):
         try:
             turn = command_turn(
                 payload,
-                author_name=await self._name(payload["user_id"]),
-                channel_name=await self._channel_name(where_typed(payload)),
-                bot_name=await self._name(context["bot_user_id"]),
+                author_name=await self._name(payload["user_id"], deadline),
+                channel_name=await self._channel_name(where_typed(payload), deadline),
+                bot_name=await self._name(context["bot_user_id"], deadline),
             )
+            workspace, enterprise = turn.conversation.workspace, context.get("enterprise_id")
+            stranger = await self._stranger({"user": turn.author}, workspace, enterprise, deadline)
             who = Requester(
                 "slack",
                 turn.author,
                 turn.conversation.channel,
-                workspace=turn.conversation.workspace,
+                workspace=workspace,
                 dm=typed_in_dm(payload),
-                stranger=await self._stranger(
-                    {"user": turn.author}, turn.conversation.workspace, context.get("enterprise_id")
-                ),
+                stranger=stranger,
             )
             # Only the sender sees the answer, so a denial is always told (even `silent`).
             if not await self.service.admit(who, turn.conversation, sink.finish):
@@ -376,19 +379,20 @@ class SlackAdapter(Adapter):
             channel_name=await self._channel_name(event, deadline),
             bot_name=await self._name(bot_user, deadline),
         )
-        in_pane = event.get("channel_type") == "im" and thread_ts  # a DM thread: the pane's
-        if in_pane:  # shown before the turn is taken: its answer's first post clears it
-            with contextlib.suppress(TimeoutError):  # a nicety: not worth a late ack
-                async with asyncio.timeout_at(deadline):
-                    status = ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts)
-                    await status.show()
+        status = None
+        if event.get("channel_type") == "im" and thread_ts:  # a DM thread: the pane's
+            # Shown before the turn is taken: the answer's first post clears it.
+            status = ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts)
+            niceties = [status.show()]
+            if question and not (known or order):  # a new thread: named after its question
+                pane = {"channel": key.channel, "thread_ts": thread_ts}
+                niceties.append(set_title(self.app.client, **pane, question=question))
+            await _by(deadline, *niceties)
         # Slack's own stop of a native stream ends the answer, as a Stop button does.
         stop = partial(self.service.stop_answer, f"{key.platform}:{message_id}", by=turn.author)
-        await answer(self.service, turn, self._sink(thread, stop))
-        if in_pane and question and not (known or order):
-            await set_title(
-                self.app.client, channel=key.channel, thread_ts=thread_ts, question=question
-            )
+        taken = await answer(self.service, turn, self._sink(thread, stop))
+        if status is not None and not taken:  # a re-delivery: no post of its own clears it
+            await status.clear()
 
     def _sink(self, thread: SlackThread, stop: Callable[[], object] | None = None) -> ReplySink:
         """A new answer's sink: native where it may stream (SLACK_STREAMING), falling back
@@ -655,6 +659,13 @@ def _said(message: dict[str, Any]) -> bool:
     """Whether a thread message is something someone said (not the title Slack gives an
     assistant thread's first message)."""
     return bool(message.get("text")) and message.get("subtype") != ASSISTANT_THREAD_ROOT
+
+
+async def _by(deadline: float, *calls: Awaitable[object]) -> None:
+    """Run `calls` together, given up at `deadline`: niceties not worth a late ack."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            await asyncio.gather(*calls)
 
 
 async def _serving() -> bool:

@@ -5,9 +5,11 @@ suggested prompts when a thread starts, the status while a turn is queued and an
 
 from __future__ import annotations
 
+import time
+
 from conftest import FailsOnceBatcher, GatedBatcher, ScriptedBatcher
 from fake_slack import FakeSlack
-from test_slack_adapter import final_reply
+from test_slack_adapter import SLACK_ACK_SECONDS, final_reply
 
 from adapters.slack_assistant import GREETING, SUGGESTED_PROMPTS, THINKING, title_of
 from bot import replies
@@ -73,6 +75,41 @@ async def test_the_status_shows_while_answering_and_the_title_is_the_first_quest
     [first_prompt, _] = gated.prompts
     assert first_prompt[-1] == {"role": "user", "content": "How do tides work?"}
     assert all("Chats from" not in m["content"] for m in first_prompt)  # Slack's own title
+
+
+async def test_a_question_slack_sends_again_leaves_no_status(slack, socket_mode):
+    """Slack sends an answered question again (its ack was late or lost): it is not
+    answered again, and the status it showed on the way is cleared."""
+    async with socket_mode(ScriptedBatcher("Hello."), streaming="auto") as (_service, batcher):
+        started = slack.assistant_thread_started("D0001")
+        await slack.send_event(started)
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        question = slack.user_message("D0001", "hello", thread_ts=thread_ts, channel_type="im")
+        await slack.send_event(question, event_id="EvQ")
+        await final_reply(slack, "D0001", thread_ts, after=1)
+        await slack.wait_for(lambda: ("D0001", thread_ts) not in slack.statuses)
+        shown = len(statuses(slack))
+        again = await slack.send_event(question, event_id="EvQ", retry_attempt=1)
+        await slack.wait_for_ack(again)
+        await slack.wait_for(lambda: len(statuses(slack)) >= shown + 2)
+    assert statuses(slack)[shown:] == [THINKING, ""]
+    assert ("D0001", thread_ts) not in slack.statuses
+    assert len(batcher.prompts) == 1
+
+
+async def test_a_slow_title_does_not_hold_up_the_ack(slack, socket_mode):
+    slack.delays["assistant.threads.setTitle"] = 5.0
+    async with socket_mode(ScriptedBatcher("Hello."), streaming="auto"):
+        started = slack.assistant_thread_started("D0001")
+        await slack.send_event(started)
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        question = slack.user_message("D0001", "hello", thread_ts=thread_ts, channel_type="im")
+        sent = time.monotonic()
+        await slack.wait_for_ack(await slack.send_event(question), timeout=15)
+        waited = time.monotonic() - sent
+        answered = await final_reply(slack, "D0001", thread_ts, after=1)
+    assert waited < SLACK_ACK_SECONDS
+    assert answered["text"] == "Hello."
 
 
 async def test_a_failed_answer_clears_the_status(slack, socket_mode, make_batcher):

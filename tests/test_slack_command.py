@@ -3,11 +3,12 @@ Mode, bolt acks it, and the answer reaches the command's response_url, ephemeral
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 from fake_slack import FakeSlack
-from test_slack_adapter import final_reply
+from test_slack_adapter import SLACK_ACK_SECONDS, final_reply
 
 from adapters.slack_command import thread_only
 from adapters.slack_format import to_mrkdwn
@@ -40,6 +41,21 @@ async def test_reset_in_a_dm_clears_that_dm_and_answers_only_its_sender(slack, s
     assert response["response_type"] == "ephemeral"
     assert response["text"] == replies.conversation_reset()
     assert batcher.prompts[-1] == [{"role": "user", "content": "what was the number?"}]
+
+
+async def test_slow_lookups_do_not_hold_up_a_commands_ack(slack, socket_mode):
+    """Slack takes a command's ack once the handler returns: what it looks up first (the
+    sender's name, the channel's, whether the sender is a stranger) keeps to a deadline,
+    so Slack does not report the command as failed, and it is still answered."""
+    slack.delays.update({"users.info": 2.0, "conversations.info": 2.0})  # 6 s one by one
+    async with socket_mode():
+        sent = time.monotonic()
+        trigger = await slack.send_command("C0001", "help")
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"], timeout=15)
+        waited = time.monotonic() - sent
+        [response] = await responses(slack, trigger)
+    assert waited < SLACK_ACK_SECONDS
+    assert response["text"] == to_mrkdwn(replies.help_text(admin=False))
 
 
 @pytest.mark.parametrize("text", ["", "help", "frobnicate the widgets"])
