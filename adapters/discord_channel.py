@@ -154,28 +154,34 @@ class DiscordChannel:
                 name=self.thread_name or "threadbot",
                 auto_archive_duration=THREAD_ARCHIVE_MINUTES,
             )
-        except discord.Forbidden as error:
-            self._answer_inline(error)
-            return
         except discord.HTTPException as error:
-            if error.code != THREAD_EXISTS:  # opened already, by an earlier try
+            if error.code == THREAD_EXISTS:  # opened already, by an earlier try
+                pass
+            elif error.status < 500:  # refused, as it would be again
+                self._answer_inline(error)
+                return
+            else:
                 raise
         _threadless.discard(self.channel)  # allowed again: a later refusal is news
         self.thread_open = True
 
-    def _answer_inline(self, error: discord.Forbidden) -> None:
+    def _answer_inline(self, error: discord.HTTPException) -> None:
         """No thread may be opened in the channel (the bot lacks Create Public Threads
-        there): the answer goes inline, as replies to the message, rather than nowhere.
-        Its conversation keeps its key, the message's id, which is also the chain root
-        of those replies, so replies to the answer continue it as in inline mode. The
-        operator is told once per channel, not on every answer."""
+        there, or the channel has none, as a voice channel's chat): the answer goes inline,
+        as replies to the message, rather than nowhere. Its conversation keeps its key, the
+        message's id, which is also the chain root of those replies, so replies to the
+        answer continue it as in inline mode. The operator is told once per channel, not
+        on every answer."""
         if self.channel not in _threadless:
             _threadless.add(self.channel)
+            why = (
+                "the bot lacks the Create Public Threads permission there"
+                if error.status == 403
+                else "threads cannot be opened there"
+            )
             logger.warning(
-                "Discord refused to open a thread in channel %s (%s): the bot lacks the "
-                "Create Public Threads permission there; answering in the channel instead "
-                "until it is given",
-                self.channel, error.text or error.status,
+                "Discord refused to open a thread in channel %s (%s): %s; answering in the "
+                "channel instead", self.channel, error.text or error.status, why,
             )  # fmt: skip
         self.reply_to, self.thread_from = self.thread_from, None
 

@@ -132,15 +132,24 @@ async def test_a_mention_of_the_bots_role_is_a_mention_of_the_bot(fake, discord_
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello by role"]
 
 
-async def test_without_permission_to_open_threads_it_answers_inline(
-    fake, discord_bot, monkeypatch, caplog
+@pytest.mark.parametrize(
+    ("status", "code", "text", "why"),
+    [
+        (403, 50013, "Missing Permissions", "Create Public Threads"),
+        (400, 50024, "Cannot execute action on this channel type", "cannot be opened"),
+    ],
+    ids=["no permission", "a channel without threads"],
+)
+async def test_where_no_thread_may_be_opened_it_answers_inline(
+    fake, discord_bot, monkeypatch, caplog, status, code, text, why
 ):
-    """Discord refuses the thread (no Create Public Threads in the channel): the answer is
-    a reply to the question in the channel, a reply to it continues the conversation,
-    and the operator is told once what to grant."""
+    """Discord refuses the thread (no Create Public Threads in the channel, or a channel
+    that has no threads, such as a voice channel's chat): the answer is a reply to the
+    question in the channel, a reply to it continues the conversation, and the operator
+    is told once why."""
 
     async def refused(_req, _channel_id, _message_id):
-        raise ApiError(403, 50013, "Missing Permissions")
+        raise ApiError(status, code, text)
 
     monkeypatch.setattr(fake, "_post_thread", refused)
     channel = fake.snowflake()  # this test's own: the bot warns once per channel
@@ -162,7 +171,7 @@ async def test_without_permission_to_open_threads_it_answers_inline(
     assert [m["content"] for m in batcher.prompts[1]] == ["first question", "Noted.", "and then?"]
     assert batcher.prompts[2] == [{"role": "user", "content": "another question"}]
     [warning] = [r.getMessage() for r in caplog.records if r.name == "adapters.discord_channel"]
-    assert channel in warning and "Create Public Threads" in warning
+    assert channel in warning and why in warning
 
 
 async def test_a_dm_is_answered(fake, discord_bot):
