@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 
@@ -61,7 +63,7 @@ class Job:
     @classmethod
     def parse(cls, fields: dict[str, str]) -> Job:
         """A job from its stream entry; ValueError (or KeyError, TypeError) if malformed."""
-        return cls(**json.loads(fields["job"]))
+        return cls(**_typed(cls, json.loads(fields["job"])))
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,33 @@ class Chunk:
 
     @classmethod
     def parse(cls, fields: dict[str, str]) -> Chunk:
-        return cls(**json.loads(fields["chunk"]))
+        """A chunk from its stream entry; ValueError (or KeyError, TypeError) if malformed."""
+        return cls(**_typed(cls, json.loads(fields["chunk"])))
+
+
+def _typed(cls: type, data: object) -> dict[str, Any]:
+    """`data`, if its fields have the JSON types that `cls` declares: an entry of another
+    version, or of a bug, is refused where it is read, not where it would stop a loop."""
+    if not isinstance(data, dict):
+        raise ValueError(f"not an object: {data!r}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if name in hints and not _is(value, hints[name]):
+            raise ValueError(f"{cls.__name__}.{name} cannot be {value!r}")
+    return data
+
+
+def _is(value: object, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is(value, arm) for arm in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if isinstance(value, bool):  # a JSON true is no number
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, origin or hint)
 
 
 def entry_age(entry_id: str, now: float) -> float:

@@ -5,6 +5,7 @@ as separate processes, killed and restarted.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -715,7 +716,7 @@ async def test_chunks_of_an_older_try_are_ignored(streams):
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         await wait_until(lambda: streams.xlen(keys.JOBS))
         [(_, fields)] = await streams.xrange(keys.JOBS)
-        answer = keys.job_chunks(__import__("json").loads(fields["job"])["id"])
+        answer = keys.job_chunks(Job.parse(fields).id)
         for chunk in (
             Chunk(2, "new", "started"), Chunk(2, "new", "text", "Hi"),
             Chunk(1, "old", "text", "stale"), Chunk(2, "new", "end", "Hi", 3, 1),
@@ -723,6 +724,47 @@ async def test_chunks_of_an_older_try_are_ignored(streams):
             await streams.xadd(answer, chunk.fields())
         assert await read(generation) == ["Hi"]
         assert (generation.prompt_tokens, generation.answer_tokens) == (3, 1)
+
+
+async def test_a_malformed_chunk_is_skipped_and_the_answer_read_on(streams):
+    """An entry of another version, or of a bug, must not stop the gateway's reader."""
+    async with gateway(streams) as queue:
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: streams.xlen(keys.JOBS))
+        [(_, fields)] = await streams.xrange(keys.JOBS)
+        answer = keys.job_chunks(Job.parse(fields).id)
+        await streams.xadd(answer, Chunk(1, "w1", "started").fields())
+        await streams.xadd(answer, {"chunk": '{"attempt": 1, "worker": "w1", "kind": "text", '
+                                             '"text": null}'})  # fmt: skip
+        for chunk in (Chunk(1, "w1", "text", "Hi"), Chunk(1, "w1", "end", "Hi", 3, 1)):
+            await streams.xadd(answer, chunk.fields())
+        assert await asyncio.wait_for(read(generation), 10) == ["Hi"]
+
+
+async def test_a_malformed_job_is_dropped_and_the_worker_goes_on(streams, make_batcher):
+    [bad, good] = jobs_for(2)
+    fields = json.loads(bad.fields()["job"]) | {"deadline": "soon"}
+    await streams.xadd(keys.JOBS, {"job": json.dumps(fields)})
+    await streams.xadd(keys.JOBS, good.fields())
+    async with worker(streams, make_batcher(), "w1"):
+        await wait_until(lambda: ended(streams, good.id))
+        await wait_until(lambda: _stream_is_empty(streams, keys.JOBS))
+    assert not await streams.exists(keys.job_chunks(bad.id))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"attempt": "2", "worker": "w1", "kind": "text", "text": "Hi"},
+        {"attempt": 2, "worker": "w1", "kind": "text", "text": None},
+        {"attempt": 2, "worker": "w1", "kind": "shout"},
+        {"attempt": True, "worker": "w1", "kind": "end"},
+        ["not", "an", "object"],
+    ],
+)
+def test_a_chunk_of_the_wrong_types_is_refused_where_it_is_read(fields):
+    with pytest.raises(ValueError):
+        Chunk.parse({"chunk": json.dumps(fields)})
 
 
 def test_a_chunk_from_an_older_worker_without_token_counts_reads_as_zero():
