@@ -8,6 +8,7 @@ import re
 # language is the info string's first word, where that is short enough to be one.
 FENCE = re.compile(r"^([ \t]{0,8})```([\w+#.-]{1,20}(?=\s|$))?[^\n]*", re.MULTILINE)
 CLOSING_ROOM = len("\n" + " " * 8 + "```")
+UNFINISHED_ESCAPE = re.compile(r"&[a-z]{0,3}$")  # the front of &amp; &lt; or &gt;
 
 
 def split_message(text: str, limit: int) -> list[str]:
@@ -37,12 +38,14 @@ def split_message(text: str, limit: int) -> list[str]:
 
 
 def _break_point(window: str) -> int:
-    """Where to cut: the last paragraph, line or word break in the back half, else the end."""
+    """Where to cut: the last paragraph, line or word break in the back half, else the end,
+    but not inside an escape such as Slack's `&amp;` (its halves would show as text)."""
     for separator in ("\n\n", "\n", " "):
         index = window.rfind(separator)
         if index > len(window) // 2:
             return index
-    return len(window)
+    escape = UNFINISHED_ESCAPE.search(window)
+    return escape.start() if escape and escape.start() > 0 else len(window)
 
 
 def _open_fence(text: str) -> str | None:

@@ -45,6 +45,18 @@ def test_a_word_longer_than_the_limit_is_cut_hard():
     assert all(len(part) <= 100 for part in parts)
 
 
+@pytest.mark.parametrize("shift", range(6))
+def test_a_hard_cut_keeps_an_escape_whole(shift):
+    """Slack's text comes escaped (`&amp;`, `&lt;`, `&gt;`): a long line with no break to
+    cut at is cut before an escape, never inside it."""
+    text = "x" * shift + "a&lt;b&amp;&amp;c&gt;d" * 40
+    parts = split_message(text, 100)
+    assert "".join(parts) == text
+    assert all(len(part) <= 100 for part in parts)
+    for part in parts:
+        assert part.count("&") == part.count(";")  # each escape whole
+
+
 def test_a_fence_line_longer_than_a_part_still_ends():
     """A one-line block whose line runs past a part: reopening its line in the next part
     left as much as before (this looped for good, on the event loop)."""
