@@ -367,16 +367,15 @@ class ChatService:
         conversation's lock; if it says no, the turn ends unanswered."""
         try:
             async with self.locks.hold(pending.conversation):
-                if before is not None and not await before():
-                    await self.journal.finish(pending)
-                elif pending.attempts > self.max_attempts:
-                    logger.error("giving up on turn %s after %d attempts", pending.id,
-                                 self.max_attempts)  # fmt: skip
-                    await self._fail(pending, sink, replies.gave_up(self.max_attempts))
-                elif pending.answer is not None:  # generated before a stop: deliver it
-                    await self._deliver(pending, sink, pending.answer)
-                else:
-                    await self._answer(pending, sink)
+                try:
+                    await self._take_turn(pending, sink, before)
+                except Exception as error:
+                    if is_outage(error) or isinstance(error, InferenceCancelled | EngineStopped):
+                        raise
+                    # Under the lock: a regenerated answer that failed is put back before
+                    # the conversation's next turn reads the history.
+                    await self._failed(pending, sink, error)
+                    return
         except asyncio.CancelledError:  # the grace period of a stop is over
             await self._leave_for_later(pending, sink, release=True)
             raise
@@ -386,19 +385,37 @@ class ChatService:
             logger.error("the engine died while answering %s; it stays pending", pending.id)
             await self._leave_for_later(pending, sink, release=False)
         except Exception as error:
-            if not is_outage(error):
-                logger.exception("answering %s failed", pending.id)
-                try:
-                    await self._fail(pending, sink, replies.failed())
-                except Exception:  # storage failed us too: the record stays, taken up again
-                    logger.warning("could not close failed turn %s", pending.id, exc_info=True)
-                    self._orphaned[pending.id] = sink
+            if not is_outage(error):  # in taking or giving back the lock
+                await self._failed(pending, sink, error)
                 return
             # The record stays: our resume loop claims it again once storage is back.
             logger.warning("storage lost while answering %s; it stays pending", pending.id)
             self._orphaned[pending.id] = sink
             await self._leave_for_later(pending, sink, release=True,
                                         text=replies.storage_lost())  # fmt: skip
+
+    async def _take_turn(
+        self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
+    ) -> None:
+        if before is not None and not await before():
+            await self.journal.finish(pending)
+        elif pending.attempts > self.max_attempts:
+            logger.error("giving up on turn %s after %d attempts", pending.id, self.max_attempts)
+            await self._fail(pending, sink, replies.gave_up(self.max_attempts))
+        elif pending.answer is not None:  # generated before a stop: deliver it
+            await self._deliver(pending, sink, pending.answer)
+        else:
+            await self._answer(pending, sink)
+
+    async def _failed(self, pending: PendingTurn, sink: ReplySink, error: Exception) -> None:
+        """A turn went wrong: fail it, or where storage fails us too, keep its record, to
+        be taken up again."""
+        logger.error("answering %s failed", pending.id, exc_info=error)
+        try:
+            await self._fail(pending, sink, replies.failed())
+        except Exception:
+            logger.warning("could not close failed turn %s", pending.id, exc_info=True)
+            self._orphaned[pending.id] = sink
 
     async def _answer(self, pending: PendingTurn, sink: ReplySink) -> None:
         voice = voice_for(self.team.settings, pending.turn.conversation)

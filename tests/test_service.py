@@ -466,6 +466,40 @@ async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
     ]
 
 
+class SlowToFail(ShowingSink):
+    """Telling the thread of a failure takes a platform call's time."""
+
+    async def fail(self, text: str) -> None:
+        await asyncio.sleep(0.5)
+        await super().fail(text)
+
+
+async def test_a_regenerated_answer_that_fails_is_back_before_the_next_turn_reads_it(
+    make_service, make_batcher, store, conversation
+):
+    """The next message waits for the regeneration: once that fails, the old answer is
+    back in the history, in its place, before the next turn reads it."""
+    batcher = FailsOnceBatcher(make_batcher())
+    batcher.failed = True  # the first answer goes through
+    async with make_service(batcher) as (service, _batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Q1"), answered)
+        [old] = answered.kinds("finish")
+        batcher.failed = False  # the regeneration's first step falls over
+        press = SlowToFail(service, conversation)
+        assert await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex, sink=press
+        )
+        await service.handle(turn(conversation, "Q2"), RecordingSink())
+    assert batcher.prompts[-1] == [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": old},
+        {"role": "user", "content": "Q2"},
+    ]
+    assert [m["content"] for m in await store.load(str(conversation))][:3] == ["Q1", old, "Q2"]
+    assert press.kinds("fail")
+
+
 # --- durable turns: resumed, given up, left pending by a drain ----------------------------
 
 
