@@ -429,9 +429,13 @@ class ChatService:
         if started is None:
             _not_ours(pending)
             return
-        history = named(await self.store.load(pending.conversation))
+        history = await self.store.load(pending.conversation)
+        if pending.stored and (not history or history[-1]["role"] != "user"):
+            # Stored by a try that died, and later turns (or a reset) came before this
+            # one: it is asked again at the end, and its answer follows what came.
+            history.append(user_message(pending.turn))
         messages, cut, dropped = await fit(
-            system, history, count_tokens=self.count_tokens, budget=budget
+            system, named(history), count_tokens=self.count_tokens, budget=budget
         )
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -19,7 +20,7 @@ from bot import replies
 from bot.types import ConversationKey, Turn
 from storage import keys
 from storage.store import ConversationStore
-from storage.turns import TurnJournal
+from storage.turns import PendingTurn, TurnJournal
 
 
 class RecordingSink:
@@ -552,6 +553,55 @@ async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resum
             await until(lambda turn_id=turn_id: gone(redis_client, turn_id), timeout=30)
     assert len(batcher.prompts) == 5
     assert all(sink.kinds("fail") == [] and sink.kinds("finish") for sink in rebuild.sinks)
+
+
+async def stored_then_crashed(redis: Redis, store: ConversationStore, platform: str) -> PendingTurn:
+    """A turn another process stored in the history and died with, its lease still on."""
+    crashed = process(redis, store, platform, "crashed")
+    pending = await crashed.accept(on(platform, "first question"), {})
+    assert pending is not None and await crashed.begin(pending)
+    await crashed.renew_lease()
+    return pending
+
+
+async def test_a_stored_turn_resumed_after_later_turns_is_asked_again_at_the_end(
+    make_service, redis_client, store, platform
+):
+    """The asker went on while its process was dead: the later message was answered
+    (its prompt had the first one too). The first is answered once its process's lease
+    lapses, asked again after what came, as the thread shows it."""
+    pending = await stored_then_crashed(redis_client, store, platform)
+    later = dataclasses.replace(pending.turn, text="second question", message_id="m2")
+    async with make_service() as (service, batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(later, RecordingSink())
+        await until(lambda: gone(redis_client, pending.id), timeout=15)
+    [second_answer, first_answer] = [m for m in await store.load(pending.conversation)
+                                     if m["role"] == "assistant"]  # fmt: skip
+    assert batcher.prompts == [
+        [{"role": "user", "content": "first question"},
+         {"role": "user", "content": "second question"}],
+        [{"role": "user", "content": "first question"},
+         {"role": "user", "content": "second question"},
+         second_answer,
+         {"role": "user", "content": "first question"}],
+    ]  # fmt: skip
+    assert first_answer["content"] and second_answer["content"]
+
+
+async def test_a_stored_turn_resumed_after_a_reset_is_asked_anew(
+    make_service, redis_client, store, platform
+):
+    pending = await stored_then_crashed(redis_client, store, platform)
+    reset = dataclasses.replace(pending.turn, text="reset", message_id="m2", command="reset")
+    rebuild = Rebuilder()
+    async with make_service() as (service, batcher):
+        await service.handle(reset, RecordingSink())
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=15)
+    assert batcher.prompts == [[{"role": "user", "content": "first question"}]]
+    [sink] = rebuild.sinks
+    assert sink.kinds("finish") and not sink.kinds("fail")
 
 
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
