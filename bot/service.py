@@ -399,11 +399,11 @@ class ChatService:
     ) -> None:
         if before is not None and not await before():
             await self.journal.finish(pending)
+        elif pending.answer is not None:  # generated before a stop: delivered, whatever the
+            await self._deliver(pending, sink, pending.answer)  # attempts (it costs no model)
         elif pending.attempts > self.max_attempts:
             logger.error("giving up on turn %s after %d attempts", pending.id, self.max_attempts)
             await self._fail(pending, sink, replies.gave_up(self.max_attempts))
-        elif pending.answer is not None:  # generated before a stop: deliver it
-            await self._deliver(pending, sink, pending.answer)
         else:
             await self._answer(pending, sink)
 

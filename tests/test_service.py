@@ -615,8 +615,8 @@ async def test_a_saved_answer_is_delivered_on_resume_without_generating(
     assert started is not None
     assert await crashed.save(started, answer="the answer it had generated")
     rebuild = Rebuilder()
-    # The resume is attempt 2, which max_attempts=2 still allows.
-    async with make_service(max_attempts=2) as (service, batcher):
+    # The resume is attempt 2, past max_attempts: delivering the answer generates nothing.
+    async with make_service(max_attempts=1) as (service, batcher):
         service.serve_platform(platform, rebuild)
         await until(lambda: gone(redis_client, pending.id))
     assert rebuild.targets == [target]
