@@ -9,6 +9,7 @@ as a `Turn` of the conversation it was run in; only the person who ran it sees t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import discord
 from discord import app_commands
 
-from adapters.base import answer
+from adapters.base import answer, failure_text
 from adapters.discord_channel import (
     MESSAGE_LIMIT,
     NO_PINGS,
@@ -158,8 +159,16 @@ class SlashCommands:
         sink = EphemeralReply(interaction)
         # Only the user sees the answer, so a denied one is always told (even `silent`).
         access = self.service.team.settings.access
-        who = await requester(interaction.user, key, access=access, memberships=self.memberships)
-        if not await self.service.admit(who, key, sink.finish):
+        try:
+            who = await requester(
+                interaction.user, key, access=access, memberships=self.memberships
+            )
+            admitted = await self.service.admit(who, key, sink.finish)
+        except Exception as error:  # e.g. Redis gone: not "thinking…" until Discord gives up
+            with contextlib.suppress(Exception):
+                await sink.fail(failure_text(error, f"Discord command /{name}"))
+            return
+        if not admitted:
             if not sink.over:
                 await sink.finish(replies.denied())
             return

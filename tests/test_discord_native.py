@@ -20,6 +20,7 @@ from conftest import GatedBatcher, ScriptedBatcher, running
 from discord.gateway import DiscordWebSocket
 from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from test_discord_adapter import bot_messages, final_reply, mention, settings_for
 
 from adapters import discord_channel
@@ -298,6 +299,23 @@ async def test_a_denied_user_is_told_by_the_slash_command_alone(discord_bot):
         [reply] = await fake.wait_for(lambda: answered(interaction))
     assert reply["content"] == replies.denied() and reply["flags"] & EPHEMERAL
     assert bot_messages(fake, fake.channel_id) == []
+
+
+async def test_a_slash_command_that_meets_a_storage_outage_says_so(discord_bot, monkeypatch):
+    """Telling a denied user needs Redis: with Redis gone, the command still ends with a
+    clear answer instead of "thinking…" until Discord gives up."""
+    rules = Access.model_validate({"discord": {"users": {"deny": ["1003"]}}})
+    async with discord_bot(access=rules) as bot:
+        fake = bot.fake
+
+        async def redis_gone(_told: str) -> bool:
+            raise RedisConnectionError("Connection refused")
+
+        monkeypatch.setattr(bot.service.limits, "first_denial", redis_gone)
+        await commands_registered(fake, fake.guild_id)
+        interaction = await fake.slash_command("status", fake.channel_id, user=fake.bob)
+        [reply] = await fake.wait_for(lambda: answered(interaction))
+    assert reply["content"] == replies.storage_unavailable() and reply["flags"] & EPHEMERAL
 
 
 async def test_role_rules_apply_to_slash_commands_and_regenerate_in_a_dm(discord_bot, monkeypatch):
