@@ -271,8 +271,12 @@ class OpenAIBackend:
             await self._tries(answer)
         except Exception as error:
             if not isinstance(error, InferenceUnavailable):  # an answer we cannot read
-                error = InferenceUnavailable(f"INFERENCE_URL={self.url} answered in a way "
-                                             f"threadbot cannot read: {error!r}")  # fmt: skip
+                # Its name and message: aiohttp's repr of a response error holds the
+                # request's headers, the API key among them.
+                error = InferenceUnavailable(
+                    f"INFERENCE_URL={self.url} answered in a way threadbot cannot read: "
+                    f"{type(error).__name__}: {_described(error)}"
+                )
             logger.error("generation failed: %s", error)
             generation.fail(error)
         finally:  # before the end or failure is read, so whoever reads it sees it gone
@@ -321,11 +325,16 @@ class OpenAIBackend:
             if response.content_type != "text/event-stream":
                 raise InferenceUnavailable(f"INFERENCE_URL={self.url} answered "
                                            f"{response.content_type}, not a stream")  # fmt: skip
-            async for data in _server_sent_events(response.content):
-                if data == "[DONE]":
-                    answer.end()
-                    return
-                answer.read(json.loads(data), self.url)
+            try:
+                async for data in _server_sent_events(response.content):
+                    if data == "[DONE]":
+                        answer.end()
+                        return
+                    answer.read(json.loads(data), self.url)
+            except CONNECTION_ERRORS:
+                if not answer.finished:
+                    raise
+                # Broken off after the finish: only the token counts or [DONE] were lost.
         if not answer.finished:
             raise _Retry("ended the stream before the answer")
         answer.end()  # a server that sends no [DONE] after the finish
@@ -403,8 +412,10 @@ class _Answer:
 
 async def _server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]:
     """The data of each server-sent event, in order: its `data:` lines joined by newlines;
-    comments (keep-alive pings) and other fields skipped. An event the stream ends in the
-    middle of is dropped, as the standard says, so a cut stream yields no half event."""
+    comments (keep-alive pings) and other fields skipped, but for an `error:` line, which
+    llama.cpp's server sent before mid-2025 where others send an error event: it comes as
+    one. An event the stream ends in the middle of is dropped, as the standard says, so a
+    cut stream yields no half event."""
     data: list[str] = []
     async for raw in lines:
         line = raw.decode().rstrip("\r\n")
@@ -416,6 +427,8 @@ async def _server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]
         field, _, value = line.partition(":")
         if field == "data":
             data.append(value.removeprefix(" "))
+        elif field == "error":
+            yield json.dumps({"error": value.strip()})
 
 
 def _message(body: str) -> str:

@@ -33,9 +33,11 @@ class Stream:
 
 @dataclass
 class Drop:
-    """These chunks, then the connection closed in the middle of the response."""
+    """These chunks (and the finish, `after_finish`), then the connection closed in the
+    middle of the response."""
 
     chunks: list[str]
+    after_finish: bool = False
 
 
 @dataclass
@@ -64,13 +66,20 @@ class Status:
 
 @dataclass
 class ErrorEvent:
-    """These chunks, then an error event in the stream (as vLLM sends one midway)."""
+    """These chunks, then an error event in the stream (as vLLM sends one midway); or,
+    `legacy`, an `error:` line and `[DONE]`, as llama.cpp's server did before mid-2025."""
 
     chunks: list[str]
     message: str = "the model fell over"
+    legacy: bool = False
 
 
-Reply = Stream | Drop | Cut | Hold | Status | ErrorEvent
+@dataclass
+class Redirect:
+    """A redirect to the same address, for this request and every later one."""
+
+
+Reply = Stream | Drop | Cut | Hold | Status | ErrorEvent | Redirect
 
 
 @dataclass
@@ -135,6 +144,9 @@ class FakeOpenAI:
         if refused := self._unauthorized(request):
             return refused
         reply = self.script.pop(0) if self.script else Stream(_words(self.answer))
+        if isinstance(reply, Redirect):
+            self.script.insert(0, reply)
+            raise web.HTTPTemporaryRedirect(request.url)
         if isinstance(reply, Status):
             headers = {"Retry-After": reply.retry_after} if reply.retry_after else {}
             return _error(reply.status, reply.message, headers)
@@ -143,6 +155,8 @@ class FakeOpenAI:
         await stream.text(reply.chunks[: body.get("max_tokens") or None])
         match reply:
             case Drop():
+                if reply.after_finish:
+                    await stream.chunk({}, "stop")
                 assert request.transport is not None
                 request.transport.close()  # mid-body: the chunked encoding never ends
                 return stream.response
@@ -153,6 +167,9 @@ class FakeOpenAI:
                 if self.requests[-1].gone:
                     return stream.response
                 await stream.finish()
+            case ErrorEvent(legacy=True):
+                error = json.dumps({"code": 500, "message": reply.message})
+                await stream.response.write(f"error: {error}\n\ndata: [DONE]\n\n".encode())
             case ErrorEvent():
                 await stream.event({"error": {"message": reply.message, "code": 500}})
             case Stream():

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import remove_pending_turns
-from fake_openai import Cut, Drop, ErrorEvent, FakeOpenAI, Hold, Status, Stream
+from fake_openai import Cut, Drop, ErrorEvent, FakeOpenAI, Hold, Redirect, Status, Stream
 from fake_server import wait_for
 from redis.asyncio import Redis
 from test_service import RecordingSink, turn
@@ -201,8 +201,9 @@ async def test_a_400_fails_at_once_with_the_servers_message(server, caplog):
     assert "maximum context length" in caplog.text
 
 
-async def test_an_error_event_in_the_stream_fails_the_answer(server):
-    server.script.append(ErrorEvent(["The"], "the engine died"))
+@pytest.mark.parametrize("legacy", [False, True], ids=["event", "llama.cpp's error line"])
+async def test_an_error_event_in_the_stream_fails_the_answer(server, legacy):
+    server.script.append(ErrorEvent(["The"], "the engine died", legacy=legacy))
     async with backend(server.url) as inference:
         generation = inference.submit(HELLO, user="u1", conversation="c1")
         with pytest.raises(InferenceUnavailable, match="the engine died"):
@@ -235,6 +236,28 @@ async def test_a_stream_broken_midway_restarts_the_answer(server, broken):
     assert "".join(again) == generation.text == "The capital of France is Paris."
     assert generation.answer_tokens == 6
     assert len(server.requests) == 2
+
+
+async def test_a_stream_broken_after_its_finish_is_the_whole_answer(server):
+    """Only the token counts and [DONE] were lost: the answer is not written again."""
+    server.script.append(Drop(["Par", "is"], after_finish=True))
+    async with backend(server.url) as inference:
+        generation = inference.submit(HELLO, user="u1", conversation="c1")
+        chunks = await read(generation)
+    assert chunks == ["Par", "is"] and generation.text == "Paris"
+    assert len(server.requests) == 1
+
+
+async def test_an_answer_threadbot_cannot_read_fails_without_the_key(caplog):
+    """aiohttp's own description of some failures (here, redirects without end) holds
+    the request's headers: the API key must reach neither the log nor the user."""
+    async with FakeOpenAI(api_key="sk-do-not-log") as server:
+        server.script.append(Redirect())
+        async with backend(server.url, api_key="sk-do-not-log") as inference:
+            with pytest.raises(InferenceUnavailable, match="cannot read") as failed:
+                await read(inference.submit(HELLO, user="u1", conversation="c1"))
+    assert "sk-do-not-log" not in str(failed.value)
+    assert "sk-do-not-log" not in caplog.text
 
 
 async def test_a_failed_try_before_any_text_does_not_restart(server):
