@@ -75,7 +75,7 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Rule(_Section):
@@ -150,6 +150,7 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,  # `inf` seconds or days would pass, then fail at start
     )
 
     threadbot_config: Path | None = Field(
@@ -374,6 +375,11 @@ class _SettingsInYaml(YamlConfigSettingsSource):
         data = super()._read_file(file_path)
         if not isinstance(data, dict):
             raise ConfigError(f"{file_path}: not a mapping of settings (`name: value` lines)")
+        if words := [key for key in data if not isinstance(key, str)]:
+            raise ConfigError(
+                f"{file_path}: {words[0]!r} is not a setting's name (YAML reads a bare on, "
+                f"off, yes or no as true or false, and digits as a number: quote it)"
+            )
         return _without_nulls(data)
 
 
@@ -519,18 +525,23 @@ def _not_json(error: SettingsError) -> str:
 
 
 def describe_error(error: ValidationError, path: Path | None = None) -> str:
-    """One line per bad setting: where the file sets it, its key and line; else the
-    environment variable's name."""
+    """One line per bad setting: the environment variable's name where the environment or
+    `.env` sets it (they win over the file), else where the file sets it, its key and line."""
     tree = _yaml_tree(path)
+    environment = {name.upper() for name in (*os.environ, *read_env_file())}
     lines = []
     for problem in error.errors():
         loc = tuple(problem["loc"])
-        line = _line_of(tree, loc) if tree is not None else None
+        parts = [str(part) for part in loc]
+        # Set there, or a section holding it (ACCESS as JSON): the environment wins.
+        from_environment = any(
+            "__".join(parts[:end]).upper() in environment for end in range(1, len(parts) + 1)
+        )
+        line = None if from_environment or tree is None else _line_of(tree, loc)
         if line is not None:
-            key = ".".join(str(part) for part in loc)
-            lines.append(f"{path} line {line}: invalid setting {key}: {problem['msg']}")
+            lines.append(f"{path} line {line}: invalid setting {'.'.join(parts)}: {problem['msg']}")
         else:
-            name = "__".join(str(part) for part in loc).upper() or "settings"
+            name = "__".join(parts).upper() or "settings"
             lines.append(f"invalid setting {name}: {problem['msg']}")
     return "\n".join(lines)
 

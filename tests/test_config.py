@@ -188,6 +188,12 @@ def test_invalid_value_names_the_setting(name: str, value: str) -> None:
     assert message.startswith(f"invalid setting {name}:")
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_number_that_is_not_finite_is_refused(value: str) -> None:
+    """`inf` days would pass as more than 0, then fail when the service starts."""
+    assert settings_error(HISTORY_TTL_DAYS=value).startswith("invalid setting HISTORY_TTL_DAYS:")
+
+
 def test_each_bad_setting_gets_its_own_line() -> None:
     """`describe_error`: one line per bad setting, so all mistakes show at once."""
     lines = settings_error(MAX_NEW_TOKENS="abc", DEVICE="gpu").splitlines()

@@ -80,6 +80,27 @@ def test_a_bad_value_names_the_key_and_its_line(tmp_path: Path) -> None:
     assert "threadbot.yml line 5: invalid setting personas.1.temperature" in str(info.value)
 
 
+def test_a_bad_value_from_the_environment_is_named_there_not_in_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The environment wins over the file: its value is the one refused."""
+    write(tmp_path / "threadbot.yml", "max_new_tokens: 256\naccess:\n  deny: reply\n")
+    monkeypatch.setenv("MAX_NEW_TOKENS", "abc")
+    monkeypatch.setenv("ACCESS", '{"deny": "loudly"}')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    [tokens, deny] = str(info.value).splitlines()
+    assert tokens.startswith("invalid setting MAX_NEW_TOKENS:")
+    assert deny.startswith("invalid setting ACCESS__DENY:")
+
+
+@pytest.mark.parametrize("key", ["on", "yes", "1"])
+def test_a_key_yaml_reads_as_no_name_is_one_line(tmp_path: Path, key: str) -> None:
+    write(tmp_path / "threadbot.yml", f"{key}: true\n")
+    with pytest.raises(ConfigError, match=r"threadbot.yml: .* is not a setting's name"):
+        load_settings()
+
+
 def test_broken_yaml_and_a_missing_file_are_one_line_each(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
