@@ -196,6 +196,9 @@ class Batcher:
         """Token columns the batch's KV cache holds now: slots x width, padding included."""
         return self._cache.slots * self._cache.width
 
+    # Joining and leaving write into the KV cache, whose tensors a step may have made:
+    # inference tensors, which take writes inside inference mode alone.
+    @torch.inference_mode()
     def join(
         self,
         key: object,
@@ -260,6 +263,7 @@ class Batcher:
             max_new_tokens = self.engine.max_new_tokens
         return max(min(max_new_tokens, self.engine.context_tokens - len(prompt)), 1)
 
+    @torch.inference_mode()
     def leave(self, key: object) -> None:
         """Stop a request now (cancelled); what it computed is kept for its conversation."""
         for sequence in self._sequences:
@@ -267,6 +271,7 @@ class Batcher:
                 self._release(sequence)
                 return
 
+    @torch.inference_mode()
     def clear(self) -> None:
         """Forget every request and the batch (after a failed step left it unknown)."""
         self._sequences.clear()

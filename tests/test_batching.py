@@ -57,6 +57,51 @@ def run_to_the_end(
     return finished
 
 
+def finish_one_of_three(batcher) -> None:
+    """Three answers, the third of one token: it ends inside a step, where the KV cache
+    shrinks to fit the two left (its tensors made there)."""
+    for key, limit in (("a", 8), ("b", 8), ("c", 1)):
+        batcher.join(key, QUESTIONS[0], conversation=key, max_new_tokens=limit)
+    assert finished(batcher)["c"] is not None
+
+
+def finished(batcher, limit: int = 500) -> dict[object, str]:
+    """Step until a request ends; the answers that ended in that step, by key."""
+    for _ in range(limit):
+        if answers := {u.key: u.answer for u in batcher.step() if u.answer is not None}:
+            return answers
+    raise AssertionError("no answer ended")
+
+
+def test_a_request_stopped_after_the_cache_shrank_in_a_step_leaves_the_rest_answering(
+    make_batcher,
+):
+    batcher = make_batcher(max_new_tokens=8)
+    finish_one_of_three(batcher)
+    batcher.leave("a")  # Stop: the queue calls it between steps
+    assert finished(batcher) == {"b": answer_alone(batcher, QUESTIONS[0], max_new_tokens=8)}
+
+
+def test_a_next_turn_joins_from_its_cache_after_the_cache_shrank_in_a_step(make_batcher):
+    """A long prompt's one-token answer ends inside a step: the cache narrows there, and
+    keeps its slots for the three rows left; the next turn of another conversation is read
+    into the fourth from its own cache."""
+    batcher = make_batcher(max_new_tokens=60)
+    batcher.join("x", QUESTIONS[0], conversation="x", max_new_tokens=4)
+    first = finished(batcher)["x"]
+    for key in "abc":
+        batcher.join(key, QUESTIONS[0], conversation=key)
+    long = [{"role": "user", "content": "tell me about tokenizers " * 40}]
+    batcher.join("long", long, conversation="long", max_new_tokens=1)
+    assert finished(batcher) == {"long": answer_alone(batcher, long, max_new_tokens=1)}
+    reused = batcher.stats.reused
+    second = [*QUESTIONS[0], {"role": "assistant", "content": first}]
+    second.append({"role": "user", "content": "and?"})
+    batcher.join("x", second, conversation="x", max_new_tokens=4)
+    assert batcher.stats.reused > reused  # the first turn's cache, read into the batch
+    assert finished(batcher) == {"x": answer_alone(batcher, second, max_new_tokens=4)}
+
+
 def test_a_request_alone_gets_the_seed_generate_answer(make_batcher):
     """Our loop over the forward (prefill in chunks, then decode) = `generate`, greedy, fp32."""
     batcher = make_batcher(step_tokens=16, max_new_tokens=10)
