@@ -26,6 +26,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, Protocol, Self
 
 from bot.health import READY
@@ -144,7 +145,7 @@ class Generation:
         self.prompt_tokens = 0
         self.answer_tokens = 0
         self.first_text_at: float | None = None  # wall clock, when its first text was read
-        self.on_cancel: Callable[[], object] | None = None  # a remote writer stops with it
+        self.on_cancel: Callable[[], object] | None = None  # its writer lets go of it
         self._chunks: asyncio.Queue[_Text | _Failed | _Restart] = asyncio.Queue()
         self._cancelled = threading.Event()  # read by the engine thread between steps
         self._over = False  # the consumer has seen the end or an error
@@ -477,12 +478,22 @@ class InferenceQueue:
             temperature=temperature,
             timeout=self.timeout,
         )
+        generation.on_cancel = partial(self._withdraw, generation)
         self._in_flight += 1
         with self._wakeup:
             self._order.push(generation)
             self.metrics.queue_waiting.set(self._order.waiting)
             self._wakeup.notify()
         return generation
+
+    def _withdraw(self, generation: Generation) -> None:
+        """A request cancelled while it waits leaves the line at once, and counts no more
+        against `max_size` (one running stops at the batcher's next step)."""
+        with self._wakeup:
+            withdrawn = self._order.remove(generation)
+            self.metrics.queue_waiting.set(self._order.waiting)
+        if withdrawn:
+            self._release(generation)
 
     # --- On the engine thread -----------------------------------------------------------
 

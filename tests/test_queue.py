@@ -158,6 +158,22 @@ async def test_cancelling_while_waiting_skips_the_batcher(make_batcher):
     assert len(gated.prompts) == 2  # the running one and the probe, never the cancelled one
 
 
+async def test_requests_cancelled_while_waiting_make_room_at_once(make_batcher):
+    """QUEUE_MAX counts requests waiting and running: those stopped or timed out while
+    they wait count no more, though no row has freed yet."""
+    gated = GatedBatcher(make_batcher(max_batch=1, max_new_tokens=4))
+    async with InferenceQueue(batcher=gated, max_size=3, timeout=60) as queue:
+        running = queue.submit(HELLO, user="u1", conversation="c1")
+        waiting = [queue.submit(HELLO, user=f"u{n}", conversation=f"c{n}") for n in (2, 3)]
+        for generation in waiting:
+            generation.cancel()
+        later = queue.submit(HELLO, user="u4", conversation="c4")  # not QueueFull
+        assert queue.depth == 2  # the running one and this one
+        gated.gate.set()
+        assert await collect(running) and await collect(later)
+    assert len(gated.prompts) == 2
+
+
 async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(make_batcher):
     batcher = make_batcher(max_new_tokens=30)
     question = [{"role": "user", "content": "and you?"}]
