@@ -218,7 +218,9 @@ class SlackAdapter(Adapter):
         self, event: dict[str, Any], context: dict[str, Any]
     ) -> None:
         """Someone opened a thread in the assistant pane: greet them and offer prompts, if
-        the access rules let them use the bot (else they hear why, as in any DM)."""
+        the access rules let them use the bot (else they hear why, as in any DM). By the
+        ack's deadline: Slack sends a late one again, and the greeting would come twice."""
+        deadline = asyncio.get_running_loop().time() + BEFORE_ACK_SECONDS
         thread = event.get("assistant_thread", {})
         channel, thread_ts = thread.get("channel_id", ""), thread.get("thread_ts", "")
         team = context.get("team_id") or "-"
@@ -230,7 +232,7 @@ class SlackAdapter(Adapter):
 
         try:
             if await self.service.admit(who, key, tell):
-                await greet(self.app.client, channel=channel, thread_ts=thread_ts)
+                await _by(deadline, greet(self.app.client, channel=channel, thread_ts=thread_ts))
         except Exception:
             logger.warning("could not greet assistant thread %s", thread, exc_info=True)
 

@@ -112,6 +112,18 @@ async def test_a_slow_title_does_not_hold_up_the_ack(slack, socket_mode):
     assert answered["text"] == "Hello."
 
 
+async def test_a_slow_greeting_does_not_hold_up_the_ack(slack, socket_mode):
+    slack.delays["assistant.threads.setSuggestedPrompts"] = 5.0
+    async with socket_mode():
+        started = slack.assistant_thread_started("D0001")
+        sent = time.monotonic()
+        await slack.wait_for_ack(await slack.send_event(started), timeout=15)
+        waited = time.monotonic() - sent
+    assert waited < SLACK_ACK_SECONDS
+    [greeting] = slack.calls_to("chat.postMessage")
+    assert greeting.params["text"] == GREETING
+
+
 async def test_a_failed_answer_clears_the_status(slack, socket_mode, make_batcher):
     async with socket_mode(FailsOnceBatcher(make_batcher()), streaming="auto"):
         started = slack.assistant_thread_started("D0001")
