@@ -710,13 +710,18 @@ async def reads(metrics: Metrics, **gauges: float) -> bool:
     return all(registry.get_sample_value(f"threadbot_{name}") == v for name, v in gauges.items())
 
 
+async def submitted_alone(queue: JobQueue, streams: Redis) -> tuple[Any, str]:
+    """A request sent with no worker alive, and the stream its answer is to come in."""
+    generation = queue.submit(HELLO, user="u1", conversation="c1")
+    await wait_until(lambda: streams.xlen(keys.JOBS))
+    [(_, fields)] = await streams.xrange(keys.JOBS)
+    return generation, keys.job_chunks(Job.parse(fields).id)
+
+
 async def test_chunks_of_an_older_try_are_ignored(streams):
     """A worker given up for dead may still write: its text must not reach the thread."""
     async with gateway(streams) as queue:
-        generation = queue.submit(HELLO, user="u1", conversation="c1")
-        await wait_until(lambda: streams.xlen(keys.JOBS))
-        [(_, fields)] = await streams.xrange(keys.JOBS)
-        answer = keys.job_chunks(Job.parse(fields).id)
+        generation, answer = await submitted_alone(queue, streams)
         for chunk in (
             Chunk(2, "new", "started"), Chunk(2, "new", "text", "Hi"),
             Chunk(1, "old", "text", "stale"), Chunk(2, "new", "end", "Hi", 3, 1),
@@ -729,10 +734,7 @@ async def test_chunks_of_an_older_try_are_ignored(streams):
 async def test_a_malformed_chunk_is_skipped_and_the_answer_read_on(streams):
     """An entry of another version, or of a bug, must not stop the gateway's reader."""
     async with gateway(streams) as queue:
-        generation = queue.submit(HELLO, user="u1", conversation="c1")
-        await wait_until(lambda: streams.xlen(keys.JOBS))
-        [(_, fields)] = await streams.xrange(keys.JOBS)
-        answer = keys.job_chunks(Job.parse(fields).id)
+        generation, answer = await submitted_alone(queue, streams)
         await streams.xadd(answer, Chunk(1, "w1", "started").fields())
         await streams.xadd(answer, {"chunk": '{"attempt": 1, "worker": "w1", "kind": "text", '
                                              '"text": null}'})  # fmt: skip
