@@ -44,11 +44,12 @@ class Limits:
 
     async def take(self, user: str, message: str, per_minute: float) -> float:
         """Take one message from `user`'s bucket (a minute's worth at most, refilled
-        steadily): 0 if it was there, else the seconds until one will be (none is taken).
-        Once per `message` (`platform:message id`): its re-deliveries take nothing."""
+        steadily, and room for one message at least, for a rate under one a minute): 0 if
+        it was there, else the seconds until one will be (none is taken). Once per
+        `message` (`platform:message id`): its re-deliveries take nothing."""
         wait = await self._take(
             keys=[keys.rate(user), keys.rate_taken(message)],
-            args=[per_minute / 60, per_minute, REDELIVERY_WINDOW_S],
+            args=[per_minute / 60, max(per_minute, 1), REDELIVERY_WINDOW_S],
         )
         return float(wait)
 

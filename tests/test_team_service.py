@@ -81,6 +81,22 @@ async def test_the_rate_limit_holds_across_a_restart(make_service, store, conver
     assert "three" not in contents and "four" in contents
 
 
+async def test_a_rate_under_one_a_minute_lets_one_message_through_at_a_time(
+    make_service, conversation
+):
+    """One message every two minutes: the first is answered, the second waits its turn."""
+    rules = Access(rate_limit_per_minute=0.5)
+    alice = new_user()
+    first, second = RecordingSink(), RecordingSink()
+    async with make_service(access=rules) as (service, _batcher):
+        await service.handle(say(conversation, "one", author=alice), first)
+        await service.handle(say(conversation, "two", author=alice), second)
+    [answer] = first.kinds("finish")
+    assert not answer.startswith("You're sending messages faster")
+    [refusal] = second.kinds("finish")
+    assert refusal.startswith("You're sending messages faster")
+
+
 async def test_a_message_delivered_twice_takes_from_the_rate_limit_once(make_service, conversation):
     """Slack's retries, and its two events for a mention that shares a file, deliver one
     message again: with two messages a minute, two messages are still answered."""
