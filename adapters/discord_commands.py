@@ -28,7 +28,7 @@ from adapters.discord_channel import (
 from adapters.text import split_message
 from bot import replies
 from bot.service import ChatService
-from bot.types import Command, Turn
+from bot.types import THREAD_ONLY, Command, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ DESCRIPTIONS: dict[Command, str] = {
 SCOPE_HELP = (
     "invite the bot again with its logged invite link (it has the applications.commands scope)"
 )
+
+
+def thread_only(order: Command) -> str:
+    """In a server channel, `reset`/`forget` would name no conversation: each thread is
+    one, and each chain of replies to an answer given in the channel."""
+    return (
+        f"`/{order}` works in a thread or a DM with me. In a channel, each thread is its own "
+        f"conversation: run it in the thread you mean, or, where I answered in the channel, "
+        f"send `{order}` as a reply to my answer."
+    )
 
 
 class EphemeralReply:
@@ -171,6 +181,9 @@ class SlashCommands:
         if not admitted:
             if not sink.over:
                 await sink.finish(replies.denied())
+            return
+        if name in THREAD_ONLY and not isinstance(channel, discord.DMChannel | discord.Thread):
+            await sink.finish(thread_only(name))
             return
         turn = Turn(
             key,

@@ -39,7 +39,6 @@ from adapters.base import Adapter, AdapterError, HttpRoutes, answer, command, fa
 from adapters.slack_assistant import ThreadStatus, greet, set_title
 from adapters.slack_command import (
     SLASH_COMMAND,
-    THREAD_ONLY,
     EphemeralReply,
     command_turn,
     thread_only,
@@ -54,7 +53,7 @@ from bot import replies
 from bot.access import Requester
 from bot.config import Settings
 from bot.service import ChatService
-from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
+from bot.types import THREAD_ONLY, ChatMessage, ConversationKey, ReplySink, Turn
 
 logger = logging.getLogger(__name__)
 

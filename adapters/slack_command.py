@@ -16,8 +16,6 @@ from bot.types import Command, ConversationKey, Turn
 logger = logging.getLogger(__name__)
 
 SLASH_COMMAND = "/threadbot"
-THREAD_ONLY: frozenset[Command] = frozenset({"reset", "forget"})
-
 Respond = Callable[..., Awaitable[Any]]  # bolt's `respond`, bound to a response_url
 
 

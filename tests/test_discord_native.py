@@ -26,7 +26,7 @@ from test_discord_adapter import bot_messages, final_reply, mention, settings_fo
 from adapters import discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
 from adapters.discord_buttons import NOT_REGENERABLE, REGENERATE_REFUSED, STOP_REFUSED
-from adapters.discord_commands import DESCRIPTIONS
+from adapters.discord_commands import DESCRIPTIONS, thread_only
 from bot import replies
 from bot.config import Access
 from bot.service import ChatService
@@ -233,6 +233,26 @@ async def test_reset_in_a_thread_clears_that_thread_alone(discord_bot):
     assert in_thread == [] and still_known  # the bot goes on answering there
     assert [message["content"] for message in in_dm] == ["remember the colour blue", "Noted."]
     assert len(bot_messages(fake, asked["id"])) == 1  # the answer alone: no reply for all
+
+
+@pytest.mark.parametrize("order", ["reset", "forget"])
+async def test_reset_or_forget_in_a_channel_points_to_the_thread_and_clears_nothing(
+    discord_bot, order
+):
+    """Run in the channel, they would name no conversation (each thread is one): saying
+    it was cleared would be untrue."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        asked = await mention(fake, "remember the number 7")
+        await final_reply(fake, asked["id"])
+        key = thread_key(fake, asked["id"])
+        await bot.history(key, until=answered_once)
+        ran = await fake.slash_command(order, fake.channel_id)
+        [reply] = await fake.wait_for(lambda: answered(ran))
+        history = await bot.history(key, until=answered_once)
+    assert reply["content"] == thread_only(order) and reply["flags"] & EPHEMERAL
+    assert [message["content"] for message in history] == ["remember the number 7", "Noted."]
 
 
 async def test_forget_in_a_dm_through_a_global_command(discord_bot):
