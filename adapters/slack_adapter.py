@@ -363,7 +363,10 @@ class SlackAdapter(Adapter):
             history = await self._thread_context(event, bot_user, looked_up_by)
         question = words  # as typed, for the pane's title
         if order is None:
-            files = slack_attachments(event.get("files", ()), token=self.app.client.token)
+            client = self.app.client
+            files = slack_attachments(
+                event.get("files", ()), token=client.token, api_url=client.base_url
+            )
             left = deadline - asyncio.get_running_loop().time()
             words = await with_attachments(
                 words, files, settings=self.service.team.settings, timeout=left

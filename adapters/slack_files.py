@@ -3,6 +3,10 @@
 Slack serves a file's `url_private_download` (or `url_private`) only with the bot token as
 `Authorization: Bearer` and the app's `files:read` scope; without them it answers with its
 sign-in page, an HTML 200, which must not be read as the file.
+
+A remote file (`is_external`: Google Drive's, or one an app added) has as its URL wherever
+it lives, any host: the token goes to Slack's own hosts alone (those of its API, and their
+subdomains), and such a file is named only.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -22,20 +27,32 @@ class SlackDownloadRefused(Exception):
     """Slack answered a download with its sign-in page."""
 
 
-def slack_attachments(files: Sequence[dict[str, Any]], *, token: str | None) -> list[Attachment]:
-    """The files of a message event. A file Slack only refers to (Slack Connect's
-    `check_file_info`, or one hidden by a plan's limits) has no URL: it is named only."""
-    return [_attachment(file, token) for file in files]
+def slack_attachments(
+    files: Sequence[dict[str, Any]], *, token: str | None, api_url: str
+) -> list[Attachment]:
+    """The files of a message event, read from Slack at `api_url`'s hosts. A file Slack
+    only refers to (Slack Connect's `check_file_info`, or one hidden by a plan's limits)
+    has no URL: it is named only."""
+    return [_attachment(file, token, api_url) for file in files]
 
 
-def _attachment(file: dict[str, Any], token: str | None) -> Attachment:
+def _attachment(file: dict[str, Any], token: str | None, api_url: str) -> Attachment:
     url = file.get("url_private_download") or file.get("url_private")
     mimetype = file.get("mimetype") or ""
     download = None
-    if url and token:
+    if url and token and not file.get("is_external") and _on_slack(url, api_url):
         download = partial(_download, url, token=token, html=mimetype.startswith("text/html"))
     name = file.get("name") or file.get("title") or ""
     return Attachment(name=name, mimetype=mimetype, size=file.get("size"), download=download)
+
+
+def _on_slack(url: str, api_url: str) -> bool:
+    """Whether `url` is on the API's host or a subdomain of it (files.slack.com for
+    slack.com), at the same port."""
+    where, api = urlsplit(url), urlsplit(api_url)
+    if not where.hostname or not api.hostname or where.port != api.port:
+        return False
+    return where.hostname == api.hostname or where.hostname.endswith(f".{api.hostname}")
 
 
 async def _download(url: str, wanted: int, *, token: str, html: bool) -> bytes:

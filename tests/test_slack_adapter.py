@@ -16,6 +16,7 @@ import uuid
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import (
     LONG_CODE_ANSWER,
     FailsOnceBatcher,
@@ -24,6 +25,7 @@ from conftest import (
     assert_split_with_fences,
     running,
 )
+from fake_server import serve
 from fake_slack import FakeSlack
 
 from adapters import slack_adapter
@@ -647,14 +649,47 @@ async def test_a_file_slack_will_not_serve_is_named_and_the_turn_goes_on(slack, 
     assert reply["text"]
 
 
+async def test_a_remote_file_elsewhere_is_named_and_never_sent_the_token(slack, socket_mode):
+    """A remote file's URL is wherever it lives (Slack: "don't send Slack tokens to it"):
+    the bot neither fetches it nor sends it the token, whatever its name says."""
+    asked: list[web.Request] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        asked.append(request)
+        return web.Response(text="the internal secrets")
+
+    app = web.Application()
+    app.router.add_get("/{name}", elsewhere)
+    runner, port = await serve(app)
+    remote = {
+        **slack.upload("notes.txt", b"", "application/vnd.slack-remote"),
+        "mode": "external", "is_external": True, "external_type": "app",
+        "url_private": f"http://127.0.0.1:{port}/notes.txt",
+    }  # fmt: skip
+    del remote["url_private_download"]
+    moved = {**slack.upload("moved.txt", b"hosted", "text/plain"),
+             "url_private": f"http://127.0.0.1:{port}/moved.txt"}  # fmt: skip
+    del moved["url_private_download"]
+    try:
+        async with socket_mode(max_input_chars=2000) as (_service, batcher):
+            dm = f"D{uuid.uuid4().hex[:8].upper()}"
+            await slack.send_event(slack.file_share(dm, "see", [remote, moved], channel_type="im"))
+            await final_reply(slack, dm, None)
+    finally:
+        await runner.cleanup()
+    assert asked == []
+    assert "internal secrets" not in batcher.prompts[0][-1]["content"]
+    assert "notes.txt" in batcher.prompts[0][-1]["content"]
+
+
 async def test_a_download_without_the_bot_token_meets_the_sign_in_page(slack):
     """Slack answers an unauthorised download with its sign-in page, never the file."""
     secret = slack.upload("secret.txt", b"the launch codes", "text/plain")
     async with aiohttp.ClientSession() as http, http.get(secret["url_private"]) as response:
         assert response.content_type == "text/html"
         assert "launch codes" not in await response.text()
-    [wrong] = slack_attachments([secret], token="xoxb-wrong")
-    [right] = slack_attachments([secret], token=slack.bot_token)
+    [wrong] = slack_attachments([secret], token="xoxb-wrong", api_url=slack.api_url)
+    [right] = slack_attachments([secret], token=slack.bot_token, api_url=slack.api_url)
     assert wrong.download is not None and right.download is not None
     with pytest.raises(SlackDownloadRefused):
         await wrong.download(100)
