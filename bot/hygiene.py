@@ -8,9 +8,10 @@ Reasoning models write `<think>…</think>` before their answer. With `strip_rea
 block that opens the answer is left out, and text inside a block that is not closed yet is
 never shown (a tag split across chunks is held back until it is whole). Templates that
 open the block in the prompt (DeepSeek-R1's) leave only the closing tag, at the start of a
-line, in the output: everything before it was reasoning. The answer streamed so far
-cannot be taken back then, but the final text, which replaces it, leaves it out.
-Elsewhere the tags are text: an answer about reasoning models may well write them.
+line and outside a code block, in the output: everything before it was reasoning. The
+answer streamed so far cannot be taken back then, but the final text, which replaces it,
+leaves it out. Elsewhere the tags are text: an answer about reasoning models may well
+write them, as in a code block that shows them.
 
 A loop is one piece of text of at least MIN_UNIT characters repeated, copy after copy, at
 the end of the answer. Shorter repeats (`ha ha`, `0, 0, 0`, `-----`) and a few repeated
@@ -27,6 +28,7 @@ import math
 from bot import replies
 
 OPEN, CLOSE = "<think>", "</think>"
+FENCE = "```"
 MIN_UNIT = 20  # the shortest repeated piece that makes a loop
 MAX_UNIT = 2000  # the longest one looked for (a repeated paragraph)
 MIN_REPEATS = 5  # copies in a row of even a long piece
@@ -61,7 +63,7 @@ class ReasoningSplitter:
             start = text.find(OPEN)
             if self.visible or text[: max(start, 0)].strip():
                 start = -1  # the answer has begun: a tag in it is text
-            stray = -1 if self._opened else self._at_line_start(text, CLOSE)
+            stray = -1 if self._opened else self._reasoning_end(text)
             if stray >= 0 and (start < 0 or stray < start):
                 # The prompt opened the block: everything up to here was reasoning.
                 self.visible, shown, self._opened = "", "", True
@@ -73,9 +75,18 @@ class ReasoningSplitter:
             text, self._inside, self._opened = self._after(text, start + len(OPEN)), True, True
         return shown
 
-    def _at_line_start(self, text: str, tag: str) -> int:
-        """Where `tag` first begins a line in `text`; -1 if nowhere."""
-        index = text.find(tag)
+    def _reasoning_end(self, text: str) -> int:
+        """Where a closing tag first begins a line in `text` outside a code block (an odd
+        number of fences before it opens one): the end of reasoning the prompt opened;
+        -1 if nowhere."""
+        index = self._at_line_start(text, CLOSE)
+        while index >= 0 and (self.visible + text[:index]).count(FENCE) % 2:
+            index = self._at_line_start(text, CLOSE, index + 1)
+        return index
+
+    def _at_line_start(self, text: str, tag: str, start: int = 0) -> int:
+        """Where `tag` first begins a line in `text`, from `start`; -1 if nowhere."""
+        index = text.find(tag, start)
         while index >= 0 and (text[index - 1] if index else self._last) != "\n":
             index = text.find(tag, index + 1)
         return index

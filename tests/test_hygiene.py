@@ -76,6 +76,17 @@ def test_a_closing_tag_alone_means_the_prompt_opened_the_block():
     assert answer.final(text) == "It is 4."
 
 
+def test_a_closing_tag_in_a_code_block_is_text_and_a_later_one_ends_the_reasoning():
+    """A model showing the format in a code block writes the tags as text; reasoning that
+    the prompt opened may hold code blocks of its own, and ends at the tag after them."""
+    shown = "The format:\n\n```\n<think>\nThe user wants X.\n</think>\n\nHere is X.\n```\n\nDone."
+    assert without_reasoning(shown) == shown
+    reasoned = "Try:\n```\nprint(4)\n```\nThat prints 4.\n</think>\n\nIt prints 4."
+    assert without_reasoning(reasoned) == "It prints 4."
+    _, answer = streamed(in_pieces(shown, 4))
+    assert answer.final(shown) == shown
+
+
 def test_a_closing_tag_after_a_closed_block_is_just_text():
     assert without_reasoning("<think>x</think>Use </think> to end it.") == "Use </think> to end it."
 
