@@ -196,7 +196,11 @@ class EmbeddedRedis:
             "--daemonize", "no",
         ]  # fmt: skip
         # Log to stdout, captured in a file, so config errors before logging starts land there too.
-        with (data_dir / LOG_FILE).open("ab") as log:
+        try:
+            log_file = (data_dir / LOG_FILE).open("ab")
+        except OSError as exc:  # not ours to write (another user's), or the disk is full
+            raise StorageError(f"cannot write {data_dir / LOG_FILE}: {exc.strerror}") from exc
+        with log_file as log:
             try:
                 self._process = subprocess.Popen(
                     args,

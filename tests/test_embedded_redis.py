@@ -83,6 +83,17 @@ def test_a_server_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
         pass
 
 
+def test_a_log_that_cannot_be_written_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Root's file in the service's DATA_DIR, or a full disk: said, not a traceback; the
+    failed start lets go of the lock."""
+    (tmp_path / LOG_FILE).mkdir()  # a file it cannot open for writing, even as root
+    with pytest.raises(StorageError, match=f"cannot write .*{LOG_FILE}"):
+        EmbeddedRedis(data_dir=tmp_path).start()
+    (tmp_path / LOG_FILE).rmdir()
+    with EmbeddedRedis(data_dir=tmp_path):
+        pass
+
+
 def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
     fake = tmp_path / "fake-redis-server"
     fake.write_text("#!/bin/sh\nexec sleep 30\n")
