@@ -104,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:
-        if _is_operator_error(error):
-            _tell(settings, f"threadbot: {error}")
-        else:  # logged, so that in JSON mode the traceback is one line too
+        if not _is_operator_error(error):
+            # Logged, so that in JSON mode the traceback is one line too.
             logger.critical("threadbot stopped by an unexpected error", exc_info=error)
-        return 1
+            return 1
+        _tell(settings, f"threadbot: {error}")
+        return 2 if _is_setting(error) else 1
 
 
 def _tell(settings: Settings, text: str, level: int = logging.ERROR) -> None:
@@ -147,6 +148,14 @@ def _is_operator_error(error: Exception) -> bool:
     from storage.errors import StorageError
 
     return isinstance(error, (AdapterError, ModelError, OpsServerError, StorageError))
+
+
+def _is_setting(error: Exception) -> bool:
+    """A model setting that a restart cannot fix: exit status 2, as for any bad setting
+    (systemd's RestartPreventExitStatus)."""
+    from bot.loading import ModelError
+
+    return isinstance(error, ModelError) and not error.may_pass
 
 
 def doctor() -> int:

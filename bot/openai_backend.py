@@ -48,7 +48,11 @@ class InferenceUnavailable(RuntimeError):
 
 class InferenceServerError(ModelError):
     """At start, INFERENCE_URL could not be reached, refused (a wrong key), or lists no
-    model to answer with; the message names it and what to fix."""
+    model to answer with; the message names it and what to fix. A server that is still
+    starting may answer after a restart."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, may_pass=True)
 
 
 class _Retry(Exception):

@@ -241,16 +241,30 @@ def test_unreachable_redis_names_redis_url_and_hides_the_password(tmp_path: Path
 
 
 def test_missing_model_folder_names_model(tmp_path: Path, redis_url: str) -> None:
-    """MODEL naming a folder that does not exist fails start (exit 1) with one line naming MODEL."""
+    """MODEL naming a folder that does not exist fails start with one line naming MODEL,
+    and exit status 2, as a bad setting does: a restart would not fix it."""
     missing = tmp_path / "no-such-model"
     env = cli_env(MODEL=str(missing), REDIS_URL=redis_url, DATA_DIR=str(tmp_path / "data"))
     result = run_cli("chat", cwd=tmp_path, env=env, timeout=CHAT_TIMEOUT)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("threadbot:")]
     assert len(errors) == 1, result.stderr
     assert f"MODEL={missing}" in errors[0]
     assert result.stdout == ""
+
+
+def test_a_server_out_of_reach_fails_start_with_status_1(tmp_path: Path, redis_url: str) -> None:
+    """An OpenAI-compatible server still starting may answer after a restart: status 1."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    env = cli_env(INFERENCE_URL=url, REDIS_URL=redis_url, DATA_DIR=str(tmp_path / "data"))
+    result = run_cli("chat", cwd=tmp_path, env=env, timeout=CHAT_TIMEOUT)
+    assert result.returncode == 1
+    assert f"INFERENCE_URL={url} cannot be reached" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --- With the bundled model ---------------------------------------------------------------
