@@ -481,18 +481,20 @@ class Worker:
             await pipe.execute()
 
     async def _keep_running_jobs(self) -> None:
-        """Reset the idle time of the jobs running here, and stop those cancelled or
-        claimed by another worker."""
+        """Reset the idle time of the jobs running here, and stop those cancelled, answered
+        already (by a try this one's stall made another worker run), or claimed by
+        another worker."""
         running = list(self._running.values())
         async with self.redis.pipeline(transaction=False) as pipe:
             for taken in running:
                 args = [GROUP, self.name, taken.entry_id]
                 await self._keep_if_mine(keys=[taken.stream], args=args, client=pipe)
-                pipe.exists(keys.job_cancel(taken.job.id))
+                pipe.exists(keys.job_cancel(taken.job.id), keys.job_answered(taken.job.id))
             replies = await pipe.execute(raise_on_error=False)
         for taken, kept, cancelled in zip(running, replies[::2], replies[1::2], strict=True):
             taken.lost = taken.lost or kept == 0  # (an error reply keeps the job)
-            taken.cancelled = taken.cancelled or cancelled is True or cancelled == 1
+            over = isinstance(cancelled, int) and cancelled > 0  # (an error reply: not)
+            taken.cancelled = taken.cancelled or over
             if (taken.lost or taken.cancelled) and taken.generation is not None:
                 taken.generation.cancel()
 

@@ -498,6 +498,20 @@ async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
     assert await streams.xlen(keys.worker_jobs("w1")) == 0
 
 
+async def test_a_job_answered_by_another_try_stops_on_the_worker(streams, make_batcher):
+    """Another worker answered the job while this one stalled: this try stops, for nobody
+    waits for it, and the job is acknowledged."""
+    [job] = jobs_for(1)
+    await streams.xadd(keys.JOBS, job.fields())
+    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    async with worker(streams, spy, "w1") as working:
+        await wait_until(lambda: asyncio.sleep(0, bool(working._running)))
+        await streams.set(keys.job_answered(job.id), "1", ex=60)
+        await wait_until(lambda: asyncio.sleep(0, not working._running))
+        await wait_until(lambda: _stream_is_empty(streams, keys.JOBS))
+    assert not spy.answers  # it never finished its 400 tokens
+
+
 async def test_an_answer_given_up_on_for_a_redis_error_stops_on_the_worker(
     streams, make_batcher, monkeypatch
 ):
