@@ -247,7 +247,7 @@ class Settings(BaseSettings):
         30, gt=0, description="A worker silent this long loses its jobs to another worker."
     )
     job_max_deliveries: int = Field(
-        3, ge=1, description="Tries at a job on workers before it is dead-lettered."
+        3, ge=1, description="Failed tries at a job on workers before it is dead-lettered."
     )
 
     # Platforms (their adapters read these)

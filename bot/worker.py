@@ -13,7 +13,7 @@ Whatever it does to a job (acknowledge, hand back, keep) it does only while it h
 A job whose answer fails here is handed back at once (made claimable, not acknowledged),
 so another try runs, on any worker; the delivery count in Redis counts the tries. A
 stopping worker takes no more jobs, keeps its running ones through the grace period, and
-hands back what it could not finish in it.
+hands back what it could not finish in it: passed on, a try that does not count as failed.
 """
 
 from __future__ import annotations
@@ -105,12 +105,20 @@ return 1
 """
 )
 # Made to look abandoned for ARGV[4] ms, so the next sweep of any worker claims it.
-_HAND_BACK_IF_MINE = (
-    _IF_MINE
-    + """
+_MAKE_ABANDONED = """
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
 return 1
 """
+_HAND_BACK_IF_MINE = _IF_MINE + _MAKE_ABANDONED
+# As a stopping worker does: the try counted as passed on (KEYS[2], kept ARGV[5] seconds),
+# not failed.
+_PASS_ON_IF_MINE = (
+    _IF_MINE
+    + """
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+"""
+    + _MAKE_ABANDONED
 )
 # Over: out of the group's pending list and out of the stream.
 _ACKNOWLEDGE_IF_MINE = (
@@ -177,6 +185,7 @@ class Worker:
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
         self._keep_if_mine = redis.register_script(_KEEP_IF_MINE)
         self._hand_back_if_mine = redis.register_script(_HAND_BACK_IF_MINE)
+        self._pass_on_if_mine = redis.register_script(_PASS_ON_IF_MINE)
         self._acknowledge_if_mine = redis.register_script(_ACKNOWLEDGE_IF_MINE)
         self._forget_if_empty = redis.register_script(_FORGET_IF_EMPTY)
         self._dead_letter_once = redis.register_script(_DEAD_LETTER_ONCE)
@@ -338,7 +347,10 @@ class Worker:
             logger.error("dropping malformed job %s in %s", entry_id, stream)
             await self._acknowledge(stream, entry_id)
             return
-        if attempt > self.max_deliveries:
+        if (
+            attempt > self.max_deliveries
+            and await self._failed_tries(job, attempt) >= self.max_deliveries
+        ):
             await self._dead_letter(stream, entry_id, job, attempt)
             return
         over = keys.job_cancel(job.id), keys.job_answered(job.id)
@@ -350,9 +362,14 @@ class Worker:
         self._running[taken.entry] = taken
         self._spawn(self._answer(taken))
 
+    async def _failed_tries(self, job: Job, attempt: int) -> int:
+        """The tries before this one that failed: not those stopping workers passed on (a
+        rolling restart)."""
+        return attempt - 1 - int(await self.redis.get(keys.job_passed_on(job.id)) or 0)
+
     async def _dead_letter(self, stream: str, entry_id: str, job: Job, attempt: int) -> None:
         """Given up: kept for an operator, and the gateway hears it (the user apologised to)."""
-        tries = attempt - 1
+        tries = await self._failed_tries(job, attempt)
         logger.error("job %s failed %d times: to %s", job.id, tries, keys.DEAD_JOBS)
         fields = {**job.fields(), "tries": str(tries)}
         await self._dead_letter_once(
@@ -399,7 +416,7 @@ class Worker:
             elif taken.lost:
                 logger.warning("job %s was claimed by another worker; dropped here", job.id)
             else:  # this worker is stopping
-                await self._hand_back(taken)
+                await self._hand_back(taken, failed=False)
         except Exception:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
             await self._hand_back(taken)
@@ -424,7 +441,7 @@ class Worker:
 
     async def _write(self, job: Job, chunk: Chunk) -> bool:
         stream = keys.job_chunks(job.id)
-        kept = round(max(job.deadline - time.time(), 0)) + ANSWER_KEPT_S
+        kept = _kept_s(job)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(stream, chunk.fields(), maxlen=CHUNKS_MAXLEN)
             pipe.expire(stream, kept)
@@ -437,13 +454,18 @@ class Worker:
         another worker took it meanwhile (it answers it now)."""
         await self._acknowledge_if_mine(keys=[stream], args=[GROUP, self.name, entry_id])
 
-    async def _hand_back(self, taken: _Taken) -> None:
+    async def _hand_back(self, taken: _Taken, *, failed: bool = True) -> None:
         """Leave the job pending but make it look abandoned now, so the next sweep of any
-        worker claims it (and the delivery count counts this try); unless another worker
-        took it meanwhile."""
+        worker claims it (and the delivery count counts this try; as passed on, not
+        failed, unless it `failed`); unless another worker took it meanwhile."""
         args = [GROUP, self.name, taken.entry_id, self.claim_idle_ms]
         try:
-            await self._hand_back_if_mine(keys=[taken.stream], args=args)
+            if failed:
+                await self._hand_back_if_mine(keys=[taken.stream], args=args)
+            else:
+                passed_on = keys.job_passed_on(taken.job.id)
+                kept = _kept_s(taken.job)
+                await self._pass_on_if_mine(keys=[taken.stream, passed_on], args=[*args, kept])
         except RedisError as error:  # it is claimed once idle long enough anyway
             logger.warning("could not hand back job %s: %s", taken.job.id, error)
 
@@ -580,3 +602,8 @@ class Worker:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _kept_s(job: Job) -> int:
+    """How long what a worker writes of a job is kept: past its deadline, for a slow reader."""
+    return round(max(job.deadline - time.time(), 0)) + ANSWER_KEPT_S

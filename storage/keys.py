@@ -137,6 +137,12 @@ def job_dead(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:dead"
 
 
+def job_passed_on(job_id: str) -> str:
+    """How many of a job's tries a stopping worker handed back unfinished: they are
+    deliveries, not failures, and do not count towards giving it up."""
+    return f"{PREFIX}job:{job_id}:passed-on"
+
+
 def job_asked(fingerprint: str) -> str:
     """The id of the job sent for one request (`Job.fingerprint`), while it may be read: a
     gateway that resumes the same request reads that job's answer instead of asking again."""

@@ -572,6 +572,22 @@ async def test_a_stopping_workers_answers_finish_there_in_its_grace_period(strea
     assert handed_back == 0 and not other.prompts
 
 
+async def test_tries_that_stopping_workers_pass_on_are_not_counted_as_failed(streams, make_batcher):
+    """A rolling restart: each worker, stopped mid-answer, hands its job on. That is no
+    failure: the job is answered, though delivered more than JOB_MAX_DELIVERIES times."""
+    [job] = jobs_for(1)
+    await streams.xadd(keys.JOBS, job.fields())
+    for name in ("w1", "w2"):
+        slow = SlowSteps(make_batcher(max_new_tokens=400))
+        async with worker(streams, slow, name, max_deliveries=1) as stopping:
+            await wait_until(lambda: asyncio.sleep(0, bool(stopping._running)))
+    spy = SpyBatcher(make_batcher())
+    async with worker(streams, spy, "w3", max_deliveries=1):
+        await wait_until(lambda: _stream_is_empty(streams, keys.JOBS))
+    assert await tries(streams, job.id) == {1, 2, 3}
+    assert len(spy.answers) == 1 and not await streams.exists(keys.DEAD_JOBS)
+
+
 async def test_a_job_another_worker_holds_is_neither_acknowledged_nor_handed_back(
     streams, make_batcher
 ):
