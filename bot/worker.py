@@ -371,7 +371,7 @@ class Worker:
         """Given up: kept for an operator, and the gateway hears it (the user apologised to)."""
         tries = await self._failed_tries(job, attempt)
         logger.error("job %s failed %d times: to %s", job.id, tries, keys.DEAD_JOBS)
-        fields = {**job.fields(), "tries": str(tries)}
+        fields = {**job.fields(), "conversation": job.conversation, "tries": str(tries)}
         await self._dead_letter_once(
             keys=[keys.DEAD_JOBS, keys.job_dead(job.id)],
             args=[DEAD_MARK_S, DEAD_MAXLEN, *itertools.chain(*fields.items())],

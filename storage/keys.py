@@ -101,7 +101,8 @@ def regenerated(conversation_id: str, place_digest: str) -> str:
 JOBS = f"{PREFIX}jobs"
 """The stream of jobs any worker may take (one consumer group, `WORKERS_GROUP`)."""
 DEAD_JOBS = f"{PREFIX}jobs:dead"
-"""Jobs given up after JOB_MAX_DELIVERIES tries, kept for an operator to look at."""
+"""Jobs given up after JOB_MAX_DELIVERIES tries, kept for an operator to look at; each
+entry's `conversation` field names its conversation, for `forget`."""
 WORKERS = f"{PREFIX}workers"
 """The set of worker names that have run; the live ones also have a `worker` key."""
 WORKERS_GROUP = "workers"

@@ -34,6 +34,19 @@ end
 """
 
 
+# The dead letters (see `keys.DEAD_JOBS`) that name the conversation ARGV[1].
+_FORGET_DEAD_JOBS = """
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'conversation' and fields[i + 1] == ARGV[1] then
+      redis.call('XDEL', KEYS[1], entry[1])
+    end
+  end
+end
+"""
+
+
 class ConversationStore:
     """Each conversation is a Redis list of JSON messages, newest last, capped and expiring.
 
@@ -49,7 +62,7 @@ class ConversationStore:
         self._once = Once(redis)
         self._max_messages = max_messages
         self._kept_over_cap = max(int(max_messages * TRIM_TO), 1)
-        self._ttl_seconds = ttl_seconds
+        self.ttl_seconds = ttl_seconds
 
     async def ping(self) -> None:
         """Raise unless Redis answers now (readiness)."""
@@ -72,7 +85,7 @@ class ConversationStore:
         key = keys.conversation(conversation_id)
         pipe.rpush(key, *(json.dumps(m, ensure_ascii=False) for m in messages))
         pipe.eval(_CAP_SCRIPT, 1, key, self._max_messages, self._kept_over_cap)
-        pipe.expire(key, self._ttl_seconds)
+        pipe.expire(key, self.ttl_seconds)
 
     async def load(self, conversation_id: str) -> list[ChatMessage]:
         """The stored messages, newest last; malformed entries are skipped with a warning."""
@@ -102,18 +115,21 @@ class ConversationStore:
         started it), and the next turn fills its system prompt in afresh."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.conversation(conversation_id))
-            pipe.set(keys.cleared(conversation_id), "1", ex=self._ttl_seconds)
+            pipe.set(keys.cleared(conversation_id), "1", ex=self.ttl_seconds)
             pipe.hdel(keys.facts(conversation_id), "template", "system")
             await pipe.execute()
 
     async def forget(self, conversation_id: str) -> None:
-        """Delete everything stored for a conversation."""
-        await self._redis.delete(
-            keys.conversation(conversation_id),
-            keys.cleared(conversation_id),
-            keys.facts(conversation_id),
-            keys.answer_place(conversation_id),
-        )
+        """Delete everything stored for a conversation, its dead-lettered jobs too."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(
+                keys.conversation(conversation_id),
+                keys.cleared(conversation_id),
+                keys.facts(conversation_id),
+                keys.answer_place(conversation_id),
+            )
+            pipe.eval(_FORGET_DEAD_JOBS, 1, keys.DEAD_JOBS, conversation_id)
+            await pipe.execute()
 
     async def starter(self, conversation_id: str) -> str | None:
         """Who started the conversation with the bot (see `queue_starter`)."""
@@ -123,7 +139,7 @@ class ConversationStore:
         """Queue, on the caller's MULTI, `user` as the conversation's starter if it has none."""
         key = keys.facts(conversation_id)
         pipe.hsetnx(key, "starter", user)
-        pipe.expire(key, self._ttl_seconds)
+        pipe.expire(key, self.ttl_seconds)
 
     async def system_prompt(
         self, conversation_id: str, template: str, fill: Callable[[], str]
@@ -138,7 +154,7 @@ class ConversationStore:
         text = fill()
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"template": template, "system": text})
-            pipe.expire(key, self._ttl_seconds)
+            pipe.expire(key, self.ttl_seconds)
             await pipe.execute()
         return text
 
@@ -169,14 +185,14 @@ class ConversationStore:
         """Remember where the conversation's newest answer is shown (a platform's JSON);
         kept as long as the history."""
         key = keys.answer_place(conversation_id)
-        await self._redis.set(key, json.dumps(place), ex=self._ttl_seconds)
+        await self._redis.set(key, json.dumps(place), ex=self.ttl_seconds)
 
     async def first_regeneration(self, conversation_id: str, place: dict[str, Any]) -> bool:
         """True for the first regeneration asked of the answer shown at `place`, False
         for any after it (a double click, two people at once, in any process)."""
         shown = json.dumps(place, sort_keys=True).encode()
         key = keys.regenerated(conversation_id, hashlib.blake2b(shown, digest_size=16).hexdigest())
-        return await self._once.first(key, self._ttl_seconds)
+        return await self._once.first(key, self.ttl_seconds)
 
     async def answer_place(self, conversation_id: str) -> dict[str, Any] | None:
         """Where the conversation's newest answer is shown, if known and readable."""

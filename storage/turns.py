@@ -108,6 +108,8 @@ class TurnJournal:
             pipe.set(seen, "1", ex=SEEN_TTL_SECONDS)
             record = self._record(pending) | {"acceptance": acceptance}
             pipe.hset(keys.turn(pending.id), mapping=record)
+            # Never answered (its platform no longer served), it goes with its conversation.
+            pipe.expire(keys.turn(pending.id), self._store.ttl_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
             self._store.queue_starter(pipe, pending.conversation, turn.author)
             return True
@@ -204,6 +206,8 @@ class TurnJournal:
         `orphaned` (their task gave them up); each claim counts as an attempt. Stops
         claiming as soon as `stop()` says so, or `limit` are claimed."""
         claimed: list[PendingTurn] = []
+        expired = time.time() - self._store.ttl_seconds  # their records are gone
+        await self._redis.zremrangebyscore(keys.PENDING_TURNS, "-inf", expired)
         try:
             for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
                 if stop() or (limit is not None and len(claimed) >= limit):

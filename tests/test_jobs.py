@@ -27,6 +27,7 @@ from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
 from bot.worker import GROUP, LOST_AFTER_MS, Worker
 from storage import keys
+from storage.store import ConversationStore
 
 HELLO = [{"role": "user", "content": "hello"}]
 CLAIM_IDLE_S = 0.3
@@ -443,6 +444,19 @@ async def test_a_job_that_keeps_failing_is_dead_lettered_and_the_gateway_told(
     [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
     assert dead["tries"] == "2" and '"c1"' in dead["job"]
     assert len(failing.prompts) == 2
+
+
+async def test_forget_deletes_the_conversations_dead_letters_and_no_others(streams, make_batcher):
+    """A dead letter holds the conversation's messages: `forget` must find it."""
+    failing = AlwaysFails(make_batcher())
+    async with gateway(streams) as queue, worker(streams, failing, "w1", max_deliveries=1):
+        for conversation in ("c1", "c2"):
+            with pytest.raises(JobFailed):
+                await read(queue.submit(HELLO, user="u1", conversation=conversation))
+    store = ConversationStore(redis=streams, max_messages=6, ttl_seconds=60)
+    await store.forget("c1")
+    [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
+    assert dead["conversation"] == "c2" and Job.parse(dead).conversation == "c2"
 
 
 async def test_a_job_given_up_is_dead_lettered_once_though_the_reply_was_lost(

@@ -7,6 +7,7 @@ tests, `threadbot run`) claims its turns, and every key it wrote is found and re
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -151,6 +152,22 @@ async def test_claim_takes_only_the_platforms_asked_for(
     claimed = await make_journal("second").claim([platform], orphaned=())
     assert here is not None
     assert [p.id for p in claimed] == [here.id]
+
+
+async def test_turns_no_process_serves_go_with_their_conversations_history(
+    make_journal: MakeJournal, redis_client: Redis, store: ConversationStore, platform: str
+) -> None:
+    """A platform no process serves any more: its turns' records expire when a conversation
+    would (HISTORY_TTL_DAYS), and any process's claim drops them from the index then."""
+    gone = make_journal("gone")
+    old = await gone.accept(new_turn(f"{platform}x"), {})
+    recent = await gone.accept(new_turn(f"{platform}x"), {})
+    assert old is not None and recent is not None
+    assert store.ttl_seconds - 5 < await redis_client.ttl(keys.turn(old.id)) <= store.ttl_seconds
+    await redis_client.zadd(keys.PENDING_TURNS, {old.id: old.accepted_at - store.ttl_seconds})
+    assert await make_journal("a").claim([platform]) == []
+    assert not await indexed(redis_client, old)
+    assert await indexed(redis_client, recent)
 
 
 async def test_a_journal_claims_of_its_own_turns_only_the_orphaned(
@@ -331,7 +348,8 @@ async def test_an_unreadable_or_missing_record_is_dropped_not_retried(
 ) -> None:
     garbage, missing = f"{platform}:garbage", f"{platform}:missing"
     await redis_client.hset(keys.turn(garbage), mapping={"turn": "{not json", "owner": "x"})
-    await redis_client.zadd(keys.PENDING_TURNS, {garbage: 1.0, missing: 2.0})
+    now = time.time()
+    await redis_client.zadd(keys.PENDING_TURNS, {garbage: now - 2, missing: now - 1})
     good = await make_journal("gone").accept(new_turn(platform), {})
     assert good is not None
 
