@@ -35,10 +35,12 @@ def sanitized(text: str) -> str:
     return text if visible else ""
 
 
-def named(history: list[ChatMessage]) -> list[ChatMessage]:
-    """The history as the model sees it: with several people in a conversation, each of
-    their messages starts with its author's name ("alice: …"); no `name` field is left."""
-    several = len({m.get("name") for m in history if m["role"] == "user"} - {None}) > 1
+def named(history: list[ChatMessage], *, several: bool | None = None) -> list[ChatMessage]:
+    """The history as the model sees it: with `several` people in a conversation (by
+    default, as the history shows), each of their messages starts with its author's name
+    ("alice: …"); no `name` field is left."""
+    if several is None:
+        several = len({m.get("name") for m in history if m["role"] == "user"} - {None}) > 1
     return [
         {
             "role": m["role"],

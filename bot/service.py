@@ -491,8 +491,9 @@ class ChatService:
 
     async def _too_long(self, turn: Turn, system: list[ChatMessage], budget: int) -> str | None:
         """What to tell the asker where their message is over the prompt's token budget
-        with the system prompt alone: no trim of the history could make it fit."""
-        message = named([user_message(turn)])[0]
+        with the system prompt alone: no trim of the history could make it fit. Counted
+        with its author's name, as a thread with others shows it."""
+        message = named([user_message(turn)], several=True)[0]
         tokens = await tokens_over_budget(
             system, message, count_tokens=self.count_tokens, budget=budget
         )

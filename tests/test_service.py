@@ -269,6 +269,21 @@ async def test_a_message_over_the_token_budget_is_refused_and_the_history_kept(
     assert batcher.prompts[1][:2] == history[:2]  # the first exchange, not trimmed away
 
 
+async def test_a_message_is_held_to_the_token_budget_with_its_authors_name(
+    make_service, make_engine, conversation
+):
+    """With others in the thread the model reads "alice: …": a message that fits only
+    without its author's name is refused, not sent over the budget."""
+    text = " ".join("9" * 90)
+    budget = make_engine().count_tokens([{"role": "user", "content": text}])
+    named = make_engine().count_tokens([{"role": "user", "content": f"alice: {text}"}])
+    sink = RecordingSink()
+    async with make_service(prompt_budget=budget) as (service, batcher):
+        await service.handle(replace(turn(conversation, text), author_name="alice"), sink)
+    assert sink.events == [("fail", replies.too_many_tokens(named, budget))]
+    assert not batcher.prompts
+
+
 async def test_a_failing_generation_keeps_the_message_and_the_service(
     make_service, make_batcher, store, conversation
 ):
