@@ -103,9 +103,9 @@ class ConsoleAdapter(Adapter):
     async def run(self) -> None:
         while (line := await self._next_line()) is not None:
             text = line.strip()
-            if text in QUIT_COMMANDS and self.interactive:
+            if text in QUIT_COMMANDS:  # typed or piped: a script may end its chat too
                 return
-            if not text and self.interactive:
+            if not text:  # a blank line (between a file's paragraphs) asks nothing
                 continue
             message_id = f"{self.key.thread}:{uuid.uuid4().hex}"  # resumed only in this chat
             turn = Turn(self.key, self.author, text, message_id, command=command(text))

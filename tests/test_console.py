@@ -47,3 +47,15 @@ async def test_input_that_cannot_be_read_ends_the_chat_with_the_error(make_servi
         )  # fmt: skip
         with pytest.raises(UnicodeDecodeError):
             await asyncio.wait_for(console.run(), timeout=10)
+
+
+async def test_piped_input_skips_blank_lines_and_ends_at_quit(make_service):
+    """As typed input does: a blank line asks nothing, and /quit ends the chat."""
+    piped = io.StringIO("\nHello\n  \n/quit\nNever asked\n")
+    async with make_service() as (service, batcher):
+        console = ConsoleAdapter(
+            service=service, conversation="piped", input=piped,
+            output=io.StringIO(), interactive=False,
+        )  # fmt: skip
+        await asyncio.wait_for(console.run(), timeout=30)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["Hello"]
