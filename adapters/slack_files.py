@@ -2,7 +2,8 @@
 
 Slack serves a file's `url_private_download` (or `url_private`) only with the bot token as
 `Authorization: Bearer` and the app's `files:read` scope; without them it answers with its
-sign-in page, an HTML 200, which must not be read as the file.
+sign-in page, an HTML 200, which must not be read as the file. An HTML file is told from
+that page by its size, which the event gives.
 
 A remote file (`is_external`: Google Drive's, or one an app added) has as its URL wherever
 it lives, any host: the token goes to Slack's own hosts alone (those of its API, and their
@@ -26,6 +27,12 @@ CHUNK_BYTES = 64 * 1024
 class SlackDownloadRefused(Exception):
     """Slack answered a download with its sign-in page."""
 
+    def __init__(self) -> None:
+        super().__init__(
+            "Slack sent its sign-in page instead of the file: does the app have the "
+            "files:read scope?"
+        )
+
 
 def slack_attachments(
     files: Sequence[dict[str, Any]], *, token: str | None, api_url: str
@@ -41,7 +48,8 @@ def _attachment(file: dict[str, Any], token: str | None, api_url: str) -> Attach
     mimetype = file.get("mimetype") or ""
     download = None
     if url and token and not file.get("is_external") and _on_slack(url, api_url):
-        download = partial(_download, url, token=token, html=mimetype.startswith("text/html"))
+        html = mimetype.startswith("text/html")
+        download = partial(_download, url, token=token, html=html, size=file.get("size"))
     name = file.get("name") or file.get("title") or ""
     return Attachment(name=name, mimetype=mimetype, size=file.get("size"), download=download)
 
@@ -55,19 +63,19 @@ def _on_slack(url: str, api_url: str) -> bool:
     return where.hostname == api.hostname or where.hostname.endswith(f".{api.hostname}")
 
 
-async def _download(url: str, wanted: int, *, token: str, html: bool) -> bytes:
+async def _download(url: str, wanted: int, *, token: str, html: bool, size: int | None) -> bytes:
     """The first `wanted` bytes of a file (all of a shorter one); nothing more is read."""
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
         response.raise_for_status()
-        if response.content_type == "text/html" and not html:
-            raise SlackDownloadRefused(
-                "Slack sent its sign-in page instead of the file: does the app have the "
-                "files:read scope?"
-            )
+        page = response.content_type == "text/html"
+        if page and not html:
+            raise SlackDownloadRefused()
         data = bytearray()
         async for chunk in response.content.iter_chunked(CHUNK_BYTES):
             data += chunk
             if len(data) >= wanted:
                 break
+        if page and size is not None and min(len(data), wanted) != min(size, wanted):
+            raise SlackDownloadRefused()  # HTML, but not as long as the file
         return bytes(data)

@@ -523,9 +523,10 @@ class FakeSlack:
         }
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
-        """A file's content for the bot token; Slack's sign-in page (through a redirect,
-        an HTML 200) for anyone else."""
-        if request.headers.get("Authorization") != f"Bearer {self.bot_token}":
+        """A file's content for the bot token with `files:read`; Slack's sign-in page
+        (through a redirect, an HTML 200) for anyone else."""
+        authorized = request.headers.get("Authorization") == f"Bearer {self.bot_token}"
+        if not authorized or "files:read" not in self.scopes:
             raise web.HTTPFound(f"/signin?redir={request.path}")
         file_id = request.match_info["team_file"].removeprefix(f"{self.team_id}-")
         if file_id not in self.files:

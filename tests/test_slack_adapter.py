@@ -697,6 +697,17 @@ async def test_a_download_without_the_bot_token_meets_the_sign_in_page(slack):
     assert slack.downloads == [secret["id"]]
 
 
+async def test_an_html_file_is_told_from_the_sign_in_page_by_its_size(slack):
+    """Without `files:read` Slack answers with its sign-in page, HTML like the file."""
+    page = slack.upload("page.html", b"<p>the launch codes</p>", "text/html")
+    [html] = slack_attachments([page], token=slack.bot_token, api_url=slack.api_url)
+    assert html.download is not None
+    assert await html.download(100) == b"<p>the launch codes</p>"
+    slack.scopes.remove("files:read")
+    with pytest.raises(SlackDownloadRefused):
+        await html.download(100)
+
+
 async def test_reasoning_is_never_posted(slack, socket_mode):
     reasoning = "<think>" + "The user wants a greeting, so I will greet them. " * 8 + "</think>"
     async with socket_mode(ScriptedBatcher(reasoning + "Hello there!")):
