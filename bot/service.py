@@ -430,10 +430,10 @@ class ChatService:
             _not_ours(pending)
             return
         history = await self.store.load(pending.conversation)
-        if pending.stored and (not history or history[-1]["role"] != "user"):
-            # Stored by a try that died, and later turns (or a reset) came before this
-            # one: it is asked again at the end, and its answer follows what came.
-            history.append(user_message(pending.turn))
+        if history[-1:] != [question := user_message(pending.turn)]:
+            # Stored by a try that died, and later turns (or a reset) came after it: it is
+            # asked again at the end, its answer follows what came, and both are stored so.
+            history.append(question)
         messages, cut, dropped = await fit(
             system, named(history), count_tokens=self.count_tokens, budget=budget
         )

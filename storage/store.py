@@ -87,6 +87,11 @@ class ConversationStore:
         pipe.eval(_CAP_SCRIPT, 1, key, self._max_messages, self._kept_over_cap)
         pipe.expire(key, self.ttl_seconds)
 
+    async def ends_with(self, pipe: Pipeline, conversation_id: str, message: ChatMessage) -> bool:
+        """Whether `message` is the conversation's newest."""
+        newest = await pipe.lindex(keys.conversation(conversation_id), -1)
+        return newest is not None and _decode(newest) == message
+
     async def load(self, conversation_id: str) -> list[ChatMessage]:
         """The stored messages, newest last; malformed entries are skipped with a warning."""
         entries = await self._redis.lrange(keys.conversation(conversation_id), 0, -1)

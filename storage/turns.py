@@ -161,23 +161,29 @@ class TurnJournal:
         return await self._transaction([keys.turn(pending.id)], write)
 
     async def finish(self, pending: PendingTurn, answer: str | None = None) -> bool:
-        """Store the answer (if any) and remove the record, in one MULTI."""
+        """Store the answer (if any) and remove the record, in one MULTI. An answer goes
+        after its question: where other messages came after the question (it was asked
+        again at the end), or a reset took it, the question is stored again before it."""
         done = keys.once(uuid.uuid4().hex)  # tells our own earlier try, which left no record
+        question = user_message(pending.turn)
 
         async def write(pipe: Pipeline) -> bool:
             if await pipe.exists(done):  # an earlier try got through (its reply was lost)
                 return True
             if not await self._ours(pipe, pending):
                 return False
+            asked_again = not await self._store.ends_with(pipe, pending.conversation, question)
             pipe.multi()
             pipe.set(done, "1", ex=TOKEN_KEPT_S)
             if answer is not None:
                 message: ChatMessage = {"role": "assistant", "content": answer}
-                self._store.queue_append(pipe, pending.conversation, message)
+                exchange = [question, message] if asked_again else [message]
+                self._store.queue_append(pipe, pending.conversation, *exchange)
             self._queue_removal(pipe, pending.id)
             return True
 
-        return await self._transaction([keys.turn(pending.id)], write)
+        watched = [keys.turn(pending.id), keys.conversation(pending.conversation)]
+        return await self._transaction(watched, write)
 
     async def release(self, pending: PendingTurn) -> None:
         """Leave a turn for the next process without counting this try (a clean stop)."""

@@ -591,8 +591,8 @@ async def test_a_stored_turn_resumed_after_later_turns_is_asked_again_at_the_end
         service.serve_platform(platform, Rebuilder())
         await service.handle(later, RecordingSink())
         await until(lambda: gone(redis_client, pending.id), timeout=15)
-    [second_answer, first_answer] = [m for m in await store.load(pending.conversation)
-                                     if m["role"] == "assistant"]  # fmt: skip
+    history = await store.load(pending.conversation)
+    [second_answer, first_answer] = [m for m in history if m["role"] == "assistant"]
     assert batcher.prompts == [
         [{"role": "user", "content": "first question"},
          {"role": "user", "content": "second question"}],
@@ -602,6 +602,8 @@ async def test_a_stored_turn_resumed_after_later_turns_is_asked_again_at_the_end
          {"role": "user", "content": "first question"}],
     ]  # fmt: skip
     assert first_answer["content"] and second_answer["content"]
+    # Stored as asked: the question again, before its answer (no two answers in a row).
+    assert history == [*batcher.prompts[1], first_answer]
 
 
 async def test_a_stored_turn_resumed_after_a_reset_is_asked_anew(
@@ -617,6 +619,11 @@ async def test_a_stored_turn_resumed_after_a_reset_is_asked_anew(
     assert batcher.prompts == [[{"role": "user", "content": "first question"}]]
     [sink] = rebuild.sinks
     assert sink.kinds("finish") and not sink.kinds("fail")
+    [answer] = sink.kinds("finish")
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": answer},
+    ]  # the question the reset took, stored again before its answer
 
 
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
