@@ -32,6 +32,7 @@ from bot.metrics import Metrics
 from bot.queue import FairOrder, Generation, QueueFull, QueuePlace
 from bot.tokens import alternating
 from bot.types import ChatMessage
+from storage.connection import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class OpenAIBackend:
         backoff: float = 1.0,
     ) -> None:
         self.url = url.rstrip("/")
+        self.where = redact_url(self.url)  # in logs, errors and `status`: no password
         self.model = model  # None until `__aenter__` asks the server
         self.retries = retries
         self.max_size = max_size
@@ -132,7 +134,7 @@ class OpenAIBackend:
         except BaseException:
             await self._session.close()
             raise
-        logger.info("answering with %s from %s", self.model, self.url)
+        logger.info("answering with %s from %s", self.model, self.where)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -156,20 +158,20 @@ class OpenAIBackend:
                 if response.status != 200:
                     said = _message(await response.text())
                     raise InferenceServerError(
-                        f"INFERENCE_URL={self.url} answered {response.status} to GET /models: "
+                        f"INFERENCE_URL={self.where} answered {response.status} to GET /models: "
                         f"{said}. Check INFERENCE_URL and INFERENCE_API_KEY"
                     )
                 body = await response.text()
         except (aiohttp.ClientError, TimeoutError) as error:
             raise InferenceServerError(
-                f"INFERENCE_URL={self.url} cannot be reached ({_described(error)}): "
+                f"INFERENCE_URL={self.where} cannot be reached ({_described(error)}): "
                 "start the server, or correct INFERENCE_URL"
             ) from error
         try:
             served = [entry["id"] for entry in json.loads(body)["data"]]
         except (ValueError, TypeError, KeyError) as error:
             raise InferenceServerError(
-                f"INFERENCE_URL={self.url} does not answer GET /models as an OpenAI-compatible "
+                f"INFERENCE_URL={self.where} does not answer GET /models as an OpenAI-compatible "
                 "API does: correct INFERENCE_URL (it ends in /v1 on most servers)"
             ) from error
         return served
@@ -179,13 +181,13 @@ class OpenAIBackend:
         if self.model is None:
             if not served:
                 raise InferenceServerError(
-                    f"INFERENCE_URL={self.url} lists no model at GET /models: load one into "
+                    f"INFERENCE_URL={self.where} lists no model at GET /models: load one into "
                     "the server, or set INFERENCE_MODEL"
                 )
             return served[0]
         if self.model not in served:  # Ollama also answers to names it lists otherwise
             logger.warning("INFERENCE_MODEL=%s is not among those %s lists: %s",
-                           self.model, self.url, ", ".join(served))  # fmt: skip
+                           self.model, self.where, ", ".join(served))  # fmt: skip
         return self.model
 
     @property
@@ -278,7 +280,7 @@ class OpenAIBackend:
                 # Its name and message: aiohttp's repr of a response error holds the
                 # request's headers, the API key among them.
                 error = InferenceUnavailable(
-                    f"INFERENCE_URL={self.url} answered in a way threadbot cannot read: "
+                    f"INFERENCE_URL={self.where} answered in a way threadbot cannot read: "
                     f"{type(error).__name__}: {_described(error)}"
                 )
             logger.error("generation failed: %s", error)
@@ -304,10 +306,11 @@ class OpenAIBackend:
             wait = failure.retry_after
             wait = self.backoff * 2**attempt if wait is None else wait
             logger.warning("INFERENCE_URL=%s %s; trying again in %.1f s (retry %d of %d)",
-                           self.url, failure, wait, attempt + 1, self.retries)  # fmt: skip
+                           self.where, failure, wait, attempt + 1, self.retries)  # fmt: skip
             await asyncio.sleep(wait)
         raise InferenceUnavailable(
-            f"INFERENCE_URL={self.url} {failure}; no retry left (INFERENCE_RETRIES={self.retries})"
+            f"INFERENCE_URL={self.where} {failure}; "
+            f"no retry left (INFERENCE_RETRIES={self.retries})"
         )
 
     async def _try(self, answer: _Answer) -> None:
@@ -324,17 +327,17 @@ class OpenAIBackend:
                     retry_after = _seconds(response.headers.get("Retry-After"))
                     raise _Retry(f"answered {response.status} ({said})", retry_after)
                 raise InferenceUnavailable(
-                    f"INFERENCE_URL={self.url} refused the request with {response.status}: {said}"
+                    f"INFERENCE_URL={self.where} refused the request with {response.status}: {said}"
                 )
             if response.content_type != "text/event-stream":
-                raise InferenceUnavailable(f"INFERENCE_URL={self.url} answered "
+                raise InferenceUnavailable(f"INFERENCE_URL={self.where} answered "
                                            f"{response.content_type}, not a stream")  # fmt: skip
             try:
                 async for data in _server_sent_events(response.content):
                     if data == "[DONE]":
                         answer.end()
                         return
-                    answer.read(json.loads(data), self.url)
+                    answer.read(json.loads(data), self.where)
             except CONNECTION_ERRORS:
                 if not answer.finished:
                     raise

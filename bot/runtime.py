@@ -185,7 +185,7 @@ async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[
             metrics.describe_build(
                 version=version(), model=backend.model, device="remote", dtype=NOT_HERE
             )
-            yield Answering(backend, tokens, f"{backend.model} at {settings.inference_url}")
+            yield Answering(backend, tokens, f"{backend.model} at {backend.where}")
         return
     from bot import loading
     from bot.batching import Batcher

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -258,6 +259,19 @@ async def test_an_answer_threadbot_cannot_read_fails_without_the_key(caplog):
                 await read(inference.submit(HELLO, user="u1", conversation="c1"))
     assert "sk-do-not-log" not in str(failed.value)
     assert "sk-do-not-log" not in caplog.text
+
+
+async def test_a_password_in_the_url_is_said_nowhere(server, caplog):
+    """A server behind a proxy's basic auth: INFERENCE_URL=http://user:password@host/v1.
+    Its failures, its logs and what `status` shows name the URL without the password."""
+    caplog.set_level(logging.INFO)
+    url = server.url.replace("http://", "http://ops:hunter2@")
+    server.script += [Status(503, "overloaded")] * 2
+    async with backend(url, retries=1) as inference:
+        with pytest.raises(InferenceUnavailable) as failure:
+            await read(inference.submit(HELLO, user="u1", conversation="c1"))
+    assert "ops:***@" in str(failure.value) and inference.where in str(failure.value)
+    assert "hunter2" not in str(failure.value) + caplog.text + inference.where
 
 
 async def test_a_failed_try_before_any_text_does_not_restart(server):
