@@ -309,6 +309,9 @@ class JobQueue:
                 return  # written twice: a write retried after its reply was lost
             watch.read += len(chunk.text)
             generation.write(chunk.text, chunk.prompt_tokens, chunk.answer_tokens)
+        elif chunk.kind == "restart" and watch.read:
+            generation.restart()
+            watch.read = 0
         elif chunk.kind in ("end", "error"):
             self._forget(watch)
             self._held = max(self._held - 1, 0)

@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from bot.types import ChatMessage
 from storage import keys
 
-ChunkKind = Literal["started", "text", "end", "error"]
+ChunkKind = Literal["started", "text", "restart", "end", "error"]
 CHUNKS_MAXLEN = 10_000  # far above an answer's chunks: a reader that falls behind loses none
 DEAD_MAXLEN = 1_000
 
@@ -69,7 +69,8 @@ class Job:
 @dataclass(frozen=True)
 class Chunk:
     """One entry of a job's answer stream: the worker took it (`started`), a piece of
-    text, the end (the whole text), or an error the user should hear. Each carries the
+    text, the answer starting again in this attempt (`restart`: its backend retried),
+    the end (the whole text), or an error the user should hear. Each carries the
     prompt's and the answer's tokens read and written so far, so an answer stopped before
     its end has them too (older workers put them on the end only: 0 before, the default).
     A piece of text carries its `offset` in this attempt's answer, so a write that lands

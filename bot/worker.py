@@ -41,7 +41,7 @@ from bot.jobs import (
     roll_call,
 )
 from bot.metrics import Metrics
-from bot.queue import Generation, Inference, InferenceCancelled
+from bot.queue import AnswerRestarted, Generation, Inference, InferenceCancelled
 from bot.waiting import set_within
 from storage import keys
 
@@ -326,7 +326,10 @@ class Worker:
 
     @property
     def _free_rows(self) -> int:
-        return self.rows - len(self._running) - len(self._taking)
+        """Rows free in the batch, and room in the inference queue for them (QUEUE_MAX
+        may be lower, and a stopped row leaves the queue only after its step)."""
+        room = self.inference.max_size - self.inference.depth
+        return min(self.rows - len(self._running), room) - len(self._taking)
 
     @contextlib.contextmanager
     def _checking(self, entries: set[Entry]) -> Iterator[None]:
@@ -392,18 +395,7 @@ class Worker:
                 temperature=job.temperature,
             )
             await self._say(taken, "started")
-            unsent, next_write = "", 0.0
-            async for text in generation:
-                unsent += text
-                if (now := time.monotonic()) < next_write:
-                    continue
-                next_write = now + TEXT_EVERY_S
-                if await self._say(taken, "text", unsent):
-                    taken.cancelled = True
-                    generation.cancel()
-                unsent = ""
-            if unsent:
-                await self._say(taken, "text", unsent)
+            await self._stream(taken, generation)
             await self._say(taken, "end", generation.text)
             await self._acknowledge(taken.stream, taken.entry_id)
             logger.info(
@@ -426,15 +418,50 @@ class Worker:
             del self._running[taken.entry]
             self._room.set()
 
+    async def _stream(self, taken: _Taken, generation: Generation) -> None:
+        """The answer's text into its stream as it comes: its first piece at once, then
+        at most every TEXT_EVERY_S. Where the answer starts again in this try (an
+        OpenAI-compatible server's connection dropped, and the request was retried), the
+        stream says so, and the gateway drops what it had of it."""
+        while True:
+            unsent, next_write = "", 0.0
+            try:
+                async for text in generation:
+                    unsent += text
+                    if (now := time.monotonic()) < next_write:
+                        continue
+                    next_write = now + TEXT_EVERY_S
+                    if await self._say(taken, "text", unsent):
+                        taken.cancelled = True
+                        generation.cancel()
+                    unsent = ""
+            except AnswerRestarted:
+                taken.written = 0
+                await self._say(taken, "restart")
+                continue
+            if unsent:
+                await self._say(taken, "text", unsent)
+            return
+
     async def _say(self, taken: _Taken, kind: ChunkKind, text: str = "") -> bool:
         """Write one entry of the answer, with the tokens read and written so far (so a
-        stopped answer has them too); whether the gateway has cancelled the job."""
+        stopped answer has them too); whether the gateway has cancelled the job. Redis
+        out of reach is waited for (the answer's text waits with it) until the job's
+        deadline, unless the answer stops meanwhile: a failover is not a failed try."""
         generation = taken.generation
         assert generation is not None, "an answer is written once its request is submitted"
         counts = generation.prompt_tokens, generation.answer_tokens
         offset = taken.written if kind == "text" else None
         chunk = Chunk(taken.attempt, self.name, kind, text, *counts, offset=offset)
-        cancelled = await self._write(taken.job, chunk)
+        while True:
+            try:
+                cancelled = await self._write(taken.job, chunk)
+                break
+            except RedisError as error:
+                if generation.cancelled or time.time() >= taken.job.deadline:
+                    raise
+                logger.warning("job %s: cannot write its answer; retrying: %s", taken.job.id, error)
+                await asyncio.sleep(OUTAGE_PAUSE_S)
         if offset is not None:
             taken.written += len(text)
         return cancelled
