@@ -73,8 +73,9 @@ class TurnJournal:
         self._store = store
         self.owner = owner
         self.lease_seconds = lease_seconds
-        # Our claims that failed midway (an outage): perhaps made, never answered.
-        self._claims_in_doubt: set[str] = set()
+        # Our claims that failed midway (an outage), perhaps made, never answered: by turn,
+        # the token they were made with, which the next try uses too.
+        self._claims_in_doubt: dict[str, str] = {}
         # Turns whose acceptance failed midway, refused to their users: perhaps recorded.
         self._refused: set[str] = set()
 
@@ -214,18 +215,18 @@ class TurnJournal:
         claimed: list[PendingTurn] = []
         expired = time.time() - self._store.ttl_seconds  # their records are gone
         await self._redis.zremrangebyscore(keys.PENDING_TURNS, "-inf", expired)
-        try:
-            for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
-                if stop() or (limit is not None and len(claimed) >= limit):
-                    break
-                if turn_id in self._refused:
-                    await self._drop_refused(turn_id)
-                    continue
-                if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
-                    claimed.append(pending)
-        except Exception:  # the caller never gets these: the next pass takes them again
-            self._claims_in_doubt.update(pending.id for pending in claimed)
-            raise
+        # Should this raise, the caller never gets those claimed: they stay in doubt, and
+        # the next pass takes them again, as they are.
+        for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
+            if stop() or (limit is not None and len(claimed) >= limit):
+                break
+            if turn_id in self._refused:
+                await self._drop_refused(turn_id)
+                continue
+            if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
+                claimed.append(pending)
+        for pending in claimed:
+            del self._claims_in_doubt[pending.id]
         return claimed
 
     async def _drop_refused(self, turn_id: str) -> None:
@@ -245,14 +246,16 @@ class TurnJournal:
 
     async def _claim(self, turn_id: str, orphaned: Collection[str]) -> PendingTurn | None:
         key = keys.turn(turn_id)
-        claim = uuid.uuid4().hex  # tells our own earlier try from another claim
+        in_doubt = turn_id in self._claims_in_doubt
+        # Tells our own earlier try from another claim; in doubt until the caller has it.
+        claim = self._claims_in_doubt.setdefault(turn_id, uuid.uuid4().hex)
 
         async def write(pipe: Pipeline) -> PendingTurn | None:
             record = await pipe.hgetall(key)
             if record.get("claim") == claim:  # an earlier try got through (its reply was lost)
                 return _parse(turn_id, record)
             owner = record.get("owner")
-            ours_to_take = turn_id in orphaned or turn_id in self._claims_in_doubt
+            ours_to_take = turn_id in orphaned or in_doubt
             if owner == self.owner and not ours_to_take:
                 return None  # ours, and being answered (or just accepted)
             if owner and owner != self.owner:
@@ -268,12 +271,9 @@ class TurnJournal:
             pipe.hset(key, mapping={"owner": self.owner, "claim": claim, "attempts": attempts})
             return replace(pending, attempts=attempts)
 
-        try:
-            claimed = await self._transaction([key], write)
-        except Exception:
-            self._claims_in_doubt.add(turn_id)
-            raise
-        self._claims_in_doubt.discard(turn_id)
+        claimed = await self._transaction([key], write)  # (raising, it stays in doubt)
+        if claimed is None:
+            del self._claims_in_doubt[turn_id]
         return claimed
 
     # --- helpers ------------------------------------------------------------------------

@@ -424,7 +424,7 @@ async def test_a_claim_that_failed_after_it_was_made_is_taken_by_the_next_pass(
         assert (await record(redis_client, gone))["owner"] == owner
         proxy.back()
         [claimed] = await me.claim([platform])
-    assert claimed.id == gone.id
+    assert claimed.id == gone.id and claimed.attempts == 2  # the claim made, not another
 
 
 async def test_turns_claimed_before_a_pass_failed_are_taken_by_the_next_pass(
@@ -451,6 +451,7 @@ async def test_turns_claimed_before_a_pass_failed_are_taken_by_the_next_pass(
     assert (await record(redis_client, turns[0]))["owner"] == me.owner
     claimed = await me.claim([platform])
     assert [pending.id for pending in claimed] == [pending.id for pending in turns]
+    assert [pending.attempts for pending in claimed] == [2, 2, 2]  # each claimed once
 
 
 async def test_a_release_whose_reply_was_lost_gives_back_one_attempt(
