@@ -16,14 +16,17 @@ endpoint (Slack's Events API) on the shared ops server through `HttpRoutes`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast, get_args
 
 from bot import replies
 from bot.service import ChatService
-from bot.types import Command, ReplySink, Turn
+from bot.types import Command, ConversationKey, ReplySink, Turn
+from bot.waiting import set_within
 from storage.errors import is_outage
 
 if TYPE_CHECKING:
@@ -95,3 +98,34 @@ def failure_text(error: Exception, what: str) -> str:
         return replies.storage_unavailable()
     logger.error("%s failed", what, exc_info=error)
     return replies.failed()
+
+
+class Joining:
+    """The conversations an adapter is joining now: a message that asks the bot into a
+    thread it is not in is being taken (the thread read, its files fetched) and is not
+    accepted yet. A message after it in that thread, sent unasked, waits for it before
+    asking whether the bot is in the thread, or it would be taken for chatter and lost."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+        self._now: dict[ConversationKey, asyncio.Event] = {}
+
+    async def knows(self, key: ConversationKey, *, by: float) -> bool:
+        """Whether the bot is in the conversation, once the joining of it here (if any)
+        is over, or the event loop's clock says `by`."""
+        if (joined := self._now.get(key)) is not None:
+            await set_within(joined, by - asyncio.get_running_loop().time())
+        return await self.service.knows(key)
+
+    @contextlib.contextmanager
+    def joining(self, key: ConversationKey) -> Iterator[None]:
+        """For the block, the conversation is being joined (unless it is already)."""
+        if key in self._now:
+            yield
+            return
+        joined = self._now[key] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._now[key]
+            joined.set()

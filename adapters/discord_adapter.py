@@ -9,6 +9,8 @@ names, and the reply target (no pings, idempotent sends). Commands live in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -22,7 +24,7 @@ import yarl
 from discord.gateway import DiscordWebSocket
 
 from adapters.attachments import Attachment, with_attachments
-from adapters.base import Adapter, AdapterError, answer, command, failure_text
+from adapters.base import Adapter, AdapterError, Joining, answer, command, failure_text
 from adapters.discord_buttons import AnswerButtons, Asker, DiscordReply
 from adapters.discord_channel import (
     MESSAGE_LIMIT,
@@ -44,6 +46,7 @@ HISTORY_LIMIT = 50  # earlier thread messages read when first mentioned in a thr
 REPLY_CHAIN_LIMIT = 50  # replies followed back to find an inline conversation's start
 THREAD_NAME_LENGTH = 90  # Discord allows 100
 ATTACHMENT_SECONDS = 10.0  # reading a message's attached files
+JOIN_WAIT_S = 15.0  # how long a message waits for a mention taking the bot into its thread
 TYPING_INTERVAL = 8.0  # Discord's typing indicator lasts about 10 s
 ANSWERED_TYPES = {discord.MessageType.default, discord.MessageType.reply}
 PERMISSIONS = discord.Permissions(
@@ -84,6 +87,7 @@ class DiscordAdapter(Adapter):
     ) -> None:
         self.client = client
         self.service = service
+        self.joining = Joining(service)  # threads a mention is taking the bot into
         self.settings = settings
         self.typing_interval = typing_interval
         self.memberships = Memberships(client)  # DM askers' roles, shared by all three paths
@@ -226,12 +230,15 @@ class DiscordAdapter(Adapter):
             if route is None:
                 return
             addressed = True
-            access = self.service.team.settings.access
-            who = await requester(
-                message.author, route[0], access=access, memberships=self.memberships
-            )
-            if await self.service.admit(who, route[0], partial(_reply, message)):
-                await self._converse(message, *route)
+            key, target, joins = route
+            with self.joining.joining(key) if joins else contextlib.nullcontext():
+                earlier = await self._earlier(message, me) if joins else ()
+                access = self.service.team.settings.access
+                who = await requester(
+                    message.author, key, access=access, memberships=self.memberships
+                )
+                if await self.service.admit(who, key, partial(_reply, message)):
+                    await self._converse(message, key, target, earlier)
         except Exception as error:
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:
@@ -244,22 +251,23 @@ class DiscordAdapter(Adapter):
 
     async def _route(
         self, message: discord.Message, me: discord.ClientUser
-    ) -> tuple[ConversationKey, DiscordChannel, tuple[ChatMessage, ...]] | None:
-        """Where a message's conversation lives and where to answer, or None to stay out."""
+    ) -> tuple[ConversationKey, DiscordChannel, bool] | None:
+        """Where a message's conversation lives, where to answer, and whether the bot joins
+        a thread with it (its earlier messages are read); None to stay out."""
         channel, mentioned = message.channel, _mentions(message, me)
         here = partial(DiscordChannel, self.client, channel=str(channel.id), seed=str(message.id))
         guild = str(message.guild.id) if message.guild else "-"
         key_from = partial(conversation_key, channel, guild=guild)
         if isinstance(channel, discord.DMChannel):
-            return key_from(root=str(message.id)), here(), ()
+            return key_from(root=str(message.id)), here(), False
         if isinstance(channel, discord.Thread):
             key = key_from(root=str(message.id))
-            known = await self.service.knows(key)
+            by = asyncio.get_running_loop().time() + JOIN_WAIT_S
+            known = await self.joining.knows(key, by=by)
             ours = channel.owner_id == me.id
             if not (mentioned or known or ours):
                 return None
-            earlier = () if known or ours else await self._earlier(message, me)
-            return key, here(), earlier
+            return key, here(), not (known or ours)
         inline = self.settings.discord_reply_mode == "inline"
         if inline or message.reference is not None:
             # In thread mode too, a reply to one of our messages in the channel (an answer
@@ -267,7 +275,7 @@ class DiscordAdapter(Adapter):
             # there; a thread opened from the reply would be keyed apart from it.
             root = await self._reply_root(message, me, mentioned=inline and mentioned)
             if root is not None:
-                return key_from(root=str(root)), here(reply_to=str(message.id)), ()
+                return key_from(root=str(root)), here(reply_to=str(message.id)), False
             if inline:
                 return None
         if not mentioned:
@@ -275,7 +283,7 @@ class DiscordAdapter(Adapter):
         # The answer opens a thread from this message, which takes the message's id.
         name = textwrap.shorten(self._readable(message, me), THREAD_NAME_LENGTH, placeholder="…")
         target = here(thread_from=str(message.id), thread_name=name)
-        return key_from(root=str(message.id)), target, ()
+        return key_from(root=str(message.id)), target, False
 
     async def _converse(
         self,

@@ -35,7 +35,15 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.attachments import with_attachments
-from adapters.base import Adapter, AdapterError, HttpRoutes, answer, command, failure_text
+from adapters.base import (
+    Adapter,
+    AdapterError,
+    HttpRoutes,
+    Joining,
+    answer,
+    command,
+    failure_text,
+)
 from adapters.slack_assistant import ThreadStatus, greet, set_title
 from adapters.slack_command import (
     SLASH_COMMAND,
@@ -100,6 +108,7 @@ class SlackAdapter(Adapter):
     ) -> None:
         self.app = app
         self.service = service
+        self.joining = Joining(service)  # threads a mention is taking the bot into
         self.settings = settings
         self.routes = routes  # where the Events API is served (HTTP mode)
         self._connected: Callable[[], Awaitable[bool]] | None = None  # set once running
@@ -321,20 +330,25 @@ class SlackAdapter(Adapter):
         )
         addressed = mentioned or is_dm
         try:
-            known = await self.service.knows(key)
+            known = await self.joining.knows(key, by=deadline)
             if not (addressed or (thread_ts and known)):
                 return  # channel chatter the bot was not asked into
             addressed = True
-            who = Requester(
-                "slack",
-                event["user"],
-                channel,
-                workspace=team,
-                dm=is_dm,
-                stranger=await self._stranger(event, team, context.get("enterprise_id"), deadline),
-            )
-            if await self.service.admit(who, key, thread.post):
-                await self._converse(event, key, thread, bot_user, known=known, deadline=deadline)
+            with contextlib.nullcontext() if known else self.joining.joining(key):
+                who = Requester(
+                    "slack",
+                    event["user"],
+                    channel,
+                    workspace=team,
+                    dm=is_dm,
+                    stranger=await self._stranger(
+                        event, team, context.get("enterprise_id"), deadline
+                    ),
+                )
+                if await self.service.admit(who, key, thread.post):
+                    await self._converse(
+                        event, key, thread, bot_user, known=known, deadline=deadline
+                    )
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:

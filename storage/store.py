@@ -108,10 +108,13 @@ class ConversationStore:
         return messages
 
     async def exists(self, conversation_id: str) -> bool:
-        """Whether the bot knows the conversation: it has history, or was reset."""
+        """Whether the bot knows the conversation: it has history, was reset, or a turn of
+        it was taken (its starter is named), which is stored once it begins."""
         return bool(
             await self._redis.exists(
-                keys.conversation(conversation_id), keys.cleared(conversation_id)
+                keys.conversation(conversation_id),
+                keys.cleared(conversation_id),
+                keys.facts(conversation_id),
             )
         )
 

@@ -151,6 +151,8 @@ class FakeDiscord:
         # user id -> the only servers the user is in (by default: every server of the bot's)
         self.member_of: dict[str, set[str]] = {}
         self.member_lookup_delay = 0.0  # seconds GET /guilds/{g}/members/{u} takes to answer
+        self.history_delay = 0.0  # seconds GET /channels/{c}/messages takes to answer
+        self.history_asked = 0  # how many such reads began
         self.guilds = {self.guild_id: "Fake Guild"}  # the servers the bot is in: id -> name
         self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
         self.messages: dict[str, list[JSON]] = {}  # channel id -> messages, oldest first
@@ -978,6 +980,8 @@ class FakeDiscord:
 
     async def _history(self, req: Request, channel_id: str) -> tuple[int, Any]:
         """Newest first; limit (1-100, default 50), before, after (the ones right after)."""
+        self.history_asked += 1
+        await asyncio.sleep(self.history_delay)
         self._channel(channel_id)
         log, q = self.messages.get(channel_id, []), req.query
         limit = max(1, min(100, int(q.get("limit", 50))))

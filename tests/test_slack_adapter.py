@@ -303,6 +303,25 @@ async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket
     ]
 
 
+async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answered(
+    slack, socket_mode
+):
+    """The next message comes, unasked, while the mention's turn is still being taken
+    (its thread read, slowly): it waits to learn that the bot is in the thread, and is
+    answered after the mention, where it was taken for chatter and lost."""
+    slack.delays["conversations.replies"] = 1.0
+    async with socket_mode() as (_service, batcher):
+        parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
+        await slack.send_event(slack.app_mention("C0001", "is that wise?", thread_ts=parent["ts"]))
+        await slack.wait_for(lambda: slack.calls_to("conversations.replies"), timeout=10)
+        follow_up = slack.user_message("C0001", "and on mondays?", thread_ts=parent["ts"])
+        await slack.send_event(follow_up)
+        await final_reply(slack, "C0001", parent["ts"], after=1)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
+        "alice: is that wise?", "alice: and on mondays?",
+    ]  # fmt: skip
+
+
 async def test_thread_history_keeps_other_bots_apart_and_takes_any_name(slack, socket_mode):
     """Another bot's message (an alert) is not the bot's own answer, and a name with a
     backslash in it (`CORP\\jdoe`) is a name, not part of a pattern."""
