@@ -176,22 +176,28 @@ class StreamingReply:
     async def finish(self, text: str) -> None:
         """The answer, split over as many messages as it needs: the first is the one that
         streamed; a message that cannot be put is reported after the others."""
-        parts = split_message(self.render(self.notice_text + text), self.limit) or [""]
-        await self._show_final(parts[0])
+        parts = await self._show_first(self.notice_text + text)
         self.over = True
         if not await self._put_rest(parts, final=True):
             await self._post(self.render(replies.continuation_failed()))
 
     async def fail(self, text: str) -> None:
+        """Why there is no answer; long where it gives back an earlier answer (whose
+        regeneration failed), so it is split as an answer is."""
         if not self.over:  # an answer (or failure) already shown stays shown
-            await self._show_final(self.render(text))
+            parts = await self._show_first(text)
             self.over = True
-            await self._drop(1)
+            await self._put_rest(parts, final=True)
 
     async def pause(self, text: str) -> None:
         if not self.over:  # a stop just after the answer was shown leaves it shown
-            await self._show_final(self.render(text))
-            await self._drop(1)
+            await self._put_rest(await self._show_first(text), final=True)
+
+    async def _show_first(self, markdown: str) -> list[str]:
+        """A final text's first part, in the message that streamed; all of its parts."""
+        parts = split_message(self.render(markdown), self.limit) or [""]
+        await self._show_final(parts[0])
+        return parts
 
     def stopped(self) -> bool:
         """Whether a reader stopped the answer on the platform: what they saw stays as it

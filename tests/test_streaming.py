@@ -351,6 +351,22 @@ async def test_a_failed_record_of_a_post_is_not_taken_for_a_failed_post():
     assert " ".join(target.messages.values()).split() == ["WORD"] * 30  # whole, no note
 
 
+@pytest.mark.parametrize("ending", ["fail", "pause"])
+async def test_a_long_failure_or_pause_is_split_as_an_answer_is(ending):
+    """A regeneration that failed gives the old answer back, with why: as long as an
+    answer, it goes over as many messages, each within the platform's limit."""
+    target, clock = Target(), Clock()
+    sink = reply(target, clock)
+    await sink.start()
+    clock.now += 5
+    await sink.append(" ".join(["draft"] * 20))
+    kept = " ".join(["word"] * 30)
+    await getattr(sink, ending)(kept)
+    assert len(target.messages) > 1
+    assert all(len(text) <= 50 for text in target.messages.values())
+    assert " ".join(target.messages.values()).split() == ["WORD"] * 30
+
+
 async def test_pause_before_anything_was_posted_posts_the_text():
     target, clock = Target(), Clock()
     sink = reply(target, clock, placeholder=None)
