@@ -328,11 +328,12 @@ class DiscordAdapter(Adapter):
         except discord.DiscordException:  # answering without them beats not answering
             logger.warning("could not read the thread's earlier messages", exc_info=True)
             return ()
+        said = [_said(m) for m in reversed(history)]
         return tuple(
             {"role": "assistant", "content": self._readable(m, me)}
             if m.author == me
             else {"role": "user", "content": self._readable(m, me), "name": m.author.display_name}
-            for m in reversed(history)
+            for m in said
             if m.content
         )
 
@@ -434,3 +435,11 @@ def _attachment(attachment: discord.Attachment) -> Attachment:
 async def _read_whole(attachment: discord.Attachment, _wanted: int) -> bytes:
     """Discord's CDN serves a file whole (the reader caps it at MAX_FILE_BYTES first)."""
     return await attachment.read()
+
+
+def _said(message: discord.Message) -> discord.Message:
+    """What a thread's message said: a thread made from a channel message opens with an
+    empty starter message that carries that message (the question the thread is about)."""
+    starter = message.type is discord.MessageType.thread_starter_message
+    carried = message.reference.resolved if message.reference is not None else None
+    return carried if starter and isinstance(carried, discord.Message) else message

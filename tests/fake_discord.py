@@ -437,6 +437,11 @@ class FakeDiscord:
         thread["thread_metadata"] = meta
         self.channels[message_id] = thread
         starter.update(flags=starter["flags"] | 32, thread=dict(thread))  # HAS_THREAD
+        # The thread opens with an empty THREAD_STARTER_MESSAGE (type 21) that refers to the
+        # message it was made from, and carries it in REST's `referenced_message`.
+        refers = {"channel_id": channel_id, "message_id": message_id, "guild_id": self.guild_id}
+        carried = {"message_reference": refers, "referenced_message": dict(starter)}
+        self._create_message(message_id, "", starter["author"], type=21, **carried)
         if owner["id"] == self.bot["id"]:
             member = {"id": message_id, "user_id": owner["id"], "flags": 0}
             thread["member"] = {**member, "join_timestamp": now_iso()}

@@ -265,6 +265,7 @@ async def test_mentioned_in_another_thread_it_reads_the_thread_first(fake, disco
         await fake.dispatch("MESSAGE_CREATE", asked)
         await final_reply(fake, thread["id"])
     assert batcher.prompts[0] == [
+        {"role": "user", "content": "we deploy on fridays"},  # the message the thread is from
         {"role": "user", "content": "is that wise?"},
         {"role": "user", "content": "what do you think, @Alice?"},
     ]

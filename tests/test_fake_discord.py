@@ -180,10 +180,14 @@ async def test_message_reply_thread_edit(bot: Bot, discord_fake: FakeDiscord) ->
     )
     follow_up = await bot.next_message()
     assert follow_up.channel == thread and follow_up.content == "and then?"
-    history = [m.content async for m in thread.history(limit=10)]
-    assert history == ["and then?", "streamed!"]
+    history = [m async for m in thread.history(limit=10)]
+    assert [m.content for m in history] == ["and then?", "streamed!", ""]
+    opener = history[-1]  # the thread's starter message: it carries the one it was made from
+    assert opener.type is discord.MessageType.thread_starter_message
+    assert opener.reference is not None and isinstance(opener.reference.resolved, discord.Message)
+    assert opener.reference.resolved.content == "<@1000> hello"
     older = [m.content async for m in thread.history(before=follow_up)]
-    assert older == ["streamed!"]
+    assert older == ["streamed!", ""]
     fetched = await incoming.channel.fetch_message(incoming.id)
     assert fetched.content == "<@1000> hello"
 
