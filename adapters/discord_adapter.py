@@ -349,9 +349,12 @@ class DiscordAdapter(Adapter):
 
         async def replied_to(child: discord.Message) -> discord.Message | None:
             """The message `child` replies to: as the gateway sent it, else fetched once;
-            None where there is none, or it was deleted or cannot be read."""
+            None where there is none (a forward refers to a message, but is no reply), or
+            it was deleted or cannot be read."""
             reference = child.reference
             if reference is None or reference.message_id is None:
+                return None
+            if reference.type is not discord.MessageReferenceType.reply:
                 return None
             if (resolved := reference.resolved) is not None:  # the message, or its deletion
                 return resolved if isinstance(resolved, discord.Message) else None

@@ -316,6 +316,25 @@ async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot
     assert batcher.prompts[1][2]["content"] == "second question"
 
 
+async def test_inline_mode_a_forward_of_an_answer_is_no_reply_to_it(fake, discord_bot):
+    """A forward refers to the message it copies as a reply does (a reference of type 1,
+    with no referenced_message): it is not a reply, and costs no fetch of that message."""
+    async with discord_bot(reply_mode="inline") as (_service, batcher):
+        await mention(fake, "first question")
+        answer = await final_reply(fake, fake.channel_id)
+        refers = {"type": 1, "message_id": answer["id"], "channel_id": fake.channel_id}
+        copied = ("type", "content", "embeds", "attachments", "timestamp", "edited_timestamp")
+        snapshot = {"message": {field: answer[field] for field in copied}}
+        forward = fake.user_message(
+            fake.channel_id, "", message_reference=refers, message_snapshots=[snapshot]
+        )
+        await fake.dispatch("MESSAGE_CREATE", forward)
+        await mention(fake, "second question")  # answered after the forward was handled
+        await final_reply(fake, fake.channel_id, after=1)
+    assert len(bot_messages(fake, fake.channel_id)) == 2 and len(batcher.prompts) == 2
+    assert not fake.requests_to("GET", rf"/channels/{fake.channel_id}/messages/{answer['id']}")
+
+
 async def test_inline_mode_a_reply_to_any_part_of_a_long_answer_continues(fake, discord_bot):
     """Every part of an answer split over messages replies to the question, so a reply to
     the last part (the natural one to reply to) leads back to the conversation too."""
