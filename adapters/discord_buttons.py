@@ -41,10 +41,6 @@ REGENERATE_ID = re.compile(
 STOP_REFUSED = "Only the asker or an admin can stop this."
 REGENERATE_REFUSED = "Only the asker or an admin can regenerate this."
 NOT_WRITING = "This answer is not being written any more."
-NOT_REGENERABLE = (
-    "Only the newest answer of a conversation can be regenerated, and only while no other "
-    "answer is being written there."
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,14 +237,15 @@ class AnswerButtons:
         newest = last_message(place)
         request = str(interaction.id)
         if place is None or newest is None or newest[1] != pressed:
-            await self._tell(interaction, NOT_REGENERABLE)
+            await self._tell(interaction, replies.not_regenerable())
             return
         # `place` names the pressed answer: refused if another replaced it meanwhile.
-        if not await self.service.regenerate(
+        refusal = await self.service.regenerate(
             asker.conversation, place=place, by=by, request_id=request,
             sink=self.regenerating(place, request, asker),
-        ):  # fmt: skip
-            await self._tell(interaction, NOT_REGENERABLE)
+        )  # fmt: skip
+        if refusal is not None:
+            await self._tell(interaction, refusal)
 
     def _may(self, by: str, asker: str) -> bool:
         return by == asker or self.service.team.is_admin(by)

@@ -47,11 +47,15 @@ def waiting_for_room() -> str:
     return "I'm busy with other questions right now; I'll answer this one as soon as I can."
 
 
-def slow_down(pending: int) -> str:
+SEND_AGAIN = "send that again. (It was not saved.)"
+PRESS_AGAIN = "press the button again."  # a Regenerate pressed over a user's limits
+
+
+def slow_down(pending: int, again: str = SEND_AGAIN) -> str:
     noun = "message" if pending == 1 else "messages"
     return (
         f"I'm still working on your {pending} earlier {noun}. Please wait for those answers, "
-        "then send this one again. (It was not saved.)"
+        f"then {again}"
     )
 
 
@@ -113,10 +117,10 @@ def denied() -> str:
     return "Sorry, I'm not set up to answer here. Ask your workspace admins if you need me."
 
 
-def rate_limited(wait_s: float) -> str:
+def rate_limited(wait_s: float, again: str = SEND_AGAIN) -> str:
     return (
-        f"You're sending messages faster than I'm allowed to answer. Please wait "
-        f"{max(1, round(wait_s))} s and send that again. (It was not saved.)"
+        f"You're asking faster than I'm allowed to answer. Please wait "
+        f"{max(1, round(wait_s))} s and {again}"
     )
 
 
@@ -184,3 +188,10 @@ def cut_repeating() -> str:
 
 def stopped() -> str:
     return "_(stopped)_"
+
+
+def not_regenerable() -> str:
+    return (
+        "Only the newest answer of a conversation can be regenerated, and only while no other "
+        "answer is being written there."
+    )

@@ -241,6 +241,22 @@ class ChatService:
 
     # --- accepting ----------------------------------------------------------------------
 
+    async def _over_limits(
+        self, platform: str, user: str, request_id: str, again: str = replies.SEND_AGAIN
+    ) -> str | None:
+        """Why `user` may not ask for another answer now (RATE_LIMIT_PER_MINUTE, or too
+        many answers pending), if so. Nothing awaits after the pending count is read."""
+        settings = self.team.settings
+        if (per_minute := settings.access.rate_limit_per_minute) and (
+            wait := await self.limits.take(
+                f"{platform}:{user}", f"{platform}:{request_id}", per_minute
+            )
+        ):
+            return replies.rate_limited(wait, again)
+        if (pending := self._pending[user]) >= settings.max_pending_per_user:
+            return replies.slow_down(pending, again)
+        return None
+
     async def _accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
         platform = turn.conversation.platform
         text = sanitized(turn.text)
@@ -251,16 +267,10 @@ class ChatService:
                 refusal = "empty", replies.empty_message()
             elif len(text) > settings.max_input_chars:
                 refusal = "too_long", replies.too_long(len(text), settings.max_input_chars)
-            elif (per_minute := settings.access.rate_limit_per_minute) and (
-                wait := await self.limits.take(
-                    f"{platform}:{turn.author}", f"{platform}:{turn.message_id}", per_minute
-                )
-            ):
-                refusal = "rate_limited", replies.rate_limited(wait)
             # From this check to the count below, nothing may await: a burst of messages
             # would all pass it.
-            elif (pending := self._pending[turn.author]) >= settings.max_pending_per_user:
-                refusal = "rate_limited", replies.slow_down(pending)
+            elif limited := await self._over_limits(platform, turn.author, turn.message_id):
+                refusal = "rate_limited", limited
         if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())
             return None
@@ -717,36 +727,40 @@ class ChatService:
         by: str,
         request_id: str,
         sink: ReplySink,
-    ) -> bool:
+    ) -> str | None:
         """Answer the conversation's last question again, into `sink`, in place of the
         answer pressed: the one shown at `place`, as `answer_place` gave it then. The new
         answer replaces the last one in the history, and the question is not stored twice.
         A turn like any other (durable; its id `platform:request_id`, so it can be
-        stopped), asked by `by`; whether `by` may is the caller's to decide. False, with
-        nothing done, when the conversation does not end with that answer (it was
-        regenerated already, or a newer one came), its regeneration was asked already (a
-        double click), or it is still being answered after REGENERATE_WAIT_S.
+        stopped), asked by `by`, and held to `by`'s limits as a message is; whether `by`
+        may is the caller's to decide. None once taken; else, with nothing done, what to
+        tell the presser: `by` is over a limit, or (`replies.not_regenerable`) the
+        conversation does not end with that answer (it was regenerated already, or a
+        newer one came), its regeneration was asked already (a double click), or it is
+        still being answered after REGENERATE_WAIT_S.
 
         It waits for the lock rather than the turn letting go before its buttons show:
         the lock is what keeps turns in every process from interleaving the history, and
         a turn that slips in between is caught under it by `_take_back_answer`."""
-        key = str(conversation)
+        key, platform = str(conversation), conversation.platform
         if self._closing or not await self.locks.idle(key, within=REGENERATE_WAIT_S):
-            return False
+            return replies.not_regenerable()
         if (last := await self._last_exchange(key, place)) is None:
-            return False
+            return replies.not_regenerable()
+        if limited := await self._over_limits(platform, by, request_id, replies.PRESS_AGAIN):
+            return limited
         if not await self.store.first_regeneration(key, place):
-            return False  # a second press of the same answer's button, before the first ran
+            return replies.not_regenerable()  # a second press of the same answer's button
         question = last[0]
         turn = Turn(
             conversation, by, question["content"], request_id,
             author_name=question.get("name", ""),
         )  # fmt: skip
         if (accepted := await self.journal.accept(turn, sink.reply_target())) is None:
-            return False
+            return replies.not_regenerable()
         logger.info("regenerating the last answer of %s for %s", conversation, by)
         self._start(accepted, sink, before=partial(self._take_back_answer, accepted, place))
-        return True
+        return None
 
     async def answer_shown(self, conversation: ConversationKey, place: dict[str, Any]) -> None:
         """An adapter says where the conversation's newest answer is shown (its own JSON),

@@ -25,7 +25,7 @@ from test_discord_adapter import bot_messages, final_reply, mention, settings_fo
 
 from adapters import discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
-from adapters.discord_buttons import NOT_REGENERABLE, REGENERATE_REFUSED, STOP_REFUSED
+from adapters.discord_buttons import REGENERATE_REFUSED, STOP_REFUSED
 from adapters.discord_commands import DESCRIPTIONS, thread_only
 from bot import replies
 from bot.config import Access
@@ -539,7 +539,7 @@ async def test_regenerate_while_an_answer_is_written_is_refused_within_the_deadl
             pressed = await fake.press_button(channel, first["id"], regenerate)
             [refusal] = await fake.wait_for(lambda: pressed.replies)
     assert pressed.callback == {"type": 6}
-    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert refusal["content"] == replies.not_regenerable() and refusal["flags"] & EPHEMERAL
     assert fake.message(channel, first["id"])["content"] == "First answer."
     assert len(bot.batcher.prompts) == 1
 
@@ -560,7 +560,7 @@ async def test_regenerate_pressed_twice_regenerates_once(discord_bot):
         bot.batcher.gate.set()
         [refusal] = await fake.wait_for(lambda: again.replies)
         history = await bot.history(dm_key(channel), until=lambda h: len(h) == 2)
-    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert refusal["content"] == replies.not_regenerable() and refusal["flags"] & EPHEMERAL
     assert fake.message(channel, first["id"])["content"] == "Second answer."
     assert [m["content"] for m in history] == ["what should I cook?", "Second answer."]
     assert len(bot.batcher.prompts) == 2
@@ -584,7 +584,7 @@ async def test_regenerate_of_an_answer_a_newer_one_replaces_meanwhile_is_refused
         [refusal] = await fake.wait_for(lambda: pressed.replies)
         history = await bot.history(dm_key(channel), until=lambda h: len(h) == 4)
         second = await final_reply(fake, channel, after=1)
-    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert refusal["content"] == replies.not_regenerable() and refusal["flags"] & EPHEMERAL
     assert fake.message(channel, first["id"])["content"] == "First answer."
     assert second["content"] == "Second answer."
     assert [m["content"] for m in history] == [
@@ -676,7 +676,7 @@ async def test_regenerate_after_a_reset_is_refused(discord_bot):
         await final_reply(fake, channel, after=1)
         pressed = await fake.press_button(channel, answer["id"], regenerate)
         [refusal] = await fake.wait_for(lambda: pressed.replies)
-    assert refusal["content"] == NOT_REGENERABLE and refusal["flags"] & EPHEMERAL
+    assert refusal["content"] == replies.not_regenerable() and refusal["flags"] & EPHEMERAL
     assert fake.message(channel, answer["id"])["content"] == "Noted."
     assert len(bot.batcher.prompts) == 1
 

@@ -17,6 +17,7 @@ from conftest import FailsOnceBatcher, GatedBatcher, SpyBatcher
 from redis.asyncio import Redis
 
 from bot import replies
+from bot.config import Access
 from bot.types import ConversationKey, Turn
 from storage import keys
 from storage.store import ConversationStore
@@ -472,7 +473,7 @@ async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
         ))  # fmt: skip
         for request in presses:
             await until(lambda request=request: gone(redis_client, f"test:{request}"))
-    assert sorted(taken) == [False, True]
+    assert sorted(taken, key=str) == [None, replies.not_regenerable()]
     [regenerated] = [sink for sink in presses.values() if sink.events]
     [answer] = regenerated.kinds("finish")
     assert len(batcher.prompts) == 2
@@ -480,6 +481,30 @@ async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
         {"role": "user", "content": "Hello there"},
         {"role": "assistant", "content": answer},
     ]
+
+
+async def test_a_regeneration_is_held_to_the_users_rate_limit_as_a_message_is(
+    make_service, store, conversation
+):
+    """Regenerate pressed over and over asks for a new answer each time: past
+    RATE_LIMIT_PER_MINUTE the presser hears when to press again, and nothing is run."""
+    presser = f"U{uuid.uuid4().hex}"  # a bucket of the test's own: Redis keeps them
+    async with make_service(access=Access(rate_limit_per_minute=2)) as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        asked = Turn(conversation, presser, "Hello there", uuid.uuid4().hex)
+        await service.handle(asked, answered)
+        for allowed in (True, False):
+            press = ShowingSink(service, conversation)
+            refusal = await service.regenerate(
+                conversation, place=answered.place, by=presser, request_id=uuid.uuid4().hex,
+                sink=press,
+            )  # fmt: skip
+            if allowed:
+                assert refusal is None
+                await until(lambda press=press: asyncio.sleep(0, bool(press.kinds("finish"))))
+                answered = press
+    assert refusal is not None and refusal.endswith(replies.PRESS_AGAIN)
+    assert refusal.startswith("You're asking faster") and len(batcher.prompts) == 2
 
 
 class SlowToFail(ShowingSink):
@@ -503,7 +528,7 @@ async def test_a_regenerated_answer_that_fails_is_back_before_the_next_turn_read
         [old] = answered.kinds("finish")
         batcher.failed = False  # the regeneration's first step falls over
         press = SlowToFail(service, conversation)
-        assert await service.regenerate(
+        assert not await service.regenerate(
             conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex, sink=press
         )
         await service.handle(turn(conversation, "Q2"), RecordingSink())

@@ -75,7 +75,7 @@ async def test_the_rate_limit_holds_across_a_restart(make_service, store, conver
         await service.handle(say(conversation, "three", author=alice), refused)
         await service.handle(say(conversation, "four", author=bob), other)
     [text] = refused.kinds("finish")
-    assert text.startswith("You're sending messages faster") and "(It was not saved.)" in text
+    assert text.startswith("You're asking faster") and "(It was not saved.)" in text
     assert other.kinds("finish") and other.kinds("finish")[0] != text
     contents = [m["content"] for m in await store.load(str(conversation))]
     assert "three" not in contents and "four" in contents
@@ -92,9 +92,9 @@ async def test_a_rate_under_one_a_minute_lets_one_message_through_at_a_time(
         await service.handle(say(conversation, "one", author=alice), first)
         await service.handle(say(conversation, "two", author=alice), second)
     [answer] = first.kinds("finish")
-    assert not answer.startswith("You're sending messages faster")
+    assert not answer.startswith("You're asking faster")
     [refusal] = second.kinds("finish")
-    assert refusal.startswith("You're sending messages faster")
+    assert refusal.startswith("You're asking faster")
 
 
 async def test_a_message_delivered_twice_takes_from_the_rate_limit_once(make_service, conversation):
@@ -109,7 +109,7 @@ async def test_a_message_delivered_twice_takes_from_the_rate_limit_once(make_ser
         await service.handle(say(conversation, "two", author=alice), second)
     assert len(first.kinds("finish") + again.kinds("finish")) == 1
     [answer] = second.kinds("finish")
-    assert not answer.startswith("You're sending messages faster")
+    assert not answer.startswith("You're asking faster")
 
 
 async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
