@@ -701,10 +701,13 @@ class ChatService:
         return [{"role": "system", "content": text}]
 
     def _budget(self, voice: Voice) -> int:
+        """The prompt's tokens, where a persona's answers may take `max_new_tokens`: its
+        longer answers leave its prompts less, but never under half (past that, a long
+        answer is cut at the model's window, rather than every message refused)."""
         if voice.max_new_tokens is None:
             return self.prompt_budget
         longer = voice.max_new_tokens - self.team.settings.max_new_tokens
-        return max(self.prompt_budget - longer, 1)
+        return max(self.prompt_budget - longer, self.prompt_budget // 2, 1)
 
     # --- stopping and regenerating answers ------------------------------------------------
 
