@@ -15,6 +15,7 @@ import re
 MESSAGE_LIMIT = 3900  # Slack truncates at 40,000 but advises ~4,000 for readability
 MARKDOWN_LIMIT = 12000  # what one `markdown_text` may hold
 CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]+`)", re.DOTALL)
+LANGUAGE = re.compile(r"(?<=\A```)[\w+#.-]{1,20}(?=\n)")  # a code block's, which mrkdwn shows
 LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)|]+)\)")
 SCHEME = re.compile(r"^https?://", re.IGNORECASE)
 # `**x**` or `__x__`. As in CommonMark, `__` is never bold inside a word (`snake_case__name`,
@@ -53,7 +54,7 @@ def to_mrkdwn(markdown: str) -> str:
     piece alone first: a code span's `|` inside one would give it a label."""
     pieces = CODE.split(markdown)
     prose = CODE_MARK.join(LINK.sub(_mrkdwn_link, escape(_unmarked(p))) for p in pieces[::2])
-    code = [escape(piece) for piece in pieces[1::2]] + [""]
+    code = [escape(LANGUAGE.sub("", piece)) for piece in pieces[1::2]] + [""]
     return "".join(p + c for p, c in zip(_prose(prose).split(CODE_MARK), code, strict=True))
 
 

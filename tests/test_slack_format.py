@@ -116,10 +116,12 @@ def test_every_link_built_shows_the_address_it_opens(markdown):
 
 
 def test_code_is_escaped_but_not_reformatted():
+    """mrkdwn knows no language after a fence: it would show as the block's first line."""
     markdown = "run `a**b**c` then\n```python\nif a < b and **kw:\n    x = 1 & 2\n```"
     assert to_mrkdwn(markdown) == (
-        "run `a**b**c` then\n```python\nif a &lt; b and **kw:\n    x = 1 &amp; 2\n```"
+        "run `a**b**c` then\n```\nif a &lt; b and **kw:\n    x = 1 &amp; 2\n```"
     )
+    assert to_mrkdwn("```print(1)```") == "```print(1)```"  # code, no language
 
 
 def test_an_unclosed_code_block_still_counts_as_code():
