@@ -275,7 +275,7 @@ class DiscordAdapter(Adapter):
             # there; a thread opened from the reply would be keyed apart from it.
             root = await self._reply_root(message, me, mentioned=inline and mentioned)
             if root is not None:
-                return key_from(root=str(root)), here(reply_to=str(message.id)), False
+                return key_from(root=root), here(reply_to=str(message.id)), False
             if inline:
                 return None
         if not mentioned:
@@ -339,12 +339,14 @@ class DiscordAdapter(Adapter):
 
     async def _reply_root(
         self, message: discord.Message, me: discord.ClientUser, *, mentioned: bool
-    ) -> int | None:
-        """The first message of the reply chain `message` ends, or None if `message` is not
-        for the bot.
+    ) -> str | None:
+        """The id of the first message of the reply chain `message` ends, or None if
+        `message` is not for the bot.
 
         The first hop alone decides: a mention, or a reply to one of the bot's messages.
-        Only then is the chain walked back, so channel chatter costs no REST call.
+        A reply to an answer whose conversation is known takes that one's root; only
+        else is the chain walked back, so channel chatter costs no REST call, and a long
+        conversation none at all.
         """
 
         async def replied_to(child: discord.Message) -> discord.Message | None:
@@ -364,7 +366,10 @@ class DiscordAdapter(Adapter):
                 return None
 
         parent = await replied_to(message)
-        if not (mentioned or (parent is not None and parent.author == me)):
+        if parent is not None and parent.author == me:
+            if known := await self.service.answered_in(PLATFORM, str(parent.id)):
+                return known.thread
+        elif not mentioned:
             return None
         root = message
         for hop in range(REPLY_CHAIN_LIMIT):
@@ -373,7 +378,7 @@ class DiscordAdapter(Adapter):
             if parent is None:
                 break  # the chain starts here
             root = parent
-        return root.id
+        return str(root.id)
 
     @staticmethod
     def _readable(message: discord.Message, me: discord.ClientUser) -> str:

@@ -158,7 +158,7 @@ class DiscordReply(StreamingReply):
         if self.target.reply_to is not None:  # so a regenerated answer's parts reply too
             place["reply_to"] = self.target.reply_to
         try:  # recorded before the button shows, so a press finds this answer the newest
-            await self.service.answer_shown(asker.conversation, place)
+            await self.service.answer_shown(asker.conversation, place, self.message_ids)
             await set_buttons(
                 self.target.client, place["channel"], self.message_ids[-1],
                 regenerate_buttons(asker),

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -765,10 +765,21 @@ class ChatService:
         self._start(accepted, sink, before=partial(self._take_back_answer, accepted, place))
         return None
 
-    async def answer_shown(self, conversation: ConversationKey, place: dict[str, Any]) -> None:
+    async def answer_shown(
+        self, conversation: ConversationKey, place: dict[str, Any], messages: Sequence[str] = ()
+    ) -> None:
         """An adapter says where the conversation's newest answer is shown (its own JSON),
-        to find it again with `answer_place` (e.g. to take its buttons off)."""
-        await self.store.set_answer_place(str(conversation), place)
+        to find it again with `answer_place` (e.g. to take its buttons off); and the
+        platform ids of its `messages`, so that a reply to one finds the conversation
+        (`answered_in`) without walking back the replies before it."""
+        platform = conversation.platform
+        shown = [f"{platform}:{message}" for message in messages]
+        await self.store.set_answer_place(str(conversation), place, shown)
+
+    async def answered_in(self, platform: str, message: str) -> ConversationKey | None:
+        """The conversation whose answer the platform's `message` shows, if it was said."""
+        found = await self.store.answered_in(f"{platform}:{message}")
+        return ConversationKey(*found.split(":")) if found else None
 
     async def answer_place(self, conversation: ConversationKey) -> dict[str, Any] | None:
         """Where the conversation's newest answer is shown, as `answer_shown` last said."""

@@ -81,6 +81,11 @@ def turn_stats(scope: str) -> str:
     return f"{TURN_STATS_PREFIX}{scope}"
 
 
+def answer_message(message: str) -> str:
+    """The conversation whose answer a platform message (`platform:id`) shows."""
+    return f"{PREFIX}answer-message:{message}"
+
+
 def answer_place(conversation_id: str) -> str:
     """Where a conversation's newest answer is shown (platform JSON), for its buttons."""
     return f"{ANSWER_PLACE_PREFIX}{conversation_id}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 from redis.asyncio import Redis
@@ -189,11 +189,21 @@ class ConversationStore:
         """Remove the newest `count` messages (an answer being generated again)."""
         await self._once.trim(keys.conversation(conversation_id), 0, -count - 1)
 
-    async def set_answer_place(self, conversation_id: str, place: dict[str, Any]) -> None:
-        """Remember where the conversation's newest answer is shown (a platform's JSON);
-        kept as long as the history."""
-        key = keys.answer_place(conversation_id)
-        await self._redis.set(key, json.dumps(place), ex=self.ttl_seconds)
+    async def set_answer_place(
+        self, conversation_id: str, place: dict[str, Any], messages: Sequence[str] = ()
+    ) -> None:
+        """Remember where the conversation's newest answer is shown (a platform's JSON),
+        and that each of its `messages` (`platform:id`) is the conversation's; kept as
+        long as the history."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.answer_place(conversation_id), json.dumps(place), ex=self.ttl_seconds)
+            for message in messages:
+                pipe.set(keys.answer_message(message), conversation_id, ex=self.ttl_seconds)
+            await pipe.execute()
+
+    async def answered_in(self, message: str) -> str | None:
+        """The conversation whose answer `message` (`platform:id`) shows, if remembered."""
+        return await self._redis.get(keys.answer_message(message))
 
     async def first_regeneration(self, conversation_id: str, place: dict[str, Any]) -> bool:
         """True for the first regeneration asked of the answer shown at `place`, False

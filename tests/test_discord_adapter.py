@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 from types import SimpleNamespace
 
 import discord
@@ -24,7 +25,7 @@ from conftest import (
 from discord.gateway import DiscordWebSocket
 from fake_discord import ApiError, FakeDiscord
 
-from adapters import discord_channel
+from adapters import discord_adapter, discord_channel
 from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
 from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
@@ -32,6 +33,7 @@ from adapters.discord_channel import DM_LOOKUPS, FAILED_LOOKUP_SECONDS, MEMBERSH
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Access, Settings
+from bot.types import ConversationKey
 
 
 @pytest.fixture
@@ -362,6 +364,28 @@ def reply_to(fake: FakeDiscord, target: dict, content: str, *, resolved: bool = 
     if resolved:
         extra["referenced_message"] = {k: v for k, v in target.items() if k != "referenced_message"}
     return fake.user_message(target["channel_id"], content, **extra)
+
+
+async def test_inline_mode_a_long_conversation_stays_one_without_walking_back(
+    fake, discord_bot, monkeypatch
+):
+    """Each exchange adds two hops to the reply chain: a reply to an answer finds its
+    conversation from that answer, with no walk back (no fetch of the chain, however
+    long), where past REPLY_CHAIN_LIMIT hops the walk stopped midway and started a new
+    conversation at each message."""
+    monkeypatch.setattr(discord_adapter, "REPLY_CHAIN_LIMIT", 3)
+    async with discord_bot(ScriptedBatcher("Noted."), reply_mode="inline") as (service, _batcher):
+        first = await mention(fake, "question 0")
+        answer = await final_reply(fake, fake.channel_id)
+        for n in range(1, 5):
+            offered = partial(fake.message, fake.channel_id, answer["id"])  # its buttons: it
+            await fake.wait_for(lambda offered=offered: offered()["components"])  # is recorded
+            await fake.dispatch("MESSAGE_CREATE", reply_to(fake, answer, f"question {n}"))
+            answer = await final_reply(fake, fake.channel_id, after=n)
+        key = ConversationKey("discord", fake.guild_id, fake.channel_id, first["id"])
+        history = await service.store.load(str(key))
+    assert [m["content"] for m in history if m["role"] == "user"][-1] == "question 4"
+    assert not fake.requests_to("GET", rf"/channels/{fake.channel_id}/messages/\d+")
 
 
 async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
