@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
 from redis.asyncio import Redis
@@ -78,6 +78,9 @@ class _Watch:
     last_id: str = "0-0"
     attempt: int = 0  # the attempt being read; 0 until its worker took it
     read: int = 0  # characters of this attempt's answer read
+    # When this gateway began to wait: pieces written before are a replay (of a job that
+    # a gateway before it sent), not the hop's delay.
+    since: float = field(default_factory=time.time)
 
 
 class JobQueue:
@@ -284,7 +287,9 @@ class JobQueue:
         if (watch := self._watches.get(stream)) is None:
             return  # over: cancelled, or ended earlier in this batch
         watch.last_id = entry_id
-        self.metrics.chunk_delay.observe(entry_age(entry_id, time.time()))
+        now = time.time()
+        if (age := entry_age(entry_id, now)) <= now - watch.since:
+            self.metrics.chunk_delay.observe(age)
         try:
             chunk = Chunk.parse(fields)
         except (KeyError, TypeError, ValueError):

@@ -764,6 +764,24 @@ async def test_the_hop_is_timed_each_way_on_the_side_that_reads(streams, make_ba
     assert b"job_wait" not in gateway_metrics.render()
 
 
+async def test_a_resumed_answers_earlier_pieces_are_not_timed_as_the_hop(streams, make_batcher):
+    """A gateway that takes over a dead one's request reads its answer from the start:
+    pieces written before it waited are a replay, not the hop's delay."""
+    spy = SpyBatcher(make_batcher(max_new_tokens=8))
+    async with worker(streams, spy, "w1"):
+        first = JobQueue(redis=streams, gateway="gw-dead", max_size=8, timeout=60)
+        await first.__aenter__()
+        await anext(aiter(first.submit(HELLO, user="u1", conversation="c1")))
+        await crash(first)
+        await wait_until(lambda: asyncio.sleep(0, bool(spy.answers)))
+        await asyncio.sleep(1)  # the whole answer is written, a second ago and more
+        metrics = Metrics()
+        async with gateway(streams, metrics=metrics) as second:
+            assert await read(second.submit(HELLO, user="u1", conversation="c1"))
+    chunks = sample(metrics, "chunk_delay_seconds")
+    assert chunks["sum"] < 0.5 * max(chunks["count"], 1)  # none read a second late
+
+
 @pytest.mark.parametrize(
     ("entry_id", "now", "age"),
     [("1000-0", 3.5, 2.5), ("1700000000123-7", 1700000000.5, 0.377), ("5000-0", 3.0, 0.0)],
