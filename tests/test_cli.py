@@ -357,10 +357,11 @@ def test_reset_clears_the_conversation(data_dir: Path) -> None:
 
 @pytest.mark.slow
 async def test_empty_line_gets_the_empty_reply_and_no_generation(data_dir: Path) -> None:
-    """An empty piped line is answered with the 'empty message' reply; nothing is generated."""
+    """A blank piped line asks nothing; one of only invisible characters is answered
+    with the 'empty message' reply. Nothing is generated."""
     conversation = console_id("blank")
-    result = chat(data_dir, "blank", "\n   \n", LOG_LEVEL="DEBUG")
-    assert result.stdout == f"{replies.empty_message()}\n" * 2
+    result = chat(data_dir, "blank", "\n   \n\u200b\n", LOG_LEVEL="DEBUG")
+    assert result.stdout == f"{replies.empty_message()}\n"
     assert prompt_sizes(result.stderr, conversation) == []
     assert await stored(data_dir, conversation) == []
 
