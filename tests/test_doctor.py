@@ -383,6 +383,14 @@ async def test_an_inference_server_is_asked_for_one_token_and_no_model_is_loaded
     assert request.body["max_tokens"] == 1
 
 
+async def test_an_inference_servers_password_is_not_printed(doctor, tmp_path: Path) -> None:
+    async with FakeOpenAI() as server:
+        url = server.url.replace("http://", "http://bob:hunter2@")
+        report = await doctor(INFERENCE_URL=url, MODEL=str(tmp_path / "no-such-model"))
+    assert report.lines("model")[0][0] == "ok" and "bob:***@" in report.text
+    assert "hunter2" not in report.text
+
+
 async def test_an_inference_tokenizer_that_cannot_be_loaded_fails(doctor, tmp_path: Path) -> None:
     missing = str(tmp_path / "no-tokenizer-here")
     async with FakeOpenAI() as server:

@@ -55,7 +55,7 @@ async def _check_server(settings: Settings) -> AsyncIterator[Finding]:
             yield fail(FOUND, str(error))
             yield skip(GENERATES, "no server to ask")
             return
-        yield ok(FOUND, f"INFERENCE_URL={backend.url} serves {backend.model}")
+        yield ok(FOUND, f"INFERENCE_URL={backend.where} serves {backend.model}")
         started = time.perf_counter()
         generation = backend.submit(PROMPT, user="doctor", conversation="doctor", max_new_tokens=1)
         try:
