@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord.gateway import DiscordWebSocket
@@ -133,6 +134,11 @@ class DiscordAdapter(Adapter):
             raise AdapterError(f"Discord refused DISCORD_BOT_TOKEN ({error})") from error
         except discord.PrivilegedIntentsRequired as error:
             raise AdapterError(INTENTS_HELP) from error
+        except (aiohttp.ClientError, TimeoutError, discord.DiscordServerError) as error:
+            raise AdapterError(
+                f"could not reach Discord at DISCORD_API_URL={self.settings.discord_api_url} "
+                f"({error.__class__.__name__}: {error})"
+            ) from error
         finally:
             await self.client.close()
 

@@ -24,6 +24,7 @@ from conftest import (
 )
 from discord.gateway import DiscordWebSocket
 from fake_discord import ApiError, FakeDiscord
+from processes import free_port
 
 from adapters import discord_adapter, discord_channel
 from adapters.attachments import MAX_FILE_BYTES
@@ -475,6 +476,19 @@ async def test_a_refused_message_content_intent_is_explained(make_service):
         with pytest.raises(AdapterError) as refused:
             await asyncio.wait_for(adapter.run(), timeout=30)
     assert str(refused.value) == INTENTS_HELP
+
+
+async def test_discord_out_of_reach_at_start_is_one_line(make_service):
+    """A network outage, a firewall or a typo in DISCORD_API_URL: said in one line (the
+    process exits 1 with it), where it was a traceback."""
+    closed = f"http://127.0.0.1:{free_port()}/api"
+    settings = Settings(_env_file=None, discord_bot_token="abc.def.ghi", discord_api_url=closed)
+    async with make_service() as (service, _batcher):
+        adapter = DiscordAdapter.from_settings(settings, service)
+        with pytest.raises(
+            AdapterError, match=f"could not reach Discord at DISCORD_API_URL={closed}"
+        ):
+            await asyncio.wait_for(adapter.run(), timeout=30)
 
 
 @pytest.mark.slow
