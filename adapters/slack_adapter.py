@@ -182,8 +182,11 @@ class SlackAdapter(Adapter):
         token = self.settings.slack_app_token
         handler = AsyncSocketModeHandler(self.app, token.get_secret_value() if token else None)
         try:
+            # Asked here, where a refusal raises: the SDK's own connect retries for ever.
+            handler.client.wss_uri = await handler.client.issue_new_wss_url()
             await handler.connect_async()
         except SlackApiError as error:
+            await handler.close_async()
             raise AdapterError(
                 f"Slack refused Socket Mode ({error.response.get('error')}): check "
                 "SLACK_APP_TOKEN (xapp-…, with connections:write) and SLACK_API_URL"

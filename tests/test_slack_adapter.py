@@ -322,6 +322,20 @@ async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answer
     ]  # fmt: skip
 
 
+async def test_a_refused_app_token_stops_the_adapter_in_one_line(slack, make_service):
+    """A revoked SLACK_APP_TOKEN (or the bot token pasted there): the adapter stops with
+    one line, where the SDK retried every ten seconds for ever, a traceback each time."""
+    settings = Settings(
+        _env_file=None, slack_bot_token=slack.bot_token, slack_app_token="xapp-revoked",
+        slack_api_url=slack.api_url,
+    )  # fmt: skip
+    async with make_service() as (service, _batcher):
+        adapter = SlackAdapter.from_settings(settings, service)
+        with pytest.raises(AdapterError) as refused:
+            await asyncio.wait_for(adapter.run(), timeout=30)
+    assert str(refused.value).startswith("Slack refused Socket Mode (invalid_auth)")
+
+
 async def test_thread_history_keeps_other_bots_apart_and_takes_any_name(slack, socket_mode):
     """Another bot's message (an alert) is not the bot's own answer, and a name with a
     backslash in it (`CORP\\jdoe`) is a name, not part of a pattern."""
