@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from bot.access import OPERATOR_PLATFORMS
-from bot.config import Settings, load_settings
+from bot.config import ConfigError, Settings, config_file, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,17 @@ class Team:
     def __init__(self, settings: Settings, *, load: Callable[[], Settings] = load_settings) -> None:
         self.settings = settings
         self._load = load
+        self._file = config_file()  # where the rules came from, if a file
 
     def is_admin(self, user: str, platform: str = "") -> bool:
         return user in self.settings.access.admins or platform in OPERATOR_PLATFORMS
 
     def reload(self) -> str:
         """Read the settings again. Raises ConfigError (the old ones stay) if they are
-        invalid; else says what changed."""
+        invalid, or their file is gone (moved aside, not emptied); else says what
+        changed."""
+        if self._file is not None and config_file() is None:
+            raise ConfigError(f"{self._file} is gone: the rules read from it stay in effect")
         new = self._load()
         changed = sorted(
             name for name in Settings.model_fields

@@ -193,3 +193,14 @@ def test_reload_swaps_the_rules_and_an_invalid_file_keeps_them(tmp_path: Path) -
     summary = team.reload()
     assert "QUEUE_MAX only after a restart" in summary
     assert team.settings.queue_max == 32  # what the process runs with
+
+
+def test_a_reload_after_the_file_went_keeps_its_rules(tmp_path: Path) -> None:
+    """threadbot.yml moved aside (a backup, a git stash) as a reload comes: its rules stay,
+    where the defaults (everyone let in, no admins) took over in silence."""
+    config = write(tmp_path / "threadbot.yml", "access:\n  admins: [U1]\n")
+    team = Team(load_settings())
+    config.rename(tmp_path / "threadbot.yml.bak")
+    with pytest.raises(ConfigError, match=r"threadbot\.yml is gone"):
+        team.reload()
+    assert team.is_admin("U1")
