@@ -542,7 +542,8 @@ class InferenceQueue:
         except Exception:  # a prompt that cannot be tokenized: `join` fails it, saying why
             fits = True
         with self._wakeup:
-            if not fits or self._order.peek() is not generation:  # someone came first
+            # Someone came first, or it was cancelled meanwhile (its place given up).
+            if not fits or not self._order or self._order.peek() is not generation:
                 return None
             self._order.pop()
             self.metrics.queue_waiting.set(self._order.waiting)

@@ -4,6 +4,7 @@ cancellation, and requests that join a running batch."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from conftest import BrokenLoopBatcher, GatedBatcher, SpyBatcher, answer_alone
@@ -357,3 +358,33 @@ async def test_a_waiting_request_is_not_passed_by_smaller_ones_behind_it(make_ba
     events, (first, second, short) = await journaled(batcher, LONG_QUESTION, LONG_QUESTION, HELLO)
     assert events.index(("join", second)) > events.index(("end", first))
     assert events.index(("join", short)) > events.index(("join", second))
+
+
+class SlowFits(SpyBatcher):
+    """Admission tokenizes the request (in `fits`), while the event loop runs on."""
+
+    def __init__(self, batcher) -> None:
+        super().__init__(batcher)
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def fits(self, *args, **options) -> bool:
+        self.entered.set()
+        self.go.wait(10)
+        return super().fits(*args, **options)
+
+
+async def test_a_request_cancelled_as_its_admission_is_checked_leaves_the_engine_running(
+    make_batcher,
+):
+    """The only request waiting is cancelled (Stop, a timeout) while the engine thread
+    tokenizes it: the line is empty when the thread looks again, and it goes on."""
+    slow = SlowFits(make_batcher())
+    async with InferenceQueue(batcher=slow, max_size=4, timeout=60) as queue:
+        first = queue.submit(HELLO, user="u1", conversation="c1")
+        assert await asyncio.to_thread(slow.entered.wait, 10)
+        first.cancel()
+        slow.go.set()
+        await asyncio.sleep(0.3)  # the thread looks at the line again (microseconds)
+        second = queue.submit(HELLO, user="u2", conversation="c2")
+        assert await collect(second)
+        assert not queue.died.is_set()
