@@ -37,6 +37,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+SAMPLED_FROM = 1e-5
+"""The least temperature sampled with (as in vLLM): below it, picks are greedy, as at 0;
+dividing logits by less overflows float32 (inf, then NaN for the whole batch)."""
+
 
 def end_token_ids(config: GenerationConfig) -> set[int]:
     """The tokens that end an answer."""
@@ -118,7 +122,7 @@ class Sampler:
         if temperature is None:
             return self._default
         config = copy.copy(self.config)
-        config.do_sample = temperature > 0
+        config.do_sample = temperature >= SAMPLED_FROM
         if config.do_sample:
             config.temperature = float(temperature)
         return _Strategy.of(config)

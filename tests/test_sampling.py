@@ -60,3 +60,15 @@ def test_sampled_tokens_follow_generate_s_distribution(settings):
     assert (expected > 0).sum() > 3  # a real choice, not a near-greedy one
     # 4,000 draws: a share's standard error is at most 0.008, so 0.04 is five of them.
     assert (found - expected).abs().max() < 0.04
+
+
+def test_a_temperature_too_small_to_divide_by_picks_greedily():
+    """A persona's temperature of 1e-40 would overflow the logits (inf, then NaN) and
+    fail every answer in the batch: below 1e-5 it is greedy, as in vLLM."""
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0)
+    torch.manual_seed(0)
+    logits = torch.randn(4, VOCABULARY) * 3
+    drawn = Sampler(config, device=torch.device("cpu"))(
+        logits.clone(), [HISTORY] * 4, [1] * 4, [1e-40] * 4
+    )
+    assert drawn == logits.argmax(-1).tolist()
