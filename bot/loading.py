@@ -267,7 +267,9 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
     cores); the dequantised copy in `cache_dir` loads from safetensors instead.
     """
     target = _conversion(source, cache_dir)
-    if not (target / "config.json").is_file():
+    if (target / "config.json").is_file():
+        return ModelSource(str(target))
+    try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # One conversion at a time: processes started together (a gateway and its workers,
         # test workers) wait for the first instead of each converting the same file.
@@ -275,6 +277,11 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (target / "config.json").is_file():
                 _convert(source, target)
+    except OSError as error:  # not the service user's to write, or a full disk
+        raise ModelError(
+            f"cannot keep the converted model in {cache_dir} ({error.strerror or error}): "
+            "make DATA_DIR writable by the user threadbot runs as, with room for it"
+        ) from error
     return ModelSource(str(target))
 
 

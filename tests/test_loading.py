@@ -143,6 +143,17 @@ def test_a_missing_gguf_file_is_named(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_data_dir_that_cannot_hold_the_conversion_is_one_line(tmp_path):
+    """DATA_DIR not the service user's to write (a bind mount, a folder root made), or
+    full: one line naming it, where it was a traceback. (Here a file stands where its
+    folder should be: the tests run as root, whom permissions do not stop.)"""
+    blocked = tmp_path / "data"
+    blocked.write_text("a file where a folder should be")
+    with pytest.raises(ModelError, match="make DATA_DIR writable") as failed:
+        loading._converted_gguf(loading.bundled_source(), blocked / "models")
+    assert str(blocked / "models") in str(failed.value)
+
+
 def test_the_converted_gguf_is_reused(bundled_engine, bundled_cache):
     """The one-time conversion leaves a plain model folder that later starts load directly."""
     [folder] = [path for path in bundled_cache.iterdir() if (path / "config.json").is_file()]
