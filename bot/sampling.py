@@ -139,6 +139,11 @@ class Sampler:
         yet), `temperatures` their own temperatures (None: the model's config; 0: greedy)."""
         logits = logits.float()
         logits[:, self.suppressed] = -float("inf")
+        # Before the processors, as in `generate`: top-p then chooses among the tokens that
+        # a row too short to end may take.
+        short = [row for row, count in enumerate(answered) if count < self.min_new_tokens]
+        if short and len(self.end_ids):
+            logits[torch.tensor(short)[:, None], self.end_ids] = -float("inf")
         by_temperature: dict[float | None, list[int]] = {}
         for row, temperature in enumerate(temperatures):
             by_temperature.setdefault(temperature, []).append(row)
@@ -152,9 +157,6 @@ class Sampler:
                 else:
                     index = torch.tensor(rows, device=logits.device)
                     logits[index] = strategy.processors(ids, logits[index])
-        short = [row for row, count in enumerate(answered) if count < self.min_new_tokens]
-        if short and len(self.end_ids):
-            logits[torch.tensor(short)[:, None], self.end_ids] = -float("inf")
         tokens = logits.argmax(-1).tolist()
         sampling = [row for strategy, rows in groups if strategy.do_sample for row in rows]
         if sampling:

@@ -72,3 +72,20 @@ def test_a_temperature_too_small_to_divide_by_picks_greedily():
         logits.clone(), [HISTORY] * 4, [1] * 4, [1e-40] * 4
     )
     assert drawn == logits.argmax(-1).tolist()
+
+
+def test_an_answer_too_short_to_end_samples_among_the_other_tokens():
+    """Under min_new_tokens the end token is out before top-p chooses, as in `generate`:
+    where the end token alone would make the top-p cut, the row still draws another,
+    where every candidate was left at -inf and the draw failed the batch."""
+    end = 3
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=0.5, min_new_tokens=2, eos_token_id=end
+    )
+    torch.manual_seed(0)
+    logits = torch.randn(4, VOCABULARY)
+    logits[:, end] = 50  # the end token holds nearly all the probability
+    drawn = Sampler(config, device=torch.device("cpu"))(
+        logits.clone(), [HISTORY] * 4, [0] * 4, [None] * 4
+    )
+    assert end not in drawn
