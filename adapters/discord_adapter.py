@@ -204,7 +204,7 @@ class DiscordAdapter(Adapter):
         )
         asker = None
         if "asker" in target:  # saved by a version with buttons
-            key = ConversationKey(*target["conversation"].split(":"))
+            key = ConversationKey.parse(target["conversation"])
             asker = Asker(target["asker"], key)
         return self._sink(channel, asker, posted)
 

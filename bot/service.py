@@ -779,7 +779,7 @@ class ChatService:
     async def answered_in(self, platform: str, message: str) -> ConversationKey | None:
         """The conversation whose answer the platform's `message` shows, if it was said."""
         found = await self.store.answered_in(f"{platform}:{message}")
-        return ConversationKey(*found.split(":")) if found else None
+        return ConversationKey.parse(found) if found else None
 
     async def answer_place(self, conversation: ConversationKey) -> dict[str, Any] | None:
         """Where the conversation's newest answer is shown, as `answer_shown` last said."""

@@ -43,6 +43,11 @@ class ConversationKey:
     def __str__(self) -> str:
         return f"{self.platform}:{self.workspace}:{self.channel}:{self.thread}"
 
+    @classmethod
+    def parse(cls, text: str) -> ConversationKey:
+        """The key that `str` gave as `text`."""
+        return cls(*text.split(":"))
+
 
 @dataclass(frozen=True, slots=True)
 class Turn:
