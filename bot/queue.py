@@ -25,7 +25,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, Protocol, Self
 
@@ -257,34 +257,36 @@ class QueuePlace(NamedTuple):
 class FairOrder:
     """Requests waiting, taken user by user, and those taken and still running.
 
-    Next is the waiting user with the fewest requests running, the one who waited longest
-    among equals; each user's own requests go in arrival order. The service runs one turn
-    at a time per conversation, so a user's waiting requests are for different
-    conversations, and taking them in order is round-robin between those too.
+    Next is the waiting user with the fewest requests running; among equals, the one whose
+    turn is due first (start-time fair queueing): a user is due one turn after their last
+    one, and one who comes new is due at once, so a user whose request is running cannot
+    go ahead of those who came while it ran. Each user's own requests go in arrival order.
+    The service runs one turn at a time per conversation, so a user's waiting requests are
+    for different conversations, and taking them in order is round-robin between those too.
     """
 
     def __init__(self) -> None:
-        self._by_user: OrderedDict[str, deque[Generation]] = OrderedDict()
+        self._line = _Line()
         self._running: dict[Generation, None] = {}  # a set that keeps the order they ran in
 
     def __bool__(self) -> bool:
         """Whether any request is waiting."""
-        return bool(self._by_user)
+        return bool(self._line.by_user)
 
     @property
     def waiting(self) -> int:
-        return sum(len(requests) for requests in self._by_user.values())
+        return sum(len(requests) for requests in self._line.by_user.values())
 
     def push(self, generation: Generation) -> None:
-        self._by_user.setdefault(generation.user, deque()).append(generation)
+        self._line.push(generation)
 
     def peek(self) -> Generation:
         """The request `pop` would take now."""
-        return self._by_user[_next_user(self._by_user, self._running_by_user())][0]
+        return self._line.by_user[self._line.next_user(self._running_by_user())][0]
 
     def pop(self) -> Generation:
         """The next request to run; it counts as running until `finished`."""
-        generation = _take_next(self._by_user, self._running_by_user())
+        generation = self._line.take(self._running_by_user())
         self._running[generation] = None
         return generation
 
@@ -294,21 +296,13 @@ class FairOrder:
     def remove(self, generation: Generation) -> bool:
         """Take a waiting request out of the line at once (a writer that can, when it is
         cancelled, rather than dropping it when its turn comes); whether it was waiting."""
-        waiting = self._by_user.get(generation.user)
-        if waiting is None or generation not in waiting:
-            return False
-        waiting.remove(generation)
-        if not waiting:
-            del self._by_user[generation.user]
-        return True
+        return self._line.remove(generation)
 
     def line(self) -> list[Generation]:
         """The waiting requests in the order `pop` takes them, if none finishes meanwhile;
         cancelled ones are left out (they are dropped when their turn comes)."""
-        by_user = OrderedDict((user, deque(waiting)) for user, waiting in self._by_user.items())
-        running = self._running_by_user()
-        waiting = sum(len(requests) for requests in by_user.values())
-        order = [_take_next(by_user, running) for _ in range(waiting)]
+        line, running = self._line.copy(), self._running_by_user()
+        order = [line.take(running) for _ in range(self.waiting)]
         return [generation for generation in order if not generation.cancelled]
 
     def place(self, generation: Generation) -> int | None:
@@ -339,20 +333,53 @@ class FairOrder:
         return Counter(generation.user for generation in self._running)
 
 
-def _take_next(by_user: OrderedDict[str, deque[Generation]], running: Counter[str]) -> Generation:
-    """Remove the next request from `by_user` and count it in `running`: one user's turn."""
-    user = _next_user(by_user, running)
-    waiting = by_user.pop(user)
-    generation = waiting.popleft()
-    if waiting:  # the user goes to the back of the line
-        by_user[user] = waiting
-    running[user] += 1
-    return generation
+@dataclass
+class _Line:
+    """The waiting requests by user, and the turn each user is due: `FairOrder`'s line,
+    apart so that `FairOrder.line` can play its takes out on a copy."""
 
+    by_user: OrderedDict[str, deque[Generation]] = field(default_factory=OrderedDict)
+    due: dict[str, int] = field(default_factory=dict)  # kept while ahead of the clock
+    clock: int = 0  # the turn the latest request taken was due
 
-def _next_user(by_user: OrderedDict[str, deque[Generation]], running: Counter[str]) -> str:
-    """The waiting user with the fewest requests running, the first among equals."""
-    return min(by_user, key=lambda user: running[user])
+    def push(self, generation: Generation) -> None:
+        user = generation.user
+        if user not in self.by_user:
+            self.due[user] = max(self.clock, self.due.get(user, 0))
+        self.by_user.setdefault(user, deque()).append(generation)
+
+    def next_user(self, running: Counter[str]) -> str:
+        """The waiting user with the fewest requests running, the first due among equals,
+        the first to come among those."""
+        return min(self.by_user, key=lambda user: (running[user], self.due[user]))
+
+    def take(self, running: Counter[str]) -> Generation:
+        """Remove the next request, and count it in `running`: one user's turn."""
+        user = self.next_user(running)
+        waiting = self.by_user.pop(user)
+        generation = waiting.popleft()
+        if waiting:  # the user goes to the back of the line
+            self.by_user[user] = waiting
+        self.clock = max(self.clock, self.due[user])
+        self.due[user] += 1
+        # A user not waiting and not ahead of the clock would be due at once anyway.
+        self.due = {u: due for u, due in self.due.items() if u in self.by_user or due > self.clock}
+        running[user] += 1
+        return generation
+
+    def remove(self, generation: Generation) -> bool:
+        """Take a waiting request out; whether it was waiting."""
+        waiting = self.by_user.get(generation.user)
+        if waiting is None or generation not in waiting:
+            return False
+        waiting.remove(generation)
+        if not waiting:
+            del self.by_user[generation.user]
+        return True
+
+    def copy(self) -> _Line:
+        by_user = OrderedDict((user, deque(waiting)) for user, waiting in self.by_user.items())
+        return _Line(by_user, dict(self.due), self.clock)
 
 
 def check_options(max_new_tokens: int | None, temperature: float | None) -> None:

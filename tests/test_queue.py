@@ -12,6 +12,7 @@ from conftest import BrokenLoopBatcher, GatedBatcher, SpyBatcher, answer_alone
 from bot.queue import (
     AnswerRestarted,
     EngineStopped,
+    FairOrder,
     Generation,
     InferenceCancelled,
     InferenceQueue,
@@ -111,6 +112,45 @@ async def test_users_take_turns_however_much_one_of_them_sends(make_batcher):
         gated.gate.set()
         await asyncio.gather(*(ask(g) for g in flood + others))
     assert finished == ["flooder", "u0", "u1", "u2", "flooder", "flooder", "flooder", "flooder"]
+
+
+@pytest.mark.parametrize("first_runs_before_the_rest_come", [False, True])
+async def test_a_user_whose_turn_ran_goes_behind_those_who_came_meanwhile(
+    first_runs_before_the_rest_come,
+):
+    """The fair order does not hang on when the engine thread took the flooder's first
+    request: before or after the others came, the flooder's next turn is after theirs."""
+    order = FairOrder()
+
+    def push(user: str, conversation: str) -> Generation:
+        generation = Generation.submitted(
+            HELLO,
+            user=user,
+            conversation=conversation,
+            max_new_tokens=None,
+            temperature=None,
+            timeout=60,
+        )
+        order.push(generation)
+        return generation
+
+    first = push("flooder", "f0")
+    if first_runs_before_the_rest_come:
+        assert order.pop() is first
+    for i in range(1, 5):
+        push("flooder", f"f{i}")
+    for i in range(3):
+        push(f"u{i}", f"c{i}")
+    if not first_runs_before_the_rest_come:
+        assert order.pop() is first
+    order.finished(first)
+    expected = ["c0", "c1", "c2", "f1", "f2", "f3", "f4"]
+    assert [g.conversation for g in order.line()] == expected
+    taken = []
+    while order:
+        taken.append(order.pop())
+        order.finished(taken[-1])
+    assert [g.conversation for g in taken] == expected
 
 
 async def test_a_full_queue_refuses_at_once_and_recovers(make_batcher):
