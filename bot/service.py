@@ -736,11 +736,13 @@ class ChatService:
         answer replaces the last one in the history, and the question is not stored twice.
         A turn like any other (durable; its id `platform:request_id`, so it can be
         stopped), asked by `by`, and held to `by`'s limits as a message is; whether `by`
-        may is the caller's to decide. None once taken; else, with nothing done, what to
-        tell the presser: `by` is over a limit, or (`replies.not_regenerable`) the
-        conversation does not end with that answer (it was regenerated already, or a
-        newer one came), its regeneration was asked already (a double click), or it is
-        still being answered after REGENERATE_WAIT_S.
+        may is the caller's to decide. None once the new answer is under way (it holds
+        the conversation's lock, and the old answer is taken back), or has ended before
+        that (a stop, an outage: the sink says so); else, with nothing done, what to tell
+        the presser: `by` is over a limit, or (`replies.not_regenerable`) the conversation
+        does not end with that answer (it was regenerated already, or a newer one came,
+        even while this waited for the lock), its regeneration was asked already (a
+        double click), or it is still being answered after REGENERATE_WAIT_S.
 
         It waits for the lock rather than the turn letting go before its buttons show:
         the lock is what keeps turns in every process from interleaving the history, and
@@ -762,7 +764,16 @@ class ChatService:
         if (accepted := await self.journal.accept(turn, sink.reply_target())) is None:
             return replies.not_regenerable()
         logger.info("regenerating the last answer of %s for %s", conversation, by)
-        self._start(accepted, sink, before=partial(self._take_back_answer, accepted, place))
+        taken_back = asyncio.get_running_loop().create_future()
+
+        async def take_back() -> bool:
+            taken_back.set_result(await self._take_back_answer(accepted, place))
+            return taken_back.result()
+
+        task = self._start(accepted, sink, before=take_back)
+        await asyncio.wait((taken_back, task), return_when=asyncio.FIRST_COMPLETED)
+        if taken_back.done() and not taken_back.result():
+            return replies.not_regenerable()  # a newer turn took the lock first
         return None
 
     async def answer_shown(

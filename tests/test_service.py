@@ -483,6 +483,35 @@ async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
     ]
 
 
+async def test_a_regeneration_a_newer_turn_overtakes_is_refused_to_the_presser(
+    make_service, store, conversation, monkeypatch
+):
+    """A message whose turn takes the conversation between the press and the regeneration
+    taking it: the answer pressed is no longer the last, so the presser hears that it
+    cannot be regenerated, where the press used to end in silence."""
+    async with make_service() as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Q1"), answered)
+        newer = ShowingSink(service, conversation)
+        accept = service.journal.accept
+
+        async def accepted_as_a_message_comes(*args: Any) -> Any:
+            pending = await accept(*args)
+            monkeypatch.undo()  # the message's own turn is accepted as usual
+            await service.handle(turn(conversation, "Q2"), newer)
+            return pending
+
+        monkeypatch.setattr(service.journal, "accept", accepted_as_a_message_comes)
+        press = ShowingSink(service, conversation)
+        refusal = await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex, sink=press
+        )
+    assert refusal == replies.not_regenerable()
+    assert press.events == [] and len(batcher.prompts) == 2
+    [old], [new] = answered.kinds("finish"), newer.kinds("finish")
+    assert [m["content"] for m in await store.load(str(conversation))] == ["Q1", old, "Q2", new]
+
+
 async def test_a_regeneration_is_held_to_the_users_rate_limit_as_a_message_is(
     make_service, store, conversation
 ):
