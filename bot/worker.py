@@ -350,12 +350,11 @@ class Worker:
             logger.error("dropping malformed job %s in %s", entry_id, stream)
             await self._acknowledge(stream, entry_id)
             return
-        if (
-            attempt > self.max_deliveries
-            and await self._failed_tries(job, attempt) >= self.max_deliveries
-        ):
-            await self._dead_letter(stream, entry_id, job, attempt)
-            return
+        if attempt > self.max_deliveries:
+            tries = await self._failed_tries(job, attempt)
+            if tries >= self.max_deliveries:
+                await self._dead_letter(stream, entry_id, job, attempt, tries)
+                return
         over = keys.job_cancel(job.id), keys.job_answered(job.id)
         if job.deadline < time.time() or await self.redis.exists(*over):
             await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
@@ -370,9 +369,11 @@ class Worker:
         rolling restart)."""
         return attempt - 1 - int(await self.redis.get(keys.job_passed_on(job.id)) or 0)
 
-    async def _dead_letter(self, stream: str, entry_id: str, job: Job, attempt: int) -> None:
-        """Given up: kept for an operator, and the gateway hears it (the user apologised to)."""
-        tries = await self._failed_tries(job, attempt)
+    async def _dead_letter(
+        self, stream: str, entry_id: str, job: Job, attempt: int, tries: int
+    ) -> None:
+        """Given up after `tries` failed tries: kept for an operator, and the gateway hears
+        it (the user apologised to)."""
         logger.error("job %s failed %d times: to %s", job.id, tries, keys.DEAD_JOBS)
         fields = {**job.fields(), "conversation": job.conversation, "tries": str(tries)}
         await self._dead_letter_once(

@@ -492,7 +492,7 @@ async def test_a_job_given_up_is_dead_lettered_once_though_the_reply_was_lost(
         [watch] = queue._watches.values()
         with pytest.raises(JobFailed, match="1 tries"):
             await read(generation)
-        await working._dead_letter(keys.worker_jobs("w1"), "0-1", watch.job, attempt=2)
+        await working._dead_letter(keys.worker_jobs("w1"), "0-1", watch.job, attempt=2, tries=1)
     assert proxy.lost == lose
     [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
     assert dead["tries"] == "1" and '"c1"' in dead["job"]
@@ -504,9 +504,9 @@ async def test_a_dead_letter_that_failed_is_written_when_given_up_again(streams,
     async with worker(streams, make_batcher(), "w1") as working:
         await streams.set(keys.DEAD_JOBS, "not a stream")
         with pytest.raises(ResponseError, match="WRONGTYPE"):
-            await working._dead_letter(keys.worker_jobs("w1"), "0-1", job, attempt=4)
+            await working._dead_letter(keys.worker_jobs("w1"), "0-1", job, attempt=4, tries=3)
         await streams.delete(keys.DEAD_JOBS)
-        await working._dead_letter(keys.worker_jobs("w1"), "0-1", job, attempt=4)
+        await working._dead_letter(keys.worker_jobs("w1"), "0-1", job, attempt=4, tries=3)
     [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
     assert dead["tries"] == "3" and '"given-up"' in dead["job"]
 
