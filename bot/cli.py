@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threadbot",
         description="A self-hosted Slack and Discord chatbot that answers in threads "
-        "with a local Hugging Face model. Settings come from the environment and .env.",
+        "with a local Hugging Face model. Settings come from the environment, .env and the "
+        "team's YAML file (THREADBOT_CONFIG, else threadbot.yml).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chat = commands.add_parser(

@@ -133,8 +133,10 @@ class Metrics:
         self.registry.register(self.chunk_delay)
 
     def expect_jobs(self) -> None:
-        """Serve the jobs' wait: a worker's only, as only a worker takes jobs."""
+        """Serve the jobs' wait: a worker's only, as only a worker takes jobs; and not the
+        pending turns, which a worker does not journal (a 0 there would read as none)."""
         self.registry.register(self.job_wait)
+        self.registry.unregister(self.pending_turns)
 
     def count_turn(self, platform: str, outcome: Outcome) -> None:
         self.turns.labels(platform, outcome).inc()

@@ -762,6 +762,8 @@ async def test_the_hop_is_timed_each_way_on_the_side_that_reads(streams, make_ba
     assert chunks["sum"] < chunks["count"] * 0.5  # on one machine: milliseconds each
     assert b"chunk_delay" not in worker_metrics.render()
     assert b"job_wait" not in gateway_metrics.render()
+    assert b"pending_turns" in gateway_metrics.render()  # turns are journaled by gateways
+    assert b"pending_turns" not in worker_metrics.render()
 
 
 async def test_a_resumed_answers_earlier_pieces_are_not_timed_as_the_hop(streams, make_batcher):
