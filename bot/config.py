@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Hashable, Mapping, MutableMapping
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal, TypeGuard, cast, get_origin
@@ -372,7 +372,8 @@ class _SettingsInYaml(YamlConfigSettingsSource):
     not a mapping of settings."""
 
     def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
-        data = super()._read_file(file_path)
+        with file_path.open(encoding=self.yaml_file_encoding or "utf-8") as file:
+            data = yaml.load(file, Loader=_KeysOnceLoader) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{file_path}: not a mapping of settings (`name: value` lines)")
         if words := [key for key in data if not isinstance(key, str)]:
@@ -381,6 +382,25 @@ class _SettingsInYaml(YamlConfigSettingsSource):
                 f"off, yes or no as true or false, and digits as a number: quote it)"
             )
         return _without_nulls(data)
+
+
+class _KeysOnceLoader(yaml.SafeLoader):
+    """YAML's rule that PyYAML does not enforce: a key is set once in its mapping. Else a
+    second `access:` section would silently replace the first, its rules gone."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *rules`: the keys set beside it may override the merged ones
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # refused below, as any YAML reader does
+            if key in first:
+                problem = f"{key} is set twice (first on line {first[key]})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:

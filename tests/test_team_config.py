@@ -112,6 +112,39 @@ def test_broken_yaml_and_a_missing_file_are_one_line_each(
         load_settings()
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "access:\n  admins: [U1]\nmax_new_tokens: 9\naccess:\n  deny: silent\n",
+            "line 4: not valid YAML: access is set twice (first on line 1)",
+        ),
+        (
+            "access:\n  slack:\n    dms: false\n  slack:\n    channels:\n      allow: [C1]\n",
+            "line 4: not valid YAML: slack is set twice (first on line 2)",
+        ),
+    ],
+)
+def test_a_key_set_twice_is_refused_with_its_line(tmp_path: Path, text: str, problem: str) -> None:
+    """A second `access:` (or `slack:` in it) would silently drop the first one's rules:
+    the admins gone, DMs open again. YAML forbids it; PyYAML keeps the last."""
+    write(tmp_path / "threadbot.yml", text)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value) == f"threadbot.yml {problem}"
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    write(
+        tmp_path / "threadbot.yml",
+        "access:\n  slack: &rules\n    dms: false\n    users:\n      deny: [U9]\n"
+        "  discord:\n    <<: *rules\n    dms: true\n",
+    )
+    access = load_settings().access
+    assert (access.slack.dms, access.discord.dms) == (False, True)
+    assert access.discord.users.deny == ("U9",)
+
+
 def test_a_nested_setting_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """`ACCESS__ADMINS=U0123ABCD` (a word where JSON is taken) names the setting."""
     monkeypatch.setenv("ACCESS__ADMINS", "U0123ABCD")
