@@ -76,8 +76,9 @@ class TurnJournal:
         # Our claims that failed midway (an outage), perhaps made, never answered: by turn,
         # the token they were made with, which the next try uses too.
         self._claims_in_doubt: dict[str, str] = {}
-        # Turns whose acceptance failed midway, refused to their users: perhaps recorded.
-        self._refused: set[str] = set()
+        # Turns told they could not be taken, each with its refused try's acceptance: the
+        # record that try may have written all the same (not one a later delivery wrote).
+        self._refused: dict[str, str] = {}
 
     # --- this process's lease ---------------------------------------------------------
 
@@ -116,10 +117,13 @@ class TurnJournal:
             return True
 
         try:
-            return pending if await self._transaction([seen], write) else None
+            accepted = await self._transaction([seen], write)
         except Exception:
-            self._refused.add(pending.id)
+            self._refused[pending.id] = acceptance
             raise
+        if accepted:  # a delivery again, after one refused: this one is answered
+            self._refused.pop(pending.id, None)
+        return pending if accepted else None
 
     async def begin(self, pending: PendingTurn) -> PendingTurn | None:
         """Put the user's message into the history (once, however often this is retried);
@@ -220,8 +224,8 @@ class TurnJournal:
         for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
             if stop() or (limit is not None and len(claimed) >= limit):
                 break
-            if turn_id in self._refused:
-                await self._drop_refused(turn_id)
+            if (acceptance := self._refused.pop(turn_id, None)) is not None:
+                await self._drop_refused(turn_id, acceptance)
                 continue
             if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
                 claimed.append(pending)
@@ -229,17 +233,25 @@ class TurnJournal:
             del self._claims_in_doubt[pending.id]
         return claimed
 
-    async def _drop_refused(self, turn_id: str) -> None:
-        """A turn whose user was told it could not be taken goes unanswered, as told."""
+    async def _drop_refused(self, turn_id: str, acceptance: str) -> None:
+        """A turn whose user was told it could not be taken goes unanswered, as told,
+        should its refused try have written its record all the same."""
 
-        async def write(pipe: Pipeline) -> None:
-            if await pipe.hget(keys.turn(turn_id), "owner") == self.owner:
-                pipe.multi()
-                self._queue_removal(pipe, turn_id)
+        async def write(pipe: Pipeline) -> bool:
+            record = await pipe.hmget(keys.turn(turn_id), ["owner", "acceptance"])
+            if record != [self.owner, acceptance]:
+                return False
+            pipe.multi()
+            self._queue_removal(pipe, turn_id)
+            return True
 
-        await self._transaction([keys.turn(turn_id)], write)
-        self._refused.discard(turn_id)
-        logger.info("dropped turn %s, refused to its user in an outage", turn_id)
+        try:
+            dropped = await self._transaction([keys.turn(turn_id)], write)
+        except Exception:
+            self._refused[turn_id] = acceptance  # the next pass tries again
+            raise
+        if dropped:
+            logger.info("dropped turn %s, refused to its user in an outage", turn_id)
 
     async def count(self) -> int:
         return await self._redis.zcard(keys.PENDING_TURNS)

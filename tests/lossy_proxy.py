@@ -46,6 +46,12 @@ class LossyProxy:
         auth = f"{self._auth}@" if self._auth else ""
         return f"redis://{auth}127.0.0.1:{port}{self._path}"
 
+    def cut(self) -> None:
+        """Redis is gone: the open connections close, and every new one until `back`."""
+        self.down = True
+        for end in [end for ends in self._open.values() for end in ends]:
+            end.close()
+
     def back(self) -> None:
         """Redis is there again."""
         self.down = False
@@ -104,9 +110,7 @@ class LossyProxy:
                 self._armed.remove(cutting[0])
                 self.lost.append(cutting[0])
                 if self._down_after_loss:  # and every other connection with it
-                    self.down = True
-                    for other in [end for ends in self._open.values() for end in ends]:
-                        other.close()
+                    self.cut()
                 raise ConnectionResetError("a reply lost on its way")
             cutting.clear()
             writer.write(data)

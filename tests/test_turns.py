@@ -498,3 +498,22 @@ async def test_a_turn_refused_in_an_outage_but_recorded_is_dropped_not_answered(
         assert await me.claim([platform], orphaned={turn_id}) == []
     assert not await redis_client.exists(keys.turn(turn_id))
     assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is None
+
+
+async def test_a_message_refused_in_an_outage_and_delivered_again_is_answered(
+    redis_url, tmp_path, platform
+):
+    """Nothing of its first try landed; the platform sent it again once storage was back,
+    and that delivery was taken. The claim pass leaves it to be answered, where it took
+    the record for the refused try's and dropped it, cutting the answer off for good."""
+    async with lossy_journal(redis_url, tmp_path, f"{platform}-me", []) as (me, proxy):
+        proxy.cut()
+        turn = new_turn(platform)
+        with pytest.raises(RedisConnectionError):
+            await me.accept(turn, {})
+        proxy.back()
+        pending = await me.accept(turn, {})  # Slack's retry, or Discord's second dispatch
+        assert pending is not None
+        assert await me.claim([platform]) == []
+        assert await me.begin(pending) is not None
+        assert await me.finish(pending, "the answer")
