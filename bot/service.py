@@ -106,6 +106,7 @@ class ChatService:
         # Our turns whose task gave them up when storage was lost, with their sinks (which
         # know every message posted, saved or not), to be taken up again once it is back.
         self._orphaned: dict[str, ReplySink] = {}
+        self._release_owed: set[str] = set()  # orphaned turns whose last try is not to count
         # Regenerated turns' old answers, by turn id: put back if the new one fails.
         self._taken_back: dict[str, str] = {}
         self._resuming = asyncio.Lock()  # one claim pass at a time
@@ -202,9 +203,10 @@ class ChatService:
             if self._closing:
                 return
             claimed = await self.journal.claim(
-                self._scopes, orphaned=self._orphaned, stop=lambda: self._closing,
-                limit=self._room(),
+                self._scopes, orphaned=self._orphaned, uncounted=self._release_owed,
+                stop=lambda: self._closing, limit=self._room(),
             )  # fmt: skip
+            self._release_owed.difference_update(pending.id for pending in claimed)
             for pending in claimed:
                 if self._closing:  # a stop began meanwhile: the next start takes it
                     await self.journal.release(pending)
@@ -594,14 +596,19 @@ class ChatService:
         release: bool,
         text: str | None = None,
     ) -> None:
-        """Keep the turn pending, tell the thread it will be answered, and (on a clean
-        stop) do not count this try against the turn's attempts."""
+        """Keep the turn pending, tell the thread it will be answered, and (`release`:
+        a clean stop, an outage) do not count this try against the turn's attempts."""
         try:
             await sink.pause(text or replies.restarting())
-            if release:
-                await self.journal.release(pending)
-        except Exception:  # the platform or storage is gone too; the record still stands
-            logger.warning("could not mark turn %s as paused", pending.id, exc_info=True)
+        except Exception:  # the platform is gone too; the record still stands
+            logger.warning("could not tell turn %s's thread it waits", pending.id, exc_info=True)
+        if not release:
+            return
+        try:
+            await self.journal.release(pending)
+        except Exception:  # storage is gone (an outage): our claim of it will not count
+            logger.warning("could not release turn %s", pending.id, exc_info=True)
+            self._release_owed.add(pending.id)
 
     async def _command(self, turn: Turn, sink: ReplySink) -> None:
         """Carry out a command and answer it, or say why it could not be; the adapter chose

@@ -209,13 +209,15 @@ class TurnJournal:
         scopes: Collection[str],
         *,
         orphaned: Collection[str] = (),
+        uncounted: Collection[str] = (),
         stop: Callable[[], bool] = lambda: False,
         limit: int | None = None,
     ) -> list[PendingTurn]:
         """Take over, in arrival order, the pending turns in `scopes` (turn id prefixes,
         such as `slack`) whose owner's lease is gone, and of our own only those listed as
-        `orphaned` (their task gave them up); each claim counts as an attempt. Stops
-        claiming as soon as `stop()` says so, or `limit` are claimed."""
+        `orphaned` (their task gave them up); each claim counts as an attempt, but for
+        those `uncounted` (left in an outage, whose `release` failed). Stops claiming as
+        soon as `stop()` says so, or `limit` are claimed."""
         claimed: list[PendingTurn] = []
         expired = time.time() - self._store.ttl_seconds  # their records are gone
         await self._redis.zremrangebyscore(keys.PENDING_TURNS, "-inf", expired)
@@ -227,7 +229,9 @@ class TurnJournal:
             if (acceptance := self._refused.pop(turn_id, None)) is not None:
                 await self._drop_refused(turn_id, acceptance)
                 continue
-            if in_scope(turn_id, scopes) and (pending := await self._claim(turn_id, orphaned)):
+            if in_scope(turn_id, scopes) and (
+                pending := await self._claim(turn_id, orphaned, count=turn_id not in uncounted)
+            ):
                 claimed.append(pending)
         for pending in claimed:
             del self._claims_in_doubt[pending.id]
@@ -256,7 +260,9 @@ class TurnJournal:
     async def count(self) -> int:
         return await self._redis.zcard(keys.PENDING_TURNS)
 
-    async def _claim(self, turn_id: str, orphaned: Collection[str]) -> PendingTurn | None:
+    async def _claim(
+        self, turn_id: str, orphaned: Collection[str], *, count: bool
+    ) -> PendingTurn | None:
         key = keys.turn(turn_id)
         in_doubt = turn_id in self._claims_in_doubt
         # Tells our own earlier try from another claim; in doubt until the caller has it.
@@ -279,7 +285,7 @@ class TurnJournal:
             if pending is None:  # gone, or unreadable: drop it rather than retry forever
                 self._queue_removal(pipe, turn_id)
                 return None
-            attempts = pending.attempts + 1
+            attempts = pending.attempts + count
             pipe.hset(key, mapping={"owner": self.owner, "claim": claim, "attempts": attempts})
             return replace(pending, attempts=attempts)
 

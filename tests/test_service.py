@@ -624,6 +624,36 @@ async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resum
     assert all(sink.kinds("fail") == [] and sink.kinds("finish") for sink in rebuild.sinks)
 
 
+async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
+    make_service, journal, redis_client, platform, monkeypatch
+):
+    """Redis goes away as the turn is begun, and with it the release of this try: once it
+    is back, the turn is taken up again as the same try (an outage is no crash), where
+    it counted one, and with TURN_MAX_ATTEMPTS=1 the user heard it was given up."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    down = True
+
+    def outage(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def during_the_outage(*args: Any, **kwargs: Any) -> Any:
+            if down:
+                raise RedisConnectionError("Connection refused")
+            return await call(*args, **kwargs)
+
+        return during_the_outage
+
+    for name in ("begin", "release"):
+        monkeypatch.setattr(journal, name, outage(getattr(journal, name)))
+    message, sink = on(platform), RecordingSink()
+    async with make_service(max_attempts=1) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        assert sink.kinds("pause") == [replies.storage_lost()]
+        down = False
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
+
+
 async def stored_then_crashed(redis: Redis, store: ConversationStore, platform: str) -> PendingTurn:
     """A turn another process stored in the history and died with, its lease still on."""
     crashed = process(redis, store, platform, "crashed")

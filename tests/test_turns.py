@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from lossy_proxy import LossyProxy, lossy_redis
@@ -439,11 +440,11 @@ async def test_turns_claimed_before_a_pass_failed_are_taken_by_the_next_pass(
     await me.renew_lease()
     claim_one, calls = me._claim, []
 
-    async def second_fails(turn_id: str, orphaned: object) -> PendingTurn | None:
+    async def second_fails(turn_id: str, orphaned: object, **options: Any) -> PendingTurn | None:
         calls.append(turn_id)
         if len(calls) == 2:
             raise RedisConnectionError("connection lost")
-        return await claim_one(turn_id, orphaned)
+        return await claim_one(turn_id, orphaned, **options)
 
     monkeypatch.setattr(me, "_claim", second_fails)
     with pytest.raises(RedisConnectionError):
