@@ -66,6 +66,25 @@ class AnswerStopped(Exception):
     """Ends a generation early: the asker stopped it, and what was written is the answer."""
 
 
+class _NotShown(Exception):
+    """The platform did not take a turn's first message or its answer (a 5xx, a lost
+    connection, a thread gone): the turn is tried again later, as after a crash."""
+
+    def __init__(self, answer: str | None = None) -> None:
+        super().__init__()
+        self.answer = answer  # written and saved in the turn's record: shown, not written
+
+
+async def _shown(showing: Awaitable[None], answer: str | None = None) -> None:
+    """Await a sink's call, a failure of it (but storage's) raised as `_NotShown`."""
+    try:
+        await showing
+    except Exception as error:
+        if is_outage(error):
+            raise
+        raise _NotShown(answer) from error
+
+
 class ChatService:
     """Answers turns from any adapter, remembering each conversation in the store."""
 
@@ -381,6 +400,8 @@ class ChatService:
             async with self.locks.hold(pending.conversation):
                 try:
                     await self._take_turn(pending, sink, before)
+                except _NotShown as failure:
+                    await self._not_shown(pending, sink, failure)
                 except Exception as error:
                     if is_outage(error) or isinstance(error, InferenceCancelled | EngineStopped):
                         raise
@@ -419,6 +440,20 @@ class ChatService:
         else:
             await self._answer(pending, sink)
 
+    async def _not_shown(self, pending: PendingTurn, sink: ReplySink, failure: _NotShown) -> None:
+        """The platform did not show the turn: a resume pass tries again, as after a crash
+        (one of TURN_MAX_ATTEMPTS; an answer written is shown, not written again). Past
+        them the turn ends, and an answer written is stored all the same."""
+        logger.warning("the platform did not show turn %s (attempt %d of %d)", pending.id,
+                       pending.attempts, self.max_attempts, exc_info=failure.__cause__)  # fmt: skip
+        if pending.attempts < self.max_attempts:
+            self._orphaned[pending.id] = sink
+        elif failure.answer is None:
+            await self._fail(pending, sink, replies.failed())
+        else:
+            await self.journal.finish(pending, failure.answer)
+            self.metrics.count_turn(pending.turn.conversation.platform, "failed")
+
     async def _failed(self, pending: PendingTurn, sink: ReplySink, error: Exception) -> None:
         """A turn went wrong: fail it, or where storage fails us too, keep its record, to
         be taken up again."""
@@ -456,7 +491,7 @@ class ChatService:
             await self.store.drop_oldest(pending.conversation, cut)
         if dropped:  # once per trim, since the next turns have these messages no more
             await sink.notice(replies.history_dropped(dropped))
-        await sink.start()
+        await _shown(sink.start())
         try:
             generation = self.queue.submit(
                 messages,
@@ -554,7 +589,7 @@ class ChatService:
         """Show the answer, then store it and close the turn; `generated` says how this
         process wrote it (None: it was saved before a restart)."""
         self._taken_back.pop(pending.id, None)
-        await sink.finish(answer)
+        await _shown(sink.finish(answer), answer)
         try:
             if not await self.journal.finish(pending, answer):
                 _not_ours(pending)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -876,6 +877,64 @@ async def test_a_failure_that_cannot_be_told_still_ends_the_turn(
     async with make_service(FailsOnceBatcher(make_batcher())) as (service, _batcher):
         await service.handle(message, RefusingSink())
         assert await gone(redis_client, f"{platform}:{message.message_id}")  # not retried
+
+
+class FlakyPlatform(RecordingSink):
+    """The platform fails a sink's first `failures` calls of one kind (a 503, a lost
+    connection), or every one of them (a thread deleted)."""
+
+    def __init__(self, kind: str, failures: float) -> None:
+        super().__init__()
+        self.kind, self.failures = kind, failures
+
+    async def start(self) -> None:
+        await super().start()
+        self._maybe_fail("start")
+
+    async def finish(self, text: str) -> None:
+        await super().finish(text)
+        self._maybe_fail("finish")
+
+    def _maybe_fail(self, kind: str) -> None:
+        if kind == self.kind and self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("internal_error (HTTP 503)")
+
+
+@pytest.mark.parametrize("kind", ["start", "finish"])
+async def test_a_passing_platform_failure_is_tried_again_and_the_answer_written_once(
+    make_service, redis_client, store, platform, kind
+):
+    """The placeholder, or the answer, did not reach the thread once: the turn is tried
+    again (an answer written is shown, not written again), where it ended there, the user
+    unanswered and the answer thrown away."""
+    message, sink = on(platform), FlakyPlatform(kind, failures=1)
+    async with make_service() as (service, batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    assert len(batcher.prompts) == 1 and not sink.kinds("fail")
+    answers = sink.kinds("finish")
+    assert len(answers) == (2 if kind == "finish" else 1) and len(set(answers)) == 1
+    assert await store.load(message.conversation) == [
+        {"role": "user", "content": message.text},
+        {"role": "assistant", "content": answers[0]},
+    ]
+
+
+async def test_an_answer_the_platform_never_shows_is_stored_after_the_last_try(
+    make_service, redis_client, store, platform
+):
+    message, sink = on(platform), FlakyPlatform("finish", failures=math.inf)
+    async with make_service(max_attempts=2) as (service, batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    assert len(batcher.prompts) == 1 and len(sink.kinds("finish")) == 2
+    assert await store.load(message.conversation) == [
+        {"role": "user", "content": message.text},
+        {"role": "assistant", "content": sink.kinds("finish")[0]},
+    ]
 
 
 async def test_a_turn_whose_thread_cannot_be_rebuilt_does_not_block_the_others(
