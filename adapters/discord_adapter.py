@@ -39,7 +39,7 @@ from adapters.discord_channel import (
 from adapters.discord_commands import SlashCommands
 from bot.config import Settings
 from bot.service import ChatService
-from bot.types import ChatMessage, ConversationKey, Turn
+from bot.types import THREAD_ONLY, ChatMessage, ConversationKey, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -286,8 +286,11 @@ class DiscordAdapter(Adapter):
                 return None
         if not mentioned:
             return None
+        text = self._readable(message, me)
+        if command(text) in THREAD_ONLY:  # it names no conversation: no thread is opened for it
+            return key_from(root=str(message.id)), here(reply_to=str(message.id)), False
         # The answer opens a thread from this message, which takes the message's id.
-        name = textwrap.shorten(self._readable(message, me), THREAD_NAME_LENGTH, placeholder="…")
+        name = textwrap.shorten(text, THREAD_NAME_LENGTH, placeholder="…")
         target = here(thread_from=str(message.id), thread_name=name)
         return key_from(root=str(message.id)), target, False
 

@@ -133,7 +133,10 @@ def admins_only(command: str) -> str:
 
 
 def use_in_thread(command: str) -> str:
-    return f"Type `{command}` in the thread you want to {command}, not here."
+    return (
+        f"There is no conversation with me here to {command}: each thread is its own, so "
+        f"type `{command}` in the thread you mean."
+    )
 
 
 def help_text(*, admin: bool) -> str:

@@ -709,6 +709,8 @@ class ChatService:
         (everything stored is deleted), by the conversation's starter or an admin: after
         the running answer, never in its middle."""
         conversation = str(turn.conversation)
+        if not await self.store.exists(conversation):  # e.g. typed at a channel's top level
+            return replies.use_in_thread(str(turn.command))
         starter = await self.store.starter(conversation)
         if not admin and starter not in (None, turn.author):
             return replies.not_starter(str(turn.command))

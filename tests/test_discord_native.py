@@ -255,6 +255,27 @@ async def test_reset_or_forget_in_a_channel_points_to_the_thread_and_clears_noth
     assert [message["content"] for message in history] == ["remember the number 7", "Noted."]
 
 
+@pytest.mark.parametrize("order", ["reset", "forget"])
+async def test_reset_or_forget_mentioned_in_a_channel_opens_no_thread_and_clears_nothing(
+    discord_bot, order
+):
+    """`@threadbot forget` typed in the channel, not in the thread meant: said to be done,
+    it cleared nothing (a new conversation of its own), in a new thread named "forget"."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as bot:
+        fake = bot.fake
+        asked = await mention(fake, "remember the number 7")
+        await final_reply(fake, asked["id"])
+        key = thread_key(fake, asked["id"])
+        await bot.history(key, until=answered_once)
+        typed = await mention(fake, order)
+        [reply] = await fake.wait_for(lambda: bot_messages(fake, fake.channel_id))
+        history = await bot.history(key, until=answered_once)
+    assert reply["content"] == replies.use_in_thread(order)
+    assert reply["message_reference"]["message_id"] == typed["id"]
+    assert typed["id"] not in fake.channels  # no thread opened from it
+    assert [message["content"] for message in history] == ["remember the number 7", "Noted."]
+
+
 async def test_forget_in_a_dm_through_a_global_command(discord_bot):
     async with discord_bot(ScriptedBatcher("Noted."), global_commands=True) as bot:
         fake = bot.fake

@@ -365,6 +365,19 @@ async def test_reset_forgets_the_conversation(make_service, store, conversation)
     assert sink.events == [("finish", replies.conversation_reset())]
 
 
+@pytest.mark.parametrize("order", ["reset", "forget"])
+async def test_reset_of_a_conversation_never_had_says_where_to_type_it(
+    make_service, conversation, order
+):
+    """Typed at a channel's top level (a conversation of its own, new): nothing is cleared,
+    so saying it was would be untrue, and the bot does not take the place as one it knows."""
+    async with make_service() as (service, _batcher):
+        sink = RecordingSink()
+        await service.handle(replace(turn(conversation, order), command=order), sink)
+        assert not await service.knows(conversation)
+    assert sink.events == [("finish", replies.use_in_thread(order))]
+
+
 async def test_thread_context_seeds_a_new_conversation_only(make_service, store, conversation):
     """Mentioned halfway through a thread, the bot answers with the thread's earlier messages."""
     earlier = (
