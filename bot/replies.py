@@ -26,6 +26,14 @@ def too_many_tokens(tokens: int, budget: int) -> str:
     )
 
 
+def system_prompt_too_long() -> str:
+    return (
+        "The instructions I am given here (the system prompt) are longer than I can read at "
+        "once, so I cannot answer here: please ask an admin to shorten them. (Your message "
+        "was not saved.)"
+    )
+
+
 def history_dropped(count: int) -> str:
     noun = "message" if count == 1 else "messages"
     return (

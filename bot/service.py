@@ -544,7 +544,15 @@ class ChatService:
         tokens = await tokens_over_budget(
             system, message, count_tokens=self.count_tokens, budget=budget
         )
-        return replies.too_many_tokens(tokens, budget) if tokens else None
+        if not tokens:
+            return None
+        alone = await asyncio.to_thread(self.count_tokens, [message])
+        if (instructions := tokens - alone) >= budget:  # no message could fit: not the asker's
+            logger.error("the system prompt for %s takes %d tokens, the whole prompt budget "
+                         "(%d): every message there is refused", turn.conversation,
+                         instructions, budget)  # fmt: skip
+            return replies.system_prompt_too_long()
+        return replies.too_many_tokens(alone, budget - instructions)
 
     async def _stream(
         self, pending: PendingTurn, generation: Generation, sink: ReplySink

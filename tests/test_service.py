@@ -286,6 +286,37 @@ async def test_a_message_is_held_to_the_token_budget_with_its_authors_name(
     assert not batcher.prompts
 
 
+async def test_a_system_prompt_over_the_budget_is_named_not_the_askers_message(
+    make_service, make_engine, conversation, caplog
+):
+    """A persona pasted with a long policy: every "hi" there was told it was thousands of
+    tokens long; the asker hears it is the instructions, and the log says where."""
+    system_prompt = " ".join("9" * 200)
+    budget = make_engine().count_tokens([{"role": "system", "content": system_prompt}]) - 10
+    sink = RecordingSink()
+    async with make_service(prompt_budget=budget, system_prompt=system_prompt) as (service, b):
+        await service.handle(turn(conversation, "hi"), sink)
+    assert sink.events == [("fail", replies.system_prompt_too_long())]
+    assert not b.prompts
+    assert f"the system prompt for {conversation} takes" in caplog.text
+
+
+async def test_a_message_over_what_the_system_prompt_leaves_is_told_its_own_length(
+    make_service, make_engine, conversation
+):
+    system_prompt, text = "Be brief.", " ".join("9" * 90)
+    engine = make_engine()
+    with_system = engine.count_tokens(
+        [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
+    )
+    alone = engine.count_tokens([{"role": "user", "content": text}])
+    budget = with_system - 1
+    sink = RecordingSink()
+    async with make_service(prompt_budget=budget, system_prompt=system_prompt) as (service, _b):
+        await service.handle(turn(conversation, text), sink)
+    assert sink.events == [("fail", replies.too_many_tokens(alone, budget - (with_system - alone)))]
+
+
 async def test_a_failing_generation_keeps_the_message_and_the_service(
     make_service, make_batcher, store, conversation
 ):
