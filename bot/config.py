@@ -78,6 +78,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+PLATFORM_ID = re.compile(r"[A-Z0-9]+")
+"""Slack's ids (U0123ABCD, C0123ABCD, T0123ABCD) and Discord's (digits): a rule compares
+them exactly, so a name or a lower-case id would match no one."""
+
+
+def _platform_id(value: object) -> str:
+    """An id of an access list as text (YAML reads Discord's as numbers); ValueError, saying
+    what to write, for what can be no id."""
+    if value is None:
+        raise ValueError("an empty item (an id commented out?): remove its line")
+    text = str(value)
+    if not PLATFORM_ID.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a platform id: Slack's are capitals and digits (U0123ABCD), "
+            "Discord's digits; a profile's menu shows them (Slack: Copy member ID; Discord, "
+            "in developer mode: Copy User ID)"
+        )
+    return text
+
+
 class Rule(_Section):
     """Who or where, by platform id: an empty allow list admits everyone; deny wins."""
 
@@ -93,8 +113,7 @@ class Rule(_Section):
     @field_validator("allow", "deny", mode="before")
     @classmethod
     def _ids_as_text(cls, value: object) -> object:
-        # Discord ids are numbers, which YAML reads as int: compare them as text.
-        return [str(v) for v in value] if isinstance(value, list | tuple) else value
+        return [_platform_id(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 class SlackAccess(_Section):

@@ -134,6 +134,30 @@ def test_a_key_set_twice_is_refused_with_its_line(tmp_path: Path, text: str, pro
     assert str(info.value) == f"threadbot.yml {problem}"
 
 
+@pytest.mark.parametrize(
+    ("item", "problem"),
+    [
+        ("'@bob'", "'@bob' is not a platform id"),
+        ("u0blocked", "'u0blocked' is not a platform id"),
+        ("# U0BLOCKED (paused)", "an empty item (an id commented out?)"),
+    ],
+)
+def test_what_can_be_no_id_is_refused_with_its_line(
+    tmp_path: Path, item: str, problem: str
+) -> None:
+    """A name, a lower-case id or a commented-out item would match no one: a deny list
+    that blocks nobody, an allow list that shuts everyone out."""
+    write(
+        tmp_path / "threadbot.yml",
+        f"access:\n  admins: [U0ADMIN01]\n  slack:\n    users:\n      deny:\n        - {item}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    [line] = str(info.value).splitlines()
+    assert line.startswith("threadbot.yml line 5: invalid setting access.slack.users.deny")
+    assert problem in line
+
+
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
     write(
         tmp_path / "threadbot.yml",
