@@ -731,7 +731,7 @@ class ChatService:
     async def _prompt_in_effect(self, turn: Turn) -> str:
         voice = voice_for(self.team.settings, turn.conversation)
         prompt = None
-        if voice.system_prompt is not None:
+        if voice.system_prompt:  # "" sends no system message, as unset does
             template, prompt = await self.store.kept_system_prompt(str(turn.conversation))
             if template != voice.system_prompt or prompt is None:
                 prompt = fill(voice.system_prompt, placeholder_values(turn))

@@ -291,6 +291,18 @@ async def test_whoever_runs_the_terminal_chat_is_an_admin(make_service):
     assert sink.kinds("finish")[0] != replies.admins_only("stats")
 
 
+async def test_an_empty_persona_prompt_is_told_as_none(make_service, conversation):
+    """`system_prompt: ""` turns the global one off: the model gets no system message, so
+    `prompt` says the model's default applies, not that the prompt is empty."""
+    persona = Persona(platform=conversation.platform, system_prompt="")
+    async with make_service(system_prompt="Be brief.", personas=(persona,)) as (service, b):
+        await service.handle(say(conversation, "hi"), RecordingSink())
+        sink = RecordingSink()
+        await service.handle(command(conversation, "prompt"), sink)
+    assert b.prompts == [[{"role": "user", "content": "hi"}]]
+    assert sink.kinds("finish")[0].startswith("No system prompt is set here")
+
+
 async def test_a_filled_in_prompt_keeps_the_kv_cache_of_the_last_turn(
     make_service, conversation, monkeypatch
 ):
