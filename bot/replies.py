@@ -26,6 +26,9 @@ def too_many_tokens(tokens: int, budget: int) -> str:
     )
 
 
+RELOADED_EVERYWHERE = "(Every other process of this deployment reads its file within seconds.)"
+
+
 def system_prompt_too_long() -> str:
     return (
         "The instructions I am given here (the system prompt) are longer than I can read at "

@@ -33,6 +33,7 @@ from bot.tokens import PromptTokens, prompt_tokens_without_model
 from storage.connection import Resilience, open_redis
 from storage.limits import Limits
 from storage.locks import ConversationLocks
+from storage.reloads import TeamReloads
 from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import TurnJournal
@@ -131,6 +132,7 @@ async def open_service(
                 team=team,
                 limits=Limits(redis=redis),
                 stats=TurnStats(redis=redis),
+                reloads=TeamReloads(redis=redis),
                 model_name=answers.model_name,
                 max_attempts=settings.turn_max_attempts,
                 metrics=metrics,

@@ -46,6 +46,7 @@ from bot.waiting import set_within
 from storage.errors import is_outage
 from storage.limits import Limits
 from storage.locks import ConversationLocks
+from storage.reloads import TeamReloads
 from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal, in_scope, user_message
@@ -100,6 +101,7 @@ class ChatService:
         team: Team,
         limits: Limits,
         stats: TurnStats,
+        reloads: TeamReloads,
         max_attempts: int,
         model_name: str = "the model",
         metrics: Metrics | None = None,
@@ -115,6 +117,8 @@ class ChatService:
         self.team = team  # the rules in effect now: read at each use, a reload swaps them
         self.limits = limits
         self.stats = stats
+        self.reloads = reloads
+        self._reloads_seen: int | None = None  # the count of reload commands, as last read
         self.max_attempts = max_attempts
         self.model_name = model_name
         self.metrics = metrics if metrics is not None else Metrics()  # turns and their latency
@@ -201,6 +205,7 @@ class ChatService:
         outage = False
         while not self._stopped:
             try:
+                await self._follow_reloads()
                 await self.resume()
                 if outage:
                     logger.warning("storage is reachable again")
@@ -689,7 +694,7 @@ class ChatService:
         if command == "prompt":
             return await self._prompt_in_effect(turn)
         if command == "reload":
-            return self.reload()
+            return await self._reload_everywhere()
         return await self._stats()
 
     def _status(self, turn: Turn) -> str:
@@ -711,6 +716,19 @@ class ChatService:
         except ConfigError as error:
             logger.error("configuration not reloaded; the old one stays: %s", error)
             return f"Configuration not reloaded; the old one stays in effect:\n{error}"
+
+    async def _reload_everywhere(self) -> str:
+        """The `reload` command: this process reads the team's file now, and every other
+        one of the deployment at its next resume pass (the command reaches one gateway)."""
+        self._reloads_seen = await self.reloads.add()
+        return f"{self.reload()}\n{replies.RELOADED_EVERYWHERE}"
+
+    async def _follow_reloads(self) -> None:
+        """Read the team's file again where a `reload` command ran in another process."""
+        count = await self.reloads.count()
+        if self._reloads_seen is not None and count != self._reloads_seen:
+            logger.info("a reload command ran in another process: %s", self.reload())
+        self._reloads_seen = count
 
     async def _reset(self, turn: Turn, *, admin: bool) -> str:
         """`reset` (the history starts over; the bot goes on answering here) and `forget`

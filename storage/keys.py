@@ -21,6 +21,7 @@ TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
 ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
 REGENERATED_PREFIX = f"{PREFIX}regenerated:"
 ONCE_PREFIX = f"{PREFIX}once:"
+TEAM_RELOADS_PREFIX = f"{PREFIX}team-reloads:"
 
 
 def conversation(conversation_id: str) -> str:
@@ -73,6 +74,12 @@ def rate_taken(message: str) -> str:
     """What taking from the bucket gave one message (`platform:message id`), for its
     re-deliveries."""
     return f"{RATE_TAKEN_PREFIX}{message}"
+
+
+def team_reloads(scope: str) -> str:
+    """The count of the `reload` commands run, which every process of one deployment
+    (one scope) follows."""
+    return f"{TEAM_RELOADS_PREFIX}{scope}"
 
 
 def turn_stats(scope: str) -> str:

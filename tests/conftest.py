@@ -398,6 +398,7 @@ def make_service(
     from bot.team import Team
     from storage.limits import Limits
     from storage.locks import ConversationLocks
+    from storage.reloads import TeamReloads
     from storage.stats import TurnStats
 
     @asynccontextmanager
@@ -416,6 +417,7 @@ def make_service(
             "limits": Limits(redis=redis_client),
             "locks": ConversationLocks(redis=redis_client),
             "stats": TurnStats(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
+            "reloads": TeamReloads(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
             "max_attempts": 3,
             "metrics": Metrics(),
         } | options

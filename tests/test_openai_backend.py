@@ -34,6 +34,7 @@ from bot.team import Team
 from bot.types import ConversationKey
 from storage.limits import Limits
 from storage.locks import ConversationLocks
+from storage.reloads import TeamReloads
 from storage.stats import TurnStats
 from storage.store import ConversationStore
 from storage.turns import TurnJournal
@@ -408,6 +409,7 @@ def served(store: ConversationStore, journal: TurnJournal, redis_client: Redis):
             team=Team(Settings(_env_file=None, max_input_chars=200)),
             limits=Limits(redis=redis_client),
             stats=TurnStats(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
+            reloads=TeamReloads(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
             max_attempts=3,
         )
         resuming = asyncio.create_task(service.keep_resuming())

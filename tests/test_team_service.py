@@ -319,3 +319,38 @@ async def test_a_filled_in_prompt_keeps_the_kv_cache_of_the_last_turn(
         await service.handle(say(conversation, "second"), RecordingSink())
     first_turn = spy.batcher.engine.prompt_ids(spy.prompts[0])
     assert spy.batcher.stats.reused >= len(first_turn)
+
+
+async def test_a_reload_command_reaches_every_process_of_the_deployment(
+    make_service, redis_client, tmp_path, monkeypatch
+):
+    """Two gateways, one team file: an admin denies a user and runs `reload` in one of
+    them; the other reads the file too, where it went on answering the denied user."""
+    from bot.team import Team
+    from storage.reloads import TeamReloads
+
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    team_file = tmp_path / "threadbot.yml"
+    team_file.write_text("access:\n  admins: [U0ADMIN]\n")
+    monkeypatch.setenv("THREADBOT_CONFIG", str(team_file))
+    deployment = {"reloads": TeamReloads(redis=redis_client, scope=f"test-{uuid.uuid4().hex}")}
+    key = ConversationKey("slack", "T1", "C1", uuid.uuid4().hex)
+    mallory = Requester("slack", "U0MALLORY", "C1", workspace="T1")
+    async with (
+        make_service(team=Team(load_settings()), **deployment) as (one, _),
+        make_service(team=Team(load_settings()), **deployment) as (other, _),
+    ):
+        async with asyncio.timeout(30):  # both have read the count (a first resume pass)
+            while one._reloads_seen is None or other._reloads_seen is None:
+                await asyncio.sleep(0.05)
+        denied = "  slack:\n    users:\n      deny: [U0MALLORY]\n"
+        team_file.write_text(team_file.read_text() + denied)
+        sink = RecordingSink()
+        await one.handle(command(key, "reload", author="U0ADMIN"), sink)
+        [said] = sink.kinds("finish")
+        assert said.startswith("configuration reloaded: access changed")
+        assert said.endswith(replies.RELOADED_EVERYWHERE)
+        assert not await one.admit(mallory, key, RecordingSink().finish)
+        async with asyncio.timeout(30):  # its next resume pass
+            while await other.admit(mallory, key, RecordingSink().finish):
+                await asyncio.sleep(0.1)
