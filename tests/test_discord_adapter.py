@@ -114,14 +114,19 @@ async def test_a_mention_opens_a_thread_with_the_answer(fake, discord_bot, bundl
 
 
 async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
-    async with discord_bot() as (_service, batcher):
+    async with discord_bot() as (service, batcher):
         message = await mention(fake, "hello bot")
         await final_reply(fake, message["id"])
-        follow_up = fake.thread_message(message["id"], "and another thing")
-        await fake.dispatch("MESSAGE_CREATE", follow_up)
-        await final_reply(fake, message["id"], after=1)
         chatter = fake.user_message(fake.channel_id, "unrelated chatter")
         await fake.dispatch("MESSAGE_CREATE", chatter)
+        follow_up = fake.thread_message(message["id"], "and another thing")
+        await fake.dispatch("MESSAGE_CREATE", follow_up)  # handled after the chatter
+        await final_reply(fake, message["id"], after=1)
+
+        def key(root: dict) -> ConversationKey:
+            return ConversationKey("discord", fake.guild_id, fake.channel_id, root["id"])
+
+        assert await service.knows(key(message)) and not await service.knows(key(chatter))
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello bot", "and another thing"]
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
 

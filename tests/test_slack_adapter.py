@@ -38,6 +38,7 @@ from bot.config import Settings
 from bot.health import Vitals
 from bot.metrics import Metrics
 from bot.ops_server import OpsServer
+from bot.types import ConversationKey
 from storage import keys
 
 SLACK_ACK_SECONDS = 3  # Slack retries an event not acknowledged within this
@@ -84,8 +85,13 @@ async def test_a_mention_is_answered_in_its_thread(slack, socket_mode, bundled_b
     assert slack.calls_to("chat.update")  # the placeholder was edited, not reposted
 
 
+def slack_key(slack, channel: str, ts: str) -> ConversationKey:
+    """The conversation a message at a channel's top level would start."""
+    return ConversationKey("slack", slack.team_id, channel, ts)
+
+
 async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
-    async with socket_mode() as (_service, batcher):
+    async with socket_mode() as (service, batcher):
         mention = slack.app_mention("C0001", "hello bot")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
@@ -99,6 +105,9 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
         elsewhere = slack.user_message("C0001", "unrelated chatter")
         await slack.send_event(elsewhere)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+        # Acknowledged once taken (accepted and recorded): taken, it would be known.
+        assert await service.knows(slack_key(slack, "C0001", mention["ts"]))
+        assert not await service.knows(slack_key(slack, "C0001", elsewhere["ts"]))
     asked = [p[-1]["content"] for p in batcher.prompts]
     assert asked == ["hello bot", "and another thing", "and for everyone"]
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
@@ -166,7 +175,7 @@ async def test_a_message_edited_to_mention_the_bot_is_not_answered(slack, socket
 async def test_in_a_group_dm_a_mention_is_answered_in_its_thread(slack, socket_mode):
     """A group DM (message.mpim) is answered as a channel is: a mention, even with no
     app_mention event for it, opens a thread; its follow-ups need none; chatter is left."""
-    async with socket_mode() as (_service, batcher):
+    async with socket_mode() as (service, batcher):
         _mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
         await slack.send_event(message)
         await final_reply(slack, "G0GROUP", message["ts"])
@@ -178,6 +187,8 @@ async def test_in_a_group_dm_a_mention_is_answered_in_its_thread(slack, socket_m
         chatter = slack.user_message("G0GROUP", "lunch?", channel_type="mpim", user="U0BOB")
         await slack.send_event(chatter)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+        assert await service.knows(slack_key(slack, "G0GROUP", message["ts"]))
+        assert not await service.knows(slack_key(slack, "G0GROUP", chatter["ts"]))
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello all", "bob: and you?"]
     assert len(bot_posts(slack, "G0GROUP")) == 2
 
