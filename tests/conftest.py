@@ -47,6 +47,28 @@ def pytest_configure(config: pytest.Config) -> None:
         os.sched_setaffinity(0, cores[index::count])
 
 
+PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy"})
+
+
+@pytest.fixture(scope="session")
+def empty_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("working-directory")
+
+
+@pytest.fixture(autouse=True)
+def only_the_tests_settings(monkeypatch: pytest.MonkeyPatch, empty_directory: Path) -> None:
+    """Tests see none of the developer's settings (the shell's, THREADBOT_CONFIG, the
+    `.env` and `threadbot.yml` the README puts in the repository's folder), and no proxy:
+    the SDKs would send the fakes' traffic on 127.0.0.1 to it (slack_sdk ignores NO_PROXY)."""
+    from bot.config import Settings
+
+    names = {*Settings.model_fields, "threadbot_config"}
+    for name in list(os.environ):
+        if name.lower().split("__")[0] in names or name.lower() in PROXY_VARIABLES:
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(empty_directory)
+
+
 @pytest.fixture
 def all_cores() -> Iterator[None]:
     """The whole machine for one test that measures on two cores (the scale-out bench)."""

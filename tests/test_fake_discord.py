@@ -41,8 +41,9 @@ class Bot:
 
 
 @pytest.fixture(autouse=True)
-def _discord_urls_restored() -> Iterator[None]:
-    yield  # torn down after monkeypatch has undone its changes
+def _discord_urls_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    yield
+    monkeypatch.undo()  # what the test pointed at the fake goes back first
     assert (Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY) == (REAL_BASE, REAL_GATEWAY)
 
 
