@@ -56,9 +56,10 @@ def _attachment(file: dict[str, Any], token: str | None, api_url: str) -> Attach
 
 def _on_slack(url: str, api_url: str) -> bool:
     """Whether `url` is on the API's host or a subdomain of it (files.slack.com for
-    slack.com), at the same port."""
+    slack.com), by the same scheme and port: the bot's token goes with the request."""
     where, api = urlsplit(url), urlsplit(api_url)
-    if not where.hostname or not api.hostname or where.port != api.port:
+    same_way = (where.scheme, where.port) == (api.scheme, api.port)
+    if not where.hostname or not api.hostname or not same_way:
         return False
     return where.hostname == api.hostname or where.hostname.endswith(f".{api.hostname}")
 

@@ -31,7 +31,7 @@ from fake_slack import FakeSlack
 from adapters import slack_adapter
 from adapters.base import AdapterError
 from adapters.slack_adapter import MESSAGE_LIMIT, PLACEHOLDER, THREAD_CONTEXT_LIMIT, SlackAdapter
-from adapters.slack_files import SlackDownloadRefused, slack_attachments
+from adapters.slack_files import SlackDownloadRefused, _on_slack, slack_attachments
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Settings
@@ -761,3 +761,19 @@ async def test_reasoning_is_never_posted(slack, socket_mode):
     assert reply["text"] == "Hello there!"
     sent = slack.calls_to("chat.postMessage") + slack.calls_to("chat.update")
     assert all("greet" not in call.params["text"] for call in sent)
+
+
+@pytest.mark.parametrize(
+    ("url", "ours"),
+    [
+        ("https://files.slack.com/files-pri/T1-F1/notes.txt", True),  # where Slack serves them
+        ("https://slack.com/files-pri/T1-F1/notes.txt", True),
+        ("https://files.slack.com.example.org/notes.txt", False),
+        ("https://evil-slack.com/notes.txt", False),
+        ("http://files.slack.com/files-pri/T1-F1/notes.txt", False),  # the token in clear
+        ("https://files.slack.com:8443/notes.txt", False),
+    ],
+)
+def test_the_token_goes_only_to_slacks_own_file_hosts(url: str, ours: bool) -> None:
+    """The fake serves files beside its API; Slack serves them from files.slack.com."""
+    assert _on_slack(url, "https://slack.com/api/") is ours
