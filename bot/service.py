@@ -437,6 +437,8 @@ class ChatService:
     ) -> None:
         if before is not None and not await before():
             await self.journal.finish(pending)
+        elif pending.failure is not None:  # told before a restart: closed as told
+            await self._close_failed(pending, sink)
         elif pending.answer is not None:  # generated before a stop: delivered, whatever the
             await self._deliver(pending, sink, pending.answer)  # attempts (it costs no model)
         elif pending.attempts > self.max_attempts:
@@ -626,14 +628,26 @@ class ChatService:
         kept = self._taken_back.pop(pending.id, None)
         if kept is not None:
             text = replies.answer_kept(kept, text)
+        # Saved before it is told: a restart from here on closes the turn as told, and a
+        # user who sent the message again gets no second answer.
+        if not await self.journal.save(pending, failure=text, answer=kept):
+            _not_ours(pending)
+            return
+        await self._close_failed(replace(pending, failure=text, answer=kept), sink, outcome)
+
+    async def _close_failed(
+        self, pending: PendingTurn, sink: ReplySink, outcome: Outcome = "failed"
+    ) -> None:
+        """Tell the failure saved in `pending` and close the turn, storing back the old
+        answer it keeps (of a regeneration)."""
         try:
-            await sink.fail(text)
+            await sink.fail(str(pending.failure))
         except Exception:  # e.g. the channel is gone: retrying would not bring it back
             logger.warning("could not tell turn %s's thread why it failed", pending.id,
                            exc_info=True)  # fmt: skip
-        if kept is not None:  # its question back before it, once however often retried
+        if pending.answer is not None:  # its question back before it, once however often
             await self.journal.begin(pending)
-        await self.journal.finish(pending, kept)
+        await self.journal.finish(pending, pending.answer)
         self.metrics.count_turn(pending.turn.conversation.platform, outcome)
 
     async def _leave_for_later(

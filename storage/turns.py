@@ -48,6 +48,7 @@ class PendingTurn:
     attempts: int = 1
     stored: bool = False  # the user's message is in the conversation's history
     answer: str | None = None  # generated, maybe not yet delivered
+    failure: str | None = None  # told (or being told) to the user: over, but for closing
 
     @property
     def id(self) -> str:
@@ -149,12 +150,13 @@ class TurnJournal:
         return replace(pending, stored=True) if written else None
 
     async def save(self, pending: PendingTurn, *, target: dict[str, Any] | None = None,
-                   answer: str | None = None) -> bool:  # fmt: skip
-        """Record progress (where the answer is posted, the answer itself); False if the
-        turn is no longer ours."""
+                   answer: str | None = None, failure: str | None = None) -> bool:  # fmt: skip
+        """Record progress (where the answer is posted, the answer itself, or the failure
+        the user is told); False if the turn is no longer ours."""
         fields = {"target": json.dumps(target)} if target is not None else {}
-        if answer is not None:
-            fields["answer"] = answer
+        fields |= {
+            name: value for name, value in (("answer", answer), ("failure", failure)) if value
+        }
 
         async def write(pipe: Pipeline) -> bool:
             if not await self._ours(pipe, pending):
@@ -372,6 +374,7 @@ def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
             attempts=int(record["attempts"]),
             stored=record.get("stored") == "1",
             answer=record.get("answer"),
+            failure=record.get("failure"),
         )
     except (KeyError, TypeError, ValueError):
         logger.warning("dropping unreadable pending turn %s", turn_id)

@@ -914,6 +914,31 @@ class RefusingSink(RecordingSink):
         raise RuntimeError("channel_not_found")
 
 
+async def test_a_turn_told_it_failed_is_not_answered_after_storage_comes_back(
+    make_service, make_batcher, journal, redis_client, store, platform, monkeypatch
+):
+    """Told "something went wrong, try again", then Redis blinked as the turn closed: taken
+    up again, it is closed as told, where it was answered all the same (and a user who had
+    sent the message again got two answers)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    finish = journal.finish
+
+    async def blinks_once(*args: Any) -> bool:
+        monkeypatch.setattr(journal, "finish", finish)
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(journal, "finish", blinks_once)
+    message, sink = on(platform), RecordingSink()
+    async with make_service(FailsOnceBatcher(make_batcher())) as (service, batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    assert sink.kinds("fail") == [replies.failed()] * 2 and not sink.kinds("finish")
+    assert len(batcher.prompts) == 1
+    assert await store.load(message.conversation) == [{"role": "user", "content": message.text}]
+
+
 async def test_a_failure_that_cannot_be_told_still_ends_the_turn(
     make_service, make_batcher, redis_client, platform
 ):
