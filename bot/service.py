@@ -467,9 +467,14 @@ class ChatService:
         logger.error("answering %s failed", pending.id, exc_info=error)
         try:
             await self._fail(pending, sink, replies.failed())
-        except Exception:
-            logger.warning("could not close failed turn %s", pending.id, exc_info=True)
-            self._orphaned[pending.id] = sink
+        except Exception as closing:
+            if is_outage(closing) or pending.attempts < self.max_attempts:
+                logger.warning("could not close failed turn %s", pending.id, exc_info=True)
+                self._orphaned[pending.id] = sink
+                return
+            logger.error("could not close failed turn %s after %d attempts; abandoned",
+                         pending.id, pending.attempts, exc_info=True)  # fmt: skip
+            await self.journal.abandon(pending)
 
     async def _answer(self, pending: PendingTurn, sink: ReplySink) -> None:
         voice = voice_for(self.team.settings, pending.turn.conversation)

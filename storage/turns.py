@@ -192,6 +192,17 @@ class TurnJournal:
         watched = [keys.turn(pending.id), keys.conversation(pending.conversation)]
         return await self._transaction(watched, write)
 
+    async def abandon(self, pending: PendingTurn) -> None:
+        """Remove the record, leaving the conversation alone: for a turn that cannot be
+        closed (its history unreadable), given up on, so it is not taken up for ever."""
+
+        async def write(pipe: Pipeline) -> None:
+            if await self._ours(pipe, pending):
+                pipe.multi()
+                self._queue_removal(pipe, pending.id)
+
+        await self._transaction([keys.turn(pending.id)], write)
+
     async def release(self, pending: PendingTurn) -> None:
         """Leave a turn for the next process without counting this try (a clean stop)."""
 

@@ -939,6 +939,24 @@ async def test_a_turn_told_it_failed_is_not_answered_after_storage_comes_back(
     assert await store.load(message.conversation) == [{"role": "user", "content": message.text}]
 
 
+async def test_a_turn_that_cannot_be_closed_is_abandoned_after_its_attempts(
+    make_service, redis_client, platform
+):
+    """Its history is no list (damaged by hand): every close fails, as a Redis error that
+    is no outage. After TURN_MAX_ATTEMPTS the record goes, the history left as it is,
+    where the turn was taken up again every few seconds for ever."""
+    message, sink = on(platform), RecordingSink()
+    history = keys.conversation(str(message.conversation))
+    await redis_client.set(history, "not a list")
+    async with make_service(max_attempts=2) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    assert await redis_client.get(history) == "not a list"
+    assert sink.kinds("fail") and not sink.kinds("finish")
+    await redis_client.delete(history)
+
+
 async def test_a_failure_that_cannot_be_told_still_ends_the_turn(
     make_service, make_batcher, redis_client, platform
 ):
