@@ -13,6 +13,15 @@ class StorageError(RuntimeError):
     """Redis cannot be started or reached; the message says which setting to look at."""
 
 
+OUTAGES = (
+    redis_errors.ConnectionError,  # BusyLoadingError too: a restarted Redis reading its data
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a failover under way: the old primary, now a replica
+    redis_errors.OutOfMemoryError,  # maxmemory reached: writes come back as keys expire
+)
+
+
 def is_outage(error: BaseException) -> bool:
-    """Whether an error means Redis cannot be reached now (it may come back by itself)."""
-    return isinstance(error, (redis_errors.ConnectionError, redis_errors.TimeoutError))
+    """Whether an error means Redis cannot take our writes now (it may come back by itself):
+    a turn under way waits for it, and a new message is told to try again in a minute."""
+    return isinstance(error, OUTAGES)

@@ -939,6 +939,22 @@ async def test_a_turn_told_it_failed_is_not_answered_after_storage_comes_back(
     assert await store.load(message.conversation) == [{"role": "user", "content": message.text}]
 
 
+async def test_a_message_while_redis_fails_over_is_told_to_wait_not_that_it_failed(
+    make_service, redis_client, platform
+):
+    """A failover under way (the old primary now a replica: READONLY) passes by itself:
+    the user hears to send it again in a minute, as in any outage, where the adapter took
+    the error for a bug."""
+    message, sink = on(platform), RecordingSink()
+    async with make_service() as (service, _batcher):
+        await redis_client.execute_command("REPLICAOF", "127.0.0.1", "1")  # no such primary
+        try:
+            assert await service.accept(message, sink) is None
+        finally:
+            await redis_client.execute_command("REPLICAOF", "NO", "ONE")
+    assert sink.events == [("fail", replies.storage_unavailable())]
+
+
 async def test_a_turn_that_cannot_be_closed_is_abandoned_after_its_attempts(
     make_service, redis_client, platform
 ):
