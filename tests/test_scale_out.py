@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fake_openai import FakeOpenAI, Status
+from fake_server import wait_for
 from fake_slack import FakeSlack
 from processes import BotProcess, free_port
 from redis.asyncio import Redis
@@ -109,6 +110,17 @@ def answers_in(worker: BotProcess) -> list[str]:
     return re.findall(r"job (\w+) answered", worker.text())
 
 
+async def answers_logged(workers: list[BotProcess], count: int) -> list[str]:
+    """The jobs the workers logged as answered, once there are `count`: a worker logs it
+    after writing the answer's end, which the gateway may show in the thread first."""
+
+    def logged() -> list[str] | None:
+        jobs = [job for worker in workers for job in answers_in(worker)]
+        return jobs if len(jobs) >= count else None
+
+    return await wait_for(logged, 60)
+
+
 async def answered_turns(slack: FakeSlack, thread_ts: str, turns: int) -> list[dict]:
     """The thread once it shows `turns` final answers."""
 
@@ -146,7 +158,7 @@ async def test_one_gateway_and_two_workers_answer_every_turn_once_in_its_thread(
         assert [m["role"] for m in history] == ["user", "assistant"] * 4
         assert all(f"Conversation {n}," in m["content"] for m in history[::2])
         assert len(bot_replies(slack, CHANNEL, thread)) == 4  # one message per answer
-    answered_jobs = [job for worker in workers for job in answers_in(worker)]
+    answered_jobs = await answers_logged(workers, 20)
     assert len(answered_jobs) == len(set(answered_jobs)) == 20
     assert not any("(try 2)" in worker.text() for worker in workers)
 
@@ -187,7 +199,7 @@ async def test_a_gateway_killed_mid_stream_is_restarted_and_the_answer_completes
     assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]  # edited, not new
     history = await stored(redis_server, f"slack:{slack.team_id}:{CHANNEL}:{mention['ts']}")
     assert [m["role"] for m in history] == ["user", "assistant"]
-    assert len(answers_in(worker)) == 1  # the new gateway read the job already running
+    assert len(await answers_logged([worker], 1)) == 1  # the new gateway read the job running
 
 
 async def test_a_job_that_always_fails_is_dead_lettered_and_the_user_gets_the_apology(
@@ -250,6 +262,7 @@ async def test_a_conversations_next_turn_reuses_its_kv_cache_on_the_same_worker(
     follow_up = slack.user_message(CHANNEL, "And the mountains?", thread_ts=mention["ts"])
     await slack.send_event(follow_up)
     await answered_turns(slack, mention["ts"], 2)
+    await answers_logged(workers, 2)
     [holder] = [w for w in workers if answers_in(w)]
     [idle] = [w for w in workers if w is not holder]
     assert len(answers_in(holder)) == 2
