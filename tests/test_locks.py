@@ -4,7 +4,9 @@ stands for one process, on a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 
@@ -12,11 +14,17 @@ from storage import keys
 from storage.locks import ConversationLocks
 
 
+async def until_true(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 async def test_a_turn_held_past_the_lease_term_keeps_others_out(redis_client: Redis):
     """The holder renews its lease while its turn runs (an answer takes longer than one
     term): another process's turn starts only once it is done."""
     conversation, order = uuid.uuid4().hex, []
-    one, two = (ConversationLocks(redis=redis_client, lease_s=0.3) for _ in range(2))
+    one, two = (ConversationLocks(redis=redis_client, lease_s=1.0) for _ in range(2))
 
     async def turn(locks: ConversationLocks, name: str, seconds: float) -> None:
         async with locks.hold(conversation):
@@ -24,8 +32,8 @@ async def test_a_turn_held_past_the_lease_term_keeps_others_out(redis_client: Re
             await asyncio.sleep(seconds)
             order.append(f"{name} ends")
 
-    first = asyncio.create_task(turn(one, "first", 1.0))
-    await asyncio.sleep(0.1)
+    first = asyncio.create_task(turn(one, "first", 3.5))  # three terms and a half
+    await until_true(lambda: "first starts" in order)
     assert await two.busy(conversation)
     await asyncio.gather(first, turn(two, "second", 0))
     assert order == ["first starts", "first ends", "second starts", "second ends"]
@@ -47,19 +55,26 @@ async def test_idle_waits_for_a_turn_ending_elsewhere_but_not_past_its_bound(
     conversation = uuid.uuid4().hex
     here, elsewhere = (ConversationLocks(redis=redis_client) for _ in range(2))
 
+    holding = asyncio.Event()
+
     async def turn(seconds: float) -> None:
         async with elsewhere.hold(conversation):
+            holding.set()
             await asyncio.sleep(seconds)
 
     ending = asyncio.create_task(turn(0.3))
-    await asyncio.sleep(0.1)
-    assert await here.idle(conversation, within=2)
+    await asyncio.wait_for(holding.wait(), 5)
+    assert await here.idle(conversation, within=10)
     assert ending.done()
-    running = asyncio.create_task(turn(2))
-    await asyncio.sleep(0.1)
+    holding.clear()
+    running = asyncio.create_task(turn(10))
+    await asyncio.wait_for(holding.wait(), 5)
     assert not await here.idle(conversation, within=0.3)
     assert not running.done()
-    await running
+    running.cancel()  # the turn elsewhere is stopped: its lease goes with it
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    assert not await here.busy(conversation)
 
 
 async def test_a_lease_whose_reply_was_lost_is_held_at_once(

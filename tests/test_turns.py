@@ -112,16 +112,21 @@ async def test_another_journal_claims_a_turn_only_once_its_owner_lease_is_gone(
 
 
 async def test_a_lease_that_is_renewed_holds_and_one_that_expires_lets_go(
-    make_journal: MakeJournal, platform: str
+    make_journal: MakeJournal, redis_client: Redis, platform: str
 ) -> None:
-    first, second = make_journal("first", lease_seconds=0.5), make_journal("second")
+    """Redis runs the lease out (its own clock, not the test's sleeps)."""
+    first, second = make_journal("first", lease_seconds=30), make_journal("second")
+    lease = keys.owner(first.owner)
     await first.renew_lease()
     assert await first.accept(new_turn(platform), {}) is not None
-    await asyncio.sleep(0.3)
+    await redis_client.pexpire(lease, 200)  # all but run out
     await first.renew_lease()
-    await asyncio.sleep(0.3)  # past the first lease, within the renewed one
+    assert await redis_client.pttl(lease) > 10_000  # renewed for its whole term
     assert await second.claim([platform], orphaned=()) == []
-    await asyncio.sleep(0.5)  # the renewed lease has expired too
+    await redis_client.pexpire(lease, 1)  # run out, as a dead process's does
+    async with asyncio.timeout(5):
+        while await redis_client.exists(lease):
+            await asyncio.sleep(0.01)
     assert len(await second.claim([platform], orphaned=())) == 1
 
 
