@@ -188,10 +188,11 @@ async def test_5xx_until_the_retries_run_out_fails_naming_the_url_and_status(ser
 
 async def test_a_backoff_doubles_between_tries(server):
     server.script += [Status(500), Status(502)]
-    async with backend(server.url, backoff=0.15) as inference:
+    async with backend(server.url, backoff=0.5) as inference:
         await read(inference.submit(HELLO, user="u1", conversation="c1"))
     gaps = [b.at - a.at for a, b in zip(server.requests, server.requests[1:], strict=False)]
-    assert 0.12 <= gaps[0] < gaps[1] and gaps[1] >= 0.27
+    # Lower bounds only: a sleep is never shorter than asked, and a busy machine's longer.
+    assert gaps[0] >= 0.45 and gaps[1] >= 0.95
 
 
 async def test_a_400_fails_at_once_with_the_servers_message(server, caplog):
