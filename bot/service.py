@@ -343,7 +343,10 @@ class ChatService:
             logger.exception("cannot reach the thread of turn %s; dropping it", pending.id)
             self._spawn(pending.id, self.journal.finish(pending))
             return
-        self._start(pending, sink)
+        if pending.regenerates is None:
+            self._start(pending, sink)
+        else:  # its old answer taken back first, if it was not yet
+            self._start(pending, sink, before=partial(self._take_back_answer, pending))
 
     def _start(
         self,
@@ -850,13 +853,14 @@ class ChatService:
             conversation, by, question["content"], request_id,
             author_name=question.get("name", ""),
         )  # fmt: skip
-        if (accepted := await self.journal.accept(turn, sink.reply_target())) is None:
+        accepted = await self.journal.accept(turn, sink.reply_target(), regenerates=place)
+        if accepted is None:
             return replies.not_regenerable()
         logger.info("regenerating the last answer of %s for %s", conversation, by)
         taken_back = asyncio.get_running_loop().create_future()
 
         async def take_back() -> bool:
-            taken_back.set_result(await self._take_back_answer(accepted, place))
+            taken_back.set_result(await self._take_back_answer(accepted))
             return taken_back.result()
 
         task = self._start(accepted, sink, before=take_back)
@@ -885,19 +889,22 @@ class ChatService:
         """Where the conversation's newest answer is shown, as `answer_shown` last said."""
         return await self.store.answer_place(str(conversation))
 
-    async def _take_back_answer(self, pending: PendingTurn, place: dict[str, Any]) -> bool:
+    async def _take_back_answer(self, pending: PendingTurn) -> bool:
         """Before a regenerated answer, under the conversation's lock: remove the last
-        question and answer (`begin` stores the question again). False if the
-        conversation has moved on since the regeneration was asked for.
-
-        Should the process die before this, the next one answers the question again
-        after the old answer, which stays: nothing is lost."""
-        last = await self._last_exchange(pending.conversation, place)
-        if last is None or last[0]["content"] != pending.turn.text:
-            logger.info("not regenerating in %s: it has moved on", pending.conversation)
-            return False
-        self._taken_back[pending.id] = last[1]["content"]
-        await self.store.drop_last(pending.conversation, 2)
+        question and answer (`begin` stores the question again), the answer kept in the
+        turn's record, to be put back if the new one fails; a turn taken up after a
+        restart does it where it was not done yet. False if the conversation has moved on
+        since the regeneration was asked for."""
+        if pending.kept is None:
+            assert pending.regenerates is not None
+            last = await self._last_exchange(pending.conversation, pending.regenerates)
+            if last is None or last[0]["content"] != pending.turn.text:
+                logger.info("not regenerating in %s: it has moved on", pending.conversation)
+                return False
+            if not await self.journal.take_back(pending, last[1]["content"]):
+                return False
+            pending = replace(pending, kept=last[1]["content"])
+        self._taken_back[pending.id] = pending.kept
         return True
 
     async def _last_exchange(

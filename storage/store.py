@@ -185,10 +185,6 @@ class ConversationStore:
         the messages back, and the user was told they were left out."""
         await self._once.trim(keys.conversation(conversation_id), count, -1)
 
-    async def drop_last(self, conversation_id: str, count: int) -> None:
-        """Remove the newest `count` messages (an answer being generated again)."""
-        await self._once.trim(keys.conversation(conversation_id), 0, -count - 1)
-
     async def set_answer_place(
         self, conversation_id: str, place: dict[str, Any], messages: Sequence[str] = ()
     ) -> None:

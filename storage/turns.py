@@ -49,6 +49,8 @@ class PendingTurn:
     stored: bool = False  # the user's message is in the conversation's history
     answer: str | None = None  # generated, maybe not yet delivered
     failure: str | None = None  # told (or being told) to the user: over, but for closing
+    regenerates: dict[str, Any] | None = None  # the place of the answer it replaces
+    kept: str | None = None  # that answer, once taken back from the history
 
     @property
     def id(self) -> str:
@@ -96,11 +98,14 @@ class TurnJournal:
 
     # --- a turn's life ----------------------------------------------------------------
 
-    async def accept(self, turn: Turn, target: dict[str, Any]) -> PendingTurn | None:
+    async def accept(
+        self, turn: Turn, target: dict[str, Any], *, regenerates: dict[str, Any] | None = None
+    ) -> PendingTurn | None:
         """Record a new turn, owned by us (its author becomes the conversation's starter
-        if it has none); None if this message was seen before. One that raises is taken
-        as refused: should it be recorded all the same, the next `claim` drops it."""
-        pending = PendingTurn(turn, target)
+        if it has none), or one answering the last question again in place of the answer
+        shown at `regenerates`; None if this message was seen before. One that raises is
+        taken as refused: should it be recorded all the same, the next `claim` drops it."""
+        pending = PendingTurn(turn, target, regenerates=regenerates)
         seen = keys.seen(turn.conversation.platform, turn.message_id)
         acceptance = uuid.uuid4().hex  # tells our own earlier try from another delivery
 
@@ -125,6 +130,24 @@ class TurnJournal:
         if accepted:  # a delivery again, after one refused: this one is answered
             self._refused.pop(pending.id, None)
         return pending if accepted else None
+
+    async def take_back(self, pending: PendingTurn, answer: str) -> bool:
+        """A regeneration's first step: remove the conversation's last question and its
+        `answer`, which the record keeps (put back should the new answer fail), in one
+        MULTI, once however often this is retried; False if the turn is no longer ours."""
+        conversation = keys.conversation(pending.conversation)
+
+        async def write(pipe: Pipeline) -> bool:
+            if not await self._ours(pipe, pending):
+                return False
+            if await pipe.hexists(keys.turn(pending.id), "kept"):
+                return True  # an earlier try got through (its reply may have been lost)
+            pipe.multi()
+            pipe.ltrim(conversation, 0, -3)
+            pipe.hset(keys.turn(pending.id), "kept", answer)
+            return True
+
+        return await self._transaction([keys.turn(pending.id), conversation], write)
 
     async def begin(self, pending: PendingTurn) -> PendingTurn | None:
         """Put the user's message into the history (once, however often this is retried);
@@ -310,13 +333,16 @@ class TurnJournal:
     # --- helpers ------------------------------------------------------------------------
 
     def _record(self, pending: PendingTurn) -> dict[str, str]:
-        return {
+        record = {
             "turn": json.dumps(asdict(pending.turn), ensure_ascii=False),
             "target": json.dumps(pending.target),
             "accepted_at": repr(pending.accepted_at),
             "attempts": str(pending.attempts),
             "owner": self.owner,
         }
+        if pending.regenerates is not None:
+            record["regenerates"] = json.dumps(pending.regenerates)
+        return record
 
     async def _ours(self, pipe: Pipeline, pending: PendingTurn) -> bool:
         return await pipe.hget(keys.turn(pending.id), "owner") == self.owner
@@ -386,6 +412,8 @@ def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
             stored=record.get("stored") == "1",
             answer=record.get("answer"),
             failure=record.get("failure"),
+            regenerates=json.loads(record["regenerates"]) if "regenerates" in record else None,
+            kept=record.get("kept"),
         )
     except (KeyError, TypeError, ValueError):
         logger.warning("dropping unreadable pending turn %s", turn_id)

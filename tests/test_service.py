@@ -540,8 +540,8 @@ async def test_a_regeneration_a_newer_turn_overtakes_is_refused_to_the_presser(
         newer = ShowingSink(service, conversation)
         accept = service.journal.accept
 
-        async def accepted_as_a_message_comes(*args: Any) -> Any:
-            pending = await accept(*args)
+        async def accepted_as_a_message_comes(*args: Any, **options: Any) -> Any:
+            pending = await accept(*args, **options)
             monkeypatch.undo()  # the message's own turn is accepted as usual
             await service.handle(turn(conversation, "Q2"), newer)
             return pending
@@ -753,6 +753,65 @@ async def test_a_stored_turn_resumed_after_a_reset_is_asked_anew(
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": answer},
     ]  # the question the reset took, stored again before its answer
+
+
+async def regeneration_left_by_a_crash(
+    redis: Redis, store: ConversationStore, platform: str, *, taken_back: bool
+) -> PendingTurn:
+    """A conversation of one exchange whose answer's Regenerate was pressed in a process
+    that died: after it accepted the regeneration, or once it had taken the answer back."""
+    question = on(platform, "Name a colour.")
+    conversation, place = str(question.conversation), {"answer": uuid.uuid4().hex}
+    await store.append(
+        conversation,
+        {"role": "user", "content": question.text},
+        {"role": "assistant", "content": "Red."},
+    )
+    await store.set_answer_place(conversation, place)
+    crashed = process(redis, store, platform, "crashed")
+    pending = await crashed.accept(question, {}, regenerates=place)
+    assert pending is not None
+    if taken_back:
+        assert await crashed.take_back(pending, "Red.")
+        assert await store.load(conversation) == []
+    return pending
+
+
+async def test_a_regeneration_resumed_before_its_take_back_stores_the_question_once(
+    make_service, redis_client, store, platform
+):
+    """Taken up after the crash, it takes the old answer back first, as the thread shows
+    the new answer in its place; it was answered as a new turn, the question stored twice
+    and the old answer left in the history."""
+    pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=False)
+    rebuild = Rebuilder()
+    async with make_service() as (service, _batcher):
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    [sink] = rebuild.sinks
+    [answer] = sink.kinds("finish")
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+async def test_a_regeneration_that_fails_after_a_crash_puts_the_old_answer_back(
+    make_service, make_batcher, redis_client, store, platform
+):
+    """The old answer was taken back from the history, and held in memory only: the new
+    answer failing in the next process lost it, and its message showed the apology."""
+    pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=True)
+    rebuild = Rebuilder()
+    async with make_service(FailsOnceBatcher(make_batcher())) as (service, _batcher):
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    [sink] = rebuild.sinks
+    assert sink.kinds("fail") == [replies.answer_kept("Red.", replies.failed())]
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Red."},
+    ]
 
 
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
