@@ -257,11 +257,15 @@ class TurnJournal:
         claimed: list[PendingTurn] = []
         expired = time.time() - self._store.ttl_seconds  # their records are gone
         await self._redis.zremrangebyscore(keys.PENDING_TURNS, "-inf", expired)
+        renewed = time.monotonic()
         # Should this raise, the caller never gets those claimed: they stay in doubt, and
         # the next pass takes them again, as they are.
         for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
             if stop() or (limit is not None and len(claimed) >= limit):
                 break
+            if time.monotonic() - renewed > self.lease_seconds / 3:  # a long pass (a backlog)
+                await self.renew_lease()  # must not let our running turns go to others
+                renewed = time.monotonic()
             if (acceptance := self._refused.pop(turn_id, None)) is not None:
                 await self._drop_refused(turn_id, acceptance)
                 continue

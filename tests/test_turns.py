@@ -523,3 +523,24 @@ async def test_a_message_refused_in_an_outage_and_delivered_again_is_answered(
         assert await me.claim([platform]) == []
         assert await me.begin(pending) is not None
         assert await me.finish(pending, "the answer")
+
+
+async def test_a_long_claim_pass_keeps_our_lease(
+    make_journal: MakeJournal, redis_client: Redis, platform: str, monkeypatch
+) -> None:
+    """A backlog of a live peer's turns takes a pass longer than our lease: we renew it on
+    the way, or another process would take our running turns and answer them twice."""
+    me, peer = make_journal("me", lease_seconds=0.6), make_journal("peer", lease_seconds=60)
+    await peer.renew_lease()
+    for _ in range(40):
+        assert await peer.accept(new_turn(platform), {}) is not None
+    claim_one = me._claim
+
+    async def slowly(*args: Any, **options: Any) -> PendingTurn | None:
+        await asyncio.sleep(0.05)  # a remote Redis's round trips: 2 s for the pass
+        return await claim_one(*args, **options)
+
+    monkeypatch.setattr(me, "_claim", slowly)
+    await me.renew_lease()
+    assert await me.claim([platform]) == []  # the peer is alive: nothing to take
+    assert await redis_client.exists(keys.owner(me.owner))
