@@ -257,10 +257,13 @@ class TurnJournal:
         claimed: list[PendingTurn] = []
         expired = time.time() - self._store.ttl_seconds  # their records are gone
         await self._redis.zremrangebyscore(keys.PENDING_TURNS, "-inf", expired)
-        renewed = time.monotonic()
+        renewed, refused = time.monotonic(), set(self._refused)
+        indexed = await self._redis.zrange(keys.PENDING_TURNS, 0, -1)
+        for turn_id in refused.difference(indexed):  # refused before the index was read,
+            self._refused.pop(turn_id, None)  # and not in it: nothing of them landed
         # Should this raise, the caller never gets those claimed: they stay in doubt, and
         # the next pass takes them again, as they are.
-        for turn_id in await self._redis.zrange(keys.PENDING_TURNS, 0, -1):
+        for turn_id in indexed:
             if stop() or (limit is not None and len(claimed) >= limit):
                 break
             if time.monotonic() - renewed > self.lease_seconds / 3:  # a long pass (a backlog)

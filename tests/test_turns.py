@@ -525,6 +525,21 @@ async def test_a_message_refused_in_an_outage_and_delivered_again_is_answered(
         assert await me.finish(pending, "the answer")
 
 
+async def test_a_refusal_of_which_nothing_landed_is_forgotten_by_the_next_pass(
+    redis_url, tmp_path, platform
+):
+    """Kept in mind until a claim pass finds no record of it, not for ever (one entry per
+    message refused in an outage)."""
+    async with lossy_journal(redis_url, tmp_path, f"{platform}-me", []) as (me, proxy):
+        proxy.cut()
+        with pytest.raises(RedisConnectionError):
+            await me.accept(new_turn(platform), {})
+        proxy.back()
+        assert me._refused
+        assert await me.claim([platform]) == []
+        assert not me._refused
+
+
 async def test_a_long_claim_pass_keeps_our_lease(
     make_journal: MakeJournal, redis_client: Redis, platform: str, monkeypatch
 ) -> None:
