@@ -438,7 +438,7 @@ async def test_a_user_with_too_many_unanswered_messages_is_asked_to_slow_down(
             asyncio.create_task(service.handle(turn(threads[i], f"question {i}"), sinks[i]))
             for i in range(2)
         ]
-        await asyncio.sleep(0.1)  # both are in the service
+        await until(lambda: asyncio.sleep(0, service.queue.depth == 2))  # both are in
         await service.handle(turn(threads[2], "one too many"), sinks[2])
         other_user = Turn(threads[3], "U2", "hello", uuid.uuid4().hex)
         answered = asyncio.create_task(service.handle(other_user, sinks[3]))

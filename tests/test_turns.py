@@ -294,20 +294,27 @@ async def test_finish_stores_the_answer_and_removes_the_record_in_one_multi(
     started = await journal.begin(pending)
     assert started is not None
 
-    sentinel = f"sentinel-{uuid.uuid4().hex}"
+    start, end = (f"sentinel-{name}-{uuid.uuid4().hex}" for name in ("start", "end"))
     commands: list[str] = []
+    monitoring = asyncio.Event()
     async with redis_client.monitor() as monitor:
 
         async def listen() -> None:
             async for command in monitor.listen():
-                if sentinel in command["command"]:
+                if start in command["command"]:
+                    monitoring.set()
+                elif end in command["command"]:
                     return
-                commands.append(command["command"])
+                elif monitoring.is_set():
+                    commands.append(command["command"])
 
         listening = asyncio.create_task(listen())
-        await asyncio.sleep(0.1)  # MONITOR is on
+        async with asyncio.timeout(5):  # until MONITOR sees what is sent
+            while not monitoring.is_set():
+                await redis_client.get(start)
+                await asyncio.sleep(0.02)
         assert await journal.finish(started, "the answer")
-        await redis_client.get(sentinel)
+        await redis_client.get(end)
         await asyncio.wait_for(listening, timeout=5)
 
     assert await store.load(pending.conversation) == [
