@@ -18,8 +18,12 @@ closes the connection, so the server stops generating too. Nothing here needs to
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import json
 import logging
+import math
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from functools import partial
 from typing import Any, Self
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 START_SECONDS = 30  # for GET /models at start: the whole request
 CONNECT_SECONDS = 30  # for each connection; a stream itself is bounded by the request timeout
+RETRY_AFTER_MAX_S = 60.0  # the longest a server's Retry-After holds a request asleep
 # What may go right on another try: the connection failing, before or during the answer.
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
@@ -427,8 +432,8 @@ async def _server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]
     async for raw in lines:
         line = raw.decode().rstrip("\r\n")
         if not line:
-            if data:
-                yield "\n".join(data)
+            if joined := "\n".join(data):  # an empty one (a proxy's keep-alive) is no event
+                yield joined
             data = []
             continue
         field, _, value = line.partition(":")
@@ -458,11 +463,20 @@ def _said(error: Any) -> str:
 
 
 def _seconds(retry_after: str | None) -> float | None:
-    """A `Retry-After` header in seconds; None for none, and for the HTTP-date form."""
-    try:
-        return max(float(retry_after), 0.0) if retry_after else None
-    except ValueError:
+    """A `Retry-After` header in seconds, from its number or its HTTP date, at most
+    RETRY_AFTER_MAX_S (a request is not held asleep for a day); None for none, and for
+    what is neither."""
+    if not retry_after:
         return None
+    try:
+        seconds = float(retry_after)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(retry_after)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.replace(tzinfo=when.tzinfo or datetime.UTC).timestamp() - time.time()
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S) if math.isfinite(seconds) else None
 
 
 def _described(error: Exception) -> str:

@@ -26,9 +26,11 @@ HOLD_SECONDS = 10  # the longest a held stream waits for the test or the client
 
 @dataclass
 class Stream:
-    """A whole answer: these chunks, then the finish, the usage and `[DONE]`."""
+    """A whole answer: these chunks, then the finish, the usage and `[DONE]`; with
+    `keep_alive`, an empty event first (`data:`), as some proxies send one."""
 
     chunks: list[str]
+    keep_alive: bool = False
 
 
 @dataclass
@@ -152,6 +154,8 @@ class FakeOpenAI:
             return _error(reply.status, reply.message, headers)
         stream = _Stream(request, body, chunk_id=f"chatcmpl-{len(self.requests)}")
         await stream.open()
+        if isinstance(reply, Stream) and reply.keep_alive:
+            await stream.response.write(b"data:\n\n")
         await stream.text(reply.chunks[: body.get("max_tokens") or None])
         match reply:
             case Drop():

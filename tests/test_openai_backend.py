@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import logging
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +29,13 @@ from benchmarks import llamacpp
 from bot.config import Settings
 from bot.loading import ModelError, bundled_source
 from bot.metrics import Metrics
-from bot.openai_backend import InferenceServerError, InferenceUnavailable, OpenAIBackend
+from bot.openai_backend import (
+    RETRY_AFTER_MAX_S,
+    InferenceServerError,
+    InferenceUnavailable,
+    OpenAIBackend,
+    _seconds,
+)
 from bot.queue import AnswerRestarted, InferenceCancelled, InferenceTimeout, QueueFull, QueuePlace
 from bot.service import ChatService
 from bot.team import Team
@@ -171,6 +179,36 @@ async def test_a_429_is_tried_again_after_its_retry_after(server):
     first, second = server.requests
     assert 0.25 <= second.at - first.at < 2
     assert second.body == first.body
+
+
+async def test_a_429_is_tried_again_after_its_retry_after_given_as_a_date(server):
+    """RFC 9110 allows an HTTP date: it was taken for no header, and the retries spent in
+    a moment."""
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # 1-2 s from now
+    server.script.append(Status(429, "slow down", retry_after=when))
+    async with backend(server.url, backoff=0.01) as inference:
+        await read(inference.submit(HELLO, user="u1", conversation="c1"))
+    first, second = server.requests
+    assert second.at - first.at >= 0.5
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("2", 2.0), ("-3", 0.0), ("86400", RETRY_AFTER_MAX_S), ("inf", None), ("nan", None),
+     ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+)  # fmt: skip
+def test_retry_after_is_bounded_and_read_in_either_form(header: str, seconds: float | None):
+    assert _seconds(header) == seconds
+
+
+async def test_an_empty_event_is_no_event(server):
+    """`data:` alone (a proxy's keep-alive) is not dispatched, as the SSE standard says;
+    it was read as JSON, and the answer failed."""
+    server.script.append(Stream(["Hel", "lo"], keep_alive=True))
+    async with backend(server.url) as inference:
+        assert "".join(await read(inference.submit(HELLO, user="u1", conversation="c1"))) == (
+            "Hello"
+        )
 
 
 async def test_5xx_until_the_retries_run_out_fails_naming_the_url_and_status(server):
