@@ -562,8 +562,7 @@ class Worker:
                 )
             except ResponseError:  # no such stream or group (yet, or any more)
                 return
-            for entry_id, fields in claimed:
-                await self._take_claimed(stream, entry_id, fields)
+            await self._take_claimed(stream, claimed)
             if cursor == "0-0":  # the whole pending list seen
                 return
 
@@ -586,23 +585,26 @@ class Worker:
         if not lost:
             return
         logger.warning("%d jobs delivered to %s were never read; taking them", len(lost), self.name)
-        for entry_id, fields in await self.redis.xclaim(
-            stream, GROUP, self.name, LOST_AFTER_MS, lost
-        ):
-            await self._take_claimed(stream, entry_id, fields)
+        await self._take_claimed(
+            stream, await self.redis.xclaim(stream, GROUP, self.name, LOST_AFTER_MS, lost)
+        )
 
-    async def _take_claimed(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
-        entry = stream, entry_id
-        if entry in self._running or entry in self._taking:
-            return  # its own, claimed as its keep-alive came late: it runs here already
-        if not fields:  # deleted while pending: nothing to answer
-            await self._acknowledge(stream, entry_id)
-            return
-        with self._checking({entry}):
-            pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
-            if pending:  # else acknowledged meanwhile
-                attempt = pending[0]["times_delivered"]
-                await self._check_and_run(stream, entry_id, fields, attempt)
+    async def _take_claimed(self, stream: str, claimed: list[tuple[str, dict[str, str]]]) -> None:
+        """Claimed jobs, each checked and run, but those this worker runs already (claimed
+        as their keep-alive came late). All hold their rows while the first are checked,
+        as `_read`'s do, or the reader would take new jobs into them and overfill the
+        batch."""
+        busy = self._running.keys() | self._taking
+        fresh = [(entry, fields) for entry, fields in claimed if (stream, entry) not in busy]
+        with self._checking({(stream, entry) for entry, _ in fresh}):
+            for entry_id, fields in fresh:
+                if not fields:  # deleted while pending: nothing to answer
+                    await self._acknowledge(stream, entry_id)
+                    continue
+                pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+                if pending:  # else acknowledged meanwhile
+                    attempt = pending[0]["times_delivered"]
+                    await self._check_and_run(stream, entry_id, fields, attempt)
 
     async def _tidy_dead_workers(self, roll: Roll) -> None:
         """Forget a dead worker whose stream holds no job any more, and drop dead workers

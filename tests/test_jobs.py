@@ -559,6 +559,37 @@ async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
     assert await streams.xlen(keys.worker_jobs("w1")) == 0
 
 
+async def test_jobs_claimed_together_hold_their_rows_while_the_first_is_checked(
+    streams, make_batcher, monkeypatch
+):
+    """A dead worker's two jobs claimed at once by a worker with two rows: while the first
+    is checked (Redis round trips), the reader takes no new job into the second's row. It
+    did: the batch overfilled, and a job failed with QueueFull, a try counted."""
+    await streams.xgroup_create(keys.JOBS, GROUP, id="0", mkstream=True)
+    first, second, new = jobs_for(3)
+    ids = [await streams.xadd(keys.JOBS, job.fields()) for job in (first, second)]
+    await streams.xreadgroup(GROUP, "dead", {keys.JOBS: ">"})
+    await streams.xclaim(keys.JOBS, GROUP, "dead", 0, ids, idle=60_000, justid=True)
+    await streams.xadd(keys.JOBS, new.fields())
+    batcher = make_batcher(max_batch=2, max_new_tokens=4)
+    async with InferenceQueue(batcher=batcher, max_size=2, timeout=60) as inference:
+        working = Worker(
+            redis=streams, inference=inference, name="w1", rows=2, claim_idle_s=60,
+            max_deliveries=3,
+        )  # fmt: skip
+        pending, read_meanwhile = streams.xpending_range, []
+
+        async def the_reader_runs_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            if not read_meanwhile:
+                read_meanwhile.append(await working._read(keys.JOBS))
+            return await pending(*args, **kwargs)
+
+        monkeypatch.setattr(streams, "xpending_range", the_reader_runs_meanwhile)
+        await working._claim_abandoned(keys.JOBS)
+        await working.finish(5)
+    assert read_meanwhile == [0]
+
+
 async def test_a_job_answered_by_another_try_stops_on_the_worker(streams, make_batcher):
     """Another worker answered the job while this one stalled: this try stops, for nobody
     waits for it, and the job is acknowledged."""
