@@ -350,15 +350,15 @@ class Worker:
             logger.error("dropping malformed job %s in %s", entry_id, stream)
             await self._acknowledge(stream, entry_id)
             return
+        over = keys.job_cancel(job.id), keys.job_answered(job.id)
+        if job.deadline < time.time() or await self.redis.exists(*over):
+            await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
+            return
         if attempt > self.max_deliveries:
             tries = await self._failed_tries(job, attempt)
             if tries >= self.max_deliveries:
                 await self._dead_letter(stream, entry_id, job, attempt, tries)
                 return
-        over = keys.job_cancel(job.id), keys.job_answered(job.id)
-        if job.deadline < time.time() or await self.redis.exists(*over):
-            await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
-            return
         logger.info("job %s taken (try %d)", job.id, attempt)
         taken = _Taken(stream, entry_id, job, attempt)
         self._running[taken.entry] = taken

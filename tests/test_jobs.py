@@ -559,6 +559,30 @@ async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
     assert await streams.xlen(keys.worker_jobs("w1")) == 0
 
 
+async def test_an_answered_job_whose_acknowledgement_failed_is_not_dead_lettered(
+    streams, make_batcher, monkeypatch
+):
+    """The answer's end was written and read, then the acknowledgement failed (a Redis
+    hiccup past its retries): the job comes back, and is dropped as answered, where it
+    was dead-lettered as failed (a false entry for the operator, on its last delivery)."""
+    async with (
+        gateway(streams) as queue,
+        worker(streams, make_batcher(), "w1", max_deliveries=1) as working,
+    ):
+        acknowledge, calls = working._acknowledge, []
+
+        async def fails_first(stream: str, entry_id: str) -> None:
+            calls.append(entry_id)
+            if len(calls) == 1:
+                raise RedisConnectionError("reply lost, retries spent")
+            await acknowledge(stream, entry_id)
+
+        monkeypatch.setattr(working, "_acknowledge", fails_first)
+        assert "".join(await read(queue.submit(HELLO, user="u1", conversation="c1")))
+        await wait_until(lambda: asyncio.sleep(0, len(calls) == 2))  # back, and dropped
+    assert not await streams.exists(keys.DEAD_JOBS)
+
+
 async def test_jobs_claimed_together_hold_their_rows_while_the_first_is_checked(
     streams, make_batcher, monkeypatch
 ):
