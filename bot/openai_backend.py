@@ -36,7 +36,7 @@ from bot.metrics import Metrics
 from bot.queue import FairOrder, Generation, QueueFull, QueuePlace
 from bot.tokens import alternating
 from bot.types import ChatMessage
-from storage.connection import redact_url
+from storage.connection import NOT_A_URL, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,8 @@ class OpenAIBackend:
                         f"{said}. Check INFERENCE_URL and INFERENCE_API_KEY"
                     )
                 body = await response.text()
+        except aiohttp.InvalidURL:  # its message is the URL, password and all
+            raise InferenceServerError(f"INFERENCE_URL={self.where} is {NOT_A_URL}") from None
         except (aiohttp.ClientError, TimeoutError) as error:
             raise InferenceServerError(
                 f"INFERENCE_URL={self.where} cannot be reached ({_described(error)}): "

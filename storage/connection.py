@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -28,6 +28,8 @@ from storage.errors import StorageError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+NOT_A_URL = "not a valid URL: percent-encode any / ? # @ or : in its password (%2F %3F %23 %40 %3A)"
 
 
 @dataclass(frozen=True)
@@ -100,13 +102,16 @@ async def open_redis(
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password or query string (which may carry one)."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
+    """The URL without its password, query string or fragment (either may carry one).
+    Read by hand, never failing: a password that is not percent-encoded may hold `/`,
+    `?` or `#`, which a URL parser takes for the path, and would leave it whole."""
+    scheme, separator, rest = url.partition("://") if "://" in url else ("", "", url)
+    userinfo, at, address = rest.rpartition("@")
+    address = re.split(r"[?#]", address, maxsplit=1)[0]
     if at:
         user, colon, _ = userinfo.partition(":")
-        hostport = f"{user}{':***' if colon else ''}@{hostport}"
-    return f"{parts.scheme}://{hostport}{parts.path}"
+        address = f"{user}{':***' if colon else ''}@{address}"
+    return f"{scheme}{separator}{address}"
 
 
 async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
@@ -124,8 +129,8 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
             ),
             health_check_interval=resilience.health_check_s,
         )
-    except ValueError as exc:  # a malformed URL; redis-py's message does not echo it
-        raise StorageError(f"{failure}: {exc}") from None
+    except ValueError:  # a malformed URL; redis-py's message may echo part of a password
+        raise StorageError(f"{failure}: {NOT_A_URL}") from None
     try:
         await client.ping()
     except (RedisError, OSError) as exc:

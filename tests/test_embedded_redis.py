@@ -149,11 +149,21 @@ async def test_open_redis_with_a_url(redis_url: str, tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # no embedded server was started
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:1/0",
+        "redis://:hunter2/PW@127.0.0.1:1/0",  # not percent-encoded: / # ? end the address
+        "redis://:hunter2#PW@127.0.0.1:1/0",
+        "redis://:hunter2@[::1/0",
+        ":hunter2@127.0.0.1:1/0",  # no scheme
+    ],
+)
 async def test_open_redis_unreachable_url_names_the_setting_not_the_password(
-    tmp_path: Path,
+    tmp_path: Path, url: str
 ) -> None:
     with pytest.raises(StorageError, match="REDIS_URL") as info:
-        async with open_redis(redis_url="redis://:hunter2@127.0.0.1:1/0", data_dir=tmp_path):
+        async with open_redis(redis_url=url, data_dir=tmp_path):
             pass
-    assert "127.0.0.1:1" in str(info.value)
+    assert ":***@" in str(info.value)
     assert "hunter2" not in str(info.value)

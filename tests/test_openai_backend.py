@@ -314,6 +314,19 @@ async def test_a_password_in_the_url_is_said_nowhere(server, caplog):
     assert "hunter2" not in str(failure.value) + caplog.text + inference.where
 
 
+@pytest.mark.parametrize(
+    "url", ["http://ops:hunter2/PW@127.0.0.1:1/v1", "http://ops:hunter2@127.0.0.1:99999/v1"]
+)
+async def test_a_password_in_a_url_that_cannot_be_read_is_not_printed(url: str):
+    """A password not percent-encoded, or a port out of range: aiohttp's error is the
+    whole URL, which was printed as it came."""
+    with pytest.raises(InferenceServerError) as failure:
+        async with backend(url):
+            pass
+    assert "ops:***@" in str(failure.value) and "not a valid URL" in str(failure.value)
+    assert "hunter2" not in str(failure.value)
+
+
 async def test_a_failed_try_before_any_text_does_not_restart(server):
     server.script += [Status(502), Stream(["Bon", "jour"])]
     async with backend(server.url) as inference:
