@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import termios
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TextIO
 
 from adapters.base import Adapter, answer, command
@@ -101,6 +102,10 @@ class ConsoleAdapter(Adapter):
         service.serve_platform(f"console:{conversation}", lambda _target: ConsoleSink(self.output))
 
     async def run(self) -> None:
+        with _modes_kept(self.input if self.interactive else None):
+            await self._chat()
+
+    async def _chat(self) -> None:
         while (line := await self._next_line()) is not None:
             text = line.strip()
             if text in QUIT_COMMANDS:  # typed or piped: a script may end its chat too
@@ -148,6 +153,24 @@ class ConsoleAdapter(Adapter):
                 return None
         line = self.input.readline()
         return line if line else None
+
+
+@contextlib.contextmanager
+def _modes_kept(terminal: TextIO | None) -> Iterator[None]:
+    """The terminal's modes put back on the way out: readline, reading on its own thread,
+    has them raw (no echo) at the prompt, and a Ctrl-C or SIGTERM there ends the chat
+    before it can restore them, leaving the shell after it typing blind."""
+    try:
+        fd = terminal.fileno() if terminal is not None else -1
+        saved = termios.tcgetattr(fd)
+    except (OSError, ValueError, termios.error):  # not a terminal
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _common_start(one: str, other: str) -> int:

@@ -9,6 +9,7 @@ conversion through the `bundled_cache` fixture.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +308,51 @@ async def stored(data_dir: Path, conversation_id: str) -> list[dict[str, str]]:
         async with Redis.from_url(server.url, decode_responses=True) as client:
             store = ConversationStore(redis=client, max_messages=50, ttl_seconds=3600)
             return [dict(message) for message in await store.load(conversation_id)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("leave", "status"), [(b"\x03", 130), (signal.SIGTERM, 143)])
+def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
+    data_dir: Path, leave: bytes | signal.Signals, status: int
+) -> None:
+    """Ctrl-C (or SIGTERM) at `you>`, where readline holds the terminal raw on its own
+    thread: the terminal echoes again after, where the shell went on typing blind."""
+    import pty
+    import termios
+
+    env = cli_env(MODEL="bundled", MAX_NEW_TOKENS="8", DATA_DIR=str(data_dir))
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the chat, on the pseudo-terminal
+        os.chdir(data_dir.parent)
+        os.execve(sys.executable, [sys.executable, "-m", "bot", "chat"], env)
+    try:
+        shown = b""
+        for _ in range(CHAT_TIMEOUT * 10):  # bounded: until the prompt, or the timeout
+            if select.select([terminal], [], [], 0.1)[0]:
+                shown += os.read(terminal, 65536)
+            if b"you> " in shown:
+                break
+        assert b"you> " in shown, shown[-2000:]
+        if isinstance(leave, bytes):
+            os.write(terminal, leave)
+        else:
+            os.kill(pid, leave)
+        for _ in range(1200):  # bounded: about 60 s, until it exits, draining what it writes
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if select.select([terminal], [], [], 0.05)[0]:
+                with contextlib.suppress(OSError):
+                    os.read(terminal, 65536)
+            time.sleep(0.05)  # select answers at once once the child has closed its side
+        else:
+            raise AssertionError("the chat did not exit")
+        assert os.waitstatus_to_exitcode(wait_status) == status
+        assert termios.tcgetattr(terminal)[3] & termios.ECHO
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(terminal)
 
 
 @pytest.mark.slow
