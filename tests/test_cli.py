@@ -242,6 +242,30 @@ def test_unreachable_redis_names_redis_url_and_hides_the_password(tmp_path: Path
     assert "hunter2secret" not in result.stderr
 
 
+def test_a_redis_that_refuses_writes_fails_start_with_one_line(tmp_path: Path) -> None:
+    """REDIS_URL at a read-only replica answers PING, then refuses the first write: one
+    line naming REDIS_URL, without its password, where it was a traceback."""
+    from processes import RedisServer
+
+    server = RedisServer(tmp_path / "redis", password="hunter2secret")
+    server.start()
+    try:
+        asyncio.run(_make_replica(server.url))
+        env = cli_env(REDIS_URL=server.url, DATA_DIR=str(tmp_path / "data"), MODEL="bundled")
+        result = run_cli("chat", cwd=tmp_path, env=env, timeout=CHAT_TIMEOUT)
+    finally:
+        server.kill()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("threadbot:")]
+    assert "REDIS_URL=redis://:***@" in line and "refuses writes" in line
+    assert "hunter2secret" not in result.stderr
+
+
+async def _make_replica(url: str) -> None:
+    async with Redis.from_url(url) as client:
+        await client.execute_command("REPLICAOF", "127.0.0.1", "1")  # of nothing: read-only
+
+
 def test_missing_model_folder_names_model(tmp_path: Path, redis_url: str) -> None:
     """MODEL naming a folder that does not exist fails start with one line naming MODEL,
     and exit status 2, as a bad setting does: a restart would not fix it."""

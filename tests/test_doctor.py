@@ -328,6 +328,21 @@ async def test_redis_without_aof_is_a_warning(doctor, tmp_path: Path) -> None:
     assert report.status == 0  # a warning alone
 
 
+async def test_a_read_only_replica_fails(doctor, tmp_path: Path) -> None:
+    """It answers PING and INFO, but refuses every write: the bot would stop at start."""
+    server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
+    server.start()
+    try:
+        async with Redis.from_url(server.url) as client:
+            await client.execute_command("REPLICAOF", "127.0.0.1", "1")
+        report = await doctor(REDIS_URL=server.url)
+    finally:
+        server.kill()
+    [(status, message)] = report.lines("redis")
+    assert status == "FAIL" and "read-only replica" in message and "primary" in message
+    assert report.status == 1
+
+
 async def test_without_redis_url_the_embedded_server_is_started_and_stopped(
     doctor, tmp_path: Path
 ) -> None:
