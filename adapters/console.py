@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import os
 import termios
 import threading
 import uuid
@@ -31,6 +32,7 @@ class ConsoleSink:
         self.output = output
         self.shown = ""  # what was streamed of the answer
         self.over = False  # the answer or a failure is on screen
+        self.unread = False  # the output was closed under it (`threadbot chat | head`)
         self.on_post: Callable[[], Awaitable[None]] | None = None  # nothing to keep track of
 
     def reply_target(self) -> dict[str, Any]:
@@ -71,8 +73,11 @@ class ConsoleSink:
         await self.fail(text)  # nothing to edit later: the resumed answer prints anew
 
     def _write(self, text: str) -> None:
-        self.output.write(text)
-        self.output.flush()
+        try:
+            self.output.write(text)
+            self.output.flush()
+        except BrokenPipeError:  # no one reads on: the answer is still stored
+            self.unread = True
 
 
 class ConsoleAdapter(Adapter):
@@ -114,7 +119,11 @@ class ConsoleAdapter(Adapter):
                 continue
             message_id = f"{self.key.thread}:{uuid.uuid4().hex}"  # resumed only in this chat
             turn = Turn(self.key, self.author, text, message_id, command=command(text))
-            await answer(self.service, turn, ConsoleSink(self.output), wait=True)
+            sink = ConsoleSink(self.output)
+            await answer(self.service, turn, sink, wait=True)
+            if sink.unread:  # as other tools do when their reader goes: stop, quietly
+                _silenced(self.output)
+                return
 
     async def connected(self) -> bool:
         return True  # the terminal is there for as long as the chat runs
@@ -153,6 +162,12 @@ class ConsoleAdapter(Adapter):
                 return None
         line = self.input.readline()
         return line if line else None
+
+
+def _silenced(output: TextIO) -> None:
+    """Point the closed output at /dev/null, or Python's own flush at exit says it failed."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), output.fileno())
 
 
 @contextlib.contextmanager

@@ -380,6 +380,31 @@ def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
 
 
 @pytest.mark.slow
+def test_a_chat_whose_reader_goes_stops_quietly(data_dir: Path) -> None:
+    """`threadbot chat < questions | head -c 3`: once no one reads its answers, it stops,
+    with no traceback, where it answered every line left, with two each."""
+    env = cli_env(MODEL="bundled", MAX_NEW_TOKENS="24", DATA_DIR=str(data_dir))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", "chat", "--conversation", "piped"],
+        cwd=data_dir.parent, env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("Say hi.\nSay hello.\nSay bye.\n")
+        process.stdin.close()
+        assert process.stdout.read(3)
+        process.stdout.close()  # as `head -c 3` does
+        process.wait(timeout=CHAT_TIMEOUT)
+        assert process.stderr is not None
+        stderr = process.stderr.read()
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in stderr
+    assert len(re.findall(r"answered turn", stderr)) == 1
+
+
+@pytest.mark.slow
 def test_piped_chat_answers_on_stdout(data_dir: Path) -> None:
     """Piped input: each line is a turn, the answer goes to stdout, logs to stderr, exit 0."""
     result = chat(data_dir, "france", f"{FRANCE}\n")
