@@ -372,6 +372,22 @@ async def test_a_missing_model_folder(doctor, tmp_path: Path) -> None:
     assert report.lines("generation") == [("skip", "no model to load")]
 
 
+async def test_the_fallback_to_the_bundled_model_is_a_warning(
+    doctor, tmp_path: Path, bundled_engine: object, bundled_cache: Path
+) -> None:
+    """MODEL unset, and the default Qwen neither cached nor downloadable: the bot would
+    answer with the 135M bundled model, which the report said was all fine."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(bundled_cache, target_is_directory=True)
+    report = await doctor(
+        checks=[("model", check_model)], MODEL=None, HF_HUB_OFFLINE="1", DATA_DIR=str(data)
+    )
+    [(status, message)] = report.lines("model")
+    assert status == "WARN" and "Qwen/Qwen2.5-0.5B-Instruct is neither cached" in message
+    assert "set MODEL" in message and report.status == 0
+
+
 async def test_a_model_folder_without_weights(doctor, tmp_path: Path) -> None:
     empty = tmp_path / "empty-model"
     empty.mkdir()

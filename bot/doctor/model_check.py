@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.config import Settings
-from bot.doctor.findings import Finding, error_text, fail, human_bytes, ok, skip
+from bot.config import DEFAULT_MODEL, Settings
+from bot.doctor.findings import Finding, error_text, fail, human_bytes, ok, skip, warn
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -24,7 +24,7 @@ PROMPT = [{"role": "user", "content": "Hello"}]
 
 
 async def check_model(settings: Settings) -> AsyncIterator[Finding]:
-    from bot.loading import ModelError, resolve_source
+    from bot.loading import ModelError, bundled_source, resolve_source
 
     if settings.inference_url:
         if settings.inference_tokenizer:
@@ -39,7 +39,15 @@ async def check_model(settings: Settings) -> AsyncIterator[Finding]:
         yield skip(GENERATES, "no model to load")
         return
     size = await asyncio.to_thread(size_on_disk, source)
-    yield ok(FOUND, f"MODEL={settings.model or '(unset)'}: {source}, {human_bytes(size)} on disk")
+    facts = f"MODEL={settings.model or '(unset)'}: {source}, {human_bytes(size)} on disk"
+    if settings.model is None and source == bundled_source():
+        yield warn(
+            FOUND,
+            f"{facts}: {DEFAULT_MODEL} is neither cached nor downloadable, so the bot would "
+            "answer with the small bundled model; allow the Hugging Face hub, or set MODEL",
+        )
+    else:
+        yield ok(FOUND, facts)
     yield await asyncio.to_thread(_generate_one_token, settings, source)
 
 
