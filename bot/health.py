@@ -37,6 +37,7 @@ class Vitals:
         self._ping: Callable[[], Awaitable[object]] | None = None  # None: still loading
         self._inference: Inference | None = None
         self._count_pending: Callable[[], Awaitable[int]] | None = None
+        self._draining: Callable[[], bool] = lambda: False  # a worker has no drain of turns
         self._adapters: dict[str, Adapter] = {}
         for platform in self.platforms:
             metrics.expect_platform(platform)
@@ -44,6 +45,7 @@ class Vitals:
     def started(self, service: ChatService, adapters: Sequence[Adapter]) -> None:
         """The service is open (Redis reached, the model loaded) and its adapters built."""
         self._ping, self._inference = service.store.ping, service.queue
+        self._draining = lambda: service.draining
         self._count_pending = service.journal.count
         self._adapters = {adapter.platform: adapter for adapter in adapters}
 
@@ -59,6 +61,8 @@ class Vitals:
         else:
             checks = {"redis": await self._redis(self._ping), "model": READY}
             checks |= self._inference.checks()
+            if self._draining():  # stopping: new turns go elsewhere (a load balancer's)
+                checks["service"] = "draining"
         for platform in self.platforms:
             checks[platform] = READY if await self._connected(platform) else "not connected"
         return checks

@@ -249,6 +249,11 @@ class ChatService:
         self._closing = self._stopped = True
         self._resume_now.set()
 
+    @property
+    def draining(self) -> bool:
+        """Whether a stop has begun: no new turn is taken."""
+        return self._closing
+
     async def drain(self, grace: float) -> int:
         """Stop taking turns, give running answers `grace` seconds, then leave the rest
         pending for the next start (their threads say so). Returns how many were left."""

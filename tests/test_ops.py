@@ -235,6 +235,16 @@ async def test_discord_is_connected_from_ready_through_a_resume_until_the_gatewa
     assert body["checks"]["discord"] == "not connected"
 
 
+async def test_not_ready_while_draining(ops):
+    """A stop has begun (SIGTERM): a load balancer sends new events elsewhere, where it
+    was told all was ready until the process went."""
+    async with ops() as up:
+        await until(up.readiness, ready)
+        await up.service.drain(0)
+        status, body = await up.readiness()
+    assert status == 503 and body["checks"]["service"] == "draining"
+
+
 async def test_not_ready_once_the_engine_thread_died(ops, slack, make_batcher):
     async with ops(BrokenLoopBatcher(make_batcher())) as up:
         await until(up.readiness, ready)
