@@ -21,6 +21,7 @@ variables that are not ours, so there only a near-miss of a setting's name is wa
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import re
 from collections.abc import Hashable, Mapping, MutableMapping
@@ -30,6 +31,7 @@ from typing import Any, Literal, TypeGuard, cast, get_origin
 
 import yaml
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -462,11 +464,16 @@ def export_hugging_face_variables(
 
 def read_env_file(env_file: Path = ENV_FILE) -> dict[str, str | None]:
     """The variables of `.env` (none where there is no such file); ConfigError, in one line
-    naming the file, where it cannot be read (not ours to read, not UTF-8)."""
+    naming the file, where it cannot be read (not ours to read, not UTF-8), or a line of
+    it is no `NAME=value` (python-dotenv would skip it: a token silently unset)."""
     try:
-        return dotenv_values(env_file)
+        text = env_file.read_text(encoding="utf-8") if env_file.is_file() else ""
     except (UnicodeDecodeError, OSError) as error:
         raise _unreadable(error, env_file) from None
+    if bad := next((b for b in parse_stream(io.StringIO(text)) if b.error), None):
+        # Not the line itself: it may hold a token.
+        raise ConfigError(f"{env_file} line {bad.original.line}: not a NAME=value line")
+    return dotenv_values(stream=io.StringIO(text))
 
 
 def _unreadable(error: UnicodeDecodeError | OSError, where: Path) -> ConfigError:

@@ -297,6 +297,16 @@ def test_a_dotenv_not_in_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
             read()
 
 
+def test_a_dotenv_line_that_is_no_setting_is_one_line_not_a_silent_skip(tmp_path: Path) -> None:
+    """`SLACK_BOT_TOKEN xoxb-…` (no `=`): python-dotenv skips it with a warning, and the
+    token was silently unset; the line is named, its text (a token) is not."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\nSLACK_BOT_TOKEN xoxb-do-not-print\n")
+    for read in (load_settings, export_hugging_face_variables):
+        with pytest.raises(ConfigError) as info:
+            read()
+        assert str(info.value) == ".env line 2: not a NAME=value line"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
 def test_an_unreadable_dotenv_is_one_line_naming_it(tmp_path: Path) -> None:
     """A `.env` not ours to read (root's, mode 640): one line, not a PermissionError."""
