@@ -224,11 +224,19 @@ class JobQueue:
 
     async def _follow_earlier(self, watch: _Watch) -> bool:
         """If another gateway's job of the same request is there and not cancelled, read
-        that one's answer instead (True)."""
-        earlier = await self.redis.get(keys.job_asked(watch.job.fingerprint()))
+        that one's answer instead (True). Not one past half its time: it keeps the dead
+        gateway's deadline, and a worker that takes it later drops it unanswered; it is
+        cancelled, and this gateway sends its own."""
+        asked = keys.job_asked(watch.job.fingerprint())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            earlier, left_ms = await pipe.get(asked).pttl(asked).execute()
         if earlier is None or keys.job_chunks(earlier) in self._watches:
             return False  # none, or this gateway's own: asked twice at once
         if await self.redis.exists(keys.job_cancel(earlier)):
+            return False
+        if left_ms < self._asked_for_s * 1000 / 2:
+            await self.redis.set(keys.job_cancel(earlier), "1", ex=self._cancel_kept_s)
+            logger.info("not following job %s, sent long before: asking again", earlier)
             return False
         if self._watches.pop(keys.job_chunks(watch.job.id), None) is None:
             return True  # cancelled meanwhile: nothing to follow

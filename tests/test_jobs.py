@@ -441,6 +441,29 @@ async def test_a_gateway_that_follows_a_job_as_it_ends_reads_its_whole_answer(
     assert len(spy.prompts) == 1
 
 
+async def test_a_job_sent_long_before_is_asked_again_not_followed(streams, make_batcher):
+    """Gateway A sent the job, the workers were busy, and A died: B, taking the request
+    over, finds the job past half its time. Followed, it kept A's deadline, a worker taking
+    it after that dropped it unanswered, and B waited out its own timeout; B now cancels
+    it and sends its own, which is answered."""
+    first = JobQueue(redis=streams, gateway="gw-a", max_size=8, timeout=2)
+    await first.__aenter__()
+    asked_of_a = first.submit(HELLO, user="u1", conversation="c1")  # no worker alive yet
+    await wait_until(lambda: streams.xlen(keys.JOBS))
+    await crash(first)
+    asked_of_a.on_cancel = None  # as a kill -9: its own timer never cancels anything
+    [(_, fields)] = await streams.xrange(keys.JOBS)
+    earlier = Job.parse(fields).id
+    await asyncio.sleep(1.2)  # past half of A's 2 s
+    spy = SpyBatcher(make_batcher())
+    async with gateway(streams, timeout=30) as second:
+        asked_of_b = second.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: streams.exists(keys.job_cancel(earlier)))
+        async with worker(streams, spy, "w1"):  # it takes both: the earlier is dropped
+            assert await read(asked_of_b)
+    assert len(spy.prompts) == 1
+
+
 class AlwaysFails(SpyBatcher):
     def step(self) -> list:
         raise RuntimeError("the model fell over")
