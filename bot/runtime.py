@@ -30,8 +30,7 @@ from bot.metrics import Metrics
 from bot.service import ChatService
 from bot.team import Team
 from bot.tokens import PromptTokens, prompt_tokens_without_model
-from storage.connection import Resilience, open_redis, redact_url
-from storage.errors import StorageError
+from storage.connection import Resilience, open_redis
 from storage.limits import Limits
 from storage.locks import ConversationLocks
 from storage.reloads import TeamReloads
@@ -116,7 +115,7 @@ async def open_service(
         journal = TurnJournal(
             redis=redis, store=store, owner=owner, lease_seconds=settings.turn_lease_s
         )
-        await _first_write(journal, settings)
+        await journal.renew_lease()
         answering = (
             open_gateway(settings, redis, metrics, name=owner)
             if role == "gateway"
@@ -243,19 +242,6 @@ async def open_gateway(
         model = settings.inference_model or settings.model or DEFAULT_MODEL
         metrics.describe_build(version=version(), model=model, device="workers", dtype=NOT_HERE)
         yield Answering(queue, tokens, f"{model} on the workers")
-
-
-async def _first_write(journal: TurnJournal, settings: Settings) -> None:
-    """Take this process's lease: the first write, which a Redis that answers PING may
-    still refuse (a read-only replica, an ACL user without writes), said in one line."""
-    try:
-        await journal.renew_lease()
-    except RedisError as error:
-        where = f"REDIS_URL={redact_url(settings.redis_url)}" if settings.redis_url else "Redis"
-        raise StorageError(
-            f"{where} refuses writes ({error}): point REDIS_URL at the primary, as a user "
-            "that may write"
-        ) from error
 
 
 def connect_redis(settings: Settings, metrics: Metrics) -> AbstractAsyncContextManager[Redis]:

@@ -20,8 +20,9 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from storage import keys
 from storage.embedded import EmbeddedRedis
 from storage.errors import StorageError
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+WRITE_PROBE_MS = 1000  # the probe key goes by itself
 NOT_A_URL = "not a valid URL: percent-encode any / ? # @ or : in its password (%2F %3F %23 %40 %3A)"
 
 
@@ -80,6 +82,7 @@ async def open_redis(
     if redis_url:
         shown = redact_url(redis_url)
         client = await connect(redis_url, failure=f"cannot reach Redis at REDIS_URL={shown}")
+        await _check_writable(client, f"REDIS_URL={shown}")
         logger.info("using Redis at %s", shown)
         try:
             yield client
@@ -99,6 +102,19 @@ async def open_redis(
             await client.aclose()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def _check_writable(client: Redis, where: str) -> None:
+    """A Redis that answers PING may still refuse every write (a read-only replica, an ACL
+    user without writes): said now, in one line, not as the first message's traceback."""
+    try:
+        await client.set(keys.WRITE_PROBE, "1", px=WRITE_PROBE_MS)
+    except ResponseError as exc:  # READONLY, NOPERM
+        await client.aclose()
+        raise StorageError(
+            f"{where} refuses writes, as a read-only replica or a user without them does "
+            f"({exc}): point REDIS_URL at the primary, as a user that may write"
+        ) from exc
 
 
 def redact_url(url: str) -> str:

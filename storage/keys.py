@@ -22,6 +22,7 @@ ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
 REGENERATED_PREFIX = f"{PREFIX}regenerated:"
 ONCE_PREFIX = f"{PREFIX}once:"
 TEAM_RELOADS_PREFIX = f"{PREFIX}team-reloads:"
+WRITE_PROBE = f"{PREFIX}write-probe"  # set for a moment at start: may Redis be written?
 
 
 def conversation(conversation_id: str) -> str:

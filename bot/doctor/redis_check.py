@@ -55,13 +55,6 @@ def _connection(settings: Settings) -> tuple[str, AbstractAsyncContextManager[Re
 
 
 def _judge(where: str, info: dict[str, Any]) -> Finding:
-    if info.get("role", "master") != "master":
-        return fail(
-            CHECK,
-            f"{where} is a read-only replica (of {info.get('master_host')}:"
-            f"{info.get('master_port')}): the bot writes every message; point REDIS_URL "
-            "at the primary",
-        )
     memory = f"{info['used_memory_human']} used"
     if limit := int(info.get("maxmemory", 0)):
         memory += f" of {info['maxmemory_human']} ({info['maxmemory_policy']})"
