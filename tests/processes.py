@@ -60,6 +60,14 @@ class RedisServer:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
 
+    async def refuse_writes(self) -> None:
+        """Make it a replica of nothing: it answers PING and reads, and refuses every write
+        (READONLY), as a failover's old primary, or a replica named by mistake, does."""
+        from redis.asyncio import Redis
+
+        async with Redis.from_url(self.url) as client:
+            await client.execute_command("REPLICAOF", "127.0.0.1", "1")
+
     def kill(self) -> None:
         """SIGKILL: the server is gone at once, as in a crash or a lost host."""
         if self._process is not None:

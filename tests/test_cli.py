@@ -250,7 +250,7 @@ def test_a_redis_that_refuses_writes_fails_start_with_one_line(tmp_path: Path) -
     server = RedisServer(tmp_path / "redis", password="hunter2secret")
     server.start()
     try:
-        asyncio.run(_make_replica(server.url))
+        asyncio.run(server.refuse_writes())
         env = cli_env(REDIS_URL=server.url, DATA_DIR=str(tmp_path / "data"), MODEL="bundled")
         result = run_cli("chat", cwd=tmp_path, env=env, timeout=CHAT_TIMEOUT)
     finally:
@@ -259,11 +259,6 @@ def test_a_redis_that_refuses_writes_fails_start_with_one_line(tmp_path: Path) -
     [line] = [line for line in result.stderr.splitlines() if line.startswith("threadbot:")]
     assert "REDIS_URL=redis://:***@" in line and "refuses writes" in line
     assert "hunter2secret" not in result.stderr
-
-
-async def _make_replica(url: str) -> None:
-    async with Redis.from_url(url) as client:
-        await client.execute_command("REPLICAOF", "127.0.0.1", "1")  # of nothing: read-only
 
 
 def test_missing_model_folder_names_model(tmp_path: Path, redis_url: str) -> None:

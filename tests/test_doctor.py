@@ -333,8 +333,7 @@ async def test_a_read_only_replica_fails(doctor, tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
     server.start()
     try:
-        async with Redis.from_url(server.url) as client:
-            await client.execute_command("REPLICAOF", "127.0.0.1", "1")
+        await server.refuse_writes()
         report = await doctor(REDIS_URL=server.url)
     finally:
         server.kill()
