@@ -26,7 +26,6 @@ import pytest
 from redis.asyncio import Redis
 
 from bot import replies
-from bot.config import Settings
 from bot.types import ConversationKey
 from storage.embedded import EmbeddedRedis
 from storage.store import ConversationStore
@@ -44,13 +43,10 @@ class Result:
 
 
 def cli_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any threadbot setting, plus `settings`; the ops
-    server is off (HTTP_PORT=0) unless a test names a port, so that runs side by side
-    never compete for the default one."""
-    fields = set(Settings.model_fields)
-    env = {name: value for name, value in os.environ.items() if name.lower() not in fields}
-    env.update({"HTTP_PORT": "0"} | settings)
-    return env
+    """This process's environment (no threadbot setting in it during a test: conftest's
+    `only_the_tests_settings`), plus `settings`; the ops server is off (HTTP_PORT=0)
+    unless a test names a port, so that runs side by side never compete for the default."""
+    return {**os.environ, "HTTP_PORT": "0", **settings}
 
 
 def run_cli(

@@ -22,12 +22,9 @@ from bot.config import (
 
 
 @pytest.fixture(autouse=True)
-def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No setting from the developer's shell or a stray `.env` in the working directory."""
-    fields = set(Settings.model_fields)
-    for name in list(os.environ):
-        if name.lower() in fields:
-            monkeypatch.delenv(name)
+def own_working_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A working directory of the test's own, for the `.env` and team file it writes (the
+    developer's settings are kept out by conftest's `only_the_tests_settings`)."""
     monkeypatch.chdir(tmp_path)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -105,10 +104,6 @@ def doctor(
     """Runs the doctor in this process on the healthy settings with `changes` (None
     unsets one), in a working directory of its own, with `checks` (default: all); every
     token is checked absent from what it printed."""
-    fields = set(Settings.model_fields)
-    for name in list(os.environ):
-        if name.lower() in fields:
-            monkeypatch.delenv(name)
     workdir = tmp_path / "work"
     workdir.mkdir()
     monkeypatch.chdir(workdir)

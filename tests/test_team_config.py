@@ -3,24 +3,20 @@ the key and its line; reloads that keep the old rules when the new file is wrong
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from bot.config import ConfigError, Settings, load_settings
+from bot.config import ConfigError, load_settings
 from bot.team import Team
 
 EXAMPLE = Path(__file__).parent.parent / "threadbot.example.yml"
 
 
 @pytest.fixture(autouse=True)
-def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No setting from the developer's shell, and a working directory of the test's own."""
-    fields = set(Settings.model_fields)
-    for name in list(os.environ):
-        if name.split("__")[0].lower() in fields:  # ACCESS__DENY too
-            monkeypatch.delenv(name)
+def own_working_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A working directory of the test's own, for the `.env` and team file it writes (the
+    developer's settings are kept out by conftest's `only_the_tests_settings`)."""
     monkeypatch.chdir(tmp_path)
 
 
