@@ -169,7 +169,14 @@ def load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = one_device(device)
-    options: dict[str, Any] = {"dtype": pick_dtype(dtype, device), "device_map": device}
+    options: dict[str, Any] = {
+        "dtype": pick_dtype(dtype, device),
+        "device_map": device,
+        # Not the layers transformers would fetch from the hub's `kernels` repositories
+        # on a GPU: code from the network at load time, which fails offline (DEVICE=cuda
+        # with HF_HUB_OFFLINE=1 did), and layers other than the ones our batcher runs.
+        "use_kernels": False,
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(

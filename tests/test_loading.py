@@ -226,6 +226,18 @@ def test_a_model_without_a_chat_template_is_refused_naming_model(tmp_path, tiny_
         loading.load(ModelSource(str(tmp_path)), device="cpu", dtype="auto", cache_dir=tmp_path)
 
 
+def test_a_model_is_loaded_without_the_hub_s_kernels(tmp_path, tiny_model, qwen_tokenizer):
+    """transformers kernelizes a model by default, from the hub's `kernels` repositories:
+    code fetched at load time, which on a GPU failed the load offline. The CPU fetches none,
+    but the model says whether it was kernelized."""
+    tiny_model.save_pretrained(tmp_path)
+    qwen_tokenizer.save_pretrained(tmp_path)
+    model, _ = loading.load(
+        ModelSource(str(tmp_path)), device="cpu", dtype="auto", cache_dir=tmp_path
+    )
+    assert model.use_kernels is False
+
+
 def test_answers_that_crowd_out_the_prompt_are_refused_naming_max_new_tokens(
     tmp_path, tiny_model, qwen_tokenizer
 ):
