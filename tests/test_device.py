@@ -39,6 +39,7 @@ def test_auto_on_mps_is_fp16():
     assert pick_dtype("auto", "mps") == "float16"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_a_gpu_is_half_precision():
     assert pick_dtype("auto", "cuda") in ("bfloat16", "float16")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from test_cuda import ON_A_GPU
 
 from bot.ragged import Segment, SlotCache, StepLayout
 
@@ -23,13 +25,14 @@ def reference(query, keys, values, segments):
     return torch.stack(outputs)[None]
 
 
-def test_decoding_rows_and_prefill_chunks_attend_like_separate_sequences():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_A_GPU)])
+def test_decoding_rows_and_prefill_chunks_attend_like_separate_sequences(device):
     torch.manual_seed(0)
     decoding = [Segment(0, 9, 1), Segment(2, 250, 1), Segment(3, 12, 1), Segment(5, 30, 1)]
     prefilling = [Segment(1, 0, 7), Segment(4, 40, 16)]  # a first chunk, a later one
-    layout = StepLayout(decoding, prefilling, torch.device("cpu"))
-    keys, values = torch.randn(2, 6, KV_HEADS, WIDTH, DIM).unbind()
-    query = torch.randn(1, HEADS, layout.tokens, DIM)
+    layout = StepLayout(decoding, prefilling, torch.device(device))
+    keys, values = torch.randn(2, 6, KV_HEADS, WIDTH, DIM).to(device).unbind()
+    query = torch.randn(1, HEADS, layout.tokens, DIM).to(device)
     got = layout.attention(query, keys, values, DIM**-0.5)
     assert got.shape == (1, layout.tokens, HEADS, DIM)
     torch.testing.assert_close(got, reference(query, keys, values, layout.segments))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_qwen2, without_whitespace_tokens
 from test_batching import QUESTIONS, run
+from test_cuda import ON_A_GPU
 from test_packing import DTYPES
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -36,29 +37,34 @@ STEPS = [  # (decoding rows, prefill chunks): prompts read, then answers beside 
 
 def run_steps(forward, model) -> tuple[list[torch.Tensor], SlotCache]:
     """Every step's logits (at each segment's last token) and the cache they leave."""
-    config, dtype = model.config, model.dtype
+    config, dtype, device = model.config, model.dtype, model.device
     head_dim = config.hidden_size // config.num_attention_heads
-    cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, "cpu")
+    cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, device)
     cache.resize(3, 16, keep=0)
     generator = torch.Generator().manual_seed(1)
     logits = []
     with torch.inference_mode():
         for decoding, prefilling in STEPS:
-            layout = StepLayout(decoding, prefilling, torch.device("cpu"))
-            tokens = torch.randint(0, 300, (1, layout.tokens), generator=generator)
+            layout = StepLayout(decoding, prefilling, device)
+            tokens = torch.randint(0, 300, (1, layout.tokens), generator=generator).to(device)
             ends = torch.tensor([segment.length for segment in layout.segments]).cumsum(0) - 1
+            ends = ends.to(device)
             logits.append(forward(tokens, layout, cache, ends))
     return logits, cache
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize(
+    "packed, device",  # packing is oneDNN's, on the CPU alone
+    [(False, "cpu"), (True, "cpu"), pytest.param(False, "cuda", marks=ON_A_GPU)],
+    ids=["plain", "packed", "gpu"],
+)
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
 def test_the_lean_forward_computes_the_model_s_own_logits_and_cache_to_the_bit(
-    qwen_tokenizer, architecture, packed, dtype
+    qwen_tokenizer, architecture, packed, dtype, device
 ):
     model = tiny_qwen2(qwen_tokenizer) if architecture == "qwen2" else tiny_llama()
-    model = model.to(dtype)
+    model = model.to(device, dtype)
     if packed:
         assert pack_linear_weights(model)
     assert isinstance(step_forward(model), LeanForward)
