@@ -6,7 +6,8 @@ and the shared one, so load spreads by itself; with rows free it also takes what
 other workers' streams (a full worker's, or a dead one's). Every third of
 `JOB_CLAIM_IDLE_S` it keeps its running jobs from looking abandoned and stops those whose
 gateway cancelled them, and, while it takes jobs, sweeps: renews its heartbeat and claims
-other workers' abandoned jobs. A worker stalled past that idle time finds its jobs
+other workers' abandoned jobs (after a Redis outage, not before their workers could keep
+the running ones). A worker stalled past that idle time finds its jobs
 claimed by another: it drops them, so each answer is written by one worker at a time.
 Whatever it does to a job (acknowledge, hand back, keep) it does only while it holds it.
 
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -194,6 +196,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._finished = asyncio.Event()  # no running job is left to keep
         self._keeping: asyncio.Task[None] | None = None
+        self._beaten: float | None = None  # when the last heartbeat was written
+        self._in_touch_since = -math.inf  # since the last gap in the heartbeats
 
     async def run(self) -> None:
         """Take jobs until `stop`, sweeping meanwhile; then, with the heartbeat gone (so
@@ -520,15 +524,26 @@ class Worker:
         await self._beat()
         roll = await roll_call(self.redis)
         for stream in roll.streams:
-            await self._claim_abandoned(stream)
             await self._take_lost(stream)
+        if time.monotonic() - self._in_touch_since < self.claim_idle_ms / 1000:
+            return  # not yet: see `_beat`
+        for stream in roll.streams:
+            await self._claim_abandoned(stream)
         await self._tidy_dead_workers(roll)
 
     async def _beat(self) -> None:
+        """The heartbeat. After a gap in it (Redis out of reach, or this worker stalled),
+        other workers' jobs are left alone until Redis has answered for the claim idle
+        time: after an outage longer than that, every running job looks abandoned until
+        its worker keeps it, within a third of that time and its client's retries."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.worker(self.name), str(self.rows), px=self.claim_idle_ms)
             pipe.sadd(keys.WORKERS, self.name)
             await pipe.execute()
+        now = time.monotonic()
+        if self._beaten is not None and now - self._beaten > 2 * self._sweep_every_s:
+            self._in_touch_since = now
+        self._beaten = now
 
     async def _keep_running_jobs(self) -> None:
         """Reset the idle time of the jobs running here, and stop those cancelled, answered

@@ -1049,3 +1049,33 @@ async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path
     finally:
         server.kill()
     assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
+
+
+async def test_a_redis_outage_past_the_claim_idle_time_moves_no_running_answer(
+    tmp_path, redis_url, streams, make_batcher
+):
+    """Both workers lose Redis for longer than the claim idle time, so the job running on
+    one looks abandoned when Redis is back. The other's first sweep then leaves it to its
+    worker, which keeps it: the answer ends where it began, once, never restarted."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    running, idle = SlowSteps(make_batcher(max_new_tokens=60)), SpyBatcher(make_batcher())
+    async with (
+        # No retries: a worker's client backing off through the outage would keep the
+        # job late, beyond this test's short claim idle time.
+        lossy_redis(redis_url, tmp_path, [], Resilience(0, health_check_s=0)) as (far, proxy),
+        gateway(streams) as queue,
+        worker(far, running, "w1"),
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        first = await anext(aiter(generation))
+        async with worker(far, idle, "w2") as other:
+            proxy.cut()
+            await asyncio.sleep(CLAIM_IDLE_S * 4)
+            proxy.back()
+            await other._sweep()  # before w1's keep-alive, due within a third of the idle time
+            rest = await read(generation)  # AnswerRestarted would fail the test here
+    assert not idle.answers
+    assert first + "".join(rest) == generation.text == answer_alone(running.batcher, HELLO)
