@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Self
 
 from redis.asyncio import Redis
@@ -34,6 +33,7 @@ from bot.jobs import (
     Chunk,
     Job,
     JobFailed,
+    RedisClock,
     entry_age,
     job_counts,
     pick_worker,
@@ -75,12 +75,12 @@ class _Watch:
 
     job: Job
     generation: Generation
+    # When this gateway began to wait, on Redis's clock: pieces written before are a
+    # replay (of a job that a gateway before it sent), not the hop's delay.
+    since: float
     last_id: str = "0-0"
     attempt: int = 0  # the attempt being read; 0 until its worker took it
     read: int = 0  # characters of this attempt's answer read
-    # When this gateway began to wait: pieces written before are a replay (of a job that
-    # a gateway before it sent), not the hop's delay.
-    since: float = field(default_factory=time.time)
 
 
 class JobQueue:
@@ -111,8 +111,11 @@ class JobQueue:
         self._workers: list[str] | None = None  # alive, as last counted; None: not yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
+        self.clock = RedisClock()  # jobs' deadlines are on it, which workers share
 
     async def __aenter__(self) -> Self:
+        with contextlib.suppress(RedisError):  # (meanwhile, this machine's clock)
+            await self.clock.read(self.redis)
         self._spawn(self._read_answers())
         self._spawn(self._count_jobs())
         return self
@@ -180,9 +183,9 @@ class JobQueue:
             messages=messages,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            deadline=time.time() + self.timeout,
+            deadline=self.clock.now() + self.timeout,
         )
-        watch = _Watch(job, generation)
+        watch = _Watch(job, generation, since=self.clock.now())
         generation.on_cancel = lambda: self._spawn(self._cancel(watch))
         self._watches[keys.job_chunks(job.id)] = watch
         self._waiting += 1
@@ -295,7 +298,7 @@ class JobQueue:
         if (watch := self._watches.get(stream)) is None:
             return  # over: cancelled, or ended earlier in this batch
         watch.last_id = entry_id
-        now = time.time()
+        now = self.clock.now()
         if (age := entry_age(entry_id, now)) <= now - watch.since:
             self.metrics.chunk_delay.observe(age)
         try:
@@ -355,6 +358,7 @@ class JobQueue:
     async def _count_jobs(self) -> None:
         while not self._closed.is_set():
             with contextlib.suppress(RedisError):
+                await self.clock.read(self.redis)
                 roll = await roll_call(self.redis)
                 counts = await job_counts(self.redis, roll.streams)
                 self._waiting, self._held, self._workers = counts.waiting, counts.held, roll.alive

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import types
 import typing
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ class Job:
     messages: list[ChatMessage]
     max_new_tokens: int | None
     temperature: float | None
-    deadline: float  # Unix time after which nobody waits for the answer
+    deadline: float  # Unix time, on Redis's clock, after which nobody waits for the answer
 
     def fields(self) -> dict[str, str]:
         return {"job": json.dumps(asdict(self))}
@@ -118,9 +119,33 @@ def _is(value: object, hint: Any) -> bool:
     return isinstance(value, origin or hint)
 
 
+class RedisClock:
+    """Redis's clock, which a deployment's gateways and workers share where their own clocks
+    may not agree: jobs' deadlines are set and checked on it, and the stream entries' ids
+    carry its time. Read now and then; in between, and while Redis is out of reach, this
+    process's monotonic clock carries it on (before the first read, its own clock)."""
+
+    def __init__(self) -> None:
+        self._read: tuple[float, float] | None = None  # Redis's time, the monotonic clock's
+
+    def now(self) -> float:
+        if self._read is None:
+            return time.time()
+        redis_time, read_at = self._read
+        return redis_time + time.monotonic() - read_at
+
+    def heard(self, reply: tuple[int, int]) -> None:
+        """TIME's reply (seconds, microseconds), as read in a pipeline."""
+        seconds, microseconds = reply
+        self._read = seconds + microseconds / 1e6, time.monotonic()
+
+    async def read(self, redis: Redis) -> None:
+        self.heard(await redis.time())
+
+
 def entry_age(entry_id: str, now: float) -> float:
     """Seconds since a stream entry was added, from the Unix milliseconds that Redis puts at
-    the front of its id: to the millisecond, on machines whose clocks agree (NTP)."""
+    the front of its id; `now` on Redis's clock (`RedisClock`)."""
     return max(now - int(entry_id.split("-", 1)[0]) / 1000, 0.0)
 
 

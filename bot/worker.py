@@ -38,6 +38,7 @@ from bot.jobs import (
     Chunk,
     ChunkKind,
     Job,
+    RedisClock,
     Roll,
     entry_age,
     roll_call,
@@ -196,6 +197,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._finished = asyncio.Event()  # no running job is left to keep
         self._keeping: asyncio.Task[None] | None = None
+        self.clock = RedisClock()  # jobs' deadlines are on it, set by other machines
         self._beaten: float | None = None  # when the last heartbeat was written
         self._in_touch_since = -math.inf  # since the last gap in the heartbeats
 
@@ -320,7 +322,7 @@ class Worker:
                 await self._ensure_groups()
             return 0  # another worker's stream, gone: nothing to take there
         entries = [entry for _, entries in replies for entry in entries]
-        now = time.time()  # when they were read: taking each awaits Redis
+        now = self.clock.now()  # when they were read: taking each awaits Redis
         # All of them at once: none is taken for lost while those before it are checked.
         with self._checking({(stream, entry_id) for entry_id, _ in entries}):
             for entry_id, fields in entries:
@@ -355,7 +357,7 @@ class Worker:
             await self._acknowledge(stream, entry_id)
             return
         over = keys.job_cancel(job.id), keys.job_answered(job.id)
-        if job.deadline < time.time() or await self.redis.exists(*over):
+        if job.deadline < self.clock.now() or await self.redis.exists(*over):
             await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
             return
         if attempt > self.max_deliveries:
@@ -463,7 +465,7 @@ class Worker:
                 cancelled = await self._write(taken.job, chunk)
                 break
             except RedisError as error:
-                if generation.cancelled or time.time() >= taken.job.deadline:
+                if generation.cancelled or self.clock.now() >= taken.job.deadline:
                     raise
                 logger.warning("job %s: cannot write its answer; retrying: %s", taken.job.id, error)
                 await asyncio.sleep(OUTAGE_PAUSE_S)
@@ -473,7 +475,7 @@ class Worker:
 
     async def _write(self, job: Job, chunk: Chunk) -> bool:
         stream = keys.job_chunks(job.id)
-        kept = _kept_s(job)
+        kept = self._kept_s(job)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(stream, chunk.fields(), maxlen=CHUNKS_MAXLEN)
             pipe.expire(stream, kept)
@@ -496,10 +498,14 @@ class Worker:
                 await self._hand_back_if_mine(keys=[taken.stream], args=args)
             else:
                 passed_on = keys.job_passed_on(taken.job.id)
-                kept = _kept_s(taken.job)
+                kept = self._kept_s(taken.job)
                 await self._pass_on_if_mine(keys=[taken.stream, passed_on], args=[*args, kept])
         except RedisError as error:  # it is claimed once idle long enough anyway
             logger.warning("could not hand back job %s: %s", taken.job.id, error)
+
+    def _kept_s(self, job: Job) -> int:
+        """How long what it writes of a job is kept: past its deadline, for a slow reader."""
+        return round(max(job.deadline - self.clock.now(), 0)) + ANSWER_KEPT_S
 
     # --- the sweep ----------------------------------------------------------------------
 
@@ -532,14 +538,17 @@ class Worker:
         await self._tidy_dead_workers(roll)
 
     async def _beat(self) -> None:
-        """The heartbeat. After a gap in it (Redis out of reach, or this worker stalled),
-        other workers' jobs are left alone until Redis has answered for the claim idle
-        time: after an outage longer than that, every running job looks abandoned until
-        its worker keeps it, within a third of that time and its client's retries."""
+        """The heartbeat, with a reading of Redis's clock. After a gap in it (Redis out of
+        reach, or this worker stalled), other workers' jobs are left alone until Redis has
+        answered for the claim idle time: after an outage longer than that, every running
+        job looks abandoned until its worker keeps it, within a third of that time and its
+        client's retries."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.worker(self.name), str(self.rows), px=self.claim_idle_ms)
             pipe.sadd(keys.WORKERS, self.name)
-            await pipe.execute()
+            pipe.time()
+            *_, redis_time = await pipe.execute()
+        self.clock.heard(redis_time)
         now = time.monotonic()
         if self._beaten is not None and now - self._beaten > 2 * self._sweep_every_s:
             self._in_touch_since = now
@@ -647,8 +656,3 @@ class Worker:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _kept_s(job: Job) -> int:
-    """How long what a worker writes of a job is kept: past its deadline, for a slow reader."""
-    return round(max(job.deadline - time.time(), 0)) + ANSWER_KEPT_S

@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 import bot.job_queue
 import bot.worker
 from bot.job_queue import ANSWER_READ_KEPT_S, WAKE_KEPT_S, JobQueue
-from bot.jobs import Chunk, Job, JobFailed, entry_age, pick_worker
+from bot.jobs import Chunk, Job, JobFailed, RedisClock, entry_age, pick_worker
 from bot.metrics import Metrics
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
 from bot.worker import GROUP, LOST_AFTER_MS, Worker
@@ -1079,3 +1079,40 @@ async def test_a_redis_outage_past_the_claim_idle_time_moves_no_running_answer(
             rest = await read(generation)  # AnswerRestarted would fail the test here
     assert not idle.answers
     assert first + "".join(rest) == generation.text == answer_alone(running.batcher, HELLO)
+
+
+class SkewedTime:
+    """The `time` module of a machine whose clock is `by` seconds off; its monotonic clock
+    (which no other machine reads) as it is."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def time(self) -> float:
+        return time.time() + self.by
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize(
+    "module, by", [(bot.job_queue, -600), (bot.worker, 600)], ids=["gateway-behind", "worker-ahead"]
+)
+async def test_a_gateway_and_a_worker_ten_minutes_apart_answer_on_redis_s_clock(
+    streams, make_batcher, monkeypatch, module, by
+):
+    """One machine without NTP: a job's deadline is set and checked on Redis's clock, so
+    the worker does not take a fresh job for one long past its deadline, and drop it."""
+    monkeypatch.setattr(module, "time", SkewedTime(by), raising=False)
+    batcher = make_batcher(max_new_tokens=8)
+    async with gateway(streams, timeout=5) as queue, worker(streams, batcher, "w1"):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        pieces = await read(generation)
+    assert "".join(pieces) == generation.text == answer_alone(batcher, HELLO)
+
+
+def test_redis_s_clock_runs_on_from_its_reading_whatever_this_machine_s_says():
+    clock = RedisClock()
+    assert abs(clock.now() - time.time()) < 1  # no reading yet: this machine's
+    clock.heard((1_000, 500_000))  # TIME's seconds and microseconds
+    assert 1_000.5 <= clock.now() < 1_001.5
