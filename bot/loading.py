@@ -126,14 +126,31 @@ def _hub_errors() -> tuple[type[Exception], ...]:
     return (OSError, HTTPError)
 
 
+HUB_TIMEOUT_S = 30
+"""How long a request to the hub may wait for each answer. huggingface_hub's requests wait
+for ever where a call sets no timeout of its own (its repository lookup sets none), so a
+hub or proxy that took the connection and never answered hung the start without a word."""
+
+
+def _bounded(request: Any) -> None:
+    """A request hook for huggingface_hub's client: `HUB_TIMEOUT_S` for each wait of the
+    request that has no limit (the hub's downloads set their own)."""
+    limits = request.extensions.get("timeout", {})
+    bounded = {wait: HUB_TIMEOUT_S if limit is None else limit for wait, limit in limits.items()}
+    request.extensions = {**request.extensions, "timeout": bounded}
+
+
 def _download(repo_id: str, gguf_file: str | None = None) -> str:
     """The local snapshot of a hub model: from the cache, or downloaded with progress bars.
 
     Only what transformers loads: the one GGUF file asked for, or the repo without
     other runtimes' weights (ONNX, TensorFlow, Flax, GGUF) that can be many gigabytes.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import get_session, snapshot_download
 
+    hooks = get_session().event_hooks["request"]  # (the client it shares, made on first use)
+    if _bounded not in hooks:
+        hooks.append(_bounded)
     logger.info("Fetching %s (cached after the first run)", repo_id)
     files = {"allow_patterns": [gguf_file]} if gguf_file else {"ignore_patterns": OTHER_RUNTIMES}
     try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -88,6 +90,58 @@ def hub_behind_a_refusing_proxy(monkeypatch) -> Iterator[None]:
         huggingface_hub.close_session()  # no later test's client keeps this proxy
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.fixture
+def hub_behind_a_stalling_proxy(monkeypatch) -> Iterator[None]:
+    """A proxy on 127.0.0.1 that takes every connection and never answers."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=hold, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    for name in ("https_proxy", "http_proxy", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", url)
+    monkeypatch.setenv("HTTP_PROXY", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    huggingface_hub.close_session()
+    try:
+        yield
+    finally:
+        huggingface_hub.close_session()
+        listener.close()
+        for connection in held:  # a request still waiting ends
+            connection.close()
+
+
+def test_a_hub_that_never_answers_is_given_up_on_with_one_line(
+    hub_behind_a_stalling_proxy, monkeypatch
+):
+    monkeypatch.setattr(loading, "HUB_TIMEOUT_S", 1)
+    errors: list[ModelError] = []
+
+    def resolve() -> None:
+        try:
+            loading.resolve_source(settings(model="someone/some-model"))
+        except ModelError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "still waiting for the hub"
+    [error] = errors
+    [line] = str(error).splitlines()
+    assert line.startswith("MODEL=someone/some-model is neither a local folder")
 
 
 def test_unset_model_falls_back_to_bundled_behind_a_proxy_that_refuses_the_hub(
