@@ -68,7 +68,8 @@ async def fit(
     budget: int,
 ) -> Fitted:
     """The prompt for `history`: all of it while it fits `budget` tokens; once it does not,
-    only the newest messages that fit `TRIM_TO` of the budget.
+    only the newest messages that fit `TRIM_TO` of the budget (or, where the newest alone
+    is longer than that, the budget itself: the history is not given up for it).
 
     Trimming below the budget is hysteresis: the caller drops the `cut` messages from the
     stored history, so the next turns start the same way, byte for byte (their KV cache is
@@ -91,11 +92,13 @@ async def fit(
     start = next_user(0)
     if await fits(start, budget):
         return Fitted(system + history[start:], start, 0)
-    low_watermark = int(budget * TRIM_TO)
+    target = int(budget * TRIM_TO)
+    if not await fits(newest, target):  # a long newest message: keep what fits at all
+        target = budget
     low, high = start, newest  # the smallest drop that fits lies in [low, high]
     while low < high:  # binary search: O(log n) token counts, not O(n)
         middle = (low + high) // 2
-        if await fits(middle, low_watermark):
+        if await fits(middle, target):
             high = middle
         else:
             low = middle + 1

@@ -141,6 +141,16 @@ async def test_past_the_budget_the_oldest_go_down_to_two_thirds_of_it():
     assert words(prompt) <= 26 * TRIM_TO < words([SYSTEM, *SAID[2:], newest])
 
 
+async def test_a_newest_message_past_two_thirds_of_the_budget_keeps_what_fits_beside_it():
+    """Two thirds of 30 is 20 words, which the 20-word question and the system prompt
+    pass alone: the trim keeps what fits the budget itself, not the question alone."""
+    newest = user(" ".join(["word"] * 20))
+    prompt, cut, dropped = await fit([SYSTEM], [*SAID, newest], count_tokens=words, budget=30)
+    assert (cut, dropped) == (6, 6)
+    assert prompt == [SYSTEM, *SAID[6:], newest]
+    assert words(prompt) <= 30 < words([SYSTEM, *SAID[4:], newest])
+
+
 async def test_an_answer_left_first_by_the_store_is_cut_but_not_counted_as_dropped():
     history = SAID[1:]  # the store's cap left an answer first: never part of a prompt
     assert await fit([], history, count_tokens=words, budget=30) == Fitted(history[1:], 1, 0)
