@@ -48,6 +48,15 @@ def end_token_ids(config: GenerationConfig) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
+def as_generate_reads(config: GenerationConfig) -> GenerationConfig:
+    """A model's generation config with what it leaves unset filled in as `generate` fills
+    it, from transformers' defaults: a model that samples without naming `top_k` (Llama
+    3.x's config, a GGUF's) draws from the top 50, not from the whole vocabulary."""
+    complete = copy.deepcopy(config)
+    complete.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    return complete
+
+
 @dataclass(frozen=True)
 class _Strategy:
     """How rows with one generation config pick: their processors over the whole
@@ -106,6 +115,7 @@ class Sampler:
     """Picks the next token of each row from its logits: greedy, or sampled as configured."""
 
     def __init__(self, config: GenerationConfig, *, device: torch.device) -> None:
+        config = as_generate_reads(config)
         self.config = config
         self.min_new_tokens = config.min_new_tokens or 0
         self.end_ids = torch.tensor(sorted(end_token_ids(config)), device=device)

@@ -28,8 +28,9 @@ def generate_s_probabilities(config: GenerationConfig, logits: torch.Tensor) -> 
         RepetitionPenaltyLogitsProcessor(config.repetition_penalty),
         TemperatureLogitsWarper(config.temperature),
     ])  # fmt: skip
-    if config.top_k:
-        processors.append(TopKLogitsWarper(config.top_k))
+    top_k = 50 if config.top_k is None else config.top_k  # generate's own where unset
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
     if config.top_p < 1.0:
         processors.append(TopPLogitsWarper(config.top_p))
     if config.min_p:
@@ -43,8 +44,9 @@ def generate_s_probabilities(config: GenerationConfig, logits: torch.Tensor) -> 
         {"top_k": 20, "top_p": 0.8},  # Qwen2.5's own: narrowed to 20 candidates
         {"top_k": 40, "top_p": 1.0, "min_p": 0.05},
         {"top_k": 0, "top_p": 0.9},  # no top-k: the whole vocabulary
+        {"top_p": 0.9},  # top_k unset (Llama 3.x's config): generate's default, 50
     ],
-    ids=["top-k-top-p", "top-k-min-p", "whole-vocabulary"],
+    ids=["top-k-top-p", "top-k-min-p", "whole-vocabulary", "top-k-unset"],
 )
 def test_sampled_tokens_follow_generate_s_distribution(settings):
     config = GenerationConfig(do_sample=True, temperature=0.7, repetition_penalty=1.3, **settings)
