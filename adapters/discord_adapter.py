@@ -230,7 +230,7 @@ class DiscordAdapter(Adapter):
             or message.type not in ANSWERED_TYPES
         ):
             return  # bots (ourselves included), webhooks, joins, pins and other system messages
-        addressed = _mentions(message, me) or isinstance(message.channel, discord.DMChannel)
+        addressed = _addressed(message, me)
         try:
             route = await self._route(message, me)
             if route is None:
@@ -268,12 +268,13 @@ class DiscordAdapter(Adapter):
             return key_from(root=str(message.id)), here(), False
         if isinstance(channel, discord.Thread):
             key = key_from(root=str(message.id))
+            if channel.owner_id == me.id:  # a thread we opened: no need to ask Redis
+                return key, here(), False
             by = asyncio.get_running_loop().time() + JOIN_WAIT_S
             known = await self.joining.knows(key, by=by)
-            ours = channel.owner_id == me.id
-            if not (mentioned or known or ours):
+            if not (mentioned or known):
                 return None
-            return key, here(), not (known or ours)
+            return key, here(), not known
         inline = self.settings.discord_reply_mode == "inline"
         if inline or message.reference is not None:
             # In thread mode too, a reply to one of our messages in the channel (an answer
@@ -407,6 +408,19 @@ class DiscordAdapter(Adapter):
             return names[kind].get(ident, match[0])
 
         return re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+
+
+def _addressed(message: discord.Message, me: discord.ClientUser) -> bool:
+    """Whether a message is to the bot, so it hears of a failure: a mention, a DM, a
+    message in a thread the bot opened, or a reply to one of its messages. (Others, in
+    conversations it may not be part of, are left in silence.)"""
+    channel, replied = message.channel, message.reference and message.reference.resolved
+    return (
+        _mentions(message, me)
+        or isinstance(channel, discord.DMChannel)
+        or (isinstance(channel, discord.Thread) and channel.owner_id == me.id)
+        or (isinstance(replied, discord.Message) and replied.author.id == me.id)
+    )
 
 
 def _mentions(message: discord.Message, me: discord.ClientUser) -> bool:

@@ -25,6 +25,7 @@ from conftest import (
 from discord.gateway import DiscordWebSocket
 from fake_discord import ApiError, FakeDiscord
 from processes import free_port
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from adapters import discord_adapter, discord_channel
 from adapters.attachments import MAX_FILE_BYTES
@@ -129,6 +130,32 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
         assert await service.knows(key(message)) and not await service.knows(key(chatter))
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello bot", "and another thing"]
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
+
+
+@pytest.mark.parametrize("reply_mode", ["thread", "inline"])
+async def test_a_follow_up_without_a_mention_in_a_storage_outage_is_told_so(
+    fake, discord_bot, monkeypatch, reply_mode
+):
+    """In the bot's own thread, or as a reply to its answer: the message cannot be kept,
+    so its sender is told, where it was refused in silence and lost."""
+    async with discord_bot(reply_mode=reply_mode) as (service, _batcher):
+        message = await mention(fake, "hello bot")
+        where = message["id"] if reply_mode == "thread" else fake.channel_id
+        answer = await final_reply(fake, where)
+
+        async def gone(*args, **kwargs):
+            raise RedisConnectionError("Connection refused")
+
+        monkeypatch.setattr(service.journal, "accept", gone)  # where a message is kept
+        for name in ("exists", "answered_in"):  # where a message is routed
+            monkeypatch.setattr(service.store, name, gone)
+        if reply_mode == "thread":
+            follow_up = fake.thread_message(where, "and another thing")
+        else:
+            follow_up = reply_to(fake, answer, "and another thing")
+        await fake.dispatch("MESSAGE_CREATE", follow_up)
+        told = await final_reply(fake, where, after=1)
+    assert told["content"] == replies.storage_unavailable()
 
 
 async def test_a_mention_of_the_bots_role_is_a_mention_of_the_bot(fake, discord_bot):
