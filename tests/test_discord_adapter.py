@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from adapters import discord_adapter, discord_channel
 from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
-from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter
+from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter, gateway_intents
 from adapters.discord_channel import DM_LOOKUPS, FAILED_LOOKUP_SECONDS, MEMBERSHIP_SECONDS
 from adapters.streaming import STREAMING_MARK
 from bot import replies
@@ -67,18 +67,23 @@ def discord_bot(fake, make_service):
 
     @asynccontextmanager
     async def start(batcher=None, *, reply_mode="thread", **service_options):
-        async with (
-            make_service(batcher, **service_options) as (service, batcher),
-            running(
-                DiscordAdapter.from_settings(
-                    settings_for(fake, discord_reply_mode=reply_mode), service
-                )
-            ),
-        ):
-            await fake.wait_identified()
-            yield service, batcher
+        async with make_service(batcher, **service_options) as (service, batcher):
+            settings = settings_for(fake, discord_reply_mode=reply_mode)
+            # Servers ready at once: discord.py waits 2 s for more of them by default.
+            client = discord.Client(intents=gateway_intents(), guild_ready_timeout=0.05)
+            adapter = DiscordAdapter(client=client, service=service, settings=settings)
+            async with running(adapter):
+                await fake.wait_identified()
+                await ready(adapter)
+                yield service, batcher
 
     return start
+
+
+async def ready(adapter: DiscordAdapter) -> None:
+    """Until discord.py has dispatched READY, which its own task does a moment after the
+    servers arrive: a client closed before then leaves that dispatch to a closed loop."""
+    await asyncio.wait_for(adapter.client.wait_until_ready(), timeout=10)
 
 
 def bot_messages(fake: FakeDiscord, channel_id: str) -> list[dict]:

@@ -21,7 +21,7 @@ from discord.gateway import DiscordWebSocket
 from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from test_discord_adapter import bot_messages, final_reply, mention, settings_for
+from test_discord_adapter import bot_messages, final_reply, mention, ready, settings_for
 
 from adapters import discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
@@ -78,6 +78,7 @@ def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
             )
             async with running(adapter):
                 await fake.wait_identified()
+                await ready(adapter)
                 yield Bot(fake, adapter, service, batcher)
 
     return start
