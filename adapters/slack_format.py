@@ -30,10 +30,10 @@ ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")
 STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)
-# In Markdown, also every other link form: each `](` left over from LINK, and reference
-# definitions (`[1]: https://…`), which would give `[label][1]` a hidden address.
+# In Markdown, also every other link form: each `](` left over from LINK, and each `]:`,
+# which ends a reference definition (`[1]: https://…`, in a list item or with its label
+# over two lines too) that would give `[label][1]` a hidden address.
 LINK_OR_BRACKETS = re.compile(rf"{LINK.pattern}|\]\(")
-REFERENCE_DEFINITION = re.compile(r"^( {0,3})\[(?=[^\]\n]+\]:)", re.MULTILINE)
 # The start of a Markdown link still being written: `[label`, `[label]`, `[label](http…`
 # (its `](` made text until the link is whole).
 LINK_BEING_WRITTEN = re.compile(r"\[[^\]\n]*(?:\](?:\\?\([^\s)|]*)?)?\Z")
@@ -97,7 +97,7 @@ def _heading(match: re.Match[str]) -> str:
 
 
 def _markdown_prose(text: str) -> str:
-    text = REFERENCE_DEFINITION.sub(r"\1\\[", text)
+    text = text.replace("]:", r"]\:")
     return LINK_OR_BRACKETS.sub(lambda m: _markdown_link(m) if m[1] else r"]\(", text)
 
 

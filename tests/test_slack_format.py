@@ -137,7 +137,9 @@ def test_an_unclosed_code_block_still_counts_as_code():
         ("[https://e.example](https://e.example/)", "[https://e.example/](https://e.example/)"),
         ("[bank](https://evil.example \"title\")", "[bank]\\(https://evil.example \"title\")"),
         ("[bank](mailto:evil@example.com)", "[bank]\\(mailto:evil@example.com)"),
-        ("[bank][1]\n[1]: https://evil.example", "[bank][1]\n\\[1]: https://evil.example"),
+        ("[bank][1]\n[1]: https://evil.example", "[bank][1]\n[1]\\: https://evil.example"),
+        ("[bank][1]\n- [1]: https://evil.example", "[bank][1]\n- [1]\\: https://evil.example"),
+        ("[bank][a b]\n[a\nb]: https://evil.example", "[bank][a b]\n[a\nb]\\: https://evil.example"),
         ("`[a](https://a.example)` & <b>", "`[a](https://a.example)` &amp; &lt;b&gt;"),
     ],
 )  # fmt: skip
