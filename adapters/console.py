@@ -104,7 +104,9 @@ class ConsoleAdapter(Adapter):
         self.author = getpass.getuser()
         # The terminal is there from the start: answers an earlier chat left unfinished
         # may be resumed into it at once.
-        service.serve_platform(f"console:{conversation}", lambda _target: ConsoleSink(self.output))
+        service.serve_platform(
+            f"console:{conversation}", lambda _target, _stop: ConsoleSink(self.output)
+        )
 
     async def run(self) -> None:
         with _modes_kept(self.input if self.interactive else None):

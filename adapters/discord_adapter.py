@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -190,8 +190,9 @@ class DiscordAdapter(Adapter):
             typing_repeats=math.ceil(self.settings.request_timeout / self.typing_interval),
         )
 
-    def _resumed(self, target: dict[str, Any]) -> DiscordReply:
-        """The sink of an answer started earlier (maybe by another process)."""
+    def _resumed(self, target: dict[str, Any], stop: Callable[[], object]) -> DiscordReply:
+        """The sink of an answer started earlier (maybe by another process). (Its Stop is
+        a button, whose press reaches the service as an interaction: `stop` is not kept.)"""
         posted = target.get("messages", [])
         channel = DiscordChannel(
             self.client,

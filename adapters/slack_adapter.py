@@ -478,7 +478,7 @@ class SlackAdapter(Adapter):
             mark="",  # Slack shows a stream as being written
         )
 
-    def _resumed(self, target: dict[str, Any]) -> ReplySink:
+    def _resumed(self, target: dict[str, Any], stop: Callable[[], object]) -> ReplySink:
         """The sink of an answer started earlier (maybe by another process): its messages
         keep the kind they were posted as; with none yet, it is answered as a new one."""
         thread = SlackThread(
@@ -491,9 +491,9 @@ class SlackAdapter(Adapter):
         )
         messages = target.get("messages", ())
         if not messages:
-            return self._sink(thread)
+            return self._sink(thread, stop)
         return (
-            self._native(thread, messages)
+            self._native(thread, messages, stop=stop)
             if target.get("native")
             else self._edited(thread, messages)
         )

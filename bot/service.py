@@ -53,8 +53,9 @@ from storage.turns import PendingTurn, TurnJournal, in_scope, user_message
 
 logger = logging.getLogger(__name__)
 
-SinkFactory = Callable[[dict[str, Any]], ReplySink]
-"""An adapter's way back into a thread: a sink for a saved reply target."""
+SinkFactory = Callable[[dict[str, Any], Callable[[], object]], ReplySink]
+"""An adapter's way back into a thread: a sink for a saved reply target, given what stops
+its answer (as the platform's own stop control, Slack's on a native stream, would)."""
 
 STATS_WINDOW_S = 3600  # what `stats` reports on
 PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be answered
@@ -343,7 +344,9 @@ class ChatService:
                 rebuild = next(
                     r for scope, r in self._scopes.items() if in_scope(pending.id, [scope])
                 )
-                sink = rebuild(pending.target)
+                sink = rebuild(
+                    pending.target, partial(self.stop_answer, pending.id, by=pending.turn.author)
+                )
         except Exception:  # e.g. a target saved by an older version: never block the others
             logger.exception("cannot reach the thread of turn %s; dropping it", pending.id)
             self._spawn(pending.id, self.journal.finish(pending))

@@ -635,7 +635,7 @@ class Rebuilder:
         self.targets: list[dict] = []
         self.sinks: list[RecordingSink] = []
 
-    def __call__(self, target: dict) -> RecordingSink:
+    def __call__(self, target: dict, stop: Callable[[], object]) -> RecordingSink:
         self.targets.append(target)
         self.sinks.append(RecordingSink())
         return self.sinks[-1]
@@ -651,6 +651,28 @@ async def gone(redis: Redis, turn_id: str) -> bool:
     return not await redis.exists(keys.turn(turn_id)) and (
         await redis.zscore(keys.PENDING_TURNS, turn_id) is None
     )
+
+
+async def test_a_resumed_answer_is_stopped_by_what_its_rebuilt_sink_was_given(
+    make_service, make_batcher, redis_client, store, platform
+):
+    """A turn another process accepted, taken over here: the adapter rebuilding its sink
+    gets what stops its answer (Slack's stop of a native stream calls it), as a new turn's
+    sink does; it was given none, and a stop there went unheard."""
+    pending = await process(redis_client, store, platform, "dead").accept(
+        on(platform, "tell me everything"), {}
+    )
+    sinks: list[StopsAtFirstText] = []
+
+    def rebuild(target: dict, stop: Callable[[], object]) -> StopsAtFirstText:
+        sinks.append(StopsAtFirstText(stop))
+        return sinks[-1]
+
+    async with make_service(make_batcher(max_new_tokens=3000)) as (service, _batcher):
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    [sink] = sinks
+    assert sink.kinds("finish")[0].endswith(replies.stopped())
 
 
 async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resume(
@@ -1108,10 +1130,10 @@ async def test_a_turn_whose_thread_cannot_be_rebuilt_does_not_block_the_others(
     assert broken is not None and good is not None
     rebuild = Rebuilder()
 
-    def rebuild_or_fail(target: dict) -> RecordingSink:
+    def rebuild_or_fail(target: dict, stop: Callable[[], object]) -> RecordingSink:
         if "from" in target:
             raise KeyError("thread")
-        return rebuild(target)
+        return rebuild(target, stop)
 
     async with make_service() as (service, _batcher):
         service.serve_platform(platform, rebuild_or_fail)

@@ -361,7 +361,7 @@ async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_
     settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
                         slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
     async with make_service() as (service, _batcher):
-        sink = SlackAdapter.from_settings(settings, service)._resumed(saved)
+        sink = SlackAdapter.from_settings(settings, service)._resumed(saved, lambda: None)
         await sink.start()
         await sink.append("Paris is the capital")
         await sink.finish(ANSWER)
@@ -370,3 +370,31 @@ async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_
     assert not slack.is_streaming("C0001", begun["ts"])
     assert len(slack.calls_to("chat.startStream")) == 1  # the earlier process's alone
     assert not slack.calls_to("chat.postMessage")
+
+
+async def test_a_resumed_answer_s_new_stream_stopped_by_a_reader_stops_the_answer(
+    slack, make_service
+):
+    """Another process accepted the turn and died before posting: the rebuilt sink streams
+    the answer anew, and a reader's stop of that stream reaches what stops the answer."""
+    mention = slack.app_mention("C0001", "What is the capital of France?")
+    saved = {"team": slack.team_id, "channel": "C0001", "thread_ts": mention["ts"],
+             "recipient": "U0ALICE", "recipient_team": slack.team_id}  # fmt: skip
+
+    def stop_at_once(call):
+        if call.method == "chat.startStream" and call.ok:
+            slack.stop_by_user("C0001", call.response["ts"])
+
+    slack.after_call = stop_at_once
+    stops: list[bool] = []
+    settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
+                        slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
+    async with make_service() as (service, _batcher):
+        sink = SlackAdapter.from_settings(settings, service)._resumed(
+            saved, lambda: stops.append(True)
+        )
+        await sink.start()
+        for text in ("Paris", "Paris is", "Paris is the capital"):
+            await sink.append(text)
+        await sink.finish(ANSWER)
+    assert stops and slack.calls_to("chat.startStream")
