@@ -114,18 +114,24 @@ class Int8Linear(nn.Module):
 
 class Int8Embedding(nn.Module):
     """Token embeddings as int8 rows times a per-row scale, looked up and converted to
-    `dtype`. A model whose output layer is tied to its embeddings shares these tensors
-    with that layer's `Int8Linear`, as it shared the float weight."""
+    `dtype`, then times the model's own `embed_scale` where it has one (Gemma's lookup
+    multiplies by the square root of its width). A model whose output layer is tied to
+    its embeddings shares these tensors with that layer's `Int8Linear`, as it shared the
+    float weight."""
 
-    def __init__(self, qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> None:
+    def __init__(
+        self, qweight: Tensor, scale: Tensor, dtype: torch.dtype, embed_scale: Tensor | None
+    ) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
+        self.register_buffer("embed_scale", embed_scale, persistent=False)
         self.dtype = dtype
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = F.embedding(ids, self.qweight).to(self.dtype)
-        return rows * self.scale[ids].unsqueeze(-1).to(self.dtype)
+        rows = rows * self.scale[ids].unsqueeze(-1).to(self.dtype)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)
 
     def extra_repr(self) -> str:
         tokens, width = self.qweight.shape
@@ -166,7 +172,13 @@ def quantize_int8(model: PreTrainedModel) -> None:
         table = output.qweight, output.scale
     else:
         table = quantized_rows(embeddings.weight)
-    model.set_input_embeddings(Int8Embedding(*table, dtype=embeddings.weight.dtype))
+    model.set_input_embeddings(
+        Int8Embedding(
+            *table,
+            dtype=embeddings.weight.dtype,
+            embed_scale=getattr(embeddings, "embed_scale", None),
+        )
+    )
     logger.info(
         "Quantized %d linear layers and the embeddings (%s) to int8",
         len(layers),

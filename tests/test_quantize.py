@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import answer_alone, tiny_qwen2
 from pydantic import ValidationError
-from transformers import DynamicCache
+from transformers import DynamicCache, GemmaConfig, GemmaForCausalLM
 
 from bot.batching import Batcher
 from bot.config import Settings
@@ -69,6 +69,22 @@ def test_logits_stay_close_to_the_unquantized_models(models, qwen_tokenizer):
     correlation = torch.corrcoef(torch.stack([expected.flatten(), found.flatten()]))[0, 1]
     assert correlation > 0.999
     assert (expected.argmax(-1) == found.argmax(-1)).float().mean() >= 0.9
+
+
+def test_an_embedding_that_scales_its_lookup_keeps_its_scale():
+    """Gemma's embeddings multiply each lookup by the square root of their width (16
+    here): without it every embedding was 16 times too small, and the answers garbage."""
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+    )).eval()  # fmt: skip
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with torch.inference_mode():
+        expected = model(ids).logits
+        quantize_int8(model)
+        found = model(ids).logits
+    assert ((found - expected).norm() / expected.norm()) < 0.05
 
 
 def test_greedy_answers_mostly_agree(models, qwen_tokenizer):
