@@ -282,6 +282,32 @@ def refuse_unservable(source: ModelSource, config: PretrainedConfig, context_tok
                 f"cannot serve: set MAX_CONTEXT_TOKENS to {window} or less, or choose a "
                 "model with full attention"
             )
+    _refuse_stepwise_rope(source, config.get_text_config(decoder=True), context_tokens)
+
+
+STEPWISE_ROPE = ("longrope", "dynamic")
+"""Rotary embeddings whose frequencies transformers picks from the largest position of the
+forward (Phi-3.5 and Phi-4-mini's longrope, dynamic NTK): in a batch, one long
+conversation would change every other row's."""
+
+
+def _refuse_stepwise_rope(
+    source: ModelSource, config: PretrainedConfig, context_tokens: int
+) -> None:
+    """ModelError (naming MODEL) where such rotary embeddings change within the context."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    per_layer_type = parameters and all(isinstance(p, dict) for p in parameters.values())
+    for rope in parameters.values() if per_layer_type else [parameters]:
+        kind = rope.get("rope_type")
+        if kind not in STEPWISE_ROPE:
+            continue
+        since = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+        if since < context_tokens:
+            raise ModelError(
+                f"MODEL={source} changes its rotary embeddings past {since} tokens ({kind} "
+                f"RoPE), for every conversation in a batch at once, which threadbot's batcher "
+                f"cannot serve: set MAX_CONTEXT_TOKENS to {since} or less"
+            )
 
 
 def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:

@@ -324,6 +324,13 @@ def config(model_type: str, **options: object) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, num_hidden_layers=4, **options)
 
 
+PHI_3_5_ROPE = {
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+}
+
+
 @pytest.mark.parametrize(
     ("model_type", "options", "context", "refusal"),
     [
@@ -335,6 +342,9 @@ def config(model_type: str, **options: object) -> PretrainedConfig:
         ("mistral", {"sliding_window": None}, None, None),  # Mistral v0.2 and later
         ("qwen2", {}, None, None),
         ("qwen2", {"use_sliding_window": False, "sliding_window": 512}, None, None),
+        ("phi3", PHI_3_5_ROPE, None, "changes its rotary embeddings past 4096 tokens (longrope"),
+        ("phi3", PHI_3_5_ROPE, 4096, None),  # the short factors alone, for every row
+        ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, None, None),
     ],
 )
 def test_models_the_batcher_cannot_serve_are_refused(
