@@ -124,6 +124,7 @@ class ChatService:
         self.model_name = model_name
         self.metrics = metrics if metrics is not None else Metrics()  # turns and their latency
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
+        self._accepting: set[str] = set()  # turns being taken: a twin delivery waits for none
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
         self._generations: dict[str, Generation] = {}  # by turn id, while streaming
         self._scopes: dict[str, SinkFactory] = {}  # connected adapters, for resuming
@@ -177,7 +178,16 @@ class ChatService:
     async def accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
         """Take a turn: once this returns, it is recorded and will be answered exactly once,
         by the returned task (or, after a stop, by the next process). None when the turn
-        was a re-delivery, or was answered at once (bad input, storage unavailable)."""
+        was a re-delivery, or was answered at once (bad input, storage unavailable).
+
+        A second delivery of a message while the first is being taken (Slack sends a
+        mention as `app_mention` and as `message`; a retry) is a re-delivery at once: it
+        would count the first against the sender's limits, and its refusal would mark the
+        message seen before the first was recorded, which then went unanswered."""
+        turn_id = f"{turn.conversation.platform}:{turn.message_id}"
+        if turn_id in self._accepting:
+            return _skipped(turn)
+        self._accepting.add(turn_id)
         try:
             return await self._accept(turn, sink)
         except Exception as error:
@@ -188,6 +198,8 @@ class ChatService:
                 self.metrics.count_turn(turn.conversation.platform, "failed")
             await sink.fail(replies.storage_unavailable())
             return None
+        finally:
+            self._accepting.discard(turn_id)
 
     async def handle(self, turn: Turn, sink: ReplySink) -> None:
         """Take a turn and wait for its answer (the console; tests)."""

@@ -449,6 +449,34 @@ async def test_a_user_with_too_many_unanswered_messages_is_asked_to_slow_down(
     assert all(sink.kinds("finish") for sink in (sinks[0], sinks[1], sinks[3]))
 
 
+async def test_a_message_delivered_twice_at_once_at_the_pending_limit_is_answered(
+    make_service, journal, monkeypatch, conversation
+):
+    """Slack's app_mention and message events for one mention, taken at once by a user
+    with one answer left to their limit: the twin waits for nothing, where it counted the
+    first against the limit, was refused, and marked the message seen first, so the
+    first was skipped and never answered."""
+    recording = asyncio.Event()
+    accept = journal.accept
+
+    async def slow_accept(*args: Any, **kwargs: Any) -> Any:
+        await recording.wait()  # the twin arrives meanwhile
+        return await accept(*args, **kwargs)
+
+    monkeypatch.setattr(journal, "accept", slow_accept)
+    message = turn(conversation, "hello")
+    first, twin = RecordingSink(), RecordingSink()
+    async with make_service(max_pending_per_user=1) as (service, _batcher):
+        taking = asyncio.create_task(service.accept(message, first))
+        await asyncio.sleep(0)  # the first is in, waiting for its record
+        assert await service.accept(message, twin) is None
+        recording.set()
+        answer = await asyncio.wait_for(taking, timeout=10)
+        assert answer is not None
+        await answer
+    assert first.kinds("finish") and not twin.events
+
+
 async def test_with_several_people_each_message_says_who_wrote_it(
     make_service, store, conversation
 ):
