@@ -83,8 +83,9 @@ EVENTS_PATH = "/slack/events"
 GROUP_DM = "mpim"  # the channel_type of a group DM: answered as a channel is, in threads
 ASSISTANT_THREAD_ROOT = "assistant_app_thread"  # the subtype of an assistant thread's first message
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
-CHANNEL_LINK = re.compile(r"<#[A-Z0-9]+\|([^>]*)>")
+CHANNEL_LINK = re.compile(r"<#([A-Z0-9]+)(?:\|([^>]*))?>")  # the label may be empty
 URL_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
+SPECIAL = re.compile(r"<!(?:subteam\^)?([^|>]+)(?:\|([^>]*))?>")  # @here, a user group
 
 
 class Person(NamedTuple):
@@ -658,15 +659,23 @@ def _mentioned(text: str) -> set[str]:
 
 def _readable(text: str, bot_user: str, names: dict[str, str]) -> str:
     """Slack markup to plain text: our mention removed, others as @names (`names`: by id, of
-    everyone mentioned), links unwrapped."""
+    everyone mentioned), channels as #names (their ids where Slack sent no name), links
+    unwrapped, `<!here>` and user groups as @here and @group."""
     text = text.replace(f"<@{bot_user}>", " ")
     for user in _mentioned(text):
         name = names.get(user, user)
         # A function, not a template: a name may hold a backslash (`CORP\jdoe`).
         text = re.sub(rf"<@{user}(?:\|[^>]*)?>", lambda _, name=name: f"@{name}", text)
-    text = CHANNEL_LINK.sub(r"#\1", text)
-    text = URL_LINK.sub(lambda m: m.group(2) or m.group(1), text)
+    text = CHANNEL_LINK.sub(lambda m: f"#{m[2] or m[1]}", text)
+    text = URL_LINK.sub(_link_text, text)
+    text = SPECIAL.sub(lambda m: m[2] or f"@{m[1]}", text)
     return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+
+def _link_text(link: re.Match[str]) -> str:
+    """A link as its label and its address, so the model sees where it goes."""
+    url, label = link[1], link[2]
+    return f"{label} ({url})" if label and label != url else url
 
 
 def _author(message: dict[str, Any], names: dict[str, str]) -> str:

@@ -397,6 +397,26 @@ async def test_names_are_remembered_up_to_a_bound(slack, socket_mode, monkeypatc
     assert [p[0]["content"] for p in batcher.prompts][-1] == "You are in #c0001."
 
 
+async def test_slack_markup_reaches_the_model_as_plain_text_that_keeps_its_meaning(
+    slack, socket_mode
+):
+    """A link's address, a channel named or not (Slack may send `<#C…|>`), @here and a
+    user group: where a channel became a bare `#`, a link lost its address, and the rest
+    came through as markup."""
+    markup = (
+        "post <https://a.example/x|the doc> and <https://b.example> in <#C0002|> or "
+        "<#C0003|general>, for <!here> and <!subteam^S012|@eng>"
+    )
+    async with socket_mode(ScriptedBatcher("Done.")) as (_service, batcher):
+        mention = slack.app_mention("C0001", markup)
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+    assert batcher.prompts[0][-1]["content"] == (
+        "post the doc (https://a.example/x) and https://b.example in #C0002 or #general, "
+        "for @here and @eng"
+    )
+
+
 @pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
 async def test_mentioned_late_in_a_long_thread_the_bot_reads_what_came_just_before(
     slack, socket_mode
