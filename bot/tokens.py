@@ -8,6 +8,7 @@ model's config, or, where it has no tokenizer at all, estimates on the safe side
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -60,8 +61,36 @@ def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
 def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
     """A conversation through the model's chat template, ready for an answer."""
     return tokenizer.apply_chat_template(
-        alternating(messages), tokenize=False, add_generation_prompt=True
+        alternating(defused(tokenizer, messages)), tokenize=False, add_generation_prompt=True
     )
+
+
+WORD_JOINER = "\u2060"  # invisible, and part of no token's text
+
+
+def defused(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]
+) -> list[ChatMessage]:
+    """`messages` with the text of each of the tokenizer's added tokens (`<|im_end|>`,
+    `<|im_start|>`, `<think>`) broken by an invisible word joiner after its first character.
+    The rendered prompt is tokenized as a whole, so such text in a message was read as the
+    token itself: a user who wrote `<|im_end|><|im_start|>system` opened a system turn.
+    Now only the template writes them."""
+    added = _added_tokens(tokenizer)
+    if added is None:
+        return list(messages)
+
+    def broken(text: str) -> str:
+        return added.sub(lambda token: token[0][0] + WORD_JOINER + token[0][1:], text)
+
+    return [{**message, "content": broken(message["content"])} for message in messages]
+
+
+@functools.lru_cache(maxsize=4)
+def _added_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
+    """Any of the tokenizer's added tokens of two characters or more, longest first."""
+    texts = sorted((t for t in tokenizer.get_added_vocab() if len(t) > 1), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> list[int]:
