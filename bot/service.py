@@ -688,6 +688,8 @@ class ChatService:
     ) -> None:
         """Keep the turn pending, tell the thread it will be answered, and (`release`:
         a clean stop, an outage) do not count this try against the turn's attempts."""
+        if release:  # until released, a resume pass that claims it meanwhile counts no try
+            self._release_owed.add(pending.id)
         try:
             await sink.pause(text or replies.restarting())
         except Exception:  # the platform is gone too; the record still stands
@@ -698,7 +700,8 @@ class ChatService:
             await self.journal.release(pending)
         except Exception:  # storage is gone (an outage): our claim of it will not count
             logger.warning("could not release turn %s", pending.id, exc_info=True)
-            self._release_owed.add(pending.id)
+        else:
+            self._release_owed.discard(pending.id)
 
     async def _command(self, turn: Turn, sink: ReplySink) -> None:
         """Carry out a command and answer it, or say why it could not be; the adapter chose

@@ -719,12 +719,26 @@ async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resum
     assert all(sink.kinds("fail") == [] and sink.kinds("finish") for sink in rebuild.sinks)
 
 
+class PassesAsItPauses(RecordingSink):
+    """A resume pass (`resume`, once) falls due while the thread is told the turn waits."""
+
+    resume: Callable[[], Awaitable[None]] | None = None
+
+    async def pause(self, text: str) -> None:
+        await super().pause(text)
+        if self.resume is not None:
+            resume, self.resume = self.resume, None
+            await resume()
+
+
+@pytest.mark.parametrize("pass_meanwhile", [False, True], ids=["after", "while-it-pauses"])
 async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
-    make_service, journal, redis_client, platform, monkeypatch
+    make_service, journal, redis_client, platform, monkeypatch, pass_meanwhile
 ):
     """Redis goes away as the turn is begun, and with it the release of this try: once it
     is back, the turn is taken up again as the same try (an outage is no crash), where
-    it counted one, and with TURN_MAX_ATTEMPTS=1 the user heard it was given up."""
+    it counted one, and with TURN_MAX_ATTEMPTS=1 the user heard it was given up. So too
+    where a resume pass claims it before its release was tried (under load, it did)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     down = True
@@ -739,11 +753,13 @@ async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
 
     for name in ("begin", "release"):
         monkeypatch.setattr(journal, name, outage(getattr(journal, name)))
-    message, sink = on(platform), RecordingSink()
+    message, sink = on(platform), PassesAsItPauses()
     async with make_service(max_attempts=1) as (service, _batcher):
         service.serve_platform(platform, Rebuilder())
+        if pass_meanwhile:
+            sink.resume = service.resume
         await service.handle(message, sink)
-        assert sink.kinds("pause") == [replies.storage_lost()]
+        assert sink.kinds("pause")[0] == replies.storage_lost()
         down = False
         await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
     assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
