@@ -23,6 +23,7 @@ this keeps k of them.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,16 @@ from transformers import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
+
+logger = logging.getLogger(__name__)
+
+NOT_APPLIED = (
+    "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length", "typical_p",
+    "forced_bos_token_id", "forced_eos_token_id", "begin_suppress_tokens", "epsilon_cutoff",
+    "eta_cutoff", "exponential_decay_length_penalty", "stop_strings", "renormalize_logits",
+    "num_beams", "penalty_alpha", "guidance_scale",
+)  # fmt: skip
+"""Generation-config options that `generate` applies and this sampler does not."""
 
 SAMPLED_FROM = 1e-5
 """The least temperature sampled with (as in vLLM): below it, picks are greedy, as at 0;
@@ -55,6 +66,17 @@ def as_generate_reads(config: GenerationConfig) -> GenerationConfig:
     complete = copy.deepcopy(config)
     complete.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
     return complete
+
+
+def not_applied(config: GenerationConfig) -> list[str]:
+    """The options of a completed config (`as_generate_reads`) in `NOT_APPLIED` that it
+    sets to anything but what `generate` does by default."""
+    default = as_generate_reads(GenerationConfig())
+    return [
+        name
+        for name in NOT_APPLIED
+        if getattr(config, name, None) not in (None, getattr(default, name, None))
+    ]
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,12 @@ class Sampler:
 
     def __init__(self, config: GenerationConfig, *, device: torch.device) -> None:
         config = as_generate_reads(config)
+        if unapplied := not_applied(config):
+            logger.warning(
+                "The model's generation config sets %s, which threadbot does not apply: "
+                "its answers will differ from generate's",
+                ", ".join(unapplied),
+            )
         self.config = config
         self.min_new_tokens = config.min_new_tokens or 0
         self.end_ids = torch.tensor(sorted(end_token_ids(config)), device=device)

@@ -3,6 +3,8 @@ the sampler narrows to the top-k candidates first or works on the whole vocabula
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import (
@@ -62,6 +64,21 @@ def test_sampled_tokens_follow_generate_s_distribution(settings):
     assert (expected > 0).sum() > 3  # a real choice, not a near-greedy one
     # 4,000 draws: a share's standard error is at most 0.008, so 0.04 is five of them.
     assert (found - expected).abs().max() < 0.04
+
+
+def test_options_it_does_not_apply_are_named_in_a_warning(caplog):
+    """A fine-tune's `no_repeat_ngram_size` or `stop_strings` would change its answers
+    under `generate`: the sampler says it leaves them out, where it was silent."""
+    with caplog.at_level(logging.WARNING, logger="bot.sampling"):
+        Sampler(GenerationConfig(top_k=20, top_p=0.8, temperature=0.7, do_sample=True),
+                device=torch.device("cpu"))  # fmt: skip
+        assert not caplog.records  # Qwen2.5's own: all applied
+        Sampler(GenerationConfig(no_repeat_ngram_size=3, stop_strings=["END"]),
+                device=torch.device("cpu"))  # fmt: skip
+    [record] = caplog.records
+    assert "sets no_repeat_ngram_size, stop_strings, which threadbot does not apply" in (
+        record.getMessage()
+    )
 
 
 def test_a_temperature_too_small_to_divide_by_picks_greedily():
