@@ -24,6 +24,7 @@ from bot.config import (
     load_settings,
     misspelt_settings,
 )
+from bot.device import still_loading
 from bot.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -99,7 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s", line)
     if exported:
         logger.debug("passed on from .env to the Hugging Face libraries: %s", ", ".join(exported))
-    command = {"chat": chat, "run": run}[args.command]
+    code = _run({"chat": chat, "run": run}[args.command], settings, args)
+    if still_loading():  # a stop during a model's download or load: it is not waited for
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(command: Any, settings: Settings, args: argparse.Namespace) -> int:
+    """A command's exit status: a failure that says what to fix as one line, others
+    logged with their traceback."""
     try:
         return asyncio.run(command(settings, args))
     except KeyboardInterrupt:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -57,3 +60,36 @@ def on_own_thread(work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """
     with ThreadPoolExecutor(1, thread_name_prefix="torch-once") as thread:
         return thread.submit(work, *args, **kwargs).result()
+
+
+LOADING = "threadbot-loading"  # the name of `loaded`'s threads
+
+
+async def loaded(work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`work(...)` (finding, downloading or loading a model) awaited on a new thread that
+    ends with it, as `on_own_thread`'s does, but a daemon one: a stop meanwhile (Ctrl-C or
+    SIGTERM in the middle of a download) returns at once, where asyncio waited for its
+    executor's threads and a stalled hub held the process for minutes. The process then
+    exits without waiting for it (`still_loading`)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (work(*args, **kwargs), None)
+        except BaseException as error:
+            outcome = (None, error)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits now
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=LOADING, daemon=True).start()
+    return await done
+
+
+def still_loading() -> bool:
+    """Whether a stop left `loaded` work running (it is abandoned at exit)."""
+    return any(thread.name == LOADING and thread.is_alive() for thread in threading.enumerate())

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.config import BUNDLED, DEFAULT_MODEL, Settings
-from bot.device import on_own_thread
+from bot.device import loaded
 from bot.logs import adopt_transformers
 from bot.metrics import Metrics
 from bot.service import ChatService
@@ -182,7 +182,7 @@ async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[
     if settings.inference_url:
         from bot.openai_backend import OpenAIBackend
 
-        tokens = await asyncio.to_thread(prompt_tokens_without_model, settings)
+        tokens = await loaded(prompt_tokens_without_model, settings)
         async with OpenAIBackend.from_settings(settings, metrics=metrics) as backend:
             metrics.describe_build(
                 version=version(), model=backend.model, device="remote", dtype=NOT_HERE
@@ -194,9 +194,9 @@ async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[
     from bot.kv_cache import PrefixCache
     from bot.queue import InferenceQueue
 
-    source = await asyncio.to_thread(loading.resolve_source, settings)
+    source = await loaded(loading.resolve_source, settings)
     # On a thread that then ends: the engine thread's OpenMP team must be the only one.
-    engine = await asyncio.to_thread(on_own_thread, load_engine, settings, source=source)
+    engine = await loaded(load_engine, settings, source=source)
     name = model_name(settings, source)
     metrics.describe_build(
         version=version(), model=name, device=str(engine.model.device), dtype=dtype_name(engine)
@@ -230,7 +230,7 @@ async def open_gateway(
     """Answers written by workers (`--role gateway`): only the tokenizer is loaded here."""
     from bot.job_queue import JobQueue
 
-    tokens = await asyncio.to_thread(prompt_tokens_without_model, settings)
+    tokens = await loaded(prompt_tokens_without_model, settings)
     queue = JobQueue(
         redis=redis,
         gateway=name,
