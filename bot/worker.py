@@ -401,7 +401,7 @@ class Worker:
                 max_new_tokens=job.max_new_tokens,
                 temperature=job.temperature,
             )
-            await self._say(taken, "started")
+            await self._say(taken, "started")  # raises if cancelled since it was checked
             await self._stream(taken, generation)
             await self._say(taken, "end", generation.text)
             await self._acknowledge(taken.stream, taken.entry_id)
@@ -438,9 +438,7 @@ class Worker:
                     if (now := time.monotonic()) < next_write:
                         continue
                     next_write = now + TEXT_EVERY_S
-                    if await self._say(taken, "text", unsent):
-                        taken.cancelled = True
-                        generation.cancel()
+                    await self._say(taken, "text", unsent)
                     unsent = ""
             except AnswerRestarted:
                 taken.written = 0
@@ -450,9 +448,10 @@ class Worker:
                 await self._say(taken, "text", unsent)
             return
 
-    async def _say(self, taken: _Taken, kind: ChunkKind, text: str = "") -> bool:
+    async def _say(self, taken: _Taken, kind: ChunkKind, text: str = "") -> None:
         """Write one entry of the answer, with the tokens read and written so far (so a
-        stopped answer has them too); whether the gateway has cancelled the job. Redis
+        stopped answer has them too); InferenceCancelled where the gateway has cancelled
+        the job, so that nothing more is written (text the answer has ready is not). Redis
         out of reach is waited for (the answer's text waits with it) until the job's
         deadline, unless the answer stops meanwhile: a failover is not a failed try."""
         generation = taken.generation
@@ -471,7 +470,9 @@ class Worker:
                 await asyncio.sleep(OUTAGE_PAUSE_S)
         if offset is not None:
             taken.written += len(text)
-        return cancelled
+        if cancelled:
+            taken.cancelled = True
+            raise InferenceCancelled
 
     async def _write(self, job: Job, chunk: Chunk) -> bool:
         stream = keys.job_chunks(job.id)

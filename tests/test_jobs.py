@@ -637,6 +637,35 @@ async def test_jobs_claimed_together_hold_their_rows_while_the_first_is_checked(
     assert read_meanwhile == [0]
 
 
+async def test_a_job_cancelled_as_it_starts_writes_none_of_its_answer(
+    streams, make_batcher, monkeypatch
+):
+    """Cancelled between its worker's check and the `started` entry, which reports it: no
+    text is written, even where the answer's first pieces came while `started` was written
+    (they were written before the worker looked again, or before the cancel reached them)."""
+    [job] = jobs_for(1)
+    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    async with worker(streams, spy, "w1") as working:
+        write = working._write
+
+        async def answered_a_little() -> bool:
+            return spy.batcher.stats.decoded >= 4
+
+        async def cancelled_first(job: Job, chunk: Chunk) -> bool:
+            if chunk.kind == "started":
+                await wait_until(answered_a_little)  # its text waits, unread
+                await asyncio.sleep(0.05)  # and has reached the event loop
+                await streams.set(keys.job_cancel(job.id), "1", ex=60)
+            return await write(job, chunk)
+
+        monkeypatch.setattr(working, "_write", cancelled_first)
+        await streams.xadd(keys.JOBS, job.fields())
+        await wait_until(lambda: _stream_is_empty(streams, keys.JOBS))  # acknowledged
+    kinds = [Chunk.parse(f).kind for _, f in await streams.xrange(keys.job_chunks(job.id))]
+    assert kinds == ["started"]
+    assert not spy.answers
+
+
 async def test_a_job_answered_by_another_try_stops_on_the_worker(streams, make_batcher):
     """Another worker answered the job while this one stalled: this try stops, for nobody
     waits for it, and the job is acknowledged."""
