@@ -14,12 +14,35 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fake_server import wait_for
 
 from storage.embedded import bundled_redis_server
+
+
+@contextlib.contextmanager
+def silent_proxy() -> Iterator[str]:
+    """The URL of a proxy on 127.0.0.1 that takes every connection and never answers (a
+    stalled hub or company proxy); its connections close at the end of the block."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=hold, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for connection in held:  # a request still waiting ends
+            connection.close()
 
 
 def free_port() -> int:

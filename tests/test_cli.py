@@ -18,12 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import silent_proxy
 from redis.asyncio import Redis
 
 from bot import replies
@@ -492,35 +492,24 @@ def test_a_stop_while_the_model_downloads_does_not_wait_for_the_download(tmp_pat
     """SIGTERM while the hub (here a proxy that takes the connection and never answers)
     holds up the model's download: the chat stops at once, where it waited for the
     download's thread, up to HUB_TIMEOUT_S (30 s) a request."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def hold() -> None:
-        with contextlib.suppress(OSError):  # closed at the end
-            while True:
-                held.append(listener.accept()[0])
-
-    threading.Thread(target=hold, daemon=True).start()
-    proxy = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    env = cli_env(MODEL="someone/some-model", DATA_DIR=str(tmp_path), HTTPS_PROXY=proxy)
-    for name in ("HF_HUB_OFFLINE", "https_proxy", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
-        env.pop(name, None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "chat"], cwd=tmp_path, env=env, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,  # so a hung run takes its redis-server down with it
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:  # ends with the process, if it never gets that far
-            if "Fetching someone/some-model" in line:
-                break
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        listener.close()
-        for connection in held:
-            connection.close()
+    with silent_proxy() as proxy:
+        env = cli_env(MODEL="someone/some-model", DATA_DIR=str(tmp_path), HTTPS_PROXY=proxy)
+        for name in ("HF_HUB_OFFLINE", "https_proxy", "all_proxy", "ALL_PROXY", "no_proxy",
+                     "NO_PROXY"):  # fmt: skip
+            env.pop(name, None)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot", "chat"], cwd=tmp_path, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,  # so a hung run takes its redis-server down with it
+        )  # fmt: skip
+        try:
+            assert process.stderr is not None
+            for line in process.stderr:  # ends with the process, if it never gets that far
+                if "Fetching someone/some-model" in line:
+                    break
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=20)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 143

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from conftest import package_dir, tiny_qwen2
+from processes import silent_proxy
 
 from bot import loading
 from bot.config import Settings
@@ -98,29 +97,18 @@ def hub_behind_a_stalling_proxy(monkeypatch) -> Iterator[None]:
     import huggingface_hub
     from huggingface_hub import constants
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def hold() -> None:
-        with contextlib.suppress(OSError):  # closed at the end
-            while True:
-                held.append(listener.accept()[0])
-
-    threading.Thread(target=hold, daemon=True).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    for name in ("https_proxy", "http_proxy", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", url)
-    monkeypatch.setenv("HTTP_PROXY", url)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    huggingface_hub.close_session()
-    try:
-        yield
-    finally:
+    with silent_proxy() as url:
+        for name in ("https_proxy", "http_proxy", "all_proxy", "ALL_PROXY", "no_proxy",
+                     "NO_PROXY"):  # fmt: skip
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", url)
+        monkeypatch.setenv("HTTP_PROXY", url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         huggingface_hub.close_session()
-        listener.close()
-        for connection in held:  # a request still waiting ends
-            connection.close()
+        try:
+            yield
+        finally:
+            huggingface_hub.close_session()
 
 
 def test_a_hub_that_never_answers_is_given_up_on_with_one_line(
