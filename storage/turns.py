@@ -273,7 +273,7 @@ class TurnJournal:
                 await self._drop_refused(turn_id, acceptance)
                 continue
             if in_scope(turn_id, scopes) and (
-                pending := await self._claim(turn_id, orphaned, count=turn_id not in uncounted)
+                pending := await self._claim(turn_id, orphaned, uncounted)
             ):
                 claimed.append(pending)
         for pending in claimed:
@@ -304,7 +304,7 @@ class TurnJournal:
         return await self._redis.zcard(keys.PENDING_TURNS)
 
     async def _claim(
-        self, turn_id: str, orphaned: Collection[str], *, count: bool
+        self, turn_id: str, orphaned: Collection[str], uncounted: Collection[str]
     ) -> PendingTurn | None:
         key = keys.turn(turn_id)
         in_doubt = turn_id in self._claims_in_doubt
@@ -316,7 +316,10 @@ class TurnJournal:
             if record.get("claim") == claim:  # an earlier try got through (its reply was lost)
                 return _parse(turn_id, record)
             owner = record.get("owner")
+            # Both read now, together: a turn orphaned since the claim began is left
+            # uncounted in the same step (`ChatService._leave_for_later`).
             ours_to_take = turn_id in orphaned or in_doubt
+            count = turn_id not in uncounted
             if owner == self.owner and not ours_to_take:
                 return None  # ours, and being answered (or just accepted)
             if owner and owner != self.owner:

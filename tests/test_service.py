@@ -765,6 +765,51 @@ async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
     assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
 
 
+async def test_a_turn_orphaned_while_a_pass_claims_it_costs_no_try(
+    make_service, journal, redis_client, platform, monkeypatch
+):
+    """A resume pass reaches the running turn (ours, not to take) and waits on Redis;
+    meanwhile storage fails the turn, which is orphaned, to be taken up uncounted. The
+    pass, going on, takes it as the same try, where it had decided to count one before."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    message, sink = on(platform), RecordingSink()
+    ours = f"{platform}:{message.message_id}"
+    parked, gate, down = asyncio.Event(), asyncio.Event(), True
+    claim_one, begin, release = journal._claim, journal.begin, journal.release
+
+    async def parks_on_ours(turn_id: str, *args: Any, **kwargs: Any) -> Any:
+        if turn_id == ours and not parked.is_set():
+            parked.set()
+            await gate.wait()
+        return await claim_one(turn_id, *args, **kwargs)
+
+    async def fails_once_parked(*args: Any, **kwargs: Any) -> Any:
+        await parked.wait()
+        if down:
+            raise RedisConnectionError("Connection refused")
+        return await begin(*args, **kwargs)
+
+    async def fails_while_down(*args: Any, **kwargs: Any) -> Any:
+        if down:
+            raise RedisConnectionError("Connection refused")
+        return await release(*args, **kwargs)
+
+    monkeypatch.setattr(journal, "_claim", parks_on_ours)
+    monkeypatch.setattr(journal, "begin", fails_once_parked)
+    monkeypatch.setattr(journal, "release", fails_while_down)
+    async with make_service(max_attempts=1) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+        assert await service.accept(message, sink) is not None
+        passing = asyncio.create_task(service.resume())
+        await until(lambda: asyncio.sleep(0, bool(sink.kinds("pause"))))
+        down = False
+        gate.set()
+        await passing
+        await until(lambda: gone(redis_client, ours), timeout=30)
+    assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
+
+
 async def stored_then_crashed(redis: Redis, store: ConversationStore, platform: str) -> PendingTurn:
     """A turn another process stored in the history and died with, its lease still on."""
     crashed = process(redis, store, platform, "crashed")

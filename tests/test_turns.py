@@ -452,11 +452,11 @@ async def test_turns_claimed_before_a_pass_failed_are_taken_by_the_next_pass(
     await me.renew_lease()
     claim_one, calls = me._claim, []
 
-    async def second_fails(turn_id: str, orphaned: object, **options: Any) -> PendingTurn | None:
+    async def second_fails(turn_id: str, *args: Any) -> PendingTurn | None:
         calls.append(turn_id)
         if len(calls) == 2:
             raise RedisConnectionError("connection lost")
-        return await claim_one(turn_id, orphaned, **options)
+        return await claim_one(turn_id, *args)
 
     monkeypatch.setattr(me, "_claim", second_fails)
     with pytest.raises(RedisConnectionError):
