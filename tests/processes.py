@@ -23,6 +23,10 @@ from fake_server import wait_for
 
 from storage.embedded import bundled_redis_server
 
+PROXY_NAMES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+               "ALL_PROXY", "no_proxy", "NO_PROXY")  # fmt: skip
+"""Every variable that sends an HTTP client through a proxy, or past one."""
+
 
 @contextlib.contextmanager
 def silent_proxy() -> Iterator[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from processes import silent_proxy
+from processes import PROXY_NAMES, silent_proxy
 from redis.asyncio import Redis
 
 from bot import replies
@@ -493,10 +493,10 @@ def test_a_stop_while_the_model_downloads_does_not_wait_for_the_download(tmp_pat
     holds up the model's download: the chat stops at once, where it waited for the
     download's thread, up to HUB_TIMEOUT_S (30 s) a request."""
     with silent_proxy() as proxy:
-        env = cli_env(MODEL="someone/some-model", DATA_DIR=str(tmp_path), HTTPS_PROXY=proxy)
-        for name in ("HF_HUB_OFFLINE", "https_proxy", "all_proxy", "ALL_PROXY", "no_proxy",
-                     "NO_PROXY"):  # fmt: skip
+        env = cli_env(MODEL="someone/some-model", DATA_DIR=str(tmp_path))
+        for name in ("HF_HUB_OFFLINE", *PROXY_NAMES):
             env.pop(name, None)
+        env["HTTPS_PROXY"] = proxy
         process = subprocess.Popen(
             [sys.executable, "-m", "bot", "chat"], cwd=tmp_path, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

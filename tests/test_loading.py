@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from conftest import package_dir, tiny_qwen2
-from processes import silent_proxy
+from processes import PROXY_NAMES, silent_proxy
 
 from bot import loading
 from bot.config import Settings
@@ -65,21 +66,17 @@ class _RefusingProxy(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def hub_behind_a_refusing_proxy(monkeypatch) -> Iterator[None]:
-    """The hub, online, reached only through a proxy on 127.0.0.1 that refuses it (no
-    request leaves this machine): huggingface_hub raises its HTTP library's ProxyError,
-    which is no OSError, rather than looking in its cache."""
+@contextlib.contextmanager
+def hub_through(proxy: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The hub, online, reached only through `proxy` (on 127.0.0.1: no request leaves
+    this machine), for the block."""
     import huggingface_hub
     from huggingface_hub import constants
 
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingProxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{proxy.server_port}"
-    for name in ("https_proxy", "http_proxy", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+    for name in PROXY_NAMES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", url)
-    monkeypatch.setenv("HTTP_PROXY", url)
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, at import
     huggingface_hub.close_session()  # its shared client reads the proxy when it is made
@@ -87,28 +84,27 @@ def hub_behind_a_refusing_proxy(monkeypatch) -> Iterator[None]:
         yield
     finally:
         huggingface_hub.close_session()  # no later test's client keeps this proxy
+
+
+@pytest.fixture
+def hub_behind_a_refusing_proxy(monkeypatch) -> Iterator[None]:
+    """A proxy that refuses the hub: huggingface_hub raises its HTTP library's
+    ProxyError, which is no OSError, rather than looking in its cache."""
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with hub_through(f"http://127.0.0.1:{proxy.server_port}", monkeypatch):
+            yield
+    finally:
         proxy.shutdown()
         proxy.server_close()
 
 
 @pytest.fixture
 def hub_behind_a_stalling_proxy(monkeypatch) -> Iterator[None]:
-    """A proxy on 127.0.0.1 that takes every connection and never answers."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    with silent_proxy() as url:
-        for name in ("https_proxy", "http_proxy", "all_proxy", "ALL_PROXY", "no_proxy",
-                     "NO_PROXY"):  # fmt: skip
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("HTTPS_PROXY", url)
-        monkeypatch.setenv("HTTP_PROXY", url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        huggingface_hub.close_session()
-        try:
-            yield
-        finally:
-            huggingface_hub.close_session()
+    """A proxy that takes every connection and never answers."""
+    with silent_proxy() as url, hub_through(url, monkeypatch):
+        yield
 
 
 def test_a_hub_that_never_answers_is_given_up_on_with_one_line(
