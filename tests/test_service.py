@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import FailsOnceBatcher, GatedBatcher, SpyBatcher
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot import replies
 from bot.config import Access
@@ -719,6 +720,21 @@ async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resum
     assert all(sink.kinds("fail") == [] and sink.kinds("finish") for sink in rebuild.sinks)
 
 
+class Outage:
+    """Redis refusing the calls put on it (`refusing`) while `down`."""
+
+    def __init__(self) -> None:
+        self.down = True
+
+    def refusing(self, call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def during_the_outage(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise RedisConnectionError("Connection refused")
+            return await call(*args, **kwargs)
+
+        return during_the_outage
+
+
 class PassesAsItPauses(RecordingSink):
     """A resume pass (`resume`, once) falls due while the thread is told the turn waits."""
 
@@ -739,20 +755,9 @@ async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
     is back, the turn is taken up again as the same try (an outage is no crash), where
     it counted one, and with TURN_MAX_ATTEMPTS=1 the user heard it was given up. So too
     where a resume pass claims it before its release was tried (under load, it did)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    down = True
-
-    def outage(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def during_the_outage(*args: Any, **kwargs: Any) -> Any:
-            if down:
-                raise RedisConnectionError("Connection refused")
-            return await call(*args, **kwargs)
-
-        return during_the_outage
-
+    outage = Outage()
     for name in ("begin", "release"):
-        monkeypatch.setattr(journal, name, outage(getattr(journal, name)))
+        monkeypatch.setattr(journal, name, outage.refusing(getattr(journal, name)))
     message, sink = on(platform), PassesAsItPauses()
     async with make_service(max_attempts=1) as (service, _batcher):
         service.serve_platform(platform, Rebuilder())
@@ -760,7 +765,7 @@ async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
             sink.resume = service.resume
         await service.handle(message, sink)
         assert sink.kinds("pause")[0] == replies.storage_lost()
-        down = False
+        outage.down = False
         await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
     assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
 
@@ -771,12 +776,10 @@ async def test_a_turn_orphaned_while_a_pass_claims_it_costs_no_try(
     """A resume pass reaches the running turn (ours, not to take) and waits on Redis;
     meanwhile storage fails the turn, which is orphaned, to be taken up uncounted. The
     pass, going on, takes it as the same try, where it had decided to count one before."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
     message, sink = on(platform), RecordingSink()
     ours = f"{platform}:{message.message_id}"
-    parked, gate, down = asyncio.Event(), asyncio.Event(), True
-    claim_one, begin, release = journal._claim, journal.begin, journal.release
+    parked, gate, outage = asyncio.Event(), asyncio.Event(), Outage()
+    claim_one, begin = journal._claim, outage.refusing(journal.begin)
 
     async def parks_on_ours(turn_id: str, *args: Any, **kwargs: Any) -> Any:
         if turn_id == ours and not parked.is_set():
@@ -784,26 +787,19 @@ async def test_a_turn_orphaned_while_a_pass_claims_it_costs_no_try(
             await gate.wait()
         return await claim_one(turn_id, *args, **kwargs)
 
-    async def fails_once_parked(*args: Any, **kwargs: Any) -> Any:
+    async def begins_once_parked(*args: Any, **kwargs: Any) -> Any:
         await parked.wait()
-        if down:
-            raise RedisConnectionError("Connection refused")
         return await begin(*args, **kwargs)
 
-    async def fails_while_down(*args: Any, **kwargs: Any) -> Any:
-        if down:
-            raise RedisConnectionError("Connection refused")
-        return await release(*args, **kwargs)
-
     monkeypatch.setattr(journal, "_claim", parks_on_ours)
-    monkeypatch.setattr(journal, "begin", fails_once_parked)
-    monkeypatch.setattr(journal, "release", fails_while_down)
+    monkeypatch.setattr(journal, "begin", begins_once_parked)
+    monkeypatch.setattr(journal, "release", outage.refusing(journal.release))
     async with make_service(max_attempts=1) as (service, _batcher):
         service.serve_platform(platform, Rebuilder())
         assert await service.accept(message, sink) is not None
         passing = asyncio.create_task(service.resume())
         await until(lambda: asyncio.sleep(0, bool(sink.kinds("pause"))))
-        down = False
+        outage.down = False
         gate.set()
         await passing
         await until(lambda: gone(redis_client, ours), timeout=30)
@@ -1090,7 +1086,6 @@ async def test_a_turn_told_it_failed_is_not_answered_after_storage_comes_back(
     """Told "something went wrong, try again", then Redis blinked as the turn closed: taken
     up again, it is closed as told, where it was answered all the same (and a user who had
     sent the message again got two answers)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
 
     finish = journal.finish
 
