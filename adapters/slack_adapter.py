@@ -466,14 +466,15 @@ class SlackAdapter(Adapter):
         message_ids: Sequence[str] = (),
         stop: Callable[[], object] | None = None,
     ) -> NativeReply:
-        """Streams natively; a resumed answer's messages (`message_ids`) are edited instead,
-        through the workspace's chat.update budget."""
+        """Streams natively; a message that is not an open stream (a resumed answer's, one
+        whose stream Slack ended) is edited instead, through the workspace's chat.update
+        budget."""
         return NativeReply(
             target=SlackStream(thread, earlier=message_ids, on_stop=stop),
             render=to_markdown,
             limit=MARKDOWN_LIMIT,
             interval=self.settings.stream_edit_interval,
-            budget=self._budget(thread.team) if message_ids else None,
+            budget=self._budget(thread.team),
             placeholder=PLACEHOLDER if message_ids else None,
             message_ids=message_ids,
             mark="",  # Slack shows a stream as being written

@@ -258,6 +258,11 @@ class NativeReply(StreamingReply):
     def stopped(self) -> bool:
         return bool(self.target.stopped)
 
+    def _edit_costs(self, index: int) -> bool:
+        """Text into an open stream is appended; a message whose stream has ended (Slack
+        ends one minutes after it began), or an earlier process's, is edited."""
+        return super()._edit_costs(index) and self.message_ids[index] not in self.target.streamed
+
     async def _filled(self, index: int) -> None:
         """A full message takes no more: its stream is ended now, as Slack tells of a
         reader's stop only by refusing a call into it, before the next is begun."""

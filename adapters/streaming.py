@@ -158,7 +158,8 @@ class StreamingReply:
         self.text += chunk
         if self.clock() - self.last_edit < self.interval or not self.text.strip():
             return
-        if self.message_ids and self.budget and not self.budget.try_take():
+        edited = len(self.message_ids) - 1  # the message the text is being written into
+        if self.budget and self._edit_costs(edited) and not self.budget.try_take():
             return
         try:
             await self._show(self.text.rstrip())
@@ -240,6 +241,11 @@ class StreamingReply:
             await self._drop(len(parts))
         return put
 
+    def _edit_costs(self, index: int) -> bool:
+        """Whether putting text into the answer's `index`-th message spends an edit of the
+        platform's (it exists: a post is not an edit)."""
+        return 0 <= index < len(self.message_ids)
+
     async def _fill(self, index: int) -> None:
         if index in self.filled:
             return
@@ -275,7 +281,7 @@ class StreamingReply:
 
     async def _put_final(self, index: int, text: str) -> None:
         """A final text is always sent, and an edit of it only counted."""
-        if index < len(self.message_ids) and self.budget:
+        if self.budget and self._edit_costs(index):
             self.budget.spend()
         await self._put(index, text)
 

@@ -189,6 +189,31 @@ class PacedBatcher(ScriptedBatcher):
         return super().step()
 
 
+async def test_a_stream_slack_ended_is_edited_within_the_workspaces_budget(
+    slack, socket_mode, monkeypatch
+):
+    """Slack ends a stream while its answer is still being written: the edits that carry
+    the rest spend the workspace's chat.update budget (here one edit, besides the one that
+    found the stream ended and the final text), where the stream's appends spend none."""
+    monkeypatch.setattr("adapters.slack_adapter.EDIT_BURST", 1)
+    monkeypatch.setattr("adapters.slack_adapter.EDITS_PER_MINUTE", 0.01)
+    answer = LONG_ANSWER[: MARKDOWN_LIMIT // 3]
+
+    def end_after_three_appends(call):
+        if call.method == "chat.appendStream" and len(slack.calls_to(call.method)) == 3:
+            slack.end_streams()
+
+    slack.after_call = end_after_three_appends
+    async with socket_mode(PacedBatcher(answer), streaming="native"):
+        mention = slack.app_mention("C0001", "write a little")
+        await slack.send_event(mention)
+        reply = await final_reply(slack, "C0001", mention["ts"])
+        await slack.wait_for(lambda: reply["text"] == to_markdown(answer))
+    assert len(slack.calls_to("chat.appendStream", ok_only=True)) == 3
+    edits = [call.params["markdown_text"] for call in slack.calls_to("chat.update")]
+    assert len(edits) == 3 and edits[-1] == to_markdown(answer)  # found ended, budget, final
+
+
 async def long_answer_kept(slack, socket_mode, question: str) -> str:
     """Ask in C0001, answered with LONG_ANSWER paced and streamed natively; the answer
     stored for it, once it is (within 20 s)."""
