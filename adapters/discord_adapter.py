@@ -175,12 +175,15 @@ class DiscordAdapter(Adapter):
         asker: Asker | None,
         message_ids: Sequence[str] = (),
         replacing: Sequence[str] = (),
+        *,
+        regenerates: bool = False,
     ) -> DiscordReply:
         return DiscordReply(
             target=target,
             asker=asker,
             service=self.service,
             replacing=replacing,
+            regenerates=regenerates,
             render=str,  # Discord speaks Markdown; allowed_mentions stops every ping
             limit=MESSAGE_LIMIT,
             interval=self.settings.discord_edit_interval,
@@ -207,7 +210,7 @@ class DiscordAdapter(Adapter):
         if "asker" in target:  # saved by a version with buttons
             key = ConversationKey.parse(target["conversation"])
             asker = Asker(target["asker"], key)
-        return self._sink(channel, asker, posted)
+        return self._sink(channel, asker, posted, regenerates=bool(target.get("regenerates")))
 
     def _regenerating(self, place: dict[str, Any], seed: str, asker: Asker) -> DiscordReply:
         """The sink of a regenerated answer: it streams into the old answer's first message
@@ -220,7 +223,7 @@ class DiscordAdapter(Adapter):
             reply_to=place.get("reply_to"),  # an inline answer's parts all reply to it
             posted=1,
         )
-        return self._sink(channel, asker, [first], replacing=others)
+        return self._sink(channel, asker, [first], replacing=others, regenerates=True)
 
     async def on_message(self, message: discord.Message) -> None:
         me = self.client.user

@@ -85,7 +85,8 @@ class DiscordReply(StreamingReply):
     messages (`replacing`) of the answer it regenerates.
 
     Without an asker (a command's reply, a target saved by an older version) it has no
-    buttons. Refusals are finished without being started: they get no Regenerate.
+    buttons. Refusals are finished without being started: they get no Regenerate. A
+    regenerated answer that fails shows the old one again, which keeps its Regenerate.
     """
 
     target: DiscordChannel
@@ -98,18 +99,22 @@ class DiscordReply(StreamingReply):
         asker: Asker | None,
         service: ChatService,
         replacing: Sequence[str] = (),
+        regenerates: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(target=target, **options)
         self.asker = asker
         self.service = service
         self.replacing = list(replacing)
+        self.regenerates = regenerates
         self.answering = bool(self.message_ids)  # a resumed answer has been started
 
     def reply_target(self) -> dict[str, Any]:
         target = super().reply_target()
         if self.asker is not None:
             target |= {"asker": self.asker.user, "conversation": str(self.asker.conversation)}
+        if self.regenerates:
+            target["regenerates"] = True
         return target
 
     async def start(self) -> None:
@@ -127,7 +132,10 @@ class DiscordReply(StreamingReply):
 
     async def fail(self, text: str) -> None:
         self.target.buttons = None
+        shown = not self.over
         await super().fail(text)
+        if shown and self.regenerates and self.asker is not None:
+            await self._offer_regenerate(self.asker)  # the old answer, shown again
 
     async def pause(self, text: str) -> None:
         self.target.buttons = None

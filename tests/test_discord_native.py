@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +26,7 @@ from test_discord_adapter import bot_messages, final_reply, mention, ready, sett
 
 from adapters import discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
-from adapters.discord_buttons import REGENERATE_REFUSED, STOP_REFUSED
+from adapters.discord_buttons import REGENERATE_REFUSED, STOP_REFUSED, Asker
 from adapters.discord_commands import DESCRIPTIONS, thread_only
 from bot import replies
 from bot.config import Access
@@ -622,18 +623,46 @@ async def test_a_regenerated_answer_that_fails_leaves_the_old_one_shown_and_stor
     discord_bot,
 ):
     """The new answer comes out empty (or the queue is full, or it times out): the old
-    answer is not lost, in its message or in the history, and the asker hears why."""
-    async with discord_bot(Answers("First answer.", "")) as bot:
+    answer is not lost, in its message or in the history, and the asker hears why. It
+    keeps its Regenerate, and a second press is answered."""
+    async with discord_bot(Answers("First answer.", "", "Third answer.")) as bot:
         fake = bot.fake
         channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
         await fake.press_button(channel, first["id"], regenerate)
         kept = replies.answer_kept("First answer.", replies.empty_answer())
         await fake.wait_for(lambda: fake.message(channel, first["id"])["content"] == kept)
         history = await bot.history(dm_key(channel), until=lambda h: len(h) == 2)
+        offered_again = await fake.wait_for(lambda: fake.buttons(channel, first["id"]))
+        await fake.press_button(channel, first["id"], regenerate)
+        await fake.wait_for(
+            lambda: fake.message(channel, first["id"])["content"] == "Third answer."
+        )
+        regenerated = await bot.history(
+            dm_key(channel), until=lambda h: h[-1]["content"] == "Third answer."
+        )
     assert history == [
         {"role": "user", "content": "what should I cook?", "name": "Alice"},
         {"role": "assistant", "content": "First answer."},
     ]
+    assert offered_again == [regenerate]
+    assert [m["content"] for m in regenerated] == ["what should I cook?", "Third answer."]
+
+
+async def test_a_regenerated_answer_taken_up_after_a_restart_still_keeps_the_old_one(
+    discord_bot,
+):
+    """The sink rebuilt from a regenerated answer's saved target (another process's, or
+    this one's before a crash) is a regeneration's too: if it fails, the old answer shown
+    again keeps its Regenerate."""
+    async with discord_bot(Answers("First answer.")) as bot:
+        channel, first, _ = await answered_in_a_dm(bot, "what should I cook?")
+        place = await bot.service.answer_place(dm_key(channel))
+        asker = Asker("1002", dm_key(channel))
+        saved = bot.adapter._regenerating(place, "1234", asker).reply_target()
+        resumed = bot.adapter._resumed(json.loads(json.dumps(saved)), stop=lambda: None)
+        answer = bot.adapter._sink(resumed.target, asker, [first["id"]])
+    assert resumed.regenerates and resumed.message_ids == [first["id"]]
+    assert not answer.regenerates
 
 
 async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part(discord_bot):
