@@ -18,7 +18,7 @@ import discord
 
 from bot.access import Requester, dm_membership_admits, dm_servers
 from bot.config import Access
-from bot.types import ConversationKey
+from bot.types import ConversationKey, NowhereToAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ PLATFORM = "discord"
 MESSAGE_LIMIT = 2000
 THREAD_ARCHIVE_MINUTES = 1440
 THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
+UNKNOWN_MESSAGE = 10008  # Discord's error code: no such message (it was deleted)
 NO_PINGS = discord.AllowedMentions.none()
 MEMBERSHIP_SECONDS = 300.0  # how long a DM asker's looked-up roles in a server are trusted
 MEMBERSHIPS_KEPT = 10_000  # (user, server) memberships remembered, at most
@@ -74,7 +75,8 @@ class DiscordChannel:
 
     With `thread_from`, the answer goes into a thread opened from that message (whose id
     the thread takes), opened on the first post; where Discord refuses to open it, the
-    answer is given inline instead, as replies to that message. `buttons` ride on every
+    answer is given inline instead, as replies to that message, and where that message
+    was deleted meanwhile, nowhere (NowhereToAnswer). `buttons` ride on every
     post and edit while set; while None, edits take any buttons off.
     """
 
@@ -157,6 +159,9 @@ class DiscordChannel:
         except discord.HTTPException as error:
             if error.code == THREAD_EXISTS:  # opened already, by an earlier try
                 pass
+            elif error.code == UNKNOWN_MESSAGE:  # not an answer bare in the channel
+                why = f"its question (message {self.thread_from}) was deleted"
+                raise NowhereToAnswer(why) from error
             elif error.status < 500:  # refused, as it would be again
                 self._answer_inline(error)
                 return

@@ -41,7 +41,14 @@ from bot.queue import (
 )
 from bot.team import Team
 from bot.turn_report import Generated, report_answered
-from bot.types import ADMIN_COMMANDS, ChatMessage, ConversationKey, ReplySink, Turn
+from bot.types import (
+    ADMIN_COMMANDS,
+    ChatMessage,
+    ConversationKey,
+    NowhereToAnswer,
+    ReplySink,
+    Turn,
+)
 from bot.waiting import set_within
 from storage.errors import is_outage
 from storage.limits import Limits
@@ -78,11 +85,12 @@ class _NotShown(Exception):
 
 
 async def _shown(showing: Awaitable[None], answer: str | None = None) -> None:
-    """Await a sink's call, a failure of it (but storage's) raised as `_NotShown`."""
+    """Await a sink's call, a failure of it (but storage's, or a place gone for good)
+    raised as `_NotShown`."""
     try:
         await showing
     except Exception as error:
-        if is_outage(error):
+        if is_outage(error) or isinstance(error, NowhereToAnswer):
             raise
         raise _NotShown(answer) from error
 
@@ -485,9 +493,12 @@ class ChatService:
             self.metrics.count_turn(pending.turn.conversation.platform, "failed")
 
     async def _failed(self, pending: PendingTurn, sink: ReplySink, error: Exception) -> None:
-        """A turn went wrong: fail it, or where storage fails us too, keep its record, to
-        be taken up again."""
-        logger.error("answering %s failed", pending.id, exc_info=error)
+        """A turn went wrong: fail it (with nothing said where there is nowhere to say
+        it), or where storage fails us too, keep its record, to be taken up again."""
+        if isinstance(error, NowhereToAnswer):
+            logger.warning("turn %s is not answered: %s", pending.id, error)
+        else:
+            logger.error("answering %s failed", pending.id, exc_info=error)
         try:
             await self._fail(pending, sink, replies.failed())
         except Exception as closing:
@@ -670,6 +681,8 @@ class ChatService:
         answer it keeps (of a regeneration)."""
         try:
             await sink.fail(str(pending.failure))
+        except NowhereToAnswer:
+            pass  # the turn's place is gone: as logged where that was found
         except Exception:  # e.g. the channel is gone: retrying would not bring it back
             logger.warning("could not tell turn %s's thread why it failed", pending.id,
                            exc_info=True)  # fmt: skip

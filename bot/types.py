@@ -66,6 +66,11 @@ class Turn:
     bot_name: str = ""  # the bot's name on this platform, for the persona's {bot_name}
 
 
+class NowhereToAnswer(Exception):
+    """Raised by a sink whose turn's place is gone for good (its question was deleted):
+    the turn ends unanswered and is not tried again, and nothing is said of it there."""
+
+
 class ReplySink(Protocol):
     """How the service answers on a platform; each adapter provides one per turn.
 

@@ -214,6 +214,39 @@ async def test_where_no_thread_may_be_opened_it_answers_inline(
     assert channel in warning and why in warning
 
 
+async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the_channel(
+    fake, discord_bot, monkeypatch, caplog
+):
+    """The asker deletes the question just before the bot opens its thread (Discord: 10008
+    Unknown Message): no answer appears bare in the channel, the log says why (not that
+    threads are refused there), and the channel's next question gets its thread."""
+    post_thread = fake._post_thread
+    deleted: list[str] = []
+
+    async def deleted_first(req, channel_id, message_id):
+        if not deleted:
+            deleted.append(message_id)
+            fake.messages[channel_id].remove(fake.message(channel_id, message_id))
+        return await post_thread(req, channel_id, message_id)
+
+    monkeypatch.setattr(fake, "_post_thread", deleted_first)
+    async with discord_bot(ScriptedBatcher("Noted.")):
+        with caplog.at_level(logging.WARNING):
+            gone = await mention(fake, "never mind")
+            why = f"its question (message {gone['id']}) was deleted"
+
+            def ended() -> bool:
+                logged = any(why in r.getMessage() for r in caplog.records)
+                return logged or bool(bot_messages(fake, fake.channel_id))
+
+            await fake.wait_for(ended)
+            kept = await mention(fake, "a question that stays")
+            answer = await final_reply(fake, kept["id"])
+    assert deleted == [gone["id"]] and gone["id"] not in fake.channels
+    assert answer["content"] == "Noted." and not bot_messages(fake, fake.channel_id)
+    assert not any("Create Public Threads" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_dm_is_answered(fake, discord_bot):
     async with discord_bot() as (_service, batcher):
         message = fake.dm_message("hi there")
