@@ -220,9 +220,15 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
-    # SIGHUP's default kills the process: until the service takes it over, only log it (a
-    # `systemctl reload` during a long model load). A worker has no team rules to reload.
+    # Until serving takes the signals over: SIGTERM during a long start (a model's download
+    # or load) stops it as cleanly, where its default killed the process and left the
+    # embedded redis-server behind. SIGHUP's default kills the process too: only log it (a
+    # `systemctl reload`). A worker has no team rules to reload.
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _hangup_ignored, args.role)
+    return await _stopped_by_sigterm(_run_role(settings, args))
+
+
+async def _run_role(settings: Settings, args: argparse.Namespace) -> int:
     if args.role == "worker":
         return await work(settings)
     from adapters.discord_adapter import DiscordAdapter

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from bot import replies
 from bot.types import ConversationKey
-from storage.embedded import EmbeddedRedis
+from storage.embedded import HOLDER, LOCK_FILE, EmbeddedRedis, _alive
 from storage.store import ConversationStore
 
 FAST_TIMEOUT = 60  # seconds; a run that loads no model
@@ -488,28 +488,38 @@ async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: P
     assert messages[1]["content"] in result.stdout  # printed in full in this chat
 
 
-def test_a_stop_while_the_model_downloads_does_not_wait_for_the_download(tmp_path: Path):
+@pytest.mark.parametrize("command", ["chat", "run"])
+def test_a_stop_while_the_model_downloads_does_not_wait_for_the_download(
+    tmp_path: Path, command: str
+):
     """SIGTERM while the hub (here a proxy that takes the connection and never answers)
-    holds up the model's download: the chat stops at once, where it waited for the
-    download's thread, up to HUB_TIMEOUT_S (30 s) a request."""
+    holds up the model's download: the chat, or the service starting, stops at once,
+    where it waited for the download's thread, up to HUB_TIMEOUT_S (30 s) a request; and
+    its embedded redis-server stops with it (`run` was killed outright, and left it)."""
     with silent_proxy() as proxy:
         env = cli_env(MODEL="someone/some-model", DATA_DIR=str(tmp_path))
         for name in ("HF_HUB_OFFLINE", *PROXY_NAMES):
             env.pop(name, None)
-        env["HTTPS_PROXY"] = proxy
+        env |= {"HTTPS_PROXY": proxy, "DISCORD_BOT_TOKEN": "not-used", "HTTP_PORT": "0"}
         process = subprocess.Popen(
-            [sys.executable, "-m", "bot", "chat"], cwd=tmp_path, env=env, text=True,
+            [sys.executable, "-m", "bot", command], cwd=tmp_path, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True,  # so a hung run takes its redis-server down with it
         )  # fmt: skip
+        server = None
         try:
             assert process.stderr is not None
             for line in process.stderr:  # ends with the process, if it never gets that far
                 if "Fetching someone/some-model" in line:
                     break
+            holder = (tmp_path / LOCK_FILE).read_text()
+            server = int(HOLDER.fullmatch(holder.strip())["server"])
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=20)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+            if server is not None and (orphaned := _alive(server)):
+                os.kill(server, signal.SIGKILL)
     assert process.returncode == 143
+    assert server is not None and not orphaned
