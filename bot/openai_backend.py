@@ -380,7 +380,7 @@ class _Answer:
         self.text = ""
         self.chunks = 0  # the pieces of text streamed in this try
         self.usage: Mapping[str, Any] = {}
-        self.finished = False  # the server said why the answer ended (finish_reason)
+        self.finished = False  # the server said why the answer ended (a finish_reason)
         self._take_back = False
 
     def start_over(self) -> None:
@@ -401,7 +401,7 @@ class _Answer:
                 self.text += text
                 self.chunks += 1
                 self.generation.write(text, self.prompt_tokens, self.answer_tokens)
-            self.finished = self.finished or choice.get("finish_reason") is not None
+            self.finished = self.finished or bool(choice.get("finish_reason"))  # "": none yet
 
     @property
     def prompt_tokens(self) -> int:

@@ -108,6 +108,9 @@ class FakeOpenAI:
         self.answer = answer
         self.api_key = api_key
         self.script: list[Reply] = []
+        # The finish_reason of the chunks before the finish: null, as OpenAI and vLLM send
+        # it; "" where a server sends that.
+        self.unfinished_reason: str | None = None
         self.requests: list[Request] = []
         self.model_listings = 0  # GET /v1/models requests
         self._released = asyncio.Event()
@@ -152,7 +155,10 @@ class FakeOpenAI:
         if isinstance(reply, Status):
             headers = {"Retry-After": reply.retry_after} if reply.retry_after else {}
             return _error(reply.status, reply.message, headers)
-        stream = _Stream(request, body, chunk_id=f"chatcmpl-{len(self.requests)}")
+        stream = _Stream(
+            request, body, chunk_id=f"chatcmpl-{len(self.requests)}",
+            unfinished_reason=self.unfinished_reason,
+        )  # fmt: skip
         await stream.open()
         if isinstance(reply, Stream) and reply.keep_alive:
             await stream.response.write(b"data:\n\n")
@@ -190,8 +196,15 @@ class FakeOpenAI:
 class _Stream:
     """One streamed answer's events, as the API writes them."""
 
-    def __init__(self, request: web.Request, body: dict[str, Any], chunk_id: str) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        chunk_id: str,
+        unfinished_reason: str | None,
+    ) -> None:
         self.request = request
+        self.unfinished_reason = unfinished_reason
         self.body = body
         self.id = chunk_id
         self.response = web.StreamResponse(
@@ -202,11 +215,11 @@ class _Stream:
 
     async def open(self) -> None:
         await self.response.prepare(self.request)
-        await self.chunk({"role": "assistant", "content": ""}, None)
+        await self.chunk({"role": "assistant", "content": ""}, self.unfinished_reason)
 
     async def text(self, chunks: list[str]) -> None:
         for text in chunks:
-            await self.chunk({"content": text}, None)
+            await self.chunk({"content": text}, self.unfinished_reason)
             self.written += 1
 
     async def finish(self) -> None:

@@ -261,10 +261,13 @@ async def test_a_server_gone_after_the_start_is_tried_again_and_then_fails():
         assert inference.depth == 0
 
 
+@pytest.mark.parametrize("unfinished_reason", [None, ""], ids=["null", "empty"])
 @pytest.mark.parametrize("broken", [Drop(["Par", "is"]), Cut(["Par", "is"])], ids=["drop", "cut"])
-async def test_a_stream_broken_midway_restarts_the_answer(server, broken):
+async def test_a_stream_broken_midway_restarts_the_answer(server, broken, unfinished_reason):
     """A dropped connection, or a stream that ends with no finish nor [DONE]: the answer
-    starts again, once, and what was read of the first is void."""
+    starts again, once, and what was read of the first is void. A finish_reason of ""
+    is no finish, as null is not."""
+    server.unfinished_reason = unfinished_reason
     server.script.append(broken)
     async with backend(server.url) as inference:
         generation = inference.submit(HELLO, user="u1", conversation="c1")
