@@ -54,7 +54,13 @@ from adapters.slack_command import (
     where_typed,
 )
 from adapters.slack_files import slack_attachments
-from adapters.slack_format import MARKDOWN_LIMIT, MESSAGE_LIMIT, to_markdown, to_mrkdwn
+from adapters.slack_format import (
+    MARKDOWN_LIMIT,
+    MESSAGE_LIMIT,
+    labelled,
+    to_markdown,
+    to_mrkdwn,
+)
 from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
 from adapters.streaming import EditBudget, StreamingReply
 from bot import replies
@@ -676,7 +682,7 @@ def _readable(text: str, bot_user: str, names: dict[str, str]) -> str:
 def _link_text(link: re.Match[str]) -> str:
     """A link as its label and its address, so the model sees where it goes."""
     url, label = link[1], link[2]
-    return f"{label} ({url})" if label and label != url else url
+    return labelled(label or url, url, link=url)
 
 
 def _author(message: dict[str, Any], names: dict[str, str]) -> str:

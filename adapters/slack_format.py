@@ -102,14 +102,14 @@ def _markdown_prose(text: str) -> str:
 
 
 def _mrkdwn_link(match: re.Match[str]) -> str:
-    return _shown(*match.groups(), link=f"<{match[2]}>")
+    return labelled(*match.groups(), link=f"<{match[2]}>")
 
 
 def _markdown_link(match: re.Match[str]) -> str:
-    return _shown(*match.groups(), link=f"[{match[2]}]({match[2]})")
+    return labelled(*match.groups(), link=f"[{match[2]}]({match[2]})")
 
 
-def _shown(label: str, url: str, *, link: str) -> str:
+def labelled(label: str, url: str, *, link: str) -> str:
     """A link that shows its own URL, after the label if the label says more."""
     if _bare(label) == _bare(url):
         return link
