@@ -9,7 +9,8 @@ ids not shown yet. The new text is what the window's decode adds to the context'
 Text is held back while it ends in U+FFFD, the mark of a multi-byte UTF-8 character whose
 remaining bytes are in tokens still to come, and while the new ids add no text (special
 tokens, which the decode skips). Either wait is cut short after `MAX_HELD` ids, so that
-a run of invalid bytes or special tokens cannot make the window grow with the answer.
+a run of invalid bytes or special tokens cannot make the window grow with the answer;
+the ids of a character begun at its end (at most three) are still kept back.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from collections.abc import Callable
 REPLACEMENT = "\ufffd"
 
 MAX_HELD = 8
-"""Ids held back at most before their text is let out, however it ends: a UTF-8 character
-needs at most 4 byte tokens, so only malformed output reaches this."""
+"""Ids held back at most before their text is let out: a UTF-8 character needs at most 4
+byte tokens, so only malformed output or a run of special tokens reaches this."""
+
+UNFINISHED_AT_MOST = 3  # the tokens of a character's first bytes, its last byte to come
 
 
 class IncrementalDetokenizer:
@@ -51,14 +54,27 @@ class IncrementalDetokenizer:
         complete = len(text) > len(self._context_text) and not text.endswith(REPLACEMENT)
         if not complete and held < MAX_HELD:
             return ""
+        shown = len(self._window)
+        if text.endswith(REPLACEMENT):
+            shown, text = self._before_unfinished(text)
         # A decode that is not an extension of the context's still streams on: the
         # characters beyond as many as the context had.
         chunk = text[len(self._context_text) :]
-        self._window = self._window[self._context :]  # the ids just shown: the next context
-        self._context = len(self._window)
-        self._context_text = self._decode(self._window)
+        shown_ids = self._window[self._context : shown]  # the next context
+        self._window = self._window[self._context :]
+        self._context = len(shown_ids)
+        self._context_text = self._decode(shown_ids)
         self.text += chunk
         return chunk
+
+    def _before_unfinished(self, text: str) -> tuple[int, str]:
+        """The window's ids up to a character whose last bytes are still to come, and
+        their text; all of them (and `text`) where none is, as in malformed output."""
+        for unfinished in range(1, UNFINISHED_AT_MOST + 1):
+            before = self._decode(self._window[:-unfinished])
+            if not before.endswith(REPLACEMENT):
+                return len(self._window) - unfinished, before
+        return len(self._window), text
 
     def rest(self, answer: str) -> str:
         """The end of the whole `answer` not streamed yet: what follows as many characters

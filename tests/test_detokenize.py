@@ -63,6 +63,19 @@ def test_the_stream_holds_back_a_character_until_its_last_byte(qwen_tokenizer, d
     assert chunks == [""] * (len(ids) - 1) + [" 👋"]
 
 
+def test_a_character_begun_after_a_long_run_of_special_tokens_is_not_shown_broken(
+    qwen_tokenizer, decode
+):
+    """The run of special tokens is let out at MAX_HELD ids, and the character's first
+    byte with it: that byte is kept back until its character is whole."""
+    special = qwen_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    character = qwen_tokenizer("𠜎 ok").input_ids  # its 4 bytes in 3 tokens
+    answer = [special] * (MAX_HELD - 1) + character
+    chunks = stream(IncrementalDetokenizer(decode), answer)
+    assert "".join(chunks) == decode(answer) == "𠜎 ok"
+    assert not any("\ufffd" in chunk for chunk in chunks)
+
+
 def test_each_token_decodes_a_bounded_window_however_long_the_answer(qwen_tokenizer, decode):
     answer = qwen_tokenizer(MULTI_BYTE * 40).input_ids
     sizes: list[int] = []
