@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast, get_args
 
 from bot import replies
@@ -98,6 +98,30 @@ def failure_text(error: Exception, what: str) -> str:
         return replies.storage_unavailable()
     logger.error("%s failed", what, exc_info=error)
     return replies.failed()
+
+
+class InOrder:
+    """Each conversation's messages taken (their files fetched, their asker looked up) and
+    accepted in the order they came: a message waits for the one before it in its
+    conversation, however long that one takes, where the history held them the other
+    way round, and the later one was answered without the earlier (its file, say)."""
+
+    def __init__(self) -> None:
+        self._last: dict[ConversationKey, asyncio.Event] = {}  # taken once it is set
+
+    @contextlib.asynccontextmanager
+    async def taking(self, key: ConversationKey) -> AsyncIterator[None]:
+        """For the block, this message is taken; it begins once the one before it is."""
+        before, taken = self._last.get(key), asyncio.Event()
+        self._last[key] = taken
+        try:
+            if before is not None:
+                await before.wait()
+            yield
+        finally:
+            taken.set()
+            if self._last.get(key) is taken:
+                del self._last[key]
 
 
 class Joining:

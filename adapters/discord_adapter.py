@@ -25,7 +25,15 @@ import yarl
 from discord.gateway import DiscordWebSocket
 
 from adapters.attachments import Attachment, with_attachments
-from adapters.base import Adapter, AdapterError, Joining, answer, command, failure_text
+from adapters.base import (
+    Adapter,
+    AdapterError,
+    InOrder,
+    Joining,
+    answer,
+    command,
+    failure_text,
+)
 from adapters.discord_buttons import AnswerButtons, Asker, DiscordReply
 from adapters.discord_channel import (
     MESSAGE_LIMIT,
@@ -89,6 +97,7 @@ class DiscordAdapter(Adapter):
         self.client = client
         self.service = service
         self.joining = Joining(service)  # threads a mention is taking the bot into
+        self.in_order = InOrder()  # each conversation's messages, taken as they came
         self.settings = settings
         self.typing_interval = typing_interval
         self.memberships = Memberships(client)  # DM askers' roles, shared by all three paths
@@ -241,14 +250,15 @@ class DiscordAdapter(Adapter):
                 return
             addressed = True
             key, target, joins = route
-            with self.joining.joining(key) if joins else contextlib.nullcontext():
-                earlier = await self._earlier(message, me) if joins else ()
-                access = self.service.team.settings.access
-                who = await requester(
-                    message.author, key, access=access, memberships=self.memberships
-                )
-                if await self.service.admit(who, key, partial(_reply, message)):
-                    await self._converse(message, key, target, earlier)
+            async with self.in_order.taking(key):
+                with self.joining.joining(key) if joins else contextlib.nullcontext():
+                    earlier = await self._earlier(message, me) if joins else ()
+                    access = self.service.team.settings.access
+                    who = await requester(
+                        message.author, key, access=access, memberships=self.memberships
+                    )
+                    if await self.service.admit(who, key, partial(_reply, message)):
+                        await self._converse(message, key, target, earlier)
         except Exception as error:
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:

@@ -175,6 +175,7 @@ class FakeDiscord:
         self._last_id = 0
         self._files: dict[str, tuple[bytes, str]] = {}  # CDN path -> content and type
         self.downloads: list[str] = []  # CDN paths served
+        self.cdn_delay = 0.0  # seconds each file download waits before it is served
         self._cdn_key = secrets.token_bytes(16)  # signs attachment URLs, as Discord's CDN does
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -483,6 +484,7 @@ class FakeDiscord:
         signed = hmac.compare_digest(request.query.get("hm", ""), signature)
         if not (signed and live and request.path in self._files):
             return web.Response(status=404, text="This content is no longer available.")
+        await asyncio.sleep(self.cdn_delay)
         self.downloads.append(request.path)
         data, content_type = self._files[request.path]
         return web.Response(body=data, headers={"Content-Type": content_type})

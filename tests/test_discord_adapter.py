@@ -818,6 +818,23 @@ async def test_a_text_attachment_reaches_the_prompt(fake, discord_bot):
     assert len(fake.downloads) == 1
 
 
+async def test_a_message_sent_while_the_one_before_it_downloads_its_file_comes_after_it(
+    fake, discord_bot
+):
+    """Two messages of one conversation, the first with a file that takes a while to
+    download: the second waits for it, and is asked (and stored) after it."""
+    dm = fake.dm_channel(fake.alice["id"])["id"]
+    notes = fake.attachment(dm, "notes.txt", b"Ship on Friday.", "text/plain")
+    fake.cdn_delay = 0.5
+    async with discord_bot(max_input_chars=2000) as (_service, batcher):
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("read this", attachments=[notes]))
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("and when do we ship?"))
+        await final_reply(fake, dm, after=1)
+    first, second = batcher.prompts
+    assert first[-1]["content"] == "read this\n\n[attached: notes.txt]\nShip on Friday."
+    assert second[-1]["content"] == "and when do we ship?"
+
+
 async def test_a_binary_attachment_alone_is_named_and_not_downloaded(fake, discord_bot):
     dm = fake.dm_channel(fake.alice["id"])["id"]
     photo = fake.attachment(dm, "photo.png", b"\x89PNG\r\n" + bytes(120_000), "image/png")
