@@ -39,6 +39,7 @@ from adapters.base import (
     Adapter,
     AdapterError,
     HttpRoutes,
+    InOrder,
     Joining,
     answer,
     command,
@@ -116,6 +117,7 @@ class SlackAdapter(Adapter):
         self.app = app
         self.service = service
         self.joining = Joining(service)  # threads a mention is taking the bot into
+        self.in_order = InOrder()  # each conversation's messages, taken as they came
         self.settings = settings
         self.routes = routes  # where the Events API is served (HTTP mode)
         self._connected: Callable[[], Awaitable[bool]] | None = None  # set once running
@@ -340,25 +342,26 @@ class SlackAdapter(Adapter):
         )
         addressed = mentioned or is_dm
         try:
-            known = await self.joining.knows(key, by=deadline)
-            if not (addressed or (thread_ts and known)):
-                return  # channel chatter the bot was not asked into
-            addressed = True
-            with contextlib.nullcontext() if known else self.joining.joining(key):
-                who = Requester(
-                    "slack",
-                    event["user"],
-                    channel,
-                    workspace=team,
-                    dm=is_dm,
-                    stranger=await self._stranger(
-                        event, team, context.get("enterprise_id"), deadline
-                    ),
-                )
-                if await self.service.admit(who, key, thread.post):
-                    await self._converse(
-                        event, key, thread, bot_user, known=known, deadline=deadline
+            async with self.in_order.taking(key):  # within the ack's time all the same
+                known = await self.joining.knows(key, by=deadline)
+                if not (addressed or (thread_ts and known)):
+                    return  # channel chatter the bot was not asked into
+                addressed = True
+                with contextlib.nullcontext() if known else self.joining.joining(key):
+                    who = Requester(
+                        "slack",
+                        event["user"],
+                        channel,
+                        workspace=team,
+                        dm=is_dm,
+                        stranger=await self._stranger(
+                            event, team, context.get("enterprise_id"), deadline
+                        ),
                     )
+                    if await self.service.admit(who, key, thread.post):
+                        await self._converse(
+                            event, key, thread, bot_user, known=known, deadline=deadline
+                        )
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:

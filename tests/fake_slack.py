@@ -100,7 +100,8 @@ class FakeSlack:
         self.prompts: dict[tuple[str, str], list[JSON]] = {}  # suggested prompts, likewise
         self.responses: dict[str, list[JSON]] = {}  # slash command trigger id -> responses
         self.streaming_refusal: str | None = None  # the error every streaming call gets
-        self.delays: dict[str, float] = {}  # method -> seconds each call waits for its answer
+        # method ("files": a file's download) -> seconds each call waits for its answer
+        self.delays: dict[str, float] = {}
         self.scopes = list(SCOPES)  # granted to the bot token: every answer's X-OAuth-Scopes
         self.handlers: dict[str, Handler] = {
             "auth.test": self._auth_test,
@@ -531,6 +532,7 @@ class FakeSlack:
         file_id = request.match_info["team_file"].removeprefix(f"{self.team_id}-")
         if file_id not in self.files:
             raise web.HTTPNotFound()
+        await asyncio.sleep(self.delays.get("files", 0))
         self.downloads.append(file_id)
         data, mimetype = self.files[file_id]
         return web.Response(body=data, headers={"Content-Type": mimetype})
