@@ -464,10 +464,11 @@ def export_hugging_face_variables(
 
 def read_env_file(env_file: Path = ENV_FILE) -> dict[str, str | None]:
     """The variables of `.env` (none where there is no such file); ConfigError, in one line
-    naming the file, where it cannot be read (not ours to read, not UTF-8), or a line of
-    it is no `NAME=value` (python-dotenv would skip it: a token silently unset)."""
+    naming the file, where it cannot be read (not ours to read, not UTF-8, a directory: as
+    Docker makes a bind mount of a file that is missing), or a line of it is no
+    `NAME=value` (python-dotenv would skip it: a token silently unset)."""
     try:
-        text = env_file.read_text(encoding="utf-8") if env_file.is_file() else ""
+        text = env_file.read_text(encoding="utf-8") if env_file.exists() else ""
     except (UnicodeDecodeError, OSError) as error:
         raise _unreadable(error, env_file) from None
     if bad := next((b for b in parse_stream(io.StringIO(text)) if b.error), None):

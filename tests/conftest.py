@@ -585,3 +585,20 @@ def threadbot_run(bundled_engine: Any, bundled_cache: Path, redis_url: str, tmp_
                 await process.wait()
 
     return start
+
+
+# A `.env` that cannot be read, and why, for the settings' and the CLI's tests: not ours to
+# read (which root reads all the same), or a directory.
+NOT_OURS = pytest.param(
+    "Permission denied",
+    marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode"),
+)
+
+
+def unreadable_dotenv(path: Path, why: str) -> None:
+    """Make `path` a `.env` that cannot be read, for `why` (NOT_OURS, or "Is a directory")."""
+    if why == "Is a directory":
+        path.mkdir()
+    else:
+        path.write_text("DISCORD_BOT_TOKEN=x\n")
+        path.chmod(0)

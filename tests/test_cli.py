@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import NOT_OURS, unreadable_dotenv
 from processes import PROXY_NAMES, silent_proxy
 from redis.asyncio import Redis
 
@@ -206,13 +207,12 @@ def test_a_dotenv_not_in_utf8_stops_the_start_with_one_line(tmp_path: Path, comm
     assert result.stderr.strip().splitlines() == [".env: not UTF-8 text: invalid start byte"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
-def test_an_unreadable_dotenv_stops_the_start_with_one_line(tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("DISCORD_BOT_TOKEN=x\n")
-    (tmp_path / ".env").chmod(0)
+@pytest.mark.parametrize("why", [NOT_OURS, "Is a directory"])
+def test_an_unreadable_dotenv_stops_the_start_with_one_line(tmp_path: Path, why: str) -> None:
+    unreadable_dotenv(tmp_path / ".env", why)
     result = run_cli("run", cwd=tmp_path, env=cli_env())
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [".env: cannot be read: Permission denied"]
+    assert result.stderr.strip().splitlines() == [f".env: cannot be read: {why}"]
 
 
 def test_hugging_face_lines_in_dotenv_pass_through_to_the_hub_library(tmp_path: Path) -> None:
