@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, cast, get_args
 
 from bot import replies
 from bot.service import ChatService
-from bot.types import Command, ConversationKey, ReplySink, Turn
+from bot.types import Command, ConversationKey, NowhereToAnswer, ReplySink, Turn
 from bot.waiting import set_within
 from storage.errors import is_outage
 
@@ -82,6 +82,9 @@ async def answer(service: ChatService, turn: Turn, sink: ReplySink, *, wait: boo
         if wait and task is not None:
             await task
         return task is not None
+    except NowhereToAnswer as gone:  # nor anywhere to say so
+        logger.warning("message %s is not answered: %s", turn.message_id, gone)
+        return False
     except Exception as error:
         try:
             await sink.fail(failure_text(error, f"message {turn.message_id}"))

@@ -735,7 +735,10 @@ class ChatService:
             with contextlib.suppress(Exception):  # the platform may be gone too
                 await sink.fail(failure)
             return
-        await sink.finish(text)
+        try:
+            await sink.finish(text)
+        except Exception:  # carried out all the same; nobody awaits this task to hear it
+            logger.warning("could not show the %s command's reply", turn.command, exc_info=True)
 
     async def _command_reply(self, turn: Turn) -> str:
         command = turn.command

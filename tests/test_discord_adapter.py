@@ -214,12 +214,14 @@ async def test_where_no_thread_may_be_opened_it_answers_inline(
     assert channel in warning and why in warning
 
 
+@pytest.mark.parametrize("question", ["never mind", "help"], ids=["a question", "a command"])
 async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the_channel(
-    fake, discord_bot, monkeypatch, caplog
+    fake, discord_bot, monkeypatch, caplog, question
 ):
-    """The asker deletes the question just before the bot opens its thread (Discord: 10008
-    Unknown Message): no answer appears bare in the channel, the log says why (not that
-    threads are refused there), and the channel's next question gets its thread."""
+    """The asker deletes the question (or command) just before the bot opens its thread
+    (Discord: 10008 Unknown Message): no answer appears bare in the channel, the log says
+    why (not that threads are refused there), and the channel's next question gets its
+    thread."""
     post_thread = fake._post_thread
     deleted: list[str] = []
 
@@ -232,11 +234,15 @@ async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the
     monkeypatch.setattr(fake, "_post_thread", deleted_first)
     async with discord_bot(ScriptedBatcher("Noted.")):
         with caplog.at_level(logging.WARNING):
-            gone = await mention(fake, "never mind")
+            gone = await mention(fake, question)
             why = f"its question (message {gone['id']}) was deleted"
 
+            def said(record: logging.LogRecord) -> bool:
+                error = record.exc_info[1] if record.exc_info else None
+                return why in record.getMessage() or why in str(error)
+
             def ended() -> bool:
-                logged = any(why in r.getMessage() for r in caplog.records)
+                logged = any(said(record) for record in caplog.records)
                 return logged or bool(bot_messages(fake, fake.channel_id))
 
             await fake.wait_for(ended)
