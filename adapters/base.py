@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast, get_args
 
 from bot import replies
@@ -104,27 +104,34 @@ def failure_text(error: Exception, what: str) -> str:
 
 
 class InOrder:
-    """Each conversation's messages taken (their files fetched, their asker looked up) and
-    accepted in the order they came: a message waits for the one before it in its
-    conversation, however long that one takes, where the history held them the other
-    way round, and the later one was answered without the earlier (its file, say)."""
+    """Each conversation's messages accepted in the order they came, where one that came
+    second but was read sooner (the first's file still downloading) was asked, answered
+    and stored first. A message takes its place in line as it comes, is read as it would
+    be (its files, its asker, the thread; beside those ahead of it, each in its own time),
+    and waits only to be accepted, until every message ahead of it is, or was let go."""
 
     def __init__(self) -> None:
-        self._last: dict[ConversationKey, asyncio.Event] = {}  # taken once it is set
+        self._line: dict[ConversationKey, list[asyncio.Event]] = {}  # each set once it is over
 
-    @contextlib.asynccontextmanager
-    async def taking(self, key: ConversationKey) -> AsyncIterator[None]:
-        """For the block, this message is taken; it begins once the one before it is."""
-        before, taken = self._last.get(key), asyncio.Event()
-        self._last[key] = taken
+    @contextlib.contextmanager
+    def place(self, key: ConversationKey) -> Iterator[Callable[[], Awaitable[None]]]:
+        """A place in the conversation's line for the block; what it yields waits until
+        the messages ahead are over."""
+        line = self._line.setdefault(key, [])
+        ahead, over = list(line), asyncio.Event()
+        line.append(over)
+
+        async def after_those_ahead() -> None:
+            for message in ahead:
+                await message.wait()
+
         try:
-            if before is not None:
-                await before.wait()
-            yield
+            yield after_those_ahead
         finally:
-            taken.set()
-            if self._last.get(key) is taken:
-                del self._last[key]
+            over.set()
+            line.remove(over)
+            if not line:
+                del self._line[key]
 
 
 class Joining:

@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -97,7 +97,7 @@ class DiscordAdapter(Adapter):
         self.client = client
         self.service = service
         self.joining = Joining(service)  # threads a mention is taking the bot into
-        self.in_order = InOrder()  # each conversation's messages, taken as they came
+        self.in_order = InOrder()  # each conversation's messages, accepted as they came
         self.settings = settings
         self.typing_interval = typing_interval
         self.memberships = Memberships(client)  # DM askers' roles, shared by all three paths
@@ -250,15 +250,18 @@ class DiscordAdapter(Adapter):
                 return
             addressed = True
             key, target, joins = route
-            async with self.in_order.taking(key):
-                with self.joining.joining(key) if joins else contextlib.nullcontext():
-                    earlier = await self._earlier(message, me) if joins else ()
-                    access = self.service.team.settings.access
-                    who = await requester(
-                        message.author, key, access=access, memberships=self.memberships
-                    )
-                    if await self.service.admit(who, key, partial(_reply, message)):
-                        await self._converse(message, key, target, earlier)
+            # In line once its conversation is known: at once for a DM or in our threads.
+            with (
+                self.in_order.place(key) as in_turn,
+                self.joining.joining(key) if joins else contextlib.nullcontext(),
+            ):
+                earlier = await self._earlier(message, me) if joins else ()
+                access = self.service.team.settings.access
+                who = await requester(
+                    message.author, key, access=access, memberships=self.memberships
+                )
+                if await self.service.admit(who, key, partial(_reply, message)):
+                    await self._converse(message, key, target, earlier, in_turn)
         except Exception as error:
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:
@@ -315,6 +318,7 @@ class DiscordAdapter(Adapter):
         key: ConversationKey,
         target: DiscordChannel,
         earlier: tuple[ChatMessage, ...],
+        in_turn: Callable[[], Awaitable[None]],
     ) -> None:
         me = self.client.user
         assert me is not None
@@ -339,6 +343,7 @@ class DiscordAdapter(Adapter):
         asker = (
             None if turn.command else Asker(turn.author, key)
         )  # a command's reply has no buttons
+        await in_turn()
         await answer(self.service, turn, self._sink(target, asker))
 
     async def _earlier(

@@ -117,7 +117,7 @@ class SlackAdapter(Adapter):
         self.app = app
         self.service = service
         self.joining = Joining(service)  # threads a mention is taking the bot into
-        self.in_order = InOrder()  # each conversation's messages, taken as they came
+        self.in_order = InOrder()  # each conversation's messages, accepted as they came
         self.settings = settings
         self.routes = routes  # where the Events API is served (HTTP mode)
         self._connected: Callable[[], Awaitable[bool]] | None = None  # set once running
@@ -342,7 +342,7 @@ class SlackAdapter(Adapter):
         )
         addressed = mentioned or is_dm
         try:
-            async with self.in_order.taking(key):  # within the ack's time all the same
+            with self.in_order.place(key) as in_turn:
                 known = await self.joining.knows(key, by=deadline)
                 if not (addressed or (thread_ts and known)):
                     return  # channel chatter the bot was not asked into
@@ -360,8 +360,9 @@ class SlackAdapter(Adapter):
                     )
                     if await self.service.admit(who, key, thread.post):
                         await self._converse(
-                            event, key, thread, bot_user, known=known, deadline=deadline
-                        )
+                            event, key, thread, bot_user,
+                            known=known, deadline=deadline, in_turn=in_turn,
+                        )  # fmt: skip
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:
@@ -377,9 +378,11 @@ class SlackAdapter(Adapter):
         *,
         known: bool,
         deadline: float,
+        in_turn: Callable[[], Awaitable[None]],
     ) -> None:
         """Answer a message the bot was asked (or is expected) to answer; what it looks up
-        first is looked up by `deadline`, the event's ack waiting on it."""
+        first is looked up by `deadline`, the event's ack waiting on it, and it is accepted
+        `in_turn`."""
         text = event.get("text", "")
         looked_up_by = deadline - ATTACHMENT_SECONDS if event.get("files") else deadline
         words = _readable(text, bot_user, await self._names(_mentioned(text), looked_up_by))
@@ -421,6 +424,7 @@ class SlackAdapter(Adapter):
             await _by(deadline, *niceties)
         # Slack's own stop of a native stream ends the answer, as a Stop button does.
         stop = partial(self.service.stop_answer, f"{key.platform}:{message_id}", by=turn.author)
+        await in_turn()  # within the ack's time: those ahead are accepted within theirs
         taken = await answer(self.service, turn, self._sink(thread, stop))
         if status is not None and not taken:  # a re-delivery: no post of its own clears it
             await status.clear()

@@ -674,18 +674,27 @@ async def test_a_mention_sharing_a_file_is_answered_without_its_app_mention(slac
 async def test_a_message_sent_while_the_one_before_it_downloads_its_file_comes_after_it(
     slack, socket_mode
 ):
-    """Two DMs, the first with a file that takes a while to download: the second waits
-    for it (within the ack's time), and is asked (and stored) after it."""
+    """Two DMs, each with a file that takes most of the ack's time to download: the second
+    is read beside the first (its file too), waits for it, and is asked (and stored)
+    after it; both acknowledged in time."""
     notes = slack.upload("notes.txt", b"Ship on Friday.", "text/plain")
-    slack.delays["files"] = 0.5
+    more = slack.upload("more.txt", b"Or on Monday.", "text/plain")
+    slack.delays["files"] = 1.2
     dm = f"D{uuid.uuid4().hex[:8].upper()}"  # a DM of its own: no history from other tests
     async with socket_mode(ScriptedBatcher("Noted."), max_input_chars=2000) as (_, batcher):
-        await slack.send_event(slack.file_share(dm, "read this", [notes], channel_type="im"))
-        await slack.send_event(slack.dm(dm, "and when do we ship?"))
+        sent = time.monotonic()
+        first = await slack.send_event(
+            slack.file_share(dm, "read this", [notes], channel_type="im")
+        )
+        second = await slack.send_event(slack.file_share(dm, "and this", [more], channel_type="im"))
+        await asyncio.gather(*(slack.wait_for_ack(envelope) for envelope in (first, second)))
+        acknowledged = time.monotonic() - sent
         await final_reply(slack, dm, None, after=1)
-    first, second = batcher.prompts
-    assert first[-1]["content"] == "read this\n\n[attached: notes.txt]\nShip on Friday."
-    assert second[-1]["content"] == "and when do we ship?"
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
+        "read this\n\n[attached: notes.txt]\nShip on Friday.",
+        "and this\n\n[attached: more.txt]\nOr on Monday.",
+    ]
+    assert acknowledged < SLACK_ACK_SECONDS
 
 
 async def test_a_binary_file_alone_is_named_and_not_downloaded(slack, socket_mode):
