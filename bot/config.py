@@ -541,6 +541,7 @@ def config_file() -> Path | None:
 def load_settings(**values: Any) -> Settings:
     """The settings, or ConfigError with one line per problem, naming the environment
     variable, or the file's key and line."""
+    read_env_file()  # one that cannot be read is said, whatever else is set
     path = config_file()
     if path is not None and not path.is_file():
         raise ConfigError(f"THREADBOT_CONFIG: no such file: {path}")

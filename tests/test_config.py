@@ -305,11 +305,15 @@ def test_a_dotenv_line_that_is_no_setting_is_one_line_not_a_silent_skip(tmp_path
 
 
 @pytest.mark.parametrize("why", [NOT_OURS, "Is a directory"])
-def test_an_unreadable_dotenv_is_one_line_naming_it(tmp_path: Path, why: str) -> None:
+def test_an_unreadable_dotenv_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
     """A `.env` not ours to read (root's, mode 640), or a directory (as Docker makes a
     bind mount of a file that is missing): one line, not a traceback nor settings left out
     in silence."""
     unreadable_dotenv(tmp_path / ".env", why)
+    (tmp_path / "team.yml").write_text("max_new_tokens: 64\n")
+    monkeypatch.setenv("THREADBOT_CONFIG", str(tmp_path / "team.yml"))  # no reason to read .env
     for read in (load_settings, export_hugging_face_variables):
         with pytest.raises(ConfigError) as info:
             read()
