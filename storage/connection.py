@@ -95,7 +95,7 @@ async def open_redis(
     await asyncio.to_thread(server.start)
     try:
         client = await connect(server.url, failure="cannot reach the embedded redis-server")
-        logger.info("using the embedded redis-server at %s", server.url)
+        logger.info("using the embedded redis-server at %s", redact_url(server.url))
         try:
             yield client
         finally:

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,11 +28,17 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = "threadbot.lock"
 LOG_FILE = "redis-server.log"
+CONFIG_FILE = "redis.conf"  # its password: only this user may read it, or the server
+PASSWORD = re.compile(r"^requirepass (?P<password>\S+)$", re.MULTILINE)
 HOLDER = re.compile(r"pid (?P<owner>\d+), redis-server pid (?P<server>\d+), port (?P<port>\d+)")
 
 
 class EmbeddedRedis:
     """Runs redis-server on 127.0.0.1 with an append-only file in `data_dir`.
+
+    It takes a password, new at each start, kept in `data_dir`'s redis.conf (mode 600):
+    another user's process on the machine, which can reach any local port, cannot read
+    or change the conversations, nor make the server write files or load code as ours.
 
     One server per data dir: an exclusive flock guards it, and the child inherits the
     locked descriptor, so the dir stays locked even if this process dies before the child.
@@ -54,13 +61,14 @@ class EmbeddedRedis:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
         self._port: int | None = None
+        self._password = ""
         self._guard = threading.Lock()  # `stop` and the watcher's restart, one at a time
 
     @property
     def url(self) -> str:
         if self._port is None:
             raise RuntimeError("EmbeddedRedis is not running")
-        return f"redis://127.0.0.1:{self._port}/0"
+        return _url(self._port, self._password)
 
     def start(self) -> None:
         """Start the server and return once it answers PING; raise StorageError if not."""
@@ -69,6 +77,8 @@ class EmbeddedRedis:
         self._lock()
         atexit.register(self.stop)  # a clean interpreter exit must not orphan the child
         try:
+            self._password = secrets.token_hex(24)
+            self._write_config()
             self._spawn(_free_port())
             self._wait_until_ready()
         except BaseException:
@@ -187,6 +197,7 @@ class EmbeddedRedis:
         data_dir = self.data_dir.resolve()
         args = [
             str(executable),
+            str(data_dir / CONFIG_FILE),  # not on the command line, which anyone can read
             "--bind", "127.0.0.1",
             "--port", str(self._port),
             "--dir", str(data_dir),
@@ -220,10 +231,20 @@ class EmbeddedRedis:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, holder.encode(), 0)
 
+    def _write_config(self) -> None:
+        path = self.data_dir / CONFIG_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as config:
+                os.fchmod(config.fileno(), 0o600)  # one left by an older version, say
+                config.write(f"requirepass {self._password}\n")
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
     def _wait_until_ready(self) -> None:
         assert self._process is not None and self._port is not None
         deadline = time.monotonic() + self._start_timeout
-        while not _answers_ping(self._port):
+        while not _answers_ping(self._port, self._password):
             if (code := self._process.poll()) is not None:
                 raise StorageError(f"redis-server exited with code {code}:\n{self._log_tail()}")
             if time.monotonic() >= deadline:
@@ -253,7 +274,7 @@ def running_url(data_dir: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:  # held: the server runs; its port is in the holder's line
         match = HOLDER.fullmatch(os.read(fd, 200).decode(errors="replace").strip())
-        return f"redis://127.0.0.1:{match['port']}/0" if match else None
+        return _url(int(match["port"]), _password(data_dir)) if match else None
     else:
         return None  # free: nothing runs
     finally:
@@ -286,11 +307,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers_ping(port: int) -> bool:
-    # A raw PING: "-LOADING" while the AOF replays counts as not ready yet.
+def _url(port: int, password: str) -> str:
+    return f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+
+
+def _password(data_dir: Path) -> str:
+    """The running server's password, from its redis.conf ("" where there is none: an
+    older version's server)."""
+    try:
+        match = PASSWORD.search((data_dir / CONFIG_FILE).read_text())
+    except OSError:
+        return ""
+    return match["password"] if match else ""
+
+
+def _answers_ping(port: int, password: str) -> bool:
+    # A raw AUTH and PING: "-LOADING" while the AOF replays counts as not ready yet.
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            replies = b""
+            while replies.count(b"\r\n") < 2 and (more := sock.recv(64)):
+                replies += more
+            return replies.splitlines()[1:2] == [b"+PONG"]
     except OSError:
         return False

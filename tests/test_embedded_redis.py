@@ -1,4 +1,5 @@
-"""EmbeddedRedis (persistence, the data-dir lock, start failures) and open_redis."""
+"""EmbeddedRedis (persistence, the data-dir lock, its password, start failures) and
+open_redis."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import ctypes
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from storage.connection import open_redis
-from storage.embedded import LOCK_FILE, LOG_FILE, EmbeddedRedis
+from storage.embedded import CONFIG_FILE, LOCK_FILE, LOG_FILE, EmbeddedRedis
 from storage.errors import StorageError
 from storage.store import ConversationStore
 
@@ -68,9 +71,29 @@ def test_a_locked_data_dir_is_refused_until_released(tmp_path: Path) -> None:
             EmbeddedRedis(data_dir=tmp_path).start()
         assert "REDIS_URL" in str(info.value)
     with EmbeddedRedis(data_dir=tmp_path / "missing" / "parents") as server:
-        assert server.url.startswith("redis://127.0.0.1:")
+        assert re.fullmatch(r"redis://:[0-9a-f]{48}@127\.0\.0\.1:\d+/0", server.url)
     with EmbeddedRedis(data_dir=tmp_path):  # released by the first one's stop()
         pass
+
+
+async def test_only_a_client_with_its_password_gets_in(tmp_path: Path) -> None:
+    """Any local process can reach a port on 127.0.0.1: without the password it can read
+    and change nothing, and the password is in no file or command line others may read."""
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        port = urlsplit(server.url).port
+        async with Redis(port=port, decode_responses=True) as stranger:
+            with pytest.raises(AuthenticationError):
+                await stranger.keys()
+            with pytest.raises(AuthenticationError):
+                await stranger.config_set("dir", "/tmp")
+        async with Redis.from_url(server.url, decode_responses=True) as client:
+            assert await client.ping()
+        password = urlsplit(server.url).password
+        command_line = Path(f"/proc/{_server_pid(tmp_path)}/cmdline").read_bytes()
+        assert password and password.encode() not in command_line
+        assert stat.S_IMODE((tmp_path / CONFIG_FILE).stat().st_mode) == 0o600
+    with EmbeddedRedis(data_dir=tmp_path) as again:
+        assert urlsplit(again.url).password != password  # new at each start
 
 
 def test_a_server_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
