@@ -259,9 +259,13 @@ class NativeReply(StreamingReply):
         return bool(self.target.stopped)
 
     def _edit_costs(self, index: int) -> bool:
-        """Text into an open stream is appended; a message whose stream has ended (Slack
-        ends one minutes after it began), or an earlier process's, is edited."""
-        return super()._edit_costs(index) and self.message_ids[index] not in self.target.streamed
+        """Text into an open stream is appended, and none goes into one a reader stopped; a
+        message whose stream has ended (Slack ends one minutes after it began), or an
+        earlier process's, is edited."""
+        if not super()._edit_costs(index):
+            return False
+        message_id = self.message_ids[index]
+        return message_id not in self.target.streamed and message_id not in self.target.stopped
 
     async def _filled(self, index: int) -> None:
         """A full message takes no more: its stream is ended now, as Slack tells of a

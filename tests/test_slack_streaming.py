@@ -24,6 +24,7 @@ from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
 from adapters.slack_format import MARKDOWN_LIMIT, settled, to_markdown
 from adapters.slack_stream import NativeReply, SlackStream, SlackThread
+from adapters.streaming import EditBudget
 from adapters.text import split_message
 from bot import replies
 from bot.config import Access, Settings
@@ -309,16 +310,16 @@ async def test_a_long_answers_next_message_streams_and_a_stop_there_ends_it(slac
     assert not slack.calls_to("chat.postMessage")
 
 
-async def long_answer_begun(slack, on_stop=None) -> NativeReply:
-    """A native sink into a new thread of C0001 (edits at once), LONG_ANSWER's first 100
-    characters streamed into it."""
+async def long_answer_begun(slack, on_stop=None, budget: EditBudget | None = None) -> NativeReply:
+    """A native sink into a new thread of C0001 (edits at once, within `budget`),
+    LONG_ANSWER's first 100 characters streamed into it."""
     client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
     mention = slack.app_mention("C0001", "write a lot")
     thread = SlackThread(client, team=slack.team_id, channel="C0001",
                          thread_ts=mention["ts"], recipient="U0ALICE")  # fmt: skip
     sink = NativeReply(
         target=SlackStream(thread, on_stop=on_stop),
-        render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark="",
+        render=to_markdown, limit=MARKDOWN_LIMIT, interval=0, mark="", budget=budget,
     )  # fmt: skip
     await sink.start()
     await sink.append(LONG_ANSWER[:100])
@@ -339,6 +340,19 @@ async def test_a_stopped_stream_gets_no_continuation(slack):
     assert len(slack.calls_to("chat.startStream")) == 1
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
     assert slack.statuses == {}
+
+
+async def test_a_stream_a_reader_stopped_spends_no_edits(slack):
+    """Stopped while it streamed, and found so by the next append: its final text is not
+    put into it, and nothing is taken from the workspace's chat.update budget for it."""
+    budget = EditBudget(per_minute=0.01, burst=5)
+    sink = await long_answer_begun(slack, budget=budget)
+    [start] = slack.calls_to("chat.startStream")
+    slack.stop_by_user("C0001", start.response["ts"])
+    await sink.append(LONG_ANSWER[100:200])  # refused: the stop is known from here on
+    await sink.finish(LONG_ANSWER)
+    assert not slack.calls_to("chat.update")
+    assert budget.tokens == pytest.approx(5, abs=0.01)
 
 
 async def test_a_failed_end_of_the_full_first_message_still_posts_the_rest(slack):
