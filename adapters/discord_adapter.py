@@ -219,7 +219,10 @@ class DiscordAdapter(Adapter):
         if "asker" in target:  # saved by a version with buttons
             key = ConversationKey.parse(target["conversation"])
             asker = Asker(target["asker"], key)
-        return self._sink(channel, asker, posted, regenerates=bool(target.get("regenerates")))
+        return self._sink(
+            channel, asker, posted,
+            replacing=target.get("replacing", ()), regenerates=bool(target.get("regenerates")),
+        )  # fmt: skip
 
     def _regenerating(self, place: dict[str, Any], seed: str, asker: Asker) -> DiscordReply:
         """The sink of a regenerated answer: it streams into the old answer's first message

@@ -10,6 +10,7 @@ roles and wait for an ending turn).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -113,8 +114,8 @@ class DiscordReply(StreamingReply):
         target = super().reply_target()
         if self.asker is not None:
             target |= {"asker": self.asker.user, "conversation": str(self.asker.conversation)}
-        if self.regenerates:
-            target["regenerates"] = True
+        if self.regenerates:  # and the old answer's messages still to delete
+            target |= {"regenerates": True, "replacing": list(self.replacing)}
         return target
 
     async def start(self) -> None:
@@ -148,7 +149,9 @@ class DiscordReply(StreamingReply):
             if previous and previous[1] not in {*self.message_ids, *self.replacing}:
                 await set_buttons(self.target.client, *previous, None)
             while self.replacing:
-                await self.target.delete(self.replacing.pop())
+                with contextlib.suppress(discord.NotFound):  # by a try before a restart
+                    await self.target.delete(self.replacing[-1])
+                self.replacing.pop()
         except Exception:
             logger.warning("could not tidy up before answering in %s", asker.conversation,
                            exc_info=True)  # fmt: skip

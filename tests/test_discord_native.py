@@ -652,16 +652,18 @@ async def test_a_regenerated_answer_taken_up_after_a_restart_still_keeps_the_old
     discord_bot,
 ):
     """The sink rebuilt from a regenerated answer's saved target (another process's, or
-    this one's before a crash) is a regeneration's too: if it fails, the old answer shown
-    again keeps its Regenerate."""
+    this one's before a crash) is a regeneration's too: it deletes the old answer's further
+    messages, and if it fails, the old answer shown again keeps its Regenerate."""
     async with discord_bot(Answers("First answer.")) as bot:
         channel, first, _ = await answered_in_a_dm(bot, "what should I cook?")
         place = await bot.service.answer_place(dm_key(channel))
+        place["messages"].append("1999")  # an answer in two messages: the second goes
         asker = Asker("1002", dm_key(channel))
         saved = bot.adapter._regenerating(place, "1234", asker).reply_target()
         resumed = bot.adapter._resumed(json.loads(json.dumps(saved)), stop=lambda: None)
         answer = bot.adapter._sink(resumed.target, asker, [first["id"]])
     assert resumed.regenerates and resumed.message_ids == [first["id"]]
+    assert resumed.replacing == ["1999"]
     assert not answer.regenerates
 
 
