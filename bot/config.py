@@ -160,7 +160,12 @@ class Persona(_Section):
 
     @field_validator("workspace", "channel", mode="before")
     @classmethod
-    def _id_as_text(cls, value: object) -> object:
+    def _id_as_text(cls, value: object, info: ValidationInfo) -> object:
+        """Slack's and Discord's workspaces and channels are ids (a name, `#general`, would
+        match no conversation, and the persona apply nowhere); the console's channel is a
+        conversation's name."""
+        if value is not None and info.data.get("platform") in ("slack", "discord"):
+            return _platform_id(value)
         return str(value) if isinstance(value, int) else value
 
 

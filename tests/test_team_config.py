@@ -154,6 +154,24 @@ def test_what_can_be_no_id_is_refused_with_its_line(
     assert problem in line
 
 
+@pytest.mark.parametrize("channel", ["general", "'#support'"])
+def test_a_persona_for_a_channel_named_rather_than_its_id_is_refused_with_its_line(
+    tmp_path: Path, channel: str
+) -> None:
+    """It would match no conversation, and its prompt apply nowhere, in silence; the
+    console's channels are conversations' names, and stay allowed."""
+    write(
+        tmp_path / "threadbot.yml",
+        "personas:\n  - platform: console\n    channel: general\n    system_prompt: Hi.\n"
+        f"  - platform: slack\n    channel: {channel}\n    system_prompt: Be brief.\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    [line] = str(info.value).splitlines()
+    assert line.startswith("threadbot.yml line 6: invalid setting personas.1.channel")
+    assert "is not a platform id" in line
+
+
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
     write(
         tmp_path / "threadbot.yml",
