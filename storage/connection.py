@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 WRITE_PROBE_MS = 1000  # the probe key goes by itself
 NOT_A_URL = "not a valid URL: percent-encode any / ? # @ or : in its password (%2F %3F %23 %40 %3A)"
+NO_SCHEME = "a Redis URL starts with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)"
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def redact_url(url: str) -> str:
     """The URL without its password, query string or fragment (either may carry one).
     Read by hand, never failing: a password that is not percent-encoded may hold `/`,
     `?` or `#`, which a URL parser takes for the path, and would leave it whole."""
+    url = re.sub(r"([?&])password=[^&#]*", r"\1", url)  # an @ in it is no user's
     scheme, separator, rest = url.partition("://") if "://" in url else ("", "", url)
     userinfo, at, address = rest.rpartition("@")
     address = re.split(r"[?#]", address, maxsplit=1)[0]
@@ -131,6 +133,8 @@ def redact_url(url: str) -> str:
 
 
 async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
+    if not re.match(r"(redis|rediss|unix)://", url):  # redis-py's word: percent-encode
+        raise StorageError(f"{failure}: {NO_SCHEME}")
     try:
         # Bounded connects and reads, so a black-holed host fails instead of hanging.
         client = Redis.from_url(

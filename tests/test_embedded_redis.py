@@ -190,3 +190,20 @@ async def test_open_redis_unreachable_url_names_the_setting_not_the_password(
             pass
     assert ":***@" in str(info.value)
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("localhost:1", "starts with redis://"),  # no scheme: not a password's fault
+        ("redis://127.0.0.1:1/0?password=hunt@er2", "REDIS_URL=redis://127.0.0.1:1/0:"),
+    ],
+)
+async def test_open_redis_says_what_is_wrong_with_a_url_and_shows_no_password(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    with pytest.raises(StorageError) as info:
+        async with open_redis(redis_url=url, data_dir=tmp_path):
+            pass
+    assert said in str(info.value)
+    assert "er2" not in str(info.value) and "percent-encode" not in str(info.value)
