@@ -3,10 +3,12 @@
 Platform-neutral: an adapter describes each file as an `Attachment` (name, type, size, and
 how to download its first bytes), and `with_attachments` adds them to the message's text.
 Text files (by extension or text/* type) are read as UTF-8, up to MAX_ATTACHMENT_CHARS in
-all, and never past what leaves the whole message within MAX_INPUT_CHARS (which the
-service enforces); what is cut is marked. Other files, files that turn out to hold binary
-data, files over MAX_FILE_BYTES and failed or slow downloads are named with the reason, so
-neither the model nor the user is left guessing; nothing here fails the turn.
+all, and never past what leaves the whole message within MAX_INPUT_CHARS, nor past what
+leaves it within the prompt's tokens (`fits`; the service enforces both, and would refuse
+a message the asker cannot shorten); what is cut is marked. Other files, files that turn
+out to hold binary data, files over MAX_FILE_BYTES and failed or slow downloads are named
+with the reason, so neither the model nor the user is left guessing; nothing here fails
+the turn.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from bot.config import Settings
+
+if TYPE_CHECKING:
+    from bot.service import ChatService
+    from bot.types import Turn
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ MAX_FILE_BYTES = 2**20  # larger files are named, not downloaded
 NAME_CHARS = 100  # a file name is shortened to this in its label
 LABEL_ROOM = 300  # room kept in MAX_INPUT_CHARS for each file's label lines
 TRUNCATED = "[… truncated]"
+FITTING_STEPS = 7  # halvings in the search for how much of the files' text fits: within 1%
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +82,80 @@ def is_text(name: str, mimetype: str) -> bool:
     )
 
 
+async def attached(
+    service: ChatService, turn: Turn, attachments: Sequence[Attachment], *, timeout: float
+) -> Turn:
+    """The turn with its attachments after its text, cut where it would not fit its
+    conversation's prompt."""
+
+    async def fits(text: str) -> bool:
+        return await service.fits(replace(turn, text=text))
+
+    settings = service.team.settings
+    text = await with_attachments(
+        turn.text, attachments, settings=settings, timeout=timeout, fits=fits
+    )
+    return replace(turn, text=text)
+
+
 async def with_attachments(
-    text: str, attachments: Sequence[Attachment], *, settings: Settings, timeout: float
+    text: str,
+    attachments: Sequence[Attachment],
+    *,
+    settings: Settings,
+    timeout: float,
+    fits: Callable[[str], Awaitable[bool]] | None = None,
 ) -> str:
     """`text` followed by its attachments: each text file's content under its name, each
-    other file named. Downloads together take at most `timeout` seconds."""
+    other file named. Downloads together take at most `timeout` seconds. Where the message
+    would not `fit` (the prompt's tokens), each file's text is cut by the same share, to
+    as much as fits."""
     if not attachments:
         return text
     room = settings.max_input_chars - len(text) - LABEL_ROOM * len(attachments)
     budget = max(0, min(settings.max_attachment_chars, room))
     deadline = asyncio.get_running_loop().time() + timeout
-    parts = [text] if text else []
+    parts = []
     for attachment in attachments:
         try:
             content, cut = await _read(attachment, budget, deadline)
         except _NotRead as reason:
-            parts.append(_label(attachment, str(reason)))
+            parts.append(_Part(_label(attachment, str(reason))))
             continue
         budget -= len(content)
-        parts.append("\n".join([_label(attachment), content, *([TRUNCATED] if cut else [])]))
-    return "\n\n".join(parts)
+        parts.append(_Part(_label(attachment), content, cut))
+
+    def joined(share: float) -> str:
+        return "\n\n".join([*([text] if text else []), *(p.shown(share) for p in parts)])
+
+    whole = joined(1.0)
+    if fits is None or await fits(whole):
+        return whole
+    fitting, over = 0.0, 1.0  # the shares of each file's text known to fit, and not to
+    for _ in range(FITTING_STEPS):
+        share = (fitting + over) / 2
+        if await fits(joined(share)):
+            fitting = share
+        else:
+            over = share
+    return joined(fitting)
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One file in the message: its label, and a text file's text (None: named only)."""
+
+    label: str
+    content: str | None = None
+    cut: bool = False  # the text read is not all of the file
+
+    def shown(self, share: float) -> str:
+        """As the message holds it, with `share` of its text."""
+        if self.content is None:
+            return self.label
+        kept = self.content[: math.floor(len(self.content) * share)]
+        cut = self.cut or len(kept) < len(self.content)
+        return "\n".join([self.label, kept, *([TRUNCATED] if cut else [])])
 
 
 async def _read(attachment: Attachment, budget: int, deadline: float) -> tuple[str, bool]:

@@ -24,7 +24,7 @@ import discord
 import yarl
 from discord.gateway import DiscordWebSocket
 
-from adapters.attachments import Attachment, with_attachments
+from adapters.attachments import Attachment, attached
 from adapters.base import (
     Adapter,
     AdapterError,
@@ -327,11 +327,6 @@ class DiscordAdapter(Adapter):
         assert me is not None
         text = self._readable(message, me)
         order = command(text)
-        if order is None:
-            files = [_attachment(attachment) for attachment in message.attachments]
-            text = await with_attachments(
-                text, files, settings=self.service.team.settings, timeout=ATTACHMENT_SECONDS
-            )
         turn = Turn(
             key,
             str(message.author.id),
@@ -343,6 +338,9 @@ class DiscordAdapter(Adapter):
             channel_name=_channel_name(message.channel),
             bot_name=message.guild.me.display_name if message.guild else me.display_name,
         )
+        if order is None:
+            files = [_attachment(attachment) for attachment in message.attachments]
+            turn = await attached(self.service, turn, files, timeout=ATTACHMENT_SECONDS)
         asker = (
             None if turn.command else Asker(turn.author, key)
         )  # a command's reply has no buttons

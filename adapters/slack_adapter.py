@@ -34,7 +34,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.attachments import with_attachments
+from adapters.attachments import attached
 from adapters.base import (
     Adapter,
     AdapterError,
@@ -391,16 +391,6 @@ class SlackAdapter(Adapter):
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
             history = await self._thread_context(event, bot_user, looked_up_by)
-        question = words  # as typed, for the pane's title
-        if order is None:
-            client = self.app.client
-            files = slack_attachments(
-                event.get("files", ()), token=client.token, api_url=client.base_url
-            )
-            left = deadline - asyncio.get_running_loop().time()
-            words = await with_attachments(
-                words, files, settings=self.service.team.settings, timeout=left
-            )
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
         turn = Turn(
             key,
@@ -409,18 +399,25 @@ class SlackAdapter(Adapter):
             message_id,
             context=history,
             command=order,
-            author_name=await self._name(event["user"], deadline),
-            channel_name=await self._channel_name(event, deadline),
-            bot_name=await self._name(bot_user, deadline),
+            author_name=await self._name(event["user"], looked_up_by),
+            channel_name=await self._channel_name(event, looked_up_by),
+            bot_name=await self._name(bot_user, looked_up_by),
         )
+        if order is None:
+            client = self.app.client
+            files = slack_attachments(
+                event.get("files", ()), token=client.token, api_url=client.base_url
+            )
+            left = deadline - asyncio.get_running_loop().time()
+            turn = await attached(self.service, turn, files, timeout=left)
         status = None
         if event.get("channel_type") == "im" and thread_ts:  # a DM thread: the pane's
             # Shown before the turn is taken: the answer's first post clears it.
             status = ThreadStatus(self.app.client, channel=key.channel, thread_ts=thread_ts)
             niceties = [status.show()]
-            if question and not (known or order):  # a new thread: named after its question
+            if words and not (known or order):  # a new thread: named after its question
                 pane = {"channel": key.channel, "thread_ts": thread_ts}
-                niceties.append(set_title(self.app.client, **pane, question=question))
+                niceties.append(set_title(self.app.client, **pane, question=words))
             await _by(deadline, *niceties)
         # Slack's own stop of a native stream ends the answer, as a Stop button does.
         stop = partial(self.service.stop_answer, f"{key.platform}:{message_id}", by=turn.author)

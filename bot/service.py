@@ -582,11 +582,21 @@ class ChatService:
         await self._deliver(started, sink, answer, generated)
         await self._count(pending, generation)
 
+    async def fits(self, turn: Turn) -> bool:
+        """Whether the turn's message fits its conversation's prompt, with the system
+        prompt alone (else it is refused): for an adapter that can cut what it added to
+        it (an attached file's text), which the asker could not."""
+        voice = voice_for(self.team.settings, turn.conversation)
+        system = await self._system(turn, voice)
+        over = await tokens_over_budget(
+            system, _as_counted(turn), count_tokens=self.count_tokens, budget=self._budget(voice)
+        )
+        return over is None
+
     async def _too_long(self, turn: Turn, system: list[ChatMessage], budget: int) -> str | None:
         """What to tell the asker where their message is over the prompt's token budget
-        with the system prompt alone: no trim of the history could make it fit. Counted
-        with its author's name, as a thread with others shows it."""
-        message = named([user_message(turn)], several=True)[0]
+        with the system prompt alone: no trim of the history could make it fit."""
+        message = _as_counted(turn)
         tokens = await tokens_over_budget(
             system, message, count_tokens=self.count_tokens, budget=budget
         )
@@ -957,6 +967,12 @@ class ChatService:
         if [message["role"] for message in last] != ["user", "assistant"]:
             return None
         return last if await self.store.answer_place(conversation) == place else None
+
+
+def _as_counted(turn: Turn) -> ChatMessage:
+    """The turn's message as its prompt holds it: with its author's name, as a thread
+    with others shows it."""
+    return named([user_message(turn)], several=True)[0]
 
 
 def _not_ours(pending: PendingTurn) -> None:

@@ -841,6 +841,30 @@ async def test_a_message_sent_while_the_one_before_it_downloads_its_file_comes_a
     assert second[-1]["content"] == "and when do we ship?"
 
 
+async def test_a_text_attachment_over_the_prompts_tokens_is_cut_to_fit_not_refused(
+    fake, discord_bot
+):
+    """A log file within the characters allowed but over the prompt's tokens (as Japanese
+    text or a log is, at under two characters a token): its text is cut, and marked, to
+    what fits beside the system prompt, where the whole message was refused, which the
+    asker cannot shorten."""
+    dm = fake.dm_channel(fake.alice["id"])["id"]
+    log = "".join(f"12:{n:04} ERROR worker-{n % 7} lost its lease #{n * 7919 % 10007}\n"
+                  for n in range(400))  # fmt: skip
+    app_log = fake.attachment(dm, "app.log", log.encode(), "text/plain")
+    budget = 400
+    async with discord_bot(
+        max_input_chars=30000, max_attachment_chars=30000, prompt_budget=budget
+    ) as (service, batcher):
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("why?", attachments=[app_log]))
+        await final_reply(fake, dm)
+    [prompt] = batcher.prompts
+    asked = prompt[-1]["content"]
+    assert asked.startswith("why?\n\n[attached: app.log]\n12:0000 ERROR worker-0")
+    assert asked.endswith("\n[… truncated]") and len(asked) < len(log) / 2
+    assert service.count_tokens(prompt) <= budget
+
+
 async def test_a_binary_attachment_alone_is_named_and_not_downloaded(fake, discord_bot):
     dm = fake.dm_channel(fake.alice["id"])["id"]
     photo = fake.attachment(dm, "photo.png", b"\x89PNG\r\n" + bytes(120_000), "image/png")
