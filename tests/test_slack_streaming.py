@@ -162,19 +162,30 @@ async def test_a_top_level_dm_answer_is_edited_as_slack_streams_only_in_threads(
     assert not slack.calls_to("chat.startStream")
 
 
-async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, socket_mode):
-    """Slack ends a stream some minutes after it began: the message is edited from then on."""
+async def answered_as_streams_end(
+    slack, socket_mode, batcher: ScriptedBatcher, ends: Callable[[Any], bool]
+) -> None:
+    """A mention in C0001 answered natively by `batcher`, Slack ending every open stream
+    after the call that `ends` picks, until the answer shows whole."""
 
-    def end_at_once(call):
-        if call.method == "chat.startStream" and call.ok:
+    def end_streams_after(call):
+        if ends(call):
             slack.end_streams()
 
-    slack.after_call = end_at_once
-    async with socket_mode(ScriptedBatcher(ANSWER), streaming="native"):
+    slack.after_call = end_streams_after
+    async with socket_mode(batcher, streaming="native"):
         mention = slack.app_mention("C0001", "What is the capital of France?")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
-        await slack.wait_for(lambda: reply["text"] == to_markdown(ANSWER))
+        await slack.wait_for(lambda: reply["text"] == to_markdown(batcher.answer))
+
+
+async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, socket_mode):
+    """Slack ends a stream some minutes after it began: the message is edited from then on."""
+    await answered_as_streams_end(
+        slack, socket_mode, ScriptedBatcher(ANSWER),
+        lambda call: call.method == "chat.startStream" and call.ok,
+    )  # fmt: skip
     ended = [c for c in slack.calls if c.method in STREAMING[1:]]
     assert ended and ended[0].response["error"] == "message_not_in_streaming_state"
     updates = slack.calls_to("chat.update", ok_only=True)
@@ -200,16 +211,10 @@ async def test_a_stream_slack_ended_is_edited_within_the_workspaces_budget(
     monkeypatch.setattr("adapters.slack_adapter.EDITS_PER_MINUTE", 0.01)
     answer = LONG_ANSWER[: MARKDOWN_LIMIT // 3]
 
-    def end_after_three_appends(call):
-        if call.method == "chat.appendStream" and len(slack.calls_to(call.method)) == 3:
-            slack.end_streams()
+    def the_third_append(call) -> bool:
+        return call.method == "chat.appendStream" and len(slack.calls_to(call.method)) == 3
 
-    slack.after_call = end_after_three_appends
-    async with socket_mode(PacedBatcher(answer), streaming="native"):
-        mention = slack.app_mention("C0001", "write a little")
-        await slack.send_event(mention)
-        reply = await final_reply(slack, "C0001", mention["ts"])
-        await slack.wait_for(lambda: reply["text"] == to_markdown(answer))
+    await answered_as_streams_end(slack, socket_mode, PacedBatcher(answer), the_third_append)
     assert len(slack.calls_to("chat.appendStream", ok_only=True)) == 3
     edits = [call.params["markdown_text"] for call in slack.calls_to("chat.update")]
     assert len(edits) == 3 and edits[-1] == to_markdown(answer)  # found ended, budget, final
