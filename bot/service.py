@@ -902,7 +902,12 @@ class ChatService:
             conversation, by, question["content"], request_id,
             author_name=question.get("name", ""),
         )  # fmt: skip
-        accepted = await self.journal.accept(turn, sink.reply_target(), regenerates=place)
+        try:
+            accepted = await self.journal.accept(turn, sink.reply_target(), regenerates=place)
+        except Exception:  # not taken: a press once storage is back may regenerate it
+            with contextlib.suppress(Exception):  # if storage is still gone, it may not
+                await self.store.forget_regeneration(key, place)
+            raise
         if accepted is None:
             return replies.not_regenerable()
         logger.info("regenerating the last answer of %s for %s", conversation, by)

@@ -204,9 +204,11 @@ class ConversationStore:
     async def first_regeneration(self, conversation_id: str, place: dict[str, Any]) -> bool:
         """True for the first regeneration asked of the answer shown at `place`, False
         for any after it (a double click, two people at once, in any process)."""
-        shown = json.dumps(place, sort_keys=True).encode()
-        key = keys.regenerated(conversation_id, hashlib.blake2b(shown, digest_size=16).hexdigest())
-        return await self._once.first(key, self.ttl_seconds)
+        return await self._once.first(_regenerated(conversation_id, place), self.ttl_seconds)
+
+    async def forget_regeneration(self, conversation_id: str, place: dict[str, Any]) -> None:
+        """The regeneration asked of the answer at `place` was not taken: it may be again."""
+        await self._redis.delete(_regenerated(conversation_id, place))
 
     async def answer_place(self, conversation_id: str) -> dict[str, Any] | None:
         """Where the conversation's newest answer is shown, if known and readable."""
@@ -231,3 +233,9 @@ def _decode(entry: str | bytes) -> ChatMessage | None:
     if isinstance(name, str) and name:
         message["name"] = name
     return message
+
+
+def _regenerated(conversation_id: str, place: dict[str, Any]) -> str:
+    """The key that marks the answer shown at `place` as regenerated."""
+    shown = json.dumps(place, sort_keys=True).encode()
+    return keys.regenerated(conversation_id, hashlib.blake2b(shown, digest_size=16).hexdigest())

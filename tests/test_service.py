@@ -557,6 +557,33 @@ async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
     ]
 
 
+async def test_a_regeneration_storage_could_not_take_may_be_asked_again(
+    make_service, store, conversation, monkeypatch
+):
+    """Redis fails as the regeneration is recorded, after its press was marked as the
+    answer's one regeneration: the presser hears of the failure, and a press once Redis
+    is back regenerates, where every later press was refused for the marker's 30 days."""
+    async with make_service() as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Hello there"), answered)
+        outage = Outage()
+        monkeypatch.setattr(service.journal, "accept", outage.refusing(service.journal.accept))
+        with pytest.raises(RedisConnectionError):
+            await service.regenerate(conversation, place=answered.place, by="U1",
+                                     request_id=uuid.uuid4().hex, sink=RecordingSink())  # fmt: skip
+        outage.down = False
+        again = ShowingSink(service, conversation)
+        refusal = await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex, sink=again
+        )
+
+        async def regenerated() -> bool:
+            return bool(again.kinds("finish"))
+
+        await until(regenerated)
+    assert refusal is None and len(batcher.prompts) == 2
+
+
 async def test_a_regeneration_a_newer_turn_overtakes_is_refused_to_the_presser(
     make_service, store, conversation, monkeypatch
 ):
