@@ -251,6 +251,7 @@ async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the
     assert deleted == [gone["id"]] and gone["id"] not in fake.channels
     assert answer["content"] == "Noted." and not bot_messages(fake, fake.channel_id)
     assert not any("Create Public Threads" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # told as expected
 
 
 async def test_a_dm_is_answered(fake, discord_bot):
