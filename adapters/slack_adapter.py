@@ -17,8 +17,8 @@ import contextlib
 import html
 import logging
 import re
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from decimal import Decimal
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "_thinking…_"  # italic in mrkdwn and in Markdown alike
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
+THREAD_PAGE = 200  # messages a conversations.replies page (Slack advises at most 200)
+THREAD_PROBES = 10  # pages tried in a thread longer than one, to find its newest messages
 # All an event's lookups (its author, the people named, the thread, attached files) are
 # made before its ack, which Slack wants within 3 s: together they take at most this.
 BEFORE_ACK_SECONDS = 2.0
@@ -519,41 +521,8 @@ class SlackAdapter(Adapter):
         self, event: dict[str, Any], bot_user: str, deadline: float
     ) -> tuple[ChatMessage, ...]:
         """The thread's newest THREAD_CONTEXT_LIMIT messages before this one, oldest first,
-        as chat messages (the bot's as assistant), read and named by `deadline`.
-
-        Slack pages a thread from its start, so the pages up to this message (`latest`:
-        nothing after it comes back) are read, a bounded number of them, and their end kept;
-        if time runs out (or a page fails), the pages already read are kept.
-        """
-        pages, page_size = 10, 100  # Slack advises at most 200 a page
-        earlier: deque[dict[str, Any]] = deque(maxlen=THREAD_CONTEXT_LIMIT)
-        newest, cursor = 0.0, None
-        try:
-            async with asyncio.timeout_at(deadline):
-                for _ in range(pages):
-                    response = await self.app.client.conversations_replies(
-                        channel=event["channel"],
-                        ts=event["thread_ts"],
-                        latest=event["ts"],
-                        inclusive=True,
-                        limit=page_size,
-                        cursor=cursor,
-                    )
-                    for message in response.get("messages", []):
-                        ts = float(message["ts"])
-                        if ts > newest and message["ts"] != event["ts"] and _said(message):
-                            earlier.append(message)  # each once and in order, should pages overlap
-                            newest = ts
-                    if not (cursor := response.get("response_metadata", {}).get("next_cursor")):
-                        break
-                else:
-                    logger.info(
-                        "thread %s: context read from its first %d messages only",
-                        event["thread_ts"],
-                        pages * page_size,
-                    )
-        except Exception:  # answering with what was read (perhaps nothing) beats not answering
-            logger.warning("could not read all of the thread's earlier messages", exc_info=True)
+        as chat messages (the bot's as assistant), read and named by `deadline`."""
+        earlier = await self._earlier_messages(event, deadline)
         people = {m["user"] for m in earlier if "user" in m}
         names = await self._names(people.union(*(_mentioned(m["text"]) for m in earlier)), deadline)
         context: list[ChatMessage] = []
@@ -565,6 +534,55 @@ class SlackAdapter(Adapter):
                 name = _author(message, names)
                 context.append({"role": "user", "content": text, "name": name})
         return tuple(context)
+
+    async def _earlier_messages(
+        self, event: dict[str, Any], deadline: float
+    ) -> list[dict[str, Any]]:
+        """The thread's newest THREAD_CONTEXT_LIMIT messages said before this one.
+
+        Slack pages a thread from its start, never from its end. So the first page up to
+        this message is read (`latest`: nothing after it comes back), and where the thread
+        goes on past that page, its end is found by halving the time between the page's
+        last message and this one: a page from `oldest` that Slack says goes on starts too
+        early, one with fewer messages than wanted starts too late. Each try is one call;
+        if time runs out (or a call fails), the newest messages found so far are kept.
+        """
+        read = partial(
+            self.app.client.conversations_replies,
+            channel=event["channel"],
+            ts=event["thread_ts"],
+            latest=event["ts"],
+            inclusive=True,
+            limit=THREAD_PAGE,
+        )
+        found: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout_at(deadline):
+                page = await read()
+                found = _said_between(page, Decimal("-Infinity"), Decimal(event["ts"]))
+                if not _goes_on(page):
+                    return found[-THREAD_CONTEXT_LIMIT:]
+                early, late = Decimal(page["messages"][-1]["ts"]), Decimal(event["ts"])
+                for _ in range(THREAD_PROBES):
+                    oldest = ((early + late) / 2).quantize(Decimal("0.000001"))
+                    page = await read(oldest=str(oldest))
+                    if _goes_on(page):
+                        early = oldest
+                        continue
+                    found = _said_between(page, oldest, Decimal(event["ts"]))
+                    if len(found) >= THREAD_CONTEXT_LIMIT:
+                        break
+                    late = oldest
+                else:
+                    logger.info(
+                        "thread %s: the messages just before %s not found in %d tries",
+                        event["thread_ts"],
+                        event["ts"],
+                        THREAD_PROBES,
+                    )
+        except Exception:  # answering with what was read (perhaps nothing) beats not answering
+            logger.warning("could not read all of the thread's earlier messages", exc_info=True)
+        return found[-THREAD_CONTEXT_LIMIT:]
 
     async def _names(self, users: Collection[str], deadline: float) -> dict[str, str]:
         """The users' names by id, looked up together (NAME_LOOKUPS at a time) and kept;
@@ -694,6 +712,16 @@ def _author(message: dict[str, Any], names: dict[str, str]) -> str:
     if user := message.get("user"):
         return names.get(user, user)
     return message.get("username") or message.get("bot_profile", {}).get("name") or "a bot"
+
+
+def _goes_on(page: dict[str, Any]) -> bool:
+    """Whether a conversations.replies page has more of its range after it."""
+    return bool(page.get("has_more") or page.get("response_metadata", {}).get("next_cursor"))
+
+
+def _said_between(page: dict[str, Any], after: Decimal, before: Decimal) -> list[dict[str, Any]]:
+    """A page's messages said strictly between two ts (Slack's `inclusive` takes both ends)."""
+    return [m for m in page.get("messages", []) if after < Decimal(m["ts"]) < before and _said(m)]
 
 
 def _said(message: dict[str, Any]) -> bool:
