@@ -72,6 +72,9 @@ The answers pay for it in their own time: at the bench's traffic, held to AVX2 k
 float32, the p95 first token came 5-33% sooner and the answers' p50 3-63% later (five
 pairs); in bfloat16, 0-8% sooner and 14-23% later (two). `PREFILL_FIRST_STEPS=0` turns it
 off (README, "Prompts come first")."""
+UNUSABLE = "the model's output was not a number (NaN or infinity) for this conversation"
+"""Why a row ends unanswered when its logits cannot be picked from (`Sampler`): an
+overflow in the model on this prompt, most often in float16 or bfloat16."""
 BATCH_MEMORY_SHARE = 0.4
 """The share of the free memory that the default `max_batch_tokens` gives the batch's KV
 cache. Growing the slot cache copies it, so the old and new ones are briefly both alive:
@@ -90,6 +93,7 @@ class Update:
     # update: a request stopped before its end still has them.
     prompt_tokens: int = 0
     answer_tokens: int = 0
+    failed: str | None = None  # why the request ended unanswered (its row alone)
 
 
 @dataclass(eq=False)
@@ -356,6 +360,10 @@ class Batcher:
         updates, finished = [], []
         generated = 0
         for sequence, token in zip(sequences, tokens, strict=True):
+            if token is None:
+                finished.append(sequence)
+                updates.append(self._unanswerable(sequence))
+                continue
             ended = token in self.end_ids
             if not ended:
                 sequence.add(token)
@@ -371,6 +379,13 @@ class Batcher:
         for sequence in finished:
             self._release(sequence)
         return updates
+
+    def _unanswerable(self, sequence: _Sequence) -> Update:
+        """End a row whose logits were not numbers. Its keys and values hold what made them
+        so: wiped, not kept for its conversation's next turn."""
+        self._cache.wipe(sequence.slot)
+        sequence.cached = 0
+        return Update(sequence.key, "", None, *sequence.counts, failed=UNUSABLE)
 
     def _finish(self, sequence: _Sequence) -> Update:
         answer = self.engine.decode(sequence.answer)  # whole, once: exactly the seed's text

@@ -78,6 +78,11 @@ class InferenceCancelled(Exception):
     """The request was cancelled before it finished."""
 
 
+class UnusableOutput(Exception):
+    """The model gave this request no output to pick a token from (NaN logits); the
+    other requests in the batch go on."""
+
+
 class EngineStopped(Exception):
     """The engine thread died: this process answers nothing more and should restart."""
 
@@ -607,6 +612,10 @@ class InferenceQueue:
         for update in updates:
             generation = update.key
             assert isinstance(generation, Generation)
+            if update.failed is not None:  # that request alone: the batch goes on
+                running.remove(generation)
+                self._fail([generation], UnusableOutput(update.failed))
+                continue
             counts = update.prompt_tokens, update.answer_tokens
             self._call(generation.write, update.text, *counts)
             if update.answer is not None:

@@ -171,10 +171,14 @@ class Sampler:
         histories: Sequence[Tensor | list[int]],
         answered: Sequence[int],
         temperatures: Sequence[float | None],
-    ) -> list[int]:
+    ) -> list[int | None]:
         """One token per row; `histories` are the rows' ids so far (1-D tensors or lists),
         `answered` their answer lengths (an answer shorter than `min_new_tokens` may not end
-        yet), `temperatures` their own temperatures (None: the model's config; 0: greedy)."""
+        yet), `temperatures` their own temperatures (None: the model's config; 0: greedy).
+
+        A row whose logits hold no number to pick by (NaN or infinity from an overflow in
+        the model, or every token ruled out) gets None, and the other rows their tokens:
+        `multinomial` would fail the whole batch on that one row."""
         logits = logits.float()
         logits[:, self.suppressed] = -float("inf")
         # Before the processors, as in `generate`: top-p then chooses among the tokens that
@@ -195,8 +199,16 @@ class Sampler:
                 else:
                     index = torch.tensor(rows, device=logits.device)
                     logits[index] = strategy.processors(ids, logits[index])
-        tokens = logits.argmax(-1).tolist()
-        sampling = [row for strategy, rows in groups if strategy.do_sample for row in rows]
+        tokens: list[int | None] = logits.argmax(-1).tolist()
+        for row in (~logits.amax(-1).isfinite()).nonzero()[:, 0].tolist():  # NaN: amax is NaN
+            tokens[row] = None
+        sampling = [
+            row
+            for strategy, rows in groups
+            if strategy.do_sample
+            for row in rows
+            if tokens[row] is not None
+        ]
         if sampling:
             sampling.sort()  # rows draw in batch order, as one `generate` batch would
             if len(sampling) < every:

@@ -137,6 +137,18 @@ def tiny_model(qwen_tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     return tiny_qwen2(qwen_tokenizer)
 
 
+def overflowing_qwen2(tokenizer: PreTrainedTokenizerBase, word: str) -> PreTrainedModel:
+    """The tiny model with NaN for the embedding of `word`'s last token, as a float16
+    overflow leaves a hidden state: a prompt holding it gets NaN logits. Its output layer
+    is its own (untied), so other prompts' logits stay numbers."""
+    import torch
+
+    model = tiny_qwen2(tokenizer, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokenizer.encode(word)[-1]] = float("nan")
+    return model
+
+
 def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, **config: Any) -> PreTrainedModel:
     """The tiny model's recipe, its Qwen2Config changed by `config` (a sliding window, say)."""
     import torch

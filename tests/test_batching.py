@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import answer_alone, tiny_qwen2
+from conftest import answer_alone, overflowing_qwen2, tiny_qwen2
 
-from bot.batching import PREFILL_FIRST_STEPS, Batcher, Update
+from bot.batching import PREFILL_FIRST_STEPS, UNUSABLE, Batcher, Update
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.loading import ModelSource, refuse_unservable
@@ -497,3 +497,44 @@ def test_a_join_out_of_memory_leaves_the_batch_as_it_was(make_batcher, monkeypat
         if not len(batcher):
             break
     assert answers == {"running": alone, "later": answer_alone(batcher, QUESTIONS[0])}
+
+
+def test_a_row_whose_logits_are_not_numbers_ends_alone_and_leaves_its_slot_clean(
+    qwen_tokenizer,
+):
+    """A prompt the model overflows on (one of its tokens' embedding is NaN, as a float16
+    overflow leaves a hidden state) ends unanswered, saying why, where `multinomial` failed
+    the whole batch. The answers beside it are what they are alone, the one moved into its
+    slot included, which reads that slot past its own end (beside a longer row)."""
+    model = overflowing_qwen2(qwen_tokenizer, " zebra")
+    *_, poison = qwen_tokenizer.encode(" zebra")
+    batcher = Batcher(
+        engine=Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=30),
+        max_batch=4,
+        step_tokens=64,
+        prefix_cache=PrefixCache(16 * 2**20),
+    )
+    questions = {
+        "long": [{"role": "user", "content": LONG}],
+        "poisoned": [{"role": "user", "content": LONG + " zebra"}],  # slot 1
+        "short": QUESTIONS[0],
+        "moved": QUESTIONS[1],  # slot 3, then 1: 4 slots are kept for 3 rows
+    }
+    for key, messages in questions.items():
+        assert key == "poisoned" or poison not in batcher.engine.prompt_ids(messages)
+        batcher.join(key, messages, conversation=key)
+    ended: dict[str, Update] = {}
+    for _ in range(200):
+        for update in batcher.step():
+            if update.answer is not None or update.failed is not None:
+                ended[update.key] = update
+        if not len(batcher):
+            break
+    assert ended.pop("poisoned").failed == UNUSABLE
+    assert {key: update.answer for key, update in ended.items()} == {
+        key: answer_alone(batcher, questions[key]) for key in ("long", "short", "moved")
+    }
+    kept, _ = batcher.prefix_cache.take(
+        "poisoned", batcher.engine.prompt_ids(questions["poisoned"])
+    )
+    assert kept is None  # its NaN keys and values are not kept for its next turn

@@ -7,8 +7,17 @@ import asyncio
 import threading
 
 import pytest
-from conftest import BrokenLoopBatcher, GatedBatcher, SpyBatcher, answer_alone
+from conftest import (
+    BrokenLoopBatcher,
+    GatedBatcher,
+    SpyBatcher,
+    answer_alone,
+    overflowing_qwen2,
+)
 
+from bot.batching import Batcher
+from bot.engine import Engine
+from bot.kv_cache import PrefixCache
 from bot.queue import (
     AnswerRestarted,
     EngineStopped,
@@ -18,6 +27,7 @@ from bot.queue import (
     InferenceQueue,
     InferenceTimeout,
     QueueFull,
+    UnusableOutput,
 )
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -249,6 +259,22 @@ async def test_batcher_errors_reach_every_request_in_the_batch(make_batcher):
         for generation in requests:
             with pytest.raises(RuntimeError, match="out of memory"):
                 await collect(generation)
+
+
+async def test_a_request_the_model_gives_nan_for_fails_alone(qwen_tokenizer):
+    """The model's logits for one request are NaN: that request fails, saying so, and the
+    one beside it in the batch is answered as it would be alone."""
+    model = overflowing_qwen2(qwen_tokenizer, " zebra")
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=8)
+    batcher = Batcher(engine=engine, max_batch=2, step_tokens=64, prefix_cache=PrefixCache(0))
+    async with InferenceQueue(batcher=batcher, max_size=2, timeout=60) as queue:
+        poisoned = queue.submit(
+            [{"role": "user", "content": "a zebra"}], user="u1", conversation="c1"
+        )
+        sound = queue.submit(HELLO, user="u2", conversation="c2")
+        with pytest.raises(UnusableOutput, match="not a number"):
+            await collect(poisoned)
+        assert "".join(await collect(sound)) == answer_alone(batcher, HELLO)
 
 
 async def test_closing_the_queue_stops_the_running_generation(make_batcher):
