@@ -22,6 +22,7 @@ from fake_slack import FakeSlack
 from processes import BotProcess, RedisServer
 from redis.asyncio import Redis
 from test_cli import cli_env
+from test_ops import until
 from test_prompt import STRICT_TEMPLATE
 
 from adapters.slack_adapter import PLACEHOLDER
@@ -124,6 +125,16 @@ async def answered(slack: FakeSlack, channel: str, thread_ts: str | None, timeou
 async def stored(redis_server: RedisServer, conversation: str) -> list[dict]:
     async with Redis.from_url(redis_server.url, decode_responses=True) as client:
         return [json.loads(m) for m in await client.lrange(keys.conversation(conversation), 0, -1)]
+
+
+async def stored_once_answered(
+    redis_server: RedisServer, conversation: str, turns: int
+) -> list[dict]:
+    """The history once it holds `turns` questions and answers: an answer is shown in its
+    thread before it is stored, so a test that has seen it may read the history too soon."""
+    return await until(
+        lambda: stored(redis_server, conversation), lambda history: len(history) >= 2 * turns
+    )
 
 
 async def test_kill_9_while_an_answer_streams(slack, bot, redis_server):

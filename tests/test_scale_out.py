@@ -20,7 +20,7 @@ from fake_slack import FakeSlack
 from processes import BotProcess, free_port
 from redis.asyncio import Redis
 from test_cli import cli_env
-from test_faults import DRAGON, answered, bot_replies, is_final, stored, streaming
+from test_faults import DRAGON, answered, bot_replies, is_final, stored_once_answered, streaming
 from test_ops import Ops, until
 
 from bot import replies
@@ -154,7 +154,9 @@ async def test_one_gateway_and_two_workers_answer_every_turn_once_in_its_thread(
 
     threads = await asyncio.gather(*(converse(n) for n in range(5)))
     for n, thread in enumerate(threads):
-        history = await stored(redis_server, f"slack:{slack.team_id}:{CHANNEL}:{thread}")
+        history = await stored_once_answered(
+            redis_server, f"slack:{slack.team_id}:{CHANNEL}:{thread}", 4
+        )
         assert [m["role"] for m in history] == ["user", "assistant"] * 4
         assert all(f"Conversation {n}," in m["content"] for m in history[::2])
         assert len(bot_replies(slack, CHANNEL, thread)) == 4  # one message per answer
@@ -180,7 +182,9 @@ async def test_a_worker_killed_mid_answer_is_replaced_and_the_thread_shows_one_a
     assert reply["text"]
     await other.wait_log(r"job \w+ answered")
     assert "taken (try 2)" in other.text()
-    history = await stored(redis_server, f"slack:{slack.team_id}:{CHANNEL}:{mention['ts']}")
+    history = await stored_once_answered(
+        redis_server, f"slack:{slack.team_id}:{CHANNEL}:{mention['ts']}", 1
+    )
     assert [m["role"] for m in history] == ["user", "assistant"]
 
 
@@ -197,7 +201,9 @@ async def test_a_gateway_killed_mid_stream_is_restarted_and_the_answer_completes
     await cluster.gateway()
     [reply] = await answered(slack, CHANNEL, mention["ts"], timeout=180)
     assert reply["ts"] == slack.calls_to("chat.postMessage")[0].response["ts"]  # edited, not new
-    history = await stored(redis_server, f"slack:{slack.team_id}:{CHANNEL}:{mention['ts']}")
+    history = await stored_once_answered(
+        redis_server, f"slack:{slack.team_id}:{CHANNEL}:{mention['ts']}", 1
+    )
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert len(await answers_logged([worker], 1)) == 1  # the new gateway read the job running
 
