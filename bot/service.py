@@ -919,8 +919,9 @@ class ChatService:
 
         task = self._start(accepted, sink, before=take_back)
         await asyncio.wait((taken_back, task), return_when=asyncio.FIRST_COMPLETED)
-        if taken_back.done() and not taken_back.result():
-            return replies.not_regenerable()  # a newer turn took the lock first
+        if taken_back.done() and not taken_back.result():  # a newer turn took the lock first
+            await asyncio.wait((task,))  # its record is ended before the presser hears no
+            return replies.not_regenerable()
         return None
 
     async def answer_shown(

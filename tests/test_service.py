@@ -589,7 +589,9 @@ async def test_a_regeneration_a_newer_turn_overtakes_is_refused_to_the_presser(
 ):
     """A message whose turn takes the conversation between the press and the regeneration
     taking it: the answer pressed is no longer the last, so the presser hears that it
-    cannot be regenerated, where the press used to end in silence."""
+    cannot be regenerated, where the press used to end in silence; and hears it once the
+    press's own turn is ended, which a stop right after could otherwise catch unended and
+    leave pending, saying "I'm restarting" where the old answer is."""
     async with make_service() as (service, batcher):
         answered = ShowingSink(service, conversation)
         await service.handle(turn(conversation, "Q1"), answered)
@@ -607,6 +609,7 @@ async def test_a_regeneration_a_newer_turn_overtakes_is_refused_to_the_presser(
         refusal = await service.regenerate(
             conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex, sink=press
         )
+        assert await service.journal.count() == 0  # the refused press's turn is ended
     assert refusal == replies.not_regenerable()
     assert press.events == [] and len(batcher.prompts) == 2
     [old], [new] = answered.kinds("finish"), newer.kinds("finish")
