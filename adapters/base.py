@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast, get_args
 
 from bot import replies
@@ -111,12 +111,12 @@ class InOrder:
     and waits only to be accepted, until every message ahead of it is, or was let go."""
 
     def __init__(self) -> None:
-        self._line: dict[ConversationKey, list[asyncio.Event]] = {}  # each set once it is over
+        self._line: dict[Hashable, list[asyncio.Event]] = {}  # each set once it is over
 
     @contextlib.contextmanager
-    def place(self, key: ConversationKey) -> Iterator[Callable[[], Awaitable[None]]]:
-        """A place in the conversation's line for the block; what it yields waits until
-        the messages ahead are over."""
+    def place(self, key: Hashable) -> Iterator[Callable[[], Awaitable[None]]]:
+        """A place in the line of `key` (a conversation; on Discord, also a channel) for
+        the block; what it yields waits until the messages ahead are over."""
         line = self._line.setdefault(key, [])
         ahead, over = list(line), asyncio.Event()
         line.append(over)

@@ -98,6 +98,7 @@ class DiscordAdapter(Adapter):
         self.service = service
         self.joining = Joining(service)  # threads a mention is taking the bot into
         self.in_order = InOrder()  # each conversation's messages, accepted as they came
+        self.arrivals = InOrder()  # each channel's messages, routed one by one as they came
         self.settings = settings
         self.typing_interval = typing_interval
         self.memberships = Memberships(client)  # DM askers' roles, shared by all three paths
@@ -248,16 +249,20 @@ class DiscordAdapter(Adapter):
             return  # bots (ourselves included), webhooks, joins, pins and other system messages
         addressed = _addressed(message, me)
         try:
-            route = await self._route(message, me)
-            if route is None:
-                return
-            addressed = True
-            key, target, joins = route
-            # In line once its conversation is known: at once for a DM or in our threads.
-            with (
-                self.in_order.place(key) as in_turn,
-                self.joining.joining(key) if joins else contextlib.nullcontext(),
-            ):
+            with contextlib.ExitStack() as held:
+                # A channel's messages are routed one by one as they came, since routing
+                # may wait (Redis, a fetch): one routed sooner would take its conversation's
+                # place ahead of one that came before it, or ask whether the bot is in a
+                # thread before the mention that brings it in is joining.
+                with self.arrivals.place(str(message.channel.id)) as after_earlier_ones:
+                    await after_earlier_ones()
+                    if (route := await self._route(message, me)) is None:
+                        return
+                    key, target, joins = route
+                    in_turn = held.enter_context(self.in_order.place(key))
+                    if joins:
+                        held.enter_context(self.joining.joining(key))
+                addressed = True
                 earlier = await self._earlier(message, me) if joins else ()
                 access = self.service.team.settings.access
                 who = await requester(

@@ -120,6 +120,7 @@ class SlackAdapter(Adapter):
         self.service = service
         self.joining = Joining(service)  # threads a mention is taking the bot into
         self.in_order = InOrder()  # each conversation's messages, accepted as they came
+        self.routing = InOrder()  # each thread's messages, asking whether the bot is in it
         self.settings = settings
         self.routes = routes  # where the Events API is served (HTTP mode)
         self._connected: Callable[[], Awaitable[bool]] | None = None  # set once running
@@ -344,32 +345,48 @@ class SlackAdapter(Adapter):
         )
         addressed = mentioned or is_dm
         try:
-            with self.in_order.place(key) as in_turn:
-                known = await self.joining.knows(key, by=deadline)
-                if not (addressed or (thread_ts and known)):
+            with self.in_order.place(key) as in_turn, contextlib.ExitStack() as held:
+                known = thread_ts is not None and await self._in_thread(
+                    key, addressed, held, deadline
+                )
+                if not (addressed or known):
                     return  # channel chatter the bot was not asked into
                 addressed = True
-                with contextlib.nullcontext() if known else self.joining.joining(key):
-                    who = Requester(
-                        "slack",
-                        event["user"],
-                        channel,
-                        workspace=team,
-                        dm=is_dm,
-                        stranger=await self._stranger(
-                            event, team, context.get("enterprise_id"), deadline
-                        ),
-                    )
-                    if await self.service.admit(who, key, thread.post):
-                        await self._converse(
-                            event, key, thread, bot_user,
-                            known=known, deadline=deadline, in_turn=in_turn,
-                        )  # fmt: skip
+                who = Requester(
+                    "slack",
+                    event["user"],
+                    channel,
+                    workspace=team,
+                    dm=is_dm,
+                    stranger=await self._stranger(
+                        event, team, context.get("enterprise_id"), deadline
+                    ),
+                )
+                if await self.service.admit(who, key, thread.post):
+                    await self._converse(
+                        event, key, thread, bot_user,
+                        known=known, deadline=deadline, in_turn=in_turn,
+                    )  # fmt: skip
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
             if addressed:
                 with contextlib.suppress(Exception):
                     await thread.post(text)
+
+    async def _in_thread(
+        self, key: ConversationKey, addressed: bool, held: contextlib.ExitStack, deadline: float
+    ) -> bool:
+        """Whether the bot is in a thread (it answers there unasked, and has read it), once
+        the mention taking it in (if any) is taken; an `addressed` message that finds it
+        is not joins it, for as long as `held` holds. A thread's messages ask one by one,
+        as they came: one sent right after the mention that brings the bot in would ask
+        before that mention is joining, and go unanswered."""
+        with self.routing.place(key) as after_earlier_ones:
+            await after_earlier_ones()
+            known = await self.joining.knows(key, by=deadline)
+            if addressed and not known:
+                held.enter_context(self.joining.joining(key))
+            return known
 
     async def _converse(
         self,

@@ -152,6 +152,7 @@ class FakeDiscord:
         self.member_of: dict[str, set[str]] = {}
         self.member_lookup_delay = 0.0  # seconds GET /guilds/{g}/members/{u} takes to answer
         self.history_delay = 0.0  # seconds GET /channels/{c}/messages takes to answer
+        self.fetch_delay = 0.0  # seconds GET /channels/{c}/messages/{m} takes to answer
         self.history_asked = 0  # how many such reads began
         self.guilds = {self.guild_id: "Fake Guild"}  # the servers the bot is in: id -> name
         self.channels: dict[str, JSON] = {self.channel_id: self._text_channel("general")}
@@ -1000,6 +1001,7 @@ class FakeDiscord:
         return 200, [self._rest_form(m) for m in reversed(found)]
 
     async def _get_message(self, req: Request, channel_id: str, message_id: str) -> tuple[int, Any]:
+        await asyncio.sleep(self.fetch_delay)
         return 200, self._rest_form(self._stored(channel_id, message_id))
 
     @staticmethod

@@ -376,6 +376,29 @@ async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answer
     ]  # fmt: skip
 
 
+async def test_a_follow_up_sent_right_after_the_mention_that_brings_the_bot_in_is_answered(
+    fake, discord_bot
+):
+    """The next message comes, unasked, before the mention has even been routed (whether
+    the bot is in the thread is asked of Redis for both at once): it is routed after the
+    mention, which by then is taking the bot in, and is answered, not taken for chatter."""
+    async with discord_bot() as (_service, batcher):
+        starter = fake.user_message(fake.channel_id, "we deploy on fridays")
+        thread = await fake.start_thread(
+            fake.channel_id, starter["id"], "deploys", owner=fake.alice
+        )
+        asked = fake.thread_message(
+            thread["id"], f"<@{fake.bot['id']}> is that wise?", mentions=[fake.bot]
+        )
+        follow_up = fake.thread_message(thread["id"], "and on mondays?")
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        await fake.dispatch("MESSAGE_CREATE", follow_up)
+        await final_reply(fake, thread["id"], after=1)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
+        "is that wise?", "and on mondays?",
+    ]  # fmt: skip
+
+
 async def test_inline_mode_replies_and_follows_the_reply_chain(fake, discord_bot):
     async with discord_bot(reply_mode="inline") as (_service, batcher):
         message = await mention(fake, "first question")
@@ -442,6 +465,24 @@ def reply_to(fake: FakeDiscord, target: dict, content: str, *, resolved: bool = 
     if resolved:
         extra["referenced_message"] = {k: v for k, v in target.items() if k != "referenced_message"}
     return fake.user_message(target["channel_id"], content, **extra)
+
+
+async def test_inline_mode_a_reply_routed_slowly_is_still_asked_before_the_next_one(
+    fake, discord_bot
+):
+    """Two replies to one answer, one right after the other: the first's replied-to message
+    must be fetched (slowly), the second's came with it. The first is still asked first,
+    where the second, routed sooner, took its conversation's place ahead of it."""
+    async with discord_bot(ScriptedBatcher("Noted."), reply_mode="inline") as (_service, batcher):
+        await mention(fake, "first question")
+        answer = await final_reply(fake, fake.channel_id)
+        fake.fetch_delay = 0.5
+        await fake.dispatch("MESSAGE_CREATE", reply_to(fake, answer, "why?", resolved=False))
+        await fake.dispatch("MESSAGE_CREATE", reply_to(fake, answer, "and how?"))
+        await final_reply(fake, fake.channel_id, after=2)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
+        "first question", "why?", "and how?",
+    ]  # fmt: skip
 
 
 async def test_inline_mode_a_long_conversation_stays_one_without_walking_back(

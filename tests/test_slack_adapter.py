@@ -354,6 +354,23 @@ async def test_a_refused_app_token_stops_the_adapter_in_one_line(slack, make_ser
     assert str(refused.value).startswith("Slack refused Socket Mode (invalid_auth)")
 
 
+async def test_a_follow_up_sent_right_after_the_mention_that_brings_the_bot_in_is_answered(
+    slack, socket_mode
+):
+    """The next message comes, unasked, with the mention (whether the bot is in the thread
+    is asked of Redis for both at once): it asks after the mention, which by then is taking
+    the bot in, and is answered after it, not taken for chatter."""
+    async with socket_mode() as (_service, batcher):
+        parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
+        mention = slack.app_mention("C0001", "is that wise?", thread_ts=parent["ts"])
+        follow_up = slack.user_message("C0001", "and on mondays?", thread_ts=parent["ts"])
+        await asyncio.gather(slack.send_event(mention), slack.send_event(follow_up))
+        await final_reply(slack, "C0001", parent["ts"], after=1)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
+        "alice: is that wise?", "alice: and on mondays?",
+    ]  # fmt: skip
+
+
 async def test_thread_history_keeps_other_bots_apart_and_takes_any_name(slack, socket_mode):
     """Another bot's message (an alert) is not the bot's own answer, and a name with a
     backslash in it (`CORP\\jdoe`) is a name, not part of a pattern."""
@@ -555,12 +572,13 @@ async def test_a_storage_failure_before_the_service_is_still_answered(slack, soc
             return await real_knows(key)
 
         service.knows = knows_fails_once
-        await slack.send_event(slack.dm("D0001", "first"))
-        failed = await final_reply(slack, "D0001", None)
-        await slack.send_event(slack.dm("D0001", "second"))
-        answered = await final_reply(slack, "D0001", None, after=1)
+        parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
+        await slack.send_event(slack.app_mention("C0001", "first", thread_ts=parent["ts"]))
+        failed = await final_reply(slack, "C0001", parent["ts"])
+        await slack.send_event(slack.app_mention("C0001", "second", thread_ts=parent["ts"]))
+        answered = await final_reply(slack, "C0001", parent["ts"], after=1)
     assert failed["text"] == replies.failed()
-    assert answered["text"] and batcher.prompts[-1][-1]["content"] == "second"
+    assert answered["text"] and batcher.prompts[-1][-1]["content"] == "alice: second"
 
 
 @pytest.mark.parametrize("mode", ["socket", "http"])
