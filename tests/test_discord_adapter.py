@@ -351,13 +351,16 @@ async def test_mentioned_in_another_thread_it_reads_the_thread_first(fake, disco
     ]
 
 
+@pytest.mark.parametrize("sent", ["while the thread is read", "right after the mention"])
 async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answered(
-    fake, discord_bot
+    fake, discord_bot, sent
 ):
-    """The next message comes, unasked, while the mention's turn is still being taken
-    (the thread read, slowly): it waits to learn that the bot is in the thread, and is
-    answered after the mention, where it was taken for chatter and lost."""
-    fake.history_delay = 1.0
+    """The next message comes, unasked, while the mention's turn is still being taken (the
+    thread read, slowly), or before the mention is even routed (whether the bot is in the
+    thread would be asked of Redis for both at once): it waits to learn that the bot is in
+    the thread, and is answered after the mention, where it was taken for chatter and lost."""
+    reading = sent == "while the thread is read"
+    fake.history_delay = 1.0 if reading else 0.0
     async with discord_bot() as (_service, batcher):
         starter = fake.user_message(fake.channel_id, "we deploy on fridays")
         thread = await fake.start_thread(
@@ -367,31 +370,9 @@ async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answer
             thread["id"], f"<@{fake.bot['id']}> is that wise?", mentions=[fake.bot]
         )
         await fake.dispatch("MESSAGE_CREATE", asked)
-        await fake.wait_for(lambda: fake.history_asked)
+        if reading:
+            await fake.wait_for(lambda: fake.history_asked)
         follow_up = fake.thread_message(thread["id"], "and on mondays?")
-        await fake.dispatch("MESSAGE_CREATE", follow_up)
-        await final_reply(fake, thread["id"], after=1)
-    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
-        "is that wise?", "and on mondays?",
-    ]  # fmt: skip
-
-
-async def test_a_follow_up_sent_right_after_the_mention_that_brings_the_bot_in_is_answered(
-    fake, discord_bot
-):
-    """The next message comes, unasked, before the mention has even been routed (whether
-    the bot is in the thread is asked of Redis for both at once): it is routed after the
-    mention, which by then is taking the bot in, and is answered, not taken for chatter."""
-    async with discord_bot() as (_service, batcher):
-        starter = fake.user_message(fake.channel_id, "we deploy on fridays")
-        thread = await fake.start_thread(
-            fake.channel_id, starter["id"], "deploys", owner=fake.alice
-        )
-        asked = fake.thread_message(
-            thread["id"], f"<@{fake.bot['id']}> is that wise?", mentions=[fake.bot]
-        )
-        follow_up = fake.thread_message(thread["id"], "and on mondays?")
-        await fake.dispatch("MESSAGE_CREATE", asked)
         await fake.dispatch("MESSAGE_CREATE", follow_up)
         await final_reply(fake, thread["id"], after=1)
     assert [prompt[-1]["content"] for prompt in batcher.prompts] == [

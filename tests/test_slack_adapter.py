@@ -321,19 +321,26 @@ async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket
     ]
 
 
+@pytest.mark.parametrize("sent", ["while the thread is read", "right after the mention"])
 async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answered(
-    slack, socket_mode
+    slack, socket_mode, sent
 ):
-    """The next message comes, unasked, while the mention's turn is still being taken
-    (its thread read, slowly): it waits to learn that the bot is in the thread, and is
-    answered after the mention, where it was taken for chatter and lost."""
-    slack.delays["conversations.replies"] = 1.0
+    """The next message comes, unasked, while the mention's turn is still being taken (its
+    thread read, slowly), or with the mention (whether the bot is in the thread would be
+    asked of Redis for both at once): it waits to learn that the bot is in the thread, and
+    is answered after the mention, where it was taken for chatter and lost."""
+    reading = sent == "while the thread is read"
+    slack.delays["conversations.replies"] = 1.0 if reading else 0.0
     async with socket_mode() as (_service, batcher):
         parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
-        await slack.send_event(slack.app_mention("C0001", "is that wise?", thread_ts=parent["ts"]))
-        await slack.wait_for(lambda: slack.calls_to("conversations.replies"), timeout=10)
+        mention = slack.app_mention("C0001", "is that wise?", thread_ts=parent["ts"])
         follow_up = slack.user_message("C0001", "and on mondays?", thread_ts=parent["ts"])
-        await slack.send_event(follow_up)
+        if reading:
+            await slack.send_event(mention)
+            await slack.wait_for(lambda: slack.calls_to("conversations.replies"), timeout=10)
+            await slack.send_event(follow_up)
+        else:
+            await asyncio.gather(slack.send_event(mention), slack.send_event(follow_up))
         await final_reply(slack, "C0001", parent["ts"], after=1)
     assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
         "alice: is that wise?", "alice: and on mondays?",
@@ -352,23 +359,6 @@ async def test_a_refused_app_token_stops_the_adapter_in_one_line(slack, make_ser
         with pytest.raises(AdapterError) as refused:
             await asyncio.wait_for(adapter.run(), timeout=30)
     assert str(refused.value).startswith("Slack refused Socket Mode (invalid_auth)")
-
-
-async def test_a_follow_up_sent_right_after_the_mention_that_brings_the_bot_in_is_answered(
-    slack, socket_mode
-):
-    """The next message comes, unasked, with the mention (whether the bot is in the thread
-    is asked of Redis for both at once): it asks after the mention, which by then is taking
-    the bot in, and is answered after it, not taken for chatter."""
-    async with socket_mode() as (_service, batcher):
-        parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
-        mention = slack.app_mention("C0001", "is that wise?", thread_ts=parent["ts"])
-        follow_up = slack.user_message("C0001", "and on mondays?", thread_ts=parent["ts"])
-        await asyncio.gather(slack.send_event(mention), slack.send_event(follow_up))
-        await final_reply(slack, "C0001", parent["ts"], after=1)
-    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
-        "alice: is that wise?", "alice: and on mondays?",
-    ]  # fmt: skip
 
 
 async def test_thread_history_keeps_other_bots_apart_and_takes_any_name(slack, socket_mode):
