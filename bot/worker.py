@@ -2,8 +2,8 @@
 process's `Inference`: the local model's queue, or an OpenAI-compatible server.
 
 It reads only as many jobs as it has free rows, from its own stream (its conversations)
-and the shared one, so load spreads by itself; with rows free it also takes what waits in
-other workers' streams (a full worker's, or a dead one's). Every third of
+and the shared one, so load spreads by itself; with rows free it also takes what has
+waited a while in other workers' streams (a full worker's, or a dead one's). Every third of
 `JOB_CLAIM_IDLE_S` it keeps its running jobs from looking abandoned and stops those whose
 gateway cancelled them, and, while it takes jobs, sweeps: renews its heartbeat and claims
 other workers' abandoned jobs (after a Redis outage, not before their workers could keep
@@ -53,6 +53,12 @@ logger = logging.getLogger(__name__)
 GROUP = keys.WORKERS_GROUP
 READ_BLOCK_MS = 500
 TAKE_FROM_OTHERS_EVERY_S = 0.5
+TAKE_FROM_OTHERS_AFTER_S = 1.0
+"""A job waiting in another worker's stream is taken here only once it has waited this long.
+That worker holds its conversation's KV cache, and one busy on its core reads its stream a
+little late: taken at once, two workers' conversations split 31/17 in `make bench-scale`
+(AMX Xeon), where rendezvous hashing had spread them 8/8 a round. Longer than this, that
+worker is full (or dead)."""
 OUTAGE_PAUSE_S = 0.5
 CLAIM_SCANS = 100  # XAUTOCLAIM calls a sweep makes on a stream, at most
 ANSWER_KEPT_S = 300  # an answer stream outlives its job's deadline by this, for a slow reader
@@ -303,14 +309,30 @@ class Worker:
         await self.redis.xread(delivered, count=1, block=READ_BLOCK_MS)
 
     async def _take_from_others(self) -> None:
-        """Jobs waiting in other workers' streams: they are full, or dead."""
+        """Jobs that have waited in other workers' streams for TAKE_FROM_OTHERS_AFTER_S:
+        those workers are full, or dead (one with rows free takes its own sooner)."""
         for stream in (await roll_call(self.redis)).streams:
-            if stream not in self.streams:
-                await self._read(stream)
+            if stream not in self.streams and (waited := await self._waited_long(stream)):
+                await self._read(stream, at_most=waited)
 
-    async def _read(self, stream: str) -> int:
-        """Take as many new jobs from `stream` as there are rows free; how many."""
-        count = self._free_rows
+    async def _waited_long(self, stream: str) -> int:
+        """How many jobs no worker has taken from `stream` have waited there for
+        TAKE_FROM_OTHERS_AFTER_S (no more than the rows free)."""
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:  # no such stream (any more)
+            return 0
+        ours = [group for group in groups if group["name"] == GROUP]
+        if not ours or self._free_rows <= 0:
+            return 0
+        added_by = math.floor((self.clock.now() - TAKE_FROM_OTHERS_AFTER_S) * 1000)
+        after = f"({ours[0]['last-delivered-id']}"  # the first not delivered
+        return len(await self.redis.xrange(stream, after, added_by, count=self._free_rows))
+
+    async def _read(self, stream: str, at_most: int | None = None) -> int:
+        """Take as many new jobs from `stream` as there are rows free (and `at_most`);
+        how many."""
+        count = min(self._free_rows, at_most or self._free_rows)
         if count <= 0:  # (a COUNT of 0 would take them all)
             return 0
         try:

@@ -797,6 +797,29 @@ async def test_an_abandoned_job_behind_many_running_ones_is_claimed(streams, mak
         await working.finish(0)
 
 
+async def test_a_job_in_a_live_workers_stream_is_left_to_it_for_a_while(
+    streams, make_batcher, monkeypatch
+):
+    """A job waits in the stream of a live worker that has not read it yet (busy on its
+    core): another worker with rows free leaves it there, with its conversation's cache,
+    for TAKE_FROM_OTHERS_AFTER_S, where it took it at once; after that, it takes that
+    worker for full, and answers the job."""
+    monkeypatch.setattr(bot.worker, "TAKE_FROM_OTHERS_AFTER_S", 1.5)
+    busy = keys.worker_jobs("busy")
+    await streams.sadd(keys.WORKERS, "busy")
+    await streams.set(keys.worker("busy"), "4", px=60_000)  # alive, as the roll call reads it
+    await streams.xgroup_create(busy, GROUP, id="0", mkstream=True)
+    [job] = jobs_for(1)
+    async with worker(streams, make_batcher(), "w1"):
+        await streams.xadd(busy, job.fields())
+        await asyncio.sleep(1.0)  # two of w1's looks at the others' streams
+        [group] = await streams.xinfo_groups(busy)
+        assert group["last-delivered-id"] == "0-0"  # still the busy worker's to take
+        await wait_until(lambda: _stream_is_empty(streams, busy))  # taken and answered
+    kinds = [Chunk.parse(f).kind for _, f in await streams.xrange(keys.job_chunks(job.id))]
+    assert kinds[0] == "started" and kinds[-1] == "end"
+
+
 async def test_a_job_for_a_worker_whose_stream_was_removed_goes_to_the_shared_one(
     streams, make_batcher
 ):
