@@ -648,6 +648,39 @@ async def test_a_regenerated_answer_that_fails_leaves_the_old_one_shown_and_stor
     assert [m["content"] for m in regenerated] == ["what should I cook?", "Third answer."]
 
 
+async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_once(
+    discord_bot, monkeypatch
+):
+    """The old answer is two messages, and its regeneration fails before it starts (its
+    prompt could not be built): the old answer is shown again once, in two messages, where
+    its second part stayed and the kept text was posted again after it."""
+    first_answer = "word " * 500 + "ONE."  # two messages
+    async with discord_bot(Answers(first_answer)) as bot:
+        fake = bot.fake
+        asked = fake.dm_message("write a lot")
+        channel = asked["channel_id"]
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        last, regenerate = await fake.wait_for(
+            lambda: button(fake, channel, "tb:regen:"), timeout=60
+        )
+
+        async def unbuildable(*_args: Any) -> str:
+            raise RuntimeError("injected: the prompt could not be built")
+
+        monkeypatch.setattr(bot.service, "_system", unbuildable)
+        await fake.press_button(channel, last["id"], regenerate)
+        kept = replies.answer_kept(first_answer, replies.failed())
+
+        def shown_again() -> list[JSON]:
+            parts = bot_messages(fake, channel)
+            told = "".join(part["content"] for part in parts).endswith(kept[-40:])
+            return parts if told and fake.buttons(channel, parts[-1]["id"]) else []
+
+        parts = await fake.wait_for(shown_again, timeout=60)  # Regenerate offered again
+    assert len(parts) == 2
+    assert " ".join(part["content"] for part in parts).split() == kept.split()
+
+
 async def test_a_regenerated_answer_taken_up_after_a_restart_still_keeps_the_old_one(
     discord_bot,
 ):
