@@ -76,6 +76,8 @@ PLACEHOLDER = "_thinking…_"  # italic in mrkdwn and in Markdown alike
 THREAD_CONTEXT_LIMIT = 50  # earlier thread messages read when first mentioned in a thread
 THREAD_PAGE = 200  # messages a conversations.replies page (Slack advises at most 200)
 THREAD_PROBES = 10  # pages tried in a thread longer than one, to find its newest messages
+THREAD_SPAN_S = 600  # the first of those tries reads the thread's last ten minutes,
+THREAD_SPAN_GROWTH = 8  # and each try after it a span this many times longer
 # All an event's lookups (its author, the people named, the thread, attached files) are
 # made before its ack, which Slack wants within 3 s: together they take at most this.
 BEFORE_ACK_SECONDS = 2.0
@@ -346,9 +348,10 @@ class SlackAdapter(Adapter):
         addressed = mentioned or is_dm
         try:
             with self.in_order.place(key) as in_turn, contextlib.ExitStack() as held:
-                known = thread_ts is not None and await self._in_thread(
-                    key, addressed, held, deadline
-                )
+                # A top-level DM has no thread to be in: its channel is the conversation,
+                # and one DM would wait for the one before it to be taken.
+                top_level_dm = is_dm and thread_ts is None
+                known = not top_level_dm and await self._in_thread(key, addressed, held, deadline)
                 if not (addressed or known):
                     return  # channel chatter the bot was not asked into
                 addressed = True
@@ -378,9 +381,10 @@ class SlackAdapter(Adapter):
     ) -> bool:
         """Whether the bot is in a thread (it answers there unasked, and has read it), once
         the mention taking it in (if any) is taken; an `addressed` message that finds it
-        is not joins it, for as long as `held` holds. A thread's messages ask one by one,
-        as they came: one sent right after the mention that brings the bot in would ask
-        before that mention is joining, and go unanswered."""
+        is not joins it, for as long as `held` holds (a mention in a channel too: its
+        thread is keyed by it). A thread's messages ask one by one, as they came: one sent
+        right after the mention that brings the bot in would ask before that mention is
+        joining, and go unanswered."""
         with self.routing.place(key) as after_earlier_ones:
             await after_earlier_ones()
             known = await self.joining.knows(key, by=deadline)
@@ -559,10 +563,12 @@ class SlackAdapter(Adapter):
 
         Slack pages a thread from its start, never from its end. So the first page up to
         this message is read (`latest`: nothing after it comes back), and where the thread
-        goes on past that page, its end is found by halving the time between the page's
-        last message and this one: a page from `oldest` that Slack says goes on starts too
-        early, one with fewer messages than wanted starts too late. Each try is one call;
-        if time runs out (or a call fails), the newest messages found so far are kept.
+        goes on past that page, its end is found from `oldest`: a window ending at this
+        message, THREAD_SPAN_S long and THREAD_SPAN_GROWTH times longer each try until
+        Slack says it goes on past a page, then halved between the two last tries. Each
+        try is one call. The newest window read whole is kept (it ends at this message);
+        if none was by `deadline` (or a call failed), only the thread's first message,
+        which says what the thread is about: its first page's end is not "just before".
         """
         read = partial(
             self.app.client.conversations_replies,
@@ -572,33 +578,44 @@ class SlackAdapter(Adapter):
             inclusive=True,
             limit=THREAD_PAGE,
         )
-        found: list[dict[str, Any]] = []
+        late = Decimal(event["ts"])
+        opening: list[dict[str, Any]] = []
+        found: list[dict[str, Any]] | None = None  # a window up to this message, read whole
         try:
             async with asyncio.timeout_at(deadline):
                 page = await read()
-                found = _said_between(page, Decimal("-Infinity"), Decimal(event["ts"]))
+                opening = _said_between(page, Decimal("-Infinity"), late)
                 if not _goes_on(page):
-                    return found[-THREAD_CONTEXT_LIMIT:]
-                early, late = Decimal(page["messages"][-1]["ts"]), Decimal(event["ts"])
+                    return opening[-THREAD_CONTEXT_LIMIT:]
+                early = Decimal(page["messages"][-1]["ts"])  # the first page's end
+                too_wide, too_narrow = None, late  # `oldest`s that read too many, too few
+                span = Decimal(THREAD_SPAN_S)
                 for _ in range(THREAD_PROBES):
-                    oldest = ((early + late) / 2).quantize(Decimal("0.000001"))
+                    if too_wide is None:
+                        oldest, span = max(late - span, early), span * THREAD_SPAN_GROWTH
+                    else:
+                        oldest = ((too_wide + too_narrow) / 2).quantize(Decimal("0.000001"))
                     page = await read(oldest=str(oldest))
                     if _goes_on(page):
-                        early = oldest
+                        too_wide = oldest
                         continue
-                    found = _said_between(page, oldest, Decimal(event["ts"]))
-                    if len(found) >= THREAD_CONTEXT_LIMIT:
+                    found = _said_between(page, oldest, late)
+                    if oldest == early:  # it meets the first page
+                        found = opening + found
+                    if len(found) >= THREAD_CONTEXT_LIMIT or oldest == early:
                         break
-                    late = oldest
+                    too_narrow = oldest
                 else:
                     logger.info(
-                        "thread %s: the messages just before %s not found in %d tries",
+                        "thread %s: the messages just before %s not all found in %d tries",
                         event["thread_ts"],
                         event["ts"],
                         THREAD_PROBES,
                     )
         except Exception:  # answering with what was read (perhaps nothing) beats not answering
             logger.warning("could not read all of the thread's earlier messages", exc_info=True)
+        if found is None:
+            return opening[:1]
         return found[-THREAD_CONTEXT_LIMIT:]
 
     async def _names(self, users: Collection[str], deadline: float) -> dict[str, str]:

@@ -157,6 +157,10 @@ class FakeSlack:
         self._last_ts = max(time.time(), self._last_ts + 1e-6)
         return f"{self._last_ts:.6f}"
 
+    def pass_time(self, seconds: float) -> None:
+        """The next message is sent `seconds` later (its ts says so): a thread of days."""
+        self._last_ts = max(time.time(), self._last_ts) + seconds
+
     # --- records and waiting --------------------------------------------------------------
 
     def calls_to(self, method: str, *, ok_only: bool = False) -> list[ApiCall]:

@@ -347,6 +347,24 @@ async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answer
     ]  # fmt: skip
 
 
+async def test_a_reply_while_a_channel_mention_is_taken_is_answered_after_it(slack, socket_mode):
+    """A mention in a channel, with a file that takes a while to download, and a reply in
+    its thread meanwhile, unasked: the reply waits for the mention's turn (its thread is
+    keyed by the mention) and is answered after it, not taken for chatter."""
+    notes = slack.upload("notes.txt", b"Ship on Friday.", "text/plain")
+    slack.delays["files"] = 1.0
+    async with socket_mode(ScriptedBatcher("Noted."), max_input_chars=2000) as (_, batcher):
+        mention = slack.app_mention("C0001", "read this", files=[notes])
+        await slack.send_event(mention)
+        await asyncio.sleep(0.3)  # the file is downloading
+        reply = slack.user_message("C0001", "in French please", thread_ts=mention["ts"])
+        await slack.send_event(reply)
+        await final_reply(slack, "C0001", mention["ts"], after=1)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == [
+        "read this\n\n[attached: notes.txt]\nShip on Friday.", "in French please",
+    ]  # fmt: skip
+
+
 async def test_a_refused_app_token_stops_the_adapter_in_one_line(slack, make_service):
     """A revoked SLACK_APP_TOKEN (or the bot token pasted there): the adapter stops with
     one line, where the SDK retried every ten seconds for ever, a traceback each time."""
@@ -457,6 +475,36 @@ async def test_mentioned_late_in_a_long_thread_the_bot_reads_what_came_just_befo
 
 
 @pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
+async def test_in_a_thread_of_a_day_it_reads_back_from_the_mention_first(slack, socket_mode):
+    """A message a minute for a day, and Slack slow after the bot's second page: the first
+    try after the first page reads the ten minutes just before the mention, and those are
+    what the bot answers with, not the thread's first page."""
+    calls = 0
+
+    def slow_after_two(call):
+        nonlocal calls
+        calls += call.method == "conversations.replies"
+        if calls == 2:
+            slack.delays["conversations.replies"] = 3.0
+
+    async with socket_mode(ScriptedBatcher("Noted.")) as (_service, batcher):
+        parent = slack.user_message("C0001", "message 0")
+        for number in range(1, 1440):
+            slack.pass_time(60)
+            slack.user_message("C0001", f"message {number}", thread_ts=parent["ts"])
+        slack.pass_time(30)
+        mention = slack.app_mention("C0001", "sum it up", thread_ts=parent["ts"])
+        slack.after_call = slow_after_two
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", parent["ts"])
+    [prompt] = batcher.prompts
+    assert [message["content"] for message in prompt] == [
+        *(f"message {number}" for number in range(1430, 1440)),
+        "sum it up",
+    ]
+
+
+@pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
 async def test_many_people_in_a_thread_do_not_hold_up_the_ack(slack, socket_mode):
     """bolt acknowledges an event once its listener returns (process_before_response), and
     Slack wants that within 3 s: a thread's 30 authors are named by users.info calls made
@@ -499,9 +547,10 @@ async def test_slow_lookups_do_not_hold_up_the_ack(slack, socket_mode):
 
 @pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
 async def test_a_slow_thread_read_leaves_time_for_an_attached_file(slack, socket_mode):
-    """First mentioned in a thread longer than a page, whose second page Slack is slow to
-    send, with a file: the end of the thread's first page is kept, the file is still read,
-    and the ack is in time."""
+    """First mentioned in a thread longer than a page, whose later pages Slack is slow to
+    send, with a file: the thread's first message is kept (what the thread is about; its
+    first page's end is not what came just before), the file is still read, and the ack
+    is in time."""
     notes = slack.upload("notes.txt", b"Ship on Friday.", "text/plain")
 
     def slow_after_the_first_page(call):
@@ -521,7 +570,7 @@ async def test_a_slow_thread_read_leaves_time_for_an_attached_file(slack, socket
     [prompt] = batcher.prompts
     assert waited < SLACK_ACK_SECONDS
     assert [message["content"] for message in prompt] == [
-        *(f"message {number}" for number in range(THREAD_PAGE - THREAD_CONTEXT_LIMIT, THREAD_PAGE)),
+        "message 0",
         "sum it up\n\n[attached: notes.txt]\nShip on Friday.",
     ]
 
