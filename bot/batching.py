@@ -438,8 +438,17 @@ def refuse_unbatchable(engine: Engine, model_name: str) -> None:
     try:
         batcher.join(None, question, conversation="", max_new_tokens=2, temperature=0)
         for _ in range(8):  # its prompt fits one step: a few are plenty
-            if any(update.answer is not None for update in batcher.step()):
-                return
+            for update in batcher.step():
+                if update.failed is not None:
+                    raise ModelError(
+                        f"MODEL={model_name} in {engine.model.dtype}: {update.failed} at load, "
+                        "for a plain 'Hello'; try another DTYPE (float32 holds what float16 "
+                        "overflows)"
+                    )
+                if update.answer is not None:
+                    return
+    except ModelError:
+        raise
     except Exception as error:
         kind = engine.model.config.model_type
         raise ModelError(

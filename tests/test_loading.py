@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from conftest import package_dir, tiny_qwen2
+from conftest import overflowing_qwen2, package_dir, tiny_qwen2
 from processes import PROXY_NAMES, silent_proxy
 
 from bot import loading
@@ -389,3 +389,18 @@ def test_the_families_the_batcher_runs_pass_the_check_at_load(qwen_tokenizer, mo
     from bot.batching import refuse_unbatchable
 
     refuse_unbatchable(tiny_engine(qwen_tokenizer, model_type, **shape), model_type)
+
+
+def test_a_model_whose_output_is_not_a_number_is_refused_at_load_saying_so(qwen_tokenizer):
+    """NaN logits for the check's own 'Hello' (a float16 overflow): refused with that
+    reason and a way out, where the start failed with 'did not end'."""
+    from bot.batching import refuse_unbatchable
+    from bot.engine import Engine
+
+    model = overflowing_qwen2(qwen_tokenizer, "Hello")
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=8)
+    with pytest.raises(
+        ModelError,
+        match=r"^MODEL=tiny in torch.float32: the model's output was not a number .* DTYPE",
+    ):
+        refuse_unbatchable(engine, "tiny")
