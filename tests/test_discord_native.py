@@ -652,8 +652,8 @@ async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_on
     discord_bot, monkeypatch
 ):
     """The old answer is two messages, and its regeneration fails before it starts (its
-    prompt could not be built): the old answer is shown again once, in two messages, where
-    its second part stayed and the kept text was posted again after it."""
+    prompt could not be built): the old answer is shown again once, in its own two
+    messages, where its second part stayed and the kept text was posted again after it."""
     first_answer = "word " * 500 + "ONE."  # two messages
     async with discord_bot(Answers(first_answer)) as bot:
         fake = bot.fake
@@ -667,6 +667,7 @@ async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_on
         async def unbuildable(*_args: Any) -> str:
             raise RuntimeError("injected: the prompt could not be built")
 
+        old_parts = bot_messages(fake, channel)
         monkeypatch.setattr(bot.service, "_system", unbuildable)
         await fake.press_button(channel, last["id"], regenerate)
         kept = replies.answer_kept(first_answer, replies.failed())
@@ -677,7 +678,7 @@ async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_on
             return parts if told and fake.buttons(channel, parts[-1]["id"]) else []
 
         parts = await fake.wait_for(shown_again, timeout=60)  # Regenerate offered again
-    assert len(parts) == 2
+    assert [part["id"] for part in parts] == [part["id"] for part in old_parts]
     assert " ".join(part["content"] for part in parts).split() == kept.split()
 
 
