@@ -317,7 +317,9 @@ class Worker:
 
     async def _waited_long(self, stream: str) -> int:
         """How many jobs no worker has taken from `stream` have waited there for
-        TAKE_FROM_OTHERS_AFTER_S (no more than the rows free)."""
+        TAKE_FROM_OTHERS_AFTER_S (no more than the rows free). Its owner may take some of
+        them before the read that follows: the read then takes as many younger ones, a
+        Redis round trip's race that costs only those jobs' caches."""
         try:
             groups = await self.redis.xinfo_groups(stream)
         except ResponseError:  # no such stream (any more)
