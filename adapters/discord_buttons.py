@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +121,8 @@ class DiscordReply(StreamingReply):
     async def start(self) -> None:
         self.answering = True
         if self.asker is not None:
-            await self._retire_previous(self.asker)
+            with self._tidying():
+                await self._retire_previous(self.asker)
             self.target.buttons = stop_buttons(self.target.seed, self.asker)
         await super().start()
 
@@ -134,9 +135,11 @@ class DiscordReply(StreamingReply):
     async def fail(self, text: str) -> None:
         self.target.buttons = None
         shown = not self.over
-        if self.replacing:  # failed before it started: the old answer is put back in its parts
-            self.message_ids += self.replacing
-            self.replacing = []
+        if self.replacing:  # still shown (it failed before it started, or could not tidy then):
+            # deleted, since the kept answer is put back whole; a message deleted by a try
+            # before a restart may still be named there, which editing would find gone
+            with self._tidying():
+                await self._delete_replaced()
         await super().fail(text)
         if shown and self.regenerates and self.asker is not None:
             await self._offer_regenerate(self.asker)  # the old answer, shown again
@@ -146,18 +149,26 @@ class DiscordReply(StreamingReply):
         await super().pause(text)
 
     async def _retire_previous(self, asker: Asker) -> None:
+        previous = last_message(await self.service.answer_place(asker.conversation))
+        if previous and previous[1] not in {*self.message_ids, *self.replacing}:
+            await set_buttons(self.target.client, *previous, None)
+        await self._delete_replaced()
+
+    async def _delete_replaced(self) -> None:
+        """The further messages of the answer this one regenerates."""
+        while self.replacing:
+            with contextlib.suppress(discord.NotFound):  # by a try before a restart
+                await self.target.delete(self.replacing[-1])
+            self.replacing.pop()
+
+    @contextlib.contextmanager
+    def _tidying(self) -> Iterator[None]:
         """Only tidying, so a failure is logged and the answer goes on."""
         try:
-            previous = last_message(await self.service.answer_place(asker.conversation))
-            if previous and previous[1] not in {*self.message_ids, *self.replacing}:
-                await set_buttons(self.target.client, *previous, None)
-            while self.replacing:
-                with contextlib.suppress(discord.NotFound):  # by a try before a restart
-                    await self.target.delete(self.replacing[-1])
-                self.replacing.pop()
+            yield
         except Exception:
-            logger.warning("could not tidy up before answering in %s", asker.conversation,
-                           exc_info=True)  # fmt: skip
+            logger.warning("could not tidy up before answering in %s",
+                           self.target.destination_id, exc_info=True)  # fmt: skip
 
     async def _offer_regenerate(self, asker: Asker) -> None:
         """The answer is shown already: a failure here is logged, not the user's problem."""
