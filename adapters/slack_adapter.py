@@ -567,8 +567,9 @@ class SlackAdapter(Adapter):
         message, THREAD_SPAN_S long and THREAD_SPAN_GROWTH times longer each try until
         Slack says it goes on past a page, then halved between the two last tries. Each
         try is one call. The newest window read whole is kept (it ends at this message);
-        if none was by `deadline` (or a call failed), only the thread's first message,
-        which says what the thread is about: its first page's end is not "just before".
+        if none was by `deadline` (or a call failed, or the tries ran out), only the
+        thread's first message, which says what the thread is about: its first page's end
+        is not "just before".
         """
         read = partial(
             self.app.client.conversations_replies,

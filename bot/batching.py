@@ -441,9 +441,9 @@ def refuse_unbatchable(engine: Engine, model_name: str) -> None:
             for update in batcher.step():
                 if update.failed is not None:
                     raise ModelError(
-                        f"MODEL={model_name} in {engine.model.dtype}: {update.failed} at load, "
-                        "for a plain 'Hello'; try another DTYPE (float32 holds what float16 "
-                        "overflows)"
+                        f"MODEL={model_name} in {engine.model.dtype}: its output for a plain "
+                        "'Hello' at load was not a number (NaN or infinity); try another DTYPE "
+                        "(float32 holds what float16 and bfloat16 overflow), or another model"
                     )
                 if update.answer is not None:
                     return
