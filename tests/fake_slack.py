@@ -124,7 +124,7 @@ class FakeSlack:
         # test can kill the client there: the call took effect, the client never heard).
         self.after_call: Callable[[ApiCall], None] | None = None
         self._sockets: list[web.WebSocketResponse] = []
-        self._last_ts = 0.0
+        self._last_us = 0  # the last ts given, in whole microseconds: exact, as a float is not
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -154,12 +154,12 @@ class FakeSlack:
 
         Unique across fakes too, so tests sharing one Redis never share a thread.
         """
-        self._last_ts = max(time.time(), self._last_ts + 1e-6)
-        return f"{self._last_ts:.6f}"
+        self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+        return f"{self._last_us // 10**6}.{self._last_us % 10**6:06d}"
 
     def pass_time(self, seconds: float) -> None:
         """The next message is sent `seconds` later (its ts says so): a thread of days."""
-        self._last_ts = max(time.time(), self._last_ts) + seconds
+        self._last_us = max(time.time_ns() // 1000, self._last_us) + round(seconds * 10**6)
 
     # --- records and waiting --------------------------------------------------------------
 
