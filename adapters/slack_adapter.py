@@ -380,9 +380,9 @@ class SlackAdapter(Adapter):
         self, key: ConversationKey, addressed: bool, held: contextlib.ExitStack, deadline: float
     ) -> bool:
         """Whether the bot is in a thread (it answers there unasked, and has read it), once
-        the mention taking it in (if any) is taken; an `addressed` message that finds it
-        is not joins it, for as long as `held` holds (a mention in a channel too: its
-        thread is keyed by it). A thread's messages ask one by one, as they came: one sent
+        the mention taking it in (if any) is taken; an `addressed` message that finds the
+        bot not in it takes it in, for as long as `held` holds (a mention in a channel too:
+        its thread is keyed by it). A thread's messages ask one by one, as they came: one sent
         right after the mention that brings the bot in would ask before that mention is
         joining, and go unanswered."""
         with self.routing.place(key) as after_earlier_ones:
