@@ -199,8 +199,11 @@ class Sampler:
                 else:
                     index = torch.tensor(rows, device=logits.device)
                     logits[index] = strategy.processors(ids, logits[index])
-        tokens: list[int | None] = logits.argmax(-1).tolist()
-        for row in (~logits.amax(-1).isfinite()).nonzero()[:, 0].tolist():  # NaN: amax is NaN
+        # One pass for the greedy pick and the check (max's index is argmax's, the first of
+        # equals; its value is NaN where a row holds one).
+        best, picked = logits.max(-1)
+        tokens: list[int | None] = picked.tolist()
+        for row in (~best.isfinite()).nonzero()[:, 0].tolist():
             tokens[row] = None
         sampling = [
             row
