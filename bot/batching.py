@@ -437,18 +437,15 @@ def refuse_unbatchable(engine: Engine, model_name: str) -> None:
     question = [{"role": "user", "content": "Hello"}]
     try:
         batcher.join(None, question, conversation="", max_new_tokens=2, temperature=0)
-        for _ in range(8):  # its prompt fits one step: a few are plenty
-            for update in batcher.step():
-                if update.failed is not None:
-                    raise ModelError(
-                        f"MODEL={model_name} in {engine.model.dtype}: its output for a plain "
-                        "'Hello' at load was not a number (NaN or infinity); try another DTYPE "
-                        "(float32 holds what float16 and bfloat16 overflow), or another model"
-                    )
-                if update.answer is not None:
-                    return
-    except ModelError:
-        raise
+        ended = next(
+            (
+                update
+                for _ in range(8)  # its prompt fits one step: a few are plenty
+                for update in batcher.step()
+                if update.answer is not None or update.failed is not None
+            ),
+            None,
+        )
     except Exception as error:
         kind = engine.model.config.model_type
         raise ModelError(
@@ -456,7 +453,14 @@ def refuse_unbatchable(engine: Engine, model_name: str) -> None:
             f"({type(error).__name__}: {error}); choose a model of a family it serves, "
             "such as Qwen2.5, Llama, Mistral, Gemma or Phi"
         ) from None
-    raise ModelError(f"MODEL={model_name}: a two-token answer did not end at load")
+    if ended is None:
+        raise ModelError(f"MODEL={model_name}: a two-token answer did not end at load")
+    if ended.failed is not None:
+        raise ModelError(
+            f"MODEL={model_name} in {engine.model.dtype}: its output for a plain 'Hello' at "
+            "load was not a number (NaN or infinity); try another DTYPE (float32 holds what "
+            "float16 and bfloat16 overflow), or another model"
+        )
 
 
 def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
