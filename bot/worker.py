@@ -320,12 +320,14 @@ class Worker:
         TAKE_FROM_OTHERS_AFTER_S (no more than the rows free). Its owner may take some of
         them before the read that follows: the read then takes as many younger ones, a
         Redis round trip's race that costs only those jobs' caches."""
+        if self._free_rows <= 0:
+            return 0
         try:
             groups = await self.redis.xinfo_groups(stream)
         except ResponseError:  # no such stream (any more)
             return 0
         ours = [group for group in groups if group["name"] == GROUP]
-        if not ours or self._free_rows <= 0:
+        if not ours:
             return 0
         added_by = math.floor((self.clock.now() - TAKE_FROM_OTHERS_AFTER_S) * 1000)
         after = f"({ours[0]['last-delivered-id']}"  # the first not delivered
