@@ -87,10 +87,9 @@ async def attached(
 ) -> Turn:
     """The turn with its attachments after its text, cut where it would not fit its
     conversation's prompt."""
-
-    async def fits(text: str) -> bool:
-        return await service.fits(replace(turn, text=text))
-
+    if not attachments:
+        return turn
+    fits = await service.fitting(turn)
     settings = service.team.settings
     text = await with_attachments(
         turn.text, attachments, settings=settings, timeout=timeout, fits=fits

@@ -582,16 +582,22 @@ class ChatService:
         await self._deliver(started, sink, answer, generated)
         await self._count(pending, generation)
 
-    async def fits(self, turn: Turn) -> bool:
-        """Whether the turn's message fits its conversation's prompt, with the system
-        prompt alone (else it is refused): for an adapter that can cut what it added to
-        it (an attached file's text), which the asker could not."""
+    async def fitting(self, turn: Turn) -> Callable[[str], Awaitable[bool]]:
+        """Whether the turn, with a text of the adapter's, fits its conversation's prompt
+        with the system prompt alone (else it is refused): for an adapter that can cut what
+        it added to the message (an attached file's text), which the asker could not. The
+        system prompt and budget are read once, for every text tried."""
         voice = voice_for(self.team.settings, turn.conversation)
-        system = await self._system(turn, voice)
-        over = await tokens_over_budget(
-            system, _as_counted(turn), count_tokens=self.count_tokens, budget=self._budget(voice)
-        )
-        return over is None
+        system, budget = await self._system(turn, voice), self._budget(voice)
+
+        async def fits(text: str) -> bool:
+            message = _as_counted(replace(turn, text=text))
+            over = await tokens_over_budget(
+                system, message, count_tokens=self.count_tokens, budget=budget
+            )
+            return over is None
+
+        return fits
 
     async def _too_long(self, turn: Turn, system: list[ChatMessage], budget: int) -> str | None:
         """What to tell the asker where their message is over the prompt's token budget
