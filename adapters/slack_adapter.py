@@ -601,9 +601,10 @@ class SlackAdapter(Adapter):
                         too_wide = oldest
                         continue
                     found = _said_between(page, oldest, late)
-                    if oldest == early:  # it meets the first page
+                    if oldest == early:  # it meets the first page: the whole thread is read
                         found = opening + found
-                    if len(found) >= THREAD_CONTEXT_LIMIT or oldest == early:
+                        break
+                    if len(found) >= THREAD_CONTEXT_LIMIT:
                         break
                     too_narrow = oldest
                 else:
