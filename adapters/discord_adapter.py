@@ -355,14 +355,17 @@ class DiscordAdapter(Adapter):
     async def _earlier(
         self, message: discord.Message, me: discord.ClientUser
     ) -> tuple[ChatMessage, ...]:
-        """The thread's messages before this one, oldest first (ours as the assistant's)."""
-        try:
-            history = [
-                m async for m in message.channel.history(limit=HISTORY_LIMIT, before=message)
-            ]
-        except discord.DiscordException:  # answering without them beats not answering
+        """The thread's messages before this one, oldest first (ours as the assistant's):
+        the last HISTORY_LIMIT, and in a longer thread its first one too, which says what
+        the thread is about (in a thread made from a channel message, that message)."""
+        thread, history = message.channel, []
+        try:  # each read adds whole or not at all: answering without them beats not answering
+            history += [m async for m in thread.history(limit=HISTORY_LIMIT, before=message)]
+            if len(history) == HISTORY_LIMIT:  # maybe more before them
+                first = [m async for m in thread.history(limit=1, oldest_first=True)]
+                history += [m for m in first if m.id < history[-1].id]
+        except discord.DiscordException:
             logger.warning("could not read the thread's earlier messages", exc_info=True)
-            return ()
         said = [_said(m) for m in reversed(history)]
         return tuple(
             {"role": "assistant", "content": self._readable(m, me)}

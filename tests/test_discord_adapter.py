@@ -351,6 +351,30 @@ async def test_mentioned_in_another_thread_it_reads_the_thread_first(fake, disco
     ]
 
 
+async def test_mentioned_in_a_long_thread_it_reads_its_last_messages_and_its_start(
+    fake, discord_bot, monkeypatch
+):
+    monkeypatch.setattr(discord_adapter, "HISTORY_LIMIT", 3)
+    async with discord_bot() as (_service, batcher):
+        starter = fake.user_message(fake.channel_id, "we deploy on fridays")
+        thread = await fake.start_thread(
+            fake.channel_id, starter["id"], "deploys", owner=fake.alice
+        )
+        for n in range(1, 6):
+            fake.thread_message(thread["id"], f"remark {n}")
+        await fake.dispatch("MESSAGE_CREATE", fake.thread_message(
+            thread["id"], f"<@{fake.bot['id']}> so?", mentions=[fake.bot]
+        ))  # fmt: skip
+        await final_reply(fake, thread["id"])
+    assert [m["content"] for m in batcher.prompts[0]] == [
+        "we deploy on fridays",  # the thread's start, however long the thread
+        "remark 3",
+        "remark 4",
+        "remark 5",
+        "so?",
+    ]
+
+
 @pytest.mark.parametrize("sent", ["while the thread is read", "right after the mention"])
 async def test_a_follow_up_while_a_mention_takes_the_bot_into_a_thread_is_answered(
     fake, discord_bot, sent
