@@ -206,7 +206,7 @@ class DiscordAdapter(Adapter):
     def _resumed(self, target: dict[str, Any], stop: Callable[[], object]) -> DiscordReply:
         """The sink of an answer started earlier (maybe by another process). (Its Stop is
         a button, whose press reaches the service as an interaction: `stop` is not kept.)"""
-        posted = target.get("messages", [])
+        messages = target.get("messages", [])
         channel = DiscordChannel(
             self.client,
             channel=target["channel"],
@@ -214,14 +214,16 @@ class DiscordAdapter(Adapter):
             reply_to=target.get("reply_to"),
             thread_from=target.get("thread_from"),
             thread_name=target.get("thread_name", ""),
-            posted=len(posted),
+            # Messages deleted since (a shorter final text, a restarted try) had nonces
+            # too: counted by a version that saved no count, they would be sent again.
+            posted=target.get("posted", len(messages)),
         )
         asker = None
         if "asker" in target:  # saved by a version with buttons
             key = ConversationKey.parse(target["conversation"])
             asker = Asker(target["asker"], key)
         return self._sink(
-            channel, asker, posted,
+            channel, asker, messages,
             replacing=target.get("replacing", ()), regenerates=bool(target.get("regenerates")),
         )  # fmt: skip
 

@@ -108,6 +108,7 @@ class DiscordChannel:
             "reply_to": self.reply_to,
             "thread_from": self.thread_from,
             "thread_name": self.thread_name,
+            "posted": self.posted,  # so a resumed answer's sends take nonces none has had
         }
 
     @property

@@ -27,6 +27,7 @@ from test_discord_adapter import bot_messages, final_reply, mention, ready, sett
 from adapters import discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
 from adapters.discord_buttons import REGENERATE_REFUSED, STOP_REFUSED, Asker
+from adapters.discord_channel import DiscordChannel
 from adapters.discord_commands import DESCRIPTIONS, thread_only
 from bot import replies
 from bot.config import Access
@@ -701,6 +702,29 @@ async def test_a_regenerated_answer_taken_up_after_a_restart_still_keeps_the_old
     assert resumed.regenerates and resumed.message_ids == [first["id"]]
     assert resumed.replacing == ["1999"]
     assert not answer.regenerates
+
+
+async def test_an_answer_resumed_after_a_restart_never_sends_a_nonce_again(discord_bot):
+    """Discord returns the message an earlier send with the same nonce made, for minutes:
+    an answer whose further messages were deleted (a shorter final text, a restarted try)
+    and that is then taken up by another process must not send their nonces again."""
+    async with discord_bot() as bot:
+        fake = bot.fake
+        channel = fake.dm_channel(fake.alice["id"])["id"]
+        three_parts = "word " * 1000
+        answer = bot.adapter._sink(DiscordChannel(bot.adapter.client, channel=channel,
+                                                  seed="4242"), asker=None)  # fmt: skip
+        await answer.finish(three_parts)
+        await answer.restart()  # a try that starts the answer over keeps its first message
+        saved = json.loads(json.dumps(answer.reply_target()))
+        resumed = bot.adapter._resumed(saved, stop=lambda: None)
+        await resumed.finish(three_parts)
+    nonces = [
+        request.json["nonce"]
+        for request in fake.requests_to("POST", rf"/channels/{channel}/messages")
+    ]
+    assert len(nonces) == 5 and len(set(nonces)) == 5
+    assert len(bot_messages(fake, channel)) == 3
 
 
 async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part(discord_bot):
