@@ -680,9 +680,16 @@ class ChatService:
         """The user hears why (if the platform lets us say it); the turn is over either
         way (its message stays in the history). A regenerated answer that failed leaves
         the old one where it was, shown and stored."""
-        kept = self._taken_back.pop(pending.id, None)
+        kept = self._taken_back.pop(pending.id, pending.kept)
         if kept is not None:
             text = replies.answer_kept(kept, text)
+        elif pending.regenerates is not None:  # failed before it took the old answer back:
+            # stored still, so shown again but not stored again; unless no longer the last
+            last = await self._last_exchange(str(pending.conversation), pending.regenerates)
+            if last is None:
+                await self.journal.finish(pending)
+                return
+            text = replies.answer_kept(last[1]["content"], text)
         # Saved before it is told: a restart from here on closes the turn as told, and a
         # user who sent the message again gets no second answer.
         if not await self.journal.save(pending, failure=text, answer=kept):
@@ -719,10 +726,17 @@ class ChatService:
         a clean stop, an outage) do not count this try against the turn's attempts."""
         if release:  # until released, a resume pass that claims it meanwhile counts no try
             self._release_owed.add(pending.id)
-        try:
-            await sink.pause(text or replies.restarting())
-        except Exception:  # the platform is gone too; the record still stands
-            logger.warning("could not tell turn %s's thread it waits", pending.id, exc_info=True)
+        # A regeneration that has not taken its old answer back leaves it shown as it is:
+        # once taken up again, it may find the conversation moved on, and replace nothing.
+        if (
+            pending.regenerates is None
+            or self._taken_back.get(pending.id, pending.kept) is not None
+        ):
+            try:
+                await sink.pause(text or replies.restarting())
+            except Exception:  # the platform is gone too; the record still stands
+                logger.warning("could not tell turn %s's thread it waits", pending.id,
+                               exc_info=True)  # fmt: skip
         if not release:
             return
         try:

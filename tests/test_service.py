@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from itertools import pairwise
 from typing import Any
@@ -22,6 +23,7 @@ from bot import replies
 from bot.config import Access
 from bot.types import ConversationKey, Turn
 from storage import keys
+from storage.locks import ConversationLocks
 from storage.store import ConversationStore
 from storage.turns import PendingTurn, TurnJournal
 
@@ -949,6 +951,89 @@ async def test_a_regeneration_that_fails_after_a_crash_puts_the_old_answer_back(
         {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Red."},
     ]
+
+
+class RaisingLock:
+    """Taking the conversation's lock fails, as nothing in Redis's reply could explain."""
+
+    @contextlib.asynccontextmanager
+    async def hold(self, conversation: str) -> AsyncIterator[None]:
+        raise RuntimeError("injected: the lock could not be taken")
+        yield
+
+
+async def test_a_regeneration_taken_back_before_a_crash_that_fails_at_once_keeps_the_answer(
+    make_service, redis_client, store, platform, monkeypatch
+):
+    """The next process fails it before it takes the conversation: the old answer, which
+    its record alone holds, is shown and stored again, where its message showed the
+    apology and the history lost it."""
+    pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=True)
+    rebuild = Rebuilder()
+    async with make_service() as (service, _batcher):
+        monkeypatch.setattr(service, "locks", RaisingLock())
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    [sink] = rebuild.sinks
+    assert sink.kinds("fail") == [replies.answer_kept("Red.", replies.failed())]
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Red."},
+    ]
+
+
+async def test_a_regeneration_that_fails_before_its_take_back_shows_the_old_answer_again(
+    make_service, store, conversation, monkeypatch
+):
+    """The old answer was never taken out of the history: it is shown again with why, as
+    after a failed new answer, and not stored twice; its message showed the apology alone."""
+    async with make_service() as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Q1"), answered)
+        [old] = answered.kinds("finish")
+
+        async def unreadable(*_args: Any) -> bool:
+            raise RuntimeError("injected: the history could not be read")
+
+        monkeypatch.setattr(service.journal, "take_back", unreadable)
+        press = ShowingSink(service, conversation)
+        refusal = await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex, sink=press
+        )
+        await until(lambda: asyncio.sleep(0, bool(press.events)))
+    assert refusal is None and len(batcher.prompts) == 1
+    assert press.events == [("fail", replies.answer_kept(old, replies.failed()))]
+    assert [m["content"] for m in await store.load(str(conversation))] == ["Q1", old]
+
+
+async def test_a_regeneration_stopped_before_its_take_back_leaves_the_old_answer_shown(
+    make_service, redis_client, store, conversation, monkeypatch
+):
+    """A redeploy drains it while it waits for the conversation: its old answer, still the
+    stored one, stays shown as it is, where it said "I'm restarting", which the next
+    start would not replace if the conversation moved on meanwhile."""
+    async with make_service() as (service, _batcher), contextlib.AsyncExitStack() as held:
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Q1"), answered)
+        accept, taken = service.journal.accept, asyncio.Event()
+
+        async def accepted_as_a_turn_takes_the_conversation(*args: Any, **options: Any) -> Any:
+            pending = await accept(*args, **options)
+            hold = ConversationLocks(redis=redis_client).hold(str(conversation))
+            await held.enter_async_context(hold)
+            taken.set()
+            return pending
+
+        monkeypatch.setattr(service.journal, "accept", accepted_as_a_turn_takes_the_conversation)
+        press = ShowingSink(service, conversation)
+        pressing = asyncio.create_task(service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex, sink=press
+        ))  # fmt: skip
+        await taken.wait()
+        assert await service.drain(0.2) == 1
+        assert await pressing is None
+    assert press.events == []
+    assert len(await store.load(str(conversation))) == 2
 
 
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
