@@ -369,7 +369,7 @@ class ChatService:
                 )
         except Exception:  # e.g. a target saved by an older version: never block the others
             logger.exception("cannot reach the thread of turn %s; dropping it", pending.id)
-            self._spawn(pending.id, self.journal.finish(pending))
+            self._spawn(pending.id, self._end(pending, pending.kept))
             return
         if pending.regenerates is None:
             self._start(pending, sink)
@@ -709,10 +709,15 @@ class ChatService:
         except Exception:  # e.g. the channel is gone: retrying would not bring it back
             logger.warning("could not tell turn %s's thread why it failed", pending.id,
                            exc_info=True)  # fmt: skip
-        if pending.answer is not None:  # its question back before it, once however often
-            await self.journal.begin(pending)
-        await self.journal.finish(pending, pending.answer)
+        await self._end(pending, pending.answer)
         self.metrics.count_turn(pending.turn.conversation.platform, outcome)
+
+    async def _end(self, pending: PendingTurn, kept: str | None) -> None:
+        """Close the turn unanswered, storing back the old answer it `kept` (of a
+        regeneration), its question before it, once however often this is done."""
+        if kept is not None:
+            await self.journal.begin(pending)
+        await self.journal.finish(pending, kept)
 
     async def _leave_for_later(
         self,

@@ -1036,6 +1036,26 @@ async def test_a_regeneration_stopped_before_its_take_back_leaves_the_old_answer
     assert len(await store.load(str(conversation))) == 2
 
 
+async def test_a_regeneration_whose_thread_cannot_be_reached_puts_the_old_answer_back(
+    make_service, redis_client, store, platform
+):
+    """Its saved target cannot be rebuilt (saved by an older version): the turn is dropped,
+    and the old answer, which its record alone held, goes back into the history."""
+    pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=True)
+
+    def unreachable(target: dict, stop: Callable[[], object]) -> RecordingSink:
+        raise KeyError("channel")
+
+    async with make_service() as (service, batcher):
+        service.serve_platform(platform, unreachable)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    assert batcher.prompts == []
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Red."},
+    ]
+
+
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
     make_service, redis_client, store, platform
 ):
