@@ -935,24 +935,6 @@ async def test_a_regeneration_resumed_before_its_take_back_stores_the_question_o
     ]
 
 
-async def test_a_regeneration_that_fails_after_a_crash_puts_the_old_answer_back(
-    make_service, make_batcher, redis_client, store, platform
-):
-    """The old answer was taken back from the history, and held in memory only: the new
-    answer failing in the next process lost it, and its message showed the apology."""
-    pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=True)
-    rebuild = Rebuilder()
-    async with make_service(FailsOnceBatcher(make_batcher())) as (service, _batcher):
-        service.serve_platform(platform, rebuild)
-        await until(lambda: gone(redis_client, pending.id), timeout=30)
-    [sink] = rebuild.sinks
-    assert sink.kinds("fail") == [replies.answer_kept("Red.", replies.failed())]
-    assert await store.load(pending.conversation) == [
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "Red."},
-    ]
-
-
 class RaisingLock:
     """Taking the conversation's lock fails, as nothing in Redis's reply could explain."""
 
@@ -962,16 +944,19 @@ class RaisingLock:
         yield
 
 
-async def test_a_regeneration_taken_back_before_a_crash_that_fails_at_once_keeps_the_answer(
-    make_service, redis_client, store, platform, monkeypatch
+@pytest.mark.parametrize("fails", ["in the model", "before it takes the conversation"])
+async def test_a_regeneration_that_fails_after_a_crash_puts_the_old_answer_back(
+    make_service, make_batcher, redis_client, store, platform, monkeypatch, fails
 ):
-    """The next process fails it before it takes the conversation: the old answer, which
-    its record alone holds, is shown and stored again, where its message showed the
-    apology and the history lost it."""
+    """The old answer was taken back from the history, and held in memory only: the new
+    answer failing in the next process lost it, and its message showed the apology; and
+    where it failed before the take-back was done again there, it lost it still."""
     pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=True)
     rebuild = Rebuilder()
-    async with make_service() as (service, _batcher):
-        monkeypatch.setattr(service, "locks", RaisingLock())
+    batcher = FailsOnceBatcher(make_batcher()) if fails == "in the model" else None
+    async with make_service(batcher) as (service, _batcher):
+        if fails == "before it takes the conversation":
+            monkeypatch.setattr(service, "locks", RaisingLock())
         service.serve_platform(platform, rebuild)
         await until(lambda: gone(redis_client, pending.id), timeout=30)
     [sink] = rebuild.sinks
