@@ -307,7 +307,6 @@ class TurnJournal:
         self, turn_id: str, orphaned: Collection[str], uncounted: Collection[str]
     ) -> PendingTurn | None:
         key = keys.turn(turn_id)
-        in_doubt = turn_id in self._claims_in_doubt
         # Tells our own earlier try from another claim; in doubt until the caller has it.
         claim = self._claims_in_doubt.setdefault(turn_id, uuid.uuid4().hex)
 
@@ -318,10 +317,11 @@ class TurnJournal:
             owner = record.get("owner")
             # Both read now, together: a turn orphaned since the claim began is left
             # uncounted in the same step (`ChatService._leave_for_later`).
-            ours_to_take = turn_id in orphaned or in_doubt
             count = turn_id not in uncounted
-            if owner == self.owner and not ours_to_take:
-                return None  # ours, and being answered (or just accepted)
+            if owner == self.owner and turn_id not in orphaned:
+                # Ours, and being answered (or just accepted), whatever an earlier try of
+                # this claim did not get to read (one that wrote was found above).
+                return None
             if owner and owner != self.owner:
                 await pipe.watch(keys.owner(owner))  # a renewal now must abort the claim
                 if await pipe.exists(keys.owner(owner)):

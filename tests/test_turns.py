@@ -467,6 +467,29 @@ async def test_turns_claimed_before_a_pass_failed_are_taken_by_the_next_pass(
     assert [pending.attempts for pending in claimed] == [2, 2, 2]  # each claimed once
 
 
+async def test_a_pass_that_failed_at_a_turn_of_ours_being_answered_leaves_it_to_us(
+    make_journal, redis_client, platform, monkeypatch
+):
+    """Storage dropped out as the pass read a turn this process is answering: the next
+    pass leaves it alone, where it took it over and a second copy of its answer ran."""
+    me = make_journal("me")
+    await me.renew_lease()
+    answering = await me.accept(new_turn(platform), {})
+    transaction = me._transaction
+
+    async def first_fails(watched: list[str], *args: Any) -> Any:
+        if watched == [keys.turn(answering.id)]:
+            monkeypatch.undo()
+            raise RedisConnectionError("connection lost")
+        return await transaction(watched, *args)
+
+    monkeypatch.setattr(me, "_transaction", first_fails)
+    with pytest.raises(RedisConnectionError):
+        await me.claim([platform])
+    assert await me.claim([platform]) == []
+    assert (await record(redis_client, answering))["attempts"] == "1"
+
+
 async def test_a_release_whose_reply_was_lost_gives_back_one_attempt(
     make_journal, redis_client, redis_url, tmp_path, platform
 ):
