@@ -189,6 +189,7 @@ class Worker:
         self.streams = (self.own, keys.JOBS)  # where its new jobs come from, its own first
         self._running: dict[Entry, _Taken] = {}
         self._taking: set[Entry] = set()  # being checked before they run
+        self._asking = 0  # rows held by reads and claims waiting for Redis's reply
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
@@ -340,7 +341,8 @@ class Worker:
         if count <= 0:  # (a COUNT of 0 would take them all)
             return 0
         try:
-            replies = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count)
+            with self._asking_for(count):
+                replies = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count)
         except ResponseError as error:
             if "NOGROUP" not in str(error):
                 raise
@@ -359,9 +361,21 @@ class Worker:
     @property
     def _free_rows(self) -> int:
         """Rows free in the batch, and room in the inference queue for them (QUEUE_MAX
-        may be lower, and a stopped row leaves the queue only after its step)."""
-        room = self.inference.max_size - self.inference.depth
-        return min(self.rows - len(self._running), room) - len(self._taking)
+        may be lower, and a stopped row leaves the queue only after its step); a job run
+        whose task has not yet reached the queue holds its place there already."""
+        unsubmitted = sum(taken.generation is None for taken in self._running.values())
+        room = self.inference.max_size - self.inference.depth - unsubmitted
+        return min(self.rows - len(self._running), room) - len(self._taking) - self._asking
+
+    @contextlib.contextmanager
+    def _asking_for(self, count: int) -> Iterator[None]:
+        """While the block waits for Redis to hand over up to `count` jobs, their rows are
+        held: the reader and the sweep, asking at once, would each take all that is free."""
+        self._asking += count
+        try:
+            yield
+        finally:
+            self._asking -= count
 
     @contextlib.contextmanager
     def _checking(self, entries: set[Entry]) -> Iterator[None]:
@@ -608,9 +622,10 @@ class Worker:
             if free <= 0:
                 return
             try:
-                cursor, claimed, *_ = await self.redis.xautoclaim(
-                    stream, GROUP, self.name, self.claim_idle_ms, cursor, count=free
-                )
+                with self._asking_for(free):
+                    cursor, claimed, *_ = await self.redis.xautoclaim(
+                        stream, GROUP, self.name, self.claim_idle_ms, cursor, count=free
+                    )
             except ResponseError:  # no such stream or group (yet, or any more)
                 return
             await self._take_claimed(stream, claimed)
@@ -632,13 +647,14 @@ class Worker:
             )  # fmt: skip
         except ResponseError:  # no such stream or group (any more)
             return
-        lost = [e["message_id"] for e in held if e["message_id"] not in known][:free]
+        lost = [e["message_id"] for e in held if e["message_id"] not in known]
+        lost = lost[: self._free_rows]  # as many as are free now, after that wait
         if not lost:
             return
         logger.warning("%d jobs delivered to %s were never read; taking them", len(lost), self.name)
-        await self._take_claimed(
-            stream, await self.redis.xclaim(stream, GROUP, self.name, LOST_AFTER_MS, lost)
-        )
+        with self._asking_for(len(lost)):
+            claimed = await self.redis.xclaim(stream, GROUP, self.name, LOST_AFTER_MS, lost)
+        await self._take_claimed(stream, claimed)
 
     async def _take_claimed(self, stream: str, claimed: list[tuple[str, dict[str, str]]]) -> None:
         """Claimed jobs, each checked and run, but those this worker runs already (claimed

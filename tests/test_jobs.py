@@ -568,6 +568,20 @@ async def test_a_worker_takes_no_more_jobs_than_its_queue_has_room_for(streams, 
     assert all([await tries(streams, job.id) == {1} for job in jobs])
 
 
+async def test_jobs_taken_from_two_streams_at_once_fit_the_queue(streams, make_batcher):
+    """Its own stream's jobs are taken, and then the shared one's before the first two
+    reach the queue: the rows free count them already, where the third was taken too,
+    refused by the full queue, and counted as a failed try (dead-lettered at once here)."""
+    spy = SlowSteps(make_batcher(max_batch=4, max_new_tokens=8))
+    jobs = jobs_for(3)
+    for stream, job in zip((keys.worker_jobs("w1"),) * 2 + (keys.JOBS,), jobs, strict=True):
+        await streams.xadd(stream, job.fields())
+    async with worker(streams, spy, "w1", queue_max=2, max_deliveries=1):
+        await wait_until(lambda: asyncio.sleep(0, len(spy.answers) == 3), timeout=30)
+    assert not await streams.exists(keys.DEAD_JOBS)
+    assert all([await tries(streams, job.id) == {1} for job in jobs])
+
+
 async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
     spy = SpyBatcher(make_batcher(max_new_tokens=400))
     async with gateway(streams) as queue, worker(streams, spy, "w1") as working:
@@ -635,6 +649,37 @@ async def test_jobs_claimed_together_hold_their_rows_while_the_first_is_checked(
         await working._claim_abandoned(keys.JOBS)
         await working.finish(5)
     assert read_meanwhile == [0]
+
+
+async def test_a_claim_waiting_for_redis_holds_its_rows_from_the_reader(
+    streams, make_batcher, monkeypatch
+):
+    """The sweep asks Redis for a dead worker's job with the one row free: the reader,
+    asking at the same time, takes no new job into that row, where both took one, the
+    batch overfilled, and a job failed with QueueFull, a try counted."""
+    await streams.xgroup_create(keys.JOBS, GROUP, id="0", mkstream=True)
+    abandoned, new = jobs_for(2)
+    entry = await streams.xadd(keys.JOBS, abandoned.fields())
+    await streams.xreadgroup(GROUP, "dead", {keys.JOBS: ">"})
+    await streams.xclaim(keys.JOBS, GROUP, "dead", 0, [entry], idle=60_000, justid=True)
+    await streams.xadd(keys.JOBS, new.fields())
+    async with InferenceQueue(batcher=make_batcher(max_new_tokens=4), max_size=1, timeout=60
+                              ) as inference:  # fmt: skip
+        working = Worker(
+            redis=streams, inference=inference, name="w1", rows=1, claim_idle_s=60,
+            max_deliveries=3,
+        )  # fmt: skip
+        autoclaim, read_meanwhile = streams.xautoclaim, []
+
+        async def the_reader_reads_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            read_meanwhile.append(await working._read(keys.JOBS))
+            return await autoclaim(*args, **kwargs)
+
+        monkeypatch.setattr(streams, "xautoclaim", the_reader_reads_meanwhile)
+        await working._claim_abandoned(keys.JOBS)
+        claimed = [taken.job.id for taken in working._running.values()]
+        await working.finish(5)
+    assert read_meanwhile == [0] and claimed == [abandoned.id]
 
 
 async def test_a_job_cancelled_as_it_starts_writes_none_of_its_answer(
