@@ -466,10 +466,10 @@ class ChatService:
     async def _take_turn(
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
     ) -> None:
-        if before is not None and not await before():
+        if pending.failure is not None:  # told before a restart: closed as told (with the
+            await self._close_failed(pending, sink)  # old answer a regeneration kept, if any)
+        elif before is not None and not await before():
             await self.journal.finish(pending)
-        elif pending.failure is not None:  # told before a restart: closed as told
-            await self._close_failed(pending, sink)
         elif pending.answer is not None:  # generated before a stop: delivered, whatever the
             await self._deliver(pending, sink, pending.answer)  # attempts (it costs no model)
         elif pending.attempts > self.max_attempts:

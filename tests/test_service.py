@@ -1041,6 +1041,27 @@ async def test_a_regeneration_whose_thread_cannot_be_reached_puts_the_old_answer
     ]
 
 
+async def test_a_regeneration_told_it_failed_before_its_take_back_keeps_the_answer_on_resume(
+    make_service, redis_client, store, platform
+):
+    """It failed before it took the old answer back, told the thread so (the old answer
+    again, with why), and the process died before it closed the turn: the next one closes
+    it as told, where it took the answer out of the history first, and lost it."""
+    pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=False)
+    told = replies.answer_kept("Red.", replies.failed())
+    assert await process(redis_client, store, platform, "crashed").save(pending, failure=told)
+    rebuild = Rebuilder()
+    async with make_service() as (service, batcher):
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    [sink] = rebuild.sinks
+    assert sink.kinds("fail") == [told] and batcher.prompts == []
+    assert await store.load(pending.conversation) == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Red."},
+    ]
+
+
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
     make_service, redis_client, store, platform
 ):
