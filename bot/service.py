@@ -369,7 +369,7 @@ class ChatService:
                 )
         except Exception:  # e.g. a target saved by an older version: never block the others
             logger.exception("cannot reach the thread of turn %s; dropping it", pending.id)
-            self._spawn(pending.id, self._end(pending, pending.kept))
+            self._spawn(pending.id, self._drop(pending))
             return
         if pending.regenerates is None:
             self._start(pending, sink)
@@ -711,6 +711,16 @@ class ChatService:
                            exc_info=True)  # fmt: skip
         await self._end(pending, pending.answer)
         self.metrics.count_turn(pending.turn.conversation.platform, outcome)
+
+    async def _drop(self, pending: PendingTurn) -> None:
+        """End a turn with nowhere to answer, under its conversation's lock, with the old
+        answer a regeneration took back put back; where storage fails, at the next start."""
+        try:
+            async with self.locks.hold(pending.conversation):
+                await self._end(pending, pending.kept)
+        except Exception:
+            logger.warning("could not drop turn %s; the next start does", pending.id,
+                           exc_info=True)  # fmt: skip
 
     async def _end(self, pending: PendingTurn, kept: str | None) -> None:
         """Close the turn unanswered, storing back the old answer it `kept` (of a

@@ -714,6 +714,10 @@ async def gone(redis: Redis, turn_id: str) -> bool:
     )
 
 
+async def taken_by(redis: Redis, pending: PendingTurn, owner: str) -> bool:
+    return await redis.hget(keys.turn(pending.id), "owner") == owner
+
+
 async def test_a_resumed_answer_is_stopped_by_what_its_rebuilt_sink_was_given(
     make_service, make_batcher, redis_client, store, platform
 ):
@@ -1025,14 +1029,19 @@ async def test_a_regeneration_whose_thread_cannot_be_reached_puts_the_old_answer
     make_service, redis_client, store, platform
 ):
     """Its saved target cannot be rebuilt (saved by an older version): the turn is dropped,
-    and the old answer, which its record alone held, goes back into the history."""
+    and the old answer, which its record alone held, goes back into the history, once the
+    conversation's turn under way (another process's) is over, not into its midst."""
     pending = await regeneration_left_by_a_crash(redis_client, store, platform, taken_back=True)
 
     def unreachable(target: dict, stop: Callable[[], object]) -> RecordingSink:
         raise KeyError("channel")
 
     async with make_service() as (service, batcher):
-        service.serve_platform(platform, unreachable)
+        async with ConversationLocks(redis=redis_client).hold(pending.conversation):
+            service.serve_platform(platform, unreachable)
+            await until(lambda: taken_by(redis_client, pending, service.journal.owner))
+            await asyncio.sleep(0.3)  # time enough to write the history, were it free
+            assert await store.load(pending.conversation) == []
         await until(lambda: gone(redis_client, pending.id), timeout=30)
     assert batcher.prompts == []
     assert await store.load(pending.conversation) == [
