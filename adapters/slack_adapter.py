@@ -63,7 +63,7 @@ from adapters.slack_format import (
     to_mrkdwn,
 )
 from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
-from adapters.streaming import EditBudget, StreamingReply
+from adapters.streaming import DRAFTING, EditBudget, StreamingReply
 from bot import replies
 from bot.access import Requester
 from bot.config import Settings
@@ -103,6 +103,14 @@ class Person(NamedTuple):
     name: str
     stranger: bool  # Slack says so (is_stranger): of another workspace, in no shared channel
     enterprise: str | None  # their Enterprise Grid organisation's id; None outside one
+
+
+class FinalsRetried(AsyncRateLimitErrorRetryHandler):
+    """A rate-limited call is tried again after its Retry-After, but one made for a draft
+    of an answer (`DRAFTING`) fails at once: it is skipped, and the answer goes on."""
+
+    async def _can_retry_async(self, **call: Any) -> bool:
+        return not DRAFTING.get() and await super()._can_retry_async(**call)
 
 
 class SlackAdapter(Adapter):
@@ -146,7 +154,7 @@ class SlackAdapter(Adapter):
             base_url=settings.slack_api_url,
             # Several 429 retries, each after Retry-After: a final text must not be lost.
             retry_handlers=[
-                AsyncRateLimitErrorRetryHandler(max_retry_count=5),
+                FinalsRetried(max_retry_count=5),
                 AsyncConnectionErrorRetryHandler(max_retry_count=3),
             ],
         )

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from adapters.text import split_message
@@ -20,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 STREAMING_MARK = " …"  # shown after partial text while the answer is still being written
+DRAFTING: ContextVar[bool] = ContextVar("DRAFTING", default=False)
+"""True while partial text is put: a platform call rate-limited then is better failed at
+once than retried after the wait, which would hold back the rest of the answer and its end
+(the next text carries what this one had)."""
 
 
 class Refused(Exception):
@@ -161,12 +166,15 @@ class StreamingReply:
         edited = len(self.message_ids) - 1  # the message the text is being written into
         if self.budget and self._edit_costs(edited) and not self.budget.try_take():
             return
+        drafting = DRAFTING.set(True)
         try:
             await self._show(self.text.rstrip())
         except Refused:
             raise
         except Exception:  # a lost intermediate edit is harmless: the final text follows
             logger.warning("streaming edit failed; the final text will follow", exc_info=True)
+        finally:
+            DRAFTING.reset(drafting)
 
     async def restart(self) -> None:
         """The next appends replace the text streamed so far, in the first message: the

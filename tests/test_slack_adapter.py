@@ -286,6 +286,31 @@ async def test_a_rate_limited_update_is_retried_and_the_answer_arrives(slack, so
     assert [c.status for c in slack.calls_to("chat.update")][:2] == [429, 429]
 
 
+class PacedAnswer(ScriptedBatcher):
+    """Writes its answer 40 characters a step, a step every 30 ms, so it is edited in."""
+
+    def step(self) -> list:
+        time.sleep(0.03)
+        return super().step()
+
+
+@pytest.mark.parametrize("streaming", ["edit", "native"])
+async def test_a_rate_limited_draft_is_skipped_not_waited_for(slack, socket_mode, streaming):
+    """Slack refuses a partial text's call for now (Retry-After 100 s): that text is
+    skipped and the answer goes on to its end, where the call was retried after the wait
+    and held the answer back; the final text's calls are still retried."""
+    answer = " ".join(f"word{n}" for n in range(80)) + "."
+    async with socket_mode(PacedAnswer(answer), streaming=streaming):
+        draft = "chat.update" if streaming == "edit" else "chat.appendStream"
+        slack.rate_limit(draft, count=1, retry_after=100)
+        mention = slack.app_mention("C0001", "count for me")
+        await slack.send_event(mention)
+        async with asyncio.timeout(20):
+            reply = await final_reply(slack, "C0001", mention["ts"])
+    assert slack.calls_to(draft)[0].status == 429
+    assert reply["text"] == answer
+
+
 async def test_model_output_cannot_ping_the_channel(slack, socket_mode):
     async with socket_mode(ScriptedBatcher("Hey <!channel> and <@U0BOB>, **read** this")):
         mention = slack.app_mention("C0001", "say something")
