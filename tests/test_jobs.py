@@ -620,12 +620,14 @@ async def test_an_answered_job_whose_acknowledgement_failed_is_not_dead_lettered
     assert not await streams.exists(keys.DEAD_JOBS)
 
 
-async def test_jobs_claimed_together_hold_their_rows_while_the_first_is_checked(
-    streams, make_batcher, monkeypatch
+@pytest.mark.parametrize("during", ["xautoclaim", "xpending_range"])
+async def test_jobs_claimed_hold_their_rows_from_the_reader(
+    streams, make_batcher, monkeypatch, during
 ):
-    """A dead worker's two jobs claimed at once by a worker with two rows: while the first
-    is checked (Redis round trips), the reader takes no new job into the second's row. It
-    did: the batch overfilled, and a job failed with QueueFull, a try counted."""
+    """A dead worker's two jobs claimed at once by a worker with two rows: while the claim
+    waits for Redis (XAUTOCLAIM), and while the first is checked (XPENDING), the reader
+    takes no new job into their rows. It did: the batch overfilled, and a job failed with
+    QueueFull, a try counted."""
     await streams.xgroup_create(keys.JOBS, GROUP, id="0", mkstream=True)
     first, second, new = jobs_for(3)
     ids = [await streams.xadd(keys.JOBS, job.fields()) for job in (first, second)]
@@ -638,48 +640,18 @@ async def test_jobs_claimed_together_hold_their_rows_while_the_first_is_checked(
             redis=streams, inference=inference, name="w1", rows=2, claim_idle_s=60,
             max_deliveries=3,
         )  # fmt: skip
-        pending, read_meanwhile = streams.xpending_range, []
-
-        async def the_reader_runs_meanwhile(*args: Any, **kwargs: Any) -> Any:
-            if not read_meanwhile:
-                read_meanwhile.append(await working._read(keys.JOBS))
-            return await pending(*args, **kwargs)
-
-        monkeypatch.setattr(streams, "xpending_range", the_reader_runs_meanwhile)
-        await working._claim_abandoned(keys.JOBS)
-        await working.finish(5)
-    assert read_meanwhile == [0]
-
-
-async def test_a_claim_waiting_for_redis_holds_its_rows_from_the_reader(
-    streams, make_batcher, monkeypatch
-):
-    """The sweep asks Redis for a dead worker's job with the one row free: the reader,
-    asking at the same time, takes no new job into that row, where both took one, the
-    batch overfilled, and a job failed with QueueFull, a try counted."""
-    await streams.xgroup_create(keys.JOBS, GROUP, id="0", mkstream=True)
-    abandoned, new = jobs_for(2)
-    entry = await streams.xadd(keys.JOBS, abandoned.fields())
-    await streams.xreadgroup(GROUP, "dead", {keys.JOBS: ">"})
-    await streams.xclaim(keys.JOBS, GROUP, "dead", 0, [entry], idle=60_000, justid=True)
-    await streams.xadd(keys.JOBS, new.fields())
-    async with InferenceQueue(batcher=make_batcher(max_new_tokens=4), max_size=1, timeout=60
-                              ) as inference:  # fmt: skip
-        working = Worker(
-            redis=streams, inference=inference, name="w1", rows=1, claim_idle_s=60,
-            max_deliveries=3,
-        )  # fmt: skip
-        autoclaim, read_meanwhile = streams.xautoclaim, []
+        call, read_meanwhile = getattr(streams, during), []
 
         async def the_reader_reads_meanwhile(*args: Any, **kwargs: Any) -> Any:
-            read_meanwhile.append(await working._read(keys.JOBS))
-            return await autoclaim(*args, **kwargs)
+            if not read_meanwhile:
+                read_meanwhile.append(await working._read(keys.JOBS))
+            return await call(*args, **kwargs)
 
-        monkeypatch.setattr(streams, "xautoclaim", the_reader_reads_meanwhile)
+        monkeypatch.setattr(streams, during, the_reader_reads_meanwhile)
         await working._claim_abandoned(keys.JOBS)
-        claimed = [taken.job.id for taken in working._running.values()]
+        claimed = {taken.job.id for taken in working._running.values()}
         await working.finish(5)
-    assert read_meanwhile == [0] and claimed == [abandoned.id]
+    assert read_meanwhile == [0] and claimed == {first.id, second.id}
 
 
 async def test_a_job_cancelled_as_it_starts_writes_none_of_its_answer(
