@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+NO_SHARED_REDIS = (
+    "threadbot run --role {role}: gateways and workers meet in one Redis, which an embedded "
+    "one is not (it is this process's alone): set REDIS_URL, the same for each of them."
+)
 NO_PLATFORM = """\
 threadbot run: no platform is configured.
   Slack:   set SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET.
@@ -229,6 +233,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_role(settings: Settings, args: argparse.Namespace) -> int:
+    if args.role != "all" and not settings.redis_url:
+        _tell(settings, NO_SHARED_REDIS.format(role=args.role))
+        return 2
     if args.role == "worker":
         return await work(settings)
     from adapters.discord_adapter import DiscordAdapter

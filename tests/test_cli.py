@@ -140,6 +140,18 @@ def test_run_with_a_slack_bot_token_alone_says_what_else_slack_needs(tmp_path: P
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("role", ["gateway", "worker"])
+def test_a_gateway_or_worker_without_redis_url_says_they_need_one_redis(
+    tmp_path: Path, role: str
+) -> None:
+    """Each would start an embedded Redis of its own, which no other process reaches: the
+    gateway timed every turn out, and the worker waited for jobs that never came."""
+    env = cli_env(SLACK_BOT_TOKEN="xoxb-1", SLACK_APP_TOKEN="xapp-1")
+    result = run_cli("run", "--role", role, cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "REDIS_URL" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_run_in_json_log_mode_says_it_in_json(tmp_path: Path) -> None:
     """With LOG_FORMAT=json even the start-up advice is a JSON line, so that every line parses."""
     result = run_cli("run", cwd=tmp_path, env=cli_env(LOG_FORMAT="json"))
