@@ -343,6 +343,29 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("inference_url")
+    @classmethod
+    def _an_http_url(cls, value: str | None) -> str | None:
+        # Checked here: aiohttp takes `vllm:8000/v1` for a URL of scheme `vllm`, and its
+        # error, "cannot be reached", would print the URL, password and all.
+        if value is not None and not re.match(r"https?://[^/?#\s]", value):
+            raise PydanticCustomError(
+                "url", "an OpenAI-compatible API's URL starts with http:// or https:// and its "
+                "host (e.g. http://vllm:8000/v1)",
+            )  # fmt: skip
+        return value
+
+    @field_validator("inference_api_key")
+    @classmethod
+    def _one_credential(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        url = info.data.get("inference_url")
+        if value is not None and url is not None and re.match(r"https?://[^/?#]*@", url):
+            raise _contradiction(
+                "INFERENCE_URL carries a user and password as well, and a request carries "
+                "one or the other: keep one of them"
+            )
+        return value
+
     @field_validator("max_context_tokens")
     @classmethod
     def _context_holds_a_prompt(cls, value: int | None, info: ValidationInfo) -> int | None:

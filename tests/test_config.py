@@ -357,6 +357,11 @@ def test_an_empty_environment_variable_means_unset(
         ({"MAX_NEW_TOKENS": "8192"}, "MAX_CONTEXT_TOKENS", "MAX_NEW_TOKENS=8192"),  # default
         ({"MODEL_FILE": "model.Q4_K_M.gguf"}, "MODEL_FILE", "MODEL is unset"),
         ({"MODEL_FILE": "x.gguf", "MODEL": "bundled"}, "MODEL_FILE", "MODEL=bundled"),
+        (  # aiohttp refused the pair at start with a bare ValueError, and a traceback
+            {"INFERENCE_URL": "http://ops:pw@proxy/v1", "INFERENCE_API_KEY": "k"},
+            "INFERENCE_API_KEY",
+            "INFERENCE_URL",
+        ),
     ],
 )
 def test_contradictory_settings_are_refused_naming_both(
@@ -370,6 +375,15 @@ def test_contradictory_settings_are_refused_naming_both(
     assert other in message
 
 
+@pytest.mark.parametrize("url", ["vllm:8000/v1", "ops:hunter2@vllm:8000/v1", "http:///v1"])
+def test_an_inference_url_without_its_scheme_or_host_is_refused_at_once(url: str) -> None:
+    """It was taken for a URL of scheme `vllm` and said to be out of reach, exit 1 (so a
+    service restarted it for ever), with the password it carries in that message."""
+    message = settings_error(INFERENCE_URL=url)
+    assert message.startswith("invalid setting INFERENCE_URL:") and "http://" in message
+    assert "hunter2" not in message
+
+
 def test_each_contradiction_gets_its_own_line() -> None:
     lines = settings_error(MAX_CONTEXT_TOKENS="256", MODEL_FILE="x.gguf").splitlines()
     assert len(lines) == 2
@@ -381,5 +395,7 @@ def test_settings_that_fit_together_are_accepted(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MAX_CONTEXT_TOKENS", "513")
     monkeypatch.setenv("MODEL", "/models/qwen-gguf")
     monkeypatch.setenv("MODEL_FILE", "qwen.Q4_K_M.gguf")
+    monkeypatch.setenv("INFERENCE_URL", "https://ops:pw@proxy/v1")  # no INFERENCE_API_KEY
     settings = Settings()
     assert (settings.max_context_tokens, settings.model_file) == (513, "qwen.Q4_K_M.gguf")
+    assert settings.inference_url == "https://ops:pw@proxy/v1"
