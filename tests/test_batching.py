@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import answer_alone, overflowing_qwen2, tiny_qwen2
+from conftest import answer_alone, overflowing_qwen2, tiny_qwen2, without_whitespace_tokens
 
 from bot.batching import PREFILL_FIRST_STEPS, UNUSABLE, Batcher, Update
 from bot.engine import Engine
@@ -305,6 +305,30 @@ def test_a_sliding_window_no_row_outgrows_gets_the_answers_of_generate(qwen_toke
     batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
     answers = run(batcher, {0: ("a", QUESTIONS[0]), 3: ("b", QUESTIONS[1]), 7: ("c", QUESTIONS[2])})
     assert [answers[key] for key in "abc"] == [engine.generate([m])[0] for m in QUESTIONS]
+
+
+def test_gemma2s_capped_attention_scores_get_the_answers_of_generate(qwen_tokenizer):
+    """Gemma 2 soft-caps its attention scores (tanh(s / cap) * cap) before the softmax,
+    which SDPA has no option for: its answers are those of its own eager attention, as
+    requests join mid-answer, where the cap was dropped and the answers changed."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(qwen_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=4096, sliding_window=4096, query_pre_attn_scalar=8,
+        attn_logit_softcapping=1.0,  # (50 in Gemma 2) small, so that it changes the answers
+        initializer_range=0.2, eos_token_id=qwen_tokenizer.eos_token_id,
+        pad_token_id=qwen_tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = without_whitespace_tokens(Gemma2ForCausalLM(config).eval(), qwen_tokenizer)
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=24)
+    refuse_unservable(ModelSource("tiny"), model.config, engine.context_tokens)
+    generated = [engine.generate([m])[0] for m in QUESTIONS]  # eager: the batcher's is ours
+    batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
+    answers = run(batcher, {0: ("a", QUESTIONS[0]), 3: ("b", QUESTIONS[1]), 7: ("c", QUESTIONS[2])})
+    assert [answers[key] for key in "abc"] == generated
 
 
 def test_admission_counts_every_row_as_wide_as_the_longest(make_batcher):
