@@ -551,10 +551,7 @@ class InferenceQueue:
             while len(running) < self.batcher.max_batch and (generation := self._admit()):
                 if self._start(generation):
                     running.append(generation)
-            for generation in [g for g in running if g.cancelled]:
-                self.batcher.leave(generation)
-                running.remove(generation)
-                self._done(generation)
+            self._drop_cancelled(running)
             self.metrics.batch_rows.set(len(running))
             if running:
                 self._step(running)
@@ -600,14 +597,22 @@ class InferenceQueue:
             return False
         return True
 
+    def _drop_cancelled(self, running: list[Generation]) -> None:
+        for generation in [g for g in running if g.cancelled]:
+            try:
+                self.batcher.leave(generation)  # (it stores the row's KV cache: memory)
+            except Exception as error:
+                self._fail_batch(running, error)
+                return
+            running.remove(generation)
+            self._done(generation)
+
     def _step(self, running: list[Generation]) -> None:
         """One batch step; hands each request its text, and ends the finished ones."""
         try:
             updates = self.batcher.step()
-        except Exception as error:  # the batch's state is unknown: every request in it fails
-            self.batcher.clear()
-            self._fail(running, error)
-            running.clear()
+        except Exception as error:
+            self._fail_batch(running, error)
             return
         for update in updates:
             generation = update.key
@@ -622,6 +627,13 @@ class InferenceQueue:
                 running.remove(generation)
                 self._done(generation)
                 self._call(generation.end, update.answer, *counts)
+
+    def _fail_batch(self, running: list[Generation], error: Exception) -> None:
+        """The batch's state is unknown (out of memory, say): every request in it fails,
+        and the engine goes on with those waiting."""
+        self.batcher.clear()
+        self._fail(running, error)
+        running.clear()
 
     def _fail(self, generations: list[Generation], error: Exception) -> None:
         logger.error("generation failed: %s", error, exc_info=error)

@@ -261,6 +261,30 @@ async def test_batcher_errors_reach_every_request_in_the_batch(make_batcher):
                 await collect(generation)
 
 
+async def test_a_cancel_the_batcher_fails_to_carry_out_fails_the_batch_not_the_engine(
+    make_batcher,
+):
+    """Leaving the batch stores the row's KV cache, which can run out of memory: the batch
+    fails, as a failed step does, and the next request is answered, where the engine
+    thread died and every request after failed until a restart."""
+
+    class Unleavable(SpyBatcher):
+        def leave(self, key: object) -> None:
+            raise RuntimeError("out of memory")
+
+    batcher = Unleavable(make_batcher(max_new_tokens=400))
+    async with InferenceQueue(batcher=batcher, max_size=2, timeout=60) as queue:
+        cancelled = queue.submit(HELLO, user="u1", conversation="c1")
+        beside = queue.submit(HELLO, user="u2", conversation="c2")
+        await anext(aiter(cancelled))
+        cancelled.cancel()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await collect(beside)
+        later = await collect(queue.submit(HELLO, user="u3", conversation="c3"))
+        assert not queue.died.is_set()
+    assert "".join(later) == batcher.answers[-1]
+
+
 async def test_a_request_the_model_gives_nan_for_fails_alone(qwen_tokenizer):
     """The model's logits for one request are NaN: that request fails, saying so, and the
     one beside it in the batch is answered as it would be alone."""
