@@ -398,10 +398,14 @@ class Batcher:
             kv = self._cache.read(sequence.slot, sequence.cached)
             self.prefix_cache.put(sequence.conversation, sequence.tokens[: sequence.cached], kv)
         last = self._sequences.pop()
+        moved_in = 0
         if last is not sequence:
             self._cache.move(last.slot, sequence.slot, last.cached)
-            last.slot = sequence.slot
+            last.slot, moved_in = sequence.slot, last.cached
             self._sequences[sequence.slot] = last
+        # A row that left mid-prompt (a stop) may have left NaN past what moves in: the
+        # rows that read this slot next would read it (`SlotCache.wipe`).
+        self._cache.wipe(sequence.slot, moved_in, sequence.cached)
         self._fit_cache()
 
     def _fit_cache(self) -> None:

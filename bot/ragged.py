@@ -277,12 +277,13 @@ class SlotCache:
             for layer in store:
                 layer[target, :, :length] = layer[source, :, :length]
 
-    def wipe(self, slot: int) -> None:
-        """Zero a slot: a row reads its slot past its own end (times a zero weight), so
-        NaN left there would become the next row's."""
+    def wipe(self, slot: int, start: int = 0, end: int | None = None) -> None:
+        """Zero a slot's positions from `start` to `end` (all of them by default): a row
+        reads its slot past its own end (times a zero weight), so NaN left there would
+        become the next row's."""
         for store in (self.keys, self.values):
             for layer in store:
-                layer[slot].zero_()
+                layer[slot, :, start:end].zero_()
 
     def update(self, key_states, value_states, layer_idx: int, kwargs: dict):
         """Write the step's keys and values ([1, kv_heads, tokens, dim]) at each token's

@@ -523,6 +523,43 @@ def test_a_join_out_of_memory_leaves_the_batch_as_it_was(make_batcher, monkeypat
     assert answers == {"running": alone, "later": answer_alone(batcher, QUESTIONS[0])}
 
 
+def test_a_row_stopped_mid_prompt_leaves_no_nan_for_the_row_moved_into_its_slot(
+    qwen_tokenizer,
+):
+    """A prompt the model overflows on in its first chunk, stopped before its last: the
+    NaN keys it wrote past the end of the row moved into its slot are not read by that
+    row beside a longer one, whose answer failed as "not a number"."""
+    model = overflowing_qwen2(qwen_tokenizer, " zebra")
+    batcher = Batcher(
+        engine=Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=30),
+        max_batch=4,
+        step_tokens=64,
+        prefix_cache=PrefixCache(0),
+    )
+    questions = {
+        "long": [{"role": "user", "content": LONG}],
+        "poisoned": [{"role": "user", "content": "A zebra. " + LONG * 3}],  # slot 1
+        "short": QUESTIONS[0],
+        "moved": QUESTIONS[1],  # slot 3, then 1
+    }
+    for key, messages in questions.items():
+        batcher.join(key, messages, conversation=key)
+    poisoned = next(row for row in batcher._sequences if row.key == "poisoned")
+    moved_length = len(batcher.engine.prompt_ids(questions["moved"]))
+    ended: dict[str, Update] = {}
+    for _ in range(200):
+        if poisoned.cached > moved_length + 30 and poisoned in batcher._sequences:
+            batcher.leave("poisoned")  # its NaN reach past all "moved" will write
+        for update in batcher.step():
+            if update.answer is not None or update.failed is not None:
+                ended[update.key] = update
+        if not len(batcher):
+            break
+    assert {key: update.answer for key, update in ended.items()} == {
+        key: answer_alone(batcher, questions[key]) for key in ("long", "short", "moved")
+    }
+
+
 def test_a_row_whose_logits_are_not_numbers_ends_alone_and_leaves_its_slot_clean(
     qwen_tokenizer,
 ):
