@@ -654,19 +654,7 @@ class Worker:
         logger.warning("%d jobs delivered to %s were never read; taking them", len(lost), self.name)
         with self._asking_for(len(lost)):
             claimed = await self.redis.xclaim(stream, GROUP, self.name, LOST_AFTER_MS, lost)
-            await self._passed_on(claimed)
         await self._take_claimed(stream, claimed)
-
-    async def _passed_on(self, claimed: list[tuple[str, dict[str, str]]]) -> None:
-        """The delivery before this claim ran nothing: counted as passed on, as a stopping
-        worker's is, not as a failed try (`_failed_tries`)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for _, fields in claimed:
-                with contextlib.suppress(KeyError, TypeError, ValueError):  # dropped unrun
-                    job = Job.parse(fields)
-                    pipe.incr(keys.job_passed_on(job.id))
-                    pipe.expire(keys.job_passed_on(job.id), self._kept_s(job))
-            await pipe.execute()
 
     async def _take_claimed(self, stream: str, claimed: list[tuple[str, dict[str, str]]]) -> None:
         """Claimed jobs, each checked and run, but those this worker runs already (claimed

@@ -1078,16 +1078,13 @@ async def _stream_is_empty(redis: Redis, stream: str) -> bool:
 async def test_a_job_delivered_but_never_read_is_taken_at_the_next_sweep(streams, make_batcher):
     """The reply to a worker's XREADGROUP was lost (here another client reads the job in
     its name), and the retry got nothing: the job is the worker's, unread. Its next sweep
-    takes it, long before any worker would claim it as abandoned (a minute here), and that
-    delivery counts as no failed try (with one try allowed, it was given up at once)."""
+    takes it, long before any worker would claim it as abandoned (a minute here)."""
     async with gateway(streams) as queue:
         generation = queue.submit(HELLO, user="u1", conversation="c1")  # no worker: shared
         await wait_until(lambda: streams.xlen(keys.JOBS))
         await streams.xgroup_create(keys.JOBS, GROUP, id="0")
         assert await streams.xreadgroup(GROUP, "w1", {keys.JOBS: ">"}, 1)
-        async with worker(
-            streams, make_batcher(), "w1", claim_idle_s=60, max_deliveries=1
-        ) as working:
+        async with worker(streams, make_batcher(), "w1", claim_idle_s=60) as working:
             await asyncio.sleep(LOST_AFTER_MS / 1000)
             await working._sweep()
             pieces = await asyncio.wait_for(read(generation), 10)
