@@ -588,7 +588,9 @@ class ChatService:
         it added to the message (an attached file's text), which the asker could not. The
         system prompt and budget are read once, for every text tried."""
         voice = voice_for(self.team.settings, turn.conversation)
-        system, budget = await self._system(turn, voice), self._budget(voice)
+        # Not kept: the turn may yet be refused, and a conversation with a system prompt
+        # kept is one the bot is in (it would answer that thread unasked).
+        system, budget = await self._system(turn, voice, keep=False), self._budget(voice)
 
         async def fits(text: str) -> bool:
             message = _as_counted(replace(turn, text=text))
@@ -865,14 +867,16 @@ class ChatService:
             temperature=voice.temperature,
         )
 
-    async def _system(self, turn: Turn, voice: Voice) -> list[ChatMessage]:
-        """The persona's prompt as this conversation keeps it (filled in at its first turn)."""
+    async def _system(self, turn: Turn, voice: Voice, *, keep: bool = True) -> list[ChatMessage]:
+        """The persona's prompt as this conversation keeps it (filled in at its first turn,
+        and kept unless not `keep`)."""
         if not voice.system_prompt:
             return []
         text = await self.store.system_prompt(
             str(turn.conversation),
             voice.system_prompt,
             lambda: fill(voice.system_prompt or "", placeholder_values(turn)),
+            keep=keep,
         )
         return [{"role": "system", "content": text}]
 

@@ -150,16 +150,18 @@ class ConversationStore:
         pipe.expire(key, self.ttl_seconds)
 
     async def system_prompt(
-        self, conversation_id: str, template: str, fill: Callable[[], str]
+        self, conversation_id: str, template: str, fill: Callable[[], str], *, keep: bool = True
     ) -> str:
         """The conversation's system prompt: as filled in earlier from this same `template`,
-        or `fill()`ed now (and kept) when the template is new to it. Kept byte for byte, so
-        each turn's prompt starts as the last one did."""
+        or `fill()`ed now (and, if `keep`, kept) when the template is new to it. Kept byte
+        for byte, so each turn's prompt starts as the last one did."""
         key = keys.facts(conversation_id)
         stored_template, stored = await self._redis.hmget(key, "template", "system")
         if stored_template == template and stored is not None:
             return stored
         text = fill()
+        if not keep:
+            return text
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"template": template, "system": text})
             pipe.expire(key, self.ttl_seconds)

@@ -509,6 +509,18 @@ async def test_invisible_characters_alone_are_an_empty_message(make_service, con
     assert batcher.prompts == []
 
 
+async def test_fitting_an_attachment_does_not_bring_the_bot_into_the_conversation(
+    make_service, conversation
+):
+    """An adapter fits a mention's file to the prompt before the turn is accepted, which
+    may refuse it (a rate limit, say): the system prompt filled in for that was kept, and
+    the conversation then counted as one the bot is in, answered unasked for a month."""
+    async with make_service(system_prompt="You help {user_name}.") as (service, _batcher):
+        fits = await service.fitting(turn(conversation, "what is in this file?"))
+        assert await fits("what is in this file?\n\n[attached: notes.txt]\nShip it.")
+        assert not await service.knows(conversation)
+
+
 async def test_a_lone_surrogate_is_stored_and_answered(make_service, store, conversation):
     sink = RecordingSink()
     async with make_service() as (service, _batcher):
