@@ -366,7 +366,8 @@ class DiscordAdapter(Adapter):
             if len(history) == HISTORY_LIMIT:  # maybe more before them
                 first = [m async for m in thread.history(limit=1, oldest_first=True)]
                 history += [m for m in first if m.id < history[-1].id]
-        except discord.DiscordException:
+        except (discord.DiscordException, aiohttp.ClientError, OSError):  # (a dropped
+            # connection: discord.py retries only a few kinds of it, and passes the rest on)
             logger.warning("could not read the thread's earlier messages", exc_info=True)
         said = [_said(m) for m in reversed(history)]
         return tuple(

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from types import SimpleNamespace
 
+import aiohttp
 import discord
 import pytest
 from conftest import (
@@ -373,6 +374,32 @@ async def test_mentioned_in_a_long_thread_it_reads_its_last_messages_and_its_sta
         "remark 5",
         "so?",
     ]
+
+
+async def test_a_connection_dropped_while_the_thread_is_read_still_gets_an_answer(
+    fake, discord_bot, monkeypatch
+):
+    """discord.py passes most dropped connections on as aiohttp's errors: reading the
+    thread's earlier messages failing so, the mention is answered without them, where it
+    got "something went wrong" and was never taken."""
+    history = discord.Thread.history
+
+    def dropped_once(self, *args, **kwargs):
+        monkeypatch.setattr(discord.Thread, "history", history)
+        raise aiohttp.ServerDisconnectedError()
+
+    monkeypatch.setattr(discord.Thread, "history", dropped_once)
+    async with discord_bot() as (_service, batcher):
+        starter = fake.user_message(fake.channel_id, "we deploy on fridays")
+        thread = await fake.start_thread(
+            fake.channel_id, starter["id"], "deploys", owner=fake.alice
+        )
+        await fake.dispatch("MESSAGE_CREATE", fake.thread_message(
+            thread["id"], f"<@{fake.bot['id']}> is that wise?", mentions=[fake.bot]
+        ))  # fmt: skip
+        reply = await final_reply(fake, thread["id"])
+    assert [m["content"] for m in batcher.prompts[0]] == ["is that wise?"]
+    assert reply["content"] != replies.failed()
 
 
 @pytest.mark.parametrize("sent", ["while the thread is read", "right after the mention"])
