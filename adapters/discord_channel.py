@@ -163,10 +163,10 @@ class DiscordChannel:
             elif error.code == UNKNOWN_MESSAGE:  # not an answer bare in the channel
                 why = f"its question (message {self.thread_from}) was deleted"
                 raise NowhereToAnswer(why) from error
-            elif error.status < 500:  # refused, as it would be again
+            elif error.status < 500 and error.status != 429:  # refused, as it would be again
                 self._answer_inline(error)
                 return
-            else:
+            else:  # Discord's trouble, or its rate limit past discord.py's own retries
                 raise
         _threadless.discard(self.channel)  # allowed again: a later refusal is news
         self.thread_open = True

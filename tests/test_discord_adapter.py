@@ -215,6 +215,21 @@ async def test_where_no_thread_may_be_opened_it_answers_inline(
     assert channel in warning and why in warning
 
 
+async def test_a_rate_limited_thread_is_opened_later_not_given_up_for_the_channel(
+    fake, discord_bot, caplog
+):
+    """A 429 on opening the thread (Cloudflare's, which discord.py does not retry) is a
+    wait, not a refusal: the answer comes in the thread once it opens, where it went inline
+    and the channel was taken for one without threads."""
+    fake.rate_limit("POST", r"/channels/\d+/messages/\d+/threads", via=False)
+    async with discord_bot(ScriptedBatcher("Noted.")):
+        with caplog.at_level(logging.WARNING, logger="adapters.discord_channel"):
+            question = await mention(fake, "first question")
+            answer = await final_reply(fake, question["id"])
+    assert answer["content"] == "Noted." and not bot_messages(fake, fake.channel_id)
+    assert not [r for r in caplog.records if r.name == "adapters.discord_channel"]
+
+
 @pytest.mark.parametrize("question", ["never mind", "help"], ids=["a question", "a command"])
 async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the_channel(
     fake, discord_bot, monkeypatch, caplog, question
