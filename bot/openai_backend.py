@@ -18,6 +18,7 @@ closes the connection, so the server stops generating too. Nothing here needs to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
 import json
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 START_SECONDS = 30  # for GET /models at start: the whole request
 CONNECT_SECONDS = 30  # for each connection; a stream itself is bounded by the request timeout
 RETRY_AFTER_MAX_S = 60.0  # the longest a server's Retry-After holds a request asleep
+PROBE_EVERY_S = 10.0  # while requests run out of tries: how often GET /models is asked
 # What may go right on another try: the connection failing, before or during the answer.
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
@@ -50,6 +52,11 @@ CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 class InferenceUnavailable(RuntimeError):
     """INFERENCE_URL did not answer a request; the message names it and why (its status,
     its own words)."""
+
+
+class _OutOfTries(InferenceUnavailable):
+    """Every try of a request failed in a way the next might not have: the server is down,
+    or overloaded, for now."""
 
 
 class InferenceServerError(ModelError):
@@ -107,6 +114,8 @@ class OpenAIBackend:
         self._tasks: dict[Generation, asyncio.Task[None]] = {}  # the requests streaming
         self._in_flight = 0  # waiting + streaming: what `max_size` bounds
         self._closing = False
+        self._failing: str | None = None  # why the last request ran out of tries, until one
+        self._probe: asyncio.Task[None] | None = None  # is answered, or GET /models is
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Self:
@@ -145,6 +154,8 @@ class OpenAIBackend:
     async def __aexit__(self, *exc_info: object) -> None:
         """Refuse new requests, cancel those waiting and streaming, close the connections."""
         self._closing = True
+        if self._probe is not None:
+            self._probe.cancel()
         tasks = list(self._tasks.values())
         for generation in [*self._order.line(), *self._tasks]:
             generation.cancel()
@@ -207,8 +218,9 @@ class OpenAIBackend:
         return self._order.places(user)
 
     def checks(self) -> dict[str, str]:
-        """None: the server is reached per request, and its failures are those requests'."""
-        return {}
+        """While requests run out of tries (the server down, or overloaded), why; a 400 is
+        one request's own failure."""
+        return {} if self._failing is None else {"inference": self._failing}
 
     def submit(
         self,
@@ -282,8 +294,13 @@ class OpenAIBackend:
         answer = _Answer(generation)
         try:
             await self._tries(answer)
+            self._failing = None
         except Exception as error:
-            if not isinstance(error, InferenceUnavailable):  # an answer we cannot read
+            if isinstance(error, _OutOfTries):
+                self._failing = f"failing: {error}"
+                if self._probe is None:
+                    self._probe = asyncio.create_task(self._probed_until_answering())
+            elif not isinstance(error, InferenceUnavailable):  # an answer we cannot read
                 # Its name and message: aiohttp's repr of a response error holds the
                 # request's headers, the API key among them.
                 error = InferenceUnavailable(
@@ -315,10 +332,22 @@ class OpenAIBackend:
             logger.warning("INFERENCE_URL=%s %s; trying again in %.1f s (retry %d of %d)",
                            self.where, failure, wait, attempt + 1, self.retries)  # fmt: skip
             await asyncio.sleep(wait)
-        raise InferenceUnavailable(
+        raise _OutOfTries(
             f"INFERENCE_URL={self.where} {failure}; "
             f"no retry left (INFERENCE_RETRIES={self.retries})"
         )
+
+    async def _probed_until_answering(self) -> None:
+        """Ask GET /models every PROBE_EVERY_S until it answers (or a request is answered):
+        readiness (`checks`) would otherwise say failing for as long as no request came."""
+        try:
+            while self._failing is not None:
+                await asyncio.sleep(PROBE_EVERY_S)
+                with contextlib.suppress(InferenceServerError):
+                    await self._served_models()
+                    self._failing = None
+        finally:
+            self._probe = None
 
     async def _try(self, answer: _Answer) -> None:
         """One request and its stream, written into `answer`; raises _Retry where another

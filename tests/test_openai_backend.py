@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from test_service import RecordingSink, turn
 
 from benchmarks import llamacpp
+from bot import openai_backend
 from bot.config import Settings
 from bot.loading import ModelError, bundled_source
 from bot.metrics import Metrics
@@ -222,6 +223,29 @@ async def test_5xx_until_the_retries_run_out_fails_naming_the_url_and_status(ser
     message = str(failure.value)
     assert f"INFERENCE_URL={server.url}" in message and "503" in message
     assert "overloaded" in message and "INFERENCE_RETRIES=2" in message
+
+
+async def test_a_server_that_fails_every_try_is_not_ready_until_it_answers_again(
+    server, monkeypatch
+):
+    """Readiness said ok while every request ran out of tries (vLLM restarting, say): it
+    says failing from the first such request, and ok once the server lists its models
+    again, with no request needed (a load balancer sends none to a server not ready); a
+    request the server refuses (a 400) is that request's failure alone."""
+    monkeypatch.setattr(openai_backend, "PROBE_EVERY_S", 0.05)
+    async with backend(server.url, retries=1) as inference:
+        server.script.append(Status(400, "too long"))
+        with pytest.raises(InferenceUnavailable):
+            await read(inference.submit(HELLO, user="u1", conversation="c1"))
+        assert inference.checks() == {}
+        server.script += [Status(503, "overloaded")] * 2
+        listings = server.model_listings
+        with pytest.raises(InferenceUnavailable):
+            await read(inference.submit(HELLO, user="u1", conversation="c1"))
+        [failing] = inference.checks().values()
+        await wait_for(lambda: not inference.checks(), timeout=10)
+    assert failing.startswith("failing: ") and "503" in failing
+    assert server.model_listings > listings
 
 
 async def test_a_backoff_doubles_between_tries(server):
