@@ -346,7 +346,8 @@ class DiscordAdapter(Adapter):
             bot_name=message.guild.me.display_name if message.guild else me.display_name,
         )
         if order is None:
-            files = [_attachment(attachment) for attachment in message.attachments]
+            forwarded = (a for snapshot in message.message_snapshots for a in snapshot.attachments)
+            files = [_attachment(attachment) for attachment in [*message.attachments, *forwarded]]
             turn = await attached(self.service, turn, files, timeout=ATTACHMENT_SECONDS)
         asker = (
             None if turn.command else Asker(turn.author, key)
@@ -369,13 +370,13 @@ class DiscordAdapter(Adapter):
         except (discord.DiscordException, aiohttp.ClientError, OSError):  # (a dropped
             # connection: discord.py retries only a few kinds of it, and passes the rest on)
             logger.warning("could not read the thread's earlier messages", exc_info=True)
-        said = [_said(m) for m in reversed(history)]
+        said = [(m, self._readable(m, me)) for m in map(_said, reversed(history))]
         return tuple(
-            {"role": "assistant", "content": self._readable(m, me)}
+            {"role": "assistant", "content": text}
             if m.author == me
-            else {"role": "user", "content": self._readable(m, me), "name": m.author.display_name}
-            for m in said
-            if m.content
+            else {"role": "user", "content": text, "name": m.author.display_name}
+            for m, text in said
+            if text
         )
 
     async def _reply_root(
@@ -423,7 +424,8 @@ class DiscordAdapter(Adapter):
 
     @staticmethod
     def _readable(message: discord.Message, me: discord.ClientUser) -> str:
-        """Content with our mention removed and other mentions as display names."""
+        """Content with our mention removed and other mentions as display names, then what
+        it forwards (a forward's own content is empty: the copy is in its snapshots)."""
         names = {
             "@": {u.id: f"@{u.display_name}" for u in message.mentions},
             "@&": {r.id: f"@{r.name}" for r in message.role_mentions},
@@ -438,7 +440,9 @@ class DiscordAdapter(Adapter):
                 return ""
             return names[kind].get(ident, match[0])
 
-        return re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+        said = re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+        forwarded = [f"[forwarded]\n{s.content}" for s in message.message_snapshots if s.content]
+        return "\n\n".join([said, *forwarded]).strip()
 
 
 def _addressed(message: discord.Message, me: discord.ClientUser) -> bool:

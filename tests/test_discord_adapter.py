@@ -485,6 +485,26 @@ async def test_inline_mode_a_forward_of_an_answer_is_no_reply_to_it(fake, discor
     assert not fake.requests_to("GET", rf"/channels/{fake.channel_id}/messages/{answer['id']}")
 
 
+async def test_a_message_forwarded_to_the_bot_is_read_with_its_files(fake, discord_bot):
+    """A forward's own content is empty (the copy is in its snapshots): it was refused as
+    an empty message, and the text and file it carried never reached the model."""
+    notes = fake.attachment(fake.channel_id, "notes.txt", b"Ship on Friday.", "text/plain")
+    copied = {
+        "type": 0, "content": "the build is red since this morning", "embeds": [],
+        "attachments": [notes], "timestamp": "2026-12-01T09:00:00+00:00",
+        "edited_timestamp": None,
+    }  # fmt: skip
+    elsewhere = {"type": 1, "message_id": fake.snowflake(), "channel_id": fake.channel_id}
+    async with discord_bot(max_input_chars=2000) as (_service, batcher):
+        forward = fake.dm_message("", message_reference=elsewhere,
+                                  message_snapshots=[{"message": copied}])  # fmt: skip
+        await fake.dispatch("MESSAGE_CREATE", forward)
+        await final_reply(fake, forward["channel_id"])
+    assert batcher.prompts[0][-1]["content"] == (
+        "[forwarded]\nthe build is red since this morning\n\n[attached: notes.txt]\nShip on Friday."
+    )
+
+
 async def test_inline_mode_a_reply_to_any_part_of_a_long_answer_continues(fake, discord_bot):
     """Every part of an answer split over messages replies to the question, so a reply to
     the last part (the natural one to reply to) leads back to the conversation too."""
