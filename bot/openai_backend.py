@@ -31,7 +31,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from bot.config import Settings
+from bot.config import DEFAULT_CONTEXT_TOKENS, Settings
 from bot.loading import ModelError
 from bot.metrics import Metrics
 from bot.queue import FairOrder, Generation, QueueFull, QueuePlace
@@ -94,6 +94,7 @@ class OpenAIBackend:
         max_concurrent: int,
         timeout: float,
         max_new_tokens: int,
+        context_tokens: int | None = None,
         metrics: Metrics | None = None,
         backoff: float = 1.0,
     ) -> None:
@@ -105,6 +106,7 @@ class OpenAIBackend:
         self.max_concurrent = max_concurrent
         self.timeout = timeout
         self.max_new_tokens = max_new_tokens
+        self.context_tokens = context_tokens  # a conversation's prompt and answer, at most
         self.metrics = metrics if metrics is not None else Metrics()
         self.backoff = backoff  # seconds before the first retry; doubled for each next one
         self.died = asyncio.Event()  # never set: a server's failure is one request's
@@ -132,6 +134,7 @@ class OpenAIBackend:
             max_concurrent=settings.max_batch,
             timeout=settings.request_timeout,
             max_new_tokens=settings.max_new_tokens,
+            context_tokens=settings.max_context_tokens or DEFAULT_CONTEXT_TOKENS,
             metrics=metrics,
         )
 
@@ -144,7 +147,9 @@ class OpenAIBackend:
             connector=aiohttp.TCPConnector(limit=0),  # `max_concurrent` is the bound
         )
         try:
-            self.model = self._chosen(await self._served_models())
+            served = await self._served_models()
+            self.model = self._chosen(list(served))
+            self._within_window(served.get(self.model))
         except BaseException:
             await self._session.close()
             raise
@@ -163,9 +168,10 @@ class OpenAIBackend:
         if self._session is not None:
             await self._session.close()
 
-    async def _served_models(self) -> list[str]:
-        """The ids GET /models lists, in its order; raises InferenceServerError, naming
-        INFERENCE_URL, where it cannot be reached or refuses."""
+    async def _served_models(self) -> dict[str, int | None]:
+        """The ids GET /models lists, in its order, with each one's window where it says
+        it (vLLM's max_model_len); raises InferenceServerError, naming INFERENCE_URL, where
+        it cannot be reached or refuses."""
         assert self._session is not None
         try:
             async with self._session.get(
@@ -186,8 +192,9 @@ class OpenAIBackend:
                 "start the server, or correct INFERENCE_URL"
             ) from error
         try:
-            served = [entry["id"] for entry in json.loads(body)["data"]]
-        except (ValueError, TypeError, KeyError) as error:
+            listed = json.loads(body)["data"]
+            served = {entry["id"]: entry.get("max_model_len") for entry in listed}
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise InferenceServerError(
                 f"INFERENCE_URL={self.where} does not answer GET /models as an OpenAI-compatible "
                 "API does: correct INFERENCE_URL (it ends in /v1 on most servers)"
@@ -207,6 +214,17 @@ class OpenAIBackend:
             logger.warning("INFERENCE_MODEL=%s is not among those %s lists: %s",
                            self.model, self.where, ", ".join(served))  # fmt: skip
         return self.model
+
+    def _within_window(self, window: object) -> None:
+        """Refuse a model whose window is smaller than a conversation may grow: every
+        turn past it would be refused by the server (a 400) until the conversation is
+        reset."""
+        if isinstance(window, int) and self.context_tokens and window < self.context_tokens:
+            raise ModelError(
+                f"INFERENCE_URL={self.where} serves {self.model} with a window of {window} "
+                f"tokens, less than the {self.context_tokens} a conversation may take: set "
+                f"MAX_CONTEXT_TOKENS to {window} or less"
+            )
 
     @property
     def depth(self) -> int:

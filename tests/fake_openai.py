@@ -103,8 +103,10 @@ class FakeOpenAI:
         models: tuple[str, ...] = ("fake-model", "other-model"),
         answer: str = "The capital of France is Paris.",
         api_key: str | None = None,
+        window: int | None = None,
     ) -> None:
         self.models = models
+        self.window = window  # each model's max_model_len, as vLLM lists it; None: not said
         self.answer = answer
         self.api_key = api_key
         self.script: list[Reply] = []
@@ -141,6 +143,8 @@ class FakeOpenAI:
         if refused := self._unauthorized(request):
             return refused
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+        if self.window is not None:
+            data = [model | {"max_model_len": self.window} for model in data]
         return web.json_response({"object": "list", "data": data})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:

@@ -147,6 +147,23 @@ async def test_an_unreachable_server_at_start_is_an_operator_error_naming_the_ur
     assert "\n" not in str(e.value)
 
 
+async def test_a_served_window_smaller_than_a_conversation_may_grow_is_refused_at_start():
+    """vLLM lists each model's max_model_len: a conversation past it got a 400 on every
+    turn until it was reset; the start says which setting to lower, once, as a setting
+    (no restart fixes it)."""
+    from bot.cli import _is_operator_error
+
+    async with FakeOpenAI(window=1024) as server:
+        with pytest.raises(
+            ModelError, match=r"window of 1024 tokens.*MAX_CONTEXT_TOKENS to 1024"
+        ) as e:
+            async with backend(server.url, context_tokens=8192):
+                pass
+        async with backend(server.url, context_tokens=1024) as inference:
+            assert inference.model == "fake-model"
+    assert _is_operator_error(e.value) and not e.value.may_pass
+
+
 async def test_options_out_of_range_are_refused(server):
     async with backend(server.url) as inference:
         with pytest.raises(ValueError, match="max_new_tokens"):
@@ -165,7 +182,7 @@ def test_the_settings_build_it():
     built = OpenAIBackend.from_settings(settings)
     assert (built.url, built.model, built.retries) == ("http://vllm:8000/v1", None, 5)
     assert (built.max_size, built.max_concurrent, built.timeout) == (7, 3, 9)
-    assert built.max_new_tokens == 11
+    assert (built.max_new_tokens, built.context_tokens) == (11, 8192)  # its default
 
 
 # --- Failures and retries -------------------------------------------------------------------
