@@ -659,13 +659,12 @@ class ChatService:
         generated: Generated | None = None,
     ) -> None:
         """Show the answer, then store it and close the turn; `generated` says how this
-        process wrote it (None: it was saved before a restart)."""
-        self._taken_back.pop(pending.id, None)
+        process wrote it (None: it was saved before a restart). The old answer that a
+        regeneration took back is forgotten only once this one is stored: until then a
+        failure (`_fail`) puts it back."""
         await _shown(sink.finish(answer), answer)
         try:
-            if not await self.journal.finish(pending, answer):
-                _not_ours(pending)
-                return
+            finished = await self.journal.finish(pending, answer)
         except Exception as error:
             if not is_outage(error):
                 raise
@@ -673,6 +672,10 @@ class ChatService:
             # same text again (an edit that changes nothing) and stores it.
             logger.warning("storage lost after answering %s; stored once it is back", pending.id)
             self._orphaned[pending.id] = sink
+            return
+        self._taken_back.pop(pending.id, None)
+        if not finished:
+            _not_ours(pending)
             return
         report_answered(self.metrics, pending, generated)
 

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot import replies
 from bot.config import Access
-from bot.types import ConversationKey, Turn
+from bot.types import ConversationKey, NowhereToAnswer, Turn
 from storage import keys
 from storage.locks import ConversationLocks
 from storage.store import ConversationStore
@@ -1004,6 +1004,32 @@ async def test_a_regeneration_that_fails_before_its_take_back_shows_the_old_answ
         await until(lambda: asyncio.sleep(0, bool(press.events)))
     assert refusal is None and len(batcher.prompts) == 1
     assert press.events == [("fail", replies.answer_kept(old, replies.failed()))]
+    assert [m["content"] for m in await store.load(str(conversation))] == ["Q1", old]
+
+
+class Gone(ShowingSink):
+    """Its place was deleted meanwhile (the answer's message, say): it takes no answer."""
+
+    async def finish(self, text: str) -> None:
+        raise NowhereToAnswer("its message was deleted")
+
+
+async def test_a_regenerated_answer_with_nowhere_to_go_puts_the_old_one_back(
+    make_service, redis_client, store, conversation
+):
+    """The new answer was written, but its message is gone: the old answer, taken out of
+    the history for it, goes back, where the turn ended with the question alone."""
+    async with make_service() as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Q1"), answered)
+        [old] = answered.kinds("finish")
+        request = uuid.uuid4().hex
+        refusal = await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=request,
+            sink=Gone(service, conversation),
+        )  # fmt: skip
+        await until(lambda: gone(redis_client, f"test:{request}"))
+    assert refusal is None and len(batcher.prompts) == 2
     assert [m["content"] for m in await store.load(str(conversation))] == ["Q1", old]
 
 
