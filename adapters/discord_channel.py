@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import discord
 
+from adapters.streaming import Gone
 from bot.access import Requester, dm_membership_admits, dm_servers
 from bot.config import Access
 from bot.types import ConversationKey, NowhereToAnswer
@@ -142,7 +143,12 @@ class DiscordChannel:
 
     async def edit(self, message_id: str, text: str) -> None:
         message = self.destination.get_partial_message(int(message_id))
-        await message.edit(content=text, allowed_mentions=NO_PINGS, view=self.buttons)
+        try:
+            await message.edit(content=text, allowed_mentions=NO_PINGS, view=self.buttons)
+        except discord.NotFound as error:
+            if error.code == UNKNOWN_MESSAGE:
+                raise Gone(message_id) from error
+            raise
 
     async def delete(self, message_id: str) -> None:
         await self.destination.get_partial_message(int(message_id)).delete()

@@ -16,7 +16,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_assistant import ThreadStatus
 from adapters.slack_format import settled
-from adapters.streaming import Refused, StreamingReply
+from adapters.streaming import Gone, Refused, StreamingReply
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ ENDED = frozenset({STREAM_OVER, STOPPED_BY_USER})
 
 def _error(error: SlackApiError) -> str:
     return str(error.response.get("error", ""))
+
+
+async def _gone_if_deleted(update: Awaitable[object], message_id: str) -> None:
+    """A chat.update, raising `Gone` where its message was deleted."""
+    try:
+        await update
+    except SlackApiError as error:
+        if _error(error) == "message_not_found":
+            raise Gone(message_id) from error
+        raise
 
 
 class SlackThread:
@@ -88,7 +98,9 @@ class SlackThread:
         return response["ts"]
 
     async def edit(self, message_id: str, text: str) -> None:
-        await self.client.chat_update(channel=self.channel, ts=message_id, text=text)
+        await _gone_if_deleted(
+            self.client.chat_update(channel=self.channel, ts=message_id, text=text), message_id
+        )
 
     async def delete(self, message_id: str) -> None:
         await self.client.chat_delete(channel=self.channel, ts=message_id)
@@ -242,8 +254,9 @@ class SlackStream:
             self.earlier.discard(message_id)
             with contextlib.suppress(SlackApiError):
                 await self.client.chat_stopStream(channel=self.thread.channel, ts=message_id)
-        await self.client.chat_update(
-            channel=self.thread.channel, ts=message_id, markdown_text=text
+        await _gone_if_deleted(
+            self.client.chat_update(channel=self.thread.channel, ts=message_id, markdown_text=text),
+            message_id,
         )
         self.whole[message_id] = text
 

@@ -33,6 +33,11 @@ class Refused(Exception):
     whoever holds the sink can answer another way."""
 
 
+class Gone(Exception):
+    """The message to edit no longer exists (someone deleted it): the text it was to
+    show goes into a new one."""
+
+
 class MessageTarget(Protocol):
     """Where one answer goes: a thread, a channel, a DM."""
 
@@ -50,7 +55,7 @@ class MessageTarget(Protocol):
         ...
 
     async def edit(self, message_id: str, text: str) -> None:
-        """Replace a message's text."""
+        """Replace a message's text; raise `Gone` if the message was deleted."""
         ...
 
     async def delete(self, message_id: str) -> None:
@@ -312,10 +317,14 @@ class StreamingReply:
     async def _put(self, index: int, text: str) -> None:
         """The answer's `index`-th message gets `text`: an edit if it exists, else a post."""
         await self._stop_typing()
-        if index < len(self.message_ids):
-            await self.target.edit(self.message_ids[index], text)
-        else:
+        if index >= len(self.message_ids):
             await self._post(text)
+        else:
+            try:
+                await self.target.edit(self.message_ids[index], text)
+            except Gone:  # its text would be lost with it: posted again, after the others
+                self.message_ids[index] = await self.target.post(text)
+                await self._changed()
         self.shown[index] = text
 
     async def _post(self, text: str) -> None:

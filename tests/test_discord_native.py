@@ -727,6 +727,23 @@ async def test_an_answer_resumed_after_a_restart_never_sends_a_nonce_again(disco
     assert len(bot_messages(fake, channel)) == 3
 
 
+async def test_a_resumed_answer_whose_message_was_deleted_is_posted_again(discord_bot):
+    """Someone deleted the answer's message before the next process took it up: the
+    answer goes into a new message, saved as its place, where each edit failed (10008)
+    until the turn gave up, the answer never shown."""
+    async with discord_bot() as bot:
+        fake = bot.fake
+        channel = fake.dm_channel(fake.alice["id"])["id"]
+        first = DiscordChannel(bot.adapter.client, channel=channel, seed="4343")
+        deleted = await first.post("…")
+        await first.delete(deleted)
+        saved = {**first.where(), "messages": [deleted]}
+        resumed = bot.adapter._resumed(json.loads(json.dumps(saved)), stop=lambda: None)
+        await resumed.finish("Paris.")
+    [again] = resumed.reply_target()["messages"]
+    assert again != deleted and fake.message(channel, again)["content"] == "Paris."
+
+
 async def test_a_regenerated_inline_answer_replies_to_the_question_in_every_part(discord_bot):
     """Inline, each part of an answer replies to the question (so replying to any part
     continues the conversation): a regenerated answer's new parts too."""

@@ -22,7 +22,7 @@ from test_slack_adapter import final_reply
 
 from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
-from adapters.slack_format import MARKDOWN_LIMIT, settled, to_markdown
+from adapters.slack_format import MARKDOWN_LIMIT, settled, to_markdown, to_mrkdwn
 from adapters.slack_stream import NativeReply, SlackStream, SlackThread
 from adapters.streaming import EditBudget
 from adapters.text import split_message
@@ -414,6 +414,32 @@ async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_
     assert not slack.is_streaming("C0001", begun["ts"])
     assert len(slack.calls_to("chat.startStream")) == 1  # the earlier process's alone
     assert not slack.calls_to("chat.postMessage")
+
+
+@pytest.mark.parametrize("native", [False, True])
+async def test_a_resumed_answer_whose_message_was_deleted_is_posted_again(
+    slack, make_service, native
+):
+    """Someone deleted the answer's message before the next process took it up: the
+    answer goes into a new message, whose ts is saved, where each edit failed with
+    message_not_found until the turn gave up, the answer never shown."""
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    mention = slack.app_mention("C0001", "What is the capital of France?")
+    posted = await client.chat_postMessage(channel="C0001", thread_ts=mention["ts"], text="…")
+    await client.chat_delete(channel="C0001", ts=posted["ts"])
+    saved = {"team": slack.team_id, "channel": "C0001", "thread_ts": mention["ts"],
+             "recipient": "U0ALICE", "recipient_team": slack.team_id, "native": native,
+             "messages": [posted["ts"]]}  # fmt: skip
+    settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
+                        slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
+    async with make_service() as (service, _batcher):
+        sink = SlackAdapter.from_settings(settings, service)._resumed(saved, lambda: None)
+        await sink.start()
+        await sink.finish(ANSWER)
+    [again] = sink.reply_target()["messages"]
+    assert again != posted["ts"]
+    shown = to_markdown(ANSWER) if native else to_mrkdwn(ANSWER)
+    assert slack.message("C0001", again)["text"] == shown
 
 
 async def test_a_resumed_answer_s_new_stream_stopped_by_a_reader_stops_the_answer(
