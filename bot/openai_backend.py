@@ -116,8 +116,10 @@ class OpenAIBackend:
         self._tasks: dict[Generation, asyncio.Task[None]] = {}  # the requests streaming
         self._in_flight = 0  # waiting + streaming: what `max_size` bounds
         self._closing = False
-        self._failing: str | None = None  # why the last request ran out of tries, until one
-        self._probe: asyncio.Task[None] | None = None  # is answered, or GET /models is
+        # Why the last request ran out of tries: readiness says so until a request is
+        # answered, or GET /models is (asked by `_probe`).
+        self._failing: str | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Self:
