@@ -425,7 +425,8 @@ class DiscordAdapter(Adapter):
     @staticmethod
     def _readable(message: discord.Message, me: discord.ClientUser) -> str:
         """Content with our mention removed and other mentions as display names, then what
-        it forwards (a forward's own content is empty: the copy is in its snapshots)."""
+        it forwards (a forward's own content is empty: the copy is in its snapshots), and
+        its stickers by name (a sticker alone is no empty message)."""
         names = {
             "@": {u.id: f"@{u.display_name}" for u in message.mentions},
             "@&": {r.id: f"@{r.name}" for r in message.role_mentions},
@@ -442,7 +443,8 @@ class DiscordAdapter(Adapter):
 
         said = re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
         forwarded = [f"[forwarded]\n{s.content}" for s in message.message_snapshots if s.content]
-        return "\n\n".join([said, *forwarded]).strip()
+        stickers = [f"[sticker: {sticker.name}]" for sticker in message.stickers]
+        return "\n\n".join([said, *forwarded, *stickers]).strip()
 
 
 def _addressed(message: discord.Message, me: discord.ClientUser) -> bool:

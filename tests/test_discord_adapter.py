@@ -505,6 +505,18 @@ async def test_a_message_forwarded_to_the_bot_is_read_with_its_files(fake, disco
     )
 
 
+async def test_a_sticker_alone_is_read_by_its_name(fake, discord_bot):
+    """It was refused as an empty message ("Write a question"), in a DM or a thread the
+    bot is in, where a wave deserves a greeting."""
+    async with discord_bot() as (_service, batcher):
+        wave = {"id": fake.snowflake(), "name": "Wave", "format_type": 1}
+        sent = fake.dm_message("", sticker_items=[wave])
+        await fake.dispatch("MESSAGE_CREATE", sent)
+        reply = await final_reply(fake, sent["channel_id"])
+    assert batcher.prompts[0][-1]["content"] == "[sticker: Wave]"
+    assert reply["content"] != replies.empty_message()
+
+
 async def test_inline_mode_a_reply_to_any_part_of_a_long_answer_continues(fake, discord_bot):
     """Every part of an answer split over messages replies to the question, so a reply to
     the last part (the natural one to reply to) leads back to the conversation too."""
