@@ -387,6 +387,21 @@ async def test_a_stream_that_will_not_end_leaves_the_others_ended(slack):
     assert not any(slack.is_streaming("C0001", ts) for ts in later)
 
 
+def saved_target(slack: FakeSlack, thread_ts: str, **more: Any) -> dict[str, Any]:
+    """An answer's target as an earlier process saved it, in a thread of C0001."""
+    return {"team": slack.team_id, "channel": "C0001", "thread_ts": thread_ts,
+            "recipient": "U0ALICE", "recipient_team": slack.team_id, **more}  # fmt: skip
+
+
+def resumed(
+    slack: FakeSlack, service: Any, saved: dict[str, Any], stop: Callable[[], object]
+) -> Any:
+    """The sink the adapter of a process that took the answer up rebuilds from `saved`."""
+    settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
+                        slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
+    return SlackAdapter.from_settings(settings, service)._resumed(saved, stop)
+
+
 async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_service):
     """Another process began streaming the answer and died: the rebuilt sink stops that
     stream and edits the message, never posting a second one."""
@@ -399,13 +414,9 @@ async def test_a_resumed_native_answer_is_edited_in_its_own_message(slack, make_
         recipient_user_id="U0ALICE",
         markdown_text="Paris is",
     )
-    saved = {"team": slack.team_id, "channel": "C0001", "thread_ts": mention["ts"],
-             "recipient": "U0ALICE", "recipient_team": slack.team_id, "native": True,
-             "messages": [begun["ts"]]}  # fmt: skip
-    settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
-                        slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
+    saved = saved_target(slack, mention["ts"], native=True, messages=[begun["ts"]])
     async with make_service() as (service, _batcher):
-        sink = SlackAdapter.from_settings(settings, service)._resumed(saved, lambda: None)
+        sink = resumed(slack, service, saved, lambda: None)
         await sink.start()
         await sink.append("Paris is the capital")
         await sink.finish(ANSWER)
@@ -427,13 +438,9 @@ async def test_a_resumed_answer_whose_message_was_deleted_is_posted_again(
     mention = slack.app_mention("C0001", "What is the capital of France?")
     posted = await client.chat_postMessage(channel="C0001", thread_ts=mention["ts"], text="…")
     await client.chat_delete(channel="C0001", ts=posted["ts"])
-    saved = {"team": slack.team_id, "channel": "C0001", "thread_ts": mention["ts"],
-             "recipient": "U0ALICE", "recipient_team": slack.team_id, "native": native,
-             "messages": [posted["ts"]]}  # fmt: skip
-    settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
-                        slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
+    saved = saved_target(slack, mention["ts"], native=native, messages=[posted["ts"]])
     async with make_service() as (service, _batcher):
-        sink = SlackAdapter.from_settings(settings, service)._resumed(saved, lambda: None)
+        sink = resumed(slack, service, saved, lambda: None)
         await sink.start()
         await sink.finish(ANSWER)
     [again] = sink.reply_target()["messages"]
@@ -448,8 +455,7 @@ async def test_a_resumed_answer_s_new_stream_stopped_by_a_reader_stops_the_answe
     """Another process accepted the turn and died before posting: the rebuilt sink streams
     the answer anew, and a reader's stop of that stream reaches what stops the answer."""
     mention = slack.app_mention("C0001", "What is the capital of France?")
-    saved = {"team": slack.team_id, "channel": "C0001", "thread_ts": mention["ts"],
-             "recipient": "U0ALICE", "recipient_team": slack.team_id}  # fmt: skip
+    saved = saved_target(slack, mention["ts"])
 
     def stop_at_once(call):
         if call.method == "chat.startStream" and call.ok:
@@ -457,12 +463,8 @@ async def test_a_resumed_answer_s_new_stream_stopped_by_a_reader_stops_the_answe
 
     slack.after_call = stop_at_once
     stops: list[bool] = []
-    settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
-                        slack_api_url=slack.api_url, stream_edit_interval=0.05)  # fmt: skip
     async with make_service() as (service, _batcher):
-        sink = SlackAdapter.from_settings(settings, service)._resumed(
-            saved, lambda: stops.append(True)
-        )
+        sink = resumed(slack, service, saved, lambda: stops.append(True))
         await sink.start()
         for text in ("Paris", "Paris is", "Paris is the capital"):
             await sink.append(text)
