@@ -910,18 +910,21 @@ async def test_a_stored_turn_resumed_after_a_reset_is_asked_anew(
     ]  # the question the reset took, stored again before its answer
 
 
+OLD_EXCHANGE = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Red."},
+]
+"""The conversation `regeneration_left_by_a_crash` leaves: the exchange it regenerates."""
+
+
 async def regeneration_left_by_a_crash(
     redis: Redis, store: ConversationStore, platform: str, *, taken_back: bool
 ) -> PendingTurn:
     """A conversation of one exchange whose answer's Regenerate was pressed in a process
     that died: after it accepted the regeneration, or once it had taken the answer back."""
-    question = on(platform, "Name a colour.")
+    question = on(platform, OLD_EXCHANGE[0]["content"])
     conversation, place = str(question.conversation), {"answer": uuid.uuid4().hex}
-    await store.append(
-        conversation,
-        {"role": "user", "content": question.text},
-        {"role": "assistant", "content": "Red."},
-    )
+    await store.append(conversation, *OLD_EXCHANGE)
     await store.set_answer_place(conversation, place)
     crashed = process(redis, store, platform, "crashed")
     pending = await crashed.accept(question, {}, regenerates=place)
@@ -977,10 +980,7 @@ async def test_a_regeneration_that_fails_after_a_crash_puts_the_old_answer_back(
         await until(lambda: gone(redis_client, pending.id), timeout=30)
     [sink] = rebuild.sinks
     assert sink.kinds("fail") == [replies.answer_kept("Red.", replies.failed())]
-    assert await store.load(pending.conversation) == [
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "Red."},
-    ]
+    assert await store.load(pending.conversation) == OLD_EXCHANGE
 
 
 async def test_a_regeneration_that_fails_before_its_take_back_shows_the_old_answer_again(
@@ -1082,10 +1082,7 @@ async def test_a_regeneration_whose_thread_cannot_be_reached_puts_the_old_answer
             assert await store.load(pending.conversation) == []
         await until(lambda: gone(redis_client, pending.id), timeout=30)
     assert batcher.prompts == []
-    assert await store.load(pending.conversation) == [
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "Red."},
-    ]
+    assert await store.load(pending.conversation) == OLD_EXCHANGE
 
 
 async def test_a_regeneration_told_it_failed_before_its_take_back_keeps_the_answer_on_resume(
@@ -1103,10 +1100,7 @@ async def test_a_regeneration_told_it_failed_before_its_take_back_keeps_the_answ
         await until(lambda: gone(redis_client, pending.id), timeout=30)
     [sink] = rebuild.sinks
     assert sink.kinds("fail") == [told] and batcher.prompts == []
-    assert await store.load(pending.conversation) == [
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "Red."},
-    ]
+    assert await store.load(pending.conversation) == OLD_EXCHANGE
 
 
 async def test_a_saved_answer_is_delivered_on_resume_without_generating(
