@@ -51,6 +51,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from storage.connection import url_problem
+
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 BUNDLED = "bundled"
 # Every row of the batch's KV cache is as wide as its longest row, so the model's whole
@@ -353,6 +355,14 @@ class Settings(BaseSettings):
                 "url", "an OpenAI-compatible API's URL starts with http:// or https:// and its "
                 "host (e.g. http://vllm:8000/v1)",
             )  # fmt: skip
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url(cls, value: str | None) -> str | None:
+        # Checked here, not at connect: a URL no restart can fix is a setting (exit 2).
+        if value is not None and (problem := url_problem(value)):
+            raise PydanticCustomError("url", problem)
         return value
 
     @field_validator("inference_api_key")

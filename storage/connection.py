@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -132,9 +133,21 @@ def redact_url(url: str) -> str:
     return f"{scheme}{separator}{address}"
 
 
-async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
+def url_problem(url: str) -> str | None:
+    """What is wrong with `url` as a Redis URL, in words that echo none of it (it may hold
+    a password); None for a URL that redis-py reads."""
     if not re.match(r"(redis|rediss|unix)://", url):  # redis-py's word: percent-encode
-        raise StorageError(f"{failure}: {NO_SCHEME}")
+        return NO_SCHEME
+    try:
+        parse_url(url)  # what `Redis.from_url` reads it with
+    except ValueError:  # its message may echo part of a password
+        return NOT_A_URL
+    return None
+
+
+async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
+    if problem := url_problem(url):
+        raise StorageError(f"{failure}: {problem}")
     try:
         # Bounded connects and reads, so a black-holed host fails instead of hanging.
         client = Redis.from_url(
@@ -149,7 +162,7 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
             ),
             health_check_interval=resilience.health_check_s,
         )
-    except ValueError:  # a malformed URL; redis-py's message may echo part of a password
+    except ValueError:  # an option it cannot take; redis-py's message may echo a password
         raise StorageError(f"{failure}: {NOT_A_URL}") from None
     try:
         await client.ping()

@@ -241,6 +241,20 @@ def test_hugging_face_lines_in_dotenv_pass_through_to_the_hub_library(tmp_path: 
     assert "hf_do_not_log_me" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [("localhost:6379", "starts with redis://"), ("redis://:hunter2/pw@host/0", "percent-encode")],
+)
+def test_a_redis_url_no_restart_can_fix_is_a_setting(tmp_path: Path, url: str, said: str) -> None:
+    """A URL without its scheme, or with a password not percent-encoded, exited 1 as if
+    Redis were out of reach, and a service (RestartPreventExitStatus=2) restarted it."""
+    result = run_cli("chat", cwd=tmp_path, env=cli_env(REDIS_URL=url, DATA_DIR=str(tmp_path)))
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("invalid setting REDIS_URL:") and said in line
+    assert "hunter2" not in line
+
+
 def test_unreachable_redis_names_redis_url_and_hides_the_password(tmp_path: Path) -> None:
     """A bad REDIS_URL fails start (exit 1) with one readable line, password redacted."""
     env = cli_env(REDIS_URL="redis://:hunter2secret@127.0.0.1:1/0", DATA_DIR=str(tmp_path))
