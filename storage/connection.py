@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from storage import keys
 from storage.embedded import EmbeddedRedis
@@ -108,9 +108,15 @@ async def open_redis(
 
 async def _check_writable(client: Redis, where: str) -> None:
     """A Redis that answers PING may still refuse every write (a read-only replica, an ACL
-    user without writes): said now, in one line, not as the first message's traceback."""
+    user without writes): said now, in one line, not as the first message's traceback. A
+    Redis at its maxmemory is an outage that passes (`storage.errors`): the start goes on,
+    as a running bot rides it out, where exiting would spend a service's restarts."""
     try:
         await client.set(keys.WRITE_PROBE, "1", px=WRITE_PROBE_MS)
+    except OutOfMemoryError as exc:
+        logger.warning(
+            "%s is at its maxmemory (%s): new messages are refused until it has room", where, exc
+        )
     except ResponseError as exc:  # READONLY, NOPERM
         await client.aclose()
         raise StorageError(

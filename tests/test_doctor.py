@@ -326,6 +326,24 @@ async def test_redis_without_aof_is_a_warning(doctor, tmp_path: Path) -> None:
     assert report.status == 0  # a warning alone
 
 
+async def test_a_redis_at_its_maxmemory_fails_as_full_not_as_a_replica(
+    doctor, tmp_path: Path
+) -> None:
+    """It refuses every write (OOM), which doctor took for a read-only replica: the fix it
+    named was another server, where this one needs room."""
+    server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
+    server.start()
+    try:
+        async with Redis.from_url(server.url) as client:
+            await client.config_set("maxmemory", 1)
+        report = await doctor(REDIS_URL=server.url)
+    finally:
+        server.kill()
+    [(status, message)] = report.lines("redis")
+    assert status == "FAIL" and "is full" in message and "raise maxmemory" in message
+    assert "replica" not in message
+
+
 async def test_a_read_only_replica_fails(doctor, tmp_path: Path) -> None:
     """It answers PING and INFO, but refuses every write: the bot would stop at start."""
     server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)

@@ -210,3 +210,24 @@ async def test_open_redis_says_what_is_wrong_with_a_url_and_shows_no_password(
             pass
     assert said in str(info.value)
     assert "er2" not in str(info.value) and "percent-encode" not in str(info.value)
+
+
+async def test_a_redis_at_its_maxmemory_is_an_outage_not_a_wrong_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its write probe failed (OOM), which stopped the start as a read-only replica would,
+    with the wrong fix, and a service gave up after its restarts: a running bot rides
+    maxmemory out, so a starting one goes on, with a warning."""
+    from processes import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        async with Redis.from_url(server.url) as admin:
+            await admin.config_set("maxmemory", 1)  # noeviction: every write is refused
+            async with open_redis(redis_url=server.url, data_dir=tmp_path) as client:
+                assert "at its maxmemory" in caplog.text
+                await admin.config_set("maxmemory", 0)
+                assert await client.set("written", "once it had room")
+    finally:
+        server.kill()

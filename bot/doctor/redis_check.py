@@ -60,6 +60,12 @@ def _judge(where: str, info: dict[str, Any]) -> Finding:
         memory += f" of {info['maxmemory_human']} ({info['maxmemory_policy']})"
     aof = "AOF on" if int(info.get("aof_enabled", 0)) else "AOF off"
     facts = f"{where}: Redis {info['redis_version']}, {aof}, {memory}"
+    if limit and int(info["used_memory"]) >= limit:
+        return fail(
+            CHECK,
+            f"{facts}: Redis is full, and refuses new messages until it has room; raise "
+            "maxmemory (CONFIG SET maxmemory, and in redis.conf)",
+        )
     if aof == "AOF off":
         return warn(
             CHECK,
