@@ -412,6 +412,17 @@ async def test_a_model_folder_without_weights(doctor, tmp_path: Path) -> None:
     assert status == "ok" and failed == "FAIL" and "MODEL=" in message
 
 
+async def test_answers_that_crowd_out_the_prompt_fail_as_run_refuses_them(
+    doctor, model_dir: Path
+) -> None:
+    """Doctor loaded the model for one token's answer, so a MAX_NEW_TOKENS that leaves
+    prompts too little of the context passed, and `threadbot run` then exited 2 on it."""
+    window = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    report = await doctor(MAX_NEW_TOKENS=str(window), MAX_CONTEXT_TOKENS=None)
+    [(status, message)] = report.lines("generation")
+    assert status == "FAIL" and message.startswith(f"MAX_NEW_TOKENS={window} leaves prompts")
+
+
 # --- INFERENCE_URL: no model here, the server asked instead --------------------------------
 
 
@@ -435,6 +446,19 @@ async def test_an_inference_servers_password_is_not_printed(doctor, tmp_path: Pa
         report = await doctor(INFERENCE_URL=url, MODEL=str(tmp_path / "no-such-model"))
     assert report.lines("model")[0][0] == "ok" and "bob:***@" in report.text
     assert "hunter2" not in report.text
+
+
+async def test_without_an_inference_tokenizer_the_estimates_budget_is_checked(doctor) -> None:
+    """The bot counts by estimate against the context, and refuses a MAX_NEW_TOKENS that
+    crowds prompts out of it: doctor checked neither, and passed what `run` refused."""
+    async with FakeOpenAI() as server:
+        fine = await doctor(INFERENCE_URL=server.url)
+        crowded = await doctor(INFERENCE_URL=server.url, MAX_NEW_TOKENS="7000")
+    assert fine.lines("tokenizer") == [
+        ("ok", "INFERENCE_TOKENIZER unset: counted by estimate; prompts take 7680 tokens")
+    ]
+    [(status, message)] = crowded.lines("tokenizer")
+    assert status == "FAIL" and message.startswith("MAX_NEW_TOKENS=7000 leaves prompts 1192")
 
 
 async def test_an_inference_tokenizer_that_cannot_be_loaded_fails(doctor, tmp_path: Path) -> None:

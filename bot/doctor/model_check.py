@@ -27,8 +27,7 @@ async def check_model(settings: Settings) -> AsyncIterator[Finding]:
     from bot.loading import ModelError, bundled_source, resolve_source
 
     if settings.inference_url:
-        if settings.inference_tokenizer:
-            yield await asyncio.to_thread(_check_tokenizer, settings)
+        yield await asyncio.to_thread(_check_tokenizer, settings)
         async for finding in _check_server(settings):
             yield finding
         return
@@ -77,7 +76,8 @@ async def _check_server(settings: Settings) -> AsyncIterator[Finding]:
 
 
 def _check_tokenizer(settings: Settings) -> Finding:
-    """INFERENCE_TOKENIZER loads, as the bot loads it to count the history's tokens."""
+    """The history's tokens can be counted as the bot counts them: INFERENCE_TOKENIZER
+    loads, or unset, the estimate; and MAX_NEW_TOKENS leaves prompts room either way."""
     from bot.loading import ModelError
     from bot.tokens import prompt_tokens_without_model
 
@@ -85,8 +85,10 @@ def _check_tokenizer(settings: Settings) -> Finding:
         tokens = prompt_tokens_without_model(settings)
     except ModelError as error:
         return fail(TOKENIZER, str(error))
-    name = settings.inference_tokenizer
-    return ok(TOKENIZER, f"INFERENCE_TOKENIZER={name}: loaded; prompts take {tokens.budget} tokens")
+    budget = f"prompts take {tokens.budget} tokens"
+    if name := settings.inference_tokenizer:
+        return ok(TOKENIZER, f"INFERENCE_TOKENIZER={name}: loaded; {budget}")
+    return ok(TOKENIZER, f"INFERENCE_TOKENIZER unset: counted by estimate; {budget}")
 
 
 def size_on_disk(source: ModelSource) -> int:
@@ -105,7 +107,7 @@ def _generate_one_token(settings: Settings, source: ModelSource) -> Finding:
 
     started = time.perf_counter()
     try:
-        engine = load_engine(settings.model_copy(update={"max_new_tokens": 1}), source=source)
+        engine = load_engine(settings, source=source)  # refuses what `run` refuses
     except ModelError as error:
         return fail(GENERATES, str(error))
     except (RuntimeError, AssertionError, ValueError) as error:  # torch on the wrong device
@@ -123,6 +125,7 @@ def _generate_one_token(settings: Settings, source: ModelSource) -> Finding:
 
 
 def _timed_token(engine: Engine) -> float:
+    engine.max_new_tokens = 1  # an answer of one token
     started = time.perf_counter()
     engine.generate([PROMPT])
     return time.perf_counter() - started
