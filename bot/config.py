@@ -385,7 +385,8 @@ class Settings(BaseSettings):
             given = "" if value else " (the default, as it is unset)"
             raise _contradiction(
                 f"{context}{given} leaves no room for a prompt beside MAX_NEW_TOKENS={answer}: "
-                "make it larger than MAX_NEW_TOKENS, or lower MAX_NEW_TOKENS"
+                "make it larger than MAX_NEW_TOKENS, or lower MAX_NEW_TOKENS",
+                "max_new_tokens",
             )
         return value
 
@@ -470,8 +471,10 @@ def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _contradiction(message: str) -> PydanticCustomError:
-    return PydanticCustomError("contradiction", message)
+def _contradiction(message: str, *beside: str) -> PydanticCustomError:
+    """A setting at odds with others; `beside` names those its default may be at odds with
+    too (doctor resets them, to check the rest)."""
+    return PydanticCustomError("contradiction", message, {"beside": beside})
 
 
 def is_hugging_face(name: str) -> bool:

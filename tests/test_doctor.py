@@ -31,6 +31,7 @@ from bot.config import Settings
 from bot.doctor.disk_check import check_disk
 from bot.doctor.findings import Finding, ok
 from bot.doctor.model_check import check_model
+from bot.doctor.redis_check import check_redis
 from bot.doctor.runner import run_doctor
 from storage.embedded import EmbeddedRedis
 
@@ -208,6 +209,32 @@ async def test_an_invalid_setting_is_one_fail_line_and_the_rest_is_checked(docto
     assert status == "FAIL" and "MAX_NEW_TOKENS" in message
     for check in ("redis", "model", "generation", "slack", "discord", "disk"):
         assert {status for status, _ in report.lines(check)} == {"ok"}, report.text
+
+
+@pytest.mark.parametrize(
+    ("env", "team_file", "said", "rest"),
+    [
+        (  # MAX_CONTEXT_TOKENS' default fails too, beside MAX_NEW_TOKENS: both reset
+            {"MAX_NEW_TOKENS": "9000"}, None, "invalid setting MAX_CONTEXT_TOKENS: 8192", "ok"
+        ),
+        ({}, "yes: 1\n", "threadbot.yml: True is not a setting's name", "ok"),
+        (  # no default stands in for a value that cannot be parsed: nothing else is checked
+            {"ACCESS__ADMINS": "U0123ABCD"}, None, "invalid setting ACCESS (or one of", "skip"
+        ),
+    ],
+)  # fmt: skip
+async def test_a_setting_no_default_fixes_at_once_is_said_as_run_says_it(
+    doctor, env: dict[str, str], team_file: str | None, said: str, rest: str
+) -> None:
+    """Read again with the bad ones at their defaults, the first still failed, so no
+    other check ran; the others raised, and the line said `could not be read: ...`,
+    not what `threadbot run` says."""
+    if team_file:
+        Path("threadbot.yml").write_text(team_file)
+    report = await doctor(checks=[("redis", check_redis)], **env)
+    [(status, message)] = report.lines("settings")
+    assert status == "FAIL" and message.startswith(said), message
+    assert [status for status, _ in report.lines("redis")] == [rest]
 
 
 async def test_a_near_miss_of_a_setting_in_the_environment_is_a_warn_line(doctor) -> None:

@@ -12,13 +12,20 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from bot.config import ConfigError, Settings, config_file, load_settings, misspelt_settings
 from bot.doctor.findings import Finding, fail, ok, warn
 
 CHECK = "settings"
-SALVAGE_ROUNDS = 3  # each round resets what failed; a default never fails, so 2 suffice
+SALVAGE_ROUNDS = 4
+"""Each round resets what failed: a setting, then, where its default fails too, the
+settings it is at odds with (MAX_CONTEXT_TOKENS' beside MAX_NEW_TOKENS); then it reads."""
 
 
 class _Lenient(Settings):
@@ -40,7 +47,7 @@ class _Lenient(Settings):
             return super().settings_customise_sources(
                 settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
             )
-        except (yaml.YAMLError, OSError):
+        except (yaml.YAMLError, OSError, ConfigError):
             return init_settings, env_settings, dotenv_settings, file_secret_settings
 
 
@@ -69,12 +76,15 @@ def _salvaged() -> Settings | None:
     for _ in range(SALVAGE_ROUNDS):
         try:
             return _Lenient(**defaults)
-        except (UnicodeDecodeError, OSError):  # `.env` itself cannot be read: no settings
-            return None
+        except (UnicodeDecodeError, OSError, SettingsError):
+            return None  # `.env` cannot be read, or a nested setting is not JSON
         except ValidationError as error:
-            bad = {str(problem["loc"][0]) for problem in error.errors() if problem["loc"]}
-            if not bad or bad <= defaults.keys():
-                return None  # a problem no single setting's default fixes
+            bad = set()
+            for problem in error.errors():
+                name = str(problem["loc"][0]) if problem["loc"] else ""
+                bad |= set(problem.get("ctx", {}).get("beside", ())) if name in defaults else {name}
+            if not bad or "" in bad or bad <= defaults.keys():
+                return None  # a problem no setting's default fixes
             defaults |= {
                 name: Settings.model_fields[name].get_default(call_default_factory=True)
                 for name in bad
