@@ -937,19 +937,25 @@ class ChatService:
             return replies.not_regenerable()
         if limited := await self._over_limits(platform, by, request_id, replies.PRESS_AGAIN):
             return limited
-        if not await self.store.first_regeneration(key, place):
-            return replies.not_regenerable()  # a second press of the same answer's button
-        question = last[0]
-        turn = Turn(
-            conversation, by, question["content"], request_id,
-            author_name=question.get("name", ""),
-        )  # fmt: skip
+        self._pending[by] += 1  # counted now, so presses and messages meanwhile see it
+        accepted = None
         try:
-            accepted = await self.journal.accept(turn, sink.reply_target(), regenerates=place)
-        except Exception:  # not taken: a press once storage is back may regenerate it
-            with contextlib.suppress(Exception):  # if storage is still gone, it may not
-                await self.store.forget_regeneration(key, place)
-            raise
+            if not await self.store.first_regeneration(key, place):
+                return replies.not_regenerable()  # a second press of the same answer's button
+            question = last[0]
+            turn = Turn(
+                conversation, by, question["content"], request_id,
+                author_name=question.get("name", ""),
+            )  # fmt: skip
+            try:
+                accepted = await self.journal.accept(turn, sink.reply_target(), regenerates=place)
+            except Exception:  # not taken: a press once storage is back may regenerate it
+                with contextlib.suppress(Exception):  # if storage is still gone, it may not
+                    await self.store.forget_regeneration(key, place)
+                raise
+        finally:
+            if accepted is None:
+                self._uncount(by)
         if accepted is None:
             return replies.not_regenerable()
         logger.info("regenerating the last answer of %s for %s", conversation, by)
@@ -959,7 +965,7 @@ class ChatService:
             taken_back.set_result(await self._take_back_answer(accepted))
             return taken_back.result()
 
-        task = self._start(accepted, sink, before=take_back)
+        task = self._start(accepted, sink, counted=True, before=take_back)
         await asyncio.wait((taken_back, task), return_when=asyncio.FIRST_COMPLETED)
         if taken_back.done() and not taken_back.result():  # a newer turn took the lock first
             await asyncio.wait((task,))  # its record is ended before the presser hears no

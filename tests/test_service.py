@@ -654,6 +654,45 @@ async def test_a_regeneration_is_held_to_the_users_rate_limit_as_a_message_is(
     assert refusal.startswith("You're asking faster") and len(batcher.prompts) == 2
 
 
+async def test_regenerations_pressed_at_once_are_held_to_the_pending_limit(
+    make_service, conversation, monkeypatch
+):
+    """Two answers' Regenerate pressed together by a user with one answer left to their
+    limit: the second press is asked to wait, where both read a count of none while the
+    first was being recorded, and both ran."""
+    other = ConversationKey("test", "team", "channel", uuid.uuid4().hex)
+    recording, entered = asyncio.Event(), asyncio.Event()
+    async with make_service(max_pending_per_user=1) as (service, _batcher):
+        shown = {key: ShowingSink(service, key) for key in (conversation, other)}
+        for key, sink in shown.items():
+            await service.handle(turn(key, "Hello"), sink)
+        accept = service.journal.accept
+
+        async def slow_accept(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await recording.wait()  # the second press comes meanwhile
+            return await accept(*args, **kwargs)
+
+        monkeypatch.setattr(service.journal, "accept", slow_accept)
+        presses = {key: ShowingSink(service, key) for key in shown}
+
+        def press(key: ConversationKey) -> asyncio.Task[str | None]:
+            return asyncio.create_task(service.regenerate(
+                key, place=shown[key].place, by="U1", request_id=uuid.uuid4().hex,
+                sink=presses[key],
+            ))  # fmt: skip
+
+        first = press(conversation)
+        await asyncio.wait_for(entered.wait(), timeout=10)
+        second = press(other)
+        await asyncio.sleep(0.1)
+        recording.set()
+        refusals = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+        await until(lambda: asyncio.sleep(0, bool(presses[conversation].kinds("finish"))))
+    assert refusals == [None, replies.slow_down(1, replies.PRESS_AGAIN)]
+    assert not presses[other].events
+
+
 class SlowToFail(ShowingSink):
     """Telling the thread of a failure takes a platform call's time."""
 
