@@ -41,6 +41,8 @@ from adapters.discord_channel import (
     PLATFORM,
     DiscordChannel,
     Memberships,
+    bot_name,
+    channel_name,
     conversation_key,
     requester,
 )
@@ -342,8 +344,8 @@ class DiscordAdapter(Adapter):
             context=earlier,
             command=order,
             author_name=message.author.display_name,
-            channel_name=_channel_name(message.channel),
-            bot_name=message.guild.me.display_name if message.guild else me.display_name,
+            channel_name=channel_name(message.channel),
+            bot_name=bot_name(self.client, message.guild),
         )
         if order is None:
             forwarded = (a for snapshot in message.message_snapshots for a in snapshot.attachments)
@@ -481,13 +483,6 @@ async def _reply(message: discord.Message, text: str) -> None:
         allowed_mentions=NO_PINGS,
         suppress_embeds=True,
     )
-
-
-def _channel_name(channel: discord.abc.Messageable) -> str:
-    if isinstance(channel, discord.DMChannel):
-        return "a direct message"
-    parent = getattr(channel, "parent", None)  # a thread is named after its channel
-    return f"#{getattr(parent or channel, 'name', '') or 'channel'}"
 
 
 def _attachment(attachment: discord.Attachment) -> Attachment:

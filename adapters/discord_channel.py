@@ -56,6 +56,21 @@ def conversation_key(channel: discord.abc.Snowflake, *, guild: str, root: str) -
     return ConversationKey(PLATFORM, guild, channel_id, root)
 
 
+def channel_name(channel: discord.abc.Snowflake) -> str:
+    """The channel as a persona's `{channel_name}` reads it; a thread by its channel's."""
+    if isinstance(channel, discord.DMChannel):
+        return "a direct message"
+    parent = getattr(channel, "parent", None)
+    return f"#{getattr(parent or channel, 'name', '') or 'channel'}"
+
+
+def bot_name(client: discord.Client, guild: discord.Guild | None) -> str:
+    """The bot's name where it speaks (a persona's `{bot_name}`): its server nickname."""
+    me = guild.me if guild else None
+    assert client.user is not None  # connected
+    return (me or client.user).display_name
+
+
 async def set_buttons(
     client: discord.Client, channel: str, message_id: str, view: discord.ui.View | None
 ) -> None:

@@ -22,6 +22,8 @@ from adapters.discord_channel import (
     MESSAGE_LIMIT,
     NO_PINGS,
     Memberships,
+    bot_name,
+    channel_name,
     conversation_key,
     requester,
 )
@@ -192,5 +194,7 @@ class SlashCommands:
             str(interaction.id),
             command=name,
             author_name=interaction.user.display_name,
+            channel_name=channel_name(channel),  # as a conversation there fills the prompt
+            bot_name=bot_name(self.client, interaction.guild),
         )
         await answer(self.service, turn, sink)

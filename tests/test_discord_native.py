@@ -334,6 +334,22 @@ async def test_commands_as_text_and_as_slash_commands_with_their_permissions(dis
     assert [m["content"] for m in history] == ["remember the number 7", "Noted."]
 
 
+async def test_the_prompt_shown_is_the_one_a_conversation_there_then_uses(discord_bot):
+    """/prompt filled a persona's {channel_name} with the channel's id and its {bot_name}
+    with `threadbot`, where a conversation there fills in `#general` and the bot's name."""
+    persona = "{bot_name} answers {user_name} in {channel_name}."
+    async with discord_bot(ScriptedBatcher("Noted."), system_prompt=persona) as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        interaction = await fake.slash_command("prompt", fake.channel_id)
+        [shown] = await fake.wait_for(lambda: answered(interaction))
+        asked = await mention(fake, "hi")
+        await final_reply(fake, asked["id"])
+    [system, _question] = bot.batcher.prompts[0]
+    assert system["content"].endswith("in #general.")
+    assert system["content"] in shown["content"]
+
+
 async def test_a_denied_user_is_told_by_the_slash_command_alone(discord_bot):
     rules = Access.model_validate({"deny": "silent", "discord": {"users": {"deny": ["1003"]}}})
     async with discord_bot(access=rules) as bot:
