@@ -164,11 +164,19 @@ class Persona(_Section):
     @classmethod
     def _id_as_text(cls, value: object, info: ValidationInfo) -> object:
         """Slack's and Discord's workspaces and channels are ids (a name, `#general`, would
-        match no conversation, and the persona apply nowhere); the console's channel is a
-        conversation's name."""
-        if value is not None and info.data.get("platform") in ("slack", "discord"):
+        match no conversation, and the persona apply nowhere), and so are those of a
+        persona for every platform; the console's channel is a conversation's name."""
+        platform = info.data.get("platform")
+        if value is None or platform == "console":
+            return str(value) if isinstance(value, int) else value
+        try:
             return _platform_id(value)
-        return str(value) if isinstance(value, int) else value
+        except ValueError as error:
+            if platform is None:  # perhaps meant for the console
+                raise ValueError(
+                    f"{error}; for a console conversation, add platform: console"
+                ) from None
+            raise
 
 
 class Settings(BaseSettings):

@@ -172,6 +172,19 @@ def test_a_persona_for_a_channel_named_rather_than_its_id_is_refused_with_its_li
     assert "is not a platform id" in line
 
 
+def test_a_persona_for_every_platform_names_its_channel_by_id(tmp_path: Path) -> None:
+    """Without a platform, `#general` passed, and matched no conversation on Slack or
+    Discord: refused, pointing a console conversation's name to `platform: console`."""
+    write(
+        tmp_path / "threadbot.yml", "personas:\n  - channel: '#general'\n    system_prompt: Hi.\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    [line] = str(info.value).splitlines()
+    assert line.startswith("threadbot.yml line 2: invalid setting personas.0.channel")
+    assert "is not a platform id" in line and "platform: console" in line
+
+
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
     write(
         tmp_path / "threadbot.yml",
