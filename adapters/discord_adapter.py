@@ -67,7 +67,7 @@ PERMISSIONS = discord.Permissions(
     create_public_threads=True,
     read_message_history=True,
 )
-MENTION = re.compile(r"<(@!?|@&|#)(\d+)>")
+MENTION = re.compile(r"([ \t]*)<(@!?|@&|#)(\d+)>([ \t]*)")  # with the spaces around it
 INTENTS_HELP = (
     "Discord refused the message content intent (close code 4014): in the developer portal, "
     "open your application → Bot → Privileged Gateway Intents and turn on Message Content Intent"
@@ -438,12 +438,17 @@ class DiscordAdapter(Adapter):
         ours = _own_role(message)
 
         def readable(match: re.Match[str]) -> str:
-            kind, ident = match[1].replace("!", ""), int(match[2])
+            before, kind, ident, after = (
+                match[1],
+                match[2].replace("!", ""),
+                int(match[3]),
+                match[4],
+            )
             if (kind == "@" and ident == me.id) or (kind == "@&" and ours and ident == ours.id):
-                return ""
-            return names[kind].get(ident, match[0])
+                return " "  # the spaces on both sides as one; any others, code's indents, kept
+            return before + names[kind].get(ident, f"<{match[2]}{match[3]}>") + after
 
-        said = re.sub(r"[ \t]{2,}", " ", MENTION.sub(readable, message.content)).strip()
+        said = MENTION.sub(readable, message.content).strip()
         forwarded = [f"[forwarded]\n{s.content}" for s in message.message_snapshots if s.content]
         stickers = [f"[sticker: {sticker.name}]" for sticker in message.stickers]
         return "\n\n".join([said, *forwarded, *stickers]).strip()

@@ -734,7 +734,8 @@ def _readable(text: str, bot_user: str, names: dict[str, str]) -> str:
     """Slack markup to plain text: our mention removed, others as @names (`names`: by id, of
     everyone mentioned), channels as #names (their ids where Slack sent no name), links
     unwrapped, `<!here>` and user groups as @here and @group."""
-    text = text.replace(f"<@{bot_user}>", " ")
+    # The spaces on both sides as one; any others, code's indents, kept.
+    text = re.sub(rf"[ \t]*<@{bot_user}>[ \t]*", " ", text)
     for user in _mentioned(text):
         name = names.get(user, user)
         # A function, not a template: a name may hold a backslash (`CORP\jdoe`).
@@ -742,7 +743,7 @@ def _readable(text: str, bot_user: str, names: dict[str, str]) -> str:
     text = CHANNEL_LINK.sub(lambda m: f"#{m[2] or m[1]}", text)
     text = URL_LINK.sub(_link_text, text)
     text = SPECIAL.sub(lambda m: m[2] or f"@{m[1]}", text)
-    return html.unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
+    return html.unescape(text).strip()
 
 
 def _link_text(link: re.Match[str]) -> str:

@@ -505,6 +505,16 @@ async def test_a_message_forwarded_to_the_bot_is_read_with_its_files(fake, disco
     )
 
 
+async def test_code_in_a_mention_keeps_its_indentation(fake, discord_bot):
+    """Every run of spaces in a message became one (to tidy the gap the mention left), so
+    pasted code reached the model, and its history, without its indentation."""
+    code = "why does this fail?\n```py\ndef f(x):\n    if x:\n        return 1\n```"
+    async with discord_bot() as (_service, batcher):
+        asked = await mention(fake, f"look  <@{fake.bot['id']}>  {code}")
+        await final_reply(fake, asked["id"])
+    assert batcher.prompts[0][-1]["content"] == f"look {code}"
+
+
 async def test_a_sticker_alone_is_read_by_its_name(fake, discord_bot):
     """It was refused as an empty message ("Write a question"), in a DM or a thread the
     bot is in, where a wave deserves a greeting."""

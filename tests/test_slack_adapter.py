@@ -474,6 +474,17 @@ async def test_slack_markup_reaches_the_model_as_plain_text_that_keeps_its_meani
     )
 
 
+async def test_code_in_a_mention_keeps_its_indentation(slack, socket_mode):
+    """Every run of spaces in a message became one (to tidy the gap the mention left), so
+    pasted code reached the model, and its history, without its indentation."""
+    code = "why does this fail?\n```\ndef f(x):\n    if x:\n        return 1\n```"
+    async with socket_mode(ScriptedBatcher("Done.")) as (_service, batcher):
+        mention = slack.app_mention("C0001", f"look  <@{slack.bot_user_id}>  {code}")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+    assert batcher.prompts[0][-1]["content"] == f"look {code}"
+
+
 @pytest.mark.parametrize("store", [THREAD_CONTEXT_LIMIT + 2], indirect=True)
 async def test_mentioned_late_in_a_long_thread_the_bot_reads_what_came_just_before(
     slack, socket_mode

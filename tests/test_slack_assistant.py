@@ -73,7 +73,7 @@ async def test_the_status_shows_while_answering_and_the_title_is_the_first_quest
     assert ("D0001", thread_ts) not in slack.statuses  # cleared once each answer was shown
     assert len(slack.calls_to("assistant.threads.setTitle")) == 1  # the first question's only
     [first_prompt, _] = gated.prompts
-    assert first_prompt[-1] == {"role": "user", "content": "How do tides work?"}
+    assert first_prompt[-1] == {"role": "user", "content": "How do   tides work?"}  # as written
     assert all("Chats from" not in m["content"] for m in first_prompt)  # Slack's own title
 
 
