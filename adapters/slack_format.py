@@ -16,7 +16,10 @@ MESSAGE_LIMIT = 3900  # Slack truncates at 40,000 but advises ~4,000 for readabi
 MARKDOWN_LIMIT = 12000  # what one `markdown_text` may hold
 CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]+`)", re.DOTALL)
 LANGUAGE = re.compile(r"(?<=\A```)[\w+#.-]{1,20}(?=\n)")  # a code block's, which mrkdwn shows
-LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)|]+)\)")
+# A character of a link's URL, or balanced parentheses one level deep (`…/wiki/Foo_(bar)`),
+# which CommonMark allows in a URL too.
+URL_PART = r"(?:[^\s()|]|\([^\s()|]*\))"
+LINK = re.compile(rf"\[([^\]\n]+)\]\((https?://{URL_PART}+)\)")
 SCHEME = re.compile(r"^https?://", re.IGNORECASE)
 # `**x**` or `__x__`. As in CommonMark, `__` is never bold inside a word (`snake_case__name`,
 # `a__b__c`); nor around an all-lowercase or all-uppercase name, which can't be told from
@@ -28,7 +31,7 @@ BOLD = re.compile(
 BOLD_ITALIC = re.compile(r"\*\*\*(?=\S)(.+?)(?<=\S)\*\*\*")
 ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")
 STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
-HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", re.MULTILINE)  # `## C#` keeps its #
 BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)
 # In Markdown, also every other link form: each `](` left over from LINK, and each `]:`,
 # which ends a reference definition (`[1]: https://…`, in a list item or with its label
@@ -36,7 +39,7 @@ BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)
 LINK_OR_BRACKETS = re.compile(rf"{LINK.pattern}|\]\(")
 # The start of a Markdown link still being written: `[label`, `[label]`, `[label](http…`
 # (its `](` made text until the link is whole).
-LINK_BEING_WRITTEN = re.compile(r"\[[^\]\n]*(?:\](?:\\?\([^\s)|]*)?)?\Z")
+LINK_BEING_WRITTEN = re.compile(rf"\[[^\]\n]*(?:\](?:\\?\({URL_PART}*(?:\([^\s()|]*)?)?)?\Z")
 BOLD_MARK = "\x00"  # stands in for Slack's `*` until single-star italics are converted
 CODE_MARK = "\x01"  # stands in for each code span while the prose around it is converted
 

@@ -42,6 +42,7 @@ def test_markdown_becomes_mrkdwn(markdown, mrkdwn):
         pytest.param("## __Usage__: run `make`", "*Usage: run `make`*",
                      id="heading-with-underscore-bold"),
         pytest.param("### Step 1: **Install**", "*Step 1: Install*", id="heading-with-bold"),
+        pytest.param("## F# or C#\n## Setup ##", "*F# or C#*\n*Setup*", id="heading-ending-in-#"),
         pytest.param("## **Usage**: run `make`", "*Usage: run `make`*", id="heading-with-code"),
         pytest.param("**Run `npm install`** first", "*Run `npm install`* first", id="bold-code"),
         pytest.param("***both*** or **bold**", "*_both_* or *bold*", id="bold-italic"),
@@ -84,6 +85,8 @@ def test_model_output_cannot_forge_a_slack_link():
          "https://bank.example (<https://bank.example.evil.example>)"),
         ("[a & b](https://e.example/?a=1&b=2)", "a &amp; b (<https://e.example/?a=1&amp;b=2>)"),
         ("[**bold** label](https://e.example)", "*bold* label (<https://e.example>)"),
+        ("[Foo](https://w.example/wiki/Foo_(bar)) (see)",  # parentheses in the URL: kept
+         "Foo (<https://w.example/wiki/Foo_(bar)>) (see)"),
     ],
 )  # fmt: skip
 def test_a_link_shows_its_real_url_beside_a_label_that_differs(markdown, mrkdwn):
@@ -134,6 +137,8 @@ def test_an_unclosed_code_block_still_counts_as_code():
         ("**bold**, *italic*, # Title", "**bold**, *italic*, # Title"),
         ("hey <!channel> and <@U0ALICE>", "hey &lt;!channel&gt; and &lt;@U0ALICE&gt;"),
         ("[docs](https://e.example/a)", "docs ([https://e.example/a](https://e.example/a))"),
+        ("[Foo](https://w.example/Foo_(bar))",
+         "Foo ([https://w.example/Foo_(bar)](https://w.example/Foo_(bar)))"),
         ("[https://e.example](https://e.example/)", "[https://e.example/](https://e.example/)"),
         ("[bank](https://evil.example \"title\")", "[bank]\\(https://evil.example \"title\")"),
         ("[bank](mailto:evil@example.com)", "[bank]\\(mailto:evil@example.com)"),
@@ -154,7 +159,8 @@ def test_a_streamed_text_only_grows_as_the_answer_is_written():
     of the final text: a link is held back until it is whole (and rewritten)."""
     answer = (
         "See [the docs](https://docs.example/x) and [a] note, [t](https://t.example 'x'), "
-        "```py\n[z](https://q.example)\n``` then [end](https://end.example)"
+        "```py\n[z](https://q.example)\n``` then [w](https://w.example/Foo_(bar)) "
+        "and [end](https://end.example)"
     )
     streamed = ""
     for length in range(len(answer) + 1):
