@@ -9,6 +9,7 @@ import re
 FENCE = re.compile(r"^([ \t]{0,8})```([\w+#.-]{1,20}(?=\s|$))?[^\n]*", re.MULTILINE)
 CLOSING_ROOM = len("\n" + " " * 8 + "```")
 UNFINISHED_ESCAPE = re.compile(r"&[a-z]{0,3}$")  # the front of &amp; &lt; or &gt;
+BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 
 
 def split_message(text: str, limit: int) -> list[str]:
@@ -27,6 +28,8 @@ def split_message(text: str, limit: int) -> list[str]:
             indent = fence[: fence.index("`")]
             head += f"\n{indent}```"
             rest = f"{fence}\n{rest.lstrip(chr(10))}"
+        elif rest.startswith("\n"):  # cut at a line's end: the next line keeps its indent
+            rest = BLANK_LINES.sub("", rest)
         else:
             rest = rest.lstrip()
         if head.strip():

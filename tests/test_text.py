@@ -39,6 +39,15 @@ def test_a_code_block_cut_in_two_is_closed_and_reopened():
     assert lines == code.splitlines()
 
 
+def test_the_line_a_part_starts_with_keeps_its_indentation():
+    """Every leading space of the next part was stripped: a nested bullet moved to the top
+    level, and a line of indented code stopped being code."""
+    text = "Steps:\n\n1. First, a step whose words fill the line up\n    - nested detail one\n"
+    first, second = split_message(text + "    - nested detail two", 70)
+    assert first == "Steps:\n\n1. First, a step whose words fill the line up"
+    assert second == "    - nested detail one\n    - nested detail two"
+
+
 def test_a_word_longer_than_the_limit_is_cut_hard():
     parts = split_message("x" * 250, 100)
     assert "".join(parts) == "x" * 250
