@@ -135,6 +135,7 @@ class EmbeddedRedis:
     def _lock(self) -> None:
         try:
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private(self.data_dir)
             fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot use DATA_DIR {self.data_dir}: {exc}") from exc
@@ -332,3 +333,18 @@ def _answers_ping(port: int, password: str) -> bool:
             return replies.splitlines()[1:2] == [b"+PONG"]
     except OSError:
         return False
+
+
+def _private(folder: Path) -> None:
+    """Make `folder` 700 where it was more open (systemd's StateDirectory is 755), as
+    mkdir does a new one: the AOF inside holds every conversation. Where it is not ours
+    to change, said, and used as it is."""
+    if folder.stat().st_mode & 0o077:
+        try:
+            folder.chmod(0o700)
+        except PermissionError:
+            logger.warning(
+                "DATA_DIR %s is open to other users and not ours to close (chmod 700 it): "
+                "they may read the conversations in it",
+                folder,
+            )

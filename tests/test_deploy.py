@@ -658,6 +658,13 @@ def test_systemd_unit_restarts_on_failure_and_reloads_on_sighup(unit):
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
+def test_systemd_unit_keeps_the_conversations_to_its_user(unit):
+    """systemd makes a StateDirectory 755 and files under the default umask 644: the AOF,
+    every conversation, was readable by every user of the machine."""
+    service = unit["Service"]
+    assert service["StateDirectoryMode"] == "0700" and service["UMask"] == "0077"
+
+
 def test_systemd_unit_stops_as_slowly_as_compose(unit, services):
     timeout = duration_seconds(unit["Service"]["TimeoutStopSec"])
     assert timeout == duration_seconds(services["bot"]["stop_grace_period"])

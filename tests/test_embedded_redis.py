@@ -231,3 +231,13 @@ async def test_a_redis_at_its_maxmemory_is_an_outage_not_a_wrong_server(
                 assert await client.set("written", "once it had room")
     finally:
         server.kill()
+
+
+def test_a_data_dir_open_to_others_is_made_private(tmp_path: Path) -> None:
+    """systemd's StateDirectory makes it 755, and mkdir leaves a folder that exists as it
+    is: every conversation in the AOF was readable by every user of the machine."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    with EmbeddedRedis(data_dir=data):
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
