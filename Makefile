@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 # 190 MB, where the default index's Linux build brings several GB of CUDA libraries), or
 # the default index where that one cannot be reached. Elsewhere: the default index (its
 # Linux build is the CUDA one). To choose: TORCH_INDEX=pypi (the default index), or a
-# CUDA index such as https://download.pytorch.org/whl/cu128.
+# CUDA index such as https://download.pytorch.org/whl/cu126.
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 NVIDIA_GPU ?= $(shell { [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi; } >/dev/null 2>&1 && echo yes)
 ifeq ($(shell uname -s)$(NVIDIA_GPU),Linux)

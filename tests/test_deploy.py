@@ -278,6 +278,19 @@ def services() -> dict[str, dict]:
     return load_yaml(ROOT / "docker-compose.yml")["services"]
 
 
+def test_the_monitoring_command_starts_no_bot_of_its_own(services):
+    """`--profile monitoring up -d` naming no service starts every service outside a
+    profile too: the CPU `bot`, beside a running bot-gpu, bot-vllm or gateway, on the
+    same port and the same name."""
+    readme = (ROOT / "README.md").read_text()
+    [command] = re.findall(r"`(docker compose --profile monitoring up -d[^`]*)`", readme)
+    named = command.split()[6:]
+    assert named, command
+    for name in named:
+        assert services[name]["profiles"] == ["monitoring"], name
+        assert set(services[name].get("depends_on", ())) <= set(named), name
+
+
 def test_compose_has_its_services_in_their_profiles(services):
     assert set(services) == set().union(*PROFILE_SERVICES.values())
     for profile, names in PROFILE_SERVICES.items():
