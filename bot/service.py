@@ -516,6 +516,7 @@ class ChatService:
         budget = self._budget(voice)
         # Before the message is stored: no answer could read it, and no later turn either.
         if not pending.stored and (refusal := await self._too_long(pending.turn, system, budget)):
+            await self.journal.keep_context(pending)
             await self._fail(pending, sink, refusal, outcome="too_long")
             return
         started = await self.journal.begin(pending)

@@ -172,6 +172,24 @@ class TurnJournal:
         written = await self._transaction([keys.turn(pending.id), conversation], write)
         return replace(pending, stored=True) if written else None
 
+    async def keep_context(self, pending: PendingTurn) -> None:
+        """For a turn refused before it began (its message too long): the thread's earlier
+        messages, read when the bot joined it, stored where the conversation has none yet,
+        as `begin` would have. The bot now knows the thread: its next turn there reads
+        them, where the adapter reads them no more."""
+        conversation = keys.conversation(pending.conversation)
+        if not pending.turn.context:
+            return
+
+        async def write(pipe: Pipeline) -> bool:
+            if not await self._ours(pipe, pending) or await pipe.exists(conversation):
+                return False
+            pipe.multi()
+            self._store.queue_append(pipe, pending.conversation, *pending.turn.context)
+            return True
+
+        await self._transaction([keys.turn(pending.id), conversation], write)
+
     async def save(self, pending: PendingTurn, *, target: dict[str, Any] | None = None,
                    answer: str | None = None, failure: str | None = None) -> bool:  # fmt: skip
         """Record progress (where the answer is posted, the answer itself, or the failure
@@ -368,8 +386,9 @@ class TurnJournal:
         """WATCH `watched`, let `write` read and queue a MULTI, execute; retried on a
         WatchError, so the result is always consistent. redis-py raises WatchError too when
         the connection breaks while waiting for EXEC's reply, after Redis may have run it:
-        `accept`, `begin`, `save`, `finish` and `claim` check whether an earlier try took
-        effect, and `release` sets the count of attempts rather than adding to it."""
+        `accept`, `begin`, `keep_context`, `save`, `finish` and `claim` check whether an
+        earlier try took effect, and `release` sets the count of attempts rather than adding
+        to it."""
         for _ in range(WATCH_TRIES - 1):
             try:
                 return await self._once(watched, write)

@@ -274,6 +274,23 @@ async def test_a_message_over_the_token_budget_is_refused_and_the_history_kept(
     assert batcher.prompts[1][:2] == history[:2]  # the first exchange, not trimmed away
 
 
+async def test_a_mention_refused_as_too_long_keeps_the_threads_earlier_messages(
+    make_service, make_engine, store, conversation
+):
+    """The mention brought the bot into the thread, and the earlier messages read with it
+    were never stored: the asker's shorter follow-up there was answered without them."""
+    long = " ".join("9" * 90)
+    budget = make_engine().count_tokens([{"role": "user", "content": long}]) - 1
+    earlier = ({"role": "user", "content": "the deploy failed at step 3"},)
+    refused, answered = RecordingSink(), RecordingSink()
+    async with make_service(prompt_budget=budget) as (service, batcher):
+        await service.handle(replace(turn(conversation, long), context=earlier), refused)
+        assert await service.knows(conversation)  # the follow-up is answered unasked
+        await service.handle(turn(conversation, "why did it fail?"), answered)
+    assert refused.kinds("fail") and answered.kinds("finish")
+    assert batcher.prompts[0] == [*earlier, {"role": "user", "content": "why did it fail?"}]
+
+
 async def test_a_message_is_held_to_the_token_budget_with_its_authors_name(
     make_service, make_engine, conversation
 ):
