@@ -184,6 +184,7 @@ class SlackStream:
             )
         except SlackApiError as error:
             if _error(error) not in ENDED:
+                self._forget_if_deleted(message_id, error)
                 raise
             del self.streamed[message_id], self.wanted[message_id]
             await self._ended(message_id, error, text)
@@ -205,13 +206,14 @@ class SlackStream:
 
     async def close(self) -> None:
         """End every open stream with its whole text, each tried whatever the others did
-        (the first failure is raised after); no status is left showing after."""
-        failures: list[SlackApiError] = []
+        (the first failure is raised after: `Gone` for a message deleted meanwhile); no
+        status is left showing after."""
+        failures: list[SlackApiError | Gone] = []
         try:
             for message_id in list(self.streamed):
                 try:
                     await self._stop(message_id)
-                except SlackApiError as error:
+                except (SlackApiError, Gone) as error:
                     failures.append(error)
         finally:
             await self.status.clear()
@@ -229,6 +231,7 @@ class SlackStream:
             )
         except SlackApiError as error:
             if _error(error) not in ENDED:
+                self._forget_if_deleted(message_id, error)
                 raise
             del self.streamed[message_id], self.wanted[message_id]
             await self._ended(message_id, error, text)
@@ -237,6 +240,13 @@ class SlackStream:
         if rest is None:
             await self._replace(message_id, text)
         self.whole[message_id] = text
+
+    def _forget_if_deleted(self, message_id: str, error: SlackApiError) -> None:
+        """`Gone` where a call into a stream failed as its message was deleted: the stream
+        is forgotten, and its text goes into a new message."""
+        if _error(error) == "message_not_found":
+            del self.streamed[message_id], self.wanted[message_id]
+            raise Gone(message_id) from error
 
     async def _ended(self, message_id: str, error: SlackApiError, text: str) -> None:
         """Slack ended this stream early: a reader stopped it (it stays as they left it),
@@ -298,7 +308,12 @@ class NativeReply(StreamingReply):
         try:
             await ending
         finally:
-            await self.target.close()
+            try:
+                await self.target.close()
+            except Gone as gone:  # deleted at its end: its text in a new stream, ended too
+                index = self.message_ids.index(gone.args[0])
+                await self._put(index, self.shown[index])
+                await self.target.close()
 
 
 class FallbackReply:

@@ -449,6 +449,30 @@ async def test_a_resumed_answer_whose_message_was_deleted_is_posted_again(
     assert slack.message("C0001", again)["text"] == shown
 
 
+@pytest.mark.parametrize("streamed_after", ["", " More follows."])
+async def test_a_native_answer_whose_message_is_deleted_while_it_streams_is_posted_again(
+    slack, make_service, streamed_after
+):
+    """Someone deleted the streaming message: each call into its stream failed with
+    message_not_found, the answer was never shown, and the turn gave up after its tries.
+    Found by the next text streamed into it, or at the stream's end if none came."""
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    mention = slack.app_mention("C0001", "What is the capital of France?")
+    saved = saved_target(slack, mention["ts"], native=True)
+    async with make_service() as (service, _batcher):
+        sink = resumed(slack, service, saved, lambda: None)
+        await sink.start()
+        await sink.append(ANSWER)
+        [deleted] = sink.reply_target()["messages"]
+        await client.chat_delete(channel="C0001", ts=deleted)
+        await sink.append(ANSWER + streamed_after)
+        await sink.finish(ANSWER + streamed_after)
+    [again] = sink.reply_target()["messages"]
+    assert again != deleted
+    assert slack.message("C0001", again)["text"] == to_markdown(ANSWER + streamed_after)
+    assert not slack.is_streaming("C0001", again)
+
+
 async def test_a_resumed_answer_s_new_stream_stopped_by_a_reader_stops_the_answer(
     slack, make_service
 ):
