@@ -157,9 +157,8 @@ class DiscordReply(StreamingReply):
     async def _delete_replaced(self) -> None:
         """The further messages of the answer this one regenerates."""
         while self.replacing:
-            with contextlib.suppress(discord.NotFound):  # by a try before a restart
-                await self.target.delete(self.replacing[-1])
-            self.replacing.pop()
+            await self.target.delete(self.replacing[-1])  # one gone already (a try before
+            self.replacing.pop()  # a restart deleted it) counts as deleted
 
     @contextlib.contextmanager
     def _tidying(self) -> Iterator[None]:

@@ -6,6 +6,7 @@ Shared by the adapter (messages), its commands and its buttons; knows nothing of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
@@ -166,7 +167,8 @@ class DiscordChannel:
             raise
 
     async def delete(self, message_id: str) -> None:
-        await self.destination.get_partial_message(int(message_id)).delete()
+        with contextlib.suppress(discord.NotFound):  # deleted already: what was asked
+            await self.destination.get_partial_message(int(message_id)).delete()
 
     async def _open_thread(self) -> None:
         if self.thread_from is None or self.thread_open:

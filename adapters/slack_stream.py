@@ -103,7 +103,11 @@ class SlackThread:
         )
 
     async def delete(self, message_id: str) -> None:
-        await self.client.chat_delete(channel=self.channel, ts=message_id)
+        try:
+            await self.client.chat_delete(channel=self.channel, ts=message_id)
+        except SlackApiError as error:
+            if _error(error) != "message_not_found":  # deleted already: what was asked
+                raise
 
 
 class SlackStream:

@@ -449,6 +449,28 @@ async def test_a_resumed_answer_whose_message_was_deleted_is_posted_again(
     assert slack.message("C0001", again)["text"] == shown
 
 
+async def test_a_message_the_answer_no_longer_needs_and_someone_deleted_is_let_go(
+    slack, make_service
+):
+    """The final text needs one message of the two an earlier process posted, and the
+    second was deleted meanwhile: its delete failed (message_not_found), so the answer's
+    saved messages kept it, where a Regenerate or the next answer then looked for it."""
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    mention = slack.app_mention("C0001", "What is the capital of France?")
+    first, second = [
+        (await client.chat_postMessage(channel="C0001", thread_ts=mention["ts"], text=t))["ts"]
+        for t in ("Paris is the", "capital…")
+    ]
+    await client.chat_delete(channel="C0001", ts=second)
+    saved = saved_target(slack, mention["ts"], messages=[first, second])
+    async with make_service() as (service, _batcher):
+        sink = resumed(slack, service, saved, lambda: None)
+        await sink.start()
+        await sink.finish(ANSWER)
+    assert sink.reply_target()["messages"] == [first]
+    assert slack.message("C0001", first)["text"] == to_mrkdwn(ANSWER)
+
+
 @pytest.mark.parametrize("streamed_after", ["", " More follows."])
 async def test_a_native_answer_whose_message_is_deleted_while_it_streams_is_posted_again(
     slack, make_service, streamed_after
