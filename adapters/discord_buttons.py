@@ -24,6 +24,8 @@ from adapters.discord_channel import (
     PLATFORM,
     DiscordChannel,
     Memberships,
+    bot_name,
+    channel_name,
     requester,
     set_buttons,
 )
@@ -267,6 +269,8 @@ class AnswerButtons:
         refusal = await self.service.regenerate(
             asker.conversation, place=place, by=by, request_id=request,
             sink=self.regenerating(place, request, asker),
+            channel_name=channel_name(interaction.channel),
+            bot_name=bot_name(interaction.client, interaction.guild),
         )  # fmt: skip
         if refusal is not None:
             await self._tell(interaction, refusal)

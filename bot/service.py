@@ -914,6 +914,8 @@ class ChatService:
         by: str,
         request_id: str,
         sink: ReplySink,
+        channel_name: str = "",
+        bot_name: str = "",
     ) -> str | None:
         """Answer the conversation's last question again, into `sink`, in place of the
         answer pressed: the one shown at `place`, as `answer_place` gave it then. The new
@@ -927,6 +929,7 @@ class ChatService:
         does not end with that answer (it was regenerated already, or a newer one came,
         even while this waited for the lock), its regeneration was asked already (a
         double click), or it is still being answered after REGENERATE_WAIT_S.
+        `channel_name` and `bot_name` fill a persona's placeholders, as a message's turn's.
 
         It waits for the lock rather than the turn letting go before its buttons show:
         the lock is what keeps turns in every process from interleaving the history, and
@@ -946,7 +949,8 @@ class ChatService:
             question = last[0]
             turn = Turn(
                 conversation, by, question["content"], request_id,
-                author_name=question.get("name", ""),
+                author_name=question.get("name", ""), channel_name=channel_name,
+                bot_name=bot_name,
             )  # fmt: skip
             try:
                 accepted = await self.journal.accept(turn, sink.reply_target(), regenerates=place)

@@ -547,6 +547,22 @@ async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(disc
     assert bot.batcher.prompts[1] == bot.batcher.prompts[0]  # the same question, once
 
 
+async def test_a_regeneration_fills_a_changed_persona_as_a_message_would(discord_bot):
+    """The persona's text changed since the answer (a reload), so the press filled it
+    anew, with the channel's id for {channel_name}, and the conversation kept that."""
+    persona = "Hello from {channel_name}."
+    async with discord_bot(Answers("First.", "Second."), system_prompt=persona) as bot:
+        fake = bot.fake
+        channel, first, regenerate = await answered_in_a_dm(bot, "hi")
+        bot.service.team.settings = bot.service.team.settings.model_copy(
+            update={"system_prompt": "Now in {channel_name}."}
+        )
+        await fake.press_button(channel, first["id"], regenerate)
+        await fake.wait_for(lambda: fake.message(channel, first["id"])["content"] == "Second.")
+    assert bot.batcher.prompts[0][0]["content"] == "Hello from a direct message."
+    assert bot.batcher.prompts[1][0] == {"role": "system", "content": "Now in a direct message."}
+
+
 async def test_regenerate_pressed_as_a_turn_ends_waits_for_it(discord_bot, redis_client: Redis):
     """A turn lets go of its conversation a moment after its buttons show (longer on a slow
     Redis, or for a turn in another process): a press meanwhile is acknowledged at once,
