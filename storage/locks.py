@@ -50,6 +50,8 @@ class ConversationLocks:
         self.lease_s = lease_s
         # Entries vanish once no turn holds or awaits their lock.
         self._local: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+        # Leases whose release failed (Redis was out): their token, and when they lapse.
+        self._unreleased: dict[str, tuple[str | bytes, float]] = {}
 
     @contextlib.asynccontextmanager
     async def hold(self, conversation: str) -> AsyncIterator[None]:
@@ -57,11 +59,10 @@ class ConversationLocks:
         if (local := self._local.get(conversation)) is None:
             local = self._local[conversation] = asyncio.Lock()
         async with local:
-            lease = _Lease(
-                self._redis, keys.turn_lock(conversation), timeout=self.lease_s,
-                sleep=POLL_S, thread_local=False,
-            )  # fmt: skip
-            await lease.acquire()
+            lease = self._lease(conversation)
+            # A lease of ours left in Redis by a release that failed is taken up at once,
+            # where a new token would wait for it to lapse.
+            await lease.acquire(token=self._left(conversation))
             released = asyncio.Event()
             renewing = asyncio.create_task(self._renew(lease, released))
             try:
@@ -69,14 +70,42 @@ class ConversationLocks:
             finally:
                 released.set()
                 await renewing
-                with contextlib.suppress(LockError, RedisError):  # expired, or Redis is gone
-                    await lease.release()
+                await self._release(conversation, lease)
 
     async def busy(self, conversation: str) -> bool:
         """Whether a turn of the conversation runs, or waits, in any process."""
         if (local := self._local.get(conversation)) is not None and local.locked():
             return True
+        if (token := self._left(conversation)) is not None:  # no turn holds it: let go
+            lease = self._lease(conversation)
+            lease.local.token = token
+            await self._release(conversation, lease)
         return bool(await self._redis.exists(keys.turn_lock(conversation)))
+
+    def _lease(self, conversation: str) -> _Lease:
+        return _Lease(
+            self._redis, keys.turn_lock(conversation), timeout=self.lease_s, sleep=POLL_S,
+            thread_local=False,
+        )  # fmt: skip
+
+    async def _release(self, conversation: str, lease: _Lease) -> None:
+        """Release a lease; where Redis is out, keep its token for the conversation's next
+        turn here, or `busy`, to let go of (else it would keep every turn out until it
+        lapsed, after Redis was back)."""
+        token = lease.local.token
+        try:
+            await lease.release()
+        except LockError:  # lapsed already
+            pass
+        except RedisError:
+            now = asyncio.get_running_loop().time()
+            self._unreleased = {c: kept for c, kept in self._unreleased.items() if kept[1] > now}
+            self._unreleased[conversation] = (token, now + self.lease_s)
+
+    def _left(self, conversation: str) -> str | bytes | None:
+        """The token of the conversation's lease that failed to be released, if any."""
+        token, _lapses = self._unreleased.pop(conversation, (None, 0.0))
+        return token
 
     async def idle(self, conversation: str, *, within: float) -> bool:
         """Whether the conversation's turns, here and elsewhere, are all done within

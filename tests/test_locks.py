@@ -96,3 +96,35 @@ async def test_a_lease_whose_reply_was_lost_is_held_at_once(
         assert await asyncio.wait_for(turn(), 10)
         assert proxy.lost == lose
     assert not await redis_client.exists(keys.turn_lock(conversation))  # let go after
+
+
+async def test_a_lease_whose_release_failed_in_an_outage_is_let_go_of_once_redis_answers(
+    redis_client: Redis, monkeypatch
+):
+    """Redis was out as a turn ended, so its lease stayed in Redis: every later turn of the
+    conversation, and Regenerate (`busy`), waited for it to lapse, where this process,
+    which holds it, can let it go as soon as Redis answers."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from storage.locks import _Lease
+
+    release = _Lease.release
+
+    async def out(lease: _Lease) -> None:
+        monkeypatch.setattr(_Lease, "release", release)  # the next one reaches Redis
+        raise RedisConnectionError("Redis is out")
+
+    locks = ConversationLocks(redis=redis_client, lease_s=30)
+    for check in ("hold", "busy"):
+        conversation = uuid.uuid4().hex
+        monkeypatch.setattr(_Lease, "release", out)
+        async with locks.hold(conversation):
+            pass
+        assert await redis_client.exists(keys.turn_lock(conversation))  # left behind
+        async with asyncio.timeout(5):  # not the lease's 30 s
+            if check == "hold":
+                async with locks.hold(conversation):
+                    pass
+                assert not await redis_client.exists(keys.turn_lock(conversation))
+            else:
+                assert not await locks.busy(conversation)
