@@ -62,7 +62,11 @@ class ConversationLocks:
             lease = self._lease(conversation)
             # A lease of ours left in Redis by a release that failed is taken up at once,
             # where a new token would wait for it to lapse.
-            await lease.acquire(token=self._left(conversation))
+            left = self._left(conversation)
+            await lease.acquire(token=left)
+            if left is not None:  # its TTL is what was left of it: a whole term from now
+                with contextlib.suppress(LockError):  # it lapsed: the turn goes on, as after
+                    await lease.reacquire()  # a failed renewal
             released = asyncio.Event()
             renewing = asyncio.create_task(self._renew(lease, released))
             try:

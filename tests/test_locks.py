@@ -121,10 +121,12 @@ async def test_a_lease_whose_release_failed_in_an_outage_is_let_go_of_once_redis
         async with locks.hold(conversation):
             pass
         assert await redis_client.exists(keys.turn_lock(conversation))  # left behind
+        await redis_client.pexpire(keys.turn_lock(conversation), 2000)  # its term nearly out
         async with asyncio.timeout(5):  # not the lease's 30 s
             if check == "hold":
                 async with locks.hold(conversation):
-                    pass
+                    # Taken up for a whole term, or another process could take it mid-turn.
+                    assert await redis_client.pttl(keys.turn_lock(conversation)) > 20_000
                 assert not await redis_client.exists(keys.turn_lock(conversation))
             else:
                 assert not await locks.busy(conversation)
