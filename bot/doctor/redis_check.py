@@ -60,7 +60,8 @@ def _judge(where: str, info: dict[str, Any]) -> Finding:
         memory += f" of {info['maxmemory_human']} ({info['maxmemory_policy']})"
     aof = "AOF on" if int(info.get("aof_enabled", 0)) else "AOF off"
     facts = f"{where}: Redis {info['redis_version']}, {aof}, {memory}"
-    if limit and int(info["used_memory"]) >= limit:
+    noeviction = info.get("maxmemory_policy") == "noeviction"
+    if limit and noeviction and int(info["used_memory"]) >= limit:
         return fail(
             CHECK,
             f"{facts}: Redis is full, and refuses new messages until it has room; raise "
@@ -72,7 +73,7 @@ def _judge(where: str, info: dict[str, Any]) -> Finding:
             f"{facts}: conversations since the last snapshot are lost if Redis stops; "
             "turn on appendonly (CONFIG SET appendonly yes, and in redis.conf)",
         )
-    if limit and info["maxmemory_policy"] != "noeviction":
+    if limit and not noeviction:
         return warn(
             CHECK,
             f"{facts}: at the limit Redis evicts keys, conversations and pending turns among "
