@@ -369,7 +369,8 @@ class Settings(BaseSettings):
     @classmethod
     def _a_redis_url(cls, value: str | None) -> str | None:
         # Checked here, not at connect: a URL no restart can fix is a setting (exit 2).
-        if value is not None and (problem := url_problem(value)):
+        # Empty, as `redis_url: ""` in the team's file, is unset: the embedded Redis.
+        if value and (problem := url_problem(value)):
             raise PydanticCustomError("url", problem)
         return value
 

@@ -185,6 +185,12 @@ def test_a_persona_for_every_platform_names_its_channel_by_id(tmp_path: Path) ->
     assert "is not a platform id" in line and "platform: console" in line
 
 
+def test_an_empty_redis_url_in_the_team_file_is_the_embedded_redis(tmp_path: Path) -> None:
+    """As an empty REDIS_URL= line in `.env` is: unset, not a URL without its scheme."""
+    write(tmp_path / "threadbot.yml", 'redis_url: ""\n')
+    assert not load_settings().redis_url
+
+
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
     write(
         tmp_path / "threadbot.yml",
