@@ -210,8 +210,8 @@ class SlackStream:
 
     async def close(self) -> None:
         """End every open stream with its whole text, each tried whatever the others did
-        (the first failure is raised after: `Gone` for a message deleted meanwhile); no
-        status is left showing after."""
+        (after: `Gone`, naming every message deleted meanwhile, else the first failure);
+        no status is left showing after."""
         failures: list[SlackApiError | Gone] = []
         try:
             for message_id in list(self.streamed):
@@ -221,6 +221,8 @@ class SlackStream:
                     failures.append(error)
         finally:
             await self.status.clear()
+        if gone := [failure.args[0] for failure in failures if isinstance(failure, Gone)]:
+            raise Gone(*gone)
         if failures:
             raise failures[0]
 
@@ -314,9 +316,10 @@ class NativeReply(StreamingReply):
         finally:
             try:
                 await self.target.close()
-            except Gone as gone:  # deleted at its end: its text in a new stream, ended too
-                index = self.message_ids.index(gone.args[0])
-                await self._put(index, self.shown[index])
+            except Gone as gone:  # deleted at their end: their text in new streams, ended too
+                for message_id in gone.args:
+                    index = self.message_ids.index(message_id)
+                    await self._put(index, self.shown[index])
                 await self.target.close()
 
 

@@ -264,6 +264,9 @@ class StreamingReply:
             return
         try:
             await self._filled(index)
+        except Gone:  # deleted: its text goes into a new message, ended with the next text
+            await self._put(index, self.shown[index])
+            return
         except Exception:  # not a reader's stop: the rest can still be posted
             logger.warning("ending a full message of an answer failed", exc_info=True)
             return  # tried again with the next text

@@ -229,6 +229,11 @@ class FakeSlack:
         """End every open stream as Slack does a few minutes after each began."""
         self.streaming.clear()
 
+    def delete_by_user(self, channel: str, ts: str) -> None:
+        """Someone (an admin) deletes a message: a stream into it is gone with it."""
+        self.channels[channel].remove(self.message(channel, ts))
+        self.streaming.discard((channel, ts))
+
     def stop_by_user(self, channel: str, ts: str) -> None:
         """A reader presses a stream's stop button: it takes nothing more."""
         self.streaming.discard((channel, ts))

@@ -495,6 +495,34 @@ async def test_a_native_answer_whose_message_is_deleted_while_it_streams_is_post
     assert not slack.is_streaming("C0001", again)
 
 
+async def test_a_full_message_deleted_before_its_stream_ends_is_posted_again(slack, make_service):
+    """A long answer's second message, full, deleted before its stream was ended: the
+    end failed (message_not_found), was only logged, and that part of the answer was
+    never shown again, a gap between the first message and the third."""
+    mention = slack.app_mention("C0001", "Tell me about Paris.")
+    saved = saved_target(slack, mention["ts"], native=True)
+    answer = " ".join(f"Fact {n}: {ANSWER}" for n in range(180))  # three messages
+    started: list[str] = []
+
+    def second_deleted_once_posted(call):
+        if call.method == "chat.startStream" and call.ok:
+            started.append(call.response["ts"])
+            if len(started) == 2:
+                slack.delete_by_user("C0001", call.response["ts"])
+
+    slack.after_call = second_deleted_once_posted
+    async with make_service() as (service, _batcher):
+        sink = resumed(slack, service, saved, lambda: None)
+        await sink.start()
+        await sink.append(answer)
+        await sink.finish(answer)
+    messages = sink.reply_target()["messages"]
+    assert len(messages) == 3 and started[1] not in messages
+    shown = " ".join(slack.message("C0001", ts)["text"] for ts in messages)
+    assert shown.split() == to_markdown(answer).split()  # every word, in order, once
+    assert not any(slack.is_streaming("C0001", ts) for ts in messages)
+
+
 async def test_a_resumed_answer_s_new_stream_stopped_by_a_reader_stops_the_answer(
     slack, make_service
 ):
