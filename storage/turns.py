@@ -193,17 +193,22 @@ class TurnJournal:
     async def save(self, pending: PendingTurn, *, target: dict[str, Any] | None = None,
                    answer: str | None = None, failure: str | None = None) -> bool:  # fmt: skip
         """Record progress (where the answer is posted, the answer itself, or the failure
-        the user is told); False if the turn is no longer ours."""
+        the user is told, with the answer it keeps: none but a regeneration's old one, so
+        an answer generated and saved before is dropped); False if the turn is no longer
+        ours."""
         fields = {"target": json.dumps(target)} if target is not None else {}
         fields |= {
             name: value for name, value in (("answer", answer), ("failure", failure)) if value
         }
+        dropped = failure is not None and not answer  # after a restart, stored as told
 
         async def write(pipe: Pipeline) -> bool:
             if not await self._ours(pipe, pending):
                 return False
             pipe.multi()
             pipe.hset(keys.turn(pending.id), mapping=fields)
+            if dropped:
+                pipe.hdel(keys.turn(pending.id), "answer")
             return True
 
         return await self._transaction([keys.turn(pending.id)], write)

@@ -285,6 +285,24 @@ async def test_save_records_progress_that_a_claim_reads_back(
     assert claimed.answer == "the answer, generated"
 
 
+async def test_a_failure_saved_after_the_answer_keeps_no_answer(
+    make_journal: MakeJournal, platform: str
+) -> None:
+    """The answer was written and saved, then could not be shown, and the user was told
+    it failed: after a restart the turn was closed as told, but with that answer stored,
+    one the user never saw. A regeneration's old answer, saved with its failure, stays."""
+    first = make_journal("first")
+    pending = await first.accept(new_turn(platform), {"thread": "T1", "messages": []})
+    assert pending is not None
+    assert await first.save(pending, answer="the answer, generated")
+    assert await first.save(pending, failure="Sorry, that failed.")
+    [claimed] = await make_journal("second").claim([platform], orphaned=())
+    assert (claimed.failure, claimed.answer) == ("Sorry, that failed.", None)
+    assert await make_journal("second").save(claimed, failure="It failed.", answer="old one")
+    [again] = await make_journal("third").claim([platform], orphaned=())
+    assert (again.failure, again.answer) == ("It failed.", "old one")
+
+
 async def test_finish_stores_the_answer_and_removes_the_record_in_one_multi(
     make_journal: MakeJournal, redis_client: Redis, store: ConversationStore, platform: str
 ) -> None:
