@@ -265,7 +265,12 @@ class StreamingReply:
         try:
             await self._filled(index)
         except Gone:  # deleted: its text goes into a new message, ended with the next text
-            await self._put(index, self.shown[index])
+            text = self.shown.pop(index)  # not shown: put again by the next text if not now
+            try:
+                await self._put(index, text)
+            except Exception:
+                logger.warning("posting a deleted message of an answer again failed",
+                               exc_info=True)  # fmt: skip
             return
         except Exception:  # not a reader's stop: the rest can still be posted
             logger.warning("ending a full message of an answer failed", exc_info=True)

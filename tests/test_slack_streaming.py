@@ -495,10 +495,14 @@ async def test_a_native_answer_whose_message_is_deleted_while_it_streams_is_post
     assert not slack.is_streaming("C0001", again)
 
 
-async def test_a_full_message_deleted_before_its_stream_ends_is_posted_again(slack, make_service):
+@pytest.mark.parametrize("first_repost_fails", [False, True])
+async def test_a_full_message_deleted_before_its_stream_ends_is_posted_again(
+    slack, make_service, first_repost_fails
+):
     """A long answer's second message, full, deleted before its stream was ended: the
     end failed (message_not_found), was only logged, and that part of the answer was
-    never shown again, a gap between the first message and the third."""
+    never shown again, a gap between the first message and the third. Where posting it
+    again fails too, the next text tries again."""
     mention = slack.app_mention("C0001", "Tell me about Paris.")
     saved = saved_target(slack, mention["ts"], native=True)
     answer = " ".join(f"Fact {n}: {ANSWER}" for n in range(180))  # three messages
@@ -509,6 +513,8 @@ async def test_a_full_message_deleted_before_its_stream_ends_is_posted_again(sla
             started.append(call.response["ts"])
             if len(started) == 2:
                 slack.delete_by_user("C0001", call.response["ts"])
+                if first_repost_fails:
+                    slack.fail_next("chat.startStream", "internal_error")
 
     slack.after_call = second_deleted_once_posted
     async with make_service() as (service, _batcher):
