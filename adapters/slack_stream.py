@@ -319,7 +319,7 @@ class NativeReply(StreamingReply):
             except Gone as gone:  # deleted at their end: their text in new streams, ended too
                 for message_id in gone.args:
                     index = self.message_ids.index(message_id)
-                    await self._put(index, self.shown[index])
+                    await self._post_again(index, self.shown[index])
                 await self.target.close()
 
 

@@ -267,10 +267,12 @@ class StreamingReply:
         except Gone:  # deleted: its text goes into a new message, ended with the next text
             text = self.shown.pop(index)  # not shown: put again by the next text if not now
             try:
-                await self._put(index, text)
+                await self._post_again(index, text)
             except Exception:
                 logger.warning("posting a deleted message of an answer again failed",
                                exc_info=True)  # fmt: skip
+                return
+            self.shown[index] = text
             return
         except Exception:  # not a reader's stop: the rest can still be posted
             logger.warning("ending a full message of an answer failed", exc_info=True)
@@ -330,10 +332,15 @@ class StreamingReply:
         else:
             try:
                 await self.target.edit(self.message_ids[index], text)
-            except Gone:  # its text would be lost with it: posted again, after the others
-                self.message_ids[index] = await self.target.post(text)
-                await self._changed()
+            except Gone:  # its text would be lost with it
+                await self._post_again(index, text)
         self.shown[index] = text
+
+    async def _post_again(self, index: int, text: str) -> None:
+        """The answer's `index`-th message was deleted: `text` goes into a new one, posted
+        after the others, in its place among the answer's messages."""
+        self.message_ids[index] = await self.target.post(text)
+        await self._changed()
 
     async def _post(self, text: str) -> None:
         self.message_ids.append(await self.target.post(text))
