@@ -7,8 +7,13 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
+from processes import RedisServer
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from storage import keys
 from storage.locks import ConversationLocks
@@ -98,35 +103,32 @@ async def test_a_lease_whose_reply_was_lost_is_held_at_once(
     assert not await redis_client.exists(keys.turn_lock(conversation))  # let go after
 
 
+@pytest.mark.parametrize("then", ["hold", "busy"])
 async def test_a_lease_whose_release_failed_in_an_outage_is_let_go_of_once_redis_answers(
-    redis_client: Redis, monkeypatch
+    tmp_path: Path, then: str
 ):
-    """Redis was out as a turn ended, so its lease stayed in Redis: every later turn of the
-    conversation, and Regenerate (`busy`), waited for it to lapse, where this process,
-    which holds it, can let it go as soon as Redis answers."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    from storage.locks import _Lease
-
-    release = _Lease.release
-
-    async def out(lease: _Lease) -> None:
-        monkeypatch.setattr(_Lease, "release", release)  # the next one reaches Redis
-        raise RedisConnectionError("Redis is out")
-
-    locks = ConversationLocks(redis=redis_client, lease_s=30)
-    for check in ("hold", "busy"):
-        conversation = uuid.uuid4().hex
-        monkeypatch.setattr(_Lease, "release", out)
-        async with locks.hold(conversation):
-            pass
-        assert await redis_client.exists(keys.turn_lock(conversation))  # left behind
-        await redis_client.pexpire(keys.turn_lock(conversation), 2000)  # its term nearly out
-        async with asyncio.timeout(5):  # not the lease's 30 s
-            if check == "hold":
-                async with locks.hold(conversation):
-                    # Taken up for a whole term, or another process could take it mid-turn.
-                    assert await redis_client.pttl(keys.turn_lock(conversation)) > 20_000
-                assert not await redis_client.exists(keys.turn_lock(conversation))
-            else:
-                assert not await locks.busy(conversation)
+    """Redis was out (killed) as a turn ended, so its lease stayed in Redis: every later
+    turn of the conversation, and Regenerate (`busy`), waited for it to lapse, where this
+    process, which holds it, can let it go as soon as Redis answers again."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    conversation = uuid.uuid4().hex
+    lease = keys.turn_lock(conversation)
+    try:
+        async with Redis.from_url(server.url, retry=Retry(NoBackoff(), 1)) as redis:
+            locks = ConversationLocks(redis=redis, lease_s=30)
+            async with locks.hold(conversation):
+                server.kill()  # its release fails
+            server.start()  # the same port and data: the lease is there still
+            assert await redis.exists(lease)
+            await redis.pexpire(lease, 4000)  # its term nearly out
+            async with asyncio.timeout(2):  # not what is left of its term
+                if then == "hold":
+                    async with locks.hold(conversation):
+                        # Taken up for a whole term, or another process could take it.
+                        assert await redis.pttl(lease) > 20_000
+                    assert not await redis.exists(lease)
+                else:
+                    assert not await locks.busy(conversation)
+    finally:
+        server.kill()
