@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,8 +188,9 @@ class Worker:
         self.own = keys.worker_jobs(name)
         self.streams = (self.own, keys.JOBS)  # where its new jobs come from, its own first
         self._running: dict[Entry, _Taken] = {}
-        self._taking: set[Entry] = set()  # being checked before they run
-        self._asking = 0  # rows held by reads and claims waiting for Redis's reply
+        # One take of jobs (read, claim) at a time, from counting the rows free to the
+        # jobs running: the reader and the sweep, taking at once, would each take them all.
+        self._taking = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
@@ -337,55 +338,34 @@ class Worker:
     async def _read(self, stream: str, at_most: int | None = None) -> int:
         """Take as many new jobs from `stream` as there are rows free (and `at_most`);
         how many."""
-        count = min(self._free_rows, at_most or self._free_rows)
-        if count <= 0:  # (a COUNT of 0 would take them all)
-            return 0
-        try:
-            with self._asking_for(count):
+        async with self._taking:
+            count = min(self._free_rows, at_most or self._free_rows)
+            if count <= 0:  # (a COUNT of 0 would take them all)
+                return 0
+            try:
                 replies = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count)
-        except ResponseError as error:
-            if "NOGROUP" not in str(error):
-                raise
-            if stream == self.own:  # a sweep took our stream for dead: make it again
-                await self._ensure_groups()
-            return 0  # another worker's stream, gone: nothing to take there
-        entries = [entry for _, entries in replies for entry in entries]
-        now = self.clock.now()  # when they were read: taking each awaits Redis
-        # All of them at once: none is taken for lost while those before it are checked.
-        with self._checking({(stream, entry_id) for entry_id, _ in entries}):
+            except ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                replies = []  # another worker's stream, gone: nothing to take there
+                if stream == self.own:  # a sweep took our stream for dead: make it again
+                    await self._ensure_groups()
+            entries = [entry for _, entries in replies for entry in entries]
+            now = self.clock.now()  # when they were read: taking each awaits Redis
             for entry_id, fields in entries:
                 self.metrics.job_wait.observe(entry_age(entry_id, now))
                 await self._check_and_run(stream, entry_id, fields, attempt=1)
-        return len(entries)
+            return len(entries)
 
     @property
     def _free_rows(self) -> int:
         """Rows free in the batch, and room in the inference queue for them (QUEUE_MAX
         may be lower, and a stopped row leaves the queue only after its step); a job run
-        whose task has not yet reached the queue holds its place there already."""
+        whose task has not yet reached the queue holds its place there already. Exact
+        only while `_taking` is held: a take in progress holds rows it has not yet filled."""
         unsubmitted = sum(taken.generation is None for taken in self._running.values())
         room = self.inference.max_size - self.inference.depth - unsubmitted
-        return min(self.rows - len(self._running), room) - len(self._taking) - self._asking
-
-    @contextlib.contextmanager
-    def _asking_for(self, count: int) -> Iterator[None]:
-        """While the block waits for Redis to hand over up to `count` jobs, their rows are
-        held: the reader and the sweep, asking at once, would each take all that is free."""
-        self._asking += count
-        try:
-            yield
-        finally:
-            self._asking -= count
-
-    @contextlib.contextmanager
-    def _checking(self, entries: set[Entry]) -> Iterator[None]:
-        """While the block checks `entries`, however long it waits on Redis, they are
-        neither lost nor claimed here again, and they hold rows."""
-        self._taking |= entries
-        try:
-            yield
-        finally:
-            self._taking -= entries
+        return min(self.rows - len(self._running), room)
 
     async def _check_and_run(
         self, stream: str, entry_id: str, fields: dict[str, str], attempt: int
@@ -618,17 +598,17 @@ class Worker:
         pending entries a call: an abandoned job behind running ones takes more calls."""
         cursor = "0-0"
         for _ in range(CLAIM_SCANS):
-            free = self._free_rows
-            if free <= 0:
-                return
-            try:
-                with self._asking_for(free):
+            async with self._taking:
+                free = self._free_rows
+                if free <= 0:
+                    return
+                try:
                     cursor, claimed, *_ = await self.redis.xautoclaim(
                         stream, GROUP, self.name, self.claim_idle_ms, cursor, count=free
                     )
-            except ResponseError:  # no such stream or group (yet, or any more)
-                return
-            await self._take_claimed(stream, claimed)
+                except ResponseError:  # no such stream or group (yet, or any more)
+                    return
+                await self._take_claimed(stream, claimed)
             if cursor == "0-0":  # the whole pending list seen
                 return
 
@@ -636,42 +616,40 @@ class Worker:
         """Take the jobs delivered to this worker that it never read (`LOST_AFTER_MS`) now,
         rather than after `JOB_CLAIM_IDLE_S`: claimed again, so the delivery counts as any
         claim's does."""
-        free = self._free_rows
-        if free <= 0:
-            return
-        known = {entry_id for of, entry_id in self._running.keys() | self._taking if of == stream}
-        try:
-            held = await self.redis.xpending_range(
-                stream, GROUP, "-", "+", len(known) + free, consumername=self.name,
-                idle=LOST_AFTER_MS,
-            )  # fmt: skip
-        except ResponseError:  # no such stream or group (any more)
-            return
-        lost = [e["message_id"] for e in held if e["message_id"] not in known]
-        lost = lost[: self._free_rows]  # as many as are free now, after that wait
-        if not lost:
-            return
-        logger.warning("%d jobs delivered to %s were never read; taking them", len(lost), self.name)
-        with self._asking_for(len(lost)):
+        async with self._taking:
+            free = self._free_rows
+            if free <= 0:
+                return
+            known = {entry_id for of, entry_id in self._running if of == stream}
+            try:
+                held = await self.redis.xpending_range(
+                    stream, GROUP, "-", "+", len(known) + free, consumername=self.name,
+                    idle=LOST_AFTER_MS,
+                )  # fmt: skip
+            except ResponseError:  # no such stream or group (any more)
+                return
+            lost = [e["message_id"] for e in held if e["message_id"] not in known][:free]
+            if not lost:
+                return
+            logger.warning(
+                "%d jobs delivered to %s were never read; taking them", len(lost), self.name
+            )
             claimed = await self.redis.xclaim(stream, GROUP, self.name, LOST_AFTER_MS, lost)
-        await self._take_claimed(stream, claimed)
+            await self._take_claimed(stream, claimed)
 
     async def _take_claimed(self, stream: str, claimed: list[tuple[str, dict[str, str]]]) -> None:
         """Claimed jobs, each checked and run, but those this worker runs already (claimed
-        as their keep-alive came late). All hold their rows while the first are checked,
-        as `_read`'s do, or the reader would take new jobs into them and overfill the
-        batch."""
-        busy = self._running.keys() | self._taking
-        fresh = [(entry, fields) for entry, fields in claimed if (stream, entry) not in busy]
-        with self._checking({(stream, entry) for entry, _ in fresh}):
-            for entry_id, fields in fresh:
-                if not fields:  # deleted while pending: nothing to answer
-                    await self._acknowledge(stream, entry_id)
-                    continue
-                pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
-                if pending:  # else acknowledged meanwhile
-                    attempt = pending[0]["times_delivered"]
-                    await self._check_and_run(stream, entry_id, fields, attempt)
+        as their keep-alive came late). Called under `_taking`."""
+        for entry_id, fields in claimed:
+            if (stream, entry_id) in self._running:
+                continue
+            if not fields:  # deleted while pending: nothing to answer
+                await self._acknowledge(stream, entry_id)
+                continue
+            pending = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+            if pending:  # else acknowledged meanwhile
+                attempt = pending[0]["times_delivered"]
+                await self._check_and_run(stream, entry_id, fields, attempt)
 
     async def _tidy_dead_workers(self, roll: Roll) -> None:
         """Forget a dead worker whose stream holds no job any more, and drop dead workers

@@ -278,6 +278,7 @@ async def test_jobs_read_together_are_not_taken_for_lost_while_the_first_is_chec
     answer the first check, a sweep looks for jobs delivered to it and never read: the
     second is being taken, not lost."""
     monkeypatch.setattr(bot.worker, "LOST_AFTER_MS", 50)
+    sweeps = []
     jobs = jobs_for(2)
     for job in jobs:
         await streams.xadd(keys.JOBS, job.fields())
@@ -291,13 +292,15 @@ async def test_jobs_read_together_are_not_taken_for_lost_while_the_first_is_chec
 
         async def slow_first_check(*args: Any, **kwargs: Any) -> None:
             if not working._running:
-                await asyncio.sleep(0.1)
-                await working._take_lost(keys.JOBS)  # the sweep, meanwhile
+                await asyncio.sleep(0.1)  # the second is idle past LOST_AFTER_MS
+                sweeps.append(asyncio.create_task(working._take_lost(keys.JOBS)))  # meanwhile
+                await asyncio.sleep(0.05)
             await check_and_run(*args, **kwargs)
 
         monkeypatch.setattr(working, "_check_and_run", slow_first_check)
         await working._ensure_groups()
         assert await working._read(keys.JOBS) == 2
+        await asyncio.gather(*sweeps)
         for job in jobs:
             await wait_until(lambda job=job: ended(streams, job.id))
         await working.finish(0)
@@ -640,18 +643,51 @@ async def test_jobs_claimed_hold_their_rows_from_the_reader(
             redis=streams, inference=inference, name="w1", rows=2, claim_idle_s=60,
             max_deliveries=3,
         )  # fmt: skip
-        call, read_meanwhile = getattr(streams, during), []
+        call, reads = getattr(streams, during), []
 
         async def the_reader_reads_meanwhile(*args: Any, **kwargs: Any) -> Any:
-            if not read_meanwhile:
-                read_meanwhile.append(await working._read(keys.JOBS))
+            if not reads:
+                reads.append(asyncio.create_task(working._read(keys.JOBS)))
+                await asyncio.sleep(0.05)
             return await call(*args, **kwargs)
 
         monkeypatch.setattr(streams, during, the_reader_reads_meanwhile)
         await working._claim_abandoned(keys.JOBS)
+        read_meanwhile = await asyncio.gather(*reads)
         claimed = {taken.job.id for taken in working._running.values()}
         await working.finish(5)
     assert read_meanwhile == [0] and claimed == {first.id, second.id}
+
+
+async def test_a_sweep_while_the_reader_asks_for_new_jobs_claims_the_abandoned_one(
+    streams, make_batcher, monkeypatch
+):
+    """The reader asks Redis for new jobs (its XREADGROUP) just as the sweep looks for
+    abandoned ones: the sweep claims them once the read is done. It gave up, for the read
+    held every row: a reader and a sweep waking in step (both every 0.5 s, with
+    JOB_CLAIM_IDLE_S=1.5) left a dead worker's job unclaimed for minutes."""
+    await streams.xgroup_create(keys.JOBS, GROUP, id="0", mkstream=True)
+    [abandoned] = jobs_for(1)
+    entry_id = await streams.xadd(keys.JOBS, abandoned.fields())
+    await streams.xreadgroup(GROUP, "dead", {keys.JOBS: ">"})
+    await streams.xclaim(keys.JOBS, GROUP, "dead", 0, [entry_id], idle=60_000, justid=True)
+    async with InferenceQueue(batcher=make_batcher(max_new_tokens=4), max_size=8, timeout=60) as q:
+        working = Worker(
+            redis=streams, inference=q, name="w1", rows=4, claim_idle_s=60, max_deliveries=3
+        )
+        xreadgroup, sweeps = streams.xreadgroup, []
+
+        async def the_sweep_comes_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            sweeps.append(asyncio.create_task(working._claim_abandoned(keys.JOBS)))
+            await asyncio.sleep(0.05)
+            return await xreadgroup(*args, **kwargs)
+
+        monkeypatch.setattr(streams, "xreadgroup", the_sweep_comes_meanwhile)
+        assert await working._read(keys.JOBS) == 0  # nothing new
+        await asyncio.gather(*sweeps)
+        claimed = [taken.job.id for taken in working._running.values()]
+        await working.finish(5)
+    assert claimed == [abandoned.id]
 
 
 async def test_a_job_cancelled_as_it_starts_writes_none_of_its_answer(
