@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -180,7 +181,10 @@ def prompt_in_effect(prompt: str | None, *, max_new_tokens: int, temperature: fl
     if prompt is None:
         text = "No system prompt is set here: the model's own default applies."
     else:
-        text = f"The system prompt here:\n```\n{prompt}\n```"
+        # A fence in the prompt would close the one it is shown in: a zero-width space
+        # after each backtick that begins a run of three keeps it whole on both platforms.
+        unfenced = re.sub(r"`(?=``)", "`\u200b", prompt)
+        text = f"The system prompt here:\n```\n{unfenced}\n```"
     heat = "the model's default" if temperature is None else temperature
     return f"{text}\nAnswers: up to {max_new_tokens} tokens, temperature {heat}."
 

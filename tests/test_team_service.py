@@ -150,6 +150,14 @@ async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
         assert "New: 09:02 UTC." in sink.kinds("finish")[0]
 
 
+@pytest.mark.parametrize("fence", ["```", "````"])
+def test_a_prompt_with_a_code_fence_is_shown_whole_inside_its_own(fence):
+    prompt = f"Answer with code in {fence}python blocks{fence}."
+    shown = replies.prompt_in_effect(prompt, max_new_tokens=64, temperature=None)
+    assert shown.count("```") == 2  # the one it is shown in
+    assert prompt in shown.replace("\u200b", "")
+
+
 async def test_only_the_starter_or_an_admin_may_reset_or_forget(make_service, store, conversation):
     rules = Access(admins=("UADMIN",))
     async with make_service(access=rules) as (service, _batcher):
