@@ -20,7 +20,7 @@ LANGUAGE = re.compile(r"(?<=\A```)[\w+#.-]{1,20}(?=\n)")  # a code block's, whic
 # which CommonMark allows in a URL too.
 URL_PART = r"(?:[^\s()|]|\([^\s()|]*\))"
 LINK = re.compile(rf"\[([^\]\n]+)\]\((https?://{URL_PART}+)\)")
-SCHEME = re.compile(r"^https?://", re.IGNORECASE)
+SCHEME = re.compile(r"^(?:https?://|mailto:)", re.IGNORECASE)
 # `**x**` or `__x__`. As in CommonMark, `__` is never bold inside a word (`snake_case__name`,
 # `a__b__c`); nor around an all-lowercase or all-uppercase name, which can't be told from
 # Python's or C's (`__init__`, `__FILE__`).

@@ -459,10 +459,11 @@ async def test_slack_markup_reaches_the_model_as_plain_text_that_keeps_its_meani
 ):
     """A link's address, a channel named or not (Slack may send `<#C…|>`), @here and a
     user group: where a channel became a bare `#`, a link lost its address, and the rest
-    came through as markup."""
+    came through as markup. An email address, which Slack links, comes once."""
     markup = (
         "post <https://a.example/x|the doc> and <https://b.example> in <#C0002|> or "
-        "<#C0003|general>, for <!here> and <!subteam^S012|@eng>"
+        "<#C0003|general>, for <!here> and <!subteam^S012|@eng>; "
+        "ask <mailto:bob@b.example|bob@b.example>"
     )
     async with socket_mode(ScriptedBatcher("Done.")) as (_service, batcher):
         mention = slack.app_mention("C0001", markup)
@@ -470,7 +471,7 @@ async def test_slack_markup_reaches_the_model_as_plain_text_that_keeps_its_meani
         await final_reply(slack, "C0001", mention["ts"])
     assert batcher.prompts[0][-1]["content"] == (
         "post the doc (https://a.example/x) and https://b.example in #C0002 or #general, "
-        "for @here and @eng"
+        "for @here and @eng; ask mailto:bob@b.example"
     )
 
 
