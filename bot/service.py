@@ -247,6 +247,7 @@ class ChatService:
             await self.journal.renew_lease()
             if self._closing:
                 return
+            await self._let_go_of_finished()
             claimed = await self.journal.claim(
                 self._scopes, orphaned=self._orphaned, uncounted=self._release_owed,
                 stop=lambda: self._closing, limit=self._room(),
@@ -354,6 +355,16 @@ class ChatService:
         if accepted is None:
             return _skipped(turn)
         return None if self._closing else self._start(accepted, sink, counted=True)
+
+    async def _let_go_of_finished(self) -> None:
+        """Forget orphaned turns that are pending no more: another process took them up
+        and finished them (our lease lapsed in an outage). Their sinks were kept forever."""
+        if not (self._orphaned or self._release_owed):
+            return
+        pending = await self.journal.pending_ids()
+        for turn_id in self._orphaned.keys() - pending:
+            del self._orphaned[turn_id]
+        self._release_owed &= pending
 
     def _resume(self, pending: PendingTurn) -> None:
         logger.info(

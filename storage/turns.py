@@ -326,6 +326,10 @@ class TurnJournal:
     async def count(self) -> int:
         return await self._redis.zcard(keys.PENDING_TURNS)
 
+    async def pending_ids(self) -> set[str]:
+        """Every turn accepted and not yet finished, by any process."""
+        return set(await self._redis.zrange(keys.PENDING_TURNS, 0, -1))
+
     async def _claim(
         self, turn_id: str, orphaned: Collection[str], uncounted: Collection[str]
     ) -> PendingTurn | None:

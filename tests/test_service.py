@@ -910,6 +910,28 @@ async def test_a_turn_orphaned_while_a_pass_claims_it_costs_no_try(
     assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
 
 
+async def test_an_orphaned_turn_another_process_finished_is_let_go_of(
+    make_service, journal, redis_client, store, platform, monkeypatch
+):
+    """Storage fails a turn, which is orphaned (its sink kept, to take it up again), and
+    the outage outlasts this process's lease: another process takes the turn up and
+    finishes it. Once storage is back, this one lets go of it; it kept the sink forever."""
+    outage = Outage()
+    for name in ("begin", "release", "renew_lease"):
+        monkeypatch.setattr(journal, name, outage.refusing(getattr(journal, name)))
+    message, sink = on(platform), RecordingSink()
+    async with make_service() as (service, _batcher):
+        await service.handle(message, sink)  # (no scope served: this one claims none)
+        assert sink.kinds("pause") == [replies.storage_lost()]
+        await redis_client.delete(keys.owner(journal.owner))  # its lease lapses
+        other = process(redis_client, store, platform, "other")
+        [taken] = await other.claim([platform])
+        await other.finish(taken, "answered there")
+        outage.down = False
+        await until(lambda: asyncio.sleep(0, not service._orphaned), timeout=10)
+    assert not service._release_owed
+
+
 async def stored_then_crashed(redis: Redis, store: ConversationStore, platform: str) -> PendingTurn:
     """A turn another process stored in the history and died with, its lease still on."""
     crashed = process(redis, store, platform, "crashed")
