@@ -101,7 +101,7 @@ SPECIAL = re.compile(r"<!(?:subteam\^)?([^|>]+)(?:\|([^>]*))?>")  # @here, a use
 
 class Person(NamedTuple):
     name: str
-    stranger: bool  # Slack says so (is_stranger): of another workspace, in no shared channel
+    team: str | None  # the workspace they are of (users.info's team_id), if it says
     enterprise: str | None  # their Enterprise Grid organisation's id; None outside one
 
 
@@ -138,6 +138,9 @@ class SlackAdapter(Adapter):
         self.people: dict[str, Person] = {}  # by user id, oldest first
         self.channel_names: dict[str, str] = {}  # by channel id, oldest first
         self.refused: set[str] = set()  # workspaces where Slack refused native streaming
+        # The workspace the app is installed in (auth.test): whose people are not strangers,
+        # whatever workspace a slash command's payload names.
+        self.home: str | None = None
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
         app.event("assistant_thread_started")(self.on_assistant_thread_started)
@@ -199,6 +202,7 @@ class SlackAdapter(Adapter):
                 f"({error.__class__.__name__}: {error})"
             ) from error
         logger.info("Slack: signed in as %s to %s", identity.get("user"), identity.get("team"))
+        self.home = identity.get("team_id")
 
     async def _socket_mode(self) -> Callable[[], Awaitable[None]]:
         token = self.settings.slack_app_token
@@ -297,7 +301,9 @@ class SlackAdapter(Adapter):
                 bot_name=await self._name(context["bot_user_id"], deadline),
             )
             workspace, enterprise = turn.conversation.workspace, context.get("enterprise_id")
-            stranger = await self._stranger({"user": turn.author}, workspace, enterprise, deadline)
+            stranger = await self._stranger(
+                {"user": turn.author}, self.home or workspace, enterprise, deadline
+            )
             who = Requester(
                 "slack",
                 turn.author,
@@ -675,7 +681,7 @@ class SlackAdapter(Adapter):
         """Whether the author belongs to another organisation (Slack Connect).
 
         Outside Enterprise Grid our organisation is our workspace: a stranger is of another
-        team (the event names theirs) or one Slack marks so. In Grid (`enterprise`: the
+        team, which the event names, or else users.info. In Grid (`enterprise`: the
         installation's) it is the enterprise, whichever of its workspaces a user is in: the
         event may name the enterprise, else users.info says which one the user is of. One
         users.info cannot tell (it failed, or had not answered by `deadline`) is judged by
@@ -686,7 +692,7 @@ class SlackAdapter(Adapter):
             if home != team:
                 return True
             person = await self._person(event["user"], deadline)
-            return bool(person and person.stranger)
+            return person is not None and person.team not in (None, team)
         if home == enterprise:
             return False
         person = await self._person(event["user"], deadline)
@@ -710,7 +716,7 @@ class SlackAdapter(Adapter):
             or user
         )
         enterprise = profile.get("enterprise_user", {}).get("enterprise_id")
-        person = Person(name, bool(profile.get("is_stranger")), enterprise)
+        person = Person(name, profile.get("team_id"), enterprise)
         return _remember(self.people, user, person)
 
 

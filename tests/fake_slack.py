@@ -80,7 +80,9 @@ class FakeSlack:
         # (a DM's is its channel, whose id tests choose).
         self.team_id = f"T{uuid.uuid4().hex[:8].upper()}"
         self.users = dict(DEFAULT_USERS if users is None else users)
-        # Slack Connect: users of other organisations, by user id -> their team id
+        # Slack Connect: users of other organisations, by user id -> their team id. They
+        # share a channel with the bot, so users.info names their team and does not call
+        # them `is_stranger` (that is for those sharing none, whom the bot never hears).
         self.external_users: dict[str, str] = {}
         # Enterprise Grid: team id -> its organisation's (enterprise) id; ours too, for an
         # app installed in a Grid workspace. A team not here is an organisation of its own.
@@ -486,8 +488,6 @@ class FakeSlack:
         profile = {"display_name": name, "real_name": name.title()}
         team = self.external_users.get(user_id, self.team_id)
         user = {"id": user_id, "team_id": team, "name": name, "real_name": name.title()}
-        if user_id in self.external_users:
-            user["is_stranger"] = True
         if enterprise := self.enterprises.get(team):
             user["enterprise_user"] = {"id": user_id, "enterprise_id": enterprise, "teams": [team]}
         return {
@@ -646,9 +646,11 @@ class FakeSlack:
         user: str = "U0ALICE",
         command: str = "/threadbot",
         channel_name: str | None = None,
+        team: str | None = None,
     ) -> str:
         """Send a slash command in a ``slash_commands`` envelope, as typed by `user` in
-        `channel`; returns its trigger id, under which its responses are kept."""
+        `channel` (the payload's `team_id`: `team`, else ours); returns its trigger id,
+        under which its responses are kept."""
         sockets = [ws for ws in self._sockets if not ws.closed]
         if not sockets:
             raise RuntimeError("no Socket Mode client is connected")
@@ -657,7 +659,7 @@ class FakeSlack:
         dm = channel.startswith("D")
         payload = {
             "token": "fake-verification-token",
-            "team_id": self.team_id,
+            "team_id": team or self.team_id,
             "team_domain": self.team_domain,
             "channel_id": channel,
             "channel_name": channel_name or ("directmessage" if dm else "general"),
