@@ -138,6 +138,42 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
 
 
+async def test_after_forget_in_its_own_thread_the_next_message_starts_anew_there(fake, discord_bot):
+    """Everything stored of the thread's conversation is deleted; the bot still answers in
+    the thread it opened, from the next message alone (none of what came before)."""
+    async with discord_bot() as (_service, batcher):
+        message = await mention(fake, "hello bot")
+        await final_reply(fake, message["id"])
+        await fake.dispatch("MESSAGE_CREATE", fake.thread_message(message["id"], "forget"))
+        told = await final_reply(fake, message["id"], after=1)
+        after = fake.thread_message(message["id"], "a fresh start")
+        await fake.dispatch("MESSAGE_CREATE", after)
+        await final_reply(fake, message["id"], after=2)
+    assert told["content"] == replies.forgotten()
+    assert batcher.prompts[1] == [{"role": "user", "content": "a fresh start"}]
+
+
+async def test_after_forget_in_another_thread_the_bot_answers_only_once_mentioned(
+    fake, discord_bot
+):
+    async with discord_bot() as (_service, batcher):
+        starter = fake.user_message(fake.channel_id, "a thread of ours")
+        thread = await fake.start_thread(fake.channel_id, starter["id"], "ours", owner=fake.alice)
+        asked = fake.thread_message(thread["id"], f"<@{fake.bot['id']}> hello", mentions=[fake.bot])
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        await final_reply(fake, thread["id"])
+        await fake.dispatch("MESSAGE_CREATE", fake.thread_message(thread["id"], "forget"))
+        await final_reply(fake, thread["id"], after=1)
+        await fake.dispatch("MESSAGE_CREATE", fake.thread_message(thread["id"], "still there?"))
+        again = fake.thread_message(
+            thread["id"], f"<@{fake.bot['id']}> and now?", mentions=[fake.bot]
+        )
+        await fake.dispatch("MESSAGE_CREATE", again)  # handled after the one before
+        await final_reply(fake, thread["id"], after=2)
+    assert [p[-1]["content"] for p in batcher.prompts] == ["hello", "and now?"]
+    assert len(bot_messages(fake, thread["id"])) == 3  # "still there?" went unanswered
+
+
 @pytest.mark.parametrize("reply_mode", ["thread", "inline"])
 async def test_a_follow_up_without_a_mention_in_a_storage_outage_is_told_so(
     fake, discord_bot, monkeypatch, reply_mode
