@@ -301,8 +301,10 @@ class SlackAdapter(Adapter):
                 bot_name=await self._name(context["bot_user_id"], deadline),
             )
             workspace, enterprise = turn.conversation.workspace, context.get("enterprise_id")
+            # Outside Grid, against the app's own workspace: the payload may name the user's.
+            ours = (self.home if enterprise is None else None) or workspace
             stranger = await self._stranger(
-                {"user": turn.author}, self.home or workspace, enterprise, deadline
+                {"user": turn.author, "team": workspace}, ours, enterprise, deadline
             )
             who = Requester(
                 "slack",

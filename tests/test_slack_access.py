@@ -82,18 +82,19 @@ async def test_dms_off_and_deny_silent(slack, socket_mode):
     assert [p[-1]["content"] for p in batcher.prompts] == ["but here is fine"]
 
 
-@pytest.mark.parametrize("command_team", ["ours", "theirs"])
+@pytest.mark.parametrize("command_team", ["ours", "theirs", "theirs, unknown to users.info"])
 async def test_slack_connect_strangers_are_denied_unless_allowed(slack, socket_mode, command_team):
     """In a thread, and by the slash command, whichever workspace its payload names (the
-    app's, or the user's): users.info says they are of another."""
-    slack.users["U0GUEST"] = "guest"
+    app's, or the user's): users.info says they are of another, or else the payload."""
+    if command_team != "theirs, unknown to users.info":
+        slack.users["U0GUEST"] = "guest"
     slack.external_users["U0GUEST"] = "T0OTHER"
     shared = new_id("C")
     async with socket_mode() as (_service, batcher):
         mention = slack.app_mention(shared, "hello from elsewhere", user="U0GUEST")
         await slack.send_event(mention)
         texts = await denied_reply(slack, shared, mention["ts"])
-        team = "T0OTHER" if command_team == "theirs" else None
+        team = "T0OTHER" if command_team.startswith("theirs") else None
         trigger = await slack.send_command(shared, "prompt", user="U0GUEST", team=team)
         told = await slack.wait_for(lambda: slack.responses[trigger], timeout=30)
     assert texts == [replies.denied()]
