@@ -125,7 +125,8 @@ async def open_service(
             service = ChatService(
                 store=store,
                 journal=journal,
-                locks=ConversationLocks(redis=redis),
+                # A dead process's hold on a conversation lapses with its turns' lease.
+                locks=ConversationLocks(redis=redis, lease_s=settings.turn_lease_s),
                 queue=answers.queue,
                 count_tokens=answers.tokens.count,
                 prompt_budget=answers.tokens.budget,
