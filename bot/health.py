@@ -37,7 +37,7 @@ class Vitals:
         self._ping: Callable[[], Awaitable[object]] | None = None  # None: still loading
         self._inference: Inference | None = None
         self._count_pending: Callable[[], Awaitable[int]] | None = None
-        self._draining: Callable[[], bool] = lambda: False  # a worker has no drain of turns
+        self._draining: Callable[[], bool] = lambda: False  # a stop has begun
         self._adapters: dict[str, Adapter] = {}
         for platform in self.platforms:
             metrics.expect_platform(platform)
@@ -52,6 +52,7 @@ class Vitals:
     def working(self, worker: Worker) -> None:
         """The worker is open (Redis reached, the model loaded); it has no platforms."""
         self._ping, self._inference = worker.redis.ping, worker.inference
+        self._draining = lambda: worker.stopping
 
     async def readiness(self) -> dict[str, str]:
         """Each check, "ok" or what is not ready: redis, model, what writes the answers

@@ -235,6 +235,11 @@ class Worker:
         self._stop.set()
         self._room.set()
 
+    @property
+    def stopping(self) -> bool:
+        """Told to stop: its running answers may still be going on."""
+        return self._stop.is_set()
+
     async def finish(self, grace: float) -> int:
         """Give running answers `grace` seconds, their jobs kept from looking abandoned
         meanwhile, then hand back the rest for another worker. Returns how many were

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 import bot.job_queue
 import bot.worker
+from bot.health import READY, Vitals
 from bot.job_queue import ANSWER_READ_KEPT_S, WAKE_KEPT_S, JobQueue
 from bot.jobs import Chunk, Job, JobFailed, RedisClock, entry_age, pick_worker
 from bot.metrics import Metrics
@@ -221,6 +222,19 @@ async def tries(redis: Redis, job_id: str) -> set[int]:
     return {
         Chunk.parse(fields).attempt for _, fields in await redis.xrange(keys.job_chunks(job_id))
     }
+
+
+async def test_a_stopping_worker_is_not_ready(streams, make_batcher):
+    """Once a stop has begun (SIGTERM), through its grace period, its /readyz says so, as
+    a gateway's does: it said ready until the process went."""
+    vitals = Vitals(metrics=Metrics(), platforms=[])
+    async with worker(streams, make_batcher(), "w1") as working:
+        vitals.working(working)
+        before = await vitals.readiness()
+        working.stop()
+        after = await vitals.readiness()
+    assert set(before.values()) == {READY}
+    assert after["service"] == "draining"
 
 
 async def test_a_worker_takes_no_more_jobs_than_it_has_rows_free(streams, make_batcher):
