@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING, Self
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bot.health import READY, Vitals
 from bot.metrics import CONTENT_TYPE, Metrics
@@ -26,6 +27,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_S = 2.0  # a request still open when the server stops gets this long
+IDLE_CLOSE_S = 30.0
+"""A connection with no whole request in this long is closed: one kept alive between
+scrapes, or one whose request never ends (aiohttp's default, an hour, let such clients
+hold a file descriptor each until the process could open no more)."""
+
+
+class _ClientMistakes(logging.Filter):
+    """A request that is not well-formed HTTP (too long, say) is answered 400 and is the
+    client's mistake: aiohttp logs each at ERROR, with a traceback, for scanners to fill
+    the log with."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
+_CLIENT_MISTAKES = _ClientMistakes()
 
 
 class OpsServerError(RuntimeError):
@@ -50,7 +68,10 @@ class OpsServer:
         # aiohttp freezes its routes at start; adapters mount theirs later, so one route
         # takes every other path and looks the mounted ones up.
         app.router.add_route("*", "/{path:.*}", self._mounted_path)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=SHUTDOWN_S, keepalive_timeout=IDLE_CLOSE_S
+        )
+        logging.getLogger("aiohttp.server").addFilter(_CLIENT_MISTAKES)  # (once, however often)
 
     async def __aenter__(self) -> Self:
         await self._runner.setup()

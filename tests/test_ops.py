@@ -29,6 +29,7 @@ from processes import RedisServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_slack_adapter import final_reply
 
+import bot.ops_server
 from adapters.discord_adapter import DiscordAdapter
 from adapters.slack_adapter import SlackAdapter
 from bot import replies
@@ -357,6 +358,44 @@ async def test_a_port_in_use_is_a_clear_error_naming_http_port():
         with pytest.raises(OpsServerError, match=rf"HTTP_PORT={port}.*or to 0"):
             async with OpsServer(vitals=vitals, metrics=metrics, port=port, host="127.0.0.1"):
                 pass
+
+
+@asynccontextmanager
+async def ops_alone() -> AsyncIterator[int]:
+    """The ops server alone, on a port of its own; yields the port."""
+    metrics = Metrics()
+    port = free_port()
+    vitals = Vitals(metrics=metrics, platforms=[])
+    async with OpsServer(vitals=vitals, metrics=metrics, port=port, host="127.0.0.1"):
+        yield port
+
+
+async def test_a_connection_whose_request_never_ends_is_closed(monkeypatch):
+    """It held a file descriptor for an hour (aiohttp's default): a thousand such made the
+    process unable to open a socket, or a file."""
+    monkeypatch.setattr(bot.ops_server, "IDLE_CLOSE_S", 0.5)
+    async with ops_alone() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        await writer.drain()
+        try:
+            closed = await asyncio.wait_for(reader.read(), timeout=10) == b""
+        finally:
+            writer.close()
+    assert closed
+
+
+async def test_a_malformed_request_is_answered_400_and_not_logged_as_an_error(caplog):
+    async with ops_alone() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n")
+        await writer.drain()
+        try:
+            status = await asyncio.wait_for(reader.readline(), timeout=10)
+        finally:
+            writer.close()
+    assert status.split()[1] == b"400"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def build_info(metrics: Metrics) -> dict[str, str]:
