@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 START_SECONDS = 30  # for GET /models at start: the whole request
 CONNECT_SECONDS = 30  # for each connection; a stream itself is bounded by the request timeout
+READ_SECONDS = 120.0
+"""A server that sends nothing this long (its host gone without a word, or hung) breaks
+the try off, to be tried again: longer than any prefill before the first token."""
 RETRY_AFTER_MAX_S = 60.0  # the longest a server's Retry-After holds a request asleep
 PROBE_EVERY_S = 10.0  # while requests run out of tries: how often GET /models is asked
 # What may go right on another try: the connection failing, before or during the answer.
@@ -145,7 +148,9 @@ class OpenAIBackend:
         that it can be reached, and takes the key); raises InferenceServerError if not."""
         self._session = aiohttp.ClientSession(
             headers=self._headers,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=CONNECT_SECONDS, sock_read=READ_SECONDS
+            ),
             connector=aiohttp.TCPConnector(limit=0),  # `max_concurrent` is the bound
         )
         try:

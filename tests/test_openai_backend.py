@@ -323,6 +323,20 @@ async def test_a_stream_broken_midway_restarts_the_answer(server, broken, unfini
     assert len(server.requests) == 2
 
 
+async def test_a_stream_that_stalls_is_broken_off_and_tried_again(server, monkeypatch):
+    """The server's host went away without a word, or it hung: the answer starts again
+    once nothing came for READ_SECONDS, where it waited out the whole request timeout."""
+    monkeypatch.setattr(openai_backend, "READ_SECONDS", 0.5)
+    server.script.append(Hold(["Par"]))
+    async with backend(server.url) as inference:
+        generation = inference.submit(HELLO, user="u1", conversation="c1")
+        with pytest.raises(AnswerRestarted):
+            await read(generation)
+        again = await read(generation)
+    assert "".join(again) == "The capital of France is Paris."
+    assert server.requests[0].gone
+
+
 async def test_a_stream_broken_after_its_finish_is_the_whole_answer(server):
     """Only the token counts and [DONE] were lost: the answer is not written again."""
     server.script.append(Drop(["Par", "is"], after_finish=True))
