@@ -555,7 +555,7 @@ class ChatService:
                 messages,
                 user=pending.turn.author,
                 conversation=pending.conversation,
-                max_new_tokens=voice.max_new_tokens,
+                max_new_tokens=await self._answer_length(voice, messages),
                 temperature=voice.temperature,
             )
         except QueueFull:
@@ -903,6 +903,17 @@ class ChatService:
             return self.prompt_budget
         longer = voice.max_new_tokens - self.team.settings.max_new_tokens
         return max(self.prompt_budget - longer, self.prompt_budget // 2, 1)
+
+    async def _answer_length(self, voice: Voice, messages: list[ChatMessage]) -> int | None:
+        """A persona's answer length, within what the context leaves beside this prompt:
+        past it, an OpenAI-compatible server refuses the request (a 400), where the local
+        engine cuts the answer there. Counted only where its prompts may leave less."""
+        wanted = voice.max_new_tokens
+        context = self.prompt_budget + self.team.settings.max_new_tokens
+        if wanted is None or self._budget(voice) + wanted <= context:
+            return wanted
+        prompt = await asyncio.to_thread(self.count_tokens, messages)
+        return max(min(wanted, context - prompt), 1)
 
     # --- stopping and regenerating answers ------------------------------------------------
 

@@ -281,14 +281,18 @@ async def test_a_channels_answer_length_and_temperature_reach_the_batcher(
 async def test_a_persona_whose_answers_outgrow_the_window_still_reads_messages(
     make_service, conversation
 ):
-    """Its max_new_tokens past the model's window: its prompts keep half their budget
-    (a long answer is cut at the window), where none was left, and every message was
-    refused as too long."""
+    """Its max_new_tokens past the model's window: its prompts keep half their budget,
+    where none was left, and every message was refused as too long. The answer asked for
+    is what the window leaves beside the prompt: an OpenAI-compatible server refused the
+    whole request (a 400), every message there."""
     persona = {"channel": "CSUPPORT", "max_new_tokens": 1_000_000}
     sink = RecordingSink()
     async with make_service(personas=[persona]) as (service, batcher):
         await service.handle(say(conversation, "hello"), sink)
+        context = service.prompt_budget + service.team.settings.max_new_tokens
+        left = context - service.count_tokens(batcher.prompts[0])
     assert sink.kinds("finish") and len(batcher.prompts) == 1
+    assert batcher.options[0]["max_new_tokens"] == left
 
 
 async def test_whoever_runs_the_terminal_chat_is_an_admin(make_service):
