@@ -55,17 +55,18 @@ WAKE_KEPT_S = 86400  # a crashed gateway's wake stream is gone a day after its l
 # The job into its worker's stream where that stream is there (a worker removed meanwhile
 # has none: into the shared one then; a gateway never makes a worker's stream, which no
 # worker would read), recorded as its request's (so a record never names a job that was
-# not sent), and the reader woken: one atomic step. Returns the stream, or nothing where
-# the record names this job already (a retry of a send whose reply was lost).
+# not sent), and the reader woken: one atomic step. Returns the stream and the job's entry
+# id, or nothing where the record names this job already (a retry of a send whose reply
+# was lost).
 _SEND = """
 if redis.call('GET', KEYS[3]) == ARGV[2] then return false end
 local stream = KEYS[1]
 if redis.call('EXISTS', stream) == 0 then stream = KEYS[2] end
-redis.call('XADD', stream, '*', 'job', ARGV[1])
+local entry = redis.call('XADD', stream, '*', 'job', ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '1', '*', 'job', ARGV[2])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
-return stream
+return {stream, entry}
 """
 
 
@@ -80,6 +81,7 @@ class _Watch:
     since: float
     last_id: str = "0-0"
     attempt: int = 0  # the attempt being read; 0 until its worker took it
+    entry: tuple[str, str] | None = None  # its stream and entry id, once this gateway sent it
     read: int = 0  # characters of this attempt's answer read
 
 
@@ -202,7 +204,7 @@ class JobQueue:
             if await self._follow_earlier(watch):
                 return
             worker = pick_worker(job.conversation, (await roll_call(self.redis)).alive)
-            stream = await self._send_script(
+            sent = await self._send_script(
                 keys=[
                     keys.worker_jobs(worker) if worker else keys.JOBS, keys.JOBS,
                     keys.job_asked(job.fingerprint()), self._wake,
@@ -213,7 +215,9 @@ class JobQueue:
             self._forget(watch)
             watch.generation.fail(error)
             return
-        logger.debug("job %s sent to %s", job.id, stream or "its stream (a retried send)")
+        if sent:
+            watch.entry = (sent[0], sent[1])
+        logger.debug("job %s sent to %s", job.id, sent[0] if sent else "its stream (a retry)")
 
     @property
     def _cancel_kept_s(self) -> int:
@@ -258,10 +262,17 @@ class JobQueue:
 
     async def _cancel(self, watch: _Watch) -> None:
         """Tell the job's worker to stop (it checks as it writes, and before it starts: the
-        job may not be sent yet), and read no more."""
+        job may not be sent yet), and read no more. One that no worker has started is
+        taken out of its stream too: it waited there, counted against QUEUE_MAX, until a
+        worker with a row free read it. (A worker that has just read it drops it, told by
+        the cancel; one that claims it finds it deleted.)"""
         self._forget(watch)
         try:
-            await self.redis.set(keys.job_cancel(watch.job.id), "1", ex=self._cancel_kept_s)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.job_cancel(watch.job.id), "1", ex=self._cancel_kept_s)
+                if watch.entry is not None and not watch.attempt:
+                    pipe.xdel(*watch.entry)
+                await pipe.execute()
         except RedisError as error:
             logger.warning("could not cancel job %s: %s", watch.job.id, error)
 

@@ -927,6 +927,19 @@ async def test_the_gateway_says_busy_when_queue_max_jobs_wait(streams):
             generation.cancel()
 
 
+async def test_a_job_cancelled_before_any_worker_took_it_leaves_room(streams):
+    """Stopped (or timed out) while it waits for a worker: it leaves the stream, where it
+    counted against QUEUE_MAX, and the next message was told the bot is busy, until a
+    worker with a row free read it."""
+    metrics = Metrics()
+    async with gateway(streams, max_size=1, metrics=metrics) as queue:
+        waiting = queue.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: reads(metrics, queue_waiting=1))
+        waiting.cancel()
+        await wait_until(lambda: reads(metrics, queue_waiting=0))
+        queue.submit(HELLO, user="u2", conversation="c2").cancel()  # not QueueFull
+
+
 async def test_the_gateway_counts_waiting_jobs_and_live_workers(streams, make_batcher):
     """Its /metrics: the jobs no worker has taken (`threadbot_queue_waiting`) and the
     workers alive; only a gateway has the latter (elsewhere a 0 would read as an outage)."""
