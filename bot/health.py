@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -76,8 +77,11 @@ class Vitals:
             return
         try:
             pending = await asyncio.wait_for(self._count_pending(), REDIS_TIMEOUT_S)
-        except Exception as error:  # the Redis client counts it; the gauge keeps its value
+        except Exception as error:  # the Redis client counts it
             logger.debug("pending turns not counted: %s", error)
+            # Unknown: the count from before the outage would keep ThreadbotStuck's "no
+            # token generated while turns wait" true, and say the engine was wedged.
+            self.metrics.pending_turns.set(math.nan)
         else:
             self.metrics.pending_turns.set(pending)
 

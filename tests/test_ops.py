@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -183,8 +184,11 @@ async def test_not_ready_while_redis_is_down_and_ready_when_it_is_back(ops, redi
         assert body["checks"]["redis"].startswith("not answering")
         assert {name for name, state in body["checks"].items() if state != "ok"} == {"redis"}
         assert (await up.get("/healthz"))[0] == 200  # alive all the same
+        pending = ("threadbot_pending_turns", frozenset())
+        assert math.isnan((await up.samples())[pending])  # unknown, not the count before
         redis_server.start()
         await until(up.readiness, ready)
+        assert (await up.samples())[pending] == 0
 
 
 async def test_not_ready_while_slack_is_disconnected(ops, slack):
