@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 START_SECONDS = 30  # for GET /models at start: the whole request
 CONNECT_SECONDS = 30  # for each connection; a stream itself is bounded by the request timeout
 READ_SECONDS = 120.0
-"""A server that sends nothing this long (its host gone without a word, or hung) breaks
-the try off, to be tried again: longer than any prefill before the first token."""
+"""A stream that, once begun, sends nothing this long (its server's host gone without a
+word, or hung) is broken off and tried again. Its beginning may take longer: a server
+begins a request once it has room for it, and answers once it has read the prompt."""
 RETRY_AFTER_MAX_S = 60.0  # the longest a server's Retry-After holds a request asleep
 PROBE_EVERY_S = 10.0  # while requests run out of tries: how often GET /models is asked
 # What may go right on another try: the connection failing, before or during the answer.
@@ -148,9 +149,7 @@ class OpenAIBackend:
         that it can be reached, and takes the key); raises InferenceServerError if not."""
         self._session = aiohttp.ClientSession(
             headers=self._headers,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=CONNECT_SECONDS, sock_read=READ_SECONDS
-            ),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
             connector=aiohttp.TCPConnector(limit=0),  # `max_concurrent` is the bound
         )
         try:
@@ -394,11 +393,13 @@ class OpenAIBackend:
                 raise InferenceUnavailable(f"INFERENCE_URL={self.where} answered "
                                            f"{response.content_type}, not a stream")  # fmt: skip
             try:
-                async for data in _server_sent_events(response.content):
+                async for data in _server_sent_events(_paced(response.content, READ_SECONDS)):
                     if data == "[DONE]":
                         answer.end()
                         return
                     answer.read(json.loads(data), self.where)
+            except TimeoutError:
+                raise _Retry(f"sent nothing for {READ_SECONDS:g} s midway") from None
             except CONNECTION_ERRORS:
                 if not answer.finished:
                     raise
@@ -476,6 +477,21 @@ class _Answer:
         if self._take_back:
             self._take_back = False
             self.generation.restart()
+
+
+async def _paced(lines: AsyncIterable[bytes], gap: float) -> AsyncIterator[bytes]:
+    """`lines` as they come, raising TimeoutError where one comes more than `gap` seconds
+    after the one before; the first takes as long as it takes."""
+    following = aiter(lines)
+    limit = None
+    while True:
+        try:
+            async with asyncio.timeout(limit):
+                line = await anext(following)
+        except StopAsyncIteration:
+            return
+        limit = gap
+        yield line
 
 
 async def _server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]:

@@ -27,10 +27,12 @@ HOLD_SECONDS = 10  # the longest a held stream waits for the test or the client
 @dataclass
 class Stream:
     """A whole answer: these chunks, then the finish, the usage and `[DONE]`; with
-    `keep_alive`, an empty event first (`data:`), as some proxies send one."""
+    `keep_alive`, an empty event first (`data:`), as some proxies send one; nothing at all,
+    not even the headers, for `late_s` seconds first (a server's queue, or a long prefill)."""
 
     chunks: list[str]
     keep_alive: bool = False
+    late_s: float = 0.0
 
 
 @dataclass
@@ -163,6 +165,8 @@ class FakeOpenAI:
             request, body, chunk_id=f"chatcmpl-{len(self.requests)}",
             unfinished_reason=self.unfinished_reason,
         )  # fmt: skip
+        if isinstance(reply, Stream):
+            await asyncio.sleep(reply.late_s)
         await stream.open()
         if isinstance(reply, Stream) and reply.keep_alive:
             await stream.response.write(b"data:\n\n")

@@ -337,6 +337,16 @@ async def test_a_stream_that_stalls_is_broken_off_and_tried_again(server, monkey
     assert server.requests[0].gone
 
 
+async def test_a_server_slow_to_begin_is_waited_for(server, monkeypatch):
+    """Nothing, not even its headers, until it has room and has read the prompt: that is
+    no stall, and the request is not tried again (losing its place in the server's queue)."""
+    monkeypatch.setattr(openai_backend, "READ_SECONDS", 0.3)
+    server.script.append(Stream(["Paris."], late_s=1.0))
+    async with backend(server.url) as inference:
+        chunks = await read(inference.submit(HELLO, user="u1", conversation="c1"))
+    assert chunks == ["Paris."] and len(server.requests) == 1
+
+
 async def test_a_stream_broken_after_its_finish_is_the_whole_answer(server):
     """Only the token counts and [DONE] were lost: the answer is not written again."""
     server.script.append(Drop(["Par", "is"], after_finish=True))
