@@ -125,8 +125,10 @@ async def open_service(
             service = ChatService(
                 store=store,
                 journal=journal,
-                # A dead process's hold on a conversation lapses with its turns' lease.
-                locks=ConversationLocks(redis=redis, lease_s=settings.turn_lease_s),
+                # A dead process's hold on a conversation lapses soon after its turns are
+                # taken over; twice their lease, so a process slow to renew (a stall, a
+                # hung connection) still has the conversation while it finishes.
+                locks=ConversationLocks(redis=redis, lease_s=2 * settings.turn_lease_s),
                 queue=answers.queue,
                 count_tokens=answers.tokens.count,
                 prompt_budget=answers.tokens.budget,

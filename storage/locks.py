@@ -5,7 +5,7 @@ other, even when two of its messages reach two gateways behind one app. In a pro
 asyncio.Lock per conversation keeps its turns in arrival order; across processes, a lease
 in Redis: a key holding its holder's token, with a TTL that the holder renews while it
 holds it, deleted only by its holder. A process that dies holding one leaves it for its
-term at most (`threadbot run`: TURN_LEASE_S, when its turns are taken over too).
+term at most (`threadbot run`: twice TURN_LEASE_S, after which its turns are taken over).
 """
 
 from __future__ import annotations
