@@ -164,11 +164,13 @@ class SlashCommands:
     async def _run(self, interaction: discord.Interaction, name: Command) -> None:
         """Acknowledge at once (Discord allows 3 s), then let the service answer."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        # A kind of channel discord.py does not know is keyed by its id alone.
-        channel = interaction.channel or discord.Object(interaction.channel_id)
+        sink = EphemeralReply(interaction)
+        if (channel := interaction.channel) is None:  # a kind discord.py does not know:
+            logger.warning("/%s in a kind of channel discord.py does not know", name)
+            await sink.finish(replies.unknown_channel())  # it keeps not even the channel's id
+            return
         guild = str(interaction.guild_id) if interaction.guild_id else "-"
         key = conversation_key(channel, guild=guild, root=str(interaction.id))
-        sink = EphemeralReply(interaction)
         # Only the user sees the answer, so a denied one is always told (even `silent`).
         access = self.service.team.settings.access
         try:

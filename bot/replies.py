@@ -91,6 +91,13 @@ def conversation_reset() -> str:
     return "Conversation cleared. The next message starts a new one."
 
 
+def unknown_channel() -> str:
+    return (
+        "I can't run commands in this kind of channel yet: run them in a thread, a text "
+        "channel or a DM."
+    )
+
+
 def forgotten() -> str:
     return "I deleted everything I had stored of this conversation."
 

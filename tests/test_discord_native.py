@@ -294,6 +294,21 @@ async def test_forget_in_a_dm_through_a_global_command(discord_bot):
     assert not known
 
 
+async def test_a_command_in_a_kind_of_channel_discord_py_does_not_know_is_told_so(discord_bot):
+    """Discord adds kinds of channel; discord.py gives an interaction in one no channel,
+    nor its id. The user is told, where the command failed and "thinking…" stayed until
+    Discord gave up."""
+    async with discord_bot() as bot:
+        fake = bot.fake
+        await commands_registered(fake)
+        novel = {**fake.channels[fake.channel_id], "id": fake.snowflake(), "type": 99}
+        fake.channels[novel["id"]] = novel
+        ran = await fake.slash_command("status", novel["id"])
+        [reply] = await fake.wait_for(lambda: answered(ran))
+    assert reply["content"] == replies.unknown_channel()
+    assert reply["flags"] & EPHEMERAL
+
+
 async def test_commands_as_text_and_as_slash_commands_with_their_permissions(discord_bot):
     """Alice, an admin, starts a thread. Bob may not reset or forget it, nor use the admin
     commands, whether he types them in the thread or runs them; he may ask for the status
