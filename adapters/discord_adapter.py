@@ -320,8 +320,7 @@ class DiscordAdapter(Adapter):
         if command(text) in THREAD_ONLY:  # it names no conversation: no thread is opened for it
             return key_from(root=str(message.id)), here(reply_to=str(message.id)), False
         # The answer opens a thread from this message, which takes the message's id.
-        name = textwrap.shorten(text, THREAD_NAME_LENGTH, placeholder="…")
-        target = here(thread_from=str(message.id), thread_name=name)
+        target = here(thread_from=str(message.id), thread_name=thread_name(text))
         return key_from(root=str(message.id)), target, False
 
     async def _converse(
@@ -452,6 +451,13 @@ class DiscordAdapter(Adapter):
         forwarded = [f"[forwarded]\n{s.content}" for s in message.message_snapshots if s.content]
         stickers = [f"[sticker: {sticker.name}]" for sticker in message.stickers]
         return "\n\n".join([said, *forwarded, *stickers]).strip()
+
+
+def thread_name(text: str) -> str:
+    """A thread's name, from the words of the message it opens from: as many whole words
+    as fit, or where the first alone is too long (a URL), as much of it as fits."""
+    name = textwrap.shorten(text, THREAD_NAME_LENGTH, placeholder="…")
+    return name if name != "…" else text[: THREAD_NAME_LENGTH - 1] + "…"
 
 
 def _addressed(message: discord.Message, me: discord.ClientUser) -> bool:

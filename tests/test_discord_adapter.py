@@ -31,7 +31,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from adapters import discord_adapter, discord_channel
 from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
-from adapters.discord_adapter import INTENTS_HELP, MESSAGE_LIMIT, DiscordAdapter, gateway_intents
+from adapters.discord_adapter import (
+    INTENTS_HELP,
+    MESSAGE_LIMIT,
+    THREAD_NAME_LENGTH,
+    DiscordAdapter,
+    gateway_intents,
+    thread_name,
+)
 from adapters.discord_channel import DM_LOOKUPS, FAILED_LOOKUP_SECONDS, MEMBERSHIP_SECONDS
 from adapters.streaming import STREAMING_MARK
 from bot import replies
@@ -118,6 +125,21 @@ async def test_a_mention_opens_a_thread_with_the_answer(fake, discord_bot, bundl
     assert thread["type"] == 11 and thread["parent_id"] == fake.channel_id
     assert thread["name"] == "What is the capital of France?"
     assert fake.requests_to("POST", rf"/channels/{message['id']}/typing")
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("What is the capital of France?", "What is the capital of France?"),
+        (" ".join(["word"] * 30), " ".join(["word"] * 18) + "…"),
+        ("https://e.example/" + "a" * 100 + " explain", "https://e.example/" + "a" * 71 + "…"),
+    ],
+    ids=["whole", "whole words", "a long first word"],
+)
+def test_a_thread_is_named_from_the_first_words_of_its_message(text, name):
+    """A message that begins with a long URL named its thread "…"."""
+    assert thread_name(text) == name
+    assert len(name) <= THREAD_NAME_LENGTH
 
 
 async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
