@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from time import monotonic
 from typing import Any, NamedTuple
@@ -29,6 +29,7 @@ MESSAGE_LIMIT = 2000
 THREAD_ARCHIVE_MINUTES = 1440
 THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
 UNKNOWN_MESSAGE = 10008  # Discord's error code: no such message (it was deleted)
+UNKNOWN_CHANNEL = 10003  # Discord's error code: no such channel (a thread deleted)
 NO_PINGS = discord.AllowedMentions.none()
 MEMBERSHIP_SECONDS = 300.0  # how long a DM asker's looked-up roles in a server are trusted
 MEMBERSHIPS_KEPT = 10_000  # (user, server) memberships remembered, at most
@@ -139,7 +140,8 @@ class DiscordChannel:
 
     async def typing(self) -> None:
         await self._open_thread()
-        await self.destination.typing()
+        with self._not_deleted():
+            await self.destination.typing()
 
     async def post(self, text: str) -> str:
         await self._open_thread()
@@ -153,17 +155,31 @@ class DiscordChannel:
                 fail_if_not_exists=False,
             )
             options |= {"reference": reference, "mention_author": False}
-        message = await self.destination.send(text, nonce=nonce(self.seed, self.posted), **options)
+        seeded = nonce(self.seed, self.posted)
+        with self._not_deleted():
+            message = await self.destination.send(text, nonce=seeded, **options)
         self.posted += 1
         return str(message.id)
 
     async def edit(self, message_id: str, text: str) -> None:
         message = self.destination.get_partial_message(int(message_id))
         try:
-            await message.edit(content=text, allowed_mentions=NO_PINGS, view=self.buttons)
+            with self._not_deleted():
+                await message.edit(content=text, allowed_mentions=NO_PINGS, view=self.buttons)
         except discord.NotFound as error:
             if error.code == UNKNOWN_MESSAGE:
                 raise Gone(message_id) from error
+            raise
+
+    @contextlib.contextmanager
+    def _not_deleted(self) -> Iterator[None]:
+        """The answer's thread (or channel) deleted: it has nowhere to go, now or later."""
+        try:
+            yield
+        except discord.NotFound as error:
+            if error.code == UNKNOWN_CHANNEL:
+                why = f"its thread or channel ({self.destination_id}) was deleted"
+                raise NowhereToAnswer(why) from error
             raise
 
     async def delete(self, message_id: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from adapters.text import split_message
 from bot import replies
+from bot.types import NowhereToAnswer
 from bot.waiting import set_within
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class StreamingReply:
         drafting = DRAFTING.set(True)
         try:
             await self._show(self.text.rstrip())
-        except Refused:
+        except (Refused, NowhereToAnswer):
             raise
         except Exception:  # a lost intermediate edit is harmless: the final text follows
             logger.warning("streaming edit failed; the final text will follow", exc_info=True)

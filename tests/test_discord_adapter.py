@@ -19,6 +19,7 @@ import pytest
 from conftest import (
     LONG_CODE_ANSWER,
     FailsOnceBatcher,
+    GatedBatcher,
     ScriptedBatcher,
     assert_split_with_fences,
     running,
@@ -158,6 +159,29 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(fake, discord_bot):
         assert await service.knows(key(message)) and not await service.knows(key(chatter))
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello bot", "and another thing"]
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
+
+
+async def test_a_thread_deleted_before_its_answer_shows_ends_the_turn_there(
+    fake, discord_bot, make_batcher
+):
+    """Discord: 10003 Unknown Channel. The answer is written for nobody no further, not
+    tried again, and not stored: it was written whole, and each try failed to show it,
+    until the last stored it, an answer nobody saw."""
+    gated = GatedBatcher(make_batcher(max_new_tokens=12))
+    async with discord_bot(gated) as (service, _batcher):
+        message = await mention(fake, "hello bot")
+        thread = message["id"]  # opened from the message, before the answer's first text
+        await fake.wait_for(lambda: thread in fake.channels)
+        del fake.channels[thread]
+        gated.gate.set()
+        for _ in range(150):  # bounded: 15 s
+            if not await service.journal.count():
+                break
+            await asyncio.sleep(0.1)
+        key = ConversationKey("discord", fake.guild_id, fake.channel_id, thread)
+        history = await service.store.load(str(key))
+    assert [m["role"] for m in history] == ["user"]
+    assert not bot_messages(fake, fake.channel_id)  # not bare in the channel either
 
 
 async def test_after_forget_in_its_own_thread_the_next_message_starts_anew_there(fake, discord_bot):
