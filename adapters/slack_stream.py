@@ -17,6 +17,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack_assistant import ThreadStatus
 from adapters.slack_format import settled
 from adapters.streaming import Gone, Refused, StreamingReply
+from bot.types import NowhereToAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,18 @@ REFUSALS = frozenset(
 STREAM_OVER = "message_not_in_streaming_state"  # Slack ends a stream minutes after it began
 STOPPED_BY_USER = "stopped_by_user"  # a reader pressed stop: nothing more goes into it
 ENDED = frozenset({STREAM_OVER, STOPPED_BY_USER})
+PLACE_GONE = frozenset({"channel_not_found", "is_archived", "not_in_channel"})
 
 
 def _error(error: SlackApiError) -> str:
     return str(error.response.get("error", ""))
+
+
+def _raise_if_nowhere(error: SlackApiError) -> None:
+    """NowhereToAnswer where the answer's channel was deleted or archived, or the bot taken
+    out of it: nothing can be shown there, now or on another try."""
+    if _error(error) in PLACE_GONE:
+        raise NowhereToAnswer(f"its channel is no more: Slack said {_error(error)}") from error
 
 
 async def _gone_if_deleted(update: Awaitable[object], message_id: str) -> None:
@@ -46,6 +55,7 @@ async def _gone_if_deleted(update: Awaitable[object], message_id: str) -> None:
     except SlackApiError as error:
         if _error(error) == "message_not_found":
             raise Gone(message_id) from error
+        _raise_if_nowhere(error)
         raise
 
 
@@ -88,13 +98,17 @@ class SlackThread:
         """Slack has no typing indicator for bots: the adapter posts a placeholder instead."""
 
     async def post(self, text: str) -> str:
-        response = await self.client.chat_postMessage(
-            channel=self.channel,
-            thread_ts=self.thread_ts,
-            text=text,
-            unfurl_links=False,
-            unfurl_media=False,
-        )
+        try:
+            response = await self.client.chat_postMessage(
+                channel=self.channel,
+                thread_ts=self.thread_ts,
+                text=text,
+                unfurl_links=False,
+                unfurl_media=False,
+            )
+        except SlackApiError as error:
+            _raise_if_nowhere(error)
+            raise
         return response["ts"]
 
     async def edit(self, message_id: str, text: str) -> None:
@@ -164,6 +178,7 @@ class SlackStream:
         except SlackApiError as error:
             if _error(error) in REFUSALS:
                 raise Refused(_error(error)) from error
+            _raise_if_nowhere(error)
             raise
         message_id = response["ts"]
         self.streamed[message_id], self.wanted[message_id] = shown, text
@@ -249,10 +264,12 @@ class SlackStream:
 
     def _forget_if_deleted(self, message_id: str, error: SlackApiError) -> None:
         """`Gone` where a call into a stream failed as its message was deleted: the stream
-        is forgotten, and its text goes into a new message."""
+        is forgotten, and its text goes into a new message. NowhereToAnswer where its
+        channel went."""
         if _error(error) == "message_not_found":
             del self.streamed[message_id], self.wanted[message_id]
             raise Gone(message_id) from error
+        _raise_if_nowhere(error)
 
     async def _ended(self, message_id: str, error: SlackApiError, text: str) -> None:
         """Slack ended this stream early: a reader stopped it (it stays as they left it),

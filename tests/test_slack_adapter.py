@@ -238,6 +238,31 @@ async def test_a_long_answer_is_split_across_thread_messages(slack, socket_mode)
         assert post.params["unfurl_links"] is False and post.params["unfurl_media"] is False
 
 
+@pytest.mark.parametrize("streaming", ["edit", "native"])
+async def test_a_channel_archived_while_its_answer_is_written_ends_the_turn_there(
+    slack, socket_mode, make_batcher, streaming
+):
+    """Slack: is_archived (or channel_not_found, not_in_channel). The answer is written for
+    nobody no further, not tried again, and not stored: it was written whole, and each
+    try failed to show it, until the last stored it, an answer nobody saw."""
+    gated = GatedBatcher(make_batcher(max_new_tokens=12))
+    async with socket_mode(gated, streaming=streaming) as (service, _batcher):
+        mention = slack.app_mention("C0001", "hello")
+        await slack.send_event(mention)
+        first = "chat.postMessage" if streaming == "edit" else "assistant.threads.setStatus"
+        await slack.wait_for_calls(first)  # the answer is begun
+        for method in ("chat.postMessage", "chat.update", "chat.startStream"):
+            slack.fail_next(method, "is_archived", count=100)
+        gated.gate.set()
+        for _ in range(150):  # bounded: 15 s
+            if not await service.journal.count():
+                break
+            await asyncio.sleep(0.1)
+        key = ConversationKey("slack", slack.team_id, "C0001", mention["ts"])
+        history = await service.store.load(str(key))
+    assert [m["role"] for m in history] == ["user"]
+
+
 async def test_an_event_is_acknowledged_once_its_turn_is_recorded(
     slack, socket_mode, make_batcher, redis_client
 ):
