@@ -217,6 +217,9 @@ class JobQueue:
             return
         if sent:
             watch.entry = (sent[0], sent[1])
+            if watch.generation.cancelled:  # while it was being sent: `_cancel` had no entry
+                with contextlib.suppress(RedisError):  # a worker drops it, told by the cancel
+                    await self.redis.xdel(*watch.entry)
         logger.debug("job %s sent to %s", job.id, sent[0] if sent else "its stream (a retry)")
 
     @property

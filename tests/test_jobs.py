@@ -927,7 +927,7 @@ async def test_the_gateway_says_busy_when_queue_max_jobs_wait(streams):
             generation.cancel()
 
 
-async def test_a_job_cancelled_before_any_worker_took_it_leaves_room(streams):
+async def test_a_job_cancelled_before_any_worker_took_it_leaves_room(streams, caplog):
     """Stopped (or timed out) while it waits for a worker: it leaves the stream, where it
     counted against QUEUE_MAX, and the next message was told the bot is busy, until a
     worker with a row free read it."""
@@ -937,7 +937,10 @@ async def test_a_job_cancelled_before_any_worker_took_it_leaves_room(streams):
         await wait_until(lambda: reads(metrics, queue_waiting=1))
         waiting.cancel()
         await wait_until(lambda: reads(metrics, queue_waiting=0))
-        queue.submit(HELLO, user="u2", conversation="c2").cancel()  # not QueueFull
+        with caplog.at_level(logging.DEBUG, logger="bot.job_queue"):
+            queue.submit(HELLO, user="u2", conversation="c2").cancel()  # not QueueFull
+            await wait_until(lambda: asyncio.sleep(0, "sent to" in caplog.text))
+        assert await streams.xlen(keys.JOBS) == 0  # cancelled as it was sent
 
 
 async def test_the_gateway_counts_waiting_jobs_and_live_workers(streams, make_batcher):
