@@ -401,6 +401,9 @@ class Batcher:
         moved_in = 0
         if last is not sequence:
             self._cache.move(last.slot, sequence.slot, last.cached)
+            # What it leaves behind, NaN if it is a prompt the model overflows on (found
+            # at its last chunk), would be read by the next row to join that slot.
+            self._cache.wipe(last.slot, 0, last.cached)
             last.slot, moved_in = sequence.slot, last.cached
             self._sequences[sequence.slot] = last
         # A row that left mid-prompt (a stop) may have left NaN past what moves in: the

@@ -560,6 +560,43 @@ def test_a_row_stopped_mid_prompt_leaves_no_nan_for_the_row_moved_into_its_slot(
     }
 
 
+def test_a_row_moved_mid_prompt_leaves_no_nan_in_the_slot_it_moved_from(qwen_tokenizer):
+    """A prompt the model overflows on, in the last slot midway through its prompt, moves
+    into the slot of a row that was stopped: the NaN keys it wrote stay behind in its old
+    slot, where the next row to join read them beside a longer row and failed as "not a
+    number" on a question it answers alone."""
+    model = overflowing_qwen2(qwen_tokenizer, " zebra")
+    batcher = Batcher(
+        engine=Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=30),
+        max_batch=4,
+        step_tokens=64,
+        prefix_cache=PrefixCache(0),
+    )
+    questions = {
+        "long": [{"role": "user", "content": LONG}],
+        "short": QUESTIONS[0],  # slot 1, stopped
+        "other": QUESTIONS[1],
+        "poisoned": [{"role": "user", "content": "A zebra. " + LONG * 4}],  # slot 3, then 1
+    }
+    for key, messages in questions.items():
+        batcher.join(key, messages, conversation=key)
+    poisoned = batcher._sequences[-1]
+    ended: dict[str, Update] = {}
+    joined = False
+    for _ in range(300):
+        if poisoned.cached > 60 and not joined:
+            batcher.leave("short")
+            batcher.join("new", QUESTIONS[0], conversation="new")  # into slot 3
+            joined = True
+        for update in batcher.step():
+            if update.answer is not None or update.failed is not None:
+                ended[update.key] = update
+        if not len(batcher):
+            break
+    assert joined and ended["new"].failed is None
+    assert ended["new"].answer == answer_alone(batcher, QUESTIONS[0])
+
+
 def test_a_row_whose_logits_are_not_numbers_ends_alone_and_leaves_its_slot_clean(
     qwen_tokenizer,
 ):
