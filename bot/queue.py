@@ -548,10 +548,12 @@ class InferenceQueue:
                 self._wakeup.wait_for(lambda: self._closing or running or self._order)
                 if self._closing:
                     break
+            # Stopped rows leave first: their rows and memory are free for the next in
+            # line, and their KV cache is there for their conversation's next turn.
+            self._drop_cancelled(running)
             while len(running) < self.batcher.max_batch and (generation := self._admit()):
                 if self._start(generation):
                     running.append(generation)
-            self._drop_cancelled(running)
             self.metrics.batch_rows.set(len(running))
             if running:
                 self._step(running)

@@ -46,6 +46,25 @@ async def test_chunks_stream_and_add_up_to_the_final_text(make_batcher):
     assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
 
 
+async def test_a_stopped_answer_leaves_before_its_conversations_next_turn_joins(make_batcher):
+    """Stop, and the conversation's next message at once, while a step runs: the stopped
+    row leaves first, keeping its KV cache for the conversation, which the next turn then
+    reuses. It joined first, found no cache (the row held it), and read it all again."""
+    gated = GatedBatcher(make_batcher(max_new_tokens=30))
+    async with InferenceQueue(batcher=gated, max_size=4, timeout=60) as queue:
+        stopped = queue.submit(HELLO, user="u1", conversation="c1")
+        for _ in range(200):  # bounded: until its row has joined (its step waits)
+            if gated.prompts:
+                break
+            await asyncio.sleep(0.01)
+        stopped.cancel()
+        follow_up = [*HELLO, {"role": "assistant", "content": "Hi"}, *HELLO]
+        next_turn = queue.submit(follow_up, user="u1", conversation="c1")
+        gated.gate.set()
+        await collect(next_turn)
+    assert gated.reused[1] > 0
+
+
 async def test_a_restarted_answer_says_so_and_reading_on_gives_the_new_one():
     """A writer that starts the answer again (another try) voids what was read."""
     generation = Generation(HELLO, user="u1", conversation="c1")
