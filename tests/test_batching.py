@@ -523,19 +523,28 @@ def test_a_join_out_of_memory_leaves_the_batch_as_it_was(make_batcher, monkeypat
     assert answers == {"running": alone, "later": answer_alone(batcher, QUESTIONS[0])}
 
 
+def zebra_batcher(qwen_tokenizer, kv_cache_bytes: int = 0) -> Batcher:
+    """Four rows on a model whose output is NaN wherever " zebra" was read (as a float16
+    overflow leaves a hidden state)."""
+    return Batcher(
+        engine=Engine(
+            model=overflowing_qwen2(qwen_tokenizer, " zebra"),
+            tokenizer=qwen_tokenizer,
+            max_new_tokens=30,
+        ),
+        max_batch=4,
+        step_tokens=64,
+        prefix_cache=PrefixCache(kv_cache_bytes),
+    )
+
+
 def test_a_row_stopped_mid_prompt_leaves_no_nan_for_the_row_moved_into_its_slot(
     qwen_tokenizer,
 ):
     """A prompt the model overflows on in its first chunk, stopped before its last: the
     NaN keys it wrote past the end of the row moved into its slot are not read by that
     row beside a longer one, whose answer failed as "not a number"."""
-    model = overflowing_qwen2(qwen_tokenizer, " zebra")
-    batcher = Batcher(
-        engine=Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=30),
-        max_batch=4,
-        step_tokens=64,
-        prefix_cache=PrefixCache(0),
-    )
+    batcher = zebra_batcher(qwen_tokenizer)
     questions = {
         "long": [{"role": "user", "content": LONG}],
         "poisoned": [{"role": "user", "content": "A zebra. " + LONG * 3}],  # slot 1
@@ -565,13 +574,7 @@ def test_a_row_moved_mid_prompt_leaves_no_nan_in_the_slot_it_moved_from(qwen_tok
     into the slot of a row that was stopped: the NaN keys it wrote stay behind in its old
     slot, where the next row to join read them beside a longer row and failed as "not a
     number" on a question it answers alone."""
-    model = overflowing_qwen2(qwen_tokenizer, " zebra")
-    batcher = Batcher(
-        engine=Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=30),
-        max_batch=4,
-        step_tokens=64,
-        prefix_cache=PrefixCache(0),
-    )
+    batcher = zebra_batcher(qwen_tokenizer)
     questions = {
         "long": [{"role": "user", "content": LONG}],
         "short": QUESTIONS[0],  # slot 1, stopped
@@ -604,14 +607,8 @@ def test_a_row_whose_logits_are_not_numbers_ends_alone_and_leaves_its_slot_clean
     overflow leaves a hidden state) ends unanswered, saying why, where `multinomial` failed
     the whole batch. The answers beside it are what they are alone, the one moved into its
     slot included, which reads that slot past its own end (beside a longer row)."""
-    model = overflowing_qwen2(qwen_tokenizer, " zebra")
     *_, poison = qwen_tokenizer.encode(" zebra")
-    batcher = Batcher(
-        engine=Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=30),
-        max_batch=4,
-        step_tokens=64,
-        prefix_cache=PrefixCache(16 * 2**20),
-    )
+    batcher = zebra_batcher(qwen_tokenizer, kv_cache_bytes=16 * 2**20)
     questions = {
         "long": [{"role": "user", "content": LONG}],
         "poisoned": [{"role": "user", "content": LONG + " zebra"}],  # slot 1
