@@ -220,7 +220,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Unset: an embedded Redis in DATA_DIR.")
     data_dir: Path = Path("data")
     history_max_messages: int = Field(50, ge=2)
-    history_ttl_days: float = Field(30, gt=0)
+    history_ttl_days: float = Field(30, ge=1 / 1440, le=36500)  # a minute to a century
     max_input_chars: int = Field(16000, ge=1)
 
     # The inference queue
@@ -254,7 +254,7 @@ class Settings(BaseSettings):
         3, ge=1, description="Tries at a turn (crashes count, clean stops not) before giving up."
     )
     turn_lease_s: float = Field(
-        15, gt=0, description="A dead process's turns are taken over this long after it stopped."
+        15, ge=1, description="A dead process's turns are taken over this long after it stopped."
     )
     redis_retries: int = Field(3, ge=0, description="Retries of a failed Redis call, backing off.")
     redis_health_check_s: float = Field(

@@ -168,6 +168,9 @@ def test_other_variables_and_exact_settings_are_not_taken_for_typos() -> None:
         ("MAX_CONTEXT_TOKENS", "10"),
         ("HISTORY_MAX_MESSAGES", "1"),
         ("HISTORY_TTL_DAYS", "0"),
+        ("HISTORY_TTL_DAYS", "0.000001"),  # under a minute: under a second, it crashed
+        ("HISTORY_TTL_DAYS", "1e12"),  # past what Redis's EXPIRE takes: every turn failed
+        ("TURN_LEASE_S", "0.001"),  # a lock lapsing between its renewals
         ("QUEUE_MAX", "0"),
         ("MAX_BATCH", "0"),
         ("MAX_STEP_TOKENS", "8"),
