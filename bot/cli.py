@@ -199,7 +199,13 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.runtime import open_service
     from bot.team import Team
 
+    if sys.stdin is None:  # started with its standard input closed (`<&-`)
+        print("threadbot chat: standard input is closed: nothing to read", file=sys.stderr)
+        return 1
     sys.stdin.reconfigure(errors="replace")  # a byte that is not UTF-8 is no reason to stop
+    # A terminal that cannot show a character (a Latin-1 one, and the help's bullets) gets
+    # a stand-in for it, not a reply lost.
+    sys.stdout.reconfigure(errors="replace")
     async with open_service(Team(settings)) as service:
         interactive = sys.stdin.isatty()
         if interactive:

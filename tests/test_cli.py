@@ -461,6 +461,27 @@ def test_json_logs_every_stderr_line_parses(data_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_terminal_that_cannot_show_a_character_still_gets_the_reply(data_dir: Path) -> None:
+    """The help's bullets on an ASCII (or Latin-1) terminal: the reply was lost, and a
+    traceback logged."""
+    result = chat(data_dir, "ascii", "/help\n", PYTHONIOENCODING="ascii")
+    assert "? `stats`: turns, tokens" in result.stdout  # a bullet it cannot show: "?"
+
+
+def test_a_chat_with_its_standard_input_closed_says_so(tmp_path: Path) -> None:
+    """`threadbot chat <&-`: one line, where it was a traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "chat"], cwd=tmp_path, env=cli_env(MODEL="bundled"),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=FAST_TIMEOUT,
+        preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "threadbot chat: standard input is closed: nothing to read"
+    ]
+
+
+@pytest.mark.slow
 def test_reset_clears_the_conversation(data_dir: Path) -> None:
     """`/reset` clears the conversation: the next turn's prompt holds that turn alone."""
     conversation = console_id("reset")
