@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 WRITE_PROBE_MS = 1000  # the probe key goes by itself
 NOT_A_URL = "not a valid URL: percent-encode any / ? # @ or : in its password (%2F %3F %23 %40 %3A)"
+BAD_PORT = "its port is not a number from 1 to 65535"
 NO_SCHEME = "a Redis URL starts with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)"
 
 
@@ -144,6 +145,18 @@ def url_problem(url: str) -> str | None:
     a password); None for a URL that redis-py reads."""
     if not re.match(r"(redis|rediss|unix)://", url):  # redis-py's word: percent-encode
         return NO_SCHEME
+    rest = url.partition("://")[2]
+    address = re.split(r"[?#]", rest, maxsplit=1)[0]
+    userinfo, at, host = address.rpartition("@")
+    # A password not percent-encoded cuts the URL short before its host: a `/` in it ends
+    # the address there (a base64 password's, say), a `?` or `#` starts the query (where
+    # only a `password=` may hold an @). Parsed, it names another host, or a piece of the
+    # password as one.
+    if ("/" in userinfo) if at else ("@" in rest and "password=" not in rest):
+        return NOT_A_URL
+    port = host.split("/")[0].rpartition("]")[2].rpartition(":")[2]  # ([IPv6]:port)
+    if ":" in host and port.isdigit() and not 0 < int(port) < 65536:
+        return BAD_PORT
     try:
         parse_url(url)  # what `Redis.from_url` reads it with
     except ValueError:  # its message may echo part of a password

@@ -243,7 +243,14 @@ def test_hugging_face_lines_in_dotenv_pass_through_to_the_hub_library(tmp_path: 
 
 @pytest.mark.parametrize(
     ("url", "said"),
-    [("localhost:6379", "starts with redis://"), ("redis://:hunter2/pw@host/0", "percent-encode")],
+    [
+        ("localhost:6379", "starts with redis://"),
+        ("redis://:hunter2/pw@host/0", "percent-encode"),
+        ("redis://:12/hunter2@redis:6379/0", "percent-encode"),  # it went to localhost:12
+        ("redis://:p@ss/hunter2@localhost:6379/0", "percent-encode"),  # it went to host "ss"
+        ("redis://:hun?ter2@redis:6379/0", "percent-encode"),
+        ("redis://user:hunter2@localhost:99999/0", "from 1 to 65535"),
+    ],
 )
 def test_a_redis_url_no_restart_can_fix_is_a_setting(tmp_path: Path, url: str, said: str) -> None:
     """A URL without its scheme, or with a password not percent-encoded, exited 1 as if
