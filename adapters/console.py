@@ -99,6 +99,7 @@ class ConsoleAdapter(Adapter):
         self.input = input
         self.output = output
         self.interactive = interactive
+        self.at_prompt = False  # `you>` is on screen, waiting for a line
         if interactive:  # input() then reads the line itself: no 4 KiB terminal line limit
             import readline  # noqa: F401
         self.author = getpass.getuser()
@@ -109,8 +110,14 @@ class ConsoleAdapter(Adapter):
         )
 
     async def run(self) -> None:
-        with _modes_kept(self.input if self.interactive else None):
-            await self._chat()
+        try:
+            with _modes_kept(self.input if self.interactive else None):
+                await self._chat()
+        finally:
+            if self.at_prompt:  # ended there (Ctrl-D, Ctrl-C, a signal): the shell's
+                with contextlib.suppress(OSError, ValueError):  # prompt on a line of its own
+                    self.output.write("\n")
+                    self.output.flush()
 
     async def _chat(self) -> None:
         while (line := await self._next_line()) is not None:
@@ -158,10 +165,13 @@ class ConsoleAdapter(Adapter):
     def _read_line(self) -> str | None:
         """The next line, or None at end of input."""
         if self.interactive:
+            self.at_prompt = True
             try:
-                return input("you> ")
+                line = input("you> ")
             except EOFError:
                 return None
+            self.at_prompt = False
+            return line
         line = self.input.readline()
         return line if line else None
 

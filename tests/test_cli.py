@@ -360,12 +360,13 @@ async def stored(data_dir: Path, conversation_id: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("leave", "status"), [(b"\x03", 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("leave", "status"), [(b"\x03", 130), (signal.SIGTERM, 143), (b"\x04", 0)])
 def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
     data_dir: Path, leave: bytes | signal.Signals, status: int
 ) -> None:
-    """Ctrl-C (or SIGTERM) at `you>`, where readline holds the terminal raw on its own
-    thread: the terminal echoes again after, where the shell went on typing blind."""
+    """Ctrl-C (or SIGTERM, or Ctrl-D) at `you>`, where readline holds the terminal raw on
+    its own thread: the terminal echoes again after, where the shell went on typing blind;
+    the shell's prompt starts a line of its own."""
     import pty
     import termios
 
@@ -392,12 +393,13 @@ def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
                 break
             if select.select([terminal], [], [], 0.05)[0]:
                 with contextlib.suppress(OSError):
-                    os.read(terminal, 65536)
+                    shown += os.read(terminal, 65536)
             time.sleep(0.05)  # select answers at once once the child has closed its side
         else:
             raise AssertionError("the chat did not exit")
         assert os.waitstatus_to_exitcode(wait_status) == status
         assert termios.tcgetattr(terminal)[3] & termios.ECHO
+        assert shown.rpartition(b"you> ")[2].startswith(b"\r\n"), shown[-200:]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
