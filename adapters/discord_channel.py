@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from functools import partial
 from time import monotonic
 from typing import Any, NamedTuple
@@ -30,6 +30,7 @@ THREAD_ARCHIVE_MINUTES = 1440
 THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from the message
 UNKNOWN_MESSAGE = 10008  # Discord's error code: no such message (it was deleted)
 UNKNOWN_CHANNEL = 10003  # Discord's error code: no such channel (a thread deleted)
+THREAD_ARCHIVED = 50083  # Discord's error code: an edit or deletion in an archived thread
 NO_PINGS = discord.AllowedMentions.none()
 MEMBERSHIP_SECONDS = 300.0  # how long a DM asker's looked-up roles in a server are trusted
 MEMBERSHIPS_KEPT = 10_000  # (user, server) memberships remembered, at most
@@ -165,7 +166,9 @@ class DiscordChannel:
         message = self.destination.get_partial_message(int(message_id))
         try:
             with self._not_deleted():
-                await message.edit(content=text, allowed_mentions=NO_PINGS, view=self.buttons)
+                await self._in_open_thread(
+                    lambda: message.edit(content=text, allowed_mentions=NO_PINGS, view=self.buttons)
+                )
         except discord.NotFound as error:
             if error.code == UNKNOWN_MESSAGE:
                 raise Gone(message_id) from error
@@ -183,8 +186,26 @@ class DiscordChannel:
             raise
 
     async def delete(self, message_id: str) -> None:
+        message = self.destination.get_partial_message(int(message_id))
         with contextlib.suppress(discord.NotFound):  # deleted already: what was asked
-            await self.destination.get_partial_message(int(message_id)).delete()
+            await self._in_open_thread(message.delete)
+
+    async def _in_open_thread(self, call: Callable[[], Awaitable[object]]) -> None:
+        """`call`, and again once the answer's thread is unarchived, where Discord refused
+        it as archived (idle past its auto-archive duration, a day: a Regenerate pressed
+        then), as Discord's own client does; a thread also locked is nowhere to answer."""
+        try:
+            await call()
+            return
+        except discord.HTTPException as error:
+            if error.code != THREAD_ARCHIVED:
+                raise
+        try:
+            await self.client.http.edit_channel(int(self.destination_id), archived=False)
+        except discord.Forbidden as error:  # locked by a moderator
+            why = f"its thread ({self.destination_id}) is archived and locked"
+            raise NowhereToAnswer(why) from error
+        await call()
 
     async def _open_thread(self) -> None:
         if self.thread_from is None or self.thread_open:

@@ -800,6 +800,7 @@ class FakeDiscord:
             ("POST", "/users/@me/channels", self._create_dm),
             ("GET", r"/guilds/(\d+)/members/(\d+)", self._get_member),
             ("GET", ch, self._get_channel),
+            ("PATCH", ch, self._edit_channel),
             ("POST", ch + "/typing", self._typing),
             ("GET", ch + "/messages", self._history),
             ("POST", ch + "/messages", self._post_message),
@@ -982,6 +983,30 @@ class FakeDiscord:
     async def _get_channel(self, req: Request, channel_id: str) -> tuple[int, Any]:
         return 200, self._channel(channel_id)
 
+    def archive(self, thread_id: str, *, locked: bool = False) -> None:
+        """As Discord does to a thread idle past its auto-archive duration (or a moderator):
+        its messages can be neither edited nor deleted until it is unarchived (a message
+        sent into it unarchives it, unless it is locked)."""
+        self.channels[thread_id]["thread_metadata"].update(archived=True, locked=locked)
+
+    async def _edit_channel(self, req: Request, channel_id: str) -> tuple[int, Any]:
+        """Modify Channel, for a thread's `archived` alone: unarchiving takes no more than
+        sending messages there, unless the thread is locked."""
+        channel, body = self._channel(channel_id), req.json or {}
+        meta = channel.get("thread_metadata")
+        if meta is None or set(body) != {"archived"}:
+            raise ApiError(400, 50035, "Invalid Form Body")
+        if meta["locked"]:
+            raise ApiError(403, 50013, "Missing Permissions")
+        meta["archived"] = bool(body["archived"])
+        return 200, channel
+
+    def _writable(self, channel_id: str) -> None:
+        """Edits and deletions in an archived thread are refused (Discord: 50083)."""
+        meta = self._channel(channel_id).get("thread_metadata")
+        if meta and meta["archived"]:
+            raise ApiError(400, 50083, "Thread is archived")
+
     async def _typing(self, req: Request, channel_id: str) -> tuple[int, Any]:
         self._channel(channel_id)
         return 204, None
@@ -1039,6 +1064,10 @@ class FakeDiscord:
 
     async def _post_message(self, req: Request, channel_id: str) -> tuple[int, Any]:
         channel, body = self._channel(channel_id), req.json or {}
+        if (meta := channel.get("thread_metadata")) and meta["archived"]:
+            if meta["locked"]:
+                raise ApiError(400, 50083, "Thread is archived")
+            meta["archived"] = False  # a message sent into it unarchives it
         nonce, content = body.get("nonce"), body.get("content") or ""
         if body.get("enforce_nonce") and nonce is not None and nonce in self._nonces:
             at, old_channel, old_id = self._nonces[nonce]
@@ -1077,6 +1106,7 @@ class FakeDiscord:
 
     async def _edit_message(self, req: Request, channel_id: str, msg_id: str) -> tuple[int, Any]:
         msg, body = self._stored(channel_id, msg_id), req.json or {}
+        self._writable(channel_id)
         if msg["author"]["id"] != self.bot["id"]:
             raise ApiError(403, 50005, "Cannot edit a message authored by another user")
         self._check_content(body.get("content"))
@@ -1104,6 +1134,7 @@ class FakeDiscord:
         msg = self._stored(channel_id, msg_id)
         if msg["author"]["id"] != self.bot["id"]:  # the fake grants no Manage Messages
             raise ApiError(403, 50013, "Missing Permissions")
+        self._writable(channel_id)
         self.messages[channel_id].remove(msg)
         deleted = {"id": msg_id, "channel_id": channel_id}
         if guild_id := self.channels[channel_id].get("guild_id"):

@@ -562,6 +562,34 @@ async def test_regenerate_replaces_the_answer_in_its_message_and_in_history(disc
     assert bot.batcher.prompts[1] == bot.batcher.prompts[0]  # the same question, once
 
 
+@pytest.mark.parametrize("locked", [False, True])
+async def test_regenerate_in_a_thread_discord_archived_meanwhile(discord_bot, locked):
+    """Discord archives a thread idle past its auto-archive duration (a day), then refuses
+    every edit and deletion in it (50083): Regenerate pressed then showed nothing, and
+    its turn was taken up again and again. The bot unarchives it, as Discord's own
+    client does, and regenerates there; a thread a moderator locked is nowhere to answer."""
+    async with discord_bot(Answers("First answer.", "Second answer.")) as bot:
+        fake = bot.fake
+        asked = await mention(fake, "what should I cook?")
+        thread = asked["id"]  # opened from the question
+        first, regenerate = await fake.wait_for(lambda: button(fake, thread, "tb:regen:"))
+        fake.archive(thread, locked=locked)
+        await fake.press_button(thread, first["id"], regenerate)
+        if locked:
+            key = ConversationKey("discord", fake.guild_id, fake.channel_id, thread)
+            await bot.history(key, until=lambda h: h[-1]["content"] == "First answer.")
+            for _ in range(100):  # bounded: 10 s, until the regeneration's turn ends
+                if not await bot.service.journal.count():
+                    break
+                await asyncio.sleep(0.1)
+        else:
+            await fake.wait_for(
+                lambda: fake.message(thread, first["id"])["content"] == "Second answer."
+            )
+    assert fake.channels[thread]["thread_metadata"]["archived"] is locked
+    assert not await bot.service.journal.count()
+
+
 async def test_a_regeneration_fills_a_changed_persona_as_a_message_would(discord_bot):
     """The persona's text changed since the answer (a reload), so the press filled it
     anew, with the channel's id for {channel_name}, and the conversation kept that."""
