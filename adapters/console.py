@@ -70,7 +70,9 @@ class ConsoleSink:
             self.over = True
 
     async def pause(self, text: str) -> None:
-        await self.fail(text)  # nothing to edit later: the resumed answer prints anew
+        # Nothing to edit later: the resumed answer prints anew. Its line is in italics
+        # on a platform (`_…_`), which a terminal would show as underscores.
+        await self.fail(text.removeprefix("_").removesuffix("_"))
 
     def _write(self, text: str) -> None:
         try:

@@ -8,6 +8,7 @@ import io
 import pytest
 
 from adapters.console import ConsoleAdapter, ConsoleSink
+from bot import replies
 
 
 async def printed(streamed: list[str], final: str) -> str:
@@ -35,6 +36,17 @@ async def test_what_the_final_text_adds_is_printed_after_the_stream():
 async def test_a_final_text_that_differs_from_the_start_is_printed_whole():
     """Reasoning streamed before it was known to be reasoning: the answer follows it."""
     assert await printed(["Let me think..."], "42") == "Let me think...\n42\n"
+
+
+@pytest.mark.parametrize("said", [replies.restarting(), replies.storage_lost()])
+async def test_an_answer_left_for_later_says_so_without_markup(said):
+    """Ctrl-C during an answer (it is answered by the next chat): the line came with the
+    underscores that make it italic on Slack and Discord."""
+    output = io.StringIO()
+    sink = ConsoleSink(output)
+    await sink.append("Once upon")
+    await sink.pause(said)
+    assert output.getvalue() == f"Once upon\n{said.strip('_')}\n"
 
 
 async def test_input_that_cannot_be_read_ends_the_chat_with_the_error(make_service):
