@@ -28,6 +28,7 @@ from discord.gateway import DiscordWebSocket
 from fake_discord import ApiError, FakeDiscord
 from processes import free_port
 from redis.exceptions import ConnectionError as RedisConnectionError
+from test_service import nothing_pending, until
 
 from adapters import discord_adapter, discord_channel
 from adapters.attachments import MAX_FILE_BYTES
@@ -174,10 +175,7 @@ async def test_a_thread_deleted_before_its_answer_shows_ends_the_turn_there(
         await fake.wait_for(lambda: thread in fake.channels)
         del fake.channels[thread]
         gated.gate.set()
-        for _ in range(150):  # bounded: 15 s
-            if not await service.journal.count():
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: nothing_pending(service.journal), timeout=15)
         key = ConversationKey("discord", fake.guild_id, fake.channel_id, thread)
         history = await service.store.load(str(key))
     assert [m["role"] for m in history] == ["user"]

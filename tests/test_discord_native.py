@@ -23,6 +23,7 @@ from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from test_discord_adapter import bot_messages, final_reply, mention, ready, settings_for
+from test_service import nothing_pending, until
 
 from adapters import discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
@@ -578,16 +579,13 @@ async def test_regenerate_in_a_thread_discord_archived_meanwhile(discord_bot, lo
         if locked:
             key = ConversationKey("discord", fake.guild_id, fake.channel_id, thread)
             await bot.history(key, until=lambda h: h[-1]["content"] == "First answer.")
-            for _ in range(100):  # bounded: 10 s, until the regeneration's turn ends
-                if not await bot.service.journal.count():
-                    break
-                await asyncio.sleep(0.1)
+            await until(lambda: nothing_pending(bot.service.journal))  # its turn ended
         else:
             await fake.wait_for(
                 lambda: fake.message(thread, first["id"])["content"] == "Second answer."
             )
     assert fake.channels[thread]["thread_metadata"]["archived"] is locked
-    assert not await bot.service.journal.count()
+    assert await nothing_pending(bot.service.journal)
 
 
 async def test_a_regeneration_fills_a_changed_persona_as_a_message_would(discord_bot):

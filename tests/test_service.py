@@ -776,6 +776,11 @@ async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0)
             await asyncio.sleep(0.02)
 
 
+async def nothing_pending(journal: TurnJournal) -> bool:
+    """Whether every turn accepted has ended, answered or not."""
+    return not await journal.count()
+
+
 async def gone(redis: Redis, turn_id: str) -> bool:
     return not await redis.exists(keys.turn(turn_id)) and (
         await redis.zscore(keys.PENDING_TURNS, turn_id) is None

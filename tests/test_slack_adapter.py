@@ -27,6 +27,7 @@ from conftest import (
 )
 from fake_server import serve
 from fake_slack import FakeSlack
+from test_service import nothing_pending, until
 
 from adapters import slack_adapter
 from adapters.base import AdapterError
@@ -254,10 +255,7 @@ async def test_a_channel_archived_while_its_answer_is_written_ends_the_turn_ther
         for method in ("chat.postMessage", "chat.update", "chat.startStream"):
             slack.fail_next(method, "is_archived", count=100)
         gated.gate.set()
-        for _ in range(150):  # bounded: 15 s
-            if not await service.journal.count():
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: nothing_pending(service.journal), timeout=15)
         key = ConversationKey("slack", slack.team_id, "C0001", mention["ts"])
         history = await service.store.load(str(key))
     assert [m["role"] for m in history] == ["user"]
