@@ -154,8 +154,8 @@ def url_problem(url: str) -> str | None:
     # password as one.
     if ("/" in userinfo) if at else ("@" in rest and "password=" not in rest):
         return NOT_A_URL
-    port = host.split("/")[0].rpartition("]")[2].rpartition(":")[2]  # ([IPv6]:port)
-    if ":" in host and port.isdigit() and not 0 < int(port) < 65536:
+    port = re.fullmatch(r".*:(\d+)", host.split("/")[0])  # host:port, [IPv6]:port
+    if port and not 0 < int(port[1]) < 65536:
         return BAD_PORT
     try:
         parse_url(url)  # what `Redis.from_url` reads it with
