@@ -40,6 +40,7 @@ class Vitals:
         self._count_pending: Callable[[], Awaitable[int]] | None = None
         self._draining: Callable[[], bool] = lambda: False  # a stop has begun
         self._adapters: dict[str, Adapter] = {}
+        metrics.loading.set(1)
         for platform in self.platforms:
             metrics.expect_platform(platform)
 
@@ -49,11 +50,13 @@ class Vitals:
         self._draining = lambda: service.draining
         self._count_pending = service.journal.count
         self._adapters = {adapter.platform: adapter for adapter in adapters}
+        self.metrics.loading.set(0)
 
     def working(self, worker: Worker) -> None:
         """The worker is open (Redis reached, the model loaded); it has no platforms."""
         self._ping, self._inference = worker.redis.ping, worker.inference
         self._draining = lambda: worker.stopping
+        self.metrics.loading.set(0)
 
     async def readiness(self) -> dict[str, str]:
         """Each check, "ok" or what is not ready: redis, model, what writes the answers

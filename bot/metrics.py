@@ -92,6 +92,12 @@ class Metrics:
             ["platform"],
             registry=registry,
         )
+        self.loading = Gauge(
+            "threadbot_loading",
+            "1 while the process starts: the model downloads and loads (or the answering "
+            "server is being reached); 0 once it serves",
+            registry=registry,
+        )
         self.pending_turns = Gauge(
             "threadbot_pending_turns",
             "Messages accepted and not yet answered, by every process sharing the Redis",

@@ -54,6 +54,7 @@ METRICS = frozenset({
     "threadbot_redis_errors_total",
     "threadbot_platform_connected",
     "threadbot_pending_turns",
+    "threadbot_loading",
     "threadbot_workers_alive",
     "threadbot_job_wait_seconds",
     "threadbot_chunk_delay_seconds",

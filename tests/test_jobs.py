@@ -224,12 +224,15 @@ async def tries(redis: Redis, job_id: str) -> set[int]:
     }
 
 
-async def test_a_stopping_worker_is_not_ready(streams, make_batcher):
+async def test_a_worker_is_starting_until_open_and_not_ready_once_stopping(streams, make_batcher):
     """Once a stop has begun (SIGTERM), through its grace period, its /readyz says so, as
-    a gateway's does: it said ready until the process went."""
-    vitals = Vitals(metrics=Metrics(), platforms=[])
+    a gateway's does: it said ready until the process went. Starting, until then."""
+    metrics = Metrics()
+    vitals = Vitals(metrics=metrics, platforms=[])
+    assert metrics.registry.get_sample_value("threadbot_loading") == 1
     async with worker(streams, make_batcher(), "w1") as working:
         vitals.working(working)
+        assert metrics.registry.get_sample_value("threadbot_loading") == 0
         before = await vitals.readiness()
         working.stop()
         after = await vitals.readiness()

@@ -146,6 +146,7 @@ async def test_healthy_and_ready_once_everything_is_up(ops):
     async with ops() as up:
         assert await up.get("/healthz") == (200, json.dumps({"status": "alive"}))
         _, body = await until(up.readiness, ready)
+        assert (await up.samples())["threadbot_loading", frozenset()] == 0
     assert body == {
         "ready": True,
         "checks": {"redis": "ok", "model": "ok", "engine": "ok", "slack": "ok"},
@@ -168,7 +169,8 @@ async def test_alive_but_not_ready_while_the_model_loads():
             "discord": "not connected",
         }
         samples = await up.samples()
-    # The configured platforms' series exist from the start, at 0.
+    # Starting; the configured platforms' series exist from the start, at 0.
+    assert samples["threadbot_loading", frozenset()] == 1
     for platform in ("slack", "discord"):
         assert samples["threadbot_platform_connected", frozenset({("platform", platform)})] == 0
         for outcome in OUTCOMES:
