@@ -47,6 +47,7 @@ from adapters.discord_channel import (
     requester,
 )
 from adapters.discord_commands import SlashCommands
+from adapters.streaming import EditBudgets
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import THREAD_ONLY, ChatMessage, ConversationKey, Turn
@@ -59,6 +60,10 @@ THREAD_NAME_LENGTH = 90  # Discord allows 100
 ATTACHMENT_SECONDS = 10.0  # reading a message's attached files
 JOIN_WAIT_S = 15.0  # how long a message waits for a mention taking the bot into its thread
 TYPING_INTERVAL = 8.0  # Discord's typing indicator lasts about 10 s
+# Discord limits a channel's message edits together, about 5 in 5 s: answers streaming
+# side by side in one channel (inline mode) share them, and the finals are counted too.
+EDITS_PER_MINUTE = 50
+EDIT_BURST = 5
 ANSWERED_TYPES = {discord.MessageType.default, discord.MessageType.reply}
 PERMISSIONS = discord.Permissions(
     view_channel=True,
@@ -103,6 +108,7 @@ class DiscordAdapter(Adapter):
         self.arrivals = InOrder()  # each channel's messages, routed one by one as they came
         self.settings = settings
         self.typing_interval = typing_interval
+        self.edit_budgets = EditBudgets(per_minute=EDITS_PER_MINUTE, burst=EDIT_BURST)  # by channel
         self.memberships = Memberships(client)  # DM askers' roles, shared by all three paths
         self.commands = SlashCommands(
             client=client,
@@ -199,6 +205,7 @@ class DiscordAdapter(Adapter):
             render=str,  # Discord speaks Markdown; allowed_mentions stops every ping
             limit=MESSAGE_LIMIT,
             interval=self.settings.discord_edit_interval,
+            budget=self.edit_budgets.of(target.destination_id),
             message_ids=message_ids,
             typing_interval=self.typing_interval,
             # typing until the first text, which comes within the request timeout

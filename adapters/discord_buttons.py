@@ -153,6 +153,7 @@ class DiscordReply(StreamingReply):
     async def _retire_previous(self, asker: Asker) -> None:
         previous = last_message(await self.service.answer_place(asker.conversation))
         if previous and previous[1] not in {*self.message_ids, *self.replacing}:
+            self._count_edit()
             await set_buttons(self.target.client, *previous, None)
         await self._delete_replaced()
 
@@ -161,6 +162,11 @@ class DiscordReply(StreamingReply):
         while self.replacing:
             await self.target.delete(self.replacing[-1])  # one gone already (a try before
             self.replacing.pop()  # a restart deleted it) counts as deleted
+
+    def _count_edit(self) -> None:
+        """A buttons' edit is sent, as a final text is, and spends the channel's edits."""
+        if self.budget:
+            self.budget.spend()
 
     @contextlib.contextmanager
     def _tidying(self) -> Iterator[None]:
@@ -185,6 +191,7 @@ class DiscordReply(StreamingReply):
             place["reply_to"] = self.target.reply_to
         try:  # recorded before the button shows, so a press finds this answer the newest
             await self.service.answer_shown(asker.conversation, place, self.message_ids)
+            self._count_edit()
             await set_buttons(
                 self.target.client, place["channel"], self.message_ids[-1],
                 regenerate_buttons(asker),

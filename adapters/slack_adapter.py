@@ -63,7 +63,7 @@ from adapters.slack_format import (
     to_mrkdwn,
 )
 from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
-from adapters.streaming import DRAFTING, EditBudget, StreamingReply
+from adapters.streaming import DRAFTING, EditBudgets, StreamingReply
 from bot import replies
 from bot.access import Requester
 from bot.config import Settings
@@ -134,7 +134,7 @@ class SlackAdapter(Adapter):
         self.settings = settings
         self.routes = routes  # where the Events API is served (HTTP mode)
         self._connected: Callable[[], Awaitable[bool]] | None = None  # set once running
-        self.budgets: dict[str, EditBudget] = {}  # per workspace (team id)
+        self.budgets = EditBudgets(per_minute=EDITS_PER_MINUTE, burst=EDIT_BURST)  # by team
         self.people: dict[str, Person] = {}  # by user id, oldest first
         self.channel_names: dict[str, str] = {}  # by channel id, oldest first
         self.refused: set[str] = set()  # workspaces where Slack refused native streaming
@@ -504,7 +504,7 @@ class SlackAdapter(Adapter):
             render=to_mrkdwn,
             limit=MESSAGE_LIMIT,
             interval=self.settings.stream_edit_interval,
-            budget=self._budget(thread.team),
+            budget=self.budgets.of(thread.team),
             placeholder=PLACEHOLDER,
             message_ids=message_ids,
         )
@@ -523,7 +523,7 @@ class SlackAdapter(Adapter):
             render=to_markdown,
             limit=MARKDOWN_LIMIT,
             interval=self.settings.stream_edit_interval,
-            budget=self._budget(thread.team),
+            budget=self.budgets.of(thread.team),
             placeholder=PLACEHOLDER if message_ids else None,
             message_ids=message_ids,
             mark="",  # Slack shows a stream as being written
@@ -548,11 +548,6 @@ class SlackAdapter(Adapter):
             if target.get("native")
             else self._edited(thread, messages)
         )
-
-    def _budget(self, team: str) -> EditBudget:
-        if team not in self.budgets:
-            self.budgets[team] = EditBudget(per_minute=EDITS_PER_MINUTE, burst=EDIT_BURST)
-        return self.budgets[team]
 
     async def _thread_context(
         self, event: dict[str, Any], bot_user: str, deadline: float

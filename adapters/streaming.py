@@ -91,10 +91,46 @@ class EditBudget:
         self._refill()
         self.tokens -= 1
 
+    @property
+    def full(self) -> bool:
+        self._refill()
+        return self.tokens >= self.burst
+
     def _refill(self) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+
+
+class EditBudgets:
+    """An `EditBudget` for each place whose edits a platform limits together (Slack: a
+    workspace; Discord: a channel), made as each is first used."""
+
+    KEPT = 1000  # past this many places, those whose budgets are full again are let go
+
+    def __init__(self, *, per_minute: float, burst: int, clock: Clock = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.burst = burst
+        self.clock = clock
+        self._budgets: dict[str, EditBudget] = {}
+
+    def of(self, place: str) -> EditBudget:
+        if (budget := self._budgets.get(place)) is None:
+            if len(self._budgets) >= self.KEPT:
+                self._let_go_of_full()
+            budget = EditBudget(per_minute=self.per_minute, burst=self.burst, clock=self.clock)
+            self._budgets[place] = budget
+        return budget
+
+    def __len__(self) -> int:
+        return len(self._budgets)
+
+    def _let_go_of_full(self) -> None:
+        """A full budget is what a new one would be: dropping it forgets nothing (Discord
+        makes every thread a channel, so places would otherwise pile up)."""
+        for place, budget in list(self._budgets.items()):
+            if budget.full:
+                del self._budgets[place]
 
 
 class StreamingReply:

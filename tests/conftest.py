@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -393,6 +394,18 @@ class ScriptedBatcher:
             if done:
                 del self.written[key]
         return updates
+
+
+class PacedBatcher(ScriptedBatcher):
+    """A ScriptedBatcher that takes its time, as a model does: `pace` seconds a step."""
+
+    def __init__(self, answer: str, *, pace: float = 0.01) -> None:
+        super().__init__(answer)
+        self.pace = pace
+
+    def step(self) -> list:
+        time.sleep(self.pace)
+        return super().step()
 
 
 @pytest.fixture

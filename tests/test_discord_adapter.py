@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from functools import partial
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from conftest import (
     LONG_CODE_ANSWER,
     FailsOnceBatcher,
     GatedBatcher,
+    PacedBatcher,
     ScriptedBatcher,
     assert_split_with_fences,
     running,
@@ -34,6 +36,8 @@ from adapters import discord_adapter, discord_channel
 from adapters.attachments import MAX_FILE_BYTES
 from adapters.base import AdapterError
 from adapters.discord_adapter import (
+    EDIT_BURST,
+    EDITS_PER_MINUTE,
     INTENTS_HELP,
     MESSAGE_LIMIT,
     THREAD_NAME_LENGTH,
@@ -61,6 +65,11 @@ def _discord_urls_restored(monkeypatch):
     monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
 
 
+# The tests edit every 0.05 s, not 1.5: a channel's budget as much faster, so that it
+# holds back a single answer no more than it would at 1.5 s (the tests of it set it back).
+EDITS_AT_TEST_PACE = 30 * EDITS_PER_MINUTE
+
+
 def settings_for(fake: FakeDiscord, **values) -> Settings:
     return Settings(
         _env_file=None,
@@ -72,8 +81,9 @@ def settings_for(fake: FakeDiscord, **values) -> Settings:
 
 
 @pytest.fixture
-def discord_bot(fake, make_service):
+def discord_bot(fake, make_service, monkeypatch):
     """Runs the adapter on a service; yields (service, batcher) once it has identified."""
+    monkeypatch.setattr(discord_adapter, "EDITS_PER_MINUTE", EDITS_AT_TEST_PACE)
 
     @asynccontextmanager
     async def start(batcher=None, *, reply_mode="thread", **service_options):
@@ -710,6 +720,27 @@ async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
         if r.method != "PATCH" and not r.path.startswith("/applications/")  # start-up's commands
     }
     assert made == answering
+
+
+async def test_inline_mode_answers_side_by_side_edit_within_the_channels_budget(
+    fake, discord_bot, monkeypatch
+):
+    """Discord limits a channel's edits together: three answers streaming into one
+    channel skip drafts once its budget is spent (each would edit every 0.05 s here),
+    and each still ends in its whole text (and its buttons' edits)."""
+    monkeypatch.setattr(discord_adapter, "EDITS_PER_MINUTE", EDITS_PER_MINUTE)
+    answer = "word " * 300
+    batcher = PacedBatcher(answer, pace=0.03)
+    async with discord_bot(batcher, reply_mode="inline"):
+        started = time.monotonic()
+        for question in ("one?", "two?", "three?"):
+            await mention(fake, question)
+        finals = [await final_reply(fake, fake.channel_id, after=n) for n in range(3)]
+        took = time.monotonic() - started
+    assert [final["content"] for final in finals] == [answer.strip()] * 3
+    edits = fake.requests_to("PATCH", rf"/channels/{fake.channel_id}/messages/\d+")
+    drafts = [edit for edit in edits if edit.json.get("content", "").endswith(STREAMING_MARK)]
+    assert 1 <= len(drafts) <= EDIT_BURST + EDITS_PER_MINUTE / 60 * took
 
 
 async def test_inline_mode_reads_a_reply_the_gateway_left_unresolved(fake, discord_bot):

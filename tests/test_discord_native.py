@@ -22,10 +22,17 @@ from discord.gateway import DiscordWebSocket
 from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from test_discord_adapter import bot_messages, final_reply, mention, ready, settings_for
+from test_discord_adapter import (
+    EDITS_AT_TEST_PACE,
+    bot_messages,
+    final_reply,
+    mention,
+    ready,
+    settings_for,
+)
 from test_service import nothing_pending, until
 
-from adapters import discord_channel
+from adapters import discord_adapter, discord_channel
 from adapters.discord_adapter import DiscordAdapter, gateway_intents
 from adapters.discord_buttons import REGENERATE_REFUSED, STOP_REFUSED, Asker
 from adapters.discord_channel import DiscordChannel
@@ -66,6 +73,7 @@ def discord_bot(make_service, monkeypatch) -> Callable[..., Any]:
     at once (discord.py waits 2 s for more of them by default)."""
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
     monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
+    monkeypatch.setattr(discord_adapter, "EDITS_PER_MINUTE", EDITS_AT_TEST_PACE)
 
     @asynccontextmanager
     async def start(batcher: Any = None, *, global_commands: bool = False,

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import ScriptedBatcher
+from conftest import PacedBatcher, ScriptedBatcher
 from fake_slack import FakeSlack
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -191,14 +190,6 @@ async def test_a_stream_slack_ends_early_still_gets_the_whole_answer(slack, sock
     updates = slack.calls_to("chat.update", ok_only=True)
     assert updates[-1].params["markdown_text"] == to_markdown(ANSWER)
     assert len([m for m in slack.channels["C0001"] if m.get("user") == slack.bot_user_id]) == 1
-
-
-class PacedBatcher(ScriptedBatcher):
-    """A ScriptedBatcher that takes its time, as a model does: a stop lands while it writes."""
-
-    def step(self) -> list:
-        time.sleep(0.01)
-        return super().step()
 
 
 async def test_a_stream_slack_ended_is_edited_within_the_workspaces_budget(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from adapters.streaming import STREAMING_MARK, EditBudget, StreamingReply
+from adapters.streaming import STREAMING_MARK, EditBudget, EditBudgets, StreamingReply
 from adapters.text import split_message
 from bot import replies
 
@@ -120,6 +120,24 @@ async def test_a_spent_budget_skips_edits_but_never_the_final_text():
     await second.finish("done two")
     assert target.messages == {"0": "DONE ONE", "1": "DONE TWO"}
     assert budget.tokens < 0  # the final edits were counted, so streaming edits now wait
+
+
+def test_a_place_keeps_its_budget_and_full_ones_are_let_go_past_the_kept_count(monkeypatch):
+    """A budget is each place's own and lasts while it is short of full; past `KEPT`
+    places, the full ones go (a new one would be the same), the spent ones stay."""
+    monkeypatch.setattr(EditBudgets, "KEPT", 3)
+    clock = Clock()
+    budgets = EditBudgets(per_minute=60, burst=2, clock=clock)
+    spent = budgets.of("spent")
+    spent.spend()
+    assert budgets.of("spent") is spent and budgets.of("other") is not spent
+    budgets.of("full")
+    budgets.of("new")  # the fourth place: "other" and "full" are let go
+    assert len(budgets) == 2 and budgets.of("spent") is spent
+    clock.now += 1.0  # "spent" is full again
+    for place in ("a", "b", "c"):
+        budgets.of(place)
+    assert budgets.of("spent") is not spent
 
 
 # --- resuming: known messages, on_post, pause, the reply target ---------------------------
