@@ -103,6 +103,8 @@ def _local(model: str, model_file: str | None) -> ModelSource:
     """MODEL as a local folder: the folder itself, or the snapshot of the hub id it names."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if model_file and not (path / model_file).is_file():  # before doctor sizes it
+            raise ModelError(f"MODEL_FILE={model_file} is not a file in MODEL={model}")
         return ModelSource(str(path), model_file)
     if path.is_absolute() or model.startswith((".", "~")) or path.exists():
         raise ModelError(f"MODEL={model} is not a folder. {FIX}")
@@ -361,8 +363,6 @@ def _convert(source: ModelSource, target: Path) -> None:
 def _conversion(source: ModelSource, cache_dir: Path) -> Path:
     """Where `_converted_gguf` keeps a GGUF's conversion: one folder per file's version."""
     gguf = Path(source.path, source.gguf_file or "")
-    if not gguf.is_file():
-        raise ModelError(f"MODEL_FILE={source.gguf_file} is not a file in MODEL={source.path}")
     stat = gguf.stat()
     stamp = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return cache_dir / f"{gguf.stem}-{stamp.hexdigest()[:12]}"

@@ -420,6 +420,15 @@ async def test_a_missing_model_folder(doctor, tmp_path: Path) -> None:
     assert report.lines("generation") == [("skip", "no model to load")]
 
 
+async def test_a_missing_gguf_file_in_a_model_folder(doctor, tmp_path: Path) -> None:
+    """Named, as `run` names it, where the check itself failed on sizing the file."""
+    report = await doctor(MODEL=str(tmp_path), MODEL_FILE="absent.gguf")
+    [(status, message)] = report.lines("model")
+    assert status == "FAIL"
+    assert message.endswith(f"MODEL_FILE=absent.gguf is not a file in MODEL={tmp_path}")
+    assert report.lines("generation") == [("skip", "no model to load")]
+
+
 async def test_the_fallback_to_the_bundled_model_is_a_warning(
     doctor, tmp_path: Path, bundled_engine: object, bundled_cache: Path
 ) -> None:

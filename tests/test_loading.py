@@ -175,9 +175,8 @@ def test_a_folder_without_a_model_is_named(tmp_path):
 
 
 def test_a_missing_gguf_file_is_named(tmp_path):
-    source = ModelSource(str(tmp_path), "absent.gguf")
-    with pytest.raises(ModelError, match=r"MODEL_FILE=absent\.gguf is not a file"):
-        loading.load(source, device="cpu", dtype="auto", cache_dir=tmp_path / "models")
+    with pytest.raises(ModelError, match=r"MODEL_FILE=absent\.gguf is not a file in MODEL="):
+        loading.resolve_source(settings(model=str(tmp_path), model_file="absent.gguf"))
 
 
 @pytest.mark.slow
