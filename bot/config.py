@@ -61,7 +61,7 @@ BUNDLED = "bundled"
 DEFAULT_CONTEXT_TOKENS = 8192
 DEFAULT_CONFIG_FILE = Path("threadbot.yml")
 ENV_FILE = Path(".env")
-HUGGING_FACE_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_")
+HUGGING_FACE_PREFIXES = ("HF_", "HUGGINGFACE_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
 """Names of the Hugging Face libraries' own variables (huggingface_hub, transformers,
 tokenizers), which `.env` may hold beside our settings."""
 COMPOSE_PREFIX = "COMPOSE_"
@@ -330,6 +330,13 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("threadbot_config", "data_dir")
+    @classmethod
+    def _home_expanded(cls, value: Path | None) -> Path | None:
+        # `~/data` in `.env`, a unit or compose is not expanded by any of them: a folder
+        # named `~` would hold the conversations.
+        return value.expanduser() if value is not None else None
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -369,7 +376,6 @@ class Settings(BaseSettings):
     @classmethod
     def _a_redis_url(cls, value: str | None) -> str | None:
         # Checked here, not at connect: a URL no restart can fix is a setting (exit 2).
-        # Empty, as `redis_url: ""` in the team's file, is unset: the embedded Redis.
         if value and (problem := url_problem(value)):
             raise PydanticCustomError("url", problem)
         return value
@@ -473,10 +479,12 @@ class _KeysOnceLoader(yaml.SafeLoader):
 
 
 def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    """The file's settings but those left empty (`model:`, `model: ""`): unset, as an
+    empty environment variable is."""
     return {
         key: _without_nulls(value) if isinstance(value, dict) else value
         for key, value in data.items()
-        if value is not None
+        if value is not None and value != ""
     }
 
 
@@ -582,10 +590,16 @@ def _may_be_a_typo(name: str) -> bool:
 def config_file() -> Path | None:
     """The team's YAML file: THREADBOT_CONFIG (environment, then `.env`), else
     `threadbot.yml` in the working directory where there is one."""
-    named = os.environ.get("THREADBOT_CONFIG") or read_env_file().get("THREADBOT_CONFIG")
-    if named:
-        return Path(named)
+    if named := _value_of("THREADBOT_CONFIG", os.environ) or _value_of(
+        "THREADBOT_CONFIG", read_env_file()
+    ):
+        return Path(named).expanduser()
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _value_of(name: str, variables: Mapping[str, str | None]) -> str | None:
+    """A variable's value, its name in any case, as the settings read names."""
+    return next((value for key, value in variables.items() if key.upper() == name and value), None)
 
 
 def load_settings(**values: Any) -> Settings:

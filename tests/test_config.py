@@ -236,6 +236,7 @@ def test_hugging_face_variables_in_dotenv_are_not_refused(tmp_path: Path) -> Non
     (tmp_path / ".env").write_text(
         "HF_TOKEN=hf_secret\nHF_HOME=/srv/hf\nHF_HUB_OFFLINE=1\nhf_hub_disable_telemetry=1\n"
         "TRANSFORMERS_VERBOSITY=error\nTOKENIZERS_PARALLELISM=false\nMAX_NEW_TOKENS=64\n"
+        "HUGGING_FACE_HUB_TOKEN=hf_older_name\n"
     )
     assert Settings().max_new_tokens == 64
 

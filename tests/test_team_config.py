@@ -185,10 +185,39 @@ def test_a_persona_for_every_platform_names_its_channel_by_id(tmp_path: Path) ->
     assert "is not a platform id" in line and "platform: console" in line
 
 
-def test_an_empty_redis_url_in_the_team_file_is_the_embedded_redis(tmp_path: Path) -> None:
-    """As an empty REDIS_URL= line in `.env` is: unset, not a URL without its scheme."""
-    write(tmp_path / "threadbot.yml", 'redis_url: ""\n')
-    assert not load_settings().redis_url
+def test_empty_strings_in_the_team_file_mean_unset(tmp_path: Path) -> None:
+    """As empty lines in `.env` are: `redis_url: ""` the embedded Redis, not a URL without
+    its scheme; `model: ""` the default, not the working directory; `inference_url: ""`
+    no server, not a bad URL."""
+    write(
+        tmp_path / "threadbot.yml",
+        'redis_url: ""\nmodel: ""\ninference_url: ""\naccess:\n  deny: ""\n',
+    )
+    settings = load_settings()
+    assert (settings.redis_url, settings.model, settings.inference_url) == (None,) * 3
+    assert settings.access.deny == "reply"
+
+
+def test_a_team_file_named_in_lower_case_is_read(tmp_path: Path) -> None:
+    """Settings' names are read in any case: THREADBOT_CONFIG's too, or the file it names
+    was skipped while the setting was taken, and its access rules went unapplied."""
+    write(tmp_path / "team.yml", "max_new_tokens: 77\n")
+    write(tmp_path / ".env", "threadbot_config=team.yml\n")
+    assert load_settings().max_new_tokens == 77
+
+
+def test_the_home_folder_in_data_dir_and_the_team_files_name_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither `.env`, systemd nor compose expands `~`: a folder named `~` would have held
+    the conversations."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write((tmp_path / "home").mkdir() or tmp_path / "home" / "team.yml", "max_new_tokens: 9\n")
+    write(tmp_path / ".env", "THREADBOT_CONFIG=~/team.yml\nDATA_DIR=~/threadbot\n")
+    settings = load_settings()
+    assert settings.max_new_tokens == 9
+    assert settings.data_dir == tmp_path / "home" / "threadbot"
+    assert settings.threadbot_config == tmp_path / "home" / "team.yml"
 
 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
