@@ -559,7 +559,7 @@ class ChatService:
                 temperature=voice.temperature,
             )
         except QueueFull:
-            if pending.attempts > 1:  # taken over, and told it will be answered: it waits
+            if pending.taken_up:  # told it would be answered (or owed it): it waits
                 self._orphaned[started.id] = sink  # for a later resume pass
                 await self._leave_for_later(started, sink, release=True,
                                             text=replies.waiting_for_room())  # fmt: skip

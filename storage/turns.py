@@ -51,6 +51,7 @@ class PendingTurn:
     failure: str | None = None  # told (or being told) to the user: over, but for closing
     regenerates: dict[str, Any] | None = None  # the place of the answer it replaces
     kept: str | None = None  # that answer, once taken back from the history
+    taken_up: bool = False  # claimed (after a stop, a crash, an outage): owed an answer
 
     @property
     def id(self) -> str:
@@ -340,7 +341,8 @@ class TurnJournal:
         async def write(pipe: Pipeline) -> PendingTurn | None:
             record = await pipe.hgetall(key)
             if record.get("claim") == claim:  # an earlier try got through (its reply was lost)
-                return _parse(turn_id, record)
+                earlier = _parse(turn_id, record)
+                return earlier and replace(earlier, taken_up=True)
             owner = record.get("owner")
             # Both read now, together: a turn orphaned since the claim began is left
             # uncounted in the same step (`ChatService._leave_for_later`).
@@ -360,7 +362,7 @@ class TurnJournal:
                 return None
             attempts = pending.attempts + count
             pipe.hset(key, mapping={"owner": self.owner, "claim": claim, "attempts": attempts})
-            return replace(pending, attempts=attempts)
+            return replace(pending, attempts=attempts, taken_up=True)
 
         claimed = await self._transaction([key], write)  # (raising, it stays in doubt)
         if claimed is None:

@@ -829,6 +829,43 @@ async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resum
     assert all(sink.kinds("fail") == [] and sink.kinds("finish") for sink in rebuild.sinks)
 
 
+class FillsTheQueueAsItStarts(RecordingSink):
+    """A new message takes the queue's room between a turn's claim and its request."""
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__()
+        self.queue = queue
+        self.held: list = []
+
+    async def start(self) -> None:
+        await super().start()
+        if not self.held:  # once: the turn's next try finds room
+            message = [{"role": "user", "content": "hi"}]
+            self.held.append(self.queue.submit(message, user="U9", conversation="another"))
+
+
+@pytest.mark.parametrize("left_by", ["a clean stop", "a crash"])
+async def test_a_turn_taken_up_that_finds_the_queue_full_waits_for_room(
+    make_service, make_batcher, redis_client, store, platform, left_by
+):
+    """Told at the stop that it would be answered (or owed it after a crash): never told
+    busy, though a clean stop gave back its try, so it is on its first once taken up."""
+    dead = process(redis_client, store, platform, "dead")
+    pending = await dead.accept(on(platform), {})
+    if left_by == "a clean stop":
+        await dead.release(pending)
+    gated = GatedBatcher(make_batcher())
+    async with make_service(gated, queue_max=1) as (service, _batcher):
+        filling = FillsTheQueueAsItStarts(service.queue)
+        service.serve_platform(platform, lambda target, stop: filling)
+        await until(lambda: asyncio.sleep(0, filling.kinds("pause") or filling.kinds("fail")))
+        told = filling.events[:]
+        gated.gate.set()
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    assert ("pause", replies.waiting_for_room()) in told and not filling.kinds("fail")
+    assert filling.kinds("finish")
+
+
 class Outage:
     """Redis refusing the calls put on it (`refusing`) while `down`."""
 
