@@ -35,6 +35,16 @@ STREAM_OVER = "message_not_in_streaming_state"  # Slack ends a stream minutes af
 STOPPED_BY_USER = "stopped_by_user"  # a reader pressed stop: nothing more goes into it
 ENDED = frozenset({STREAM_OVER, STOPPED_BY_USER})
 PLACE_GONE = frozenset({"channel_not_found", "is_archived", "not_in_channel"})
+POSTING_REFUSED = frozenset(
+    {  # the workspace's rules: a read-only or announcement channel, threads turned off
+        "restricted_action",
+        "restricted_action_read_only_channel",
+        "restricted_action_thread_only_channel",
+        "restricted_action_non_threadable_channel",
+        "posting_to_general_channel_denied",
+        "ekm_access_denied",
+    }
+)
 
 
 def _error(error: SlackApiError) -> str:
@@ -42,10 +52,12 @@ def _error(error: SlackApiError) -> str:
 
 
 def _raise_if_nowhere(error: SlackApiError) -> None:
-    """NowhereToAnswer where the answer's channel was deleted or archived, or the bot taken
-    out of it: nothing can be shown there, now or on another try."""
+    """NowhereToAnswer where the answer's channel was deleted or archived, the bot taken
+    out of it, or its posts refused there: nothing can be shown, now or on another try."""
     if _error(error) in PLACE_GONE:
         raise NowhereToAnswer(f"its channel is no more: Slack said {_error(error)}") from error
+    if _error(error) in POSTING_REFUSED:
+        raise NowhereToAnswer(f"Slack refuses its posts there: {_error(error)}") from error
 
 
 async def _gone_if_deleted(update: Awaitable[object], message_id: str) -> None:

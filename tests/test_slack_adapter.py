@@ -239,13 +239,22 @@ async def test_a_long_answer_is_split_across_thread_messages(slack, socket_mode)
         assert post.params["unfurl_links"] is False and post.params["unfurl_media"] is False
 
 
-@pytest.mark.parametrize("streaming", ["edit", "native"])
+@pytest.mark.parametrize(
+    ("streaming", "error"),
+    [
+        ("edit", "is_archived"),
+        ("native", "is_archived"),
+        ("edit", "restricted_action_read_only_channel"),
+        ("native", "restricted_action"),
+    ],
+)
 async def test_a_channel_archived_while_its_answer_is_written_ends_the_turn_there(
-    slack, socket_mode, make_batcher, streaming
+    slack, socket_mode, make_batcher, streaming, error
 ):
-    """Slack: is_archived (or channel_not_found, not_in_channel). The answer is written for
-    nobody no further, not tried again, and not stored: it was written whole, and each
-    try failed to show it, until the last stored it, an answer nobody saw."""
+    """Slack: is_archived (or channel_not_found, not_in_channel), or the workspace's rules
+    refusing the bot's posts there. The answer is written for nobody no further, not
+    tried again, and not stored: it was written whole, and each try failed to show it,
+    until the last stored it, an answer nobody saw."""
     gated = GatedBatcher(make_batcher(max_new_tokens=12))
     async with socket_mode(gated, streaming=streaming) as (service, _batcher):
         mention = slack.app_mention("C0001", "hello")
@@ -253,7 +262,7 @@ async def test_a_channel_archived_while_its_answer_is_written_ends_the_turn_ther
         first = "chat.postMessage" if streaming == "edit" else "assistant.threads.setStatus"
         await slack.wait_for_calls(first)  # the answer is begun
         for method in ("chat.postMessage", "chat.update", "chat.startStream"):
-            slack.fail_next(method, "is_archived", count=100)
+            slack.fail_next(method, error, count=100)
         gated.gate.set()
         await until(lambda: nothing_pending(service.journal), timeout=15)
         key = ConversationKey("slack", slack.team_id, "C0001", mention["ts"])
