@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import html
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from decimal import Decimal
@@ -89,6 +90,9 @@ NAME_LOOKUPS = 10  # users.info calls made at once (Tier 4: 100+ a minute)
 ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast"}
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
+# Slack clears a thread's status two minutes after it was set if nothing was posted: an
+# answer waiting its turn for longer would show nobody at work.
+STATUS_INTERVAL = 90.0
 PEOPLE_CACHE_SIZE = 1000  # names remembered, each of people and channels
 EVENTS_PATH = "/slack/events"
 GROUP_DM = "mpim"  # the channel_type of a group DM: answered as a channel is, in threads
@@ -527,6 +531,9 @@ class SlackAdapter(Adapter):
             placeholder=PLACEHOLDER if message_ids else None,
             message_ids=message_ids,
             mark="",  # Slack shows a stream as being written
+            typing_interval=STATUS_INTERVAL,
+            # until the first text, which comes within the request timeout
+            typing_repeats=math.ceil(self.settings.request_timeout / STATUS_INTERVAL),
         )
 
     def _resumed(self, target: dict[str, Any], stop: Callable[[], object]) -> ReplySink:

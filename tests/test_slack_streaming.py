@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import PacedBatcher, ScriptedBatcher
+from conftest import GatedBatcher, PacedBatcher, ScriptedBatcher
 from fake_slack import FakeSlack
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from test_slack_adapter import final_reply
 
+from adapters import slack_adapter
 from adapters.slack_adapter import PLACEHOLDER, SlackAdapter
 from adapters.slack_assistant import THINKING
 from adapters.slack_format import MARKDOWN_LIMIT, settled, to_markdown, to_mrkdwn
@@ -68,6 +69,26 @@ async def test_an_answer_streams_natively_into_its_thread(slack, socket_mode):
     statuses = [call.params["status"] for call in slack.calls_to("assistant.threads.setStatus")]
     assert statuses[0] == THINKING and statuses[-1] == ""  # shown while thinking, then cleared
     assert slack.statuses == {}
+
+
+async def test_an_answer_that_waits_keeps_the_threads_status_until_it_streams(
+    slack, socket_mode, make_batcher, monkeypatch
+):
+    """Slack clears a status two minutes after it was set if nothing is posted: it is set
+    again every STATUS_INTERVAL (here 0.05 s) while the answer waits, and no more after."""
+    monkeypatch.setattr(slack_adapter, "STATUS_INTERVAL", 0.05)
+    gated = GatedBatcher(make_batcher())
+    async with socket_mode(gated, streaming="auto"):
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        await slack.wait_for_calls("assistant.threads.setStatus", count=4)
+        gated.gate.set()
+        await final_reply(slack, "C0001", mention["ts"])
+        settled_statuses = len(slack.calls_to("assistant.threads.setStatus"))
+        await asyncio.sleep(0.2)  # four more intervals: no status once the answer is there
+    statuses = [call.params["status"] for call in slack.calls_to("assistant.threads.setStatus")]
+    assert statuses[:4] == [THINKING] * 4 and statuses[-1] == ""
+    assert len(statuses) == settled_statuses
 
 
 async def test_a_stream_for_a_slack_connect_guest_names_their_own_team(slack, socket_mode):
