@@ -69,6 +69,10 @@ PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be 
 # A turn lets go of its conversation only once its answer, shown with its buttons, is
 # stored: a Regenerate pressed meanwhile waits this long for it, and is refused after.
 REGENERATE_WAIT_S = 3.0
+PLATFORM_RETRY_S = 15.0
+"""A turn the platform did not show is tried again after this long, doubled at each try:
+taken up at the resume passes' pace (every few seconds), a platform's passing trouble
+would use up TURN_MAX_ATTEMPTS within seconds."""
 
 
 class AnswerStopped(Exception):
@@ -114,6 +118,7 @@ class ChatService:
         max_attempts: int,
         model_name: str = "the model",
         metrics: Metrics | None = None,
+        platform_retry_s: float = PLATFORM_RETRY_S,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -129,6 +134,7 @@ class ChatService:
         self.reloads = reloads
         self._reloads_seen: int | None = None  # the count of reload commands, as last read
         self.max_attempts = max_attempts
+        self.platform_retry_s = platform_retry_s
         self.model_name = model_name
         self.metrics = metrics if metrics is not None else Metrics()  # turns and their latency
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
@@ -496,12 +502,18 @@ class ChatService:
         logger.warning("the platform did not show turn %s (attempt %d of %d)", pending.id,
                        pending.attempts, self.max_attempts, exc_info=failure.__cause__)  # fmt: skip
         if pending.attempts < self.max_attempts:
-            self._orphaned[pending.id] = sink
+            self._retry_later(pending, sink)
         elif failure.answer is None:
             await self._fail(pending, sink, replies.failed())
         else:
             await self.journal.finish(pending, failure.answer)
             self.metrics.count_turn(pending.turn.conversation.platform, "failed")
+
+    def _retry_later(self, pending: PendingTurn, sink: ReplySink) -> None:
+        """Orphan the turn once the platform had `platform_retry_s` (doubled at each try)
+        to recover: a resume pass then takes it up again."""
+        delay = self.platform_retry_s * 2 ** (pending.attempts - 1)
+        asyncio.get_running_loop().call_later(delay, self._orphaned.__setitem__, pending.id, sink)
 
     async def _failed(self, pending: PendingTurn, sink: ReplySink, error: Exception) -> None:
         """A turn went wrong: fail it (with nothing said where there is nowhere to say
@@ -513,9 +525,13 @@ class ChatService:
         try:
             await self._fail(pending, sink, replies.failed())
         except Exception as closing:
-            if is_outage(closing) or pending.attempts < self.max_attempts:
+            if is_outage(closing):  # taken up again as soon as storage is back
                 logger.warning("could not close failed turn %s", pending.id, exc_info=True)
                 self._orphaned[pending.id] = sink
+                return
+            if pending.attempts < self.max_attempts:
+                logger.warning("could not close failed turn %s", pending.id, exc_info=True)
+                self._retry_later(pending, sink)
                 return
             logger.error("could not close failed turn %s after %d attempts; abandoned",
                          pending.id, pending.attempts, exc_info=True)  # fmt: skip

@@ -467,6 +467,7 @@ def make_service(
             "reloads": TeamReloads(redis=redis_client, scope=f"test-{uuid.uuid4().hex}"),
             "max_attempts": 3,
             "metrics": Metrics(),
+            "platform_retry_s": 0.05,
         } | options
         queue = InferenceQueue(
             batcher=batcher, max_size=queue_max, timeout=timeout, metrics=options["metrics"]

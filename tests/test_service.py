@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -1456,6 +1457,7 @@ class FlakyPlatform(RecordingSink):
     def __init__(self, kind: str, failures: float) -> None:
         super().__init__()
         self.kind, self.failures = kind, failures
+        self.finished_at: list[float] = []  # when each try showed its answer, if it could
 
     async def start(self) -> None:
         await super().start()
@@ -1463,6 +1465,7 @@ class FlakyPlatform(RecordingSink):
 
     async def finish(self, text: str) -> None:
         await super().finish(text)
+        self.finished_at.append(time.monotonic())
         self._maybe_fail("finish")
 
     def _maybe_fail(self, kind: str) -> None:
@@ -1505,6 +1508,21 @@ async def test_an_answer_the_platform_never_shows_is_stored_after_the_last_try(
         {"role": "user", "content": message.text},
         {"role": "assistant", "content": sink.kinds("finish")[0]},
     ]
+
+
+async def test_a_platform_failing_for_a_while_has_its_tries_spread_out(
+    make_service, redis_client, store, platform
+):
+    """Each try waits for the platform longer than the one before (`platform_retry_s`,
+    doubled), where the resume passes took the turn up again every few seconds (here
+    every 0.67 s), and its tries were gone before a passing outage was."""
+    message, sink = on(platform), FlakyPlatform("finish", failures=math.inf)
+    async with make_service(max_attempts=3, platform_retry_s=1.0) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    first, second, third = sink.finished_at
+    assert second - first >= 1.0 and third - second >= 2.0
 
 
 async def test_a_turn_whose_thread_cannot_be_rebuilt_does_not_block_the_others(
