@@ -80,9 +80,10 @@ class TurnJournal:
         # Our claims that failed midway (an outage), perhaps made, never answered: by turn,
         # the token they were made with, which the next try uses too.
         self._claims_in_doubt: dict[str, str] = {}
-        # Turns told they could not be taken, each with its refused try's acceptance: the
-        # record that try may have written all the same (not one a later delivery wrote).
-        self._refused: dict[str, str] = {}
+        # Turns told they could not be taken, each with its refused tries' acceptances: the
+        # record one of them may have written all the same (not one a later delivery wrote;
+        # a redelivery refused in the same outage adds its own).
+        self._refused: dict[str, set[str]] = {}
 
     # --- this process's lease ---------------------------------------------------------
 
@@ -126,7 +127,7 @@ class TurnJournal:
         try:
             accepted = await self._transaction([seen], write)
         except Exception:
-            self._refused[pending.id] = acceptance
+            self._refused.setdefault(pending.id, set()).add(acceptance)
             raise
         if accepted:  # a delivery again, after one refused: this one is answered
             self._refused.pop(pending.id, None)
@@ -293,8 +294,8 @@ class TurnJournal:
             if time.monotonic() - renewed > self.lease_seconds / 3:  # a long pass (a backlog)
                 await self.renew_lease()  # must not let our running turns go to others
                 renewed = time.monotonic()
-            if (acceptance := self._refused.pop(turn_id, None)) is not None:
-                await self._drop_refused(turn_id, acceptance)
+            if (acceptances := self._refused.pop(turn_id, None)) is not None:
+                await self._drop_refused(turn_id, acceptances)
                 continue
             if in_scope(turn_id, scopes) and (
                 pending := await self._claim(turn_id, orphaned, uncounted)
@@ -304,13 +305,13 @@ class TurnJournal:
             del self._claims_in_doubt[pending.id]
         return claimed
 
-    async def _drop_refused(self, turn_id: str, acceptance: str) -> None:
+    async def _drop_refused(self, turn_id: str, acceptances: set[str]) -> None:
         """A turn whose user was told it could not be taken goes unanswered, as told,
-        should its refused try have written its record all the same."""
+        should one of its refused tries have written its record all the same."""
 
         async def write(pipe: Pipeline) -> bool:
-            record = await pipe.hmget(keys.turn(turn_id), ["owner", "acceptance"])
-            if record != [self.owner, acceptance]:
+            owner, acceptance = await pipe.hmget(keys.turn(turn_id), ["owner", "acceptance"])
+            if owner != self.owner or acceptance not in acceptances:
                 return False
             pipe.multi()
             self._queue_removal(pipe, turn_id)
@@ -319,7 +320,7 @@ class TurnJournal:
         try:
             dropped = await self._transaction([keys.turn(turn_id)], write)
         except Exception:
-            self._refused[turn_id] = acceptance  # the next pass tries again
+            self._refused[turn_id] = acceptances  # the next pass tries again
             raise
         if dropped:
             logger.info("dropped turn %s, refused to its user in an outage", turn_id)

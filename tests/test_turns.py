@@ -535,17 +535,21 @@ async def test_a_finish_whose_reply_was_lost_says_it_finished(
     assert [m["content"] for m in history] == ["hello", "the answer"]
 
 
+@pytest.mark.parametrize("deliveries", [1, 2], ids=["once", "again-in-the-outage"])
 async def test_a_turn_refused_in_an_outage_but_recorded_is_dropped_not_answered(
-    redis_client, redis_url, tmp_path, platform
+    redis_client, redis_url, tmp_path, platform, deliveries
 ):
     """Its MULTI ran, but an outage hid that: the user was told their message could not be
-    taken, so once storage is back the record goes, unanswered, as they were told."""
+    taken, so once storage is back the record goes, unanswered, as they were told; also
+    where the platform delivered it again in the outage, refused once more."""
     async with lossy_journal(
         redis_url, tmp_path, f"{platform}-me", [b"acceptance"], down_after_loss=True
     ) as (me, proxy):
         await me.renew_lease()
-        with pytest.raises(RedisConnectionError):
-            await me.accept(new_turn(platform), {})
+        turn = new_turn(platform)
+        for _ in range(deliveries):
+            with pytest.raises(RedisConnectionError):
+                await me.accept(turn, {})
         pending = await redis_client.zrange(keys.PENDING_TURNS, 0, -1)
         [turn_id] = [t for t in pending if platform in t]
         proxy.back()
