@@ -27,6 +27,7 @@ from redis.exceptions import WatchError
 
 from bot.types import ChatMessage, ConversationKey, Turn
 from storage import keys
+from storage.errors import is_outage
 from storage.once import TOKEN_KEPT_S
 from storage.store import ConversationStore
 
@@ -400,13 +401,18 @@ class TurnJournal:
         the connection breaks while waiting for EXEC's reply, after Redis may have run it:
         `accept`, `begin`, `keep_context`, `save`, `finish` and `claim` check whether an
         earlier try took effect, and `release` sets the count of attempts rather than adding
-        to it."""
+        to it. The last try's WatchError from a broken connection is the outage it hides."""
         for _ in range(WATCH_TRIES - 1):
             try:
                 return await self._once(watched, write)
             except WatchError:
                 continue
-        return await self._once(watched, write)
+        try:
+            return await self._once(watched, write)
+        except WatchError as error:
+            if error.__context__ is not None and is_outage(error.__context__):
+                raise error.__context__ from error
+            raise
 
     async def _once(self, watched: list[str], write: Callable[[Pipeline], Awaitable[T]]) -> T:
         async with self._redis.pipeline(transaction=True) as pipe:

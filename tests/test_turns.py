@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from bot.types import ChatMessage, ConversationKey, Turn
 from storage import keys
 from storage.store import ConversationStore
-from storage.turns import PendingTurn, TurnJournal
+from storage.turns import WATCH_TRIES, PendingTurn, TurnJournal
 
 MakeJournal = Callable[..., TurnJournal]
 
@@ -556,6 +556,19 @@ async def test_a_turn_refused_in_an_outage_but_recorded_is_dropped_not_answered(
         assert await me.claim([platform], orphaned={turn_id}) == []
     assert not await redis_client.exists(keys.turn(turn_id))
     assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is None
+
+
+async def test_a_connection_that_breaks_under_every_try_of_a_write_is_an_outage(
+    redis_url, tmp_path, platform
+):
+    """redis-py says a connection lost while keys are watched with a WatchError, as if
+    another client had changed them: after the last try it is the outage it was (the
+    message told to send again, a turn kept for later), not a failure of the turn."""
+    lose = [b"EXISTS"] * WATCH_TRIES  # accept's first read, after its WATCH, every try
+    async with lossy_journal(redis_url, tmp_path, f"{platform}-me", lose) as (me, proxy):
+        with pytest.raises(RedisConnectionError):
+            await me.accept(new_turn(platform), {})
+    assert proxy.lost == lose
 
 
 async def test_a_message_refused_in_an_outage_and_delivered_again_is_answered(
