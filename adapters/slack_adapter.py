@@ -392,7 +392,7 @@ class SlackAdapter(Adapter):
                     )  # fmt: skip
         except Exception as error:  # e.g. Redis gone: log it, and tell whoever was talking to us
             text = failure_text(error, f"Slack message {ts} in {channel}")
-            if addressed:
+            if addressed and self.service.told_once(f"slack:{team}:{channel}:{ts}"):
                 with contextlib.suppress(Exception):
                     await thread.post(text)
 

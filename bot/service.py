@@ -69,6 +69,7 @@ PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be 
 # A turn lets go of its conversation only once its answer, shown with its buttons, is
 # stored: a Regenerate pressed meanwhile waits this long for it, and is refused after.
 REGENERATE_WAIT_S = 3.0
+FAILURES_KEPT = 1000  # messages told they failed: a platform's redelivery is not told again
 PLATFORM_RETRY_S = 15.0
 """A turn the platform did not show is tried again after this long, doubled at each try:
 taken up at the resume passes' pace (every few seconds), a platform's passing trouble
@@ -139,6 +140,7 @@ class ChatService:
         self.metrics = metrics if metrics is not None else Metrics()  # turns and their latency
         self._pending: Counter[str] = Counter()  # per user: turns accepted, not yet answered
         self._accepting: set[str] = set()  # turns being taken: a twin delivery waits for none
+        self._failures_told: dict[str, None] = {}  # turn ids, oldest first (`told_once`)
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
         self._generations: dict[str, Generation] = {}  # by turn id, while streaming
         self._scopes: dict[str, SinkFactory] = {}  # connected adapters, for resuming
@@ -208,12 +210,25 @@ class ChatService:
             if not is_outage(error):
                 raise
             logger.warning("storage unavailable; message %s refused: %s", turn.message_id, error)
-            if turn.command is None:
-                self.metrics.count_turn(turn.conversation.platform, "failed")
-            await sink.fail(replies.storage_unavailable())
+            if self.told_once(turn_id):
+                if turn.command is None:
+                    self.metrics.count_turn(turn.conversation.platform, "failed")
+                await sink.fail(replies.storage_unavailable())
             return None
         finally:
             self._accepting.discard(turn_id)
+
+    def told_once(self, turn_id: str) -> bool:
+        """Whether a message that could not be taken (storage down when it came) is to be
+        told so now: the first time. Slack delivers an event again until one delivery is
+        acknowledged, and one refused in an outage is acknowledged late, after Redis's
+        retries: each of up to four deliveries would say it again."""
+        if turn_id in self._failures_told:
+            return False
+        if len(self._failures_told) >= FAILURES_KEPT:
+            del self._failures_told[next(iter(self._failures_told))]
+        self._failures_told[turn_id] = None
+        return True
 
     async def handle(self, turn: Turn, sink: ReplySink) -> None:
         """Take a turn and wait for its answer (the console; tests)."""

@@ -27,6 +27,7 @@ from conftest import (
 )
 from fake_server import serve
 from fake_slack import FakeSlack
+from redis.exceptions import ConnectionError as RedisConnectionError
 from test_service import nothing_pending, until
 
 from adapters import slack_adapter
@@ -40,6 +41,7 @@ from adapters.slack_adapter import (
     SlackAdapter,
 )
 from adapters.slack_files import SlackDownloadRefused, _on_slack, slack_attachments
+from adapters.slack_format import to_mrkdwn
 from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Settings
@@ -223,6 +225,32 @@ async def test_each_message_gets_one_answer(slack, socket_mode):
         await asyncio.gather(*(slack.wait_for_ack(e["envelope_id"]) for e in slack.envelopes))
     assert len(batcher.prompts) == 1
     assert len(bot_posts(slack, "C0001")) == 1
+
+
+@pytest.mark.parametrize("where", ["before-accepting", "accepting"])
+async def test_a_message_refused_in_an_outage_is_told_so_once_however_often_slack_sends_it(
+    slack, socket_mode, monkeypatch, where
+):
+    """Slack delivers an event again until one delivery is acknowledged, and each refused
+    one is acknowledged late (Redis's retries): the thread is told once, not four times."""
+
+    async def gone(*args, **kwargs):
+        raise RedisConnectionError("Connection refused")
+
+    async with socket_mode() as (service, _batcher):
+        if where == "before-accepting":  # whether the bot is in the thread: not known
+            monkeypatch.setattr(service.store, "exists", gone)
+        else:
+            monkeypatch.setattr(service.journal, "accept", gone)
+        mention = slack.app_mention("C0001", "hello")
+        for attempt in range(4):
+            envelope = await slack.send_event(
+                mention, event_id="Ev1", retry_attempt=attempt, retry_reason="timeout"
+            )
+            await slack.wait_for_ack(envelope)
+    assert [post["text"] for post in bot_posts(slack, "C0001")] == [
+        to_mrkdwn(replies.storage_unavailable())
+    ]
 
 
 async def test_a_long_answer_is_split_across_thread_messages(slack, socket_mode):
