@@ -114,7 +114,8 @@ def _local(model: str, model_file: str | None) -> ModelSource:
         raise ModelError(
             f"MODEL={model} is neither a local folder nor a hub model that is cached or "
             f"downloadable ({_first_line(error)}). {FIX}",
-            may_pass=True,
+            # No hub id at all (`a/b/c`) is a setting to fix; the rest may pass (the network)
+            may_pass=not isinstance(error, ValueError),
         ) from error
 
 

@@ -163,6 +163,17 @@ def test_a_cached_model_is_used_behind_a_proxy_that_refuses_the_hub(
     assert loading.resolve_source(settings(model=model)) == loading.ModelSource(str(snapshot))
 
 
+@pytest.mark.parametrize(
+    ("model", "may_pass"), [("a/b/c", False), ("someone/not-cached-here", True)]
+)
+def test_what_no_hub_could_serve_is_a_setting_and_what_the_hub_did_not_may_pass(model, may_pass):
+    """`a/b/c` is no hub id (exit status 2: no restart fixes it); an id the hub did not
+    give (offline here) may be there on a restart, once the network is back."""
+    with pytest.raises(ModelError, match=rf"MODEL={model} is neither a local folder") as info:
+        loading.resolve_source(settings(model=model))
+    assert info.value.may_pass is may_pass
+
+
 def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ModelError, match=r"MODEL=.*no-such-model is not a folder"):
         loading.resolve_source(settings(model=str(tmp_path / "no-such-model")))
