@@ -669,6 +669,7 @@ def test_systemd_unit_restarts_on_failure_and_reloads_on_sighup(unit):
     assert service["Restart"] == "on-failure"
     assert "-HUP $MAINPID" in service["ExecReload"]
     assert service["KillMode"] == "mixed", "SIGTERM to threadbot alone, not its redis-server"
+    assert service["SuccessExitStatus"] == "143", "a stop while the model loads is clean"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
