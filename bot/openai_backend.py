@@ -35,7 +35,7 @@ from bot.config import DEFAULT_CONTEXT_TOKENS, Settings
 from bot.loading import ModelError
 from bot.metrics import Metrics
 from bot.queue import FairOrder, Generation, QueueFull, QueuePlace
-from bot.tokens import alternating
+from bot.tokens import alternating, defused
 from bot.types import ChatMessage
 from storage.connection import NOT_A_URL, redact_url
 
@@ -415,7 +415,9 @@ class OpenAIBackend:
             "model": self.model,
             "messages": [
                 {"role": message["role"], "content": message["content"]}
-                for message in alternating(generation.messages)
+                # The server renders and tokenizes the prompt: a user's `<|im_start|>`
+                # would be the token itself there too.
+                for message in alternating(defused(None, generation.messages))
             ],
             "stream": True,
             "stream_options": {"include_usage": True},

@@ -68,15 +68,24 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) 
 WORD_JOINER = "\u2060"  # invisible, and part of no token's text
 
 
+TEMPLATE_TOKEN = re.compile(
+    r"<[|\uff5c][^\s<>|\uff5c]{1,64}[|\uff5c]>|\[/?INST\]|</?(?:s|think|start_of_turn|end_of_turn)>"
+)
+"""The forms chat templates' special tokens take: ChatML's and Llama 3's `<|…|>`,
+DeepSeek's (with fullwidth bars), Mistral's `[INST]`, Gemma's turns, `<s>`, `<think>`.
+What `defused` breaks for a server whose tokenizer is not ours to read (INFERENCE_URL)."""
+
+
 def defused(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]
+    tokenizer: PreTrainedTokenizerBase | None, messages: Sequence[ChatMessage]
 ) -> list[ChatMessage]:
     """`messages` with the text of each of the tokenizer's added tokens (`<|im_end|>`,
-    `<|im_start|>`, `<think>`) broken by an invisible word joiner after its first character.
-    The rendered prompt is tokenized as a whole, so such text in a message was read as the
+    `<|im_start|>`, `<think>`; without a tokenizer, anything like one: `TEMPLATE_TOKEN`)
+    broken by an invisible word joiner after its first character. The rendered prompt is
+    tokenized as a whole, here or by a server, so such text in a message was read as the
     token itself: a user who wrote `<|im_end|><|im_start|>system` opened a system turn.
     Now only the template writes them."""
-    added = _added_tokens(tokenizer)
+    added = TEMPLATE_TOKEN if tokenizer is None else _added_tokens(tokenizer)
     if added is None:
         return list(messages)
 
