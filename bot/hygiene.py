@@ -78,10 +78,13 @@ class ReasoningSplitter:
     def _reasoning_end(self, text: str) -> int:
         """Where a closing tag first begins a line in `text` outside a code block (an odd
         number of fences before it opens one): the end of reasoning the prompt opened;
-        -1 if nowhere."""
+        -1 if nowhere, or if an opening tag came before it as text (an answer showing the
+        format: reasoning the prompt opened writes none)."""
         index = self._at_line_start(text, CLOSE)
         while index >= 0 and (self.visible + text[:index]).count(FENCE) % 2:
             index = self._at_line_start(text, CLOSE, index + 1)
+        if index >= 0 and OPEN in self.visible + text[:index]:
+            return -1
         return index
 
     def _at_line_start(self, text: str, tag: str, start: int = 0) -> int:

@@ -87,6 +87,18 @@ def test_a_closing_tag_in_a_code_block_is_text_and_a_later_one_ends_the_reasonin
     assert answer.final(shown) == shown
 
 
+def test_an_answer_showing_the_tags_outside_a_code_block_keeps_its_start():
+    """Both tags written as text, after the answer began: the closing one does not end
+    reasoning the prompt opened (that writes no opening tag), and wipes nothing."""
+    text = (
+        "Reasoning models write like this:\n\n<think>\nThe user asks for 2+2.\n</think>\n\n"
+        "The answer is 4. Only the part after the closing tag is shown."
+    )
+    assert without_reasoning(text) == text
+    _, answer = streamed(in_pieces(text, 6))
+    assert answer.final(text) == text
+
+
 def test_a_closing_tag_after_a_closed_block_is_just_text():
     assert without_reasoning("<think>x</think>Use </think> to end it.") == "Use </think> to end it."
 
