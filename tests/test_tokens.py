@@ -3,6 +3,9 @@ that must not fall below it, and which of them a process without a model uses.""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import pytest
 from conftest import package_dir
 from transformers import AutoTokenizer
@@ -30,6 +33,11 @@ SAMPLES = {
     "log": "2024-05-17 12:41:07.311 INFO req=4829113 latency_ms=217 status=200\n" * 5,
     "hashes": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n" * 5,
     "json": '[{"id": "3f2c9a1e-7b4d-4e8f-a1c3-9d2e5f7a8b6c", "v": 0.7326}]' * 4,
+    # Letters that are no words: a pasted key or attachment, a token a letter and a third.
+    "base64": base64.b64encode(
+        b"".join(hashlib.sha256(bytes([i])).digest() for i in range(64))
+    ).decode(),
+    "indented": "\n".join(f"{'    ' * (i % 4)}value_{i} = compute(x, y)" for i in range(20)),
 }
 
 
@@ -38,6 +46,12 @@ def test_the_estimate_never_counts_fewer_tokens_than_the_tokenizer(qwen_tokenize
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
     exact = TemplateCount(qwen_tokenizer)(messages)
     assert exact <= estimate(messages) <= 4 * exact  # safe, and not wildly so
+
+
+def test_a_long_run_of_spaces_is_not_counted_as_nothing(qwen_tokenizer):
+    """Tokenizers merge spaces, but only so far: 2,000 in a row are dozens of tokens."""
+    messages = [{"role": "user", "content": "a" + " " * 2000 + "b"}]
+    assert TemplateCount(qwen_tokenizer)(messages) <= estimate(messages)
 
 
 def test_the_context_is_max_context_tokens_within_the_models_window():
