@@ -653,13 +653,17 @@ class ChatService:
         )
         if not tokens:
             return None
-        alone = await asyncio.to_thread(self.count_tokens, [message])
-        if (instructions := tokens - alone) >= budget:  # no message could fit: not the asker's
+        # The prompt but the message's text: the system prompt, the template around them.
+        # (The message counted alone would take the template's own default system prompt,
+        # which ours replaces, and could make the instructions come out negative.)
+        empty = {**message, "content": ""}
+        instructions = await asyncio.to_thread(self.count_tokens, [*system, empty])
+        if instructions >= budget:  # no message could fit: not the asker's
             logger.error("the system prompt for %s takes %d tokens, the whole prompt budget "
                          "(%d): every message there is refused", turn.conversation,
                          instructions, budget)  # fmt: skip
             return replies.system_prompt_too_long()
-        return replies.too_many_tokens(alone, budget - instructions)
+        return replies.too_many_tokens(tokens - instructions, budget - instructions)
 
     async def _stream(
         self, pending: PendingTurn, generation: Generation, sink: ReplySink

@@ -263,11 +263,13 @@ async def test_a_message_over_the_token_budget_is_refused_and_the_history_kept(
     how long it was, and the conversation goes on as it was."""
     short, long = "a short question", " ".join("9" * 90)
     budget = make_engine().count_tokens([{"role": "user", "content": long}]) - 1
+    around = make_engine().count_tokens([{"role": "user", "content": ""}])  # the template's
     sinks = [RecordingSink() for _ in range(3)]
     async with make_service(prompt_budget=budget) as (service, batcher):
         for sink, text in zip(sinks, [short, long, short], strict=True):
             await service.handle(turn(conversation, text), sink)
-    assert sinks[1].events == [("fail", replies.too_many_tokens(budget + 1, budget))]
+    told = replies.too_many_tokens(budget + 1 - around, budget - around)
+    assert sinks[1].events == [("fail", told)]
     assert all(sink.kinds("finish") for sink in (sinks[0], sinks[2]))
     assert len(batcher.prompts) == 2
     history = await store.load(str(conversation))
@@ -300,10 +302,11 @@ async def test_a_message_is_held_to_the_token_budget_with_its_authors_name(
     text = " ".join("9" * 90)
     budget = make_engine().count_tokens([{"role": "user", "content": text}])
     named = make_engine().count_tokens([{"role": "user", "content": f"alice: {text}"}])
+    around = make_engine().count_tokens([{"role": "user", "content": ""}])
     sink = RecordingSink()
     async with make_service(prompt_budget=budget) as (service, batcher):
         await service.handle(replace(turn(conversation, text), author_name="alice"), sink)
-    assert sink.events == [("fail", replies.too_many_tokens(named, budget))]
+    assert sink.events == [("fail", replies.too_many_tokens(named - around, budget - around))]
     assert not batcher.prompts
 
 
@@ -322,6 +325,32 @@ async def test_a_system_prompt_over_the_budget_is_named_not_the_askers_message(
     assert f"the system prompt for {conversation} takes" in caplog.text
 
 
+async def test_a_template_with_a_default_system_prompt_tells_no_limit_past_the_budget(
+    make_service, make_engine, conversation
+):
+    """SmolLM2's and Qwen2.5's templates write a system prompt of their own where the
+    prompt has none: counted alone, the message took it along, and the instructions
+    (a short persona's, which replaces it) came out fewer than none, the limit told more
+    than the whole budget."""
+    engine, default = make_engine(), 40  # tokens of the template's own system prompt
+
+    def count(messages: list) -> int:
+        own = messages[0]["role"] == "system"
+        return engine.count_tokens(messages) + (0 if own else default)
+
+    text, system_prompt = " ".join("9" * 90), "Be brief."
+    prompt = [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
+    budget = count(prompt)
+    sink = RecordingSink()
+    async with make_service(
+        prompt_budget=budget - 1, count_tokens=count, system_prompt=system_prompt
+    ) as (service, _batcher):
+        await service.handle(turn(conversation, text), sink)
+    [(kind, told)] = sink.events
+    limit = int(told.split("more than the ")[1].split(" ")[0].replace(",", ""))
+    assert kind == "fail" and limit < budget - 1
+
+
 async def test_a_message_over_what_the_system_prompt_leaves_is_told_its_own_length(
     make_service, make_engine, conversation
 ):
@@ -330,12 +359,15 @@ async def test_a_message_over_what_the_system_prompt_leaves_is_told_its_own_leng
     with_system = engine.count_tokens(
         [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
     )
-    alone = engine.count_tokens([{"role": "user", "content": text}])
+    instructions = engine.count_tokens(
+        [{"role": "system", "content": system_prompt}, {"role": "user", "content": ""}]
+    )
     budget = with_system - 1
     sink = RecordingSink()
     async with make_service(prompt_budget=budget, system_prompt=system_prompt) as (service, _b):
         await service.handle(turn(conversation, text), sink)
-    assert sink.events == [("fail", replies.too_many_tokens(alone, budget - (with_system - alone)))]
+    told = replies.too_many_tokens(with_system - instructions, budget - instructions)
+    assert sink.events == [("fail", told)]
 
 
 async def test_a_failing_generation_keeps_the_message_and_the_service(
