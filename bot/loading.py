@@ -103,13 +103,11 @@ def _local(model: str, model_file: str | None) -> ModelSource:
     """MODEL as a local folder: the folder itself, or the snapshot of the hub id it names."""
     path = Path(model).expanduser()
     if path.is_dir():
-        if model_file and not (path / model_file).is_file():  # before doctor sizes it
-            raise ModelError(f"MODEL_FILE={model_file} is not a file in MODEL={model}")
-        return ModelSource(str(path), model_file)
+        return _with_its_file(model, str(path), model_file)
     if path.is_absolute() or model.startswith((".", "~")) or path.exists():
         raise ModelError(f"MODEL={model} is not a folder. {FIX}")
     try:
-        return ModelSource(_download(model, model_file), model_file)
+        folder = _download(model, model_file)
     except (*_hub_errors(), ValueError) as error:  # not on the hub, no network, not a repo id
         raise ModelError(
             f"MODEL={model} is neither a local folder nor a hub model that is cached or "
@@ -117,6 +115,16 @@ def _local(model: str, model_file: str | None) -> ModelSource:
             # No hub id at all (`a/b/c`) is a setting to fix; the rest may pass (the network)
             may_pass=not isinstance(error, ValueError),
         ) from error
+    return _with_its_file(model, folder, model_file)
+
+
+def _with_its_file(model: str, folder: str, model_file: str | None) -> ModelSource:
+    """The source, once MODEL_FILE is found in its folder (before doctor sizes it, or a
+    load reads it): a hub repo's download of a name it lacks downloads nothing, and says
+    no more than a warning."""
+    if model_file and not Path(folder, model_file).is_file():
+        raise ModelError(f"MODEL_FILE={model_file} is not a file in MODEL={model}")
+    return ModelSource(folder, model_file)
 
 
 def _hub_errors() -> tuple[type[Exception], ...]:

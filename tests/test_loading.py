@@ -185,9 +185,13 @@ def test_a_folder_without_a_model_is_named(tmp_path):
         loading.load(source, device="cpu", dtype="auto", cache_dir=tmp_path / "models")
 
 
-def test_a_missing_gguf_file_is_named(tmp_path):
+@pytest.mark.parametrize("where", ["a folder", "a hub repo"])
+def test_a_missing_gguf_file_is_named(tmp_path, monkeypatch, where):
+    """In a hub repo too, whose download of a file it lacks fetches nothing, and warns."""
+    model = str(tmp_path) if where == "a folder" else "someone/model-GGUF"
+    monkeypatch.setattr(loading, "_download", lambda model, model_file: str(tmp_path))
     with pytest.raises(ModelError, match=r"MODEL_FILE=absent\.gguf is not a file in MODEL="):
-        loading.resolve_source(settings(model=str(tmp_path), model_file="absent.gguf"))
+        loading.resolve_source(settings(model=model, model_file="absent.gguf"))
 
 
 @pytest.mark.slow
