@@ -210,6 +210,21 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
             AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         )
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    if settings.inference_url:
+        count = AsSent(count)
     context = context_tokens(config, settings.max_context_tokens)
     loading.refuse_crowded_context(context, settings.max_new_tokens)
     return PromptTokens(count, max(context - settings.max_new_tokens, 1))
+
+
+@dataclass(frozen=True)
+class AsSent:
+    """A count of the messages as an OpenAI-compatible server is sent them: `defused`
+    without a tokenizer, each thing written like a template's token broken by a word
+    joiner (two or three tokens more each), so that what is trimmed to the budget is
+    what the server reads."""
+
+    count: TokenCounter
+
+    def __call__(self, messages: list[ChatMessage]) -> int:
+        return self.count(defused(None, messages))

@@ -15,8 +15,10 @@ from bot.engine import Engine
 from bot.loading import ModelError
 from bot.tokens import (
     WORD_JOINER,
+    AsSent,
     TemplateCount,
     context_tokens,
+    defused,
     estimate,
     prompt_ids,
     prompt_tokens_without_model,
@@ -48,6 +50,16 @@ def test_the_estimate_never_counts_fewer_tokens_than_the_tokenizer(qwen_tokenize
     assert exact <= estimate(messages) <= 4 * exact  # safe, and not wildly so
 
 
+def test_with_a_server_the_messages_are_counted_as_they_are_sent():
+    """The server is sent each `<s>` broken by a word joiner (`defused`): counted without
+    it, a pasted HTML page took tokens the budget never saw, and the server refused it."""
+    tokens = prompt_tokens_without_model(
+        Settings(_env_file=None, inference_url="http://vllm:8000/v1")
+    )
+    messages = [{"role": "user", "content": "<s>struck</s> " * 100}]
+    assert tokens.count(messages) == estimate(defused(None, messages)) > estimate(messages)
+
+
 def test_a_long_run_of_spaces_is_not_counted_as_nothing(qwen_tokenizer):
     """Tokenizers merge spaces, but only so far: 2,000 in a row are dozens of tokens."""
     messages = [{"role": "user", "content": "a" + " " * 2000 + "b"}]
@@ -70,11 +82,12 @@ def test_without_a_model_the_tokenizer_named_is_used_else_the_estimate(monkeypat
     named = prompt_tokens_without_model(
         Settings(_env_file=None, inference_url="http://x/v1", inference_tokenizer=folder)
     )
-    assert isinstance(named.count, TemplateCount) and named.count(messages) < estimate(messages)
+    assert named.count == AsSent(TemplateCount(named.count.count.tokenizer))
+    assert named.count(messages) < estimate(messages)
     guessed = prompt_tokens_without_model(
         Settings(_env_file=None, inference_url="http://x/v1", max_new_tokens=100)
     )
-    assert guessed.count is estimate
+    assert guessed.count == AsSent(estimate)
     assert guessed.budget == DEFAULT_CONTEXT_TOKENS - 100
 
 
