@@ -78,12 +78,13 @@ class ReasoningSplitter:
     def _reasoning_end(self, text: str) -> int:
         """Where a closing tag first begins a line in `text` outside a code block (an odd
         number of fences before it opens one): the end of reasoning the prompt opened;
-        -1 if nowhere, or if an opening tag came before it as text (an answer showing the
-        format: reasoning the prompt opened writes none)."""
+        -1 if nowhere, or if an opening tag began a line before it, outside a code block
+        (an answer showing the format: reasoning the prompt opened may name the tag, but
+        opens no block)."""
         index = self._at_line_start(text, CLOSE)
         while index >= 0 and (self.visible + text[:index]).count(FENCE) % 2:
             index = self._at_line_start(text, CLOSE, index + 1)
-        if index >= 0 and OPEN in self.visible + text[:index]:
+        if index >= 0 and _opens_a_line(self.visible + text[:index]):
             return -1
         return index
 
@@ -118,6 +119,16 @@ class ReasoningSplitter:
             text = text.lstrip()
         self.visible += text
         return text
+
+
+def _opens_a_line(text: str) -> bool:
+    """Whether an opening tag begins a line of `text` outside a code block."""
+    index = text.find(OPEN)
+    while index >= 0:
+        if (index == 0 or text[index - 1] == "\n") and not text[:index].count(FENCE) % 2:
+            return True
+        index = text.find(OPEN, index + 1)
+    return False
 
 
 def without_reasoning(text: str) -> str:

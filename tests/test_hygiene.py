@@ -99,6 +99,15 @@ def test_an_answer_showing_the_tags_outside_a_code_block_keeps_its_start():
     assert answer.final(text) == text
 
 
+def test_reasoning_the_prompt_opened_may_name_the_opening_tag():
+    """DeepSeek-R1 reasoning about the tags themselves: the tag it names mid-line opens no
+    block, and the reasoning still ends at the closing tag."""
+    text = "The user asks what the <think> tag does.\n</think>\n\nIt wraps reasoning."
+    assert without_reasoning(text) == "It wraps reasoning."
+    _, answer = streamed(in_pieces(text, 5))
+    assert answer.final(text) == "It wraps reasoning."
+
+
 def test_a_closing_tag_after_a_closed_block_is_just_text():
     assert without_reasoning("<think>x</think>Use </think> to end it.") == "Use </think> to end it."
 
