@@ -28,9 +28,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 3  # English runs at about 4 characters a token: 3 over-counts, to be safe
-# What the estimate counts apart: runs of ASCII letters (words), single spaces (which go
-# with the next word), and everything else ASCII, a character at a time.
+# What the estimate counts apart: runs of ASCII letters (words, camelCase's split into
+# its words), single spaces (which go with the next word), and everything else ASCII, a
+# character at a time.
 LETTERS = re.compile(r"[A-Za-z]+")
+WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")  # a run of letters' (camelCase) words
+VOWELS = frozenset("aeiouyAEIOUY")
 LONGEST_WORD = 12  # letters: a longer run is counted as no word (a key, base64)
 NOT_A_WORD_CHARS_PER_TOKEN = 1.3  # base64's letters, measured: 1.35 with Qwen2.5's tokenizer
 SPACE_RUNS = re.compile(r" {2,}")
@@ -155,14 +158,22 @@ def _estimate(text: str) -> int:
     return sum(map(_letter_tokens, words)) + others + other_bytes + runs
 
 
-def _letter_tokens(letters: str) -> int:
-    """A word's tokens, at CHARS_PER_TOKEN letters each; a run of letters that is no word
-    (base64, a key, a JWT: mixed case, or longer than words are) at about one a letter and
-    a third, as tokenizers split it."""
-    word = letters.islower() or letters.istitle() or (letters.isupper() and len(letters) <= 5)
-    if word and len(letters) <= LONGEST_WORD:
-        return math.ceil(len(letters) / CHARS_PER_TOKEN)
-    return math.ceil(len(letters) / NOT_A_WORD_CHARS_PER_TOKEN)
+def _letter_tokens(run: str) -> int:
+    """A run of letters' tokens: its words' (camelCase's too) at CHARS_PER_TOKEN letters
+    each; letters that make no word (base64, a key, a JWT, a random id: no vowel in two
+    letters or more, longer than words are, or capitals past an acronym's length) at
+    about one a letter and a third, as tokenizers split them."""
+    pieces = WORDS.findall(run)
+    shortest = 1 if len(pieces) == 1 else 2  # `a`, `I`; but `aGVs`'s `a` and `G` are no words
+    words = [piece for piece in pieces if _a_word(piece, shortest)]
+    others = sum(math.ceil(len(p) / NOT_A_WORD_CHARS_PER_TOKEN) for p in pieces if p not in words)
+    return math.ceil(sum(map(len, words)) / CHARS_PER_TOKEN) + others
+
+
+def _a_word(letters: str, shortest: int) -> bool:
+    if not shortest <= len(letters) <= LONGEST_WORD or (letters.isupper() and len(letters) > 5):
+        return False
+    return len(letters) == 1 or not VOWELS.isdisjoint(letters)
 
 
 @dataclass(frozen=True)

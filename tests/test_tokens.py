@@ -39,6 +39,7 @@ SAMPLES = {
     "base64": base64.b64encode(
         b"".join(hashlib.sha256(bytes([i])).digest() for i in range(64))
     ).decode(),
+    "random ids": " ".join(hashlib.sha256(bytes([i])).hexdigest()[:20] for i in range(40)),
     "indented": "\n".join(f"{'    ' * (i % 4)}value_{i} = compute(x, y)" for i in range(20)),
 }
 
@@ -58,6 +59,18 @@ def test_with_a_server_the_messages_are_counted_as_they_are_sent():
     )
     messages = [{"role": "user", "content": "<s>struck</s> " * 100}]
     assert tokens.count(messages) == estimate(defused(None, messages)) > estimate(messages)
+
+
+def test_camel_case_code_is_counted_as_its_words(qwen_tokenizer):
+    """`getUserAccountById` is words run together, not a key: counted as letters that make
+    no word, a TypeScript paste under MAX_INPUT_CHARS came to more than the whole budget."""
+    code = "\n".join(
+        f"  const userNameValue{i} = await getUserAccountById(requestContext, accountId{i});"
+        for i in range(60)
+    )
+    messages = [{"role": "user", "content": code}]
+    exact = TemplateCount(qwen_tokenizer)(messages)
+    assert exact <= estimate(messages) <= 2 * exact
 
 
 def test_a_long_run_of_spaces_is_not_counted_as_nothing(qwen_tokenizer):
