@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -113,24 +114,28 @@ class EditBudgets:
         self.burst = burst
         self.clock = clock
         self._budgets: dict[str, EditBudget] = {}
+        # Let go, but found again while an answer still holds one (waiting to stream):
+        # another answer there must share it.
+        self._let_go: weakref.WeakValueDictionary[str, EditBudget] = weakref.WeakValueDictionary()
 
     def of(self, place: str) -> EditBudget:
-        if (budget := self._budgets.get(place)) is None:
+        budget = self._budgets.get(place) or self._let_go.pop(place, None)
+        if budget is None:
             if len(self._budgets) >= self.KEPT:
                 self._let_go_of_full()
             budget = EditBudget(per_minute=self.per_minute, burst=self.burst, clock=self.clock)
-            self._budgets[place] = budget
+        self._budgets[place] = budget
         return budget
 
     def __len__(self) -> int:
         return len(self._budgets)
 
     def _let_go_of_full(self) -> None:
-        """A full budget is what a new one would be: dropping it forgets nothing (Discord
+        """A full budget is what a new one would be: letting it go forgets nothing (Discord
         makes every thread a channel, so places would otherwise pile up)."""
         for place, budget in list(self._budgets.items()):
             if budget.full:
-                del self._budgets[place]
+                self._let_go[place] = self._budgets.pop(place)
 
 
 class StreamingReply:

@@ -3,7 +3,9 @@ and what resuming needs: known message ids, `on_post`, `pause`, the reply target
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 
@@ -124,7 +126,8 @@ async def test_a_spent_budget_skips_edits_but_never_the_final_text():
 
 def test_a_place_keeps_its_budget_and_full_ones_are_let_go_past_the_kept_count(monkeypatch):
     """A budget is each place's own and lasts while it is short of full; past `KEPT`
-    places, the full ones go (a new one would be the same), the spent ones stay."""
+    places, the full ones are let go (a new one would be the same), the spent ones stay,
+    and one let go while an answer still holds it is found again."""
     monkeypatch.setattr(EditBudgets, "KEPT", 3)
     clock = Clock()
     budgets = EditBudgets(per_minute=60, burst=2, clock=clock)
@@ -137,7 +140,12 @@ def test_a_place_keeps_its_budget_and_full_ones_are_let_go_past_the_kept_count(m
     clock.now += 1.0  # "spent" is full again
     for place in ("a", "b", "c"):
         budgets.of(place)
-    assert budgets.of("spent") is not spent
+    assert budgets.of("spent") is spent  # let go, but held here: as an answer holds its own
+    budgets.of("d")  # "spent" is let go again, and now held by nothing
+    held = weakref.ref(spent)
+    del spent
+    gc.collect()
+    assert held() is None  # nothing of it is kept
 
 
 # --- resuming: known messages, on_post, pause, the reply target ---------------------------
