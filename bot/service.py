@@ -540,13 +540,12 @@ class ChatService:
         try:
             await self._fail(pending, sink, replies.failed())
         except Exception as closing:
-            if is_outage(closing):  # taken up again as soon as storage is back
+            if is_outage(closing) or pending.attempts < self.max_attempts:
                 logger.warning("could not close failed turn %s", pending.id, exc_info=True)
-                self._orphaned[pending.id] = sink
-                return
-            if pending.attempts < self.max_attempts:
-                logger.warning("could not close failed turn %s", pending.id, exc_info=True)
-                self._retry_later(pending, sink)
+                if is_outage(closing):  # taken up again as soon as storage is back
+                    self._orphaned[pending.id] = sink
+                else:
+                    self._retry_later(pending, sink)
                 return
             logger.error("could not close failed turn %s after %d attempts; abandoned",
                          pending.id, pending.attempts, exc_info=True)  # fmt: skip

@@ -151,8 +151,7 @@ def estimate(messages: list[ChatMessage]) -> int:
 def _estimate(text: str) -> int:
     words = LETTERS.findall(text)
     ascii_chars = sum(char.isascii() for char in text)
-    spaces = text.count(" ")
-    others = ascii_chars - sum(map(len, words)) - spaces
+    others = ascii_chars - sum(map(len, words)) - text.count(" ")
     other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
     runs = sum(math.ceil((len(run) - 1) / SPACES_PER_TOKEN) for run in SPACE_RUNS.findall(text))
     return sum(map(_letter_tokens, words)) + others + other_bytes + runs
