@@ -27,7 +27,7 @@ import re
 from collections.abc import Hashable, Mapping, MutableMapping
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal, TypeGuard, cast, get_origin
+from typing import Any, ClassVar, Literal, TypeGuard, cast, get_origin
 
 import yaml
 from dotenv import dotenv_values
@@ -179,6 +179,18 @@ class Persona(_Section):
             raise
 
 
+class SettingsInDotEnv(DotEnvSettingsSource):
+    """`.env` less the Hugging Face libraries' and Docker Compose's variables: those are
+    not ours to refuse."""
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            name: value
+            for name, value in super().__call__().items()
+            if not (is_hugging_face(name) or is_for_compose(name))
+        }
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=ENV_FILE,
@@ -188,6 +200,8 @@ class Settings(BaseSettings):
         frozen=True,
         allow_inf_nan=False,  # `inf` seconds or days would pass, then fail at start
     )
+    dotenv_source: ClassVar[type[DotEnvSettingsSource]] = SettingsInDotEnv
+    """How `.env` is read (the doctor's lenient settings read it their own way)."""
 
     threadbot_config: Path | None = Field(
         None, description=f"The team's YAML file; unset: {DEFAULT_CONFIG_FILE} where present."
@@ -419,7 +433,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         given = cast(DotEnvSettingsSource, dotenv_settings)  # pydantic-settings' own
-        dotenv = _SettingsInDotEnv(
+        dotenv = cls.dotenv_source(
             settings_cls,
             env_file=given.env_file,  # as Settings(_env_file=...) may have changed it
             env_file_encoding=given.env_file_encoding,
@@ -428,18 +442,6 @@ class Settings(BaseSettings):
         if (path := config_file()) is not None:
             sources.append(_SettingsInYaml(settings_cls, yaml_file=path))
         return (*sources, file_secret_settings)
-
-
-class _SettingsInDotEnv(DotEnvSettingsSource):
-    """`.env` less the Hugging Face libraries' and Docker Compose's variables: those are
-    not ours to refuse."""
-
-    def __call__(self) -> dict[str, Any]:
-        return {
-            name: value
-            for name, value in super().__call__().items()
-            if not (is_hugging_face(name) or is_for_compose(name))
-        }
 
 
 class _SettingsInYaml(YamlConfigSettingsSource):

@@ -218,9 +218,6 @@ async def test_an_invalid_setting_is_one_fail_line_and_the_rest_is_checked(docto
             {"MAX_NEW_TOKENS": "9000"}, None, "invalid setting MAX_CONTEXT_TOKENS: 8192", "ok"
         ),
         ({}, "yes: 1\n", "threadbot.yml: True is not a setting's name", "ok"),
-        (  # no default stands in for a value that cannot be parsed: nothing else is checked
-            {"ACCESS__ADMINS": "U0123ABCD"}, None, "invalid setting ACCESS (or one of", "skip"
-        ),
     ],
 )  # fmt: skip
 async def test_a_setting_no_default_fixes_at_once_is_said_as_run_says_it(
@@ -235,6 +232,22 @@ async def test_a_setting_no_default_fixes_at_once_is_said_as_run_says_it(
     [(status, message)] = report.lines("settings")
     assert status == "FAIL" and message.startswith(said), message
     assert [status for status, _ in report.lines("redis")] == [rest]
+
+
+@pytest.mark.parametrize("where", ["the environment", ".env"])
+async def test_a_setting_with_parts_not_in_json_is_said_and_the_rest_is_checked(
+    doctor, where: str
+) -> None:
+    """pydantic-settings refuses the whole source for it: the rest is checked with it unset."""
+    environment = {"ACCESS__ADMINS": "U0123ABCD"}
+    if where == ".env":
+        Path(".env").write_text("ACCESS__ADMINS=U0123ABCD\n")
+        environment = {}
+    report = await doctor(checks=[("redis", check_redis)], **environment)
+    [(status, message)] = report.lines("settings")
+    assert status == "FAIL" and message.startswith("invalid setting ACCESS (or one of"), message
+    assert message.endswith("(the checks below go on without it)"), message
+    assert [status for status, _ in report.lines("redis")] == ["ok"]
 
 
 async def test_a_near_miss_of_a_setting_in_the_environment_is_a_warn_line(doctor) -> None:

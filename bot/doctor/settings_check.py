@@ -12,14 +12,23 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
 )
 
-from bot.config import ConfigError, Settings, config_file, load_settings, misspelt_settings
+from bot.config import (
+    ConfigError,
+    Settings,
+    SettingsInDotEnv,
+    config_file,
+    load_settings,
+    misspelt_settings,
+)
 from bot.doctor.findings import Finding, fail, ok, warn
 
 CHECK = "settings"
@@ -28,11 +37,29 @@ SALVAGE_ROUNDS = 4
 settings it is at odds with (MAX_CONTEXT_TOKENS' beside MAX_NEW_TOKENS); then it reads."""
 
 
+class _LenientEnvironment(EnvSettingsSource):
+    """The environment as the settings read it, less a setting with parts whose value is
+    not JSON (`ACCESS__ADMINS=U1`): pydantic-settings refuses the whole source for it."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except ValueError:
+            return None  # read as unset
+
+
+class _LenientDotEnv(_LenientEnvironment, SettingsInDotEnv):
+    """`.env` as the settings read it, less the same."""
+
+
 class _Lenient(Settings):
     """The settings without the objections already reported: unknown names are ignored,
-    and an unreadable team file is left out."""
+    a setting with parts that is not JSON is unset, and an unreadable team file is left out."""
 
     model_config = SettingsConfigDict(extra="ignore")
+    dotenv_source = _LenientDotEnv
 
     @classmethod
     def settings_customise_sources(
@@ -43,12 +70,13 @@ class _Lenient(Settings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environment = _LenientEnvironment(settings_cls)
         try:
             return super().settings_customise_sources(
-                settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+                settings_cls, init_settings, environment, dotenv_settings, file_secret_settings
             )
         except (yaml.YAMLError, OSError, ConfigError):
-            return init_settings, env_settings, dotenv_settings, file_secret_settings
+            return init_settings, environment, dotenv_settings, file_secret_settings
 
 
 def read_settings() -> tuple[Settings | None, list[Finding]]:
@@ -77,7 +105,7 @@ def _salvaged() -> Settings | None:
         try:
             return _Lenient(**defaults)
         except (UnicodeDecodeError, OSError, SettingsError):
-            return None  # `.env` cannot be read, or a nested setting is not JSON
+            return None  # `.env` cannot be read
         except ValidationError as error:
             bad = set()
             for problem in error.errors():
