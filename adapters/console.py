@@ -55,12 +55,14 @@ class ConsoleSink:
         self._write(f"{text}\n")
 
     async def finish(self, text: str) -> None:
-        """A terminal cannot take back what it showed: what the final text has past the
-        streamed one is printed (a note that the answer was cut), or the whole final text
-        where the two differ from the start (reasoning streamed before it was known as
-        such)."""
-        same = _common_start(self.shown.strip(), text)
-        rest = text[same:] if same else f"\n{text}" if self.shown else text
+        """A terminal cannot take back what it showed: what the final text adds past the
+        streamed one is printed (all of it past the stream, or a note on a line of its own
+        where a loop was cut), else the whole final text on a line of its own (reasoning
+        streamed before it was known as such: it may start with the same words)."""
+        shown = self.shown.strip()
+        same = _common_start(shown, text)
+        added = same == len(shown) or text[same : same + 1] == "\n"
+        rest = text[same:] if added else f"\n{text}"
         self._write(f"{rest}\n")
         self.over = True
 

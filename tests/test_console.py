@@ -33,9 +33,17 @@ async def test_what_the_final_text_adds_is_printed_after_the_stream():
     assert await printed(streamed, f"Yes.\n\n{note}") == f"{''.join(streamed)}\n\n{note}\n"
 
 
-async def test_a_final_text_that_differs_from_the_start_is_printed_whole():
+@pytest.mark.parametrize(
+    ("streamed", "final"),
+    [
+        (["Let me think..."], "42"),
+        # The same first word: its rest was printed after the answer that had streamed.
+        (["I need to add 2 and 2.\n", "I think it is 4."], "I think it is 4."),
+    ],
+)
+async def test_a_final_text_that_differs_from_the_stream_is_printed_whole(streamed, final):
     """Reasoning streamed before it was known to be reasoning: the answer follows it."""
-    assert await printed(["Let me think..."], "42") == "Let me think...\n42\n"
+    assert await printed(streamed, final) == f"{''.join(streamed)}\n{final}\n"
 
 
 @pytest.mark.parametrize("said", [replies.restarting(), replies.storage_lost()])
