@@ -513,6 +513,10 @@ class InferenceQueue:
         generation.on_cancel = partial(self._withdraw, generation)
         self._in_flight += 1
         with self._wakeup:
+            # The engine thread died since the checks above: no one serves the line now.
+            if self._closing:
+                self._release(generation)
+                raise EngineStopped
             self._order.push(generation)
             self.metrics.queue_waiting.set(self._order.waiting)
             self._wakeup.notify()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from conftest import (
@@ -339,6 +340,49 @@ async def test_a_broken_engine_loop_stops_requests_and_says_the_engine_died(make
         assert queue.died.is_set()  # what `threadbot run` waits on, to exit and be restarted
         with pytest.raises(EngineStopped):  # refused at once from now on, never "busy"
             queue.submit(HELLO, user="u", conversation="c")
+
+
+class DiesWhenTold(SpyBatcher):
+    """A batcher whose engine loop meets a bug once `dying` is set; `died` says it did."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        super().__init__(batcher)
+        self.dying, self.died = threading.Event(), threading.Event()
+
+    @property
+    def max_batch(self) -> int:
+        if self.dying.is_set():
+            self.died.set()
+            raise RuntimeError("a bug in the loop")
+        return self.batcher.max_batch
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        pass
+
+
+async def test_a_request_sent_as_the_engine_thread_dies_is_refused_not_left_waiting(
+    make_batcher, monkeypatch
+):
+    """The thread died between `submit`'s checks and its taking the line: the request
+    joined a line that no one serves any more, and waited for its timeout."""
+    batcher = DiesWhenTold(make_batcher(max_new_tokens=3000))
+    submitted = Generation.submitted
+
+    def dying_meanwhile(*args, **kwargs) -> Generation:
+        generation = submitted(*args, **kwargs)
+        batcher.dying.set()
+        assert batcher.died.wait(timeout=10)
+        time.sleep(0.5)  # the thread closes the line (and would be gone in any case)
+        return generation
+
+    async with InferenceQueue(batcher=batcher, max_size=4, timeout=60) as queue:
+        running = queue.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(running))  # the engine loop is going round
+        monkeypatch.setattr(Generation, "submitted", dying_meanwhile)
+        with pytest.raises(EngineStopped):
+            late = queue.submit(HELLO, user="u2", conversation="c2")
+            await asyncio.wait_for(collect(late), timeout=5)
 
 
 async def test_options_reach_the_batcher_and_the_answer_reports_its_token_counts(make_batcher):
