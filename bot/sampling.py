@@ -44,7 +44,8 @@ NOT_APPLIED = (
     "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length", "typical_p",
     "forced_bos_token_id", "forced_eos_token_id", "begin_suppress_tokens", "epsilon_cutoff",
     "eta_cutoff", "exponential_decay_length_penalty", "stop_strings", "renormalize_logits",
-    "num_beams", "penalty_alpha", "guidance_scale",
+    "num_beams", "penalty_alpha", "guidance_scale", "top_h", "remove_invalid_values",
+    "watermarking_config",
 )  # fmt: skip
 """Generation-config options that `generate` applies and this sampler does not."""
 

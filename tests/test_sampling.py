@@ -75,10 +75,12 @@ def test_options_it_does_not_apply_are_named_in_a_warning(caplog):
         assert not caplog.records  # Qwen2.5's own: all applied
         Sampler(GenerationConfig(no_repeat_ngram_size=3, stop_strings=["END"]),
                 device=torch.device("cpu"))  # fmt: skip
-    [record] = caplog.records
-    assert "sets no_repeat_ngram_size, stop_strings, which threadbot does not apply" in (
-        record.getMessage()
-    )
+        Sampler(GenerationConfig(do_sample=True, top_h=0.4, remove_invalid_values=True),
+                device=torch.device("cpu"))  # fmt: skip
+    assert [record.getMessage().split(", which")[0] for record in caplog.records] == [
+        "The model's generation config sets no_repeat_ngram_size, stop_strings",
+        "The model's generation config sets top_h, remove_invalid_values",
+    ]
 
 
 def test_a_temperature_too_small_to_divide_by_picks_greedily():
