@@ -12,7 +12,9 @@ claimed by another: it drops them, so each answer is written by one worker at a 
 Whatever it does to a job (acknowledge, hand back, keep) it does only while it holds it.
 
 A job whose answer fails here is handed back at once (made claimable, not acknowledged),
-so another try runs, on any worker; the delivery count in Redis counts the tries. A
+so another try runs; the delivery count in Redis counts the tries. For a claim idle time
+after a failure, a worker leaves such jobs to the other live workers, if any: it may be
+what fails them, and, failing fast, it would have rows free to take them first. A
 stopping worker takes no more jobs, keeps its running ones through the grace period, and
 hands back what it could not finish in it: passed on, a try that does not count as failed.
 """
@@ -208,6 +210,7 @@ class Worker:
         self.clock = RedisClock()  # jobs' deadlines are on it, set by other machines
         self._beaten: float | None = None  # when the last heartbeat was written
         self._in_touch_since = -math.inf  # since the last gap in the heartbeats
+        self._failed_at = -math.inf  # when an answer last failed here
 
     async def run(self) -> None:
         """Take jobs until `stop`, sweeping meanwhile; then, with the heartbeat gone (so
@@ -443,6 +446,7 @@ class Worker:
                 await self._hand_back(taken, failed=False)
         except Exception:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
+            self._failed_at = time.monotonic()
             await self._hand_back(taken)
         finally:
             if taken.generation is not None:  # ended, or given up on here: stop its row
@@ -559,9 +563,16 @@ class Worker:
             await self._take_lost(stream)
         if time.monotonic() - self._in_touch_since < self.claim_idle_ms / 1000:
             return  # not yet: see `_beat`
-        for stream in roll.streams:
-            await self._claim_abandoned(stream)
+        if not self._leaves_to_others(roll):
+            for stream in roll.streams:
+                await self._claim_abandoned(stream)
         await self._tidy_dead_workers(roll)
+
+    def _leaves_to_others(self, roll: Roll) -> bool:
+        """Whether abandoned jobs are left to the other live workers: an answer failed
+        here within the claim idle time."""
+        failed_lately = time.monotonic() - self._failed_at < self.claim_idle_ms / 1000
+        return failed_lately and any(name != self.name for name in roll.alive)
 
     async def _beat(self) -> None:
         """The heartbeat, with a reading of Redis's clock. After a gap in it (Redis out of
@@ -620,7 +631,8 @@ class Worker:
     async def _take_lost(self, stream: str) -> None:
         """Take the jobs delivered to this worker that it never read (`LOST_AFTER_MS`) now,
         rather than after `JOB_CLAIM_IDLE_S`: claimed again, so the delivery counts as any
-        claim's does."""
+        claim's does. Not those it handed back (idle that long already): they are any
+        worker's to claim."""
         async with self._taking:
             free = self._free_rows
             if free <= 0:
@@ -633,7 +645,12 @@ class Worker:
                 )  # fmt: skip
             except ResponseError:  # no such stream or group (any more)
                 return
-            lost = [e["message_id"] for e in held if e["message_id"] not in known][:free]
+            lost = [
+                entry["message_id"]
+                for entry in held
+                if entry["message_id"] not in known
+                and entry["time_since_delivered"] < self.claim_idle_ms
+            ][:free]
             if not lost:
                 return
             logger.warning(

@@ -502,6 +502,27 @@ async def test_a_job_that_keeps_failing_is_dead_lettered_and_the_gateway_told(
     assert len(failing.prompts) == 2
 
 
+async def test_a_job_that_failed_on_one_worker_is_tried_again_on_another(
+    streams, make_batcher, monkeypatch
+):
+    """Handed back, it stayed with the worker that failed it, idle past LOST_AFTER_MS, so
+    that worker's next sweep took it for lost, and, failing fast, it had rows free to
+    claim it first: it failed every try there, and was dead-lettered, with a healthy
+    worker idle beside it."""
+    monkeypatch.setattr(bot.worker, "LOST_AFTER_MS", round(CLAIM_IDLE_S * 1000 / 3))  # 2 s of 30
+    failing, healthy = AlwaysFails(make_batcher()), SpyBatcher(make_batcher(max_new_tokens=4))
+    conversation = next(c for c in map(str, range(99)) if pick_worker(c, ["w1", "w2"]) == "w1")
+    async with (
+        gateway(streams) as queue,
+        worker(streams, failing, "w1", max_deliveries=2),
+        worker(streams, healthy, "w2", max_deliveries=2),
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation=conversation)
+        pieces = await asyncio.wait_for(read(generation), 10)
+    assert "".join(pieces) == generation.text and healthy.answers == [generation.text]
+    assert len(failing.prompts) == 1
+
+
 async def test_forget_deletes_the_conversations_dead_letters_and_no_others(streams, make_batcher):
     """A dead letter holds the conversation's messages: `forget` must find it."""
     failing = AlwaysFails(make_batcher())
