@@ -143,6 +143,12 @@ class JobQueue:
         """Jobs waiting or running on the workers, every gateway's."""
         return self._held
 
+    @property
+    def room(self) -> int:
+        """Jobs that may be sent before `max_size` wait for a worker (running ones are
+        bounded by the workers' rows)."""
+        return max(self.max_size - self._waiting, 0)
+
     def checks(self) -> dict[str, str]:
         if self._workers is None:
             return {"workers": "not listed yet"}

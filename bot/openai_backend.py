@@ -237,6 +237,10 @@ class OpenAIBackend:
         """Requests waiting and streaming: what `max_size` bounds."""
         return self._in_flight
 
+    @property
+    def room(self) -> int:
+        return max(self.max_size - self._in_flight, 0)
+
     def places(self, user: str) -> list[QueuePlace]:
         """Where each of a user's requests stands: 0 while it streams, n while n-th in line."""
         return self._order.places(user)

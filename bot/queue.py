@@ -406,7 +406,14 @@ class Inference(Protocol):
     died: asyncio.Event
 
     @property
-    def depth(self) -> int: ...
+    def depth(self) -> int:
+        """Requests waiting and being answered."""
+        ...
+
+    @property
+    def room(self) -> int:
+        """How many more requests `submit` takes now (QueueFull past them)."""
+        ...
 
     def checks(self) -> dict[str, str]:
         """Its part of /readyz: each check "ok", or why answers cannot be written now."""
@@ -472,6 +479,10 @@ class InferenceQueue:
     def depth(self) -> int:
         """Requests waiting and running: what `max_size` bounds."""
         return self._in_flight
+
+    @property
+    def room(self) -> int:
+        return max(self.max_size - self._in_flight, 0)
 
     def place(self, generation: Generation) -> int | None:
         """0 while the request runs, n while it is n-th in line now, None once it is over.

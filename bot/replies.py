@@ -176,10 +176,10 @@ def help_text(*, admin: bool) -> str:
     return "\n".join(lines)
 
 
-def status(*, model: str, depth: int, limit: int, places: list[int]) -> str:
+def status(*, model: str, depth: int, room: int, places: list[int]) -> str:
     yours = ", ".join("being answered" if place == 0 else f"#{place} in line" for place in places)
     return (
-        f"Model: {model}.\nQueue: {depth} of at most {limit} answering or waiting.\n"
+        f"Model: {model}.\nQueue: {depth} answering or waiting, room for {room} more.\n"
         f"Yours: {yours or 'none'}."
     )
 

@@ -282,9 +282,9 @@ class ChatService:
 
     def _room(self) -> int:
         """How many more turns the queue takes now: turns taken over beyond that would
-        only wait for room (the rest stay pending for later passes). Each running turn
-        task counts, as its request may not be in the queue yet."""
-        return max(self.queue.max_size - max(self.queue.depth, len(self._running)), 0)
+        only wait for room (the rest stay pending for later passes). A running turn task
+        not yet streaming holds its place, as its request may not be in the queue yet."""
+        return max(self.queue.room - (len(self._running) - len(self._generations)), 0)
 
     def stop(self) -> None:
         """Take no new turns, resume none, and let `keep_resuming` return (the lease is
@@ -858,7 +858,7 @@ class ChatService:
         return replies.status(
             model=self.model_name,
             depth=self.queue.depth,
-            limit=self.queue.max_size,
+            room=self.queue.room,
             places=[p.place for p in self.queue.places(turn.author)],
         )
 

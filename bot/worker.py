@@ -372,8 +372,7 @@ class Worker:
         whose task has not yet reached the queue holds its place there already. Exact
         only while `_taking` is held: a take in progress holds rows it has not yet filled."""
         unsubmitted = sum(taken.generation is None for taken in self._running.values())
-        room = self.inference.max_size - self.inference.depth - unsubmitted
-        return min(self.rows - len(self._running), room)
+        return min(self.rows - len(self._running), self.inference.room - unsubmitted)
 
     async def _check_and_run(
         self, stream: str, entry_id: str, fields: dict[str, str], attempt: int

@@ -434,7 +434,8 @@ def make_service(
     store: ConversationStore, journal: TurnJournal, redis_client: Redis, make_engine, make_batcher
 ):
     """ChatServices on the real store, journal and queue, resuming as `threadbot run` does;
-    the batcher defaults to a SpyBatcher on the tiny model. Keyword options override
+    the batcher defaults to a SpyBatcher on the tiny model (`inference`: answers come from
+    it instead, a gateway's `JobQueue` say, opened by the test). Keyword options override
     ChatService's and the queue's settings; `metrics` is shared by the queue and the
     service. Turns a test leaves pending are removed after it, so no later test (sharing
     Redis, and channel ids) resumes them."""
@@ -449,7 +450,14 @@ def make_service(
     from storage.stats import TurnStats
 
     @asynccontextmanager
-    async def make(batcher: Any = None, *, queue_max: int = 4, timeout: float = 60.0, **options):
+    async def make(
+        batcher: Any = None,
+        *,
+        queue_max: int = 4,
+        timeout: float = 60.0,
+        inference: Any = None,
+        **options: Any,
+    ):
         """Options that are settings (`system_prompt`, `access`, …) go into the team's."""
         batcher = SpyBatcher(make_batcher()) if batcher is None else batcher
         counter = make_engine()
@@ -473,7 +481,7 @@ def make_service(
             batcher=batcher, max_size=queue_max, timeout=timeout, metrics=options["metrics"]
         )
         async with queue:
-            service = ChatService(store=store, queue=queue, **options)
+            service = ChatService(store=store, queue=inference or queue, **options)
             resuming = asyncio.create_task(service.keep_resuming())
             try:
                 yield service, batcher
@@ -492,6 +500,25 @@ async def remove_pending_turns(redis: Redis, owner: str) -> None:
             await redis.delete(keys.turn(turn_id))
             await redis.zrem(keys.PENDING_TURNS, turn_id)
     await redis.delete(keys.owner(owner))
+
+
+@pytest.fixture
+async def streams(redis_client: Redis) -> AsyncIterator[Redis]:
+    """Redis with no jobs, workers or answers of another test's, before and after."""
+
+    async def clear() -> None:
+        for pattern in (
+            "threadbot:jobs*",
+            "threadbot:worker*",
+            "threadbot:job:*",
+            "threadbot:gateway:*",
+        ):
+            async for key in redis_client.scan_iter(match=pattern):
+                await redis_client.delete(key)
+
+    await clear()
+    yield redis_client
+    await clear()
 
 
 @pytest.fixture

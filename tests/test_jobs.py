@@ -34,25 +34,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 CLAIM_IDLE_S = 0.3
 
 
-@pytest.fixture
-async def streams(redis_client: Redis) -> AsyncIterator[Redis]:
-    """Redis with no jobs, workers or answers of another test's, before and after."""
-
-    async def clear() -> None:
-        for pattern in (
-            "threadbot:jobs*",
-            "threadbot:worker*",
-            "threadbot:job:*",
-            "threadbot:gateway:*",
-        ):
-            async for key in redis_client.scan_iter(match=pattern):
-                await redis_client.delete(key)
-
-    await clear()
-    yield redis_client
-    await clear()
-
-
 @asynccontextmanager
 async def gateway(
     redis: Redis,

@@ -22,7 +22,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot import replies
 from bot.config import Access
+from bot.job_queue import JobQueue
+from bot.queue import InferenceQueue
 from bot.types import ConversationKey, NowhereToAnswer, Turn
+from bot.worker import Worker
 from storage import keys
 from storage.locks import ConversationLocks
 from storage.store import ConversationStore
@@ -860,6 +863,46 @@ async def test_more_pending_turns_than_the_queue_takes_are_all_answered_on_resum
             await until(lambda turn_id=turn_id: gone(redis_client, turn_id), timeout=30)
     assert len(batcher.prompts) == 5
     assert all(sink.kinds("fail") == [] and sink.kinds("finish") for sink in rebuild.sinks)
+
+
+async def test_a_gateway_takes_over_turns_while_more_answers_run_than_queue_max(
+    make_service, make_batcher, redis_client, store, journal, platform, streams
+):
+    """A gateway's queue counts the jobs running on the workers, which QUEUE_MAX does not
+    bound (their rows do): past QUEUE_MAX of them, it took over no pending turn (a dead
+    gateway's, or one left for later) until the load fell, though it took new messages."""
+    dead = process(redis_client, store, platform, "dead")
+    pending = await dead.accept(on(platform), {})
+    assert pending is not None
+    gated = GatedBatcher(make_batcher())
+    hello = [{"role": "user", "content": "hello"}]
+    async with (
+        InferenceQueue(batcher=gated, max_size=8, timeout=60) as local,
+        JobQueue(redis=streams, gateway=f"{platform}-gw", max_size=2, timeout=60) as jobs,
+        make_service(inference=jobs) as (service, _batcher),
+    ):
+        working = Worker(redis=streams, inference=local, name=f"{platform}-w", rows=8,
+                         claim_idle_s=60, max_deliveries=3)  # fmt: skip
+        run = asyncio.create_task(working.run())
+        try:
+            running = []
+            for n in range(3):  # two at most wait for a worker
+                running.append(jobs.submit(hello, user=f"U{n}", conversation=f"c{n}"))
+                await until(lambda n=n: asyncio.sleep(0, (jobs.depth, jobs.room) == (n + 1, 2)))
+            service.serve_platform(platform, Rebuilder())
+            await until(lambda: taken_by(redis_client, pending, journal.owner))
+            gated.gate.set()
+            for generation in running:
+                await asyncio.wait_for(read_all(generation), timeout=30)
+            await until(lambda: gone(redis_client, pending.id), timeout=30)
+        finally:
+            working.stop()
+            await run
+            await working.finish(0)
+
+
+async def read_all(generation: Any) -> list[str]:
+    return [chunk async for chunk in generation]
 
 
 class FillsTheQueueAsItStarts(RecordingSink):

@@ -246,7 +246,7 @@ async def test_status_tells_the_queue_and_your_place(make_service, make_batcher,
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
     [text] = hers.kinds("finish")
     assert "Model: tiny (float32 on cpu)." in text
-    assert "Queue: 2 of at most 4 answering or waiting." in text
+    assert "Queue: 2 answering or waiting, room for 2 more." in text
     assert "Yours: being answered, #1 in line." in text
     assert his.kinds("finish")[0].endswith("Yours: none.")
 
