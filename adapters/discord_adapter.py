@@ -205,7 +205,7 @@ class DiscordAdapter(Adapter):
             render=str,  # Discord speaks Markdown; allowed_mentions stops every ping
             limit=MESSAGE_LIMIT,
             interval=self.settings.discord_edit_interval,
-            budget=self.edit_budgets.of(target.destination_id),
+            budgets=self.edit_budgets,
             message_ids=message_ids,
             typing_interval=self.typing_interval,
             # typing until the first text, which comes within the request timeout

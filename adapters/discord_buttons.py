@@ -29,7 +29,7 @@ from adapters.discord_channel import (
     requester,
     set_buttons,
 )
-from adapters.streaming import StreamingReply
+from adapters.streaming import EditBudget, EditBudgets, StreamingReply
 from bot import replies
 from bot.service import ChatService
 from bot.types import ConversationKey
@@ -101,11 +101,13 @@ class DiscordReply(StreamingReply):
         target: DiscordChannel,
         asker: Asker | None,
         service: ChatService,
+        budgets: EditBudgets,
         replacing: Sequence[str] = (),
         regenerates: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(target=target, **options)
+        self.budgets = budgets
         self.asker = asker
         self.service = service
         self.replacing = list(replacing)
@@ -165,8 +167,12 @@ class DiscordReply(StreamingReply):
 
     def _count_edit(self) -> None:
         """A buttons' edit is sent, as a final text is, and spends the channel's edits."""
-        if self.budget:
-            self.budget.spend()
+        self.edit_budget().spend()
+
+    def edit_budget(self) -> EditBudget:
+        """The budget of the channel the answer is in: its thread once opened, or, where
+        none may be, the channel itself (known only then)."""
+        return self.budgets.of(self.target.destination_id)
 
     @contextlib.contextmanager
     def _tidying(self) -> Iterator[None]:

@@ -206,12 +206,17 @@ class StreamingReply:
     async def notice(self, text: str) -> None:
         self.notice_text = f"*{text}*\n\n"
 
+    def edit_budget(self) -> EditBudget | None:
+        """What the answer's edits spend, where the platform limits them together."""
+        return self.budget
+
     async def append(self, chunk: str) -> None:
         self.text += chunk
         if self.clock() - self.last_edit < self.interval or not self.text.strip():
             return
         edited = len(self.message_ids) - 1  # the message the text is being written into
-        if self.budget and self._edit_costs(edited) and not self.budget.try_take():
+        budget = self.edit_budget()
+        if budget and self._edit_costs(edited) and not budget.try_take():
             return
         drafting = DRAFTING.set(True)
         try:
@@ -346,8 +351,8 @@ class StreamingReply:
 
     async def _put_final(self, index: int, text: str) -> None:
         """A final text is always sent, and an edit of it only counted."""
-        if self.budget and self._edit_costs(index):
-            self.budget.spend()
+        if (budget := self.edit_budget()) and self._edit_costs(index):
+            budget.spend()
         await self._put(index, text)
 
     async def _keep_typing(self) -> None:

@@ -722,16 +722,26 @@ async def test_inline_mode_chatter_costs_no_rest_call(fake, discord_bot):
     assert made == answering
 
 
-async def test_inline_mode_answers_side_by_side_edit_within_the_channels_budget(
-    fake, discord_bot, monkeypatch
+async def no_thread(_req, _channel_id, _message_id):
+    """The fake's thread opening, where the bot lacks Create Public Threads."""
+    raise ApiError(403, 50013, "Missing Permissions")
+
+
+@pytest.mark.parametrize("inline", ["inline mode", "no thread may be opened"])
+async def test_answers_side_by_side_in_a_channel_edit_within_its_budget(
+    fake, discord_bot, monkeypatch, inline
 ):
     """Discord limits a channel's edits together: three answers streaming into one
     channel skip drafts once its budget is spent (each would edit every 0.05 s here),
-    and each still ends in its whole text (and its buttons' edits)."""
+    and each still ends in its whole text (and its buttons' edits). Where no thread may
+    be opened, each answer's budget was its question's, the thread it would have opened."""
     monkeypatch.setattr(discord_adapter, "EDITS_PER_MINUTE", EDITS_PER_MINUTE)
+    if inline == "no thread may be opened":
+        monkeypatch.setattr(fake, "_post_thread", no_thread)
     answer = "word " * 300
     batcher = PacedBatcher(answer, pace=0.03)
-    async with discord_bot(batcher, reply_mode="inline"):
+    mode = "inline" if inline == "inline mode" else "thread"
+    async with discord_bot(batcher, reply_mode=mode):
         started = time.monotonic()
         for question in ("one?", "two?", "three?"):
             await mention(fake, question)
