@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -148,10 +149,14 @@ class SlashCommands:
             self.tree.copy_global_to(guild=guild)
         try:
             await self.tree.sync(guild=guild)
-        except discord.HTTPException as error:
-            logger.warning("Discord refused the commands in server %s (%s): %s", guild.id,
-                           error, SCOPE_HELP)  # fmt: skip
-            self._registered.discard(guild.id)  # the next start (or a rejoin) tries again
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
+            if isinstance(error, discord.HTTPException):
+                logger.warning("Discord refused the commands in server %s (%s): %s", guild.id,
+                               error, SCOPE_HELP)  # fmt: skip
+            else:  # a network blip, which discord.py does not retry
+                logger.warning("could not register the commands in server %s: %r", guild.id,
+                               error)  # fmt: skip
+            self._registered.discard(guild.id)  # tried again once the server is available
             return
         logger.info("commands registered in server %s", guild.id)
 

@@ -172,6 +172,7 @@ class FakeDiscord:
         self._live: _Conn | None = None  # the identified or resumed connection
         self._conns: set[_Conn] = set()
         self._rate_limits: list[list[Any]] = []  # [method, regex, count, retry_after, global, via]
+        self._drops: list[list[Any]] = []  # [method, regex, count]
         self._nonces: dict[str, tuple[float, str, str]] = {}  # nonce -> (at, channel, message)
         self._last_id = 0
         self._files: dict[str, tuple[bytes, str]] = {}  # CDN path -> content and type
@@ -267,6 +268,19 @@ class FakeDiscord:
         """Answer the next count matching requests with 429. discord.py retries a 429 only
         when it has a Via header (via=False looks like a Cloudflare ban: HTTPException)."""
         self._rate_limits.append([method, path_regex, count, retry_after, is_global, via])
+
+    def drop(self, method: str, path_regex: str, count: int = 1) -> None:
+        """Close the connection of the next count matching requests, unanswered: a
+        network blip, which discord.py raises as aiohttp's, not as an HTTPException."""
+        self._drops.append([method, path_regex, count])
+
+    def _dropped(self, req: Request) -> bool:
+        for rule in self._drops:
+            method, regex, count = rule
+            if count > 0 and method == req.method and re.fullmatch(regex, req.path):
+                rule[2] -= 1
+                return True
+        return False
 
     def _rate_limited(self, req: Request) -> web.Response | None:
         for rule in self._rate_limits:
@@ -767,6 +781,11 @@ class FakeDiscord:
         if not by_token and request.headers.get("Authorization") != f"Bot {self.token}":
             req.status = 401
             return self._json(401, {"message": "401: Unauthorized", "code": 0})
+        if self._dropped(req):
+            req.status = 0  # no answer
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)  # never reaches the client
         if limited := self._rate_limited(req):
             req.status = 429
             return limited

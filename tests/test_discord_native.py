@@ -204,6 +204,25 @@ async def test_commands_are_registered_in_each_server_and_none_globally(discord_
     assert global_list.json == []  # emptied, so no command shows twice
 
 
+async def test_commands_lost_to_a_network_blip_are_registered_when_the_server_is_back(
+    discord_bot,
+):
+    """The registration met a dropped connection (aiohttp's error, not discord.py's): the
+    server stayed marked registered, so joining it again registered nothing."""
+    async with discord_bot() as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        await bot.adapter.client.wait_until_ready()
+        # Twice: aiohttp sends an idempotent request again once, on a new connection.
+        put = ("PUT", rf"/applications/{fake.application_id}/guilds/2001/commands")
+        fake.drop(*put, count=2)
+        await fake.join_guild("2001")
+        await fake.wait_for(lambda: len(fake.requests_to(*put)) == 2)
+        await fake.join_guild("2001")  # removed and added again, say
+        await fake.wait_for(lambda: fake.commands.get("2001"))
+    assert {command["name"] for command in fake.commands["2001"]} == set(DESCRIPTIONS)
+
+
 async def test_global_commands_are_registered_once_for_every_server(discord_bot):
     async with discord_bot(global_commands=True) as bot:
         fake = bot.fake
