@@ -36,7 +36,7 @@ class Team:
         changed."""
         if self._file is not None and config_file() is None:
             raise ConfigError(f"{self._file} is gone: the rules read from it stay in effect")
-        new = self._load()
+        new, self._file = self._load(), config_file()
         changed = sorted(
             name for name in Settings.model_fields
             if getattr(new, name) != getattr(self.settings, name)

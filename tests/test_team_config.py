@@ -314,11 +314,18 @@ def test_reload_swaps_the_rules_and_an_invalid_file_keeps_them(tmp_path: Path) -
     assert team.settings.queue_max == 32  # what the process runs with
 
 
-def test_a_reload_after_the_file_went_keeps_its_rules(tmp_path: Path) -> None:
+@pytest.mark.parametrize("written", ["before the start", "after it, then reloaded"])
+def test_a_reload_after_the_file_went_keeps_its_rules(tmp_path: Path, written: str) -> None:
     """threadbot.yml moved aside (a backup, a git stash) as a reload comes: its rules stay,
-    where the defaults (everyone let in, no admins) took over in silence."""
-    config = write(tmp_path / "threadbot.yml", "access:\n  admins: [U1]\n")
-    team = Team(load_settings())
+    where the defaults (everyone let in, no admins) took over in silence; and so they did
+    still for a file that came after the start."""
+    if written == "before the start":
+        config = write(tmp_path / "threadbot.yml", "access:\n  admins: [U1]\n")
+        team = Team(load_settings())
+    else:
+        team = Team(load_settings())
+        config = write(tmp_path / "threadbot.yml", "access:\n  admins: [U1]\n")
+        team.reload()
     config.rename(tmp_path / "threadbot.yml.bak")
     with pytest.raises(ConfigError, match=r"threadbot\.yml is gone"):
         team.reload()
