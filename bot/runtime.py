@@ -116,6 +116,8 @@ async def open_service(
             redis=redis, store=store, owner=owner, lease_seconds=settings.turn_lease_s
         )
         await journal.renew_lease()
+        reloads = TeamReloads(redis=redis)
+        reloads_seen = await reloads.count()  # one run while the model loads is followed
         answering = (
             open_gateway(settings, redis, metrics, name=owner)
             if role == "gateway"
@@ -135,7 +137,8 @@ async def open_service(
                 team=team,
                 limits=Limits(redis=redis),
                 stats=TurnStats(redis=redis),
-                reloads=TeamReloads(redis=redis),
+                reloads=reloads,
+                reloads_seen=reloads_seen,
                 model_name=answers.model_name,
                 max_attempts=settings.turn_max_attempts,
                 metrics=metrics,

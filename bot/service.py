@@ -120,6 +120,7 @@ class ChatService:
         model_name: str = "the model",
         metrics: Metrics | None = None,
         platform_retry_s: float = PLATFORM_RETRY_S,
+        reloads_seen: int | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -133,7 +134,9 @@ class ChatService:
         self.limits = limits
         self.stats = stats
         self.reloads = reloads
-        self._reloads_seen: int | None = None  # the count of reload commands, as last read
+        # The count of reload commands, as last read: where the team's settings were read
+        # (before a model's load), else at the first resume pass.
+        self._reloads_seen = reloads_seen
         self.max_attempts = max_attempts
         self.platform_retry_s = platform_retry_s
         self.model_name = model_name

@@ -333,6 +333,29 @@ async def test_a_filled_in_prompt_keeps_the_kv_cache_of_the_last_turn(
     assert spy.batcher.stats.reused >= len(first_turn)
 
 
+async def test_a_reload_command_run_as_a_process_starts_reaches_it(
+    make_service, redis_client, tmp_path, monkeypatch
+):
+    """The command ran in another process while this one loaded its model, after it had
+    read the team's file: its first resume pass took that count for the one it started
+    with, and it kept the old rules."""
+    from bot.team import Team
+    from storage.reloads import TeamReloads
+
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    team_file = tmp_path / "threadbot.yml"
+    team_file.write_text("access:\n  admins: [U0ADMIN]\n")
+    monkeypatch.setenv("THREADBOT_CONFIG", str(team_file))
+    reloads = TeamReloads(redis=redis_client, scope=f"test-{uuid.uuid4().hex}")
+    team, seen = Team(load_settings()), await reloads.count()  # as `open_service` reads them
+    team_file.write_text("access:\n  admins: [U0ADMIN, U0OTHER]\n")
+    await reloads.add()  # an admin's `reload`, in another process
+    async with make_service(team=team, reloads=reloads, reloads_seen=seen):
+        async with asyncio.timeout(30):  # its first resume pass
+            while not team.is_admin("U0OTHER"):
+                await asyncio.sleep(0.05)
+
+
 async def test_a_reload_command_reaches_every_process_of_the_deployment(
     make_service, redis_client, tmp_path, monkeypatch
 ):
