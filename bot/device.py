@@ -1,9 +1,12 @@
-"""Where and how fast the model runs: the dtype `DTYPE=auto` means, and the threads torch uses."""
+"""Where and how fast the model runs: the dtype `DTYPE=auto` means, the threads torch uses,
+and the memory the weights leave."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import os
 import threading
 from collections.abc import Callable
@@ -93,3 +96,15 @@ async def loaded(work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
 def still_loading() -> bool:
     """Whether a stop left `loaded` work running (it is abandoned at exit)."""
     return any(thread.name == LOADING and thread.is_alive() for thread in threading.enumerate())
+
+
+def return_freed_memory() -> None:
+    """Hand the memory of weights just replaced (packed, quantized) back to the system.
+    glibc keeps freed heap memory for reuse, so the process would go on holding both
+    copies' worth (measured: 2.18 GiB resident for Qwen2.5-0.5B in bfloat16 once packed,
+    1.52 once returned), and the memory left for the batch (`MAX_BATCH_TOKENS`' default)
+    would look that much smaller. Elsewhere (macOS, musl) there is no `malloc_trim`, and
+    nothing to do here."""
+    gc.collect()
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)

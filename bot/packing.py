@@ -34,15 +34,13 @@ layers are packed one by one.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import logging
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from bot.device import return_freed_memory
 from bot.quantize import linear_layers
 
 logger = logging.getLogger(__name__)
@@ -170,14 +168,3 @@ def _pack_each(model: nn.Module) -> int:
     for parent, name, child in layers:
         setattr(parent, name, PackedLinear.of(child))
     return len(layers)
-
-
-def return_freed_memory() -> None:
-    """Hand the plain weights' freed memory back to the system. glibc keeps freed heap
-    memory for reuse, so the process would go on holding both copies' worth (measured:
-    2.18 GiB resident for Qwen2.5-0.5B in bfloat16, 1.52 once returned), and the memory
-    left for the batch (`MAX_BATCH_TOKENS`' default) would look that much smaller.
-    Elsewhere (macOS, musl) there is no `malloc_trim`, and nothing to do here."""
-    gc.collect()
-    with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).malloc_trim(0)

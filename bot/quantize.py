@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bot.device import return_freed_memory
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -161,6 +163,17 @@ def quantize_int8(model: PreTrainedModel) -> None:
     """Replace, in place, every `nn.Linear` of `model` (the output layer too) by an
     `Int8Linear`, and its token embeddings by an `Int8Embedding`: tied to the output
     layer's int8 tensors where the float model tied them, else of their own."""
+    quantized, tied = _quantize(model)
+    return_freed_memory()  # the float weights', whose last references ended with `_quantize`
+    logger.info(
+        "Quantized %d linear layers and the embeddings (%s) to int8",
+        quantized,
+        "tied to the output layer" if tied else "their own",
+    )
+
+
+def _quantize(model: PreTrainedModel) -> tuple[int, bool]:
+    """`quantize_int8`'s work: how many linear layers, and whether the embeddings are tied."""
     embeddings = model.get_input_embeddings()
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embeddings.weight
@@ -179,11 +192,7 @@ def quantize_int8(model: PreTrainedModel) -> None:
             embed_scale=getattr(embeddings, "embed_scale", None),
         )
     )
-    logger.info(
-        "Quantized %d linear layers and the embeddings (%s) to int8",
-        len(layers),
-        "tied to the output layer" if tied else "their own",
-    )
+    return len(layers), tied
 
 
 def linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.quantize import FUSED_MAX_ROWS, Int8Linear, is_quantized, quantize_int8, weight_bytes
 from bot.team import Team
+
+REPO = Path(__file__).resolve().parents[1]
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -263,3 +268,32 @@ def test_the_benchmark_measures_agreement_on_the_real_model(qwen_tokenizer, bund
     result = run_comparison(qwen_tokenizer, real_questions=["What is 2 + 2?"],
                             bundled_cache=bundled_cache)  # fmt: skip
     check_variants(result, "real_agreement")
+
+
+RESIDENT_AFTER_QUANTIZING = """
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from bot.quantize import quantize_int8, weight_bytes
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+config = Qwen2Config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=2, vocab_size=32000)
+model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+before, float_bytes = resident(), weight_bytes(model)
+quantize_int8(model)
+print(before - resident(), float_bytes - weight_bytes(model))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
+def test_quantizing_hands_the_float_weights_memory_back():
+    """In a process of its own (its memory as a fresh start's): the float weights' memory
+    was kept by the allocator, so QUANTIZE=int8 left the process bigger than before."""
+    result = subprocess.run(
+        [sys.executable, "-c", RESIDENT_AFTER_QUANTIZING], cwd=REPO, capture_output=True,
+        text=True, timeout=120, check=True,
+    )  # fmt: skip
+    returned, saved = map(int, result.stdout.split())
+    assert returned > saved / 2, (returned, saved)
