@@ -210,7 +210,7 @@ def load(
         model = AutoModelForCausalLM.from_pretrained(
             source.path, gguf_file=source.gguf_file, **options
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # as well as the usual: a corrupt file, memory run out
         raise ModelError(
             f"MODEL={source} could not be loaded: {_first_line(error)}. {FIX}", may_pass=True
         ) from error
@@ -355,7 +355,7 @@ def _convert(source: ModelSource, target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             source.path, gguf_file=source.gguf_file, dtype="auto"
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # as well as the usual: a corrupt file, memory run out
         raise ModelError(
             f"MODEL={source} could not be loaded: {_first_line(error)}", may_pass=True
         ) from error

@@ -278,6 +278,17 @@ def test_a_model_without_a_chat_template_is_refused_naming_model(tmp_path, tiny_
         loading.load(ModelSource(str(tmp_path)), device="cpu", dtype="auto", cache_dir=tmp_path)
 
 
+def test_a_corrupt_weights_file_is_one_line_naming_model(tmp_path, tiny_model, qwen_tokenizer):
+    """An interrupted copy: safetensors' own error, which is neither an OSError nor a
+    ValueError, ended the start with a traceback."""
+    tiny_model.save_pretrained(tmp_path)
+    qwen_tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError, match=r"^MODEL=.* could not be loaded: "):
+        loading.load(ModelSource(str(tmp_path)), device="cpu", dtype="auto", cache_dir=tmp_path)
+
+
 def test_a_model_is_loaded_without_the_hub_s_kernels(tmp_path, tiny_model, qwen_tokenizer):
     """transformers kernelizes a model by default, from the hub's `kernels` repositories:
     code fetched at load time, which on a GPU failed the load offline. The CPU fetches none,
