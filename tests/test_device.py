@@ -20,17 +20,33 @@ def test_an_explicit_dtype_is_kept():
 
 
 def test_auto_on_a_cpu_follows_its_native_bf16_support():
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert pick_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
 
 
-@pytest.mark.parametrize(("bf16", "expected"), [(True, "bfloat16"), (False, "float16")])
+def test_auto_on_an_avx512_cpu_without_bf16_instructions_is_fp32(monkeypatch):
+    """oneDNN supports bf16 there, converting every product: 4x slower prompts."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert pick_dtype("auto", "cpu") == "float32"
+
+
+@pytest.mark.parametrize(
+    ("bf16", "expected"),
+    [("in hardware", "bfloat16"), ("emulated (T4, V100)", "float16"), ("no", "float16")],
+)
 def test_auto_on_a_gpu_is_bf16_where_it_computes_it_else_fp16(
-    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: str
+    monkeypatch: pytest.MonkeyPatch, bf16: str, expected: str
 ) -> None:
-    """As the README's DTYPE row says: only what torch reports of the GPU decides."""
+    """As the README's DTYPE row says: what torch reports of the GPU decides, not
+    counting emulation (torch's default), which works but is slow."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return bf16 == "in hardware" or (bf16.startswith("emulated") and including_emulation)
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert pick_dtype("auto", "cuda") == expected
     assert pick_dtype("auto", "auto") == expected
 
