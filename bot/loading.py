@@ -7,9 +7,11 @@ nothing of generation (`bot.engine`) and imports torch/transformers only when ca
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import importlib.util
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +339,7 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
         with (cache_dir / f"{target.name}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (target / "config.json").is_file():
+                _remove_partial_conversions(target)
                 _convert(source, target)
     except OSError as error:  # not the service user's to write, or a full disk
         raise ModelError(
@@ -344,6 +347,14 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
             "make DATA_DIR writable by the user threadbot runs as, with room for it"
         ) from error
     return ModelSource(str(target))
+
+
+def _remove_partial_conversions(target: Path) -> None:
+    """The folders of conversions to `target` cut short (a stop, a full disk), each a
+    dequantised copy of the model: under the lock, no conversion of it runs."""
+    for partial in target.parent.glob(f"{glob.escape(target.name)}.*"):
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _convert(source: ModelSource, target: Path) -> None:

@@ -235,6 +235,27 @@ def test_a_gguf_asked_for_by_several_at_once_is_converted_once(tmp_path, monkeyp
     assert found == [ModelSource(str(converted[0]))] * 3
 
 
+def test_a_conversion_cut_short_leaves_no_copy_behind(tmp_path, monkeypatch):
+    """A stop or a full disk during the save left a dequantised copy of the model (the
+    bundled one's, in float32: 0.5 GB) in DATA_DIR for good, one more at each try."""
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    source = ModelSource(str(tmp_path), "model.gguf")
+    target = loading._conversion(source, tmp_path / "models")
+    partial = target.parent / f"{target.name}.x1y2z3"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"half of it")
+    other = target.parent / "another-model-0123456789ab.x1y2z3"  # not this conversion's
+    other.mkdir()
+
+    def convert(source: ModelSource, target: Path) -> None:
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert", convert)
+    assert loading._converted_gguf(source, tmp_path / "models") == ModelSource(str(target))
+    assert not partial.exists() and other.exists()
+
+
 def test_the_model_is_named_as_it_was_found():
     """`status` and the build-info metric name the model that runs, not the one asked for."""
     from bot.runtime import model_name
