@@ -30,6 +30,7 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 OTHER_RUNTIMES = ["*.onnx", "onnx/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "openvino/*"]
+WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth"]  # what a tokenizer's download skips
 # Layer types (transformers' names) whose attention is causal over a window of the past.
 WINDOWED = ("sliding_attention", "chunked_attention")
 FIX = "Set MODEL to a local model folder, a hub id that is cached or downloadable, or 'bundled'."
@@ -71,8 +72,9 @@ def bundled_source() -> ModelSource | None:
     return ModelSource(str(folder), BUNDLED_FILE)
 
 
-def resolve_source(settings: Settings) -> ModelSource:
-    """Which weights to load, per the MODEL setting (see the README's Configuration)."""
+def resolve_source(settings: Settings, *, weights: bool = True) -> ModelSource:
+    """Which weights to load, per the MODEL setting (see the README's Configuration);
+    without `weights`, a hub model's download is its tokenizer and config alone."""
     if settings.model == BUNDLED:
         source = bundled_source()
         if source is None:
@@ -81,9 +83,9 @@ def resolve_source(settings: Settings) -> ModelSource:
             )
         return source
     if settings.model is not None:
-        return _local(settings.model, settings.model_file)
+        return _local(settings.model, settings.model_file, weights=weights)
     try:
-        return ModelSource(_download(DEFAULT_MODEL))
+        return ModelSource(_download(DEFAULT_MODEL, weights=weights))
     except _hub_errors() as error:
         source = bundled_source()
         if source is None:
@@ -101,7 +103,7 @@ def resolve_source(settings: Settings) -> ModelSource:
         return source
 
 
-def _local(model: str, model_file: str | None) -> ModelSource:
+def _local(model: str, model_file: str | None, *, weights: bool) -> ModelSource:
     """MODEL as a local folder: the folder itself, or the snapshot of the hub id it names."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -109,11 +111,11 @@ def _local(model: str, model_file: str | None) -> ModelSource:
     if path.is_absolute() or model.startswith((".", "~")) or path.exists():
         raise ModelError(f"MODEL={model} is not a folder. {FIX}")
     try:
-        folder = _download(model, model_file)
+        folder = _download(model, model_file, weights=weights)
     except (*_hub_errors(), ValueError) as error:  # not on the hub, no network, not a repo id
         raise ModelError(
             f"MODEL={model} is neither a local folder nor a hub model that is cached or "
-            f"downloadable ({_first_line(error)}). {FIX}",
+            f"downloadable ({first_line(error)}). {FIX}",
             # No hub id at all (`a/b/c`) is a setting to fix; the rest may pass (the network)
             may_pass=not isinstance(error, ValueError),
         ) from error
@@ -153,11 +155,12 @@ def _bounded(request: Any) -> None:
     request.extensions = {**request.extensions, "timeout": bounded}
 
 
-def _download(repo_id: str, gguf_file: str | None = None) -> str:
+def _download(repo_id: str, gguf_file: str | None = None, *, weights: bool = True) -> str:
     """The local snapshot of a hub model: from the cache, or downloaded with progress bars.
 
     Only what transformers loads: the one GGUF file asked for, or the repo without
-    other runtimes' weights (ONNX, TensorFlow, Flax, GGUF) that can be many gigabytes.
+    other runtimes' weights (ONNX, TensorFlow, Flax, GGUF) that can be many gigabytes;
+    without `weights`, without its own either (a GGUF holds its tokenizer: it comes whole).
     """
     from huggingface_hub import get_session, snapshot_download
 
@@ -165,7 +168,8 @@ def _download(repo_id: str, gguf_file: str | None = None) -> str:
     if _bounded not in hooks:
         hooks.append(_bounded)
     logger.info("Fetching %s (cached after the first run)", repo_id)
-    files = {"allow_patterns": [gguf_file]} if gguf_file else {"ignore_patterns": OTHER_RUNTIMES}
+    skipped = OTHER_RUNTIMES if weights else [*OTHER_RUNTIMES, *WEIGHTS]
+    files = {"allow_patterns": [gguf_file]} if gguf_file else {"ignore_patterns": skipped}
     try:
         return snapshot_download(repo_id, **files)
     except _hub_errors() as error:
@@ -214,7 +218,7 @@ def load(
         )
     except Exception as error:  # as well as the usual: a corrupt file, memory run out
         raise ModelError(
-            f"MODEL={source} could not be loaded: {_first_line(error)}. {FIX}", may_pass=True
+            f"MODEL={source} could not be loaded: {first_line(error)}. {FIX}", may_pass=True
         ) from error
     if not tokenizer.chat_template:
         raise ModelError(
@@ -368,7 +372,7 @@ def _convert(source: ModelSource, target: Path) -> None:
         )
     except Exception as error:  # as well as the usual: a corrupt file, memory run out
         raise ModelError(
-            f"MODEL={source} could not be loaded: {_first_line(error)}", may_pass=True
+            f"MODEL={source} could not be loaded: {first_line(error)}", may_pass=True
         ) from error
     # The weights are already dequantised; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
@@ -391,7 +395,7 @@ def _conversion(source: ModelSource, cache_dir: Path) -> Path:
 def tokenizer_source(settings: Settings) -> ModelSource:
     """Where MODEL's tokenizer and config load from without its weights: a GGUF's
     conversion where one was made (a second), else the GGUF itself (parsed, slowly)."""
-    source = resolve_source(settings)
+    source = resolve_source(settings, weights=False)
     if source.gguf_file:
         converted = _conversion(source, settings.data_dir / "models")
         if (converted / "config.json").is_file():
@@ -399,6 +403,6 @@ def tokenizer_source(settings: Settings) -> ModelSource:
     return source
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The gist of a library's error, to end a sentence of ours."""
     return (str(error).strip().splitlines() or [error.__class__.__name__])[0].rstrip(".")

@@ -203,28 +203,43 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
                 "leave it unset to count tokens by estimate.",
                 may_pass=True,  # the hub may be out of reach for now
             ) from None
-        if not tokenizer.chat_template:  # (a base model's): every count would fail
-            raise loading.ModelError(
-                f"INFERENCE_TOKENIZER={name} has no chat template to count a conversation "
-                "with: set it to the served chat model's tokenizer, or leave it unset to "
-                "count tokens by estimate."
-            )
-        count: TokenCounter = TemplateCount(tokenizer)
+        count: TokenCounter = _template_count(
+            tokenizer,
+            f"INFERENCE_TOKENIZER={name}",
+            "set it to the served chat model's tokenizer, or leave it unset to count tokens "
+            "by estimate.",
+        )
     elif settings.inference_url:
         logger.info("Counting tokens by estimate (a token for every 3 letters of a word)")
         count = estimate
     else:
         source = loading.tokenizer_source(settings)
         logger.info("Counting tokens with the tokenizer of %s", source)
-        count = TemplateCount(
-            AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        except Exception as error:  # a file that cannot be read
+            raise loading.ModelError(
+                f"MODEL={source}: its tokenizer could not be loaded ({loading.first_line(error)})"
+            ) from error
+        count = _template_count(
+            tokenizer, f"MODEL={source}", "set it to a chat model, with its tokenizer."
         )
-        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     if settings.inference_url:
         count = AsSent(count)
     context = context_tokens(config, settings.max_context_tokens)
     loading.refuse_crowded_context(context, settings.max_new_tokens)
     return PromptTokens(count, max(context - settings.max_new_tokens, 1))
+
+
+def _template_count(tokenizer: PreTrainedTokenizerBase, named: str, fix: str) -> TemplateCount:
+    """The tokenizer's count, if it has a chat template: a base model's has none, nor the
+    empty tokenizer transformers makes for a folder without one; every count would fail."""
+    from bot.loading import ModelError
+
+    if not tokenizer.chat_template:
+        raise ModelError(f"{named} has no chat template to count a conversation with: {fix}")
+    return TemplateCount(tokenizer)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def test_bundled_names_the_offline_gguf():
     assert Path(source.path, source.gguf_file).is_file()
 
 
-def unreachable(repo_id: str, gguf_file: str | None = None) -> str:
+def unreachable(repo_id: str, gguf_file: str | None = None, *, weights: bool = True) -> str:
     """Stands in for the hub download when the hub cannot be reached."""
     raise OSError("no network")
 
@@ -174,6 +174,23 @@ def test_what_no_hub_could_serve_is_a_setting_and_what_the_hub_did_not_may_pass(
     assert info.value.may_pass is may_pass
 
 
+def test_a_hub_models_tokenizer_is_fetched_without_its_weights(tmp_path, monkeypatch):
+    """A gateway counts tokens with MODEL's tokenizer: it downloaded the whole model (tens
+    of GB for a 7B) to read it; the workers, which load the model, fetch all of it."""
+    import huggingface_hub
+
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id: str, *, ignore_patterns: list[str], **_: object) -> str:
+        asked.append(ignore_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert loading.tokenizer_source(settings(model="someone/model")).path == str(tmp_path)
+    assert loading.resolve_source(settings(model="someone/model")).path == str(tmp_path)
+    assert [{"*.safetensors", "*.bin"} <= set(patterns) for patterns in asked] == [True, False]
+
+
 def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ModelError, match=r"MODEL=.*no-such-model is not a folder"):
         loading.resolve_source(settings(model=str(tmp_path / "no-such-model")))
@@ -189,7 +206,7 @@ def test_a_folder_without_a_model_is_named(tmp_path):
 def test_a_missing_gguf_file_is_named(tmp_path, monkeypatch, where):
     """In a hub repo too, whose download of a file it lacks fetches nothing, and warns."""
     model = str(tmp_path) if where == "a folder" else "someone/model-GGUF"
-    monkeypatch.setattr(loading, "_download", lambda model, model_file: str(tmp_path))
+    monkeypatch.setattr(loading, "_download", lambda model, model_file, weights: str(tmp_path))
     with pytest.raises(ModelError, match=r"MODEL_FILE=absent\.gguf is not a file in MODEL="):
         loading.resolve_source(settings(model=model, model_file="absent.gguf"))
 

@@ -112,6 +112,16 @@ def test_a_tokenizer_that_cannot_be_loaded_is_named_in_one_line(monkeypatch, tmp
         prompt_tokens_without_model(settings)
 
 
+def test_a_gateways_model_folder_without_a_tokenizer_is_one_line(monkeypatch, tmp_path, tiny_model):
+    """A gateway counts with MODEL's tokenizer: for a folder without one, transformers makes
+    an empty tokenizer, and every turn's count failed."""
+    monkeypatch.chdir(tmp_path)
+    tiny_model.save_pretrained(tmp_path / "model")  # its weights and config, no tokenizer
+    settings = Settings(_env_file=None, model=str(tmp_path / "model"))
+    with pytest.raises(ModelError, match=r"^MODEL=.*model has no chat template to count"):
+        prompt_tokens_without_model(settings)
+
+
 def test_a_template_that_writes_the_bos_token_gets_it_once(tiny_model):
     """Llama 3's, Mistral's and Gemma's templates start with the BOS token, and their
     tokenizers add one too: the prompt must hold it once, as `apply_chat_template` has it."""
