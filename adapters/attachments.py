@@ -174,18 +174,40 @@ async def _read(attachment: Attachment, budget: int, deadline: float) -> tuple[s
     except Exception as error:
         logger.warning("downloading attachment %r failed: %s", attachment.name, error)
         raise _NotRead("not read: the download failed") from None
-    # UTF-16 with its byte-order mark (Windows' "Unicode" text: PowerShell's `>`, Notepad,
-    # Excel) is text, for all its NUL bytes.
-    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
-    if b"\0" in data and not utf16:
+    encoding = _marked_encoding(data)
+    if b"\0" in data and encoding is None:
         raise _NotRead("not read: binary data")
     if not data:
         raise _NotRead("empty")
     complete = len(data) < wanted
-    # A download cut short may end inside a character: the decoder holds it back.
-    decoder = codecs.getincrementaldecoder("utf-16" if utf16 else "utf-8-sig")(errors="replace")
-    content = decoder.decode(data, final=complete)
+    content = _decoded(data, encoding, final=complete)
     return content[:budget], len(content) > budget or not complete
+
+
+def _marked_encoding(data: bytes) -> str | None:
+    """UTF-32 or UTF-16 with its byte-order mark (Windows' "Unicode" text: PowerShell's
+    `>`, Notepad, Excel) is text, for all its NUL bytes. (UTF-32 LE's mark begins with
+    UTF-16 LE's, so it is looked for first.)"""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
+
+
+def _decoded(data: bytes, encoding: str | None, *, final: bool) -> str:
+    """The text: as its mark says, else UTF-8; but where no byte above ASCII makes a UTF-8
+    character, Windows-1252 (Excel's CSV and most older Western text files), whose every
+    byte is one, where UTF-8 lost every accented letter. A download cut short may end
+    inside a character: the decoder holds it back."""
+    text = _decoder(encoding or "utf-8-sig").decode(data, final=final)
+    if encoding is None and all(c == "\N{REPLACEMENT CHARACTER}" for c in text if c > "\x7f"):
+        return _decoder("cp1252").decode(data, final=final)
+    return text
+
+
+def _decoder(encoding: str) -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder(encoding)(errors="replace")
 
 
 def _label(attachment: Attachment, reason: str | None = None) -> str:

@@ -57,8 +57,19 @@ async def test_utf16_text_with_its_byte_order_mark_is_read():
     little, big = "utf-16", "utf-16-be"
     out = [files.file("out.txt", said.encode(little), "text/plain")]  # BOM first, as written
     out.append(files.file("big.txt", codecs.BOM_UTF16_BE + said.encode(big), "text/plain"))
+    out.append(files.file("wide.txt", said.encode("utf-32"), "text/plain"))  # read as UTF-16
     text = await with_attachments("", out, settings=settings(), timeout=5)
-    assert text == f"[attached: out.txt]\n{said}\n\n[attached: big.txt]\n{said}"
+    assert text == "\n\n".join(
+        f"[attached: {name}]\n{said}" for name in ("out.txt", "big.txt", "wide.txt")
+    )
+
+
+async def test_a_windows_1252_file_is_read_with_its_accents():
+    """Excel's CSV export on Windows: UTF-8 replacement characters took every accent."""
+    said = "café;naïve;Größe;€5"
+    csv = Files().file("export.csv", said.encode("cp1252"), "text/csv")
+    text = await with_attachments("", [csv], settings=settings(), timeout=5)
+    assert text == f"[attached: export.csv]\n{said}"
 
 
 async def test_text_past_the_limit_is_cut_and_says_so_and_later_files_find_no_room():
@@ -93,11 +104,11 @@ async def test_the_whole_message_stays_within_max_input_chars():
 
 async def test_utf8_is_decoded_with_replacement_and_a_cut_never_splits_a_character():
     files = Files()
-    broken = files.file("latin1.txt", "café".encode("latin-1"))
+    broken = files.file("glitch.txt", "naïve ".encode() + b"caf\xe9")  # UTF-8, a byte off
     accents = files.file("accents.txt", "é".encode() * 50)
     limited = settings(max_attachment_chars=10)
     assert await with_attachments("", [broken], settings=limited, timeout=5) == (
-        "[attached: latin1.txt]\ncaf\N{REPLACEMENT CHARACTER}"
+        "[attached: glitch.txt]\nnaïve caf\N{REPLACEMENT CHARACTER}"
     )
     assert await with_attachments("", [accents], settings=limited, timeout=5) == (
         f"[attached: accents.txt]\n{'é' * 10}\n{TRUNCATED}"
