@@ -13,7 +13,7 @@ Whatever it does to a job (acknowledge, hand back, keep) it does only while it h
 
 A job whose answer fails here is handed back at once (made claimable, not acknowledged),
 so another try runs; the delivery count in Redis counts the tries. For a claim idle time
-after a failure, a worker leaves such jobs to the other live workers, if any: it may be
+after a failure, a worker leaves such jobs to the live workers that had none: it may be
 what fails them, and, failing fast, it would have rows free to take them first. A
 stopping worker takes no more jobs, keeps its running ones through the grace period, and
 hands back what it could not finish in it: passed on, a try that does not count as failed.
@@ -210,7 +210,6 @@ class Worker:
         self.clock = RedisClock()  # jobs' deadlines are on it, set by other machines
         self._beaten: float | None = None  # when the last heartbeat was written
         self._in_touch_since = -math.inf  # since the last gap in the heartbeats
-        self._failed_at = -math.inf  # when an answer last failed here
 
     async def run(self) -> None:
         """Take jobs until `stop`, sweeping meanwhile; then, with the heartbeat gone (so
@@ -445,7 +444,8 @@ class Worker:
                 await self._hand_back(taken, failed=False)
         except Exception:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
-            self._failed_at = time.monotonic()
+            with contextlib.suppress(RedisError):  # (then its jobs are anyone's at once)
+                await self.redis.set(keys.worker_failing(self.name), "1", px=self.claim_idle_ms)
             await self._hand_back(taken)
         finally:
             if taken.generation is not None:  # ended, or given up on here: stop its row
@@ -562,16 +562,18 @@ class Worker:
             await self._take_lost(stream)
         if time.monotonic() - self._in_touch_since < self.claim_idle_ms / 1000:
             return  # not yet: see `_beat`
-        if not self._leaves_to_others(roll):
+        if not await self._leaves_to_others(roll):
             for stream in roll.streams:
                 await self._claim_abandoned(stream)
         await self._tidy_dead_workers(roll)
 
-    def _leaves_to_others(self, roll: Roll) -> bool:
+    async def _leaves_to_others(self, roll: Roll) -> bool:
         """Whether abandoned jobs are left to the other live workers: an answer failed
-        here within the claim idle time."""
-        failed_lately = time.monotonic() - self._failed_at < self.claim_idle_ms / 1000
-        return failed_lately and any(name != self.name for name in roll.alive)
+        here within the claim idle time, and not on all of them (or none would take them
+        while the failures go on, and they would wait for their timeouts)."""
+        workers = [self.name, *(name for name in roll.alive if name != self.name)]
+        failing = await self.redis.mget([keys.worker_failing(name) for name in workers])
+        return failing[0] is not None and None in failing[1:]
 
     async def _beat(self) -> None:
         """The heartbeat, with a reading of Redis's clock. After a gap in it (Redis out of

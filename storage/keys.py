@@ -131,6 +131,12 @@ def worker(worker: str) -> str:
     return f"{PREFIX}worker:{worker}"
 
 
+def worker_failing(worker: str) -> str:
+    """Set for a while after an answer failed on a worker: the others take the jobs it
+    hands back."""
+    return f"{PREFIX}worker-failing:{worker}"
+
+
 def job_chunks(job_id: str) -> str:
     """The stream of one job's answer, as its worker writes it."""
     return f"{PREFIX}job:{job_id}:chunks"

@@ -504,6 +504,25 @@ async def test_a_job_that_failed_on_one_worker_is_tried_again_on_another(
     assert len(failing.prompts) == 1
 
 
+async def test_a_job_failing_on_every_worker_is_dead_lettered_within_the_claim_idle_time(
+    streams, make_batcher
+):
+    """Each worker that failed a job left the handed-back ones to the others for the claim
+    idle time: with every worker failing (a bad deploy), none took them while the failures
+    went on, and their users heard nothing until their timeouts."""
+    claim_idle_s = 6.0  # each worker sweeps every 2 s
+    failing = [AlwaysFails(make_batcher()), AlwaysFails(make_batcher())]
+    async with (
+        gateway(streams) as queue,
+        worker(streams, failing[0], "w1", max_deliveries=2, claim_idle_s=claim_idle_s),
+        worker(streams, failing[1], "w2", max_deliveries=2, claim_idle_s=claim_idle_s),
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        with pytest.raises(JobFailed, match="2 tries"):
+            await asyncio.wait_for(read(generation), claim_idle_s)
+    assert sorted(len(batcher.prompts) for batcher in failing) == [1, 1]
+
+
 async def test_forget_deletes_the_conversations_dead_letters_and_no_others(streams, make_batcher):
     """A dead letter holds the conversation's messages: `forget` must find it."""
     failing = AlwaysFails(make_batcher())
