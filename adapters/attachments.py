@@ -196,12 +196,13 @@ def _marked_encoding(data: bytes) -> str | None:
 
 
 def _decoded(data: bytes, encoding: str | None, *, final: bool) -> str:
-    """The text: as its mark says, else UTF-8; but where no byte above ASCII makes a UTF-8
-    character, Windows-1252 (Excel's CSV and most older Western text files), whose every
-    byte is one, where UTF-8 lost every accented letter. A download cut short may end
-    inside a character: the decoder holds it back."""
+    """The text: as its mark says, else UTF-8; but where bytes above ASCII make no UTF-8
+    character at all, Windows-1252 (Excel's CSV and most older Western text files), whose
+    every byte is one, where UTF-8 lost every accented letter. A download cut short may
+    end inside a character: the decoder holds it back."""
     text = _decoder(encoding or "utf-8-sig").decode(data, final=final)
-    if encoding is None and all(c == "\N{REPLACEMENT CHARACTER}" for c in text if c > "\x7f"):
+    above_ascii = {c for c in text if c > "\x7f"}
+    if encoding is None and above_ascii == {"\N{REPLACEMENT CHARACTER}"}:
         return _decoder("cp1252").decode(data, final=final)
     return text
 

@@ -57,7 +57,7 @@ async def test_utf16_text_with_its_byte_order_mark_is_read():
     little, big = "utf-16", "utf-16-be"
     out = [files.file("out.txt", said.encode(little), "text/plain")]  # BOM first, as written
     out.append(files.file("big.txt", codecs.BOM_UTF16_BE + said.encode(big), "text/plain"))
-    out.append(files.file("wide.txt", said.encode("utf-32"), "text/plain"))  # read as UTF-16
+    out.append(files.file("wide.txt", said.encode("utf-32"), "text/plain"))  # a mark too
     text = await with_attachments("", out, settings=settings(), timeout=5)
     assert text == "\n\n".join(
         f"[attached: {name}]\n{said}" for name in ("out.txt", "big.txt", "wide.txt")
@@ -65,11 +65,14 @@ async def test_utf16_text_with_its_byte_order_mark_is_read():
 
 
 async def test_a_windows_1252_file_is_read_with_its_accents():
-    """Excel's CSV export on Windows: UTF-8 replacement characters took every accent."""
+    """Excel's CSV export on Windows: UTF-8 replacement characters took every accent. Not
+    a UTF-8 file with no accent past its mark (Excel's "CSV UTF-8")."""
     said = "café;naïve;Größe;€5"
-    csv = Files().file("export.csv", said.encode("cp1252"), "text/csv")
-    text = await with_attachments("", [csv], settings=settings(), timeout=5)
-    assert text == f"[attached: export.csv]\n{said}"
+    files = Files()
+    windows = files.file("export.csv", said.encode("cp1252"), "text/csv")
+    marked = files.file("utf8.csv", codecs.BOM_UTF8 + b"name,qty\r\napple,3", "text/csv")
+    text = await with_attachments("", [windows, marked], settings=settings(), timeout=5)
+    assert text == (f"[attached: export.csv]\n{said}\n\n[attached: utf8.csv]\nname,qty\r\napple,3")
 
 
 async def test_text_past_the_limit_is_cut_and_says_so_and_later_files_find_no_room():
