@@ -40,16 +40,26 @@ def pick_dtype(dtype: str, device: str) -> str:
         return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     if device == "mps":
         return "float16"
-    return "bfloat16" if computes_bf16_natively() else "float32"
+    return "bfloat16" if _computes_bf16_natively() else "float32"
 
 
-def computes_bf16_natively() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16, AMX) for oneDNN to use."""
+def _computes_bf16_natively() -> bool:
+    """Whether this CPU has bf16 instructions for oneDNN to use: as oneDNN says (an ARM
+    CPU's own, say), but for x86 from AVX512 up, where it says so without them."""
     import torch
 
-    instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    mkldnn = torch.backends.mkldnn.is_available()
-    return instructions and mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if not _cpu_has("avx512"):
+        return True
+    return _cpu_has("avx512_bf16") or _cpu_has("amx_tile")
+
+
+def _cpu_has(instructions: str) -> bool:
+    """What torch.cpu says of these instructions (False where this torch cannot say)."""
+    import torch
+
+    return getattr(torch.cpu, f"_is_{instructions}_supported", lambda: False)()
 
 
 def use_all_cores() -> int:

@@ -24,12 +24,24 @@ def test_auto_on_a_cpu_follows_its_native_bf16_support():
     assert pick_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
 
 
-def test_auto_on_an_avx512_cpu_without_bf16_instructions_is_fp32(monkeypatch):
-    """oneDNN supports bf16 there, converting every product: 4x slower prompts."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+@pytest.mark.parametrize(
+    ("cpu", "expected"),
+    [
+        ("AVX512 without bf16", "float32"),
+        ("AVX512-BF16", "bfloat16"),
+        ("ARM with bf16", "bfloat16"),
+    ],
+)
+def test_auto_on_a_cpu_oneDNN_computes_bf16_on_is_bf16_where_it_has_the_instructions(
+    monkeypatch, cpu: str, expected: str
+):
+    """oneDNN supports bf16 on AVX512 without them, converting every product: 4x slower
+    prompts. An ARM CPU's bf16 (Graviton 3) it reports as its own."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert pick_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: cpu.startswith("AVX512"))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu == "AVX512-BF16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert pick_dtype("auto", "cpu") == expected
 
 
 @pytest.mark.parametrize(
