@@ -402,10 +402,10 @@ class OpenAIBackend:
                         answer.end()
                         return
                     answer.read(json.loads(data), self.where)
-            except TimeoutError:
-                raise _Retry(f"sent nothing for {READ_SECONDS:g} s midway") from None
-            except CONNECTION_ERRORS:
+            except (TimeoutError, *CONNECTION_ERRORS) as error:
                 if not answer.finished:
+                    if isinstance(error, TimeoutError):
+                        raise _Retry(f"sent nothing for {READ_SECONDS:g} s midway") from None
                     raise
                 # Broken off after the finish: only the token counts or [DONE] were lost.
         if not answer.finished:

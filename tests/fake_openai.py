@@ -53,10 +53,12 @@ class Cut:
 
 @dataclass
 class Hold:
-    """These chunks, then a wait until the test calls `release` (the answer then ends as
-    a Stream's does) or the client goes away (recorded as `Request.gone`)."""
+    """These chunks (and the finish, `after_finish`), then a wait until the test calls
+    `release` (the answer then ends as a Stream's does) or the client goes away (recorded
+    as `Request.gone`)."""
 
     chunks: list[str]
+    after_finish: bool = False
 
 
 @dataclass
@@ -181,6 +183,8 @@ class FakeOpenAI:
             case Cut():
                 pass
             case Hold():
+                if reply.after_finish:
+                    await stream.chunk({}, "stop")
                 self.requests[-1].gone = await _held(request, self._released)
                 if self.requests[-1].gone:
                     return stream.response
