@@ -55,12 +55,16 @@ CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 class InferenceUnavailable(RuntimeError):
     """INFERENCE_URL did not answer a request; the message names it and why (its status,
-    its own words)."""
+    its own words). Unless `may_pass`, it refused the request, and would again."""
+
+    may_pass = False
 
 
 class _OutOfTries(InferenceUnavailable):
     """Every try of a request failed in a way the next might not have: the server is down,
     or overloaded, for now."""
+
+    may_pass = True
 
 
 class InferenceServerError(ModelError):

@@ -13,8 +13,9 @@ Whatever it does to a job (acknowledge, hand back, keep) it does only while it h
 
 A job whose answer fails here is handed back at once (made claimable, not acknowledged),
 so another try runs; the delivery count in Redis counts the tries. For a claim idle time
-after a failure, a worker leaves such jobs to the live workers that had none: it may be
-what fails them, and, failing fast, it would have rows free to take them first. A
+after a failure, a worker leaves abandoned jobs to the live workers that had none: it may
+be what fails them, and, failing fast, it would have rows free to take them first. A job
+INFERENCE_URL refuses (a 400) is given up at once: so would every try be. A
 stopping worker takes no more jobs, keeps its running ones through the grace period, and
 hands back what it could not finish in it: passed on, a try that does not count as failed.
 """
@@ -46,6 +47,7 @@ from bot.jobs import (
     roll_call,
 )
 from bot.metrics import Metrics
+from bot.openai_backend import InferenceUnavailable
 from bot.queue import AnswerRestarted, Generation, Inference, InferenceCancelled
 from bot.waiting import set_within
 from storage import keys
@@ -442,16 +444,33 @@ class Worker:
                 logger.warning("job %s was claimed by another worker; dropped here", job.id)
             else:  # this worker is stopping
                 await self._hand_back(taken, failed=False)
-        except Exception:
+        except Exception as error:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
-            with contextlib.suppress(RedisError):  # (then its jobs are anyone's at once)
-                await self.redis.set(keys.worker_failing(self.name), "1", px=self.claim_idle_ms)
-            await self._hand_back(taken)
+            if isinstance(error, InferenceUnavailable) and not error.may_pass:
+                await self._give_up(taken)  # refused by INFERENCE_URL: so would every try be
+            else:
+                await self._failed_here(taken)
         finally:
             if taken.generation is not None:  # ended, or given up on here: stop its row
                 taken.generation.cancel()
             del self._running[taken.entry]
             self._room.set()
+
+    async def _failed_here(self, taken: _Taken) -> None:
+        """Hand the job back for another try, and mark this worker as failing for a while."""
+        with contextlib.suppress(RedisError):  # (then its jobs are anyone's at once)
+            await self.redis.set(keys.worker_failing(self.name), "1", px=self.claim_idle_ms)
+        await self._hand_back(taken)
+
+    async def _give_up(self, taken: _Taken) -> None:
+        """Dead-letter the job now; where Redis fails, hand it back (its next try does)."""
+        job, attempt = taken.job, taken.attempt
+        try:
+            tries = await self._failed_tries(job, attempt) + 1  # this one too
+            await self._dead_letter(taken.stream, taken.entry_id, job, attempt, tries)
+        except RedisError as error:
+            logger.warning("could not give up job %s: %s", taken.job.id, error)
+            await self._hand_back(taken)
 
     async def _stream(self, taken: _Taken, generation: Generation) -> None:
         """The answer's text into its stream as it comes: its first piece at once, then

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import SpyBatcher, answer_alone
+from fake_openai import FakeOpenAI, Status
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -25,6 +26,7 @@ from bot.health import READY, Vitals
 from bot.job_queue import ANSWER_READ_KEPT_S, WAKE_KEPT_S, JobQueue
 from bot.jobs import Chunk, Job, JobFailed, RedisClock, entry_age, pick_worker
 from bot.metrics import Metrics
+from bot.openai_backend import OpenAIBackend
 from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFull
 from bot.worker import GROUP, LOST_AFTER_MS, Worker
 from storage import keys
@@ -510,7 +512,7 @@ async def test_a_job_failing_on_every_worker_is_dead_lettered_within_the_claim_i
     """Each worker that failed a job left the handed-back ones to the others for the claim
     idle time: with every worker failing (a bad deploy), none took them while the failures
     went on, and their users heard nothing until their timeouts."""
-    claim_idle_s = 6.0  # each worker sweeps every 2 s
+    claim_idle_s = 9.0  # each worker sweeps every 3 s
     failing = [AlwaysFails(make_batcher()), AlwaysFails(make_batcher())]
     async with (
         gateway(streams) as queue,
@@ -521,6 +523,28 @@ async def test_a_job_failing_on_every_worker_is_dead_lettered_within_the_claim_i
         with pytest.raises(JobFailed, match="2 tries"):
             await asyncio.wait_for(read(generation), claim_idle_s)
     assert sorted(len(batcher.prompts) for batcher in failing) == [1, 1]
+
+
+async def test_a_job_its_inference_server_refuses_is_given_up_at_once(streams):
+    """A worker forwarding to INFERENCE_URL, which answered 400 (a prompt past its window,
+    say): as in one process, no try is made again, where the job was handed back and each
+    try asked the server again, and the worker was marked as failing."""
+    async with FakeOpenAI() as server:
+        server.script.append(Status(400, "maximum context length is 32768 tokens"))
+        inference = OpenAIBackend(url=server.url, max_size=4, max_concurrent=2, timeout=30,
+                                  max_new_tokens=64, retries=2, backoff=0.01)  # fmt: skip
+        async with (
+            inference,
+            gateway(streams) as queue,
+            working_on(streams, inference, "w1", rows=2, max_deliveries=3),
+        ):
+            generation = queue.submit(HELLO, user="u1", conversation="c1")
+            with pytest.raises(JobFailed, match="after 1 tries"):
+                await asyncio.wait_for(read(generation), 10)
+    assert len(server.requests) == 1
+    [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
+    assert dead["tries"] == "1"
+    assert not await streams.exists(keys.worker_failing("w1"))
 
 
 async def test_forget_deletes_the_conversations_dead_letters_and_no_others(streams, make_batcher):
