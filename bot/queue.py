@@ -450,8 +450,9 @@ class InferenceQueue:
         self.timeout = timeout
         self.metrics = metrics if metrics is not None else Metrics()
         self._order = FairOrder()
-        self._wakeup = threading.Condition()  # guards `_order` and `_closing`
+        self._wakeup = threading.Condition()  # guards `_order`, `_closing` and `_dead`
         self._closing = False
+        self._dead = False  # the engine thread died: set there, where `died` follows later
         self._in_flight = 0  # waiting + running: what `max_size` bounds
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -509,7 +510,7 @@ class InferenceQueue:
         engine's), picked with `temperature` (None: the model's generation config; 0:
         greedy). Raises ValueError for options out of range, QueueFull when `max_size`
         are in flight, and EngineStopped once the engine thread has died."""
-        if self.died.is_set():
+        if self._dead:
             raise EngineStopped
         if self._in_flight >= self.max_size or self._closing:
             raise QueueFull
@@ -551,8 +552,8 @@ class InferenceQueue:
         except Exception:  # a bug in this loop: end every request rather than hang
             logger.critical("the engine thread died", exc_info=True)
             with self._wakeup:
-                self._closing = True
-            self._call(self.died.set)  # `submit` refuses from now on
+                self._closing = self._dead = True
+            self._call(self.died.set)
             self._close(running, EngineStopped())
         else:
             self._close(running)

@@ -361,25 +361,33 @@ class DiesWhenTold(SpyBatcher):
         pass
 
 
+@pytest.mark.parametrize("dies", ["as it is sent", "just before, the loop not told yet"])
 async def test_a_request_sent_as_the_engine_thread_dies_is_refused_not_left_waiting(
-    make_batcher, monkeypatch
+    make_batcher, monkeypatch, dies
 ):
     """The thread died between `submit`'s checks and its taking the line: the request
-    joined a line that no one serves any more, and waited for its timeout."""
+    joined a line that no one serves any more, and waited for its timeout. Just before,
+    it was told busy (the line closed, `died` not yet set on the loop)."""
     batcher = DiesWhenTold(make_batcher(max_new_tokens=3000))
     submitted = Generation.submitted
 
-    def dying_meanwhile(*args, **kwargs) -> Generation:
-        generation = submitted(*args, **kwargs)
+    def die() -> None:
         batcher.dying.set()
         assert batcher.died.wait(timeout=10)
         time.sleep(0.5)  # the thread closes the line (and would be gone in any case)
+
+    def dying_meanwhile(*args, **kwargs) -> Generation:
+        generation = submitted(*args, **kwargs)
+        die()
         return generation
 
     async with InferenceQueue(batcher=batcher, max_size=4, timeout=60) as queue:
         running = queue.submit(HELLO, user="u1", conversation="c1")
         await anext(aiter(running))  # the engine loop is going round
-        monkeypatch.setattr(Generation, "submitted", dying_meanwhile)
+        if dies == "as it is sent":
+            monkeypatch.setattr(Generation, "submitted", dying_meanwhile)
+        else:
+            die()  # with no await after it: the loop runs nothing meanwhile
         with pytest.raises(EngineStopped):
             late = queue.submit(HELLO, user="u2", conversation="c2")
             await asyncio.wait_for(collect(late), timeout=5)
