@@ -64,7 +64,7 @@ from adapters.slack_format import (
     to_mrkdwn,
 )
 from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
-from adapters.streaming import DRAFTING, EditBudgets, StreamingReply
+from adapters.streaming import SKIPPABLE, EditBudgets, StreamingReply
 from bot import replies
 from bot.access import Requester
 from bot.config import Settings
@@ -111,10 +111,11 @@ class Person(NamedTuple):
 
 class FinalsRetried(AsyncRateLimitErrorRetryHandler):
     """A rate-limited call is tried again after its Retry-After, but one made for a draft
-    of an answer (`DRAFTING`) fails at once: it is skipped, and the answer goes on."""
+    of an answer or a nicety (`SKIPPABLE`) fails at once: it is skipped, and the answer
+    goes on."""
 
     async def _can_retry_async(self, **call: Any) -> bool:
-        return not DRAFTING.get() and await super()._can_retry_async(**call)
+        return not SKIPPABLE.get() and await super()._can_retry_async(**call)
 
 
 class SlackAdapter(Adapter):

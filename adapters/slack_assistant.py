@@ -12,6 +12,8 @@ import re
 
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.streaming import skippable
+
 logger = logging.getLogger(__name__)
 
 GREETING = "Hi! Ask me anything: I answer here, and remember this thread's conversation."
@@ -42,9 +44,10 @@ class ThreadStatus:
 
     async def _set(self, status: str) -> None:
         try:
-            await self.client.assistant_threads_setStatus(
-                channel_id=self.channel, thread_ts=self.thread_ts, status=status
-            )
+            with skippable():  # a nicety: never worth holding an answer (or an ack) back
+                await self.client.assistant_threads_setStatus(
+                    channel_id=self.channel, thread_ts=self.thread_ts, status=status
+                )
         except Exception:
             logger.debug("no status in thread %s", self.thread_ts, exc_info=True)
 
@@ -69,9 +72,10 @@ async def greet(client: AsyncWebClient, *, channel: str, thread_ts: str) -> None
 async def set_title(client: AsyncWebClient, *, channel: str, thread_ts: str, question: str) -> None:
     """Name the thread in the pane's history after its first question."""
     try:
-        await client.assistant_threads_setTitle(
-            channel_id=channel, thread_ts=thread_ts, title=title_of(question)
-        )
+        with skippable():
+            await client.assistant_threads_setTitle(
+                channel_id=channel, thread_ts=thread_ts, title=title_of(question)
+            )
     except Exception:
         logger.debug("no title for thread %s", thread_ts, exc_info=True)
 

@@ -7,10 +7,11 @@ in the right thread), a renderer (Markdown to the platform's markup) and its len
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -23,10 +24,20 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 STREAMING_MARK = " …"  # shown after partial text while the answer is still being written
-DRAFTING: ContextVar[bool] = ContextVar("DRAFTING", default=False)
-"""True while partial text is put: a platform call rate-limited then is better failed at
-once than retried after the wait, which would hold back the rest of the answer and its end
-(the next text carries what this one had)."""
+SKIPPABLE: ContextVar[bool] = ContextVar("SKIPPABLE", default=False)
+"""True while partial text (or a nicety, as a status line) is put: a platform call
+rate-limited then is better failed at once than retried after the wait, which would hold
+back the rest of the answer and its end (the next text carries what this one had)."""
+
+
+@contextlib.contextmanager
+def skippable() -> Iterator[None]:
+    """Platform calls in the block that are rate-limited fail at once (`SKIPPABLE`)."""
+    token = SKIPPABLE.set(True)
+    try:
+        yield
+    finally:
+        SKIPPABLE.reset(token)
 
 
 class Refused(Exception):
@@ -218,15 +229,13 @@ class StreamingReply:
         budget = self.edit_budget()
         if budget and self._edit_costs(edited) and not budget.try_take():
             return
-        drafting = DRAFTING.set(True)
         try:
-            await self._show(self.text.rstrip())
+            with skippable():
+                await self._show(self.text.rstrip())
         except (Refused, NowhereToAnswer):
             raise
         except Exception:  # a lost intermediate edit is harmless: the final text follows
             logger.warning("streaming edit failed; the final text will follow", exc_info=True)
-        finally:
-            DRAFTING.reset(drafting)
 
     async def restart(self) -> None:
         """The next appends replace the text streamed so far, in the first message: the

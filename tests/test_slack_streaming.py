@@ -95,6 +95,19 @@ async def test_an_answer_that_waits_keeps_the_threads_status_until_it_streams(
     assert THINKING not in later
 
 
+async def test_a_rate_limited_status_is_skipped_not_waited_for(slack, socket_mode):
+    """The status line is a nicety: rate-limited (Retry-After 100 s), it was retried after
+    the wait, before the answer was even asked for, and again before its end."""
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="native"):
+        slack.rate_limit(STATUS_METHOD, count=2, retry_after=100)
+        mention = slack.app_mention("C0001", "What is the capital of France?")
+        await slack.send_event(mention)
+        async with asyncio.timeout(20):
+            reply = await final_reply(slack, "C0001", mention["ts"])
+    assert reply["text"] == to_markdown(ANSWER)
+    assert [call.status for call in slack.calls_to(STATUS_METHOD)][:2] == [429, 429]
+
+
 async def test_a_stream_for_a_slack_connect_guest_names_their_own_team(slack, socket_mode):
     slack.users["U0GUEST"] = "guest"
     slack.external_users["U0GUEST"] = "T0OTHER"
