@@ -467,7 +467,9 @@ class SlackAdapter(Adapter):
         stop = partial(self.service.stop_answer, f"{key.platform}:{message_id}", by=turn.author)
         await in_turn()  # within the ack's time: those ahead are accepted within theirs
         taken = await answer(self.service, turn, self._sink(thread, stop))
-        if status is not None and not taken:  # a re-delivery: no post of its own clears it
+        # Not taken (a re-delivery, say): no post of its own clears the status; but while
+        # the first delivery's answer is on its way, the status is that answer's.
+        if status is not None and not taken and not await self.service.being_answered(turn):
             await status.clear()
 
     def _sink(self, thread: SlackThread, stop: Callable[[], object] | None = None) -> ReplySink:

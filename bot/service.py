@@ -221,6 +221,19 @@ class ChatService:
         finally:
             self._accepting.discard(turn_id)
 
+    async def being_answered(self, turn: Turn) -> bool:
+        """Whether the turn's message is being taken or answered, here or elsewhere (as
+        far as storage says: unreachable, no)."""
+        turn_id = f"{turn.conversation.platform}:{turn.message_id}"
+        if turn_id in self._accepting:
+            return True
+        try:
+            return await self.journal.is_pending(turn_id)
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            return False
+
     def told_once(self, turn_id: str) -> bool:
         """Whether a message that could not be taken (storage down when it came) is to be
         told so now: the first time. Slack delivers an event again until one delivery is

@@ -329,6 +329,10 @@ class TurnJournal:
     async def count(self) -> int:
         return await self._redis.zcard(keys.PENDING_TURNS)
 
+    async def is_pending(self, turn_id: str) -> bool:
+        """Whether the turn is accepted and not yet finished, by any process."""
+        return await self._redis.zscore(keys.PENDING_TURNS, turn_id) is not None
+
     async def pending_ids(self) -> set[str]:
         """Every turn accepted and not yet finished, by any process."""
         return set(await self._redis.zrange(keys.PENDING_TURNS, 0, -1))

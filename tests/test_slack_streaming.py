@@ -95,6 +95,28 @@ async def test_an_answer_that_waits_keeps_the_threads_status_until_it_streams(
     assert THINKING not in later
 
 
+async def test_a_redelivery_leaves_the_status_of_the_answer_on_its_way(
+    slack, socket_mode, make_batcher
+):
+    """Slack delivers a DM again (its ack came late): that delivery is not answered, and
+    it cleared the thread's status while the first delivery's answer was still waiting."""
+    gated = GatedBatcher(make_batcher())
+    async with socket_mode(gated, streaming="native"):
+        message = slack.dm("D0001", "What is the capital of France?")
+        message["thread_ts"] = message["ts"]
+        await slack.send_event(message)
+        await slack.wait_for_calls(STATUS_METHOD, count=1)
+        await asyncio.sleep(0.3)  # the answer's own, as it starts
+        shown = len(slack.calls_to(STATUS_METHOD))
+        await slack.send_event(message, retry_attempt=1, retry_reason="timeout")
+        await slack.wait_for_calls(STATUS_METHOD, count=shown + 1)  # the re-delivery's own
+        await asyncio.sleep(0.3)  # (its clear came at once)
+        statuses = [call.params["status"] for call in slack.calls_to(STATUS_METHOD)]
+        gated.gate.set()
+        await final_reply(slack, "D0001", message["ts"])
+    assert set(statuses) == {THINKING}, statuses
+
+
 async def test_a_rate_limited_status_is_skipped_not_waited_for(slack, socket_mode):
     """The status line is a nicety: rate-limited (Retry-After 100 s), it was retried after
     the wait, before the answer was even asked for, and again before its end."""
