@@ -61,12 +61,15 @@ class ConversationLocks:
         async with local:
             lease = self._lease(conversation)
             # A lease of ours left in Redis by a release that failed is taken up at once,
-            # where a new token would wait for it to lapse.
+            # where a new token would wait for it to lapse; kept until then, should Redis
+            # fail this turn too.
             left = self._left(conversation)
             await lease.acquire(token=left)
+            self._unreleased.pop(conversation, None)
             if left is not None:  # its TTL is what was left of it: a whole term from now
-                with contextlib.suppress(LockError):  # it lapsed: the turn goes on, as after
-                    await lease.reacquire()  # a failed renewal
+                # Lapsed, or Redis failing: the turn goes on, as after a failed renewal.
+                with contextlib.suppress(LockError, RedisError):
+                    await lease.reacquire()
             released = asyncio.Event()
             renewing = asyncio.create_task(self._renew(lease, released))
             try:
@@ -105,10 +108,12 @@ class ConversationLocks:
             now = asyncio.get_running_loop().time()
             self._unreleased = {c: kept for c, kept in self._unreleased.items() if kept[1] > now}
             self._unreleased[conversation] = (token, now + self.lease_s)
+            return
+        self._unreleased.pop(conversation, None)
 
     def _left(self, conversation: str) -> str | bytes | None:
         """The token of the conversation's lease that failed to be released, if any."""
-        token, _lapses = self._unreleased.pop(conversation, (None, 0.0))
+        token, _lapses = self._unreleased.get(conversation, (None, 0.0))
         return token
 
     async def idle(self, conversation: str, *, within: float) -> bool:

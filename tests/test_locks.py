@@ -14,6 +14,7 @@ from processes import RedisServer
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from storage import keys
 from storage.locks import ConversationLocks
@@ -101,6 +102,30 @@ async def test_a_lease_whose_reply_was_lost_is_held_at_once(
         assert await asyncio.wait_for(turn(), 10)
         assert proxy.lost == lose
     assert not await redis_client.exists(keys.turn_lock(conversation))  # let go after
+
+
+async def test_a_lease_left_in_an_outage_is_taken_up_after_a_turn_that_redis_failed_too(
+    tmp_path: Path,
+):
+    """The next turn came while Redis was still out: its failure forgot the lease left,
+    and once Redis was back the conversation waited for that lease to lapse (30 s)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    conversation = uuid.uuid4().hex
+    try:
+        async with Redis.from_url(server.url, retry=Retry(NoBackoff(), 1)) as redis:
+            locks = ConversationLocks(redis=redis, lease_s=30)
+            async with locks.hold(conversation):
+                server.kill()  # its release fails
+            with pytest.raises(RedisError):
+                async with locks.hold(conversation):
+                    pass
+            server.start()
+            async with asyncio.timeout(2), locks.hold(conversation):
+                pass
+            assert not await redis.exists(keys.turn_lock(conversation))
+    finally:
+        server.kill()
 
 
 @pytest.mark.parametrize("then", ["hold", "busy"])
