@@ -906,15 +906,16 @@ class ChatService:
     async def _reset(self, turn: Turn, *, admin: bool) -> str:
         """`reset` (the history starts over; the bot goes on answering here) and `forget`
         (everything stored is deleted), by the conversation's starter or an admin: after
-        the running answer, never in its middle."""
+        the running answer, never in its middle, and before a message sent after it (the
+        lock is asked for before anything else is awaited: it takes turns in order)."""
         conversation = str(turn.conversation)
-        if not await self.store.exists(conversation):  # e.g. typed at a channel's top level
-            return replies.use_in_thread(str(turn.command))
-        starter = await self.store.starter(conversation)
-        if not admin and starter not in (None, turn.author):
-            return replies.not_starter(str(turn.command))
         forget = turn.command == "forget"
         async with self.locks.hold(conversation):
+            if not await self.store.exists(conversation):  # typed at a channel's top level
+                return replies.use_in_thread(str(turn.command))
+            starter = await self.store.starter(conversation)
+            if not admin and starter not in (None, turn.author):
+                return replies.not_starter(str(turn.command))
             await (self.store.forget if forget else self.store.clear)(conversation)
         logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
         return replies.forgotten() if forget else replies.conversation_reset()

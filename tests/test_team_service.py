@@ -179,6 +179,30 @@ async def test_only_the_starter_or_an_admin_may_reset_or_forget(make_service, st
         assert not await store.exists(str(conversation))
 
 
+async def test_a_message_sent_after_a_reset_is_answered_after_it(
+    make_service, store, conversation, monkeypatch
+):
+    """Accepted in order, the reset's task read the conversation twice before it asked for
+    its lock, and the message after it could take the lock first: answered with the history
+    the user dropped, and then its own exchange dropped too. (Here a slow read.)"""
+    async with make_service() as (service, batcher):
+        await service.handle(say(conversation, "remember 7"), RecordingSink())
+        exists = store.exists
+
+        async def slow_exists(key: str) -> bool:
+            await asyncio.sleep(0.3)
+            return await exists(key)
+
+        monkeypatch.setattr(store, "exists", slow_exists)
+        reset = await service.accept(command(conversation, "reset"), RecordingSink())
+        after = await service.accept(say(conversation, "what number?"), RecordingSink())
+        assert reset is not None and after is not None
+        await asyncio.wait_for(asyncio.gather(reset, after), timeout=30)
+    assert batcher.prompts[-1] == [{"role": "user", "content": "what number?"}]
+    [question, _answer] = await store.load(str(conversation))
+    assert question == {"role": "user", "content": "what number?"}
+
+
 async def test_a_command_that_storage_fails_says_so(make_service, store, conversation, monkeypatch):
     """Its message is marked seen, so no re-delivery comes: the user hears that it failed."""
 
