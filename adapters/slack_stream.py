@@ -204,8 +204,11 @@ class SlackStream:
             return
         self.wanted[message_id] = text
         streamed = self.streamed[message_id]
-        if not text.startswith(streamed):
-            return  # what was streamed cannot be taken back: `close` replaces it
+        if not text.startswith(streamed):  # the answer started again (another try)
+            # What was streamed cannot be taken back: the stream ends, its message is
+            # replaced, and edited from now on, where it showed the old try to the end.
+            await self._stop(message_id)
+            return
         more = text[len(streamed) : settled(text)]
         if not more:
             return

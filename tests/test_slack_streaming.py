@@ -382,6 +382,24 @@ async def long_answer_begun(slack, on_stop=None, budget: EditBudget | None = Non
     return sink
 
 
+async def test_an_answer_started_again_replaces_what_was_streamed_as_it_goes(slack):
+    """Another try writes the answer again (a worker died): its text could not be
+    appended to the old try's, so the message showed the old text until the answer's end."""
+    sink = await long_answer_begun(slack)
+    [start] = slack.calls_to("chat.startStream")
+    await sink.restart()
+    await sink.append("A second try says pears.")
+    shown = slack.message("C0001", start.response["ts"])["text"]
+    assert shown == "A second try says pears." and not slack.is_streaming(
+        "C0001", start.response["ts"]
+    )
+    await sink.append(" And more pears.")
+    await sink.finish("A second try says pears. And more pears.")
+    shown = slack.message("C0001", start.response["ts"])["text"]
+    assert shown == "A second try says pears. And more pears."
+    assert slack.statuses == {}
+
+
 async def test_a_stopped_stream_gets_no_continuation(slack):
     """The reader stopped the answer just as it ended: its first message stays as they
     stopped it, and the rest of a long answer is not posted after it."""
