@@ -51,6 +51,9 @@ RETRY_AFTER_MAX_S = 60.0  # the longest a server's Retry-After holds a request a
 PROBE_EVERY_S = 10.0  # while requests run out of tries: how often GET /models is asked
 # What may go right on another try: the connection failing, before or during the answer.
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+GIVEN_UP = ("abort", "error")
+"""Finish reasons of an answer the server gave up partway (vLLM's and SGLang's "abort"),
+not a whole one: tried again, as a stream broken off is."""
 
 
 class InferenceUnavailable(RuntimeError):
@@ -466,7 +469,10 @@ class _Answer:
                 self.text += text
                 self.chunks += 1
                 self.generation.write(text, self.prompt_tokens, self.answer_tokens)
-            self.finished = self.finished or bool(choice.get("finish_reason"))  # "": none yet
+            reason = choice.get("finish_reason")
+            if reason in GIVEN_UP:
+                raise _Retry(f"gave the answer up midway (finish_reason {reason})")
+            self.finished = self.finished or bool(reason)  # "": none yet
 
     @property
     def prompt_tokens(self) -> int:

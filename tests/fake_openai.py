@@ -45,6 +45,14 @@ class Drop:
 
 
 @dataclass
+class Aborted:
+    """These chunks, then a finish_reason of "abort" (vLLM giving the request up) and
+    `[DONE]`."""
+
+    chunks: list[str]
+
+
+@dataclass
 class Cut:
     """These chunks, then the response ended cleanly, with no finish and no `[DONE]`."""
 
@@ -182,6 +190,9 @@ class FakeOpenAI:
                 return stream.response
             case Cut():
                 pass
+            case Aborted():
+                await stream.chunk({}, "abort")
+                await stream.response.write(b"data: [DONE]\n\n")
             case Hold():
                 if reply.after_finish:
                     await stream.chunk({}, "stop")

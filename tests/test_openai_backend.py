@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import remove_pending_turns
-from fake_openai import Cut, Drop, ErrorEvent, FakeOpenAI, Hold, Redirect, Status, Stream
+from fake_openai import Aborted, Cut, Drop, ErrorEvent, FakeOpenAI, Hold, Redirect, Status, Stream
 from fake_server import wait_for
 from redis.asyncio import Redis
 from test_service import RecordingSink, turn
@@ -318,11 +318,16 @@ async def test_a_server_gone_after_the_start_is_tried_again_and_then_fails():
 
 
 @pytest.mark.parametrize("unfinished_reason", [None, ""], ids=["null", "empty"])
-@pytest.mark.parametrize("broken", [Drop(["Par", "is"]), Cut(["Par", "is"])], ids=["drop", "cut"])
+@pytest.mark.parametrize(
+    "broken",
+    [Drop(["Par", "is"]), Cut(["Par", "is"]), Aborted(["Par", "is"])],
+    ids=["drop", "cut", "aborted"],
+)
 async def test_a_stream_broken_midway_restarts_the_answer(server, broken, unfinished_reason):
-    """A dropped connection, or a stream that ends with no finish nor [DONE]: the answer
-    starts again, once, and what was read of the first is void. A finish_reason of ""
-    is no finish, as null is not."""
+    """A dropped connection, a stream that ends with no finish nor [DONE], or one the
+    server gave up (finish_reason "abort", then [DONE]: it was taken for the whole
+    answer): the answer starts again, once, and what was read of the first is void. A
+    finish_reason of "" is no finish, as null is not."""
     server.unfinished_reason = unfinished_reason
     server.script.append(broken)
     async with backend(server.url) as inference:
