@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,6 +29,18 @@ from storage.store import ConversationStore
 
 REPO = Path(__file__).resolve().parents[1]
 PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def orphans_reaped_here() -> Iterator[None]:
+    """Within the block, a process whose parent dies (a redis-server left running) becomes
+    this one's child, to find and reap."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _server_pid(data_dir: Path) -> int:
@@ -140,9 +153,7 @@ async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp
         "s = EmbeddedRedis(data_dir=Path(sys.argv[1])); s.start(); print(s.url, flush=True);"
         "time.sleep(30)"
     )
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the orphan becomes ours to reap
-    try:
+    with orphans_reaped_here():
         parent = subprocess.Popen(
             [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE
         )
@@ -157,10 +168,9 @@ async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp
             assert os.waitpid(orphan, os.WNOHANG)[0] == orphan  # it exited (and we reaped it)
             async with Redis.from_url(server.url, decode_responses=True) as client:
                 assert await client.get("written-before-the-crash") == "kept"
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="uses prctl to adopt an orphan")
 def test_a_second_signal_exits_at_once_and_stops_the_server(tmp_path: Path) -> None:
     """`os._exit` skips atexit, and the server runs in a session of its own, so no
     Ctrl-C reaches it: it ran on after threadbot, holding DATA_DIR, until the next start."""
@@ -174,9 +184,7 @@ def test_a_second_signal_exits_at_once_and_stops_the_server(tmp_path: Path) -> N
         "    os.kill(os.getpid(), signal.SIGINT); await asyncio.sleep(30)\n"
         "asyncio.run(main())"
     )
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # an orphan becomes ours to reap
-    try:
+    with orphans_reaped_here():
         parent = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
                                 capture_output=True, text=True, timeout=30)  # fmt: skip
         assert parent.returncode == 128 + signal.SIGINT, parent.stderr
@@ -186,8 +194,6 @@ def test_a_second_signal_exits_at_once_and_stops_the_server(tmp_path: Path) -> N
             os.kill(server, signal.SIGKILL)
             os.waitpid(server, 0)
         assert not orphaned, "redis-server ran on after threadbot exited"
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 async def test_open_redis_starts_and_stops_an_embedded_server(tmp_path: Path) -> None:

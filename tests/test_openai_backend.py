@@ -357,18 +357,6 @@ async def test_a_stream_that_stalls_is_broken_off_and_tried_again(server, monkey
     assert server.requests[0].gone
 
 
-async def test_a_stream_that_stalls_after_its_finish_is_the_whole_answer(server, monkeypatch):
-    """Its host went silent before the token counts and [DONE]: the answer had come whole,
-    where it was asked for again, and replaced in the thread by another."""
-    monkeypatch.setattr(openai_backend, "READ_SECONDS", 0.5)
-    server.script.append(Hold(["Par", "is"], after_finish=True))
-    async with backend(server.url) as inference:
-        generation = inference.submit(HELLO, user="u1", conversation="c1")
-        chunks = await read(generation)
-    assert chunks == ["Par", "is"] and generation.text == "Paris"
-    assert len(server.requests) == 1
-
-
 async def test_a_server_slow_to_begin_is_waited_for(server, monkeypatch):
     """Nothing, not even its headers, until it has room and has read the prompt: that is
     no stall, and the request is not tried again (losing its place in the server's queue)."""
@@ -379,9 +367,19 @@ async def test_a_server_slow_to_begin_is_waited_for(server, monkeypatch):
     assert chunks == ["Paris."] and len(server.requests) == 1
 
 
-async def test_a_stream_broken_after_its_finish_is_the_whole_answer(server):
-    """Only the token counts and [DONE] were lost: the answer is not written again."""
-    server.script.append(Drop(["Par", "is"], after_finish=True))
+@pytest.mark.parametrize(
+    "ends",
+    [Drop(["Par", "is"], after_finish=True), Hold(["Par", "is"], after_finish=True)],
+    ids=["broken off", "silent"],
+)
+async def test_a_stream_that_ends_badly_after_its_finish_is_the_whole_answer(
+    server, monkeypatch, ends
+):
+    """Only the token counts and [DONE] were lost (the connection broke, or the server's
+    host went silent): the answer is not written again. Silent, it was asked for again,
+    and replaced in the thread by another."""
+    monkeypatch.setattr(openai_backend, "READ_SECONDS", 0.5)
+    server.script.append(ends)
     async with backend(server.url) as inference:
         generation = inference.submit(HELLO, user="u1", conversation="c1")
         chunks = await read(generation)
