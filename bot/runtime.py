@@ -31,6 +31,7 @@ from bot.service import ChatService
 from bot.team import Team
 from bot.tokens import PromptTokens, prompt_tokens_without_model
 from storage.connection import Resilience, open_redis
+from storage.errors import is_outage
 from storage.limits import Limits
 from storage.locks import ConversationLocks
 from storage.reloads import TeamReloads
@@ -96,6 +97,21 @@ class Answering:
     model_name: str  # as `status` shows it
 
 
+async def _started_on(journal: TurnJournal, reloads: TeamReloads) -> int | None:
+    """Take this process's lease, and read the count of reload commands (one run while
+    the model loads is followed; None: read at the first resume pass). A Redis that refuses
+    writes for now (at its maxmemory) is ridden out as it is once running: the resume
+    passes take the lease once it takes them."""
+    try:
+        await journal.renew_lease()
+        return await reloads.count()
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        logger.warning("Redis cannot take this process's lease yet (%s); going on", error)
+        return None
+
+
 @asynccontextmanager
 async def open_service(
     team: Team, *, metrics: Metrics | None = None, role: Role = "all"
@@ -115,9 +131,8 @@ async def open_service(
         journal = TurnJournal(
             redis=redis, store=store, owner=owner, lease_seconds=settings.turn_lease_s
         )
-        await journal.renew_lease()
         reloads = TeamReloads(redis=redis)
-        reloads_seen = await reloads.count()  # one run while the model loads is followed
+        reloads_seen = await _started_on(journal, reloads)
         answering = (
             open_gateway(settings, redis, metrics, name=owner)
             if role == "gateway"

@@ -51,6 +51,7 @@ from bot.openai_backend import InferenceUnavailable
 from bot.queue import AnswerRestarted, Generation, Inference, InferenceCancelled
 from bot.waiting import set_within
 from storage import keys
+from storage.errors import is_outage
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +218,13 @@ class Worker:
         """Take jobs until `stop`, sweeping meanwhile; then, with the heartbeat gone (so
         gateways send elsewhere and others take what waits in this worker's stream),
         return while the running answers go on (see `finish`)."""
-        await self._ensure_groups()
-        await self._beat()
+        try:
+            await self._ensure_groups()
+            await self._beat()
+        except RedisError as error:  # (at its maxmemory, say) ridden out as once running
+            if not is_outage(error):
+                raise
+            logger.warning("Redis refuses the worker's writes for now: %s", error)
         logger.info("worker %s taking jobs (%d rows)", self.name, self.rows)
         # Running jobs are kept until `finish`: a stopped worker's answers go on through
         # the grace period, where the sweep ends with the taking of jobs.
@@ -712,8 +718,11 @@ class Worker:
 
     async def _ensure_groups(self) -> None:
         for stream in self.streams:
-            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as error:  # BUSYGROUP: it exists; else Redis refused it
+                if "BUSYGROUP" not in str(error):
+                    raise
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -547,6 +547,34 @@ async def test_a_job_its_inference_server_refuses_is_given_up_at_once(streams):
     assert not await streams.exists(keys.worker_failing("w1"))
 
 
+async def test_a_worker_started_at_a_redis_at_its_maxmemory_takes_jobs_once_it_has_room(
+    redis_server, make_batcher
+):
+    """Its groups' creation was refused (OOM, taken for "it exists"), then its heartbeat:
+    the worker's start raised, where a running worker rides maxmemory out."""
+    async with (
+        Redis.from_url(redis_server.url, decode_responses=True) as redis,
+        InferenceQueue(batcher=make_batcher(max_new_tokens=4), max_size=4, timeout=60) as local,
+    ):
+        await redis.config_set("maxmemory", 1)  # noeviction: every write is refused
+        working = Worker(redis=redis, inference=local, name="w1", rows=4,
+                         claim_idle_s=CLAIM_IDLE_S, max_deliveries=3)  # fmt: skip
+        running = asyncio.create_task(working.run())
+        try:
+            await asyncio.sleep(0.5)
+            assert not running.done()
+            await redis.config_set("maxmemory", 0)
+            await wait_until(lambda: redis.exists(keys.worker("w1")))
+            async with gateway(redis) as queue:
+                generation = queue.submit(HELLO, user="u1", conversation="c1")
+                pieces = await asyncio.wait_for(read(generation), 10)
+        finally:
+            working.stop()
+            await asyncio.gather(running, return_exceptions=True)
+            await working.finish(0)
+    assert "".join(pieces) == generation.text
+
+
 async def test_forget_deletes_the_conversations_dead_letters_and_no_others(streams, make_batcher):
     """A dead letter holds the conversation's messages: `forget` must find it."""
     failing = AlwaysFails(make_batcher())

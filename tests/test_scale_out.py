@@ -276,6 +276,28 @@ async def test_a_conversations_next_turn_reuses_its_kv_cache_on_the_same_worker(
     assert await cluster.metric(idle, "threadbot_kv_reused_tokens_total") == 0
 
 
+async def test_a_start_at_a_redis_at_its_maxmemory_goes_on_and_says_storage_is_out(
+    tmp_path, redis_server
+):
+    """The connection's write probe let it go on, with a warning; the process's lease,
+    its next write, was refused (OOM) and the start ended in a traceback, exit 1: a
+    supervisor's restarts were used up in seconds."""
+    async with Redis.from_url(redis_server.url) as admin:
+        await admin.config_set("maxmemory", 1)  # noeviction: every write is refused
+    async with FakeOpenAI(answer="Paris, of course.") as server:
+        env = cli_env(INFERENCE_URL=server.url, REDIS_URL=redis_server.url,
+                      DATA_DIR=str(tmp_path / "data"))  # fmt: skip
+        chat = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "chat", cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(chat.communicate(b"What is the capital of France?\n"), 60)
+    assert chat.returncode == 0, err.decode()
+    assert replies.storage_unavailable() in out.decode()
+    assert "Traceback" not in err.decode() and not server.requests
+
+
 async def test_the_terminal_chat_answers_through_an_openai_compatible_server(tmp_path, redis_url):
     """`--role all` with INFERENCE_URL: no model loaded, tokens estimated, answers streamed."""
     async with FakeOpenAI(answer="Paris, of course.") as server:
