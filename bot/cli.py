@@ -140,23 +140,27 @@ def _tell(settings: Settings, text: str, level: int = logging.ERROR) -> None:
         print(text, file=sys.stderr)
 
 
-async def _stopped_by_sigterm(command: Coroutine[Any, Any, int]) -> int:
-    """Run a command; SIGTERM (docker stop, systemd) ends it as cleanly as Ctrl-C does."""
+async def _stopped_by_sigterm(
+    command: Coroutine[Any, Any, int], signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)
+) -> int:
+    """Run a command; SIGTERM (docker stop, systemd), or another of `signals`, ends it as
+    cleanly as Ctrl-C does."""
     task = asyncio.ensure_future(command)
-    terminated = asyncio.Event()
+    terminated: list[signal.Signals] = []
 
-    def on_sigterm() -> None:
-        terminated.set()
+    def on_signal(signum: signal.Signals) -> None:
+        terminated.append(signum)
         task.cancel()
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    for signum in signals:
+        asyncio.get_running_loop().add_signal_handler(signum, on_signal, signum)
     try:
         return await task
     except asyncio.CancelledError:
-        if not terminated.is_set():  # Ctrl-C: asyncio.run raises KeyboardInterrupt (130)
+        if not terminated:  # Ctrl-C: asyncio.run raises KeyboardInterrupt (130)
             raise
-        logger.info("stopped by SIGTERM")
-        return 143  # 128 + SIGTERM, as a shell reports it
+        logger.info("stopped by %s", terminated[0].name)
+        return 128 + terminated[0]  # as a shell reports it
 
 
 def _is_operator_error(error: Exception) -> bool:
@@ -193,7 +197,9 @@ def doctor() -> int:
 
 
 async def chat(settings: Settings, args: argparse.Namespace) -> int:
-    return await _stopped_by_sigterm(_chat(settings, args))
+    # Its terminal closed (SIGHUP) ends it as SIGTERM does: the default killed the process
+    # and left the embedded redis-server running.
+    return await _stopped_by_sigterm(_chat(settings, args), (signal.SIGTERM, signal.SIGHUP))
 
 
 async def _chat(settings: Settings, args: argparse.Namespace) -> int:

@@ -360,13 +360,17 @@ async def stored(data_dir: Path, conversation_id: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("leave", "status"), [(b"\x03", 130), (signal.SIGTERM, 143), (b"\x04", 0)])
+@pytest.mark.parametrize(
+    ("leave", "status"),
+    [(b"\x03", 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129), (b"\x04", 0)],
+)
 def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
     data_dir: Path, leave: bytes | signal.Signals, status: int
 ) -> None:
     """Ctrl-C (or SIGTERM, or Ctrl-D) at `you>`, where readline holds the terminal raw on
     its own thread: the terminal echoes again after, where the shell went on typing blind;
-    the shell's prompt starts a line of its own."""
+    the shell's prompt starts a line of its own. Its terminal closed (SIGHUP): as SIGTERM,
+    where the signal killed it and left its embedded redis-server running."""
     import pty
     import termios
 
