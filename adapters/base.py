@@ -38,7 +38,13 @@ HttpHandler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 
 
 class AdapterError(RuntimeError):
-    """A platform refused us for a reason the operator must fix; the message says which."""
+    """A platform refused us for a reason the operator must fix; the message says which.
+    `setting`: one no restart fixes (a token refused, an intent not enabled), which
+    `threadbot run` exits 2 for, as for a bad setting, so a supervisor stops restarting."""
+
+    def __init__(self, message: str, *, setting: bool = False) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class HttpRoutes(Protocol):

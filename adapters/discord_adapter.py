@@ -149,9 +149,11 @@ class DiscordAdapter(Adapter):
             await self.commands.register()
             await self.client.connect(reconnect=True)
         except discord.LoginFailure as error:
-            raise AdapterError(f"Discord refused DISCORD_BOT_TOKEN ({error})") from error
+            raise AdapterError(
+                f"Discord refused DISCORD_BOT_TOKEN ({error})", setting=True
+            ) from error
         except discord.PrivilegedIntentsRequired as error:
-            raise AdapterError(INTENTS_HELP) from error
+            raise AdapterError(INTENTS_HELP, setting=True) from error
         except (aiohttp.ClientError, TimeoutError, discord.DiscordServerError) as error:
             raise AdapterError(
                 f"could not reach Discord at DISCORD_API_URL={self.settings.discord_api_url} "

@@ -118,6 +118,15 @@ class FinalsRetried(AsyncRateLimitErrorRetryHandler):
         return not SKIPPABLE.get() and await super()._can_retry_async(**call)
 
 
+PASSING = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable",
+                     "request_timeout"})  # fmt: skip
+"""Slack's errors that a start a little later may not meet: every other refusal stands."""
+
+
+def _refusal_stands(error: SlackApiError) -> bool:
+    return error.response.get("error") not in PASSING
+
+
 class SlackAdapter(Adapter):
     """Answers Slack mentions and DMs through the service, in threads."""
 
@@ -199,7 +208,8 @@ class SlackAdapter(Adapter):
         except SlackApiError as error:
             raise AdapterError(
                 f"Slack refused SLACK_BOT_TOKEN ({error.response.get('error')}): set it to "
-                "the app's Bot User OAuth Token (xoxb-…, under Install App)"
+                "the app's Bot User OAuth Token (xoxb-…, under Install App)",
+                setting=_refusal_stands(error),
             ) from error
         except (aiohttp.ClientError, TimeoutError) as error:
             raise AdapterError(
@@ -220,7 +230,8 @@ class SlackAdapter(Adapter):
             await handler.close_async()
             raise AdapterError(
                 f"Slack refused Socket Mode ({error.response.get('error')}): check "
-                "SLACK_APP_TOKEN (xapp-…, with connections:write) and SLACK_API_URL"
+                "SLACK_APP_TOKEN (xapp-…, with connections:write) and SLACK_API_URL",
+                setting=_refusal_stands(error),
             ) from error
         logger.info("Slack: connected by Socket Mode")
         # The SDK reconnects by itself; it knows whether its socket is open now.
@@ -232,7 +243,8 @@ class SlackAdapter(Adapter):
         if routes is None:
             raise AdapterError(
                 "SLACK_SIGNING_SECRET: Slack's HTTP events are served on HTTP_PORT, which is 0; "
-                "set HTTP_PORT to the port Slack's request URL reaches"
+                "set HTTP_PORT to the port Slack's request URL reaches",
+                setting=True,
             )
         routes.mount(EVENTS_PATH, self.on_http_request)
         self._connected = _serving

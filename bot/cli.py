@@ -174,10 +174,13 @@ def _is_operator_error(error: Exception) -> bool:
 
 
 def _is_setting(error: Exception) -> bool:
-    """A model setting that a restart cannot fix: exit status 2, as for any bad setting
-    (systemd's RestartPreventExitStatus)."""
+    """A model setting, or a platform's refusal, that a restart cannot fix: exit status 2,
+    as for any bad setting (systemd's RestartPreventExitStatus)."""
+    from adapters.base import AdapterError
     from bot.loading import ModelError
 
+    if isinstance(error, AdapterError):
+        return error.setting
     return isinstance(error, ModelError) and not error.may_pass
 
 

@@ -583,3 +583,26 @@ def test_a_stop_while_the_model_downloads_does_not_wait_for_the_download(
                 os.kill(server, signal.SIGKILL)
     assert process.returncode == 143
     assert server is not None and not orphaned
+
+
+async def test_a_platform_token_refused_at_start_is_a_setting(tmp_path: Path, redis_url: str):
+    """Slack refused SLACK_BOT_TOKEN once the answers' side was up (a model's load, here a
+    server's): exit 1, so a supervisor started it again, a whole start each time, for a
+    refusal that no restart fixes. Now 2, as for a bad setting."""
+    from fake_openai import FakeOpenAI
+    from fake_slack import FakeSlack
+
+    async with FakeSlack() as slack, FakeOpenAI() as server:
+        env = cli_env(
+            SLACK_BOT_TOKEN="xoxb-revoked", SLACK_APP_TOKEN=slack.app_token,
+            SLACK_API_URL=slack.api_url, INFERENCE_URL=server.url, REDIS_URL=redis_url,
+            DATA_DIR=str(tmp_path / "data"),
+        )  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2, err.decode()
+    [line] = [line for line in err.decode().splitlines() if line.startswith("threadbot:")]
+    assert "Slack refused SLACK_BOT_TOKEN (invalid_auth)" in line

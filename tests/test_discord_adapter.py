@@ -804,6 +804,7 @@ async def test_a_refused_message_content_intent_is_explained(make_service):
         with pytest.raises(AdapterError) as refused:
             await asyncio.wait_for(adapter.run(), timeout=30)
     assert str(refused.value) == INTENTS_HELP
+    assert refused.value.setting  # `threadbot run` exits 2: no restart enables the intent
 
 
 async def test_discord_out_of_reach_at_start_is_one_line(make_service):

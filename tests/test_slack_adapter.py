@@ -736,6 +736,7 @@ async def test_a_refused_bot_token_stops_the_start_naming_it(slack, make_service
     [line] = str(refused.value).splitlines()
     assert "SLACK_BOT_TOKEN" in line and "invalid_auth" in line
     assert "xoxb-revoked" not in line
+    assert refused.value.setting  # `threadbot run` exits 2: no restart fixes the token
     assert [call.method for call in slack.calls] == ["auth.test"]  # nothing served
 
 
