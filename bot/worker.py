@@ -162,6 +162,7 @@ class _Taken:
     written: int = 0  # characters of its answer written to its stream
     cancelled: bool = False  # its gateway no longer wants it
     lost: bool = False  # another worker claimed it (this one stalled): that one answers
+    handed_back: bool = False  # made claimable by any worker: kept here no more
 
     @property
     def entry(self) -> Entry:
@@ -196,6 +197,10 @@ class Worker:
         # One take of jobs (read, claim) at a time, from counting the rows free to the
         # jobs running: the reader and the sweep, taking at once, would each take them all.
         self._taking = asyncio.Lock()
+        # A keep of the running jobs and a hand-back, one at a time: a keep that read a job
+        # as running and reached Redis after its hand-back reset its idle time to 0, and the
+        # job stayed this worker's (which then took it back as never read).
+        self._keeping_or_handing_back = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
@@ -547,13 +552,16 @@ class Worker:
         worker claims it (and the delivery count counts this try; as passed on, not
         failed, unless it `failed`); unless another worker took it meanwhile."""
         args = [GROUP, self.name, taken.entry_id, self.claim_idle_ms]
+        taken.handed_back = True
         try:
-            if failed:
-                await self._hand_back_if_mine(keys=[taken.stream], args=args)
-            else:
-                passed_on = keys.job_passed_on(taken.job.id)
-                kept = self._kept_s(taken.job)
-                await self._pass_on_if_mine(keys=[taken.stream, passed_on], args=[*args, kept])
+            async with self._keeping_or_handing_back:
+                if failed:
+                    await self._hand_back_if_mine(keys=[taken.stream], args=args)
+                else:
+                    passed_on = keys.job_passed_on(taken.job.id)
+                    kept = self._kept_s(taken.job)
+                    args = [*args, kept]
+                    await self._pass_on_if_mine(keys=[taken.stream, passed_on], args=args)
         except RedisError as error:  # it is claimed once idle long enough anyway
             logger.warning("could not hand back job %s: %s", taken.job.id, error)
 
@@ -621,13 +629,14 @@ class Worker:
         """Reset the idle time of the jobs running here, and stop those cancelled, answered
         already (by a try this one's stall made another worker run), or claimed by
         another worker."""
-        running = list(self._running.values())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for taken in running:
-                args = [GROUP, self.name, taken.entry_id]
-                await self._keep_if_mine(keys=[taken.stream], args=args, client=pipe)
-                pipe.exists(keys.job_cancel(taken.job.id), keys.job_answered(taken.job.id))
-            replies = await pipe.execute(raise_on_error=False)
+        async with self._keeping_or_handing_back:
+            running = [taken for taken in self._running.values() if not taken.handed_back]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for taken in running:
+                    args = [GROUP, self.name, taken.entry_id]
+                    await self._keep_if_mine(keys=[taken.stream], args=args, client=pipe)
+                    pipe.exists(keys.job_cancel(taken.job.id), keys.job_answered(taken.job.id))
+                replies = await pipe.execute(raise_on_error=False)
         for taken, kept, cancelled in zip(running, replies[::2], replies[1::2], strict=True):
             taken.lost = taken.lost or kept == 0  # (an error reply keeps the job)
             over = isinstance(cancelled, int) and cancelled > 0  # (an error reply: not)
