@@ -947,7 +947,7 @@ async def test_a_job_in_a_live_workers_stream_is_left_to_it_for_a_while(
     core): another worker with rows free leaves it there, with its conversation's cache,
     for TAKE_FROM_OTHERS_AFTER_S, where it took it at once; after that, it takes that
     worker for full, and answers the job."""
-    monkeypatch.setattr(bot.worker, "TAKE_FROM_OTHERS_AFTER_S", 1.5)
+    monkeypatch.setattr(bot.worker, "TAKE_FROM_OTHERS_AFTER_S", 3.0)  # 2 s past the look below
     busy = keys.worker_jobs("busy")
     await streams.sadd(keys.WORKERS, "busy")
     await streams.set(keys.worker("busy"), "4", px=60_000)  # alive, as the roll call reads it
