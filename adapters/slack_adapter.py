@@ -476,7 +476,7 @@ class SlackAdapter(Adapter):
                 niceties.append(set_title(self.app.client, **pane, question=words))
             await _by(deadline, *niceties)
         # Slack's own stop of a native stream ends the answer, as a Stop button does.
-        stop = partial(self.service.stop_answer, f"{key.platform}:{message_id}", by=turn.author)
+        stop = partial(self.service.stop_answer, turn.id, by=turn.author)
         await in_turn()  # within the ack's time: those ahead are accepted within theirs
         taken = await answer(self.service, turn, self._sink(thread, stop))
         # Not taken (a re-delivery, say): no post of its own clears the status; but while

@@ -203,7 +203,7 @@ class ChatService:
         mention as `app_mention` and as `message`; a retry) is a re-delivery at once: it
         would count the first against the sender's limits, and its refusal would mark the
         message seen before the first was recorded, which then went unanswered."""
-        turn_id = f"{turn.conversation.platform}:{turn.message_id}"
+        turn_id = turn.id
         if turn_id in self._accepting:
             return _skipped(turn)
         self._accepting.add(turn_id)
@@ -224,7 +224,7 @@ class ChatService:
     async def being_answered(self, turn: Turn) -> bool:
         """Whether the turn's message is being taken or answered, here or elsewhere (as
         far as storage says: unreachable, no)."""
-        turn_id = f"{turn.conversation.platform}:{turn.message_id}"
+        turn_id = turn.id
         if turn_id in self._accepting:
             return True
         try:
@@ -372,7 +372,7 @@ class ChatService:
                 self.metrics.count_turn(platform, outcome)
                 await sink.finish(reply)
                 return None
-            return self._spawn(f"{platform}:{turn.message_id}", self._command(turn, sink))
+            return self._spawn(turn.id, self._command(turn, sink))
 
         context = tuple(
             ChatMessage(message, content=sanitized(message["content"])) for message in turn.context

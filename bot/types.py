@@ -65,6 +65,11 @@ class Turn:
     channel_name: str = ""  # for the persona's {channel_name}
     bot_name: str = ""  # the bot's name on this platform, for the persona's {bot_name}
 
+    @property
+    def id(self) -> str:
+        """One per message, however often the platform delivers it."""
+        return f"{self.conversation.platform}:{self.message_id}"
+
 
 class NowhereToAnswer(Exception):
     """Raised by a sink whose turn's place is gone for good (its question was deleted):

@@ -56,7 +56,7 @@ class PendingTurn:
 
     @property
     def id(self) -> str:
-        return f"{self.turn.conversation.platform}:{self.turn.message_id}"
+        return self.turn.id
 
     @property
     def conversation(self) -> str:
