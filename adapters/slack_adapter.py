@@ -96,6 +96,7 @@ STATUS_INTERVAL = 90.0
 PEOPLE_CACHE_SIZE = 1000  # names remembered, each of people and channels
 EVENTS_PATH = "/slack/events"
 GROUP_DM = "mpim"  # the channel_type of a group DM: answered as a channel is, in threads
+DM_NAME, GROUP_DM_NAME = "a direct message", "a group direct message"  # as {channel_name}
 ASSISTANT_THREAD_ROOT = "assistant_app_thread"  # the subtype of an assistant thread's first message
 USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
 CHANNEL_LINK = re.compile(r"<#([A-Z0-9]+)(?:\|([^>]*))?>")  # the label may be empty
@@ -672,23 +673,26 @@ class SlackAdapter(Adapter):
     async def _channel_name(self, event: dict[str, Any], deadline: float | None = None) -> str:
         """How the channel is named (#general); its id if conversations.info has not
         answered by `deadline` (asked again next time)."""
-        if event.get("channel_type") == "im":
-            return "a direct message"
-        if event.get("channel_type") == GROUP_DM:  # conversations.info would need mpim:read
-            return "a group direct message"
         channel = event["channel"]
+        if event.get("channel_type") == "im":
+            return DM_NAME
+        if event.get("channel_type") == GROUP_DM:  # an app_mention from it will carry none
+            return _remember(self.channel_names, channel, GROUP_DM_NAME)
         if (name := self.channel_names.get(channel)) is not None:
             return name
         try:
             async with asyncio.timeout_at(deadline):
-                info = await self.app.client.conversations_info(channel=channel)
+                info = (await self.app.client.conversations_info(channel=channel))["channel"]
         except TimeoutError:
             logger.info("conversations.info: no name in time for %s", channel)
             return channel
-        except Exception:  # e.g. an app installed before it asked for channels:read
+        except Exception as error:  # e.g. an app installed before it asked for channels:read
+            if _needs_mpim_read(error):  # a group DM, in an install from before mpim:read
+                return _remember(self.channel_names, channel, GROUP_DM_NAME)
             logger.warning("conversations.info failed for %s", channel, exc_info=True)
             return _remember(self.channel_names, channel, channel)  # not asked at every message
-        return _remember(self.channel_names, channel, f"#{info['channel']['name']}")
+        name = GROUP_DM_NAME if info.get("is_mpim") else f"#{info['name']}"
+        return _remember(self.channel_names, channel, name)
 
     async def _stranger(
         self,
@@ -740,6 +744,15 @@ class SlackAdapter(Adapter):
 
 
 Cached = TypeVar("Cached")
+
+
+def _needs_mpim_read(error: Exception) -> bool:
+    """Whether Slack refused to describe a channel for want of mpim:read: a group DM."""
+    if not isinstance(error, SlackApiError):
+        return False
+    return error.response.get("error") == "missing_scope" and "mpim:read" in str(
+        error.response.get("needed", "")
+    )
 
 
 def _remember(cache: dict[str, Cached], key: str, value: Cached) -> Cached:

@@ -35,7 +35,7 @@ DEFAULT_USERS = {"U0ALICE": "alice", "U0BOB": "bob", "U0BOT": "threadbot"}
 SCOPES = (
     "app_mentions:read", "assistant:write", "channels:history", "channels:read", "chat:write",
     "commands", "files:read", "groups:history", "groups:read", "im:history", "mpim:history",
-    "users:read",
+    "mpim:read", "users:read",
 )  # fmt: skip
 # What conversations.info needs, by the channel id's first letter, as Slack's scope docs say.
 INFO_SCOPES = {"C": "channels:read", "G": "groups:read", "D": "im:read"}
@@ -88,6 +88,7 @@ class FakeSlack:
         # app installed in a Grid workspace. A team not here is an organisation of its own.
         self.enterprises: dict[str, str] = {}
         self.channel_names: dict[str, str] = {}  # by channel id; unnamed: the id, lowered
+        self.group_dms: set[str] = set()  # channel ids of group DMs (mpim): told by their events
         self.calls: list[ApiCall] = []
         self.channels: dict[str, list[JSON]] = {}  # channel -> messages, oldest first
         self.envelopes: list[JSON] = []  # Socket Mode envelopes sent
@@ -497,12 +498,17 @@ class FakeSlack:
 
     async def _conversations_info(self, params: JSON) -> JSON:
         channel = params.get("channel", "")
-        needed = INFO_SCOPES.get(channel[:1], "channels:read")
+        group_dm = channel in self.group_dms  # its id starts with G, as a private channel's
+        needed = "mpim:read" if group_dm else INFO_SCOPES.get(channel[:1], "channels:read")
         if needed not in self.scopes:
             provided = ",".join(self.scopes)
             return {"ok": False, "error": "missing_scope", "needed": needed, "provided": provided}
-        name = self.channel_names.get(channel, channel.lower())
-        return {"ok": True, "channel": {"id": channel, "name": name, "is_im": channel[0] == "D"}}
+        name = f"mpdm-{channel.lower()}-1" if group_dm else channel.lower()
+        info = {"is_im": channel[0] == "D", "is_mpim": group_dm}
+        return {
+            "ok": True,
+            "channel": {"id": channel, "name": self.channel_names.get(channel, name), **info},
+        }
 
     # --- files ----------------------------------------------------------------------------
 
@@ -759,6 +765,8 @@ class FakeSlack:
         if thread_ts:
             parent = self.message(channel, thread_ts)
             event.update(thread_ts=thread_ts, parent_user_id=parent and parent.get("user"))
+        if fields.get("channel_type") == "mpim":
+            self.group_dms.add(channel)
         stored = {k: v for k, v in event.items() if k != "channel_type"}
         self._record(channel, {**stored, "type": "message"})
         return {**event, "channel": channel, "event_ts": ts}
@@ -830,6 +838,8 @@ class FakeSlack:
         """What Slack sends for one mention: ``app_mention`` and ``message``, same ts; with
         files, the message is a ``file_share``."""
         mention = self.app_mention(channel, text, user=user, thread_ts=thread_ts, files=files)
+        if channel_type == "mpim":
+            self.group_dms.add(channel)
         message = {**mention, "type": "message", "channel_type": channel_type}
         return mention, message | ({"subtype": "file_share"} if files else {})
 

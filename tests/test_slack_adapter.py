@@ -500,6 +500,25 @@ async def test_a_personas_channel_name_is_asked_once_and_needs_its_scope(
     assert len(slack.calls_to("conversations.info")) == 1
 
 
+@pytest.mark.parametrize("granted", [True, False])
+async def test_a_group_dms_channel_name_says_so_whichever_event_comes_first(
+    slack, socket_mode, granted
+):
+    """In a group DM the app_mention, which carries no channel_type, may come before its
+    message.mpim twin: conversations.info says it is one (with mpim:read, or by refusing
+    for want of it) where its id, like a private channel's, does not."""
+    if not granted:
+        slack.scopes.remove("mpim:read")
+    async with socket_mode(system_prompt="You are in {channel_name}.") as (_service, batcher):
+        mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
+        await slack.send_event(mention)
+        await final_reply(slack, "G0GROUP", mention["ts"])
+        await slack.send_event(message)
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+    assert [p[0]["content"] for p in batcher.prompts] == ["You are in a group direct message."]
+    assert len(slack.calls_to("conversations.info")) == 1
+
+
 async def test_names_are_remembered_up_to_a_bound(slack, socket_mode, monkeypatch):
     """Channel names (and people, the same way) are kept oldest first, at most
     PEOPLE_CACHE_SIZE: past it the oldest is forgotten, and asked for again."""
