@@ -30,6 +30,9 @@ kind of machine (another session), Qwen2.5-0.5B's 24 layers of those five produc
 stream 1.04-1.19x as fast (three rounds, alternating) and 8 at once 0.93-1.04x; in
 float32, 1.01, 0.97 and 0.94x the time, and 0.95-0.97x a lone stream's speed, so float32
 layers are packed one by one.
+
+Once packed, a model's products are timed at a few row counts, and a row or two may be
+computed as more where oneDNN's kernels are faster so (`bot.row_padding`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ import logging
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bot.device import return_freed_memory
 from bot.quantize import linear_layers
+from bot.row_padding import pad_small_products
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +57,11 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.dtype, self.weight_bytes = weight.dtype, weight.numel() * weight.element_size()
         # Not in the state dict: an opaque tensor has no storage to save or copy.
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight), False)
         self.register_buffer("bias", bias)
+        self.computed_rows: dict[int, int] = {}  # see `bot.row_padding`
 
     @classmethod
     def of(cls, linear: nn.Linear) -> PackedLinear:
@@ -62,6 +69,15 @@ class PackedLinear(nn.Module):
         return cls(linear.weight.detach(), bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        computed = self.computed_rows.get(rows, rows)
+        if computed == rows:
+            return self.compute(x)
+        padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, computed - rows))
+        return self.compute(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def compute(self, x: Tensor) -> Tensor:
+        """oneDNN's product, at `x`'s own rows."""
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -137,6 +153,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     shared = _share_siblings(model) if next(model.parameters()).dtype == torch.bfloat16 else 0
     packed = _pack_each(model)  # the plain weights' last references end with these
     return_freed_memory()
+    pad_small_products([m for m in model.modules() if isinstance(m, PackedLinear)])
     logger.info("Packed %d linear layers' weights for oneDNN (%d sharing a product)",
                 packed + shared, shared)  # fmt: skip
     return packed + shared
