@@ -30,6 +30,7 @@ class Report:
     fairness: dict = field(default_factory=dict)
     roofline: dict = field(default_factory=dict)
     packed_layers: int = 0  # linear layers packed for oneDNN after the seed's run
+    padded_rows: dict = field(default_factory=dict)  # as packing chose (`bot.row_padding`)
 
 
 def table(report: Report) -> str:

@@ -59,7 +59,7 @@ from bot import loading
 from bot.config import BUNDLED, Settings
 from bot.device import on_own_thread, pick_dtype, use_all_cores
 from bot.engine import Engine
-from bot.packing import pack_linear_weights
+from bot.packing import PackedLinear, pack_linear_weights
 from bot.quantize import weight_bytes
 
 if TYPE_CHECKING:
@@ -194,6 +194,12 @@ def pack(engine: Engine) -> int:
     if not packed:
         say("weights: not packable here (device or dtype); left as they are")
     return packed
+
+
+def padded_rows(model: torch.nn.Module) -> dict[int, int]:
+    """The row counts that packing chose to compute at more rows, on this machine."""
+    products = (module for module in model.modules() if isinstance(module, PackedLinear))
+    return next((product.computed_rows for product in products), {})
 
 
 def sweep(
@@ -358,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = seed_sweep(engine, requests)
     peer_run = on_own_thread(peer, engine, plan, requests, args.peer_dir) if args.peer else None
     report.packed_layers = on_own_thread(pack, engine)
+    report.padded_rows = padded_rows(engine.model)
     warm_up(engine, plan)  # the packed weights' first calls
     report.sweep = sweep(engine, plan, requests, seed)
     if peer_run:

@@ -77,6 +77,8 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     assert len(turns) == plan.turns and turns[1] > turns[0]
     assert len(report["fairness"]["others_first_token"]) == plan.others
     assert report["roofline"]["ours_fraction"] > 0
+    # Rows computed at more rows, where measured faster (`bot.row_padding`): up to 4.
+    assert all(int(rows) < more <= 4 for rows, more in report["padded_rows"].items())
     assert (out / "bench.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert out.startswith("Machine: ")
