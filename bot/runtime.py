@@ -133,6 +133,7 @@ async def open_service(
         )
         reloads = TeamReloads(redis=redis)
         reloads_seen = await _started_on(journal, reloads)
+        team.catch_up()  # read before Redis answered: a reload run meanwhile counts as seen
         answering = (
             open_gateway(settings, redis, metrics, name=owner)
             if role == "gateway"

@@ -37,10 +37,7 @@ class Team:
         if self._file is not None and config_file() is None:
             raise ConfigError(f"{self._file} is gone: the rules read from it stay in effect")
         new, self._file = self._load(), config_file()
-        changed = sorted(
-            name for name in Settings.model_fields
-            if getattr(new, name) != getattr(self.settings, name)
-        )  # fmt: skip
+        changed = self._changed(new)
         later = [name.upper() for name in changed if name not in LIVE]
         self.settings = self.settings.model_copy(
             update={name: getattr(new, name) for name in changed if name in LIVE}
@@ -50,3 +47,17 @@ class Team:
             summary += f" ({', '.join(later)} only after a restart)"
         logger.info("%s", summary)
         return summary
+
+    def catch_up(self) -> None:
+        """Reload where the settings changed since they were read, quietly where they did
+        not: a `reload` command run elsewhere before this process first read the count of
+        them (`bot.runtime`) is counted as seen, and would be missed."""
+        try:
+            if self._changed(self._load()):
+                self.reload()
+        except ConfigError as error:
+            logger.error("configuration not reloaded; the rules read at start stay: %s", error)
+
+    def _changed(self, new: Settings) -> list[str]:
+        fields = Settings.model_fields
+        return sorted(name for name in fields if getattr(new, name) != getattr(self.settings, name))

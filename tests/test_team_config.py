@@ -3,6 +3,7 @@ the key and its line; reloads that keep the old rules when the new file is wrong
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,26 @@ def test_reload_swaps_the_rules_and_an_invalid_file_keeps_them(tmp_path: Path) -
     summary = team.reload()
     assert "QUEUE_MAX only after a restart" in summary
     assert team.settings.queue_max == 32  # what the process runs with
+
+
+def test_catching_up_reloads_only_what_changed_since_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a process's start reads the count of `reload` commands, once it is connected:
+    one run before then was counted as seen, so the file it was run for is read again
+    here; nothing is said where nothing changed, and an invalid file keeps the rules."""
+    config = write(tmp_path / "threadbot.yml", "access:\n  admins: [U1]\n")
+    team = Team(load_settings())
+    with caplog.at_level(logging.INFO, logger="bot.team"):
+        team.catch_up()
+    assert not caplog.records and team.is_admin("U1")
+    write(config, "access:\n  admins: [U2]\n")
+    team.catch_up()
+    assert team.is_admin("U2") and not team.is_admin("U1")
+    write(config, "access:\n  admins: [U3]\n  rate_limit_per_minute: -1\n")
+    team.catch_up()
+    assert team.is_admin("U2")
+    assert "the rules read at start stay" in caplog.records[-1].getMessage()
 
 
 @pytest.mark.parametrize("written", ["before the start", "after it, then reloaded"])
