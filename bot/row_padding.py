@@ -42,17 +42,18 @@ the cache, where the kernels' speeds are another matter)."""
 
 
 def pad_small_products(products: Sequence[PackedLinear]) -> dict[int, int]:
-    """Measure `products` (a model's, in its layers' order) at 1 to `MOST_ROWS` rows, and
-    have each compute the row counts that `fastest_rows` picks; that choice, by row count."""
+    """Measure the first of `products` (a model's, in its layers' order) that add up to
+    `MEASURED_BYTES` at 1 to `MOST_ROWS` rows, and have every one compute the row counts
+    that `fastest_rows` picks at those; that choice, by row count."""
     measured = _first_streamed(products)
     if measured is None:
         return {}
     rows_for = fastest_rows(_pass_times(measured))
     for product in products:
         product.computed_rows = rows_for
-    for rows, computed in rows_for.items():
-        logger.info("Products of %d row(s) are computed at %d rows: faster on this CPU",
-                    rows, computed)  # fmt: skip
+    if rows_for:
+        chosen = ", ".join(f"{rows} as {computed}" for rows, computed in rows_for.items())
+        logger.info("Products of a few rows computed as more, faster on this CPU: %s", chosen)
     return rows_for
 
 
@@ -87,8 +88,9 @@ def _pass_times(products: list[PackedLinear]) -> dict[int, float]:
         for rows in counts
     }
     times: dict[int, list[float]] = {rows: [] for rows in counts}
+    order = random.Random(0)  # the process's own random numbers are left as they were
     for _ in range(ROUNDS):
-        random.shuffle(counts)
+        order.shuffle(counts)
         for rows in counts:
             start = time.perf_counter()
             for product in products:
