@@ -756,8 +756,8 @@ def _needs_mpim_read(error: Exception) -> bool:
 
 
 def _remember(cache: dict[str, Cached], key: str, value: Cached) -> Cached:
-    """`value`, kept in `cache` under `key`; the oldest entry forgotten once it is full."""
-    if len(cache) >= PEOPLE_CACHE_SIZE:
+    """`value`, kept in `cache` under `key`; the oldest entry forgotten to make room."""
+    if key not in cache and len(cache) >= PEOPLE_CACHE_SIZE:
         del cache[next(iter(cache))]
     cache[key] = value
     return value

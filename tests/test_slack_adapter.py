@@ -533,6 +533,29 @@ async def test_names_are_remembered_up_to_a_bound(slack, socket_mode, monkeypatc
     assert [p[0]["content"] for p in batcher.prompts][-1] == "You are in #c0001."
 
 
+async def test_a_group_dm_named_again_forgets_no_other_name(slack, socket_mode, monkeypatch):
+    """Each of a group DM's messages names it: a name already kept is not a new one, and
+    no other is forgotten to make room for it."""
+    monkeypatch.setattr(slack_adapter, "PEOPLE_CACHE_SIZE", 2)
+    async with socket_mode(system_prompt="You are in {channel_name}.") as (_service, batcher):
+        mention = slack.app_mention("C0001", "hello")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+        _mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
+        await slack.send_event(message)
+        await final_reply(slack, "G0GROUP", message["ts"])
+        follow_up = slack.user_message(
+            "G0GROUP", "and you?", thread_ts=message["ts"], channel_type="mpim", user="U0BOB"
+        )
+        await slack.send_event(follow_up)
+        await final_reply(slack, "G0GROUP", message["ts"], after=1)
+        mention = slack.app_mention("C0001", "again")
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", mention["ts"])
+    assert len(slack.calls_to("conversations.info")) == 1
+    assert [p[0]["content"] for p in batcher.prompts][-1] == "You are in #c0001."
+
+
 async def test_slack_markup_reaches_the_model_as_plain_text_that_keeps_its_meaning(
     slack, socket_mode
 ):
