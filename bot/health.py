@@ -41,6 +41,7 @@ class Vitals:
         self._draining: Callable[[], bool] = lambda: False  # a stop has begun
         self._adapters: dict[str, Adapter] = {}
         metrics.loading.set(1)
+        metrics.pending_turns.set(math.nan)  # unknown until counted: a 0 would say none wait
         for platform in self.platforms:
             metrics.expect_platform(platform)
 

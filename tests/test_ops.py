@@ -171,6 +171,7 @@ async def test_alive_but_not_ready_while_the_model_loads():
         samples = await up.samples()
     # Starting; the configured platforms' series exist from the start, at 0.
     assert samples["threadbot_loading", frozenset()] == 1
+    assert math.isnan(samples["threadbot_pending_turns", frozenset()])  # not counted yet
     for platform in ("slack", "discord"):
         assert samples["threadbot_platform_connected", frozenset({("platform", platform)})] == 0
         for outcome in OUTCOMES:
