@@ -1,6 +1,7 @@
 """The image's HEALTHCHECK: exit 0 while threadbot's `/healthz` answers 200, else 1.
 
-Standard library only, so that it runs with any Python; it prints one line, which
+It runs with any Python (the standard library only), and reads the port from threadbot's
+own settings where this Python has them, as the image's does; it prints one line, which
 `docker inspect` shows. Liveness only: whether threadbot can serve is `/readyz`'s question.
 """
 
@@ -15,8 +16,21 @@ DEFAULT_PORT = "8080"  # HTTP_PORT's default (bot/config.py)
 TIMEOUT_S = 4.0  # under the HEALTHCHECK's --timeout, so a hang still prints its line
 
 
+def http_port() -> str:
+    """The port threadbot serves on, read as threadbot reads it (a port set in the team's
+    file or in `.env` counts too); where this Python lacks threadbot, HTTP_PORT."""
+    try:
+        from bot.config import load_settings
+    except ImportError:
+        return os.environ.get("HTTP_PORT") or DEFAULT_PORT
+    try:
+        return str(load_settings().http_port)
+    except Exception:  # settings threadbot refuses too: it stopped at its start
+        return os.environ.get("HTTP_PORT") or DEFAULT_PORT
+
+
 def main() -> int:
-    port = os.environ.get("HTTP_PORT") or DEFAULT_PORT
+    port = http_port()
     if port == "0":
         print("HTTP_PORT=0: the health endpoint is off; nothing to check")
         return 0

@@ -534,10 +534,15 @@ def test_dockerfile_passes_hadolint():
 # --- The health check script --------------------------------------------------------------
 
 
-async def run_healthcheck(port: int | str, **env: str) -> subprocess.CompletedProcess[str]:
+async def run_healthcheck(
+    port: int | str | None, *, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """The script run as the image runs it; `port` None: no HTTP_PORT in its environment."""
+    env = {"PATH": os.environ.get("PATH", ""), **env}
+    if port is not None:
+        env["HTTP_PORT"] = str(port)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(DEPLOY / "healthcheck.py"),
-        env={"PATH": os.environ.get("PATH", ""), "HTTP_PORT": str(port), **env},
+        sys.executable, str(DEPLOY / "healthcheck.py"), env=env, cwd=cwd,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
@@ -574,6 +579,17 @@ async def test_healthcheck_fails_on_an_error_status_and_on_no_answer():
     assert refused.returncode == 1 and "503" in refused.stdout
     nobody = await run_healthcheck(free_port())
     assert nobody.returncode == 1 and "healthz" in nobody.stdout
+
+
+async def test_healthcheck_probes_the_port_set_in_the_teams_file(tmp_path):
+    """As threadbot reads its settings: a port set in the team's file, not in the
+    environment, is the one served (where this Python has threadbot, as the image's)."""
+    async with healthz_server(200) as port:
+        team_file = tmp_path / "threadbot.yml"
+        team_file.write_text(f"http_port: {port}\n")
+        result = await run_healthcheck(None, cwd=tmp_path, THREADBOT_CONFIG=str(team_file))
+    assert result.returncode == 0, result.stdout
+    assert f"127.0.0.1:{port}/healthz: 200" in result.stdout
 
 
 async def test_healthcheck_passes_when_the_http_server_is_off():
