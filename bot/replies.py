@@ -151,10 +151,12 @@ def admins_only(command: str) -> str:
     return f"Only admins can use `{command}`."
 
 
-def use_in_thread(command: str) -> str:
+def nothing_stored(command: str) -> str:
+    """For a `reset` or `forget` where nothing is stored: a DM or chat with no messages
+    yet, or a channel's top level, whose threads are each a conversation of their own."""
     return (
-        f"There is no conversation with me here to {command}: each thread is its own, so "
-        f"type `{command}` in the thread you mean."
+        f"Nothing to {command}: no conversation with me is stored here. In a channel, each "
+        f"thread is its own: type `{command}` in the thread you mean."
     )
 
 

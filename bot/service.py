@@ -911,8 +911,8 @@ class ChatService:
         conversation = str(turn.conversation)
         forget = turn.command == "forget"
         async with self.locks.hold(conversation):
-            if not await self.store.exists(conversation):  # typed at a channel's top level
-                return replies.use_in_thread(str(turn.command))
+            if not await self.store.exists(conversation):  # nothing yet, or a channel's top level
+                return replies.nothing_stored(str(turn.command))
             starter = await self.store.starter(conversation)
             if not admin and starter not in (None, turn.author):
                 return replies.not_starter(str(turn.command))

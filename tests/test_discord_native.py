@@ -301,7 +301,7 @@ async def test_reset_or_forget_mentioned_in_a_channel_opens_no_thread_and_clears
         typed = await mention(fake, order)
         [reply] = await fake.wait_for(lambda: bot_messages(fake, fake.channel_id))
         history = await bot.history(key, until=answered_once)
-    assert reply["content"] == replies.use_in_thread(order)
+    assert reply["content"] == replies.nothing_stored(order)
     assert reply["message_reference"]["message_id"] == typed["id"]
     assert typed["id"] not in fake.channels  # no thread opened from it
     assert [message["content"] for message in history] == ["remember the number 7", "Noted."]

@@ -453,16 +453,17 @@ async def test_reset_forgets_the_conversation(make_service, store, conversation)
 
 
 @pytest.mark.parametrize("order", ["reset", "forget"])
-async def test_reset_of_a_conversation_never_had_says_where_to_type_it(
+async def test_reset_of_a_conversation_never_had_says_nothing_is_stored(
     make_service, conversation, order
 ):
-    """Typed at a channel's top level (a conversation of its own, new): nothing is cleared,
-    so saying it was would be untrue, and the bot does not take the place as one it knows."""
+    """In a chat or a DM with no messages yet, or typed at a channel's top level (a
+    conversation of its own, new): nothing is cleared, so saying it was would be untrue,
+    and the bot does not take the place as one it knows."""
     async with make_service() as (service, _batcher):
         sink = RecordingSink()
         await service.handle(replace(turn(conversation, order), command=order), sink)
         assert not await service.knows(conversation)
-    assert sink.events == [("finish", replies.use_in_thread(order))]
+    assert sink.events == [("finish", replies.nothing_stored(order))]
 
 
 async def test_thread_context_seeds_a_new_conversation_only(make_service, store, conversation):

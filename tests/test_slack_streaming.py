@@ -197,10 +197,10 @@ async def test_a_refused_first_post_that_ends_the_turn_is_posted_by_the_edit_pat
         mention = slack.app_mention("C0001", "reset")
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
-    assert reply["text"] == replies.use_in_thread("reset")
+    assert reply["text"] == replies.nothing_stored("reset")
     assert len(slack.calls_to("chat.startStream")) == 1
     [post] = slack.calls_to("chat.postMessage", ok_only=True)
-    assert post.params["text"] == replies.use_in_thread("reset")
+    assert post.params["text"] == replies.nothing_stored("reset")
 
 
 async def test_edit_mode_never_streams(slack, socket_mode):
