@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--conversation",
         default="default",
+        type=_conversation_name,
         metavar="NAME",
         help="stored conversation to continue (default: %(default)s)",
     )
@@ -113,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _conversation_name(name: str) -> str:
+    """A chat's name: not empty, and without a colon, which would make "a" the chat that
+    resumes "a:b"'s answers (a turn's id is the name, a colon and a random part)."""
+    if not name or ":" in name:
+        raise argparse.ArgumentTypeError(f"{name!r}: a name, without ':' (such as project-x)")
+    return name
 
 
 def _run(command: Any, settings: Settings, args: argparse.Namespace) -> int:

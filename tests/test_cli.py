@@ -122,6 +122,15 @@ def test_cli_import_does_not_load_the_model_libraries(tmp_path: Path) -> None:
     assert result.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.parametrize("name", ["a:b", ""])
+def test_a_chat_name_with_a_colon_or_none_is_refused(tmp_path: Path, name: str) -> None:
+    """A colon would make "a" the chat that resumes "a:b"'s answers: refused, as a
+    usage error, before anything starts."""
+    result = run_cli("chat", "--conversation", name, cwd=tmp_path, env=cli_env())
+    assert result.returncode == 2
+    assert "without ':'" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_run_without_credentials_explains_what_to_set(tmp_path: Path) -> None:
     """`threadbot run` with no platform configured exits 2 and names the tokens and `chat`."""
     result = run_cli("run", cwd=tmp_path, env=cli_env())
