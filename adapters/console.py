@@ -25,6 +25,15 @@ from bot.types import ConversationKey, Turn
 QUIT_COMMANDS = {"/quit", "/exit"}
 
 
+def _user_name() -> str:
+    """Who chats, as the history names them: the login name, or the user id where it has
+    none (a container run as an arbitrary user, `docker run --user 1234`)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (KeyError before 3.13)
+        return str(os.getuid())
+
+
 class ConsoleSink:
     """Writes one answer to the terminal as it streams."""
 
@@ -106,7 +115,7 @@ class ConsoleAdapter(Adapter):
         self.at_prompt = False  # `you>` is on screen, waiting for a line
         if interactive:  # input() then reads the line itself: no 4 KiB terminal line limit
             import readline  # noqa: F401
-        self.author = getpass.getuser()
+        self.author = _user_name()
         # The terminal is there from the start: answers an earlier chat left unfinished
         # may be resumed into it at once.
         service.serve_platform(

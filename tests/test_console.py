@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 
 import pytest
 
@@ -67,6 +68,24 @@ async def test_input_that_cannot_be_read_ends_the_chat_with_the_error(make_servi
         )  # fmt: skip
         with pytest.raises(UnicodeDecodeError):
             await asyncio.wait_for(console.run(), timeout=10)
+
+
+async def test_a_user_with_no_login_name_chats_under_their_user_id(make_service, monkeypatch):
+    """A container run as an arbitrary uid has no passwd entry for it: getuser() raises."""
+
+    def no_entry() -> str:
+        raise KeyError(f"getpwuid(): uid not found: {os.getuid()}")
+
+    monkeypatch.setattr("getpass.getuser", no_entry)
+    async with make_service() as (service, _batcher):
+        console = ConsoleAdapter(
+            service=service, conversation="nameless", input=io.StringIO("Hello\n"),
+            output=io.StringIO(), interactive=False,
+        )  # fmt: skip
+        await asyncio.wait_for(console.run(), timeout=30)
+        assert console.author == str(os.getuid())
+        history = await service.store.load(str(console.key))
+    assert history[0]["content"] == "Hello"
 
 
 async def test_piped_input_skips_blank_lines_and_ends_at_quit(make_service):
