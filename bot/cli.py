@@ -222,6 +222,9 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
     if sys.stdin is None:  # started with its standard input closed (`<&-`)
         print("threadbot chat: standard input is closed: nothing to read", file=sys.stderr)
         return 1
+    if sys.stdout is None:  # or its output (`>&-`)
+        print("threadbot chat: standard output is closed: nowhere to answer", file=sys.stderr)
+        return 1
     sys.stdin.reconfigure(errors="replace")  # a byte that is not UTF-8 is no reason to stop
     # A terminal that cannot show a character (a Latin-1 one, and the help's bullets) gets
     # a stand-in for it, not a reply lost.

@@ -490,17 +490,22 @@ def test_a_terminal_that_cannot_show_a_character_still_gets_the_reply(data_dir: 
     assert "? `stats`: turns, tokens" in result.stdout  # a bullet it cannot show: "?"
 
 
-def test_a_chat_with_its_standard_input_closed_says_so(tmp_path: Path) -> None:
-    """`threadbot chat <&-`: one line, where it was a traceback."""
+@pytest.mark.parametrize(
+    ("closed", "said"),
+    [(0, "standard input is closed: nothing to read"),
+     (1, "standard output is closed: nowhere to answer")],
+)  # fmt: skip
+def test_a_chat_with_its_standard_input_or_output_closed_says_so(
+    tmp_path: Path, closed: int, said: str
+) -> None:
+    """`threadbot chat <&-` or `>&-`: one line, where it was a traceback."""
     result = subprocess.run(
         [sys.executable, "-m", "bot", "chat"], cwd=tmp_path, env=cli_env(MODEL="bundled"),
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=FAST_TIMEOUT,
-        preexec_fn=lambda: os.close(0),
+        preexec_fn=lambda: os.close(closed),
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "threadbot chat: standard input is closed: nothing to read"
-    ]
+    assert result.stderr.strip().splitlines() == [f"threadbot chat: {said}"]
 
 
 @pytest.mark.slow
