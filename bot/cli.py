@@ -246,10 +246,11 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
             interactive=interactive,
         )
         try:
-            await service.resume()  # first, what an earlier chat left unanswered
+            await service.resume()  # first, what an earlier chat left unanswered,
         except Exception as error:  # storage out: the resume passes take them once it is back
             if not is_outage(error):
                 raise
+        await service.settled()  # shown whole before the prompt, not into it
         await adapter.run()
         # At the end of the input, answers still running (resumed ones) get the grace.
         await service.drain(settings.shutdown_grace_s)

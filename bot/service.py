@@ -313,6 +313,11 @@ class ChatService:
         """Whether a stop has begun: no new turn is taken."""
         return self._closing
 
+    async def settled(self) -> None:
+        """Until the turns running now are over: answered, failed or left for later."""
+        if running := set(self._running.values()):
+            await asyncio.wait(running)
+
     async def drain(self, grace: float) -> int:
         """Stop taking turns, give running answers `grace` seconds, then leave the rest
         pending for the next start (their threads say so). Returns how many were left."""

@@ -389,13 +389,7 @@ def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
         os.chdir(data_dir.parent)
         os.execve(sys.executable, [sys.executable, "-m", "bot", "chat"], env)
     try:
-        shown = b""
-        for _ in range(CHAT_TIMEOUT * 10):  # bounded: until the prompt, or the timeout
-            if select.select([terminal], [], [], 0.1)[0]:
-                shown += os.read(terminal, 65536)
-            if b"you> " in shown:
-                break
-        assert b"you> " in shown, shown[-2000:]
+        shown = read_until(terminal, b"you> ")
         if isinstance(leave, bytes):
             os.write(terminal, leave)
         else:
@@ -528,17 +522,16 @@ async def test_empty_line_gets_the_empty_reply_and_no_generation(data_dir: Path)
     assert await stored(data_dir, conversation) == []
 
 
-@pytest.mark.slow
-async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: Path) -> None:
-    """Injected: kill -9 of `threadbot chat` while it writes an answer (its embedded
-    redis-server lives on, holding DATA_DIR). Holds: the next chat of that conversation
-    stops the orphaned server, and answers the question in full, once."""
-    # At the end of its input, the next chat gives the resumed answer the shutdown grace:
-    # as long as the chat itself may take, however busy the machine.
-    settings = {"MAX_NEW_TOKENS": "100", "TURN_LEASE_S": "1", "SHUTDOWN_GRACE_S": str(CHAT_TIMEOUT)}
-    env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **settings)
+# At the end of its input, a chat gives a resumed answer the shutdown grace: as long as
+# the chat itself may take, however busy the machine.
+RESUMING = {"MAX_NEW_TOKENS": "100", "TURN_LEASE_S": "1", "SHUTDOWN_GRACE_S": str(CHAT_TIMEOUT)}
+
+
+async def killed_mid_answer(data_dir: Path, conversation: str) -> None:
+    """kill -9 of a chat while it writes an answer, and its lease left to run out."""
+    env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **RESUMING)
     killed = subprocess.Popen(
-        [sys.executable, "-m", "bot", "chat", "--conversation", "crash"],
+        [sys.executable, "-m", "bot", "chat", "--conversation", conversation],
         cwd=data_dir.parent, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -554,12 +547,67 @@ async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: P
         killed.wait()
     await asyncio.sleep(1.5)  # the lease runs out
 
-    result = chat(data_dir, "crash", "", **settings)
+
+def read_until(terminal: int, marker: bytes) -> bytes:
+    """What a pseudo-terminal shows until `marker` (bounded: CHAT_TIMEOUT)."""
+    shown = b""
+    for _ in range(CHAT_TIMEOUT * 10):
+        if select.select([terminal], [], [], 0.1)[0]:
+            shown += os.read(terminal, 65536)
+        if marker in shown:
+            return shown
+    raise AssertionError(f"no {marker!r} in {shown[-2000:]!r}")
+
+
+@pytest.mark.slow
+async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: Path) -> None:
+    """Injected: kill -9 of `threadbot chat` while it writes an answer (its embedded
+    redis-server lives on, holding DATA_DIR). Holds: the next chat of that conversation
+    stops the orphaned server, and answers the question in full, once."""
+    await killed_mid_answer(data_dir, "crash")
+    result = chat(data_dir, "crash", "", **RESUMING)
     assert "left behind by a threadbot that died" in result.stderr
     assert "resuming turn" in result.stderr
     messages = await stored(data_dir, console_id("crash"))
     assert [message["role"] for message in messages] == ["user", "assistant"]
     assert messages[1]["content"] in result.stdout  # printed in full in this chat
+
+
+@pytest.mark.slow
+async def test_an_answer_resumed_as_a_chat_starts_is_shown_before_its_prompt(
+    data_dir: Path,
+) -> None:
+    """In a terminal, the answer an earlier chat left unfinished comes first, then `you>`:
+    it was streamed after the prompt, on its line, and no prompt followed it."""
+    import pty
+
+    await killed_mid_answer(data_dir, "crash")
+    env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **RESUMING)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the chat, on the pseudo-terminal
+        os.chdir(data_dir.parent)
+        os.execve(
+            sys.executable, [sys.executable, "-m", "bot", "chat", "--conversation", "crash"], env
+        )
+    try:
+        shown = read_until(terminal, b"you> ")
+        os.write(terminal, b"\x04")  # Ctrl-D at the prompt
+        for _ in range(600):  # bounded: about 60 s, until it exits
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+            with contextlib.suppress(OSError):
+                if select.select([terminal], [], [], 0.1)[0]:
+                    os.read(terminal, 65536)
+        else:
+            raise AssertionError("the chat did not exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(terminal)
+    messages = await stored(data_dir, console_id("crash"))
+    assert [message["role"] for message in messages] == ["user", "assistant"]
+    before_the_prompt = shown.partition(b"you> ")[0].decode().replace("\r\n", "\n")
+    assert messages[1]["content"] in before_the_prompt
 
 
 @pytest.mark.parametrize("command", ["chat", "run"])
