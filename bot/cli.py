@@ -107,8 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s", line)
     if exported:
         logger.debug("passed on from .env to the Hugging Face libraries: %s", ", ".join(exported))
-    code = _run({"chat": chat, "run": run}[args.command], settings, args)
-    if still_loading():  # a stop during a model's download or load: it is not waited for
+    return _without_waiting_for_a_load(
+        _run({"chat": chat, "run": run}[args.command], settings, args)
+    )
+
+
+def _without_waiting_for_a_load(code: int) -> int:
+    """`code`; where a stop came during a model's download or load, the process exits with
+    it at once, not waiting for the load's thread (`bot.device.loaded`)."""
+    if still_loading():
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -203,9 +210,10 @@ def doctor() -> int:
 
     configure_logging("WARNING")  # stdout is the report; stderr only for what goes wrong
     try:
-        return asyncio.run(run_doctor(out=sys.stdout))
+        code = asyncio.run(run_doctor(out=sys.stdout))
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    return _without_waiting_for_a_load(code)
 
 
 async def chat(settings: Settings, args: argparse.Namespace) -> int:

@@ -610,6 +610,37 @@ async def test_an_answer_resumed_as_a_chat_starts_is_shown_before_its_prompt(
     assert messages[1]["content"] in before_the_prompt
 
 
+def stalled_hub_env(data_dir: Path, proxy: str) -> dict[str, str]:
+    """Settings whose model is fetched from the hub through `proxy` (`silent_proxy`)."""
+    env = cli_env(MODEL="someone/some-model", DATA_DIR=str(data_dir))
+    for name in ("HF_HUB_OFFLINE", *PROXY_NAMES):
+        env.pop(name, None)
+    return env | {"HTTPS_PROXY": proxy, "HTTP_PORT": "0"}
+
+
+def test_ctrl_c_while_doctor_fetches_the_model_ends_it_at_once(tmp_path: Path) -> None:
+    """Ctrl-C in the model check, whose download a stalled hub holds up: 130 at once, where
+    it waited for the download's thread, up to HUB_TIMEOUT_S (30 s) a request."""
+    with silent_proxy() as proxy:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot", "doctor"], cwd=tmp_path,
+            env=stalled_hub_env(tmp_path, proxy), text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:  # ends with the process, if it never gets that far
+                if "redis:" in line:  # the check before the model's
+                    break
+            time.sleep(3)  # the model check asks the hub
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=15)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+
+
 @pytest.mark.parametrize("command", ["chat", "run"])
 def test_a_stop_while_the_model_downloads_does_not_wait_for_the_download(
     tmp_path: Path, command: str
@@ -619,10 +650,7 @@ def test_a_stop_while_the_model_downloads_does_not_wait_for_the_download(
     where it waited for the download's thread, up to HUB_TIMEOUT_S (30 s) a request; and
     its embedded redis-server stops with it (`run` was killed outright, and left it)."""
     with silent_proxy() as proxy:
-        env = cli_env(MODEL="someone/some-model", DATA_DIR=str(tmp_path))
-        for name in ("HF_HUB_OFFLINE", *PROXY_NAMES):
-            env.pop(name, None)
-        env |= {"HTTPS_PROXY": proxy, "DISCORD_BOT_TOKEN": "not-used", "HTTP_PORT": "0"}
+        env = stalled_hub_env(tmp_path, proxy) | {"DISCORD_BOT_TOKEN": "not-used"}
         process = subprocess.Popen(
             [sys.executable, "-m", "bot", command], cwd=tmp_path, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.config import DEFAULT_MODEL, Settings
+from bot.device import loaded
 from bot.doctor.findings import Finding, error_text, fail, human_bytes, ok, skip, warn
 
 if TYPE_CHECKING:
@@ -27,12 +28,12 @@ async def check_model(settings: Settings) -> AsyncIterator[Finding]:
     from bot.loading import ModelError, bundled_source, resolve_source
 
     if settings.inference_url:
-        yield await asyncio.to_thread(_check_tokenizer, settings)
+        yield await loaded(_check_tokenizer, settings)
         async for finding in _check_server(settings):
             yield finding
         return
     try:
-        source = await asyncio.to_thread(resolve_source, settings)
+        source = await loaded(resolve_source, settings)
     except ModelError as error:
         yield fail(FOUND, str(error))
         yield skip(GENERATES, "no model to load")
@@ -47,7 +48,7 @@ async def check_model(settings: Settings) -> AsyncIterator[Finding]:
         )
     else:
         yield ok(FOUND, facts)
-    yield await asyncio.to_thread(_generate_one_token, settings, source)
+    yield await loaded(_generate_one_token, settings, source)
 
 
 async def _check_server(settings: Settings) -> AsyncIterator[Finding]:
