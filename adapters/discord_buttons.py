@@ -132,12 +132,16 @@ class DiscordReply(StreamingReply):
 
     async def finish(self, text: str) -> None:
         self.target.buttons = None
+        if not self.answering and self.asker is not None:  # a message refused
+            self.target.reply_in_place()
         await super().finish(text)
         if self.answering and self.asker is not None:
             await self._offer_regenerate(self.asker)
 
     async def fail(self, text: str) -> None:
         self.target.buttons = None
+        if not self.answering and self.asker is not None:  # before its answer began
+            self.target.reply_in_place()
         shown = not self.over
         if self.replacing:  # still shown (it failed before it started, or could not tidy then):
             # deleted, since the kept answer is put back whole; a message deleted by a try

@@ -231,6 +231,13 @@ class DiscordChannel:
         _threadless.discard(self.channel)  # allowed again: a later refusal is news
         self.thread_open = True
 
+    def reply_in_place(self) -> None:
+        """Where no thread is open yet, send to the channel as replies to the message: a
+        refusal before any answer (a limit, an empty or too long message) opens no thread
+        for one line, one per refused message."""
+        if self.thread_from is not None and not self.thread_open:
+            self.reply_to, self.thread_from = self.thread_from, None
+
     def _answer_inline(self, error: discord.HTTPException) -> None:
         """No thread may be opened in the channel (the bot lacks Create Public Threads
         there, or the channel has none, as a voice channel's chat): the answer goes inline,
@@ -249,7 +256,7 @@ class DiscordChannel:
                 "Discord refused to open a thread in channel %s (%s): %s; answering in the "
                 "channel instead", self.channel, error.text or error.status, why,
             )  # fmt: skip
-        self.reply_to, self.thread_from = self.thread_from, None
+        self.reply_in_place()
 
 
 class Membership(NamedTuple):

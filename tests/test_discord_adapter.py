@@ -320,6 +320,21 @@ async def test_a_rate_limited_thread_is_opened_later_not_given_up_for_the_channe
     assert not [r for r in caplog.records if r.name == "adapters.discord_channel"]
 
 
+async def test_a_refused_mention_is_answered_in_place_with_no_thread_of_its_own(fake, discord_bot):
+    """Past the rate limit, and a bare mention: each refusal is one reply to its message
+    in the channel, where each opened a public thread holding that one line."""
+    async with discord_bot(ScriptedBatcher("Noted."), access=Access(rate_limit_per_minute=1)):
+        answered = await mention(fake, "first question")
+        await final_reply(fake, answered["id"])
+        limited = await mention(fake, "second question")
+        bare = await mention(fake, "")
+        await fake.wait_for(lambda: len(bot_messages(fake, fake.channel_id)) == 2)
+    refusals = bot_messages(fake, fake.channel_id)
+    assert [r["message_reference"]["message_id"] for r in refusals] == [limited["id"], bare["id"]]
+    assert refusals[1]["content"] == replies.empty_message()
+    assert len(fake.requests_to("POST", r"/channels/\d+/messages/\d+/threads")) == 1
+
+
 @pytest.mark.parametrize("question", ["never mind", "help"], ids=["a question", "a command"])
 async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the_channel(
     fake, discord_bot, monkeypatch, caplog, question
