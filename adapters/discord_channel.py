@@ -31,6 +31,7 @@ THREAD_EXISTS = 160004  # Discord's error code: a thread was already opened from
 UNKNOWN_MESSAGE = 10008  # Discord's error code: no such message (it was deleted)
 UNKNOWN_CHANNEL = 10003  # Discord's error code: no such channel (a thread deleted)
 THREAD_ARCHIVED = 50083  # Discord's error code: an edit or deletion in an archived thread
+INVALID_FORM_BODY = 50035  # Discord's error code: a field refused (a reply's message gone)
 NO_PINGS = discord.AllowedMentions.none()
 MEMBERSHIP_SECONDS = 300.0  # how long a DM asker's looked-up roles in a server are trusted
 MEMBERSHIPS_KEPT = 10_000  # (user, server) memberships remembered, at most
@@ -153,12 +154,20 @@ class DiscordChannel:
             reference = discord.MessageReference(
                 message_id=int(self.reply_to),
                 channel_id=int(self.channel),
-                fail_if_not_exists=False,
+                # An answer's first message, its question deleted, is not posted bare in
+                # the channel; its later ones stay, replying to nothing.
+                fail_if_not_exists=self.posted == 0,
             )
             options |= {"reference": reference, "mention_author": False}
         seeded = nonce(self.seed, self.posted)
         with self._not_deleted():
-            message = await self.destination.send(text, nonce=seeded, **options)
+            try:
+                message = await self.destination.send(text, nonce=seeded, **options)
+            except discord.HTTPException as error:
+                if error.code == INVALID_FORM_BODY and "message_reference" in error.text:
+                    why = f"its question (message {self.reply_to}) was deleted"
+                    raise NowhereToAnswer(why) from error
+                raise
         self.posted += 1
         return str(message.id)
 

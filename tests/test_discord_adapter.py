@@ -375,6 +375,40 @@ async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # told as expected
 
 
+async def test_inline_an_answer_whose_question_was_deleted_is_not_posted(
+    fake, discord_bot, monkeypatch, caplog
+):
+    """DISCORD_REPLY_MODE=inline, the question deleted as the bot starts typing: nothing
+    is posted (Discord dropped the reference, and the answer stood bare in the channel),
+    nothing is stored, and the log says why; the next question is answered."""
+    typing = fake._typing
+    deleted: list[str] = []
+
+    async def deleted_first(req, channel_id):
+        if not deleted:
+            [question] = [
+                m for m in fake.messages[channel_id] if m["author"]["id"] != fake.bot["id"]
+            ]
+            deleted.append(question["id"])
+            fake.messages[channel_id].remove(question)
+        return await typing(req, channel_id)
+
+    monkeypatch.setattr(fake, "_typing", deleted_first)
+    async with discord_bot(ScriptedBatcher("Noted."), reply_mode="inline") as (service, _b):
+        with caplog.at_level(logging.WARNING):
+            gone = await mention(fake, "never mind")
+            why = f"its question (message {gone['id']}) was deleted"
+            await fake.wait_for(lambda: any(why in r.getMessage() for r in caplog.records))
+            kept = await mention(fake, "a question that stays")
+            answer = await final_reply(fake, fake.channel_id)
+        key = ConversationKey("discord", fake.guild_id, fake.channel_id, gone["id"])
+        history = await service.store.load(str(key))
+    assert all(m["role"] != "assistant" for m in history)
+    assert deleted == [gone["id"]]
+    assert answer["message_reference"]["message_id"] == kept["id"]
+    assert len(bot_messages(fake, fake.channel_id)) == 1
+
+
 async def test_a_dm_is_answered(fake, discord_bot):
     async with discord_bot() as (_service, batcher):
         message = fake.dm_message("hi there")
