@@ -185,7 +185,9 @@ class DiscordChannel:
 
     @contextlib.contextmanager
     def _not_deleted(self) -> Iterator[None]:
-        """The answer's thread (or channel) deleted: it has nowhere to go, now or later."""
+        """The answer's thread (or channel) deleted, or closed to the bot (a permission
+        such as Send Messages in Threads denied there): it has nowhere to go, now or
+        later, as tries again would be refused again."""
         try:
             yield
         except discord.NotFound as error:
@@ -193,6 +195,9 @@ class DiscordChannel:
                 why = f"its thread or channel ({self.destination_id}) was deleted"
                 raise NowhereToAnswer(why) from error
             raise
+        except discord.Forbidden as error:
+            why = f"the bot may not post in {self.destination_id}: Discord said {error.text}"
+            raise NowhereToAnswer(why) from error
 
     async def delete(self, message_id: str) -> None:
         message = self.destination.get_partial_message(int(message_id))

@@ -409,6 +409,33 @@ async def test_inline_an_answer_whose_question_was_deleted_is_not_posted(
     assert len(bot_messages(fake, fake.channel_id)) == 1
 
 
+async def test_a_thread_the_bot_may_not_post_in_ends_the_turn_at_once(
+    fake, discord_bot, monkeypatch, caplog
+):
+    """Send Messages in Threads denied to the bot where it may still open threads: Discord
+    refuses its typing and posts there (403). The turn ends with one line in the log,
+    where each of its tries was refused again after a back-off, each with a traceback."""
+    typing, refused = fake._typing, []
+
+    async def not_in_threads(req, channel_id):
+        if channel_id != fake.channel_id:
+            refused.append(channel_id)
+            raise ApiError(403, 50013, "Missing Permissions")
+        return await typing(req, channel_id)
+
+    monkeypatch.setattr(fake, "_typing", not_in_threads)
+    async with discord_bot(ScriptedBatcher("Noted.")) as (service, _batcher):
+        with caplog.at_level(logging.WARNING):
+            question = await mention(fake, "a question")
+            why = f"the bot may not post in {question['id']}"
+            await fake.wait_for(lambda: any(why in r.getMessage() for r in caplog.records))
+            async with asyncio.timeout(10):  # the turn is closed: none left pending
+                while await service.journal.count():
+                    await asyncio.sleep(0.05)
+    assert refused == [question["id"]]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 async def test_a_dm_is_answered(fake, discord_bot):
     async with discord_bot() as (_service, batcher):
         message = fake.dm_message("hi there")
