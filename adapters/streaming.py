@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -38,6 +39,18 @@ def skippable() -> Iterator[None]:
         yield
     finally:
         SKIPPABLE.reset(token)
+
+
+def _went_without(what: str) -> None:
+    """Log the failed call being handled, which the answer goes on without: one line where
+    the platform rate-limited it (skipped on purpose, `skippable`; routine with several
+    processes sharing a workspace's limits), its traceback otherwise."""
+    error = sys.exc_info()[1]
+    response = getattr(error, "response", None)
+    if 429 in (getattr(error, "status", None), getattr(response, "status_code", None)):
+        logger.info("%s: rate-limited, skipped", what)
+    else:
+        logger.warning("%s", what, exc_info=True)
 
 
 class Refused(Exception):
@@ -235,7 +248,7 @@ class StreamingReply:
         except (Refused, NowhereToAnswer):
             raise
         except Exception:  # a lost intermediate edit is harmless: the final text follows
-            logger.warning("streaming edit failed; the final text will follow", exc_info=True)
+            _went_without("a streaming edit failed; the final text will follow")
 
     async def restart(self) -> None:
         """The next appends replace the text streamed so far, in the first message: the
@@ -331,7 +344,7 @@ class StreamingReply:
             self.shown[index] = text
             return
         except Exception:  # not a reader's stop: the rest can still be posted
-            logger.warning("ending a full message of an answer failed", exc_info=True)
+            _went_without("ending a full message of an answer failed")
             return  # tried again with the next text
         self.filled.add(index)
 

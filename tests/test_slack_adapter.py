@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 import uuid
@@ -355,20 +356,27 @@ class PacedAnswer(ScriptedBatcher):
 
 
 @pytest.mark.parametrize("streaming", ["edit", "native"])
-async def test_a_rate_limited_draft_is_skipped_not_waited_for(slack, socket_mode, streaming):
+async def test_a_rate_limited_draft_is_skipped_not_waited_for(
+    slack, socket_mode, streaming, caplog
+):
     """Slack refuses a partial text's call for now (Retry-After 100 s): that text is
     skipped and the answer goes on to its end, where the call was retried after the wait
-    and held the answer back; the final text's calls are still retried."""
+    and held the answer back; the final text's calls are still retried. The skip is one
+    line in the log, not a warning with a traceback."""
     answer = " ".join(f"word{n}" for n in range(80)) + "."
     async with socket_mode(PacedAnswer(answer), streaming=streaming):
         draft = "chat.update" if streaming == "edit" else "chat.appendStream"
         slack.rate_limit(draft, count=1, retry_after=100)
         mention = slack.app_mention("C0001", "count for me")
-        await slack.send_event(mention)
-        async with asyncio.timeout(20):
-            reply = await final_reply(slack, "C0001", mention["ts"])
+        with caplog.at_level(logging.INFO, logger="adapters.streaming"):
+            await slack.send_event(mention)
+            async with asyncio.timeout(20):
+                reply = await final_reply(slack, "C0001", mention["ts"])
     assert slack.calls_to(draft)[0].status == 429
     assert reply["text"] == answer
+    logged = [r for r in caplog.records if r.name == "adapters.streaming"]
+    assert [(r.levelno, r.exc_info) for r in logged] == [(logging.INFO, None)]
+    assert "rate-limited, skipped" in logged[0].getMessage()
 
 
 async def test_model_output_cannot_ping_the_channel(slack, socket_mode):
