@@ -10,7 +10,7 @@ Text is held back while it ends in U+FFFD, the mark of a multi-byte UTF-8 charac
 remaining bytes are in tokens still to come, and while the new ids add no text (special
 tokens, which the decode skips). Either wait is cut short after `MAX_HELD` ids, so that
 a run of invalid bytes or special tokens cannot make the window grow with the answer;
-the ids of a character begun at its end (at most three) are still kept back.
+the ids of a character begun at its end are still kept back, special tokens among them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ REPLACEMENT = "\ufffd"
 MAX_HELD = 8
 """Ids held back at most before their text is let out: a UTF-8 character needs at most 4
 byte tokens, so only malformed output or a run of special tokens reaches this."""
-
-UNFINISHED_AT_MOST = 3  # the tokens of a character's first bytes, its last byte to come
 
 
 class IncrementalDetokenizer:
@@ -56,7 +54,7 @@ class IncrementalDetokenizer:
             return ""
         shown = len(self._window)
         if text.endswith(REPLACEMENT):
-            shown, text = self._before_unfinished(text)
+            shown, text = self._before_unfinished(text, held)
         # A decode that is not an extension of the context's still streams on: the
         # characters beyond as many as the context had.
         chunk = text[len(self._context_text) :]
@@ -67,10 +65,12 @@ class IncrementalDetokenizer:
         self.text += chunk
         return chunk
 
-    def _before_unfinished(self, text: str) -> tuple[int, str]:
+    def _before_unfinished(self, text: str, held: int) -> tuple[int, str]:
         """The window's ids up to a character whose last bytes are still to come, and
-        their text; all of them (and `text`) where none is, as in malformed output."""
-        for unfinished in range(1, UNFINISHED_AT_MOST + 1):
+        their text; all of them (and `text`) where none is, as in malformed output. The
+        character's first bytes may be any of the `held` ids back: special tokens (which
+        decode to nothing) may follow them."""
+        for unfinished in range(1, held + 1):
             before = self._decode(self._window[:-unfinished])
             if not before.endswith(REPLACEMENT):
                 return len(self._window) - unfinished, before

@@ -76,6 +76,18 @@ def test_a_character_begun_after_a_long_run_of_special_tokens_is_not_shown_broke
     assert not any("\ufffd" in chunk for chunk in chunks)
 
 
+def test_a_character_split_by_a_run_of_special_tokens_is_not_shown_broken(qwen_tokenizer, decode):
+    """The character's first byte, then more special tokens than MAX_HELD less a few:
+    the text is let out without that byte, which waits for the rest of its character."""
+    special = qwen_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    ids = qwen_tokenizer("ok 𠝹 ok").input_ids
+    split = next(i for i, token in enumerate(ids) if decode([token]).endswith("\ufffd")) + 1
+    answer = ids[:split] + [special] * (MAX_HELD - 2) + ids[split:]
+    chunks = stream(IncrementalDetokenizer(decode), answer)
+    assert "".join(chunks) == decode(answer) == "ok 𠝹 ok"
+    assert not any("\ufffd" in chunk for chunk in chunks)
+
+
 def test_each_token_decodes_a_bounded_window_however_long_the_answer(qwen_tokenizer, decode):
     answer = qwen_tokenizer(MULTI_BYTE * 40).input_ids
     sizes: list[int] = []
