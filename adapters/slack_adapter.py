@@ -689,6 +689,9 @@ class SlackAdapter(Adapter):
         except Exception as error:  # e.g. an app installed before it asked for channels:read
             if _needs_mpim_read(error):  # a group DM, in an install from before mpim:read
                 return _remember(self.channel_names, channel, GROUP_DM_NAME)
+            if not (isinstance(error, SlackApiError) and _refusal_stands(error)):
+                logger.info("conversations.info failed for %s, for now: %s", channel, error)
+                return channel  # asked again next time
             logger.warning("conversations.info failed for %s", channel, exc_info=True)
             return _remember(self.channel_names, channel, channel)  # not asked at every message
         name = GROUP_DM_NAME if info.get("is_mpim") else f"#{info['name']}"

@@ -508,6 +508,19 @@ async def test_a_personas_channel_name_is_asked_once_and_needs_its_scope(
     assert len(slack.calls_to("conversations.info")) == 1
 
 
+async def test_a_channel_name_slack_failed_to_give_for_now_is_asked_again(slack, socket_mode):
+    """conversations.info failing in a way that passes (Slack's internal_error): the id
+    for that message, and the name asked again at the next, where the id stood for good."""
+    slack.fail_next("conversations.info", "internal_error")
+    async with socket_mode(system_prompt="You are in {channel_name}.") as (_service, batcher):
+        for text in ("first", "second"):
+            mention = slack.app_mention("C0001", text)
+            await slack.send_event(mention)
+            await final_reply(slack, "C0001", mention["ts"])
+    assert [p[0]["content"] for p in batcher.prompts] == ["You are in C0001.", "You are in #c0001."]
+    assert len(slack.calls_to("conversations.info")) == 2
+
+
 @pytest.mark.parametrize("granted", [True, False])
 async def test_a_group_dms_channel_name_says_so_whichever_event_comes_first(
     slack, socket_mode, granted
