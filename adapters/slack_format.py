@@ -37,9 +37,12 @@ BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)
 # which ends a reference definition (`[1]: https://…`, in a list item or with its label
 # over two lines too) that would give `[label][1]` a hidden address.
 LINK_OR_BRACKETS = re.compile(rf"{LINK.pattern}|\]\(")
+LABEL_AT_MOST = 100  # a `[` with no `]` this far after it opens no link label: its text streams
 # The start of a Markdown link still being written: `[label`, `[label]`, `[label](http…`
 # (its `](` made text until the link is whole).
-LINK_BEING_WRITTEN = re.compile(rf"\[[^\]\n]*(?:\](?:\\?\({URL_PART}*(?:\([^\s()|]*)?)?)?\Z")
+LINK_BEING_WRITTEN = re.compile(
+    rf"\[[^\]\n]{{0,{LABEL_AT_MOST}}}(?:\](?:\\?\({URL_PART}*(?:\([^\s()|]*)?)?)?\Z"
+)
 BOLD_MARK = "\x00"  # stands in for Slack's `*` until single-star italics are converted
 CODE_MARK = "\x01"  # stands in for each code span while the prose around it is converted
 
@@ -73,9 +76,17 @@ def to_markdown(markdown: str) -> str:
 
 def settled(markdown: str) -> int:
     """How much of a partial `to_markdown` text stays as it is whatever comes next: all of
-    it but a link still being written (completed, it is rewritten)."""
-    being_written = LINK_BEING_WRITTEN.search(markdown)
-    return being_written.start() if being_written else len(markdown)
+    it but a link still being written (completed, it is rewritten), and inline code still
+    being written (closed, its text is no longer escaped as prose's: `]:` stays `]:`)."""
+    ends = [len(markdown)]
+    if being_written := LINK_BEING_WRITTEN.search(markdown):
+        ends.append(being_written.start())
+    # Complete code spans, and a code block to the end, are split out: a backtick left in
+    # the last line of the prose after them may open a span its line will close.
+    prose = CODE.split(markdown)[-1]
+    if (tick := prose.find("`", prose.rfind("\n") + 1)) != -1:
+        ends.append(len(markdown) - len(prose) + tick)
+    return min(ends)
 
 
 def _unmarked(text: str) -> str:

@@ -154,14 +154,21 @@ def test_markdown_for_streams_is_escaped_and_shows_every_link_address(markdown, 
     assert to_markdown(markdown) == shown
 
 
-def test_a_streamed_text_only_grows_as_the_answer_is_written():
-    """What `settled` lets through of each partial text is a prefix of the next one's, and
-    of the final text: a link is held back until it is whole (and rewritten)."""
-    answer = (
+@pytest.mark.parametrize(
+    "answer",
+    [
         "See [the docs](https://docs.example/x) and [a] note, [t](https://t.example 'x'), "
         "```py\n[z](https://q.example)\n``` then [w](https://w.example/Foo_(bar)) "
-        "and [end](https://end.example)"
-    )
+        "and [end](https://end.example)",
+        # Inline code whose text prose would escape (`]:`, `](`), closed a moment later.
+        "Try `for item in items[1:]:` or `x[0](y)`, then `` ` `` and [end](https://end.example)",
+    ],
+    ids=["links", "inline code"],
+)
+def test_a_streamed_text_only_grows_as_the_answer_is_written(answer):
+    """What `settled` lets through of each partial text is a prefix of the next one's, and
+    of the final text: a link is held back until it is whole (and rewritten), and inline
+    code until it is closed (and no longer escaped as prose)."""
     streamed = ""
     for length in range(len(answer) + 1):
         partial = to_markdown(answer[:length])
@@ -170,6 +177,13 @@ def test_a_streamed_text_only_grows_as_the_answer_is_written():
         streamed = now
     assert to_markdown(answer).startswith(streamed)
     assert to_markdown(answer).endswith("end ([https://end.example](https://end.example))")
+
+
+def test_a_bracket_that_opens_no_link_holds_back_only_a_link_labels_length():
+    """ "[0, 10)" is no link: its line streams on once it runs past what a label holds."""
+    shown = to_markdown("The interval [0, 10) is " + "long " * 40)
+    assert settled(shown) == len(shown)
+    assert settled(to_markdown("The interval [0, 10) is short")) == len("The interval ")
 
 
 @pytest.mark.parametrize(
