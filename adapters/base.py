@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast, get_args
+
+from redis.exceptions import RedisError
 
 from bot import replies
 from bot.service import ChatService
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HttpHandler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
+JOINING_MARK_MS = 30_000  # a joining said to other processes lapses by then (a crash)
+JOINED_ELSEWHERE_POLL_S = 0.05  # how often a message waiting for another's joining looks
 
 
 class AdapterError(RuntimeError):
@@ -144,28 +148,45 @@ class Joining:
     """The conversations an adapter is joining now: a message that asks the bot into a
     thread it is not in is being taken (the thread read, its files fetched) and is not
     accepted yet. A message after it in that thread, sent unasked, waits for it before
-    asking whether the bot is in the thread, or it would be taken for chatter and lost."""
+    asking whether the bot is in the thread, or it would be taken for chatter and lost.
+    Other processes (several gateways, among which the platform spreads its events) hear
+    of it through storage, and wait for it too."""
 
     def __init__(self, service: ChatService) -> None:
         self.service = service
         self._now: dict[ConversationKey, asyncio.Event] = {}
 
     async def knows(self, key: ConversationKey, *, by: float) -> bool:
-        """Whether the bot is in the conversation, once the joining of it here (if any)
-        is over, or the event loop's clock says `by`."""
+        """Whether the bot is in the conversation, once the joining of it here or in
+        another process (if any) is over, or the event loop's clock says `by`."""
+        loop = asyncio.get_running_loop()
         if (joined := self._now.get(key)) is not None:
-            await set_within(joined, by - asyncio.get_running_loop().time())
+            await set_within(joined, by - loop.time())
+        elif not await self.service.knows(key):
+            while await self._joined_elsewhere(key) and (left := by - loop.time()) > 0:
+                await asyncio.sleep(min(JOINED_ELSEWHERE_POLL_S, left))
         return await self.service.knows(key)
 
-    @contextlib.contextmanager
-    def joining(self, key: ConversationKey) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def joining(self, key: ConversationKey) -> AsyncIterator[None]:
         """For the block, the conversation is being joined (unless it is already)."""
         if key in self._now:
             yield
             return
         joined = self._now[key] = asyncio.Event()
+        store = self.service.store
+        with contextlib.suppress(RedisError):  # then only this process waits for it
+            await store.mark_joining(str(key), for_ms=JOINING_MARK_MS)
         try:
             yield
         finally:
             del self._now[key]
             joined.set()
+            with contextlib.suppress(RedisError):  # it lapses by itself
+                await store.unmark_joining(str(key))
+
+    async def _joined_elsewhere(self, key: ConversationKey) -> bool:
+        try:
+            return await self.service.store.being_joined(str(key))
+        except RedisError:
+            return False

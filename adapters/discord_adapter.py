@@ -262,7 +262,7 @@ class DiscordAdapter(Adapter):
             return  # bots (ourselves included), webhooks, joins, pins and other system messages
         addressed = _addressed(message, me)
         try:
-            with contextlib.ExitStack() as held:
+            async with contextlib.AsyncExitStack() as held:
                 # A channel's messages are routed one by one as they came, since routing
                 # may wait (Redis, a fetch): one routed sooner would take its conversation's
                 # place ahead of one that came before it, or ask whether the bot is in a
@@ -274,7 +274,7 @@ class DiscordAdapter(Adapter):
                     key, target, joins = route
                     in_turn = held.enter_context(self.in_order.place(key))
                     if joins:
-                        held.enter_context(self.joining.joining(key))
+                        await held.enter_async_context(self.joining.joining(key))
                 addressed = True
                 earlier = await self._earlier(message, me) if joins else ()
                 access = self.service.team.settings.access

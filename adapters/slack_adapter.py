@@ -381,7 +381,8 @@ class SlackAdapter(Adapter):
         )
         addressed = mentioned or is_dm
         try:
-            with self.in_order.place(key) as in_turn, contextlib.ExitStack() as held:
+            async with contextlib.AsyncExitStack() as held:
+                in_turn = held.enter_context(self.in_order.place(key))
                 # A top-level DM has no thread to be in: its channel is the conversation,
                 # and one DM would wait for the one before it to be taken.
                 top_level_dm = is_dm and thread_ts is None
@@ -411,7 +412,11 @@ class SlackAdapter(Adapter):
                     await thread.post(text)
 
     async def _in_thread(
-        self, key: ConversationKey, addressed: bool, held: contextlib.ExitStack, deadline: float
+        self,
+        key: ConversationKey,
+        addressed: bool,
+        held: contextlib.AsyncExitStack,
+        deadline: float,
     ) -> bool:
         """Whether the bot is in a thread (it answers there unasked, and has read it), once
         the mention taking it in (if any) is taken; an `addressed` message that finds the
@@ -423,7 +428,7 @@ class SlackAdapter(Adapter):
             await after_earlier_ones()
             known = await self.joining.knows(key, by=deadline)
             if addressed and not known:
-                held.enter_context(self.joining.joining(key))
+                await held.enter_async_context(self.joining.joining(key))
             return known
 
     async def _converse(

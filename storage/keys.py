@@ -19,6 +19,7 @@ RATE_PREFIX = f"{PREFIX}rate:"
 RATE_TAKEN_PREFIX = f"{PREFIX}rate-taken:"
 TURN_STATS_PREFIX = f"{PREFIX}turn-stats:"
 ANSWER_PLACE_PREFIX = f"{PREFIX}answer-place:"
+JOINING_PREFIX = f"{PREFIX}joining:"
 REGENERATED_PREFIX = f"{PREFIX}regenerated:"
 ONCE_PREFIX = f"{PREFIX}once:"
 TEAM_RELOADS_PREFIX = f"{PREFIX}team-reloads:"
@@ -53,6 +54,11 @@ def turn_lock(conversation_id: str) -> str:
 def owner(owner_id: str) -> str:
     """A running process's lease; its pending turns may be claimed once it expires."""
     return f"{OWNER_PREFIX}{owner_id}"
+
+
+def joining(conversation_id: str) -> str:
+    """Set while a process takes the bot into a conversation (a mention being read)."""
+    return f"{JOINING_PREFIX}{conversation_id}"
 
 
 def facts(conversation_id: str) -> str:

@@ -139,6 +139,17 @@ class ConversationStore:
             pipe.eval(_FORGET_DEAD_JOBS, 1, keys.DEAD_JOBS, conversation_id)
             await pipe.execute()
 
+    async def mark_joining(self, conversation_id: str, *, for_ms: int) -> None:
+        """Say, for at most `for_ms`, that a process is taking the bot into the
+        conversation (`being_joined`); `unmark_joining` ends it sooner."""
+        await self._redis.set(keys.joining(conversation_id), "1", px=for_ms)
+
+    async def unmark_joining(self, conversation_id: str) -> None:
+        await self._redis.delete(keys.joining(conversation_id))
+
+    async def being_joined(self, conversation_id: str) -> bool:
+        return bool(await self._redis.exists(keys.joining(conversation_id)))
+
     async def starter(self, conversation_id: str) -> str | None:
         """Who started the conversation with the bot (see `queue_starter`)."""
         return await self._redis.hget(keys.facts(conversation_id), "starter")

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -549,7 +549,11 @@ def socket_mode(slack, make_service):
     by the placeholder-and-edit path unless `streaming` (SLACK_STREAMING) says otherwise."""
 
     @asynccontextmanager
-    async def start(batcher=None, *, streaming: str = "edit", **service_options):
+    async def start(
+        batcher=None, *, streaming: str = "edit", connections: int = 1, **service_options
+    ):
+        """`connections`: adapters on the service, each with its Socket Mode connection,
+        as several gateways have (Slack spreads the events among them)."""
         from adapters.slack_adapter import SlackAdapter
         from bot.config import Settings
 
@@ -563,9 +567,13 @@ def socket_mode(slack, make_service):
         )
         async with (
             make_service(batcher, **service_options) as (service, batcher),
-            running(SlackAdapter.from_settings(settings, service)),
+            AsyncExitStack() as adapters,
         ):
-            await slack.wait_connected(timeout=10)
+            for connected in range(1, connections + 1):
+                await adapters.enter_async_context(
+                    running(SlackAdapter.from_settings(settings, service))
+                )
+                await slack.wait_for(lambda n=connected: slack.connections_open == n, 10)
             yield service, batcher
 
     return start

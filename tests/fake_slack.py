@@ -583,6 +583,11 @@ class FakeSlack:
     def connected(self) -> bool:
         return any(not ws.closed for ws in self._sockets)
 
+    @property
+    def connections_open(self) -> int:
+        """Socket Mode connections open: one per client (a gateway) connected."""
+        return sum(not ws.closed for ws in self._sockets)
+
     async def wait_connected(self, timeout: float = 10.0) -> None:
         """Wait until a Socket Mode client is connected (hello sent)."""
         await self.wait_for(lambda: self.connected, timeout)
@@ -627,8 +632,11 @@ class FakeSlack:
         retry_attempt: int = 0,
         retry_reason: str = "",
         event_id: str | None = None,
+        connection: int = -1,
     ) -> str:
-        """Send event in an ``events_api`` envelope to the newest client; returns envelope_id."""
+        """Send event in an ``events_api`` envelope to a client (`connection`: the index of
+        its connection among those open, oldest first; the newest by default), as Slack
+        spreads events among an app's connections; returns envelope_id."""
         sockets = [ws for ws in self._sockets if not ws.closed]
         if not sockets:
             raise RuntimeError("no Socket Mode client is connected")
@@ -641,7 +649,7 @@ class FakeSlack:
             "retry_reason": retry_reason,
         }
         self.envelopes.append(envelope)
-        await sockets[-1].send_json(envelope)
+        await sockets[connection].send_json(envelope)
         return envelope["envelope_id"]
 
     async def send_command(

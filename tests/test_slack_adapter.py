@@ -399,6 +399,28 @@ async def test_the_reply_says_when_older_history_was_left_out(slack, socket_mode
     assert reply["text"] == f"_{replies.history_dropped(2)}_\n\nNoted."
 
 
+@pytest.mark.parametrize("gateway", [0, 1], ids=["the same gateway", "another gateway"])
+async def test_a_follow_up_sent_as_the_bot_joins_is_answered_by_any_gateway(
+    slack, socket_mode, gateway
+):
+    """Two gateways, Slack spreading the events between them: a thread reply sent,
+    unasked, while the mention that brings the bot in is being read (its thread read
+    slowly here) waits for that mention wherever it arrives, where it was taken for
+    chatter by a gateway that did not know of the joining."""
+    slack.delays["conversations.replies"] = 1.0
+    async with socket_mode(connections=2) as (_service, batcher):
+        parent = slack.user_message("C0001", "we deploy on fridays", user="U0BOB")
+        mention = slack.app_mention("C0001", "is that wise?", thread_ts=parent["ts"])
+        follow_up = slack.user_message("C0001", "and on mondays?", thread_ts=parent["ts"])
+        await slack.send_event(mention, connection=0)
+        await slack.wait_for(lambda: slack.calls_to("conversations.replies"), timeout=10)
+        await slack.send_event(follow_up, connection=gateway)
+        await final_reply(slack, "C0001", parent["ts"], after=1)
+    assert [p[-1]["content"] for p in batcher.prompts] == [
+        "alice: is that wise?", "alice: and on mondays?"
+    ]  # fmt: skip
+
+
 async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket_mode):
     """With two people in the thread, each message says who wrote it."""
     async with socket_mode() as (_service, batcher):
