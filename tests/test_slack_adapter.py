@@ -183,18 +183,25 @@ async def test_a_message_edited_to_mention_the_bot_is_not_answered(slack, socket
     assert batcher.prompts == [[{"role": "user", "content": "a question"}]]
 
 
+async def group_dm_exchange(slack) -> dict:
+    """In a group DM: a mention that comes as message.mpim alone, answered, and an unasked
+    follow-up in its thread, answered; the mention's event."""
+    _mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
+    await slack.send_event(message)
+    await final_reply(slack, "G0GROUP", message["ts"])
+    follow_up = slack.user_message(
+        "G0GROUP", "and you?", thread_ts=message["ts"], channel_type="mpim", user="U0BOB"
+    )
+    await slack.send_event(follow_up)
+    await final_reply(slack, "G0GROUP", message["ts"], after=1)
+    return message
+
+
 async def test_in_a_group_dm_a_mention_is_answered_in_its_thread(slack, socket_mode):
     """A group DM (message.mpim) is answered as a channel is: a mention, even with no
     app_mention event for it, opens a thread; its follow-ups need none; chatter is left."""
     async with socket_mode() as (service, batcher):
-        _mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
-        await slack.send_event(message)
-        await final_reply(slack, "G0GROUP", message["ts"])
-        follow_up = slack.user_message(
-            "G0GROUP", "and you?", thread_ts=message["ts"], channel_type="mpim", user="U0BOB"
-        )
-        await slack.send_event(follow_up)
-        await final_reply(slack, "G0GROUP", message["ts"], after=1)
+        message = await group_dm_exchange(slack)
         chatter = slack.user_message("G0GROUP", "lunch?", channel_type="mpim", user="U0BOB")
         await slack.send_event(chatter)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
@@ -584,14 +591,7 @@ async def test_a_group_dm_named_again_forgets_no_other_name(slack, socket_mode, 
         mention = slack.app_mention("C0001", "hello")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
-        _mention, message = slack.mention_pair("G0GROUP", "hello all", channel_type="mpim")
-        await slack.send_event(message)
-        await final_reply(slack, "G0GROUP", message["ts"])
-        follow_up = slack.user_message(
-            "G0GROUP", "and you?", thread_ts=message["ts"], channel_type="mpim", user="U0BOB"
-        )
-        await slack.send_event(follow_up)
-        await final_reply(slack, "G0GROUP", message["ts"], after=1)
+        await group_dm_exchange(slack)
         mention = slack.app_mention("C0001", "again")
         await slack.send_event(mention)
         await final_reply(slack, "C0001", mention["ts"])
