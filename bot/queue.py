@@ -458,6 +458,7 @@ class InferenceQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving: asyncio.Future[None] | None = None
         self.died = asyncio.Event()  # set when the engine thread stops by an error
+        self._stepping_since: float | None = None  # monotonic(), while a step runs
 
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
@@ -465,7 +466,14 @@ class InferenceQueue:
         return self
 
     def checks(self) -> dict[str, str]:
-        return {"engine": "the engine thread died" if self.died.is_set() else READY}
+        """The engine: dead, stuck in one step longer than a request may wait for its
+        answer (a hung device; no step of a working one takes that long), or ready."""
+        if self.died.is_set():
+            return {"engine": "the engine thread died"}
+        since = self._stepping_since
+        if since is not None and (took := time.monotonic() - since) > self.timeout:
+            return {"engine": f"stuck: one step has run for {took:.0f}s"}
+        return {"engine": READY}
 
     async def __aexit__(self, *exc_info: object) -> None:
         """Stop intake, cancel what is left, and let the engine thread finish its step."""
@@ -572,7 +580,11 @@ class InferenceQueue:
                     running.append(generation)
             self.metrics.batch_rows.set(len(running))
             if running:
-                self._step(running)
+                self._stepping_since = time.monotonic()
+                try:
+                    self._step(running)
+                finally:
+                    self._stepping_since = None
                 self.metrics.batch_rows.set(len(running))
 
     def _admit(self) -> Generation | None:

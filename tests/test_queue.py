@@ -4,6 +4,7 @@ cancellation, and requests that join a running batch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -519,6 +520,37 @@ async def test_a_waiting_request_is_not_passed_by_smaller_ones_behind_it(make_ba
     events, (first, second, short) = await journaled(batcher, LONG_QUESTION, LONG_QUESTION, HELLO)
     assert events.index(("join", second)) > events.index(("end", first))
     assert events.index(("join", short)) > events.index(("join", second))
+
+
+class HungStep(SpyBatcher):
+    """A batcher whose steps hang (a wedged device) until `go` is set."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        super().__init__(batcher)
+        self.stepping, self.go = threading.Event(), threading.Event()
+
+    def step(self):
+        self.stepping.set()
+        self.go.wait(10)
+        return super().step()
+
+
+async def test_an_engine_stuck_in_one_step_past_the_request_timeout_is_not_ready(make_batcher):
+    """The thread lives, but one step has run longer than any request may wait: readiness
+    says so (a load balancer or an orchestrator then acts on it); once it moves, ready."""
+    hung = HungStep(make_batcher())
+    async with InferenceQueue(batcher=hung, max_size=2, timeout=0.3) as queue:
+        generation = queue.submit(HELLO, user="u", conversation="c")
+        assert await asyncio.to_thread(hung.stepping.wait, 10)
+        assert queue.checks() == {"engine": "ok"}
+        await asyncio.sleep(0.5)
+        assert queue.checks()["engine"].startswith("stuck: one step has run for")
+        hung.go.set()
+        with contextlib.suppress(Exception):  # past its timeout by now
+            await collect(generation)
+        async with asyncio.timeout(10):  # the step ends, then the rest in a moment
+            while queue.checks() != {"engine": "ok"}:
+                await asyncio.sleep(0.05)
 
 
 class SlowFits(SpyBatcher):
