@@ -223,13 +223,7 @@ class Worker:
         """Take jobs until `stop`, sweeping meanwhile; then, with the heartbeat gone (so
         gateways send elsewhere and others take what waits in this worker's stream),
         return while the running answers go on (see `finish`)."""
-        try:
-            await self._ensure_groups()
-            await self._beat()
-        except RedisError as error:  # (at its maxmemory, say) ridden out as once running
-            if not is_outage(error):
-                raise
-            logger.warning("Redis refuses the worker's writes for now: %s", error)
+        await self._first_beat()
         logger.info("worker %s taking jobs (%d rows)", self.name, self.rows)
         # Running jobs are kept until `finish`: a stopped worker's answers go on through
         # the grace period, where the sweep ends with the taking of jobs.
@@ -607,6 +601,21 @@ class Worker:
         workers = [self.name, *(name for name in roll.alive if name != self.name)]
         failing = await self.redis.mget([keys.worker_failing(name) for name in workers])
         return failing[0] is not None and None in failing[1:]
+
+    async def _first_beat(self) -> None:
+        """The stream groups and the first heartbeat, as if one had been written just
+        before: a start that cannot reach Redis is a gap in the heartbeats, as an outage
+        once running is (see `_beat`), so it takes no running job of a live worker's once
+        Redis answers. An outage now (or a Redis at its maxmemory) is ridden out as it is
+        once running."""
+        self._beaten = time.monotonic()
+        try:
+            await self._ensure_groups()
+            await self._beat()
+        except RedisError as error:
+            if not is_outage(error):
+                raise
+            logger.warning("Redis refuses the worker's writes for now: %s", error)
 
     async def _beat(self) -> None:
         """The heartbeat, with a reading of Redis's clock. After a gap in it (Redis out of

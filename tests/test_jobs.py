@@ -1292,6 +1292,41 @@ async def test_a_redis_outage_past_the_claim_idle_time_moves_no_running_answer(
     assert first + "".join(rest) == generation.text == answer_alone(running.batcher, HELLO)
 
 
+async def test_a_worker_started_in_an_outage_moves_no_running_answer_once_redis_is_back(
+    tmp_path, redis_url, streams, make_batcher
+):
+    """A worker (a pod restarted then) starts while Redis is out of reach for longer than
+    the claim idle time: when Redis is back, its first sweep leaves the job running on
+    another worker to it, as a worker that lost Redis once running does, where it took
+    the job (it looked abandoned) and the answer started again."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    running, idle = SlowSteps(make_batcher(max_new_tokens=60)), SpyBatcher(make_batcher())
+    async with (
+        lossy_redis(redis_url, tmp_path, [], Resilience(0, health_check_s=0)) as (far, proxy),
+        gateway(streams) as queue,
+        worker(far, running, "w1"),
+        InferenceQueue(batcher=idle, max_size=8, timeout=60) as inference,
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        first = await anext(aiter(generation))
+        proxy.cut()
+        late = Worker(
+            redis=far, inference=inference, name="w2", rows=idle.max_batch,
+            claim_idle_s=CLAIM_IDLE_S, max_deliveries=3,
+        )  # fmt: skip
+        await late._first_beat()  # as its `run` begins: Redis does not answer
+        await asyncio.sleep(CLAIM_IDLE_S * 4)
+        proxy.back()
+        await late._sweep()  # before w1's keep-alive, due within a third of the idle time
+        rest = await read(generation)  # AnswerRestarted would fail the test here
+        await late.finish(0)
+    assert not idle.answers
+    assert first + "".join(rest) == generation.text == answer_alone(running.batcher, HELLO)
+
+
 class SkewedTime:
     """The `time` module of a machine whose clock is `by` seconds off; its monotonic clock
     (which no other machine reads) as it is."""
