@@ -124,12 +124,13 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JU
 return 1
 """
 _HAND_BACK_IF_MINE = _IF_MINE + _MAKE_ABANDONED
-# As a stopping worker does: the try counted as passed on (KEYS[2], kept ARGV[5] seconds),
-# not failed.
+# As a stopping worker does: the try counted as passed on, not failed: its delivery count
+# (XPENDING's) in the set KEYS[2], kept ARGV[5] seconds, so a retry of the script after
+# its reply was lost counts it once.
 _PASS_ON_IF_MINE = (
     _IF_MINE
     + """
-redis.call('INCR', KEYS[2])
+redis.call('SADD', KEYS[2], entry[4])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 """
     + _MAKE_ABANDONED
@@ -406,7 +407,7 @@ class Worker:
     async def _failed_tries(self, job: Job, attempt: int) -> int:
         """The tries before this one that failed: not those stopping workers passed on (a
         rolling restart)."""
-        return attempt - 1 - int(await self.redis.get(keys.job_passed_on(job.id)) or 0)
+        return attempt - 1 - await self.redis.scard(keys.job_passed_on(job.id))
 
     async def _dead_letter(
         self, stream: str, entry_id: str, job: Job, attempt: int, tries: int

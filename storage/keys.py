@@ -164,9 +164,9 @@ def job_dead(job_id: str) -> str:
 
 
 def job_passed_on(job_id: str) -> str:
-    """How many of a job's tries a stopping worker handed back unfinished: they are
-    deliveries, not failures, and do not count towards giving it up."""
-    return f"{PREFIX}job:{job_id}:passed-on"
+    """The set of a job's tries (their delivery counts) that a stopping worker handed
+    back unfinished: deliveries, not failures, which do not count towards giving it up."""
+    return f"{PREFIX}job:{job_id}:passed-on-tries"  # a set (a count, by another name, before)
 
 
 def job_asked(fingerprint: str) -> str:

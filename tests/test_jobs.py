@@ -899,6 +899,24 @@ async def test_tries_that_stopping_workers_pass_on_are_not_counted_as_failed(str
     assert len(spy.answers) == 1 and not await streams.exists(keys.DEAD_JOBS)
 
 
+async def test_a_try_passed_on_whose_reply_was_lost_counts_once(
+    tmp_path, redis_url, streams, make_batcher
+):
+    """A stopping worker hands its running job on, and Redis's reply is lost: the client
+    runs the script again, and the try counts as passed on once, where it counted twice
+    and a failing job got one more try than JOB_MAX_DELIVERIES for each such loss."""
+    from lossy_proxy import lossy_redis
+
+    [job] = jobs_for(1)
+    await streams.xadd(keys.JOBS, job.fields())
+    async with lossy_redis(redis_url, tmp_path, [b"passed-on"]) as (far, proxy):
+        slow = SlowSteps(make_batcher(max_new_tokens=400))
+        async with worker(far, slow, "w1") as stopping:
+            await wait_until(lambda: asyncio.sleep(0, bool(stopping._running)))
+        assert proxy.lost == [b"passed-on"]
+        assert await stopping._failed_tries(job, 3) == 1  # the 2nd failed, the 1st passed on
+
+
 async def test_a_job_another_worker_holds_is_neither_acknowledged_nor_handed_back(
     streams, make_batcher
 ):
