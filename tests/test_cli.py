@@ -394,16 +394,8 @@ def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
             os.write(terminal, leave)
         else:
             os.kill(pid, leave)
-        for _ in range(1200):  # bounded: about 60 s, until it exits, draining what it writes
-            done, wait_status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if select.select([terminal], [], [], 0.05)[0]:
-                with contextlib.suppress(OSError):
-                    shown += os.read(terminal, 65536)
-            time.sleep(0.05)  # select answers at once once the child has closed its side
-        else:
-            raise AssertionError("the chat did not exit")
+        wait_status, output = exited(pid, terminal)
+        shown += output
         assert os.waitstatus_to_exitcode(wait_status) == status
         assert termios.tcgetattr(terminal)[3] & termios.ECHO
         assert shown.rpartition(b"you> ")[2].startswith(b"\r\n"), shown[-200:]
@@ -559,6 +551,21 @@ def read_until(terminal: int, marker: bytes) -> bytes:
     raise AssertionError(f"no {marker!r} in {shown[-2000:]!r}")
 
 
+def exited(pid: int, terminal: int) -> tuple[int, bytes]:
+    """The wait status of a child on a pseudo-terminal once it exits (bounded: about 60 s),
+    and what it wrote meanwhile."""
+    shown = b""
+    for _ in range(1200):
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return wait_status, shown
+        if select.select([terminal], [], [], 0.05)[0]:
+            with contextlib.suppress(OSError):
+                shown += os.read(terminal, 65536)
+        time.sleep(0.05)  # select answers at once once the child has closed its side
+    raise AssertionError("the chat did not exit")
+
+
 @pytest.mark.slow
 async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: Path) -> None:
     """Injected: kill -9 of `threadbot chat` while it writes an answer (its embedded
@@ -592,14 +599,7 @@ async def test_an_answer_resumed_as_a_chat_starts_is_shown_before_its_prompt(
     try:
         shown = read_until(terminal, b"you> ")
         os.write(terminal, b"\x04")  # Ctrl-D at the prompt
-        for _ in range(600):  # bounded: about 60 s, until it exits
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                break
-            with contextlib.suppress(OSError):
-                if select.select([terminal], [], [], 0.1)[0]:
-                    os.read(terminal, 65536)
-        else:
-            raise AssertionError("the chat did not exit")
+        exited(pid, terminal)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
