@@ -510,11 +510,12 @@ class ChatService:
             if not is_outage(error):  # in taking or giving back the lock
                 await self._failed(pending, sink, error)
                 return
-            # The record stays: our resume loop claims it again once storage is back.
+            # The record stays: our resume loop claims it again once storage is back (not
+            # before this try is given back: see `_leave_for_later`).
             logger.warning("storage lost while answering %s; it stays pending", pending.id)
-            self._orphaned[pending.id] = sink
             await self._leave_for_later(pending, sink, release=True,
                                         text=replies.storage_lost())  # fmt: skip
+            self._orphaned[pending.id] = sink
 
     async def _take_turn(
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
@@ -611,9 +612,9 @@ class ChatService:
             )
         except QueueFull:
             if pending.taken_up:  # told it would be answered (or owed it): it waits
-                self._orphaned[started.id] = sink  # for a later resume pass
                 await self._leave_for_later(started, sink, release=True,
                                             text=replies.waiting_for_room())  # fmt: skip
+                self._orphaned[started.id] = sink  # for a later resume pass
             else:
                 await self._fail(started, sink, replies.busy(), outcome="busy")
             return
@@ -810,7 +811,10 @@ class ChatService:
         text: str | None = None,
     ) -> None:
         """Keep the turn pending, tell the thread it will be answered, and (`release`:
-        a clean stop, an outage) do not count this try against the turn's attempts."""
+        a clean stop, an outage) do not count this try against the turn's attempts. A
+        turn our resume passes are to take up again is orphaned only after this: one
+        claimed during the telling (a platform call) had its try taken back, uncounted,
+        by the release after it, and was given one more than `TURN_MAX_ATTEMPTS`."""
         if release:  # until released, a resume pass that claims it meanwhile counts no try
             self._release_owed.add(pending.id)
         # A regeneration that has not taken its old answer back leaves it shown as it is:

@@ -993,6 +993,36 @@ async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
     assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
 
 
+async def test_storage_back_as_the_thread_is_told_takes_back_no_counted_try(
+    make_service, make_batcher, journal, redis_client, platform, monkeypatch
+):
+    """Redis goes away as the turn is begun, and is back while the thread is told that it
+    waits, as a resume pass falls due: the pass took the turn up again (uncounted, this
+    try owed back), and the try given back after the telling then counted the new one
+    down: each such outage gave the turn one more try than TURN_MAX_ATTEMPTS."""
+    outage = Outage()
+    monkeypatch.setattr(journal, "begin", outage.refusing(journal.begin))
+    message, sink, gated = on(platform), PassesAsItPauses(), GatedBatcher(make_batcher())
+    async with make_service(gated) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+
+        async def back_and_a_pass() -> None:
+            outage.down = False
+            await service.resume()
+
+        sink.resume = back_and_a_pass
+        await service.handle(message, sink)
+        assert sink.kinds("pause")[0] == replies.storage_lost()
+        await until(lambda: asyncio.sleep(0, service.queue.depth > 0))  # the next try runs
+        await asyncio.sleep(0.5)  # and whatever the first did after its telling is over
+        tries = int(
+            await redis_client.hget(keys.turn(f"{platform}:{message.message_id}"), "attempts")
+        )
+        gated.gate.set()
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    assert tries == 1  # the first try given back, the next counted: one
+
+
 async def test_a_turn_orphaned_while_a_pass_claims_it_costs_no_try(
     make_service, journal, redis_client, platform, monkeypatch
 ):
