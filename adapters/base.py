@@ -162,9 +162,15 @@ class Joining:
         loop = asyncio.get_running_loop()
         if (joined := self._now.get(key)) is not None:
             await set_within(joined, by - loop.time())
-        elif not await self.service.knows(key):
-            while await self._joined_elsewhere(key) and (left := by - loop.time()) > 0:
+        elif await self.service.knows(key):
+            return True
+        elif not await self._joined_elsewhere(key):
+            return False  # chatter in a thread no process is taking the bot into
+        else:
+            while (left := by - loop.time()) > 0:
                 await asyncio.sleep(min(JOINED_ELSEWHERE_POLL_S, left))
+                if not await self._joined_elsewhere(key):
+                    break
         return await self.service.knows(key)
 
     @contextlib.asynccontextmanager
