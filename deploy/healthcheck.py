@@ -21,11 +21,9 @@ def http_port() -> str:
     file or in `.env` counts too); where this Python lacks threadbot, HTTP_PORT."""
     try:
         from bot.config import load_settings
-    except ImportError:
-        return os.environ.get("HTTP_PORT") or DEFAULT_PORT
-    try:
+
         return str(load_settings().http_port)
-    except Exception:  # settings threadbot refuses too: it stopped at its start
+    except Exception:  # no threadbot here, or settings it refuses too (it stopped at start)
         return os.environ.get("HTTP_PORT") or DEFAULT_PORT
 
 
