@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -41,16 +40,15 @@ def skippable() -> Iterator[None]:
         SKIPPABLE.reset(token)
 
 
-def _went_without(what: str) -> None:
-    """Log the failed call being handled, which the answer goes on without: one line where
-    the platform rate-limited it (skipped on purpose, `skippable`; routine with several
-    processes sharing a workspace's limits), its traceback otherwise."""
-    error = sys.exc_info()[1]
+def _went_without(error: Exception, what: str) -> None:
+    """Log a failed call that the answer goes on without: one line where the platform
+    rate-limited it (skipped on purpose, `skippable`; routine with several processes
+    sharing a workspace's limits), its traceback otherwise."""
     response = getattr(error, "response", None)
     if 429 in (getattr(error, "status", None), getattr(response, "status_code", None)):
         logger.info("%s: rate-limited, skipped", what)
     else:
-        logger.warning("%s", what, exc_info=True)
+        logger.warning("%s", what, exc_info=error)
 
 
 class Refused(Exception):
@@ -247,8 +245,8 @@ class StreamingReply:
                 await self._show(self.text.rstrip())
         except (Refused, NowhereToAnswer):
             raise
-        except Exception:  # a lost intermediate edit is harmless: the final text follows
-            _went_without("a streaming edit failed; the final text will follow")
+        except Exception as error:  # a lost intermediate edit is harmless: the final text follows
+            _went_without(error, "a streaming edit failed; the final text will follow")
 
     async def restart(self) -> None:
         """The next appends replace the text streamed so far, in the first message: the
@@ -343,8 +341,8 @@ class StreamingReply:
                 return
             self.shown[index] = text
             return
-        except Exception:  # not a reader's stop: the rest can still be posted
-            _went_without("ending a full message of an answer failed")
+        except Exception as error:  # not a reader's stop: the rest can still be posted
+            _went_without(error, "ending a full message of an answer failed")
             return  # tried again with the next text
         self.filled.add(index)
 
