@@ -263,6 +263,17 @@ async def test_a_near_miss_of_a_setting_in_the_environment_is_a_warn_line(doctor
     )
 
 
+async def test_no_platform_configured_is_a_warn_line_not_all_passed(doctor) -> None:
+    """`threadbot run` refuses to start with no platform: the report must not say all is
+    well, while a worker (which serves none) still passes."""
+    report = await doctor(checks=[], SLACK_BOT_TOKEN=None, DISCORD_BOT_TOKEN=None)
+    assert report.status == 0, report.text
+    [(read, _), (status, message)] = report.lines("settings")
+    assert (read, status) == ("ok", "WARN")
+    assert "no platform is configured" in message and "--role worker" in message
+    assert report.text.rstrip().endswith("0 failed, 1 warning")
+
+
 async def test_broken_yaml_in_the_team_file_names_its_line(doctor) -> None:
     Path("threadbot.yml").write_text("access:\n  deny: reply\n  admins: [U1\n")
     report = await doctor()

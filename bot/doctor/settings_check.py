@@ -32,6 +32,10 @@ from bot.config import (
 from bot.doctor.findings import Finding, fail, ok, warn
 
 CHECK = "settings"
+NO_PLATFORM = (
+    "no platform is configured (SLACK_BOT_TOKEN and DISCORD_BOT_TOKEN are unset): "
+    "`threadbot run` will not start but as `--role worker`; `threadbot chat` needs none"
+)
 SALVAGE_ROUNDS = 4
 """Each round resets what failed: a setting, then, where its default fails too, the
 settings it is at odds with (MAX_CONTEXT_TOKENS' beside MAX_NEW_TOKENS); then it reads."""
@@ -93,10 +97,20 @@ def read_settings() -> tuple[Settings | None, list[Finding]]:
             if salvaged is not None
             else "nothing else can be checked"
         )
-        return salvaged, [
-            fail(CHECK, f"{problem} ({after})") for problem in str(error).splitlines()
-        ] + typos
-    return settings, [ok(CHECK, f"read from {', '.join(_sources())}"), *typos]
+        failed = [fail(CHECK, f"{problem} ({after})") for problem in str(error).splitlines()]
+        return salvaged, failed + _platforms(salvaged) + typos
+    return settings, [
+        ok(CHECK, f"read from {', '.join(_sources())}"),
+        *_platforms(settings),
+        *typos,
+    ]
+
+
+def _platforms(settings: Settings | None) -> list[Finding]:
+    """A warning where the settings name no platform for `threadbot run` to serve."""
+    if settings is None or settings.slack_bot_token or settings.discord_bot_token:
+        return []
+    return [warn(CHECK, NO_PLATFORM)]
 
 
 def _salvaged() -> Settings | None:
