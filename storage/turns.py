@@ -34,6 +34,9 @@ from storage.store import ConversationStore
 logger = logging.getLogger(__name__)
 
 SEEN_TTL_SECONDS = 86400  # platforms re-deliver within minutes; a day is ample
+UNANSWERED_KEPT_AT_LEAST_S = 86400
+"""A turn not yet answered is kept this long even where conversations expire sooner (a
+short HISTORY_TTL_DAYS): a restart, a redeploy or an outage must not drop it."""
 WATCH_TRIES = 5  # optimistic transactions retried when a watched key changed
 
 T = TypeVar("T")
@@ -96,6 +99,12 @@ class TurnJournal:
         await self._redis.delete(keys.owner(self.owner))
 
     @property
+    def kept_seconds(self) -> int:
+        """How long an unanswered turn's record lasts: as long as its conversation's
+        history, but at least `UNANSWERED_KEPT_AT_LEAST_S`."""
+        return max(self._store.ttl_seconds, UNANSWERED_KEPT_AT_LEAST_S)
+
+    @property
     def _lease_ms(self) -> int:
         return max(round(self.lease_seconds * 1000), 1)
 
@@ -120,7 +129,7 @@ class TurnJournal:
             record = self._record(pending) | {"acceptance": acceptance}
             pipe.hset(keys.turn(pending.id), mapping=record)
             # Never answered (its platform no longer served), it goes with its conversation.
-            pipe.expire(keys.turn(pending.id), self._store.ttl_seconds)
+            pipe.expire(keys.turn(pending.id), self.kept_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
             self._store.queue_starter(pipe, pending.conversation, turn.author)
             return True
@@ -281,7 +290,7 @@ class TurnJournal:
         those `uncounted` (left in an outage, whose `release` failed). Stops claiming as
         soon as `stop()` says so, or `limit` are claimed."""
         claimed: list[PendingTurn] = []
-        expired = time.time() - self._store.ttl_seconds  # their records are gone
+        expired = time.time() - self.kept_seconds  # their records are gone
         await self._redis.zremrangebyscore(keys.PENDING_TURNS, "-inf", expired)
         renewed, refused = time.monotonic(), set(self._refused)
         indexed = await self._redis.zrange(keys.PENDING_TURNS, 0, -1)

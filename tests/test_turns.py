@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from bot.types import ChatMessage, ConversationKey, Turn
 from storage import keys
 from storage.store import ConversationStore
-from storage.turns import WATCH_TRIES, PendingTurn, TurnJournal
+from storage.turns import UNANSWERED_KEPT_AT_LEAST_S, WATCH_TRIES, PendingTurn, TurnJournal
 
 MakeJournal = Callable[..., TurnJournal]
 
@@ -164,7 +164,9 @@ async def test_turns_no_process_serves_go_with_their_conversations_history(
     make_journal: MakeJournal, redis_client: Redis, store: ConversationStore, platform: str
 ) -> None:
     """A platform no process serves any more: its turns' records expire when a conversation
-    would (HISTORY_TTL_DAYS), and any process's claim drops them from the index then."""
+    would (HISTORY_TTL_DAYS, here 40 days), and any process's claim drops them from the
+    index then."""
+    store.ttl_seconds = 40 * 86400
     gone = make_journal("gone")
     old = await gone.accept(new_turn(f"{platform}x"), {})
     recent = await gone.accept(new_turn(f"{platform}x"), {})
@@ -174,6 +176,22 @@ async def test_turns_no_process_serves_go_with_their_conversations_history(
     assert await make_journal("a").claim([platform]) == []
     assert not await indexed(redis_client, old)
     assert await indexed(redis_client, recent)
+
+
+async def test_an_unanswered_turn_outlives_a_short_history_ttl(
+    make_journal: MakeJournal, redis_client: Redis, store: ConversationStore, platform: str
+) -> None:
+    """HISTORY_TTL_DAYS of an hour (or a minute): a turn kept waiting by a restart or an
+    outage longer than that is still answered, so its record lasts at least a day."""
+    journal = make_journal("a")
+    pending = await journal.accept(new_turn(platform), {})
+    assert pending is not None
+    assert store.ttl_seconds == 3600
+    day = UNANSWERED_KEPT_AT_LEAST_S
+    assert day - 5 < await redis_client.ttl(keys.turn(pending.id)) <= day
+    await redis_client.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at - 7200})
+    [claimed] = await make_journal("b").claim([platform])  # "a" holds no lease
+    assert claimed.id == pending.id
 
 
 async def test_a_journal_claims_of_its_own_turns_only_the_orphaned(
