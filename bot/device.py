@@ -50,12 +50,12 @@ def _computes_bf16_natively() -> bool:
 
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
-    if not _cpu_has("avx512"):
+    if not cpu_has("avx512"):
         return True
-    return _cpu_has("avx512_bf16") or _cpu_has("amx_tile")
+    return cpu_has("avx512_bf16") or cpu_has("amx_tile")
 
 
-def _cpu_has(instructions: str) -> bool:
+def cpu_has(instructions: str) -> bool:
     """What torch.cpu says of these instructions (False where this torch cannot say)."""
     import torch
 

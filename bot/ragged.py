@@ -38,6 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from bot.device import cpu_has
 from bot.kv_cache import KV
 
 ATTENTION = "threadbot_ragged"
@@ -52,6 +53,16 @@ layers of 250-290 keys: 1, 4 and 8 rows took 2.6, 5.2 and 11.5 ms a step against
 and 12.8 in bfloat16; 16 rows 16.7 against 14.4, where copying their keys costs more.
 Whole decode steps of the packed model, alternating 12 times in one process on that
 machine: 1, 4 and 8 rows took 0.91, 0.93 and 0.93x the time (medians of the pairs)."""
+SDPA_DECODES = cpu_has("amx_tile")
+"""A bfloat16 model's decoding rows attend through SDPA on a CPU with AMX, and through our
+two matmuls elsewhere: which is faster differs by CPU, and not by a few percent. On 2 cores
+of an Intel Xeon with AMX, SDPA took 20, 57 and 210 us against 43, 78 and 337 for 1, 4 and
+16 rows of 264 keys (Qwen2.5-0.5B's heads), and 171 against 780 us for a lone row of 4,000,
+and whole decode steps of the packed model (alternating in one process, two runs) took
+0.98 and 0.94-0.96x the time at 1 and 16 rows. On a CPU without AMX SDPA took 13.7 ms
+against 1.7 for 15 rows of 300 keys. (Timing the two at load was tried: a few hundred
+microseconds, in a process with a model loaded, came out the other way round as often
+as not.)"""
 
 
 @dataclass
@@ -100,7 +111,7 @@ class StepLayout:
             rows = len(group.segments)
             q = query[0, :, offset : offset + rows].transpose(0, 1)  # [rows, heads, dim]
             k, v = group.take(keys), group.take(values)
-            outputs.append(_decode_attention(q, k, v, group.mask, scaling, softcap))
+            outputs.append(_decode(q, k, v, group.mask, scaling, softcap))
             offset += rows
         prefill = _sdpa if softcap is None else partial(_capped_prefill, softcap=softcap)
         for segment, mask in self._prefills:
@@ -150,11 +161,19 @@ def _causal_mask(segment: Segment, device: torch.device) -> torch.Tensor:
     return columns[None, :] <= rows[:, None]
 
 
+def _decode(q, k, v, mask, scaling, softcap=None) -> torch.Tensor:
+    """Decoding rows' attention (as `_decode_attention` takes it), by SDPA where it is the
+    faster (`SDPA_DECODES`) and the scores are not soft-capped."""
+    if SDPA_DECODES and softcap is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return _sdpa(q[:, :, None], k, v, mask, scaling)[:, :, 0]  # a query of one token a row
+    return _decode_attention(q, k, v, mask, scaling, softcap)
+
+
 def _decode_attention(q, k, v, mask, scaling, softcap=None) -> torch.Tensor:
     """One query per row ([rows, heads, dim]) against its keys ([rows, kv_heads, width, dim]),
-    as two matmuls with the query heads of each key head side by side. On the CPU this
-    is 1.5-8x faster than `scaled_dot_product_attention`, whose flash kernel is built for
-    long queries (measured on 2 cores, 15 rows of 300 keys: 1.7 against 13.7 ms in
+    as two matmuls with the query heads of each key head side by side. On a CPU without
+    AMX this is 1.5-8x faster than `scaled_dot_product_attention`, whose flash kernel is built
+    for long queries there (measured on 2 cores, 15 rows of 300 keys: 1.7 against 13.7 ms in
     bfloat16, 0.9 against 1.3 in float32); prefill chunks still use it."""
     rows, heads, dim = q.shape
     kv_heads = k.shape[1]

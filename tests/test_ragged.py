@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_cuda import ON_A_GPU
 
+from bot import ragged
 from bot.ragged import Segment, SlotCache, StepLayout
 
 HEADS, KV_HEADS, DIM, WIDTH = 4, 2, 8, 300
@@ -38,8 +39,10 @@ def test_decoding_rows_and_prefill_chunks_attend_like_separate_sequences(device)
     torch.testing.assert_close(got, reference(query, keys, values, layout.segments))
 
 
-def test_a_few_decoding_rows_of_a_bfloat16_model_attend_at_float32_precision():
-    """Their scores are not rounded to bfloat16 on the way (the output is, once)."""
+def test_a_few_decoding_rows_of_a_bfloat16_model_attend_at_float32_precision(monkeypatch):
+    """Through our two matmuls (a CPU without AMX), their scores are not rounded to
+    bfloat16 on the way (the output is, once)."""
+    monkeypatch.setattr(ragged, "SDPA_DECODES", False)
     torch.manual_seed(0)
     layout = StepLayout(
         [Segment(slot, 200 + 7 * slot, 1) for slot in range(3)], [], torch.device("cpu")
@@ -50,6 +53,25 @@ def test_a_few_decoding_rows_of_a_bfloat16_model_attend_at_float32_precision():
     exact = reference(query.float(), keys.float(), values.float(), layout.segments)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), exact.bfloat16().float(), rtol=0, atol=2**-9)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_on_a_cpu_with_amx_bfloat16_decoding_rows_attend_through_sdpa(monkeypatch, softcap):
+    """SDPA's answer, within a bfloat16 step of the exact one; soft-capped scores (which
+    SDPA has no option for) still through the two matmuls."""
+    monkeypatch.setattr(ragged, "SDPA_DECODES", True)
+    calls, sdpa = [], ragged._sdpa
+    monkeypatch.setattr(ragged, "_sdpa", lambda *args: calls.append(args) or sdpa(*args))
+    torch.manual_seed(0)
+    decoding = [Segment(0, 9, 1), Segment(1, 12, 1), Segment(2, 250, 1)]  # two groups
+    layout = StepLayout(decoding, [], torch.device("cpu"))
+    keys, values = (torch.randn(2, 3, KV_HEADS, WIDTH, DIM) * 2).bfloat16().unbind()
+    query = (torch.randn(1, HEADS, layout.tokens, DIM) * 2).bfloat16()
+    got = layout.attention(query, keys, values, DIM**-0.5, softcap)
+    assert len(calls) == (2 if softcap is None else 0)
+    if softcap is None:
+        exact = reference(query.float(), keys.float(), values.float(), layout.segments)
+        torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=2**-6)
 
 
 def test_a_long_row_gets_its_own_attention_call_and_the_short_rows_stay_narrow():
