@@ -91,6 +91,9 @@ def test_a_row_count_is_computed_at_a_larger_one_only_where_that_took_clearly_le
     assert fastest_rows({1: 40.9, 2: 43.8, 3: 35.4, 4: 33.7}) == {1: 4, 2: 4}
     assert fastest_rows({1: 27.7, 2: 28.4, 3: 30.0, 4: 31.9}) == {}
     assert fastest_rows({1: 30.0, 2: 20.0, 3: 29.0, 4: 19.5}) == {1: 4, 3: 4}  # 2: within
+    # An AMX Xeon's 46.9, 45.7, 45.5, 45.4 ms, measured with a lone row's time 10% high
+    # (a load-time measurement's noise): not worth a pad and a slice on every product.
+    assert fastest_rows({1: 50.0, 2: 45.7, 3: 45.5, 4: 45.4}) == {}
 
 
 def packed_tiny(tokenizer, dtype) -> torch.nn.Module:
