@@ -48,6 +48,7 @@ from adapters.discord_channel import (
 )
 from adapters.discord_commands import SlashCommands
 from adapters.streaming import EditBudgets
+from adapters.text import with_forwarded
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import THREAD_ONLY, ChatMessage, ConversationKey, Turn
@@ -457,9 +458,9 @@ class DiscordAdapter(Adapter):
             return before + names[kind].get(ident, f"<{match[2]}{match[3]}>") + after
 
         said = MENTION.sub(readable, message.content).strip()
-        forwarded = [f"[forwarded]\n{s.content}" for s in message.message_snapshots if s.content]
+        forwarded = (snapshot.content for snapshot in message.message_snapshots)
         stickers = [f"[sticker: {sticker.name}]" for sticker in message.stickers]
-        return "\n\n".join([said, *forwarded, *stickers]).strip()
+        return "\n\n".join([with_forwarded(said, forwarded), *stickers]).strip()
 
 
 def thread_name(text: str) -> str:

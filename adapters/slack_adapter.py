@@ -65,6 +65,7 @@ from adapters.slack_format import (
 )
 from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
 from adapters.streaming import SKIPPABLE, EditBudgets, StreamingReply
+from adapters.text import with_forwarded
 from bot import replies
 from bot.access import Requester
 from bot.config import Settings
@@ -445,7 +446,7 @@ class SlackAdapter(Adapter):
         """Answer a message the bot was asked (or is expected) to answer; what it looks up
         first is looked up by `deadline`, the event's ack waiting on it, and it is accepted
         `in_turn`."""
-        text = event.get("text", "")
+        text = _text(event)
         looked_up_by = deadline - ATTACHMENT_SECONDS if event.get("files") else deadline
         words = _readable(text, bot_user, await self._names(_mentioned(text), looked_up_by))
         order = command(words)
@@ -584,10 +585,10 @@ class SlackAdapter(Adapter):
         as chat messages (the bot's as assistant), read and named by `deadline`."""
         earlier = await self._earlier_messages(event, deadline)
         people = {m["user"] for m in earlier if "user" in m}
-        names = await self._names(people.union(*(_mentioned(m["text"]) for m in earlier)), deadline)
+        names = await self._names(people.union(*(_mentioned(_text(m)) for m in earlier)), deadline)
         context: list[ChatMessage] = []
         for message in earlier:
-            text = _readable(message["text"], bot_user, names)
+            text = _readable(_text(message), bot_user, names)
             if message.get("user") == bot_user:
                 context.append({"role": "assistant", "content": text})
             else:  # a person, or another bot (an alert, a CI report): not our own words
@@ -818,7 +819,16 @@ def _said_between(page: dict[str, Any], after: Decimal, before: Decimal) -> list
 def _said(message: dict[str, Any]) -> bool:
     """Whether a thread message is something someone said (not the title Slack gives an
     assistant thread's first message)."""
-    return bool(message.get("text")) and message.get("subtype") != ASSISTANT_THREAD_ROOT
+    return bool(_text(message)) and message.get("subtype") != ASSISTANT_THREAD_ROOT
+
+
+def _text(message: dict[str, Any]) -> str:
+    """A message's text, then that of each message it forwards: Slack keeps a forwarded
+    message in the new one's `attachments` (marked `is_share`, or `is_msg_unfurl` for a
+    message a link points to), its own text empty or the forwarder's comment."""
+    shared = message.get("attachments") or ()
+    forwarded = (a.get("text", "") for a in shared if a.get("is_share") or a.get("is_msg_unfurl"))
+    return with_forwarded(message.get("text", ""), forwarded)
 
 
 async def _by(deadline: float, *calls: Awaitable[object]) -> None:

@@ -1,8 +1,10 @@
-"""Platform-neutral text helpers for adapters: splitting long answers into messages."""
+"""Platform-neutral text helpers for adapters: splitting long answers into messages, and
+a message's words with the messages it forwards."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 # A line that starts, maybe indented (code under a list item), with a code fence; its
 # language is the info string's first word, where that is short enough to be one.
@@ -59,3 +61,9 @@ def _open_fence(text: str) -> str | None:
         if match.group(0).count("```") % 2:
             fence = f"{match.group(1)}```{match.group(2) or ''}" if fence is None else None
     return fence
+
+
+def with_forwarded(said: str, forwarded: Iterable[str]) -> str:
+    """A message's own words, then the text of each message it forwards, marked so: the
+    model reads what was shared, and whose words are whose."""
+    return "\n\n".join([said, *(f"[forwarded]\n{text}" for text in forwarded if text)]).strip()

@@ -787,11 +787,15 @@ class FakeSlack:
         user: str = "U0ALICE",
         thread_ts: str | None = None,
         channel_type: str = "channel",
+        attachments: list[JSON] | None = None,
     ) -> JSON:
-        """A ``message`` event from a person."""
+        """A ``message`` event from a person; `attachments` as Slack sends a forwarded
+        message's (`forwarded`)."""
+        shared = {"attachments": attachments} if attachments else {}
         return self._event(
-            channel, text, thread_ts, type="message", user=user, channel_type=channel_type
-        )
+            channel, text, thread_ts, type="message", user=user, channel_type=channel_type,
+            **shared,
+        )  # fmt: skip
 
     def app_mention(
         self,
@@ -873,9 +877,30 @@ class FakeSlack:
             channel_type=channel_type,
         )
 
-    def dm(self, channel: str = "D0001", text: str = "hello", *, user: str = "U0ALICE") -> JSON:
+    def dm(
+        self,
+        channel: str = "D0001",
+        text: str = "hello",
+        *,
+        user: str = "U0ALICE",
+        attachments: list[JSON] | None = None,
+    ) -> JSON:
         """A direct-message ``message`` event (``channel_type: im``)."""
-        return self.user_message(channel, text, user=user, channel_type="im")
+        return self.user_message(
+            channel, text, user=user, channel_type="im", attachments=attachments
+        )
+
+    def forwarded(self, channel: str, text: str, *, user: str = "U0BOB") -> JSON:
+        """The attachment in which Slack sends a message forwarded from `channel`: its
+        text, where it came from and who wrote it."""
+        ts = self.next_ts()
+        return {
+            "is_share": True, "is_msg_unfurl": True, "text": text, "fallback": f"[{ts}] {text}",
+            "author_id": user, "author_name": self.users.get(user, user),
+            "channel_id": channel, "ts": ts,
+            "from_url": f"https://fake.slack.com/archives/{channel}/p{ts.replace('.', '')}",
+            "mrkdwn_in": ["text"], "id": 1,
+        }  # fmt: skip
 
     def assistant_thread_started(self, channel: str = "D0001", *, user: str = "U0ALICE") -> JSON:
         """An ``assistant_thread_started`` event: the user opened a new thread in the pane,

@@ -620,6 +620,32 @@ async def test_slack_markup_reaches_the_model_as_plain_text_that_keeps_its_meani
     )
 
 
+async def test_a_forwarded_message_reaches_the_model_with_the_forwarders_words(slack, socket_mode):
+    """Slack sends a forwarded message in the new one's `attachments`, its own text empty
+    or a comment: the bot answered a bare forward as an empty message, and a forward with
+    a comment as the comment alone; nor did a forward earlier in a thread come along."""
+    log = "deploy failed, see <https://ci.example/42|the log>"
+    async with socket_mode(ScriptedBatcher("Seen.")) as (_service, batcher):
+        bare = slack.dm("D0001", "", attachments=[slack.forwarded("C0002", log)])
+        await slack.send_event(bare)
+        await final_reply(slack, "D0001", None)
+        link_preview = {"title": "CI", "text": "a page's preview", "from_url": "https://ci.example"}
+        shared = [slack.forwarded("C0002", "and again"), link_preview]
+        await slack.send_event(slack.dm("D0001", "what broke?", attachments=shared))
+        await final_reply(slack, "D0001", None, after=1)
+        parent = slack.user_message("C0001", "", attachments=[slack.forwarded("C0002", log)])
+        mention = slack.app_mention("C0001", "why?", thread_ts=parent["ts"])
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", parent["ts"])
+    forwarded = "[forwarded]\ndeploy failed, see the log (https://ci.example/42)"
+    assert batcher.prompts[0][-1]["content"] == forwarded
+    assert batcher.prompts[1][-1]["content"] == "what broke?\n\n[forwarded]\nand again"
+    assert batcher.prompts[2] == [
+        {"role": "user", "content": forwarded},
+        {"role": "user", "content": "why?"},
+    ]
+
+
 async def test_code_in_a_mention_keeps_its_indentation(slack, socket_mode):
     """Every run of spaces in a message became one (to tidy the gap the mention left), so
     pasted code reached the model, and its history, without its indentation."""
