@@ -516,6 +516,8 @@ class ChatService:
             await self._leave_for_later(pending, sink, release=True,
                                         text=replies.storage_lost())  # fmt: skip
             self._orphaned[pending.id] = sink
+        finally:  # a later try (here or elsewhere) reads the old answer from the record
+            self._taken_back.pop(pending.id, None)
 
     async def _take_turn(
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None

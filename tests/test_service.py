@@ -1260,6 +1260,36 @@ async def test_a_regenerated_answer_with_nowhere_to_go_puts_the_old_one_back(
     assert [m["content"] for m in await store.load(str(conversation))] == ["Q1", old]
 
 
+class NeverShown(ShowingSink):
+    """A thread the platform fails every answer in (a 503 each time)."""
+
+    async def finish(self, text: str) -> None:
+        await RecordingSink.finish(self, text)
+        raise RuntimeError("internal_error (HTTP 503)")
+
+
+async def test_a_regeneration_that_ends_unshown_keeps_no_old_answer_in_the_process(
+    make_service, redis_client, store, conversation
+):
+    """Past its last try its new answer is stored, unshown: the old answer it took back
+    stayed in the process's memory for good (each such regeneration, an answer more)."""
+    async with make_service(max_attempts=2) as (service, batcher):
+        service.serve_platform(conversation.platform, Rebuilder())
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Q1"), answered)
+        request, press = uuid.uuid4().hex, NeverShown(service, conversation)
+        refusal = await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=request, sink=press
+        )
+        await until(lambda: gone(redis_client, f"test:{request}"), timeout=30)
+        assert refusal is None and len(press.kinds("finish")) == 2
+        assert service._taken_back == {}
+    assert len(batcher.prompts) == 2
+    assert [m["content"] for m in await store.load(str(conversation))] == [
+        "Q1", press.kinds("finish")[0],
+    ]  # fmt: skip
+
+
 async def test_a_regeneration_stopped_before_its_take_back_leaves_the_old_answer_shown(
     make_service, redis_client, store, conversation, monkeypatch
 ):
