@@ -255,7 +255,9 @@ class JobQueue:
             logger.info("not following job %s, sent long before: asking again", earlier)
             return False
         if self._watches.pop(keys.job_chunks(watch.job.id), None) is None:
-            return True  # cancelled meanwhile: nothing to follow
+            # Cancelled meanwhile (a Stop, a reset): the earlier job is not wanted either.
+            await self.redis.set(keys.job_cancel(earlier), "1", ex=self._cancel_kept_s)
+            return True
         watch.job = replace(watch.job, id=earlier)
         self._watches[keys.job_chunks(earlier)] = watch
         await self._wake_reader(job=earlier)

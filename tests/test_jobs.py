@@ -359,6 +359,35 @@ async def test_a_gateway_resuming_a_request_reads_the_job_sent_before(streams, m
     assert len(spy.prompts) == 1
 
 
+async def test_a_request_stopped_as_it_finds_the_job_sent_before_stops_that_job(
+    streams, make_batcher, monkeypatch
+):
+    """Stopped while the resuming gateway looked at the dead one's job: that job ran on
+    to its end on its worker, a row spent on an answer nobody would read."""
+    spy = SlowSteps(make_batcher(max_new_tokens=400))
+    async with worker(streams, spy, "w1") as working:
+        first = JobQueue(redis=streams, gateway="gw-dead", max_size=8, timeout=60)
+        await first.__aenter__()
+        await anext(aiter(first.submit(HELLO, user="u1", conversation="c1")))
+        await crash(first)
+        async with gateway(streams) as second:
+            exists, looked_at = streams.exists, []
+
+            async def stopped_meanwhile(*names: str) -> int:
+                if names[0].endswith(":cancel") and not looked_at:
+                    looked_at.append(names[0])
+                    again.cancel()
+                return await exists(*names)
+
+            monkeypatch.setattr(streams, "exists", stopped_meanwhile)
+            again = second.submit(HELLO, user="u1", conversation="c1")
+            await wait_until(lambda: asyncio.sleep(0, looked_at))
+            monkeypatch.setattr(streams, "exists", exists)
+            await wait_until(lambda: asyncio.sleep(0, not working._running))
+    assert await streams.exists(*looked_at)  # the earlier job's cancel
+    assert len(spy.prompts) == 1 and not spy.answers  # it never finished its 400 tokens
+
+
 async def test_a_request_asked_again_after_a_cancel_or_its_end_is_answered_again(
     streams, make_batcher
 ):
