@@ -48,7 +48,13 @@ from bot.jobs import (
 )
 from bot.metrics import Metrics
 from bot.openai_backend import InferenceUnavailable
-from bot.queue import AnswerRestarted, Generation, Inference, InferenceCancelled
+from bot.queue import (
+    AnswerRestarted,
+    Generation,
+    Inference,
+    InferenceCancelled,
+    InferenceTimeout,
+)
 from bot.waiting import set_within
 from storage import keys
 from storage.errors import is_outage
@@ -445,11 +451,18 @@ class Worker:
             )  # fmt: skip
         except InferenceCancelled:
             if taken.cancelled:
-                await self._acknowledge(taken.stream, taken.entry_id)
+                await self._drop(taken)
             elif taken.lost:
                 logger.warning("job %s was claimed by another worker; dropped here", job.id)
             else:  # this worker is stopping
                 await self._hand_back(taken, failed=False)
+        except InferenceTimeout:  # REQUEST_TIMEOUT here: its gateway's came first, or soon will
+            logger.warning(
+                "job %s ran out of time on %s (try %d)", job.id, self.name, taken.attempt
+            )
+            with contextlib.suppress(RedisError):  # read by a gateway that waits longer
+                await self._write(job, Chunk(taken.attempt, self.name, "error", "timed out"))
+            await self._drop(taken)
         except Exception as error:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
             if isinstance(error, InferenceUnavailable) and not error.may_pass:
@@ -541,6 +554,14 @@ class Worker:
         """The job is over: out of the group's pending list and out of the stream, unless
         another worker took it meanwhile (it answers it now)."""
         await self._acknowledge_if_mine(keys=[stream], args=[GROUP, self.name, entry_id])
+
+    async def _drop(self, taken: _Taken) -> None:
+        """Acknowledge a job that ends unanswered (cancelled, out of time); where Redis
+        fails, a sweep takes it back as lost, and drops it then (past its deadline)."""
+        try:
+            await self._acknowledge(taken.stream, taken.entry_id)
+        except RedisError as error:
+            logger.warning("job %s: could not acknowledge it: %s", taken.job.id, error)
 
     async def _hand_back(self, taken: _Taken, *, failed: bool = True) -> None:
         """Leave the job pending but make it look abandoned now, so the next sweep of any

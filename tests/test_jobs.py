@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from conftest import SpyBatcher, answer_alone
+from conftest import GatedBatcher, SpyBatcher, answer_alone
 from fake_openai import FakeOpenAI, Status
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -1036,6 +1036,27 @@ async def test_a_job_nobody_takes_times_out_and_is_never_run(streams, make_batch
             await wait_until(lambda: asyncio.sleep(0, True))
             await asyncio.sleep(0.3)
     assert not spy.prompts
+
+
+async def test_a_job_out_of_time_on_its_worker_ends_there_and_is_not_a_failed_try(
+    streams, make_batcher, caplog
+):
+    """The worker's REQUEST_TIMEOUT (here shorter than the gateway's): the gateway hears
+    it at once, where it was taken for a failure (a traceback, the worker marked failing
+    and the job handed to another worker to run again) and the gateway waited on."""
+    gated = GatedBatcher(make_batcher())
+    async with (
+        gateway(streams) as queue,
+        InferenceQueue(batcher=gated, max_size=8, timeout=0.5) as inference,
+        working_on(streams, inference, "w1", rows=gated.max_batch),
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        with pytest.raises(JobFailed, match="timed out"):
+            await read(generation)
+        gated.gate.set()
+        assert not await streams.exists(keys.worker_failing("w1"))
+        assert await streams.xlen(keys.worker_jobs("w1")) == 0  # acknowledged
+    assert "failed on w1" not in caplog.text and "ran out of time on w1" in caplog.text
 
 
 async def test_the_gateway_says_busy_when_queue_max_jobs_wait(streams):
