@@ -26,7 +26,8 @@ byte tokens, so only malformed output or a run of special tokens reaches this.""
 
 class IncrementalDetokenizer:
     """One answer's text, a chunk per call of `feed`, with `decode` (the engine's: ids to
-    text, special tokens skipped) applied to at most twice `MAX_HELD` ids per call.
+    text, special tokens skipped) applied to at most twice `MAX_HELD` ids, and one more, per
+    call.
 
     Joined, the chunks equal `decode` of the whole answer whenever decoding a window's
     ids extends the decode of its first ones, as with byte-level BPE (Qwen, Llama 3,
@@ -68,9 +69,10 @@ class IncrementalDetokenizer:
     def _before_unfinished(self, text: str, held: int) -> tuple[int, str]:
         """The window's ids up to a character whose last bytes are still to come, and
         their text; all of them (and `text`) where none is, as in malformed output. The
-        character's first bytes may be any of the `held` ids back: special tokens (which
-        decode to nothing) may follow them."""
-        for unfinished in range(1, held + 1):
+        character's first bytes may be any of the last `MAX_HELD` ids: special tokens (which
+        decode to nothing) may follow them. (Not further back: a run of broken characters
+        would be kept back whole, nothing let out, and the window grow with the answer.)"""
+        for unfinished in range(1, min(held, MAX_HELD) + 1):
             before = self._decode(self._window[:-unfinished])
             if not before.endswith(REPLACEMENT):
                 return len(self._window) - unfinished, before

@@ -97,6 +97,20 @@ def test_each_token_decodes_a_bounded_window_however_long_the_answer(qwen_tokeni
     assert len(sizes) <= 2 * len(answer)
 
 
+def test_a_run_of_broken_characters_is_let_out_in_a_bounded_window(qwen_tokenizer, decode):
+    """Malformed output, each token a character's first byte that no byte completes: let
+    out at MAX_HELD ids, where the whole run was kept back (nothing streamed), and each
+    token decoded a window that grew with the answer."""
+    lead_byte = qwen_tokenizer.convert_tokens_to_ids("ä")  # byte 0xE4, as byte-level BPE writes it
+    answer = [lead_byte] * 40
+    sizes: list[int] = []
+    detokenizer = IncrementalDetokenizer(counting(decode, sizes))
+    chunks = stream(detokenizer, answer)
+    assert max(sizes) <= 2 * MAX_HELD + 1
+    assert len("".join(chunks)) >= len(answer) - MAX_HELD
+    assert "".join(chunks) + detokenizer.rest(decode(answer)) == decode(answer)
+
+
 def test_a_decode_that_rewrites_shown_text_does_not_stop_the_stream(qwen_tokenizer):
     """WordPiece tokenizers' clean-up joins " ." into "." once the dot comes: the text
     already shown ("Hello ") is no prefix of the next decode; the answer streams on."""
