@@ -695,7 +695,9 @@ class SlackAdapter(Adapter):
         except Exception as error:  # e.g. an app installed before it asked for channels:read
             if _needs_mpim_read(error):  # a group DM, in an install from before mpim:read
                 return _remember(self.channel_names, channel, GROUP_DM_NAME)
-            if not (isinstance(error, SlackApiError) and _refusal_stands(error)):
+            if not (isinstance(error, SlackApiError) and _refusal_stands(error)) or (
+                _not_in_it_yet(error)  # a command typed in a private channel, say
+            ):
                 logger.info("conversations.info failed for %s, for now: %s", channel, error)
                 return channel  # asked again next time
             logger.warning("conversations.info failed for %s", channel, exc_info=True)
@@ -753,6 +755,11 @@ class SlackAdapter(Adapter):
 
 
 Cached = TypeVar("Cached")
+
+
+def _not_in_it_yet(error: SlackApiError) -> bool:
+    """Refused because the bot is not in the channel: it may be invited later."""
+    return error.response.get("error") in ("channel_not_found", "not_in_channel")
 
 
 def _needs_mpim_read(error: Exception) -> bool:

@@ -537,10 +537,14 @@ async def test_a_personas_channel_name_is_asked_once_and_needs_its_scope(
     assert len(slack.calls_to("conversations.info")) == 1
 
 
-async def test_a_channel_name_slack_failed_to_give_for_now_is_asked_again(slack, socket_mode):
-    """conversations.info failing in a way that passes (Slack's internal_error): the id
-    for that message, and the name asked again at the next, where the id stood for good."""
-    slack.fail_next("conversations.info", "internal_error")
+@pytest.mark.parametrize("error", ["internal_error", "channel_not_found"])
+async def test_a_channel_name_slack_failed_to_give_for_now_is_asked_again(
+    slack, socket_mode, error
+):
+    """conversations.info failing in a way that passes (Slack's internal_error; a private
+    channel the bot is not in yet, where a slash command was typed): the id for that
+    message, and the name asked again at the next, where the id stood for good."""
+    slack.fail_next("conversations.info", error)
     async with socket_mode(system_prompt="You are in {channel_name}.") as (_service, batcher):
         for text in ("first", "second"):
             mention = slack.app_mention("C0001", text)
