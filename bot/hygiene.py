@@ -8,10 +8,12 @@ Reasoning models write `<think>…</think>` before their answer. With `strip_rea
 block that opens the answer is left out, and text inside a block that is not closed yet is
 never shown (a tag split across chunks is held back until it is whole). Templates that
 open the block in the prompt (DeepSeek-R1's) leave only the closing tag, at the start of a
-line and outside a code block, in the output: everything before it was reasoning. The
-answer streamed so far cannot be taken back then, but the final text, which replaces it,
-leaves it out. Elsewhere the tags are text: an answer about reasoning models may well
-write them, as in a code block that shows them.
+line and outside a code block, in the output: everything before it was reasoning. Where
+the template is known to (`prompt_opens_reasoning`), nothing is shown before that tag,
+nothing there is cut as a loop, and an answer that never writes it is all reasoning;
+where it is not known, the text streamed before the tag cannot be taken back, but the
+final text, which replaces it, leaves it out. Elsewhere the tags are text: an answer
+about reasoning models may well write them, as in a code block that shows them.
 
 A loop is one piece of text of at least MIN_UNIT characters repeated, copy after copy, at
 the end of the answer. Shorter repeats (`ha ha`, `0, 0, 0`, `-----`) and a few repeated
@@ -75,6 +77,11 @@ class ReasoningSplitter:
             text, self._inside, self._opened = self._after(text, start + len(OPEN)), True, True
         return shown
 
+    @property
+    def opened(self) -> bool:
+        """Whether a block was opened (by its tag, or by the prompt, whose end was met)."""
+        return self._opened
+
     def _reasoning_end(self, text: str) -> int:
         """Where a closing tag first begins a line in `text` outside a code block (an odd
         number of fences before it opens one): the end of reasoning the prompt opened;
@@ -131,12 +138,13 @@ def _opens_a_line(text: str) -> bool:
     return False
 
 
-def without_reasoning(text: str) -> str:
-    """A whole answer with its reasoning left out (as streaming it would show it)."""
+def without_reasoning(text: str, *, prompt_opened: bool = False) -> str:
+    """A whole answer with its reasoning left out (as streaming it would show it); where
+    the prompt opened a block that the answer never ends, nothing."""
     splitter = ReasoningSplitter()
     splitter.feed(text)
     splitter.flush()
-    return splitter.visible
+    return "" if prompt_opened and not splitter.opened else splitter.visible
 
 
 def _tag_start(text: str, tags: tuple[str, ...]) -> int:
@@ -198,8 +206,9 @@ class AnswerFilter:
     """One answer on its way out: feed it the chunks, show what it returns, stop the
     generation once `looping`, and show and store `final(...)`."""
 
-    def __init__(self, *, strip_reasoning: bool) -> None:
+    def __init__(self, *, strip_reasoning: bool, prompt_opens_reasoning: bool = False) -> None:
         self._splitter = ReasoningSplitter() if strip_reasoning else None
+        self._prompt_opens = strip_reasoning and prompt_opens_reasoning
         self._raw = ""
         self._cut: str | None = None
 
@@ -217,6 +226,8 @@ class AnswerFilter:
             answer = self._raw
         else:
             shown, answer = self._splitter.feed(chunk), self._splitter.visible
+            if self._prompt_opens and not self._splitter.opened:
+                return ""  # the prompt's block, not ended yet: all of it is reasoning
         if shown and (cut := loop_end(answer)) is not None:
             self._cut = answer[:cut].rstrip()
             return ""
@@ -227,4 +238,6 @@ class AnswerFilter:
         out; once looping, what came before the first repeat, and a word saying so."""
         if self._cut is not None:
             return f"{self._cut}\n\n_{replies.cut_repeating()}_"
-        return text if self._splitter is None else without_reasoning(text)
+        if self._splitter is None:
+            return text
+        return without_reasoning(text, prompt_opened=self._prompt_opens)

@@ -29,7 +29,7 @@ from bot.logs import adopt_transformers
 from bot.metrics import Metrics
 from bot.service import ChatService
 from bot.team import Team
-from bot.tokens import PromptTokens, prompt_tokens_without_model
+from bot.tokens import PromptTokens, opens_reasoning, prompt_tokens_without_model
 from storage.connection import Resilience, open_redis
 from storage.errors import is_outage
 from storage.limits import Limits
@@ -150,6 +150,7 @@ async def open_service(
                 queue=answers.queue,
                 count_tokens=answers.tokens.count,
                 prompt_budget=answers.tokens.budget,
+                prompt_opens_reasoning=answers.tokens.opens_reasoning,
                 team=team,
                 limits=Limits(redis=redis),
                 stats=TurnStats(redis=redis),
@@ -241,7 +242,9 @@ async def open_answering(settings: Settings, metrics: Metrics) -> AsyncIterator[
         metrics=metrics,
     )
     async with queue:
-        tokens = PromptTokens(engine.count_tokens, engine.prompt_budget)
+        tokens = PromptTokens(
+            engine.count_tokens, engine.prompt_budget, opens_reasoning(engine.tokenizer)
+        )
         yield Answering(queue, tokens, f"{name} ({placement(engine)})")
 
 

@@ -121,12 +121,15 @@ class ChatService:
         metrics: Metrics | None = None,
         platform_retry_s: float = PLATFORM_RETRY_S,
         reloads_seen: int | None = None,
+        prompt_opens_reasoning: bool = False,
     ) -> None:
         self.store = store
         self.journal = journal
         self.locks = locks  # one turn at a time per conversation: each holds the last answer
         self.queue = queue
         self.count_tokens = count_tokens
+        # The chat template opens a <think> block (DeepSeek-R1's): answers begin inside it.
+        self.prompt_opens_reasoning = prompt_opens_reasoning
         # Tokens for the prompt when answers may take MAX_NEW_TOKENS; a persona that allows
         # longer answers leaves its prompts less.
         self.prompt_budget = prompt_budget
@@ -695,7 +698,10 @@ class ChatService:
         try, elsewhere), so does the sink. Returns the filter that saw what was shown, and
         whether the asker stopped the answer."""
         while True:
-            output = AnswerFilter(strip_reasoning=self.team.settings.strip_reasoning)
+            output = AnswerFilter(
+                strip_reasoning=self.team.settings.strip_reasoning,
+                prompt_opens_reasoning=self.prompt_opens_reasoning,
+            )
             try:
                 async for chunk in generation:
                     if text := output.feed(chunk):

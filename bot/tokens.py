@@ -109,6 +109,16 @@ def _added_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
+def opens_reasoning(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template ends a prompt inside an open `<think>` block, as
+    DeepSeek-R1's does: the answer then starts with reasoning, and only its end is written."""
+    try:
+        prompt = render(tokenizer, [{"role": "user", "content": "?"}])
+    except Exception:  # no template (a base model's), or one that wants other input
+        return False
+    return prompt.rstrip().endswith("<think>")
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> list[int]:
     """A conversation's prompt as token ids: the chat template, then the tokens. The
     template writes every special token the model wants (Llama 3's, Mistral's and Gemma's
@@ -181,6 +191,7 @@ class PromptTokens:
 
     count: TokenCounter
     budget: int
+    opens_reasoning: bool = False  # the chat template, where known (`opens_reasoning`)
 
 
 def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
@@ -191,7 +202,7 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
 
     from bot import loading
 
-    config = None
+    config = tokenizer = None
     if name := settings.inference_tokenizer:
         logger.info("Counting tokens with %s's tokenizer", name)
         try:
@@ -229,7 +240,8 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
         count = AsSent(count)
     context = context_tokens(config, settings.max_context_tokens)
     loading.refuse_crowded_context(context, settings.max_new_tokens)
-    return PromptTokens(count, max(context - settings.max_new_tokens, 1))
+    opened = tokenizer is not None and opens_reasoning(tokenizer)
+    return PromptTokens(count, max(context - settings.max_new_tokens, 1), opened)
 
 
 def _template_count(tokenizer: PreTrainedTokenizerBase, named: str, fix: str) -> TemplateCount:

@@ -18,9 +18,13 @@ from bot.types import ConversationKey, Turn
 MARK = f"\n\n_{replies.cut_repeating()}_"
 
 
-def streamed(chunks: list[str], *, strip_reasoning: bool = True) -> tuple[list[str], AnswerFilter]:
+def streamed(
+    chunks: list[str], *, strip_reasoning: bool = True, prompt_opens_reasoning: bool = False
+) -> tuple[list[str], AnswerFilter]:
     """What the filter shows for each chunk, and the filter."""
-    answer = AnswerFilter(strip_reasoning=strip_reasoning)
+    answer = AnswerFilter(
+        strip_reasoning=strip_reasoning, prompt_opens_reasoning=prompt_opens_reasoning
+    )
     return [answer.feed(chunk) for chunk in chunks], answer
 
 
@@ -74,6 +78,21 @@ def test_a_closing_tag_alone_means_the_prompt_opened_the_block():
     assert without_reasoning(text) == "It is 4."
     _, answer = streamed(in_pieces(text, 5))
     assert answer.final(text) == "It is 4."
+
+
+def test_reasoning_a_known_template_opened_is_never_shown_nor_cut_nor_kept():
+    """The template is known to open the block (DeepSeek-R1's): its reasoning showed while
+    streaming; a loop in it was cut as the answer, and posted and stored, reasoning and
+    all; and reasoning that never ended (the answer's length ran out) was the answer."""
+    text = "The user asks for 2+2. That is 4.\n</think>\n\nIt is 4."
+    shown, answer = streamed(in_pieces(text, 5), prompt_opens_reasoning=True)
+    assert "".join(shown) == "It is 4." == answer.final(text)
+    looping = "Let me check that again, carefully. " * 30
+    shown, answer = streamed(in_pieces(looping, 7), prompt_opens_reasoning=True)
+    assert not any(shown) and not answer.looping
+    assert answer.final(looping) == ""  # only reasoning: an empty answer
+    _, unknown = streamed(in_pieces(looping, 7))  # a template not known to open it
+    assert unknown.looping
 
 
 def test_a_closing_tag_in_a_code_block_is_text_and_a_later_one_ends_the_reasoning():

@@ -16,7 +16,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import FailsOnceBatcher, GatedBatcher, SpyBatcher
+from conftest import FailsOnceBatcher, GatedBatcher, ScriptedBatcher, SpyBatcher
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -87,6 +87,21 @@ async def test_a_turn_is_answered_streamed_and_stored(make_service, store, conve
         {"role": "user", "content": "Hello there"},
         {"role": "assistant", "content": answer},
     ]
+
+
+async def test_reasoning_the_chat_template_opens_is_never_shown_nor_stored(
+    make_service, store, conversation
+):
+    """A model whose template opens `<think>` in the prompt (DeepSeek-R1's): the answer
+    begins inside the block, and its reasoning streamed into the thread."""
+    reasoned = "The user greets me. I should greet back.\n</think>\n\nHello!"
+    sink = RecordingSink()
+    async with make_service(ScriptedBatcher(reasoned), prompt_opens_reasoning=True) as (
+        service, _batcher,
+    ):  # fmt: skip
+        await service.handle(turn(conversation, "hi"), sink)
+    assert "".join(sink.kinds("append")) == "Hello!" == sink.kinds("finish")[0]
+    assert [m["content"] for m in await store.load(str(conversation))] == ["hi", "Hello!"]
 
 
 async def test_history_grows_and_builds_the_next_prompt(make_service, store, conversation):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 
 import pytest
 from conftest import package_dir
@@ -20,6 +21,7 @@ from bot.tokens import (
     context_tokens,
     defused,
     estimate,
+    opens_reasoning,
     prompt_ids,
     prompt_tokens_without_model,
 )
@@ -102,6 +104,33 @@ def test_without_a_model_the_tokenizer_named_is_used_else_the_estimate(monkeypat
     )
     assert guessed.count == AsSent(estimate)
     assert guessed.budget == DEFAULT_CONTEXT_TOKENS - 100
+
+
+def test_a_template_that_opens_reasoning_in_the_prompt_is_known(
+    monkeypatch, tmp_path, qwen_tokenizer
+):
+    """DeepSeek-R1's template ends the prompt in `<think>`: its answers start inside
+    the block (`bot.hygiene`); Qwen2.5's does not."""
+    monkeypatch.chdir(tmp_path)
+    assert not opens_reasoning(qwen_tokenizer)
+    qwen_tokenizer.save_pretrained(tmp_path / "r1")
+    config = json.loads((tmp_path / "r1" / "tokenizer_config.json").read_text())
+    config["chat_template"] = R1_STYLE_TEMPLATE
+    (tmp_path / "r1" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "r1" / "chat_template.jinja").unlink(missing_ok=True)
+    settings = Settings(
+        _env_file=None, inference_url="http://x/v1", inference_tokenizer=str(tmp_path / "r1")
+    )
+    assert prompt_tokens_without_model(settings).opens_reasoning
+    assert not prompt_tokens_without_model(
+        Settings(_env_file=None, inference_url="http://x/v1")
+    ).opens_reasoning  # no tokenizer: not known
+
+
+R1_STYLE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
 
 
 def test_a_tokenizer_that_cannot_be_loaded_is_named_in_one_line(monkeypatch, tmp_path):
