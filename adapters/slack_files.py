@@ -65,18 +65,22 @@ def _on_slack(url: str, api_url: str) -> bool:
 
 
 async def _download(url: str, wanted: int, *, token: str, html: bool, size: int | None) -> bytes:
-    """The first `wanted` bytes of a file (all of a shorter one); nothing more is read."""
+    """The first `wanted` bytes of a file (all of a shorter one); nothing more is read, but
+    where HTML comes back for an HTML file: up to a byte past its size, to be told from the
+    sign-in page by its length (files past MAX_FILE_BYTES are not downloaded)."""
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
         response.raise_for_status()
         page = response.content_type == "text/html"
         if page and not html:
             raise SlackDownloadRefused()
+        measured = page and size is not None
+        enough = max(wanted, size + 1) if measured else wanted
         data = bytearray()
         async for chunk in response.content.iter_chunked(CHUNK_BYTES):
             data += chunk
-            if len(data) >= wanted:
+            if len(data) >= enough:
                 break
-        if page and size is not None and min(len(data), wanted) != min(size, wanted):
+        if measured and len(data) != size:
             raise SlackDownloadRefused()  # HTML, but not as long as the file
-        return bytes(data)
+        return bytes(data[:wanted])

@@ -1069,12 +1069,18 @@ async def test_a_download_without_the_bot_token_meets_the_sign_in_page(slack):
 async def test_an_html_file_is_told_from_the_sign_in_page_by_its_size(slack):
     """Without `files:read` Slack answers with its sign-in page, HTML like the file."""
     page = slack.upload("page.html", b"<p>the launch codes</p>", "text/html")
-    [html] = slack_attachments([page], token=slack.bot_token, api_url=slack.api_url)
-    assert html.download is not None
+    long = b"<p>" + b"the launch codes, again. " * 400 + b"</p>"  # longer than the sign-in page
+    longer = slack.upload("long.html", long, "text/html")
+    [html, long_html] = slack_attachments(
+        [page, longer], token=slack.bot_token, api_url=slack.api_url
+    )
+    assert html.download is not None and long_html.download is not None
     assert await html.download(100) == b"<p>the launch codes</p>"
+    assert await long_html.download(100) == long[:100]
     slack.scopes.remove("files:read")
-    with pytest.raises(SlackDownloadRefused):
-        await html.download(100)
+    for refused in (html, long_html):  # the page and the long file, alike in their first bytes
+        with pytest.raises(SlackDownloadRefused):
+            await refused.download(100)
 
 
 async def test_reasoning_is_never_posted(slack, socket_mode):
