@@ -59,11 +59,10 @@ two matmuls elsewhere: which is faster differs by CPU, and not by a few percent.
 of an Intel Xeon with AMX, SDPA took 20, 57 and 210 us against 43, 78 and 337 for 1, 4 and
 16 rows of 264 keys (Qwen2.5-0.5B's heads), and 171 against 780 us for a lone row of 4,000,
 and whole decode steps of the packed model (alternating in one process, two runs) took
-0.98 and 0.94-0.96x the time at 1 and 16 rows. On the AVX2-only machine where the two
-matmuls were chosen, SDPA took 13.7 ms against 1.7 for 15 rows of 300 keys; on AVX512-BF16
-without AMX the two are not yet compared, and the matmuls stay. (Timing the two at load
-was tried: a few hundred microseconds, in a process with a model loaded, came out the
-other way round as often as not.)"""
+0.98 and 0.94-0.96x the time at 1 and 16 rows. On an AMD EPYC with AVX512-BF16 and no
+AMX, where the two matmuls were chosen, SDPA took 13.7 ms against 1.7 for 15 rows of 300
+keys. (Timing the two at load was tried: a few hundred microseconds, in a process with a
+model loaded, came out the other way round as often as not.)"""
 
 
 @dataclass
@@ -172,7 +171,7 @@ def _decode(q, k, v, mask, scaling, softcap=None) -> torch.Tensor:
 
 def _decode_attention(q, k, v, mask, scaling, softcap=None) -> torch.Tensor:
     """One query per row ([rows, heads, dim]) against its keys ([rows, kv_heads, width, dim]),
-    as two matmuls with the query heads of each key head side by side. On an AVX2-only CPU
+    as two matmuls with the query heads of each key head side by side. On a CPU without AMX
     this is 1.5-8x faster than `scaled_dot_product_attention`, whose flash kernel is built
     for long queries there (measured on 2 cores, 15 rows of 300 keys: 1.7 against 13.7 ms in
     bfloat16, 0.9 against 1.3 in float32); prefill chunks still use it."""

@@ -749,7 +749,6 @@ class ChatService:
             logger.warning("storage lost after answering %s; stored once it is back", pending.id)
             self._orphaned[pending.id] = sink
             return
-        self._taken_back.pop(pending.id, None)
         if not finished:
             _not_ours(pending)
             return
