@@ -240,7 +240,9 @@ def prompt_tokens_without_model(settings: Settings) -> PromptTokens:
         count = AsSent(count)
     context = context_tokens(config, settings.max_context_tokens)
     loading.refuse_crowded_context(context, settings.max_new_tokens)
-    opened = tokenizer is not None and opens_reasoning(tokenizer)
+    # A server may take the reasoning out itself (vLLM's and llama.cpp's reasoning parsers)
+    # and send no closing tag: what it sends is judged by the tags alone.
+    opened = not settings.inference_url and tokenizer is not None and opens_reasoning(tokenizer)
     return PromptTokens(count, max(context - settings.max_new_tokens, 1), opened)
 
 

@@ -107,24 +107,24 @@ def test_without_a_model_the_tokenizer_named_is_used_else_the_estimate(monkeypat
 
 
 def test_a_template_that_opens_reasoning_in_the_prompt_is_known(
-    monkeypatch, tmp_path, qwen_tokenizer
+    monkeypatch, tmp_path, qwen_tokenizer, tiny_model
 ):
-    """DeepSeek-R1's template ends the prompt in `<think>`: its answers start inside
-    the block (`bot.hygiene`); Qwen2.5's does not."""
+    """DeepSeek-R1's template ends the prompt in `<think>`: the answers of a model that
+    workers load start inside the block (`bot.hygiene`); Qwen2.5's do not. A server's
+    (INFERENCE_URL) are judged by their tags alone: it may take the reasoning out itself,
+    and leave no closing tag to end the block at."""
     monkeypatch.chdir(tmp_path)
     assert not opens_reasoning(qwen_tokenizer)
-    qwen_tokenizer.save_pretrained(tmp_path / "r1")
-    config = json.loads((tmp_path / "r1" / "tokenizer_config.json").read_text())
+    folder = tmp_path / "r1"
+    tiny_model.save_pretrained(folder)
+    qwen_tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = R1_STYLE_TEMPLATE
-    (tmp_path / "r1" / "tokenizer_config.json").write_text(json.dumps(config))
-    (tmp_path / "r1" / "chat_template.jinja").unlink(missing_ok=True)
-    settings = Settings(
-        _env_file=None, inference_url="http://x/v1", inference_tokenizer=str(tmp_path / "r1")
-    )
-    assert prompt_tokens_without_model(settings).opens_reasoning
-    assert not prompt_tokens_without_model(
-        Settings(_env_file=None, inference_url="http://x/v1")
-    ).opens_reasoning  # no tokenizer: not known
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    assert prompt_tokens_without_model(Settings(_env_file=None, model=str(folder))).opens_reasoning
+    served = Settings(_env_file=None, inference_url="http://x/v1", inference_tokenizer=str(folder))
+    assert not prompt_tokens_without_model(served).opens_reasoning
 
 
 R1_STYLE_TEMPLATE = (
