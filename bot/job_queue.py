@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from bot.health import READY
 from bot.jobs import (
+    TIMED_OUT,
     Chunk,
     Job,
     JobFailed,
@@ -40,7 +41,7 @@ from bot.jobs import (
     roll_call,
 )
 from bot.metrics import Metrics
-from bot.queue import Generation, QueueFull, QueuePlace
+from bot.queue import Generation, InferenceTimeout, QueueFull, QueuePlace
 from bot.types import ChatMessage
 from bot.waiting import set_within
 from storage import keys
@@ -370,7 +371,7 @@ class JobQueue:
         if last.kind == "end":
             generation.end(last.text, last.prompt_tokens, last.answer_tokens)
         else:
-            generation.fail(JobFailed(last.text))
+            generation.fail(InferenceTimeout() if last.text == TIMED_OUT else JobFailed(last.text))
         with contextlib.suppress(RedisError):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.expire(keys.job_chunks(job.id), ANSWER_READ_KEPT_S)

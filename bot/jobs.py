@@ -185,6 +185,11 @@ class JobFailed(Exception):
     """The workers gave up on a job: the user hears the usual apology."""
 
 
+TIMED_OUT = "timed out"
+"""An error chunk's text where the worker's REQUEST_TIMEOUT ran out: the gateway's
+request times out with it (a gateway that waits longer, or that followed the job late)."""
+
+
 @dataclass(frozen=True)
 class JobCounts:
     """Jobs in the streams now: `waiting` for a worker, and `held` (waiting or running; a

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError, ResponseError
 from bot.jobs import (
     CHUNKS_MAXLEN,
     DEAD_MAXLEN,
+    TIMED_OUT,
     Chunk,
     ChunkKind,
     Job,
@@ -461,7 +462,7 @@ class Worker:
                 "job %s ran out of time on %s (try %d)", job.id, self.name, taken.attempt
             )
             with contextlib.suppress(RedisError):  # read by a gateway that waits longer
-                await self._write(job, Chunk(taken.attempt, self.name, "error", "timed out"))
+                await self._write(job, Chunk(taken.attempt, self.name, "error", TIMED_OUT))
             await self._drop(taken)
         except Exception as error:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
