@@ -43,6 +43,7 @@ conversation unanswerable for good, and one row is bounded by the context window
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from bot.engine import Engine
+
+logger = logging.getLogger(__name__)
 
 MIN_PREFILL_CHUNK = 16
 """Prompts advance by at least this many tokens a step, however full the batch."""
@@ -395,8 +398,7 @@ class Batcher:
         """Take a sequence out of the batch, keeping its cache for its conversation; the
         last slot's row moves into its place, so slots stay 0..rows-1."""
         if sequence.cached:
-            kv = self._cache.read(sequence.slot, sequence.cached)
-            self.prefix_cache.put(sequence.conversation, sequence.tokens[: sequence.cached], kv)
+            self._keep_for_next_turn(sequence)
         last = self._sequences.pop()
         moved_in = 0
         if last is not sequence:
@@ -410,6 +412,16 @@ class Batcher:
         # rows that read this slot next would read it (`SlotCache.wipe`).
         self._cache.wipe(sequence.slot, moved_in, sequence.cached)
         self._fit_cache()
+
+    def _keep_for_next_turn(self, sequence: _Sequence) -> None:
+        """Keep a leaving row's keys and values for its conversation's next turn: a saving,
+        skipped where copying them fails (out of memory), which must fail no other row."""
+        try:
+            kv = self._cache.read(sequence.slot, sequence.cached)
+            self.prefix_cache.put(sequence.conversation, sequence.tokens[: sequence.cached], kv)
+        except Exception:
+            logger.warning("the cache of %s was not kept for its next turn",
+                           sequence.conversation, exc_info=True)  # fmt: skip
 
     def _fit_cache(self) -> None:
         """Size the slot cache to the rows: grown to hold them, shrunk once it is twice

@@ -119,6 +119,25 @@ def test_requests_joining_mid_answer_get_the_same_tokens_as_alone(make_batcher):
     assert len(batcher) == 0
 
 
+def test_a_cache_that_cannot_be_kept_fails_no_answer(make_batcher, monkeypatch):
+    """Keeping a finished row's cache for its next turn ran out of memory: the step raised,
+    and the queue failed every row of the batch, the finished one's answer included."""
+    batcher = make_batcher(step_tokens=16, max_new_tokens=24)
+    alone = [answer_alone(batcher, messages) for messages in QUESTIONS[:2]]
+
+    def out_of_memory(*args: Any) -> None:
+        raise torch.OutOfMemoryError("CPU out of memory")
+
+    monkeypatch.setattr(batcher.prefix_cache, "put", out_of_memory)
+    options = {"a": {"max_new_tokens": 6}}  # ends first, while "b" goes on
+    answers = run_to_the_end(
+        batcher, {0: ("a", QUESTIONS[0]), 1: ("b", QUESTIONS[1])}, options=options
+    )
+    assert answers["a"].answer == answer_alone(batcher, QUESTIONS[0], max_new_tokens=6)
+    assert answers["b"].answer == alone[1]
+    assert len(batcher) == 0
+
+
 @pytest.mark.parametrize("sit_out", [PREFILL_FIRST_STEPS, 0])
 def test_running_answers_keep_flowing_while_a_long_prompt_prefills(make_batcher, sit_out):
     """Prompts come first: the running answers sit out `prefill_first_steps` steps in a row
