@@ -135,6 +135,9 @@ class DiscordReply(StreamingReply):
         if not self.answering and self.asker is not None:  # a message refused
             self.target.reply_in_place()
         await super().finish(text)
+        if self.replacing:  # still shown: deleting them as the answer started failed
+            with self._tidying():
+                await self._delete_replaced()
         if self.answering and self.asker is not None:
             await self._offer_regenerate(self.asker)
 

@@ -785,6 +785,45 @@ async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_on
     assert " ".join(part["content"] for part in parts).split() == kept.split()
 
 
+async def test_a_long_answer_regenerated_after_a_failed_tidy_leaves_none_of_its_parts(
+    discord_bot, monkeypatch
+):
+    """Deleting the old answer's second message failed as the new answer started (a
+    Discord 5xx): the new answer came out in the first message, with the old second part
+    left after it, its Regenerate still on it."""
+    first_answer = "word " * 500 + "ONE."  # two messages
+    async with discord_bot(Answers(first_answer, "Short now.")) as bot:
+        fake = bot.fake
+        asked = fake.dm_message("write a lot")
+        channel = asked["channel_id"]
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        last, regenerate = await fake.wait_for(
+            lambda: button(fake, channel, "tb:regen:"), timeout=60
+        )
+        delete, failures = DiscordChannel.delete, [RuntimeError("503 Service Unavailable")]
+
+        async def fails_once(channel_: DiscordChannel, message_id: str) -> None:
+            if failures:
+                raise failures.pop()
+            await delete(channel_, message_id)
+
+        monkeypatch.setattr(DiscordChannel, "delete", fails_once)
+        await fake.press_button(channel, last["id"], regenerate)
+
+        def regenerated() -> list[JSON]:
+            parts = bot_messages(fake, channel)
+            done = (
+                parts
+                and parts[0]["content"] == "Short now."
+                and fake.buttons(channel, parts[-1]["id"])
+            )
+            return parts if done and len(parts) == 1 else []
+
+        [shown] = await fake.wait_for(regenerated, timeout=60)
+    assert not failures  # the first try did fail
+    assert shown["content"] == "Short now."
+
+
 async def test_a_regenerated_answer_taken_up_after_a_restart_still_keeps_the_old_one(
     discord_bot,
 ):
