@@ -749,6 +749,21 @@ async def test_a_regenerated_answer_that_fails_leaves_the_old_one_shown_and_stor
     assert [m["content"] for m in regenerated] == ["what should I cook?", "Third answer."]
 
 
+LONG_ANSWER = "word " * 500 + "ONE."  # two messages
+
+
+async def answered_at_length_in_a_dm(bot: Bot) -> tuple[str, JSON, str]:
+    """A DM asked for LONG_ANSWER (the bot's next), answered: the DM, the answer's last
+    message and its Regenerate button's custom id."""
+    asked = bot.fake.dm_message("write a lot")
+    channel = asked["channel_id"]
+    await bot.fake.dispatch("MESSAGE_CREATE", asked)
+    last, regenerate = await bot.fake.wait_for(
+        lambda: button(bot.fake, channel, "tb:regen:"), timeout=60
+    )
+    return channel, last, regenerate
+
+
 async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_once(
     discord_bot, monkeypatch
 ):
@@ -757,15 +772,10 @@ async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_on
     its second part stayed and the kept text was posted again after it. (Its further part
     is deleted and posted again, not edited: a message a try before a restart deleted may
     still be named in the journal.)"""
-    first_answer = "word " * 500 + "ONE."  # two messages
+    first_answer = LONG_ANSWER
     async with discord_bot(Answers(first_answer)) as bot:
         fake = bot.fake
-        asked = fake.dm_message("write a lot")
-        channel = asked["channel_id"]
-        await fake.dispatch("MESSAGE_CREATE", asked)
-        last, regenerate = await fake.wait_for(
-            lambda: button(fake, channel, "tb:regen:"), timeout=60
-        )
+        channel, last, regenerate = await answered_at_length_in_a_dm(bot)
 
         async def unbuildable(*_args: Any) -> str:
             raise RuntimeError("injected: the prompt could not be built")
@@ -791,15 +801,9 @@ async def test_a_long_answer_regenerated_after_a_failed_tidy_leaves_none_of_its_
     """Deleting the old answer's second message failed as the new answer started (a
     Discord 5xx): the new answer came out in the first message, with the old second part
     left after it, its Regenerate still on it."""
-    first_answer = "word " * 500 + "ONE."  # two messages
-    async with discord_bot(Answers(first_answer, "Short now.")) as bot:
+    async with discord_bot(Answers(LONG_ANSWER, "Short now.")) as bot:
         fake = bot.fake
-        asked = fake.dm_message("write a lot")
-        channel = asked["channel_id"]
-        await fake.dispatch("MESSAGE_CREATE", asked)
-        last, regenerate = await fake.wait_for(
-            lambda: button(fake, channel, "tb:regen:"), timeout=60
-        )
+        channel, last, regenerate = await answered_at_length_in_a_dm(bot)
         delete, failures = DiscordChannel.delete, [RuntimeError("503 Service Unavailable")]
 
         async def fails_once(channel_: DiscordChannel, message_id: str) -> None:
