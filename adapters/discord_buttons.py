@@ -85,7 +85,7 @@ class DiscordReply(StreamingReply):
     """An answer with its buttons: Stop while it is written; once shown, Regenerate on
     its last message, and its place recorded with the service. Starting, it takes
     Regenerate off the conversation's previous answer, and deletes the further
-    messages (`replacing`) of the answer it regenerates.
+    messages (`replacing`) of the answer it regenerates (finishing, those it could not).
 
     Without an asker (a command's reply, a target saved by an older version) it has no
     buttons. Refusals are finished without being started: they get no Regenerate. A
