@@ -35,12 +35,17 @@ def sanitized(text: str) -> str:
     return text if visible else ""
 
 
+def several_people(history: list[ChatMessage]) -> bool:
+    """Whether the history's messages come from more than one named person."""
+    return len({m.get("name") for m in history if m["role"] == "user"} - {None}) > 1
+
+
 def named(history: list[ChatMessage], *, several: bool | None = None) -> list[ChatMessage]:
     """The history as the model sees it: with `several` people in a conversation (by
     default, as the history shows), each of their messages starts with its author's name
     ("alice: …"); no `name` field is left."""
     if several is None:
-        several = len({m.get("name") for m in history if m["role"] == "user"} - {None}) > 1
+        several = several_people(history)
     return [
         {
             "role": m["role"],

@@ -29,7 +29,7 @@ from bot.config import ConfigError
 from bot.hygiene import AnswerFilter
 from bot.metrics import Metrics, Outcome
 from bot.personas import Voice, fill, placeholder_values, voice_for
-from bot.prompt import TokenCounter, fit, named, sanitized, tokens_over_budget
+from bot.prompt import TokenCounter, fit, named, sanitized, several_people, tokens_over_budget
 from bot.queue import (
     AnswerRestarted,
     EngineStopped,
@@ -596,8 +596,11 @@ class ChatService:
             # Stored by a try that died, and later turns (or a reset) came after it: it is
             # asked again at the end, its answer follows what came, and both are stored so.
             history.append(question)
+        several = await self.store.had_several_people(
+            pending.conversation, now=several_people(history)
+        )
         messages, cut, dropped = await fit(
-            system, named(history), count_tokens=self.count_tokens, budget=budget
+            system, named(history, several=several), count_tokens=self.count_tokens, budget=budget
         )
         logger.debug(
             "prompt for %s: %d messages, %d dropped", pending.conversation, len(messages), dropped

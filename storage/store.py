@@ -124,7 +124,7 @@ class ConversationStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.conversation(conversation_id))
             pipe.set(keys.cleared(conversation_id), "1", ex=self.ttl_seconds)
-            pipe.hdel(keys.facts(conversation_id), "template", "system")
+            pipe.hdel(keys.facts(conversation_id), "template", "system", "several")
             await pipe.execute()
 
     async def forget(self, conversation_id: str) -> None:
@@ -159,6 +159,19 @@ class ConversationStore:
         key = keys.facts(conversation_id)
         pipe.hsetnx(key, "starter", user)
         pipe.expire(key, self.ttl_seconds)
+
+    async def had_several_people(self, conversation_id: str, *, now: bool) -> bool:
+        """Whether several people have talked in the conversation: so `now`, or kept from
+        an earlier turn (until a reset), since a trim may drop all of one person's messages
+        and the prompt, naming no one then, would start differently from the last."""
+        key = keys.facts(conversation_id)
+        if not now:
+            return await self._redis.hget(key, "several") is not None
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "several", "1")
+            pipe.expire(key, self.ttl_seconds)
+            await pipe.execute()
+        return True
 
     async def system_prompt(
         self, conversation_id: str, template: str, fill: Callable[[], str], *, keep: bool = True

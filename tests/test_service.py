@@ -569,6 +569,30 @@ async def test_with_several_people_each_message_says_who_wrote_it(
     assert [m.get("name") for m in stored] == ["alice", None, "bob", None]
 
 
+async def test_names_stay_after_a_trim_leaves_one_persons_messages_until_a_reset(
+    make_service, store, conversation
+):
+    """A trim dropped every message of the thread's second person: the prompt named no
+    one from then on, so it began otherwise than the last (its cache unused once), and
+    the model no longer saw whose words were whose."""
+
+    def said(text: str, who: str) -> Turn:
+        return Turn(conversation, who, text, uuid.uuid4().hex, author_name=who.lower())
+
+    async with make_service() as (service, batcher):
+        await service.handle(said("first", "BOB"), RecordingSink())
+        await service.handle(said("second", "ALICE"), RecordingSink())
+        await store.drop_oldest(str(conversation), 2)  # as a trim to the budget does
+        await service.handle(said("third", "ALICE"), RecordingSink())
+        reset = Turn(conversation, "BOB", "reset", uuid.uuid4().hex, command="reset")
+        await service.handle(reset, RecordingSink())  # by its starter
+        await service.handle(said("fourth", "ALICE"), RecordingSink())
+    assert [m["content"] for m in batcher.prompts[2] if m["role"] == "user"] == [
+        "alice: second", "alice: third",
+    ]  # fmt: skip
+    assert batcher.prompts[3] == [{"role": "user", "content": "fourth"}]
+
+
 @pytest.mark.parametrize("text", ["\u200b\u200d\ufeff", " \u200c \u2060 "])
 async def test_invisible_characters_alone_are_an_empty_message(make_service, conversation, text):
     sink = RecordingSink()
