@@ -333,6 +333,8 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
     transformers parses GGUF metadata in Python (about 45 s for the bundled model on two
     cores); the dequantised copy in `cache_dir` loads from safetensors instead.
     """
+    from safetensors import SafetensorError  # its writer's error for a full disk
+
     target = _conversion(source, cache_dir)
     if (target / "config.json").is_file():
         return ModelSource(str(target))
@@ -345,9 +347,10 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
             if not (target / "config.json").is_file():
                 _remove_partial_conversions(target)
                 _convert(source, target)
-    except OSError as error:  # not the service user's to write, or a full disk
+    except (OSError, SafetensorError) as error:  # not the service user's to write, or full
+        reason = getattr(error, "strerror", None) or error
         raise ModelError(
-            f"cannot keep the converted model in {cache_dir} ({error.strerror or error}): "
+            f"cannot keep the converted model in {cache_dir} ({reason}): "
             "make DATA_DIR writable by the user threadbot runs as, with room for it"
         ) from error
     return ModelSource(str(target))

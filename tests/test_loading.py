@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import overflowing_qwen2, package_dir, tiny_qwen2
 from processes import PROXY_NAMES, silent_proxy
+from safetensors import SafetensorError
 
 from bot import loading
 from bot.config import Settings
@@ -271,6 +272,29 @@ def test_a_conversion_cut_short_leaves_no_copy_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_convert", convert)
     assert loading._converted_gguf(source, tmp_path / "models") == ModelSource(str(target))
     assert not partial.exists() and other.exists()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
+    ],
+)
+def test_a_full_disk_during_the_conversion_is_one_line_naming_data_dir(
+    tmp_path, monkeypatch, failure
+):
+    """The weights' writer (safetensors) says a full disk its own way, which no handler
+    took for one: a traceback, and a restart after it, the disk as full."""
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    source = ModelSource(str(tmp_path), "model.gguf")
+
+    def convert(source: ModelSource, target: Path) -> None:
+        raise failure
+
+    monkeypatch.setattr(loading, "_convert", convert)
+    with pytest.raises(ModelError, match=r"cannot keep the converted model in .*DATA_DIR"):
+        loading._converted_gguf(source, tmp_path / "models")
 
 
 def test_the_model_is_named_as_it_was_found():
