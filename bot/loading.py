@@ -96,9 +96,10 @@ def resolve_source(settings: Settings, *, weights: bool = True) -> ModelSource:
                 may_pass=True,
             ) from error
         logger.warning(
-            "%s is neither cached nor downloadable: using the bundled SmolLM2-135M-Instruct "
-            "(set MODEL to choose a model)",
+            "%s is neither cached nor downloadable (%s): using the bundled "
+            "SmolLM2-135M-Instruct (set MODEL to choose a model)",
             DEFAULT_MODEL,
+            _hub_refusal(error) or first_line(error),
         )
         return source
 
@@ -113,13 +114,27 @@ def _local(model: str, model_file: str | None, *, weights: bool) -> ModelSource:
     try:
         folder = _download(model, model_file, weights=weights)
     except (*_hub_errors(), ValueError) as error:  # not on the hub, no network, not a repo id
+        refusal = _hub_refusal(error)
         raise ModelError(
             f"MODEL={model} is neither a local folder nor a hub model that is cached or "
-            f"downloadable ({first_line(error)}). {FIX}",
-            # No hub id at all (`a/b/c`) is a setting to fix; the rest may pass (the network)
-            may_pass=not isinstance(error, ValueError),
+            f"downloadable ({refusal or first_line(error)}). {FIX}",
+            # No hub id at all (`a/b/c`), or one the hub refuses, is a setting to fix; the
+            # rest may pass (the network)
+            may_pass=refusal is None and not isinstance(error, ValueError),
         ) from error
     return _with_its_file(model, folder, model_file)
+
+
+def _hub_refusal(error: Exception) -> str | None:
+    """What the hub's refusal of a model means, where it is one (its error's first line
+    is only the HTTP status: "401 Client Error")."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        return "it is gated: accept its terms on huggingface.co, and set HF_TOKEN to a token"
+    if isinstance(error, RepositoryNotFoundError):
+        return "the hub has no such model, or it is private: check the id, or set HF_TOKEN"
+    return None
 
 
 def _with_its_file(model: str, folder: str, model_file: str | None) -> ModelSource:

@@ -13,9 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx2  # huggingface_hub's HTTP library: its errors carry its responses
 import pytest
 import torch
 from conftest import overflowing_qwen2, package_dir, tiny_qwen2
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from processes import PROXY_NAMES, silent_proxy
 from safetensors import SafetensorError
 
@@ -55,6 +57,32 @@ def test_an_explicit_model_never_falls_back(monkeypatch):
     monkeypatch.setattr(loading, "_download", unreachable)
     with pytest.raises(ModelError, match="MODEL=someone/some-model is neither a local folder"):
         loading.resolve_source(settings(model="someone/some-model"))
+
+
+@pytest.mark.parametrize(
+    "refusal, says",
+    [
+        (RepositoryNotFoundError, "the hub has no such model, or it is private"),
+        (GatedRepoError, "it is gated: accept its terms on huggingface.co, and set HF_TOKEN"),
+    ],
+)
+def test_a_model_the_hub_refuses_says_why_and_is_no_outage(monkeypatch, caplog, refusal, says):
+    """A typo in the id, or a gated model without HF_TOKEN: the line said only "401 Client
+    Error" with a request id, and the start, taken for one a restart may fix, was retried.
+    With MODEL unset, the fallback to the bundled model said no reason at all."""
+    url = "https://huggingface.co/api/models/Qwen/Qwen2.5-0.5B-Instrct"
+    response = httpx2.Response(401, request=httpx2.Request("GET", url))
+
+    def refused(repo_id: str, gguf_file: str | None = None, *, weights: bool = True) -> str:
+        raise refusal("401 Client Error. (Request ID: Root=1-abc)", response=response)
+
+    monkeypatch.setattr(loading, "_download", refused)
+    with pytest.raises(ModelError) as error:
+        loading.resolve_source(settings(model="Qwen/Qwen2.5-0.5B-Instrct"))
+    assert says in str(error.value) and not error.value.may_pass
+    with caplog.at_level(logging.WARNING, logger="bot.loading"):
+        assert loading.resolve_source(settings()) == loading.bundled_source()
+    assert says in caplog.text
 
 
 class _RefusingProxy(BaseHTTPRequestHandler):
