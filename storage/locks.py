@@ -84,6 +84,9 @@ class ConversationLocks:
         if (local := self._local.get(conversation)) is not None and local.locked():
             return True
         if (token := self._left(conversation)) is not None:  # no turn holds it: let go
+            # Ours to release now: a turn starting meanwhile must not take it up (it would
+            # run on a lease this release then deletes); a release that fails keeps it.
+            self._unreleased.pop(conversation, None)
             lease = self._lease(conversation)
             lease.local.token = token
             await self._release(conversation, lease)

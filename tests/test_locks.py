@@ -157,3 +157,42 @@ async def test_a_lease_whose_release_failed_in_an_outage_is_let_go_of_once_redis
                     assert not await locks.busy(conversation)
     finally:
         server.kill()
+
+
+async def test_a_turn_starting_as_busy_lets_go_of_a_left_lease_holds_one_of_its_own(
+    redis_client: Redis,
+):
+    """Regenerate's `busy` was letting go of a lease a failed release left, when a turn of
+    the conversation began: the turn took that lease up (its token), and the release then
+    deleted it, so the turn ran with no lease and another process's could run beside it."""
+    locks = ConversationLocks(redis=redis_client, lease_s=10)
+    conversation, left = uuid.uuid4().hex, "a-token-left-by-a-failed-release"
+    lease = keys.turn_lock(conversation)
+    await redis_client.set(lease, left, px=10_000)
+    locks._unreleased[conversation] = (left, asyncio.get_running_loop().time() + 10)
+    release, releasing, go = locks._release, asyncio.Event(), asyncio.Event()
+
+    async def held_up(conversation: str, lock: object) -> None:
+        releasing.set()
+        await go.wait()
+        await release(conversation, lock)
+
+    locks._release = held_up  # type: ignore[method-assign]
+    asking = asyncio.create_task(locks.busy(conversation))
+    await releasing.wait()
+    locks._release = release  # type: ignore[method-assign]
+    inside, done = asyncio.Event(), asyncio.Event()
+
+    async def turn() -> None:
+        async with locks.hold(conversation):
+            inside.set()
+            await done.wait()
+
+    running = asyncio.create_task(turn())
+    await asyncio.sleep(0.3)  # it takes the left lease up here, if it may
+    go.set()
+    await asyncio.wait_for(asking, 5)
+    await asyncio.wait_for(inside.wait(), 5)
+    assert await redis_client.get(lease) not in (None, left)  # the turn's own lease
+    done.set()
+    await running
