@@ -125,7 +125,9 @@ class SlackThread:
 
     async def edit(self, message_id: str, text: str) -> None:
         await _gone_if_deleted(
-            self.client.chat_update(channel=self.channel, ts=message_id, text=text), message_id
+            # `parse` is "none" as chat.postMessage's is: chat.update's defaults to "client"
+            self.client.chat_update(channel=self.channel, ts=message_id, text=text, parse="none"),
+            message_id,
         )
 
     async def delete(self, message_id: str) -> None:

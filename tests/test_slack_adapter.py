@@ -392,6 +392,9 @@ async def test_model_output_cannot_ping_the_channel(slack, socket_mode):
         await slack.send_event(mention)
         reply = await final_reply(slack, "C0001", mention["ts"])
     assert reply["text"] == "Hey &lt;!channel&gt; and &lt;@U0BOB&gt;, *read* this"
+    # chat.update parses as Slack's client does unless told not to (chat.postMessage
+    # parses nothing by default): the escaped text, links too, is to stand as sent.
+    assert [call.params.get("parse") for call in slack.calls_to("chat.update")] == ["none"]
 
 
 async def test_the_reply_says_when_older_history_was_left_out(slack, socket_mode, make_engine):
