@@ -45,6 +45,7 @@ LINK_BEING_WRITTEN = re.compile(
 )
 BOLD_MARK = "\x00"  # stands in for Slack's `*` until single-star italics are converted
 CODE_MARK = "\x01"  # stands in for each code span while the prose around it is converted
+LINK_MARK = "\x02"  # stands in for each link's address, which is never formatted
 
 
 def escape(text: str) -> str:
@@ -59,9 +60,17 @@ def to_mrkdwn(markdown: str) -> str:
     code and a line is a heading or bullet even with code in it. Links are built in each
     piece alone first: a code span's `|` inside one would give it a label."""
     pieces = CODE.split(markdown)
-    prose = CODE_MARK.join(LINK.sub(_mrkdwn_link, escape(_unmarked(p))) for p in pieces[::2])
-    code = [escape(LANGUAGE.sub("", piece)) for piece in pieces[1::2]] + [""]
-    return "".join(p + c for p, c in zip(_prose(prose).split(CODE_MARK), code, strict=True))
+    addresses: list[str] = []
+
+    def link(match: re.Match[str]) -> str:
+        addresses.append(f"<{match[2]}>")
+        return labelled(*match.groups(), link=LINK_MARK)
+
+    prose = CODE_MARK.join(LINK.sub(link, escape(_unmarked(p))) for p in pieces[::2])
+    # Formatted with its links' addresses out of it: `?q=*:*` is no italic.
+    prose = _between(_prose(prose).split(LINK_MARK), addresses)
+    code = [escape(LANGUAGE.sub("", piece)) for piece in pieces[1::2]]
+    return _between(prose.split(CODE_MARK), code)
 
 
 def to_markdown(markdown: str) -> str:
@@ -89,9 +98,14 @@ def settled(markdown: str) -> int:
     return min(ends)
 
 
+def _between(parts: list[str], fillings: list[str]) -> str:
+    """`parts` joined, each gap filled with the next of `fillings` (one fewer than parts)."""
+    return "".join(part + filling for part, filling in zip(parts, [*fillings, ""], strict=True))
+
+
 def _unmarked(text: str) -> str:
     """Model text without the marks used here, which would be taken for what they stand in for."""
-    return text.replace(BOLD_MARK, "").replace(CODE_MARK, "")
+    return text.replace(BOLD_MARK, "").replace(CODE_MARK, "").replace(LINK_MARK, "")
 
 
 def _prose(text: str) -> str:
@@ -113,10 +127,6 @@ def _heading(match: re.Match[str]) -> str:
 def _markdown_prose(text: str) -> str:
     text = text.replace("]:", r"]\:")
     return LINK_OR_BRACKETS.sub(lambda m: _markdown_link(m) if m[1] else r"]\(", text)
-
-
-def _mrkdwn_link(match: re.Match[str]) -> str:
-    return labelled(*match.groups(), link=f"<{match[2]}>")
 
 
 def _markdown_link(match: re.Match[str]) -> str:

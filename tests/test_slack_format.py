@@ -58,7 +58,7 @@ def test_names_headings_and_nested_emphasis_convert_cleanly(markdown, mrkdwn):
 def test_marks_in_the_model_text_cannot_move_code():
     """The characters that stand in for code and bold while converting are dropped from the
     model's text, so each code span comes back where it was."""
-    assert to_mrkdwn("a \x01 `b` \x00c `d`") == "a  `b` c `d`"
+    assert to_mrkdwn("a \x01 `b` \x00c \x02`d`") == "a  `b` c `d`"
 
 
 @pytest.mark.parametrize(
@@ -87,6 +87,11 @@ def test_model_output_cannot_forge_a_slack_link():
         ("[**bold** label](https://e.example)", "*bold* label (<https://e.example>)"),
         ("[Foo](https://w.example/wiki/Foo_(bar)) (see)",  # parentheses in the URL: kept
          "Foo (<https://w.example/wiki/Foo_(bar)>) (see)"),
+        # An address is never formatted: `*:*` became `_:_`, another query.
+        ("[Solr query](http://localhost:8983/solr/select?q=*:*)",
+         "Solr query (<http://localhost:8983/solr/select?q=*:*>)"),
+        ("*see [x](https://e.example/~~a~~/**b**)* and `{c}`",
+         "_see x (<https://e.example/~~a~~/**b**>)_ and `{c}`"),
     ],
 )  # fmt: skip
 def test_a_link_shows_its_real_url_beside_a_label_that_differs(markdown, mrkdwn):
