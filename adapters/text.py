@@ -44,9 +44,14 @@ def split_message(text: str, limit: int) -> list[str]:
 
 def _break_point(window: str) -> int:
     """Where to cut: the last paragraph, line or word break in the back half, else the end,
-    but not inside an escape such as Slack's `&amp;` (its halves would show as text)."""
+    but not inside an escape such as Slack's `&amp;` (its halves would show as text), nor
+    inside a Markdown link's label (`[the docs](…)`: neither half would be a link)."""
     for separator in ("\n\n", "\n", " "):
         index = window.rfind(separator)
+        if separator == " ":
+            label = window.rfind("[", window.rfind("\n") + 1, index)
+            if label > len(window) // 2 and "]" not in window[label:index]:
+                index = label
         if index > len(window) // 2:
             return index
     escape = UNFINISHED_ESCAPE.search(window)

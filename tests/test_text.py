@@ -21,6 +21,16 @@ def test_parts_fit_and_keep_every_word():
     assert " ".join(parts).split() == text.split()
 
 
+def test_a_word_break_inside_a_link_label_moves_before_the_link():
+    """Discord sends Markdown as it is: a long paragraph cut at its last space, inside
+    `[the docs page](…)`, left neither part a link."""
+    link = "[the docs page](https://e.example/x)"
+    text = "word " * 395 + link + " and more" * 20
+    parts = split_message(text, 2000)
+    assert len(parts) == 2 and parts[1].startswith(link)
+    assert " ".join(parts).split() == text.split()
+
+
 def test_paragraph_breaks_are_preferred():
     text = "a" * 60 + "\n\n" + "b" * 60
     assert split_message(text, 100) == ["a" * 60, "b" * 60]
