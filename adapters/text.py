@@ -48,7 +48,7 @@ def _break_point(window: str) -> int:
     inside a Markdown link's label (`[the docs](…)`: neither half would be a link)."""
     for separator in ("\n\n", "\n", " "):
         index = window.rfind(separator)
-        if separator == " ":
+        if separator == " " and index != -1:  # a word break: not one inside a link's label
             label = window.rfind("[", window.rfind("\n") + 1, index)
             if label > len(window) // 2 and "]" not in window[label:index]:
                 index = label

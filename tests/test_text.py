@@ -29,6 +29,9 @@ def test_a_word_break_inside_a_link_label_moves_before_the_link():
     parts = split_message(text, 2000)
     assert len(parts) == 2 and parts[1].startswith(link)
     assert " ".join(parts).split() == text.split()
+    # With no word break to move, a `[` leaves a hard cut where it was: at the window's end.
+    unbroken = "a" * 150 + "[" + "b" * 100
+    assert split_message(unbroken, 200) == [unbroken[:188], unbroken[188:]]
 
 
 def test_paragraph_breaks_are_preferred():
