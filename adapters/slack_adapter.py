@@ -584,11 +584,12 @@ class SlackAdapter(Adapter):
         """The thread's newest THREAD_CONTEXT_LIMIT messages before this one, oldest first,
         as chat messages (the bot's as assistant), read and named by `deadline`."""
         earlier = await self._earlier_messages(event, deadline)
+        texts = [_text(message) for message in earlier]
         people = {m["user"] for m in earlier if "user" in m}
-        names = await self._names(people.union(*(_mentioned(_text(m)) for m in earlier)), deadline)
+        names = await self._names(people.union(*map(_mentioned, texts)), deadline)
         context: list[ChatMessage] = []
-        for message in earlier:
-            text = _readable(_text(message), bot_user, names)
+        for message, said in zip(earlier, texts, strict=True):
+            text = _readable(said, bot_user, names)
             if message.get("user") == bot_user:
                 context.append({"role": "assistant", "content": text})
             else:  # a person, or another bot (an alert, a CI report): not our own words
@@ -695,9 +696,8 @@ class SlackAdapter(Adapter):
         except Exception as error:  # e.g. an app installed before it asked for channels:read
             if _needs_mpim_read(error):  # a group DM, in an install from before mpim:read
                 return _remember(self.channel_names, channel, GROUP_DM_NAME)
-            if not (isinstance(error, SlackApiError) and _refusal_stands(error)) or (
-                _not_in_it_yet(error)  # a command typed in a private channel, say
-            ):
+            passing = not isinstance(error, SlackApiError) or not _refusal_stands(error)
+            if passing or _not_in_it_yet(error):  # a private channel the bot is not in, say
                 logger.info("conversations.info failed for %s, for now: %s", channel, error)
                 return channel  # asked again next time
             logger.warning("conversations.info failed for %s", channel, exc_info=True)
