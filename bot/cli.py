@@ -254,7 +254,7 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
             interactive=interactive,
         )
         try:
-            await service.resume()  # first, what an earlier chat left unanswered,
+            await service.resume()  # first, what an earlier chat left unanswered
         except Exception as error:  # storage out: the resume passes take them once it is back
             if not is_outage(error):
                 raise

@@ -128,7 +128,8 @@ class TurnJournal:
             pipe.set(seen, "1", ex=SEEN_TTL_SECONDS)
             record = self._record(pending) | {"acceptance": acceptance}
             pipe.hset(keys.turn(pending.id), mapping=record)
-            # Never answered (its platform no longer served), it goes with its conversation.
+            # Never answered (its platform no longer served), it goes with its conversation
+            # (or after `kept_seconds`, where the conversation's TTL is shorter).
             pipe.expire(keys.turn(pending.id), self.kept_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
             self._store.queue_starter(pipe, pending.conversation, turn.author)
