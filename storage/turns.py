@@ -129,7 +129,7 @@ class TurnJournal:
             record = self._record(pending) | {"acceptance": acceptance}
             pipe.hset(keys.turn(pending.id), mapping=record)
             # Never answered (its platform no longer served), it goes with its conversation
-            # (or after `kept_seconds`, where the conversation's TTL is shorter).
+            # (but kept a day at least: `kept_seconds`).
             pipe.expire(keys.turn(pending.id), self.kept_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
             self._store.queue_starter(pipe, pending.conversation, turn.author)
