@@ -172,7 +172,7 @@ class FakeDiscord:
         self._live: _Conn | None = None  # the identified or resumed connection
         self._conns: set[_Conn] = set()
         self._rate_limits: list[list[Any]] = []  # [method, regex, count, retry_after, global, via]
-        self._drops: list[list[Any]] = []  # [method, regex, count]
+        self._breaks: list[list[Any]] = []  # [method, regex, count, status: None drops it]
         self._nonces: dict[str, tuple[float, str, str]] = {}  # nonce -> (at, channel, message)
         self._last_id = 0
         self._files: dict[str, tuple[bytes, str]] = {}  # CDN path -> content and type
@@ -272,15 +272,21 @@ class FakeDiscord:
     def drop(self, method: str, path_regex: str, count: int = 1) -> None:
         """Close the connection of the next count matching requests, unanswered: a
         network blip, which discord.py raises as aiohttp's, not as an HTTPException."""
-        self._drops.append([method, path_regex, count])
+        self._breaks.append([method, path_regex, count, None])
 
-    def _dropped(self, req: Request) -> bool:
-        for rule in self._drops:
-            method, regex, count = rule
+    def fail(self, method: str, path_regex: str, status: int, count: int = 1) -> None:
+        """Answer the next count matching requests with `status`: Discord's servers failing
+        for a moment (a 503, which discord.py raises at once, where it retries a 500)."""
+        self._breaks.append([method, path_regex, count, status])
+
+    def _broken(self, req: Request) -> list[Any] | None:
+        """The rule (`drop`, `fail`) that breaks this request, its count taken; if any."""
+        for rule in self._breaks:
+            method, regex, count, _status = rule
             if count > 0 and method == req.method and re.fullmatch(regex, req.path):
                 rule[2] -= 1
-                return True
-        return False
+                return rule
+        return None
 
     def _rate_limited(self, req: Request) -> web.Response | None:
         for rule in self._rate_limits:
@@ -781,7 +787,10 @@ class FakeDiscord:
         if not by_token and request.headers.get("Authorization") != f"Bot {self.token}":
             req.status = 401
             return self._json(401, {"message": "401: Unauthorized", "code": 0})
-        if self._dropped(req):
+        if (broken := self._broken(req)) is not None and (status := broken[3]) is not None:
+            req.status = status
+            return self._json(status, {"message": f"{status}: Service Unavailable", "code": 0})
+        if broken is not None:
             req.status = 0  # no answer
             assert request.transport is not None
             request.transport.close()

@@ -796,22 +796,16 @@ async def test_a_regeneration_that_fails_before_it_starts_shows_a_long_answer_on
 
 
 async def test_a_long_answer_regenerated_after_a_failed_tidy_leaves_none_of_its_parts(
-    discord_bot, monkeypatch
+    discord_bot,
 ):
     """Deleting the old answer's second message failed as the new answer started (a
-    Discord 5xx): the new answer came out in the first message, with the old second part
+    Discord 503): the new answer came out in the first message, with the old second part
     left after it, its Regenerate still on it."""
     async with discord_bot(Answers(LONG_ANSWER, "Short now.")) as bot:
         fake = bot.fake
         channel, last, regenerate = await answered_at_length_in_a_dm(bot)
-        delete, failures = DiscordChannel.delete, [RuntimeError("503 Service Unavailable")]
-
-        async def fails_once(channel_: DiscordChannel, message_id: str) -> None:
-            if failures:
-                raise failures.pop()
-            await delete(channel_, message_id)
-
-        monkeypatch.setattr(DiscordChannel, "delete", fails_once)
+        deletions = rf"/channels/{channel}/messages/\d+"
+        fake.fail("DELETE", deletions, 503)
         await fake.press_button(channel, last["id"], regenerate)
 
         def regenerated() -> list[JSON]:
@@ -824,7 +818,8 @@ async def test_a_long_answer_regenerated_after_a_failed_tidy_leaves_none_of_its_
             return parts if done and len(parts) == 1 else []
 
         [shown] = await fake.wait_for(regenerated, timeout=60)
-    assert not failures  # the first try did fail
+    failed = [r for r in fake.requests if r.method == "DELETE" and r.status == 503]
+    assert len(failed) == 1  # the first try did fail
     assert shown["content"] == "Short now."
 
 
