@@ -88,7 +88,7 @@ BEFORE_ACK_SECONDS = 2.0
 ATTACHMENT_SECONDS = 0.8
 NAME_LOOKUPS = 10  # users.info calls made at once (Tier 4: 100+ a minute)
 # A plain message, one with files, and a thread reply also sent to the channel.
-ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast"}
+ANSWERED_SUBTYPES = {None, "file_share", "thread_broadcast", "me_message"}  # me: "/me waves"
 EDITS_PER_MINUTE = 50  # chat.update is Tier 3: about 50 a minute per workspace
 EDIT_BURST = 10
 # Slack clears a thread's status two minutes after it was set if nothing was posted: an

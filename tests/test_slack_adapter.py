@@ -113,6 +113,9 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
         broadcast = slack.user_message("C0001", "and for everyone", thread_ts=mention["ts"])
         await slack.send_event(broadcast | {"subtype": "thread_broadcast", "root": mention})
         await final_reply(slack, "C0001", mention["ts"], after=2)
+        me = slack.user_message("C0001", "waves", thread_ts=mention["ts"])  # "/me waves"
+        await slack.send_event(me | {"subtype": "me_message"})
+        await final_reply(slack, "C0001", mention["ts"], after=3)
         elsewhere = slack.user_message("C0001", "unrelated chatter")
         await slack.send_event(elsewhere)
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
@@ -120,7 +123,7 @@ async def test_a_follow_up_in_the_thread_needs_no_mention(slack, socket_mode):
         assert await service.knows(slack_key(slack, "C0001", mention["ts"]))
         assert not await service.knows(slack_key(slack, "C0001", elsewhere["ts"]))
     asked = [p[-1]["content"] for p in batcher.prompts]
-    assert asked == ["hello bot", "and another thing", "and for everyone"]
+    assert asked == ["hello bot", "and another thing", "and for everyone", "waves"]
     assert len(batcher.prompts[1]) == 3  # the thread's history came along
 
 
