@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -13,11 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx2  # huggingface_hub's HTTP library: its errors carry its responses
 import pytest
 import torch
 from conftest import overflowing_qwen2, package_dir, tiny_qwen2
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from processes import PROXY_NAMES, silent_proxy
 from safetensors import SafetensorError
 
@@ -59,30 +58,80 @@ def test_an_explicit_model_never_falls_back(monkeypatch):
         loading.resolve_source(settings(model="someone/some-model"))
 
 
+class _FakeHub(BaseHTTPRequestHandler):
+    """The hub's API as it answers an anonymous client: a model it does not have (or
+    that is private) is refused at its info, 401 `RepoNotFound`; a gated one's info is
+    public and its files are refused, 401 `GatedRepo`."""
+
+    gated = False
+
+    def do_GET(self) -> None:
+        if not (self.path.startswith("/api/models/") and self.gated):
+            return self._refuse()
+        repo, listing = re.match(r"/api/models/(\w+/[\w.-]+)/(tree|revision)/", self.path).groups()
+        config = {"type": "file", "path": "config.json", "size": 2, "oid": "0" * 40}
+        info = [config] if listing == "tree" else {"id": repo, "sha": "0" * 40, "siblings": []}
+        self._answer(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+
+    def do_HEAD(self) -> None:
+        self._refuse()
+
+    def _refuse(self) -> None:
+        code = "GatedRepo" if self.gated else "RepoNotFound"
+        self._answer(401, b"", {"X-Error-Code": code, "X-Error-Message": "Access denied"})
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
-    "refusal, says",
+    "gated, says",
     [
-        (RepositoryNotFoundError, "the hub has no such model, or it is private"),
-        (GatedRepoError, "it is gated: accept its terms on huggingface.co, and set HF_TOKEN"),
+        (False, "the hub has no such model, or it is private"),
+        (True, "it is gated: accept its terms on huggingface.co, and set HF_TOKEN"),
     ],
 )
-def test_a_model_the_hub_refuses_says_why_and_is_no_outage(monkeypatch, caplog, refusal, says):
+def test_a_model_the_hub_refuses_says_why_and_is_no_outage(
+    monkeypatch, tmp_path, caplog, gated, says
+):
     """A typo in the id, or a gated model without HF_TOKEN: the line said only "401 Client
     Error" with a request id, and the start, taken for one a restart may fix, was retried.
     With MODEL unset, the fallback to the bundled model said no reason at all."""
-    url = "https://huggingface.co/api/models/Qwen/Qwen2.5-0.5B-Instrct"
-    response = httpx2.Response(401, request=httpx2.Request("GET", url))
+    from huggingface_hub import constants
 
-    def refused(repo_id: str, gguf_file: str | None = None, *, weights: bool = True) -> str:
-        raise refusal("401 Client Error. (Request ID: Root=1-abc)", response=response)
-
-    monkeypatch.setattr(loading, "_download", refused)
-    with pytest.raises(ModelError) as error:
-        loading.resolve_source(settings(model="Qwen/Qwen2.5-0.5B-Instrct"))
-    assert says in str(error.value) and not error.value.may_pass
-    with caplog.at_level(logging.WARNING, logger="bot.loading"):
-        assert loading.resolve_source(settings()) == loading.bundled_source()
+    hub = type("Hub", (_FakeHub,), {"gated": gated})
+    with serving(hub) as endpoint, hub_through(None, monkeypatch):
+        # HF_ENDPOINT, read at import
+        url_template = constants.HUGGINGFACE_CO_URL_TEMPLATE.replace(constants.ENDPOINT, endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url_template)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+        with pytest.raises(ModelError) as error:
+            loading.resolve_source(settings(model="Qwen/Qwen2.5-0.5B-Instrct"))
+        assert says in str(error.value) and not error.value.may_pass
+        with caplog.at_level(logging.WARNING, logger="bot.loading"):
+            assert loading.resolve_source(settings()) == loading.bundled_source()
     assert says in caplog.text
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 for the block: its address."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class _RefusingProxy(BaseHTTPRequestHandler):
@@ -96,16 +145,17 @@ class _RefusingProxy(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def hub_through(proxy: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def hub_through(proxy: str | None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The hub, online, reached only through `proxy` (on 127.0.0.1: no request leaves
-    this machine), for the block."""
+    this machine), or directly, for the block."""
     import huggingface_hub
     from huggingface_hub import constants
 
     for name in PROXY_NAMES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", proxy)
-    monkeypatch.setenv("HTTP_PROXY", proxy)
+    if proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        monkeypatch.setenv("HTTP_PROXY", proxy)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, at import
     huggingface_hub.close_session()  # its shared client reads the proxy when it is made
@@ -119,14 +169,8 @@ def hub_through(proxy: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def hub_behind_a_refusing_proxy(monkeypatch) -> Iterator[None]:
     """A proxy that refuses the hub: huggingface_hub raises its HTTP library's
     ProxyError, which is no OSError, rather than looking in its cache."""
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingProxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        with hub_through(f"http://127.0.0.1:{proxy.server_port}", monkeypatch):
-            yield
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
+    with serving(_RefusingProxy) as proxy, hub_through(proxy, monkeypatch):
+        yield
 
 
 @pytest.fixture
