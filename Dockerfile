@@ -44,11 +44,14 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt \
     && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt
 
-# 4. The project itself (no tests); its dependencies are already in place.
+# 4. The project itself (no tests); its dependencies are already in place. Its decode
+#    kernel is built here, beside its installed source, where the runtime (no compiler)
+#    finds it (README, Performance); -P: the installed package, not ./bot.
 COPY bot ./bot
 COPY adapters ./adapters
 COPY storage ./storage
-RUN pip install --no-deps .
+RUN pip install --no-deps . \
+    && python -P -m bot.decode_kernel
 
 # --- runtime: Python, the venv, tini; no compilers ----------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

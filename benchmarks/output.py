@@ -31,6 +31,7 @@ class Report:
     roofline: dict = field(default_factory=dict)
     packed_layers: int = 0  # linear layers packed for oneDNN after the seed's run
     padded_rows: dict = field(default_factory=dict)  # as packing chose (`bot.row_padding`)
+    kernel_products: int = 0  # packed products decode steps compute with our kernel
 
 
 def table(report: Report) -> str:

@@ -34,6 +34,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from benchmarks.workload import service_kernels
 from bot import loading
 from bot.device import pick_dtype, use_all_cores
 from bot.kv_cache import shared_prefix
@@ -115,7 +116,7 @@ def _variants(model: PreTrainedModel) -> Iterator[tuple[str, PreTrainedModel]]:
         if int8:
             quantize_int8(variant)
         else:
-            pack_linear_weights(variant)
+            pack_linear_weights(variant, kernels=service_kernels())
         yield name, variant
 
 

@@ -51,6 +51,7 @@ from benchmarks.workload import (
     opening,
     queued,
     say,
+    service_kernels,
     summary,
     sweep_requests,
     user_message,
@@ -59,7 +60,7 @@ from bot import loading
 from bot.config import BUNDLED, Settings
 from bot.device import on_own_thread, pick_dtype, use_all_cores
 from bot.engine import Engine
-from bot.packing import PackedLinear, pack_linear_weights
+from bot.packing import PackedLinear, kernel_products, pack_linear_weights
 from bot.quantize import weight_bytes
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def conversing(engine: Engine, model: str | None, plan: Plan) -> tuple[Engine, s
     if loading.bundled_source() is None:
         return engine, "Qwen2.5-0.5B's shape, random weights (the bundled model is not installed)"
     bundled = load_engine(BUNDLED, plan.new_tokens)
-    pack_linear_weights(bundled.model)
+    pack_linear_weights(bundled.model, kernels=service_kernels())
     return bundled, "the bundled SmolLM2-135M-Instruct"
 
 
@@ -190,7 +191,7 @@ def seed_sweep(engine: Engine, requests: list[list[dict]]) -> tuple[list[Timing]
 def pack(engine: Engine) -> int:
     """Pack the weights as the service's loader does (`bot.packing`); linear layers packed."""
     say("weights: packing the linear layers for oneDNN, as the service loads them ...")
-    packed = pack_linear_weights(engine.model)
+    packed = pack_linear_weights(engine.model, kernels=service_kernels())
     if not packed:
         say("weights: not packable here (device or dtype); left as they are")
     return packed
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     peer_run = on_own_thread(peer, engine, plan, requests, args.peer_dir) if args.peer else None
     report.packed_layers = on_own_thread(pack, engine)
     report.padded_rows = padded_rows(engine.model)
+    report.kernel_products = kernel_products(engine.model)
     warm_up(engine, plan)  # the packed weights' first calls
     report.sweep = sweep(engine, plan, requests, seed)
     if peer_run:

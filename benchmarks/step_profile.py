@@ -7,7 +7,8 @@ time (its children's included) goes to the outermost op it runs in: matrix produ
 attention, or cache work (joining, cutting and copying tensors); other ops apart. Sampling
 is everything that runs inside `bot.sampling`, whose functions are wrapped in a profiler
 range while the profile runs; attention, everything inside `StepLayout.attention`, wrapped
-the same way. The step's time outside any op is Python (and whatever the
+the same way; and our decode kernel's products (`DecodeKernel.product`, no op of torch's)
+count as matrix products. The step's time outside any op is Python (and whatever the
 profiler does not see as an op, such as a compiled graph's own kernels).
 """
 
@@ -27,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import bot.sampling
 from benchmarks.workload import Plan, make_batcher, say, sweep_requests
 from bot.batching import Batcher
+from bot.decode_kernel import DecodeKernel
 from bot.engine import Engine
 from bot.ragged import StepLayout
 
@@ -38,7 +40,8 @@ runs at the full plan's 16 rows (a row leaving would change what is measured).""
 STEP = "threadbot.step"  # the range around each profiled step
 SAMPLING = "threadbot.sampling"
 ATTENTION = "threadbot.attention"
-RANGES = {SAMPLING: "sampling", ATTENTION: "attention"}  # a range's name: its category
+KERNEL = "threadbot.decode_kernel"
+RANGES = {SAMPLING: "sampling", ATTENTION: "attention", KERNEL: "matmul"}  # name: category
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 CACHE_WORK = {
     "aten::cat", "aten::stack", "aten::index", "aten::index_select", "aten::index_put_",
@@ -66,6 +69,7 @@ def step_profile(engine: Engine, plan: Plan) -> dict:
         with (
             _in_range(bot.sampling, SAMPLING),
             _method_in_range(StepLayout, "attention", ATTENTION),
+            _method_in_range(DecodeKernel, "product", KERNEL),
             profile(activities=[ProfilerActivity.CPU]) as run,
         ):
             decoded = [_profiled_step(batcher) for _ in range(steps)]

@@ -64,6 +64,12 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def service_kernels() -> Path | None:
+    """Where the service builds its decode kernel (DATA_DIR/kernels), or None where
+    DECODE_KERNEL=off: the bench packs weights as the service does."""
+    return Settings(_env_file=None).kernel_folder
+
+
 def user_message(tokens: int, seed: int) -> dict:
     """A user message of about `tokens` tokens, different for each seed."""
     words = [WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(tokens)]

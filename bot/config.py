@@ -220,6 +220,9 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: linear weights stored as int8 (less memory, other answers)."
     )
+    decode_kernel: Literal["auto", "off"] = Field(
+        "auto", description="auto: decode steps' products by our kernel where it is faster."
+    )
     max_new_tokens: int = Field(512, ge=1, description="Longest answer, in tokens.")
     max_context_tokens: int | None = Field(
         None,
@@ -339,7 +342,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line.")
 
-    @field_validator("device", "dtype", "quantize", mode="before")
+    @field_validator("device", "dtype", "quantize", "decode_kernel", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -422,6 +425,11 @@ class Settings(BaseSettings):
     @property
     def history_ttl_seconds(self) -> int:
         return round(self.history_ttl_days * 86400)
+
+    @property
+    def kernel_folder(self) -> Path | None:
+        """Where our decode kernel is built (`bot.decode_kernel`); None: DECODE_KERNEL=off."""
+        return self.data_dir / "kernels" if self.decode_kernel == "auto" else None
 
     @classmethod
     def settings_customise_sources(

@@ -204,10 +204,12 @@ def load(
     cache_dir: Path,
     quantize: str = "none",
     pack: bool = True,
+    kernels: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer, ready for generation, its weights quantized as `quantize` says
     (QUANTIZE), else (with `pack`) packed for the CPU's kernels where they can be
-    (`bot.packing`); ModelError (naming MODEL) if they won't load."""
+    (`bot.packing`, our decode kernel built in `kernels` where it is faster); ModelError
+    (naming MODEL) if they won't load."""
     if source.gguf_file:
         source = _converted_gguf(source, cache_dir)
     elif not Path(source.path, "config.json").is_file():
@@ -248,7 +250,7 @@ def load(
     elif pack:
         from bot.packing import pack_linear_weights
 
-        pack_linear_weights(model)
+        pack_linear_weights(model, kernels=kernels)
     if tokenizer.pad_token is None:  # batches need padding; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right edge of each row

@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bot import decode_kernel
+from bot.decode_kernel import MOST_ROWS, DecodeKernel
 from bot.device import return_freed_memory
 from bot.quantize import linear_layers
 from bot.row_padding import pad_small_products
@@ -62,6 +65,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight), False)
         self.register_buffer("bias", bias)
         self.computed_rows: dict[int, int] = {}  # see `bot.row_padding`
+        self.kernel: DecodeKernel | None = None  # see `use_kernel`
+        self._address = 0
 
     @classmethod
     def of(cls, linear: nn.Linear) -> PackedLinear:
@@ -77,8 +82,19 @@ class PackedLinear(nn.Module):
         return self.compute(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
 
     def compute(self, x: Tensor) -> Tensor:
-        """oneDNN's product, at `x`'s own rows."""
+        """The product at `x`'s own rows: a decode step's by our kernel where it has one,
+        else oneDNN's."""
+        if self.kernel is not None and x.numel() <= MOST_ROWS * self.in_features:
+            return self.kernel.product(x, self._address, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def use_kernel(self, kernel: DecodeKernel) -> bool:
+        """Have `kernel` compute decode steps' products, where it reads this weight."""
+        if not kernel.reads(self.packed, self.bias, self.out_features):
+            return False
+        # The packed weight is made once and never moved (a model is not moved once packed).
+        self.kernel, self._address = kernel, torch.ops.mkldnn.data_ptr(self.packed)
+        return True
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
@@ -144,19 +160,37 @@ def packable(model: nn.Module) -> bool:
     return weight.dtype == torch.float32
 
 
-def pack_linear_weights(model: nn.Module) -> int:
+def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int:
     """Replace, in place, every `nn.Linear` of a `packable` model by a `PackedLinear`, or
     in bfloat16 a `PackedPart` of its siblings' `SharedProduct`; how many (0: not
-    packable, left as it is)."""
+    packable, left as it is). With `kernels` (a folder), decode steps' products go to our
+    kernel where it is faster (`bot.decode_kernel`), built there once."""
     if not packable(model):
         return 0
-    shared = _share_siblings(model) if next(model.parameters()).dtype == torch.bfloat16 else 0
+    bfloat16 = next(model.parameters()).dtype == torch.bfloat16
+    shared = _share_siblings(model) if bfloat16 else 0
     packed = _pack_each(model)  # the plain weights' last references end with these
     return_freed_memory()
-    pad_small_products([m for m in model.modules() if isinstance(m, PackedLinear)])
+    products = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if kernels is not None and bfloat16 and decode_kernel.wanted():
+        _use_kernel(products, kernels)
+    pad_small_products(products)
     logger.info("Packed %d linear layers' weights for oneDNN (%d sharing a product)",
                 packed + shared, shared)  # fmt: skip
     return packed + shared
+
+
+def kernel_products(model: nn.Module) -> int:
+    """How many of the model's packed products decode steps compute with our kernel."""
+    return sum(isinstance(m, PackedLinear) and m.kernel is not None for m in model.modules())
+
+
+def _use_kernel(products: list[PackedLinear], kernels: Path) -> None:
+    kernel = decode_kernel.load(kernels)
+    if kernel is None:
+        return
+    served = sum(product.use_kernel(kernel) for product in products)
+    logger.info("Decode steps' products by threadbot's kernel: %d of %d", served, len(products))
 
 
 def _share_siblings(model: nn.Module) -> int:

@@ -69,6 +69,7 @@ def load_engine(settings: Settings, *, source: ModelSource | None = None) -> Eng
         dtype=settings.dtype,
         cache_dir=settings.data_dir / "models",
         quantize=settings.quantize,
+        kernels=settings.kernel_folder,
     )
     engine = Engine(
         model=model,
@@ -305,11 +306,14 @@ def model_name(settings: Settings, source: ModelSource) -> str:
 
 
 def placement(engine: Engine) -> str:
-    """Where and how the model runs: `bfloat16 on cpu`, `bfloat16 with int8 weights on cpu`."""
+    """Where and how the model runs: `bfloat16 on cpu`, `bfloat16 with int8 weights on cpu`,
+    `bfloat16 on cpu, decode steps by threadbot's kernel`."""
+    from bot.packing import kernel_products
     from bot.quantize import is_quantized
 
     weights = " with int8 weights" if is_quantized(engine.model) else ""
-    return f"{dtype_name(engine)}{weights} on {engine.model.device}"
+    kernel = ", decode steps by threadbot's kernel" if kernel_products(engine.model) else ""
+    return f"{dtype_name(engine)}{weights} on {engine.model.device}{kernel}"
 
 
 def dtype_name(engine: Engine) -> str:

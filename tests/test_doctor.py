@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from test_cli import CHAT_TIMEOUT, FAST_TIMEOUT, cli_env, run_cli
 
 from adapters.slack_checks import check_slack
+from bot import decode_kernel
 from bot.config import Settings
 from bot.doctor.disk_check import check_disk
 from bot.doctor.findings import Finding, ok
@@ -149,6 +150,19 @@ async def test_the_generation_line_says_the_weights_are_int8(doctor) -> None:
     [(status, generation)] = report.lines("generation")
     assert status == "ok", generation
     assert generation.startswith("float32 with int8 weights on cpu: loaded in")
+
+
+@pytest.mark.skipif(
+    not decode_kernel.wanted() or shutil.which("cc") is None,
+    reason="the decode kernel serves CPUs with AVX512-BF16 and no AMX, and needs a C compiler",
+)
+async def test_the_generation_line_says_decode_steps_use_our_kernel(doctor) -> None:
+    report = await doctor(checks=[("model", check_model)], DTYPE="bfloat16")
+    [(status, generation)] = report.lines("generation")
+    assert status == "ok", generation
+    assert generation.startswith("bfloat16 on cpu, decode steps by threadbot's kernel: loaded")
+    off = await doctor(checks=[("model", check_model)], DTYPE="bfloat16", DECODE_KERNEL="off")
+    assert off.lines("generation")[0][1].startswith("bfloat16 on cpu: loaded")
 
 
 @pytest.mark.slow

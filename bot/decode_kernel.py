@@ -1,0 +1,158 @@
+"""Decode steps' matrix products by our own kernel (`decode_kernel.c`), reading the weights
+oneDNN packed, where that streams them faster than oneDNN's own kernels.
+
+A decode step is a few rows times every weight of the model, so its speed is how fast the
+products read the weights from memory. On 2 cores of an AMD EPYC with AVX512-BF16 (no AMX),
+oneDNN's bfloat16 kernels read Qwen2.5-0.5B's packed weights at 20-29 GB/s for 1 to 8 rows,
+while the memory gives 35-58 GB/s to a plain sum. Read in the order they lie, each line of 64
+outputs' weights multiplied into every row at once, they stream at up to 50 GB/s: the 24
+layers' and the output layer's products took 0.52-0.73x oneDNN's time at 1 to 8 rows, and
+0.80-0.91x at 12 to 32 (alternating, medians of 8 rounds; prompts' chunks of many rows stay
+oneDNN's). On a CPU with AMX, oneDNN's kernels already read the weights at the memory's
+speed (21 of 23 GB/s measured), and its tiles multiply many rows faster, so it keeps them.
+
+The kernel is C, built once at load with the machine's C compiler (`CC`, else `cc`) into
+the folder given (DATA_DIR/kernels), named by a hash of its source and flags, and called
+through ctypes, which lets go of the GIL; its OpenMP threads are torch's (the same
+`libgomp`, as many as torch uses). No compiler, or a build that fails: oneDNN's products,
+as before, and one line in the log. Each packed product is checked against oneDNN's own
+before it is handed to the kernel (`reads`): its size, and three rows' product.
+
+The sums are the same in float32 as oneDNN's, in another order: a product's outputs differ
+from oneDNN's in the last bit of bfloat16 now and then (0-0.2% of them, measured), as a
+row's do between a lone step and a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bot.device import cpu_has
+from bot.loading import first_line
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_kernel.c")
+PREBUILT = SOURCE.parent
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp",
+         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")  # fmt: skip
+BUILD_TIMEOUT_S = 120
+MOST_ROWS = 32
+"""The most rows a product is computed by the kernel: every decode step of `MAX_BATCH`'s
+default; more is a prompt's chunk, which oneDNN's blocked products serve better."""
+
+
+def wanted() -> bool:
+    """Whether this CPU is one where the kernel was measured faster (see above)."""
+    return cpu_has("avx512_bf16") and not cpu_has("amx_tile")
+
+
+class DecodeKernel:
+    """The built kernel: `product` computes a few rows against a packed weight."""
+
+    def __init__(self, library: Path) -> None:
+        self.library = library
+        self._product = ctypes.CDLL(str(library)).decode_product
+        self._product.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self._product.restype = None
+
+    def product(self, x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> Tensor:
+        """`x` [..., in] (bfloat16) times the packed weight at address `weight`, plus `bias`."""
+        x = x.contiguous()
+        y = x.new_empty(*x.shape[:-1], out_features)
+        rows = x.numel() // x.shape[-1]
+        address = None if bias is None else bias.data_ptr()
+        self._product(weight, x.data_ptr(), address, y.data_ptr(), rows, out_features,
+                      x.shape[-1], torch.get_num_threads())  # fmt: skip
+        return y
+
+    def reads(self, packed: Tensor, bias: Tensor | None, out_features: int) -> bool:
+        """Whether this packed bfloat16 weight lies as the kernel reads it: its size, and
+        three random rows' product against oneDNN's, within bfloat16's rounding."""
+        in_features = packed.shape[1]
+        if torch.ops.mkldnn._nbytes(packed) != out_features * in_features * 2:
+            # Padded (outputs not in 64s, inputs not in pairs): not read as laid out; and
+            # the kernel, which reads exactly this many bytes, must not read past the end.
+            return False
+        rows = torch.Generator().manual_seed(0)  # not the global one, which sampling uses
+        x = torch.randn(3, in_features, dtype=torch.bfloat16, generator=rows)
+        expected = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        ours = self.product(x, torch.ops.mkldnn.data_ptr(packed), bias, out_features)
+        return torch.allclose(ours.float(), expected.float(), rtol=2**-6, atol=2**-6)
+
+
+def load(folder: Path) -> DecodeKernel | None:
+    """The kernel: built beside its source already (`python -m bot.decode_kernel`, as an
+    image without a compiler ships it), else built into `folder` if it is not there yet;
+    None where it cannot be."""
+    prebuilt = library_path(PREBUILT)
+    if prebuilt.is_file():
+        with contextlib.suppress(OSError):  # broken: the one in `folder` serves instead
+            return DecodeKernel(prebuilt)
+    library = library_path(folder)
+    if library.is_file():
+        try:
+            return DecodeKernel(library)
+        except OSError as error:  # a broken file (a disk's fault): built again below
+            logger.warning("%s did not load (%s): building it again", library, error)
+    compiler = os.environ.get("CC") or shutil.which("cc")
+    if compiler is None:
+        logger.info("No C compiler (cc): decode steps use oneDNN's products")
+        return None
+    try:
+        _build(compiler, library)
+        return DecodeKernel(library)
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("Decode steps use oneDNN's products: the kernel did not build: %s",
+                       _gist(error))  # fmt: skip
+        return None
+
+
+def library_path(folder: Path) -> Path:
+    """The kernel's file in `folder`, named by its source and flags: a new version builds anew."""
+    built_from = " ".join(FLAGS).encode() + SOURCE.read_bytes()
+    return folder / f"decode_kernel-{hashlib.sha256(built_from).hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, library: Path) -> None:
+    """Compile the kernel to `library`: written aside and renamed into place, so that a
+    process loading it never sees half a file (processes starting together build it each)."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as building:
+        built = Path(building, library.name)
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
+        built.replace(library)
+    logger.info("Built the decode kernel: %s", library)
+
+
+def _gist(error: OSError | subprocess.SubprocessError) -> str:
+    """What went wrong: the compiler's first error where it said one."""
+    said = getattr(error, "stderr", None) or ""
+    errors = [line for line in said.splitlines() if "error" in line]
+    return errors[0] if errors else first_line(error)
+
+
+if __name__ == "__main__":  # the Dockerfile's builder: its runtime has no compiler
+    logging.basicConfig(level=logging.INFO)
+    if platform.machine() != "x86_64":
+        logger.info("Not an x86-64 machine: no decode kernel to build")
+        raise SystemExit(0)
+    raise SystemExit(0 if load(PREBUILT) else 1)

@@ -1,0 +1,152 @@
+"""Our decode kernel: built once, the products oneDNN's packed weights give, used for a few
+rows only, and oneDNN's products wherever it is not."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_qwen2
+
+from bot import decode_kernel
+from bot.decode_kernel import MOST_ROWS, DecodeKernel
+from bot.packing import PackedLinear, pack_linear_weights
+
+pytestmark = pytest.mark.skipif(
+    not decode_kernel.wanted(), reason="the kernel serves CPUs with AVX512-BF16 and no AMX"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> DecodeKernel:
+    built = decode_kernel.load(tmp_path_factory.mktemp("kernels"))
+    if built is None:
+        pytest.skip("no C compiler here to build the kernel with")
+    return built
+
+
+def packed_layer(out_features: int, in_features: int, *, bias: bool) -> PackedLinear:
+    torch.manual_seed(out_features + in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
+    return PackedLinear.of(linear)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(64, 96), (1152, 896), (896, 4864)], ids=str)
+def test_the_kernel_gives_what_onednn_gives(kernel, shape, bias):
+    """Every row count a decode step may have, 8 at a time and the rest: the same sums in
+    another order, so a bfloat16 output differs in its last bit now and then."""
+    layer = packed_layer(*shape, bias=bias)
+    assert layer.use_kernel(kernel)
+    for rows in (1, 2, 7, 8, 9, 17, MOST_ROWS):
+        x = torch.randn(1, rows, shape[1], dtype=torch.bfloat16)
+        ours = layer(x)
+        expected = torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+        assert ours.shape == expected.shape == (1, rows, shape[0])
+        torch.testing.assert_close(ours, expected, rtol=2**-7, atol=2**-7)
+        assert (ours != expected).float().mean() < 0.01
+
+
+def test_a_decode_step_goes_to_the_kernel_and_a_prompts_chunk_to_onednn(kernel, monkeypatch):
+    layer = packed_layer(128, 64, bias=True)
+    assert layer.use_kernel(kernel)
+    rows_computed: list[int] = []
+    product = kernel.product
+    monkeypatch.setattr(
+        kernel, "product", lambda x, *rest: rows_computed.append(x.shape[1]) or product(x, *rest)
+    )
+    for rows in (1, MOST_ROWS, MOST_ROWS + 1, 128):
+        x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x), F.linear(x, *_plain(layer)), rtol=2**-6, atol=2**-6)
+    assert rows_computed == [1, MOST_ROWS]
+
+
+def _plain(layer: PackedLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight as `F.linear` takes it, rebuilt from its seed."""
+    torch.manual_seed(layer.out_features + layer.in_features)
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, dtype=torch.bfloat16)
+    return linear.weight, linear.bias
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (64, 95)], ids=["out-not-64s", "odd-in"])
+def test_a_weight_oneDNN_lays_out_otherwise_stays_with_onednn(kernel, shape):
+    layer = packed_layer(*shape, bias=False)
+    assert not layer.use_kernel(kernel)
+    assert layer.kernel is None
+
+
+def test_a_model_packed_with_the_kernel_steps_as_with_onednn(qwen_tokenizer, tmp_path, caplog):
+    """The products whose weights it reads go to the kernel (a tied output layer of the
+    tokenizer's 151,665 tokens, not a multiple of 64, stays with oneDNN), and a decode
+    step's logits are oneDNN's within bfloat16's rounding."""
+    shape = {"hidden_size": 64, "intermediate_size": 128}
+    with_kernel, without = (tiny_qwen2(qwen_tokenizer, **shape).bfloat16() for _ in range(2))
+    with caplog.at_level(logging.INFO, logger="bot.packing"):
+        pack_linear_weights(with_kernel, kernels=tmp_path)
+    pack_linear_weights(without)
+    products = [m for m in with_kernel.modules() if isinstance(m, PackedLinear)]
+    assert [m.kernel is not None for m in products] == [True] * (len(products) - 1) + [False]
+    assert f"by threadbot's kernel: {len(products) - 1} of {len(products)}" in caplog.text
+    tokens = torch.tensor([[9707, 11, 1879]])
+    with torch.no_grad():
+        ours, expected = (model(tokens).logits for model in (with_kernel, without))
+    torch.testing.assert_close(ours, expected, rtol=0.05, atol=0.05)
+
+
+def test_the_kernel_is_built_once_and_loaded_after(tmp_path, monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="bot.decode_kernel"):
+        assert decode_kernel.load(tmp_path) is not None or pytest.skip("no C compiler here")
+    [library] = tmp_path.iterdir()
+    assert "Built the decode kernel" in caplog.text
+    monkeypatch.setenv("CC", str(tmp_path / "no-compiler"))  # a second build would fail
+    loaded = decode_kernel.load(tmp_path)
+    assert loaded is not None and loaded.library == library
+
+
+def test_without_a_compiler_onednn_serves_and_the_log_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with caplog.at_level(logging.INFO, logger="bot.decode_kernel"):
+        assert decode_kernel.load(tmp_path / "kernels") is None
+    assert "No C compiler (cc): decode steps use oneDNN's products" in caplog.text
+
+
+def test_a_failed_build_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, caplog):
+    compiler = tmp_path / "cc"
+    said = "cc: error: unrecognized option -mavx512bf16"
+    script = f"echo 'In file included from x.c' >&2\necho '{said}' >&2\nexit 1\n"
+    compiler.write_text(f"#!/bin/sh\n{script}")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    with caplog.at_level(logging.INFO, logger="bot.decode_kernel"):
+        assert decode_kernel.load(tmp_path / "kernels") is None
+    [line] = caplog.messages
+    assert line.endswith(f"the kernel did not build: {said}")
+    assert not any((tmp_path / "kernels").iterdir())
+
+
+def test_a_broken_library_is_built_again(tmp_path, caplog):
+    """A file a disk's fault left broken: each start would otherwise do without it."""
+    library = decode_kernel.library_path(tmp_path)
+    library.write_bytes(b"\x7fELF cut short")
+    with caplog.at_level(logging.WARNING, logger="bot.decode_kernel"):
+        rebuilt = decode_kernel.load(tmp_path)
+    assert "did not load" in caplog.text and "building it again" in caplog.text
+    assert rebuilt is not None or pytest.skip("no C compiler here")
+    assert rebuilt.library == library and library.stat().st_size > 1000
+
+
+def test_a_kernel_built_beside_its_source_serves_without_a_compiler(tmp_path, monkeypatch):
+    """As the Docker image ships it: built in its builder, whose runtime has no compiler."""
+    shipped = tmp_path / "package"
+    built = decode_kernel.load(shipped)
+    if built is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(decode_kernel, "PREBUILT", shipped)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    loaded = decode_kernel.load(tmp_path / "data" / "kernels")
+    assert loaded is not None and loaded.library == built.library
+    assert not (tmp_path / "data").exists()
