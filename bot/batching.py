@@ -54,6 +54,7 @@ import torch
 from bot.detokenize import IncrementalDetokenizer
 from bot.kv_cache import PrefixCache
 from bot.metrics import Metrics
+from bot.packing import decode_kernel_of
 from bot.ragged import Segment, SlotCache, StepLayout
 from bot.sampling import Sampler, end_token_ids
 from bot.step_forward import step_forward
@@ -191,6 +192,7 @@ class Batcher:
         layers, kv_heads, head_dim = kv_shape(self.model)
         self._cache = SlotCache(layers, kv_heads, head_dim, self.model.dtype, self.model.device)
         self._step_forward = step_forward(self.model)
+        self._kernel = decode_kernel_of(self.model)  # its attention too (`StepLayout`)
         # The last request `fits` tokenized, so that neither `join` nor the next step's
         # `fits` (while it waits) tokenizes it again.
         self._tokenized: tuple[object, list[int]] | None = None
@@ -297,6 +299,7 @@ class Batcher:
             [Segment(sequence.slot, sequence.cached, 1) for sequence in decoding],
             [Segment(sequence.slot, sequence.cached, length) for sequence, length in chunks],
             self.model.device,
+            self._kernel,
         )
         tokens, sampled, kept = [], [], []  # sampled: whose next token `kept` logits pick
         for segment in layout.segments:

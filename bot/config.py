@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         "none", description="int8: linear weights stored as int8 (less memory, other answers)."
     )
     decode_kernel: Literal["auto", "off"] = Field(
-        "auto", description="auto: decode steps' products by our kernel where it is faster."
+        "auto", description="auto: decode steps by our kernels where they are faster."
     )
     max_new_tokens: int = Field(512, ge=1, description="Longest answer, in tokens.")
     max_context_tokens: int | None = Field(

@@ -10,6 +10,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BLOCK 64     /* outputs per block */
 #define MOST_HELD 8  /* rows whose 64 sums each stay in registers (4 of 16 floats) */
@@ -67,4 +68,121 @@ void decode_product(const uint16_t *w, const uint16_t *x, const uint16_t *bias, 
             }
         }
     }
+}
+
+static inline __m512 widened(const uint16_t *bf16) { /* 16 bfloat16 to float: the top bits */
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16)), 16));
+}
+
+static inline __m512 pairs_added(__m512 a, __m512 b) { /* 64-bit halves of 128-bit lanes */
+    return _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))));
+}
+
+static inline __m512 lanes_added(__m512 a, __m512 b) { /* even and odd 128-bit lanes */
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+
+/* The sum of each of 16 vectors, as lane i of one: a tree of shuffles and adds, where 16
+ * reductions one by one take three times the instructions. */
+static inline __m512 sums16(const __m512 v[16]) {
+    __m512 s[8], t[4];
+    for (int i = 0; i < 8; ++i)
+        s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) t[i] = pairs_added(s[2 * i], s[2 * i + 1]);
+    return lanes_added(lanes_added(t[0], t[1]), lanes_added(t[2], t[3]));
+}
+
+/* e^x for x <= 0: 2^(x log2 e) as 2^n 2^f, |f| <= 1/2, 2^f by its Taylor series to f^6
+ * (relative error under 2e-7, far below bfloat16's 4e-3). */
+static inline __m512 exp_ps(__m512 x) {
+    const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);
+    static const float c[] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f,
+                              5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f};
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Decoding rows' attention: each row's query [heads, dim] against the first `lengths[r]`
+ * keys and values of its slot in the cache [slots, kv_heads, width, dim], the query heads
+ * of each key head together; out [rows, heads, dim]. All bfloat16; the scores (exact
+ * products of bfloat16, `vdpbf16ps`), softmax and sums in float32, as SDPA's. dim a
+ * multiple of 32, at most MOST_DIM. A row and key head per task, 16 keys at a time. */
+#define MOST_DIM 256
+int decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values,
+                     const int64_t *slots, const int64_t *lengths, uint16_t *out,
+                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t width, int64_t dim,
+                     float scale, int threads) {
+    const int64_t group = heads / kv_heads, pairs = dim / 32, vectors = dim / 16;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(| : failed)
+    for (int64_t task = 0; task < rows * kv_heads; ++task) {
+        const int64_t r = task / kv_heads, g = task % kv_heads, n = lengths[r];
+        const uint16_t *k = keys + (slots[r] * kv_heads + g) * width * dim;
+        const uint16_t *v = values + (slots[r] * kv_heads + g) * width * dim;
+        const uint16_t *query = q + (r * heads + g * group) * dim;
+        float *scores = malloc(sizeof(float) * group * (n + 16));
+        __m512 *sums = aligned_alloc(64, sizeof(__m512) * group * vectors);
+        if (!scores || !sums) {
+            failed = 1;
+            free(scores);
+            free(sums);
+            continue;
+        }
+        for (int64_t t0 = 0; t0 < n; t0 += 16) {
+            const int64_t tile = n - t0 < 16 ? n - t0 : 16;
+            for (int64_t h = 0; h < group; ++h) {
+                __m512 dots[16];
+                for (int64_t j = 0; j < 16; ++j) {
+                    dots[j] = _mm512_setzero_ps();
+                    for (int64_t p = 0; j < tile && p < pairs; ++p)
+                        dots[j] = _mm512_dpbf16_ps(
+                            dots[j], (__m512bh)_mm512_loadu_si512(k + (t0 + j) * dim + 32 * p),
+                            (__m512bh)_mm512_loadu_si512(query + h * dim + 32 * p));
+                }
+                _mm512_storeu_ps(scores + h * (n + 16) + t0,
+                                 _mm512_mul_ps(sums16(dots), _mm512_set1_ps(scale)));
+            }
+        }
+        for (int64_t h = 0; h < group; ++h) { /* softmax, less its largest score */
+            float *s = scores + h * (n + 16);
+            __m512 most = _mm512_set1_ps(s[0]), total = _mm512_setzero_ps();
+            const __mmask16 tail = (__mmask16)((1u << (n % 16)) - 1);
+            for (int64_t t = 0; t < n; t += 16)
+                most = _mm512_mask_max_ps(most, n - t < 16 ? tail : 0xFFFF, most,
+                                          _mm512_loadu_ps(s + t));
+            const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(most));
+            for (int64_t t = 0; t < n; t += 16) {
+                const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + t), largest));
+                _mm512_storeu_ps(s + t, e);
+                total = _mm512_mask_add_ps(total, n - t < 16 ? tail : 0xFFFF, total, e);
+            }
+            const __m512 share = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+            for (int64_t t = 0; t < n; t += 16)
+                _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), share));
+            for (int64_t d = 0; d < vectors; ++d) sums[h * vectors + d] = _mm512_setzero_ps();
+        }
+        for (int64_t t = 0; t < n; ++t) {
+            __m512 value[MOST_DIM / 16];
+            for (int64_t d = 0; d < vectors; ++d) value[d] = widened(v + t * dim + 16 * d);
+            for (int64_t h = 0; h < group; ++h) {
+                const __m512 weight = _mm512_set1_ps(scores[h * (n + 16) + t]);
+                for (int64_t d = 0; d < vectors; ++d)
+                    sums[h * vectors + d] = _mm512_fmadd_ps(weight, value[d], sums[h * vectors + d]);
+            }
+        }
+        for (int64_t h = 0; h < group; ++h)
+            for (int64_t d = 0; d < vectors; ++d)
+                _mm256_storeu_si256((__m256i *)(out + (r * heads + g * group + h) * dim + 16 * d),
+                                    (__m256i)_mm512_cvtneps_pbh(sums[h * vectors + d]));
+        free(scores);
+        free(sums);
+    }
+    return failed ? -1 : 0;
 }

@@ -180,6 +180,12 @@ def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int
     return packed + shared
 
 
+def decode_kernel_of(model: nn.Module) -> DecodeKernel | None:
+    """Our decode kernel, where the model's products use it."""
+    products = (m for m in model.modules() if isinstance(m, PackedLinear))
+    return next((product.kernel for product in products if product.kernel), None)
+
+
 def kernel_products(model: nn.Module) -> int:
     """How many of the model's packed products decode steps compute with our kernel."""
     return sum(isinstance(m, PackedLinear) and m.kernel is not None for m in model.modules())

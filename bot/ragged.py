@@ -17,7 +17,9 @@ Measured with Qwen2.5-0.5B's shape in bfloat16 on an AMD EPYC (AVX512-BF16), one
 cache for the whole batch, took 384 and 1,543 ms (4.0x): every short row attended over the
 long row's width, and every join or leave copied the whole cache (`torch.cat`). Without a
 long row the two are within 6% (311 against 293 ms a step, another run); what this one
-pays is copying each group's keys out of the wider slot cache for the matmul.
+pays is copying each group's keys out of the wider slot cache for the matmul. Where the
+model has our decode kernel (`bot.decode_kernel`: a CPU with AVX512-BF16 and no AMX, in
+bfloat16), decoding rows attend through it instead, reading their keys where they lie.
 
 The other fair ways, and why not: grouping rows by length into a forward per group reads
 the weights once per group, and a decode step here is ~75% weight-bound matrix products,
@@ -29,8 +31,10 @@ CPU in torch; admission by tokens (`Batcher.fits`) already bounds the slots' mem
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from bot.device import cpu_has
 from bot.kv_cache import KV
+
+if TYPE_CHECKING:
+    from bot.decode_kernel import DecodeKernel
 
 ATTENTION = "threadbot_ragged"
 GROUP_SPREAD = 2
@@ -82,10 +89,19 @@ class StepLayout:
     """Where each of a step's flattened tokens belongs: decoding rows (one token each,
     first, grouped by length) then prefill chunks. Built once per step, read by every layer."""
 
-    def __init__(self, decoding: list[Segment], prefilling: list[Segment], device: torch.device):
+    def __init__(
+        self,
+        decoding: list[Segment],
+        prefilling: list[Segment],
+        device: torch.device,
+        kernel: DecodeKernel | None = None,
+    ):
+        """`kernel`: our decode kernel, where the model's products have it; the decoding
+        rows attend through it where it serves (`DecodeKernel.attends`)."""
         groups = _length_groups(decoding)
         self.segments = [segment for group in groups for segment in group] + prefilling
         self.tokens = sum(segment.length for segment in self.segments)
+        self._kernel = kernel
         self._decode_groups = [_DecodeGroup(group, device) for group in groups]
         self._prefills = [(segment, _causal_mask(segment, device)) for segment in prefilling]
         self.slots = torch.tensor(
@@ -107,11 +123,18 @@ class StepLayout:
         [1, tokens, heads, dim], each token attending to its own row's positions up to its own.
         `softcap`: the scores are soft-capped first (`_capped`)."""
         outputs, offset = [], 0
+        kernel = self._kernel
+        if kernel is not None and not kernel.attends(query, keys, softcap):
+            kernel = None
         for group in self._decode_groups:
             rows = len(group.segments)
             q = query[0, :, offset : offset + rows].transpose(0, 1)  # [rows, heads, dim]
-            k, v = group.take(keys), group.take(values)
-            outputs.append(_decode(q, k, v, group.mask, scaling, softcap))
+            if kernel is not None:  # the rows' own keys, where they lie in the cache
+                scale = scaling or q.shape[-1] ** -0.5
+                outputs.append(kernel.attention(q, keys, values, *group.slots_and_ends, scale))
+            else:
+                k, v = group.take(keys), group.take(values)
+                outputs.append(_decode(q, k, v, group.mask, scaling, softcap))
             offset += rows
         prefill = _sdpa if softcap is None else partial(_capped_prefill, softcap=softcap)
         for segment, mask in self._prefills:
@@ -140,6 +163,14 @@ class _DecodeGroup:
 
     def take(self, cache: torch.Tensor) -> torch.Tensor:
         return cache[self._rows, :, : self.width]
+
+    @functools.cached_property
+    def slots_and_ends(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's slot and how many of its positions are filled, for our kernel."""
+        return (
+            torch.tensor([segment.slot for segment in self.segments]),
+            torch.tensor([segment.end for segment in self.segments]),
+        )
 
 
 def _length_groups(decoding: list[Segment]) -> list[list[Segment]]:

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_qwen2
+from test_ragged import reference
 
 from bot import decode_kernel
 from bot.decode_kernel import MOST_ROWS, DecodeKernel
 from bot.packing import PackedLinear, pack_linear_weights
+from bot.ragged import Segment, StepLayout
 
 pytestmark = pytest.mark.skipif(
     not decode_kernel.wanted(), reason="the kernel serves CPUs with AVX512-BF16 and no AMX"
@@ -150,3 +152,44 @@ def test_a_kernel_built_beside_its_source_serves_without_a_compiler(tmp_path, mo
     loaded = decode_kernel.load(tmp_path / "data" / "kernels")
     assert loaded is not None and loaded.library == built.library
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(14, 2, 64), (9, 3, 64), (4, 4, 128)], ids=str
+)
+def test_decoding_rows_attend_through_the_kernel_as_through_float32(kernel, heads, kv_heads, dim):
+    """Qwen2.5-0.5B's heads, SmolLM2's, and no grouping: each decoding row against its own
+    slot's keys, where they lie in the cache, its scores and sums in float32 (the output
+    rounded to bfloat16 once); a prompt's chunk beside them as before."""
+    torch.manual_seed(0)
+    decoding = [Segment(0, 9, 1), Segment(3, 250, 1), Segment(2, 12, 1), Segment(5, 30, 1)]
+    layout = StepLayout(decoding, [Segment(1, 0, 7)], torch.device("cpu"), kernel)
+    keys, values = (torch.randn(2, 6, kv_heads, 300, dim) * 2).bfloat16().unbind()
+    query = (torch.randn(1, heads, layout.tokens, dim) * 2).bfloat16()
+    attended: list[int] = []
+    attention = kernel.attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            kernel, "attention", lambda q, *a: attended.append(len(q)) or attention(q, *a)
+        )
+        got = layout.attention(query, keys, values, dim**-0.5)
+    assert sorted(attended) == [1, 3]  # the long row's group, and the three short rows'
+    rows = len(decoding)
+    exact = reference(query.float(), keys.float(), values.float(), layout.segments)
+    torch.testing.assert_close(
+        got[:, :rows].float(), exact[:, :rows].bfloat16().float(), rtol=0, atol=2**-8
+    )
+    torch.testing.assert_close(got[:, rows:].float(), exact[:, rows:], rtol=2**-6, atol=2**-5)
+
+
+@pytest.mark.parametrize("unserved", ["softcap", "float32"])
+def test_what_the_kernel_does_not_attend_goes_as_before(kernel, unserved):
+    """Soft-capped scores (Gemma 2), and a model not in bfloat16."""
+    dtype = torch.float32 if unserved == "float32" else torch.bfloat16
+    keys, values = torch.randn(2, 2, 2, 64, 16, dtype=dtype).unbind()
+    query = torch.randn(1, 4, 1, 16, dtype=dtype)
+    layout = StepLayout([Segment(1, 20, 1)], [], torch.device("cpu"), kernel)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel, "attention", lambda *a: pytest.fail("the kernel attended"))
+        softcap = 30.0 if unserved == "softcap" else None
+        assert layout.attention(query, keys, values, 0.25, softcap).shape == (1, 1, 4, 16)

@@ -14,13 +14,14 @@ HEADS, KV_HEADS, DIM, WIDTH = 4, 2, 8, 300
 
 def reference(query, keys, values, segments):
     """Per token, plain softmax attention over its slot's positions 0..its own."""
+    groups, dim = query.shape[1] // keys.shape[1], query.shape[-1]
     outputs, token = [], 0
     for segment in segments:
         for position in range(segment.start, segment.end):
             q = query[0, :, token]  # [heads, dim]
-            k = keys[segment.slot, :, : position + 1].repeat_interleave(HEADS // KV_HEADS, 0)
-            v = values[segment.slot, :, : position + 1].repeat_interleave(HEADS // KV_HEADS, 0)
-            weights = torch.softmax((q[:, None] * k).sum(-1) / DIM**0.5, -1)  # [heads, pos]
+            k = keys[segment.slot, :, : position + 1].repeat_interleave(groups, 0)
+            v = values[segment.slot, :, : position + 1].repeat_interleave(groups, 0)
+            weights = torch.softmax((q[:, None] * k).sum(-1) / dim**0.5, -1)  # [heads, pos]
             outputs.append((weights[..., None] * v).sum(1))
             token += 1
     return torch.stack(outputs)[None]
