@@ -190,6 +190,9 @@ def _build(compiler: str, library: Path) -> None:
         )
         built.replace(library)
     logger.info("Built the decode kernel: %s", library)
+    for older in library.parent.glob("decode_kernel-*.so"):  # an earlier version's: not needed
+        if older != library:
+            older.unlink(missing_ok=True)  # (a process that loaded it keeps it)
 
 
 def _gist(error: OSError | subprocess.SubprocessError) -> str:
