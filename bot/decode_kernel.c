@@ -1,18 +1,51 @@
-/* Decode steps' matrix products: a few rows against oneDNN's packed bfloat16 weights.
- *
- * oneDNN packs a bfloat16 linear weight [out, in] as blocks of 64 outputs, each block
- * `in / 2` lines of 64 outputs x 2 inputs (the pairs `vdpbf16ps` multiplies):
- * element (o, i) at ((o / 64) * (in / 2) + i / 2) * 128 + (o % 64) * 2 + i % 2.
- * So a block is one stretch of memory, and each line of it times one pair of an input
- * row's values adds to the block's 64 sums: the weights stream in order, once for up to
- * 8 rows, and from the cache for the next 8. `bot/decode_kernel.py` checks the layout
- * against oneDNN's own product before any layer uses this.
+/* Decode steps' matrix products, a few rows against oneDNN's packed weights, and the
+ * decoding rows' attention. Built twice (`bot/decode_kernel.py`): for AVX512-BF16, every
+ * function; for AVX2, the float32 product alone (the rest needs AVX512-BF16).
+ * `bot/decode_kernel.py` checks a packed weight's layout against oneDNN's own product
+ * before any layer uses these.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define BLOCK 64     /* outputs per block */
+
+/* float32: oneDNN packs [out, in] as blocks of 64 outputs, each `in` lines of 64 outputs,
+ * element (o, i) at ((o / 64) * in + i) * 64 + o % 64. Plain C, which the compiler turns
+ * into the vector instructions of the build (AVX2's 8 floats at a time): a row's 64 sums
+ * are 8 registers, and each line is read once for a row or two. */
+static inline void block_rows_f32(const float *w, const float *x, int64_t in, const float *bias,
+                                  float *y, int64_t out, int rows) {
+    float sums[2][BLOCK] __attribute__((aligned(64)));
+    for (int r = 0; r < rows; ++r)
+        for (int o = 0; o < BLOCK; ++o) sums[r][o] = bias ? bias[o] : 0.0f;
+    for (int64_t i = 0; i < in; ++i, w += BLOCK)
+        for (int r = 0; r < rows; ++r) {
+            const float value = x[r * in + i];
+            for (int o = 0; o < BLOCK; ++o) sums[r][o] += value * w[o];
+        }
+    for (int r = 0; r < rows; ++r)
+        for (int o = 0; o < BLOCK; ++o) y[r * out + o] = sums[r][o];
+}
+
+/* y [rows, out] = x [rows, in] times the packed weight w, plus bias (or none), all float32;
+ * out a multiple of 64. */
+void decode_product_f32(const float *w, const float *x, const float *bias, float *y,
+                        int64_t rows, int64_t out, int64_t in, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < out / BLOCK; ++b)
+        for (int64_t r = 0; r < rows; r += 2)
+            block_rows_f32(w + b * BLOCK * in, x + r * in, in, bias ? bias + b * BLOCK : 0,
+                           y + r * out + b * BLOCK, out, rows - r < 2 ? 1 : 2);
+}
+
+#ifdef __AVX512BF16__
+/* bfloat16: oneDNN packs [out, in] as blocks of 64 outputs, each block `in / 2` lines of
+ * 64 outputs x 2 inputs (the pairs `vdpbf16ps` multiplies): element (o, i) at
+ * ((o / 64) * (in / 2) + i / 2) * 128 + (o % 64) * 2 + i % 2. So a block is one stretch of
+ * memory, and each line of it times one pair of an input row's values adds to the block's
+ * 64 sums: the weights stream in order, once for up to 8 rows, and from the cache for the
+ * next 8. */
 #define MOST_HELD 8  /* rows whose 64 sums each stay in registers (4 of 16 floats) */
 
 static inline void block_rows(const uint16_t *w, const uint32_t *x, int64_t pairs,
@@ -186,3 +219,4 @@ int decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *va
     }
     return failed ? -1 : 0;
 }
+#endif

@@ -1,5 +1,6 @@
 """Decode steps by our own kernels (`decode_kernel.c`): the matrix products, reading the
-weights oneDNN packed faster than oneDNN's own kernels do, and the decoding rows' attention.
+weights oneDNN packed faster than oneDNN's own kernels do, and (in bfloat16) the decoding
+rows' attention.
 
 A decode step is a few rows times every weight of the model, so its speed is how fast the
 products read the weights from memory. On 2 cores of an AMD EPYC with AVX512-BF16 (no AMX),
@@ -11,6 +12,14 @@ layers' and the output layer's products took 0.52-0.73x oneDNN's time at 1 to 8 
 oneDNN's). On a CPU with AMX, oneDNN's kernels already read the weights at the memory's
 speed (21 of 23 GB/s measured), and its tiles multiply many rows faster, so it keeps them.
 
+In float32 (on CPUs without AVX512-BF16, where `DTYPE=auto` picks it), oneDNN packs a
+weight as blocks of 64 outputs too, each `in` lines of 64 outputs, and a plain C loop built
+for AVX2 streams it the same way. Measured on the same EPYC with oneDNN held to AVX2's
+kernels (`ONEDNN_MAX_CPU_ISA=AVX2`; no AVX2-only machine was at hand): the products took
+0.55, 0.69, 0.65 and 0.88x oneDNN's time at 1, 2, 4 and 8 rows (1.11x at 16, so up to 8
+go to it), and whole float32 decode steps 0.74, 0.79 and 0.86x at 1, 4 and 8 rows. With
+AVX512, oneDNN's own float32 kernels did better at 4 rows (1.06x), so it keeps them there.
+
 The decoding rows' attention (`attention`, as `bot.ragged`'s steps call it) reads each
 row's keys and values where they lie in the slot cache, with no copy, its scores exact
 products of bfloat16 summed in float32 (`vdpbf16ps`), 16 keys at a time, and its softmax
@@ -20,7 +29,8 @@ matmuls, and whole decode steps 0.96, 0.89 and 0.87x the time (alternating, medi
 rounds). It serves bfloat16 heads of a size in 32s; soft-capped scores (Gemma 2) do not.
 
 The kernels are C, built once at load with the machine's C compiler (`CC`, else `cc`) into
-the folder given (DATA_DIR/kernels), named by a hash of its source and flags, and called
+the folder given (DATA_DIR/kernels), one build per dtype (`BUILDS`: AVX512-BF16's
+instructions, or AVX2's), each named by a hash of its source and flags, and called
 through ctypes, which lets go of the GIL; their OpenMP threads are torch's (the same
 `libgomp`, as many as torch uses). No compiler, or a build that fails: oneDNN's products
 and torch's attention, as before, and one line in the log. Each packed product is checked
@@ -55,37 +65,48 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 PREBUILT = SOURCE.parent
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp",
-         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")  # fmt: skip
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+BUILDS = {
+    torch.bfloat16: ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+    torch.float32: ("-mavx2", "-mfma"),
+}
+"""Each dtype's build: its instructions (decode_kernel.c builds what they allow)."""
 BUILD_TIMEOUT_S = 120
 MOST_DIM = 256  # the largest attention head `decode_attention` takes (decode_kernel.c)
-MOST_ROWS = 32
-"""The most rows a product is computed by the kernel: every decode step of `MAX_BATCH`'s
-default; more is a prompt's chunk, which oneDNN's blocked products serve better."""
+MOST_ROWS = {torch.bfloat16: 32, torch.float32: 8}
+"""The most rows a product is computed by the kernel, where it was measured faster: in
+bfloat16 every decode step of `MAX_BATCH`'s default (more is a prompt's chunk, which
+oneDNN's blocked products serve better); in float32, up to 8 (16 took 1.11x oneDNN's)."""
 
 
-def wanted() -> bool:
-    """Whether this CPU is one where the kernel was measured faster (see above)."""
-    return cpu_has("avx512_bf16") and not cpu_has("amx_tile")
+def wanted(dtype: torch.dtype) -> bool:
+    """Whether this CPU is one where the kernel for `dtype` was measured faster (above)."""
+    if dtype == torch.bfloat16:
+        return cpu_has("avx512_bf16") and not cpu_has("amx_tile")
+    return dtype == torch.float32 and cpu_has("avx2") and not cpu_has("avx512")
 
 
 class DecodeKernel:
-    """The built kernel: `product` computes a few rows against a packed weight."""
+    """The kernel built for `dtype`: `product` computes a few rows against a packed
+    weight, and in bfloat16 `attention` attends decoding rows."""
 
-    def __init__(self, path: Path) -> None:
-        self.library = path
+    def __init__(self, path: Path, dtype: torch.dtype) -> None:
+        self.library, self.dtype, self.most_rows = path, dtype, MOST_ROWS[dtype]
         library = ctypes.CDLL(str(path))
-        self._product = library.decode_product
+        bfloat16 = dtype == torch.bfloat16
+        self._product = library.decode_product if bfloat16 else library.decode_product_f32
         self._product.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._product.restype = None
-        self._attention = library.decode_attention
-        self._attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [
-            ctypes.c_float, ctypes.c_int,
-        ]  # fmt: skip
-        self._attention.restype = ctypes.c_int
+        self._attention = library.decode_attention if bfloat16 else None
+        if self._attention is not None:
+            self._attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [
+                ctypes.c_float, ctypes.c_int,
+            ]  # fmt: skip
+            self._attention.restype = ctypes.c_int
 
     def product(self, x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> Tensor:
-        """`x` [..., in] (bfloat16) times the packed weight at address `weight`, plus `bias`."""
+        """`x` [..., in] (of the kernel's dtype) times the packed weight at address `weight`,
+        plus `bias`."""
         x = x.contiguous()
         y = x.new_empty(*x.shape[:-1], out_features)
         rows = x.numel() // x.shape[-1]
@@ -118,7 +139,8 @@ class DecodeKernel:
         lies, heads of a size in 32s (up to 256), and no soft-capped scores."""
         heads, dim = query.shape[1], query.shape[-1]  # [1, heads, tokens, dim]
         return (
-            softcap is None
+            self._attention is not None
+            and softcap is None
             and query.dtype == keys.dtype == torch.bfloat16
             and keys.device.type == "cpu"
             and keys.is_contiguous()
@@ -128,32 +150,35 @@ class DecodeKernel:
         )
 
     def reads(self, packed: Tensor, bias: Tensor | None, out_features: int) -> bool:
-        """Whether this packed bfloat16 weight lies as the kernel reads it: its size, and
-        three random rows' product against oneDNN's, within bfloat16's rounding."""
-        in_features = packed.shape[1]
-        if torch.ops.mkldnn._nbytes(packed) != out_features * in_features * 2:
+        """Whether this packed weight lies as the kernel reads it: its dtype and size, and
+        three random rows' product against oneDNN's, within the dtype's rounding."""
+        in_features, size = packed.shape[1], self.dtype.itemsize
+        if packed.dtype != self.dtype:
+            return False
+        if torch.ops.mkldnn._nbytes(packed) != out_features * in_features * size:
             # Padded (outputs not in 64s, inputs not in pairs): not read as laid out; and
             # the kernel, which reads exactly this many bytes, must not read past the end.
             return False
         rows = torch.Generator().manual_seed(0)  # not the global one, which sampling uses
-        x = torch.randn(3, in_features, dtype=torch.bfloat16, generator=rows)
+        x = torch.randn(3, in_features, dtype=self.dtype, generator=rows)
         expected = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         ours = self.product(x, torch.ops.mkldnn.data_ptr(packed), bias, out_features)
-        return torch.allclose(ours.float(), expected.float(), rtol=2**-6, atol=2**-6)
+        within = 2**-6 if self.dtype == torch.bfloat16 else 1e-4
+        return torch.allclose(ours.float(), expected.float(), rtol=within, atol=within)
 
 
-def load(folder: Path) -> DecodeKernel | None:
-    """The kernel: built beside its source already (`python -m bot.decode_kernel`, as an
-    image without a compiler ships it), else built into `folder` if it is not there yet;
-    None where it cannot be."""
-    prebuilt = library_path(PREBUILT)
+def load(folder: Path, dtype: torch.dtype) -> DecodeKernel | None:
+    """The kernel for `dtype`: built beside its source already (`python -m
+    bot.decode_kernel`, as an image without a compiler ships it), else built into `folder`
+    if it is not there yet; None where it cannot be."""
+    prebuilt = library_path(PREBUILT, dtype)
     if prebuilt.is_file():
         with contextlib.suppress(OSError):  # broken: the one in `folder` serves instead
-            return DecodeKernel(prebuilt)
-    library = library_path(folder)
+            return DecodeKernel(prebuilt, dtype)
+    library = library_path(folder, dtype)
     if library.is_file():
         try:
-            return DecodeKernel(library)
+            return DecodeKernel(library, dtype)
         except OSError as error:  # a broken file (a disk's fault): built again below
             logger.warning("%s did not load (%s): building it again", library, error)
     compiler = os.environ.get("CC") or shutil.which("cc")
@@ -161,28 +186,29 @@ def load(folder: Path) -> DecodeKernel | None:
         logger.info("No C compiler (cc): decode steps use oneDNN's products")
         return None
     try:
-        _build(compiler, library)
-        return DecodeKernel(library)
+        _build(compiler, library, BUILDS[dtype])
+        return DecodeKernel(library, dtype)
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("Decode steps use oneDNN's products: the kernel did not build: %s",
                        _gist(error))  # fmt: skip
         return None
 
 
-def library_path(folder: Path) -> Path:
-    """The kernel's file in `folder`, named by its source and flags: a new version builds anew."""
-    built_from = " ".join(FLAGS).encode() + SOURCE.read_bytes()
+def library_path(folder: Path, dtype: torch.dtype) -> Path:
+    """The kernel's file for `dtype` in `folder`, named by its source and flags: a new
+    version builds anew."""
+    built_from = " ".join(FLAGS + BUILDS[dtype]).encode() + SOURCE.read_bytes()
     return folder / f"decode_kernel-{hashlib.sha256(built_from).hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, library: Path) -> None:
+def _build(compiler: str, library: Path, instructions: tuple[str, ...]) -> None:
     """Compile the kernel to `library`: written aside and renamed into place, so that a
     process loading it never sees half a file (processes starting together build it each)."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as building:
         built = Path(building, library.name)
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            [compiler, *FLAGS, *instructions, str(SOURCE), "-o", str(built)],
             check=True,
             capture_output=True,
             text=True,
@@ -190,8 +216,9 @@ def _build(compiler: str, library: Path) -> None:
         )
         built.replace(library)
     logger.info("Built the decode kernel: %s", library)
+    current = {library_path(library.parent, dtype) for dtype in BUILDS}
     for older in library.parent.glob("decode_kernel-*.so"):  # an earlier version's: not needed
-        if older != library:
+        if older not in current:
             older.unlink(missing_ok=True)  # (a process that loaded it keeps it)
 
 
@@ -207,4 +234,4 @@ if __name__ == "__main__":  # the Dockerfile's builder: its runtime has no compi
     if platform.machine() != "x86_64":
         logger.info("Not an x86-64 machine: no decode kernel to build")
         raise SystemExit(0)
-    raise SystemExit(0 if load(PREBUILT) else 1)
+    raise SystemExit(0 if all(load(PREBUILT, dtype) for dtype in BUILDS) else 1)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bot import decode_kernel
-from bot.decode_kernel import MOST_ROWS, DecodeKernel
+from bot.decode_kernel import DecodeKernel
 from bot.device import return_freed_memory
 from bot.quantize import linear_layers
 from bot.row_padding import pad_small_products
@@ -84,7 +84,7 @@ class PackedLinear(nn.Module):
     def compute(self, x: Tensor) -> Tensor:
         """The product at `x`'s own rows: a decode step's by our kernel where it has one,
         else oneDNN's."""
-        if self.kernel is not None and x.numel() <= MOST_ROWS * self.in_features:
+        if self.kernel is not None and x.numel() <= self.kernel.most_rows * self.in_features:
             return self.kernel.product(x, self._address, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
@@ -167,13 +167,13 @@ def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int
     kernel where it is faster (`bot.decode_kernel`), built there once."""
     if not packable(model):
         return 0
-    bfloat16 = next(model.parameters()).dtype == torch.bfloat16
-    shared = _share_siblings(model) if bfloat16 else 0
+    dtype = next(model.parameters()).dtype
+    shared = _share_siblings(model) if dtype == torch.bfloat16 else 0
     packed = _pack_each(model)  # the plain weights' last references end with these
     return_freed_memory()
     products = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    if kernels is not None and bfloat16 and decode_kernel.wanted():
-        _use_kernel(products, kernels)
+    if kernels is not None and decode_kernel.wanted(dtype):
+        _use_kernel(products, kernels, dtype)
     pad_small_products(products)
     logger.info("Packed %d linear layers' weights for oneDNN (%d sharing a product)",
                 packed + shared, shared)  # fmt: skip
@@ -191,8 +191,8 @@ def kernel_products(model: nn.Module) -> int:
     return sum(isinstance(m, PackedLinear) and m.kernel is not None for m in model.modules())
 
 
-def _use_kernel(products: list[PackedLinear], kernels: Path) -> None:
-    kernel = decode_kernel.load(kernels)
+def _use_kernel(products: list[PackedLinear], kernels: Path, dtype: torch.dtype) -> None:
+    kernel = decode_kernel.load(kernels, dtype)
     if kernel is None:
         return
     served = sum(product.use_kernel(kernel) for product in products)

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from bot import decode_kernel
 
@@ -83,7 +84,8 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     # Rows computed at more rows, where measured faster (`bot.row_padding`): up to 4.
     assert all(int(rows) < more <= 4 for rows, more in report["padded_rows"].items())
     # Our decode kernel, where it serves and builds (a C compiler), as the service has it.
-    kernel = decode_kernel.wanted() and shutil.which("cc") is not None
+    dtype = getattr(torch, report["machine"]["dtype"])
+    kernel = decode_kernel.wanted(dtype) and shutil.which("cc") is not None
     assert (report["kernel_products"] > 0) == kernel
     assert (out / "bench.png").stat().st_size > 10_000
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import package_dir
 from fake_discord import FakeDiscord
@@ -153,7 +154,7 @@ async def test_the_generation_line_says_the_weights_are_int8(doctor) -> None:
 
 
 @pytest.mark.skipif(
-    not decode_kernel.wanted() or shutil.which("cc") is None,
+    not decode_kernel.wanted(torch.bfloat16) or shutil.which("cc") is None,
     reason="the decode kernel serves CPUs with AVX512-BF16 and no AMX, and needs a C compiler",
 )
 async def test_the_generation_line_says_decode_steps_use_our_kernel(doctor) -> None:
