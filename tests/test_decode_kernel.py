@@ -208,6 +208,7 @@ def test_decoding_rows_attend_through_the_kernel_as_through_float32(
     kernel = bf16_kernel
     torch.manual_seed(0)
     decoding = [Segment(0, 9, 1), Segment(3, 250, 1), Segment(2, 12, 1), Segment(5, 30, 1)]
+    decoding.append(Segment(4, 47, 1))  # keys in whole tiles of 16
     layout = StepLayout(decoding, [Segment(1, 0, 7)], torch.device("cpu"), kernel)
     keys, values = (torch.randn(2, 6, kv_heads, 300, dim) * 2).bfloat16().unbind()
     query = (torch.randn(1, heads, layout.tokens, dim) * 2).bfloat16()
@@ -218,7 +219,7 @@ def test_decoding_rows_attend_through_the_kernel_as_through_float32(
             kernel, "attention", lambda q, *a: attended.append(len(q)) or attention(q, *a)
         )
         got = layout.attention(query, keys, values, dim**-0.5)
-    assert sorted(attended) == [1, 3]  # the long row's group, and the three short rows'
+    assert sorted(attended) == [1, 4]  # the long row's group, and the four short rows'
     rows = len(decoding)
     exact = reference(query.float(), keys.float(), values.float(), layout.segments)
     torch.testing.assert_close(
