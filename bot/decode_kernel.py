@@ -32,7 +32,8 @@ The kernels are C, built once at load with the machine's C compiler (`CC`, else 
 the folder given (DATA_DIR/kernels), one build per dtype (`BUILDS`: AVX512-BF16's
 instructions, or AVX2's), each named by a hash of its source and flags, and called
 through ctypes, which lets go of the GIL; their OpenMP threads are torch's (the same
-`libgomp`, as many as torch uses). No compiler, or a build that fails: oneDNN's products
+`libgomp`, as many as torch uses; with gcc, as `cc` is on Linux: clang's `-fopenmp` would
+bring LLVM's runtime beside it). No compiler, or a build that fails: oneDNN's products
 and torch's attention, as before, and one line in the log. Each packed product is checked
 against oneDNN's own before it is handed to the kernel (`reads`): its size, and three rows'
 product.
@@ -134,16 +135,21 @@ class DecodeKernel:
             raise MemoryError("the decode kernel's attention ran out of memory")
         return out
 
-    def attends(self, query: Tensor, keys: Tensor, softcap: float | None) -> bool:
+    def attends(
+        self, query: Tensor, keys: Tensor, values: Tensor, softcap: float | None
+    ) -> bool:  # fmt: skip
         """Whether `attention` serves these: bfloat16 on the CPU, a cache read where it
         lies, heads of a size in 32s (up to 256), and no soft-capped scores."""
         heads, dim = query.shape[1], query.shape[-1]  # [1, heads, tokens, dim]
         return (
             self._attention is not None
             and softcap is None
-            and query.dtype == keys.dtype == torch.bfloat16
+            and query.dtype == keys.dtype == values.dtype == torch.bfloat16
             and keys.device.type == "cpu"
+            and keys.shape == values.shape
+            and keys.shape[-1] == dim
             and keys.is_contiguous()
+            and values.is_contiguous()
             and dim % 32 == 0
             and dim <= MOST_DIM
             and heads % keys.shape[1] == 0

@@ -84,8 +84,9 @@ class PackedLinear(nn.Module):
     def compute(self, x: Tensor) -> Tensor:
         """The product at `x`'s own rows: a decode step's by our kernel where it has one,
         else oneDNN's."""
-        if self.kernel is not None and x.numel() <= self.kernel.most_rows * self.in_features:
-            return self.kernel.product(x, self._address, self.bias, self.out_features)
+        kernel = self.kernel
+        if kernel and x.dtype == kernel.dtype and x.numel() <= kernel.most_rows * self.in_features:
+            return kernel.product(x, self._address, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def use_kernel(self, kernel: DecodeKernel) -> bool:

@@ -124,7 +124,7 @@ class StepLayout:
         `softcap`: the scores are soft-capped first (`_capped`)."""
         outputs, offset = [], 0
         kernel = self._kernel
-        if kernel is not None and not kernel.attends(query, keys, softcap):
+        if kernel is not None and not kernel.attends(query, keys, values, softcap):
             kernel = None
         for group in self._decode_groups:
             rows = len(group.segments)

@@ -3,6 +3,7 @@ rows only, and oneDNN's products wherever it is not."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -84,6 +85,17 @@ def test_a_decode_step_goes_to_the_kernel_and_a_prompts_chunk_to_onednn(kernel, 
         x = torch.randn(1, rows, 64, dtype=kernel.dtype)
         torch.testing.assert_close(layer(x), F.linear(x, *_plain(layer)), rtol=2**-6, atol=2**-6)
     assert rows_computed == [1, most]
+
+
+def test_an_input_of_another_dtype_never_reaches_the_kernel(kernel, monkeypatch):
+    """Under autocast, say: the kernel would read and write its own dtype's bytes, past
+    the ends of the tensors; oneDNN takes it, or refuses it."""
+    layer = packed_layer(128, 64, bias=False, dtype=kernel.dtype)
+    assert layer.use_kernel(kernel)
+    monkeypatch.setattr(kernel, "product", lambda *a: pytest.fail("the kernel took it"))
+    other = torch.float32 if kernel.dtype == torch.bfloat16 else torch.bfloat16
+    with contextlib.suppress(RuntimeError):  # oneDNN's refusal of mixed dtypes
+        layer(torch.randn(1, 1, 64, dtype=other))
 
 
 def _plain(layer: PackedLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -228,15 +240,21 @@ def test_decoding_rows_attend_through_the_kernel_as_through_float32(
     torch.testing.assert_close(got[:, rows:].float(), exact[:, rows:], rtol=2**-6, atol=2**-5)
 
 
-@pytest.mark.parametrize("unserved", ["softcap", "float32"])
+@pytest.mark.parametrize("unserved", [None, "softcap", "float32", "strided values"])
 def test_what_the_kernel_does_not_attend_goes_as_before(bf16_kernel, unserved):
-    """Soft-capped scores (Gemma 2), and a model not in bfloat16."""
+    """Soft-capped scores (Gemma 2), a model not in bfloat16, and values it could not read
+    where they lie; beside the case it takes (None)."""
     kernel = bf16_kernel
     dtype = torch.float32 if unserved == "float32" else torch.bfloat16
-    keys, values = torch.randn(2, 2, 2, 64, 16, dtype=dtype).unbind()
-    query = torch.randn(1, 4, 1, 16, dtype=dtype)
+    keys, values = torch.randn(2, 2, 2, 64, 32, dtype=dtype).unbind()
+    if unserved == "strided values":
+        values = torch.randn(2, 2, 32, 64, dtype=dtype).transpose(-1, -2)
+    query = torch.randn(1, 4, 1, 32, dtype=dtype)
     layout = StepLayout([Segment(1, 20, 1)], [], torch.device("cpu"), kernel)
+    attended: list[int] = []
+    attention = kernel.attention
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernel, "attention", lambda *a: pytest.fail("the kernel attended"))
+        patch.setattr(kernel, "attention", lambda q, *a: attended.append(1) or attention(q, *a))
         softcap = 30.0 if unserved == "softcap" else None
-        assert layout.attention(query, keys, values, 0.25, softcap).shape == (1, 1, 4, 16)
+        assert layout.attention(query, keys, values, 0.25, softcap).shape == (1, 1, 4, 32)
+    assert attended == ([1] if unserved is None else [])
