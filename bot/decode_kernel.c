@@ -48,6 +48,11 @@ void decode_product_f32(const float *w, const float *x, const float *bias, float
  * next 8. */
 #define MOST_HELD 8  /* rows whose 64 sums each stay in registers (4 of 16 floats) */
 
+static inline __m512 widened(const uint16_t *bf16) { /* 16 bfloat16 to float: the top bits */
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16)), 16));
+}
+
 static inline void block_rows(const uint16_t *w, const uint32_t *x, int64_t pairs,
                               const uint16_t *bias, uint16_t *y, int64_t out, int rows) {
     __m512 sums[MOST_HELD][4];
@@ -67,10 +72,7 @@ static inline void block_rows(const uint16_t *w, const uint32_t *x, int64_t pair
         }
     }
     for (int j = 0; j < 4; ++j) {
-        __m512 add = _mm512_setzero_ps();
-        if (bias) /* bfloat16 to float: its 16 bits on top */
-            add = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + 16 * j))), 16));
+        const __m512 add = bias ? widened(bias + 16 * j) : _mm512_setzero_ps();
         for (int r = 0; r < rows; ++r)
             _mm256_storeu_si256((__m256i *)(y + r * out + 16 * j),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums[r][j], add)));
@@ -101,11 +103,6 @@ void decode_product(const uint16_t *w, const uint16_t *x, const uint16_t *bias, 
             }
         }
     }
-}
-
-static inline __m512 widened(const uint16_t *bf16) { /* 16 bfloat16 to float: the top bits */
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16)), 16));
 }
 
 static inline __m512 pairs_added(__m512 a, __m512 b) { /* 64-bit halves of 128-bit lanes */
