@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from redis.asyncio import Redis
 from test_faults import answered, bot_replies
 
 from bot.config import Settings
+from bot.decode_kernel import BUILDS, library_path
 from storage.store import ConversationStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -511,6 +513,40 @@ def test_dockerfile_takes_cpu_torch_by_default(stages):
     [default] = [a.split("=", 1)[1] for a in builder if a.startswith("TORCH_INDEX=")]
     assert default == "https://download.pytorch.org/whl/cpu"
     assert any('--index-url "${TORCH_INDEX}"' in args for args in builder)
+
+
+def test_the_builders_kernel_step_builds_beside_the_installed_package(stages, tmp_path):
+    """The builder's last step, replayed without Docker: what it copies, installed as its
+    `pip install --no-deps .` installs it, then its `python -P -m bot.decode_kernel` from
+    the same folder. The runtime has no compiler, so each dtype's kernel must land in the
+    installed package, under the name that `load` looks for first."""
+    if platform.machine() != "x86_64" or not (os.environ.get("CC") or shutil.which("cc")):
+        pytest.skip("builds the kernel: needs an x86-64 machine with a C compiler")
+    builder = stages[-2]
+    step = next(args for kind, args in builder if kind == "RUN" and "decode_kernel" in args)
+    assert re.fullmatch(r"pip install --no-deps \. +&& python -P -m bot\.decode_kernel", step)
+    before = builder[: builder.index(("RUN", step))]
+    copied = [name for kind, args in before if kind == "COPY" for name in args.split()[:-1]]
+    source, site = tmp_path / "src", tmp_path / "site"
+    source.mkdir()
+    for name in copied:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("*.so"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    run = {"cwd": source, "capture_output": True, "text": True, "timeout": 120}
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*install, "--target", str(site), "."], check=True, **run)
+    built = subprocess.run(
+        [sys.executable, "-P", "-m", "bot.decode_kernel"],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        **run,
+    )
+    assert built.returncode == 0, built.stderr
+    installed = site / "bot"
+    expected = {library_path(installed, dtype) for dtype in BUILDS}
+    assert set(installed.glob("decode_kernel-*.so")) == expected
+    assert not list(source.rglob("*.so")), "built for the copied source, not the installed one"
 
 
 def test_dockerignore_keeps_secrets_out():
