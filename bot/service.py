@@ -343,7 +343,8 @@ class ChatService:
         self, platform: str, user: str, request_id: str, again: str = replies.SEND_AGAIN
     ) -> str | None:
         """Why `user` may not ask for another answer now (RATE_LIMIT_PER_MINUTE, or too
-        many answers pending), if so. Nothing awaits after the pending count is read."""
+        many answers pending, here or in any process), if so. Nothing awaits after this
+        process's count is read: those it is still taking are not in the journal yet."""
         settings = self.team.settings
         if (per_minute := settings.access.rate_limit_per_minute) and (
             wait := await self.limits.take(
@@ -351,7 +352,8 @@ class ChatService:
             )
         ):
             return replies.rate_limited(wait, again)
-        if (pending := self._pending[user]) >= settings.max_pending_per_user:
+        anywhere = await self.journal.pending_of(platform, user)
+        if (pending := max(anywhere, self._pending[user])) >= settings.max_pending_per_user:
             return replies.slow_down(pending, again)
         return None
 

@@ -12,6 +12,7 @@ SEEN_PREFIX = f"{PREFIX}seen:"
 TURN_PREFIX = f"{PREFIX}turn:"
 TURN_LOCK_PREFIX = f"{PREFIX}turn-lock:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
+PENDING_BY_PREFIX = f"{PREFIX}pending-by:"
 OWNER_PREFIX = f"{PREFIX}owner:"
 FACTS_PREFIX = f"{PREFIX}facts:"
 DENIED_PREFIX = f"{PREFIX}denied:"
@@ -44,6 +45,12 @@ def seen(platform: str, message_id: str) -> str:
 def turn(turn_id: str) -> str:
     """The hash holding one accepted, not yet answered turn (its pending record)."""
     return f"{TURN_PREFIX}{turn_id}"
+
+
+def pending_by(user: str) -> str:
+    """The ids of one user's (`platform:user`) accepted turns: an index into
+    PENDING_TURNS, read through it (a turn finished since stays here until then)."""
+    return f"{PENDING_BY_PREFIX}{user}"
 
 
 def turn_lock(conversation_id: str) -> str:

@@ -132,6 +132,9 @@ class TurnJournal:
             # (but kept a day at least: `kept_seconds`).
             pipe.expire(keys.turn(pending.id), self.kept_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
+            by = keys.pending_by(f"{turn.conversation.platform}:{turn.author}")
+            pipe.zadd(by, {pending.id: pending.accepted_at})
+            pipe.expire(by, self.kept_seconds)
             self._store.queue_starter(pipe, pending.conversation, turn.author)
             return True
 
@@ -342,6 +345,17 @@ class TurnJournal:
     async def is_pending(self, turn_id: str) -> bool:
         """Whether the turn is accepted and not yet finished, by any process."""
         return await self._redis.zscore(keys.PENDING_TURNS, turn_id) is not None
+
+    async def pending_of(self, platform: str, user: str) -> int:
+        """How many of `user`'s turns are accepted and not yet finished, by any process
+        (those finished since the last count are dropped from the user's index)."""
+        by = keys.pending_by(f"{platform}:{user}")
+        if not (indexed := await self._redis.zrange(by, 0, -1)):
+            return 0
+        scores = await self._redis.zmscore(keys.PENDING_TURNS, indexed)
+        if finished := [turn_id for turn_id, at in zip(indexed, scores, strict=True) if at is None]:
+            await self._redis.zrem(by, *finished)
+        return len(indexed) - len(finished)
 
     async def pending_ids(self) -> set[str]:
         """Every turn accepted and not yet finished, by any process."""

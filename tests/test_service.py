@@ -521,6 +521,38 @@ async def test_a_user_with_too_many_unanswered_messages_is_asked_to_slow_down(
     assert all(sink.kinds("finish") for sink in (sinks[0], sinks[1], sinks[3]))
 
 
+async def test_a_users_unanswered_messages_count_against_the_limit_in_every_process(
+    make_service, make_batcher, redis_client, store
+):
+    """Gateways on one Redis: two messages of one user waiting in one process leave that
+    user none in another at MAX_PENDING_PER_USER=2; another user is answered there, and so
+    is the first once their answers are done."""
+    gated = GatedBatcher(make_batcher())
+    elsewhere = TurnJournal(
+        redis=redis_client, store=store, owner=f"test-{uuid.uuid4().hex}", lease_seconds=2.0
+    )
+    threads = [ConversationKey("test", "team", "channel", uuid.uuid4().hex) for _ in range(4)]
+    sinks = [RecordingSink() for _ in threads]
+    async with (
+        make_service(gated, max_pending_per_user=2) as (first, _),
+        make_service(max_pending_per_user=2, journal=elsewhere) as (second, _),
+    ):
+        waiting = [
+            asyncio.create_task(first.handle(turn(threads[i], f"question {i}"), sinks[i]))
+            for i in range(2)
+        ]
+        await until(lambda: asyncio.sleep(0, first.queue.depth == 2))  # both are in
+        await second.handle(turn(threads[2], "one too many"), sinks[2])
+        await second.handle(Turn(threads[3], "U2", "hello", uuid.uuid4().hex), sinks[3])
+        gated.gate.set()
+        await asyncio.wait_for(asyncio.gather(*waiting), timeout=30)
+        await second.handle(turn(threads[2], "and now?"), sinks[2])
+    refused, answered = sinks[2].events[0], sinks[2].kinds("finish")[1:]
+    assert refused == ("finish", replies.slow_down(2))
+    assert len(answered) == 1 and answered != [replies.slow_down(2)]
+    assert all(sink.kinds("finish") for sink in (sinks[0], sinks[1], sinks[3]))
+
+
 async def test_a_message_delivered_twice_at_once_at_the_pending_limit_is_answered(
     make_service, journal, monkeypatch, conversation
 ):

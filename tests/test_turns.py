@@ -130,6 +130,28 @@ async def test_a_lease_that_is_renewed_holds_and_one_that_expires_lets_go(
     assert len(await second.claim([platform], orphaned=())) == 1
 
 
+async def test_a_users_pending_turns_are_counted_across_journals_until_each_ends(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    """Each process's journal counts the user's turns that any process accepted and none
+    has finished or given up; those ended since are dropped from the user's index."""
+    first, second = make_journal("first"), make_journal("second")
+    taken = [await journal.accept(new_turn(platform), {}) for journal in (first, second, first)]
+    answered, given_up, waiting = taken
+    assert answered is not None and given_up is not None and waiting is not None
+    other = Turn(waiting.turn.conversation, "U2", "hi", uuid.uuid4().hex)
+    assert await second.accept(other, {}) is not None
+    assert await second.pending_of(platform, "U1") == 3
+    assert await first.finish(answered, "an answer")
+    await second.abandon(given_up)
+    assert await second.pending_of(platform, "U1") == 1
+    assert await redis_client.zrange(keys.pending_by(f"{platform}:U1"), 0, -1) == [waiting.id]
+    assert await first.pending_of(platform, "U2") == 1
+    assert await first.pending_of("elsewhere", "U1") == 0
+    ttl = await redis_client.ttl(keys.pending_by(f"{platform}:U1"))
+    assert 0 < ttl <= first.kept_seconds  # gone with its turns' records, come what may
+
+
 async def test_claims_come_in_arrival_order_and_each_counts_an_attempt(
     make_journal: MakeJournal, redis_client: Redis, platform: str
 ) -> None:
