@@ -458,10 +458,10 @@ class _Answer:
 
     def read(self, event: Any, url: str) -> None:
         """One chunk of the stream: its text, its finish, its token counts."""
-        if "error" in event:  # vLLM and llama.cpp report a failure midway as an event
-            raise InferenceUnavailable(
-                f"INFERENCE_URL={url} stopped the answer with an error: {_said(event)}"
-            )
+        if "error" in event:  # vLLM, TGI and llama.cpp report a failure midway as an event
+            # The server took the request (its 200), then failed at it: tried again, as a
+            # 5xx before the stream is (vLLM marks even its engine's death 400 here).
+            raise _Retry(f"stopped the answer with an error ({_said(event)})")
         self.usage = event.get("usage") or self.usage
         for choice in event.get("choices") or []:  # one (n=1); none in the usage event
             if text := (choice.get("delta") or {}).get("content"):

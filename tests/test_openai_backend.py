@@ -299,13 +299,31 @@ async def test_a_400_fails_at_once_with_the_servers_message(server, caplog):
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["event", "llama.cpp's error line"])
-async def test_an_error_event_in_the_stream_fails_the_answer(server, legacy):
+async def test_an_error_event_in_the_stream_restarts_the_answer(server, legacy):
+    """A server that took the request and failed at it midway (vLLM's engine, TGI's shard)
+    says so in the stream: tried again, as a 5xx before the stream is, and what was shown
+    of the first try is taken back."""
     server.script.append(ErrorEvent(["The"], "the engine died", legacy=legacy))
     async with backend(server.url) as inference:
         generation = inference.submit(HELLO, user="u1", conversation="c1")
-        with pytest.raises(InferenceUnavailable, match="the engine died"):
+        first: list[str] = []
+        with pytest.raises(AnswerRestarted):
+            async for chunk in generation:
+                first.append(chunk)
+        again = await read(generation)
+    assert first == ["The"]
+    assert "".join(again) == generation.text == "The capital of France is Paris."
+    assert len(server.requests) == 2
+
+
+async def test_an_error_event_in_every_try_fails_the_answer_in_the_servers_words(server):
+    server.script += [ErrorEvent([], "the engine died")] * 2
+    async with backend(server.url, retries=1) as inference:
+        generation = inference.submit(HELLO, user="u1", conversation="c1")
+        with pytest.raises(InferenceUnavailable, match=r"the engine died.*RETRIES=1\)") as error:
             await read(generation)
-    assert len(server.requests) == 1
+    assert error.value.may_pass  # another worker, or a later try, may be answered
+    assert len(server.requests) == 2
 
 
 async def test_a_server_gone_after_the_start_is_tried_again_and_then_fails():
