@@ -191,12 +191,12 @@ class OpenAIBackend:
                 f"{self.url}/models", timeout=aiohttp.ClientTimeout(total=START_SECONDS)
             ) as response:
                 if response.status != 200:
-                    said = _message(await response.text())
+                    said = _message(await response.text(errors="replace"))
                     raise InferenceServerError(
                         f"INFERENCE_URL={self.where} answered {response.status} to GET /models: "
                         f"{said}. Check INFERENCE_URL and INFERENCE_API_KEY"
                     )
-                body = await response.text()
+                body = await response.text(errors="replace")
         except aiohttp.InvalidURL:  # its message is the URL, password and all
             raise InferenceServerError(f"INFERENCE_URL={self.where} is {NOT_A_URL}") from None
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -393,7 +393,7 @@ class OpenAIBackend:
             f"{self.url}/chat/completions", json=self._request(answer.generation)
         ) as response:
             if response.status != 200:
-                said = _message(await response.text())
+                said = _message(await response.text(errors="replace"))
                 if response.status == 429 or response.status >= 500:
                     retry_after = _seconds(response.headers.get("Retry-After"))
                     raise _Retry(f"answered {response.status} ({said})", retry_after)

@@ -79,6 +79,20 @@ class Status:
 
 
 @dataclass
+class ProxyPage:
+    """A proxy's own error page in front of the server: this status, HTML in Latin-1 that
+    names no charset (so not UTF-8, which a client would read by default)."""
+
+    status: int
+    page: str = "<h1>502</h1><p>Le serveur en amont ne répond pas.</p>"
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status, body=self.page.encode("latin-1"), content_type="text/html"
+        )
+
+
+@dataclass
 class ErrorEvent:
     """These chunks, then an error event in the stream (as vLLM sends one midway); or,
     `legacy`, an `error:` line and `[DONE]`, as llama.cpp's server did before mid-2025."""
@@ -93,7 +107,7 @@ class Redirect:
     """A redirect to the same address, for this request and every later one."""
 
 
-Reply = Stream | Drop | Cut | Hold | Status | ErrorEvent | Redirect
+Reply = Stream | Drop | Cut | Hold | Status | ProxyPage | ErrorEvent | Redirect
 
 
 @dataclass
@@ -127,6 +141,7 @@ class FakeOpenAI:
         self.unfinished_reason: str | None = None
         self.requests: list[Request] = []
         self.model_listings = 0  # GET /v1/models requests
+        self.models_page: ProxyPage | None = None  # set: GET /v1/models answers it
         self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -154,6 +169,8 @@ class FakeOpenAI:
         self.model_listings += 1
         if refused := self._unauthorized(request):
             return refused
+        if self.models_page is not None:
+            return self.models_page.response()
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
         if self.window is not None:
             data = [model | {"max_model_len": self.window} for model in data]
@@ -168,6 +185,8 @@ class FakeOpenAI:
         if isinstance(reply, Redirect):
             self.script.insert(0, reply)
             raise web.HTTPTemporaryRedirect(request.url)
+        if isinstance(reply, ProxyPage):
+            return reply.response()
         if isinstance(reply, Status):
             headers = {"Retry-After": reply.retry_after} if reply.retry_after else {}
             return _error(reply.status, reply.message, headers)

@@ -20,7 +20,18 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import remove_pending_turns
-from fake_openai import Aborted, Cut, Drop, ErrorEvent, FakeOpenAI, Hold, Redirect, Status, Stream
+from fake_openai import (
+    Aborted,
+    Cut,
+    Drop,
+    ErrorEvent,
+    FakeOpenAI,
+    Hold,
+    ProxyPage,
+    Redirect,
+    Status,
+    Stream,
+)  # fmt: skip
 from fake_server import wait_for
 from redis.asyncio import Redis
 from test_service import RecordingSink, turn
@@ -278,6 +289,36 @@ async def test_a_server_that_fails_every_try_is_not_ready_until_it_answers_again
         await wait_for(lambda: not inference.checks(), timeout=10)
     assert failing.startswith("failing: ") and "503" in failing
     assert server.model_listings > listings
+
+
+async def test_a_proxys_error_page_in_another_charset_is_tried_again_and_read(
+    server, monkeypatch, caplog
+):
+    """A 502 page from a proxy, in Latin-1 with no charset named: read as what it says
+    (its bytes that are not UTF-8 replaced), not a decoding error that failed the answer
+    untried, or stopped the readiness probe for good."""
+    server.script.append(ProxyPage(502))
+    async with backend(server.url) as inference:
+        answer = await read(inference.submit(HELLO, user="u1", conversation="c1"))
+        assert "".join(answer) == "The capital of France is Paris."
+        monkeypatch.setattr(openai_backend, "PROBE_EVERY_S", 0.05)
+        server.script += [ProxyPage(502)] * 3
+        server.models_page = ProxyPage(502)
+        with pytest.raises(InferenceUnavailable, match=r"answered 502 .*amont"):
+            await read(inference.submit(HELLO, user="u1", conversation="c1"))
+        listings = server.model_listings
+        await wait_for(lambda: server.model_listings >= listings + 2, timeout=10)
+        assert inference.checks(), "still failing: the server lists no models"
+        server.models_page = None
+        await wait_for(lambda: not inference.checks(), timeout=10)
+    assert len(server.requests) == 5
+
+
+async def test_a_model_listing_in_another_charset_is_named_at_the_start(server):
+    server.models_page = ProxyPage(502)
+    with pytest.raises(InferenceServerError, match=r"answered 502 to GET /models: .*amont"):
+        async with backend(server.url):
+            pass
 
 
 async def test_a_backoff_doubles_between_tries(server):
