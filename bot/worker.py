@@ -445,14 +445,14 @@ class Worker:
             await self._say(taken, "started")  # raises if cancelled since it was checked
             await self._stream(taken, generation)
             await self._say(taken, "end", generation.text)
-            await self._acknowledge(taken.stream, taken.entry_id)
             logger.info(
                 "job %s answered: %d prompt tokens, %d new", job.id,
                 generation.prompt_tokens, generation.answer_tokens,
             )  # fmt: skip
+            await self._let_go(taken)  # answered: not a failed try, however this goes
         except InferenceCancelled:
             if taken.cancelled:
-                await self._drop(taken)
+                await self._let_go(taken)
             elif taken.lost:
                 logger.warning("job %s was claimed by another worker; dropped here", job.id)
             else:  # this worker is stopping
@@ -463,7 +463,7 @@ class Worker:
             )
             with contextlib.suppress(RedisError):  # read by a gateway that waits longer
                 await self._write(job, Chunk(taken.attempt, self.name, "error", TIMED_OUT))
-            await self._drop(taken)
+            await self._let_go(taken)
         except Exception as error:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
             if isinstance(error, InferenceUnavailable) and not error.may_pass:
@@ -519,8 +519,9 @@ class Worker:
         """Write one entry of the answer, with the tokens read and written so far (so a
         stopped answer has them too); InferenceCancelled where the gateway has cancelled
         the job, so that nothing more is written (text the answer has ready is not). Redis
-        out of reach is waited for (the answer's text waits with it) until the job's
-        deadline, unless the answer stops meanwhile: a failover is not a failed try."""
+        out of reach is waited for (the answer's text waits with it): a failover is not a
+        failed try. Unless the answer stops meanwhile (InferenceCancelled), or the job's
+        deadline passes (InferenceTimeout), as they would without the outage."""
         generation = taken.generation
         assert generation is not None, "an answer is written once its request is submitted"
         counts = generation.prompt_tokens, generation.answer_tokens
@@ -531,8 +532,10 @@ class Worker:
                 cancelled = await self._write(taken.job, chunk)
                 break
             except RedisError as error:
-                if generation.cancelled or self.clock.now() >= taken.job.deadline:
-                    raise
+                if generation.cancelled:  # the worker stopping, or the job over: as ever
+                    raise InferenceCancelled from error
+                if self.clock.now() >= taken.job.deadline:
+                    raise InferenceTimeout from error
                 logger.warning("job %s: cannot write its answer; retrying: %s", taken.job.id, error)
                 await asyncio.sleep(OUTAGE_PAUSE_S)
         if offset is not None:
@@ -556,9 +559,10 @@ class Worker:
         another worker took it meanwhile (it answers it now)."""
         await self._acknowledge_if_mine(keys=[stream], args=[GROUP, self.name, entry_id])
 
-    async def _drop(self, taken: _Taken) -> None:
-        """Acknowledge a job that ends unanswered (cancelled, out of time); where Redis
-        fails, a sweep takes it back as lost, and drops it then (past its deadline)."""
+    async def _let_go(self, taken: _Taken) -> None:
+        """Acknowledge a job that is over (answered, cancelled, out of time); where Redis
+        fails, a sweep takes it back as lost, and drops it then (its gateway has marked it
+        answered or cancelled, or it is past its deadline)."""
         try:
             await self._acknowledge(taken.stream, taken.entry_id)
         except RedisError as error:

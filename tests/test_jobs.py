@@ -1331,6 +1331,65 @@ async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path
     assert "".join(chunks) == generation.text == answer_alone(batcher, HELLO)
 
 
+async def test_an_answer_whose_acknowledgement_fails_is_no_failed_try(
+    tmp_path, redis_url, streams, make_batcher, caplog
+):
+    """The answer's end is written, and the acknowledgement's reply is lost (Redis ran
+    it): the job is over all the same. It was logged as failed, and the worker marked as
+    failing, which left abandoned jobs to other workers for the claim idle time."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    batcher = make_batcher(max_new_tokens=12)
+    no_retries = Resilience(0, health_check_s=0)
+    async with (
+        # The first script the worker runs is the acknowledgement (no sweep comes before).
+        lossy_redis(redis_url, tmp_path, [b"EVALSHA"], no_retries) as (far, _),
+        gateway(streams) as queue,
+        worker(far, batcher, "w1", claim_idle_s=60),
+    ):
+        with caplog.at_level(logging.INFO, logger="bot.worker"):
+            answer = await read(queue.submit(HELLO, user="u1", conversation="c1"))
+            await wait_until(lambda: asyncio.sleep(0, "could not acknowledge" in caplog.text))
+        failing = await streams.exists(keys.worker_failing("w1"))
+    assert "".join(answer) == answer_alone(batcher, HELLO)
+    assert "answered" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert not failing
+
+
+@pytest.mark.parametrize("ends_by", ["stopping", "deadline"])
+async def test_an_answer_ended_while_redis_is_out_is_no_failed_try(
+    tmp_path, redis_url, streams, make_batcher, caplog, ends_by
+):
+    """A worker waits out Redis to write its answer; meanwhile it is stopped (a redeploy),
+    or the job's deadline passes: handed on as a stopping worker's, or dropped as out of
+    time, as without the outage. It was logged as failed, and handed back as a failed try."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    running = SlowSteps(make_batcher(max_new_tokens=60))
+    async with (
+        lossy_redis(redis_url, tmp_path, [], Resilience(0, health_check_s=0)) as (far, proxy),
+        gateway(streams, timeout=3 if ends_by == "deadline" else 60) as queue,
+        worker(far, running, "w1", claim_idle_s=60) as working,
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(generation))
+        with caplog.at_level(logging.INFO, logger="bot.worker"):
+            proxy.cut()
+            await wait_until(lambda: asyncio.sleep(0, "cannot write" in caplog.text))
+            if ends_by == "stopping":
+                assert await working.finish(0) == 1
+            await wait_until(lambda: asyncio.sleep(0, not working._running))
+        proxy.back()
+    said = {"stopping": "could not hand back", "deadline": "ran out of time"}[ends_by]
+    assert said in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 async def test_a_redis_outage_past_the_claim_idle_time_moves_no_running_answer(
     tmp_path, redis_url, streams, make_batcher
 ):
