@@ -209,6 +209,9 @@ class Worker:
         # as running and reached Redis after its hand-back reset its idle time to 0, and the
         # job stayed this worker's (which then took it back as never read).
         self._keeping_or_handing_back = asyncio.Lock()
+        # Jobs this worker failed and could not hand back (Redis out of reach), and when:
+        # taken back as never read (`_take_lost`), their try still counts as failed.
+        self._failed_unhanded: dict[Entry, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._drop_consumer = redis.register_script(_DROP_IDLE_CONSUMER)
@@ -585,6 +588,8 @@ class Worker:
                     await self._pass_on_if_mine(keys=[taken.stream, passed_on], args=args)
         except RedisError as error:  # it is claimed once idle long enough anyway
             logger.warning("could not hand back job %s: %s", taken.job.id, error)
+            if failed:
+                self._failed_unhanded[taken.entry] = time.monotonic()
 
     def _kept_s(self, job: Job) -> int:
         """How long what it writes of a job is kept: past its deadline, for a slow reader."""
@@ -701,9 +706,9 @@ class Worker:
 
     async def _take_lost(self, stream: str) -> None:
         """Take the jobs delivered to this worker that it never read (`LOST_AFTER_MS`) now,
-        rather than after `JOB_CLAIM_IDLE_S`: claimed again, so the delivery counts as any
-        claim's does. Not those it handed back (idle that long already): they are any
-        worker's to claim."""
+        rather than after `JOB_CLAIM_IDLE_S`: claimed again, a new delivery, the one lost
+        no failed try (`_never_ran`). Not those it handed back (idle that long already):
+        they are any worker's to claim."""
         async with self._taking:
             free = self._free_rows
             if free <= 0:
@@ -728,7 +733,29 @@ class Worker:
                 "%d jobs delivered to %s were never read; taking them", len(lost), self.name
             )
             claimed = await self.redis.xclaim(stream, GROUP, self.name, LOST_AFTER_MS, lost)
+            delivered = {entry["message_id"]: entry["times_delivered"] for entry in held}
+            await self._never_ran(stream, claimed, delivered)
             await self._take_claimed(stream, claimed)
+
+    async def _never_ran(
+        self, stream: str, claimed: list[tuple[str, dict[str, str]]], delivered: dict[str, int]
+    ) -> None:
+        """The deliveries these claims follow ran nothing (their replies were lost): each
+        counted as passed on, as a stopping worker's try is, not failed (`_failed_tries`);
+        but for the jobs this worker failed and could not hand back."""
+        forgotten = time.monotonic() - self.claim_idle_ms / 1000  # anyone's to claim since
+        self._failed_unhanded = {
+            entry: at for entry, at in self._failed_unhanded.items() if at > forgotten
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, fields in claimed:
+                if self._failed_unhanded.pop((stream, entry_id), None) is not None:
+                    continue
+                with contextlib.suppress(KeyError, TypeError, ValueError):  # dropped unrun
+                    job = Job.parse(fields)
+                    pipe.sadd(keys.job_passed_on(job.id), delivered[entry_id])
+                    pipe.expire(keys.job_passed_on(job.id), self._kept_s(job))
+            await pipe.execute()
 
     async def _take_claimed(self, stream: str, claimed: list[tuple[str, dict[str, str]]]) -> None:
         """Claimed jobs, each checked and run, but those this worker runs already (claimed

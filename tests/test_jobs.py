@@ -501,6 +501,12 @@ class AlwaysFails(SpyBatcher):
         raise RuntimeError("the model fell over")
 
 
+class FailsAtTheGate(GatedBatcher):
+    def step(self) -> list:
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        raise RuntimeError("the model fell over")
+
+
 async def test_a_job_that_keeps_failing_is_dead_lettered_and_the_gateway_told(
     streams, make_batcher
 ):
@@ -1289,17 +1295,51 @@ async def _stream_is_empty(redis: Redis, stream: str) -> bool:
 async def test_a_job_delivered_but_never_read_is_taken_at_the_next_sweep(streams, make_batcher):
     """The reply to a worker's XREADGROUP was lost (here another client reads the job in
     its name), and the retry got nothing: the job is the worker's, unread. Its next sweep
-    takes it, long before any worker would claim it as abandoned (a minute here)."""
+    takes it, long before any worker would claim it as abandoned (a minute here), and the
+    lost delivery is no failed try: with one try allowed, the job was given up unrun."""
     async with gateway(streams) as queue:
         generation = queue.submit(HELLO, user="u1", conversation="c1")  # no worker: shared
         await wait_until(lambda: streams.xlen(keys.JOBS))
         await streams.xgroup_create(keys.JOBS, GROUP, id="0")
         assert await streams.xreadgroup(GROUP, "w1", {keys.JOBS: ">"}, 1)
-        async with worker(streams, make_batcher(), "w1", claim_idle_s=60) as working:
+        async with worker(
+            streams, make_batcher(), "w1", claim_idle_s=60, max_deliveries=1
+        ) as working:
             await asyncio.sleep(LOST_AFTER_MS / 1000)
             await working._sweep()
             pieces = await asyncio.wait_for(read(generation), 10)
     assert pieces and "".join(pieces) == generation.text
+
+
+async def test_a_failed_try_that_could_not_be_handed_back_still_counts_as_failed(
+    tmp_path, redis_url, streams, make_batcher, caplog
+):
+    """A job fails while Redis is out of reach, so its hand-back fails too: the worker's
+    next sweep takes it back as never read, and that try counts as failed all the same
+    (with one try allowed: given up, not run again), not as a delivery lost unrun."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    failing = FailsAtTheGate(make_batcher())
+    async with (
+        lossy_redis(redis_url, tmp_path, [], Resilience(0, health_check_s=0)) as (far, proxy),
+        gateway(streams) as queue,
+        worker(far, failing, "w1", claim_idle_s=60, max_deliveries=1) as working,
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await wait_until(lambda: asyncio.sleep(0, bool(failing.prompts)))
+        with caplog.at_level(logging.WARNING, logger="bot.worker"):
+            proxy.cut()
+            failing.gate.set()
+            await wait_until(lambda: asyncio.sleep(0, not working._running))
+            proxy.back()
+        assert "could not hand back" in caplog.text
+        await asyncio.sleep(LOST_AFTER_MS / 1000)
+        await working._sweep()
+        with pytest.raises(JobFailed, match="1 tries"):
+            await asyncio.wait_for(read(generation), 10)
+    assert len(failing.prompts) == 1
 
 
 async def test_redis_lost_mid_answer_and_back_loses_and_repeats_nothing(tmp_path, make_batcher):
