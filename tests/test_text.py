@@ -79,6 +79,31 @@ def test_a_hard_cut_keeps_an_escape_whole(shift):
         assert part.count("&") == part.count(";")  # each escape whole
 
 
+@pytest.mark.parametrize(
+    "character",
+    [
+        "🇺🇸",
+        "👨\u200d👩\u200d👧\u200d👦",
+        "👍🏽",
+        "e\u0301",
+        "❤\ufe0f",
+        "🏴\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",
+    ],
+    ids=["flag", "family", "skin tone", "accent", "emoji presentation", "England"],
+)
+@pytest.mark.parametrize("shift", range(4))
+def test_a_hard_cut_keeps_each_character_as_a_reader_sees_it_whole(character, shift):
+    """A long run with no break to cut at (emoji, say) is cut between the characters a
+    reader sees, each made of several code points: a flag cut in two showed other flags
+    (🇺🇸🇫🇷 as 🇷🇺 and loose letters), a family as its members."""
+    text = "x" * shift + character * 300
+    parts = split_message(text, 100)
+    assert "".join(parts) == text
+    assert all(len(part) <= 100 for part in parts)
+    assert all(part.lstrip("x").count(character) * len(character) == len(part.lstrip("x"))
+               for part in parts)  # fmt: skip
+
+
 def test_a_fence_line_longer_than_a_part_still_ends():
     """A one-line block whose line runs past a part: reopening its line in the next part
     left as much as before (this looped for good, on the event loop)."""
