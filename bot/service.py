@@ -786,14 +786,22 @@ class ChatService:
         self, pending: PendingTurn, sink: ReplySink, outcome: Outcome = "failed"
     ) -> None:
         """Tell the failure saved in `pending` and close the turn, storing back the old
-        answer it keeps (of a regeneration)."""
+        answer it keeps (of a regeneration). Where the platform did not show it (a 5xx, a
+        lost connection), it is told again later, as an answer would be shown again: else
+        the thread kept its placeholder, or a regeneration's emptied answer, for good."""
         try:
-            await sink.fail(str(pending.failure))
+            await _shown(sink.fail(str(pending.failure)))
         except NowhereToAnswer:
             pass  # the turn's place is gone: as logged where that was found
-        except Exception:  # e.g. the channel is gone: retrying would not bring it back
+        except _NotShown as failure:
+            if pending.attempts < self.max_attempts:
+                logger.warning("the platform did not show why turn %s failed (attempt %d of "
+                               "%d)", pending.id, pending.attempts, self.max_attempts,
+                               exc_info=failure.__cause__)  # fmt: skip
+                self._retry_later(pending, sink)
+                return
             logger.warning("could not tell turn %s's thread why it failed", pending.id,
-                           exc_info=True)  # fmt: skip
+                           exc_info=failure.__cause__)  # fmt: skip
         await self._end(pending, pending.answer)
         self.metrics.count_turn(pending.turn.conversation.platform, outcome)
 

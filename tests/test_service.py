@@ -1584,10 +1584,11 @@ async def test_the_lease_is_kept_while_a_drain_waits(
 
 
 class RefusingSink(RecordingSink):
-    """A thread the platform no longer lets us write to (deleted, archived, bot removed)."""
+    """A thread the platform no longer lets us write to (deleted, archived, bot removed),
+    as the adapters report it."""
 
     async def fail(self, text: str) -> None:
-        raise RuntimeError("channel_not_found")
+        raise NowhereToAnswer("its channel is no more: Slack said channel_not_found")
 
 
 async def test_a_turn_told_it_failed_is_not_answered_after_storage_comes_back(
@@ -1675,6 +1676,10 @@ class FlakyPlatform(RecordingSink):
         self.finished_at.append(time.monotonic())
         self._maybe_fail("finish")
 
+    async def fail(self, text: str) -> None:
+        await super().fail(text)
+        self._maybe_fail("fail")
+
     def _maybe_fail(self, kind: str) -> None:
         if kind == self.kind and self.failures > 0:
             self.failures -= 1
@@ -1715,6 +1720,22 @@ async def test_an_answer_the_platform_never_shows_is_stored_after_the_last_try(
         {"role": "user", "content": message.text},
         {"role": "assistant", "content": sink.kinds("finish")[0]},
     ]
+
+
+@pytest.mark.parametrize("failures", [1, math.inf], ids=["once", "always"])
+async def test_a_failure_the_platform_did_not_show_is_told_again(
+    make_service, redis_client, store, platform, failures
+):
+    """The reply that says why a turn failed did not reach the thread (a 503): it is told
+    again later, as an answer is shown again, where the turn ended with the thread still
+    showing its placeholder; a platform that never takes it gets as many tries."""
+    message, sink = on(platform), FlakyPlatform("fail", failures=failures)
+    async with make_service(ScriptedBatcher(""), max_attempts=2) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+    assert sink.kinds("fail") == [replies.empty_answer()] * 2
+    assert await store.load(message.conversation) == [{"role": "user", "content": message.text}]
 
 
 async def test_a_platform_failing_for_a_while_has_its_tries_spread_out(
