@@ -233,6 +233,11 @@ class AnswerFilter:
             return ""
         return shown
 
+    def only_reasoning(self, text: str) -> bool:
+        """Whether the engine's whole `text` was reasoning and nothing else (a model that
+        thought until its answer's length ran out): `final` leaves nothing of it."""
+        return self._splitter is not None and bool(text.strip()) and not self.final(text).strip()
+
     def final(self, text: str) -> str:
         """The answer to show and store, from the engine's whole `text`: its reasoning left
         out; once looping, what came before the first repeat, and a word saying so."""

@@ -87,6 +87,13 @@ def empty_answer() -> str:
     return "(The model gave an empty answer. Try rephrasing your question.)"
 
 
+def only_reasoning() -> str:
+    return (
+        "(The model spent its whole answer thinking it over and wrote no reply. "
+        "Try again, or ask a narrower question.)"
+    )
+
+
 def conversation_reset() -> str:
     return "Conversation cleared. The next message starts a new one."
 

@@ -640,6 +640,12 @@ class ChatService:
         answer = output.final(generation.text).strip()
         if stopped:  # what was written is the answer, marked so
             answer = f"{answer}\n\n{replies.stopped()}".strip()
+        if not answer and output.only_reasoning(generation.text):
+            logger.warning("the answer to %s was all reasoning (%d tokens): more room for it "
+                           "(MAX_NEW_TOKENS, a persona's) may let it reply", pending.id,
+                           generation.answer_tokens)  # fmt: skip
+            await self._fail(started, sink, replies.only_reasoning())
+            return
         if not answer:
             await self._fail(started, sink, replies.empty_answer())
             return

@@ -280,12 +280,25 @@ async def test_reasoning_is_neither_streamed_nor_stored(make_service, store, con
     ]
 
 
-async def test_an_answer_of_only_reasoning_is_an_empty_answer(make_service, store, conversation):
+@pytest.mark.parametrize(
+    ("written", "told"),
+    [
+        ("<think>No idea at all, really.", replies.only_reasoning()),  # out of room
+        (REASONING, replies.only_reasoning()),  # thought, then ended
+        ("  \n", replies.empty_answer()),
+    ],
+    ids=["unfinished", "finished", "blank"],
+)
+async def test_an_answer_of_only_reasoning_says_so(
+    make_service, store, conversation, written, told
+):
+    """Not "an empty answer, try rephrasing": the model thought and never replied (most
+    often its answer's length ran out), which the asker and the log are told."""
     sink = RecordingSink()
-    async with make_service(ScriptedBatcher("<think>No idea at all, really.")) as (service, _):
+    async with make_service(ScriptedBatcher(written)) as (service, _):
         await service.handle(turn(conversation, "hi"), sink)
     assert sink.kinds("append") == []
-    assert sink.kinds("fail") == [replies.empty_answer()]
+    assert sink.kinds("fail") == [told]
     assert [m["role"] for m in await store.load(str(conversation))] == ["user"]
 
 
