@@ -1079,6 +1079,10 @@ class ChatService:
             return taken_back.result()
 
         task = self._start(accepted, sink, counted=True, before=take_back)
+        try:  # recorded (and started): the press's mark is the answer's for good
+            await self.store.keep_regeneration(key, place)
+        except Exception as error:  # its mark lapses soon; the regeneration goes on
+            logger.warning("could not keep the regeneration of %s marked: %s", key, error)
         await asyncio.wait((taken_back, task), return_when=asyncio.FIRST_COMPLETED)
         if taken_back.done() and not taken_back.result():  # a newer turn took the lock first
             await asyncio.wait((task,))  # its record is ended before the presser hears no

@@ -23,6 +23,8 @@ from storage.once import Once
 logger = logging.getLogger(__name__)
 
 _ROLES = frozenset(get_args(Role))
+REGENERATION_TAKING_S = 60
+"""How long a press's mark holds before its regeneration is recorded: its one Redis write."""
 
 
 # KEYS[1]: a conversation; ARGV: its cap, and what to keep once over it. A script, so the
@@ -229,8 +231,16 @@ class ConversationStore:
 
     async def first_regeneration(self, conversation_id: str, place: dict[str, Any]) -> bool:
         """True for the first regeneration asked of the answer shown at `place`, False
-        for any after it (a double click, two people at once, in any process)."""
-        return await self._once.first(_regenerated(conversation_id, place), self.ttl_seconds)
+        for any after it (a double click, two people at once, in any process): for
+        REGENERATION_TAKING_S, unless its turn is recorded meanwhile (`keep_regeneration`),
+        so a process that dies in between leaves the answer regenerable, not refused."""
+        key = _regenerated(conversation_id, place)
+        return await self._once.first(key, REGENERATION_TAKING_S)
+
+    async def keep_regeneration(self, conversation_id: str, place: dict[str, Any]) -> None:
+        """The regeneration's turn is recorded: it stays the answer's one, as long as the
+        history does."""
+        await self._redis.expire(_regenerated(conversation_id, place), self.ttl_seconds)
 
     async def forget_regeneration(self, conversation_id: str, place: dict[str, Any]) -> None:
         """The regeneration asked of the answer at `place` was not taken: it may be again."""

@@ -20,6 +20,7 @@ from conftest import FailsOnceBatcher, GatedBatcher, ScriptedBatcher, SpyBatcher
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+import storage.store
 from bot import replies
 from bot.config import Access
 from bot.job_queue import JobQueue
@@ -721,6 +722,53 @@ async def test_a_regeneration_storage_could_not_take_may_be_asked_again(
 
         await until(regenerated)
     assert refusal is None and len(batcher.prompts) == 2
+
+
+async def test_a_regeneration_whose_process_died_before_it_was_recorded_may_be_asked_again(
+    make_service, store, conversation, monkeypatch
+):
+    """The press is marked as the answer's one regeneration, and its process dies (kill
+    -9, a cancel at shutdown) before the turn is recorded: another press is refused while
+    the mark holds, then regenerates, where every press was refused for the history's
+    30 days. Recorded, the mark holds as long as the history."""
+    monkeypatch.setattr(storage.store, "REGENERATION_TAKING_S", 1)
+    async with make_service() as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Hello there"), answered)
+        recording = asyncio.Event()
+
+        async def dies_recording(*args: Any, **kwargs: Any) -> None:
+            recording.set()
+            await asyncio.Event().wait()
+
+        with monkeypatch.context() as patch:
+            patch.setattr(service.journal, "accept", dies_recording)
+            pressed = asyncio.create_task(service.regenerate(
+                conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex,
+                sink=RecordingSink(),
+            ))  # fmt: skip
+            await recording.wait()
+            pressed.cancel()
+        presses = [ShowingSink(service, conversation) for _ in range(2)]
+
+        async def press(sink: ShowingSink) -> str | None:
+            return await service.regenerate(
+                conversation,
+                place=answered.place,
+                by="U1",
+                request_id=uuid.uuid4().hex,
+                sink=sink,
+            )
+
+        refused = await press(presses[0])
+        await asyncio.sleep(1.1)
+        taken = await press(presses[1])
+        await until(lambda: asyncio.sleep(0, bool(presses[1].kinds("finish"))))
+        marked = await store._redis.ttl(storage.store._regenerated(str(conversation),
+                                                                   answered.place))  # fmt: skip
+    assert refused == replies.not_regenerable() and taken is None
+    assert len(batcher.prompts) == 2
+    assert store.ttl_seconds - 60 < marked <= store.ttl_seconds  # kept, once recorded
 
 
 async def test_a_regeneration_a_newer_turn_overtakes_is_refused_to_the_presser(
