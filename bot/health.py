@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from bot.metrics import Metrics
@@ -49,7 +50,7 @@ class Vitals:
         """The service is open (Redis reached, the model loaded) and its adapters built."""
         self._ping, self._inference = service.store.ping, service.queue
         self._draining = lambda: service.draining
-        self._count_pending = service.journal.count
+        self._count_pending = partial(service.journal.count, self.platforms)
         self._adapters = {adapter.platform: adapter for adapter in adapters}
         self.metrics.loading.set(0)
 

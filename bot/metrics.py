@@ -100,7 +100,8 @@ class Metrics:
         )
         self.pending_turns = Gauge(
             "threadbot_pending_turns",
-            "Messages accepted and not yet answered, by every process sharing the Redis",
+            "Messages of this process's platforms accepted and not yet answered, by every "
+            "process sharing the Redis",
             registry=registry,
         )
         self.workers_alive = Gauge(  # registered by a gateway alone (`expect_workers`)

@@ -339,8 +339,13 @@ class TurnJournal:
         if dropped:
             logger.info("dropped turn %s, refused to its user in an outage", turn_id)
 
-    async def count(self) -> int:
-        return await self._redis.zcard(keys.PENDING_TURNS)
+    async def count(self, scopes: Collection[str] | None = None) -> int:
+        """Turns accepted and not yet finished, by any process: of `scopes` alone, if
+        given (those of other platforms, the console's say, no process here takes up)."""
+        if scopes is None:
+            return await self._redis.zcard(keys.PENDING_TURNS)
+        pending = await self._redis.zrange(keys.PENDING_TURNS, 0, -1)
+        return sum(in_scope(turn_id, scopes) for turn_id in pending)
 
     async def is_pending(self, turn_id: str) -> bool:
         """Whether the turn is accepted and not yet finished, by any process."""

@@ -41,6 +41,8 @@ from bot.metrics import OUTCOMES, Metrics
 from bot.ops_server import OpsServer, OpsServerError
 from bot.runtime import connect_redis, open_answering, open_gateway, version
 from bot.turn_report import conversation_tag
+from bot.types import ConversationKey, Turn
+from storage.turns import TurnJournal
 
 T = TypeVar("T")
 
@@ -192,6 +194,21 @@ async def test_not_ready_while_redis_is_down_and_ready_when_it_is_back(ops, redi
         redis_server.start()
         await until(up.readiness, ready)
         assert (await up.samples())[pending] == 0
+
+
+async def test_pending_turns_are_those_of_the_platforms_it_serves(
+    ops, redis_client, store, platform
+):
+    """A turn another platform's process left pending (the console's, `threadbot chat` on
+    the same Redis stopped mid-answer; a platform no longer set up) is taken up by no
+    process here: counted, it kept ThreadbotStuck ("restart the bot") firing through every
+    quiet night."""
+    gone = TurnJournal(redis=redis_client, store=store, owner=f"{platform}-gone", lease_seconds=2)
+    conversation = ConversationKey(platform, "team", "channel", "C1")
+    assert await gone.accept(Turn(conversation, "U1", "hello?", "m1"), {}) is not None
+    async with ops() as up:
+        await until(up.readiness, ready)
+        assert (await up.samples())[("threadbot_pending_turns", frozenset())] == 0
 
 
 async def test_not_ready_while_slack_is_disconnected(ops, slack):
