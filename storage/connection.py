@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
@@ -161,6 +161,12 @@ def url_problem(url: str) -> str | None:
         parse_url(url)  # what `Redis.from_url` reads it with
     except ValueError:  # its message may echo part of a password
         return NOT_A_URL
+    try:  # its query's options, as a connection takes them (nothing is connected)
+        ConnectionPool.from_url(url).make_connection()
+    except TypeError as error:  # an option no connection takes: named, never its value
+        unknown = re.search(r"argument '(\w+)'", str(error))
+        option = f" ({unknown[1]})" if unknown else ""
+        return f"has an option after its ? that redis-py does not take{option}"
     return None
 
 

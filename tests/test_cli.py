@@ -259,11 +259,16 @@ def test_hugging_face_lines_in_dotenv_pass_through_to_the_hub_library(tmp_path: 
         ("redis://:p@ss/hunter2@localhost:6379/0", "percent-encode"),  # it went to host "ss"
         ("redis://:hun?ter2@redis:6379/0", "percent-encode"),
         ("redis://user:hunter2@localhost:99999/0", "from 1 to 65535"),
+        # A rediss:// URL's option kept with redis://, a misspelt one: a TypeError's
+        # traceback once the first connection was made.
+        ("redis://:hunter2@127.0.0.1:6390/0?ssl_cert_reqs=none", "take (ssl_cert_reqs)"),
+        ("redis://localhost:6379/0?socket_timout=5&password=hunter2", "(socket_timout)"),
     ],
 )
 def test_a_redis_url_no_restart_can_fix_is_a_setting(tmp_path: Path, url: str, said: str) -> None:
-    """A URL without its scheme, or with a password not percent-encoded, exited 1 as if
-    Redis were out of reach, and a service (RestartPreventExitStatus=2) restarted it."""
+    """A URL without its scheme, with a password not percent-encoded, or with an option
+    redis-py does not take, exited 1 as if Redis were out of reach, and a service
+    (RestartPreventExitStatus=2) restarted it."""
     result = run_cli("chat", cwd=tmp_path, env=cli_env(REDIS_URL=url, DATA_DIR=str(tmp_path)))
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
