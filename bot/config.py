@@ -352,7 +352,7 @@ class Settings(BaseSettings):
     def _home_expanded(cls, value: Path | None) -> Path | None:
         # `~/data` in `.env`, a unit or compose is not expanded by any of them: a folder
         # named `~` would hold the conversations.
-        return value.expanduser() if value is not None else None
+        return home_expanded(value) if value is not None else None
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -603,8 +603,22 @@ def config_file() -> Path | None:
     if named := _value_of("THREADBOT_CONFIG", os.environ) or _value_of(
         "THREADBOT_CONFIG", read_env_file()
     ):
-        return Path(named).expanduser()
+        try:
+            return home_expanded(Path(named))
+        except ValueError as error:
+            raise ConfigError(f"THREADBOT_CONFIG={error}") from None
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def home_expanded(path: Path) -> Path:
+    """`path` with a leading `~` or `~user` expanded; ValueError, naming it, where there is
+    no such user here (pathlib's RuntimeError would end the start in a traceback)."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise ValueError(
+            f"{path}: {path.parts[0]} is no user's home on this machine; write the path in full"
+        ) from None
 
 
 def _value_of(name: str, variables: Mapping[str, str | None]) -> str | None:

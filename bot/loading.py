@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.config import BUNDLED, DEFAULT_MODEL, Settings
+from bot.config import BUNDLED, DEFAULT_MODEL, Settings, home_expanded
 from bot.device import pick_dtype
 
 if TYPE_CHECKING:
@@ -106,7 +106,10 @@ def resolve_source(settings: Settings, *, weights: bool = True) -> ModelSource:
 
 def _local(model: str, model_file: str | None, *, weights: bool) -> ModelSource:
     """MODEL as a local folder: the folder itself, or the snapshot of the hub id it names."""
-    path = Path(model).expanduser()
+    try:
+        path = home_expanded(Path(model))
+    except ValueError as error:
+        raise ModelError(f"MODEL={error}. {FIX}") from None
     if path.is_dir():
         return _with_its_file(model, str(path), model_file)
     if path.is_absolute() or model.startswith((".", "~")) or path.exists():

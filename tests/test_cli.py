@@ -319,6 +319,21 @@ def test_missing_model_folder_names_model(tmp_path: Path, redis_url: str) -> Non
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("setting", ["DATA_DIR", "THREADBOT_CONFIG", "MODEL"])
+def test_a_path_under_a_user_not_here_names_its_setting(
+    tmp_path: Path, redis_url: str, setting: str
+) -> None:
+    """`~someone/...` where there is no such user: pathlib's RuntimeError ended the start in
+    a traceback, with status 1, so a service restarted it again and again."""
+    path = "~no-such-user-here/threadbot"
+    settings = {"REDIS_URL": redis_url, "DATA_DIR": str(tmp_path / "data"), setting: path}
+    result = run_cli("chat", cwd=tmp_path, env=cli_env(**settings), timeout=CHAT_TIMEOUT)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "~no-such-user-here" in line]
+    assert setting in error and "no user's home on this machine" in error
+
+
 def test_a_server_out_of_reach_fails_start_with_status_1(tmp_path: Path, redis_url: str) -> None:
     """An OpenAI-compatible server still starting may answer after a restart: status 1."""
     with socket.socket() as probe:  # a port nothing listens on

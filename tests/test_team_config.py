@@ -308,6 +308,10 @@ def test_reload_swaps_the_rules_and_an_invalid_file_keeps_them(tmp_path: Path) -
     with pytest.raises(ConfigError, match="line 3"):
         team.reload()
     assert team.is_admin("U2")  # the old rules stay
+    write(config, "access:\n  admins: [U3]\ndata_dir: ~no-such-user-here/data\n")
+    with pytest.raises(ConfigError, match="no user's home on this machine"):
+        team.reload()  # a RuntimeError, which stopped every resume pass (and the lease)
+    assert team.is_admin("U2")
 
     write(config, "access:\n  admins: [U2]\nsystem_prompt: new\nqueue_max: 3\n")
     summary = team.reload()
