@@ -539,7 +539,10 @@ def read_env_file(env_file: Path = ENV_FILE) -> dict[str, str | None]:
         text = env_file.read_text(encoding="utf-8") if env_file.exists() else ""
     except (UnicodeDecodeError, OSError) as error:
         raise _unreadable(error, env_file) from None
-    if bad := next((b for b in parse_stream(io.StringIO(text)) if b.error), None):
+    # A bare word too: python-dotenv reads it as a name with no value, so a value wrapped
+    # onto the next line (a password's end, say) would be named as an unknown setting.
+    bindings = parse_stream(io.StringIO(text))
+    if bad := next((b for b in bindings if b.error or (b.key and b.value is None)), None):
         # Not the line itself: it may hold a token.
         raise ConfigError(f"{env_file} line {bad.original.line}: not a NAME=value line")
     return dotenv_values(stream=io.StringIO(text))

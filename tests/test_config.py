@@ -298,10 +298,19 @@ def test_a_dotenv_not_in_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
             read()
 
 
-def test_a_dotenv_line_that_is_no_setting_is_one_line_not_a_silent_skip(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "line",
+    ["SLACK_BOT_TOKEN xoxb-do-not-print", "WrappedPasswordEndDoNotPrint"],
+    ids=["no =", "a bare word"],
+)
+def test_a_dotenv_line_that_is_no_setting_is_one_line_not_a_silent_skip(
+    tmp_path: Path, line: str
+) -> None:
     """`SLACK_BOT_TOKEN xoxb-…` (no `=`): python-dotenv skips it with a warning, and the
-    token was silently unset; the line is named, its text (a token) is not."""
-    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\nSLACK_BOT_TOKEN xoxb-do-not-print\n")
+    token was silently unset; a value wrapped onto a line of its own was read as a name
+    with no value, and printed as an unknown setting (a password's end). The line is
+    named, its text is not."""
+    (tmp_path / ".env").write_text(f"MAX_NEW_TOKENS=64\n{line}\n")
     for read in (load_settings, export_hugging_face_variables):
         with pytest.raises(ConfigError) as info:
             read()
