@@ -16,7 +16,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
+from redis.exceptions import ResponseError
+
 from bot.metrics import Metrics
+from storage.connection import take_a_write
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
@@ -56,7 +59,7 @@ class Vitals:
 
     def working(self, worker: Worker) -> None:
         """The worker is open (Redis reached, the model loaded); it has no platforms."""
-        self._ping, self._inference = worker.redis.ping, worker.inference
+        self._ping, self._inference = partial(take_a_write, worker.redis), worker.inference
         self._draining = lambda: worker.stopping
         self.metrics.loading.set(0)
 
@@ -95,6 +98,8 @@ class Vitals:
             await asyncio.wait_for(ping(), REDIS_TIMEOUT_S)
         except TimeoutError:
             return f"not answering within {REDIS_TIMEOUT_S:g}s"
+        except ResponseError as error:  # answering: at its maxmemory, or a replica now
+            return f"refuses writes: {error}"
         except Exception as error:
             return f"not answering: {error}"
         return READY

@@ -107,13 +107,19 @@ async def open_redis(
         await asyncio.to_thread(server.stop)
 
 
+async def take_a_write(client: Redis) -> None:
+    """Raise unless Redis takes a write now: one that answers PING may refuse them all (at
+    its maxmemory, or a replica after a failover)."""
+    await client.set(keys.WRITE_PROBE, "1", px=WRITE_PROBE_MS)
+
+
 async def _check_writable(client: Redis, where: str) -> None:
     """A Redis that answers PING may still refuse every write (a read-only replica, an ACL
     user without writes): said now, in one line, not as the first message's traceback. A
     Redis at its maxmemory is an outage that passes (`storage.errors`): the start goes on,
     as a running bot rides it out, where exiting would spend a service's restarts."""
     try:
-        await client.set(keys.WRITE_PROBE, "1", px=WRITE_PROBE_MS)
+        await take_a_write(client)
     except OutOfMemoryError as exc:
         logger.warning(
             "%s is at its maxmemory (%s): new messages are refused until it has room", where, exc

@@ -18,6 +18,7 @@ from redis.asyncio.client import Pipeline
 from bot.prompt import TRIM_TO
 from bot.types import ChatMessage, Role
 from storage import keys
+from storage.connection import take_a_write
 from storage.once import Once
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ class ConversationStore:
         self.ttl_seconds = ttl_seconds
 
     async def ping(self) -> None:
-        """Raise unless Redis answers now (readiness)."""
-        await self._redis.ping()
+        """Raise unless Redis takes a write now (readiness)."""
+        await take_a_write(self._redis)
 
     async def append(self, conversation_id: str, *messages: ChatMessage) -> None:
         """Add messages, cut the list over `max_messages` to its newest `TRIM_TO` of it,

@@ -196,6 +196,21 @@ async def test_not_ready_while_redis_is_down_and_ready_when_it_is_back(ops, redi
         assert (await up.samples())[pending] == 0
 
 
+async def test_not_ready_while_redis_refuses_writes_and_ready_once_it_takes_them(ops, redis_client):
+    """A Redis at its maxmemory (noeviction) still answers PING, while every message is
+    refused ("storage unavailable"): /readyz said ok, and a load balancer kept sending."""
+    async with ops() as up:
+        await until(up.readiness, ready)
+        await redis_client.config_set("maxmemory-policy", "noeviction")
+        await redis_client.config_set("maxmemory", 1)
+        try:
+            _, body = await until(up.readiness, not_ready)
+        finally:
+            await redis_client.config_set("maxmemory", 0)
+        assert body["checks"]["redis"].startswith("refuses writes: command not allowed")
+        await until(up.readiness, ready)
+
+
 async def test_pending_turns_are_those_of_the_platforms_it_serves(
     ops, redis_client, store, platform
 ):
