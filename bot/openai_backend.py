@@ -79,6 +79,14 @@ class InferenceServerError(ModelError):
         super().__init__(message, may_pass=True)
 
 
+class _RefusesAll(InferenceUnavailable):
+    """A refusal that every request meets until someone acts: the API key (401, 403), or
+    a model the server no longer serves (404)."""
+
+
+REFUSES_ALL = frozenset({401, 403, 404})
+
+
 class _Retry(Exception):
     """This try failed in a way another may not: `retry_after` is the server's wait in
     seconds, if it said one."""
@@ -331,7 +339,7 @@ class OpenAIBackend:
             await self._tries(answer)
             self._failing = None
         except Exception as error:
-            if isinstance(error, _OutOfTries):
+            if isinstance(error, _OutOfTries | _RefusesAll):  # not ready: none would pass
                 self._failing = f"failing: {error}"
                 if self._probe is None:
                     self._probe = asyncio.create_task(self._probed_until_answering())
@@ -373,14 +381,15 @@ class OpenAIBackend:
         )
 
     async def _probed_until_answering(self) -> None:
-        """Ask GET /models every PROBE_EVERY_S until it answers (or a request is answered):
-        readiness (`checks`) would otherwise say failing for as long as no request came."""
+        """Ask GET /models every PROBE_EVERY_S until it lists our model (or a request is
+        answered): readiness (`checks`) would otherwise say failing for as long as no
+        request came."""
         try:
             while self._failing is not None:
                 await asyncio.sleep(PROBE_EVERY_S)
                 with contextlib.suppress(InferenceServerError):
-                    await self._served_models()
-                    self._failing = None
+                    if self.model in await self._served_models():  # (a key that works)
+                        self._failing = None
         finally:
             self._probe = None
 
@@ -397,7 +406,8 @@ class OpenAIBackend:
                 if response.status == 429 or response.status >= 500:
                     retry_after = _seconds(response.headers.get("Retry-After"))
                     raise _Retry(f"answered {response.status} ({said})", retry_after)
-                raise InferenceUnavailable(
+                refused = _RefusesAll if response.status in REFUSES_ALL else InferenceUnavailable
+                raise refused(
                     f"INFERENCE_URL={self.where} refused the request with {response.status}: {said}"
                 )
             if response.content_type != "text/event-stream":

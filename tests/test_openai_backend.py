@@ -321,6 +321,34 @@ async def test_a_model_listing_in_another_charset_is_named_at_the_start(server):
             pass
 
 
+@pytest.mark.parametrize("refusal", ["key", "model"])
+async def test_a_server_refusing_every_request_is_not_ready_until_that_is_mended(
+    server, monkeypatch, refusal
+):
+    """The API key rotated (401), or the server restarted with another model (404): every
+    request fails, each at once, and readiness said ok all along. It says failing until
+    the server lists the model again to the key."""
+    monkeypatch.setattr(openai_backend, "PROBE_EVERY_S", 0.05)
+    server.api_key = "k1"
+    async with backend(server.url, api_key="k1") as inference:
+        served = server.models
+        if refusal == "key":
+            server.api_key = "k2"
+        else:
+            server.models = ["another-model"]
+            server.script.append(Status(404, "The model does not exist."))
+        with pytest.raises(InferenceUnavailable, match="refused the request with 40"):
+            await read(inference.submit(HELLO, user="u1", conversation="c1"))
+        [failing] = inference.checks().values()
+        listings = server.model_listings
+        await wait_for(lambda: server.model_listings >= listings + 3, timeout=10)
+        assert inference.checks(), "still failing: the key, or the model, is not mended"
+        server.api_key, server.models = "k1", served
+        await wait_for(lambda: not inference.checks(), timeout=10)
+    assert failing.startswith("failing: ") and "refused the request with 40" in failing
+    assert len(server.requests) == 1
+
+
 async def test_a_backoff_doubles_between_tries(server):
     server.script += [Status(500), Status(502)]
     async with backend(server.url, backoff=0.5) as inference:
