@@ -389,6 +389,18 @@ class Settings(BaseSettings):
             )  # fmt: skip
         return value
 
+    @field_validator("slack_api_url", "discord_api_url")
+    @classmethod
+    def _a_platform_url(cls, value: str) -> str:
+        # A user and password in it: the SDKs refuse them beside the bot's token, with a
+        # ValueError at the first call (a traceback), and every error line would show them.
+        if not re.match(r"https?://[^/?#@\s]+(?:[/?#]|$)", value):
+            raise PydanticCustomError(
+                "url", "an API's URL starts with http:// or https:// and its host, with no "
+                "user or password (the platform's SDK refuses them beside the bot's token)",
+            )  # fmt: skip
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _a_redis_url(cls, value: str | None) -> str | None:

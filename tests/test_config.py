@@ -397,6 +397,18 @@ def test_an_inference_url_without_its_scheme_or_host_is_refused_at_once(url: str
     assert "hunter2" not in message
 
 
+@pytest.mark.parametrize("setting", ["SLACK_API_URL", "DISCORD_API_URL"])
+@pytest.mark.parametrize("url", ["https://proxy:hunter2@slack.example/api/", "slack.com/api/"])
+def test_a_platform_url_with_a_password_or_no_scheme_is_refused_at_once(
+    setting: str, url: str
+) -> None:
+    """The SDKs refuse a user and password in it beside the bot's token: a ValueError at
+    the first call, a traceback; and every line naming the URL showed the password."""
+    message = settings_error(**{setting: url})
+    assert message.startswith(f"invalid setting {setting}:") and "no user or password" in message
+    assert "hunter2" not in message
+
+
 def test_each_contradiction_gets_its_own_line() -> None:
     lines = settings_error(MAX_CONTEXT_TOKENS="256", MODEL_FILE="x.gguf").splitlines()
     assert len(lines) == 2
