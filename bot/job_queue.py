@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -380,10 +381,14 @@ class JobQueue:
 
     async def _count_jobs(self) -> None:
         while not self._closed.is_set():
-            with contextlib.suppress(RedisError):
+            try:
                 await self.clock.read(self.redis)
                 roll = await roll_call(self.redis)
                 counts = await job_counts(self.redis, roll.streams)
+            except RedisError:  # unknown: the counts from before would keep alerts quiet
+                self.metrics.queue_waiting.set(math.nan)
+                self.metrics.workers_alive.set(math.nan)
+            else:
                 self._waiting, self._held, self._workers = counts.waiting, counts.held, roll.alive
                 self.metrics.queue_waiting.set(counts.waiting)
                 self.metrics.workers_alive.set(len(roll.alive))

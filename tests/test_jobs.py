@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -1105,6 +1106,32 @@ async def test_the_gateway_counts_waiting_jobs_and_live_workers(streams, make_ba
         async with worker(streams, make_batcher(), "w1"):
             await read(waiting)
             await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=1))
+        await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=0))
+
+
+async def test_the_gateways_counts_are_unknown_while_redis_is_out_of_reach(
+    tmp_path, redis_url, streams
+):
+    """Not the counts from before the outage, which kept ThreadbotNoWorker and
+    ThreadbotWorkerLost quiet (and the dashboard showing workers) whatever happened."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    metrics, gauges = Metrics(), ("queue_waiting", "workers_alive")
+
+    async def unknown() -> bool:
+        values = [metrics.registry.get_sample_value(f"threadbot_{name}") for name in gauges]
+        return all(value is not None and math.isnan(value) for value in values)
+
+    async with (
+        lossy_redis(redis_url, tmp_path, [], Resilience(0, health_check_s=0)) as (far, proxy),
+        gateway(far, metrics=metrics),
+    ):
+        await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=0))
+        proxy.cut()
+        await wait_until(unknown)
+        proxy.back()
         await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=0))
 
 
