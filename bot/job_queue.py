@@ -57,15 +57,17 @@ WAKE_KEPT_S = 86400  # a crashed gateway's wake stream is gone a day after its l
 # The job into its worker's stream where that stream is there (a worker removed meanwhile
 # has none: into the shared one then; a gateway never makes a worker's stream, which no
 # worker would read), recorded as its request's (so a record never names a job that was
-# not sent), and the reader woken: one atomic step. Returns the stream and the job's entry
-# id, or nothing where the record names this job already (a retry of a send whose reply
-# was lost).
+# not sent), with where it went, and the reader woken: one atomic step. Returns the stream
+# and the job's entry id, also to a retry of a send whose reply was lost (the record
+# names this job already), which sends nothing again.
 _SEND = """
-if redis.call('GET', KEYS[3]) == ARGV[2] then return false end
+if redis.call('GET', KEYS[3]) == ARGV[2] then return redis.call('HMGET', KEYS[5], 's', 'e') end
 local stream = KEYS[1]
 if redis.call('EXISTS', stream) == 0 then stream = KEYS[2] end
 local entry = redis.call('XADD', stream, '*', 'job', ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+redis.call('HSET', KEYS[5], 's', stream, 'e', entry)
+redis.call('EXPIRE', KEYS[5], ARGV[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '1', '*', 'job', ARGV[2])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
 return {stream, entry}
@@ -215,7 +217,7 @@ class JobQueue:
             sent = await self._send_script(
                 keys=[
                     keys.worker_jobs(worker) if worker else keys.JOBS, keys.JOBS,
-                    keys.job_asked(job.fingerprint()), self._wake,
+                    keys.job_asked(job.fingerprint()), self._wake, keys.job_sent(job.id),
                 ],
                 args=[job.fields()["job"], job.id, self._asked_for_s, WAKE_KEPT_S],
             )  # fmt: skip
@@ -223,12 +225,13 @@ class JobQueue:
             self._forget(watch)
             watch.generation.fail(error)
             return
-        if sent:
-            watch.entry = (sent[0], sent[1])
+        stream, entry = sent
+        if stream is not None:  # (none where a retry came after the record's time)
+            watch.entry = (stream, entry)
             if watch.generation.cancelled:  # while it was being sent: `_cancel` had no entry
                 with contextlib.suppress(RedisError):  # a worker drops it, told by the cancel
                     await self.redis.xdel(*watch.entry)
-        logger.debug("job %s sent to %s", job.id, sent[0] if sent else "its stream (a retry)")
+        logger.debug("job %s sent to %s", job.id, stream or "its stream")
 
     @property
     def _cancel_kept_s(self) -> int:

@@ -176,6 +176,12 @@ def job_passed_on(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:passed-on-tries"  # a set (a count, by another name, before)
 
 
+def job_sent(job_id: str) -> str:
+    """Where a gateway sent a job (its stream and entry id), for a retry of the send whose
+    reply was lost: a cancel then still takes the job out of its stream."""
+    return f"{PREFIX}job:{job_id}:sent"
+
+
 def job_asked(fingerprint: str) -> str:
     """The id of the job sent for one request (`Job.fingerprint`), while it may be read: a
     gateway that resumes the same request reads that job's answer instead of asking again."""

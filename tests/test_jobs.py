@@ -1095,6 +1095,30 @@ async def test_a_job_cancelled_before_any_worker_took_it_leaves_room(streams, ca
         assert await streams.xlen(keys.JOBS) == 0  # cancelled as it was sent
 
 
+async def test_a_job_whose_sending_reply_was_lost_leaves_its_stream_when_cancelled(
+    tmp_path, redis_url, streams, caplog
+):
+    """Redis ran the send, its reply was lost, and the retry found the job sent already:
+    a cancel before any worker took it then left it in its stream, counted against
+    QUEUE_MAX (the next message told the bot is busy), until a worker read it."""
+    from lossy_proxy import lossy_redis
+
+    async with (
+        lossy_redis(redis_url, tmp_path, [b"EVALSHA"]) as (far, proxy),
+        gateway(far, max_size=1) as queue,
+    ):
+        with caplog.at_level(logging.DEBUG, logger="bot.job_queue"):
+            waiting = queue.submit(HELLO, user="u1", conversation="c1")  # no worker
+            await wait_until(lambda: asyncio.sleep(0, "sent to" in caplog.text))
+        assert proxy.lost == [b"EVALSHA"] and await streams.xlen(keys.JOBS) == 1
+        waiting.cancel()
+
+        async def taken_out() -> bool:
+            return await streams.xlen(keys.JOBS) == 0
+
+        await wait_until(taken_out, timeout=5)
+
+
 async def test_the_gateway_counts_waiting_jobs_and_live_workers(streams, make_batcher):
     """Its /metrics: the jobs no worker has taken (`threadbot_queue_waiting`) and the
     workers alive; only a gateway has the latter (elsewhere a 0 would read as an outage)."""
