@@ -58,10 +58,11 @@ WAKE_KEPT_S = 86400  # a crashed gateway's wake stream is gone a day after its l
 # has none: into the shared one then; a gateway never makes a worker's stream, which no
 # worker would read), recorded as its request's (so a record never names a job that was
 # not sent), with where it went, and the reader woken: one atomic step. Returns the stream
-# and the job's entry id, also to a retry of a send whose reply was lost (the record
-# names this job already), which sends nothing again.
+# and the job's entry id, also to a retry of a send whose reply was lost (the job's own
+# record of where it went is there), which sends nothing again.
 _SEND = """
-if redis.call('GET', KEYS[3]) == ARGV[2] then return redis.call('HMGET', KEYS[5], 's', 'e') end
+local sent = redis.call('HMGET', KEYS[5], 's', 'e')
+if sent[1] then return sent end
 local stream = KEYS[1]
 if redis.call('EXISTS', stream) == 0 then stream = KEYS[2] end
 local entry = redis.call('XADD', stream, '*', 'job', ARGV[1])
@@ -225,13 +226,11 @@ class JobQueue:
             self._forget(watch)
             watch.generation.fail(error)
             return
-        stream, entry = sent
-        if stream is not None:  # (none where a retry came after the record's time)
-            watch.entry = (stream, entry)
-            if watch.generation.cancelled:  # while it was being sent: `_cancel` had no entry
-                with contextlib.suppress(RedisError):  # a worker drops it, told by the cancel
-                    await self.redis.xdel(*watch.entry)
-        logger.debug("job %s sent to %s", job.id, stream or "its stream")
+        watch.entry = (sent[0], sent[1])
+        if watch.generation.cancelled:  # while it was being sent: `_cancel` had no entry
+            with contextlib.suppress(RedisError):  # a worker drops it, told by the cancel
+                await self.redis.xdel(*watch.entry)
+        logger.debug("job %s sent to %s", job.id, sent[0])
 
     @property
     def _cancel_kept_s(self) -> int:
