@@ -47,10 +47,10 @@ def turn(turn_id: str) -> str:
     return f"{TURN_PREFIX}{turn_id}"
 
 
-def pending_by(user: str) -> str:
-    """The ids of one user's (`platform:user`) accepted turns: an index into
-    PENDING_TURNS, read through it (a turn finished since stays here until then)."""
-    return f"{PENDING_BY_PREFIX}{user}"
+def pending_by(platform: str, user: str) -> str:
+    """The ids of one user's accepted turns: an index into PENDING_TURNS, read through it
+    (a turn finished since stays here until then)."""
+    return f"{PENDING_BY_PREFIX}{platform}:{user}"
 
 
 def turn_lock(conversation_id: str) -> str:

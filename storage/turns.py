@@ -132,7 +132,7 @@ class TurnJournal:
             # (but kept a day at least: `kept_seconds`).
             pipe.expire(keys.turn(pending.id), self.kept_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
-            by = keys.pending_by(f"{turn.conversation.platform}:{turn.author}")
+            by = keys.pending_by(turn.conversation.platform, turn.author)
             pipe.zadd(by, {pending.id: pending.accepted_at})
             pipe.expire(by, self.kept_seconds)
             self._store.queue_starter(pipe, pending.conversation, turn.author)
@@ -354,7 +354,7 @@ class TurnJournal:
     async def pending_of(self, platform: str, user: str) -> int:
         """How many of `user`'s turns are accepted and not yet finished, by any process
         (those finished since the last count are dropped from the user's index)."""
-        by = keys.pending_by(f"{platform}:{user}")
+        by = keys.pending_by(platform, user)
         if not (indexed := await self._redis.zrange(by, 0, -1)):
             return 0
         scores = await self._redis.zmscore(keys.PENDING_TURNS, indexed)

@@ -145,10 +145,10 @@ async def test_a_users_pending_turns_are_counted_across_journals_until_each_ends
     assert await first.finish(answered, "an answer")
     await second.abandon(given_up)
     assert await second.pending_of(platform, "U1") == 1
-    assert await redis_client.zrange(keys.pending_by(f"{platform}:U1"), 0, -1) == [waiting.id]
+    assert await redis_client.zrange(keys.pending_by(platform, "U1"), 0, -1) == [waiting.id]
     assert await first.pending_of(platform, "U2") == 1
     assert await first.pending_of("elsewhere", "U1") == 0
-    ttl = await redis_client.ttl(keys.pending_by(f"{platform}:U1"))
+    ttl = await redis_client.ttl(keys.pending_by(platform, "U1"))
     assert 0 < ttl <= first.kept_seconds  # gone with its turns' records, come what may
 
 
