@@ -105,8 +105,13 @@ def unknown_channel() -> str:
     )
 
 
-def forgotten() -> str:
-    return "I deleted everything I had stored of this conversation."
+def forgotten(dropped: int = 0) -> str:
+    """`dropped`: messages sent before the `forget` that waited for a later try."""
+    text = "I deleted everything I had stored of this conversation."
+    if dropped:
+        waiting = "message" if dropped == 1 else f"{dropped} messages"
+        text += f" The {waiting} sent before it, still waiting for an answer, will not be answered."
+    return text
 
 
 def storage_unavailable() -> str:

@@ -358,6 +358,7 @@ class ChatService:
         return None
 
     async def _accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
+        received = time.time()  # a `forget` drops the turns accepted before it came
         platform = turn.conversation.platform
         text = sanitized(turn.text)
         refusal: tuple[Outcome, str] | None = None
@@ -382,7 +383,7 @@ class ChatService:
                 self.metrics.count_turn(platform, outcome)
                 await sink.finish(reply)
                 return None
-            return self._spawn(turn.id, self._command(turn, sink))
+            return self._spawn(turn.id, self._command(turn, sink, received))
 
         context = tuple(
             ChatMessage(message, content=sanitized(message["content"])) for message in turn.context
@@ -527,7 +528,9 @@ class ChatService:
     async def _take_turn(
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
     ) -> None:
-        if pending.failure is not None:  # told before a restart: closed as told (with the
+        if not await self.journal.owns(pending):  # a `forget` dropped it while it waited
+            _not_ours(pending)
+        elif pending.failure is not None:  # told before a restart: closed as told (with the
             await self._close_failed(pending, sink)  # old answer a regeneration kept, if any)
         elif before is not None and not await before():
             await self.journal.finish(pending)
@@ -863,11 +866,11 @@ class ChatService:
         else:
             self._release_owed.discard(pending.id)
 
-    async def _command(self, turn: Turn, sink: ReplySink) -> None:
-        """Carry out a command and answer it, or say why it could not be; the adapter chose
-        the sink (in the thread, or only to the user)."""
+    async def _command(self, turn: Turn, sink: ReplySink, received: float) -> None:
+        """Carry out a command that came at `received` and answer it, or say why it could
+        not be; the adapter chose the sink (in the thread, or only to the user)."""
         try:
-            text = await self._command_reply(turn)
+            text = await self._command_reply(turn, received)
         except asyncio.CancelledError:  # a stop's grace ran out (a reset waits for answers)
             with contextlib.suppress(Exception):
                 await sink.fail(replies.restarting_resend())
@@ -887,14 +890,14 @@ class ChatService:
         except Exception:  # carried out all the same; nobody awaits this task to hear it
             logger.warning("could not show the %s command's reply", turn.command, exc_info=True)
 
-    async def _command_reply(self, turn: Turn) -> str:
+    async def _command_reply(self, turn: Turn, received: float) -> str:
         command = turn.command
         assert command is not None
         admin = self.team.is_admin(turn.author, turn.conversation.platform)
         if command in ADMIN_COMMANDS and not admin:
             return replies.admins_only(command)
         if command in ("reset", "forget"):
-            return await self._reset(turn, admin=admin)
+            return await self._reset(turn, admin=admin, received=received)
         if command == "help":
             return replies.help_text(admin=admin)
         if command == "status":
@@ -938,22 +941,27 @@ class ChatService:
             logger.info("a reload command ran in another process: %s", self.reload())
         self._reloads_seen = count
 
-    async def _reset(self, turn: Turn, *, admin: bool) -> str:
+    async def _reset(self, turn: Turn, *, admin: bool, received: float) -> str:
         """`reset` (the history starts over; the bot goes on answering here) and `forget`
-        (everything stored is deleted), by the conversation's starter or an admin: after
-        the running answer, never in its middle, and before a message sent after it (the
-        lock is asked for before anything else is awaited: it takes turns in order)."""
+        (everything stored is deleted, and the messages sent before it that wait for a
+        later try are not answered), by the conversation's starter or an admin: after the
+        running answer, never in its middle, and before a message sent after it (the lock
+        is asked for before anything else is awaited: it takes turns in order)."""
         conversation = str(turn.conversation)
-        forget = turn.command == "forget"
         async with self.locks.hold(conversation):
             if not await self.store.exists(conversation):  # nothing yet, or a channel's top level
                 return replies.nothing_stored(str(turn.command))
             starter = await self.store.starter(conversation)
             if not admin and starter not in (None, turn.author):
                 return replies.not_starter(str(turn.command))
-            await (self.store.forget if forget else self.store.clear)(conversation)
+            if turn.command == "forget":
+                dropped = await self.journal.forget(conversation, asked_at=received)
+                reply = replies.forgotten(dropped)
+            else:
+                await self.store.clear(conversation)
+                reply = replies.conversation_reset()
         logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
-        return replies.forgotten() if forget else replies.conversation_reset()
+        return reply
 
     async def _prompt_in_effect(self, turn: Turn) -> str:
         voice = voice_for(self.team.settings, turn.conversation)
@@ -1147,7 +1155,8 @@ def _as_counted(turn: Turn) -> ChatMessage:
 
 
 def _not_ours(pending: PendingTurn) -> None:
-    logger.warning("turn %s is no longer ours (another process took it over)", pending.id)
+    logger.warning("turn %s is no longer ours (another process took it over, or a forget "
+                   "dropped it)", pending.id)  # fmt: skip
 
 
 def _skipped(turn: Turn) -> None:

@@ -13,6 +13,7 @@ TURN_PREFIX = f"{PREFIX}turn:"
 TURN_LOCK_PREFIX = f"{PREFIX}turn-lock:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
 PENDING_BY_PREFIX = f"{PREFIX}pending-by:"
+PENDING_IN_PREFIX = f"{PREFIX}pending-in:"
 OWNER_PREFIX = f"{PREFIX}owner:"
 FACTS_PREFIX = f"{PREFIX}facts:"
 DENIED_PREFIX = f"{PREFIX}denied:"
@@ -51,6 +52,12 @@ def pending_by(platform: str, user: str) -> str:
     """The ids of one user's accepted turns: an index into PENDING_TURNS, read through it
     (a turn finished since stays here until then)."""
     return f"{PENDING_BY_PREFIX}{platform}:{user}"
+
+
+def pending_in(conversation_id: str) -> str:
+    """The ids of one conversation's accepted turns, scored by acceptance: an index into
+    PENDING_TURNS, read through it (a turn finished since stays here until then)."""
+    return f"{PENDING_IN_PREFIX}{conversation_id}"
 
 
 def turn_lock(conversation_id: str) -> str:

@@ -130,17 +130,16 @@ class ConversationStore:
             pipe.hdel(keys.facts(conversation_id), "template", "system", "several")
             await pipe.execute()
 
-    async def forget(self, conversation_id: str) -> None:
-        """Delete everything stored for a conversation, its dead-lettered jobs too."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(
-                keys.conversation(conversation_id),
-                keys.cleared(conversation_id),
-                keys.facts(conversation_id),
-                keys.answer_place(conversation_id),
-            )
-            pipe.eval(_FORGET_DEAD_JOBS, 1, keys.DEAD_JOBS, conversation_id)
-            await pipe.execute()
+    def queue_forget(self, pipe: Pipeline, conversation_id: str) -> None:
+        """Queue, on the caller's MULTI, the deletion of everything stored for a
+        conversation, its dead-lettered jobs too (`TurnJournal.forget` drops its turns)."""
+        pipe.delete(
+            keys.conversation(conversation_id),
+            keys.cleared(conversation_id),
+            keys.facts(conversation_id),
+            keys.answer_place(conversation_id),
+        )
+        pipe.eval(_FORGET_DEAD_JOBS, 1, keys.DEAD_JOBS, conversation_id)
 
     async def mark_joining(self, conversation_id: str, *, for_ms: int) -> None:
         """Say, for at most `for_ms`, that a process is taking the bot into the

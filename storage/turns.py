@@ -133,8 +133,9 @@ class TurnJournal:
             pipe.expire(keys.turn(pending.id), self.kept_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
             by = keys.pending_by(turn.conversation.platform, turn.author)
-            pipe.zadd(by, {pending.id: pending.accepted_at})
-            pipe.expire(by, self.kept_seconds)
+            for index in (by, keys.pending_in(pending.conversation)):
+                pipe.zadd(index, {pending.id: pending.accepted_at})
+                pipe.expire(index, self.kept_seconds)
             self._store.queue_starter(pipe, pending.conversation, turn.author)
             return True
 
@@ -253,6 +254,32 @@ class TurnJournal:
 
         watched = [keys.turn(pending.id), keys.conversation(pending.conversation)]
         return await self._transaction(watched, write)
+
+    async def forget(self, conversation_id: str, *, asked_at: float) -> int:
+        """Delete everything stored of a conversation, and drop its turns accepted before
+        `asked_at` that are still pending (left for a later try, or a gone process's), in
+        one MULTI: none of them is answered, nor stores anything, after this (a turn asks
+        `owns` once it holds the conversation's lock). Returns how many were dropped.
+        Acceptance times are each process's clock: across machines, as near as theirs."""
+        index = keys.pending_in(conversation_id)
+
+        async def write(pipe: Pipeline) -> int:
+            earlier = await pipe.zrangebyscore(index, "-inf", asked_at)
+            scores = await pipe.zmscore(keys.PENDING_TURNS, earlier) if earlier else []
+            pipe.multi()
+            self._store.queue_forget(pipe, conversation_id)
+            pending = [turn_id for turn_id, at in zip(earlier, scores, strict=True) if at]
+            for turn_id in pending:
+                self._queue_removal(pipe, turn_id)
+            if earlier:  # dropped now, or finished before
+                pipe.zrem(index, *earlier)
+            return len(pending)
+
+        return await self._transaction([index], write)
+
+    async def owns(self, pending: PendingTurn) -> bool:
+        """Whether the turn is still ours: not taken over, nor dropped by a `forget`."""
+        return await self._ours(self._redis, pending)
 
     async def abandon(self, pending: PendingTurn) -> None:
         """Remove the record, leaving the conversation alone: for a turn that cannot be
@@ -418,8 +445,8 @@ class TurnJournal:
             record["regenerates"] = json.dumps(pending.regenerates)
         return record
 
-    async def _ours(self, pipe: Pipeline, pending: PendingTurn) -> bool:
-        return await pipe.hget(keys.turn(pending.id), "owner") == self.owner
+    async def _ours(self, client: Redis | Pipeline, pending: PendingTurn) -> bool:
+        return await client.hget(keys.turn(pending.id), "owner") == self.owner
 
     @staticmethod
     def _queue_removal(pipe: Pipeline, turn_id: str) -> None:

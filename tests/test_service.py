@@ -1802,6 +1802,69 @@ async def test_a_platform_failing_for_a_while_has_its_tries_spread_out(
     assert second - first >= 1.0 and third - second >= 2.0
 
 
+async def test_a_forget_drops_the_messages_before_it_that_wait_for_a_later_try(
+    make_service, redis_client, store, platform
+):
+    """The platform did not show an answer, so its turn waits for a later try; a `forget`
+    sent meanwhile must leave that try nothing to show or store, where it delivered the
+    answer after the forget's reply and stored the exchange: the thread remembered."""
+    message, sink = on(platform), FlakyPlatform("finish", failures=1)
+    forget = replace(on(platform, "forget"), conversation=message.conversation, command="forget")
+    told = RecordingSink()
+    async with make_service(platform_retry_s=0.5) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+        await service.handle(message, sink)
+        await service.handle(forget, told)
+        await until(lambda: asyncio.sleep(0, message.id in service._orphaned))  # its try is due
+        await until(lambda: asyncio.sleep(0, message.id not in service._orphaned))
+        await service.settled()
+    assert told.kinds("finish") == [replies.forgotten(1)]
+    assert len(sink.kinds("finish")) == 1  # the try the platform did not show; no other
+    assert await gone(redis_client, message.id)
+    assert not await store.exists(str(message.conversation))
+
+
+async def test_a_message_sent_after_a_forget_that_waits_behind_an_answer_is_answered(
+    make_service, make_batcher, store, conversation
+):
+    """The forget waits for the answer being written; a message sent after it, which waits
+    behind it, came after it: the forget does not drop it."""
+    gated = GatedBatcher(make_batcher())
+    sinks = [RecordingSink() for _ in range(3)]
+    async with make_service(gated) as (service, _batcher):
+        writing = await service.accept(turn(conversation, "first"), sinks[0])
+        await until(lambda: asyncio.sleep(0, service.queue.depth == 1))
+        forget = await service.accept(replace(turn(conversation, "forget"), command="forget"),
+                                      sinks[1])  # fmt: skip
+        after = await service.accept(turn(conversation, "after"), sinks[2])
+        gated.gate.set()
+        await asyncio.wait_for(asyncio.gather(writing, forget, after), timeout=30)
+    assert sinks[1].kinds("finish") == [replies.forgotten()]
+    history = await store.load(str(conversation))
+    assert [m["content"] for m in history] == ["after", sinks[2].kinds("finish")[0]]
+
+
+async def test_a_turn_waiting_while_another_process_forgets_its_conversation_ends_there(
+    make_service, redis_client, store, conversation
+):
+    """Another gateway's `forget` ran while this turn waited for the conversation's lock:
+    the turn ends unanswered, and writes nothing, where it filled in the persona's prompt
+    again, and the conversation was stored after its forget."""
+    elsewhere = ConversationLocks(redis=redis_client)
+    forgetting = TurnJournal(
+        redis=redis_client, store=store, owner=f"test-{uuid.uuid4().hex}", lease_seconds=2.0
+    )
+    sink = RecordingSink()
+    async with make_service(system_prompt="You are {bot_name}.") as (service, batcher):
+        async with elsewhere.hold(str(conversation)):  # as the other gateway's forget does
+            task = await service.accept(turn(conversation, "before"), sink)
+            assert task is not None and await store.exists(str(conversation))  # its starter
+            assert await forgetting.forget(str(conversation), asked_at=time.time()) == 1
+        await task
+    assert sink.events == [] and batcher.prompts == []
+    assert not await store.exists(str(conversation))
+
+
 async def test_a_turn_whose_thread_cannot_be_rebuilt_does_not_block_the_others(
     make_service, redis_client, store, platform
 ):

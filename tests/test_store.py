@@ -149,7 +149,9 @@ async def test_forget_deletes_everything(
     await store.append(conversation_id, user("a"))
     await store.clear(conversation_id)
     await store.append(conversation_id, user("b"))
-    await store.forget(conversation_id)
+    async with redis_client.pipeline(transaction=True) as pipe:
+        store.queue_forget(pipe, conversation_id)
+        await pipe.execute()
     assert not await store.exists(conversation_id)
     assert (
         await redis_client.exists(keys.conversation(conversation_id), keys.cleared(conversation_id))

@@ -152,6 +152,32 @@ async def test_a_users_pending_turns_are_counted_across_journals_until_each_ends
     assert 0 < ttl <= first.kept_seconds  # gone with its turns' records, come what may
 
 
+async def test_forget_drops_the_conversations_turns_accepted_before_it_and_no_others(
+    make_journal: MakeJournal, redis_client: Redis, store: ConversationStore, platform: str
+) -> None:
+    """A turn of the conversation left for a later try, or a gone process's, would answer
+    and store its exchange after a `forget`: it goes with the conversation, claimed by no
+    one; a turn sent after the forget, and another conversation's, stay."""
+    gone, here = make_journal("gone"), make_journal("here")
+    before = await gone.accept(new_turn(platform, "before"), {})
+    elsewhere = await gone.accept(new_turn(platform, "another thread"), {})
+    assert before is not None and elsewhere is not None
+    assert await gone.begin(before) is not None
+    asked_at = time.time()
+    conversation = before.turn.conversation
+    after = await here.accept(Turn(conversation, "U1", "after", uuid.uuid4().hex), {})
+    assert after is not None
+    assert await here.forget(before.conversation, asked_at=asked_at) == 1
+    assert await store.load(before.conversation) == []
+    assert not await indexed(redis_client, before) and not await record(redis_client, before)
+    assert not await gone.owns(before) and await here.owns(after)
+    taker = make_journal("taker")
+    claimed = await taker.claim([platform], orphaned=())  # neither holds a lease
+    assert sorted(pending.id for pending in claimed) == sorted([elsewhere.id, after.id])
+    assert await here.forget(before.conversation, asked_at=time.time()) == 1  # whoever has it
+    assert not await taker.owns(after) and await taker.owns(elsewhere)
+
+
 async def test_claims_come_in_arrival_order_and_each_counts_an_attempt(
     make_journal: MakeJournal, redis_client: Redis, platform: str
 ) -> None:
