@@ -183,6 +183,8 @@ class TurnJournal:
             if new_thread:  # the thread's earlier messages, read when the bot joined it
                 self._store.queue_append(pipe, pending.conversation, *pending.turn.context)
             self._store.queue_append(pipe, pending.conversation, user_message(pending.turn))
+            # Named at accept, but a `forget` between (this turn came after it) took it.
+            self._store.queue_starter(pipe, pending.conversation, pending.turn.author)
             pipe.hset(keys.turn(pending.id), "stored", "1")
             return True
 

@@ -1828,7 +1828,8 @@ async def test_a_message_sent_after_a_forget_that_waits_behind_an_answer_is_answ
     make_service, make_batcher, store, conversation
 ):
     """The forget waits for the answer being written; a message sent after it, which waits
-    behind it, came after it: the forget does not drop it."""
+    behind it, came after it: the forget does not drop it, and its sender starts the
+    conversation anew (named at accept, before the forget took the starter)."""
     gated = GatedBatcher(make_batcher())
     sinks = [RecordingSink() for _ in range(3)]
     async with make_service(gated) as (service, _batcher):
@@ -1842,6 +1843,7 @@ async def test_a_message_sent_after_a_forget_that_waits_behind_an_answer_is_answ
     assert sinks[1].kinds("finish") == [replies.forgotten()]
     history = await store.load(str(conversation))
     assert [m["content"] for m in history] == ["after", sinks[2].kinds("finish")[0]]
+    assert await store.starter(str(conversation)) == "U1"  # else anyone may forget it
 
 
 async def test_a_turn_waiting_while_another_process_forgets_its_conversation_ends_there(
