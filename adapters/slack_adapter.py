@@ -63,7 +63,13 @@ from adapters.slack_format import (
     to_markdown,
     to_mrkdwn,
 )
-from adapters.slack_stream import FallbackReply, NativeReply, SlackStream, SlackThread
+from adapters.slack_stream import (
+    CHANNEL_REFUSALS,
+    FallbackReply,
+    NativeReply,
+    SlackStream,
+    SlackThread,
+)
 from adapters.streaming import SKIPPABLE, EditBudgets, StreamingReply
 from adapters.text import with_forwarded
 from bot import replies
@@ -153,7 +159,8 @@ class SlackAdapter(Adapter):
         self.budgets = EditBudgets(per_minute=EDITS_PER_MINUTE, burst=EDIT_BURST)  # by team
         self.people: dict[str, Person] = {}  # by user id, oldest first
         self.channel_names: dict[str, str] = {}  # by channel id, oldest first
-        self.refused: set[str] = set()  # workspaces where Slack refused native streaming
+        # Workspaces, and (workspace, channel)s, where Slack refused native streaming.
+        self.refused: set[str | tuple[str, str]] = set()
         # The workspace the app is installed in (auth.test): whose people are not strangers,
         # whatever workspace a slash command's payload names.
         self.home: str | None = None
@@ -503,7 +510,7 @@ class SlackAdapter(Adapter):
         return FallbackReply(
             native=native,
             edited=partial(self._edited, thread),
-            refused=partial(self._refuse, thread.team),
+            refused=partial(self._refuse, thread),
         )
 
     def _streams(self, thread: SlackThread) -> bool:
@@ -512,15 +519,20 @@ class SlackAdapter(Adapter):
         mode = self.settings.slack_streaming
         if mode == "edit" or thread.thread_ts is None or thread.recipient is None:
             return False
-        return mode == "native" or thread.team not in self.refused
+        return mode == "native" or not self.refused & {thread.team, (thread.team, thread.channel)}
 
-    def _refuse(self, team: str, error: str) -> None:
-        if team not in self.refused:
-            self.refused.add(team)
+    def _refuse(self, thread: SlackThread, error: str) -> None:
+        """Answer by edits from now on where Slack refused to stream: in the workspace, or
+        where the refusal names the kind of channel, in that channel."""
+        in_channel = error in CHANNEL_REFUSALS
+        place = (thread.team, thread.channel) if in_channel else thread.team
+        if place not in self.refused:
+            self.refused.add(place)
             logger.warning(
-                "Slack refused native streaming in workspace %s (%s); answering there by "
-                "editing messages from now on",
-                team,
+                "Slack refused native streaming in %s %s (%s); answering there by editing "
+                "messages from now on",
+                "channel" if in_channel else "workspace",
+                thread.channel if in_channel else thread.team,
                 error,
             )
 

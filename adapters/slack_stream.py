@@ -31,6 +31,9 @@ REFUSALS = frozenset(
         "feature_not_enabled",
     }
 )
+CHANNEL_REFUSALS = frozenset({"channel_type_not_supported"})
+"""What Slack answers where a kind of channel takes no stream (a Slack List item's comment
+thread): the workspace's other channels may."""
 STREAM_OVER = "message_not_in_streaming_state"  # Slack ends a stream minutes after it began
 STOPPED_BY_USER = "stopped_by_user"  # a reader pressed stop: nothing more goes into it
 ENDED = frozenset({STREAM_OVER, STOPPED_BY_USER})
@@ -190,7 +193,7 @@ class SlackStream:
                 markdown_text=shown or None,
             )
         except SlackApiError as error:
-            if _error(error) in REFUSALS:
+            if _error(error) in REFUSALS | CHANNEL_REFUSALS:
                 raise Refused(_error(error)) from error
             _raise_if_nowhere(error)
             raise

@@ -103,6 +103,7 @@ class FakeSlack:
         self.prompts: dict[tuple[str, str], list[JSON]] = {}  # suggested prompts, likewise
         self.responses: dict[str, list[JSON]] = {}  # slash command trigger id -> responses
         self.streaming_refusal: str | None = None  # the error every streaming call gets
+        self.unstreamable: set[str] = set()  # channels of a kind that takes no stream
         # method ("files": a file's download) -> seconds each call waits for its answer
         self.delays: dict[str, float] = {}
         self.scopes = list(SCOPES)  # granted to the bot token: every answer's X-OAuth-Scopes
@@ -223,6 +224,11 @@ class FakeSlack:
         """From now on, answer the AI streaming methods with `error`, as Slack does for an app
         or workspace without them."""
         self.streaming_refusal = error
+
+    def refuse_streaming_in(self, channel: str) -> None:
+        """From now on, refuse to start a stream in `channel`, as Slack does in a kind of
+        channel that takes none (a Slack List item's comment thread)."""
+        self.unstreamable.add(channel)
 
     def is_streaming(self, channel: str, ts: str) -> bool:
         """Whether a message is a stream still open (started, not yet stopped or expired)."""
@@ -372,6 +378,8 @@ class FakeSlack:
         channel, thread_ts = params.get("channel", ""), params.get("thread_ts")
         if not channel:
             return {"ok": False, "error": "channel_not_found"}
+        if channel in self.unstreamable:
+            return {"ok": False, "error": "channel_type_not_supported"}
         recipient = params.get("recipient_user_id") and params.get("recipient_team_id")
         if not channel.startswith("D") and not recipient:
             return {"ok": False, "error": "invalid_arguments"}

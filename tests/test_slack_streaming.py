@@ -187,6 +187,28 @@ async def test_a_refusing_workspace_is_answered_by_edits_and_not_asked_again(
     assert len(refusals) == 1 and "method_not_allowed_for_app" in refusals[0].getMessage()
 
 
+async def test_a_channel_that_takes_no_stream_is_answered_by_edits_and_the_others_stream(
+    slack, socket_mode
+):
+    """Slack refuses a stream in a kind of channel (`channel_type_not_supported`): that
+    answer goes on by edits, and so do the channel's next ones, where the answer was
+    never shown (its every try refused); the workspace's other channels still stream."""
+    slack.refuse_streaming_in("C0LIST")
+    async with socket_mode(ScriptedBatcher(ANSWER), streaming="auto"):
+        replies_in = []
+        for channel in ("C0LIST", "C0LIST", "C0001"):
+            mention = slack.app_mention(channel, "a question")
+            await slack.send_event(mention)
+            replies_in.append(await final_reply(slack, channel, mention["ts"]))
+    assert [call.params["channel"] for call in slack.calls_to("chat.startStream")] == [
+        "C0LIST", "C0001",
+    ]  # fmt: skip
+    listed, again, elsewhere = replies_in
+    assert listed["text"] == again["text"] and listed["text"].startswith("Paris is the *capital*")
+    assert elsewhere["text"].startswith("Paris is the **capital**")  # Markdown: streamed
+    assert not slack.is_streaming("C0001", elsewhere["ts"])  # and ended
+
+
 async def test_a_refused_first_post_that_ends_the_turn_is_posted_by_the_edit_path(
     slack, socket_mode
 ):
