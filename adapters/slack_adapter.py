@@ -474,10 +474,7 @@ class SlackAdapter(Adapter):
             bot_name=await self._name(bot_user, looked_up_by),
         )
         if order is None:
-            client = self.app.client
-            files = slack_attachments(
-                event.get("files", ()), token=client.token, api_url=client.base_url
-            )
+            files = slack_attachments(event.get("files", ()), self.app.client)
             left = deadline - asyncio.get_running_loop().time()
             turn = await attached(self.service, turn, files, timeout=left)
         status = None

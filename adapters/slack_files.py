@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.attachments import Attachment
 
@@ -34,22 +35,23 @@ class SlackDownloadRefused(Exception):
         )
 
 
-def slack_attachments(
-    files: Sequence[dict[str, Any]], *, token: str | None, api_url: str
-) -> list[Attachment]:
-    """The files of a message event, read from Slack at `api_url`'s hosts. A file Slack
-    only refers to (Slack Connect's `check_file_info`, or one hidden by a plan's limits)
-    has no URL: it is named only."""
-    return [_attachment(file, token, api_url) for file in files]
+def slack_attachments(files: Sequence[dict[str, Any]], client: AsyncWebClient) -> list[Attachment]:
+    """The files of a message event, read from Slack at `client`'s API hosts, as its calls
+    go (its token, and its proxy: slack_sdk's, from HTTPS_PROXY where none is set). A file
+    Slack only refers to (Slack Connect's `check_file_info`, or one hidden by a plan's
+    limits) has no URL: it is named only."""
+    return [_attachment(file, client) for file in files]
 
 
-def _attachment(file: dict[str, Any], token: str | None, api_url: str) -> Attachment:
+def _attachment(file: dict[str, Any], client: AsyncWebClient) -> Attachment:
     url = file.get("url_private_download") or file.get("url_private")
     mimetype = file.get("mimetype") or ""
     download = None
-    if url and token and not file.get("is_external") and _on_slack(url, api_url):
-        html = mimetype.startswith("text/html")
-        download = partial(_download, url, token=token, html=html, size=file.get("size"))
+    if url and client.token and not file.get("is_external") and _on_slack(url, client.base_url):
+        download = partial(
+            _download, url, client=client, html=mimetype.startswith("text/html"),
+            size=file.get("size"),
+        )  # fmt: skip
     name = file.get("name") or file.get("title") or ""
     return Attachment(name=name, mimetype=mimetype, size=file.get("size"), download=download)
 
@@ -64,12 +66,17 @@ def _on_slack(url: str, api_url: str) -> bool:
     return where.hostname == api.hostname or where.hostname.endswith(f".{api.hostname}")
 
 
-async def _download(url: str, wanted: int, *, token: str, html: bool, size: int | None) -> bytes:
+async def _download(
+    url: str, wanted: int, *, client: AsyncWebClient, html: bool, size: int | None
+) -> bytes:
     """The first `wanted` bytes of a file (all of a shorter one); nothing more is read, but
     where HTML comes back for an HTML file: up to a byte past its size, to be told from the
     sign-in page by its length (files past MAX_FILE_BYTES are not downloaded)."""
-    headers = {"Authorization": f"Bearer {token}"}
-    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+    headers = {"Authorization": f"Bearer {client.token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers=headers, proxy=client.proxy, ssl=client.ssl) as response,
+    ):
         response.raise_for_status()
         page = response.content_type == "text/html"
         if page and not html:

@@ -28,7 +28,9 @@ from conftest import (
 )
 from fake_server import serve
 from fake_slack import FakeSlack
+from http_proxy import ForwardProxy
 from redis.exceptions import ConnectionError as RedisConnectionError
+from slack_sdk.web.async_client import AsyncWebClient
 from test_service import nothing_pending, until
 
 from adapters import slack_adapter
@@ -1077,9 +1079,8 @@ async def test_an_html_file_is_told_from_the_sign_in_page_by_its_size(slack):
     page = slack.upload("page.html", b"<p>the launch codes</p>", "text/html")
     long = b"<p>" + b"the launch codes, again. " * 400 + b"</p>"  # longer than the sign-in page
     longer = slack.upload("long.html", long, "text/html")
-    [html, long_html] = slack_attachments(
-        [page, longer], token=slack.bot_token, api_url=slack.api_url
-    )
+    client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+    [html, long_html] = slack_attachments([page, longer], client)
     assert html.download is not None and long_html.download is not None
     assert await html.download(100) == b"<p>the launch codes</p>"
     assert await long_html.download(100) == long[:100]
@@ -1087,6 +1088,19 @@ async def test_an_html_file_is_told_from_the_sign_in_page_by_its_size(slack):
     for refused in (html, long_html):  # the page and the long file, alike in their first bytes
         with pytest.raises(SlackDownloadRefused):
             await refused.download(100)
+
+
+async def test_a_file_comes_through_the_proxy_that_slacks_client_uses(slack):
+    """Behind an egress proxy (HTTPS_PROXY, which slack_sdk's client takes up), a file is
+    downloaded through it, as every Slack call is, where it went direct (and, where only
+    the proxy gets out, every file failed)."""
+    notes = slack.upload("notes.txt", b"Ship on Friday.", "text/plain")
+    async with ForwardProxy() as proxy:
+        client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url, proxy=proxy.url)
+        [attachment] = slack_attachments([notes], client)
+        assert attachment.download is not None
+        assert await attachment.download(100) == b"Ship on Friday."
+    assert proxy.carried == [notes["url_private_download"]]
 
 
 async def test_reasoning_is_never_posted(slack, socket_mode):
