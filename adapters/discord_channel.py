@@ -143,7 +143,7 @@ class DiscordChannel:
     async def typing(self) -> None:
         await self._open_thread()
         with self._not_deleted():
-            await self.destination.typing()
+            await self._in_open_thread(self.destination.typing)
 
     async def post(self, text: str) -> str:
         await self._open_thread()
@@ -207,7 +207,8 @@ class DiscordChannel:
     async def _in_open_thread(self, call: Callable[[], Awaitable[object]]) -> None:
         """`call`, and again once the answer's thread is unarchived, where Discord refused
         it as archived (idle past its auto-archive duration, a day: a Regenerate pressed
-        then), as Discord's own client does; a thread also locked is nowhere to answer."""
+        then, whose answer begins with typing, not a post, which would unarchive it), as
+        Discord's own client does; a thread also locked is nowhere to answer."""
         try:
             await call()
             return

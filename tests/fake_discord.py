@@ -1036,7 +1036,8 @@ class FakeDiscord:
             raise ApiError(400, 50083, "Thread is archived")
 
     async def _typing(self, req: Request, channel_id: str) -> tuple[int, Any]:
-        self._channel(channel_id)
+        """Refused in an archived thread, as an edit is: only a message unarchives it."""
+        self._writable(channel_id)
         return 204, None
 
     async def _history(self, req: Request, channel_id: str) -> tuple[int, Any]:
