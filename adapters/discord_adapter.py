@@ -51,7 +51,7 @@ from adapters.streaming import EditBudgets
 from adapters.text import with_forwarded
 from bot.config import Settings
 from bot.service import ChatService
-from bot.types import THREAD_ONLY, ChatMessage, ConversationKey, Turn
+from bot.types import ChatMessage, ConversationKey, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +327,9 @@ class DiscordAdapter(Adapter):
         if not mentioned:
             return None
         text = self._readable(message, me)
-        if command(text) in THREAD_ONLY:  # it names no conversation: no thread is opened for it
+        if command(text) is not None:  # a line or a few (reset and forget name no
+            # conversation here): a reply in place, where a thread per command filled the
+            # channel's thread list, each one a conversation the bot then answered unasked
             return key_from(root=str(message.id)), here(reply_to=str(message.id)), False
         # The answer opens a thread from this message, which takes the message's id.
         target = here(thread_from=str(message.id), thread_name=thread_name(text))

@@ -307,6 +307,19 @@ async def test_reset_or_forget_mentioned_in_a_channel_opens_no_thread_and_clears
     assert [message["content"] for message in history] == ["remember the number 7", "Noted."]
 
 
+@pytest.mark.parametrize("order", ["help", "status"])
+async def test_a_command_mentioned_in_a_channel_is_answered_in_place(discord_bot, order):
+    """`@threadbot help` in the channel: its reply answers the message where it is, with
+    no thread opened for a line or two (and left in the channel's list)."""
+    async with discord_bot() as bot:
+        fake = bot.fake
+        typed = await mention(fake, order)
+        [reply] = await fake.wait_for(lambda: bot_messages(fake, fake.channel_id))
+    assert reply["message_reference"]["message_id"] == typed["id"]
+    assert typed["id"] not in fake.channels  # no thread opened from it
+    assert reply["content"].strip()
+
+
 async def test_forget_in_a_dm_through_a_global_command(discord_bot):
     async with discord_bot(ScriptedBatcher("Noted."), global_commands=True) as bot:
         fake = bot.fake
