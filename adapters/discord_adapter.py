@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import textwrap
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -35,6 +36,7 @@ from adapters.base import (
     failure_text,
 )
 from adapters.discord_buttons import AnswerButtons, Asker, DiscordReply
+from adapters.discord_catch_up import CATCH_UP_S, missed
 from adapters.discord_channel import (
     MESSAGE_LIMIT,
     NO_PINGS,
@@ -52,6 +54,7 @@ from adapters.text import with_forwarded
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
+from storage.errors import is_outage
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ THREAD_NAME_LENGTH = 90  # Discord allows 100
 ATTACHMENT_SECONDS = 10.0  # reading a message's attached files
 JOIN_WAIT_S = 15.0  # how long a message waits for a mention taking the bot into its thread
 TYPING_INTERVAL = 8.0  # Discord's typing indicator lasts about 10 s
+EVENTS_IN_FLIGHT_S = 5.0  # before a disconnect, events may have been sent but not handed over
 # Discord limits a channel's message edits together, about 5 in 5 s: answers streaming
 # side by side in one channel (inline mode) share them, and the finals are counted too.
 EDITS_PER_MINUTE = 50
@@ -121,8 +125,11 @@ class DiscordAdapter(Adapter):
             service=service, memberships=self.memberships, regenerating=self._regenerating
         )
         self._gateway_up = False  # between READY (or RESUMED) and a disconnect
+        self._away_since: float | None = None  # when the last session went down
+        self._session_began = 0.0  # when the session now up began (READY)
+        self.caught_up = asyncio.Event()  # set once a new session's catch-up is over
         for handler in (self.on_message, self.on_interaction, self.on_guild_available,
-                        self.on_guild_join, self.on_ready, self.on_resumed,
+                        self.on_guild_join, self.on_connect, self.on_ready, self.on_resumed,
                         self.on_disconnect):  # fmt: skip
             client.event(handler)
 
@@ -166,9 +173,16 @@ class DiscordAdapter(Adapter):
     async def connected(self) -> bool:
         return self._gateway_up and not self.client.is_closed()
 
+    async def on_connect(self) -> None:
+        """READY came: a new session, whose events come from now on."""
+        self._session_began = time.time()
+        self.caught_up.clear()
+
     async def on_ready(self) -> None:
+        """A new session: none of the events since the last one will come."""
         self._gateway_up = True
         logger.info("Discord: connected to the gateway")
+        await self._catch_up()
 
     async def on_resumed(self) -> None:
         self._gateway_up = True
@@ -177,7 +191,31 @@ class DiscordAdapter(Adapter):
     async def on_disconnect(self) -> None:
         if self._gateway_up and not self.client.is_closed():  # not our own stop
             logger.warning("Discord: disconnected from the gateway; reconnecting")
+            self._away_since = time.time()
         self._gateway_up = False
+
+    async def _catch_up(self) -> None:
+        """Handle the messages sent while no session was up that were not seen (see
+        `discord_catch_up`): since the last session went down (a few seconds more, for
+        events it had not yet handed over), or in a new process, within `CATCH_UP_S`."""
+        began, away = self._session_began, self._away_since  # since it began: live
+        since = max(began - CATCH_UP_S, away - EVENTS_IN_FLIGHT_S if away else 0.0)
+        caught = 0
+        try:
+            me = self.client.user
+            dms = await self.service.store.heard(PLATFORM, str(me.id)) if me else []
+            seen = partial(self.service.store.seen, PLATFORM)
+            async for message in missed(self.client, dms, since, began, seen):
+                caught += 1
+                await self.on_message(message)
+        except Exception as error:  # the next new session reads them back
+            logger.warning("Discord: could not read back what was sent while away: %s",
+                           error, exc_info=not is_outage(error))  # fmt: skip
+        else:
+            self._away_since = None
+        if caught:
+            logger.info("Discord: read back %d messages sent while the bot was away", caught)
+        self.caught_up.set()
 
     async def on_guild_available(self, guild: discord.Guild) -> None:
         await self.commands.register_in(guild)
@@ -273,6 +311,9 @@ class DiscordAdapter(Adapter):
                     if (route := await self._route(message, me)) is None:
                         return
                     key, target, joins = route
+                    if isinstance(message.channel, discord.DMChannel):  # for a catch-up
+                        channel = str(message.channel.id)
+                        await self.service.store.hear_from(PLATFORM, str(me.id), channel)
                     in_turn = held.enter_context(self.in_order.place(key))
                     if joins:
                         await held.enter_async_context(self.joining.joining(key))

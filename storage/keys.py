@@ -9,6 +9,7 @@ PREFIX = "threadbot:"
 CONVERSATION_PREFIX = f"{PREFIX}conversation:"
 CLEARED_PREFIX = f"{PREFIX}cleared:"
 SEEN_PREFIX = f"{PREFIX}seen:"
+HEARD_PREFIX = f"{PREFIX}heard:"
 TURN_PREFIX = f"{PREFIX}turn:"
 TURN_LOCK_PREFIX = f"{PREFIX}turn-lock:"
 PENDING_TURNS = f"{PREFIX}pending-turns"
@@ -41,6 +42,12 @@ def cleared(conversation_id: str) -> str:
 def seen(platform: str, message_id: str) -> str:
     """The marker that a platform message was already handled."""
     return f"{SEEN_PREFIX}{platform}:{message_id}"
+
+
+def heard(platform: str, bot: str) -> str:
+    """The private channels (DMs) where one bot (its user id) was spoken to lately, by
+    when (a sorted set): where it looks for messages sent while it was away."""
+    return f"{HEARD_PREFIX}{platform}:{bot}"
 
 
 def turn(turn_id: str) -> str:

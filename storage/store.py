@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 _ROLES = frozenset(get_args(Role))
 REGENERATION_TAKING_S = 60
 """How long a press's mark holds before its regeneration is recorded: its one Redis write."""
+HEARD_KEPT = 100  # private channels `hear_from` keeps: a catch-up reads each one's news
 
 
 # KEYS[1]: a conversation; ARGV: its cap, and what to keep once over it. A script, so the
@@ -198,6 +200,24 @@ class ConversationStore:
         """The template and the system prompt kept for the conversation, if it has one."""
         template, text = await self._redis.hmget(keys.facts(conversation_id), "template", "system")
         return template, text
+
+    async def seen(self, platform: str, message_id: str) -> bool:
+        """Whether a platform message id was offered before (within `first_seen`'s TTL)."""
+        return bool(await self._redis.exists(keys.seen(platform, message_id)))
+
+    async def hear_from(self, platform: str, bot: str, channel: str) -> None:
+        """Note that `bot` (its user id) was spoken to in `channel` (a DM) now; the
+        `HEARD_KEPT` latest are kept, as long as a conversation is."""
+        key = keys.heard(platform, bot)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {channel: time.time()})
+            pipe.zremrangebyrank(key, 0, -HEARD_KEPT - 1)
+            pipe.expire(key, self.ttl_seconds)
+            await pipe.execute()
+
+    async def heard(self, platform: str, bot: str) -> list[str]:
+        """The channels `hear_from` noted for `bot`, the latest first."""
+        return await self._redis.zrevrange(keys.heard(platform, bot), 0, -1)
 
     async def first_seen(self, platform: str, message_id: str, *, ttl_seconds: int = 86400) -> bool:
         """True only the first time a platform message id is offered (within the TTL)."""

@@ -138,7 +138,11 @@ class FakeDiscord:
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.privileged_intents = privileged_intents  # as enabled in the developer portal
-        self.bot = make_user("1000", "threadbot", bot=True)
+        self._last_id = 0
+        self._sessions_open = asyncio.Event()  # cleared: a new session waits (`hold_...`)
+        self._sessions_open.set()
+        # Its own, as DM channels are: one test's bot does not read back another's DMs.
+        self.bot = make_user(self.snowflake(), "threadbot", bot=True)
         self.alice = make_user("1001", "alice")
         self.other_bot = make_user("1002", "otherbot", bot=True)
         self.bob = make_user("1003", "bob")
@@ -174,7 +178,6 @@ class FakeDiscord:
         self._rate_limits: list[list[Any]] = []  # [method, regex, count, retry_after, global, via]
         self._breaks: list[list[Any]] = []  # [method, regex, count, status: None drops it]
         self._nonces: dict[str, tuple[float, str, str]] = {}  # nonce -> (at, channel, message)
-        self._last_id = 0
         self._files: dict[str, tuple[bytes, str]] = {}  # CDN path -> content and type
         self.downloads: list[str] = []  # CDN paths served
         self.cdn_delay = 0.0  # seconds each file download waits before it is served
@@ -401,9 +404,10 @@ class FakeDiscord:
     ) -> JSON:
         """Record a message by a user (alice by default); returns its MESSAGE_CREATE payload.
 
-        mentions_bot prefixes ``<@1000> `` and fills mentions; mentions_bot_role prefixes
-        the bot's role, ``<@&1100> ``, and fills mention_roles. Guild channels (text
-        channel, threads) get guild_id and member; DM channels don't."""
+        mentions_bot prefixes the bot's mention (``<@its id> ``) and fills mentions;
+        mentions_bot_role prefixes the bot's role, ``<@&1100> ``, and fills mention_roles.
+        Guild channels (text channel, threads) get guild_id and member; DM channels
+        don't."""
         if mentions_bot:
             content = f"<@{self.bot['id']}> {content}"
             extra["mentions"] = [self.bot]
@@ -649,6 +653,14 @@ class FakeDiscord:
         for conn in list(self._conns):
             await conn.ws.close(code=code, message=message.encode())
 
+    def hold_new_sessions(self) -> None:
+        """Keep the next IDENTIFY waiting, as while the bot is away (restarting, or cut
+        off): what is dispatched meanwhile reaches no session, and a new one never gets it."""
+        self._sessions_open.clear()
+
+    def open_new_sessions(self) -> None:
+        self._sessions_open.set()
+
     async def invalidate_session(self, resumable: bool = False) -> None:
         """Send op 9. discord.py closes; resumable=False makes it IDENTIFY anew, on
         DiscordWebSocket.DEFAULT_GATEWAY."""
@@ -712,6 +724,7 @@ class FakeDiscord:
             await conn.ws.close(code=4001, message=b"Unknown opcode.")
 
     async def _identify(self, conn: _Conn, d: JSON) -> None:
+        await asyncio.wait_for(self._sessions_open.wait(), timeout=30)
         intents = d.get("intents", 0)
         if intents & PRIVILEGED & ~self.privileged_intents:
             await conn.ws.close(code=4014, message=b"Disallowed intent(s).")

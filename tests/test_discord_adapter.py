@@ -102,8 +102,10 @@ def discord_bot(fake, make_service, monkeypatch):
 
 async def ready(adapter: DiscordAdapter) -> None:
     """Until discord.py has dispatched READY, which its own task does a moment after the
-    servers arrive: a client closed before then leaves that dispatch to a closed loop."""
+    servers arrive (a client closed before then leaves that dispatch to a closed loop),
+    and what was sent before it is read back: none of the test's messages yet."""
     await asyncio.wait_for(adapter.client.wait_until_ready(), timeout=10)
+    await asyncio.wait_for(adapter.caught_up.wait(), timeout=10)
 
 
 def bot_messages(fake: FakeDiscord, channel_id: str) -> list[dict]:
@@ -190,6 +192,60 @@ async def test_a_thread_deleted_before_its_answer_shows_ends_the_turn_there(
         history = await service.store.load(str(key))
     assert [m["role"] for m in history] == ["user"]
     assert not bot_messages(fake, fake.channel_id)  # not bare in the channel either
+
+
+async def test_messages_sent_while_no_session_was_up_are_read_back_and_answered_once(
+    fake, discord_bot
+):
+    """Discord replays what a session missed only to that session, resumed: a message in
+    the bot's thread, a DM and a mention sent while its new session was not up yet came
+    to no session, and were never answered. Read back once the session is up, each is
+    answered once; those answered before, in the same histories, are not again."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        asked = await mention(fake, "before the gap")
+        await final_reply(fake, asked["id"])
+        dm = fake.dm_message("a DM before")
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        await final_reply(fake, dm["channel_id"])
+        fake.hold_new_sessions()
+        await fake.close_gateway(4009)  # the session is over: a new one, no RESUME
+        away = [
+            fake.thread_message(asked["id"], "in the thread, while away"),
+            fake.dm_message("a DM while away"),
+            fake.user_message(fake.channel_id, "a mention while away", mentions_bot=True),
+        ]
+        for message in away:
+            await fake.dispatch("MESSAGE_CREATE", message)
+        fake.open_new_sessions()
+        await fake.wait_identified(2)
+        await final_reply(fake, asked["id"], after=1)
+        await final_reply(fake, dm["channel_id"], after=1)
+        await final_reply(fake, away[2]["id"])  # in the thread opened from it
+    asked_before = [prompt[-1]["content"] for prompt in batcher.prompts[:2]]
+    asked_after = sorted(prompt[-1]["content"] for prompt in batcher.prompts[2:])
+    assert asked_before == ["before the gap", "a DM before"]
+    assert asked_after == ["a DM while away", "a mention while away", "in the thread, while away"]
+    assert len(bot_messages(fake, asked["id"])) == len(bot_messages(fake, dm["channel_id"])) == 2
+
+
+async def test_a_message_read_back_is_held_to_the_askers_roles_as_a_live_one_is(fake, discord_bot):
+    """A message read back names its author as a user, with no roles: Bob, denied by
+    his role, was answered as if he had none. His member is looked up, and he is not."""
+    fake.roles = {"77": "helpers", "78": "guests"}
+    fake.member_roles = {fake.alice["id"]: ["77"], fake.bob["id"]: ["78"]}
+    access = discord_rules(roles={"deny": ["78"]})
+    async with discord_bot(ScriptedBatcher("Noted."), access=access) as (service, batcher):
+        fake.hold_new_sessions()
+        await fake.close_gateway(4009)
+        for author in (fake.bob, fake.alice):
+            said = fake.user_message(fake.channel_id, "hi", author=author, mentions_bot=True)
+            await fake.dispatch("MESSAGE_CREATE", said)
+        fake.open_new_sessions()
+        await fake.wait_identified(2)
+        await final_reply(fake, said["id"])  # Alice's, in its thread
+        await until(lambda: nothing_pending(service.journal))
+    assert len(batcher.prompts) == 1
+    assert [m["content"] for m in bot_messages(fake, fake.channel_id)] == [replies.denied()]
 
 
 async def test_after_forget_in_its_own_thread_the_next_message_starts_anew_there(fake, discord_bot):

@@ -87,10 +87,11 @@ async def test_connects_and_resolves_guild(bot: Bot, discord_fake: FakeDiscord) 
     bot.connect()
     await bot.ready()
     client = bot.client
-    assert client.user is not None and client.user.id == 1000 and client.user.bot
+    me = int(discord_fake.bot["id"])
+    assert client.user is not None and client.user.id == me and client.user.bot
     assert client.application_id == 999
     guild = client.get_guild(2000)
-    assert guild is not None and guild.me.id == 1000 and guild.default_role.id == 2000
+    assert guild is not None and guild.me.id == me and guild.default_role.id == 2000
     channel = client.get_channel(3000)
     assert isinstance(channel, discord.TextChannel) and channel.name == "general"
     assert channel.permissions_for(guild.me).send_messages
@@ -148,7 +149,7 @@ async def test_message_reply_thread_edit(bot: Bot, discord_fake: FakeDiscord) ->
     event = discord_fake.user_message(discord_fake.channel_id, "hello", mentions_bot=True)
     await discord_fake.dispatch("MESSAGE_CREATE", event)
     incoming = await bot.next_message()
-    assert incoming.content == "<@1000> hello" and incoming.guild is not None
+    assert incoming.content == f"<@{discord_fake.bot['id']}> hello" and incoming.guild is not None
     assert isinstance(incoming.author, discord.Member) and incoming.author.name == "alice"
     assert bot.client.user in incoming.mentions and incoming.channel.id == 3000
 
@@ -158,7 +159,8 @@ async def test_message_reply_thread_edit(bot: Bot, discord_fake: FakeDiscord) ->
     assert post.json["enforce_nonce"] is True
     assert post.json["allowed_mentions"] == {"parse": [], "replied_user": False}
     assert post.json["message_reference"]["message_id"] == incoming.id
-    assert reply.author.id == 1000 and reply.reference.message_id == incoming.id
+    assert reply.author.id == int(discord_fake.bot["id"])
+    assert reply.reference.message_id == incoming.id
     assert reply.type is discord.MessageType.reply
 
     again = await incoming.channel.send("hi alice", nonce="n-1")  # same nonce: same message
@@ -186,11 +188,11 @@ async def test_message_reply_thread_edit(bot: Bot, discord_fake: FakeDiscord) ->
     opener = history[-1]  # the thread's starter message: it carries the one it was made from
     assert opener.type is discord.MessageType.thread_starter_message
     assert opener.reference is not None and isinstance(opener.reference.resolved, discord.Message)
-    assert opener.reference.resolved.content == "<@1000> hello"
+    assert opener.reference.resolved.content == f"<@{discord_fake.bot['id']}> hello"
     older = [m.content async for m in thread.history(before=follow_up)]
     assert older == ["streamed!", ""]
     fetched = await incoming.channel.fetch_message(incoming.id)
-    assert fetched.content == "<@1000> hello"
+    assert fetched.content == f"<@{discord_fake.bot['id']}> hello"
 
 
 async def test_dms_webhooks_and_other_bots(bot: Bot, discord_fake: FakeDiscord) -> None:
@@ -314,5 +316,6 @@ async def test_without_message_content_intent(bot: Bot, discord_fake: FakeDiscor
         event = discord_fake.user_message(discord_fake.channel_id, text, mentions_bot=mention)
         await discord_fake.dispatch("MESSAGE_CREATE", event)
     assert (await bot.next_message()).content == ""  # as on Discord: content is redacted...
-    assert (await bot.next_message()).content == "<@1000> hey"  # ...unless the bot is mentioned
+    mentioned = f"<@{discord_fake.bot['id']}> hey"
+    assert (await bot.next_message()).content == mentioned  # ...unless the bot is mentioned
     assert await discord_fake.dispatch("MESSAGE_CREATE", discord_fake.dm_message("x")) is None
