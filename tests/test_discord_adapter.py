@@ -228,6 +228,20 @@ async def test_messages_sent_while_no_session_was_up_are_read_back_and_answered_
     assert len(bot_messages(fake, asked["id"])) == len(bot_messages(fake, dm["channel_id"])) == 2
 
 
+async def test_a_dm_sent_while_no_process_ran_is_answered_by_the_next_one(fake, discord_bot):
+    """A redeploy: the DM came while no process had a session; the next process, knowing
+    the DM from storage, reads it back at its start."""
+    async with discord_bot(ScriptedBatcher("Noted.")):
+        dm = fake.dm_message("before the redeploy")
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        await final_reply(fake, dm["channel_id"])
+    await fake.dispatch("MESSAGE_CREATE", fake.dm_message("while none ran"))  # to no session
+    async with discord_bot(ScriptedBatcher("Noted again.")) as (_service, batcher):
+        again = await final_reply(fake, dm["channel_id"], after=1)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["while none ran"]
+    assert again["content"] == "Noted again."
+
+
 async def test_a_message_read_back_is_held_to_the_askers_roles_as_a_live_one_is(fake, discord_bot):
     """A message read back names its author as a user, with no roles: Bob, denied by
     his role, was answered as if he had none. His member is looked up, and he is not."""
