@@ -64,7 +64,7 @@ THREAD_NAME_LENGTH = 90  # Discord allows 100
 ATTACHMENT_SECONDS = 10.0  # reading a message's attached files
 JOIN_WAIT_S = 15.0  # how long a message waits for a mention taking the bot into its thread
 TYPING_INTERVAL = 8.0  # Discord's typing indicator lasts about 10 s
-EVENTS_IN_FLIGHT_S = 5.0  # before a disconnect, events may have been sent but not handed over
+AWAY_MARGIN_S = 90.0  # discord.py notices a dead connection only at its heartbeat timeout (60 s)
 # Discord limits a channel's message edits together, about 5 in 5 s: answers streaming
 # side by side in one channel (inline mode) share them, and the finals are counted too.
 EDITS_PER_MINUTE = 50
@@ -127,7 +127,8 @@ class DiscordAdapter(Adapter):
         self._gateway_up = False  # between READY (or RESUMED) and a disconnect
         self._away_since: float | None = None  # when the last session went down
         self._session_began = 0.0  # when the session now up began (READY)
-        self.caught_up = asyncio.Event()  # set once a new session's catch-up is over
+        self.caught_up = asyncio.Event()  # cleared while a new session reads back
+        self.caught_up.set()
         for handler in (self.on_message, self.on_interaction, self.on_guild_available,
                         self.on_guild_join, self.on_connect, self.on_ready, self.on_resumed,
                         self.on_disconnect):  # fmt: skip
@@ -196,10 +197,10 @@ class DiscordAdapter(Adapter):
 
     async def _catch_up(self) -> None:
         """Handle the messages sent while no session was up that were not seen (see
-        `discord_catch_up`): since the last session went down (a few seconds more, for
-        events it had not yet handed over), or in a new process, within `CATCH_UP_S`."""
+        `discord_catch_up`): since the last session went down (less `AWAY_MARGIN_S`), or
+        in a new process, within `CATCH_UP_S`; live messages wait until it is over."""
         began, away = self._session_began, self._away_since  # since it began: live
-        since = max(began - CATCH_UP_S, away - EVENTS_IN_FLIGHT_S if away else 0.0)
+        since = max(began - CATCH_UP_S, away - AWAY_MARGIN_S if away else 0.0)
         caught = 0
         try:
             me = self.client.user
@@ -207,7 +208,7 @@ class DiscordAdapter(Adapter):
             seen = partial(self.service.store.seen, PLATFORM)
             async for message in missed(self.client, dms, since, began, seen):
                 caught += 1
-                await self.on_message(message)
+                await self._handle(message, read_back=True)
         except Exception as error:  # the next new session reads them back
             logger.warning("Discord: could not read back what was sent while away: %s",
                            error, exc_info=not is_outage(error))  # fmt: skip
@@ -291,6 +292,11 @@ class DiscordAdapter(Adapter):
         return self._sink(channel, asker, [first], replacing=others, regenerates=True)
 
     async def on_message(self, message: discord.Message) -> None:
+        """A live message: it came after those being read back, if any."""
+        await self.caught_up.wait()
+        await self._handle(message)
+
+    async def _handle(self, message: discord.Message, *, read_back: bool = False) -> None:
         me = self.client.user
         if (
             me is None
@@ -319,10 +325,12 @@ class DiscordAdapter(Adapter):
                         await held.enter_async_context(self.joining.joining(key))
                 addressed = True
                 earlier = await self._earlier(message, me) if joins else ()
+                author = await _member(message) if read_back else message.author
+                if author is None:
+                    logger.info("message %s read back: its author left the server", message.id)
+                    return
                 access = self.service.team.settings.access
-                who = await requester(
-                    message.author, key, access=access, memberships=self.memberships
-                )
+                who = await requester(author, key, access=access, memberships=self.memberships)
                 if await self.service.admit(who, key, partial(_reply, message)):
                     await self._converse(message, key, target, earlier, in_turn)
         except Exception as error:
@@ -536,6 +544,19 @@ def _mentions(message: discord.Message, me: discord.ClientUser) -> bool:
 def _own_role(message: discord.Message) -> discord.Role | None:
     """The role Discord made for the bot in the message's server, if it has one."""
     return message.guild.self_role if message.guild else None
+
+
+async def _member(message: discord.Message) -> discord.abc.User | None:
+    """A message's author as a live message names them: a server's message read back
+    names a user, with no roles, where the access rules count the member's. None where
+    they are no member now."""
+    guild, author = message.guild, message.author
+    if guild is None or isinstance(author, discord.Member):
+        return author
+    try:
+        return await guild.fetch_member(author.id)
+    except discord.NotFound:
+        return None
 
 
 async def _reply(message: discord.Message, text: str) -> None:

@@ -7,7 +7,8 @@ where Slack would have sent it again. At each new session the adapter reads the 
 sent since it went away (a new process: in the last `CATCH_UP_S`) in the channels and
 active threads of its servers whose last message is newer, and in the DMs it was spoken
 to in lately, and handles those it has not seen as if they came now, oldest first in each
-channel: what it did handle is marked seen, and what came before that came live too.
+channel (what it did handle is marked seen), before any that came live since: they came
+after them (a `forget` among them must not drop a later message, nor be undone).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
+import aiohttp
 import discord
 
 logger = logging.getLogger(__name__)
@@ -32,14 +34,15 @@ async def missed(
     dms: Sequence[str],
     since: float,
     until: float,
-    seen: Callable[[str], Awaitable[bool]],
+    seen: Callable[[Sequence[str]], Awaitable[list[bool]]],
 ) -> AsyncIterator[discord.Message]:
-    """The messages sent between `since` and `until` (times; after it they came live), and
-    after the last one `seen` (by its id: handled live, as were all before it), in the
-    channels and threads of the bot's servers whose last message is newer (the
-    `MOST_CHANNELS` latest spoken in, those first), then in the DM channels `dms`:
-    channel by channel, each oldest first. One the bot may not read, or gone, is passed
-    over, as is a message whose author left its server."""
+    """The messages sent between `since` and `until` (times; after it they came live) not
+    `seen` (by id), in the channels and threads of the bot's servers whose last message is
+    newer (the `MOST_CHANNELS` latest spoken in, those first), then in the DM channels
+    `dms`: channel by channel, each oldest first. In a thread, only those after the last
+    one seen: the ones before it came live, chatter from before the bot was in it among
+    them. A channel that cannot be read (no Read Message History, gone, Discord failing)
+    is passed over."""
     floor, ceiling = (
         discord.utils.time_snowflake(datetime.fromtimestamp(at, UTC)) for at in (since, until)
     )
@@ -54,44 +57,23 @@ async def missed(
     for dm in dms:  # Discord names no DM's last message: each is read
         try:
             channel = await client.fetch_channel(int(dm))
-        except (discord.NotFound, discord.Forbidden):  # closed to the bot since
+        except (discord.HTTPException, aiohttp.ClientError) as error:  # closed to the bot
+            logger.info("could not read back DM channel %s: %s", dm, error)
             continue
         if isinstance(channel, discord.DMChannel):
             channels.append(channel)
-    members: dict[tuple[int, int], discord.Member | None] = {}
     for channel in channels:
         after, before = discord.Object(floor), discord.Object(ceiling)
         read = channel.history(limit=MOST_MESSAGES, after=after, before=before, oldest_first=True)
         try:
             history = [message async for message in read]
-        except (discord.NotFound, discord.Forbidden) as error:  # no Read Message History
+        except (discord.HTTPException, aiohttp.ClientError) as error:
             logger.info("could not read back channel %s: %s", channel.id, error)
             continue
-        unseen: list[discord.Message] = []
-        for message in reversed(history):  # chatter before a message seen was let go
-            if await seen(str(message.id)):
-                break
-            unseen.append(message)
-        for message in reversed(unseen):
-            if await _by_member(message, members):
+        flags = await seen([str(message.id) for message in history])
+        if isinstance(channel, discord.Thread) and any(flags):
+            last_seen = len(flags) - 1 - flags[::-1].index(True)
+            history, flags = history[last_seen + 1 :], flags[last_seen + 1 :]
+        for message, was_seen in zip(history, flags, strict=True):
+            if not was_seen:
                 yield message
-
-
-async def _by_member(
-    message: discord.Message, members: dict[tuple[int, int], discord.Member | None]
-) -> bool:
-    """A server's message read back names its author as a user, where a live one names
-    the member: the member's roles count for the access rules, so they are looked up
-    (once each); False where the author is no member now. A DM's stays as it is."""
-    guild, author = message.guild, message.author
-    if guild is None or isinstance(author, discord.Member) or author.bot:
-        return True
-    if (guild.id, author.id) not in members:
-        try:
-            members[guild.id, author.id] = await guild.fetch_member(author.id)
-        except discord.NotFound:
-            members[guild.id, author.id] = None
-    member = members[guild.id, author.id]
-    if member is not None:
-        message.author = member
-    return member is not None

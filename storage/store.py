@@ -201,9 +201,13 @@ class ConversationStore:
         template, text = await self._redis.hmget(keys.facts(conversation_id), "template", "system")
         return template, text
 
-    async def seen(self, platform: str, message_id: str) -> bool:
-        """Whether a platform message id was offered before (within `first_seen`'s TTL)."""
-        return bool(await self._redis.exists(keys.seen(platform, message_id)))
+    async def seen(self, platform: str, message_ids: Sequence[str]) -> list[bool]:
+        """Whether each platform message id was offered before (within `first_seen`'s
+        TTL), in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for message_id in message_ids:
+                pipe.exists(keys.seen(platform, message_id))
+            return [bool(found) for found in await pipe.execute()]
 
     async def hear_from(self, platform: str, bot: str, channel: str) -> None:
         """Note that `bot` (its user id) was spoken to in `channel` (a DM) now; the

@@ -251,7 +251,7 @@ class TurnJournal:
                 message: ChatMessage = {"role": "assistant", "content": answer}
                 exchange = [question, message] if asked_again else [message]
                 self._store.queue_append(pipe, pending.conversation, *exchange)
-            self._queue_removal(pipe, pending.id)
+            self._queue_removal(pipe, pending.id, pending.conversation)
             return True
 
         watched = [keys.turn(pending.id), keys.conversation(pending.conversation)]
@@ -290,7 +290,7 @@ class TurnJournal:
         async def write(pipe: Pipeline) -> None:
             if await self._ours(pipe, pending):
                 pipe.multi()
-                self._queue_removal(pipe, pending.id)
+                self._queue_removal(pipe, pending.id, pending.conversation)
 
         await self._transaction([keys.turn(pending.id)], write)
 
@@ -451,9 +451,13 @@ class TurnJournal:
         return await client.hget(keys.turn(pending.id), "owner") == self.owner
 
     @staticmethod
-    def _queue_removal(pipe: Pipeline, turn_id: str) -> None:
+    def _queue_removal(pipe: Pipeline, turn_id: str, conversation: str | None = None) -> None:
+        """Queue a turn's removal, and from its conversation's index where it is known
+        (a turn ended there; those dropped unread stay until `forget` or its expiry)."""
         pipe.delete(keys.turn(turn_id))
         pipe.zrem(keys.PENDING_TURNS, turn_id)
+        if conversation is not None:
+            pipe.zrem(keys.pending_in(conversation), turn_id)
 
     async def _transaction(
         self, watched: list[str], write: Callable[[Pipeline], Awaitable[T]]

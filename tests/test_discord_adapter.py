@@ -228,6 +228,26 @@ async def test_messages_sent_while_no_session_was_up_are_read_back_and_answered_
     assert len(bot_messages(fake, asked["id"])) == len(bot_messages(fake, dm["channel_id"])) == 2
 
 
+async def test_a_live_message_waits_for_those_sent_before_it_to_be_read_back(fake, discord_bot):
+    """The new session's first live DM came after the one sent while the bot was away,
+    which is read back slowly: it is asked after it, with it in its history, where it
+    went first (and a `forget` read back late would have dropped it)."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        dm = fake.dm_message("hello")
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        await final_reply(fake, dm["channel_id"])
+        fake.hold_new_sessions()
+        await fake.close_gateway(4009)
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent while away"))
+        fake.history_delay = 0.5  # the read-back takes a while
+        fake.open_new_sessions()
+        await fake.wait_identified(2)
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent live"))
+        await final_reply(fake, dm["channel_id"], after=2)
+    asked = [[m["content"] for m in prompt if m["role"] == "user"] for prompt in batcher.prompts]
+    assert asked[-1] == ["hello", "sent while away", "sent live"]
+
+
 async def test_a_dm_sent_while_no_process_ran_is_answered_by_the_next_one(fake, discord_bot):
     """A redeploy: the DM came while no process had a session; the next process, knowing
     the DM from storage, reads it back at its start."""

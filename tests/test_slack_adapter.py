@@ -1065,8 +1065,10 @@ async def test_a_download_without_the_bot_token_meets_the_sign_in_page(slack):
     async with aiohttp.ClientSession() as http, http.get(secret["url_private"]) as response:
         assert response.content_type == "text/html"
         assert "launch codes" not in await response.text()
-    [wrong] = slack_attachments([secret], token="xoxb-wrong", api_url=slack.api_url)
-    [right] = slack_attachments([secret], token=slack.bot_token, api_url=slack.api_url)
+    [wrong, right] = (
+        slack_attachments([secret], AsyncWebClient(token=token, base_url=slack.api_url))[0]
+        for token in ("xoxb-wrong", slack.bot_token)
+    )
     assert wrong.download is not None and right.download is not None
     with pytest.raises(SlackDownloadRefused):
         await wrong.download(100)

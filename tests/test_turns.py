@@ -178,6 +178,25 @@ async def test_forget_drops_the_conversations_turns_accepted_before_it_and_no_ot
     assert not await taker.owns(after) and await taker.owns(elsewhere)
 
 
+async def test_a_turn_that_ends_leaves_its_conversations_index(
+    make_journal: MakeJournal, redis_client: Redis, platform: str
+) -> None:
+    """The index a `forget` reads holds the conversation's turns pending, not every turn
+    it ever had (a DM is one conversation for good)."""
+    journal = make_journal("a")
+    answered = await journal.accept(new_turn(platform), {})
+    assert answered is not None
+    given_up = await journal.accept(
+        Turn(answered.turn.conversation, "U1", "again", uuid.uuid4().hex), {}
+    )
+    assert given_up is not None
+    index = keys.pending_in(answered.conversation)
+    assert len(await redis_client.zrange(index, 0, -1)) == 2
+    assert await journal.finish(answered, "an answer")
+    await journal.abandon(given_up)
+    assert await redis_client.zrange(index, 0, -1) == []
+
+
 async def test_claims_come_in_arrival_order_and_each_counts_an_attempt(
     make_journal: MakeJournal, redis_client: Redis, platform: str
 ) -> None:
