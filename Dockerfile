@@ -39,7 +39,7 @@ WORKDIR /src
 
 # 3. The project's dependencies, read from pyproject.toml: this layer is rebuilt only when
 #    pyproject.toml changes, not on every source edit. The constraint keeps torch as installed.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
     && echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt \
     && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt
@@ -47,6 +47,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # 4. The project itself (no tests); its dependencies are already in place. Its decode
 #    kernel is built here, beside its installed source, where the runtime (no compiler)
 #    finds it (README, Performance); -P: the installed package, not ./bot.
+COPY README.md ./
 COPY bot ./bot
 COPY adapters ./adapters
 COPY storage ./storage

@@ -376,6 +376,8 @@ def test_compose_vllm_profile_serves_a_model_on_a_gpu_to_its_own_bot(services):
     assert bot["extends"] == "bot"
     assert bot["environment"]["INFERENCE_URL"] == "http://vllm:8000/v1"
     assert bot["environment"]["INFERENCE_TOKENIZER"] == flags["--model"]  # the served model's
+    # The one it asks for, from the same place (a shell's value beats .env's in compose).
+    assert bot["environment"]["INFERENCE_MODEL"] == flags["--model"]
     assert bot["depends_on"]["vllm"]["condition"] == "service_healthy"
     assert bot["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "bot" in bot["networks"]["default"]["aliases"], "Prometheus scrapes `bot`"
@@ -471,6 +473,15 @@ def test_compose_engine_test_override_is_valid(compose, tmp_path):
 @pytest.fixture(scope="module")
 def stages() -> list[list[tuple[str, str]]]:
     return dockerfile_stages((ROOT / "Dockerfile").read_text())[1:]
+
+
+def test_the_dependencies_layer_copies_pyproject_alone(stages):
+    """Its dependencies are installed in a layer of their own, rebuilt only when what it
+    copies changes: the README, edited in most commits, reinstalled them all each time."""
+    builder = stages[-2]
+    install = next(i for i, (kind, args) in enumerate(builder) if "requirements.txt" in args)
+    copies = [args for kind, args in builder[:install] if kind == "COPY"]
+    assert copies[-1] == "pyproject.toml ./"
 
 
 def test_dockerfile_is_multi_stage_with_build_tools_in_the_builder_only(stages):
