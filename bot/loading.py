@@ -153,10 +153,11 @@ def _hub_errors() -> tuple[type[Exception], ...]:
     """What `_download` raises when the hub cannot give the model: OSError (not cached, not
     on the hub, offline), and the errors of huggingface_hub's HTTP library (httpx2), which
     are not OSErrors: a proxy that refuses huggingface.co, a connection lost partway
-    through a download."""
+    through a download; and RuntimeError, which `hf_xet` (the hub's downloads of most
+    models' weights now) raises for any transfer that fails ("CAS service error")."""
     from huggingface_hub.errors import HTTPError  # the library's own, whichever it uses
 
-    return (OSError, HTTPError)
+    return (OSError, HTTPError, RuntimeError)
 
 
 HUB_TIMEOUT_S = 30

@@ -52,6 +52,28 @@ def test_unset_model_falls_back_to_bundled_when_the_hub_is_out_of_reach(monkeypa
     assert "Qwen/Qwen2.5-0.5B-Instruct" in line and "bundled" in line
 
 
+@pytest.mark.parametrize("model", [None, "someone/some-model"], ids=["unset", "named"])
+def test_a_weights_transfer_that_fails_partway_is_a_line_not_a_traceback(monkeypatch, model):
+    """hf_xet, which fetches most models' weights from the hub now, raises RuntimeError
+    when its transfer fails (a dropped connection, a proxy that lets huggingface.co
+    through but not its storage): that was a traceback, where the bundled model (MODEL
+    unset) or one line naming the model was due."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def snapshot_download(repo_id: str, *, local_files_only: bool = False, **_: object) -> str:
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        raise RuntimeError("Data processing error: CAS service error : Reqwest Error")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    if model is None:
+        assert loading.resolve_source(settings()) == loading.bundled_source()
+    else:
+        with pytest.raises(ModelError, match=rf"MODEL={model} is neither a local folder"):
+            loading.resolve_source(settings(model=model))
+
+
 def test_an_explicit_model_never_falls_back(monkeypatch):
     monkeypatch.setattr(loading, "_download", unreachable)
     with pytest.raises(ModelError, match="MODEL=someone/some-model is neither a local folder"):
