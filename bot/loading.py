@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.config import BUNDLED, DEFAULT_MODEL, Settings, home_expanded
 from bot.device import pick_dtype
+from bot.progress import progress_class
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -175,7 +176,8 @@ def _bounded(request: Any) -> None:
 
 
 def _download(repo_id: str, gguf_file: str | None = None, *, weights: bool = True) -> str:
-    """The local snapshot of a hub model: from the cache, or downloaded with progress bars.
+    """The local snapshot of a hub model: from the cache, or downloaded with progress bars
+    (on a terminal; elsewhere, progress lines in the log: `bot.progress`).
 
     Only what transformers loads: the one GGUF file asked for, or the repo without
     other runtimes' weights (ONNX, TensorFlow, Flax, GGUF) that can be many gigabytes;
@@ -190,7 +192,7 @@ def _download(repo_id: str, gguf_file: str | None = None, *, weights: bool = Tru
     skipped = OTHER_RUNTIMES if weights else [*OTHER_RUNTIMES, *WEIGHTS]
     files = {"allow_patterns": [gguf_file]} if gguf_file else {"ignore_patterns": skipped}
     try:
-        return snapshot_download(repo_id, **files)
+        return snapshot_download(repo_id, tqdm_class=progress_class(), **files)
     except _hub_errors() as error:
         # huggingface_hub turns to its cache on some network errors, not all (a proxy that
         # refuses the hub): a model downloaded before is used all the same.

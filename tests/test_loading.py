@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from conftest import overflowing_qwen2, package_dir, tiny_qwen2
 from processes import PROXY_NAMES, silent_proxy
 from safetensors import SafetensorError
 
-from bot import loading
+from bot import loading, progress
 from bot.config import Settings
 from bot.loading import ModelError, ModelSource
 
@@ -72,6 +73,35 @@ def test_a_weights_transfer_that_fails_partway_is_a_line_not_a_traceback(monkeyp
     else:
         with pytest.raises(ModelError, match=rf"MODEL={model} is neither a local folder"):
             loading.resolve_source(settings(model=model))
+
+
+def test_a_download_with_no_terminal_logs_its_progress(monkeypatch, caplog):
+    """Under Docker or systemd (stderr no terminal) the hub's bars draw nothing: the
+    download said nothing until the model loaded. Its progress is logged instead; on a
+    terminal, the hub's own bars."""
+    import huggingface_hub
+
+    handed: list[object] = []
+
+    def snapshot_download(repo_id: str, *, tqdm_class: object = None, **_: object) -> str:
+        handed.append(tqdm_class)
+        if tqdm_class is not None:  # as the hub drives its bytes' bar
+            with tqdm_class(desc="Downloading bytes", total=0, unit="B", unit_scale=True) as bar:
+                bar.total = 2_000_000
+                bar.update(500_000)
+                bar.update(1_500_000)
+        return "/nowhere"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(progress, "EVERY_S", 0)
+    with caplog.at_level(logging.INFO, logger="bot.progress"):
+        loading._download("someone/model")
+    monkeypatch.setattr(sys, "stderr", type("Terminal", (), {"isatty": lambda self: True})())
+    loading._download("someone/model")
+    lines = [record.getMessage() for record in caplog.records if record.name == "bot.progress"]
+    assert lines[0].startswith("Downloading bytes: 500k of 2.00M (25%)")
+    assert lines[-1].startswith("Downloading bytes: 2.00M of 2.00M (100%)")
+    assert handed == [progress.LoggedProgress, None]
 
 
 def test_an_explicit_model_never_falls_back(monkeypatch):
