@@ -30,6 +30,7 @@ from storage.errors import StorageError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+OLDEST_REDIS = (6, 2)  # for ZMSCORE (the journal) and XAUTOCLAIM (the workers)
 
 WRITE_PROBE_MS = 1000  # the probe key goes by itself
 NOT_A_URL = "not a valid URL: percent-encode any / ? # @ or : in its password (%2F %3F %23 %40 %3A)"
@@ -85,6 +86,7 @@ async def open_redis(
     if redis_url:
         shown = redact_url(redis_url)
         client = await connect(redis_url, failure=f"cannot reach Redis at REDIS_URL={shown}")
+        await _check_version(client, f"REDIS_URL={shown}")
         await _check_writable(client, f"REDIS_URL={shown}")
         logger.info("using Redis at %s", shown)
         try:
@@ -111,6 +113,20 @@ async def take_a_write(client: Redis) -> None:
     """Raise unless Redis takes a write now: one that answers PING may refuse them all (at
     its maxmemory, or a replica after a failover)."""
     await client.set(keys.WRITE_PROBE, "1", px=WRITE_PROBE_MS)
+
+
+async def _check_version(client: Redis, where: str) -> None:
+    """An older Redis refuses commands the bot needs only when it first uses them (a
+    message's pending count, a forget), or, for a worker's takeover of a dead worker's
+    jobs, never says so: said now, in one line."""
+    try:
+        version = (await client.info("server"))["redis_version"]
+    except (ResponseError, KeyError):  # INFO refused (an ACL), or a server naming none
+        return
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < OLDEST_REDIS:
+        await client.aclose()
+        oldest = ".".join(map(str, OLDEST_REDIS))
+        raise StorageError(f"{where} is Redis {version}: threadbot needs Redis {oldest} or newer")
 
 
 async def _check_writable(client: Redis, where: str) -> None:

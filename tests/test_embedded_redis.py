@@ -276,3 +276,53 @@ def test_a_data_dir_open_to_others_is_made_private(tmp_path: Path) -> None:
     data.chmod(0o755)
     with EmbeddedRedis(data_dir=data):
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
+
+
+class OldRedis:
+    """A server on 127.0.0.1 that speaks enough RESP to pass for Redis 6.0 (Ubuntu
+    22.04's): it answers HELLO and PING, names its version in INFO, and takes anything
+    else."""
+
+    VERSION = "6.0.16"
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *_: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(100):  # a handful of commands at most; bounded all the same
+            head = await reader.readline()
+            if not head.startswith(b"*"):
+                break
+            args = []
+            for _ in range(int(head[1:])):
+                size = int((await reader.readline())[1:])
+                args.append((await reader.readexactly(size + 2))[:-2].upper())
+            if args[0] == b"HELLO":  # RESP3, as Redis 6.0 speaks it
+                fields = {"server": "redis", "version": self.VERSION, "proto": 3}
+                writer.write(b"%%%d\r\n" % len(fields))
+                for name, value in fields.items():
+                    kind = ":" if isinstance(value, int) else "+"
+                    writer.write(f"+{name}\r\n{kind}{value}\r\n".encode())
+            elif args[0] == b"PING":
+                writer.write(b"+PONG\r\n")
+            elif args[0] == b"INFO":
+                info = f"# Server\r\nredis_version:{self.VERSION}\r\n".encode()
+                writer.write(b"$%d\r\n%s\r\n" % (len(info), info))
+            else:
+                writer.write(b"+OK\r\n")
+            await writer.drain()
+        writer.close()
+
+
+async def test_a_redis_older_than_the_commands_it_needs_is_named_at_start(tmp_path):
+    """Redis 6.0 lacks ZMSCORE and XAUTOCLAIM: a message's pending count failed at its
+    first message, and a worker never took a dead worker's jobs, unsaid. One line now."""
+    async with OldRedis() as url:
+        with pytest.raises(StorageError, match=r"is Redis 6\.0\.16: threadbot needs Redis 6\.2"):
+            async with open_redis(redis_url=url, data_dir=tmp_path):
+                pass
