@@ -366,7 +366,11 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
         # One conversion at a time: processes started together (a gateway and its workers,
         # test workers) wait for the first instead of each converting the same file.
         with (cache_dir / f"{target.name}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # said, as the wait may take a minute
+                logger.info("Waiting for another process converting %s to finish", source.path)
+                fcntl.flock(lock, fcntl.LOCK_EX)
             if not (target / "config.json").is_file():
                 _remove_partial_conversions(target)
                 _convert(source, target)

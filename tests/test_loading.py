@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import re
@@ -346,6 +347,30 @@ def test_a_data_dir_that_cannot_hold_the_conversion_is_one_line(tmp_path):
     with pytest.raises(ModelError, match="make DATA_DIR writable") as failed:
         loading._converted_gguf(loading.bundled_source(), blocked / "models")
     assert str(blocked / "models") in str(failed.value)
+
+
+def test_a_conversion_under_way_in_another_process_is_waited_for_and_said(tmp_path, caplog):
+    """A gateway and its workers start together: one converts the GGUF, the others wait
+    for it, which may take a minute, after a line that says so (they said nothing)."""
+    source, cache = loading.bundled_source(), tmp_path / "models"
+    target = loading._conversion(source, cache)
+    cache.mkdir()
+    with (
+        (cache / f"{target.name}.lock").open("w") as held,
+        ThreadPoolExecutor(1) as pool,
+        caplog.at_level(logging.INFO, logger="bot.loading"),
+    ):
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the process converting holds it
+        waiting = pool.submit(loading._converted_gguf, source, cache)
+        for _ in range(200):
+            if any("Waiting for another process" in r.getMessage() for r in caplog.records):
+                break
+            time.sleep(0.05)
+        target.mkdir()
+        (target / "config.json").write_text("{}")  # its conversion, done
+        fcntl.flock(held, fcntl.LOCK_UN)
+        assert waiting.result(timeout=10) == ModelSource(str(target))
+    assert any(str(source.path) in r.getMessage() for r in caplog.records)
 
 
 def test_the_converted_gguf_is_reused(bundled_engine, bundled_cache):
