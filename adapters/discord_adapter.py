@@ -54,6 +54,7 @@ from adapters.text import with_forwarded
 from bot.config import Settings
 from bot.service import ChatService
 from bot.types import ChatMessage, ConversationKey, Turn
+from bot.waiting import set_within
 from storage.errors import is_outage
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ THREAD_NAME_LENGTH = 90  # Discord allows 100
 ATTACHMENT_SECONDS = 10.0  # reading a message's attached files
 JOIN_WAIT_S = 15.0  # how long a message waits for a mention taking the bot into its thread
 TYPING_INTERVAL = 8.0  # Discord's typing indicator lasts about 10 s
+READ_BACK_WAIT_S = 60.0  # the longest a live message waits for the read-back before it
 AWAY_MARGIN_S = 90.0  # discord.py notices a dead connection only at its heartbeat timeout (60 s)
 # Discord limits a channel's message edits together, about 5 in 5 s: answers streaming
 # side by side in one channel (inline mode) share them, and the finals are counted too.
@@ -292,8 +294,9 @@ class DiscordAdapter(Adapter):
         return self._sink(channel, asker, [first], replacing=others, regenerates=True)
 
     async def on_message(self, message: discord.Message) -> None:
-        """A live message: it came after those being read back, if any."""
-        await self.caught_up.wait()
+        """A live message: it came after those being read back, if any (waited for up to
+        `READ_BACK_WAIT_S`: Discord slow to give them must not hold the bot up for long)."""
+        await set_within(self.caught_up, READ_BACK_WAIT_S)
         await self._handle(message)
 
     async def _handle(self, message: discord.Message, *, read_back: bool = False) -> None:

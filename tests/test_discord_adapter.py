@@ -248,6 +248,28 @@ async def test_a_live_message_waits_for_those_sent_before_it_to_be_read_back(fak
     assert asked[-1] == ["hello", "sent while away", "sent live"]
 
 
+async def test_a_live_message_waits_for_a_slow_read_back_only_so_long(
+    fake, discord_bot, monkeypatch
+):
+    """Discord slow to give back the history: a live message goes ahead of what is read
+    back after `READ_BACK_WAIT_S`, and both are answered."""
+    monkeypatch.setattr(discord_adapter, "READ_BACK_WAIT_S", 0.2)
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        dm = fake.dm_message("hello")
+        await fake.dispatch("MESSAGE_CREATE", dm)
+        await final_reply(fake, dm["channel_id"])
+        fake.hold_new_sessions()
+        await fake.close_gateway(4009)
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent while away"))
+        fake.history_delay = 2.0
+        fake.open_new_sessions()
+        await fake.wait_identified(2)
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent live"))
+        await final_reply(fake, dm["channel_id"], after=2)
+    asked = [prompt[-1]["content"] for prompt in batcher.prompts]
+    assert asked == ["hello", "sent live", "sent while away"]
+
+
 async def test_a_dm_sent_while_no_process_ran_is_answered_by_the_next_one(fake, discord_bot):
     """A redeploy: the DM came while no process had a session; the next process, knowing
     the DM from storage, reads it back at its start."""
