@@ -36,13 +36,12 @@ async def missed(
     until: float,
     seen: Callable[[Sequence[str]], Awaitable[list[bool]]],
 ) -> AsyncIterator[discord.Message]:
-    """The messages sent between `since` and `until` (times; after it they came live) not
-    `seen` (by id), in the channels and threads of the bot's servers whose last message is
-    newer (the `MOST_CHANNELS` latest spoken in, those first), then in the DM channels
-    `dms`: channel by channel, each oldest first. In a thread, only those after the last
-    one seen: the ones before it came live, chatter from before the bot was in it among
-    them. A channel that cannot be read (no Read Message History, gone, Discord failing)
-    is passed over."""
+    """The messages sent between `since` and `until` (times; after it they came live), in
+    the channels and threads of the bot's servers whose last message is newer (the
+    `MOST_CHANNELS` latest spoken in, those first), then in the DM channels `dms` that
+    had one: channel by channel, each's `MOST_MESSAGES` latest, oldest first, those not
+    `seen` (by id) that came after the last one seen (`_after_seen`). A channel that
+    cannot be read (no Read Message History, gone, Discord failing) is passed over."""
     floor, ceiling = (
         discord.utils.time_snowflake(datetime.fromtimestamp(at, UTC)) for at in (since, until)
     )
@@ -54,26 +53,45 @@ async def missed(
     ]
     spoken_in.sort(key=lambda channel: channel.last_message_id or 0, reverse=True)
     channels: list[Readable] = spoken_in[:MOST_CHANNELS]
-    for dm in dms:  # Discord names no DM's last message: each is read
+    for dm in dms:
         try:
-            channel = await client.fetch_channel(int(dm))
+            # discord.py's DMChannel keeps no last message: the channel's own data does.
+            data = await client.http.get_channel(int(dm))
+            if int(data.get("last_message_id") or 0) > floor:
+                channel = await client.fetch_channel(int(dm))
+                if isinstance(channel, discord.DMChannel):
+                    channels.append(channel)
         except (discord.HTTPException, aiohttp.ClientError) as error:  # closed to the bot
             logger.info("could not read back DM channel %s: %s", dm, error)
-            continue
-        if isinstance(channel, discord.DMChannel):
-            channels.append(channel)
     for channel in channels:
         after, before = discord.Object(floor), discord.Object(ceiling)
-        read = channel.history(limit=MOST_MESSAGES, after=after, before=before, oldest_first=True)
+        # The latest (from `before` back): the oldest of a busy hour would leave them out.
+        read = channel.history(limit=MOST_MESSAGES, after=after, before=before, oldest_first=False)
         try:
-            history = [message async for message in read]
+            history = [message async for message in read][::-1]
         except (discord.HTTPException, aiohttp.ClientError) as error:
             logger.info("could not read back channel %s: %s", channel.id, error)
             continue
+        by_author = not isinstance(channel, discord.Thread | discord.DMChannel)
         flags = await seen([str(message.id) for message in history])
-        if isinstance(channel, discord.Thread) and any(flags):
-            last_seen = len(flags) - 1 - flags[::-1].index(True)
-            history, flags = history[last_seen + 1 :], flags[last_seen + 1 :]
-        for message, was_seen in zip(history, flags, strict=True):
-            if not was_seen:
-                yield message
+        for message in _after_seen(history, flags, by_author=by_author):
+            yield message
+
+
+def _after_seen(
+    history: list[discord.Message], flags: list[bool], *, by_author: bool
+) -> list[discord.Message]:
+    """The messages not seen that came after the last one seen, in a thread or a DM: the
+    ones before it came live (in a thread, chatter from before the bot was in it; in a DM,
+    a message refused in an outage, or a command at a stop, that its sender was told to
+    send again, and sent on). In a channel, where each mention is its own conversation,
+    after the last one seen of the same author."""
+    last_seen: dict[int | None, int] = {}
+    for at, (message, was_seen) in enumerate(zip(history, flags, strict=True)):
+        if was_seen:
+            last_seen[message.author.id if by_author else None] = at
+    return [
+        message
+        for at, (message, was_seen) in enumerate(zip(history, flags, strict=True))
+        if not was_seen and at > last_seen.get(message.author.id if by_author else None, -1)
+    ]

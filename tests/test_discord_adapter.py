@@ -228,6 +228,40 @@ async def test_messages_sent_while_no_session_was_up_are_read_back_and_answered_
     assert len(bot_messages(fake, asked["id"])) == len(bot_messages(fake, dm["channel_id"])) == 2
 
 
+async def test_a_mention_sent_while_away_is_read_back_after_a_busy_hour(fake, discord_bot):
+    """The channel had more than a page of messages in the hour read back: the latest
+    are read, where the oldest page was, and the mention sent while away was not in it."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        for n in range(105):  # chatter the bot saw live, and let go
+            fake.user_message(fake.channel_id, f"chatter {n}")
+        fake.hold_new_sessions()
+        await fake.close_gateway(4009)
+        away = fake.user_message(fake.channel_id, "a mention while away", mentions_bot=True)
+        await fake.dispatch("MESSAGE_CREATE", away)
+        fake.open_new_sessions()
+        await fake.wait_identified(2)
+        await final_reply(fake, away["id"])
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["a mention while away"]
+
+
+async def test_a_dm_refused_before_one_answered_is_not_read_back(fake, discord_bot):
+    """A DM refused (storage out, or a command at a stop: "send that again") is not seen;
+    its sender sent on, and was answered. Read back, it was answered too, late, beside
+    the one they sent again."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        fake.dm_message("refused, and sent again")  # as if refused: never marked seen
+        answered = fake.dm_message("sent again")
+        await fake.dispatch("MESSAGE_CREATE", answered)
+        await final_reply(fake, answered["channel_id"])
+        fake.hold_new_sessions()
+        await fake.close_gateway(4009)
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("while away"))
+        fake.open_new_sessions()
+        await fake.wait_identified(2)
+        await final_reply(fake, answered["channel_id"], after=1)
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["sent again", "while away"]
+
+
 async def test_a_live_message_waits_for_those_sent_before_it_to_be_read_back(fake, discord_bot):
     """The new session's first live DM came after the one sent while the bot was away,
     which is read back slowly: it is asked after it, with it in its history, where it
