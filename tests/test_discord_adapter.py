@@ -194,6 +194,18 @@ async def test_a_thread_deleted_before_its_answer_shows_ends_the_turn_there(
     assert not bot_messages(fake, fake.channel_id)  # not bare in the channel either
 
 
+async def away(fake: FakeDiscord, *sent: dict, read_back_s: float = 0.0) -> None:
+    """The bot's session ends (no RESUME); `sent` are dispatched then, to no session; a new
+    one begins, whose reads of a channel's history take `read_back_s`."""
+    fake.hold_new_sessions()
+    await fake.close_gateway(4009)
+    for message in sent:
+        await fake.dispatch("MESSAGE_CREATE", message)
+    fake.history_delay = read_back_s
+    fake.open_new_sessions()
+    await fake.wait_identified(2)
+
+
 async def test_messages_sent_while_no_session_was_up_are_read_back_and_answered_once(
     fake, discord_bot
 ):
@@ -207,20 +219,15 @@ async def test_messages_sent_while_no_session_was_up_are_read_back_and_answered_
         dm = fake.dm_message("a DM before")
         await fake.dispatch("MESSAGE_CREATE", dm)
         await final_reply(fake, dm["channel_id"])
-        fake.hold_new_sessions()
-        await fake.close_gateway(4009)  # the session is over: a new one, no RESUME
-        away = [
+        sent = [
             fake.thread_message(asked["id"], "in the thread, while away"),
             fake.dm_message("a DM while away"),
             fake.user_message(fake.channel_id, "a mention while away", mentions_bot=True),
         ]
-        for message in away:
-            await fake.dispatch("MESSAGE_CREATE", message)
-        fake.open_new_sessions()
-        await fake.wait_identified(2)
+        await away(fake, *sent)
         await final_reply(fake, asked["id"], after=1)
         await final_reply(fake, dm["channel_id"], after=1)
-        await final_reply(fake, away[2]["id"])  # in the thread opened from it
+        await final_reply(fake, sent[2]["id"])  # in the thread opened from it
     asked_before = [prompt[-1]["content"] for prompt in batcher.prompts[:2]]
     asked_after = sorted(prompt[-1]["content"] for prompt in batcher.prompts[2:])
     assert asked_before == ["before the gap", "a DM before"]
@@ -234,13 +241,9 @@ async def test_a_mention_sent_while_away_is_read_back_after_a_busy_hour(fake, di
     async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
         for n in range(105):  # chatter the bot saw live, and let go
             fake.user_message(fake.channel_id, f"chatter {n}")
-        fake.hold_new_sessions()
-        await fake.close_gateway(4009)
-        away = fake.user_message(fake.channel_id, "a mention while away", mentions_bot=True)
-        await fake.dispatch("MESSAGE_CREATE", away)
-        fake.open_new_sessions()
-        await fake.wait_identified(2)
-        await final_reply(fake, away["id"])
+        mention = fake.user_message(fake.channel_id, "a mention while away", mentions_bot=True)
+        await away(fake, mention)
+        await final_reply(fake, mention["id"])
     assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["a mention while away"]
 
 
@@ -253,55 +256,34 @@ async def test_a_dm_refused_before_one_answered_is_not_read_back(fake, discord_b
         answered = fake.dm_message("sent again")
         await fake.dispatch("MESSAGE_CREATE", answered)
         await final_reply(fake, answered["channel_id"])
-        fake.hold_new_sessions()
-        await fake.close_gateway(4009)
-        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("while away"))
-        fake.open_new_sessions()
-        await fake.wait_identified(2)
+        await away(fake, fake.dm_message("while away"))
         await final_reply(fake, answered["channel_id"], after=1)
     assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["sent again", "while away"]
 
 
-async def test_a_live_message_waits_for_those_sent_before_it_to_be_read_back(fake, discord_bot):
-    """The new session's first live DM came after the one sent while the bot was away,
-    which is read back slowly: it is asked after it, with it in its history, where it
-    went first (and a `forget` read back late would have dropped it)."""
-    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
-        dm = fake.dm_message("hello")
-        await fake.dispatch("MESSAGE_CREATE", dm)
-        await final_reply(fake, dm["channel_id"])
-        fake.hold_new_sessions()
-        await fake.close_gateway(4009)
-        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent while away"))
-        fake.history_delay = 0.5  # the read-back takes a while
-        fake.open_new_sessions()
-        await fake.wait_identified(2)
-        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent live"))
-        await final_reply(fake, dm["channel_id"], after=2)
-    asked = [[m["content"] for m in prompt if m["role"] == "user"] for prompt in batcher.prompts]
-    assert asked[-1] == ["hello", "sent while away", "sent live"]
-
-
-async def test_a_live_message_waits_for_a_slow_read_back_only_so_long(
-    fake, discord_bot, monkeypatch
+@pytest.mark.parametrize(
+    ("wait_s", "read_back_s", "asked"),
+    [
+        (discord_adapter.READ_BACK_WAIT_S, 0.5, ["sent while away", "sent live"]),
+        (0.2, 2.0, ["sent live", "sent while away"]),
+    ],
+    ids=["read back first", "past the wait"],
+)
+async def test_a_live_message_waits_for_the_read_back_so_long(
+    fake, discord_bot, monkeypatch, wait_s, read_back_s, asked
 ):
-    """Discord slow to give back the history: a live message goes ahead of what is read
-    back after `READ_BACK_WAIT_S`, and both are answered."""
-    monkeypatch.setattr(discord_adapter, "READ_BACK_WAIT_S", 0.2)
+    """The new session's first live DM came after the one sent while the bot was away:
+    it is asked after it (where it went first, and a `forget` read back late would have
+    dropped it), unless Discord gives the history back slower than `READ_BACK_WAIT_S`."""
+    monkeypatch.setattr(discord_adapter, "READ_BACK_WAIT_S", wait_s)
     async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
         dm = fake.dm_message("hello")
         await fake.dispatch("MESSAGE_CREATE", dm)
         await final_reply(fake, dm["channel_id"])
-        fake.hold_new_sessions()
-        await fake.close_gateway(4009)
-        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent while away"))
-        fake.history_delay = 2.0
-        fake.open_new_sessions()
-        await fake.wait_identified(2)
+        await away(fake, fake.dm_message("sent while away"), read_back_s=read_back_s)
         await fake.dispatch("MESSAGE_CREATE", fake.dm_message("sent live"))
         await final_reply(fake, dm["channel_id"], after=2)
-    asked = [prompt[-1]["content"] for prompt in batcher.prompts]
-    assert asked == ["hello", "sent live", "sent while away"]
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["hello", *asked]
 
 
 async def test_a_dm_sent_while_no_process_ran_is_answered_by_the_next_one(fake, discord_bot):
@@ -325,14 +307,12 @@ async def test_a_message_read_back_is_held_to_the_askers_roles_as_a_live_one_is(
     fake.member_roles = {fake.alice["id"]: ["77"], fake.bob["id"]: ["78"]}
     access = discord_rules(roles={"deny": ["78"]})
     async with discord_bot(ScriptedBatcher("Noted."), access=access) as (service, batcher):
-        fake.hold_new_sessions()
-        await fake.close_gateway(4009)
-        for author in (fake.bob, fake.alice):
-            said = fake.user_message(fake.channel_id, "hi", author=author, mentions_bot=True)
-            await fake.dispatch("MESSAGE_CREATE", said)
-        fake.open_new_sessions()
-        await fake.wait_identified(2)
-        await final_reply(fake, said["id"])  # Alice's, in its thread
+        said = [
+            fake.user_message(fake.channel_id, "hi", author=author, mentions_bot=True)
+            for author in (fake.bob, fake.alice)
+        ]
+        await away(fake, *said)
+        await final_reply(fake, said[1]["id"])  # Alice's, in its thread
         await until(lambda: nothing_pending(service.journal))
     assert len(batcher.prompts) == 1
     assert [m["content"] for m in bot_messages(fake, fake.channel_id)] == [replies.denied()]

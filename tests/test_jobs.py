@@ -339,6 +339,9 @@ async def gone_from(redis: Redis, stream: str, name: str) -> bool:
 
 
 class SlowSteps(SpyBatcher):
+    """The real batcher, 20 ms a step: an answer of 400 tokens takes 8 s, so one the test
+    stops cannot end first, however fast the machine (a tiny model's ran to its end)."""
+
     def step(self) -> list:
         time.sleep(0.02)
         return super().step()
@@ -714,7 +717,7 @@ async def test_jobs_taken_from_two_streams_at_once_fit_the_queue(streams, make_b
 
 
 async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
-    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    spy = SlowSteps(make_batcher(max_new_tokens=400))
     async with gateway(streams) as queue, worker(streams, spy, "w1") as working:
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         await anext(aiter(generation))
@@ -825,7 +828,7 @@ async def test_a_job_cancelled_as_it_starts_writes_none_of_its_answer(
     text is written, even where the answer's first pieces came while `started` was written
     (they were written before the worker looked again, or before the cancel reached them)."""
     [job] = jobs_for(1)
-    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    spy = SlowSteps(make_batcher(max_new_tokens=400))
     async with worker(streams, spy, "w1") as working:
         write = working._write
 
@@ -852,7 +855,7 @@ async def test_a_job_answered_by_another_try_stops_on_the_worker(streams, make_b
     waits for it, and the job is acknowledged."""
     [job] = jobs_for(1)
     await streams.xadd(keys.JOBS, job.fields())
-    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    spy = SlowSteps(make_batcher(max_new_tokens=400))
     async with worker(streams, spy, "w1") as working:
         await wait_until(lambda: asyncio.sleep(0, bool(working._running)))
         await streams.set(keys.job_answered(job.id), "1", ex=60)
@@ -890,7 +893,7 @@ async def test_an_answer_given_up_on_for_a_redis_error_stops_on_the_worker(
 async def test_a_job_claimed_from_a_stalled_worker_is_dropped_there(streams, make_batcher):
     """Another worker's sweep claims the job of a worker stalled past the claim idle time:
     the stalled one stops answering it, and leaves it to the claimer."""
-    spy = SpyBatcher(make_batcher(max_new_tokens=400))
+    spy = SlowSteps(make_batcher(max_new_tokens=400))
     async with gateway(streams) as queue, worker(streams, spy, "w1") as working:
         generation = queue.submit(HELLO, user="u1", conversation="c1")
         await anext(aiter(generation))
