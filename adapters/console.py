@@ -65,13 +65,21 @@ class ConsoleSink:
 
     async def finish(self, text: str) -> None:
         """A terminal cannot take back what it showed: what the final text adds past the
-        streamed one is printed (all of it past the stream, or a note on a line of its own
-        where a loop was cut), else the whole final text on a line of its own (reasoning
-        streamed before it was known as such: it may start with the same words)."""
+        streamed one is printed (all of it past the stream, or nothing where the stream
+        went past it: a loop's copies, cut), else the whole final text on a line of its
+        own (reasoning streamed before it was known as such: it may start with the same
+        words); a loop's note, below."""
+        body, cut, _ = text.partition(f"\n\n_{replies.cut_repeating()}_")
         shown = self.shown.strip()
-        same = _common_start(shown, text)
-        added = same == len(shown) or text[same : same + 1] == "\n"
-        rest = text[same:] if added else f"\n{text}"
+        same = _common_start(shown, body)
+        if same == len(body):  # shown whole, and more
+            rest = ""
+        elif same == len(shown) or body[same : same + 1] == "\n":
+            rest = body[same:]
+        else:
+            rest = f"\n{body}"
+        if cut:  # in italics on a platform (`_…_`), which a terminal shows as underscores
+            rest += f"\n\n{replies.cut_repeating()}"
         self._write(f"{rest}\n")
         self.over = True
 

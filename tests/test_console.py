@@ -27,11 +27,21 @@ async def test_a_streamed_answer_is_not_printed_twice():
     )
 
 
+@pytest.mark.parametrize(
+    "streamed",
+    [["Yes. ", "Yes. Yes. ", "Yes. Yes."], ["Yes.\n\n", "Yes.\n\nYes."]],
+    ids=["in a line", "paragraphs"],
+)
+async def test_a_loop_cut_gets_its_note_after_the_stream(streamed):
+    """A looping answer is cut: the terminal showed the repeats, and gets the note (with
+    no underscores). Repeated paragraphs printed the whole answer again before it."""
+    note = replies.cut_repeating()
+    final = f"Yes.\n\n_{note}_"  # as bot.hygiene cuts it
+    assert await printed(streamed, final) == f"{''.join(streamed)}\n\n{note}\n"
+
+
 async def test_what_the_final_text_adds_is_printed_after_the_stream():
-    """A looping answer is cut: the terminal showed the repeats, and gets the note."""
-    note = "(cut: the answer was repeating itself)"
-    streamed = ["Yes. ", "Yes. Yes. ", "Yes. Yes."]
-    assert await printed(streamed, f"Yes.\n\n{note}") == f"{''.join(streamed)}\n\n{note}\n"
+    assert await printed(["The answer ", "is"], "The answer is 42.") == "The answer is 42.\n"
 
 
 @pytest.mark.parametrize(
