@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import getpass
 import os
+import re
 import termios
 import threading
 import uuid
@@ -143,9 +144,12 @@ class ConsoleAdapter(Adapter):
     async def _chat(self) -> None:
         while (line := await self._next_line()) is not None:
             text = line.strip()
-            if text in QUIT_COMMANDS:  # typed or piped: a script may end its chat too
+            if text.lower() in QUIT_COMMANDS:  # typed or piped: a script may end its chat too
                 return
             if not text:  # a blank line (between a file's paragraphs) asks nothing
+                continue
+            if re.fullmatch(r"/\S+", text) and command(text) is None:  # a typo: no question
+                await ConsoleSink(self.output).fail(replies.unknown_command(text))
                 continue
             message_id = f"{self.key.thread}:{uuid.uuid4().hex}"  # resumed only in this chat
             turn = Turn(self.key, self.author, text, message_id, command=command(text))

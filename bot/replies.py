@@ -221,6 +221,10 @@ def last_hour(summary: Summary) -> str:
     )
 
 
+def unknown_command(typed: str) -> str:
+    return f"There is no command {typed}: /help lists them, and /quit (or Ctrl-D) leaves."
+
+
 def cut_repeating() -> str:
     return "(cut: the answer was repeating itself)"
 

@@ -99,12 +99,16 @@ async def test_a_user_with_no_login_name_chats_under_their_user_id(make_service,
 
 
 async def test_piped_input_skips_blank_lines_and_ends_at_quit(make_service):
-    """As typed input does: a blank line asks nothing, and /quit ends the chat."""
-    piped = io.StringIO("\nHello\n  \n/quit\nNever asked\n")
+    """As typed input does: a blank line asks nothing, a mistyped command (`/clear`) is
+    said to be none, where the model was asked it, and /QUIT, as /quit, ends the chat."""
+    piped = io.StringIO("\nHello\n  \n/clear\n/etc/hosts is broken\n/QUIT\nNever asked\n")
+    output = io.StringIO()
     async with make_service() as (service, batcher):
         console = ConsoleAdapter(
-            service=service, conversation="piped", input=piped,
-            output=io.StringIO(), interactive=False,
+            service=service, conversation="piped", input=piped, output=output,
+            interactive=False,
         )  # fmt: skip
         await asyncio.wait_for(console.run(), timeout=30)
-    assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["Hello"]
+    asked = [prompt[-1]["content"] for prompt in batcher.prompts]
+    assert asked == ["Hello", "/etc/hosts is broken"]
+    assert replies.unknown_command("/clear") in output.getvalue()
