@@ -154,6 +154,9 @@ class ChatService:
         # know every message posted, saved or not), to be taken up again once it is back.
         self._orphaned: dict[str, ReplySink] = {}
         self._release_owed: set[str] = set()  # orphaned turns whose last try is not to count
+        # Their answers written, not saved (storage lost at the save): delivered once it is
+        # back, as saved ones are, not written anew (a Stop pressed meanwhile stands).
+        self._unsaved: dict[str, str] = {}
         # Regenerated turns' old answers, by turn id: put back if the new one fails.
         self._taken_back: dict[str, str] = {}
         self._resuming = asyncio.Lock()  # one claim pass at a time
@@ -412,9 +415,12 @@ class ChatService:
         pending = await self.journal.pending_ids()
         for turn_id in self._orphaned.keys() - pending:
             del self._orphaned[turn_id]
+            self._unsaved.pop(turn_id, None)
         self._release_owed &= pending
 
     def _resume(self, pending: PendingTurn) -> None:
+        if (unsaved := self._unsaved.pop(pending.id, None)) and pending.answer is None:
+            pending = replace(pending, answer=unsaved)
         logger.info(
             "resuming turn %s (attempt %d of %d)", pending.id, pending.attempts, self.max_attempts
         )
@@ -653,7 +659,13 @@ class ChatService:
             await self._fail(started, sink, replies.empty_answer())
             return
         # Saved before it is shown: a stop from here on delivers this answer, not a new one.
-        if not await self.journal.save(started, answer=answer):
+        try:
+            saved = await self.journal.save(started, answer=answer)
+        except Exception as error:
+            if is_outage(error):  # kept here instead: this process takes the turn up again
+                self._unsaved[started.id] = answer
+            raise
+        if not saved:
             _not_ours(pending)
             return
         generated = Generated(

@@ -1112,6 +1112,28 @@ async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
     assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
 
 
+async def test_an_answer_stopped_while_storage_is_out_is_delivered_once_it_is_back(
+    make_service, make_batcher, journal, redis_client, platform, monkeypatch
+):
+    """The asker pressed Stop while Redis was out, and the stopped answer could not be
+    saved: once Redis is back, that answer is delivered, where a whole new one was
+    written (the Stop undone)."""
+    outage = Outage()
+    monkeypatch.setattr(journal, "save", outage.refusing(journal.save))
+    message = on(platform, "tell me everything")
+    spy = SpyBatcher(make_batcher(max_new_tokens=3000))
+    async with make_service(spy) as (service, _batcher):
+        service.serve_platform(platform, Rebuilder())
+        sink = StopsAtFirstText(lambda: service.stop_answer(message.id, by=message.author))
+        await service.handle(message, sink)
+        assert sink.kinds("pause") == [replies.storage_lost()]
+        outage.down = False
+        await until(lambda: gone(redis_client, message.id), timeout=30)
+    [answer] = sink.kinds("finish")
+    assert answer.endswith(replies.stopped()) and len(spy.prompts) == 1
+    assert (await service.store.load(message.conversation))[-1]["content"] == answer
+
+
 async def test_storage_back_as_the_thread_is_told_takes_back_no_counted_try(
     make_service, make_batcher, journal, redis_client, platform, monkeypatch
 ):
