@@ -129,8 +129,8 @@ def restarting() -> str:
     return "_I'm restarting; I'll answer this as soon as I'm back._"
 
 
-def restarting_resend() -> str:
-    return "I'm restarting right now. Please send that again in a minute."
+def restarting_resend(again: str = "send that again") -> str:
+    return f"I'm restarting right now. Please {again} in a minute."
 
 
 def gave_up(attempts: int) -> str:

@@ -1063,7 +1063,9 @@ class ChatService:
         the lock is what keeps turns in every process from interleaving the history, and
         a turn that slips in between is caught under it by `_take_back_answer`."""
         key, platform = str(conversation), conversation.platform
-        if self._closing or not await self.locks.idle(key, within=REGENERATE_WAIT_S):
+        if self._closing:
+            return replies.restarting_resend("press the button again")
+        if not await self.locks.idle(key, within=REGENERATE_WAIT_S):
             return replies.not_regenerable()
         if (last := await self._last_exchange(key, place)) is None:
             return replies.not_regenerable()
@@ -1091,6 +1093,13 @@ class ChatService:
                 self._uncount(by)
         if accepted is None:
             return replies.not_regenerable()
+        if self._closing:  # a stop began as it was taken: the next start regenerates it
+            self._uncount(by)
+            with contextlib.suppress(Exception):  # the press's mark stays the answer's
+                await self.store.keep_regeneration(key, place)
+            self._track(accepted, sink)
+            await self._leave_for_later(accepted, sink, release=True)
+            return None
         logger.info("regenerating the last answer of %s for %s", conversation, by)
         taken_back = asyncio.get_running_loop().create_future()
 

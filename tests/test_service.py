@@ -697,6 +697,38 @@ async def test_two_regenerations_of_one_answer_at_once_write_one_answer(
     ]
 
 
+async def test_a_regeneration_pressed_as_a_stop_begins_is_left_to_the_next_start(
+    make_service, redis_client, store, conversation, monkeypatch
+):
+    """A stop began while the press was being taken: the regeneration is left, untouched,
+    to the next start, where it began answering outside the drain, and was cut off with
+    the old answer half replaced. A press once the stop has begun is told to come back."""
+    async with make_service() as (service, batcher):
+        answered = ShowingSink(service, conversation)
+        await service.handle(turn(conversation, "Hello there"), answered)
+        first_regeneration = store.first_regeneration
+
+        async def as_the_stop_begins(*args: Any) -> bool:
+            await service.drain(0)
+            return await first_regeneration(*args)
+
+        monkeypatch.setattr(store, "first_regeneration", as_the_stop_begins)
+        request, pressed = uuid.uuid4().hex, ShowingSink(service, conversation)
+        taken = await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=request, sink=pressed
+        )
+        later = await service.regenerate(
+            conversation, place=answered.place, by="U1", request_id=uuid.uuid4().hex,
+            sink=ShowingSink(service, conversation),
+        )  # fmt: skip
+        record = await redis_client.hgetall(keys.turn(f"test:{request}"))
+    assert taken is None and pressed.events == []  # the old answer, shown as it was
+    assert later == replies.restarting_resend("press the button again")
+    assert record["attempts"] == "0" and "regenerates" in record  # the next start's, whole
+    assert len(batcher.prompts) == 1
+    assert (await store.load(str(conversation)))[-1]["content"] == answered.kinds("finish")[0]
+
+
 async def test_a_regeneration_storage_could_not_take_may_be_asked_again(
     make_service, store, conversation, monkeypatch
 ):
