@@ -9,6 +9,7 @@ progress class, logs each bar's state every `EVERY_S` seconds instead.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from typing import Any
@@ -27,11 +28,15 @@ class LoggedProgress(tqdm):  # type: ignore[type-arg]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.pop("name", None)  # huggingface_hub's own bars' argument, not tqdm's
+        # Its file takes what tqdm still writes (a newline at its close), not stderr.
         kwargs |= {"disable": False, "mininterval": EVERY_S, "bar_format": LINE}
+        kwargs |= {"file": io.StringIO()}
+        self._logged = 0  # the count last logged: a refresh with no progress says nothing
         super().__init__(*args, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        if self.n and self.total:  # not the empty line a bar shows as it opens
+        if self.n and self.total and self.n != self._logged:  # not a bar just opened
+            self._logged = self.n
             logger.info("%s", self.format_meter(**self.format_dict))
         return True
 

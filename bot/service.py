@@ -410,17 +410,15 @@ class ChatService:
     async def _let_go_of_finished(self) -> None:
         """Forget orphaned turns that are pending no more: another process took them up
         and finished them (our lease lapsed in an outage). Their sinks were kept forever."""
-        if not (self._orphaned or self._release_owed):
+        if not (self._orphaned or self._release_owed or self._unsaved):
             return
         pending = await self.journal.pending_ids()
-        for turn_id in self._orphaned.keys() - pending:
-            del self._orphaned[turn_id]
-            self._unsaved.pop(turn_id, None)
+        for kept in (self._orphaned, self._unsaved):
+            for turn_id in kept.keys() - pending:
+                del kept[turn_id]
         self._release_owed &= pending
 
     def _resume(self, pending: PendingTurn) -> None:
-        if (unsaved := self._unsaved.pop(pending.id, None)) and pending.answer is None:
-            pending = replace(pending, answer=unsaved)
         logger.info(
             "resuming turn %s (attempt %d of %d)", pending.id, pending.attempts, self.max_attempts
         )
@@ -534,6 +532,12 @@ class ChatService:
     async def _take_turn(
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
     ) -> None:
+        if pending.answer is None and (unsaved := self._unsaved.get(pending.id)) is not None:
+            if not await self.journal.save(pending, answer=unsaved):  # saved at last, or
+                _not_ours(pending)  # (a forget dropped it)
+                return
+            del self._unsaved[pending.id]  # (kept until then: another outage may come first)
+            pending = replace(pending, answer=unsaved)
         if not await self.journal.owns(pending):  # a `forget` dropped it while it waited
             _not_ours(pending)
         elif pending.failure is not None:  # told before a restart: closed as told (with the

@@ -119,11 +119,12 @@ async def _check_version(client: Redis, where: str) -> None:
     """An older Redis refuses commands the bot needs only when it first uses them (a
     message's pending count, a forget), or, for a worker's takeover of a dead worker's
     jobs, never says so: said now, in one line."""
-    try:
-        version = (await client.info("server"))["redis_version"]
+    try:  # (redis-py reads "7.2", as AWS's servers name theirs, as a float)
+        version = str((await client.info("server"))["redis_version"])
     except (ResponseError, KeyError):  # INFO refused (an ACL), or a server naming none
         return
-    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < OLDEST_REDIS:
+    parts = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if parts and parts < OLDEST_REDIS:
         await client.aclose()
         oldest = ".".join(map(str, OLDEST_REDIS))
         raise StorageError(f"{where} is Redis {version}: threadbot needs Redis {oldest} or newer")

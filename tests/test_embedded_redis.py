@@ -326,3 +326,11 @@ async def test_a_redis_older_than_the_commands_it_needs_is_named_at_start(tmp_pa
         with pytest.raises(StorageError, match=r"is Redis 6\.0\.16: threadbot needs Redis 6\.2"):
             async with open_redis(redis_url=url, data_dir=tmp_path):
                 pass
+
+
+async def test_a_server_naming_its_version_in_two_parts_is_taken(tmp_path, monkeypatch):
+    """AWS's Valkey and ElastiCache Serverless say `7.2`, which redis-py reads as a
+    number: the check raised a TypeError, a traceback at start."""
+    monkeypatch.setattr(OldRedis, "VERSION", "7.2")
+    async with OldRedis() as url, open_redis(redis_url=url, data_dir=tmp_path) as client:
+        assert await client.ping()

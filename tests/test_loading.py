@@ -76,6 +76,21 @@ def test_a_weights_transfer_that_fails_partway_is_a_line_not_a_traceback(monkeyp
             loading.resolve_source(settings(model=model))
 
 
+def test_a_progress_bar_logs_each_state_once_and_writes_nothing(monkeypatch, caplog, capsys):
+    """Its close wrote a bare line to stderr (which breaks LOG_FORMAT=json's one object a
+    line), and a refresh or a second close (the hub's bars close when collected) logged
+    its last line again."""
+    monkeypatch.setattr(progress, "EVERY_S", 0)
+    with caplog.at_level(logging.INFO, logger="bot.progress"):
+        bar = progress.LoggedProgress(desc="Downloading bytes", total=100, unit="B")
+        bar.update(100)
+        bar.refresh()
+        bar.close()
+        bar.close()
+    assert len([r for r in caplog.records if r.name == "bot.progress"]) == 1
+    assert capsys.readouterr().err == ""
+
+
 def test_a_download_with_no_terminal_logs_its_progress(monkeypatch, caplog):
     """Under Docker or systemd (stderr no terminal) the hub's bars draw nothing: the
     download said nothing until the model loaded. Its progress is logged instead; on a

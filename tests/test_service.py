@@ -1144,14 +1144,24 @@ async def test_storage_lost_under_an_answer_costs_the_turn_no_try(
     assert sink.kinds("finish") and not sink.kinds("fail"), sink.events
 
 
+@pytest.mark.parametrize("flaps", [False, True], ids=["back", "back, out, back"])
 async def test_an_answer_stopped_while_storage_is_out_is_delivered_once_it_is_back(
-    make_service, make_batcher, journal, redis_client, platform, monkeypatch
+    make_service, make_batcher, journal, redis_client, platform, monkeypatch, flaps
 ):
     """The asker pressed Stop while Redis was out, and the stopped answer could not be
     saved: once Redis is back, that answer is delivered, where a whole new one was
-    written (the Stop undone)."""
+    written (the Stop undone); so too where Redis goes out again as it is stored."""
     outage = Outage()
     monkeypatch.setattr(journal, "save", outage.refusing(journal.save))
+    finish, finishes = journal.finish, []
+
+    async def flapping(*args: Any, **kwargs: Any) -> bool:
+        finishes.append(args)
+        if flaps and len(finishes) == 1:
+            raise RedisConnectionError("Connection refused")
+        return await finish(*args, **kwargs)
+
+    monkeypatch.setattr(journal, "finish", flapping)
     message = on(platform, "tell me everything")
     spy = SpyBatcher(make_batcher(max_new_tokens=3000))
     async with make_service(spy) as (service, _batcher):
@@ -1161,7 +1171,7 @@ async def test_an_answer_stopped_while_storage_is_out_is_delivered_once_it_is_ba
         assert sink.kinds("pause") == [replies.storage_lost()]
         outage.down = False
         await until(lambda: gone(redis_client, message.id), timeout=30)
-    [answer] = sink.kinds("finish")
+    [answer] = set(sink.kinds("finish"))  # shown again where storing it failed: the same
     assert answer.endswith(replies.stopped()) and len(spy.prompts) == 1
     assert (await service.store.load(message.conversation))[-1]["content"] == answer
 
