@@ -63,8 +63,8 @@ async def missed(
                     channels.append(channel)
         except (discord.HTTPException, aiohttp.ClientError) as error:  # closed to the bot
             logger.info("could not read back DM channel %s: %s", dm, error)
+    after, before = discord.Object(floor), discord.Object(ceiling)
     for channel in channels:
-        after, before = discord.Object(floor), discord.Object(ceiling)
         # The latest (from `before` back): the oldest of a busy hour would leave them out.
         read = channel.history(limit=MOST_MESSAGES, after=after, before=before, oldest_first=False)
         try:
@@ -86,12 +86,14 @@ def _after_seen(
     a message refused in an outage, or a command at a stop, that its sender was told to
     send again, and sent on). In a channel, where each mention is its own conversation,
     after the last one seen of the same author."""
-    last_seen: dict[int | None, int] = {}
-    for at, (message, was_seen) in enumerate(zip(history, flags, strict=True)):
-        if was_seen:
-            last_seen[message.author.id if by_author else None] = at
+
+    def whose(message: discord.Message) -> int | None:
+        return message.author.id if by_author else None
+
+    marked = list(enumerate(zip(history, flags, strict=True)))
+    last_seen = {whose(message): at for at, (message, was_seen) in marked if was_seen}
     return [
         message
-        for at, (message, was_seen) in enumerate(zip(history, flags, strict=True))
-        if not was_seen and at > last_seen.get(message.author.id if by_author else None, -1)
+        for at, (message, was_seen) in marked
+        if not was_seen and at > last_seen.get(whose(message), -1)
     ]

@@ -533,12 +533,13 @@ class ChatService:
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
     ) -> None:
         if pending.answer is None and (unsaved := self._unsaved.get(pending.id)) is not None:
-            if not await self.journal.save(pending, answer=unsaved):  # saved at last, or
-                _not_ours(pending)  # (a forget dropped it)
-                return
-            del self._unsaved[pending.id]  # (kept until then: another outage may come first)
-            pending = replace(pending, answer=unsaved)
-        if not await self.journal.owns(pending):  # a `forget` dropped it while it waited
+            owned = await self.journal.save(pending, answer=unsaved)  # saved at last
+            if owned:  # (kept until then: another outage may come first)
+                del self._unsaved[pending.id]
+                pending = replace(pending, answer=unsaved)
+        else:
+            owned = await self.journal.owns(pending)
+        if not owned:  # a `forget` dropped it while it waited, or another process took it
             _not_ours(pending)
         elif pending.failure is not None:  # told before a restart: closed as told (with the
             await self._close_failed(pending, sink)  # old answer a regeneration kept, if any)
@@ -1099,10 +1100,9 @@ class ChatService:
             return replies.not_regenerable()
         if self._closing:  # a stop began as it was taken: the next start regenerates it
             self._uncount(by)
-            with contextlib.suppress(Exception):  # the press's mark stays the answer's
-                await self.store.keep_regeneration(key, place)
             self._track(accepted, sink)
             await self._leave_for_later(accepted, sink, release=True)
+            await self._keep_marked(key, place)
             return None
         logger.info("regenerating the last answer of %s for %s", conversation, by)
         taken_back = asyncio.get_running_loop().create_future()
@@ -1112,15 +1112,19 @@ class ChatService:
             return taken_back.result()
 
         task = self._start(accepted, sink, counted=True, before=take_back)
-        try:  # recorded (and started): the press's mark is the answer's for good
-            await self.store.keep_regeneration(key, place)
-        except Exception as error:  # its mark lapses soon; the regeneration goes on
-            logger.warning("could not keep the regeneration of %s marked: %s", key, error)
+        await self._keep_marked(key, place)
         await asyncio.wait((taken_back, task), return_when=asyncio.FIRST_COMPLETED)
         if taken_back.done() and not taken_back.result():  # a newer turn took the lock first
             await asyncio.wait((task,))  # its record is ended before the presser hears no
             return replies.not_regenerable()
         return None
+
+    async def _keep_marked(self, key: str, place: dict[str, Any]) -> None:
+        """A regeneration is recorded: the press's mark is the answer's for good."""
+        try:
+            await self.store.keep_regeneration(key, place)
+        except Exception as error:  # its mark lapses soon; the regeneration goes on
+            logger.warning("could not keep the regeneration of %s marked: %s", key, error)
 
     async def answer_shown(
         self, conversation: ConversationKey, place: dict[str, Any], messages: Sequence[str] = ()
