@@ -1,8 +1,9 @@
 """The terminal chat: stdin lines in, streamed answers out, through the same service.
 
-Interactive on a terminal (a `you>` prompt); with piped input each line is one turn and
-it ends at end of input. `/reset` clears the conversation, `/forget` deletes it. Knows
-nothing of Slack or Discord, and nothing of the model.
+Interactive on a terminal (a `you>` prompt; Ctrl-C while an answer is written stops it,
+as the platforms' Stop button does); with piped input each line is one turn and it ends
+at end of input. `/reset` clears the conversation, `/forget` deletes it. Knows nothing of
+Slack or Discord, and nothing of the model.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import contextlib
 import getpass
 import os
 import re
+import signal
 import termios
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+from types import FrameType
 from typing import Any, TextIO
 
 from adapters.base import Adapter, answer, command
@@ -24,6 +28,9 @@ from bot.service import ChatService
 from bot.types import ConversationKey, Turn
 
 QUIT_COMMANDS = {"/quit", "/exit"}
+# Notes the service puts after an answer, in italics (`_…_`), which a terminal would show
+# as underscores.
+ITALIC_NOTES = (replies.cut_repeating(), replies.stopped().strip("_"))
 
 
 def _user_name() -> str:
@@ -69,8 +76,8 @@ class ConsoleSink:
         streamed one is printed (all of it past the stream, or nothing where the stream
         went past it: a loop's copies, cut), else the whole final text on a line of its
         own (reasoning streamed before it was known as such: it may start with the same
-        words); a loop's note, below."""
-        body, cut, _ = text.partition(f"\n\n_{replies.cut_repeating()}_")
+        words); a note (a loop cut, a stop), below."""
+        body, note = _noted(text)
         shown = self.shown.strip()
         same = _common_start(shown, body)
         if same == len(body):  # shown whole, and more
@@ -79,8 +86,8 @@ class ConsoleSink:
             rest = body[same:]
         else:
             rest = f"\n{body}"
-        if cut:  # in italics on a platform (`_…_`), which a terminal shows as underscores
-            rest += f"\n\n{replies.cut_repeating()}"
+        if note:
+            rest += f"\n\n{note}" if rest or shown else note
         self._write(f"{rest}\n")
         self.over = True
 
@@ -154,7 +161,9 @@ class ConsoleAdapter(Adapter):
             message_id = f"{self.key.thread}:{uuid.uuid4().hex}"  # resumed only in this chat
             turn = Turn(self.key, self.author, text, message_id, command=command(text))
             sink = ConsoleSink(self.output)
-            await answer(self.service, turn, sink, wait=True)
+            stop = partial(self.service.stop_answer, turn.id, by=self.author)
+            with _interrupt_stops(stop) if self.interactive else contextlib.nullcontext():
+                await answer(self.service, turn, sink, wait=True)
             if sink.unread:  # as other tools do when their reader goes: stop, quietly
                 _silenced(self.output)
                 return
@@ -199,6 +208,45 @@ class ConsoleAdapter(Adapter):
             return line
         line = self.input.readline()
         return line if line else None
+
+
+def _noted(text: str) -> tuple[str, str]:
+    """An answer's text, and its note (a loop cut, a stop) without its italics' marks."""
+    for note in ITALIC_NOTES:
+        marked = f"_{note}_"
+        if text == marked:  # stopped before its first word
+            return "", note
+        if text.endswith(f"\n\n{marked}"):
+            return text.removesuffix(f"\n\n{marked}"), note
+    return text, ""
+
+
+@contextlib.contextmanager
+def _interrupt_stops(stop: Callable[[], bool]) -> Iterator[None]:
+    """Within it, Ctrl-C calls `stop` (on the event loop) and the chat goes on, as a chat
+    in a terminal does; where `stop` stops nothing (the answer not yet written: it waits
+    for the lock), and at a second Ctrl-C, it ends the chat as at the prompt."""
+    loop = asyncio.get_running_loop()
+    before = signal.getsignal(signal.SIGINT)
+    stopped = False
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopped
+        if not stopped and stop():
+            stopped = True
+            return
+        signal.signal(signal.SIGINT, before)
+        if callable(before):
+            before(signum, frame)
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:  # between two bytecodes
+        loop.call_soon_threadsafe(interrupted, signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _silenced(output: TextIO) -> None:

@@ -243,7 +243,7 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
             _tell(
                 settings,
                 f"threadbot chat: conversation '{args.conversation}'. /reset clears it, "
-                "/quit or Ctrl-D ends.",
+                "Ctrl-C stops an answer, /quit or Ctrl-D ends.",
                 logging.INFO,
             )
         adapter = ConsoleAdapter(

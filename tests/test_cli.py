@@ -630,6 +630,45 @@ async def test_an_answer_resumed_as_a_chat_starts_is_shown_before_its_prompt(
     assert messages[1]["content"] in before_the_prompt
 
 
+@pytest.mark.slow
+async def test_ctrl_c_while_an_answer_is_written_stops_it_and_the_chat_goes_on(
+    data_dir: Path,
+) -> None:
+    """In a terminal, Ctrl-C during an answer stops it where it is, as the Stop button
+    does (kept, and remembered, marked stopped), and `you>` comes back; it ended the chat,
+    leaving the answer to the next chat, written again in full, each time."""
+    import pty
+
+    env = cli_env(
+        MODEL="bundled", MAX_NEW_TOKENS="400", DATA_DIR=str(data_dir), LOG_LEVEL="WARNING"
+    )  # the terminal shows the chat alone
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the chat, on the pseudo-terminal
+        os.chdir(data_dir.parent)
+        os.execve(sys.executable, [sys.executable, "-m", "bot", "chat"], env)
+    try:
+        read_until(terminal, b"you> ")
+        os.write(terminal, b"Write a long story about a dragon.\r")
+        shown = read_until(terminal, b"dragon.\r\n")  # the line, echoed
+        for _ in range(CHAT_TIMEOUT * 10):  # until the answer's first words are out
+            if select.select([terminal], [], [], 0.1)[0]:
+                break
+        os.write(terminal, b"\x03")
+        shown = read_until(terminal, b"you> ")
+        os.write(terminal, b"\x04")  # Ctrl-D at the prompt
+        wait_status, _ = exited(pid, terminal)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(terminal)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    note = replies.stopped().strip("_")
+    assert shown.decode().replace("\r\n", "\n").endswith(f"\n\n{note}\nyou> "), shown
+    question, stopped = await stored(data_dir, console_id("default"))
+    assert question["content"] == "Write a long story about a dragon."
+    assert stopped["content"].endswith(f"\n\n{replies.stopped()}")
+
+
 def stalled_hub_env(data_dir: Path, proxy: str) -> dict[str, str]:
     """Settings whose model is fetched from the hub through `proxy` (`silent_proxy`)."""
     env = cli_env(MODEL="someone/some-model", DATA_DIR=str(data_dir))

@@ -40,6 +40,16 @@ async def test_a_loop_cut_gets_its_note_after_the_stream(streamed):
     assert await printed(streamed, final) == f"{''.join(streamed)}\n\n{note}\n"
 
 
+@pytest.mark.parametrize("streamed", [["Once upon", " a time"], []], ids=["begun", "not begun"])
+async def test_a_stopped_answer_gets_its_note_after_the_stream(streamed):
+    """Stopped (Ctrl-C): what was written stays, and the note follows, without the
+    underscores of its italics; an answer stopped before its first word is the note."""
+    written = "".join(streamed)
+    final = f"{written}\n\n{replies.stopped()}".strip()  # as the service marks it
+    after = f"{written}\n\n" if written else ""
+    assert await printed(streamed, final) == f"{after}{replies.stopped().strip('_')}\n"
+
+
 async def test_what_the_final_text_adds_is_printed_after_the_stream():
     assert await printed(["The answer ", "is"], "The answer is 42.") == "The answer is 42.\n"
 
@@ -59,8 +69,8 @@ async def test_a_final_text_that_differs_from_the_stream_is_printed_whole(stream
 
 @pytest.mark.parametrize("said", [replies.restarting(), replies.storage_lost()])
 async def test_an_answer_left_for_later_says_so_without_markup(said):
-    """Ctrl-C during an answer (it is answered by the next chat): the line came with the
-    underscores that make it italic on Slack and Discord."""
+    """A chat ended during an answer (SIGTERM, a second Ctrl-C; it is answered by the next
+    chat): the line came with the underscores that make it italic on Slack and Discord."""
     output = io.StringIO()
     sink = ConsoleSink(output)
     await sink.append("Once upon")
