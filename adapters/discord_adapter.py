@@ -16,7 +16,7 @@ import math
 import re
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -94,6 +94,33 @@ def gateway_intents() -> discord.Intents:
     return intents
 
 
+def _point_at_api(settings: Settings) -> None:
+    """discord.py keeps its REST base and gateway URL as class attributes: one Discord
+    connection per process, pointed where DISCORD_API_URL says."""
+    discord.http.Route.BASE = settings.discord_api_url.rstrip("/")
+
+
+def _token(settings: Settings) -> str:
+    token = settings.discord_bot_token
+    return token.get_secret_value() if token else ""
+
+
+@contextlib.contextmanager
+def _as_adapter_errors(settings: Settings) -> Iterator[None]:
+    """Discord's refusals, and its being out of reach, said as `threadbot run` says them."""
+    try:
+        yield
+    except discord.LoginFailure as error:
+        raise AdapterError(f"Discord refused DISCORD_BOT_TOKEN ({error})", setting=True) from error
+    except discord.PrivilegedIntentsRequired as error:
+        raise AdapterError(INTENTS_HELP, setting=True) from error
+    except (aiohttp.ClientError, TimeoutError, discord.DiscordServerError) as error:
+        raise AdapterError(
+            f"could not reach Discord at DISCORD_API_URL={settings.discord_api_url} "
+            f"({error.__class__.__name__}: {error})"
+        ) from error
+
+
 class DiscordAdapter(Adapter):
     """Answers Discord mentions, thread follow-ups and DMs through the service; runs its
     slash commands and its answers' buttons."""
@@ -141,35 +168,34 @@ class DiscordAdapter(Adapter):
         client = discord.Client(intents=gateway_intents())
         return cls(client=client, service=service, settings=settings)
 
-    async def run(self) -> None:
-        # discord.py keeps its REST base and gateway URL as class attributes: one Discord
-        # connection per process, pointed where DISCORD_API_URL says.
-        discord.http.Route.BASE = self.settings.discord_api_url.rstrip("/")
-        token = self.settings.discord_bot_token
+    @staticmethod
+    async def check_token(settings: Settings) -> None:
+        """Ask Discord about DISCORD_BOT_TOKEN before the model loads (a download and a
+        load: minutes at a first start), as `run` will: an AdapterError as it would raise."""
+        _point_at_api(settings)
+        client = discord.Client(intents=gateway_intents())
         try:
-            await self.client.login(token.get_secret_value() if token else "")
-            self.service.serve_platform(PLATFORM, self._resumed)  # REST is enough for that
-            _, gateway, _ = await self.client.http.get_bot_gateway()
-            # A plain Client never asks /gateway/bot; Discord says to, and proxies need it.
-            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
-            application = self.client.application_id or self.client.user.id  # type: ignore[union-attr]
-            logger.info(
-                "Discord: invite the bot with %s",
-                discord.utils.oauth_url(application, permissions=PERMISSIONS),
-            )
-            await self.commands.register()
-            await self.client.connect(reconnect=True)
-        except discord.LoginFailure as error:
-            raise AdapterError(
-                f"Discord refused DISCORD_BOT_TOKEN ({error})", setting=True
-            ) from error
-        except discord.PrivilegedIntentsRequired as error:
-            raise AdapterError(INTENTS_HELP, setting=True) from error
-        except (aiohttp.ClientError, TimeoutError, discord.DiscordServerError) as error:
-            raise AdapterError(
-                f"could not reach Discord at DISCORD_API_URL={self.settings.discord_api_url} "
-                f"({error.__class__.__name__}: {error})"
-            ) from error
+            with _as_adapter_errors(settings):
+                await client.login(_token(settings))
+        finally:
+            await client.close()
+
+    async def run(self) -> None:
+        _point_at_api(self.settings)
+        try:
+            with _as_adapter_errors(self.settings):
+                await self.client.login(_token(self.settings))
+                self.service.serve_platform(PLATFORM, self._resumed)  # REST is enough for that
+                _, gateway, _ = await self.client.http.get_bot_gateway()
+                # A plain Client never asks /gateway/bot; Discord says to, and proxies need it.
+                DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
+                application = self.client.application_id or self.client.user.id  # type: ignore[union-attr]
+                logger.info(
+                    "Discord: invite the bot with %s",
+                    discord.utils.oauth_url(application, permissions=PERMISSIONS),
+                )
+                await self.commands.register()
+                await self.client.connect(reconnect=True)
         finally:
             await self.client.close()
 

@@ -34,6 +34,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncRateLimitErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from adapters.attachments import attached
 from adapters.base import (
@@ -135,6 +136,37 @@ def _refusal_stands(error: SlackApiError) -> bool:
     return error.response.get("error") not in PASSING
 
 
+def _web_client(settings: Settings) -> AsyncWebClient:
+    token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
+    return AsyncWebClient(
+        token=token,
+        base_url=settings.slack_api_url,
+        # Several 429 retries, each after Retry-After: a final text must not be lost.
+        retry_handlers=[
+            FinalsRetried(max_retry_count=5),
+            AsyncConnectionErrorRetryHandler(max_retry_count=3),
+        ],
+    )
+
+
+async def _signed_in(client: AsyncWebClient, settings: Settings) -> AsyncSlackResponse:
+    """Who SLACK_BOT_TOKEN is (auth.test); an AdapterError where Slack refuses it, or
+    cannot be reached."""
+    try:
+        return await client.auth_test()
+    except SlackApiError as error:
+        raise AdapterError(
+            f"Slack refused SLACK_BOT_TOKEN ({error.response.get('error')}): set it to "
+            "the app's Bot User OAuth Token (xoxb-…, under Install App)",
+            setting=_refusal_stands(error),
+        ) from error
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise AdapterError(
+            f"could not reach Slack at SLACK_API_URL={settings.slack_api_url} "
+            f"({error.__class__.__name__}: {error})"
+        ) from error
+
+
 class SlackAdapter(Adapter):
     """Answers Slack mentions and DMs through the service, in threads."""
 
@@ -174,19 +206,9 @@ class SlackAdapter(Adapter):
     def from_settings(
         cls, settings: Settings, service: ChatService, *, routes: HttpRoutes | None = None
     ) -> SlackAdapter:
-        token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
-        client = AsyncWebClient(
-            token=token,
-            base_url=settings.slack_api_url,
-            # Several 429 retries, each after Retry-After: a final text must not be lost.
-            retry_handlers=[
-                FinalsRetried(max_retry_count=5),
-                AsyncConnectionErrorRetryHandler(max_retry_count=3),
-            ],
-        )
         secret = settings.slack_signing_secret
         app = AsyncApp(
-            client=client,
+            client=_web_client(settings),
             signing_secret=secret.get_secret_value() if secret else None,
             request_verification_enabled=secret is not None,
             # Acknowledge an event only once its turn is recorded: if we die before,
@@ -194,6 +216,12 @@ class SlackAdapter(Adapter):
             process_before_response=True,
         )
         return cls(app=app, service=service, settings=settings, routes=routes)
+
+    @staticmethod
+    async def check_token(settings: Settings) -> None:
+        """Ask Slack about SLACK_BOT_TOKEN before the model loads (a download and a load:
+        minutes at a first start), as `run` will: an AdapterError as it would raise."""
+        await _signed_in(_web_client(settings), settings)
 
     async def run(self) -> None:
         await self._sign_in()
@@ -212,19 +240,7 @@ class SlackAdapter(Adapter):
     async def _sign_in(self) -> None:
         """Check SLACK_BOT_TOKEN (auth.test) before serving: otherwise a refused token only
         shows when the first event fails to be answered."""
-        try:
-            identity = await self.app.client.auth_test()
-        except SlackApiError as error:
-            raise AdapterError(
-                f"Slack refused SLACK_BOT_TOKEN ({error.response.get('error')}): set it to "
-                "the app's Bot User OAuth Token (xoxb-…, under Install App)",
-                setting=_refusal_stands(error),
-            ) from error
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise AdapterError(
-                f"could not reach Slack at SLACK_API_URL={self.settings.slack_api_url} "
-                f"({error.__class__.__name__}: {error})"
-            ) from error
+        identity = await _signed_in(self.app.client, self.settings)
         logger.info("Slack: signed in as %s to %s", identity.get("user"), identity.get("team"))
         self.home = identity.get("team_id")
 

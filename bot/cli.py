@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ from storage.errors import is_outage
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
+    from adapters.discord_adapter import DiscordAdapter
+    from adapters.slack_adapter import SlackAdapter
     from bot.health import Vitals
     from bot.metrics import Metrics
     from bot.ops_server import OpsServer
@@ -305,6 +307,7 @@ async def _run_role(settings: Settings, args: argparse.Namespace) -> int:
     if not platforms:
         _tell(settings, NO_PLATFORM)
         return 2
+    await _tokens_checked(platforms, settings)
     metrics = Metrics()
     vitals = Vitals(metrics=metrics, platforms=[platform.platform for platform in platforms])
     # Up before the model loads: /healthz answers and /readyz says so through a long start.
@@ -319,6 +322,22 @@ async def _run_role(settings: Settings, args: argparse.Namespace) -> int:
         adapters = [build[platform](settings, service) for platform in platforms]
         vitals.started(service, adapters)
         return await _serve(service, adapters, grace=settings.shutdown_grace_s)
+
+
+async def _tokens_checked(
+    platforms: Sequence[type[SlackAdapter | DiscordAdapter]], settings: Settings
+) -> None:
+    """Each platform's token, before the model loads (a download and a load: minutes at
+    a first start): one refused stops the start now, not once that is done. A platform
+    out of reach is left to its adapter's start, which says so (or it is back by then)."""
+    from adapters.base import AdapterError
+
+    for platform in platforms:
+        try:
+            await platform.check_token(settings)
+        except AdapterError as error:
+            if error.setting:
+                raise
 
 
 async def work(settings: Settings) -> int:

@@ -669,6 +669,36 @@ async def test_ctrl_c_while_an_answer_is_written_stops_it_and_the_chat_goes_on(
     assert stopped["content"].endswith(f"\n\n{replies.stopped()}")
 
 
+@pytest.mark.parametrize("platform", ["slack", "discord"])
+async def test_a_token_refused_stops_the_start_before_the_model_loads(
+    tmp_path: Path, redis_url: str, platform: str
+) -> None:
+    """A mistyped token was found once the model was loaded: at a first start, after a
+    download and a load, minutes on; now it is asked first, and the start ends with the
+    refusal's one line, exit 2, the model never loaded."""
+    from fake_discord import FakeDiscord
+    from fake_slack import FakeSlack
+
+    async with FakeSlack() as slack, FakeDiscord() as discord:
+        tokens = {
+            "slack": {"SLACK_BOT_TOKEN": "xoxb-revoked", "SLACK_APP_TOKEN": slack.app_token},
+            "discord": {"DISCORD_BOT_TOKEN": "not-the-token"},
+        }[platform]
+        env = cli_env(
+            **tokens, SLACK_API_URL=slack.api_url, DISCORD_API_URL=discord.api_url,
+            MODEL="bundled", REDIS_URL=redis_url, DATA_DIR=str(tmp_path / "data"),
+        )  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2, err.decode()
+    assert "Loading model" not in err.decode()
+    [line] = [line for line in err.decode().splitlines() if line.startswith("threadbot:")]
+    assert f"refused {platform.upper()}_BOT_TOKEN" in line
+
+
 def stalled_hub_env(data_dir: Path, proxy: str) -> dict[str, str]:
     """Settings whose model is fetched from the hub through `proxy` (`silent_proxy`)."""
     env = cli_env(MODEL="someone/some-model", DATA_DIR=str(data_dir))
