@@ -139,6 +139,10 @@ class OpenAIBackend:
         # answered, or GET /models is (asked by `_probe`).
         self._failing: str | None = None
         self._probe: asyncio.Task[None] | None = None
+        # Whether GET /models lists the model by the name we send (Ollama lists
+        # `llama3.2:latest` and answers to `llama3.2`; llama.cpp lists its file and
+        # answers to any name): where not, the listing cannot tell it is served again.
+        self._listed = True
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Self:
@@ -231,7 +235,8 @@ class OpenAIBackend:
                     "the server, or set INFERENCE_MODEL"
                 )
             return served[0]
-        if self.model not in served:  # Ollama also answers to names it lists otherwise
+        if self.model not in served:
+            self._listed = False
             logger.warning("INFERENCE_MODEL=%s is not among those %s lists: %s",
                            self.model, self.where, ", ".join(served))  # fmt: skip
         return self.model
@@ -381,14 +386,15 @@ class OpenAIBackend:
         )
 
     async def _probed_until_answering(self) -> None:
-        """Ask GET /models every PROBE_EVERY_S until it lists our model (or a request is
-        answered): readiness (`checks`) would otherwise say failing for as long as no
-        request came."""
+        """Ask GET /models every PROBE_EVERY_S until it lists our model (or, one it never
+        listed, until it answers; or a request is answered): readiness (`checks`) would
+        otherwise say failing for as long as no request came."""
         try:
             while self._failing is not None:
                 await asyncio.sleep(PROBE_EVERY_S)
                 with contextlib.suppress(InferenceServerError):
-                    if self.model in await self._served_models():  # (a key that works)
+                    served = await self._served_models()  # (to a key that works)
+                    if self.model in served or not self._listed:
                         self._failing = None
         finally:
             self._probe = None

@@ -291,6 +291,24 @@ async def test_a_server_that_fails_every_try_is_not_ready_until_it_answers_again
     assert server.model_listings > listings
 
 
+async def test_a_model_the_server_lists_otherwise_is_ready_again_once_the_server_answers(
+    server, monkeypatch
+):
+    """Ollama lists `llama3.2:latest` and answers to `llama3.2`: after an outage, its
+    listing never named the model, and readiness said failing until a request came (none
+    does to a server not ready, behind a load balancer)."""
+    monkeypatch.setattr(openai_backend, "PROBE_EVERY_S", 0.05)
+    server.models = ("fake-model:latest",)
+    async with backend(server.url, model="fake-model", retries=1) as inference:
+        server.script += [Status(503, "restarting")] * 2
+        with pytest.raises(InferenceUnavailable):
+            await read(inference.submit(HELLO, user="u1", conversation="c1"))
+        assert inference.checks()
+        listings = server.model_listings
+        await wait_for(lambda: not inference.checks(), timeout=10)
+    assert server.model_listings > listings
+
+
 async def test_a_proxys_error_page_in_another_charset_is_tried_again_and_read(
     server, monkeypatch, caplog
 ):
