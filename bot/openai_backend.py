@@ -51,6 +51,13 @@ RETRY_AFTER_MAX_S = 60.0  # the longest a server's Retry-After holds a request a
 PROBE_EVERY_S = 10.0  # while requests run out of tries: how often GET /models is asked
 # What may go right on another try: the connection failing, before or during the answer.
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+REFUSED_MIDWAY = ("Input validation error", "Template error", "Missing template", "Tool error")
+"""How TGI's failures in a stream begin where another try would fail the same way: it
+checks a streamed request inside its 200 (a prompt past its --max-total-tokens) and
+marks every failure there 422, overloaded or not, so its words tell them apart."""
+REFUSED_TYPES = frozenset({"invalid_request_error", "exceed_context_size_error"})
+"""llama.cpp's types for a request it refuses as asked, which its server sent in the stream
+before mid-2025 (a prompt past its context, for one)."""
 GIVEN_UP = ("abort", "error")
 """Finish reasons of an answer the server gave up partway (vLLM's and SGLang's "abort"),
 not a whole one: tried again, as a stream broken off is."""
@@ -475,6 +482,10 @@ class _Answer:
     def read(self, event: Any, url: str) -> None:
         """One chunk of the stream: its text, its finish, its token counts."""
         if "error" in event:  # vLLM, TGI and llama.cpp report a failure midway as an event
+            if _refused_as_asked(event["error"]):
+                raise InferenceUnavailable(
+                    f"INFERENCE_URL={url} refused the request in its stream: {_said(event)}"
+                )
             # The server took the request (its 200), then failed at it: tried again, as a
             # 5xx before the stream is (vLLM marks even its engine's death 400 here).
             raise _Retry(f"stopped the answer with an error ({_said(event)})")
@@ -544,7 +555,22 @@ async def _server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]
         if field == "data":
             data.append(value.removeprefix(" "))
         elif field == "error":
-            yield json.dumps({"error": value.strip()})
+            try:
+                error = json.loads(value)
+            except ValueError:
+                error = value.strip()
+            yield json.dumps({"error": error})
+
+
+def _refused_as_asked(error: Any) -> bool:
+    """Whether an error in a stream is the server refusing the request as it was asked,
+    which another try would meet again (`REFUSED_MIDWAY`, `REFUSED_TYPES`)."""
+    if not isinstance(error, dict):
+        return False
+    message = error.get("message")
+    return error.get("type") in REFUSED_TYPES or (
+        isinstance(message, str) and message.startswith(REFUSED_MIDWAY)
+    )
 
 
 def _message(body: str) -> str:

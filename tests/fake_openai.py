@@ -100,6 +100,7 @@ class ErrorEvent:
     chunks: list[str]
     message: str = "the model fell over"
     legacy: bool = False
+    fields: dict[str, Any] = field(default_factory=lambda: {"code": 500})  # with the message
 
 
 @dataclass
@@ -220,10 +221,10 @@ class FakeOpenAI:
                     return stream.response
                 await stream.finish()
             case ErrorEvent(legacy=True):
-                error = json.dumps({"code": 500, "message": reply.message})
+                error = json.dumps(reply.fields | {"message": reply.message})
                 await stream.response.write(f"error: {error}\n\ndata: [DONE]\n\n".encode())
             case ErrorEvent():
-                await stream.event({"error": {"message": reply.message, "code": 500}})
+                await stream.event({"error": reply.fields | {"message": reply.message}})
             case Stream():
                 await stream.finish()
         await stream.response.write_eof()

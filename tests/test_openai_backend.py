@@ -413,6 +413,32 @@ async def test_an_error_event_in_every_try_fails_the_answer_in_the_servers_words
     assert len(server.requests) == 2
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        ErrorEvent([], "Input validation error: `inputs` tokens + `max_new_tokens` must be "
+                   "<= 4096. Given: 4000 `inputs` tokens and 200 `max_new_tokens`",
+                   fields={"http_status_code": 422}),
+        ErrorEvent([], "the request exceeds the available context size, try increasing it",
+                   legacy=True, fields={"code": 400, "type": "exceed_context_size_error"}),
+    ],
+    ids=["TGI", "llama.cpp before mid-2025"],
+)  # fmt: skip
+async def test_a_request_refused_in_its_stream_fails_at_once_and_the_server_stays_ready(
+    server, refusal
+):
+    """TGI checks a streamed request inside its 200 (llama.cpp's server did too): a prompt
+    past its window was sent four times, seven seconds apart, and readiness then said the
+    server was failing, though it answers every other request."""
+    server.script.append(refusal)
+    async with backend(server.url, retries=3) as inference:
+        generation = inference.submit(HELLO, user="u1", conversation="c1")
+        with pytest.raises(InferenceUnavailable, match="refused the request in its stream"):
+            await read(generation)
+        assert inference.checks() == {}
+    assert len(server.requests) == 1
+
+
 async def test_a_server_gone_after_the_start_is_tried_again_and_then_fails():
     async with contextlib.AsyncExitStack() as stack:
         async with FakeOpenAI() as server:
