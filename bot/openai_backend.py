@@ -387,10 +387,10 @@ class OpenAIBackend:
             logger.warning("INFERENCE_URL=%s %s; trying again in %.1f s (retry %d of %d)",
                            self.where, failure, wait, attempt + 1, self.retries)  # fmt: skip
             await asyncio.sleep(wait)
-        raise _OutOfTries(
-            f"INFERENCE_URL={self.where} {failure}; "
-            f"no retry left (INFERENCE_RETRIES={self.retries})"
-        )
+        # Not said where none were to be (the doctor's one try): INFERENCE_RETRIES=0 there
+        # read as the operator's setting.
+        left = f"; no retry left (INFERENCE_RETRIES={self.retries})" if self.retries else ""
+        raise _OutOfTries(f"INFERENCE_URL={self.where} {failure}{left}")
 
     async def _probed_until_answering(self) -> None:
         """Ask GET /models every PROBE_EVERY_S until it lists our model (or, one it never

@@ -583,6 +583,28 @@ async def test_an_inference_server_that_refuses_the_request_is_quoted(doctor) ->
     assert status == "FAIL" and "max_tokens is too small" in message
 
 
+async def test_an_inference_server_that_fails_the_one_try_is_quoted_as_such(doctor) -> None:
+    """The doctor asks once: a 503 read `_OutOfTries: … no retry left
+    (INFERENCE_RETRIES=0)`, as if that were the operator's setting."""
+    async with FakeOpenAI() as server:
+        server.script.append(Status(503, "loading the model"))
+        report = await doctor(INFERENCE_URL=server.url, INFERENCE_RETRIES="3")
+    [(status, message)] = report.lines("generation")
+    assert status == "FAIL"
+    said = f"INFERENCE_URL={server.url} answered 503 (loading the model)"
+    assert message == f"fake-model at INFERENCE_URL: {said}"
+
+
+async def test_an_inference_servers_window_too_small_is_a_model_finding(doctor) -> None:
+    """Said as the check itself failing, with no generation line after it."""
+    async with FakeOpenAI(window=4096) as server:
+        report = await doctor(INFERENCE_URL=server.url, MAX_CONTEXT_TOKENS="8192")
+    [(status, message)] = report.lines("model")
+    assert status == "FAIL" and "with a window of 4096 tokens" in message
+    assert message.startswith(f"INFERENCE_URL={server.url} serves fake-model")
+    assert report.lines("generation") == [("skip", "no server to ask")]
+
+
 async def test_low_disk_is_a_warning_naming_the_setting(tmp_path: Path) -> None:
     settings = Settings(_env_file=None, data_dir=tmp_path / "not" / "yet")
     found = [f async for f in check_disk(settings, data_dir_low=2**60, hf_cache_low=0)]

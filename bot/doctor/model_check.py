@@ -53,13 +53,14 @@ async def check_model(settings: Settings) -> AsyncIterator[Finding]:
 
 async def _check_server(settings: Settings) -> AsyncIterator[Finding]:
     """Ask the server what it serves, then for one token, once each (no retries)."""
-    from bot.openai_backend import InferenceServerError, OpenAIBackend
+    from bot.loading import ModelError
+    from bot.openai_backend import InferenceUnavailable, OpenAIBackend
 
     once = settings.model_copy(update={"inference_retries": 0})
     async with contextlib.AsyncExitStack() as stack:
         try:
             backend = await stack.enter_async_context(OpenAIBackend.from_settings(once))
-        except InferenceServerError as error:
+        except ModelError as error:  # out of reach, no model listed, its window too small
             yield fail(FOUND, str(error))
             yield skip(GENERATES, "no server to ask")
             return
@@ -70,7 +71,8 @@ async def _check_server(settings: Settings) -> AsyncIterator[Finding]:
             async for _ in generation:
                 pass
         except Exception as error:  # the server's own words, or why it did not answer
-            yield fail(GENERATES, f"{backend.model} at INFERENCE_URL: {error_text(error)}")
+            said = str(error) if isinstance(error, InferenceUnavailable) else error_text(error)
+            yield fail(GENERATES, f"{backend.model} at INFERENCE_URL: {said}")
             return
         took = time.perf_counter() - started
         yield ok(GENERATES, f"{backend.model} at INFERENCE_URL: 1 token in {took:.2f} s")
