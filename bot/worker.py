@@ -636,10 +636,11 @@ class Worker:
 
     async def _first_beat(self) -> None:
         """The stream groups and the first heartbeat, as if one had been written just
-        before: a start that cannot reach Redis is a gap in the heartbeats, as an outage
-        once running is (see `_beat`), so it takes no running job of a live worker's once
-        Redis answers. An outage now (or a Redis at its maxmemory) is ridden out as it is
-        once running."""
+        before. A start that cannot reach Redis is a gap in the heartbeats, as an outage
+        once running is (see `_beat`), however soon Redis answers after it (it may have
+        been out for long before), so it takes no running job of a live worker's until
+        Redis has answered for the claim idle time. An outage now (or a Redis at its
+        maxmemory) is ridden out as it is once running."""
         self._beaten = time.monotonic()
         try:
             await self._ensure_groups()
@@ -647,6 +648,7 @@ class Worker:
         except RedisError as error:
             if not is_outage(error):
                 raise
+            self._beaten = -math.inf  # the next beat ends a gap
             logger.warning("Redis refuses the worker's writes for now: %s", error)
 
     async def _beat(self) -> None:

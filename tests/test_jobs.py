@@ -1516,13 +1516,16 @@ async def test_a_redis_outage_past_the_claim_idle_time_moves_no_running_answer(
     assert first + "".join(rest) == generation.text == answer_alone(running.batcher, HELLO)
 
 
+@pytest.mark.parametrize("starts", ["early", "late"])
 async def test_a_worker_started_in_an_outage_moves_no_running_answer_once_redis_is_back(
-    tmp_path, redis_url, streams, make_batcher
+    tmp_path, redis_url, streams, make_batcher, starts
 ):
     """A worker (a pod restarted then) starts while Redis is out of reach for longer than
     the claim idle time: when Redis is back, its first sweep leaves the job running on
     another worker to it, as a worker that lost Redis once running does, where it took
-    the job (it looked abandoned) and the answer started again."""
+    the job (it looked abandoned) and the answer started again. Started late in the
+    outage, Redis back within seconds: its start counted as a heartbeat, and the gap as
+    too short to be one."""
     from lossy_proxy import lossy_redis
 
     from storage.connection import Resilience
@@ -1541,8 +1544,10 @@ async def test_a_worker_started_in_an_outage_moves_no_running_answer_once_redis_
             redis=far, inference=inference, name="w2", rows=idle.max_batch,
             claim_idle_s=CLAIM_IDLE_S, max_deliveries=3,
         )  # fmt: skip
+        before, after = (0, CLAIM_IDLE_S * 4) if starts == "early" else (CLAIM_IDLE_S * 4, 0.1)
+        await asyncio.sleep(before)
         await late._first_beat()  # as its `run` begins: Redis does not answer
-        await asyncio.sleep(CLAIM_IDLE_S * 4)
+        await asyncio.sleep(after)
         proxy.back()
         await late._sweep()  # before w1's keep-alive, due within a third of the idle time
         rest = await read(generation)  # AnswerRestarted would fail the test here
