@@ -289,6 +289,7 @@ class ChatService:
         async with self._resuming:  # two passes at once could both take an orphaned turn
             await self.journal.renew_lease()
             if self._closing:
+                await self.journal.drop_refused()  # else the next start answers them
                 return
             await self._let_go_of_finished()
             claimed = await self.journal.claim(

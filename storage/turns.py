@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection
@@ -88,11 +89,26 @@ class TurnJournal:
         # record one of them may have written all the same (not one a later delivery wrote;
         # a redelivery refused in the same outage adds its own).
         self._refused: dict[str, set[str]] = {}
+        # Since when Redis has answered our renewals without a failure (monotonic): after
+        # an outage, every process's lease may have lapsed in it, not its process, so
+        # others' turns are left to them for a lease's time (to renew theirs).
+        self._in_touch_since = -math.inf
+        self._out_of_touch = False  # a renewal failed
 
     # --- this process's lease ---------------------------------------------------------
 
     async def renew_lease(self) -> None:
-        await self._redis.set(keys.owner(self.owner), str(time.time()), px=self._lease_ms)
+        began = time.monotonic()
+        try:
+            await self._redis.set(keys.owner(self.owner), str(time.time()), px=self._lease_ms)
+        except Exception:
+            self._out_of_touch = True
+            raise
+        now = time.monotonic()
+        # One that took long was retried through an outage as long, at least.
+        if self._out_of_touch or now - began > self.lease_seconds / 3:
+            self._in_touch_since = now
+        self._out_of_touch = False
 
     async def drop_lease(self) -> None:
         """At a clean exit: our unfinished turns may be claimed at once."""
@@ -327,8 +343,7 @@ class TurnJournal:
         await self._redis.zremrangebyscore(keys.PENDING_TURNS, "-inf", expired)
         renewed, refused = time.monotonic(), set(self._refused)
         indexed = await self._redis.zrange(keys.PENDING_TURNS, 0, -1)
-        for turn_id in refused.difference(indexed):  # refused before the index was read,
-            self._refused.pop(turn_id, None)  # and not in it: nothing of them landed
+        await self._drop_refused(refused, indexed)  # first: a full queue claims none
         # Should this raise, the caller never gets those claimed: they stay in doubt, and
         # the next pass takes them again, as they are.
         for turn_id in indexed:
@@ -337,21 +352,33 @@ class TurnJournal:
             if time.monotonic() - renewed > self.lease_seconds / 3:  # a long pass (a backlog)
                 await self.renew_lease()  # must not let our running turns go to others
                 renewed = time.monotonic()
-            if (acceptances := self._refused.pop(turn_id, None)) is not None:
-                await self._drop_refused(turn_id, acceptances)
-                continue
-            if in_scope(turn_id, scopes) and (
-                pending := await self._claim(turn_id, orphaned, uncounted)
+            if (
+                turn_id not in refused
+                and in_scope(turn_id, scopes)
+                and (pending := await self._claim(turn_id, orphaned, uncounted))
             ):
                 claimed.append(pending)
         for pending in claimed:
             del self._claims_in_doubt[pending.id]
         return claimed
 
-    async def _drop_refused(self, turn_id: str, acceptances: set[str]) -> None:
-        """A turn whose user was told it could not be taken goes unanswered, as told,
-        should one of its refused tries have written its record all the same."""
+    async def drop_refused(self) -> None:
+        """Drop what refused tries wrote all the same (`_drop_refused`), where no more
+        claims will (a stop has begun): the next process would answer them."""
+        if refused := set(self._refused):
+            await self._drop_refused(refused, await self._redis.zrange(keys.PENDING_TURNS, 0, -1))
 
+    async def _drop_refused(self, refused: set[str], indexed: Collection[str]) -> None:
+        """A turn whose user was told it could not be taken goes unanswered, as told,
+        should one of its refused tries have written its record all the same. `refused`
+        were taken before `indexed` was read: those not in it, nothing of them landed."""
+        landed = refused.intersection(indexed)
+        for turn_id in refused:
+            acceptances = self._refused.pop(turn_id, None)
+            if acceptances is not None and turn_id in landed:
+                await self._drop_refused_turn(turn_id, acceptances)
+
+    async def _drop_refused_turn(self, turn_id: str, acceptances: set[str]) -> None:
         async def write(pipe: Pipeline) -> bool:
             owner, acceptance = await pipe.hmget(keys.turn(turn_id), ["owner", "acceptance"])
             if owner != self.owner or acceptance not in acceptances:
@@ -416,6 +443,8 @@ class TurnJournal:
                 # this claim did not get to read (one that wrote was found above).
                 return None
             if owner and owner != self.owner:
+                if time.monotonic() - self._in_touch_since < self.lease_seconds:
+                    return None  # its lease may have lapsed in our gap, not its owner
                 await pipe.watch(keys.owner(owner))  # a renewal now must abort the claim
                 if await pipe.exists(keys.owner(owner)):
                     return None

@@ -1109,6 +1109,32 @@ class Outage:
         return during_the_outage
 
 
+async def test_a_message_refused_in_an_outage_but_recorded_is_dropped_by_a_stopping_pass(
+    make_service, journal, redis_client, platform, monkeypatch
+):
+    """Its record landed, but the reply was lost, and its user was told to send it again;
+    a stop began before a claim pass found it: the next process answered it, beside the
+    copy its user sent again."""
+    transaction, calls = journal._transaction, []
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        result = await transaction(*args, **kwargs)
+        calls.append(args)
+        if len(calls) == 1:  # the acceptance's
+            raise RedisConnectionError("Connection reset by peer")
+        return result
+
+    monkeypatch.setattr(journal, "_transaction", reply_lost)
+    message, sink = on(platform), RecordingSink()
+    async with make_service() as (service, _batcher):
+        await service.handle(message, sink)
+        assert sink.events == [("fail", replies.storage_unavailable())]
+        assert await journal.is_pending(message.id)
+        await service.drain(0)
+        await service.resume()  # a pass while the stop waits: it keeps the lease
+        assert not await journal.is_pending(message.id)
+
+
 class PassesAsItPauses(RecordingSink):
     """A resume pass (`resume`, once) falls due while the thread is told the turn waits."""
 

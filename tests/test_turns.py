@@ -178,6 +178,43 @@ async def test_forget_drops_the_conversations_turns_accepted_before_it_and_no_ot
     assert not await taker.owns(after) and await taker.owns(elsewhere)
 
 
+async def test_after_an_outage_others_turns_are_left_to_them_for_a_lease(
+    make_journal: MakeJournal,
+    redis_client: Redis,
+    store: ConversationStore,
+    platform: str,
+    redis_url: str,
+    tmp_path,
+) -> None:
+    """Redis let every lease lapse in an outage longer than one: another process took the
+    turns a live one was still answering, the moment Redis was back, and that one's answer
+    was thrown away. A process whose renewal failed leaves others' turns alone for a
+    lease's time, while they renew theirs; then a turn whose owner is truly gone is its."""
+    from storage.connection import Resilience
+
+    answering = make_journal("answering", lease_seconds=1.0)
+    await answering.renew_lease()
+    pending = await answering.accept(new_turn(platform), {})
+    assert pending is not None and await answering.begin(pending) is not None
+    async with lossy_redis(redis_url, tmp_path, [], Resilience(0, health_check_s=0)) as (
+        far,
+        proxy,
+    ):
+        taker = TurnJournal(redis=far, store=store, owner=f"{platform}-taker", lease_seconds=1.0)
+        proxy.cut()
+        with pytest.raises(RedisConnectionError):
+            await taker.renew_lease()
+        await asyncio.sleep(1.2)  # every lease lapses in the outage
+        proxy.back()
+        await taker.renew_lease()
+        assert await taker.claim([platform]) == []  # the answering process's is not gone
+        await answering.renew_lease()  # as it does within a third of its lease
+        assert await taker.claim([platform]) == []
+        await asyncio.sleep(1.2)  # and now it is gone
+        [claimed] = await taker.claim([platform])
+    assert claimed.id == pending.id
+
+
 async def test_a_turn_that_ends_leaves_its_conversations_index(
     make_journal: MakeJournal, redis_client: Redis, platform: str
 ) -> None:
@@ -620,13 +657,20 @@ async def test_a_finish_whose_reply_was_lost_says_it_finished(
     assert [m["content"] for m in history] == ["hello", "the answer"]
 
 
-@pytest.mark.parametrize("deliveries", [1, 2], ids=["once", "again-in-the-outage"])
+@pytest.mark.parametrize(
+    ("deliveries", "then"),
+    [(1, "claim"), (2, "claim"), (1, "full"), (1, "stopping")],
+    ids=["once", "again-in-the-outage", "queue-full", "stopping"],
+)
 async def test_a_turn_refused_in_an_outage_but_recorded_is_dropped_not_answered(
-    redis_client, redis_url, tmp_path, platform, deliveries
+    redis_client, redis_url, tmp_path, platform, deliveries, then
 ):
     """Its MULTI ran, but an outage hid that: the user was told their message could not be
     taken, so once storage is back the record goes, unanswered, as they were told; also
-    where the platform delivered it again in the outage, refused once more."""
+    where the platform delivered it again in the outage, refused once more. Also by a pass
+    that claims none (the queue full), and by a stopping process, which claims no more:
+    the record stayed, counted against the user's pending limit, and the next process
+    answered it."""
     async with lossy_journal(
         redis_url, tmp_path, f"{platform}-me", [b"acceptance"], down_after_loss=True
     ) as (me, proxy):
@@ -638,7 +682,11 @@ async def test_a_turn_refused_in_an_outage_but_recorded_is_dropped_not_answered(
         pending = await redis_client.zrange(keys.PENDING_TURNS, 0, -1)
         [turn_id] = [t for t in pending if platform in t]
         proxy.back()
-        assert await me.claim([platform], orphaned={turn_id}) == []
+        if then == "stopping":
+            await me.drop_refused()
+        else:
+            limit = 0 if then == "full" else None
+            assert await me.claim([platform], orphaned={turn_id}, limit=limit) == []
     assert not await redis_client.exists(keys.turn(turn_id))
     assert await redis_client.zscore(keys.PENDING_TURNS, turn_id) is None
 
