@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -119,6 +120,10 @@ class JobQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         self.clock = RedisClock()  # jobs' deadlines are on it, which workers share
+        # Cancels Redis did not take (an outage), by job id, with when they are pointless
+        # (monotonic): sent again at each count, or a worker writes the whole answer
+        # unread, and a Regenerate of its request follows it, not a new job.
+        self._cancels_owed: dict[str, float] = {}
 
     async def __aenter__(self) -> Self:
         with contextlib.suppress(RedisError):  # (meanwhile, this machine's clock)
@@ -252,7 +257,7 @@ class JobQueue:
             earlier, left_ms = await pipe.get(asked).pttl(asked).execute()
         if earlier is None or keys.job_chunks(earlier) in self._watches:
             return False  # none, or this gateway's own: asked twice at once
-        if await self.redis.exists(keys.job_cancel(earlier)):
+        if earlier in self._cancels_owed or await self.redis.exists(keys.job_cancel(earlier)):
             return False
         if left_ms < self._asked_for_s * 1000 / 2:
             await self.redis.set(keys.job_cancel(earlier), "1", ex=self._cancel_kept_s)
@@ -289,7 +294,17 @@ class JobQueue:
                     pipe.xdel(*watch.entry)
                 await pipe.execute()
         except RedisError as error:
-            logger.warning("could not cancel job %s: %s", watch.job.id, error)
+            logger.warning("could not cancel job %s yet: %s", watch.job.id, error)
+            self._cancels_owed[watch.job.id] = time.monotonic() + self._cancel_kept_s
+
+    async def _send_owed_cancels(self) -> None:
+        """The cancels an outage kept from Redis (`_cancel`); the job's entry, if no worker
+        took it, a worker that reads it drops."""
+        now = time.monotonic()
+        for job_id, pointless_at in list(self._cancels_owed.items()):
+            if now < pointless_at:
+                await self.redis.set(keys.job_cancel(job_id), "1", ex=self._cancel_kept_s)
+            del self._cancels_owed[job_id]
 
     def _forget(self, watch: _Watch) -> None:
         if self._watches.pop(keys.job_chunks(watch.job.id), None) is not None:
@@ -394,6 +409,8 @@ class JobQueue:
                 self._waiting, self._held, self._workers = counts.waiting, counts.held, roll.alive
                 self.metrics.queue_waiting.set(counts.waiting)
                 self.metrics.workers_alive.set(len(roll.alive))
+            with contextlib.suppress(RedisError):  # kept for the next count
+                await self._send_owed_cancels()
             await set_within(self._closed, COUNT_EVERY_S)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

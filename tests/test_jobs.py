@@ -730,6 +730,36 @@ async def test_a_cancelled_job_stops_on_its_worker(streams, make_batcher):
     assert await streams.xlen(keys.worker_jobs("w1")) == 0
 
 
+async def test_a_cancel_redis_missed_reaches_the_worker_once_redis_is_back(
+    tmp_path, redis_url, streams, make_batcher, caplog
+):
+    """A Stop in a Redis outage: its cancel was tried once and dropped, so the worker wrote
+    the whole answer unread, a row spent on it, and the same request asked again (a
+    Regenerate) followed that job, not a new one."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    spy = SlowSteps(make_batcher(max_new_tokens=400))
+    async with (
+        lossy_redis(redis_url, tmp_path, [], Resilience(0, health_check_s=0)) as (far, proxy),
+        gateway(far) as queue,
+        worker(streams, spy, "w1") as working,
+    ):
+        generation = queue.submit(HELLO, user="u1", conversation="c1")
+        await anext(aiter(generation))
+        proxy.cut()
+        generation.cancel()
+        await wait_until(lambda: asyncio.sleep(0, "could not cancel job" in caplog.text))
+        proxy.back()
+        again = queue.submit(HELLO, user="u1", conversation="c1")  # Regenerate, say
+        await anext(aiter(again))
+        await wait_until(lambda: asyncio.sleep(0, len(working._running) == 1))
+        again.cancel()
+        await wait_until(lambda: asyncio.sleep(0, not working._running))
+    assert not spy.answers and len(spy.prompts) == 2  # neither wrote its 400 tokens
+
+
 async def test_an_answered_job_whose_acknowledgement_failed_is_not_dead_lettered(
     streams, make_batcher, monkeypatch
 ):
