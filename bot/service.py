@@ -265,9 +265,11 @@ class ChatService:
         whose owner is gone (every process's at start, a crashed one's after its lease).
 
         Stopped by a flag, not by cancellation: on Python 3.11 a cancel that lands inside
-        redis-py's `wait_for` can be swallowed, and the loop would go on."""
+        redis-py's `wait_for` can be swallowed, and the loop would go on. One last pass
+        follows the stop (`resume` then drops what refused messages left)."""
         outage = False
-        while not self._stopped:
+        while True:
+            last = self._stopped
             try:
                 await self._follow_reloads()
                 await self.resume()
@@ -277,9 +279,13 @@ class ChatService:
             except Exception as error:
                 if not is_outage(error):
                     logger.exception("resuming pending turns failed; trying again")
-                elif not outage:
-                    logger.warning("storage unavailable; retrying: %s", error)
+                else:
+                    self.journal.lost_touch()
+                    if not outage:
+                        logger.warning("storage unavailable; retrying: %s", error)
                     outage = True
+            if last:
+                return
             self._resume_now.clear()
             await set_within(self._resume_now, self.journal.lease_seconds / 3)
 

@@ -97,6 +97,10 @@ class TurnJournal:
 
     # --- this process's lease ---------------------------------------------------------
 
+    def lost_touch(self) -> None:
+        """Redis did not answer us (an outage): our lease, and others', may lapse."""
+        self._out_of_touch = True
+
     async def renew_lease(self) -> None:
         began = time.monotonic()
         try:
@@ -373,9 +377,10 @@ class TurnJournal:
         should one of its refused tries have written its record all the same. `refused`
         were taken before `indexed` was read: those not in it, nothing of them landed."""
         landed = refused.intersection(indexed)
-        for turn_id in refused:
-            acceptances = self._refused.pop(turn_id, None)
-            if acceptances is not None and turn_id in landed:
+        for turn_id in refused - landed:  # at once: one refused again later may land
+            self._refused.pop(turn_id, None)
+        for turn_id in landed:
+            if (acceptances := self._refused.pop(turn_id, None)) is not None:
                 await self._drop_refused_turn(turn_id, acceptances)
 
     async def _drop_refused_turn(self, turn_id: str, acceptances: set[str]) -> None:

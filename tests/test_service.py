@@ -1131,8 +1131,31 @@ async def test_a_message_refused_in_an_outage_but_recorded_is_dropped_by_a_stopp
         assert sink.events == [("fail", replies.storage_unavailable())]
         assert await journal.is_pending(message.id)
         await service.drain(0)
-        await service.resume()  # a pass while the stop waits: it keeps the lease
-        assert not await journal.is_pending(message.id)
+        service.stop()  # as `threadbot run` stops: its last pass drops it
+        await until(lambda: gone(redis_client, message.id))
+
+
+async def test_after_an_outage_a_live_processs_turn_is_left_to_it_for_a_lease(
+    make_service, journal, redis_client, store, platform, monkeypatch
+):
+    """Redis let every lease lapse in an outage: the first pass once it was back took the
+    turn another live process was answering (a pass fails at its first read, the team's
+    reloads, before it renews the lease). Left to it for a lease; taken once it renews
+    no more, as from a process gone."""
+    elsewhere = TurnJournal(
+        redis=redis_client, store=store, owner=f"test-{uuid.uuid4().hex}", lease_seconds=2.0
+    )
+    pending = await elsewhere.accept(on(platform), {})  # its lease lapsed in the outage
+    assert pending is not None
+    outage = Outage()
+    async with make_service() as (service, _batcher):
+        monkeypatch.setattr(service.reloads, "count", outage.refusing(service.reloads.count))
+        service.serve_platform(platform, Rebuilder())
+        await asyncio.sleep(journal.lease_seconds)  # passes fail
+        outage.down = False
+        await asyncio.sleep(journal.lease_seconds * 0.75)  # passes succeed
+        assert await taken_by(redis_client, pending, elsewhere.owner)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)  # then answered here
 
 
 class PassesAsItPauses(RecordingSink):
