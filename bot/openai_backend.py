@@ -143,8 +143,10 @@ class OpenAIBackend:
         self._in_flight = 0  # waiting + streaming: what `max_size` bounds
         self._closing = False
         # Why the last request ran out of tries: readiness says so until a request is
-        # answered, or GET /models is (asked by `_probe`).
+        # answered, or GET /models is (asked by `_probe`); where refused as every one would
+        # be (`_RefusesAll`), until it lists the model.
         self._failing: str | None = None
+        self._refuses_all = False
         self._probe: asyncio.Task[None] | None = None
         # Whether GET /models lists the model by the name we send (Ollama lists
         # `llama3.2:latest` and answers to `llama3.2`; llama.cpp lists its file and
@@ -353,6 +355,7 @@ class OpenAIBackend:
         except Exception as error:
             if isinstance(error, _OutOfTries | _RefusesAll):  # not ready: none would pass
                 self._failing = f"failing: {error}"
+                self._refuses_all = isinstance(error, _RefusesAll)
                 if self._probe is None:
                     self._probe = asyncio.create_task(self._probed_until_answering())
             elif not isinstance(error, InferenceUnavailable):  # an answer we cannot read
@@ -394,14 +397,15 @@ class OpenAIBackend:
 
     async def _probed_until_answering(self) -> None:
         """Ask GET /models every PROBE_EVERY_S until it lists our model (or, one it never
-        listed, until it answers; or a request is answered): readiness (`checks`) would
-        otherwise say failing for as long as no request came."""
+        listed that ran out of tries, until it answers; or a request is answered):
+        readiness (`checks`) would otherwise say failing for as long as no request came.
+        A model it never listed and refuses (a 404: a name mistyped) stays failing."""
         try:
             while self._failing is not None:
                 await asyncio.sleep(PROBE_EVERY_S)
                 with contextlib.suppress(InferenceServerError):
                     served = await self._served_models()  # (to a key that works)
-                    if self.model in served or not self._listed:
+                    if self.model in served or not (self._listed or self._refuses_all):
                         self._failing = None
         finally:
             self._probe = None

@@ -296,7 +296,8 @@ async def test_a_model_the_server_lists_otherwise_is_ready_again_once_the_server
 ):
     """Ollama lists `llama3.2:latest` and answers to `llama3.2`: after an outage, its
     listing never named the model, and readiness said failing until a request came (none
-    does to a server not ready, behind a load balancer)."""
+    does to a server not ready, behind a load balancer). A name the server refuses (a
+    404: mistyped) stays failing, its listing answering or not."""
     monkeypatch.setattr(openai_backend, "PROBE_EVERY_S", 0.05)
     server.models = ("fake-model:latest",)
     async with backend(server.url, model="fake-model", retries=1) as inference:
@@ -306,7 +307,13 @@ async def test_a_model_the_server_lists_otherwise_is_ready_again_once_the_server
         assert inference.checks()
         listings = server.model_listings
         await wait_for(lambda: not inference.checks(), timeout=10)
-    assert server.model_listings > listings
+        assert server.model_listings > listings
+        server.script.append(Status(404, "The model `fake-model` does not exist."))
+        with pytest.raises(InferenceUnavailable):
+            await read(inference.submit(HELLO, user="u1", conversation="c1"))
+        listings = server.model_listings
+        await wait_for(lambda: server.model_listings >= listings + 3, timeout=10)
+        assert inference.checks(), "ready again, though every request is refused"
 
 
 async def test_a_proxys_error_page_in_another_charset_is_tried_again_and_read(
