@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+TOKEN_CHECK_S = 15  # for each platform's token at start; past it, the adapter's start asks
 NO_SHARED_REDIS = (
     "threadbot run --role {role}: gateways and workers meet in one Redis, which an embedded "
     "one is not (it is this process's alone): set REDIS_URL, the same for each of them."
@@ -307,21 +308,19 @@ async def _run_role(settings: Settings, args: argparse.Namespace) -> int:
     if not platforms:
         _tell(settings, NO_PLATFORM)
         return 2
-    await _tokens_checked(platforms, settings)
     metrics = Metrics()
     vitals = Vitals(metrics=metrics, platforms=[platform.platform for platform in platforms])
     # Up before the model loads: /healthz answers and /readyz says so through a long start.
-    async with (
-        _ops_server(settings, vitals, metrics) as routes,
-        open_service(Team(settings), metrics=metrics, role=args.role) as service,
-    ):
-        build = {
-            SlackAdapter: partial(SlackAdapter.from_settings, routes=routes),
-            DiscordAdapter: DiscordAdapter.from_settings,
-        }
-        adapters = [build[platform](settings, service) for platform in platforms]
-        vitals.started(service, adapters)
-        return await _serve(service, adapters, grace=settings.shutdown_grace_s)
+    async with _ops_server(settings, vitals, metrics) as routes:
+        await _tokens_checked(platforms, settings)
+        async with open_service(Team(settings), metrics=metrics, role=args.role) as service:
+            build = {
+                SlackAdapter: partial(SlackAdapter.from_settings, routes=routes),
+                DiscordAdapter: DiscordAdapter.from_settings,
+            }
+            adapters = [build[platform](settings, service) for platform in platforms]
+            vitals.started(service, adapters)
+            return await _serve(service, adapters, grace=settings.shutdown_grace_s)
 
 
 async def _tokens_checked(
@@ -329,12 +328,16 @@ async def _tokens_checked(
 ) -> None:
     """Each platform's token, before the model loads (a download and a load: minutes at
     a first start): one refused stops the start now, not once that is done. A platform
-    out of reach is left to its adapter's start, which says so (or it is back by then)."""
+    out of reach (or slow to answer, its packets dropped) is left to its adapter's start,
+    which says so (or it is back by then)."""
     from adapters.base import AdapterError
 
     for platform in platforms:
         try:
-            await platform.check_token(settings)
+            async with asyncio.timeout(TOKEN_CHECK_S):
+                await platform.check_token(settings)
+        except TimeoutError:
+            continue
         except AdapterError as error:
             if error.setting:
                 raise

@@ -699,6 +699,28 @@ async def test_a_token_refused_stops_the_start_before_the_model_loads(
     assert f"refused {platform.upper()}_BOT_TOKEN" in line
 
 
+@pytest.mark.parametrize("platform", ["slack", "discord"])
+async def test_a_platform_silent_at_the_token_check_is_left_to_its_start(
+    monkeypatch, platform: str
+) -> None:
+    """Its packets dropped (an egress firewall): the check waited through the SDK's
+    timeouts and retries, minutes with no model loading, and asked again after it."""
+    from adapters.discord_adapter import DiscordAdapter
+    from adapters.slack_adapter import SlackAdapter
+    from bot import cli
+    from bot.config import Settings
+
+    monkeypatch.setattr(cli, "TOKEN_CHECK_S", 0.5)
+    with silent_proxy() as silent:
+        settings = Settings(
+            _env_file=None, slack_bot_token="xoxb-1", slack_app_token="xapp-1",
+            slack_api_url=f"{silent}/api/", discord_bot_token="t", discord_api_url=silent,
+        )  # fmt: skip
+        adapter = {"slack": SlackAdapter, "discord": DiscordAdapter}[platform]
+        async with asyncio.timeout(5):
+            await cli._tokens_checked([adapter], settings)
+
+
 def stalled_hub_env(data_dir: Path, proxy: str) -> dict[str, str]:
     """Settings whose model is fetched from the hub through `proxy` (`silent_proxy`)."""
     env = cli_env(MODEL="someone/some-model", DATA_DIR=str(data_dir))
