@@ -407,7 +407,8 @@ class JobQueue:
                 self.metrics.workers_alive.set(math.nan)
             else:
                 self._waiting, self._held, self._workers = counts.waiting, counts.held, roll.alive
-                self.metrics.queue_waiting.set(counts.waiting)
+                # This gateway's own, so that a dashboard's sum over gateways is the backlog.
+                self.metrics.queue_waiting.set(sum(not w.attempt for w in self._watches.values()))
                 self.metrics.workers_alive.set(len(roll.alive))
             with contextlib.suppress(RedisError):  # kept for the next count
                 await self._send_owed_cancels()

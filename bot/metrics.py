@@ -47,8 +47,8 @@ class Metrics:
         )
         self.queue_waiting = Gauge(
             "threadbot_queue_waiting",
-            "Requests waiting for a place in the running batch (on a gateway: jobs no worker "
-            "has taken yet, every gateway's)",
+            "Requests waiting for a place in the running batch (on a gateway: jobs it sent "
+            "that no worker has taken yet)",
             registry=registry,
         )
         self.batch_rows = Gauge(

@@ -1155,16 +1155,22 @@ async def test_a_job_whose_sending_reply_was_lost_leaves_its_stream_when_cancell
 
 
 async def test_the_gateway_counts_waiting_jobs_and_live_workers(streams, make_batcher):
-    """Its /metrics: the jobs no worker has taken (`threadbot_queue_waiting`) and the
-    workers alive; only a gateway has the latter (elsewhere a 0 would read as an outage)."""
+    """Its /metrics: the jobs it sent that no worker has taken (`threadbot_queue_waiting`:
+    every gateway's, each counted the whole backlog, which a dashboard's sum over them
+    multiplied) and the workers alive; only a gateway has the latter (elsewhere a 0 would
+    read as an outage)."""
     assert b"threadbot_workers_alive" not in Metrics().render()
-    metrics = Metrics()
+    metrics, others = Metrics(), Metrics()
     async with gateway(streams, metrics=metrics) as queue:
-        waiting = queue.submit(HELLO, user="u1", conversation="c1")  # no worker yet
-        await wait_until(lambda: reads(metrics, queue_waiting=1, workers_alive=0))
-        async with worker(streams, make_batcher(), "w1"):
-            await read(waiting)
-            await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=1))
+        async with gateway(streams, metrics=others, name="gw-other") as other:
+            waiting = queue.submit(HELLO, user="u1", conversation="c1")  # no worker yet
+            elsewhere = other.submit(HELLO, user="u2", conversation="c2")
+            await wait_until(lambda: reads(metrics, queue_waiting=1, workers_alive=0))
+            await wait_until(lambda: reads(others, queue_waiting=1, workers_alive=0))
+            async with worker(streams, make_batcher(), "w1"):
+                await read(waiting)
+                await read(elsewhere)
+                await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=1))
         await wait_until(lambda: reads(metrics, queue_waiting=0, workers_alive=0))
 
 
