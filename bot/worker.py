@@ -401,8 +401,14 @@ class Worker:
             await self._acknowledge(stream, entry_id)
             return
         over = keys.job_cancel(job.id), keys.job_answered(job.id)
-        if job.deadline < self.clock.now() or await self.redis.exists(*over):
+        if await self.redis.exists(*over):
             await self._acknowledge(stream, entry_id)  # nobody waits for this answer now
+            return
+        if job.deadline < self.clock.now():  # a gateway that took it over may wait longer
+            logger.warning("job %s taken past its deadline; dropped", job.id)
+            with contextlib.suppress(RedisError):
+                await self._write(job, Chunk(attempt, self.name, "error", TIMED_OUT))
+            await self._acknowledge(stream, entry_id)
             return
         if attempt > self.max_deliveries:
             tries = await self._failed_tries(job, attempt)

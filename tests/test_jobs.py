@@ -501,6 +501,29 @@ async def test_a_job_sent_long_before_is_asked_again_not_followed(streams, make_
     assert len(spy.prompts) == 1
 
 
+async def test_a_followed_job_taken_past_its_deadline_times_out_at_once(
+    streams, make_batcher
+):
+    """Gateway B took over dead A's request and followed its job, with more than half of
+    B's time left, so on A's deadline; a worker took it only after that and dropped it
+    unsaid, and B waited out its own, later timeout before saying the answer timed out."""
+    first = JobQueue(redis=streams, gateway="gw-a", max_size=8, timeout=4)
+    await first.__aenter__()
+    asked_of_a = first.submit(HELLO, user="u1", conversation="c1")  # no worker alive yet
+    await wait_until(lambda: streams.xlen(keys.JOBS))
+    await crash(first)
+    asked_of_a.on_cancel = None  # as a kill -9: its own timer never cancels anything
+    spy = SpyBatcher(make_batcher())
+    async with gateway(streams, timeout=7) as second:
+        asked_of_b = second.submit(HELLO, user="u1", conversation="c1")  # follows A's
+        await asyncio.sleep(4.2)  # past A's deadline, well before B's
+        async with worker(streams, spy, "w1"):
+            with pytest.raises(InferenceTimeout):
+                async with asyncio.timeout(2):  # B's own would come later
+                    await read(asked_of_b)
+    assert spy.prompts == []
+
+
 class AlwaysFails(SpyBatcher):
     def step(self) -> list:
         raise RuntimeError("the model fell over")
