@@ -501,9 +501,7 @@ async def test_a_job_sent_long_before_is_asked_again_not_followed(streams, make_
     assert len(spy.prompts) == 1
 
 
-async def test_a_followed_job_taken_past_its_deadline_times_out_at_once(
-    streams, make_batcher
-):
+async def test_a_followed_job_taken_past_its_deadline_times_out_at_once(streams, make_batcher):
     """Gateway B took over dead A's request and followed its job, with more than half of
     B's time left, so on A's deadline; a worker took it only after that and dropped it
     unsaid, and B waited out its own, later timeout before saying the answer timed out."""
