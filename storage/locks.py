@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from weakref import WeakValueDictionary
 
@@ -64,7 +65,12 @@ class ConversationLocks:
             # where a new token would wait for it to lapse; kept until then, should Redis
             # fail this turn too.
             left = self._left(conversation)
-            await lease.acquire(token=left)
+            token = left if left is not None else uuid.uuid4().hex
+            try:
+                await lease.acquire(token=token)
+            except BaseException:  # its SET may have landed (a lost reply, a cancel then)
+                self._keep_unreleased(conversation, token)
+                raise
             self._unreleased.pop(conversation, None)
             if left is not None:  # its TTL is what was left of it: a whole term from now
                 # Lapsed, or Redis failing: the turn goes on, as after a failed renewal.
@@ -108,11 +114,16 @@ class ConversationLocks:
         except LockError:  # lapsed already
             pass
         except RedisError:
-            now = asyncio.get_running_loop().time()
-            self._unreleased = {c: kept for c, kept in self._unreleased.items() if kept[1] > now}
-            self._unreleased[conversation] = (token, now + self.lease_s)
+            self._keep_unreleased(conversation, token)
             return
         self._unreleased.pop(conversation, None)
+
+    def _keep_unreleased(self, conversation: str, token: str | bytes) -> None:
+        """A lease of ours that may be in Redis, for the next turn here to take up, or
+        `busy` to let go of, where a new token would wait for it to lapse."""
+        now = asyncio.get_running_loop().time()
+        self._unreleased = {c: kept for c, kept in self._unreleased.items() if kept[1] > now}
+        self._unreleased[conversation] = (token, now + self.lease_s)
 
     def _left(self, conversation: str) -> str | bytes | None:
         """The token of the conversation's lease that failed to be released, if any."""

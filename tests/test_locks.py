@@ -104,6 +104,31 @@ async def test_a_lease_whose_reply_was_lost_is_held_at_once(
     assert not await redis_client.exists(keys.turn_lock(conversation))  # let go after
 
 
+async def test_a_lease_taken_as_redis_failed_is_taken_up_by_the_next_turn(
+    redis_client: Redis, redis_url: str, tmp_path
+):
+    """Its SET NX ran, but the reply was lost past the client's retries: the turn failed,
+    and the lease it left kept the conversation's next turns out until it lapsed (30 s)."""
+    from lossy_proxy import lossy_redis
+
+    from storage.connection import Resilience
+
+    conversation = uuid.uuid4().hex
+    lose = [keys.turn_lock(conversation).encode()]
+    async with lossy_redis(redis_url, tmp_path, lose, Resilience(0, health_check_s=0)) as (
+        redis,
+        proxy,
+    ):
+        locks = ConversationLocks(redis=redis, lease_s=30)
+        with pytest.raises(RedisError):
+            async with locks.hold(conversation):
+                pass
+        assert proxy.lost == lose and await redis_client.exists(keys.turn_lock(conversation))
+        async with asyncio.timeout(2), locks.hold(conversation):
+            pass
+    assert not await redis_client.exists(keys.turn_lock(conversation))
+
+
 async def test_a_lease_left_in_an_outage_is_taken_up_after_a_turn_that_redis_failed_too(
     tmp_path: Path,
 ):
