@@ -393,6 +393,9 @@ class ChatService:
                 self.metrics.count_turn(platform, outcome)
                 await sink.finish(reply)
                 return None
+            if self._closing:  # a stop began as it was marked seen: its drain would miss it
+                await sink.fail(replies.restarting_resend())
+                return None
             return self._spawn(turn.id, self._command(turn, sink, received))
 
         context = tuple(

@@ -1691,6 +1691,28 @@ async def test_a_fifth_unanswered_turn_is_refused_until_the_first_four_are_answe
     assert answer != replies.slow_down(4)
 
 
+async def test_a_command_marked_seen_as_a_stop_begins_asks_to_be_sent_again(
+    make_service, store, conversation, monkeypatch
+):
+    """The stop began while the command was marked seen: the drain did not know of it, and
+    its grace did not wait for it; cut off at the end, it was never answered."""
+    first_seen, draining = store.first_seen, []
+
+    async def stop_meanwhile(*args: Any) -> bool:
+        seen = await first_seen(*args)
+        draining.append(asyncio.create_task(service.drain(5)))  # a SIGTERM, now
+        await asyncio.sleep(0)
+        return seen
+
+    sink = RecordingSink()
+    async with make_service() as (service, _batcher):
+        monkeypatch.setattr(service.store, "first_seen", stop_meanwhile)
+        command = Turn(conversation, "U1", "help", uuid.uuid4().hex, command="help")
+        assert await service.accept(command, sink) is None
+        await asyncio.gather(*draining)
+    assert sink.events == [("fail", replies.restarting_resend())]
+
+
 async def test_a_reset_waiting_behind_an_answer_at_a_stop_asks_to_be_sent_again(
     make_service, make_batcher, conversation
 ):
