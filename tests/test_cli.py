@@ -684,18 +684,12 @@ async def test_a_token_refused_stops_the_start_before_the_model_loads(
             "slack": {"SLACK_BOT_TOKEN": "xoxb-revoked", "SLACK_APP_TOKEN": slack.app_token},
             "discord": {"DISCORD_BOT_TOKEN": "not-the-token"},
         }[platform]
-        env = cli_env(
-            **tokens, SLACK_API_URL=slack.api_url, DISCORD_API_URL=discord.api_url,
-            MODEL="bundled", REDIS_URL=redis_url, DATA_DIR=str(tmp_path / "data"),
+        err = await start_refused(
+            tmp_path, **tokens, SLACK_API_URL=slack.api_url, DISCORD_API_URL=discord.api_url,
+            MODEL="bundled", REDIS_URL=redis_url,
         )  # fmt: skip
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2, err.decode()
-    assert "Loading model" not in err.decode()
-    [line] = [line for line in err.decode().splitlines() if line.startswith("threadbot:")]
+    assert "Loading model" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("threadbot:")]
     assert f"refused {platform.upper()}_BOT_TOKEN" in line
 
 
@@ -794,16 +788,21 @@ async def test_a_platform_token_refused_at_start_is_a_setting(tmp_path: Path, re
     from fake_slack import FakeSlack
 
     async with FakeSlack() as slack, FakeOpenAI() as server:
-        env = cli_env(
-            SLACK_BOT_TOKEN="xoxb-revoked", SLACK_APP_TOKEN=slack.app_token,
+        err = await start_refused(
+            tmp_path, SLACK_BOT_TOKEN="xoxb-revoked", SLACK_APP_TOKEN=slack.app_token,
             SLACK_API_URL=slack.api_url, INFERENCE_URL=server.url, REDIS_URL=redis_url,
-            DATA_DIR=str(tmp_path / "data"),
         )  # fmt: skip
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2, err.decode()
-    [line] = [line for line in err.decode().splitlines() if line.startswith("threadbot:")]
+    [line] = [line for line in err.splitlines() if line.startswith("threadbot:")]
     assert "Slack refused SLACK_BOT_TOKEN (invalid_auth)" in line
+
+
+async def start_refused(tmp_path: Path, **settings: str) -> str:
+    """The stderr of `threadbot run` with `settings`, a start that must end with exit 2."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", cwd=tmp_path,
+        env=cli_env(**settings, DATA_DIR=str(tmp_path / "data")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2, err.decode()
+    return err.decode()

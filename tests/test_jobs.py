@@ -478,17 +478,23 @@ async def test_a_gateway_that_follows_a_job_as_it_ends_reads_its_whole_answer(
     assert len(spy.prompts) == 1
 
 
+async def sent_by_a_dead_gateway(streams: Redis, *, timeout: float) -> None:
+    """A job of HELLO's, sent with `timeout` by gateway A, which then died (no worker alive
+    yet, it waits in its stream)."""
+    first = JobQueue(redis=streams, gateway="gw-a", max_size=8, timeout=timeout)
+    await first.__aenter__()
+    asked_of_a = first.submit(HELLO, user="u1", conversation="c1")
+    await wait_until(lambda: streams.xlen(keys.JOBS))
+    await crash(first)
+    asked_of_a.on_cancel = None  # as a kill -9: its own timer never cancels anything
+
+
 async def test_a_job_sent_long_before_is_asked_again_not_followed(streams, make_batcher):
     """Gateway A sent the job, the workers were busy, and A died: B, taking the request
     over, finds the job past half its time. Followed, it kept A's deadline, a worker taking
     it after that dropped it unanswered, and B waited out its own timeout; B now cancels
     it and sends its own, which is answered."""
-    first = JobQueue(redis=streams, gateway="gw-a", max_size=8, timeout=2)
-    await first.__aenter__()
-    asked_of_a = first.submit(HELLO, user="u1", conversation="c1")  # no worker alive yet
-    await wait_until(lambda: streams.xlen(keys.JOBS))
-    await crash(first)
-    asked_of_a.on_cancel = None  # as a kill -9: its own timer never cancels anything
+    await sent_by_a_dead_gateway(streams, timeout=2)
     [(_, fields)] = await streams.xrange(keys.JOBS)
     earlier = Job.parse(fields).id
     await asyncio.sleep(1.2)  # past half of A's 2 s
@@ -505,12 +511,7 @@ async def test_a_followed_job_taken_past_its_deadline_times_out_at_once(streams,
     """Gateway B took over dead A's request and followed its job, with more than half of
     B's time left, so on A's deadline; a worker took it only after that and dropped it
     unsaid, and B waited out its own, later timeout before saying the answer timed out."""
-    first = JobQueue(redis=streams, gateway="gw-a", max_size=8, timeout=4)
-    await first.__aenter__()
-    asked_of_a = first.submit(HELLO, user="u1", conversation="c1")  # no worker alive yet
-    await wait_until(lambda: streams.xlen(keys.JOBS))
-    await crash(first)
-    asked_of_a.on_cancel = None  # as a kill -9: its own timer never cancels anything
+    await sent_by_a_dead_gateway(streams, timeout=4)
     spy = SpyBatcher(make_batcher())
     async with gateway(streams, timeout=7) as second:
         asked_of_b = second.submit(HELLO, user="u1", conversation="c1")  # follows A's
