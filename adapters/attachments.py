@@ -51,6 +51,7 @@ MAX_FILE_BYTES = 2**20  # larger files are named, not downloaded
 NAME_CHARS = 100  # a file name is shortened to this in its label
 LABEL_ROOM = 300  # room kept in MAX_INPUT_CHARS for each file's label lines
 TRUNCATED = "[… truncated]"
+NO_ROOM = "[{count} attached file(s) not read: the message is at its length limit]"
 FITTING_STEPS = 7  # halvings in the search for how much of the files' text fits: within 1%
 
 
@@ -112,6 +113,9 @@ async def with_attachments(
     if not attachments:
         return text
     room = settings.max_input_chars - len(text) - LABEL_ROOM * len(attachments)
+    if room < 0:  # what was typed leaves no room to name them: said in a line, if it fits
+        noted = f"{text}\n\n{NO_ROOM.format(count=len(attachments))}".strip()
+        return noted if len(noted) <= settings.max_input_chars else text
     budget = max(0, min(settings.max_attachment_chars, room))
     deadline = asyncio.get_running_loop().time() + timeout
     parts = []

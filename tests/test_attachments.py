@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import codecs
 
+import pytest
+
 from adapters.attachments import MAX_FILE_BYTES, TRUNCATED, Attachment, is_text, with_attachments
 from bot.config import Settings
 
@@ -103,6 +105,20 @@ async def test_the_whole_message_stays_within_max_input_chars():
     assert len(text) <= 1000
     assert text.startswith(typed + "\n\n[attached: big.csv]\na,b\n")
     assert text.endswith(TRUNCATED)
+
+
+@pytest.mark.parametrize("typed", [500, 990], ids=["the note fits", "no room for it"])
+async def test_files_that_cannot_even_be_named_leave_the_message_within_the_limit(typed):
+    """Typed close to MAX_INPUT_CHARS: each file's label was added all the same, and the
+    whole message was refused as too long, though what was typed was not."""
+    files = Files()
+    notes, photo = files.file("notes.txt", b"a" * 100), files.file("p.png", b"\x89PNG", "image/png")
+    text = await with_attachments(
+        "q" * typed, [notes, photo], settings=settings(max_input_chars=1000), timeout=5
+    )
+    note = "[2 attached file(s) not read: the message is at its length limit]"
+    assert text == ("q" * typed + f"\n\n{note}" if typed == 500 else "q" * typed)
+    assert files.downloaded == []
 
 
 async def test_utf8_is_decoded_with_replacement_and_a_cut_never_splits_a_character():
