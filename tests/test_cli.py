@@ -699,12 +699,15 @@ async def test_a_platform_silent_at_the_token_check_is_left_to_its_start(
 ) -> None:
     """Its packets dropped (an egress firewall): the check waited through the SDK's
     timeouts and retries, minutes with no model loading, and asked again after it."""
+    from discord.http import Route
+
     from adapters.discord_adapter import DiscordAdapter
     from adapters.slack_adapter import SlackAdapter
     from bot import cli
     from bot.config import Settings
 
     monkeypatch.setattr(cli, "TOKEN_CHECK_S", 0.5)
+    monkeypatch.setattr(Route, "BASE", Route.BASE)  # the check points discord.py at the fake
     with silent_proxy() as silent:
         settings = Settings(
             _env_file=None, slack_bot_token="xoxb-1", slack_app_token="xapp-1",
