@@ -266,13 +266,13 @@ class StreamingReply:
         """Why there is no answer; long where it gives back an earlier answer (whose
         regeneration failed), so it is split as an answer is."""
         if not self.over:  # an answer (or failure) already shown stays shown
-            parts = await self._show_first(text)
+            parts = await self._show_first(self.notice_text + text)
             self.over = True
             await self._put_rest(parts, final=True)
 
     async def pause(self, text: str) -> None:
         if not self.over:  # a stop just after the answer was shown leaves it shown
-            await self._put_rest(await self._show_first(text), final=True)
+            await self._put_rest(await self._show_first(self.notice_text + text), final=True)
 
     async def _show_first(self, markdown: str) -> list[str]:
         """A final text's first part, in the message that streamed; all of its parts."""

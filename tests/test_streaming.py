@@ -80,12 +80,16 @@ async def test_a_long_answer_continues_in_further_messages():
     assert " ".join(target.messages.values()).split() == ["WORD"] * 30
 
 
-async def test_the_notice_leads_the_answer():
+@pytest.mark.parametrize("ending", ["finish", "fail", "pause"])
+async def test_the_notice_leads_the_answer_or_why_there_is_none(ending):
+    """The messages it names are gone from the history for good, whatever the answer's
+    fate: a failure (a timeout, the queue full) or a pause came without it, and the next
+    try, with nothing more to leave out, said nothing."""
     target, clock = Target(), Clock()
     sink = reply(target, clock, render=str, limit=200)
     await sink.notice("2 older messages were left out.")
     await sink.start()
-    await sink.finish("answer")
+    await getattr(sink, ending)("answer")
     assert target.messages["0"] == "*2 older messages were left out.*\n\nanswer"
 
 
