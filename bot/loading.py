@@ -371,6 +371,11 @@ def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
             except BlockingIOError:  # said, as the wait may take a minute
                 logger.info("Waiting for another process converting %s to finish", source.path)
                 fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as error:  # NFS without its lock service, some FUSE mounts
+                raise ModelError(
+                    f"cannot lock a file in {cache_dir} ({error.strerror}): put DATA_DIR on "
+                    "a local disk"
+                ) from error
             if not (target / "config.json").is_file():
                 _remove_partial_conversions(target)
                 _convert(source, target)

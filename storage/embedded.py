@@ -151,6 +151,12 @@ class EmbeddedRedis:
                     "stop it, choose another DATA_DIR, or set REDIS_URL to share one Redis "
                     "server"
                 ) from None
+        except OSError as exc:  # NFS without its lock service, some FUSE mounts
+            os.close(fd)
+            raise StorageError(
+                f"DATA_DIR {self.data_dir} cannot hold a file lock ({exc.strerror}): put it "
+                "on a local disk"
+            ) from exc
         self._lock_fd = fd
 
     def _stop_orphan(self, holder: str, fd: int) -> bool:

@@ -91,6 +91,20 @@ def test_a_locked_data_dir_is_refused_until_released(tmp_path: Path) -> None:
         pass
 
 
+def test_a_data_dir_that_cannot_hold_a_lock_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """NFS without its lock service refuses flock (ENOLCK): a traceback, where one line
+    says what to do."""
+    import errno
+    import fcntl
+
+    def refused(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    with pytest.raises(StorageError, match=r"cannot hold a file lock \(No locks available\)"):
+        EmbeddedRedis(data_dir=tmp_path).start()
+
+
 async def test_only_a_client_with_its_password_gets_in(tmp_path: Path) -> None:
     """Any local process can reach a port on 127.0.0.1: without the password it can read
     and change nothing, and the password is in no file or command line others may read."""

@@ -364,6 +364,19 @@ def test_a_data_dir_that_cannot_hold_the_conversion_is_one_line(tmp_path):
     assert str(blocked / "models") in str(failed.value)
 
 
+def test_a_data_dir_that_cannot_hold_a_lock_is_named_so(tmp_path, monkeypatch):
+    """NFS without its lock service (ENOLCK): the line said to make DATA_DIR writable."""
+    import errno
+    import os
+
+    def refused(fd: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    with pytest.raises(ModelError, match=r"cannot lock a file in .*\(No locks available\)"):
+        loading._converted_gguf(loading.bundled_source(), tmp_path / "models")
+
+
 def test_a_conversion_under_way_in_another_process_is_waited_for_and_said(tmp_path, caplog):
     """A gateway and its workers start together: one converts the GGUF, the others wait
     for it, which may take a minute, after a line that says so (they said nothing)."""
