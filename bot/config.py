@@ -478,6 +478,11 @@ class _SettingsInYaml(YamlConfigSettingsSource):
                 f"{file_path}: {words[0]!r} is not a setting's name (YAML reads a bare on, "
                 f"off, yes or no as true or false, and digits as a number: quote it)"
             )
+        if "threadbot_config" in data:  # read before this file is: it would be ignored
+            raise ConfigError(
+                f"{file_path}: threadbot_config names this file itself; set THREADBOT_CONFIG "
+                "in the environment or .env"
+            )
         return _without_nulls(data)
 
 

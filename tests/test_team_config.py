@@ -280,6 +280,14 @@ def test_a_file_that_is_not_a_mapping_is_one_line(tmp_path: Path) -> None:
     assert str(info.value) == "threadbot.yml: not a mapping of settings (`name: value` lines)"
 
 
+def test_the_file_naming_another_file_is_one_line(tmp_path: Path) -> None:
+    """It is read once THREADBOT_CONFIG chose it: the line was taken and then ignored."""
+    write(tmp_path / "threadbot.yml", "threadbot_config: other.yml\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith("threadbot.yml: threadbot_config names this file itself")
+
+
 def test_the_example_file_is_valid_and_shows_every_section(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
