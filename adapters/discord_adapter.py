@@ -17,6 +17,7 @@ import re
 import textwrap
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -353,7 +354,7 @@ class DiscordAdapter(Adapter):
                     if joins:
                         await held.enter_async_context(self.joining.joining(key))
                 addressed = True
-                earlier = await self._earlier(message, me) if joins else ()
+                earlier = await self._earlier(message, me, key) if joins else ()
                 author = await _member(message) if read_back else message.author
                 if author is None:
                     logger.info("message %s read back: its author left the server", message.id)
@@ -447,16 +448,22 @@ class DiscordAdapter(Adapter):
         await answer(self.service, turn, self._sink(target, asker))
 
     async def _earlier(
-        self, message: discord.Message, me: discord.ClientUser
+        self, message: discord.Message, me: discord.ClientUser, key: ConversationKey
     ) -> tuple[ChatMessage, ...]:
         """The thread's messages before this one, oldest first (ours as the assistant's):
         the last HISTORY_LIMIT, and in a longer thread its first one too, which says what
-        the thread is about (in a thread made from a channel message, that message)."""
+        the thread is about (in a thread made from a channel message, that message); none
+        from before the conversation was forgotten."""
+        since = await self.service.store.forgotten_at(str(key))
+        after = None if since is None else datetime.fromtimestamp(since, UTC)
         thread, history = message.channel, []
         try:  # each read adds whole or not at all: answering without them beats not answering
-            history += [m async for m in thread.history(limit=HISTORY_LIMIT, before=message)]
+            read = thread.history(
+                limit=HISTORY_LIMIT, before=message, after=after, oldest_first=False
+            )
+            history += [m async for m in read]
             if len(history) == HISTORY_LIMIT:  # maybe more before them
-                first = [m async for m in thread.history(limit=1, oldest_first=True)]
+                first = [m async for m in thread.history(limit=1, after=after, oldest_first=True)]
                 history += [m for m in first if m.id < history[-1].id]
         except (discord.DiscordException, aiohttp.ClientError, OSError):  # (a dropped
             # connection: discord.py retries only a few kinds of it, and passes the rest on)

@@ -476,7 +476,8 @@ class SlackAdapter(Adapter):
         thread_ts = event.get("thread_ts")
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
-            history = await self._thread_context(event, bot_user, looked_up_by)
+            since = await self.service.store.forgotten_at(str(key))
+            history = await self._thread_context(event, bot_user, looked_up_by, since=since)
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
         turn = Turn(
             key,
@@ -604,11 +605,14 @@ class SlackAdapter(Adapter):
         )
 
     async def _thread_context(
-        self, event: dict[str, Any], bot_user: str, deadline: float
+        self, event: dict[str, Any], bot_user: str, deadline: float, *, since: float | None
     ) -> tuple[ChatMessage, ...]:
         """The thread's newest THREAD_CONTEXT_LIMIT messages before this one, oldest first,
-        as chat messages (the bot's as assistant), read and named by `deadline`."""
+        as chat messages (the bot's as assistant), read and named by `deadline`; only those
+        after `since` (when the conversation was forgotten), if given."""
         earlier = await self._earlier_messages(event, deadline)
+        if since is not None:
+            earlier = [message for message in earlier if float(message["ts"]) > since]
         texts = [_text(message) for message in earlier]
         people = {m["user"] for m in earlier if "user" in m}
         names = await self._names(people.union(*map(_mentioned, texts)), deadline)

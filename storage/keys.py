@@ -8,6 +8,7 @@ from __future__ import annotations
 PREFIX = "threadbot:"
 CONVERSATION_PREFIX = f"{PREFIX}conversation:"
 CLEARED_PREFIX = f"{PREFIX}cleared:"
+FORGOTTEN_PREFIX = f"{PREFIX}forgotten:"
 SEEN_PREFIX = f"{PREFIX}seen:"
 HEARD_PREFIX = f"{PREFIX}heard:"
 TURN_PREFIX = f"{PREFIX}turn:"
@@ -37,6 +38,12 @@ def conversation(conversation_id: str) -> str:
 def cleared(conversation_id: str) -> str:
     """The marker that a conversation was reset: known to the bot, with no history."""
     return f"{CLEARED_PREFIX}{conversation_id}"
+
+
+def forgotten(conversation_id: str) -> str:
+    """When a conversation was forgotten (epoch seconds): a thread's messages from before
+    it are not read again as its context. No content, and the bot knows it no more."""
+    return f"{FORGOTTEN_PREFIX}{conversation_id}"
 
 
 def seen(platform: str, message_id: str) -> str:

@@ -289,7 +289,7 @@ class TurnJournal:
             earlier = await pipe.zrangebyscore(index, "-inf", asked_at)
             scores = await pipe.zmscore(keys.PENDING_TURNS, earlier) if earlier else []
             pipe.multi()
-            self._store.queue_forget(pipe, conversation_id)
+            self._store.queue_forget(pipe, conversation_id, at=asked_at)
             pending = [turn_id for turn_id, at in zip(earlier, scores, strict=True) if at]
             for turn_id in pending:
                 self._queue_removal(pipe, turn_id)

@@ -352,6 +352,10 @@ async def test_after_forget_in_another_thread_the_bot_answers_only_once_mentione
         await final_reply(fake, thread["id"], after=2)
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello", "and now?"]
     assert len(bot_messages(fake, thread["id"])) == 3  # "still there?" went unanswered
+    # Mentioned again, it reads the thread from the forget on: what came before was read
+    # again, and stored again, as if never forgotten.
+    read_again = [m["content"] for m in batcher.prompts[1]]
+    assert "still there?" in read_again and "forget" not in read_again
 
 
 @pytest.mark.parametrize("reply_mode", ["thread", "inline"])

@@ -805,6 +805,24 @@ async def test_reset_clears_the_thread(slack, socket_mode):
     assert cleared["text"] == replies.conversation_reset()
 
 
+async def test_after_forget_in_a_pane_thread_what_came_before_is_not_read_again(slack, socket_mode):
+    """A DM thread's next message is answered unmentioned, as a new conversation's: the
+    thread was read back as its context, the forgotten messages with it, and stored again."""
+    batcher = ScriptedBatcher("Noted.")
+    async with socket_mode(batcher, streaming="edit"):
+        started = slack.assistant_thread_started("D0001")
+        await slack.send_event(started)
+        ts = started["assistant_thread"]["thread_ts"]
+        for n, text in enumerate(["My password is hunter2", "forget", "What is my password?"]):
+            await slack.send_event(
+                slack.user_message("D0001", text, thread_ts=ts, channel_type="im")
+            )
+            await final_reply(slack, "D0001", ts, after=n + 1)
+    read_again = [message["content"] for message in batcher.prompts[-1]]
+    assert read_again[-1] == "What is my password?"
+    assert not any("hunter2" in text for text in read_again)
+
+
 async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode, make_batcher):
     async with socket_mode(FailsOnceBatcher(make_batcher())):
         first = slack.app_mention("C0001", "first")
