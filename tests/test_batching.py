@@ -82,6 +82,31 @@ def test_a_request_stopped_after_the_cache_shrank_in_a_step_leaves_the_rest_answ
     assert finished(batcher) == {"b": answer_alone(batcher, QUESTIONS[0], max_new_tokens=8)}
 
 
+def test_rows_going_up_and_down_across_a_power_of_two_keep_their_cache(make_batcher, monkeypatch):
+    """Four rows, a fifth joining and leaving again and again: the cache went from 4 slots
+    to 8 and back each time, a new one with every row copied into it, every row waiting."""
+    from bot.ragged import SlotCache
+
+    batcher, resized = make_batcher(max_batch=8), []
+    resize = SlotCache.resize
+
+    def counted(cache: SlotCache, slots: int, width: int, *, keep: int) -> None:
+        resized.append(slots)
+        resize(cache, slots, width, keep=keep)
+
+    monkeypatch.setattr(SlotCache, "resize", counted)
+    for key in "abcd":
+        batcher.join(key, QUESTIONS[0], conversation=key)
+    batcher.step()
+    for n in range(5):
+        key = f"x{n}"  # (a request is known by its key object)
+        batcher.join(key, QUESTIONS[0], conversation=key)
+        batcher.step()
+        batcher.leave(key)
+        batcher.step()
+    assert resized.count(8) == 1 and resized[-1] == 8
+
+
 def test_a_next_turn_joins_from_its_cache_after_the_cache_shrank_in_a_step(make_batcher):
     """A long prompt's one-token answer ends inside a step: the cache narrows there, and
     keeps its slots for the three rows left; the next turn of another conversation is read
