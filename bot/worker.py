@@ -55,6 +55,7 @@ from bot.queue import (
     Inference,
     InferenceCancelled,
     InferenceTimeout,
+    UnusableOutput,
 )
 from bot.waiting import set_within
 from storage import keys
@@ -475,8 +476,10 @@ class Worker:
             await self._let_go(taken)
         except Exception as error:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
-            if isinstance(error, InferenceUnavailable) and not error.may_pass:
-                await self._give_up(taken)  # refused by INFERENCE_URL: so would every try be
+            if isinstance(error, UnusableOutput) or (
+                isinstance(error, InferenceUnavailable) and not error.may_pass
+            ):  # the model overflows on this prompt, or INFERENCE_URL refused it: so would
+                await self._give_up(taken)  # every try, on any worker
             else:
                 await self._failed_here(taken)
         finally:

@@ -547,6 +547,30 @@ async def test_a_job_that_keeps_failing_is_dead_lettered_and_the_gateway_told(
     assert len(failing.prompts) == 2
 
 
+async def test_a_job_the_model_overflows_on_is_given_up_at_once(streams, qwen_tokenizer):
+    """NaN logits for this prompt: a single process says so at once; a worker handed the
+    job back as its own failure, so it was tried on every worker up to JOB_MAX_DELIVERIES,
+    a whole prompt read each time, each worker marked failing, before the apology."""
+    from conftest import overflowing_qwen2
+
+    from bot.batching import Batcher
+    from bot.engine import Engine
+    from bot.kv_cache import PrefixCache
+
+    model = overflowing_qwen2(qwen_tokenizer, " zebra")
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=8)
+    spy = SpyBatcher(
+        Batcher(engine=engine, max_batch=2, step_tokens=64, prefix_cache=PrefixCache(0))
+    )
+    async with gateway(streams) as queue, worker(streams, spy, "w1", max_deliveries=3):
+        generation = queue.submit(
+            [{"role": "user", "content": "a zebra"}], user="u1", conversation="c1"
+        )
+        with pytest.raises(JobFailed, match="1 tr"):
+            await read(generation)
+    assert len(spy.prompts) == 1
+
+
 async def test_a_job_that_failed_on_one_worker_is_tried_again_on_another(
     streams, make_batcher, monkeypatch
 ):
