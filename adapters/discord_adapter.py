@@ -398,7 +398,7 @@ class DiscordAdapter(Adapter):
             # In thread mode too, a reply to one of our messages in the channel (an answer
             # given inline where no thread could be opened) continues its conversation
             # there; a thread opened from the reply would be keyed apart from it.
-            root = await self._reply_root(message, me, mentioned=inline and mentioned)
+            root = await self._reply_root(message, me, mentioned=mentioned, inline=inline)
             if root is not None:
                 return key_from(root=root), here(reply_to=str(message.id)), False
             if inline:
@@ -478,15 +478,17 @@ class DiscordAdapter(Adapter):
         )
 
     async def _reply_root(
-        self, message: discord.Message, me: discord.ClientUser, *, mentioned: bool
+        self, message: discord.Message, me: discord.ClientUser, *, mentioned: bool, inline: bool
     ) -> str | None:
         """The id of the first message of the reply chain `message` ends, or None if
         `message` is not for the bot.
 
-        The first hop alone decides: a mention, or a reply to one of the bot's messages.
-        A reply to an answer whose conversation is known takes that one's root; only
-        else is the chain walked back, so channel chatter costs no REST call, and a long
-        conversation none at all.
+        The first hop alone decides: a mention (`inline` mode's conversations), or a reply
+        to one of the bot's messages. A reply to an answer whose conversation is known
+        takes that one's root; only else is the chain walked back (in `inline` mode: in
+        thread mode a reply to another line of the bot's, a refusal or a command's reply,
+        is no conversation), so channel chatter costs no REST call, and a conversation
+        one per hop at most up to its nearest answer known.
         """
 
         async def replied_to(child: discord.Message) -> discord.Message | None:
@@ -506,10 +508,10 @@ class DiscordAdapter(Adapter):
                 return None
 
         parent = await replied_to(message)
-        if parent is not None and parent.author == me:
-            if known := await self.service.answered_in(PLATFORM, str(parent.id)):
-                return known.thread
-        elif not mentioned:
+        if parent is None or parent.author != me:
+            if not (inline and mentioned):
+                return None
+        elif not inline and not await self.service.answered_in(PLATFORM, str(parent.id)):
             return None
         root = message
         for hop in range(REPLY_CHAIN_LIMIT):
@@ -517,6 +519,10 @@ class DiscordAdapter(Adapter):
                 parent = await replied_to(root)
             if parent is None:
                 break  # the chain starts here
+            if parent.author == me and (
+                known := await self.service.answered_in(PLATFORM, str(parent.id))
+            ):
+                return known.thread
             root = parent
         return str(root.id)
 

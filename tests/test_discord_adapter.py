@@ -467,6 +467,23 @@ async def test_a_refused_mention_is_answered_in_place_with_no_thread_of_its_own(
     assert len(fake.requests_to("POST", r"/channels/\d+/messages/\d+/threads")) == 1
 
 
+async def test_a_reply_to_a_line_of_the_bots_that_is_no_answer_starts_no_conversation(
+    fake, discord_bot
+):
+    """In thread mode, a reply continues a conversation only under an answer given in the
+    channel (where no thread could be opened): a reply to the help a mention got in place
+    was answered there, a conversation in the channel, no thread opened for it."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        await mention(fake, "help")
+        await fake.wait_for(lambda: len(bot_messages(fake, fake.channel_id)) == 1)
+        [helped] = bot_messages(fake, fake.channel_id)
+        await fake.dispatch("MESSAGE_CREATE", reply_to(fake, helped, "thanks, bot"))
+        asked = await mention(fake, "and Paris?")  # handled after the one before
+        await final_reply(fake, asked["id"])  # in a thread of its own
+    assert [prompt[-1]["content"] for prompt in batcher.prompts] == ["and Paris?"]
+    assert len(bot_messages(fake, fake.channel_id)) == 1
+
+
 async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the_channel(
     fake, discord_bot, monkeypatch, caplog
 ):
@@ -851,6 +868,32 @@ def reply_to(fake: FakeDiscord, target: dict, content: str, *, resolved: bool = 
     if resolved:
         extra["referenced_message"] = {k: v for k, v in target.items() if k != "referenced_message"}
     return fake.user_message(target["channel_id"], content, **extra)
+
+
+async def test_inline_mode_a_mention_replying_deep_in_a_conversation_joins_it(
+    fake, discord_bot, monkeypatch
+):
+    """A mention replying to a question, not to the bot's answer, in a conversation longer
+    than REPLY_CHAIN_LIMIT hops: the walk back stopped partway and began a conversation
+    there, its history lost; it now stops at the nearest answer the bot knows."""
+    monkeypatch.setattr(discord_adapter, "REPLY_CHAIN_LIMIT", 3)
+    async with discord_bot(ScriptedBatcher("Noted."), reply_mode="inline") as (_service, batcher):
+        question = await mention(fake, "q0")
+        answer = await final_reply(fake, fake.channel_id)
+        for n in range(1, 4):
+            question = reply_to(fake, answer, f"q{n}")
+            await fake.dispatch("MESSAGE_CREATE", question)
+            answer = await final_reply(fake, fake.channel_id, after=n)
+        reference = {"message_id": question["id"], "channel_id": question["channel_id"]}
+        deep = fake.user_message(
+            fake.channel_id, "what about that?", mentions_bot=True, type=19,
+            message_reference=reference,
+            referenced_message={k: v for k, v in question.items() if k != "referenced_message"},
+        )  # fmt: skip
+        await fake.dispatch("MESSAGE_CREATE", deep)
+        await final_reply(fake, fake.channel_id, after=4)
+    asked = [m["content"] for m in batcher.prompts[-1]]
+    assert asked[-3:] == ["q3", "Noted.", "what about that?"]  # its history before it
 
 
 async def test_inline_mode_a_reply_routed_slowly_is_still_asked_before_the_next_one(
