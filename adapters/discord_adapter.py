@@ -160,8 +160,8 @@ class DiscordAdapter(Adapter):
         self.caught_up = asyncio.Event()  # cleared while a new session reads back
         self.caught_up.set()
         for handler in (self.on_message, self.on_interaction, self.on_guild_available,
-                        self.on_guild_join, self.on_connect, self.on_ready, self.on_resumed,
-                        self.on_disconnect):  # fmt: skip
+                        self.on_guild_join, self.on_guild_remove, self.on_connect,
+                        self.on_ready, self.on_resumed, self.on_disconnect):  # fmt: skip
             client.event(handler)
 
     @classmethod
@@ -252,6 +252,11 @@ class DiscordAdapter(Adapter):
 
     async def on_guild_join(self, guild: discord.Guild) -> None:
         await self.commands.register_in(guild)
+
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        """Removed from a server, the app's commands there go with it: invited back, it
+        registers them again."""
+        self.commands.forget(guild)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Button presses; slash commands go to the command tree."""

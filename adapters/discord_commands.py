@@ -139,6 +139,10 @@ class SlashCommands:
         except discord.HTTPException as error:
             logger.warning("Discord refused the global commands (%s): %s", error, SCOPE_HELP)
 
+    def forget(self, guild: discord.Guild) -> None:
+        """The server is left: its commands are registered again should it be joined."""
+        self._registered.discard(guild.id)
+
     async def register_in(self, guild: discord.Guild) -> None:
         """A server the bot is in (at start, or just joined), once a process: its own list,
         the commands, or none where the global list has them."""

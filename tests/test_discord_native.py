@@ -223,6 +223,27 @@ async def test_commands_lost_to_a_network_blip_are_registered_when_the_server_is
     assert {command["name"] for command in fake.commands["2001"]} == set(DESCRIPTIONS)
 
 
+async def test_a_server_that_removes_the_bot_and_invites_it_back_gets_the_commands_again(
+    discord_bot,
+):
+    """Removing an app takes its commands in that server with it; invited back while the
+    process ran, it registered nothing (the server was marked registered), and the server
+    had no slash commands until a restart."""
+    async with discord_bot() as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        await bot.adapter.client.wait_until_ready()
+        put = ("PUT", rf"/applications/{fake.application_id}/guilds/2001/commands")
+        await fake.join_guild("2001")
+        await fake.wait_for(lambda: len(fake.requests_to(*put)) == 1)
+        await fake.dispatch("GUILD_DELETE", {"id": "2001"})  # the bot removed
+        fake.commands.pop("2001", None)
+        await fake.wait_for(lambda: bot.adapter.client.get_guild(2001) is None)
+        await fake.join_guild("2001")  # invited back
+        await fake.wait_for(lambda: len(fake.requests_to(*put)) == 2)
+    assert {command["name"] for command in fake.commands["2001"]} == set(DESCRIPTIONS)
+
+
 async def test_global_commands_are_registered_once_for_every_server(discord_bot):
     async with discord_bot(global_commands=True) as bot:
         fake = bot.fake
