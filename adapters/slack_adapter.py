@@ -309,9 +309,13 @@ class SlackAdapter(Adapter):
         async def tell(text: str) -> None:
             await self.app.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
 
+        greeted = f"{team}:{channel}:{thread_ts}:greeted"  # a re-delivery greets no more
         try:
+            if await self.service.store.seen("slack", [greeted]) == [True]:
+                return
             if await self.service.admit(who, key, tell):
                 await _by(deadline, greet(self.app.client, channel=channel, thread_ts=thread_ts))
+                await self.service.store.first_seen("slack", greeted)
         except Exception:
             logger.warning("could not greet assistant thread %s", thread, exc_info=True)
 

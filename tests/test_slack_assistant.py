@@ -31,6 +31,17 @@ async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, s
     assert slack.prompts[("D0001", thread_ts)] == list(SUGGESTED_PROMPTS)
 
 
+async def test_a_thread_start_delivered_again_is_greeted_once(slack, socket_mode):
+    """Slack sends an event again after a late or lost ack: two greetings came."""
+    async with socket_mode(streaming="auto"):
+        started = slack.assistant_thread_started("D0001")
+        thread_ts = started["assistant_thread"]["thread_ts"]
+        await slack.wait_for_ack(await slack.send_event(started))
+        again = await slack.send_event(started, retry_attempt=1, retry_reason="timeout")
+        await slack.wait_for_ack(again)
+    assert [m["text"] for m in bot_posts(slack, thread_ts)] == [GREETING]
+
+
 def bot_posts(slack: FakeSlack, thread_ts: str) -> list[dict]:
     return [m for m in slack.thread("D0001", thread_ts) if m.get("bot_id")]
 
