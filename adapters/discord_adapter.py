@@ -403,8 +403,11 @@ class DiscordAdapter(Adapter):
             # In thread mode too, a reply to one of our messages in the channel (an answer
             # given inline where no thread could be opened) continues its conversation
             # there; a thread opened from the reply would be keyed apart from it.
-            root = await self._reply_root(message, me, mentioned=mentioned, inline=inline)
-            if root is not None:
+            root = await self._reply_root(message, me, mentioned=inline and mentioned)
+            # In thread mode, only a conversation the bot has: not a refusal's or a
+            # command's reply in place, which are no conversation (yet one whose answer is
+            # still being written, and so not yet known as an answer, is).
+            if root is not None and (inline or await self.service.knows(key_from(root=root))):
                 return key_from(root=root), here(reply_to=str(message.id)), False
             if inline:
                 return None
@@ -483,17 +486,15 @@ class DiscordAdapter(Adapter):
         )
 
     async def _reply_root(
-        self, message: discord.Message, me: discord.ClientUser, *, mentioned: bool, inline: bool
+        self, message: discord.Message, me: discord.ClientUser, *, mentioned: bool
     ) -> str | None:
         """The id of the first message of the reply chain `message` ends, or None if
         `message` is not for the bot.
 
-        The first hop alone decides: a mention (`inline` mode's conversations), or a reply
-        to one of the bot's messages. A reply to an answer whose conversation is known
-        takes that one's root; only else is the chain walked back (in `inline` mode: in
-        thread mode a reply to another line of the bot's, a refusal or a command's reply,
-        is no conversation), so channel chatter costs no REST call, and a conversation
-        one per hop at most up to its nearest answer known.
+        The first hop alone decides: a mention, or a reply to one of the bot's messages.
+        A reply to an answer whose conversation is known takes that one's root; only else
+        is the chain walked back, so channel chatter costs no REST call, and a
+        conversation one per hop at most up to its nearest answer known.
         """
 
         async def replied_to(child: discord.Message) -> discord.Message | None:
@@ -513,10 +514,7 @@ class DiscordAdapter(Adapter):
                 return None
 
         parent = await replied_to(message)
-        if parent is None or parent.author != me:
-            if not (inline and mentioned):
-                return None
-        elif not inline and not await self.service.answered_in(PLATFORM, str(parent.id)):
+        if (parent is None or parent.author != me) and not mentioned:
             return None
         root = message
         for hop in range(REPLY_CHAIN_LIMIT):

@@ -484,6 +484,27 @@ async def test_a_reply_to_a_line_of_the_bots_that_is_no_answer_starts_no_convers
     assert len(bot_messages(fake, fake.channel_id)) == 1
 
 
+async def test_a_reply_to_an_answer_still_written_in_the_channel_continues_its_conversation(
+    fake, discord_bot, monkeypatch
+):
+    """Threads refused, the answer is written in the channel; a reply to it while it is
+    still written (not yet known as an answer) is the conversation's next turn, where it
+    went unanswered."""
+
+    async def refused(_req, _channel_id, _message_id):
+        raise ApiError(403, 50013, "Missing Permissions")
+
+    monkeypatch.setattr(fake, "_post_thread", refused)
+    batcher = PacedBatcher("x" * 400, pace=0.25)
+    async with discord_bot(batcher) as (_service, _batcher):
+        await mention(fake, "first question")
+        streaming = await fake.wait_for(lambda: bot_messages(fake, fake.channel_id), timeout=30)
+        assert streaming[0]["content"].endswith(STREAMING_MARK)
+        await fake.dispatch("MESSAGE_CREATE", reply_to(fake, streaming[0], "and then?"))
+        await fake.wait_for(lambda: len(batcher.prompts) == 2, timeout=60)
+    assert [m["content"] for m in batcher.prompts[1]][::2] == ["first question", "and then?"]
+
+
 async def test_a_question_deleted_before_its_thread_opens_is_not_answered_in_the_channel(
     fake, discord_bot, monkeypatch, caplog
 ):
