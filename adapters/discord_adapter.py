@@ -95,6 +95,16 @@ def gateway_intents() -> discord.Intents:
     return intents
 
 
+def _sent_after(forgotten: tuple[float, str] | None) -> discord.Object | datetime | None:
+    """What a thread is read back after, once its conversation was forgotten: the forget's
+    own message (a snowflake, as a slash command's interaction id is too), else when it
+    was handled."""
+    if forgotten is None:
+        return None
+    at, message = forgotten
+    return discord.Object(id=int(message)) if message.isdigit() else datetime.fromtimestamp(at, UTC)
+
+
 def _point_at_api(settings: Settings) -> None:
     """discord.py keeps its REST base and gateway URL as class attributes: one Discord
     connection per process, pointed where DISCORD_API_URL says."""
@@ -462,8 +472,7 @@ class DiscordAdapter(Adapter):
         the last HISTORY_LIMIT, and in a longer thread its first one too, which says what
         the thread is about (in a thread made from a channel message, that message); none
         from before the conversation was forgotten."""
-        since = await self.service.store.forgotten_at(str(key))
-        after = None if since is None else datetime.fromtimestamp(since, UTC)
+        after = _sent_after(await self.service.store.forgotten(str(key)))
         thread, history = message.channel, []
         try:  # each read adds whole or not at all: answering without them beats not answering
             read = thread.history(

@@ -136,6 +136,17 @@ def _refusal_stands(error: SlackApiError) -> bool:
     return error.response.get("error") not in PASSING
 
 
+def _sent_at(forgotten: tuple[float, str] | None) -> float | None:
+    """When a conversation's `forget` was sent: its message's `ts` (Slack's clock, as the
+    thread's are; its id is `team:channel:ts`), or, for a slash command, which has none
+    (`team:channel:command:trigger`), when it was handled."""
+    if forgotten is None:
+        return None
+    at, message = forgotten
+    parts = message.split(":")
+    return float(parts[2]) if len(parts) == 3 else at
+
+
 def _web_client(settings: Settings) -> AsyncWebClient:
     token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
     return AsyncWebClient(
@@ -480,7 +491,7 @@ class SlackAdapter(Adapter):
         thread_ts = event.get("thread_ts")
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
-            since = await self.service.store.forgotten_at(str(key))
+            since = _sent_at(await self.service.store.forgotten(str(key)))
             history = await self._thread_context(event, bot_user, looked_up_by, since=since)
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
         turn = Turn(

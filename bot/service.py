@@ -982,7 +982,9 @@ class ChatService:
             if not admin and starter not in (None, turn.author):
                 return replies.not_starter(str(turn.command))
             if turn.command == "forget":
-                dropped = await self.journal.forget(conversation, asked_at=received)
+                dropped = await self.journal.forget(
+                    conversation, asked_at=received, message=turn.message_id
+                )
                 reply = replies.forgotten(dropped)
             else:
                 await self.store.clear(conversation)

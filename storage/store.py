@@ -132,10 +132,12 @@ class ConversationStore:
             pipe.hdel(keys.facts(conversation_id), "template", "system", "several")
             await pipe.execute()
 
-    def queue_forget(self, pipe: Pipeline, conversation_id: str, *, at: float) -> None:
+    def queue_forget(
+        self, pipe: Pipeline, conversation_id: str, *, at: float, message: str = ""
+    ) -> None:
         """Queue, on the caller's MULTI, the deletion of everything stored for a
         conversation, its dead-lettered jobs too (`TurnJournal.forget` drops its turns),
-        and the time `at` it was forgotten (`forgotten_at`)."""
+        and which `message` (its platform id) forgot it, when (`at`): `forgotten`."""
         pipe.delete(
             keys.conversation(conversation_id),
             keys.cleared(conversation_id),
@@ -143,13 +145,17 @@ class ConversationStore:
             keys.answer_place(conversation_id),
         )
         pipe.eval(_FORGET_DEAD_JOBS, 1, keys.DEAD_JOBS, conversation_id)
-        pipe.set(keys.forgotten(conversation_id), repr(at), ex=self.ttl_seconds)
+        pipe.set(keys.forgotten(conversation_id), f"{at!r} {message}", ex=self.ttl_seconds)
 
-    async def forgotten_at(self, conversation_id: str) -> float | None:
-        """When the conversation was last forgotten (epoch seconds), if it was within its
-        history's lifetime: an adapter reading its thread back leaves out what came before."""
-        at = await self._redis.get(keys.forgotten(conversation_id))
-        return float(at) if at is not None else None
+    async def forgotten(self, conversation_id: str) -> tuple[float, str] | None:
+        """When the conversation was last forgotten (epoch seconds), and by which message
+        (its platform id; "" if none), if within its history's lifetime: an adapter reading
+        its thread back leaves out what came before."""
+        found = await self._redis.get(keys.forgotten(conversation_id))
+        if found is None:
+            return None
+        at, _, message = found.partition(" ")
+        return float(at), message
 
     async def mark_joining(self, conversation_id: str, *, for_ms: int) -> None:
         """Say, for at most `for_ms`, that a process is taking the bot into the

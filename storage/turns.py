@@ -277,7 +277,7 @@ class TurnJournal:
         watched = [keys.turn(pending.id), keys.conversation(pending.conversation)]
         return await self._transaction(watched, write)
 
-    async def forget(self, conversation_id: str, *, asked_at: float) -> int:
+    async def forget(self, conversation_id: str, *, asked_at: float, message: str = "") -> int:
         """Delete everything stored of a conversation, and drop its turns accepted before
         `asked_at` that are still pending (left for a later try, or a gone process's), in
         one MULTI: none of them is answered, nor stores anything, after this (a turn asks
@@ -289,7 +289,7 @@ class TurnJournal:
             earlier = await pipe.zrangebyscore(index, "-inf", asked_at)
             scores = await pipe.zmscore(keys.PENDING_TURNS, earlier) if earlier else []
             pipe.multi()
-            self._store.queue_forget(pipe, conversation_id, at=asked_at)
+            self._store.queue_forget(pipe, conversation_id, at=asked_at, message=message)
             pending = [turn_id for turn_id, at in zip(earlier, scores, strict=True) if at]
             for turn_id in pending:
                 self._queue_removal(pipe, turn_id)

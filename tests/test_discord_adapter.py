@@ -333,6 +333,16 @@ async def test_after_forget_in_its_own_thread_the_next_message_starts_anew_there
     assert batcher.prompts[1] == [{"role": "user", "content": "a fresh start"}]
 
 
+def test_a_thread_is_read_back_after_the_forgets_own_message():
+    """Handled late (read back after an outage), a forget's time left out the messages
+    sent after it; its message's snowflake does not."""
+    from adapters.discord_adapter import _sent_after
+
+    assert _sent_after((1_700_000_999.0, "1172000000000000000")).id == 1172000000000000000
+    assert _sent_after((1_700_000_999.0, "")).timestamp() == 1_700_000_999.0
+    assert _sent_after(None) is None
+
+
 async def test_after_forget_in_another_thread_the_bot_answers_only_once_mentioned(
     fake, discord_bot
 ):

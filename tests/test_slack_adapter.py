@@ -823,6 +823,16 @@ async def test_after_forget_in_a_pane_thread_what_came_before_is_not_read_again(
     assert not any("hunter2" in text for text in read_again)
 
 
+def test_a_thread_is_read_back_from_the_forget_as_sent_not_as_handled():
+    """A forget handled late (a re-delivery, Slack's clock ahead) left out the messages
+    sent after it; a slash command's, which has no message, cuts when it was handled."""
+    from adapters.slack_adapter import _sent_at
+
+    assert _sent_at((1_700_000_999.0, "T1:D1:1700000000.000100")) == 1_700_000_000.0001
+    assert _sent_at((1_700_000_999.0, "T1:D1:command:1234.5678.abcd")) == 1_700_000_999.0
+    assert _sent_at(None) is None
+
+
 async def test_a_failure_is_reported_and_the_adapter_goes_on(slack, socket_mode, make_batcher):
     async with socket_mode(FailsOnceBatcher(make_batcher())):
         first = slack.app_mention("C0001", "first")

@@ -150,14 +150,15 @@ async def test_forget_deletes_everything(
     await store.clear(conversation_id)
     await store.append(conversation_id, user("b"))
     async with redis_client.pipeline(transaction=True) as pipe:
-        store.queue_forget(pipe, conversation_id, at=1.5)
+        store.queue_forget(pipe, conversation_id, at=1.5, message="T1:C1:1700000000.000100")
         await pipe.execute()
     assert not await store.exists(conversation_id)
     assert (
         await redis_client.exists(keys.conversation(conversation_id), keys.cleared(conversation_id))
         == 0
     )
-    assert await store.forgotten_at(conversation_id) == 1.5  # when, and nothing more
+    forgotten = await store.forgotten(conversation_id)  # when, by which message: no more
+    assert forgotten == (1.5, "T1:C1:1700000000.000100")
     assert 0 < await redis_client.ttl(keys.forgotten(conversation_id)) <= store.ttl_seconds
 
 
