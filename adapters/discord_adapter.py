@@ -414,11 +414,12 @@ class DiscordAdapter(Adapter):
             # given inline where no thread could be opened) continues its conversation
             # there; a thread opened from the reply would be keyed apart from it.
             root = await self._reply_root(message, me, mentioned=inline and mentioned)
+            key = None if root is None else key_from(root=root)
             # In thread mode, only a conversation the bot has: not a refusal's or a
             # command's reply in place, which are no conversation (yet one whose answer is
             # still being written, and so not yet known as an answer, is).
-            if root is not None and (inline or await self.service.knows(key_from(root=root))):
-                return key_from(root=root), here(reply_to=str(message.id)), False
+            if key is not None and (inline or await self.service.knows(key)):
+                return key, here(reply_to=str(message.id)), False
             if inline:
                 return None
         if not mentioned:

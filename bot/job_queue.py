@@ -260,12 +260,12 @@ class JobQueue:
         if earlier in self._cancels_owed or await self.redis.exists(keys.job_cancel(earlier)):
             return False
         if left_ms < self._asked_for_s * 1000 / 2:
-            await self.redis.set(keys.job_cancel(earlier), "1", ex=self._cancel_kept_s)
+            await self._mark_cancelled(earlier)
             logger.info("not following job %s, sent long before: asking again", earlier)
             return False
         if self._watches.pop(keys.job_chunks(watch.job.id), None) is None:
             # Cancelled meanwhile (a Stop, a reset): the earlier job is not wanted either.
-            await self.redis.set(keys.job_cancel(earlier), "1", ex=self._cancel_kept_s)
+            await self._mark_cancelled(earlier)
             return True
         watch.job = replace(watch.job, id=earlier)
         self._watches[keys.job_chunks(earlier)] = watch
@@ -303,8 +303,11 @@ class JobQueue:
         now = time.monotonic()
         for job_id, pointless_at in list(self._cancels_owed.items()):
             if now < pointless_at:
-                await self.redis.set(keys.job_cancel(job_id), "1", ex=self._cancel_kept_s)
+                await self._mark_cancelled(job_id)
             del self._cancels_owed[job_id]
+
+    async def _mark_cancelled(self, job_id: str) -> None:
+        await self.redis.set(keys.job_cancel(job_id), "1", ex=self._cancel_kept_s)
 
     def _forget(self, watch: _Watch) -> None:
         if self._watches.pop(keys.job_chunks(watch.job.id), None) is not None:

@@ -407,8 +407,7 @@ class Worker:
             return
         if job.deadline < self.clock.now():  # a gateway that took it over may wait longer
             logger.warning("job %s taken past its deadline; dropped", job.id)
-            with contextlib.suppress(RedisError):
-                await self._write(job, Chunk(attempt, self.name, "error", TIMED_OUT))
+            await self._say_timed_out(job, attempt)
             await self._acknowledge(stream, entry_id)
             return
         if attempt > self.max_deliveries:
@@ -471,8 +470,7 @@ class Worker:
             logger.warning(
                 "job %s ran out of time on %s (try %d)", job.id, self.name, taken.attempt
             )
-            with contextlib.suppress(RedisError):  # read by a gateway that waits longer
-                await self._write(job, Chunk(taken.attempt, self.name, "error", TIMED_OUT))
+            await self._say_timed_out(job, taken.attempt)
             await self._let_go(taken)
         except Exception as error:
             logger.exception("job %s failed on %s (try %d)", job.id, self.name, taken.attempt)
@@ -487,6 +485,11 @@ class Worker:
                 taken.generation.cancel()
             del self._running[taken.entry]
             self._room.set()
+
+    async def _say_timed_out(self, job: Job, attempt: int) -> None:
+        """For a gateway that waits longer than the job's deadline (it took another's over)."""
+        with contextlib.suppress(RedisError):
+            await self._write(job, Chunk(attempt, self.name, "error", TIMED_OUT))
 
     async def _failed_here(self, taken: _Taken) -> None:
         """Hand the job back for another try, and mark this worker as failing for a while."""

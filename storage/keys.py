@@ -41,8 +41,9 @@ def cleared(conversation_id: str) -> str:
 
 
 def forgotten(conversation_id: str) -> str:
-    """When a conversation was forgotten (epoch seconds): a thread's messages from before
-    it are not read again as its context. No content, and the bot knows it no more."""
+    """When a conversation was forgotten, and by which message (its platform id): a
+    thread's messages from before it are not read again as its context. No content, and
+    the bot knows it no more."""
     return f"{FORGOTTEN_PREFIX}{conversation_id}"
 
 
