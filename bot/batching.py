@@ -430,7 +430,8 @@ class Batcher:
         """Size the slot cache to the rows: grown to hold them, shrunk once it is more than
         twice what they need (in slots, and in width), so it neither reallocates at every
         join nor holds what is gone: rows going 4, 5, 4, 5 kept 8 slots and 4 in turn, each
-        a new cache and a copy of every row (up to a second on 2 cores, every row waiting)."""
+        a new cache and a copy of every row, every row waiting (for Qwen2.5-0.5B, 29-39 ms
+        between 16 and 32 slots 2,048 wide in bfloat16, 2 cores of an AMD EPYC)."""
         rows = len(self._sequences)
         if not rows:
             self._cache.resize(0, 0, keep=0)
