@@ -28,6 +28,9 @@ _ROLES = frozenset(get_args(Role))
 REGENERATION_TAKING_S = 60
 """How long a press's mark holds before its regeneration is recorded: its one Redis write."""
 HEARD_KEPT = 100  # private channels `hear_from` keeps: a catch-up reads each one's news
+FORGET_KEPT_S = 366 * 86400
+"""How long, at least, a forget's cut outlives the conversation's last message: the
+thread is read back once its history expires, and the forgotten messages must stay out."""
 
 
 # KEYS[1]: a conversation; ARGV: its cap, and what to keep once over it. A script, so the
@@ -68,6 +71,7 @@ class ConversationStore:
         self._max_messages = max_messages
         self._kept_over_cap = max(int(max_messages * TRIM_TO), 1)
         self.ttl_seconds = ttl_seconds
+        self._forget_kept_s = max(ttl_seconds, FORGET_KEPT_S)
 
     async def ping(self) -> None:
         """Raise unless Redis takes a write now (readiness)."""
@@ -91,6 +95,7 @@ class ConversationStore:
         pipe.rpush(key, *(json.dumps(m, ensure_ascii=False) for m in messages))
         pipe.eval(_CAP_SCRIPT, 1, key, self._max_messages, self._kept_over_cap)
         pipe.expire(key, self.ttl_seconds)
+        pipe.expire(keys.forgotten(conversation_id), self._forget_kept_s)  # if forgotten once
 
     async def ends_with(self, pipe: Pipeline, conversation_id: str, message: ChatMessage) -> bool:
         """Whether `message` is the conversation's newest."""
@@ -145,12 +150,12 @@ class ConversationStore:
             keys.answer_place(conversation_id),
         )
         pipe.eval(_FORGET_DEAD_JOBS, 1, keys.DEAD_JOBS, conversation_id)
-        pipe.set(keys.forgotten(conversation_id), f"{at!r} {message}", ex=self.ttl_seconds)
+        pipe.set(keys.forgotten(conversation_id), f"{at!r} {message}", ex=self._forget_kept_s)
 
     async def forgotten(self, conversation_id: str) -> tuple[float, str] | None:
         """When the conversation was last forgotten (epoch seconds), and by which message
-        (its platform id; "" if none), if within its history's lifetime: an adapter reading
-        its thread back leaves out what came before."""
+        (its platform id; "" if none), if within `FORGET_KEPT_S` of its last message: an
+        adapter reading its thread back leaves out what came before."""
         found = await self._redis.get(keys.forgotten(conversation_id))
         if found is None:
             return None

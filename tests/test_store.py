@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from bot.types import ChatMessage, ConversationKey
 from storage import keys
-from storage.store import ConversationStore
+from storage.store import FORGET_KEPT_S, ConversationStore
 
 
 @pytest.fixture
@@ -159,7 +159,23 @@ async def test_forget_deletes_everything(
     )
     forgotten = await store.forgotten(conversation_id)  # when, by which message: no more
     assert forgotten == (1.5, "T1:C1:1700000000.000100")
-    assert 0 < await redis_client.ttl(keys.forgotten(conversation_id)) <= store.ttl_seconds
+
+
+async def test_a_forgets_cut_outlives_the_conversation_after_it(
+    store: ConversationStore, redis_client: Redis, conversation_id: str
+) -> None:
+    """Once the history expires the thread is read back whole, up to the cut: the cut is
+    kept far longer than the history (a year at least), counted from its last message."""
+    marker = keys.forgotten(conversation_id)
+    async with redis_client.pipeline(transaction=True) as pipe:
+        store.queue_forget(pipe, conversation_id, at=1.5)
+        await pipe.execute()
+    assert FORGET_KEPT_S - 5 <= await redis_client.ttl(marker) <= FORGET_KEPT_S
+    assert store.ttl_seconds * 10 < FORGET_KEPT_S
+    await redis_client.expire(marker, 60)  # as if forgotten long ago
+    await store.append(conversation_id, user("after the forget"))
+    assert await redis_client.ttl(marker) > store.ttl_seconds  # still past the history
+    assert await store.forgotten(conversation_id) == (1.5, "")
 
 
 async def test_first_seen_once_per_platform_and_expires(
