@@ -36,10 +36,23 @@ redis.call('SET', KEYS[2], tostring(wait), 'EX', ARGV[3])
 return tostring(wait)
 """
 
+# A token `_TAKE` took for message KEYS[2] put back in KEYS[1] (capacity ARGV[1]), if this
+# message took one; its mark goes, so that a re-delivery is judged afresh.
+_GIVE_BACK = """
+if redis.call('GET', KEYS[2]) ~= '0' then return 0 end
+redis.call('DEL', KEYS[2])
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
+if tokens then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(tonumber(ARGV[1]), tokens + 1)))
+end
+return 1
+"""
+
 
 class Limits:
     def __init__(self, *, redis: Redis) -> None:
         self._take = redis.register_script(_TAKE)
+        self._give_back = redis.register_script(_GIVE_BACK)
         self._once = Once(redis)
 
     async def take(self, user: str, message: str, per_minute: float) -> float:
@@ -52,6 +65,12 @@ class Limits:
             args=[per_minute / 60, max(per_minute, 1), REDELIVERY_WINDOW_S],
         )
         return float(wait)
+
+    async def give_back(self, user: str, message: str, per_minute: float) -> None:
+        """Put back the token `message` took from `user`'s bucket: the message was refused
+        for another reason (its sender has too many answers pending), and costs nothing."""
+        await self._give_back(keys=[keys.rate(user), keys.rate_taken(message)],
+                              args=[max(per_minute, 1)])  # fmt: skip
 
     async def first_denial(self, whom: str) -> bool:
         """True if `whom` (a person somewhere) was not told within the hour that they are

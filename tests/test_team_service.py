@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import GatedBatcher
 from redis.exceptions import ConnectionError as RedisConnectionError
-from test_service import RecordingSink
+from test_service import RecordingSink, until
 
 from bot import replies
 from bot.access import Requester
@@ -109,6 +109,27 @@ async def test_a_message_delivered_twice_takes_from_the_rate_limit_once(make_ser
         await service.handle(say(conversation, "two", author=alice), second)
     assert len(first.kinds("finish") + again.kinds("finish")) == 1
     [answer] = second.kinds("finish")
+    assert not answer.startswith("You're asking faster")
+
+
+async def test_a_message_refused_for_pending_answers_takes_nothing_from_the_rate_limit(
+    make_service, make_batcher, conversation
+):
+    """Two messages a minute, one pending at a time: a message refused while the first is
+    answered costs no message of the rate, so the next one after the answer is answered."""
+    rules, alice = Access(rate_limit_per_minute=2), new_user()
+    gated = GatedBatcher(make_batcher())
+    first, refused, later = RecordingSink(), RecordingSink(), RecordingSink()
+    async with make_service(gated, access=rules, max_pending_per_user=1) as (service, _):
+        answering = asyncio.create_task(service.handle(say(conversation, "one", author=alice),
+                                                       first))  # fmt: skip
+        await until(lambda: asyncio.sleep(0, service.queue.depth == 1))
+        await service.handle(say(conversation, "too soon", author=alice), refused)
+        gated.gate.set()
+        await asyncio.wait_for(answering, timeout=30)
+        await service.handle(say(conversation, "two", author=alice), later)
+    assert refused.events == [("finish", replies.slow_down(1))]
+    [answer] = later.kinds("finish")
     assert not answer.startswith("You're asking faster")
 
 
