@@ -124,19 +124,21 @@ class ConsoleAdapter(Adapter):
         interactive: bool,
     ) -> None:
         self.service = service
-        self.key = ConversationKey(self.platform, "local", conversation, conversation)
+        self.author = _user_name()
+        # Each login has its own conversations: on a Redis a team shares, everyone's
+        # `default` is their own, and an answer left unfinished resumes in its own chat.
+        login = self.author.replace(":", "_")
+        self.key = ConversationKey(self.platform, login, conversation, conversation)
+        self.scope = f"{self.platform}:{login}:{conversation}"
         self.input = input
         self.output = output
         self.interactive = interactive
         self.at_prompt = False  # `you>` is on screen, waiting for a line
         if interactive:  # input() then reads the line itself: no 4 KiB terminal line limit
             import readline  # noqa: F401
-        self.author = _user_name()
         # The terminal is there from the start: answers an earlier chat left unfinished
         # may be resumed into it at once.
-        service.serve_platform(
-            f"console:{conversation}", lambda _target, _stop: ConsoleSink(self.output)
-        )
+        service.serve_platform(self.scope, lambda _target, _stop: ConsoleSink(self.output))
 
     async def run(self) -> None:
         try:
@@ -158,7 +160,8 @@ class ConsoleAdapter(Adapter):
             if re.fullmatch(r"/\S+", text) and command(text) is None:  # a typo: no question
                 await ConsoleSink(self.output).fail(replies.unknown_command(text))
                 continue
-            message_id = f"{self.key.thread}:{uuid.uuid4().hex}"  # resumed only in this chat
+            # Its turn's id is in `scope`: resumed only in a chat of this conversation.
+            message_id = f"{self.key.workspace}:{self.key.thread}:{uuid.uuid4().hex}"
             turn = Turn(self.key, self.author, text, message_id, command=command(text))
             sink = ConsoleSink(self.output)
             stop = partial(self.service.stop_answer, turn.id, by=self.author)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import os
 import re
@@ -90,9 +91,10 @@ def run_python(code: str, *, cwd: Path) -> Result:
     return Result(completed.returncode, completed.stdout, completed.stderr)
 
 
-def console_id(name: str) -> str:
-    """The conversation id the console adapter stores `--conversation NAME` under."""
-    return str(ConversationKey("console", "local", name, name))
+def console_id(name: str, login: str | None = None) -> str:
+    """The conversation id the console adapter stores `--conversation NAME` under, for
+    `login` (by default this test's)."""
+    return str(ConversationKey("console", login or getpass.getuser(), name, name))
 
 
 def prompt_sizes(stderr: str, conversation: str) -> list[int]:
@@ -475,6 +477,12 @@ async def test_conversation_continues_across_runs(data_dir: Path) -> None:
     assert messages[0]["content"] == FRANCE
     assert messages[2]["content"] == "And of Italy?"
     assert "paris" in messages[1]["content"].lower()
+
+    # Another login's chat of that name is its own: on a Redis a team shares, nobody
+    # continues, or resumes, someone else's.
+    other = chat(data_dir, name, "And of Spain?\n", LOG_LEVEL="DEBUG", LOGNAME="someone-else")
+    assert f"prompt for {console_id(name, 'someone-else')}: 1 messages" in other.stderr
+    assert len(await stored(data_dir, conversation)) == 4
 
 
 @pytest.mark.slow
