@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.access import Requester, refusal
 from bot.config import ConfigError, load_settings
 from bot.team import Team
 
@@ -299,6 +300,13 @@ def test_the_example_file_is_valid_and_shows_every_section(
                     "max_attachment_chars:", "strip_reasoning:"):  # fmt: skip
         assert section in text
     assert settings.personas and settings.access.admins
+    # Copied as it stands, it shuts nobody out but its sample ids: a Discord server and DM,
+    # a Slack channel and DM of anyone else's are answered.
+    for who in (Requester("discord", "42", "7", workspace="9"),
+                Requester("discord", "42", "7", dm=True),
+                Requester("slack", "U0ALICE", "C0GENERAL", workspace="T0ACME"),
+                Requester("slack", "U0ALICE", "D0ALICE", workspace="T0ACME", dm=True)):  # fmt: skip
+        assert refusal(settings.access, who) is None, who
 
 
 def test_reload_swaps_the_rules_and_an_invalid_file_keeps_them(tmp_path: Path) -> None:
