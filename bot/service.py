@@ -156,7 +156,7 @@ class ChatService:
         self._release_owed: set[str] = set()  # orphaned turns whose last try is not to count
         # Their answers written, not saved (storage lost at the save): delivered once it is
         # back, as saved ones are, not written anew (a Stop pressed meanwhile stands).
-        self._unsaved: dict[str, str] = {}
+        self._unsaved: dict[str, tuple[str, tuple[int, int]]] = {}  # with its tokens
         # Regenerated turns' old answers, by turn id: put back if the new one fails.
         self._taken_back: dict[str, str] = {}
         self._resuming = asyncio.Lock()  # one claim pass at a time
@@ -544,10 +544,11 @@ class ChatService:
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
     ) -> None:
         if pending.answer is None and (unsaved := self._unsaved.get(pending.id)) is not None:
-            owned = await self.journal.save(pending, answer=unsaved)  # saved at last
+            answer, tokens = unsaved
+            owned = await self.journal.save(pending, answer=answer, tokens=tokens)  # at last
             if owned:  # (kept until then: another outage may come first)
                 del self._unsaved[pending.id]
-                pending = replace(pending, answer=unsaved)
+                pending = replace(pending, answer=answer, tokens=tokens)
         else:
             owned = await self.journal.owns(pending)
         if not owned:  # a `forget` dropped it while it waited, or another process took it
@@ -675,11 +676,12 @@ class ChatService:
             await self._fail(started, sink, replies.empty_answer())
             return
         # Saved before it is shown: a stop from here on delivers this answer, not a new one.
+        tokens = generation.prompt_tokens, generation.answer_tokens
         try:
-            saved = await self.journal.save(started, answer=answer)
+            saved = await self.journal.save(started, answer=answer, tokens=tokens)
         except Exception as error:
             if is_outage(error):  # kept here instead: this process takes the turn up again
-                self._unsaved[started.id] = answer
+                self._unsaved[started.id] = answer, tokens
             raise
         if not saved:
             _not_ours(pending)
@@ -690,8 +692,7 @@ class ChatService:
             queue_wait=generation.queue_wait or 0.0,
             first_token_at=generation.first_text_at or time.time(),
         )
-        await self._deliver(started, sink, answer, generated)
-        await self._count(pending, generation)
+        await self._deliver(replace(started, tokens=tokens), sink, answer, generated)
 
     async def fitting(self, turn: Turn) -> Callable[[str], Awaitable[bool]]:
         """Whether the turn, with a text of the adapter's, fits its conversation's prompt
@@ -758,14 +759,11 @@ class ChatService:
                 logger.info("the answer to %s is being written again", pending.id)
                 await sink.restart()
 
-    async def _count(self, pending: PendingTurn, generation: Generation) -> None:
+    async def _count(self, pending: PendingTurn) -> None:
         """Add an answered turn to the last hour's stats; they are not worth a failed turn."""
         try:
-            await self.stats.record(
-                time.time() - pending.accepted_at,
-                generation.prompt_tokens,
-                generation.answer_tokens,
-            )
+            # (0, 0): an answer saved by a version that kept no tokens
+            await self.stats.record(time.time() - pending.accepted_at, *(pending.tokens or (0, 0)))
         except Exception:
             logger.warning("could not record the stats of turn %s", pending.id, exc_info=True)
 
@@ -795,6 +793,7 @@ class ChatService:
             _not_ours(pending)
             return
         report_answered(self.metrics, pending, generated)
+        await self._count(pending)  # here, once, however late the answer is delivered
 
     async def _fail(
         self, pending: PendingTurn, sink: ReplySink, text: str, *, outcome: Outcome = "failed"

@@ -53,6 +53,7 @@ class PendingTurn:
     attempts: int = 1
     stored: bool = False  # the user's message is in the conversation's history
     answer: str | None = None  # generated, maybe not yet delivered
+    tokens: tuple[int, int] | None = None  # that answer's prompt and answer tokens
     failure: str | None = None  # told (or being told) to the user: over, but for closing
     regenerates: dict[str, Any] | None = None  # the place of the answer it replaces
     kept: str | None = None  # that answer, once taken back from the history
@@ -230,15 +231,18 @@ class TurnJournal:
         await self._transaction([keys.turn(pending.id), conversation], write)
 
     async def save(self, pending: PendingTurn, *, target: dict[str, Any] | None = None,
-                   answer: str | None = None, failure: str | None = None) -> bool:  # fmt: skip
-        """Record progress (where the answer is posted, the answer itself, or the failure
-        the user is told, with the answer it keeps: none but a regeneration's old one, so
-        an answer generated and saved before is dropped); False if the turn is no longer
-        ours."""
+                   answer: str | None = None, tokens: tuple[int, int] | None = None,
+                   failure: str | None = None) -> bool:  # fmt: skip
+        """Record progress (where the answer is posted, the answer itself and its prompt
+        and answer `tokens`, or the failure the user is told, with the answer it keeps:
+        none but a regeneration's old one, so an answer generated and saved before is
+        dropped); False if the turn is no longer ours."""
         fields = {"target": json.dumps(target)} if target is not None else {}
         fields |= {
             name: value for name, value in (("answer", answer), ("failure", failure)) if value
         }
+        if tokens is not None:
+            fields["tokens"] = json.dumps(tokens)
         dropped = failure is not None and not answer  # after a restart, stored as told
 
         async def write(pipe: Pipeline) -> bool:
@@ -247,7 +251,7 @@ class TurnJournal:
             pipe.multi()
             pipe.hset(keys.turn(pending.id), mapping=fields)
             if dropped:
-                pipe.hdel(keys.turn(pending.id), "answer")
+                pipe.hdel(keys.turn(pending.id), "answer", "tokens")
             return True
 
         return await self._transaction([keys.turn(pending.id)], write)
@@ -558,6 +562,7 @@ def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
             attempts=int(record["attempts"]),
             stored=record.get("stored") == "1",
             answer=record.get("answer"),
+            tokens=tuple(json.loads(record["tokens"])) if "tokens" in record else None,
             failure=record.get("failure"),
             regenerates=json.loads(record["regenerates"]) if "regenerates" in record else None,
             kept=record.get("kept"),

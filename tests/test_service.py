@@ -1876,13 +1876,18 @@ async def test_a_passing_platform_failure_is_tried_again_and_the_answer_written_
 ):
     """The placeholder, or the answer, did not reach the thread once: the turn is tried
     again (an answer written is shown, not written again), where it ended there, the user
-    unanswered and the answer thrown away."""
+    unanswered and the answer thrown away. Shown at last, it counts in the stats once,
+    with the tokens it was written with."""
     message, sink = on(platform), FlakyPlatform(kind, failures=1)
     async with make_service() as (service, batcher):
         service.serve_platform(platform, Rebuilder())
         await service.handle(message, sink)
         await until(lambda: gone(redis_client, f"{platform}:{message.message_id}"), timeout=30)
+        summary = await service.stats.summary()
     assert len(batcher.prompts) == 1 and not sink.kinds("fail")
+    prompt_tokens = batcher.batcher.engine.count_tokens(batcher.prompts[0])
+    assert (summary.turns, summary.prompt_tokens) == (1, prompt_tokens)
+    assert summary.answer_tokens > 0
     answers = sink.kinds("finish")
     assert len(answers) == (2 if kind == "finish" else 1) and len(set(answers)) == 1
     assert await store.load(message.conversation) == [

@@ -401,10 +401,10 @@ async def test_save_records_progress_that_a_claim_reads_back(
     pending = await first.accept(new_turn(platform), {"thread": "T1", "messages": []})
     assert pending is not None
     assert await first.save(pending, target={"thread": "T1", "messages": ["M1", "M2"]})
-    assert await first.save(pending, answer="the answer, generated")
+    assert await first.save(pending, answer="the answer, generated", tokens=(120, 7))
     [claimed] = await make_journal("second").claim([platform], orphaned=())
     assert claimed.target == {"thread": "T1", "messages": ["M1", "M2"]}
-    assert claimed.answer == "the answer, generated"
+    assert (claimed.answer, claimed.tokens) == ("the answer, generated", (120, 7))
 
 
 async def test_a_failure_saved_after_the_answer_keeps_no_answer(
@@ -416,10 +416,10 @@ async def test_a_failure_saved_after_the_answer_keeps_no_answer(
     first = make_journal("first")
     pending = await first.accept(new_turn(platform), {"thread": "T1", "messages": []})
     assert pending is not None
-    assert await first.save(pending, answer="the answer, generated")
+    assert await first.save(pending, answer="the answer, generated", tokens=(120, 7))
     assert await first.save(pending, failure="Sorry, that failed.")
     [claimed] = await make_journal("second").claim([platform], orphaned=())
-    assert (claimed.failure, claimed.answer) == ("Sorry, that failed.", None)
+    assert (claimed.failure, claimed.answer, claimed.tokens) == ("Sorry, that failed.", None, None)
     assert await make_journal("second").save(claimed, failure="It failed.", answer="old one")
     [again] = await make_journal("third").claim([platform], orphaned=())
     assert (again.failure, again.answer) == ("It failed.", "old one")
