@@ -136,7 +136,8 @@ class TurnJournal:
     ) -> PendingTurn | None:
         """Record a new turn, owned by us (its author becomes the conversation's starter
         if it has none), or one answering the last question again in place of the answer
-        shown at `regenerates`; None if this message was seen before. One that raises is
+        shown at `regenerates` (its presser starts nothing); None if this message was
+        seen before. One that raises is
         taken as refused: should it be recorded all the same, the next `claim` drops it."""
         pending = PendingTurn(turn, target, regenerates=regenerates)
         seen = keys.seen(turn.conversation.platform, turn.message_id)
@@ -157,7 +158,9 @@ class TurnJournal:
             for index in (by, keys.pending_in(pending.conversation)):
                 pipe.zadd(index, {pending.id: pending.accepted_at})
                 pipe.expire(index, self.kept_seconds)
-            self._store.queue_starter(pipe, pending.conversation, turn.author)
+            if regenerates is None:  # a regeneration's conversation has its starter, or
+                # was forgotten since the press: it must not be known again
+                self._store.queue_starter(pipe, pending.conversation, turn.author)
             return True
 
         try:

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -405,6 +406,22 @@ async def test_save_records_progress_that_a_claim_reads_back(
     [claimed] = await make_journal("second").claim([platform], orphaned=())
     assert claimed.target == {"thread": "T1", "messages": ["M1", "M2"]}
     assert (claimed.answer, claimed.tokens) == ("the answer, generated", (120, 7))
+
+
+async def test_a_regeneration_pressed_as_its_conversation_is_forgotten_leaves_it_unknown(
+    make_journal: MakeJournal, store: ConversationStore, platform: str
+) -> None:
+    """A press checked before a `forget` and taken after it: its turn ends unanswered (the
+    conversation has no answer to replace), and the conversation stays forgotten, where
+    the presser became its starter and the bot knew the thread again."""
+    journal = make_journal("a")
+    asked = new_turn(platform)
+    assert await journal.accept(asked, {})
+    await journal.forget(str(asked.conversation), asked_at=time.time())
+    press = replace(asked, author="U2", message_id=uuid.uuid4().hex)
+    assert await journal.accept(press, {}, regenerates={"ts": "1.2"})
+    assert not await store.exists(str(asked.conversation))
+    assert await store.starter(str(asked.conversation)) is None
 
 
 async def test_a_failure_saved_after_the_answer_keeps_no_answer(
