@@ -53,6 +53,7 @@ LABEL_ROOM = 300  # room kept in MAX_INPUT_CHARS for each file's label lines
 TRUNCATED = "[… truncated]"
 NO_ROOM = "[{count} attached file(s) not read: the message is at its length limit]"
 FITTING_STEPS = 7  # halvings in the search for how much of the files' text fits: within 1%
+EARLIER = "not read: attached to an earlier message"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ async def with_attachments(
         parts.append(_Part(_label(attachment), content, cut))
 
     def joined(share: float) -> str:
-        return "\n\n".join([*([text] if text else []), *(p.shown(share) for p in parts)])
+        return _joined(text, [part.shown(share) for part in parts])
 
     whole = joined(1.0)
     if fits is None or await fits(whole):
@@ -142,6 +143,16 @@ async def with_attachments(
         else:
             over = share
     return joined(fitting)
+
+
+def with_files_named(text: str, attachments: Sequence[Attachment]) -> str:
+    """`text` followed by each file named, not read: an earlier message's, in a thread read
+    back as context. The model knows the file is there, and that it cannot see it."""
+    return _joined(text, [_label(attachment, EARLIER) for attachment in attachments])
+
+
+def _joined(text: str, parts: Sequence[str]) -> str:
+    return "\n\n".join([*([text] if text else []), *parts])
 
 
 @dataclass(frozen=True, slots=True)

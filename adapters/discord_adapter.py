@@ -26,7 +26,7 @@ import discord
 import yarl
 from discord.gateway import DiscordWebSocket
 
-from adapters.attachments import Attachment, attached
+from adapters.attachments import Attachment, attached, with_files_named
 from adapters.base import (
     Adapter,
     AdapterError,
@@ -457,9 +457,7 @@ class DiscordAdapter(Adapter):
             bot_name=bot_name(self.client, message.guild),
         )
         if order is None:
-            forwarded = (a for snapshot in message.message_snapshots for a in snapshot.attachments)
-            files = [_attachment(attachment) for attachment in [*message.attachments, *forwarded]]
-            turn = await attached(self.service, turn, files, timeout=ATTACHMENT_SECONDS)
+            turn = await attached(self.service, turn, _files(message), timeout=ATTACHMENT_SECONDS)
         asker = (
             None if turn.command else Asker(turn.author, key)
         )  # a command's reply has no buttons
@@ -486,7 +484,10 @@ class DiscordAdapter(Adapter):
         except (discord.DiscordException, aiohttp.ClientError, OSError):  # (a dropped
             # connection: discord.py retries only a few kinds of it, and passes the rest on)
             logger.warning("could not read the thread's earlier messages", exc_info=True)
-        said = [(m, self._readable(m, me)) for m in map(_said, reversed(history))]
+        said = [
+            (m, with_files_named(self._readable(m, me), _files(m)))
+            for m in map(_said, reversed(history))
+        ]
         return tuple(
             {"role": "assistant", "content": text}
             if m.author == me
@@ -623,6 +624,12 @@ async def _reply(message: discord.Message, text: str) -> None:
         allowed_mentions=NO_PINGS,
         suppress_embeds=True,
     )
+
+
+def _files(message: discord.Message) -> list[Attachment]:
+    """A message's files, and those of the messages it forwards."""
+    forwarded = (a for snapshot in message.message_snapshots for a in snapshot.attachments)
+    return [_attachment(attachment) for attachment in [*message.attachments, *forwarded]]
 
 
 def _attachment(attachment: discord.Attachment) -> Attachment:

@@ -36,7 +36,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from adapters.attachments import attached
+from adapters.attachments import attached, with_files_named
 from adapters.base import (
     Adapter,
     AdapterError,
@@ -633,7 +633,8 @@ class SlackAdapter(Adapter):
         names = await self._names(people.union(*map(_mentioned, texts)), deadline)
         context: list[ChatMessage] = []
         for message, said in zip(earlier, texts, strict=True):
-            text = _readable(said, bot_user, names)
+            files = slack_attachments(message.get("files", ()), self.app.client)
+            text = with_files_named(_readable(said, bot_user, names), files)
             if message.get("user") == bot_user:
                 context.append({"role": "assistant", "content": text})
             else:  # a person, or another bot (an alert, a CI report): not our own words
@@ -868,9 +869,10 @@ def _said_between(page: dict[str, Any], after: Decimal, before: Decimal) -> list
 
 
 def _said(message: dict[str, Any]) -> bool:
-    """Whether a thread message is something someone said (not the title Slack gives an
-    assistant thread's first message)."""
-    return bool(_text(message)) and message.get("subtype") != ASSISTANT_THREAD_ROOT
+    """Whether a thread message is something someone said or shared (not the title Slack
+    gives an assistant thread's first message)."""
+    shared = _text(message) or message.get("files")
+    return bool(shared) and message.get("subtype") != ASSISTANT_THREAD_ROOT
 
 
 def _text(message: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from test_service import nothing_pending, until
 
 from adapters import discord_adapter, discord_channel
-from adapters.attachments import MAX_FILE_BYTES
+from adapters.attachments import EARLIER, MAX_FILE_BYTES
 from adapters.base import AdapterError
 from adapters.discord_adapter import (
     EDIT_BURST,
@@ -366,6 +366,22 @@ async def test_after_forget_in_another_thread_the_bot_answers_only_once_mentione
     # again, and stored again, as if never forgotten.
     read_again = [m["content"] for m in batcher.prompts[1]]
     assert "still there?" in read_again and "forget" not in read_again
+
+
+async def test_a_file_posted_earlier_in_the_thread_is_named_in_what_is_read_back(fake, discord_bot):
+    """A file posted alone before the mention was dropped from the thread read back (its
+    message has no text), and the model answered "the log" as if there were none."""
+    async with discord_bot() as (_service, batcher):
+        starter = fake.user_message(fake.channel_id, "the nightly build")
+        thread = await fake.start_thread(fake.channel_id, starter["id"], "build", owner=fake.alice)
+        log = fake.attachment(thread["id"], "crash.log", b"Traceback: KeyError", "text/plain")
+        fake.thread_message(thread["id"], "", attachments=[log])
+        asked = fake.thread_message(thread["id"], f"<@{fake.bot['id']}> what is wrong?",
+                                    mentions=[fake.bot])  # fmt: skip
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        await final_reply(fake, thread["id"])
+    named = f"[attached: crash.log, text/plain, 19 bytes: {EARLIER}]"
+    assert [m["content"] for m in batcher.prompts[0]][-2:] == [named, "what is wrong?"]
 
 
 @pytest.mark.parametrize("reply_mode", ["thread", "inline"])

@@ -34,6 +34,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from test_service import nothing_pending, until
 
 from adapters import slack_adapter
+from adapters.attachments import EARLIER
 from adapters.base import AdapterError
 from adapters.slack_adapter import (
     MESSAGE_LIMIT,
@@ -449,6 +450,27 @@ async def test_mentioned_mid_thread_the_bot_reads_the_thread_first(slack, socket
         {"role": "user", "content": "alice: is that wise?"},
         {"role": "user", "content": "alice: what do you think, @bob?"},
     ]
+
+
+async def test_a_file_shared_earlier_in_the_thread_is_named_in_what_is_read_back(
+    slack, socket_mode
+):
+    """A file posted alone before the mention was left out of the thread read back, and
+    the model answered "the log above" as if there were none; it is named, not read."""
+    log = slack.upload("crash.log", b"Traceback: KeyError", "text/plain", user="U0BOB")
+    async with socket_mode() as (_service, batcher):
+        parent = slack.user_message("C0001", "the nightly build broke", user="U0BOB")
+        slack.file_share("C0001", "", [log], thread_ts=parent["ts"], user="U0BOB")
+        mention = slack.app_mention("C0001", "what is wrong in the log?", thread_ts=parent["ts"])
+        await slack.send_event(mention)
+        await final_reply(slack, "C0001", parent["ts"])
+    named = f"[attached: crash.log, text/plain, 19 bytes: {EARLIER}]"
+    assert batcher.prompts[0] == [
+        {"role": "user", "content": "bob: the nightly build broke"},
+        {"role": "user", "content": f"bob: {named}"},
+        {"role": "user", "content": "alice: what is wrong in the log?"},
+    ]
+    assert slack.downloads == []
 
 
 @pytest.mark.parametrize("sent", ["while the thread is read", "right after the mention"])
