@@ -119,10 +119,13 @@ async def with_attachments(
         return noted if len(noted) <= settings.max_input_chars else text
     budget = max(0, min(settings.max_attachment_chars, room))
     deadline = asyncio.get_running_loop().time() + timeout
+    # Together: one slow file does not use up the time of those after it.
+    downloads = await asyncio.gather(*(_fetched(a, budget, deadline) for a in attachments))
+    wanted = _bytes_for(budget)
     parts = []
-    for attachment in attachments:
+    for attachment, data in zip(attachments, downloads, strict=True):
         try:
-            content, cut = await _read(attachment, budget, deadline)
+            content, cut = _read(data, wanted, budget)
         except _NotRead as reason:
             parts.append(_Part(_label(attachment, str(reason))))
             continue
@@ -172,23 +175,37 @@ class _Part:
         return "\n".join([self.label, kept, *([TRUNCATED] if cut else [])])
 
 
-async def _read(attachment: Attachment, budget: int, deadline: float) -> tuple[str, bool]:
-    """The file's text, at most `budget` characters, and whether it was cut; or _NotRead."""
+async def _fetched(attachment: Attachment, budget: int, deadline: float) -> bytes | _NotRead:
+    """The bytes of the file's first `budget` characters at most (all of a shorter file),
+    or why it is not read."""
     if not is_text(attachment.name, attachment.mimetype) or attachment.download is None:
-        raise _NotRead("not read")
+        return _NotRead("not read")
     if attachment.size is not None and attachment.size > MAX_FILE_BYTES:
-        raise _NotRead(f"not read: larger than {_size(MAX_FILE_BYTES)}")
+        return _NotRead(f"not read: larger than {_size(MAX_FILE_BYTES)}")
     if budget <= 0:
-        raise _NotRead("not read: no room left for attachments")
-    wanted = 4 * budget + 4  # UTF-8 takes at most 4 bytes a character
+        return _NotRead("not read: no room left for attachments")
+    wanted = _bytes_for(budget)
     try:
         async with asyncio.timeout_at(deadline):
-            data = (await attachment.download(wanted))[:wanted]
+            return (await attachment.download(wanted))[:wanted]
     except TimeoutError:
-        raise _NotRead("not read: the download took too long") from None
+        return _NotRead("not read: the download took too long")
     except Exception as error:
         logger.warning("downloading attachment %r failed: %s", attachment.name, error)
-        raise _NotRead("not read: the download failed") from None
+        return _NotRead("not read: the download failed")
+
+
+def _bytes_for(chars: int) -> int:
+    return 4 * chars + 4  # UTF-8 takes at most 4 bytes a character
+
+
+def _read(data: bytes | _NotRead, wanted: int, budget: int) -> tuple[str, bool]:
+    """A file's text, at most `budget` characters, and whether it was cut; or _NotRead.
+    `data` is its first `wanted` bytes (fewer: the whole file), or why it was not read."""
+    if isinstance(data, _NotRead):
+        raise data
+    if budget <= 0:  # the files before it took it all
+        raise _NotRead("not read: no room left for attachments")
     encoding = _marked_encoding(data)
     if b"\0" in data and encoding is None:
         raise _NotRead("not read: binary data")
