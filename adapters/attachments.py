@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import math
 import re
@@ -52,6 +53,7 @@ NAME_CHARS = 100  # a file name is shortened to this in its label
 LABEL_ROOM = 300  # room kept in MAX_INPUT_CHARS for each file's label lines
 TRUNCATED = "[… truncated]"
 NO_ROOM = "[{count} attached file(s) not read: the message is at its length limit]"
+REPLACED = "\N{REPLACEMENT CHARACTER}"
 FITTING_STEPS = 7  # halvings in the search for how much of the files' text fits: within 1%
 EARLIER = "not read: attached to an earlier message"
 
@@ -228,19 +230,35 @@ def _marked_encoding(data: bytes) -> str | None:
 
 
 def _decoded(data: bytes, encoding: str | None, *, final: bool) -> str:
-    """The text: as its mark says, else UTF-8; but where bytes above ASCII make no UTF-8
-    character at all, Windows-1252 (Excel's CSV and most older Western text files), whose
-    every byte is one, where UTF-8 lost every accented letter. A download cut short may
-    end inside a character: the decoder holds it back."""
-    text = _decoder(encoding or "utf-8-sig").decode(data, final=final)
-    above_ascii = {c for c in text if c > "\x7f"}
-    if encoding is None and above_ascii == {"\N{REPLACEMENT CHARACTER}"}:
+    """The text: as its mark says, else UTF-8 (a few bytes off replaced); but where bytes
+    above ASCII make mostly no UTF-8 character, Windows-1252 (Excel's CSV and most older
+    Western text files), whose every byte is one, where UTF-8 lost every accented letter;
+    and text in another encoding (Cyrillic, Chinese) is named unread, not read as garbage. A
+    download cut short may end inside a character: the decoder holds it back."""
+    if encoding is not None:
+        return _decoder(encoding).decode(data, final=final)
+    with contextlib.suppress(UnicodeDecodeError):  # a U+FFFD of its own is no mistake
+        return _decoder("utf-8-sig", errors="strict").decode(data, final=final)
+    text = _decoder("utf-8-sig").decode(data, final=final)
+    wrong = text.count(REPLACED)
+    if sum(c > "\x7f" for c in text) - wrong >= wrong:  # UTF-8, a few bytes off
+        return text
+    if _western(data):
         return _decoder("cp1252").decode(data, final=final)
-    return text
+    raise _NotRead("not read: not UTF-8 text (save it as UTF-8)")
 
 
-def _decoder(encoding: str) -> codecs.IncrementalDecoder:
-    return codecs.getincrementaldecoder(encoding)(errors="replace")
+def _western(data: bytes) -> bool:
+    """Whether the bytes above ASCII are mostly alone or in pairs, as a Western text's
+    accented letters are; in a Cyrillic or Chinese encoding, runs of them make up words.
+    (A run of one byte again is a rule line: `————`.)"""
+    runs = re.findall(rb"[\x80-\xff]+", data)
+    in_words = sum(len(run) for run in runs if len(run) > 2 and len(set(run)) > 1)
+    return 2 * in_words <= sum(map(len, runs))
+
+
+def _decoder(encoding: str, errors: str = "replace") -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder(encoding)(errors=errors)
 
 
 def _label(attachment: Attachment, reason: str | None = None) -> str:

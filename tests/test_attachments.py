@@ -77,6 +77,36 @@ async def test_a_windows_1252_file_is_read_with_its_accents():
     assert text == (f"[attached: export.csv]\n{said}\n\n[attached: utf8.csv]\nname,qty\r\napple,3")
 
 
+@pytest.mark.parametrize(
+    ("said", "encoding"),
+    [("Привет мир, это тест", "cp1251"), ("你好世界, 这是一个测试文件", "gbk"),
+     ("日本語のテキストです。", "shift_jis")],
+)  # fmt: skip
+async def test_text_in_another_legacy_encoding_is_named_not_read_as_garbage(said, encoding):
+    """Read as Windows-1252 (or UTF-8 replacement characters), it reached the model as
+    `Ïðèâåò ìèð`, labelled as read; the user is told to save it as UTF-8."""
+    files = Files()
+    legacy = files.file("notes.txt", said.encode(encoding), "text/plain")
+    text = await with_attachments("", [legacy], settings=settings(), timeout=5)
+    size = len(said.encode(encoding))
+    assert text == (
+        f"[attached: notes.txt, text/plain, {size} bytes: not read: not UTF-8 text (save it "
+        "as UTF-8)]"
+    )
+
+
+async def test_western_text_and_utf8_with_a_replacement_character_of_its_own_are_read():
+    """Portuguese pairs its accents (`ção`): still Windows-1252. A log's own U+FFFD made
+    a UTF-8 file look broken, and it was read as Windows-1252 (`ï¿½`)."""
+    files = Files()
+    portuguese = "As informações; ação, coração."
+    windows = files.file("pt.txt", portuguese.encode("cp1252"), "text/plain")
+    log = files.file("app.log", "bad byte: \N{REPLACEMENT CHARACTER}".encode(), "text/plain")
+    text = await with_attachments("", [windows, log], settings=settings(), timeout=5)
+    replaced = "\N{REPLACEMENT CHARACTER}"
+    assert text == f"[attached: pt.txt]\n{portuguese}\n\n[attached: app.log]\nbad byte: {replaced}"
+
+
 async def test_text_past_the_limit_is_cut_and_says_so_and_later_files_find_no_room():
     files = Files()
     first = files.file("a.log", b"x" * 5000)
