@@ -11,7 +11,7 @@ import copy
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -217,4 +217,8 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     except (RedisError, OSError) as exc:
         await client.aclose()
         raise StorageError(f"{failure}: {exc}") from exc
+    except Exception as exc:  # redis-py's handshake trips on another server's reply
+        with suppress(Exception):
+            await client.aclose()
+        raise StorageError(f"{failure}: it does not answer as Redis does") from exc
     return client

@@ -289,6 +289,28 @@ async def test_open_redis_says_what_is_wrong_with_a_url_and_shows_no_password(
     assert "er2" not in str(info.value) and "percent-encode" not in str(info.value)
 
 
+@pytest.mark.parametrize("greeting", [b"+OK POP3 server ready\r\n", b":1\r\n", b"+\xff\xfe\r\n"])
+async def test_a_url_to_a_server_that_is_not_redis_is_one_line(
+    tmp_path: Path, greeting: bytes
+) -> None:
+    """A POP3 server, or any that answers with a line redis-py's handshake cannot take,
+    stopped the start with a traceback."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
+        await writer.drain()
+        await reader.read(1)  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(StorageError) as info:
+            async with open_redis(redis_url=f"redis://127.0.0.1:{port}/0", data_dir=tmp_path):
+                pass
+    assert str(info.value).endswith("it does not answer as Redis does")
+
+
 async def test_a_redis_at_its_maxmemory_is_an_outage_not_a_wrong_server(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
