@@ -145,7 +145,12 @@ class EmbeddedRedis:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-            if not self._stop_orphan(holder, fd):
+            try:
+                taken = self._stop_orphan(holder, fd)
+            except StorageError:
+                os.close(fd)
+                raise
+            if not taken:
                 os.close(fd)
                 raise StorageError(
                     f"DATA_DIR {self.data_dir} is in use by another threadbot ({holder}); "
@@ -168,7 +173,13 @@ class EmbeddedRedis:
             return False
         server = int(match["server"])
         logger.warning("stopping redis-server pid %d left behind by a threadbot that died", server)
-        os.kill(server, signal.SIGTERM)
+        try:
+            os.kill(server, signal.SIGTERM)
+        except PermissionError:  # another user's (`_alive` counts it): not ours to stop
+            raise StorageError(
+                f"DATA_DIR {self.data_dir} is held by redis-server pid {server}, left behind "
+                "by a threadbot of another user that died: stop it, or run as that user"
+            ) from None
         deadline = time.monotonic() + self._stop_timeout
         while time.monotonic() < deadline:
             try:

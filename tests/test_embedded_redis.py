@@ -12,7 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -186,10 +186,10 @@ def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
         os.kill(_server_pid(tmp_path / "data"), 0)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="uses prctl to adopt the orphan")
-async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp_path: Path):
-    # A parent killed by SIGKILL runs no cleanup; its redis-server lives on holding the
-    # lock. The next start must stop it (SIGTERM flushes the AOF) and take over the data.
+@contextlib.asynccontextmanager
+async def orphaned_server(data_dir: Path) -> AsyncIterator[int]:
+    """A threadbot killed by SIGKILL runs no cleanup: its redis-server (its pid, given)
+    lives on holding the lock on `data_dir`, with a key written before the crash."""
     code = (
         "import sys, time; from pathlib import Path; from storage.embedded import EmbeddedRedis;"
         "s = EmbeddedRedis(data_dir=Path(sys.argv[1])); s.start(); print(s.url, flush=True);"
@@ -197,7 +197,7 @@ async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp
     )
     with orphans_reaped_here():
         parent = subprocess.Popen(
-            [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE
+            [sys.executable, "-c", code, str(data_dir)], cwd=REPO, stdout=subprocess.PIPE
         )
         with parent:
             assert parent.stdout is not None
@@ -205,11 +205,46 @@ async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp
             async with Redis.from_url(url, decode_responses=True) as client:
                 await client.set("written-before-the-crash", "kept")
             parent.kill()
-        orphan = _server_pid(tmp_path)
+        orphan = _server_pid(data_dir)
+        try:
+            yield orphan
+        finally:
+            if _alive(orphan):
+                os.kill(orphan, signal.SIGKILL)
+                os.waitpid(orphan, 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses prctl to adopt the orphan")
+async def test_an_orphaned_server_is_stopped_by_the_next_start_with_its_data(tmp_path: Path):
+    # The next start must stop it (SIGTERM flushes the AOF) and take over the data.
+    async with orphaned_server(tmp_path) as orphan:
         with EmbeddedRedis(data_dir=tmp_path) as server:
             assert os.waitpid(orphan, os.WNOHANG)[0] == orphan  # it exited (and we reaped it)
             async with Redis.from_url(server.url, decode_responses=True) as client:
                 assert await client.get("written-before-the-crash") == "kept"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses prctl to adopt the orphan")
+async def test_an_orphaned_server_of_another_user_is_named_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Left by a threadbot run as root, it cannot be stopped by another user: the signal
+    refused (as the kernel refuses it then) was a traceback, and the lock's file left open."""
+
+    kill = os.kill
+
+    def refused(pid: int, signum: int) -> None:
+        if signum:  # only a signal's own check (0) of whether it lives passes
+            raise PermissionError(1, "Operation not permitted")
+        kill(pid, signum)
+
+    async with orphaned_server(tmp_path) as orphan:
+        monkeypatch.setattr("storage.embedded.os.kill", refused)
+        with pytest.raises(StorageError) as info, EmbeddedRedis(data_dir=tmp_path):
+            pass
+        monkeypatch.undo()
+    assert f"held by redis-server pid {orphan}" in str(info.value)
+    assert "run as that user" in str(info.value)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses prctl to adopt an orphan")
