@@ -627,7 +627,9 @@ def config_file() -> Path | None:
             return home_expanded(Path(named))
         except ValueError as error:
             raise ConfigError(f"THREADBOT_CONFIG={error}") from None
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    # A directory, or a link to nothing, too: the team's rules must not go unread (Docker
+    # makes a directory where a bind-mounted file is missing).
+    return DEFAULT_CONFIG_FILE if os.path.lexists(DEFAULT_CONFIG_FILE) else None
 
 
 def home_expanded(path: Path) -> Path:
@@ -652,7 +654,8 @@ def load_settings(**values: Any) -> Settings:
     read_env_file()  # one that cannot be read is said, whatever else is set
     path = config_file()
     if path is not None and not path.is_file():
-        raise ConfigError(f"THREADBOT_CONFIG: no such file: {path}")
+        why = "a directory, not a file" if path.is_dir() else "no such file"
+        raise ConfigError(f"THREADBOT_CONFIG: {why}: {path}")
     try:
         return Settings(**values)
     except yaml.YAMLError as error:

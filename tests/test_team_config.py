@@ -110,6 +110,20 @@ def test_broken_yaml_and_a_missing_file_are_one_line_each(
         load_settings()
 
 
+@pytest.mark.parametrize("kind", ["a link to nothing", "a directory"])
+def test_a_team_file_that_is_not_a_file_is_refused_not_skipped(tmp_path: Path, kind: str) -> None:
+    """`threadbot.yml` a dangling link, or the directory Docker makes where a bind-mounted
+    file is missing: read as no file at all, the team's access rules silently went."""
+    default = tmp_path / "threadbot.yml"
+    if kind == "a directory":
+        default.mkdir()
+    else:
+        default.symlink_to(tmp_path / "nowhere.yml")
+    why = "a directory, not a file" if kind == "a directory" else "no such file"
+    with pytest.raises(ConfigError, match=f"THREADBOT_CONFIG: {why}: threadbot.yml"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
