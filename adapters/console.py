@@ -26,6 +26,7 @@ from adapters.base import Adapter, answer, command
 from bot import replies
 from bot.service import ChatService
 from bot.types import ConversationKey, Turn
+from storage.errors import is_outage
 
 QUIT_COMMANDS = {"/quit", "/exit"}
 # Notes the service puts after an answer, in italics (`_…_`), which a terminal would show
@@ -139,6 +140,18 @@ class ConsoleAdapter(Adapter):
         # The terminal is there from the start: answers an earlier chat left unfinished
         # may be resumed into it at once.
         service.serve_platform(self.scope, lambda _target, _stop: ConsoleSink(self.output))
+
+    async def resume(self) -> None:
+        """First, what an earlier chat of this conversation left unanswered, shown whole
+        before the prompt, not into it; Ctrl-C stops it as any answer."""
+        stop = partial(self.service.stop_answers, self.scope, by=self.author)
+        with _interrupt_stops(stop) if self.interactive else contextlib.nullcontext():
+            try:
+                await self.service.resume()
+            except Exception as error:  # storage out: the resume passes take them once back
+                if not is_outage(error):
+                    raise
+            await self.service.settled()
 
     async def run(self) -> None:
         try:

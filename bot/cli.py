@@ -27,7 +27,6 @@ from bot.config import (
 from bot.device import still_loading
 from bot.logs import configure_logging
 from storage.embedded import stop_all
-from storage.errors import is_outage
 
 if TYPE_CHECKING:
     from adapters.base import Adapter
@@ -256,12 +255,7 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
             output=sys.stdout,
             interactive=interactive,
         )
-        try:
-            await service.resume()  # first, what an earlier chat left unanswered
-        except Exception as error:  # storage out: the resume passes take them once it is back
-            if not is_outage(error):
-                raise
-        await service.settled()  # shown whole before the prompt, not into it
+        await adapter.resume()
         await adapter.run()
         # At the end of the input, answers still running (resumed ones) get the grace.
         await service.drain(settings.shutdown_grace_s)

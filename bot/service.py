@@ -1051,6 +1051,12 @@ class ChatService:
         generation.cancel(AnswerStopped)
         return True
 
+    def stop_answers(self, scope: str, *, by: str) -> bool:
+        """`stop_answer` for every answer this process is writing in `scope` (a turn id
+        prefix, as `serve_platform` takes); False if it is writing none there."""
+        writing = [turn_id for turn_id in self._generations if in_scope(turn_id, [scope])]
+        return any([self.stop_answer(turn_id, by=by) for turn_id in writing])
+
     async def regenerate(
         self,
         conversation: ConversationKey,

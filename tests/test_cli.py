@@ -547,9 +547,9 @@ async def test_empty_line_gets_the_empty_reply_and_no_generation(data_dir: Path)
 RESUMING = {"MAX_NEW_TOKENS": "100", "TURN_LEASE_S": "1", "SHUTDOWN_GRACE_S": str(CHAT_TIMEOUT)}
 
 
-async def killed_mid_answer(data_dir: Path, conversation: str) -> None:
+async def killed_mid_answer(data_dir: Path, conversation: str, **settings: str) -> None:
     """kill -9 of a chat while it writes an answer, and its lease left to run out."""
-    env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **RESUMING)
+    env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **RESUMING | settings)
     killed = subprocess.Popen(
         [sys.executable, "-m", "bot", "chat", "--conversation", conversation],
         cwd=data_dir.parent, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -636,6 +636,39 @@ async def test_an_answer_resumed_as_a_chat_starts_is_shown_before_its_prompt(
     assert [message["role"] for message in messages] == ["user", "assistant"]
     before_the_prompt = shown.partition(b"you> ")[0].decode().replace("\r\n", "\n")
     assert messages[1]["content"] in before_the_prompt
+
+
+@pytest.mark.slow
+async def test_ctrl_c_stops_an_answer_resumed_as_a_chat_starts(data_dir: Path) -> None:
+    """The answer an earlier chat left unfinished is stopped by Ctrl-C as any answer is,
+    and the chat goes on: it ended the chat, and the next one wrote it all again."""
+    import pty
+
+    long = {"MAX_NEW_TOKENS": "400", "LOG_LEVEL": "WARNING"}  # the terminal shows the chat
+    await killed_mid_answer(data_dir, "crash", **long)
+    env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **RESUMING | long)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the chat, on the pseudo-terminal
+        os.chdir(data_dir.parent)
+        os.execve(
+            sys.executable, [sys.executable, "-m", "bot", "chat", "--conversation", "crash"], env
+        )
+    try:
+        read_until(terminal, b"that died\r\n")  # its redis-server stopped: the chat starts
+        read_until(terminal, b"ragon")  # the resumed story is being written
+        os.write(terminal, b"\x03")
+        shown = read_until(terminal, b"you> ")
+        os.write(terminal, b"\x04")  # Ctrl-D at the prompt
+        wait_status, _ = exited(pid, terminal)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(terminal)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    note = replies.stopped().strip("_")
+    assert shown.decode().replace("\r\n", "\n").endswith(f"\n\n{note}\nyou> "), shown
+    _question, stopped = await stored(data_dir, console_id("crash"))
+    assert stopped["content"].endswith(f"\n\n{replies.stopped()}")
 
 
 @pytest.mark.slow
