@@ -35,6 +35,7 @@ OLDEST_REDIS = (6, 2)  # for ZMSCORE (the journal) and XAUTOCLAIM (the workers)
 WRITE_PROBE_MS = 1000  # the probe key goes by itself
 NOT_A_URL = "not a valid URL: percent-encode any / ? # @ or : in its password (%2F %3F %23 %40 %3A)"
 BAD_PORT = "its port is not a number from 1 to 65535"
+BAD_DB = "its database is not a number from 0 up (e.g. redis://localhost:6379/0)"
 NO_SCHEME = "a Redis URL starts with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)"
 
 
@@ -180,10 +181,14 @@ def url_problem(url: str) -> str | None:
     port = re.fullmatch(r".*:(\d+)", host.split("/")[0])  # host:port, [IPv6]:port
     if port and not 0 < int(port[1]) < 65536:
         return BAD_PORT
+    # redis-py takes a database that is no number (`/db1`, `/-1`) for none: db 0.
+    if not url.startswith("unix:") and not re.fullmatch(r"[^/]*(/\d*)?", host):
+        return BAD_DB
     try:
         parse_url(url)  # what `Redis.from_url` reads it with
-    except ValueError:  # its message may echo part of a password
-        return NOT_A_URL
+    except ValueError as error:  # its message may echo part of a password, but an option's
+        option = re.match(r"Invalid value for '(\w+)'", str(error))  # name is no secret
+        return f"its {option[1]} after the ? is not a number" if option else NOT_A_URL
     try:  # its query's options, as a connection takes them (nothing is connected)
         ConnectionPool.from_url(url).make_connection()
     except TypeError as error:  # an option no connection takes: named, never its value

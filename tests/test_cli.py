@@ -265,6 +265,11 @@ def test_hugging_face_lines_in_dotenv_pass_through_to_the_hub_library(tmp_path: 
         # traceback once the first connection was made.
         ("redis://:hunter2@127.0.0.1:6390/0?ssl_cert_reqs=none", "take (ssl_cert_reqs)"),
         ("redis://localhost:6379/0?socket_timout=5&password=hunter2", "(socket_timout)"),
+        # A database that is no number was taken for db 0, another's data; ?db=x was
+        # said to be a password's fault.
+        ("redis://:hunter2@127.0.0.1:1/db1", "its database is not a number"),
+        ("redis://:hunter2@127.0.0.1:1/-1", "its database is not a number"),
+        ("redis://:hunter2@127.0.0.1:1/0?db=x", "its db after the ? is not a number"),
     ],
 )
 def test_a_redis_url_no_restart_can_fix_is_a_setting(tmp_path: Path, url: str, said: str) -> None:
