@@ -211,10 +211,14 @@ def doctor() -> int:
     from bot.doctor.runner import run_doctor
 
     configure_logging("WARNING")  # stdout is the report; stderr only for what goes wrong
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show `…` gets `?`
     try:
         code = asyncio.run(run_doctor(out=sys.stdout))
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # `| head -1`: no one reads on (nor Python's flush at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     return _without_waiting_for_a_load(code)
 
 

@@ -12,6 +12,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +187,7 @@ async def test_the_command_fails_on_one_broken_check_and_names_the_setting(
     the line names the setting, no traceback, no token printed."""
     wrong = "xoxb-not-the-right-one"
     env = cli_env(**healthy | {"SLACK_BOT_TOKEN": wrong, "MODEL": str(tmp_path / "none")})
+    env["PYTHONIOENCODING"] = "latin-1"  # the hint's `…` ended the report in a traceback
     result = await asyncio.to_thread(run_cli, "doctor", cwd=tmp_path, env=env, timeout=FAST_TIMEOUT)
     report = Report(result.returncode, result.stdout)
     assert report.status == 1
@@ -207,6 +210,20 @@ def test_a_dotenv_not_in_utf8_is_the_settings_fail_line(tmp_path: Path) -> None:
     ]
     assert report.statuses() == {"FAIL", "skip"}, result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_a_report_no_one_reads_on_ends_without_a_traceback(tmp_path: Path) -> None:
+    """`threadbot doctor | head -1`: the pipe closed, the next line was a traceback."""
+    (tmp_path / ".env").write_text("MAX_NEW_TOKENS=64\n", encoding="utf-16")  # fast: no checks
+    doctor = subprocess.Popen(
+        [sys.executable, "-m", "bot", "doctor"], cwd=tmp_path, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert doctor.stdout is not None
+    doctor.stdout.close()  # as `head` does once it has its line
+    _, err = doctor.communicate(timeout=FAST_TIMEOUT)
+    assert doctor.returncode == 1
+    assert err == ""
 
 
 def test_help_lists_doctor(tmp_path: Path) -> None:
