@@ -60,6 +60,7 @@ BUNDLED = "bundled"
 # holds a long thread.
 DEFAULT_CONTEXT_TOKENS = 8192
 DEFAULT_CONFIG_FILE = Path("threadbot.yml")
+DAY_S = 86400  # the longest duration a setting takes: far longer ones overflow Redis's times
 ENV_FILE = Path(".env")
 HUGGING_FACE_PREFIXES = ("HF_", "HUGGINGFACE_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
 """Names of the Hugging Face libraries' own variables (huggingface_hub, transformers,
@@ -261,21 +262,29 @@ class Settings(BaseSettings):
         description="The batch's KV cache in tokens, padding counted: rows * the longest "
         "prompt + answer; unset: what fits in the memory left after the weights.",
     )
-    request_timeout: float = Field(300, gt=0, description="Seconds from submit to the last token.")
+    request_timeout: float = Field(
+        300, gt=0, le=DAY_S, description="Seconds from submit to the last token."
+    )
 
     # Durable turns
     shutdown_grace_s: float = Field(
-        30, ge=0, description="On SIGTERM, seconds running answers get to finish."
+        30, ge=0, le=DAY_S, description="On SIGTERM, seconds running answers get to finish."
     )
     turn_max_attempts: int = Field(
         3, ge=1, description="Tries at a turn (crashes count, clean stops not) before giving up."
     )
     turn_lease_s: float = Field(
-        15, ge=1, description="A dead process's turns are taken over this long after it stopped."
+        15,
+        ge=1,
+        le=DAY_S,
+        description="A dead process's turns are taken over this long after it stopped.",
     )
     redis_retries: int = Field(3, ge=0, description="Retries of a failed Redis call, backing off.")
     redis_health_check_s: float = Field(
-        10, ge=0, description="Seconds idle before a Redis connection is checked (0: never)."
+        10,
+        ge=0,
+        le=DAY_S,
+        description="Seconds idle before a Redis connection is checked (0: never).",
     )
 
     # Scaling out: workers behind Redis Streams, or an OpenAI-compatible server
@@ -297,7 +306,10 @@ class Settings(BaseSettings):
         3, ge=0, description="Retries of a failed INFERENCE_URL request, backing off."
     )
     job_claim_idle_s: float = Field(
-        30, gt=0, description="A worker silent this long loses its jobs to another worker."
+        30,
+        gt=0,
+        le=DAY_S,
+        description="A worker silent this long loses its jobs to another worker.",
     )
     job_max_deliveries: int = Field(
         3, ge=1, description="Failed tries at a job on workers before it is dead-lettered."
@@ -310,13 +322,17 @@ class Settings(BaseSettings):
     slack_api_url: str = Field(
         "https://slack.com/api/", description="Slack Web API base URL (GovSlack, proxies)."
     )
-    stream_edit_interval: float = Field(1.0, gt=0, description="Seconds between Slack edits.")
+    stream_edit_interval: float = Field(
+        1.0, gt=0, le=DAY_S, description="Seconds between Slack edits."
+    )
     discord_bot_token: SecretStr | None = None
     discord_api_url: str = Field(
         "https://discord.com/api/v10", description="Discord REST base URL (proxies)."
     )
     discord_reply_mode: Literal["thread", "inline"] = "thread"
-    discord_edit_interval: float = Field(1.5, gt=0, description="Seconds between Discord edits.")
+    discord_edit_interval: float = Field(
+        1.5, gt=0, le=DAY_S, description="Seconds between Discord edits."
+    )
     slack_streaming: Literal["auto", "native", "edit"] = Field(
         "auto", description="Slack's AI streaming methods (auto: where the workspace allows)."
     )

@@ -171,6 +171,9 @@ def test_other_variables_and_exact_settings_are_not_taken_for_typos() -> None:
         ("HISTORY_TTL_DAYS", "0.000001"),  # under a minute: under a second, it crashed
         ("HISTORY_TTL_DAYS", "1e12"),  # past what Redis's EXPIRE takes: every turn failed
         ("TURN_LEASE_S", "0.001"),  # a lock lapsing between its renewals
+        ("TURN_LEASE_S", "1e16"),  # past what Redis's PX takes: a traceback at the start
+        ("JOB_CLAIM_IDLE_S", "1e16"),
+        ("SHUTDOWN_GRACE_S", "1e16"),
         ("QUEUE_MAX", "0"),
         ("MAX_BATCH", "0"),
         ("MAX_STEP_TOKENS", "8"),
