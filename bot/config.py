@@ -685,6 +685,8 @@ def load_settings(**values: Any) -> Settings:
         raise ConfigError(_not_json(error)) from None
     except (UnicodeDecodeError, OSError) as error:
         raise _unreadable(error, path or ENV_FILE) from None
+    except RecursionError:  # `access: &a {slack: *a}`: YAML takes it, nothing reads it
+        raise ConfigError(f"{path}: a YAML alias (*name) holds itself") from None
 
 
 def _not_json(error: SettingsError) -> str:

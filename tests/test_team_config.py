@@ -110,6 +110,13 @@ def test_broken_yaml_and_a_missing_file_are_one_line_each(
         load_settings()
 
 
+def test_a_yaml_alias_that_holds_itself_is_one_line(tmp_path: Path) -> None:
+    """It was a RecursionError's traceback."""
+    write(tmp_path / "threadbot.yml", "access: &a {slack: *a}\n")
+    with pytest.raises(ConfigError, match=r"^threadbot.yml: a YAML alias \(\*name\) holds itself$"):
+        load_settings()
+
+
 @pytest.mark.parametrize("kind", ["a link to nothing", "a directory"])
 def test_a_team_file_that_is_not_a_file_is_refused_not_skipped(tmp_path: Path, kind: str) -> None:
     """`threadbot.yml` a dangling link, or the directory Docker makes where a bind-mounted
