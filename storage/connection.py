@@ -198,6 +198,11 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+FIRST_ANSWER_S = 30.0
+"""How long a start waits for Redis's first answer, retries and all: a server that takes
+connections and never answers (a proxy to a dead one) held it for minutes, in silence."""
+
+
 async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     if problem := url_problem(url):
         raise StorageError(f"{failure}: {problem}")
@@ -218,7 +223,12 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     except ValueError:  # an option it cannot take; redis-py's message may echo a password
         raise StorageError(f"{failure}: {NOT_A_URL}") from None
     try:
-        await client.ping()
+        async with asyncio.timeout(FIRST_ANSWER_S):
+            await client.ping()
+    except TimeoutError as exc:
+        with suppress(Exception):
+            await client.aclose()
+        raise StorageError(f"{failure}: no answer within {FIRST_ANSWER_S:g} s") from exc
     except (RedisError, OSError) as exc:
         await client.aclose()
         raise StorageError(f"{failure}: {exc}") from exc

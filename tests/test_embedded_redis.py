@@ -346,6 +346,29 @@ async def test_a_url_to_a_server_that_is_not_redis_is_one_line(
     assert str(info.value).endswith("it does not answer as Redis does")
 
 
+async def test_a_server_that_never_answers_ends_the_start_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It takes the connection and says nothing (a proxy to a dead Redis): the start waited
+    minutes, retrying in silence, where it now gives up after FIRST_ANSWER_S."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    monkeypatch.setattr("storage.connection.FIRST_ANSWER_S", 0.5)
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(StorageError) as info:
+            async with asyncio.timeout(20):
+                async with open_redis(redis_url=f"redis://127.0.0.1:{port}/0", data_dir=tmp_path):
+                    pass
+        for writer in held:
+            writer.close()
+    assert str(info.value).endswith("no answer within 0.5 s")
+
+
 async def test_a_redis_at_its_maxmemory_is_an_outage_not_a_wrong_server(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
