@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         exported = export_hugging_face_variables()
         settings = load_settings()
     except ConfigError as error:
-        print(error, file=sys.stderr)
+        _say_bad_settings(error)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     for line in misspelt_settings():
@@ -112,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     return _without_waiting_for_a_load(
         _run({"chat": chat, "run": run}[args.command], settings, args)
     )
+
+
+def _say_bad_settings(error: ConfigError) -> None:
+    """One line per problem on stderr: a JSON one where the environment asks for JSON logs
+    (so that every line parses), though the settings it is one of were refused."""
+    if os.environ.get("LOG_FORMAT", "").strip().lower() != "json":
+        print(error, file=sys.stderr)
+        return
+    configure_logging("ERROR", "json")
+    for line in str(error).splitlines():
+        logger.error("%s", line)
 
 
 def _without_waiting_for_a_load(code: int) -> int:

@@ -171,6 +171,19 @@ def test_run_in_json_log_mode_says_it_in_json(tmp_path: Path) -> None:
     assert entry["level"] == "ERROR" and "SLACK_BOT_TOKEN" in entry["message"]
 
 
+def test_bad_settings_in_json_log_mode_are_said_in_json(tmp_path: Path) -> None:
+    """A refused setting was a plain line among JSON logs, one no log shipper parses."""
+    env = cli_env(LOG_FORMAT="json", LOG_LEVEL="LOUD", MAX_NEW_TOKENS="abc")
+    result = run_cli("chat", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [entry["level"] for entry in entries] == ["ERROR", "ERROR"]
+    assert {entry["message"].split(":")[0] for entry in entries} == {
+        "invalid setting LOG_LEVEL",
+        "invalid setting MAX_NEW_TOKENS",
+    }
+
+
 def test_slack_http_mode_with_the_ops_server_off_names_http_port(tmp_path: Path) -> None:
     """Slack's HTTP events are served on HTTP_PORT: HTTP_PORT=0 with SLACK_SIGNING_SECRET
     stops the start at once (before the model loads), naming both."""
