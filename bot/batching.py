@@ -149,12 +149,11 @@ class _Sequence:
 
 @dataclass
 class BatchStats:
-    """Token counts since start, for tests, logs and the benchmark."""
+    """Token counts since start, for the tests and the benchmark."""
 
     prefilled: int = 0  # prompt tokens computed
     reused: int = 0  # prompt tokens taken from a conversation's cached turn
     decoded: int = 0  # answer tokens produced
-    steps: int = 0
 
 
 class Batcher:
@@ -290,7 +289,6 @@ class Batcher:
     def step(self) -> list[Update]:
         """Advance the batch by one forward: a token for every decoding row (unless they
         sit this step out for the prompts: `_decoding`), and a chunk for the prompts."""
-        self.stats.steps += 1
         decoding = self._decoding()
         chunks = self._prefill_chunks(self.step_tokens - len(decoding))
         if not decoding and not chunks:

@@ -253,7 +253,8 @@ class ChatService:
         return True
 
     async def handle(self, turn: Turn, sink: ReplySink) -> None:
-        """Take a turn and wait for its answer (the console; tests)."""
+        """Take a turn and wait for its answer (the tests; an adapter goes through
+        `adapters.base.answer`, which says a failure in the thread)."""
         if task := await self.accept(turn, sink):
             await task
 
