@@ -231,6 +231,9 @@ class SlackStream:
         self.streamed[message_id] = streamed + more
 
     async def delete(self, message_id: str) -> None:
+        if message_id in self.streamed:  # Slack deletes no message while it streams
+            with contextlib.suppress(SlackApiError):  # ended meanwhile: deleted all the same
+                await self.client.chat_stopStream(channel=self.thread.channel, ts=message_id)
         await self.thread.delete(message_id)
         for kept in (self.streamed, self.wanted, self.whole):
             kept.pop(message_id, None)

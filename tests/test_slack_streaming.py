@@ -422,6 +422,21 @@ async def test_an_answer_started_again_replaces_what_was_streamed_as_it_goes(sla
     assert slack.statuses == {}
 
 
+async def test_an_answer_started_again_ends_a_stream_before_deleting_its_message(slack):
+    """Another try of a long answer deletes the messages past its first: the last one's
+    stream was still open, and Slack deletes no message that streams (it was refused, and
+    the old try's text was left in the thread)."""
+    sink = await long_answer_begun(slack)
+    assert len(LONG_ANSWER) > 15000
+    await sink.append(LONG_ANSWER[100:15000])  # a second message, its stream open
+    [_first, second] = [start.response["ts"] for start in slack.calls_to("chat.startStream")]
+    assert slack.is_streaming("C0001", second)
+    await sink.restart()
+    calls = [(call.method, call.params.get("ts")) for call in slack.calls if call.ok]
+    assert calls.index(("chat.stopStream", second)) < calls.index(("chat.delete", second))
+    assert slack.message("C0001", second) is None
+
+
 async def test_a_stopped_stream_gets_no_continuation(slack):
     """The reader stopped the answer just as it ended: its first message stays as they
     stopped it, and the rest of a long answer is not posted after it."""
