@@ -1133,7 +1133,10 @@ class FakeDiscord:
             if target is not None:
                 reference = dict(type=0, channel_id=target["channel_id"], message_id=target["id"])
                 extra["message_reference"] = reference | {"guild_id": channel.get("guild_id")}
-                extra.update(type=19, referenced_message={**target, "referenced_message": None})
+                # Nested one level only: the message replied to, without its own (Discord
+                # sends no key there; a null would say that one was deleted).
+                replied = {k: v for k, v in target.items() if k != "referenced_message"}
+                extra.update(type=19, referenced_message=replied)
         urls = [f"{self.api_url}/attachments/{f['filename']}" for f in req.files]
         extra["attachments"] = [
             dict(id=self.snowflake(), filename=f["filename"], size=f["size"], url=u, proxy_url=u)

@@ -165,6 +165,13 @@ async def test_message_reply_thread_edit(bot: Bot, discord_fake: FakeDiscord) ->
 
     again = await incoming.channel.send("hi alice", nonce="n-1")  # same nonce: same message
     assert again.id == reply.id and len(discord_fake.messages["3000"]) == 2
+    # A reply to a reply carries the one it replies to, one level deep: that one's own is
+    # left out (unknown, to be fetched), not null, which would say it was deleted.
+    chained = await incoming.channel.send("and more", reference=reply)
+    assert isinstance(parent := chained.reference.resolved, discord.Message)
+    assert parent.id == reply.id and parent.reference.message_id == incoming.id
+    assert parent.reference.resolved is None
+    await chained.delete()
 
     thread = await incoming.create_thread(name="chat with alice")
     assert (thread.id, thread.parent_id, thread.name) == (incoming.id, 3000, "chat with alice")
