@@ -349,7 +349,9 @@ class FakeDiscord:
         members = [u for u in self.users.values() if self._is_member(guild_id, u["id"])]
         guild["members"] = [self._member(u) for u in members]
         guild["channels"] = [c for c in chans if c["type"] != 11]
-        guild["threads"] = [c for c in chans if c["type"] == 11]
+        guild["threads"] = [
+            c for c in chans if c["type"] == 11 and not c["thread_metadata"]["archived"]
+        ]  # active ones alone
         return guild | {key: [] for key in EMPTY_GUILD_LISTS}
 
     def dm_channel(self, user_id: str) -> JSON:
@@ -1024,11 +1026,14 @@ class FakeDiscord:
     async def _get_channel(self, req: Request, channel_id: str) -> tuple[int, Any]:
         return 200, self._channel(channel_id)
 
-    def archive(self, thread_id: str, *, locked: bool = False) -> None:
+    async def archive(self, thread_id: str, *, locked: bool = False) -> None:
         """As Discord does to a thread idle past its auto-archive duration (or a moderator):
         its messages can be neither edited nor deleted until it is unarchived (a message
-        sent into it unarchives it, unless it is locked)."""
-        self.channels[thread_id]["thread_metadata"].update(archived=True, locked=locked)
+        sent into it unarchives it, unless it is locked). THREAD_UPDATE tells the bot,
+        whose cache then drops it (as a new session's GUILD_CREATE leaves it out)."""
+        thread = self.channels[thread_id]
+        thread["thread_metadata"].update(archived=True, locked=locked)
+        await self.dispatch("THREAD_UPDATE", dict(thread))
 
     async def _edit_channel(self, req: Request, channel_id: str) -> tuple[int, Any]:
         """Modify Channel, for a thread's `archived` alone: unarchiving takes no more than

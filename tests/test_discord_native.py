@@ -635,7 +635,8 @@ async def test_regenerate_in_a_thread_discord_archived_meanwhile(discord_bot, lo
         asked = await mention(fake, "what should I cook?")
         thread = asked["id"]  # opened from the question
         first, regenerate = await fake.wait_for(lambda: button(fake, thread, "tb:regen:"))
-        fake.archive(thread, locked=locked)
+        await fake.archive(thread, locked=locked)
+        await fake.wait_for(lambda: bot.adapter.client.get_channel(int(thread)) is None)
         await fake.press_button(thread, first["id"], regenerate)
         if locked:
             key = ConversationKey("discord", fake.guild_id, fake.channel_id, thread)
