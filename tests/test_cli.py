@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,15 +421,10 @@ def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
     its own thread: the terminal echoes again after, where the shell went on typing blind;
     the shell's prompt starts a line of its own. Its terminal closed (SIGHUP): as SIGTERM,
     where the signal killed it and left its embedded redis-server running."""
-    import pty
     import termios
 
     env = cli_env(MODEL="bundled", MAX_NEW_TOKENS="8", DATA_DIR=str(data_dir))
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: the chat, on the pseudo-terminal
-        os.chdir(data_dir.parent)
-        os.execve(sys.executable, [sys.executable, "-m", "bot", "chat"], env)
-    try:
+    with chat_in_a_terminal(data_dir, env) as (pid, terminal):
         shown = read_until(terminal, b"you> ")
         if isinstance(leave, bytes):
             os.write(terminal, leave)
@@ -439,10 +435,6 @@ def test_a_chat_ended_at_its_prompt_gives_the_terminal_back_as_it_was(
         assert os.waitstatus_to_exitcode(wait_status) == status
         assert termios.tcgetattr(terminal)[3] & termios.ECHO
         assert shown.rpartition(b"you> ")[2].startswith(b"\r\n"), shown[-200:]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.close(terminal)
 
 
 @pytest.mark.slow
@@ -612,6 +604,43 @@ def exited(pid: int, terminal: int) -> tuple[int, bytes]:
     raise AssertionError("the chat did not exit")
 
 
+@contextlib.contextmanager
+def chat_in_a_terminal(
+    data_dir: Path, env: dict[str, str], *args: str
+) -> Iterator[tuple[int, int]]:
+    """`threadbot chat ARGS` on a pseudo-terminal: its pid and the terminal's side of ours;
+    killed at the end if it still runs."""
+    import pty
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the chat, on the pseudo-terminal
+        os.chdir(data_dir.parent)
+        os.execve(sys.executable, [sys.executable, "-m", "bot", "chat", *args], env)
+    try:
+        yield pid, terminal
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(terminal)
+
+
+def ended_at_its_prompt(pid: int, terminal: int) -> int:
+    """Ctrl-D at `you>`: the chat's exit status."""
+    os.write(terminal, b"\x04")
+    wait_status, _ = exited(pid, terminal)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def stopped_by_ctrl_c(pid: int, terminal: int) -> None:
+    """Ctrl-C while an answer is written: it ends there, marked stopped, `you>` comes back,
+    and the chat goes on (Ctrl-D then ends it, exit 0)."""
+    os.write(terminal, b"\x03")
+    shown = read_until(terminal, b"you> ")
+    assert ended_at_its_prompt(pid, terminal) == 0
+    note = replies.stopped().strip("_")
+    assert shown.decode().replace("\r\n", "\n").endswith(f"\n\n{note}\nyou> "), shown
+
+
 @pytest.mark.slow
 async def test_a_chat_killed_mid_answer_is_answered_by_the_next_chat(data_dir: Path) -> None:
     """Injected: kill -9 of `threadbot chat` while it writes an answer (its embedded
@@ -632,24 +661,11 @@ async def test_an_answer_resumed_as_a_chat_starts_is_shown_before_its_prompt(
 ) -> None:
     """In a terminal, the answer an earlier chat left unfinished comes first, then `you>`:
     it was streamed after the prompt, on its line, and no prompt followed it."""
-    import pty
-
     await killed_mid_answer(data_dir, "crash")
     env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **RESUMING)
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: the chat, on the pseudo-terminal
-        os.chdir(data_dir.parent)
-        os.execve(
-            sys.executable, [sys.executable, "-m", "bot", "chat", "--conversation", "crash"], env
-        )
-    try:
+    with chat_in_a_terminal(data_dir, env, "--conversation", "crash") as (pid, terminal):
         shown = read_until(terminal, b"you> ")
-        os.write(terminal, b"\x04")  # Ctrl-D at the prompt
-        exited(pid, terminal)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.close(terminal)
+        ended_at_its_prompt(pid, terminal)
     messages = await stored(data_dir, console_id("crash"))
     assert [message["role"] for message in messages] == ["user", "assistant"]
     before_the_prompt = shown.partition(b"you> ")[0].decode().replace("\r\n", "\n")
@@ -660,31 +676,13 @@ async def test_an_answer_resumed_as_a_chat_starts_is_shown_before_its_prompt(
 async def test_ctrl_c_stops_an_answer_resumed_as_a_chat_starts(data_dir: Path) -> None:
     """The answer an earlier chat left unfinished is stopped by Ctrl-C as any answer is,
     and the chat goes on: it ended the chat, and the next one wrote it all again."""
-    import pty
-
     long = {"MAX_NEW_TOKENS": "400", "LOG_LEVEL": "WARNING"}  # the terminal shows the chat
     await killed_mid_answer(data_dir, "crash", **long)
     env = cli_env(MODEL="bundled", DATA_DIR=str(data_dir), **RESUMING | long)
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: the chat, on the pseudo-terminal
-        os.chdir(data_dir.parent)
-        os.execve(
-            sys.executable, [sys.executable, "-m", "bot", "chat", "--conversation", "crash"], env
-        )
-    try:
+    with chat_in_a_terminal(data_dir, env, "--conversation", "crash") as (pid, terminal):
         read_until(terminal, b"that died\r\n")  # its redis-server stopped: the chat starts
         read_until(terminal, b"ragon")  # the resumed story is being written
-        os.write(terminal, b"\x03")
-        shown = read_until(terminal, b"you> ")
-        os.write(terminal, b"\x04")  # Ctrl-D at the prompt
-        wait_status, _ = exited(pid, terminal)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.close(terminal)
-    assert os.waitstatus_to_exitcode(wait_status) == 0
-    note = replies.stopped().strip("_")
-    assert shown.decode().replace("\r\n", "\n").endswith(f"\n\n{note}\nyou> "), shown
+        stopped_by_ctrl_c(pid, terminal)
     _question, stopped = await stored(data_dir, console_id("crash"))
     assert stopped["content"].endswith(f"\n\n{replies.stopped()}")
 
@@ -696,33 +694,17 @@ async def test_ctrl_c_while_an_answer_is_written_stops_it_and_the_chat_goes_on(
     """In a terminal, Ctrl-C during an answer stops it where it is, as the Stop button
     does (kept, and remembered, marked stopped), and `you>` comes back; it ended the chat,
     leaving the answer to the next chat, written again in full, each time."""
-    import pty
-
     env = cli_env(
         MODEL="bundled", MAX_NEW_TOKENS="400", DATA_DIR=str(data_dir), LOG_LEVEL="WARNING"
     )  # the terminal shows the chat alone
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: the chat, on the pseudo-terminal
-        os.chdir(data_dir.parent)
-        os.execve(sys.executable, [sys.executable, "-m", "bot", "chat"], env)
-    try:
+    with chat_in_a_terminal(data_dir, env) as (pid, terminal):
         read_until(terminal, b"you> ")
         os.write(terminal, b"Write a long story about a dragon.\r")
-        shown = read_until(terminal, b"dragon.\r\n")  # the line, echoed
+        read_until(terminal, b"dragon.\r\n")  # the line, echoed
         for _ in range(CHAT_TIMEOUT * 10):  # until the answer's first words are out
             if select.select([terminal], [], [], 0.1)[0]:
                 break
-        os.write(terminal, b"\x03")
-        shown = read_until(terminal, b"you> ")
-        os.write(terminal, b"\x04")  # Ctrl-D at the prompt
-        wait_status, _ = exited(pid, terminal)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.close(terminal)
-    assert os.waitstatus_to_exitcode(wait_status) == 0
-    note = replies.stopped().strip("_")
-    assert shown.decode().replace("\r\n", "\n").endswith(f"\n\n{note}\nyou> "), shown
+        stopped_by_ctrl_c(pid, terminal)
     question, stopped = await stored(data_dir, console_id("default"))
     assert question["content"] == "Write a long story about a dragon."
     assert stopped["content"].endswith(f"\n\n{replies.stopped()}")
