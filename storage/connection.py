@@ -21,11 +21,11 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialBackoff
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from storage import keys
 from storage.embedded import EmbeddedRedis
-from storage.errors import StorageError
+from storage.errors import StorageError, is_outage
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +134,18 @@ async def _check_version(client: Redis, where: str) -> None:
 async def _check_writable(client: Redis, where: str) -> None:
     """A Redis that answers PING may still refuse every write (a read-only replica, an ACL
     user without writes): said now, in one line, not as the first message's traceback. A
-    Redis at its maxmemory is an outage that passes (`storage.errors`): the start goes on,
-    as a running bot rides it out, where exiting would spend a service's restarts."""
+    Redis at its maxmemory, or its disk full, is an outage that passes (`storage.errors`):
+    the start goes on, as a running bot rides it out, where exiting would spend a
+    service's restarts."""
     try:
         await take_a_write(client)
-    except OutOfMemoryError as exc:
-        logger.warning(
-            "%s is at its maxmemory (%s): new messages are refused until it has room", where, exc
-        )
-    except ResponseError as exc:  # READONLY, NOPERM
+    except ResponseError as exc:  # READONLY, NOPERM; OOM, MISCONF pass by themselves
+        if is_outage(exc) and not isinstance(exc, ReadOnlyError):
+            logger.warning(
+                "%s refuses writes for now (%s): new messages are refused until it takes "
+                "them again (at its maxmemory, once it has room)", where, exc
+            )  # fmt: skip
+            return
         await client.aclose()
         raise StorageError(
             f"{where} refuses writes, as a read-only replica or a user without them does "
@@ -229,6 +232,12 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
         with suppress(Exception):
             await client.aclose()
         raise StorageError(f"{failure}: no answer within {FIRST_ANSWER_S:g} s") from exc
+    except ResponseError as exc:
+        if not is_outage(exc):  # a refusal of its own: wrong password, PING not allowed
+            await client.aclose()
+            raise StorageError(f"{failure}: {exc}") from exc
+        # It answered, refusing writes for now (a full disk refuses PING too): the start
+        # goes on (`_check_writable`).
     except (RedisError, OSError) as exc:
         await client.aclose()
         raise StorageError(f"{failure}: {exc}") from exc

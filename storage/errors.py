@@ -6,6 +6,8 @@ what counts as an outage that may pass by itself.
 
 from __future__ import annotations
 
+import re
+
 from redis import exceptions as redis_errors
 
 
@@ -21,21 +23,24 @@ OUTAGES = (
 )
 
 
-PASSING_REFUSALS = (
-    "MISCONF",  # its disk full, or its snapshot failing: writes come back once it saves
-    "MASTERDOWN",  # a replica cut off from its primary
-    "OOM",  # maxmemory reached, inside a script (Redis 6.2 reports it so)
+# Refusals that pass by themselves, by their code: redis-py has no class for some, and
+# wraps others' where a script (`Error running script …: -OOM …`, as Redis 6.2 reports
+# it) or a pipeline (`Command # 1 (SET …) of pipeline caused error: MISCONF …`) met them.
+_PASSING_REFUSAL = re.compile(
+    r"(?:^|error: | -)"
+    r"(MISCONF"  # its disk full, or its snapshot failing: writes come back once it saves
+    r"|MASTERDOWN"  # a replica cut off from its primary
+    r"|OOM"  # maxmemory reached
+    r"|READONLY"  # a failover under way
+    r"|LOADING) "  # a restarted Redis reading its data
 )
 
 
 def is_outage(error: BaseException) -> bool:
     """Whether an error means Redis cannot take our writes now (it may come back by itself):
-    a turn under way waits for it, and a new message is told to try again in a minute.
-    Refusals that redis-py has no class for are told by their code, which a script's
-    error carries inside its own (`Error running script …: -OOM …`)."""
+    a turn under way waits for it, and a new message is told to try again in a minute."""
     if isinstance(error, OUTAGES):
         return True
-    if not isinstance(error, redis_errors.ResponseError):
-        return False
-    said = str(error)
-    return any(said.startswith(f"{code} ") or f" -{code} " in said for code in PASSING_REFUSALS)
+    return isinstance(error, redis_errors.ResponseError) and bool(
+        _PASSING_REFUSAL.search(str(error))
+    )
