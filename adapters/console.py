@@ -147,6 +147,9 @@ class ConsoleAdapter(Adapter):
         stop = partial(self.service.stop_answers, self.scope, by=self.author)
         with _interrupt_stops(stop) if self.interactive else contextlib.nullcontext():
             try:
+                # Kept by a version before each login had its own (`console:local:…`).
+                shared = ConversationKey(self.platform, "local", self.key.channel, self.key.thread)
+                await self.service.store.adopt(str(shared), str(self.key))
                 await self.service.resume()
             except Exception as error:  # storage out: the resume passes take them once back
                 if not is_outage(error):

@@ -55,6 +55,20 @@ end
 """
 
 
+# KEYS: a conversation's keys, then another's, in the same order; each of the first that
+# is there renamed to its match, where none of the second is.
+_ADOPT = """
+local half = #KEYS / 2
+for i = half + 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+end
+for i = 1, half do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + half]) end
+end
+return 1
+"""
+
+
 class ConversationStore:
     """Each conversation is a Redis list of JSON messages, newest last, capped and expiring.
 
@@ -68,6 +82,7 @@ class ConversationStore:
             raise ValueError("max_messages and ttl_seconds must be positive")
         self._redis = redis
         self._once = Once(redis)
+        self._adopt = redis.register_script(_ADOPT)
         self._max_messages = max_messages
         self._kept_over_cap = max(int(max_messages * TRIM_TO), 1)
         self.ttl_seconds = ttl_seconds
@@ -161,6 +176,13 @@ class ConversationStore:
             return None
         at, _, message = found.partition(" ")
         return float(at), message
+
+    async def adopt(self, old: str, new: str) -> None:
+        """Give conversation `old`'s history, and what is kept with it, to `new`, where
+        `new` has none: a conversation whose key changed (the console's, once each login
+        had its own)."""
+        kept = (keys.conversation, keys.cleared, keys.facts, keys.forgotten)
+        await self._adopt(keys=[*(key(old) for key in kept), *(key(new) for key in kept)])
 
     async def mark_joining(self, conversation_id: str, *, for_ms: int) -> None:
         """Say, for at most `for_ms`, that a process is taking the bot into the

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import uuid
 
 import pytest
 
 from adapters.console import ConsoleAdapter, ConsoleSink
 from bot import replies
+from bot.types import ConversationKey
 
 
 async def printed(streamed: list[str], final: str) -> str:
@@ -122,3 +124,25 @@ async def test_piped_input_skips_blank_lines_and_ends_at_quit(make_service):
     asked = [prompt[-1]["content"] for prompt in batcher.prompts]
     assert asked == ["Hello", "/etc/hosts is broken"]
     assert replies.unknown_command("/clear") in output.getvalue()
+
+
+async def test_a_conversation_kept_before_each_login_had_its_own_is_continued(make_service):
+    """Kept under `console:local:NAME` by an older version: the chat of that name starts
+    from it, where it started empty; a conversation of the login's own is never replaced."""
+    name = f"kept-{uuid.uuid4().hex[:8]}"
+    shared = ConversationKey("console", "local", name, name)
+    async with make_service() as (service, batcher):
+        await service.store.append(str(shared), {"role": "user", "content": "My name is Ada."})
+        console = ConsoleAdapter(
+            service=service, conversation=name, input=io.StringIO("What is my name?\n"),
+            output=io.StringIO(), interactive=False,
+        )  # fmt: skip
+        await console.resume()
+        await asyncio.wait_for(console.run(), timeout=30)
+        mine = await service.store.load(str(console.key))
+        await service.store.append(str(shared), {"role": "user", "content": "Someone else."})
+        await console.resume()  # the login's own is there now: kept as it is
+        assert await service.store.load(str(console.key)) == mine
+        left = await service.store.load(str(shared))
+    assert [m["content"] for m in batcher.prompts[0]] == ["My name is Ada.", "What is my name?"]
+    assert left == [{"role": "user", "content": "Someone else."}]
