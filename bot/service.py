@@ -357,15 +357,15 @@ class ChatService:
         many answers pending, here or in any process), if so. Nothing awaits after this
         process's count is read: those it is still taking are not in the journal yet."""
         settings = self.team.settings
-        bucket, message = f"{platform}:{user}", f"{platform}:{request_id}"
-        if (per_minute := settings.access.rate_limit_per_minute) and (
-            wait := await self.limits.take(bucket, message, per_minute)
-        ):
-            return replies.rate_limited(wait, again)
+        bucket, took = f"{platform}:{user}", False
+        if per_minute := settings.access.rate_limit_per_minute:
+            wait, took = await self.limits.take(bucket, f"{platform}:{request_id}", per_minute)
+            if wait:
+                return replies.rate_limited(wait, again)
         anywhere = await self.journal.pending_of(platform, user)
         if (pending := max(anywhere, self._pending[user])) >= settings.max_pending_per_user:
-            if per_minute:  # a message refused costs no message of the rate
-                await self.limits.give_back(bucket, message, per_minute)
+            if took:  # a message refused costs no message of the rate
+                await self.limits.give_back(bucket, per_minute)
             return replies.slow_down(pending, again)
         return None
 

@@ -19,7 +19,7 @@ REDELIVERY_WINDOW_S = 600  # platforms deliver a message again within minutes
 # platform's retry, or two events for one message) gets what its first delivery got.
 _TAKE = """
 local taken = redis.call('GET', KEYS[2])
-if taken then return taken end
+if taken then return {taken, 0} end
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local clock = redis.call('TIME')
@@ -33,19 +33,16 @@ if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
 redis.call('SET', KEYS[2], tostring(wait), 'EX', ARGV[3])
-return tostring(wait)
+return {tostring(wait), wait == 0 and 1 or 0}
 """
 
-# A token `_TAKE` took for message KEYS[2] put back in KEYS[1] (capacity ARGV[1]), if this
-# message took one; its mark goes, so that a re-delivery is judged afresh.
+# A token put back in bucket KEYS[1] (capacity ARGV[1]); a full one, expired, has none
+# to put back.
 _GIVE_BACK = """
-if redis.call('GET', KEYS[2]) ~= '0' then return 0 end
-redis.call('DEL', KEYS[2])
 local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
 if tokens then
   redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(tonumber(ARGV[1]), tokens + 1)))
 end
-return 1
 """
 
 
@@ -55,22 +52,22 @@ class Limits:
         self._give_back = redis.register_script(_GIVE_BACK)
         self._once = Once(redis)
 
-    async def take(self, user: str, message: str, per_minute: float) -> float:
+    async def take(self, user: str, message: str, per_minute: float) -> tuple[float, bool]:
         """Take one message from `user`'s bucket (a minute's worth at most, refilled
         steadily, and room for one message at least, for a rate under one a minute): 0 if
-        it was there, else the seconds until one will be (none is taken). Once per
-        `message` (`platform:message id`): its re-deliveries take nothing."""
-        wait = await self._take(
+        it was there, else the seconds until one will be (none is taken); and whether
+        this call took it. Once per `message` (`platform:message id`): its re-deliveries
+        get what it got, and take nothing."""
+        wait, took = await self._take(
             keys=[keys.rate(user), keys.rate_taken(message)],
             args=[per_minute / 60, max(per_minute, 1), REDELIVERY_WINDOW_S],
         )
-        return float(wait)
+        return float(wait), bool(took)
 
-    async def give_back(self, user: str, message: str, per_minute: float) -> None:
-        """Put back the token `message` took from `user`'s bucket: the message was refused
-        for another reason (its sender has too many answers pending), and costs nothing."""
-        await self._give_back(keys=[keys.rate(user), keys.rate_taken(message)],
-                              args=[max(per_minute, 1)])  # fmt: skip
+    async def give_back(self, user: str, per_minute: float) -> None:
+        """Put back a token `take` took from `user`'s bucket: its message was refused for
+        another reason (its sender has too many answers pending), and costs nothing."""
+        await self._give_back(keys=[keys.rate(user)], args=[max(per_minute, 1)])
 
     async def first_denial(self, whom: str) -> bool:
         """True if `whom` (a person somewhere) was not told within the hour that they are

@@ -133,6 +133,29 @@ async def test_a_message_refused_for_pending_answers_takes_nothing_from_the_rate
     assert not answer.startswith("You're asking faster")
 
 
+async def test_a_message_delivered_again_at_the_pending_limit_gives_back_nothing(
+    make_service, make_batcher, conversation
+):
+    """Two messages a minute, one pending at a time: the first's re-delivery, refused as
+    its sender has one pending (the first itself), gave back a token it never took, so
+    a third message in the minute was answered."""
+    rules, alice = Access(rate_limit_per_minute=2), new_user()
+    gated = GatedBatcher(make_batcher())
+    first = say(conversation, "one", author=alice)
+    sinks = [RecordingSink() for _ in range(4)]
+    async with make_service(gated, access=rules, max_pending_per_user=1) as (service, _):
+        answering = asyncio.create_task(service.handle(first, sinks[0]))
+        await until(lambda: asyncio.sleep(0, service.queue.depth == 1))
+        await service.handle(first, sinks[1])  # Slack's retry of it
+        gated.gate.set()
+        await asyncio.wait_for(answering, timeout=30)
+        await service.handle(say(conversation, "two", author=alice), sinks[2])
+        await service.handle(say(conversation, "three", author=alice), sinks[3])
+    assert sinks[1].events == []  # a re-delivery: nothing said
+    [refusal] = sinks[3].kinds("finish")
+    assert refusal.startswith("You're asking faster")
+
+
 async def test_the_system_prompt_is_filled_once_and_kept_byte_for_byte(
     make_service, conversation, monkeypatch
 ):
