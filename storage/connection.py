@@ -201,9 +201,12 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+READ_TIMEOUT_S = 10.0  # one reply's wait
 FIRST_ANSWER_S = 30.0
-"""How long a start waits for Redis's first answer, retries and all: a server that takes
-connections and never answers (a proxy to a dead one) held it for minutes, in silence."""
+"""How long a start waits for Redis's first answer, retries and all, at least; more where
+REDIS_RETRIES asks (a read's wait for each try): a server that takes connections and never
+answers (a proxy to a dead one) held it for minutes, in silence, its tries retried within
+each other's."""
 
 
 async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
@@ -215,7 +218,7 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
             url,
             decode_responses=True,
             socket_connect_timeout=5,
-            socket_timeout=10,
+            socket_timeout=READ_TIMEOUT_S,
             retry=_CountedRetry(
                 ExponentialBackoff(cap=1.0, base=0.05),
                 resilience.retries,
@@ -225,13 +228,14 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
         )
     except ValueError:  # an option it cannot take; redis-py's message may echo a password
         raise StorageError(f"{failure}: {NOT_A_URL}") from None
+    waited = max(FIRST_ANSWER_S, (resilience.retries + 1) * READ_TIMEOUT_S)
     try:
-        async with asyncio.timeout(FIRST_ANSWER_S):
+        async with asyncio.timeout(waited):
             await client.ping()
     except TimeoutError as exc:
         with suppress(Exception):
             await client.aclose()
-        raise StorageError(f"{failure}: no answer within {FIRST_ANSWER_S:g} s") from exc
+        raise StorageError(f"{failure}: no answer within {waited:g} s") from exc
     except ResponseError as exc:
         if not is_outage(exc):  # a refusal of its own: wrong password, PING not allowed
             await client.aclose()

@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
-from storage.connection import open_redis
+from storage.connection import Resilience, open_redis
 from storage.embedded import CONFIG_FILE, LOCK_FILE, LOG_FILE, EmbeddedRedis, _alive
 from storage.errors import StorageError
 from storage.store import ConversationStore
@@ -346,27 +346,31 @@ async def test_a_url_to_a_server_that_is_not_redis_is_one_line(
     assert str(info.value).endswith("it does not answer as Redis does")
 
 
+@pytest.mark.parametrize(("retries", "waited"), [(3, "0.5"), (9, "1")])
 async def test_a_server_that_never_answers_ends_the_start_in_bounded_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int, waited: str
 ) -> None:
     """It takes the connection and says nothing (a proxy to a dead Redis): the start waited
-    minutes, retrying in silence, where it now gives up after FIRST_ANSWER_S."""
+    minutes, retrying in silence, where it now gives up after FIRST_ANSWER_S, or a read's
+    wait for each try REDIS_RETRIES asks for, if longer."""
     held: list[asyncio.StreamWriter] = []
 
     async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
 
     monkeypatch.setattr("storage.connection.FIRST_ANSWER_S", 0.5)
+    monkeypatch.setattr("storage.connection.READ_TIMEOUT_S", 0.1)
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
         with pytest.raises(StorageError) as info:
             async with asyncio.timeout(20):
-                async with open_redis(redis_url=f"redis://127.0.0.1:{port}/0", data_dir=tmp_path):
+                url, resilience = f"redis://127.0.0.1:{port}/0", Resilience(retries=retries)
+                async with open_redis(redis_url=url, data_dir=tmp_path, resilience=resilience):
                     pass
         for writer in held:
             writer.close()
-    assert str(info.value).endswith("no answer within 0.5 s")
+    assert str(info.value).endswith(f"no answer within {waited} s")
 
 
 async def test_a_redis_at_its_maxmemory_is_an_outage_not_a_wrong_server(
