@@ -185,7 +185,7 @@ def url_problem(url: str) -> str | None:
     if port and not 0 < int(port[1]) < 65536:
         return BAD_PORT
     # redis-py takes a database that is no number (`/db1`, `/-1`) for none: db 0.
-    if not url.startswith("unix:") and not re.fullmatch(r"[^/]*(/\d*)?", host):
+    if not url.startswith("unix:") and not re.fullmatch(r"[^/]*(/\d*/?)?\s*", host):
         return BAD_DB
     try:
         parse_url(url)  # what `Redis.from_url` reads it with

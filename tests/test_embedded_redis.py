@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
-from storage.connection import Resilience, open_redis
+from storage.connection import Resilience, open_redis, url_problem
 from storage.embedded import CONFIG_FILE, LOCK_FILE, LOG_FILE, EmbeddedRedis, _alive
 from storage.errors import StorageError
 from storage.store import ConversationStore
@@ -460,3 +460,14 @@ async def test_a_server_naming_its_version_in_two_parts_is_taken(tmp_path, monke
     monkeypatch.setattr(OldRedis, "VERSION", "7.2")
     async with OldRedis() as url, open_redis(redis_url=url, data_dir=tmp_path) as client:
         assert await client.ping()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://h:6379/0/", "redis://h:6379/0 ", "redis://h:6379", "redis://h/15?db=3",
+     "rediss://:p%40ss@[::1]:6380/4?ssl_cert_reqs=none", "unix:///run/redis.sock?db=2"],
+)  # fmt: skip
+def test_a_url_redis_py_reads_as_meant_is_taken(url: str) -> None:
+    """A database's trailing slash, or a space after it, which redis-py reads as meant,
+    was refused once the database was checked to be a number."""
+    assert url_problem(url) is None
