@@ -149,6 +149,15 @@ class Access(_Section):
 
     _ids_as_text = field_validator("admins", mode="before")(Rule._ids_as_text.__func__)
 
+    @field_validator("rate_limit_per_minute")
+    @classmethod
+    def _a_message_a_day_at_least(cls, value: float) -> float:
+        """Slower than that, a bucket's refill outlasts what Redis's expiry times take:
+        every message would fail."""
+        if 0 < value < 1 / 1440:
+            raise ValueError("must be 0 (no limit) or at least 1/1440 (a message a day)")
+        return value
+
 
 class Persona(_Section):
     """A system prompt and generation settings for a platform, workspace or channel; the

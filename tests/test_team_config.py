@@ -330,6 +330,19 @@ def test_the_example_file_is_valid_and_shows_every_section(
         assert refusal(settings.access, who) is None, who
 
 
+@pytest.mark.parametrize(("rate", "taken"), [("0", True), ("0.0007", True), ("1e-13", False)])
+def test_a_rate_limit_under_a_message_a_day_is_refused(
+    tmp_path: Path, rate: str, taken: bool
+) -> None:
+    """Slower, its bucket outlasted Redis's expiry times, and every message failed."""
+    write(tmp_path / "threadbot.yml", f"access:\n  rate_limit_per_minute: {rate}\n")
+    if taken:
+        assert load_settings().access.rate_limit_per_minute == float(rate)
+        return
+    with pytest.raises(ConfigError, match=r"line 2: .*at least 1/1440 \(a message a day\)"):
+        load_settings()
+
+
 def test_reload_swaps_the_rules_and_an_invalid_file_keeps_them(tmp_path: Path) -> None:
     config = write(tmp_path / "threadbot.yml", "access:\n  admins: [U1]\n")
     team = Team(load_settings())
