@@ -66,7 +66,9 @@ HUGGING_FACE_PREFIXES = ("HF_", "HUGGINGFACE_", "HUGGING_FACE_", "TRANSFORMERS_"
 """Names of the Hugging Face libraries' own variables (huggingface_hub, transformers,
 tokenizers), which `.env` may hold beside our settings."""
 COMPOSE_PREFIX = "COMPOSE_"
-COMPOSE_VARIABLES = frozenset({"THREADBOT_PUBLISH", "GRAFANA_ADMIN_PASSWORD"})
+COMPOSE_VARIABLES = frozenset(
+    {"THREADBOT_PUBLISH", "THREADBOT_STOP_GRACE", "GRAFANA_ADMIN_PASSWORD"}
+)
 """What Docker Compose reads from the same `.env`: its own COMPOSE_* and the variables
 docker-compose.yml names (`${THREADBOT_PUBLISH:-…}`)."""
 OTHER_TOOLS_PREFIXES = ("PYTHON", "PIP_", "LC_", "XDG_", "CUDA_", "NVIDIA_", "TORCH", "TQDM_")
