@@ -239,10 +239,10 @@ async def test_an_orphaned_server_of_another_user_is_named_not_a_traceback(
         kill(pid, signum)
 
     async with orphaned_server(tmp_path) as orphan:
-        monkeypatch.setattr("storage.embedded.os.kill", refused)
-        with pytest.raises(StorageError) as info, EmbeddedRedis(data_dir=tmp_path):
-            pass
-        monkeypatch.undo()
+        with monkeypatch.context() as patched:  # undone before the orphan is killed
+            patched.setattr("storage.embedded.os.kill", refused)
+            with pytest.raises(StorageError) as info, EmbeddedRedis(data_dir=tmp_path):
+                pass
     assert f"held by redis-server pid {orphan}" in str(info.value)
     assert "run as that user" in str(info.value)
 
