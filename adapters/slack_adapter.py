@@ -351,23 +351,25 @@ class SlackAdapter(Adapter):
             respond, channel=payload.get("channel_id", ""), user=payload.get("user_id", "")
         )
         try:
+            theirs, enterprise = payload.get("team_id") or "-", context.get("enterprise_id")
+            # Outside Grid, the app's own workspace, as its messages' conversations have it:
+            # the payload may name the user's (Slack Connect).
+            ours = (self.home if enterprise is None else None) or theirs
             turn = command_turn(
                 payload,
+                team=ours,
                 author_name=await self._name(payload["user_id"], deadline),
                 channel_name=await self._channel_name(where_typed(payload), deadline),
                 bot_name=await self._name(context["bot_user_id"], deadline),
             )
-            workspace, enterprise = turn.conversation.workspace, context.get("enterprise_id")
-            # Outside Grid, against the app's own workspace: the payload may name the user's.
-            ours = (self.home if enterprise is None else None) or workspace
             stranger = await self._stranger(
-                {"user": turn.author, "team": workspace}, ours, enterprise, deadline
+                {"user": turn.author, "team": theirs}, ours, enterprise, deadline
             )
             who = Requester(
                 "slack",
                 turn.author,
                 turn.conversation.channel,
-                workspace=workspace,
+                workspace=ours,
                 dm=typed_in_dm(payload),
                 stranger=stranger,
             )

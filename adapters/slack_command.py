@@ -48,12 +48,18 @@ def where_typed(payload: dict[str, Any]) -> dict[str, str]:
 
 
 def command_turn(
-    payload: dict[str, Any], *, author_name: str = "", channel_name: str = "", bot_name: str = ""
+    payload: dict[str, Any],
+    *,
+    team: str,
+    author_name: str = "",
+    channel_name: str = "",
+    bot_name: str = "",
 ) -> Turn:
     """The turn a slash command gives the service: its command (`help` where the text names
-    none), for the DM or the channel it was typed in; one per invocation (trigger id). The
-    names fill a persona's placeholders, as the conversation's first turn there would."""
-    team, channel = payload.get("team_id") or "-", payload["channel_id"]
+    none), for the DM or the channel it was typed in, in workspace `team` (ours, as its
+    messages' conversations are); one per invocation (trigger id). The names fill a
+    persona's placeholders, as the conversation's first turn there would."""
+    channel = payload["channel_id"]
     text = payload.get("text", "").strip()
     return Turn(
         ConversationKey("slack", team, channel, channel),

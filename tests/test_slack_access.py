@@ -108,6 +108,22 @@ async def test_slack_connect_strangers_are_denied_unless_allowed(slack, socket_m
     assert [p[-1]["content"] for p in batcher.prompts] == ["hello again"]
 
 
+async def test_a_guests_slash_command_is_judged_in_our_workspace_as_their_messages_are(
+    slack, socket_mode
+):
+    """A guest let in by user id, in a shared channel: their mention got our workspace's
+    persona, but their `/threadbot prompt` (whose payload names their own workspace) was
+    denied by the workspace rule, or shown no prompt, as if in another workspace."""
+    slack.users["U0GUEST"] = "guest"
+    slack.external_users["U0GUEST"] = "T0OTHER"
+    allowed = rules(users={"allow": ["U0GUEST"]}, workspaces={"allow": [slack.team_id]})
+    persona = {"platform": "slack", "workspace": slack.team_id, "system_prompt": "Ours."}
+    async with socket_mode(access=allowed, personas=[persona]):
+        trigger = await slack.send_command(new_id("C"), "prompt", user="U0GUEST", team="T0OTHER")
+        [told] = await slack.wait_for(lambda: slack.responses[trigger], timeout=30)
+    assert told["text"] != replies.denied() and "Ours." in told["text"]
+
+
 @pytest.mark.parametrize("user_team", ["T0SIBLING", "E0ACME"])
 async def test_in_enterprise_grid_a_sibling_workspace_is_of_our_organisation(
     slack, socket_mode, user_team
