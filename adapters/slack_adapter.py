@@ -207,6 +207,7 @@ class SlackAdapter(Adapter):
         # The workspace the app is installed in (auth.test): whose people are not strangers,
         # whatever workspace a slash command's payload names.
         self.home: str | None = None
+        self._commands: set[asyncio.Task[None]] = set()  # carried out past their ack
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
         app.event("assistant_thread_started")(self.on_assistant_thread_started)
@@ -343,10 +344,26 @@ class SlackAdapter(Adapter):
     ) -> None:
         """`/threadbot <command>`, answered only to its sender: in a DM for the DM, in a
         channel for the channel (Slack sends no thread with it)."""
-        # Slack takes the ack only once this returns (process_before_response): what it
-        # looks up first is looked up by a deadline, as for a message.
-        deadline = asyncio.get_running_loop().time() + BEFORE_ACK_SECONDS
+        # Slack takes the ack only once this returns (process_before_response), and says
+        # the command failed past 3 s: what it looks up first keeps to a deadline, as for
+        # a message, and what Redis is slow to do goes on after the ack (Slack never sends
+        # a command again, so nothing is gained by holding it).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BEFORE_ACK_SECONDS
         await ack()
+        work = asyncio.create_task(self._command(payload, respond, context, deadline))
+        self._commands.add(work)
+        work.add_done_callback(self._commands.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(work), max(deadline - loop.time(), 0))
+
+    async def _command(
+        self,
+        payload: dict[str, Any],
+        respond: Any,
+        context: dict[str, Any],
+        deadline: float,
+    ) -> None:
         sink = EphemeralReply(
             respond, channel=payload.get("channel_id", ""), user=payload.get("user_id", "")
         )

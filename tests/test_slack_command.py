@@ -3,6 +3,7 @@ Mode, bolt acks it, and the answer reaches the command's response_url, ephemeral
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -49,6 +50,26 @@ async def test_slow_lookups_do_not_hold_up_a_commands_ack(slack, socket_mode):
     so Slack does not report the command as failed, and it is still answered."""
     slack.delays.update({"users.info": 2.0, "conversations.info": 2.0})  # 6 s one by one
     async with socket_mode():
+        sent = time.monotonic()
+        trigger = await slack.send_command("C0001", "help")
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"], timeout=15)
+        waited = time.monotonic() - sent
+        [response] = await responses(slack, trigger)
+    assert waited < SLACK_ACK_SECONDS
+    assert response["text"] == to_mrkdwn(replies.help_text(admin=False))
+
+
+async def test_a_slow_redis_does_not_hold_up_a_commands_ack(slack, socket_mode):
+    """Redis slow to mark the command seen (3.5 s): the ack waited for it, and Slack told
+    the user the command failed (operation_timeout) before its answer came."""
+    async with socket_mode() as (service, _batcher):
+        first_seen = service.store.first_seen
+
+        async def slowly(*args, **kwargs) -> bool:
+            await asyncio.sleep(3.5)
+            return await first_seen(*args, **kwargs)
+
+        service.store.first_seen = slowly
         sent = time.monotonic()
         trigger = await slack.send_command("C0001", "help")
         await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"], timeout=15)
