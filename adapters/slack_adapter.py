@@ -323,11 +323,11 @@ class SlackAdapter(Adapter):
 
         greeted = f"{team}:{channel}:{thread_ts}:greeted"  # a re-delivery greets no more
         try:
-            if await self.service.store.seen("slack", [greeted]) == [True]:
+            # Claimed first: a re-delivery may come while this one is still greeting.
+            if not await self.service.store.first_seen("slack", greeted):
                 return
             if await self.service.admit(who, key, tell):
                 await _by(deadline, greet(self.app.client, channel=channel, thread_ts=thread_ts))
-                await self.service.store.first_seen("slack", greeted)
         except Exception:
             logger.warning("could not greet assistant thread %s", thread, exc_info=True)
 

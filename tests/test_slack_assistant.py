@@ -5,8 +5,10 @@ suggested prompts when a thread starts, the status while a turn is queued and an
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import pytest
 from conftest import FailsOnceBatcher, GatedBatcher, ScriptedBatcher
 from fake_slack import FakeSlack
 from test_slack_adapter import SLACK_ACK_SECONDS, final_reply
@@ -31,14 +33,26 @@ async def test_a_new_assistant_thread_is_greeted_with_suggested_prompts(slack, s
     assert slack.prompts[("D0001", thread_ts)] == list(SUGGESTED_PROMPTS)
 
 
-async def test_a_thread_start_delivered_again_is_greeted_once(slack, socket_mode):
-    """Slack sends an event again after a late or lost ack: two greetings came."""
-    async with socket_mode(streaming="auto"):
+@pytest.mark.parametrize("again", ["after its ack", "while it is greeted"])
+async def test_a_thread_start_delivered_again_is_greeted_once(slack, socket_mode, again):
+    """Slack sends an event again after a late or lost ack: two greetings came, and still
+    did where the first delivery was still being greeted (Redis slow to answer)."""
+    async with socket_mode(streaming="auto") as (service, _batcher):
+        first_seen = service.store.first_seen
+
+        async def slowly(*args, **kwargs) -> bool:
+            await asyncio.sleep(0.5)
+            return await first_seen(*args, **kwargs)
+
+        service.store.first_seen = slowly
         started = slack.assistant_thread_started("D0001")
         thread_ts = started["assistant_thread"]["thread_ts"]
-        await slack.wait_for_ack(await slack.send_event(started))
-        again = await slack.send_event(started, retry_attempt=1, retry_reason="timeout")
-        await slack.wait_for_ack(again)
+        first = await slack.send_event(started)
+        if again == "after its ack":
+            await slack.wait_for_ack(first)
+        retry = await slack.send_event(started, retry_attempt=1, retry_reason="timeout")
+        await slack.wait_for_ack(first)
+        await slack.wait_for_ack(retry)
     assert [m["text"] for m in bot_posts(slack, thread_ts)] == [GREETING]
 
 
