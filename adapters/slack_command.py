@@ -16,6 +16,8 @@ from bot.types import Command, ConversationKey, Turn
 logger = logging.getLogger(__name__)
 
 SLASH_COMMAND = "/threadbot"
+RESPONSES = 5  # replies Slack takes on one command's response_url
+CUT_SHORT = "_(The rest does not fit in the replies Slack allows a command.)_"
 Respond = Callable[..., Awaitable[Any]]  # bolt's `respond`, bound to a response_url
 
 
@@ -84,6 +86,7 @@ class EphemeralReply:
         self.user = user
         self.on_post: Callable[[], Awaitable[None]] | None = None
         self.over = False
+        self._posted = 0  # replies sent on the response_url
 
     def reply_target(self) -> dict[str, Any]:
         return {"ephemeral": True, "channel": self.channel, "user": self.user}
@@ -114,10 +117,15 @@ class EphemeralReply:
             await self._say(text)
 
     async def _say(self, text: str) -> None:
-        for part in split_message(to_mrkdwn(text), MESSAGE_LIMIT):
+        parts = split_message(to_mrkdwn(text), MESSAGE_LIMIT)
+        left = RESPONSES - self._posted
+        if len(parts) > left:  # the last that Slack takes says the rest is not shown
+            parts = [*parts[: left - 1], CUT_SHORT] if left else []
+        for part in parts:
             response = await self.respond(
                 text=part, response_type="ephemeral", unfurl_links=False, unfurl_media=False
             )
+            self._posted += 1
             if response.status_code != 200:
                 logger.warning("Slack refused a command's response (HTTP %d)", response.status_code)
                 return

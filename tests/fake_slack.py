@@ -706,10 +706,13 @@ class FakeSlack:
         return trigger_id
 
     async def _command_response(self, request: web.Request) -> web.Response:
-        """A slash command's response_url: messages for the person who typed it."""
+        """A slash command's response_url: messages for the person who typed it, five at
+        most (Slack's limit on one response_url)."""
         responses = self.responses.get(request.match_info["trigger_id"])
         if responses is None:
             return web.Response(status=404, text="invalid_token")
+        if len(responses) >= 5:
+            return web.Response(status=404, text="used_url")
         try:
             responses.append(await request.json())
         except ValueError:

@@ -11,7 +11,7 @@ import pytest
 from fake_slack import FakeSlack
 from test_slack_adapter import SLACK_ACK_SECONDS, final_reply
 
-from adapters.slack_command import thread_only
+from adapters.slack_command import CUT_SHORT, thread_only
 from adapters.slack_format import to_mrkdwn
 from bot import replies
 from bot.config import Access
@@ -156,6 +156,19 @@ async def test_commands_as_text_and_as_the_slash_command_with_their_permissions(
         assert len(await store.load(f"slack:{slack.team_id}:{channel}:{mention['ts']}")) == 2
         assert await typed("reset", "U0ALICE") == to_mrkdwn(replies.conversation_reset())
         assert await store.load(f"slack:{slack.team_id}:{channel}:{mention['ts']}") == []
+
+
+async def test_a_reply_longer_than_five_messages_says_the_rest_is_cut(slack, socket_mode):
+    """Slack takes five replies on a command's response_url: a long system prompt shown
+    by `prompt` lost its end and the answer's length line, with nothing said of it."""
+    long_prompt = " ".join(f"Rule {n}: answer kindly." for n in range(1400))  # ~30k chars
+    async with socket_mode(system_prompt=long_prompt):
+        trigger = await slack.send_command(new_dm(), "prompt")
+        await slack.wait_for(lambda: len(slack.responses[trigger]) >= 5, timeout=30)
+        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"])
+    told = [response["text"] for response in slack.responses[trigger]]
+    assert len(told) == 5 and told[-1] == CUT_SHORT
+    assert "Rule 0:" in told[0] and "Rule 1399:" not in "".join(told)
 
 
 @pytest.mark.parametrize("where", ["channel", "dm"])
