@@ -1093,28 +1093,30 @@ class ChatService:
             return replies.not_regenerable()
         if (last := await self._last_exchange(key, place)) is None:
             return replies.not_regenerable()
-        if limited := await self._over_limits(platform, by, request_id, replies.PRESS_AGAIN):
-            return limited
-        self._pending[by] += 1  # counted now, so presses and messages meanwhile see it
+        # Claimed first: a double click's second press takes nothing from the rate limit.
+        if not await self.store.first_regeneration(key, place):
+            return replies.not_regenerable()  # a second press of the same answer's button
         accepted = None
         try:
-            if not await self.store.first_regeneration(key, place):
-                return replies.not_regenerable()  # a second press of the same answer's button
-            question = last[0]
-            turn = Turn(
-                conversation, by, question["content"], request_id,
-                author_name=question.get("name", ""), channel_name=channel_name,
-                bot_name=bot_name,
-            )  # fmt: skip
+            if limited := await self._over_limits(platform, by, request_id, replies.PRESS_AGAIN):
+                await self.store.forget_regeneration(key, place)  # pressed again once allowed
+                return limited
+            self._pending[by] += 1  # counted now, so presses and messages meanwhile see it
             try:
+                question = last[0]
+                turn = Turn(
+                    conversation, by, question["content"], request_id,
+                    author_name=question.get("name", ""), channel_name=channel_name,
+                    bot_name=bot_name,
+                )  # fmt: skip
                 accepted = await self.journal.accept(turn, sink.reply_target(), regenerates=place)
-            except Exception:  # not taken: a press once storage is back may regenerate it
-                with contextlib.suppress(Exception):  # if storage is still gone, it may not
-                    await self.store.forget_regeneration(key, place)
-                raise
-        finally:
-            if accepted is None:
-                self._uncount(by)
+            finally:
+                if accepted is None:
+                    self._uncount(by)
+        except Exception:  # not taken: a press once storage is back may regenerate it
+            with contextlib.suppress(Exception):  # if storage is still gone, it may not
+                await self.store.forget_regeneration(key, place)
+            raise
         if accepted is None:
             return replies.not_regenerable()
         if self._closing:  # a stop began as it was taken: the next start regenerates it

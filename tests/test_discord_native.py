@@ -725,6 +725,25 @@ async def test_regenerate_pressed_twice_regenerates_once(discord_bot):
     assert len(bot.batcher.prompts) == 2
 
 
+async def test_a_double_clicked_regenerate_takes_one_message_of_the_rate_limit(discord_bot):
+    """Three messages a minute: a question, then a Regenerate clicked twice at once. The
+    refused second press took a message of the rate all the same, and the next question
+    in the minute was turned away."""
+    rate = Access(rate_limit_per_minute=3)
+    async with discord_bot(Answers("First.", "Second.", "Third."), access=rate) as bot:
+        fake = bot.fake
+        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        await bot.history(dm_key(channel), until=answered_once)
+        presses = await asyncio.gather(
+            *(fake.press_button(channel, first["id"], regenerate) for _ in range(2))
+        )
+        await fake.wait_for(lambda: all(press.callback for press in presses))
+        await bot.history(dm_key(channel), until=lambda h: h[-1]["content"] == "Second.")
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("and for dessert?"))
+        await bot.history(dm_key(channel), until=lambda h: h[-1]["content"] == "Third.")
+    assert len(bot.batcher.prompts) == 3
+
+
 async def test_regenerate_of_an_answer_a_newer_one_replaces_meanwhile_is_refused(
     discord_bot, redis_client: Redis
 ):
