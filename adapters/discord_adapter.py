@@ -217,6 +217,7 @@ class DiscordAdapter(Adapter):
         """READY came: a new session, whose events come from now on."""
         self._session_began = time.time()
         self.caught_up.clear()
+        self.commands.forget()
 
     async def on_ready(self) -> None:
         """A new session: none of the events since the last one will come."""

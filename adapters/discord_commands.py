@@ -139,9 +139,15 @@ class SlashCommands:
         except discord.HTTPException as error:
             logger.warning("Discord refused the global commands (%s): %s", error, SCOPE_HELP)
 
-    def forget(self, guild: discord.Guild) -> None:
-        """The server is left: its commands are registered again should it be joined."""
-        self._registered.discard(guild.id)
+    def forget(self, guild: discord.Guild | None = None) -> None:
+        """The server is left: its commands are registered again should it be joined. With
+        none, every server (a new session: one left while none was up, whose GUILD_DELETE
+        never came, may have been joined again, its commands gone); each is registered
+        again as it comes."""
+        if guild is None:
+            self._registered.clear()
+        else:
+            self._registered.discard(guild.id)
 
     async def register_in(self, guild: discord.Guild) -> None:
         """A server the bot is in (at start, or just joined), once a process: its own list,

@@ -244,6 +244,31 @@ async def test_a_server_that_removes_the_bot_and_invites_it_back_gets_the_comman
     assert {command["name"] for command in fake.commands["2001"]} == set(DESCRIPTIONS)
 
 
+async def test_a_server_that_removed_the_bot_while_it_was_away_gets_the_commands_again(
+    discord_bot,
+):
+    """Removed while no session was up (its GUILD_DELETE never came) and invited back: the
+    server was still marked registered, and had no slash commands until a restart."""
+    async with discord_bot() as bot:
+        fake = bot.fake
+        await commands_registered(fake, fake.guild_id)
+        await bot.adapter.client.wait_until_ready()
+        put = ("PUT", rf"/applications/{fake.application_id}/guilds/2001/commands")
+        await fake.join_guild("2001")
+        await fake.wait_for(lambda: len(fake.requests_to(*put)) == 1)
+        fake.hold_new_sessions()
+        await fake.close_gateway(4009)  # the session is lost, not resumed
+        del fake.guilds["2001"]
+        fake.commands.pop("2001", None)
+        await fake.dispatch("GUILD_DELETE", {"id": "2001"})  # no session to hear it
+        fake.open_new_sessions()
+        await fake.wait_identified(2)
+        await fake.wait_for(lambda: bot.adapter.client.get_guild(2001) is None)
+        await fake.join_guild("2001")  # invited back
+        await fake.wait_for(lambda: len(fake.requests_to(*put)) == 2)
+    assert {command["name"] for command in fake.commands["2001"]} == set(DESCRIPTIONS)
+
+
 async def test_global_commands_are_registered_once_for_every_server(discord_bot):
     async with discord_bot(global_commands=True) as bot:
         fake = bot.fake
