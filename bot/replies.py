@@ -163,6 +163,14 @@ def admins_only(command: str) -> str:
     return f"Only admins can use `{command}`."
 
 
+def still_answering(command: str) -> str:
+    """For a `reset` or `forget` that waited `COMMAND_WAIT_S` for the answers before it."""
+    return (
+        f"Answers are still being written here, so nothing was done: send `{command}` again "
+        "once they are finished."
+    )
+
+
 def nothing_stored(command: str) -> str:
     """For a `reset` or `forget` where nothing is stored: a DM or chat with no messages
     yet, or a channel's top level, whose threads are each a conversation of their own."""

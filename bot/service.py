@@ -69,6 +69,9 @@ PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be 
 # A turn lets go of its conversation only once its answer, shown with its buttons, is
 # stored: a Regenerate pressed meanwhile waits this long for it, and is refused after.
 REGENERATE_WAIT_S = 3.0
+COMMAND_WAIT_S = 600.0
+"""How long a `reset` or `forget` waits for the answers written before it: then the sender
+hears to send it again (Discord's reply to a slash command must come within 15 minutes)."""
 FAILURES_KEPT = 1000  # messages told they failed: a platform's redelivery is not told again
 PLATFORM_RETRY_S = 15.0
 """A turn the platform did not show is tried again after this long, doubled at each try:
@@ -975,23 +978,32 @@ class ChatService:
         later try are not answered), by the conversation's starter or an admin: after the
         running answer, never in its middle, and before a message sent after it (the lock
         is asked for before anything else is awaited: it takes turns in order)."""
+        waiting = asyncio.timeout(COMMAND_WAIT_S)
+        try:
+            async with waiting, self.locks.hold(str(turn.conversation)):
+                waiting.reschedule(None)  # held: what it does is never cut short
+                return await self._reset_held(turn, admin=admin, received=received)
+        except TimeoutError:
+            if not waiting.expired():
+                raise
+            return replies.still_answering(str(turn.command))
+
+    async def _reset_held(self, turn: Turn, *, admin: bool, received: float) -> str:
+        """`_reset`'s work, under the conversation's lock."""
         conversation = str(turn.conversation)
-        async with self.locks.hold(conversation):
-            if not await self.store.exists(conversation):  # nothing yet, or a channel's top level
-                return replies.nothing_stored(str(turn.command))
-            starter = await self.store.starter(conversation)
-            if not admin and starter not in (None, turn.author):
-                return replies.not_starter(str(turn.command))
-            if turn.command == "forget":
-                dropped = await self.journal.forget(
-                    conversation, asked_at=received, message=turn.message_id
-                )
-                reply = replies.forgotten(dropped)
-            else:
-                await self.store.clear(conversation)
-                reply = replies.conversation_reset()
+        if not await self.store.exists(conversation):  # nothing yet, or a channel's top level
+            return replies.nothing_stored(str(turn.command))
+        starter = await self.store.starter(conversation)
+        if not admin and starter not in (None, turn.author):
+            return replies.not_starter(str(turn.command))
         logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
-        return reply
+        if turn.command == "forget":
+            dropped = await self.journal.forget(
+                conversation, asked_at=received, message=turn.message_id
+            )
+            return replies.forgotten(dropped)
+        await self.store.clear(conversation)
+        return replies.conversation_reset()
 
     async def _prompt_in_effect(self, turn: Turn) -> str:
         voice = voice_for(self.team.settings, turn.conversation)

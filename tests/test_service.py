@@ -626,6 +626,24 @@ async def test_names_stay_after_a_trim_leaves_one_persons_messages_until_a_reset
     assert batcher.prompts[3] == [{"role": "user", "content": "fourth"}]
 
 
+async def test_a_reset_behind_an_answer_longer_than_it_may_wait_says_to_send_it_again(
+    make_service, make_batcher, store, conversation, monkeypatch
+):
+    """It waited for the running answer without end, and Discord's reply to a slash command
+    expires after 15 minutes: the history was cleared, and its sender never told."""
+    monkeypatch.setattr("bot.service.COMMAND_WAIT_S", 0.5)
+    gated = GatedBatcher(make_batcher())
+    told = RecordingSink()
+    async with make_service(gated) as (service, _batcher):
+        answering = asyncio.create_task(service.handle(turn(conversation, "hi"), RecordingSink()))
+        await until(lambda: asyncio.sleep(0, service.queue.depth == 1))
+        await service.handle(replace(turn(conversation, "reset"), command="reset"), told)
+        gated.gate.set()
+        await asyncio.wait_for(answering, timeout=30)
+    assert told.events == [("finish", replies.still_answering("reset"))]
+    assert len(await store.load(str(conversation))) == 2  # nothing was done
+
+
 @pytest.mark.parametrize("text", ["\u200b\u200d\ufeff", " \u200c \u2060 "])
 async def test_invisible_characters_alone_are_an_empty_message(make_service, conversation, text):
     sink = RecordingSink()
