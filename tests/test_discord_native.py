@@ -19,7 +19,7 @@ import discord
 import pytest
 from conftest import GatedBatcher, ScriptedBatcher, running
 from discord.gateway import DiscordWebSocket
-from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction
+from fake_discord import EPHEMERAL, LOADING, FakeDiscord, FakeInteraction, make_user
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from test_discord_adapter import (
@@ -757,14 +757,20 @@ async def test_a_double_clicked_regenerate_takes_one_message_of_the_rate_limit(d
     rate = Access(rate_limit_per_minute=3)
     async with discord_bot(Answers("First.", "Second.", "Third."), access=rate) as bot:
         fake = bot.fake
-        channel, first, regenerate = await answered_in_a_dm(bot, "what should I cook?")
+        # A user of the test's own: a user's rate is kept in Redis, which tests share.
+        carol = make_user(fake.snowflake(), "carol")
+        fake.users[carol["id"]] = carol
+        asked = fake.dm_message("what should I cook?", author=carol)
+        channel = asked["channel_id"]
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        first, regenerate = await fake.wait_for(lambda: button(fake, channel, "tb:regen:"))
         await bot.history(dm_key(channel), until=answered_once)
         presses = await asyncio.gather(
-            *(fake.press_button(channel, first["id"], regenerate) for _ in range(2))
+            *(fake.press_button(channel, first["id"], regenerate, user=carol) for _ in range(2))
         )
         await fake.wait_for(lambda: all(press.callback for press in presses))
         await bot.history(dm_key(channel), until=lambda h: h[-1]["content"] == "Second.")
-        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("and for dessert?"))
+        await fake.dispatch("MESSAGE_CREATE", fake.dm_message("and for dessert?", author=carol))
         await bot.history(dm_key(channel), until=lambda h: h[-1]["content"] == "Third.")
     assert len(bot.batcher.prompts) == 3
 
