@@ -223,6 +223,18 @@ async def test_commands_lost_to_a_network_blip_are_registered_when_the_server_is
     assert {command["name"] for command in fake.commands["2001"]} == set(DESCRIPTIONS)
 
 
+async def joined_another_server(bot: Bot) -> tuple[str, str]:
+    """The bot joins server 2001 once ready, and registers its commands there; the
+    request that does it (method, path), to count."""
+    fake = bot.fake
+    await commands_registered(fake, fake.guild_id)
+    await bot.adapter.client.wait_until_ready()
+    put = ("PUT", rf"/applications/{fake.application_id}/guilds/2001/commands")
+    await fake.join_guild("2001")
+    await fake.wait_for(lambda: len(fake.requests_to(*put)) == 1)
+    return put
+
+
 async def test_a_server_that_removes_the_bot_and_invites_it_back_gets_the_commands_again(
     discord_bot,
 ):
@@ -230,12 +242,7 @@ async def test_a_server_that_removes_the_bot_and_invites_it_back_gets_the_comman
     process ran, it registered nothing (the server was marked registered), and the server
     had no slash commands until a restart."""
     async with discord_bot() as bot:
-        fake = bot.fake
-        await commands_registered(fake, fake.guild_id)
-        await bot.adapter.client.wait_until_ready()
-        put = ("PUT", rf"/applications/{fake.application_id}/guilds/2001/commands")
-        await fake.join_guild("2001")
-        await fake.wait_for(lambda: len(fake.requests_to(*put)) == 1)
+        fake, put = bot.fake, await joined_another_server(bot)
         await fake.dispatch("GUILD_DELETE", {"id": "2001"})  # the bot removed
         fake.commands.pop("2001", None)
         await fake.wait_for(lambda: bot.adapter.client.get_guild(2001) is None)
@@ -250,12 +257,7 @@ async def test_a_server_that_removed_the_bot_while_it_was_away_gets_the_commands
     """Removed while no session was up (its GUILD_DELETE never came) and invited back: the
     server was still marked registered, and had no slash commands until a restart."""
     async with discord_bot() as bot:
-        fake = bot.fake
-        await commands_registered(fake, fake.guild_id)
-        await bot.adapter.client.wait_until_ready()
-        put = ("PUT", rf"/applications/{fake.application_id}/guilds/2001/commands")
-        await fake.join_guild("2001")
-        await fake.wait_for(lambda: len(fake.requests_to(*put)) == 1)
+        fake, put = bot.fake, await joined_another_server(bot)
         fake.hold_new_sessions()
         await fake.close_gateway(4009)  # the session is lost, not resumed
         del fake.guilds["2001"]

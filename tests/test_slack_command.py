@@ -50,11 +50,16 @@ async def test_slow_lookups_do_not_hold_up_a_commands_ack(slack, socket_mode):
     so Slack does not report the command as failed, and it is still answered."""
     slack.delays.update({"users.info": 2.0, "conversations.info": 2.0})  # 6 s one by one
     async with socket_mode():
-        sent = time.monotonic()
-        trigger = await slack.send_command("C0001", "help")
-        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"], timeout=15)
-        waited = time.monotonic() - sent
-        [response] = await responses(slack, trigger)
+        await help_acked_in_time(slack)
+
+
+async def help_acked_in_time(slack: FakeSlack) -> None:
+    """`/threadbot help` is acknowledged within Slack's 3 seconds, and answered."""
+    sent = time.monotonic()
+    trigger = await slack.send_command("C0001", "help")
+    await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"], timeout=15)
+    waited = time.monotonic() - sent
+    [response] = await responses(slack, trigger)
     assert waited < SLACK_ACK_SECONDS
     assert response["text"] == to_mrkdwn(replies.help_text(admin=False))
 
@@ -70,13 +75,7 @@ async def test_a_slow_redis_does_not_hold_up_a_commands_ack(slack, socket_mode):
             return await first_seen(*args, **kwargs)
 
         service.store.first_seen = slowly
-        sent = time.monotonic()
-        trigger = await slack.send_command("C0001", "help")
-        await slack.wait_for_ack(slack.envelopes[-1]["envelope_id"], timeout=15)
-        waited = time.monotonic() - sent
-        [response] = await responses(slack, trigger)
-    assert waited < SLACK_ACK_SECONDS
-    assert response["text"] == to_mrkdwn(replies.help_text(admin=False))
+        await help_acked_in_time(slack)
 
 
 @pytest.mark.parametrize("text", ["", "help", "frobnicate the widgets"])
