@@ -232,21 +232,21 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     try:
         async with asyncio.timeout(waited):
             await client.ping()
-    except TimeoutError as exc:
-        with suppress(Exception):
-            await client.aclose()
-        raise StorageError(f"{failure}: no answer within {waited:g} s") from exc
-    except ResponseError as exc:
-        if not is_outage(exc):  # a refusal of its own: wrong password, PING not allowed
-            await client.aclose()
-            raise StorageError(f"{failure}: {exc}") from exc
+    except Exception as exc:
         # It answered, refusing writes for now (a full disk refuses PING too): the start
         # goes on (`_check_writable`).
-    except (RedisError, OSError) as exc:
-        await client.aclose()
-        raise StorageError(f"{failure}: {exc}") from exc
-    except Exception as exc:  # redis-py's handshake trips on another server's reply
+        if isinstance(exc, ResponseError) and is_outage(exc):
+            return client
         with suppress(Exception):
             await client.aclose()
-        raise StorageError(f"{failure}: it does not answer as Redis does") from exc
+        raise StorageError(f"{failure}: {_unanswered(exc, waited)}") from exc
     return client
+
+
+def _unanswered(error: Exception, waited: float) -> str:
+    """Why a first PING got no answer."""
+    if isinstance(error, TimeoutError):  # ours: a read of redis-py's raises its own
+        return f"no answer within {waited:g} s"
+    if isinstance(error, RedisError | OSError):  # out of reach, or refused (a password)
+        return str(error)
+    return "it does not answer as Redis does"  # its handshake tripped on another's reply

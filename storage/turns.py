@@ -137,8 +137,8 @@ class TurnJournal:
         """Record a new turn, owned by us (its author becomes the conversation's starter
         if it has none), or one answering the last question again in place of the answer
         shown at `regenerates` (its presser starts nothing); None if this message was
-        seen before. One that raises is
-        taken as refused: should it be recorded all the same, the next `claim` drops it."""
+        seen before. One that raises is taken as refused: should it be recorded all the
+        same, the next `claim` drops it."""
         pending = PendingTurn(turn, target, regenerates=regenerates)
         seen = keys.seen(turn.conversation.platform, turn.message_id)
         acceptance = uuid.uuid4().hex  # tells our own earlier try from another delivery
