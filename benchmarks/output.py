@@ -32,6 +32,7 @@ class Report:
     packed_layers: int = 0  # linear layers packed for oneDNN after the seed's run
     padded_rows: dict = field(default_factory=dict)  # as packing chose (`bot.row_padding`)
     kernel_products: int = 0  # packed products decode steps compute with our kernel
+    kernel_small_ops: bool = False  # our kernel runs the layers' norms, rotary and gates
 
 
 def table(report: Report) -> str:

@@ -60,8 +60,9 @@ from bot import loading
 from bot.config import BUNDLED, Settings
 from bot.device import on_own_thread, pick_dtype, use_all_cores
 from bot.engine import Engine
-from bot.packing import PackedLinear, kernel_products, pack_linear_weights
+from bot.packing import PackedLinear, decode_kernel_of, kernel_products, pack_linear_weights
 from bot.quantize import weight_bytes
+from bot.step_forward import small_ops_by
 
 if TYPE_CHECKING:
     from benchmarks.llamacpp import Peer
@@ -367,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     report.packed_layers = on_own_thread(pack, engine)
     report.padded_rows = padded_rows(engine.model)
     report.kernel_products = kernel_products(engine.model)
+    report.kernel_small_ops = small_ops_by(engine.model, decode_kernel_of(engine.model))
     warm_up(engine, plan)  # the packed weights' first calls
     report.sweep = sweep(engine, plan, requests, seed)
     if peer_run:

@@ -8,7 +8,8 @@ attention, or cache work (joining, cutting and copying tensors); other ops apart
 is everything that runs inside `bot.sampling`, whose functions are wrapped in a profiler
 range while the profile runs; attention, everything inside `StepLayout.attention`, wrapped
 the same way; and our decode kernel's products (`DecodeKernel.product`, no op of torch's)
-count as matrix products. The step's time outside any op is Python (and whatever the
+count as matrix products, its layer's small ops (`add_norm`, `rotate`, `silu_mul`) as
+other ops. The step's time outside any op is Python (and whatever the
 profiler does not see as an op, such as a compiled graph's own kernels).
 """
 
@@ -19,7 +20,7 @@ import inspect
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from types import ModuleType
 
 from torch.autograd.profiler_util import FunctionEvent
@@ -41,7 +42,10 @@ STEP = "threadbot.step"  # the range around each profiled step
 SAMPLING = "threadbot.sampling"
 ATTENTION = "threadbot.attention"
 KERNEL = "threadbot.decode_kernel"
-RANGES = {SAMPLING: "sampling", ATTENTION: "attention", KERNEL: "matmul"}  # name: category
+LAYER_OPS = "threadbot.layer_ops"  # the kernel's norms, rotary embeddings and gates
+RANGES = {SAMPLING: "sampling", ATTENTION: "attention", KERNEL: "matmul", LAYER_OPS: "other ops"}
+KERNEL_METHODS = {"product": KERNEL, "add_norm": LAYER_OPS, "rotate": LAYER_OPS,
+                  "silu_mul": LAYER_OPS}  # fmt: skip
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 CACHE_WORK = {
     "aten::cat", "aten::stack", "aten::index", "aten::index_select", "aten::index_put_",
@@ -66,12 +70,12 @@ def step_profile(engine: Engine, plan: Plan) -> dict:
         for _ in range(steps):
             batcher.step()
         step_ms = (time.perf_counter() - start) / steps * 1000
-        with (
-            _in_range(bot.sampling, SAMPLING),
-            _method_in_range(StepLayout, "attention", ATTENTION),
-            _method_in_range(DecodeKernel, "product", KERNEL),
-            profile(activities=[ProfilerActivity.CPU]) as run,
-        ):
+        with ExitStack() as ranges:
+            ranges.enter_context(_in_range(bot.sampling, SAMPLING))
+            ranges.enter_context(_method_in_range(StepLayout, "attention", ATTENTION))
+            for method, label in KERNEL_METHODS.items():
+                ranges.enter_context(_method_in_range(DecodeKernel, method, label))
+            run = ranges.enter_context(profile(activities=[ProfilerActivity.CPU]))
             decoded = [_profiled_step(batcher) for _ in range(steps)]
         batcher.clear()
     totals = _breakdown(run.events())

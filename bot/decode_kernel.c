@@ -1,6 +1,7 @@
-/* Decode steps' matrix products, a few rows against oneDNN's packed weights, and the
- * decoding rows' attention. Built twice (`bot/decode_kernel.py`): for AVX512-BF16, every
- * function; for AVX2, the float32 product alone (the rest needs AVX512-BF16).
+/* Decode steps' matrix products, a few rows against oneDNN's packed weights, the decoding
+ * rows' attention, and every step's small ops of a layer (norms, rotary, the MLP's gate).
+ * Built twice (`bot/decode_kernel.py`): for AVX512-BF16, every function; for AVX2, the
+ * float32 product alone (the rest needs AVX512-BF16).
  * `bot/decode_kernel.py` checks a packed weight's layout against oneDNN's own product
  * before any layer uses these.
  */
@@ -126,8 +127,9 @@ static inline __m512 sums16(const __m512 v[16]) {
     return lanes_added(lanes_added(t[0], t[1]), lanes_added(t[2], t[3]));
 }
 
-/* e^x for x <= 0: 2^(x log2 e) as 2^n 2^f, |f| <= 1/2, 2^f by its Taylor series to f^6
- * (relative error under 2e-7, far below bfloat16's 4e-3). */
+/* e^x: 2^(x log2 e) as 2^n 2^f, |f| <= 1/2, 2^f by its Taylor series to f^6 (relative
+ * error under 2e-7, far below bfloat16's 4e-3); past float32's range, infinity or 0 (as
+ * `layer_silu_mul`'s test holds it to, at every bfloat16 value). */
 static inline __m512 exp_ps(__m512 x) {
     const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
     const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -215,5 +217,109 @@ int decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *va
         free(sums);
     }
     return failed ? -1 : 0;
+}
+
+/* The layers' small ops, as one call each where the model's own forward runs 8 to 16 torch
+ * ops (each a dispatch, a few microseconds on 2 cores, against well under one for the
+ * arithmetic of a few rows). All bfloat16 in and out, computed in float32 and rounded to
+ * bfloat16 (`rounded`, to nearest even, as torch rounds) wherever the model's ops round:
+ * the same values as theirs, but for the order of a norm's sum and e^x's last bits. Rows
+ * go to the threads only where there are enough of them to pay for waking the threads. */
+#define ROWS_PER_THREAD_ELEMENTS 16384 /* a call with fewer elements runs on one thread */
+
+static inline __m512 widened_masked(const uint16_t *bf16, __mmask16 mask) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bf16)), 16));
+}
+
+static inline __m512 rounded(__m512 x) { /* to bfloat16 and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+static inline void store_masked(uint16_t *bf16, __m512 x, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(bf16, mask, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+static inline __mmask16 lanes_left(int64_t left) {
+    return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* hidden += delta (unless delta is null), in place; out = the RMS norm of hidden times
+ * weight, as Qwen2's and Llama's RMSNorm: the sum of squares in float32, the normalized
+ * value rounded, then times the weight and rounded. [rows, dim] each, weight [dim]. */
+void layer_add_norm(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight,
+                    uint16_t *out, int64_t rows, int64_t dim, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (rows * dim >= ROWS_PER_THREAD_ELEMENTS)
+    for (int64_t r = 0; r < rows; ++r) {
+        uint16_t *h = hidden + r * dim;
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 16) {
+            const __mmask16 m = lanes_left(dim - i);
+            __m512 x = widened_masked(h + i, m);
+            if (delta) {
+                x = rounded(_mm512_add_ps(x, widened_masked(delta + r * dim + i, m)));
+                store_masked(h + i, x, m);
+            }
+            squares = _mm512_fmadd_ps(x, x, squares);
+        }
+        const float mean = _mm512_reduce_add_ps(squares) / (float)dim;
+        const float root = _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + eps))); /* no libm */
+        const __m512 scale = _mm512_set1_ps(1.0f / root);
+        for (int64_t i = 0; i < dim; i += 16) {
+            const __mmask16 m = lanes_left(dim - i);
+            const __m512 normed = rounded(_mm512_mul_ps(widened_masked(h + i, m), scale));
+            const __m512 scaled = _mm512_mul_ps(widened_masked(weight + i, m), normed);
+            store_masked(out + r * dim + i, scaled, m);
+        }
+    }
+}
+
+/* Rotary position embedding, in place, of the first `heads` heads of each token's row
+ * (`stride` apart): as Qwen2's and Llama's `apply_rotary_pos_emb`, x * cos +
+ * rotate_half(x) * sin, each product rounded and then their sum. cos and sin [tokens,
+ * dim]; dim even. */
+void layer_rotary(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t tokens,
+                  int64_t heads, int64_t stride, int64_t dim, int threads) {
+    const int64_t half = dim / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (tokens * heads * dim >= ROWS_PER_THREAD_ELEMENTS)
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+            uint16_t *v = x + t * stride + h * dim;
+            const uint16_t *c = cos + t * dim, *s = sin + t * dim;
+            for (int64_t i = 0; i < half; i += 16) {
+                const __mmask16 m = lanes_left(half - i);
+                const __m512 a = widened_masked(v + i, m), b = widened_masked(v + half + i, m);
+                const __m512 first = _mm512_sub_ps(
+                    rounded(_mm512_mul_ps(a, widened_masked(c + i, m))),
+                    rounded(_mm512_mul_ps(b, widened_masked(s + i, m))));
+                const __m512 second = _mm512_add_ps(
+                    rounded(_mm512_mul_ps(b, widened_masked(c + half + i, m))),
+                    rounded(_mm512_mul_ps(a, widened_masked(s + half + i, m))));
+                store_masked(v + i, first, m);
+                store_masked(v + half + i, second, m);
+            }
+        }
+}
+
+/* out [rows, inner] = silu(gate) * up, each rounded, from gate_up [rows, 2 * inner] (the
+ * gate's columns, then up's): as Qwen2's and Llama's MLP. Results below float32's smallest
+ * normal number come out 0 (the conversion to bfloat16 flushes them). */
+void layer_silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inner,
+                    int threads) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (rows * inner >= ROWS_PER_THREAD_ELEMENTS)
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < inner; i += 16) {
+            const __mmask16 m = lanes_left(inner - i);
+            const __m512 g = widened_masked(gate_up + r * 2 * inner + i, m);
+            const __m512 u = widened_masked(gate_up + r * 2 * inner + inner + i, m);
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)); /* e^-g */
+            const __m512 silu = rounded(_mm512_div_ps(g, _mm512_add_ps(one, e)));
+            store_masked(out + r * inner + i, _mm512_mul_ps(silu, u), m);
+        }
 }
 #endif

@@ -1,6 +1,6 @@
 """Decode steps by our own kernels (`decode_kernel.c`): the matrix products, reading the
 weights oneDNN packed faster than oneDNN's own kernels do, and (in bfloat16) the decoding
-rows' attention.
+rows' attention and every step's small ops of a layer.
 
 A decode step is a few rows times every weight of the model, so its speed is how fast the
 products read the weights from memory. On 2 cores of an AMD EPYC with AVX512-BF16 (no AMX),
@@ -10,7 +10,8 @@ outputs' weights multiplied into every row at once, they stream at up to 50 GB/s
 layers' and the output layer's products took 0.52-0.73x oneDNN's time at 1 to 8 rows, and
 0.80-0.91x at 12 to 32 (alternating, medians of 8 rounds; prompts' chunks of many rows stay
 oneDNN's). On a CPU with AMX, oneDNN's kernels already read the weights at the memory's
-speed (21 of 23 GB/s measured), and its tiles multiply many rows faster, so it keeps them.
+speed (21 of 23 GB/s measured), and its tiles multiply many rows faster, so it keeps them
+(it packs bfloat16 weights for those tiles too, a layout the kernel does not read).
 
 In float32 (on CPUs without AVX512-BF16, where `DTYPE=auto` picks it), oneDNN packs a
 weight as blocks of 64 outputs too, each `in` lines of 64 outputs, and a plain C loop built
@@ -27,6 +28,21 @@ and sums in float32, as SDPA's and our float32 matmuls' are. Qwen2.5-0.5B's 24 l
 0.55, 1.6 and 5.9 ms at 1, 4 and 16 rows of ~270 keys against 1.9, 4.4 and 12.3 ms by the
 matmuls, and whole decode steps 0.96, 0.89 and 0.87x the time (alternating, medians of 8
 rounds). It serves bfloat16 heads of a size in 32s; soft-capped scores (Gemma 2) do not.
+
+A layer's small ops (`add_norm`, `rotate`, `silu_mul`, as `bot.step_forward`'s lean forward
+calls them, in every step): the residual sum and RMS norm, the query's and key's rotary
+embedding, and the MLP's SiLU gate, one call each where the model's own forward runs 8, 16
+and 2 torch ops, each a dispatch of a few microseconds on 2 cores against well under one for
+a few rows' arithmetic. They compute what those ops do, rounding to bfloat16 where they
+round: the rotary embedding to the bit, the norm and the gate but for the order of the
+norm's float32 sum and e^x's last bits (an output differs in its last bit now and then, as
+a product's does), so a greedy answer may part from the ops' own where two tokens are
+within a rounding (on the bundled SmolLM2, 5 of 6 answers alike through 64 tokens, the
+sixth from its first). Measured with Qwen2.5-0.5B's shape on 2 cores of an Intel Xeon with
+AMX (a busy host: a lone step 87-110 ms), 300 steps alternating with the ops' own in one
+process: decode steps of 1, 4 and 16 rows took 0.93-0.95, 0.92-0.93 and 0.92x the time
+(the first decile to the median), and the prompts' chunks before them 0.72-0.89x. They
+serve on every CPU with AVX512-BF16; with AMX they are all the kernel serves.
 
 The kernels are C, built once at load with the machine's C compiler (`CC`, else `cc`) into
 the folder given (DATA_DIR/kernels), one build per dtype (`BUILDS`: AVX512-BF16's
@@ -64,6 +80,8 @@ from bot.loading import first_line
 
 logger = logging.getLogger(__name__)
 
+POINTER = ctypes.c_void_p
+
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 PREBUILT = SOURCE.parent
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
@@ -81,29 +99,85 @@ oneDNN's blocked products serve better); in float32, up to 8 (16 took 1.11x oneD
 
 
 def wanted(dtype: torch.dtype) -> bool:
-    """Whether this CPU is one where the kernel for `dtype` was measured faster (above)."""
+    """Whether this CPU is one where the kernel for `dtype` was measured faster (above): in
+    bfloat16, any with AVX512-BF16 (with AMX, for a layer's small ops alone)."""
     if dtype == torch.bfloat16:
-        return cpu_has("avx512_bf16") and not cpu_has("amx_tile")
+        return cpu_has("avx512_bf16")
     return dtype == torch.float32 and cpu_has("avx2") and not cpu_has("avx512")
 
 
 class DecodeKernel:
     """The kernel built for `dtype`: `product` computes a few rows against a packed
-    weight, and in bfloat16 `attention` attends decoding rows."""
+    weight; in bfloat16 `attention` attends decoding rows, and `add_norm`, `rotate` and
+    `silu_mul` run a layer's small ops, in every step."""
 
     def __init__(self, path: Path, dtype: torch.dtype) -> None:
         self.library, self.dtype, self.most_rows = path, dtype, MOST_ROWS[dtype]
         library = ctypes.CDLL(str(path))
         bfloat16 = dtype == torch.bfloat16
-        self._product = library.decode_product if bfloat16 else library.decode_product_f32
-        self._product.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        self._product.restype = None
-        self._attention = library.decode_attention if bfloat16 else None
-        if self._attention is not None:
-            self._attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [
-                ctypes.c_float, ctypes.c_int,
-            ]  # fmt: skip
-            self._attention.restype = ctypes.c_int
+        self._product = _function(
+            library.decode_product if bfloat16 else library.decode_product_f32,
+            [POINTER] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int],
+        )
+        # Where AMX multiplies, oneDNN's products and SDPA's attention are the faster (and
+        # oneDNN lays bfloat16 weights out for its tiles): there the kernel runs the
+        # layers' small ops alone.
+        self.multiplies = not (bfloat16 and cpu_has("amx_tile"))
+        self._attention = self._add_norm = self._rotary = self._silu_mul = None
+        if bfloat16:
+            self._attention = _function(
+                library.decode_attention,
+                [POINTER] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int],
+                ctypes.c_int,
+            )
+            self._add_norm = _function(
+                library.layer_add_norm,
+                [POINTER] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int],
+            )
+            self._rotary = _function(
+                library.layer_rotary, [POINTER] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+            )
+            self._silu_mul = _function(
+                library.layer_silu_mul, [POINTER] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+            )
+
+    @property
+    def fuses(self) -> bool:
+        """Whether it runs a layer's small ops (`add_norm`, `rotate`, `silu_mul`): the
+        bfloat16 build does."""
+        return self._add_norm is not None
+
+    def add_norm(
+        self, hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """`hidden` plus `delta` (none: as it is), and that sum's RMS norm times `weight`,
+        as Qwen2's and Llama's RMSNorm computes it; the sum is written over `hidden`'s own
+        values, which the caller owns."""
+        hidden = hidden.contiguous()
+        normed = torch.empty_like(hidden)
+        added = None if delta is None else delta.contiguous().data_ptr()
+        self._add_norm(hidden.data_ptr(), added, weight.data_ptr(), normed.data_ptr(),
+                       hidden.numel() // hidden.shape[-1], hidden.shape[-1], eps,
+                       torch.get_num_threads())  # fmt: skip
+        return hidden, normed
+
+    def rotate(self, states: Tensor, cos: Tensor, sin: Tensor, heads: int) -> None:
+        """Rotate, in place, the first `heads` heads of each token's `states` ([1, tokens,
+        width], contiguous; heads as wide as `cos`) by the rotary embedding's `cos` and
+        `sin` ([1, tokens, head_dim]), as Qwen2's and Llama's `apply_rotary_pos_emb`."""
+        cos, sin = cos.contiguous(), sin.contiguous()
+        tokens, width = states.shape[-2:]
+        self._rotary(states.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, width,
+                     cos.shape[-1], torch.get_num_threads())  # fmt: skip
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        """`silu(gate) * up` from the MLP's gate and up side by side ([..., 2 * inner])."""
+        gate_up = gate_up.contiguous()
+        inner = gate_up.shape[-1] // 2
+        out = gate_up.new_empty(*gate_up.shape[:-1], inner)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inner),
+                       inner, torch.get_num_threads())  # fmt: skip
+        return out
 
     def product(self, x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> Tensor:
         """`x` [..., in] (of the kernel's dtype) times the packed weight at address `weight`,
@@ -171,6 +245,12 @@ class DecodeKernel:
         ours = self.product(x, torch.ops.mkldnn.data_ptr(packed), bias, out_features)
         within = 2**-6 if self.dtype == torch.bfloat16 else 1e-4
         return torch.allclose(ours.float(), expected.float(), rtol=within, atol=within)
+
+
+def _function(function, argtypes: list, restype=None):
+    """A ctypes function of the library, told its arguments' and its result's types."""
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
 def load(folder: Path, dtype: torch.dtype) -> DecodeKernel | None:

@@ -53,6 +53,8 @@ from bot.row_padding import pad_small_products
 
 logger = logging.getLogger(__name__)
 
+KERNEL = "threadbot_kernel"  # the attribute that holds a packed model's `DecodeKernel`
+
 
 class PackedLinear(nn.Module):
     """A linear layer whose weight is in oneDNN's layout (`packed`, an opaque tensor)."""
@@ -164,8 +166,9 @@ def packable(model: nn.Module) -> bool:
 def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int:
     """Replace, in place, every `nn.Linear` of a `packable` model by a `PackedLinear`, or
     in bfloat16 a `PackedPart` of its siblings' `SharedProduct`; how many (0: not
-    packable, left as it is). With `kernels` (a folder), decode steps' products go to our
-    kernel where it is faster (`bot.decode_kernel`), built there once."""
+    packable, left as it is). With `kernels` (a folder), decode steps' products, and a
+    layer's small ops in bfloat16, go to our kernel where it is faster
+    (`bot.decode_kernel`), built there once."""
     if not packable(model):
         return 0
     dtype = next(model.parameters()).dtype
@@ -174,7 +177,7 @@ def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int
     return_freed_memory()
     products = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if kernels is not None and decode_kernel.wanted(dtype):
-        _use_kernel(products, kernels, dtype)
+        _use_kernel(model, products, kernels, dtype)
     pad_small_products(products)
     logger.info("Packed %d linear layers' weights for oneDNN (%d sharing a product)",
                 packed + shared, shared)  # fmt: skip
@@ -182,9 +185,8 @@ def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int
 
 
 def decode_kernel_of(model: nn.Module) -> DecodeKernel | None:
-    """Our decode kernel, where the model's products use it."""
-    products = (m for m in model.modules() if isinstance(m, PackedLinear))
-    return next((product.kernel for product in products if product.kernel), None)
+    """Our decode kernel, where packing loaded it for the model."""
+    return getattr(model, KERNEL, None)
 
 
 def kernel_products(model: nn.Module) -> int:
@@ -192,12 +194,20 @@ def kernel_products(model: nn.Module) -> int:
     return sum(isinstance(m, PackedLinear) and m.kernel is not None for m in model.modules())
 
 
-def _use_kernel(products: list[PackedLinear], kernels: Path, dtype: torch.dtype) -> None:
+def _use_kernel(
+    model: nn.Module, products: list[PackedLinear], kernels: Path, dtype: torch.dtype
+) -> None:
     kernel = decode_kernel.load(kernels, dtype)
     if kernel is None:
         return
-    served = sum(product.use_kernel(kernel) for product in products)
-    logger.info("Decode steps' products by threadbot's kernel: %d of %d", served, len(products))
+    setattr(model, KERNEL, kernel)  # for the steps' forward and attention (`Batcher`)
+    if kernel.multiplies:
+        served = sum(product.use_kernel(kernel) for product in products)
+        logger.info("Decode steps' products by threadbot's kernel: %d of %d", served,
+                    len(products))  # fmt: skip
+    else:
+        logger.info("Decode steps' products by oneDNN's kernels (AMX), a layer's small ops "
+                    "by threadbot's")  # fmt: skip
 
 
 def _share_siblings(model: nn.Module) -> int:

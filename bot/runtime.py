@@ -307,13 +307,20 @@ def model_name(settings: Settings, source: ModelSource) -> str:
 
 def placement(engine: Engine) -> str:
     """Where and how the model runs: `bfloat16 on cpu`, `bfloat16 with int8 weights on cpu`,
-    `bfloat16 on cpu, decode steps by threadbot's kernel`."""
-    from bot.packing import kernel_products
+    `bfloat16 on cpu, decode steps by threadbot's kernel` (its products), `bfloat16 on cpu,
+    layers' small ops by threadbot's kernel` (those alone, as with AMX)."""
+    from bot.packing import decode_kernel_of, kernel_products
     from bot.quantize import is_quantized
+    from bot.step_forward import small_ops_by
 
-    weights = " with int8 weights" if is_quantized(engine.model) else ""
-    kernel = ", decode steps by threadbot's kernel" if kernel_products(engine.model) else ""
-    return f"{dtype_name(engine)}{weights} on {engine.model.device}{kernel}"
+    model = engine.model
+    weights = " with int8 weights" if is_quantized(model) else ""
+    kernel = ""
+    if kernel_products(model):
+        kernel = ", decode steps by threadbot's kernel"
+    elif small_ops_by(model, decode_kernel_of(model)):
+        kernel = ", layers' small ops by threadbot's kernel"
+    return f"{dtype_name(engine)}{weights} on {model.device}{kernel}"
 
 
 def dtype_name(engine: Engine) -> str:

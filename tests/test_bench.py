@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bot import decode_kernel
+from bot.device import cpu_has
 
 
 @pytest.fixture
@@ -83,10 +84,13 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     assert report["roofline"]["ours_fraction"] > 0
     # Rows computed at more rows, where measured faster (`bot.row_padding`): up to 4.
     assert all(int(rows) < more <= 4 for rows, more in report["padded_rows"].items())
-    # Our decode kernel, where it serves and builds (a C compiler), as the service has it.
+    # Our decode kernel, where it serves and builds (a C compiler), as the service has it:
+    # its products but where AMX multiplies bfloat16, and a layer's small ops in bfloat16.
     dtype = getattr(torch, report["machine"]["dtype"])
     kernel = decode_kernel.wanted(dtype) and shutil.which("cc") is not None
-    assert (report["kernel_products"] > 0) == kernel
+    amx = dtype == torch.bfloat16 and cpu_has("amx_tile")
+    assert (report["kernel_products"] > 0) == (kernel and not amx)
+    assert report["kernel_small_ops"] == (kernel and dtype == torch.bfloat16)
     assert (out / "bench.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert out.startswith("Machine: ")

@@ -10,13 +10,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_qwen2
+from test_batching import QUESTIONS, run
 from test_ragged import reference
+from test_step_forward import STEPS, run_steps, tiny_llama
+from transformers import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 from bot import decode_kernel
+from bot.batching import Batcher
 from bot.decode_kernel import MOST_ROWS, DecodeKernel
 from bot.device import cpu_has
-from bot.packing import PackedLinear, pack_linear_weights
+from bot.engine import Engine
+from bot.kv_cache import PrefixCache
+from bot.packing import PackedLinear, decode_kernel_of, pack_linear_weights
 from bot.ragged import Segment, StepLayout
+from bot.step_forward import LeanForward, ModelForward, step_forward
 
 BF16 = pytest.param(
     torch.bfloat16,
@@ -43,7 +55,16 @@ def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture
 def bf16_kernel(kernel: DecodeKernel) -> DecodeKernel:
     if kernel.dtype != torch.bfloat16:
-        pytest.skip("attention is the bfloat16 kernel's")
+        pytest.skip("attention and a layer's small ops are the bfloat16 kernel's")
+    return kernel
+
+
+@pytest.fixture
+def multiplying(kernel: DecodeKernel) -> DecodeKernel:
+    """The kernel, where it computes products: on a CPU with AMX, oneDNN lays bfloat16
+    weights out for its tiles, which the kernel does not read (`test_with_amx_...`)."""
+    if not kernel.multiplies:
+        pytest.skip("a CPU with AMX: the bfloat16 kernel runs a layer's small ops alone")
     return kernel
 
 
@@ -55,6 +76,7 @@ def packed_layer(out_features: int, in_features: int, *, bias: bool, dtype) -> P
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", [(64, 96), (1152, 896), (896, 4864)], ids=str)
+@pytest.mark.usefixtures("multiplying")
 def test_the_kernel_gives_what_onednn_gives(kernel, shape, bias):
     """Every row count a decode step may have (in bfloat16, 8 at a time and the rest): the
     same sums in another order, so an output differs in its last bit now and then."""
@@ -72,6 +94,7 @@ def test_the_kernel_gives_what_onednn_gives(kernel, shape, bias):
             torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("multiplying")
 def test_a_decode_step_goes_to_the_kernel_and_a_prompts_chunk_to_onednn(kernel, monkeypatch):
     layer = packed_layer(128, 64, bias=True, dtype=kernel.dtype)
     assert layer.use_kernel(kernel)
@@ -87,6 +110,7 @@ def test_a_decode_step_goes_to_the_kernel_and_a_prompts_chunk_to_onednn(kernel, 
     assert rows_computed == [1, most]
 
 
+@pytest.mark.usefixtures("multiplying")
 def test_an_input_of_another_dtype_never_reaches_the_kernel(kernel, monkeypatch):
     """Under autocast, say: the kernel would read and write its own dtype's bytes, past
     the ends of the tensors; oneDNN takes it, or refuses it."""
@@ -119,19 +143,23 @@ def test_a_model_packed_with_the_kernel_steps_as_with_onednn(
     """The products whose weights it reads go to the kernel (those of outputs in 64s: a
     tied output layer of the tokenizer's 151,665 tokens stays with oneDNN), and a step's
     logits are oneDNN's within the dtype's rounding. (In each dtype this CPU can run the
-    kernel in, wherever it is the faster: `wanted`.)"""
+    kernel in, wherever it is the faster: `wanted`. With AMX, no product goes to it.)"""
     monkeypatch.setattr(decode_kernel, "wanted", lambda wanted: wanted == dtype)
     shape = {"hidden_size": 64, "intermediate_size": 128}
     with_kernel, without = (tiny_qwen2(qwen_tokenizer, **shape).to(dtype) for _ in range(2))
     with caplog.at_level(logging.INFO, logger="bot.packing"):
         pack_linear_weights(with_kernel, kernels=tmp_path)
     pack_linear_weights(without)
-    products = [m for m in with_kernel.modules() if isinstance(m, PackedLinear)]
-    if not any(m.kernel for m in products):
+    kernel = decode_kernel_of(with_kernel)
+    if kernel is None:
         pytest.skip("no C compiler here to build the kernel with")
+    products = [m for m in with_kernel.modules() if isinstance(m, PackedLinear)]
     served = [m.kernel is not None for m in products]
-    assert served == [m.out_features % 64 == 0 for m in products] and not served[-1]
-    assert f"by threadbot's kernel: {sum(served)} of {len(products)}" in caplog.text
+    if kernel.multiplies:
+        assert served == [m.out_features % 64 == 0 for m in products] and not served[-1]
+        assert f"by threadbot's kernel: {sum(served)} of {len(products)}" in caplog.text
+    else:
+        assert not any(served) and "by oneDNN's kernels (AMX)" in caplog.text
     tokens = torch.tensor([[9707, 11, 1879]])
     with torch.no_grad():
         ours, expected = (model(tokens).logits for model in (with_kernel, without))
@@ -139,12 +167,22 @@ def test_a_model_packed_with_the_kernel_steps_as_with_onednn(
     torch.testing.assert_close(ours, expected, rtol=within, atol=within)
 
 
-def test_the_kernel_is_faster_where_it_was_measured_so():
-    """bfloat16 on AVX512-BF16 without AMX; float32 on AVX2 without AVX512."""
-    bf16 = cpu_has("avx512_bf16") and not cpu_has("amx_tile")
-    assert decode_kernel.wanted(torch.bfloat16) == bf16
+def test_the_kernel_serves_where_it_was_measured_faster(kernel):
+    """bfloat16 on AVX512-BF16, its products and attention without AMX alone; float32 on
+    AVX2 without AVX512."""
+    assert decode_kernel.wanted(torch.bfloat16) == cpu_has("avx512_bf16")
     assert decode_kernel.wanted(torch.float32) == (cpu_has("avx2") and not cpu_has("avx512"))
     assert not decode_kernel.wanted(torch.float16)
+    bf16 = kernel.dtype == torch.bfloat16
+    assert kernel.multiplies == (not bf16 or not cpu_has("amx_tile"))
+    assert kernel.fuses == bf16
+
+
+@pytest.mark.skipif(not cpu_has("amx_tile"), reason="a CPU without AMX")
+def test_with_amx_the_kernel_reads_no_bfloat16_weight_onednn_packed(bf16_kernel):
+    """oneDNN lays bfloat16 weights out for AMX's tiles there: the products stay its own."""
+    for shape in [(64, 96), (1152, 896), (896, 4864)]:
+        assert not packed_layer(*shape, bias=False, dtype=torch.bfloat16).use_kernel(bf16_kernel)
 
 
 def test_the_kernel_is_built_once_and_loaded_after(tmp_path, monkeypatch, caplog):
@@ -258,3 +296,126 @@ def test_what_the_kernel_does_not_attend_goes_as_before(bf16_kernel, unserved):
         softcap = 30.0 if unserved == "softcap" else None
         assert layout.attention(query, keys, values, 0.25, softcap).shape == (1, 1, 4, 32)
     assert attended == ([1] if unserved is None else [])
+
+
+def mostly_equal(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    """bfloat16 values a float32 sum in another order may round otherwise now and then:
+    within a rounding, and the same in all but a few."""
+    torch.testing.assert_close(ours, expected, rtol=2**-7, atol=2**-7)
+    assert (ours != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize(("rows", "dim"), [(1, 896), (3, 72), (40, 896)], ids=str)
+def test_a_layer_s_norm_adds_and_normalizes_as_the_model_s(bf16_kernel, rows, dim):
+    """Qwen2's RMSNorm of `hidden + delta`, the sum written over `hidden`: 40 rows on two
+    threads, a width not in 16s, and a first row small enough that the epsilon counts."""
+    torch.manual_seed(rows)
+    norm = Qwen2RMSNorm(dim, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.randn(dim).bfloat16()
+    hidden, delta = (torch.randn(2, 1, rows, dim) * 3).unbind()
+    hidden[0, 0], delta[0, 0] = hidden[0, 0] * 1e-3, delta[0, 0] * 1e-3
+    hidden, delta = hidden.bfloat16(), delta.bfloat16()
+    summed, normed = bf16_kernel.add_norm(hidden.clone(), delta, norm.weight, 1e-6)
+    assert torch.equal(summed, hidden + delta)
+    mostly_equal(normed, norm(hidden + delta))
+    alone, normed = bf16_kernel.add_norm(hidden.clone(), None, norm.weight, 1e-6)
+    assert torch.equal(alone, hidden)
+    mostly_equal(normed, norm(hidden))
+
+
+@pytest.mark.parametrize(("tokens", "dim"), [(1, 64), (5, 128), (2, 40)], ids=str)
+def test_a_layer_s_rotary_embedding_is_the_model_s_to_the_bit(bf16_kernel, tokens, dim):
+    """The query's and key's heads rotated in place, as `apply_rotary_pos_emb` rotates
+    them; the value's left as they are. Heads of 40: halves not in 16s."""
+    torch.manual_seed(tokens)
+    heads, kv_heads = 4, 2
+    states = torch.randn(1, tokens, (heads + 2 * kv_heads) * dim).bfloat16()
+    positions = torch.arange(7, 7 + tokens)[None]
+    config = Qwen2Config(hidden_size=heads * dim, num_attention_heads=heads)
+    cos, sin = Qwen2RotaryEmbedding(config)(states, positions)
+    shape = (1, tokens, -1, dim)
+    query, key, value = (
+        part.view(shape).transpose(1, 2)
+        for part in states.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    )
+    expected = (*apply_rotary_pos_emb(query, key, cos, sin), value.clone())
+    bf16_kernel.rotate(states, cos, sin, heads + kv_heads)
+    for ours, theirs in zip((query, key, value), expected, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_layer_s_gate_is_the_model_s(bf16_kernel):
+    """silu(gate) * up, from the two side by side, at every bfloat16 gate (infinities and
+    NaNs among them) times a random up: as torch computes it, but that results below
+    float32's smallest normal number come out 0 (the conversion to bfloat16 flushes them)."""
+    torch.manual_seed(0)
+    every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate, up = every.view(1, 16, -1), torch.randn(1, 16, 2**12).bfloat16()
+    ours, expected = bf16_kernel.silu_mul(torch.cat([gate, up], -1)), F.silu(gate) * up
+    assert torch.equal(ours.isnan(), expected.isnan())
+    tiny = expected.float().abs() <= torch.finfo(torch.float32).tiny
+    assert torch.all((ours[tiny] == 0) | (ours[tiny] == expected[tiny]))
+    normal = ~tiny & ~expected.isnan()
+    mostly_equal(ours[normal], expected[normal])
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_a_packed_model_steps_with_the_kernel_s_small_ops_as_with_its_own(
+    bf16_kernel, qwen_tokenizer, architecture, monkeypatch
+):
+    """The lean forward hands a layer's norms, rotary embedding and gate to the kernel
+    where its products are packed as one each: every step's logits and keys and values
+    within bfloat16's rounding of the model's own forward."""
+    model = tiny_qwen2(qwen_tokenizer) if architecture == "qwen2" else tiny_llama()
+    model = model.to(torch.bfloat16)
+    pack_linear_weights(model)
+    fused = LeanForward(model, bf16_kernel)
+    assert fused.kernel is bf16_kernel
+    calls: list[str] = []
+    for name in ("add_norm", "rotate", "silu_mul"):
+        function = getattr(bf16_kernel, name)
+        monkeypatch.setattr(
+            bf16_kernel, name, lambda *a, f=function, n=name: calls.append(n) or f(*a)
+        )
+    fused_logits, fused_cache = run_steps(fused, model)
+    own_logits, own_cache = run_steps(ModelForward(model), model)
+    layers = model.config.num_hidden_layers
+    assert calls.count("add_norm") == len(STEPS) * (2 * layers + 1)
+    assert calls.count("rotate") == calls.count("silu_mul") == len(STEPS) * layers
+    for ours, theirs in zip(fused_logits, own_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)
+    fused_kv, own_kv = fused_cache.keys + fused_cache.values, own_cache.keys + own_cache.values
+    for ours, theirs in zip(fused_kv, own_kv, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)
+
+
+def test_layers_the_kernel_cannot_read_keep_the_model_s_small_ops(bf16_kernel, qwen_tokenizer):
+    """Products not packed as one (unpacked weights), or a gate other than SiLU."""
+    plain = tiny_qwen2(qwen_tokenizer).to(torch.bfloat16)
+    assert LeanForward(plain, bf16_kernel).kernel is None
+    gelu = tiny_qwen2(qwen_tokenizer, hidden_act="gelu").to(torch.bfloat16)
+    pack_linear_weights(gelu)
+    assert LeanForward(gelu, bf16_kernel).kernel is None
+    assert step_forward(gelu, bf16_kernel).kernel is None
+
+
+@pytest.mark.skipif(not cpu_has("avx512_bf16"), reason="a CPU without AVX512-BF16")
+def test_a_batcher_s_every_step_goes_through_the_kernel_s_small_ops(
+    qwen_tokenizer, tmp_path, monkeypatch
+):
+    """A model packed as the service loads it (the kernel built into `kernels`)."""
+    model = tiny_qwen2(qwen_tokenizer).to(torch.bfloat16)
+    pack_linear_weights(model, kernels=tmp_path)
+    kernel = decode_kernel_of(model)
+    if kernel is None:
+        pytest.skip("no C compiler here to build the kernel with")
+    steps, rotated = [], []
+    rotate = kernel.rotate
+    monkeypatch.setattr(kernel, "rotate", lambda *a: rotated.append(1) or rotate(*a))
+    engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=8)
+    batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
+    step = batcher.step
+    monkeypatch.setattr(batcher, "step", lambda: steps.append(1) or step())
+    answers = run(batcher, {0: ("a", QUESTIONS[0]), 1: ("b", QUESTIONS[1])})
+    assert all(answers.values()) and len(steps) >= 8
+    assert len(rotated) == len(steps) * model.config.num_hidden_layers
