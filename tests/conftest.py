@@ -209,6 +209,18 @@ def bundled_cache(request: pytest.FixtureRequest) -> Path:
     return request.config.cache.mkdir("bundled-model")
 
 
+def data_dir_with(bundled_cache: Path, data: Path) -> Path:
+    """`data` made a DATA_DIR for a process the test starts: its `models/` the session's
+    converted bundled model, its `kernels/` our decode kernel built beside it (once, where
+    each fresh DATA_DIR would build it again at every start)."""
+    kernels = bundled_cache.parent / "decode-kernels"  # in pytest's cache too
+    kernels.mkdir(exist_ok=True)
+    data.mkdir()
+    (data / "models").symlink_to(bundled_cache, target_is_directory=True)
+    (data / "kernels").symlink_to(kernels, target_is_directory=True)
+    return data
+
+
 @pytest.fixture(scope="session")
 def bundled_engine(bundled_cache: Path):
     """The real offline model (SmolLM2-135M-Instruct), loaded the way the service loads it."""
@@ -623,9 +635,7 @@ def threadbot_run(bundled_engine: Any, bundled_cache: Path, redis_url: str, tmp_
 
     @asynccontextmanager
     async def start(**settings: str) -> AsyncIterator[Stopped]:
-        data = tmp_path / "data"
-        data.mkdir()
-        (data / "models").symlink_to(bundled_cache)  # converted once by bundled_engine
+        data = data_dir_with(bundled_cache, tmp_path / "data")  # converted by bundled_engine
         env = cli_env(
             MODEL="bundled", MAX_NEW_TOKENS="48", DATA_DIR=str(data), REDIS_URL=redis_url,
             **settings,

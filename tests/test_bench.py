@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import data_dir_with
 
 from bot import decode_kernel
 from bot.device import cpu_has
@@ -17,8 +18,7 @@ from bot.device import cpu_has
 @pytest.fixture
 def bench_dir(bundled_cache, tmp_path, monkeypatch):
     """A folder to run the bench in, where the bundled model loads converted already."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "models").symlink_to(bundled_cache)
+    data_dir_with(bundled_cache, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

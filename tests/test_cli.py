@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import NOT_OURS, unreadable_dotenv
+from conftest import NOT_OURS, data_dir_with, unreadable_dotenv
 from processes import PROXY_NAMES, silent_proxy
 from redis.asyncio import Redis
 
@@ -373,14 +373,12 @@ def test_a_server_out_of_reach_fails_start_with_status_1(tmp_path: Path, redis_u
 
 @pytest.fixture
 def data_dir(tmp_path: Path, bundled_engine: object, bundled_cache: Path) -> Path:
-    """A fresh DATA_DIR whose `models/` is the session's converted bundled model.
+    """A fresh DATA_DIR whose `models/` is the session's converted bundled model (and
+    `kernels/` the session's decode kernel: `data_dir_with`).
 
     Depends on `bundled_engine` so the one-time conversion happens in this process first.
     """
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "models").symlink_to(bundled_cache, target_is_directory=True)
-    return data
+    return data_dir_with(bundled_cache, tmp_path / "data")
 
 
 def chat(data_dir: Path, conversation: str, input: str, **settings: str) -> Result:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import package_dir
+from conftest import data_dir_with, package_dir
 from fake_discord import FakeDiscord
 from fake_openai import FakeOpenAI, Status
 from fake_slack import FakeSlack
@@ -493,9 +493,7 @@ async def test_the_fallback_to_the_bundled_model_is_a_warning(
 ) -> None:
     """MODEL unset, and the default Qwen neither cached nor downloadable: the bot would
     answer with the 135M bundled model, which the report said was all fine."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "models").symlink_to(bundled_cache, target_is_directory=True)
+    data = data_dir_with(bundled_cache, tmp_path / "data")
     report = await doctor(
         checks=[("model", check_model)], MODEL=None, HF_HUB_OFFLINE="1", DATA_DIR=str(data)
     )

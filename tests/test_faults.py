@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BYTE_LEVEL_WHITESPACE
+from conftest import BYTE_LEVEL_WHITESPACE, data_dir_with
 from fake_discord import FakeDiscord
 from fake_slack import FakeSlack
 from processes import BotProcess, RedisServer
@@ -56,9 +56,7 @@ async def bot(tmp_path: Path, bundled_cache: Path, redis_server: RedisServer, sl
     """Starts `threadbot run` (the bundled model, the fake Slack, the test's Redis) with
     extra settings; every start shares one data dir and one log. After the test, any
     process still running is killed, and the log is checked for secrets."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "models").symlink_to(bundled_cache)
+    data = data_dir_with(bundled_cache, tmp_path / "data")
     log = tmp_path / "threadbot.log"
     started: list[BotProcess] = []
     secrets = [slack.bot_token, slack.app_token, REDIS_PASSWORD]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import data_dir_with
 from fake_openai import FakeOpenAI, Status
 from fake_server import wait_for
 from fake_slack import FakeSlack
@@ -97,9 +98,7 @@ class Cluster:
 async def cluster(tmp_path, bundled_engine, bundled_cache, redis_server, slack):
     """`bundled_engine` has converted the bundled model once, into `bundled_cache`: the
     gateway reads its tokenizer there, the workers its weights."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "models").symlink_to(bundled_cache)
+    data = data_dir_with(bundled_cache, tmp_path / "data")
     made = Cluster(tmp_path, data, redis_server.url, slack)
     yield made
     for process in made.started:
