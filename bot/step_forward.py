@@ -192,7 +192,7 @@ def _query_key_value(
         rotated = (sizes[0] + sizes[1]) // dim  # the query's heads and the key's
 
         def by_kernel(normed: Tensor, rotation: tuple[Tensor, Tensor]) -> Sequence[Tensor]:
-            states = product(normed)
+            states = product(normed).contiguous()  # rotated in place
             kernel.rotate(states, *rotation, rotated)
             heads = (1, normed.shape[1], -1, dim)
             return [part.view(heads).transpose(1, 2) for part in states.split(sizes, dim=-1)]
