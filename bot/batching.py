@@ -190,10 +190,8 @@ class Batcher:
         self._answers_sat_out = 0  # steps in a row that read prompts alone
         layers, kv_heads, head_dim = kv_shape(self.model)
         self._cache = SlotCache(layers, kv_heads, head_dim, self.model.dtype, self.model.device)
-        kernel = decode_kernel_of(self.model)
-        self._step_forward = step_forward(self.model, kernel)
-        # The decoding rows' attention too (`StepLayout`), where it multiplies (no AMX).
-        self._kernel = kernel if kernel and kernel.multiplies else None
+        self._kernel = decode_kernel_of(self.model)  # its attention too (`StepLayout`)
+        self._step_forward = step_forward(self.model, self._kernel)
         # The last request `fits` tokenized, so that neither `join` nor the next step's
         # `fits` (while it waits) tokenizes it again.
         self._tokenized: tuple[object, list[int]] | None = None

@@ -11,7 +11,8 @@ layers' and the output layer's products took 0.52-0.73x oneDNN's time at 1 to 8 
 0.80-0.91x at 12 to 32 (alternating, medians of 8 rounds; prompts' chunks of many rows stay
 oneDNN's). On a CPU with AMX, oneDNN's kernels already read the weights at the memory's
 speed (21 of 23 GB/s measured), and its tiles multiply many rows faster, so it keeps them
-(it packs bfloat16 weights for those tiles too, a layout the kernel does not read).
+(it packs bfloat16 weights for those tiles too, a layout the kernel does not read); the
+kernel's attention and small ops (below) serve there all the same.
 
 In float32 (on CPUs without AVX512-BF16, where `DTYPE=auto` picks it), oneDNN packs a
 weight as blocks of 64 outputs too, each `in` lines of 64 outputs, and a plain C loop built
@@ -27,7 +28,11 @@ products of bfloat16 summed in float32 (`vdpbf16ps`), 16 keys at a time, and its
 and sums in float32, as SDPA's and our float32 matmuls' are. Qwen2.5-0.5B's 24 layers took
 0.55, 1.6 and 5.9 ms at 1, 4 and 16 rows of ~270 keys against 1.9, 4.4 and 12.3 ms by the
 matmuls, and whole decode steps 0.96, 0.89 and 0.87x the time (alternating, medians of 8
-rounds). It serves bfloat16 heads of a size in 32s; soft-capped scores (Gemma 2) do not.
+rounds). On 2 cores of an Intel Xeon with AMX, where SDPA attends faster than those
+matmuls, the kernel took 0.50, 0.46 and 0.46x SDPA's time at 1, 4 and 16 rows of 250-300
+keys, 0.70x for a lone row of 4,000 and 0.56x for 15 short rows beside one of 3,900 (24
+layers, alternating, medians of 20-30 rounds). It serves bfloat16 heads of a size in 32s;
+soft-capped scores (Gemma 2) do not.
 
 A layer's small ops (`add_norm`, `rotate`, `silu_mul`, as `bot.step_forward`'s lean forward
 calls them, in every step): the residual sum and RMS norm, the query's and key's rotary
@@ -42,7 +47,8 @@ sixth from its first). Measured with Qwen2.5-0.5B's shape on 2 cores of an Intel
 AMX (a busy host: a lone step 87-110 ms), 300 steps alternating with the ops' own in one
 process: decode steps of 1, 4 and 16 rows took 0.93-0.95, 0.92-0.93 and 0.92x the time
 (the first decile to the median), and the prompts' chunks before them 0.72-0.89x. They
-serve on every CPU with AVX512-BF16; with AMX they are all the kernel serves.
+serve on every CPU with AVX512-BF16; with AMX, they and the attention are what the kernel
+serves.
 
 The kernels are C, built once at load with the machine's C compiler (`CC`, else `cc`) into
 the folder given (DATA_DIR/kernels), one build per dtype (`BUILDS`: AVX512-BF16's
@@ -119,9 +125,9 @@ class DecodeKernel:
             library.decode_product if bfloat16 else library.decode_product_f32,
             [POINTER] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int],
         )
-        # Where AMX multiplies, oneDNN's products and SDPA's attention are the faster (and
-        # oneDNN lays bfloat16 weights out for its tiles): there the kernel runs the
-        # layers' small ops alone.
+        # Where AMX multiplies, oneDNN's products are the faster (and it lays bfloat16
+        # weights out for AMX's tiles): there the kernel attends and runs the layers' small
+        # ops, and leaves the products to oneDNN.
         self.multiplies = not (bfloat16 and cpu_has("amx_tile"))
         self._attention = self._add_norm = self._rotary = self._silu_mul = None
         if bfloat16:

@@ -206,8 +206,8 @@ def _use_kernel(
         logger.info("Decode steps' products by threadbot's kernel: %d of %d", served,
                     len(products))  # fmt: skip
     else:
-        logger.info("Decode steps' products by oneDNN's kernels (AMX), a layer's small ops "
-                    "by threadbot's")  # fmt: skip
+        logger.info("Decode steps' products by oneDNN's kernels (AMX), their attention and "
+                    "a layer's small ops by threadbot's")  # fmt: skip
 
 
 def _share_siblings(model: nn.Module) -> int:

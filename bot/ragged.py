@@ -18,8 +18,8 @@ cache for the whole batch, took 384 and 1,543 ms (4.0x): every short row attende
 long row's width, and every join or leave copied the whole cache (`torch.cat`). Without a
 long row the two are within 6% (311 against 293 ms a step, another run); what this one
 pays is copying each group's keys out of the wider slot cache for the matmul. Where the
-model has our decode kernel (`bot.decode_kernel`: a CPU with AVX512-BF16 and no AMX, in
-bfloat16), decoding rows attend through it instead, reading their keys where they lie.
+model has our decode kernel (`bot.decode_kernel`: a CPU with AVX512-BF16, in bfloat16),
+decoding rows attend through it instead, reading their keys where they lie.
 
 The other fair ways, and why not: grouping rows by length into a forward per group reads
 the weights once per group, and a decode step here is ~75% weight-bound matrix products,
@@ -62,7 +62,8 @@ Whole decode steps of the packed model, alternating 12 times in one process on t
 machine: 1, 4 and 8 rows took 0.91, 0.93 and 0.93x the time (medians of the pairs)."""
 SDPA_DECODES = cpu_has("amx_tile")
 """A bfloat16 model's decoding rows attend through SDPA on a CPU with AMX, and through our
-two matmuls elsewhere: which is faster differs by CPU, and not by a few percent. On 2 cores
+two matmuls elsewhere, where our decode kernel does not attend (no C compiler to build it,
+or DECODE_KERNEL=off): which is faster differs by CPU, and not by a few percent. On 2 cores
 of an Intel Xeon with AMX, SDPA took 20, 57 and 210 us against 43, 78 and 337 for 1, 4 and
 16 rows of 264 keys (Qwen2.5-0.5B's heads), and 171 against 780 us for a lone row of 4,000,
 and whole decode steps of the packed model (alternating in one process, two runs) took

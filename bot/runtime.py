@@ -308,19 +308,23 @@ def model_name(settings: Settings, source: ModelSource) -> str:
 def placement(engine: Engine) -> str:
     """Where and how the model runs: `bfloat16 on cpu`, `bfloat16 with int8 weights on cpu`,
     `bfloat16 on cpu, decode steps by threadbot's kernel` (its products), `bfloat16 on cpu,
-    layers' small ops by threadbot's kernel` (those alone, as with AMX)."""
+    attention and layers' small ops by threadbot's kernel` (all but the products, as with
+    AMX)."""
+    import torch
+
     from bot.packing import decode_kernel_of, kernel_products
     from bot.quantize import is_quantized
     from bot.step_forward import small_ops_by
 
     model = engine.model
     weights = " with int8 weights" if is_quantized(model) else ""
-    kernel = ""
+    kernel, by_kernel = decode_kernel_of(model), ""
     if kernel_products(model):
-        kernel = ", decode steps by threadbot's kernel"
-    elif small_ops_by(model, decode_kernel_of(model)):
-        kernel = ", layers' small ops by threadbot's kernel"
-    return f"{dtype_name(engine)}{weights} on {model.device}{kernel}"
+        by_kernel = ", decode steps by threadbot's kernel"
+    elif kernel is not None and kernel.dtype == torch.bfloat16:  # its build that attends
+        ops = "attention and layers' small ops" if small_ops_by(model, kernel) else "attention"
+        by_kernel = f", {ops} by threadbot's kernel"
+    return f"{dtype_name(engine)}{weights} on {model.device}{by_kernel}"
 
 
 def dtype_name(engine: Engine) -> str:

@@ -400,22 +400,27 @@ def test_layers_the_kernel_cannot_read_keep_the_model_s_small_ops(bf16_kernel, q
 
 
 @pytest.mark.skipif(not cpu_has("avx512_bf16"), reason="a CPU without AVX512-BF16")
-def test_a_batcher_s_every_step_goes_through_the_kernel_s_small_ops(
+def test_a_batcher_s_every_step_goes_through_the_kernel_s_small_ops_and_attention(
     qwen_tokenizer, tmp_path, monkeypatch
 ):
-    """A model packed as the service loads it (the kernel built into `kernels`)."""
-    model = tiny_qwen2(qwen_tokenizer).to(torch.bfloat16)
+    """A model packed as the service loads it (the kernel built into `kernels`), its heads
+    32 wide: every step's small ops, and its decoding rows' attention, AMX or not."""
+    model = tiny_qwen2(qwen_tokenizer, hidden_size=128, intermediate_size=256)
+    model = model.to(torch.bfloat16)
     pack_linear_weights(model, kernels=tmp_path)
     kernel = decode_kernel_of(model)
     if kernel is None:
         pytest.skip("no C compiler here to build the kernel with")
-    steps, rotated = [], []
-    rotate = kernel.rotate
+    steps, rotated, attended = [], [], []
+    rotate, attention = kernel.rotate, kernel.attention
     monkeypatch.setattr(kernel, "rotate", lambda *a: rotated.append(1) or rotate(*a))
+    monkeypatch.setattr(kernel, "attention", lambda *a: attended.append(1) or attention(*a))
     engine = Engine(model=model, tokenizer=qwen_tokenizer, max_new_tokens=8)
     batcher = Batcher(engine=engine, max_batch=4, step_tokens=16, prefix_cache=PrefixCache(0))
     step = batcher.step
     monkeypatch.setattr(batcher, "step", lambda: steps.append(1) or step())
     answers = run(batcher, {0: ("a", QUESTIONS[0]), 1: ("b", QUESTIONS[1])})
     assert all(answers.values()) and len(steps) >= 8
-    assert len(rotated) == len(steps) * model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert len(rotated) == len(steps) * layers
+    assert len(attended) >= 7 * layers and len(attended) % layers == 0  # the decode steps

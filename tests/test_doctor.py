@@ -161,11 +161,11 @@ async def test_the_generation_line_says_the_weights_are_int8(doctor) -> None:
     reason="the decode kernel serves CPUs with AVX512-BF16, and needs a C compiler",
 )
 async def test_the_generation_line_says_decode_steps_use_our_kernel(doctor) -> None:
-    """Its products (and the rest); with AMX, a layer's small ops alone."""
+    """Its products (and the rest); with AMX, all but the products."""
     report = await doctor(checks=[("model", check_model)], DTYPE="bfloat16")
     [(status, generation)] = report.lines("generation")
     assert status == "ok", generation
-    served = "layers' small ops" if cpu_has("amx_tile") else "decode steps"
+    served = "attention and layers' small ops" if cpu_has("amx_tile") else "decode steps"
     assert generation.startswith(f"bfloat16 on cpu, {served} by threadbot's kernel: loaded")
     off = await doctor(checks=[("model", check_model)], DTYPE="bfloat16", DECODE_KERNEL="off")
     assert off.lines("generation")[0][1].startswith("bfloat16 on cpu: loaded")
