@@ -225,7 +225,7 @@ int decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *va
  * bfloat16 (`rounded`, to nearest even, as torch rounds) wherever the model's ops round:
  * the same values as theirs, but for the order of a norm's sum and e^x's last bits. Rows
  * go to the threads only where there are enough of them to pay for waking the threads. */
-#define ROWS_PER_THREAD_ELEMENTS 16384 /* a call with fewer elements runs on one thread */
+#define THREADED_FROM_ELEMENTS 16384 /* a call with fewer elements runs on one thread */
 
 static inline __m512 widened_masked(const uint16_t *bf16, __mmask16 mask) {
     return _mm512_castsi512_ps(
@@ -251,7 +251,7 @@ static inline __mmask16 lanes_left(int64_t left) {
 void layer_add_norm(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight,
                     uint16_t *out, int64_t rows, int64_t dim, float eps, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) \
-    if (rows * dim >= ROWS_PER_THREAD_ELEMENTS)
+    if (rows * dim >= THREADED_FROM_ELEMENTS)
     for (int64_t r = 0; r < rows; ++r) {
         uint16_t *h = hidden + r * dim;
         __m512 squares = _mm512_setzero_ps();
@@ -284,7 +284,7 @@ void layer_rotary(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t
                   int64_t heads, int64_t stride, int64_t dim, int threads) {
     const int64_t half = dim / 2;
 #pragma omp parallel for schedule(static) num_threads(threads) \
-    if (tokens * heads * dim >= ROWS_PER_THREAD_ELEMENTS)
+    if (tokens * heads * dim >= THREADED_FROM_ELEMENTS)
     for (int64_t t = 0; t < tokens; ++t)
         for (int64_t h = 0; h < heads; ++h) {
             uint16_t *v = x + t * stride + h * dim;
@@ -311,7 +311,7 @@ void layer_silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_
                     int threads) {
     const __m512 one = _mm512_set1_ps(1.0f);
 #pragma omp parallel for schedule(static) num_threads(threads) \
-    if (rows * inner >= ROWS_PER_THREAD_ELEMENTS)
+    if (rows * inner >= THREADED_FROM_ELEMENTS)
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t i = 0; i < inner; i += 16) {
             const __mmask16 m = lanes_left(inner - i);

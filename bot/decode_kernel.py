@@ -106,7 +106,7 @@ oneDNN's blocked products serve better); in float32, up to 8 (16 took 1.11x oneD
 
 def wanted(dtype: torch.dtype) -> bool:
     """Whether this CPU is one where the kernel for `dtype` was measured faster (above): in
-    bfloat16, any with AVX512-BF16 (with AMX, for a layer's small ops alone)."""
+    bfloat16, any with AVX512-BF16 (with AMX, for its attention and a layer's small ops)."""
     if dtype == torch.bfloat16:
         return cpu_has("avx512_bf16")
     return dtype == torch.float32 and cpu_has("avx2") and not cpu_has("avx512")

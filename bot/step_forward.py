@@ -119,8 +119,7 @@ class LeanForward:
         inner = model.model
         self._embed, self._rotary = inner.embed_tokens, inner.rotary_emb
         self._head = model.lm_head.forward
-        kernel = kernel if small_ops_by(model, kernel) else None
-        self.kernel = kernel
+        self.kernel = kernel = kernel if small_ops_by(model, kernel) else None
         layers = inner.layers[: model.config.num_hidden_layers]
         self._layers = [_Layer(layer, kernel) for layer in layers]
         self._norm = _norm(inner.norm, kernel)
