@@ -100,7 +100,8 @@ def _traffic(traffic: dict) -> str:
         f"Realistic traffic: {traffic['requests']} requests of ~{traffic['prompt_tokens']} "
         f"tokens with {traffic['new_tokens']}-token answers, Poisson arrivals at "
         f"{traffic['rate_rps']:.2f}/s ({traffic['load']:.0%} of the "
-        f"{traffic['capacity_rps']:.2f}/s measured at the sweep's top N), seed {traffic['seed']}",
+        f"{traffic['capacity_rps']:.2f}/s, the median of {len(traffic['capacity_samples_rps'])} "
+        f"runs of the sweep's top N at once), seed {traffic['seed']}",
         "",
         "| TTFT idle s | TTFT p50 / p95 s | p95 / idle (goal ≤ 3) "
         "| prompts alone, queued: p95 / idle | p95 / queued alone | latency p50 / p95 / max s "

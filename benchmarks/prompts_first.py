@@ -13,20 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 import sys
 
 from benchmarks.machine import describe, headline
 from benchmarks.serving import load_engine, pack
-from benchmarks.traffic import arrival_rate, realistic_traffic
-from benchmarks.workload import (
-    FULL,
-    QUICK,
-    Plan,
-    at_once,
-    bench_arguments,
-    summary,
-    sweep_requests,
-)
+from benchmarks.traffic import CAPACITY_SAMPLES, arrival_rate, capacity_samples, realistic_traffic
+from benchmarks.workload import FULL, QUICK, Plan, bench_arguments
 from bot.device import on_own_thread
 from bot.engine import Engine
 
@@ -42,16 +35,9 @@ REPORTED = (
 )
 
 
-def capacity_rps(engine: Engine, plan: Plan) -> float:
-    """Requests a second that the sweep's top N at once are served at (the bench's own)."""
-    requests = sweep_requests(plan)[: max(plan.concurrency)]
-    served = summary(at_once(engine, plan, requests, "capacity"), plan.new_tokens)
-    return served["tok_s"] / plan.new_tokens
-
-
 def compare(engine: Engine, plan: Plan, values: list[int], rounds: int) -> dict:
     """Each round serves the same traffic once per value, in an order that alternates."""
-    capacity = capacity_rps(engine, plan)
+    capacity = capacity_samples(engine, plan, CAPACITY_SAMPLES)
     results = []
     for round_ in range(rounds):
         order = values if round_ % 2 == 0 else values[::-1]
@@ -60,7 +46,8 @@ def compare(engine: Engine, plan: Plan, values: list[int], rounds: int) -> dict:
             traffic = realistic_traffic(engine, variant, capacity)
             row = {key: traffic[key] for key in REPORTED}
             results.append({"round": round_, "prefill_first_steps": value, **row})
-    return {"capacity_rps": capacity, "rate_rps": arrival_rate(capacity), "runs": results}
+    capacity_rps = statistics.median(capacity)
+    return {"capacity_rps": capacity_rps, "rate_rps": arrival_rate(capacity_rps), "runs": results}
 
 
 def table(report: dict) -> str:

@@ -37,7 +37,7 @@ from benchmarks.baselines import seed_loop, static_batch
 from benchmarks.machine import describe
 from benchmarks.output import PEER, Report, plot, table
 from benchmarks.step_profile import step_profile
-from benchmarks.traffic import realistic_traffic
+from benchmarks.traffic import CAPACITY_SAMPLES, capacity_samples, realistic_traffic
 from benchmarks.trim_reuse import trim_reuse
 from benchmarks.workload import (
     FULL,
@@ -375,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         report.peer = add_peer(report.sweep, peer_run)
         if peer_run["served"]:
             report.peer["lone"] = lone_rounds(engine, plan, requests[0], peer_run["served"])
-    capacity = report.sweep[-1]["ours"]["tok_s"] / plan.new_tokens  # requests/s at the top N
+    say(f"realistic traffic: the capacity at {max(plan.concurrency)} at once, again ...")
+    swept = report.sweep[-1]["ours"]["tok_s"] / plan.new_tokens  # requests/s at the top N
+    capacity = [swept, *capacity_samples(engine, plan, CAPACITY_SAMPLES - 1)]
     report.traffic = realistic_traffic(engine, plan, capacity)
     report.trim_reuse = trim_reuse(*on_own_thread(conversing, engine, args.model, plan), plan)
     report.multi_turn = multi_turn(engine, plan)

@@ -19,7 +19,18 @@ import random
 import statistics
 import time
 
-from benchmarks.workload import Plan, Timing, make_batcher, opening, percentile, say, timed
+from benchmarks.workload import (
+    Plan,
+    Timing,
+    at_once,
+    make_batcher,
+    opening,
+    percentile,
+    say,
+    summary,
+    sweep_requests,
+    timed,
+)
 from bot.batching import Batcher
 from bot.config import Settings
 from bot.engine import Engine
@@ -27,6 +38,10 @@ from bot.queue import InferenceQueue, InferenceTimeout
 
 LOAD = 0.7
 """Arrivals per second, as a share of the measured capacity."""
+CAPACITY_SAMPLES = 3
+"""Runs of the sweep's top N at once whose median is the capacity. A shared host's speed
+drifts from minute to minute, and one run taken in a fast stretch once set a rate that
+the host then could not serve (amx-bfloat16/bench-run6.json: p95 8.2x idle)."""
 SEED = 12
 IDLE_RUNS = 3
 """Requests sent alone for the idle time to first token (their median)."""
@@ -41,8 +56,21 @@ def arrival_rate(capacity_rps: float) -> float:
     return LOAD * capacity_rps
 
 
-def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
-    """`plan.traffic_requests` sweep-sized requests at `arrival_rate(capacity_rps)`."""
+def capacity_samples(engine: Engine, plan: Plan, count: int) -> list[float]:
+    """`count` runs of the sweep's top N requests at once, one after another: the requests
+    a second each was served at."""
+    requests = sweep_requests(plan)[: max(plan.concurrency)]
+    return [
+        summary(at_once(engine, plan, requests, f"capacity{run}"), plan.new_tokens)["tok_s"]
+        / plan.new_tokens
+        for run in range(count)
+    ]
+
+
+def realistic_traffic(engine: Engine, plan: Plan, capacity: list[float]) -> dict:
+    """`plan.traffic_requests` sweep-sized requests at the `arrival_rate` of the median of
+    the `capacity` samples (requests a second)."""
+    capacity_rps = statistics.median(capacity)
     rate = arrival_rate(capacity_rps)
     gaps = random.Random(SEED).expovariate
     arrivals = list(itertools.accumulate(gaps(rate) for _ in range(plan.traffic_requests)))
@@ -72,6 +100,7 @@ def realistic_traffic(engine: Engine, plan: Plan, capacity_rps: float) -> dict:
         "requests": len(requests),
         "seed": SEED,
         "capacity_rps": capacity_rps,
+        "capacity_samples_rps": capacity,
         "load": LOAD,
         "rate_rps": rate,
         "prompt_tokens": plan.prompt_tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -56,6 +57,10 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
         and traffic["finished"] == traffic["requests"] == plan.traffic_requests
     )
     assert 0 < traffic["rate_rps"] < traffic["capacity_rps"]
+    samples = traffic["capacity_samples_rps"]  # the sweep's own, then fresh runs
+    swept = report["sweep"][-1]["ours"]["tok_s"] / plan.new_tokens
+    assert len(samples) == 3 and samples[0] == swept
+    assert traffic["capacity_rps"] == statistics.median(samples)
     assert traffic["idle_ttft"] > 0 and traffic["ttft_p50"] <= traffic["ttft_p95"]
     assert traffic["ttft_p95"] <= traffic["latency_max"]
     assert traffic["queued_p95"] >= traffic["idle_ttft"]  # queueing adds to a prompt's own time
