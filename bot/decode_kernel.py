@@ -46,9 +46,11 @@ within a rounding (on the bundled SmolLM2, 5 of 6 answers alike through 64 token
 sixth from its first). Measured with Qwen2.5-0.5B's shape on 2 cores of an Intel Xeon with
 AMX (a busy host: a lone step 87-110 ms), 300 steps alternating with the ops' own in one
 process: decode steps of 1, 4 and 16 rows took 0.93-0.95, 0.92-0.93 and 0.92x the time
-(the first decile to the median), and the prompts' chunks before them 0.72-0.89x. They
-serve on every CPU with AVX512-BF16; with AMX, they and the attention are what the kernel
-serves.
+(the first decile to the median), and the prompts' chunks before them 0.72-0.89x. On 2
+cores of an AMD EPYC with AVX512-BF16, the kernel's products and attention beside them,
+150 steps each way: 0.91-0.93, 0.90-0.91 and 0.90-0.92x at 1, 4 and 16 rows, the prompts'
+chunks 0.92-0.94x. They serve on every CPU with AVX512-BF16; with AMX, they and the
+attention are what the kernel serves.
 
 The kernels are C, built once at load with the machine's C compiler (`CC`, else `cc`) into
 the folder given (DATA_DIR/kernels), one build per dtype (`BUILDS`: AVX512-BF16's
