@@ -5,12 +5,13 @@
     peer_sweep(peer, prompts, [1, 4, 8, 16], 64, say=print)
 
 The server is built from the llama.cpp tree that the sdist of llama-cpp-python 0.3.36
-vendors (CPU only, tuned to this machine; about 15 CPU-minutes, once). The benchmark's own model is
-converted to a GGUF in its own dtype, so both sides serve the same weights at the same
-precision. For each N one server runs with N slots (one per request, each with room for the
-longest prompt and its answer), and all N streamed requests are sent at once. The build, its
-sources and the GGUFs stay in `work_dir` between runs; a GGUF is named by a hash of the
-weights and the vocabulary it holds.
+vendors (CPU only, tuned to this machine; about 15 CPU-minutes, once). The benchmark's own
+model is converted to a GGUF in its own dtype (or bf16, where a float32 model's weights are
+bfloat16 values, which our kernel reads as such: `gguf_type_of`), so both sides serve the
+same weights at the same precision. For each N one server runs with N slots (one per
+request, each with room for the longest prompt and its answer), and all N streamed requests
+are sent at once. The build, its sources and the GGUFs stay in `work_dir` between runs; a
+GGUF is named by a hash of the weights and the vocabulary it holds.
 """
 
 from __future__ import annotations
@@ -267,8 +268,9 @@ def convert(
     work_dir: Path,
     say: Callable[[str], None],
 ) -> Path:
-    """The model as a GGUF in its own dtype, converted by llama.cpp's own script (once)."""
-    gguf_type = GGUF_TYPES.get(str(model.dtype))
+    """The model as a GGUF of the `gguf_type` that holds its weights, converted by
+    llama.cpp's own script (once)."""
+    gguf_type = gguf_type_of(model)
     if gguf_type is None:
         raise PeerUnavailable(f"no GGUF type for a {model.dtype} model")
     path = work_dir / "gguf" / f"{weights_key(model, tokenizer)}-{gguf_type}.gguf"
@@ -292,6 +294,19 @@ def convert(
     staged.replace(path)
     say(f"llama.cpp: converted in {time.monotonic() - started:.0f} s")
     return path
+
+
+def gguf_type_of(model: PreTrainedModel) -> str | None:
+    """The GGUF type of the model's dtype; but bf16 for a float32 model whose every weight
+    is a bfloat16 value (a bfloat16 checkpoint loaded in float32), which our decode kernel
+    reads from bfloat16 copies: then both sides read the same values in 2 bytes each."""
+    import torch
+
+    if model.dtype == torch.float32 and all(
+        torch.equal(weight, weight.to(torch.bfloat16).float()) for weight in model.parameters()
+    ):
+        return "bf16"
+    return GGUF_TYPES.get(str(model.dtype))
 
 
 def weights_key(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:

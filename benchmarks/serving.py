@@ -60,7 +60,13 @@ from bot import loading
 from bot.config import BUNDLED, Settings
 from bot.device import on_own_thread, pick_dtype, use_all_cores
 from bot.engine import Engine
-from bot.packing import PackedLinear, decode_kernel_of, kernel_products, pack_linear_weights
+from bot.packing import (
+    PackedLinear,
+    decode_kernel_of,
+    halved_bytes_saved,
+    kernel_products,
+    pack_linear_weights,
+)
 from bot.quantize import weight_bytes
 from bot.step_forward import small_ops_by
 
@@ -110,11 +116,12 @@ def conversing(engine: Engine, model: str | None, plan: Plan) -> tuple[Engine, s
 
 def random_qwen(**shape: int) -> Qwen2ForCausalLM:
     """Qwen2.5-0.5B's shape (its config changed by `shape`) with random weights, in the
-    dtype DTYPE=auto picks here."""
+    dtype DTYPE=auto picks here. Their values are bfloat16's, as the real checkpoint's
+    are (it is published in bfloat16), also where they are loaded in float32."""
     torch.manual_seed(0)
     dtype = getattr(torch, pick_dtype("auto", "cpu"))
     config = Qwen2Config(**json.loads(SHAPE.read_text()) | shape)
-    return Qwen2ForCausalLM(config).to(dtype).eval()
+    return Qwen2ForCausalLM(config).to(torch.bfloat16).to(dtype).eval()
 
 
 def force_length(network: PreTrainedModel, new_tokens: int) -> None:
@@ -360,12 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(machine=describe(engine.model.dtype))
     warm_up(engine, plan)
     requests = sweep_requests(plan)
-    # Read per decode step, counted before packing: a tied output layer's packed copy is
-    # read instead of the embedding table, not as well.
+    # Read per decode step, counted before packing (a tied output layer's packed copy is
+    # read instead of the embedding table, not as well), less what halved copies save.
     per_token = weight_bytes(engine.model)
     seed = seed_sweep(engine, requests)
     peer_run = on_own_thread(peer, engine, plan, requests, args.peer_dir) if args.peer else None
     report.packed_layers = on_own_thread(pack, engine)
+    per_token -= halved_bytes_saved(engine.model)
     report.padded_rows = padded_rows(engine.model)
     report.kernel_products = kernel_products(engine.model)
     report.kernel_small_ops = small_ops_by(engine.model, decode_kernel_of(engine.model))

@@ -16,11 +16,25 @@ kernel's attention and small ops (below) serve there all the same.
 
 In float32 (on CPUs without AVX512-BF16, where `DTYPE=auto` picks it), oneDNN packs a
 weight as blocks of 64 outputs too, each `in` lines of 64 outputs, and a plain C loop built
-for AVX2 streams it the same way. Measured on the same EPYC with oneDNN held to AVX2's
-kernels (`ONEDNN_MAX_CPU_ISA=AVX2`; no AVX2-only machine was at hand): the products took
-0.55, 0.69, 0.65 and 0.88x oneDNN's time at 1, 2, 4 and 8 rows (1.11x at 16, so up to 8
-go to it), and whole float32 decode steps 0.74, 0.79 and 0.86x at 1, 4 and 8 rows. With
-AVX512, oneDNN's own float32 kernels did better at 4 rows (1.06x), so it keeps them there.
+for AVX2 streams it the same way, each line read once for up to 4 rows. Measured on an AMD
+EPYC with AVX512, Qwen2.5-0.5B's 24 layers' and output layer's products (no AVX2-only
+machine was at hand): with oneDNN held to AVX2's kernels (`ONEDNN_MAX_CPU_ISA=AVX2`), they
+took 0.60, 0.58, 0.61, 0.71 and 1.03x oneDNN's time at 1, 2, 4, 8 and 16 rows (so up to 8
+go to it); with AVX512's, 0.69, 0.61, 0.77 and 1.03x at 1, 2, 4 and 8 (a line read for
+two rows at a time had taken 1.06x at 4, and was kept off AVX512 CPUs then).
+
+Most models are published in bfloat16 (Qwen2.5 is), so loaded in float32 their weights
+hold bfloat16 values: half of each weight's bytes are zeros. For such a weight (`halved`)
+the kernel reads a bfloat16 copy in the same layout, each line widened exactly, once, for
+up to 4 rows: the float32 products to the bit, from half the bytes. The same products took
+0.57, 0.54, 0.59, 0.78 and 0.89x the float32 reading's time at 1, 2, 4, 8 and 16 rows
+(held to AVX2: 0.34, 0.32, 0.36, 0.55 and 0.91x oneDNN's; with AVX512's kernels 0.35,
+0.33, 0.57 and 0.80x at 1, 2, 4 and 8). Whole float32 streams of 64 tokens (three rounds,
+alternating, medians), held to AVX2: a lone stream 1.51x as fast as with the float32
+reading and 2.16x as with oneDNN's products, 4 at once 1.23 and 1.69x; with AVX512's,
+1.32 and 1.64x alone, 1.17 and 1.33x for 4 (the float32 reading itself 1.24 and 1.14x
+oneDNN's). The copies cost memory: half the linear layers' float32 bytes again (0.94 GB
+for Qwen2.5-0.5B), since prompts' chunks stay oneDNN's, on the float32 weights.
 
 The decoding rows' attention (`attention`, as `bot.ragged`'s steps call it) reads each
 row's keys and values where they lie in the slot cache, with no copy, its scores exact
@@ -103,15 +117,17 @@ MOST_DIM = 256  # the largest attention head `decode_attention` takes (decode_ke
 MOST_ROWS = {torch.bfloat16: 32, torch.float32: 8}
 """The most rows a product is computed by the kernel, where it was measured faster: in
 bfloat16 every decode step of `MAX_BATCH`'s default (more is a prompt's chunk, which
-oneDNN's blocked products serve better); in float32, up to 8 (16 took 1.11x oneDNN's)."""
+oneDNN's blocked products serve better); in float32, up to 8 (16 took 1.03-1.11x
+oneDNN's)."""
 
 
 def wanted(dtype: torch.dtype) -> bool:
     """Whether this CPU is one where the kernel for `dtype` was measured faster (above): in
-    bfloat16, any with AVX512-BF16 (with AMX, for its attention and a layer's small ops)."""
+    bfloat16, any with AVX512-BF16 (with AMX, for its attention and a layer's small ops);
+    in float32, any with AVX2."""
     if dtype == torch.bfloat16:
         return cpu_has("avx512_bf16")
-    return dtype == torch.float32 and cpu_has("avx2") and not cpu_has("avx512")
+    return dtype == torch.float32 and cpu_has("avx2")
 
 
 class DecodeKernel:
@@ -123,9 +139,10 @@ class DecodeKernel:
         self.library, self.dtype, self.most_rows = path, dtype, MOST_ROWS[dtype]
         library = ctypes.CDLL(str(path))
         bfloat16 = dtype == torch.bfloat16
+        # float32's takes one more argument: whether the weight is a `halved` copy.
         self._product = _function(
             library.decode_product if bfloat16 else library.decode_product_f32,
-            [POINTER] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int],
+            [POINTER] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * (1 if bfloat16 else 2),
         )
         # Where AMX multiplies, oneDNN's products are the faster (and it lays bfloat16
         # weights out for AMX's tiles): there the kernel attends and runs the layers' small
@@ -187,16 +204,34 @@ class DecodeKernel:
                        inner, torch.get_num_threads())  # fmt: skip
         return out
 
-    def product(self, x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> Tensor:
-        """`x` [..., in] (of the kernel's dtype) times the packed weight at address `weight`,
-        plus `bias`."""
+    def product(
+        self, x: Tensor, weight: int, bias: Tensor | None, out_features: int, *,
+        halved: bool = False,
+    ) -> Tensor:  # fmt: skip
+        """`x` [..., in] (of the kernel's dtype) times the packed weight at address `weight`
+        (in float32, a `halved` copy where said), plus `bias`."""
         x = x.contiguous()
         y = x.new_empty(*x.shape[:-1], out_features)
         rows = x.numel() // x.shape[-1]
         address = None if bias is None else bias.data_ptr()
-        self._product(weight, x.data_ptr(), address, y.data_ptr(), rows, out_features,
-                      x.shape[-1], torch.get_num_threads())  # fmt: skip
+        arguments = [weight, x.data_ptr(), address, y.data_ptr(), rows, out_features, x.shape[-1]]
+        if self.dtype == torch.float32:
+            arguments.append(halved)
+        self._product(*arguments, torch.get_num_threads())
         return y
+
+    def halved(self, weight: Tensor) -> Tensor | None:
+        """In float32, a copy of `weight` ([out, in]) in bfloat16, laid out as oneDNN packs
+        float32 weights, for `product` to read half the bytes: where every value of it is a
+        bfloat16 value (a bfloat16 checkpoint's, loaded in float32), so the products are
+        the same; else None."""
+        out_features, in_features = weight.shape
+        if self.dtype != torch.float32 or weight.dtype != torch.float32 or out_features % 64:
+            return None
+        narrowed = weight.to(torch.bfloat16)
+        if not torch.equal(narrowed.float(), weight):
+            return None
+        return narrowed.view(-1, 64, in_features).transpose(1, 2).contiguous()
 
     def attention(
         self, query: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lengths: Tensor,
@@ -237,9 +272,12 @@ class DecodeKernel:
             and heads % keys.shape[1] == 0
         )
 
-    def reads(self, packed: Tensor, bias: Tensor | None, out_features: int) -> bool:
-        """Whether this packed weight lies as the kernel reads it: its dtype and size, and
-        three random rows' product against oneDNN's, within the dtype's rounding."""
+    def reads(
+        self, packed: Tensor, bias: Tensor | None, out_features: int, halved: Tensor | None
+    ) -> bool:
+        """Whether this packed weight (or its `halved` copy, which `product` would read
+        instead) lies as the kernel reads it: its dtype and size, and three random rows'
+        product against oneDNN's, within the dtype's rounding."""
         in_features, size = packed.shape[1], self.dtype.itemsize
         if packed.dtype != self.dtype:
             return False
@@ -250,7 +288,10 @@ class DecodeKernel:
         rows = torch.Generator().manual_seed(0)  # not the global one, which sampling uses
         x = torch.randn(3, in_features, dtype=self.dtype, generator=rows)
         expected = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        ours = self.product(x, torch.ops.mkldnn.data_ptr(packed), bias, out_features)
+        if halved is None:
+            ours = self.product(x, torch.ops.mkldnn.data_ptr(packed), bias, out_features)
+        else:
+            ours = self.product(x, halved.data_ptr(), bias, out_features, halved=True)
         within = 2**-6 if self.dtype == torch.bfloat16 else 1e-4
         return torch.allclose(ours.float(), expected.float(), rtol=within, atol=within)
 

@@ -31,6 +31,10 @@ stream 1.04-1.19x as fast (three rounds, alternating) and 8 at once 0.93-1.04x; 
 float32, 1.01, 0.97 and 0.94x the time, and 0.95-0.97x a lone stream's speed, so float32
 layers are packed one by one.
 
+In float32 with our decode kernel, a weight whose values are all bfloat16 values (a
+bfloat16 checkpoint's) also gets a bfloat16 copy, which decode steps read instead: half the
+bytes, the same products (`bot.decode_kernel`, `DecodeKernel.halved`).
+
 Once packed, a model's products are timed at a few row counts, and a row or two may be
 computed as more where oneDNN's kernels are faster so (`bot.row_padding`).
 """
@@ -59,21 +63,34 @@ KERNEL = "threadbot_kernel"  # the attribute that holds a packed model's `Decode
 class PackedLinear(nn.Module):
     """A linear layer whose weight is in oneDNN's layout (`packed`, an opaque tensor)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, kernel: DecodeKernel | None = None
+    ) -> None:
+        """`kernel`: ours, which may read a bfloat16 copy of a float32 weight instead
+        (`DecodeKernel.halved`), made here while the plain weight is at hand."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.dtype, self.weight_bytes = weight.dtype, weight.numel() * weight.element_size()
-        # Not in the state dict: an opaque tensor has no storage to save or copy.
+        self.dtype = weight.dtype
+        # Neither in the state dict: an opaque tensor has no storage to save or copy, and
+        # the copy is the weight's own values.
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight), False)
+        self.register_buffer("halved", kernel and kernel.halved(weight), False)
         self.register_buffer("bias", bias)
         self.computed_rows: dict[int, int] = {}  # see `bot.row_padding`
         self.kernel: DecodeKernel | None = None  # see `use_kernel`
         self._address = 0
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> PackedLinear:
+    def of(cls, linear: nn.Linear, kernel: DecodeKernel | None = None) -> PackedLinear:
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(linear.weight.detach(), bias)
+        return cls(linear.weight.detach(), bias, kernel)
+
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes of its weight that a decode step reads: its halved copy's, if any."""
+        if self.halved is not None:
+            return self.halved.nbytes
+        return self.out_features * self.in_features * self.dtype.itemsize
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
@@ -88,15 +105,20 @@ class PackedLinear(nn.Module):
         else oneDNN's."""
         kernel = self.kernel
         if kernel and x.dtype == kernel.dtype and x.numel() <= kernel.most_rows * self.in_features:
-            return kernel.product(x, self._address, self.bias, self.out_features)
+            halved = self.halved is not None
+            return kernel.product(x, self._address, self.bias, self.out_features, halved=halved)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def use_kernel(self, kernel: DecodeKernel) -> bool:
-        """Have `kernel` compute decode steps' products, where it reads this weight."""
-        if not kernel.reads(self.packed, self.bias, self.out_features):
+        """Have `kernel` compute decode steps' products, where it reads this weight (or its
+        halved copy, dropped where it does not)."""
+        if not kernel.reads(self.packed, self.bias, self.out_features, self.halved):
+            self.halved = None
             return False
-        # The packed weight is made once and never moved (a model is not moved once packed).
-        self.kernel, self._address = kernel, torch.ops.mkldnn.data_ptr(self.packed)
+        # Made once and never moved (a model is not moved once packed).
+        read = self.halved
+        self._address = torch.ops.mkldnn.data_ptr(self.packed) if read is None else read.data_ptr()
+        self.kernel = kernel
         return True
 
     def extra_repr(self) -> str:
@@ -172,12 +194,14 @@ def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int
     if not packable(model):
         return 0
     dtype = next(model.parameters()).dtype
+    wanted = kernels is not None and decode_kernel.wanted(dtype)
+    kernel = decode_kernel.load(kernels, dtype) if wanted else None
     shared = _share_siblings(model) if dtype == torch.bfloat16 else 0
-    packed = _pack_each(model)  # the plain weights' last references end with these
+    packed = _pack_each(model, kernel)  # the plain weights' last references end with these
     return_freed_memory()
     products = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    if kernels is not None and decode_kernel.wanted(dtype):
-        _use_kernel(model, products, kernels, dtype)
+    if kernel is not None:
+        _use_kernel(model, products, kernel)
     pad_small_products(products)
     logger.info("Packed %d linear layers' weights for oneDNN (%d sharing a product)",
                 packed + shared, shared)  # fmt: skip
@@ -194,17 +218,22 @@ def kernel_products(model: nn.Module) -> int:
     return sum(isinstance(m, PackedLinear) and m.kernel is not None for m in model.modules())
 
 
-def _use_kernel(
-    model: nn.Module, products: list[PackedLinear], kernels: Path, dtype: torch.dtype
-) -> None:
-    kernel = decode_kernel.load(kernels, dtype)
-    if kernel is None:
-        return
+def halved_bytes_saved(model: nn.Module) -> int:
+    """The bytes of weights that a decode step no longer reads, its products reading
+    halved copies of them (`DecodeKernel.halved`)."""
+    products = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    # A copy is half its float32 weight: it saves its own size.
+    return sum(p.weight_bytes for p in products if p.halved is not None)
+
+
+def _use_kernel(model: nn.Module, products: list[PackedLinear], kernel: DecodeKernel) -> None:
     setattr(model, KERNEL, kernel)  # for the steps' forward and attention (`Batcher`)
     if kernel.multiplies:
         served = sum(product.use_kernel(kernel) for product in products)
-        logger.info("Decode steps' products by threadbot's kernel: %d of %d", served,
-                    len(products))  # fmt: skip
+        halved = sum(product.halved is not None for product in products)
+        copies = f", {halved} from bfloat16 copies" if halved else ""
+        logger.info("Decode steps' products by threadbot's kernel: %d of %d%s", served,
+                    len(products), copies)  # fmt: skip
     else:
         logger.info("Decode steps' products by oneDNN's kernels (AMX), their attention and "
                     "a layer's small ops by threadbot's")  # fmt: skip
@@ -230,9 +259,9 @@ def _share_siblings(model: nn.Module) -> int:
     return shared
 
 
-def _pack_each(model: nn.Module) -> int:
+def _pack_each(model: nn.Module, kernel: DecodeKernel | None) -> int:
     # Exactly `nn.Linear`: a subclass may compute otherwise than its weight says.
     layers = [layer for layer in linear_layers(model) if type(layer[2]) is nn.Linear]
     for parent, name, child in layers:
-        setattr(parent, name, PackedLinear.of(child))
+        setattr(parent, name, PackedLinear.of(child, kernel))
     return len(layers)

@@ -307,12 +307,13 @@ def model_name(settings: Settings, source: ModelSource) -> str:
 
 def placement(engine: Engine) -> str:
     """Where and how the model runs: `bfloat16 on cpu`, `bfloat16 with int8 weights on cpu`,
-    `bfloat16 on cpu, decode steps by threadbot's kernel` (its products), `bfloat16 on cpu,
-    attention and layers' small ops by threadbot's kernel` (all but the products, as with
-    AMX)."""
+    `bfloat16 on cpu, decode steps by threadbot's kernel` (its products), `float32 on cpu,
+    decode steps by threadbot's kernel from bfloat16 copies` (`DecodeKernel.halved`),
+    `bfloat16 on cpu, attention and layers' small ops by threadbot's kernel` (all but the
+    products, as with AMX)."""
     import torch
 
-    from bot.packing import decode_kernel_of, kernel_products
+    from bot.packing import decode_kernel_of, halved_bytes_saved, kernel_products
     from bot.quantize import is_quantized
     from bot.step_forward import small_ops_by
 
@@ -320,7 +321,8 @@ def placement(engine: Engine) -> str:
     weights = " with int8 weights" if is_quantized(model) else ""
     kernel, by_kernel = decode_kernel_of(model), ""
     if kernel_products(model):
-        by_kernel = ", decode steps by threadbot's kernel"
+        copies = " from bfloat16 copies" if halved_bytes_saved(model) else ""
+        by_kernel = f", decode steps by threadbot's kernel{copies}"
     elif kernel is not None and kernel.dtype == torch.bfloat16:  # its build that attends
         ops = "attention and layers' small ops" if small_ops_by(model, kernel) else "attention"
         by_kernel = f", {ops} by threadbot's kernel"

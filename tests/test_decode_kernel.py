@@ -28,6 +28,7 @@ from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.packing import PackedLinear, decode_kernel_of, pack_linear_weights
 from bot.ragged import Segment, StepLayout
+from bot.runtime import placement
 from bot.step_forward import LeanForward, ModelForward, step_forward
 
 BF16 = pytest.param(
@@ -56,6 +57,13 @@ def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def bf16_kernel(kernel: DecodeKernel) -> DecodeKernel:
     if kernel.dtype != torch.bfloat16:
         pytest.skip("attention and a layer's small ops are the bfloat16 kernel's")
+    return kernel
+
+
+@pytest.fixture
+def f32_kernel(kernel: DecodeKernel) -> DecodeKernel:
+    if kernel.dtype != torch.float32:
+        pytest.skip("halved copies are the float32 kernel's")
     return kernel
 
 
@@ -94,6 +102,40 @@ def test_the_kernel_gives_what_onednn_gives(kernel, shape, bias):
             torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(64, 96), (1152, 896), (896, 4864)], ids=str)
+def test_a_float32_weight_of_bfloat16_values_is_read_from_a_bfloat16_copy(f32_kernel, shape, bias):
+    """As a bfloat16 checkpoint's weights are, loaded in float32: the copy holds the same
+    values in half the bytes, and the products are the float32 weight's to the bit (the
+    same sums in the same order)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=bias).to(torch.bfloat16).float()
+    halved, whole = PackedLinear.of(linear, f32_kernel), PackedLinear.of(linear)
+    assert halved.use_kernel(f32_kernel) and whole.use_kernel(f32_kernel)
+    assert halved.halved is not None and whole.halved is None
+    assert halved.weight_bytes == whole.weight_bytes // 2
+    for rows in (1, 2, 3, MOST_ROWS[torch.float32]):
+        x = torch.randn(1, rows, shape[1])
+        assert torch.equal(halved(x), whole(x))
+
+
+def test_a_weight_of_other_values_or_dtype_gets_no_copy(kernel):
+    """A float32 weight with a value bfloat16 does not hold (a float32 fine-tune's), one of
+    outputs not in 64s, and any bfloat16 weight, which is read as it is."""
+    torch.manual_seed(0)
+    exact = torch.nn.Linear(64, 128).to(torch.bfloat16).float()
+    finer = torch.nn.Linear(64, 128)
+    with torch.no_grad():
+        finer.weight.copy_(exact.weight)
+        finer.weight[5, 7] = 1 / 3  # between two bfloat16 values
+    narrow = torch.nn.Linear(64, 40).to(torch.bfloat16).float()
+    bfloat16 = torch.nn.Linear(64, 128, dtype=torch.bfloat16)
+    for linear in (finer, narrow, bfloat16):
+        assert PackedLinear.of(linear, kernel).halved is None
+    expected = kernel.dtype == torch.float32
+    assert (PackedLinear.of(exact, kernel).halved is not None) == expected
+
+
 @pytest.mark.usefixtures("multiplying")
 def test_a_decode_step_goes_to_the_kernel_and_a_prompts_chunk_to_onednn(kernel, monkeypatch):
     layer = packed_layer(128, 64, bias=True, dtype=kernel.dtype)
@@ -101,7 +143,9 @@ def test_a_decode_step_goes_to_the_kernel_and_a_prompts_chunk_to_onednn(kernel, 
     rows_computed: list[int] = []
     product = kernel.product
     monkeypatch.setattr(
-        kernel, "product", lambda x, *rest: rows_computed.append(x.shape[1]) or product(x, *rest)
+        kernel,
+        "product",
+        lambda x, *rest, **named: rows_computed.append(x.shape[1]) or product(x, *rest, **named),
     )
     most = MOST_ROWS[kernel.dtype]
     for rows in (1, most, most + 1, 128):
@@ -167,11 +211,42 @@ def test_a_model_packed_with_the_kernel_steps_as_with_onednn(
     torch.testing.assert_close(ours, expected, rtol=within, atol=within)
 
 
+@pytest.mark.skipif(not cpu_has("avx2"), reason="a CPU without AVX2")
+def test_a_float32_model_of_bfloat16_values_reads_halved_copies(
+    qwen_tokenizer, tmp_path, caplog, monkeypatch
+):
+    """As a bfloat16 checkpoint (Qwen2.5's) loaded in float32: every product the kernel
+    computes reads a bfloat16 copy of its weight, and a step's logits are the float32
+    weights' own within float32's rounding."""
+    monkeypatch.setattr(decode_kernel, "wanted", lambda wanted: wanted == torch.float32)
+    shape = {"hidden_size": 64, "intermediate_size": 128}
+    with_kernel, without = (
+        tiny_qwen2(qwen_tokenizer, **shape).to(torch.bfloat16).float() for _ in range(2)
+    )
+    with caplog.at_level(logging.INFO, logger="bot.packing"):
+        pack_linear_weights(with_kernel, kernels=tmp_path)
+    pack_linear_weights(without)
+    if decode_kernel_of(with_kernel) is None:
+        pytest.skip("no C compiler here to build the kernel with")
+    products = [m for m in with_kernel.modules() if isinstance(m, PackedLinear)]
+    halved = [m.halved is not None for m in products]
+    assert halved == [m.kernel is not None for m in products] and sum(halved) > 1
+    assert f"{sum(halved)} from bfloat16 copies" in caplog.text
+    engine = Engine(model=with_kernel, tokenizer=qwen_tokenizer, max_new_tokens=4)
+    assert (
+        placement(engine)
+        == "float32 on cpu, decode steps by threadbot's kernel from bfloat16 copies"
+    )
+    tokens = torch.tensor([[9707, 11, 1879]])
+    with torch.no_grad():
+        ours, expected = (model(tokens).logits for model in (with_kernel, without))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_the_kernel_serves_where_it_was_measured_faster(kernel):
-    """bfloat16 on AVX512-BF16, its products and attention without AMX alone; float32 on
-    AVX2 without AVX512."""
+    """bfloat16 on AVX512-BF16, its products without AMX alone; float32 on AVX2."""
     assert decode_kernel.wanted(torch.bfloat16) == cpu_has("avx512_bf16")
-    assert decode_kernel.wanted(torch.float32) == (cpu_has("avx2") and not cpu_has("avx512"))
+    assert decode_kernel.wanted(torch.float32) == cpu_has("avx2")
     assert not decode_kernel.wanted(torch.float16)
     bf16 = kernel.dtype == torch.bfloat16
     assert kernel.multiplies == (not bf16 or not cpu_has("amx_tile"))

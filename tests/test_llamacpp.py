@@ -104,6 +104,25 @@ def test_the_weights_key_follows_the_weights_and_their_dtype(tiny_model, qwen_to
     assert llamacpp.weights_key(changed.to(torch.bfloat16), qwen_tokenizer) != key
 
 
+def test_the_gguf_holds_the_weights_in_their_dtype_or_in_bfloat16_where_they_are_its(
+    tiny_model,
+):
+    """A float32 model of bfloat16 values (a bfloat16 checkpoint loaded in float32, read
+    from bfloat16 copies by our kernel) is served in bf16 by llama.cpp too."""
+    import copy
+
+    import torch
+
+    assert llamacpp.gguf_type_of(tiny_model) == "f32"  # random float32 values
+    for dtype, expected in ((torch.bfloat16, "bf16"), (torch.float16, "f16")):
+        assert llamacpp.gguf_type_of(copy.deepcopy(tiny_model).to(dtype)) == expected
+    narrowed = copy.deepcopy(tiny_model).to(torch.bfloat16).float()
+    assert llamacpp.gguf_type_of(narrowed) == "bf16"
+    with torch.no_grad():
+        narrowed.model.norm.weight[0] = 1 / 3  # no bfloat16 value
+    assert llamacpp.gguf_type_of(narrowed) == "f32"
+
+
 def test_a_failed_step_is_reported_with_the_end_of_its_log(tmp_path):
     log = tmp_path / "build.log"
     command = [sys.executable, "-c", "print('cc1plus: out of memory'); raise SystemExit(3)"]
