@@ -44,7 +44,9 @@ drifts from minute to minute, and one run taken in a fast stretch once set a rat
 the host then could not serve (amx-bfloat16/bench-run6.json: p95 8.2x idle)."""
 SEED = 12
 IDLE_RUNS = 3
-"""Requests sent alone for the idle time to first token (their median)."""
+"""Requests sent alone before the traffic, and as many after it, for the idle time to
+first token (the median of all): a shared host's speed drifts over the traffic's minutes,
+and the idle time taken before it alone moved 0.92-1.27 s between runs on one host."""
 REQUEST_TIMEOUT = Settings.model_fields["request_timeout"].default
 """A request not answered within the service's own timeout counts as starved."""
 
@@ -76,14 +78,14 @@ def realistic_traffic(engine: Engine, plan: Plan, capacity: list[float]) -> dict
     arrivals = list(itertools.accumulate(gaps(rate) for _ in range(plan.traffic_requests)))
     requests = _requests(plan, "traffic", plan.traffic_requests, seed=1000)
     batcher = make_batcher(engine, plan)
-    say(f"realistic traffic: time to first token of {IDLE_RUNS} requests, each alone ...")
-    alone = _requests(plan, "idle", IDLE_RUNS, seed=2000)
-    idle = statistics.median(asyncio.run(_first_token(batcher, request)) for request in alone)
+    before = _alone(batcher, plan, "before", seed=2000)
     say(
         f"realistic traffic: {len(requests)} requests arriving at {rate:.2f}/s "
         f"({LOAD:.0%} of {capacity_rps:.2f}/s), over about {arrivals[-1]:.0f} s ..."
     )
     results = asyncio.run(_arriving(batcher, requests, arrivals))
+    alone = before + _alone(batcher, plan, "after", seed=2000 + IDLE_RUNS)
+    idle = statistics.median(alone)
     finished = [timing for timing in results if timing is not None]
     if not finished:
         raise RuntimeError(f"no request was answered within {REQUEST_TIMEOUT} s")
@@ -106,6 +108,7 @@ def realistic_traffic(engine: Engine, plan: Plan, capacity: list[float]) -> dict
         "prompt_tokens": plan.prompt_tokens,
         "new_tokens": plan.new_tokens,
         "idle_ttft": idle,
+        "idle_ttfts": alone,  # before the traffic, then after it
         "ttft_p50": percentile(ttft, 0.5),
         "ttft_p95": p95,
         "p95_over_idle": p95 / idle,
@@ -139,6 +142,13 @@ def in_flight_at_arrivals(arrivals: list[float], ends: list[float]) -> list[int]
     """For each request, how many of those before it were still being answered when it
     arrived (request i runs from `arrivals[i]` to `ends[i]`; arrivals in order)."""
     return [sum(end > at for end in ends[:i]) for i, at in enumerate(arrivals)]
+
+
+def _alone(batcher: Batcher, plan: Plan, name: str, *, seed: int) -> list[float]:
+    """The times to first token of `IDLE_RUNS` requests, each sent alone."""
+    say(f"realistic traffic: time to first token of {IDLE_RUNS} requests, each alone ({name}) ...")
+    requests = _requests(plan, name, IDLE_RUNS, seed=seed)
+    return [asyncio.run(_first_token(batcher, request)) for request in requests]
 
 
 def _requests(plan: Plan, name: str, count: int, *, seed: int) -> list[Request]:

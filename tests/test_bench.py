@@ -62,6 +62,8 @@ def test_a_quick_run_writes_the_table_json_and_plot(bundled_engine, bench_dir, c
     assert len(samples) == 3 and samples[0] == swept
     assert traffic["capacity_rps"] == statistics.median(samples)
     assert traffic["idle_ttft"] > 0 and traffic["ttft_p50"] <= traffic["ttft_p95"]
+    idle = traffic["idle_ttfts"]  # as many taken after the traffic as before it
+    assert len(idle) == 6 and traffic["idle_ttft"] == statistics.median(idle)
     assert traffic["ttft_p95"] <= traffic["latency_max"]
     assert traffic["queued_p95"] >= traffic["idle_ttft"]  # queueing adds to a prompt's own time
     assert traffic["p95_over_queued"] == pytest.approx(traffic["ttft_p95"] / traffic["queued_p95"])
