@@ -300,11 +300,9 @@ def gguf_type_of(model: PreTrainedModel) -> str | None:
     """The GGUF type of the model's dtype; but bf16 for a float32 model whose every weight
     is a bfloat16 value (a bfloat16 checkpoint loaded in float32), which our decode kernel
     reads from bfloat16 copies: then both sides read the same values in 2 bytes each."""
-    import torch
+    from bot.decode_kernel import exactly_bfloat16
 
-    if model.dtype == torch.float32 and all(
-        torch.equal(weight, weight.to(torch.bfloat16).float()) for weight in model.parameters()
-    ):
+    if all(exactly_bfloat16(weight) is not None for weight in model.parameters()):
         return "bf16"
     return GGUF_TYPES.get(str(model.dtype))
 

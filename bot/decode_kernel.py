@@ -226,10 +226,10 @@ class DecodeKernel:
         bfloat16 value (a bfloat16 checkpoint's, loaded in float32), so the products are
         the same; else None."""
         out_features, in_features = weight.shape
-        if self.dtype != torch.float32 or weight.dtype != torch.float32 or out_features % 64:
+        if self.dtype != torch.float32 or out_features % 64:
             return None
-        narrowed = weight.to(torch.bfloat16)
-        if not torch.equal(narrowed.float(), weight):
+        narrowed = exactly_bfloat16(weight)
+        if narrowed is None:
             return None
         return narrowed.view(-1, 64, in_features).transpose(1, 2).contiguous()
 
@@ -294,6 +294,15 @@ class DecodeKernel:
             ours = self.product(x, halved.data_ptr(), bias, out_features, halved=True)
         within = 2**-6 if self.dtype == torch.bfloat16 else 1e-4
         return torch.allclose(ours.float(), expected.float(), rtol=within, atol=within)
+
+
+def exactly_bfloat16(tensor: Tensor) -> Tensor | None:
+    """A float32 tensor in bfloat16, where that holds every value of it exactly (a bfloat16
+    checkpoint's, loaded in float32); else None."""
+    if tensor.dtype != torch.float32:
+        return None
+    narrowed = tensor.to(torch.bfloat16)
+    return narrowed if torch.equal(narrowed.float(), tensor) else None
 
 
 def _function(function, argtypes: list, restype=None):
