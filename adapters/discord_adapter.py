@@ -95,13 +95,13 @@ def gateway_intents() -> discord.Intents:
     return intents
 
 
-def _sent_after(forgotten: tuple[float, str] | None) -> discord.Object | datetime | None:
-    """What a thread is read back after, once its conversation was forgotten: the forget's
-    own message (a snowflake, as a slash command's interaction id is too), else when it
-    was handled."""
-    if forgotten is None:
+def _sent_after(cut: tuple[float, str] | None) -> discord.Object | datetime | None:
+    """What a thread is read back after, once its conversation was reset or forgotten: the
+    command's own message (a snowflake, as a slash command's interaction id is too), else
+    when it was handled."""
+    if cut is None:
         return None
-    at, message = forgotten
+    at, message = cut
     return discord.Object(id=int(message)) if message.isdigit() else datetime.fromtimestamp(at, UTC)
 
 
@@ -471,8 +471,8 @@ class DiscordAdapter(Adapter):
         """The thread's messages before this one, oldest first (ours as the assistant's):
         the last HISTORY_LIMIT, and in a longer thread its first one too, which says what
         the thread is about (in a thread made from a channel message, that message); none
-        from before the conversation was forgotten."""
-        after = _sent_after(await self.service.store.forgotten(str(key)))
+        from before the conversation was last reset or forgotten."""
+        after = _sent_after(await self.service.store.cut(str(key)))
         thread, history = message.channel, []
         try:  # each read adds whole or not at all: answering without them beats not answering
             read = thread.history(

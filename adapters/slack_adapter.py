@@ -136,13 +136,13 @@ def _refusal_stands(error: SlackApiError) -> bool:
     return error.response.get("error") not in PASSING
 
 
-def _sent_at(forgotten: tuple[float, str] | None) -> float | None:
-    """When a conversation's `forget` was sent: its message's `ts` (Slack's clock, as the
-    thread's are; its id is `team:channel:ts`), or, for a slash command, which has none
-    (`team:channel:command:trigger`), when it was handled."""
-    if forgotten is None:
+def _sent_at(cut: tuple[float, str] | None) -> float | None:
+    """When a conversation's last `reset` or `forget` was sent: its message's `ts` (Slack's
+    clock, as the thread's are; its id is `team:channel:ts`), or, for a slash command,
+    which has none (`team:channel:command:trigger`), when it was handled."""
+    if cut is None:
         return None
-    at, message = forgotten
+    at, message = cut
     parts = message.split(":")
     return float(parts[2]) if len(parts) == 3 else at
 
@@ -510,7 +510,7 @@ class SlackAdapter(Adapter):
         thread_ts = event.get("thread_ts")
         history: tuple[ChatMessage, ...] = ()
         if not (known or order or not thread_ts):
-            since = _sent_at(await self.service.store.forgotten(str(key)))
+            since = _sent_at(await self.service.store.cut(str(key)))
             history = await self._thread_context(event, bot_user, looked_up_by, since=since)
         message_id = f"{key.workspace}:{key.channel}:{event['ts']}"
         turn = Turn(
@@ -643,7 +643,7 @@ class SlackAdapter(Adapter):
     ) -> tuple[ChatMessage, ...]:
         """The thread's newest THREAD_CONTEXT_LIMIT messages before this one, oldest first,
         as chat messages (the bot's as assistant), read and named by `deadline`; only those
-        after `since` (when the conversation was forgotten), if given."""
+        after `since` (when the conversation was last reset or forgotten), if given."""
         earlier = await self._earlier_messages(event, deadline)
         if since is not None:
             earlier = [message for message in earlier if float(message["ts"]) > since]

@@ -1002,7 +1002,7 @@ class ChatService:
                 conversation, asked_at=received, message=turn.message_id
             )
             return replies.forgotten(dropped)
-        await self.store.clear(conversation)
+        await self.store.clear(conversation, at=received, message=turn.message_id)
         return replies.conversation_reset()
 
     async def _prompt_in_effect(self, turn: Turn) -> str:

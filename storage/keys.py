@@ -8,7 +8,7 @@ from __future__ import annotations
 PREFIX = "threadbot:"
 CONVERSATION_PREFIX = f"{PREFIX}conversation:"
 CLEARED_PREFIX = f"{PREFIX}cleared:"
-FORGOTTEN_PREFIX = f"{PREFIX}forgotten:"
+CUT_PREFIX = f"{PREFIX}forgotten:"  # named when only a forget left a cut; kept for those
 SEEN_PREFIX = f"{PREFIX}seen:"
 HEARD_PREFIX = f"{PREFIX}heard:"
 TURN_PREFIX = f"{PREFIX}turn:"
@@ -40,11 +40,11 @@ def cleared(conversation_id: str) -> str:
     return f"{CLEARED_PREFIX}{conversation_id}"
 
 
-def forgotten(conversation_id: str) -> str:
-    """When a conversation was forgotten, and by which message (its platform id): a
-    thread's messages from before it are not read again as its context. No content, and
-    the bot knows it no more."""
-    return f"{FORGOTTEN_PREFIX}{conversation_id}"
+def cut(conversation_id: str) -> str:
+    """When a conversation was last reset or forgotten, and by which message (its platform
+    id): a thread's messages from before it are not read again as its context. No
+    content."""
+    return f"{CUT_PREFIX}{conversation_id}"
 
 
 def seen(platform: str, message_id: str) -> str:

@@ -28,9 +28,10 @@ _ROLES = frozenset(get_args(Role))
 REGENERATION_TAKING_S = 60
 """How long a press's mark holds before its regeneration is recorded: its one Redis write."""
 HEARD_KEPT = 100  # private channels `hear_from` keeps: a catch-up reads each one's news
-FORGET_KEPT_S = 366 * 86400
-"""How long, at least, a forget's cut outlives the conversation's last message: the
-thread is read back once its history expires, and the forgotten messages must stay out."""
+CUT_KEPT_S = 366 * 86400
+"""How long, at least, a reset's or forget's cut outlives the conversation's last message:
+the thread is read back once its history expires, and what came before the cut must stay
+out."""
 
 
 # KEYS[1]: a conversation; ARGV: its cap, and what to keep once over it. A script, so the
@@ -86,7 +87,7 @@ class ConversationStore:
         self._max_messages = max_messages
         self._kept_over_cap = max(int(max_messages * TRIM_TO), 1)
         self.ttl_seconds = ttl_seconds
-        self._forget_kept_s = max(ttl_seconds, FORGET_KEPT_S)
+        self._cut_kept_s = max(ttl_seconds, CUT_KEPT_S)
 
     async def ping(self) -> None:
         """Raise unless Redis takes a write now (readiness)."""
@@ -110,7 +111,7 @@ class ConversationStore:
         pipe.rpush(key, *(json.dumps(m, ensure_ascii=False) for m in messages))
         pipe.eval(_CAP_SCRIPT, 1, key, self._max_messages, self._kept_over_cap)
         pipe.expire(key, self.ttl_seconds)
-        pipe.expire(keys.forgotten(conversation_id), self._forget_kept_s)  # if forgotten once
+        pipe.expire(keys.cut(conversation_id), self._cut_kept_s)  # if reset or forgotten once
 
     async def ends_with(self, pipe: Pipeline, conversation_id: str, message: ChatMessage) -> bool:
         """Whether `message` is the conversation's newest."""
@@ -143,13 +144,15 @@ class ConversationStore:
             )
         )
 
-    async def clear(self, conversation_id: str) -> None:
+    async def clear(self, conversation_id: str, *, at: float, message: str = "") -> None:
         """Empty a conversation's history; the bot still knows the conversation (and who
-        started it), and the next turn fills its system prompt in afresh."""
+        started it), and the next turn fills its system prompt in afresh. Which `message`
+        (its platform id) cleared it, when (`at`): `cut`."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.conversation(conversation_id))
             pipe.set(keys.cleared(conversation_id), "1", ex=self.ttl_seconds)
             pipe.hdel(keys.facts(conversation_id), "template", "system", "several")
+            self._queue_cut(pipe, conversation_id, at=at, message=message)
             await pipe.execute()
 
     def queue_forget(
@@ -157,7 +160,7 @@ class ConversationStore:
     ) -> None:
         """Queue, on the caller's MULTI, the deletion of everything stored for a
         conversation, its dead-lettered jobs too (`TurnJournal.forget` drops its turns),
-        and which `message` (its platform id) forgot it, when (`at`): `forgotten`."""
+        and which `message` (its platform id) forgot it, when (`at`): `cut`."""
         pipe.delete(
             keys.conversation(conversation_id),
             keys.cleared(conversation_id),
@@ -165,13 +168,16 @@ class ConversationStore:
             keys.answer_place(conversation_id),
         )
         pipe.eval(_FORGET_DEAD_JOBS, 1, keys.DEAD_JOBS, conversation_id)
-        pipe.set(keys.forgotten(conversation_id), f"{at!r} {message}", ex=self._forget_kept_s)
+        self._queue_cut(pipe, conversation_id, at=at, message=message)
 
-    async def forgotten(self, conversation_id: str) -> tuple[float, str] | None:
-        """When the conversation was last forgotten (epoch seconds), and by which message
-        (its platform id; "" if none), if within `FORGET_KEPT_S` of its last message: an
-        adapter reading its thread back leaves out what came before."""
-        found = await self._redis.get(keys.forgotten(conversation_id))
+    def _queue_cut(self, pipe: Pipeline, conversation_id: str, *, at: float, message: str) -> None:
+        pipe.set(keys.cut(conversation_id), f"{at!r} {message}", ex=self._cut_kept_s)
+
+    async def cut(self, conversation_id: str) -> tuple[float, str] | None:
+        """When the conversation was last reset or forgotten (epoch seconds), and by which
+        message (its platform id; "" if none), if within `CUT_KEPT_S` of its last message:
+        an adapter reading its thread back leaves out what came before."""
+        found = await self._redis.get(keys.cut(conversation_id))
         if found is None:
             return None
         at, _, message = found.partition(" ")
@@ -181,7 +187,7 @@ class ConversationStore:
         """Give conversation `old`'s history, and what is kept with it, to `new`, where
         `new` has none: a conversation whose key changed (the console's, once each login
         had its own)."""
-        kept = (keys.conversation, keys.cleared, keys.facts, keys.forgotten)
+        kept = (keys.conversation, keys.cleared, keys.facts, keys.cut)
         await self._adopt(keys=[*(key(old) for key in kept), *(key(new) for key in kept)])
 
     async def mark_joining(self, conversation_id: str, *, for_ms: int) -> None:

@@ -845,6 +845,33 @@ async def test_after_forget_in_a_pane_thread_what_came_before_is_not_read_again(
     assert not any("hunter2" in text for text in read_again)
 
 
+async def test_a_thread_read_back_once_its_history_expired_starts_at_its_reset(
+    slack, socket_mode, redis_client
+):
+    """A reset conversation whose history, and the reset's marker, expired is read back
+    when the bot is mentioned in its thread again: from the reset on, as after a forget,
+    not with what the reset set aside."""
+    batcher = ScriptedBatcher("Noted.")
+    async with socket_mode(batcher):
+        mention = slack.app_mention("C0001", "My password is hunter2")
+        await slack.send_event(mention)
+        thread = mention["ts"]
+        await final_reply(slack, "C0001", thread)
+        await slack.send_event(slack.app_mention("C0001", "reset", thread_ts=thread))
+        assert (await final_reply(slack, "C0001", thread, after=1))["text"] == (
+            replies.conversation_reset()
+        )
+        conversation = f"slack:{slack.team_id}:C0001:{thread}"
+        expired = (keys.conversation, keys.cleared, keys.facts)
+        assert await redis_client.delete(*(key(conversation) for key in expired)) == 2
+        slack.user_message("C0001", "The weather is fine", thread_ts=thread)  # not to the bot
+        await slack.send_event(slack.app_mention("C0001", "What is my password?", thread_ts=thread))
+        await final_reply(slack, "C0001", thread, after=2)
+    read_back = [message["content"] for message in batcher.prompts[-1]]
+    assert any("weather" in text for text in read_back)
+    assert not any("hunter2" in text for text in read_back)
+
+
 def test_a_thread_is_read_back_from_the_forget_as_sent_not_as_handled():
     """A forget handled late (a re-delivery, Slack's clock ahead) left out the messages
     sent after it; a slash command's, which has no message, cuts when it was handled."""

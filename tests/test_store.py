@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from bot.types import ChatMessage, ConversationKey
 from storage import keys
-from storage.store import FORGET_KEPT_S, ConversationStore
+from storage.store import CUT_KEPT_S, ConversationStore
 
 
 @pytest.fixture
@@ -136,18 +136,21 @@ async def test_clear_empties_the_history_and_the_conversation_stays_known(
     store: ConversationStore, redis_client: Redis, conversation_id: str
 ) -> None:
     await store.append(conversation_id, user("a"))
-    await store.clear(conversation_id)
+    await store.clear(conversation_id, at=2.5, message="T1:C1:1700000000.000200")
     assert await store.load(conversation_id) == []
     assert await redis_client.exists(keys.conversation(conversation_id)) == 0
     assert await store.exists(conversation_id)  # a reset thread is not read again
     assert 0 < await redis_client.ttl(keys.cleared(conversation_id)) <= 3600
+    # Read back once the history expires, the thread leaves out what came before the reset.
+    assert await store.cut(conversation_id) == (2.5, "T1:C1:1700000000.000200")
+    assert await redis_client.ttl(keys.cut(conversation_id)) > CUT_KEPT_S - 5
 
 
 async def test_forget_deletes_everything(
     store: ConversationStore, redis_client: Redis, conversation_id: str
 ) -> None:
     await store.append(conversation_id, user("a"))
-    await store.clear(conversation_id)
+    await store.clear(conversation_id, at=1.0)
     await store.append(conversation_id, user("b"))
     async with redis_client.pipeline(transaction=True) as pipe:
         store.queue_forget(pipe, conversation_id, at=1.5, message="T1:C1:1700000000.000100")
@@ -157,8 +160,8 @@ async def test_forget_deletes_everything(
         await redis_client.exists(keys.conversation(conversation_id), keys.cleared(conversation_id))
         == 0
     )
-    forgotten = await store.forgotten(conversation_id)  # when, by which message: no more
-    assert forgotten == (1.5, "T1:C1:1700000000.000100")
+    cut = await store.cut(conversation_id)  # when, by which message: no more
+    assert cut == (1.5, "T1:C1:1700000000.000100")
 
 
 async def test_a_forgets_cut_outlives_the_conversation_after_it(
@@ -166,16 +169,16 @@ async def test_a_forgets_cut_outlives_the_conversation_after_it(
 ) -> None:
     """Once the history expires the thread is read back whole, up to the cut: the cut is
     kept far longer than the history (a year at least), counted from its last message."""
-    marker = keys.forgotten(conversation_id)
+    marker = keys.cut(conversation_id)
     async with redis_client.pipeline(transaction=True) as pipe:
         store.queue_forget(pipe, conversation_id, at=1.5)
         await pipe.execute()
-    assert FORGET_KEPT_S - 5 <= await redis_client.ttl(marker) <= FORGET_KEPT_S
-    assert store.ttl_seconds * 10 < FORGET_KEPT_S
+    assert CUT_KEPT_S - 5 <= await redis_client.ttl(marker) <= CUT_KEPT_S
+    assert store.ttl_seconds * 10 < CUT_KEPT_S
     await redis_client.expire(marker, 60)  # as if forgotten long ago
     await store.append(conversation_id, user("after the forget"))
     assert await redis_client.ttl(marker) > store.ttl_seconds  # still past the history
-    assert await store.forgotten(conversation_id) == (1.5, "")
+    assert await store.cut(conversation_id) == (1.5, "")
 
 
 async def test_first_seen_once_per_platform_and_expires(
