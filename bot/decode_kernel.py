@@ -21,7 +21,12 @@ EPYC with AVX512, Qwen2.5-0.5B's 24 layers' and output layer's products (no AVX2
 machine was at hand): with oneDNN held to AVX2's kernels (`ONEDNN_MAX_CPU_ISA=AVX2`), they
 took 0.60, 0.58, 0.61, 0.71 and 1.03x oneDNN's time at 1, 2, 4, 8 and 16 rows (so up to 8
 go to it); with AVX512's, 0.69, 0.61, 0.77 and 1.03x at 1, 2, 4 and 8 (a line read for
-two rows at a time had taken 1.06x at 4, and was kept off AVX512 CPUs then).
+two rows at a time had taken 1.06x at 4). On 2 cores of an Intel Xeon, though, whose
+AVX512 oneDNN's float32 kernels use as the Xeons that `DTYPE=auto` gives float32 (Skylake
+to Ice Lake, without AVX512-BF16) do, they took 1.09, 0.98, 1.19 and 1.45x oneDNN's time at
+1, 2, 4 and 8 rows (alternating, medians of 30 rounds), and whole streams 1.01x (alone) and
+0.94x (4 at once) as fast: so on a CPU with AVX512 the kernel reads no float32 weight as
+it is (`reads_plain`), only the bfloat16 copies below.
 
 Most models are published in bfloat16 (Qwen2.5 is), so loaded in float32 their weights
 hold bfloat16 values: half of each weight's bytes are zeros. For such a weight (`halved`)
@@ -33,7 +38,9 @@ up to 4 rows: the float32 products to the bit, from half the bytes. The same pro
 alternating, medians), held to AVX2: a lone stream 1.51x as fast as with the float32
 reading and 2.16x as with oneDNN's products, 4 at once 1.23 and 1.69x; with AVX512's,
 1.32 and 1.64x alone, 1.17 and 1.33x for 4 (the float32 reading itself 1.24 and 1.14x
-oneDNN's). The copies cost memory: half the linear layers' float32 bytes again (0.94 GB
+oneDNN's). On the Intel Xeon, against oneDNN's AVX512 kernels: products 0.63, 0.65, 0.97
+and 1.03x its time at 1, 2, 4 and 8 rows, streams 1.44x alone and 1.04x for 4. The copies
+cost memory: half the linear layers' float32 bytes again (0.94 GB
 for Qwen2.5-0.5B), since prompts' chunks stay oneDNN's, on the float32 weights.
 
 The decoding rows' attention (`attention`, as `bot.ragged`'s steps call it) reads each
@@ -148,6 +155,9 @@ class DecodeKernel:
         # weights out for AMX's tiles): there the kernel attends and runs the layers' small
         # ops, and leaves the products to oneDNN.
         self.multiplies = not (bfloat16 and cpu_has("amx_tile"))
+        # Float32 weights as they are: with AVX512, oneDNN's kernels read them the faster
+        # (above), and ours reads their bfloat16 copies alone.
+        self.reads_plain = bfloat16 or not cpu_has("avx512")
         self._attention = self._add_norm = self._rotary = self._silu_mul = None
         if bfloat16:
             self._attention = _function(

@@ -111,7 +111,9 @@ class PackedLinear(nn.Module):
 
     def use_kernel(self, kernel: DecodeKernel) -> bool:
         """Have `kernel` compute decode steps' products, where it reads this weight (or its
-        halved copy, dropped where it does not)."""
+        halved copy, dropped where it does not) faster than oneDNN (`reads_plain`)."""
+        if self.halved is None and not kernel.reads_plain:
+            return False
         if not kernel.reads(self.packed, self.bias, self.out_features, self.halved):
             self.halved = None
             return False
