@@ -250,7 +250,7 @@ async def test_a_message_sent_after_a_reset_is_answered_after_it(
 async def test_a_command_that_storage_fails_says_so(make_service, store, conversation, monkeypatch):
     """Its message is marked seen, so no re-delivery comes: the user hears that it failed."""
 
-    async def lost(conversation_id: str) -> None:
+    async def lost(conversation_id: str, **cut: object) -> None:
         raise RedisConnectionError("Redis is gone")
 
     async with make_service() as (service, _batcher):
