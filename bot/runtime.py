@@ -130,8 +130,9 @@ async def open_service(
         )
         owner = process_id()
         journal = TurnJournal(
-            redis=redis, store=store, owner=owner, lease_seconds=settings.turn_lease_s
-        )
+            redis=redis, store=store, owner=owner, lease_seconds=settings.turn_lease_s,
+            shared=bool(settings.redis_url),
+        )  # fmt: skip
         reloads = TeamReloads(redis=redis)
         reloads_seen = await _started_on(journal, reloads)
         team.catch_up()  # read before Redis answered: a reload run meanwhile counts as seen

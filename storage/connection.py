@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -114,6 +115,14 @@ async def take_a_write(client: Redis) -> None:
     """Raise unless Redis takes a write now: one that answers PING may refuse them all (at
     its maxmemory, or a replica after a failover)."""
     await client.set(keys.WRITE_PROBE, "1", px=WRITE_PROBE_MS)
+
+
+async def up_for(client: Redis) -> float:
+    """How long the server has run, in seconds: infinite where INFO is refused (an ACL)."""
+    try:
+        return float((await client.info("server"))["uptime_in_seconds"])
+    except (ResponseError, KeyError):
+        return math.inf
 
 
 async def _check_version(client: Redis, where: str) -> None:

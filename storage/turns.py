@@ -28,6 +28,7 @@ from redis.exceptions import WatchError
 
 from bot.types import ChatMessage, ConversationKey, Turn
 from storage import keys
+from storage.connection import up_for
 from storage.errors import is_outage
 from storage.once import TOKEN_KEPT_S
 from storage.store import ConversationStore
@@ -78,7 +79,10 @@ class TurnJournal:
         store: ConversationStore,
         owner: str,
         lease_seconds: float,
+        shared: bool = False,
     ) -> None:
+        """`shared`: a Redis that other processes use too (not an embedded one), which may
+        have come back from an outage as this process started."""
         self._redis = redis
         self._store = store
         self.owner = owner
@@ -90,11 +94,14 @@ class TurnJournal:
         # record one of them may have written all the same (not one a later delivery wrote;
         # a redelivery refused in the same outage adds its own).
         self._refused: dict[str, set[str]] = {}
-        # Since when Redis has answered our renewals without a failure (monotonic): after
-        # an outage, every process's lease may have lapsed in it, not its process, so
-        # others' turns are left to them for a lease's time (to renew theirs).
+        # Since when Redis has answered our renewals without a failure (monotonic), or, at
+        # our first, since a shared one started: after an outage, every process's lease may have
+        # lapsed in it, not its process, so others' turns are left to them for a lease's
+        # time (to renew theirs).
         self._in_touch_since = -math.inf
         self._out_of_touch = False  # a renewal failed
+        self._shared = shared
+        self._renewed = False  # ever
 
     # --- this process's lease ---------------------------------------------------------
 
@@ -106,6 +113,10 @@ class TurnJournal:
         began = time.monotonic()
         try:
             await self._redis.set(keys.owner(self.owner), str(time.time()), px=self._lease_ms)
+            # Our first: an outage we did not see (a start as Redis came back from one) let
+            # others' leases lapse all the same, so we are in touch only since Redis started.
+            first = self._shared and not self._renewed
+            redis_up_for = await up_for(self._redis) if first else math.inf
         except Exception:
             self._out_of_touch = True
             raise
@@ -113,7 +124,9 @@ class TurnJournal:
         # One that took long was retried through an outage as long, at least.
         if self._out_of_touch or now - began > self.lease_seconds / 3:
             self._in_touch_since = now
-        self._out_of_touch = False
+        elif first:
+            self._in_touch_since = now - redis_up_for
+        self._out_of_touch, self._renewed = False, True
 
     async def drop_lease(self) -> None:
         """At a clean exit: our unfinished turns may be claimed at once."""
