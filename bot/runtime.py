@@ -276,7 +276,7 @@ def connect_redis(settings: Settings, metrics: Metrics) -> AbstractAsyncContextM
     resilience = Resilience(
         retries=settings.redis_retries,
         health_check_s=settings.redis_health_check_s,
-        on_failure=metrics.redis_errors.inc,
+        on_failure=lambda _error: metrics.redis_errors.inc(),
     )
     return open_redis(
         redis_url=settings.redis_url, data_dir=settings.data_dir, resilience=resilience

@@ -44,11 +44,12 @@ NO_SCHEME = "a Redis URL starts with redis://, rediss:// or unix:// (e.g. redis:
 class Resilience:
     """How a client rides out a Redis that goes away: each call is retried `retries` times,
     backing off exponentially up to a second; an idle connection is checked before use
-    after `health_check_s` (0: never). `on_failure` hears of every failed try (a metric)."""
+    after `health_check_s` (0: never). `on_failure` hears of every failed try, with its
+    error (a metric)."""
 
     retries: int = 3
     health_check_s: float = 10
-    on_failure: Callable[[], object] = lambda: None
+    on_failure: Callable[[Exception], object] = lambda error: None
 
 
 class _CountedRetry(Retry):
@@ -56,7 +57,7 @@ class _CountedRetry(Retry):
     sees each failed try, so it tells `on_failure` of each."""
 
     def __init__(
-        self, backoff: AbstractBackoff, retries: int, *, on_failure: Callable[[], object]
+        self, backoff: AbstractBackoff, retries: int, *, on_failure: Callable[[Exception], object]
     ) -> None:
         super().__init__(backoff, retries)
         self._on_failure = on_failure
@@ -64,9 +65,9 @@ class _CountedRetry(Retry):
     async def call_with_retry(
         self, do: Callable[[], Awaitable[T]], fail: Callable[..., Awaitable[object]], **options
     ) -> T:
-        async def failed(*error_and_count: object) -> None:
-            self._on_failure()
-            await fail(*error_and_count)
+        async def failed(error: Exception, *count: object) -> None:
+            self._on_failure(error)
+            await fail(error, *count)
 
         return await super().call_with_retry(do, failed, **options)
 
@@ -221,6 +222,12 @@ each other's."""
 async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     if problem := url_problem(url):
         raise StorageError(f"{failure}: {problem}")
+    tried: list[Exception] = []  # the last failed try, named if the wait runs out
+
+    def failed(error: Exception) -> None:
+        tried[:] = [error]
+        resilience.on_failure(error)
+
     try:
         # Bounded connects and reads, so a black-holed host fails instead of hanging.
         client = Redis.from_url(
@@ -231,7 +238,7 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
             retry=_CountedRetry(
                 ExponentialBackoff(cap=1.0, base=0.05),
                 resilience.retries,
-                on_failure=resilience.on_failure,
+                on_failure=failed,
             ),
             health_check_interval=resilience.health_check_s,
         )
@@ -248,14 +255,15 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
             return client
         with suppress(Exception):
             await client.aclose()
-        raise StorageError(f"{failure}: {_unanswered(exc, waited)}") from exc
+        raise StorageError(f"{failure}: {_unanswered(exc, waited, tried)}") from exc
     return client
 
 
-def _unanswered(error: Exception, waited: float) -> str:
-    """Why a first PING got no answer."""
+def _unanswered(error: Exception, waited: float, tried: list[Exception]) -> str:
+    """Why a first PING got no answer (`tried`: its last failed try, if any)."""
     if isinstance(error, TimeoutError):  # ours: a read of redis-py's raises its own
-        return f"no answer within {waited:g} s"
+        last = f" (the last try: {tried[-1]})" if tried else ""
+        return f"no answer within {waited:g} s{last}"
     if isinstance(error, RedisError | OSError):  # out of reach, or refused (a password)
         return str(error)
     return "it does not answer as Redis does"  # its handshake tripped on another's reply
