@@ -546,7 +546,7 @@ class SlackAdapter(Adapter):
         if status is not None and not taken and not await self.service.being_answered(turn):
             await status.clear()
 
-    def _sink(self, thread: SlackThread, stop: Callable[[], object] | None = None) -> ReplySink:
+    def _sink(self, thread: SlackThread, stop: Callable[..., object] | None = None) -> ReplySink:
         """A new answer's sink: native where it may stream (SLACK_STREAMING), falling back
         to edits if Slack refuses (auto); else the edit path. `stop` ends the answer's
         generation, once a reader stopped its stream."""
@@ -599,13 +599,14 @@ class SlackAdapter(Adapter):
         self,
         thread: SlackThread,
         message_ids: Sequence[str] = (),
-        stop: Callable[[], object] | None = None,
+        stop: Callable[..., object] | None = None,
     ) -> NativeReply:
         """Streams natively; a message that is not an open stream (a resumed answer's, one
         whose stream Slack ended) is edited instead, through the workspace's chat.update
         budget."""
         return NativeReply(
-            target=SlackStream(thread, earlier=message_ids, on_stop=stop),
+            target=SlackStream(thread, earlier=message_ids),
+            on_stop=stop,
             render=to_markdown,
             limit=MARKDOWN_LIMIT,
             interval=self.settings.stream_edit_interval,
@@ -618,7 +619,7 @@ class SlackAdapter(Adapter):
             typing_repeats=math.ceil(self.settings.request_timeout / STATUS_INTERVAL),
         )
 
-    def _resumed(self, target: dict[str, Any], stop: Callable[[], object]) -> ReplySink:
+    def _resumed(self, target: dict[str, Any], stop: Callable[..., object]) -> ReplySink:
         """The sink of an answer started earlier (maybe by another process): its messages
         keep the kind they were posted as; with none yet, it is answered as a new one."""
         thread = SlackThread(

@@ -320,12 +320,32 @@ class SlackStream:
 class NativeReply(StreamingReply):
     """A StreamingReply into a SlackStream: whatever ends or pauses the answer also ends
     its streams (their whole text, and the thread's status cleared). Once a reader stopped
-    a stream, nothing more of the answer is posted."""
+    a stream, nothing more of the answer is posted, and `on_stop` hears what the reader
+    saw of it (`shown`: None where this reply showed none)."""
 
     target: SlackStream
 
+    def __init__(self, *, on_stop: Callable[..., object] | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.shown_text: str | None = None  # the answer's text as last streamed whole
+        if on_stop is not None:
+            self.target.on_stop = lambda: on_stop(shown=self.shown_text)
+
     def stopped(self) -> bool:
         return bool(self.target.stopped)
+
+    async def start(self) -> None:
+        self.shown_text = None
+        await super().start()
+
+    async def restart(self) -> None:
+        self.shown_text = None
+        await super().restart()
+
+    async def _show(self, markdown: str) -> None:
+        await super()._show(markdown)
+        if not self.stopped():  # a stop refused some of it: the reader saw the text before
+            self.shown_text = markdown
 
     def _edit_costs(self, index: int) -> bool:
         """Text into an open stream is appended, and none goes into one a reader stopped; a

@@ -152,6 +152,7 @@ class ChatService:
         self._failures_told: dict[str, None] = {}  # turn ids, oldest first (`told_once`)
         self._running: dict[str, asyncio.Task[None]] = {}  # by turn id (and command id)
         self._generations: dict[str, Generation] = {}  # by turn id, while streaming
+        self._shown_at_stop: dict[str, str] = {}  # by turn id: `stop_answer`'s `shown`
         self._scopes: dict[str, SinkFactory] = {}  # connected adapters, for resuming
         # Our turns whose task gave them up when storage was lost, with their sinks (which
         # know every message posted, saved or not), to be taken up again once it is back.
@@ -666,10 +667,11 @@ class ChatService:
             return
         finally:
             del self._generations[started.id]
+            shown = self._shown_at_stop.pop(started.id, None)
             generation.cancel()  # no-op once finished; stops the engine if we were interrupted
         answer = output.final(generation.text).strip()
-        if stopped:  # what was written is the answer, marked so
-            answer = f"{answer}\n\n{replies.stopped()}".strip()
+        if stopped:  # what was written (or what the reader saw of it) is the answer, marked so
+            answer = f"{answer if shown is None else shown}\n\n{replies.stopped()}".strip()
         if not answer and output.only_reasoning(generation.text):
             logger.warning("the answer to %s was all reasoning (%d tokens): more room for it "
                            "(MAX_NEW_TOKENS, a persona's) may let it reply", pending.id,
@@ -1053,14 +1055,18 @@ class ChatService:
 
     # --- stopping and regenerating answers ------------------------------------------------
 
-    def stop_answer(self, turn_id: str, *, by: str) -> bool:
+    def stop_answer(self, turn_id: str, *, by: str, shown: str | None = None) -> bool:
         """End the answer being written for `turn_id` where it is: what was written is
         shown and stored as the answer, marked as stopped, and the turn finishes as any
-        other. False when this process is not writing that answer. Whether `by` may stop
-        it is the caller's to decide."""
+        other; or, given what the reader was `shown` when they stopped it, where the
+        platform shows no more of it (Slack's own stop button ends a stream), that is the
+        answer stored. False when this process is not writing that answer. Whether `by`
+        may stop it is the caller's to decide."""
         if (generation := self._generations.get(turn_id)) is None:
             return False
         logger.info("turn %s stopped by %s", turn_id, by)
+        if shown is not None:
+            self._shown_at_stop[turn_id] = shown
         generation.cancel(AnswerStopped)
         return True
 

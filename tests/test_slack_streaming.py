@@ -310,7 +310,8 @@ async def long_answer_kept(slack, socket_mode, question: str) -> str:
 
 async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, socket_mode):
     """Slack's stop button ends a stream for good: nothing more is appended or posted,
-    nothing replaces it, the generation ends, and what was written is kept, marked stopped."""
+    nothing replaces it, the generation ends, and what the reader saw is kept, marked
+    stopped (what was written past it, which they never saw, was kept too)."""
 
     def stop_at_once(call):
         if call.method == "chat.startStream" and call.ok:
@@ -323,7 +324,7 @@ async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, soc
     assert len(written) < MARKDOWN_LIMIT  # stopped long before the end
     [start] = slack.calls_to("chat.startStream")
     message = slack.message("C0001", start.response["ts"])
-    assert message["text"] == start.params["markdown_text"]
+    assert message["text"] == start.params["markdown_text"] == to_markdown(written)
     refused = [c.response["error"] for c in slack.calls if c.method in STREAMING[1:]]
     assert refused and set(refused) == {"stopped_by_user"}
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
@@ -500,7 +501,7 @@ def saved_target(slack: FakeSlack, thread_ts: str, **more: Any) -> dict[str, Any
 
 
 def resumed(
-    slack: FakeSlack, service: Any, saved: dict[str, Any], stop: Callable[[], object]
+    slack: FakeSlack, service: Any, saved: dict[str, Any], stop: Callable[..., object]
 ) -> Any:
     """The sink the adapter of a process that took the answer up rebuilds from `saved`."""
     settings = Settings(_env_file=None, slack_bot_token=slack.bot_token,
@@ -648,11 +649,12 @@ async def test_a_resumed_answer_s_new_stream_stopped_by_a_reader_stops_the_answe
             slack.stop_by_user("C0001", call.response["ts"])
 
     slack.after_call = stop_at_once
-    stops: list[bool] = []
+    stops: list[str | None] = []
     async with make_service() as (service, _batcher):
-        sink = resumed(slack, service, saved, lambda: stops.append(True))
+        sink = resumed(slack, service, saved, lambda shown: stops.append(shown))
         await sink.start()
         for text in ("Paris", "Paris is", "Paris is the capital"):
             await sink.append(text)
         await sink.finish(ANSWER)
-    assert stops and slack.calls_to("chat.startStream")
+    [start] = slack.calls_to("chat.startStream")
+    assert [to_markdown(shown) for shown in stops] == [start.params["markdown_text"]]
