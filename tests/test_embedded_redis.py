@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import math
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
-from storage.connection import Resilience, open_redis, url_problem
+from storage.connection import Resilience, open_redis, up_for, url_problem
 from storage.embedded import CONFIG_FILE, LOCK_FILE, LOG_FILE, EmbeddedRedis, _alive
 from storage.errors import StorageError
 from storage.store import ConversationStore
@@ -474,3 +475,16 @@ def test_a_url_redis_py_reads_as_meant_is_taken(url: str) -> None:
     """A database's trailing slash, or a space after it, which redis-py reads as meant,
     was refused once the database was checked to be a number."""
     assert url_problem(url) is None
+
+
+async def test_how_long_redis_has_run_is_infinite_where_info_is_refused(redis_server) -> None:
+    """A process that starts as a shared Redis comes back holds off for what is left of a
+    lease (`TurnJournal.renew_lease`); where an ACL refuses INFO, it holds off not at all."""
+    async with Redis.from_url(redis_server.url, decode_responses=True) as admin:
+        assert 0 <= await up_for(admin) < 60  # the test's own server, just started
+        await admin.acl_setuser("bot", enabled=True, passwords=["+pw"], keys=["~*"],
+                                commands=["+@all", "-info"])  # fmt: skip
+    limited = redis_server.url.replace("redis://", "redis://bot:pw@")
+    async with Redis.from_url(limited, decode_responses=True) as bot:
+        assert await bot.ping()
+        assert await up_for(bot) == math.inf
