@@ -119,10 +119,11 @@ async def take_a_write(client: Redis) -> None:
 
 
 async def up_for(client: Redis) -> float:
-    """How long the server has run, in seconds: infinite where INFO is refused (an ACL)."""
+    """How long the server has run, in seconds: infinite where INFO does not say (refused
+    by an ACL, or by a proxy that does not pass it on)."""
     try:
         return float((await client.info("server"))["uptime_in_seconds"])
-    except (ResponseError, KeyError):
+    except (RedisError, KeyError, TypeError, ValueError):
         return math.inf
 
 
@@ -222,10 +223,10 @@ each other's."""
 async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     if problem := url_problem(url):
         raise StorageError(f"{failure}: {problem}")
-    tried: list[Exception] = []  # the last failed try, named if the wait runs out
+    tried: list[str] = []  # the last failed try's error, named if the wait runs out
 
     def failed(error: Exception) -> None:
-        tried[:] = [error]
+        tried[:] = [str(error)]
         resilience.on_failure(error)
 
     try:
@@ -259,7 +260,7 @@ async def _connect(url: str, *, failure: str, resilience: Resilience) -> Redis:
     return client
 
 
-def _unanswered(error: Exception, waited: float, tried: list[Exception]) -> str:
+def _unanswered(error: Exception, waited: float, tried: list[str]) -> str:
     """Why a first PING got no answer (`tried`: its last failed try, if any)."""
     if isinstance(error, TimeoutError):  # ours: a read of redis-py's raises its own
         last = f" (the last try: {tried[-1]})" if tried else ""

@@ -101,7 +101,7 @@ class TurnJournal:
         self._in_touch_since = -math.inf
         self._out_of_touch = False  # a renewal failed
         self._shared = shared
-        self._renewed = False  # ever
+        self._renewed_at = -math.inf  # monotonic
 
     # --- this process's lease ---------------------------------------------------------
 
@@ -113,20 +113,21 @@ class TurnJournal:
         began = time.monotonic()
         try:
             await self._redis.set(keys.owner(self.owner), str(time.time()), px=self._lease_ms)
-            # Our first: an outage we did not see (a start as Redis came back from one) let
-            # others' leases lapse all the same, so we are in touch only since Redis started.
-            first = self._shared and not self._renewed
-            redis_up_for = await up_for(self._redis) if first else math.inf
         except Exception:
             self._out_of_touch = True
             raise
+        # Our first in a lease or more (at start; after a model's load): an outage we did
+        # not see (Redis restarted meanwhile) let others' leases lapse all the same, so we
+        # are in touch at most since Redis started.
+        unseen = self._shared and began - self._renewed_at > self.lease_seconds / 2
+        redis_up_for = await up_for(self._redis) if unseen else math.inf
         now = time.monotonic()
         # One that took long was retried through an outage as long, at least.
         if self._out_of_touch or now - began > self.lease_seconds / 3:
             self._in_touch_since = now
-        elif first:
-            self._in_touch_since = now - redis_up_for
-        self._out_of_touch, self._renewed = False, True
+        else:
+            self._in_touch_since = max(self._in_touch_since, now - redis_up_for)
+        self._out_of_touch, self._renewed_at = False, now
 
     async def drop_lease(self) -> None:
         """At a clean exit: our unfinished turns may be claimed at once."""
