@@ -60,9 +60,10 @@ from storage.turns import PendingTurn, TurnJournal, in_scope, user_message
 
 logger = logging.getLogger(__name__)
 
-SinkFactory = Callable[[dict[str, Any], Callable[[], object]], ReplySink]
+SinkFactory = Callable[[dict[str, Any], Callable[..., object]], ReplySink]
 """An adapter's way back into a thread: a sink for a saved reply target, given what stops
-its answer (as the platform's own stop control, Slack's on a native stream, would)."""
+its answer (as the platform's own stop control, Slack's on a native stream, would; with
+what it showed: `stop_answer`'s `shown`)."""
 
 STATS_WINDOW_S = 3600  # what `stats` reports on
 PAUSE_SECONDS = 10  # at a stop, for the unfinished answers to say they will be answered
@@ -484,6 +485,7 @@ class ChatService:
         def done(_: asyncio.Task[None]) -> None:
             if self._running.get(key) is task:
                 del self._running[key]
+                self._shown_at_stop.pop(key, None)  # a stop as it failed, say
 
         task.add_done_callback(done)
         return task
@@ -667,11 +669,10 @@ class ChatService:
             return
         finally:
             del self._generations[started.id]
-            shown = self._shown_at_stop.pop(started.id, None)
             generation.cancel()  # no-op once finished; stops the engine if we were interrupted
         answer = output.final(generation.text).strip()
         if stopped:  # what was written (or what the reader saw of it) is the answer, marked so
-            answer = f"{answer if shown is None else shown}\n\n{replies.stopped()}".strip()
+            answer = _stopped_at(self._shown_at_stop.pop(started.id, None) or answer)
         if not answer and output.only_reasoning(generation.text):
             logger.warning("the answer to %s was all reasoning (%d tokens): more room for it "
                            "(MAX_NEW_TOKENS, a persona's) may let it reply", pending.id,
@@ -785,6 +786,8 @@ class ChatService:
         regeneration took back is forgotten only once this one is stored: until then a
         failure (`_fail`) puts it back."""
         await _shown(sink.finish(answer), answer)
+        if (shown := self._shown_at_stop.pop(pending.id, None)) is not None:
+            answer = _stopped_at(shown)  # stopped as it ended: the platform showed no more
         try:
             finished = await self.journal.finish(pending, answer)
         except Exception as error:
@@ -1062,11 +1065,11 @@ class ChatService:
         platform shows no more of it (Slack's own stop button ends a stream), that is the
         answer stored. False when this process is not writing that answer. Whether `by`
         may stop it is the caller's to decide."""
+        if shown is not None and turn_id in self._running:  # written, or being delivered
+            self._shown_at_stop[turn_id] = shown
         if (generation := self._generations.get(turn_id)) is None:
             return False
         logger.info("turn %s stopped by %s", turn_id, by)
-        if shown is not None:
-            self._shown_at_stop[turn_id] = shown
         generation.cancel(AnswerStopped)
         return True
 
@@ -1230,3 +1233,8 @@ def _not_ours(pending: PendingTurn) -> None:
 def _skipped(turn: Turn) -> None:
     logger.info("skipping re-delivered message %s on %s", turn.message_id,
                 turn.conversation.platform)  # fmt: skip
+
+
+def _stopped_at(text: str) -> str:
+    """An answer stopped where `text` ends: the answer stored, marked so."""
+    return f"{text.strip()}\n\n{replies.stopped()}".strip()

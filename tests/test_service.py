@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from itertools import pairwise
 from typing import Any
 
@@ -457,6 +458,33 @@ async def test_a_stopped_answer_counts_the_tokens_it_read_and_wrote(
     assert 0 < summary.answer_tokens < 3000
     [report] = [record for record in caplog.records if record.name == "bot.turn_report"]
     assert (report.prompt_tokens, report.answer_tokens) == (prompt_tokens, summary.answer_tokens)
+
+
+class StoppedAsItEnds(RecordingSink):
+    """A platform that tells of its reader's stop only when the whole answer is put (Slack
+    refuses a native stream's last call): the reader saw `shown`."""
+
+    def __init__(self, stop: Callable[..., object], shown: str) -> None:
+        super().__init__()
+        self.stop, self.shown = stop, shown
+
+    async def finish(self, text: str) -> None:
+        self.stop(shown=self.shown)
+        await super().finish(text)
+
+
+async def test_an_answer_stopped_as_it_ends_is_stored_as_its_reader_saw_it(
+    make_service, store, conversation
+):
+    """The stop came after the generation ended, so nothing stopped: the whole answer was
+    stored, though the reader saw less of it and the answer's end went unmarked."""
+    message_id = uuid.uuid4().hex
+    async with make_service(ScriptedBatcher("Paris is the capital of France.")) as (service, _):
+        sink = StoppedAsItEnds(partial(service.stop_answer, f"test:{message_id}", by="U1"), "Par")
+        await service.handle(turn(conversation, "capital of France?", message_id), sink)
+    assert sink.kinds("finish") == ["Paris is the capital of France."]
+    stored = (await store.load(str(conversation)))[-1]
+    assert stored == {"role": "assistant", "content": f"Par\n\n{replies.stopped()}"}
 
 
 async def test_reset_forgets_the_conversation(make_service, store, conversation):
