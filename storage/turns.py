@@ -116,9 +116,9 @@ class TurnJournal:
         except Exception:
             self._out_of_touch = True
             raise
-        # Our first in a lease or more (at start; after a model's load): an outage we did
-        # not see (Redis restarted meanwhile) let others' leases lapse all the same, so we
-        # are in touch at most since Redis started.
+        # Our first in half a lease or more (at start; after a model's load): an outage we
+        # did not see (Redis restarted meanwhile) let others' leases lapse all the same, so
+        # we are in touch at most since Redis started.
         unseen = self._shared and began - self._renewed_at > self.lease_seconds / 2
         redis_up_for = await up_for(self._redis) if unseen else math.inf
         now = time.monotonic()
