@@ -345,7 +345,7 @@ class NativeReply(StreamingReply):
     async def _show(self, markdown: str) -> None:
         await super()._show(markdown)
         if not self.stopped():  # a stop refused some of it: the reader saw the text before
-            self.shown_text = markdown
+            self.shown_text = markdown[: settled(markdown)]  # as the stream holds it back
 
     def _edit_costs(self, index: int) -> bool:
         """Text into an open stream is appended, and none goes into one a reader stopped; a

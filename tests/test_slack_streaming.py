@@ -17,6 +17,7 @@ from conftest import GatedBatcher, PacedBatcher, ScriptedBatcher
 from fake_slack import FakeSlack
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from test_service import until
 from test_slack_adapter import final_reply
 
 from adapters import slack_adapter
@@ -328,6 +329,31 @@ async def test_a_stream_a_reader_stopped_ends_the_answer_where_it_was(slack, soc
     refused = [c.response["error"] for c in slack.calls if c.method in STREAMING[1:]]
     assert refused and set(refused) == {"stopped_by_user"}
     assert not slack.calls_to("chat.update") and not slack.calls_to("chat.postMessage")
+
+
+async def test_a_stop_as_a_link_is_being_written_keeps_the_text_before_it(slack, socket_mode):
+    """A link still being written is held back from the stream: stopped there, the reader
+    saw the text before it, and that is the answer kept (not the link's first half)."""
+
+    def stop_at_once(call):
+        if call.method == "chat.startStream" and call.ok:
+            slack.stop_by_user("C0001", call.response["ts"])
+
+    slack.after_call = stop_at_once
+    linked = "See [the atlas](https://atlas.example/fr) for more on Paris, and its maps."
+    async with socket_mode(ScriptedBatcher(linked), streaming="native") as (service, _):
+        mention = slack.app_mention("C0001", "Where can I read about Paris?")
+        await slack.send_event(mention)
+        key = str(ConversationKey("slack", slack.team_id, "C0001", mention["ts"]))
+
+        async def answered() -> bool:
+            return len(await service.store.load(key)) == 2
+
+        await until(answered)
+        kept = (await service.store.load(key))[-1]["content"]
+    [start] = slack.calls_to("chat.startStream")
+    assert start.params["markdown_text"] == "See "  # the first 40 characters end in the link
+    assert kept == f"See\n\n{replies.stopped()}"
 
 
 async def stopped_long_answer(slack, socket_mode, stop_at: Callable[[Any], str | None]) -> str:
