@@ -50,6 +50,7 @@ from adapters.streaming import STREAMING_MARK
 from bot import replies
 from bot.config import Access, Settings
 from bot.types import ConversationKey
+from storage import keys
 
 
 @pytest.fixture
@@ -366,6 +367,39 @@ async def test_after_forget_in_another_thread_the_bot_answers_only_once_mentione
     # again, and stored again, as if never forgotten.
     read_again = [m["content"] for m in batcher.prompts[1]]
     assert "still there?" in read_again and "forget" not in read_again
+
+
+@pytest.mark.parametrize("store", [12], indirect=True)  # the thread read back, whole
+async def test_a_thread_read_back_once_its_history_expired_starts_at_its_reset(
+    fake, discord_bot, redis_client
+):
+    """A reset conversation whose history, and the reset's marker, expired is read back
+    when the bot is mentioned in its thread again: from the reset on, as after a forget,
+    not with what the reset set aside."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as (_service, batcher):
+        starter = fake.user_message(fake.channel_id, "a thread of ours")
+        thread = await fake.start_thread(fake.channel_id, starter["id"], "ours", owner=fake.alice)
+
+        async def asked(text: str) -> None:
+            message = fake.thread_message(
+                thread["id"], f"<@{fake.bot['id']}> {text}", mentions=[fake.bot]
+            )
+            await fake.dispatch("MESSAGE_CREATE", message)
+
+        await asked("My password is hunter2")
+        await final_reply(fake, thread["id"])
+        await fake.dispatch("MESSAGE_CREATE", fake.thread_message(thread["id"], "reset"))
+        reset = await final_reply(fake, thread["id"], after=1)
+        assert reset["content"] == replies.conversation_reset()
+        key = str(ConversationKey("discord", fake.guild_id, fake.channel_id, thread["id"]))
+        expired = (keys.conversation, keys.cleared, keys.facts)
+        assert await redis_client.delete(*(name(key) for name in expired)) == 2
+        fake.thread_message(thread["id"], "The weather is fine")  # not to the bot
+        await asked("What is my password?")
+        await final_reply(fake, thread["id"], after=2)
+    read_back = [message["content"] for message in batcher.prompts[-1]]
+    assert any("weather" in text for text in read_back)
+    assert not any("hunter2" in text for text in read_back)
 
 
 async def test_a_file_posted_earlier_in_the_thread_is_named_in_what_is_read_back(fake, discord_bot):
