@@ -378,7 +378,7 @@ class DiscordAdapter(Adapter):
                 access = self.service.team.settings.access
                 who = await requester(author, key, access=access, memberships=self.memberships)
                 if await self.service.admit(who, key, partial(_reply, message)):
-                    await self._converse(message, key, target, earlier, in_turn)
+                    await self._converse(message, key, target, earlier, in_turn, read_back)
         except Exception as error:
             text = failure_text(error, f"Discord message {message.id} in {message.channel.id}")
             if addressed:
@@ -441,6 +441,7 @@ class DiscordAdapter(Adapter):
         target: DiscordChannel,
         earlier: tuple[ChatMessage, ...],
         in_turn: Callable[[], Awaitable[None]],
+        read_back: bool,
     ) -> None:
         me = self.client.user
         assert me is not None
@@ -456,6 +457,7 @@ class DiscordAdapter(Adapter):
             author_name=message.author.display_name,
             channel_name=channel_name(message.channel),
             bot_name=bot_name(self.client, message.guild),
+            read_back=read_back,
         )
         if order is None:
             turn = await attached(self.service, turn, _files(message), timeout=ATTACHMENT_SECONDS)

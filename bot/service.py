@@ -356,17 +356,26 @@ class ChatService:
     # --- accepting ----------------------------------------------------------------------
 
     async def _over_limits(
-        self, platform: str, user: str, request_id: str, again: str = replies.SEND_AGAIN
+        self,
+        platform: str,
+        user: str,
+        request_id: str,
+        again: str = replies.SEND_AGAIN,
+        *,
+        capped: bool = True,
     ) -> str | None:
-        """Why `user` may not ask for another answer now (RATE_LIMIT_PER_MINUTE, or too
-        many answers pending, here or in any process), if so. Nothing awaits after this
-        process's count is read: those it is still taking are not in the journal yet."""
+        """Why `user` may not ask for another answer now (RATE_LIMIT_PER_MINUTE, or, where
+        `capped`, too many answers pending, here or in any process), if so. Nothing awaits
+        after this process's count is read: those it is still taking are not in the journal
+        yet."""
         settings = self.team.settings
         bucket, took = f"{platform}:{user}", False
         if per_minute := settings.access.rate_limit_per_minute:
             wait, took = await self.limits.take(bucket, f"{platform}:{request_id}", per_minute)
             if wait:
                 return replies.rate_limited(wait, again)
+        if not capped:
+            return None
         anywhere = await self.journal.pending_of(platform, user)
         if (pending := max(anywhere, self._pending[user])) >= settings.max_pending_per_user:
             if took:  # a message refused costs no message of the rate
@@ -387,7 +396,9 @@ class ChatService:
                 refusal = "too_long", replies.too_long(len(text), settings.max_input_chars)
             # From this check to the count below, nothing may await: a burst of messages
             # would all pass it.
-            elif limited := await self._over_limits(platform, turn.author, turn.message_id):
+            elif limited := await self._over_limits(
+                platform, turn.author, turn.message_id, capped=not turn.read_back
+            ):
                 refusal = "rate_limited", limited
         if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())

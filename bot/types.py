@@ -64,6 +64,9 @@ class Turn:
     author_name: str = ""  # display name, so the model can tell people in a thread apart
     channel_name: str = ""  # for the persona's {channel_name}
     bot_name: str = ""  # the bot's name on this platform, for the persona's {bot_name}
+    # Sent while the bot was away, read back at its return (Discord): its sender could not
+    # wait for answers then, so it is not refused for those pending (MAX_PENDING_PER_USER).
+    read_back: bool = False
 
     @property
     def id(self) -> str:

@@ -236,6 +236,23 @@ async def test_messages_sent_while_no_session_was_up_are_read_back_and_answered_
     assert len(bot_messages(fake, asked["id"])) == len(bot_messages(fake, dm["channel_id"])) == 2
 
 
+async def test_more_mentions_than_may_wait_sent_while_away_are_each_answered(fake, discord_bot):
+    """MAX_PENDING_PER_USER refuses a message that comes while its sender's answers are
+    still pending, so one sends no more till they come; one who sent more than that while
+    the bot was away could not have waited, and was asked to send the rest again."""
+    async with discord_bot(ScriptedBatcher("Noted."), max_pending_per_user=2) as (_, batcher):
+        sent = [
+            fake.user_message(fake.channel_id, f"while away {n}", mentions_bot=True)
+            for n in range(4)
+        ]
+        await away(fake, *sent)
+        answers = [await final_reply(fake, message["id"]) for message in sent]
+    assert [answer["content"] for answer in answers] == ["Noted."] * 4
+    assert sorted(prompt[-1]["content"] for prompt in batcher.prompts) == [
+        f"while away {n}" for n in range(4)
+    ]
+
+
 async def test_a_mention_sent_while_away_is_read_back_after_a_busy_hour(fake, discord_bot):
     """The channel had more than a page of messages in the hour read back: the latest
     are read, where the oldest page was, and the mention sent while away was not in it."""
