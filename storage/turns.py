@@ -94,10 +94,10 @@ class TurnJournal:
         # record one of them may have written all the same (not one a later delivery wrote;
         # a redelivery refused in the same outage adds its own).
         self._refused: dict[str, set[str]] = {}
-        # Since when Redis has answered our renewals without a failure (monotonic), or, at
-        # our first, since a shared one started: after an outage, every process's lease may have
-        # lapsed in it, not its process, so others' turns are left to them for a lease's
-        # time (to renew theirs).
+        # Since when Redis has answered our renewals without a failure (monotonic), and a
+        # shared one has run (read at a renewal half a lease or more after the last): after
+        # an outage, every process's lease may have lapsed in it, not its process, so
+        # others' turns are left to them for a lease's time (to renew theirs).
         self._in_touch_since = -math.inf
         self._out_of_touch = False  # a renewal failed
         self._shared = shared
