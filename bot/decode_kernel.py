@@ -21,12 +21,12 @@ EPYC with AVX512, Qwen2.5-0.5B's 24 layers' and output layer's products (no AVX2
 machine was at hand): with oneDNN held to AVX2's kernels (`ONEDNN_MAX_CPU_ISA=AVX2`), they
 took 0.60, 0.58, 0.61, 0.71 and 1.03x oneDNN's time at 1, 2, 4, 8 and 16 rows (so up to 8
 go to it); with AVX512's, 0.69, 0.61, 0.77 and 1.03x at 1, 2, 4 and 8 (a line read for
-two rows at a time had taken 1.06x at 4). On 2 cores of an Intel Xeon, though, where
-oneDNN's float32 kernels are the AVX512 ones of the Xeons that `DTYPE=auto` gives float32
-(Skylake to Ice Lake, without AVX512-BF16), they took 1.09, 0.98, 1.19 and 1.45x its time at
-1, 2, 4 and 8 rows (alternating, medians of 30 rounds), and whole streams 1.01x (alone) and
-0.94x (4 at once) as fast: so on a CPU with AVX512 the kernel reads no float32 weight as
-it is (`reads_plain`), only the bfloat16 copies below.
+two rows at a time had taken 1.06x at 4). On 2 cores of an Intel Xeon (AVX512-BF16 and
+AMX), though, where oneDNN's float32 kernels are the AVX512 ones of the Xeons that
+`DTYPE=auto` gives float32 (Skylake to Ice Lake, without AVX512-BF16), they took 1.09,
+0.98, 1.19 and 1.45x its time at 1, 2, 4 and 8 rows (alternating, medians of 30 rounds),
+and whole streams 1.01x (alone) and 0.94x (4 at once) as fast: so on a CPU with AVX512 the
+kernel reads no float32 weight as it is (`reads_plain`), only the bfloat16 copies below.
 
 Most models are published in bfloat16 (Qwen2.5 is), so loaded in float32 their weights
 hold bfloat16 values: half of each weight's bytes are zeros. For such a weight (`halved`)
