@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -500,53 +498,6 @@ def kv_bytes_per_token(model: PreTrainedModel) -> int:
     """One token's keys and values over all layers: 2 * layers * kv heads * head dim * dtype."""
     layers, kv_heads, head_dim = kv_shape(model)
     return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free now where the model lives: the GPU's, else the machine's (Linux counts
-    only free pages; systems without that figure, like macOS, give all physical memory),
-    within what this process's cgroup may still take (a container's or a service's limit)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"
-    machine = os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
-    room = cgroup_room()
-    return machine if room is None else min(machine, room)
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_V2_FILES = ("memory.max", "memory.current")  # the limit, and the usage
-CGROUP_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes")
-UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
-
-
-def cgroup_room(root: Path = CGROUP_ROOT, own: Path = Path("/proc/self/cgroup")) -> int | None:
-    """Bytes the memory cgroup of this process may still take (its limit less its usage,
-    cache included: on the safe side), where it has a limit: `docker run --memory`,
-    systemd's `MemoryMax`. None where it has none, or Linux's cgroups are not there."""
-    try:
-        lines = own.read_text().splitlines()
-    except OSError:
-        return None
-    paths = {kind: path.lstrip("/") for _, kind, path in (line.split(":", 2) for line in lines)}
-    v1 = root / "memory"
-    places = [  # cgroup v2, then v1; each at its own path, then as mounted in a container
-        (root / paths.get("", ""), *CGROUP_V2_FILES),
-        (root, *CGROUP_V2_FILES),
-        (v1 / paths.get("memory", ""), *CGROUP_V1_FILES),
-        (v1, *CGROUP_V1_FILES),
-    ]
-    for folder, limit_file, usage_file in places:
-        try:
-            limit = (folder / limit_file).read_text().strip()
-            usage = int((folder / usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= UNLIMITED:
-            return None
-        return max(int(limit) - usage, 0)
-    return None
 
 
 def default_max_batch_tokens(

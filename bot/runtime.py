@@ -285,7 +285,8 @@ def connect_redis(settings: Settings, metrics: Metrics) -> AbstractAsyncContextM
 
 def batch_tokens_for_memory(engine: Engine, idle_cache_bytes: int) -> int:
     """The default MAX_BATCH_TOKENS, from the memory free now that the weights are loaded."""
-    from bot.batching import default_max_batch_tokens, free_memory
+    from bot.batching import default_max_batch_tokens
+    from bot.device import free_memory
 
     tokens = default_max_batch_tokens(
         engine.model,

@@ -408,69 +408,6 @@ def test_the_default_batch_budget_is_the_free_memory_share_over_kv_bytes_per_tok
     assert default_max_batch_tokens(model, free_bytes=idle, idle_cache_bytes=2 * idle) == 0
 
 
-def cgroups(tmp_path, own: str, files: dict[str, str]):
-    """A fake /sys/fs/cgroup (`files` by path below it) and /proc/self/cgroup (`own`)."""
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    (tmp_path / "self-cgroup").write_text(own)
-    return tmp_path, tmp_path / "self-cgroup"
-
-
-GIB = 2**30
-
-
-@pytest.mark.parametrize(
-    ("own", "files", "room"),
-    [
-        pytest.param(  # a container: its cgroup mounted as the root
-            "0::/\n",
-            {"memory.max": f"{4 * GIB}\n", "memory.current": f"{GIB}\n"},
-            3 * GIB,
-            id="v2 container",
-        ),
-        pytest.param(  # systemd's MemoryMax: the service's own cgroup
-            "0::/system.slice/threadbot.service\n",
-            {
-                "system.slice/threadbot.service/memory.max": f"{2 * GIB}",
-                "system.slice/threadbot.service/memory.current": f"{GIB}",
-            },
-            GIB,
-            id="v2 service",
-        ),
-        pytest.param(
-            "0::/\n", {"memory.max": "max\n", "memory.current": "5"}, None, id="v2 no limit"
-        ),
-        pytest.param(
-            "4:memory:/docker/abc\n",
-            {
-                "memory/memory.limit_in_bytes": f"{2 * GIB}",
-                "memory/memory.usage_in_bytes": f"{GIB // 2}",
-            },
-            3 * GIB // 2,
-            id="v1 container",
-        ),
-        pytest.param(
-            "4:memory:/\n",
-            {
-                "memory/memory.limit_in_bytes": "9223372036854771712",
-                "memory/memory.usage_in_bytes": "1",
-            },
-            None,
-            id="v1 no limit",
-        ),
-        pytest.param("0::/\n", {}, None, id="no cgroup files"),
-    ],
-)
-def test_the_memory_a_cgroup_leaves_bounds_the_batch(tmp_path, own, files, room):
-    """`docker run --memory` or systemd's MemoryMax: the batch's default budget comes from
-    what the limit leaves, not from the host's free memory (or the kernel kills it)."""
-    from bot.batching import cgroup_room
-
-    root, self_cgroup = cgroups(tmp_path, own, files)
-    assert cgroup_room(root, self_cgroup) == room
-
-
 def test_a_short_prompt_arriving_during_a_long_prefill_waits_one_chunk(make_batcher):
     """Prompts are prefilled nearest-to-done first: a short one that arrives while a long
     one is in chunks gets its first token after its own prefill, not after the long one's."""

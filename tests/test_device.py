@@ -1,4 +1,5 @@
-"""DTYPE=auto: the dtype this machine computes fastest in; torch uses every core we may use."""
+"""DTYPE=auto: the dtype this machine computes fastest in; torch uses every core we may use;
+the memory free counts a cgroup's limit."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.device import on_own_thread, pick_dtype, use_all_cores
+from bot.device import cgroup_room, on_own_thread, pick_dtype, use_all_cores
 
 TASKS = Path("/proc/self/task")  # one entry per thread of this process (Linux)
 
@@ -109,3 +110,64 @@ def test_work_on_its_own_thread_leaves_no_openmp_threads_behind():
         assert threads_settle_at(before)
     finally:
         torch.set_num_threads(threads)
+
+
+def cgroups(tmp_path, own: str, files: dict[str, str]):
+    """A fake /sys/fs/cgroup (`files` by path below it) and /proc/self/cgroup (`own`)."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "self-cgroup").write_text(own)
+    return tmp_path, tmp_path / "self-cgroup"
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "room"),
+    [
+        pytest.param(  # a container: its cgroup mounted as the root
+            "0::/\n",
+            {"memory.max": f"{4 * GIB}\n", "memory.current": f"{GIB}\n"},
+            3 * GIB,
+            id="v2 container",
+        ),
+        pytest.param(  # systemd's MemoryMax: the service's own cgroup
+            "0::/system.slice/threadbot.service\n",
+            {
+                "system.slice/threadbot.service/memory.max": f"{2 * GIB}",
+                "system.slice/threadbot.service/memory.current": f"{GIB}",
+            },
+            GIB,
+            id="v2 service",
+        ),
+        pytest.param(
+            "0::/\n", {"memory.max": "max\n", "memory.current": "5"}, None, id="v2 no limit"
+        ),
+        pytest.param(
+            "4:memory:/docker/abc\n",
+            {
+                "memory/memory.limit_in_bytes": f"{2 * GIB}",
+                "memory/memory.usage_in_bytes": f"{GIB // 2}",
+            },
+            3 * GIB // 2,
+            id="v1 container",
+        ),
+        pytest.param(
+            "4:memory:/\n",
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712",
+                "memory/memory.usage_in_bytes": "1",
+            },
+            None,
+            id="v1 no limit",
+        ),
+        pytest.param("0::/\n", {}, None, id="no cgroup files"),
+    ],
+)
+def test_the_memory_a_cgroup_leaves_bounds_the_batch(tmp_path, own, files, room):
+    """`docker run --memory` or systemd's MemoryMax: the batch's default budget comes from
+    what the limit leaves, not from the host's free memory (or the kernel kills it)."""
+    root, self_cgroup = cgroups(tmp_path, own, files)
+    assert cgroup_room(root, self_cgroup) == room
