@@ -41,7 +41,8 @@ reading and 2.16x as with oneDNN's products, 4 at once 1.23 and 1.69x; with AVX5
 oneDNN's). On the Intel Xeon, against oneDNN's AVX512 kernels: products 0.63, 0.65, 0.97
 and 1.03x its time at 1, 2, 4 and 8 rows, streams 1.44x alone and 1.04x for 4. The copies
 cost memory: half the linear layers' float32 bytes again (0.94 GB
-for Qwen2.5-0.5B), since prompts' chunks stay oneDNN's, on the float32 weights.
+for Qwen2.5-0.5B), since prompts' chunks stay oneDNN's, on the float32 weights: they are
+made only where they leave as much memory free as they take (`bot.packing.copies_fit`).
 
 The decoding rows' attention (`attention`, as `bot.ragged`'s steps call it) reads each
 row's keys and values where they lie in the slot cache, with no copy, its scores exact

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from bot import decode_kernel
 from bot.decode_kernel import DecodeKernel
-from bot.device import return_freed_memory
+from bot.device import free_memory, return_freed_memory
 from bot.quantize import linear_layers
 from bot.row_padding import pad_small_products
 
@@ -199,7 +199,9 @@ def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int
     wanted = kernels is not None and decode_kernel.wanted(dtype)
     kernel = decode_kernel.load(kernels, dtype) if wanted else None
     shared = _share_siblings(model) if dtype == torch.bfloat16 else 0
-    packed = _pack_each(model, kernel)  # the plain weights' last references end with these
+    copies = kernel is not None and copies_fit(model, free_memory(torch.device("cpu")))
+    # The plain weights' last references end with these.
+    packed = _pack_each(model, kernel if copies else None)
     return_freed_memory()
     products = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if kernel is not None:
@@ -208,6 +210,20 @@ def pack_linear_weights(model: nn.Module, *, kernels: Path | None = None) -> int
     logger.info("Packed %d linear layers' weights for oneDNN (%d sharing a product)",
                 packed + shared, shared)  # fmt: skip
     return packed + shared
+
+
+def copies_fit(model: nn.Module, free_bytes: int) -> bool:
+    """Whether a float32 model's linear layers may get bfloat16 copies (`DecodeKernel.halved`,
+    half their bytes, at most): where they leave at least as much memory free as they take.
+    They only speed decode steps up, so they must not take the memory the batch's KV cache
+    needs (`MAX_BATCH_TOKENS`' default is read after them), nor run the load out of it."""
+    weights = [layer.weight for _, _, layer in linear_layers(model)]
+    copies = sum(w.numel() * 2 for w in weights if w.dtype == torch.float32)
+    if copies == 0 or free_bytes - copies >= copies:
+        return True
+    logger.warning("No bfloat16 copies of the weights for decode steps: they would take "
+                   "%.1f GiB of the %.1f GiB free", copies / 2**30, free_bytes / 2**30)  # fmt: skip
+    return False
 
 
 def decode_kernel_of(model: nn.Module) -> DecodeKernel | None:
@@ -261,9 +277,9 @@ def _share_siblings(model: nn.Module) -> int:
     return shared
 
 
-def _pack_each(model: nn.Module, kernel: DecodeKernel | None) -> int:
+def _pack_each(model: nn.Module, copier: DecodeKernel | None) -> int:
     # Exactly `nn.Linear`: a subclass may compute otherwise than its weight says.
     layers = [layer for layer in linear_layers(model) if type(layer[2]) is nn.Linear]
     for parent, name, child in layers:
-        setattr(parent, name, PackedLinear.of(child, kernel))
+        setattr(parent, name, PackedLinear.of(child, copier))
     return len(layers)

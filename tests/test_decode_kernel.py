@@ -20,13 +20,14 @@ from transformers.models.qwen2.modeling_qwen2 import (
     apply_rotary_pos_emb,
 )
 
-from bot import decode_kernel
+from bot import decode_kernel, packing
 from bot.batching import Batcher
 from bot.decode_kernel import MOST_ROWS, DecodeKernel
 from bot.device import cpu_has
 from bot.engine import Engine
 from bot.kv_cache import PrefixCache
 from bot.packing import PackedLinear, decode_kernel_of, pack_linear_weights
+from bot.quantize import linear_layers
 from bot.ragged import Segment, StepLayout
 from bot.runtime import placement
 from bot.step_forward import LeanForward, ModelForward, step_forward
@@ -244,6 +245,28 @@ def test_a_float32_model_of_bfloat16_values_reads_halved_copies(
     with torch.no_grad():
         ours, expected = (model(tokens).logits for model in (with_kernel, without))
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_has("avx2"), reason="a CPU without AVX2")
+@pytest.mark.parametrize(("spare", "made"), [(0, True), (-1, False)])
+def test_the_bfloat16_copies_are_made_where_they_leave_as_much_memory_free(
+    qwen_tokenizer, tmp_path, caplog, monkeypatch, spare, made
+):
+    """Copies take half the float32 linear weights' bytes again: on a machine with less
+    free than twice that, the load makes none (and says so), rather than leave the batch
+    no memory or run out of it."""
+    monkeypatch.setattr(decode_kernel, "wanted", lambda wanted: wanted == torch.float32)
+    model = tiny_qwen2(qwen_tokenizer, hidden_size=64, intermediate_size=128)
+    model = model.to(torch.bfloat16).float()
+    copies = sum(layer.weight.numel() * 2 for _, _, layer in linear_layers(model))
+    monkeypatch.setattr(packing, "free_memory", lambda device: 2 * copies + spare)
+    with caplog.at_level(logging.WARNING, logger="bot.packing"):
+        pack_linear_weights(model, kernels=tmp_path)
+    if decode_kernel_of(model) is None:
+        pytest.skip("no C compiler here to build the kernel with")
+    halved = sum(m.halved is not None for m in model.modules() if isinstance(m, PackedLinear))
+    assert (halved > 1) == made
+    assert ("No bfloat16 copies" in caplog.text) == (not made)
 
 
 def test_the_kernel_serves_where_it_was_measured_faster(kernel):
