@@ -49,12 +49,12 @@ from adapters.discord_channel import (
     conversation_key,
     requester,
 )
-from adapters.discord_commands import SlashCommands
+from adapters.discord_commands import ResumedEphemeral, SlashCommands
 from adapters.streaming import EditBudgets
 from adapters.text import with_forwarded
 from bot.config import Settings
 from bot.service import ChatService
-from bot.types import ChatMessage, ConversationKey, Turn
+from bot.types import ChatMessage, ConversationKey, ReplySink, Turn
 from bot.waiting import set_within
 from storage.errors import is_outage
 
@@ -299,9 +299,11 @@ class DiscordAdapter(Adapter):
             typing_repeats=math.ceil(self.settings.request_timeout / self.typing_interval),
         )
 
-    def _resumed(self, target: dict[str, Any], stop: Callable[[], object]) -> DiscordReply:
+    def _resumed(self, target: dict[str, Any], stop: Callable[[], object]) -> ReplySink:
         """The sink of an answer started earlier (maybe by another process). (Its Stop is
         a button, whose press reaches the service as an interaction: `stop` is not kept.)"""
+        if target.get("ephemeral"):  # a slash command's
+            return ResumedEphemeral(self.client, target)
         messages = target.get("messages", [])
         channel = DiscordChannel(
             self.client,

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import discord
 from discord import app_commands
+from discord.http import Route
 
 from adapters.base import answer, failure_text
 from adapters.discord_channel import (
@@ -31,9 +32,11 @@ from adapters.discord_channel import (
 from adapters.text import split_message
 from bot import replies
 from bot.service import ChatService
-from bot.types import THREAD_ONLY, Command, Turn
+from bot.types import THREAD_ONLY, Command, NowhereToAnswer, Turn
 
 logger = logging.getLogger(__name__)
+
+EPHEMERAL = discord.MessageFlags(ephemeral=True)
 
 DESCRIPTIONS: dict[Command, str] = {
     "help": "What I can do, and how to ask",
@@ -61,17 +64,20 @@ def thread_only(order: Command) -> str:
 
 class EphemeralReply:
     """A command's reply, seen only by who ran it: the deferred ("thinking") response is
-    edited to the text, and any further parts follow as ephemeral follow-ups. Commands
-    are not journaled, so nothing is resumed: the reply target is empty."""
+    edited to the text, and any further parts follow as ephemeral follow-ups. A `reset`
+    or `forget` resumed after a restart is told through the interaction's token
+    (`ResumedEphemeral`), which its reply target keeps."""
 
-    def __init__(self, interaction: discord.Interaction) -> None:
-        self.interaction = interaction
+    def __init__(self, interaction: discord.Interaction | None) -> None:
+        self.interaction = interaction  # None: resumed, where it is gone
         self.on_post: Callable[[], Awaitable[None]] | None = None
         self.notice_text = ""
         self.over = False
 
     def reply_target(self) -> dict[str, Any]:
-        return {}
+        assert self.interaction is not None
+        application = str(self.interaction.application_id)
+        return {"ephemeral": True, "application": application, "token": self.interaction.token}
 
     async def start(self) -> None:
         """The response was deferred already: Discord shows the bot thinking."""
@@ -96,11 +102,44 @@ class EphemeralReply:
         await self.fail(text)
 
     async def _show(self, text: str) -> None:
+        assert self.interaction is not None
         first, *rest = split_message(text, MESSAGE_LIMIT) or [text]
         await self.interaction.edit_original_response(content=first, allowed_mentions=NO_PINGS)
         self.over = True
         for part in rest:
             await self.interaction.followup.send(part, ephemeral=True, allowed_mentions=NO_PINGS)
+
+
+class ResumedEphemeral(EphemeralReply):
+    """The reply of a `reset` or `forget` resumed after a restart (maybe by another
+    process), where its Interaction is gone: its deferred response edited, and any
+    further parts sent, through the interaction's webhook and token, which Discord
+    honours for 15 minutes; past them, there is nowhere left to tell it."""
+
+    def __init__(self, client: discord.Client, target: dict[str, Any]) -> None:
+        super().__init__(None)
+        self.client = client
+        self.hook = {"application": target["application"], "token": target["token"]}
+
+    def reply_target(self) -> dict[str, Any]:
+        return {"ephemeral": True, **self.hook}
+
+    async def _show(self, text: str) -> None:
+        hook = "/webhooks/{application}/{token}"
+        edit = Route("PATCH", hook + "/messages/@original", **self.hook)
+        send = Route("POST", hook, **self.hook)
+        first, *rest = split_message(text, MESSAGE_LIMIT) or [text]
+        mentions = NO_PINGS.to_dict()
+        try:
+            await self.client.http.request(
+                edit, json={"content": first, "allowed_mentions": mentions}
+            )
+            self.over = True
+            for part in rest:
+                message = {"content": part, "flags": EPHEMERAL.value, "allowed_mentions": mentions}
+                await self.client.http.request(send, json=message)
+        except discord.NotFound as error:
+            raise NowhereToAnswer("its interaction's token has expired") from error
 
 
 class SlashCommands:

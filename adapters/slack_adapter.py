@@ -51,6 +51,7 @@ from adapters.slack_assistant import ThreadStatus, greet, set_title
 from adapters.slack_command import (
     SLASH_COMMAND,
     EphemeralReply,
+    PostedEphemeral,
     command_turn,
     thread_only,
     typed_in_dm,
@@ -622,6 +623,8 @@ class SlackAdapter(Adapter):
     def _resumed(self, target: dict[str, Any], stop: Callable[..., object]) -> ReplySink:
         """The sink of an answer started earlier (maybe by another process): its messages
         keep the kind they were posted as; with none yet, it is answered as a new one."""
+        if target.get("ephemeral"):  # a slash command's
+            return PostedEphemeral(self.app.client, channel=target["channel"], user=target["user"])
         thread = SlackThread(
             self.app.client,
             team=target["team"],

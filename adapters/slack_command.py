@@ -8,6 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from slack_sdk.web.async_client import AsyncWebClient
+
 from adapters.base import command
 from adapters.slack_format import MESSAGE_LIMIT, to_mrkdwn
 from adapters.text import split_message
@@ -77,8 +79,9 @@ def command_turn(
 
 class EphemeralReply:
     """A ReplySink for a slash command: shows only its outcome (the answer, a failure or a
-    pause), to the person who typed it. Nothing is streamed, and nothing can be resumed
-    elsewhere: a response_url is a short-lived capability, never stored."""
+    pause), to the person who typed it. Nothing is streamed. A response_url is a
+    short-lived capability, never stored: a `reset` or `forget` resumed after a restart
+    is told with `PostedEphemeral` instead."""
 
     def __init__(self, respond: Respond, *, channel: str, user: str) -> None:
         self.respond = respond
@@ -129,3 +132,16 @@ class EphemeralReply:
             if response.status_code != 200:
                 logger.warning("Slack refused a command's response (HTTP %d)", response.status_code)
                 return
+
+
+class PostedEphemeral(EphemeralReply):
+    """The sink of a slash command resumed after a restart (`reply_target`'s): its outcome
+    is posted with chat.postEphemeral, to the same person in the same channel, as the
+    response_url it came with is not kept."""
+
+    def __init__(self, client: AsyncWebClient, *, channel: str, user: str) -> None:
+        super().__init__(client.chat_postEphemeral, channel=channel, user=user)
+
+    async def _say(self, text: str) -> None:
+        for part in split_message(to_mrkdwn(text), MESSAGE_LIMIT):
+            await self.respond(channel=self.channel, user=self.user, text=part)

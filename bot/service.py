@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -43,6 +43,7 @@ from bot.team import Team
 from bot.turn_report import Generated, report_answered
 from bot.types import (
     ADMIN_COMMANDS,
+    JOURNALED_COMMANDS,
     ChatMessage,
     ConversationKey,
     NowhereToAnswer,
@@ -82,6 +83,10 @@ would use up TURN_MAX_ATTEMPTS within seconds."""
 
 class AnswerStopped(Exception):
     """Ends a generation early: the asker stopped it, and what was written is the answer."""
+
+
+class _WaitedTooLong(Exception):
+    """A reset or forget waited `COMMAND_WAIT_S` for the answers before it: nothing done."""
 
 
 class _NotShown(Exception):
@@ -384,7 +389,6 @@ class ChatService:
         return None
 
     async def _accept(self, turn: Turn, sink: ReplySink) -> asyncio.Task[None] | None:
-        received = time.time()  # a `forget` drops the turns accepted before it came
         platform = turn.conversation.platform
         text = sanitized(turn.text)
         refusal: tuple[Outcome, str] | None = None
@@ -400,10 +404,12 @@ class ChatService:
                 platform, turn.author, turn.message_id, capped=not turn.read_back
             ):
                 refusal = "rate_limited", limited
-        if turn.command and self._closing:  # not marked seen: a re-delivery may carry it out
+        # Answered at once; a reset or forget is taken as a message is, to its turn.
+        instant = turn.command is not None and turn.command not in JOURNALED_COMMANDS
+        if instant and self._closing:  # not marked seen: a re-delivery may carry it out
             await sink.fail(replies.restarting_resend())
             return None
-        if refusal or turn.command:
+        if refusal or instant:
             if not await self.store.first_seen(platform, turn.message_id):
                 return _skipped(turn)
             if refusal:
@@ -414,12 +420,14 @@ class ChatService:
             if self._closing:  # a stop began as it was marked seen: its drain would miss it
                 await sink.fail(replies.restarting_resend())
                 return None
-            return self._spawn(turn.id, self._command(turn, sink, received))
+            return self._spawn(turn.id, self._command(turn, sink))
 
         context = tuple(
             ChatMessage(message, content=sanitized(message["content"])) for message in turn.context
         )
-        self._pending[turn.author] += 1  # counted now, so messages arriving meanwhile see it
+        counts = turn.command is None  # a reset or forget is no message waiting for an answer
+        if counts:  # counted now, so messages arriving meanwhile see it
+            self._pending[turn.author] += 1
         accepted = None
         try:
             accepted = await self.journal.accept(
@@ -429,7 +437,7 @@ class ChatService:
                 self._track(accepted, sink)
                 await self._leave_for_later(accepted, sink, release=True)
         finally:
-            if accepted is None or self._closing:
+            if counts and (accepted is None or self._closing):
                 self._uncount(turn.author)
         if accepted is None:
             return _skipped(turn)
@@ -475,13 +483,16 @@ class ChatService:
         counted: bool = False,
         before: Callable[[], Awaitable[bool]] | None = None,
     ) -> asyncio.Task[None]:
-        """Answer `pending` in a task of its own; it counts as the author's until done."""
+        """Answer `pending` in a task of its own; a message counts as the author's until
+        done (a reset or forget does not)."""
         author = pending.turn.author
-        if not counted:
+        counts = pending.turn.command is None
+        if counts and not counted:
             self._pending[author] += 1
         self._track(pending, sink)
         task = self._spawn(pending.id, self._run(pending, sink, before))
-        task.add_done_callback(lambda _: self._uncount(author))
+        if counts:
+            task.add_done_callback(lambda _: self._uncount(author))
         return task
 
     def _uncount(self, author: str) -> None:
@@ -525,7 +536,7 @@ class ChatService:
         for a failure the user should hear about. `before` runs first, under the
         conversation's lock; if it says no, the turn ends unanswered."""
         try:
-            async with self.locks.hold(pending.conversation):
+            async with self._turn_of(pending):
                 try:
                     await self._take_turn(pending, sink, before)
                 except _NotShown as failure:
@@ -540,6 +551,9 @@ class ChatService:
         except asyncio.CancelledError:  # the grace period of a stop is over
             await self._leave_for_later(pending, sink, release=True)
             raise
+        except _WaitedTooLong:
+            await self._fail(pending, sink, replies.still_answering(str(pending.turn.command)),
+                             outcome="busy")  # fmt: skip
         except InferenceCancelled:  # the queue is closing under it: a stop, not a failure
             await self._leave_for_later(pending, sink, release=True)
         except EngineStopped:
@@ -557,6 +571,21 @@ class ChatService:
             self._orphaned[pending.id] = sink
         finally:  # a later try (here or elsewhere) reads the old answer from the record
             self._taken_back.pop(pending.id, None)
+
+    @contextlib.asynccontextmanager
+    async def _turn_of(self, pending: PendingTurn) -> AsyncIterator[None]:
+        """The conversation's lock, for `pending`: a reset or forget waits for it
+        `COMMAND_WAIT_S` at most (`_WaitedTooLong`), then says to send it again, since
+        Discord's reply to a slash command expires after 15 minutes."""
+        waiting = asyncio.timeout(COMMAND_WAIT_S if pending.turn.command else None)
+        try:
+            async with waiting, self.locks.hold(pending.conversation):
+                waiting.reschedule(None)  # held: what it does is never cut short
+                yield
+        except TimeoutError as error:
+            if waiting.expired():
+                raise _WaitedTooLong from error
+            raise
 
     async def _take_turn(
         self, pending: PendingTurn, sink: ReplySink, before: Callable[[], Awaitable[bool]] | None
@@ -580,6 +609,8 @@ class ChatService:
         elif pending.attempts > self.max_attempts:
             logger.error("giving up on turn %s after %d attempts", pending.id, self.max_attempts)
             await self._fail(pending, sink, replies.gave_up(self.max_attempts))
+        elif pending.turn.command is not None:
+            await self._carry_out(pending, sink)
         else:
             await self._answer(pending, sink)
 
@@ -594,7 +625,7 @@ class ChatService:
         elif failure.answer is None:
             await self._fail(pending, sink, replies.failed())
         else:
-            await self.journal.finish(pending, failure.answer)
+            await self.journal.finish(pending, _kept(pending, failure.answer))
             self.metrics.count_turn(pending.turn.conversation.platform, "failed")
 
     def _retry_later(self, pending: PendingTurn, sink: ReplySink) -> None:
@@ -800,7 +831,7 @@ class ChatService:
         if (shown := self._shown_at_stop.pop(pending.id, None)) is not None:
             answer = _stopped_at(shown)  # stopped as it ended: the platform showed no more
         try:
-            finished = await self.journal.finish(pending, answer)
+            finished = await self.journal.finish(pending, _kept(pending, answer))
         except Exception as error:
             if not is_outage(error):
                 raise
@@ -811,6 +842,8 @@ class ChatService:
             return
         if not finished:
             _not_ours(pending)
+            return
+        if pending.turn.command is not None:  # carried out and told: no answer to count
             return
         report_answered(self.metrics, pending, generated)
         await self._count(pending)  # here, once, however late the answer is delivered
@@ -913,12 +946,12 @@ class ChatService:
         else:
             self._release_owed.discard(pending.id)
 
-    async def _command(self, turn: Turn, sink: ReplySink, received: float) -> None:
-        """Carry out a command that came at `received` and answer it, or say why it could
+    async def _command(self, turn: Turn, sink: ReplySink) -> None:
+        """Carry out a command (not `JOURNALED_COMMANDS`) and answer it, or say why it could
         not be; the adapter chose the sink (in the thread, or only to the user)."""
         try:
-            text = await self._command_reply(turn, received)
-        except asyncio.CancelledError:  # a stop's grace ran out (a reset waits for answers)
+            text = await self._command_reply(turn)
+        except asyncio.CancelledError:  # a stop's grace ran out
             with contextlib.suppress(Exception):
                 await sink.fail(replies.restarting_resend())
             raise
@@ -937,14 +970,12 @@ class ChatService:
         except Exception:  # carried out all the same; nobody awaits this task to hear it
             logger.warning("could not show the %s command's reply", turn.command, exc_info=True)
 
-    async def _command_reply(self, turn: Turn, received: float) -> str:
+    async def _command_reply(self, turn: Turn) -> str:
         command = turn.command
         assert command is not None
         admin = self.team.is_admin(turn.author, turn.conversation.platform)
         if command in ADMIN_COMMANDS and not admin:
             return replies.admins_only(command)
-        if command in ("reset", "forget"):
-            return await self._reset(turn, admin=admin, received=received)
         if command == "help":
             return replies.help_text(admin=admin)
         if command == "status":
@@ -988,38 +1019,30 @@ class ChatService:
             logger.info("a reload command ran in another process: %s", self.reload())
         self._reloads_seen = count
 
-    async def _reset(self, turn: Turn, *, admin: bool, received: float) -> str:
-        """`reset` (the history starts over; the bot goes on answering here) and `forget`
+    async def _carry_out(self, pending: PendingTurn, sink: ReplySink) -> None:
+        """A `reset` (the history starts over; the bot goes on answering here) or a `forget`
         (everything stored is deleted, and the messages sent before it that wait for a
-        later try are not answered), by the conversation's starter or an admin: after the
-        running answer, never in its middle, and before a message sent after it (the lock
-        is asked for before anything else is awaited: it takes turns in order)."""
-        waiting = asyncio.timeout(COMMAND_WAIT_S)
-        try:
-            async with waiting, self.locks.hold(str(turn.conversation)):
-                waiting.reschedule(None)  # held: what it does is never cut short
-                return await self._reset_held(turn, admin=admin, received=received)
-        except TimeoutError:
-            if not waiting.expired():
-                raise
-            return replies.still_answering(str(turn.command))
-
-    async def _reset_held(self, turn: Turn, *, admin: bool, received: float) -> str:
-        """`_reset`'s work, under the conversation's lock."""
-        conversation = str(turn.conversation)
+        later try are not answered), by the conversation's starter or an admin, under the
+        conversation's lock: after the answers before it, never in their middle, and before
+        a message sent after it. Its effect and reply are saved in one MULTI, so a restart
+        shows the reply, and never carries it out twice."""
+        turn, conversation = pending.turn, pending.conversation
+        command = str(turn.command)
+        admin = self.team.is_admin(turn.author, turn.conversation.platform)
         if not await self.store.exists(conversation):  # nothing yet, or a channel's top level
-            return replies.nothing_stored(str(turn.command))
-        starter = await self.store.starter(conversation)
-        if not admin and starter not in (None, turn.author):
-            return replies.not_starter(str(turn.command))
-        logger.info("%s of %s by %s", turn.command, turn.conversation, turn.author)
-        if turn.command == "forget":
-            dropped = await self.journal.forget(
-                conversation, asked_at=received, message=turn.message_id
-            )
-            return replies.forgotten(dropped)
-        await self.store.clear(conversation, at=received, message=turn.message_id)
-        return replies.conversation_reset()
+            reply: str | None = replies.nothing_stored(command)
+        elif not admin and await self.store.starter(conversation) not in (None, turn.author):
+            reply = replies.not_starter(command)
+        else:
+            logger.info("%s of %s by %s", command, turn.conversation, turn.author)
+            if command == "forget":
+                reply = await self.journal.forget(pending, replies.forgotten)
+            else:
+                reply = await self.journal.reset(pending, replies.conversation_reset())
+        if reply is None:
+            _not_ours(pending)
+            return
+        await self._deliver(replace(pending, answer=reply), sink, reply)
 
     async def _prompt_in_effect(self, turn: Turn) -> str:
         voice = voice_for(self.team.settings, turn.conversation)
@@ -1234,6 +1257,11 @@ def _as_counted(turn: Turn) -> ChatMessage:
     """The turn's message as its prompt holds it: with its author's name, as a thread
     with others shows it."""
     return named([user_message(turn)], several=True)[0]
+
+
+def _kept(pending: PendingTurn, answer: str | None) -> str | None:
+    """What of a turn's answer its conversation keeps: none of a reset's or forget's reply."""
+    return None if pending.turn.command is not None else answer
 
 
 def _not_ours(pending: PendingTurn) -> None:

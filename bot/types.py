@@ -12,6 +12,9 @@ from typing import Any, Literal, NotRequired, Protocol, TypedDict
 Role = Literal["system", "user", "assistant"]
 Command = Literal["help", "reset", "forget", "status", "prompt", "reload", "stats"]
 ADMIN_COMMANDS: frozenset[Command] = frozenset({"reload", "stats"})
+JOURNALED_COMMANDS: frozenset[Command] = frozenset({"reset", "forget"})
+"""Commands that change what is stored: taken as turns are (`storage.turns`), so that a
+crash or a stop never loses one, nor carries it out twice."""
 THREAD_ONLY: frozenset[Command] = frozenset({"reset", "forget"})
 """Commands that act on one conversation: as slash commands, only where the place they
 are run in is one (a DM, a thread), not in a channel, where each thread is one."""

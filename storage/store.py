@@ -144,16 +144,17 @@ class ConversationStore:
             )
         )
 
-    async def clear(self, conversation_id: str, *, at: float, message: str = "") -> None:
-        """Empty a conversation's history; the bot still knows the conversation (and who
-        started it), and the next turn fills its system prompt in afresh. Which `message`
-        (its platform id) cleared it, when (`at`): `cut`."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.conversation(conversation_id))
-            pipe.set(keys.cleared(conversation_id), "1", ex=self.ttl_seconds)
-            pipe.hdel(keys.facts(conversation_id), "template", "system", "several")
-            self._queue_cut(pipe, conversation_id, at=at, message=message)
-            await pipe.execute()
+    def queue_clear(
+        self, pipe: Pipeline, conversation_id: str, *, at: float, message: str = ""
+    ) -> None:
+        """Queue, on the caller's MULTI, the emptying of a conversation's history; the bot
+        still knows the conversation (and who started it), and the next turn fills its
+        system prompt in afresh. Which `message` (its platform id) cleared it, when
+        (`at`): `cut`."""
+        pipe.delete(keys.conversation(conversation_id))
+        pipe.set(keys.cleared(conversation_id), "1", ex=self.ttl_seconds)
+        pipe.hdel(keys.facts(conversation_id), "template", "system", "several")
+        self._queue_cut(pipe, conversation_id, at=at, message=message)
 
     def queue_forget(
         self, pipe: Pipeline, conversation_id: str, *, at: float, message: str = ""

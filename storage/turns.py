@@ -1,4 +1,5 @@
-"""Pending turns on Redis: every accepted message stays here until it is answered.
+"""Pending turns on Redis: every accepted message stays here until it is answered, and
+every `reset` or `forget` until it is carried out and told.
 
 A turn is accepted in one MULTI (the message marked seen, its record written, and the
 record indexed by arrival), written to as it is answered only by the process that owns
@@ -168,6 +169,8 @@ class TurnJournal:
             # (but kept a day at least: `kept_seconds`).
             pipe.expire(keys.turn(pending.id), self.kept_seconds)
             pipe.zadd(keys.PENDING_TURNS, {pending.id: pending.accepted_at})
+            if turn.command is not None:  # a reset or forget: no message waiting for an
+                return True  # answer (a sender's count, a `forget`'s drop), nor a starter
             by = keys.pending_by(turn.conversation.platform, turn.author)
             for index in (by, keys.pending_in(pending.conversation)):
                 pipe.zadd(index, {pending.id: pending.accepted_at})
@@ -298,27 +301,46 @@ class TurnJournal:
         watched = [keys.turn(pending.id), keys.conversation(pending.conversation)]
         return await self._transaction(watched, write)
 
-    async def forget(self, conversation_id: str, *, asked_at: float, message: str = "") -> int:
-        """Delete everything stored of a conversation, and drop its turns accepted before
-        `asked_at` that are still pending (left for a later try, or a gone process's), in
-        one MULTI: none of them is answered, nor stores anything, after this (a turn asks
-        `owns` once it holds the conversation's lock). Returns how many were dropped.
-        Acceptance times are each process's clock: across machines, as near as theirs."""
-        index = keys.pending_in(conversation_id)
+    async def reset(self, pending: PendingTurn, reply: str) -> str | None:
+        """Carry out a `reset` turn: its conversation's history emptied, cut where it was
+        asked (`ConversationStore.queue_clear`), and its `reply` saved, in one MULTI, once
+        however often this is retried. The reply saved; None if the turn is no longer ours."""
 
-        async def write(pipe: Pipeline) -> int:
+        async def effect(pipe: Pipeline) -> str:
+            pipe.multi()
+            self._store.queue_clear(
+                pipe, pending.conversation, at=pending.accepted_at, message=pending.turn.message_id
+            )
+            return reply
+
+        return await self._carry_out(pending, [], effect)
+
+    async def forget(self, pending: PendingTurn, reply: Callable[[int], str]) -> str | None:
+        """Carry out a `forget` turn: everything stored of its conversation deleted, and its
+        turns accepted before it that are still pending (left for a later try, or a gone
+        process's) dropped, with its reply (`reply` of how many), in one MULTI, once however
+        often this is retried: none of them is answered, nor stores anything, after this
+        (a turn asks `owns` once it holds the conversation's lock). The reply saved; None
+        if the turn is no longer ours. Acceptance times are each process's clock: across
+        machines, as near as theirs."""
+        index = keys.pending_in(pending.conversation)
+        asked_at = pending.accepted_at
+
+        async def effect(pipe: Pipeline) -> str:
             earlier = await pipe.zrangebyscore(index, "-inf", asked_at)
             scores = await pipe.zmscore(keys.PENDING_TURNS, earlier) if earlier else []
             pipe.multi()
-            self._store.queue_forget(pipe, conversation_id, at=asked_at, message=message)
-            pending = [turn_id for turn_id, at in zip(earlier, scores, strict=True) if at]
-            for turn_id in pending:
+            self._store.queue_forget(
+                pipe, pending.conversation, at=asked_at, message=pending.turn.message_id
+            )
+            dropped = [turn_id for turn_id, at in zip(earlier, scores, strict=True) if at]
+            for turn_id in dropped:
                 self._queue_removal(pipe, turn_id)
             if earlier:  # dropped now, or finished before
                 pipe.zrem(index, *earlier)
-            return len(pending)
+            return reply(len(dropped))
 
-        return await self._transaction([index], write)
+        return await self._carry_out(pending, [index], effect)
 
     async def owns(self, pending: PendingTurn) -> bool:
         """Whether the turn is still ours: not taken over, nor dropped by a `forget`."""
@@ -502,6 +524,25 @@ class TurnJournal:
             record["regenerates"] = json.dumps(pending.regenerates)
         return record
 
+    async def _carry_out(
+        self, pending: PendingTurn, watched: list[str], effect: Callable[[Pipeline], Awaitable[str]]
+    ) -> str | None:
+        """A command's `effect` (which reads, opens the MULTI and queues its writes) and
+        the reply it returns, saved as the turn's answer, in one MULTI; once: a turn that
+        has its answer was carried out before."""
+        key = keys.turn(pending.id)
+
+        async def write(pipe: Pipeline) -> str | None:
+            if not await self._ours(pipe, pending):
+                return None
+            if (done := await pipe.hget(key, "answer")) is not None:
+                return done  # an earlier try got through (its reply may have been lost)
+            reply = await effect(pipe)
+            pipe.hset(key, "answer", reply)
+            return reply
+
+        return await self._transaction([key, *watched], write)
+
     async def _ours(self, client: Redis | Pipeline, pending: PendingTurn) -> bool:
         return await client.hget(keys.turn(pending.id), "owner") == self.owner
 
@@ -520,9 +561,10 @@ class TurnJournal:
         """WATCH `watched`, let `write` read and queue a MULTI, execute; retried on a
         WatchError, so the result is always consistent. redis-py raises WatchError too when
         the connection breaks while waiting for EXEC's reply, after Redis may have run it:
-        `accept`, `begin`, `keep_context`, `save`, `finish` and `claim` check whether an
-        earlier try took effect, and `release` sets the count of attempts rather than adding
-        to it. The last try's WatchError from a broken connection is the outage it hides."""
+        `accept`, `begin`, `keep_context`, `save`, `finish`, `claim` and `_carry_out` check
+        whether an earlier try took effect, and `release` sets the count of attempts rather
+        than adding to it. The last try's WatchError from a broken connection is the outage
+        it hides."""
         for _ in range(WATCH_TRIES - 1):
             try:
                 return await self._once(watched, write)
@@ -571,6 +613,7 @@ def _parse(turn_id: str, record: dict[str, str]) -> PendingTurn | None:
             author_name=raw.get("author_name", ""),
             channel_name=raw.get("channel_name", ""),
             bot_name=raw.get("bot_name", ""),
+            command=raw.get("command"),
         )
         return PendingTurn(
             turn,

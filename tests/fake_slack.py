@@ -102,6 +102,7 @@ class FakeSlack:
         self.titles: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> assistant title
         self.prompts: dict[tuple[str, str], list[JSON]] = {}  # suggested prompts, likewise
         self.responses: dict[str, list[JSON]] = {}  # slash command trigger id -> responses
+        self.ephemerals: list[JSON] = []  # chat.postEphemeral's: channel, user and text
         self.streaming_refusal: str | None = None  # the error every streaming call gets
         self.unstreamable: set[str] = set()  # channels of a kind that takes no stream
         # method ("files": a file's download) -> seconds each call waits for its answer
@@ -111,6 +112,7 @@ class FakeSlack:
             "auth.test": self._auth_test,
             "apps.connections.open": self._connections_open,
             "chat.postMessage": self._post_message,
+            "chat.postEphemeral": self._post_ephemeral,
             "chat.update": self._update,
             "chat.delete": self._delete,
             "chat.startStream": self._start_stream,
@@ -319,6 +321,17 @@ class FakeSlack:
         message = self._bot_post(channel, params.get("thread_ts"), text or "")
         message.update({k: params[k] for k in PAYLOAD_KEYS if k in params})
         return {"ok": True, "channel": channel, "ts": message["ts"], "message": dict(message)}
+
+    async def _post_ephemeral(self, params: JSON) -> JSON:
+        """Shown to `user` alone, in `channel`; no message of the channel's history."""
+        if not params.get("channel"):
+            return {"ok": False, "error": "channel_not_found"}
+        if not params.get("user"):
+            return {"ok": False, "error": "user_not_found"}
+        if not params.get("text") and not params.get("blocks"):
+            return {"ok": False, "error": "no_text"}
+        self.ephemerals.append({k: params.get(k) for k in ("channel", "user", "text")})
+        return {"ok": True, "message_ts": self.next_ts()}
 
     def _bot_post(self, channel: str, thread_ts: str | None, text: str) -> JSON:
         """A new message of the bot's (which clears the thread's assistant status, as Slack

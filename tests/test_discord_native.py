@@ -41,6 +41,7 @@ from bot import replies
 from bot.config import Access
 from bot.service import ChatService
 from bot.types import Command, ConversationKey
+from storage import keys
 from storage.locks import ConversationLocks
 
 JSON = dict[str, Any]
@@ -314,6 +315,46 @@ async def test_reset_in_a_thread_clears_that_thread_alone(discord_bot):
     assert len(bot_messages(fake, asked["id"])) == 1  # the answer alone: no reply for all
 
 
+async def thread_answered(bot: Bot) -> tuple[JSON, ConversationKey]:
+    """A mention answered in a thread of its own, with the commands registered: the
+    mention, and the thread's conversation."""
+    await commands_registered(bot.fake, bot.fake.guild_id)
+    asked = await mention(bot.fake, "remember the number 7")
+    await final_reply(bot.fake, asked["id"])
+    return asked, thread_key(bot.fake, asked["id"])
+
+
+async def pending_targets(redis: Redis) -> list[dict[str, Any]]:
+    """The reply targets of the turns pending now."""
+    turns = await redis.zrange(keys.PENDING_TURNS, 0, -1)
+    return [json.loads(await redis.hget(keys.turn(turn), "target") or "{}") for turn in turns]
+
+
+async def test_a_reset_resumed_after_a_restart_edits_its_deferred_response(
+    discord_bot, redis_client: Redis
+):
+    """`/reset`, waiting for an answer in its thread, is a pending turn: a process that
+    takes it over after a restart, where the Interaction is gone, still tells its sender,
+    in the same deferred response, through the interaction's token kept with the turn.
+    Its target was empty, and such a turn was dropped undone."""
+    async with discord_bot(ScriptedBatcher("Noted.")) as bot:
+        fake = bot.fake
+        asked, key = await thread_answered(bot)
+        async with ConversationLocks(redis=redis_client).hold(str(key)):  # an answer's turn
+            ran = await fake.slash_command("reset", asked["id"])
+            token = ran.payload["token"]
+
+            async def saved() -> bool:
+                return token in [t.get("token") for t in await pending_targets(redis_client)]
+
+            await until(saved)
+            [target] = [t for t in await pending_targets(redis_client) if t.get("token") == token]
+            await bot.adapter._resumed(target, lambda: None).finish(replies.conversation_reset())
+            [shown] = await fake.wait_for(lambda: answered(ran))
+    assert target == {"ephemeral": True, "application": fake.application_id, "token": token}
+    assert shown["content"] == replies.conversation_reset() and shown["flags"] & EPHEMERAL
+
+
 @pytest.mark.parametrize("order", ["reset", "forget"])
 async def test_reset_or_forget_in_a_channel_points_to_the_thread_and_clears_nothing(
     discord_bot, order
@@ -322,10 +363,7 @@ async def test_reset_or_forget_in_a_channel_points_to_the_thread_and_clears_noth
     it was cleared would be untrue."""
     async with discord_bot(ScriptedBatcher("Noted.")) as bot:
         fake = bot.fake
-        await commands_registered(fake, fake.guild_id)
-        asked = await mention(fake, "remember the number 7")
-        await final_reply(fake, asked["id"])
-        key = thread_key(fake, asked["id"])
+        _asked, key = await thread_answered(bot)
         await bot.history(key, until=answered_once)
         ran = await fake.slash_command(order, fake.channel_id)
         [reply] = await fake.wait_for(lambda: answered(ran))

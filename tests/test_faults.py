@@ -276,24 +276,36 @@ async def test_redelivered_events_are_answered_once(slack, bot, redis_server):
     assert process.alive
 
 
-async def test_reset_during_a_running_answer(slack, bot):
-    """Injected: `reset` in the thread while its answer streams. Holds: the answer is
-    completed, then the reset is done, and the next turn's prompt holds that turn alone."""
-    process = await bot(MAX_NEW_TOKENS="100")
+async def test_reset_during_a_running_answer_and_kill_9(slack, bot, redis_server):
+    """Injected: `reset` in the thread while its answer streams, then SIGKILL while the
+    reset waits for it. Holds: after the restart the answer is completed, then the reset
+    is done and told, once, and the next turn's prompt holds that turn alone. (The reset
+    was marked seen as it came, and lost with the process, untold.)"""
+    first = await bot(MAX_NEW_TOKENS="100")
     mention = slack.app_mention("C0001", DRAGON)
     await slack.send_event(mention)
     await streaming(slack, mention)
     await slack.send_event(slack.user_message("C0001", "reset", thread_ts=mention["ts"]))
+    async with Redis.from_url(redis_server.url) as client:
+        await until(lambda: client.zcard(keys.PENDING_TURNS), lambda pending: pending == 2)
+    first.kill()
+    await first.wait()
+    second = await bot(MAX_NEW_TOKENS="100")
     answer, cleared = await slack.wait_for(
         lambda: (posts := bot_replies(slack, "C0001", mention["ts"])) and len(posts) == 2
-        and is_final(posts[0]["text"]) and posts,
+        and is_final(posts[0]["text"]) and is_final(posts[1]["text"]) and posts,
         90,
     )  # fmt: skip
     assert len(answer["text"]) > 100  # whole, not cut off by the reset
     assert cleared["text"] == replies.conversation_reset()
     again = slack.app_mention("C0001", "What is the capital of France?", thread_ts=mention["ts"])
     await slack.send_event(again)
-    await process.wait_log(rf"prompt for slack:{slack.team_id}:C0001:{mention['ts']}: 1 messages")
+    await answered(slack, "C0001", mention["ts"])
+    conversation = f"slack:{slack.team_id}:C0001:{mention['ts']}"
+    history = await stored_once_answered(redis_server, conversation, 1)
+    assert len(history) == 2 and "capital of France" in history[0]["content"]
+    assert len(bot_replies(slack, "C0001", mention["ts"])) == 3
+    assert second.text().count(f"reset of slack:{slack.team_id}:C0001:{mention['ts']}") == 1
 
 
 @pytest.fixture(scope="session")

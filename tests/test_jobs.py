@@ -32,7 +32,6 @@ from bot.queue import AnswerRestarted, InferenceQueue, InferenceTimeout, QueueFu
 from bot.worker import GROUP, LOST_AFTER_MS, Worker
 from storage import keys
 from storage.store import ConversationStore
-from storage.turns import TurnJournal
 
 HELLO = [{"role": "user", "content": "hello"}]
 CLAIM_IDLE_S = 0.3
@@ -669,8 +668,9 @@ async def test_forget_deletes_the_conversations_dead_letters_and_no_others(strea
             with pytest.raises(JobFailed):
                 await read(queue.submit(HELLO, user="u1", conversation=conversation))
     store = ConversationStore(redis=streams, max_messages=6, ttl_seconds=60)
-    journal = TurnJournal(redis=streams, store=store, owner="forgetting", lease_seconds=2.0)
-    await journal.forget("c1", asked_at=time.time())
+    async with streams.pipeline(transaction=True) as pipe:
+        store.queue_forget(pipe, "c1", at=time.time())
+        await pipe.execute()
     [(_, dead)] = await streams.xrange(keys.DEAD_JOBS)
     assert dead["conversation"] == "c2" and Job.parse(dead).conversation == "c2"
 

@@ -20,6 +20,7 @@ import pytest
 from conftest import FailsOnceBatcher, GatedBatcher, ScriptedBatcher, SpyBatcher
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from test_turns import forget
 
 import storage.store
 from bot import replies
@@ -668,7 +669,7 @@ async def test_a_reset_behind_an_answer_longer_than_it_may_wait_says_to_send_it_
         await service.handle(replace(turn(conversation, "reset"), command="reset"), told)
         gated.gate.set()
         await asyncio.wait_for(answering, timeout=30)
-    assert told.events == [("finish", replies.still_answering("reset"))]
+    assert told.events == [("fail", replies.still_answering("reset"))]
     assert len(await store.load(str(conversation))) == 2  # nothing was done
 
 
@@ -1759,23 +1760,74 @@ async def test_a_command_marked_seen_as_a_stop_begins_asks_to_be_sent_again(
     assert sink.events == [("fail", replies.restarting_resend())]
 
 
-async def test_a_reset_waiting_behind_an_answer_at_a_stop_asks_to_be_sent_again(
-    make_service, make_batcher, conversation
+async def test_a_reset_waiting_behind_an_answer_at_a_stop_is_left_for_the_next_start(
+    make_service, make_batcher, redis_client, store, conversation
 ):
-    """A reset waits for the answer being written; a stop's grace runs out first: its
-    message was taken (marked seen), so its sender hears to send it again."""
+    """A reset waits for the answer being written; a stop's grace runs out first. It was
+    marked seen as it was taken, and lost: its sender heard to send it again, where a
+    crash lost it without a word. Taken as a message is, it stays pending, told so."""
     gated = GatedBatcher(make_batcher())
     answer, reset = RecordingSink(), RecordingSink()
     async with make_service(gated) as (service, _batcher):
         try:
+            await store.append(str(conversation), {"role": "user", "content": "before"})
             await service.accept(turn(conversation, "hello"), answer)
             await until(lambda: asyncio.sleep(0, bool(gated.prompts)))
             command = Turn(conversation, "U1", "reset", uuid.uuid4().hex, command="reset")
             await service.accept(command, reset)
             await service.drain(0.2)
+            record = await redis_client.hgetall(keys.turn(command.id))
         finally:
             gated.gate.set()
-    assert reset.events == [("fail", replies.restarting_resend())]
+    assert reset.events == [("pause", replies.restarting())]
+    assert json.loads(record["turn"])["command"] == "reset" and "answer" not in record
+    assert len(await store.load(str(conversation))) == 2  # not carried out, nor lost
+
+
+async def test_a_reset_a_dead_process_took_is_carried_out_here_once(
+    make_service, redis_client, store, platform
+):
+    """Taken by a process that died before it held the conversation's lock: this one
+    carries it out, and its sender hears so, where the sender used to hear nothing (its
+    message marked seen) and the history went on."""
+    dead = process(redis_client, store, platform, "dead")
+    asked = on(platform, "a question")
+    await store.append(str(asked.conversation), {"role": "user", "content": "before"})
+    command = replace(asked, text="reset", message_id=uuid.uuid4().hex, command="reset")
+    pending = await dead.accept(command, {"thread": "T1"})
+    assert pending is not None
+    rebuild = Rebuilder()
+    async with make_service() as (service, batcher):
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    [sink] = rebuild.sinks
+    assert rebuild.targets == [{"thread": "T1"}]
+    assert sink.events == [("finish", replies.conversation_reset())]
+    assert await store.load(str(asked.conversation)) == [] and batcher.prompts == []
+    assert await store.cut(str(asked.conversation)) == (pending.accepted_at, command.message_id)
+
+
+async def test_a_reset_carried_out_before_a_crash_is_only_shown_after_it(
+    make_service, redis_client, store, platform
+):
+    """The process died between the reset and its reply: the next one shows the reply
+    saved with it, and empties the history no more (a message since stays)."""
+    dead = process(redis_client, store, platform, "dead")
+    asked = on(platform, "a question")
+    conversation = str(asked.conversation)
+    await store.append(conversation, {"role": "user", "content": "before"})
+    command = replace(asked, text="reset", message_id=uuid.uuid4().hex, command="reset")
+    pending = await dead.accept(command, {})
+    assert pending is not None
+    assert await dead.reset(pending, replies.conversation_reset()) is not None
+    after = {"role": "user", "content": "after"}
+    await store.append(conversation, after)
+    rebuild = Rebuilder()
+    async with make_service() as (service, _batcher):
+        service.serve_platform(platform, rebuild)
+        await until(lambda: gone(redis_client, pending.id), timeout=30)
+    assert rebuild.sinks[0].events == [("finish", replies.conversation_reset())]
+    assert await store.load(conversation) == [after]
 
 
 async def test_forget_deletes_the_conversation_and_reset_keeps_it_known(
@@ -2047,7 +2099,7 @@ async def test_a_turn_waiting_while_another_process_forgets_its_conversation_end
         async with elsewhere.hold(str(conversation)):  # as the other gateway's forget does
             task = await service.accept(turn(conversation, "before"), sink)
             assert task is not None and await store.exists(str(conversation))  # its starter
-            assert await forgetting.forget(str(conversation), asked_at=time.time()) == 1
+            assert await forget(forgetting, conversation) == 1
         await task
     assert sink.events == [] and batcher.prompts == []
     assert not await store.exists(str(conversation))

@@ -11,10 +11,11 @@ import pytest
 from fake_slack import FakeSlack
 from test_slack_adapter import SLACK_ACK_SECONDS, final_reply
 
-from adapters.slack_command import CUT_SHORT, thread_only
+from adapters.slack_command import CUT_SHORT, EphemeralReply, command_turn, thread_only
 from adapters.slack_format import to_mrkdwn
 from bot import replies
 from bot.config import Access
+from storage.turns import TurnJournal
 
 
 def new_dm() -> str:
@@ -42,6 +43,28 @@ async def test_reset_in_a_dm_clears_that_dm_and_answers_only_its_sender(slack, s
     assert response["response_type"] == "ephemeral"
     assert response["text"] == replies.conversation_reset()
     assert batcher.prompts[-1] == [{"role": "user", "content": "what was the number?"}]
+
+
+async def test_a_reset_a_dead_process_took_is_carried_out_and_told_to_its_sender(
+    slack, socket_mode, store, redis_client
+):
+    """`/threadbot reset`, taken by a process that died before it carried it out: the
+    next one does, and, the command's response_url gone with the process that had it,
+    tells its sender with chat.postEphemeral, where the reset was dropped undone."""
+    dm = new_dm()
+    payload = {"channel_id": dm, "user_id": "U0ALICE", "text": "reset", "trigger_id": "1.2"}
+    reset = command_turn(payload, team=slack.team_id)
+    conversation = str(reset.conversation)
+    await store.append(conversation, {"role": "user", "content": "remember the number 42"})
+    dead = TurnJournal(redis=redis_client, store=store, owner=f"slack-dead-{dm}", lease_seconds=2)
+    target = EphemeralReply(None, channel=dm, user="U0ALICE").reply_target()
+    pending = await dead.accept(reset, target)
+    assert pending is not None
+    async with socket_mode():
+        [told] = await slack.wait_for(lambda: slack.ephemerals, timeout=30)
+    assert told == {"channel": dm, "user": "U0ALICE", "text": replies.conversation_reset()}
+    assert await store.load(conversation) == []
+    assert not await dead.is_pending(pending.id)
 
 
 async def test_slow_lookups_do_not_hold_up_a_commands_ack(slack, socket_mode):

@@ -136,7 +136,9 @@ async def test_clear_empties_the_history_and_the_conversation_stays_known(
     store: ConversationStore, redis_client: Redis, conversation_id: str
 ) -> None:
     await store.append(conversation_id, user("a"))
-    await store.clear(conversation_id, at=2.5, message="T1:C1:1700000000.000200")
+    async with redis_client.pipeline(transaction=True) as pipe:
+        store.queue_clear(pipe, conversation_id, at=2.5, message="T1:C1:1700000000.000200")
+        await pipe.execute()
     assert await store.load(conversation_id) == []
     assert await redis_client.exists(keys.conversation(conversation_id)) == 0
     assert await store.exists(conversation_id)  # a reset thread is not read again
@@ -150,7 +152,9 @@ async def test_forget_deletes_everything(
     store: ConversationStore, redis_client: Redis, conversation_id: str
 ) -> None:
     await store.append(conversation_id, user("a"))
-    await store.clear(conversation_id, at=1.0)
+    async with redis_client.pipeline(transaction=True) as pipe:
+        store.queue_clear(pipe, conversation_id, at=1.0)
+        await pipe.execute()
     await store.append(conversation_id, user("b"))
     async with redis_client.pipeline(transaction=True) as pipe:
         store.queue_forget(pipe, conversation_id, at=1.5, message="T1:C1:1700000000.000100")

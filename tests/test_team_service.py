@@ -247,18 +247,29 @@ async def test_a_message_sent_after_a_reset_is_answered_after_it(
     assert question == {"role": "user", "content": "what number?"}
 
 
-async def test_a_command_that_storage_fails_says_so(make_service, store, conversation, monkeypatch):
-    """Its message is marked seen, so no re-delivery comes: the user hears that it failed."""
-
-    async def lost(conversation_id: str, **cut: object) -> None:
-        raise RedisConnectionError("Redis is gone")
-
+async def test_a_reset_that_storage_fails_is_carried_out_once_it_is_back(
+    make_service, store, conversation, monkeypatch
+):
+    """Taken as a message is, it waits for storage as a message does: its sender hears
+    that it will be done, then that it was. (Its message was marked seen as it came, and
+    it failed for good: the sender had to send it again.)"""
     async with make_service() as (service, _batcher):
         await service.handle(say(conversation, "hello"), RecordingSink())
-        monkeypatch.setattr(store, "clear", lost)
+        reset = service.journal.reset
+
+        async def lost_once(*args: object) -> str | None:
+            monkeypatch.setattr(service.journal, "reset", reset)
+            raise RedisConnectionError("Redis is gone")
+
+        monkeypatch.setattr(service.journal, "reset", lost_once)
         sink = RecordingSink()
+        service.serve_platform(conversation.platform, lambda _target, _stop: sink)
         await service.handle(command(conversation, "reset"), sink)
-    assert sink.events == [("fail", replies.storage_unavailable())]
+        await until(lambda: asyncio.sleep(0, bool(sink.kinds("finish"))), timeout=30)
+    assert sink.events == [
+        ("pause", replies.storage_lost()), ("finish", replies.conversation_reset()),
+    ]  # fmt: skip
+    assert await store.load(str(conversation)) == []
 
 
 async def test_help_and_admin_commands(make_service, conversation, tmp_path: Path, monkeypatch):

@@ -63,6 +63,24 @@ async def indexed(redis: Redis, pending: PendingTurn) -> bool:
     return await redis.zscore(keys.PENDING_TURNS, pending.id) is not None
 
 
+async def forget_turn(journal: TurnJournal, conversation: ConversationKey) -> PendingTurn:
+    """A `forget` of `conversation`, taken by `journal` (asked now)."""
+    pending = await journal.accept(
+        Turn(conversation, "U1", "forget", uuid.uuid4().hex, command="forget"), {}
+    )
+    assert pending is not None
+    return pending
+
+
+async def forget(journal: TurnJournal, conversation: ConversationKey) -> int:
+    """A `forget` of `conversation` taken, carried out and told (its record gone) by
+    `journal`: how many turns it dropped."""
+    command = await forget_turn(journal, conversation)
+    reply = await journal.forget(command, str)
+    assert reply is not None and await journal.finish(command)
+    return int(reply)
+
+
 async def test_a_message_is_accepted_once_per_platform(
     make_journal: MakeJournal, redis_client: Redis, platform: str
 ) -> None:
@@ -166,18 +184,20 @@ async def test_forget_drops_the_conversations_turns_accepted_before_it_and_no_ot
     elsewhere = await gone.accept(new_turn(platform, "another thread"), {})
     assert before is not None and elsewhere is not None
     assert await gone.begin(before) is not None
-    asked_at = time.time()
     conversation = before.turn.conversation
+    asked = await forget_turn(here, conversation)
     after = await here.accept(Turn(conversation, "U1", "after", uuid.uuid4().hex), {})
     assert after is not None
-    assert await here.forget(before.conversation, asked_at=asked_at) == 1
+    assert await here.forget(asked, str) == "1"
+    assert await here.forget(asked, str) == "1"  # carried out once: its reply, as saved
+    assert await here.finish(asked)  # its reply shown
     assert await store.load(before.conversation) == []
     assert not await indexed(redis_client, before) and not await record(redis_client, before)
     assert not await gone.owns(before) and await here.owns(after)
     taker = make_journal("taker")
     claimed = await taker.claim([platform], orphaned=())  # neither holds a lease
     assert sorted(pending.id for pending in claimed) == sorted([elsewhere.id, after.id])
-    assert await here.forget(before.conversation, asked_at=time.time()) == 1  # whoever has it
+    assert await forget(here, conversation) == 1  # whoever has it
     assert not await taker.owns(after) and await taker.owns(elsewhere)
 
 
@@ -456,7 +476,7 @@ async def test_a_regeneration_pressed_as_its_conversation_is_forgotten_leaves_it
     journal = make_journal("a")
     asked = new_turn(platform)
     assert await journal.accept(asked, {})
-    await journal.forget(str(asked.conversation), asked_at=time.time())
+    await forget(journal, asked.conversation)
     press = replace(asked, author="U2", message_id=uuid.uuid4().hex)
     assert await journal.accept(press, {}, regenerates={"ts": "1.2"})
     assert not await store.exists(str(asked.conversation))
