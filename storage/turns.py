@@ -101,7 +101,7 @@ class TurnJournal:
         # others' turns are left to them for a lease's time (to renew theirs).
         self._in_touch_since = -math.inf
         self._out_of_touch = False  # a renewal failed
-        self._shared = shared
+        self.shared = shared
         self._renewed_at = -math.inf  # monotonic
 
     # --- this process's lease ---------------------------------------------------------
@@ -120,7 +120,7 @@ class TurnJournal:
         # Our first in half a lease or more (at start; after a model's load): an outage we
         # did not see (Redis restarted meanwhile) let others' leases lapse all the same, so
         # we are in touch at most since Redis started.
-        unseen = self._shared and began - self._renewed_at > self.lease_seconds / 2
+        unseen = self.shared and began - self._renewed_at > self.lease_seconds / 2
         redis_up_for = await up_for(self._redis) if unseen else math.inf
         now = time.monotonic()
         # One that took long was retried through an outage as long, at least.

@@ -39,7 +39,8 @@ from bot.health import Vitals
 from bot.logs import JsonFormatter
 from bot.metrics import OUTCOMES, Metrics
 from bot.ops_server import OpsServer, OpsServerError
-from bot.runtime import connect_redis, open_answering, open_gateway, version
+from bot.runtime import connect_redis, open_answering, open_gateway, open_service, version
+from bot.team import Team
 from bot.turn_report import conversation_tag
 from bot.types import ConversationKey, Turn
 from storage.turns import TurnJournal
@@ -484,6 +485,22 @@ async def test_build_info_of_a_gateway_names_the_workers_model(
         pass
     expected = {"version": version(), "model": str(tmp_path), "device": "workers", "dtype": "-"}
     assert build_info(metrics) == expected
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["REDIS_URL", "embedded"])
+async def test_a_service_counts_its_redis_shared_where_redis_url_names_one(
+    redis_url, tmp_path, tiny_model, qwen_tokenizer, shared
+):
+    """A REDIS_URL's Redis may have restarted as this process started, its other
+    processes' leases lapsed unseen (`TurnJournal.shared`); the embedded one is ours."""
+    tiny_model.config.save_pretrained(tmp_path / "model")
+    qwen_tokenizer.save_pretrained(tmp_path / "model")
+    where = {"redis_url": redis_url} if shared else {}
+    settings = Settings(
+        _env_file=None, model=str(tmp_path / "model"), data_dir=tmp_path / "data", **where
+    )
+    async with open_service(Team(settings), role="gateway") as service:
+        assert service.journal.shared == shared
 
 
 # --- `threadbot run` as a real process ----------------------------------------------------
