@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.device import cgroup_room, on_own_thread, pick_dtype, use_all_cores
+from bot.device import (
+    available_memory,
+    cgroup_room,
+    on_own_thread,
+    pick_dtype,
+    use_all_cores,
+)
 
 TASKS = Path("/proc/self/task")  # one entry per thread of this process (Linux)
 
@@ -142,6 +148,16 @@ GIB = 2**30
             GIB,
             id="v2 service",
         ),
+        pytest.param(  # the model's files just read: page cache, dropped first
+            "0::/\n",
+            {
+                "memory.max": f"{4 * GIB}\n",
+                "memory.current": f"{3 * GIB}\n",
+                "memory.stat": f"anon {GIB}\nfile {2 * GIB}\ninactive_file {GIB + 5}\n",
+            },
+            2 * GIB + 5,
+            id="v2 inactive page cache",
+        ),
         pytest.param(
             "0::/\n", {"memory.max": "max\n", "memory.current": "5"}, None, id="v2 no limit"
         ),
@@ -153,6 +169,17 @@ GIB = 2**30
             },
             3 * GIB // 2,
             id="v1 container",
+        ),
+        pytest.param(
+            "4:memory:/docker/abc\n",
+            {
+                "memory/memory.limit_in_bytes": f"{2 * GIB}",
+                "memory/memory.usage_in_bytes": f"{GIB}",
+                # v1 sums its children's in total_*: those are the figures read
+                "memory/memory.stat": f"inactive_file 7\ntotal_inactive_file {GIB // 2}",
+            },
+            3 * GIB // 2,
+            id="v1 inactive page cache",
         ),
         pytest.param(
             "4:memory:/\n",
@@ -171,3 +198,23 @@ def test_the_memory_a_cgroup_leaves_bounds_the_batch(tmp_path, own, files, room)
     what the limit leaves, not from the host's free memory (or the kernel kills it)."""
     root, self_cgroup = cgroups(tmp_path, own, files)
     assert cgroup_room(root, self_cgroup) == room
+
+
+@pytest.mark.parametrize(
+    ("meminfo", "expected"),
+    [
+        ("MemTotal:       24683772 kB\nMemFree:  19119080 kB\nMemAvailable:   23546736 kB\n",
+         23546736 * 1024),
+        ("MemTotal:       24683772 kB\nMemFree:  19119080 kB\n", None),  # before Linux 3.14
+    ],
+)  # fmt: skip
+def test_the_memory_available_counts_the_page_cache_linux_would_drop(tmp_path, meminfo, expected):
+    """Free pages alone leave out the page cache (the model's files just read, say):
+    Linux's MemAvailable counts it; without that line, the free pages."""
+    (tmp_path / "meminfo").write_text(meminfo)
+    available = available_memory(tmp_path / "meminfo")
+    if expected is not None:
+        assert available == expected
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert abs(available - free) < free / 10
