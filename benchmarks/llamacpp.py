@@ -49,7 +49,6 @@ HOST = "127.0.0.1"
 # would be downloaded from Hugging Face), no TLS.
 CMAKE_OPTIONS = [
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",
     "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -57,6 +56,10 @@ CMAKE_OPTIONS = [
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
 ]
+# Held to AVX2, as ours is by ONEDNN_MAX_CPU_ISA=AVX2 (`make bench` on a newer CPU standing
+# for an AVX2-only one): not this machine's instructions but ggml's generic x86 build, whose
+# defaults are AVX2's (with FMA, F16C, BMI2; AVX512's and AMX's are off).
+AVX2_ONLY = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF"]
 GGUF_TYPES = {"torch.float32": "f32", "torch.bfloat16": "bf16", "torch.float16": "f16"}
 BUILD_SECONDS = 3 * 3600  # a build on 2 busy cores takes tens of minutes
 DOWNLOAD_SECONDS = 1200
@@ -78,10 +81,16 @@ class Timing:
     tokens: int
 
 
+def held_to_avx2() -> bool:
+    """Whether this run stands for an AVX2-only machine (`ONEDNN_MAX_CPU_ISA=AVX2`)."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"
+
+
 def default_work_dir() -> Path:
-    """The per-user cache that `make bench` and the tests share: one build for both."""
+    """The per-user cache that `make bench` and the tests share: one build for both (and
+    one apart, held to AVX2, for a run that is: `held_to_avx2`)."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache, "threadbot", f"llama.cpp-{VERSION}")
+    return Path(cache, "threadbot", f"llama.cpp-{VERSION}" + ("-avx2" if held_to_avx2() else ""))
 
 
 def server_path(work_dir: Path) -> Path:
@@ -159,7 +168,7 @@ def build_server(work_dir: Path, say: Callable[[str], None]) -> Path:
     started = time.monotonic()
     run_logged(
         [tool("cmake"), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
-         "-S", str(source), "-B", str(build), *CMAKE_OPTIONS],
+         "-S", str(source), "-B", str(build), *CMAKE_OPTIONS, *instruction_options()],
         log=log, what="configuring llama.cpp",
     )  # fmt: skip
     run_logged(
@@ -173,6 +182,11 @@ def build_server(work_dir: Path, say: Callable[[str], None]) -> Path:
     staged.replace(binary)
     say(f"llama.cpp: built {binary} in {time.monotonic() - started:.0f} s")
     return binary
+
+
+def instruction_options() -> list[str]:
+    """The CPU instructions llama.cpp is built for: this machine's, or AVX2's alone."""
+    return AVX2_ONLY if held_to_avx2() else ["-DGGML_NATIVE=ON"]
 
 
 def vendored_tree(work_dir: Path, say: Callable[[str], None]) -> Path:

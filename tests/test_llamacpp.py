@@ -80,6 +80,20 @@ def test_the_server_keeps_its_weights_off_the_amx_kernels_that_crash(monkeypatch
     assert ("--no-repack" not in options) == repacks
 
 
+@pytest.mark.parametrize("isa", ["AVX2", ""])
+def test_a_run_held_to_avx2_builds_llama_cpp_held_to_it_apart(monkeypatch, isa):
+    """`ONEDNN_MAX_CPU_ISA=AVX2` stands for an AVX2-only machine: llama.cpp, built for this
+    one, computed with AVX512's or AMX's instructions all the same."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    options, work_dir = llamacpp.instruction_options(), llamacpp.default_work_dir()
+    if isa:
+        assert "-DGGML_NATIVE=OFF" in options and "-DGGML_AVX512=OFF" in options
+        assert work_dir.name == f"llama.cpp-{llamacpp.VERSION}-avx2"
+    else:
+        assert options == ["-DGGML_NATIVE=ON"]
+        assert work_dir.name == f"llama.cpp-{llamacpp.VERSION}"
+
+
 def test_build_progress_is_shown_once_a_tenth():
     shown = []
     progress = llamacpp.BuildProgress(shown.append, started=0.0)
