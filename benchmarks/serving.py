@@ -281,12 +281,16 @@ def lone_rounds(engine: Engine, plan: Plan, request: list[dict], served: Peer) -
 
 
 def add_peer(rows: list[dict], peer_run: dict) -> dict:
-    """The peer's numbers into the sweep's `rows`; what was run, or why it was left out."""
+    """The peer's numbers into the sweep's `rows`; what was run (and the instructions it
+    was built for), or why it was left out."""
+    from benchmarks.llamacpp import held_to_avx2
+
     for row in rows:
         if found := peer_run["rows"].get(row["n"]):
             row[PEER] = found
             row["ours_vs_llamacpp"] = row["ours"]["tok_s"] / found["tok_s"]
-    return {"name": peer_run["name"], "left_out": peer_run["left_out"]}
+    built_for = "AVX2" if held_to_avx2() else "this machine"
+    return {"name": peer_run["name"], "left_out": peer_run["left_out"], "built_for": built_for}
 
 
 def multi_turn(engine: Engine, plan: Plan) -> dict:
