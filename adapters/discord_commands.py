@@ -62,22 +62,14 @@ def thread_only(order: Command) -> str:
     )
 
 
-class EphemeralReply:
+class _Ephemeral:
     """A command's reply, seen only by who ran it: the deferred ("thinking") response is
-    edited to the text, and any further parts follow as ephemeral follow-ups. A `reset`
-    or `forget` resumed after a restart is told through the interaction's token
-    (`ResumedEphemeral`), which its reply target keeps."""
+    replaced by the text, and any further parts follow as ephemeral follow-ups."""
 
-    def __init__(self, interaction: discord.Interaction | None) -> None:
-        self.interaction = interaction  # None: resumed, where it is gone
+    def __init__(self) -> None:
         self.on_post: Callable[[], Awaitable[None]] | None = None
         self.notice_text = ""
         self.over = False
-
-    def reply_target(self) -> dict[str, Any]:
-        assert self.interaction is not None
-        application = str(self.interaction.application_id)
-        return {"ephemeral": True, "application": application, "token": self.interaction.token}
 
     async def start(self) -> None:
         """The response was deferred already: Discord shows the bot thinking."""
@@ -102,42 +94,66 @@ class EphemeralReply:
         await self.fail(text)
 
     async def _show(self, text: str) -> None:
-        assert self.interaction is not None
         first, *rest = split_message(text, MESSAGE_LIMIT) or [text]
-        await self.interaction.edit_original_response(content=first, allowed_mentions=NO_PINGS)
+        await self._respond(first)
         self.over = True
         for part in rest:
-            await self.interaction.followup.send(part, ephemeral=True, allowed_mentions=NO_PINGS)
+            await self._follow_up(part)
+
+    async def _respond(self, text: str) -> None:
+        """`text` in place of the deferred response."""
+        raise NotImplementedError
+
+    async def _follow_up(self, text: str) -> None:
+        """`text` as an ephemeral follow-up."""
+        raise NotImplementedError
 
 
-class ResumedEphemeral(EphemeralReply):
+class EphemeralReply(_Ephemeral):
+    """A slash command's reply, through its Interaction. A `reset` or `forget` resumed
+    after a restart is told through the interaction's token (`ResumedEphemeral`), which
+    its reply target keeps."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        super().__init__()
+        self.interaction = interaction
+
+    def reply_target(self) -> dict[str, Any]:
+        application = str(self.interaction.application_id)
+        return {"ephemeral": True, "application": application, "token": self.interaction.token}
+
+    async def _respond(self, text: str) -> None:
+        await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)
+
+    async def _follow_up(self, text: str) -> None:
+        await self.interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_PINGS)
+
+
+class ResumedEphemeral(_Ephemeral):
     """The reply of a `reset` or `forget` resumed after a restart (maybe by another
-    process), where its Interaction is gone: its deferred response edited, and any
-    further parts sent, through the interaction's webhook and token, which Discord
-    honours for 15 minutes; past them, there is nowhere left to tell it."""
+    process), where its Interaction is gone: through the interaction's webhook and token,
+    which Discord honours for 15 minutes; past them, there is nowhere left to tell it."""
+
+    HOOK = "/webhooks/{application}/{token}"
 
     def __init__(self, client: discord.Client, target: dict[str, Any]) -> None:
-        super().__init__(None)
+        super().__init__()
         self.client = client
         self.hook = {"application": target["application"], "token": target["token"]}
 
     def reply_target(self) -> dict[str, Any]:
         return {"ephemeral": True, **self.hook}
 
-    async def _show(self, text: str) -> None:
-        hook = "/webhooks/{application}/{token}"
-        edit = Route("PATCH", hook + "/messages/@original", **self.hook)
-        send = Route("POST", hook, **self.hook)
-        first, *rest = split_message(text, MESSAGE_LIMIT) or [text]
-        mentions = NO_PINGS.to_dict()
+    async def _respond(self, text: str) -> None:
+        await self._request(Route("PATCH", self.HOOK + "/messages/@original", **self.hook), text)
+
+    async def _follow_up(self, text: str) -> None:
+        await self._request(Route("POST", self.HOOK, **self.hook), text, flags=EPHEMERAL.value)
+
+    async def _request(self, route: Route, text: str, **fields: Any) -> None:
+        message = {"content": text, "allowed_mentions": NO_PINGS.to_dict(), **fields}
         try:
-            await self.client.http.request(
-                edit, json={"content": first, "allowed_mentions": mentions}
-            )
-            self.over = True
-            for part in rest:
-                message = {"content": part, "flags": EPHEMERAL.value, "allowed_mentions": mentions}
-                await self.client.http.request(send, json=message)
+            await self.client.http.request(route, json=message)
         except discord.NotFound as error:
             raise NowhereToAnswer("its interaction's token has expired") from error
 
